@@ -1,0 +1,305 @@
+//! The primitive operations of the IR: a small closed set.
+//!
+//! Where an op's pieces live (the rule for adding one, see `docs/adding-an-op.md`): every
+//! op belongs to one family file below, and that file holds, for its ops, all three rules
+//! side by side:
+//! - `shape` — the output shape, dtype and value kind from the operands' (symbolic) shapes,
+//!   or a [`ShapeError`] in words a spec author understands;
+//! - `grad`  — the vector-Jacobian product as new IR nodes (reverse-mode autodiff);
+//! - `eval`  — the forward rule on concrete tensors (the `interp` reference backend).
+//!
+//! `mod.rs` only names the ops and dispatches to the families.
+//!
+//! | family        | ops |
+//! |---------------|-----|
+//! | `source`      | Input, Param, Scalar, DropMask, StopGrad |
+//! | `elementwise` | Unary (neg exp log sqrt recip relu sigmoid tanh softplus abs step sign), Binary (add sub mul div max min gt eq) with broadcasting |
+//! | `layout`      | Reshape, Permute, Broadcast, Concat, Slice, Pad |
+//! | `reduce`      | Reduce (sum mean max over axes), Softmax |
+//! | `linalg`      | MatMul, GroupMatMul, GroupOuter |
+//! | `index`       | Gather, SparseRows, SegmentSum, OneHot |
+
+pub mod elementwise;
+pub mod index;
+pub mod layout;
+pub mod linalg;
+pub mod reduce;
+pub mod source;
+
+use crate::ir::dim::{shape_to_string, Dim, Shape};
+use std::fmt;
+
+/// Element type of a value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// Real numbers (f32 or f64, chosen by the backend).
+    F,
+    /// Integer ids (vocabulary rows, domain ids).
+    I,
+}
+
+/// How a value is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ValueKind {
+    Dense,
+    /// A gradient of an embedding table that only holds the rows a batch touched:
+    /// `(rows, values)`; its nominal shape is the table's shape. Only optimizers read it.
+    RowSparse,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnaryOp {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Recip,
+    Relu,
+    Sigmoid,
+    Tanh,
+    /// `log(1 + e^x)`, computed stably.
+    Softplus,
+    Abs,
+    /// `1` where `x > 0`, else `0` (the derivative of relu; zero gradient).
+    Step,
+    /// `-1`, `0` or `1` (zero gradient).
+    Sign,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+    /// `1` where `a > b`, else `0` (zero gradient).
+    Gt,
+    /// `1` where `a == b`, else `0` (zero gradient).
+    Eq,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    Sum,
+    Mean,
+    Max,
+}
+
+/// A primitive operation. Operands are the node's `inputs`, in the order given per variant.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    // ---- source ----
+    /// A batch input fed by the data pipeline (ids, masks, values, labels). No operands.
+    Input { name: String, dtype: DType },
+    /// A trainable parameter (its init and group live in the graph's parameter table). No operands.
+    Param { name: String },
+    /// A constant scalar, shape `[]`. No operands.
+    Scalar(f64),
+    /// `[x]` → a mask with `x`'s shape: each element `1/(1-p)` with probability `1-p`, else `0`;
+    /// all ones when not training. `stream` keeps masks of different nodes independent.
+    DropMask { p: f64, stream: u64 },
+    /// `[x]` → `x`; no gradient flows back through it.
+    StopGrad,
+
+    // ---- elementwise ----
+    /// `[x]`
+    Unary(UnaryOp),
+    /// `[a, b]`, broadcast numpy-style (axes aligned from the right; size 1 stretches).
+    Binary(BinaryOp),
+
+    // ---- layout ----
+    /// `[x]` → same elements in row-major order, new shape (equal element count).
+    Reshape { shape: Shape },
+    /// `[x]` → axes permuted: output axis `i` is input axis `perm[i]`.
+    Permute { perm: Vec<usize> },
+    /// `[x]` → stretched to `shape` (numpy rules; new axes on the left).
+    Broadcast { shape: Shape },
+    /// `[x0, x1, ...]` → joined along `axis` (all other axes equal).
+    Concat { axis: usize },
+    /// `[x]` → `x[.., start .. start+len, ..]` along `axis`.
+    Slice { axis: usize, start: Dim, len: Dim },
+    /// `[x]` → zeros added before and after along `axis` (the adjoint of Slice).
+    Pad { axis: usize, before: Dim, after: Dim },
+
+    // ---- reduce ----
+    /// `[x]` → reduced over `axes` (sorted, distinct); kept as size 1 when `keep_dims`.
+    Reduce { op: ReduceOp, axes: Vec<usize>, keep_dims: bool },
+    /// `[x]` → softmax along `axis`.
+    Softmax { axis: usize },
+
+    // ---- linalg ----
+    /// `[a, b]`: `a: [..., m, k]`, `b: [..., k, n]` with equal leading (batch) axes, or
+    /// `b: [k, n]` shared by every leading index of `a` (any rank ≥ 2... of `a`, rank ≥ 1 allowed
+    /// when `a` is `[m, k]`). `trans_a`/`trans_b` transpose the last two axes of that operand first.
+    MatMul { trans_a: bool, trans_b: bool },
+    /// `[x: [N, k], w: [G, k, n], idx: [N] (ids)]` → `[N, n]`, row `i` = `x[i] @ w[idx[i]]`
+    /// (`trans_w`: use `w[g]ᵀ`, so `w: [G, n, k]`). Per-domain / per-task weights without
+    /// materialising a weight per sample.
+    GroupMatMul { trans_w: bool },
+    /// `[x: [N, k], dy: [N, n], idx: [N]]` → `[groups, k, n]`, `out[g] = Σ_{i: idx[i]=g} x[i]ᵀ dy[i]`
+    /// (the weight gradient of GroupMatMul).
+    GroupOuter { groups: Dim },
+
+    // ---- index ----
+    /// `[table: [V, r...], ids: [i...] (ids)]` → `[i..., r...]`: rows of `table`.
+    Gather,
+    /// `[ids: [i...] (ids), dy: [i..., r...]]` → a RowSparse value of shape `[rows, r...]`
+    /// holding `(ids, dy)` pairs (duplicates are combined by the consumer). The gradient of
+    /// Gather into a parameter table.
+    SparseRows { rows: Dim },
+    /// `[x: [N, r...], idx: [N] (ids)]` → `[segments, r...]`, `out[g] = Σ_{i: idx[i]=g} x[i]`.
+    SegmentSum { segments: Dim },
+    /// `[idx: [i...] (ids)]` → `[i..., depth]` of 0/1 (zero gradient).
+    OneHot { depth: Dim },
+}
+
+/// What a node produces.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Signature {
+    pub shape: Shape,
+    pub dtype: DType,
+    pub kind: ValueKind,
+}
+
+impl Signature {
+    pub fn dense(shape: Shape) -> Signature {
+        Signature { shape, dtype: DType::F, kind: ValueKind::Dense }
+    }
+}
+
+/// A shape or type rule violated by an op's operands, in words for the spec author.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShapeError(pub String);
+
+impl fmt::Display for ShapeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ShapeError {}
+
+/// Shorthand for a failed shape rule.
+pub(crate) fn shape_err<T>(msg: impl Into<String>) -> Result<T, ShapeError> {
+    Err(ShapeError(msg.into()))
+}
+
+/// An operand as the shape rules see it.
+#[derive(Clone, Copy, Debug)]
+pub struct Operand<'a> {
+    pub shape: &'a [Dim],
+    pub dtype: DType,
+    pub kind: ValueKind,
+}
+
+impl Operand<'_> {
+    pub fn describe(&self) -> String {
+        shape_to_string(self.shape)
+    }
+}
+
+impl Op {
+    /// Number of operands the op takes (`None`: any number ≥ 1).
+    pub fn arity(&self) -> Option<usize> {
+        use Op::*;
+        Some(match self {
+            Input { .. } | Param { .. } | Scalar(_) => 0,
+            DropMask { .. } | StopGrad | Unary(_) => 1,
+            Binary(_) => 2,
+            Reshape { .. } | Permute { .. } | Broadcast { .. } | Slice { .. } | Pad { .. } => 1,
+            Concat { .. } => return None,
+            Reduce { .. } | Softmax { .. } => 1,
+            MatMul { .. } => 2,
+            GroupMatMul { .. } | GroupOuter { .. } => 3,
+            Gather | SparseRows { .. } | SegmentSum { .. } => 2,
+            OneHot { .. } => 1,
+        })
+    }
+
+    /// The output signature from the operands (the shape rule). Source ops whose shape is
+    /// not derivable from operands (Input, Param) get it from the graph builder.
+    pub fn infer(&self, operands: &[Operand]) -> Result<Signature, ShapeError> {
+        match self.arity() {
+            Some(n) if n != operands.len() => {
+                return shape_err(format!("{} takes {n} operand(s), got {}", self.name(), operands.len()))
+            }
+            None if operands.is_empty() => return shape_err(format!("{} needs operands", self.name())),
+            _ => {}
+        }
+        let need_dense_float = !matches!(
+            self,
+            Op::Gather | Op::SparseRows { .. } | Op::SegmentSum { .. } | Op::OneHot { .. } | Op::GroupMatMul { .. } | Op::GroupOuter { .. }
+        );
+        if need_dense_float {
+            for o in operands {
+                if o.dtype != DType::F {
+                    return shape_err(format!("{} needs real-valued operands, got ids", self.name()));
+                }
+                if o.kind != ValueKind::Dense {
+                    return shape_err(format!("{} cannot read a row-sparse gradient", self.name()));
+                }
+            }
+        }
+        use Op::*;
+        match self {
+            Input { .. } | Param { .. } => shape_err("the shape of an input or parameter comes from its declaration"),
+            Scalar(_) | DropMask { .. } | StopGrad => source::shape(self, operands),
+            Unary(_) | Binary(_) => elementwise::shape(self, operands),
+            Reshape { .. } | Permute { .. } | Broadcast { .. } | Concat { .. } | Slice { .. } | Pad { .. } => {
+                layout::shape(self, operands)
+            }
+            Reduce { .. } | Softmax { .. } => reduce::shape(self, operands),
+            MatMul { .. } | GroupMatMul { .. } | GroupOuter { .. } => linalg::shape(self, operands),
+            Gather | SparseRows { .. } | SegmentSum { .. } | OneHot { .. } => index::shape(self, operands),
+        }
+    }
+
+    /// A short name for listings and errors.
+    pub fn name(&self) -> String {
+        use Op::*;
+        match self {
+            Input { name, .. } => format!("input {name}"),
+            Param { name } => format!("param {name}"),
+            Scalar(v) => format!("scalar {v}"),
+            DropMask { p, .. } => format!("dropmask p={p}"),
+            StopGrad => "stopgrad".into(),
+            Unary(u) => format!("{u:?}").to_lowercase(),
+            Binary(b) => format!("{b:?}").to_lowercase(),
+            Reshape { shape } => format!("reshape {}", shape_to_string(shape)),
+            Permute { perm } => format!("permute {perm:?}"),
+            Broadcast { shape } => format!("broadcast {}", shape_to_string(shape)),
+            Concat { axis } => format!("concat axis={axis}"),
+            Slice { axis, start, len } => format!("slice axis={axis} start={start} len={len}"),
+            Pad { axis, before, after } => format!("pad axis={axis} before={before} after={after}"),
+            Reduce { op, axes, keep_dims } => {
+                format!("reduce_{} axes={axes:?}{}", format!("{op:?}").to_lowercase(), if *keep_dims { " keep" } else { "" })
+            }
+            Softmax { axis } => format!("softmax axis={axis}"),
+            MatMul { trans_a, trans_b } => {
+                format!("matmul{}{}", if *trans_a { " aT" } else { "" }, if *trans_b { " bT" } else { "" })
+            }
+            GroupMatMul { trans_w } => format!("group_matmul{}", if *trans_w { " wT" } else { "" }),
+            GroupOuter { groups } => format!("group_outer groups={groups}"),
+            Gather => "gather".into(),
+            SparseRows { rows } => format!("sparse_rows rows={rows}"),
+            SegmentSum { segments } => format!("segment_sum segments={segments}"),
+            OneHot { depth } => format!("one_hot depth={depth}"),
+        }
+    }
+
+    /// Ops whose output carries no gradient to their operands.
+    pub fn is_nondifferentiable(&self) -> bool {
+        matches!(
+            self,
+            Op::StopGrad
+                | Op::DropMask { .. }
+                | Op::Unary(UnaryOp::Step)
+                | Op::Unary(UnaryOp::Sign)
+                | Op::Binary(BinaryOp::Gt)
+                | Op::Binary(BinaryOp::Eq)
+                | Op::OneHot { .. }
+        )
+    }
+}
