@@ -1,1 +1,57 @@
-fn main() {}
+//! The `mdl` command line: check specs, show their graphs (and, with later subcommands,
+//! train and evaluate them).
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "mdl", version, about = "Compiler and runtime for recommendation-model specs (.mdl)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check specs: syntax, names, arity, shapes and types, before any data is read.
+    /// Exits 0 when every spec is clean, 1 with diagnostics.
+    Check {
+        /// Spec files (.mdl)
+        #[arg(required = true)]
+        specs: Vec<PathBuf>,
+        /// Override a hyperparameter, e.g. `--set dim=32` (repeatable)
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Print the lowered dataflow graph of a spec, one op per line, or as Graphviz.
+    Graph {
+        /// Spec file (.mdl)
+        spec: PathBuf,
+        /// Include the backward graph (reverse-mode autodiff of the loss)
+        #[arg(long)]
+        backward: bool,
+        /// Emit Graphviz `dot` text instead of the listing
+        #[arg(long)]
+        dot: bool,
+        /// Override a hyperparameter, e.g. `--set dim=32` (repeatable)
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Any panic is a bug in mdl, never the user's fault: report it as such.
+    let result = std::panic::catch_unwind(|| match cli.command {
+        Command::Check { specs, set } => mdl::cli::check(&specs, &set),
+        Command::Graph { spec, backward, dot, set } => mdl::cli::graph(&spec, backward, dot, &set),
+    });
+    match result {
+        Ok(code) => code,
+        Err(_) => {
+            eprintln!("internal error: mdl crashed; please report this with the input that caused it");
+            ExitCode::from(101)
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! Values of the compile-time language the elaborator interprets.
+//!
+//! A spec runs once, at compile time: numbers, strings, lists and sizes are computed
+//! then and there; a `Tensor` stands for a node of the dataflow graph being built.
+
+use mdl_runtime::{Dim, NodeId};
+use std::collections::HashMap;
+
+/// A tensor being built: a graph node, and whether it is *grouped*: a per-domain value
+/// (inside `per g { ... }`) whose leading axis has one entry per domain instead of one
+/// per sample; sample `i` uses entry `g[i]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tv {
+    pub node: NodeId,
+    pub grouped: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Val {
+    /// Integers are sizes: they may be symbolic (`count(fields)`), exact and canonical.
+    Int(Dim),
+    Float(f64),
+    Str(String),
+    Bool(bool),
+    List(Vec<Val>),
+    Tensor(Tv),
+    /// An embedding table, holding rows for the id space of the named input.
+    Table { node: NodeId, ids_of: String },
+    /// A declared input (feature group, domain), by name.
+    Feature(String),
+    /// A task declared with `task name = ...`.
+    Task(String),
+    /// An absent optional argument of a built-in function.
+    None,
+    /// The value of an expression whose error was already reported: it absorbs further
+    /// uses silently, so one mistake gives one diagnostic.
+    Poison,
+}
+
+impl Val {
+    /// What the value is, for messages: "a tensor [B, 16]" is built by the caller; this
+    /// gives the kind word.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Val::Int(_) => "an integer",
+            Val::Float(_) => "a number",
+            Val::Str(_) => "a string",
+            Val::Bool(_) => "a boolean",
+            Val::List(_) => "a list",
+            Val::Tensor(_) => "a tensor",
+            Val::Table { .. } => "an embedding table",
+            Val::Feature(_) => "an input",
+            Val::Task(_) => "a task",
+            Val::None => "nothing",
+            Val::Poison => "an erroneous value",
+        }
+    }
+
+    pub fn int(n: i64) -> Val {
+        Val::Int(Dim::lit(n))
+    }
+}
+
+/// Lexical scopes of `let` bindings.
+#[derive(Default)]
+pub struct Env {
+    frames: Vec<HashMap<String, Val>>,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        Env { frames: vec![HashMap::new()] }
+    }
+
+    pub fn push(&mut self) {
+        self.frames.push(HashMap::new());
+    }
+
+    pub fn pop(&mut self) {
+        self.frames.pop();
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Val> {
+        self.frames.iter().rev().find_map(|f| f.get(name))
+    }
+
+    pub fn define(&mut self, name: &str, v: Val) {
+        if let Some(f) = self.frames.last_mut() {
+            f.insert(name.to_string(), v);
+        }
+    }
+
+    /// Rebinds an existing name in the innermost scope that has it; false if none does.
+    pub fn assign(&mut self, name: &str, v: Val) -> bool {
+        for f in self.frames.iter_mut().rev() {
+            if let Some(slot) = f.get_mut(name) {
+                *slot = v;
+                return true;
+            }
+        }
+        false
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.frames.iter().flat_map(|f| f.keys().cloned()).collect()
+    }
+}
