@@ -266,6 +266,8 @@ pub(crate) struct Elab {
     feature_decls: Vec<Feature>,
     labels: Vec<(String, Span)>,
     tasks: BTreeMap<String, (NodeId, Span)>,
+    /// Tasks whose logit failed to compile (their errors are already reported).
+    failed_tasks: Vec<String>,
     losses: Vec<NodeId>,
     /// Parameter name path (`deep/mlp/linear1`).
     scope: Vec<String>,
@@ -293,6 +295,7 @@ impl Elab {
             feature_decls: Vec::new(),
             labels: Vec::new(),
             tasks: BTreeMap::new(),
+            failed_tasks: Vec::new(),
             losses: Vec::new(),
             scope: Vec::new(),
             scope_uses: HashMap::new(),
@@ -504,7 +507,7 @@ impl Elab {
         // Every label needs its task, every task its label.
         let labels = self.labels.clone();
         for (name, span) in &labels {
-            if !self.tasks.contains_key(name) {
+            if !self.tasks.contains_key(name) && !self.failed_tasks.contains(name) {
                 self.report(
                     Diagnostic::error(*span, format!("label `{name}` has no task"))
                         .hint(format!("add `task {name} = <logit>` to the model")),
@@ -635,7 +638,12 @@ impl Elab {
             }
             Stmt::Task { name, value, span } => {
                 self.model_only("task", *span)?;
-                self.task(env, name, value, *span)?;
+                if self.task(env, name, value, *span).is_err() {
+                    // Reported already; later uses of the task stay quiet.
+                    env.define(&name.name, Val::Poison);
+                    self.failed_tasks.push(name.name.clone());
+                    return Err(());
+                }
             }
             Stmt::Loss { value, span } => {
                 self.model_only("loss", *span)?;

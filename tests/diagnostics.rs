@@ -1,0 +1,125 @@
+//! `mdl check` on bad specs: each error is reported at its exact file:line:col with the
+//! source line and a caret, several independent errors at once, and exit code 1.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn write_spec(name: &str, text: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("diagnostics");
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Runs `mdl check` and returns (exit code, stderr).
+fn check(name: &str, text: &str) -> (i32, String) {
+    let p = write_spec(name, text);
+    let out = Command::new(env!("CARGO_BIN_EXE_mdl")).arg("check").arg(&p).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Asserts a diagnostic at `line:col` whose caret line has `carets` carets starting
+/// under column `col`.
+fn assert_at(stderr: &str, file: &str, line: usize, col: usize, carets: usize, message: &str) {
+    let loc = format!("{file}:{line}:{col}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    let i = lines.iter().position(|l| l.ends_with(&loc)).unwrap_or_else(|| panic!("no `{loc}` in:\n{stderr}"));
+    assert!(lines[..i].iter().any(|l| l.contains(message)), "message `{message}` missing before {loc} in:\n{stderr}");
+    // Layout: `--> loc`, ` |`, `N | source`, ` | ^^^ label`.
+    let src = lines[i + 2];
+    let caret = lines[i + 3];
+    let bar = src.find('|').unwrap();
+    assert_eq!(src[..bar].trim(), line.to_string(), "source line number in:\n{stderr}");
+    let caret_start = caret.find('^').unwrap();
+    assert_eq!(caret_start - (bar + 2), col - 1, "caret column in:\n{stderr}");
+    let n = caret[caret_start..].chars().take_while(|&c| c == '^').count();
+    assert_eq!(n, carets, "caret width in:\n{stderr}");
+}
+
+#[test]
+fn unknown_name_with_suggestion() {
+    let (code, err) = check(
+        "unknown.mdl",
+        "model m(dim = 8) {\n  input fields : categorical\n  label click\n  let E = embedding(fields, dim)\n  let x = flatten(E[fileds])\n  task click = linear(x, 1)\n  loss bce(click)\n}\n",
+    );
+    assert_eq!(code, 1);
+    assert_at(&err, "unknown.mdl", 5, 21, 6, "error: unknown name `fileds`");
+    assert!(err.contains("did you mean `fields`?"), "{err}");
+    assert_eq!(err.matches("error:").count(), 1, "one mistake, one error:\n{err}");
+}
+
+#[test]
+fn shape_mismatch_names_both_shapes() {
+    let (code, err) = check(
+        "shape.mdl",
+        "model m(dim = 8) {\n  input fields : categorical\n  label click\n  let E = embedding(fields, dim)\n  let x = flatten(E[fields])\n  param W : [dim, 4]\n  task click = linear(x @ W, 1)\n  loss bce(click)\n}\n",
+    );
+    assert_eq!(code, 1);
+    assert_at(&err, "shape.mdl", 7, 23, 5, "[B, 8*count(fields)] and [8, 4]: inner sizes 8*count(fields) and 8 differ");
+}
+
+#[test]
+fn wrong_arity_of_a_block() {
+    let (code, err) = check(
+        "arity.mdl",
+        "model m(dim = 8) {\n  input fields : categorical\n  label click\n  let E = embedding(fields, dim)\n  let h = flatten(E[fields])\n  task click = linear(h, 1, true, 5)\n  loss bce(click)\n}\n",
+    );
+    assert_eq!(code, 1);
+    assert_at(&err, "arity.mdl", 6, 35, 1, "`linear` takes 3 argument(s), but 4 were given");
+    assert!(err.contains("`linear` is defined here"), "{err}");
+}
+
+#[test]
+fn missing_argument_points_at_the_call() {
+    let (code, err) = check(
+        "missing.mdl",
+        "model m(dim = 8) {\n  input fields : categorical\n  label click\n  let E = embedding(fields, dim)\n  let h = mlp(flatten(E[fields]))\n  task click = linear(h, 1)\n  loss bce(click)\n}\n",
+    );
+    assert_eq!(code, 1);
+    assert_at(&err, "missing.mdl", 5, 11, 23, "`mlp` is missing its argument `widths`");
+}
+
+#[test]
+fn syntax_error_points_at_the_token() {
+    let (code, err) = check(
+        "syntax.mdl",
+        "model m(dim = 8) {\n  input fields : categorical\n  label click\n  let E = embedding(fields, dim\n  task click = linear(flatten(E[fields]), 1)\n  loss bce(click)\n}\n",
+    );
+    assert_eq!(code, 1);
+    assert_at(&err, "syntax.mdl", 5, 3, 4, "expected `,` or `)`, found keyword `task`");
+    assert!(err.contains("syntax.mdl:4:20"), "note at the open parenthesis:\n{err}");
+}
+
+#[test]
+fn several_independent_errors_at_once() {
+    let (code, err) = check(
+        "several.mdl",
+        "model m(dim = 8) {\n  input fields : categorical\n  label click\n  let E = embedding(fields, dim)\n  let a = relu(E[fields], 2)\n  let b = softmax(zzz)\n  task click = linear(flatten(E[fields]), 1)\n  loss bce(click)\n}\n",
+    );
+    assert_eq!(code, 1);
+    assert_at(&err, "several.mdl", 5, 27, 1, "`relu` takes 1 argument(s), but 2 were given");
+    assert_at(&err, "several.mdl", 6, 19, 3, "unknown name `zzz`");
+    assert_eq!(err.matches("error:").count(), 2, "{err}");
+}
+
+#[test]
+fn batch_cross_broadcast_is_an_error() {
+    let (code, err) = check(
+        "broadcast.mdl",
+        "model m(dim = 8) {\n  input fields : categorical\n  label click\n  let E = embedding(fields, dim)\n  let s = sum(E[fields], axis = [1, 2])\n  task click = s + linear(flatten(E[fields]), 1)\n  loss bce(click)\n}\n",
+    );
+    assert_eq!(code, 1);
+    assert_at(&err, "broadcast.mdl", 6, 16, 33, "[B] and [B, 1] broadcast to [B, B]");
+}
+
+#[test]
+fn hyperparameter_override_of_unknown_name() {
+    let p = write_spec("ok.mdl", "model m(dim = 8) {\n  input fields : categorical\n  label click\n  let E = embedding(fields, dim)\n  task click = linear(flatten(E[fields]), 1)\n  loss bce(click)\n}\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_mdl")).args(["check", "--set", "dimm=4"]).arg(&p).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("model `m` has no hyperparameter `dimm`") && err.contains("did you mean `dim`?"), "{err}");
+    let ok = Command::new(env!("CARGO_BIN_EXE_mdl")).args(["check", "--set", "dim=4"]).arg(&p).output().unwrap();
+    assert_eq!(ok.status.code(), Some(0));
+}
