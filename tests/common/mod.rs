@@ -1,0 +1,123 @@
+//! Shared helpers for integration tests: compile a shipped spec, bind its symbolic sizes
+//! to small numbers, and make random feeds and parameters for the interp backend.
+#![allow(dead_code)]
+
+use mdl::diag::{render_all, SourceMap};
+use mdl::lower::{compile_file, Compiled};
+use mdl_runtime::ir::dim::eval_shape;
+use mdl_runtime::tensor::{Float, Tensor, Value};
+use mdl_runtime::{Binding, DType, Graph};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every model spec shipped in specs/ (the standard library excluded).
+pub fn shipped_specs() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("specs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "mdl") && p.file_name().unwrap() != "std.mdl")
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn compile(path: &Path) -> Compiled {
+    let mut map = SourceMap::new();
+    match compile_file(&mut map, path, None, &BTreeMap::new()) {
+        Ok(c) => c,
+        Err(d) => panic!("{} does not compile:\n{}", path.display(), render_all(&map, &d)),
+    }
+}
+
+/// Small deterministic sizes for every symbol a graph mentions.
+pub fn small_binding(g: &Graph, batch: usize) -> Binding {
+    let mut b = Binding::new();
+    let shapes = g.params.iter().map(|p| &p.shape).chain(g.inputs.iter().map(|i| &i.shape));
+    for s in shapes {
+        for d in s {
+            for sym in d.symbols() {
+                let name = sym.to_string();
+                let v = if name == "B" {
+                    batch
+                } else if name.starts_with("rows(") {
+                    11
+                } else {
+                    2 + name.len() % 3
+                };
+                b.entry(name).or_insert(v);
+            }
+        }
+    }
+    b
+}
+
+/// A tiny deterministic generator (tests only).
+pub struct Lcg(pub u64);
+impl Lcg {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    pub fn uniform(&mut self) -> f64 {
+        self.next() as f64 / (1u64 << 31) as f64
+    }
+    pub fn normal(&mut self) -> f64 {
+        let (u, v) = (self.uniform().max(1e-12), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+}
+
+/// Random feeds for every input: ids within their table's rows (or domain count),
+/// masks with a random prefix of ones, 0/1 labels, normal values.
+pub fn random_feeds<T: Float>(c: &Compiled, binding: &Binding, rng: &mut Lcg) -> HashMap<String, Value<T>> {
+    let g = &c.graph;
+    let mut feeds = HashMap::new();
+    for inp in &g.inputs {
+        let shape = eval_shape(&inp.shape, binding).unwrap();
+        let n: usize = shape.iter().product();
+        let v = match inp.dtype {
+            DType::I => {
+                // The id space: rows(x) of the feature or of the one it shares ids with.
+                let f = c.features.iter().find(|f| f.name == inp.name).expect("feature");
+                let limit = match &f.kind {
+                    mdl::lower::FeatureKind::Domain => binding[&format!("count({})", f.name)],
+                    mdl::lower::FeatureKind::Sequence { of: Some(o), .. } => binding[&format!("rows({o})")],
+                    _ => binding.get(&format!("rows({})", f.name)).copied().unwrap_or(11),
+                };
+                Value::Ids(Tensor::new(shape, (0..n).map(|_| (rng.next() % limit as u64) as u32).collect()).unwrap())
+            }
+            DType::F if inp.name.ends_with("/mask") => {
+                let len = *shape.last().unwrap();
+                let mut data = Vec::with_capacity(n);
+                for _ in 0..n / len {
+                    let k = (rng.next() % (len as u64 + 1)) as usize;
+                    data.extend((0..len).map(|j| if j < k { T::from_f64(1.0) } else { T::from_f64(0.0) }));
+                }
+                Value::Dense(Tensor::new(shape, data).unwrap())
+            }
+            DType::F if inp.name.starts_with("label/") => {
+                Value::Dense(Tensor::new(shape, (0..n).map(|_| T::from_f64((rng.next() % 2) as f64)).collect()).unwrap())
+            }
+            DType::F => Value::Dense(Tensor::new(shape, (0..n).map(|_| T::from_f64(rng.normal())).collect()).unwrap()),
+        };
+        feeds.insert(inp.name.clone(), v);
+    }
+    feeds
+}
+
+/// Random parameters with a given scale (not the spec's init: large enough that finite
+/// differences see every path).
+pub fn random_params<T: Float>(g: &Graph, binding: &Binding, scale: f64, rng: &mut Lcg) -> HashMap<String, Tensor<T>> {
+    g.params
+        .iter()
+        .map(|p| {
+            let shape = eval_shape(&p.shape, binding).unwrap();
+            let n: usize = shape.iter().product();
+            (p.name.clone(), Tensor::new(shape, (0..n).map(|_| T::from_f64(scale * rng.normal())).collect()).unwrap())
+        })
+        .collect()
+}
