@@ -1,0 +1,75 @@
+//! The `mdl` binary as a user runs it: `check` exit codes, `graph` listings, and Graphviz
+//! output that `dot` accepts.
+
+mod common;
+use std::process::Command;
+
+fn mdl(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mdl")).args(args).current_dir(common::root()).output().unwrap()
+}
+
+#[test]
+fn check_accepts_every_shipped_spec() {
+    let specs: Vec<String> = common::shipped_specs().iter().map(|p| p.display().to_string()).collect();
+    let mut args = vec!["check"];
+    args.extend(specs.iter().map(|s| s.as_str()));
+    args.push("specs/std.mdl");
+    let out = mdl(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for s in &specs {
+        assert!(stdout.contains(&format!("ok: {s}")), "{stdout}");
+    }
+}
+
+#[test]
+fn check_reports_a_missing_file() {
+    let out = mdl(&["check", "specs/no_such_model.mdl"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read specs/no_such_model.mdl"));
+}
+
+#[test]
+fn graph_lists_forward_and_backward_ops() {
+    let fwd = mdl(&["graph", "specs/deepfm.mdl"]);
+    assert_eq!(fwd.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&fwd.stdout);
+    assert!(text.contains("gather") && text.contains("matmul") && text.contains("output loss"), "{text}");
+    assert!(!text.contains("sparse_rows"));
+    let bwd = mdl(&["graph", "specs/deepfm.mdl", "--backward"]);
+    let text = String::from_utf8_lossy(&bwd.stdout);
+    assert!(text.contains("sparse_rows"), "embedding gradients are row-sparse:\n{text}");
+    assert!(text.contains("output grad/E/table"), "{text}");
+}
+
+#[test]
+fn crocodile_backward_dot_renders_with_graphviz() {
+    let out = mdl(&["graph", "specs/crocodile.mdl", "--backward", "--dot"]);
+    assert_eq!(out.status.code(), Some(0));
+    let dot_text = out.stdout;
+    assert!(String::from_utf8_lossy(&dot_text).starts_with("digraph"));
+    let Ok(mut child) = Command::new("dot")
+        .arg("-Tsvg")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("SKIP: graphviz `dot` is not installed (.ci/run installs it)");
+        return;
+    };
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(&dot_text).unwrap();
+    let res = child.wait_with_output().unwrap();
+    assert!(res.status.success(), "dot rejected the graph: {}", String::from_utf8_lossy(&res.stderr));
+    assert!(String::from_utf8_lossy(&res.stdout).contains("<svg"));
+}
+
+#[test]
+fn help_lists_every_subcommand() {
+    let out = mdl(&["--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for sub in ["check", "graph"] {
+        assert!(text.contains(sub), "{text}");
+    }
+}
