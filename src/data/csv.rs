@@ -1,0 +1,274 @@
+//! Reading CSV text: whole-file loading of `.csv` / `.csv.gz` (gzip is recognised by its magic
+//! bytes, not by the file name) and a record reader that hands out fields as `&str` without
+//! allocating per row.
+//!
+//! Dialect: `,` separates fields, records end at `\n` or `\r\n`, a field may be enclosed in `"`
+//! (then it may contain `,`, newlines and `""` for one quote). A `"` inside an unquoted field
+//! is taken literally. Completely blank lines are not records and are passed over. Line
+//! numbers are 1-based physical lines of the file (the header is line 1); a record's line is
+//! the line it starts on.
+
+use std::io::Read;
+use std::path::Path;
+
+use super::DataError;
+
+/// Reads a whole file as UTF-8 text, gunzipping it first when it starts with the gzip magic.
+pub(crate) fn read_text(path: &Path, raw: Vec<u8>) -> Result<String, DataError> {
+    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut text = Vec::with_capacity(raw.len().saturating_mul(4));
+        flate2::read::MultiGzDecoder::new(raw.as_slice())
+            .read_to_end(&mut text)
+            .map_err(|e| DataError::io(path, &format!("cannot decompress gzip data: {e}")))?;
+        text
+    } else {
+        raw
+    };
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = memchr::memchr_iter(b'\n', valid).count() as u64 + 1;
+        DataError::BadRow {
+            file: path.to_path_buf(),
+            line,
+            message: "the text is not valid UTF-8".into(),
+        }
+    })
+}
+
+/// Reads a file's raw bytes.
+pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>, DataError> {
+    std::fs::read(path).map_err(|e| DataError::io(path, &e.to_string()))
+}
+
+/// Where one field's text lives: in the file text, or (for quoted fields with `""` escapes)
+/// in the reader's scratch buffer.
+#[derive(Clone, Copy, Debug)]
+enum Span {
+    Text(usize, usize),
+    Scratch(usize, usize),
+}
+
+/// A malformed CSV structure (as opposed to a malformed value), at a 1-based line.
+#[derive(Debug)]
+pub(crate) struct SyntaxError {
+    pub line: u64,
+    pub message: String,
+}
+
+/// Iterates over the records of a CSV text, reusing its buffers between records.
+pub(crate) struct CsvReader<'a> {
+    text: &'a str,
+    pos: usize,
+    line: u64,
+    spans: Vec<Span>,
+    scratch: String,
+}
+
+/// One record, borrowed from the reader until the next call.
+pub(crate) struct Record<'r> {
+    pub line: u64,
+    text: &'r str,
+    scratch: &'r str,
+    spans: &'r [Span],
+}
+
+impl<'r> Record<'r> {
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    /// The field at `index` (callers check `len()` first; out of range gives "").
+    pub fn get(&self, index: usize) -> &'r str {
+        match self.spans.get(index) {
+            Some(Span::Text(a, b)) => &self.text[*a..*b],
+            Some(Span::Scratch(a, b)) => &self.scratch[*a..*b],
+            None => "",
+        }
+    }
+}
+
+impl<'a> CsvReader<'a> {
+    pub fn new(text: &'a str) -> Self {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        CsvReader {
+            text,
+            pos: 0,
+            line: 1,
+            spans: Vec::with_capacity(64),
+            scratch: String::new(),
+        }
+    }
+
+    /// The next record, `Ok(None)` at the end of the text.
+    pub fn next_record(&mut self) -> Result<Option<Record<'_>>, SyntaxError> {
+        let bytes = self.text.as_bytes();
+        let len = bytes.len();
+        // Pass over blank lines.
+        loop {
+            if self.pos < len && bytes[self.pos] == b'\n' {
+                self.pos += 1;
+                self.line += 1;
+            } else if self.pos + 1 < len && bytes[self.pos] == b'\r' && bytes[self.pos + 1] == b'\n'
+            {
+                self.pos += 2;
+                self.line += 1;
+            } else {
+                break;
+            }
+        }
+        if self.pos >= len {
+            return Ok(None);
+        }
+        let start_line = self.line;
+        self.spans.clear();
+        self.scratch.clear();
+        loop {
+            if self.pos < len && bytes[self.pos] == b'"' {
+                let span = self.quoted_field(start_line)?;
+                self.spans.push(span);
+                if self.pos >= len {
+                    break;
+                }
+                match bytes[self.pos] {
+                    b',' => self.pos += 1,
+                    b'\n' => {
+                        self.pos += 1;
+                        self.line += 1;
+                        break;
+                    }
+                    b'\r' if self.pos + 1 < len && bytes[self.pos + 1] == b'\n' => {
+                        self.pos += 2;
+                        self.line += 1;
+                        break;
+                    }
+                    _ => {
+                        return Err(SyntaxError {
+                            line: self.line,
+                            message: format!(
+                                "field {} has text after its closing quote",
+                                self.spans.len()
+                            ),
+                        })
+                    }
+                }
+            } else {
+                match memchr::memchr2(b',', b'\n', &bytes[self.pos..]) {
+                    Some(offset) if bytes[self.pos + offset] == b',' => {
+                        let end = self.pos + offset;
+                        self.spans.push(Span::Text(self.pos, end));
+                        self.pos = end + 1;
+                    }
+                    Some(offset) => {
+                        let end = self.pos + offset;
+                        let trimmed = if end > self.pos && bytes[end - 1] == b'\r' {
+                            end - 1
+                        } else {
+                            end
+                        };
+                        self.spans.push(Span::Text(self.pos, trimmed));
+                        self.pos = end + 1;
+                        self.line += 1;
+                        break;
+                    }
+                    None => {
+                        let end = if len > self.pos && bytes[len - 1] == b'\r' {
+                            len - 1
+                        } else {
+                            len
+                        };
+                        self.spans.push(Span::Text(self.pos, end));
+                        self.pos = len;
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(Some(Record {
+            line: start_line,
+            text: self.text,
+            scratch: &self.scratch,
+            spans: &self.spans,
+        }))
+    }
+
+    /// Reads a quoted field starting at the opening quote; leaves `pos` after the closing one.
+    fn quoted_field(&mut self, start_line: u64) -> Result<Span, SyntaxError> {
+        let bytes = self.text.as_bytes();
+        self.pos += 1;
+        let mut segment_start = self.pos;
+        let scratch_start = self.scratch.len();
+        let mut escaped = false;
+        loop {
+            let Some(offset) = memchr::memchr(b'"', &bytes[self.pos..]) else {
+                return Err(SyntaxError {
+                    line: start_line,
+                    message: "a quoted field is never closed".into(),
+                });
+            };
+            let quote = self.pos + offset;
+            self.line += memchr::memchr_iter(b'\n', &bytes[self.pos..quote]).count() as u64;
+            if quote + 1 < bytes.len() && bytes[quote + 1] == b'"' {
+                // `""` inside quotes is one literal quote.
+                self.scratch.push_str(&self.text[segment_start..=quote]);
+                escaped = true;
+                self.pos = quote + 2;
+                segment_start = self.pos;
+                continue;
+            }
+            self.pos = quote + 1;
+            return Ok(if escaped {
+                self.scratch.push_str(&self.text[segment_start..quote]);
+                Span::Scratch(scratch_start, self.scratch.len())
+            } else {
+                Span::Text(segment_start, quote)
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_records(text: &str) -> Vec<(u64, Vec<String>)> {
+        let mut reader = CsvReader::new(text);
+        let mut out = Vec::new();
+        while let Some(record) = reader.next_record().expect("valid csv") {
+            let fields = (0..record.len())
+                .map(|i| record.get(i).to_string())
+                .collect();
+            out.push((record.line, fields));
+        }
+        out
+    }
+
+    #[test]
+    fn quoted_fields_escapes_and_line_numbers() {
+        let text = "a,b,c\r\n1,\"(150,250]\",x\n\n\"multi\nline\",\"say \"\"hi\"\"\",\n3,,\"\"";
+        let records = all_records(text);
+        assert_eq!(records.len(), 4);
+        assert_eq!(records[0], (1, vec!["a".into(), "b".into(), "c".into()]));
+        assert_eq!(
+            records[1],
+            (2, vec!["1".into(), "(150,250]".into(), "x".into()])
+        );
+        assert_eq!(
+            records[2],
+            (
+                4,
+                vec!["multi\nline".into(), "say \"hi\"".into(), "".into()]
+            )
+        );
+        assert_eq!(records[3], (6, vec!["3".into(), "".into(), "".into()]));
+    }
+
+    #[test]
+    fn broken_quotes_are_errors() {
+        let mut reader = CsvReader::new("a,b\n\"open,1\n");
+        assert!(reader.next_record().is_ok());
+        let error = reader.next_record().err().expect("unterminated quote");
+        assert_eq!(error.line, 2);
+        let mut reader = CsvReader::new("\"a\"x,b\n");
+        assert!(reader.next_record().is_err());
+    }
+}

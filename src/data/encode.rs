@@ -1,0 +1,849 @@
+//! Turning CSV rows into a [`Dataset`]: fitting vocabularies, normalisers and the domain count
+//! on train (`fit_train`) and applying them to any other file with the same schema
+//! ([`Fitted::encode_file`]).
+//!
+//! Each row is first validated (field count, labels, domain, numbers) and only then added, so
+//! a skipped row leaves no trace, not even in the train vocabulary counts.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::csv::{read_bytes, read_text, CsvReader, Record};
+use super::dataset::{mask_of, Dataset, Shape, SkippedRows};
+use super::numeric::Normalizer;
+use super::schema::{CategoricalColumnRef, Schema};
+use super::vocab::{Interner, ValueIndex, Vocab, OOV, PAD};
+use super::{BadRows, DataError};
+
+/// Everything fitted on train: together with the schema it encodes any file the same way.
+/// Serialisable, so a run folder can keep it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Fitted {
+    pub schema: Schema,
+    pub vocabs: Vocabs,
+    /// Per numeric group, per column.
+    pub normalizers: Vec<Vec<Normalizer>>,
+    /// The number of domains D (0 without a domain column).
+    pub domains: usize,
+}
+
+/// The fitted vocabularies.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Vocabs {
+    /// Per categorical group, per column.
+    pub categorical: Vec<Vec<Vocab>>,
+    /// Per sequence group: its own vocabulary, or None when it uses a categorical column's.
+    pub sequence: Vec<Option<Vocab>>,
+    /// The user column's vocabulary (every train user keeps an id; `min_count` does not apply).
+    pub user: Option<Vocab>,
+}
+
+/// Embedding-table sizes and id spaces, for whoever builds the model.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Layout {
+    pub categorical: Vec<CategoricalLayout>,
+    pub sequence: Vec<SequenceLayout>,
+    pub numeric: Vec<NumericLayout>,
+    /// The number of domains D (0 without a domain column).
+    pub domains: usize,
+    pub tasks: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CategoricalLayout {
+    pub name: String,
+    pub columns: Vec<String>,
+    /// The first global id of each column (its PAD id).
+    pub offsets: Vec<u32>,
+    /// Ids per column, PAD and OOV included.
+    pub vocab_sizes: Vec<usize>,
+    /// Rows of the group's embedding table (the sum of `vocab_sizes`).
+    pub rows: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SequenceLayout {
+    pub name: String,
+    pub columns: Vec<String>,
+    pub max_len: usize,
+    pub table: SequenceTable,
+    /// Rows of the embedding table the ids index.
+    pub rows: usize,
+}
+
+/// Which embedding table a sequence group's ids index.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum SequenceTable {
+    /// Its own table, from its own vocabulary.
+    Own,
+    /// The table of a categorical group (ids offset like that group's `column`).
+    Categorical { group: String, column: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NumericLayout {
+    pub name: String,
+    pub columns: Vec<String>,
+}
+
+/// The header positions of every column the schema reads.
+struct Plan {
+    fields: usize,
+    header: Vec<String>,
+    cat: Vec<Vec<usize>>,
+    seq: Vec<Vec<usize>>,
+    seq_len: Vec<usize>,
+    num: Vec<Vec<usize>>,
+    domain: Option<usize>,
+    labels: Vec<usize>,
+    user: Option<usize>,
+}
+
+impl Plan {
+    fn resolve(schema: &Schema, file: &Path, header: &Record) -> Result<Plan, DataError> {
+        let header: Vec<String> = (0..header.len())
+            .map(|i| header.get(i).to_string())
+            .collect();
+        for column in schema.named_columns() {
+            if header.iter().filter(|h| *h == column).count() > 1 {
+                return Err(DataError::BadRow {
+                    file: file.to_path_buf(),
+                    line: 1,
+                    message: format!("column '{column}' appears more than once in the header"),
+                });
+            }
+        }
+        let find = |column: &str| -> Result<usize, DataError> {
+            header
+                .iter()
+                .position(|h| h == column)
+                .ok_or_else(|| DataError::MissingColumn {
+                    file: file.to_path_buf(),
+                    column: column.to_string(),
+                    close: close_names(column, &header),
+                })
+        };
+        let find_all = |columns: &[String]| {
+            columns
+                .iter()
+                .map(|c| find(c))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(Plan {
+            fields: header.len(),
+            cat: schema
+                .categorical_groups()
+                .map(|(_, c, _)| find_all(c))
+                .collect::<Result<_, _>>()?,
+            seq: schema
+                .sequence_groups()
+                .map(|(_, c, ..)| find_all(c))
+                .collect::<Result<_, _>>()?,
+            seq_len: schema
+                .sequence_groups()
+                .map(|(_, _, len, ..)| len)
+                .collect(),
+            num: schema
+                .numeric_groups()
+                .map(|(_, c, _)| find_all(c))
+                .collect::<Result<_, _>>()?,
+            domain: schema
+                .domain
+                .as_ref()
+                .map(|d| find(&d.column))
+                .transpose()?,
+            labels: schema
+                .labels
+                .iter()
+                .map(|t| find(&t.column))
+                .collect::<Result<_, _>>()?,
+            user: schema.user.as_deref().map(find).transpose()?,
+            header,
+        })
+    }
+}
+
+/// Up to three header names close to a missing one (edit distance or containment).
+fn close_names(missing: &str, header: &[String]) -> Vec<String> {
+    let wanted = missing.to_lowercase();
+    let mut scored: Vec<(usize, &String)> = header
+        .iter()
+        .filter_map(|name| {
+            let lower = name.to_lowercase();
+            let distance = edit_distance(&wanted, &lower);
+            let contains =
+                !wanted.is_empty() && (lower.contains(&wanted) || wanted.contains(&lower));
+            (distance <= 2.max(wanted.len() / 3) || contains).then_some((distance, name))
+        })
+        .collect();
+    scored.sort();
+    scored
+        .into_iter()
+        .take(3)
+        .map(|(_, name)| name.clone())
+        .collect()
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    let mut current = vec![0; b.len() + 1];
+    for (i, ca) in a.chars().enumerate() {
+        current[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = previous[j] + usize::from(ca != *cb);
+            current[j + 1] = substitute.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        std::mem::swap(&mut previous, &mut current);
+    }
+    previous[b.len()]
+}
+
+/// How raw values become ids: provisional (while fitting train) or final (afterwards).
+trait IdSource {
+    /// What a padding slot of a sequence holds before ids are final.
+    const SEQUENCE_PAD: u32;
+    fn categorical(&mut self, group: usize, column: usize, value: &str) -> u32;
+    fn sequence_item(&mut self, group: usize, value: &str) -> u32;
+    fn user(&mut self, value: &str) -> u32;
+    fn domain(&mut self, value: u32) -> Result<u32, String>;
+}
+
+/// Collects train values; ids are provisional until [`fit_train`] finalises them.
+struct FitIds {
+    cat: Vec<Vec<Interner>>,
+    seq_own: Vec<Option<Interner>>,
+    seq_shared: Vec<Option<CategoricalColumnRef>>,
+    user: Interner,
+    domain_count: Option<usize>,
+    domain_max: Option<u32>,
+}
+
+impl IdSource for FitIds {
+    const SEQUENCE_PAD: u32 = u32::MAX;
+
+    fn categorical(&mut self, group: usize, column: usize, value: &str) -> u32 {
+        self.cat[group][column].intern(value, true)
+    }
+
+    fn sequence_item(&mut self, group: usize, value: &str) -> u32 {
+        match (self.seq_shared[group], &mut self.seq_own[group]) {
+            (Some((g, c)), _) => self.cat[g][c].intern(value, false),
+            (None, Some(own)) => own.intern(value, true),
+            (None, None) => OOV,
+        }
+    }
+
+    fn user(&mut self, value: &str) -> u32 {
+        self.user.intern(value, true)
+    }
+
+    fn domain(&mut self, value: u32) -> Result<u32, String> {
+        if let Some(count) = self.domain_count {
+            if value as usize >= count {
+                return Err(format!("domain id {value} is outside 0..{count}"));
+            }
+        }
+        self.domain_max = Some(self.domain_max.map_or(value, |m| m.max(value)));
+        Ok(value)
+    }
+}
+
+/// Applies fitted vocabularies; users unseen in train get fresh ids in order of appearance.
+struct ApplyIds<'f> {
+    cat: Vec<Vec<(&'f Vocab, u32)>>,
+    seq: Vec<(&'f Vocab, u32)>,
+    user: Option<&'f Vocab>,
+    new_users: ValueIndex,
+    domains: usize,
+}
+
+impl IdSource for ApplyIds<'_> {
+    const SEQUENCE_PAD: u32 = PAD;
+
+    fn categorical(&mut self, group: usize, column: usize, value: &str) -> u32 {
+        let (vocab, offset) = self.cat[group][column];
+        offset + vocab.id(value)
+    }
+
+    fn sequence_item(&mut self, group: usize, value: &str) -> u32 {
+        let (vocab, offset) = self.seq[group];
+        offset + vocab.id(value)
+    }
+
+    fn user(&mut self, value: &str) -> u32 {
+        let Some(vocab) = self.user else { return OOV };
+        if let Some(id) = vocab.get(value) {
+            return id;
+        }
+        let next = (vocab.len() + self.new_users.len()) as u32;
+        self.new_users.get_or_insert(value, next)
+    }
+
+    fn domain(&mut self, value: u32) -> Result<u32, String> {
+        if value as usize >= self.domains {
+            return Err(format!(
+                "domain id {value} is outside 0..{} (the domains of train)",
+                self.domains
+            ));
+        }
+        Ok(value)
+    }
+}
+
+/// A split as read, before numeric normalisation (raw f64, NaN = missing) and masks.
+struct RawSplit {
+    rows: usize,
+    cat: Vec<Vec<u32>>,
+    seq_ids: Vec<Vec<u32>>,
+    num: Vec<Vec<f64>>,
+    domain: Vec<u32>,
+    labels: Vec<f32>,
+    user: Vec<u32>,
+    skipped: SkippedRows,
+}
+
+/// Per-row scratch for the values that are validated before anything is added.
+struct RowScratch {
+    labels: Vec<f32>,
+    num: Vec<f64>,
+}
+
+fn shown(value: &str) -> String {
+    const LIMIT: usize = 40;
+    if value.chars().count() <= LIMIT {
+        format!("\"{value}\"")
+    } else {
+        format!("\"{}…\"", value.chars().take(LIMIT).collect::<String>())
+    }
+}
+
+fn parse_label(value: &str) -> Option<f32> {
+    match value {
+        "0" => Some(0.0),
+        "1" => Some(1.0),
+        other => match other.trim().parse::<f64>() {
+            Ok(x) if x == 0.0 || x == 1.0 => Some(x as f32),
+            _ => None,
+        },
+    }
+}
+
+/// Validates one record and, if it is good, appends it to `out`.
+fn encode_row<I: IdSource>(
+    record: &Record,
+    plan: &Plan,
+    ids: &mut I,
+    scratch: &mut RowScratch,
+    out: &mut RawSplit,
+) -> Result<(), String> {
+    if record.len() != plan.fields {
+        return Err(format!(
+            "expected {} fields as in the header, found {}",
+            plan.fields,
+            record.len()
+        ));
+    }
+    let column_error = |index: usize, problem: &str, value: &str| {
+        format!(
+            "column '{}': {problem} (value {})",
+            plan.header[index],
+            shown(value)
+        )
+    };
+    scratch.labels.clear();
+    for &index in &plan.labels {
+        let value = record.get(index);
+        let label = parse_label(value)
+            .ok_or_else(|| column_error(index, "a label must be 0 or 1", value))?;
+        scratch.labels.push(label);
+    }
+    let domain = match plan.domain {
+        Some(index) => {
+            let value = record.get(index);
+            let raw = value.trim().parse::<u32>().map_err(|_| {
+                column_error(index, "a domain must be a non-negative integer", value)
+            })?;
+            Some(
+                ids.domain(raw)
+                    .map_err(|problem| column_error(index, &problem, value))?,
+            )
+        }
+        None => None,
+    };
+    scratch.num.clear();
+    for group in &plan.num {
+        for &index in group {
+            let value = record.get(index).trim();
+            let number = if value.is_empty() {
+                f64::NAN
+            } else {
+                match value.parse::<f64>() {
+                    Ok(x) if x.is_finite() => x,
+                    _ => return Err(column_error(index, "not a finite number", value)),
+                }
+            };
+            scratch.num.push(number);
+        }
+    }
+
+    // The row is valid: add it.
+    out.labels.extend_from_slice(&scratch.labels);
+    if let Some(domain) = domain {
+        out.domain.push(domain);
+    }
+    let mut numbers = scratch.num.iter();
+    for (g, group) in plan.num.iter().enumerate() {
+        out.num[g].extend(numbers.by_ref().take(group.len()));
+    }
+    for (g, group) in plan.cat.iter().enumerate() {
+        for (c, &index) in group.iter().enumerate() {
+            let id = ids.categorical(g, c, record.get(index));
+            out.cat[g].push(id);
+        }
+    }
+    for (g, group) in plan.seq.iter().enumerate() {
+        let max_len = plan.seq_len[g];
+        for &index in group {
+            let ids_out = &mut out.seq_ids[g];
+            let start = ids_out.len();
+            ids_out.resize(start + max_len, I::SEQUENCE_PAD);
+            // Right-aligned: the most recent (last) item goes to the last slot.
+            for (back, item) in record
+                .get(index)
+                .split_ascii_whitespace()
+                .rev()
+                .take(max_len)
+                .enumerate()
+            {
+                let id = ids.sequence_item(g, item);
+                out.seq_ids[g][start + max_len - 1 - back] = id;
+            }
+        }
+    }
+    if let Some(index) = plan.user {
+        out.user.push(ids.user(record.get(index)));
+    }
+    out.rows += 1;
+    Ok(())
+}
+
+/// Reads every record of `text` (the contents of `file`) into a [`RawSplit`].
+fn read_split<I: IdSource>(
+    schema: &Schema,
+    file: &Path,
+    text: &str,
+    ids: &mut I,
+    bad_rows: BadRows,
+) -> Result<RawSplit, DataError> {
+    let mut reader = CsvReader::new(text);
+    let syntax = |e: super::csv::SyntaxError| DataError::BadRow {
+        file: file.to_path_buf(),
+        line: e.line,
+        message: e.message,
+    };
+    let header = reader
+        .next_record()
+        .map_err(syntax)?
+        .ok_or_else(|| DataError::BadRow {
+            file: file.to_path_buf(),
+            line: 1,
+            message: "the file is empty (no header)".into(),
+        })?;
+    let plan = Plan::resolve(schema, file, &header)?;
+    let shape = Shape::of(schema);
+    let expected_rows = text.len() / 256;
+    let mut out = RawSplit {
+        rows: 0,
+        cat: shape
+            .cat
+            .iter()
+            .map(|w| Vec::with_capacity(w * expected_rows))
+            .collect(),
+        seq_ids: shape
+            .seq
+            .iter()
+            .map(|(c, l)| Vec::with_capacity(c * l * expected_rows))
+            .collect(),
+        num: shape
+            .num
+            .iter()
+            .map(|w| Vec::with_capacity(w * expected_rows))
+            .collect(),
+        domain: Vec::new(),
+        labels: Vec::new(),
+        user: Vec::new(),
+        skipped: SkippedRows::default(),
+    };
+    let mut scratch = RowScratch {
+        labels: Vec::new(),
+        num: Vec::new(),
+    };
+    while let Some(record) = reader.next_record().map_err(syntax)? {
+        if let Err(message) = encode_row(&record, &plan, ids, &mut scratch, &mut out) {
+            match bad_rows {
+                BadRows::Fail => {
+                    return Err(DataError::BadRow {
+                        file: file.to_path_buf(),
+                        line: record.line,
+                        message,
+                    })
+                }
+                BadRows::Skip => {
+                    out.skipped
+                        .record(format!("{}:{}: {message}", file.display(), record.line))
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the train file, fits vocabularies, normalisers and the domain count on it, and
+/// returns them with the encoded train split.
+pub(crate) fn fit_train(
+    schema: &Schema,
+    file: &Path,
+    text: &str,
+    bad_rows: BadRows,
+) -> Result<(Fitted, Dataset), DataError> {
+    let seq_shared: Vec<Option<CategoricalColumnRef>> = schema
+        .sequence_groups()
+        .map(|(_, _, _, vocab, _)| vocab.and_then(|column| schema.find_categorical_column(column)))
+        .collect();
+    let mut ids = FitIds {
+        cat: schema
+            .categorical_groups()
+            .map(|(_, c, _)| c.iter().map(|_| Interner::default()).collect())
+            .collect(),
+        seq_own: seq_shared
+            .iter()
+            .map(|shared| shared.is_none().then(Interner::default))
+            .collect(),
+        seq_shared: seq_shared.clone(),
+        user: Interner::default(),
+        domain_count: schema.domain.as_ref().and_then(|d| d.count),
+        domain_max: None,
+    };
+    let mut raw = read_split(schema, file, text, &mut ids, bad_rows)?;
+
+    // Final categorical vocabularies, offsets, and ids.
+    let cat_min_counts: Vec<u64> = schema.categorical_groups().map(|(_, _, m)| m).collect();
+    let mut cat_vocabs = Vec::new();
+    let mut cat_remaps = Vec::new();
+    for (interners, &min_count) in ids.cat.into_iter().zip(&cat_min_counts) {
+        let (vocabs, remaps): (Vec<Vocab>, Vec<Vec<u32>>) = interners
+            .into_iter()
+            .map(|i| i.into_vocab(min_count))
+            .unzip();
+        cat_vocabs.push(vocabs);
+        cat_remaps.push(remaps);
+    }
+    let offsets: Vec<Vec<u32>> = cat_vocabs
+        .iter()
+        .map(|vocabs| column_offsets(vocabs))
+        .collect();
+    for (g, values) in raw.cat.iter_mut().enumerate() {
+        let width = cat_remaps[g].len();
+        for (i, id) in values.iter_mut().enumerate() {
+            let c = i % width;
+            *id = offsets[g][c] + cat_remaps[g][c][*id as usize];
+        }
+    }
+
+    // Final sequence ids: through a categorical column's vocabulary, or the group's own.
+    let seq_min_counts: Vec<u64> = schema.sequence_groups().map(|(.., m)| m).collect();
+    let mut seq_vocabs = Vec::new();
+    for (g, own) in ids.seq_own.into_iter().enumerate() {
+        let (vocab, remap, offset) = match (own, seq_shared[g]) {
+            (Some(interner), _) => {
+                let (vocab, remap) = interner.into_vocab(seq_min_counts[g]);
+                (Some(vocab), remap, 0)
+            }
+            (None, Some((cg, cc))) => (None, cat_remaps[cg][cc].clone(), offsets[cg][cc]),
+            (None, None) => (None, Vec::new(), 0),
+        };
+        for id in raw.seq_ids[g].iter_mut() {
+            *id = if *id == FitIds::SEQUENCE_PAD {
+                PAD
+            } else {
+                offset + remap.get(*id as usize).copied().unwrap_or(OOV)
+            };
+        }
+        seq_vocabs.push(vocab);
+    }
+
+    let user = schema.user.as_ref().map(|_| {
+        let (vocab, remap) = ids.user.into_vocab(1);
+        for id in raw.user.iter_mut() {
+            *id = remap[*id as usize];
+        }
+        vocab
+    });
+
+    let domains = match &schema.domain {
+        None => 0,
+        Some(spec) => spec
+            .count
+            .unwrap_or_else(|| ids.domain_max.map_or(0, |m| m as usize + 1)),
+    };
+
+    let normalizers = schema
+        .numeric_groups()
+        .enumerate()
+        .map(|(g, (_, columns, method))| {
+            let width = columns.len();
+            (0..width)
+                .map(|c| {
+                    let column = raw.num[g].iter().skip(c).step_by(width).copied();
+                    Normalizer::fit(method, column)
+                })
+                .collect()
+        })
+        .collect();
+
+    let fitted = Fitted {
+        schema: schema.clone(),
+        vocabs: Vocabs {
+            categorical: cat_vocabs,
+            sequence: seq_vocabs,
+            user,
+        },
+        normalizers,
+        domains,
+    };
+    let train = fitted.finish(raw, file);
+    Ok((fitted, train))
+}
+
+fn column_offsets(vocabs: &[Vocab]) -> Vec<u32> {
+    let mut next = 0u32;
+    vocabs
+        .iter()
+        .map(|vocab| {
+            let offset = next;
+            next += vocab.len() as u32;
+            offset
+        })
+        .collect()
+}
+
+impl Fitted {
+    /// Reads and encodes any `.csv` / `.csv.gz` file with the fitted vocabularies.
+    pub fn encode_file(&self, file: &Path, bad_rows: BadRows) -> Result<Dataset, DataError> {
+        let text = read_text(file, read_bytes(file)?)?;
+        self.encode_text(file, &text, bad_rows)
+    }
+
+    /// Encodes CSV text as if read from `file` (which is used only in messages).
+    pub fn encode_text(
+        &self,
+        file: &Path,
+        text: &str,
+        bad_rows: BadRows,
+    ) -> Result<Dataset, DataError> {
+        self.check()?;
+        let layout = self.layout();
+        let mut ids = ApplyIds {
+            cat: self
+                .vocabs
+                .categorical
+                .iter()
+                .zip(&layout.categorical)
+                .map(|(vocabs, group)| {
+                    vocabs
+                        .iter()
+                        .zip(&group.offsets)
+                        .map(|(v, &o)| (v, o))
+                        .collect()
+                })
+                .collect(),
+            seq: self.sequence_vocabs(),
+            user: self.vocabs.user.as_ref(),
+            new_users: ValueIndex::default(),
+            domains: self.domains,
+        };
+        let raw = read_split(&self.schema, file, text, &mut ids, bad_rows)?;
+        Ok(self.finish(raw, file))
+    }
+
+    /// The vocabulary and id offset each sequence group's items go through.
+    fn sequence_vocabs(&self) -> Vec<(&Vocab, u32)> {
+        let offsets: Vec<Vec<u32>> = self
+            .vocabs
+            .categorical
+            .iter()
+            .map(|vocabs| column_offsets(vocabs))
+            .collect();
+        self.schema
+            .sequence_groups()
+            .zip(&self.vocabs.sequence)
+            .filter_map(|((_, _, _, shared, _), own)| match (own, shared) {
+                (Some(vocab), _) => Some((vocab, 0)),
+                (None, Some(column)) => self
+                    .schema
+                    .find_categorical_column(column)
+                    .map(|(g, c)| (&self.vocabs.categorical[g][c], offsets[g][c])),
+                (None, None) => None,
+            })
+            .collect()
+    }
+
+    /// Normalises numbers and builds masks.
+    fn finish(&self, raw: RawSplit, file: &Path) -> Dataset {
+        let num = raw
+            .num
+            .iter()
+            .zip(&self.normalizers)
+            .map(|(values, normalizers)| {
+                let width = normalizers.len().max(1);
+                values
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &x)| normalizers[i % width].apply(x))
+                    .collect()
+            })
+            .collect();
+        Dataset {
+            source: file.display().to_string(),
+            rows: raw.rows,
+            shape: Shape::of(&self.schema),
+            cat: raw.cat,
+            seq_mask: raw.seq_ids.iter().map(|ids| mask_of(ids)).collect(),
+            seq_ids: raw.seq_ids,
+            num,
+            domain: raw.domain,
+            labels: raw.labels,
+            user: raw.user,
+            skipped: raw.skipped,
+        }
+    }
+
+    /// Table sizes and id spaces of every group.
+    pub fn layout(&self) -> Layout {
+        let categorical: Vec<CategoricalLayout> = self
+            .schema
+            .categorical_groups()
+            .zip(&self.vocabs.categorical)
+            .map(|((name, columns, _), vocabs)| CategoricalLayout {
+                name: name.to_string(),
+                columns: columns.to_vec(),
+                offsets: column_offsets(vocabs),
+                vocab_sizes: vocabs.iter().map(Vocab::len).collect(),
+                rows: vocabs.iter().map(Vocab::len).sum(),
+            })
+            .collect();
+        let sequence = self
+            .schema
+            .sequence_groups()
+            .zip(&self.vocabs.sequence)
+            .map(|((name, columns, max_len, shared, _), own)| {
+                let (table, rows) = match (
+                    own,
+                    shared.and_then(|c| self.schema.find_categorical_column(c)),
+                ) {
+                    (Some(vocab), _) => (SequenceTable::Own, vocab.len()),
+                    (None, Some((g, c))) => (
+                        SequenceTable::Categorical {
+                            group: categorical[g].name.clone(),
+                            column: categorical[g].columns[c].clone(),
+                        },
+                        categorical[g].rows,
+                    ),
+                    (None, None) => (SequenceTable::Own, 2),
+                };
+                SequenceLayout {
+                    name: name.to_string(),
+                    columns: columns.to_vec(),
+                    max_len,
+                    table,
+                    rows,
+                }
+            })
+            .collect();
+        Layout {
+            categorical,
+            sequence,
+            numeric: self
+                .schema
+                .numeric_groups()
+                .map(|(name, columns, _)| NumericLayout {
+                    name: name.to_string(),
+                    columns: columns.to_vec(),
+                })
+                .collect(),
+            domains: self.domains,
+            tasks: self.schema.labels.iter().map(|t| t.name.clone()).collect(),
+        }
+    }
+
+    /// Checks that the fitted parts agree with the schema (they may come from a file).
+    pub fn check(&self) -> Result<(), DataError> {
+        self.schema.validate()?;
+        let mismatch = |what: &str| {
+            Err(DataError::Schema(format!(
+                "fitted data does not match its schema: {what}"
+            )))
+        };
+        let cat: Vec<usize> = self
+            .schema
+            .categorical_groups()
+            .map(|(_, c, _)| c.len())
+            .collect();
+        if self
+            .vocabs
+            .categorical
+            .iter()
+            .map(Vec::len)
+            .collect::<Vec<_>>()
+            != cat
+        {
+            return mismatch("categorical vocabularies");
+        }
+        let total: usize = self
+            .vocabs
+            .categorical
+            .iter()
+            .flatten()
+            .map(Vocab::len)
+            .sum();
+        if total >= u32::MAX as usize {
+            return mismatch("categorical vocabularies are too large for u32 ids");
+        }
+        let seq: Vec<bool> = self
+            .schema
+            .sequence_groups()
+            .map(|(.., vocab, _)| vocab.is_none())
+            .collect();
+        if self
+            .vocabs
+            .sequence
+            .iter()
+            .map(Option::is_some)
+            .collect::<Vec<_>>()
+            != seq
+        {
+            return mismatch("sequence vocabularies");
+        }
+        let num: Vec<usize> = self
+            .schema
+            .numeric_groups()
+            .map(|(_, c, _)| c.len())
+            .collect();
+        if self.normalizers.iter().map(Vec::len).collect::<Vec<_>>() != num {
+            return mismatch("numeric normalisers");
+        }
+        if self.vocabs.user.is_some() != self.schema.user.is_some() {
+            return mismatch("user vocabulary");
+        }
+        if let Some(spec) = &self.schema.domain {
+            if spec.count.is_some_and(|count| count != self.domains) {
+                return mismatch("domain count");
+            }
+        } else if self.domains != 0 {
+            return mismatch("domain count without a domain column");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,130 @@
+//! The real-data pipeline: CSV files → encoded, batchable arrays for CTR models.
+//!
+//! This module owns everything between a `.csv` / `.csv.gz` file and a mini-batch, and
+//! depends on nothing else in `mdl`:
+//!
+//! * [`Schema`] says which columns form which feature group (categorical, sequence, numeric),
+//!   which are the labels, the domain and the user ([`schema`]);
+//! * vocabularies ([`Vocab`]), numeric normalisers ([`Normalizer`]) and the domain count are
+//!   fitted on the train split only and kept in [`Fitted`], which encodes any other file the
+//!   same way and is serialisable for a run folder ([`encode`]);
+//! * [`prepare`](fn@prepare) reads train/valid/test into [`Dataset`]s through a binary cache
+//!   keyed by the input files' content, the schema and the options ([`prepare`](mod@prepare);
+//!   the file format is documented in `cache.rs`);
+//! * [`Dataset::gather`] fills a reusable [`Batch`]; [`MiniBatches`] gives a seeded,
+//!   reproducible order of row indices ([`batches`]).
+//!
+//! Conventions (details in each submodule):
+//!
+//! * ids: 0 = padding, 1 = out-of-vocabulary, then values by descending train count (ties by
+//!   raw string). An empty categorical cell is the value `""` with an id of its own.
+//!   Categorical ids are global over their group (each column offset by the vocabulary sizes
+//!   before it), so one table of `Layout::categorical[g].rows` rows serves the group;
+//! * sequences: space-separated ids, the last `max_len` kept, right-aligned (most recent item
+//!   in the last slot), padding id 0 with mask 0;
+//! * numbers: normalised with train statistics; a missing value is 0 after normalisation;
+//! * labels must be 0 or 1; domains are integers in `0..D`;
+//! * any malformed row is an error naming `file:line`, the column and the value, or with
+//!   [`BadRows::Skip`] it is skipped and counted in [`Dataset::skipped`]. Nothing is dropped
+//!   silently and no input makes this module panic.
+
+pub mod batches;
+mod cache;
+mod csv;
+pub mod dataset;
+pub mod encode;
+pub mod numeric;
+pub mod prepare;
+pub mod schema;
+pub mod vocab;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use batches::{MiniBatches, SplitMix64};
+pub use dataset::{Batch, Dataset, Shape, SkippedRows};
+pub use encode::{
+    CategoricalLayout, Fitted, Layout, NumericLayout, SequenceLayout, SequenceTable, Vocabs,
+};
+pub use numeric::Normalizer;
+pub use prepare::{prepare, CacheMode, PrepareOptions, PrepareStats, Prepared, SplitPaths};
+pub use schema::{DomainSpec, FeatureGroup, Normalize, Schema, Task};
+pub use vocab::{Vocab, OOV, PAD};
+
+/// What to do with a malformed row.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BadRows {
+    /// Stop with an error naming the file, line, column and value.
+    #[default]
+    Fail,
+    /// Leave the row out and count it in [`Dataset::skipped`].
+    Skip,
+}
+
+/// Everything that can go wrong while reading data.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DataError {
+    /// A file could not be read.
+    Io { path: PathBuf, message: String },
+    /// The schema (or fitted state) is inconsistent.
+    Schema(String),
+    /// A column the schema names is not in a file's header.
+    MissingColumn {
+        file: PathBuf,
+        column: String,
+        close: Vec<String>,
+    },
+    /// A row (or the header) is malformed; `line` is 1-based, the header is line 1.
+    BadRow {
+        file: PathBuf,
+        line: u64,
+        message: String,
+    },
+    /// A batch asked for a row the dataset does not have.
+    RowIndex { index: usize, rows: usize },
+}
+
+impl DataError {
+    pub(crate) fn io(path: &Path, message: &str) -> DataError {
+        DataError::Io {
+            path: path.to_path_buf(),
+            message: message.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for DataError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DataError::Io { path, message } => write!(f, "{}: {message}", path.display()),
+            DataError::Schema(message) => write!(f, "data schema: {message}"),
+            DataError::MissingColumn {
+                file,
+                column,
+                close,
+            } => {
+                write!(f, "{}: no column '{column}' in the header", file.display())?;
+                if !close.is_empty() {
+                    write!(f, " (close names: {})", close.join(", "))?;
+                }
+                Ok(())
+            }
+            DataError::BadRow {
+                file,
+                line,
+                message,
+            } => write!(f, "{}:{line}: {message}", file.display()),
+            DataError::RowIndex { index, rows } => {
+                write!(
+                    f,
+                    "row index {index} is out of range for a dataset of {rows} rows"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for DataError {}

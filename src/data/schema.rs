@@ -1,0 +1,291 @@
+//! The data schema: which CSV columns feed which feature group, which columns are labels,
+//! the domain and the user column. It is plain serde data so that it can be embedded in an
+//! experiment YAML file:
+//!
+//! ```yaml
+//! features:
+//!   - { kind: categorical, name: ids, columns: [user_id, video_id] }
+//!   - { kind: sequence, name: history, columns: [hist_click_seq], max_len: 50, vocab: video_id }
+//!   - { kind: sequence, name: tags, columns: [tag], max_len: 8 }
+//!   - { kind: numeric, name: counts, columns: [fans_user_num], normalize: standard }
+//! domain: { column: domain, count: 15 }
+//! labels: [ { name: click, column: label } ]
+//! user: user_id
+//! min_count: 1
+//! ```
+//!
+//! Every column not named here is ignored. [`Schema::validate`] checks the schema on its own;
+//! whether the named columns exist is checked against each file's header when it is read.
+
+use serde::{Deserialize, Serialize};
+
+use super::DataError;
+
+/// The full description of how a CSV file becomes model inputs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schema {
+    /// Feature groups, in the order their arrays appear in a [`Dataset`](super::Dataset)
+    /// (categorical, sequence and numeric groups are numbered separately, each in this order).
+    pub features: Vec<FeatureGroup>,
+    /// Binary tasks, in order; the first one is the main task.
+    pub labels: Vec<Task>,
+    /// The integer domain (scenario) column, if the data is multi-domain.
+    #[serde(default)]
+    pub domain: Option<DomainSpec>,
+    /// A column identifying the user, used only to group rows for gAUC.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Values seen fewer than this many times in train are mapped to OOV (default 1).
+    /// A group's own `min_count` overrides it.
+    #[serde(default = "default_min_count")]
+    pub min_count: u64,
+}
+
+fn default_min_count() -> u64 {
+    1
+}
+
+/// One named group of input columns.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FeatureGroup {
+    /// One id per column per row, each column with its own vocabulary; ids are global over
+    /// the group (column c is offset by the vocabulary sizes of the columns before it), so a
+    /// single embedding table serves the whole group. Per row: `[columns]` ids.
+    Categorical {
+        name: String,
+        columns: Vec<String>,
+        #[serde(default)]
+        min_count: Option<u64>,
+    },
+    /// Space-separated ids per cell, truncated to the last `max_len` (most recent last) and
+    /// right-aligned (the most recent item is always at position `max_len - 1`, padding id 0
+    /// fills the front). With `vocab` naming a column of a categorical group the ids share that
+    /// column's vocabulary and table offset; without it all the group's columns share one own
+    /// vocabulary (this is also how a multi-hot cell such as a tag list is read).
+    /// Per row: `[columns, max_len]` ids and a mask (1 = real item, 0 = padding).
+    Sequence {
+        name: String,
+        columns: Vec<String>,
+        max_len: usize,
+        #[serde(default)]
+        vocab: Option<String>,
+        #[serde(default)]
+        min_count: Option<u64>,
+    },
+    /// Real-valued columns, normalised with statistics fitted on train. Per row: `[columns]`.
+    Numeric {
+        name: String,
+        columns: Vec<String>,
+        normalize: Normalize,
+    },
+}
+
+impl FeatureGroup {
+    pub fn name(&self) -> &str {
+        match self {
+            FeatureGroup::Categorical { name, .. }
+            | FeatureGroup::Sequence { name, .. }
+            | FeatureGroup::Numeric { name, .. } => name,
+        }
+    }
+
+    pub fn columns(&self) -> &[String] {
+        match self {
+            FeatureGroup::Categorical { columns, .. }
+            | FeatureGroup::Sequence { columns, .. }
+            | FeatureGroup::Numeric { columns, .. } => columns,
+        }
+    }
+}
+
+/// How a numeric column is normalised (statistics from the non-missing train values).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Normalize {
+    /// `(x - min) / (max - min)`; 0 when max = min.
+    Minmax,
+    /// `(x - mean) / std` with the population standard deviation; `x - mean` when std = 0.
+    Standard,
+    /// The raw value.
+    None,
+}
+
+/// The domain column: integer ids `0..count`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainSpec {
+    pub column: String,
+    /// The number of domains D. Values outside `0..D` are errors. Without it, D is the
+    /// largest value seen in train plus one, and larger values in other files are errors.
+    #[serde(default)]
+    pub count: Option<usize>,
+}
+
+/// One binary prediction task: its name and the 0/1 label column.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Task {
+    pub name: String,
+    pub column: String,
+}
+
+/// Where a categorical column sits: `(categorical group index, column index in the group)`.
+pub(crate) type CategoricalColumnRef = (usize, usize);
+
+impl Schema {
+    /// The categorical groups in schema order: `(name, columns, min_count)`.
+    pub(crate) fn categorical_groups(&self) -> impl Iterator<Item = (&str, &[String], u64)> {
+        self.features.iter().filter_map(move |g| match g {
+            FeatureGroup::Categorical {
+                name,
+                columns,
+                min_count,
+            } => Some((
+                name.as_str(),
+                columns.as_slice(),
+                min_count.unwrap_or(self.min_count),
+            )),
+            _ => None,
+        })
+    }
+
+    /// The sequence groups in schema order: `(name, columns, max_len, vocab, min_count)`.
+    pub(crate) fn sequence_groups(
+        &self,
+    ) -> impl Iterator<Item = (&str, &[String], usize, Option<&str>, u64)> {
+        self.features.iter().filter_map(move |g| match g {
+            FeatureGroup::Sequence {
+                name,
+                columns,
+                max_len,
+                vocab,
+                min_count,
+            } => Some((
+                name.as_str(),
+                columns.as_slice(),
+                *max_len,
+                vocab.as_deref(),
+                min_count.unwrap_or(self.min_count),
+            )),
+            _ => None,
+        })
+    }
+
+    /// The numeric groups in schema order: `(name, columns, normalize)`.
+    pub(crate) fn numeric_groups(&self) -> impl Iterator<Item = (&str, &[String], Normalize)> {
+        self.features.iter().filter_map(|g| match g {
+            FeatureGroup::Numeric {
+                name,
+                columns,
+                normalize,
+            } => Some((name.as_str(), columns.as_slice(), *normalize)),
+            _ => None,
+        })
+    }
+
+    /// Finds the categorical column a sequence group's `vocab` names.
+    pub(crate) fn find_categorical_column(&self, column: &str) -> Option<CategoricalColumnRef> {
+        self.categorical_groups()
+            .enumerate()
+            .find_map(|(g, (_, columns, _))| {
+                columns.iter().position(|c| c == column).map(|c| (g, c))
+            })
+    }
+
+    /// Checks the schema on its own (names, sizes, references), without looking at any file.
+    pub fn validate(&self) -> Result<(), DataError> {
+        let fail = |message: String| Err(DataError::Schema(message));
+        let mut group_names = std::collections::BTreeSet::new();
+        for group in &self.features {
+            let name = group.name();
+            if name.is_empty() {
+                return fail("a feature group has an empty name".into());
+            }
+            if !group_names.insert(name) {
+                return fail(format!("feature group name '{name}' is used twice"));
+            }
+            if group.columns().is_empty() {
+                return fail(format!("feature group '{name}' lists no columns"));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for column in group.columns() {
+                if !seen.insert(column) {
+                    return fail(format!(
+                        "feature group '{name}' lists column '{column}' twice"
+                    ));
+                }
+            }
+            match group {
+                FeatureGroup::Categorical {
+                    min_count: Some(0), ..
+                }
+                | FeatureGroup::Sequence {
+                    min_count: Some(0), ..
+                } => {
+                    return fail(format!(
+                        "feature group '{name}': min_count must be at least 1"
+                    ));
+                }
+                FeatureGroup::Sequence { max_len: 0, .. } => {
+                    return fail(format!(
+                        "sequence group '{name}': max_len must be at least 1"
+                    ));
+                }
+                FeatureGroup::Sequence {
+                    vocab: Some(vocab), ..
+                } if self.find_categorical_column(vocab).is_none() => {
+                    return fail(format!(
+                        "sequence group '{name}': vocab '{vocab}' is not a column of any \
+                         categorical group"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if self.min_count == 0 {
+            return fail("min_count must be at least 1".into());
+        }
+        if self.labels.is_empty() {
+            return fail("the schema names no label (at least one task is needed)".into());
+        }
+        let mut task_names = std::collections::BTreeSet::new();
+        for task in &self.labels {
+            if task.name.is_empty() {
+                return fail(format!(
+                    "the task for column '{}' has an empty name",
+                    task.column
+                ));
+            }
+            if !task_names.insert(task.name.as_str()) {
+                return fail(format!("task name '{}' is used twice", task.name));
+            }
+        }
+        if let Some(DomainSpec { count: Some(0), .. }) = &self.domain {
+            return fail("domain count must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Every column this schema reads, each once, in first-mention order.
+    pub(crate) fn named_columns(&self) -> Vec<&str> {
+        let features = self
+            .features
+            .iter()
+            .flat_map(|g| g.columns().iter().map(String::as_str));
+        let labels = self.labels.iter().map(|t| t.column.as_str());
+        let domain = self.domain.iter().map(|d| d.column.as_str());
+        let mut out: Vec<&str> = Vec::new();
+        for column in features
+            .chain(labels)
+            .chain(domain)
+            .chain(self.user.as_deref())
+        {
+            if !out.contains(&column) {
+                out.push(column);
+            }
+        }
+        out
+    }
+}
