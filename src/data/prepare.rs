@@ -168,7 +168,11 @@ pub fn prepare(
                 .and_then(|bytes| cache::decode(&k, &bytes));
             stats.cache_seconds = cache_start.elapsed().as_secs_f64();
             match loaded {
-                Ok((fitted, [train, valid, test])) => {
+                Ok((fitted, [mut train, mut valid, mut test])) => {
+                    // Same content, possibly under other names: report the names used now.
+                    train.source = paths.train.display().to_string();
+                    valid.source = paths.valid.display().to_string();
+                    test.source = paths.test.display().to_string();
                     stats.cache_hit = true;
                     stats.cache_file = Some(file);
                     stats.total_seconds = start.elapsed().as_secs_f64();
