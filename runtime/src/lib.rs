@@ -4,9 +4,18 @@
 //! The compiler (`mdl`) depends on this crate; this crate never depends on the compiler,
 //! so the IR and its backends can be built and tested on hand-written graphs.
 
+pub mod autodiff;
+pub mod backend;
+pub mod exec;
 pub mod ir;
 pub mod ops;
+pub mod passes;
+pub mod tensor;
 
+pub use autodiff::{differentiate, AutodiffError};
+pub use backend::Values;
+pub use exec::{ExecError, Mode};
 pub use ir::dim::{Binding, Dim, Shape};
 pub use ir::graph::{Graph, Init, NodeId, ParamInfo};
 pub use ops::{BinaryOp, DType, Op, ReduceOp, UnaryOp, ValueKind};
+pub use tensor::{Float, Ids, Tensor, Value};

@@ -113,6 +113,34 @@ impl Graph {
         id
     }
 
+    /// Appends a copy of `node` (already checked in another graph) reading `inputs`, ids in
+    /// this graph whose signatures match the originals. For passes that rebuild a graph.
+    pub(crate) fn push_copy(&mut self, node: &Node, inputs: Vec<NodeId>) -> NodeId {
+        self.push(node.op.clone(), inputs, node.sig.clone(), &node.scope)
+    }
+
+    /// Copies the parameter, input and output tables of `from` into this graph, with node
+    /// ids mapped through `map` (old index → new id); entries whose node has no image are
+    /// left out.
+    pub(crate) fn copy_tables(&mut self, from: &Graph, map: &[Option<NodeId>]) {
+        let image = |id: NodeId| map.get(id.index()).copied().flatten();
+        for p in &from.params {
+            if let Some(node) = image(p.node) {
+                self.params.push(ParamInfo { node, ..p.clone() });
+            }
+        }
+        for i in &from.inputs {
+            if let Some(node) = image(i.node) {
+                self.inputs.push(InputInfo { node, ..i.clone() });
+            }
+        }
+        for (name, &id) in &from.outputs {
+            if let Some(node) = image(id) {
+                self.outputs.insert(name.clone(), node);
+            }
+        }
+    }
+
     /// Adds an op after checking its shape rule against its operands.
     pub fn add(&mut self, op: Op, inputs: &[NodeId], scope: &str) -> Result<NodeId, ShapeError> {
         let operands: Vec<Operand> = inputs
@@ -162,11 +190,12 @@ impl Graph {
                 (_, ValueKind::RowSparse) => " row-sparse",
                 _ => "",
             };
+            let args = if args.is_empty() { String::new() } else { format!("({})", args.join(", ")) };
             out.push_str(&format!(
-                "%{} = {}({}) : {}{}",
+                "%{} = {}{} : {}{}",
                 id.index(),
                 n.op.name(),
-                args.join(", "),
+                args,
                 shape_to_string(&n.sig.shape),
                 kind
             ));

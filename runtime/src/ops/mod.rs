@@ -20,13 +20,17 @@
 //! | `index`       | Gather, SparseRows, SegmentSum, OneHot |
 
 pub mod elementwise;
+pub mod emit;
 pub mod index;
 pub mod layout;
 pub mod linalg;
 pub mod reduce;
 pub mod source;
 
+use crate::exec::{Arg, EvalCx, ExecError};
 use crate::ir::dim::{shape_to_string, Dim, Shape};
+use crate::ir::graph::{Graph, Node, NodeId};
+use crate::tensor::{Float, Value};
 use std::fmt;
 
 /// Element type of a value.
@@ -228,9 +232,22 @@ impl Op {
             None if operands.is_empty() => return shape_err(format!("{} needs operands", self.name())),
             _ => {}
         }
+        // Indexing and grouped ops check their own mix of ids and reals; layout ops move
+        // either kind (checked in `layout::shape`).
         let need_dense_float = !matches!(
             self,
-            Op::Gather | Op::SparseRows { .. } | Op::SegmentSum { .. } | Op::OneHot { .. } | Op::GroupMatMul { .. } | Op::GroupOuter { .. }
+            Op::Gather
+                | Op::SparseRows { .. }
+                | Op::SegmentSum { .. }
+                | Op::OneHot { .. }
+                | Op::GroupMatMul { .. }
+                | Op::GroupOuter { .. }
+                | Op::Reshape { .. }
+                | Op::Permute { .. }
+                | Op::Broadcast { .. }
+                | Op::Concat { .. }
+                | Op::Slice { .. }
+                | Op::Pad { .. }
         );
         if need_dense_float {
             for o in operands {
@@ -301,5 +318,44 @@ impl Op {
                 | Op::Binary(BinaryOp::Eq)
                 | Op::OneHot { .. }
         )
+    }
+}
+
+/// The vector-Jacobian product of node `id` (= `node`) as new nodes in `graph`: given the
+/// cotangent `dy` of its output, one cotangent per operand (`None`: no gradient flows to
+/// that operand). Each family's `grad` holds the rules for its ops.
+pub fn grad(graph: &mut Graph, node: &Node, id: NodeId, dy: NodeId) -> Result<Vec<Option<NodeId>>, ShapeError> {
+    use Op::*;
+    match &node.op {
+        Input { .. } | Param { .. } | Scalar(_) | DropMask { .. } | StopGrad => source::grad(graph, node, id, dy),
+        Unary(_) | Binary(_) => elementwise::grad(graph, node, id, dy),
+        Reshape { .. } | Permute { .. } | Broadcast { .. } | Concat { .. } | Slice { .. } | Pad { .. } => {
+            layout::grad(graph, node, id, dy)
+        }
+        Reduce { .. } | Softmax { .. } => reduce::grad(graph, node, id, dy),
+        MatMul { .. } | GroupMatMul { .. } | GroupOuter { .. } => linalg::grad(graph, node, id, dy),
+        Gather | SparseRows { .. } | SegmentSum { .. } | OneHot { .. } => index::grad(graph, node, id, dy),
+    }
+}
+
+/// The forward rule of `op` on concrete operands (the `interp` backend). Input and Param
+/// are not computed: the backend reads them from its feeds and parameters.
+pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>, ExecError> {
+    use Op::*;
+    if op.arity().is_some_and(|n| n != args.len()) || args.is_empty() && op.arity().is_none() {
+        return Err(ExecError::BadOperand { op: op.name(), message: format!("got {} operand(s)", args.len()) });
+    }
+    match op {
+        Input { .. } | Param { .. } => {
+            Err(ExecError::BadOperand { op: op.name(), message: "inputs and parameters are read by the backend".into() })
+        }
+        Scalar(_) | DropMask { .. } | StopGrad => source::eval(op, args, cx),
+        Unary(_) | Binary(_) => elementwise::eval(op, args, cx),
+        Reshape { .. } | Permute { .. } | Broadcast { .. } | Concat { .. } | Slice { .. } | Pad { .. } => {
+            layout::eval(op, args, cx)
+        }
+        Reduce { .. } | Softmax { .. } => reduce::eval(op, args, cx),
+        MatMul { .. } | GroupMatMul { .. } | GroupOuter { .. } => linalg::eval(op, args, cx),
+        Gather | SparseRows { .. } | SegmentSum { .. } | OneHot { .. } => index::eval(op, args, cx),
     }
 }

@@ -1,0 +1,58 @@
+//! Backends: what executes a graph on concrete values. `interp` is the plain-Rust reference
+//! (the oracle for every other backend and for the gradient checks). This module holds what
+//! all backends share: the result of a run ([`Values`]) and the re-exported run [`Mode`]
+//! and [`ExecError`].
+
+pub mod interp;
+
+pub use crate::exec::{ExecError, Mode};
+
+use crate::ir::graph::NodeId;
+use crate::tensor::{Float, Tensor, Value};
+use std::collections::BTreeMap;
+
+/// The values a run produced, by node and by output name. Which nodes are kept depends on
+/// how the graph was run (`interp::run` keeps the named outputs, `interp::run_keep_all`
+/// every node).
+#[derive(Clone, Debug)]
+pub struct Values<T> {
+    values: Vec<Option<Value<T>>>,
+    outputs: BTreeMap<String, NodeId>,
+}
+
+impl<T: Float> Values<T> {
+    pub(crate) fn new(values: Vec<Option<Value<T>>>, outputs: BTreeMap<String, NodeId>) -> Values<T> {
+        Values { values, outputs }
+    }
+
+    /// The value of a node, if it was kept.
+    pub fn node(&self, id: NodeId) -> Option<&Value<T>> {
+        self.values.get(id.index()).and_then(|v| v.as_ref())
+    }
+
+    /// The value of a named output (`loss`, `grad/<param>`, ...).
+    pub fn output(&self, name: &str) -> Option<&Value<T>> {
+        self.outputs.get(name).and_then(|&id| self.node(id))
+    }
+
+    /// A named output as a dense tensor (`None` if absent or not dense).
+    pub fn dense(&self, name: &str) -> Option<&Tensor<T>> {
+        self.output(name).and_then(|v| v.as_dense())
+    }
+
+    /// A scalar output's value.
+    pub fn scalar(&self, name: &str) -> Option<T> {
+        self.dense(name).filter(|t| t.numel() == 1).map(|t| t.data[0])
+    }
+
+    /// Moves a named output out (later lookups of it, by name or node, give `None`).
+    pub fn take_output(&mut self, name: &str) -> Option<Value<T>> {
+        let id = *self.outputs.get(name)?;
+        self.values.get_mut(id.index()).and_then(|v| v.take())
+    }
+
+    /// The names of the outputs, sorted.
+    pub fn output_names(&self) -> impl Iterator<Item = &str> {
+        self.outputs.keys().map(|s| s.as_str())
+    }
+}
