@@ -115,7 +115,7 @@ fn execute<'a, T: Float>(
                     node.inputs.iter().map(|i| slots[i.index()].arg()).collect::<Option<Vec<_>>>().ok_or_else(|| {
                         at_node(ExecError::BadOperand { op: op.name(), message: "an operand was freed too early".into() })
                     })?;
-                let cx = EvalCx { binding, mode, out_shape: &out_shape, node: id };
+                let cx = EvalCx { binding, mode, out_shape: &out_shape };
                 let value = ops::eval(op, &args, &cx).map_err(at_node)?;
                 check_result(node, &value, &out_shape).map_err(at_node)?;
                 Slot::Computed(value)

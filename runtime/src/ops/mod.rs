@@ -8,13 +8,14 @@
 //! - `grad`  — the vector-Jacobian product as new IR nodes (reverse-mode autodiff);
 //! - `eval`  — the forward rule on concrete tensors (the `interp` reference backend).
 //!
-//! `mod.rs` only names the ops and dispatches to the families.
+//! `mod.rs` only names the ops and dispatches to the families ([`Op::infer`], [`grad`],
+//! [`eval`]); `emit.rs` is the small node-building vocabulary the `grad` rules share.
 //!
 //! | family        | ops |
 //! |---------------|-----|
 //! | `source`      | Input, Param, Scalar, DropMask, StopGrad |
 //! | `elementwise` | Unary (neg exp log sqrt recip relu sigmoid tanh softplus abs step sign), Binary (add sub mul div max min gt eq) with broadcasting |
-//! | `layout`      | Reshape, Permute, Broadcast, Concat, Slice, Pad |
+//! | `layout`      | Reshape, Permute, Broadcast, Concat, Slice, Pad (all but Pad also move ids) |
 //! | `reduce`      | Reduce (sum mean max over axes), Softmax |
 //! | `linalg`      | MatMul, GroupMatMul, GroupOuter |
 //! | `index`       | Gather, SparseRows, SegmentSum, OneHot |
