@@ -138,3 +138,83 @@ pub fn build_training_graph(c: &Compiled) -> Result<mdl_runtime::Graph, String> 
     let g = autodiff::differentiate(&c.graph, loss, &wrt).map_err(|e| e.to_string())?;
     Ok(passes::optimize(&g))
 }
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(1)
+}
+
+/// `mdl run EXPERIMENT [--set k=v] [--out DIR]` or `mdl run --resume RUN_DIR`
+pub fn run(
+    experiment: Option<&Path>,
+    set: &[String],
+    out: Option<std::path::PathBuf>,
+    resume: Option<std::path::PathBuf>,
+    stop_after: Option<u64>,
+) -> ExitCode {
+    let (exp, out) = match (&resume, experiment) {
+        (Some(dir), _) => {
+            let cfg = dir.join("config.yaml");
+            if !cfg.exists() {
+                return fail(&format!("{} is not a run folder (no config.yaml)", dir.display()));
+            }
+            match crate::experiment::load(&cfg, set) {
+                Ok(e) => (e, Some(dir.clone())),
+                Err(e) => return fail(&e),
+            }
+        }
+        (None, Some(path)) => match crate::experiment::load(path, set) {
+            Ok(e) => (e, out),
+            Err(e) => return fail(&e),
+        },
+        (None, None) => return fail("give an experiment file or --resume RUN_DIR"),
+    };
+    let opts = crate::train::RunOptions { out, resume: resume.is_some(), stop_after };
+    match crate::train::train(&exp, &opts) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// `mdl eval RUN_DIR --data FILE`
+pub fn eval(run: &Path, data: &Path) -> ExitCode {
+    let result = (|| -> Result<String, String> {
+        let (exp, fitted, session, params) = crate::train::load_run(run)?;
+        let ds = fitted.encode_file(data, exp.data.bad_rows.into()).map_err(|e| e.to_string())?;
+        let report = session.evaluate(&params, &ds, exp.train.batch_size)?;
+        serde_json::to_string_pretty(&report).map_err(|e| e.to_string())
+    })();
+    match result {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// `mdl predict RUN_DIR --data FILE --out scores.csv`
+pub fn predict(run: &Path, data: &Path, out: &Path) -> ExitCode {
+    let result = (|| -> Result<usize, String> {
+        let (exp, fitted, session, params) = crate::train::load_run(run)?;
+        let ds = fitted.encode_file(data, exp.data.bad_rows.into()).map_err(|e| e.to_string())?;
+        let scores = session.predict(&params, &ds, exp.train.batch_size)?;
+        let tasks = &session.compiled.tasks;
+        let mut text = tasks.join(",");
+        text.push('\n');
+        for row in scores.chunks(tasks.len()) {
+            let cells: Vec<String> = row.iter().map(|s| format!("{s:.6}")).collect();
+            text.push_str(&cells.join(","));
+            text.push('\n');
+        }
+        crate::train::write_atomic(out, text.as_bytes())?;
+        Ok(ds.rows)
+    })();
+    match result {
+        Ok(rows) => {
+            eprintln!("wrote {rows} rows of scores to {}", out.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}

@@ -4,6 +4,8 @@
 pub mod cli;
 pub mod data;
 pub mod diag;
+pub mod experiment;
 pub mod lower;
 pub mod metrics;
 pub mod syntax;
+pub mod train;

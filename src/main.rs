@@ -38,6 +38,45 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Train and evaluate an experiment; writes a run folder (metrics.json, curve.csv,
+    /// checkpoints, log).
+    Run {
+        /// Experiment file (.yaml); not needed with --resume
+        #[arg(required_unless_present = "resume")]
+        experiment: Option<PathBuf>,
+        /// Override any experiment key, e.g. `--set train.lr=0.01` (repeatable)
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// The run folder (default: runs/<experiment name>)
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue the interrupted run in this folder from its last checkpoint
+        #[arg(long, value_name = "RUN_DIR")]
+        resume: Option<PathBuf>,
+        /// Stop after this many steps, as if interrupted (for testing --resume)
+        #[arg(long, hide = true)]
+        stop_after: Option<u64>,
+    },
+    /// Evaluate a run's best checkpoint on a file with the training schema; prints the
+    /// metrics as JSON.
+    Eval {
+        /// Run folder written by `mdl run`
+        run: PathBuf,
+        /// CSV or CSV.gz file
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Write one score per row and task for a file with the training schema.
+    Predict {
+        /// Run folder written by `mdl run`
+        run: PathBuf,
+        /// CSV or CSV.gz file
+        #[arg(long)]
+        data: PathBuf,
+        /// Output CSV (one column per task)
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -46,6 +85,11 @@ fn main() -> ExitCode {
     let result = std::panic::catch_unwind(|| match cli.command {
         Command::Check { specs, set } => mdl::cli::check(&specs, &set),
         Command::Graph { spec, backward, dot, set } => mdl::cli::graph(&spec, backward, dot, &set),
+        Command::Run { experiment, set, out, resume, stop_after } => {
+            mdl::cli::run(experiment.as_deref(), &set, out, resume, stop_after)
+        }
+        Command::Eval { run, data } => mdl::cli::eval(&run, &data),
+        Command::Predict { run, data, out } => mdl::cli::predict(&run, &data, &out),
     });
     match result {
         Ok(code) => code,

@@ -1,0 +1,467 @@
+//! Experiment files: the YAML that says which spec to train on which data, how.
+//!
+//! An experiment names the spec and overrides of its hyperparameters, the data (split
+//! files and the schema that binds CSV columns to the spec's inputs), the optimizer and
+//! training schedule (batch size, epochs, clipping, early stopping, evaluation cadence,
+//! staged training with frozen parameter groups), the seed, the backend and the output
+//! folder. A file may inherit from another with `base: other.yaml` (mappings merge, the
+//! child wins; lists are replaced), and `--set key.path=value` overrides any key.
+//!
+//! Relative paths are resolved against the directory of the file that wrote them, so a
+//! base file and its children can live in different folders.
+
+use crate::data::{BadRows, Schema};
+use crate::lower::Hyper;
+use serde::{Deserialize, Serialize};
+use serde_yaml::{Mapping, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A fully resolved experiment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    /// The run's name (default: the file name without extension).
+    #[serde(default)]
+    pub name: String,
+    /// The file this experiment inherits from (already merged in).
+    #[serde(default, skip_serializing)]
+    pub base: Option<String>,
+    /// The `.mdl` spec.
+    pub spec: PathBuf,
+    /// Which model of the spec file (when it has several).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Overrides of the spec's hyperparameters.
+    #[serde(default)]
+    pub hyper: BTreeMap<String, serde_yaml::Value>,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    /// `interp` (the reference backend).
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    /// The run folder (default `runs/<name>`).
+    #[serde(default)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// A folder holding `train.csv.gz`, `valid.csv.gz`, `test.csv.gz` (or `.csv`).
+    #[serde(default)]
+    pub folder: Option<PathBuf>,
+    #[serde(default)]
+    pub train: Option<PathBuf>,
+    #[serde(default)]
+    pub valid: Option<PathBuf>,
+    #[serde(default)]
+    pub test: Option<PathBuf>,
+    /// `fail` (default): a malformed row stops with file:line; `skip`: it is skipped and counted.
+    #[serde(default)]
+    pub bad_rows: BadRowsConfig,
+    /// Binds columns to the spec's inputs (feature group names = the spec's input names).
+    pub schema: Schema,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BadRowsConfig {
+    #[default]
+    Fail,
+    Skip,
+}
+
+impl From<BadRowsConfig> for BadRows {
+    fn from(b: BadRowsConfig) -> BadRows {
+        match b {
+            BadRowsConfig::Fail => BadRows::Fail,
+            BadRowsConfig::Skip => BadRows::Skip,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerName {
+    Sgd,
+    Adam,
+    Adagrad,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    #[serde(default = "default_optimizer")]
+    pub optimizer: OptimizerName,
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Learning rate of embedding tables (default: `lr`).
+    #[serde(default)]
+    pub embedding_lr: Option<f64>,
+    /// L2 penalty on non-embedding parameters.
+    #[serde(default)]
+    pub l2: f64,
+    /// L2 penalty on embedding tables (applied to the rows a batch touched).
+    #[serde(default)]
+    pub embedding_l2: f64,
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    #[serde(default = "default_epochs")]
+    pub epochs: usize,
+    /// Clip the global gradient norm to this value (none by default).
+    #[serde(default)]
+    pub clip_norm: Option<f64>,
+    /// Evaluate on valid every N steps, or `epoch` (default) at the end of each epoch.
+    #[serde(default)]
+    pub eval_every: EvalEvery,
+    #[serde(default)]
+    pub early_stopping: EarlyStopping,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Training stages, in order; without any, one stage trains everything for `epochs`.
+    #[serde(default)]
+    pub stages: Vec<Stage>,
+    /// Stop after this many steps in total (for smoke tests and benchmarks).
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> TrainConfig {
+        serde_yaml::from_str("{}").expect("every field has a default")
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EvalEvery {
+    #[default]
+    #[serde(skip)]
+    Epoch,
+    Steps(u64),
+    Word(String),
+}
+
+impl EvalEvery {
+    /// Steps between evaluations (`None`: at the end of each epoch).
+    pub fn steps(&self) -> Result<Option<u64>, String> {
+        match self {
+            EvalEvery::Epoch => Ok(None),
+            EvalEvery::Steps(0) => Err("train.eval_every: must be at least 1 step".into()),
+            EvalEvery::Steps(n) => Ok(Some(*n)),
+            EvalEvery::Word(w) if w == "epoch" => Ok(None),
+            EvalEvery::Word(w) => Err(format!("train.eval_every: expected a number of steps or `epoch`, found `{w}`")),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStopping {
+    /// `auc` (default), `gauc` or `logloss` of the first task on valid.
+    #[serde(default = "default_metric")]
+    pub metric: String,
+    /// Evaluations without improvement before stopping (default 2).
+    #[serde(default = "default_patience")]
+    pub patience: usize,
+}
+
+impl Default for EarlyStopping {
+    fn default() -> EarlyStopping {
+        EarlyStopping { metric: default_metric(), patience: default_patience() }
+    }
+}
+
+impl EarlyStopping {
+    /// Whether larger is better for the metric.
+    pub fn maximize(&self) -> Result<bool, String> {
+        match self.metric.as_str() {
+            "auc" | "gauc" => Ok(true),
+            "logloss" => Ok(false),
+            m => Err(format!("train.early_stopping.metric: expected auc, gauc or logloss, found `{m}`")),
+        }
+    }
+}
+
+/// One training stage: which parameter groups it trains or freezes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage {
+    #[serde(default)]
+    pub name: String,
+    pub epochs: usize,
+    /// Parameter groups frozen in this stage (`group name { ... }` in the spec).
+    #[serde(default)]
+    pub freeze: Vec<String>,
+    /// If given, only these groups train (everything else is frozen).
+    #[serde(default)]
+    pub train_only: Option<Vec<String>>,
+    /// Start the stage with fresh optimizer state.
+    #[serde(default)]
+    pub reset_optimizer: bool,
+}
+
+fn default_backend() -> String {
+    "interp".into()
+}
+fn default_optimizer() -> OptimizerName {
+    OptimizerName::Adam
+}
+fn default_lr() -> f64 {
+    1e-3
+}
+fn default_batch() -> usize {
+    4096
+}
+fn default_epochs() -> usize {
+    1
+}
+fn default_seed() -> u64 {
+    2023
+}
+fn default_metric() -> String {
+    "auc".into()
+}
+fn default_patience() -> usize {
+    2
+}
+
+/// Keys whose values are paths, resolved against the writing file's directory.
+const PATH_KEYS: &[&[&str]] = &[&["spec"], &["out"], &["data", "folder"], &["data", "train"], &["data", "valid"], &["data", "test"]];
+
+/// Reads an experiment, merging its bases and applying `--set` overrides.
+pub fn load(path: &Path, set: &[String]) -> Result<Experiment, String> {
+    let mut merged = load_merged(path, 0)?;
+    for s in set {
+        let Some((key, value)) = s.split_once('=') else {
+            return Err(format!("--set {s}: expected KEY=VALUE (e.g. train.lr=0.01)"));
+        };
+        let v: Value = serde_yaml::from_str(value).map_err(|e| format!("--set {s}: {e}"))?;
+        let keys: Vec<&str> = key.trim().split('.').collect();
+        let v = if PATH_KEYS.contains(&keys.as_slice()) {
+            match v {
+                Value::String(p) => Value::String(absolutize(&std::env::current_dir().unwrap_or_default(), &p)),
+                other => other,
+            }
+        } else {
+            v
+        };
+        set_path(&mut merged, &keys, v).map_err(|e| format!("--set {s}: {e}"))?;
+    }
+    let mut exp: Experiment = serde_yaml::from_value(merged).map_err(|e| format!("{}: {}", path.display(), e))?;
+    if exp.name.is_empty() {
+        exp.name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+    }
+    exp.validate().map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(exp)
+}
+
+fn load_merged(path: &Path, depth: usize) -> Result<Value, String> {
+    if depth > 16 {
+        return Err(format!("{}: `base` chain is longer than 16 files (a cycle?)", path.display()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut v: Value = serde_yaml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), yaml_error(&e)))?;
+    if !v.is_mapping() {
+        return Err(format!("{}: an experiment must be a mapping of keys (spec:, data:, train:, ...)", path.display()));
+    }
+    // A typed pass over this file alone finds misspelt keys with their line numbers
+    // before merging blurs which file said what.
+    check_keys(&v).map_err(|e| format!("{}: {e}", path.display()))?;
+    let dir = path.parent().map(|d| d.to_path_buf()).unwrap_or_default();
+    for keys in PATH_KEYS {
+        if let Some(Value::String(p)) = get_path(&v, keys) {
+            let abs = absolutize(&dir, p);
+            set_path(&mut v, keys, Value::String(abs)).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    let base = match get_path(&v, &["base"]) {
+        Some(Value::String(b)) => Some(dir.join(b)),
+        Some(_) => return Err(format!("{}: `base` must be a file name", path.display())),
+        None => None,
+    };
+    match base {
+        Some(b) => {
+            let mut merged = load_merged(&b, depth + 1)?;
+            merge(&mut merged, v);
+            Ok(merged)
+        }
+        None => Ok(v),
+    }
+}
+
+/// Checks that every key of a single file is known, reporting the line of the first bad one.
+fn check_keys(v: &Value) -> Result<(), String> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Keys {
+        name: Option<Value>,
+        base: Option<Value>,
+        spec: Option<Value>,
+        model: Option<Value>,
+        hyper: Option<Value>,
+        data: Option<DataKeys>,
+        train: Option<TrainKeys>,
+        backend: Option<Value>,
+        out: Option<Value>,
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct DataKeys {
+        folder: Option<Value>,
+        train: Option<Value>,
+        valid: Option<Value>,
+        test: Option<Value>,
+        bad_rows: Option<Value>,
+        schema: Option<Value>,
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct TrainKeys {
+        optimizer: Option<Value>,
+        lr: Option<Value>,
+        embedding_lr: Option<Value>,
+        l2: Option<Value>,
+        embedding_l2: Option<Value>,
+        batch_size: Option<Value>,
+        epochs: Option<Value>,
+        clip_norm: Option<Value>,
+        eval_every: Option<Value>,
+        early_stopping: Option<Value>,
+        seed: Option<Value>,
+        stages: Option<Value>,
+        max_steps: Option<Value>,
+    }
+    Keys::deserialize(v.clone()).map(|_| ()).map_err(|e| e.to_string())
+}
+
+fn yaml_error(e: &serde_yaml::Error) -> String {
+    match e.location() {
+        Some(l) => format!("line {} column {}: {e}", l.line(), l.column()),
+        None => e.to_string(),
+    }
+}
+
+fn absolutize(dir: &Path, p: &str) -> String {
+    let path = Path::new(p);
+    if path.is_absolute() {
+        p.to_string()
+    } else {
+        dir.join(path).display().to_string()
+    }
+}
+
+fn get_path<'a>(v: &'a Value, keys: &[&str]) -> Option<&'a Value> {
+    let mut cur = v;
+    for k in keys {
+        cur = cur.as_mapping()?.get(Value::String(k.to_string()))?;
+    }
+    Some(cur)
+}
+
+fn set_path(v: &mut Value, keys: &[&str], new: Value) -> Result<(), String> {
+    let Some((last, parents)) = keys.split_last() else {
+        return Err("empty key".into());
+    };
+    let mut cur = v;
+    for k in parents {
+        let m = cur.as_mapping_mut().ok_or_else(|| format!("`{k}` is not inside a mapping"))?;
+        cur = m.entry(Value::String(k.to_string())).or_insert_with(|| Value::Mapping(Mapping::new()));
+    }
+    let m = cur.as_mapping_mut().ok_or_else(|| format!("cannot set `{last}`: its parent is not a mapping"))?;
+    m.insert(Value::String(last.to_string()), new);
+    Ok(())
+}
+
+/// Deep merge: mappings merge recursively, anything else in `over` replaces `base`.
+fn merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Mapping(b), Value::Mapping(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+impl Experiment {
+    fn validate(&self) -> Result<(), String> {
+        if self.train.batch_size == 0 {
+            return Err("train.batch_size: must be at least 1".into());
+        }
+        if !(self.train.lr > 0.0) {
+            return Err(format!("train.lr: must be positive, found {}", self.train.lr));
+        }
+        if self.train.stages.iter().any(|s| s.epochs == 0) {
+            return Err("train.stages: every stage needs at least one epoch".into());
+        }
+        self.train.eval_every.steps()?;
+        self.train.early_stopping.maximize()?;
+        if self.backend != "interp" {
+            return Err(format!("backend: `{}` is not available in this build; use `interp`", self.backend));
+        }
+        self.split_paths()?;
+        Ok(())
+    }
+
+    /// The three split files.
+    pub fn split_paths(&self) -> Result<crate::data::SplitPaths, String> {
+        let d = &self.data;
+        if let Some(folder) = &d.folder {
+            let mut p = crate::data::SplitPaths::in_folder(folder);
+            if let Some(t) = &d.train {
+                p.train = t.clone();
+            }
+            if let Some(v) = &d.valid {
+                p.valid = v.clone();
+            }
+            if let Some(t) = &d.test {
+                p.test = t.clone();
+            }
+            return Ok(p);
+        }
+        match (&d.train, &d.valid, &d.test) {
+            (Some(train), Some(valid), Some(test)) => {
+                Ok(crate::data::SplitPaths { train: train.clone(), valid: valid.clone(), test: test.clone() })
+            }
+            _ => Err("data: give `folder` (with train/valid/test.csv.gz) or all of `train`, `valid` and `test`".into()),
+        }
+    }
+
+    /// The epochs of each stage (one stage of `train.epochs` when none are given).
+    pub fn stages(&self) -> Vec<Stage> {
+        if self.train.stages.is_empty() {
+            vec![Stage { name: "train".into(), epochs: self.train.epochs, freeze: vec![], train_only: None, reset_optimizer: false }]
+        } else {
+            self.train.stages.clone()
+        }
+    }
+
+    /// Hyperparameter overrides as compiler values.
+    pub fn hyper_overrides(&self) -> Result<BTreeMap<String, Hyper>, String> {
+        self.hyper
+            .iter()
+            .map(|(k, v)| {
+                crate::cli::yaml_to_hyper(v)
+                    .map(|h| (k.clone(), h))
+                    .ok_or_else(|| format!("hyper.{k}: must be a number, string, boolean or list"))
+            })
+            .collect()
+    }
+
+    /// The run folder.
+    pub fn out_dir(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
+    }
+}

@@ -1,0 +1,191 @@
+//! Binding a compiled model to data: which arrays of a data [`Batch`] feed which graph
+//! input, and the sizes (`count(x)`, `rows(x)`, the number of domains) the data gives the
+//! spec's symbolic shapes. The experiment's schema names its groups after the spec's
+//! inputs; every mismatch between the two is an error naming both sides.
+
+use crate::data::{Batch, FeatureGroup, Layout, Schema, SequenceTable};
+use crate::lower::{count_sym, ids_input, label_input, mask_input, rows_sym, Compiled, FeatureKind};
+use mdl_runtime::ir::dim::BATCH;
+use mdl_runtime::tensor::{Tensor, Value};
+use mdl_runtime::Binding;
+use std::collections::HashMap;
+
+/// Where one graph input comes from in a batch.
+#[derive(Clone, Debug)]
+enum Source {
+    Categorical(usize),
+    SequenceIds(usize),
+    SequenceMask(usize),
+    Numeric(usize),
+    Domain,
+    Label(usize),
+}
+
+/// How batches become graph feeds for one model and schema.
+#[derive(Clone, Debug)]
+pub struct InputBinding {
+    /// Sizes that do not depend on the batch.
+    pub sizes: Binding,
+    /// `(graph input name, source, per-row shape)`.
+    feeds: Vec<(String, Source, Vec<usize>)>,
+    /// Position of each model task in the data's label columns.
+    pub task_columns: Vec<usize>,
+    pub tasks_in_data: usize,
+}
+
+impl InputBinding {
+    /// Matches the spec's inputs and tasks against the schema and the fitted layout.
+    pub fn new(model: &Compiled, schema: &Schema, layout: &Layout) -> Result<InputBinding, String> {
+        let mut sizes = Binding::new();
+        let mut feeds = Vec::new();
+        let mut errors = Vec::new();
+        let group_index = |name: &str, want: &str| -> Option<usize> {
+            schema
+                .features
+                .iter()
+                .filter(|g| match g {
+                    FeatureGroup::Categorical { .. } => want == "categorical",
+                    FeatureGroup::Sequence { .. } => want == "sequence",
+                    FeatureGroup::Numeric { .. } => want == "numeric",
+                })
+                .position(|g| g.name() == name)
+        };
+        for f in &model.features {
+            let name = &f.name;
+            let kind_of_schema = schema.features.iter().find(|g| g.name() == name).map(|g| match g {
+                FeatureGroup::Categorical { .. } => "categorical",
+                FeatureGroup::Sequence { .. } => "sequence",
+                FeatureGroup::Numeric { .. } => "numeric",
+            });
+            match &f.kind {
+                FeatureKind::Categorical => match group_index(name, "categorical") {
+                    Some(i) => {
+                        let l = &layout.categorical[i];
+                        sizes.insert(count_sym(name), l.columns.len());
+                        sizes.insert(rows_sym(name), l.rows);
+                        feeds.push((ids_input(name), Source::Categorical(i), vec![l.columns.len()]));
+                    }
+                    None => errors.push(missing(name, "categorical", kind_of_schema)),
+                },
+                FeatureKind::Sequence { len, of } => match group_index(name, "sequence") {
+                    Some(i) => {
+                        let l = &layout.sequence[i];
+                        if l.max_len != *len {
+                            errors.push(format!(
+                                "input `{name}`: the spec declares sequence({len}) but the schema has max_len {}",
+                                l.max_len
+                            ));
+                        }
+                        match (of, &l.table) {
+                            (Some(o), SequenceTable::Categorical { group, .. }) if o == group => {}
+                            (Some(o), SequenceTable::Categorical { group, column }) => errors.push(format!(
+                                "input `{name}`: the spec shares the ids of `{o}`, but the schema maps it through column `{column}` of group `{group}`"
+                            )),
+                            (Some(o), SequenceTable::Own) => errors.push(format!(
+                                "input `{name}`: the spec shares the ids of `{o}`; give the schema group `vocab: <a column of {o}>`"
+                            )),
+                            (None, SequenceTable::Categorical { group, .. }) => errors.push(format!(
+                                "input `{name}`: the schema shares the vocabulary of group `{group}`; declare it `sequence({len}) of {group}` in the spec"
+                            )),
+                            (None, SequenceTable::Own) => {
+                                sizes.insert(rows_sym(name), l.rows);
+                            }
+                        }
+                        sizes.insert(count_sym(name), l.columns.len());
+                        feeds.push((ids_input(name), Source::SequenceIds(i), vec![l.columns.len(), l.max_len]));
+                        feeds.push((mask_input(name), Source::SequenceMask(i), vec![l.columns.len(), l.max_len]));
+                    }
+                    None => errors.push(missing(name, "sequence", kind_of_schema)),
+                },
+                FeatureKind::Numeric => match group_index(name, "numeric") {
+                    Some(i) => {
+                        let l = &layout.numeric[i];
+                        sizes.insert(count_sym(name), l.columns.len());
+                        feeds.push((ids_input(name), Source::Numeric(i), vec![l.columns.len()]));
+                    }
+                    None => errors.push(missing(name, "numeric", kind_of_schema)),
+                },
+                FeatureKind::Domain => {
+                    if schema.domain.is_none() {
+                        errors.push(format!("input `{name}` is a domain: the schema needs `domain: {{ column: ... }}`"));
+                    }
+                    sizes.insert(count_sym(name), layout.domains);
+                    feeds.push((ids_input(name), Source::Domain, vec![]));
+                }
+            }
+        }
+        let domains = model.features.iter().filter(|f| f.kind == FeatureKind::Domain).count();
+        if domains > 1 {
+            errors.push("the spec declares more than one domain input; the data has one domain column".into());
+        }
+        for g in &schema.features {
+            if !model.features.iter().any(|f| &f.name == g.name()) {
+                let names: Vec<&str> = model.features.iter().map(|f| f.name.as_str()).collect();
+                errors.push(format!(
+                    "schema group `{}` is not an input of the spec (its inputs: {})",
+                    g.name(),
+                    names.join(", ")
+                ));
+            }
+        }
+        let mut task_columns = Vec::new();
+        for (t, task) in model.tasks.iter().enumerate() {
+            match schema.labels.iter().position(|l| &l.name == task) {
+                Some(i) => {
+                    task_columns.push(i);
+                    feeds.push((label_input(task), Source::Label(i), vec![]));
+                }
+                None => {
+                    let names: Vec<&str> = schema.labels.iter().map(|l| l.name.as_str()).collect();
+                    errors.push(format!("task `{task}` (label {t} of the spec) has no entry in the schema's labels ({})", names.join(", ")));
+                }
+            }
+        }
+        for l in &schema.labels {
+            if !model.tasks.contains(&l.name) {
+                errors.push(format!("schema label `{}` is not a task of the spec", l.name));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(format!("the experiment's data schema does not fit the spec:\n  - {}", errors.join("\n  - ")));
+        }
+        Ok(InputBinding { sizes, feeds, task_columns, tasks_in_data: schema.labels.len() })
+    }
+
+    /// The sizes with the batch bound.
+    pub fn with_batch(&self, rows: usize) -> Binding {
+        let mut b = self.sizes.clone();
+        b.insert(BATCH.to_string(), rows);
+        b
+    }
+
+    /// The graph feeds for a batch.
+    pub fn feeds(&self, batch: &Batch) -> HashMap<String, Value<f32>> {
+        let rows = batch.rows;
+        let mut out = HashMap::with_capacity(self.feeds.len());
+        for (name, src, per_row) in &self.feeds {
+            let mut shape = vec![rows];
+            shape.extend_from_slice(per_row);
+            let v = match src {
+                Source::Categorical(i) => Value::Ids(Tensor { shape, data: batch.cat[*i].clone() }),
+                Source::SequenceIds(i) => Value::Ids(Tensor { shape, data: batch.seq_ids[*i].clone() }),
+                Source::SequenceMask(i) => Value::Dense(Tensor { shape, data: batch.seq_mask[*i].clone() }),
+                Source::Numeric(i) => Value::Dense(Tensor { shape, data: batch.num[*i].clone() }),
+                Source::Domain => Value::Ids(Tensor { shape, data: batch.domain.clone() }),
+                Source::Label(j) => {
+                    let t = self.tasks_in_data;
+                    Value::Dense(Tensor { shape, data: (0..rows).map(|r| batch.labels[r * t + j]).collect() })
+                }
+            };
+            out.insert(name.clone(), v);
+        }
+        out
+    }
+}
+
+fn missing(name: &str, kind: &str, found: Option<&str>) -> String {
+    match found {
+        Some(k) => format!("input `{name}` is {kind} in the spec but a {k} group in the schema"),
+        None => format!("input `{name}` ({kind}) has no group in the schema: add `{{ kind: {kind}, name: {name}, columns: [...] }}` to data.schema.features"),
+    }
+}
