@@ -269,8 +269,11 @@ fn load_merged(path: &Path, depth: usize) -> Result<Value, String> {
     }
     // A typed pass over this file alone finds misspelt keys with their line numbers
     // before merging blurs which file said what.
-    check_keys(&v).map_err(|e| format!("{}: {e}", path.display()))?;
-    let dir = path.parent().map(|d| d.to_path_buf()).unwrap_or_default();
+    check_keys(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let dir = std::path::absolute(path)
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.to_path_buf()))
+        .unwrap_or_default();
     for keys in PATH_KEYS {
         if let Some(Value::String(p)) = get_path(&v, keys) {
             let abs = absolutize(&dir, p);
@@ -293,7 +296,7 @@ fn load_merged(path: &Path, depth: usize) -> Result<Value, String> {
 }
 
 /// Checks that every key of a single file is known, reporting the line of the first bad one.
-fn check_keys(v: &Value) -> Result<(), String> {
+fn check_keys(text: &str) -> Result<(), String> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     #[allow(dead_code)]
@@ -337,12 +340,17 @@ fn check_keys(v: &Value) -> Result<(), String> {
         stages: Option<Value>,
         max_steps: Option<Value>,
     }
-    Keys::deserialize(v.clone()).map(|_| ()).map_err(|e| e.to_string())
+    serde_yaml::from_str::<Keys>(text).map(|_| ()).map_err(|e| yaml_error(&e))
 }
 
 fn yaml_error(e: &serde_yaml::Error) -> String {
     match e.location() {
-        Some(l) => format!("line {} column {}: {e}", l.line(), l.column()),
+        Some(l) => {
+            let msg = e.to_string();
+            // serde_yaml ends its messages with "at line L column C"; say it once, first.
+            let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+            format!("line {} column {}: {msg}", l.line(), l.column())
+        }
         None => e.to_string(),
     }
 }

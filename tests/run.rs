@@ -1,0 +1,182 @@
+//! The main job end to end through the `mdl` binary, on the bundled kuairand_pure_tail:
+//! a run writes its folder; the same seed gives a byte-identical metrics.json; a run
+//! killed mid-way and resumed ends with the same metrics as a straight one; `mdl eval`
+//! reproduces the test metrics; bad rows are reported or skipped and counted; bad
+//! experiment files are reported with the key and the line.
+
+mod common;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("run").join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn mdl(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mdl"))
+        .args(args)
+        .current_dir(common::root())
+        .env("MDL_CACHE_DIR", PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("mdl-cache"))
+        .env("CI", "1")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "mdl failed:\n{err}");
+    err
+}
+
+/// A short DNN run: few steps, small batches, evaluated every 2 steps.
+const SHORT: &[&str] = &[
+    "--set", "spec=specs/dnn.mdl",
+    "--set", "train.batch_size=512",
+    "--set", "train.max_steps=6",
+    "--set", "train.eval_every=2",
+    "--set", "train.early_stopping.patience=10",
+];
+
+fn short_run(out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["run", "experiments/quickstart.yaml", "--out", out.to_str().unwrap()];
+    args.extend_from_slice(SHORT);
+    args.extend_from_slice(extra);
+    mdl(&args)
+}
+
+#[test]
+fn same_seed_gives_identical_metrics_and_resume_matches_a_straight_run() {
+    let a = tmp("seed_a");
+    let b = tmp("seed_b");
+    ok(&short_run(&a, &[]));
+    ok(&short_run(&b, &[]));
+    let ma = std::fs::read(a.join("metrics.json")).unwrap();
+    assert_eq!(ma, std::fs::read(b.join("metrics.json")).unwrap(), "same seed, different metrics.json");
+    for f in ["config.yaml", "fitted.json", "curve.csv", "best.ckpt", "last.ckpt", "train.log"] {
+        assert!(a.join(f).exists(), "run folder lacks {f}");
+    }
+    let m: serde_json::Value = serde_json::from_slice(&ma).unwrap();
+    for key in ["auc", "gauc", "logloss"] {
+        assert!(m["test"][key].as_f64().is_some(), "test.{key} missing: {m}");
+        assert!(m["valid"][key].as_f64().is_some(), "valid.{key} missing");
+    }
+    assert!(m["test"]["per_domain"]["1"]["count"].as_u64().unwrap() > 20000, "per-domain counts: {m}");
+    assert!(m["test"]["per_task"]["click"]["auc"].as_f64().is_some());
+    assert_eq!(m["steps"].as_u64(), Some(6));
+    let curve = std::fs::read_to_string(a.join("curve.csv")).unwrap();
+    assert_eq!(curve.lines().count(), 4, "header + evaluations at steps 2, 4, 6:\n{curve}");
+
+    // Kill after 3 steps (the last checkpoint is at step 2), then resume.
+    let c = tmp("resumed");
+    let first = ok(&short_run(&c, &["--stop-after", "3"]));
+    assert!(first.contains("stopping after 3 steps"), "{first}");
+    assert!(!c.join("metrics.json").exists());
+    let resumed = ok(&mdl(&["run", "--resume", c.to_str().unwrap()]));
+    assert!(resumed.contains("resumed from"), "{resumed}");
+    assert_eq!(ma, std::fs::read(c.join("metrics.json")).unwrap(), "resumed run differs from the straight run");
+
+    // `mdl eval` on the test split reproduces metrics.json's test block.
+    let ev = mdl(&["eval", a.to_str().unwrap(), "--data", "data/kuairand_pure_tail/test.csv.gz"]);
+    ok(&ev);
+    let e: serde_json::Value = serde_json::from_slice(&ev.stdout).unwrap();
+    assert_eq!(e["auc"], m["test"]["auc"]);
+    assert_eq!(e["gauc"], m["test"]["gauc"]);
+
+    // `mdl predict` writes one score per row.
+    let scores = a.join("scores.csv");
+    ok(&mdl(&["predict", a.to_str().unwrap(), "--data", "data/kuairand_pure_tail/valid.csv.gz", "--out", scores.to_str().unwrap()]));
+    let text = std::fs::read_to_string(&scores).unwrap();
+    assert_eq!(text.lines().count(), 18943 + 1);
+    assert!(text.starts_with("click\n"));
+}
+
+#[test]
+fn loss_falls_over_an_epoch_of_training() {
+    let d = tmp("falls");
+    let err = ok(&mdl(&[
+        "run", "experiments/quickstart.yaml", "--out", d.to_str().unwrap(),
+        "--set", "spec=specs/dnn.mdl", "--set", "train.batch_size=2048", "--set", "train.max_steps=30",
+        "--set", "train.eval_every=15",
+    ]));
+    let curve = std::fs::read_to_string(d.join("curve.csv")).unwrap();
+    let rows: Vec<Vec<f64>> = curve.lines().skip(1).map(|l| l.split(',').map(|x| x.parse().unwrap_or(f64::NAN)).collect()).collect();
+    assert_eq!(rows.len(), 2, "{curve}\n{err}");
+    assert!(rows[1][2] < rows[0][2], "train loss did not fall: {curve}");
+    assert!(rows[1][3] > 0.65, "valid AUC after 30 steps should be well above chance: {curve}");
+}
+
+/// The first `n` rows of the real train split (header included), with edits.
+fn small_split(dir: &Path, name: &str, n: usize, corrupt_line: Option<usize>) -> PathBuf {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(common::root().join("data/kuairand_pure_tail/train.csv.gz")).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    let mut lines: Vec<String> = text.lines().take(n + 1).map(|s| s.to_string()).collect();
+    if let Some(l) = corrupt_line {
+        // Drop the last column: a row with the wrong number of fields.
+        let s = lines[l - 1].clone();
+        lines[l - 1] = s[..s.rfind(',').unwrap()].to_string();
+    }
+    let p = dir.join(name);
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
+}
+
+#[test]
+fn malformed_rows_stop_with_file_and_line_or_are_skipped_and_counted() {
+    let d = tmp("bad_rows");
+    let train = small_split(&d, "train.csv", 400, Some(7));
+    let valid = small_split(&d, "valid.csv", 200, None);
+    let test = small_split(&d, "test.csv", 200, None);
+    let base = [
+        "--set", "spec=specs/dnn.mdl",
+        "--set", "train.batch_size=128", "--set", "train.max_steps=2",
+    ];
+    let sets = [
+        format!("data.train={}", train.display()),
+        format!("data.valid={}", valid.display()),
+        format!("data.test={}", test.display()),
+    ];
+    let mut args = vec!["run", "experiments/quickstart.yaml", "--out"];
+    let out_dir = d.join("out");
+    args.push(out_dir.to_str().unwrap());
+    args.extend_from_slice(&base);
+    for s in &sets {
+        args.push("--set");
+        args.push(s);
+    }
+    let fail = mdl(&args);
+    assert!(!fail.status.success());
+    let err = String::from_utf8_lossy(&fail.stderr);
+    assert!(err.contains("train.csv:7"), "the error names file:line:\n{err}");
+
+    args.push("--set");
+    args.push("data.bad_rows=skip");
+    let err = ok(&mdl(&args));
+    assert!(err.contains("skipped 1 malformed rows in train"), "{err}");
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(out_dir.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["skipped_rows"]["train"].as_u64(), Some(1));
+}
+
+#[test]
+fn experiment_errors_name_the_key() {
+    let d = tmp("bad_yaml");
+    let p = d.join("bad.yaml");
+    let root = common::root();
+    let base = root.join("experiments/kuairand_base.yaml");
+    std::fs::write(&p, format!("base: {}\nspec: {}\ntrain:\n  batch_sise: 12\n", base.display(), root.join("specs/dnn.mdl").display())).unwrap();
+    let out = mdl(&["run", p.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("unknown field `batch_sise`") && err.contains("line 4"), "{err}");
+
+    std::fs::write(&p, format!("base: {}\nspec: {}\n", base.display(), root.join("specs/crocodile.mdl").display())).unwrap();
+    let out = mdl(&["run", p.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("input `priors` (categorical) has no group in the schema"), "{err}");
+    assert!(err.contains("input `domain` is a domain"), "{err}");
+}
