@@ -333,6 +333,8 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
     let best_path = out.join("best.ckpt");
     let train_start = Instant::now();
     let mut rows_done = 0usize;
+    // Time spent in training steps only (forward, backward, update), not evaluation.
+    let mut step_secs = 0.0f64;
 
     'stages: while state.stage < stages.len() && !state.stopped_early {
         let stage = &stages[state.stage];
@@ -345,6 +347,10 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
             while state.batch_in_epoch < order.len() {
                 if exp.train.max_steps.is_some_and(|m| state.step >= m) {
                     break 'stages;
+                }
+                let step_start = Instant::now();
+                if steps_this_process == 0 {
+                    log.line(&format!("first batch starts {:.2}s after launch", t0.elapsed().as_secs_f64()));
                 }
                 let rows = &order[state.batch_in_epoch];
                 prep.train.gather(rows, &mut batch).map_err(|e| e.to_string())?;
@@ -376,7 +382,8 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
                 state.loss_count += 1;
                 steps_this_process += 1;
                 rows_done += batch.rows;
-                let rate = rows_done as f64 / train_start.elapsed().as_secs_f64().max(1e-9);
+                step_secs += step_start.elapsed().as_secs_f64();
+                let rate = rows_done as f64 / step_secs.max(1e-9);
                 log.progress(state.step, total_steps, state.epoch + 1, loss, rate);
 
                 let end_of_epoch = state.batch_in_epoch == order.len();
@@ -451,9 +458,11 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
         state.epoch
     ));
     log.line(&format!(
-        "train {:.1}s ({:.0} rows/s), total {:.1}s; run folder {}",
+        "training {:.1}s: steps {:.1}s ({:.0} train rows/s), evaluation {:.1}s; total {:.1}s; run folder {}",
         train_secs,
-        rows_done as f64 / train_secs.max(1e-9),
+        step_secs,
+        rows_done as f64 / step_secs.max(1e-9),
+        train_secs - step_secs,
         t0.elapsed().as_secs_f64(),
         out.display()
     ));
