@@ -47,6 +47,9 @@ const TABLE: &[(&str, &[&str])] = &[
     ("len", &["list"]),
     ("dim", &["x", "axis"]),
     ("bce", &["task", "by?"]),
+    ("label", &["task"]),
+    ("broadcast_to", &["x", "like"]),
+    ("group_mean", &["x", "by"]),
 ];
 
 pub fn names() -> Vec<&'static str> {
@@ -289,6 +292,25 @@ pub(crate) fn call(el: &mut Elab, name: &str, bound: Vec<(String, Val, Span)>, s
             Ok(Val::Int(el.shape(x.node)[axis].clone()))
         }
         "bce" => bce(el, &a, span),
+        "label" => {
+            let (t, ts) = a.get("task");
+            let Val::Task(task) = t else {
+                return el.error(ts, format!("`label` takes a task declared with `task`, found {}", t.kind()));
+            };
+            match el.graph.input_info(&label_input(&task)) {
+                Some(i) => Ok(Val::Tensor(Tv { node: i.node, grouped: false })),
+                None => el.error(ts, format!("task `{task}` has no label")),
+            }
+        }
+        "broadcast_to" => {
+            let x = tensor(el, &a, "x")?;
+            let like = tensor(el, &a, "like")?;
+            let (x, like) = (el.materialise(x, span)?, el.materialise(like, span)?);
+            let shape = el.shape(like.node).to_vec();
+            let node = el.add(Op::Broadcast { shape }, &[x.node], span)?;
+            Ok(Val::Tensor(Tv { node, grouped: false }))
+        }
+        "group_mean" => group_mean(el, &a, span),
         other => el.error(span, format!("internal error: built-in `{other}` has no rule")),
     }
 }
@@ -516,4 +538,32 @@ fn bce(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
         (other, s) => return el.error(s, format!("`by` must be a domain input, found {}", other.kind())),
     };
     Ok(Val::Tensor(Tv { node: out, grouped: false }))
+}
+
+/// `group_mean(x, by = d)`: for each sample, the mean of `x` over the samples of the batch
+/// that share its domain (`[B, ...]` -> `[B, ...]`) — per-domain batch statistics.
+fn group_mean(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let x = el.materialise(x, span)?;
+    let (f, fs) = feature(el, a, "by")?;
+    let Some((FeatureKind::Domain, dom, _)) = el.feature_nodes(&f) else {
+        return el.error(fs, format!("`by` must be a domain input; `{f}` is not one"));
+    };
+    if !el.shape(x.node).first().is_some_and(|d| *d == Dim::batch()) {
+        return el.error(a.get("x").1, format!("`group_mean` needs a per-sample tensor [B, ...], found {}", el.shape_str(x.node)));
+    }
+    let groups = Dim::sym(&count_sym(&f));
+    let sums = el.add(Op::SegmentSum { segments: groups.clone() }, &[x.node, dom], span)?;
+    let one = el.scalar(1.0, span)?;
+    let ones = el.add(Op::Broadcast { shape: vec![Dim::batch()] }, &[one], span)?;
+    let counts = el.add(Op::SegmentSum { segments: groups }, &[ones, dom], span)?;
+    let own_sum = el.add(Op::Gather, &[sums, dom], span)?;
+    let own_count = el.add(Op::Gather, &[counts, dom], span)?;
+    // Counts [B] against sums [B, ...]: give the counts trailing axes of size 1.
+    let rank = el.shape(own_sum).len();
+    let mut cshape = vec![Dim::batch()];
+    cshape.extend((1..rank).map(|_| Dim::lit(1)));
+    let own_count = el.add(Op::Reshape { shape: cshape }, &[own_count], span)?;
+    let node = el.add(Op::Binary(BinaryOp::Div), &[own_sum, own_count], span)?;
+    Ok(Val::Tensor(Tv { node, grouped: false }))
 }

@@ -412,9 +412,12 @@ impl Elab {
         let node = self.add(Op::Binary(op), &[a.node, b.node], span)?;
         // numpy would broadcast [B] against [B, 1] to [B, B]; in a model that is always a
         // mistake, so it is an error here.
+        // Operands of equal rank ([B, 1] - [1, B]) pair samples on purpose (in-batch
+        // losses); a rank mismatch doing it is the accident.
         let batch_axes = |s: &[Dim]| s.iter().filter(|d| d.has_batch()).count();
         let (na, nb, nout) = (batch_axes(self.shape(a.node)), batch_axes(self.shape(b.node)), batch_axes(self.shape(node)));
-        if nout > na.max(nb) {
+        let same_rank = self.shape(a.node).len() == self.shape(b.node).len();
+        if nout > na.max(nb) && !same_rank {
             let d = Diagnostic::error(
                 span,
                 format!(
