@@ -56,3 +56,42 @@ impl<T: Float> Values<T> {
         self.outputs.keys().map(|s| s.as_str())
     }
 }
+
+/// A backend that runs graphs in f32 for training and evaluation. A backend may compile
+/// and cache a plan per graph and concrete binding (the batch size changes only for the
+/// last batch of an epoch); `run` gives the same results as `interp::run` up to rounding.
+pub trait Executor {
+    /// The backend's name (`interp`, `jit`, ...).
+    fn name(&self) -> &'static str;
+
+    /// Runs `graph` and keeps its named outputs.
+    fn run(
+        &mut self,
+        graph: &crate::ir::graph::Graph,
+        binding: &crate::ir::dim::Binding,
+        feeds: &std::collections::HashMap<String, Value<f32>>,
+        params: &std::collections::HashMap<String, Tensor<f32>>,
+        mode: &Mode,
+    ) -> Result<Values<f32>, ExecError>;
+}
+
+/// The reference backend as an [`Executor`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Interp;
+
+impl Executor for Interp {
+    fn name(&self) -> &'static str {
+        "interp"
+    }
+
+    fn run(
+        &mut self,
+        graph: &crate::ir::graph::Graph,
+        binding: &crate::ir::dim::Binding,
+        feeds: &std::collections::HashMap<String, Value<f32>>,
+        params: &std::collections::HashMap<String, Tensor<f32>>,
+        mode: &Mode,
+    ) -> Result<Values<f32>, ExecError> {
+        interp::run(graph, binding, feeds, params, mode)
+    }
+}
