@@ -181,7 +181,8 @@ pub fn eval(run: &Path, data: &Path) -> ExitCode {
     let result = (|| -> Result<String, String> {
         let (exp, fitted, session, params) = crate::train::load_run(run)?;
         let ds = fitted.encode_file(data, exp.data.bad_rows.into()).map_err(|e| e.to_string())?;
-        let report = session.evaluate(&params, &ds, exp.train.batch_size)?;
+        let mut exec = crate::train::make_executor(&exp.backend)?;
+        let report = session.evaluate(exec.as_mut(), &params, &ds, exp.train.batch_size)?;
         serde_json::to_string_pretty(&report).map_err(|e| e.to_string())
     })();
     match result {
@@ -198,7 +199,8 @@ pub fn predict(run: &Path, data: &Path, out: &Path) -> ExitCode {
     let result = (|| -> Result<usize, String> {
         let (exp, fitted, session, params) = crate::train::load_run(run)?;
         let ds = fitted.encode_file(data, exp.data.bad_rows.into()).map_err(|e| e.to_string())?;
-        let scores = session.predict(&params, &ds, exp.train.batch_size)?;
+        let mut exec = crate::train::make_executor(&exp.backend)?;
+        let scores = session.predict(exec.as_mut(), &params, &ds, exp.train.batch_size)?;
         let tasks = &session.compiled.tasks;
         let mut text = tasks.join(",");
         text.push('\n');
@@ -213,6 +215,25 @@ pub fn predict(run: &Path, data: &Path, out: &Path) -> ExitCode {
     match result {
         Ok(rows) => {
             eprintln!("wrote {rows} rows of scores to {}", out.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// `mdl bench EXPERIMENT [--backend B] [--steps N]`
+pub fn bench(experiment: &Path, backend: Option<String>, steps: usize, set: &[String]) -> ExitCode {
+    let mut set = set.to_vec();
+    if let Some(b) = backend {
+        set.push(format!("backend={b}"));
+    }
+    let exp = match crate::experiment::load(experiment, &set) {
+        Ok(e) => e,
+        Err(e) => return fail(&e),
+    };
+    match crate::bench::bench(&exp, steps) {
+        Ok(r) => {
+            print!("{r}");
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e),

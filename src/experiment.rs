@@ -416,8 +416,12 @@ impl Experiment {
         }
         self.train.eval_every.steps()?;
         self.train.early_stopping.maximize()?;
-        if self.backend != "interp" {
-            return Err(format!("backend: `{}` is not available in this build; use `interp`", self.backend));
+        if !crate::train::BACKENDS.contains(&self.backend.as_str()) {
+            return Err(format!(
+                "backend: `{}` is not available in this build (available: {})",
+                self.backend,
+                crate::train::BACKENDS.join(", ")
+            ));
         }
         self.split_paths()?;
         Ok(())

@@ -57,6 +57,21 @@ enum Command {
         #[arg(long, hide = true)]
         stop_after: Option<u64>,
     },
+    /// Measure compile time, training and evaluation throughput of an experiment's model
+    /// on its real data (figures only).
+    Bench {
+        /// Experiment file (.yaml)
+        experiment: PathBuf,
+        /// Backend to measure (default: the experiment's)
+        #[arg(long)]
+        backend: Option<String>,
+        /// Timed training steps
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Override any experiment key (repeatable)
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
     /// Evaluate a run's best checkpoint on a file with the training schema; prints the
     /// metrics as JSON.
     Eval {
@@ -89,6 +104,7 @@ fn main() -> ExitCode {
             mdl::cli::run(experiment.as_deref(), &set, out, resume, stop_after)
         }
         Command::Eval { run, data } => mdl::cli::eval(&run, &data),
+        Command::Bench { experiment, backend, steps, set } => mdl::cli::bench(&experiment, backend, steps, &set),
         Command::Predict { run, data, out } => mdl::cli::predict(&run, &data, &out),
     });
     match result {

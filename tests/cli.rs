@@ -69,7 +69,7 @@ fn crocodile_backward_dot_renders_with_graphviz() {
 fn help_lists_every_subcommand() {
     let out = mdl(&["--help"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    for sub in ["check", "graph"] {
+    for sub in ["check", "graph", "run", "eval", "predict", "bench"] {
         assert!(text.contains(sub), "{text}");
     }
 }

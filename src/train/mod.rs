@@ -27,7 +27,7 @@ use crate::experiment::{Experiment, OptimizerName, Stage};
 use crate::lower::{compile_file, logit_output, Compiled};
 use crate::metrics::Report;
 use bind::InputBinding;
-use mdl_runtime::backend::interp;
+use mdl_runtime::backend::Executor;
 use mdl_runtime::exec::Mode;
 use mdl_runtime::optim::{clip_global_norm, OptimConfig, OptimKind, Optimizer};
 use mdl_runtime::tensor::{Tensor, Value};
@@ -69,7 +69,13 @@ impl Session {
     }
 
     /// Predicted probabilities `[rows, tasks]` for a whole dataset.
-    pub fn predict(&self, params: &HashMap<String, Tensor<f32>>, ds: &Dataset, batch_size: usize) -> Result<Vec<f32>, String> {
+    pub fn predict(
+        &self,
+        exec: &mut dyn Executor,
+        params: &HashMap<String, Tensor<f32>>,
+        ds: &Dataset,
+        batch_size: usize,
+    ) -> Result<Vec<f32>, String> {
         let tasks = &self.compiled.tasks;
         let mut scores = vec![0.0f32; ds.rows * tasks.len()];
         let mut batch = ds.new_batch();
@@ -79,7 +85,7 @@ impl Session {
             ds.gather_range(start..end, &mut batch).map_err(|e| e.to_string())?;
             let feeds = self.inputs.feeds(&batch);
             let binding = self.inputs.with_batch(batch.rows);
-            let out = interp::run(&self.eval_graph, &binding, &feeds, params, &Mode::eval()).map_err(|e| e.to_string())?;
+            let out = exec.run(&self.eval_graph, &binding, &feeds, params, &Mode::eval()).map_err(|e| e.to_string())?;
             for (t, task) in tasks.iter().enumerate() {
                 let logits = out.dense(&logit_output(task)).ok_or_else(|| format!("no logit output for task {task}"))?;
                 for (r, &z) in logits.data.iter().enumerate() {
@@ -92,8 +98,14 @@ impl Session {
     }
 
     /// Metrics of the model on a dataset (per task, per domain, gAUC by user).
-    pub fn evaluate(&self, params: &HashMap<String, Tensor<f32>>, ds: &Dataset, batch_size: usize) -> Result<Report, String> {
-        let scores = self.predict(params, ds, batch_size)?;
+    pub fn evaluate(
+        &self,
+        exec: &mut dyn Executor,
+        params: &HashMap<String, Tensor<f32>>,
+        ds: &Dataset,
+        batch_size: usize,
+    ) -> Result<Report, String> {
+        let scores = self.predict(exec, params, ds, batch_size)?;
         let t = self.compiled.tasks.len();
         let width = self.inputs.tasks_in_data;
         let mut labels = Vec::with_capacity(ds.rows * t);
@@ -178,7 +190,8 @@ pub struct RunMetrics {
     pub skipped_rows: BTreeMap<String, u64>,
 }
 
-fn optim_config(exp: &Experiment) -> OptimConfig {
+/// The optimizer an experiment asks for.
+pub fn optim_config(exp: &Experiment) -> OptimConfig {
     let t = &exp.train;
     let kind = match t.optimizer {
         OptimizerName::Sgd => OptimKind::Sgd,
@@ -303,6 +316,8 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
     write_atomic(&out.join("fitted.json"), serde_json::to_string(&prep.fitted).map_err(|e| e.to_string())?.as_bytes())?;
 
     let mut optimizer = Optimizer::<f32>::new(optim_config(exp))?;
+    let mut backend = make_executor(&exp.backend)?;
+    let exec: &mut dyn Executor = backend.as_mut();
     let last = out.join("last.ckpt");
     let (mut params, mut state) = if opts.resume && last.exists() {
         let (params, opt_state, state) = load_checkpoint(&last)?;
@@ -357,7 +372,7 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
                 let feeds = session.inputs.feeds(&batch);
                 let binding = session.inputs.with_batch(batch.rows);
                 let mode = Mode::train(exp.train.seed, state.step);
-                let mut outv = interp::run(&session.train_graph, &binding, &feeds, &params, &mode).map_err(|e| e.to_string())?;
+                let mut outv = exec.run(&session.train_graph, &binding, &feeds, &params, &mode).map_err(|e| e.to_string())?;
                 let loss = outv.scalar("loss").ok_or("the training graph has no loss")? as f64;
                 if !loss.is_finite() {
                     return Err(format!(
@@ -397,7 +412,7 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
                         state.epoch_in_stage += 1;
                         state.epoch += 1;
                     }
-                    evaluate_and_checkpoint(&session, &params, &optimizer, &mut state, &prep.valid, bs, maximize, exp, &best_path, &last, &mut log)?;
+                    evaluate_and_checkpoint(&session, exec, &params, &optimizer, &mut state, &prep.valid, bs, maximize, exp, &best_path, &last, &mut log)?;
                     if state.stopped_early {
                         break 'stages;
                     }
@@ -422,7 +437,7 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
     }
     // A final evaluation when the last steps were not evaluated (max_steps, eval cadence).
     if state.curve.last().map(|c| c.step) != Some(state.step) && state.step > 0 {
-        evaluate_and_checkpoint(&session, &params, &optimizer, &mut state, &prep.valid, bs, maximize, exp, &best_path, &last, &mut log)?;
+        evaluate_and_checkpoint(&session, exec, &params, &optimizer, &mut state, &prep.valid, bs, maximize, exp, &best_path, &last, &mut log)?;
     }
     log.finish();
     let train_secs = train_start.elapsed().as_secs_f64();
@@ -434,8 +449,8 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
     } else {
         params
     };
-    let valid = session.evaluate(&best_params, &prep.valid, bs)?;
-    let test = session.evaluate(&best_params, &prep.test, bs)?;
+    let valid = session.evaluate(exec, &best_params, &prep.valid, bs)?;
+    let test = session.evaluate(exec, &best_params, &prep.test, bs)?;
     let metrics = RunMetrics {
         model: session.compiled.model.clone(),
         best_step: state.best_step,
@@ -472,6 +487,7 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
 #[allow(clippy::too_many_arguments)]
 fn evaluate_and_checkpoint(
     session: &Session,
+    exec: &mut dyn Executor,
     params: &HashMap<String, Tensor<f32>>,
     optimizer: &Optimizer<f32>,
     state: &mut LoopState,
@@ -483,7 +499,7 @@ fn evaluate_and_checkpoint(
     last: &Path,
     log: &mut Progress,
 ) -> Result<(), String> {
-    let report = session.evaluate(params, valid, bs)?;
+    let report = session.evaluate(exec, params, valid, bs)?;
     let metric = match exp.train.early_stopping.metric.as_str() {
         "gauc" => report.gauc,
         "logloss" => report.logloss,
@@ -552,6 +568,17 @@ fn write_curve(path: &Path, curve: &[CurvePoint]) -> Result<(), String> {
         s.push_str(&format!("{},{},{:.6},{},{},{}\n", c.step, c.epoch, c.train_loss, f(c.valid_auc), f(c.valid_gauc), f(c.valid_logloss)));
     }
     write_atomic(path, s.as_bytes())
+}
+
+/// The backends this build has, by name.
+pub const BACKENDS: &[&str] = &["interp"];
+
+/// The executor for a backend name.
+pub fn make_executor(name: &str) -> Result<Box<dyn Executor>, String> {
+    match name {
+        "interp" => Ok(Box::new(mdl_runtime::backend::Interp)),
+        other => Err(format!("backend `{other}` is not available in this build (available: {})", BACKENDS.join(", "))),
+    }
 }
 
 /// Writes a file through a temporary name and a rename, so readers never see half of it.

@@ -64,6 +64,15 @@ pub trait Executor {
     /// The backend's name (`interp`, `jit`, ...).
     fn name(&self) -> &'static str;
 
+    /// Turns per-op timing on or off (backends without profiling ignore it).
+    fn set_profiling(&mut self, _on: bool) {}
+
+    /// Time spent per op kind since profiling was turned on: `(kind, total time, calls)`,
+    /// largest first; empty for backends without profiling.
+    fn profile(&self) -> Vec<(String, std::time::Duration, usize)> {
+        Vec::new()
+    }
+
     /// Runs `graph` and keeps its named outputs.
     fn run(
         &mut self,
