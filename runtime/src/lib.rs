@@ -6,9 +6,12 @@
 
 pub mod autodiff;
 pub mod backend;
+pub mod checkpoint;
 pub mod exec;
+pub mod init;
 pub mod ir;
 pub mod ops;
+pub mod optim;
 pub mod passes;
 pub mod tensor;
 
