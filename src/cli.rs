@@ -64,18 +64,22 @@ pub fn check(specs: &[std::path::PathBuf], set: &[String]) -> ExitCode {
             continue;
         }
         match compile_reporting(&mut map, spec, &overrides) {
-            Some(c) => {
-                let params = c.graph.params.len();
-                println!(
-                    "ok: {} (model {}, {} tasks, {} parameter tensors, {} ops) in {:.1} ms",
+            Some(c) => match build_training_graph(&c) {
+                Ok(g) => println!(
+                    "ok: {} (model {}, {} tasks, {} parameter tensors, {} forward ops, {} ops with backward) in {:.1} ms",
                     spec.display(),
                     c.model,
                     c.tasks.len(),
-                    params,
+                    c.graph.params.len(),
                     c.graph.len(),
+                    g.len(),
                     t.elapsed().as_secs_f64() * 1e3
-                );
-            }
+                ),
+                Err(e) => {
+                    eprintln!("error: {}: the backward graph could not be built: {e}", spec.display());
+                    failed += 1;
+                }
+            },
             None => failed += 1,
         }
     }
