@@ -22,6 +22,7 @@ pub struct BenchReport {
     pub train_samples_per_sec: f64,
     pub eval_samples_per_sec: f64,
     pub profile: Vec<(String, std::time::Duration, usize)>,
+    pub timed_steps: usize,
 }
 
 /// Runs `steps` timed training steps (after one warm-up step) and a timed evaluation.
@@ -93,6 +94,7 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
         train_samples_per_sec: bs as f64 / (step_ms / 1e3),
         eval_samples_per_sec: rows as f64 / eval_secs.max(1e-9),
         profile,
+        timed_steps: steps,
     })
 }
 
@@ -107,11 +109,12 @@ impl std::fmt::Display for BenchReport {
             writeln!(f, "  (no per-op profile: the {} backend does not collect one)", self.backend)?;
         } else {
             let total: f64 = self.profile.iter().map(|p| p.1.as_secs_f64()).sum();
-            writeln!(f, "  per op kind (timed steps):")?;
-            writeln!(f, "    {:<28} {:>10} {:>8} {:>8}", "op", "ms/step", "share", "calls")?;
+            let steps = self.timed_steps.max(1) as f64;
+            writeln!(f, "  per op kind, averaged over the timed steps (ops total {:.1} ms/step):", total * 1e3 / steps)?;
+            writeln!(f, "    {:<28} {:>10} {:>8} {:>10}", "op", "ms/step", "share", "calls/step")?;
             for (name, d, calls) in &self.profile {
-                let ms = d.as_secs_f64() * 1e3;
-                writeln!(f, "    {:<28} {:>10.2} {:>7.1}% {:>8}", name, ms, 100.0 * d.as_secs_f64() / total.max(1e-12), calls)?;
+                let ms = d.as_secs_f64() * 1e3 / steps;
+                writeln!(f, "    {:<28} {:>10.2} {:>7.1}% {:>10.1}", name, ms, 100.0 * d.as_secs_f64() / total.max(1e-12), *calls as f64 / steps)?;
             }
         }
         Ok(())

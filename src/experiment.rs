@@ -38,7 +38,7 @@ pub struct Experiment {
     pub data: DataConfig,
     #[serde(default)]
     pub train: TrainConfig,
-    /// `interp` (the reference backend).
+    /// `jit` (the fast CPU backend, default) or `interp` (the reference backend).
     #[serde(default = "default_backend")]
     pub backend: String,
     /// The run folder (default `runs/<name>`).
@@ -204,7 +204,7 @@ pub struct Stage {
 }
 
 fn default_backend() -> String {
-    "interp".into()
+    "jit".into()
 }
 fn default_optimizer() -> OptimizerName {
     OptimizerName::Adam

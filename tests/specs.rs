@@ -86,3 +86,37 @@ fn f32_forward_agrees_with_f64() {
         assert!((l64 - l32 as f64).abs() <= 1e-4 * l64.abs().max(1.0), "{}: f64 {l64} vs f32 {l32}", path.display());
     }
 }
+
+/// The jit backend agrees with interp on every shipped spec's training graph: the loss and
+/// every parameter gradient, in f32 (tolerance relative to each gradient's largest entry:
+/// GEMM sums in another order).
+#[test]
+fn jit_agrees_with_interp_on_every_spec() {
+    use mdl_runtime::backend::{jit::Jit, Executor, Interp};
+    for path in shipped_specs() {
+        let c = compile(&path);
+        let loss = c.graph.outputs["loss"];
+        let wrt: Vec<String> = c.graph.params.iter().map(|p| p.name.clone()).collect();
+        let g = passes::optimize(&autodiff::differentiate(&c.graph, loss, &wrt).unwrap());
+        let binding = small_binding(&g, 128);
+        let mut rng = Lcg(5);
+        let feeds = random_feeds::<f32>(&c, &binding, &mut rng);
+        let params = random_params::<f32>(&g, &binding, 0.3, &mut rng);
+        let mode = Mode::train(3, 1);
+        let a = Interp.run(&g, &binding, &feeds, &params, &mode).unwrap();
+        for threads in [1, 2] {
+            let b = Jit::with_threads(threads).run(&g, &binding, &feeds, &params, &mode).unwrap();
+            let (la, lb) = (a.scalar("loss").unwrap(), b.scalar("loss").unwrap());
+            assert!((la - lb).abs() <= 1e-5 * la.abs().max(1.0), "{}: loss interp {la} jit {lb}", path.display());
+            for p in &c.graph.params {
+                let name = format!("grad/{}", p.name);
+                let ga = a.output(&name).unwrap().to_dense().unwrap();
+                let gb = b.output(&name).unwrap().to_dense().unwrap();
+                let scale = ga.data.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+                for (x, y) in ga.data.iter().zip(&gb.data) {
+                    assert!((x - y).abs() <= 1e-4 * scale, "{}: {name}: interp {x} jit {y} (scale {scale})", path.display());
+                }
+            }
+        }
+    }
+}

@@ -571,12 +571,13 @@ fn write_curve(path: &Path, curve: &[CurvePoint]) -> Result<(), String> {
 }
 
 /// The backends this build has, by name.
-pub const BACKENDS: &[&str] = &["interp"];
+pub const BACKENDS: &[&str] = &["jit", "interp"];
 
 /// The executor for a backend name.
 pub fn make_executor(name: &str) -> Result<Box<dyn Executor>, String> {
     match name {
         "interp" => Ok(Box::new(mdl_runtime::backend::Interp)),
+        "jit" => Ok(Box::new(mdl_runtime::backend::jit::Jit::new())),
         other => Err(format!("backend `{other}` is not available in this build (available: {})", BACKENDS.join(", "))),
     }
 }

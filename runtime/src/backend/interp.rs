@@ -19,8 +19,12 @@ pub fn run<T: Float>(
     params: &HashMap<String, Tensor<T>>,
     mode: &Mode,
 ) -> Result<Values<T>, ExecError> {
-    execute(graph, binding, feeds, params, mode, false)
+    execute(graph, binding, feeds, params, mode, false, &mut |op, args, cx| ops::eval(op, args, cx))
 }
+
+/// The signature of a per-op evaluator: the eval rules of `ops` for interp; a backend's
+/// own kernels (falling back to the eval rules) for others.
+pub type OpEval<'e, T> = dyn FnMut(&Op, &[Arg<T>], &EvalCx) -> Result<Value<T>, ExecError> + 'e;
 
 /// Runs `graph` and keeps the value of every node (for tests and debugging; parameters and
 /// fed inputs are copied into the result).
@@ -31,7 +35,7 @@ pub fn run_keep_all<T: Float>(
     params: &HashMap<String, Tensor<T>>,
     mode: &Mode,
 ) -> Result<Values<T>, ExecError> {
-    execute(graph, binding, feeds, params, mode, true)
+    execute(graph, binding, feeds, params, mode, true, &mut |op, args, cx| ops::eval(op, args, cx))
 }
 
 /// Where a node's value is during a run.
@@ -62,13 +66,16 @@ impl<'a, T: Float> Slot<'a, T> {
     }
 }
 
-fn execute<'a, T: Float>(
+/// Evaluates the graph node by node with `eval` computing each op; checks feeds,
+/// parameters and every result's shape; frees values after their last use.
+pub(crate) fn execute<'a, T: Float>(
     graph: &Graph,
     binding: &Binding,
     feeds: &'a HashMap<String, Value<T>>,
     params: &'a HashMap<String, Tensor<T>>,
     mode: &Mode,
     keep_all: bool,
+    eval: &mut OpEval<'_, T>,
 ) -> Result<Values<T>, ExecError> {
     let n = graph.len();
     let mut keep = vec![keep_all; n];
@@ -116,7 +123,7 @@ fn execute<'a, T: Float>(
                         at_node(ExecError::BadOperand { op: op.name(), message: "an operand was freed too early".into() })
                     })?;
                 let cx = EvalCx { binding, mode, out_shape: &out_shape };
-                let value = ops::eval(op, &args, &cx).map_err(at_node)?;
+                let value = eval(op, &args, &cx).map_err(at_node)?;
                 check_result(node, &value, &out_shape).map_err(at_node)?;
                 Slot::Computed(value)
             }

@@ -4,6 +4,7 @@
 //! and [`ExecError`].
 
 pub mod interp;
+pub mod jit;
 
 pub use crate::exec::{ExecError, Mode};
 

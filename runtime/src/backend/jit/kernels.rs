@@ -1,0 +1,261 @@
+//! The fast f32 kernels of the `jit` backend. Each returns `Ok(None)` for a case it does
+//! not cover, and the caller falls back to the op's eval rule.
+
+use crate::exec::{Arg, EvalCx, ExecError};
+use crate::ops::{BinaryOp, Op, ReduceOp, UnaryOp};
+use crate::tensor::{Tensor, Value};
+use gemm::Parallelism;
+
+/// Work (multiply-adds) above which a GEMM is split over threads.
+const GEMM_PARALLEL_WORK: usize = 1 << 21;
+/// Elements above which an elementwise kernel is split over threads.
+const ELEMENTWISE_PARALLEL: usize = 1 << 17;
+
+pub fn fast(op: &Op, args: &[Arg<f32>], cx: &EvalCx, threads: usize) -> Result<Option<Value<f32>>, ExecError> {
+    let name = || op.name();
+    Ok(match op {
+        Op::MatMul { trans_a, trans_b } => {
+            Some(Value::Dense(matmul(args[0].dense(&name())?, args[1].dense(&name())?, *trans_a, *trans_b, cx.out_shape, threads)))
+        }
+        Op::Binary(b) => binary(*b, args[0].dense(&name())?, args[1].dense(&name())?, cx.out_shape, threads).map(Value::Dense),
+        Op::Unary(u) => Some(Value::Dense(unary(*u, args[0].dense(&name())?, threads))),
+        Op::Reduce { op: r, axes, .. } => reduce(*r, args[0].dense(&name())?, axes, cx.out_shape).map(Value::Dense),
+        _ => None,
+    })
+}
+
+// ------------------------------------------------------------------ matmul
+
+/// Row and column strides of the logical matrix stored row-major as `[rows, cols]`,
+/// transposed or not.
+fn strides(cols: usize, trans: bool) -> (isize, isize) {
+    if trans {
+        (1, cols as isize)
+    } else {
+        (cols as isize, 1)
+    }
+}
+
+fn matmul(a: &Tensor<f32>, b: &Tensor<f32>, ta: bool, tb: bool, out_shape: &[usize], threads: usize) -> Tensor<f32> {
+    let (ra, rb) = (a.shape.len(), b.shape.len());
+    let (a_rows, a_cols) = (a.shape[ra - 2], a.shape[ra - 1]);
+    let (b_rows, b_cols) = (b.shape[rb - 2], b.shape[rb - 1]);
+    let (m, k) = if ta { (a_cols, a_rows) } else { (a_rows, a_cols) };
+    let n = if tb { b_rows } else { b_cols };
+    let batch: usize = a.shape[..ra - 2].iter().product();
+    let mut out = vec![0.0f32; out_shape.iter().product()];
+    let (a_rs, a_cs) = strides(a_cols, ta);
+    let (b_rs, b_cs) = strides(b_cols, tb);
+    let par = |work: usize| if threads > 1 && work >= GEMM_PARALLEL_WORK { Parallelism::Rayon(threads) } else { Parallelism::None };
+    if m == 0 || n == 0 {
+        return Tensor { shape: out_shape.to_vec(), data: out };
+    }
+    // SAFETY (all gemm calls below): every pointer addresses a live buffer whose extent
+    // covers the rows × cols reached through the given strides, by the shape rule of MatMul.
+    if rb == 2 && !ta {
+        // Shared right operand: all leading axes of `a` are rows of one product.
+        let rows = batch * m;
+        unsafe {
+            gemm::gemm(
+                rows, n, k, out.as_mut_ptr(), 1, n as isize, false, a.data.as_ptr(), a_cs, a_rs, b.data.as_ptr(), b_cs, b_rs,
+                0.0, 1.0, false, false, false, par(rows * n * k),
+            );
+        }
+    } else {
+        let a_step = a_rows * a_cols;
+        let b_step = if rb == 2 { 0 } else { b_rows * b_cols };
+        for i in 0..batch {
+            unsafe {
+                gemm::gemm(
+                    m, n, k, out.as_mut_ptr().add(i * m * n), 1, n as isize, false, a.data.as_ptr().add(i * a_step), a_cs, a_rs,
+                    b.data.as_ptr().add(i * b_step), b_cs, b_rs, 0.0, 1.0, false, false, false, par(m * n * k),
+                );
+            }
+        }
+    }
+    Tensor { shape: out_shape.to_vec(), data: out }
+}
+
+// ------------------------------------------------------------------ elementwise
+
+/// Runs `f(offset, out_chunk)` over `out` in one or two pieces.
+fn split<F: Fn(usize, &mut [f32]) + Sync>(out: &mut [f32], threads: usize, align: usize, f: F) {
+    let n = out.len();
+    if threads < 2 || n < ELEMENTWISE_PARALLEL {
+        f(0, out);
+        return;
+    }
+    let half = (n / 2).div_ceil(align.max(1)) * align.max(1);
+    let (lo, hi) = out.split_at_mut(half.min(n));
+    std::thread::scope(|s| {
+        s.spawn(|| f(0, lo));
+        f(half.min(n), hi);
+    });
+}
+
+fn unary(u: UnaryOp, x: &Tensor<f32>, threads: usize) -> Tensor<f32> {
+    let mut out = vec![0.0f32; x.data.len()];
+    macro_rules! map {
+        ($f:expr) => {
+            split(&mut out, threads, 1, |off, o| {
+                let len = o.len();
+                let src = &x.data[off..off + len];
+                for (d, &v) in o.iter_mut().zip(src) {
+                    *d = $f(v);
+                }
+            })
+        };
+    }
+    match u {
+        UnaryOp::Neg => map!(|v: f32| -v),
+        UnaryOp::Exp => map!(|v: f32| v.exp()),
+        UnaryOp::Log => map!(|v: f32| v.ln()),
+        UnaryOp::Sqrt => map!(|v: f32| v.sqrt()),
+        UnaryOp::Recip => map!(|v: f32| 1.0 / v),
+        UnaryOp::Relu => map!(|v: f32| if v > 0.0 { v } else { 0.0 }),
+        UnaryOp::Sigmoid => map!(|v: f32| if v >= 0.0 { 1.0 / (1.0 + (-v).exp()) } else { let e = v.exp(); e / (1.0 + e) }),
+        UnaryOp::Tanh => map!(|v: f32| v.tanh()),
+        UnaryOp::Softplus => map!(|v: f32| v.max(0.0) + (-v.abs()).exp().ln_1p()),
+        UnaryOp::Abs => map!(|v: f32| v.abs()),
+        UnaryOp::Step => map!(|v: f32| if v > 0.0 { 1.0 } else { 0.0 }),
+        UnaryOp::Sign => map!(|v: f32| if v > 0.0 { 1.0 } else if v < 0.0 { -1.0 } else { 0.0 }),
+    }
+    Tensor { shape: x.shape.clone(), data: out }
+}
+
+/// How operand `b` broadcasts against `a` (whose shape is the output's).
+enum Pattern {
+    /// Same number of elements in the same order.
+    Same,
+    /// One value.
+    Scalar,
+    /// `b` repeats every `period` elements (a bias over the trailing axes).
+    Cycle(usize),
+    /// Each run of `run` elements of `a` meets one element of `b` (a per-row scale).
+    Runs(usize),
+}
+
+fn pattern(a: &[usize], b: &[usize]) -> Option<Pattern> {
+    let nb: usize = b.iter().product();
+    let na: usize = a.iter().product();
+    if a == b {
+        return Some(Pattern::Same);
+    }
+    if nb == 1 {
+        return Some(Pattern::Scalar);
+    }
+    // Align b to a's rank (leading 1s).
+    if b.len() > a.len() {
+        return None;
+    }
+    let mut bb = vec![1usize; a.len() - b.len()];
+    bb.extend_from_slice(b);
+    // Trailing match: b = [1, .., 1, a[j..]] → cycle.
+    if (0..=a.len()).any(|j| bb[..j].iter().all(|&d| d == 1) && bb[j..] == a[j..]) {
+        return Some(Pattern::Cycle(nb.max(1)));
+    }
+    // Leading match: b = [a[..j], 1, .., 1] → runs.
+    if (0..=a.len()).any(|j| bb[..j] == a[..j] && bb[j..].iter().all(|&d| d == 1)) {
+        return Some(Pattern::Runs(na / nb.max(1)));
+    }
+    None
+}
+
+fn binary(op: BinaryOp, a: &Tensor<f32>, b: &Tensor<f32>, out_shape: &[usize], threads: usize) -> Option<Tensor<f32>> {
+    // Put the operand with the output's shape first; remember whether we swapped.
+    let (big, small, swapped) = if a.shape == out_shape {
+        (a, b, false)
+    } else if b.shape == out_shape {
+        (b, a, true)
+    } else {
+        return None;
+    };
+    let pat = pattern(&big.shape, &small.shape)?;
+    let mut out = vec![0.0f32; big.data.len()];
+    macro_rules! apply {
+        ($f:expr) => {{
+            let f = $f;
+            let g = |x: f32, y: f32| if swapped { f(y, x) } else { f(x, y) };
+            match pat {
+                Pattern::Same => split(&mut out, threads, 1, |off, o| {
+                    let len = o.len();
+                    let (x, y) = (&big.data[off..off + len], &small.data[off..off + len]);
+                    for ((d, &p), &q) in o.iter_mut().zip(x).zip(y) {
+                        *d = g(p, q);
+                    }
+                }),
+                Pattern::Scalar => {
+                    let q = small.data[0];
+                    split(&mut out, threads, 1, |off, o| {
+                        let len = o.len();
+                        for (d, &p) in o.iter_mut().zip(&big.data[off..off + len]) {
+                            *d = g(p, q);
+                        }
+                    })
+                }
+                Pattern::Cycle(period) => split(&mut out, threads, period, |off, o| {
+                    for (c, chunk) in o.chunks_mut(period).enumerate() {
+                        let x = &big.data[off + c * period..off + c * period + chunk.len()];
+                        for ((d, &p), &q) in chunk.iter_mut().zip(x).zip(&small.data) {
+                            *d = g(p, q);
+                        }
+                    }
+                }),
+                Pattern::Runs(run) => split(&mut out, threads, run, |off, o| {
+                    for (c, chunk) in o.chunks_mut(run).enumerate() {
+                        let q = small.data[(off / run) + c];
+                        let x = &big.data[off + c * run..off + c * run + chunk.len()];
+                        for (d, &p) in chunk.iter_mut().zip(x) {
+                            *d = g(p, q);
+                        }
+                    }
+                }),
+            }
+        }};
+    }
+    match op {
+        BinaryOp::Add => apply!(|x: f32, y: f32| x + y),
+        BinaryOp::Sub => apply!(|x: f32, y: f32| x - y),
+        BinaryOp::Mul => apply!(|x: f32, y: f32| x * y),
+        BinaryOp::Div => apply!(|x: f32, y: f32| x / y),
+        BinaryOp::Max => apply!(|x: f32, y: f32| if x >= y { x } else { y }),
+        BinaryOp::Min => apply!(|x: f32, y: f32| if x <= y { x } else { y }),
+        BinaryOp::Gt => apply!(|x: f32, y: f32| if x > y { 1.0 } else { 0.0 }),
+        BinaryOp::Eq => apply!(|x: f32, y: f32| if x == y { 1.0 } else { 0.0 }),
+    }
+    Some(Tensor { shape: out_shape.to_vec(), data: out })
+}
+
+// ------------------------------------------------------------------ reductions
+
+/// Sum or mean over a contiguous run of axes (`[outer, reduced, inner]` after grouping).
+fn reduce(op: ReduceOp, x: &Tensor<f32>, axes: &[usize], out_shape: &[usize]) -> Option<Tensor<f32>> {
+    if op == ReduceOp::Max || axes.is_empty() || axes.windows(2).any(|w| w[1] != w[0] + 1) {
+        return None;
+    }
+    let (first, last) = (axes[0], axes[axes.len() - 1]);
+    let outer: usize = x.shape[..first].iter().product();
+    let red: usize = x.shape[first..=last].iter().product();
+    let inner: usize = x.shape[last + 1..].iter().product();
+    let mut out = vec![0.0f32; outer * inner];
+    if inner == 1 {
+        for (o, row) in out.iter_mut().zip(x.data.chunks(red.max(1))) {
+            *o = row.iter().sum();
+        }
+    } else {
+        for i in 0..outer {
+            let dst = &mut out[i * inner..(i + 1) * inner];
+            for r in 0..red {
+                let src = &x.data[(i * red + r) * inner..(i * red + r + 1) * inner];
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    *d += v;
+                }
+            }
+        }
+    }
+    if op == ReduceOp::Mean && red > 0 {
+        let s = 1.0 / red as f32;
+        out.iter_mut().for_each(|v| *v *= s);
+    }
+    Some(Tensor { shape: out_shape.to_vec(), data: out })
+}
