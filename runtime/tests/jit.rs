@@ -87,6 +87,21 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn layout_broadcast_concat_reshape(b in 1usize..30, f in 1usize..5, d in 1usize..9, pat in 0usize..5, axis in 0usize..3) {
+        let out = vec![b, f, d];
+        let from = match pat { 0 => vec![b, 1, d], 1 => vec![1, f, 1], 2 => vec![d], 3 => vec![b, f, 1], _ => vec![] };
+        agree(Op::Broadcast { shape: dims(&out) }, &[from], 0.0);
+        let mut other = out.clone();
+        other[axis] += 2;
+        agree(Op::Concat { axis }, &[out.clone(), other, out.clone()], 0.0);
+        agree(Op::Reshape { shape: dims(&[b * f, d]) }, &[out], 0.0);
+    }
+}
+
 #[test]
 fn large_inputs_use_both_threads_and_agree() {
     agree(Op::Binary(BinaryOp::Mul), &[vec![4096, 2, 50, 16], vec![4096, 2, 50, 1]], 1e-6);

@@ -20,6 +20,15 @@ pub fn fast(op: &Op, args: &[Arg<f32>], cx: &EvalCx, threads: usize) -> Result<O
         Op::Binary(b) => binary(*b, args[0].dense(&name())?, args[1].dense(&name())?, cx.out_shape, threads).map(Value::Dense),
         Op::Unary(u) => Some(Value::Dense(unary(*u, args[0].dense(&name())?, threads))),
         Op::Reduce { op: r, axes, .. } => reduce(*r, args[0].dense(&name())?, axes, cx.out_shape).map(Value::Dense),
+        Op::Broadcast { .. } => Some(Value::Dense(broadcast(args[0].dense(&name())?, cx.out_shape))),
+        Op::Concat { axis } if args.iter().all(|a| a.dense("concat").is_ok()) => {
+            let parts: Vec<&Tensor<f32>> = args.iter().map(|a| a.dense("concat")).collect::<Result<_, _>>()?;
+            Some(Value::Dense(concat(&parts, *axis, cx.out_shape)))
+        }
+        Op::Reshape { .. } if matches!(args[0], Arg::Param(_) | Arg::Value(Value::Dense(_))) => {
+            let x = args[0].dense(&name())?;
+            Some(Value::Dense(Tensor { shape: cx.out_shape.to_vec(), data: x.data.clone() }))
+        }
         _ => None,
     })
 }
@@ -258,4 +267,60 @@ fn reduce(op: ReduceOp, x: &Tensor<f32>, axes: &[usize], out_shape: &[usize]) ->
         out.iter_mut().for_each(|v| *v *= s);
     }
     Some(Tensor { shape: out_shape.to_vec(), data: out })
+}
+
+// ------------------------------------------------------------------ layout
+
+/// Numpy broadcast of `x` to `out_shape` as block copies: the trailing axes where input
+/// and output agree form a contiguous block; a broadcast last axis becomes runs of fills.
+fn broadcast(x: &Tensor<f32>, out_shape: &[usize]) -> Tensor<f32> {
+    let rank = out_shape.len();
+    let mut ins = vec![1usize; rank - x.shape.len()];
+    ins.extend_from_slice(&x.shape);
+    let total: usize = out_shape.iter().product();
+    let mut out = Vec::with_capacity(total);
+    // Trailing axes equal in both: one contiguous block per outer index.
+    let mut t = rank;
+    while t > 0 && ins[t - 1] == out_shape[t - 1] {
+        t -= 1;
+    }
+    let block: usize = out_shape[t..].iter().product();
+    // Input strides (0 on broadcast axes) over the outer axes.
+    let mut in_strides = vec![0usize; t];
+    let mut acc = block;
+    for a in (0..t).rev() {
+        in_strides[a] = if ins[a] == 1 { 0 } else { acc };
+        acc *= ins[a];
+    }
+    let outer: usize = out_shape[..t].iter().product();
+    let mut idx = vec![0usize; t];
+    let mut src = 0usize;
+    for _ in 0..outer {
+        out.extend_from_slice(&x.data[src..src + block]);
+        // Advance the multi-index and the source offset.
+        for a in (0..t).rev() {
+            idx[a] += 1;
+            src += in_strides[a];
+            if idx[a] < out_shape[a] {
+                break;
+            }
+            src -= in_strides[a] * idx[a];
+            idx[a] = 0;
+        }
+    }
+    Tensor { shape: out_shape.to_vec(), data: out }
+}
+
+/// Concatenation along `axis`: per outer index, each part's contiguous slab in turn.
+fn concat(parts: &[&Tensor<f32>], axis: usize, out_shape: &[usize]) -> Tensor<f32> {
+    let outer: usize = out_shape[..axis].iter().product();
+    let total: usize = out_shape.iter().product();
+    let slabs: Vec<usize> = parts.iter().map(|p| p.shape[axis..].iter().product()).collect();
+    let mut out = Vec::with_capacity(total);
+    for o in 0..outer {
+        for (p, &w) in parts.iter().zip(&slabs) {
+            out.extend_from_slice(&p.data[o * w..(o + 1) * w]);
+        }
+    }
+    Tensor { shape: out_shape.to_vec(), data: out }
 }
