@@ -25,9 +25,9 @@
 //!
 //! A [`Value::RowSparse`] gradient is first combined (duplicate rows summed, in their
 //! original order, exactly as [`Value::to_dense`] sums them), and then only the rows it
-//! names are updated: the parameters, moments and accumulators of every other row are
-//! neither read nor written, so a step costs time proportional to the rows a batch touched,
-//! not to the table.
+//! names are updated, in ascending row order: the parameters, moments and accumulators of
+//! every other row are neither read nor written, so a step costs time proportional to the
+//! rows a batch touched, not to the table.
 //!
 //! - SGD without L2 is exactly the dense update of the densified gradient (untouched rows
 //!   have a zero gradient and would not move anyway).
@@ -316,29 +316,71 @@ pub struct CombinedRows<'a, T: Clone> {
 }
 
 /// Sums the duplicate rows of a row-sparse gradient (`values` holds `rows.len()` rows of
-/// `width` elements). Entries of one row are added in their original order starting from
-/// zero, as [`Value::to_dense`] does, so the result matches the dense form bit for bit.
-/// Already strictly ascending rows are returned as they are, without copying.
+/// `width` elements), as [`for_each_combined_row`] does, into one compact gradient.
+/// Strictly ascending rows are returned as they are, without copying.
 pub fn combine_duplicate_rows<'a, T: Float>(rows: &'a [u32], values: &'a [T], width: usize) -> CombinedRows<'a, T> {
     if rows.windows(2).all(|p| p[0] < p[1]) {
         return CombinedRows { rows: Cow::Borrowed(rows), values: Cow::Borrowed(values) };
     }
-    let mut order: Vec<(u32, usize)> = rows.iter().copied().zip(0..).collect();
-    // The pairs are distinct, so an unstable sort gives one order: by row, then by position.
-    order.sort_unstable();
-    let mut unique_rows: Vec<u32> = Vec::with_capacity(order.len());
-    let mut summed: Vec<T> = Vec::with_capacity(order.len() * width);
-    for &(row, j) in &order {
-        if unique_rows.last() != Some(&row) {
-            unique_rows.push(row);
-            summed.resize(summed.len() + width, T::ZERO);
-        }
-        let start = summed.len() - width;
-        for (s, &v) in summed[start..].iter_mut().zip(&values[j * width..(j + 1) * width]) {
-            *s += v;
-        }
-    }
+    let mut unique_rows = Vec::with_capacity(rows.len());
+    let mut summed = Vec::with_capacity(values.len());
+    for_each_combined_row(rows, values, width, |row, g| {
+        unique_rows.push(row);
+        summed.extend_from_slice(g);
+    });
     CombinedRows { rows: Cow::Owned(unique_rows), values: Cow::Owned(summed) }
+}
+
+/// Calls `visit(row, gradient)` once for every distinct row of a row-sparse gradient, in
+/// ascending row order, with the entries of that row summed. The entries of one row are
+/// added in their original order starting from zero, as [`Value::to_dense`] does, so each
+/// combined row equals the dense form's row bit for bit. Callers check that `values` has
+/// `rows.len() * width` elements; entries beyond the values given are left out.
+///
+/// Ascending order is what makes sparse updates fast: neighbouring rows of a large table
+/// share pages and the hardware prefetcher can follow, where a scattered walk stalls on
+/// every row. The entries are ordered by one sort of packed `(row, position)` keys and the
+/// rows summed on the fly into a single scratch row, so nothing of the gradient's size is
+/// copied. Strictly ascending input is visited in place.
+pub fn for_each_combined_row<T: Float>(rows: &[u32], values: &[T], width: usize, mut visit: impl FnMut(u32, &[T])) {
+    let entry = |j: usize| values.get(j * width..(j + 1) * width);
+    if rows.windows(2).all(|p| p[0] < p[1]) {
+        for (j, &row) in rows.iter().enumerate() {
+            if let Some(g) = entry(j) {
+                visit(row, g);
+            }
+        }
+        return;
+    }
+    let mut scratch = vec![T::ZERO; width];
+    let mut sum_groups = |sorted: &mut dyn Iterator<Item = (u32, usize)>| {
+        let mut current: Option<u32> = None;
+        for (row, j) in sorted {
+            let Some(g) = entry(j) else { continue };
+            if current != Some(row) {
+                if let Some(done) = current {
+                    visit(done, &scratch);
+                }
+                current = Some(row);
+                scratch.fill(T::ZERO);
+            }
+            for (s, &v) in scratch.iter_mut().zip(g) {
+                *s += v;
+            }
+        }
+        if let Some(done) = current {
+            visit(done, &scratch);
+        }
+    };
+    if rows.len() as u64 <= 1 << 32 {
+        let mut keys: Vec<u64> = rows.iter().zip(0u64..).map(|(&row, j)| ((row as u64) << 32) | j).collect();
+        keys.sort_unstable();
+        sum_groups(&mut keys.iter().map(|&k| ((k >> 32) as u32, (k & 0xffff_ffff) as usize)));
+    } else {
+        let mut pairs: Vec<(u32, usize)> = rows.iter().copied().zip(0..).collect();
+        pairs.sort_unstable();
+        sum_groups(&mut pairs.into_iter());
+    }
 }
 
 /// The elements per row of a table of `shape` (the product of all axes but the first).
@@ -364,7 +406,9 @@ pub fn global_norm<T: Float>(grads: &HashMap<String, Value<T>>) -> f64 {
                     // Malformed; count what is there rather than guess at rows.
                     sum_squares(&values.data)
                 } else {
-                    sum_squares(&combine_duplicate_rows(rows, &values.data, width).values)
+                    let mut squares = 0.0;
+                    for_each_combined_row(rows, &values.data, width, |_, g| squares += sum_squares(g));
+                    squares
                 }
             }
         };
@@ -632,11 +676,10 @@ fn apply_update<T: Float>(w: &mut [T], mut slots: Option<&mut Slots<T>>, grad: &
         Value::Ids(_) => {}
         Value::RowSparse { shape, rows, values } => {
             let width = row_width(shape);
-            let combined = combine_duplicate_rows(rows, &values.data, width);
-            for (&row, g) in combined.rows.iter().zip(combined.values.chunks_exact(width.max(1))) {
+            for_each_combined_row(rows, &values.data, width, |row, g| {
                 let start = row as usize * width;
                 update_range(w, slots.as_deref_mut(), start..start + width, g, c);
-            }
+            });
         }
     }
 }

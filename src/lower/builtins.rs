@@ -157,10 +157,8 @@ pub(crate) fn call(el: &mut Elab, name: &str, bound: Vec<(String, Val, Span)>, s
             }
             let xs = align_list(el, xs, span)?;
             let grouped = xs[0].grouped;
-            let rank = el.shape(xs[0].node).len();
             let extra = usize::from(name == "stack");
             let axis = axis_arg(el, &a, "axis", xs[0], extra)?;
-            let _ = rank;
             let mut nodes = Vec::with_capacity(xs.len());
             for x in &xs {
                 nodes.push(if name == "stack" { insert_axis(el, x.node, axis, span)? } else { x.node });

@@ -595,8 +595,8 @@ impl Elab {
                 env.assign(&name.name, v.clone().unwrap_or(Val::Poison));
                 v?;
             }
-            Stmt::ParamDecl { name, shape, init, span } => {
-                let t = self.param_decl(env, name, shape, init.as_ref(), *span)?;
+            Stmt::ParamDecl { name, shape, init, .. } => {
+                let t = self.param_decl(env, name, shape, init.as_ref())?;
                 env.define(&name.name, Val::Tensor(t));
             }
             Stmt::For { var, iter, body, .. } => {
@@ -757,7 +757,7 @@ impl Elab {
         Ok(())
     }
 
-    fn param_decl(&mut self, env: &mut Env, name: &ast::Ident, shape: &[Expr], init: Option<&Expr>, span: Span) -> R<Tv> {
+    fn param_decl(&mut self, env: &mut Env, name: &ast::Ident, shape: &[Expr], init: Option<&Expr>) -> R<Tv> {
         let mut dims = Vec::new();
         for d in shape {
             let v = self.expr(env, d)?;
@@ -790,7 +790,6 @@ impl Elab {
         }
         let full = self.param_name(&name.name);
         let node = self.graph.param(&full, dims, init, self.group.clone(), false);
-        let _ = span;
         Ok(Tv { node, grouped })
     }
 

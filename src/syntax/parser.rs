@@ -305,8 +305,9 @@ fn describe(rule: Rule) -> Expect {
 }
 
 /// The reserved words of the grammar's `keyword` rule, to say "keyword `for`" in messages.
+/// (`label` is not one: it starts a label statement, and is otherwise the built-in `label(task)`.)
 const KEYWORDS: &[&str] = &[
-    "use", "block", "model", "input", "label", "let", "param", "for", "in", "if", "else", "group",
+    "use", "block", "model", "input", "let", "param", "for", "in", "if", "else", "group",
     "return", "task", "loss", "per", "of", "true", "false", "and", "or", "not",
 ];
 
