@@ -243,3 +243,15 @@ pub fn bench(experiment: &Path, backend: Option<String>, steps: usize, set: &[St
         Err(e) => fail(&e),
     }
 }
+
+/// `mdl report RUN_DIR...`: a Markdown table of finished runs on stdout.
+pub fn report(runs: &[std::path::PathBuf]) -> ExitCode {
+    let summaries: Result<Vec<_>, String> = runs.iter().map(|r| crate::report::summarize(r)).collect();
+    match summaries {
+        Ok(s) => {
+            print!("{}", crate::report::markdown(&s));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}

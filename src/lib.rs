@@ -8,5 +8,6 @@ pub mod diag;
 pub mod experiment;
 pub mod lower;
 pub mod metrics;
+pub mod report;
 pub mod syntax;
 pub mod train;

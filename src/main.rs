@@ -92,6 +92,13 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print a Markdown table comparing finished runs: test AUC, gAUC, LogLoss, per-task
+    /// and largest-domain AUC, parameters, train rows/s, epochs.
+    Report {
+        /// Run folders written by `mdl run`
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -106,6 +113,7 @@ fn main() -> ExitCode {
         Command::Eval { run, data } => mdl::cli::eval(&run, &data),
         Command::Bench { experiment, backend, steps, set } => mdl::cli::bench(&experiment, backend, steps, &set),
         Command::Predict { run, data, out } => mdl::cli::predict(&run, &data, &out),
+        Command::Report { runs } => mdl::cli::report(&runs),
     });
     match result {
         Ok(code) => code,

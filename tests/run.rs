@@ -91,6 +91,21 @@ fn same_seed_gives_identical_metrics_and_resume_matches_a_straight_run() {
     let text = std::fs::read_to_string(&scores).unwrap();
     assert_eq!(text.lines().count(), 18943 + 1);
     assert!(text.starts_with("click\n"));
+
+    // `mdl report` prints a Markdown row with metrics.json's figures and timing.json's rate.
+    let timing: serde_json::Value = serde_json::from_slice(&std::fs::read(a.join("timing.json")).unwrap()).unwrap();
+    assert!(timing["train_rows_per_s"].as_f64().unwrap() > 0.0, "{timing}");
+    assert_eq!(timing["train_rows"].as_u64(), Some(6 * 512));
+    let rep = mdl(&["report", a.to_str().unwrap()]);
+    ok(&rep);
+    let table = String::from_utf8(rep.stdout).unwrap();
+    let row = table.lines().nth(2).unwrap_or_else(|| panic!("no row:\n{table}"));
+    let auc = format!("| {:.4} |", m["test"]["auc"].as_f64().unwrap());
+    assert!(row.starts_with("| dnn | ") && row.contains(&auc), "{table}");
+    assert!(row.contains(&format!("1: {:.4}", m["test"]["per_domain"]["1"]["auc"].as_f64().unwrap())), "{table}");
+    let missing = mdl(&["report", c.join("nothing").to_str().unwrap()]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no metrics.json"));
 }
 
 #[test]

@@ -16,8 +16,10 @@
 //! | `best.ckpt` | the parameters of the best evaluation |
 //! | `last.ckpt` | parameters, optimizer state and loop position, for `--resume` |
 //! | `train.log` | what the terminal showed, with timings |
+//! | `timing.json` | throughput and times of this process's part of the run ([`RunTiming`]) |
 //!
-//! `metrics.json` holds no timings, so the same seed gives a byte-identical file.
+//! `metrics.json` holds no timings, so the same seed gives a byte-identical file; the
+//! timings go to `timing.json`, which `mdl report` reads beside it.
 
 pub mod bind;
 pub mod progress;
@@ -185,9 +187,28 @@ pub struct RunMetrics {
     pub steps: u64,
     pub epochs: usize,
     pub stopped_early: bool,
+    /// Trainable scalars (all parameter tensors' elements).
+    pub parameters: usize,
     pub valid: Report,
     pub test: Report,
     pub skipped_rows: BTreeMap<String, u64>,
+}
+
+/// Times of a run (`timing.json`), for the process that finished it: after `--resume` they
+/// cover only the resumed part.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct RunTiming {
+    pub backend: String,
+    /// Parse → runnable training and evaluation graphs.
+    pub compile_ms: f64,
+    /// Rows trained on and the seconds spent in training steps (forward, backward, update).
+    pub train_rows: usize,
+    pub step_secs: f64,
+    /// `train_rows / step_secs`.
+    pub train_rows_per_s: f64,
+    /// Periodic validation and checkpoints during training.
+    pub eval_secs: f64,
+    pub total_secs: f64,
 }
 
 /// The optimizer an experiment asks for.
@@ -304,12 +325,12 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
 
     let tc = Instant::now();
     let session = Session::new(exp, &prep.fitted)?;
+    let compile_ms = tc.elapsed().as_secs_f64() * 1e3;
     log.line(&format!(
-        "model {}: {} parameter tensors, {} train-graph ops, compiled in {:.1} ms",
+        "model {}: {} parameter tensors, {} train-graph ops, compiled in {compile_ms:.1} ms",
         session.compiled.model,
         session.params().len(),
         session.train_graph.len(),
-        tc.elapsed().as_secs_f64() * 1e3
     ));
 
     write_atomic(&out.join("config.yaml"), serde_yaml::to_string(exp).map_err(|e| e.to_string())?.as_bytes())?;
@@ -457,6 +478,7 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
         steps: state.step,
         epochs: state.epoch,
         stopped_early: state.stopped_early,
+        parameters: n_params,
         valid,
         test,
         skipped_rows: skipped,
@@ -464,6 +486,17 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
     let json = serde_json::to_string_pretty(&metrics).map_err(|e| e.to_string())?;
     write_atomic(&out.join("metrics.json"), json.as_bytes())?;
     write_curve(&out.join("curve.csv"), &state.curve)?;
+    let timing = RunTiming {
+        backend: exp.backend.clone(),
+        compile_ms,
+        train_rows: rows_done,
+        step_secs,
+        train_rows_per_s: rows_done as f64 / step_secs.max(1e-9),
+        eval_secs: train_secs - step_secs,
+        total_secs: t0.elapsed().as_secs_f64(),
+    };
+    let json = serde_json::to_string_pretty(&timing).map_err(|e| e.to_string())?;
+    write_atomic(&out.join("timing.json"), json.as_bytes())?;
     log.line(&format!(
         "test: auc {} gauc {} logloss {} (best step {}, {} epochs)",
         fmt_opt(metrics.test.auc),
