@@ -8,6 +8,7 @@ pub mod autodiff;
 pub mod backend;
 pub mod checkpoint;
 pub mod exec;
+pub mod fuse;
 pub mod init;
 pub mod ir;
 pub mod ops;

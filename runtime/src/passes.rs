@@ -2,6 +2,10 @@
 //! ([`dce`]) and [`optimize`], which runs the pass list [`PASSES`] in order. A pass takes a
 //! graph and builds a new one (graphs are append-only); node ids change, and the
 //! parameter, input and output tables are remapped.
+//!
+//! Elementwise fusion ([`crate::fuse`]) is not in this list: it makes backend kernels
+//! (`Op::Fused`, which have no gradient rule), so the backends that compile them run it on
+//! the optimised forward + backward graph.
 
 use crate::ir::graph::{Graph, NodeId};
 use crate::ops::Op;

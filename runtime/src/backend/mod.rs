@@ -52,6 +52,27 @@ impl<T: Float> Values<T> {
         self.values.get_mut(id.index()).and_then(|v| v.take())
     }
 
+    /// The same named outputs keyed by the node ids of `graph`, a graph with the same
+    /// output names (for backends that run a transformed copy of the caller's graph, such
+    /// as the jit's fused plan): lookups by name or by `graph`'s node ids then work.
+    pub(crate) fn rekey(mut self, graph: &crate::ir::graph::Graph) -> Values<T> {
+        let mut values: Vec<Option<Value<T>>> = (0..graph.len()).map(|_| None).collect();
+        let mut placed: BTreeMap<usize, usize> = BTreeMap::new();
+        for (name, &id) in &graph.outputs {
+            let Some(&from) = self.outputs.get(name) else { continue };
+            if placed.get(&from.index()) == Some(&id.index()) {
+                continue;
+            }
+            let taken = self.values.get_mut(from.index()).and_then(|v| v.take());
+            let v = taken.or_else(|| placed.get(&from.index()).and_then(|&to| values[to].clone()));
+            placed.insert(from.index(), id.index());
+            if id.index() < values.len() {
+                values[id.index()] = v;
+            }
+        }
+        Values { values, outputs: graph.outputs.clone() }
+    }
+
     /// The names of the outputs, sorted.
     pub fn output_names(&self) -> impl Iterator<Item = &str> {
         self.outputs.keys().map(|s| s.as_str())

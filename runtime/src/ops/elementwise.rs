@@ -168,6 +168,17 @@ fn binary_fn<T: Float>(b: BinaryOp) -> fn(T, T) -> T {
     }
 }
 
+/// A unary op on one element: the scalar semantics every backend must reproduce (the
+/// fused kernels' eval rule calls it, so fused and unfused graphs cannot drift apart).
+pub fn apply_unary<T: Float>(op: UnaryOp, x: T) -> T {
+    unary_fn::<T>(op)(x)
+}
+
+/// A binary op on one pair of elements (see [`apply_unary`]).
+pub fn apply_binary<T: Float>(op: BinaryOp, a: T, b: T) -> T {
+    binary_fn::<T>(op)(a, b)
+}
+
 pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>, ExecError> {
     let name = op.name();
     match op {

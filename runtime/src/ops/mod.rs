@@ -19,9 +19,11 @@
 //! | `reduce`      | Reduce (sum mean max over axes), Softmax |
 //! | `linalg`      | MatMul, GroupMatMul, GroupOuter |
 //! | `index`       | Gather, SparseRows, SegmentSum, OneHot |
+//! | `fused`       | Fused (Unary/Binary chains made one kernel by the fusion pass, after autodiff) |
 
 pub mod elementwise;
 pub mod emit;
+pub mod fused;
 pub mod index;
 pub mod layout;
 pub mod linalg;
@@ -158,6 +160,13 @@ pub enum Op {
     SegmentSum { segments: Dim },
     /// `[idx: [i...] (ids)]` → `[i..., depth]` of 0/1 (zero gradient).
     OneHot { depth: Dim },
+
+    // ---- fused ----
+    /// `[x0, x1, ...]` (the kernel's inputs, real and dense) → the kernel's body evaluated
+    /// elementwise, every operand broadcast (numpy rules) to the output, which is the
+    /// broadcast of all operand shapes. Made by `fuse::fuse_elementwise` after autodiff;
+    /// it has no gradient rule.
+    Fused(std::sync::Arc<fused::FusedKernel>),
 }
 
 /// What a node produces.
@@ -220,6 +229,7 @@ impl Op {
             GroupMatMul { .. } | GroupOuter { .. } => 3,
             Gather | SparseRows { .. } | SegmentSum { .. } => 2,
             OneHot { .. } => 1,
+            Fused(kernel) => kernel.inputs,
         })
     }
 
@@ -271,6 +281,7 @@ impl Op {
             Reduce { .. } | Softmax { .. } => reduce::shape(self, operands),
             MatMul { .. } | GroupMatMul { .. } | GroupOuter { .. } => linalg::shape(self, operands),
             Gather | SparseRows { .. } | SegmentSum { .. } | OneHot { .. } => index::shape(self, operands),
+            Fused(_) => fused::shape(self, operands),
         }
     }
 
@@ -304,6 +315,7 @@ impl Op {
             SparseRows { rows } => format!("sparse_rows rows={rows}"),
             SegmentSum { segments } => format!("segment_sum segments={segments}"),
             OneHot { depth } => format!("one_hot depth={depth}"),
+            Fused(kernel) => format!("fused {}", kernel.summary()),
         }
     }
 
@@ -336,6 +348,7 @@ pub fn grad(graph: &mut Graph, node: &Node, id: NodeId, dy: NodeId) -> Result<Ve
         Reduce { .. } | Softmax { .. } => reduce::grad(graph, node, id, dy),
         MatMul { .. } | GroupMatMul { .. } | GroupOuter { .. } => linalg::grad(graph, node, id, dy),
         Gather | SparseRows { .. } | SegmentSum { .. } | OneHot { .. } => index::grad(graph, node, id, dy),
+        Fused(_) => fused::grad(graph, node, id, dy),
     }
 }
 
@@ -358,5 +371,6 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
         Reduce { .. } | Softmax { .. } => reduce::eval(op, args, cx),
         MatMul { .. } | GroupMatMul { .. } | GroupOuter { .. } => linalg::eval(op, args, cx),
         Gather | SparseRows { .. } | SegmentSum { .. } | OneHot { .. } => index::eval(op, args, cx),
+        Fused(_) => fused::eval(op, args, cx),
     }
 }

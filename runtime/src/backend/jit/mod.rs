@@ -11,13 +11,23 @@
 //!   patterns models produce (same shape, scalar, trailing-axes bias, per-row scale) as
 //!   straight loops the compiler vectorises, split over two threads when large.
 //! - **Reductions** over the trailing axes or one middle axis as contiguous loops.
+//! - **Fused elementwise kernels**: before the first run of a graph, the fusion pass
+//!   ([`crate::fuse`]) turns maximal groups of unary/binary ops (with the scalars and
+//!   broadcasts feeding them) into `Op::Fused` nodes, which run as Cranelift-compiled SIMD
+//!   loops ([`codegen`]). The fused plan is cached per graph: the executor keeps the last
+//!   few graphs it ran and recognises a graph by value (same nodes, same tables), so
+//!   calling `run` every training step neither re-runs the pass nor recompiles, and a
+//!   changed graph never meets a stale plan. Each distinct kernel is compiled once per
+//!   process. Results are keyed by the caller's node ids and output names; node numbers
+//!   in error messages are those of the fused graph.
 //!
-//! Every other op (and every unusual shape of the above) falls back to its eval rule in
-//! `ops`, so the backend is complete by construction and agrees with interp. Cranelift
-//! fused elementwise kernels are the next step of this backend (see the jit issue).
+//! Every other op (and every unusual shape of the above, and any kernel Cranelift cannot
+//! compile) falls back to its eval rule in `ops`, so the backend is complete by
+//! construction and agrees with interp.
 //!
 //! With profiling on, the time of each op kind is recorded for `mdl bench`.
 
+pub mod codegen;
 mod kernels;
 
 use super::interp::execute;
@@ -30,6 +40,28 @@ use crate::tensor::{Tensor, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+/// How many fused plans (graphs) an executor keeps: training uses two (the train and the
+/// eval graph).
+const PLAN_CACHE: usize = 4;
+
+/// A graph as the jit runs it: `source` is the caller's graph (kept to recognise it),
+/// `fused` the same graph after the fusion pass.
+#[derive(Debug)]
+struct Plan {
+    source: Graph,
+    fused: Graph,
+}
+
+/// Whether two graphs are the same graph: the same nodes (ops, operands, signatures) in
+/// the same order and the same parameter, input and output tables.
+fn same_graph(a: &Graph, b: &Graph) -> bool {
+    a.len() == b.len()
+        && a.outputs == b.outputs
+        && a.params == b.params
+        && a.inputs == b.inputs
+        && a.ids().all(|id| a.node(id) == b.node(id))
+}
+
 /// The fast CPU executor.
 #[derive(Debug)]
 pub struct Jit {
@@ -37,6 +69,11 @@ pub struct Jit {
     threads: usize,
     profiling: bool,
     profile: HashMap<String, (Duration, usize)>,
+    /// Run the fusion pass and the Cranelift kernels (on by default).
+    fusion: bool,
+    codegen: codegen::Options,
+    /// Fused plans of recently run graphs, most recent first.
+    plans: Vec<Plan>,
 }
 
 impl Default for Jit {
@@ -53,7 +90,44 @@ impl Jit {
     }
 
     pub fn with_threads(threads: usize) -> Jit {
-        Jit { threads: threads.max(1), profiling: false, profile: HashMap::new() }
+        Jit {
+            threads: threads.max(1),
+            profiling: false,
+            profile: HashMap::new(),
+            fusion: true,
+            codegen: codegen::Options::default(),
+            plans: Vec::new(),
+        }
+    }
+
+    /// Turns elementwise fusion on or off (off: every op runs on its own kernel).
+    pub fn with_fusion(mut self, on: bool) -> Jit {
+        self.fusion = on;
+        self.plans.clear();
+        self
+    }
+
+    /// Turns fma contraction in fused kernels on or off (see [`codegen::Options::fma`]).
+    pub fn with_fma(mut self, on: bool) -> Jit {
+        self.codegen.fma = on;
+        self
+    }
+
+    /// Puts the fused plan of `graph` first in `plans`, making it on first sight. A graph is
+    /// recognised by value ([`same_graph`]: O(nodes) comparisons, no allocation), so a
+    /// graph rebuilt or changed between calls gets a new plan, never a stale one.
+    fn plan(&mut self, graph: &Graph) {
+        match self.plans.iter().position(|p| same_graph(&p.source, graph)) {
+            Some(i) => {
+                let p = self.plans.remove(i);
+                self.plans.insert(0, p);
+            }
+            None => {
+                let fused = crate::fuse::fuse_elementwise(graph);
+                self.plans.insert(0, Plan { source: graph.clone(), fused });
+                self.plans.truncate(PLAN_CACHE);
+            }
+        }
     }
 
     pub fn threads(&self) -> usize {
@@ -61,8 +135,18 @@ impl Jit {
     }
 }
 
-/// The profile key of an op: its kind, without sizes.
-fn kind(op: &Op) -> String {
+/// The profile key of an op: its kind, without sizes; a fused kernel by its ops (cut to
+/// 40 characters), marked `(eval)` when it ran on the eval rule.
+fn kind(op: &Op, fallback: bool) -> String {
+    if let Op::Fused(k) = op {
+        let mut ops = k.summary();
+        if ops.len() > 40 {
+            let cut = (0..=37).rev().find(|&i| ops.is_char_boundary(i)).unwrap_or(0);
+            ops.truncate(cut);
+            ops.push_str("...");
+        }
+        return format!("fused{} {ops}", if fallback { "(eval)" } else { "" });
+    }
     let name = op.name();
     name.split_whitespace().next().unwrap_or("").to_string()
 }
@@ -93,22 +177,39 @@ impl Executor for Jit {
         params: &HashMap<String, Tensor<f32>>,
         mode: &Mode,
     ) -> Result<Values<f32>, ExecError> {
-        let threads = self.threads;
-        let profiling = self.profiling;
-        let profile = &mut self.profile;
+        let (threads, profiling, options, fusion) = (self.threads, self.profiling, self.codegen, self.fusion);
+        if fusion {
+            self.plan(graph);
+        }
+        let Jit { plans, profile, .. } = self;
+        let run_graph = if fusion { &plans[0].fused } else { graph };
         let mut eval = |op: &Op, args: &[Arg<f32>], cx: &EvalCx| -> Result<Value<f32>, ExecError> {
             let start = profiling.then(Instant::now);
-            let out = match kernels::fast(op, args, cx, threads)? {
-                Some(v) => v,
-                None => ops::eval(op, args, cx)?,
+            let mut fallback = false;
+            let out = match op {
+                Op::Fused(kernel) => {
+                    let operands: Result<Vec<&Tensor<f32>>, ExecError> = args.iter().map(|a| a.dense("fused")).collect();
+                    match codegen::run(kernel, &operands?, cx.out_shape, threads, options) {
+                        Ok(t) => Value::Dense(t),
+                        Err(_) => {
+                            fallback = true;
+                            ops::eval(op, args, cx)?
+                        }
+                    }
+                }
+                _ => match kernels::fast(op, args, cx, threads)? {
+                    Some(v) => v,
+                    None => ops::eval(op, args, cx)?,
+                },
             };
             if let Some(t) = start {
-                let e = profile.entry(kind(op)).or_insert((Duration::ZERO, 0));
+                let e = profile.entry(kind(op, fallback)).or_insert((Duration::ZERO, 0));
                 e.0 += t.elapsed();
                 e.1 += 1;
             }
             Ok(out)
         };
-        execute(graph, binding, feeds, params, mode, false, &mut eval)
+        let values = execute(run_graph, binding, feeds, params, mode, false, &mut eval)?;
+        Ok(if fusion { values.rekey(graph) } else { values })
     }
 }

@@ -1,0 +1,731 @@
+//! Cranelift code generation for fused elementwise kernels (`Op::Fused`, made by
+//! [`crate::fuse`]), and the driver that runs them over tensors.
+//!
+//! This module owns:
+//! - **the compiled function**: one per distinct ([`FusedKernel`], splat pattern, fma)
+//!   key, compiled once per process into a shared Cranelift JIT module and cached. Its ABI
+//!   is [`KernelFn`]: `rows` rows of `n` contiguous output elements; operand `k` of row `r`
+//!   starts `r * row_strides[k]` elements after `ptrs[k]` and is read either contiguously
+//!   or, for a *splat* operand, as one value for the whole row. The body runs on F32X4
+//!   vectors (unrolled four times for small bodies), then a scalar tail. `a*b + c`
+//!   becomes one `fma` when the CPU has it and [`Options::fma`] is on. Relu, step, sign,
+//!   max, min and the comparisons are compares and bit-selects. Exp, log, tanh, sigmoid
+//!   and softplus have no Cranelift instruction: they call the interp's own scalar
+//!   functions (four lanes per call), so they agree with the eval rule bit for bit;
+//! - **the driver** [`run`]: it collapses the output into `[outer..., rows, n]`, where `n`
+//!   is the longest run of trailing axes in which every operand is contiguous or fully
+//!   broadcast, computes each call's operand base offsets, and splits the rows (or, for a
+//!   single row, the elements) over two threads when the work is large.
+//!
+//! Whatever cannot be compiled (a host Cranelift does not support, a kernel over
+//! [`MAX_BODY`] instructions, a code generator error) is reported as an `Err`, and the jit
+//! backend falls back to the kernel's eval rule; nothing here panics on a kernel.
+
+use crate::ops::elementwise::apply_unary;
+use crate::ops::fused::{broadcasts_to, FusedKernel, Instr};
+use crate::ops::{BinaryOp, UnaryOp};
+use crate::tensor::{broadcast_strides, Tensor};
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::{types, AbiParam, InstBuilder, MemFlagsData, SigRef, StackSlot, StackSlotData, StackSlotKind, Type, Value};
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{default_libcall_names, Linkage, Module};
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+/// The most instructions a kernel body may have to be compiled (larger ones run on the
+/// eval rule; the fusion pass never makes them).
+pub const MAX_BODY: usize = 512;
+/// Bodies with at most this many ops get the four-vector unrolled loop.
+const UNROLL_MAX_OPS: usize = 16;
+/// Work (elements × (ops + 1)) above which a kernel is split over two threads.
+const PARALLEL_WORK: usize = 1 << 18;
+
+/// How kernels are compiled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Options {
+    /// Contract `a*b + c` (and `a*b - c`, `c - a*b`) into one fused multiply-add when the
+    /// CPU has one. It rounds once instead of twice, so results differ from interp in the
+    /// last bits; off, a fused kernel computes exactly what the unfused ops compute.
+    pub fma: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { fma: true }
+    }
+}
+
+/// A compiled kernel: `(rows, n, ptrs, row_strides, out)`, see the module docs. `out` is
+/// `rows * n` contiguous elements.
+type KernelFn = unsafe extern "C" fn(rows: usize, n: usize, ptrs: *const *const f32, row_strides: *const isize, out: *mut f32);
+
+/// What a compiled function is specialised on.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key {
+    kernel: FusedKernel,
+    /// Per operand: read one value per row (stride 0 along the row) instead of a run.
+    splat: Vec<bool>,
+    fma: bool,
+}
+
+/// The process-wide compiler and its cache of compiled kernels (failures are cached too,
+/// so a kernel that cannot be compiled is tried once).
+struct Compiler {
+    module: JITModule,
+    ctx: cranelift_codegen::Context,
+    fctx: FunctionBuilderContext,
+    has_fma: bool,
+    cache: HashMap<Key, Result<KernelFn, String>>,
+}
+
+static COMPILER: OnceLock<Result<Mutex<Compiler>, String>> = OnceLock::new();
+
+fn compiler() -> Result<&'static Mutex<Compiler>, String> {
+    COMPILER.get_or_init(|| Compiler::new().map(Mutex::new)).as_ref().map_err(|e| e.clone())
+}
+
+/// How many distinct kernels this process has compiled successfully (for tests and
+/// reports).
+pub fn compiled_kernels() -> usize {
+    compiler().ok().and_then(|c| c.lock().ok().map(|c| c.cache.values().filter(|r| r.is_ok()).count())).unwrap_or(0)
+}
+
+impl Compiler {
+    fn new() -> Result<Compiler, String> {
+        let mut flags = settings::builder();
+        let set = |flags: &mut settings::Builder, k: &str, v: &str| flags.set(k, v).map_err(|e| format!("cranelift setting {k}: {e}"));
+        set(&mut flags, "opt_level", "speed")?;
+        set(&mut flags, "use_colocated_libcalls", "false")?;
+        set(&mut flags, "is_pic", "false")?;
+        let isa = cranelift_native::builder()
+            .map_err(|e| format!("cranelift does not support this host: {e}"))?
+            .finish(settings::Flags::new(flags))
+            .map_err(|e| format!("cranelift: {e}"))?;
+        let has_fma = isa.isa_flags().iter().any(|f| f.name == "has_fma" && f.as_bool() == Some(true));
+        let module = JITModule::new(JITBuilder::with_isa(isa, default_libcall_names()));
+        let ctx = module.make_context();
+        Ok(Compiler { module, ctx, fctx: FunctionBuilderContext::new(), has_fma, cache: HashMap::new() })
+    }
+
+    /// The compiled function of `key`, compiling it on first use.
+    fn get(&mut self, key: &Key) -> Result<KernelFn, String> {
+        if let Some(r) = self.cache.get(key) {
+            return r.clone();
+        }
+        let r = self.compile(key);
+        self.cache.insert(key.clone(), r.clone());
+        r
+    }
+
+    fn compile(&mut self, key: &Key) -> Result<KernelFn, String> {
+        key.kernel.validate()?;
+        if key.kernel.body.len() > MAX_BODY {
+            return Err(format!("a fused kernel of {} instructions is over the limit of {MAX_BODY}", key.kernel.body.len()));
+        }
+        if key.splat.len() != key.kernel.inputs {
+            return Err("one splat flag per operand is needed".into());
+        }
+        let ptr = self.module.target_config().pointer_type();
+        let mut sig = self.module.make_signature();
+        for _ in 0..5 {
+            sig.params.push(AbiParam::new(ptr));
+        }
+        let name = format!("fused{}", self.cache.len());
+        let id = self.module.declare_function(&name, Linkage::Local, &sig).map_err(|e| format!("cranelift: {e}"))?;
+        self.ctx.func.signature = sig;
+        let config = self.module.target_config();
+        {
+            let mut b = FunctionBuilder::new(&mut self.ctx.func, &mut self.fctx);
+            Emitter::build(&mut b, key, key.fma && self.has_fma, ptr);
+            b.seal_all_blocks();
+            b.finalize(config);
+        }
+        let defined = self.module.define_function(id, &mut self.ctx).map_err(|e| format!("cranelift: {e:?}"));
+        self.module.clear_context(&mut self.ctx);
+        defined?;
+        self.module.finalize_definitions().map_err(|e| format!("cranelift: {e}"))?;
+        let code = self.module.get_finalized_function(id);
+        // SAFETY: `code` is the finalized machine code of a function built above with the
+        // signature of `KernelFn` (five pointer-sized integer parameters, no results) in the
+        // host's default calling convention, which is `extern "C"`. The module is never
+        // freed, so the code lives for the rest of the process.
+        Ok(unsafe { std::mem::transmute::<*const u8, KernelFn>(code) })
+    }
+}
+
+// ------------------------------------------------------------------ helpers called from jit code
+
+macro_rules! helpers {
+    ($($op:ident => $vec:ident, $scalar:ident;)*) => {
+        $(
+            /// Four lanes in place, with the interp's scalar function.
+            extern "C" fn $vec(p: *mut f32) {
+                // SAFETY: generated code passes a 16-byte stack slot holding four f32s.
+                let lanes = unsafe { std::slice::from_raw_parts_mut(p, 4) };
+                for v in lanes {
+                    *v = apply_unary::<f32>(UnaryOp::$op, *v);
+                }
+            }
+
+            extern "C" fn $scalar(x: f32) -> f32 {
+                apply_unary::<f32>(UnaryOp::$op, x)
+            }
+        )*
+
+        /// The helper pair (four lanes in place, one scalar) of a unary op that has no
+        /// Cranelift instruction.
+        fn helper(u: UnaryOp) -> Option<(usize, usize)> {
+            match u {
+                $(UnaryOp::$op => Some(($vec as extern "C" fn(*mut f32) as usize, $scalar as extern "C" fn(f32) -> f32 as usize)),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+helpers! {
+    Exp => exp4, exp1;
+    Log => log4, log1;
+    Tanh => tanh4, tanh1;
+    Sigmoid => sigmoid4, sigmoid1;
+    Softplus => softplus4, softplus1;
+}
+
+// ------------------------------------------------------------------ code emission
+
+/// How an instruction is emitted when fma contraction applies: `a*b + c` with `c`
+/// negated (`a*b - c`) or `a` negated (`c - a*b`).
+#[derive(Clone, Copy)]
+struct Fma {
+    a: usize,
+    b: usize,
+    c: usize,
+    neg_a: bool,
+    neg_c: bool,
+}
+
+/// Builds the body of one kernel function.
+struct Emitter<'k> {
+    key: &'k Key,
+    ptr: Type,
+    /// Instructions folded into a later fma (not emitted on their own).
+    folded: Vec<bool>,
+    fma: Vec<Option<Fma>>,
+    /// Per-row operand pointers (bytes) and the output pointer.
+    p: Vec<Variable>,
+    out: Variable,
+    /// Splat operands' values in the current row: scalar and vector.
+    splat_s: Vec<Option<Value>>,
+    splat_v: Vec<Option<Value>>,
+    /// Constants per instruction index, scalar and vector; and 0, 1, -1.
+    consts_s: HashMap<usize, Value>,
+    consts_v: HashMap<usize, Value>,
+    zero: (Value, Value),
+    one: (Value, Value),
+    minus_one: (Value, Value),
+    slot: Option<StackSlot>,
+    vec_sig: Option<SigRef>,
+    scalar_sig: Option<SigRef>,
+    mem: MemFlagsData,
+}
+
+impl<'k> Emitter<'k> {
+    fn build(b: &mut FunctionBuilder, key: &'k Key, fma: bool, ptr: Type) {
+        let body = &key.kernel.body;
+        let mut uses = vec![0usize; body.len()];
+        for instr in body {
+            match *instr {
+                Instr::Unary(_, a) => uses[a] += 1,
+                Instr::Binary(_, x, y) => {
+                    uses[x] += 1;
+                    uses[y] += 1;
+                }
+                Instr::Input(_) | Instr::Const(_) => {}
+            }
+        }
+        let mut folded = vec![false; body.len()];
+        let mut plan = vec![None; body.len()];
+        if fma {
+            let single_mul = |i: usize, folded: &[bool]| match body[i] {
+                Instr::Binary(BinaryOp::Mul, a, b) if uses[i] == 1 && !folded[i] => Some((a, b)),
+                _ => None,
+            };
+            for (at, instr) in body.iter().enumerate() {
+                let Instr::Binary(op, x, y) = *instr else { continue };
+                let contracted = match op {
+                    BinaryOp::Add => single_mul(x, &folded)
+                        .map(|(a, b)| (x, Fma { a, b, c: y, neg_a: false, neg_c: false }))
+                        .or_else(|| single_mul(y, &folded).map(|(a, b)| (y, Fma { a, b, c: x, neg_a: false, neg_c: false }))),
+                    BinaryOp::Sub => single_mul(x, &folded)
+                        .map(|(a, b)| (x, Fma { a, b, c: y, neg_a: false, neg_c: true }))
+                        .or_else(|| single_mul(y, &folded).map(|(a, b)| (y, Fma { a, b, c: x, neg_a: true, neg_c: false }))),
+                    _ => None,
+                };
+                if let Some((mul, f)) = contracted {
+                    folded[mul] = true;
+                    plan[at] = Some(f);
+                }
+            }
+        }
+
+        let inputs = key.kernel.inputs;
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let params = b.block_params(entry).to_vec();
+        let (rows, n, ptrs, row_strides, out_ptr) = (params[0], params[1], params[2], params[3], params[4]);
+        let mem = MemFlagsData::new().with_notrap();
+        let word = ptr.bytes() as i32;
+
+        let mut p = Vec::with_capacity(inputs);
+        let mut row_step = Vec::with_capacity(inputs);
+        for k in 0..inputs {
+            let base = b.ins().load(ptr, mem, ptrs, word * k as i32);
+            let stride = b.ins().load(ptr, mem, row_strides, word * k as i32);
+            row_step.push(b.ins().ishl_imm_u(stride, 2));
+            let v = b.declare_var(ptr);
+            b.def_var(v, base);
+            p.push(v);
+        }
+        let out = b.declare_var(ptr);
+        b.def_var(out, out_ptr);
+        let row = b.declare_var(ptr);
+        let zero_i = b.ins().iconst(ptr, 0);
+        b.def_var(row, zero_i);
+        let idx = b.declare_var(ptr);
+
+        let scalar_vec = |b: &mut FunctionBuilder, c: f32| {
+            let s = b.ins().f32const(c);
+            let v = b.ins().splat(types::F32X4, s);
+            (s, v)
+        };
+        let zero = scalar_vec(b, 0.0);
+        let one = scalar_vec(b, 1.0);
+        let minus_one = scalar_vec(b, -1.0);
+        let mut consts_s = HashMap::new();
+        let mut consts_v = HashMap::new();
+        for (at, instr) in body.iter().enumerate() {
+            if let Instr::Const(c) = *instr {
+                // Rounded to f32 as the eval rule rounds `Op::Scalar`.
+                let (s, v) = scalar_vec(b, c as f32);
+                consts_s.insert(at, s);
+                consts_v.insert(at, v);
+            }
+        }
+        let needs_call = body.iter().any(|i| matches!(*i, Instr::Unary(u, _) if helper(u).is_some()));
+        let (slot, vec_sig, scalar_sig) = if needs_call {
+            let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 16, 4));
+            let call_conv = b.func.signature.call_conv;
+            let mut vs = cranelift_codegen::ir::Signature::new(call_conv);
+            vs.params.push(AbiParam::new(ptr));
+            let mut ss = cranelift_codegen::ir::Signature::new(call_conv);
+            ss.params.push(AbiParam::new(types::F32));
+            ss.returns.push(AbiParam::new(types::F32));
+            (Some(slot), Some(b.import_signature(vs)), Some(b.import_signature(ss)))
+        } else {
+            (None, None, None)
+        };
+
+        let mut e = Emitter {
+            key,
+            ptr,
+            folded,
+            fma: plan,
+            p,
+            out,
+            splat_s: vec![None; inputs],
+            splat_v: vec![None; inputs],
+            consts_s,
+            consts_v,
+            zero,
+            one,
+            minus_one,
+            slot,
+            vec_sig,
+            scalar_sig,
+            mem,
+        };
+
+        let row_head = b.create_block();
+        let row_body = b.create_block();
+        let x4_head = b.create_block();
+        let x4_body = b.create_block();
+        let v_head = b.create_block();
+        let v_body = b.create_block();
+        let tail_head = b.create_block();
+        let tail_body = b.create_block();
+        let row_end = b.create_block();
+        let exit = b.create_block();
+        b.ins().jump(row_head, &[]);
+
+        // for row in 0..rows
+        b.switch_to_block(row_head);
+        let r = b.use_var(row);
+        let more = b.ins().icmp(IntCC::UnsignedLessThan, r, rows);
+        b.ins().brif(more, row_body, &[], exit, &[]);
+
+        b.switch_to_block(row_body);
+        for k in 0..inputs {
+            if key.splat[k] {
+                let pk = b.use_var(e.p[k]);
+                let s = b.ins().load(types::F32, mem, pk, 0);
+                e.splat_s[k] = Some(s);
+                e.splat_v[k] = Some(b.ins().splat(types::F32X4, s));
+            }
+        }
+        let zero_i = b.ins().iconst(ptr, 0);
+        b.def_var(idx, zero_i);
+        let unroll = key.kernel.op_count() <= UNROLL_MAX_OPS && !needs_call;
+        b.ins().jump(if unroll { x4_head } else { v_head }, &[]);
+
+        // Four vectors at a time, then one, then single elements.
+        let loops = [(x4_head, x4_body, 16i64, v_head), (v_head, v_body, 4, tail_head), (tail_head, tail_body, 1, row_end)];
+        for (head, body_block, step, next) in loops {
+            b.switch_to_block(head);
+            let i = b.use_var(idx);
+            let left = b.ins().isub(n, i);
+            let fits = b.ins().icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, left, step);
+            b.ins().brif(fits, body_block, &[], next, &[]);
+            b.switch_to_block(body_block);
+            let i = b.use_var(idx);
+            let offset = b.ins().ishl_imm_u(i, 2);
+            if step == 1 {
+                let v = e.body(b, types::F32, offset);
+                e.store(b, v, offset);
+            } else {
+                for lane_block in 0..(step / 4) as i32 {
+                    let off = b.ins().iadd_imm_s(offset, 16 * lane_block as i64);
+                    let v = e.body(b, types::F32X4, off);
+                    e.store(b, v, off);
+                }
+            }
+            let i = b.ins().iadd_imm_s(i, step);
+            b.def_var(idx, i);
+            b.ins().jump(head, &[]);
+        }
+
+        // Next row: advance every operand by its row stride and the output by n.
+        b.switch_to_block(row_end);
+        for (&var, &step) in e.p.iter().zip(&row_step) {
+            let pk = b.use_var(var);
+            let next = b.ins().iadd(pk, step);
+            b.def_var(var, next);
+        }
+        let o = b.use_var(out);
+        let bytes = b.ins().ishl_imm_u(n, 2);
+        let o = b.ins().iadd(o, bytes);
+        b.def_var(out, o);
+        let r = b.use_var(row);
+        let r = b.ins().iadd_imm_s(r, 1);
+        b.def_var(row, r);
+        b.ins().jump(row_head, &[]);
+
+        b.switch_to_block(exit);
+        b.ins().return_(&[]);
+    }
+
+    fn store(&self, b: &mut FunctionBuilder, v: Value, offset: Value) {
+        let o = b.use_var(self.out);
+        let addr = b.ins().iadd(o, offset);
+        b.ins().store(self.mem, v, addr, 0);
+    }
+
+    /// The kernel body on one lane group (`ty` = F32X4 or F32) at byte `offset` in the row.
+    fn body(&self, b: &mut FunctionBuilder, ty: Type, offset: Value) -> Value {
+        let vector = ty == types::F32X4;
+        let kernel = &self.key.kernel;
+        let mut regs: Vec<Option<Value>> = vec![None; kernel.body.len()];
+        let reg = |regs: &[Option<Value>], i: usize| regs[i].expect("operands are emitted before their users");
+        for (at, instr) in kernel.body.iter().enumerate() {
+            if self.folded[at] {
+                continue;
+            }
+            let v = match *instr {
+                Instr::Input(k) => {
+                    if self.key.splat[k] {
+                        let v = if vector { self.splat_v[k] } else { self.splat_s[k] };
+                        v.expect("splat operands are loaded at the start of each row")
+                    } else {
+                        let pk = b.use_var(self.p[k]);
+                        let addr = b.ins().iadd(pk, offset);
+                        b.ins().load(ty, self.mem, addr, 0)
+                    }
+                }
+                Instr::Const(_) => {
+                    let table = if vector { &self.consts_v } else { &self.consts_s };
+                    table[&at]
+                }
+                Instr::Unary(u, a) => self.unary(b, ty, u, reg(&regs, a)),
+                Instr::Binary(op, x, y) => match self.fma[at] {
+                    Some(f) => {
+                        let (a, bb, c) = (reg(&regs, f.a), reg(&regs, f.b), reg(&regs, f.c));
+                        let a = if f.neg_a { b.ins().fneg(a) } else { a };
+                        let c = if f.neg_c { b.ins().fneg(c) } else { c };
+                        b.ins().fma(a, bb, c)
+                    }
+                    None => self.binary(b, ty, op, reg(&regs, x), reg(&regs, y)),
+                },
+            };
+            regs[at] = Some(v);
+        }
+        reg(&regs, kernel.body.len() - 1)
+    }
+
+    fn constants(&self, ty: Type) -> (Value, Value, Value) {
+        if ty == types::F32X4 {
+            (self.zero.1, self.one.1, self.minus_one.1)
+        } else {
+            (self.zero.0, self.one.0, self.minus_one.0)
+        }
+    }
+
+    /// `mask ? a : b`, with `mask` the result of an `fcmp` on `ty`.
+    fn select(&self, b: &mut FunctionBuilder, ty: Type, mask: Value, x: Value, y: Value) -> Value {
+        if ty == types::F32X4 {
+            let m = b.ins().bitcast(types::F32X4, MemFlagsData::new(), mask);
+            b.ins().bitselect(m, x, y)
+        } else {
+            b.ins().select(mask, x, y)
+        }
+    }
+
+    fn unary(&self, b: &mut FunctionBuilder, ty: Type, u: UnaryOp, x: Value) -> Value {
+        let (zero, one, minus_one) = self.constants(ty);
+        match u {
+            UnaryOp::Neg => b.ins().fneg(x),
+            UnaryOp::Abs => b.ins().fabs(x),
+            UnaryOp::Sqrt => b.ins().sqrt(x),
+            UnaryOp::Recip => b.ins().fdiv(one, x),
+            UnaryOp::Relu => {
+                // `0 < x ? x : 0` (a `maxps x, 0`): NaN and -0 give +0, as in the eval rule.
+                let m = b.ins().fcmp(FloatCC::LessThan, zero, x);
+                self.select(b, ty, m, x, zero)
+            }
+            UnaryOp::Step => {
+                let m = b.ins().fcmp(FloatCC::GreaterThan, x, zero);
+                self.select(b, ty, m, one, zero)
+            }
+            UnaryOp::Sign => {
+                let gt = b.ins().fcmp(FloatCC::GreaterThan, x, zero);
+                let lt = b.ins().fcmp(FloatCC::LessThan, x, zero);
+                let neg = self.select(b, ty, lt, minus_one, zero);
+                self.select(b, ty, gt, one, neg)
+            }
+            UnaryOp::Exp | UnaryOp::Log | UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Softplus => self.call(b, ty, u, x),
+        }
+    }
+
+    /// A unary op through its Rust helper.
+    fn call(&self, b: &mut FunctionBuilder, ty: Type, u: UnaryOp, x: Value) -> Value {
+        let (vec_fn, scalar_fn) = helper(u).expect("called only for ops with helpers");
+        let (slot, vec_sig, scalar_sig) = (
+            self.slot.expect("a kernel with calls has a slot"),
+            self.vec_sig.expect("a kernel with calls has signatures"),
+            self.scalar_sig.expect("a kernel with calls has signatures"),
+        );
+        if ty == types::F32X4 {
+            b.ins().stack_store(self.ptr, x, slot, 0);
+            let addr = b.ins().stack_addr(self.ptr, slot, 0);
+            let callee = b.ins().iconst(self.ptr, vec_fn as i64);
+            b.ins().call_indirect(vec_sig, callee, &[addr]);
+            b.ins().stack_load(self.ptr, types::F32X4, slot, 0)
+        } else {
+            let callee = b.ins().iconst(self.ptr, scalar_fn as i64);
+            let call = b.ins().call_indirect(scalar_sig, callee, &[x]);
+            b.inst_results(call)[0]
+        }
+    }
+
+    fn binary(&self, b: &mut FunctionBuilder, ty: Type, op: BinaryOp, x: Value, y: Value) -> Value {
+        let (zero, one, _) = self.constants(ty);
+        match op {
+            BinaryOp::Add => b.ins().fadd(x, y),
+            BinaryOp::Sub => b.ins().fsub(x, y),
+            BinaryOp::Mul => b.ins().fmul(x, y),
+            BinaryOp::Div => b.ins().fdiv(x, y),
+            // Rust's `max`/`min`: the other operand when one is NaN.
+            BinaryOp::Max => {
+                let lt = b.ins().fcmp(FloatCC::LessThan, x, y);
+                let nan = b.ins().fcmp(FloatCC::Unordered, x, x);
+                let take_y = b.ins().bor(lt, nan);
+                self.select(b, ty, take_y, y, x)
+            }
+            BinaryOp::Min => {
+                let lt = b.ins().fcmp(FloatCC::LessThan, y, x);
+                let nan = b.ins().fcmp(FloatCC::Unordered, x, x);
+                let take_y = b.ins().bor(lt, nan);
+                self.select(b, ty, take_y, y, x)
+            }
+            BinaryOp::Gt => {
+                let m = b.ins().fcmp(FloatCC::GreaterThan, x, y);
+                self.select(b, ty, m, one, zero)
+            }
+            BinaryOp::Eq => {
+                let m = b.ins().fcmp(FloatCC::Equal, x, y);
+                self.select(b, ty, m, one, zero)
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ the driver
+
+/// The output collapsed to `[outer..., rows, n]` with each operand's strides (elements).
+struct Layout {
+    /// Sizes of the outer axes (possibly none).
+    outer: Vec<usize>,
+    /// Per operand, its strides over the outer axes.
+    outer_strides: Vec<Vec<usize>>,
+    rows: usize,
+    row_strides: Vec<isize>,
+    n: usize,
+    /// Per operand: stride 0 along the row (one value per row).
+    splat: Vec<bool>,
+}
+
+fn layout(shapes: &[&[usize]], out: &[usize]) -> Layout {
+    let full: Vec<Vec<usize>> = shapes.iter().map(|s| broadcast_strides(s, out)).collect();
+    let k = shapes.len();
+    let mut dims: Vec<usize> = Vec::new();
+    let mut strides: Vec<Vec<usize>> = vec![Vec::new(); k];
+    for (axis, &size) in out.iter().enumerate() {
+        if size == 1 {
+            continue;
+        }
+        // Merge into the previous axis when every operand steps through both as one.
+        let merge = !dims.is_empty() && (0..k).all(|j| strides[j].last() == Some(&(full[j][axis] * size)));
+        if merge {
+            *dims.last_mut().expect("dims is not empty") *= size;
+            for j in 0..k {
+                *strides[j].last_mut().expect("one stride per dim") = full[j][axis];
+            }
+        } else {
+            dims.push(size);
+            for j in 0..k {
+                strides[j].push(full[j][axis]);
+            }
+        }
+    }
+    if dims.is_empty() {
+        dims.push(1);
+        for s in &mut strides {
+            s.push(0);
+        }
+    }
+    let m = dims.len();
+    let n = dims[m - 1];
+    let splat = strides.iter().map(|s| s[m - 1] == 0).collect();
+    let (rows, row_strides, outer, outer_strides) = if m >= 2 {
+        (
+            dims[m - 2],
+            strides.iter().map(|s| s[m - 2] as isize).collect(),
+            dims[..m - 2].to_vec(),
+            strides.iter().map(|s| s[..m - 2].to_vec()).collect(),
+        )
+    } else {
+        (1, vec![0; k], Vec::new(), vec![Vec::new(); k])
+    };
+    Layout { outer, outer_strides, rows, row_strides, n, splat }
+}
+
+/// Runs `f` over the flattened rows `[start, end)` of `lay`, writing `out` (those rows).
+fn launch_rows(f: KernelFn, data: &[&[f32]], lay: &Layout, start: usize, end: usize, out: &mut [f32]) -> Result<(), String> {
+    let k = data.len();
+    let mut ptrs: Vec<*const f32> = vec![std::ptr::null(); k];
+    let mut offsets = vec![0usize; k];
+    let mut s = start;
+    while s < end {
+        let (o, r) = (s / lay.rows, s % lay.rows);
+        let len = (lay.rows - r).min(end - s);
+        let mut rest = o;
+        for (j, off) in offsets.iter_mut().enumerate() {
+            *off = r * lay.row_strides[j] as usize;
+        }
+        for a in (0..lay.outer.len()).rev() {
+            let i = rest % lay.outer[a];
+            rest /= lay.outer[a];
+            for (j, off) in offsets.iter_mut().enumerate() {
+                *off += i * lay.outer_strides[j][a];
+            }
+        }
+        for j in 0..k {
+            // Bounds: the last element this call reads is within the operand (broadcast
+            // strides never step past a dimension of the operand's own shape).
+            let last = offsets[j] + (len - 1) * lay.row_strides[j] as usize + if lay.splat[j] { 0 } else { lay.n - 1 };
+            if last >= data[j].len() {
+                return Err(format!("operand {j} would be read out of bounds"));
+            }
+            ptrs[j] = data[j].as_ptr().wrapping_add(offsets[j]);
+        }
+        let dst = &mut out[(s - start) * lay.n..(s - start + len) * lay.n];
+        // SAFETY: `f` reads, for each operand j, elements `ptrs[j] + r*row_strides[j] + i`
+        // (i < n, or i = 0 when splat) for r < len, all inside `data[j]` (checked above),
+        // and writes exactly `len * n` elements to `dst`.
+        unsafe { f(len, lay.n, ptrs.as_ptr(), lay.row_strides.as_ptr(), dst.as_mut_ptr()) };
+        s += len;
+    }
+    Ok(())
+}
+
+/// Runs `f` on a single row over the elements `[start, end)` of it.
+fn launch_elements(f: KernelFn, data: &[&[f32]], lay: &Layout, start: usize, end: usize, out: &mut [f32]) -> Result<(), String> {
+    for (j, (d, &splat)) in data.iter().zip(&lay.splat).enumerate() {
+        let need = if splat { 1 } else { end };
+        if d.len() < need || out.len() != end - start {
+            return Err(format!("operand {j} would be read out of bounds"));
+        }
+    }
+    let ptrs: Vec<*const f32> = data.iter().zip(&lay.splat).map(|(d, &splat)| d.as_ptr().wrapping_add(if splat { 0 } else { start })).collect();
+    // SAFETY: one row of `end - start` elements: a contiguous operand holds elements
+    // `start..end`, a splat operand its first one (checked above); `out` has the row's length.
+    unsafe { f(1, end - start, ptrs.as_ptr(), lay.row_strides.as_ptr(), out.as_mut_ptr()) };
+    Ok(())
+}
+
+/// Runs the compiled `kernel` on `operands` (each broadcast to `out_shape`), on up to
+/// `threads` threads. `Err` says why it could not (the caller then uses the eval rule).
+pub fn run(kernel: &FusedKernel, operands: &[&Tensor<f32>], out_shape: &[usize], threads: usize, opts: Options) -> Result<Tensor<f32>, String> {
+    if operands.len() != kernel.inputs {
+        return Err(format!("the kernel takes {} operand(s), got {}", kernel.inputs, operands.len()));
+    }
+    for (j, x) in operands.iter().enumerate() {
+        if !broadcasts_to(&x.shape, out_shape) || x.data.len() != x.shape.iter().product::<usize>() {
+            return Err(format!("operand {j} of shape {:?} does not broadcast to {out_shape:?}", x.shape));
+        }
+    }
+    let total: usize = out_shape.iter().product();
+    let mut out = vec![0.0f32; total];
+    if total == 0 {
+        return Ok(Tensor { shape: out_shape.to_vec(), data: out });
+    }
+    let shapes: Vec<&[usize]> = operands.iter().map(|x| x.shape.as_slice()).collect();
+    let lay = layout(&shapes, out_shape);
+    let key = Key { kernel: kernel.clone(), splat: lay.splat.clone(), fma: opts.fma };
+    let f = compiler()?.lock().map_err(|_| "the kernel compiler was poisoned by a panic".to_string())?.get(&key)?;
+    let data: Vec<&[f32]> = operands.iter().map(|x| x.data.as_slice()).collect();
+    let all_rows = lay.rows * lay.outer.iter().product::<usize>();
+    let parallel = threads >= 2 && total * (kernel.op_count() + 1) >= PARALLEL_WORK;
+    if !parallel {
+        launch_rows(f, &data, &lay, 0, all_rows, &mut out)?;
+    } else if all_rows >= 2 {
+        let mid = all_rows / 2;
+        let (lo, hi) = out.split_at_mut(mid * lay.n);
+        std::thread::scope(|s| {
+            let other = s.spawn(|| launch_rows(f, &data, &lay, 0, mid, lo));
+            let mine = launch_rows(f, &data, &lay, mid, all_rows, hi);
+            other.join().map_err(|_| "a kernel thread panicked".to_string())?.and(mine)
+        })?;
+    } else {
+        // One long row: split its elements (the first half a multiple of 16).
+        let mid = ((lay.n / 2).div_ceil(16) * 16).min(lay.n);
+        let (lo, hi) = out.split_at_mut(mid);
+        std::thread::scope(|s| {
+            let other = s.spawn(|| launch_elements(f, &data, &lay, 0, mid, lo));
+            let mine = launch_elements(f, &data, &lay, mid, lay.n, hi);
+            other.join().map_err(|_| "a kernel thread panicked".to_string())?.and(mine)
+        })?;
+    }
+    Ok(Tensor { shape: out_shape.to_vec(), data: out })
+}

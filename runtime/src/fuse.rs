@@ -1,0 +1,238 @@
+//! Elementwise fusion: the pass that turns maximal groups of `Unary`/`Binary` nodes into
+//! single [`Op::Fused`] nodes ([`fuse_elementwise`], [`fuse_with_map`]).
+//!
+//! Backends run it on the optimised forward + backward graph (after autodiff; a fused node
+//! has no gradient rule). This module owns the grouping rules:
+//! - a group is a set of elementwise nodes (dense, real) with one **root**, the node whose
+//!   value leaves the group; every other member has all its users inside the group and is
+//!   not a named graph output, so no value that anyone else reads disappears;
+//! - operands of the group that are `Scalar` constants become kernel constants, and
+//!   operands that are `Broadcast`s of a dense real value are read through (the kernel
+//!   reads the smaller value broadcast, and the broadcast is not materialised when nobody
+//!   else needs it);
+//! - a member whose shape is smaller than the root's is recomputed for every output
+//!   element, so only cheap ops (no transcendental, no division) join a group across a
+//!   broadcast;
+//! - groups stop growing at [`MAX_KERNEL_OPS`] ops so that kernels stay small to compile.
+//!
+//! Groups of one op are left alone (the backends have direct kernels for those) unless
+//! fusing removes a broadcast. The kernel itself ([`FusedKernel`]) and its rules live in
+//! `ops/fused.rs`.
+
+use crate::ir::graph::{Graph, NodeId};
+use crate::ops::fused::{FusedKernel, Instr};
+use crate::ops::{BinaryOp, DType, Op, Operand, Signature, UnaryOp, ValueKind};
+use crate::passes::retain;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The most Unary/Binary ops one fused kernel holds.
+pub const MAX_KERNEL_OPS: usize = 64;
+
+/// The graph with its elementwise groups fused (see the module docs). Parameters, inputs
+/// and named outputs are kept; node ids change.
+pub fn fuse_elementwise(graph: &Graph) -> Graph {
+    fuse_with_map(graph).0
+}
+
+/// [`fuse_elementwise`], also returning for each node of `graph` (by index) the node of the
+/// fused graph that holds its value: the copy of the node, or the fused node it is the
+/// root of; `None` for nodes absorbed into a kernel or no longer needed.
+pub fn fuse_with_map(graph: &Graph) -> (Graph, Vec<Option<NodeId>>) {
+    let groups = assign_groups(graph);
+    let mut plans: HashMap<NodeId, Plan> = HashMap::new();
+    let mut members: HashMap<NodeId, Vec<NodeId>> = HashMap::new();
+    for id in graph.ids() {
+        if let Some(root) = groups[id.index()] {
+            members.entry(root).or_default().push(id);
+        }
+    }
+    // Plan every group; a group that does not pay (or whose kernel would lose the output
+    // shape) is dissolved: its members are copied as they are.
+    let mut absorbed = vec![false; graph.len()];
+    for (&root, group) in &members {
+        if let Some(plan) = plan_group(graph, root, group) {
+            for &m in group {
+                absorbed[m.index()] = m != root;
+            }
+            plans.insert(root, plan);
+        }
+    }
+    let mut out = Graph::new();
+    let mut map: Vec<Option<NodeId>> = vec![None; graph.len()];
+    for id in graph.ids() {
+        if absorbed[id.index()] {
+            continue;
+        }
+        if let Some(plan) = plans.remove(&id) {
+            let operands: Option<Vec<NodeId>> = plan.operands.iter().map(|o| map[o.index()]).collect();
+            let fused = operands.and_then(|ops| out.add(Op::Fused(Arc::new(plan.kernel)), &ops, &graph.node(id).scope).ok());
+            match fused {
+                Some(f) if out.sig(f) == graph.sig(id) => {
+                    map[id.index()] = Some(f);
+                    continue;
+                }
+                // Not reached (`plan_group` checks the same shape rule on the same
+                // operands); should it be, the group's nodes are copied unfused instead.
+                _ => {
+                    for &m in &members[&id] {
+                        copy_node(graph, &mut out, &mut map, m);
+                    }
+                    continue;
+                }
+            }
+        }
+        copy_node(graph, &mut out, &mut map, id);
+    }
+    out.copy_tables(graph, &map);
+    // Broadcasts and scalars read through by every user are dead now.
+    let mut keep = vec![false; out.len()];
+    for id in out.outputs.values() {
+        keep[id.index()] = true;
+    }
+    for p in &out.params {
+        keep[p.node.index()] = true;
+    }
+    for i in &out.inputs {
+        keep[i.node.index()] = true;
+    }
+    let (pruned, second) = retain(&out, &keep);
+    let map = map.into_iter().map(|m| m.and_then(|n| second[n.index()])).collect();
+    (pruned, map)
+}
+
+/// Appends a copy of node `id` of `graph` to `out`, reading the images of its operands.
+fn copy_node(graph: &Graph, out: &mut Graph, map: &mut [Option<NodeId>], id: NodeId) {
+    let node = graph.node(id);
+    // Every operand precedes its user and is either copied or the root of a kernel.
+    let inputs = node.inputs.iter().filter_map(|i| map[i.index()]).collect();
+    map[id.index()] = Some(out.push_copy(node, inputs));
+}
+
+/// Whether a node can be a member of a group.
+fn fusible(graph: &Graph, id: NodeId) -> bool {
+    let node = graph.node(id);
+    matches!(node.op, Op::Unary(_) | Op::Binary(_)) && node.sig.dtype == DType::F && node.sig.kind == ValueKind::Dense
+}
+
+/// Ops worth recomputing per output element when their own value is smaller.
+fn cheap(op: &Op) -> bool {
+    match op {
+        Op::Unary(u) => matches!(u, UnaryOp::Neg | UnaryOp::Relu | UnaryOp::Abs | UnaryOp::Step | UnaryOp::Sign),
+        Op::Binary(b) => !matches!(b, BinaryOp::Div),
+        _ => false,
+    }
+}
+
+/// The group root of every fusible node (`None` for the others). Nodes are visited from the
+/// last to the first, so a node's users are placed before it: it joins their group when
+/// all of them are in one group and it is not an output; otherwise it roots a new group.
+fn assign_groups(graph: &Graph) -> Vec<Option<NodeId>> {
+    let mut is_output = vec![false; graph.len()];
+    for id in graph.outputs.values() {
+        is_output[id.index()] = true;
+    }
+    let mut group: Vec<Option<NodeId>> = vec![None; graph.len()];
+    let mut size: HashMap<NodeId, usize> = HashMap::new();
+    for id in graph.ids().collect::<Vec<_>>().into_iter().rev() {
+        if !fusible(graph, id) {
+            continue;
+        }
+        let mut users = graph.users(id).map(|(u, _)| group[u.index()]);
+        let first = users.next().flatten();
+        let joined = match first {
+            Some(root) if !is_output[id.index()] && users.all(|g| g == Some(root)) => {
+                let fits = size[&root] < MAX_KERNEL_OPS;
+                let same_shape = graph.shape(id) == graph.shape(root);
+                (fits && (same_shape || cheap(&graph.node(id).op))).then_some(root)
+            }
+            _ => None,
+        };
+        let root = joined.unwrap_or(id);
+        group[id.index()] = Some(root);
+        *size.entry(root).or_insert(0) += 1;
+    }
+    group
+}
+
+/// A group ready to become one node.
+struct Plan {
+    kernel: FusedKernel,
+    /// Nodes of the source graph the kernel reads, in operand order.
+    operands: Vec<NodeId>,
+}
+
+/// The kernel of a group (`members` in topological order, `root` last), or `None` when the
+/// group should stay unfused.
+fn plan_group(graph: &Graph, root: NodeId, members: &[NodeId]) -> Option<Plan> {
+    for read_through in [true, false] {
+        let (plan, broadcasts_removed) = build_kernel(graph, members, read_through);
+        if plan.kernel.inputs == 0 || (plan.kernel.op_count() < 2 && broadcasts_removed == 0) {
+            return None;
+        }
+        let sigs: Vec<&Signature> = plan.operands.iter().map(|&o| graph.sig(o)).collect();
+        let operands: Vec<Operand> = sigs.iter().map(|s| Operand { shape: &s.shape, dtype: s.dtype, kind: s.kind }).collect();
+        let fused = Op::Fused(Arc::new(plan.kernel.clone()));
+        if fused.infer(&operands).is_ok_and(|sig| &sig == graph.sig(root)) {
+            return Some(plan);
+        }
+    }
+    None
+}
+
+/// The operand a member reads for `x`: through chains of broadcasts of dense reals.
+fn source_of(graph: &Graph, mut x: NodeId) -> NodeId {
+    loop {
+        let node = graph.node(x);
+        let real = node.sig.dtype == DType::F && node.sig.kind == ValueKind::Dense;
+        match node.op {
+            Op::Broadcast { .. } if real => x = node.inputs[0],
+            _ => return x,
+        }
+    }
+}
+
+/// The kernel body of a group and how many broadcasts it reads through.
+fn build_kernel(graph: &Graph, members: &[NodeId], read_through: bool) -> (Plan, usize) {
+    let mut body: Vec<Instr> = Vec::new();
+    let mut register: HashMap<NodeId, usize> = HashMap::new();
+    let mut operands: Vec<NodeId> = Vec::new();
+    let mut broadcasts_removed = 0;
+    for &m in members {
+        let node = graph.node(m);
+        let mut args = Vec::with_capacity(node.inputs.len());
+        for &x in &node.inputs {
+            if let Some(&r) = register.get(&x) {
+                args.push(r);
+                continue;
+            }
+            let instr = match graph.node(x).op {
+                Op::Scalar(c) => Instr::Const(c),
+                _ => {
+                    let src = if read_through { source_of(graph, x) } else { x };
+                    if src != x {
+                        broadcasts_removed += 1;
+                    }
+                    let k = operands.iter().position(|&o| o == src).unwrap_or_else(|| {
+                        operands.push(src);
+                        operands.len() - 1
+                    });
+                    Instr::Input(k)
+                }
+            };
+            let r = body.iter().position(|i| *i == instr).unwrap_or_else(|| {
+                body.push(instr);
+                body.len() - 1
+            });
+            register.insert(x, r);
+            args.push(r);
+        }
+        body.push(match node.op {
+            Op::Unary(u) => Instr::Unary(u, args[0]),
+            Op::Binary(b) => Instr::Binary(b, args[0], args[1]),
+            _ => unreachable!("groups hold only elementwise nodes"),
+        });
+        register.insert(m, body.len() - 1);
+    }
+    (Plan { kernel: FusedKernel { inputs: operands.len(), body }, operands }, broadcasts_removed)
+}

@@ -1,0 +1,208 @@
+//! Fused elementwise kernels: the `Fused` op, which the fusion pass
+//! ([`crate::fuse::fuse_elementwise`]) makes from chains of Unary/Binary ops after autodiff.
+//!
+//! This family file owns the kernel description ([`FusedKernel`]: an SSA body of
+//! [`Instr`]s over the node's operands) and the op's three rules:
+//! - `shape`: the numpy broadcast of all operand shapes (each operand is read broadcast to
+//!   the output, exactly as a chain of Binary ops would read it);
+//! - `grad`: an error, because fusion runs after autodiff (the backward graph is fused too,
+//!   so nothing ever differentiates a fused node);
+//! - `eval`: the body evaluated element by element with the scalar functions of
+//!   `elementwise` ([`apply_unary`], [`apply_binary`]), in the same order as the unfused
+//!   chain, so a fused graph gives bit-identical results to the graph it came from.
+//!
+//! The Cranelift code generator for these kernels is `backend::jit::codegen`.
+
+use super::elementwise::{apply_binary, apply_unary, broadcast_shapes};
+use super::{shape_err, BinaryOp, Op, Operand, ShapeError, Signature, UnaryOp};
+use crate::exec::{Arg, EvalCx, ExecError};
+use crate::ir::dim::Shape;
+use crate::ir::graph::{Graph, Node, NodeId};
+use crate::tensor::{broadcast_strides, Float, Tensor, Value};
+use std::hash::{Hash, Hasher};
+
+/// A chain of elementwise ops fused into one kernel: operands are the node's inputs, each
+/// broadcast (numpy rules) to the output shape; `body` is SSA, the last instruction is the output.
+///
+/// Kernels compare and hash by value (constants by their bits), so a backend can compile
+/// each distinct kernel once and find it again from any graph.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FusedKernel {
+    pub inputs: usize,
+    pub body: Vec<Instr>,
+}
+
+/// One instruction of a kernel body. Operands of `Unary` and `Binary` are indices of
+/// earlier instructions of the same body.
+#[derive(Clone, Copy, Debug)]
+pub enum Instr {
+    /// The element of operand `i` (broadcast to the output shape).
+    Input(usize),
+    /// A constant (rounded to the backend's float type, as `Op::Scalar` is).
+    Const(f64),
+    Unary(UnaryOp, usize),
+    Binary(BinaryOp, usize, usize),
+}
+
+/// Constants compare by their bits: `0.0` and `-0.0` differ, a NaN equals itself (as in CSE).
+impl PartialEq for Instr {
+    fn eq(&self, other: &Instr) -> bool {
+        match (self, other) {
+            (Instr::Input(a), Instr::Input(b)) => a == b,
+            (Instr::Const(a), Instr::Const(b)) => a.to_bits() == b.to_bits(),
+            (Instr::Unary(u, a), Instr::Unary(v, b)) => u == v && a == b,
+            (Instr::Binary(p, a, b), Instr::Binary(q, c, d)) => p == q && a == c && b == d,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Instr {}
+
+impl Hash for Instr {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        std::mem::discriminant(self).hash(h);
+        match *self {
+            Instr::Input(i) => i.hash(h),
+            Instr::Const(c) => c.to_bits().hash(h),
+            Instr::Unary(u, a) => (u, a).hash(h),
+            Instr::Binary(b, x, y) => (b, x, y).hash(h),
+        }
+    }
+}
+
+impl FusedKernel {
+    /// Checks that the body is well formed: not empty, every operand index refers to an
+    /// earlier instruction, every `Input` to an operand of the kernel.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.body.is_empty() {
+            return Err("a fused kernel needs at least one instruction".into());
+        }
+        for (at, instr) in self.body.iter().enumerate() {
+            let earlier = |operand: usize| {
+                if operand < at {
+                    Ok(())
+                } else {
+                    Err(format!("instruction {at} ({instr:?}) reads instruction {operand}, which is not before it"))
+                }
+            };
+            match *instr {
+                Instr::Input(i) if i >= self.inputs => {
+                    return Err(format!("instruction {at} reads input {i}, but the kernel has {} input(s)", self.inputs))
+                }
+                Instr::Input(_) | Instr::Const(_) => {}
+                Instr::Unary(_, a) => earlier(a)?,
+                Instr::Binary(_, a, b) => {
+                    earlier(a)?;
+                    earlier(b)?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The ops of the body in order (`add,relu,mul`), for listings and profiles.
+    pub fn summary(&self) -> String {
+        let ops: Vec<String> = self
+            .body
+            .iter()
+            .filter_map(|i| match i {
+                Instr::Unary(u, _) => Some(format!("{u:?}").to_lowercase()),
+                Instr::Binary(b, _, _) => Some(format!("{b:?}").to_lowercase()),
+                Instr::Input(_) | Instr::Const(_) => None,
+            })
+            .collect();
+        ops.join(",")
+    }
+
+    /// The number of Unary and Binary instructions (the ops the kernel replaces).
+    pub fn op_count(&self) -> usize {
+        self.body.iter().filter(|i| matches!(i, Instr::Unary(..) | Instr::Binary(..))).count()
+    }
+
+    /// One output element from one element of each operand. `registers` holds one slot per
+    /// instruction. The kernel must be valid ([`FusedKernel::validate`]).
+    fn eval_element<T: Float>(&self, operands: &[T], registers: &mut [T]) -> T {
+        for (at, instr) in self.body.iter().enumerate() {
+            registers[at] = match *instr {
+                Instr::Input(i) => operands[i],
+                Instr::Const(c) => T::from_f64(c),
+                Instr::Unary(u, a) => apply_unary(u, registers[a]),
+                Instr::Binary(b, x, y) => apply_binary(b, registers[x], registers[y]),
+            };
+        }
+        registers[self.body.len() - 1]
+    }
+}
+
+/// Whether a concrete shape broadcasts (numpy rules) to `out` without changing `out`.
+pub fn broadcasts_to(shape: &[usize], out: &[usize]) -> bool {
+    shape.len() <= out.len() && shape.iter().rev().zip(out.iter().rev()).all(|(&s, &o)| s == o || s == 1)
+}
+
+pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
+    let Op::Fused(kernel) = op else {
+        return shape_err(format!("{} is not a fused kernel", op.name()));
+    };
+    kernel.validate().map_err(ShapeError)?;
+    let mut out: Shape = Vec::new();
+    for operand in x {
+        out = broadcast_shapes(&out, operand.shape)?;
+    }
+    Ok(Signature::dense(out))
+}
+
+/// Fused nodes are made after autodiff and have no gradient rule.
+pub fn grad(_graph: &mut Graph, node: &Node, _y: NodeId, _dy: NodeId) -> Result<Vec<Option<NodeId>>, ShapeError> {
+    shape_err(format!(
+        "{} has no gradient rule: elementwise fusion runs after autodiff, on the forward and backward graph together",
+        node.op.name()
+    ))
+}
+
+pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>, ExecError> {
+    let name = op.name();
+    let bad = |message: String| ExecError::BadOperand { op: name.clone(), message };
+    let Op::Fused(kernel) = op else {
+        return Err(bad("not a fused kernel".into()));
+    };
+    kernel.validate().map_err(bad)?;
+    if args.len() != kernel.inputs {
+        return Err(bad(format!("the kernel takes {} operand(s), got {}", kernel.inputs, args.len())));
+    }
+    let operands: Vec<&Tensor<T>> = args.iter().map(|a| a.dense(&name)).collect::<Result<_, _>>()?;
+    let out_shape = cx.out_shape;
+    for (k, x) in operands.iter().enumerate() {
+        if !broadcasts_to(&x.shape, out_shape) {
+            return Err(bad(format!("operand {k} of shape {:?} does not broadcast to {out_shape:?}", x.shape)));
+        }
+    }
+    let strides: Vec<Vec<usize>> = operands.iter().map(|x| broadcast_strides(&x.shape, out_shape)).collect();
+    let total: usize = out_shape.iter().product();
+    let mut data = Vec::with_capacity(total);
+    let mut offsets = vec![0usize; operands.len()];
+    let mut index = vec![0usize; out_shape.len()];
+    let mut elements = vec![T::ZERO; operands.len()];
+    let mut registers = vec![T::ZERO; kernel.body.len()];
+    for _ in 0..total {
+        for ((element, x), &offset) in elements.iter_mut().zip(&operands).zip(&offsets) {
+            *element = x.data[offset];
+        }
+        data.push(kernel.eval_element(&elements, &mut registers));
+        // Advance the output index (an odometer) and every operand's offset with it.
+        for axis in (0..out_shape.len()).rev() {
+            index[axis] += 1;
+            for (offset, s) in offsets.iter_mut().zip(&strides) {
+                *offset += s[axis];
+            }
+            if index[axis] < out_shape[axis] {
+                break;
+            }
+            for (offset, s) in offsets.iter_mut().zip(&strides) {
+                *offset -= s[axis] * out_shape[axis];
+            }
+            index[axis] = 0;
+        }
+    }
+    Ok(Value::Dense(Tensor { shape: out_shape.to_vec(), data }))
+}

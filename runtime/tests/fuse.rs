@@ -1,0 +1,464 @@
+//! Elementwise fusion and the jit's Cranelift kernels.
+//!
+//! - The pass ([`fuse_with_map`]) never removes a value someone else reads: graph outputs
+//!   and values with a user outside their group stay in the fused graph, and every value
+//!   absorbed into a kernel is read by that one kernel only (asserted on the graphs).
+//! - Random elementwise DAGs with broadcasting (`[B, n]` with `[n]`, `[B, 1]`, `[1, n]`,
+//!   `[]`, scalars, explicit broadcasts; and rank 3): the fused graph on interp equals the
+//!   original exactly (the fused eval rule applies the same scalar functions in the same
+//!   order), and the jit (fusion on) equals interp on the original graph exactly with fma
+//!   contraction off, and within `1e-5 * (1 + max |out|)` with it on (fma rounds once
+//!   instead of twice). "Exactly" means equal as numbers (`0 == -0`) or both NaN.
+//! - Every unary and binary op compiled by Cranelift equals its eval rule exactly, on
+//!   rows of every length 1..=37 (vector body, unrolled body and scalar tail), contiguous
+//!   and splat operands, and special values (±0, ±inf, NaN, tiny and huge numbers).
+
+use mdl_runtime::backend::jit::{codegen, Jit};
+use mdl_runtime::backend::{interp, Executor, Interp};
+use mdl_runtime::exec::{Arg, EvalCx, SplitMix64};
+use mdl_runtime::fuse::{fuse_elementwise, fuse_with_map};
+use mdl_runtime::ops::fused::{FusedKernel, Instr};
+use mdl_runtime::{ops, BinaryOp, Binding, Dim, Graph, Init, Mode, NodeId, Op, Shape, Tensor, UnaryOp, Value, Values};
+use proptest::prelude::*;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+const UNARY: [UnaryOp; 12] = [
+    UnaryOp::Neg,
+    UnaryOp::Exp,
+    UnaryOp::Log,
+    UnaryOp::Sqrt,
+    UnaryOp::Recip,
+    UnaryOp::Relu,
+    UnaryOp::Sigmoid,
+    UnaryOp::Tanh,
+    UnaryOp::Softplus,
+    UnaryOp::Abs,
+    UnaryOp::Step,
+    UnaryOp::Sign,
+];
+const BINARY: [BinaryOp; 8] =
+    [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max, BinaryOp::Min, BinaryOp::Gt, BinaryOp::Eq];
+
+fn same(x: f32, y: f32) -> bool {
+    x == y || (x.is_nan() && y.is_nan())
+}
+
+/// A shape with the batch symbol `B` for the first axis when `batch` is set.
+fn shape_of(sizes: &[usize], batch: bool) -> Shape {
+    sizes.iter().enumerate().map(|(i, &s)| if i == 0 && batch { Dim::batch() } else { Dim::from(s) }).collect()
+}
+
+/// A random elementwise DAG over parameters of broadcast-compatible shapes.
+struct Dag {
+    graph: Graph,
+    params: HashMap<String, Tensor<f32>>,
+    binding: Binding,
+}
+
+/// Builds a DAG of `ops` elementwise nodes over the output shape `[b, n]` (`rank3`:
+/// `[b, f, n]`). Ops whose domain is limited read guarded operands (`log(|x| + 0.5)`,
+/// `exp(tanh x)`, `y / (|z| + 0.5)`), so no NaN or infinity arises and the comparison
+/// is not at the mercy of NaN conventions. Some intermediates become outputs, some get
+/// an outside user (a reshape), some operands are explicit broadcasts.
+fn random_dag(seed: u64, b: usize, f: usize, n: usize, rank3: bool, ops: usize, safe_only: bool) -> Dag {
+    let mut rng = SplitMix64::new(seed);
+    let mut pick = |k: usize| (rng.next_u64() % k as u64) as usize;
+    let full: Vec<usize> = if rank3 { vec![b, f, n] } else { vec![b, n] };
+    let family: Vec<(Vec<usize>, bool)> = if rank3 {
+        vec![(vec![b, f, n], true), (vec![f, n], false), (vec![n], false), (vec![b, 1, n], true), (vec![b, f, 1], true), (vec![1, f, 1], false), (vec![], false)]
+    } else {
+        vec![(vec![b, n], true), (vec![n], false), (vec![b, 1], true), (vec![1, n], false), (vec![], false)]
+    };
+    let mut g = Graph::new();
+    let mut params = HashMap::new();
+    let mut pool: Vec<NodeId> = Vec::new();
+    let mut value_rng = SplitMix64::new(seed ^ 0xABCD);
+    for i in 0..4 {
+        let (sizes, batch) = if i == 0 { family[0].clone() } else { family[pick(family.len())].clone() };
+        let name = format!("p{i}");
+        let id = g.param(&name, shape_of(&sizes, batch), Init::Zeros, None, false);
+        let count: usize = sizes.iter().product();
+        let data = (0..count).map(|_| (value_rng.next_f64() * 4.0 - 2.0) as f32).collect();
+        params.insert(name, Tensor::new(sizes, data).unwrap());
+        pool.push(id);
+    }
+    let full_dims = shape_of(&full, true);
+    // Explicit broadcasts (as autodiff makes them) and scalars.
+    let bcast = g.add(Op::Broadcast { shape: full_dims.clone() }, &[pool[1]], "").unwrap();
+    pool.push(bcast);
+    let half = g.add(Op::Scalar(0.5), &[], "").unwrap();
+    let two = g.add(Op::Scalar(2.0), &[], "").unwrap();
+    pool.push(two);
+    let unary_ops: Vec<UnaryOp> = if safe_only {
+        vec![UnaryOp::Neg, UnaryOp::Relu, UnaryOp::Sigmoid, UnaryOp::Tanh, UnaryOp::Abs]
+    } else {
+        UNARY.to_vec()
+    };
+    let binary_ops: Vec<BinaryOp> = if safe_only {
+        vec![BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Max, BinaryOp::Min]
+    } else {
+        BINARY.to_vec()
+    };
+    let add = |g: &mut Graph, op: Op, args: &[NodeId]| g.add(op, args, "").unwrap();
+    let mut made = Vec::new();
+    for _ in 0..ops {
+        // Prefer recent values so chains get long.
+        let choose = |pick: &mut dyn FnMut(usize) -> usize, pool: &[NodeId]| {
+            let recent = pool.len().min(4);
+            if pick(3) > 0 {
+                pool[pool.len() - 1 - pick(recent)]
+            } else {
+                pool[pick(pool.len())]
+            }
+        };
+        let x = choose(&mut pick, &pool);
+        let id = if pick(3) == 0 {
+            let u = unary_ops[pick(unary_ops.len())];
+            let arg = match u {
+                UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Recip => {
+                    let a = add(&mut g, Op::Unary(UnaryOp::Abs), &[x]);
+                    add(&mut g, Op::Binary(BinaryOp::Add), &[a, half])
+                }
+                UnaryOp::Exp => add(&mut g, Op::Unary(UnaryOp::Tanh), &[x]),
+                _ => x,
+            };
+            add(&mut g, Op::Unary(u), &[arg])
+        } else {
+            let bop = binary_ops[pick(binary_ops.len())];
+            let y = choose(&mut pick, &pool);
+            let y = if bop == BinaryOp::Div {
+                let a = add(&mut g, Op::Unary(UnaryOp::Abs), &[y]);
+                add(&mut g, Op::Binary(BinaryOp::Add), &[a, half])
+            } else {
+                y
+            };
+            add(&mut g, Op::Binary(bop), &[x, y])
+        };
+        pool.push(id);
+        made.push(id);
+    }
+    let last = *made.last().expect("at least one op");
+    g.outputs.insert("out".into(), last);
+    for (i, &id) in made.iter().enumerate() {
+        match pick(6) {
+            0 => {
+                g.outputs.insert(format!("o{i}"), id);
+            }
+            1 => {
+                let shape = g.shape(id).clone();
+                let r = g.add(Op::Reshape { shape }, &[id], "").unwrap();
+                g.outputs.insert(format!("r{i}"), r);
+            }
+            _ => {}
+        }
+    }
+    let mut binding = Binding::new();
+    binding.insert("B".into(), b);
+    Dag { graph: g, params, binding }
+}
+
+/// The pass keeps every value read outside its group, and absorbs values into one kernel.
+fn check_pass(g: &Graph) {
+    let (fused, map) = fuse_with_map(g);
+    // Live nodes of the source graph.
+    let mut live = vec![false; g.len()];
+    for id in g.outputs.values() {
+        live[id.index()] = true;
+    }
+    for id in g.ids().collect::<Vec<_>>().into_iter().rev() {
+        if live[id.index()] {
+            for i in &g.node(id).inputs {
+                live[i.index()] = true;
+            }
+        }
+    }
+    let outputs: BTreeSet<NodeId> = g.outputs.values().copied().collect();
+    for id in g.ids() {
+        if !live[id.index()] {
+            continue;
+        }
+        let elementwise = |n: NodeId| matches!(g.node(n).op, Op::Unary(_) | Op::Binary(_));
+        let outside_user = g.users(id).any(|(u, _)| !elementwise(u));
+        if outputs.contains(&id) || outside_user || !elementwise(id) && !matches!(g.node(id).op, Op::Scalar(_) | Op::Broadcast { .. }) {
+            assert!(map[id.index()].is_some(), "%{} ({}) was absorbed but is read outside a kernel", id.index(), g.node(id).op.name());
+        }
+        if map[id.index()].is_none() && elementwise(id) {
+            // Absorbed: every path through its users reaches one and the same fused node.
+            let mut sinks = BTreeSet::new();
+            let mut stack = vec![id];
+            while let Some(x) = stack.pop() {
+                for (u, _) in g.users(x) {
+                    match map[u.index()] {
+                        Some(f) => {
+                            sinks.insert(f);
+                        }
+                        None => stack.push(u),
+                    }
+                }
+            }
+            assert_eq!(sinks.len(), 1, "%{} is read by {} kernels or values", id.index(), sinks.len());
+            let sink = *sinks.iter().next().unwrap();
+            assert!(matches!(fused.node(sink).op, Op::Fused(_)), "%{} was absorbed into a non-kernel", id.index());
+        }
+    }
+    for (name, id) in &g.outputs {
+        assert_eq!(fused.outputs.get(name).copied(), map[id.index()], "output {name} moved");
+        assert_eq!(fused.sig(fused.outputs[name]), g.sig(*id), "output {name} changed its signature");
+    }
+    for id in fused.ids() {
+        if let Op::Fused(k) = &fused.node(id).op {
+            assert!(k.validate().is_ok());
+            assert!(k.inputs >= 1);
+        }
+    }
+}
+
+fn assert_same_values(a: &Values<f32>, b: &Values<f32>, names: &[String], tol_rel_max: f32, what: &str) {
+    for name in names {
+        // A GEMM sums in another order than interp: its outputs agree to rounding only.
+        let tol_rel_max = if name.starts_with("mm") { tol_rel_max.max(1e-5) } else { tol_rel_max };
+        let (x, y) = (a.dense(name).unwrap(), b.dense(name).unwrap());
+        assert_eq!(x.shape, y.shape, "{what}: {name}");
+        let scale = 1.0 + y.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (&p, &q)) in x.data.iter().zip(&y.data).enumerate() {
+            let ok = if tol_rel_max == 0.0 { same(p, q) } else { same(p, q) || (p - q).abs() <= tol_rel_max * scale };
+            assert!(ok, "{what}: {name}[{i}]: {p} vs {q}");
+        }
+    }
+}
+
+fn check_dag(d: &Dag) {
+    let g = &d.graph;
+    check_pass(g);
+    let feeds: HashMap<String, Value<f32>> = HashMap::new();
+    let names: Vec<String> = g.outputs.keys().cloned().collect();
+    let want = Interp.run(g, &d.binding, &feeds, &d.params, &Mode::eval()).unwrap();
+    // The fused graph on interp: the eval rule of Fused.
+    let fused = fuse_elementwise(g);
+    let got = interp::run(&fused, &d.binding, &feeds, &d.params, &Mode::eval()).unwrap();
+    assert_same_values(&got, &want, &names, 0.0, "fused graph on interp");
+    for threads in [1, 2] {
+        let mut jit = Jit::with_threads(threads).with_fma(false);
+        jit.set_profiling(true);
+        let got = jit.run(g, &d.binding, &feeds, &d.params, &Mode::eval()).unwrap();
+        assert_same_values(&got, &want, &names, 0.0, "jit without fma");
+        // Every kernel ran compiled (none on the eval rule), and kernels show in the profile.
+        let profile = jit.profile();
+        assert!(!profile.iter().any(|(k, _, _)| k.starts_with("fused(eval)")), "{profile:?}");
+        let kernels = fused.ids().filter(|&i| matches!(fused.node(i).op, Op::Fused(_))).count();
+        let runs: usize = profile.iter().filter(|(k, _, _)| k.starts_with("fused ")).map(|p| p.2).sum();
+        assert_eq!(runs, kernels, "{profile:?}");
+        // Node lookups by the caller's ids still work.
+        let first = g.outputs.values().next().expect("the graph has outputs");
+        assert!(got.node(*first).is_some());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_dags_agree_exactly(seed: u64, b in 1usize..40, f in 1usize..4, n in 1usize..40, rank3: bool, ops in 1usize..16) {
+        check_dag(&random_dag(seed, b, f, n, rank3, ops, false));
+    }
+
+    #[test]
+    fn random_dags_agree_with_fma(seed: u64, b in 1usize..40, f in 1usize..4, n in 1usize..40, rank3: bool, ops in 1usize..16) {
+        let d = random_dag(seed, b, f, n, rank3, ops, true);
+        let feeds: HashMap<String, Value<f32>> = HashMap::new();
+        let names: Vec<String> = d.graph.outputs.keys().cloned().collect();
+        let want = Interp.run(&d.graph, &d.binding, &feeds, &d.params, &Mode::eval()).unwrap();
+        let got = Jit::with_threads(2).run(&d.graph, &d.binding, &feeds, &d.params, &Mode::eval()).unwrap();
+        assert_same_values(&got, &want, &names, 1e-5, "jit with fma");
+    }
+}
+
+#[test]
+fn large_dags_use_both_threads_and_agree() {
+    // Large enough for the two-thread split: by rows (rank 3, broadcast operands) and by
+    // elements (every operand the output's shape collapses to one long row).
+    for (seed, rank3) in [(1, true), (2, false), (3, true)] {
+        check_dag(&random_dag(seed, 512, 3, 200, rank3, 12, false));
+    }
+    let mut g = Graph::new();
+    let s = shape_of(&[4096, 64], true);
+    let x = g.param("x", s.clone(), Init::Zeros, None, false);
+    let y = g.param("y", s, Init::Zeros, None, false);
+    let m = g.add(Op::Binary(BinaryOp::Mul), &[x, y], "").unwrap();
+    let r = g.add(Op::Unary(UnaryOp::Relu), &[m], "").unwrap();
+    g.outputs.insert("out".into(), r);
+    let mut rng = SplitMix64::new(9);
+    let mut t = || Tensor::new(vec![4096, 64], (0..4096 * 64).map(|_| rng.next_f64() as f32 - 0.5).collect()).unwrap();
+    let params = HashMap::from([("x".to_string(), t()), ("y".to_string(), t())]);
+    let binding = Binding::from([("B".to_string(), 4096)]);
+    check_dag(&Dag { graph: g, params, binding });
+}
+
+/// Runs a kernel through Cranelift and through the eval rule: equal exactly without fma
+/// contraction; with it, too, when the kernel has no `a*b ± c` (else within 1e-6 relative).
+fn compare_kernel(kernel: &FusedKernel, operands: &[Tensor<f32>], out_shape: &[usize]) {
+    let refs: Vec<&Tensor<f32>> = operands.iter().collect();
+    let args: Vec<Arg<f32>> = operands.iter().map(Arg::Param).collect();
+    let binding = Binding::new();
+    let mode = Mode::eval();
+    let cx = EvalCx { binding: &binding, mode: &mode, out_shape };
+    let want = ops::eval(&Op::Fused(Arc::new(kernel.clone())), &args, &cx).unwrap();
+    let want = want.as_dense().unwrap();
+    for threads in [1, 2] {
+        for fma in [false, true] {
+            let got = codegen::run(kernel, &refs, out_shape, threads, codegen::Options { fma }).expect("Cranelift compiles every op");
+            assert_eq!(got.shape, want.shape);
+            let contracts = fma && kernel.body.iter().any(|i| matches!(i, Instr::Binary(BinaryOp::Mul, ..)));
+            for (i, (&p, &q)) in got.data.iter().zip(&want.data).enumerate() {
+                let close = contracts && (p - q).abs() <= 1e-6 * q.abs().max(1.0);
+                assert!(same(p, q) || close, "{kernel:?} {out_shape:?}[{i}]: cranelift {p} eval {q} (inputs {:?})", operands.iter().map(|o| o.data.get(i % o.data.len().max(1))).collect::<Vec<_>>());
+            }
+        }
+    }
+}
+
+fn special_values(count: usize, seed: u64) -> Vec<f32> {
+    let specials = [0.0, -0.0, 1.0, -1.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e-30, -1e-30, 88.0, -88.0, 100.0, -100.0, 0.5, 1e30];
+    let mut rng = SplitMix64::new(seed);
+    (0..count)
+        .map(|i| if i % 3 == 0 { specials[(rng.next_u64() % specials.len() as u64) as usize] } else { (rng.next_f64() * 20.0 - 10.0) as f32 })
+        .collect()
+}
+
+#[test]
+fn every_op_through_cranelift_equals_its_eval_rule() {
+    for rows in [1usize, 3] {
+        for n in 1..=37 {
+            for u in UNARY {
+                let k = FusedKernel { inputs: 1, body: vec![Instr::Input(0), Instr::Unary(u, 0)] };
+                compare_kernel(&k, &[Tensor::new(vec![rows, n], special_values(rows * n, n as u64)).unwrap()], &[rows, n]);
+                // A splat operand (one value per row) with a contiguous one.
+                let k = FusedKernel { inputs: 2, body: vec![Instr::Input(0), Instr::Input(1), Instr::Unary(u, 0), Instr::Binary(BinaryOp::Add, 2, 1)] };
+                let col = Tensor::new(vec![rows, 1], special_values(rows, 7 + n as u64)).unwrap();
+                let full = Tensor::new(vec![rows, n], vec![0.25; rows * n]).unwrap();
+                compare_kernel(&k, &[col, full], &[rows, n]);
+            }
+            for op in BINARY {
+                let k = FusedKernel { inputs: 2, body: vec![Instr::Input(0), Instr::Input(1), Instr::Binary(op, 0, 1)] };
+                let a = Tensor::new(vec![rows, n], special_values(rows * n, 11 * n as u64)).unwrap();
+                let mut bv = special_values(rows * n, 13 * n as u64);
+                // Some equal pairs, for Eq, Max and Min ties.
+                for i in (0..bv.len()).step_by(4) {
+                    bv[i] = a.data[i];
+                }
+                let b = Tensor::new(vec![rows, n], bv).unwrap();
+                compare_kernel(&k, &[a.clone(), b], &[rows, n]);
+                // Splat on either side: `[rows, 1]` against `[rows, n]`, and `[n]` broadcast over rows.
+                let col = Tensor::new(vec![rows, 1], special_values(rows, 17 * n as u64)).unwrap();
+                compare_kernel(&k, &[a.clone(), col.clone()], &[rows, n]);
+                compare_kernel(&k, &[col, a.clone()], &[rows, n]);
+                let row = Tensor::new(vec![n], special_values(n, 19 * n as u64)).unwrap();
+                compare_kernel(&k, &[row, a], &[rows, n]);
+            }
+        }
+    }
+    // A constant and a scalar operand (rank 0).
+    let k = FusedKernel { inputs: 2, body: vec![Instr::Input(0), Instr::Const(0.1), Instr::Input(1), Instr::Binary(BinaryOp::Mul, 0, 1), Instr::Binary(BinaryOp::Add, 3, 2)] };
+    compare_kernel(&k, &[Tensor::new(vec![5, 9], special_values(45, 3)).unwrap(), Tensor::scalar(3.0)], &[5, 9]);
+    assert!(codegen::compiled_kernels() > 0);
+}
+
+#[test]
+fn broadcast_reads_replace_materialised_broadcasts() {
+    // The masked pooling gradient of DeepFM: `broadcast(dx [B,h,1,d]) * m [B,h,50,1]`.
+    let mut g = Graph::new();
+    let dx = g.param("dx", shape_of(&[4, 2, 1, 16], true), Init::Zeros, None, false);
+    let m = g.param("m", shape_of(&[4, 2, 50, 1], true), Init::Zeros, None, false);
+    let b = g.add(Op::Broadcast { shape: shape_of(&[4, 2, 50, 16], true) }, &[dx], "").unwrap();
+    let y = g.add(Op::Binary(BinaryOp::Mul), &[b, m], "").unwrap();
+    g.outputs.insert("y".into(), y);
+    let fused = fuse_elementwise(&g);
+    let kernels: Vec<&Op> = fused.ids().map(|i| &fused.node(i).op).filter(|op| matches!(op, Op::Fused(_))).collect();
+    assert_eq!(kernels.len(), 1);
+    assert!(!fused.ids().any(|i| matches!(fused.node(i).op, Op::Broadcast { .. })), "{}", fused.listing());
+    assert_eq!(fused.node(fused.outputs["y"]).inputs, vec![fused.params[0].node, fused.params[1].node]);
+
+    // A broadcast that makes the output shape stays: `neg(broadcast(s [1]) to [B])`.
+    let mut g = Graph::new();
+    let s = g.param("s", shape_of(&[1], false), Init::Zeros, None, false);
+    let b = g.add(Op::Broadcast { shape: shape_of(&[6], true) }, &[s], "").unwrap();
+    let y = g.add(Op::Unary(UnaryOp::Neg), &[b], "").unwrap();
+    let z = g.add(Op::Unary(UnaryOp::Exp), &[y], "").unwrap();
+    g.outputs.insert("z".into(), z);
+    let fused = fuse_elementwise(&g);
+    assert_eq!(fused.sig(fused.outputs["z"]), g.sig(z));
+    let params = HashMap::from([("s".to_string(), Tensor::new(vec![1], vec![0.3]).unwrap())]);
+    let binding = Binding::from([("B".to_string(), 6)]);
+    check_dag(&Dag { graph: g, params, binding });
+}
+
+#[test]
+fn outputs_and_shared_values_are_never_absorbed() {
+    // h = relu(x + b) is both an output and read by a matmul; the loss chain reads it too.
+    let mut g = Graph::new();
+    let x = g.param("x", shape_of(&[8, 4], true), Init::Zeros, None, false);
+    let bias = g.param("b", shape_of(&[4], false), Init::Zeros, None, false);
+    let w = g.param("w", shape_of(&[4, 3], false), Init::Zeros, None, false);
+    let s = g.add(Op::Binary(BinaryOp::Add), &[x, bias], "").unwrap();
+    let h = g.add(Op::Unary(UnaryOp::Relu), &[s], "").unwrap();
+    let mm = g.add(Op::MatMul { trans_a: false, trans_b: false }, &[h, w], "").unwrap();
+    let t = g.add(Op::Unary(UnaryOp::Tanh), &[h], "").unwrap();
+    let u = g.add(Op::Binary(BinaryOp::Mul), &[t, t], "").unwrap();
+    g.outputs.insert("h".into(), h);
+    g.outputs.insert("mm".into(), mm);
+    g.outputs.insert("u".into(), u);
+    check_pass(&g);
+    let (fused, map) = fuse_with_map(&g);
+    // `x + b` and relu fuse into the kernel that produces h; tanh and the square into another.
+    assert!(matches!(fused.node(map[h.index()].unwrap()).op, Op::Fused(_)));
+    assert!(matches!(fused.node(map[u.index()].unwrap()).op, Op::Fused(_)));
+    assert_eq!(map[s.index()], None);
+    assert_eq!(map[t.index()], None);
+    let mut rng = SplitMix64::new(4);
+    let mut t = |shape: Vec<usize>| {
+        let c = shape.iter().product();
+        Tensor::new(shape, (0..c).map(|_| rng.next_f64() as f32 - 0.5).collect()).unwrap()
+    };
+    let params = HashMap::from([("x".to_string(), t(vec![8, 4])), ("b".to_string(), t(vec![4])), ("w".to_string(), t(vec![4, 3]))]);
+    let binding = Binding::from([("B".to_string(), 8)]);
+    check_dag(&Dag { graph: g, params, binding });
+}
+
+#[test]
+fn plans_are_cached_per_graph_and_never_stale() {
+    let a = random_dag(5, 7, 2, 9, false, 8, false);
+    let mut b = random_dag(6, 7, 2, 9, true, 8, false);
+    let feeds: HashMap<String, Value<f32>> = HashMap::new();
+    let mut jit = Jit::with_threads(1).with_fma(false);
+    for _ in 0..3 {
+        for d in [&a, &b] {
+            let want = Interp.run(&d.graph, &d.binding, &feeds, &d.params, &Mode::eval()).unwrap();
+            let got = jit.run(&d.graph, &d.binding, &feeds, &d.params, &Mode::eval()).unwrap();
+            let names: Vec<String> = d.graph.outputs.keys().cloned().collect();
+            assert_same_values(&got, &want, &names, 0.0, "cached plan");
+        }
+    }
+    // The same graph object changed in place: its new output must be computed.
+    let first = b.graph.ids().find(|&i| matches!(b.graph.node(i).op, Op::Unary(_) | Op::Binary(_))).unwrap();
+    b.graph.outputs.insert("extra".into(), first);
+    let want = Interp.run(&b.graph, &b.binding, &feeds, &b.params, &Mode::eval()).unwrap();
+    let got = jit.run(&b.graph, &b.binding, &feeds, &b.params, &Mode::eval()).unwrap();
+    let names: Vec<String> = b.graph.outputs.keys().cloned().collect();
+    assert_same_values(&got, &want, &names, 0.0, "changed graph");
+}
+
+#[test]
+fn a_kernel_cranelift_cannot_take_falls_back_to_the_eval_rule() {
+    // Over the body limit: `run` says so, and the jit computes it with the eval rule.
+    let mut body = vec![Instr::Input(0)];
+    for i in 0..codegen::MAX_BODY {
+        body.push(Instr::Unary(UnaryOp::Neg, i));
+    }
+    let kernel = FusedKernel { inputs: 1, body };
+    let x = Tensor::new(vec![3], vec![1.0, -2.0, 3.0]).unwrap();
+    assert!(codegen::run(&kernel, &[&x], &[3], 1, codegen::Options::default()).is_err());
+    // A malformed kernel is an error too, never a panic.
+    let bad = FusedKernel { inputs: 1, body: vec![Instr::Unary(UnaryOp::Neg, 3)] };
+    assert!(codegen::run(&bad, &[&x], &[3], 1, codegen::Options::default()).is_err());
+}
