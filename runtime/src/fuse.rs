@@ -16,12 +16,15 @@
 //! - groups stop growing at [`MAX_KERNEL_OPS`] ops so that kernels stay small to compile.
 //!
 //! Groups of one op are left alone (the backends have direct kernels for those) unless
-//! fusing removes a broadcast. The kernel itself ([`FusedKernel`]) and its rules live in
+//! fusing removes a broadcast. A `Reduce` sum or mean that is the only reader of a group's
+//! root (which is then no output) becomes the kernel's epilogue ([`Reduction`]), so the
+//! elementwise result is never stored; this holds for groups of one op too (the masked
+//! pooling `sum(e * m, axis)`). The kernel itself ([`FusedKernel`]) and its rules live in
 //! `ops/fused.rs`.
 
 use crate::ir::graph::{Graph, NodeId};
-use crate::ops::fused::{FusedKernel, Instr};
-use crate::ops::{BinaryOp, DType, Op, Operand, Signature, UnaryOp, ValueKind};
+use crate::ops::fused::{FusedKernel, Instr, Reduction};
+use crate::ops::{BinaryOp, DType, Op, Operand, ReduceOp, Signature, UnaryOp, ValueKind};
 use crate::passes::retain;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -48,14 +51,34 @@ pub fn fuse_with_map(graph: &Graph) -> (Graph, Vec<Option<NodeId>>) {
         }
     }
     // Plan every group; a group that does not pay (or whose kernel would lose the output
-    // shape) is dissolved: its members are copied as they are.
+    // shape) is dissolved: its members are copied as they are. A plan is emitted at its
+    // last node and replaces `plan.replaces` (in order, that node last).
     let mut absorbed = vec![false; graph.len()];
     for (&root, group) in &members {
-        if let Some(plan) = plan_group(graph, root, group) {
+        if let Some(plan) = plan_group(graph, group, None) {
             for &m in group {
                 absorbed[m.index()] = m != root;
             }
             plans.insert(root, plan);
+        }
+    }
+    // A sum or mean that is the only reader of a group's root takes the group in as its
+    // epilogue: the elementwise result is never stored.
+    for id in graph.ids() {
+        let node = graph.node(id);
+        let Op::Reduce { op: op @ (ReduceOp::Sum | ReduceOp::Mean), axes, keep_dims } = &node.op else { continue };
+        let x = node.inputs[0];
+        let Some(group) = members.get(&x) else { continue };
+        if graph.outputs.values().any(|&o| o == x) || graph.users(x).any(|(u, _)| u != id) {
+            continue;
+        }
+        let reduction = Reduction { op: *op, axes: axes.clone(), keep_dims: *keep_dims };
+        if let Some(plan) = plan_group(graph, group, Some((id, reduction))) {
+            plans.remove(&x);
+            for &m in group {
+                absorbed[m.index()] = true;
+            }
+            plans.insert(id, plan);
         }
     }
     let mut out = Graph::new();
@@ -75,7 +98,7 @@ pub fn fuse_with_map(graph: &Graph) -> (Graph, Vec<Option<NodeId>>) {
                 // Not reached (`plan_group` checks the same shape rule on the same
                 // operands); should it be, the group's nodes are copied unfused instead.
                 _ => {
-                    for &m in &members[&id] {
+                    for &m in &plan.replaces {
                         copy_node(graph, &mut out, &mut map, m);
                     }
                     continue;
@@ -160,22 +183,39 @@ struct Plan {
     kernel: FusedKernel,
     /// Nodes of the source graph the kernel reads, in operand order.
     operands: Vec<NodeId>,
+    /// The nodes the kernel replaces, in order; the last one's value is the kernel's.
+    replaces: Vec<NodeId>,
 }
 
-/// The kernel of a group (`members` in topological order, `root` last), or `None` when the
-/// group should stay unfused.
-fn plan_group(graph: &Graph, root: NodeId, members: &[NodeId]) -> Option<Plan> {
+/// The kernel of a group (`members` in topological order, its root last), with the
+/// reduction of node `reduce` as epilogue when given; `None` when it should stay unfused.
+/// The elementwise part must compute exactly the root's shape (a broadcast read through
+/// must not lose an axis, even one a reduction removes afterwards).
+fn plan_group(graph: &Graph, members: &[NodeId], reduce: Option<(NodeId, Reduction)>) -> Option<Plan> {
+    let root = *members.last()?;
     for read_through in [true, false] {
-        let (plan, broadcasts_removed) = build_kernel(graph, members, read_through);
-        if plan.kernel.inputs == 0 || (plan.kernel.op_count() < 2 && broadcasts_removed == 0) {
+        let (mut plan, broadcasts_removed) = build_kernel(graph, members, read_through);
+        let pays = reduce.is_some() || plan.kernel.op_count() >= 2 || broadcasts_removed > 0;
+        if plan.kernel.inputs == 0 || !pays {
             return None;
         }
         let sigs: Vec<&Signature> = plan.operands.iter().map(|&o| graph.sig(o)).collect();
         let operands: Vec<Operand> = sigs.iter().map(|s| Operand { shape: &s.shape, dtype: s.dtype, kind: s.kind }).collect();
-        let fused = Op::Fused(Arc::new(plan.kernel.clone()));
-        if fused.infer(&operands).is_ok_and(|sig| &sig == graph.sig(root)) {
-            return Some(plan);
+        let infers = |kernel: &FusedKernel, target: NodeId| {
+            Op::Fused(Arc::new(kernel.clone())).infer(&operands).is_ok_and(|sig| &sig == graph.sig(target))
+        };
+        if !infers(&plan.kernel, root) {
+            continue;
         }
+        plan.replaces = members.to_vec();
+        if let Some((at, reduction)) = &reduce {
+            plan.kernel.reduce = Some(reduction.clone());
+            plan.replaces.push(*at);
+            if !infers(&plan.kernel, *at) {
+                return None;
+            }
+        }
+        return Some(plan);
     }
     None
 }
@@ -234,5 +274,5 @@ fn build_kernel(graph: &Graph, members: &[NodeId], read_through: bool) -> (Plan,
         });
         register.insert(m, body.len() - 1);
     }
-    (Plan { kernel: FusedKernel { inputs: operands.len(), body }, operands }, broadcasts_removed)
+    (Plan { kernel: FusedKernel { inputs: operands.len(), body, reduce: None }, operands, replaces: Vec::new() }, broadcasts_removed)
 }

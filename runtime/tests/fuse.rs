@@ -18,7 +18,8 @@ use mdl_runtime::backend::{interp, Executor, Interp};
 use mdl_runtime::exec::{Arg, EvalCx, SplitMix64};
 use mdl_runtime::fuse::{fuse_elementwise, fuse_with_map};
 use mdl_runtime::ops::fused::{FusedKernel, Instr};
-use mdl_runtime::{ops, BinaryOp, Binding, Dim, Graph, Init, Mode, NodeId, Op, Shape, Tensor, UnaryOp, Value, Values};
+use mdl_runtime::ops::fused::Reduction;
+use mdl_runtime::{ops, BinaryOp, Binding, Dim, Graph, Init, Mode, NodeId, Op, ReduceOp, Shape, Tensor, UnaryOp, Value, Values};
 use proptest::prelude::*;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -139,9 +140,32 @@ fn random_dag(seed: u64, b: usize, f: usize, n: usize, rank3: bool, ops: usize, 
         made.push(id);
     }
     let last = *made.last().expect("at least one op");
-    g.outputs.insert("out".into(), last);
+    // A sum or mean of `x` over random axes (`x` itself when it is a scalar).
+    let reduce = |g: &mut Graph, x: NodeId, pick: &mut dyn FnMut(usize) -> usize| {
+        let rank = g.shape(x).len();
+        if rank == 0 {
+            return x;
+        }
+        let mut axes: Vec<usize> = (0..rank).filter(|_| pick(2) == 0).collect();
+        if axes.is_empty() {
+            axes.push(pick(rank));
+        }
+        let op = if pick(2) == 0 { ReduceOp::Sum } else { ReduceOp::Mean };
+        g.add(Op::Reduce { op, axes, keep_dims: pick(2) == 0 }, &[x], "").unwrap()
+    };
+    if pick(2) == 0 {
+        // The last value's only reader is a reduction: the kernel gets it as epilogue.
+        let r = reduce(&mut g, last, &mut pick);
+        g.outputs.insert("red".into(), r);
+    } else {
+        g.outputs.insert("out".into(), last);
+    }
     for (i, &id) in made.iter().enumerate() {
-        match pick(6) {
+        match pick(7) {
+            2 if id != last => {
+                let r = reduce(&mut g, id, &mut pick);
+                g.outputs.insert(format!("s{i}"), r);
+            }
             0 => {
                 g.outputs.insert(format!("o{i}"), id);
             }
@@ -179,7 +203,15 @@ fn check_pass(g: &Graph) {
             continue;
         }
         let elementwise = |n: NodeId| matches!(g.node(n).op, Op::Unary(_) | Op::Binary(_));
-        let outside_user = g.users(id).any(|(u, _)| !elementwise(u));
+        // A reduction that became the kernel's epilogue reads its operand inside the kernel.
+        let epilogue = |n: NodeId| {
+            matches!(g.node(n).op, Op::Reduce { .. })
+                && map[n.index()].is_some_and(|f| matches!(&fused.node(f).op, Op::Fused(k) if k.reduce.is_some()))
+        };
+        let outside_user = g.users(id).any(|(u, _)| !elementwise(u) && !epilogue(u));
+        if g.users(id).any(|(u, _)| epilogue(u)) {
+            assert!(g.users(id).all(|(u, _)| epilogue(u)), "%{} feeds a reduction epilogue and more", id.index());
+        }
         if outputs.contains(&id) || outside_user || !elementwise(id) && !matches!(g.node(id).op, Op::Scalar(_) | Op::Broadcast { .. }) {
             assert!(map[id.index()].is_some(), "%{} ({}) was absorbed but is read outside a kernel", id.index(), g.node(id).op.name());
         }
@@ -216,8 +248,16 @@ fn check_pass(g: &Graph) {
 
 fn assert_same_values(a: &Values<f32>, b: &Values<f32>, names: &[String], tol_rel_max: f32, what: &str) {
     for name in names {
-        // A GEMM sums in another order than interp: its outputs agree to rounding only.
-        let tol_rel_max = if name.starts_with("mm") { tol_rel_max.max(1e-5) } else { tol_rel_max };
+        // A GEMM sums in another order than interp, and the jit's own mean kernel multiplies
+        // by the reciprocal count: those outputs agree to rounding only. (Reduction
+        // epilogues of fused kernels are exact: `reduction_epilogues_equal_the_eval_rule`.)
+        let tol_rel_max = if name.starts_with("mm") {
+            tol_rel_max.max(1e-5)
+        } else if name.starts_with('s') || name.starts_with("red") {
+            tol_rel_max.max(1e-6)
+        } else {
+            tol_rel_max
+        };
         let (x, y) = (a.dense(name).unwrap(), b.dense(name).unwrap());
         assert_eq!(x.shape, y.shape, "{what}: {name}");
         let scale = 1.0 + y.data.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -331,16 +371,16 @@ fn every_op_through_cranelift_equals_its_eval_rule() {
     for rows in [1usize, 3] {
         for n in 1..=37 {
             for u in UNARY {
-                let k = FusedKernel { inputs: 1, body: vec![Instr::Input(0), Instr::Unary(u, 0)] };
+                let k = FusedKernel { inputs: 1, body: vec![Instr::Input(0), Instr::Unary(u, 0)], reduce: None };
                 compare_kernel(&k, &[Tensor::new(vec![rows, n], special_values(rows * n, n as u64)).unwrap()], &[rows, n]);
                 // A splat operand (one value per row) with a contiguous one.
-                let k = FusedKernel { inputs: 2, body: vec![Instr::Input(0), Instr::Input(1), Instr::Unary(u, 0), Instr::Binary(BinaryOp::Add, 2, 1)] };
+                let k = FusedKernel { inputs: 2, body: vec![Instr::Input(0), Instr::Input(1), Instr::Unary(u, 0), Instr::Binary(BinaryOp::Add, 2, 1)], reduce: None };
                 let col = Tensor::new(vec![rows, 1], special_values(rows, 7 + n as u64)).unwrap();
                 let full = Tensor::new(vec![rows, n], vec![0.25; rows * n]).unwrap();
                 compare_kernel(&k, &[col, full], &[rows, n]);
             }
             for op in BINARY {
-                let k = FusedKernel { inputs: 2, body: vec![Instr::Input(0), Instr::Input(1), Instr::Binary(op, 0, 1)] };
+                let k = FusedKernel { inputs: 2, body: vec![Instr::Input(0), Instr::Input(1), Instr::Binary(op, 0, 1)], reduce: None };
                 let a = Tensor::new(vec![rows, n], special_values(rows * n, 11 * n as u64)).unwrap();
                 let mut bv = special_values(rows * n, 13 * n as u64);
                 // Some equal pairs, for Eq, Max and Min ties.
@@ -359,7 +399,7 @@ fn every_op_through_cranelift_equals_its_eval_rule() {
         }
     }
     // A constant and a scalar operand (rank 0).
-    let k = FusedKernel { inputs: 2, body: vec![Instr::Input(0), Instr::Const(0.1), Instr::Input(1), Instr::Binary(BinaryOp::Mul, 0, 1), Instr::Binary(BinaryOp::Add, 3, 2)] };
+    let k = FusedKernel { inputs: 2, body: vec![Instr::Input(0), Instr::Const(0.1), Instr::Input(1), Instr::Binary(BinaryOp::Mul, 0, 1), Instr::Binary(BinaryOp::Add, 3, 2)], reduce: None };
     compare_kernel(&k, &[Tensor::new(vec![5, 9], special_values(45, 3)).unwrap(), Tensor::scalar(3.0)], &[5, 9]);
     assert!(codegen::compiled_kernels() > 0);
 }
@@ -455,10 +495,44 @@ fn a_kernel_cranelift_cannot_take_falls_back_to_the_eval_rule() {
     for i in 0..codegen::MAX_BODY {
         body.push(Instr::Unary(UnaryOp::Neg, i));
     }
-    let kernel = FusedKernel { inputs: 1, body };
+    let kernel = FusedKernel { inputs: 1, body, reduce: None };
     let x = Tensor::new(vec![3], vec![1.0, -2.0, 3.0]).unwrap();
     assert!(codegen::run(&kernel, &[&x], &[3], 1, codegen::Options::default()).is_err());
     // A malformed kernel is an error too, never a panic.
-    let bad = FusedKernel { inputs: 1, body: vec![Instr::Unary(UnaryOp::Neg, 3)] };
+    let bad = FusedKernel { inputs: 1, body: vec![Instr::Unary(UnaryOp::Neg, 3)], reduce: None };
     assert!(codegen::run(&bad, &[&x], &[3], 1, codegen::Options::default()).is_err());
+}
+
+#[test]
+fn reduction_epilogues_equal_the_eval_rule() {
+    // `sum(e * m, axis = 2)` of masked pooling, `[B, h, 50, 16] * [B, h, 50, 1]`, large
+    // enough for two threads; and reductions over every axis set of a rank-3 product.
+    let mul = vec![Instr::Input(0), Instr::Input(1), Instr::Binary(BinaryOp::Mul, 0, 1)];
+    let kernel = |axes: Vec<usize>, op: ReduceOp, keep_dims: bool| FusedKernel {
+        inputs: 2,
+        body: mul.clone(),
+        reduce: Some(Reduction { op, axes, keep_dims }),
+    };
+    let e = Tensor::new(vec![600, 2, 50, 16], special_values(600 * 2 * 50 * 16, 1).iter().map(|v| v.clamp(-5.0, 5.0)).collect()).unwrap();
+    let m = Tensor::new(vec![600, 2, 50, 1], (0..600 * 100).map(|i| (i % 3 != 0) as u8 as f32).collect()).unwrap();
+    compare_kernel(&kernel(vec![2], ReduceOp::Sum, false), &[e.clone(), m.clone()], &[600, 2, 16]);
+    compare_kernel(&kernel(vec![2, 3], ReduceOp::Mean, true), &[e, m], &[600, 2, 1, 1]);
+    for (b, f, n) in [(3, 4, 5), (2, 1, 37), (1, 3, 1), (64, 2, 24)] {
+        let x = Tensor::new(vec![b, f, n], special_values(b * f * n, 5).iter().map(|v| v.clamp(-5.0, 5.0)).collect()).unwrap();
+        for (y_shape, splat) in [(vec![b, f, n], false), (vec![b, f, 1], true), (vec![n], false), (vec![], true)] {
+            let count = y_shape.iter().product();
+            let y = Tensor::new(y_shape.clone(), special_values(count, 6).iter().map(|v| v.clamp(-3.0, 3.0)).collect()).unwrap();
+            for mask in 1..8usize {
+                let axes: Vec<usize> = (0..3).filter(|a| mask & (1 << a) != 0).collect();
+                for keep in [false, true] {
+                    let out: Vec<usize> =
+                        [b, f, n].iter().enumerate().filter_map(|(i, &d)| if axes.contains(&i) { keep.then_some(1) } else { Some(d) }).collect();
+                    for op in [ReduceOp::Sum, ReduceOp::Mean] {
+                        let ops = if splat { [y.clone(), x.clone()] } else { [x.clone(), y.clone()] };
+                        compare_kernel(&kernel(axes.clone(), op, keep), &ops, &out);
+                    }
+                }
+            }
+        }
+    }
 }

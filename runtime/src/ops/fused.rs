@@ -2,19 +2,22 @@
 //! ([`crate::fuse::fuse_elementwise`]) makes from chains of Unary/Binary ops after autodiff.
 //!
 //! This family file owns the kernel description ([`FusedKernel`]: an SSA body of
-//! [`Instr`]s over the node's operands) and the op's three rules:
+//! [`Instr`]s over the node's operands, optionally followed by a sum or mean over axes, a
+//! [`Reduction`]) and the op's three rules:
 //! - `shape`: the numpy broadcast of all operand shapes (each operand is read broadcast to
-//!   the output, exactly as a chain of Binary ops would read it);
+//!   it, exactly as a chain of Binary ops would read it), reduced by the `Reduce` shape
+//!   rule when the kernel ends in a reduction;
 //! - `grad`: an error, because fusion runs after autodiff (the backward graph is fused too,
 //!   so nothing ever differentiates a fused node);
 //! - `eval`: the body evaluated element by element with the scalar functions of
 //!   `elementwise` ([`apply_unary`], [`apply_binary`]), in the same order as the unfused
-//!   chain, so a fused graph gives bit-identical results to the graph it came from.
+//!   chain, then the `Reduce` eval rule, so a fused graph gives bit-identical results to
+//!   the graph it came from.
 //!
 //! The Cranelift code generator for these kernels is `backend::jit::codegen`.
 
 use super::elementwise::{apply_binary, apply_unary, broadcast_shapes};
-use super::{shape_err, BinaryOp, Op, Operand, ShapeError, Signature, UnaryOp};
+use super::{reduce, shape_err, BinaryOp, DType, Op, Operand, ReduceOp, ShapeError, Signature, UnaryOp, ValueKind};
 use crate::exec::{Arg, EvalCx, ExecError};
 use crate::ir::dim::Shape;
 use crate::ir::graph::{Graph, Node, NodeId};
@@ -22,7 +25,8 @@ use crate::tensor::{broadcast_strides, Float, Tensor, Value};
 use std::hash::{Hash, Hasher};
 
 /// A chain of elementwise ops fused into one kernel: operands are the node's inputs, each
-/// broadcast (numpy rules) to the output shape; `body` is SSA, the last instruction is the output.
+/// broadcast (numpy rules) to the broadcast of all their shapes; `body` is SSA, its last
+/// instruction is the result, which `reduce` (when present) sums over axes.
 ///
 /// Kernels compare and hash by value (constants by their bits), so a backend can compile
 /// each distinct kernel once and find it again from any graph.
@@ -30,6 +34,25 @@ use std::hash::{Hash, Hasher};
 pub struct FusedKernel {
     pub inputs: usize,
     pub body: Vec<Instr>,
+    /// A reduction epilogue: the kernel's output is `Reduce { op, axes, keep_dims }` of
+    /// the elementwise result, which is never stored.
+    pub reduce: Option<Reduction>,
+}
+
+/// The reduction epilogue of a fused kernel: a `Reduce` (sum or mean) over `axes` of the
+/// elementwise result, with the same semantics and summation order as `Op::Reduce`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Reduction {
+    pub op: ReduceOp,
+    pub axes: Vec<usize>,
+    pub keep_dims: bool,
+}
+
+impl Reduction {
+    /// The reduction as a standalone op.
+    pub fn as_op(&self) -> Op {
+        Op::Reduce { op: self.op, axes: self.axes.clone(), keep_dims: self.keep_dims }
+    }
 }
 
 /// One instruction of a kernel body. Operands of `Unary` and `Binary` are indices of
@@ -78,6 +101,9 @@ impl FusedKernel {
         if self.body.is_empty() {
             return Err("a fused kernel needs at least one instruction".into());
         }
+        if self.reduce.as_ref().is_some_and(|r| r.op == ReduceOp::Max) {
+            return Err("a fused kernel's reduction is a sum or a mean".into());
+        }
         for (at, instr) in self.body.iter().enumerate() {
             let earlier = |operand: usize| {
                 if operand < at {
@@ -101,9 +127,10 @@ impl FusedKernel {
         Ok(())
     }
 
-    /// The ops of the body in order (`add,relu,mul`), for listings and profiles.
+    /// The ops of the body in order, then the reduction (`add,relu,mul,sum`), for listings
+    /// and profiles.
     pub fn summary(&self) -> String {
-        let ops: Vec<String> = self
+        let mut ops: Vec<String> = self
             .body
             .iter()
             .filter_map(|i| match i {
@@ -112,6 +139,9 @@ impl FusedKernel {
                 Instr::Input(_) | Instr::Const(_) => None,
             })
             .collect();
+        if let Some(r) = &self.reduce {
+            ops.push(format!("{:?}", r.op).to_lowercase());
+        }
         ops.join(",")
     }
 
@@ -140,6 +170,28 @@ pub fn broadcasts_to(shape: &[usize], out: &[usize]) -> bool {
     shape.len() <= out.len() && shape.iter().rev().zip(out.iter().rev()).all(|(&s, &o)| s == o || s == 1)
 }
 
+/// The numpy broadcast of concrete shapes, or `None` when they do not broadcast.
+pub fn broadcast_all<'a>(shapes: impl IntoIterator<Item = &'a [usize]>) -> Option<Vec<usize>> {
+    let mut out: Vec<usize> = Vec::new();
+    for s in shapes {
+        if s.len() > out.len() {
+            let mut wider = vec![1; s.len() - out.len()];
+            wider.extend_from_slice(&out);
+            out = wider;
+        }
+        let lead = out.len() - s.len();
+        for (o, &d) in out[lead..].iter_mut().zip(s) {
+            match (*o, d) {
+                (a, b) if a == b => {}
+                (1, b) => *o = b,
+                (_, 1) => {}
+                _ => return None,
+            }
+        }
+    }
+    Some(out)
+}
+
 pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
     let Op::Fused(kernel) = op else {
         return shape_err(format!("{} is not a fused kernel", op.name()));
@@ -149,7 +201,10 @@ pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
     for operand in x {
         out = broadcast_shapes(&out, operand.shape)?;
     }
-    Ok(Signature::dense(out))
+    match &kernel.reduce {
+        None => Ok(Signature::dense(out)),
+        Some(r) => reduce::shape(&r.as_op(), &[Operand { shape: &out, dtype: DType::F, kind: ValueKind::Dense }]),
+    }
 }
 
 /// Fused nodes are made after autodiff and have no gradient rule.
@@ -171,7 +226,16 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
         return Err(bad(format!("the kernel takes {} operand(s), got {}", kernel.inputs, args.len())));
     }
     let operands: Vec<&Tensor<T>> = args.iter().map(|a| a.dense(&name)).collect::<Result<_, _>>()?;
-    let out_shape = cx.out_shape;
+    // The elementwise result's shape: the output's, or what the reduction reduces.
+    let broadcast;
+    let out_shape = match &kernel.reduce {
+        None => cx.out_shape,
+        Some(_) => {
+            broadcast = broadcast_all(operands.iter().map(|x| x.shape.as_slice()))
+                .ok_or_else(|| bad("the operands do not broadcast together".into()))?;
+            broadcast.as_slice()
+        }
+    };
     for (k, x) in operands.iter().enumerate() {
         if !broadcasts_to(&x.shape, out_shape) {
             return Err(bad(format!("operand {k} of shape {:?} does not broadcast to {out_shape:?}", x.shape)));
@@ -204,5 +268,9 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
             index[axis] = 0;
         }
     }
-    Ok(Value::Dense(Tensor { shape: out_shape.to_vec(), data }))
+    let elementwise = Value::Dense(Tensor { shape: out_shape.to_vec(), data });
+    match &kernel.reduce {
+        None => Ok(elementwise),
+        Some(r) => reduce::eval(&r.as_op(), &[Arg::Value(&elementwise)], cx),
+    }
 }

@@ -19,7 +19,7 @@
 //! | `reduce`      | Reduce (sum mean max over axes), Softmax |
 //! | `linalg`      | MatMul, GroupMatMul, GroupOuter |
 //! | `index`       | Gather, SparseRows, SegmentSum, OneHot |
-//! | `fused`       | Fused (Unary/Binary chains made one kernel by the fusion pass, after autodiff) |
+//! | `fused`       | Fused (Unary/Binary groups made one kernel by the fusion pass after autodiff, with an optional sum/mean epilogue) |
 
 pub mod elementwise;
 pub mod emit;
@@ -163,9 +163,10 @@ pub enum Op {
 
     // ---- fused ----
     /// `[x0, x1, ...]` (the kernel's inputs, real and dense) → the kernel's body evaluated
-    /// elementwise, every operand broadcast (numpy rules) to the output, which is the
-    /// broadcast of all operand shapes. Made by `fuse::fuse_elementwise` after autodiff;
-    /// it has no gradient rule.
+    /// elementwise, every operand broadcast (numpy rules) to the broadcast of all operand
+    /// shapes; then, when the kernel has a reduction epilogue, summed (or averaged) over its
+    /// axes as `Reduce` does. Made by `fuse::fuse_elementwise` after autodiff; it has no
+    /// gradient rule.
     Fused(std::sync::Arc<fused::FusedKernel>),
 }
 

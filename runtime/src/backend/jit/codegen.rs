@@ -2,28 +2,34 @@
 //! [`crate::fuse`]), and the driver that runs them over tensors.
 //!
 //! This module owns:
-//! - **the compiled function**: one per distinct ([`FusedKernel`], splat pattern, fma)
-//!   key, compiled once per process into a shared Cranelift JIT module and cached. Its ABI
-//!   is [`KernelFn`]: `rows` rows of `n` contiguous output elements; operand `k` of row `r`
-//!   starts `r * row_strides[k]` elements after `ptrs[k]` and is read either contiguously
-//!   or, for a *splat* operand, as one value for the whole row. The body runs on F32X4
+//! - **the compiled function**: one per distinct ([`FusedKernel`], splat pattern, fma,
+//!   store or accumulate) key, compiled once per process into a shared Cranelift JIT
+//!   module and cached. Its ABI is [`KernelFn`]: `rows` rows of `n` elements; operand `k`
+//!   of row `r` starts `r * row_strides[k]` elements after `ptrs[k]` and is read either
+//!   contiguously or, for a *splat* operand, as one value for the whole row; output row
+//!   `r` starts `r * out_row_stride` elements after `out`. The body runs on F32X4
 //!   vectors (unrolled four times for small bodies), then a scalar tail. `a*b + c`
 //!   becomes one `fma` when the CPU has it and [`Options::fma`] is on. Relu, step, sign,
 //!   max, min and the comparisons are compares and bit-selects. Exp, log, tanh, sigmoid
 //!   and softplus have no Cranelift instruction: they call the interp's own scalar
 //!   functions (four lanes per call), so they agree with the eval rule bit for bit;
-//! - **the driver** [`run`]: it collapses the output into `[outer..., rows, n]`, where `n`
-//!   is the longest run of trailing axes in which every operand is contiguous or fully
-//!   broadcast, computes each call's operand base offsets, and splits the rows (or, for a
-//!   single row, the elements) over two threads when the work is large.
+//! - **reduction epilogues**: a kernel ending in a sum or mean over axes
+//!   ([`crate::ops::fused::Reduction`]) adds each row's results to the output row
+//!   (reduced rows) or, lane by lane, to one output element (a reduced row), in the
+//!   summation order of `Op::Reduce`, so it too agrees with interp exactly;
+//! - **the driver** [`run`]: it collapses the kernel's domain into `[outer..., rows, n]`,
+//!   where `n` is the longest run of trailing axes in which every operand is contiguous or
+//!   fully broadcast (and the output contiguous or reduced), computes each call's operand
+//!   and output offsets, and splits the rows (or, for a single row, the elements) over two
+//!   threads when the work is large and the halves write disjoint output.
 //!
 //! Whatever cannot be compiled (a host Cranelift does not support, a kernel over
 //! [`MAX_BODY`] instructions, a code generator error) is reported as an `Err`, and the jit
 //! backend falls back to the kernel's eval rule; nothing here panics on a kernel.
 
 use crate::ops::elementwise::apply_unary;
-use crate::ops::fused::{broadcasts_to, FusedKernel, Instr};
-use crate::ops::{BinaryOp, UnaryOp};
+use crate::ops::fused::{broadcast_all, broadcasts_to, FusedKernel, Instr};
+use crate::ops::{BinaryOp, ReduceOp, UnaryOp};
 use crate::tensor::{broadcast_strides, Tensor};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, AbiParam, InstBuilder, MemFlagsData, SigRef, StackSlot, StackSlotData, StackSlotKind, Type, Value};
@@ -57,9 +63,22 @@ impl Default for Options {
     }
 }
 
-/// A compiled kernel: `(rows, n, ptrs, row_strides, out)`, see the module docs. `out` is
-/// `rows * n` contiguous elements.
-type KernelFn = unsafe extern "C" fn(rows: usize, n: usize, ptrs: *const *const f32, row_strides: *const isize, out: *mut f32);
+/// A compiled kernel: `(rows, n, ptrs, row_strides, out, out_row_stride)`, see the module
+/// docs. Row `r` of the output starts `r * out_row_stride` elements after `out`.
+type KernelFn =
+    unsafe extern "C" fn(rows: usize, n: usize, ptrs: *const *const f32, row_strides: *const isize, out: *mut f32, out_row_stride: isize);
+
+/// What a kernel does with each row's results.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Mode {
+    /// Store the row's `n` results.
+    Store,
+    /// Add the row's `n` results to the `n` output elements (a reduction over rows).
+    AccumulateRow,
+    /// Add the row's `n` results, in order, to one output element (a reduction over the
+    /// row).
+    AccumulateScalar,
+}
 
 /// What a compiled function is specialised on.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -68,6 +87,7 @@ struct Key {
     /// Per operand: read one value per row (stride 0 along the row) instead of a run.
     splat: Vec<bool>,
     fma: bool,
+    mode: Mode,
 }
 
 /// The process-wide compiler and its cache of compiled kernels (failures are cached too,
@@ -129,7 +149,7 @@ impl Compiler {
         }
         let ptr = self.module.target_config().pointer_type();
         let mut sig = self.module.make_signature();
-        for _ in 0..5 {
+        for _ in 0..6 {
             sig.params.push(AbiParam::new(ptr));
         }
         let name = format!("fused{}", self.cache.len());
@@ -148,7 +168,7 @@ impl Compiler {
         self.module.finalize_definitions().map_err(|e| format!("cranelift: {e}"))?;
         let code = self.module.get_finalized_function(id);
         // SAFETY: `code` is the finalized machine code of a function built above with the
-        // signature of `KernelFn` (five pointer-sized integer parameters, no results) in the
+        // signature of `KernelFn` (six pointer-sized integer parameters, no results) in the
         // host's default calling convention, which is `extern "C"`. The module is never
         // freed, so the code lives for the rest of the process.
         Ok(unsafe { std::mem::transmute::<*const u8, KernelFn>(code) })
@@ -216,6 +236,8 @@ struct Emitter<'k> {
     /// Per-row operand pointers (bytes) and the output pointer.
     p: Vec<Variable>,
     out: Variable,
+    /// The running sum of the current row (`Mode::AccumulateScalar`).
+    acc: Variable,
     /// Splat operands' values in the current row: scalar and vector.
     splat_s: Vec<Option<Value>>,
     splat_v: Vec<Option<Value>>,
@@ -275,7 +297,7 @@ impl<'k> Emitter<'k> {
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
         let params = b.block_params(entry).to_vec();
-        let (rows, n, ptrs, row_strides, out_ptr) = (params[0], params[1], params[2], params[3], params[4]);
+        let (rows, n, ptrs, row_strides, out_ptr, out_row_stride) = (params[0], params[1], params[2], params[3], params[4], params[5]);
         let mem = MemFlagsData::new().with_notrap();
         let word = ptr.bytes() as i32;
 
@@ -291,6 +313,8 @@ impl<'k> Emitter<'k> {
         }
         let out = b.declare_var(ptr);
         b.def_var(out, out_ptr);
+        let out_step = b.ins().ishl_imm_u(out_row_stride, 2);
+        let acc = b.declare_var(types::F32);
         let row = b.declare_var(ptr);
         let zero_i = b.ins().iconst(ptr, 0);
         b.def_var(row, zero_i);
@@ -335,6 +359,7 @@ impl<'k> Emitter<'k> {
             fma: plan,
             p,
             out,
+            acc,
             splat_s: vec![None; inputs],
             splat_v: vec![None; inputs],
             consts_s,
@@ -377,6 +402,11 @@ impl<'k> Emitter<'k> {
         }
         let zero_i = b.ins().iconst(ptr, 0);
         b.def_var(idx, zero_i);
+        if key.mode == Mode::AccumulateScalar {
+            let o = b.use_var(out);
+            let start = b.ins().load(types::F32, mem, o, 0);
+            b.def_var(e.acc, start);
+        }
         let unroll = key.kernel.op_count() <= UNROLL_MAX_OPS && !needs_call;
         b.ins().jump(if unroll { x4_head } else { v_head }, &[]);
 
@@ -393,12 +423,12 @@ impl<'k> Emitter<'k> {
             let offset = b.ins().ishl_imm_u(i, 2);
             if step == 1 {
                 let v = e.body(b, types::F32, offset);
-                e.store(b, v, offset);
+                e.emit_result(b, types::F32, v, offset);
             } else {
                 for lane_block in 0..(step / 4) as i32 {
                     let off = b.ins().iadd_imm_s(offset, 16 * lane_block as i64);
                     let v = e.body(b, types::F32X4, off);
-                    e.store(b, v, off);
+                    e.emit_result(b, types::F32X4, v, off);
                 }
             }
             let i = b.ins().iadd_imm_s(i, step);
@@ -406,16 +436,21 @@ impl<'k> Emitter<'k> {
             b.ins().jump(head, &[]);
         }
 
-        // Next row: advance every operand by its row stride and the output by n.
+        // Next row: store a row sum, advance every operand and the output by their row
+        // strides.
         b.switch_to_block(row_end);
+        if key.mode == Mode::AccumulateScalar {
+            let o = b.use_var(out);
+            let total = b.use_var(e.acc);
+            b.ins().store(mem, total, o, 0);
+        }
         for (&var, &step) in e.p.iter().zip(&row_step) {
             let pk = b.use_var(var);
             let next = b.ins().iadd(pk, step);
             b.def_var(var, next);
         }
         let o = b.use_var(out);
-        let bytes = b.ins().ishl_imm_u(n, 2);
-        let o = b.ins().iadd(o, bytes);
+        let o = b.ins().iadd(o, out_step);
         b.def_var(out, o);
         let r = b.use_var(row);
         let r = b.ins().iadd_imm_s(r, 1);
@@ -426,10 +461,35 @@ impl<'k> Emitter<'k> {
         b.ins().return_(&[]);
     }
 
-    fn store(&self, b: &mut FunctionBuilder, v: Value, offset: Value) {
-        let o = b.use_var(self.out);
-        let addr = b.ins().iadd(o, offset);
-        b.ins().store(self.mem, v, addr, 0);
+    /// What the kernel's mode does with the results `v` (`ty`) at byte `offset` of the row.
+    fn emit_result(&self, b: &mut FunctionBuilder, ty: Type, v: Value, offset: Value) {
+        match self.key.mode {
+            Mode::Store => {
+                let o = b.use_var(self.out);
+                let addr = b.ins().iadd(o, offset);
+                b.ins().store(self.mem, v, addr, 0);
+            }
+            Mode::AccumulateRow => {
+                let o = b.use_var(self.out);
+                let addr = b.ins().iadd(o, offset);
+                let old = b.ins().load(ty, self.mem, addr, 0);
+                let sum = b.ins().fadd(old, v);
+                b.ins().store(self.mem, sum, addr, 0);
+            }
+            Mode::AccumulateScalar => {
+                // Lane by lane, in index order: the summation order of `Op::Reduce`.
+                let mut total = b.use_var(self.acc);
+                if ty == types::F32X4 {
+                    for lane in 0..4u8 {
+                        let x = b.ins().extractlane(v, lane);
+                        total = b.ins().fadd(total, x);
+                    }
+                } else {
+                    total = b.ins().fadd(total, v);
+                }
+                b.def_var(self.acc, total);
+            }
+        }
     }
 
     /// The kernel body on one lane group (`ty` = F32X4 or F32) at byte `offset` in the row.
@@ -572,66 +632,77 @@ impl<'k> Emitter<'k> {
 
 // ------------------------------------------------------------------ the driver
 
-/// The output collapsed to `[outer..., rows, n]` with each operand's strides (elements).
+/// The kernel's domain (the elementwise result's shape) collapsed to `[outer..., rows, n]`,
+/// with each operand's strides and the output's (elements; 0 along broadcast axes for an
+/// operand, along reduced axes for the output).
 struct Layout {
     /// Sizes of the outer axes (possibly none).
     outer: Vec<usize>,
     /// Per operand, its strides over the outer axes.
     outer_strides: Vec<Vec<usize>>,
+    out_outer_strides: Vec<usize>,
     rows: usize,
     row_strides: Vec<isize>,
+    out_row_stride: usize,
     n: usize,
     /// Per operand: stride 0 along the row (one value per row).
     splat: Vec<bool>,
+    /// The output advances along the row (else the row is summed into one element).
+    out_along_row: bool,
 }
 
-fn layout(shapes: &[&[usize]], out: &[usize]) -> Layout {
-    let full: Vec<Vec<usize>> = shapes.iter().map(|s| broadcast_strides(s, out)).collect();
-    let k = shapes.len();
+/// Collapses `domain` for operands read with `strides` (one list per operand, over the
+/// domain's axes) and an output written with `out_strides`: size-1 axes go, and adjacent
+/// axes merge where every operand and the output step through both as through one.
+fn layout(strides: &[Vec<usize>], out_strides: &[usize], domain: &[usize]) -> Layout {
+    let k = strides.len();
+    let all = |axis: usize| strides.iter().map(move |s| s[axis]).chain(std::iter::once(out_strides[axis]));
     let mut dims: Vec<usize> = Vec::new();
-    let mut strides: Vec<Vec<usize>> = vec![Vec::new(); k];
-    for (axis, &size) in out.iter().enumerate() {
+    // Per kept dim: the strides of every operand, then the output's.
+    let mut merged: Vec<Vec<usize>> = Vec::new();
+    for (axis, &size) in domain.iter().enumerate() {
         if size == 1 {
             continue;
         }
-        // Merge into the previous axis when every operand steps through both as one.
-        let merge = !dims.is_empty() && (0..k).all(|j| strides[j].last() == Some(&(full[j][axis] * size)));
-        if merge {
-            *dims.last_mut().expect("dims is not empty") *= size;
-            for j in 0..k {
-                *strides[j].last_mut().expect("one stride per dim") = full[j][axis];
-            }
+        let fits = merged.last().is_some_and(|last| last.iter().zip(all(axis)).all(|(&prev, s)| prev == s * size));
+        if fits {
+            *dims.last_mut().expect("a dim per merged stride list") *= size;
+            *merged.last_mut().expect("checked above") = all(axis).collect();
         } else {
             dims.push(size);
-            for j in 0..k {
-                strides[j].push(full[j][axis]);
-            }
+            merged.push(all(axis).collect());
         }
     }
     if dims.is_empty() {
         dims.push(1);
-        for s in &mut strides {
-            s.push(0);
-        }
+        merged.push(vec![0; k + 1]);
     }
     let m = dims.len();
     let n = dims[m - 1];
-    let splat = strides.iter().map(|s| s[m - 1] == 0).collect();
-    let (rows, row_strides, outer, outer_strides) = if m >= 2 {
-        (
-            dims[m - 2],
-            strides.iter().map(|s| s[m - 2] as isize).collect(),
-            dims[..m - 2].to_vec(),
-            strides.iter().map(|s| s[..m - 2].to_vec()).collect(),
-        )
+    let splat = (0..k).map(|j| merged[m - 1][j] == 0).collect();
+    let out_along_row = merged[m - 1][k] != 0;
+    let (rows, row_strides, out_row_stride) = if m >= 2 {
+        (dims[m - 2], (0..k).map(|j| merged[m - 2][j] as isize).collect(), merged[m - 2][k])
     } else {
-        (1, vec![0; k], Vec::new(), vec![Vec::new(); k])
+        (1, vec![0; k], 0)
     };
-    Layout { outer, outer_strides, rows, row_strides, n, splat }
+    let outer_dims = m.saturating_sub(2);
+    Layout {
+        outer: dims[..outer_dims].to_vec(),
+        outer_strides: (0..k).map(|j| merged[..outer_dims].iter().map(|s| s[j]).collect()).collect(),
+        out_outer_strides: merged[..outer_dims].iter().map(|s| s[k]).collect(),
+        rows,
+        row_strides,
+        out_row_stride,
+        n,
+        splat,
+        out_along_row,
+    }
 }
 
-/// Runs `f` over the flattened rows `[start, end)` of `lay`, writing `out` (those rows).
-fn launch_rows(f: KernelFn, data: &[&[f32]], lay: &Layout, start: usize, end: usize, out: &mut [f32]) -> Result<(), String> {
+/// Runs `f` over the flattened rows `[start, end)` of `lay`; `out` is the part of the
+/// output that starts at element `out_base` and holds everything those rows write.
+fn launch_rows(f: KernelFn, data: &[&[f32]], lay: &Layout, start: usize, end: usize, out: &mut [f32], out_base: usize) -> Result<(), String> {
     let k = data.len();
     let mut ptrs: Vec<*const f32> = vec![std::ptr::null(); k];
     let mut offsets = vec![0usize; k];
@@ -639,37 +710,42 @@ fn launch_rows(f: KernelFn, data: &[&[f32]], lay: &Layout, start: usize, end: us
     while s < end {
         let (o, r) = (s / lay.rows, s % lay.rows);
         let len = (lay.rows - r).min(end - s);
-        let mut rest = o;
         for (j, off) in offsets.iter_mut().enumerate() {
             *off = r * lay.row_strides[j] as usize;
         }
+        let mut out_off = r * lay.out_row_stride;
+        let mut rest = o;
         for a in (0..lay.outer.len()).rev() {
             let i = rest % lay.outer[a];
             rest /= lay.outer[a];
             for (j, off) in offsets.iter_mut().enumerate() {
                 *off += i * lay.outer_strides[j][a];
             }
+            out_off += i * lay.out_outer_strides[a];
         }
         for j in 0..k {
-            // Bounds: the last element this call reads is within the operand (broadcast
-            // strides never step past a dimension of the operand's own shape).
             let last = offsets[j] + (len - 1) * lay.row_strides[j] as usize + if lay.splat[j] { 0 } else { lay.n - 1 };
             if last >= data[j].len() {
                 return Err(format!("operand {j} would be read out of bounds"));
             }
             ptrs[j] = data[j].as_ptr().wrapping_add(offsets[j]);
         }
-        let dst = &mut out[(s - start) * lay.n..(s - start + len) * lay.n];
+        let out_last = out_off + (len - 1) * lay.out_row_stride + if lay.out_along_row { lay.n - 1 } else { 0 };
+        if out_off < out_base || out_last - out_base >= out.len() {
+            return Err("the output would be written out of bounds".into());
+        }
+        let dst = out[out_off - out_base..].as_mut_ptr();
         // SAFETY: `f` reads, for each operand j, elements `ptrs[j] + r*row_strides[j] + i`
-        // (i < n, or i = 0 when splat) for r < len, all inside `data[j]` (checked above),
-        // and writes exactly `len * n` elements to `dst`.
-        unsafe { f(len, lay.n, ptrs.as_ptr(), lay.row_strides.as_ptr(), dst.as_mut_ptr()) };
+        // (i < n, or i = 0 when splat) for r < len, all inside `data[j]`, and writes
+        // `dst + r*out_row_stride + i` (i < n, or i = 0 for a row sum), all inside `out`
+        // (both checked above).
+        unsafe { f(len, lay.n, ptrs.as_ptr(), lay.row_strides.as_ptr(), dst, lay.out_row_stride as isize) };
         s += len;
     }
     Ok(())
 }
 
-/// Runs `f` on a single row over the elements `[start, end)` of it.
+/// Runs `f` (a storing kernel) on a single row over the elements `[start, end)` of it.
 fn launch_elements(f: KernelFn, data: &[&[f32]], lay: &Layout, start: usize, end: usize, out: &mut [f32]) -> Result<(), String> {
     for (j, (d, &splat)) in data.iter().zip(&lay.splat).enumerate() {
         let need = if splat { 1 } else { end };
@@ -680,52 +756,106 @@ fn launch_elements(f: KernelFn, data: &[&[f32]], lay: &Layout, start: usize, end
     let ptrs: Vec<*const f32> = data.iter().zip(&lay.splat).map(|(d, &splat)| d.as_ptr().wrapping_add(if splat { 0 } else { start })).collect();
     // SAFETY: one row of `end - start` elements: a contiguous operand holds elements
     // `start..end`, a splat operand its first one (checked above); `out` has the row's length.
-    unsafe { f(1, end - start, ptrs.as_ptr(), lay.row_strides.as_ptr(), out.as_mut_ptr()) };
+    unsafe { f(1, end - start, ptrs.as_ptr(), lay.row_strides.as_ptr(), out.as_mut_ptr(), 0) };
     Ok(())
 }
 
-/// Runs the compiled `kernel` on `operands` (each broadcast to `out_shape`), on up to
+/// Runs two halves of the work on two threads and joins their results.
+fn both<A, B>(a: A, b: B) -> Result<(), String>
+where
+    A: FnOnce() -> Result<(), String> + Send,
+    B: FnOnce() -> Result<(), String>,
+{
+    std::thread::scope(|s| {
+        let other = s.spawn(a);
+        let mine = b();
+        other.join().map_err(|_| "a kernel thread panicked".to_string())?.and(mine)
+    })
+}
+
+/// Runs the compiled `kernel` on `operands` (each broadcast to their common shape, then
+/// reduced when the kernel ends in a reduction) into a tensor of `out_shape`, on up to
 /// `threads` threads. `Err` says why it could not (the caller then uses the eval rule).
 pub fn run(kernel: &FusedKernel, operands: &[&Tensor<f32>], out_shape: &[usize], threads: usize, opts: Options) -> Result<Tensor<f32>, String> {
     if operands.len() != kernel.inputs {
         return Err(format!("the kernel takes {} operand(s), got {}", kernel.inputs, operands.len()));
     }
+    let domain = match &kernel.reduce {
+        None => out_shape.to_vec(),
+        Some(_) => broadcast_all(operands.iter().map(|x| x.shape.as_slice())).ok_or("the operands do not broadcast together")?,
+    };
     for (j, x) in operands.iter().enumerate() {
-        if !broadcasts_to(&x.shape, out_shape) || x.data.len() != x.shape.iter().product::<usize>() {
-            return Err(format!("operand {j} of shape {:?} does not broadcast to {out_shape:?}", x.shape));
+        if !broadcasts_to(&x.shape, &domain) || x.data.len() != x.shape.iter().product::<usize>() {
+            return Err(format!("operand {j} of shape {:?} does not broadcast to {domain:?}", x.shape));
         }
     }
+    // The output as the domain sees it: its own shape with the reduced axes kept as 1.
+    let kept: Vec<usize> = match &kernel.reduce {
+        None => domain.clone(),
+        Some(r) => {
+            if r.axes.iter().any(|&a| a >= domain.len()) {
+                return Err(format!("reduction axes {:?} out of range for {domain:?}", r.axes));
+            }
+            let kept: Vec<usize> = domain.iter().enumerate().map(|(i, &d)| if r.axes.contains(&i) { 1 } else { d }).collect();
+            let squeezed: Vec<usize> =
+                domain.iter().enumerate().filter(|(i, _)| !r.axes.contains(i)).map(|(_, &d)| d).collect();
+            if out_shape != kept && out_shape != squeezed {
+                return Err(format!("a reduction of {domain:?} over {:?} cannot give {out_shape:?}", r.axes));
+            }
+            kept
+        }
+    };
     let total: usize = out_shape.iter().product();
     let mut out = vec![0.0f32; total];
-    if total == 0 {
+    if domain.iter().product::<usize>() == 0 {
+        if kernel.reduce.is_some() {
+            // An empty mean is 0/0: left to the eval rule, which has the edge cases.
+            return Err("an empty reduction".into());
+        }
         return Ok(Tensor { shape: out_shape.to_vec(), data: out });
     }
-    let shapes: Vec<&[usize]> = operands.iter().map(|x| x.shape.as_slice()).collect();
-    let lay = layout(&shapes, out_shape);
-    let key = Key { kernel: kernel.clone(), splat: lay.splat.clone(), fma: opts.fma };
+    let strides: Vec<Vec<usize>> = operands.iter().map(|x| broadcast_strides(&x.shape, &domain)).collect();
+    let lay = layout(&strides, &broadcast_strides(&kept, &domain), &domain);
+    let mode = match (&kernel.reduce, lay.out_along_row) {
+        (None, _) => Mode::Store,
+        (Some(_), true) => Mode::AccumulateRow,
+        (Some(_), false) => Mode::AccumulateScalar,
+    };
+    let key = Key { kernel: kernel.clone(), splat: lay.splat.clone(), fma: opts.fma, mode };
     let f = compiler()?.lock().map_err(|_| "the kernel compiler was poisoned by a panic".to_string())?.get(&key)?;
     let data: Vec<&[f32]> = operands.iter().map(|x| x.data.as_slice()).collect();
     let all_rows = lay.rows * lay.outer.iter().product::<usize>();
-    let parallel = threads >= 2 && total * (kernel.op_count() + 1) >= PARALLEL_WORK;
-    if !parallel {
-        launch_rows(f, &data, &lay, 0, all_rows, &mut out)?;
-    } else if all_rows >= 2 {
-        let mid = all_rows / 2;
-        let (lo, hi) = out.split_at_mut(mid * lay.n);
-        std::thread::scope(|s| {
-            let other = s.spawn(|| launch_rows(f, &data, &lay, 0, mid, lo));
-            let mine = launch_rows(f, &data, &lay, mid, all_rows, hi);
-            other.join().map_err(|_| "a kernel thread panicked".to_string())?.and(mine)
-        })?;
-    } else {
+    let work = domain.iter().product::<usize>() * (kernel.op_count() + 1);
+    // The outermost collapsed axis, and the output's stride along it: two threads may split
+    // it only where they write disjoint output (a reduced axis has output stride 0).
+    let (first, first_out_stride) = match lay.outer.first() {
+        Some(&d) => (d, lay.out_outer_strides[0]),
+        None => (lay.rows, lay.out_row_stride),
+    };
+    if threads < 2 || work < PARALLEL_WORK {
+        launch_rows(f, &data, &lay, 0, all_rows, &mut out, 0)?;
+    } else if first >= 2 && (first_out_stride != 0 || mode == Mode::Store && all_rows >= 2) {
+        let half = first / 2;
+        let mid = half * (all_rows / first);
+        let split = if mode == Mode::Store { mid * lay.n } else { half * first_out_stride };
+        let (lo, hi) = out.split_at_mut(split);
+        let (data, lay) = (&data, &lay);
+        both(move || launch_rows(f, data, lay, 0, mid, lo, 0), move || launch_rows(f, data, lay, mid, all_rows, hi, split))?;
+    } else if mode == Mode::Store && all_rows == 1 {
         // One long row: split its elements (the first half a multiple of 16).
         let mid = ((lay.n / 2).div_ceil(16) * 16).min(lay.n);
         let (lo, hi) = out.split_at_mut(mid);
-        std::thread::scope(|s| {
-            let other = s.spawn(|| launch_elements(f, &data, &lay, 0, mid, lo));
-            let mine = launch_elements(f, &data, &lay, mid, lay.n, hi);
-            other.join().map_err(|_| "a kernel thread panicked".to_string())?.and(mine)
-        })?;
+        let (data, lay) = (&data, &lay);
+        both(move || launch_elements(f, data, lay, 0, mid, lo), move || launch_elements(f, data, lay, mid, lay.n, hi))?;
+    } else {
+        launch_rows(f, &data, &lay, 0, all_rows, &mut out, 0)?;
+    }
+    if let Some(r) = &kernel.reduce {
+        if r.op == ReduceOp::Mean {
+            // As `Op::Reduce`: the sum divided by the count, in f32.
+            let count = r.axes.iter().map(|&a| domain[a]).product::<usize>() as f64 as f32;
+            out.iter_mut().for_each(|v| *v /= count);
+        }
     }
     Ok(Tensor { shape: out_shape.to_vec(), data: out })
 }

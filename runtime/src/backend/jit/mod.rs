@@ -13,8 +13,8 @@
 //! - **Reductions** over the trailing axes or one middle axis as contiguous loops.
 //! - **Fused elementwise kernels**: before the first run of a graph, the fusion pass
 //!   ([`crate::fuse`]) turns maximal groups of unary/binary ops (with the scalars and
-//!   broadcasts feeding them) into `Op::Fused` nodes, which run as Cranelift-compiled SIMD
-//!   loops ([`codegen`]). The fused plan is cached per graph: the executor keeps the last
+//!   broadcasts feeding them, and a sum or mean that is their only reader) into
+//!   `Op::Fused` nodes, which run as Cranelift-compiled SIMD loops ([`codegen`]). The fused plan is cached per graph: the executor keeps the last
 //!   few graphs it ran and recognises a graph by value (same nodes, same tables), so
 //!   calling `run` every training step neither re-runs the pass nor recompiles, and a
 //!   changed graph never meets a stale plan. Each distinct kernel is compiled once per
@@ -165,7 +165,7 @@ impl Executor for Jit {
 
     fn profile(&self) -> Vec<(String, Duration, usize)> {
         let mut v: Vec<(String, Duration, usize)> = self.profile.iter().map(|(k, (d, n))| (k.clone(), *d, *n)).collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|p| std::cmp::Reverse(p.1));
         v
     }
 
