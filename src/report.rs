@@ -59,9 +59,15 @@ pub fn summarize(folder: &Path) -> Result<RunSummary, String> {
     domains.truncate(TOP_DOMAINS);
     let timing_path = folder.join("timing.json");
     let rows_per_s = if timing_path.exists() { read_json(&timing_path)?["train_rows_per_s"].as_f64() } else { None };
+    // A run folder named otherwise than its model shows both: `din (din_movielens)`.
+    let model = m["model"].as_str().unwrap_or("?").to_string();
+    let model = match folder.file_name().map(|f| f.to_string_lossy().into_owned()) {
+        Some(f) if f != model => format!("{model} ({f})"),
+        _ => model,
+    };
     Ok(RunSummary {
         folder: folder.to_path_buf(),
-        model: m["model"].as_str().unwrap_or("?").to_string(),
+        model,
         parameters: m["parameters"].as_u64(),
         auc: f(&test["auc"]),
         gauc: f(&test["gauc"]),

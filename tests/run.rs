@@ -101,7 +101,7 @@ fn same_seed_gives_identical_metrics_and_resume_matches_a_straight_run() {
     let table = String::from_utf8(rep.stdout).unwrap();
     let row = table.lines().nth(2).unwrap_or_else(|| panic!("no row:\n{table}"));
     let auc = format!("| {:.4} |", m["test"]["auc"].as_f64().unwrap());
-    assert!(row.starts_with("| dnn | ") && row.contains(&auc), "{table}");
+    assert!(row.starts_with("| dnn (seed_a) | ") && row.contains(&auc), "{table}");
     assert!(row.contains(&format!("1: {:.4}", m["test"]["per_domain"]["1"]["auc"].as_f64().unwrap())), "{table}");
     let missing = mdl(&["report", c.join("nothing").to_str().unwrap()]);
     assert_eq!(missing.status.code(), Some(1));
