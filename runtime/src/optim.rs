@@ -339,9 +339,12 @@ pub fn combine_duplicate_rows<'a, T: Float>(rows: &'a [u32], values: &'a [T], wi
 ///
 /// Ascending order is what makes sparse updates fast: neighbouring rows of a large table
 /// share pages and the hardware prefetcher can follow, where a scattered walk stalls on
-/// every row. The entries are ordered by one sort of packed `(row, position)` keys and the
-/// rows summed on the fly into a single scratch row, so nothing of the gradient's size is
-/// copied. Strictly ascending input is visited in place.
+/// every row. The entries are put in row order by a stable counting sort when the largest
+/// row id is within a few times the entry count (the usual case: a batch touches a good
+/// share of a table's rows), else by one sort of packed `(row, position)` keys; either way
+/// the entries of a row stay in their original order, and the rows are summed on the fly
+/// into a single scratch row, so nothing of the gradient's size is copied. Strictly
+/// ascending input is visited in place.
 pub fn for_each_combined_row<T: Float>(rows: &[u32], values: &[T], width: usize, mut visit: impl FnMut(u32, &[T])) {
     let entry = |j: usize| values.get(j * width..(j + 1) * width);
     if rows.windows(2).all(|p| p[0] < p[1]) {
@@ -372,7 +375,11 @@ pub fn for_each_combined_row<T: Float>(rows: &[u32], values: &[T], width: usize,
             visit(done, &scratch);
         }
     };
-    if rows.len() as u64 <= 1 << 32 {
+    let largest = rows.iter().copied().max().unwrap_or(0) as usize;
+    if rows.len() <= u32::MAX as usize && largest <= 4 * rows.len() + (1 << 16) {
+        let order = counting_order(rows, largest);
+        sum_groups(&mut order.iter().map(|&j| (rows[j as usize], j as usize)));
+    } else if rows.len() as u64 <= 1 << 32 {
         let mut keys: Vec<u64> = rows.iter().zip(0u64..).map(|(&row, j)| ((row as u64) << 32) | j).collect();
         keys.sort_unstable();
         sum_groups(&mut keys.iter().map(|&k| ((k >> 32) as u32, (k & 0xffff_ffff) as usize)));
@@ -380,6 +387,47 @@ pub fn for_each_combined_row<T: Float>(rows: &[u32], values: &[T], width: usize,
         let mut pairs: Vec<(u32, usize)> = rows.iter().copied().zip(0..).collect();
         pairs.sort_unstable();
         sum_groups(&mut pairs.into_iter());
+    }
+}
+
+/// The positions of `rows` ordered by row, positions of one row ascending (a stable
+/// counting sort over row ids `0..=largest`; fewer than 2^32 entries).
+fn counting_order(rows: &[u32], largest: usize) -> Vec<u32> {
+    let mut start = vec![0u32; largest + 2];
+    for &row in rows {
+        start[row as usize + 1] += 1;
+    }
+    for i in 1..start.len() {
+        start[i] += start[i - 1];
+    }
+    let mut order = vec![0u32; rows.len()];
+    for (j, &row) in rows.iter().enumerate() {
+        let slot = &mut start[row as usize];
+        order[*slot as usize] = j as u32;
+        *slot += 1;
+    }
+    order
+}
+
+/// Replaces every row-sparse gradient whose rows are not strictly ascending by its
+/// combined form ([`combine_duplicate_rows`]: unique ascending rows, duplicates summed), so
+/// later passes over the gradients (the norm, the update) walk rows in order without
+/// sorting again. Malformed gradients (values not `rows × width`) are left as they are,
+/// for the optimizer to report.
+pub fn combine_rows_in_place<T: Float>(grads: &mut HashMap<String, Value<T>>) {
+    for grad in grads.values_mut() {
+        let Value::RowSparse { shape, rows, values } = grad else { continue };
+        let width = row_width(shape);
+        if values.data.len() != rows.len() * width || rows.windows(2).all(|p| p[0] < p[1]) {
+            continue;
+        }
+        let combined = combine_duplicate_rows(rows, &values.data, width);
+        let (unique, summed) = (combined.rows.into_owned(), combined.values.into_owned());
+        let mut values_shape = values.shape.clone();
+        if let Some(first) = values_shape.first_mut() {
+            *first = unique.len();
+        }
+        *grad = Value::RowSparse { shape: shape.clone(), rows: unique, values: Tensor { shape: values_shape, data: summed } };
     }
 }
 
@@ -417,10 +465,14 @@ pub fn global_norm<T: Float>(grads: &HashMap<String, Value<T>>) -> f64 {
 }
 
 /// Scales all gradients in place so that their global norm (see [`global_norm`]) is at
-/// most `max_norm`, and returns the norm before clipping. Gradients are left unchanged when
+/// most `max_norm`, and returns the norm before clipping. Row-sparse gradients are first
+/// combined ([`combine_rows_in_place`]). Gradients are left unchanged when
 /// the norm is within bounds, and also when it is not finite (the caller sees the returned
 /// NaN or infinity and decides whether to skip the step).
 pub fn clip_global_norm<T: Float>(grads: &mut HashMap<String, Value<T>>, max_norm: f64) -> f64 {
+    // Combined once here, the gradients need no second sort in the optimizer, and scaling
+    // touches each row once.
+    combine_rows_in_place(grads);
     let norm = global_norm(grads);
     if norm.is_finite() && max_norm >= 0.0 && norm > max_norm {
         let scale = T::from_f64(max_norm / norm);

@@ -3,7 +3,7 @@
 
 use mdl_runtime::exec::SplitMix64;
 use mdl_runtime::init::{glorot_limit, init_params};
-use mdl_runtime::optim::{clip_global_norm, global_norm, OptimConfig, OptimKind, Optimizer};
+use mdl_runtime::optim::{clip_global_norm, combine_duplicate_rows, global_norm, OptimConfig, OptimKind, Optimizer};
 use mdl_runtime::{Binding, Dim, Float, Init, NodeId, ParamInfo, Tensor, Value};
 use std::collections::HashMap;
 
@@ -296,7 +296,12 @@ fn clip_global_norm_counts_combined_rows_and_clips_to_max_norm() {
     let mut grads = grads_of(vec![("emb", sparse.clone()), ("w", Value::Dense(dense.clone()))]);
     let untouched = grads.clone();
     assert_eq!(clip_global_norm(&mut grads, expected * 2.0), expected);
-    assert_eq!(grads, untouched);
+    // Within bounds nothing is scaled; the row-sparse gradient is combined (unique ascending
+    // rows, duplicates summed), which leaves its dense form bit for bit as it was.
+    assert_eq!(grads["w"], untouched["w"]);
+    let Value::RowSparse { rows, .. } = &grads["emb"] else { panic!("still row-sparse") };
+    assert_eq!(rows, &vec![0, 2]);
+    assert_eq!(grads["emb"].to_dense().unwrap(), untouched["emb"].to_dense().unwrap());
 
     let norm = clip_global_norm(&mut grads, expected / 4.0);
     assert!((norm - expected).abs() < 1e-12);
@@ -488,4 +493,32 @@ fn init_errors_name_the_parameter() {
     assert!(init_params::<f32>(&bad, &Binding::new(), 1).unwrap_err().contains("`w`"));
     let twice = vec![init_info("w", vec![], Init::Zeros), init_info("w", vec![], Init::Ones)];
     assert!(init_params::<f32>(&twice, &Binding::new(), 1).unwrap_err().contains("twice"));
+}
+
+/// Combining a row-sparse gradient (counting-sort path for row ids near the entry count,
+/// key-sort path for sparse ids in a huge table) gives unique ascending rows whose values
+/// equal the dense form's rows bit for bit.
+#[test]
+fn combined_rows_equal_the_dense_form_bit_for_bit() {
+    for (case, (table_rows, entries)) in [(6u32, 40usize), (1000, 300), (4_000_000_000, 50), (3, 1)].into_iter().enumerate() {
+        let mut rng = SplitMix64::new(40 + case as u64);
+        let width = 3;
+        let rows: Vec<u32> = (0..entries).map(|_| (rng.next_u64() % table_rows as u64) as u32).collect();
+        let values: Vec<f32> = (0..entries * width).map(|_| (rng.next_u64() % 2001) as f32 / 1000.0 - 1.0).collect();
+        let combined = combine_duplicate_rows(&rows, &values, width);
+        assert!(combined.rows.windows(2).all(|p| p[0] < p[1]), "case {case}: rows not unique ascending");
+        let mut distinct = rows.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(&combined.rows[..], &distinct[..], "case {case}");
+        for (i, &row) in combined.rows.iter().enumerate() {
+            let mut expected = vec![0f32; width];
+            for (j, _) in rows.iter().enumerate().filter(|(_, &r)| r == row) {
+                for (e, v) in expected.iter_mut().zip(&values[j * width..(j + 1) * width]) {
+                    *e += v;
+                }
+            }
+            assert_eq!(&combined.values[i * width..(i + 1) * width], &expected[..], "case {case} row {row}");
+        }
+    }
 }
