@@ -13,7 +13,9 @@
 //! - a member whose shape is smaller than the root's is recomputed for every output
 //!   element, so only cheap ops (no transcendental, no division) join a group across a
 //!   broadcast;
-//! - groups stop growing at [`MAX_KERNEL_OPS`] ops so that kernels stay small to compile.
+//! - groups stop growing at [`MAX_KERNEL_OPS`] ops so that kernels stay small to compile;
+//! - first, `step(x)` is made to read `relu(x)` when the graph has both (equal values), so
+//!   that a relu layer's pre-activation `x` has one reader and fuses into the relu.
 //!
 //! Groups of one op are left alone (the backends have direct kernels for those) unless
 //! fusing removes a broadcast. A `Reduce` sum or mean that is the only reader of a group's
@@ -40,8 +42,12 @@ pub fn fuse_elementwise(graph: &Graph) -> Graph {
 
 /// [`fuse_elementwise`], also returning for each node of `graph` (by index) the node of the
 /// fused graph that holds its value: the copy of the node, or the fused node it is the
-/// root of; `None` for nodes absorbed into a kernel or no longer needed.
+/// root of; `None` for nodes absorbed into a kernel or no longer needed. (Groups are formed
+/// on `graph` after [`step_reads_relu`], whose node ids are the same.)
 pub fn fuse_with_map(graph: &Graph) -> (Graph, Vec<Option<NodeId>>) {
+    // Node ids are the same in the rewired graph.
+    let rewired = step_reads_relu(graph);
+    let graph = rewired.as_ref().unwrap_or(graph);
     let groups = assign_groups(graph);
     let mut plans: HashMap<NodeId, Plan> = HashMap::new();
     let mut members: HashMap<NodeId, Vec<NodeId>> = HashMap::new();
@@ -122,6 +128,46 @@ pub fn fuse_with_map(graph: &Graph) -> (Graph, Vec<Option<NodeId>>) {
     let (pruned, second) = retain(&out, &keep);
     let map = map.into_iter().map(|m| m.and_then(|n| second[n.index()])).collect();
     (pruned, map)
+}
+
+/// The graph with every `step(x)` reading `relu(x)` instead of `x` where the graph computes
+/// `relu(x)` earlier (`None` when there is none). The values are equal (NaN included: both
+/// give 0), and the backward pass of every relu layer has this shape: `x = a + bias` is then
+/// read by the relu only, and fuses into it. Node ids do not change.
+pub fn step_reads_relu(graph: &Graph) -> Option<Graph> {
+    let mut relu_of: HashMap<NodeId, NodeId> = HashMap::new();
+    let mut rewire: HashMap<NodeId, NodeId> = HashMap::new();
+    for id in graph.ids() {
+        let node = graph.node(id);
+        match node.op {
+            Op::Unary(UnaryOp::Relu) => {
+                relu_of.entry(node.inputs[0]).or_insert(id);
+            }
+            Op::Unary(UnaryOp::Step) => {
+                if let Some(&r) = relu_of.get(&node.inputs[0]) {
+                    rewire.insert(id, r);
+                }
+            }
+            _ => {}
+        }
+    }
+    if rewire.is_empty() {
+        return None;
+    }
+    let mut out = Graph::new();
+    let mut map: Vec<Option<NodeId>> = Vec::with_capacity(graph.len());
+    for id in graph.ids() {
+        let node = graph.node(id);
+        let inputs: Vec<NodeId> = match rewire.get(&id) {
+            Some(&r) => vec![r],
+            None => node.inputs.clone(),
+        };
+        let new_id = out.push_copy(node, inputs);
+        debug_assert_eq!(new_id, id);
+        map.push(Some(new_id));
+    }
+    out.copy_tables(graph, &map);
+    Some(out)
 }
 
 /// Appends a copy of node `id` of `graph` to `out`, reading the images of its operands.

@@ -2,7 +2,8 @@
 //!
 //! - The pass ([`fuse_with_map`]) never removes a value someone else reads: graph outputs
 //!   and values with a user outside their group stay in the fused graph, and every value
-//!   absorbed into a kernel is read by that one kernel only (asserted on the graphs).
+//!   absorbed into a kernel is read by that one kernel only (asserted on the graphs, after
+//!   the pass's one rewrite: `step(x)` reads an existing `relu(x)`, an equal value).
 //! - Random elementwise DAGs with broadcasting (`[B, n]` with `[n]`, `[B, 1]`, `[1, n]`,
 //!   `[]`, scalars, explicit broadcasts; and rank 3): the fused graph on interp equals the
 //!   original exactly (the fused eval rule applies the same scalar functions in the same
@@ -16,7 +17,7 @@
 use mdl_runtime::backend::jit::{codegen, Jit};
 use mdl_runtime::backend::{interp, Executor, Interp};
 use mdl_runtime::exec::{Arg, EvalCx, SplitMix64};
-use mdl_runtime::fuse::{fuse_elementwise, fuse_with_map};
+use mdl_runtime::fuse::{fuse_elementwise, fuse_with_map, step_reads_relu};
 use mdl_runtime::ops::fused::{FusedKernel, Instr};
 use mdl_runtime::ops::fused::Reduction;
 use mdl_runtime::{ops, BinaryOp, Binding, Dim, Graph, Init, Mode, NodeId, Op, ReduceOp, Shape, Tensor, UnaryOp, Value, Values};
@@ -183,8 +184,12 @@ fn random_dag(seed: u64, b: usize, f: usize, n: usize, rank3: bool, ops: usize, 
 }
 
 /// The pass keeps every value read outside its group, and absorbs values into one kernel.
-fn check_pass(g: &Graph) {
-    let (fused, map) = fuse_with_map(g);
+/// Groups are formed after `step(x)` is made to read an existing `relu(x)` (same values,
+/// same node ids), so the structure is checked on that graph.
+fn check_pass(original: &Graph) {
+    let rewired = step_reads_relu(original);
+    let g = rewired.as_ref().unwrap_or(original);
+    let (fused, map) = fuse_with_map(original);
     // Live nodes of the source graph.
     let mut live = vec![false; g.len()];
     for id in g.outputs.values() {
@@ -462,6 +467,36 @@ fn outputs_and_shared_values_are_never_absorbed() {
     };
     let params = HashMap::from([("x".to_string(), t(vec![8, 4])), ("b".to_string(), t(vec![4])), ("w".to_string(), t(vec![4, 3]))]);
     let binding = Binding::from([("B".to_string(), 8)]);
+    check_dag(&Dag { graph: g, params, binding });
+}
+
+#[test]
+fn a_relu_layer_and_its_backward_fuse_around_the_shared_preactivation() {
+    // y = relu(a + bias) forward; backward dx = step(a + bias) * dy. The step reads the relu
+    // instead, so `a + bias` has one reader and fuses into it.
+    let mut g = Graph::new();
+    let a = g.param("a", shape_of(&[16, 8], true), Init::Zeros, None, false);
+    let bias = g.param("bias", shape_of(&[8], false), Init::Zeros, None, false);
+    let dy = g.param("dy", shape_of(&[16, 8], true), Init::Zeros, None, false);
+    let x = g.add(Op::Binary(BinaryOp::Add), &[a, bias], "").unwrap();
+    let y = g.add(Op::Unary(UnaryOp::Relu), &[x], "").unwrap();
+    let s = g.add(Op::Unary(UnaryOp::Step), &[x], "").unwrap();
+    let dx = g.add(Op::Binary(BinaryOp::Mul), &[s, dy], "").unwrap();
+    g.outputs.insert("y".into(), y);
+    g.outputs.insert("dx".into(), dx);
+    let (fused, map) = fuse_with_map(&g);
+    assert_eq!(map[x.index()], None, "{}", fused.listing());
+    let Op::Fused(k) = &fused.node(map[y.index()].unwrap()).op else { panic!("relu(a + bias) is one kernel:\n{}", fused.listing()) };
+    assert_eq!(k.summary(), "add,relu");
+    let Op::Fused(k) = &fused.node(map[dx.index()].unwrap()).op else { panic!("step * dy is one kernel") };
+    assert_eq!(k.summary(), "step,mul");
+    let mut rng = SplitMix64::new(8);
+    let mut t = |shape: Vec<usize>| {
+        let c = shape.iter().product();
+        Tensor::new(shape, (0..c).map(|_| rng.next_f64() as f32 - 0.5).collect()).unwrap()
+    };
+    let params = HashMap::from([("a".to_string(), t(vec![16, 8])), ("bias".to_string(), t(vec![8])), ("dy".to_string(), t(vec![16, 8]))]);
+    let binding = Binding::from([("B".to_string(), 16)]);
     check_dag(&Dag { graph: g, params, binding });
 }
 
