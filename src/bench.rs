@@ -1,12 +1,23 @@
 //! `mdl bench`: how fast an experiment's model compiles, trains and evaluates on a
 //! backend, on the experiment's real data. Prints figures; asserts nothing.
+//!
+//! It also gives the GEMM-bound limit of a training step ([`GemmBound`]): the matrix
+//! products of the training graph (MatMul, GroupMatMul, GroupOuter) and their time per
+//! step, and `batch / that time`, the most samples/s any step could reach while it still
+//! does those products at that speed. The time is the products' own share of the per-op
+//! profile (the same kernels on the same shapes inside the step); a backend without a
+//! profile has each product timed alone instead (which then includes the backend's
+//! per-run overhead, so the limit comes out low).
 
 use crate::data::{self, PrepareOptions};
 use crate::experiment::Experiment;
 use crate::train::{make_executor, Session};
 use mdl_runtime::exec::Mode;
+use mdl_runtime::ir::dim::eval_shape;
+use mdl_runtime::ops::Op;
 use mdl_runtime::optim::Optimizer;
-use mdl_runtime::tensor::Value;
+use mdl_runtime::tensor::{Tensor, Value};
+use mdl_runtime::{Binding, DType, Dim, Graph};
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -23,6 +34,102 @@ pub struct BenchReport {
     pub eval_samples_per_sec: f64,
     pub profile: Vec<(String, std::time::Duration, usize)>,
     pub timed_steps: usize,
+    pub gemm: GemmBound,
+}
+
+/// The matrix products of one training step, and how fast the backend does them alone.
+#[derive(Clone, Debug, Default)]
+pub struct GemmBound {
+    /// Product nodes in the training graph.
+    pub products: usize,
+    /// Their floating-point operations per step (2 per multiply-add).
+    pub flops_per_step: f64,
+    /// Their time per step: inside the step (from the profile) or each run alone.
+    pub secs_per_step: f64,
+    pub timed_in_step: bool,
+}
+
+impl GemmBound {
+    pub fn gflops(&self) -> f64 {
+        self.flops_per_step / self.secs_per_step.max(1e-12) / 1e9
+    }
+}
+
+/// Multiply-adds of a product node from its operand and output shapes.
+fn product_flops(op: &Op, inputs: &[Vec<usize>], out: &[usize]) -> f64 {
+    let numel = |s: &[usize]| s.iter().product::<usize>() as f64;
+    let last = |s: &[usize]| s.last().copied().unwrap_or(1) as f64;
+    match op {
+        // out [..., m, n] from a [..., m, k]: k is a's contracted axis.
+        Op::MatMul { trans_a, .. } => {
+            let a = &inputs[0];
+            let k = if *trans_a { a.get(a.len().wrapping_sub(2)).copied().unwrap_or(1) as f64 } else { last(a) };
+            2.0 * numel(out) * k
+        }
+        // out [N, n] from x [N, k].
+        Op::GroupMatMul { .. } => 2.0 * numel(out) * last(&inputs[0]),
+        // x [N, k], dy [N, n].
+        Op::GroupOuter { .. } => 2.0 * numel(&inputs[0]) * last(&inputs[1]),
+        _ => 0.0,
+    }
+}
+
+/// Counts the matrix products of `graph` and their flops; with `time_alone`, also times
+/// each alone on `exec` (random operands, the shapes of `binding`; identical products are
+/// timed once).
+fn gemm_bound(graph: &Graph, binding: &Binding, exec: &mut dyn mdl_runtime::backend::Executor, time_alone: bool) -> Result<GemmBound, String> {
+    let mut timed: HashMap<String, f64> = HashMap::new();
+    let mut bound = GemmBound::default();
+    for id in graph.ids() {
+        let node = graph.node(id);
+        if !matches!(node.op, Op::MatMul { .. } | Op::GroupMatMul { .. } | Op::GroupOuter { .. }) {
+            continue;
+        }
+        let inputs: Vec<Vec<usize>> = node.inputs.iter().map(|&i| eval_shape(graph.shape(i), binding)).collect::<Result<_, _>>()?;
+        let out = eval_shape(graph.shape(id), binding)?;
+        bound.products += 1;
+        bound.flops_per_step += product_flops(&node.op, &inputs, &out);
+        if !time_alone {
+            continue;
+        }
+        let key = format!("{} {inputs:?}", node.op.name());
+        if let Some(secs) = timed.get(&key) {
+            bound.secs_per_step += secs;
+            continue;
+        }
+        let mut g = Graph::new();
+        let mut feeds = HashMap::new();
+        let mut operands = Vec::new();
+        for (slot, (&src, shape)) in node.inputs.iter().zip(&inputs).enumerate() {
+            let name = format!("x{slot}");
+            let ids = graph.sig(src).dtype == DType::I;
+            operands.push(g.input(&name, shape.iter().map(|&d| Dim::from(d)).collect(), graph.sig(src).dtype));
+            let n: usize = shape.iter().product();
+            let value = if ids {
+                // Group ids: spread over the groups (the weight's first axis for GroupMatMul).
+                let groups = inputs.get(1).and_then(|w| w.first()).copied().unwrap_or(1).max(1) as u32;
+                let groups = if let Op::GroupOuter { groups: g } = &node.op { g.eval(binding)? as u32 } else { groups };
+                Value::Ids(Tensor { shape: shape.clone(), data: (0..n as u32).map(|i| i % groups.max(1)).collect() })
+            } else {
+                Value::Dense(Tensor { shape: shape.clone(), data: (0..n).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect() })
+            };
+            feeds.insert(name, value);
+        }
+        let y = g.add(node.op.clone(), &operands, "bench").map_err(|e| e.0)?;
+        g.outputs.insert("y".into(), y);
+        let params = HashMap::new();
+        let mode = Mode::eval();
+        exec.run(&g, binding, &feeds, &params, &mode).map_err(|e| e.to_string())?;
+        let (mut reps, t) = (0u32, Instant::now());
+        while reps < 3 || (t.elapsed().as_secs_f64() < 0.05 && reps < 200) {
+            exec.run(&g, binding, &feeds, &params, &mode).map_err(|e| e.to_string())?;
+            reps += 1;
+        }
+        let secs = t.elapsed().as_secs_f64() / reps as f64;
+        timed.insert(key, secs);
+        bound.secs_per_step += secs;
+    }
+    Ok(bound)
 }
 
 /// Runs `steps` timed training steps (after one warm-up step) and a timed evaluation.
@@ -84,6 +191,14 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
         exec.run(&session.eval_graph, &binding, &feeds, &params, &Mode::eval()).map_err(|e| e.to_string())?;
     }
     let eval_secs = t.elapsed().as_secs_f64();
+    let product_kinds = ["matmul", "group_matmul", "group_outer"];
+    let in_step: Vec<f64> = profile.iter().filter(|p| product_kinds.contains(&p.0.as_str())).map(|p| p.1.as_secs_f64()).collect();
+    let binding = session.inputs.with_batch(bs);
+    let mut gemm = gemm_bound(&session.train_graph, &binding, exec.as_mut(), in_step.is_empty())?;
+    if !in_step.is_empty() {
+        gemm.secs_per_step = in_step.iter().sum::<f64>() / steps.max(1) as f64;
+        gemm.timed_in_step = true;
+    }
     Ok(BenchReport {
         backend: exp.backend.clone(),
         model: session.compiled.model.clone(),
@@ -95,6 +210,7 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
         eval_samples_per_sec: rows as f64 / eval_secs.max(1e-9),
         profile,
         timed_steps: steps,
+        gemm,
     })
 }
 
@@ -105,6 +221,21 @@ impl std::fmt::Display for BenchReport {
         writeln!(f, "  first train step (incl. plan/kernels)     {:10.1} ms", self.first_step_ms)?;
         writeln!(f, "  train step (forward + backward + update)  {:10.1} ms   {:10.0} samples/s", self.step_ms, self.train_samples_per_sec)?;
         writeln!(f, "  eval (forward)                                            {:10.0} samples/s", self.eval_samples_per_sec)?;
+        let g = &self.gemm;
+        if g.products > 0 {
+            let limit = self.batch as f64 / g.secs_per_step.max(1e-12);
+            writeln!(
+                f,
+                "  GEMM-bound limit: {} products, {:.2} GFLOP/step ({:.0} kFLOP/sample) at {:.1} GFLOP/s ({}) -> {:.0} samples/s; this step reaches {:.1}%",
+                g.products,
+                g.flops_per_step / 1e9,
+                g.flops_per_step / self.batch as f64 / 1e3,
+                g.gflops(),
+                if g.timed_in_step { "inside the step" } else { "each timed alone" },
+                limit,
+                100.0 * self.train_samples_per_sec / limit
+            )?;
+        }
         if self.profile.is_empty() {
             writeln!(f, "  (no per-op profile: the {} backend does not collect one)", self.backend)?;
         } else {

@@ -220,3 +220,19 @@ fn a_frozen_group_keeps_its_initial_values() {
     assert_eq!(get("click/linear/b"), init("click/linear/b", Init::Zeros), "frozen bias changed");
     assert_ne!(get("h/mlp/linear/W"), init("h/mlp/linear/W", Init::Glorot), "a trained weight did not change");
 }
+
+/// `mdl bench` prints the step rate and the GEMM-bound line; the DNN's products are the
+/// three layers forward (768·256 + 256·128 + 128·1 multiply-adds per sample) and their two
+/// gradients each: 2 · 3 · 229,504 = 1,377,024 flops per sample.
+#[test]
+fn bench_prints_rates_and_the_gemm_bound() {
+    let out = mdl(&[
+        "bench", "experiments/quickstart.yaml", "--steps", "1",
+        "--set", "spec=specs/dnn.mdl", "--set", "train.batch_size=256",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("model dnn on jit at batch 256"), "{text}");
+    assert!(text.contains("samples/s"), "{text}");
+    assert!(text.contains("(1377 kFLOP/sample)"), "{text}");
+}
