@@ -2,11 +2,18 @@
 //! topological), with the eval rules of `ops/*`, generic over f32 and f64. Fed inputs and
 //! parameters are read in place and checked against the graph's declared shapes; a computed
 //! value is dropped after its last use unless it is kept for the caller.
+//!
+//! The driver ([`execute`]) is shared with the other backends: it owns the node order, the
+//! checks and the value lifetimes ([`Lifetimes`], computed once per graph), and asks an
+//! [`Evaluator`] for each node's value. An evaluator may take an operand whose last reader
+//! the node is ([`Operands::take`]) to reuse its buffer, and gets every freed value back
+//! ([`Evaluator::free`]); interp's own evaluator ([`Rules`]) reads operands in place and
+//! drops freed values, as before.
 
 use super::Values;
 use crate::exec::{Arg, EvalCx, ExecError, Mode};
 use crate::ir::dim::{eval_shape, shape_to_string, Binding};
-use crate::ir::graph::{Graph, Node};
+use crate::ir::graph::{Graph, Node, NodeId};
 use crate::ops::{self, DType, Op, ValueKind};
 use crate::tensor::{Float, Tensor, Value};
 use std::collections::HashMap;
@@ -19,12 +26,8 @@ pub fn run<T: Float>(
     params: &HashMap<String, Tensor<T>>,
     mode: &Mode,
 ) -> Result<Values<T>, ExecError> {
-    execute(graph, binding, feeds, params, mode, false, &mut |op, args, cx| ops::eval(op, args, cx))
+    execute(graph, &Lifetimes::new(graph, false), binding, feeds, params, mode, &mut Rules)
 }
-
-/// The signature of a per-op evaluator: the eval rules of `ops` for interp; a backend's
-/// own kernels (falling back to the eval rules) for others.
-pub type OpEval<'e, T> = dyn FnMut(&Op, &[Arg<T>], &EvalCx) -> Result<Value<T>, ExecError> + 'e;
 
 /// Runs `graph` and keeps the value of every node (for tests and debugging; parameters and
 /// fed inputs are copied into the result).
@@ -35,7 +38,79 @@ pub fn run_keep_all<T: Float>(
     params: &HashMap<String, Tensor<T>>,
     mode: &Mode,
 ) -> Result<Values<T>, ExecError> {
-    execute(graph, binding, feeds, params, mode, true, &mut |op, args, cx| ops::eval(op, args, cx))
+    execute(graph, &Lifetimes::new(graph, true), binding, feeds, params, mode, &mut Rules)
+}
+
+/// How the driver computes nodes: interp's [`Rules`] (the eval rules of `ops`), or a
+/// backend's own kernels.
+pub(crate) trait Evaluator<T: Float> {
+    /// The value of node `id` (= `op`) from its operands. The operands whose last reader
+    /// this node is may be taken ([`Operands::take`]) and reused for the result.
+    fn eval(&mut self, id: NodeId, op: &Op, operands: &mut Operands<'_, '_, T>, cx: &EvalCx) -> Result<Value<T>, ExecError>;
+
+    /// A computed value the run no longer needs (after its last reader, or never read);
+    /// a backend may keep its buffer for later results. Dropped by default.
+    fn free(&mut self, _value: Value<T>) {}
+}
+
+/// The reference evaluator: every op on its eval rule, operands read in place.
+pub(crate) struct Rules;
+
+impl<T: Float> Evaluator<T> for Rules {
+    fn eval(&mut self, _id: NodeId, op: &Op, operands: &mut Operands<'_, '_, T>, cx: &EvalCx) -> Result<Value<T>, ExecError> {
+        ops::eval(op, &operands.args(op)?, cx)
+    }
+}
+
+/// The lifetime of every value of a graph: which values go to the caller, and which
+/// operands each node is the last reader of. It depends on the graph alone, so a backend
+/// that runs the same graph every step computes it once ([`crate::backend::jit`] keeps it
+/// with its plan); interp computes it per run (one pass over the edges).
+#[derive(Clone, Debug)]
+pub struct Lifetimes {
+    /// Node `i`'s value goes to the caller (a named output, or every node for `keep_all`).
+    keep: Vec<bool>,
+    /// `dying[i][k]`: node `i` is the last reader of its operand `k`, which is not kept;
+    /// an operand read in several slots of its last reader is marked in the last one.
+    dying: Vec<Box<[bool]>>,
+    /// `owned[i][k]`: as `dying`, and operand `k` is read in no other slot of node `i`, so
+    /// node `i` may take the value ([`Operands::take`]).
+    owned: Vec<Box<[bool]>>,
+    /// Node `i` has no reader and is not kept: its value is freed as soon as it exists.
+    unread: Vec<bool>,
+}
+
+impl Lifetimes {
+    pub fn new(graph: &Graph, keep_all: bool) -> Lifetimes {
+        let n = graph.len();
+        let mut keep = vec![keep_all; n];
+        for id in graph.outputs.values() {
+            keep[id.index()] = true;
+        }
+        let mut last_use = vec![usize::MAX; n];
+        for id in graph.ids() {
+            for &i in &graph.node(id).inputs {
+                last_use[i.index()] = id.index();
+            }
+        }
+        let mut dying = Vec::with_capacity(n);
+        let mut owned = Vec::with_capacity(n);
+        for id in graph.ids() {
+            let inputs = &graph.node(id).inputs;
+            let last_slot = |k: usize| inputs[k + 1..].iter().all(|&j| j != inputs[k]);
+            let d: Box<[bool]> = (0..inputs.len())
+                .map(|k| {
+                    let i = inputs[k].index();
+                    last_use[i] == id.index() && !keep[i] && last_slot(k)
+                })
+                .collect();
+            let o: Box<[bool]> = (0..inputs.len()).map(|k| d[k] && inputs[..k].iter().all(|&j| j != inputs[k])).collect();
+            dying.push(d);
+            owned.push(o);
+        }
+        let unread = (0..n).map(|i| last_use[i] == usize::MAX && !keep[i]).collect();
+        Lifetimes { keep, dying, owned, unread }
+    }
 }
 
 /// Where a node's value is during a run.
@@ -66,29 +141,62 @@ impl<'a, T: Float> Slot<'a, T> {
     }
 }
 
-/// Evaluates the graph node by node with `eval` computing each op; checks feeds,
-/// parameters and every result's shape; frees values after their last use.
+/// The operands of the node being computed, as an [`Evaluator`] sees them: read in place
+/// ([`Operands::args`]), or taken when this node is their last reader ([`Operands::take`]).
+pub(crate) struct Operands<'s, 'a, T> {
+    slots: &'s mut [Slot<'a, T>],
+    inputs: &'s [NodeId],
+    owned: &'s [bool],
+}
+
+impl<T: Float> Operands<'_, '_, T> {
+    /// Operand `k` read in place (`None` once taken).
+    pub fn arg(&self, k: usize) -> Option<Arg<'_, T>> {
+        self.slots[self.inputs[k].index()].arg()
+    }
+
+    /// Every operand read in place, or an error naming `op` when one was taken.
+    pub fn args(&self, op: &Op) -> Result<Vec<Arg<'_, T>>, ExecError> {
+        self.inputs.iter().map(|i| self.slots[i.index()].arg()).collect::<Option<Vec<_>>>().ok_or_else(|| {
+            ExecError::BadOperand { op: op.name(), message: "an operand was freed too early".into() }
+        })
+    }
+
+    /// Operand `k`'s value, moved out, when this node is its last reader, it is read in no
+    /// other slot and it was computed during the run (fed inputs and parameters belong to
+    /// the caller); `None` otherwise, and the operand stays readable.
+    pub fn take(&mut self, k: usize) -> Option<Value<T>> {
+        if !self.owned[k] {
+            return None;
+        }
+        let slot = &mut self.slots[self.inputs[k].index()];
+        match std::mem::replace(slot, Slot::Empty) {
+            Slot::Computed(v) => Some(v),
+            other => {
+                *slot = other;
+                None
+            }
+        }
+    }
+}
+
+/// Evaluates the graph node by node with `evaluator` computing each op; checks feeds,
+/// parameters and every result's shape; frees values after their last use (`lifetimes`,
+/// which must be those of `graph`), handing computed ones to [`Evaluator::free`].
 pub(crate) fn execute<'a, T: Float>(
     graph: &Graph,
+    lifetimes: &Lifetimes,
     binding: &Binding,
     feeds: &'a HashMap<String, Value<T>>,
     params: &'a HashMap<String, Tensor<T>>,
     mode: &Mode,
-    keep_all: bool,
-    eval: &mut OpEval<'_, T>,
+    evaluator: &mut dyn Evaluator<T>,
 ) -> Result<Values<T>, ExecError> {
     let n = graph.len();
-    let mut keep = vec![keep_all; n];
-    for id in graph.outputs.values() {
-        keep[id.index()] = true;
+    let Lifetimes { keep, dying, owned, unread } = lifetimes;
+    if keep.len() != n {
+        return Err(ExecError::BadOperand { op: "run".into(), message: "the lifetimes are those of another graph".into() });
     }
-    let mut last_use = vec![0usize; n];
-    for id in graph.ids() {
-        for &i in &graph.node(id).inputs {
-            last_use[i.index()] = last_use[i.index()].max(id.index());
-        }
-    }
-
     let mut slots: Vec<Slot<'a, T>> = (0..n).map(|_| Slot::Empty).collect();
     for id in graph.ids() {
         let node = graph.node(id);
@@ -99,7 +207,7 @@ pub(crate) fn execute<'a, T: Float>(
             error: Box::new(error),
         };
         let out_shape = eval_shape(&node.sig.shape, binding).map_err(|message| at_node(ExecError::Size { message }))?;
-        slots[id.index()] = match &node.op {
+        let slot = match &node.op {
             Op::Input { name, dtype } => Slot::Fed(fed_input(node, name, *dtype, &out_shape, feeds)?),
             Op::Param { name } => {
                 let t = params.get(name).ok_or_else(|| ExecError::MissingParam { name: name.clone() })?;
@@ -118,26 +226,28 @@ pub(crate) fn execute<'a, T: Float>(
                 Slot::Param(t)
             }
             op => {
-                let args =
-                    node.inputs.iter().map(|i| slots[i.index()].arg()).collect::<Option<Vec<_>>>().ok_or_else(|| {
-                        at_node(ExecError::BadOperand { op: op.name(), message: "an operand was freed too early".into() })
-                    })?;
                 let cx = EvalCx { binding, mode, out_shape: &out_shape };
-                let value = eval(op, &args, &cx).map_err(at_node)?;
+                let mut operands = Operands { slots: &mut slots, inputs: &node.inputs, owned: &owned[id.index()] };
+                let value = evaluator.eval(id, op, &mut operands, &cx).map_err(at_node)?;
                 check_result(node, &value, &out_shape).map_err(at_node)?;
                 Slot::Computed(value)
             }
         };
-        for &i in &node.inputs {
-            if last_use[i.index()] == id.index() && !keep[i.index()] {
-                slots[i.index()] = Slot::Empty;
+        slots[id.index()] = slot;
+        for (&i, &d) in node.inputs.iter().zip(dying[id.index()].iter()) {
+            if d {
+                if let Slot::Computed(v) = std::mem::replace(&mut slots[i.index()], Slot::Empty) {
+                    evaluator.free(v);
+                }
             }
         }
-        if !keep[id.index()] && graph.users(id).next().is_none() {
-            slots[id.index()] = Slot::Empty;
+        if unread[id.index()] {
+            if let Slot::Computed(v) = std::mem::replace(&mut slots[id.index()], Slot::Empty) {
+                evaluator.free(v);
+            }
         }
     }
-    let values = slots.into_iter().zip(&keep).map(|(s, &k)| if k { s.into_value() } else { None }).collect();
+    let values = slots.into_iter().zip(keep).map(|(s, &k)| if k { s.into_value() } else { None }).collect();
     Ok(Values::new(values, graph.outputs.clone()))
 }
 

@@ -777,6 +777,20 @@ where
 /// reduced when the kernel ends in a reduction) into a tensor of `out_shape`, on up to
 /// `threads` threads. `Err` says why it could not (the caller then uses the eval rule).
 pub fn run(kernel: &FusedKernel, operands: &[&Tensor<f32>], out_shape: &[usize], threads: usize, opts: Options) -> Result<Tensor<f32>, String> {
+    run_with(kernel, operands, out_shape, threads, opts, &mut |len, _| vec![0.0; len])
+}
+
+/// [`run`], with the output buffer from `alloc(len, zeroed)`: a vector of `len` elements,
+/// which must be zeros when `zeroed` is true (a reduction adds into it) and may hold
+/// anything otherwise (every element is written). The jit backend passes its buffer pool.
+pub fn run_with(
+    kernel: &FusedKernel,
+    operands: &[&Tensor<f32>],
+    out_shape: &[usize],
+    threads: usize,
+    opts: Options,
+    alloc: &mut dyn FnMut(usize, bool) -> Vec<f32>,
+) -> Result<Tensor<f32>, String> {
     if operands.len() != kernel.inputs {
         return Err(format!("the kernel takes {} operand(s), got {}", kernel.inputs, operands.len()));
     }
@@ -806,13 +820,12 @@ pub fn run(kernel: &FusedKernel, operands: &[&Tensor<f32>], out_shape: &[usize],
         }
     };
     let total: usize = out_shape.iter().product();
-    let mut out = vec![0.0f32; total];
     if domain.iter().product::<usize>() == 0 {
         if kernel.reduce.is_some() {
             // An empty mean is 0/0: left to the eval rule, which has the edge cases.
             return Err("an empty reduction".into());
         }
-        return Ok(Tensor { shape: out_shape.to_vec(), data: out });
+        return Ok(Tensor { shape: out_shape.to_vec(), data: vec![0.0; total] });
     }
     let strides: Vec<Vec<usize>> = operands.iter().map(|x| broadcast_strides(&x.shape, &domain)).collect();
     let lay = layout(&strides, &broadcast_strides(&kept, &domain), &domain);
@@ -824,6 +837,8 @@ pub fn run(kernel: &FusedKernel, operands: &[&Tensor<f32>], out_shape: &[usize],
     let key = Key { kernel: kernel.clone(), splat: lay.splat.clone(), fma: opts.fma, mode };
     let f = compiler()?.lock().map_err(|_| "the kernel compiler was poisoned by a panic".to_string())?.get(&key)?;
     let data: Vec<&[f32]> = operands.iter().map(|x| x.data.as_slice()).collect();
+    let mut out = alloc(total, mode != Mode::Store);
+    debug_assert_eq!(out.len(), total);
     let all_rows = lay.rows * lay.outer.iter().product::<usize>();
     let work = domain.iter().product::<usize>() * (kernel.op_count() + 1);
     // The outermost collapsed axis, and the output's stride along it: two threads may split

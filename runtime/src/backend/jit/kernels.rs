@@ -1,6 +1,12 @@
 //! The fast f32 kernels of the `jit` backend. Each returns `Ok(None)` for a case it does
-//! not cover, and the caller falls back to the op's eval rule.
+//! not cover, and the caller falls back to the op's eval rule. Output buffers come from
+//! the executor's [`Pool`]; operands this node is the last reader of may be taken
+//! ([`Operands::take`]) instead of copied: a reshape of such an operand is the same
+//! buffer with a new shape, a slice along the first axis shortens it in place, and a
+//! `SparseRows` keeps its ids and values as they are.
 
+use super::pool::Pool;
+use crate::backend::interp::Operands;
 use crate::exec::{Arg, EvalCx, ExecError};
 use crate::ops::{BinaryOp, Op, ReduceOp, UnaryOp};
 use crate::tensor::{Tensor, Value};
@@ -11,26 +17,109 @@ const GEMM_PARALLEL_WORK: usize = 1 << 21;
 /// Elements above which an elementwise kernel is split over threads.
 const ELEMENTWISE_PARALLEL: usize = 1 << 17;
 
-pub fn fast(op: &Op, args: &[Arg<f32>], cx: &EvalCx, threads: usize) -> Result<Option<Value<f32>>, ExecError> {
+pub fn fast(op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, threads: usize, pool: &mut Pool) -> Result<Option<Value<f32>>, ExecError> {
+    if let Some(v) = moved(op, operands, cx)? {
+        return Ok(Some(v));
+    }
+    let args = operands.args(op)?;
     let name = || op.name();
     Ok(match op {
-        Op::MatMul { trans_a, trans_b } => {
-            Some(Value::Dense(matmul(args[0].dense(&name())?, args[1].dense(&name())?, *trans_a, *trans_b, cx.out_shape, threads)))
-        }
-        Op::Binary(b) => binary(*b, args[0].dense(&name())?, args[1].dense(&name())?, cx.out_shape, threads).map(Value::Dense),
-        Op::Unary(u) => Some(Value::Dense(unary(*u, args[0].dense(&name())?, threads))),
-        Op::Reduce { op: r, axes, .. } => reduce(*r, args[0].dense(&name())?, axes, cx.out_shape).map(Value::Dense),
-        Op::Broadcast { .. } => Some(Value::Dense(broadcast(args[0].dense(&name())?, cx.out_shape))),
+        Op::MatMul { trans_a, trans_b } => Some(Value::Dense(matmul(
+            args[0].dense(&name())?,
+            args[1].dense(&name())?,
+            *trans_a,
+            *trans_b,
+            cx.out_shape,
+            threads,
+            pool,
+        ))),
+        Op::Binary(b) => binary(*b, args[0].dense(&name())?, args[1].dense(&name())?, cx.out_shape, threads, pool).map(Value::Dense),
+        Op::Unary(u) => Some(Value::Dense(unary(*u, args[0].dense(&name())?, threads, pool))),
+        Op::Reduce { op: r, axes, .. } => reduce(*r, args[0].dense(&name())?, axes, cx.out_shape, pool).map(Value::Dense),
+        Op::Broadcast { .. } => Some(Value::Dense(broadcast(args[0].dense(&name())?, cx.out_shape, pool))),
         Op::Concat { axis } if args.iter().all(|a| a.dense("concat").is_ok()) => {
             let parts: Vec<&Tensor<f32>> = args.iter().map(|a| a.dense("concat")).collect::<Result<_, _>>()?;
-            Some(Value::Dense(concat(&parts, *axis, cx.out_shape)))
+            Some(Value::Dense(concat(&parts, *axis, cx.out_shape, pool)))
         }
         Op::Reshape { .. } if matches!(args[0], Arg::Param(_) | Arg::Value(Value::Dense(_))) => {
             let x = args[0].dense(&name())?;
-            Some(Value::Dense(Tensor { shape: cx.out_shape.to_vec(), data: x.data.clone() }))
+            let mut data = pool.take(x.data.len());
+            data.copy_from_slice(&x.data);
+            Some(Value::Dense(Tensor { shape: cx.out_shape.to_vec(), data }))
         }
         _ => None,
     })
+}
+
+/// The ops that reuse an operand this node is the last reader of: a reshape (the same
+/// elements in the same order), a slice along the first axis (a prefix after moving the
+/// kept rows to the front) and `SparseRows` (its ids and values as they are). `None` when
+/// the operand cannot be taken (it is read later, fed, or a parameter).
+fn moved(op: &Op, operands: &mut Operands<f32>, cx: &EvalCx) -> Result<Option<Value<f32>>, ExecError> {
+    let out = cx.out_shape;
+    let bad = |message: &str| ExecError::BadOperand { op: op.name(), message: message.into() };
+    match op {
+        Op::Reshape { .. } => Ok(match operands.take(0) {
+            Some(Value::Dense(t)) => Some(Value::Dense(Tensor { shape: out.to_vec(), data: t.data })),
+            Some(Value::Ids(t)) => Some(Value::Ids(Tensor { shape: out.to_vec(), data: t.data })),
+            Some(_) => return Err(bad("cannot reshape a row-sparse gradient")),
+            None => None,
+        }),
+        Op::Slice { axis, start, .. } => {
+            let Some(x) = operands.arg(0) else { return Ok(None) };
+            let shape = match x {
+                Arg::Value(Value::Dense(t)) | Arg::Param(t) => &t.shape,
+                Arg::Value(Value::Ids(t)) => &t.shape,
+                Arg::Value(_) => return Ok(None),
+            };
+            // Only a slice whose kept elements are one contiguous run.
+            if shape[..*axis].iter().any(|&d| d != 1) {
+                return Ok(None);
+            }
+            let inner: usize = shape[axis + 1..].iter().product();
+            let (start, len, size) = (cx.size(start)?, out[*axis], shape[*axis]);
+            if start + len > size {
+                return Ok(None);
+            }
+            let (from, n) = (start * inner, len * inner);
+            fn cut<E: Copy>(mut data: Vec<E>, from: usize, n: usize) -> Vec<E> {
+                data.copy_within(from..from + n, 0);
+                data.truncate(n);
+                data
+            }
+            Ok(match operands.take(0) {
+                Some(Value::Dense(t)) => Some(Value::Dense(Tensor { shape: out.to_vec(), data: cut(t.data, from, n) })),
+                Some(Value::Ids(t)) => Some(Value::Ids(Tensor { shape: out.to_vec(), data: cut(t.data, from, n) })),
+                Some(_) => return Err(bad("cannot slice a row-sparse gradient")),
+                None => None,
+            })
+        }
+        Op::SparseRows { .. } => {
+            let name = op.name();
+            let limit = out[0];
+            {
+                let ids = operands.arg(0).ok_or_else(|| bad("an operand was freed too early"))?.ids(&name)?;
+                if let Some(&id) = ids.data.iter().find(|&&id| id as usize >= limit) {
+                    return Err(ExecError::IdOutOfRange { op: name, id, limit });
+                }
+                operands.arg(1).ok_or_else(|| bad("an operand was freed too early"))?.dense(&name)?;
+            }
+            let rows = match operands.take(0) {
+                Some(Value::Ids(t)) => t.data,
+                Some(_) => return Err(bad("expected ids")),
+                None => operands.arg(0).ok_or_else(|| bad("an operand was freed too early"))?.ids(&name)?.data.clone(),
+            };
+            let data = match operands.take(1) {
+                Some(Value::Dense(t)) => t.data,
+                Some(_) => return Err(bad("expected a dense tensor")),
+                None => operands.arg(1).ok_or_else(|| bad("an operand was freed too early"))?.dense(&name)?.data.clone(),
+            };
+            let mut value_shape = vec![rows.len()];
+            value_shape.extend_from_slice(&out[1..]);
+            Ok(Some(Value::RowSparse { shape: out.to_vec(), rows, values: Tensor { shape: value_shape, data } }))
+        }
+        _ => Ok(None),
+    }
 }
 
 // ------------------------------------------------------------------ matmul
@@ -45,14 +134,15 @@ fn strides(cols: usize, trans: bool) -> (isize, isize) {
     }
 }
 
-fn matmul(a: &Tensor<f32>, b: &Tensor<f32>, ta: bool, tb: bool, out_shape: &[usize], threads: usize) -> Tensor<f32> {
+fn matmul(a: &Tensor<f32>, b: &Tensor<f32>, ta: bool, tb: bool, out_shape: &[usize], threads: usize, pool: &mut Pool) -> Tensor<f32> {
     let (ra, rb) = (a.shape.len(), b.shape.len());
     let (a_rows, a_cols) = (a.shape[ra - 2], a.shape[ra - 1]);
     let (b_rows, b_cols) = (b.shape[rb - 2], b.shape[rb - 1]);
     let (m, k) = if ta { (a_cols, a_rows) } else { (a_rows, a_cols) };
     let n = if tb { b_rows } else { b_cols };
     let batch: usize = a.shape[..ra - 2].iter().product();
-    let mut out = vec![0.0f32; out_shape.iter().product()];
+    // Every element is written (gemm with `read_dst` off), so the buffer need not be zeros.
+    let mut out = if m == 0 || n == 0 || k == 0 { vec![0.0f32; out_shape.iter().product()] } else { pool.take(out_shape.iter().product()) };
     let (a_rs, a_cs) = strides(a_cols, ta);
     let (b_rs, b_cs) = strides(b_cols, tb);
     let par = |work: usize| if threads > 1 && work >= GEMM_PARALLEL_WORK { Parallelism::Rayon(threads) } else { Parallelism::None };
@@ -102,8 +192,8 @@ fn split<F: Fn(usize, &mut [f32]) + Sync>(out: &mut [f32], threads: usize, align
     });
 }
 
-fn unary(u: UnaryOp, x: &Tensor<f32>, threads: usize) -> Tensor<f32> {
-    let mut out = vec![0.0f32; x.data.len()];
+fn unary(u: UnaryOp, x: &Tensor<f32>, threads: usize, pool: &mut Pool) -> Tensor<f32> {
+    let mut out = pool.take(x.data.len());
     macro_rules! map {
         ($f:expr) => {
             split(&mut out, threads, 1, |off, o| {
@@ -170,7 +260,7 @@ fn pattern(a: &[usize], b: &[usize]) -> Option<Pattern> {
     None
 }
 
-fn binary(op: BinaryOp, a: &Tensor<f32>, b: &Tensor<f32>, out_shape: &[usize], threads: usize) -> Option<Tensor<f32>> {
+fn binary(op: BinaryOp, a: &Tensor<f32>, b: &Tensor<f32>, out_shape: &[usize], threads: usize, pool: &mut Pool) -> Option<Tensor<f32>> {
     // Put the operand with the output's shape first; remember whether we swapped.
     let (big, small, swapped) = if a.shape == out_shape {
         (a, b, false)
@@ -180,7 +270,7 @@ fn binary(op: BinaryOp, a: &Tensor<f32>, b: &Tensor<f32>, out_shape: &[usize], t
         return None;
     };
     let pat = pattern(&big.shape, &small.shape)?;
-    let mut out = vec![0.0f32; big.data.len()];
+    let mut out = pool.take(big.data.len());
     macro_rules! apply {
         ($f:expr) => {{
             let f = $f;
@@ -238,7 +328,7 @@ fn binary(op: BinaryOp, a: &Tensor<f32>, b: &Tensor<f32>, out_shape: &[usize], t
 // ------------------------------------------------------------------ reductions
 
 /// Sum or mean over a contiguous run of axes (`[outer, reduced, inner]` after grouping).
-fn reduce(op: ReduceOp, x: &Tensor<f32>, axes: &[usize], out_shape: &[usize]) -> Option<Tensor<f32>> {
+fn reduce(op: ReduceOp, x: &Tensor<f32>, axes: &[usize], out_shape: &[usize], pool: &mut Pool) -> Option<Tensor<f32>> {
     if op == ReduceOp::Max || axes.is_empty() || axes.windows(2).any(|w| w[1] != w[0] + 1) {
         return None;
     }
@@ -246,7 +336,7 @@ fn reduce(op: ReduceOp, x: &Tensor<f32>, axes: &[usize], out_shape: &[usize]) ->
     let outer: usize = x.shape[..first].iter().product();
     let red: usize = x.shape[first..=last].iter().product();
     let inner: usize = x.shape[last + 1..].iter().product();
-    let mut out = vec![0.0f32; outer * inner];
+    let mut out = pool.zeroed(outer * inner);
     if inner == 1 {
         for (o, row) in out.iter_mut().zip(x.data.chunks(red.max(1))) {
             *o = row.iter().sum();
@@ -273,12 +363,13 @@ fn reduce(op: ReduceOp, x: &Tensor<f32>, axes: &[usize], out_shape: &[usize]) ->
 
 /// Numpy broadcast of `x` to `out_shape` as block copies: the trailing axes where input
 /// and output agree form a contiguous block; a broadcast last axis becomes runs of fills.
-fn broadcast(x: &Tensor<f32>, out_shape: &[usize]) -> Tensor<f32> {
+fn broadcast(x: &Tensor<f32>, out_shape: &[usize], pool: &mut Pool) -> Tensor<f32> {
     let rank = out_shape.len();
     let mut ins = vec![1usize; rank - x.shape.len()];
     ins.extend_from_slice(&x.shape);
     let total: usize = out_shape.iter().product();
-    let mut out = Vec::with_capacity(total);
+    let mut out = pool.take(total);
+    let mut at = 0usize;
     // Trailing axes equal in both: one contiguous block per outer index.
     let mut t = rank;
     while t > 0 && ins[t - 1] == out_shape[t - 1] {
@@ -296,7 +387,8 @@ fn broadcast(x: &Tensor<f32>, out_shape: &[usize]) -> Tensor<f32> {
     let mut idx = vec![0usize; t];
     let mut src = 0usize;
     for _ in 0..outer {
-        out.extend_from_slice(&x.data[src..src + block]);
+        out[at..at + block].copy_from_slice(&x.data[src..src + block]);
+        at += block;
         // Advance the multi-index and the source offset.
         for a in (0..t).rev() {
             idx[a] += 1;
@@ -312,14 +404,16 @@ fn broadcast(x: &Tensor<f32>, out_shape: &[usize]) -> Tensor<f32> {
 }
 
 /// Concatenation along `axis`: per outer index, each part's contiguous slab in turn.
-fn concat(parts: &[&Tensor<f32>], axis: usize, out_shape: &[usize]) -> Tensor<f32> {
+fn concat(parts: &[&Tensor<f32>], axis: usize, out_shape: &[usize], pool: &mut Pool) -> Tensor<f32> {
     let outer: usize = out_shape[..axis].iter().product();
     let total: usize = out_shape.iter().product();
     let slabs: Vec<usize> = parts.iter().map(|p| p.shape[axis..].iter().product()).collect();
-    let mut out = Vec::with_capacity(total);
+    let mut out = pool.take(total);
+    let mut at = 0usize;
     for o in 0..outer {
         for (p, &w) in parts.iter().zip(&slabs) {
-            out.extend_from_slice(&p.data[o * w..(o + 1) * w]);
+            out[at..at + w].copy_from_slice(&p.data[o * w..(o + 1) * w]);
+            at += w;
         }
     }
     Tensor { shape: out_shape.to_vec(), data: out }

@@ -29,12 +29,13 @@
 
 pub mod codegen;
 mod kernels;
+pub mod pool;
 
-use super::interp::execute;
+use super::interp::{execute, Evaluator, Lifetimes, Operands};
 use super::{ExecError, Executor, Mode, Values};
-use crate::exec::{Arg, EvalCx};
+use crate::exec::EvalCx;
 use crate::ir::dim::Binding;
-use crate::ir::graph::Graph;
+use crate::ir::graph::{Graph, NodeId};
 use crate::ops::{self, Op};
 use crate::tensor::{Tensor, Value};
 use std::collections::HashMap;
@@ -45,11 +46,13 @@ use std::time::{Duration, Instant};
 const PLAN_CACHE: usize = 4;
 
 /// A graph as the jit runs it: `source` is the caller's graph (kept to recognise it),
-/// `fused` the same graph after the fusion pass.
+/// `fused` the same graph after the fusion pass, `lifetimes` those of `fused` (computed
+/// once, used every run).
 #[derive(Debug)]
 struct Plan {
     source: Graph,
     fused: Graph,
+    lifetimes: Lifetimes,
 }
 
 /// Whether two graphs are the same graph: the same nodes (ops, operands, signatures) in
@@ -74,6 +77,8 @@ pub struct Jit {
     codegen: codegen::Options,
     /// Fused plans of recently run graphs, most recent first.
     plans: Vec<Plan>,
+    /// Buffers of freed values, reused by later ops and later runs ([`pool`]).
+    pool: pool::Pool,
 }
 
 impl Default for Jit {
@@ -97,6 +102,7 @@ impl Jit {
             fusion: true,
             codegen: codegen::Options::default(),
             plans: Vec::new(),
+            pool: pool::Pool::default(),
         }
     }
 
@@ -123,8 +129,9 @@ impl Jit {
                 self.plans.insert(0, p);
             }
             None => {
-                let fused = crate::fuse::fuse_elementwise(graph);
-                self.plans.insert(0, Plan { source: graph.clone(), fused });
+                let fused = if self.fusion { crate::fuse::fuse_elementwise(graph) } else { graph.clone() };
+                let lifetimes = Lifetimes::new(&fused, false);
+                self.plans.insert(0, Plan { source: graph.clone(), fused, lifetimes });
                 self.plans.truncate(PLAN_CACHE);
             }
         }
@@ -132,6 +139,59 @@ impl Jit {
 
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// `(buffers taken from the pool, buffers freshly allocated)` for results of pooled
+    /// sizes since the executor was made: in the steady state of training, the second
+    /// stops growing except for the values handed to the caller.
+    pub fn pool_counts(&self) -> (u64, u64) {
+        self.pool.counts()
+    }
+}
+
+/// The jit's per-node evaluator for one run: fast kernels, fused kernels, the eval rules
+/// as fallback; freed values go to the pool.
+struct JitEval<'r> {
+    threads: usize,
+    options: codegen::Options,
+    profile: Option<&'r mut HashMap<String, (Duration, usize)>>,
+    pool: &'r mut pool::Pool,
+}
+
+impl Evaluator<f32> for JitEval<'_> {
+    fn eval(&mut self, _id: NodeId, op: &Op, operands: &mut Operands<'_, '_, f32>, cx: &EvalCx) -> Result<Value<f32>, ExecError> {
+        let start = self.profile.is_some().then(Instant::now);
+        let mut fallback = false;
+        let out = match op {
+            Op::Fused(kernel) => {
+                let args = operands.args(op)?;
+                let tensors: Result<Vec<&Tensor<f32>>, ExecError> = args.iter().map(|a| a.dense("fused")).collect();
+                let pool = &mut *self.pool;
+                match codegen::run_with(kernel, &tensors?, cx.out_shape, self.threads, self.options, &mut |n, z| pool.alloc(n, z)) {
+                    Ok(t) => Value::Dense(t),
+                    Err(_) => {
+                        fallback = true;
+                        ops::eval(op, &args, cx)?
+                    }
+                }
+            }
+            _ => match kernels::fast(op, operands, cx, self.threads, self.pool)? {
+                Some(v) => v,
+                None => ops::eval(op, &operands.args(op)?, cx)?,
+            },
+        };
+        if let (Some(t), Some(profile)) = (start, self.profile.as_deref_mut()) {
+            let e = profile.entry(kind(op, fallback)).or_insert((Duration::ZERO, 0));
+            e.0 += t.elapsed();
+            e.1 += 1;
+        }
+        Ok(out)
+    }
+
+    fn free(&mut self, value: Value<f32>) {
+        if let Value::Dense(t) = value {
+            self.pool.put(t.data);
+        }
     }
 }
 
@@ -177,39 +237,13 @@ impl Executor for Jit {
         params: &HashMap<String, Tensor<f32>>,
         mode: &Mode,
     ) -> Result<Values<f32>, ExecError> {
-        let (threads, profiling, options, fusion) = (self.threads, self.profiling, self.codegen, self.fusion);
-        if fusion {
-            self.plan(graph);
-        }
-        let Jit { plans, profile, .. } = self;
-        let run_graph = if fusion { &plans[0].fused } else { graph };
-        let mut eval = |op: &Op, args: &[Arg<f32>], cx: &EvalCx| -> Result<Value<f32>, ExecError> {
-            let start = profiling.then(Instant::now);
-            let mut fallback = false;
-            let out = match op {
-                Op::Fused(kernel) => {
-                    let operands: Result<Vec<&Tensor<f32>>, ExecError> = args.iter().map(|a| a.dense("fused")).collect();
-                    match codegen::run(kernel, &operands?, cx.out_shape, threads, options) {
-                        Ok(t) => Value::Dense(t),
-                        Err(_) => {
-                            fallback = true;
-                            ops::eval(op, args, cx)?
-                        }
-                    }
-                }
-                _ => match kernels::fast(op, args, cx, threads)? {
-                    Some(v) => v,
-                    None => ops::eval(op, args, cx)?,
-                },
-            };
-            if let Some(t) = start {
-                let e = profile.entry(kind(op, fallback)).or_insert((Duration::ZERO, 0));
-                e.0 += t.elapsed();
-                e.1 += 1;
-            }
-            Ok(out)
-        };
-        let values = execute(run_graph, binding, feeds, params, mode, false, &mut eval)?;
-        Ok(if fusion { values.rekey(graph) } else { values })
+        self.plan(graph);
+        let Jit { plans, profile, pool, threads, codegen, profiling, fusion, .. } = self;
+        let plan = &plans[0];
+        let mut eval = JitEval { threads: *threads, options: *codegen, profile: profiling.then_some(profile), pool };
+        let values = execute(&plan.fused, &plan.lifetimes, binding, feeds, params, mode, &mut eval);
+        pool.end_run();
+        let values = values?;
+        Ok(if *fusion { values.rekey(graph) } else { values })
     }
 }
