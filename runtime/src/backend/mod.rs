@@ -5,6 +5,8 @@
 
 pub mod interp;
 pub mod jit;
+#[cfg(feature = "opencl")]
+pub mod opencl;
 
 pub use crate::exec::{ExecError, Mode};
 

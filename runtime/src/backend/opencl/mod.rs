@@ -1,0 +1,568 @@
+//! The OpenCL backend (`opencl`, cargo feature `opencl`): runs graphs on an OpenCL device
+//! through the `ocl` crate. Tested on PoCL (OpenCL on the CPU); meant for GPUs.
+//!
+//! This module owns:
+//! - **device discovery** ([`probe`], [`devices`], [`OpenCl::new`]): the platform count
+//!   comes from the raw `clGetPlatformIDs` (microseconds), never from `ocl`'s
+//!   `Platform::list/default/first` or an implicit-platform `Context`/`ProQue` build, which
+//!   wait about 10 s and then panic on a machine without a platform. With none, creating
+//!   the executor fails at once with a clear error. Devices are numbered over all platforms
+//!   in order (what `mdl devices` prints); the default is the first GPU, else the first
+//!   device.
+//! - **the executor** ([`OpenCl`]): the interp driver (`interp::execute`: node order, feed
+//!   and result checks, values freed after their last use) over the jit's fused plan (the
+//!   fusion pass [`crate::fuse`] runs once per graph; plans are cached per graph by value).
+//!   On the device run:
+//!   - every `Op::Fused` kernel, rendered as OpenCL C from the same [`FusedKernel`]
+//!     description the jit compiles with Cranelift (see [`render`]), reduction epilogues
+//!     included;
+//!   - every `MatMul`, as a tiled kernel with local-memory tiles (`render::MATMUL`).
+//!
+//!   All kernels of a plan are one OpenCL program, built once per distinct source text
+//!   (PoCL also caches builds on disk under `POCL_CACHE_DIR`). Every other op (gather,
+//!   pooling and its row-sparse backward, softmax, layout ops, ...) runs on the host
+//!   through its eval rule, so the backend is complete by construction and agrees with
+//!   interp.
+//! - **parameters on the device**: a parameter read by a device kernel gets a device
+//!   buffer allocated once per executor; each `run` writes the parameter's current host
+//!   values into it once, and every kernel of the step reads that buffer. In this increment
+//!   the optimizer still runs on the host (the training loop owns it), so parameters change
+//!   on the host and are refreshed once per step; keeping optimizer state and updates on
+//!   the device (and intermediate values between device kernels) is the next increment.
+//!
+//! A program that does not build is an error that shows the compiler's build log with the
+//! offending source lines (`render::annotate_build_log`).
+
+pub mod render;
+
+use super::interp::{execute, Evaluator, Lifetimes, Operands};
+use super::{ExecError, Executor, Mode, Values};
+use crate::exec::EvalCx;
+use crate::ir::dim::Binding;
+use crate::ir::graph::{Graph, NodeId};
+use crate::ops::fused::{broadcast_all, broadcasts_to, FusedKernel};
+use crate::ops::{self, Op};
+use crate::tensor::{broadcast_strides, Tensor, Value};
+use ocl::enums::{DeviceInfo as ClDeviceInfo, DeviceInfoResult};
+use ocl::flags::DeviceType;
+use ocl::{Buffer, Context, Device, Kernel, Platform, Program, Queue};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// How many fused plans (graphs) an executor keeps (training uses two: train and eval).
+const PLAN_CACHE: usize = 4;
+
+/// The error when no platform is installed.
+pub const NO_PLATFORM: &str = "no OpenCL platform found; install an ICD such as pocl-opencl-icd";
+
+/// The platform ids, from the raw `clGetPlatformIDs` (fast, and never waits for a
+/// platform to appear). Empty when none is installed.
+fn platform_ids() -> Vec<ocl::core::PlatformId> {
+    let mut n: ocl::ffi::cl_uint = 0;
+    // SAFETY: the count query writes only `n`.
+    let status = unsafe { ocl::ffi::clGetPlatformIDs(0, std::ptr::null_mut(), &mut n) };
+    if status != 0 || n == 0 {
+        return Vec::new();
+    }
+    let mut ids: Vec<ocl::ffi::cl_platform_id> = vec![std::ptr::null_mut(); n as usize];
+    // SAFETY: `ids` has room for `n` ids; `got` is written with how many were stored.
+    let mut got: ocl::ffi::cl_uint = 0;
+    let status = unsafe { ocl::ffi::clGetPlatformIDs(n, ids.as_mut_ptr(), &mut got) };
+    if status != 0 {
+        return Vec::new();
+    }
+    ids.truncate(got as usize);
+    // SAFETY: the ids come from the OpenCL runtime itself.
+    ids.into_iter().filter(|p| !p.is_null()).map(|p| unsafe { ocl::core::PlatformId::from_raw(p) }).collect()
+}
+
+/// How many OpenCL platforms this machine has (0 when no ICD is installed).
+pub fn probe() -> usize {
+    platform_ids().len()
+}
+
+/// One OpenCL device, as `mdl devices` lists it.
+#[derive(Clone, Debug)]
+pub struct DeviceSummary {
+    /// The number `--device N` takes: devices numbered over all platforms in order.
+    pub index: usize,
+    pub platform: String,
+    pub name: String,
+    /// `GPU`, `CPU`, `accelerator` or `other`.
+    pub kind: &'static str,
+    pub compute_units: u32,
+    pub global_mem_bytes: u64,
+}
+
+/// Serialises device discovery and context creation in a process: some platforms (PoCL)
+/// initialise their devices on first use and crash when two threads do that at once.
+static DISCOVERY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Every device of every platform, with the `ocl` handles.
+fn all_devices() -> Result<Vec<(Platform, Device, DeviceSummary)>, String> {
+    let _one_at_a_time = DISCOVERY.lock().unwrap_or_else(|e| e.into_inner());
+    let ids = platform_ids();
+    if ids.is_empty() {
+        return Err(NO_PLATFORM.into());
+    }
+    let mut out = Vec::new();
+    for id in ids {
+        let platform = Platform::new(id);
+        let pname = platform.name().unwrap_or_else(|e| format!("(unnamed platform: {e})"));
+        let devices = Device::list_all(platform).map_err(|e| format!("OpenCL platform {pname}: cannot list devices: {e}"))?;
+        for device in devices {
+            let kind = match device.info(ClDeviceInfo::Type) {
+                Ok(DeviceInfoResult::Type(t)) if t.contains(DeviceType::GPU) => "GPU",
+                Ok(DeviceInfoResult::Type(t)) if t.contains(DeviceType::CPU) => "CPU",
+                Ok(DeviceInfoResult::Type(t)) if t.contains(DeviceType::ACCELERATOR) => "accelerator",
+                _ => "other",
+            };
+            let compute_units = match device.info(ClDeviceInfo::MaxComputeUnits) {
+                Ok(DeviceInfoResult::MaxComputeUnits(n)) => n,
+                _ => 0,
+            };
+            let global_mem_bytes = match device.info(ClDeviceInfo::GlobalMemSize) {
+                Ok(DeviceInfoResult::GlobalMemSize(n)) => n,
+                _ => 0,
+            };
+            let summary = DeviceSummary {
+                index: out.len(),
+                platform: pname.clone(),
+                name: device.name().unwrap_or_else(|_| "(unnamed device)".into()).trim().to_string(),
+                kind,
+                compute_units,
+                global_mem_bytes,
+            };
+            out.push((platform, device, summary));
+        }
+    }
+    Ok(out)
+}
+
+/// The devices of all platforms, numbered as `--device N` takes them; an error (within
+/// milliseconds) when no platform is installed.
+pub fn devices() -> Result<Vec<DeviceSummary>, String> {
+    Ok(all_devices()?.into_iter().map(|(_, _, s)| s).collect())
+}
+
+/// The default device: the first GPU, else the first device.
+pub fn default_device() -> Result<usize, String> {
+    let all = devices()?;
+    if all.is_empty() {
+        return Err("the OpenCL platforms list no devices".into());
+    }
+    Ok(all.iter().find(|d| d.kind == "GPU").map_or(0, |d| d.index))
+}
+
+/// A graph as the backend runs it: the caller's graph (kept to recognise it), the fused
+/// graph, the name of each distinct fused kernel in the plan's program, the program's
+/// source, and the parameters some device kernel reads.
+struct Plan {
+    source: Graph,
+    fused: Graph,
+    kernels: HashMap<FusedKernel, String>,
+    program_source: String,
+    device_params: Vec<String>,
+    /// The value lifetimes of `fused`, computed once.
+    lifetimes: Lifetimes,
+}
+
+/// Whether two graphs are the same graph (same nodes in the same order, same tables).
+fn same_graph(a: &Graph, b: &Graph) -> bool {
+    a.len() == b.len()
+        && a.outputs == b.outputs
+        && a.params == b.params
+        && a.inputs == b.inputs
+        && a.ids().all(|id| a.node(id) == b.node(id))
+}
+
+/// The OpenCL executor.
+pub struct OpenCl {
+    device: Device,
+    summary: DeviceSummary,
+    context: Context,
+    queue: Queue,
+    plans: Vec<Plan>,
+    /// Built programs by source text.
+    programs: HashMap<String, Program>,
+    /// Device copies of parameters read by device kernels, by name.
+    resident: HashMap<String, Buffer<f32>>,
+    profiling: bool,
+    profile: HashMap<String, (Duration, usize)>,
+}
+
+impl std::fmt::Debug for OpenCl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenCl").field("device", &self.summary).field("plans", &self.plans.len()).finish()
+    }
+}
+
+fn cl_err(what: &str, e: impl std::fmt::Display) -> ExecError {
+    ExecError::BadOperand { op: "opencl".into(), message: format!("{what}: {e}") }
+}
+
+impl OpenCl {
+    /// An executor on device `index` (as numbered by [`devices`]), or on the default device
+    /// (first GPU, else first device) when `None`.
+    pub fn new(index: Option<usize>) -> Result<OpenCl, String> {
+        let mut all = all_devices()?;
+        if all.is_empty() {
+            return Err("the OpenCL platforms list no devices".into());
+        }
+        let index = match index {
+            Some(i) if i < all.len() => i,
+            Some(i) => {
+                return Err(format!("OpenCL device {i} does not exist (this machine has {}; see `mdl devices`)", all.len()))
+            }
+            None => all.iter().find(|d| d.2.kind == "GPU").map_or(0, |d| d.2.index),
+        };
+        let (platform, device, summary) = all.swap_remove(index);
+        let _one_at_a_time = DISCOVERY.lock().unwrap_or_else(|e| e.into_inner());
+        let context = Context::builder()
+            .platform(platform)
+            .devices(device)
+            .build()
+            .map_err(|e| format!("OpenCL device {index} ({}): cannot create a context: {e}", summary.name))?;
+        let queue = Queue::new(&context, device, None)
+            .map_err(|e| format!("OpenCL device {index} ({}): cannot create a queue: {e}", summary.name))?;
+        Ok(OpenCl {
+            device,
+            summary,
+            context,
+            queue,
+            plans: Vec::new(),
+            programs: HashMap::new(),
+            resident: HashMap::new(),
+            profiling: false,
+            profile: HashMap::new(),
+        })
+    }
+
+    /// The device this executor runs on.
+    pub fn device(&self) -> &DeviceSummary {
+        &self.summary
+    }
+
+    /// How many distinct programs this executor has built.
+    pub fn programs_built(&self) -> usize {
+        self.programs.len()
+    }
+
+    /// Puts the plan of `graph` first in `plans`, making it (and building its program) on
+    /// first sight.
+    fn plan(&mut self, graph: &Graph) -> Result<(), ExecError> {
+        if let Some(i) = self.plans.iter().position(|p| same_graph(&p.source, graph)) {
+            let p = self.plans.remove(i);
+            self.plans.insert(0, p);
+            return Ok(());
+        }
+        let fused = crate::fuse::fuse_elementwise(graph);
+        let mut order: Vec<&FusedKernel> = Vec::new();
+        let mut kernels: HashMap<FusedKernel, String> = HashMap::new();
+        let mut device_params: Vec<String> = Vec::new();
+        for id in fused.ids() {
+            let node = fused.node(id);
+            let on_device = match &node.op {
+                Op::Fused(k) => {
+                    if !kernels.contains_key(k.as_ref()) {
+                        kernels.insert(k.as_ref().clone(), render::fused_name(order.len()));
+                        order.push(k.as_ref());
+                    }
+                    true
+                }
+                Op::MatMul { .. } => true,
+                _ => false,
+            };
+            if on_device {
+                for &i in &node.inputs {
+                    if let Op::Param { name } = &fused.node(i).op {
+                        if !device_params.contains(name) {
+                            device_params.push(name.clone());
+                        }
+                    }
+                }
+            }
+        }
+        let program_source = render::program(&order);
+        drop(order);
+        self.build_program(&program_source)?;
+        let lifetimes = Lifetimes::new(&fused, false);
+        self.plans.insert(0, Plan { source: graph.clone(), fused, kernels, program_source, device_params, lifetimes });
+        self.plans.truncate(PLAN_CACHE);
+        Ok(())
+    }
+
+    /// Builds OpenCL C `source` for this executor's device unless a program with that text
+    /// was built already; a build error shows the build log with the source lines it names.
+    pub fn build_program(&mut self, source: &str) -> Result<(), ExecError> {
+        if self.programs.contains_key(source) {
+            return Ok(());
+        }
+        let program = Program::builder().src(format!("#line 1\n{source}")).devices(self.device).build(&self.context).map_err(|e| {
+            let log = e.to_string();
+            ExecError::BadOperand {
+                op: "opencl program".into(),
+                message: format!(
+                    "the kernels did not build on {}:\n{}",
+                    self.summary.name,
+                    render::annotate_build_log(&log, source)
+                ),
+            }
+        })?;
+        self.programs.insert(source.to_string(), program);
+        Ok(())
+    }
+
+    /// Writes the current host values of the plan's device parameters into their device
+    /// buffers (allocated on first use); returns the buffers keyed by the host data address
+    /// the driver will hand the eval rule.
+    fn refresh_params(
+        &mut self,
+        params: &HashMap<String, Tensor<f32>>,
+    ) -> Result<HashMap<usize, Buffer<f32>>, ExecError> {
+        let mut by_addr = HashMap::new();
+        let names = self.plans[0].device_params.clone();
+        for name in &names {
+            let Some(t) = params.get(name) else { continue };
+            if t.data.is_empty() {
+                continue;
+            }
+            let fresh = match self.resident.get(name) {
+                Some(b) if b.len() == t.data.len() => {
+                    b.write(&t.data).enq().map_err(|e| cl_err(&format!("uploading parameter {name}"), e))?;
+                    b.clone()
+                }
+                _ => {
+                    let b = Buffer::<f32>::builder()
+                        .queue(self.queue.clone())
+                        .len(t.data.len())
+                        .copy_host_slice(&t.data)
+                        .build()
+                        .map_err(|e| cl_err(&format!("allocating parameter {name}"), e))?;
+                    self.resident.insert(name.clone(), b.clone());
+                    b
+                }
+            };
+            by_addr.insert(t.data.as_ptr() as usize, fresh);
+        }
+        Ok(by_addr)
+    }
+}
+
+/// The device-side state one run's kernels need.
+struct DeviceRun<'a> {
+    queue: &'a Queue,
+    program: &'a Program,
+    kernels: &'a HashMap<FusedKernel, String>,
+    params: &'a HashMap<usize, Buffer<f32>>,
+}
+
+impl DeviceRun<'_> {
+    /// A device buffer holding `t`: the resident copy of a parameter, else a fresh upload.
+    fn operand(&self, t: &Tensor<f32>) -> Result<Buffer<f32>, ExecError> {
+        if let Some(b) = self.params.get(&(t.data.as_ptr() as usize)) {
+            if b.len() == t.data.len() {
+                return Ok(b.clone());
+            }
+        }
+        Buffer::<f32>::builder()
+            .queue(self.queue.clone())
+            .len(t.data.len())
+            .copy_host_slice(&t.data)
+            .build()
+            .map_err(|e| cl_err("uploading an operand", e))
+    }
+
+    fn output(&self, len: usize) -> Result<Buffer<f32>, ExecError> {
+        Buffer::<f32>::builder().queue(self.queue.clone()).len(len).build().map_err(|e| cl_err("allocating an output", e))
+    }
+
+    fn read(&self, b: &Buffer<f32>, len: usize) -> Result<Vec<f32>, ExecError> {
+        let mut data = vec![0f32; len];
+        b.read(&mut data).enq().map_err(|e| cl_err("reading a result", e))?;
+        Ok(data)
+    }
+
+    /// A fused kernel on the device; `None` when its shapes are outside what the rendered
+    /// kernel handles (empty tensors, indices beyond `int`), which then run on the host.
+    fn fused(&self, kernel: &FusedKernel, operands: &[&Tensor<f32>], out_shape: &[usize]) -> Result<Option<Tensor<f32>>, ExecError> {
+        let Some(name) = self.kernels.get(kernel) else { return Ok(None) };
+        let domain = match &kernel.reduce {
+            None => out_shape.to_vec(),
+            Some(_) => match broadcast_all(operands.iter().map(|x| x.shape.as_slice())) {
+                Some(d) => d,
+                None => return Ok(None),
+            },
+        };
+        if operands.iter().any(|x| !broadcasts_to(&x.shape, &domain) || x.data.is_empty()) {
+            return Ok(None);
+        }
+        let total: usize = out_shape.iter().product();
+        if total == 0 || domain.iter().product::<usize>() == 0 {
+            return Ok(None);
+        }
+        let reduced: Vec<usize> = kernel.reduce.as_ref().map_or(Vec::new(), |r| r.axes.clone());
+        let strides: Vec<Vec<usize>> = operands.iter().map(|x| broadcast_strides(&x.shape, &domain)).collect();
+        let Some(meta) = render::fused_meta(&domain, &reduced, &strides) else { return Ok(None) };
+        let meta = Buffer::<i32>::builder()
+            .queue(self.queue.clone())
+            .len(meta.len())
+            .copy_host_slice(&meta)
+            .build()
+            .map_err(|e| cl_err("uploading kernel metadata", e))?;
+        let out = self.output(total)?;
+        let inputs: Vec<Buffer<f32>> = operands.iter().map(|x| self.operand(x)).collect::<Result<_, _>>()?;
+        let mut builder = Kernel::builder();
+        builder.program(self.program).name(name.as_str()).queue(self.queue.clone()).global_work_size(total);
+        builder.arg(&meta).arg(&out);
+        for b in &inputs {
+            builder.arg(b);
+        }
+        let k = builder.build().map_err(|e| cl_err(&format!("kernel {name}"), e))?;
+        // SAFETY: every buffer argument holds the elements the meta strides address.
+        unsafe { k.enq() }.map_err(|e| cl_err(&format!("running kernel {name}"), e))?;
+        Ok(Some(Tensor { shape: out_shape.to_vec(), data: self.read(&out, total)? }))
+    }
+
+    /// A MatMul on the device (`None`: a shape the kernel does not take, run on the host).
+    fn matmul(&self, a: &Tensor<f32>, b: &Tensor<f32>, trans_a: bool, trans_b: bool, out_shape: &[usize]) -> Result<Option<Tensor<f32>>, ExecError> {
+        let (ra, rb) = (a.shape.len(), b.shape.len());
+        if ra < 2 || rb < 2 || out_shape.len() < 2 {
+            return Ok(None);
+        }
+        let (m, n) = (out_shape[out_shape.len() - 2], out_shape[out_shape.len() - 1]);
+        let k = if trans_a { a.shape[ra - 2] } else { a.shape[ra - 1] };
+        let batches: usize = a.shape[..ra - 2].iter().product();
+        let shared = rb == 2;
+        if !shared && b.shape[..rb - 2].iter().product::<usize>() != batches {
+            return Ok(None);
+        }
+        let total = batches * m * n;
+        if total == 0 || k == 0 || a.data.is_empty() || b.data.is_empty() {
+            return Ok(None);
+        }
+        let fits = |v: usize| i32::try_from(v).is_ok();
+        if !fits(a.data.len()) || !fits(b.data.len()) || !fits(total) || !fits(batches) {
+            return Ok(None);
+        }
+        let (a_rs, a_cs) = if trans_a { (1, m) } else { (k, 1) };
+        let (b_rs, b_cs) = if trans_b { (1, k) } else { (n, 1) };
+        let b_batch = if shared { 0 } else { k * n };
+        let (ab, bb) = (self.operand(a)?, self.operand(b)?);
+        let out = self.output(total)?;
+        let round = |v: usize| v.div_ceil(render::TS) * render::TS;
+        let mut builder = Kernel::builder();
+        builder
+            .program(self.program)
+            .name("mdl_matmul")
+            .queue(self.queue.clone())
+            .global_work_size([round(n), round(m), batches])
+            .local_work_size([render::TS, render::TS, 1]);
+        builder.arg(&ab).arg(&bb).arg(&out);
+        for v in [m, n, k, m * k, a_rs, a_cs, b_batch, b_rs, b_cs] {
+            builder.arg(v as i32);
+        }
+        let kernel = builder.build().map_err(|e| cl_err("kernel mdl_matmul", e))?;
+        // SAFETY: the strides address only elements of `a`, `b` and `out` (bounds checked in
+        // the kernel).
+        unsafe { kernel.enq() }.map_err(|e| cl_err("running kernel mdl_matmul", e))?;
+        Ok(Some(Tensor { shape: out_shape.to_vec(), data: self.read(&out, total)? }))
+    }
+}
+
+/// The backend's evaluator for the interp driver: device kernels where they apply, the
+/// eval rules otherwise; per-kind times when profiling.
+struct DeviceEval<'a> {
+    dev: DeviceRun<'a>,
+    profile: Option<&'a mut HashMap<String, (Duration, usize)>>,
+}
+
+impl Evaluator<f32> for DeviceEval<'_> {
+    fn eval(&mut self, _id: NodeId, op: &Op, operands: &mut Operands<'_, '_, f32>, cx: &EvalCx) -> Result<Value<f32>, ExecError> {
+        let start = self.profile.is_some().then(Instant::now);
+        let args = operands.args(op)?;
+        let on_device = match op {
+            Op::Fused(kernel) => {
+                let xs: Vec<&Tensor<f32>> = args.iter().map(|a| a.dense("fused")).collect::<Result<_, _>>()?;
+                self.dev.fused(kernel, &xs, cx.out_shape)?
+            }
+            Op::MatMul { trans_a, trans_b } => {
+                let (a, b) = (args[0].dense("matmul")?, args[1].dense("matmul")?);
+                self.dev.matmul(a, b, *trans_a, *trans_b, cx.out_shape)?
+            }
+            _ => None,
+        };
+        let device = on_device.is_some();
+        let out = match on_device {
+            Some(t) => Value::Dense(t),
+            None => ops::eval(op, &args, cx)?,
+        };
+        if let (Some(t), Some(profile)) = (start, self.profile.as_deref_mut()) {
+            let e = profile.entry(kind(op, device)).or_insert((Duration::ZERO, 0));
+            e.0 += t.elapsed();
+            e.1 += 1;
+        }
+        Ok(out)
+    }
+}
+
+/// The profile key of an op: `<kind>` for a device kernel, `<kind> (host)` for an eval
+/// rule on the host.
+fn kind(op: &Op, device: bool) -> String {
+    let base = match op {
+        Op::Fused(k) => {
+            let mut ops = k.summary();
+            if ops.len() > 40 {
+                let cut = (0..=37).rev().find(|&i| ops.is_char_boundary(i)).unwrap_or(0);
+                ops.truncate(cut);
+                ops.push_str("...");
+            }
+            format!("fused {ops}")
+        }
+        _ => op.name().split_whitespace().next().unwrap_or("").to_string(),
+    };
+    if device {
+        base
+    } else {
+        format!("{base} (host)")
+    }
+}
+
+impl Executor for OpenCl {
+    fn name(&self) -> &'static str {
+        "opencl"
+    }
+
+    fn set_profiling(&mut self, on: bool) {
+        self.profiling = on;
+        if on {
+            self.profile.clear();
+        }
+    }
+
+    fn profile(&self) -> Vec<(String, Duration, usize)> {
+        let mut v: Vec<(String, Duration, usize)> = self.profile.iter().map(|(k, (d, n))| (k.clone(), *d, *n)).collect();
+        v.sort_by_key(|p| std::cmp::Reverse(p.1));
+        v
+    }
+
+    fn run(
+        &mut self,
+        graph: &Graph,
+        binding: &Binding,
+        feeds: &HashMap<String, Value<f32>>,
+        params: &HashMap<String, Tensor<f32>>,
+        mode: &Mode,
+    ) -> Result<Values<f32>, ExecError> {
+        self.plan(graph)?;
+        let resident = self.refresh_params(params)?;
+        let profiling = self.profiling;
+        let OpenCl { plans, programs, queue, profile, .. } = self;
+        let plan = &plans[0];
+        let program = programs.get(&plan.program_source).ok_or_else(|| cl_err("program", "not built"))?;
+        let dev = DeviceRun { queue, program, kernels: &plan.kernels, params: &resident };
+        let mut evaluator = DeviceEval { dev, profile: profiling.then_some(profile) };
+        let values = execute(&plan.fused, &plan.lifetimes, binding, feeds, params, mode, &mut evaluator)?;
+        Ok(values.rekey(graph))
+    }
+}

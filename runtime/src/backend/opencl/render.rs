@@ -1,0 +1,259 @@
+//! OpenCL C rendering of the kernels the OpenCL backend runs: the second rendering of the
+//! fused-kernel description ([`FusedKernel`]) that `backend::jit::codegen` renders with
+//! Cranelift, and the tiled matrix product.
+//!
+//! This module is plain text generation (no OpenCL calls), so it owns:
+//! - [`fused`]: one `__kernel` per [`FusedKernel`]. One work item computes one output
+//!   element. The elementwise domain's axes are split into *kept* axes (the output's) and
+//!   *reduced* axes (those of the reduction epilogue, none without one); the sizes of both
+//!   and, per operand, its strides along them (0 on a broadcast axis) come at run time in
+//!   the `meta` array laid out by [`fused_meta`]. The work item decomposes its output index
+//!   into kept-axis indices, then, for each reduced index in row-major order, evaluates the
+//!   body once and adds the result, which is the summation order of `Op::Reduce`'s eval
+//!   rule. The body uses the scalar semantics of `ops::elementwise` (stable sigmoid and
+//!   softplus, relu/step/sign/comparisons as selects, constants as exact bit patterns).
+//! - [`MATMUL`]: a batched matrix product with `TS`×`TS` tiles of both operands staged in
+//!   local memory; transposition and a shared right operand are strides.
+//! - [`program`]: the source of a whole plan (all its fused kernels and the matmul) as one
+//!   program, so the OpenCL compiler runs once per plan. `FP_CONTRACT` is off, so `a*b + c`
+//!   rounds twice exactly as interp does.
+
+use crate::ops::fused::{FusedKernel, Instr};
+use crate::ops::{BinaryOp, ReduceOp, UnaryOp};
+use std::fmt::Write;
+
+/// The tile edge of the matmul kernel (work groups are `TS`×`TS`).
+pub const TS: usize = 16;
+
+/// The tiled matmul kernel: `c[p] = op(a[p]) @ op(b[p])` for batch `p` (the third global
+/// axis); element `(i, l)` of `op(a)` is `a[p * a_batch + i * a_rs + l * a_cs]`, and
+/// likewise for `b` (`b_batch` is 0 for a right operand shared by every batch).
+pub const MATMUL: &str = r#"
+__kernel __attribute__((reqd_work_group_size(TS, TS, 1)))
+void mdl_matmul(__global const float* a, __global const float* b, __global float* c,
+                const int m, const int n, const int k,
+                const int a_batch, const int a_rs, const int a_cs,
+                const int b_batch, const int b_rs, const int b_cs) {
+    __local float ta[TS][TS];
+    __local float tb[TS][TS];
+    const int col = get_global_id(0);
+    const int row = get_global_id(1);
+    const int p = get_global_id(2);
+    const int lc = get_local_id(0);
+    const int lr = get_local_id(1);
+    a += p * a_batch;
+    b += p * b_batch;
+    c += p * m * n;
+    float acc = 0.0f;
+    for (int t = 0; t < k; t += TS) {
+        const int ak = t + lc;
+        ta[lr][lc] = (row < m && ak < k) ? a[row * a_rs + ak * a_cs] : 0.0f;
+        const int bk = t + lr;
+        tb[lr][lc] = (bk < k && col < n) ? b[bk * b_rs + col * b_cs] : 0.0f;
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int l = 0; l < TS; l++) {
+            acc += ta[lr][l] * tb[l][lc];
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    if (row < m && col < n) {
+        c[row * n + col] = acc;
+    }
+}
+"#;
+
+/// A float constant as OpenCL C: its exact f32 bit pattern.
+fn constant(c: f64) -> String {
+    format!("as_float(0x{:08x}u)", (c as f32).to_bits())
+}
+
+fn unary(u: UnaryOp, x: &str) -> String {
+    match u {
+        UnaryOp::Neg => format!("-{x}"),
+        UnaryOp::Exp => format!("exp({x})"),
+        UnaryOp::Log => format!("log({x})"),
+        UnaryOp::Sqrt => format!("sqrt({x})"),
+        UnaryOp::Recip => format!("1.0f / {x}"),
+        UnaryOp::Relu => format!("({x} > 0.0f ? {x} : 0.0f)"),
+        UnaryOp::Sigmoid => format!("({x} >= 0.0f ? 1.0f / (1.0f + exp(-{x})) : exp({x}) / (1.0f + exp({x})))"),
+        UnaryOp::Tanh => format!("tanh({x})"),
+        UnaryOp::Softplus => format!("(fmax({x}, 0.0f) + log1p(exp(-fabs({x}))))"),
+        UnaryOp::Abs => format!("fabs({x})"),
+        UnaryOp::Step => format!("({x} > 0.0f ? 1.0f : 0.0f)"),
+        UnaryOp::Sign => format!("({x} > 0.0f ? 1.0f : ({x} < 0.0f ? -1.0f : 0.0f))"),
+    }
+}
+
+fn binary(b: BinaryOp, x: &str, y: &str) -> String {
+    match b {
+        BinaryOp::Add => format!("{x} + {y}"),
+        BinaryOp::Sub => format!("{x} - {y}"),
+        BinaryOp::Mul => format!("{x} * {y}"),
+        BinaryOp::Div => format!("{x} / {y}"),
+        BinaryOp::Max => format!("fmax({x}, {y})"),
+        BinaryOp::Min => format!("fmin({x}, {y})"),
+        BinaryOp::Gt => format!("({x} > {y} ? 1.0f : 0.0f)"),
+        BinaryOp::Eq => format!("({x} == {y} ? 1.0f : 0.0f)"),
+    }
+}
+
+/// The body's statements: `v<i>` holds instruction `i`; operand `k`'s element is read at
+/// offset `o<k>`.
+fn body(kernel: &FusedKernel, indent: &str) -> String {
+    let mut s = String::new();
+    for (at, instr) in kernel.body.iter().enumerate() {
+        let value = match *instr {
+            Instr::Input(i) => format!("x{i}[o{i}]"),
+            Instr::Const(c) => constant(c),
+            Instr::Unary(u, a) => unary(u, &format!("v{a}")),
+            Instr::Binary(b, x, y) => binary(b, &format!("v{x}"), &format!("v{y}")),
+        };
+        let _ = writeln!(s, "{indent}const float v{at} = {value};");
+    }
+    s
+}
+
+/// The OpenCL C source of one fused kernel named `name`. Arguments: `meta` (see
+/// [`fused_meta`]), the output, then the kernel's operands in order.
+pub fn fused(kernel: &FusedKernel, name: &str) -> String {
+    let mut s = String::new();
+    let operands: String = (0..kernel.inputs).map(|k| format!(", __global const float* x{k}")).collect();
+    let _ = writeln!(s, "// {}", kernel.summary());
+    let _ = writeln!(s, "__kernel void {name}(__global const int* meta, __global float* out{operands}) {{");
+    s.push_str("    const int nk = meta[0], nr = meta[1], total = meta[2], count = meta[3];\n");
+    s.push_str("    const int o = get_global_id(0);\n");
+    s.push_str("    if (o >= total) return;\n");
+    s.push_str("    const int w = nk + nr;\n");
+    for k in 0..kernel.inputs {
+        let _ = writeln!(s, "    __global const int* s{k} = meta + 4 + w + {k} * w;");
+        let _ = writeln!(s, "    int b{k} = 0;");
+    }
+    s.push_str("    int rem = o;\n");
+    s.push_str("    for (int a = nk - 1; a >= 0; a--) {\n");
+    s.push_str("        const int d = meta[4 + a];\n        const int i = rem % d;\n        rem /= d;\n");
+    for k in 0..kernel.inputs {
+        let _ = writeln!(s, "        b{k} += i * s{k}[a];");
+    }
+    s.push_str("    }\n");
+    let last = kernel.body.len() - 1;
+    match &kernel.reduce {
+        None => {
+            for k in 0..kernel.inputs {
+                let _ = writeln!(s, "    const int o{k} = b{k};");
+            }
+            s.push_str(&body(kernel, "    "));
+            let _ = writeln!(s, "    out[o] = v{last};");
+        }
+        Some(r) => {
+            s.push_str("    float acc = 0.0f;\n");
+            s.push_str("    for (int r = 0; r < count; r++) {\n");
+            for k in 0..kernel.inputs {
+                let _ = writeln!(s, "        int o{k} = b{k};");
+            }
+            s.push_str("        int rr = r;\n");
+            s.push_str("        for (int a = nr - 1; a >= 0; a--) {\n");
+            s.push_str("            const int d = meta[4 + nk + a];\n            const int i = rr % d;\n            rr /= d;\n");
+            for k in 0..kernel.inputs {
+                let _ = writeln!(s, "            o{k} += i * s{k}[nk + a];");
+            }
+            s.push_str("        }\n");
+            s.push_str(&body(kernel, "        "));
+            let _ = writeln!(s, "        acc += v{last};");
+            s.push_str("    }\n");
+            match r.op {
+                ReduceOp::Mean => s.push_str("    out[o] = acc / (float)count;\n"),
+                ReduceOp::Sum | ReduceOp::Max => s.push_str("    out[o] = acc;\n"),
+            }
+        }
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// The `meta` array of a fused kernel run: `[nk, nr, total, count, kept sizes...,
+/// reduced sizes..., then per operand its strides along the kept axes and along the
+/// reduced axes]`, where `domain` is the elementwise domain (the broadcast of all operand
+/// shapes), `reduced` the axes the epilogue reduces (empty without one), and `strides[k]`
+/// operand `k`'s strides over `domain` (0 where it is broadcast). `None` when an index
+/// would not fit an OpenCL `int`.
+pub fn fused_meta(domain: &[usize], reduced: &[usize], strides: &[Vec<usize>]) -> Option<Vec<i32>> {
+    let kept: Vec<usize> = (0..domain.len()).filter(|a| !reduced.contains(a)).collect();
+    let total: usize = kept.iter().map(|&a| domain[a]).product();
+    let count: usize = reduced.iter().map(|&a| domain[a]).product();
+    let fits = |v: usize| i32::try_from(v).ok();
+    fits(domain.iter().product::<usize>())?;
+    let mut meta = vec![fits(kept.len())?, fits(reduced.len())?, fits(total)?, fits(count)?];
+    for &a in kept.iter().chain(reduced) {
+        meta.push(fits(domain[a])?);
+    }
+    for s in strides {
+        for &a in kept.iter().chain(reduced) {
+            meta.push(fits(s[a])?);
+        }
+    }
+    Some(meta)
+}
+
+/// The source of a plan's program: the matmul kernel and `kernels[i]` as `mdl_fused_<i>`.
+pub fn program(kernels: &[&FusedKernel]) -> String {
+    let mut s = String::new();
+    s.push_str("// mdl: kernels of one plan, rendered from fused-kernel descriptions\n");
+    s.push_str("#pragma OPENCL FP_CONTRACT OFF\n");
+    let _ = writeln!(s, "#define TS {TS}");
+    s.push_str(MATMUL);
+    for (i, k) in kernels.iter().enumerate() {
+        s.push('\n');
+        s.push_str(&fused(k, &fused_name(i)));
+    }
+    s
+}
+
+/// The kernel name of the `i`-th fused kernel of a program.
+pub fn fused_name(i: usize) -> String {
+    format!("mdl_fused_{i}")
+}
+
+/// A build log with the source line each `FILE:LINE:COL` location names printed under it,
+/// so a rendering bug shows the code it produced. Line numbers are those of `source`: the
+/// backend compiles it after a `#line 1` directive, so text a platform adds in front of
+/// it (PoCL does) does not shift them.
+pub fn annotate_build_log(log: &str, source: &str) -> String {
+    let lines: Vec<&str> = source.lines().collect();
+    let mut out = String::new();
+    for l in log.lines() {
+        out.push_str(l);
+        out.push('\n');
+        if let Some(n) = location_line(l).filter(|&n| n >= 1 && n <= lines.len()) {
+            let _ = writeln!(out, "    source line {n}: {}", lines[n - 1].trim_end());
+        }
+    }
+    out
+}
+
+/// The line of the first `:LINE:COL` in a log line.
+fn location_line(l: &str) -> Option<usize> {
+    let b = l.as_bytes();
+    for (at, _) in l.match_indices(':') {
+        let digits = b[at + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+        let after = at + 1 + digits;
+        if digits > 0 && b.get(after) == Some(&b':') && b.get(after + 1).is_some_and(|c| c.is_ascii_digit()) {
+            return l[at + 1..after].parse().ok();
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_log_locations_show_their_source_line() {
+        let source = "__kernel void k(__global float* x) {\n    x[0] = nope;\n}\n";
+        let log = "error: /tmp/pocl/tempfile_x.cl:2:12: use of undeclared identifier 'nope'\n1 error generated.";
+        let annotated = annotate_build_log(log, source);
+        assert!(annotated.contains("    source line 2:     x[0] = nope;"), "{annotated}");
+        assert_eq!(location_line("<source>:14:3: error"), Some(14));
+        assert_eq!(location_line("no location: here"), None);
+    }
+}

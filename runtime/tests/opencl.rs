@@ -1,0 +1,365 @@
+//! The OpenCL backend agrees with interp (the oracle), on whatever OpenCL platform the
+//! machine has (PoCL in CI): every unary and binary op and the broadcast patterns models
+//! produce, reduction epilogues, random fused kernels, every MatMul case (transposes,
+//! batches, a shared right operand, sizes around the tile edge), and parameters refreshed
+//! between steps.
+//!
+//! Tolerances (f32): fused kernels |opencl - interp| <= 1e-5 * (1 + |interp|) per element
+//! for single ops and 1e-4 * (1 + |interp|) for random bodies of up to 12 ops (the device's
+//! exp/log/tanh may differ from Rust's in the last bit, and chains amplify that; the
+//! arithmetic and the summation order of reductions are the same as interp's, with
+//! `FP_CONTRACT` off); MatMul 1e-5 * k (operands in [-1, 1]; tiles sum in another order).
+//! NaN equals NaN and infinities must match.
+//!
+//! Without a platform every test prints why it skips, unless `MDL_REQUIRE_OPENCL=1`, which
+//! makes that a failure (CI sets it after installing PoCL).
+#![cfg(feature = "opencl")]
+
+use mdl_runtime::backend::opencl::{self, OpenCl};
+use mdl_runtime::backend::{Executor, Interp, Values};
+use mdl_runtime::ir::dim::Binding;
+use mdl_runtime::ops::fused::{FusedKernel, Instr, Reduction};
+use mdl_runtime::{BinaryOp, Dim, Graph, Init, Mode, Op, ReduceOp, Tensor, UnaryOp, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+const UNARY: [UnaryOp; 12] = [
+    UnaryOp::Neg,
+    UnaryOp::Exp,
+    UnaryOp::Log,
+    UnaryOp::Sqrt,
+    UnaryOp::Recip,
+    UnaryOp::Relu,
+    UnaryOp::Sigmoid,
+    UnaryOp::Tanh,
+    UnaryOp::Softplus,
+    UnaryOp::Abs,
+    UnaryOp::Step,
+    UnaryOp::Sign,
+];
+const BINARY: [BinaryOp; 8] =
+    [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max, BinaryOp::Min, BinaryOp::Gt, BinaryOp::Eq];
+
+/// The executor on the default device, or `None` (after printing why) when the machine has
+/// no OpenCL platform and `MDL_REQUIRE_OPENCL` is not `1`. PoCL's kernel cache goes under
+/// target/.
+fn executor(test: &str) -> Option<OpenCl> {
+    setup();
+    let required = std::env::var("MDL_REQUIRE_OPENCL").is_ok_and(|v| v == "1");
+    if opencl::probe() == 0 {
+        assert!(!required, "{test}: MDL_REQUIRE_OPENCL=1 but {}", opencl::NO_PLATFORM);
+        eprintln!("skipping {test}: {}", opencl::NO_PLATFORM);
+        return None;
+    }
+    match OpenCl::new(None) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            assert!(!required, "{test}: MDL_REQUIRE_OPENCL=1 but the OpenCL executor could not start: {e}");
+            eprintln!("skipping {test}: {e}");
+            None
+        }
+    }
+}
+
+/// Points PoCL's kernel cache under target/, once, before any test thread makes an OpenCL
+/// call (setting the environment while another thread reads it is undefined behaviour).
+fn setup() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("POCL_CACHE_DIR").is_none() {
+            std::env::set_var("POCL_CACHE_DIR", concat!(env!("CARGO_TARGET_TMPDIR"), "/pocl-cache"));
+        }
+    });
+}
+
+fn dims(s: &[usize]) -> Vec<Dim> {
+    s.iter().map(|&d| Dim::lit(d as i64)).collect()
+}
+
+/// Deterministic values in [lo, hi).
+fn values(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            lo + (hi - lo) * ((x >> 40) as f32 / (1u64 << 24) as f32)
+        })
+        .collect()
+}
+
+/// Values with the special cases of each op mixed in (zeros of both signs, infinities,
+/// NaN, large and tiny magnitudes).
+fn special_values(n: usize, seed: u64) -> Vec<f32> {
+    let specials = [0.0, -0.0, 1.0, -1.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e-30, -1e-30, 88.0, -88.0, 100.0, -100.0, 0.5];
+    let plain = values(n, seed, -10.0, 10.0);
+    (0..n).map(|i| if i % 3 == 0 { specials[(i / 3 + seed as usize) % specials.len()] } else { plain[i] }).collect()
+}
+
+fn close(got: f32, want: f32, tol: f32) -> bool {
+    (got.is_nan() && want.is_nan()) || got == want || (got - want).abs() <= tol * (1.0 + want.abs())
+}
+
+/// A graph under construction with its parameter values.
+#[derive(Default)]
+struct Case {
+    g: Graph,
+    params: HashMap<String, Tensor<f32>>,
+    outputs: Vec<String>,
+}
+
+impl Case {
+    fn param(&mut self, t: Tensor<f32>) -> mdl_runtime::ir::graph::NodeId {
+        let name = format!("p{}", self.params.len());
+        let id = self.g.param(&name, dims(&t.shape), Init::Zeros, None, false);
+        self.params.insert(name, t);
+        id
+    }
+
+    fn output(&mut self, op: Op, operands: &[Tensor<f32>]) {
+        let ids: Vec<_> = operands.iter().map(|t| self.param(t.clone())).collect();
+        let y = self.g.add(op, &ids, "").unwrap();
+        let name = format!("o{}", self.outputs.len());
+        self.g.outputs.insert(name.clone(), y);
+        self.outputs.push(name);
+    }
+
+    fn fused(&mut self, kernel: FusedKernel, operands: &[Tensor<f32>]) {
+        self.output(Op::Fused(Arc::new(kernel)), operands)
+    }
+
+    fn run(&self, exec: &mut dyn Executor) -> Values<f32> {
+        let feeds: HashMap<String, Value<f32>> = HashMap::new();
+        exec.run(&self.g, &Binding::new(), &feeds, &self.params, &Mode::eval()).unwrap()
+    }
+
+    /// Runs on interp and on `exec`; every output within `tol(name)`; returns how many ops
+    /// ran on the device (from the profile).
+    fn check(&self, exec: &mut OpenCl, tol: impl Fn(&str) -> f32) -> usize {
+        let want = self.run(&mut Interp);
+        exec.set_profiling(true);
+        let got = self.run(exec);
+        for name in &self.outputs {
+            let (w, o) = (want.dense(name).unwrap(), got.dense(name).unwrap());
+            assert_eq!(w.shape, o.shape, "{name}");
+            let t = tol(name);
+            for (i, (&x, &y)) in o.data.iter().zip(&w.data).enumerate() {
+                assert!(close(x, y, t), "{name} ({}): [{i}] opencl {x} interp {y}", self.describe(name));
+            }
+        }
+        let profile = exec.profile();
+        profile.iter().filter(|(k, _, _)| !k.ends_with("(host)")).map(|(_, _, n)| n).sum()
+    }
+
+    fn describe(&self, output: &str) -> String {
+        self.g.node(self.g.outputs[output]).op.name()
+    }
+}
+
+fn kernel(inputs: usize, body: Vec<Instr>, reduce: Option<Reduction>) -> FusedKernel {
+    FusedKernel { inputs, body, reduce }
+}
+
+#[test]
+fn every_op_and_broadcast_pattern_equals_interp() {
+    let Some(mut exec) = executor("every_op_and_broadcast_pattern_equals_interp") else { return };
+    let mut c = Case::default();
+    let (rows, n) = (3usize, 37usize);
+    for (s, u) in UNARY.into_iter().enumerate() {
+        let s = s as u64;
+        c.fused(kernel(1, vec![Instr::Input(0), Instr::Unary(u, 0)], None), &[Tensor::new(vec![rows, n], special_values(rows * n, s)).unwrap()]);
+        // One value per row against a full operand.
+        let col = Tensor::new(vec![rows, 1], special_values(rows, 7 + s)).unwrap();
+        let full = Tensor::new(vec![rows, n], vec![0.25; rows * n]).unwrap();
+        c.fused(kernel(2, vec![Instr::Input(0), Instr::Input(1), Instr::Unary(u, 0), Instr::Binary(BinaryOp::Add, 2, 1)], None), &[col, full]);
+    }
+    for (s, op) in BINARY.into_iter().enumerate() {
+        let s = s as u64;
+        let k = kernel(2, vec![Instr::Input(0), Instr::Input(1), Instr::Binary(op, 0, 1)], None);
+        let a = Tensor::new(vec![rows, n], special_values(rows * n, 11 + s)).unwrap();
+        let mut bv = special_values(rows * n, 13 + s);
+        for i in (0..bv.len()).step_by(4) {
+            bv[i] = a.data[i]; // ties, for Eq, Max and Min
+        }
+        c.fused(k.clone(), &[a.clone(), Tensor::new(vec![rows, n], bv).unwrap()]);
+        let col = Tensor::new(vec![rows, 1], special_values(rows, 17 + s)).unwrap();
+        c.fused(k.clone(), &[a.clone(), col.clone()]);
+        c.fused(k.clone(), &[col, a.clone()]);
+        c.fused(k.clone(), &[Tensor::new(vec![n], special_values(n, 19 + s)).unwrap(), a.clone()]);
+        c.fused(k, &[a, Tensor::scalar(0.5)]);
+    }
+    // A constant, and reduction epilogues (sum and mean, over rows, columns, all, kept).
+    let x = Tensor::new(vec![4, 5, 6], values(120, 3, -2.0, 2.0)).unwrap();
+    let y = Tensor::new(vec![5, 1], values(5, 4, -2.0, 2.0)).unwrap();
+    let body = vec![Instr::Input(0), Instr::Const(0.1), Instr::Input(1), Instr::Binary(BinaryOp::Mul, 0, 1), Instr::Binary(BinaryOp::Add, 3, 2), Instr::Unary(UnaryOp::Tanh, 4)];
+    c.fused(kernel(2, body.clone(), None), &[x.clone(), y.clone()]);
+    for (op, axes, keep_dims) in [
+        (ReduceOp::Sum, vec![2], false),
+        (ReduceOp::Sum, vec![0], true),
+        (ReduceOp::Mean, vec![1], false),
+        (ReduceOp::Mean, vec![0, 2], true),
+        (ReduceOp::Sum, vec![0, 1, 2], false),
+    ] {
+        c.fused(kernel(2, body.clone(), Some(Reduction { op, axes, keep_dims })), &[x.clone(), y.clone()]);
+    }
+    let device = c.check(&mut exec, |_| 1e-5);
+    assert_eq!(device, c.outputs.len(), "every fused kernel runs on the device");
+}
+
+/// A random kernel body over `inputs` operands: 1 to 12 unary/binary ops and constants.
+fn random_kernel(seed: u64, inputs: usize, reduce: Option<Reduction>) -> FusedKernel {
+    let r = values(64, seed, 0.0, 1.0);
+    let pick = |i: usize, n: usize| ((r[i % r.len()] * n as f32) as usize).min(n - 1);
+    let mut body: Vec<Instr> = (0..inputs).map(Instr::Input).collect();
+    let ops = 1 + pick(0, 12);
+    for j in 0..ops {
+        let at = body.len();
+        let instr = match pick(3 * j + 1, 5) {
+            0 => Instr::Unary(UnaryOp::Sigmoid, pick(3 * j + 2, at)),
+            1 => Instr::Unary([UnaryOp::Tanh, UnaryOp::Relu, UnaryOp::Abs, UnaryOp::Softplus, UnaryOp::Neg][pick(3 * j + 3, 5)], pick(3 * j + 2, at)),
+            2 => {
+                body.push(Instr::Const((r[j] * 4.0 - 2.0) as f64));
+                Instr::Binary(BinaryOp::Mul, at, pick(3 * j + 2, at))
+            }
+            _ => Instr::Binary(BINARY[pick(3 * j + 3, 6)], pick(3 * j + 2, at), pick(3 * j + 4, at)),
+        };
+        body.push(instr);
+    }
+    kernel(inputs, body, reduce)
+}
+
+#[test]
+fn random_fused_kernels_equal_interp() {
+    let Some(mut exec) = executor("random_fused_kernels_equal_interp") else { return };
+    let mut c = Case::default();
+    for seed in 0..60u64 {
+        let r = values(8, 1000 + seed, 0.0, 1.0);
+        let full = [1 + (r[0] * 9.0) as usize, 1 + (r[1] * 4.0) as usize, 1 + (r[2] * 40.0) as usize];
+        let inputs = 1 + (r[3] * 3.0) as usize;
+        // Each operand: the full shape, a broadcast pattern, or a lower rank.
+        let shapes: Vec<Vec<usize>> = (0..inputs)
+            .map(|k| match ((r[4] * 7.0) as usize + k) % 5 {
+                0 | 1 => full.to_vec(),
+                2 => vec![full[0], 1, full[2]],
+                3 => vec![full[2]],
+                _ => vec![full[0], full[1], 1],
+            })
+            .collect();
+        let reduce = match (r[5] * 4.0) as usize {
+            0 => Some(Reduction { op: ReduceOp::Sum, axes: vec![2], keep_dims: false }),
+            1 => Some(Reduction { op: ReduceOp::Mean, axes: vec![0, 1], keep_dims: r[6] > 0.5 }),
+            _ => None,
+        };
+        // The domain must be the full shape: make operand 0 full.
+        let mut shapes = shapes;
+        shapes[0] = full.to_vec();
+        let operands: Vec<Tensor<f32>> =
+            shapes.iter().enumerate().map(|(k, s)| Tensor::new(s.clone(), values(s.iter().product(), seed * 7 + k as u64, -2.0, 2.0)).unwrap()).collect();
+        c.fused(random_kernel(seed, inputs, reduce), &operands);
+    }
+    let device = c.check(&mut exec, |_| 1e-4);
+    assert_eq!(device, c.outputs.len());
+}
+
+#[test]
+fn matmul_cases_equal_interp() {
+    let Some(mut exec) = executor("matmul_cases_equal_interp") else { return };
+    let mut c = Case::default();
+    let mut ks = HashMap::new();
+    let sizes = [1usize, 7, 16, 17, 33];
+    let mut seed = 0u64;
+    for &m in &sizes {
+        for &k in &[1usize, 15, 16, 40] {
+            for &n in &sizes {
+                seed += 1;
+                let (ta, tb) = (seed % 2 == 0, seed % 3 == 0);
+                let batch = 1 + (seed % 3) as usize;
+                let shared = seed % 4 == 0;
+                let a_shape = if ta { vec![batch, k, m] } else { vec![batch, m, k] };
+                let b2 = if tb { vec![n, k] } else { vec![k, n] };
+                let b_shape = if shared { b2 } else { [vec![batch], b2].concat() };
+                let a = Tensor::new(a_shape.clone(), values(a_shape.iter().product(), seed, -1.0, 1.0)).unwrap();
+                let b = Tensor::new(b_shape.clone(), values(b_shape.iter().product(), seed + 500, -1.0, 1.0)).unwrap();
+                ks.insert(format!("o{}", c.outputs.len()), k);
+                c.output(Op::MatMul { trans_a: ta, trans_b: tb }, &[a, b]);
+            }
+        }
+    }
+    // A rank-2 product.
+    ks.insert(format!("o{}", c.outputs.len()), 50);
+    c.output(Op::MatMul { trans_a: false, trans_b: false }, &[Tensor::new(vec![70, 50], values(3500, 9, -1.0, 1.0)).unwrap(), Tensor::new(vec![50, 20], values(1000, 10, -1.0, 1.0)).unwrap()]);
+    let device = c.check(&mut exec, |name| 1e-5 * ks[name] as f32);
+    assert_eq!(device, c.outputs.len(), "every matmul runs on the device");
+}
+
+#[test]
+fn graphs_through_the_fusion_pass_and_host_ops_equal_interp() {
+    let Some(mut exec) = executor("graphs_through_the_fusion_pass_and_host_ops_equal_interp") else { return };
+    // softmax(relu(x @ w + b) * 2 - 1) summed per row: matmul, a fused chain, a host op and
+    // a fused reduction.
+    let mut c = Case::default();
+    let x = c.param(Tensor::new(vec![9, 13], values(117, 1, -1.0, 1.0)).unwrap());
+    let w = c.param(Tensor::new(vec![13, 6], values(78, 2, -1.0, 1.0)).unwrap());
+    let b = c.param(Tensor::new(vec![6], values(6, 3, -1.0, 1.0)).unwrap());
+    let g = &mut c.g;
+    let h = g.add(Op::MatMul { trans_a: false, trans_b: false }, &[x, w], "").unwrap();
+    let h = g.add(Op::Binary(BinaryOp::Add), &[h, b], "").unwrap();
+    let h = g.add(Op::Unary(UnaryOp::Relu), &[h], "").unwrap();
+    let two = g.add(Op::Scalar(2.0), &[], "").unwrap();
+    let one = g.add(Op::Scalar(1.0), &[], "").unwrap();
+    let h = g.add(Op::Binary(BinaryOp::Mul), &[h, two], "").unwrap();
+    let h = g.add(Op::Binary(BinaryOp::Sub), &[h, one], "").unwrap();
+    let s = g.add(Op::Softmax { axis: 1 }, &[h], "").unwrap();
+    let e = g.add(Op::Unary(UnaryOp::Exp), &[s], "").unwrap();
+    let r = g.add(Op::Reduce { op: ReduceOp::Sum, axes: vec![1], keep_dims: false }, &[e], "").unwrap();
+    g.outputs.insert("o0".into(), r);
+    c.outputs.push("o0".into());
+    assert!(c.check(&mut exec, |_| 1e-5) >= 2, "the matmul and the fused kernels run on the device");
+    assert!(exec.profile().iter().any(|(k, _, _)| k == "softmax (host)"), "softmax runs on the host: {:?}", exec.profile());
+}
+
+#[test]
+fn parameters_are_refreshed_every_run() {
+    let Some(mut exec) = executor("parameters_are_refreshed_every_run") else { return };
+    let mut c = Case::default();
+    c.output(
+        Op::MatMul { trans_a: false, trans_b: false },
+        &[Tensor::new(vec![5, 4], values(20, 1, -1.0, 1.0)).unwrap(), Tensor::new(vec![4, 3], values(12, 2, -1.0, 1.0)).unwrap()],
+    );
+    c.fused(kernel(1, vec![Instr::Input(0), Instr::Unary(UnaryOp::Tanh, 0)], None), &[Tensor::new(vec![6], values(6, 3, -1.0, 1.0)).unwrap()]);
+    for step in 0..3u64 {
+        for (i, t) in c.params.values_mut().enumerate() {
+            let n = t.data.len();
+            t.data = values(n, 100 * step + i as u64, -1.0, 1.0);
+        }
+        c.check(&mut exec, |_| 1e-5);
+    }
+    assert_eq!(exec.programs_built(), 1, "one program per plan, built once");
+}
+
+#[test]
+fn a_build_error_shows_the_log_and_the_source_line() {
+    let Some(mut exec) = executor("a_build_error_shows_the_log_and_the_source_line") else { return };
+    let source = "__kernel void broken(__global float* x) {\n    x[0] = undefined_name;\n}\n";
+    let err = exec.build_program(source).unwrap_err().to_string();
+    assert!(err.contains("did not build"), "{err}");
+    assert!(err.contains("undefined_name"), "the log names the error: {err}");
+    assert!(err.contains("source line 2:"), "the source line is shown: {err}");
+    eprintln!("{err}");
+}
+
+#[test]
+fn the_platform_probe_is_fast() {
+    setup();
+    let t = Instant::now();
+    let n = opencl::probe();
+    let second = Instant::now();
+    opencl::probe();
+    // The first call loads the ICD loader and the platforms; later ones are a count query.
+    // Neither may wait like `ocl`'s platform list does (10 s) when there is none.
+    assert!(t.elapsed().as_secs_f64() < 5.0, "probe took {:?}", t.elapsed());
+    assert!(second.elapsed().as_secs_f64() < 0.1, "a repeated probe took {:?}", second.elapsed());
+    eprintln!("{n} OpenCL platform(s)");
+}
