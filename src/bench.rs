@@ -134,13 +134,14 @@ fn gemm_bound(graph: &Graph, binding: &Binding, exec: &mut dyn mdl_runtime::back
 
 /// Runs `steps` timed training steps (after one warm-up step) and a timed evaluation.
 pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
+    // The backend first: a missing device is reported before any data is read.
+    let mut exec = make_executor(&exp.backend)?;
     let paths = exp.split_paths()?;
     let prep = data::prepare(&exp.data.schema, &paths, &PrepareOptions { bad_rows: exp.data.bad_rows.into(), ..Default::default() })
         .map_err(|e| e.to_string())?;
     let t = Instant::now();
     let session = Session::new(exp, &prep.fitted)?;
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
-    let mut exec = make_executor(&exp.backend)?;
     let mut params = mdl_runtime::init::init_params::<f32>(session.params(), &session.inputs.sizes, exp.train.seed)?;
     let mut opt = Optimizer::<f32>::new(crate::train::optim_config(exp))?;
     let bs = exp.train.batch_size.min(prep.train.rows);

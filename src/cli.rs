@@ -244,6 +244,41 @@ pub fn bench(experiment: &Path, backend: Option<String>, steps: usize, set: &[St
     }
 }
 
+/// `mdl devices`: the OpenCL platforms and devices, numbered as `--device N` takes them.
+pub fn devices() -> ExitCode {
+    #[cfg(feature = "opencl")]
+    {
+        use mdl_runtime::backend::opencl;
+        match opencl::devices() {
+            Ok(list) if list.is_empty() => {
+                println!("OpenCL platforms are installed, but they list no devices");
+                ExitCode::FAILURE
+            }
+            Ok(list) => {
+                let default = list.iter().find(|d| d.kind == "GPU").map_or(0, |d| d.index);
+                for d in &list {
+                    println!(
+                        "{}: {} ({}, {} compute units, {:.1} GiB) on {}{}",
+                        d.index,
+                        d.name,
+                        d.kind,
+                        d.compute_units,
+                        d.global_mem_bytes as f64 / (1u64 << 30) as f64,
+                        d.platform,
+                        if d.index == default { "  [default]" } else { "" }
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        }
+    }
+    #[cfg(not(feature = "opencl"))]
+    {
+        fail(crate::train::NO_OPENCL_FEATURE)
+    }
+}
+
 /// `mdl report RUN_DIR...`: a Markdown table of finished runs on stdout.
 pub fn report(runs: &[std::path::PathBuf]) -> ExitCode {
     let summaries: Result<Vec<_>, String> = runs.iter().map(|r| crate::report::summarize(r)).collect();

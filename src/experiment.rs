@@ -38,7 +38,8 @@ pub struct Experiment {
     pub data: DataConfig,
     #[serde(default)]
     pub train: TrainConfig,
-    /// `jit` (the fast CPU backend, default) or `interp` (the reference backend).
+    /// `jit` (the fast CPU backend, default), `interp` (the reference backend), or, in a
+    /// build with the `opencl` feature, `opencl` / `opencl:N` (OpenCL device N).
     #[serde(default = "default_backend")]
     pub backend: String,
     /// The run folder (default `runs/<name>`).
@@ -416,13 +417,7 @@ impl Experiment {
         }
         self.train.eval_every.steps()?;
         self.train.early_stopping.maximize()?;
-        if !crate::train::BACKENDS.contains(&self.backend.as_str()) {
-            return Err(format!(
-                "backend: `{}` is not available in this build (available: {})",
-                self.backend,
-                crate::train::BACKENDS.join(", ")
-            ));
-        }
+        crate::train::check_backend(&self.backend)?;
         self.split_paths()?;
         Ok(())
     }

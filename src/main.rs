@@ -56,6 +56,9 @@ enum Command {
         /// Stop after this many steps, as if interrupted (for testing --resume)
         #[arg(long, hide = true)]
         stop_after: Option<u64>,
+        /// Train on OpenCL device N (as `mdl devices` numbers them; implies the opencl backend)
+        #[arg(long, value_name = "N")]
+        device: Option<usize>,
     },
     /// Measure compile time, training and evaluation throughput of an experiment's model
     /// on its real data (figures only).
@@ -68,6 +71,9 @@ enum Command {
         /// Timed training steps
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// Measure OpenCL device N (as `mdl devices` numbers them; implies the opencl backend)
+        #[arg(long, value_name = "N")]
+        device: Option<usize>,
         /// Override any experiment key (repeatable)
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
@@ -92,6 +98,9 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// List the OpenCL platforms and devices (`--backend opencl` takes the first GPU, else
+    /// the first device; `--device N` picks another).
+    Devices,
     /// Print a Markdown table comparing finished runs: test AUC, gAUC, LogLoss, per-task
     /// and largest-domain AUC, parameters, train rows/s, epochs.
     Report {
@@ -107,11 +116,21 @@ fn main() -> ExitCode {
     let result = std::panic::catch_unwind(|| match cli.command {
         Command::Check { specs, set } => mdl::cli::check(&specs, &set),
         Command::Graph { spec, backward, dot, set } => mdl::cli::graph(&spec, backward, dot, &set),
-        Command::Run { experiment, set, out, resume, stop_after } => {
+        Command::Run { experiment, mut set, out, resume, stop_after, device } => {
+            if let Some(n) = device {
+                set.push(format!("backend=opencl:{n}"));
+            }
             mdl::cli::run(experiment.as_deref(), &set, out, resume, stop_after)
         }
         Command::Eval { run, data } => mdl::cli::eval(&run, &data),
-        Command::Bench { experiment, backend, steps, set } => mdl::cli::bench(&experiment, backend, steps, &set),
+        Command::Bench { experiment, backend, steps, set, device } => {
+            let backend = match device {
+                Some(n) => Some(format!("opencl:{n}")),
+                None => backend,
+            };
+            mdl::cli::bench(&experiment, backend, steps, &set)
+        }
+        Command::Devices => mdl::cli::devices(),
         Command::Predict { run, data, out } => mdl::cli::predict(&run, &data, &out),
         Command::Report { runs } => mdl::cli::report(&runs),
     });

@@ -291,6 +291,8 @@ pub struct RunOptions {
 
 /// Trains an experiment end to end and writes its run folder. Returns the run folder.
 pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
+    // The backend first: a missing device is reported before any data is read.
+    let mut backend = make_executor(&exp.backend)?;
     let out = opts.out.clone().unwrap_or_else(|| exp.out_dir());
     std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     let mut log = Progress::new(&out.join("train.log"))?;
@@ -337,7 +339,6 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
     write_atomic(&out.join("fitted.json"), serde_json::to_string(&prep.fitted).map_err(|e| e.to_string())?.as_bytes())?;
 
     let mut optimizer = Optimizer::<f32>::new(optim_config(exp))?;
-    let mut backend = make_executor(&exp.backend)?;
     let exec: &mut dyn Executor = backend.as_mut();
     let last = out.join("last.ckpt");
     let (mut params, mut state) = if opts.resume && last.exists() {
@@ -603,14 +604,48 @@ fn write_curve(path: &Path, curve: &[CurvePoint]) -> Result<(), String> {
     write_atomic(path, s.as_bytes())
 }
 
+/// The backends this build has, by name (`opencl` also as `opencl:N`, device N of
+/// `mdl devices`).
+#[cfg(feature = "opencl")]
+pub const BACKENDS: &[&str] = &["jit", "interp", "opencl"];
 /// The backends this build has, by name.
+#[cfg(not(feature = "opencl"))]
 pub const BACKENDS: &[&str] = &["jit", "interp"];
+
+/// The error for `opencl` in a build without the feature.
+pub const NO_OPENCL_FEATURE: &str = "this mdl was built without the `opencl` feature: cargo build --release --features opencl";
+
+/// Checks a backend name (`jit`, `interp`, `opencl`, `opencl:N`) against this build.
+pub fn check_backend(name: &str) -> Result<(), String> {
+    let (base, device) = match name.split_once(':') {
+        Some((b, d)) => (b, Some(d)),
+        None => (name, None),
+    };
+    if base == "opencl" && !cfg!(feature = "opencl") {
+        return Err(NO_OPENCL_FEATURE.into());
+    }
+    if let Some(d) = device {
+        if base != "opencl" || d.parse::<usize>().is_err() {
+            return Err(format!("backend `{name}`: only `opencl:N` takes a device number N (see `mdl devices`)"));
+        }
+    }
+    if !BACKENDS.contains(&base) {
+        return Err(format!("backend `{name}` is not available in this build (available: {})", BACKENDS.join(", ")));
+    }
+    Ok(())
+}
 
 /// The executor for a backend name.
 pub fn make_executor(name: &str) -> Result<Box<dyn Executor>, String> {
-    match name {
+    check_backend(name)?;
+    match name.split_once(':').map_or(name, |(b, _)| b) {
         "interp" => Ok(Box::new(mdl_runtime::backend::Interp)),
         "jit" => Ok(Box::new(mdl_runtime::backend::jit::Jit::new())),
+        #[cfg(feature = "opencl")]
+        "opencl" => {
+            let device = name.split_once(':').and_then(|(_, d)| d.parse::<usize>().ok());
+            Ok(Box::new(mdl_runtime::backend::opencl::OpenCl::new(device)?))
+        }
         other => Err(format!("backend `{other}` is not available in this build (available: {})", BACKENDS.join(", "))),
     }
 }
