@@ -66,10 +66,20 @@ impl<T: Float> Evaluator<T> for Rules {
 /// operands each node is the last reader of. It depends on the graph alone, so a backend
 /// that runs the same graph every step computes it once ([`crate::backend::jit`] keeps it
 /// with its plan); interp computes it per run (one pass over the edges).
+///
+/// A backend that computes a group of nodes with one kernel of its own says so with
+/// [`Lifetimes::with_reads`]: the node that produces the group's value reads other
+/// operands than its inputs (say, an embedding bag reading the table, the ids and the
+/// mask instead of the gathered rows), and the nodes nobody reads any more (the gathered
+/// rows) are skipped by the driver.
 #[derive(Clone, Debug)]
 pub struct Lifetimes {
     /// Node `i`'s value goes to the caller (a named output, or every node for `keep_all`).
     keep: Vec<bool>,
+    /// The operands node `i` reads when they are not its inputs (see [`Lifetimes::with_reads`]).
+    reads: Vec<Option<Vec<NodeId>>>,
+    /// Node `i` is not computed: no node reads it and it is not kept.
+    skip: Vec<bool>,
     /// `dying[i][k]`: node `i` is the last reader of its operand `k`, which is not kept;
     /// an operand read in several slots of its last reader is marked in the last one.
     dying: Vec<Box<[bool]>>,
@@ -82,21 +92,43 @@ pub struct Lifetimes {
 
 impl Lifetimes {
     pub fn new(graph: &Graph, keep_all: bool) -> Lifetimes {
+        Lifetimes::with_reads(graph, keep_all, &HashMap::new())
+    }
+
+    /// The lifetimes when each node `id` of `reads` reads the operands `reads[id]` (nodes
+    /// before it) instead of its inputs; the evaluator then gets those operands for it.
+    /// Nodes that are no longer read by any computed node, are not kept and are no input
+    /// or parameter are skipped (never computed).
+    pub fn with_reads(graph: &Graph, keep_all: bool, reads: &HashMap<NodeId, Vec<NodeId>>) -> Lifetimes {
         let n = graph.len();
         let mut keep = vec![keep_all; n];
         for id in graph.outputs.values() {
             keep[id.index()] = true;
         }
+        let read: Vec<Option<Vec<NodeId>>> = graph.ids().map(|id| reads.get(&id).cloned()).collect();
+        let operands = |id: NodeId| read[id.index()].as_deref().unwrap_or(&graph.node(id).inputs);
+        // Which nodes are computed: a reverse pass over the operands actually read.
+        let mut needed = keep.clone();
+        for id in graph.ids().collect::<Vec<_>>().into_iter().rev() {
+            let source = matches!(graph.node(id).op, Op::Input { .. } | Op::Param { .. });
+            if needed[id.index()] || source || read[id.index()].is_none() && graph.users(id).next().is_none() {
+                needed[id.index()] = true;
+                for &i in operands(id) {
+                    needed[i.index()] = true;
+                }
+            }
+        }
+        let skip: Vec<bool> = needed.iter().map(|&k| !k).collect();
         let mut last_use = vec![usize::MAX; n];
-        for id in graph.ids() {
-            for &i in &graph.node(id).inputs {
+        for id in graph.ids().filter(|id| !skip[id.index()]) {
+            for &i in operands(id) {
                 last_use[i.index()] = id.index();
             }
         }
         let mut dying = Vec::with_capacity(n);
         let mut owned = Vec::with_capacity(n);
         for id in graph.ids() {
-            let inputs = &graph.node(id).inputs;
+            let inputs = operands(id);
             let last_slot = |k: usize| inputs[k + 1..].iter().all(|&j| j != inputs[k]);
             let d: Box<[bool]> = (0..inputs.len())
                 .map(|k| {
@@ -109,7 +141,7 @@ impl Lifetimes {
             owned.push(o);
         }
         let unread = (0..n).map(|i| last_use[i] == usize::MAX && !keep[i]).collect();
-        Lifetimes { keep, dying, owned, unread }
+        Lifetimes { keep, reads: read, skip, dying, owned, unread }
     }
 }
 
@@ -193,13 +225,17 @@ pub(crate) fn execute<'a, T: Float>(
     evaluator: &mut dyn Evaluator<T>,
 ) -> Result<Values<T>, ExecError> {
     let n = graph.len();
-    let Lifetimes { keep, dying, owned, unread } = lifetimes;
+    let Lifetimes { keep, reads, skip, dying, owned, unread } = lifetimes;
     if keep.len() != n {
         return Err(ExecError::BadOperand { op: "run".into(), message: "the lifetimes are those of another graph".into() });
     }
     let mut slots: Vec<Slot<'a, T>> = (0..n).map(|_| Slot::Empty).collect();
     for id in graph.ids() {
+        if skip[id.index()] {
+            continue;
+        }
         let node = graph.node(id);
+        let inputs = reads[id.index()].as_deref().unwrap_or(&node.inputs);
         let at_node = |error: ExecError| ExecError::AtNode {
             node: id.index(),
             op: node.op.name(),
@@ -227,14 +263,14 @@ pub(crate) fn execute<'a, T: Float>(
             }
             op => {
                 let cx = EvalCx { binding, mode, out_shape: &out_shape };
-                let mut operands = Operands { slots: &mut slots, inputs: &node.inputs, owned: &owned[id.index()] };
+                let mut operands = Operands { slots: &mut slots, inputs, owned: &owned[id.index()] };
                 let value = evaluator.eval(id, op, &mut operands, &cx).map_err(at_node)?;
                 check_result(node, &value, &out_shape).map_err(at_node)?;
                 Slot::Computed(value)
             }
         };
         slots[id.index()] = slot;
-        for (&i, &d) in node.inputs.iter().zip(dying[id.index()].iter()) {
+        for (&i, &d) in inputs.iter().zip(dying[id.index()].iter()) {
             if d {
                 if let Slot::Computed(v) = std::mem::replace(&mut slots[i.index()], Slot::Empty) {
                     evaluator.free(v);

@@ -27,6 +27,7 @@
 //!
 //! With profiling on, the time of each op kind is recorded for `mdl bench`.
 
+mod bag;
 pub mod codegen;
 mod kernels;
 pub mod pool;
@@ -53,6 +54,9 @@ struct Plan {
     source: Graph,
     fused: Graph,
     lifetimes: Lifetimes,
+    /// The nodes computed by the embedding-bag kernels ([`bag`]), which read other
+    /// operands than their inputs (as `lifetimes` records).
+    bags: HashMap<NodeId, bag::Kernel>,
 }
 
 /// Whether two graphs are the same graph: the same nodes (ops, operands, signatures) in
@@ -130,8 +134,9 @@ impl Jit {
             }
             None => {
                 let fused = if self.fusion { crate::fuse::fuse_elementwise(graph) } else { graph.clone() };
-                let lifetimes = Lifetimes::new(&fused, false);
-                self.plans.insert(0, Plan { source: graph.clone(), fused, lifetimes });
+                let (reads, bags) = bag::find(&fused);
+                let lifetimes = Lifetimes::with_reads(&fused, false, &reads);
+                self.plans.insert(0, Plan { source: graph.clone(), fused, lifetimes, bags });
                 self.plans.truncate(PLAN_CACHE);
             }
         }
@@ -156,14 +161,17 @@ struct JitEval<'r> {
     options: codegen::Options,
     profile: Option<&'r mut HashMap<String, (Duration, usize)>>,
     pool: &'r mut pool::Pool,
+    bags: &'r HashMap<NodeId, bag::Kernel>,
 }
 
 impl Evaluator<f32> for JitEval<'_> {
-    fn eval(&mut self, _id: NodeId, op: &Op, operands: &mut Operands<'_, '_, f32>, cx: &EvalCx) -> Result<Value<f32>, ExecError> {
+    fn eval(&mut self, id: NodeId, op: &Op, operands: &mut Operands<'_, '_, f32>, cx: &EvalCx) -> Result<Value<f32>, ExecError> {
         let start = self.profile.is_some().then(Instant::now);
         let mut fallback = false;
-        let out = match op {
-            Op::Fused(kernel) => {
+        let bag = self.bags.get(&id);
+        let out = match (op, bag) {
+            (_, Some(bag)) => bag::run(bag, op, operands, cx, self.threads, self.pool)?,
+            (Op::Fused(kernel), None) => {
                 let args = operands.args(op)?;
                 let tensors: Result<Vec<&Tensor<f32>>, ExecError> = args.iter().map(|a| a.dense("fused")).collect();
                 let pool = &mut *self.pool;
@@ -175,13 +183,18 @@ impl Evaluator<f32> for JitEval<'_> {
                     }
                 }
             }
-            _ => match kernels::fast(op, operands, cx, self.threads, self.pool)? {
+            (_, None) => match kernels::fast(op, operands, cx, self.threads, self.pool)? {
                 Some(v) => v,
                 None => ops::eval(op, &operands.args(op)?, cx)?,
             },
         };
         if let (Some(t), Some(profile)) = (start, self.profile.as_deref_mut()) {
-            let e = profile.entry(kind(op, fallback)).or_insert((Duration::ZERO, 0));
+            let key = match bag {
+                Some(bag::Kernel::Pool { .. }) => "embedding_bag".to_string(),
+                Some(bag::Kernel::Rows { .. }) => "sparse_rows(bag)".to_string(),
+                None => kind(op, fallback),
+            };
+            let e = profile.entry(key).or_insert((Duration::ZERO, 0));
             e.0 += t.elapsed();
             e.1 += 1;
         }
@@ -240,7 +253,7 @@ impl Executor for Jit {
         self.plan(graph);
         let Jit { plans, profile, pool, threads, codegen, profiling, fusion, .. } = self;
         let plan = &plans[0];
-        let mut eval = JitEval { threads: *threads, options: *codegen, profile: profiling.then_some(profile), pool };
+        let mut eval = JitEval { threads: *threads, options: *codegen, profile: profiling.then_some(profile), pool, bags: &plan.bags };
         let values = execute(&plan.fused, &plan.lifetimes, binding, feeds, params, mode, &mut eval);
         pool.end_run();
         let values = values?;
