@@ -450,14 +450,14 @@ impl DeviceRun<'_> {
         let b_batch = if shared { 0 } else { k * n };
         let (ab, bb) = (self.operand(a)?, self.operand(b)?);
         let out = self.output(total)?;
-        let round = |v: usize| v.div_ceil(render::TS) * render::TS;
+        let groups = |v: usize, block: usize| v.div_ceil(block) * render::WG;
         let mut builder = Kernel::builder();
         builder
             .program(self.program)
             .name("mdl_matmul")
             .queue(self.queue.clone())
-            .global_work_size([round(n), round(m), batches])
-            .local_work_size([render::TS, render::TS, 1]);
+            .global_work_size([groups(n, render::BN), groups(m, render::BM), batches])
+            .local_work_size([render::WG, render::WG, 1]);
         builder.arg(&ab).arg(&bb).arg(&out);
         for v in [m, n, k, m * k, a_rs, a_cs, b_batch, b_rs, b_cs] {
             builder.arg(v as i32);

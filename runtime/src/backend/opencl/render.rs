@@ -12,8 +12,9 @@
 //!   body once and adds the result, which is the summation order of `Op::Reduce`'s eval
 //!   rule. The body uses the scalar semantics of `ops::elementwise` (stable sigmoid and
 //!   softplus, relu/step/sign/comparisons as selects, constants as exact bit patterns).
-//! - [`MATMUL`]: a batched matrix product with `TS`×`TS` tiles of both operands staged in
-//!   local memory; transposition and a shared right operand are strides.
+//! - [`MATMUL`]: a batched matrix product with tiles of both operands staged in local
+//!   memory and a register block of outputs per work item; transposition and a shared
+//!   right operand are strides.
 //! - [`program`]: the source of a whole plan (all its fused kernels and the matmul) as one
 //!   program, so the OpenCL compiler runs once per plan. `FP_CONTRACT` is off, so `a*b + c`
 //!   rounds twice exactly as interp does.
@@ -22,42 +23,81 @@ use crate::ops::fused::{FusedKernel, Instr};
 use crate::ops::{BinaryOp, ReduceOp, UnaryOp};
 use std::fmt::Write;
 
-/// The tile edge of the matmul kernel (work groups are `TS`×`TS`).
-pub const TS: usize = 16;
+/// The matmul kernel's block of the output per work group (`BM` rows × `BN` columns), the
+/// depth of the operand tiles staged in local memory (`BK`), and the work group
+/// (`WG`×`WG` work items, each computing a `BM/WG` × `BN/WG` register block).
+pub const BM: usize = 32;
+pub const BN: usize = 32;
+pub const BK: usize = 16;
+pub const WG: usize = 8;
 
 /// The tiled matmul kernel: `c[p] = op(a[p]) @ op(b[p])` for batch `p` (the third global
 /// axis); element `(i, l)` of `op(a)` is `a[p * a_batch + i * a_rs + l * a_cs]`, and
-/// likewise for `b` (`b_batch` is 0 for a right operand shared by every batch).
+/// likewise for `b` (`b_batch` is 0 for a right operand shared by every batch). Each work
+/// group stages `BM`×`BK` and `BK`×`BN` tiles of the operands in local memory; each work
+/// item accumulates a 4×4 block of outputs (rows `ty + WG*i`, columns `tx + WG*j`) in
+/// registers, summing over `k` in order.
 pub const MATMUL: &str = r#"
-__kernel __attribute__((reqd_work_group_size(TS, TS, 1)))
+#define RM (BM / WG)
+#define RN (BN / WG)
+__kernel __attribute__((reqd_work_group_size(WG, WG, 1)))
 void mdl_matmul(__global const float* a, __global const float* b, __global float* c,
                 const int m, const int n, const int k,
                 const int a_batch, const int a_rs, const int a_cs,
                 const int b_batch, const int b_rs, const int b_cs) {
-    __local float ta[TS][TS];
-    __local float tb[TS][TS];
-    const int col = get_global_id(0);
-    const int row = get_global_id(1);
+    __local float ta[BK][BM];
+    __local float tb[BK][BN];
+    const int tx = get_local_id(0);
+    const int ty = get_local_id(1);
+    const int tid = ty * WG + tx;
+    const int col0 = get_group_id(0) * BN;
+    const int row0 = get_group_id(1) * BM;
     const int p = get_global_id(2);
-    const int lc = get_local_id(0);
-    const int lr = get_local_id(1);
     a += p * a_batch;
     b += p * b_batch;
     c += p * m * n;
-    float acc = 0.0f;
-    for (int t = 0; t < k; t += TS) {
-        const int ak = t + lc;
-        ta[lr][lc] = (row < m && ak < k) ? a[row * a_rs + ak * a_cs] : 0.0f;
-        const int bk = t + lr;
-        tb[lr][lc] = (bk < k && col < n) ? b[bk * b_rs + col * b_cs] : 0.0f;
+    float acc[RM][RN];
+    for (int i = 0; i < RM; i++) {
+        for (int j = 0; j < RN; j++) {
+            acc[i][j] = 0.0f;
+        }
+    }
+    for (int t = 0; t < k; t += BK) {
+        for (int e = tid; e < BM * BK; e += WG * WG) {
+            const int i = e / BK, l = e % BK;
+            const int r = row0 + i, kk = t + l;
+            ta[l][i] = (r < m && kk < k) ? a[r * a_rs + kk * a_cs] : 0.0f;
+        }
+        for (int e = tid; e < BK * BN; e += WG * WG) {
+            const int l = e / BN, j = e % BN;
+            const int col = col0 + j, kk = t + l;
+            tb[l][j] = (kk < k && col < n) ? b[kk * b_rs + col * b_cs] : 0.0f;
+        }
         barrier(CLK_LOCAL_MEM_FENCE);
-        for (int l = 0; l < TS; l++) {
-            acc += ta[lr][l] * tb[l][lc];
+        for (int l = 0; l < BK; l++) {
+            float av[RM], bv[RN];
+            for (int i = 0; i < RM; i++) {
+                av[i] = ta[l][ty + WG * i];
+            }
+            for (int j = 0; j < RN; j++) {
+                bv[j] = tb[l][tx + WG * j];
+            }
+            for (int i = 0; i < RM; i++) {
+                for (int j = 0; j < RN; j++) {
+                    acc[i][j] += av[i] * bv[j];
+                }
+            }
         }
         barrier(CLK_LOCAL_MEM_FENCE);
     }
-    if (row < m && col < n) {
-        c[row * n + col] = acc;
+    for (int i = 0; i < RM; i++) {
+        const int r = row0 + ty + WG * i;
+        for (int j = 0; j < RN; j++) {
+            const int col = col0 + tx + WG * j;
+            if (r < m && col < n) {
+                c[r * n + col] = acc[i][j];
+            }
+        }
     }
 }
 "#;
@@ -199,7 +239,7 @@ pub fn program(kernels: &[&FusedKernel]) -> String {
     let mut s = String::new();
     s.push_str("// mdl: kernels of one plan, rendered from fused-kernel descriptions\n");
     s.push_str("#pragma OPENCL FP_CONTRACT OFF\n");
-    let _ = writeln!(s, "#define TS {TS}");
+    let _ = writeln!(s, "#define BM {BM}\n#define BN {BN}\n#define BK {BK}\n#define WG {WG}");
     s.push_str(MATMUL);
     for (i, k) in kernels.iter().enumerate() {
         s.push('\n');
