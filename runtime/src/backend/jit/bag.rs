@@ -19,6 +19,12 @@
 //! `Reduce mean` folds the division by the length into it) is copied as a plain part: its
 //! entries are all kept.
 //!
+//! The gradient comes out **combined**: the entries are gathered in a pooled scratch
+//! buffer and summed per row (`optim::combine_duplicate_rows`: each row's entries added in
+//! their order, from zero, as `Value::to_dense` adds them), so its rows are distinct and
+//! ascending. That is the same row-sparse value, and the optimizer and the clipping then
+//! walk it in place instead of sorting and copying it again.
+//!
 //! **Why a jit-side pattern and not an IR op.** The composition is what the language,
 //! autodiff and every backend already agree on, and interp (the oracle) evaluates it as
 //! written; a bag op would need its own shape, gradient and eval rules, gradient checks
@@ -44,6 +50,7 @@ use crate::ir::dim::Dim;
 use crate::ir::graph::{Graph, NodeId};
 use crate::ops::fused::{FusedKernel, Instr};
 use crate::ops::{BinaryOp, DType, Op, ReduceOp, ValueKind};
+use crate::optim::combine_duplicate_rows;
 use crate::tensor::{broadcast_strides, walk2, Tensor, Value};
 use std::collections::HashMap;
 
@@ -322,10 +329,9 @@ pub fn run(kernel: &Kernel, op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, 
                 return Ok(Value::RowSparse { shape: cx.out_shape.to_vec(), rows, values: Tensor { shape: value_shape, data: Vec::new() } });
             }
             let mut ids = IdCursor { parts: &id_parts, part: 0, at: 0 };
-            // Written in place and cut to the entries kept; the pages past them are never
-            // touched.
+            // The entries are written to a pooled scratch buffer, then combined.
             let mut rows: Vec<u32> = vec![0; total];
-            let mut values: Vec<f32> = vec![0.0; total * width];
+            let mut values: Vec<f32> = pool.take(total * width);
             let mut kept = 0usize;
             let mut dropped: Vec<u32> = Vec::new();
             let mut entries = 0usize;
@@ -403,15 +409,18 @@ pub fn run(kernel: &Kernel, op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, 
             }
             dropped.sort_unstable();
             dropped.dedup();
-            rows.truncate(kept);
-            values.truncate(kept * width);
+            // One zero entry per dropped row, in the room the dropped entries left.
             for &id in &dropped {
-                rows.push(id);
-                values.extend(std::iter::repeat_n(0.0, width));
+                rows[kept] = id;
+                values[kept * width..(kept + 1) * width].fill(0.0);
+                kept += 1;
             }
+            let combined = combine_duplicate_rows(&rows[..kept], &values[..kept * width], width);
+            let (rows, data) = (combined.rows.into_owned(), combined.values.into_owned());
+            pool.put(values);
             let mut value_shape = vec![rows.len()];
             value_shape.extend_from_slice(&cx.out_shape[1..]);
-            Ok(Value::RowSparse { shape: cx.out_shape.to_vec(), rows, values: Tensor { shape: value_shape, data: values } })
+            Ok(Value::RowSparse { shape: cx.out_shape.to_vec(), rows, values: Tensor { shape: value_shape, data } })
         }
     }
 }
