@@ -180,6 +180,14 @@ fn a_large_bag_splits_over_threads_and_agrees() {
 }
 
 #[test]
+fn a_table_much_larger_than_the_batch_is_combined_from_a_scratch_buffer() {
+    // 70 000 rows against at most 30 entries: the jit sorts the entries instead of
+    // accumulating into a table-sized buffer.
+    check(3, 2, 4, 5, 2, 70_000, false, true, 40, 3);
+    check(3, 2, 4, 1, 2, 70_000, true, false, 60, 4);
+}
+
+#[test]
 fn an_id_out_of_range_in_a_bag_is_an_error_as_in_interp() {
     let mut g = Graph::new();
     let table = g.param("E", dims(&[4, 2]), Init::Zeros, None, true);

@@ -19,10 +19,12 @@
 //! `Reduce mean` folds the division by the length into it) is copied as a plain part: its
 //! entries are all kept.
 //!
-//! The gradient comes out **combined**: the entries are gathered in a pooled scratch
-//! buffer and summed per row (`optim::combine_duplicate_rows`: each row's entries added in
-//! their order, from zero, as `Value::to_dense` adds them), so its rows are distinct and
-//! ascending. That is the same row-sparse value, and the optimizer and the clipping then
+//! The gradient comes out **combined**: each entry is added to its row of a pooled,
+//! table-sized accumulator (two threads, each owning half the rows) and the named rows are
+//! read out in ascending order; for a table much larger than the batch, the entries go to
+//! a pooled scratch buffer and `optim::combine_duplicate_rows` sums them. Either way each
+//! row's entries are added in their order, from zero, as `Value::to_dense` and the
+//! optimizer add them, so its rows are distinct and ascending and the sums the same. That is the same row-sparse value, and the optimizer and the clipping then
 //! walk it in place instead of sorting and copying it again.
 //!
 //! **Why a jit-side pattern and not an IR op.** The composition is what the language,
@@ -259,6 +261,138 @@ impl<'a> IdCursor<'a> {
     }
 }
 
+/// The entries of one value part of a row-sparse gradient, resolved for a run.
+enum Block<'a> {
+    /// `ids[j]` with row `j` of `x`.
+    Dense { ids: std::borrow::Cow<'a, [u32]>, x: &'a [f32] },
+    /// `ids[j]` with `dy`'s row times one mask value; `shape`, `ds` and `ms` walk the
+    /// entries (the axes before the row) with `dy`'s and the mask's broadcast strides.
+    Masked { ids: std::borrow::Cow<'a, [u32]>, dy: &'a [f32], mask: &'a [f32], shape: Vec<usize>, ds: Vec<usize>, ms: Vec<usize> },
+}
+
+/// One entry of a gradient being built.
+enum Entry<'a> {
+    /// This row of values.
+    Row(&'a [f32]),
+    /// This row times a factor.
+    Scaled(&'a [f32], f32),
+    /// Exactly zero (a padded position with a finite `dy`): the row is named, nothing added.
+    Zero,
+}
+
+/// Calls `f(id, entry)` for every entry of `blocks`, in order.
+fn visit(blocks: &[Block], width: usize, f: &mut dyn FnMut(u32, Entry)) {
+    for block in blocks {
+        match block {
+            Block::Dense { ids, x } => {
+                for (&id, row) in ids.iter().zip(x.chunks_exact(width)) {
+                    f(id, Entry::Row(row));
+                }
+            }
+            Block::Masked { ids, dy, mask, shape, ds, ms } => {
+                let mut e = 0usize;
+                let (mut finite_at, mut finite) = (usize::MAX, true);
+                walk2(shape, ds, ms, |d0, m0| {
+                    let id = ids[e];
+                    e += 1;
+                    let (m, row) = (mask[m0], &dy[d0..d0 + width]);
+                    if m == 0.0 {
+                        if finite_at != d0 {
+                            finite = row.iter().all(|v| v.is_finite());
+                            finite_at = d0;
+                        }
+                        if finite {
+                            return f(id, Entry::Zero);
+                        }
+                    }
+                    f(id, Entry::Scaled(row, m));
+                });
+            }
+        }
+    }
+}
+
+/// The combined gradient through a table-sized accumulator: each entry is added to its
+/// row in entry order from zero (the order `optim::for_each_combined_row` adds them in,
+/// so the sums are the same), then the named rows are read out in ascending order. Two
+/// threads split the rows in halves, each walking every entry and keeping its own.
+fn accumulate(blocks: &[Block], limit: usize, width: usize, threads: usize, pool: &mut Pool) -> (Vec<u32>, Vec<f32>) {
+    let mut acc = pool.zeroed(limit * width);
+    let mut named = vec![false; limit];
+    let fill = |lo: usize, acc: &mut [f32], named: &mut [bool]| {
+        let hi = lo + named.len();
+        visit(blocks, width, &mut |id, entry| {
+            let r = id as usize;
+            if r < lo || r >= hi {
+                return;
+            }
+            named[r - lo] = true;
+            let dst = &mut acc[(r - lo) * width..(r - lo + 1) * width];
+            match entry {
+                Entry::Row(row) => dst.iter_mut().zip(row).for_each(|(a, &v)| *a += v),
+                Entry::Scaled(row, m) => dst.iter_mut().zip(row).for_each(|(a, &v)| *a += v * m),
+                Entry::Zero => {}
+            }
+        });
+    };
+    let entries: usize = blocks.iter().map(|b| match b { Block::Dense { ids, .. } | Block::Masked { ids, .. } => ids.len() }).sum();
+    if threads > 1 && limit >= 2 && entries * width >= PARALLEL_WORK {
+        let half = limit / 2;
+        let (acc_lo, acc_hi) = acc.split_at_mut(half * width);
+        let (named_lo, named_hi) = named.split_at_mut(half);
+        std::thread::scope(|s| {
+            s.spawn(|| fill(0, acc_lo, named_lo));
+            fill(half, acc_hi, named_hi);
+        });
+    } else {
+        fill(0, &mut acc, &mut named);
+    }
+    let rows: Vec<u32> = (0..limit as u32).filter(|&r| named[r as usize]).collect();
+    let mut data = Vec::with_capacity(rows.len() * width);
+    for &r in &rows {
+        data.extend_from_slice(&acc[r as usize * width..(r as usize + 1) * width]);
+    }
+    pool.put(acc);
+    (rows, data)
+}
+
+/// The combined gradient for a table too large for [`accumulate`]: the entries kept are
+/// written to a pooled scratch buffer with one zero entry per row named only by dropped
+/// ones, then combined by `optim::combine_duplicate_rows`.
+fn scratch_and_combine(blocks: &[Block], total: usize, width: usize, pool: &mut Pool) -> (Vec<u32>, Vec<f32>) {
+    let mut rows: Vec<u32> = vec![0; total];
+    let mut values: Vec<f32> = pool.take(total * width);
+    let mut kept = 0usize;
+    let mut dropped: Vec<u32> = Vec::new();
+    visit(blocks, width, &mut |id, entry| {
+        let dst = &mut values[kept * width..(kept + 1) * width];
+        match entry {
+            Entry::Row(row) => dst.copy_from_slice(row),
+            Entry::Scaled(row, m) => dst.iter_mut().zip(row).for_each(|(o, &v)| *o = v * m),
+            Entry::Zero => {
+                if dropped.last() != Some(&id) {
+                    dropped.push(id);
+                }
+                return;
+            }
+        }
+        rows[kept] = id;
+        kept += 1;
+    });
+    dropped.sort_unstable();
+    dropped.dedup();
+    // One zero entry per dropped row, in the room the dropped entries left.
+    for &id in &dropped {
+        rows[kept] = id;
+        values[kept * width..(kept + 1) * width].fill(0.0);
+        kept += 1;
+    }
+    let combined = combine_duplicate_rows(&rows[..kept], &values[..kept * width], width);
+    let (rows, data) = (combined.rows.into_owned(), combined.values.into_owned());
+    pool.put(values);
+    (rows, data)
+}
+
 /// Computes node `op` with `kernel` from its reads.
 pub fn run(kernel: &Kernel, op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, threads: usize, pool: &mut Pool) -> Result<Value<f32>, ExecError> {
     let args = operands.args(op)?;
@@ -329,24 +463,18 @@ pub fn run(kernel: &Kernel, op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, 
                 return Ok(Value::RowSparse { shape: cx.out_shape.to_vec(), rows, values: Tensor { shape: value_shape, data: Vec::new() } });
             }
             let mut ids = IdCursor { parts: &id_parts, part: 0, at: 0 };
-            // The entries are written to a pooled scratch buffer, then combined.
-            let mut rows: Vec<u32> = vec![0; total];
-            let mut values: Vec<f32> = pool.take(total * width);
-            let mut kept = 0usize;
-            let mut dropped: Vec<u32> = Vec::new();
+            let mut blocks = Vec::with_capacity(parts.len());
             let mut entries = 0usize;
             for part in parts {
-                match *part {
+                let block = match *part {
                     Part::Dense { values: v } => {
                         let x = args[v].dense(&name)?;
                         let n = x.data.len() / width;
                         if n * width != x.data.len() || entries + n > total {
                             return Err(bad(format!("values of shape {:?} do not fit rows of width {width}", x.shape)));
                         }
-                        rows[kept..kept + n].copy_from_slice(&ids.next(n));
-                        values[kept * width..(kept + n) * width].copy_from_slice(&x.data);
-                        kept += n;
                         entries += n;
+                        Block::Dense { ids: ids.next(n), x: &x.data }
                     }
                     Part::Masked { dy, mask } => {
                         let (dy, mask) = (args[dy].dense(&name)?, args[mask].dense(&name)?);
@@ -372,52 +500,20 @@ pub fn run(kernel: &Kernel, op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, 
                             }
                             step *= shape[ax];
                         }
-                        let part_ids = ids.next(n);
-                        let mut e = 0usize;
-                        let mut last_dropped = None;
-                        let (mut finite_at, mut finite) = (usize::MAX, true);
-                        walk2(&shape[..t], &ds[..t], &ms[..t], |d0, m0| {
-                            let id = part_ids[e];
-                            e += 1;
-                            let m = mask.data[m0];
-                            let row = &dy.data[d0..d0 + width];
-                            if m == 0.0 {
-                                if finite_at != d0 {
-                                    finite = row.iter().all(|v| v.is_finite());
-                                    finite_at = d0;
-                                }
-                                if finite {
-                                    if last_dropped != Some(id) {
-                                        dropped.push(id);
-                                        last_dropped = Some(id);
-                                    }
-                                    return;
-                                }
-                            }
-                            rows[kept] = id;
-                            for (o, &v) in values[kept * width..(kept + 1) * width].iter_mut().zip(row) {
-                                *o = v * m;
-                            }
-                            kept += 1;
-                        });
                         entries += n;
+                        Block::Masked { ids: ids.next(n), dy: &dy.data, mask: &mask.data, shape: shape[..t].to_vec(), ds: ds[..t].to_vec(), ms: ms[..t].to_vec() }
                     }
-                }
+                };
+                blocks.push(block);
             }
             if entries != total {
                 return Err(bad(format!("{total} ids but {entries} rows of values")));
             }
-            dropped.sort_unstable();
-            dropped.dedup();
-            // One zero entry per dropped row, in the room the dropped entries left.
-            for &id in &dropped {
-                rows[kept] = id;
-                values[kept * width..(kept + 1) * width].fill(0.0);
-                kept += 1;
-            }
-            let combined = combine_duplicate_rows(&rows[..kept], &values[..kept * width], width);
-            let (rows, data) = (combined.rows.into_owned(), combined.values.into_owned());
-            pool.put(values);
+            let (rows, data) = if limit <= 8 * total + (1 << 16) {
+                accumulate(&blocks, limit, width, threads, pool)
+            } else {
+                scratch_and_combine(&blocks, total, width, pool)
+            };
             let mut value_shape = vec![rows.len()];
             value_shape.extend_from_slice(&cx.out_shape[1..]);
             Ok(Value::RowSparse { shape: cx.out_shape.to_vec(), rows, values: Tensor { shape: value_shape, data } })
