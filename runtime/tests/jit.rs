@@ -173,3 +173,29 @@ fn a_freed_id_out_of_range_in_sparse_rows_is_an_error() {
     let got = Jit::with_threads(1).run(&g, &b, &feeds, &params, &Mode::eval()).unwrap_err();
     assert_eq!(got.to_string(), want.to_string());
 }
+
+#[test]
+fn gather_rows_agree_and_an_id_out_of_range_is_the_same_error() {
+    for (rows, width, n) in [(50usize, 16usize, 20_000usize), (7, 1, 9), (3, 0, 4)] {
+        let mut g = Graph::new();
+        let table = g.param("t", dims(&[rows, width]), Init::Zeros, None, true);
+        let ids = g.input("ids", dims(&[n]), DType::I);
+        let out = g.add(Op::Gather, &[table, ids], "").unwrap();
+        g.outputs.insert("out".into(), out);
+        let params: HashMap<String, Tensor<f32>> =
+            [("t".to_string(), Tensor::new(vec![rows, width], values(rows * width, 3)).unwrap())].into_iter().collect();
+        let b = Binding::new();
+        for bad in [false, true] {
+            let id_data: Vec<u32> = (0..n as u32).map(|i| if bad && i == n as u32 - 1 { rows as u32 } else { (i * 31) % rows as u32 }).collect();
+            let feeds: HashMap<String, Value<f32>> =
+                [("ids".to_string(), Value::Ids(Tensor::new(vec![n], id_data).unwrap()))].into_iter().collect();
+            let want = Interp.run(&g, &b, &feeds, &params, &Mode::eval());
+            let got = Jit::with_threads(2).run(&g, &b, &feeds, &params, &Mode::eval());
+            match (got, want) {
+                (Ok(got), Ok(want)) => assert_eq!(got.dense("out"), want.dense("out")),
+                (Err(got), Err(want)) => assert_eq!(got.to_string(), want.to_string()),
+                (got, want) => panic!("jit {got:?} vs interp {want:?}"),
+            }
+        }
+    }
+}

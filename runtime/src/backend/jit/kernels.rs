@@ -41,6 +41,10 @@ pub fn fast(op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, threads: usize, 
             let parts: Vec<&Tensor<f32>> = args.iter().map(|a| a.dense("concat")).collect::<Result<_, _>>()?;
             Some(Value::Dense(concat(&parts, *axis, cx.out_shape, pool)))
         }
+        Op::Gather => {
+            let (table, ids) = (args[0].dense(&name())?, args[1].ids(&name())?);
+            Some(Value::Dense(gather(table, &ids.data, cx.out_shape, threads, pool).map_err(|(id, limit)| ExecError::IdOutOfRange { op: name(), id, limit })?))
+        }
         Op::Reshape { .. } if matches!(args[0], Arg::Param(_) | Arg::Value(Value::Dense(_))) => {
             let x = args[0].dense(&name())?;
             let mut data = pool.take(x.data.len());
@@ -360,6 +364,36 @@ fn reduce(op: ReduceOp, x: &Tensor<f32>, axes: &[usize], out_shape: &[usize], po
 }
 
 // ------------------------------------------------------------------ layout
+
+/// Rows of `table` by id, copied into one pooled buffer (split over two threads when
+/// large); `Err((id, rows))` for the first id outside the table, before anything is copied.
+fn gather(table: &Tensor<f32>, ids: &[u32], out_shape: &[usize], threads: usize, pool: &mut Pool) -> Result<Tensor<f32>, (u32, usize)> {
+    let limit = table.shape[0];
+    if let Some(&id) = ids.iter().find(|&&id| id as usize >= limit) {
+        return Err((id, limit));
+    }
+    let width: usize = table.shape[1..].iter().product();
+    let mut out = pool.take(ids.len() * width);
+    if width > 0 {
+        let copy = |first: usize, out: &mut [f32]| {
+            for (dst, &id) in out.chunks_exact_mut(width).zip(&ids[first..]) {
+                let id = id as usize;
+                dst.copy_from_slice(&table.data[id * width..(id + 1) * width]);
+            }
+        };
+        if threads > 1 && out.len() >= ELEMENTWISE_PARALLEL && ids.len() >= 2 {
+            let half = ids.len() / 2;
+            let (lo, hi) = out.split_at_mut(half * width);
+            std::thread::scope(|s| {
+                s.spawn(|| copy(0, lo));
+                copy(half, hi);
+            });
+        } else {
+            copy(0, &mut out);
+        }
+    }
+    Ok(Tensor { shape: out_shape.to_vec(), data: out })
+}
 
 /// Numpy broadcast of `x` to `out_shape` as block copies: the trailing axes where input
 /// and output agree form a contiguous block; a broadcast last axis becomes runs of fills.
