@@ -292,20 +292,30 @@ fn visit(blocks: &[Block], width: usize, f: &mut dyn FnMut(u32, Entry)) {
             Block::Masked { ids, dy, mask, shape, ds, ms } => {
                 let mut e = 0usize;
                 let (mut finite_at, mut finite) = (usize::MAX, true);
-                walk2(shape, ds, ms, |d0, m0| {
-                    let id = ids[e];
-                    e += 1;
-                    let (m, row) = (mask[m0], &dy[d0..d0 + width]);
-                    if m == 0.0 {
-                        if finite_at != d0 {
-                            finite = row.iter().all(|v| v.is_finite());
-                            finite_at = d0;
+                // The last entry axis (the sequence) as a plain loop, the others walked.
+                let k = shape.len().saturating_sub(1);
+                let (len, dl, ml) = match shape.last() {
+                    Some(&len) => (len, ds[k], ms[k]),
+                    None => (1, 0, 0),
+                };
+                walk2(&shape[..k], &ds[..k], &ms[..k], |d_base, m_base| {
+                    for j in 0..len {
+                        let (d0, m0) = (d_base + j * dl, m_base + j * ml);
+                        let id = ids[e];
+                        e += 1;
+                        let (m, row) = (mask[m0], &dy[d0..d0 + width]);
+                        if m == 0.0 {
+                            if finite_at != d0 {
+                                finite = row.iter().all(|v| v.is_finite());
+                                finite_at = d0;
+                            }
+                            if finite {
+                                f(id, Entry::Zero);
+                                continue;
+                            }
                         }
-                        if finite {
-                            return f(id, Entry::Zero);
-                        }
+                        f(id, Entry::Scaled(row, m));
                     }
-                    f(id, Entry::Scaled(row, m));
                 });
             }
         }
