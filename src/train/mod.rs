@@ -575,7 +575,9 @@ fn evaluate_and_checkpoint(
     log.line(&format!(
         "step {} epoch {}: train loss {:.5}, valid auc {} gauc {} logloss {}{}",
         state.step,
-        state.epoch,
+        // The epoch the step belongs to, counted from 1 as the progress line counts it: an
+        // evaluation at an epoch's end names that epoch, one mid-way the epoch under way.
+        if state.batch_in_epoch == 0 { state.epoch } else { state.epoch + 1 },
         train_loss,
         fmt_opt(report.auc),
         fmt_opt(report.gauc),
