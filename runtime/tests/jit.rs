@@ -199,3 +199,27 @@ fn gather_rows_agree_and_an_id_out_of_range_is_the_same_error() {
         }
     }
 }
+
+/// Softmax over the last axis runs the jit kernel, which must equal interp bit for bit (same
+/// operations in the same order), with one and two threads and rows enough to split; other
+/// axes fall back to the eval rule.
+#[test]
+fn softmax_equals_interp_exactly() {
+    for (shape, axis) in [(vec![3000, 2, 40], 2), (vec![5, 7], 1), (vec![1, 1], 1), (vec![4, 6, 3], 1), (vec![9, 4], 0)] {
+        agree(Op::Softmax { axis }, &[shape], 0.0);
+    }
+}
+
+/// Many small products (attention scores per sample) are split over the threads by
+/// leading index; each must still equal interp.
+#[test]
+fn many_small_products_split_over_threads_equal_interp() {
+    for (a, b, ta, tb) in [
+        (vec![3000, 6, 8], vec![3000, 8, 6], false, false),
+        (vec![2049, 5, 7], vec![2049, 5, 7], false, true),
+        (vec![1500, 9, 4], vec![9, 3], true, false),
+    ] {
+        let k = if ta { a[1] } else { a[2] };
+        agree(Op::MatMul { trans_a: ta, trans_b: tb }, &[a, b], 1e-5 * k as f32);
+    }
+}

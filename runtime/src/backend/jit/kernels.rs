@@ -36,6 +36,7 @@ pub fn fast(op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, threads: usize, 
         Op::Binary(b) => binary(*b, args[0].dense(&name())?, args[1].dense(&name())?, cx.out_shape, threads, pool).map(Value::Dense),
         Op::Unary(u) => Some(Value::Dense(unary(*u, args[0].dense(&name())?, threads, pool))),
         Op::Reduce { op: r, axes, .. } => reduce(*r, args[0].dense(&name())?, axes, cx.out_shape, pool).map(Value::Dense),
+        Op::Softmax { axis } => softmax_last_axis(args[0].dense(&name())?, *axis, threads, pool).map(Value::Dense),
         Op::Broadcast { .. } => Some(Value::Dense(broadcast(args[0].dense(&name())?, cx.out_shape, pool))),
         Op::Concat { axis } if args.iter().all(|a| a.dense("concat").is_ok()) => {
             let parts: Vec<&Tensor<f32>> = args.iter().map(|a| a.dense("concat")).collect::<Result<_, _>>()?;
@@ -167,16 +168,62 @@ fn matmul(a: &Tensor<f32>, b: &Tensor<f32>, ta: bool, tb: bool, out_shape: &[usi
     } else {
         let a_step = a_rows * a_cols;
         let b_step = if rb == 2 { 0 } else { b_rows * b_cols };
-        for i in 0..batch {
-            unsafe {
-                gemm::gemm(
-                    m, n, k, out.as_mut_ptr().add(i * m * n), 1, n as isize, false, a.data.as_ptr().add(i * a_step), a_cs, a_rs,
-                    b.data.as_ptr().add(i * b_step), b_cs, b_rs, 0.0, 1.0, false, false, false, par(m * n * k),
-                );
+        // One product per leading index. Products too small to split themselves (attention
+        // scores: [N, d] @ [d, N] per sample) are split by leading index over the threads.
+        let products = |first: usize, out: &mut [f32], par: Parallelism| {
+            for (j, o) in out.chunks_exact_mut(m * n).enumerate() {
+                let i = first + j;
+                unsafe {
+                    gemm::gemm(
+                        m, n, k, o.as_mut_ptr(), 1, n as isize, false, a.data.as_ptr().add(i * a_step), a_cs, a_rs,
+                        b.data.as_ptr().add(i * b_step), b_cs, b_rs, 0.0, 1.0, false, false, false, par,
+                    );
+                }
             }
+        };
+        let each = m * n * k;
+        if threads > 1 && batch > 1 && each < GEMM_PARALLEL_WORK && batch * each >= GEMM_PARALLEL_WORK {
+            let half = batch / 2;
+            let (lo, hi) = out.split_at_mut(half * m * n);
+            std::thread::scope(|s| {
+                s.spawn(|| products(0, lo, Parallelism::None));
+                products(half, hi, Parallelism::None);
+            });
+        } else {
+            products(0, &mut out, par(each));
         }
     }
     Tensor { shape: out_shape.to_vec(), data: out }
+}
+
+// ------------------------------------------------------------------ softmax
+
+/// Softmax over the last axis (`None` for other axes: the eval rule does those), rows split
+/// over the threads. Per row: the maximum, `exp(x - max)` summed in order, then each
+/// divided by the sum — the eval rule's operations in its order, so the result is
+/// bit-identical to interp.
+fn softmax_last_axis(x: &Tensor<f32>, axis: usize, threads: usize, pool: &mut Pool) -> Option<Tensor<f32>> {
+    if axis + 1 != x.shape.len() || x.data.is_empty() {
+        return None;
+    }
+    let size = x.shape[axis];
+    let mut out = pool.take(x.data.len());
+    split(&mut out, threads, size, |off, o| {
+        let len = o.len();
+        for (row, src) in o.chunks_exact_mut(size).zip(x.data[off..off + len].chunks_exact(size)) {
+            let max = src.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut total = 0.0f32;
+            for (y, &v) in row.iter_mut().zip(src) {
+                let e = (v - max).exp();
+                *y = e;
+                total += e;
+            }
+            for y in row.iter_mut() {
+                *y /= total;
+            }
+        }
+    });
+    Some(Tensor { shape: x.shape.clone(), data: out })
 }
 
 // ------------------------------------------------------------------ elementwise
