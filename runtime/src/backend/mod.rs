@@ -1,7 +1,8 @@
 //! Backends: what executes a graph on concrete values. `interp` is the plain-Rust reference
 //! (the oracle for every other backend and for the gradient checks). This module holds what
-//! all backends share: the result of a run ([`Values`]) and the re-exported run [`Mode`]
-//! and [`ExecError`].
+//! all backends share: the result of a run ([`Values`]), the per-op-kind times of a
+//! profiling backend ([`OpProfile`], [`op_kind`]) and the re-exported run [`Mode`] and
+//! [`ExecError`].
 
 pub mod interp;
 pub mod jit;
@@ -11,8 +12,49 @@ pub mod opencl;
 pub use crate::exec::{ExecError, Mode};
 
 use crate::ir::graph::NodeId;
+use crate::ops::Op;
 use crate::tensor::{Float, Tensor, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+/// Time and calls per op kind, collected by a backend while profiling is on (what
+/// [`Executor::profile`] returns, largest first).
+#[derive(Clone, Debug, Default)]
+pub struct OpProfile(HashMap<String, (Duration, usize)>);
+
+impl OpProfile {
+    pub fn record(&mut self, key: String, time: Duration) {
+        let entry = self.0.entry(key).or_insert((Duration::ZERO, 0));
+        entry.0 += time;
+        entry.1 += 1;
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// `(kind, total time, calls)`, largest time first.
+    pub fn sorted(&self) -> Vec<(String, Duration, usize)> {
+        let mut v: Vec<(String, Duration, usize)> = self.0.iter().map(|(k, (d, n))| (k.clone(), *d, *n)).collect();
+        v.sort_by_key(|p| std::cmp::Reverse(p.1));
+        v
+    }
+}
+
+/// The profile key of an op: its kind without sizes (`matmul`), a fused kernel by its ops
+/// (`fused add,relu`, cut to 40 characters).
+pub fn op_kind(op: &Op) -> String {
+    if let Op::Fused(k) = op {
+        let mut ops = k.summary();
+        if ops.len() > 40 {
+            let cut = (0..=37).rev().find(|&i| ops.is_char_boundary(i)).unwrap_or(0);
+            ops.truncate(cut);
+            ops.push_str("...");
+        }
+        return format!("fused {ops}");
+    }
+    op.name().split_whitespace().next().unwrap_or("").to_string()
+}
 
 /// The values a run produced, by node and by output name. Which nodes are kept depends on
 /// how the graph was run (`interp::run` keeps the named outputs, `interp::run_keep_all`

@@ -33,7 +33,7 @@ mod kernels;
 pub mod pool;
 
 use super::interp::{execute, Evaluator, Lifetimes, Operands};
-use super::{ExecError, Executor, Mode, Values};
+use super::{op_kind, ExecError, Executor, Mode, OpProfile, Values};
 use crate::exec::EvalCx;
 use crate::ir::dim::Binding;
 use crate::ir::graph::{Graph, NodeId};
@@ -75,7 +75,7 @@ pub struct Jit {
     /// Worker threads for large kernels (1 or 2 on the target machines).
     threads: usize,
     profiling: bool,
-    profile: HashMap<String, (Duration, usize)>,
+    profile: OpProfile,
     /// Run the fusion pass and the Cranelift kernels (on by default).
     fusion: bool,
     codegen: codegen::Options,
@@ -102,7 +102,7 @@ impl Jit {
         Jit {
             threads: threads.max(1),
             profiling: false,
-            profile: HashMap::new(),
+            profile: OpProfile::default(),
             fusion: true,
             codegen: codegen::Options::default(),
             plans: Vec::new(),
@@ -159,7 +159,7 @@ impl Jit {
 struct JitEval<'r> {
     threads: usize,
     options: codegen::Options,
-    profile: Option<&'r mut HashMap<String, (Duration, usize)>>,
+    profile: Option<&'r mut OpProfile>,
     pool: &'r mut pool::Pool,
     bags: &'r HashMap<NodeId, bag::Kernel>,
 }
@@ -194,9 +194,7 @@ impl Evaluator<f32> for JitEval<'_> {
                 Some(bag::Kernel::Rows { .. }) => "sparse_rows(bag)".to_string(),
                 None => kind(op, fallback),
             };
-            let e = profile.entry(key).or_insert((Duration::ZERO, 0));
-            e.0 += t.elapsed();
-            e.1 += 1;
+            profile.record(key, t.elapsed());
         }
         Ok(out)
     }
@@ -208,20 +206,14 @@ impl Evaluator<f32> for JitEval<'_> {
     }
 }
 
-/// The profile key of an op: its kind, without sizes; a fused kernel by its ops (cut to
-/// 40 characters), marked `(eval)` when it ran on the eval rule.
+/// The profile key of an op ([`op_kind`]), marked `(eval)` for a fused kernel that ran on
+/// its eval rule.
 fn kind(op: &Op, fallback: bool) -> String {
-    if let Op::Fused(k) = op {
-        let mut ops = k.summary();
-        if ops.len() > 40 {
-            let cut = (0..=37).rev().find(|&i| ops.is_char_boundary(i)).unwrap_or(0);
-            ops.truncate(cut);
-            ops.push_str("...");
-        }
-        return format!("fused{} {ops}", if fallback { "(eval)" } else { "" });
+    let key = op_kind(op);
+    match op {
+        Op::Fused(_) if fallback => key.replacen("fused", "fused(eval)", 1),
+        _ => key,
     }
-    let name = op.name();
-    name.split_whitespace().next().unwrap_or("").to_string()
 }
 
 impl Executor for Jit {
@@ -237,9 +229,7 @@ impl Executor for Jit {
     }
 
     fn profile(&self) -> Vec<(String, Duration, usize)> {
-        let mut v: Vec<(String, Duration, usize)> = self.profile.iter().map(|(k, (d, n))| (k.clone(), *d, *n)).collect();
-        v.sort_by_key(|p| std::cmp::Reverse(p.1));
-        v
+        self.profile.sorted()
     }
 
     fn run(

@@ -36,7 +36,7 @@
 pub mod render;
 
 use super::interp::{execute, Evaluator, Lifetimes, Operands};
-use super::{ExecError, Executor, Mode, Values};
+use super::{op_kind, ExecError, Executor, Mode, OpProfile, Values};
 use crate::exec::EvalCx;
 use crate::ir::dim::Binding;
 use crate::ir::graph::{Graph, NodeId};
@@ -188,7 +188,7 @@ pub struct OpenCl {
     /// Device copies of parameters read by device kernels, by name.
     resident: HashMap<String, Buffer<f32>>,
     profiling: bool,
-    profile: HashMap<String, (Duration, usize)>,
+    profile: OpProfile,
 }
 
 impl std::fmt::Debug for OpenCl {
@@ -234,7 +234,7 @@ impl OpenCl {
             programs: HashMap::new(),
             resident: HashMap::new(),
             profiling: false,
-            profile: HashMap::new(),
+            profile: OpProfile::default(),
         })
     }
 
@@ -474,7 +474,7 @@ impl DeviceRun<'_> {
 /// eval rules otherwise; per-kind times when profiling.
 struct DeviceEval<'a> {
     dev: DeviceRun<'a>,
-    profile: Option<&'a mut HashMap<String, (Duration, usize)>>,
+    profile: Option<&'a mut OpProfile>,
 }
 
 impl Evaluator<f32> for DeviceEval<'_> {
@@ -498,9 +498,7 @@ impl Evaluator<f32> for DeviceEval<'_> {
             None => ops::eval(op, &args, cx)?,
         };
         if let (Some(t), Some(profile)) = (start, self.profile.as_deref_mut()) {
-            let e = profile.entry(kind(op, device)).or_insert((Duration::ZERO, 0));
-            e.0 += t.elapsed();
-            e.1 += 1;
+            profile.record(kind(op, device), t.elapsed());
         }
         Ok(out)
     }
@@ -509,18 +507,7 @@ impl Evaluator<f32> for DeviceEval<'_> {
 /// The profile key of an op: `<kind>` for a device kernel, `<kind> (host)` for an eval
 /// rule on the host.
 fn kind(op: &Op, device: bool) -> String {
-    let base = match op {
-        Op::Fused(k) => {
-            let mut ops = k.summary();
-            if ops.len() > 40 {
-                let cut = (0..=37).rev().find(|&i| ops.is_char_boundary(i)).unwrap_or(0);
-                ops.truncate(cut);
-                ops.push_str("...");
-            }
-            format!("fused {ops}")
-        }
-        _ => op.name().split_whitespace().next().unwrap_or("").to_string(),
-    };
+    let base = op_kind(op);
     if device {
         base
     } else {
@@ -541,9 +528,7 @@ impl Executor for OpenCl {
     }
 
     fn profile(&self) -> Vec<(String, Duration, usize)> {
-        let mut v: Vec<(String, Duration, usize)> = self.profile.iter().map(|(k, (d, n))| (k.clone(), *d, *n)).collect();
-        v.sort_by_key(|p| std::cmp::Reverse(p.1));
-        v
+        self.profile.sorted()
     }
 
     fn run(
