@@ -144,7 +144,12 @@ pub fn build_training_graph(c: &Compiled) -> Result<mdl_runtime::Graph, String> 
 }
 
 fn fail(msg: &str) -> ExitCode {
-    eprintln!("error: {msg}");
+    // Rendered spec diagnostics come with their own `error:` heading.
+    if msg.starts_with("error: ") {
+        eprint!("{msg}");
+    } else {
+        eprintln!("error: {msg}");
+    }
     ExitCode::from(1)
 }
 

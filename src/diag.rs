@@ -205,6 +205,11 @@ pub fn render(map: &SourceMap, d: &Diagnostic) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "error: {}", d.message);
     for (span, label) in places {
+        // A diagnostic about no source text (a spec file that cannot be read) has no place
+        // to point at: its message says it all.
+        if (span.file as usize) >= map.len() && label.is_empty() {
+            continue;
+        }
         let (line, col) = map.line_col(span.file, span.start);
         let _ = writeln!(out, "{pad}--> {}:{line}:{col}", map.name(span.file));
         if (span.file as usize) >= map.len() {

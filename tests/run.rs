@@ -236,3 +236,17 @@ fn bench_prints_rates_and_the_gemm_bound() {
     assert!(text.contains("samples/s"), "{text}");
     assert!(text.contains("(1377 kFLOP/sample)"), "{text}");
 }
+
+/// A spec file that cannot be read is one plain error line: no doubled heading, no
+/// made-up source position.
+#[test]
+fn a_missing_spec_file_is_one_clear_error() {
+    let out = mdl(&["run", "experiments/quickstart.yaml", "--set", "spec=specs/nope.mdl", "--out", tmp("nospec").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("error: cannot read") && err.contains("nope.mdl"), "{err}");
+    assert!(!err.contains("error: error:") && !err.contains("<unknown>"), "{err}");
+    let check = mdl(&["check", "specs/nope.mdl"]);
+    assert_eq!(check.status.code(), Some(1));
+    assert!(!String::from_utf8_lossy(&check.stderr).contains("<unknown>"));
+}

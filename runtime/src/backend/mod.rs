@@ -20,22 +20,34 @@ use std::time::Duration;
 /// Time and calls per op kind, collected by a backend while profiling is on (what
 /// [`Executor::profile`] returns, largest first).
 #[derive(Clone, Debug, Default)]
-pub struct OpProfile(HashMap<String, (Duration, usize)>);
+pub struct OpProfile {
+    on: bool,
+    times: HashMap<String, (Duration, usize)>,
+}
 
 impl OpProfile {
+    /// Turns recording on (starting afresh) or off.
+    pub fn set_on(&mut self, on: bool) {
+        self.on = on;
+        if on {
+            self.times.clear();
+        }
+    }
+
+    /// The profile to record into while it is on, else `None`.
+    pub fn recording(&mut self) -> Option<&mut OpProfile> {
+        self.on.then_some(self)
+    }
+
     pub fn record(&mut self, key: String, time: Duration) {
-        let entry = self.0.entry(key).or_insert((Duration::ZERO, 0));
+        let entry = self.times.entry(key).or_insert((Duration::ZERO, 0));
         entry.0 += time;
         entry.1 += 1;
     }
 
-    pub fn clear(&mut self) {
-        self.0.clear();
-    }
-
     /// `(kind, total time, calls)`, largest time first.
     pub fn sorted(&self) -> Vec<(String, Duration, usize)> {
-        let mut v: Vec<(String, Duration, usize)> = self.0.iter().map(|(k, (d, n))| (k.clone(), *d, *n)).collect();
+        let mut v: Vec<(String, Duration, usize)> = self.times.iter().map(|(k, (d, n))| (k.clone(), *d, *n)).collect();
         v.sort_by_key(|p| std::cmp::Reverse(p.1));
         v
     }

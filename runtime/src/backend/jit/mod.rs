@@ -74,7 +74,6 @@ fn same_graph(a: &Graph, b: &Graph) -> bool {
 pub struct Jit {
     /// Worker threads for large kernels (1 or 2 on the target machines).
     threads: usize,
-    profiling: bool,
     profile: OpProfile,
     /// Run the fusion pass and the Cranelift kernels (on by default).
     fusion: bool,
@@ -101,7 +100,6 @@ impl Jit {
     pub fn with_threads(threads: usize) -> Jit {
         Jit {
             threads: threads.max(1),
-            profiling: false,
             profile: OpProfile::default(),
             fusion: true,
             codegen: codegen::Options::default(),
@@ -222,10 +220,7 @@ impl Executor for Jit {
     }
 
     fn set_profiling(&mut self, on: bool) {
-        self.profiling = on;
-        if on {
-            self.profile.clear();
-        }
+        self.profile.set_on(on);
     }
 
     fn profile(&self) -> Vec<(String, Duration, usize)> {
@@ -241,9 +236,9 @@ impl Executor for Jit {
         mode: &Mode,
     ) -> Result<Values<f32>, ExecError> {
         self.plan(graph);
-        let Jit { plans, profile, pool, threads, codegen, profiling, fusion, .. } = self;
+        let Jit { plans, profile, pool, threads, codegen, fusion, .. } = self;
         let plan = &plans[0];
-        let mut eval = JitEval { threads: *threads, options: *codegen, profile: profiling.then_some(profile), pool, bags: &plan.bags };
+        let mut eval = JitEval { threads: *threads, options: *codegen, profile: profile.recording(), pool, bags: &plan.bags };
         let values = execute(&plan.fused, &plan.lifetimes, binding, feeds, params, mode, &mut eval);
         pool.end_run();
         let values = values?;

@@ -187,7 +187,6 @@ pub struct OpenCl {
     programs: HashMap<String, Program>,
     /// Device copies of parameters read by device kernels, by name.
     resident: HashMap<String, Buffer<f32>>,
-    profiling: bool,
     profile: OpProfile,
 }
 
@@ -233,7 +232,6 @@ impl OpenCl {
             plans: Vec::new(),
             programs: HashMap::new(),
             resident: HashMap::new(),
-            profiling: false,
             profile: OpProfile::default(),
         })
     }
@@ -521,10 +519,7 @@ impl Executor for OpenCl {
     }
 
     fn set_profiling(&mut self, on: bool) {
-        self.profiling = on;
-        if on {
-            self.profile.clear();
-        }
+        self.profile.set_on(on);
     }
 
     fn profile(&self) -> Vec<(String, Duration, usize)> {
@@ -541,12 +536,11 @@ impl Executor for OpenCl {
     ) -> Result<Values<f32>, ExecError> {
         self.plan(graph)?;
         let resident = self.refresh_params(params)?;
-        let profiling = self.profiling;
         let OpenCl { plans, programs, queue, profile, .. } = self;
         let plan = &plans[0];
         let program = programs.get(&plan.program_source).ok_or_else(|| cl_err("program", "not built"))?;
         let dev = DeviceRun { queue, program, kernels: &plan.kernels, params: &resident };
-        let mut evaluator = DeviceEval { dev, profile: profiling.then_some(profile) };
+        let mut evaluator = DeviceEval { dev, profile: profile.recording() };
         let values = execute(&plan.fused, &plan.lifetimes, binding, feeds, params, mode, &mut evaluator)?;
         Ok(values.rekey(graph))
     }
