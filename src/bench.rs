@@ -28,6 +28,8 @@ pub struct BenchReport {
     pub model: String,
     pub batch: usize,
     pub compile_ms: f64,
+    /// Graphs → the backend's runnable plans ([`Session::prepare`]).
+    pub plan_ms: f64,
     pub first_step_ms: f64,
     pub step_ms: f64,
     pub train_samples_per_sec: f64,
@@ -142,9 +144,10 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
     let t = Instant::now();
     let session = Session::new(exp, &prep.fitted)?;
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let bs = exp.train.batch_size.min(prep.train.rows);
+    let plan_ms = session.prepare(exec.as_mut(), bs)?;
     let mut params = mdl_runtime::init::init_params::<f32>(session.params(), &session.inputs.sizes, exp.train.seed)?;
     let mut opt = Optimizer::<f32>::new(crate::train::optim_config(exp))?;
-    let bs = exp.train.batch_size.min(prep.train.rows);
     let mut batches = data::MiniBatches::new(prep.train.rows, bs, exp.train.seed);
     let order: Vec<Vec<usize>> = batches.epoch(0).map(|c| c.to_vec()).filter(|c| c.len() == bs).collect();
     if order.is_empty() {
@@ -205,6 +208,7 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
         model: session.compiled.model.clone(),
         batch: bs,
         compile_ms,
+        plan_ms,
         first_step_ms,
         step_ms,
         train_samples_per_sec: bs as f64 / (step_ms / 1e3),
@@ -219,7 +223,9 @@ impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "model {} on {} at batch {}", self.model, self.backend, self.batch)?;
         writeln!(f, "  compile (parse -> graphs with backward)   {:10.1} ms", self.compile_ms)?;
-        writeln!(f, "  first train step (incl. plan/kernels)     {:10.1} ms", self.first_step_ms)?;
+        writeln!(f, "  runnable plans (fusion + kernels)         {:10.1} ms", self.plan_ms)?;
+        writeln!(f, "  compile to runnable plans, in all         {:10.1} ms", self.compile_ms + self.plan_ms)?;
+        writeln!(f, "  first train step                          {:10.1} ms", self.first_step_ms)?;
         writeln!(f, "  train step (forward + backward + update)  {:10.1} ms   {:10.0} samples/s", self.step_ms, self.train_samples_per_sec)?;
         writeln!(f, "  eval (forward)                                            {:10.0} samples/s", self.eval_samples_per_sec)?;
         let g = &self.gemm;

@@ -110,13 +110,13 @@ fn check(b: usize, s: usize, l: usize, d: usize, fields: usize, vocab: u32, mean
 
     // Forward: the eval graph (pooled is an output, the gathers are not).
     let want = Interp.run(&g, &bind, &feeds, &params, &mode).unwrap();
-    let got = Jit::with_threads(2).with_fma(false).run(&g, &bind, &feeds, &params, &mode).unwrap();
+    let got = Jit::with_threads(2).with_exact_kernels(true).run(&g, &bind, &feeds, &params, &mode).unwrap();
     assert_eq!(got.dense("pooled"), want.dense("pooled"), "pooled values");
 
     // Backward.
     let train = differentiate(&g, loss, &["E".into(), "W".into()]).unwrap();
     let want = Interp.run(&train, &bind, &feeds, &params, &mode).unwrap();
-    let mut jit = Jit::with_threads(2).with_fma(false);
+    let mut jit = Jit::with_threads(2).with_exact_kernels(true);
     jit.set_profiling(true);
     let got = jit.run(&train, &bind, &feeds, &params, &mode).unwrap();
     let calls: HashMap<String, usize> = jit.profile().into_iter().map(|p| (p.0, p.2)).collect();

@@ -12,7 +12,9 @@
 //!   instead of twice). "Exactly" means equal as numbers (`0 == -0`) or both NaN.
 //! - Every unary and binary op compiled by Cranelift equals its eval rule exactly, on
 //!   rows of every length 1..=37 (vector body, unrolled body and scalar tail), contiguous
-//!   and splat operands, and special values (±0, ±inf, NaN, tiny and huge numbers).
+//!   and splat operands, and special values (±0, ±inf, NaN, tiny and huge numbers); with
+//!   inline transcendentals, within 1e-5 of it (relative, or absolute below 1).
+//! - The inline transcendentals, swept over their range, stay within a few ulp of f64.
 
 use mdl_runtime::backend::jit::{codegen, Jit};
 use mdl_runtime::backend::{interp, Executor, Interp};
@@ -24,6 +26,9 @@ use mdl_runtime::{ops, BinaryOp, Binding, Dim, Graph, Init, Mode, NodeId, Op, Re
 use proptest::prelude::*;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+
+/// The ops [`codegen::Options::inline_math`] computes as polynomials.
+const TRANSCENDENTAL: [UnaryOp; 5] = [UnaryOp::Exp, UnaryOp::Log, UnaryOp::Tanh, UnaryOp::Sigmoid, UnaryOp::Softplus];
 
 const UNARY: [UnaryOp; 12] = [
     UnaryOp::Neg,
@@ -284,7 +289,7 @@ fn check_dag(d: &Dag) {
     let got = interp::run(&fused, &d.binding, &feeds, &d.params, &Mode::eval()).unwrap();
     assert_same_values(&got, &want, &names, 0.0, "fused graph on interp");
     for threads in [1, 2] {
-        let mut jit = Jit::with_threads(threads).with_fma(false);
+        let mut jit = Jit::with_threads(threads).with_exact_kernels(true);
         jit.set_profiling(true);
         let got = jit.run(g, &d.binding, &feeds, &d.params, &Mode::eval()).unwrap();
         assert_same_values(&got, &want, &names, 0.0, "jit without fma");
@@ -351,12 +356,14 @@ fn compare_kernel(kernel: &FusedKernel, operands: &[Tensor<f32>], out_shape: &[u
     let want = ops::eval(&Op::Fused(Arc::new(kernel.clone())), &args, &cx).unwrap();
     let want = want.as_dense().unwrap();
     for threads in [1, 2] {
-        for fma in [false, true] {
-            let got = codegen::run(kernel, &refs, out_shape, threads, codegen::Options { fma }).expect("Cranelift compiles every op");
+        for (fma, inline_math) in [(false, false), (true, false), (true, true)] {
+            let got = codegen::run(kernel, &refs, out_shape, threads, codegen::Options { fma, inline_math }).expect("Cranelift compiles every op");
             assert_eq!(got.shape, want.shape);
             let contracts = fma && kernel.body.iter().any(|i| matches!(i, Instr::Binary(BinaryOp::Mul, ..)));
+            let approximates = inline_math && kernel.body.iter().any(|i| matches!(i, Instr::Unary(u, _) if TRANSCENDENTAL.contains(u)));
+            let tol = if approximates { 1e-5 } else { 1e-6 };
             for (i, (&p, &q)) in got.data.iter().zip(&want.data).enumerate() {
-                let close = contracts && (p - q).abs() <= 1e-6 * q.abs().max(1.0);
+                let close = (contracts || approximates) && (p - q).abs() <= tol * q.abs().max(1.0);
                 assert!(same(p, q) || close, "{kernel:?} {out_shape:?}[{i}]: cranelift {p} eval {q} (inputs {:?})", operands.iter().map(|o| o.data.get(i % o.data.len().max(1))).collect::<Vec<_>>());
             }
         }
@@ -505,7 +512,7 @@ fn plans_are_cached_per_graph_and_never_stale() {
     let a = random_dag(5, 7, 2, 9, false, 8, false);
     let mut b = random_dag(6, 7, 2, 9, true, 8, false);
     let feeds: HashMap<String, Value<f32>> = HashMap::new();
-    let mut jit = Jit::with_threads(1).with_fma(false);
+    let mut jit = Jit::with_threads(1).with_exact_kernels(true);
     for _ in 0..3 {
         for d in [&a, &b] {
             let want = Interp.run(&d.graph, &d.binding, &feeds, &d.params, &Mode::eval()).unwrap();
@@ -570,4 +577,55 @@ fn reduction_epilogues_equal_the_eval_rule() {
             }
         }
     }
+}
+
+/// The inline polynomials of exp, log, tanh, sigmoid and softplus against the f64 functions,
+/// on a dense sweep of each one's useful range (vector lanes and scalar tail alike) and at
+/// the edges: the error is at most `ulps` f32 ulps of the result (softplus: or 2e-7
+/// absolute, where its result underflows towards 0 below x = -80).
+#[test]
+fn inline_transcendentals_are_within_a_few_ulp_of_f64() {
+    let sweep = |lo: f64, hi: f64| -> Vec<f32> { (0..=20_001).map(|i| (lo + (hi - lo) * i as f64 / 20_001.0) as f32).collect() };
+    let cases: [(UnaryOp, Vec<f32>, fn(f64) -> f64, f64); 5] = [
+        (UnaryOp::Exp, sweep(-86.0, 88.7), f64::exp, 2.0),
+        (UnaryOp::Log, [sweep(1e-6, 4.0), sweep(4.0, 1e6), vec![1e-40, 1e-38, 3e38]].concat(), f64::ln, 2.0),
+        (UnaryOp::Tanh, sweep(-12.0, 12.0), f64::tanh, 2.0),
+        (UnaryOp::Sigmoid, sweep(-80.0, 30.0), |x| 1.0 / (1.0 + (-x).exp()), 2.0),
+        (UnaryOp::Softplus, sweep(-80.0, 80.0), |x| x.max(0.0) + (-x.abs()).exp().ln_1p(), 2.0),
+    ];
+    for (u, xs, f, ulps) in cases {
+        let kernel = FusedKernel { inputs: 1, body: vec![Instr::Input(0), Instr::Unary(u, 0)], reduce: None };
+        let x = Tensor::new(vec![xs.len()], xs.clone()).unwrap();
+        let got = codegen::run(&kernel, &[&x], &[xs.len()], 1, codegen::Options::default()).unwrap();
+        let mut worst = 0.0f64;
+        for (&xi, &yi) in xs.iter().zip(&got.data) {
+            let want = f(xi as f64);
+            let ulp = (want.abs() as f32).max(f32::MIN_POSITIVE) as f64 * f32::EPSILON as f64;
+            let err = (yi as f64 - want).abs();
+            assert!(err <= ulps * ulp || err <= 2e-7 && u == UnaryOp::Softplus, "{u:?}({xi}) = {yi}, f64 says {want}");
+            worst = worst.max(err / ulp);
+        }
+        eprintln!("{u:?}: worst {worst:.2} ulp");
+    }
+    // The edges, exactly.
+    let edges = [0.0f32, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -1.0, 100.0, -100.0, 1e-45];
+    let x = Tensor::new(vec![edges.len()], edges.to_vec()).unwrap();
+    let run = |u: UnaryOp| {
+        let kernel = FusedKernel { inputs: 1, body: vec![Instr::Input(0), Instr::Unary(u, 0)], reduce: None };
+        codegen::run(&kernel, &[&x], &[edges.len()], 1, codegen::Options::default()).unwrap().data
+    };
+    let exp = run(UnaryOp::Exp);
+    assert_eq!(&exp[..4], &[1.0, 1.0, f32::INFINITY, 0.0]);
+    assert!(exp[4].is_nan() && exp[6] == f32::INFINITY && exp[7] == 0.0);
+    let log = run(UnaryOp::Log);
+    assert_eq!(&log[..3], &[f32::NEG_INFINITY, f32::NEG_INFINITY, f32::INFINITY]);
+    assert!(log[3].is_nan() && log[4].is_nan() && log[5].is_nan());
+    assert!((log[8] as f64 - (1e-45f32 as f64).ln()).abs() < 1e-5);
+    let sig = run(UnaryOp::Sigmoid);
+    assert_eq!(&sig[..4], &[0.5, 0.5, 1.0, 0.0]);
+    let tanh = run(UnaryOp::Tanh);
+    assert_eq!(&tanh[..4], &[0.0, 0.0, 1.0, -1.0]);
+    let sp = run(UnaryOp::Softplus);
+    assert_eq!(&sp[2..4], &[f32::INFINITY, 0.0]);
+    assert!(sp[4].is_nan() && sp[6] == 100.0);
 }

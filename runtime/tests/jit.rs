@@ -138,7 +138,7 @@ fn taken_operands_and_pooled_buffers_agree_with_interp() {
         g.outputs.insert(name.into(), id);
     }
     let b = Binding::new();
-    let mut jit = Jit::with_threads(2);
+    let mut jit = Jit::with_threads(2).with_exact_kernels(true);
     for run in 0..3u64 {
         let mut params = HashMap::new();
         params.insert("p0".to_string(), Tensor::new(vec![64, 128], values(64 * 128, run + 1)).unwrap());
@@ -222,4 +222,93 @@ fn many_small_products_split_over_threads_equal_interp() {
         let k = if ta { a[1] } else { a[2] };
         agree(Op::MatMul { trans_a: ta, trans_b: tb }, &[a, b], 1e-5 * k as f32);
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Slices along any axis, pads and permutes move the same elements as interp, exactly.
+    #[test]
+    fn slice_pad_permute_equal_interp(b in 1usize..40, f in 1usize..6, d in 1usize..9, axis in 0usize..3, lo in 0usize..3, perm in 0usize..6) {
+        let shape = vec![b, f, d];
+        let len = shape[axis] - lo.min(shape[axis] - 1);
+        let start = shape[axis] - len;
+        agree(Op::Slice { axis, start: Dim::lit(start as i64), len: Dim::lit(len as i64) }, &[shape.clone()], 0.0);
+        agree(Op::Pad { axis, before: Dim::lit(lo as i64), after: Dim::lit(2) }, &[shape.clone()], 0.0);
+        let perms = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
+        agree(Op::Permute { perm: perms[perm].to_vec() }, &[shape], 0.0);
+    }
+}
+
+/// Layout kernels on inputs large enough to be split over the threads (and a rank-4 head
+/// permute as attention models make), exactly equal to interp.
+#[test]
+fn large_layout_ops_split_over_threads_equal_interp() {
+    agree(Op::Permute { perm: vec![0, 2, 1, 3] }, &[vec![2048, 10, 2, 8]], 0.0);
+    agree(Op::Permute { perm: vec![0, 2, 1] }, &[vec![4096, 10, 16]], 0.0);
+    agree(Op::Permute { perm: vec![0] }, &[vec![300_000]], 0.0);
+    agree(Op::Slice { axis: 1, start: Dim::lit(3), len: Dim::lit(20) }, &[vec![4096, 50, 3]], 0.0);
+    agree(Op::Pad { axis: 1, before: Dim::lit(4), after: Dim::lit(1) }, &[vec![4096, 30, 2]], 0.0);
+}
+
+/// `op(x, w_or_dy, idx)` with a group index fed as ids, on interp and on the jit (1 and 2
+/// threads): equal within the GEMM tolerance, or the same error.
+fn group_agree(op: Op, shapes: [Vec<usize>; 2], idx: Vec<u32>, k: usize) {
+    let mut g = Graph::new();
+    let mut params = HashMap::new();
+    let mut ids = Vec::new();
+    for (i, s) in shapes.iter().enumerate() {
+        let name = format!("p{i}");
+        ids.push(g.param(&name, dims(s), Init::Zeros, None, false));
+        params.insert(name, Tensor::new(s.clone(), values(s.iter().product(), i as u64 + 11)).unwrap());
+    }
+    ids.push(g.input("idx", dims(&[idx.len()]), DType::I));
+    let out = g.add(op.clone(), &ids, "").unwrap();
+    g.outputs.insert("out".into(), out);
+    let n = idx.len();
+    let feeds: HashMap<String, Value<f32>> = [("idx".to_string(), Value::Ids(Tensor::new(vec![n], idx).unwrap()))].into_iter().collect();
+    let b = Binding::new();
+    let want = Interp.run(&g, &b, &feeds, &params, &Mode::eval());
+    for threads in [1, 2] {
+        let got = Jit::with_threads(threads).run(&g, &b, &feeds, &params, &Mode::eval());
+        match (&got, &want) {
+            (Ok(got), Ok(want)) => {
+                let (got, want) = (got.dense("out").unwrap(), want.dense("out").unwrap());
+                assert_eq!(got.shape, want.shape);
+                for (x, y) in got.data.iter().zip(&want.data) {
+                    assert!((x - y).abs() <= 1e-5 * k as f32 * (1.0 + y.abs()), "{op:?}: jit {x} interp {y}");
+                }
+            }
+            (Err(got), Err(want)) => assert_eq!(got.to_string(), want.to_string()),
+            (got, want) => panic!("{op:?}: jit {got:?} vs interp {want:?}"),
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Group products (rows in any order, sorted, with empty groups, transposed weights)
+    /// agree with interp.
+    #[test]
+    fn group_products_equal_interp(rows in 1usize..300, k in 1usize..24, n in 1usize..24, groups in 1usize..6, trans_w: bool, sorted: bool, seed in 0u64..1000) {
+        let mut idx: Vec<u32> = values(rows, seed).iter().map(|v| ((v + 1.0) * 0.5 * groups as f32) as u32 % groups as u32).collect();
+        if sorted {
+            idx.sort();
+        }
+        let w = if trans_w { vec![groups, n, k] } else { vec![groups, k, n] };
+        group_agree(Op::GroupMatMul { trans_w }, [vec![rows, k], w], idx.clone(), k);
+        group_agree(Op::GroupOuter { groups: Dim::lit(groups as i64) }, [vec![rows, k], vec![rows, n]], idx, rows);
+    }
+}
+
+/// A group id outside the weights is the same error on the jit as on interp, and a large
+/// batch (split GEMMs) still agrees.
+#[test]
+fn group_products_out_of_range_and_large() {
+    group_agree(Op::GroupMatMul { trans_w: false }, [vec![5, 3], vec![2, 3, 4]], vec![0, 1, 2, 0, 1], 3);
+    group_agree(Op::GroupOuter { groups: Dim::lit(2) }, [vec![3, 3], vec![3, 4]], vec![0, 3, 1], 3);
+    let idx: Vec<u32> = (0..4096u32).map(|i| (i * 7 + i / 3) % 5).collect();
+    group_agree(Op::GroupMatMul { trans_w: true }, [vec![4096, 256], vec![5, 128, 256]], idx.clone(), 256);
+    group_agree(Op::GroupOuter { groups: Dim::lit(5) }, [vec![4096, 256], vec![4096, 128]], idx, 4096);
 }

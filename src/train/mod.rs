@@ -66,6 +66,16 @@ impl Session {
         Ok(Session { compiled, train_graph, eval_graph, inputs })
     }
 
+    /// Builds `exec`'s runnable plans of the train and eval graphs at `batch` rows ahead of
+    /// the first step ([`Executor::prepare`]); returns the milliseconds it took.
+    pub fn prepare(&self, exec: &mut dyn Executor, batch: usize) -> Result<f64, String> {
+        let t = Instant::now();
+        let binding = self.inputs.with_batch(batch);
+        exec.prepare(&self.train_graph, &binding).map_err(|e| e.to_string())?;
+        exec.prepare(&self.eval_graph, &binding).map_err(|e| e.to_string())?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    }
+
     pub fn params(&self) -> &[ParamInfo] {
         &self.compiled.graph.params
     }
@@ -199,8 +209,12 @@ pub struct RunMetrics {
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct RunTiming {
     pub backend: String,
-    /// Parse → runnable training and evaluation graphs.
+    /// Parse → training and evaluation graphs (with the backward pass).
     pub compile_ms: f64,
+    /// Graphs → the backend's runnable plans of both, at the batch size (the jit's fusion
+    /// pass and kernel compilation; 0 for backends with nothing to prepare).
+    #[serde(default)]
+    pub plan_ms: f64,
     /// Rows trained on and the seconds spent in training steps (forward, backward, update).
     pub train_rows: usize,
     pub step_secs: f64,
@@ -328,11 +342,13 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
     let tc = Instant::now();
     let session = Session::new(exp, &prep.fitted)?;
     let compile_ms = tc.elapsed().as_secs_f64() * 1e3;
+    let plan_ms = session.prepare(backend.as_mut(), exp.train.batch_size.min(prep.train.rows))?;
     log.line(&format!(
-        "model {}: {} parameter tensors, {} train-graph ops, compiled in {compile_ms:.1} ms",
+        "model {}: {} parameter tensors, {} train-graph ops, compiled in {compile_ms:.1} ms, {} plan ready in {plan_ms:.1} ms",
         session.compiled.model,
         session.params().len(),
         session.train_graph.len(),
+        exp.backend,
     ));
 
     write_atomic(&out.join("config.yaml"), serde_yaml::to_string(exp).map_err(|e| e.to_string())?.as_bytes())?;
@@ -490,6 +506,7 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
     let timing = RunTiming {
         backend: exp.backend.clone(),
         compile_ms,
+        plan_ms,
         train_rows: rows_done,
         step_secs,
         train_rows_per_s: rows_done as f64 / step_secs.max(1e-9),

@@ -151,6 +151,14 @@ pub trait Executor {
         Vec::new()
     }
 
+    /// Makes `graph` runnable at the sizes of `binding` before its first run (the jit's
+    /// fusion pass and kernel compilation), so that the first `run` pays only for running
+    /// and the cost of a plan can be measured apart. Backends with nothing to prepare do
+    /// nothing; `run` prepares whatever was not.
+    fn prepare(&mut self, _graph: &crate::ir::graph::Graph, _binding: &crate::ir::dim::Binding) -> Result<(), ExecError> {
+        Ok(())
+    }
+
     /// Runs `graph` and keeps its named outputs.
     fn run(
         &mut self,

@@ -27,6 +27,7 @@
 //! [`MAX_BODY`] instructions, a code generator error) is reported as an `Err`, and the jit
 //! backend falls back to the kernel's eval rule; nothing here panics on a kernel.
 
+use super::math::Math;
 use crate::ops::elementwise::apply_unary;
 use crate::ops::fused::{broadcast_all, broadcasts_to, FusedKernel, Instr};
 use crate::ops::{BinaryOp, ReduceOp, UnaryOp};
@@ -55,11 +56,21 @@ pub struct Options {
     /// CPU has one. It rounds once instead of twice, so results differ from interp in the
     /// last bits; off, a fused kernel computes exactly what the unfused ops compute.
     pub fma: bool,
+    /// Compute exp, log, tanh, sigmoid and softplus inline as polynomials ([`super::math`]:
+    /// within a few ulp, many times faster); off, they call the eval rule's scalar
+    /// functions and agree with interp bit for bit.
+    pub inline_math: bool,
+}
+
+impl Options {
+    /// Every kernel computes exactly what the unfused eval rules compute: no fma
+    /// contraction, transcendentals through the eval rule's functions.
+    pub const EXACT: Options = Options { fma: false, inline_math: false };
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { fma: true }
+        Options { fma: true, inline_math: true }
     }
 }
 
@@ -87,6 +98,7 @@ struct Key {
     /// Per operand: read one value per row (stride 0 along the row) instead of a run.
     splat: Vec<bool>,
     fma: bool,
+    inline_math: bool,
     mode: Mode,
 }
 
@@ -158,7 +170,7 @@ impl Compiler {
         let config = self.module.target_config();
         {
             let mut b = FunctionBuilder::new(&mut self.ctx.func, &mut self.fctx);
-            Emitter::build(&mut b, key, key.fma && self.has_fma, ptr);
+            Emitter::build(&mut b, key, self.has_fma, ptr);
             b.seal_all_blocks();
             b.finalize(config);
         }
@@ -251,11 +263,14 @@ struct Emitter<'k> {
     vec_sig: Option<SigRef>,
     scalar_sig: Option<SigRef>,
     mem: MemFlagsData,
+    /// The CPU has fma (used by the inline polynomials whatever [`Options::fma`] says).
+    has_fma: bool,
 }
 
 impl<'k> Emitter<'k> {
-    fn build(b: &mut FunctionBuilder, key: &'k Key, fma: bool, ptr: Type) {
+    fn build(b: &mut FunctionBuilder, key: &'k Key, has_fma: bool, ptr: Type) {
         let body = &key.kernel.body;
+        let fma = key.fma && has_fma;
         let mut uses = vec![0usize; body.len()];
         for instr in body {
             match *instr {
@@ -338,7 +353,7 @@ impl<'k> Emitter<'k> {
                 consts_v.insert(at, v);
             }
         }
-        let needs_call = body.iter().any(|i| matches!(*i, Instr::Unary(u, _) if helper(u).is_some()));
+        let needs_call = !key.inline_math && body.iter().any(|i| matches!(*i, Instr::Unary(u, _) if helper(u).is_some()));
         let (slot, vec_sig, scalar_sig) = if needs_call {
             let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 16, 4));
             let call_conv = b.func.signature.call_conv;
@@ -371,6 +386,7 @@ impl<'k> Emitter<'k> {
             vec_sig,
             scalar_sig,
             mem,
+            has_fma,
         };
 
         let row_head = b.create_block();
@@ -573,7 +589,14 @@ impl<'k> Emitter<'k> {
                 let neg = self.select(b, ty, lt, minus_one, zero);
                 self.select(b, ty, gt, one, neg)
             }
-            UnaryOp::Exp | UnaryOp::Log | UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Softplus => self.call(b, ty, u, x),
+            UnaryOp::Exp | UnaryOp::Log | UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Softplus if !self.key.inline_math => {
+                self.call(b, ty, u, x)
+            }
+            UnaryOp::Exp => Math { ty, fma: self.has_fma }.exp(b, x),
+            UnaryOp::Log => Math { ty, fma: self.has_fma }.log(b, x),
+            UnaryOp::Tanh => Math { ty, fma: self.has_fma }.tanh(b, x),
+            UnaryOp::Sigmoid => Math { ty, fma: self.has_fma }.sigmoid(b, x),
+            UnaryOp::Softplus => Math { ty, fma: self.has_fma }.softplus(b, x),
         }
     }
 
@@ -780,27 +803,29 @@ pub fn run(kernel: &FusedKernel, operands: &[&Tensor<f32>], out_shape: &[usize],
     run_with(kernel, operands, out_shape, threads, opts, &mut |len, _| vec![0.0; len])
 }
 
-/// [`run`], with the output buffer from `alloc(len, zeroed)`: a vector of `len` elements,
-/// which must be zeros when `zeroed` is true (a reduction adds into it) and may hold
-/// anything otherwise (every element is written). The jit backend passes its buffer pool.
-pub fn run_with(
-    kernel: &FusedKernel,
-    operands: &[&Tensor<f32>],
-    out_shape: &[usize],
-    threads: usize,
-    opts: Options,
-    alloc: &mut dyn FnMut(usize, bool) -> Vec<f32>,
-) -> Result<Tensor<f32>, String> {
-    if operands.len() != kernel.inputs {
-        return Err(format!("the kernel takes {} operand(s), got {}", kernel.inputs, operands.len()));
+/// How one call of a kernel runs: its compiled function's key and the loop layout over
+/// the operands' common (broadcast) domain.
+struct Launch {
+    key: Key,
+    lay: Layout,
+    domain: Vec<usize>,
+    /// The domain is empty (and the kernel stores): the result is all zeros, nothing runs.
+    empty: bool,
+}
+
+/// The launch of `kernel` on operands of `shapes` giving `out_shape`, or why it cannot run
+/// (the caller then uses the eval rule).
+fn launch_of(kernel: &FusedKernel, shapes: &[&[usize]], out_shape: &[usize], opts: Options) -> Result<Launch, String> {
+    if shapes.len() != kernel.inputs {
+        return Err(format!("the kernel takes {} operand(s), got {}", kernel.inputs, shapes.len()));
     }
     let domain = match &kernel.reduce {
         None => out_shape.to_vec(),
-        Some(_) => broadcast_all(operands.iter().map(|x| x.shape.as_slice())).ok_or("the operands do not broadcast together")?,
+        Some(_) => broadcast_all(shapes.iter().copied()).ok_or("the operands do not broadcast together")?,
     };
-    for (j, x) in operands.iter().enumerate() {
-        if !broadcasts_to(&x.shape, &domain) || x.data.len() != x.shape.iter().product::<usize>() {
-            return Err(format!("operand {j} of shape {:?} does not broadcast to {domain:?}", x.shape));
+    for (j, x) in shapes.iter().enumerate() {
+        if !broadcasts_to(x, &domain) {
+            return Err(format!("operand {j} of shape {x:?} does not broadcast to {domain:?}"));
         }
     }
     // The output as the domain sees it: its own shape with the reduced axes kept as 1.
@@ -819,23 +844,59 @@ pub fn run_with(
             kept
         }
     };
-    let total: usize = out_shape.iter().product();
-    if domain.iter().product::<usize>() == 0 {
-        if kernel.reduce.is_some() {
-            // An empty mean is 0/0: left to the eval rule, which has the edge cases.
-            return Err("an empty reduction".into());
-        }
-        return Ok(Tensor { shape: out_shape.to_vec(), data: vec![0.0; total] });
+    let empty = domain.iter().product::<usize>() == 0;
+    if empty && kernel.reduce.is_some() {
+        // An empty mean is 0/0: left to the eval rule, which has the edge cases.
+        return Err("an empty reduction".into());
     }
-    let strides: Vec<Vec<usize>> = operands.iter().map(|x| broadcast_strides(&x.shape, &domain)).collect();
+    let strides: Vec<Vec<usize>> = shapes.iter().map(|x| broadcast_strides(x, &domain)).collect();
     let lay = layout(&strides, &broadcast_strides(&kept, &domain), &domain);
     let mode = match (&kernel.reduce, lay.out_along_row) {
         (None, _) => Mode::Store,
         (Some(_), true) => Mode::AccumulateRow,
         (Some(_), false) => Mode::AccumulateScalar,
     };
-    let key = Key { kernel: kernel.clone(), splat: lay.splat.clone(), fma: opts.fma, mode };
-    let f = compiler()?.lock().map_err(|_| "the kernel compiler was poisoned by a panic".to_string())?.get(&key)?;
+    let key = Key { kernel: kernel.clone(), splat: lay.splat.clone(), fma: opts.fma, inline_math: opts.inline_math, mode };
+    Ok(Launch { key, lay, domain, empty })
+}
+
+fn compiled(key: &Key) -> Result<KernelFn, String> {
+    compiler()?.lock().map_err(|_| "the kernel compiler was poisoned by a panic".to_string())?.get(key)
+}
+
+/// Compiles (once per process) the function that [`run_with`] would use for operands of
+/// `shapes`, so that building a plan, not its first run, pays for compilation. `Err` says
+/// why the kernel cannot run on the jit (its node then runs on the eval rule).
+pub fn precompile(kernel: &FusedKernel, shapes: &[&[usize]], out_shape: &[usize], opts: Options) -> Result<(), String> {
+    let launch = launch_of(kernel, shapes, out_shape, opts)?;
+    if !launch.empty {
+        compiled(&launch.key)?;
+    }
+    Ok(())
+}
+
+/// [`run`], with the output buffer from `alloc(len, zeroed)`: a vector of `len` elements,
+/// which must be zeros when `zeroed` is true (a reduction adds into it) and may hold
+/// anything otherwise (every element is written). The jit backend passes its buffer pool.
+pub fn run_with(
+    kernel: &FusedKernel,
+    operands: &[&Tensor<f32>],
+    out_shape: &[usize],
+    threads: usize,
+    opts: Options,
+    alloc: &mut dyn FnMut(usize, bool) -> Vec<f32>,
+) -> Result<Tensor<f32>, String> {
+    if let Some(j) = operands.iter().position(|x| x.data.len() != x.shape.iter().product::<usize>()) {
+        return Err(format!("operand {j} holds {} values for the shape {:?}", operands[j].data.len(), operands[j].shape));
+    }
+    let shapes: Vec<&[usize]> = operands.iter().map(|x| x.shape.as_slice()).collect();
+    let Launch { key, lay, domain, empty } = launch_of(kernel, &shapes, out_shape, opts)?;
+    let total: usize = out_shape.iter().product();
+    if empty {
+        return Ok(Tensor { shape: out_shape.to_vec(), data: vec![0.0; total] });
+    }
+    let mode = key.mode;
+    let f = compiled(&key)?;
     let data: Vec<&[f32]> = operands.iter().map(|x| x.data.as_slice()).collect();
     let mut out = alloc(total, mode != Mode::Store);
     debug_assert_eq!(out.len(), total);

@@ -5,6 +5,8 @@
 //! buffer with a new shape, a slice along the first axis shortens it in place, and a
 //! `SparseRows` keeps its ids and values as they are.
 
+use super::layout::{broadcast, concat, gather, pad, permute, slice};
+use super::group::{group_matmul, group_outer};
 use super::pool::Pool;
 use crate::backend::interp::Operands;
 use crate::exec::{Arg, EvalCx, ExecError};
@@ -13,9 +15,9 @@ use crate::tensor::{Tensor, Value};
 use gemm::Parallelism;
 
 /// Work (multiply-adds) above which a GEMM is split over threads.
-const GEMM_PARALLEL_WORK: usize = 1 << 21;
+pub(super) const GEMM_PARALLEL_WORK: usize = 1 << 21;
 /// Elements above which an elementwise kernel is split over threads.
-const ELEMENTWISE_PARALLEL: usize = 1 << 17;
+pub(super) const ELEMENTWISE_PARALLEL: usize = 1 << 17;
 
 pub fn fast(op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, threads: usize, pool: &mut Pool) -> Result<Option<Value<f32>>, ExecError> {
     if let Some(v) = moved(op, operands, cx)? {
@@ -45,6 +47,23 @@ pub fn fast(op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, threads: usize, 
         Op::Gather => {
             let (table, ids) = (args[0].dense(&name())?, args[1].ids(&name())?);
             Some(Value::Dense(gather(table, &ids.data, cx.out_shape, threads, pool).map_err(|(id, limit)| ExecError::IdOutOfRange { op: name(), id, limit })?))
+        }
+        Op::Slice { axis, start, .. } => match args[0].dense(&name()) {
+            Ok(x) => slice(x, *axis, cx.size(start)?, cx.out_shape, threads, pool).map(Value::Dense),
+            Err(_) => None,
+        },
+        Op::Pad { axis, before, .. } => Some(Value::Dense(pad(args[0].dense(&name())?, *axis, cx.size(before)?, cx.out_shape, threads, pool))),
+        Op::Permute { perm } => match args[0].dense(&name()) {
+            Ok(x) => Some(Value::Dense(permute(x, perm, cx.out_shape, threads, pool))),
+            Err(_) => None,
+        },
+        Op::GroupMatMul { trans_w } => {
+            let (x, w, idx) = (args[0].dense(&name())?, args[1].dense(&name())?, args[2].ids(&name())?);
+            Some(Value::Dense(group_matmul(&name(), x, w, &idx.data, *trans_w, threads, pool)?))
+        }
+        Op::GroupOuter { groups } => {
+            let (x, dy, idx) = (args[0].dense(&name())?, args[1].dense(&name())?, args[2].ids(&name())?);
+            Some(Value::Dense(group_outer(&name(), x, dy, &idx.data, cx.size(groups)?, threads, pool)?))
         }
         Op::Reshape { .. } if matches!(args[0], Arg::Param(_) | Arg::Value(Value::Dense(_))) => {
             let x = args[0].dense(&name())?;
@@ -139,6 +158,31 @@ fn strides(cols: usize, trans: bool) -> (isize, isize) {
     }
 }
 
+/// `out[m, n] = op(a)[m, k] · op(b)[k, n]`, every element of `out` written. `a` is stored
+/// row-major with `a_cols` columns and read transposed when `ta` (likewise `b`): a
+/// transposed operand is a pair of strides, never a copy.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_into(out: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], ta: bool, a_cols: usize, b: &[f32], tb: bool, b_cols: usize, par: Parallelism) {
+    assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "gemm operands shorter than their shapes");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out[..m * n].fill(0.0);
+        return;
+    }
+    let (a_rs, a_cs) = strides(a_cols, ta);
+    let (b_rs, b_cs) = strides(b_cols, tb);
+    // SAFETY: the assert above: each pointer addresses a live slice covering the rows ×
+    // cols reached through its strides (`a_cols`/`b_cols` are the stored row lengths).
+    unsafe {
+        gemm::gemm(
+            m, n, k, out.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), a_cs, a_rs, b.as_ptr(), b_cs, b_rs, 0.0, 1.0, false, false,
+            false, par,
+        );
+    }
+}
+
 fn matmul(a: &Tensor<f32>, b: &Tensor<f32>, ta: bool, tb: bool, out_shape: &[usize], threads: usize, pool: &mut Pool) -> Tensor<f32> {
     let (ra, rb) = (a.shape.len(), b.shape.len());
     let (a_rows, a_cols) = (a.shape[ra - 2], a.shape[ra - 1]);
@@ -147,24 +191,15 @@ fn matmul(a: &Tensor<f32>, b: &Tensor<f32>, ta: bool, tb: bool, out_shape: &[usi
     let n = if tb { b_rows } else { b_cols };
     let batch: usize = a.shape[..ra - 2].iter().product();
     // Every element is written (gemm with `read_dst` off), so the buffer need not be zeros.
-    let mut out = if m == 0 || n == 0 || k == 0 { vec![0.0f32; out_shape.iter().product()] } else { pool.take(out_shape.iter().product()) };
-    let (a_rs, a_cs) = strides(a_cols, ta);
-    let (b_rs, b_cs) = strides(b_cols, tb);
+    let mut out = pool.take(out_shape.iter().product());
     let par = |work: usize| if threads > 1 && work >= GEMM_PARALLEL_WORK { Parallelism::Rayon(threads) } else { Parallelism::None };
     if m == 0 || n == 0 {
         return Tensor { shape: out_shape.to_vec(), data: out };
     }
-    // SAFETY (all gemm calls below): every pointer addresses a live buffer whose extent
-    // covers the rows × cols reached through the given strides, by the shape rule of MatMul.
     if rb == 2 && !ta {
         // Shared right operand: all leading axes of `a` are rows of one product.
         let rows = batch * m;
-        unsafe {
-            gemm::gemm(
-                rows, n, k, out.as_mut_ptr(), 1, n as isize, false, a.data.as_ptr(), a_cs, a_rs, b.data.as_ptr(), b_cs, b_rs,
-                0.0, 1.0, false, false, false, par(rows * n * k),
-            );
-        }
+        gemm_into(&mut out, rows, n, k, &a.data, false, a_cols, &b.data, tb, b_cols, par(rows * n * k));
     } else {
         let a_step = a_rows * a_cols;
         let b_step = if rb == 2 { 0 } else { b_rows * b_cols };
@@ -173,12 +208,8 @@ fn matmul(a: &Tensor<f32>, b: &Tensor<f32>, ta: bool, tb: bool, out_shape: &[usi
         let products = |first: usize, out: &mut [f32], par: Parallelism| {
             for (j, o) in out.chunks_exact_mut(m * n).enumerate() {
                 let i = first + j;
-                unsafe {
-                    gemm::gemm(
-                        m, n, k, o.as_mut_ptr(), 1, n as isize, false, a.data.as_ptr().add(i * a_step), a_cs, a_rs,
-                        b.data.as_ptr().add(i * b_step), b_cs, b_rs, 0.0, 1.0, false, false, false, par,
-                    );
-                }
+                let (a_i, b_i) = (&a.data[i * a_step..(i + 1) * a_step], &b.data[i * b_step..i * b_step + b_rows * b_cols]);
+                gemm_into(o, m, n, k, a_i, ta, a_cols, b_i, tb, b_cols, par);
             }
         };
         let each = m * n * k;
@@ -229,7 +260,7 @@ fn softmax_last_axis(x: &Tensor<f32>, axis: usize, threads: usize, pool: &mut Po
 // ------------------------------------------------------------------ elementwise
 
 /// Runs `f(offset, out_chunk)` over `out` in one or two pieces.
-fn split<F: Fn(usize, &mut [f32]) + Sync>(out: &mut [f32], threads: usize, align: usize, f: F) {
+pub(super) fn split<F: Fn(usize, &mut [f32]) + Sync>(out: &mut [f32], threads: usize, align: usize, f: F) {
     let n = out.len();
     if threads < 2 || n < ELEMENTWISE_PARALLEL {
         f(0, out);
@@ -410,92 +441,3 @@ fn reduce(op: ReduceOp, x: &Tensor<f32>, axes: &[usize], out_shape: &[usize], po
     Some(Tensor { shape: out_shape.to_vec(), data: out })
 }
 
-// ------------------------------------------------------------------ layout
-
-/// Rows of `table` by id, copied into one pooled buffer (split over two threads when
-/// large); `Err((id, rows))` for the first id outside the table, before anything is copied.
-fn gather(table: &Tensor<f32>, ids: &[u32], out_shape: &[usize], threads: usize, pool: &mut Pool) -> Result<Tensor<f32>, (u32, usize)> {
-    let limit = table.shape[0];
-    if let Some(&id) = ids.iter().find(|&&id| id as usize >= limit) {
-        return Err((id, limit));
-    }
-    let width: usize = table.shape[1..].iter().product();
-    let mut out = pool.take(ids.len() * width);
-    if width > 0 {
-        let copy = |first: usize, out: &mut [f32]| {
-            for (dst, &id) in out.chunks_exact_mut(width).zip(&ids[first..]) {
-                let id = id as usize;
-                dst.copy_from_slice(&table.data[id * width..(id + 1) * width]);
-            }
-        };
-        if threads > 1 && out.len() >= ELEMENTWISE_PARALLEL && ids.len() >= 2 {
-            let half = ids.len() / 2;
-            let (lo, hi) = out.split_at_mut(half * width);
-            std::thread::scope(|s| {
-                s.spawn(|| copy(0, lo));
-                copy(half, hi);
-            });
-        } else {
-            copy(0, &mut out);
-        }
-    }
-    Ok(Tensor { shape: out_shape.to_vec(), data: out })
-}
-
-/// Numpy broadcast of `x` to `out_shape` as block copies: the trailing axes where input
-/// and output agree form a contiguous block; a broadcast last axis becomes runs of fills.
-fn broadcast(x: &Tensor<f32>, out_shape: &[usize], pool: &mut Pool) -> Tensor<f32> {
-    let rank = out_shape.len();
-    let mut ins = vec![1usize; rank - x.shape.len()];
-    ins.extend_from_slice(&x.shape);
-    let total: usize = out_shape.iter().product();
-    let mut out = pool.take(total);
-    let mut at = 0usize;
-    // Trailing axes equal in both: one contiguous block per outer index.
-    let mut t = rank;
-    while t > 0 && ins[t - 1] == out_shape[t - 1] {
-        t -= 1;
-    }
-    let block: usize = out_shape[t..].iter().product();
-    // Input strides (0 on broadcast axes) over the outer axes.
-    let mut in_strides = vec![0usize; t];
-    let mut acc = block;
-    for a in (0..t).rev() {
-        in_strides[a] = if ins[a] == 1 { 0 } else { acc };
-        acc *= ins[a];
-    }
-    let outer: usize = out_shape[..t].iter().product();
-    let mut idx = vec![0usize; t];
-    let mut src = 0usize;
-    for _ in 0..outer {
-        out[at..at + block].copy_from_slice(&x.data[src..src + block]);
-        at += block;
-        // Advance the multi-index and the source offset.
-        for a in (0..t).rev() {
-            idx[a] += 1;
-            src += in_strides[a];
-            if idx[a] < out_shape[a] {
-                break;
-            }
-            src -= in_strides[a] * idx[a];
-            idx[a] = 0;
-        }
-    }
-    Tensor { shape: out_shape.to_vec(), data: out }
-}
-
-/// Concatenation along `axis`: per outer index, each part's contiguous slab in turn.
-fn concat(parts: &[&Tensor<f32>], axis: usize, out_shape: &[usize], pool: &mut Pool) -> Tensor<f32> {
-    let outer: usize = out_shape[..axis].iter().product();
-    let total: usize = out_shape.iter().product();
-    let slabs: Vec<usize> = parts.iter().map(|p| p.shape[axis..].iter().product()).collect();
-    let mut out = pool.take(total);
-    let mut at = 0usize;
-    for o in 0..outer {
-        for (p, &w) in parts.iter().zip(&slabs) {
-            out[at..at + w].copy_from_slice(&p.data[o * w..(o + 1) * w]);
-            at += w;
-        }
-    }
-    Tensor { shape: out_shape.to_vec(), data: out }
-}

@@ -29,13 +29,16 @@
 
 mod bag;
 pub mod codegen;
+mod group;
 mod kernels;
+mod layout;
+mod math;
 pub mod pool;
 
 use super::interp::{execute, Evaluator, Lifetimes, Operands};
 use super::{op_kind, ExecError, Executor, Mode, OpProfile, Values};
 use crate::exec::EvalCx;
-use crate::ir::dim::Binding;
+use crate::ir::dim::{eval_shape, Binding};
 use crate::ir::graph::{Graph, NodeId};
 use crate::ops::{self, Op};
 use crate::tensor::{Tensor, Value};
@@ -115,9 +118,11 @@ impl Jit {
         self
     }
 
-    /// Turns fma contraction in fused kernels on or off (see [`codegen::Options::fma`]).
-    pub fn with_fma(mut self, on: bool) -> Jit {
-        self.codegen.fma = on;
+    /// Exact kernels (`true`: [`codegen::Options::EXACT`], every result bit-identical to
+    /// interp) or fast ones (`false`, the default: fma contraction and inline
+    /// transcendentals, within a few ulp).
+    pub fn with_exact_kernels(mut self, exact: bool) -> Jit {
+        self.codegen = if exact { codegen::Options::EXACT } else { codegen::Options::default() };
         self
     }
 
@@ -225,6 +230,23 @@ impl Executor for Jit {
 
     fn profile(&self) -> Vec<(String, Duration, usize)> {
         self.profile.sorted()
+    }
+
+    /// The fused plan of `graph`, and every fused kernel compiled for the operand shapes
+    /// `binding` gives (a kernel that cannot be compiled runs on its eval rule, as in `run`).
+    fn prepare(&mut self, graph: &Graph, binding: &Binding) -> Result<(), ExecError> {
+        self.plan(graph);
+        let fused = &self.plans[0].fused;
+        let shape = |id: NodeId| eval_shape(&fused.node(id).sig.shape, binding).map_err(|message| ExecError::Size { message });
+        for id in fused.ids() {
+            let node = fused.node(id);
+            if let Op::Fused(kernel) = &node.op {
+                let shapes = node.inputs.iter().map(|&i| shape(i)).collect::<Result<Vec<_>, _>>()?;
+                let shapes: Vec<&[usize]> = shapes.iter().map(|s| s.as_slice()).collect();
+                let _ = codegen::precompile(kernel, &shapes, &shape(id)?, self.codegen);
+            }
+        }
+        Ok(())
     }
 
     fn run(

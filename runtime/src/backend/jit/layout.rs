@@ -1,0 +1,197 @@
+//! Layout kernels of the jit: ops that only move elements (gather by id, broadcast,
+//! concat, slice, pad, permute), each writing a pooled buffer with block copies, split
+//! over the threads by leading rows when large. The eval rules in `ops::layout` compute the
+//! same values into fresh vectors; these exist because a step runs them on every
+//! activation and its gradient (DIN's slices, PEPNet's pads, AutoInt's head permutes).
+
+use super::kernels::{split, ELEMENTWISE_PARALLEL};
+use super::pool::Pool;
+use crate::tensor::Tensor;
+
+/// `(outer, inner)`: the element counts before and after `axis`.
+fn around(shape: &[usize], axis: usize) -> (usize, usize) {
+    (shape[..axis].iter().product(), shape[axis + 1..].iter().product())
+}
+
+/// `x[.., start..start + len, ..]` along any axis: per outer index one contiguous run of
+/// `len × inner` elements. `None` when the range leaves the axis (the eval rule reports it).
+pub(super) fn slice(x: &Tensor<f32>, axis: usize, start: usize, out_shape: &[usize], threads: usize, pool: &mut Pool) -> Option<Tensor<f32>> {
+    let (size, len) = (x.shape[axis], out_shape[axis]);
+    if start + len > size {
+        return None;
+    }
+    let (outer, inner) = around(&x.shape, axis);
+    let run = len * inner;
+    let mut out = pool.take(outer * run);
+    if run > 0 {
+        split(&mut out, threads, run, |off, o| {
+            for (j, dst) in o.chunks_exact_mut(run).enumerate() {
+                let base = ((off / run + j) * size + start) * inner;
+                dst.copy_from_slice(&x.data[base..base + run]);
+            }
+        });
+    }
+    Some(Tensor { shape: out_shape.to_vec(), data: out })
+}
+
+/// `before` and `after` zeros around `x` along `axis`.
+pub(super) fn pad(x: &Tensor<f32>, axis: usize, before: usize, out_shape: &[usize], threads: usize, pool: &mut Pool) -> Tensor<f32> {
+    let (outer, inner) = around(&x.shape, axis);
+    let (run, row) = (x.shape[axis] * inner, out_shape[axis] * inner);
+    let mut out = pool.take(outer * row);
+    if row > 0 {
+        split(&mut out, threads, row, |off, o| {
+            for (j, dst) in o.chunks_exact_mut(row).enumerate() {
+                let src = &x.data[(off / row + j) * run..][..run];
+                let (head, rest) = dst.split_at_mut(before * inner);
+                let (body, tail) = rest.split_at_mut(run);
+                head.fill(0.0);
+                body.copy_from_slice(src);
+                tail.fill(0.0);
+            }
+        });
+    }
+    Tensor { shape: out_shape.to_vec(), data: out }
+}
+
+/// Axes reordered: output axis `a` is input axis `perm[a]`. The output is written in order;
+/// its last axis reads the input with one stride (a block copy when that stride is 1).
+pub(super) fn permute(x: &Tensor<f32>, perm: &[usize], out_shape: &[usize], threads: usize, pool: &mut Pool) -> Tensor<f32> {
+    let total: usize = out_shape.iter().product();
+    let mut out = pool.take(total);
+    if total == 0 {
+        return Tensor { shape: out_shape.to_vec(), data: out };
+    }
+    let mut own = vec![1usize; x.shape.len()];
+    for a in (0..x.shape.len().saturating_sub(1)).rev() {
+        own[a] = own[a + 1] * x.shape[a + 1];
+    }
+    if x.shape.len() == 1 {
+        out.copy_from_slice(&x.data);
+        return Tensor { shape: out_shape.to_vec(), data: out };
+    }
+    let strides: Vec<usize> = perm.iter().map(|&p| own[p]).collect();
+    let row = total / out_shape[0];
+    split(&mut out, threads, row, |off, o| copy_view(&x.data, out_shape, &strides, off / row, o));
+    Tensor { shape: out_shape.to_vec(), data: out }
+}
+
+/// Writes the view of `src` with `shape` and element `strides`, from index `first` of axis
+/// 0 on, into `out` in row-major order (as many leading rows as `out` holds).
+fn copy_view(src: &[f32], shape: &[usize], strides: &[usize], first: usize, out: &mut [f32]) {
+    let rank = shape.len();
+    let (inner, step) = (shape[rank - 1], strides[rank - 1]);
+    let mut idx = vec![0usize; rank - 1];
+    let mut at = 0usize;
+    if rank > 1 {
+        idx[0] = first;
+        at = first * strides[0];
+    }
+    for dst in out.chunks_exact_mut(inner) {
+        if step == 1 {
+            dst.copy_from_slice(&src[at..at + inner]);
+        } else {
+            for (j, d) in dst.iter_mut().enumerate() {
+                *d = src[at + j * step];
+            }
+        }
+        // Advance the index over the outer axes, last fastest.
+        for a in (0..rank - 1).rev() {
+            idx[a] += 1;
+            at += strides[a];
+            if idx[a] < shape[a] || a == 0 {
+                break;
+            }
+            at -= strides[a] * idx[a];
+            idx[a] = 0;
+        }
+    }
+}
+
+/// Rows of `table` by id, copied into one pooled buffer (split over two threads when
+/// large); `Err((id, rows))` for the first id outside the table, before anything is copied.
+pub(super) fn gather(table: &Tensor<f32>, ids: &[u32], out_shape: &[usize], threads: usize, pool: &mut Pool) -> Result<Tensor<f32>, (u32, usize)> {
+    let limit = table.shape[0];
+    if let Some(&id) = ids.iter().find(|&&id| id as usize >= limit) {
+        return Err((id, limit));
+    }
+    let width: usize = table.shape[1..].iter().product();
+    let mut out = pool.take(ids.len() * width);
+    if width > 0 {
+        let copy = |first: usize, out: &mut [f32]| {
+            for (dst, &id) in out.chunks_exact_mut(width).zip(&ids[first..]) {
+                let id = id as usize;
+                dst.copy_from_slice(&table.data[id * width..(id + 1) * width]);
+            }
+        };
+        if threads > 1 && out.len() >= ELEMENTWISE_PARALLEL && ids.len() >= 2 {
+            let half = ids.len() / 2;
+            let (lo, hi) = out.split_at_mut(half * width);
+            std::thread::scope(|s| {
+                s.spawn(|| copy(0, lo));
+                copy(half, hi);
+            });
+        } else {
+            copy(0, &mut out);
+        }
+    }
+    Ok(Tensor { shape: out_shape.to_vec(), data: out })
+}
+
+/// Numpy broadcast of `x` to `out_shape` as block copies: the trailing axes where input
+/// and output agree form a contiguous block; a broadcast last axis becomes runs of fills.
+pub(super) fn broadcast(x: &Tensor<f32>, out_shape: &[usize], pool: &mut Pool) -> Tensor<f32> {
+    let rank = out_shape.len();
+    let mut ins = vec![1usize; rank - x.shape.len()];
+    ins.extend_from_slice(&x.shape);
+    let total: usize = out_shape.iter().product();
+    let mut out = pool.take(total);
+    let mut at = 0usize;
+    // Trailing axes equal in both: one contiguous block per outer index.
+    let mut t = rank;
+    while t > 0 && ins[t - 1] == out_shape[t - 1] {
+        t -= 1;
+    }
+    let block: usize = out_shape[t..].iter().product();
+    // Input strides (0 on broadcast axes) over the outer axes.
+    let mut in_strides = vec![0usize; t];
+    let mut acc = block;
+    for a in (0..t).rev() {
+        in_strides[a] = if ins[a] == 1 { 0 } else { acc };
+        acc *= ins[a];
+    }
+    let outer: usize = out_shape[..t].iter().product();
+    let mut idx = vec![0usize; t];
+    let mut src = 0usize;
+    for _ in 0..outer {
+        out[at..at + block].copy_from_slice(&x.data[src..src + block]);
+        at += block;
+        // Advance the multi-index and the source offset.
+        for a in (0..t).rev() {
+            idx[a] += 1;
+            src += in_strides[a];
+            if idx[a] < out_shape[a] {
+                break;
+            }
+            src -= in_strides[a] * idx[a];
+            idx[a] = 0;
+        }
+    }
+    Tensor { shape: out_shape.to_vec(), data: out }
+}
+
+/// Concatenation along `axis`: per outer index, each part's contiguous slab in turn.
+pub(super) fn concat(parts: &[&Tensor<f32>], axis: usize, out_shape: &[usize], pool: &mut Pool) -> Tensor<f32> {
+    let outer: usize = out_shape[..axis].iter().product();
+    let total: usize = out_shape.iter().product();
+    let slabs: Vec<usize> = parts.iter().map(|p| p.shape[axis..].iter().product()).collect();
+    let mut out = pool.take(total);
+    let mut at = 0usize;
+    for o in 0..outer {
+        for (p, &w) in parts.iter().zip(&slabs) {
+            out[at..at + w].copy_from_slice(&p.data[o * w..(o + 1) * w]);
+            at += w;
+        }
+    }
+    Tensor { shape: out_shape.to_vec(), data: out }
+}
