@@ -103,10 +103,14 @@ fn f32_forward_agrees_with_f64() {
     }
 }
 
-/// The jit backend agrees with interp on every shipped spec's training graph: the loss and
-/// every parameter gradient, in f32 (tolerance 5e-4 relative to each gradient's largest
-/// entry: GEMM sums in another order, and batch-statistics layers such as Dice and
-/// partitioned normalisation amplify that reassociation noise in their backward pass).
+/// The jit backend agrees with interp on every shipped spec's training graph: the loss
+/// (within 1e-4 relative) and every parameter gradient, in f32 (within 5e-4 relative to
+/// each gradient's largest entry). The jit's GEMMs and reductions sum in another order
+/// and its transcendentals are polynomials within 2 ulp; batch-statistics layers (Dice,
+/// partitioned normalisation) amplify those differences. On DIN (random parameters at
+/// scale 0.3, loss near 85) interp's ordered f32 sums land 1e-5 from the f64 loss, and
+/// the jit's split sums closer to it: the tolerance is for interp's rounding, not the
+/// jit's.
 #[test]
 fn jit_agrees_with_interp_on_every_spec() {
     use mdl_runtime::backend::{jit::Jit, Executor, Interp};
@@ -124,7 +128,7 @@ fn jit_agrees_with_interp_on_every_spec() {
         for threads in [1, 2] {
             let b = Jit::with_threads(threads).run(&g, &binding, &feeds, &params, &mode).unwrap();
             let (la, lb) = (a.scalar("loss").unwrap(), b.scalar("loss").unwrap());
-            assert!((la - lb).abs() <= 1e-5 * la.abs().max(1.0), "{}: loss interp {la} jit {lb}", path.display());
+            assert!((la - lb).abs() <= 1e-4 * la.abs().max(1.0), "{}: loss interp {la} jit {lb}", path.display());
             for p in &c.graph.params {
                 let name = format!("grad/{}", p.name);
                 let ga = a.output(&name).unwrap().to_dense().unwrap();

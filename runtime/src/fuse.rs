@@ -18,9 +18,10 @@
 //!   that a relu layer's pre-activation `x` has one reader and fuses into the relu.
 //!
 //! Groups of one op are left alone (the backends have direct kernels for those) unless
-//! fusing removes a broadcast or the op is a transcendental (exp, log, tanh, sigmoid,
-//! softplus: fused kernels compute those with SIMD polynomials or device builtins, direct
-//! kernels one element at a time). A `Reduce` sum or mean that is the only reader of a group's
+//! an operand is broadcast (fused kernels read any broadcast pattern by strides; direct
+//! kernels know a few) or the op is a transcendental (exp, log, tanh, sigmoid, softplus:
+//! fused kernels compute those with SIMD polynomials or device builtins, direct kernels
+//! one element at a time). A `Reduce` sum or mean that is the only reader of a group's
 //! root (which is then no output) becomes the kernel's epilogue ([`Reduction`]), so the
 //! elementwise result is never stored; this holds for groups of one op too (the masked
 //! pooling `sum(e * m, axis)`). The kernel itself ([`FusedKernel`]) and its rules live in
@@ -244,7 +245,8 @@ fn plan_group(graph: &Graph, members: &[NodeId], reduce: Option<(NodeId, Reducti
     for read_through in [true, false] {
         let (mut plan, broadcasts_removed) = build_kernel(graph, members, read_through);
         let transcendental = plan.kernel.body.iter().any(|i| matches!(i, Instr::Unary(u, _) if !cheap(&Op::Unary(*u)) && *u != UnaryOp::Recip && *u != UnaryOp::Sqrt));
-        let pays = reduce.is_some() || plan.kernel.op_count() >= 2 || broadcasts_removed > 0 || transcendental;
+        let broadcasting = plan.operands.iter().any(|&o| graph.sig(o).shape != graph.sig(root).shape);
+        let pays = reduce.is_some() || plan.kernel.op_count() >= 2 || broadcasts_removed > 0 || transcendental || broadcasting;
         if plan.kernel.inputs == 0 || !pays {
             return None;
         }

@@ -11,12 +11,16 @@
 //!   vectors (unrolled four times for small bodies), then a scalar tail. `a*b + c`
 //!   becomes one `fma` when the CPU has it and [`Options::fma`] is on. Relu, step, sign,
 //!   max, min and the comparisons are compares and bit-selects. Exp, log, tanh, sigmoid
-//!   and softplus have no Cranelift instruction: they call the interp's own scalar
-//!   functions (four lanes per call), so they agree with the eval rule bit for bit;
+//!   and softplus have no Cranelift instruction: by default they are inline polynomials
+//!   ([`super::math`], within 2 ulp); with [`Options::inline_math`] off they call the
+//!   interp's own scalar functions (four lanes per call) and agree with it bit for bit;
 //! - **reduction epilogues**: a kernel ending in a sum or mean over axes
 //!   ([`crate::ops::fused::Reduction`]) adds each row's results to the output row
 //!   (reduced rows) or, lane by lane, to one output element (a reduced row), in the
-//!   summation order of `Op::Reduce`, so it too agrees with interp exactly;
+//!   summation order of `Op::Reduce`, so it too agrees with interp exactly — unless
+//!   [`Options::reassociate`] is on (the default): then a row sum is kept in four vector
+//!   lanes, and rows that add into the same outputs are split over two threads, each
+//!   with its own partial output;
 //! - **the driver** [`run`]: it collapses the kernel's domain into `[outer..., rows, n]`,
 //!   where `n` is the longest run of trailing axes in which every operand is contiguous or
 //!   fully broadcast (and the output contiguous or reduced), computes each call's operand
@@ -60,17 +64,22 @@ pub struct Options {
     /// within a few ulp, many times faster); off, they call the eval rule's scalar
     /// functions and agree with interp bit for bit.
     pub inline_math: bool,
+    /// Let reductions sum in another order than `Op::Reduce`: a row sum in four vector
+    /// lanes, and rows that add into the same outputs split over two threads with a
+    /// partial output each. Faster (no serial chain of adds, both cores), different in
+    /// the last bits.
+    pub reassociate: bool,
 }
 
 impl Options {
     /// Every kernel computes exactly what the unfused eval rules compute: no fma
     /// contraction, transcendentals through the eval rule's functions.
-    pub const EXACT: Options = Options { fma: false, inline_math: false };
+    pub const EXACT: Options = Options { fma: false, inline_math: false, reassociate: false };
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { fma: true, inline_math: true }
+        Options { fma: true, inline_math: true, reassociate: true }
     }
 }
 
@@ -99,6 +108,8 @@ struct Key {
     splat: Vec<bool>,
     fma: bool,
     inline_math: bool,
+    /// A row sum kept in vector lanes ([`Options::reassociate`], `AccumulateScalar` only).
+    lane_sums: bool,
     mode: Mode,
 }
 
@@ -250,6 +261,8 @@ struct Emitter<'k> {
     out: Variable,
     /// The running sum of the current row (`Mode::AccumulateScalar`).
     acc: Variable,
+    /// Its four lane sums, with [`Key::lane_sums`].
+    acc_lanes: Variable,
     /// Splat operands' values in the current row: scalar and vector.
     splat_s: Vec<Option<Value>>,
     splat_v: Vec<Option<Value>>,
@@ -330,6 +343,7 @@ impl<'k> Emitter<'k> {
         b.def_var(out, out_ptr);
         let out_step = b.ins().ishl_imm_u(out_row_stride, 2);
         let acc = b.declare_var(types::F32);
+        let acc_lanes = b.declare_var(types::F32X4);
         let row = b.declare_var(ptr);
         let zero_i = b.ins().iconst(ptr, 0);
         b.def_var(row, zero_i);
@@ -375,6 +389,7 @@ impl<'k> Emitter<'k> {
             p,
             out,
             acc,
+            acc_lanes,
             splat_s: vec![None; inputs],
             splat_v: vec![None; inputs],
             consts_s,
@@ -422,8 +437,12 @@ impl<'k> Emitter<'k> {
             let o = b.use_var(out);
             let start = b.ins().load(types::F32, mem, o, 0);
             b.def_var(e.acc, start);
+            b.def_var(e.acc_lanes, e.zero.1);
         }
-        let unroll = key.kernel.op_count() <= UNROLL_MAX_OPS && !needs_call;
+        // Unrolled bodies keep four vectors live: only for small bodies without calls or
+        // polynomials (Cranelift uses 16 vector registers; more spills).
+        let transcendental = body.iter().any(|i| matches!(*i, Instr::Unary(u, _) if helper(u).is_some()));
+        let unroll = key.kernel.op_count() <= UNROLL_MAX_OPS && !transcendental;
         b.ins().jump(if unroll { x4_head } else { v_head }, &[]);
 
         // Four vectors at a time, then one, then single elements.
@@ -457,7 +476,14 @@ impl<'k> Emitter<'k> {
         b.switch_to_block(row_end);
         if key.mode == Mode::AccumulateScalar {
             let o = b.use_var(out);
-            let total = b.use_var(e.acc);
+            let mut total = b.use_var(e.acc);
+            if key.lane_sums {
+                let lanes = b.use_var(e.acc_lanes);
+                for lane in 0..4u8 {
+                    let x = b.ins().extractlane(lanes, lane);
+                    total = b.ins().fadd(total, x);
+                }
+            }
             b.ins().store(mem, total, o, 0);
         }
         for (&var, &step) in e.p.iter().zip(&row_step) {
@@ -493,6 +519,12 @@ impl<'k> Emitter<'k> {
                 b.ins().store(self.mem, sum, addr, 0);
             }
             Mode::AccumulateScalar => {
+                if ty == types::F32X4 && self.key.lane_sums {
+                    let lanes = b.use_var(self.acc_lanes);
+                    let lanes = b.ins().fadd(lanes, v);
+                    b.def_var(self.acc_lanes, lanes);
+                    return;
+                }
                 // Lane by lane, in index order: the summation order of `Op::Reduce`.
                 let mut total = b.use_var(self.acc);
                 if ty == types::F32X4 {
@@ -768,17 +800,20 @@ fn launch_rows(f: KernelFn, data: &[&[f32]], lay: &Layout, start: usize, end: us
     Ok(())
 }
 
-/// Runs `f` (a storing kernel) on a single row over the elements `[start, end)` of it.
+/// Runs `f` on a single row over the elements `[start, end)` of it: storing them into
+/// `out`, or (a row sum) adding them into `out[0]`.
 fn launch_elements(f: KernelFn, data: &[&[f32]], lay: &Layout, start: usize, end: usize, out: &mut [f32]) -> Result<(), String> {
+    let out_len = if lay.out_along_row { end - start } else { 1 };
     for (j, (d, &splat)) in data.iter().zip(&lay.splat).enumerate() {
         let need = if splat { 1 } else { end };
-        if d.len() < need || out.len() != end - start {
+        if d.len() < need || out.len() != out_len {
             return Err(format!("operand {j} would be read out of bounds"));
         }
     }
     let ptrs: Vec<*const f32> = data.iter().zip(&lay.splat).map(|(d, &splat)| d.as_ptr().wrapping_add(if splat { 0 } else { start })).collect();
     // SAFETY: one row of `end - start` elements: a contiguous operand holds elements
-    // `start..end`, a splat operand its first one (checked above); `out` has the row's length.
+    // `start..end`, a splat operand its first one (checked above); `out` has the row's
+    // length (or one element, for a row sum).
     unsafe { f(1, end - start, ptrs.as_ptr(), lay.row_strides.as_ptr(), out.as_mut_ptr(), 0) };
     Ok(())
 }
@@ -856,7 +891,8 @@ fn launch_of(kernel: &FusedKernel, shapes: &[&[usize]], out_shape: &[usize], opt
         (Some(_), true) => Mode::AccumulateRow,
         (Some(_), false) => Mode::AccumulateScalar,
     };
-    let key = Key { kernel: kernel.clone(), splat: lay.splat.clone(), fma: opts.fma, inline_math: opts.inline_math, mode };
+    let lane_sums = opts.reassociate && mode == Mode::AccumulateScalar;
+    let key = Key { kernel: kernel.clone(), splat: lay.splat.clone(), fma: opts.fma, inline_math: opts.inline_math, lane_sums, mode };
     Ok(Launch { key, lay, domain, empty })
 }
 
@@ -917,6 +953,22 @@ pub fn run_with(
         let (lo, hi) = out.split_at_mut(split);
         let (data, lay) = (&data, &lay);
         both(move || launch_rows(f, data, lay, 0, mid, lo, 0), move || launch_rows(f, data, lay, mid, all_rows, hi, split))?;
+    } else if opts.reassociate && mode != Mode::Store && all_rows >= 2 && total * 16 <= domain.iter().product::<usize>() {
+        // Rows that add into the same outputs: the second half into zeros, added after.
+        let mid = all_rows / 2;
+        let mut partial = vec![0.0f32; total];
+        let (data, lay) = (&data, &lay);
+        let (out_ref, partial_ref) = (&mut out, &mut partial);
+        both(move || launch_rows(f, data, lay, 0, mid, out_ref, 0), move || launch_rows(f, data, lay, mid, all_rows, partial_ref, 0))?;
+        out.iter_mut().zip(&partial).for_each(|(o, p)| *o += p);
+    } else if opts.reassociate && mode == Mode::AccumulateScalar && all_rows == 1 {
+        // One long row summed: each thread sums half of it into its own partial.
+        let mid = ((lay.n / 2).div_ceil(16) * 16).min(lay.n);
+        let mut partial = [0.0f32];
+        let (data, lay) = (&data, &lay);
+        let (lo, hi) = (&mut out[..1], &mut partial[..]);
+        both(move || launch_elements(f, data, lay, 0, mid, lo), move || launch_elements(f, data, lay, mid, lay.n, hi))?;
+        out[0] += partial[0];
     } else if mode == Mode::Store && all_rows == 1 {
         // One long row: split its elements (the first half a multiple of 16).
         let mid = ((lay.n / 2).div_ceil(16) * 16).min(lay.n);

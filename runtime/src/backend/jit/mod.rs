@@ -40,7 +40,9 @@ use super::{op_kind, ExecError, Executor, Mode, OpProfile, Values};
 use crate::exec::EvalCx;
 use crate::ir::dim::{eval_shape, Binding};
 use crate::ir::graph::{Graph, NodeId};
-use crate::ops::{self, Op};
+use crate::exec::Arg;
+use crate::ops::fused::{FusedKernel, Instr, Reduction};
+use crate::ops::{self, Op, ReduceOp};
 use crate::tensor::{Tensor, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -186,9 +188,29 @@ impl Evaluator<f32> for JitEval<'_> {
                     }
                 }
             }
+            // A lone sum or mean as a kernel with an empty body: vector lane sums and both
+            // threads, where the direct kernel sums in `Op::Reduce`'s order on one.
+            (Op::Reduce { op: r @ (ReduceOp::Sum | ReduceOp::Mean), axes, keep_dims }, None)
+                if self.options.reassociate && matches!(operands.arg(0), Some(Arg::Value(Value::Dense(_)) | Arg::Param(_))) =>
+            {
+                let reduce = Some(Reduction { op: *r, axes: axes.clone(), keep_dims: *keep_dims });
+                let kernel = FusedKernel { inputs: 1, body: vec![Instr::Input(0)], reduce };
+                let args = operands.args(op)?;
+                let pool = &mut *self.pool;
+                match codegen::run_with(&kernel, &[args[0].dense("reduce")?], cx.out_shape, self.threads, self.options, &mut |n, z| pool.alloc(n, z)) {
+                    Ok(t) => Value::Dense(t),
+                    Err(_) => {
+                        fallback = true;
+                        ops::eval(op, &args, cx)?
+                    }
+                }
+            }
             (_, None) => match kernels::fast(op, operands, cx, self.threads, self.pool)? {
                 Some(v) => v,
-                None => ops::eval(op, &operands.args(op)?, cx)?,
+                None => {
+                    fallback = !matches!(op, Op::Input { .. } | Op::Param { .. } | Op::Scalar(_));
+                    ops::eval(op, &operands.args(op)?, cx)?
+                }
             },
         };
         if let (Some(t), Some(profile)) = (start, self.profile.as_deref_mut()) {
@@ -209,12 +231,13 @@ impl Evaluator<f32> for JitEval<'_> {
     }
 }
 
-/// The profile key of an op ([`op_kind`]), marked `(eval)` for a fused kernel that ran on
-/// its eval rule.
+/// The profile key of an op ([`op_kind`]), marked `(eval)` when it ran on its eval rule
+/// (no fast kernel for it, or for its shapes): where a new kernel would pay.
 fn kind(op: &Op, fallback: bool) -> String {
     let key = op_kind(op);
     match op {
         Op::Fused(_) if fallback => key.replacen("fused", "fused(eval)", 1),
+        _ if fallback => format!("{key}(eval)"),
         _ => key,
     }
 }
