@@ -281,7 +281,7 @@ enum Entry<'a> {
 }
 
 /// Calls `f(id, entry)` for every entry of `blocks`, in order.
-fn visit(blocks: &[Block], width: usize, f: &mut dyn FnMut(u32, Entry)) {
+fn visit<F: FnMut(u32, Entry)>(blocks: &[Block], width: usize, f: &mut F) {
     for block in blocks {
         match block {
             Block::Dense { ids, x } => {

@@ -7,6 +7,7 @@
 
 use super::layout::{broadcast, concat, gather, pad, permute, slice};
 use super::group::{group_matmul, group_outer};
+use super::math;
 use super::pool::Pool;
 use crate::backend::interp::Operands;
 use crate::exec::{Arg, EvalCx, ExecError};
@@ -19,7 +20,9 @@ pub(super) const GEMM_PARALLEL_WORK: usize = 1 << 21;
 /// Elements above which an elementwise kernel is split over threads.
 pub(super) const ELEMENTWISE_PARALLEL: usize = 1 << 17;
 
-pub fn fast(op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, threads: usize, pool: &mut Pool) -> Result<Option<Value<f32>>, ExecError> {
+/// `exact`: compute what the eval rule computes bit for bit (else softmax may use the
+/// polynomial exp and reassociate its row sum, see [`super::codegen::Options`]).
+pub fn fast(op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, threads: usize, exact: bool, pool: &mut Pool) -> Result<Option<Value<f32>>, ExecError> {
     if let Some(v) = moved(op, operands, cx)? {
         return Ok(Some(v));
     }
@@ -38,7 +41,7 @@ pub fn fast(op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, threads: usize, 
         Op::Binary(b) => binary(*b, args[0].dense(&name())?, args[1].dense(&name())?, cx.out_shape, threads, pool).map(Value::Dense),
         Op::Unary(u) => Some(Value::Dense(unary(*u, args[0].dense(&name())?, threads, pool))),
         Op::Reduce { op: r, axes, .. } => reduce(*r, args[0].dense(&name())?, axes, cx.out_shape, pool).map(Value::Dense),
-        Op::Softmax { axis } => softmax_last_axis(args[0].dense(&name())?, *axis, threads, pool).map(Value::Dense),
+        Op::Softmax { axis } => softmax_last_axis(args[0].dense(&name())?, *axis, threads, exact, pool).map(Value::Dense),
         Op::Broadcast { .. } => Some(Value::Dense(broadcast(args[0].dense(&name())?, cx.out_shape, pool))),
         Op::Concat { axis } if args.iter().all(|a| a.dense("concat").is_ok()) => {
             let parts: Vec<&Tensor<f32>> = args.iter().map(|a| a.dense("concat")).collect::<Result<_, _>>()?;
@@ -230,10 +233,11 @@ fn matmul(a: &Tensor<f32>, b: &Tensor<f32>, ta: bool, tb: bool, out_shape: &[usi
 // ------------------------------------------------------------------ softmax
 
 /// Softmax over the last axis (`None` for other axes: the eval rule does those), rows split
-/// over the threads. Per row: the maximum, `exp(x - max)` summed in order, then each
-/// divided by the sum — the eval rule's operations in its order, so the result is
-/// bit-identical to interp.
-fn softmax_last_axis(x: &Tensor<f32>, axis: usize, threads: usize, pool: &mut Pool) -> Option<Tensor<f32>> {
+/// over the threads. Per row: the maximum, `exp(x - max)` summed, then each scaled by the
+/// sum. `exact`: libm's exp summed in order and divided, the eval rule's operations in its
+/// order, so bit-identical to interp; otherwise the polynomial exp ([`math::exp`], which
+/// vectorises) summed in eight lanes, times the reciprocal.
+fn softmax_last_axis(x: &Tensor<f32>, axis: usize, threads: usize, exact: bool, pool: &mut Pool) -> Option<Tensor<f32>> {
     if axis + 1 != x.shape.len() || x.data.is_empty() {
         return None;
     }
@@ -243,14 +247,28 @@ fn softmax_last_axis(x: &Tensor<f32>, axis: usize, threads: usize, pool: &mut Po
         let len = o.len();
         for (row, src) in o.chunks_exact_mut(size).zip(x.data[off..off + len].chunks_exact(size)) {
             let max = src.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut total = 0.0f32;
-            for (y, &v) in row.iter_mut().zip(src) {
-                let e = (v - max).exp();
-                *y = e;
-                total += e;
-            }
-            for y in row.iter_mut() {
-                *y /= total;
+            if exact {
+                let mut total = 0.0f32;
+                for (y, &v) in row.iter_mut().zip(src) {
+                    let e = (v - max).exp();
+                    *y = e;
+                    total += e;
+                }
+                for y in row.iter_mut() {
+                    *y /= total;
+                }
+            } else {
+                for (y, &v) in row.iter_mut().zip(src) {
+                    *y = math::exp(v - max);
+                }
+                let mut lanes = [0.0f32; 8];
+                let mut chunks = row.chunks_exact(8);
+                for c in &mut chunks {
+                    lanes.iter_mut().zip(c).for_each(|(l, &v)| *l += v);
+                }
+                let total = lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
+                let inv = 1.0 / total;
+                row.iter_mut().for_each(|y| *y *= inv);
             }
         }
     });

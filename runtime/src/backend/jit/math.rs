@@ -18,6 +18,8 @@
 //!   `softplus(x) = relu(x) + log1p(exp(−|x|))`, with `log1p(u) = log(w)·u / (w − 1)`
 //!   for `w = 1 + u` (exact as `u` → 0).
 //!
+//! [`exp`] is the same exp in Rust, for the jit's Rust kernels (softmax).
+//!
 //! Each is within a few ulp of the exact result (the test in `runtime/tests/fuse.rs`
 //! sweeps them against f64), as libm's are, but not bit-identical to the eval rule's. With
 //! [`super::codegen::Options::inline_math`] off, kernels call the eval rule's functions
@@ -260,5 +262,29 @@ impl Math {
         let positive = b.ins().fcmp(FloatCC::LessThan, zero, x);
         let relu = self.select(b, positive, x, zero);
         b.ins().fadd(relu, log1p)
+    }
+}
+
+/// [`Math::exp`]'s algorithm in Rust, for the jit's Rust kernels (softmax rows): the same
+/// range reduction and polynomial, without fma (plain multiply-adds round twice; still
+/// within 2 ulp), branch-free so that loops over slices vectorise.
+#[inline(always)]
+pub(super) fn exp(x: f32) -> f32 {
+    const SHIFTER: f32 = 12_582_912.0;
+    let t = x * std::f32::consts::LOG2_E + SHIFTER;
+    let n = t - SHIFTER;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut q = EXP_Q[0];
+    for &k in &EXP_Q[1..] {
+        q = q * r + k;
+    }
+    let p = q * (r * r) + r + 1.0;
+    let scale = f32::from_bits((t.to_bits() << 23).wrapping_add(0x3F00_0000));
+    let y = p * scale * 2.0;
+    let y = if x > EXP_HI { f32::INFINITY } else { y };
+    if x < EXP_LO {
+        0.0
+    } else {
+        y
     }
 }

@@ -205,7 +205,7 @@ impl Evaluator<f32> for JitEval<'_> {
                     }
                 }
             }
-            (_, None) => match kernels::fast(op, operands, cx, self.threads, self.pool)? {
+            (_, None) => match kernels::fast(op, operands, cx, self.threads, !self.options.inline_math, self.pool)? {
                 Some(v) => v,
                 None => {
                     fallback = !matches!(op, Op::Input { .. } | Op::Param { .. } | Op::Scalar(_));

@@ -526,6 +526,11 @@ impl Executor for OpenCl {
         self.profile.sorted()
     }
 
+    /// The fused plan of `graph` and its OpenCL program, built before the first run.
+    fn prepare(&mut self, graph: &Graph, _binding: &Binding) -> Result<(), ExecError> {
+        self.plan(graph)
+    }
+
     fn run(
         &mut self,
         graph: &Graph,
