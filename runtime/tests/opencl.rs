@@ -320,6 +320,40 @@ fn graphs_through_the_fusion_pass_and_host_ops_equal_interp() {
     assert!(exec.profile().iter().any(|(k, _, _)| k == "softmax (host)"), "softmax runs on the host: {:?}", exec.profile());
 }
 
+/// Values between device kernels stay on the device: in `relu(relu(x @ w1 + b1) @ w2 + b2)`
+/// only the output is read back (one value per run), and equals interp; when a host op
+/// (softmax) also reads the first layer, that value is read back once more, for it.
+#[test]
+fn values_between_device_kernels_stay_on_the_device() {
+    let Some(mut exec) = executor("values_between_device_kernels_stay_on_the_device") else { return };
+    for host_reader in [false, true] {
+        let mut c = Case::default();
+        let x = c.param(Tensor::new(vec![33, 20], values(660, 1, -1.0, 1.0)).unwrap());
+        let w1 = c.param(Tensor::new(vec![20, 24], values(480, 2, -1.0, 1.0)).unwrap());
+        let b1 = c.param(Tensor::new(vec![24], values(24, 3, -1.0, 1.0)).unwrap());
+        let w2 = c.param(Tensor::new(vec![24, 7], values(168, 4, -1.0, 1.0)).unwrap());
+        let b2 = c.param(Tensor::new(vec![7], values(7, 5, -1.0, 1.0)).unwrap());
+        let g = &mut c.g;
+        let mut layer = |g: &mut Graph, x, w, b| {
+            let h = g.add(Op::MatMul { trans_a: false, trans_b: false }, &[x, w], "").unwrap();
+            let h = g.add(Op::Binary(BinaryOp::Add), &[h, b], "").unwrap();
+            g.add(Op::Unary(UnaryOp::Relu), &[h], "").unwrap()
+        };
+        let h1 = layer(g, x, w1, b1);
+        let h2 = layer(g, h1, w2, b2);
+        g.outputs.insert("o0".into(), h2);
+        c.outputs.push("o0".into());
+        if host_reader {
+            let s = g.add(Op::Softmax { axis: 1 }, &[h1], "").unwrap();
+            g.outputs.insert("o1".into(), s);
+            c.outputs.push("o1".into());
+        }
+        let before = exec.values_read_back();
+        assert_eq!(c.check(&mut exec, |_| 1e-5), 4, "two matmuls and two fused kernels on the device");
+        assert_eq!(exec.values_read_back() - before, 1 + host_reader as u64, "host reader: {host_reader}");
+    }
+}
+
 #[test]
 fn parameters_are_refreshed_every_run() {
     let Some(mut exec) = executor("parameters_are_refreshed_every_run") else { return };

@@ -51,6 +51,14 @@ pub(crate) trait Evaluator<T: Float> {
     /// A computed value the run no longer needs (after its last reader, or never read);
     /// a backend may keep its buffer for later results. Dropped by default.
     fn free(&mut self, _value: Value<T>) {}
+
+    /// Whether node `id`'s value, just returned by [`Evaluator::eval`], lives outside the
+    /// host (a device buffer the evaluator keeps for the node's device readers): the
+    /// returned tensor is then an empty stand-in of the right shape, and only its kind and
+    /// shape are checked. Never for a value the caller receives (`Lifetimes::keep`).
+    fn deferred(&self, _id: NodeId) -> bool {
+        false
+    }
 }
 
 /// The reference evaluator: every op on its eval rule, operands read in place.
@@ -91,6 +99,16 @@ pub struct Lifetimes {
 }
 
 impl Lifetimes {
+    /// Whether node `id`'s value goes to the caller.
+    pub(crate) fn keeps(&self, id: NodeId) -> bool {
+        self.keep[id.index()]
+    }
+
+    /// Per operand of node `id`: whether `id` is its last reader (and it is not kept).
+    pub(crate) fn dying(&self, id: NodeId) -> &[bool] {
+        &self.dying[id.index()]
+    }
+
     pub fn new(graph: &Graph, keep_all: bool) -> Lifetimes {
         Lifetimes::with_reads(graph, keep_all, &HashMap::new())
     }
@@ -265,7 +283,8 @@ pub(crate) fn execute<'a, T: Float>(
                 let cx = EvalCx { binding, mode, out_shape: &out_shape };
                 let mut operands = Operands { slots: &mut slots, inputs, owned: &owned[id.index()] };
                 let value = evaluator.eval(id, op, &mut operands, &cx).map_err(at_node)?;
-                check_result(node, &value, &out_shape).map_err(at_node)?;
+                let deferred = evaluator.deferred(id) && !keep[id.index()];
+                check_result(node, &value, &out_shape, deferred).map_err(at_node)?;
                 Slot::Computed(value)
             }
         };
@@ -325,7 +344,7 @@ fn fed_input<'a, T: Float>(
 }
 
 /// An eval rule's result must match the node's signature (catches rule bugs at once).
-fn check_result<T: Float>(node: &Node, value: &Value<T>, shape: &[usize]) -> Result<(), ExecError> {
+fn check_result<T: Float>(node: &Node, value: &Value<T>, shape: &[usize], deferred: bool) -> Result<(), ExecError> {
     let kind_ok = matches!(
         (node.sig.dtype, node.sig.kind, value),
         (DType::F, ValueKind::Dense, Value::Dense(_))
@@ -333,6 +352,7 @@ fn check_result<T: Float>(node: &Node, value: &Value<T>, shape: &[usize]) -> Res
             | (DType::F, ValueKind::RowSparse, Value::RowSparse { .. })
     );
     let data_ok = match value {
+        Value::Dense(t) if deferred => t.data.is_empty(),
         Value::Dense(t) => t.data.len() == t.shape.iter().product::<usize>(),
         Value::Ids(t) => t.data.len() == t.shape.iter().product::<usize>(),
         Value::RowSparse { rows, values, .. } => values.shape.first() == Some(&rows.len()),

@@ -23,12 +23,15 @@
 //!   pooling and its row-sparse backward, softmax, layout ops, ...) runs on the host
 //!   through its eval rule, so the backend is complete by construction and agrees with
 //!   interp.
+//! - **values between device kernels on the device** ([`DeviceEval`]): a device result
+//!   read only by device kernels is never read back; one the host also reads is read back
+//!   once, and its buffer still serves the device readers.
 //! - **parameters on the device**: a parameter read by a device kernel gets a device
 //!   buffer allocated once per executor; each `run` writes the parameter's current host
-//!   values into it once, and every kernel of the step reads that buffer. In this increment
-//!   the optimizer still runs on the host (the training loop owns it), so parameters change
-//!   on the host and are refreshed once per step; keeping optimizer state and updates on
-//!   the device (and intermediate values between device kernels) is the next increment.
+//!   values into it once, and every kernel of the step reads that buffer. The optimizer
+//!   still runs on the host (the training loop owns it), so parameters change on the host
+//!   and are refreshed once per step; keeping optimizer state and updates on the device is
+//!   the next increment.
 //!
 //! A program that does not build is an error that shows the compiler's build log with the
 //! offending source lines (`render::annotate_build_log`).
@@ -165,6 +168,46 @@ struct Plan {
     device_params: Vec<String>,
     /// The value lifetimes of `fused`, computed once.
     lifetimes: Lifetimes,
+    /// Per node: a device kernel computes it (a fused kernel or a MatMul), unless its
+    /// shapes make it fall back to the host at run time.
+    on_device: Vec<bool>,
+    /// Per node: computed on the device, not kept, and read only by device kernels: its
+    /// value stays in device memory and is never read back ([`DeviceEval`]).
+    device_only: Vec<bool>,
+    /// Per node: some device kernel reads it (its device buffer is kept for them).
+    device_read: Vec<bool>,
+}
+
+/// Which nodes of `fused` run on the device, which stay there, and which device kernels
+/// read (see [`Plan`]).
+fn placement(fused: &Graph, kernels: &HashMap<FusedKernel, String>, lifetimes: &Lifetimes) -> (Vec<bool>, Vec<bool>, Vec<bool>) {
+    let n = fused.len();
+    let on_device: Vec<bool> = fused
+        .ids()
+        .map(|id| match &fused.node(id).op {
+            Op::Fused(k) => kernels.contains_key(k.as_ref()),
+            Op::MatMul { .. } => true,
+            _ => false,
+        })
+        .collect();
+    let (mut host_read, mut device_read) = (vec![false; n], vec![false; n]);
+    for id in fused.ids() {
+        for &i in &fused.node(id).inputs {
+            if on_device[id.index()] {
+                device_read[i.index()] = true;
+            } else {
+                host_read[i.index()] = true;
+            }
+        }
+    }
+    let device_only = fused
+        .ids()
+        .map(|id| {
+            let i = id.index();
+            on_device[i] && device_read[i] && !host_read[i] && !lifetimes.keeps(id)
+        })
+        .collect();
+    (on_device, device_only, device_read)
 }
 
 /// Whether two graphs are the same graph (same nodes in the same order, same tables).
@@ -188,6 +231,8 @@ pub struct OpenCl {
     /// Device copies of parameters read by device kernels, by name.
     resident: HashMap<String, Buffer<f32>>,
     profile: OpProfile,
+    /// Values read back from the device since the executor was made.
+    read_back: u64,
 }
 
 impl std::fmt::Debug for OpenCl {
@@ -233,12 +278,19 @@ impl OpenCl {
             programs: HashMap::new(),
             resident: HashMap::new(),
             profile: OpProfile::default(),
+            read_back: 0,
         })
     }
 
     /// The device this executor runs on.
     pub fn device(&self) -> &DeviceSummary {
         &self.summary
+    }
+
+    /// How many computed values were read back from the device since the executor was
+    /// made (results of device kernels that the host or the caller reads).
+    pub fn values_read_back(&self) -> u64 {
+        self.read_back
     }
 
     /// How many distinct programs this executor has built.
@@ -285,7 +337,8 @@ impl OpenCl {
         drop(order);
         self.build_program(&program_source)?;
         let lifetimes = Lifetimes::new(&fused, false);
-        self.plans.insert(0, Plan { source: graph.clone(), fused, kernels, program_source, device_params, lifetimes });
+        let (on_device, device_only, device_read) = placement(&fused, &kernels, &lifetimes);
+        self.plans.insert(0, Plan { source: graph.clone(), fused, kernels, program_source, device_params, lifetimes, on_device, device_only, device_read });
         self.plans.truncate(PLAN_CACHE);
         Ok(())
     }
@@ -381,18 +434,19 @@ impl DeviceRun<'_> {
         Ok(data)
     }
 
-    /// A fused kernel on the device; `None` when its shapes are outside what the rendered
-    /// kernel handles (empty tensors, indices beyond `int`), which then run on the host.
-    fn fused(&self, kernel: &FusedKernel, operands: &[&Tensor<f32>], out_shape: &[usize]) -> Result<Option<Tensor<f32>>, ExecError> {
+    /// A fused kernel on the device, reading `inputs` (the operands' device buffers) with
+    /// the operands' shapes; `None` when its shapes are outside what the rendered kernel
+    /// handles (empty tensors, indices beyond `int`), which then run on the host.
+    fn fused(&self, kernel: &FusedKernel, shapes: &[&[usize]], inputs: &[Buffer<f32>], out_shape: &[usize]) -> Result<Option<Buffer<f32>>, ExecError> {
         let Some(name) = self.kernels.get(kernel) else { return Ok(None) };
         let domain = match &kernel.reduce {
             None => out_shape.to_vec(),
-            Some(_) => match broadcast_all(operands.iter().map(|x| x.shape.as_slice())) {
+            Some(_) => match broadcast_all(shapes.iter().copied()) {
                 Some(d) => d,
                 None => return Ok(None),
             },
         };
-        if operands.iter().any(|x| !broadcasts_to(&x.shape, &domain) || x.data.is_empty()) {
+        if shapes.iter().any(|x| !broadcasts_to(x, &domain) || x.iter().product::<usize>() == 0) {
             return Ok(None);
         }
         let total: usize = out_shape.iter().product();
@@ -400,7 +454,7 @@ impl DeviceRun<'_> {
             return Ok(None);
         }
         let reduced: Vec<usize> = kernel.reduce.as_ref().map_or(Vec::new(), |r| r.axes.clone());
-        let strides: Vec<Vec<usize>> = operands.iter().map(|x| broadcast_strides(&x.shape, &domain)).collect();
+        let strides: Vec<Vec<usize>> = shapes.iter().map(|x| broadcast_strides(x, &domain)).collect();
         let Some(meta) = render::fused_meta(&domain, &reduced, &strides) else { return Ok(None) };
         let meta = Buffer::<i32>::builder()
             .queue(self.queue.clone())
@@ -409,44 +463,45 @@ impl DeviceRun<'_> {
             .build()
             .map_err(|e| cl_err("uploading kernel metadata", e))?;
         let out = self.output(total)?;
-        let inputs: Vec<Buffer<f32>> = operands.iter().map(|x| self.operand(x)).collect::<Result<_, _>>()?;
         let mut builder = Kernel::builder();
         builder.program(self.program).name(name.as_str()).queue(self.queue.clone()).global_work_size(total);
         builder.arg(&meta).arg(&out);
-        for b in &inputs {
+        for b in inputs {
             builder.arg(b);
         }
         let k = builder.build().map_err(|e| cl_err(&format!("kernel {name}"), e))?;
         // SAFETY: every buffer argument holds the elements the meta strides address.
         unsafe { k.enq() }.map_err(|e| cl_err(&format!("running kernel {name}"), e))?;
-        Ok(Some(Tensor { shape: out_shape.to_vec(), data: self.read(&out, total)? }))
+        Ok(Some(out))
     }
 
-    /// A MatMul on the device (`None`: a shape the kernel does not take, run on the host).
-    fn matmul(&self, a: &Tensor<f32>, b: &Tensor<f32>, trans_a: bool, trans_b: bool, out_shape: &[usize]) -> Result<Option<Tensor<f32>>, ExecError> {
-        let (ra, rb) = (a.shape.len(), b.shape.len());
+    /// A MatMul on the device of operands with shapes `sa`, `sb` in buffers `ab`, `bb`
+    /// (`None`: a shape the kernel does not take, run on the host).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(&self, sa: &[usize], sb: &[usize], ab: &Buffer<f32>, bb: &Buffer<f32>, trans_a: bool, trans_b: bool, out_shape: &[usize]) -> Result<Option<Buffer<f32>>, ExecError> {
+        let (ra, rb) = (sa.len(), sb.len());
         if ra < 2 || rb < 2 || out_shape.len() < 2 {
             return Ok(None);
         }
         let (m, n) = (out_shape[out_shape.len() - 2], out_shape[out_shape.len() - 1]);
-        let k = if trans_a { a.shape[ra - 2] } else { a.shape[ra - 1] };
-        let batches: usize = a.shape[..ra - 2].iter().product();
+        let k = if trans_a { sa[ra - 2] } else { sa[ra - 1] };
+        let batches: usize = sa[..ra - 2].iter().product();
         let shared = rb == 2;
-        if !shared && b.shape[..rb - 2].iter().product::<usize>() != batches {
+        if !shared && sb[..rb - 2].iter().product::<usize>() != batches {
             return Ok(None);
         }
         let total = batches * m * n;
-        if total == 0 || k == 0 || a.data.is_empty() || b.data.is_empty() {
+        let (a_len, b_len) = (sa.iter().product::<usize>(), sb.iter().product::<usize>());
+        if total == 0 || k == 0 || a_len == 0 || b_len == 0 {
             return Ok(None);
         }
         let fits = |v: usize| i32::try_from(v).is_ok();
-        if !fits(a.data.len()) || !fits(b.data.len()) || !fits(total) || !fits(batches) {
+        if !fits(a_len) || !fits(b_len) || !fits(total) || !fits(batches) {
             return Ok(None);
         }
         let (a_rs, a_cs) = if trans_a { (1, m) } else { (k, 1) };
         let (b_rs, b_cs) = if trans_b { (1, k) } else { (n, 1) };
         let b_batch = if shared { 0 } else { k * n };
-        let (ab, bb) = (self.operand(a)?, self.operand(b)?);
         let out = self.output(total)?;
         let groups = |v: usize, block: usize| v.div_ceil(block) * render::WG;
         let mut builder = Kernel::builder();
@@ -456,7 +511,7 @@ impl DeviceRun<'_> {
             .queue(self.queue.clone())
             .global_work_size([groups(n, render::BN), groups(m, render::BM), batches])
             .local_work_size([render::WG, render::WG, 1]);
-        builder.arg(&ab).arg(&bb).arg(&out);
+        builder.arg(ab).arg(bb).arg(&out);
         for v in [m, n, k, m * k, a_rs, a_cs, b_batch, b_rs, b_cs] {
             builder.arg(v as i32);
         }
@@ -464,41 +519,120 @@ impl DeviceRun<'_> {
         // SAFETY: the strides address only elements of `a`, `b` and `out` (bounds checked in
         // the kernel).
         unsafe { kernel.enq() }.map_err(|e| cl_err("running kernel mdl_matmul", e))?;
-        Ok(Some(Tensor { shape: out_shape.to_vec(), data: self.read(&out, total)? }))
+        Ok(Some(out))
     }
 }
 
 /// The backend's evaluator for the interp driver: device kernels where they apply, the
 /// eval rules otherwise; per-kind times when profiling.
+///
+/// **Values between device kernels stay on the device.** Each device result's buffer is
+/// kept, by node, while device kernels still read it, so a device reader never uploads a
+/// value the device computed. A `device_only` value ([`Plan`]) is not read back at all:
+/// the driver gets an empty stand-in ([`Evaluator::deferred`]); should a reader fall back
+/// to the host after all (a shape its kernel does not take), the value is read back for
+/// it then. Buffers are dropped at their value's last reader.
 struct DeviceEval<'a> {
     dev: DeviceRun<'a>,
+    plan: &'a Plan,
+    /// Device buffers of computed values that device kernels still read, by node.
+    resident: HashMap<NodeId, Buffer<f32>>,
     profile: Option<&'a mut OpProfile>,
+    /// Values read back in this run.
+    read_back: std::cell::Cell<u64>,
+}
+
+impl DeviceEval<'_> {
+    /// The device buffer of operand `k` (node `input`, host value `t`): the value's own
+    /// buffer when the device computed it, else the resident parameter or an upload.
+    fn buffer(&self, input: NodeId, t: &Tensor<f32>) -> Result<Buffer<f32>, ExecError> {
+        match self.resident.get(&input) {
+            Some(b) => Ok(b.clone()),
+            None => self.dev.operand(t),
+        }
+    }
+
+    /// Runs `op` on the device when it has a kernel for it; `None` otherwise.
+    fn on_device(&self, id: NodeId, op: &Op, args: &[crate::exec::Arg<'_, f32>], out_shape: &[usize]) -> Result<Option<Buffer<f32>>, ExecError> {
+        if !self.plan.on_device[id.index()] {
+            return Ok(None);
+        }
+        let inputs = &self.plan.fused.node(id).inputs;
+        let xs: Vec<&Tensor<f32>> = args.iter().map(|a| a.dense(&op.name())).collect::<Result<_, _>>()?;
+        let shapes: Vec<&[usize]> = xs.iter().map(|x| x.shape.as_slice()).collect();
+        let bufs: Vec<Buffer<f32>> = inputs.iter().zip(&xs).map(|(&i, x)| self.buffer(i, x)).collect::<Result<_, _>>()?;
+        match op {
+            Op::Fused(kernel) => self.dev.fused(kernel, &shapes, &bufs, out_shape),
+            Op::MatMul { trans_a, trans_b } => self.dev.matmul(shapes[0], shapes[1], &bufs[0], &bufs[1], *trans_a, *trans_b, out_shape),
+            _ => Ok(None),
+        }
+    }
+
+    /// `op` on the host by its eval rule, reading back the operands that stayed on the
+    /// device.
+    fn on_host(&self, id: NodeId, op: &Op, args: &[crate::exec::Arg<'_, f32>], cx: &EvalCx) -> Result<Value<f32>, ExecError> {
+        let inputs = &self.plan.fused.node(id).inputs;
+        let stayed = |i: NodeId| self.plan.device_only[i.index()] && self.resident.contains_key(&i);
+        if !inputs.iter().any(|&i| stayed(i)) {
+            return ops::eval(op, args, cx);
+        }
+        let mut read: Vec<Option<Tensor<f32>>> = Vec::with_capacity(inputs.len());
+        for (&i, a) in inputs.iter().zip(args) {
+            read.push(match (stayed(i), a) {
+                (true, crate::exec::Arg::Value(Value::Dense(t))) => {
+                    let len = t.shape.iter().product();
+                    self.read_back.set(self.read_back.get() + 1);
+                    Some(Tensor { shape: t.shape.clone(), data: self.dev.read(&self.resident[&i], len)? })
+                }
+                _ => None,
+            });
+        }
+        let args: Vec<crate::exec::Arg<'_, f32>> =
+            args.iter().zip(&read).map(|(a, r)| r.as_ref().map_or_else(|| a.clone(), crate::exec::Arg::Param)).collect();
+        ops::eval(op, &args, cx)
+    }
 }
 
 impl Evaluator<f32> for DeviceEval<'_> {
-    fn eval(&mut self, _id: NodeId, op: &Op, operands: &mut Operands<'_, '_, f32>, cx: &EvalCx) -> Result<Value<f32>, ExecError> {
+    fn eval(&mut self, id: NodeId, op: &Op, operands: &mut Operands<'_, '_, f32>, cx: &EvalCx) -> Result<Value<f32>, ExecError> {
         let start = self.profile.is_some().then(Instant::now);
         let args = operands.args(op)?;
-        let on_device = match op {
-            Op::Fused(kernel) => {
-                let xs: Vec<&Tensor<f32>> = args.iter().map(|a| a.dense("fused")).collect::<Result<_, _>>()?;
-                self.dev.fused(kernel, &xs, cx.out_shape)?
+        let buffer = self.on_device(id, op, &args, cx.out_shape)?;
+        let device = buffer.is_some();
+        let out = match buffer {
+            Some(b) if self.plan.device_only[id.index()] => {
+                self.resident.insert(id, b);
+                Value::Dense(Tensor { shape: cx.out_shape.to_vec(), data: Vec::new() })
             }
-            Op::MatMul { trans_a, trans_b } => {
-                let (a, b) = (args[0].dense("matmul")?, args[1].dense("matmul")?);
-                self.dev.matmul(a, b, *trans_a, *trans_b, cx.out_shape)?
+            Some(b) => {
+                let data = self.dev.read(&b, cx.out_shape.iter().product())?;
+                self.read_back.set(self.read_back.get() + 1);
+                if self.plan.device_read[id.index()] {
+                    self.resident.insert(id, b);
+                }
+                Value::Dense(Tensor { shape: cx.out_shape.to_vec(), data })
             }
-            _ => None,
+            None => self.on_host(id, op, &args, cx)?,
         };
-        let device = on_device.is_some();
-        let out = match on_device {
-            Some(t) => Value::Dense(t),
-            None => ops::eval(op, &args, cx)?,
-        };
+        // Operands whose last reader this is: their buffers are no longer needed.
+        let inputs = &self.plan.fused.node(id).inputs;
+        for (&i, &dies) in inputs.iter().zip(self.plan.lifetimes.dying(id)) {
+            if dies {
+                self.resident.remove(&i);
+            }
+        }
         if let (Some(t), Some(profile)) = (start, self.profile.as_deref_mut()) {
+            if device {
+                // Kernels run asynchronously: wait, so the time is this kernel's.
+                self.dev.queue.finish().map_err(|e| cl_err("waiting for the device", e))?;
+            }
             profile.record(kind(op, device), t.elapsed());
         }
         Ok(out)
+    }
+
+    fn deferred(&self, id: NodeId) -> bool {
+        self.plan.device_only[id.index()] && self.resident.contains_key(&id)
     }
 }
 
@@ -541,12 +675,14 @@ impl Executor for OpenCl {
     ) -> Result<Values<f32>, ExecError> {
         self.plan(graph)?;
         let resident = self.refresh_params(params)?;
-        let OpenCl { plans, programs, queue, profile, .. } = self;
+        let OpenCl { plans, programs, queue, profile, read_back, .. } = self;
         let plan = &plans[0];
         let program = programs.get(&plan.program_source).ok_or_else(|| cl_err("program", "not built"))?;
         let dev = DeviceRun { queue, program, kernels: &plan.kernels, params: &resident };
-        let mut evaluator = DeviceEval { dev, profile: profile.recording() };
-        let values = execute(&plan.fused, &plan.lifetimes, binding, feeds, params, mode, &mut evaluator)?;
+        let mut evaluator = DeviceEval { dev, plan, resident: HashMap::new(), profile: profile.recording(), read_back: Default::default() };
+        let values = execute(&plan.fused, &plan.lifetimes, binding, feeds, params, mode, &mut evaluator);
+        *read_back += evaluator.read_back.get();
+        let values = values?;
         Ok(values.rekey(graph))
     }
 }
