@@ -100,11 +100,13 @@ pub struct Lifetimes {
 
 impl Lifetimes {
     /// Whether node `id`'s value goes to the caller.
+    #[cfg_attr(not(feature = "opencl"), allow(dead_code))]
     pub(crate) fn keeps(&self, id: NodeId) -> bool {
         self.keep[id.index()]
     }
 
     /// Per operand of node `id`: whether `id` is its last reader (and it is not kept).
+    #[cfg_attr(not(feature = "opencl"), allow(dead_code))]
     pub(crate) fn dying(&self, id: NodeId) -> &[bool] {
         &self.dying[id.index()]
     }
