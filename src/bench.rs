@@ -11,7 +11,7 @@
 
 use crate::data::{self, PrepareOptions};
 use crate::experiment::Experiment;
-use crate::train::{make_executor, Session};
+use crate::train::{compile_spec, make_executor, Session};
 use mdl_runtime::exec::Mode;
 use mdl_runtime::ir::dim::eval_shape;
 use mdl_runtime::ops::Op;
@@ -138,12 +138,16 @@ fn gemm_bound(graph: &Graph, binding: &Binding, exec: &mut dyn mdl_runtime::back
 pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
     // The backend first: a missing device is reported before any data is read.
     let mut exec = make_executor(&exp.backend)?;
+    // Then the spec: a bad one is reported before any data is read.
+    let t = Instant::now();
+    let compiled = compile_spec(exp)?;
+    let spec_time = t.elapsed();
     let paths = exp.split_paths()?;
     let prep = data::prepare(&exp.data.schema, &paths, &PrepareOptions { bad_rows: exp.data.bad_rows.into(), ..Default::default() })
         .map_err(|e| e.to_string())?;
     let t = Instant::now();
-    let session = Session::new(exp, &prep.fitted)?;
-    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let session = Session::with_compiled(compiled, &prep.fitted)?;
+    let compile_ms = (t.elapsed() + spec_time).as_secs_f64() * 1e3;
     let bs = exp.train.batch_size.min(prep.train.rows);
     let plan_ms = session.prepare(exec.as_mut(), bs)?;
     let mut params = mdl_runtime::init::init_params::<f32>(session.params(), &session.inputs.sizes, exp.train.seed)?;

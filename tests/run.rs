@@ -250,3 +250,26 @@ fn a_missing_spec_file_is_one_clear_error() {
     assert_eq!(check.status.code(), Some(1));
     assert!(!String::from_utf8_lossy(&check.stderr).contains("<unknown>"));
 }
+
+/// A bad spec is reported before any data is read: with a spec error and a data file that
+/// does not exist, `mdl run` and `mdl bench` name the spec's line, not the data, and `run`
+/// creates no run folder.
+#[test]
+fn a_bad_spec_is_reported_before_the_data() {
+    let dir = tmp("badspec_first");
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = dir.join("bad.mdl");
+    std::fs::write(&spec, "model m() {\n  input x : categorical\n  label y\n  task y = nope(x)\n  loss bce(y)\n}\n").unwrap();
+    let out_dir = dir.join("run");
+    let spec_arg = format!("spec={}", spec.display());
+    let missing = format!("data.train={}", dir.join("missing.csv").display());
+    let run = mdl(&["run", "experiments/quickstart.yaml", "--set", &spec_arg, "--set", &missing, "--out", out_dir.to_str().unwrap()]);
+    let bench = mdl(&["bench", "experiments/quickstart.yaml", "--set", &spec_arg, "--set", &missing, "--steps", "1"]);
+    for (what, out) in [("run", run), ("bench", bench)] {
+        assert_eq!(out.status.code(), Some(1), "{what}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("bad.mdl:4:"), "{what}: {err}");
+        assert!(!err.contains("missing.csv"), "{what}: {err}");
+    }
+    assert!(!out_dir.exists(), "a run folder was created for a bad spec");
+}

@@ -48,13 +48,24 @@ pub struct Session {
     pub inputs: InputBinding,
 }
 
+/// Compiles the experiment's spec (with its hyperparameter overrides). It needs no data,
+/// so `mdl run` and `mdl bench` call it before reading any: a bad spec is reported at
+/// once, not after the data has loaded.
+pub fn compile_spec(exp: &Experiment) -> Result<Compiled, String> {
+    let mut map = crate::diag::SourceMap::new();
+    let overrides = exp.hyper_overrides()?;
+    compile_file(&mut map, &exp.spec, exp.model.as_deref(), &overrides).map_err(|d| crate::diag::render_all(&map, &d))
+}
+
 impl Session {
     /// Compiles the experiment's spec and binds it to the fitted data layout.
     pub fn new(exp: &Experiment, fitted: &Fitted) -> Result<Session, String> {
-        let mut map = crate::diag::SourceMap::new();
-        let overrides = exp.hyper_overrides()?;
-        let compiled = compile_file(&mut map, &exp.spec, exp.model.as_deref(), &overrides)
-            .map_err(|d| crate::diag::render_all(&map, &d))?;
+        Session::with_compiled(compile_spec(exp)?, fitted)
+    }
+
+    /// Binds a compiled spec ([`compile_spec`]) to the fitted data layout and derives the
+    /// train (with backward) and eval graphs.
+    pub fn with_compiled(compiled: Compiled, fitted: &Fitted) -> Result<Session, String> {
         let inputs = InputBinding::new(&compiled, &fitted.schema, &fitted.layout())?;
         let loss = compiled.graph.outputs["loss"];
         let wrt: Vec<String> = compiled.graph.params.iter().map(|p| p.name.clone()).collect();
@@ -307,6 +318,10 @@ pub struct RunOptions {
 pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
     // The backend first: a missing device is reported before any data is read.
     let mut backend = make_executor(&exp.backend)?;
+    // Then the spec: a bad one is reported before the run folder or the data.
+    let ts = Instant::now();
+    let compiled = compile_spec(exp)?;
+    let spec_time = ts.elapsed();
     let out = opts.out.clone().unwrap_or_else(|| exp.out_dir());
     std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     let mut log = Progress::new(&out.join("train.log"))?;
@@ -340,8 +355,8 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
     }
 
     let tc = Instant::now();
-    let session = Session::new(exp, &prep.fitted)?;
-    let compile_ms = tc.elapsed().as_secs_f64() * 1e3;
+    let session = Session::with_compiled(compiled, &prep.fitted)?;
+    let compile_ms = (tc.elapsed() + spec_time).as_secs_f64() * 1e3;
     let plan_ms = session.prepare(backend.as_mut(), exp.train.batch_size.min(prep.train.rows))?;
     log.line(&format!(
         "model {}: {} parameter tensors, {} train-graph ops, compiled in {compile_ms:.1} ms, {} plan ready in {plan_ms:.1} ms",
