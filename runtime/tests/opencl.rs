@@ -354,6 +354,63 @@ fn values_between_device_kernels_stay_on_the_device() {
     }
 }
 
+/// Layout ops and gathers run on the device as copies between views and equal interp
+/// exactly: permutes, broadcasts, slices along every axis, pads, concats along every
+/// axis and reshapes (of computed values too, through a fused kernel), and row gathers.
+/// A gather with an id outside the table runs on the host and fails as interp does.
+#[test]
+fn layout_ops_and_gathers_equal_interp_on_the_device() {
+    let Some(mut exec) = executor("layout_ops_and_gathers_equal_interp_on_the_device") else { return };
+    let x = Tensor::new(vec![3, 4, 5], values(60, 1, -1.0, 1.0)).unwrap();
+    let mut c = Case::default();
+    for perm in [vec![0, 2, 1], vec![2, 0, 1], vec![1, 2, 0]] {
+        c.output(Op::Permute { perm }, &[x.clone()]);
+    }
+    c.output(Op::Broadcast { shape: dims(&[2, 3, 4, 5]) }, &[x.clone()]);
+    c.output(Op::Broadcast { shape: dims(&[3, 4, 5]) }, &[Tensor::new(vec![4, 1], values(4, 2, -1.0, 1.0)).unwrap()]);
+    for axis in 0..3 {
+        let size = x.shape[axis];
+        c.output(Op::Slice { axis, start: Dim::lit(1), len: Dim::lit(size as i64 - 1) }, &[x.clone()]);
+        c.output(Op::Pad { axis, before: Dim::lit(2), after: Dim::lit(1) }, &[x.clone()]);
+        let mut other = x.shape.clone();
+        other[axis] = 2;
+        let y = Tensor::new(other.clone(), values(other.iter().product(), 3 + axis as u64, -1.0, 1.0)).unwrap();
+        c.output(Op::Concat { axis }, &[x.clone(), y, x.clone()]);
+    }
+    c.output(Op::Reshape { shape: dims(&[12, 5]) }, &[x.clone()]);
+    let table = Tensor::new(vec![7, 3], values(21, 4, -1.0, 1.0)).unwrap();
+    let t = c.param(table.clone());
+    let ids = c.g.input("ids", dims(&[6]), mdl_runtime::DType::I);
+    let rows = c.g.add(Op::Gather, &[t, ids], "").unwrap();
+    // A computed value through device layout ops: exp(gathered rows), reshaped, permuted.
+    let e = c.g.add(Op::Unary(UnaryOp::Exp), &[rows], "").unwrap();
+    let r = c.g.add(Op::Reshape { shape: dims(&[2, 3, 3]) }, &[e], "").unwrap();
+    let p = c.g.add(Op::Permute { perm: vec![2, 0, 1] }, &[r], "").unwrap();
+    for (name, id) in [("rows", rows), ("perm", p)] {
+        c.g.outputs.insert(name.into(), id);
+        c.outputs.push(name.into());
+    }
+    let feed = |data: Vec<u32>| -> HashMap<String, Value<f32>> { [("ids".to_string(), Value::Ids(Tensor::new(vec![6], data).unwrap()))].into_iter().collect() };
+    let good = feed(vec![0, 6, 3, 3, 1, 5]);
+    let want = Interp.run(&c.g, &Binding::new(), &good, &c.params, &Mode::eval()).unwrap();
+    exec.set_profiling(true);
+    let got = exec.run(&c.g, &Binding::new(), &good, &c.params, &Mode::eval()).unwrap();
+    for name in &c.outputs {
+        let (w, o) = (want.dense(name).unwrap(), got.dense(name).unwrap());
+        assert_eq!(w.shape, o.shape, "{name}");
+        let tol = if name == "perm" { 1e-6 } else { 0.0 };
+        for (i, (&a, &b)) in o.data.iter().zip(&w.data).enumerate() {
+            assert!(close(a, b, tol), "{name} ({}): [{i}] opencl {a} interp {b}", c.describe(name));
+        }
+    }
+    let profile = exec.profile();
+    assert!(!profile.iter().any(|(k, _, _)| k.ends_with("(host)")), "every op ran on the device: {profile:?}");
+    let bad = feed(vec![0, 7, 3, 3, 1, 5]);
+    let want = Interp.run(&c.g, &Binding::new(), &bad, &c.params, &Mode::eval()).unwrap_err();
+    let got = exec.run(&c.g, &Binding::new(), &bad, &c.params, &Mode::eval()).unwrap_err();
+    assert_eq!(got.to_string(), want.to_string());
+}
+
 #[test]
 fn parameters_are_refreshed_every_run() {
     let Some(mut exec) = executor("parameters_are_refreshed_every_run") else { return };

@@ -44,7 +44,7 @@ use crate::exec::EvalCx;
 use crate::ir::dim::Binding;
 use crate::ir::graph::{Graph, NodeId};
 use crate::ops::fused::{broadcast_all, broadcasts_to, FusedKernel};
-use crate::ops::{self, Op};
+use crate::ops::{self, DType, Op, ValueKind};
 use crate::tensor::{broadcast_strides, Tensor, Value};
 use ocl::enums::{DeviceInfo as ClDeviceInfo, DeviceInfoResult};
 use ocl::flags::DeviceType;
@@ -184,10 +184,21 @@ fn placement(fused: &Graph, kernels: &HashMap<FusedKernel, String>, lifetimes: &
     let n = fused.len();
     let on_device: Vec<bool> = fused
         .ids()
-        .map(|id| match &fused.node(id).op {
-            Op::Fused(k) => kernels.contains_key(k.as_ref()),
-            Op::MatMul { .. } => true,
-            _ => false,
+        .map(|id| {
+            let node = fused.node(id);
+            let real = node.sig.dtype == DType::F && node.sig.kind == ValueKind::Dense;
+            match &node.op {
+                Op::Fused(k) => kernels.contains_key(k.as_ref()),
+                Op::MatMul { .. } => true,
+                Op::Gather
+                | Op::Reshape { .. }
+                | Op::Permute { .. }
+                | Op::Broadcast { .. }
+                | Op::Slice { .. }
+                | Op::Concat { .. }
+                | Op::Pad { .. } => real,
+                _ => false,
+            }
         })
         .collect();
     let (mut host_read, mut device_read) = (vec![false; n], vec![false; n]);
@@ -424,6 +435,68 @@ impl DeviceRun<'_> {
             .map_err(|e| cl_err("uploading an operand", e))
     }
 
+    /// One `mdl_copy` launch ([`render::COPY`]): the view `shape` of `input` (from
+    /// `in_base`, `in_strides`) into `out` (at `out_base`, `out_strides`). `None` when the
+    /// sizes do not fit the kernel's `int`s.
+    fn copy(&self, shape: &[usize], out: &Buffer<f32>, out_at: (usize, &[usize]), input: &Buffer<f32>, in_at: (usize, &[usize])) -> Result<Option<()>, ExecError> {
+        let total: usize = shape.iter().product();
+        if total == 0 {
+            return Ok(Some(()));
+        }
+        let Some(meta) = render::copy_meta(shape, out_at.0, out_at.1, in_at.0, in_at.1) else { return Ok(None) };
+        let meta = Buffer::<i32>::builder()
+            .queue(self.queue.clone())
+            .len(meta.len())
+            .copy_host_slice(&meta)
+            .build()
+            .map_err(|e| cl_err("uploading copy metadata", e))?;
+        let k = Kernel::builder()
+            .program(self.program)
+            .name("mdl_copy")
+            .queue(self.queue.clone())
+            .global_work_size(total)
+            .arg(&meta)
+            .arg(out)
+            .arg(input)
+            .build()
+            .map_err(|e| cl_err("kernel mdl_copy", e))?;
+        // SAFETY: the view's offsets stay inside both buffers (shapes checked by the ops'
+        // shape rules and the callers).
+        unsafe { k.enq() }.map_err(|e| cl_err("running kernel mdl_copy", e))?;
+        Ok(Some(()))
+    }
+
+    /// Rows `ids` of `table` (`[rows, width]` in a buffer): `None` (run on the host,
+    /// which reports it) when an id is out of range or a size does not fit an `int`.
+    fn gather(&self, table: &Buffer<f32>, rows: usize, width: usize, ids: &[u32]) -> Result<Option<Buffer<f32>>, ExecError> {
+        let total = ids.len() * width;
+        if total == 0 || i32::try_from(total).is_err() || i32::try_from(width).is_err() || ids.iter().any(|&id| id as usize >= rows) {
+            return Ok(None);
+        }
+        let ids = Buffer::<u32>::builder()
+            .queue(self.queue.clone())
+            .len(ids.len())
+            .copy_host_slice(ids)
+            .build()
+            .map_err(|e| cl_err("uploading ids", e))?;
+        let out = self.output(total)?;
+        let k = Kernel::builder()
+            .program(self.program)
+            .name("mdl_gather")
+            .queue(self.queue.clone())
+            .global_work_size(total)
+            .arg(&out)
+            .arg(table)
+            .arg(&ids)
+            .arg(width as i32)
+            .arg(total as i32)
+            .build()
+            .map_err(|e| cl_err("kernel mdl_gather", e))?;
+        // SAFETY: every id is below `rows` (checked above), so reads stay in the table.
+        unsafe { k.enq() }.map_err(|e| cl_err("running kernel mdl_gather", e))?;
+        Ok(Some(out))
+    }
+
     fn output(&self, len: usize) -> Result<Buffer<f32>, ExecError> {
         Buffer::<f32>::builder().queue(self.queue.clone()).len(len).build().map_err(|e| cl_err("allocating an output", e))
     }
@@ -553,12 +626,23 @@ impl DeviceEval<'_> {
     }
 
     /// Runs `op` on the device when it has a kernel for it; `None` otherwise.
-    fn on_device(&self, id: NodeId, op: &Op, args: &[crate::exec::Arg<'_, f32>], out_shape: &[usize]) -> Result<Option<Buffer<f32>>, ExecError> {
+    fn on_device(&self, id: NodeId, op: &Op, args: &[crate::exec::Arg<'_, f32>], cx: &EvalCx) -> Result<Option<Buffer<f32>>, ExecError> {
         if !self.plan.on_device[id.index()] {
             return Ok(None);
         }
+        let out_shape = cx.out_shape;
         let inputs = &self.plan.fused.node(id).inputs;
+        if let Op::Gather = op {
+            let (table, ids) = (args[0].dense("gather")?, args[1].ids("gather")?);
+            let width = table.shape[1..].iter().product();
+            let t = self.buffer(inputs[0], table)?;
+            return self.dev.gather(&t, table.shape[0], width, &ids.data);
+        }
         let xs: Vec<&Tensor<f32>> = args.iter().map(|a| a.dense(&op.name())).collect::<Result<_, _>>()?;
+        if is_layout(op) {
+            let bufs: Vec<Buffer<f32>> = inputs.iter().zip(&xs).map(|(&i, x)| self.buffer(i, x)).collect::<Result<_, _>>()?;
+            return self.layout(op, &xs, &bufs, cx);
+        }
         let shapes: Vec<&[usize]> = xs.iter().map(|x| x.shape.as_slice()).collect();
         let bufs: Vec<Buffer<f32>> = inputs.iter().zip(&xs).map(|(&i, x)| self.buffer(i, x)).collect::<Result<_, _>>()?;
         match op {
@@ -566,6 +650,56 @@ impl DeviceEval<'_> {
             Op::MatMul { trans_a, trans_b } => self.dev.matmul(shapes[0], shapes[1], &bufs[0], &bufs[1], *trans_a, *trans_b, out_shape),
             _ => Ok(None),
         }
+    }
+
+    /// A layout op as copies between views of the operands' buffers (a reshape is the
+    /// operand's own buffer); `None` for what the copy kernel does not take.
+    fn layout(&self, op: &Op, xs: &[&Tensor<f32>], bufs: &[Buffer<f32>], cx: &EvalCx) -> Result<Option<Buffer<f32>>, ExecError> {
+        let out_shape = cx.out_shape;
+        let total: usize = out_shape.iter().product();
+        if total == 0 || xs.iter().any(|x| x.shape.iter().product::<usize>() == 0) {
+            return Ok(None);
+        }
+        if let Op::Reshape { .. } = op {
+            return Ok(Some(bufs[0].clone()));
+        }
+        let out = self.dev.output(total)?;
+        let out_strides = row_major(out_shape);
+        let x_strides = row_major(&xs[0].shape);
+        let done = match op {
+            Op::Permute { perm } => {
+                let strides: Vec<usize> = perm.iter().map(|&p| x_strides[p]).collect();
+                self.dev.copy(out_shape, &out, (0, &out_strides), &bufs[0], (0, &strides))?
+            }
+            Op::Broadcast { .. } => {
+                let strides = broadcast_strides(&xs[0].shape, out_shape);
+                self.dev.copy(out_shape, &out, (0, &out_strides), &bufs[0], (0, &strides))?
+            }
+            Op::Slice { axis, start, .. } => {
+                let start = cx.size(start)?;
+                if start + out_shape[*axis] > xs[0].shape[*axis] {
+                    return Ok(None);
+                }
+                self.dev.copy(out_shape, &out, (0, &out_strides), &bufs[0], (start * x_strides[*axis], &x_strides))?
+            }
+            Op::Pad { axis, before, .. } => {
+                let before = cx.size(before)?;
+                out.cmd().fill(0.0f32, None).enq().map_err(|e| cl_err("zeroing a pad", e))?;
+                self.dev.copy(&xs[0].shape, &out, (before * out_strides[*axis], &out_strides), &bufs[0], (0, &x_strides))?
+            }
+            Op::Concat { axis } => {
+                let mut at = 0usize;
+                let mut all = Some(());
+                for (x, b) in xs.iter().zip(bufs) {
+                    let done = self.dev.copy(&x.shape, &out, (at * out_strides[*axis], &out_strides), b, (0, &row_major(&x.shape)))?;
+                    all = all.and(done);
+                    at += x.shape[*axis];
+                }
+                all
+            }
+            _ => None,
+        };
+        Ok(done.map(|()| out))
     }
 
     /// `op` on the host by its eval rule, reading back the operands that stayed on the
@@ -597,7 +731,7 @@ impl Evaluator<f32> for DeviceEval<'_> {
     fn eval(&mut self, id: NodeId, op: &Op, operands: &mut Operands<'_, '_, f32>, cx: &EvalCx) -> Result<Value<f32>, ExecError> {
         let start = self.profile.is_some().then(Instant::now);
         let args = operands.args(op)?;
-        let buffer = self.on_device(id, op, &args, cx.out_shape)?;
+        let buffer = self.on_device(id, op, &args, cx)?;
         let device = buffer.is_some();
         let out = match buffer {
             Some(b) if self.plan.device_only[id.index()] => {
@@ -634,6 +768,20 @@ impl Evaluator<f32> for DeviceEval<'_> {
     fn deferred(&self, id: NodeId) -> bool {
         self.plan.device_only[id.index()] && self.resident.contains_key(&id)
     }
+}
+
+/// Whether `op` is a layout op the device runs as copies ([`DeviceEval::layout`]).
+fn is_layout(op: &Op) -> bool {
+    matches!(op, Op::Reshape { .. } | Op::Permute { .. } | Op::Broadcast { .. } | Op::Slice { .. } | Op::Concat { .. } | Op::Pad { .. })
+}
+
+/// Row-major element strides of `shape`.
+fn row_major(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1usize; shape.len()];
+    for a in (0..shape.len().saturating_sub(1)).rev() {
+        strides[a] = strides[a + 1] * shape[a + 1];
+    }
+    strides
 }
 
 /// The profile key of an op: `<kind>` for a device kernel, `<kind> (host)` for an eval

@@ -235,12 +235,78 @@ pub fn fused_meta(domain: &[usize], reduced: &[usize], strides: &[Vec<usize>]) -
 }
 
 /// The source of a plan's program: the matmul kernel and `kernels[i]` as `mdl_fused_<i>`.
+/// The most axes a [`COPY`] view may have.
+pub const COPY_MAX_RANK: usize = 8;
+
+/// The layout kernels: every layout op is a copy between two strided views.
+/// `mdl_copy` writes element `i` of a view of `shape` (row-major over `rank` axes, `total`
+/// elements): `out[out_base + Σ idx·out_strides] = in[in_base + Σ idx·in_strides]`, with
+/// `meta = [rank, total, out_base, in_base, shape.., out_strides.., in_strides..]`. A
+/// permute, broadcast or slice is one call (input strides permuted, zero, or offset); a
+/// concat one call per part into its place in the output; a pad one call into a zeroed
+/// output. `mdl_gather` copies row `ids[r]` of a `[rows, width]` table to row `r` (ids
+/// are checked on the host before the launch).
+pub const COPY: &str = r#"
+__kernel void mdl_copy(__global const int* meta, __global float* out, __global const float* in) {
+    const int i = get_global_id(0);
+    const int rank = meta[0];
+    if (i >= meta[1]) return;
+    int rest = i, o = meta[2], s = meta[3];
+    for (int a = rank - 1; a >= 0; --a) {
+        const int size = meta[4 + a];
+        const int at = rest % size;
+        rest /= size;
+        o += at * meta[4 + rank + a];
+        s += at * meta[4 + 2 * rank + a];
+    }
+    out[o] = in[s];
+}
+
+__kernel void mdl_gather(__global float* out, __global const float* table, __global const uint* ids,
+                         const int width, const int total) {
+    const int i = get_global_id(0);
+    if (i >= total) return;
+    const int r = i / width;
+    out[i] = table[(long)ids[r] * width + (i - r * width)];
+}
+"#;
+
+/// The metadata of one [`COPY`] `mdl_copy` call, or `None` when a size or offset does not
+/// fit an `int` or the view has more than [`COPY_MAX_RANK`] axes.
+/// Axes of size 1 are dropped and neighbours that are contiguous in both views merged
+/// first, so a concat of `[B, F, d]` parts along axis 1 is a rank-2 copy (fewer divisions
+/// per element).
+pub fn copy_meta(shape: &[usize], out_base: usize, out_strides: &[usize], in_base: usize, in_strides: &[usize]) -> Option<Vec<i32>> {
+    let mut axes: Vec<(usize, usize, usize)> = Vec::new();
+    for ((&n, &o), &i) in shape.iter().zip(out_strides).zip(in_strides) {
+        if n == 1 {
+            continue;
+        }
+        match axes.last_mut() {
+            Some(last) if last.1 == o * n && last.2 == i * n => *last = (last.0 * n, o, i),
+            _ => axes.push((n, o, i)),
+        }
+    }
+    if axes.len() > COPY_MAX_RANK {
+        return None;
+    }
+    let fits = |v: usize| i32::try_from(v).ok();
+    let mut meta = vec![fits(axes.len())?, fits(shape.iter().product())?, fits(out_base)?, fits(in_base)?];
+    for k in 0..3 {
+        for a in &axes {
+            meta.push(fits([a.0, a.1, a.2][k])?);
+        }
+    }
+    Some(meta)
+}
+
 pub fn program(kernels: &[&FusedKernel]) -> String {
     let mut s = String::new();
     s.push_str("// mdl: kernels of one plan, rendered from fused-kernel descriptions\n");
     s.push_str("#pragma OPENCL FP_CONTRACT OFF\n");
     let _ = writeln!(s, "#define BM {BM}\n#define BN {BN}\n#define BK {BK}\n#define WG {WG}");
     s.push_str(MATMUL);
+    s.push_str(COPY);
     for (i, k) in kernels.iter().enumerate() {
         s.push('\n');
         s.push_str(&fused(k, &fused_name(i)));
