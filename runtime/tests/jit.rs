@@ -26,6 +26,20 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// A graph with a parameter `p{i}` of each shape (random values, seeds from `seed`), its
+/// node ids and the values.
+fn with_params(shapes: &[Vec<usize>], seed: u64) -> (Graph, Vec<mdl_runtime::NodeId>, HashMap<String, Tensor<f32>>) {
+    let mut g = Graph::new();
+    let mut ids = Vec::new();
+    let mut params = HashMap::new();
+    for (i, s) in shapes.iter().enumerate() {
+        let name = format!("p{i}");
+        ids.push(g.param(&name, dims(s), Init::Zeros, None, false));
+        params.insert(name, Tensor::new(s.clone(), values(s.iter().product(), i as u64 + seed)).unwrap());
+    }
+    (g, ids, params)
+}
+
 /// Builds `op(params...)`, runs it on interp and on jit (1 and 2 threads), compares.
 fn agree(op: Op, shapes: &[Vec<usize>], tol: f32) {
     agree_with(op, shapes, tol, false)
@@ -33,14 +47,7 @@ fn agree(op: Op, shapes: &[Vec<usize>], tol: f32) {
 
 /// [`agree`], on the jit with exact kernels (`Jit::with_exact_kernels`) or fast ones.
 fn agree_with(op: Op, shapes: &[Vec<usize>], tol: f32, exact: bool) {
-    let mut g = Graph::new();
-    let mut ids = Vec::new();
-    let mut params = HashMap::new();
-    for (i, s) in shapes.iter().enumerate() {
-        let name = format!("p{i}");
-        ids.push(g.param(&name, dims(s), Init::Zeros, None, false));
-        params.insert(name, Tensor::new(s.clone(), values(s.iter().product(), i as u64 + 7)).unwrap());
-    }
+    let (mut g, ids, params) = with_params(shapes, 7);
     let out = g.add(op.clone(), &ids, "").unwrap();
     g.outputs.insert("out".into(), out);
     let feeds: HashMap<String, Value<f32>> = HashMap::new();
@@ -261,14 +268,7 @@ fn large_layout_ops_split_over_threads_equal_interp() {
 /// `op(x, w_or_dy, idx)` with a group index fed as ids, on interp and on the jit (1 and 2
 /// threads): equal within the GEMM tolerance, or the same error.
 fn group_agree(op: Op, shapes: [Vec<usize>; 2], idx: Vec<u32>, k: usize) {
-    let mut g = Graph::new();
-    let mut params = HashMap::new();
-    let mut ids = Vec::new();
-    for (i, s) in shapes.iter().enumerate() {
-        let name = format!("p{i}");
-        ids.push(g.param(&name, dims(s), Init::Zeros, None, false));
-        params.insert(name, Tensor::new(s.clone(), values(s.iter().product(), i as u64 + 11)).unwrap());
-    }
+    let (mut g, mut ids, params) = with_params(&shapes, 11);
     ids.push(g.input("idx", dims(&[idx.len()]), DType::I));
     let out = g.add(op.clone(), &ids, "").unwrap();
     g.outputs.insert("out".into(), out);

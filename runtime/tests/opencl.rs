@@ -356,7 +356,8 @@ fn values_between_device_kernels_stay_on_the_device() {
 
 /// Layout ops and gathers run on the device as copies between views and equal interp
 /// exactly: permutes, broadcasts, slices along every axis, pads, concats along every
-/// axis and reshapes (of computed values too, through a fused kernel), and row gathers.
+/// axis and reshapes (of computed values too, through a fused kernel), and row gathers;
+/// so do lone sums and means (within rounding).
 /// A gather with an id outside the table runs on the host and fails as interp does.
 #[test]
 fn layout_ops_and_gathers_equal_interp_on_the_device() {
@@ -378,6 +379,9 @@ fn layout_ops_and_gathers_equal_interp_on_the_device() {
         c.output(Op::Concat { axis }, &[x.clone(), y, x.clone()]);
     }
     c.output(Op::Reshape { shape: dims(&[12, 5]) }, &[x.clone()]);
+    // Lone sums and means run as fused kernels with an empty body.
+    c.output(Op::Reduce { op: ReduceOp::Sum, axes: vec![1], keep_dims: false }, &[x.clone()]);
+    c.output(Op::Reduce { op: ReduceOp::Mean, axes: vec![0, 2], keep_dims: true }, &[x.clone()]);
     let table = Tensor::new(vec![7, 3], values(21, 4, -1.0, 1.0)).unwrap();
     let t = c.param(table.clone());
     let ids = c.g.input("ids", dims(&[6]), mdl_runtime::DType::I);
@@ -398,7 +402,7 @@ fn layout_ops_and_gathers_equal_interp_on_the_device() {
     for name in &c.outputs {
         let (w, o) = (want.dense(name).unwrap(), got.dense(name).unwrap());
         assert_eq!(w.shape, o.shape, "{name}");
-        let tol = if name == "perm" { 1e-6 } else { 0.0 };
+        let tol = if name == "perm" || c.describe(name).starts_with("reduce") { 1e-6 } else { 0.0 };
         for (i, (&a, &b)) in o.data.iter().zip(&w.data).enumerate() {
             assert!(close(a, b, tol), "{name} ({}): [{i}] opencl {a} interp {b}", c.describe(name));
         }

@@ -279,8 +279,14 @@ fn softmax_last_axis(x: &Tensor<f32>, axis: usize, threads: usize, exact: bool, 
 
 /// Runs `f(offset, out_chunk)` over `out` in one or two pieces.
 pub(super) fn split<F: Fn(usize, &mut [f32]) + Sync>(out: &mut [f32], threads: usize, align: usize, f: F) {
+    split_if(threads >= 2 && out.len() >= ELEMENTWISE_PARALLEL, out, align, f)
+}
+
+/// Runs `f(offset, chunk)` over `out`: in two pieces on two threads when `parallel` (the
+/// first piece a multiple of `align` elements), else in one.
+pub(super) fn split_if<F: Fn(usize, &mut [f32]) + Sync>(parallel: bool, out: &mut [f32], align: usize, f: F) {
     let n = out.len();
-    if threads < 2 || n < ELEMENTWISE_PARALLEL {
+    if !parallel {
         f(0, out);
         return;
     }

@@ -4,7 +4,7 @@
 //! same values into fresh vectors; these exist because a step runs them on every
 //! activation and its gradient (DIN's slices, PEPNet's pads, AutoInt's head permutes).
 
-use super::kernels::{split, ELEMENTWISE_PARALLEL};
+use super::kernels::split;
 use super::pool::Pool;
 use crate::tensor::Tensor;
 
@@ -145,16 +145,7 @@ pub(super) fn gather(table: &Tensor<f32>, ids: &[u32], out_shape: &[usize], thre
                 copy_run(dst, &table.data[id * width..(id + 1) * width]);
             }
         };
-        if threads > 1 && out.len() >= ELEMENTWISE_PARALLEL && ids.len() >= 2 {
-            let half = ids.len() / 2;
-            let (lo, hi) = out.split_at_mut(half * width);
-            std::thread::scope(|s| {
-                s.spawn(|| copy(0, lo));
-                copy(half, hi);
-            });
-        } else {
-            copy(0, &mut out);
-        }
+        split(&mut out, threads, width, |off, o| copy(off / width, o));
     }
     Ok(Tensor { shape: out_shape.to_vec(), data: out })
 }

@@ -189,15 +189,9 @@ fn placement(fused: &Graph, kernels: &HashMap<FusedKernel, String>, lifetimes: &
             let real = node.sig.dtype == DType::F && node.sig.kind == ValueKind::Dense;
             match &node.op {
                 Op::Fused(k) => kernels.contains_key(k.as_ref()),
+                op @ Op::Reduce { .. } => reduce_kernel(op, node).is_some_and(|k| kernels.contains_key(&k)),
                 Op::MatMul { .. } => true,
-                Op::Gather
-                | Op::Reshape { .. }
-                | Op::Permute { .. }
-                | Op::Broadcast { .. }
-                | Op::Slice { .. }
-                | Op::Concat { .. }
-                | Op::Pad { .. } => real,
-                _ => false,
+                op => real && (matches!(op, Op::Gather) || is_layout(op)),
             }
         })
         .collect();
@@ -318,37 +312,35 @@ impl OpenCl {
             return Ok(());
         }
         let fused = crate::fuse::fuse_elementwise(graph);
-        let mut order: Vec<&FusedKernel> = Vec::new();
+        let mut order: Vec<FusedKernel> = Vec::new();
         let mut kernels: HashMap<FusedKernel, String> = HashMap::new();
-        let mut device_params: Vec<String> = Vec::new();
         for id in fused.ids() {
             let node = fused.node(id);
-            let on_device = match &node.op {
-                Op::Fused(k) => {
-                    if !kernels.contains_key(k.as_ref()) {
-                        kernels.insert(k.as_ref().clone(), render::fused_name(order.len()));
-                        order.push(k.as_ref());
-                    }
-                    true
-                }
-                Op::MatMul { .. } => true,
-                _ => false,
+            let kernel = match &node.op {
+                Op::Fused(k) => Some(k.as_ref().clone()),
+                op => reduce_kernel(op, node),
             };
-            if on_device {
-                for &i in &node.inputs {
-                    if let Op::Param { name } = &fused.node(i).op {
-                        if !device_params.contains(name) {
-                            device_params.push(name.clone());
-                        }
+            if let Some(k) = kernel {
+                if !kernels.contains_key(&k) {
+                    kernels.insert(k.clone(), render::fused_name(order.len()));
+                    order.push(k);
+                }
+            }
+        }
+        let program_source = render::program(&order.iter().collect::<Vec<_>>());
+        self.build_program(&program_source)?;
+        let lifetimes = Lifetimes::new(&fused, false);
+        let (on_device, device_only, device_read) = placement(&fused, &kernels, &lifetimes);
+        let mut device_params: Vec<String> = Vec::new();
+        for id in fused.ids().filter(|id| on_device[id.index()]) {
+            for &i in &fused.node(id).inputs {
+                if let Op::Param { name } = &fused.node(i).op {
+                    if !device_params.contains(name) {
+                        device_params.push(name.clone());
                     }
                 }
             }
         }
-        let program_source = render::program(&order);
-        drop(order);
-        self.build_program(&program_source)?;
-        let lifetimes = Lifetimes::new(&fused, false);
-        let (on_device, device_only, device_read) = placement(&fused, &kernels, &lifetimes);
         self.plans.insert(0, Plan { source: graph.clone(), fused, kernels, program_source, device_params, lifetimes, on_device, device_only, device_read });
         self.plans.truncate(PLAN_CACHE);
         Ok(())
@@ -427,12 +419,17 @@ impl DeviceRun<'_> {
                 return Ok(b.clone());
             }
         }
-        Buffer::<f32>::builder()
+        self.upload(&t.data, "an operand")
+    }
+
+    /// A new device buffer holding `data` (`what` names it in errors).
+    fn upload<T: ocl::OclPrm>(&self, data: &[T], what: &str) -> Result<Buffer<T>, ExecError> {
+        Buffer::<T>::builder()
             .queue(self.queue.clone())
-            .len(t.data.len())
-            .copy_host_slice(&t.data)
+            .len(data.len())
+            .copy_host_slice(data)
             .build()
-            .map_err(|e| cl_err("uploading an operand", e))
+            .map_err(|e| cl_err(&format!("uploading {what}"), e))
     }
 
     /// One `mdl_copy` launch ([`render::COPY`]): the view `shape` of `input` (from
@@ -444,12 +441,7 @@ impl DeviceRun<'_> {
             return Ok(Some(()));
         }
         let Some(meta) = render::copy_meta(shape, out_at.0, out_at.1, in_at.0, in_at.1) else { return Ok(None) };
-        let meta = Buffer::<i32>::builder()
-            .queue(self.queue.clone())
-            .len(meta.len())
-            .copy_host_slice(&meta)
-            .build()
-            .map_err(|e| cl_err("uploading copy metadata", e))?;
+        let meta = self.upload(&meta, "copy metadata")?;
         let k = Kernel::builder()
             .program(self.program)
             .name("mdl_copy")
@@ -473,12 +465,7 @@ impl DeviceRun<'_> {
         if total == 0 || i32::try_from(total).is_err() || i32::try_from(width).is_err() || ids.iter().any(|&id| id as usize >= rows) {
             return Ok(None);
         }
-        let ids = Buffer::<u32>::builder()
-            .queue(self.queue.clone())
-            .len(ids.len())
-            .copy_host_slice(ids)
-            .build()
-            .map_err(|e| cl_err("uploading ids", e))?;
+        let ids = self.upload(ids, "ids")?;
         let out = self.output(total)?;
         let k = Kernel::builder()
             .program(self.program)
@@ -529,12 +516,7 @@ impl DeviceRun<'_> {
         let reduced: Vec<usize> = kernel.reduce.as_ref().map_or(Vec::new(), |r| r.axes.clone());
         let strides: Vec<Vec<usize>> = shapes.iter().map(|x| broadcast_strides(x, &domain)).collect();
         let Some(meta) = render::fused_meta(&domain, &reduced, &strides) else { return Ok(None) };
-        let meta = Buffer::<i32>::builder()
-            .queue(self.queue.clone())
-            .len(meta.len())
-            .copy_host_slice(&meta)
-            .build()
-            .map_err(|e| cl_err("uploading kernel metadata", e))?;
+        let meta = self.upload(&meta, "kernel metadata")?;
         let out = self.output(total)?;
         let mut builder = Kernel::builder();
         builder.program(self.program).name(name.as_str()).queue(self.queue.clone()).global_work_size(total);
@@ -647,6 +629,10 @@ impl DeviceEval<'_> {
         let bufs: Vec<Buffer<f32>> = inputs.iter().zip(&xs).map(|(&i, x)| self.buffer(i, x)).collect::<Result<_, _>>()?;
         match op {
             Op::Fused(kernel) => self.dev.fused(kernel, &shapes, &bufs, out_shape),
+            Op::Reduce { .. } => match reduce_kernel(op, self.plan.fused.node(id)) {
+                Some(kernel) => self.dev.fused(&kernel, &shapes, &bufs, out_shape),
+                None => Ok(None),
+            },
             Op::MatMul { trans_a, trans_b } => self.dev.matmul(shapes[0], shapes[1], &bufs[0], &bufs[1], *trans_a, *trans_b, out_shape),
             _ => Ok(None),
         }
@@ -767,6 +753,20 @@ impl Evaluator<f32> for DeviceEval<'_> {
 
     fn deferred(&self, id: NodeId) -> bool {
         self.plan.device_only[id.index()] && self.resident.contains_key(&id)
+    }
+}
+
+/// A lone sum or mean of a dense real value as a fused kernel with an empty body (its
+/// reduction epilogue does the work), so it runs on the device like any fused kernel.
+fn reduce_kernel(op: &Op, node: &crate::ir::graph::Node) -> Option<FusedKernel> {
+    match op {
+        Op::Reduce { op: r @ (ops::ReduceOp::Sum | ops::ReduceOp::Mean), axes, keep_dims }
+            if node.sig.dtype == DType::F && node.sig.kind == ValueKind::Dense =>
+        {
+            let reduce = Some(ops::fused::Reduction { op: *r, axes: axes.clone(), keep_dims: *keep_dims });
+            Some(FusedKernel { inputs: 1, body: vec![ops::fused::Instr::Input(0)], reduce })
+        }
+        _ => None,
     }
 }
 
