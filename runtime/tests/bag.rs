@@ -11,8 +11,10 @@
 //!   order).
 //! - Backward: the jit drops the exactly-zero entries of masked positions and combines
 //!   duplicate rows, so its row-sparse gradients are shorter (and ascending), but they
-//!   name exactly the same rows (row 0 included), densify to the same values, and one lazy
-//!   Adam step from either gives the same tables.
+//!   name exactly the same rows (row 0 included), densify to the same values (within
+//!   1e-6 of the largest: with fast kernels a large gradient's entries are split between
+//!   the threads and summed in two parts), and one lazy Adam step from either gives the
+//!   same tables.
 
 use mdl_runtime::backend::{jit::Jit, Executor, Interp};
 use mdl_runtime::optim::{OptimConfig, OptimKind, Optimizer};
@@ -66,7 +68,7 @@ fn distinct_rows(v: &Value<f32>) -> BTreeSet<u32> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn check(b: usize, s: usize, l: usize, d: usize, fields: usize, vocab: u32, mean: bool, keep: bool, fill: u64, seed: u64) {
+fn check(b: usize, s: usize, l: usize, d: usize, fields: usize, vocab: u32, mean: bool, keep: bool, fill: u64, seed: u64, exact: bool) {
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut g = Graph::new();
     let mut feeds: HashMap<String, Value<f32>> = HashMap::new();
@@ -116,7 +118,7 @@ fn check(b: usize, s: usize, l: usize, d: usize, fields: usize, vocab: u32, mean
     // Backward.
     let train = differentiate(&g, loss, &["E".into(), "W".into()]).unwrap();
     let want = Interp.run(&train, &bind, &feeds, &params, &mode).unwrap();
-    let mut jit = Jit::with_threads(2).with_exact_kernels(true);
+    let mut jit = Jit::with_threads(2).with_exact_kernels(exact);
     jit.set_profiling(true);
     let got = jit.run(&train, &bind, &feeds, &params, &mode).unwrap();
     let calls: HashMap<String, usize> = jit.profile().into_iter().map(|p| (p.0, p.2)).collect();
@@ -127,7 +129,10 @@ fn check(b: usize, s: usize, l: usize, d: usize, fields: usize, vocab: u32, mean
     assert_eq!((count("embedding_bag"), count("gather"), count("concat")), (2, 1, 0), "{calls:?}");
     assert!(count("sparse_rows(bag)") >= 1, "{calls:?}");
     let (wl, gl) = (want.scalar("loss").unwrap(), got.scalar("loss").unwrap());
-    assert!((wl - gl).abs() <= 1e-5 * (1.0 + wl.abs()), "loss {gl} vs {wl}");
+    // Fast kernels reassociate the loss's sums (up to 10⁶ terms). On the large case
+    // interp's ordered f32 sum is 3e-4 (relative) from the f64 loss, the jit's 3e-5.
+    let tol = if exact { 1e-5 } else { 1e-3 };
+    assert!((wl - gl).abs() <= tol * (1.0 + wl.abs()), "loss {gl} vs {wl}");
     let mut grads = [HashMap::new(), HashMap::new()];
     for name in ["E", "W"] {
         let key = format!("grad/{name}");
@@ -168,23 +173,27 @@ proptest! {
     #[test]
     fn bags_agree_with_the_unfused_graph(
         b in 1usize..40, s in 1usize..4, l in 1usize..12, d in 1usize..20, fields in 1usize..4,
-        vocab in 3u32..60, mean: bool, keep: bool, fill in 0u64..100, seed: u64,
+        vocab in 3u32..60, mean: bool, keep: bool, fill in 0u64..100, seed: u64, exact: bool,
     ) {
-        check(b, s, l, d, fields, vocab, mean, keep, fill, seed);
+        check(b, s, l, d, fields, vocab, mean, keep, fill, seed, exact);
     }
 }
 
 #[test]
 fn a_large_bag_splits_over_threads_and_agrees() {
-    check(600, 2, 50, 16, 5, 5000, false, false, 30, 7);
+    // Exact kernels: the threads split the table's rows. Fast ones: they split the
+    // entries, each into its own accumulator, and the partial sums are added.
+    for exact in [true, false] {
+        check(600, 2, 50, 16, 5, 5000, false, false, 30, 7, exact);
+    }
 }
 
 #[test]
 fn a_table_much_larger_than_the_batch_is_combined_from_a_scratch_buffer() {
     // 70 000 rows against at most 30 entries: the jit sorts the entries instead of
     // accumulating into a table-sized buffer.
-    check(3, 2, 4, 5, 2, 70_000, false, true, 40, 3);
-    check(3, 2, 4, 1, 2, 70_000, true, false, 60, 4);
+    check(3, 2, 4, 5, 2, 70_000, false, true, 40, 3, true);
+    check(3, 2, 4, 1, 2, 70_000, true, false, 60, 4, false);
 }
 
 #[test]

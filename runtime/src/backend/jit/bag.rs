@@ -20,8 +20,9 @@
 //! entries are all kept.
 //!
 //! The gradient comes out **combined**: each entry is added to its row of a pooled,
-//! table-sized accumulator (two threads, each owning half the rows) and the named rows are
-//! read out in ascending order; for a table much larger than the batch, the entries go to
+//! table-sized accumulator (two threads, each owning half the rows; or, when sums may
+//! reassociate, each taking half the entries into its own accumulator, the two partial
+//! rows added at read-out) and the named rows are read out in ascending order; for a table much larger than the batch, the entries go to
 //! a pooled scratch buffer and `optim::combine_duplicate_rows` sums them. Either way each
 //! row's entries are added in their order, from zero, as `Value::to_dense` and the
 //! optimizer add them, so its rows are distinct and ascending and the sums the same. That is the same row-sparse value, and the optimizer and the clipping then
@@ -43,7 +44,9 @@
 //! had an entry still has one, so lazy Adam decays the same moments (a row named only by
 //! padding still gets its zero-gradient update). Entries with a non-finite `dy` are kept,
 //! so NaNs propagate as in interp. For KuaiRand's histories (about 22 of 100 positions
-//! filled) this cuts the table gradient's entries by more than half.
+//! filled) this cuts the table gradient's entries by more than half. With exact kernels a
+//! combined row is its entries summed in order, as interp sums them; with fast ones (the
+//! default) a large gradient's row may be the sum of two such partial sums.
 
 use super::kernels::split_if;
 use super::pool::Pool;
@@ -367,6 +370,81 @@ fn accumulate(blocks: &[Block], limit: usize, width: usize, threads: usize, pool
     (rows, data)
 }
 
+/// The blocks' entries in two halves, in order: each block split at half its leading axis
+/// (its batch rows). `None` when a block has no axis to split.
+fn halves<'b, 'a: 'b>(blocks: &'b [Block<'a>], width: usize) -> Option<[Vec<Block<'b>>; 2]> {
+    let mut out: [Vec<Block<'b>>; 2] = [Vec::new(), Vec::new()];
+    for block in blocks {
+        match block {
+            Block::Dense { ids, x } => {
+                let h = ids.len() / 2;
+                out[0].push(Block::Dense { ids: std::borrow::Cow::Borrowed(&ids[..h]), x: &x[..h * width] });
+                out[1].push(Block::Dense { ids: std::borrow::Cow::Borrowed(&ids[h..]), x: &x[h * width..] });
+            }
+            Block::Masked { ids, dy, mask, shape, ds, ms } => {
+                let lead = *shape.first()?;
+                let h = lead / 2;
+                let per: usize = shape[1..].iter().product();
+                let part = |from: usize, to: usize| {
+                    let mut shape = shape.clone();
+                    shape[0] = to - from;
+                    Block::Masked {
+                        ids: std::borrow::Cow::Borrowed(&ids[from * per..to * per]),
+                        dy: &dy[from * ds[0]..],
+                        mask: &mask[from * ms[0]..],
+                        shape,
+                        ds: ds.clone(),
+                        ms: ms.clone(),
+                    }
+                };
+                out[0].push(part(0, h));
+                out[1].push(part(h, lead));
+            }
+        }
+    }
+    Some(out)
+}
+
+/// The combined gradient when sums may reassociate ([`super::codegen::Options::reassociate`]):
+/// the entries split in two halves ([`halves`]), each thread adding its half, in order,
+/// into its own table-sized accumulator; a row's two partial sums are added at read-out.
+/// Every entry is visited once (by [`accumulate`]'s row split, once per thread), and a
+/// row that only one half names is read out exactly.
+fn accumulate_halves(halves: &[Vec<Block>; 2], limit: usize, width: usize, pool: &mut Pool) -> (Vec<u32>, Vec<f32>) {
+    let mut accs = [pool.zeroed(limit * width), pool.zeroed(limit * width)];
+    let mut named = [vec![false; limit], vec![false; limit]];
+    let fill = |blocks: &[Block], acc: &mut [f32], named: &mut [bool]| {
+        visit(blocks, width, &mut |id, entry| {
+            let r = id as usize;
+            named[r] = true;
+            let dst = &mut acc[r * width..(r + 1) * width];
+            match entry {
+                Entry::Row(row) => dst.iter_mut().zip(row).for_each(|(a, &v)| *a += v),
+                Entry::Scaled(row, m) => dst.iter_mut().zip(row).for_each(|(a, &v)| *a += v * m),
+                Entry::Zero => {}
+            }
+        });
+    };
+    {
+        let ([acc0, acc1], [named0, named1]) = (&mut accs, &mut named);
+        std::thread::scope(|s| {
+            s.spawn(|| fill(&halves[0], acc0, named0));
+            fill(&halves[1], acc1, named1);
+        });
+    }
+    let rows: Vec<u32> = (0..limit).filter(|&r| named[0][r] || named[1][r]).map(|r| r as u32).collect();
+    let mut data = Vec::with_capacity(rows.len() * width);
+    for &r in &rows {
+        let r = r as usize;
+        let (a, b) = (&accs[0][r * width..(r + 1) * width], &accs[1][r * width..(r + 1) * width]);
+        data.extend(a.iter().zip(b).map(|(x, y)| x + y));
+    }
+    for acc in accs {
+        pool.put(acc);
+    }
+    (rows, data)
+}
+
 /// The combined gradient for a table too large for [`accumulate`]: the entries kept are
 /// written to a pooled scratch buffer with one zero entry per row named only by dropped
 /// ones, then combined by `optim::combine_duplicate_rows`.
@@ -405,7 +483,9 @@ fn scratch_and_combine(blocks: &[Block], total: usize, width: usize, pool: &mut 
 }
 
 /// Computes node `op` with `kernel` from its reads.
-pub fn run(kernel: &Kernel, op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, threads: usize, pool: &mut Pool) -> Result<Value<f32>, ExecError> {
+/// `exact`: row sums in entry order, bit for bit as interp; otherwise a gradient's entries
+/// may be split between the threads ([`accumulate_halves`]).
+pub fn run(kernel: &Kernel, op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, threads: usize, exact: bool, pool: &mut Pool) -> Result<Value<f32>, ExecError> {
     let args = operands.args(op)?;
     let name = op.name();
     let bad = |message: String| ExecError::BadOperand { op: name.clone(), message };
@@ -513,8 +593,12 @@ pub fn run(kernel: &Kernel, op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, 
             if entries != total {
                 return Err(bad(format!("{total} ids but {entries} rows of values")));
             }
+            let split = !exact && threads > 1 && total * width >= PARALLEL_WORK;
             let (rows, data) = if limit <= 8 * total + (1 << 16) {
-                accumulate(&blocks, limit, width, threads, pool)
+                match halves(&blocks, width).filter(|_| split) {
+                    Some(h) => accumulate_halves(&h, limit, width, pool),
+                    None => accumulate(&blocks, limit, width, threads, pool),
+                }
             } else {
                 scratch_and_combine(&blocks, total, width, pool)
             };

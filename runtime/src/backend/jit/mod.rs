@@ -175,7 +175,7 @@ impl Evaluator<f32> for JitEval<'_> {
         let mut fallback = false;
         let bag = self.bags.get(&id);
         let out = match (op, bag) {
-            (_, Some(bag)) => bag::run(bag, op, operands, cx, self.threads, self.pool)?,
+            (_, Some(bag)) => bag::run(bag, op, operands, cx, self.threads, !self.options.reassociate, self.pool)?,
             (Op::Fused(kernel), None) => {
                 let args = operands.args(op)?;
                 let tensors: Result<Vec<&Tensor<f32>>, ExecError> = args.iter().map(|a| a.dense("fused")).collect();
