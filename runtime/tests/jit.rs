@@ -212,13 +212,14 @@ fn gather_rows_agree_and_an_id_out_of_range_is_the_same_error() {
     }
 }
 
-/// Softmax over the last axis runs the jit kernel, which with exact kernels must equal
-/// interp bit for bit (same operations in the same order), and with fast ones (polynomial
-/// exp, lane sums) within 2e-6, with one and two threads and rows enough to split; other
-/// axes fall back to the eval rule.
+/// Softmax over any axis runs the jit kernel (rows for the last axis, columns side by side
+/// for the others), which with exact kernels must equal interp bit for bit (same
+/// operations in the same order per position), and with fast ones (polynomial exp, lane
+/// sums) within 2e-6, with one and two threads and blocks enough to split.
 #[test]
 fn softmax_equals_interp_exactly_or_within_rounding() {
-    for (shape, axis) in [(vec![3000, 2, 40], 2), (vec![5, 7], 1), (vec![1, 1], 1), (vec![4, 6, 3], 1), (vec![9, 4], 0)] {
+    let cases = [(vec![3000, 2, 40], 2), (vec![5, 7], 1), (vec![1, 1], 1), (vec![4, 6, 3], 1), (vec![9, 4], 0), (vec![600, 7, 50], 1), (vec![3, 2, 5, 4], 0)];
+    for (shape, axis) in cases {
         agree_with(Op::Softmax { axis }, &[shape.clone()], 0.0, true);
         agree_with(Op::Softmax { axis }, &[shape], 2e-6, false);
     }
@@ -255,7 +256,8 @@ proptest! {
 }
 
 /// Layout kernels on inputs large enough to be split over the threads (and a rank-4 head
-/// permute as attention models make), exactly equal to interp.
+/// permute as attention models make), and a stop-gradient (a copy), exactly equal to
+/// interp.
 #[test]
 fn large_layout_ops_split_over_threads_equal_interp() {
     agree(Op::Permute { perm: vec![0, 2, 1, 3] }, &[vec![2048, 10, 2, 8]], 0.0);
@@ -263,6 +265,7 @@ fn large_layout_ops_split_over_threads_equal_interp() {
     agree(Op::Permute { perm: vec![0] }, &[vec![300_000]], 0.0);
     agree(Op::Slice { axis: 1, start: Dim::lit(3), len: Dim::lit(20) }, &[vec![4096, 50, 3]], 0.0);
     agree(Op::Pad { axis: 1, before: Dim::lit(4), after: Dim::lit(1) }, &[vec![4096, 30, 2]], 0.0);
+    agree(Op::StopGrad, &[vec![300, 70]], 0.0);
 }
 
 /// `op(x, w_or_dy, idx)` with a group index fed as ids, on interp and on the jit (1 and 2

@@ -41,7 +41,7 @@ pub fn fast(op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, threads: usize, 
         Op::Binary(b) => binary(*b, args[0].dense(&name())?, args[1].dense(&name())?, cx.out_shape, threads, pool).map(Value::Dense),
         Op::Unary(u) => Some(Value::Dense(unary(*u, args[0].dense(&name())?, threads, pool))),
         Op::Reduce { op: r, axes, .. } => reduce(*r, args[0].dense(&name())?, axes, cx.out_shape, pool).map(Value::Dense),
-        Op::Softmax { axis } => softmax_last_axis(args[0].dense(&name())?, *axis, threads, exact, pool).map(Value::Dense),
+        Op::Softmax { axis } => softmax(args[0].dense(&name())?, *axis, threads, exact, pool).map(Value::Dense),
         Op::Broadcast { .. } => Some(Value::Dense(broadcast(args[0].dense(&name())?, cx.out_shape, pool))),
         Op::Concat { axis } if args.iter().all(|a| a.dense("concat").is_ok()) => {
             let parts: Vec<&Tensor<f32>> = args.iter().map(|a| a.dense("concat")).collect::<Result<_, _>>()?;
@@ -68,7 +68,7 @@ pub fn fast(op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, threads: usize, 
             let (x, dy, idx) = (args[0].dense(&name())?, args[1].dense(&name())?, args[2].ids(&name())?);
             Some(Value::Dense(group_outer(&name(), x, dy, &idx.data, cx.size(groups)?, threads, pool)?))
         }
-        Op::Reshape { .. } if matches!(args[0], Arg::Param(_) | Arg::Value(Value::Dense(_))) => {
+        Op::Reshape { .. } | Op::StopGrad if matches!(args[0], Arg::Param(_) | Arg::Value(Value::Dense(_))) => {
             let x = args[0].dense(&name())?;
             let mut data = pool.take(x.data.len());
             data.copy_from_slice(&x.data);
@@ -79,13 +79,16 @@ pub fn fast(op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, threads: usize, 
 }
 
 /// The ops that reuse an operand this node is the last reader of: a reshape (the same
-/// elements in the same order), a slice along the first axis (a prefix after moving the
-/// kept rows to the front) and `SparseRows` (its ids and values as they are). `None` when
+/// elements in the same order), a stop-gradient (the operand itself), a slice along the
+/// first axis (a prefix after moving the kept rows to the front) and `SparseRows` (its ids
+/// and values as they are). `None` when
 /// the operand cannot be taken (it is read later, fed, or a parameter).
 fn moved(op: &Op, operands: &mut Operands<f32>, cx: &EvalCx) -> Result<Option<Value<f32>>, ExecError> {
     let out = cx.out_shape;
     let bad = |message: &str| ExecError::BadOperand { op: op.name(), message: message.into() };
     match op {
+        // The forward value of a stop-gradient is its operand, as it is.
+        Op::StopGrad => Ok(operands.take(0)),
         Op::Reshape { .. } => Ok(match operands.take(0) {
             Some(Value::Dense(t)) => Some(Value::Dense(Tensor { shape: out.to_vec(), data: t.data })),
             Some(Value::Ids(t)) => Some(Value::Ids(Tensor { shape: out.to_vec(), data: t.data })),
@@ -232,47 +235,87 @@ fn matmul(a: &Tensor<f32>, b: &Tensor<f32>, ta: bool, tb: bool, out_shape: &[usi
 
 // ------------------------------------------------------------------ softmax
 
-/// Softmax over the last axis (`None` for other axes: the eval rule does those), rows split
-/// over the threads. Per row: the maximum, `exp(x - max)` summed, then each scaled by the
-/// sum. `exact`: libm's exp summed in order and divided, the eval rule's operations in its
-/// order, so bit-identical to interp; otherwise the polynomial exp ([`math::exp`], which
-/// vectorises) summed in eight lanes, times the reciprocal.
-fn softmax_last_axis(x: &Tensor<f32>, axis: usize, threads: usize, exact: bool, pool: &mut Pool) -> Option<Tensor<f32>> {
-    if axis + 1 != x.shape.len() || x.data.is_empty() {
+/// Softmax over any axis, blocks of `size × inner` elements (one per outer index) split
+/// over the threads: the last axis row by row ([`softmax_rows`]), another axis with the
+/// `inner` positions side by side ([`softmax_columns`]), so every pass runs along
+/// contiguous memory. `exact`: libm's exp, sums in order, division, the eval rule's
+/// operations in its order per position, so bit-identical to interp; otherwise the
+/// polynomial exp ([`math::exp`], which vectorises), a last-axis row summed in eight
+/// lanes, and the reciprocal multiplied.
+fn softmax(x: &Tensor<f32>, axis: usize, threads: usize, exact: bool, pool: &mut Pool) -> Option<Tensor<f32>> {
+    if axis >= x.shape.len() || x.data.is_empty() {
         return None;
     }
     let size = x.shape[axis];
+    let inner: usize = x.shape[axis + 1..].iter().product();
     let mut out = pool.take(x.data.len());
-    split(&mut out, threads, size, |off, o| {
-        let len = o.len();
-        for (row, src) in o.chunks_exact_mut(size).zip(x.data[off..off + len].chunks_exact(size)) {
-            let max = src.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            if exact {
-                let mut total = 0.0f32;
-                for (y, &v) in row.iter_mut().zip(src) {
-                    let e = (v - max).exp();
-                    *y = e;
-                    total += e;
-                }
-                for y in row.iter_mut() {
-                    *y /= total;
-                }
+    split(&mut out, threads, size * inner, |off, o| {
+        let src = &x.data[off..off + o.len()];
+        for (block, from) in o.chunks_exact_mut(size * inner).zip(src.chunks_exact(size * inner)) {
+            if inner == 1 {
+                softmax_rows(block, from, exact);
             } else {
-                for (y, &v) in row.iter_mut().zip(src) {
-                    *y = math::exp(v - max);
-                }
-                let mut lanes = [0.0f32; 8];
-                let mut chunks = row.chunks_exact(8);
-                for c in &mut chunks {
-                    lanes.iter_mut().zip(c).for_each(|(l, &v)| *l += v);
-                }
-                let total = lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
-                let inv = 1.0 / total;
-                row.iter_mut().for_each(|y| *y *= inv);
+                softmax_columns(block, from, inner, exact);
             }
         }
     });
     Some(Tensor { shape: x.shape.clone(), data: out })
+}
+
+/// One softmax over a contiguous row.
+fn softmax_rows(row: &mut [f32], src: &[f32], exact: bool) {
+    let max = src.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    if exact {
+        let mut total = 0.0f32;
+        for (y, &v) in row.iter_mut().zip(src) {
+            let e = (v - max).exp();
+            *y = e;
+            total += e;
+        }
+        for y in row.iter_mut() {
+            *y /= total;
+        }
+    } else {
+        for (y, &v) in row.iter_mut().zip(src) {
+            *y = math::exp(v - max);
+        }
+        let mut lanes = [0.0f32; 8];
+        let mut chunks = row.chunks_exact(8);
+        for c in &mut chunks {
+            lanes.iter_mut().zip(c).for_each(|(l, &v)| *l += v);
+        }
+        let total = lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
+        let inv = 1.0 / total;
+        row.iter_mut().for_each(|y| *y *= inv);
+    }
+}
+
+/// `inner` softmaxes at once over a `[size, inner]` block, each down a column: the
+/// maxima, exponentials, sums (in order down the column) and quotients of all columns are
+/// computed row after row, along contiguous memory.
+fn softmax_columns(block: &mut [f32], src: &[f32], inner: usize, exact: bool) {
+    let mut max = vec![f32::NEG_INFINITY; inner];
+    for row in src.chunks_exact(inner) {
+        max.iter_mut().zip(row).for_each(|(m, &v)| *m = m.max(v));
+    }
+    let mut total = vec![0.0f32; inner];
+    for (dst, row) in block.chunks_exact_mut(inner).zip(src.chunks_exact(inner)) {
+        for (((y, &v), &m), t) in dst.iter_mut().zip(row).zip(&max).zip(total.iter_mut()) {
+            let e = if exact { (v - m).exp() } else { math::exp(v - m) };
+            *y = e;
+            *t += e;
+        }
+    }
+    if exact {
+        for dst in block.chunks_exact_mut(inner) {
+            dst.iter_mut().zip(&total).for_each(|(y, &t)| *y /= t);
+        }
+    } else {
+        let inv: Vec<f32> = total.iter().map(|t| 1.0 / t).collect();
+        for dst in block.chunks_exact_mut(inner) {
+            dst.iter_mut().zip(&inv).for_each(|(y, &r)| *y *= r);
+        }
+    }
 }
 
 // ------------------------------------------------------------------ elementwise
