@@ -334,7 +334,7 @@ fn values_between_device_kernels_stay_on_the_device() {
         let w2 = c.param(Tensor::new(vec![24, 7], values(168, 4, -1.0, 1.0)).unwrap());
         let b2 = c.param(Tensor::new(vec![7], values(7, 5, -1.0, 1.0)).unwrap());
         let g = &mut c.g;
-        let mut layer = |g: &mut Graph, x, w, b| {
+        let layer = |g: &mut Graph, x, w, b| {
             let h = g.add(Op::MatMul { trans_a: false, trans_b: false }, &[x, w], "").unwrap();
             let h = g.add(Op::Binary(BinaryOp::Add), &[h, b], "").unwrap();
             g.add(Op::Unary(UnaryOp::Relu), &[h], "").unwrap()
