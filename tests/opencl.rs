@@ -11,9 +11,6 @@
 mod common;
 use common::*;
 use mdl_runtime::backend::opencl::{self, OpenCl};
-use mdl_runtime::backend::{Executor, Interp};
-use mdl_runtime::exec::Mode;
-use mdl_runtime::{autodiff, passes};
 use std::process::Command;
 use std::time::Instant;
 
@@ -50,30 +47,7 @@ fn opencl_agrees_with_interp_on_every_spec() {
         return;
     }
     let mut exec = OpenCl::new(None).unwrap();
-    for path in shipped_specs() {
-        let c = compile(&path);
-        let loss = c.graph.outputs["loss"];
-        let wrt: Vec<String> = c.graph.params.iter().map(|p| p.name.clone()).collect();
-        let g = passes::optimize(&autodiff::differentiate(&c.graph, loss, &wrt).unwrap());
-        let binding = small_binding(&g, 128);
-        let mut rng = Lcg(5);
-        let feeds = random_feeds::<f32>(&c, &binding, &mut rng);
-        let params = random_params::<f32>(&g, &binding, 0.3, &mut rng);
-        let mode = Mode::train(3, 1);
-        let a = Interp.run(&g, &binding, &feeds, &params, &mode).unwrap();
-        let b = exec.run(&g, &binding, &feeds, &params, &mode).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let (la, lb) = (a.scalar("loss").unwrap(), b.scalar("loss").unwrap());
-        assert!((la - lb).abs() <= 1e-5 * la.abs().max(1.0), "{}: loss interp {la} opencl {lb}", path.display());
-        for p in &c.graph.params {
-            let name = format!("grad/{}", p.name);
-            let ga = a.output(&name).unwrap().to_dense().unwrap();
-            let gb = b.output(&name).unwrap().to_dense().unwrap();
-            let scale = ga.data.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-            for (x, y) in ga.data.iter().zip(&gb.data) {
-                assert!((x - y).abs() <= 5e-4 * scale, "{}: {name}: interp {x} opencl {y} (scale {scale})", path.display());
-            }
-        }
-    }
+    assert_agrees_with_interp_on_every_spec("opencl", 1e-5, &mut [&mut exec]);
 }
 
 #[test]

@@ -121,3 +121,39 @@ pub fn random_params<T: Float>(g: &Graph, binding: &Binding, scale: f64, rng: &m
         })
         .collect()
 }
+
+/// Every shipped spec's training graph on each of `execs` against interp, at batch 128
+/// with random feeds and parameters (scale 0.3): the loss within `loss_tol` relative, and
+/// every parameter gradient within 5e-4 relative to its largest entry. `label` names the
+/// backend in messages.
+pub fn assert_agrees_with_interp_on_every_spec(label: &str, loss_tol: f32, execs: &mut [&mut dyn mdl_runtime::backend::Executor]) {
+    use mdl_runtime::backend::{Executor, Interp};
+    use mdl_runtime::exec::Mode;
+    use mdl_runtime::{autodiff, passes};
+    for path in shipped_specs() {
+        let c = compile(&path);
+        let loss = c.graph.outputs["loss"];
+        let wrt: Vec<String> = c.graph.params.iter().map(|p| p.name.clone()).collect();
+        let g = passes::optimize(&autodiff::differentiate(&c.graph, loss, &wrt).unwrap());
+        let binding = small_binding(&g, 128);
+        let mut rng = Lcg(5);
+        let feeds = random_feeds::<f32>(&c, &binding, &mut rng);
+        let params = random_params::<f32>(&g, &binding, 0.3, &mut rng);
+        let mode = Mode::train(3, 1);
+        let a = Interp.run(&g, &binding, &feeds, &params, &mode).unwrap();
+        for other in execs.iter_mut() {
+            let b = other.run(&g, &binding, &feeds, &params, &mode).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let (la, lb) = (a.scalar("loss").unwrap(), b.scalar("loss").unwrap());
+            assert!((la - lb).abs() <= loss_tol * la.abs().max(1.0), "{}: loss interp {la} {label} {lb}", path.display());
+            for p in &c.graph.params {
+                let name = format!("grad/{}", p.name);
+                let ga = a.output(&name).unwrap().to_dense().unwrap();
+                let gb = b.output(&name).unwrap().to_dense().unwrap();
+                let scale = ga.data.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+                for (x, y) in ga.data.iter().zip(&gb.data) {
+                    assert!((x - y).abs() <= 5e-4 * scale, "{}: {name}: interp {x} {label} {y} (scale {scale})", path.display());
+                }
+            }
+        }
+    }
+}

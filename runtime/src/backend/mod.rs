@@ -68,6 +68,72 @@ pub fn op_kind(op: &Op) -> String {
     op.name().split_whitespace().next().unwrap_or("").to_string()
 }
 
+/// The plans a backend made for the graphs it ran last, most recent first (training
+/// alternates two: the train and the eval graph). A graph is recognised by value: the
+/// same nodes (ops, operands, signatures) in the same order and the same parameter, input
+/// and output tables, which is O(nodes) comparisons and no allocation per run; a graph
+/// rebuilt or changed between runs gets a new plan, never a stale one.
+#[derive(Debug)]
+pub(crate) struct PlanCache<P> {
+    entries: Vec<(crate::ir::graph::Graph, P)>,
+}
+
+impl<P> Default for PlanCache<P> {
+    fn default() -> PlanCache<P> {
+        PlanCache { entries: Vec::new() }
+    }
+}
+
+impl<P> PlanCache<P> {
+    /// How many plans are kept.
+    const KEPT: usize = 4;
+
+    /// Puts the plan of `graph` first; `false` when there is none (then [`insert`] one).
+    ///
+    /// [`insert`]: PlanCache::insert
+    pub fn promote(&mut self, graph: &crate::ir::graph::Graph) -> bool {
+        let same = |a: &crate::ir::graph::Graph| {
+            a.len() == graph.len()
+                && a.outputs == graph.outputs
+                && a.params == graph.params
+                && a.inputs == graph.inputs
+                && a.ids().all(|id| a.node(id) == graph.node(id))
+        };
+        match self.entries.iter().position(|(g, _)| same(g)) {
+            Some(i) => {
+                let entry = self.entries.remove(i);
+                self.entries.insert(0, entry);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Puts `plan`, made for `graph`, first (dropping the least recent beyond a few).
+    pub fn insert(&mut self, graph: &crate::ir::graph::Graph, plan: P) {
+        self.entries.insert(0, (graph.clone(), plan));
+        self.entries.truncate(Self::KEPT);
+    }
+
+    /// The most recent plan (after [`promote`] or [`insert`]); `None` when empty.
+    ///
+    /// [`promote`]: PlanCache::promote
+    /// [`insert`]: PlanCache::insert
+    pub fn first(&self) -> Option<&P> {
+        self.entries.first().map(|(_, p)| p)
+    }
+
+    /// How many plans are kept now (for the OpenCL executor's `Debug`).
+    #[cfg_attr(not(feature = "opencl"), allow(dead_code))]
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+}
+
 /// The values a run produced, by node and by output name. Which nodes are kept depends on
 /// how the graph was run (`interp::run` keeps the named outputs, `interp::run_keep_all`
 /// every node).

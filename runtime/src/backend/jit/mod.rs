@@ -36,7 +36,7 @@ mod math;
 pub mod pool;
 
 use super::interp::{execute, Evaluator, Lifetimes, Operands};
-use super::{op_kind, ExecError, Executor, Mode, OpProfile, Values};
+use super::{op_kind, ExecError, Executor, Mode, OpProfile, PlanCache, Values};
 use crate::exec::EvalCx;
 use crate::ir::dim::{eval_shape, Binding};
 use crate::ir::graph::{Graph, NodeId};
@@ -47,31 +47,15 @@ use crate::tensor::{Tensor, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// How many fused plans (graphs) an executor keeps: training uses two (the train and the
-/// eval graph).
-const PLAN_CACHE: usize = 4;
-
-/// A graph as the jit runs it: `source` is the caller's graph (kept to recognise it),
-/// `fused` the same graph after the fusion pass, `lifetimes` those of `fused` (computed
-/// once, used every run).
+/// A graph as the jit runs it: `fused` is the caller's graph after the fusion pass,
+/// `lifetimes` those of `fused` (computed once, used every run).
 #[derive(Debug)]
 struct Plan {
-    source: Graph,
     fused: Graph,
     lifetimes: Lifetimes,
     /// The nodes computed by the embedding-bag kernels ([`bag`]), which read other
     /// operands than their inputs (as `lifetimes` records).
     bags: HashMap<NodeId, bag::Kernel>,
-}
-
-/// Whether two graphs are the same graph: the same nodes (ops, operands, signatures) in
-/// the same order and the same parameter, input and output tables.
-fn same_graph(a: &Graph, b: &Graph) -> bool {
-    a.len() == b.len()
-        && a.outputs == b.outputs
-        && a.params == b.params
-        && a.inputs == b.inputs
-        && a.ids().all(|id| a.node(id) == b.node(id))
 }
 
 /// The fast CPU executor.
@@ -83,8 +67,8 @@ pub struct Jit {
     /// Run the fusion pass and the Cranelift kernels (on by default).
     fusion: bool,
     codegen: codegen::Options,
-    /// Fused plans of recently run graphs, most recent first.
-    plans: Vec<Plan>,
+    /// Fused plans of recently run graphs.
+    plans: PlanCache<Plan>,
     /// Buffers of freed values, reused by later ops and later runs ([`pool`]).
     pool: pool::Pool,
 }
@@ -108,7 +92,7 @@ impl Jit {
             profile: OpProfile::default(),
             fusion: true,
             codegen: codegen::Options::default(),
-            plans: Vec::new(),
+            plans: PlanCache::default(),
             pool: pool::Pool::default(),
         }
     }
@@ -128,23 +112,15 @@ impl Jit {
         self
     }
 
-    /// Puts the fused plan of `graph` first in `plans`, making it on first sight. A graph is
-    /// recognised by value ([`same_graph`]: O(nodes) comparisons, no allocation), so a
-    /// graph rebuilt or changed between calls gets a new plan, never a stale one.
-    fn plan(&mut self, graph: &Graph) {
-        match self.plans.iter().position(|p| same_graph(&p.source, graph)) {
-            Some(i) => {
-                let p = self.plans.remove(i);
-                self.plans.insert(0, p);
-            }
-            None => {
-                let fused = if self.fusion { crate::fuse::fuse_elementwise(graph) } else { graph.clone() };
-                let (reads, bags) = bag::find(&fused);
-                let lifetimes = Lifetimes::with_reads(&fused, false, &reads);
-                self.plans.insert(0, Plan { source: graph.clone(), fused, lifetimes, bags });
-                self.plans.truncate(PLAN_CACHE);
-            }
+    /// The fused plan of `graph`, made on first sight ([`PlanCache`]).
+    fn plan(&mut self, graph: &Graph) -> &Plan {
+        if !self.plans.promote(graph) {
+            let fused = if self.fusion { crate::fuse::fuse_elementwise(graph) } else { graph.clone() };
+            let (reads, bags) = bag::find(&fused);
+            let lifetimes = Lifetimes::with_reads(&fused, false, &reads);
+            self.plans.insert(graph, Plan { fused, lifetimes, bags });
         }
+        self.plans.first().expect("a plan was just found or made")
     }
 
     pub fn threads(&self) -> usize {
@@ -258,15 +234,15 @@ impl Executor for Jit {
     /// The fused plan of `graph`, and every fused kernel compiled for the operand shapes
     /// `binding` gives (a kernel that cannot be compiled runs on its eval rule, as in `run`).
     fn prepare(&mut self, graph: &Graph, binding: &Binding) -> Result<(), ExecError> {
-        self.plan(graph);
-        let fused = &self.plans[0].fused;
+        let codegen = self.codegen;
+        let fused = &self.plan(graph).fused;
         let shape = |id: NodeId| eval_shape(&fused.node(id).sig.shape, binding).map_err(|message| ExecError::Size { message });
         for id in fused.ids() {
             let node = fused.node(id);
             if let Op::Fused(kernel) = &node.op {
                 let shapes = node.inputs.iter().map(|&i| shape(i)).collect::<Result<Vec<_>, _>>()?;
                 let shapes: Vec<&[usize]> = shapes.iter().map(|s| s.as_slice()).collect();
-                let _ = codegen::precompile(kernel, &shapes, &shape(id)?, self.codegen);
+                let _ = codegen::precompile(kernel, &shapes, &shape(id)?, codegen);
             }
         }
         Ok(())
@@ -282,7 +258,7 @@ impl Executor for Jit {
     ) -> Result<Values<f32>, ExecError> {
         self.plan(graph);
         let Jit { plans, profile, pool, threads, codegen, fusion, .. } = self;
-        let plan = &plans[0];
+        let plan = plans.first().expect("a plan was just made");
         let mut eval = JitEval { threads: *threads, options: *codegen, profile: profile.recording(), pool, bags: &plan.bags };
         let values = execute(&plan.fused, &plan.lifetimes, binding, feeds, params, mode, &mut eval);
         pool.end_run();

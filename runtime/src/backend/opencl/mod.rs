@@ -39,7 +39,7 @@
 pub mod render;
 
 use super::interp::{execute, Evaluator, Lifetimes, Operands};
-use super::{op_kind, ExecError, Executor, Mode, OpProfile, Values};
+use super::{op_kind, ExecError, Executor, Mode, OpProfile, PlanCache, Values};
 use crate::exec::EvalCx;
 use crate::ir::dim::Binding;
 use crate::ir::graph::{Graph, NodeId};
@@ -52,8 +52,6 @@ use ocl::{Buffer, Context, Device, Kernel, Platform, Program, Queue};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// How many fused plans (graphs) an executor keeps (training uses two: train and eval).
-const PLAN_CACHE: usize = 4;
 
 /// The error when no platform is installed.
 pub const NO_PLATFORM: &str = "no OpenCL platform found; install an ICD such as pocl-opencl-icd";
@@ -157,11 +155,10 @@ pub fn default_device() -> Result<usize, String> {
     Ok(all.iter().find(|d| d.kind == "GPU").map_or(0, |d| d.index))
 }
 
-/// A graph as the backend runs it: the caller's graph (kept to recognise it), the fused
-/// graph, the name of each distinct fused kernel in the plan's program, the program's
-/// source, and the parameters some device kernel reads.
+/// A graph as the backend runs it: the fused graph, the name of each distinct fused
+/// kernel in the plan's program, the program's source, and the parameters some device
+/// kernel reads.
 struct Plan {
-    source: Graph,
     fused: Graph,
     kernels: HashMap<FusedKernel, String>,
     program_source: String,
@@ -215,22 +212,13 @@ fn placement(fused: &Graph, kernels: &HashMap<FusedKernel, String>, lifetimes: &
     (on_device, device_only, device_read)
 }
 
-/// Whether two graphs are the same graph (same nodes in the same order, same tables).
-fn same_graph(a: &Graph, b: &Graph) -> bool {
-    a.len() == b.len()
-        && a.outputs == b.outputs
-        && a.params == b.params
-        && a.inputs == b.inputs
-        && a.ids().all(|id| a.node(id) == b.node(id))
-}
-
 /// The OpenCL executor.
 pub struct OpenCl {
     device: Device,
     summary: DeviceSummary,
     context: Context,
     queue: Queue,
-    plans: Vec<Plan>,
+    plans: PlanCache<Plan>,
     /// Built programs by source text.
     programs: HashMap<String, Program>,
     /// Device copies of parameters read by device kernels, by name.
@@ -279,7 +267,7 @@ impl OpenCl {
             summary,
             context,
             queue,
-            plans: Vec::new(),
+            plans: PlanCache::default(),
             programs: HashMap::new(),
             resident: HashMap::new(),
             profile: OpProfile::default(),
@@ -306,9 +294,7 @@ impl OpenCl {
     /// Puts the plan of `graph` first in `plans`, making it (and building its program) on
     /// first sight.
     fn plan(&mut self, graph: &Graph) -> Result<(), ExecError> {
-        if let Some(i) = self.plans.iter().position(|p| same_graph(&p.source, graph)) {
-            let p = self.plans.remove(i);
-            self.plans.insert(0, p);
+        if self.plans.promote(graph) {
             return Ok(());
         }
         let fused = crate::fuse::fuse_elementwise(graph);
@@ -341,8 +327,7 @@ impl OpenCl {
                 }
             }
         }
-        self.plans.insert(0, Plan { source: graph.clone(), fused, kernels, program_source, device_params, lifetimes, on_device, device_only, device_read });
-        self.plans.truncate(PLAN_CACHE);
+        self.plans.insert(graph, Plan { fused, kernels, program_source, device_params, lifetimes, on_device, device_only, device_read });
         Ok(())
     }
 
@@ -375,7 +360,7 @@ impl OpenCl {
         params: &HashMap<String, Tensor<f32>>,
     ) -> Result<HashMap<usize, Buffer<f32>>, ExecError> {
         let mut by_addr = HashMap::new();
-        let names = self.plans[0].device_params.clone();
+        let names = self.plans.first().map(|p| p.device_params.clone()).unwrap_or_default();
         for name in &names {
             let Some(t) = params.get(name) else { continue };
             if t.data.is_empty() {
@@ -824,7 +809,7 @@ impl Executor for OpenCl {
         self.plan(graph)?;
         let resident = self.refresh_params(params)?;
         let OpenCl { plans, programs, queue, profile, read_back, .. } = self;
-        let plan = &plans[0];
+        let plan = plans.first().ok_or_else(|| cl_err("plan", "not made"))?;
         let program = programs.get(&plan.program_source).ok_or_else(|| cl_err("program", "not built"))?;
         let dev = DeviceRun { queue, program, kernels: &plan.kernels, params: &resident };
         let mut evaluator = DeviceEval { dev, plan, resident: HashMap::new(), profile: profile.recording(), read_back: Default::default() };
