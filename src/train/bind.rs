@@ -122,7 +122,8 @@ impl InputBinding {
             if !model.features.iter().any(|f| &f.name == g.name()) {
                 let names: Vec<&str> = model.features.iter().map(|f| f.name.as_str()).collect();
                 errors.push(format!(
-                    "schema group `{}` is not an input of the spec (its inputs: {})",
+                    "schema group `{}` is not an input of the spec (its inputs: {}); drop the group from the experiment's \
+                     `data.schema.features` (a list replaces its base's whole), or declare it as an input of the spec",
                     g.name(),
                     names.join(", ")
                 ));
