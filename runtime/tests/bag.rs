@@ -16,15 +16,14 @@
 //!   the threads and summed in two parts), and one lazy Adam step from either gives the
 //!   same tables.
 
+mod common;
+use common::dims;
 use mdl_runtime::backend::{jit::Jit, Executor, Interp};
 use mdl_runtime::optim::{OptimConfig, OptimKind, Optimizer};
-use mdl_runtime::{differentiate, BinaryOp, Binding, DType, Dim, Graph, Init, Mode, Op, ReduceOp, Tensor, Value};
+use mdl_runtime::{differentiate, BinaryOp, Binding, DType, Graph, Init, Mode, Op, ReduceOp, Tensor, Value};
 use proptest::prelude::*;
 use std::collections::{BTreeSet, HashMap};
 
-fn dims(s: &[usize]) -> Vec<Dim> {
-    s.iter().map(|&d| Dim::lit(d as i64)).collect()
-}
 
 struct Rng(u64);
 

@@ -16,6 +16,8 @@
 //!   inline transcendentals, within 1e-5 of it (relative, or absolute below 1).
 //! - The inline transcendentals, swept over their range, stay within a few ulp of f64.
 
+mod common;
+use common::{BINARY, UNARY};
 use mdl_runtime::backend::jit::{codegen, Jit};
 use mdl_runtime::backend::{interp, Executor, Interp};
 use mdl_runtime::exec::{Arg, EvalCx, SplitMix64};
@@ -30,22 +32,6 @@ use std::sync::Arc;
 /// The ops [`codegen::Options::inline_math`] computes as polynomials.
 const TRANSCENDENTAL: [UnaryOp; 5] = [UnaryOp::Exp, UnaryOp::Log, UnaryOp::Tanh, UnaryOp::Sigmoid, UnaryOp::Softplus];
 
-const UNARY: [UnaryOp; 12] = [
-    UnaryOp::Neg,
-    UnaryOp::Exp,
-    UnaryOp::Log,
-    UnaryOp::Sqrt,
-    UnaryOp::Recip,
-    UnaryOp::Relu,
-    UnaryOp::Sigmoid,
-    UnaryOp::Tanh,
-    UnaryOp::Softplus,
-    UnaryOp::Abs,
-    UnaryOp::Step,
-    UnaryOp::Sign,
-];
-const BINARY: [BinaryOp; 8] =
-    [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max, BinaryOp::Min, BinaryOp::Gt, BinaryOp::Eq];
 
 fn same(x: f32, y: f32) -> bool {
     x == y || (x.is_nan() && y.is_nan())

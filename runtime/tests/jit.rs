@@ -4,27 +4,15 @@
 //! elementwise for elementwise ops; for MatMul 1e-5 * k * max|a| * max|b| (GEMM sums in
 //! another order).
 
+mod common;
+use common::{dims, values};
 use mdl_runtime::backend::{jit::Jit, Executor, Interp};
 use mdl_runtime::ir::dim::Binding;
 use mdl_runtime::{BinaryOp, DType, Dim, Graph, Init, Mode, Op, ReduceOp, Tensor, UnaryOp, Value};
 use proptest::prelude::*;
 use std::collections::HashMap;
 
-fn dims(s: &[usize]) -> Vec<Dim> {
-    s.iter().map(|&d| Dim::lit(d as i64)).collect()
-}
 
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 /// A graph with a parameter `p{i}` of each shape (random values, seeds from `seed`), its
 /// node ids and the values.
@@ -35,7 +23,7 @@ fn with_params(shapes: &[Vec<usize>], seed: u64) -> (Graph, Vec<mdl_runtime::Nod
     for (i, s) in shapes.iter().enumerate() {
         let name = format!("p{i}");
         ids.push(g.param(&name, dims(s), Init::Zeros, None, false));
-        params.insert(name, Tensor::new(s.clone(), values(s.iter().product(), i as u64 + seed)).unwrap());
+        params.insert(name, Tensor::new(s.clone(), values(s.iter().product(), i as u64 + seed, -1.0, 1.0)).unwrap());
     }
     (g, ids, params)
 }
@@ -153,9 +141,9 @@ fn taken_operands_and_pooled_buffers_agree_with_interp() {
     let mut jit = Jit::with_threads(2).with_exact_kernels(true);
     for run in 0..3u64 {
         let mut params = HashMap::new();
-        params.insert("p0".to_string(), Tensor::new(vec![64, 128], values(64 * 128, run + 1)).unwrap());
-        params.insert("p1".to_string(), Tensor::new(vec![64, 2, 32], values(64 * 64, run + 11)).unwrap());
-        params.insert("table".to_string(), Tensor::new(vec![300, 32], values(300 * 32, run + 21)).unwrap());
+        params.insert("p0".to_string(), Tensor::new(vec![64, 128], values(64 * 128, run + 1, -1.0, 1.0)).unwrap());
+        params.insert("p1".to_string(), Tensor::new(vec![64, 2, 32], values(64 * 64, run + 11, -1.0, 1.0)).unwrap());
+        params.insert("table".to_string(), Tensor::new(vec![300, 32], values(300 * 32, run + 21, -1.0, 1.0)).unwrap());
         let id_data: Vec<u32> = (0..128u32).map(|i| (i * 7 + run as u32 * 13) % 300).collect();
         let feeds: HashMap<String, Value<f32>> =
             [("ids".to_string(), Value::Ids(Tensor::new(vec![64, 2], id_data).unwrap()))].into_iter().collect();
@@ -195,7 +183,7 @@ fn gather_rows_agree_and_an_id_out_of_range_is_the_same_error() {
         let out = g.add(Op::Gather, &[table, ids], "").unwrap();
         g.outputs.insert("out".into(), out);
         let params: HashMap<String, Tensor<f32>> =
-            [("t".to_string(), Tensor::new(vec![rows, width], values(rows * width, 3)).unwrap())].into_iter().collect();
+            [("t".to_string(), Tensor::new(vec![rows, width], values(rows * width, 3, -1.0, 1.0)).unwrap())].into_iter().collect();
         let b = Binding::new();
         for bad in [false, true] {
             let id_data: Vec<u32> = (0..n as u32).map(|i| if bad && i == n as u32 - 1 { rows as u32 } else { (i * 31) % rows as u32 }).collect();
@@ -302,7 +290,7 @@ proptest! {
     /// agree with interp.
     #[test]
     fn group_products_equal_interp(rows in 1usize..300, k in 1usize..24, n in 1usize..24, groups in 1usize..6, trans_w: bool, sorted: bool, seed in 0u64..1000) {
-        let mut idx: Vec<u32> = values(rows, seed).iter().map(|v| ((v + 1.0) * 0.5 * groups as f32) as u32 % groups as u32).collect();
+        let mut idx: Vec<u32> = values(rows, seed, -1.0, 1.0).iter().map(|v| ((v + 1.0) * 0.5 * groups as f32) as u32 % groups as u32).collect();
         if sorted {
             idx.sort();
         }

@@ -15,6 +15,9 @@
 //! makes that a failure (CI sets it after installing PoCL).
 #![cfg(feature = "opencl")]
 
+mod common;
+use common::{dims, values, BINARY, UNARY};
+
 use mdl_runtime::backend::opencl::{self, OpenCl};
 use mdl_runtime::backend::{Executor, Interp, Values};
 use mdl_runtime::ir::dim::Binding;
@@ -24,22 +27,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-const UNARY: [UnaryOp; 12] = [
-    UnaryOp::Neg,
-    UnaryOp::Exp,
-    UnaryOp::Log,
-    UnaryOp::Sqrt,
-    UnaryOp::Recip,
-    UnaryOp::Relu,
-    UnaryOp::Sigmoid,
-    UnaryOp::Tanh,
-    UnaryOp::Softplus,
-    UnaryOp::Abs,
-    UnaryOp::Step,
-    UnaryOp::Sign,
-];
-const BINARY: [BinaryOp; 8] =
-    [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max, BinaryOp::Min, BinaryOp::Gt, BinaryOp::Eq];
 
 /// The executor on the default device, or `None` (after printing why) when the machine has
 /// no OpenCL platform and `MDL_REQUIRE_OPENCL` is not `1`. PoCL's kernel cache goes under
@@ -73,22 +60,7 @@ fn setup() {
     });
 }
 
-fn dims(s: &[usize]) -> Vec<Dim> {
-    s.iter().map(|&d| Dim::lit(d as i64)).collect()
-}
 
-/// Deterministic values in [lo, hi).
-fn values(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            lo + (hi - lo) * ((x >> 40) as f32 / (1u64 << 24) as f32)
-        })
-        .collect()
-}
 
 /// Values with the special cases of each op mixed in (zeros of both signs, infinities,
 /// NaN, large and tiny magnitudes).

@@ -1,5 +1,6 @@
 //! Shared helpers for the runtime's integration tests: building small graphs with random
-//! values, and the finite-difference gradient check.
+//! values, the finite-difference gradient check, every elementwise op, and deterministic
+//! values for backend agreement tests.
 #![allow(dead_code)]
 
 use mdl_runtime::backend::interp;
@@ -265,4 +266,29 @@ pub fn model(c: &mut Case) -> NodeId {
     c.graph.outputs.insert("loss".into(), loss);
     c.graph.outputs.insert("logit".into(), z);
     loss
+}
+
+/// Every unary op.
+pub const UNARY: [mdl_runtime::UnaryOp; 12] = {
+    use mdl_runtime::UnaryOp::*;
+    [Neg, Exp, Log, Sqrt, Recip, Relu, Sigmoid, Tanh, Softplus, Abs, Step, Sign]
+};
+
+/// Every binary op.
+pub const BINARY: [mdl_runtime::BinaryOp; 8] = {
+    use mdl_runtime::BinaryOp::*;
+    [Add, Sub, Mul, Div, Max, Min, Gt, Eq]
+};
+
+/// Deterministic values in [lo, hi) (xorshift from `seed`).
+pub fn values(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            lo + (hi - lo) * ((x >> 40) as f32 / (1u64 << 24) as f32)
+        })
+        .collect()
 }
