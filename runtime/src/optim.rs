@@ -215,20 +215,21 @@ impl<T: Float> Slots<T> {
     }
 }
 
-/// The constants of one step for one class of parameters (tables or the rest), in `T`.
+/// The constants of one step for one class of parameters (tables or the rest), in `T`:
+/// what an update kernel reads besides the parameter, its gradient and its state.
 #[derive(Clone, Copy, Debug)]
-struct StepCoeffs<T> {
-    lr: T,
-    l2: T,
+pub struct StepCoeffs<T> {
+    pub lr: T,
+    pub l2: T,
     /// Adam: `lr / (1 − β1ᵗ)`.
-    adam_step_size: T,
+    pub adam_step_size: T,
     /// Adam: `1 / sqrt(1 − β2ᵗ)`.
-    adam_inv_sqrt_bias2: T,
-    beta1: T,
-    one_minus_beta1: T,
-    beta2: T,
-    one_minus_beta2: T,
-    eps: T,
+    pub adam_inv_sqrt_bias2: T,
+    pub beta1: T,
+    pub one_minus_beta1: T,
+    pub beta2: T,
+    pub one_minus_beta2: T,
+    pub eps: T,
 }
 
 impl<T: Float> StepCoeffs<T> {
@@ -290,20 +291,70 @@ fn adagrad_update<T: Float>(w: &mut [T], g: &[T], accum: &mut [T], c: &StepCoeff
     }
 }
 
-/// Applies the rule to `w[range]` given that range's gradient.
-fn update_range<T: Float>(
-    w: &mut [T],
-    slots: Option<&mut Slots<T>>,
-    range: std::ops::Range<usize>,
-    g: &[T],
-    c: &StepCoeffs<T>,
-) {
-    match slots {
-        None => sgd_update(&mut w[range], g, c),
-        Some(Slots::Adam { m, v }) => {
-            adam_update(&mut w[range.clone()], g, &mut m.data[range.clone()], &mut v.data[range], c)
+/// The state of one parameter as an update kernel writes it, each slot in the
+/// parameter's layout.
+#[derive(Debug)]
+pub enum SlotsMut<'a, T> {
+    Sgd,
+    Adam { m: &'a mut [T], v: &'a mut [T] },
+    Adagrad { accum: &'a mut [T] },
+}
+
+impl<T> SlotsMut<'_, T> {
+    /// The same slots, reborrowed (to hand them on and use them again).
+    pub fn reborrow(&mut self) -> SlotsMut<'_, T> {
+        match self {
+            SlotsMut::Sgd => SlotsMut::Sgd,
+            SlotsMut::Adam { m, v } => SlotsMut::Adam { m, v },
+            SlotsMut::Adagrad { accum } => SlotsMut::Adagrad { accum },
         }
-        Some(Slots::Adagrad { accum }) => adagrad_update(&mut w[range.clone()], g, &mut accum.data[range], c),
+    }
+}
+
+fn slots_mut<T>(slots: Option<&mut Slots<T>>) -> SlotsMut<'_, T> {
+    match slots {
+        None => SlotsMut::Sgd,
+        Some(Slots::Adam { m, v }) => SlotsMut::Adam { m: &mut m.data, v: &mut v.data },
+        Some(Slots::Adagrad { accum }) => SlotsMut::Adagrad { accum: &mut accum.data },
+    }
+}
+
+/// Applies the rule to `w[range]` given that range's gradient.
+fn update_range<T: Float>(w: &mut [T], slots: &mut SlotsMut<'_, T>, range: std::ops::Range<usize>, g: &[T], c: &StepCoeffs<T>) {
+    match slots {
+        SlotsMut::Sgd => sgd_update(&mut w[range], g, c),
+        SlotsMut::Adam { m, v } => adam_update(&mut w[range.clone()], g, &mut m[range.clone()], &mut v[range], c),
+        SlotsMut::Adagrad { accum } => adagrad_update(&mut w[range.clone()], g, &mut accum[range], c),
+    }
+}
+
+/// Where one parameter's update runs: [`HostLoops`] (this module's loops, the reference)
+/// or a backend's compiled kernels. An implementation computes exactly the rule of the
+/// module docs, element by element in the same operation order, on the parameter `w`,
+/// its `slots` and its checked gradient (dense of `w`'s length, or row-sparse with rows
+/// inside the table and `rows × width` values); a row-sparse gradient's rows are
+/// combined as [`for_each_combined_row`] combines them.
+pub trait UpdateKernels<T> {
+    fn apply(&self, w: &mut [T], slots: SlotsMut<'_, T>, grad: &Value<T>, coeffs: &StepCoeffs<T>);
+}
+
+/// The update loops of this module, on the calling thread.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostLoops;
+
+impl<T: Float> UpdateKernels<T> for HostLoops {
+    fn apply(&self, w: &mut [T], mut slots: SlotsMut<'_, T>, grad: &Value<T>, c: &StepCoeffs<T>) {
+        match grad {
+            Value::Dense(g) => update_range(w, &mut slots, 0..w.len(), &g.data, c),
+            Value::Ids(_) => {}
+            Value::RowSparse { shape, rows, values } => {
+                let width = row_width(shape);
+                for_each_combined_row(rows, &values.data, width, |row, g| {
+                    let start = row as usize * width;
+                    update_range(w, &mut slots, start..start + width, g, c);
+                });
+            }
+        }
     }
 }
 
@@ -543,6 +594,21 @@ impl<T: Float> Optimizer<T> {
         frozen: &dyn Fn(&ParamInfo) -> bool,
         lr_scale: f64,
     ) -> Result<(), String> {
+        self.step_with(params, grads, info, frozen, lr_scale, &HostLoops)
+    }
+
+    /// [`Optimizer::step`] with each parameter's update carried out by `kernels` (a
+    /// backend's compiled update kernels); the checks, the state and the coefficients are
+    /// this optimizer's, so the result is the same as `step`'s.
+    pub fn step_with(
+        &mut self,
+        params: &mut HashMap<String, Tensor<T>>,
+        grads: &HashMap<String, Value<T>>,
+        info: &[ParamInfo],
+        frozen: &dyn Fn(&ParamInfo) -> bool,
+        lr_scale: f64,
+        kernels: &dyn UpdateKernels<T>,
+    ) -> Result<(), String> {
         if !(lr_scale.is_finite() && lr_scale >= 0.0) {
             return Err(format!("optimizer: lr_scale must be a finite number >= 0, not {}", lr_scale));
         }
@@ -574,8 +640,8 @@ impl<T: Float> Optimizer<T> {
                     self.slots.insert(update.name.to_string(), fresh);
                 }
             }
-            let slots = self.slots.get_mut(update.name);
-            apply_update(&mut param.data, slots, update.grad, coeffs);
+            let slots = slots_mut(self.slots.get_mut(update.name));
+            kernels.apply(&mut param.data, slots, update.grad, coeffs);
         }
         Ok(())
     }
@@ -721,21 +787,7 @@ impl<T: Float> Optimizer<T> {
     }
 }
 
-/// Updates one parameter's data (and state) from its gradient, which has been checked.
-fn apply_update<T: Float>(w: &mut [T], mut slots: Option<&mut Slots<T>>, grad: &Value<T>, c: &StepCoeffs<T>) {
-    match grad {
-        Value::Dense(g) => update_range(w, slots, 0..w.len(), &g.data, c),
-        Value::Ids(_) => {}
-        Value::RowSparse { shape, rows, values } => {
-            let width = row_width(shape);
-            for_each_combined_row(rows, &values.data, width, |row, g| {
-                let start = row as usize * width;
-                update_range(w, slots.as_deref_mut(), start..start + width, g, c);
-            });
-        }
-    }
-}
-
+/// The global step from its base-2¹⁶ digits ([`STEP_STATE_NAME`]).
 fn decode_step<T: Float>(tensor: &Tensor<T>) -> Result<u64, String> {
     if tensor.shape != [STEP_DIGITS] {
         return Err(format!(

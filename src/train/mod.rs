@@ -443,7 +443,7 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
                 if let Some(c) = exp.train.clip_norm {
                     clip_global_norm(&mut grads, c);
                 }
-                optimizer.step(&mut params, &grads, session.params(), &frozen, 1.0)?;
+                exec.update(&mut optimizer, &mut params, &grads, session.params(), &frozen, 1.0)?;
                 state.step += 1;
                 state.batch_in_epoch += 1;
                 state.loss_sum += loss;

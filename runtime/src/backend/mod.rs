@@ -225,6 +225,23 @@ pub trait Executor {
         Ok(())
     }
 
+    /// One optimizer step: [`Optimizer::step`] on `params` with `grads` (the arguments
+    /// are `step`'s). Backends with update kernels of their own run them; the results are
+    /// the reference optimizer's.
+    ///
+    /// [`Optimizer::step`]: crate::optim::Optimizer::step
+    fn update(
+        &mut self,
+        optimizer: &mut crate::optim::Optimizer<f32>,
+        params: &mut std::collections::HashMap<String, Tensor<f32>>,
+        grads: &std::collections::HashMap<String, Value<f32>>,
+        info: &[crate::ir::graph::ParamInfo],
+        frozen: &dyn Fn(&crate::ir::graph::ParamInfo) -> bool,
+        lr_scale: f64,
+    ) -> Result<(), String> {
+        optimizer.step(params, grads, info, frozen, lr_scale)
+    }
+
     /// Runs `graph` and keeps its named outputs.
     fn run(
         &mut self,

@@ -115,7 +115,7 @@ struct Key {
 
 /// The process-wide compiler and its cache of compiled kernels (failures are cached too,
 /// so a kernel that cannot be compiled is tried once).
-struct Compiler {
+pub(super) struct Compiler {
     module: JITModule,
     ctx: cranelift_codegen::Context,
     fctx: FunctionBuilderContext,
@@ -125,7 +125,7 @@ struct Compiler {
 
 static COMPILER: OnceLock<Result<Mutex<Compiler>, String>> = OnceLock::new();
 
-fn compiler() -> Result<&'static Mutex<Compiler>, String> {
+pub(super) fn compiler() -> Result<&'static Mutex<Compiler>, String> {
     COMPILER.get_or_init(|| Compiler::new().map(Mutex::new)).as_ref().map_err(|e| e.clone())
 }
 
@@ -162,6 +162,38 @@ impl Compiler {
         r
     }
 
+    /// Compiles one function of `params` pointer-sized parameters and no results into the
+    /// shared module, its body built by `build(builder, pointer type, has_fma)`; returns
+    /// its machine code, which lives for the rest of the process. For other kernel kinds
+    /// than fused ones (the optimizer updates, [`super::update`]), which keep their own
+    /// caches.
+    pub(super) fn compile_function(
+        &mut self,
+        name: &str,
+        params: usize,
+        build: impl FnOnce(&mut FunctionBuilder, Type, bool),
+    ) -> Result<*const u8, String> {
+        let ptr = self.module.target_config().pointer_type();
+        let mut sig = self.module.make_signature();
+        for _ in 0..params {
+            sig.params.push(AbiParam::new(ptr));
+        }
+        let id = self.module.declare_function(name, Linkage::Local, &sig).map_err(|e| format!("cranelift: {e}"))?;
+        self.ctx.func.signature = sig;
+        let config = self.module.target_config();
+        {
+            let mut b = FunctionBuilder::new(&mut self.ctx.func, &mut self.fctx);
+            build(&mut b, ptr, self.has_fma);
+            b.seal_all_blocks();
+            b.finalize(config);
+        }
+        let defined = self.module.define_function(id, &mut self.ctx).map_err(|e| format!("cranelift: {e:?}"));
+        self.module.clear_context(&mut self.ctx);
+        defined?;
+        self.module.finalize_definitions().map_err(|e| format!("cranelift: {e}"))?;
+        Ok(self.module.get_finalized_function(id))
+    }
+
     fn compile(&mut self, key: &Key) -> Result<KernelFn, String> {
         key.kernel.validate()?;
         if key.kernel.body.len() > MAX_BODY {
@@ -170,26 +202,8 @@ impl Compiler {
         if key.splat.len() != key.kernel.inputs {
             return Err("one splat flag per operand is needed".into());
         }
-        let ptr = self.module.target_config().pointer_type();
-        let mut sig = self.module.make_signature();
-        for _ in 0..6 {
-            sig.params.push(AbiParam::new(ptr));
-        }
         let name = format!("fused{}", self.cache.len());
-        let id = self.module.declare_function(&name, Linkage::Local, &sig).map_err(|e| format!("cranelift: {e}"))?;
-        self.ctx.func.signature = sig;
-        let config = self.module.target_config();
-        {
-            let mut b = FunctionBuilder::new(&mut self.ctx.func, &mut self.fctx);
-            Emitter::build(&mut b, key, self.has_fma, ptr);
-            b.seal_all_blocks();
-            b.finalize(config);
-        }
-        let defined = self.module.define_function(id, &mut self.ctx).map_err(|e| format!("cranelift: {e:?}"));
-        self.module.clear_context(&mut self.ctx);
-        defined?;
-        self.module.finalize_definitions().map_err(|e| format!("cranelift: {e}"))?;
-        let code = self.module.get_finalized_function(id);
+        let code = self.compile_function(&name, 6, |b, ptr, has_fma| Emitter::build(b, key, has_fma, ptr))?;
         // SAFETY: `code` is the finalized machine code of a function built above with the
         // signature of `KernelFn` (six pointer-sized integer parameters, no results) in the
         // host's default calling convention, which is `extern "C"`. The module is never

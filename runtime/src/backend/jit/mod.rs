@@ -34,12 +34,14 @@ mod kernels;
 mod layout;
 mod math;
 pub mod pool;
+mod update;
 
 use super::interp::{execute, Evaluator, Lifetimes, Operands};
 use super::{op_kind, ExecError, Executor, Mode, OpProfile, PlanCache, Values};
 use crate::exec::EvalCx;
 use crate::ir::dim::{eval_shape, Binding};
-use crate::ir::graph::{Graph, NodeId};
+use crate::ir::graph::{Graph, NodeId, ParamInfo};
+use crate::optim::Optimizer;
 use crate::exec::Arg;
 use crate::ops::fused::{FusedKernel, Instr, Reduction};
 use crate::ops::{self, Op, ReduceOp};
@@ -121,6 +123,12 @@ impl Jit {
             self.plans.insert(graph, Plan { fused, lifetimes, bags });
         }
         self.plans.first().expect("a plan was just found or made")
+    }
+
+    /// Whether the optimizer's update kernels compile on this host (`Err` with the reason
+    /// when not: the updates then run on the reference loops).
+    pub fn update_kernels() -> Result<(), String> {
+        update::compiled()
     }
 
     pub fn threads(&self) -> usize {
@@ -246,6 +254,20 @@ impl Executor for Jit {
             }
         }
         Ok(())
+    }
+
+    /// The update with `optim`'s rules compiled by Cranelift ([`update`]): the same
+    /// results as the reference loops, bit for bit, on both threads.
+    fn update(
+        &mut self,
+        optimizer: &mut Optimizer<f32>,
+        params: &mut HashMap<String, Tensor<f32>>,
+        grads: &HashMap<String, Value<f32>>,
+        info: &[ParamInfo],
+        frozen: &dyn Fn(&ParamInfo) -> bool,
+        lr_scale: f64,
+    ) -> Result<(), String> {
+        optimizer.step_with(params, grads, info, frozen, lr_scale, &update::Kernels { threads: self.threads })
     }
 
     fn run(

@@ -1,0 +1,309 @@
+//! The optimizer's update rules as Cranelift kernels ([`Kernels`], the jit's
+//! [`UpdateKernels`]): SGD, Adam and Adagrad over a dense parameter or over the touched rows
+//! of an embedding table, split over both threads when large.
+//!
+//! The rule itself, its coefficients and its state belong to [`crate::optim`]; this module
+//! only compiles the per-element arithmetic of `optim`'s loops, operation for operation
+//! (no fma contraction, IEEE `sqrt` and division), so a jit step leaves parameters and
+//! moments bit-identical to the reference optimizer's. One function per rule is compiled
+//! once per process:
+//!
+//! `fn(w, g, s1, s2, rows, n_rows, width, coeffs, first_row)` updates, for each `j <
+//! n_rows`, the `width` elements of row `rows[j] − first_row` of `w` and of the state slots
+//! `s1`, `s2` (Adam's `m` and `v`, Adagrad's accumulator) from row `j` of the compact
+//! gradient `g`, in F32X4 vectors and a scalar tail. `coeffs` holds the step's
+//! [`StepCoeffs`] as nine f32s in [`COEFFS`] order. A dense parameter is one row of its
+//! whole length (`rows = [0]`).
+
+use super::codegen::compiler;
+use crate::optim::{combine_duplicate_rows, SlotsMut, StepCoeffs, UpdateKernels};
+use crate::tensor::Value;
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{types, InstBuilder, MemFlagsData, Type, Value as ClValue};
+use cranelift_frontend::FunctionBuilder;
+use std::sync::OnceLock;
+
+/// Elements (rows × width) above which an update is split over two threads.
+const PARALLEL_WORK: usize = 1 << 16;
+
+/// How many coefficients a kernel reads (the fields of [`StepCoeffs`], in their order).
+const COEFFS: usize = 9;
+
+/// The rule a kernel computes (which slots it reads and writes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rule {
+    Sgd,
+    Adam,
+    Adagrad,
+}
+
+type UpdateFn = unsafe extern "C" fn(
+    w: *mut f32,
+    g: *const f32,
+    s1: *mut f32,
+    s2: *mut f32,
+    rows: *const u32,
+    n_rows: usize,
+    width: usize,
+    coeffs: *const f32,
+    first_row: usize,
+);
+
+/// The compiled kernel of `rule`, compiled on first use (`Err` when Cranelift cannot
+/// compile for this host; the caller then runs the reference loops).
+fn kernel(rule: Rule) -> Result<UpdateFn, String> {
+    static KERNELS: [OnceLock<Result<usize, String>>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    let slot = match rule {
+        Rule::Sgd => &KERNELS[0],
+        Rule::Adam => &KERNELS[1],
+        Rule::Adagrad => &KERNELS[2],
+    };
+    let code = slot.get_or_init(|| {
+        let mut c = compiler()?.lock().map_err(|_| "the kernel compiler is poisoned".to_string())?;
+        let name = format!("update_{rule:?}").to_lowercase();
+        c.compile_function(&name, 9, |b, ptr, _| build(b, rule, ptr)).map(|code| code as usize)
+    });
+    // SAFETY: the code was built by `build` with nine pointer-sized parameters and no
+    // results in the host's default (`extern "C"`) calling convention, which is the
+    // signature of `UpdateFn`; the module is never freed.
+    code.clone().map(|code| unsafe { std::mem::transmute::<usize, UpdateFn>(code) })
+}
+
+/// Whether every rule's kernel compiles on this host (else updates run on the reference
+/// loops); the first call compiles them.
+pub fn compiled() -> Result<(), String> {
+    [Rule::Sgd, Rule::Adam, Rule::Adagrad].into_iter().try_for_each(|r| kernel(r).map(|_| ()))
+}
+
+/// Emits the kernel of `rule` (see the module docs for its parameters).
+fn build(b: &mut FunctionBuilder, rule: Rule, ptr: Type) {
+    let entry = b.create_block();
+    b.append_block_params_for_function_params(entry);
+    b.switch_to_block(entry);
+    let p: Vec<ClValue> = b.block_params(entry).to_vec();
+    let (w, g, s1, s2, rows, n_rows, width, coeffs, first_row) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]);
+    let mem = MemFlagsData::new().with_notrap();
+    let mut scalar = [None; COEFFS];
+    let mut vector = [None; COEFFS];
+    for k in 0..COEFFS {
+        let s = b.ins().load(types::F32, mem, coeffs, 4 * k as i32);
+        scalar[k] = Some(s);
+        vector[k] = Some(b.ins().splat(types::F32X4, s));
+    }
+    let c = |ty: Type, k: usize| if ty == types::F32 { scalar[k].expect("loaded") } else { vector[k].expect("loaded") };
+
+    let j = b.declare_var(ptr);
+    let i = b.declare_var(ptr);
+    let (wp, gp, s1p, s2p) = (b.declare_var(ptr), b.declare_var(ptr), b.declare_var(ptr), b.declare_var(ptr));
+    let zero = b.ins().iconst(ptr, 0);
+    b.def_var(j, zero);
+    let [row_head, row_body, v_head, v_body, t_head, t_body, row_end, exit] = [(); 8].map(|_| b.create_block());
+    b.ins().jump(row_head, &[]);
+
+    // for j in 0..n_rows: the row's pointers.
+    b.switch_to_block(row_head);
+    let jv = b.use_var(j);
+    let more = b.ins().icmp(IntCC::UnsignedLessThan, jv, n_rows);
+    b.ins().brif(more, row_body, &[], exit, &[]);
+    b.switch_to_block(row_body);
+    let jv = b.use_var(j);
+    let at = b.ins().ishl_imm_u(jv, 2);
+    let at = b.ins().iadd(rows, at);
+    let row = b.ins().load(types::I32, mem, at, 0);
+    let row = if ptr == types::I32 { row } else { b.ins().uextend(ptr, row) };
+    let row = b.ins().isub(row, first_row);
+    let elem = b.ins().imul(row, width);
+    let bytes = b.ins().ishl_imm_u(elem, 2);
+    for (var, base) in [(wp, w), (s1p, s1), (s2p, s2)] {
+        let a = b.ins().iadd(base, bytes);
+        b.def_var(var, a);
+    }
+    let gelem = b.ins().imul(jv, width);
+    let gbytes = b.ins().ishl_imm_u(gelem, 2);
+    let ga = b.ins().iadd(g, gbytes);
+    b.def_var(gp, ga);
+    b.def_var(i, zero);
+    b.ins().jump(v_head, &[]);
+
+    // Four elements at a time, then one.
+    for (head, body, step, next) in [(v_head, v_body, 4i64, t_head), (t_head, t_body, 1, row_end)] {
+        b.switch_to_block(head);
+        let iv = b.use_var(i);
+        let left = b.ins().isub(width, iv);
+        let fits = b.ins().icmp_imm_u(IntCC::UnsignedGreaterThanOrEqual, left, step);
+        b.ins().brif(fits, body, &[], next, &[]);
+        b.switch_to_block(body);
+        let ty = if step == 1 { types::F32 } else { types::F32X4 };
+        let iv = b.use_var(i);
+        let off = b.ins().ishl_imm_u(iv, 2);
+        let [wa, ga, s1a, s2a] = [wp, gp, s1p, s2p].map(|v| {
+            let base = b.use_var(v);
+            b.ins().iadd(base, off)
+        });
+        let wv = b.ins().load(ty, mem, wa, 0);
+        let gv = b.ins().load(ty, mem, ga, 0);
+        // g ← g + l2·w
+        let l2w = b.ins().fmul(c(ty, 1), wv);
+        let gv = b.ins().fadd(gv, l2w);
+        let new_w = match rule {
+            Rule::Sgd => {
+                let d = b.ins().fmul(c(ty, 0), gv);
+                b.ins().fsub(wv, d)
+            }
+            Rule::Adam => {
+                let (m, v) = (b.ins().load(ty, mem, s1a, 0), b.ins().load(ty, mem, s2a, 0));
+                let (x, y) = (b.ins().fmul(c(ty, 4), m), b.ins().fmul(c(ty, 5), gv));
+                let m = b.ins().fadd(x, y);
+                let x = b.ins().fmul(c(ty, 6), v);
+                let y = b.ins().fmul(c(ty, 7), gv);
+                let y = b.ins().fmul(y, gv);
+                let v = b.ins().fadd(x, y);
+                b.ins().store(mem, m, s1a, 0);
+                b.ins().store(mem, v, s2a, 0);
+                let root = b.ins().sqrt(v);
+                let root = b.ins().fmul(root, c(ty, 3));
+                let den = b.ins().fadd(root, c(ty, 8));
+                let num = b.ins().fmul(c(ty, 2), m);
+                let d = b.ins().fdiv(num, den);
+                b.ins().fsub(wv, d)
+            }
+            Rule::Adagrad => {
+                let a = b.ins().load(ty, mem, s1a, 0);
+                let sq = b.ins().fmul(gv, gv);
+                let a = b.ins().fadd(a, sq);
+                b.ins().store(mem, a, s1a, 0);
+                let root = b.ins().sqrt(a);
+                let den = b.ins().fadd(root, c(ty, 8));
+                let num = b.ins().fmul(c(ty, 0), gv);
+                let d = b.ins().fdiv(num, den);
+                b.ins().fsub(wv, d)
+            }
+        };
+        b.ins().store(mem, new_w, wa, 0);
+        let iv = b.ins().iadd_imm_s(iv, step);
+        b.def_var(i, iv);
+        b.ins().jump(head, &[]);
+    }
+
+    b.switch_to_block(row_end);
+    let jv = b.use_var(j);
+    let jv = b.ins().iadd_imm_s(jv, 1);
+    b.def_var(j, jv);
+    b.ins().jump(row_head, &[]);
+
+    b.switch_to_block(exit);
+    b.ins().return_(&[]);
+}
+
+/// The jit's update kernels: `optim`'s rules compiled, over `threads` threads.
+#[derive(Clone, Copy, Debug)]
+pub struct Kernels {
+    pub threads: usize,
+}
+
+/// The slots of one run of rows: two state pointers (null when the rule keeps none).
+struct Run<'a> {
+    w: &'a mut [f32],
+    s1: Option<&'a mut [f32]>,
+    s2: Option<&'a mut [f32]>,
+}
+
+impl Run<'_> {
+    /// `(w[at..], s1[at..], s2[at..])` and the part before `at`.
+    fn split_at(self, at: usize) -> (Self, Self) {
+        let (w0, w1) = self.w.split_at_mut(at);
+        let (a0, a1) = match self.s1 {
+            Some(s) => {
+                let (x, y) = s.split_at_mut(at);
+                (Some(x), Some(y))
+            }
+            None => (None, None),
+        };
+        let (b0, b1) = match self.s2 {
+            Some(s) => {
+                let (x, y) = s.split_at_mut(at);
+                (Some(x), Some(y))
+            }
+            None => (None, None),
+        };
+        (Run { w: w0, s1: a0, s2: b0 }, Run { w: w1, s1: a1, s2: b1 })
+    }
+
+    /// Runs `f` over `rows` (ascending, `g` holding one compact row each), the rows after
+    /// the first half going to a second thread when `parallel`.
+    fn call(self, f: UpdateFn, g: &[f32], rows: &[u32], width: usize, coeffs: &[f32; COEFFS], first_row: usize, parallel: bool) {
+        if parallel && rows.len() >= 2 {
+            let h = rows.len() / 2;
+            let cut = (rows[h] as usize - first_row) * width;
+            let (lo, hi) = self.split_at(cut);
+            let (g_lo, g_hi) = g.split_at(h * width);
+            std::thread::scope(|s| {
+                s.spawn(|| lo.call(f, g_lo, &rows[..h], width, coeffs, first_row, false));
+                hi.call(f, g_hi, &rows[h..], width, coeffs, rows[h] as usize, false);
+            });
+            return;
+        }
+        let null = std::ptr::null_mut::<f32>();
+        let s1 = self.s1.map_or(null, |s| s.as_mut_ptr());
+        let s2 = self.s2.map_or(null, |s| s.as_mut_ptr());
+        // SAFETY: every row `r` of `rows` satisfies `first_row <= r` and `(r − first_row + 1)
+        // × width <= w.len()` (and the same for the slots, which have `w`'s length), because
+        // the caller checked the rows against the table and splits only at a row boundary;
+        // `g` holds `rows.len() × width` elements; a null slot is never read by the rules
+        // that have no such slot.
+        unsafe { f(self.w.as_mut_ptr(), g.as_ptr(), s1, s2, rows.as_ptr(), rows.len(), width, coeffs.as_ptr(), first_row) }
+    }
+}
+
+impl UpdateKernels<f32> for Kernels {
+    fn apply(&self, w: &mut [f32], slots: SlotsMut<'_, f32>, grad: &Value<f32>, c: &StepCoeffs<f32>) {
+        let rule = match slots {
+            SlotsMut::Sgd => Rule::Sgd,
+            SlotsMut::Adam { .. } => Rule::Adam,
+            SlotsMut::Adagrad { .. } => Rule::Adagrad,
+        };
+        let Ok(f) = kernel(rule) else {
+            return crate::optim::HostLoops.apply(w, slots, grad, c);
+        };
+        let (s1, s2) = match slots {
+            SlotsMut::Sgd => (None, None),
+            SlotsMut::Adam { m, v } => (Some(m), Some(v)),
+            SlotsMut::Adagrad { accum } => (Some(accum), None),
+        };
+        let coeffs = [
+            c.lr,
+            c.l2,
+            c.adam_step_size,
+            c.adam_inv_sqrt_bias2,
+            c.beta1,
+            c.one_minus_beta1,
+            c.beta2,
+            c.one_minus_beta2,
+            c.eps,
+        ];
+        let run = Run { w, s1, s2 };
+        match grad {
+            Value::Dense(g) => {
+                let n = run.w.len().min(g.data.len());
+                let parallel = self.threads > 1 && n >= PARALLEL_WORK;
+                if parallel {
+                    let h = n / 2;
+                    let (lo, hi) = run.split_at(h);
+                    std::thread::scope(|s| {
+                        s.spawn(|| lo.call(f, &g.data[..h], &[0], h, &coeffs, 0, false));
+                        hi.call(f, &g.data[h..], &[0], n - h, &coeffs, 0, false);
+                    });
+                } else {
+                    run.call(f, &g.data, &[0], n, &coeffs, 0, false);
+                }
+            }
+            Value::Ids(_) => {}
+            Value::RowSparse { shape, rows, values } => {
+                let width: usize = shape.iter().skip(1).product();
+                let combined = combine_duplicate_rows(rows, &values.data, width);
+                let parallel = self.threads > 1 && combined.values.len() >= PARALLEL_WORK;
+                run.call(f, &combined.values, &combined.rows, width, &coeffs, 0, parallel);
+            }
+        }
+    }
+}
