@@ -406,6 +406,82 @@ fn parameters_are_refreshed_every_run() {
     assert_eq!(exec.programs_built(), 1, "one program per plan, built once");
 }
 
+/// After an optimizer step through `Executor::update`, the next run uploads no parameter
+/// bytes at all: the update wrote a dense parameter whole and only the touched rows of a
+/// table (rows × (width + 1 id) values), and the device copies then give the results interp
+/// gives with the updated host parameters. Tensors the executor has not seen (a copy of
+/// the map) are uploaded whole again.
+#[test]
+fn a_step_uploads_only_the_updated_rows_and_dense_parameters() {
+    use mdl_runtime::optim::{OptimConfig, OptimKind, Optimizer};
+    use mdl_runtime::ParamInfo;
+    let Some(mut exec) = executor("a_step_uploads_only_the_updated_rows_and_dense_parameters") else { return };
+    let (rows, width, out) = (1000usize, 8usize, 4usize);
+    let mut c = Case::default();
+    let table = c.param(Tensor::new(vec![rows, width], values(rows * width, 1, -1.0, 1.0)).unwrap());
+    let w = c.param(Tensor::new(vec![width, out], values(width * out, 2, -1.0, 1.0)).unwrap());
+    let ids = c.g.input("ids", dims(&[6]), mdl_runtime::DType::I);
+    let gathered = c.g.add(Op::Gather, &[table, ids], "").unwrap();
+    let y = c.g.add(Op::MatMul { trans_a: false, trans_b: false }, &[gathered, w], "").unwrap();
+    c.g.outputs.insert("y".into(), y);
+    let feeds: HashMap<String, Value<f32>> =
+        [("ids".to_string(), Value::Ids(Tensor::new(vec![6], vec![3, 999, 3, 0, 500, 7]).unwrap()))].into_iter().collect();
+    let run = |exec: &mut dyn Executor, params: &HashMap<String, Tensor<f32>>| {
+        exec.run(&c.g, &Binding::new(), &feeds, params, &Mode::eval()).unwrap().dense("y").unwrap().clone()
+    };
+    let check = |got: &Tensor<f32>, params: &HashMap<String, Tensor<f32>>| {
+        let want = run(&mut Interp, params);
+        for (i, (&a, &b)) in got.data.iter().zip(&want.data).enumerate() {
+            assert!(close(a, b, 1e-5 * width as f32), "[{i}] opencl {a} interp {b}");
+        }
+    };
+    let mut params = c.params.clone();
+    let first = run(&mut exec, &params);
+    check(&first, &params);
+    let whole = 4 * (rows * width + width * out) as u64;
+    assert_eq!(exec.param_bytes_uploaded(), whole, "the first run uploads both parameters whole");
+
+    let info = |name: &str, shape: &[usize], embedding: bool| ParamInfo {
+        name: name.into(),
+        shape: dims(shape),
+        init: Init::Zeros,
+        group: None,
+        embedding,
+        node: mdl_runtime::NodeId::new(0),
+    };
+    let infos = vec![info("p0", &[rows, width], true), info("p1", &[width, out], false)];
+    let mut opt = Optimizer::<f32>::new(OptimConfig::new(OptimKind::adam(), 0.01)).unwrap();
+    let touched = vec![500u32, 3, 3, 42];
+    for step in 0..2u64 {
+        let before = exec.param_bytes_uploaded();
+        let grads: HashMap<String, Value<f32>> = [
+            (
+                "p0".to_string(),
+                Value::RowSparse {
+                    shape: vec![rows, width],
+                    rows: touched.clone(),
+                    values: Tensor::new(vec![4, width], values(4 * width, 10 + step, -1.0, 1.0)).unwrap(),
+                },
+            ),
+            ("p1".to_string(), Value::Dense(Tensor::new(vec![width, out], values(width * out, 20 + step, -1.0, 1.0)).unwrap())),
+        ]
+        .into_iter()
+        .collect();
+        exec.update(&mut opt, &mut params, &grads, &infos, &|_| false, 1.0).unwrap();
+        let distinct = 3; // rows 3, 42 and 500
+        let written = 4 * (distinct * (width + 1) + width * out) as u64;
+        assert_eq!(exec.param_bytes_uploaded() - before, written, "step {step}: the touched rows and the dense parameter");
+        let got = run(&mut exec, &params);
+        assert_eq!(exec.param_bytes_uploaded() - before, written, "step {step}: the run after the update uploads nothing");
+        check(&got, &params);
+    }
+    let before = exec.param_bytes_uploaded();
+    let copy = params.clone();
+    let got = run(&mut exec, &copy);
+    check(&got, &copy);
+    assert_eq!(exec.param_bytes_uploaded() - before, whole, "tensors the executor has not seen are uploaded whole");
+}
+
 #[test]
 fn a_build_error_shows_the_log_and_the_source_line() {
     let Some(mut exec) = executor("a_build_error_shows_the_log_and_the_source_line") else { return };

@@ -131,6 +131,12 @@ impl Jit {
         update::compiled()
     }
 
+    /// The jit's update kernels on `threads` threads, for another backend that updates
+    /// parameters on the host.
+    pub(crate) fn update_kernels_for(threads: usize) -> impl crate::optim::UpdateKernels<f32> {
+        update::Kernels { threads }
+    }
+
     pub fn threads(&self) -> usize {
         self.threads
     }

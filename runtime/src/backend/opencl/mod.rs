@@ -18,20 +18,28 @@
 //!     included;
 //!   - every `MatMul`, as a tiled kernel with local-memory tiles (`render::MATMUL`).
 //!
+//!   - row gathers, every layout op (as copies between strided views), and lone sums
+//!     and means.
+//!
 //!   All kernels of a plan are one OpenCL program, built once per distinct source text
-//!   (PoCL also caches builds on disk under `POCL_CACHE_DIR`). Every other op (gather,
-//!   pooling and its row-sparse backward, softmax, layout ops, ...) runs on the host
-//!   through its eval rule, so the backend is complete by construction and agrees with
-//!   interp.
+//!   (PoCL also caches builds on disk under `POCL_CACHE_DIR`). Every other op (pooling's
+//!   row-sparse backward, softmax, ...) runs on the host through its eval rule, so the
+//!   backend is complete by construction and agrees with interp.
 //! - **values between device kernels on the device** ([`DeviceEval`]): a device result
 //!   read only by device kernels is never read back; one the host also reads is read back
 //!   once, and its buffer still serves the device readers.
-//! - **parameters on the device**: a parameter read by a device kernel gets a device
-//!   buffer allocated once per executor; each `run` writes the parameter's current host
-//!   values into it once, and every kernel of the step reads that buffer. The optimizer
-//!   still runs on the host (the training loop owns it), so parameters change on the host
-//!   and are refreshed once per step; keeping optimizer state and updates on the device is
-//!   the next increment.
+//! - **parameters resident on the device**: a parameter read by a device kernel gets a
+//!   device buffer once per executor, uploaded whole on first use. After that only what
+//!   changes goes up: [`Executor::update`] runs the optimizer on the host (the reference
+//!   rule, with the jit's compiled update kernels) and then writes the updated values of
+//!   each resident parameter to its buffer — a dense parameter whole, an embedding table
+//!   only the rows its row-sparse gradient touched (one upload of those rows and a
+//!   scatter kernel). A training step therefore uploads the batch, the dense parameters
+//!   and the touched rows, never the untouched rows of a table. Each buffer remembers the
+//!   host tensor it mirrors ([`HostStamp`]: its storage and a sample of its values); a
+//!   run handed other tensors (a loaded checkpoint, a caller's own values) uploads them
+//!   whole. The optimizer state stays on the host; keeping it, and the update, on the
+//!   device is the next increment.
 //!
 //! A program that does not build is an error that shows the compiler's build log with the
 //! offending source lines (`render::annotate_build_log`).
@@ -42,7 +50,8 @@ use super::interp::{execute, Evaluator, Lifetimes, Operands};
 use super::{op_kind, ExecError, Executor, Mode, OpProfile, PlanCache, Values};
 use crate::exec::EvalCx;
 use crate::ir::dim::Binding;
-use crate::ir::graph::{Graph, NodeId};
+use crate::ir::graph::{Graph, NodeId, ParamInfo};
+use crate::optim::Optimizer;
 use crate::ops::fused::{broadcast_all, broadcasts_to, FusedKernel};
 use crate::ops::{self, DType, Op, ValueKind};
 use crate::tensor::{broadcast_strides, Tensor, Value};
@@ -221,8 +230,11 @@ pub struct OpenCl {
     plans: PlanCache<Plan>,
     /// Built programs by source text.
     programs: HashMap<String, Program>,
-    /// Device copies of parameters read by device kernels, by name.
-    resident: HashMap<String, Buffer<f32>>,
+    /// Device copies of parameters read by device kernels, by name, with the host tensor
+    /// each mirrors.
+    resident: HashMap<String, (Buffer<f32>, HostStamp)>,
+    /// Parameter bytes written to the device since the executor was made.
+    param_bytes: u64,
     profile: OpProfile,
     /// Values read back from the device since the executor was made.
     read_back: u64,
@@ -270,6 +282,7 @@ impl OpenCl {
             plans: PlanCache::default(),
             programs: HashMap::new(),
             resident: HashMap::new(),
+            param_bytes: 0,
             profile: OpProfile::default(),
             read_back: 0,
         })
@@ -284,6 +297,12 @@ impl OpenCl {
     /// made (results of device kernels that the host or the caller reads).
     pub fn values_read_back(&self) -> u64 {
         self.read_back
+    }
+
+    /// Parameter bytes written to the device since the executor was made (whole uploads
+    /// and the updated values [`Executor::update`] writes).
+    pub fn param_bytes_uploaded(&self) -> u64 {
+        self.param_bytes
     }
 
     /// How many distinct programs this executor has built.
@@ -352,13 +371,11 @@ impl OpenCl {
         Ok(())
     }
 
-    /// Writes the current host values of the plan's device parameters into their device
-    /// buffers (allocated on first use); returns the buffers keyed by the host data address
-    /// the driver will hand the eval rule.
-    fn refresh_params(
-        &mut self,
-        params: &HashMap<String, Tensor<f32>>,
-    ) -> Result<HashMap<usize, Buffer<f32>>, ExecError> {
+    /// The device buffers of the plan's device parameters, keyed by the host data address
+    /// the driver will hand the eval rules: the resident buffer when it mirrors `params`'
+    /// tensor ([`HostStamp`]), else the tensor uploaded whole (into the resident buffer
+    /// when the size is the same, a new one otherwise).
+    fn refresh_params(&mut self, params: &HashMap<String, Tensor<f32>>) -> Result<HashMap<usize, Buffer<f32>>, ExecError> {
         let mut by_addr = HashMap::new();
         let names = self.plans.first().map(|p| p.device_params.clone()).unwrap_or_default();
         for name in &names {
@@ -366,9 +383,13 @@ impl OpenCl {
             if t.data.is_empty() {
                 continue;
             }
-            let fresh = match self.resident.get(name) {
-                Some(b) if b.len() == t.data.len() => {
+            let stamp = HostStamp::of(&t.data);
+            let buffer = match self.resident.get_mut(name) {
+                Some((b, s)) if *s == stamp => b.clone(),
+                Some((b, s)) if b.len() == t.data.len() => {
                     b.write(&t.data).enq().map_err(|e| cl_err(&format!("uploading parameter {name}"), e))?;
+                    self.param_bytes += 4 * t.data.len() as u64;
+                    *s = stamp;
                     b.clone()
                 }
                 _ => {
@@ -378,13 +399,95 @@ impl OpenCl {
                         .copy_host_slice(&t.data)
                         .build()
                         .map_err(|e| cl_err(&format!("allocating parameter {name}"), e))?;
-                    self.resident.insert(name.clone(), b.clone());
+                    self.param_bytes += 4 * t.data.len() as u64;
+                    self.resident.insert(name.clone(), (b.clone(), stamp));
                     b
                 }
             };
-            by_addr.insert(t.data.as_ptr() as usize, fresh);
+            by_addr.insert(t.data.as_ptr() as usize, buffer);
         }
         Ok(by_addr)
+    }
+
+    /// Writes the values `update` just gave `param` to its resident buffer, which mirrored
+    /// the tensor before the update: the whole tensor for a dense gradient, the rows of a
+    /// row-sparse one (through `mdl_scatter_rows`). A parameter without a resident buffer
+    /// has nothing to keep current.
+    fn write_updated(&mut self, name: &str, param: &Tensor<f32>, grad: &Value<f32>) -> Result<(), ExecError> {
+        let Some((buffer, stamp)) = self.resident.get_mut(name) else { return Ok(()) };
+        let what = |e| cl_err(&format!("writing the update of parameter {name}"), e);
+        let rows = match grad {
+            Value::RowSparse { shape, rows, .. } if shape.len() > 1 && !rows.is_empty() => {
+                let mut unique = rows.clone();
+                unique.sort_unstable();
+                unique.dedup();
+                Some((unique, shape[1..].iter().product::<usize>()))
+            }
+            _ => None,
+        };
+        let program = self.plans.first().and_then(|p| self.programs.get(&p.program_source));
+        match (rows, program) {
+            (Some((rows, width)), Some(program)) if i32::try_from(rows.len() * width).is_ok() && width > 0 => {
+                let total = rows.len() * width;
+                let mut values = Vec::with_capacity(total);
+                for &r in &rows {
+                    values.extend_from_slice(&param.data[r as usize * width..(r as usize + 1) * width]);
+                }
+                let upload = |q: &Queue, data: &[f32]| Buffer::<f32>::builder().queue(q.clone()).len(data.len()).copy_host_slice(data).build();
+                let values = upload(&self.queue, &values).map_err(what)?;
+                let rows_buf =
+                    Buffer::<u32>::builder().queue(self.queue.clone()).len(rows.len()).copy_host_slice(&rows).build().map_err(what)?;
+                let k = Kernel::builder()
+                    .program(program)
+                    .name("mdl_scatter_rows")
+                    .queue(self.queue.clone())
+                    .global_work_size(total)
+                    .arg(&*buffer)
+                    .arg(&rows_buf)
+                    .arg(&values)
+                    .arg(width as i32)
+                    .arg(total as i32)
+                    .build()
+                    .map_err(what)?;
+                // SAFETY: the optimizer checked every row against the table before updating
+                // it, so each write stays inside the buffer (the table's size); rows are
+                // distinct, so no two work items write one element.
+                unsafe { k.enq() }.map_err(what)?;
+                self.param_bytes += 4 * (total + rows.len()) as u64;
+            }
+            _ => {
+                buffer.write(&param.data).enq().map_err(what)?;
+                self.param_bytes += 4 * param.data.len() as u64;
+            }
+        }
+        *stamp = HostStamp::of(&param.data);
+        Ok(())
+    }
+}
+
+/// What a resident parameter buffer was last made equal to: the host tensor's storage
+/// (address and length) and a sample of its values (64 evenly spaced elements, the first
+/// and the last, by bits). A tensor with another stamp is uploaded whole; the sample
+/// catches new values placed at a reused address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct HostStamp {
+    addr: usize,
+    len: usize,
+    sample: u64,
+}
+
+impl HostStamp {
+    fn of(data: &[f32]) -> HostStamp {
+        let n = data.len();
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut mix = |v: f32| h = (h ^ v.to_bits() as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        if n > 0 {
+            for k in 0..64 {
+                mix(data[k * n / 64]);
+            }
+            mix(data[n - 1]);
+        }
+        HostStamp { addr: data.as_ptr() as usize, len: n, sample: h }
     }
 }
 
@@ -791,6 +894,37 @@ impl Executor for OpenCl {
 
     fn profile(&self) -> Vec<(String, Duration, usize)> {
         self.profile.sorted()
+    }
+
+    /// The optimizer on the host (with the jit's compiled update kernels), then each
+    /// updated resident parameter written to its device buffer: only the touched rows of
+    /// a table (see the module docs).
+    fn update(
+        &mut self,
+        optimizer: &mut Optimizer<f32>,
+        params: &mut HashMap<String, Tensor<f32>>,
+        grads: &HashMap<String, Value<f32>>,
+        info: &[ParamInfo],
+        frozen: &dyn Fn(&ParamInfo) -> bool,
+        lr_scale: f64,
+    ) -> Result<(), String> {
+        // Which device copies mirror the tensors about to change: only those are kept
+        // current here (any other is uploaded whole by the next run).
+        let mirrored: Vec<&String> = grads
+            .keys()
+            .filter(|n| match (self.resident.get(*n), params.get(*n)) {
+                (Some((_, stamp)), Some(t)) => *stamp == HostStamp::of(&t.data),
+                _ => false,
+            })
+            .collect();
+        let kernels = super::jit::Jit::update_kernels_for(2);
+        optimizer.step_with(params, grads, info, frozen, lr_scale, &kernels)?;
+        for name in mirrored {
+            if let Some(t) = params.get(name) {
+                self.write_updated(name, t, &grads[name]).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
     }
 
     /// The fused plan of `graph` and its OpenCL program, built before the first run.

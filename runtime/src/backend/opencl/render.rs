@@ -245,7 +245,9 @@ pub const COPY_MAX_RANK: usize = 8;
 /// permute, broadcast or slice is one call (input strides permuted, zero, or offset); a
 /// concat one call per part into its place in the output; a pad one call into a zeroed
 /// output. `mdl_gather` copies row `ids[r]` of a `[rows, width]` table to row `r` (ids
-/// are checked on the host before the launch).
+/// are checked on the host before the launch); `mdl_scatter_rows` writes row `r` of
+/// `values` to row `rows[r]` of a table (distinct rows, checked on the host: the updated
+/// rows of a resident parameter).
 pub const COPY: &str = r#"
 __kernel void mdl_copy(__global const int* meta, __global float* out, __global const float* in) {
     const int i = get_global_id(0);
@@ -268,6 +270,14 @@ __kernel void mdl_gather(__global float* out, __global const float* table, __glo
     if (i >= total) return;
     const int r = i / width;
     out[i] = table[(long)ids[r] * width + (i - r * width)];
+}
+
+__kernel void mdl_scatter_rows(__global float* table, __global const uint* rows, __global const float* values,
+                               const int width, const int total) {
+    const int i = get_global_id(0);
+    if (i >= total) return;
+    const int r = i / width;
+    table[(long)rows[r] * width + (i - r * width)] = values[i];
 }
 "#;
 
