@@ -133,6 +133,7 @@ impl Jit {
 
     /// The jit's update kernels on `threads` threads, for another backend that updates
     /// parameters on the host.
+    #[cfg(feature = "opencl")]
     pub(crate) fn update_kernels_for(threads: usize) -> impl crate::optim::UpdateKernels<f32> {
         update::Kernels { threads }
     }
