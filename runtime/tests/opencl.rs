@@ -482,6 +482,42 @@ fn a_step_uploads_only_the_updated_rows_and_dense_parameters() {
     assert_eq!(exec.param_bytes_uploaded() - before, whole, "tensors the executor has not seen are uploaded whole");
 }
 
+/// A row-sparse gradient (`SparseRows`) of a device-computed value is combined on the
+/// device: the same dense gradient as interp's (within 1e-6: the atomics add a row's
+/// entries in any order), its rows distinct and ascending, every named row present even
+/// when its entries are all zero; an id outside the table fails as interp does.
+#[test]
+fn row_sparse_gradients_are_combined_on_the_device() {
+    let Some(mut exec) = executor("row_sparse_gradients_are_combined_on_the_device") else { return };
+    let (rows, width, n) = (50usize, 5usize, 12usize);
+    let mut c = Case::default();
+    let dy = c.param(Tensor::new(vec![n, width], values(n * width, 1, -1.0, 1.0)).unwrap());
+    let mask = c.param(Tensor::new(vec![n, 1], (0..n).map(|i| if i % 4 == 3 { 0.0 } else { 1.0 }).collect()).unwrap());
+    let product = c.g.add(Op::Binary(BinaryOp::Mul), &[dy, mask], "").unwrap();
+    let ids = c.g.input("ids", dims(&[n]), mdl_runtime::DType::I);
+    let grad = c.g.add(Op::SparseRows { rows: Dim::lit(rows as i64) }, &[ids, product], "").unwrap();
+    c.g.outputs.insert("grad".into(), grad);
+    let feed = |data: Vec<u32>| -> HashMap<String, Value<f32>> { [("ids".to_string(), Value::Ids(Tensor::new(vec![n], data).unwrap()))].into_iter().collect() };
+    // Row 7 four times, row 49 (the last) twice; row 3 only where the mask is 0.
+    let good = feed(vec![7, 0, 7, 3, 49, 7, 2, 3, 49, 7, 11, 3]);
+    let want = Interp.run(&c.g, &Binding::new(), &good, &c.params, &Mode::eval()).unwrap();
+    exec.set_profiling(true);
+    let got = exec.run(&c.g, &Binding::new(), &good, &c.params, &Mode::eval()).unwrap();
+    let Value::RowSparse { rows: named, .. } = got.output("grad").unwrap() else { panic!("a row-sparse gradient") };
+    assert_eq!(named, &vec![0, 2, 3, 7, 11, 49], "distinct ascending rows, row 3 named by zero entries");
+    let (w, o) = (want.output("grad").unwrap().to_dense().unwrap(), got.output("grad").unwrap().to_dense().unwrap());
+    assert_eq!(w.shape, o.shape);
+    for (i, (&a, &b)) in o.data.iter().zip(&w.data).enumerate() {
+        assert!(close(a, b, 1e-6), "[{i}] opencl {a} interp {b}");
+    }
+    let profile = exec.profile();
+    assert!(profile.iter().any(|(k, _, _)| k == "sparse_rows"), "sparse_rows ran on the device: {profile:?}");
+    let bad = feed(vec![7, 0, 7, 3, 50, 7, 2, 3, 49, 7, 11, 3]);
+    let want = Interp.run(&c.g, &Binding::new(), &bad, &c.params, &Mode::eval()).unwrap_err();
+    let got = exec.run(&c.g, &Binding::new(), &bad, &c.params, &Mode::eval()).unwrap_err();
+    assert_eq!(got.to_string(), want.to_string());
+}
+
 #[test]
 fn a_build_error_shows_the_log_and_the_source_line() {
     let Some(mut exec) = executor("a_build_error_shows_the_log_and_the_source_line") else { return };

@@ -197,6 +197,7 @@ fn placement(fused: &Graph, kernels: &HashMap<FusedKernel, String>, lifetimes: &
                 Op::Fused(k) => kernels.contains_key(k.as_ref()),
                 op @ Op::Reduce { .. } => reduce_kernel(op, node).is_some_and(|k| kernels.contains_key(&k)),
                 Op::MatMul { .. } => true,
+                Op::SparseRows { .. } => node.sig.dtype == DType::F,
                 op => real && (matches!(op, Op::Gather) || is_layout(op)),
             }
         })
@@ -695,6 +696,83 @@ impl DeviceEval<'_> {
         }
     }
 
+    /// A row-sparse gradient `SparseRows(ids, values)` combined on the device: each entry
+    /// added into a zeroed table-sized accumulator (`mdl_scatter_add`), the named rows
+    /// found from their marks, and only those rows read back — ascending and distinct, the
+    /// form the jit's embedding bags give (each row the sum of its entries, whose order
+    /// the atomics leave open; every reader of a row-sparse value sees the same sums up to
+    /// rounding). `None` (the eval rule on the host) for an id outside the table, which
+    /// then fails as interp does, and for a table much larger than the batch, where a
+    /// table-sized accumulator would not pay.
+    fn sparse_rows(&self, id: NodeId, args: &[crate::exec::Arg<'_, f32>], cx: &EvalCx) -> Result<Option<Value<f32>>, ExecError> {
+        let (ids, values) = (args[0].ids("sparse_rows")?, args[1].dense("sparse_rows")?);
+        let (limit, width) = (cx.out_shape[0], cx.out_shape[1..].iter().product::<usize>());
+        let total = ids.data.len() * width;
+        let fits = |n: usize| i32::try_from(n).is_ok();
+        if width == 0
+            || ids.data.is_empty()
+            || values.shape.iter().product::<usize>() != total
+            || !fits(total)
+            || !fits(limit * width)
+            || limit > 8 * ids.data.len() + (1 << 16)
+            || ids.data.iter().any(|&r| r as usize >= limit)
+        {
+            return Ok(None);
+        }
+        let err = |e| cl_err("sparse_rows on the device", e);
+        let values = self.buffer(self.plan.fused.node(id).inputs[1], values)?;
+        let acc = self.dev.output(limit * width)?;
+        acc.cmd().fill(0.0f32, None).enq().map_err(err)?;
+        let named = Buffer::<u32>::builder().queue(self.dev.queue.clone()).len(limit).fill_val(0u32).build().map_err(err)?;
+        let id_buf = self.dev.upload(&ids.data, "ids")?;
+        let k = Kernel::builder()
+            .program(self.dev.program)
+            .name("mdl_scatter_add")
+            .queue(self.dev.queue.clone())
+            .global_work_size(total)
+            .arg(&acc)
+            .arg(&named)
+            .arg(&id_buf)
+            .arg(&values)
+            .arg(width as i32)
+            .arg(total as i32)
+            .build()
+            .map_err(err)?;
+        // SAFETY: every id is below `limit` (checked above), so the row written lies in the
+        // `limit × width` accumulator and the mark in `named`; `values` holds `total`.
+        unsafe { k.enq() }.map_err(err)?;
+        let mut marks = vec![0u32; limit];
+        named.read(&mut marks).enq().map_err(err)?;
+        let rows: Vec<u32> = (0..limit as u32).filter(|&r| marks[r as usize] != 0).collect();
+        let data = match self.dev.gather(&acc, limit, width, &rows)? {
+            Some(b) => self.dev.read(&b, rows.len() * width)?,
+            None => return Ok(None),
+        };
+        self.read_back.set(self.read_back.get() + 1);
+        let mut value_shape = vec![rows.len()];
+        value_shape.extend_from_slice(&cx.out_shape[1..]);
+        Ok(Some(Value::RowSparse { shape: cx.out_shape.to_vec(), rows, values: Tensor { shape: value_shape, data } }))
+    }
+
+    /// After node `id` (its value `out`, computed on the device or not): drops the device
+    /// buffers of operands it was the last reader of, and records its time when profiling.
+    fn finish(&mut self, id: NodeId, out: Value<f32>, device: bool, start: Option<Instant>, op: &Op) -> Result<Value<f32>, ExecError> {
+        let inputs = &self.plan.fused.node(id).inputs;
+        for (&i, &dies) in inputs.iter().zip(self.plan.lifetimes.dying(id)) {
+            if dies {
+                self.resident.remove(&i);
+            }
+        }
+        if let (Some(t), Some(profile)) = (start, self.profile.as_deref_mut()) {
+            if device {
+                // Kernels run asynchronously: wait, so the time is this kernel's.
+                self.dev.queue.finish().map_err(|e| cl_err("waiting for the device", e))?;
+            }
+            profile.record(kind(op, device), t.elapsed());
+        }
+        Ok(out)
+    }
+
     /// Runs `op` on the device when it has a kernel for it; `None` otherwise.
     fn on_device(&self, id: NodeId, op: &Op, args: &[crate::exec::Arg<'_, f32>], cx: &EvalCx) -> Result<Option<Buffer<f32>>, ExecError> {
         if !self.plan.on_device[id.index()] {
@@ -805,6 +883,15 @@ impl Evaluator<f32> for DeviceEval<'_> {
     fn eval(&mut self, id: NodeId, op: &Op, operands: &mut Operands<'_, '_, f32>, cx: &EvalCx) -> Result<Value<f32>, ExecError> {
         let start = self.profile.is_some().then(Instant::now);
         let args = operands.args(op)?;
+        if let (Op::SparseRows { .. }, true) = (op, self.plan.on_device[id.index()]) {
+            let rows = self.sparse_rows(id, &args, cx)?;
+            let device = rows.is_some();
+            let out = match rows {
+                Some(v) => v,
+                None => self.on_host(id, op, &args, cx)?,
+            };
+            return self.finish(id, out, device, start, op);
+        }
         let buffer = self.on_device(id, op, &args, cx)?;
         let device = buffer.is_some();
         let out = match buffer {
@@ -822,21 +909,7 @@ impl Evaluator<f32> for DeviceEval<'_> {
             }
             None => self.on_host(id, op, &args, cx)?,
         };
-        // Operands whose last reader this is: their buffers are no longer needed.
-        let inputs = &self.plan.fused.node(id).inputs;
-        for (&i, &dies) in inputs.iter().zip(self.plan.lifetimes.dying(id)) {
-            if dies {
-                self.resident.remove(&i);
-            }
-        }
-        if let (Some(t), Some(profile)) = (start, self.profile.as_deref_mut()) {
-            if device {
-                // Kernels run asynchronously: wait, so the time is this kernel's.
-                self.dev.queue.finish().map_err(|e| cl_err("waiting for the device", e))?;
-            }
-            profile.record(kind(op, device), t.elapsed());
-        }
-        Ok(out)
+        self.finish(id, out, device, start, op)
     }
 
     fn deferred(&self, id: NodeId) -> bool {

@@ -247,7 +247,9 @@ pub const COPY_MAX_RANK: usize = 8;
 /// output. `mdl_gather` copies row `ids[r]` of a `[rows, width]` table to row `r` (ids
 /// are checked on the host before the launch); `mdl_scatter_rows` writes row `r` of
 /// `values` to row `rows[r]` of a table (distinct rows, checked on the host: the updated
-/// rows of a resident parameter).
+/// rows of a resident parameter). `mdl_scatter_add` adds row `r` of `values` to row
+/// `ids[r]` of a zeroed accumulator and marks that row in `named` (a row-sparse gradient
+/// combined on the device; float atomics, so the order of a row's additions varies).
 pub const COPY: &str = r#"
 __kernel void mdl_copy(__global const int* meta, __global float* out, __global const float* in) {
     const int i = get_global_id(0);
@@ -270,6 +272,25 @@ __kernel void mdl_gather(__global float* out, __global const float* table, __glo
     if (i >= total) return;
     const int r = i / width;
     out[i] = table[(long)ids[r] * width + (i - r * width)];
+}
+
+inline void mdl_atomic_add(volatile __global float* p, const float v) {
+    union { unsigned int u; float f; } seen, sum;
+    do {
+        seen.f = *p;
+        sum.f = seen.f + v;
+    } while (atomic_cmpxchg((volatile __global unsigned int*)p, seen.u, sum.u) != seen.u);
+}
+
+__kernel void mdl_scatter_add(__global float* acc, __global uint* named, __global const uint* ids,
+                              __global const float* values, const int width, const int total) {
+    const int i = get_global_id(0);
+    if (i >= total) return;
+    const int r = i / width;
+    const long row = (long)ids[r];
+    const int c = i - r * width;
+    if (c == 0) named[row] = 1u;
+    mdl_atomic_add(acc + row * width + c, values[i]);
 }
 
 __kernel void mdl_scatter_rows(__global float* table, __global const uint* rows, __global const float* values,
