@@ -1,8 +1,8 @@
 //! The OpenCL backend agrees with interp (the oracle), on whatever OpenCL platform the
 //! machine has (PoCL in CI): every unary and binary op and the broadcast patterns models
 //! produce, reduction epilogues, random fused kernels, every MatMul case (transposes,
-//! batches, a shared right operand, sizes around the tile edge), and parameters refreshed
-//! between steps.
+//! batches, a shared right operand, sizes around the tile edge; every candidate tiling),
+//! and parameters refreshed between steps.
 //!
 //! Tolerances (f32): fused kernels |opencl - interp| <= 1e-5 * (1 + |interp|) per element
 //! for single ops and 1e-4 * (1 + |interp|) for random bodies of up to 12 ops (the device's
@@ -262,8 +262,47 @@ fn matmul_cases_equal_interp() {
     // A rank-2 product.
     ks.insert(format!("o{}", c.outputs.len()), 50);
     c.output(Op::MatMul { trans_a: false, trans_b: false }, &[Tensor::new(vec![70, 50], values(3500, 9, -1.0, 1.0)).unwrap(), Tensor::new(vec![50, 20], values(1000, 10, -1.0, 1.0)).unwrap()]);
-    let device = c.check(&mut exec, |name| 1e-5 * ks[name] as f32);
-    assert_eq!(device, c.outputs.len(), "every matmul runs on the device");
+    // Every tiling the device runs, each within tolerance of interp and all bit-identical
+    // (each sums over k in order).
+    let mut first: Option<Values<f32>> = None;
+    for i in 0..opencl::render::MATMUL_TILES.len() {
+        if exec.force_matmul_tiles(Some(i)).is_err() {
+            continue;
+        }
+        let device = c.check(&mut exec, |name| 1e-5 * ks[name] as f32);
+        assert_eq!(device, c.outputs.len(), "every matmul runs on the device");
+        let got = c.run(&mut exec);
+        match &first {
+            None => first = Some(got),
+            Some(f) => {
+                for name in &c.outputs {
+                    let same = f.dense(name).unwrap().data.iter().zip(&got.dense(name).unwrap().data).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "tiling {i} gives other bits than the first for {name}");
+                }
+            }
+        }
+    }
+    assert!(first.is_some(), "the device runs at least one tiling");
+}
+
+/// A product large enough to tune gets a tiling chosen on its first run (the fastest of
+/// the candidates, all timed), kept for later runs of the same shape, with interp's result.
+#[test]
+fn large_products_are_tuned_on_first_use() {
+    let Some(mut exec) = executor("large_products_are_tuned_on_first_use") else { return };
+    let (m, k, n) = (256usize, 128usize, 160usize);
+    let mut c = Case::default();
+    c.output(
+        Op::MatMul { trans_a: false, trans_b: true },
+        &[Tensor::new(vec![m, k], values(m * k, 1, -1.0, 1.0)).unwrap(), Tensor::new(vec![n, k], values(n * k, 2, -1.0, 1.0)).unwrap()],
+    );
+    c.check(&mut exec, |_| 1e-5 * k as f32);
+    let chosen = exec.matmul_tilings();
+    assert_eq!(chosen.len(), 1, "{chosen:?}");
+    assert_eq!((chosen[0].0, chosen[0].1, chosen[0].2), (m, n, k));
+    assert!(opencl::render::MATMUL_TILES.contains(&chosen[0].3));
+    c.check(&mut exec, |_| 1e-5 * k as f32);
+    assert_eq!(exec.matmul_tilings(), chosen, "the choice is kept");
 }
 
 #[test]

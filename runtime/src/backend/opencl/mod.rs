@@ -236,6 +236,10 @@ pub struct OpenCl {
     resident: HashMap<String, (Buffer<f32>, HostStamp)>,
     /// Parameter bytes written to the device since the executor was made.
     param_bytes: u64,
+    /// The device's largest work group (work items).
+    max_work_group: usize,
+    /// The matmul tilings the device allows and the one chosen per product shape.
+    tuning: MatmulTuning,
     profile: OpProfile,
     /// Values read back from the device since the executor was made.
     read_back: u64,
@@ -275,6 +279,12 @@ impl OpenCl {
             .map_err(|e| format!("OpenCL device {index} ({}): cannot create a context: {e}", summary.name))?;
         let queue = Queue::new(&context, device, None)
             .map_err(|e| format!("OpenCL device {index} ({}): cannot create a queue: {e}", summary.name))?;
+        let max_work_group = match device.info(ClDeviceInfo::MaxWorkGroupSize) {
+            Ok(DeviceInfoResult::MaxWorkGroupSize(n)) => n,
+            _ => 64,
+        };
+        let allowed: Vec<usize> =
+            render::MATMUL_TILES.iter().enumerate().filter(|(_, t)| t.wg * t.wg <= max_work_group).map(|(i, _)| i).collect();
         Ok(OpenCl {
             device,
             summary,
@@ -284,6 +294,8 @@ impl OpenCl {
             programs: HashMap::new(),
             resident: HashMap::new(),
             param_bytes: 0,
+            max_work_group,
+            tuning: MatmulTuning { allowed, ..Default::default() },
             profile: OpProfile::default(),
             read_back: 0,
         })
@@ -304,6 +316,26 @@ impl OpenCl {
     /// and the updated values [`Executor::update`] writes).
     pub fn param_bytes_uploaded(&self) -> u64 {
         self.param_bytes
+    }
+
+    /// Runs every product with matmul tiling `i` of `render::MATMUL_TILES` instead of the
+    /// tuned one (`None`: tune again); an error when the device cannot run it.
+    pub fn force_matmul_tiles(&mut self, i: Option<usize>) -> Result<(), String> {
+        if let Some(i) = i {
+            if !self.tuning.allowed.contains(&i) {
+                return Err(format!("matmul tiling {i} is not one this device runs (it allows {:?})", self.tuning.allowed));
+            }
+        }
+        self.tuning.forced = i;
+        self.tuning.chosen.borrow_mut().clear();
+        Ok(())
+    }
+
+    /// The matmul tilings chosen so far: `(m, n, k, tiling)` per product shape tuned.
+    pub fn matmul_tilings(&self) -> Vec<(usize, usize, usize, render::Tiles)> {
+        let mut v: Vec<_> = self.tuning.chosen.borrow().iter().map(|(key, &i)| (key.0, key.1, key.2, render::MATMUL_TILES[i])).collect();
+        v.sort_by_key(|t| (t.0, t.1, t.2));
+        v
     }
 
     /// How many distinct programs this executor has built.
@@ -333,7 +365,7 @@ impl OpenCl {
                 }
             }
         }
-        let program_source = render::program(&order.iter().collect::<Vec<_>>());
+        let program_source = render::program(&order.iter().collect::<Vec<_>>(), self.max_work_group);
         self.build_program(&program_source)?;
         let lifetimes = Lifetimes::new(&fused, false);
         let (on_device, device_only, device_read) = placement(&fused, &kernels, &lifetimes);
@@ -498,7 +530,23 @@ struct DeviceRun<'a> {
     program: &'a Program,
     kernels: &'a HashMap<FusedKernel, String>,
     params: &'a HashMap<usize, Buffer<f32>>,
+    tuning: &'a MatmulTuning,
 }
+
+/// The matmul tilings this device can run and the one chosen for each product shape.
+#[derive(Debug, Default)]
+struct MatmulTuning {
+    /// Indices into `render::MATMUL_TILES` whose work group the device allows.
+    allowed: Vec<usize>,
+    /// Products `(m, n, k, trans_a, trans_b, batches, shared right operand)` → tiling.
+    chosen: std::cell::RefCell<HashMap<(usize, usize, usize, bool, bool, usize, bool), usize>>,
+    /// A tiling used for every product (tests), instead of tuning.
+    forced: Option<usize>,
+}
+
+/// Products with fewer multiply-adds than this take the first tiling untimed: tuning
+/// would cost more than it could save.
+const TUNE_MIN_WORK: usize = 1 << 22;
 
 impl DeviceRun<'_> {
     /// A device buffer holding `t`: the resident copy of a parameter, else a fresh upload.
@@ -647,22 +695,60 @@ impl DeviceRun<'_> {
         let (b_rs, b_cs) = if trans_b { (1, k) } else { (n, 1) };
         let b_batch = if shared { 0 } else { k * n };
         let out = self.output(total)?;
-        let groups = |v: usize, block: usize| v.div_ceil(block) * render::WG;
-        let mut builder = Kernel::builder();
-        builder
-            .program(self.program)
-            .name("mdl_matmul")
-            .queue(self.queue.clone())
-            .global_work_size([groups(n, render::BN), groups(m, render::BM), batches])
-            .local_work_size([render::WG, render::WG, 1]);
-        builder.arg(ab).arg(bb).arg(&out);
-        for v in [m, n, k, m * k, a_rs, a_cs, b_batch, b_rs, b_cs] {
-            builder.arg(v as i32);
+        let launch = |i: usize| -> Result<(), ExecError> {
+            let t = render::MATMUL_TILES[i];
+            let name = render::matmul_name(i);
+            let groups = |v: usize, block: usize| v.div_ceil(block) * t.wg;
+            let mut builder = Kernel::builder();
+            builder
+                .program(self.program)
+                .name(name.as_str())
+                .queue(self.queue.clone())
+                .global_work_size([groups(n, t.bn), groups(m, t.bm), batches])
+                .local_work_size([t.wg, t.wg, 1]);
+            builder.arg(ab).arg(bb).arg(&out);
+            for v in [m, n, k, m * k, a_rs, a_cs, b_batch, b_rs, b_cs] {
+                builder.arg(v as i32);
+            }
+            let kernel = builder.build().map_err(|e| cl_err(&format!("kernel {name}"), e))?;
+            // SAFETY: the strides address only elements of `a`, `b` and `out` (bounds
+            // checked in the kernel).
+            unsafe { kernel.enq() }.map_err(|e| cl_err(&format!("running kernel {name}"), e))
+        };
+        let key = (m, n, k, trans_a, trans_b, batches, shared);
+        let tuning = self.tuning;
+        let known = tuning.forced.or_else(|| tuning.chosen.borrow().get(&key).copied());
+        let first = *tuning.allowed.first().ok_or_else(|| cl_err("matmul", "the device allows no tiling"))?;
+        match known {
+            Some(i) => launch(i)?,
+            None if tuning.allowed.len() == 1 || batches * m * n * k < TUNE_MIN_WORK => {
+                tuning.chosen.borrow_mut().insert(key, first);
+                launch(first)?;
+            }
+            None => {
+                // Each candidate once to build and warm it, once timed; all write the same
+                // values into `out`. A candidate that fails to launch is left out.
+                let finish = || self.queue.finish().map_err(|e| cl_err("waiting for the device", e));
+                let mut best: Option<(Duration, usize)> = None;
+                for &i in &tuning.allowed {
+                    if launch(i).and_then(|()| finish()).is_err() {
+                        continue;
+                    }
+                    let t = Instant::now();
+                    launch(i)?;
+                    finish()?;
+                    let took = t.elapsed();
+                    if best.is_none_or(|(d, _)| took < d) {
+                        best = Some((took, i));
+                    }
+                }
+                let i = best.map_or(first, |(_, i)| i);
+                tuning.chosen.borrow_mut().insert(key, i);
+                if best.is_none() {
+                    launch(i)?;
+                }
+            }
         }
-        let kernel = builder.build().map_err(|e| cl_err("kernel mdl_matmul", e))?;
-        // SAFETY: the strides address only elements of `a`, `b` and `out` (bounds checked in
-        // the kernel).
-        unsafe { kernel.enq() }.map_err(|e| cl_err("running kernel mdl_matmul", e))?;
         Ok(Some(out))
     }
 }
@@ -1015,10 +1101,10 @@ impl Executor for OpenCl {
     ) -> Result<Values<f32>, ExecError> {
         self.plan(graph)?;
         let resident = self.refresh_params(params)?;
-        let OpenCl { plans, programs, queue, profile, read_back, .. } = self;
+        let OpenCl { plans, programs, queue, profile, read_back, tuning, .. } = self;
         let plan = plans.first().ok_or_else(|| cl_err("plan", "not made"))?;
         let program = programs.get(&plan.program_source).ok_or_else(|| cl_err("program", "not built"))?;
-        let dev = DeviceRun { queue, program, kernels: &plan.kernels, params: &resident };
+        let dev = DeviceRun { queue, program, kernels: &plan.kernels, params: &resident, tuning };
         let mut evaluator = DeviceEval { dev, plan, resident: HashMap::new(), profile: profile.recording(), read_back: Default::default() };
         let values = execute(&plan.fused, &plan.lifetimes, binding, feeds, params, mode, &mut evaluator);
         *read_back += evaluator.read_back.get();

@@ -12,9 +12,11 @@
 //!   body once and adds the result, which is the summation order of `Op::Reduce`'s eval
 //!   rule. The body uses the scalar semantics of `ops::elementwise` (stable sigmoid and
 //!   softplus, relu/step/sign/comparisons as selects, constants as exact bit patterns).
-//! - [`MATMUL`]: a batched matrix product with tiles of both operands staged in local
+//! - [`matmul`]: a batched matrix product with tiles of both operands staged in local
 //!   memory and a register block of outputs per work item; transposition and a shared
-//!   right operand are strides.
+//!   right operand are strides. A program carries one kernel per candidate tiling
+//!   ([`MATMUL_TILES`]) that the device's work-group limit allows; the backend times them
+//!   on first use of each product shape and keeps the fastest.
 //! - [`program`]: the source of a whole plan (all its fused kernels and the matmul) as one
 //!   program, so the OpenCL compiler runs once per plan. `FP_CONTRACT` is off, so `a*b + c`
 //!   rounds twice exactly as interp does.
@@ -23,77 +25,105 @@ use crate::ops::fused::{FusedKernel, Instr};
 use crate::ops::{BinaryOp, ReduceOp, UnaryOp};
 use std::fmt::Write;
 
-/// The matmul kernel's block of the output per work group (`BM` rows × `BN` columns), the
-/// depth of the operand tiles staged in local memory (`BK`), and the work group
-/// (`WG`×`WG` work items, each computing a `BM/WG` × `BN/WG` register block).
-pub const BM: usize = 32;
-pub const BN: usize = 32;
-pub const BK: usize = 16;
-pub const WG: usize = 8;
+/// A tile configuration of the matmul kernel: the block of the output per work group
+/// (`bm` rows × `bn` columns), the depth of the operand tiles staged in local memory (`bk`),
+/// and the work group (`wg`×`wg` work items, each computing a `bm/wg` × `bn/wg` register
+/// block).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tiles {
+    pub bm: usize,
+    pub bn: usize,
+    pub bk: usize,
+    pub wg: usize,
+}
 
-/// The tiled matmul kernel: `c[p] = op(a[p]) @ op(b[p])` for batch `p` (the third global
-/// axis); element `(i, l)` of `op(a)` is `a[p * a_batch + i * a_rs + l * a_cs]`, and
-/// likewise for `b` (`b_batch` is 0 for a right operand shared by every batch). Each work
-/// group stages `BM`×`BK` and `BK`×`BN` tiles of the operands in local memory; each work
-/// item accumulates a 4×4 block of outputs (rows `ty + WG*i`, columns `tx + WG*j`) in
-/// registers, summing over `k` in order.
-pub const MATMUL: &str = r#"
-#define RM (BM / WG)
-#define RN (BN / WG)
-__kernel __attribute__((reqd_work_group_size(WG, WG, 1)))
-void mdl_matmul(__global const float* a, __global const float* b, __global float* c,
+/// The candidates the backend tunes over on first use of each product shape (see
+/// `OpenCl`'s matmul): small and large register blocks, small and large work groups.
+/// Every one sums over `k` in the same order, so they give identical results.
+pub const MATMUL_TILES: [Tiles; 4] = [
+    Tiles { bm: 32, bn: 32, bk: 16, wg: 8 },
+    Tiles { bm: 64, bn: 64, bk: 16, wg: 8 },
+    Tiles { bm: 64, bn: 64, bk: 16, wg: 16 },
+    Tiles { bm: 32, bn: 64, bk: 32, wg: 8 },
+];
+
+/// The kernel name of candidate `i` of [`MATMUL_TILES`].
+pub fn matmul_name(i: usize) -> String {
+    format!("mdl_matmul_{i}")
+}
+
+/// The tiled matmul kernel `name` with tiles `t`: `c[p] = op(a[p]) @ op(b[p])` for batch
+/// `p` (the third global axis); element `(i, l)` of `op(a)` is `a[p * a_batch + i * a_rs +
+/// l * a_cs]`, and likewise for `b` (`b_batch` is 0 for a right operand shared by every
+/// batch). Each work group stages `bm`×`bk` and `bk`×`bn` tiles of the operands in local
+/// memory; each work item accumulates a block of outputs (rows `ty + wg*i`, columns `tx +
+/// wg*j`) in registers, summing over `k` in order.
+pub fn matmul(name: &str, t: Tiles) -> String {
+    MATMUL_TEMPLATE
+        .replace("@NAME@", name)
+        .replace("@BM@", &t.bm.to_string())
+        .replace("@BN@", &t.bn.to_string())
+        .replace("@BK@", &t.bk.to_string())
+        .replace("@WG@", &t.wg.to_string())
+        .replace("@RM@", &(t.bm / t.wg).to_string())
+        .replace("@RN@", &(t.bn / t.wg).to_string())
+}
+
+const MATMUL_TEMPLATE: &str = r#"
+__kernel __attribute__((reqd_work_group_size(@WG@, @WG@, 1)))
+void @NAME@(__global const float* a, __global const float* b, __global float* c,
                 const int m, const int n, const int k,
                 const int a_batch, const int a_rs, const int a_cs,
                 const int b_batch, const int b_rs, const int b_cs) {
-    __local float ta[BK][BM];
-    __local float tb[BK][BN];
+    __local float ta[@BK@][@BM@];
+    __local float tb[@BK@][@BN@];
     const int tx = get_local_id(0);
     const int ty = get_local_id(1);
-    const int tid = ty * WG + tx;
-    const int col0 = get_group_id(0) * BN;
-    const int row0 = get_group_id(1) * BM;
+    const int tid = ty * @WG@ + tx;
+    const int col0 = get_group_id(0) * @BN@;
+    const int row0 = get_group_id(1) * @BM@;
     const int p = get_global_id(2);
     a += p * a_batch;
     b += p * b_batch;
     c += p * m * n;
-    float acc[RM][RN];
-    for (int i = 0; i < RM; i++) {
-        for (int j = 0; j < RN; j++) {
+    float acc[@RM@][@RN@];
+    for (int i = 0; i < @RM@; i++) {
+        for (int j = 0; j < @RN@; j++) {
             acc[i][j] = 0.0f;
         }
     }
-    for (int t = 0; t < k; t += BK) {
-        for (int e = tid; e < BM * BK; e += WG * WG) {
-            const int i = e / BK, l = e % BK;
+    for (int t = 0; t < k; t += @BK@) {
+        for (int e = tid; e < @BM@ * @BK@; e += @WG@ * @WG@) {
+            const int i = e / @BK@, l = e % @BK@;
             const int r = row0 + i, kk = t + l;
             ta[l][i] = (r < m && kk < k) ? a[r * a_rs + kk * a_cs] : 0.0f;
         }
-        for (int e = tid; e < BK * BN; e += WG * WG) {
-            const int l = e / BN, j = e % BN;
+        for (int e = tid; e < @BK@ * @BN@; e += @WG@ * @WG@) {
+            const int l = e / @BN@, j = e % @BN@;
             const int col = col0 + j, kk = t + l;
             tb[l][j] = (kk < k && col < n) ? b[kk * b_rs + col * b_cs] : 0.0f;
         }
         barrier(CLK_LOCAL_MEM_FENCE);
-        for (int l = 0; l < BK; l++) {
-            float av[RM], bv[RN];
-            for (int i = 0; i < RM; i++) {
-                av[i] = ta[l][ty + WG * i];
+        for (int l = 0; l < @BK@; l++) {
+            float av[@RM@], bv[@RN@];
+            for (int i = 0; i < @RM@; i++) {
+                av[i] = ta[l][ty + @WG@ * i];
             }
-            for (int j = 0; j < RN; j++) {
-                bv[j] = tb[l][tx + WG * j];
+            for (int j = 0; j < @RN@; j++) {
+                bv[j] = tb[l][tx + @WG@ * j];
             }
-            for (int i = 0; i < RM; i++) {
-                for (int j = 0; j < RN; j++) {
+            for (int i = 0; i < @RM@; i++) {
+                for (int j = 0; j < @RN@; j++) {
                     acc[i][j] += av[i] * bv[j];
                 }
             }
         }
         barrier(CLK_LOCAL_MEM_FENCE);
     }
-    for (int i = 0; i < RM; i++) {
-        const int r = row0 + ty + WG * i;
-        for (int j = 0; j < RN; j++) {
-            const int col = col0 + tx + WG * j;
+    for (int i = 0; i < @RM@; i++) {
+        const int r = row0 + ty + @WG@ * i;
+        for (int j = 0; j < @RN@; j++) {
+            const int col = col0 + tx + @WG@ * j;
             if (r < m && col < n) {
                 c[r * n + col] = acc[i][j];
             }
@@ -331,12 +361,15 @@ pub fn copy_meta(shape: &[usize], out_base: usize, out_strides: &[usize], in_bas
     Some(meta)
 }
 
-pub fn program(kernels: &[&FusedKernel]) -> String {
+pub fn program(kernels: &[&FusedKernel], max_work_group: usize) -> String {
     let mut s = String::new();
     s.push_str("// mdl: kernels of one plan, rendered from fused-kernel descriptions\n");
     s.push_str("#pragma OPENCL FP_CONTRACT OFF\n");
-    let _ = writeln!(s, "#define BM {BM}\n#define BN {BN}\n#define BK {BK}\n#define WG {WG}");
-    s.push_str(MATMUL);
+    for (i, t) in MATMUL_TILES.iter().enumerate() {
+        if t.wg * t.wg <= max_work_group {
+            s.push_str(&matmul(&matmul_name(i), *t));
+        }
+    }
     s.push_str(COPY);
     for (i, k) in kernels.iter().enumerate() {
         s.push('\n');
