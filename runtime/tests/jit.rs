@@ -320,14 +320,7 @@ fn group_products_out_of_range_and_large() {
 fn compiled_updates_equal_the_reference_optimizer() {
     use mdl_runtime::optim::{OptimConfig, OptimKind, Optimizer};
     use mdl_runtime::ParamInfo;
-    let info = |name: &str, shape: &[usize], embedding: bool| ParamInfo {
-        name: name.into(),
-        shape: dims(shape),
-        init: Init::Zeros,
-        group: None,
-        embedding,
-        node: mdl_runtime::NodeId::new(0),
-    };
+    let info = common::param_info;
     let shapes: [(&str, Vec<usize>, bool); 4] =
         [("w", vec![3, 7], false), ("big", vec![300, 301], false), ("table", vec![5000, 19], true), ("frozen", vec![4], false)];
     let infos: Vec<ParamInfo> = shapes.iter().map(|(n, s, e)| info(n, s, *e)).collect();

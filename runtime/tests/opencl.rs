@@ -453,7 +453,6 @@ fn parameters_are_refreshed_every_run() {
 #[test]
 fn a_step_uploads_only_the_updated_rows_and_dense_parameters() {
     use mdl_runtime::optim::{OptimConfig, OptimKind, Optimizer};
-    use mdl_runtime::ParamInfo;
     let Some(mut exec) = executor("a_step_uploads_only_the_updated_rows_and_dense_parameters") else { return };
     let (rows, width, out) = (1000usize, 8usize, 4usize);
     let mut c = Case::default();
@@ -480,14 +479,7 @@ fn a_step_uploads_only_the_updated_rows_and_dense_parameters() {
     let whole = 4 * (rows * width + width * out) as u64;
     assert_eq!(exec.param_bytes_uploaded(), whole, "the first run uploads both parameters whole");
 
-    let info = |name: &str, shape: &[usize], embedding: bool| ParamInfo {
-        name: name.into(),
-        shape: dims(shape),
-        init: Init::Zeros,
-        group: None,
-        embedding,
-        node: mdl_runtime::NodeId::new(0),
-    };
+    let info = common::param_info;
     let infos = vec![info("p0", &[rows, width], true), info("p1", &[width, out], false)];
     let mut opt = Optimizer::<f32>::new(OptimConfig::new(OptimKind::adam(), 0.01)).unwrap();
     let touched = vec![500u32, 3, 3, 42];

@@ -21,6 +21,12 @@ pub fn dims(sizes: &[usize]) -> Shape {
     sizes.iter().map(|&s| Dim::from(s)).collect()
 }
 
+/// A parameter's description for the optimizer: `name` of a static `shape`, an embedding
+/// table (row-sparse updates, `embedding_lr`) or not.
+pub fn param_info(name: &str, shape: &[usize], embedding: bool) -> mdl_runtime::ParamInfo {
+    mdl_runtime::ParamInfo { name: name.into(), shape: dims(shape), init: Init::Zeros, group: None, embedding, node: NodeId::new(0) }
+}
+
 /// A shape whose first axis is the batch symbol `B` (the rest static).
 pub fn batch_dims(sizes: &[usize]) -> Shape {
     let mut s = vec![Dim::batch()];
