@@ -34,6 +34,8 @@ pub struct BenchReport {
     pub step_ms: f64,
     /// Of `step_ms`: the optimizer update (with clipping), after the graph ran.
     pub update_ms: f64,
+    /// Bytes written to and read from the device per timed step (device backends).
+    pub transfers_per_step: Option<(f64, f64)>,
     pub train_samples_per_sec: f64,
     pub eval_samples_per_sec: f64,
     pub profile: Vec<(String, std::time::Duration, usize)>,
@@ -185,6 +187,7 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
     step(0, exec.as_mut(), &mut params)?;
     let first_step_ms = t.elapsed().as_secs_f64() * 1e3;
     exec.set_profiling(true);
+    let moved_before = exec.transfers();
     let t = Instant::now();
     let mut update_secs = 0.0;
     for i in 1..=steps {
@@ -192,6 +195,11 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
     }
     let step_ms = t.elapsed().as_secs_f64() * 1e3 / steps.max(1) as f64;
     let update_ms = update_secs * 1e3 / steps.max(1) as f64;
+    let per_step = |a: u64, b: u64| (b - a) as f64 / steps.max(1) as f64;
+    let transfers_per_step = match (moved_before, exec.transfers()) {
+        (Some((u0, d0)), Some((u1, d1))) => Some((per_step(u0, u1), per_step(d0, d1))),
+        _ => None,
+    };
     let profile = exec.profile();
     exec.set_profiling(false);
     // Evaluation: forward only over (up to) 8 batches of valid.
@@ -223,6 +231,7 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
         first_step_ms,
         step_ms,
         update_ms,
+        transfers_per_step,
         train_samples_per_sec: bs as f64 / (step_ms / 1e3),
         eval_samples_per_sec: rows as f64 / eval_secs.max(1e-9),
         profile,
@@ -240,6 +249,9 @@ impl std::fmt::Display for BenchReport {
         writeln!(f, "  first train step                          {:10.1} ms", self.first_step_ms)?;
         writeln!(f, "  train step (forward + backward + update)  {:10.1} ms   {:10.0} samples/s", self.step_ms, self.train_samples_per_sec)?;
         writeln!(f, "    of which the optimizer update            {:10.1} ms", self.update_ms)?;
+        if let Some((up, down)) = self.transfers_per_step {
+            writeln!(f, "    host -> device {:.2} MB, device -> host {:.2} MB per step", up / 1e6, down / 1e6)?;
+        }
         writeln!(f, "  eval (forward)                                            {:10.0} samples/s", self.eval_samples_per_sec)?;
         let g = &self.gemm;
         if g.products > 0 {

@@ -549,6 +549,44 @@ fn row_sparse_gradients_are_combined_on_the_device() {
     assert_eq!(got.to_string(), want.to_string());
 }
 
+/// A fed value that several device kernels read is uploaded once per run (ids too), and
+/// `transfers` counts it: a 1M-element feed read by two kernels, and ids read by two
+/// gathers, cost one upload each (plus kernel metadata under 1 %).
+#[test]
+fn a_feed_read_by_several_device_kernels_is_uploaded_once() {
+    let Some(mut exec) = executor("a_feed_read_by_several_device_kernels_is_uploaded_once") else { return };
+    let n = 1 << 20;
+    let mut c = Case::default();
+    let x = c.g.input("x", dims(&[n]), mdl_runtime::DType::F);
+    for u in [UnaryOp::Exp, UnaryOp::Tanh] {
+        let y = c.g.add(Op::Unary(u), &[x], "").unwrap();
+        let name = format!("o{}", c.outputs.len());
+        c.g.outputs.insert(name.clone(), y);
+        c.outputs.push(name);
+    }
+    let table = c.param(Tensor::new(vec![10, 4], values(40, 1, -1.0, 1.0)).unwrap());
+    let table2 = c.param(Tensor::new(vec![10, 4], values(40, 2, -1.0, 1.0)).unwrap());
+    let ids = c.g.input("ids", dims(&[n]), mdl_runtime::DType::I);
+    for t in [table, table2] {
+        let y = c.g.add(Op::Gather, &[t, ids], "").unwrap();
+        let name = format!("o{}", c.outputs.len());
+        c.g.outputs.insert(name.clone(), y);
+        c.outputs.push(name);
+    }
+    let feeds: HashMap<String, Value<f32>> = [
+        ("x".to_string(), Value::Dense(Tensor::new(vec![n], values(n, 3, -1.0, 1.0)).unwrap())),
+        ("ids".to_string(), Value::Ids(Tensor::new(vec![n], (0..n as u32).map(|i| i % 10).collect()).unwrap())),
+    ]
+    .into_iter()
+    .collect();
+    exec.run(&c.g, &Binding::new(), &feeds, &c.params, &Mode::eval()).unwrap();
+    let (up0, _) = exec.transfers().unwrap();
+    exec.run(&c.g, &Binding::new(), &feeds, &c.params, &Mode::eval()).unwrap();
+    let (up1, _) = exec.transfers().unwrap();
+    let once = 2 * 4 * n as u64;
+    assert!(up1 - up0 >= once && up1 - up0 < once + once / 100, "uploaded {} bytes, one copy of each feed is {once}", up1 - up0);
+}
+
 #[test]
 fn a_build_error_shows_the_log_and_the_source_line() {
     let Some(mut exec) = executor("a_build_error_shows_the_log_and_the_source_line") else { return };

@@ -217,6 +217,12 @@ pub trait Executor {
         Vec::new()
     }
 
+    /// `(bytes written to, bytes read from)` the device since the executor was made, for
+    /// backends with a device of their own; `None` for those that compute in host memory.
+    fn transfers(&self) -> Option<(u64, u64)> {
+        None
+    }
+
     /// Makes `graph` runnable at the sizes of `binding` before its first run (the jit's
     /// fusion pass and kernel compilation), so that the first `run` pays only for running
     /// and the cost of a plan can be measured apart. Backends with nothing to prepare do

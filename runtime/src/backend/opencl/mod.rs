@@ -236,6 +236,9 @@ pub struct OpenCl {
     resident: HashMap<String, (Buffer<f32>, HostStamp)>,
     /// Parameter bytes written to the device since the executor was made.
     param_bytes: u64,
+    /// All bytes written to and read from the device since the executor was made.
+    bytes_up: u64,
+    bytes_down: u64,
     /// The device's largest work group (work items).
     max_work_group: usize,
     /// The matmul tilings the device allows and the one chosen per product shape.
@@ -294,6 +297,8 @@ impl OpenCl {
             programs: HashMap::new(),
             resident: HashMap::new(),
             param_bytes: 0,
+            bytes_up: 0,
+            bytes_down: 0,
             max_work_group,
             tuning: MatmulTuning { allowed, ..Default::default() },
             profile: OpProfile::default(),
@@ -422,6 +427,7 @@ impl OpenCl {
                 Some((b, s)) if b.len() == t.data.len() => {
                     b.write(&t.data).enq().map_err(|e| cl_err(&format!("uploading parameter {name}"), e))?;
                     self.param_bytes += 4 * t.data.len() as u64;
+                    self.bytes_up += 4 * t.data.len() as u64;
                     *s = stamp;
                     b.clone()
                 }
@@ -433,6 +439,7 @@ impl OpenCl {
                         .build()
                         .map_err(|e| cl_err(&format!("allocating parameter {name}"), e))?;
                     self.param_bytes += 4 * t.data.len() as u64;
+                    self.bytes_up += 4 * t.data.len() as u64;
                     self.resident.insert(name.clone(), (b.clone(), stamp));
                     b
                 }
@@ -487,10 +494,12 @@ impl OpenCl {
                 // distinct, so no two work items write one element.
                 unsafe { k.enq() }.map_err(what)?;
                 self.param_bytes += 4 * (total + rows.len()) as u64;
+                self.bytes_up += 4 * (total + rows.len()) as u64;
             }
             _ => {
                 buffer.write(&param.data).enq().map_err(what)?;
                 self.param_bytes += 4 * param.data.len() as u64;
+                self.bytes_up += 4 * param.data.len() as u64;
             }
         }
         *stamp = HostStamp::of(&param.data);
@@ -531,6 +540,9 @@ struct DeviceRun<'a> {
     kernels: &'a HashMap<FusedKernel, String>,
     params: &'a HashMap<usize, Buffer<f32>>,
     tuning: &'a MatmulTuning,
+    /// Bytes this run wrote to and read from the device.
+    up: std::cell::Cell<u64>,
+    down: std::cell::Cell<u64>,
 }
 
 /// The matmul tilings this device can run and the one chosen for each product shape.
@@ -549,18 +561,14 @@ struct MatmulTuning {
 const TUNE_MIN_WORK: usize = 1 << 22;
 
 impl DeviceRun<'_> {
-    /// A device buffer holding `t`: the resident copy of a parameter, else a fresh upload.
-    fn operand(&self, t: &Tensor<f32>) -> Result<Buffer<f32>, ExecError> {
-        if let Some(b) = self.params.get(&(t.data.as_ptr() as usize)) {
-            if b.len() == t.data.len() {
-                return Ok(b.clone());
-            }
-        }
-        self.upload(&t.data, "an operand")
+    /// The resident buffer of the parameter `t` is, if it is one.
+    fn param(&self, t: &Tensor<f32>) -> Option<Buffer<f32>> {
+        self.params.get(&(t.data.as_ptr() as usize)).filter(|b| b.len() == t.data.len()).cloned()
     }
 
     /// A new device buffer holding `data` (`what` names it in errors).
     fn upload<T: ocl::OclPrm>(&self, data: &[T], what: &str) -> Result<Buffer<T>, ExecError> {
+        self.up.set(self.up.get() + std::mem::size_of_val(data) as u64);
         Buffer::<T>::builder()
             .queue(self.queue.clone())
             .len(data.len())
@@ -597,12 +605,15 @@ impl DeviceRun<'_> {
 
     /// Rows `ids` of `table` (`[rows, width]` in a buffer): `None` (run on the host,
     /// which reports it) when an id is out of range or a size does not fit an `int`.
-    fn gather(&self, table: &Buffer<f32>, rows: usize, width: usize, ids: &[u32]) -> Result<Option<Buffer<f32>>, ExecError> {
+    fn gather(&self, table: &Buffer<f32>, rows: usize, width: usize, ids: &[u32], on_device: Option<&Buffer<u32>>) -> Result<Option<Buffer<f32>>, ExecError> {
         let total = ids.len() * width;
         if total == 0 || i32::try_from(total).is_err() || i32::try_from(width).is_err() || ids.iter().any(|&id| id as usize >= rows) {
             return Ok(None);
         }
-        let ids = self.upload(ids, "ids")?;
+        let ids = match on_device {
+            Some(b) => b.clone(),
+            None => self.upload(ids, "ids")?,
+        };
         let out = self.output(total)?;
         let k = Kernel::builder()
             .program(self.program)
@@ -628,6 +639,7 @@ impl DeviceRun<'_> {
     fn read(&self, b: &Buffer<f32>, len: usize) -> Result<Vec<f32>, ExecError> {
         let mut data = vec![0f32; len];
         b.read(&mut data).enq().map_err(|e| cl_err("reading a result", e))?;
+        self.down.set(self.down.get() + 4 * len as u64);
         Ok(data)
     }
 
@@ -767,6 +779,11 @@ struct DeviceEval<'a> {
     plan: &'a Plan,
     /// Device buffers of computed values that device kernels still read, by node.
     resident: HashMap<NodeId, Buffer<f32>>,
+    /// Host values (feeds, host results) uploaded for a device reader in this run, by
+    /// node, so that their other device readers do not upload them again; dropped at the
+    /// value's last reader. Ids apart.
+    uploaded: std::cell::RefCell<HashMap<NodeId, Buffer<f32>>>,
+    uploaded_ids: std::cell::RefCell<HashMap<NodeId, Buffer<u32>>>,
     profile: Option<&'a mut OpProfile>,
     /// Values read back in this run.
     read_back: std::cell::Cell<u64>,
@@ -776,10 +793,26 @@ impl DeviceEval<'_> {
     /// The device buffer of operand `k` (node `input`, host value `t`): the value's own
     /// buffer when the device computed it, else the resident parameter or an upload.
     fn buffer(&self, input: NodeId, t: &Tensor<f32>) -> Result<Buffer<f32>, ExecError> {
-        match self.resident.get(&input) {
-            Some(b) => Ok(b.clone()),
-            None => self.dev.operand(t),
+        if let Some(b) = self.resident.get(&input).cloned().or_else(|| self.dev.param(t)) {
+            return Ok(b);
         }
+        if let Some(b) = self.uploaded.borrow().get(&input) {
+            return Ok(b.clone());
+        }
+        let b = self.dev.upload(&t.data, "an operand")?;
+        self.uploaded.borrow_mut().insert(input, b.clone());
+        Ok(b)
+    }
+
+    /// The device buffer of the ids of node `input`: uploaded by its first device reader
+    /// in this run, kept for the others.
+    fn ids_buffer(&self, input: NodeId, ids: &[u32]) -> Result<Buffer<u32>, ExecError> {
+        if let Some(b) = self.uploaded_ids.borrow().get(&input) {
+            return Ok(b.clone());
+        }
+        let b = self.dev.upload(ids, "ids")?;
+        self.uploaded_ids.borrow_mut().insert(input, b.clone());
+        Ok(b)
     }
 
     /// A row-sparse gradient `SparseRows(ids, values)` combined on the device: each entry
@@ -810,7 +843,7 @@ impl DeviceEval<'_> {
         let acc = self.dev.output(limit * width)?;
         acc.cmd().fill(0.0f32, None).enq().map_err(err)?;
         let named = Buffer::<u32>::builder().queue(self.dev.queue.clone()).len(limit).fill_val(0u32).build().map_err(err)?;
-        let id_buf = self.dev.upload(&ids.data, "ids")?;
+        let id_buf = self.ids_buffer(self.plan.fused.node(id).inputs[0], &ids.data)?;
         let k = Kernel::builder()
             .program(self.dev.program)
             .name("mdl_scatter_add")
@@ -829,8 +862,9 @@ impl DeviceEval<'_> {
         unsafe { k.enq() }.map_err(err)?;
         let mut marks = vec![0u32; limit];
         named.read(&mut marks).enq().map_err(err)?;
+        self.dev.down.set(self.dev.down.get() + 4 * limit as u64);
         let rows: Vec<u32> = (0..limit as u32).filter(|&r| marks[r as usize] != 0).collect();
-        let data = match self.dev.gather(&acc, limit, width, &rows)? {
+        let data = match self.dev.gather(&acc, limit, width, &rows, None)? {
             Some(b) => self.dev.read(&b, rows.len() * width)?,
             None => return Ok(None),
         };
@@ -847,6 +881,8 @@ impl DeviceEval<'_> {
         for (&i, &dies) in inputs.iter().zip(self.plan.lifetimes.dying(id)) {
             if dies {
                 self.resident.remove(&i);
+                self.uploaded.get_mut().remove(&i);
+                self.uploaded_ids.get_mut().remove(&i);
             }
         }
         if let (Some(t), Some(profile)) = (start, self.profile.as_deref_mut()) {
@@ -870,7 +906,8 @@ impl DeviceEval<'_> {
             let (table, ids) = (args[0].dense("gather")?, args[1].ids("gather")?);
             let width = table.shape[1..].iter().product();
             let t = self.buffer(inputs[0], table)?;
-            return self.dev.gather(&t, table.shape[0], width, &ids.data);
+            let id_buf = self.ids_buffer(inputs[1], &ids.data)?;
+            return self.dev.gather(&t, table.shape[0], width, &ids.data, Some(&id_buf));
         }
         let xs: Vec<&Tensor<f32>> = args.iter().map(|a| a.dense(&op.name())).collect::<Result<_, _>>()?;
         if is_layout(op) {
@@ -1086,6 +1123,10 @@ impl Executor for OpenCl {
         Ok(())
     }
 
+    fn transfers(&self) -> Option<(u64, u64)> {
+        Some((self.bytes_up, self.bytes_down))
+    }
+
     /// The fused plan of `graph` and its OpenCL program, built before the first run.
     fn prepare(&mut self, graph: &Graph, _binding: &Binding) -> Result<(), ExecError> {
         self.plan(graph)
@@ -1101,13 +1142,23 @@ impl Executor for OpenCl {
     ) -> Result<Values<f32>, ExecError> {
         self.plan(graph)?;
         let resident = self.refresh_params(params)?;
-        let OpenCl { plans, programs, queue, profile, read_back, tuning, .. } = self;
+        let OpenCl { plans, programs, queue, profile, read_back, tuning, bytes_up, bytes_down, .. } = self;
         let plan = plans.first().ok_or_else(|| cl_err("plan", "not made"))?;
         let program = programs.get(&plan.program_source).ok_or_else(|| cl_err("program", "not built"))?;
-        let dev = DeviceRun { queue, program, kernels: &plan.kernels, params: &resident, tuning };
-        let mut evaluator = DeviceEval { dev, plan, resident: HashMap::new(), profile: profile.recording(), read_back: Default::default() };
+        let dev = DeviceRun { queue, program, kernels: &plan.kernels, params: &resident, tuning, up: Default::default(), down: Default::default() };
+        let mut evaluator = DeviceEval {
+            dev,
+            plan,
+            resident: HashMap::new(),
+            uploaded: Default::default(),
+            uploaded_ids: Default::default(),
+            profile: profile.recording(),
+            read_back: Default::default(),
+        };
         let values = execute(&plan.fused, &plan.lifetimes, binding, feeds, params, mode, &mut evaluator);
         *read_back += evaluator.read_back.get();
+        *bytes_up += evaluator.dev.up.get();
+        *bytes_down += evaluator.dev.down.get();
         let values = values?;
         Ok(values.rekey(graph))
     }
