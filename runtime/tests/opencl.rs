@@ -519,7 +519,8 @@ fn a_step_uploads_only_the_updated_rows_and_dense_parameters() {
 /// when its entries are all zero; an id outside the table fails as interp does.
 #[test]
 fn row_sparse_gradients_are_combined_on_the_device() {
-    let Some(mut exec) = executor("row_sparse_gradients_are_combined_on_the_device") else { return };
+    let Some(exec) = executor("row_sparse_gradients_are_combined_on_the_device") else { return };
+    let mut exec = exec.with_sparse_rows_on_device(true);
     let (rows, width, n) = (50usize, 5usize, 12usize);
     let mut c = Case::default();
     let dy = c.param(Tensor::new(vec![n, width], values(n * width, 1, -1.0, 1.0)).unwrap());

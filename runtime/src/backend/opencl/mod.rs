@@ -19,12 +19,15 @@
 //!   - every `MatMul`, as a tiled kernel with local-memory tiles (`render::MATMUL`).
 //!
 //!   - row gathers, every layout op (as copies between strided views), and lone sums
-//!     and means.
+//!     and means;
+//!   - the row-sparse gradients of embedding tables (`SparseRows`), combined by an atomic
+//!     scatter-add, on GPUs and accelerators ([`OpenCl::with_sparse_rows_on_device`]); on
+//!     a CPU device the host's eval rule and combine are faster.
 //!
 //!   All kernels of a plan are one OpenCL program, built once per distinct source text
-//!   (PoCL also caches builds on disk under `POCL_CACHE_DIR`). Every other op (pooling's
-//!   row-sparse backward, softmax, ...) runs on the host through its eval rule, so the
-//!   backend is complete by construction and agrees with interp.
+//!   (PoCL also caches builds on disk under `POCL_CACHE_DIR`). Every other op (softmax,
+//!   ...) runs on the host through its eval rule, so the backend is complete by
+//!   construction and agrees with interp.
 //! - **values between device kernels on the device** ([`DeviceEval`]): a device result
 //!   read only by device kernels is never read back; one the host also reads is read back
 //!   once, and its buffer still serves the device readers.
@@ -186,7 +189,7 @@ struct Plan {
 
 /// Which nodes of `fused` run on the device, which stay there, and which device kernels
 /// read (see [`Plan`]).
-fn placement(fused: &Graph, kernels: &HashMap<FusedKernel, String>, lifetimes: &Lifetimes) -> (Vec<bool>, Vec<bool>, Vec<bool>) {
+fn placement(fused: &Graph, kernels: &HashMap<FusedKernel, String>, lifetimes: &Lifetimes, sparse_rows: bool) -> (Vec<bool>, Vec<bool>, Vec<bool>) {
     let n = fused.len();
     let on_device: Vec<bool> = fused
         .ids()
@@ -197,7 +200,7 @@ fn placement(fused: &Graph, kernels: &HashMap<FusedKernel, String>, lifetimes: &
                 Op::Fused(k) => kernels.contains_key(k.as_ref()),
                 op @ Op::Reduce { .. } => reduce_kernel(op, node).is_some_and(|k| kernels.contains_key(&k)),
                 Op::MatMul { .. } => true,
-                Op::SparseRows { .. } => node.sig.dtype == DType::F,
+                Op::SparseRows { .. } => sparse_rows && node.sig.dtype == DType::F,
                 op => real && (matches!(op, Op::Gather) || is_layout(op)),
             }
         })
@@ -241,6 +244,10 @@ pub struct OpenCl {
     bytes_down: u64,
     /// The device's largest work group (work items).
     max_work_group: usize,
+    /// Combine row-sparse gradients on the device ([`DeviceEval::sparse_rows`]); off by
+    /// default on a CPU device, where the float atomics cost more than the host's combine
+    /// (DeepFM on PoCL: 193 ms per step against about 92).
+    sparse_rows_on_device: bool,
     /// The matmul tilings the device allows and the one chosen per product shape.
     tuning: MatmulTuning,
     profile: OpProfile,
@@ -286,6 +293,7 @@ impl OpenCl {
             Ok(DeviceInfoResult::MaxWorkGroupSize(n)) => n,
             _ => 64,
         };
+        let sparse_rows_on_device = summary.kind != "CPU";
         let allowed: Vec<usize> =
             render::MATMUL_TILES.iter().enumerate().filter(|(_, t)| t.wg * t.wg <= max_work_group).map(|(i, _)| i).collect();
         Ok(OpenCl {
@@ -300,6 +308,7 @@ impl OpenCl {
             bytes_up: 0,
             bytes_down: 0,
             max_work_group,
+            sparse_rows_on_device,
             tuning: MatmulTuning { allowed, ..Default::default() },
             profile: OpProfile::default(),
             read_back: 0,
@@ -321,6 +330,14 @@ impl OpenCl {
     /// and the updated values [`Executor::update`] writes).
     pub fn param_bytes_uploaded(&self) -> u64 {
         self.param_bytes
+    }
+
+    /// Combines row-sparse gradients on the device (`true`) or on the host (`false`),
+    /// whatever the device's kind (see the module docs).
+    pub fn with_sparse_rows_on_device(mut self, on: bool) -> OpenCl {
+        self.sparse_rows_on_device = on;
+        self.plans.clear();
+        self
     }
 
     /// Runs every product with matmul tiling `i` of `render::MATMUL_TILES` instead of the
@@ -373,7 +390,7 @@ impl OpenCl {
         let program_source = render::program(&order.iter().collect::<Vec<_>>(), self.max_work_group);
         self.build_program(&program_source)?;
         let lifetimes = Lifetimes::new(&fused, false);
-        let (on_device, device_only, device_read) = placement(&fused, &kernels, &lifetimes);
+        let (on_device, device_only, device_read) = placement(&fused, &kernels, &lifetimes, self.sparse_rows_on_device);
         let mut device_params: Vec<String> = Vec::new();
         for id in fused.ids().filter(|id| on_device[id.index()]) {
             for &i in &fused.node(id).inputs {
