@@ -201,7 +201,8 @@ pub struct Kernels {
     pub threads: usize,
 }
 
-/// The slots of one run of rows: two state pointers (null when the rule keeps none).
+/// A parameter (or a part of it) and its state slots, `None` for a slot the rule keeps
+/// none of.
 struct Run<'a> {
     w: &'a mut [f32],
     s1: Option<&'a mut [f32]>,
@@ -209,23 +210,16 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// `(w[at..], s1[at..], s2[at..])` and the part before `at`.
+    /// The elements before `at` and those from `at` on, of the parameter and its slots.
     fn split_at(self, at: usize) -> (Self, Self) {
+        fn split(s: Option<&mut [f32]>, at: usize) -> (Option<&mut [f32]>, Option<&mut [f32]>) {
+            match s.map(|s| s.split_at_mut(at)) {
+                Some((x, y)) => (Some(x), Some(y)),
+                None => (None, None),
+            }
+        }
         let (w0, w1) = self.w.split_at_mut(at);
-        let (a0, a1) = match self.s1 {
-            Some(s) => {
-                let (x, y) = s.split_at_mut(at);
-                (Some(x), Some(y))
-            }
-            None => (None, None),
-        };
-        let (b0, b1) = match self.s2 {
-            Some(s) => {
-                let (x, y) = s.split_at_mut(at);
-                (Some(x), Some(y))
-            }
-            None => (None, None),
-        };
+        let ((a0, a1), (b0, b1)) = (split(self.s1, at), split(self.s2, at));
         (Run { w: w0, s1: a0, s2: b0 }, Run { w: w1, s1: a1, s2: b1 })
     }
 
