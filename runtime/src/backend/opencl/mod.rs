@@ -41,7 +41,10 @@
 //!   and the touched rows, never the untouched rows of a table. Each buffer remembers the
 //!   host tensor it mirrors ([`HostStamp`]: its storage and a sample of its values); a
 //!   run handed other tensors (a loaded checkpoint, a caller's own values) uploads them
-//!   whole. The optimizer state stays on the host; keeping it, and the update, on the
+//!   whole. The contract: a caller changes a parameter in place only through
+//!   `Executor::update` (the trainer and `mdl bench` do); an in-place change made
+//!   otherwise is seen only if it moves one of the sampled values. The optimizer state
+//!   stays on the host; keeping it, and the update, on the
 //!   device is the next increment.
 //!
 //! A program that does not build is an error that shows the compiler's build log with the
