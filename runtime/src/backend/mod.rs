@@ -233,7 +233,9 @@ pub trait Executor {
 
     /// One optimizer step: [`Optimizer::step`] on `params` with `grads` (the arguments
     /// are `step`'s). Backends with update kernels of their own run them; the results are
-    /// the reference optimizer's.
+    /// the reference optimizer's. A backend that keeps its own copies of parameters (on a
+    /// device) brings them up to date here, so a caller that runs an executor changes
+    /// parameters in place only through this method (or hands it new tensors).
     ///
     /// [`Optimizer::step`]: crate::optim::Optimizer::step
     fn update(
