@@ -56,6 +56,9 @@ enum Command {
         /// Stop after this many steps, as if interrupted (for testing --resume)
         #[arg(long, hide = true)]
         stop_after: Option<u64>,
+        /// Train on this backend: jit, interp or opencl (default: the experiment's)
+        #[arg(long)]
+        backend: Option<String>,
         /// Train on OpenCL device N (as `mdl devices` numbers them; implies the opencl backend)
         #[arg(long, value_name = "N")]
         device: Option<usize>,
@@ -116,7 +119,10 @@ fn main() -> ExitCode {
     let result = std::panic::catch_unwind(|| match cli.command {
         Command::Check { specs, set } => mdl::cli::check(&specs, &set),
         Command::Graph { spec, backward, dot, set } => mdl::cli::graph(&spec, backward, dot, &set),
-        Command::Run { experiment, mut set, out, resume, stop_after, device } => {
+        Command::Run { experiment, mut set, out, resume, stop_after, backend, device } => {
+            if let Some(b) = backend {
+                set.push(format!("backend={b}"));
+            }
             if let Some(n) = device {
                 set.push(format!("backend=opencl:{n}"));
             }

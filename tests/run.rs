@@ -224,6 +224,21 @@ fn a_frozen_group_keeps_its_initial_values() {
 /// `mdl bench` prints the step rate and the GEMM-bound line; the DNN's products are the
 /// three layers forward (768·256 + 256·128 + 128·1 multiply-adds per sample) and their two
 /// gradients each: 2 · 3 · 229,504 = 1,377,024 flops per sample.
+/// `mdl run --backend B` trains on B (what the run's config records), and an unknown
+/// backend is one clear error naming the choices.
+#[test]
+fn run_takes_the_backend_from_the_command_line() {
+    let out_dir = tmp("backend_flag");
+    let out = short_run(&out_dir, &["--backend", "interp", "--set", "train.max_steps=1"]);
+    ok(&out);
+    let config = std::fs::read_to_string(out_dir.join("config.yaml")).unwrap();
+    assert!(config.lines().any(|l| l.trim() == "backend: interp"), "{config}");
+    let out = short_run(&tmp("backend_flag_bad"), &["--backend", "tpu"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tpu") && err.contains("jit"), "{err}");
+}
+
 #[test]
 fn bench_prints_rates_and_the_gemm_bound() {
     let out = mdl(&[
