@@ -18,16 +18,16 @@
 //!     included;
 //!   - every `MatMul`, as a tiled kernel with local-memory tiles (`render::MATMUL`).
 //!
-//!   - row gathers, every layout op (as copies between strided views), and lone sums
-//!     and means;
+//!   - row gathers, every layout op (as copies between strided views), lone sums and
+//!     means, and softmax over any axis;
 //!   - the row-sparse gradients of embedding tables (`SparseRows`), combined by an atomic
 //!     scatter-add, on GPUs and accelerators ([`OpenCl::with_sparse_rows_on_device`]); on
 //!     a CPU device the host's eval rule and combine are faster.
 //!
 //!   All kernels of a plan are one OpenCL program, built once per distinct source text
-//!   (PoCL also caches builds on disk under `POCL_CACHE_DIR`). Every other op (softmax,
-//!   ...) runs on the host through its eval rule, so the backend is complete by
-//!   construction and agrees with interp.
+//!   (PoCL also caches builds on disk under `POCL_CACHE_DIR`). Every other op (segment
+//!   sums, one-hots, group products, ...) runs on the host through its eval rule, so the
+//!   backend is complete by construction and agrees with interp.
 //! - **values between device kernels on the device** ([`DeviceEval`]): a device result
 //!   read only by device kernels is never read back; one the host also reads is read back
 //!   once, and its buffer still serves the device readers.
@@ -204,7 +204,7 @@ fn placement(fused: &Graph, kernels: &HashMap<FusedKernel, String>, lifetimes: &
                 op @ Op::Reduce { .. } => reduce_kernel(op, node).is_some_and(|k| kernels.contains_key(&k)),
                 Op::MatMul { .. } => true,
                 Op::SparseRows { .. } => sparse_rows && node.sig.dtype == DType::F,
-                op => real && (matches!(op, Op::Gather) || is_layout(op)),
+                op => real && (matches!(op, Op::Gather | Op::Softmax { .. }) || is_layout(op)),
             }
         })
         .collect();
@@ -652,6 +652,34 @@ impl DeviceRun<'_> {
         Ok(Some(out))
     }
 
+    /// A softmax along `axis` of a value of `shape` (one work item per vector); `None` when
+    /// a size does not fit an `int`.
+    fn softmax(&self, x: &Buffer<f32>, shape: &[usize], axis: usize) -> Result<Option<Buffer<f32>>, ExecError> {
+        let (size, inner) = (shape[axis], shape[axis + 1..].iter().product::<usize>());
+        let len: usize = shape.iter().product();
+        let vectors = len.checked_div(size).unwrap_or(0);
+        if len == 0 || i32::try_from(len).is_err() {
+            return Ok(None);
+        }
+        let out = self.output(len)?;
+        let k = Kernel::builder()
+            .program(self.program)
+            .name("mdl_softmax")
+            .queue(self.queue.clone())
+            .global_work_size(vectors)
+            .arg(&out)
+            .arg(x)
+            .arg(size as i32)
+            .arg(inner as i32)
+            .arg(vectors as i32)
+            .build()
+            .map_err(|e| cl_err("kernel mdl_softmax", e))?;
+        // SAFETY: work item `g < vectors` reads and writes `size` elements `inner` apart from
+        // `(g / inner) * size * inner + g % inner`, all below `len`, the length of both.
+        unsafe { k.enq() }.map_err(|e| cl_err("running kernel mdl_softmax", e))?;
+        Ok(Some(out))
+    }
+
     fn output(&self, len: usize) -> Result<Buffer<f32>, ExecError> {
         Buffer::<f32>::builder().queue(self.queue.clone()).len(len).build().map_err(|e| cl_err("allocating an output", e))
     }
@@ -943,6 +971,7 @@ impl DeviceEval<'_> {
                 None => Ok(None),
             },
             Op::MatMul { trans_a, trans_b } => self.dev.matmul(shapes[0], shapes[1], &bufs[0], &bufs[1], *trans_a, *trans_b, out_shape),
+            Op::Softmax { axis } => self.dev.softmax(&bufs[0], shapes[0], *axis),
             _ => Ok(None),
         }
     }

@@ -280,6 +280,9 @@ pub const COPY_MAX_RANK: usize = 8;
 /// rows of a resident parameter). `mdl_scatter_add` adds row `r` of `values` to row
 /// `ids[r]` of a zeroed accumulator and marks that row in `named` (a row-sparse gradient
 /// combined on the device; float atomics, so the order of a row's additions varies).
+/// `mdl_softmax` computes one softmax (a `size`-long vector `inner` elements apart) per
+/// work item, in the eval rule's order: the maximum, the exponentials and their sum, the
+/// quotients.
 pub const COPY: &str = r#"
 __kernel void mdl_copy(__global const int* meta, __global float* out, __global const float* in) {
     const int i = get_global_id(0);
@@ -321,6 +324,23 @@ __kernel void mdl_scatter_add(__global float* acc, __global uint* named, __globa
     const int c = i - r * width;
     if (c == 0) named[row] = 1u;
     mdl_atomic_add(acc + row * width + c, values[i]);
+}
+
+__kernel void mdl_softmax(__global float* out, __global const float* in, const int size, const int inner,
+                          const int total) {
+    const int g = get_global_id(0);
+    if (g >= total) return;
+    const int o = g / inner;
+    const long base = (long)o * size * inner + (g - o * inner);
+    float m = -INFINITY;
+    for (int k = 0; k < size; k++) m = fmax(m, in[base + (long)k * inner]);
+    float t = 0.0f;
+    for (int k = 0; k < size; k++) {
+        const float e = exp(in[base + (long)k * inner] - m);
+        out[base + (long)k * inner] = e;
+        t += e;
+    }
+    for (int k = 0; k < size; k++) out[base + (long)k * inner] = out[base + (long)k * inner] / t;
 }
 
 __kernel void mdl_scatter_rows(__global float* table, __global const uint* rows, __global const float* values,
