@@ -84,8 +84,7 @@ impl Default for Jit {
 impl Jit {
     /// An executor using the machine's cores (at most 2: more did not pay on CTR shapes).
     pub fn new() -> Jit {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        Jit::with_threads(cores.min(2))
+        Jit::with_threads(default_threads())
     }
 
     pub fn with_threads(threads: usize) -> Jit {
@@ -131,11 +130,11 @@ impl Jit {
         update::compiled()
     }
 
-    /// The jit's update kernels on `threads` threads, for another backend that updates
-    /// parameters on the host.
+    /// The jit's update kernels on the threads [`Jit::new`] uses, for another backend that
+    /// updates parameters on the host.
     #[cfg(feature = "opencl")]
-    pub(crate) fn update_kernels_for(threads: usize) -> impl crate::optim::UpdateKernels<f32> {
-        update::Kernels { threads }
+    pub(crate) fn host_update_kernels() -> impl crate::optim::UpdateKernels<f32> {
+        update::Kernels { threads: default_threads() }
     }
 
     pub fn threads(&self) -> usize {
@@ -148,6 +147,11 @@ impl Jit {
     pub fn pool_counts(&self) -> (u64, u64) {
         self.pool.counts()
     }
+}
+
+/// The machine's cores, at most 2 (more did not pay on CTR shapes).
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(2)
 }
 
 /// The jit's per-node evaluator for one run: fast kernels, fused kernels, the eval rules

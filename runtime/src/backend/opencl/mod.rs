@@ -478,9 +478,15 @@ impl OpenCl {
         let what = |e| cl_err(&format!("writing the update of parameter {name}"), e);
         let rows = match grad {
             Value::RowSparse { shape, rows, .. } if shape.len() > 1 && !rows.is_empty() => {
-                let mut unique = rows.clone();
-                unique.sort_unstable();
-                unique.dedup();
+                // Usually combined already (distinct, ascending): then borrowed as it is.
+                let unique: std::borrow::Cow<[u32]> = if rows.windows(2).all(|p| p[0] < p[1]) {
+                    std::borrow::Cow::Borrowed(rows)
+                } else {
+                    let mut r = rows.clone();
+                    r.sort_unstable();
+                    r.dedup();
+                    std::borrow::Cow::Owned(r)
+                };
                 Some((unique, shape[1..].iter().product::<usize>()))
             }
             _ => None,
@@ -490,7 +496,7 @@ impl OpenCl {
             (Some((rows, width)), Some(program)) if i32::try_from(rows.len() * width).is_ok() && width > 0 => {
                 let total = rows.len() * width;
                 let mut values = Vec::with_capacity(total);
-                for &r in &rows {
+                for &r in rows.iter() {
                     values.extend_from_slice(&param.data[r as usize * width..(r as usize + 1) * width]);
                 }
                 let upload = |q: &Queue, data: &[f32]| Buffer::<f32>::builder().queue(q.clone()).len(data.len()).copy_host_slice(data).build();
@@ -1162,7 +1168,7 @@ impl Executor for OpenCl {
                 _ => false,
             })
             .collect();
-        let kernels = super::jit::Jit::update_kernels_for(2);
+        let kernels = super::jit::Jit::host_update_kernels();
         optimizer.step_with(params, grads, info, frozen, lr_scale, &kernels)?;
         for name in mirrored {
             if let Some(t) = params.get(name) {
