@@ -2,7 +2,7 @@
 
 use crate::diag::{render_all, SourceMap};
 use crate::lower::{compile_file, Compiled, Hyper};
-use mdl_runtime::{autodiff, passes};
+use mdl_runtime::passes;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::ExitCode;
@@ -64,7 +64,7 @@ pub fn check(specs: &[std::path::PathBuf], set: &[String]) -> ExitCode {
             continue;
         }
         match compile_reporting(&mut map, spec, &overrides) {
-            Some(c) => match build_training_graph(&c) {
+            Some(c) => match crate::train::build_training_graph(&c) {
                 Ok(g) => println!(
                     "ok: {} (model {}, {} tasks, {} parameter tensors, {} forward ops, {} ops with backward) in {:.1} ms",
                     spec.display(),
@@ -116,7 +116,7 @@ pub fn graph(spec: &Path, backward: bool, dot: bool, set: &[String]) -> ExitCode
         return ExitCode::from(1);
     };
     let g = if backward {
-        match build_training_graph(&c) {
+        match crate::train::build_training_graph(&c) {
             Ok(g) => g,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -133,14 +133,6 @@ pub fn graph(spec: &Path, backward: bool, dot: bool, set: &[String]) -> ExitCode
         print!("{}", g.listing());
     }
     ExitCode::SUCCESS
-}
-
-/// The forward graph with the gradient of the loss for every parameter, optimised.
-pub fn build_training_graph(c: &Compiled) -> Result<mdl_runtime::Graph, String> {
-    let loss = *c.graph.outputs.get("loss").ok_or("the model has no loss output")?;
-    let wrt: Vec<String> = c.graph.params.iter().map(|p| p.name.clone()).collect();
-    let g = autodiff::differentiate(&c.graph, loss, &wrt).map_err(|e| e.to_string())?;
-    Ok(passes::optimize(&g))
 }
 
 fn fail(msg: &str) -> ExitCode {

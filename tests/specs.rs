@@ -9,7 +9,6 @@ use mdl_runtime::backend::interp;
 use mdl_runtime::exec::Mode;
 use mdl_runtime::ops::Op;
 use mdl_runtime::tensor::Value;
-use mdl_runtime::{autodiff, passes};
 
 #[test]
 fn every_spec_compiles_and_its_gradients_match_finite_differences() {
@@ -25,9 +24,7 @@ fn every_spec_compiles_and_its_gradients_match_finite_differences() {
                 node.op = Op::Reshape { shape: node.sig.shape.clone() };
             }
         }
-        let loss = c.graph.outputs["loss"];
-        let wrt: Vec<String> = c.graph.params.iter().map(|p| p.name.clone()).collect();
-        let g = passes::optimize(&autodiff::differentiate(&c.graph, loss, &wrt).unwrap());
+        let g = mdl::train::build_training_graph(&c).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let binding = small_binding(&g, 6);
         let mut rng = Lcg(7);
         let feeds = random_feeds::<f64>(&c, &binding, &mut rng);

@@ -57,6 +57,15 @@ pub fn compile_spec(exp: &Experiment) -> Result<Compiled, String> {
     compile_file(&mut map, &exp.spec, exp.model.as_deref(), &overrides).map_err(|d| crate::diag::render_all(&map, &d))
 }
 
+/// The forward graph with the gradient of the loss for every parameter, optimised: what
+/// a training step runs.
+pub fn build_training_graph(c: &Compiled) -> Result<mdl_runtime::Graph, String> {
+    let loss = *c.graph.outputs.get("loss").ok_or("the model has no loss output")?;
+    let wrt: Vec<String> = c.graph.params.iter().map(|p| p.name.clone()).collect();
+    let g = autodiff::differentiate(&c.graph, loss, &wrt).map_err(|e| e.to_string())?;
+    Ok(passes::optimize(&g))
+}
+
 impl Session {
     /// Compiles the experiment's spec and binds it to the fitted data layout.
     pub fn new(exp: &Experiment, fitted: &Fitted) -> Result<Session, String> {
@@ -67,10 +76,7 @@ impl Session {
     /// train (with backward) and eval graphs.
     pub fn with_compiled(compiled: Compiled, fitted: &Fitted) -> Result<Session, String> {
         let inputs = InputBinding::new(&compiled, &fitted.schema, &fitted.layout())?;
-        let loss = compiled.graph.outputs["loss"];
-        let wrt: Vec<String> = compiled.graph.params.iter().map(|p| p.name.clone()).collect();
-        let full = autodiff::differentiate(&compiled.graph, loss, &wrt).map_err(|e| e.to_string())?;
-        let train_graph = passes::optimize(&full);
+        let train_graph = build_training_graph(&compiled)?;
         let mut eval = compiled.graph.clone();
         eval.outputs.retain(|name, _| name.starts_with("logit/"));
         let eval_graph = passes::optimize(&eval);

@@ -129,12 +129,9 @@ pub fn random_params<T: Float>(g: &Graph, binding: &Binding, scale: f64, rng: &m
 pub fn assert_agrees_with_interp_on_every_spec(label: &str, loss_tol: f32, execs: &mut [&mut dyn mdl_runtime::backend::Executor]) {
     use mdl_runtime::backend::{Executor, Interp};
     use mdl_runtime::exec::Mode;
-    use mdl_runtime::{autodiff, passes};
     for path in shipped_specs() {
         let c = compile(&path);
-        let loss = c.graph.outputs["loss"];
-        let wrt: Vec<String> = c.graph.params.iter().map(|p| p.name.clone()).collect();
-        let g = passes::optimize(&autodiff::differentiate(&c.graph, loss, &wrt).unwrap());
+        let g = mdl::train::build_training_graph(&c).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let binding = small_binding(&g, 128);
         let mut rng = Lcg(5);
         let feeds = random_feeds::<f32>(&c, &binding, &mut rng);
