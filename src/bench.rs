@@ -12,6 +12,7 @@
 use crate::data::{self, PrepareOptions};
 use crate::experiment::Experiment;
 use crate::train::{compile_spec, make_executor, Session};
+use mdl_runtime::backend::TrainStep;
 use mdl_runtime::exec::Mode;
 use mdl_runtime::ir::dim::eval_shape;
 use mdl_runtime::ops::Op;
@@ -167,21 +168,17 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
         prep.train.gather(&order[i % order.len()], &mut batch).map_err(|e| e.to_string())?;
         let feeds = session.inputs.feeds(&batch);
         let binding = session.inputs.with_batch(batch.rows);
-        let mut out = exec
-            .run(&session.train_graph, &binding, &feeds, params, &Mode::train(exp.train.seed, i as u64))
-            .map_err(|e| e.to_string())?;
-        let mut grads: HashMap<String, Value<f32>> = HashMap::new();
-        for p in session.params() {
-            if let Some(g) = out.take_output(&format!("grad/{}", p.name)) {
-                grads.insert(p.name.clone(), g);
-            }
-        }
-        let t = Instant::now();
-        if let Some(c) = exp.train.clip_norm {
-            mdl_runtime::optim::clip_global_norm(&mut grads, c);
-        }
-        exec.update(&mut opt, params, &grads, session.params(), &|_| false, 1.0)?;
-        Ok(t.elapsed().as_secs_f64())
+        let step = TrainStep {
+            graph: &session.train_graph,
+            binding: &binding,
+            feeds: &feeds,
+            mode: &Mode::train(exp.train.seed, i as u64),
+            info: session.params(),
+            frozen: &|_| false,
+            clip_norm: exp.train.clip_norm,
+            lr_scale: 1.0,
+        };
+        Ok(exec.train_step(&step, params, &mut opt)?.update_secs)
     };
     let t = Instant::now();
     step(0, exec.as_mut(), &mut params)?;

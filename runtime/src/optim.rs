@@ -525,20 +525,30 @@ pub fn clip_global_norm<T: Float>(grads: &mut HashMap<String, Value<T>>, max_nor
     // touches each row once.
     combine_rows_in_place(grads);
     let norm = global_norm(grads);
-    if norm.is_finite() && max_norm >= 0.0 && norm > max_norm {
-        let scale = T::from_f64(max_norm / norm);
-        for grad in grads.values_mut() {
-            let data = match grad {
-                Value::Dense(t) => &mut t.data,
-                Value::RowSparse { values, .. } => &mut values.data,
-                Value::Ids(_) => continue,
-            };
-            for v in data.iter_mut() {
-                *v = *v * scale;
-            }
-        }
+    if let Some(scale) = clip_scale::<T>(norm, max_norm) {
+        scale_gradients(grads, scale);
     }
     norm
+}
+
+/// The factor that brings gradients of global norm `norm` down to `max_norm`: `None` when
+/// they are within bounds, or when the norm is not finite (see [`clip_global_norm`]).
+pub fn clip_scale<T: Float>(norm: f64, max_norm: f64) -> Option<T> {
+    (norm.is_finite() && max_norm >= 0.0 && norm > max_norm).then(|| T::from_f64(max_norm / norm))
+}
+
+/// Multiplies every gradient value by `scale` (ids are left alone).
+pub fn scale_gradients<T: Float>(grads: &mut HashMap<String, Value<T>>, scale: T) {
+    for grad in grads.values_mut() {
+        let data = match grad {
+            Value::Dense(t) => &mut t.data,
+            Value::RowSparse { values, .. } => &mut values.data,
+            Value::Ids(_) => continue,
+        };
+        for v in data.iter_mut() {
+            *v = *v * scale;
+        }
+    }
 }
 
 /// An optimizer: the configuration, the global step and each parameter's state.
@@ -548,6 +558,32 @@ pub struct Optimizer<T: Float> {
     /// Completed steps; the next step is number `steps + 1`.
     steps: u64,
     slots: HashMap<String, Slots<T>>,
+}
+
+/// The coefficients of one step: for dense parameters and for embedding tables.
+#[derive(Clone, Copy, Debug)]
+pub struct StepCoeffPair<T> {
+    pub dense: StepCoeffs<T>,
+    pub table: StepCoeffs<T>,
+}
+
+impl<T> StepCoeffPair<T> {
+    /// Those of an embedding table (`true`) or of any other parameter.
+    pub fn of(&self, embedding: bool) -> &StepCoeffs<T> {
+        if embedding {
+            &self.table
+        } else {
+            &self.dense
+        }
+    }
+}
+
+fn check_lr_scale(lr_scale: f64) -> Result<(), String> {
+    if lr_scale.is_finite() && lr_scale >= 0.0 {
+        Ok(())
+    } else {
+        Err(format!("optimizer: lr_scale must be a finite number >= 0, not {}", lr_scale))
+    }
 }
 
 /// One parameter update planned by the validation pass of [`Optimizer::step`].
@@ -609,9 +645,7 @@ impl<T: Float> Optimizer<T> {
         lr_scale: f64,
         kernels: &dyn UpdateKernels<T>,
     ) -> Result<(), String> {
-        if !(lr_scale.is_finite() && lr_scale >= 0.0) {
-            return Err(format!("optimizer: lr_scale must be a finite number >= 0, not {}", lr_scale));
-        }
+        check_lr_scale(lr_scale)?;
         let info_by_name: HashMap<&str, &ParamInfo> = info.iter().map(|p| (p.name.as_str(), p)).collect();
         let mut plan: Vec<PlannedUpdate<'_, T>> = Vec::with_capacity(grads.len());
         for (name, grad) in grads {
@@ -624,30 +658,69 @@ impl<T: Float> Optimizer<T> {
             let Some(param) = params.get(name) else {
                 return Err(format!("optimizer: parameter `{}` has a gradient but no value", name));
             };
-            self.check_update(name, param, grad)?;
+            self.check_gradient(name, param, grad)?;
             plan.push(PlannedUpdate { name, embedding: param_info.embedding, grad });
         }
         plan.sort_by(|a, b| a.name.cmp(b.name));
 
-        self.steps += 1;
-        let dense_coeffs = StepCoeffs::new(&self.config, false, lr_scale, self.steps);
-        let table_coeffs = StepCoeffs::new(&self.config, true, lr_scale, self.steps);
+        let coeffs = self.advance(lr_scale)?;
         for update in plan {
-            let coeffs = if update.embedding { &table_coeffs } else { &dense_coeffs };
             let Some(param) = params.get_mut(update.name) else { continue };
-            if !self.slots.contains_key(update.name) {
-                if let Some(fresh) = Slots::fresh(&self.config.kind, &param.shape) {
-                    self.slots.insert(update.name.to_string(), fresh);
-                }
-            }
-            let slots = slots_mut(self.slots.get_mut(update.name));
-            kernels.apply(&mut param.data, slots, update.grad, coeffs);
+            self.apply(update.name, param, update.grad, coeffs.of(update.embedding), kernels);
         }
         Ok(())
     }
 
-    /// The checks of [`Optimizer::step`] for one parameter.
-    fn check_update(&self, name: &str, param: &Tensor<T>, grad: &Value<T>) -> Result<(), String> {
+    /// Starts step number `step_count() + 1` and returns its coefficients, for a caller
+    /// that carries out the updates itself (a device backend, or [`Optimizer::apply`] per
+    /// parameter). The caller has checked every gradient first ([`Optimizer::check_gradient`]),
+    /// as [`Optimizer::step`] does, so that a bad one changes nothing.
+    pub fn advance(&mut self, lr_scale: f64) -> Result<StepCoeffPair<T>, String> {
+        check_lr_scale(lr_scale)?;
+        self.steps += 1;
+        Ok(StepCoeffPair {
+            dense: StepCoeffs::new(&self.config, false, lr_scale, self.steps),
+            table: StepCoeffs::new(&self.config, true, lr_scale, self.steps),
+        })
+    }
+
+    /// Updates one parameter with its checked gradient and this step's `coeffs` (from
+    /// [`Optimizer::advance`]), its state created fresh on first use, through `kernels`.
+    pub fn apply(&mut self, name: &str, param: &mut Tensor<T>, grad: &Value<T>, coeffs: &StepCoeffs<T>, kernels: &dyn UpdateKernels<T>) {
+        if !self.slots.contains_key(name) {
+            if let Some(fresh) = Slots::fresh(&self.config.kind, &param.shape) {
+                self.slots.insert(name.to_string(), fresh);
+            }
+        }
+        kernels.apply(&mut param.data, slots_mut(self.slots.get_mut(name)), grad, coeffs);
+    }
+
+    /// Whether parameter `name` has state yet (SGD keeps none).
+    pub fn has_state(&self, name: &str) -> bool {
+        self.slots.contains_key(name)
+    }
+
+    /// The state tensors of parameter `name` in the parameter's `shape` (Adam: `m`, `v`;
+    /// Adagrad: the accumulator; SGD: none), created fresh when it has none or has state of
+    /// another shape: for a backend that keeps the state elsewhere during training and
+    /// copies it back here.
+    pub fn state_of_mut(&mut self, name: &str, shape: &[usize]) -> Vec<&mut Tensor<T>> {
+        if self.slots.get(name).is_none_or(|s| s.shape() != shape) {
+            match Slots::fresh(&self.config.kind, shape) {
+                Some(fresh) => self.slots.insert(name.to_string(), fresh),
+                None => return Vec::new(),
+            };
+        }
+        match self.slots.get_mut(name) {
+            Some(Slots::Adam { m, v }) => vec![m, v],
+            Some(Slots::Adagrad { accum }) => vec![accum],
+            None => Vec::new(),
+        }
+    }
+
+    /// The checks [`Optimizer::step`] makes of one parameter's gradient (shape, kind, rows
+    /// inside the table) and of its state's shape.
+    pub fn check_gradient(&self, name: &str, param: &Tensor<T>, grad: &Value<T>) -> Result<(), String> {
         if param.shape.iter().product::<usize>() != param.data.len() {
             return Err(format!(
                 "optimizer: parameter `{}` has shape {:?} but {} values",

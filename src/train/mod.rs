@@ -29,10 +29,10 @@ use crate::experiment::{Experiment, OptimizerName, Stage};
 use crate::lower::{compile_file, logit_output, Compiled};
 use crate::metrics::Report;
 use bind::InputBinding;
-use mdl_runtime::backend::Executor;
+use mdl_runtime::backend::{Executor, TrainStep};
 use mdl_runtime::exec::Mode;
-use mdl_runtime::optim::{clip_global_norm, OptimConfig, OptimKind, Optimizer};
-use mdl_runtime::tensor::{Tensor, Value};
+use mdl_runtime::optim::{OptimConfig, OptimKind, Optimizer};
+use mdl_runtime::tensor::Tensor;
 use mdl_runtime::{autodiff, checkpoint, passes, Graph, ParamInfo};
 use progress::Progress;
 use serde::{Deserialize, Serialize};
@@ -431,8 +431,17 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
                 let feeds = session.inputs.feeds(&batch);
                 let binding = session.inputs.with_batch(batch.rows);
                 let mode = Mode::train(exp.train.seed, state.step);
-                let mut outv = exec.run(&session.train_graph, &binding, &feeds, &params, &mode).map_err(|e| e.to_string())?;
-                let loss = outv.scalar("loss").ok_or("the training graph has no loss")? as f64;
+                let step = TrainStep {
+                    graph: &session.train_graph,
+                    binding: &binding,
+                    feeds: &feeds,
+                    mode: &mode,
+                    info: session.params(),
+                    frozen: &frozen,
+                    clip_norm: exp.train.clip_norm,
+                    lr_scale: 1.0,
+                };
+                let loss = exec.train_step(&step, &mut params, &mut optimizer)?.loss as f64;
                 if !loss.is_finite() {
                     return Err(format!(
                         "the loss became {loss} at step {} (epoch {}); lower train.lr or set train.clip_norm",
@@ -440,16 +449,6 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
                         state.epoch + 1
                     ));
                 }
-                let mut grads: HashMap<String, Value<f32>> = HashMap::new();
-                for p in session.params() {
-                    if let Some(g) = outv.take_output(&format!("grad/{}", p.name)) {
-                        grads.insert(p.name.clone(), g);
-                    }
-                }
-                if let Some(c) = exp.train.clip_norm {
-                    clip_global_norm(&mut grads, c);
-                }
-                exec.update(&mut optimizer, &mut params, &grads, session.params(), &frozen, 1.0)?;
                 state.step += 1;
                 state.batch_in_epoch += 1;
                 state.loss_sum += loss;
@@ -471,7 +470,7 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
                         state.epoch_in_stage += 1;
                         state.epoch += 1;
                     }
-                    evaluate_and_checkpoint(&session, exec, &params, &optimizer, &mut state, &prep.valid, bs, maximize, exp, &best_path, &last, &mut log)?;
+                    evaluate_and_checkpoint(&session, exec, &mut params, &mut optimizer, &mut state, &prep.valid, bs, maximize, exp, &best_path, &last, &mut log)?;
                     if state.stopped_early {
                         break 'stages;
                     }
@@ -479,6 +478,7 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
                     state.batch_in_epoch = 0;
                     state.epoch_in_stage += 1;
                     state.epoch += 1;
+                    exec.sync(&mut params, &mut optimizer)?;
                     save_checkpoint(&last, &params, Some(&optimizer), &state)?;
                 }
                 if opts.stop_after.is_some_and(|n| steps_this_process >= n) {
@@ -492,12 +492,15 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
         }
         state.stage += 1;
         state.epoch_in_stage = 0;
+        exec.sync(&mut params, &mut optimizer)?;
         save_checkpoint(&last, &params, Some(&optimizer), &state)?;
     }
     // A final evaluation when the last steps were not evaluated (max_steps, eval cadence).
     if state.curve.last().map(|c| c.step) != Some(state.step) && state.step > 0 {
-        evaluate_and_checkpoint(&session, exec, &params, &optimizer, &mut state, &prep.valid, bs, maximize, exp, &best_path, &last, &mut log)?;
+        evaluate_and_checkpoint(&session, exec, &mut params, &mut optimizer, &mut state, &prep.valid, bs, maximize, exp, &best_path, &last, &mut log)?;
     }
+    // The device's parameters back on the host before other tensors (the best ones) run.
+    exec.sync(&mut params, &mut optimizer)?;
     log.finish();
     let train_secs = train_start.elapsed().as_secs_f64();
 
@@ -560,8 +563,8 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
 fn evaluate_and_checkpoint(
     session: &Session,
     exec: &mut dyn Executor,
-    params: &HashMap<String, Tensor<f32>>,
-    optimizer: &Optimizer<f32>,
+    params: &mut HashMap<String, Tensor<f32>>,
+    optimizer: &mut Optimizer<f32>,
     state: &mut LoopState,
     valid: &Dataset,
     bs: usize,
@@ -572,6 +575,8 @@ fn evaluate_and_checkpoint(
     log: &mut Progress,
 ) -> Result<(), String> {
     let report = session.evaluate(exec, params, valid, bs)?;
+    // The checkpoints below need the parameters and the optimizer state on the host.
+    exec.sync(params, optimizer)?;
     let metric = match exp.train.early_stopping.metric.as_str() {
         "gauc" => report.gauc,
         "logloss" => report.logloss,

@@ -55,7 +55,9 @@ pub(crate) trait Evaluator<T: Float> {
     /// Whether node `id`'s value, just returned by [`Evaluator::eval`], lives outside the
     /// host (a device buffer the evaluator keeps for the node's device readers): the
     /// returned tensor is then an empty stand-in of the right shape, and only its kind and
-    /// shape are checked. Never for a value the caller receives (`Lifetimes::keep`).
+    /// shape are checked. For a value the caller receives (`Lifetimes::keep`) only when the
+    /// caller asked the evaluator to keep it on the device (the gradients of a device
+    /// training step), since the stand-in is what the caller gets.
     fn deferred(&self, _id: NodeId) -> bool {
         false
     }
@@ -285,7 +287,7 @@ pub(crate) fn execute<'a, T: Float>(
                 let cx = EvalCx { binding, mode, out_shape: &out_shape };
                 let mut operands = Operands { slots: &mut slots, inputs, owned: &owned[id.index()] };
                 let value = evaluator.eval(id, op, &mut operands, &cx).map_err(at_node)?;
-                let deferred = evaluator.deferred(id) && !keep[id.index()];
+                let deferred = evaluator.deferred(id);
                 check_result(node, &value, &out_shape, deferred).map_err(at_node)?;
                 Slot::Computed(value)
             }

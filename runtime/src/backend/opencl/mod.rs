@@ -32,28 +32,35 @@
 //!   read only by device kernels is never read back; one the host also reads is read back
 //!   once, and its buffer still serves the device readers.
 //! - **parameters resident on the device**: a parameter read by a device kernel gets a
-//!   device buffer once per executor, uploaded whole on first use. After that only what
-//!   changes goes up: [`Executor::update`] runs the optimizer on the host (the reference
-//!   rule, with the jit's compiled update kernels) and then writes the updated values of
-//!   each resident parameter to its buffer — a dense parameter whole, an embedding table
-//!   only the rows its row-sparse gradient touched (one upload of those rows and a
-//!   scatter kernel). A training step therefore uploads the batch, the dense parameters
-//!   and the touched rows, never the untouched rows of a table. Each buffer remembers the
-//!   host tensor it mirrors ([`HostStamp`]: its storage and a sample of its values); a
+//!   device buffer once per executor, uploaded whole on first use. Each buffer remembers
+//!   the host tensor it mirrors ([`HostStamp`]: its storage and a sample of its values); a
 //!   run handed other tensors (a loaded checkpoint, a caller's own values) uploads them
-//!   whole. The contract: a caller changes a parameter in place only through
-//!   `Executor::update` (the trainer and `mdl bench` do); an in-place change made
-//!   otherwise is seen only if it moves one of the sampled values. The optimizer state
-//!   stays on the host; keeping it, and the update, on the
-//!   device is the next increment.
+//!   whole.
+//! - **training on the device** ([`Executor::train_step`], module [`train`]): the
+//!   gradients of resident parameters stay on the device, the global norm for clipping is
+//!   reduced there, and the optimizer's rule runs there on state kept there for the whole
+//!   run, so a step sends the batch up and brings the loss down. The host's tensors and
+//!   optimizer state lag until [`Executor::sync`] (the trainer syncs before every
+//!   checkpoint); meanwhile runs use the device's copies, and a host op reading such a
+//!   parameter has it read back.
+//! - **updates made on the host** ([`Executor::update`], for callers that run the graph
+//!   and the optimizer apart): first a sync, then the optimizer on the host (the
+//!   reference rule, with the jit's compiled update kernels), then the updated values of
+//!   each resident parameter written to its buffer — a dense parameter whole, an
+//!   embedding table only the rows its row-sparse gradient touched (one upload of those
+//!   rows and a scatter kernel). The contract: a caller changes a parameter in place only
+//!   through `Executor::update` or a training step (the trainer and `mdl bench` use the
+//!   step); an in-place change made otherwise is seen only if it moves one of the sampled
+//!   values.
 //!
 //! A program that does not build is an error that shows the compiler's build log with the
 //! offending source lines (`render::annotate_build_log`).
 
 pub mod render;
+mod train;
 
 use super::interp::{execute, Evaluator, Lifetimes, Operands};
-use super::{op_kind, ExecError, Executor, Mode, OpProfile, PlanCache, Values};
+use super::{op_kind, ExecError, Executor, Mode, OpProfile, PlanCache, StepOutcome, TrainStep, Values};
 use crate::exec::EvalCx;
 use crate::ir::dim::Binding;
 use crate::ir::graph::{Graph, NodeId, ParamInfo};
@@ -188,6 +195,8 @@ struct Plan {
     device_only: Vec<bool>,
     /// Per node: some device kernel reads it (its device buffer is kept for them).
     device_read: Vec<bool>,
+    /// Per node: another node of `fused` reads it.
+    read_by_node: Vec<bool>,
 }
 
 /// Which nodes of `fused` run on the device, which stay there, and which device kernels
@@ -237,9 +246,10 @@ pub struct OpenCl {
     plans: PlanCache<Plan>,
     /// Built programs by source text.
     programs: HashMap<String, Program>,
-    /// Device copies of parameters read by device kernels, by name, with the host tensor
-    /// each mirrors.
-    resident: HashMap<String, (Buffer<f32>, HostStamp)>,
+    /// Device copies of parameters read by device kernels, by name.
+    resident: HashMap<String, Resident>,
+    /// The optimizer's state on the device ([`Executor::train_step`]).
+    optimizer: train::DeviceOptimizer,
     /// Parameter bytes written to the device since the executor was made.
     param_bytes: u64,
     /// All bytes written to and read from the device since the executor was made.
@@ -307,6 +317,7 @@ impl OpenCl {
             plans: PlanCache::default(),
             programs: HashMap::new(),
             resident: HashMap::new(),
+            optimizer: Default::default(),
             param_bytes: 0,
             bytes_up: 0,
             bytes_down: 0,
@@ -333,6 +344,14 @@ impl OpenCl {
     /// and the updated values [`Executor::update`] writes).
     pub fn param_bytes_uploaded(&self) -> u64 {
         self.param_bytes
+    }
+
+    /// The parameters whose device copy a training step updated since the host last
+    /// saw them ([`Executor::sync`] brings them back), sorted.
+    pub fn params_ahead(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.resident.iter().filter(|(_, r)| r.ahead).map(|(n, _)| n.clone()).collect();
+        names.sort();
+        names
     }
 
     /// Combines row-sparse gradients on the device (`true`) or on the host (`false`),
@@ -404,7 +423,16 @@ impl OpenCl {
                 }
             }
         }
-        self.plans.insert(graph, Plan { fused, kernels, program_source, device_params, lifetimes, on_device, device_only, device_read });
+        let mut read_by_node = vec![false; fused.len()];
+        for id in fused.ids() {
+            for &i in &fused.node(id).inputs {
+                read_by_node[i.index()] = true;
+            }
+        }
+        self.plans.insert(
+            graph,
+            Plan { fused, kernels, program_source, device_params, lifetimes, on_device, device_only, device_read, read_by_node },
+        );
         Ok(())
     }
 
@@ -429,11 +457,9 @@ impl OpenCl {
         Ok(())
     }
 
-    /// The device buffers of the plan's device parameters, keyed by the host data address
-    /// the driver will hand the eval rules: the resident buffer when it mirrors `params`'
-    /// tensor ([`HostStamp`]), else the tensor uploaded whole (into the resident buffer
-    /// when the size is the same, a new one otherwise).
-    fn refresh_params(&mut self, params: &HashMap<String, Tensor<f32>>) -> Result<HashMap<usize, Buffer<f32>>, ExecError> {
+    /// The device buffers of the plan's device parameters ([`OpenCl::param_buffer`]),
+    /// keyed by the host data address the driver will hand the eval rules.
+    fn refresh_params(&mut self, params: &HashMap<String, Tensor<f32>>) -> Result<HashMap<usize, ParamBuffer>, ExecError> {
         let mut by_addr = HashMap::new();
         let names = self.plans.first().map(|p| p.device_params.clone()).unwrap_or_default();
         for name in &names {
@@ -441,32 +467,41 @@ impl OpenCl {
             if t.data.is_empty() {
                 continue;
             }
-            let stamp = HostStamp::of(&t.data);
-            let buffer = match self.resident.get_mut(name) {
-                Some((b, s)) if *s == stamp => b.clone(),
-                Some((b, s)) if b.len() == t.data.len() => {
-                    b.write(&t.data).enq().map_err(|e| cl_err(&format!("uploading parameter {name}"), e))?;
-                    self.param_bytes += 4 * t.data.len() as u64;
-                    self.bytes_up += 4 * t.data.len() as u64;
-                    *s = stamp;
-                    b.clone()
-                }
-                _ => {
-                    let b = Buffer::<f32>::builder()
-                        .queue(self.queue.clone())
-                        .len(t.data.len())
-                        .copy_host_slice(&t.data)
-                        .build()
-                        .map_err(|e| cl_err(&format!("allocating parameter {name}"), e))?;
-                    self.param_bytes += 4 * t.data.len() as u64;
-                    self.bytes_up += 4 * t.data.len() as u64;
-                    self.resident.insert(name.clone(), (b.clone(), stamp));
-                    b
-                }
-            };
-            by_addr.insert(t.data.as_ptr() as usize, buffer);
+            let (buffer, ahead) = self.param_buffer(name, t, false)?;
+            by_addr.insert(t.data.as_ptr() as usize, ParamBuffer { buffer, ahead });
         }
         Ok(by_addr)
+    }
+
+    /// The device copy of parameter `name` for the host tensor `t`, and whether it is ahead
+    /// of `t` (a device training step updated it since the host last saw it): the resident
+    /// buffer when it mirrors `t` ([`HostStamp`]), else `t` uploaded whole. The upload goes
+    /// into the resident buffer, except over one that is ahead: then, unless
+    /// `replace_ahead`, into a buffer for this run only, so that the device's update is not
+    /// lost to a caller that ran other tensors before [`Executor::sync`].
+    fn param_buffer(&mut self, name: &str, t: &Tensor<f32>, replace_ahead: bool) -> Result<(Buffer<f32>, bool), ExecError> {
+        let stamp = HostStamp::of(&t.data);
+        let bytes = 4 * t.data.len() as u64;
+        let what = |e| cl_err(&format!("uploading parameter {name}"), e);
+        let upload = |queue: &Queue| Buffer::<f32>::builder().queue(queue.clone()).len(t.data.len()).copy_host_slice(&t.data).build();
+        let buffer = match self.resident.get_mut(name) {
+            Some(r) if r.stamp == stamp => return Ok((r.buffer.clone(), r.ahead)),
+            Some(r) if r.ahead && !replace_ahead => {
+                let b = upload(&self.queue).map_err(what)?;
+                self.param_bytes += bytes;
+                self.bytes_up += bytes;
+                return Ok((b, false));
+            }
+            Some(r) if r.buffer.len() == t.data.len() => {
+                r.buffer.write(&t.data).enq().map_err(what)?;
+                r.buffer.clone()
+            }
+            _ => upload(&self.queue).map_err(what)?,
+        };
+        self.param_bytes += bytes;
+        self.bytes_up += bytes;
+        self.resident.insert(name.to_string(), Resident { buffer: buffer.clone(), stamp, ahead: false });
+        Ok((buffer, false))
     }
 
     /// Writes the values `update` just gave `param` to its resident buffer, which mirrored
@@ -474,7 +509,7 @@ impl OpenCl {
     /// row-sparse one (through `mdl_scatter_rows`). A parameter without a resident buffer
     /// has nothing to keep current.
     fn write_updated(&mut self, name: &str, param: &Tensor<f32>, grad: &Value<f32>) -> Result<(), ExecError> {
-        let Some((buffer, stamp)) = self.resident.get_mut(name) else { return Ok(()) };
+        let Some(Resident { buffer, stamp, .. }) = self.resident.get_mut(name) else { return Ok(()) };
         let what = |e| cl_err(&format!("writing the update of parameter {name}"), e);
         let rows = match grad {
             Value::RowSparse { shape, rows, .. } if shape.len() > 1 && !rows.is_empty() => {
@@ -533,6 +568,21 @@ impl OpenCl {
     }
 }
 
+/// A parameter's device copy.
+struct Resident {
+    buffer: Buffer<f32>,
+    /// The host tensor the buffer was last made equal to.
+    stamp: HostStamp,
+    /// A device training step updated the buffer since: it is newer than that tensor.
+    ahead: bool,
+}
+
+/// A parameter's device buffer for one run, and whether it is ahead of the host tensor.
+struct ParamBuffer {
+    buffer: Buffer<f32>,
+    ahead: bool,
+}
+
 /// What a resident parameter buffer was last made equal to: the host tensor's storage
 /// (address and length) and a sample of its values (64 evenly spaced elements, the first
 /// and the last, by bits). A tensor with another stamp is uploaded whole; the sample
@@ -564,7 +614,7 @@ struct DeviceRun<'a> {
     queue: &'a Queue,
     program: &'a Program,
     kernels: &'a HashMap<FusedKernel, String>,
-    params: &'a HashMap<usize, Buffer<f32>>,
+    params: &'a HashMap<usize, ParamBuffer>,
     tuning: &'a MatmulTuning,
     /// Bytes this run wrote to and read from the device.
     up: std::cell::Cell<u64>,
@@ -589,7 +639,11 @@ const TUNE_MIN_WORK: usize = 1 << 22;
 impl DeviceRun<'_> {
     /// The resident buffer of the parameter `t` is, if it is one.
     fn param(&self, t: &Tensor<f32>) -> Option<Buffer<f32>> {
-        self.params.get(&(t.data.as_ptr() as usize)).filter(|b| b.len() == t.data.len()).cloned()
+        self.param_entry(t).map(|p| p.buffer.clone())
+    }
+
+    fn param_entry(&self, t: &Tensor<f32>) -> Option<&ParamBuffer> {
+        self.params.get(&(t.data.as_ptr() as usize)).filter(|p| p.buffer.len() == t.data.len())
     }
 
     /// A new device buffer holding `data` (`what` names it in errors).
@@ -841,6 +895,11 @@ struct DeviceEval<'a> {
     profile: Option<&'a mut OpProfile>,
     /// Values read back in this run.
     read_back: std::cell::Cell<u64>,
+    /// Per node: an output to keep on the device when a device kernel computes it (the
+    /// gradients of a device training step; unread by other nodes).
+    stay: Option<&'a [bool]>,
+    /// The device values of the `stay` outputs, by node.
+    stayed: HashMap<NodeId, train::DeviceGrad>,
 }
 
 impl DeviceEval<'_> {
@@ -878,6 +937,27 @@ impl DeviceEval<'_> {
     /// then fails as interp does, and for a table much larger than the batch, where a
     /// table-sized accumulator would not pay.
     fn sparse_rows(&self, id: NodeId, args: &[crate::exec::Arg<'_, f32>], cx: &EvalCx) -> Result<Option<Value<f32>>, ExecError> {
+        let Some(train::DeviceGrad::Marked { acc, named, width }) = self.scatter_add(id, args, cx)? else { return Ok(None) };
+        let limit = cx.out_shape[0];
+        let err = |e| cl_err("sparse_rows on the device", e);
+        let mut marks = vec![0u32; limit];
+        named.read(&mut marks).enq().map_err(err)?;
+        self.dev.down.set(self.dev.down.get() + 4 * limit as u64);
+        let rows: Vec<u32> = (0..limit as u32).filter(|&r| marks[r as usize] != 0).collect();
+        let data = match self.dev.gather(&acc, limit, width, &rows, None)? {
+            Some(b) => self.dev.read(&b, rows.len() * width)?,
+            None => return Ok(None),
+        };
+        self.read_back.set(self.read_back.get() + 1);
+        let mut value_shape = vec![rows.len()];
+        value_shape.extend_from_slice(&cx.out_shape[1..]);
+        Ok(Some(Value::RowSparse { shape: cx.out_shape.to_vec(), rows, values: Tensor { shape: value_shape, data } }))
+    }
+
+    /// The scatter-add of [`DeviceEval::sparse_rows`], left on the device: the table-sized
+    /// accumulator and the marks of the named rows. `None` where `sparse_rows` runs the
+    /// eval rule.
+    fn scatter_add(&self, id: NodeId, args: &[crate::exec::Arg<'_, f32>], cx: &EvalCx) -> Result<Option<train::DeviceGrad>, ExecError> {
         let (ids, values) = (args[0].ids("sparse_rows")?, args[1].dense("sparse_rows")?);
         let (limit, width) = (cx.out_shape[0], cx.out_shape[1..].iter().product::<usize>());
         let total = ids.data.len() * width;
@@ -914,18 +994,7 @@ impl DeviceEval<'_> {
         // SAFETY: every id is below `limit` (checked above), so the row written lies in the
         // `limit × width` accumulator and the mark in `named`; `values` holds `total`.
         unsafe { k.enq() }.map_err(err)?;
-        let mut marks = vec![0u32; limit];
-        named.read(&mut marks).enq().map_err(err)?;
-        self.dev.down.set(self.dev.down.get() + 4 * limit as u64);
-        let rows: Vec<u32> = (0..limit as u32).filter(|&r| marks[r as usize] != 0).collect();
-        let data = match self.dev.gather(&acc, limit, width, &rows, None)? {
-            Some(b) => self.dev.read(&b, rows.len() * width)?,
-            None => return Ok(None),
-        };
-        self.read_back.set(self.read_back.get() + 1);
-        let mut value_shape = vec![rows.len()];
-        value_shape.extend_from_slice(&cx.out_shape[1..]);
-        Ok(Some(Value::RowSparse { shape: cx.out_shape.to_vec(), rows, values: Tensor { shape: value_shape, data } }))
+        Ok(Some(train::DeviceGrad::Marked { acc, named, width }))
     }
 
     /// After node `id` (its value `out`, computed on the device or not): drops the device
@@ -1033,22 +1102,32 @@ impl DeviceEval<'_> {
     }
 
     /// `op` on the host by its eval rule, reading back the operands that stayed on the
-    /// device.
+    /// device, and the parameters whose device copy is ahead of the host's (updated by a
+    /// device training step).
     fn on_host(&self, id: NodeId, op: &Op, args: &[crate::exec::Arg<'_, f32>], cx: &EvalCx) -> Result<Value<f32>, ExecError> {
         let inputs = &self.plan.fused.node(id).inputs;
         let stayed = |i: NodeId| self.plan.device_only[i.index()] && self.resident.contains_key(&i);
-        if !inputs.iter().any(|&i| stayed(i)) {
+        let ahead = |a: &crate::exec::Arg<'_, f32>| match a {
+            crate::exec::Arg::Param(t) => self.dev.param_entry(t).filter(|p| p.ahead).map(|p| &p.buffer),
+            _ => None,
+        };
+        if !inputs.iter().zip(args).any(|(&i, a)| stayed(i) || ahead(a).is_some()) {
             return ops::eval(op, args, cx);
         }
         let mut read: Vec<Option<Tensor<f32>>> = Vec::with_capacity(inputs.len());
         for (&i, a) in inputs.iter().zip(args) {
-            read.push(match (stayed(i), a) {
-                (true, crate::exec::Arg::Value(Value::Dense(t))) => {
+            let device_copy = match (stayed(i), a) {
+                (true, crate::exec::Arg::Value(Value::Dense(t))) => Some((t, &self.resident[&i])),
+                (false, crate::exec::Arg::Param(t)) => ahead(a).map(|b| (*t, b)),
+                _ => None,
+            };
+            read.push(match device_copy {
+                Some((t, buffer)) => {
                     let len = t.shape.iter().product();
                     self.read_back.set(self.read_back.get() + 1);
-                    Some(Tensor { shape: t.shape.clone(), data: self.dev.read(&self.resident[&i], len)? })
+                    Some(Tensor { shape: t.shape.clone(), data: self.dev.read(buffer, len)? })
                 }
-                _ => None,
+                None => None,
             });
         }
         let args: Vec<crate::exec::Arg<'_, f32>> =
@@ -1061,6 +1140,16 @@ impl Evaluator<f32> for DeviceEval<'_> {
     fn eval(&mut self, id: NodeId, op: &Op, operands: &mut Operands<'_, '_, f32>, cx: &EvalCx) -> Result<Value<f32>, ExecError> {
         let start = self.profile.is_some().then(Instant::now);
         let args = operands.args(op)?;
+        let stays = self.stay.is_some_and(|s| s[id.index()]);
+        if let (Op::SparseRows { .. }, true, true) = (op, self.plan.on_device[id.index()], stays) {
+            if let Some(grad) = self.scatter_add(id, &args, cx)? {
+                self.stayed.insert(id, grad);
+                let mut value_shape = vec![0];
+                value_shape.extend_from_slice(&cx.out_shape[1..]);
+                let stand_in = Value::RowSparse { shape: cx.out_shape.to_vec(), rows: Vec::new(), values: Tensor { shape: value_shape, data: Vec::new() } };
+                return self.finish(id, stand_in, true, start, op);
+            }
+        }
         if let (Op::SparseRows { .. }, true) = (op, self.plan.on_device[id.index()]) {
             let rows = self.sparse_rows(id, &args, cx)?;
             let device = rows.is_some();
@@ -1073,6 +1162,10 @@ impl Evaluator<f32> for DeviceEval<'_> {
         let buffer = self.on_device(id, op, &args, cx)?;
         let device = buffer.is_some();
         let out = match buffer {
+            Some(b) if stays => {
+                self.stayed.insert(id, train::DeviceGrad::Dense(b));
+                Value::Dense(Tensor { shape: cx.out_shape.to_vec(), data: Vec::new() })
+            }
             Some(b) if self.plan.device_only[id.index()] => {
                 self.resident.insert(id, b);
                 Value::Dense(Tensor { shape: cx.out_shape.to_vec(), data: Vec::new() })
@@ -1091,7 +1184,7 @@ impl Evaluator<f32> for DeviceEval<'_> {
     }
 
     fn deferred(&self, id: NodeId) -> bool {
-        self.plan.device_only[id.index()] && self.resident.contains_key(&id)
+        (self.plan.device_only[id.index()] && self.resident.contains_key(&id)) || self.stayed.contains_key(&id)
     }
 }
 
@@ -1159,12 +1252,14 @@ impl Executor for OpenCl {
         frozen: &dyn Fn(&ParamInfo) -> bool,
         lr_scale: f64,
     ) -> Result<(), String> {
+        // A device training step may have left newer values on the device: those first.
+        self.sync(params, optimizer)?;
         // Which device copies mirror the tensors about to change: only those are kept
         // current here (any other is uploaded whole by the next run).
         let mirrored: Vec<&String> = grads
             .keys()
             .filter(|n| match (self.resident.get(*n), params.get(*n)) {
-                (Some((_, stamp)), Some(t)) => *stamp == HostStamp::of(&t.data),
+                (Some(r), Some(t)) => r.stamp == HostStamp::of(&t.data),
                 _ => false,
             })
             .collect();
@@ -1196,6 +1291,32 @@ impl Executor for OpenCl {
         mode: &Mode,
     ) -> Result<Values<f32>, ExecError> {
         self.plan(graph)?;
+        let (values, _) = self.execute_plan(binding, feeds, params, mode, None)?;
+        Ok(values.rekey(graph))
+    }
+
+    fn train_step(&mut self, step: &TrainStep<'_>, params: &mut HashMap<String, Tensor<f32>>, optimizer: &mut Optimizer<f32>) -> Result<StepOutcome, String> {
+        self.device_train_step(step, params, optimizer)
+    }
+
+    fn sync(&mut self, params: &mut HashMap<String, Tensor<f32>>, optimizer: &mut Optimizer<f32>) -> Result<(), String> {
+        self.sync_to_host(params, optimizer).map_err(|e| e.to_string())
+    }
+}
+
+impl OpenCl {
+    /// Runs the first plan (made by [`OpenCl::plan`]); its values keyed by the plan's
+    /// fused graph. `stay` marks, per node of that graph, outputs to keep on the device
+    /// when a device kernel computes them: their values are empty stand-ins and their
+    /// buffers come back as the second result.
+    fn execute_plan(
+        &mut self,
+        binding: &Binding,
+        feeds: &HashMap<String, Value<f32>>,
+        params: &HashMap<String, Tensor<f32>>,
+        mode: &Mode,
+        stay: Option<&[bool]>,
+    ) -> Result<(Values<f32>, HashMap<NodeId, train::DeviceGrad>), ExecError> {
         let resident = self.refresh_params(params)?;
         let OpenCl { plans, programs, queue, profile, read_back, tuning, bytes_up, bytes_down, .. } = self;
         let plan = plans.first().ok_or_else(|| cl_err("plan", "not made"))?;
@@ -1209,12 +1330,13 @@ impl Executor for OpenCl {
             uploaded_ids: Default::default(),
             profile: profile.recording(),
             read_back: Default::default(),
+            stay,
+            stayed: HashMap::new(),
         };
         let values = execute(&plan.fused, &plan.lifetimes, binding, feeds, params, mode, &mut evaluator);
         *read_back += evaluator.read_back.get();
         *bytes_up += evaluator.dev.up.get();
         *bytes_down += evaluator.dev.down.get();
-        let values = values?;
-        Ok(values.rekey(graph))
+        Ok((values?, evaluator.stayed))
     }
 }

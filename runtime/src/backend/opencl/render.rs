@@ -264,7 +264,6 @@ pub fn fused_meta(domain: &[usize], reduced: &[usize], strides: &[Vec<usize>]) -
     Some(meta)
 }
 
-/// The source of a plan's program: the matmul kernel and `kernels[i]` as `mdl_fused_<i>`.
 /// The most axes a [`COPY`] view may have.
 pub const COPY_MAX_RANK: usize = 8;
 
@@ -352,6 +351,81 @@ __kernel void mdl_scatter_rows(__global float* table, __global const uint* rows,
 }
 "#;
 
+/// The optimizer's kernels, for a training step that keeps gradients, state and
+/// parameters on the device.
+///
+/// `mdl_sum_squares` adds the squares of `g[0..total)` into one partial sum per work group
+/// (`MDL_NORM_WG` work items, a power of two), written to `partial[at + group]`; the host
+/// adds the partials in `f64` for the global norm. A row-sparse gradient combined on the
+/// device is a zeroed table-sized accumulator, so its whole length is summed.
+///
+/// `mdl_update` is one step of the rule `rule` (0 SGD, 1 Adam, 2 Adagrad) on element `e`
+/// of a parameter, with the operations in the order of `optim`'s loops (`FP_CONTRACT` is
+/// off; the device's `sqrt` and division may differ from the host's in the last bit). The
+/// gradient of element `e` is `g[e] · gscale` (the clipping factor, 1 without), and
+/// `mode` says which parameter element that is: 0, a dense parameter (element `e`); 1, a
+/// table-sized accumulator with the touched rows marked in `rows` (element `e`, skipped
+/// unless its row is marked); 2, compact rows (row `e / width` of `g` is row
+/// `rows[e / width]` of the table; rows distinct). `s1`, `s2` are the rule's state in the
+/// parameter's layout (Adam's moments; Adagrad's accumulator in `s1`).
+pub const UPDATE: &str = r#"
+__kernel void mdl_sum_squares(__global float* partial, const int at, __global const float* g, const int total) {
+    __local float acc[MDL_NORM_WG];
+    const int lid = get_local_id(0);
+    float s = 0.0f;
+    for (int e = get_global_id(0); e < total; e += get_global_size(0)) s += g[e] * g[e];
+    acc[lid] = s;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int apart = MDL_NORM_WG / 2; apart > 0; apart >>= 1) {
+        if (lid < apart) acc[lid] += acc[lid + apart];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    if (lid == 0) partial[at + get_group_id(0)] = acc[0];
+}
+
+__kernel void mdl_update(__global float* w, __global float* s1, __global float* s2, __global const float* g,
+                         __global const uint* rows, const int width, const int total, const int mode, const int rule,
+                         const float gscale, const float lr, const float l2, const float step_size,
+                         const float inv_sqrt_bias2, const float beta1, const float one_minus_beta1,
+                         const float beta2, const float one_minus_beta2, const float eps) {
+    const int e = get_global_id(0);
+    if (e >= total) return;
+    long at = e;
+    if (mode == 1 && rows[e / width] == 0u) return;
+    if (mode == 2) {
+        const int r = e / width;
+        at = (long)rows[r] * width + (e - r * width);
+    }
+    float x = w[at];
+    float grad = g[e] * gscale;
+    grad = grad + l2 * x;
+    if (rule == 0) {
+        x = x - lr * grad;
+    } else if (rule == 1) {
+        const float m = beta1 * s1[at] + one_minus_beta1 * grad;
+        const float v = beta2 * s2[at] + one_minus_beta2 * grad * grad;
+        s1[at] = m;
+        s2[at] = v;
+        x = x - step_size * m / (sqrt(v) * inv_sqrt_bias2 + eps);
+    } else {
+        const float a = s1[at] + grad * grad;
+        s1[at] = a;
+        x = x - lr * grad / (sqrt(a) + eps);
+    }
+    w[at] = x;
+}
+"#;
+
+/// The work group of `mdl_sum_squares`: the largest power of two up to 256 that the
+/// device allows.
+pub fn norm_work_group(max_work_group: usize) -> usize {
+    let mut n = 1;
+    while n * 2 <= max_work_group.min(256) {
+        n *= 2;
+    }
+    n
+}
+
 /// The metadata of one [`COPY`] `mdl_copy` call, or `None` when a size or offset does not
 /// fit an `int` or the view has more than [`COPY_MAX_RANK`] axes.
 /// Axes of size 1 are dropped and neighbours that are contiguous in both views merged
@@ -381,6 +455,8 @@ pub fn copy_meta(shape: &[usize], out_base: usize, out_strides: &[usize], in_bas
     Some(meta)
 }
 
+/// The source of a plan's program: the matmul kernels, the layout and scatter kernels
+/// ([`COPY`]), the optimizer kernels ([`UPDATE`]) and `kernels[i]` as `mdl_fused_<i>`.
 pub fn program(kernels: &[&FusedKernel], max_work_group: usize) -> String {
     let mut s = String::new();
     s.push_str("// mdl: kernels of one plan, rendered from fused-kernel descriptions\n");
@@ -391,6 +467,8 @@ pub fn program(kernels: &[&FusedKernel], max_work_group: usize) -> String {
         }
     }
     s.push_str(COPY);
+    let _ = writeln!(s, "#define MDL_NORM_WG {}", norm_work_group(max_work_group));
+    s.push_str(UPDATE);
     for (i, k) in kernels.iter().enumerate() {
         s.push('\n');
         s.push_str(&fused(k, &fused_name(i)));
