@@ -680,6 +680,10 @@ pub fn check_backend(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The environment variable that chooses where the OpenCL backend combines row-sparse
+/// gradients: `device` (atomics; the default on GPUs) or `host` (the default on CPUs).
+pub const OPENCL_COMBINE_VAR: &str = "MDL_OPENCL_COMBINE";
+
 /// The executor for a backend name.
 pub fn make_executor(name: &str) -> Result<Box<dyn Executor>, String> {
     check_backend(name)?;
@@ -689,7 +693,14 @@ pub fn make_executor(name: &str) -> Result<Box<dyn Executor>, String> {
         #[cfg(feature = "opencl")]
         "opencl" => {
             let device = name.split_once(':').and_then(|(_, d)| d.parse::<usize>().ok());
-            Ok(Box::new(mdl_runtime::backend::opencl::OpenCl::new(device)?))
+            let exec = mdl_runtime::backend::opencl::OpenCl::new(device)?;
+            let exec = match std::env::var(OPENCL_COMBINE_VAR).as_deref() {
+                Err(_) => exec,
+                Ok("device") => exec.with_sparse_rows_on_device(true),
+                Ok("host") => exec.with_sparse_rows_on_device(false),
+                Ok(other) => return Err(format!("{OPENCL_COMBINE_VAR}={other}: expected `device` or `host`")),
+            };
+            Ok(Box::new(exec))
         }
         other => Err(format!("backend `{other}` is not available in this build (available: {})", BACKENDS.join(", "))),
     }

@@ -235,7 +235,9 @@ pub trait Executor {
     /// are `step`'s). Backends with update kernels of their own run them; the results are
     /// the reference optimizer's. A backend that keeps its own copies of parameters (on a
     /// device) brings them up to date here, so a caller that runs an executor changes
-    /// parameters in place only through this method (or hands it new tensors).
+    /// parameters in place only through this method or [`Executor::train_step`] (or hands
+    /// it new tensors). Training loops use `train_step`, which lets a device keep the
+    /// gradients and the update; this is for callers that need the gradients themselves.
     ///
     /// [`Optimizer::step`]: crate::optim::Optimizer::step
     fn update(
