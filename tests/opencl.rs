@@ -204,3 +204,49 @@ fn device_training_steps_match_host_steps_on_every_spec() {
         device_steps_match_host_steps(&path, &OptimConfig::new(OptimKind::adam(), 0.01), Some(1.0), false);
     }
 }
+
+/// Training through `mdl run --backend opencl` keeps parameters and optimizer state on the
+/// device, so the trainer must bring them back before each checkpoint: a run stopped after
+/// 3 steps (last checkpoint at step 2) and resumed ends with a metrics.json byte-identical
+/// to a straight run's (the kernels are deterministic with the host's combine, PoCL's
+/// default), and its test AUC is interp's within 1e-3. A bad `MDL_OPENCL_COMBINE` is a
+/// clear error.
+#[test]
+fn opencl_runs_resume_exactly_and_match_interp() {
+    if !platform("opencl_runs_resume_exactly_and_match_interp") {
+        return;
+    }
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("opencl-runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    let cache = dir.join("mdl-cache");
+    let cache = cache.to_str().unwrap();
+    let run = |name: &str, backend: &str, extra: &[&str]| {
+        let out = dir.join(name);
+        let mut args = vec!["run", "experiments/quickstart.yaml", "--out", out.to_str().unwrap(), "--backend", backend];
+        args.extend_from_slice(&[
+            "--set", "train.batch_size=1024",
+            "--set", "train.max_steps=6",
+            "--set", "train.eval_every=2",
+            "--set", "train.early_stopping.patience=10",
+        ]);
+        args.extend_from_slice(extra);
+        let o = mdl(&args, &[("MDL_CACHE_DIR", cache), ("CI", "1")]);
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        (out, String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let metrics = |d: &std::path::Path| std::fs::read(d.join("metrics.json")).unwrap();
+    let (straight, _) = run("straight", "opencl", &[]);
+    let (stopped, log) = run("resumed", "opencl", &["--stop-after", "3"]);
+    assert!(log.contains("stopping after 3 steps"), "{log}");
+    let o = mdl(&["run", "--resume", stopped.to_str().unwrap()], &[("MDL_CACHE_DIR", cache), ("CI", "1")]);
+    assert!(o.status.success(), "resume: {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(metrics(&straight), metrics(&stopped), "the resumed opencl run differs from the straight one");
+    let (reference, _) = run("interp", "interp", &[]);
+    let auc = |d: &std::path::Path| serde_json::from_slice::<serde_json::Value>(&metrics(d)).unwrap()["test"]["auc"].as_f64().unwrap();
+    let (a, b) = (auc(&straight), auc(&reference));
+    assert!((a - b).abs() < 1e-3, "test auc: opencl {a} interp {b}");
+
+    let o = mdl(&["bench", "experiments/quickstart.yaml", "--backend", "opencl", "--steps", "1"], &[("MDL_OPENCL_COMBINE", "sideways")]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("MDL_OPENCL_COMBINE=sideways: expected `device` or `host`"), "{}", String::from_utf8_lossy(&o.stderr));
+}
