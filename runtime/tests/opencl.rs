@@ -632,3 +632,45 @@ fn the_platform_probe_is_fast() {
     assert!(second.elapsed().as_secs_f64() < 0.1, "a repeated probe took {:?}", second.elapsed());
     eprintln!("{n} OpenCL platform(s)");
 }
+
+/// After a device training step the host's copy of a parameter is stale, yet a host op
+/// that reads it (here a max over a weight matrix, which runs on the host) sees the
+/// device's updated values: every step's loss equals interp's with the host optimizer
+/// (SGD), and after the sync so do the parameters. The gradient (`tanh(W)`, a device
+/// kernel) never leaves the device.
+#[test]
+fn a_host_op_reads_the_parameters_a_device_step_updated() {
+    use mdl_runtime::backend::{host_train_step, TrainStep};
+    use mdl_runtime::optim::{OptimConfig, OptimKind, Optimizer};
+    let Some(mut exec) = executor("a_host_op_reads_the_parameters_a_device_step_updated") else { return };
+    let (n, k, m) = (16usize, 64usize, 8usize);
+    let mut c = Case::default();
+    let w = c.param(Tensor::new(vec![k, m], values(k * m, 1, -1.0, 1.0)).unwrap());
+    let x = c.g.input("x", dims(&[n, k]), mdl_runtime::DType::F);
+    let y = c.g.add(Op::MatMul { trans_a: false, trans_b: false }, &[x, w], "").unwrap();
+    let max = c.g.add(Op::Reduce { op: ReduceOp::Max, axes: vec![0], keep_dims: false }, &[w], "").unwrap();
+    let sum_y = c.g.add(Op::Reduce { op: ReduceOp::Sum, axes: vec![0, 1], keep_dims: false }, &[y], "").unwrap();
+    let sum_max = c.g.add(Op::Reduce { op: ReduceOp::Sum, axes: vec![0], keep_dims: false }, &[max], "").unwrap();
+    let loss = c.g.add(Op::Binary(BinaryOp::Add), &[sum_y, sum_max], "").unwrap();
+    let grad = c.g.add(Op::Unary(UnaryOp::Tanh), &[w], "").unwrap();
+    c.g.outputs.insert("loss".into(), loss);
+    c.g.outputs.insert("grad/p0".into(), grad);
+    let feeds: HashMap<String, Value<f32>> = [("x".to_string(), Value::Dense(Tensor::new(vec![n, k], values(n * k, 2, -1.0, 1.0)).unwrap()))].into_iter().collect();
+    let infos = vec![common::param_info("p0", &[k, m], false)];
+    let mode = Mode::eval();
+    let step = TrainStep { graph: &c.g, binding: &Binding::new(), feeds: &feeds, mode: &mode, info: &infos, frozen: &|_| false, clip_norm: None, lr_scale: 1.0 };
+    let config = OptimConfig::new(OptimKind::Sgd, 0.5);
+    let (mut dp, mut hp) = (c.params.clone(), c.params.clone());
+    let (mut dopt, mut hopt) = (Optimizer::<f32>::new(config.clone()).unwrap(), Optimizer::<f32>::new(config).unwrap());
+    for i in 0..3 {
+        let d = exec.train_step(&step, &mut dp, &mut dopt).unwrap();
+        let h = host_train_step(&mut Interp, &step, &mut hp, &mut hopt).unwrap();
+        assert!(close(d.loss, h.loss, 1e-5 * k as f32), "step {i}: loss opencl {} interp {}", d.loss, h.loss);
+        assert_eq!(exec.params_ahead(), vec!["p0".to_string()], "step {i}");
+    }
+    assert_eq!(dp["p0"].data, c.params["p0"].data, "the host's tensor lags until the sync");
+    exec.sync(&mut dp, &mut dopt).unwrap();
+    for (i, (&a, &b)) in dp["p0"].data.iter().zip(&hp["p0"].data).enumerate() {
+        assert!(close(a, b, 1e-5), "[{i}] opencl {a} interp {b}");
+    }
+}
