@@ -199,17 +199,15 @@ fn device_training_steps_match_host_steps_on_every_spec() {
         return;
     }
     for path in shipped_specs() {
-        // The host's combine: the device's atomics would add a row's entries in another
-        // order on each side, and Adam carries such differences over from step to step.
-        device_steps_match_host_steps(&path, &OptimConfig::new(OptimKind::adam(), 0.01), Some(1.0), false);
+        device_steps_match_host_steps(&path, &OptimConfig::new(OptimKind::adam(), 0.01), Some(1.0), true);
     }
 }
 
 /// Training through `mdl run --backend opencl` keeps parameters and optimizer state on the
 /// device, so the trainer must bring them back before each checkpoint: a run stopped after
 /// 3 steps (last checkpoint at step 2) and resumed ends with a metrics.json byte-identical
-/// to a straight run's (the kernels are deterministic with the host's combine, PoCL's
-/// default), and its test AUC is interp's within 1e-3. A bad `MDL_OPENCL_COMBINE` is a
+/// to a straight run's (every kernel is deterministic, the combine of embedding gradients
+/// included), and its test AUC is interp's within 1e-3. A bad `MDL_OPENCL_COMBINE` is a
 /// clear error.
 #[test]
 fn opencl_runs_resume_exactly_and_match_interp() {

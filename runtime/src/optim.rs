@@ -390,12 +390,10 @@ pub fn combine_duplicate_rows<'a, T: Float>(rows: &'a [u32], values: &'a [T], wi
 ///
 /// Ascending order is what makes sparse updates fast: neighbouring rows of a large table
 /// share pages and the hardware prefetcher can follow, where a scattered walk stalls on
-/// every row. The entries are put in row order by a stable counting sort when the largest
-/// row id is within a few times the entry count (the usual case: a batch touches a good
-/// share of a table's rows), else by one sort of packed `(row, position)` keys; either way
-/// the entries of a row stay in their original order, and the rows are summed on the fly
-/// into a single scratch row, so nothing of the gradient's size is copied. Strictly
-/// ascending input is visited in place.
+/// every row. The entries are put in row order by [`RowGroups::of`], the entries of a row
+/// staying in their original order, and the rows are summed on the fly into a single
+/// scratch row, so nothing of the gradient's size is copied. Strictly ascending input is
+/// visited in place.
 pub fn for_each_combined_row<T: Float>(rows: &[u32], values: &[T], width: usize, mut visit: impl FnMut(u32, &[T])) {
     let entry = |j: usize| values.get(j * width..(j + 1) * width);
     if rows.windows(2).all(|p| p[0] < p[1]) {
@@ -406,38 +404,64 @@ pub fn for_each_combined_row<T: Float>(rows: &[u32], values: &[T], width: usize,
         }
         return;
     }
+    let groups = RowGroups::of(rows);
     let mut scratch = vec![T::ZERO; width];
-    let mut sum_groups = |sorted: &mut dyn Iterator<Item = (u32, usize)>| {
-        let mut current: Option<u32> = None;
-        for (row, j) in sorted {
-            let Some(g) = entry(j) else { continue };
-            if current != Some(row) {
-                if let Some(done) = current {
-                    visit(done, &scratch);
-                }
-                current = Some(row);
-                scratch.fill(T::ZERO);
-            }
+    for (k, &row) in groups.rows.iter().enumerate() {
+        let mut any = false;
+        scratch.fill(T::ZERO);
+        for &j in groups.entries(k) {
+            let Some(g) = entry(j as usize) else { continue };
+            any = true;
             for (s, &v) in scratch.iter_mut().zip(g) {
                 *s += v;
             }
         }
-        if let Some(done) = current {
-            visit(done, &scratch);
+        if any {
+            visit(row, &scratch);
         }
-    };
-    let largest = rows.iter().copied().max().unwrap_or(0) as usize;
-    if rows.len() <= u32::MAX as usize && largest <= 4 * rows.len() + (1 << 16) {
-        let order = counting_order(rows, largest);
-        sum_groups(&mut order.iter().map(|&j| (rows[j as usize], j as usize)));
-    } else if rows.len() as u64 <= 1 << 32 {
-        let mut keys: Vec<u64> = rows.iter().zip(0u64..).map(|(&row, j)| ((row as u64) << 32) | j).collect();
-        keys.sort_unstable();
-        sum_groups(&mut keys.iter().map(|&k| ((k >> 32) as u32, (k & 0xffff_ffff) as usize)));
-    } else {
-        let mut pairs: Vec<(u32, usize)> = rows.iter().copied().zip(0..).collect();
-        pairs.sort_unstable();
-        sum_groups(&mut pairs.into_iter());
+    }
+}
+
+/// The entries of a row-sparse gradient grouped by row: the distinct `rows` ascending, and
+/// for the `k`-th of them the positions `order[starts[k]..starts[k + 1]]` of its entries,
+/// ascending (their original order). What [`for_each_combined_row`] sums, and what the
+/// OpenCL backend uploads to sum rows on the device in the same order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowGroups {
+    pub rows: Vec<u32>,
+    pub starts: Vec<u32>,
+    pub order: Vec<u32>,
+}
+
+impl RowGroups {
+    /// Groups `rows` (fewer than 2³² entries) by a stable counting sort when the largest
+    /// row id is within a few times the entry count (the usual case: a batch touches a
+    /// good share of a table's rows), else by one sort of packed `(row, position)` keys.
+    pub fn of(rows: &[u32]) -> RowGroups {
+        let largest = rows.iter().copied().max().unwrap_or(0) as usize;
+        let order: Vec<u32> = if largest <= 4 * rows.len() + (1 << 16) {
+            counting_order(rows, largest)
+        } else {
+            let mut keys: Vec<u64> = rows.iter().zip(0u64..).map(|(&row, j)| ((row as u64) << 32) | j).collect();
+            keys.sort_unstable();
+            keys.iter().map(|&k| (k & 0xffff_ffff) as u32).collect()
+        };
+        let mut unique = Vec::new();
+        let mut starts = Vec::new();
+        for (at, &j) in order.iter().enumerate() {
+            let row = rows[j as usize];
+            if unique.last() != Some(&row) {
+                unique.push(row);
+                starts.push(at as u32);
+            }
+        }
+        starts.push(order.len() as u32);
+        RowGroups { rows: unique, starts, order }
+    }
+
+    /// The positions of the entries of the `k`-th row, ascending.
+    pub fn entries(&self, k: usize) -> &[u32] {
+        &self.order[self.starts[k] as usize..self.starts[k + 1] as usize]
     }
 }
 

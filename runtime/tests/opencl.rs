@@ -515,9 +515,9 @@ fn a_step_uploads_only_the_updated_rows_and_dense_parameters() {
 }
 
 /// A row-sparse gradient (`SparseRows`) of a device-computed value is combined on the
-/// device: the same dense gradient as interp's (within 1e-6: the atomics add a row's
-/// entries in any order), its rows distinct and ascending, every named row present even
-/// when its entries are all zero; an id outside the table fails as interp does.
+/// device: bit for bit the dense gradient interp gives (each row's entries added in their
+/// order), its rows distinct and ascending, every named row present even when its entries
+/// are all zero; an id outside the table fails as interp does.
 #[test]
 fn row_sparse_gradients_are_combined_on_the_device() {
     let Some(exec) = executor("row_sparse_gradients_are_combined_on_the_device") else { return };
@@ -541,7 +541,7 @@ fn row_sparse_gradients_are_combined_on_the_device() {
     let (w, o) = (want.output("grad").unwrap().to_dense().unwrap(), got.output("grad").unwrap().to_dense().unwrap());
     assert_eq!(w.shape, o.shape);
     for (i, (&a, &b)) in o.data.iter().zip(&w.data).enumerate() {
-        assert!(close(a, b, 1e-6), "[{i}] opencl {a} interp {b}");
+        assert_eq!(a.to_bits(), b.to_bits(), "[{i}] opencl {a} interp {b}");
     }
     let profile = exec.profile();
     assert!(profile.iter().any(|(k, _, _)| k == "sparse_rows"), "sparse_rows ran on the device: {profile:?}");

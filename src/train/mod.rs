@@ -681,7 +681,7 @@ pub fn check_backend(name: &str) -> Result<(), String> {
 }
 
 /// The environment variable that chooses where the OpenCL backend combines row-sparse
-/// gradients: `device` (atomics; the default on GPUs) or `host` (the default on CPUs).
+/// gradients: `device` (the default) or `host` (by the eval rule; the same sums).
 pub const OPENCL_COMBINE_VAR: &str = "MDL_OPENCL_COMBINE";
 
 /// The executor for a backend name.

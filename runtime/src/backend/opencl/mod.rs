@@ -20,9 +20,10 @@
 //!
 //!   - row gathers, every layout op (as copies between strided views), lone sums and
 //!     means, and softmax over any axis;
-//!   - the row-sparse gradients of embedding tables (`SparseRows`), combined by an atomic
-//!     scatter-add, on GPUs and accelerators ([`OpenCl::with_sparse_rows_on_device`]); on
-//!     a CPU device the host's eval rule and combine are faster.
+//!   - the row-sparse gradients of embedding tables (`SparseRows`), each row summed by one
+//!     work item per element in the host's order (the host groups the ids by row), so
+//!     the result is deterministic and equal to the host's combine
+//!     ([`OpenCl::with_sparse_rows_on_device`]).
 //!
 //!   All kernels of a plan are one OpenCL program, built once per distinct source text
 //!   (PoCL also caches builds on disk under `POCL_CACHE_DIR`). Every other op (segment
@@ -64,7 +65,7 @@ use super::{op_kind, ExecError, Executor, Mode, OpProfile, PlanCache, StepOutcom
 use crate::exec::EvalCx;
 use crate::ir::dim::Binding;
 use crate::ir::graph::{Graph, NodeId, ParamInfo};
-use crate::optim::Optimizer;
+use crate::optim::{Optimizer, RowGroups};
 use crate::ops::fused::{broadcast_all, broadcasts_to, FusedKernel};
 use crate::ops::{self, DType, Op, ValueKind};
 use crate::tensor::{broadcast_strides, Tensor, Value};
@@ -257,9 +258,9 @@ pub struct OpenCl {
     bytes_down: u64,
     /// The device's largest work group (work items).
     max_work_group: usize,
-    /// Combine row-sparse gradients on the device ([`DeviceEval::sparse_rows`]); off by
-    /// default on a CPU device, where the float atomics cost more than the host's combine
-    /// (DeepFM on PoCL: 193 ms per step against about 92).
+    /// Combine row-sparse gradients on the device ([`DeviceEval::sparse_rows`]), the
+    /// default: the same sums as the host's, and on PoCL a faster step too (DeepFM: 31 ms
+    /// of kernels against 25 ms of host work plus reading back 39 MB of entries).
     sparse_rows_on_device: bool,
     /// The matmul tilings the device allows and the one chosen per product shape.
     tuning: MatmulTuning,
@@ -306,7 +307,6 @@ impl OpenCl {
             Ok(DeviceInfoResult::MaxWorkGroupSize(n)) => n,
             _ => 64,
         };
-        let sparse_rows_on_device = summary.kind != "CPU";
         let allowed: Vec<usize> =
             render::MATMUL_TILES.iter().enumerate().filter(|(_, t)| t.wg * t.wg <= max_work_group).map(|(i, _)| i).collect();
         Ok(OpenCl {
@@ -322,7 +322,7 @@ impl OpenCl {
             bytes_up: 0,
             bytes_down: 0,
             max_work_group,
-            sparse_rows_on_device,
+            sparse_rows_on_device: true,
             tuning: MatmulTuning { allowed, ..Default::default() },
             profile: OpProfile::default(),
             read_back: 0,
@@ -354,8 +354,8 @@ impl OpenCl {
         names
     }
 
-    /// Combines row-sparse gradients on the device (`true`) or on the host (`false`),
-    /// whatever the device's kind (see the module docs).
+    /// Combines row-sparse gradients on the device (`true`, the default) or on the host
+    /// by the eval rule (`false`); both give the same sums.
     pub fn with_sparse_rows_on_device(mut self, on: bool) -> OpenCl {
         self.sparse_rows_on_device = on;
         self.plans.clear();
@@ -928,73 +928,62 @@ impl DeviceEval<'_> {
         Ok(b)
     }
 
-    /// A row-sparse gradient `SparseRows(ids, values)` combined on the device: each entry
-    /// added into a zeroed table-sized accumulator (`mdl_scatter_add`), the named rows
-    /// found from their marks, and only those rows read back — ascending and distinct, the
-    /// form the jit's embedding bags give (each row the sum of its entries, whose order
-    /// the atomics leave open; every reader of a row-sparse value sees the same sums up to
-    /// rounding). `None` (the eval rule on the host) for an id outside the table, which
-    /// then fails as interp does, and for a table much larger than the batch, where a
-    /// table-sized accumulator would not pay.
+    /// A row-sparse gradient `SparseRows(ids, values)` combined on the device
+    /// ([`DeviceEval::combine_rows`]) and read back: distinct ascending rows, each the sum
+    /// of its entries in their original order, bit for bit what the host's combine gives.
+    /// `None` (the eval rule on the host) where `combine_rows` declines.
     fn sparse_rows(&self, id: NodeId, args: &[crate::exec::Arg<'_, f32>], cx: &EvalCx) -> Result<Option<Value<f32>>, ExecError> {
-        let Some(train::DeviceGrad::Marked { acc, named, width }) = self.scatter_add(id, args, cx)? else { return Ok(None) };
-        let limit = cx.out_shape[0];
-        let err = |e| cl_err("sparse_rows on the device", e);
-        let mut marks = vec![0u32; limit];
-        named.read(&mut marks).enq().map_err(err)?;
-        self.dev.down.set(self.dev.down.get() + 4 * limit as u64);
-        let rows: Vec<u32> = (0..limit as u32).filter(|&r| marks[r as usize] != 0).collect();
-        let data = match self.dev.gather(&acc, limit, width, &rows, None)? {
-            Some(b) => self.dev.read(&b, rows.len() * width)?,
-            None => return Ok(None),
-        };
+        let Some(train::DeviceGrad::Rows { rows, values, width }) = self.combine_rows(id, args, cx)? else { return Ok(None) };
+        let data = self.dev.read(&values, rows.len() * width)?;
         self.read_back.set(self.read_back.get() + 1);
         let mut value_shape = vec![rows.len()];
         value_shape.extend_from_slice(&cx.out_shape[1..]);
         Ok(Some(Value::RowSparse { shape: cx.out_shape.to_vec(), rows, values: Tensor { shape: value_shape, data } }))
     }
 
-    /// The scatter-add of [`DeviceEval::sparse_rows`], left on the device: the table-sized
-    /// accumulator and the marks of the named rows. `None` where `sparse_rows` runs the
-    /// eval rule.
-    fn scatter_add(&self, id: NodeId, args: &[crate::exec::Arg<'_, f32>], cx: &EvalCx) -> Result<Option<train::DeviceGrad>, ExecError> {
+    /// The entries of `SparseRows(ids, values)` summed per row on the device, left there:
+    /// the host groups the ids by row ([`RowGroups`]: it has them, a feed or a host value)
+    /// and uploads the grouping; `mdl_sum_rows` adds each row's entries in their original
+    /// order starting from zero, as `Value::to_dense` does, so the result is deterministic
+    /// and equal to the host's combine. `None` (the eval rule on the host) for an id
+    /// outside the table, which then fails as interp does, and for sizes beyond `int`.
+    fn combine_rows(&self, id: NodeId, args: &[crate::exec::Arg<'_, f32>], cx: &EvalCx) -> Result<Option<train::DeviceGrad>, ExecError> {
         let (ids, values) = (args[0].ids("sparse_rows")?, args[1].dense("sparse_rows")?);
         let (limit, width) = (cx.out_shape[0], cx.out_shape[1..].iter().product::<usize>());
         let total = ids.data.len() * width;
-        let fits = |n: usize| i32::try_from(n).is_ok();
         if width == 0
             || ids.data.is_empty()
             || values.shape.iter().product::<usize>() != total
-            || !fits(total)
-            || !fits(limit * width)
-            || limit > 8 * ids.data.len() + (1 << 16)
+            || i32::try_from(total).is_err()
             || ids.data.iter().any(|&r| r as usize >= limit)
         {
             return Ok(None);
         }
         let err = |e| cl_err("sparse_rows on the device", e);
+        let groups = RowGroups::of(&ids.data);
         let values = self.buffer(self.plan.fused.node(id).inputs[1], values)?;
-        let acc = self.dev.output(limit * width)?;
-        acc.cmd().fill(0.0f32, None).enq().map_err(err)?;
-        let named = Buffer::<u32>::builder().queue(self.dev.queue.clone()).len(limit).fill_val(0u32).build().map_err(err)?;
-        let id_buf = self.ids_buffer(self.plan.fused.node(id).inputs[0], &ids.data)?;
+        let order = self.dev.upload(&groups.order, "the order of a gradient's entries")?;
+        let starts = self.dev.upload(&groups.starts, "the rows of a gradient's entries")?;
+        let combined = groups.rows.len() * width;
+        let out = self.dev.output(combined)?;
         let k = Kernel::builder()
             .program(self.dev.program)
-            .name("mdl_scatter_add")
+            .name("mdl_sum_rows")
             .queue(self.dev.queue.clone())
-            .global_work_size(total)
-            .arg(&acc)
-            .arg(&named)
-            .arg(&id_buf)
+            .global_work_size(combined)
+            .arg(&out)
             .arg(&values)
+            .arg(&order)
+            .arg(&starts)
             .arg(width as i32)
-            .arg(total as i32)
+            .arg(combined as i32)
             .build()
             .map_err(err)?;
-        // SAFETY: every id is below `limit` (checked above), so the row written lies in the
-        // `limit × width` accumulator and the mark in `named`; `values` holds `total`.
+        // SAFETY: `order` holds positions of entries (below `ids.len()`, so each entry's
+        // `width` values lie in `values`, which holds `total`), `starts` has one more element
+        // than there are rows, and work item `i < combined` writes `out[i]`.
         unsafe { k.enq() }.map_err(err)?;
-        Ok(Some(train::DeviceGrad::Marked { acc, named, width }))
+        Ok(Some(train::DeviceGrad::Rows { rows: groups.rows, values: out, width }))
     }
 
     /// After node `id` (its value `out`, computed on the device or not): drops the device
@@ -1142,7 +1131,7 @@ impl Evaluator<f32> for DeviceEval<'_> {
         let args = operands.args(op)?;
         let stays = self.stay.is_some_and(|s| s[id.index()]);
         if let (Op::SparseRows { .. }, true, true) = (op, self.plan.on_device[id.index()], stays) {
-            if let Some(grad) = self.scatter_add(id, &args, cx)? {
+            if let Some(grad) = self.combine_rows(id, &args, cx)? {
                 self.stayed.insert(id, grad);
                 let mut value_shape = vec![0];
                 value_shape.extend_from_slice(&cx.out_shape[1..]);

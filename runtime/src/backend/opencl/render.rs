@@ -276,9 +276,9 @@ pub const COPY_MAX_RANK: usize = 8;
 /// output. `mdl_gather` copies row `ids[r]` of a `[rows, width]` table to row `r` (ids
 /// are checked on the host before the launch); `mdl_scatter_rows` writes row `r` of
 /// `values` to row `rows[r]` of a table (distinct rows, checked on the host: the updated
-/// rows of a resident parameter). `mdl_scatter_add` adds row `r` of `values` to row
-/// `ids[r]` of a zeroed accumulator and marks that row in `named` (a row-sparse gradient
-/// combined on the device; float atomics, so the order of a row's additions varies).
+/// rows of a resident parameter). `mdl_sum_rows` writes element `c` of the `k`-th
+/// combined row of a row-sparse gradient: the sum, from zero and in order, of element `c`
+/// of the entries `order[starts[k]..starts[k + 1]]` of `values`.
 /// `mdl_softmax` computes one softmax (a `size`-long vector `inner` elements apart) per
 /// work item, in the eval rule's order: the maximum, the exponentials and their sum, the
 /// quotients.
@@ -306,23 +306,15 @@ __kernel void mdl_gather(__global float* out, __global const float* table, __glo
     out[i] = table[(long)ids[r] * width + (i - r * width)];
 }
 
-inline void mdl_atomic_add(volatile __global float* p, const float v) {
-    union { unsigned int u; float f; } seen, sum;
-    do {
-        seen.f = *p;
-        sum.f = seen.f + v;
-    } while (atomic_cmpxchg((volatile __global unsigned int*)p, seen.u, sum.u) != seen.u);
-}
-
-__kernel void mdl_scatter_add(__global float* acc, __global uint* named, __global const uint* ids,
-                              __global const float* values, const int width, const int total) {
+__kernel void mdl_sum_rows(__global float* out, __global const float* values, __global const uint* order,
+                           __global const uint* starts, const int width, const int total) {
     const int i = get_global_id(0);
     if (i >= total) return;
-    const int r = i / width;
-    const long row = (long)ids[r];
-    const int c = i - r * width;
-    if (c == 0) named[row] = 1u;
-    mdl_atomic_add(acc + row * width + c, values[i]);
+    const int k = i / width;
+    const int c = i - k * width;
+    float s = 0.0f;
+    for (uint j = starts[k]; j < starts[k + 1]; j++) s += values[(long)order[j] * width + c];
+    out[i] = s;
 }
 
 __kernel void mdl_softmax(__global float* out, __global const float* in, const int size, const int inner,
@@ -356,18 +348,16 @@ __kernel void mdl_scatter_rows(__global float* table, __global const uint* rows,
 ///
 /// `mdl_sum_squares` adds the squares of `g[0..total)` into one partial sum per work group
 /// (`MDL_NORM_WG` work items, a power of two), written to `partial[at + group]`; the host
-/// adds the partials in `f64` for the global norm. A row-sparse gradient combined on the
-/// device is a zeroed table-sized accumulator, so its whole length is summed.
+/// adds the partials in `f64` for the global norm.
 ///
 /// `mdl_update` is one step of the rule `rule` (0 SGD, 1 Adam, 2 Adagrad) on element `e`
 /// of a parameter, with the operations in the order of `optim`'s loops (`FP_CONTRACT` is
 /// off; the device's `sqrt` and division may differ from the host's in the last bit). The
 /// gradient of element `e` is `g[e] · gscale` (the clipping factor, 1 without), and
-/// `mode` says which parameter element that is: 0, a dense parameter (element `e`); 1, a
-/// table-sized accumulator with the touched rows marked in `rows` (element `e`, skipped
-/// unless its row is marked); 2, compact rows (row `e / width` of `g` is row
-/// `rows[e / width]` of the table; rows distinct). `s1`, `s2` are the rule's state in the
-/// parameter's layout (Adam's moments; Adagrad's accumulator in `s1`).
+/// `mode` says which parameter element that is: 0, a dense parameter (element `e`); 1,
+/// combined rows of a table (row `e / width` of `g` is row `rows[e / width]` of the table;
+/// rows distinct). `s1`, `s2` are the rule's state in the parameter's layout (Adam's
+/// moments; Adagrad's accumulator in `s1`).
 pub const UPDATE: &str = r#"
 __kernel void mdl_sum_squares(__global float* partial, const int at, __global const float* g, const int total) {
     __local float acc[MDL_NORM_WG];
@@ -391,8 +381,7 @@ __kernel void mdl_update(__global float* w, __global float* s1, __global float* 
     const int e = get_global_id(0);
     if (e >= total) return;
     long at = e;
-    if (mode == 1 && rows[e / width] == 0u) return;
-    if (mode == 2) {
+    if (mode == 1) {
         const int r = e / width;
         at = (long)rows[r] * width + (e - r * width);
     }

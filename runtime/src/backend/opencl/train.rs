@@ -4,15 +4,14 @@
 //! One step:
 //! 1. The training graph runs with the gradients of resident parameters (those a device
 //!    kernel reads) kept where the device computed them: a dense gradient as its buffer, a
-//!    row-sparse one combined on the device as its table-sized accumulator and the marks of
-//!    the rows it names ([`DeviceGrad`]). Only the loss comes back.
+//!    row-sparse one as its combined rows ([`DeviceGrad`]). Only the loss comes back.
 //! 2. With `clip_norm`, the global norm adds the device's partial sums of squares
 //!    (`mdl_sum_squares`, read back as one float per work group and summed in `f64`) to
 //!    the host gradients' norm; the clipping factor scales the device gradients inside the
 //!    update kernel and the host ones in place.
 //! 3. The optimizer's coefficients come from the host [`Optimizer`] (which counts the
 //!    step); `mdl_update` applies the rule to each resident parameter and its state on the
-//!    device: every element of a dense parameter, only the marked rows of a table. The
+//!    device: every element of a dense parameter, only the touched rows of a table. The
 //!    state buffers are created on first use, fresh on the device or uploaded from the
 //!    host optimizer's state (a resumed run).
 //!
@@ -39,17 +38,17 @@ use std::time::Instant;
 /// A gradient the device computed and kept.
 pub(super) enum DeviceGrad {
     Dense(Buffer<f32>),
-    /// A row-sparse gradient combined on the device: a table-sized accumulator (zero in
-    /// the rows not named), rows of `width`, and a nonzero mark per row named.
-    Marked { acc: Buffer<f32>, named: Buffer<u32>, width: usize },
+    /// A row-sparse gradient combined on the device: the distinct `rows` (ascending) and
+    /// their summed values, `width` per row.
+    Rows { rows: Vec<u32>, values: Buffer<f32>, width: usize },
 }
 
 impl DeviceGrad {
-    /// The gradient's values, one per element of the parameter.
+    /// The gradient's values (those of the combined rows for a row-sparse one).
     fn values(&self) -> &Buffer<f32> {
         match self {
             DeviceGrad::Dense(b) => b,
-            DeviceGrad::Marked { acc, .. } => acc,
+            DeviceGrad::Rows { values, .. } => values,
         }
     }
 }
@@ -128,13 +127,14 @@ impl OpenCl {
         // Everything is checked before anything changes.
         for (p, g) in &on_device {
             let t = params.get(&p.name).ok_or_else(|| format!("optimizer: parameter `{}` has a gradient but no value", p.name))?;
-            if g.values().len() != t.data.len() {
-                return Err(format!(
-                    "optimizer: the gradient of `{}` has {} values on the device but the parameter has {}",
-                    p.name,
-                    g.values().len(),
-                    t.data.len()
-                ));
+            let fits = match g {
+                DeviceGrad::Dense(b) => b.len() == t.data.len(),
+                DeviceGrad::Rows { rows, width, .. } => {
+                    t.shape.len() > 1 && *width == t.shape[1..].iter().product::<usize>() && rows.iter().all(|&r| (r as usize) < t.shape[0])
+                }
+            };
+            if !fits {
+                return Err(format!("optimizer: the gradient of `{}` on the device does not fit the parameter's shape {:?}", p.name, t.shape));
             }
         }
         for (name, g) in on_host.iter().filter(|(n, _)| updated(n)) {
@@ -241,7 +241,14 @@ impl OpenCl {
         // (mode, gradient values, rows or marks, row width, elements)
         let (mode, g, rows, width, total) = match &grad {
             Grad::Device(DeviceGrad::Dense(b)) => (0, b.clone(), unused_u, 1, b.len()),
-            Grad::Device(DeviceGrad::Marked { acc, named, width }) => (1, acc.clone(), named.clone(), *width, acc.len()),
+            Grad::Device(DeviceGrad::Rows { rows, values, width }) => {
+                if rows.is_empty() {
+                    return Ok(());
+                }
+                self.bytes_up += 4 * rows.len() as u64;
+                let rows_buf = Buffer::<u32>::builder().queue(self.queue.clone()).len(rows.len()).copy_host_slice(rows).build().map_err(err)?;
+                (1, values.clone(), rows_buf, *width, values.len())
+            }
             Grad::Host(Value::Dense(g)) => {
                 self.bytes_up += 4 * g.data.len() as u64;
                 (0, upload_f(&self.queue, &g.data).map_err(err)?, unused_u, 1, g.data.len())
@@ -254,7 +261,7 @@ impl OpenCl {
                 }
                 self.bytes_up += 4 * (combined.rows.len() + combined.values.len()) as u64;
                 let rows_buf = Buffer::<u32>::builder().queue(self.queue.clone()).len(combined.rows.len()).copy_host_slice(&combined.rows).build().map_err(err)?;
-                (2, upload_f(&self.queue, &combined.values).map_err(err)?, rows_buf, width, combined.values.len())
+                (1, upload_f(&self.queue, &combined.values).map_err(err)?, rows_buf, width, combined.values.len())
             }
             Grad::Host(Value::Ids(_)) => return Ok(()),
         };
@@ -296,11 +303,11 @@ impl OpenCl {
             .arg(c.eps)
             .build()
             .map_err(err)?;
-        // SAFETY: the gradient has the parameter's length (checked before the step) in
-        // modes 0 and 1, where element `e < total` is written; in mode 2 the rows are
-        // distinct and inside the table (checked by `check_gradient`), so each work item
-        // writes its own element of the parameter and of state buffers of its length. The
-        // rules that read no state get one-element buffers they never touch.
+        // SAFETY: in mode 0 the gradient has the parameter's length (checked before the
+        // step), and element `e < total` is written; in mode 1 the rows are distinct and
+        // inside the table (checked before the step), so each work item writes its own
+        // element of the parameter and of state buffers of its length. The rules that read
+        // no state get one-element buffers they never touch.
         unsafe { k.enq() }.map_err(err)?;
         if let Some(r) = self.resident.get_mut(name) {
             r.ahead = true;
