@@ -248,3 +248,22 @@ fn opencl_runs_resume_exactly_and_match_interp() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("MDL_OPENCL_COMBINE=sideways: expected `device` or `host`"), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// Staged training on OpenCL: a frozen group's gradients are neither kept on the device
+/// nor applied, and the second stage's optimizer reset drops the device's state.
+#[test]
+fn opencl_stages_freeze_and_reset_as_the_jit_does() {
+    if !platform("opencl_stages_freeze_and_reset_as_the_jit_does") {
+        return;
+    }
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("opencl-stages");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cache = dir.join("mdl-cache");
+    assert_a_frozen_group_keeps_its_initial_values(&dir, |args| {
+        let mut args = args.to_vec();
+        args.extend_from_slice(&["--backend", "opencl"]);
+        let o = mdl(&args, &[("MDL_CACHE_DIR", cache.to_str().unwrap()), ("CI", "1")]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    });
+}

@@ -154,3 +154,40 @@ pub fn assert_agrees_with_interp_on_every_spec(label: &str, loss_tol: f32, execs
         }
     }
 }
+
+/// Trains a two-stage model (the first stage freezes the `tower` group, the second resets
+/// the optimizer and trains everything) through `run` (which runs `mdl`
+/// with the arguments given and checks it succeeded), and checks the checkpoints: after
+/// 3 steps (of the first stage's 33, at batch 4096) the frozen tower has exactly its
+/// initial values and the rest has moved; 7 steps into the second stage the tower has
+/// moved too.
+pub fn assert_a_frozen_group_keeps_its_initial_values(dir: &Path, run: impl Fn(&[&str])) {
+    let spec = dir.join("staged.mdl");
+    std::fs::write(
+        &spec,
+        "model staged(dim = 8) {\n  input fields : categorical\n  input hist : sequence(50) of fields\n  input tags : sequence(3)\n  input dense : numeric\n  label click\n  let E = embedding(fields, dim)\n  let h = mlp(flatten(E[fields]), [16])\n  group tower {\n    task click = linear(h, 1)\n  }\n  loss bce(click)\n}\n",
+    )
+    .unwrap();
+    let spec_set = format!("spec={}", spec.display());
+    let checkpoint = |max_steps: usize| {
+        let out = dir.join(format!("out{max_steps}"));
+        let steps = format!("train.max_steps={max_steps}");
+        run(&[
+            "run", "experiments/quickstart.yaml", "--out", out.to_str().unwrap(),
+            "--set", &spec_set, "--set", "train.batch_size=4096", "--set", &steps,
+            "--set", "train.eval_every=1000",
+            "--set", "train.stages=[{epochs: 1, freeze: [tower]}, {epochs: 1, reset_optimizer: true}]",
+        ]);
+        mdl_runtime::checkpoint::load(&out.join("last.ckpt")).unwrap().0
+    };
+    use mdl_runtime::Init;
+    let (first, both) = (checkpoint(3), checkpoint(40));
+    let get = |tensors: &[(String, Tensor<f32>)], n: &str| {
+        tensors.iter().find(|(name, _)| name == n).unwrap_or_else(|| panic!("no {n} in {:?}", tensors.iter().map(|t| &t.0).collect::<Vec<_>>())).1.clone()
+    };
+    let init = |n: &str, init: Init| mdl_runtime::init::init_tensor::<f32>(n, get(&first, n).shape, &init, 2023).unwrap();
+    assert_eq!(get(&first, "click/linear/W"), init("click/linear/W", Init::Glorot), "frozen weight changed");
+    assert_eq!(get(&first, "click/linear/b"), init("click/linear/b", Init::Zeros), "frozen bias changed");
+    assert_ne!(get(&first, "h/mlp/linear/W"), init("h/mlp/linear/W", Init::Glorot), "a trained weight did not change");
+    assert_ne!(get(&both, "click/linear/W"), init("click/linear/W", Init::Glorot), "the second stage did not train the tower");
+}

@@ -170,7 +170,7 @@ impl OpenCl {
                 optimizer.apply(name, t, &on_host[name], c, &host_kernels);
             }
         }
-        for (p, g) in on_device {
+        for (p, g) in on_device.into_iter().filter(|(p, _)| updated(&p.name)) {
             let c = coeffs.of(p.embedding);
             self.update_on_device(&program, &p.name, &params[&p.name], Grad::Device(g), c, scale, optimizer).map_err(text)?;
         }
