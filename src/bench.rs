@@ -26,6 +26,10 @@ use std::time::Instant;
 #[derive(Clone, Debug)]
 pub struct BenchReport {
     pub backend: String,
+    /// The backend's device, for one that has one ([`Executor::device_name`]).
+    ///
+    /// [`Executor::device_name`]: mdl_runtime::backend::Executor::device_name
+    pub device: Option<String>,
     pub model: String,
     pub batch: usize,
     pub compile_ms: f64,
@@ -221,6 +225,7 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
     }
     Ok(BenchReport {
         backend: exp.backend.clone(),
+        device: exec.device_name(),
         model: session.compiled.model.clone(),
         batch: bs,
         compile_ms,
@@ -239,7 +244,10 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
 
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "model {} on {} at batch {}", self.model, self.backend, self.batch)?;
+        match &self.device {
+            Some(d) => writeln!(f, "model {} on {} ({d}) at batch {}", self.model, self.backend, self.batch)?,
+            None => writeln!(f, "model {} on {} at batch {}", self.model, self.backend, self.batch)?,
+        }
         writeln!(f, "  compile (parse -> graphs with backward)   {:10.1} ms", self.compile_ms)?;
         writeln!(f, "  runnable plans (fusion + kernels)         {:10.1} ms", self.plan_ms)?;
         writeln!(f, "  compile to runnable plans, in all         {:10.1} ms", self.compile_ms + self.plan_ms)?;

@@ -207,8 +207,9 @@ fn device_training_steps_match_host_steps_on_every_spec() {
 /// device, so the trainer must bring them back before each checkpoint: a run stopped after
 /// 3 steps (last checkpoint at step 2) and resumed ends with a metrics.json byte-identical
 /// to a straight run's (every kernel is deterministic, the combine of embedding gradients
-/// included), and its test AUC is interp's within 1e-3. A bad `MDL_OPENCL_COMBINE` is a
-/// clear error.
+/// included), and its test AUC is interp's within 1e-3. The device is named in
+/// timing.json, the log and the bench's header. A bad `MDL_OPENCL_COMBINE` is a clear
+/// error.
 #[test]
 fn opencl_runs_resume_exactly_and_match_interp() {
     if !platform("opencl_runs_resume_exactly_and_match_interp") {
@@ -243,6 +244,17 @@ fn opencl_runs_resume_exactly_and_match_interp() {
     let auc = |d: &std::path::Path| serde_json::from_slice::<serde_json::Value>(&metrics(d)).unwrap()["test"]["auc"].as_f64().unwrap();
     let (a, b) = (auc(&straight), auc(&reference));
     assert!((a - b).abs() < 1e-3, "test auc: opencl {a} interp {b}");
+
+    // The device is named in the run's timing.json and log, and in the bench's header.
+    let timing: serde_json::Value = serde_json::from_slice(&std::fs::read(straight.join("timing.json")).unwrap()).unwrap();
+    let device = timing["device"].as_str().unwrap_or_else(|| panic!("timing.json names no device: {timing}")).to_string();
+    let devices = opencl::devices().unwrap();
+    assert!(devices.iter().any(|d| device.starts_with(&d.name)), "{device} is not among {devices:?}");
+    let log = std::fs::read_to_string(straight.join("train.log")).unwrap();
+    assert!(log.contains(&format!("device: {device}")), "{log}");
+    let o = mdl(&["bench", "experiments/quickstart.yaml", "--backend", "opencl", "--steps", "1", "--set", "spec=specs/dnn.mdl", "--set", "train.batch_size=256"], &[]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.starts_with(&format!("model dnn on opencl ({device}) at batch 256")), "{text}{}", String::from_utf8_lossy(&o.stderr));
 
     let o = mdl(&["bench", "experiments/quickstart.yaml", "--backend", "opencl", "--steps", "1"], &[("MDL_OPENCL_COMBINE", "sideways")]);
     assert!(!o.status.success());

@@ -226,6 +226,9 @@ pub struct RunMetrics {
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct RunTiming {
     pub backend: String,
+    /// The backend's device (name, kind, platform), for one that has a device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// Parse → training and evaluation graphs (with the backward pass).
     pub compile_ms: f64,
     /// Graphs → the backend's runnable plans of both, at the batch size (the jit's fusion
@@ -334,6 +337,9 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
     let t0 = Instant::now();
 
     log.line(&format!("mdl run {} -> {}", exp.name, out.display()));
+    if let Some(device) = backend.device_name() {
+        log.line(&format!("device: {device}"));
+    }
     let paths = exp.split_paths()?;
     let prep = data::prepare(
         &exp.data.schema,
@@ -529,6 +535,7 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
     write_curve(&out.join("curve.csv"), &state.curve)?;
     let timing = RunTiming {
         backend: exp.backend.clone(),
+        device: exec.device_name(),
         compile_ms,
         plan_ms,
         train_rows: rows_done,

@@ -208,6 +208,12 @@ pub trait Executor {
     /// The backend's name (`interp`, `jit`, ...).
     fn name(&self) -> &'static str;
 
+    /// Where the backend runs, for reports: the device's name and kind for a backend with
+    /// a device, `None` for those that compute on the host's cores.
+    fn device_name(&self) -> Option<String> {
+        None
+    }
+
     /// Turns per-op timing on or off (backends without profiling ignore it).
     fn set_profiling(&mut self, _on: bool) {}
 

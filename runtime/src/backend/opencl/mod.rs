@@ -1221,6 +1221,10 @@ impl Executor for OpenCl {
         "opencl"
     }
 
+    fn device_name(&self) -> Option<String> {
+        Some(format!("{} ({}, {})", self.summary.name, self.summary.kind, self.summary.platform))
+    }
+
     fn set_profiling(&mut self, on: bool) {
         self.profile.set_on(on);
     }
