@@ -881,7 +881,9 @@ impl DeviceRun<'_> {
 /// value the device computed. A `device_only` value ([`Plan`]) is not read back at all:
 /// the driver gets an empty stand-in ([`Evaluator::deferred`]); should a reader fall back
 /// to the host after all (a shape its kernel does not take), the value is read back for
-/// it then. Buffers are dropped at their value's last reader.
+/// it then. Buffers are dropped at their value's last reader. The gradients a training
+/// step keeps on the device (`stay`) are stand-ins too, their buffers handed to the step
+/// ([`train::DeviceGrad`]).
 struct DeviceEval<'a> {
     dev: DeviceRun<'a>,
     plan: &'a Plan,
