@@ -665,6 +665,28 @@ impl DeviceRun<'_> {
         if total == 0 {
             return Ok(Some(()));
         }
+        if let Some(r) = render::row_copy(shape, out_at.0, out_at.1, in_at.0, in_at.1) {
+            // Rows of contiguous elements: the runtime's rectangle copy (a memcpy per row on
+            // PoCL, a copy engine on a GPU) instead of a kernel's index arithmetic.
+            let f = std::mem::size_of::<f32>();
+            ocl::core::enqueue_copy_buffer_rect::<f32, _, _, _>(
+                self.queue.as_core(),
+                input.as_core(),
+                out.as_core(),
+                // ocl scales the origins' and the region's first axis by the element size.
+                [r.in_base % r.in_pitch, r.in_base / r.in_pitch, 0],
+                [r.out_base % r.out_pitch, r.out_base / r.out_pitch, 0],
+                [r.run, r.rows, 1],
+                r.in_pitch * f,
+                r.in_pitch * input.len().div_ceil(r.in_pitch) * f,
+                r.out_pitch * f,
+                r.out_pitch * out.len().div_ceil(r.out_pitch) * f,
+                None::<&ocl::core::Event>,
+                None::<&mut ocl::core::Event>,
+            )
+            .map_err(|e| cl_err("copying rows", e))?;
+            return Ok(Some(()));
+        }
         let Some(meta) = render::copy_meta(shape, out_at.0, out_at.1, in_at.0, in_at.1) else { return Ok(None) };
         let meta = self.upload(&meta, "copy metadata")?;
         let k = Kernel::builder()

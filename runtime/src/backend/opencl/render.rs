@@ -415,12 +415,10 @@ pub fn norm_work_group(max_work_group: usize) -> usize {
     n
 }
 
-/// The metadata of one [`COPY`] `mdl_copy` call, or `None` when a size or offset does not
-/// fit an `int` or the view has more than [`COPY_MAX_RANK`] axes.
-/// Axes of size 1 are dropped and neighbours that are contiguous in both views merged
-/// first, so a concat of `[B, F, d]` parts along axis 1 is a rank-2 copy (fewer divisions
-/// per element).
-pub fn copy_meta(shape: &[usize], out_base: usize, out_strides: &[usize], in_base: usize, in_strides: &[usize]) -> Option<Vec<i32>> {
+/// The axes of a copy between two strided views of `shape`, as `(size, out stride, in
+/// stride)` from the outermost: axes of size 1 dropped and neighbours that are contiguous
+/// in both views merged, so a concat of `[B, F, d]` parts along axis 1 has two.
+fn merged_axes(shape: &[usize], out_strides: &[usize], in_strides: &[usize]) -> Vec<(usize, usize, usize)> {
     let mut axes: Vec<(usize, usize, usize)> = Vec::new();
     for ((&n, &o), &i) in shape.iter().zip(out_strides).zip(in_strides) {
         if n == 1 {
@@ -431,6 +429,14 @@ pub fn copy_meta(shape: &[usize], out_base: usize, out_strides: &[usize], in_bas
             _ => axes.push((n, o, i)),
         }
     }
+    axes
+}
+
+/// The metadata of one [`COPY`] `mdl_copy` call ([`merged_axes`], so fewer divisions per
+/// element), or `None` when a size or offset does not fit an `int` or the view has more
+/// than [`COPY_MAX_RANK`] axes.
+pub fn copy_meta(shape: &[usize], out_base: usize, out_strides: &[usize], in_base: usize, in_strides: &[usize]) -> Option<Vec<i32>> {
+    let axes = merged_axes(shape, out_strides, in_strides);
     if axes.len() > COPY_MAX_RANK {
         return None;
     }
@@ -442,6 +448,37 @@ pub fn copy_meta(shape: &[usize], out_base: usize, out_strides: &[usize], in_bas
         }
     }
     Some(meta)
+}
+
+/// A copy between two views as rows of contiguous elements, for the runtime's own
+/// rectangle copy (`clEnqueueCopyBufferRect`), in elements: `rows` runs of `run` elements,
+/// the `r`-th from `in_base + r · in_pitch` to `out_base + r · out_pitch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowCopy {
+    pub rows: usize,
+    pub run: usize,
+    pub out_base: usize,
+    pub out_pitch: usize,
+    pub in_base: usize,
+    pub in_pitch: usize,
+}
+
+/// The copy of [`copy_meta`] as a [`RowCopy`], when it is one: the innermost merged axis
+/// contiguous in both views and at most one axis outside it, whose strides are at least a
+/// run (rows that do not overlap; a broadcast's zero stride is not one), and each base's
+/// offset within its row plus the run at most the pitch.
+pub fn row_copy(shape: &[usize], out_base: usize, out_strides: &[usize], in_base: usize, in_strides: &[usize]) -> Option<RowCopy> {
+    let axes = merged_axes(shape, out_strides, in_strides);
+    let (run, rows, out_pitch, in_pitch) = match axes.as_slice() {
+        [] => (1, 1, 1, 1),
+        [(n, 1, 1)] => (*n, 1, *n, *n),
+        [(rows, o, i), (run, 1, 1)] if *o >= *run && *i >= *run => (*run, *rows, *o, *i),
+        _ => return None,
+    };
+    // Each row within one pitch of the buffer's start of row (runtimes check the origin's
+    // offset within a row plus the run against the pitch).
+    let fits = |base: usize, pitch: usize| base % pitch + run <= pitch;
+    (fits(out_base, out_pitch) && fits(in_base, in_pitch)).then_some(RowCopy { rows, run, out_base, out_pitch, in_base, in_pitch })
 }
 
 /// The source of a plan's program: the matmul kernels, the layout and scatter kernels
@@ -503,6 +540,21 @@ fn location_line(l: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Row copies: a concat part of `[4, 3, 2]` into `[4, 5, 2]` (axis 1, at 2) is 4 rows
+    /// of 6; a slice along the first axis or a whole copy is one run; a broadcast (zero
+    /// stride), a permute (inner stride not 1) and a three-level view are not row copies.
+    #[test]
+    fn row_copies_are_recognised() {
+        assert_eq!(
+            row_copy(&[4, 3, 2], 4, &[10, 2, 1], 0, &[6, 2, 1]),
+            Some(RowCopy { rows: 4, run: 6, out_base: 4, out_pitch: 10, in_base: 0, in_pitch: 6 })
+        );
+        assert_eq!(row_copy(&[2, 3], 0, &[3, 1], 6, &[3, 1]), Some(RowCopy { rows: 1, run: 6, out_base: 0, out_pitch: 6, in_base: 6, in_pitch: 6 }));
+        assert_eq!(row_copy(&[4, 3], 0, &[3, 1], 0, &[0, 1]), None, "broadcast");
+        assert_eq!(row_copy(&[3, 4], 0, &[4, 1], 0, &[1, 3]), None, "permute");
+        assert_eq!(row_copy(&[2, 3, 2], 0, &[6, 2, 1], 0, &[13, 4, 1]), None, "three levels");
+    }
 
     #[test]
     fn build_log_locations_show_their_source_line() {
