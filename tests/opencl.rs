@@ -33,6 +33,14 @@ fn platform(test: &str) -> bool {
     false
 }
 
+/// An empty folder `name` under the tests' temporary folder.
+fn fresh_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 fn mdl(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_mdl"));
     c.args(args).current_dir(root());
@@ -215,8 +223,7 @@ fn opencl_runs_resume_exactly_and_match_interp() {
     if !platform("opencl_runs_resume_exactly_and_match_interp") {
         return;
     }
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("opencl-runs");
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = fresh_dir("opencl-runs");
     let cache = dir.join("mdl-cache");
     let cache = cache.to_str().unwrap();
     let run = |name: &str, backend: &str, extra: &[&str]| {
@@ -268,9 +275,7 @@ fn opencl_stages_freeze_and_reset_as_the_jit_does() {
     if !platform("opencl_stages_freeze_and_reset_as_the_jit_does") {
         return;
     }
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("opencl-stages");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("opencl-stages");
     let cache = dir.join("mdl-cache");
     assert_a_frozen_group_keeps_its_initial_values(&dir, |args| {
         let mut args = args.to_vec();

@@ -279,6 +279,18 @@ fn cl_err(what: &str, e: impl std::fmt::Display) -> ExecError {
     ExecError::BadOperand { op: "opencl".into(), message: format!("{what}: {e}") }
 }
 
+/// A new buffer on `queue`'s device holding `data` (`what` names it in errors). Callers
+/// count the bytes: [`OpenCl::upload`] into the executor's totals, `DeviceRun::upload`
+/// into a run's.
+fn new_buffer<T: ocl::OclPrm>(queue: &Queue, data: &[T], what: &str) -> Result<Buffer<T>, ExecError> {
+    Buffer::<T>::builder()
+        .queue(queue.clone())
+        .len(data.len())
+        .copy_host_slice(data)
+        .build()
+        .map_err(|e| cl_err(&format!("uploading {what}"), e))
+}
+
 impl OpenCl {
     /// An executor on device `index` (as numbered by [`devices`]), or on the default device
     /// (first GPU, else first device) when `None`.
@@ -481,27 +493,29 @@ impl OpenCl {
     /// lost to a caller that ran other tensors before [`Executor::sync`].
     fn param_buffer(&mut self, name: &str, t: &Tensor<f32>, replace_ahead: bool) -> Result<(Buffer<f32>, bool), ExecError> {
         let stamp = HostStamp::of(&t.data);
-        let bytes = 4 * t.data.len() as u64;
-        let what = |e| cl_err(&format!("uploading parameter {name}"), e);
-        let upload = |queue: &Queue| Buffer::<f32>::builder().queue(queue.clone()).len(t.data.len()).copy_host_slice(&t.data).build();
-        let buffer = match self.resident.get_mut(name) {
-            Some(r) if r.stamp == stamp => return Ok((r.buffer.clone(), r.ahead)),
-            Some(r) if r.ahead && !replace_ahead => {
-                let b = upload(&self.queue).map_err(what)?;
-                self.param_bytes += bytes;
-                self.bytes_up += bytes;
-                return Ok((b, false));
-            }
+        if let Some(r) = self.resident.get(name).filter(|r| r.stamp == stamp) {
+            return Ok((r.buffer.clone(), r.ahead));
+        }
+        let what = format!("parameter {name}");
+        self.param_bytes += 4 * t.data.len() as u64;
+        let buffer = match self.resident.get(name) {
+            Some(r) if r.ahead && !replace_ahead => return Ok((self.upload(&t.data, &what)?, false)),
             Some(r) if r.buffer.len() == t.data.len() => {
-                r.buffer.write(&t.data).enq().map_err(what)?;
-                r.buffer.clone()
+                let b = r.buffer.clone();
+                b.write(&t.data).enq().map_err(|e| cl_err(&format!("uploading {what}"), e))?;
+                self.bytes_up += 4 * t.data.len() as u64;
+                b
             }
-            _ => upload(&self.queue).map_err(what)?,
+            _ => self.upload(&t.data, &what)?,
         };
-        self.param_bytes += bytes;
-        self.bytes_up += bytes;
         self.resident.insert(name.to_string(), Resident { buffer: buffer.clone(), stamp, ahead: false });
         Ok((buffer, false))
+    }
+
+    /// A new device buffer holding `data` ([`new_buffer`]), counted in [`Executor::transfers`].
+    fn upload<T: ocl::OclPrm>(&mut self, data: &[T], what: &str) -> Result<Buffer<T>, ExecError> {
+        self.bytes_up += std::mem::size_of_val(data) as u64;
+        new_buffer(&self.queue, data, what)
     }
 
     /// Writes the values `update` just gave `param` to its resident buffer, which mirrored
@@ -509,7 +523,7 @@ impl OpenCl {
     /// row-sparse one (through `mdl_scatter_rows`). A parameter without a resident buffer
     /// has nothing to keep current.
     fn write_updated(&mut self, name: &str, param: &Tensor<f32>, grad: &Value<f32>) -> Result<(), ExecError> {
-        let Some(Resident { buffer, stamp, .. }) = self.resident.get_mut(name) else { return Ok(()) };
+        let Some(buffer) = self.resident.get(name).map(|r| r.buffer.clone()) else { return Ok(()) };
         let what = |e| cl_err(&format!("writing the update of parameter {name}"), e);
         let rows = match grad {
             Value::RowSparse { shape, rows, .. } if shape.len() > 1 && !rows.is_empty() => {
@@ -526,7 +540,8 @@ impl OpenCl {
             }
             _ => None,
         };
-        let program = self.plans.first().and_then(|p| self.programs.get(&p.program_source));
+        let program = self.plans.first().and_then(|p| self.programs.get(&p.program_source)).cloned();
+        let before = self.bytes_up;
         match (rows, program) {
             (Some((rows, width)), Some(program)) if i32::try_from(rows.len() * width).is_ok() && width > 0 => {
                 let total = rows.len() * width;
@@ -534,16 +549,14 @@ impl OpenCl {
                 for &r in rows.iter() {
                     values.extend_from_slice(&param.data[r as usize * width..(r as usize + 1) * width]);
                 }
-                let upload = |q: &Queue, data: &[f32]| Buffer::<f32>::builder().queue(q.clone()).len(data.len()).copy_host_slice(data).build();
-                let values = upload(&self.queue, &values).map_err(what)?;
-                let rows_buf =
-                    Buffer::<u32>::builder().queue(self.queue.clone()).len(rows.len()).copy_host_slice(&rows).build().map_err(what)?;
+                let values = self.upload(&values, &format!("the updated rows of {name}"))?;
+                let rows_buf = self.upload(&rows, &format!("the updated rows' ids of {name}"))?;
                 let k = Kernel::builder()
-                    .program(program)
+                    .program(&program)
                     .name("mdl_scatter_rows")
                     .queue(self.queue.clone())
                     .global_work_size(total)
-                    .arg(&*buffer)
+                    .arg(&buffer)
                     .arg(&rows_buf)
                     .arg(&values)
                     .arg(width as i32)
@@ -554,16 +567,16 @@ impl OpenCl {
                 // it, so each write stays inside the buffer (the table's size); rows are
                 // distinct, so no two work items write one element.
                 unsafe { k.enq() }.map_err(what)?;
-                self.param_bytes += 4 * (total + rows.len()) as u64;
-                self.bytes_up += 4 * (total + rows.len()) as u64;
             }
             _ => {
                 buffer.write(&param.data).enq().map_err(what)?;
-                self.param_bytes += 4 * param.data.len() as u64;
                 self.bytes_up += 4 * param.data.len() as u64;
             }
         }
-        *stamp = HostStamp::of(&param.data);
+        self.param_bytes += self.bytes_up - before;
+        if let Some(r) = self.resident.get_mut(name) {
+            r.stamp = HostStamp::of(&param.data);
+        }
         Ok(())
     }
 }
@@ -646,15 +659,10 @@ impl DeviceRun<'_> {
         self.params.get(&(t.data.as_ptr() as usize)).filter(|p| p.buffer.len() == t.data.len())
     }
 
-    /// A new device buffer holding `data` (`what` names it in errors).
+    /// A new device buffer holding `data` ([`new_buffer`]), counted as this run's.
     fn upload<T: ocl::OclPrm>(&self, data: &[T], what: &str) -> Result<Buffer<T>, ExecError> {
         self.up.set(self.up.get() + std::mem::size_of_val(data) as u64);
-        Buffer::<T>::builder()
-            .queue(self.queue.clone())
-            .len(data.len())
-            .copy_host_slice(data)
-            .build()
-            .map_err(|e| cl_err(&format!("uploading {what}"), e))
+        new_buffer(self.queue, data, what)
     }
 
     /// One `mdl_copy` launch ([`render::COPY`]): the view `shape` of `input` (from
@@ -707,15 +715,11 @@ impl DeviceRun<'_> {
 
     /// Rows `ids` of `table` (`[rows, width]` in a buffer): `None` (run on the host,
     /// which reports it) when an id is out of range or a size does not fit an `int`.
-    fn gather(&self, table: &Buffer<f32>, rows: usize, width: usize, ids: &[u32], on_device: Option<&Buffer<u32>>) -> Result<Option<Buffer<f32>>, ExecError> {
+    fn gather(&self, table: &Buffer<f32>, rows: usize, width: usize, ids: &[u32], ids_on_device: &Buffer<u32>) -> Result<Option<Buffer<f32>>, ExecError> {
         let total = ids.len() * width;
         if total == 0 || i32::try_from(total).is_err() || i32::try_from(width).is_err() || ids.iter().any(|&id| id as usize >= rows) {
             return Ok(None);
         }
-        let ids = match on_device {
-            Some(b) => b.clone(),
-            None => self.upload(ids, "ids")?,
-        };
         let out = self.output(total)?;
         let k = Kernel::builder()
             .program(self.program)
@@ -724,7 +728,7 @@ impl DeviceRun<'_> {
             .global_work_size(total)
             .arg(&out)
             .arg(table)
-            .arg(&ids)
+            .arg(ids_on_device)
             .arg(width as i32)
             .arg(total as i32)
             .build()
@@ -1043,7 +1047,7 @@ impl DeviceEval<'_> {
             let width = table.shape[1..].iter().product();
             let t = self.buffer(inputs[0], table)?;
             let id_buf = self.ids_buffer(inputs[1], &ids.data)?;
-            return self.dev.gather(&t, table.shape[0], width, &ids.data, Some(&id_buf));
+            return self.dev.gather(&t, table.shape[0], width, &ids.data, &id_buf);
         }
         let xs: Vec<&Tensor<f32>> = args.iter().map(|a| a.dense(&op.name())).collect::<Result<_, _>>()?;
         if is_layout(op) {

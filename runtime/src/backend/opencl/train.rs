@@ -237,7 +237,6 @@ impl OpenCl {
         let err = |e| cl_err(&format!("updating parameter {name} on the device"), e);
         let (w, _) = self.param_buffer(name, t, true)?;
         let (unused_f, unused_u) = self.unused_buffers()?;
-        let upload_f = |q: &ocl::Queue, data: &[f32]| Buffer::<f32>::builder().queue(q.clone()).len(data.len()).copy_host_slice(data).build();
         // (mode, gradient values, rows or marks, row width, elements)
         let (mode, g, rows, width, total) = match &grad {
             Grad::Device(DeviceGrad::Dense(b)) => (0, b.clone(), unused_u, 1, b.len()),
@@ -245,23 +244,17 @@ impl OpenCl {
                 if rows.is_empty() {
                     return Ok(());
                 }
-                self.bytes_up += 4 * rows.len() as u64;
-                let rows_buf = Buffer::<u32>::builder().queue(self.queue.clone()).len(rows.len()).copy_host_slice(rows).build().map_err(err)?;
-                (1, values.clone(), rows_buf, *width, values.len())
+                (1, values.clone(), self.upload(rows, "a gradient's rows")?, *width, values.len())
             }
-            Grad::Host(Value::Dense(g)) => {
-                self.bytes_up += 4 * g.data.len() as u64;
-                (0, upload_f(&self.queue, &g.data).map_err(err)?, unused_u, 1, g.data.len())
-            }
+            Grad::Host(Value::Dense(g)) => (0, self.upload(&g.data, "a gradient")?, unused_u, 1, g.data.len()),
             Grad::Host(Value::RowSparse { shape, rows, values }) => {
                 let width: usize = shape[1..].iter().product();
                 let combined = combine_duplicate_rows(rows, &values.data, width);
                 if combined.rows.is_empty() || width == 0 {
                     return Ok(());
                 }
-                self.bytes_up += 4 * (combined.rows.len() + combined.values.len()) as u64;
-                let rows_buf = Buffer::<u32>::builder().queue(self.queue.clone()).len(combined.rows.len()).copy_host_slice(&combined.rows).build().map_err(err)?;
-                (1, upload_f(&self.queue, &combined.values).map_err(err)?, rows_buf, width, combined.values.len())
+                let rows_buf = self.upload(&combined.rows, "a gradient's rows")?;
+                (1, self.upload(&combined.values, "a gradient")?, rows_buf, width, combined.values.len())
             }
             Grad::Host(Value::Ids(_)) => return Ok(()),
         };
@@ -330,11 +323,9 @@ impl OpenCl {
         let len: usize = shape.iter().product();
         let fresh = |v: f32| Buffer::<f32>::builder().queue(self.queue.clone()).len(len).fill_val(v).build();
         let buffers: Vec<Buffer<f32>> = if optimizer.has_state(name) {
-            let host = optimizer.state_of_mut(name, shape);
-            let mut out = Vec::with_capacity(host.len());
-            for t in host {
-                out.push(Buffer::<f32>::builder().queue(self.queue.clone()).len(len).copy_host_slice(&t.data).build().map_err(err)?);
-                self.bytes_up += 4 * len as u64;
+            let mut out = Vec::new();
+            for t in optimizer.state_of_mut(name, shape) {
+                out.push(self.upload(&t.data, &format!("the optimizer state of {name}"))?);
             }
             out
         } else {
