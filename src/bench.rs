@@ -88,7 +88,12 @@ fn product_flops(op: &Op, inputs: &[Vec<usize>], out: &[usize]) -> f64 {
 /// Counts the matrix products of `graph` and their flops; with `time_alone`, also times
 /// each alone on `exec` (random operands, the shapes of `binding`; identical products are
 /// timed once).
-fn gemm_bound(graph: &Graph, binding: &Binding, exec: &mut dyn mdl_runtime::backend::Executor, time_alone: bool) -> Result<GemmBound, String> {
+fn gemm_bound(
+    graph: &Graph,
+    binding: &Binding,
+    exec: &mut dyn mdl_runtime::backend::Executor,
+    time_alone: bool,
+) -> Result<GemmBound, String> {
     let mut timed: HashMap<String, f64> = HashMap::new();
     let mut bound = GemmBound::default();
     for id in graph.ids() {
@@ -96,7 +101,8 @@ fn gemm_bound(graph: &Graph, binding: &Binding, exec: &mut dyn mdl_runtime::back
         if !matches!(node.op, Op::MatMul { .. } | Op::GroupMatMul { .. } | Op::GroupOuter { .. }) {
             continue;
         }
-        let inputs: Vec<Vec<usize>> = node.inputs.iter().map(|&i| eval_shape(graph.shape(i), binding)).collect::<Result<_, _>>()?;
+        let inputs: Vec<Vec<usize>> =
+            node.inputs.iter().map(|&i| eval_shape(graph.shape(i), binding)).collect::<Result<_, _>>()?;
         let out = eval_shape(graph.shape(id), binding)?;
         bound.products += 1;
         bound.flops_per_step += product_flops(&node.op, &inputs, &out);
@@ -122,7 +128,10 @@ fn gemm_bound(graph: &Graph, binding: &Binding, exec: &mut dyn mdl_runtime::back
                 let groups = if let Op::GroupOuter { groups: g } = &node.op { g.eval(binding)? as u32 } else { groups };
                 Value::Ids(Tensor { shape: shape.clone(), data: (0..n as u32).map(|i| i % groups.max(1)).collect() })
             } else {
-                Value::Dense(Tensor { shape: shape.clone(), data: (0..n).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect() })
+                Value::Dense(Tensor {
+                    shape: shape.clone(),
+                    data: (0..n).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect(),
+                })
             };
             feeds.insert(name, value);
         }
@@ -152,8 +161,12 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
     let compiled = compile_spec(exp)?;
     let spec_time = t.elapsed();
     let paths = exp.split_paths()?;
-    let prep = data::prepare(&exp.data.schema, &paths, &PrepareOptions { bad_rows: exp.data.bad_rows.into(), ..Default::default() })
-        .map_err(|e| e.to_string())?;
+    let prep = data::prepare(
+        &exp.data.schema,
+        &paths,
+        &PrepareOptions { bad_rows: exp.data.bad_rows.into(), ..Default::default() },
+    )
+    .map_err(|e| e.to_string())?;
     let t = Instant::now();
     let session = Session::with_compiled(compiled, &prep.fitted)?;
     let compile_ms = (t.elapsed() + spec_time).as_secs_f64() * 1e3;
@@ -168,7 +181,10 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
     }
     let mut batch = prep.train.new_batch();
     // One training step; returns the seconds its optimizer update took.
-    let mut step = |i: usize, exec: &mut dyn mdl_runtime::backend::Executor, params: &mut HashMap<String, mdl_runtime::Tensor<f32>>| -> Result<f64, String> {
+    let mut step = |i: usize,
+                    exec: &mut dyn mdl_runtime::backend::Executor,
+                    params: &mut HashMap<String, mdl_runtime::Tensor<f32>>|
+     -> Result<f64, String> {
         prep.train.gather(&order[i % order.len()], &mut batch).map_err(|e| e.to_string())?;
         let feeds = session.inputs.feeds(&batch);
         let binding = session.inputs.with_batch(batch.rows);
@@ -216,7 +232,8 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
     }
     let eval_secs = t.elapsed().as_secs_f64();
     let product_kinds = ["matmul", "group_matmul", "group_outer"];
-    let in_step: Vec<f64> = profile.iter().filter(|p| product_kinds.contains(&p.0.as_str())).map(|p| p.1.as_secs_f64()).collect();
+    let in_step: Vec<f64> =
+        profile.iter().filter(|p| product_kinds.contains(&p.0.as_str())).map(|p| p.1.as_secs_f64()).collect();
     let binding = session.inputs.with_batch(bs);
     let mut gemm = gemm_bound(&session.train_graph, &binding, exec.as_mut(), in_step.is_empty())?;
     if !in_step.is_empty() {
@@ -252,12 +269,20 @@ impl std::fmt::Display for BenchReport {
         writeln!(f, "  runnable plans (fusion + kernels)         {:10.1} ms", self.plan_ms)?;
         writeln!(f, "  compile to runnable plans, in all         {:10.1} ms", self.compile_ms + self.plan_ms)?;
         writeln!(f, "  first train step                          {:10.1} ms", self.first_step_ms)?;
-        writeln!(f, "  train step (forward + backward + update)  {:10.1} ms   {:10.0} samples/s", self.step_ms, self.train_samples_per_sec)?;
+        writeln!(
+            f,
+            "  train step (forward + backward + update)  {:10.1} ms   {:10.0} samples/s",
+            self.step_ms, self.train_samples_per_sec
+        )?;
         writeln!(f, "    of which the optimizer update            {:10.1} ms", self.update_ms)?;
         if let Some((up, down)) = self.transfers_per_step {
             writeln!(f, "    host -> device {:.2} MB, device -> host {:.2} MB per step", up / 1e6, down / 1e6)?;
         }
-        writeln!(f, "  eval (forward)                                            {:10.0} samples/s", self.eval_samples_per_sec)?;
+        writeln!(
+            f,
+            "  eval (forward)                                            {:10.0} samples/s",
+            self.eval_samples_per_sec
+        )?;
         let g = &self.gemm;
         if g.products > 0 {
             let limit = self.batch as f64 / g.secs_per_step.max(1e-12);
@@ -278,11 +303,22 @@ impl std::fmt::Display for BenchReport {
         } else {
             let total: f64 = self.profile.iter().map(|p| p.1.as_secs_f64()).sum();
             let steps = self.timed_steps.max(1) as f64;
-            writeln!(f, "  per op kind, averaged over the timed steps (ops total {:.1} ms/step):", total * 1e3 / steps)?;
+            writeln!(
+                f,
+                "  per op kind, averaged over the timed steps (ops total {:.1} ms/step):",
+                total * 1e3 / steps
+            )?;
             writeln!(f, "    {:<28} {:>10} {:>8} {:>10}", "op", "ms/step", "share", "calls/step")?;
             for (name, d, calls) in &self.profile {
                 let ms = d.as_secs_f64() * 1e3 / steps;
-                writeln!(f, "    {:<28} {:>10.2} {:>7.1}% {:>10.1}", name, ms, 100.0 * d.as_secs_f64() / total.max(1e-12), *calls as f64 / steps)?;
+                writeln!(
+                    f,
+                    "    {:<28} {:>10.2} {:>7.1}% {:>10.1}",
+                    name,
+                    ms,
+                    100.0 * d.as_secs_f64() / total.max(1e-12),
+                    *calls as f64 / steps
+                )?;
             }
         }
         Ok(())

@@ -16,7 +16,10 @@ pub fn parse_overrides(set: &[String]) -> Result<BTreeMap<String, Hyper>, String
             return Err(format!("`--set {s}`: expected KEY=VALUE"));
         };
         let y: serde_yaml::Value = serde_yaml::from_str(v).map_err(|e| format!("`--set {s}`: {e}"))?;
-        out.insert(k.trim().to_string(), yaml_to_hyper(&y).ok_or_else(|| format!("`--set {s}`: not a number, string, boolean or list"))?);
+        out.insert(
+            k.trim().to_string(),
+            yaml_to_hyper(&y).ok_or_else(|| format!("`--set {s}`: not a number, string, boolean or list"))?,
+        );
     }
     Ok(out)
 }
@@ -60,7 +63,10 @@ pub fn check(specs: &[std::path::PathBuf], set: &[String]) -> ExitCode {
         let mut map = SourceMap::new();
         let t = Instant::now();
         if let Some(blocks) = library_blocks(spec) {
-            println!("ok: {} (a library of {blocks} blocks, no model; its blocks are checked where a model uses them)", spec.display());
+            println!(
+                "ok: {} (a library of {blocks} blocks, no model; its blocks are checked where a model uses them)",
+                spec.display()
+            );
             continue;
         }
         match compile_reporting(&mut map, spec, &overrides) {
@@ -129,7 +135,10 @@ pub fn graph(spec: &Path, backward: bool, dot: bool, set: &[String]) -> ExitCode
     if dot {
         print!("{}", g.to_dot());
     } else {
-        println!("# model {} — shapes are symbolic: B = batch, count(x) = columns of input x, rows(x) = its vocabulary", c.model);
+        println!(
+            "# model {} — shapes are symbolic: B = batch, count(x) = columns of input x, rows(x) = its vocabulary",
+            c.model
+        );
         print!("{}", g.listing());
     }
     ExitCode::SUCCESS

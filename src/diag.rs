@@ -25,11 +25,7 @@ impl Span {
 
     /// The smallest span covering both `self` and `other` (same file assumed).
     pub fn to(self, other: Span) -> Span {
-        Span {
-            file: self.file,
-            start: self.start.min(other.start),
-            end: self.end.max(other.end),
-        }
+        Span { file: self.file, start: self.start.min(other.start), end: self.end.max(other.end) }
     }
 
     pub fn len(&self) -> usize {
@@ -66,14 +62,8 @@ impl SourceMap {
 
     /// Registers a file and returns its id (for [`Span::file`]).
     pub fn add(&mut self, name: impl Into<String>, text: String) -> u32 {
-        let line_starts = std::iter::once(0)
-            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
-            .collect();
-        self.files.push(SourceFile {
-            name: name.into(),
-            text,
-            line_starts,
-        });
+        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        self.files.push(SourceFile { name: name.into(), text, line_starts });
         (self.files.len() - 1) as u32
     }
 
@@ -88,16 +78,12 @@ impl SourceMap {
 
     /// The file's name as given to [`SourceMap::add`]; `<unknown>` for an unknown id.
     pub fn name(&self, file: u32) -> &str {
-        self.files
-            .get(file as usize)
-            .map_or("<unknown>", |f| f.name.as_str())
+        self.files.get(file as usize).map_or("<unknown>", |f| f.name.as_str())
     }
 
     /// The file's text; empty for an unknown id.
     pub fn text(&self, file: u32) -> &str {
-        self.files
-            .get(file as usize)
-            .map_or("", |f| f.text.as_str())
+        self.files.get(file as usize).map_or("", |f| f.text.as_str())
     }
 
     /// The 1-based line and column of a byte offset; the column counts characters.
@@ -120,11 +106,7 @@ impl SourceMap {
         let Some(&start) = f.line_starts.get((line as usize).wrapping_sub(1)) else {
             return "";
         };
-        let end = f
-            .line_starts
-            .get(line as usize)
-            .copied()
-            .unwrap_or(f.text.len());
+        let end = f.line_starts.get(line as usize).copied().unwrap_or(f.text.len());
         f.text[start..end].trim_end_matches(['\n', '\r'])
     }
 }
@@ -151,13 +133,7 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn error(span: Span, message: impl Into<String>) -> Self {
-        Diagnostic {
-            message: message.into(),
-            span,
-            label: String::new(),
-            hint: None,
-            notes: Vec::new(),
-        }
+        Diagnostic { message: message.into(), span, label: String::new(), hint: None, notes: Vec::new() }
     }
 
     pub fn label(mut self, label: impl Into<String>) -> Self {
@@ -192,14 +168,9 @@ const TAB_WIDTH: usize = 4;
 /// Each note adds a further `-->` block with its own caret line; the hint comes last.
 /// The result ends with a newline.
 pub fn render(map: &SourceMap, d: &Diagnostic) -> String {
-    let places: Vec<(Span, &str)> = std::iter::once((d.span, d.label.as_str()))
-        .chain(d.notes.iter().map(|(s, m)| (*s, m.as_str())))
-        .collect();
-    let gutter = places
-        .iter()
-        .map(|(s, _)| map.line_col(s.file, s.start).0.to_string().len())
-        .max()
-        .unwrap_or(1);
+    let places: Vec<(Span, &str)> =
+        std::iter::once((d.span, d.label.as_str())).chain(d.notes.iter().map(|(s, m)| (*s, m.as_str()))).collect();
+    let gutter = places.iter().map(|(s, _)| map.line_col(s.file, s.start).0.to_string().len()).max().unwrap_or(1);
     let pad = " ".repeat(gutter);
 
     let mut out = String::new();
@@ -238,11 +209,7 @@ pub fn render(map: &SourceMap, d: &Diagnostic) -> String {
 
 /// Renders several diagnostics, separated by blank lines.
 pub fn render_all(map: &SourceMap, diags: &[Diagnostic]) -> String {
-    diags
-        .iter()
-        .map(|d| render(map, d))
-        .collect::<Vec<_>>()
-        .join("\n")
+    diags.iter().map(|d| render(map, d)).collect::<Vec<_>>().join("\n")
 }
 
 /// The displayed source line (tabs expanded, control characters shown as spaces) and
@@ -251,9 +218,7 @@ fn caret_geometry(map: &SourceMap, span: Span, line: u32, source: &str) -> (Stri
     let text = map.text(span.file);
     let line_start = line_start_of(map, span.file, line).unwrap_or(0);
     let start = floor_char_boundary(text, span.start as usize).saturating_sub(line_start);
-    let end = floor_char_boundary(text, span.end.max(span.start) as usize)
-        .saturating_sub(line_start)
-        .min(source.len());
+    let end = floor_char_boundary(text, span.end.max(span.start) as usize).saturating_sub(line_start).min(source.len());
 
     let mut shown = String::new();
     let mut caret_start = None;

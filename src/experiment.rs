@@ -230,7 +230,8 @@ fn default_patience() -> usize {
 }
 
 /// Keys whose values are paths, resolved against the writing file's directory.
-const PATH_KEYS: &[&[&str]] = &[&["spec"], &["out"], &["data", "folder"], &["data", "train"], &["data", "valid"], &["data", "test"]];
+const PATH_KEYS: &[&[&str]] =
+    &[&["spec"], &["out"], &["data", "folder"], &["data", "train"], &["data", "valid"], &["data", "test"]];
 
 /// Reads an experiment, merging its bases and applying `--set` overrides.
 pub fn load(path: &Path, set: &[String]) -> Result<Experiment, String> {
@@ -271,10 +272,7 @@ fn load_merged(path: &Path, depth: usize) -> Result<Value, String> {
     // A typed pass over this file alone finds misspelt keys with their line numbers
     // before merging blurs which file said what.
     check_keys(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    let dir = std::path::absolute(path)
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.to_path_buf()))
-        .unwrap_or_default();
+    let dir = std::path::absolute(path).ok().and_then(|p| p.parent().map(|d| d.to_path_buf())).unwrap_or_default();
     for keys in PATH_KEYS {
         if let Some(Value::String(p)) = get_path(&v, keys) {
             let abs = absolutize(&dir, p);
@@ -449,7 +447,13 @@ impl Experiment {
     /// The epochs of each stage (one stage of `train.epochs` when none are given).
     pub fn stages(&self) -> Vec<Stage> {
         if self.train.stages.is_empty() {
-            vec![Stage { name: "train".into(), epochs: self.train.epochs, freeze: vec![], train_only: None, reset_optimizer: false }]
+            vec![Stage {
+                name: "train".into(),
+                epochs: self.train.epochs,
+                freeze: vec![],
+                train_only: None,
+                reset_optimizer: false,
+            }]
         } else {
             self.train.stages.clone()
         }

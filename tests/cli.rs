@@ -79,10 +79,14 @@ fn help_lists_every_subcommand() {
 #[cfg(not(feature = "opencl"))]
 #[test]
 fn opencl_without_the_feature_says_how_to_build_it() {
-    for args in [&["devices"][..], &["bench", "experiments/quickstart.yaml", "--backend", "opencl", "--steps", "1"][..]] {
+    for args in [&["devices"][..], &["bench", "experiments/quickstart.yaml", "--backend", "opencl", "--steps", "1"][..]]
+    {
         let out = mdl(args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?}: {err}");
-        assert!(err.contains("built without the `opencl` feature: cargo build --release --features opencl"), "{args:?}: {err}");
+        assert!(
+            err.contains("built without the `opencl` feature: cargo build --release --features opencl"),
+            "{args:?}: {err}"
+        );
     }
 }

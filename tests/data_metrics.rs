@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use mdl::data::{
-    prepare, BadRows, CacheMode, DataError, Dataset, DomainSpec, FeatureGroup, Fitted, MiniBatches,
-    Normalize, PrepareOptions, Schema, SequenceTable, SplitPaths, Task, OOV, PAD,
+    prepare, BadRows, CacheMode, DataError, Dataset, DomainSpec, FeatureGroup, Fitted, MiniBatches, Normalize,
+    PrepareOptions, Schema, SequenceTable, SplitPaths, Task, OOV, PAD,
 };
 use mdl::metrics::{auc, gauc, logloss, Report};
 use proptest::prelude::*;
@@ -99,26 +99,13 @@ fn small_schema(item_min_count: Option<u64>) -> Schema {
                 vocab: None,
                 min_count: None,
             },
-            FeatureGroup::Numeric {
-                name: "dense".into(),
-                columns: strings(&["price"]),
-                normalize: Normalize::Minmax,
-            },
+            FeatureGroup::Numeric { name: "dense".into(), columns: strings(&["price"]), normalize: Normalize::Minmax },
         ],
         labels: vec![
-            Task {
-                name: "click".into(),
-                column: "label".into(),
-            },
-            Task {
-                name: "like".into(),
-                column: "like".into(),
-            },
+            Task { name: "click".into(), column: "label".into() },
+            Task { name: "like".into(), column: "like".into() },
         ],
-        domain: Some(DomainSpec {
-            column: "domain".into(),
-            count: None,
-        }),
+        domain: Some(DomainSpec { column: "domain".into(), count: None }),
         user: Some("user".into()),
         min_count: 1,
     }
@@ -138,10 +125,7 @@ fn small_files(folder: &Path, train_rows: &str) -> SplitPaths {
 }
 
 fn no_cache() -> PrepareOptions {
-    PrepareOptions {
-        bad_rows: BadRows::Fail,
-        cache: CacheMode::Off,
-    }
+    PrepareOptions { bad_rows: BadRows::Fail, cache: CacheMode::Off }
 }
 
 // ---------------------------------------------------------------- metrics
@@ -234,8 +218,7 @@ fn report_per_task_and_domain() {
     let labels = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0];
     let domain = [0, 0, 1, 1];
     let user = [5, 5, 5, 6];
-    let report =
-        Report::compute(&tasks, &scores, &labels, Some(&domain), Some(&user)).expect("report");
+    let report = Report::compute(&tasks, &scores, &labels, Some(&domain), Some(&user)).expect("report");
     assert_eq!(report.count, 4);
     assert_eq!(report.auc, Some(1.0));
     assert_eq!(report.per_task["click"].positives, 2);
@@ -243,10 +226,7 @@ fn report_per_task_and_domain() {
     assert_eq!(report.per_domain[&0].count, 2);
     assert_eq!(report.per_domain[&0].auc, Some(1.0));
     assert_eq!(report.per_domain[&1].positives, 1);
-    assert_eq!(
-        report.per_task["like"].per_domain[&1].auc, None,
-        "no like in domain 1"
-    );
+    assert_eq!(report.per_task["like"].per_domain[&1].auc, None, "no like in domain 1");
     // user 5 has both classes (3 rows, AUC 1); user 6 has one row.
     assert_eq!(report.gauc, Some(1.0));
     let json = serde_json::to_string(&report).expect("serialise");
@@ -292,24 +272,8 @@ fn vocab_from_train_only_and_encoding() {
     let items = &fitted.vocabs.categorical[0][0];
     let colors = &fitted.vocabs.categorical[0][1];
     // item: i1 (3) then i2, i3 (1 each, by string); color: red (3), then "" and blue.
-    assert_eq!(
-        (
-            items.id("i1"),
-            items.id("i2"),
-            items.id("i3"),
-            items.id("i7")
-        ),
-        (2, 3, 4, OOV)
-    );
-    assert_eq!(
-        (
-            colors.id("red"),
-            colors.id(""),
-            colors.id("blue"),
-            colors.id("green")
-        ),
-        (2, 3, 4, OOV)
-    );
+    assert_eq!((items.id("i1"), items.id("i2"), items.id("i3"), items.id("i7")), (2, 3, 4, OOV));
+    assert_eq!((colors.id("red"), colors.id(""), colors.id("blue"), colors.id("green")), (2, 3, 4, OOV));
     assert_eq!(layout.categorical[0].offsets, vec![0, 5]);
     assert_eq!(layout.categorical[0].rows, 10);
     assert_eq!(layout.domains, 3);
@@ -317,40 +281,20 @@ fn vocab_from_train_only_and_encoding() {
     let train = &prepared.train;
     assert_eq!(train.rows, 5);
     assert_eq!(&train.cat[0][..4], &[2, 5 + 2, 3, 5 + 4]);
-    assert_eq!(
-        train.cat[0][7],
-        5 + 3,
-        "an empty categorical cell is its own value"
-    );
+    assert_eq!(train.cat[0][7], 5 + 3, "an empty categorical cell is its own value");
     // history shares the item vocabulary and offset, right-aligned, last 2 kept.
-    assert_eq!(
-        layout.sequence[0].table,
-        SequenceTable::Categorical {
-            group: "ids".into(),
-            column: "item".into()
-        }
-    );
+    assert_eq!(layout.sequence[0].table, SequenceTable::Categorical { group: "ids".into(), column: "item".into() });
     assert_eq!(&train.seq_ids[0][..2], &[PAD, PAD]);
     assert_eq!(&train.seq_ids[0][2..4], &[PAD, 2]);
-    assert_eq!(
-        &train.seq_ids[0][6..8],
-        &[OOV, 2],
-        "\"i2 i9 i1\" keeps i9 (never an item), i1"
-    );
-    assert_eq!(
-        &train.seq_mask[0][..8],
-        &[0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
-    );
+    assert_eq!(&train.seq_ids[0][6..8], &[OOV, 2], "\"i2 i9 i1\" keeps i9 (never an item), i1");
+    assert_eq!(&train.seq_mask[0][..8], &[0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
     // tags: own vocabulary t1, t2, t3.
     assert_eq!(&train.seq_ids[1][..3], &[PAD, 2, 3]);
     assert_eq!(&train.seq_mask[1][..3], &[0.0, 1.0, 1.0]);
     // price: minmax over 1..4, missing → 0.
     assert_eq!(train.num[0], vec![0.0, 1.0 / 3.0, 2.0 / 3.0, 0.0, 1.0]);
     assert_eq!(train.domain, vec![0, 1, 0, 2, 1]);
-    assert_eq!(
-        train.labels,
-        vec![1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
-    );
+    assert_eq!(train.labels, vec![1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0]);
     assert_eq!(train.user, vec![2, 2, 3, 4, 3], "u1, u2 (2 rows each), u3");
 
     // Valid: unseen values → OOV, through the train vocabularies; unseen user gets a fresh id.
@@ -360,27 +304,14 @@ fn vocab_from_train_only_and_encoding() {
     assert_eq!(&valid.seq_ids[1][..3], &[PAD, OOV, 2]);
     assert_eq!(valid.num[0][0], 3.0);
     assert_eq!(valid.user, vec![5, 2]);
-    assert_eq!(
-        prepared.test,
-        Dataset {
-            source: prepared.test.source.clone(),
-            ..valid.clone()
-        }
-    );
+    assert_eq!(prepared.test, Dataset { source: prepared.test.source.clone(), ..valid.clone() });
 
     // min_count 2 on the ids group: only i1 and red survive.
     let strict = prepare(&small_schema(Some(2)), &paths, &no_cache()).expect("prepare");
     let items = &strict.fitted.vocabs.categorical[0][0];
-    assert_eq!(
-        (items.id("i1"), items.id("i2"), items.id("i3")),
-        (2, OOV, OOV)
-    );
+    assert_eq!((items.id("i1"), items.id("i2"), items.id("i3")), (2, OOV, OOV));
     assert_eq!(strict.fitted.layout().categorical[0].offsets, vec![0, 3]);
-    assert_eq!(
-        strict.fitted.vocabs.sequence[1].as_ref().map(|v| v.len()),
-        Some(5),
-        "group min_count only"
-    );
+    assert_eq!(strict.fitted.vocabs.sequence[1].as_ref().map(|v| v.len()), Some(5), "group min_count only");
 }
 
 #[test]
@@ -391,9 +322,7 @@ fn fitted_state_round_trips_and_encodes_other_files() {
     let json = serde_json::to_string(&prepared.fitted).expect("serialise");
     let fitted: Fitted = serde_json::from_str(&json).expect("deserialise");
     assert_eq!(fitted, prepared.fitted);
-    let again = fitted
-        .encode_file(&paths.valid, BadRows::Fail)
-        .expect("encode");
+    let again = fitted.encode_file(&paths.valid, BadRows::Fail).expect("encode");
     assert_eq!(again, prepared.valid);
 }
 
@@ -401,28 +330,15 @@ fn fitted_state_round_trips_and_encodes_other_files() {
 fn batches_gather_rows() {
     let folder = TempFolder::new("gather");
     let paths = small_files(&folder, TRAIN);
-    let train = prepare(&small_schema(None), &paths, &no_cache())
-        .expect("prepare")
-        .train;
+    let train = prepare(&small_schema(None), &paths, &no_cache()).expect("prepare").train;
     let mut batch = train.new_batch();
     train.gather(&[4, 0], &mut batch).expect("gather");
     assert_eq!(batch.rows, 2);
-    assert_eq!(
-        batch.cat[0],
-        vec![
-            train.cat[0][8],
-            train.cat[0][9],
-            train.cat[0][0],
-            train.cat[0][1]
-        ]
-    );
+    assert_eq!(batch.cat[0], vec![train.cat[0][8], train.cat[0][9], train.cat[0][0], train.cat[0][1]]);
     assert_eq!(batch.labels, vec![1.0, 0.0, 1.0, 0.0]);
     assert_eq!(batch.seq_ids[1].len(), 6);
     assert_eq!(batch.domain, vec![1, 0]);
-    assert!(matches!(
-        train.gather(&[5], &mut batch),
-        Err(DataError::RowIndex { index: 5, rows: 5 })
-    ));
+    assert!(matches!(train.gather(&[5], &mut batch), Err(DataError::RowIndex { index: 5, rows: 5 })));
     train.gather_range(1..3, &mut batch).expect("range");
     assert_eq!(batch.user, vec![2, 3]);
 
@@ -445,43 +361,20 @@ fn prepare_error(train_rows: &str) -> (PathBuf, String) {
 fn malformed_rows_name_file_line_and_column() {
     let good = "1,0,0,u1,i1,red,,t1,1.0\n";
     let (file, message) = prepare_error(&format!("{good}1,0,0,u1,i1,red,,t1\n"));
-    assert!(
-        message.starts_with(&format!("{}:3:", file.display())),
-        "{message}"
-    );
-    assert!(
-        message.contains("expected 9 fields") && message.contains("found 8"),
-        "{message}"
-    );
+    assert!(message.starts_with(&format!("{}:3:", file.display())), "{message}");
+    assert!(message.contains("expected 9 fields") && message.contains("found 8"), "{message}");
 
     let (file, message) = prepare_error(&format!("{good}{good}1,0,0,u1,i1,red,,t1,cheap\n"));
-    assert!(
-        message.starts_with(&format!("{}:4:", file.display())),
-        "{message}"
-    );
-    assert!(
-        message.contains("'price'") && message.contains("\"cheap\""),
-        "{message}"
-    );
+    assert!(message.starts_with(&format!("{}:4:", file.display())), "{message}");
+    assert!(message.contains("'price'") && message.contains("\"cheap\""), "{message}");
 
     let (file, message) = prepare_error(&format!("2,0,0,u1,i1,red,,t1,1.0\n{good}"));
-    assert!(
-        message.starts_with(&format!("{}:2:", file.display())),
-        "{message}"
-    );
-    assert!(
-        message.contains("'label'") && message.contains("\"2\""),
-        "{message}"
-    );
+    assert!(message.starts_with(&format!("{}:2:", file.display())), "{message}");
+    assert!(message.contains("'label'") && message.contains("\"2\""), "{message}");
 
     // A quoted field with a newline moves the line numbers of the rows after it.
-    let (_, message) = prepare_error(&format!(
-        "1,0,0,u1,i1,\"two\nlines\",,t1,1.0\n{good}1,0,x,u1,i1,red,,t1,1.0\n"
-    ));
-    assert!(
-        message.contains(":5:") && message.contains("'domain'"),
-        "{message}"
-    );
+    let (_, message) = prepare_error(&format!("1,0,0,u1,i1,\"two\nlines\",,t1,1.0\n{good}1,0,x,u1,i1,red,,t1,1.0\n"));
+    assert!(message.contains(":5:") && message.contains("'domain'"), "{message}");
 }
 
 #[test]
@@ -489,23 +382,12 @@ fn skipped_rows_are_counted_and_leave_no_trace() {
     let folder = TempFolder::new("skip");
     let bad = "1,0,0,u1,i1,red,,t1\n1,0,0,u1,zzz,red,,t1,cheap\n2,0,0,u1,i1,red,,t1,1.0\n";
     let paths = small_files(&folder, &format!("{TRAIN}{bad}"));
-    let options = PrepareOptions {
-        bad_rows: BadRows::Skip,
-        cache: CacheMode::Off,
-    };
+    let options = PrepareOptions { bad_rows: BadRows::Skip, cache: CacheMode::Off };
     let prepared = prepare(&small_schema(None), &paths, &options).expect("prepare with skip");
     assert_eq!(prepared.train.rows, 5);
     assert_eq!(prepared.train.skipped.count, 3);
-    assert!(
-        prepared.train.skipped.examples[0].contains("train.csv:7:"),
-        "{:?}",
-        prepared.train.skipped
-    );
-    assert_eq!(
-        prepared.fitted.vocabs.categorical[0][0].id("zzz"),
-        OOV,
-        "a skipped row adds no value"
-    );
+    assert!(prepared.train.skipped.examples[0].contains("train.csv:7:"), "{:?}", prepared.train.skipped);
+    assert_eq!(prepared.fitted.vocabs.categorical[0][0].id("zzz"), OOV, "a skipped row adds no value");
     assert_eq!(prepared.valid.skipped.count, 0);
 }
 
@@ -514,18 +396,11 @@ fn missing_columns_and_domains() {
     let folder = TempFolder::new("missing");
     let paths = small_files(&folder, TRAIN);
     let mut schema = small_schema(None);
-    schema.features[3] = FeatureGroup::Numeric {
-        name: "dense".into(),
-        columns: strings(&["prices"]),
-        normalize: Normalize::None,
-    };
+    schema.features[3] =
+        FeatureGroup::Numeric { name: "dense".into(), columns: strings(&["prices"]), normalize: Normalize::None };
     let error = prepare(&schema, &paths, &no_cache()).expect_err("missing column");
     match &error {
-        DataError::MissingColumn {
-            file,
-            column,
-            close,
-        } => {
+        DataError::MissingColumn { file, column, close } => {
             assert_eq!(file, &paths.train);
             assert_eq!(column, "prices");
             assert_eq!(close.first().map(String::as_str), Some("price"));
@@ -536,28 +411,15 @@ fn missing_columns_and_domains() {
 
     // A fixed domain count rejects larger ids.
     let mut schema = small_schema(None);
-    schema.domain = Some(DomainSpec {
-        column: "domain".into(),
-        count: Some(2),
-    });
-    let message = prepare(&schema, &paths, &no_cache())
-        .expect_err("domain 2 of 2")
-        .to_string();
-    assert!(
-        message.contains("train.csv:5:") && message.contains("outside 0..2"),
-        "{message}"
-    );
+    schema.domain = Some(DomainSpec { column: "domain".into(), count: Some(2) });
+    let message = prepare(&schema, &paths, &no_cache()).expect_err("domain 2 of 2").to_string();
+    assert!(message.contains("train.csv:5:") && message.contains("outside 0..2"), "{message}");
 
     // A fitted domain count rejects ids beyond train's in other files.
     let extra = TempFolder::new("domain");
     let paths = small_files(&extra, "1,0,0,u1,i1,red,,t1,1.0\n");
-    let message = prepare(&small_schema(None), &paths, &no_cache())
-        .expect_err("domain 2 unseen")
-        .to_string();
-    assert!(
-        message.contains("valid.csv.gz:3:") && message.contains("'domain'"),
-        "{message}"
-    );
+    let message = prepare(&small_schema(None), &paths, &no_cache()).expect_err("domain 2 unseen").to_string();
+    assert!(message.contains("valid.csv.gz:3:") && message.contains("'domain'"), "{message}");
 }
 
 // ---------------------------------------------------------------- cache
@@ -567,10 +429,7 @@ fn cache_hits_and_rebuilds_corrupt_files() {
     let folder = TempFolder::new("cache");
     let paths = small_files(&folder, TRAIN);
     let cache = folder.join("cache");
-    let options = PrepareOptions {
-        bad_rows: BadRows::Fail,
-        cache: CacheMode::Folder(cache.clone()),
-    };
+    let options = PrepareOptions { bad_rows: BadRows::Fail, cache: CacheMode::Folder(cache.clone()) };
     let schema = small_schema(None);
     let first = prepare(&schema, &paths, &options).expect("first");
     assert!(!first.stats.cache_hit);
@@ -580,10 +439,7 @@ fn cache_hits_and_rebuilds_corrupt_files() {
     let second = prepare(&schema, &paths, &options).expect("second");
     assert!(second.stats.cache_hit, "{:?}", second.stats);
     assert_eq!(second.fitted, first.fitted);
-    assert_eq!(
-        (&second.train, &second.valid, &second.test),
-        (&first.train, &first.valid, &first.test)
-    );
+    assert_eq!((&second.train, &second.valid, &second.test), (&first.train, &first.valid, &first.test));
 
     // Flip one byte in the middle: detected and rebuilt.
     let mut bytes = std::fs::read(&file).expect("read cache");
@@ -592,22 +448,9 @@ fn cache_hits_and_rebuilds_corrupt_files() {
     std::fs::write(&file, &bytes).expect("corrupt");
     let rebuilt = prepare(&schema, &paths, &options).expect("rebuilt");
     assert!(!rebuilt.stats.cache_hit);
-    assert!(
-        rebuilt
-            .stats
-            .cache_note
-            .as_deref()
-            .is_some_and(|n| n.contains("rebuilt")),
-        "{:?}",
-        rebuilt.stats
-    );
+    assert!(rebuilt.stats.cache_note.as_deref().is_some_and(|n| n.contains("rebuilt")), "{:?}", rebuilt.stats);
     assert_eq!(rebuilt.train, first.train);
-    assert!(
-        prepare(&schema, &paths, &options)
-            .expect("after rebuild")
-            .stats
-            .cache_hit
-    );
+    assert!(prepare(&schema, &paths, &options).expect("after rebuild").stats.cache_hit);
 
     // Truncated: rebuilt as well.
     let bytes = std::fs::read(&file).expect("read cache");
@@ -619,10 +462,7 @@ fn cache_hits_and_rebuilds_corrupt_files() {
     let other = prepare(&small_schema(Some(2)), &paths, &options).expect("other schema");
     assert!(!other.stats.cache_hit);
     assert_ne!(other.stats.cache_file, first.stats.cache_file);
-    write_plain(
-        &paths.train,
-        &format!("{HEADER}{TRAIN}0,0,0,u1,i1,red,,t1,1.0\n"),
-    );
+    write_plain(&paths.train, &format!("{HEADER}{TRAIN}0,0,0,u1,i1,red,,t1,1.0\n"));
     let changed = prepare(&schema, &paths, &options).expect("changed file");
     assert!(!changed.stats.cache_hit);
     assert_eq!(changed.train.rows, 6);
@@ -637,9 +477,7 @@ fn cache_hits_and_rebuilds_corrupt_files() {
 // ---------------------------------------------------------------- real data
 
 fn shared_data(name: &str) -> Option<PathBuf> {
-    let folder = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data")
-        .join(name);
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data").join(name);
     if folder.join("train.csv.gz").exists() {
         Some(folder)
     } else {
@@ -672,11 +510,7 @@ fn kuairand_schema() -> Schema {
     categorical.extend((0..18).map(|i| format!("onehot_feat{i}")));
     Schema {
         features: vec![
-            FeatureGroup::Categorical {
-                name: "sparse".into(),
-                columns: categorical,
-                min_count: None,
-            },
+            FeatureGroup::Categorical { name: "sparse".into(), columns: categorical, min_count: None },
             FeatureGroup::Sequence {
                 name: "history".into(),
                 columns: strings(&["hist_click_seq", "hist_longview_seq"]),
@@ -707,19 +541,10 @@ fn kuairand_schema() -> Schema {
             },
         ],
         labels: vec![
-            Task {
-                name: "click".into(),
-                column: "label".into(),
-            },
-            Task {
-                name: "long_view".into(),
-                column: "label_long_view".into(),
-            },
+            Task { name: "click".into(), column: "label".into() },
+            Task { name: "long_view".into(), column: "label_long_view".into() },
         ],
-        domain: Some(DomainSpec {
-            column: "domain".into(),
-            count: None,
-        }),
+        domain: Some(DomainSpec { column: "domain".into(), count: None }),
         user: Some("user_id".into()),
         min_count: 1,
     }
@@ -731,10 +556,7 @@ fn kuairand_pure_tail_prepares_and_caches() {
         return;
     };
     let cache = TempFolder::new("kuairand-cache");
-    let options = PrepareOptions {
-        bad_rows: BadRows::Fail,
-        cache: CacheMode::Folder(cache.to_path_buf()),
-    };
+    let options = PrepareOptions { bad_rows: BadRows::Fail, cache: CacheMode::Folder(cache.to_path_buf()) };
     let schema = kuairand_schema();
     let paths = SplitPaths::in_folder(&folder);
     let parsed = prepare(&schema, &paths, &options).expect("prepare kuairand");
@@ -750,77 +572,33 @@ fn kuairand_pure_tail_prepares_and_caches() {
         cached.stats.hash_seconds,
         cached.stats.cache_seconds,
     );
-    assert!(
-        !parsed.stats.cache_hit && cached.stats.cache_hit,
-        "{:?}",
-        cached.stats
-    );
+    assert!(!parsed.stats.cache_hit && cached.stats.cache_hit, "{:?}", cached.stats);
     assert_eq!(parsed.stats.cache_note, None);
-    assert_eq!(
-        (parsed.train.rows, parsed.valid.rows, parsed.test.rows),
-        (135128, 18943, 30990)
-    );
+    assert_eq!((parsed.train.rows, parsed.valid.rows, parsed.test.rows), (135128, 18943, 30990));
     // (assert! rather than assert_eq!: the Debug output of these is megabytes)
-    assert!(
-        cached.fitted == parsed.fitted,
-        "the cached fitted state differs"
-    );
-    assert!(
-        cached.train == parsed.train,
-        "the cached train split differs"
-    );
-    assert!(
-        cached.valid == parsed.valid && cached.test == parsed.test,
-        "a cached split differs"
-    );
+    assert!(cached.fitted == parsed.fitted, "the cached fitted state differs");
+    assert!(cached.train == parsed.train, "the cached train split differs");
+    assert!(cached.valid == parsed.valid && cached.test == parsed.test, "a cached split differs");
 
     let layout = parsed.fitted.layout();
     assert_eq!(layout.domains, 15);
     let sparse = &layout.categorical[0];
-    let videos = sparse
-        .columns
-        .iter()
-        .position(|c| c == "video_id")
-        .expect("video_id");
-    assert_eq!(
-        sparse.vocab_sizes[videos],
-        5876 + 2,
-        "train has 5,876 videos"
-    );
-    assert_eq!(
-        layout.sequence[0].rows, sparse.rows,
-        "history shares the sparse table"
-    );
+    let videos = sparse.columns.iter().position(|c| c == "video_id").expect("video_id");
+    assert_eq!(sparse.vocab_sizes[videos], 5876 + 2, "train has 5,876 videos");
+    assert_eq!(layout.sequence[0].rows, sparse.rows, "history shares the sparse table");
     let train = &parsed.train;
     assert!(train.cat[0].iter().all(|&id| (id as usize) < sparse.rows));
-    assert!(train.seq_ids[0]
-        .iter()
-        .all(|&id| (id as usize) < sparse.rows));
+    assert!(train.seq_ids[0].iter().all(|&id| (id as usize) < sparse.rows));
     let first_video = sparse.offsets[videos] + 2;
-    assert!(
-        train.seq_ids[0].contains(&first_video),
-        "history items map into the video_id range"
-    );
+    assert!(train.seq_ids[0].contains(&first_video), "history items map into the video_id range");
     // About 29% of rows have an empty click history (README): its last slot is padding.
-    let empty_clicks = (0..train.rows)
-        .filter(|r| train.seq_mask[0][r * 100 + 49] == 0.0)
-        .count();
-    assert!(
-        (0.2..0.4).contains(&(empty_clicks as f64 / train.rows as f64)),
-        "{empty_clicks}"
-    );
+    let empty_clicks = (0..train.rows).filter(|r| train.seq_mask[0][r * 100 + 49] == 0.0).count();
+    assert!((0.2..0.4).contains(&(empty_clicks as f64 / train.rows as f64)), "{empty_clicks}");
     assert_eq!(train.domain.iter().filter(|&&d| d == 1).count(), 101196);
     let click_rate = train.task_labels(0).map(f64::from).sum::<f64>() / train.rows as f64;
-    assert!(
-        (click_rate - 0.4425).abs() < 5e-5,
-        "README: train click rate 0.4425, got {click_rate}"
-    );
-    let dense_mean: f64 =
-        train.num[0].iter().map(|&x| x as f64).sum::<f64>() / train.num[0].len() as f64;
-    assert!(
-        dense_mean.abs() < 0.05,
-        "standardised train features have mean ≈ 0: {dense_mean}"
-    );
+    assert!((click_rate - 0.4425).abs() < 5e-5, "README: train click rate 0.4425, got {click_rate}");
+    let dense_mean: f64 = train.num[0].iter().map(|&x| x as f64).sum::<f64>() / train.num[0].len() as f64;
+    assert!(dense_mean.abs() < 0.05, "standardised train features have mean ≈ 0: {dense_mean}");
 
     // End to end with the metrics: score test rows by their domain's train click rate.
     let mut rate = [(0.0f64, 0.0f64); 15];
@@ -838,25 +616,10 @@ fn kuairand_pure_tail_prepares_and_caches() {
             [p, p]
         })
         .collect();
-    let report = Report::compute(
-        &layout.tasks,
-        &scores,
-        &test.labels,
-        Some(&test.domain),
-        Some(&test.user),
-    )
-    .expect("report");
+    let report =
+        Report::compute(&layout.tasks, &scores, &test.labels, Some(&test.domain), Some(&test.user)).expect("report");
     let overall = report.auc.expect("auc");
-    println!(
-        "domain-prior baseline on test: auc {overall:.4} gauc {:?} logloss {:?}",
-        report.gauc, report.logloss
-    );
-    assert!(
-        overall > 0.55,
-        "the domain prior alone separates clicks: {overall}"
-    );
-    assert_eq!(
-        report.per_domain.values().map(|d| d.count).sum::<usize>(),
-        test.rows
-    );
+    println!("domain-prior baseline on test: auc {overall:.4} gauc {:?} logloss {:?}", report.gauc, report.logloss);
+    assert!(overall > 0.55, "the domain prior alone separates clicks: {overall}");
+    assert_eq!(report.per_domain.values().map(|d| d.count).sum::<usize>(), test.rows);
 }

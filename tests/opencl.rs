@@ -28,7 +28,11 @@ fn platform(test: &str) -> bool {
     if opencl::probe() > 0 {
         return true;
     }
-    assert!(std::env::var("MDL_REQUIRE_OPENCL").map_or(true, |v| v != "1"), "{test}: MDL_REQUIRE_OPENCL=1 but {}", opencl::NO_PLATFORM);
+    assert!(
+        std::env::var("MDL_REQUIRE_OPENCL").map_or(true, |v| v != "1"),
+        "{test}: MDL_REQUIRE_OPENCL=1 but {}",
+        opencl::NO_PLATFORM
+    );
     eprintln!("skipping {test}: {}", opencl::NO_PLATFORM);
     false
 }
@@ -78,7 +82,8 @@ fn no_platform_is_a_clear_error_at_once() {
     let empty = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("no-opencl-vendors");
     std::fs::create_dir_all(&empty).unwrap();
     let env = [("OCL_ICD_VENDORS", empty.to_str().unwrap())];
-    for args in [&["devices"][..], &["bench", "experiments/quickstart.yaml", "--backend", "opencl", "--steps", "1"][..]] {
+    for args in [&["devices"][..], &["bench", "experiments/quickstart.yaml", "--backend", "opencl", "--steps", "1"][..]]
+    {
         let t = Instant::now();
         let out = mdl(args, &env);
         let secs = t.elapsed().as_secs_f64();
@@ -98,7 +103,12 @@ fn no_platform_is_a_clear_error_at_once() {
 /// are untouched, and no step after the first uploads a parameter. A fresh executor
 /// continuing from the synced state (the host optimizer's state uploaded) and a reset
 /// optimizer agree too.
-fn device_steps_match_host_steps(path: &std::path::Path, config: &mdl_runtime::optim::OptimConfig, clip: Option<f64>, device_combine: bool) {
+fn device_steps_match_host_steps(
+    path: &std::path::Path,
+    config: &mdl_runtime::optim::OptimConfig,
+    clip: Option<f64>,
+    device_combine: bool,
+) {
     use mdl_runtime::backend::{host_train_step, Executor, TrainStep};
     use mdl_runtime::exec::Mode;
     use mdl_runtime::optim::Optimizer;
@@ -113,17 +123,35 @@ fn device_steps_match_host_steps(path: &std::path::Path, config: &mdl_runtime::o
     let new_exec = || OpenCl::new(None).unwrap().with_sparse_rows_on_device(device_combine);
     let (mut device, mut host) = (new_exec(), new_exec());
     let (mut dp, mut hp) = (start.clone(), start.clone());
-    let (mut dopt, mut hopt) = (Optimizer::<f32>::new(config.clone()).unwrap(), Optimizer::<f32>::new(config.clone()).unwrap());
+    let (mut dopt, mut hopt) =
+        (Optimizer::<f32>::new(config.clone()).unwrap(), Optimizer::<f32>::new(config.clone()).unwrap());
     let modes: Vec<Mode> = (0..5).map(|i| Mode::train(3, i)).collect();
-    let step = |i: usize| TrainStep { graph: &g, binding: &binding, feeds: &batches[i], mode: &modes[i], info: &info, frozen: &|_| false, clip_norm: clip, lr_scale: 1.0 };
-    let compare = |what: &str, dp: &HashMap<String, mdl_runtime::Tensor<f32>>, dopt: &Optimizer<f32>, hp: &HashMap<String, mdl_runtime::Tensor<f32>>, hopt: &Optimizer<f32>| {
+    let step = |i: usize| TrainStep {
+        graph: &g,
+        binding: &binding,
+        feeds: &batches[i],
+        mode: &modes[i],
+        info: &info,
+        frozen: &|_| false,
+        clip_norm: clip,
+        lr_scale: 1.0,
+    };
+    let compare = |what: &str,
+                   dp: &HashMap<String, mdl_runtime::Tensor<f32>>,
+                   dopt: &Optimizer<f32>,
+                   hp: &HashMap<String, mdl_runtime::Tensor<f32>>,
+                   hopt: &Optimizer<f32>| {
         for (name, want) in hp {
             for (k, (a, b)) in dp[name].data.iter().zip(&want.data).enumerate() {
                 assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{label} {what}: {name}[{k}] device {a} host {b}");
             }
         }
         let (ds, hs) = (dopt.state(), hopt.state());
-        assert_eq!(ds.iter().map(|s| &s.0).collect::<Vec<_>>(), hs.iter().map(|s| &s.0).collect::<Vec<_>>(), "{label} {what}: state names");
+        assert_eq!(
+            ds.iter().map(|s| &s.0).collect::<Vec<_>>(),
+            hs.iter().map(|s| &s.0).collect::<Vec<_>>(),
+            "{label} {what}: state names"
+        );
         for ((name, a), (_, b)) in ds.iter().zip(&hs) {
             for (k, (x, y)) in a.data.iter().zip(&b.data).enumerate() {
                 assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{label} {what}: {name}[{k}] device {x} host {y}");
@@ -134,12 +162,21 @@ fn device_steps_match_host_steps(path: &std::path::Path, config: &mdl_runtime::o
     for i in 0..3 {
         let d = device.train_step(&step(i), &mut dp, &mut dopt).unwrap();
         let h = host_train_step(&mut host, &step(i), &mut hp, &mut hopt).unwrap();
-        assert!((d.loss - h.loss).abs() <= 1e-5 * (1.0 + h.loss.abs()), "{label} step {i}: loss device {} host {}", d.loss, h.loss);
+        assert!(
+            (d.loss - h.loss).abs() <= 1e-5 * (1.0 + h.loss.abs()),
+            "{label} step {i}: loss device {} host {}",
+            d.loss,
+            h.loss
+        );
         if i == 0 {
             uploaded_after_first = device.param_bytes_uploaded();
         }
     }
-    assert_eq!(device.param_bytes_uploaded(), uploaded_after_first, "{label}: steps after the first upload no parameter");
+    assert_eq!(
+        device.param_bytes_uploaded(),
+        uploaded_after_first,
+        "{label}: steps after the first upload no parameter"
+    );
     let ahead = device.params_ahead();
     assert!(!ahead.is_empty(), "{label}: the device keeps the updated parameters");
     assert!(ahead.iter().all(|n| dp[n].data == start[n].data), "{label}: the host's tensors lag until the sync");
@@ -230,10 +267,14 @@ fn opencl_runs_resume_exactly_and_match_interp() {
         let out = dir.join(name);
         let mut args = vec!["run", "experiments/quickstart.yaml", "--out", out.to_str().unwrap(), "--backend", backend];
         args.extend_from_slice(&[
-            "--set", "train.batch_size=1024",
-            "--set", "train.max_steps=6",
-            "--set", "train.eval_every=2",
-            "--set", "train.early_stopping.patience=10",
+            "--set",
+            "train.batch_size=1024",
+            "--set",
+            "train.max_steps=6",
+            "--set",
+            "train.eval_every=2",
+            "--set",
+            "train.early_stopping.patience=10",
         ]);
         args.extend_from_slice(extra);
         let o = mdl(&args, &[("MDL_CACHE_DIR", cache), ("CI", "1")]);
@@ -248,24 +289,53 @@ fn opencl_runs_resume_exactly_and_match_interp() {
     assert!(o.status.success(), "resume: {}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(metrics(&straight), metrics(&stopped), "the resumed opencl run differs from the straight one");
     let (reference, _) = run("interp", "interp", &[]);
-    let auc = |d: &std::path::Path| serde_json::from_slice::<serde_json::Value>(&metrics(d)).unwrap()["test"]["auc"].as_f64().unwrap();
+    let auc = |d: &std::path::Path| {
+        serde_json::from_slice::<serde_json::Value>(&metrics(d)).unwrap()["test"]["auc"].as_f64().unwrap()
+    };
     let (a, b) = (auc(&straight), auc(&reference));
     assert!((a - b).abs() < 1e-3, "test auc: opencl {a} interp {b}");
 
     // The device is named in the run's timing.json and log, and in the bench's header.
-    let timing: serde_json::Value = serde_json::from_slice(&std::fs::read(straight.join("timing.json")).unwrap()).unwrap();
-    let device = timing["device"].as_str().unwrap_or_else(|| panic!("timing.json names no device: {timing}")).to_string();
+    let timing: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(straight.join("timing.json")).unwrap()).unwrap();
+    let device =
+        timing["device"].as_str().unwrap_or_else(|| panic!("timing.json names no device: {timing}")).to_string();
     let devices = opencl::devices().unwrap();
     assert!(devices.iter().any(|d| device.starts_with(&d.name)), "{device} is not among {devices:?}");
     let log = std::fs::read_to_string(straight.join("train.log")).unwrap();
     assert!(log.contains(&format!("device: {device}")), "{log}");
-    let o = mdl(&["bench", "experiments/quickstart.yaml", "--backend", "opencl", "--steps", "1", "--set", "spec=specs/dnn.mdl", "--set", "train.batch_size=256"], &[]);
+    let o = mdl(
+        &[
+            "bench",
+            "experiments/quickstart.yaml",
+            "--backend",
+            "opencl",
+            "--steps",
+            "1",
+            "--set",
+            "spec=specs/dnn.mdl",
+            "--set",
+            "train.batch_size=256",
+        ],
+        &[],
+    );
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.starts_with(&format!("model dnn on opencl ({device}) at batch 256")), "{text}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        text.starts_with(&format!("model dnn on opencl ({device}) at batch 256")),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
-    let o = mdl(&["bench", "experiments/quickstart.yaml", "--backend", "opencl", "--steps", "1"], &[("MDL_OPENCL_COMBINE", "sideways")]);
+    let o = mdl(
+        &["bench", "experiments/quickstart.yaml", "--backend", "opencl", "--steps", "1"],
+        &[("MDL_OPENCL_COMBINE", "sideways")],
+    );
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("MDL_OPENCL_COMBINE=sideways: expected `device` or `host`"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("MDL_OPENCL_COMBINE=sideways: expected `device` or `host`"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// Staged training on OpenCL: a frozen group's gradients are neither kept on the device

@@ -33,11 +33,16 @@ fn ok(out: &std::process::Output) -> String {
 
 /// A short DNN run: few steps, small batches, evaluated every 2 steps.
 const SHORT: &[&str] = &[
-    "--set", "spec=specs/dnn.mdl",
-    "--set", "train.batch_size=512",
-    "--set", "train.max_steps=6",
-    "--set", "train.eval_every=2",
-    "--set", "train.early_stopping.patience=10",
+    "--set",
+    "spec=specs/dnn.mdl",
+    "--set",
+    "train.batch_size=512",
+    "--set",
+    "train.max_steps=6",
+    "--set",
+    "train.eval_every=2",
+    "--set",
+    "train.early_stopping.patience=10",
 ];
 
 fn short_run(out: &Path, extra: &[&str]) -> std::process::Output {
@@ -87,7 +92,14 @@ fn same_seed_gives_identical_metrics_and_resume_matches_a_straight_run() {
 
     // `mdl predict` writes one score per row.
     let scores = a.join("scores.csv");
-    ok(&mdl(&["predict", a.to_str().unwrap(), "--data", "data/kuairand_pure_tail/valid.csv.gz", "--out", scores.to_str().unwrap()]));
+    ok(&mdl(&[
+        "predict",
+        a.to_str().unwrap(),
+        "--data",
+        "data/kuairand_pure_tail/valid.csv.gz",
+        "--out",
+        scores.to_str().unwrap(),
+    ]));
     let text = std::fs::read_to_string(&scores).unwrap();
     assert_eq!(text.lines().count(), 18943 + 1);
     assert!(text.starts_with("click\n"));
@@ -112,12 +124,22 @@ fn same_seed_gives_identical_metrics_and_resume_matches_a_straight_run() {
 fn loss_falls_over_an_epoch_of_training() {
     let d = tmp("falls");
     let err = ok(&mdl(&[
-        "run", "experiments/quickstart.yaml", "--out", d.to_str().unwrap(),
-        "--set", "spec=specs/dnn.mdl", "--set", "train.batch_size=2048", "--set", "train.max_steps=30",
-        "--set", "train.eval_every=15",
+        "run",
+        "experiments/quickstart.yaml",
+        "--out",
+        d.to_str().unwrap(),
+        "--set",
+        "spec=specs/dnn.mdl",
+        "--set",
+        "train.batch_size=2048",
+        "--set",
+        "train.max_steps=30",
+        "--set",
+        "train.eval_every=15",
     ]));
     let curve = std::fs::read_to_string(d.join("curve.csv")).unwrap();
-    let rows: Vec<Vec<f64>> = curve.lines().skip(1).map(|l| l.split(',').map(|x| x.parse().unwrap_or(f64::NAN)).collect()).collect();
+    let rows: Vec<Vec<f64>> =
+        curve.lines().skip(1).map(|l| l.split(',').map(|x| x.parse().unwrap_or(f64::NAN)).collect()).collect();
     assert_eq!(rows.len(), 2, "{curve}\n{err}");
     assert!(rows[1][2] < rows[0][2], "train loss did not fall: {curve}");
     assert!(rows[1][3] > 0.65, "valid AUC after 30 steps should be well above chance: {curve}");
@@ -127,9 +149,11 @@ fn loss_falls_over_an_epoch_of_training() {
 fn small_split(dir: &Path, name: &str, n: usize, corrupt_line: Option<usize>) -> PathBuf {
     use std::io::Read;
     let mut text = String::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(common::root().join("data/kuairand_pure_tail/train.csv.gz")).unwrap())
-        .read_to_string(&mut text)
-        .unwrap();
+    flate2::read::GzDecoder::new(
+        std::fs::File::open(common::root().join("data/kuairand_pure_tail/train.csv.gz")).unwrap(),
+    )
+    .read_to_string(&mut text)
+    .unwrap();
     let mut lines: Vec<String> = text.lines().take(n + 1).map(|s| s.to_string()).collect();
     if let Some(l) = corrupt_line {
         // Drop the last column: a row with the wrong number of fields.
@@ -147,10 +171,7 @@ fn malformed_rows_stop_with_file_and_line_or_are_skipped_and_counted() {
     let train = small_split(&d, "train.csv", 400, Some(7));
     let valid = small_split(&d, "valid.csv", 200, None);
     let test = small_split(&d, "test.csv", 200, None);
-    let base = [
-        "--set", "spec=specs/dnn.mdl",
-        "--set", "train.batch_size=128", "--set", "train.max_steps=2",
-    ];
+    let base = ["--set", "spec=specs/dnn.mdl", "--set", "train.batch_size=128", "--set", "train.max_steps=2"];
     let sets = [
         format!("data.train={}", train.display()),
         format!("data.valid={}", valid.display()),
@@ -183,13 +204,18 @@ fn experiment_errors_name_the_key() {
     let p = d.join("bad.yaml");
     let root = common::root();
     let base = root.join("experiments/kuairand_base.yaml");
-    std::fs::write(&p, format!("base: {}\nspec: {}\ntrain:\n  batch_sise: 12\n", base.display(), root.join("specs/dnn.mdl").display())).unwrap();
+    std::fs::write(
+        &p,
+        format!("base: {}\nspec: {}\ntrain:\n  batch_sise: 12\n", base.display(), root.join("specs/dnn.mdl").display()),
+    )
+    .unwrap();
     let out = mdl(&["run", p.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(err.contains("unknown field `batch_sise`") && err.contains("line 4"), "{err}");
 
-    std::fs::write(&p, format!("base: {}\nspec: {}\n", base.display(), root.join("specs/crocodile.mdl").display())).unwrap();
+    std::fs::write(&p, format!("base: {}\nspec: {}\n", base.display(), root.join("specs/crocodile.mdl").display()))
+        .unwrap();
     let out = mdl(&["run", p.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("input `priors` (categorical) has no group in the schema"), "{err}");
@@ -224,8 +250,14 @@ fn run_takes_the_backend_from_the_command_line() {
 #[test]
 fn bench_prints_rates_and_the_gemm_bound() {
     let out = mdl(&[
-        "bench", "experiments/quickstart.yaml", "--steps", "1",
-        "--set", "spec=specs/dnn.mdl", "--set", "train.batch_size=256",
+        "bench",
+        "experiments/quickstart.yaml",
+        "--steps",
+        "1",
+        "--set",
+        "spec=specs/dnn.mdl",
+        "--set",
+        "train.batch_size=256",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
@@ -238,7 +270,14 @@ fn bench_prints_rates_and_the_gemm_bound() {
 /// made-up source position.
 #[test]
 fn a_missing_spec_file_is_one_clear_error() {
-    let out = mdl(&["run", "experiments/quickstart.yaml", "--set", "spec=specs/nope.mdl", "--out", tmp("nospec").to_str().unwrap()]);
+    let out = mdl(&[
+        "run",
+        "experiments/quickstart.yaml",
+        "--set",
+        "spec=specs/nope.mdl",
+        "--out",
+        tmp("nospec").to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("error: cannot read") && err.contains("nope.mdl"), "{err}");
@@ -256,11 +295,21 @@ fn a_bad_spec_is_reported_before_the_data() {
     let dir = tmp("badspec_first");
     std::fs::create_dir_all(&dir).unwrap();
     let spec = dir.join("bad.mdl");
-    std::fs::write(&spec, "model m() {\n  input x : categorical\n  label y\n  task y = nope(x)\n  loss bce(y)\n}\n").unwrap();
+    std::fs::write(&spec, "model m() {\n  input x : categorical\n  label y\n  task y = nope(x)\n  loss bce(y)\n}\n")
+        .unwrap();
     let out_dir = dir.join("run");
     let spec_arg = format!("spec={}", spec.display());
     let missing = format!("data.train={}", dir.join("missing.csv").display());
-    let run = mdl(&["run", "experiments/quickstart.yaml", "--set", &spec_arg, "--set", &missing, "--out", out_dir.to_str().unwrap()]);
+    let run = mdl(&[
+        "run",
+        "experiments/quickstart.yaml",
+        "--set",
+        &spec_arg,
+        "--set",
+        &missing,
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
     let bench = mdl(&["bench", "experiments/quickstart.yaml", "--set", &spec_arg, "--set", &missing, "--steps", "1"]);
     for (what, out) in [("run", run), ("bench", bench)] {
         assert_eq!(out.status.code(), Some(1), "{what}");

@@ -36,16 +36,24 @@ fn every_spec_compiles_and_its_gradients_match_finite_differences() {
         assert!(l0.is_finite(), "{}: loss {l0}", path.display());
 
         for p in &c.graph.params {
-            let grad = out.output(&format!("grad/{}", p.name)).unwrap_or_else(|| panic!("{}: no gradient for {}", path.display(), p.name));
+            let grad = out
+                .output(&format!("grad/{}", p.name))
+                .unwrap_or_else(|| panic!("{}: no gradient for {}", path.display(), p.name));
             if p.embedding {
-                assert!(matches!(grad, Value::RowSparse { .. }), "{}: {} should get a row-sparse gradient", path.display(), p.name);
+                assert!(
+                    matches!(grad, Value::RowSparse { .. }),
+                    "{}: {} should get a row-sparse gradient",
+                    path.display(),
+                    p.name
+                );
             }
             let dense = grad.to_dense().unwrap();
             assert_eq!(dense.shape, params[&p.name].shape, "{}: gradient shape of {}", path.display(), p.name);
             // Three entries per parameter; for tables, rows the batch touched are likelier
             // to be non-zero, so take the largest entry and two random ones.
             let n = dense.data.len();
-            let largest = (0..n).max_by(|&a, &b| dense.data[a].abs().partial_cmp(&dense.data[b].abs()).unwrap()).unwrap();
+            let largest =
+                (0..n).max_by(|&a, &b| dense.data[a].abs().partial_cmp(&dense.data[b].abs()).unwrap()).unwrap();
             for idx in [largest, (rng.next() as usize) % n, (rng.next() as usize) % n] {
                 let mut loss_at = |h: f64| {
                     let orig = params[&p.name].data[idx];
@@ -65,10 +73,19 @@ fn every_spec_compiles_and_its_gradients_match_finite_differences() {
                 // skipped, as Caffe's checker skips points near a kink. At most one per parameter.
                 if !close(fd, fd_half) {
                     kinks += 1;
-                    assert!(kinks <= c.graph.params.len(), "{}: too many kinks ({kinks}) to trust the check", path.display());
+                    assert!(
+                        kinks <= c.graph.params.len(),
+                        "{}: too many kinks ({kinks}) to trust the check",
+                        path.display()
+                    );
                     continue;
                 }
-                assert!(close(fd, ad), "{}: d loss / d {}[{idx}]: autodiff {ad}, finite difference {fd}", path.display(), p.name);
+                assert!(
+                    close(fd, ad),
+                    "{}: d loss / d {}[{idx}]: autodiff {ad}, finite difference {fd}",
+                    path.display(),
+                    p.name
+                );
             }
         }
     }

@@ -82,11 +82,7 @@ fn parse_err(text: &str) -> String {
         Ok(module) => panic!("expected {text:?} to fail, got {module:#?}"),
         Err(diags) => {
             assert!(!diags.is_empty());
-            diags
-                .iter()
-                .map(|d| render(&map, d))
-                .collect::<Vec<_>>()
-                .join("\n")
+            diags.iter().map(|d| render(&map, d)).collect::<Vec<_>>().join("\n")
         }
     }
 }
@@ -163,15 +159,11 @@ fn example_parses_into_items() {
     let module = parse_ok(EXAMPLE);
     assert_eq!(module.items.len(), 5);
     assert!(matches!(&module.items[0], Item::Use { path, .. } if path == "other.mdl"));
-    let Item::Model(model) = &module.items[4] else {
-        panic!("last item is the model")
-    };
+    let Item::Model(model) = &module.items[4] else { panic!("last item is the model") };
     assert_eq!(model.name.name, "crocodile");
     let names: Vec<_> = model.params.iter().map(|p| p.name.name.as_str()).collect();
     assert_eq!(names, ["tables", "dim", "widths", "cov_weight"]);
-    assert!(
-        matches!(model.params[3].default.as_ref().map(|e| &e.kind), Some(ExprKind::Float(f)) if *f == 1e-4)
-    );
+    assert!(matches!(model.params[3].default.as_ref().map(|e| &e.kind), Some(ExprKind::Float(f)) if *f == 1e-4));
     assert_eq!(model.body.len(), 14);
 }
 
@@ -180,12 +172,8 @@ fn short_block_is_a_return() {
     let module = parse_ok(EXAMPLE);
     let expert = block(&module, "expert");
     assert_eq!(expert.params.len(), 3);
-    assert!(
-        matches!(&expert.params[2].default, Some(Expr { kind: ExprKind::Str(s), .. }) if s == "relu")
-    );
-    let [Stmt::Return { value, .. }] = expert.body.as_slice() else {
-        panic!("one return")
-    };
+    assert!(matches!(&expert.params[2].default, Some(Expr { kind: ExprKind::Str(s), .. }) if s == "relu"));
+    let [Stmt::Return { value, .. }] = expert.body.as_slice() else { panic!("one return") };
     let (callee, args) = call(value);
     assert_eq!(callee, "mlp");
     assert_eq!(args.len(), 3);
@@ -204,9 +192,7 @@ fn inputs_and_labels() {
         })
         .collect();
     assert_eq!(kinds[0], ("fields", &InputKind::Categorical));
-    let ("hist", InputKind::Sequence { len, of: Some(of) }) = kinds[1] else {
-        panic!("{:?}", kinds[1])
-    };
+    let ("hist", InputKind::Sequence { len, of: Some(of) }) = kinds[1] else { panic!("{:?}", kinds[1]) };
     assert_eq!(len.kind, ExprKind::Int(50));
     assert_eq!(of.name, "fields");
     assert_eq!(kinds[2], ("dense", &InputKind::Numeric));
@@ -227,13 +213,9 @@ fn domain_is_a_name_outside_input_kinds() {
 fn pipe_desugars_to_calls() {
     let module = parse_ok(EXAMPLE);
     let mlp = block(&module, "mlp");
-    let Stmt::For { var: w, body, .. } = &mlp.body[1] else {
-        panic!("for")
-    };
+    let Stmt::For { var: w, body, .. } = &mlp.body[1] else { panic!("for") };
     assert_eq!(w.name, "w");
-    let Stmt::Assign { name, value, .. } = &body[0] else {
-        panic!("assign")
-    };
+    let Stmt::Assign { name, value, .. } = &body[0] else { panic!("assign") };
     assert_eq!(name.name, "h");
     // drop(activation(linear(h, w), act), dropout)
     let (f, args) = call(value);
@@ -273,10 +255,8 @@ fn precedence_and_associativity() {
     assert!(matches!(&rhs.kind, ExprKind::List(items) if items.len() == 2));
     let (op, neg, div) = binary(lhs);
     assert_eq!(op, BinOp::Add);
-    assert!(
-        matches!(&neg.kind, ExprKind::Unary { op: UnOp::Neg, operand }
-        if matches!(operand.kind, ExprKind::Index { .. }))
-    );
+    assert!(matches!(&neg.kind, ExprKind::Unary { op: UnOp::Neg, operand }
+        if matches!(operand.kind, ExprKind::Index { .. })));
     let (op, mul, three) = binary(div);
     assert_eq!((op, &three.kind), (BinOp::Div, &ExprKind::Int(3)));
     assert_eq!(binary(binary(mul).2).0, BinOp::MatMul);
@@ -291,20 +271,12 @@ fn precedence_and_associativity() {
 
     // `not` binds looser than comparisons.
     let e = expr_of("not a == b");
-    let ExprKind::Unary {
-        op: UnOp::Not,
-        operand,
-    } = &e.kind
-    else {
-        panic!("{e:?}")
-    };
+    let ExprKind::Unary { op: UnOp::Not, operand } = &e.kind else { panic!("{e:?}") };
     assert_eq!(binary(operand).0, BinOp::Eq);
 
     // Ranges sit between `++` and `+`.
     let e = expr_of("0..n + 1");
-    let ExprKind::Range { lo, hi } = &e.kind else {
-        panic!("{e:?}")
-    };
+    let ExprKind::Range { lo, hi } = &e.kind else { panic!("{e:?}") };
     assert_eq!((&lo.kind, binary(hi).0), (&ExprKind::Int(0), BinOp::Add));
 }
 
@@ -312,22 +284,16 @@ fn precedence_and_associativity() {
 fn chained_indexing_and_comprehensions() {
     let module = parse_ok(EXAMPLE);
     let body = model_body(&module);
-    let ExprKind::Comprehension { elem, var: k, iter } = &let_value(body, "X").kind else {
-        panic!()
-    };
+    let ExprKind::Comprehension { elem, var: k, iter } = &let_value(body, "X").kind else { panic!() };
     assert_eq!(k.name, "k");
     assert!(matches!(&iter.kind, ExprKind::Range { .. }));
     let (_, args) = call(elem);
     let (flatten, args) = call(&args[0].value);
     assert_eq!(flatten, "flatten");
     // E[k][fields] == Index(Index(E, k), fields)
-    let ExprKind::Index { base, index } = &args[0].value.kind else {
-        panic!()
-    };
+    let ExprKind::Index { base, index } = &args[0].value.kind else { panic!() };
     assert_eq!(var(index), "fields");
-    let ExprKind::Index { base, index } = &base.kind else {
-        panic!()
-    };
+    let ExprKind::Index { base, index } = &base.kind else { panic!() };
     assert_eq!((var(base), var(index)), ("E", "k"));
 }
 
@@ -335,40 +301,22 @@ fn chained_indexing_and_comprehensions() {
 fn per_and_block_expressions() {
     let module = parse_ok(EXAMPLE);
     let body = model_body(&module);
-    let ExprKind::Per {
-        group,
-        body: per_body,
-        value,
-    } = &let_value(body, "h").kind
-    else {
-        panic!()
-    };
+    let ExprKind::Per { group, body: per_body, value } = &let_value(body, "h").kind else { panic!() };
     assert_eq!(group.name, "domain");
     assert_eq!(per_body.len(), 1);
     assert_eq!(call(value).0, "sum");
 
-    let ExprKind::Block { body: stmts, value } = &let_value(body, "z").kind else {
-        panic!()
-    };
+    let ExprKind::Block { body: stmts, value } = &let_value(body, "z").kind else { panic!() };
     assert!(matches!(&stmts[..], [Stmt::Let { name, .. }] if name.name == "t"));
     assert_eq!(binary(value).0, BinOp::Mul);
 
-    let Some(Stmt::Group {
-        name,
-        body: group_body,
-        ..
-    }) = body.iter().find(|s| matches!(s, Stmt::Group { .. }))
-    else {
+    let Some(Stmt::Group { name, body: group_body, .. }) = body.iter().find(|s| matches!(s, Stmt::Group { .. })) else {
         panic!("group")
     };
     assert_eq!(name.name, "towers");
-    let [Stmt::Task { name, value, .. }] = group_body.as_slice() else {
-        panic!()
-    };
+    let [Stmt::Task { name, value, .. }] = group_body.as_slice() else { panic!() };
     assert_eq!(name.name, "click");
-    let ExprKind::Per { value, .. } = &value.kind else {
-        panic!()
-    };
+    let ExprKind::Per { value, .. } = &value.kind else { panic!() };
     let (linear, args) = call(value);
     assert_eq!((linear, call(&args[0].value).0), ("linear", "mlp"));
 }
@@ -377,54 +325,18 @@ fn per_and_block_expressions() {
 fn statements_params_and_if_chains() {
     let module = parse_ok(EXAMPLE);
     let linear = block(&module, "linear");
-    let Stmt::ParamDecl {
-        name,
-        shape,
-        init: Some(init),
-        ..
-    } = &linear.body[0]
-    else {
-        panic!()
-    };
-    assert_eq!(
-        (name.name.as_str(), shape.len(), call(init).0),
-        ("W", 2, "glorot")
-    );
-    let Stmt::If {
-        then,
-        otherwise: None,
-        ..
-    } = &linear.body[2]
-    else {
-        panic!()
-    };
+    let Stmt::ParamDecl { name, shape, init: Some(init), .. } = &linear.body[0] else { panic!() };
+    assert_eq!((name.name.as_str(), shape.len(), call(init).0), ("W", 2, "glorot"));
+    let Stmt::If { then, otherwise: None, .. } = &linear.body[2] else { panic!() };
     assert_eq!(then.len(), 2);
 
     let text = "model m { if a { x = 1 } else if b { x = 2 } else { x = 3 }; loss x; }";
     let module = parse_ok(text);
     let body = model_body(&module);
     assert_eq!(body.len(), 2);
-    let Stmt::If {
-        otherwise: Some(otherwise),
-        span,
-        ..
-    } = &body[0]
-    else {
-        panic!()
-    };
-    assert_eq!(
-        text_of(text, *span),
-        "if a { x = 1 } else if b { x = 2 } else { x = 3 }"
-    );
-    let [Stmt::If {
-        cond,
-        otherwise: Some(last),
-        span,
-        ..
-    }] = otherwise.as_slice()
-    else {
-        panic!()
-    };
+    let Stmt::If { otherwise: Some(otherwise), span, .. } = &body[0] else { panic!() };
+    assert_eq!(text_of(text, *span), "if a { x = 1 } else if b { x = 2 } else { x = 3 }");
+    let [Stmt::If { cond, otherwise: Some(last), span, .. }] = otherwise.as_slice() else { panic!() };
     assert_eq!(var(cond), "b");
     assert_eq!(text_of(text, *span), "if b { x = 2 } else { x = 3 }");
     assert!(matches!(&last[..], [Stmt::Assign { .. }]));
@@ -437,10 +349,7 @@ fn literals() {
     assert_eq!(expr_of("2.5E3").kind, ExprKind::Float(2500.0));
     assert_eq!(expr_of("9223372036854775807").kind, ExprKind::Int(i64::MAX));
     assert_eq!(expr_of("false").kind, ExprKind::Bool(false));
-    assert_eq!(
-        expr_of(r#""a\"b\\c\nd""#).kind,
-        ExprKind::Str("a\"b\\c\nd".into())
-    );
+    assert_eq!(expr_of(r#""a\"b\\c\nd""#).kind, ExprKind::Str("a\"b\\c\nd".into()));
     assert_eq!(expr_of("[]").kind, ExprKind::List(vec![]));
     assert!(matches!(expr_of("[1, 2,]").kind, ExprKind::List(v) if v.len() == 2));
 }
@@ -449,27 +358,20 @@ fn literals() {
 fn spans_are_tight() {
     let text = "model m { let v = (a + b) * f(c, k = 2)[0] }";
     let module = parse_ok(text);
-    let Stmt::Let { value, span, .. } = &model_body(&module)[0] else {
-        panic!()
-    };
+    let Stmt::Let { value, span, .. } = &model_body(&module)[0] else { panic!() };
     assert_eq!(text_of(text, *span), "let v = (a + b) * f(c, k = 2)[0]");
     assert_eq!(text_of(text, value.span), "(a + b) * f(c, k = 2)[0]");
     let (_, lhs, rhs) = binary(value);
     assert_eq!(text_of(text, lhs.span), "(a + b)");
     assert_eq!(text_of(text, rhs.span), "f(c, k = 2)[0]");
-    let ExprKind::Index { base, .. } = &rhs.kind else {
-        panic!()
-    };
+    let ExprKind::Index { base, .. } = &rhs.kind else { panic!() };
     assert_eq!(text_of(text, base.span), "f(c, k = 2)");
     let (_, args) = call(base);
     assert_eq!(text_of(text, args[1].name.as_ref().unwrap().span), "k");
 
     let text = "model m { let v = x |> f(1) }";
     let module = parse_ok(text);
-    assert_eq!(
-        text_of(text, let_value(model_body(&module), "v").span),
-        "x |> f(1)"
-    );
+    assert_eq!(text_of(text, let_value(model_body(&module), "v").span), "x |> f(1)");
 }
 
 /// Every identifier in the tree, and every variable, covers exactly its name.
@@ -494,32 +396,21 @@ fn check_names(text: &str, module: &Module) {
                     }
                 }
                 Stmt::Label { names, .. } => names.iter().for_each(|n| self.ident(n)),
-                Stmt::Let { name, value, .. }
-                | Stmt::Assign { name, value, .. }
-                | Stmt::Task { name, value, .. } => {
+                Stmt::Let { name, value, .. } | Stmt::Assign { name, value, .. } | Stmt::Task { name, value, .. } => {
                     self.ident(name);
                     self.expr(value);
                 }
-                Stmt::ParamDecl {
-                    name, shape, init, ..
-                } => {
+                Stmt::ParamDecl { name, shape, init, .. } => {
                     self.ident(name);
                     shape.iter().for_each(|e| self.expr(e));
                     init.iter().for_each(|e| self.expr(e));
                 }
-                Stmt::For {
-                    var, iter, body, ..
-                } => {
+                Stmt::For { var, iter, body, .. } => {
                     self.ident(var);
                     self.expr(iter);
                     self.stmts(body);
                 }
-                Stmt::If {
-                    cond,
-                    then,
-                    otherwise,
-                    ..
-                } => {
+                Stmt::If { cond, then, otherwise, .. } => {
                     self.expr(cond);
                     self.stmts(then);
                     otherwise.iter().for_each(|o| self.stmts(o));
@@ -528,9 +419,7 @@ fn check_names(text: &str, module: &Module) {
                     self.ident(name);
                     self.stmts(body);
                 }
-                Stmt::Return { value, .. } | Stmt::Loss { value, .. } | Stmt::Expr { value } => {
-                    self.expr(value)
-                }
+                Stmt::Return { value, .. } | Stmt::Loss { value, .. } | Stmt::Expr { value } => self.expr(value),
             }
         }
         fn expr(&mut self, e: &Expr) {
@@ -574,12 +463,7 @@ fn check_names(text: &str, module: &Module) {
     for item in &module.items {
         match item {
             Item::Use { span, .. } => assert!(text.get(span.range()).is_some()),
-            Item::Block(BlockDef {
-                name, params, body, ..
-            })
-            | Item::Model(ModelDef {
-                name, params, body, ..
-            }) => {
+            Item::Block(BlockDef { name, params, body, .. }) | Item::Model(ModelDef { name, params, body, .. }) => {
                 check.ident(name);
                 for p in params {
                     check.ident(&p.name);
@@ -601,27 +485,18 @@ fn ident_spans_round_trip() {
 #[test]
 fn missing_close_paren_in_call() {
     let out = parse_err("model m {\n  let y = f(a, b\n  let z = 1\n}\n");
-    assert!(
-        out.contains("error: expected `,` or `)`, found keyword `let`"),
-        "{out}"
-    );
+    assert!(out.contains("error: expected `,` or `)`, found keyword `let`"), "{out}");
     assert!(out.contains("file.mdl:3:3"), "{out}");
     assert!(out.contains("3 |   let z = 1\n  |   ^^^ "), "{out}");
     // The note points at the `(` still open.
     assert!(out.contains("file.mdl:2:12"), "{out}");
-    assert!(
-        out.contains("2 |   let y = f(a, b\n  |            ^ the `(` opened here"),
-        "{out}"
-    );
+    assert!(out.contains("2 |   let y = f(a, b\n  |            ^ the `(` opened here"), "{out}");
 }
 
 #[test]
 fn keyword_as_name() {
     let out = parse_err("model m {\n  let for = 1\n}");
-    assert!(
-        out.contains("expected a name, found keyword `for`"),
-        "{out}"
-    );
+    assert!(out.contains("expected a name, found keyword `for`"), "{out}");
     assert!(out.contains("file.mdl:2:7"), "{out}");
     assert!(out.contains("  |       ^^^ expected a name"), "{out}");
     assert!(out.contains("hint: `for` is a keyword"), "{out}");
@@ -632,10 +507,7 @@ fn stray_equals() {
     let out = parse_err("model m { let x = = 1 }");
     assert!(out.contains("expected an expression, found `=`"), "{out}");
     assert!(out.contains("file.mdl:1:19"), "{out}");
-    assert!(
-        out.contains("  |                   ^ expected an expression"),
-        "{out}"
-    );
+    assert!(out.contains("  |                   ^ expected an expression"), "{out}");
 
     let out = parse_err("model m { if a = b { } }");
     assert!(out.contains("file.mdl:1:16"), "{out}");
@@ -647,34 +519,22 @@ fn unterminated_string() {
     let out = parse_err("use \"a.mdl\"\nblock f(x) = g(x, \"relu)\nmodel m { }\n");
     assert!(out.contains("error: unterminated string"), "{out}");
     assert!(out.contains("file.mdl:2:19"), "{out}");
-    assert!(
-        out.contains("2 | block f(x) = g(x, \"relu)\n  |                   ^^^^^^ "),
-        "{out}"
-    );
+    assert!(out.contains("2 | block f(x) = g(x, \"relu)\n  |                   ^^^^^^ "), "{out}");
 }
 
 #[test]
 fn positional_after_named() {
     let out = parse_err("block f(x) = g(x, act = 1, 2)");
-    assert!(
-        out.contains("error: positional argument after a named argument"),
-        "{out}"
-    );
+    assert!(out.contains("error: positional argument after a named argument"), "{out}");
     assert!(out.contains("file.mdl:1:28"), "{out}");
-    assert!(
-        out.contains("  |                            ^ positional argument"),
-        "{out}"
-    );
+    assert!(out.contains("  |                            ^ positional argument"), "{out}");
     assert!(out.contains("file.mdl:1:19"), "{out}");
 }
 
 #[test]
 fn unexpected_end_of_file() {
     let out = parse_err("model m {\n  let x = 1\n");
-    assert!(
-        out.contains("error: unexpected end of file; expected a statement or `}`"),
-        "{out}"
-    );
+    assert!(out.contains("error: unexpected end of file; expected a statement or `}`"), "{out}");
     assert!(out.contains("file.mdl:3:1"), "{out}");
     assert!(out.contains("this `{` is never closed"), "{out}");
     assert!(out.contains("file.mdl:1:9"), "{out}");
@@ -695,9 +555,7 @@ fn errors_never_name_grammar_rules() {
     ];
     for case in cases {
         let out = parse_err(case);
-        for rule in [
-            "stmt", "EOI", "primary", "kw_", "op_", "_expr", "rparen", "lbrace", "Rule",
-        ] {
+        for rule in ["stmt", "EOI", "primary", "kw_", "op_", "_expr", "rparen", "lbrace", "Rule"] {
             assert!(!out.contains(rule), "{case:?} mentions {rule}:\n{out}");
         }
     }
@@ -706,22 +564,13 @@ fn errors_never_name_grammar_rules() {
 #[test]
 fn walker_errors() {
     let out = parse_err("model m { let x = a < b < c }");
-    assert!(
-        out.contains("comparison operators cannot be chained") && out.contains("file.mdl:1:25"),
-        "{out}"
-    );
+    assert!(out.contains("comparison operators cannot be chained") && out.contains("file.mdl:1:25"), "{out}");
     let out = parse_err("model m { let x = \"a\\qb\" }");
-    assert!(
-        out.contains("unknown escape `\\q`") && out.contains("file.mdl:1:21"),
-        "{out}"
-    );
+    assert!(out.contains("unknown escape `\\q`") && out.contains("file.mdl:1:21"), "{out}");
     let out = parse_err("model m { let x = 99999999999999999999 }");
     assert!(out.contains("integer literal is too large"), "{out}");
     let out = parse_err("model m { let x = { let y = 1 } }");
-    assert!(
-        out.contains("must end with the expression that gives its value"),
-        "{out}"
-    );
+    assert!(out.contains("must end with the expression that gives its value"), "{out}");
     let out = parse_err("model m { let x = per d { } }");
     assert!(out.contains("has no value"), "{out}");
     let out = parse_err("model m { let x = 1..2..3 }");
@@ -733,22 +582,13 @@ fn walker_errors() {
 /// Runs `f` on a thread with a small stack (512 KiB, a quarter of a test thread's), so
 /// that a depth limit too generous for ordinary threads shows up as a failure here.
 fn on_small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::Builder::new()
-        .stack_size(512 * 1024)
-        .spawn(f)
-        .unwrap()
-        .join()
-        .unwrap()
+    std::thread::Builder::new().stack_size(512 * 1024).spawn(f).unwrap().join().unwrap()
 }
 
 #[test]
 fn deep_nesting_is_a_diagnostic() {
     let deep = [
-        format!(
-            "model m {{ let x = {}1{} }}",
-            "(".repeat(10_000),
-            ")".repeat(10_000)
-        ),
+        format!("model m {{ let x = {}1{} }}", "(".repeat(10_000), ")".repeat(10_000)),
         format!("model m {{ let x = {}1 }}", "(".repeat(10_000)),
         format!("model m {{ let x = {}1 }}", "- ".repeat(2_000)),
         format!("model m {{ let x = {}1 }}", "not ".repeat(2_000)),
@@ -758,19 +598,11 @@ fn deep_nesting_is_a_diagnostic() {
         format!("model m {{ if a {{ }}{} }}", " else if a { }".repeat(2_000)),
         format!("model m {}{}", "{ ".repeat(10_000), "}".repeat(10_000)),
         // Moderate nesting of brackets, each holding a chain whose first operand nests.
-        format!(
-            "model m {{ let x = {}1{} }}",
-            "(".repeat(200),
-            " + 1 + 1 + 1)".repeat(200)
-        ),
+        format!("model m {{ let x = {}1{} }}", "(".repeat(200), " + 1 + 1 + 1)".repeat(200)),
     ];
     for text in deep {
         let out = on_small_stack(move || parse_err(&text));
-        assert!(
-            out.contains("nested too deeply"),
-            "{}",
-            &out[..out.len().min(400)]
-        );
+        assert!(out.contains("nested too deeply"), "{}", &out[..out.len().min(400)]);
     }
 }
 
@@ -779,17 +611,9 @@ fn nesting_below_the_limit_parses() {
     let n = MAX_NESTING - 8;
     let texts = [
         format!("model m {{ let x = {}1{} }}", "(".repeat(n), ")".repeat(n)),
-        format!(
-            "model m {{ let x = {}1{} }}",
-            "f(".repeat(n / 2),
-            ")".repeat(n / 2)
-        ),
+        format!("model m {{ let x = {}1{} }}", "f(".repeat(n / 2), ")".repeat(n / 2)),
         format!("model m {{ let x = {}1{} }}", "[".repeat(n), "]".repeat(n)),
-        format!(
-            "model m {{ let x = {}1{} }}",
-            "{ ".repeat(n / 2),
-            " }".repeat(n / 2)
-        ),
+        format!("model m {{ let x = {}1{} }}", "{ ".repeat(n / 2), " }".repeat(n / 2)),
         format!("model m {{ let x = 1{} }}", " + 1".repeat(n)),
     ];
     for text in texts {
@@ -813,20 +637,11 @@ fn check_contract(text: &str) {
             for d in &diags {
                 for span in std::iter::once(d.span).chain(d.notes.iter().map(|n| n.0)) {
                     assert_eq!(span.file, 0);
-                    assert!(
-                        span.start <= span.end && span.end as usize <= text.len(),
-                        "{span:?} in {text:?}"
-                    );
-                    assert!(
-                        text.is_char_boundary(span.start as usize)
-                            && text.is_char_boundary(span.end as usize)
-                    );
+                    assert!(span.start <= span.end && span.end as usize <= text.len(), "{span:?} in {text:?}");
+                    assert!(text.is_char_boundary(span.start as usize) && text.is_char_boundary(span.end as usize));
                 }
                 let out = render(&map, d);
-                assert!(
-                    out.starts_with("error: ") && out.contains("file.mdl:"),
-                    "{out}"
-                );
+                assert!(out.starts_with("error: ") && out.contains("file.mdl:"), "{out}");
             }
         }
     }

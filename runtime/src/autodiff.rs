@@ -78,8 +78,9 @@ pub fn differentiate(graph: &Graph, loss: NodeId, wrt: &[String]) -> Result<Grap
     let mut depends = wanted.clone();
     for id in graph.ids() {
         let node = graph.node(id);
-        depends[id.index()] |=
-            node.sig.dtype == DType::F && !node.op.is_nondifferentiable() && node.inputs.iter().any(|i| depends[i.index()]);
+        depends[id.index()] |= node.sig.dtype == DType::F
+            && !node.op.is_nondifferentiable()
+            && node.inputs.iter().any(|i| depends[i.index()]);
     }
     let mut feeds_loss = vec![false; n];
     feeds_loss[loss.index()] = true;
@@ -113,7 +114,8 @@ pub fn differentiate(graph: &Graph, loss: NodeId, wrt: &[String]) -> Result<Grap
         }
         let cts = ops::grad(&mut out, &node, id, dy).map_err(|error| rule_error(graph, id, error))?;
         if cts.len() != node.inputs.len() {
-            let error = ShapeError(format!("the rule gave {} cotangents for {} operands", cts.len(), node.inputs.len()));
+            let error =
+                ShapeError(format!("the rule gave {} cotangents for {} operands", cts.len(), node.inputs.len()));
             return Err(rule_error(graph, id, error));
         }
         for (operand, (&x, ct)) in node.inputs.iter().zip(cts).enumerate() {

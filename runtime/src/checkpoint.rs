@@ -55,10 +55,19 @@ pub enum CheckpointProblem {
     NotACheckpoint,
     UnsupportedVersion(u32),
     /// The file is shorter than its header says.
-    Truncated { expected_bytes: u64, actual_bytes: u64 },
+    Truncated {
+        expected_bytes: u64,
+        actual_bytes: u64,
+    },
     /// The file is longer than its header says.
-    TrailingBytes { expected_bytes: u64, actual_bytes: u64 },
-    ChecksumMismatch { stored: u64, computed: u64 },
+    TrailingBytes {
+        expected_bytes: u64,
+        actual_bytes: u64,
+    },
+    ChecksumMismatch {
+        stored: u64,
+        computed: u64,
+    },
     /// The checksum matched but the body does not parse (a writer bug, not disk damage).
     Malformed(String),
 }
@@ -72,21 +81,17 @@ impl fmt::Display for CheckpointError {
             CheckpointProblem::UnsupportedVersion(v) => {
                 write!(f, "format version {} is not supported (this build reads version {})", v, VERSION)
             }
-            CheckpointProblem::Truncated { expected_bytes, actual_bytes } => write!(
-                f,
-                "truncated: expected {} bytes but the file has {}",
-                expected_bytes, actual_bytes
-            ),
+            CheckpointProblem::Truncated { expected_bytes, actual_bytes } => {
+                write!(f, "truncated: expected {} bytes but the file has {}", expected_bytes, actual_bytes)
+            }
             CheckpointProblem::TrailingBytes { expected_bytes, actual_bytes } => write!(
                 f,
                 "the header announces {} bytes but the file has {}; extra bytes at the end",
                 expected_bytes, actual_bytes
             ),
-            CheckpointProblem::ChecksumMismatch { stored, computed } => write!(
-                f,
-                "corrupted: checksum {:016x} does not match the stored {:016x}",
-                computed, stored
-            ),
+            CheckpointProblem::ChecksumMismatch { stored, computed } => {
+                write!(f, "corrupted: checksum {:016x} does not match the stored {:016x}", computed, stored)
+            }
             CheckpointProblem::Malformed(why) => write!(f, "malformed contents: {}", why),
         }
     }
@@ -359,10 +364,7 @@ fn parse_body(body: &[u8]) -> Result<(Vec<(String, Tensor<f32>)>, String), Strin
         }
         let data_bytes = numel.checked_mul(4).ok_or_else(|| format!("tensor `{}` has too many elements", name))?;
         let raw = r.take(data_bytes, &format!("the data of tensor `{}`", name))?;
-        let data: Vec<f32> = raw
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let data: Vec<f32> = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         if !seen.insert(name.clone()) {
             return Err(format!("tensor `{}` appears twice", name));
         }

@@ -61,7 +61,11 @@ impl fmt::Display for ExecError {
                 write!(f, "{what} `{name}` has shape {got:?}, but the graph declares {declared} = {expected:?}")
             }
             ExecError::Malformed { what, name, shape, len } => {
-                write!(f, "{what} `{name}` holds {len} values, but its shape {shape:?} needs {}", shape.iter().product::<usize>())
+                write!(
+                    f,
+                    "{what} `{name}` holds {len} values, but its shape {shape:?} needs {}",
+                    shape.iter().product::<usize>()
+                )
             }
             ExecError::KindMismatch { name, expected, got } => {
                 write!(f, "input `{name}` must be {expected}, got {got}")
@@ -113,9 +117,10 @@ impl<'a, T: Float> Arg<'a, T> {
     pub fn dense(self, op: &str) -> Result<&'a Tensor<T>, ExecError> {
         match self {
             Arg::Param(t) | Arg::Value(Value::Dense(t)) => Ok(t),
-            Arg::Value(v) => {
-                Err(ExecError::BadOperand { op: op.into(), message: format!("expected a dense tensor, got {}", v.kind_name()) })
-            }
+            Arg::Value(v) => Err(ExecError::BadOperand {
+                op: op.into(),
+                message: format!("expected a dense tensor, got {}", v.kind_name()),
+            }),
         }
     }
 
@@ -123,8 +128,12 @@ impl<'a, T: Float> Arg<'a, T> {
     pub fn ids(self, op: &str) -> Result<&'a Ids, ExecError> {
         match self {
             Arg::Value(Value::Ids(t)) => Ok(t),
-            Arg::Param(_) => Err(ExecError::BadOperand { op: op.into(), message: "expected ids, got a parameter".into() }),
-            Arg::Value(v) => Err(ExecError::BadOperand { op: op.into(), message: format!("expected ids, got {}", v.kind_name()) }),
+            Arg::Param(_) => {
+                Err(ExecError::BadOperand { op: op.into(), message: "expected ids, got a parameter".into() })
+            }
+            Arg::Value(v) => {
+                Err(ExecError::BadOperand { op: op.into(), message: format!("expected ids, got {}", v.kind_name()) })
+            }
         }
     }
 }

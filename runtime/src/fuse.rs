@@ -98,7 +98,8 @@ pub fn fuse_with_map(graph: &Graph) -> (Graph, Vec<Option<NodeId>>) {
         }
         if let Some(plan) = plans.remove(&id) {
             let operands: Option<Vec<NodeId>> = plan.operands.iter().map(|o| map[o.index()]).collect();
-            let fused = operands.and_then(|ops| out.add(Op::Fused(Arc::new(plan.kernel)), &ops, &graph.node(id).scope).ok());
+            let fused =
+                operands.and_then(|ops| out.add(Op::Fused(Arc::new(plan.kernel)), &ops, &graph.node(id).scope).ok());
             match fused {
                 Some(f) if out.sig(f) == graph.sig(id) => {
                     map[id.index()] = Some(f);
@@ -246,12 +247,14 @@ fn plan_group(graph: &Graph, members: &[NodeId], reduce: Option<(NodeId, Reducti
         let (mut plan, broadcasts_removed) = build_kernel(graph, members, read_through);
         let transcendental = plan.kernel.body.iter().any(|i| matches!(i, Instr::Unary(u, _) if !cheap(&Op::Unary(*u)) && *u != UnaryOp::Recip && *u != UnaryOp::Sqrt));
         let broadcasting = plan.operands.iter().any(|&o| graph.sig(o).shape != graph.sig(root).shape);
-        let pays = reduce.is_some() || plan.kernel.op_count() >= 2 || broadcasts_removed > 0 || transcendental || broadcasting;
+        let pays =
+            reduce.is_some() || plan.kernel.op_count() >= 2 || broadcasts_removed > 0 || transcendental || broadcasting;
         if plan.kernel.inputs == 0 || !pays {
             return None;
         }
         let sigs: Vec<&Signature> = plan.operands.iter().map(|&o| graph.sig(o)).collect();
-        let operands: Vec<Operand> = sigs.iter().map(|s| Operand { shape: &s.shape, dtype: s.dtype, kind: s.kind }).collect();
+        let operands: Vec<Operand> =
+            sigs.iter().map(|s| Operand { shape: &s.shape, dtype: s.dtype, kind: s.kind }).collect();
         let infers = |kernel: &FusedKernel, target: NodeId| {
             Op::Fused(Arc::new(kernel.clone())).infer(&operands).is_ok_and(|sig| &sig == graph.sig(target))
         };
@@ -325,5 +328,8 @@ fn build_kernel(graph: &Graph, members: &[NodeId], read_through: bool) -> (Plan,
         });
         register.insert(m, body.len() - 1);
     }
-    (Plan { kernel: FusedKernel { inputs: operands.len(), body, reduce: None }, operands, replaces: Vec::new() }, broadcasts_removed)
+    (
+        Plan { kernel: FusedKernel { inputs: operands.len(), body, reduce: None }, operands, replaces: Vec::new() },
+        broadcasts_removed,
+    )
 }

@@ -320,7 +320,13 @@ fn slots_mut<T>(slots: Option<&mut Slots<T>>) -> SlotsMut<'_, T> {
 }
 
 /// Applies the rule to `w[range]` given that range's gradient.
-fn update_range<T: Float>(w: &mut [T], slots: &mut SlotsMut<'_, T>, range: std::ops::Range<usize>, g: &[T], c: &StepCoeffs<T>) {
+fn update_range<T: Float>(
+    w: &mut [T],
+    slots: &mut SlotsMut<'_, T>,
+    range: std::ops::Range<usize>,
+    g: &[T],
+    c: &StepCoeffs<T>,
+) {
     match slots {
         SlotsMut::Sgd => sgd_update(&mut w[range], g, c),
         SlotsMut::Adam { m, v } => adam_update(&mut w[range.clone()], g, &mut m[range.clone()], &mut v[range], c),
@@ -502,7 +508,11 @@ pub fn combine_rows_in_place<T: Float>(grads: &mut HashMap<String, Value<T>>) {
         if let Some(first) = values_shape.first_mut() {
             *first = unique.len();
         }
-        *grad = Value::RowSparse { shape: shape.clone(), rows: unique, values: Tensor { shape: values_shape, data: summed } };
+        *grad = Value::RowSparse {
+            shape: shape.clone(),
+            rows: unique,
+            values: Tensor { shape: values_shape, data: summed },
+        };
     }
 }
 
@@ -710,7 +720,14 @@ impl<T: Float> Optimizer<T> {
 
     /// Updates one parameter with its checked gradient and this step's `coeffs` (from
     /// [`Optimizer::advance`]), its state created fresh on first use, through `kernels`.
-    pub fn apply(&mut self, name: &str, param: &mut Tensor<T>, grad: &Value<T>, coeffs: &StepCoeffs<T>, kernels: &dyn UpdateKernels<T>) {
+    pub fn apply(
+        &mut self,
+        name: &str,
+        param: &mut Tensor<T>,
+        grad: &Value<T>,
+        coeffs: &StepCoeffs<T>,
+        kernels: &dyn UpdateKernels<T>,
+    ) {
         if !self.slots.contains_key(name) {
             if let Some(fresh) = Slots::fresh(&self.config.kind, &param.shape) {
                 self.slots.insert(name.to_string(), fresh);
@@ -865,7 +882,10 @@ impl<T: Float> Optimizer<T> {
         };
         for (param, m) in first_moments {
             let Some(v) = second_moments.remove(&param) else {
-                return Err(format!("optimizer state has `{}{}` but no `{}{}`", ADAM_M_PREFIX, param, ADAM_V_PREFIX, param));
+                return Err(format!(
+                    "optimizer state has `{}{}` but no `{}{}`",
+                    ADAM_M_PREFIX, param, ADAM_V_PREFIX, param
+                ));
             };
             if m.shape != v.shape {
                 return Err(format!(
@@ -876,7 +896,10 @@ impl<T: Float> Optimizer<T> {
             slots.insert(param, Slots::Adam { m, v });
         }
         if let Some(param) = second_moments.keys().min() {
-            return Err(format!("optimizer state has `{}{}` but no `{}{}`", ADAM_V_PREFIX, param, ADAM_M_PREFIX, param));
+            return Err(format!(
+                "optimizer state has `{}{}` but no `{}{}`",
+                ADAM_V_PREFIX, param, ADAM_M_PREFIX, param
+            ));
         }
         self.steps = steps;
         self.slots = slots;

@@ -35,7 +35,9 @@ impl PartialEq for CseKey {
     fn eq(&self, other: &CseKey) -> bool {
         let same_op = match (&self.op, &other.op) {
             (Op::Scalar(a), Op::Scalar(b)) => a.to_bits() == b.to_bits(),
-            (Op::DropMask { p: pa, stream: sa }, Op::DropMask { p: pb, stream: sb }) => pa.to_bits() == pb.to_bits() && sa == sb,
+            (Op::DropMask { p: pa, stream: sa }, Op::DropMask { p: pb, stream: sb }) => {
+                pa.to_bits() == pb.to_bits() && sa == sb
+            }
             (a, b) => a == b,
         };
         same_op && self.inputs == other.inputs

@@ -288,7 +288,8 @@ mod tests {
         };
         let d = v.to_dense().unwrap();
         assert_eq!(d.data, vec![0.0, 0.0, 11.0, 22.0, 0.0, 0.0, 3.0, 4.0]);
-        let bad: Value<f64> = Value::RowSparse { shape: vec![1, 1], rows: vec![5], values: Tensor::new(vec![1, 1], vec![1.0]).unwrap() };
+        let bad: Value<f64> =
+            Value::RowSparse { shape: vec![1, 1], rows: vec![5], values: Tensor::new(vec![1, 1], vec![1.0]).unwrap() };
         assert!(bad.to_dense().is_none());
     }
 

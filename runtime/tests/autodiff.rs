@@ -17,7 +17,10 @@ fn rejects_bad_requests() {
     let w = c.param("w", dims(&[2]));
     assert!(matches!(differentiate(&c.graph, w, &["w".into()]), Err(AutodiffError::LossNotScalar { .. })));
     let loss = sum_all(&mut c, w);
-    assert_eq!(differentiate(&c.graph, loss, &["nope".into()]).unwrap_err(), AutodiffError::UnknownParam("nope".into()));
+    assert_eq!(
+        differentiate(&c.graph, loss, &["nope".into()]).unwrap_err(),
+        AutodiffError::UnknownParam("nope".into())
+    );
     assert!(matches!(differentiate(&c.graph, mdl_runtime::NodeId::new(99), &[]), Err(AutodiffError::UnknownNode(99))));
     let ids = c.ids("ids", dims(&[]), 2);
     assert!(differentiate(&c.graph, ids, &[]).is_err(), "ids are not a loss");

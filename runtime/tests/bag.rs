@@ -24,7 +24,6 @@ use mdl_runtime::{differentiate, BinaryOp, Binding, DType, Graph, Init, Mode, Op
 use proptest::prelude::*;
 use std::collections::{BTreeSet, HashMap};
 
-
 struct Rng(u64);
 
 impl Rng {
@@ -40,7 +39,15 @@ impl Rng {
 }
 
 /// `pool(table[ids], mask)` as the language lowers it: `[B, S, D]` (or `[B, S, 1, D]` kept).
-fn pool(g: &mut Graph, table: mdl_runtime::NodeId, ids: mdl_runtime::NodeId, mask: mdl_runtime::NodeId, shape: [usize; 3], mean: bool, keep: bool) -> mdl_runtime::NodeId {
+fn pool(
+    g: &mut Graph,
+    table: mdl_runtime::NodeId,
+    ids: mdl_runtime::NodeId,
+    mask: mdl_runtime::NodeId,
+    shape: [usize; 3],
+    mean: bool,
+    keep: bool,
+) -> mdl_runtime::NodeId {
     let [b, s, l] = shape;
     let rows = g.add(Op::Gather, &[table, ids], "bag").unwrap();
     let m = g.add(Op::Reshape { shape: dims(&[b, s, l, 1]) }, &[mask], "bag").unwrap();
@@ -50,13 +57,20 @@ fn pool(g: &mut Graph, table: mdl_runtime::NodeId, ids: mdl_runtime::NodeId, mas
 }
 
 /// `sum(x * R)` for a fixed random `R` fed as input `name`.
-fn weigh(g: &mut Graph, x: mdl_runtime::NodeId, name: &str, feeds: &mut HashMap<String, Value<f32>>, rng: &mut Rng) -> mdl_runtime::NodeId {
+fn weigh(
+    g: &mut Graph,
+    x: mdl_runtime::NodeId,
+    name: &str,
+    feeds: &mut HashMap<String, Value<f32>>,
+    rng: &mut Rng,
+) -> mdl_runtime::NodeId {
     let shape: Vec<usize> = g.shape(x).iter().map(|d| d.as_const().unwrap() as usize).collect();
     let r = g.input(name, dims(&shape), DType::F);
     let data = (0..shape.iter().product::<usize>()).map(|_| rng.unit()).collect();
     feeds.insert(name.into(), Value::Dense(Tensor::new(shape.clone(), data).unwrap()));
     let prod = g.add(Op::Binary(BinaryOp::Mul), &[x, r], "loss").unwrap();
-    g.add(Op::Reduce { op: ReduceOp::Sum, axes: (0..shape.len()).collect(), keep_dims: false }, &[prod], "loss").unwrap()
+    g.add(Op::Reduce { op: ReduceOp::Sum, axes: (0..shape.len()).collect(), keep_dims: false }, &[prod], "loss")
+        .unwrap()
 }
 
 fn distinct_rows(v: &Value<f32>) -> BTreeSet<u32> {
@@ -67,7 +81,19 @@ fn distinct_rows(v: &Value<f32>) -> BTreeSet<u32> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn check(b: usize, s: usize, l: usize, d: usize, fields: usize, vocab: u32, mean: bool, keep: bool, fill: u64, seed: u64, exact: bool) {
+fn check(
+    b: usize,
+    s: usize,
+    l: usize,
+    d: usize,
+    fields: usize,
+    vocab: u32,
+    mean: bool,
+    keep: bool,
+    fill: u64,
+    seed: u64,
+    exact: bool,
+) {
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut g = Graph::new();
     let mut feeds: HashMap<String, Value<f32>> = HashMap::new();
@@ -84,7 +110,15 @@ fn check(b: usize, s: usize, l: usize, d: usize, fields: usize, vocab: u32, mean
         for _ in 0..l {
             let real = !full && rng.next() % 100 < fill;
             hist_ids.push(if real { 1 + (rng.next() % (vocab as u64 - 1)) as u32 } else { 0 });
-            mask_data.push(if real { if rng.next() % 3 == 0 { 0.5 } else { 1.0 } } else { 0.0 });
+            mask_data.push(if real {
+                if rng.next() % 3 == 0 {
+                    0.5
+                } else {
+                    1.0
+                }
+            } else {
+                0.0
+            });
         }
     }
     feeds.insert("hist".into(), Value::Ids(Tensor::new(vec![b, s, l], hist_ids).unwrap()));
@@ -104,8 +138,14 @@ fn check(b: usize, s: usize, l: usize, d: usize, fields: usize, vocab: u32, mean
     g.outputs.insert("pooled".into(), pooled);
 
     let mut params = HashMap::new();
-    params.insert("E".to_string(), Tensor::new(vec![vocab as usize, d], (0..vocab as usize * d).map(|_| rng.unit()).collect()).unwrap());
-    params.insert("W".to_string(), Tensor::new(vec![vocab as usize, 1], (0..vocab as usize).map(|_| rng.unit()).collect()).unwrap());
+    params.insert(
+        "E".to_string(),
+        Tensor::new(vec![vocab as usize, d], (0..vocab as usize * d).map(|_| rng.unit()).collect()).unwrap(),
+    );
+    params.insert(
+        "W".to_string(),
+        Tensor::new(vec![vocab as usize, 1], (0..vocab as usize).map(|_| rng.unit()).collect()).unwrap(),
+    );
     let bind = Binding::new();
     let mode = Mode::train(1, 1);
 
@@ -140,7 +180,10 @@ fn check(b: usize, s: usize, l: usize, d: usize, fields: usize, vocab: u32, mean
         let entries = |v: &Value<f32>| if let Value::RowSparse { rows, .. } = v { rows.clone() } else { Vec::new() };
         assert!(entries(j).len() <= entries(w).len(), "{key}: the jit's gradient has no more entries than interp's");
         if count("sparse_rows(bag)") == 2 || name == "E" {
-            assert!(entries(j).windows(2).all(|p| p[0] < p[1]), "{key}: a gradient built from a bag comes out combined");
+            assert!(
+                entries(j).windows(2).all(|p| p[0] < p[1]),
+                "{key}: a gradient built from a bag comes out combined"
+            );
         }
         let (wd, jd) = (w.to_dense().unwrap(), j.to_dense().unwrap());
         let scale = wd.data.iter().fold(0.0f32, |m, v| m.max(v.abs()));

@@ -28,7 +28,10 @@ fn sample_tensors() -> Vec<(String, Tensor<f32>)> {
         ("emb".to_string(), random(vec![10, 8])),
         ("scalar".to_string(), Tensor::scalar(-0.0f32)),
         ("empty".to_string(), Tensor::zeros(vec![0, 4])),
-        ("specials".to_string(), Tensor::new(vec![4], vec![f32::NAN, f32::INFINITY, f32::MIN_POSITIVE / 2.0, -1.5]).unwrap()),
+        (
+            "specials".to_string(),
+            Tensor::new(vec![4], vec![f32::NAN, f32::INFINITY, f32::MIN_POSITIVE / 2.0, -1.5]).unwrap(),
+        ),
         ("ünïcode/名前".to_string(), random(vec![2])),
     ]
 }

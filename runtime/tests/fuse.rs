@@ -22,16 +22,17 @@ use mdl_runtime::backend::jit::{codegen, Jit};
 use mdl_runtime::backend::{interp, Executor, Interp};
 use mdl_runtime::exec::{Arg, EvalCx, SplitMix64};
 use mdl_runtime::fuse::{fuse_elementwise, fuse_with_map, step_reads_relu};
-use mdl_runtime::ops::fused::{FusedKernel, Instr};
 use mdl_runtime::ops::fused::Reduction;
-use mdl_runtime::{ops, BinaryOp, Binding, Dim, Graph, Init, Mode, NodeId, Op, ReduceOp, Shape, Tensor, UnaryOp, Value, Values};
+use mdl_runtime::ops::fused::{FusedKernel, Instr};
+use mdl_runtime::{
+    ops, BinaryOp, Binding, Dim, Graph, Init, Mode, NodeId, Op, ReduceOp, Shape, Tensor, UnaryOp, Value, Values,
+};
 use proptest::prelude::*;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// The ops [`codegen::Options::inline_math`] computes as polynomials.
 const TRANSCENDENTAL: [UnaryOp; 5] = [UnaryOp::Exp, UnaryOp::Log, UnaryOp::Tanh, UnaryOp::Sigmoid, UnaryOp::Softplus];
-
 
 fn same(x: f32, y: f32) -> bool {
     x == y || (x.is_nan() && y.is_nan())
@@ -59,7 +60,15 @@ fn random_dag(seed: u64, b: usize, f: usize, n: usize, rank3: bool, ops: usize, 
     let mut pick = |k: usize| (rng.next_u64() % k as u64) as usize;
     let full: Vec<usize> = if rank3 { vec![b, f, n] } else { vec![b, n] };
     let family: Vec<(Vec<usize>, bool)> = if rank3 {
-        vec![(vec![b, f, n], true), (vec![f, n], false), (vec![n], false), (vec![b, 1, n], true), (vec![b, f, 1], true), (vec![1, f, 1], false), (vec![], false)]
+        vec![
+            (vec![b, f, n], true),
+            (vec![f, n], false),
+            (vec![n], false),
+            (vec![b, 1, n], true),
+            (vec![b, f, 1], true),
+            (vec![1, f, 1], false),
+            (vec![], false),
+        ]
     } else {
         vec![(vec![b, n], true), (vec![n], false), (vec![b, 1], true), (vec![1, n], false), (vec![], false)]
     };
@@ -208,8 +217,16 @@ fn check_pass(original: &Graph) {
         if g.users(id).any(|(u, _)| epilogue(u)) {
             assert!(g.users(id).all(|(u, _)| epilogue(u)), "%{} feeds a reduction epilogue and more", id.index());
         }
-        if outputs.contains(&id) || outside_user || !elementwise(id) && !matches!(g.node(id).op, Op::Scalar(_) | Op::Broadcast { .. }) {
-            assert!(map[id.index()].is_some(), "%{} ({}) was absorbed but is read outside a kernel", id.index(), g.node(id).op.name());
+        if outputs.contains(&id)
+            || outside_user
+            || !elementwise(id) && !matches!(g.node(id).op, Op::Scalar(_) | Op::Broadcast { .. })
+        {
+            assert!(
+                map[id.index()].is_some(),
+                "%{} ({}) was absorbed but is read outside a kernel",
+                id.index(),
+                g.node(id).op.name()
+            );
         }
         if map[id.index()].is_none() && elementwise(id) {
             // Absorbed: every path through its users reaches one and the same fused node.
@@ -354,22 +371,49 @@ fn compare_kernel(kernel: &FusedKernel, operands: &[Tensor<f32>], out_shape: &[u
             let got = codegen::run(kernel, &refs, out_shape, threads, opts).expect("Cranelift compiles every op");
             assert_eq!(got.shape, want.shape);
             let contracts = fma && kernel.body.iter().any(|i| matches!(i, Instr::Binary(BinaryOp::Mul, ..)));
-            let approximates = inline_math && kernel.body.iter().any(|i| matches!(i, Instr::Unary(u, _) if TRANSCENDENTAL.contains(u)));
+            let approximates = inline_math
+                && kernel.body.iter().any(|i| matches!(i, Instr::Unary(u, _) if TRANSCENDENTAL.contains(u)));
             let reorders = reassociate && kernel.reduce.is_some();
             let tol = if approximates || reorders { 1e-5 } else { 1e-6 };
             for (i, (&p, &q)) in got.data.iter().zip(&want.data).enumerate() {
                 let close = (contracts || approximates || reorders) && (p - q).abs() <= tol * q.abs().max(1.0);
-                assert!(same(p, q) || close, "{kernel:?} {out_shape:?}[{i}]: cranelift {p} eval {q} (inputs {:?})", operands.iter().map(|o| o.data.get(i % o.data.len().max(1))).collect::<Vec<_>>());
+                assert!(
+                    same(p, q) || close,
+                    "{kernel:?} {out_shape:?}[{i}]: cranelift {p} eval {q} (inputs {:?})",
+                    operands.iter().map(|o| o.data.get(i % o.data.len().max(1))).collect::<Vec<_>>()
+                );
             }
         }
     }
 }
 
 fn special_values(count: usize, seed: u64) -> Vec<f32> {
-    let specials = [0.0, -0.0, 1.0, -1.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e-30, -1e-30, 88.0, -88.0, 100.0, -100.0, 0.5, 1e30];
+    let specials = [
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        1e-30,
+        -1e-30,
+        88.0,
+        -88.0,
+        100.0,
+        -100.0,
+        0.5,
+        1e30,
+    ];
     let mut rng = SplitMix64::new(seed);
     (0..count)
-        .map(|i| if i % 3 == 0 { specials[(rng.next_u64() % specials.len() as u64) as usize] } else { (rng.next_f64() * 20.0 - 10.0) as f32 })
+        .map(|i| {
+            if i % 3 == 0 {
+                specials[(rng.next_u64() % specials.len() as u64) as usize]
+            } else {
+                (rng.next_f64() * 20.0 - 10.0) as f32
+            }
+        })
         .collect()
 }
 
@@ -379,15 +423,32 @@ fn every_op_through_cranelift_equals_its_eval_rule() {
         for n in 1..=37 {
             for u in UNARY {
                 let k = FusedKernel { inputs: 1, body: vec![Instr::Input(0), Instr::Unary(u, 0)], reduce: None };
-                compare_kernel(&k, &[Tensor::new(vec![rows, n], special_values(rows * n, n as u64)).unwrap()], &[rows, n]);
+                compare_kernel(
+                    &k,
+                    &[Tensor::new(vec![rows, n], special_values(rows * n, n as u64)).unwrap()],
+                    &[rows, n],
+                );
                 // A splat operand (one value per row) with a contiguous one.
-                let k = FusedKernel { inputs: 2, body: vec![Instr::Input(0), Instr::Input(1), Instr::Unary(u, 0), Instr::Binary(BinaryOp::Add, 2, 1)], reduce: None };
+                let k = FusedKernel {
+                    inputs: 2,
+                    body: vec![
+                        Instr::Input(0),
+                        Instr::Input(1),
+                        Instr::Unary(u, 0),
+                        Instr::Binary(BinaryOp::Add, 2, 1),
+                    ],
+                    reduce: None,
+                };
                 let col = Tensor::new(vec![rows, 1], special_values(rows, 7 + n as u64)).unwrap();
                 let full = Tensor::new(vec![rows, n], vec![0.25; rows * n]).unwrap();
                 compare_kernel(&k, &[col, full], &[rows, n]);
             }
             for op in BINARY {
-                let k = FusedKernel { inputs: 2, body: vec![Instr::Input(0), Instr::Input(1), Instr::Binary(op, 0, 1)], reduce: None };
+                let k = FusedKernel {
+                    inputs: 2,
+                    body: vec![Instr::Input(0), Instr::Input(1), Instr::Binary(op, 0, 1)],
+                    reduce: None,
+                };
                 let a = Tensor::new(vec![rows, n], special_values(rows * n, 11 * n as u64)).unwrap();
                 let mut bv = special_values(rows * n, 13 * n as u64);
                 // Some equal pairs, for Eq, Max and Min ties.
@@ -406,7 +467,17 @@ fn every_op_through_cranelift_equals_its_eval_rule() {
         }
     }
     // A constant and a scalar operand (rank 0).
-    let k = FusedKernel { inputs: 2, body: vec![Instr::Input(0), Instr::Const(0.1), Instr::Input(1), Instr::Binary(BinaryOp::Mul, 0, 1), Instr::Binary(BinaryOp::Add, 3, 2)], reduce: None };
+    let k = FusedKernel {
+        inputs: 2,
+        body: vec![
+            Instr::Input(0),
+            Instr::Const(0.1),
+            Instr::Input(1),
+            Instr::Binary(BinaryOp::Mul, 0, 1),
+            Instr::Binary(BinaryOp::Add, 3, 2),
+        ],
+        reduce: None,
+    };
     compare_kernel(&k, &[Tensor::new(vec![5, 9], special_values(45, 3)).unwrap(), Tensor::scalar(3.0)], &[5, 9]);
     assert!(codegen::compiled_kernels() > 0);
 }
@@ -467,7 +538,11 @@ fn outputs_and_shared_values_are_never_absorbed() {
         let c = shape.iter().product();
         Tensor::new(shape, (0..c).map(|_| rng.next_f64() as f32 - 0.5).collect()).unwrap()
     };
-    let params = HashMap::from([("x".to_string(), t(vec![8, 4])), ("b".to_string(), t(vec![4])), ("w".to_string(), t(vec![4, 3]))]);
+    let params = HashMap::from([
+        ("x".to_string(), t(vec![8, 4])),
+        ("b".to_string(), t(vec![4])),
+        ("w".to_string(), t(vec![4, 3])),
+    ]);
     let binding = Binding::from([("B".to_string(), 8)]);
     check_dag(&Dag { graph: g, params, binding });
 }
@@ -488,7 +563,9 @@ fn a_relu_layer_and_its_backward_fuse_around_the_shared_preactivation() {
     g.outputs.insert("dx".into(), dx);
     let (fused, map) = fuse_with_map(&g);
     assert_eq!(map[x.index()], None, "{}", fused.listing());
-    let Op::Fused(k) = &fused.node(map[y.index()].unwrap()).op else { panic!("relu(a + bias) is one kernel:\n{}", fused.listing()) };
+    let Op::Fused(k) = &fused.node(map[y.index()].unwrap()).op else {
+        panic!("relu(a + bias) is one kernel:\n{}", fused.listing())
+    };
     assert_eq!(k.summary(), "add,relu");
     let Op::Fused(k) = &fused.node(map[dx.index()].unwrap()).op else { panic!("step * dy is one kernel") };
     assert_eq!(k.summary(), "step,mul");
@@ -497,7 +574,11 @@ fn a_relu_layer_and_its_backward_fuse_around_the_shared_preactivation() {
         let c = shape.iter().product();
         Tensor::new(shape, (0..c).map(|_| rng.next_f64() as f32 - 0.5).collect()).unwrap()
     };
-    let params = HashMap::from([("a".to_string(), t(vec![16, 8])), ("bias".to_string(), t(vec![8])), ("dy".to_string(), t(vec![16, 8]))]);
+    let params = HashMap::from([
+        ("a".to_string(), t(vec![16, 8])),
+        ("bias".to_string(), t(vec![8])),
+        ("dy".to_string(), t(vec![16, 8])),
+    ]);
     let binding = Binding::from([("B".to_string(), 16)]);
     check_dag(&Dag { graph: g, params, binding });
 }
@@ -550,20 +631,29 @@ fn reduction_epilogues_equal_the_eval_rule() {
         body: mul.clone(),
         reduce: Some(Reduction { op, axes, keep_dims }),
     };
-    let e = Tensor::new(vec![600, 2, 50, 16], special_values(600 * 2 * 50 * 16, 1).iter().map(|v| v.clamp(-5.0, 5.0)).collect()).unwrap();
+    let e = Tensor::new(
+        vec![600, 2, 50, 16],
+        special_values(600 * 2 * 50 * 16, 1).iter().map(|v| v.clamp(-5.0, 5.0)).collect(),
+    )
+    .unwrap();
     let m = Tensor::new(vec![600, 2, 50, 1], (0..600 * 100).map(|i| (i % 3 != 0) as u8 as f32).collect()).unwrap();
     compare_kernel(&kernel(vec![2], ReduceOp::Sum, false), &[e.clone(), m.clone()], &[600, 2, 16]);
     compare_kernel(&kernel(vec![2, 3], ReduceOp::Mean, true), &[e, m], &[600, 2, 1, 1]);
     for (b, f, n) in [(3, 4, 5), (2, 1, 37), (1, 3, 1), (64, 2, 24)] {
-        let x = Tensor::new(vec![b, f, n], special_values(b * f * n, 5).iter().map(|v| v.clamp(-5.0, 5.0)).collect()).unwrap();
+        let x = Tensor::new(vec![b, f, n], special_values(b * f * n, 5).iter().map(|v| v.clamp(-5.0, 5.0)).collect())
+            .unwrap();
         for (y_shape, splat) in [(vec![b, f, n], false), (vec![b, f, 1], true), (vec![n], false), (vec![], true)] {
             let count = y_shape.iter().product();
-            let y = Tensor::new(y_shape.clone(), special_values(count, 6).iter().map(|v| v.clamp(-3.0, 3.0)).collect()).unwrap();
+            let y = Tensor::new(y_shape.clone(), special_values(count, 6).iter().map(|v| v.clamp(-3.0, 3.0)).collect())
+                .unwrap();
             for mask in 1..8usize {
                 let axes: Vec<usize> = (0..3).filter(|a| mask & (1 << a) != 0).collect();
                 for keep in [false, true] {
-                    let out: Vec<usize> =
-                        [b, f, n].iter().enumerate().filter_map(|(i, &d)| if axes.contains(&i) { keep.then_some(1) } else { Some(d) }).collect();
+                    let out: Vec<usize> = [b, f, n]
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, &d)| if axes.contains(&i) { keep.then_some(1) } else { Some(d) })
+                        .collect();
                     for op in [ReduceOp::Sum, ReduceOp::Mean] {
                         let ops = if splat { [y.clone(), x.clone()] } else { [x.clone(), y.clone()] };
                         compare_kernel(&kernel(axes.clone(), op, keep), &ops, &out);
@@ -580,7 +670,9 @@ fn reduction_epilogues_equal_the_eval_rule() {
 /// absolute, where its result underflows towards 0 below x = -80).
 #[test]
 fn inline_transcendentals_are_within_a_few_ulp_of_f64() {
-    let sweep = |lo: f64, hi: f64| -> Vec<f32> { (0..=20_001).map(|i| (lo + (hi - lo) * i as f64 / 20_001.0) as f32).collect() };
+    let sweep = |lo: f64, hi: f64| -> Vec<f32> {
+        (0..=20_001).map(|i| (lo + (hi - lo) * i as f64 / 20_001.0) as f32).collect()
+    };
     let cases: [(UnaryOp, Vec<f32>, fn(f64) -> f64, f64); 5] = [
         (UnaryOp::Exp, sweep(-86.0, 88.7), f64::exp, 2.0),
         (UnaryOp::Log, [sweep(1e-6, 4.0), sweep(4.0, 1e6), vec![1e-40, 1e-38, 3e38]].concat(), f64::ln, 2.0),
@@ -653,7 +745,12 @@ fn large_reductions_split_and_reassociate_within_tolerance() {
         };
         let kernel = FusedKernel {
             inputs: 2,
-            body: vec![Instr::Input(0), Instr::Input(1), Instr::Unary(UnaryOp::Softplus, 0), Instr::Binary(BinaryOp::Mul, 2, 1)],
+            body: vec![
+                Instr::Input(0),
+                Instr::Input(1),
+                Instr::Unary(UnaryOp::Softplus, 0),
+                Instr::Binary(BinaryOp::Mul, 2, 1),
+            ],
             reduce: Some(Reduction { op: ReduceOp::Sum, axes: axes.clone(), keep_dims: false }),
         };
         // The f64 sums, and of |terms|, per output.
@@ -681,7 +778,11 @@ fn large_reductions_split_and_reassociate_within_tolerance() {
             for (o, (&a, &b)) in fast.data.iter().zip(&want.data).enumerate() {
                 let (err_fast, err_ordered) = ((a as f64 - exact64[o]).abs(), (b as f64 - exact64[o]).abs());
                 let bound = 2.0 * ((rows * cols / n_out) as f64).sqrt() * f64::powi(2.0, -24) * abs64[o];
-                assert!(err_fast <= bound.max(err_ordered), "{axes:?} on {threads} threads, output {o}: {a} vs ordered {b}, f64 {}", exact64[o]);
+                assert!(
+                    err_fast <= bound.max(err_ordered),
+                    "{axes:?} on {threads} threads, output {o}: {a} vs ordered {b}, f64 {}",
+                    exact64[o]
+                );
             }
         }
     }

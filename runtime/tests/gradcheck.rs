@@ -39,7 +39,14 @@ fn broadcastable(sizes: &[usize], ones: &[bool], drop: usize) -> Vec<usize> {
 fn broadcast_case() -> impl Strategy<Value = (Vec<usize>, Vec<usize>, u64)> {
     sizes(3, 3).prop_flat_map(|s| {
         let r = s.len();
-        (Just(s), prop::collection::vec(any::<bool>(), r), 0..=r, prop::collection::vec(any::<bool>(), r), 0..=r, any::<u64>())
+        (
+            Just(s),
+            prop::collection::vec(any::<bool>(), r),
+            0..=r,
+            prop::collection::vec(any::<bool>(), r),
+            0..=r,
+            any::<u64>(),
+        )
             .prop_map(|(s, oa, da, ob, db, seed)| (broadcastable(&s, &oa, da), broadcastable(&s, &ob, db), seed))
     })
 }

@@ -16,7 +16,8 @@ fn t(shape: &[usize], data: &[f64]) -> Tensor<f64> {
 /// Runs `op` on dense inputs `xs` (fed as inputs `x0`, `x1`, ...) and returns the result.
 fn apply(op: Op, xs: &[&Tensor<f64>]) -> Result<Value<f64>, ExecError> {
     let mut c = Case::new(0);
-    let ids: Vec<_> = xs.iter().enumerate().map(|(i, x)| c.input_values(&format!("x{i}"), dims(&x.shape), x.data.clone())).collect();
+    let ids: Vec<_> =
+        xs.iter().enumerate().map(|(i, x)| c.input_values(&format!("x{i}"), dims(&x.shape), x.data.clone())).collect();
     let y = c.add(op, &ids).expect("valid op");
     c.graph.outputs.insert("y".into(), y);
     let values = interp::run(&c.graph, &c.binding, &c.feeds, &c.params, &c.mode)?;
@@ -65,7 +66,8 @@ fn softmax_subtracts_the_max() {
 #[test]
 fn reductions() {
     let x = t(&[2, 3], &[1.0, 5.0, 3.0, -4.0, 0.0, 2.0]);
-    let sum = |axes: Vec<usize>, keep_dims| dense(apply(Op::Reduce { op: ReduceOp::Sum, axes, keep_dims }, &[&x]).unwrap());
+    let sum =
+        |axes: Vec<usize>, keep_dims| dense(apply(Op::Reduce { op: ReduceOp::Sum, axes, keep_dims }, &[&x]).unwrap());
     assert_eq!(sum(vec![0], false).data, vec![-3.0, 5.0, 5.0]);
     assert_eq!(sum(vec![1], true).shape, vec![2, 1]);
     assert_eq!(sum(vec![0, 1], false).shape, Vec::<usize>::new());
@@ -88,8 +90,11 @@ fn layout_ops() {
     let c = dense(apply(Op::Concat { axis: 1 }, &[&x, &t(&[2, 1], &[9.0, 8.0])]).unwrap());
     assert_eq!(c.data, vec![0.0, 1.0, 2.0, 9.0, 3.0, 4.0, 5.0, 8.0]);
     let b = dense(
-        apply(Op::Broadcast { shape: vec![Dim::from(2usize), Dim::from(2usize), Dim::from(3usize)] }, &[&t(&[1, 3], &[7.0, 8.0, 9.0])])
-            .unwrap(),
+        apply(
+            Op::Broadcast { shape: vec![Dim::from(2usize), Dim::from(2usize), Dim::from(3usize)] },
+            &[&t(&[1, 3], &[7.0, 8.0, 9.0])],
+        )
+        .unwrap(),
     );
     assert_eq!(b.data, [7.0, 8.0, 9.0].repeat(4));
     let r = dense(apply(Op::Reshape { shape: dims(&[3, 2]) }, &[&x]).unwrap());
@@ -142,14 +147,20 @@ proptest! {
 #[test]
 fn matmul_rank_two() {
     let y = dense(
-        apply(Op::MatMul { trans_a: false, trans_b: false }, &[&t(&[2, 2], &[1.0, 2.0, 3.0, 4.0]), &t(&[2, 2], &[5.0, 6.0, 7.0, 8.0])])
-            .unwrap(),
+        apply(
+            Op::MatMul { trans_a: false, trans_b: false },
+            &[&t(&[2, 2], &[1.0, 2.0, 3.0, 4.0]), &t(&[2, 2], &[5.0, 6.0, 7.0, 8.0])],
+        )
+        .unwrap(),
     );
     assert_eq!(y.data, vec![19.0, 22.0, 43.0, 50.0]);
 }
 
 /// Runs a graph with one id input `ids` and the node `build` adds, returning that node's value.
-fn run_with_ids(ids: Ids, build: impl FnOnce(&mut Graph, mdl_runtime::NodeId) -> mdl_runtime::NodeId) -> Result<Value<f64>, ExecError> {
+fn run_with_ids(
+    ids: Ids,
+    build: impl FnOnce(&mut Graph, mdl_runtime::NodeId) -> mdl_runtime::NodeId,
+) -> Result<Value<f64>, ExecError> {
     let mut g = Graph::new();
     let i = g.input("ids", dims(&ids.shape), DType::I);
     let y = build(&mut g, i);
@@ -195,9 +206,10 @@ fn index_ops() {
     let err = interp::run(&g, &Default::default(), &feeds(&bad), &HashMap::new(), &Mode::eval()).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("gather") && msg.contains("id 7"), "{msg}");
-    let err =
-        run_with_ids(Ids::new(vec![2], vec![0, 3]).unwrap(), |g, i| g.add(Op::OneHot { depth: Dim::from(3usize) }, &[i], "").unwrap())
-            .unwrap_err();
+    let err = run_with_ids(Ids::new(vec![2], vec![0, 3]).unwrap(), |g, i| {
+        g.add(Op::OneHot { depth: Dim::from(3usize) }, &[i], "").unwrap()
+    })
+    .unwrap_err();
     assert!(err.to_string().contains("one_hot") && err.to_string().contains("id 3"), "{err}");
 }
 
@@ -260,9 +272,9 @@ fn feeds_and_params_are_checked() {
     g.outputs.insert("y".into(), y);
     let binding = mdl_runtime::Binding::from([("B".to_string(), 4)]);
     let params = HashMap::from([("w".to_string(), Tensor::<f32>::zeros(vec![3, 2]))]);
-    let run = |feeds: &HashMap<String, Value<f32>>, params: &HashMap<String, Tensor<f32>>, binding: &mdl_runtime::Binding| {
-        interp::run(&g, binding, feeds, params, &Mode::eval())
-    };
+    let run = |feeds: &HashMap<String, Value<f32>>,
+               params: &HashMap<String, Tensor<f32>>,
+               binding: &mdl_runtime::Binding| { interp::run(&g, binding, feeds, params, &Mode::eval()) };
 
     let good = HashMap::from([("x".to_string(), Value::Dense(Tensor::<f32>::zeros(vec![4, 3])))]);
     assert_eq!(run(&good, &params, &binding).unwrap().dense("y").unwrap().shape, vec![4, 2]);

@@ -12,8 +12,6 @@ use mdl_runtime::{BinaryOp, DType, Dim, Graph, Init, Mode, Op, ReduceOp, Tensor,
 use proptest::prelude::*;
 use std::collections::HashMap;
 
-
-
 /// A graph with a parameter `p{i}` of each shape (random values, seeds from `seed`), its
 /// node ids and the values.
 fn with_params(shapes: &[Vec<usize>], seed: u64) -> (Graph, Vec<mdl_runtime::NodeId>, HashMap<String, Tensor<f32>>) {
@@ -43,7 +41,8 @@ fn agree_with(op: Op, shapes: &[Vec<usize>], tol: f32, exact: bool) {
     let want = Interp.run(&g, &b, &feeds, &params, &Mode::eval()).unwrap();
     let want = want.dense("out").unwrap();
     for threads in [1, 2] {
-        let got = Jit::with_threads(threads).with_exact_kernels(exact).run(&g, &b, &feeds, &params, &Mode::eval()).unwrap();
+        let got =
+            Jit::with_threads(threads).with_exact_kernels(exact).run(&g, &b, &feeds, &params, &Mode::eval()).unwrap();
         let got = got.dense("out").unwrap();
         assert_eq!(got.shape, want.shape, "{op:?}");
         for (x, y) in got.data.iter().zip(&want.data) {
@@ -183,10 +182,14 @@ fn gather_rows_agree_and_an_id_out_of_range_is_the_same_error() {
         let out = g.add(Op::Gather, &[table, ids], "").unwrap();
         g.outputs.insert("out".into(), out);
         let params: HashMap<String, Tensor<f32>> =
-            [("t".to_string(), Tensor::new(vec![rows, width], values(rows * width, 3, -1.0, 1.0)).unwrap())].into_iter().collect();
+            [("t".to_string(), Tensor::new(vec![rows, width], values(rows * width, 3, -1.0, 1.0)).unwrap())]
+                .into_iter()
+                .collect();
         let b = Binding::new();
         for bad in [false, true] {
-            let id_data: Vec<u32> = (0..n as u32).map(|i| if bad && i == n as u32 - 1 { rows as u32 } else { (i * 31) % rows as u32 }).collect();
+            let id_data: Vec<u32> = (0..n as u32)
+                .map(|i| if bad && i == n as u32 - 1 { rows as u32 } else { (i * 31) % rows as u32 })
+                .collect();
             let feeds: HashMap<String, Value<f32>> =
                 [("ids".to_string(), Value::Ids(Tensor::new(vec![n], id_data).unwrap()))].into_iter().collect();
             let want = Interp.run(&g, &b, &feeds, &params, &Mode::eval());
@@ -206,7 +209,15 @@ fn gather_rows_agree_and_an_id_out_of_range_is_the_same_error() {
 /// sums) within 2e-6, with one and two threads and blocks enough to split.
 #[test]
 fn softmax_equals_interp_exactly_or_within_rounding() {
-    let cases = [(vec![3000, 2, 40], 2), (vec![5, 7], 1), (vec![1, 1], 1), (vec![4, 6, 3], 1), (vec![9, 4], 0), (vec![600, 7, 50], 1), (vec![3, 2, 5, 4], 0)];
+    let cases = [
+        (vec![3000, 2, 40], 2),
+        (vec![5, 7], 1),
+        (vec![1, 1], 1),
+        (vec![4, 6, 3], 1),
+        (vec![9, 4], 0),
+        (vec![600, 7, 50], 1),
+        (vec![3, 2, 5, 4], 0),
+    ];
     for (shape, axis) in cases {
         agree_with(Op::Softmax { axis }, &[shape.clone()], 0.0, true);
         agree_with(Op::Softmax { axis }, &[shape], 2e-6, false);
@@ -264,7 +275,8 @@ fn group_agree(op: Op, shapes: [Vec<usize>; 2], idx: Vec<u32>, k: usize) {
     let out = g.add(op.clone(), &ids, "").unwrap();
     g.outputs.insert("out".into(), out);
     let n = idx.len();
-    let feeds: HashMap<String, Value<f32>> = [("idx".to_string(), Value::Ids(Tensor::new(vec![n], idx).unwrap()))].into_iter().collect();
+    let feeds: HashMap<String, Value<f32>> =
+        [("idx".to_string(), Value::Ids(Tensor::new(vec![n], idx).unwrap()))].into_iter().collect();
     let b = Binding::new();
     let want = Interp.run(&g, &b, &feeds, &params, &Mode::eval());
     for threads in [1, 2] {
@@ -321,8 +333,12 @@ fn compiled_updates_equal_the_reference_optimizer() {
     use mdl_runtime::optim::{OptimConfig, OptimKind, Optimizer};
     use mdl_runtime::ParamInfo;
     let info = common::param_info;
-    let shapes: [(&str, Vec<usize>, bool); 4] =
-        [("w", vec![3, 7], false), ("big", vec![300, 301], false), ("table", vec![5000, 19], true), ("frozen", vec![4], false)];
+    let shapes: [(&str, Vec<usize>, bool); 4] = [
+        ("w", vec![3, 7], false),
+        ("big", vec![300, 301], false),
+        ("table", vec![5000, 19], true),
+        ("frozen", vec![4], false),
+    ];
     let infos: Vec<ParamInfo> = shapes.iter().map(|(n, s, e)| info(n, s, *e)).collect();
     Jit::update_kernels().expect("the update kernels compile");
     let rows_sets: [Vec<u32>; 2] = [(0..5000).step_by(3).collect(), vec![7, 2, 7, 4999, 0, 2, 2, 300]];
@@ -336,7 +352,10 @@ fn compiled_updates_equal_the_reference_optimizer() {
                 let mut compiled = Optimizer::<f32>::new(config).unwrap();
                 let mut params: HashMap<String, Tensor<f32>> = HashMap::new();
                 for (k, (name, shape, _)) in shapes.iter().enumerate() {
-                    params.insert(name.to_string(), Tensor::new(shape.clone(), values(shape.iter().product(), k as u64, -1.0, 1.0)).unwrap());
+                    params.insert(
+                        name.to_string(),
+                        Tensor::new(shape.clone(), values(shape.iter().product(), k as u64, -1.0, 1.0)).unwrap(),
+                    );
                 }
                 let mut ours = params.clone();
                 let mut jit = Jit::with_threads(threads);
@@ -348,7 +367,9 @@ fn compiled_updates_equal_the_reference_optimizer() {
                         let grad = if p.embedding {
                             let rows = rows_sets[step as usize % 2].clone();
                             let width = t.shape[1];
-                            let vals = Tensor::new(vec![rows.len(), width], values(rows.len() * width, seed, -2.0, 2.0)).unwrap();
+                            let vals =
+                                Tensor::new(vec![rows.len(), width], values(rows.len() * width, seed, -2.0, 2.0))
+                                    .unwrap();
                             Value::RowSparse { shape: t.shape.clone(), rows, values: vals }
                         } else {
                             Value::Dense(Tensor::new(t.shape.clone(), values(t.data.len(), seed, -2.0, 2.0)).unwrap())
@@ -366,7 +387,10 @@ fn compiled_updates_equal_the_reference_optimizer() {
                     let bits = |o: &Optimizer<f32>| -> std::collections::BTreeMap<String, Vec<u32>> {
                         o.state().into_iter().map(|(n, t)| (n, t.data.iter().map(|v| v.to_bits()).collect())).collect()
                     };
-                    assert!(bits(&reference) == bits(&compiled), "{kind:?} l2 {l2} threads {threads} step {step}: the state differs");
+                    assert!(
+                        bits(&reference) == bits(&compiled),
+                        "{kind:?} l2 {l2} threads {threads} step {step}: the state differs"
+                    );
                 }
                 assert_eq!(ours["frozen"].data, values(4, 3, -1.0, 1.0), "a frozen parameter moved");
             }

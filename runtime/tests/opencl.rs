@@ -27,7 +27,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-
 /// The executor on the default device, or `None` (after printing why) when the machine has
 /// no OpenCL platform and `MDL_REQUIRE_OPENCL` is not `1`. PoCL's kernel cache goes under
 /// target/.
@@ -60,12 +59,25 @@ fn setup() {
     });
 }
 
-
-
 /// Values with the special cases of each op mixed in (zeros of both signs, infinities,
 /// NaN, large and tiny magnitudes).
 fn special_values(n: usize, seed: u64) -> Vec<f32> {
-    let specials = [0.0, -0.0, 1.0, -1.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e-30, -1e-30, 88.0, -88.0, 100.0, -100.0, 0.5];
+    let specials = [
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        1e-30,
+        -1e-30,
+        88.0,
+        -88.0,
+        100.0,
+        -100.0,
+        0.5,
+    ];
     let plain = values(n, seed, -10.0, 10.0);
     (0..n).map(|i| if i % 3 == 0 { specials[(i / 3 + seed as usize) % specials.len()] } else { plain[i] }).collect()
 }
@@ -141,11 +153,21 @@ fn every_op_and_broadcast_pattern_equals_interp() {
     let (rows, n) = (3usize, 37usize);
     for (s, u) in UNARY.into_iter().enumerate() {
         let s = s as u64;
-        c.fused(kernel(1, vec![Instr::Input(0), Instr::Unary(u, 0)], None), &[Tensor::new(vec![rows, n], special_values(rows * n, s)).unwrap()]);
+        c.fused(
+            kernel(1, vec![Instr::Input(0), Instr::Unary(u, 0)], None),
+            &[Tensor::new(vec![rows, n], special_values(rows * n, s)).unwrap()],
+        );
         // One value per row against a full operand.
         let col = Tensor::new(vec![rows, 1], special_values(rows, 7 + s)).unwrap();
         let full = Tensor::new(vec![rows, n], vec![0.25; rows * n]).unwrap();
-        c.fused(kernel(2, vec![Instr::Input(0), Instr::Input(1), Instr::Unary(u, 0), Instr::Binary(BinaryOp::Add, 2, 1)], None), &[col, full]);
+        c.fused(
+            kernel(
+                2,
+                vec![Instr::Input(0), Instr::Input(1), Instr::Unary(u, 0), Instr::Binary(BinaryOp::Add, 2, 1)],
+                None,
+            ),
+            &[col, full],
+        );
     }
     for (s, op) in BINARY.into_iter().enumerate() {
         let s = s as u64;
@@ -165,7 +187,14 @@ fn every_op_and_broadcast_pattern_equals_interp() {
     // A constant, and reduction epilogues (sum and mean, over rows, columns, all, kept).
     let x = Tensor::new(vec![4, 5, 6], values(120, 3, -2.0, 2.0)).unwrap();
     let y = Tensor::new(vec![5, 1], values(5, 4, -2.0, 2.0)).unwrap();
-    let body = vec![Instr::Input(0), Instr::Const(0.1), Instr::Input(1), Instr::Binary(BinaryOp::Mul, 0, 1), Instr::Binary(BinaryOp::Add, 3, 2), Instr::Unary(UnaryOp::Tanh, 4)];
+    let body = vec![
+        Instr::Input(0),
+        Instr::Const(0.1),
+        Instr::Input(1),
+        Instr::Binary(BinaryOp::Mul, 0, 1),
+        Instr::Binary(BinaryOp::Add, 3, 2),
+        Instr::Unary(UnaryOp::Tanh, 4),
+    ];
     c.fused(kernel(2, body.clone(), None), &[x.clone(), y.clone()]);
     for (op, axes, keep_dims) in [
         (ReduceOp::Sum, vec![2], false),
@@ -190,7 +219,10 @@ fn random_kernel(seed: u64, inputs: usize, reduce: Option<Reduction>) -> FusedKe
         let at = body.len();
         let instr = match pick(3 * j + 1, 5) {
             0 => Instr::Unary(UnaryOp::Sigmoid, pick(3 * j + 2, at)),
-            1 => Instr::Unary([UnaryOp::Tanh, UnaryOp::Relu, UnaryOp::Abs, UnaryOp::Softplus, UnaryOp::Neg][pick(3 * j + 3, 5)], pick(3 * j + 2, at)),
+            1 => Instr::Unary(
+                [UnaryOp::Tanh, UnaryOp::Relu, UnaryOp::Abs, UnaryOp::Softplus, UnaryOp::Neg][pick(3 * j + 3, 5)],
+                pick(3 * j + 2, at),
+            ),
             2 => {
                 body.push(Instr::Const((r[j] * 4.0 - 2.0) as f64));
                 Instr::Binary(BinaryOp::Mul, at, pick(3 * j + 2, at))
@@ -227,8 +259,11 @@ fn random_fused_kernels_equal_interp() {
         // The domain must be the full shape: make operand 0 full.
         let mut shapes = shapes;
         shapes[0] = full.to_vec();
-        let operands: Vec<Tensor<f32>> =
-            shapes.iter().enumerate().map(|(k, s)| Tensor::new(s.clone(), values(s.iter().product(), seed * 7 + k as u64, -2.0, 2.0)).unwrap()).collect();
+        let operands: Vec<Tensor<f32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(k, s)| Tensor::new(s.clone(), values(s.iter().product(), seed * 7 + k as u64, -2.0, 2.0)).unwrap())
+            .collect();
         c.fused(random_kernel(seed, inputs, reduce), &operands);
     }
     let device = c.check(&mut exec, |_| 1e-4);
@@ -261,7 +296,13 @@ fn matmul_cases_equal_interp() {
     }
     // A rank-2 product.
     ks.insert(format!("o{}", c.outputs.len()), 50);
-    c.output(Op::MatMul { trans_a: false, trans_b: false }, &[Tensor::new(vec![70, 50], values(3500, 9, -1.0, 1.0)).unwrap(), Tensor::new(vec![50, 20], values(1000, 10, -1.0, 1.0)).unwrap()]);
+    c.output(
+        Op::MatMul { trans_a: false, trans_b: false },
+        &[
+            Tensor::new(vec![70, 50], values(3500, 9, -1.0, 1.0)).unwrap(),
+            Tensor::new(vec![50, 20], values(1000, 10, -1.0, 1.0)).unwrap(),
+        ],
+    );
     // Every tiling the device runs, each within tolerance of interp and all bit-identical
     // (each sums over k in order).
     let mut first: Option<Values<f32>> = None;
@@ -276,7 +317,13 @@ fn matmul_cases_equal_interp() {
             None => first = Some(got),
             Some(f) => {
                 for name in &c.outputs {
-                    let same = f.dense(name).unwrap().data.iter().zip(&got.dense(name).unwrap().data).all(|(x, y)| x.to_bits() == y.to_bits());
+                    let same = f
+                        .dense(name)
+                        .unwrap()
+                        .data
+                        .iter()
+                        .zip(&got.dense(name).unwrap().data)
+                        .all(|(x, y)| x.to_bits() == y.to_bits());
                     assert!(same, "tiling {i} gives other bits than the first for {name}");
                 }
             }
@@ -294,7 +341,10 @@ fn large_products_are_tuned_on_first_use() {
     let mut c = Case::default();
     c.output(
         Op::MatMul { trans_a: false, trans_b: true },
-        &[Tensor::new(vec![m, k], values(m * k, 1, -1.0, 1.0)).unwrap(), Tensor::new(vec![n, k], values(n * k, 2, -1.0, 1.0)).unwrap()],
+        &[
+            Tensor::new(vec![m, k], values(m * k, 1, -1.0, 1.0)).unwrap(),
+            Tensor::new(vec![n, k], values(n * k, 2, -1.0, 1.0)).unwrap(),
+        ],
     );
     c.check(&mut exec, |_| 1e-5 * k as f32);
     let chosen = exec.matmul_tilings();
@@ -328,7 +378,11 @@ fn graphs_through_the_fusion_pass_and_host_ops_equal_interp() {
     g.outputs.insert("o0".into(), r);
     c.outputs.push("o0".into());
     assert!(c.check(&mut exec, |_| 1e-5) >= 2, "the matmul and the fused kernels run on the device");
-    assert!(exec.profile().iter().any(|(k, _, _)| k == "reduce_max (host)"), "the max runs on the host: {:?}", exec.profile());
+    assert!(
+        exec.profile().iter().any(|(k, _, _)| k == "reduce_max (host)"),
+        "the max runs on the host: {:?}",
+        exec.profile()
+    );
 }
 
 /// Values between device kernels stay on the device: in `relu(relu(x @ w1 + b1) @ w2 + b2)`
@@ -406,7 +460,9 @@ fn layout_ops_and_gathers_equal_interp_on_the_device() {
         c.g.outputs.insert(name.into(), id);
         c.outputs.push(name.into());
     }
-    let feed = |data: Vec<u32>| -> HashMap<String, Value<f32>> { [("ids".to_string(), Value::Ids(Tensor::new(vec![6], data).unwrap()))].into_iter().collect() };
+    let feed = |data: Vec<u32>| -> HashMap<String, Value<f32>> {
+        [("ids".to_string(), Value::Ids(Tensor::new(vec![6], data).unwrap()))].into_iter().collect()
+    };
     let good = feed(vec![0, 6, 3, 3, 1, 5]);
     let want = Interp.run(&c.g, &Binding::new(), &good, &c.params, &Mode::eval()).unwrap();
     exec.set_profiling(true);
@@ -433,9 +489,15 @@ fn parameters_are_refreshed_every_run() {
     let mut c = Case::default();
     c.output(
         Op::MatMul { trans_a: false, trans_b: false },
-        &[Tensor::new(vec![5, 4], values(20, 1, -1.0, 1.0)).unwrap(), Tensor::new(vec![4, 3], values(12, 2, -1.0, 1.0)).unwrap()],
+        &[
+            Tensor::new(vec![5, 4], values(20, 1, -1.0, 1.0)).unwrap(),
+            Tensor::new(vec![4, 3], values(12, 2, -1.0, 1.0)).unwrap(),
+        ],
     );
-    c.fused(kernel(1, vec![Instr::Input(0), Instr::Unary(UnaryOp::Tanh, 0)], None), &[Tensor::new(vec![6], values(6, 3, -1.0, 1.0)).unwrap()]);
+    c.fused(
+        kernel(1, vec![Instr::Input(0), Instr::Unary(UnaryOp::Tanh, 0)], None),
+        &[Tensor::new(vec![6], values(6, 3, -1.0, 1.0)).unwrap()],
+    );
     for step in 0..3u64 {
         for (i, t) in c.params.values_mut().enumerate() {
             let n = t.data.len();
@@ -464,7 +526,9 @@ fn a_step_uploads_only_the_updated_rows_and_dense_parameters() {
     let y = c.g.add(Op::MatMul { trans_a: false, trans_b: false }, &[gathered, w], "").unwrap();
     c.g.outputs.insert("y".into(), y);
     let feeds: HashMap<String, Value<f32>> =
-        [("ids".to_string(), Value::Ids(Tensor::new(vec![6], vec![3, 999, 3, 0, 500, 7]).unwrap()))].into_iter().collect();
+        [("ids".to_string(), Value::Ids(Tensor::new(vec![6], vec![3, 999, 3, 0, 500, 7]).unwrap()))]
+            .into_iter()
+            .collect();
     let run = |exec: &mut dyn Executor, params: &HashMap<String, Tensor<f32>>| {
         exec.run(&c.g, &Binding::new(), &feeds, params, &Mode::eval()).unwrap().dense("y").unwrap().clone()
     };
@@ -495,16 +559,27 @@ fn a_step_uploads_only_the_updated_rows_and_dense_parameters() {
                     values: Tensor::new(vec![4, width], values(4 * width, 10 + step, -1.0, 1.0)).unwrap(),
                 },
             ),
-            ("p1".to_string(), Value::Dense(Tensor::new(vec![width, out], values(width * out, 20 + step, -1.0, 1.0)).unwrap())),
+            (
+                "p1".to_string(),
+                Value::Dense(Tensor::new(vec![width, out], values(width * out, 20 + step, -1.0, 1.0)).unwrap()),
+            ),
         ]
         .into_iter()
         .collect();
         exec.update(&mut opt, &mut params, &grads, &infos, &|_| false, 1.0).unwrap();
         let distinct = 3; // rows 3, 42 and 500
         let written = 4 * (distinct * (width + 1) + width * out) as u64;
-        assert_eq!(exec.param_bytes_uploaded() - before, written, "step {step}: the touched rows and the dense parameter");
+        assert_eq!(
+            exec.param_bytes_uploaded() - before,
+            written,
+            "step {step}: the touched rows and the dense parameter"
+        );
         let got = run(&mut exec, &params);
-        assert_eq!(exec.param_bytes_uploaded() - before, written, "step {step}: the run after the update uploads nothing");
+        assert_eq!(
+            exec.param_bytes_uploaded() - before,
+            written,
+            "step {step}: the run after the update uploads nothing"
+        );
         check(&got, &params);
     }
     let before = exec.param_bytes_uploaded();
@@ -530,7 +605,9 @@ fn row_sparse_gradients_are_combined_on_the_device() {
     let ids = c.g.input("ids", dims(&[n]), mdl_runtime::DType::I);
     let grad = c.g.add(Op::SparseRows { rows: Dim::lit(rows as i64) }, &[ids, product], "").unwrap();
     c.g.outputs.insert("grad".into(), grad);
-    let feed = |data: Vec<u32>| -> HashMap<String, Value<f32>> { [("ids".to_string(), Value::Ids(Tensor::new(vec![n], data).unwrap()))].into_iter().collect() };
+    let feed = |data: Vec<u32>| -> HashMap<String, Value<f32>> {
+        [("ids".to_string(), Value::Ids(Tensor::new(vec![n], data).unwrap()))].into_iter().collect()
+    };
     // Row 7 four times, row 49 (the last) twice; row 3 only where the mask is 0.
     let good = feed(vec![7, 0, 7, 3, 49, 7, 2, 3, 49, 7, 11, 3]);
     let want = Interp.run(&c.g, &Binding::new(), &good, &c.params, &Mode::eval()).unwrap();
@@ -586,7 +663,11 @@ fn a_feed_read_by_several_device_kernels_is_uploaded_once() {
     exec.run(&c.g, &Binding::new(), &feeds, &c.params, &Mode::eval()).unwrap();
     let (up1, _) = exec.transfers().unwrap();
     let once = 2 * 4 * n as u64;
-    assert!(up1 - up0 >= once && up1 - up0 < once + once / 100, "uploaded {} bytes, one copy of each feed is {once}", up1 - up0);
+    assert!(
+        up1 - up0 >= once && up1 - up0 < once + once / 100,
+        "uploaded {} bytes, one copy of each feed is {once}",
+        up1 - up0
+    );
 }
 
 /// Softmax over every axis runs on the device and equals interp within 1e-6 relative (the
@@ -655,10 +736,22 @@ fn a_host_op_reads_the_parameters_a_device_step_updated() {
     let grad = c.g.add(Op::Unary(UnaryOp::Tanh), &[w], "").unwrap();
     c.g.outputs.insert("loss".into(), loss);
     c.g.outputs.insert("grad/p0".into(), grad);
-    let feeds: HashMap<String, Value<f32>> = [("x".to_string(), Value::Dense(Tensor::new(vec![n, k], values(n * k, 2, -1.0, 1.0)).unwrap()))].into_iter().collect();
+    let feeds: HashMap<String, Value<f32>> =
+        [("x".to_string(), Value::Dense(Tensor::new(vec![n, k], values(n * k, 2, -1.0, 1.0)).unwrap()))]
+            .into_iter()
+            .collect();
     let infos = vec![common::param_info("p0", &[k, m], false)];
     let mode = Mode::eval();
-    let step = TrainStep { graph: &c.g, binding: &Binding::new(), feeds: &feeds, mode: &mode, info: &infos, frozen: &|_| false, clip_norm: None, lr_scale: 1.0 };
+    let step = TrainStep {
+        graph: &c.g,
+        binding: &Binding::new(),
+        feeds: &feeds,
+        mode: &mode,
+        info: &infos,
+        frozen: &|_| false,
+        clip_norm: None,
+        lr_scale: 1.0,
+    };
     let config = OptimConfig::new(OptimKind::Sgd, 0.5);
     let (mut dp, mut hp) = (c.params.clone(), c.params.clone());
     let (mut dopt, mut hopt) = (Optimizer::<f32>::new(config.clone()).unwrap(), Optimizer::<f32>::new(config).unwrap());

@@ -201,7 +201,8 @@ fn l2_and_embedding_lr_take_effect() {
     assert!((params["emb"].data[0] - 2.575).abs() < 1e-15);
 
     // The step's lr_scale multiplies both learning rates.
-    let mut params_half = HashMap::from([("w".to_string(), one(vec![1], 2.0)), ("emb".to_string(), one(vec![1, 1], 3.0))]);
+    let mut params_half =
+        HashMap::from([("w".to_string(), one(vec![1], 2.0)), ("emb".to_string(), one(vec![1, 1], 3.0))]);
     let mut opt = Optimizer::<f64>::new(config).unwrap();
     opt.step(&mut params_half, &grads, &infos, &not_frozen, 0.5).unwrap();
     assert_eq!(params_half["w"].data[0], 2.0 - 0.05 * (0.5 + 0.01 * 2.0));
@@ -223,8 +224,10 @@ fn frozen_parameters_and_their_state_are_untouched() {
     let infos = [tower, info("emb", &[4, 2], true)];
     let mut rng = SplitMix64::new(4);
     let tower_start: Tensor<f32> = random_tensor(&mut rng, &[2, 2]);
-    let mut params =
-        HashMap::from([("tower/w".to_string(), tower_start.clone()), ("emb".to_string(), random_tensor(&mut rng, &[4, 2]))]);
+    let mut params = HashMap::from([
+        ("tower/w".to_string(), tower_start.clone()),
+        ("emb".to_string(), random_tensor(&mut rng, &[4, 2])),
+    ]);
     let mut opt = Optimizer::<f32>::new(OptimConfig::new(OptimKind::adam(), 0.1)).unwrap();
     let frozen = |p: &ParamInfo| p.group.as_deref() == Some("tower");
     for _ in 0..3 {
@@ -278,7 +281,9 @@ fn bad_gradients_are_errors_and_change_nothing() {
     let mut params = start.clone();
     let err = opt.step(&mut params, &grads_of(vec![good_w()]), &infos, &not_frozen, f64::NAN).unwrap_err();
     assert!(err.contains("lr_scale"), "{err}");
-    assert!(Optimizer::<f32>::new(OptimConfig::new(OptimKind::Adam { beta1: 1.0, beta2: 0.9, eps: 1e-8 }, 0.1)).is_err());
+    assert!(
+        Optimizer::<f32>::new(OptimConfig::new(OptimKind::Adam { beta1: 1.0, beta2: 0.9, eps: 1e-8 }, 0.1)).is_err()
+    );
     assert!(Optimizer::<f32>::new(OptimConfig::new(OptimKind::Sgd, -1.0)).is_err());
 }
 
@@ -322,8 +327,10 @@ fn scripted_grads(step: u64) -> HashMap<String, Value<f32>> {
 fn check_state_round_trip(kind: OptimKind) {
     let infos = [info("w", &[3, 2], false), info("emb", &[6, 2], true)];
     let mut rng = SplitMix64::new(6);
-    let start: HashMap<String, Tensor<f32>> =
-        HashMap::from([("w".to_string(), random_tensor(&mut rng, &[3, 2])), ("emb".to_string(), random_tensor(&mut rng, &[6, 2]))]);
+    let start: HashMap<String, Tensor<f32>> = HashMap::from([
+        ("w".to_string(), random_tensor(&mut rng, &[3, 2])),
+        ("emb".to_string(), random_tensor(&mut rng, &[6, 2])),
+    ]);
     let config = OptimConfig::new(kind, 0.05);
 
     let mut straight_params = start.clone();
@@ -500,7 +507,9 @@ fn init_errors_name_the_parameter() {
 /// equal the dense form's rows bit for bit.
 #[test]
 fn combined_rows_equal_the_dense_form_bit_for_bit() {
-    for (case, (table_rows, entries)) in [(6u32, 40usize), (1000, 300), (4_000_000_000, 50), (3, 1)].into_iter().enumerate() {
+    for (case, (table_rows, entries)) in
+        [(6u32, 40usize), (1000, 300), (4_000_000_000, 50), (3, 1)].into_iter().enumerate()
+    {
         let mut rng = SplitMix64::new(40 + case as u64);
         let width = 3;
         let rows: Vec<u32> = (0..entries).map(|_| (rng.next_u64() % table_rows as u64) as u32).collect();

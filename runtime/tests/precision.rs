@@ -90,7 +90,9 @@ fn to_f32(v: &Value<f64>) -> Value<f32> {
     match v {
         Value::Dense(t) => Value::Dense(t.cast()),
         Value::Ids(t) => Value::Ids(t.clone()),
-        Value::RowSparse { shape, rows, values } => Value::RowSparse { shape: shape.clone(), rows: rows.clone(), values: values.cast() },
+        Value::RowSparse { shape, rows, values } => {
+            Value::RowSparse { shape: shape.clone(), rows: rows.clone(), values: values.cast() }
+        }
     }
 }
 

@@ -62,11 +62,7 @@ pub struct MiniBatches {
 impl MiniBatches {
     /// `batch_size` 0 is taken as 1.
     pub fn new(rows: usize, batch_size: usize, seed: u64) -> Self {
-        MiniBatches {
-            order: (0..rows).collect(),
-            batch_size: batch_size.max(1),
-            seed,
-        }
+        MiniBatches { order: (0..rows).collect(), batch_size: batch_size.max(1), seed }
     }
 
     pub fn batch_size(&self) -> usize {

@@ -54,12 +54,8 @@ fn put_ids(out: &mut Vec<u8>, ids: &[u32]) {
     out.reserve(ids.len() * width as usize);
     match width {
         1 => out.extend(ids.iter().map(|&id| id as u8)),
-        2 => ids
-            .iter()
-            .for_each(|&id| out.extend_from_slice(&(id as u16).to_le_bytes())),
-        _ => ids
-            .iter()
-            .for_each(|&id| out.extend_from_slice(&id.to_le_bytes())),
+        2 => ids.iter().for_each(|&id| out.extend_from_slice(&(id as u16).to_le_bytes())),
+        _ => ids.iter().for_each(|&id| out.extend_from_slice(&id.to_le_bytes())),
     }
 }
 
@@ -67,26 +63,16 @@ fn put_floats(out: &mut Vec<u8>, values: &[f32]) {
     put_u64(out, values.len() as u64);
     out.push(4);
     out.reserve(values.len() * 4);
-    values
-        .iter()
-        .for_each(|&x| out.extend_from_slice(&x.to_le_bytes()));
+    values.iter().for_each(|&x| out.extend_from_slice(&x.to_le_bytes()));
 }
 
 /// Serialises a prepared dataset under `key`.
-pub(crate) fn encode(
-    key: &[u8; 32],
-    fitted: &Fitted,
-    splits: [&Dataset; 3],
-) -> Result<Vec<u8>, String> {
+pub(crate) fn encode(key: &[u8; 32], fitted: &Fitted, splits: [&Dataset; 3]) -> Result<Vec<u8>, String> {
     let meta = Meta {
         fitted: fitted.clone(),
         splits: splits
             .iter()
-            .map(|d| SplitMeta {
-                source: d.source.clone(),
-                rows: d.rows,
-                skipped: d.skipped.clone(),
-            })
+            .map(|d| SplitMeta { source: d.source.clone(), rows: d.rows, skipped: d.skipped.clone() })
             .collect(),
     };
     let meta = serde_json::to_vec(&meta).map_err(|e| format!("cannot serialise metadata: {e}"))?;
@@ -98,14 +84,8 @@ pub(crate) fn encode(
     out.extend_from_slice(&meta);
     for dataset in splits {
         dataset.cat.iter().for_each(|ids| put_ids(&mut out, ids));
-        dataset
-            .seq_ids
-            .iter()
-            .for_each(|ids| put_ids(&mut out, ids));
-        dataset
-            .num
-            .iter()
-            .for_each(|values| put_floats(&mut out, values));
+        dataset.seq_ids.iter().for_each(|ids| put_ids(&mut out, ids));
+        dataset.num.iter().for_each(|values| put_floats(&mut out, values));
         put_ids(&mut out, &dataset.domain);
         put_floats(&mut out, &dataset.labels);
         put_ids(&mut out, &dataset.user);
@@ -123,11 +103,7 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&end| end <= self.bytes.len())
-            .ok_or("the file is truncated")?;
+        let end = self.pos.checked_add(n).filter(|&end| end <= self.bytes.len()).ok_or("the file is truncated")?;
         let slice = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(slice)
@@ -135,17 +111,13 @@ impl<'a> Cursor<'a> {
 
     fn u64(&mut self) -> Result<u64, String> {
         let b = self.take(8)?;
-        Ok(u64::from_le_bytes([
-            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
-        ]))
+        Ok(u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
     }
 
     fn header(&mut self, expected_len: usize) -> Result<(usize, u8), String> {
         let len = self.u64()?;
         if len != expected_len as u64 {
-            return Err(format!(
-                "an array has {len} elements, expected {expected_len}"
-            ));
+            return Err(format!("an array has {len} elements, expected {expected_len}"));
         }
         let width = self.take(1)?[0];
         Ok((expected_len, width))
@@ -154,20 +126,11 @@ impl<'a> Cursor<'a> {
     /// Reads an id array of `len` elements, each below `limit`.
     fn ids(&mut self, len: usize, limit: u64) -> Result<Vec<u32>, String> {
         let (len, width) = self.header(len)?;
-        let bytes = self.take(
-            len.checked_mul(width as usize)
-                .ok_or("an array is too long")?,
-        )?;
+        let bytes = self.take(len.checked_mul(width as usize).ok_or("an array is too long")?)?;
         let ids: Vec<u32> = match width {
             1 => bytes.iter().map(|&b| b as u32).collect(),
-            2 => bytes
-                .chunks_exact(2)
-                .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32)
-                .collect(),
-            4 => bytes
-                .chunks_exact(4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
+            2 => bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as u32).collect(),
+            4 => bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             other => return Err(format!("an id array has element width {other}")),
         };
         if ids.iter().any(|&id| id as u64 >= limit) {
@@ -182,19 +145,13 @@ impl<'a> Cursor<'a> {
             return Err(format!("a float array has element width {width}"));
         }
         let bytes = self.take(len.checked_mul(4).ok_or("an array is too long")?)?;
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
+        Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
     }
 }
 
 /// `rows` times the widths, failing on overflow (the row count comes from the file).
 fn elements(rows: usize, widths: &[usize]) -> Result<usize, String> {
-    widths
-        .iter()
-        .try_fold(rows, |n, &w| n.checked_mul(w))
-        .ok_or_else(|| "an array is too long".to_string())
+    widths.iter().try_fold(rows, |n, &w| n.checked_mul(w)).ok_or_else(|| "an array is too long".to_string())
 }
 
 /// Decodes a cache file written by [`encode`] for `key`, or says why it cannot be used.
@@ -204,10 +161,7 @@ pub(crate) fn decode(key: &[u8; 32], bytes: &[u8]) -> Result<(Fitted, [Dataset; 
     if crc32fast::hash(body).to_le_bytes() != stored {
         return Err("the checksum does not match (corrupt or truncated file)".into());
     }
-    let mut cursor = Cursor {
-        bytes: body,
-        pos: 0,
-    };
+    let mut cursor = Cursor { bytes: body, pos: 0 };
     if cursor.take(8)? != MAGIC {
         return Err("not an mdl data cache file".into());
     }
@@ -218,8 +172,7 @@ pub(crate) fn decode(key: &[u8; 32], bytes: &[u8]) -> Result<(Fitted, [Dataset; 
         return Err("the key inside the file does not match".into());
     }
     let meta_len = usize::try_from(cursor.u64()?).map_err(|_| "bad metadata length")?;
-    let meta: Meta =
-        serde_json::from_slice(cursor.take(meta_len)?).map_err(|e| format!("bad metadata: {e}"))?;
+    let meta: Meta = serde_json::from_slice(cursor.take(meta_len)?).map_err(|e| format!("bad metadata: {e}"))?;
     let fitted = meta.fitted;
     fitted.check().map_err(|e| e.to_string())?;
     if meta.splits.len() != 3 {
@@ -240,19 +193,11 @@ pub(crate) fn decode(key: &[u8; 32], bytes: &[u8]) -> Result<(Fitted, [Dataset; 
             .seq
             .iter()
             .zip(&layout.sequence)
-            .map(|((columns, len), group)| {
-                cursor.ids(elements(rows, &[*columns, *len])?, group.rows as u64)
-            })
+            .map(|((columns, len), group)| cursor.ids(elements(rows, &[*columns, *len])?, group.rows as u64))
             .collect::<Result<Vec<_>, _>>()?;
-        let num = shape
-            .num
-            .iter()
-            .map(|width| cursor.floats(elements(rows, &[*width])?))
-            .collect::<Result<Vec<_>, _>>()?;
-        let domain = cursor.ids(
-            elements(rows, &[shape.has_domain as usize])?,
-            fitted.domains as u64,
-        )?;
+        let num =
+            shape.num.iter().map(|width| cursor.floats(elements(rows, &[*width])?)).collect::<Result<Vec<_>, _>>()?;
+        let domain = cursor.ids(elements(rows, &[shape.has_domain as usize])?, fitted.domains as u64)?;
         let labels = cursor.floats(elements(rows, &[shape.tasks])?)?;
         if labels.iter().any(|&y| y != 0.0 && y != 1.0) {
             return Err("a label is not 0 or 1".into());
@@ -279,9 +224,8 @@ pub(crate) fn decode(key: &[u8; 32], bytes: &[u8]) -> Result<(Fitted, [Dataset; 
     if cursor.pos != body.len() {
         return Err("the file has trailing bytes".into());
     }
-    let [train, valid, test]: [Dataset; 3] = datasets
-        .try_into()
-        .map_err(|_| "the file does not hold three splits".to_string())?;
+    let [train, valid, test]: [Dataset; 3] =
+        datasets.try_into().map_err(|_| "the file does not hold three splits".to_string())?;
     Ok((fitted, [train, valid, test]))
 }
 
@@ -289,16 +233,10 @@ pub(crate) fn decode(key: &[u8; 32], bytes: &[u8]) -> Result<(Fitted, [Dataset; 
 /// rename over the final name.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let folder = path.parent().ok_or("the cache path has no folder")?;
-    std::fs::create_dir_all(folder)
-        .map_err(|e| format!("cannot create {}: {e}", folder.display()))?;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    std::fs::create_dir_all(folder).map_err(|e| format!("cannot create {}: {e}", folder.display()))?;
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let temporary = folder.join(format!(".{name}.{}.{nanos}.tmp", std::process::id()));
     let result = std::fs::write(&temporary, bytes)
         .and_then(|()| std::fs::rename(&temporary, path))

@@ -27,11 +27,7 @@ pub(crate) fn read_text(path: &Path, raw: Vec<u8>) -> Result<String, DataError> 
     String::from_utf8(bytes).map_err(|e| {
         let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
         let line = memchr::memchr_iter(b'\n', valid).count() as u64 + 1;
-        DataError::BadRow {
-            file: path.to_path_buf(),
-            line,
-            message: "the text is not valid UTF-8".into(),
-        }
+        DataError::BadRow { file: path.to_path_buf(), line, message: "the text is not valid UTF-8".into() }
     })
 }
 
@@ -90,13 +86,7 @@ impl<'r> Record<'r> {
 impl<'a> CsvReader<'a> {
     pub fn new(text: &'a str) -> Self {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        CsvReader {
-            text,
-            pos: 0,
-            line: 1,
-            spans: Vec::with_capacity(64),
-            scratch: String::new(),
-        }
+        CsvReader { text, pos: 0, line: 1, spans: Vec::with_capacity(64), scratch: String::new() }
     }
 
     /// The next record, `Ok(None)` at the end of the text.
@@ -108,8 +98,7 @@ impl<'a> CsvReader<'a> {
             if self.pos < len && bytes[self.pos] == b'\n' {
                 self.pos += 1;
                 self.line += 1;
-            } else if self.pos + 1 < len && bytes[self.pos] == b'\r' && bytes[self.pos + 1] == b'\n'
-            {
+            } else if self.pos + 1 < len && bytes[self.pos] == b'\r' && bytes[self.pos + 1] == b'\n' {
                 self.pos += 2;
                 self.line += 1;
             } else {
@@ -144,10 +133,7 @@ impl<'a> CsvReader<'a> {
                     _ => {
                         return Err(SyntaxError {
                             line: self.line,
-                            message: format!(
-                                "field {} has text after its closing quote",
-                                self.spans.len()
-                            ),
+                            message: format!("field {} has text after its closing quote", self.spans.len()),
                         })
                     }
                 }
@@ -160,22 +146,14 @@ impl<'a> CsvReader<'a> {
                     }
                     Some(offset) => {
                         let end = self.pos + offset;
-                        let trimmed = if end > self.pos && bytes[end - 1] == b'\r' {
-                            end - 1
-                        } else {
-                            end
-                        };
+                        let trimmed = if end > self.pos && bytes[end - 1] == b'\r' { end - 1 } else { end };
                         self.spans.push(Span::Text(self.pos, trimmed));
                         self.pos = end + 1;
                         self.line += 1;
                         break;
                     }
                     None => {
-                        let end = if len > self.pos && bytes[len - 1] == b'\r' {
-                            len - 1
-                        } else {
-                            len
-                        };
+                        let end = if len > self.pos && bytes[len - 1] == b'\r' { len - 1 } else { len };
                         self.spans.push(Span::Text(self.pos, end));
                         self.pos = len;
                         break;
@@ -183,12 +161,7 @@ impl<'a> CsvReader<'a> {
                 }
             }
         }
-        Ok(Some(Record {
-            line: start_line,
-            text: self.text,
-            scratch: &self.scratch,
-            spans: &self.spans,
-        }))
+        Ok(Some(Record { line: start_line, text: self.text, scratch: &self.scratch, spans: &self.spans }))
     }
 
     /// Reads a quoted field starting at the opening quote; leaves `pos` after the closing one.
@@ -200,10 +173,7 @@ impl<'a> CsvReader<'a> {
         let mut escaped = false;
         loop {
             let Some(offset) = memchr::memchr(b'"', &bytes[self.pos..]) else {
-                return Err(SyntaxError {
-                    line: start_line,
-                    message: "a quoted field is never closed".into(),
-                });
+                return Err(SyntaxError { line: start_line, message: "a quoted field is never closed".into() });
             };
             let quote = self.pos + offset;
             self.line += memchr::memchr_iter(b'\n', &bytes[self.pos..quote]).count() as u64;
@@ -234,9 +204,7 @@ mod tests {
         let mut reader = CsvReader::new(text);
         let mut out = Vec::new();
         while let Some(record) = reader.next_record().expect("valid csv") {
-            let fields = (0..record.len())
-                .map(|i| record.get(i).to_string())
-                .collect();
+            let fields = (0..record.len()).map(|i| record.get(i).to_string()).collect();
             out.push((record.line, fields));
         }
         out
@@ -248,17 +216,8 @@ mod tests {
         let records = all_records(text);
         assert_eq!(records.len(), 4);
         assert_eq!(records[0], (1, vec!["a".into(), "b".into(), "c".into()]));
-        assert_eq!(
-            records[1],
-            (2, vec!["1".into(), "(150,250]".into(), "x".into()])
-        );
-        assert_eq!(
-            records[2],
-            (
-                4,
-                vec!["multi\nline".into(), "say \"hi\"".into(), "".into()]
-            )
-        );
+        assert_eq!(records[1], (2, vec!["1".into(), "(150,250]".into(), "x".into()]));
+        assert_eq!(records[2], (4, vec!["multi\nline".into(), "say \"hi\"".into(), "".into()]));
         assert_eq!(records[3], (6, vec!["3".into(), "".into(), "".into()]));
     }
 

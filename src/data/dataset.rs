@@ -30,18 +30,9 @@ pub struct Shape {
 impl Shape {
     pub fn of(schema: &Schema) -> Shape {
         Shape {
-            cat: schema
-                .categorical_groups()
-                .map(|(_, columns, _)| columns.len())
-                .collect(),
-            seq: schema
-                .sequence_groups()
-                .map(|(_, columns, len, _, _)| (columns.len(), len))
-                .collect(),
-            num: schema
-                .numeric_groups()
-                .map(|(_, columns, _)| columns.len())
-                .collect(),
+            cat: schema.categorical_groups().map(|(_, columns, _)| columns.len()).collect(),
+            seq: schema.sequence_groups().map(|(_, columns, len, _, _)| (columns.len(), len)).collect(),
+            num: schema.numeric_groups().map(|(_, columns, _)| columns.len()).collect(),
             tasks: schema.labels.len(),
             has_domain: schema.domain.is_some(),
             has_user: schema.user.is_some(),
@@ -108,9 +99,7 @@ pub struct Batch {
 
 /// The padding mask of right-aligned sequence ids: real ids are never 0.
 pub(crate) fn mask_of(ids: &[u32]) -> Vec<f32> {
-    ids.iter()
-        .map(|&id| if id == 0 { 0.0 } else { 1.0 })
-        .collect()
+    ids.iter().map(|&id| if id == 0 { 0.0 } else { 1.0 }).collect()
 }
 
 fn copy_rows<T: Copy>(source: &[T], width: usize, rows: &[usize], out: &mut Vec<T>) {
@@ -149,10 +138,7 @@ impl Dataset {
     /// Copies the given rows, in order, into `batch` (its buffers are reused).
     pub fn gather(&self, rows: &[usize], batch: &mut Batch) -> Result<(), DataError> {
         if let Some(&bad) = rows.iter().find(|&&row| row >= self.rows) {
-            return Err(DataError::RowIndex {
-                index: bad,
-                rows: self.rows,
-            });
+            return Err(DataError::RowIndex { index: bad, rows: self.rows });
         }
         self.check_batch(batch);
         let shape = &self.shape;
@@ -161,22 +147,12 @@ impl Dataset {
         }
         for (g, (columns, len)) in shape.seq.iter().enumerate() {
             copy_rows(&self.seq_ids[g], columns * len, rows, &mut batch.seq_ids[g]);
-            copy_rows(
-                &self.seq_mask[g],
-                columns * len,
-                rows,
-                &mut batch.seq_mask[g],
-            );
+            copy_rows(&self.seq_mask[g], columns * len, rows, &mut batch.seq_mask[g]);
         }
         for (g, width) in shape.num.iter().enumerate() {
             copy_rows(&self.num[g], *width, rows, &mut batch.num[g]);
         }
-        copy_rows(
-            &self.domain,
-            shape.has_domain as usize,
-            rows,
-            &mut batch.domain,
-        );
+        copy_rows(&self.domain, shape.has_domain as usize, rows, &mut batch.domain);
         copy_rows(&self.labels, shape.tasks, rows, &mut batch.labels);
         copy_rows(&self.user, shape.has_user as usize, rows, &mut batch.user);
         batch.rows = rows.len();
@@ -186,10 +162,7 @@ impl Dataset {
     /// Copies a contiguous range of rows into `batch` (for evaluation in file order).
     pub fn gather_range(&self, rows: Range<usize>, batch: &mut Batch) -> Result<(), DataError> {
         if rows.start > rows.end || rows.end > self.rows {
-            return Err(DataError::RowIndex {
-                index: rows.end.max(rows.start),
-                rows: self.rows,
-            });
+            return Err(DataError::RowIndex { index: rows.end.max(rows.start), rows: self.rows });
         }
         self.check_batch(batch);
         let shape = &self.shape;
@@ -197,28 +170,13 @@ impl Dataset {
             copy_range(&self.cat[g], *width, &rows, &mut batch.cat[g]);
         }
         for (g, (columns, len)) in shape.seq.iter().enumerate() {
-            copy_range(
-                &self.seq_ids[g],
-                columns * len,
-                &rows,
-                &mut batch.seq_ids[g],
-            );
-            copy_range(
-                &self.seq_mask[g],
-                columns * len,
-                &rows,
-                &mut batch.seq_mask[g],
-            );
+            copy_range(&self.seq_ids[g], columns * len, &rows, &mut batch.seq_ids[g]);
+            copy_range(&self.seq_mask[g], columns * len, &rows, &mut batch.seq_mask[g]);
         }
         for (g, width) in shape.num.iter().enumerate() {
             copy_range(&self.num[g], *width, &rows, &mut batch.num[g]);
         }
-        copy_range(
-            &self.domain,
-            shape.has_domain as usize,
-            &rows,
-            &mut batch.domain,
-        );
+        copy_range(&self.domain, shape.has_domain as usize, &rows, &mut batch.domain);
         copy_range(&self.labels, shape.tasks, &rows, &mut batch.labels);
         copy_range(&self.user, shape.has_user as usize, &rows, &mut batch.user);
         batch.rows = rows.len();
@@ -227,11 +185,7 @@ impl Dataset {
 
     /// The labels of task `task` as a strided view: `labels[row * tasks + task]`.
     pub fn task_labels(&self, task: usize) -> impl Iterator<Item = f32> + '_ {
-        self.labels
-            .iter()
-            .skip(task)
-            .step_by(self.shape.tasks.max(1))
-            .copied()
+        self.labels.iter().skip(task).step_by(self.shape.tasks.max(1)).copied()
     }
 
     /// Whether every array has the length its shape and row count demand.
@@ -239,29 +193,13 @@ impl Dataset {
         let rows = self.rows;
         let s = &self.shape;
         self.cat.len() == s.cat.len()
-            && self
-                .cat
-                .iter()
-                .zip(&s.cat)
-                .all(|(a, w)| a.len() == rows * w)
+            && self.cat.iter().zip(&s.cat).all(|(a, w)| a.len() == rows * w)
             && self.seq_ids.len() == s.seq.len()
             && self.seq_mask.len() == s.seq.len()
-            && self
-                .seq_ids
-                .iter()
-                .zip(&s.seq)
-                .all(|(a, (c, l))| a.len() == rows * c * l)
-            && self
-                .seq_mask
-                .iter()
-                .zip(&s.seq)
-                .all(|(a, (c, l))| a.len() == rows * c * l)
+            && self.seq_ids.iter().zip(&s.seq).all(|(a, (c, l))| a.len() == rows * c * l)
+            && self.seq_mask.iter().zip(&s.seq).all(|(a, (c, l))| a.len() == rows * c * l)
             && self.num.len() == s.num.len()
-            && self
-                .num
-                .iter()
-                .zip(&s.num)
-                .all(|(a, w)| a.len() == rows * w)
+            && self.num.iter().zip(&s.num).all(|(a, w)| a.len() == rows * w)
             && self.domain.len() == rows * s.has_domain as usize
             && self.labels.len() == rows * s.tasks
             && self.user.len() == rows * s.has_user as usize

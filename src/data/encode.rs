@@ -102,9 +102,7 @@ struct Plan {
 
 impl Plan {
     fn resolve(schema: &Schema, file: &Path, header: &Record) -> Result<Plan, DataError> {
-        let header: Vec<String> = (0..header.len())
-            .map(|i| header.get(i).to_string())
-            .collect();
+        let header: Vec<String> = (0..header.len()).map(|i| header.get(i).to_string()).collect();
         for column in schema.named_columns() {
             if header.iter().filter(|h| *h == column).count() > 1 {
                 return Err(DataError::BadRow {
@@ -115,49 +113,21 @@ impl Plan {
             }
         }
         let find = |column: &str| -> Result<usize, DataError> {
-            header
-                .iter()
-                .position(|h| h == column)
-                .ok_or_else(|| DataError::MissingColumn {
-                    file: file.to_path_buf(),
-                    column: column.to_string(),
-                    close: close_names(column, &header),
-                })
+            header.iter().position(|h| h == column).ok_or_else(|| DataError::MissingColumn {
+                file: file.to_path_buf(),
+                column: column.to_string(),
+                close: close_names(column, &header),
+            })
         };
-        let find_all = |columns: &[String]| {
-            columns
-                .iter()
-                .map(|c| find(c))
-                .collect::<Result<Vec<_>, _>>()
-        };
+        let find_all = |columns: &[String]| columns.iter().map(|c| find(c)).collect::<Result<Vec<_>, _>>();
         Ok(Plan {
             fields: header.len(),
-            cat: schema
-                .categorical_groups()
-                .map(|(_, c, _)| find_all(c))
-                .collect::<Result<_, _>>()?,
-            seq: schema
-                .sequence_groups()
-                .map(|(_, c, ..)| find_all(c))
-                .collect::<Result<_, _>>()?,
-            seq_len: schema
-                .sequence_groups()
-                .map(|(_, _, len, ..)| len)
-                .collect(),
-            num: schema
-                .numeric_groups()
-                .map(|(_, c, _)| find_all(c))
-                .collect::<Result<_, _>>()?,
-            domain: schema
-                .domain
-                .as_ref()
-                .map(|d| find(&d.column))
-                .transpose()?,
-            labels: schema
-                .labels
-                .iter()
-                .map(|t| find(&t.column))
-                .collect::<Result<_, _>>()?,
+            cat: schema.categorical_groups().map(|(_, c, _)| find_all(c)).collect::<Result<_, _>>()?,
+            seq: schema.sequence_groups().map(|(_, c, ..)| find_all(c)).collect::<Result<_, _>>()?,
+            seq_len: schema.sequence_groups().map(|(_, _, len, ..)| len).collect(),
+            num: schema.numeric_groups().map(|(_, c, _)| find_all(c)).collect::<Result<_, _>>()?,
+            domain: schema.domain.as_ref().map(|d| find(&d.column)).transpose()?,
+            labels: schema.labels.iter().map(|t| find(&t.column)).collect::<Result<_, _>>()?,
             user: schema.user.as_deref().map(find).transpose()?,
             header,
         })
@@ -172,17 +142,12 @@ fn close_names(missing: &str, header: &[String]) -> Vec<String> {
         .filter_map(|name| {
             let lower = name.to_lowercase();
             let distance = edit_distance(&wanted, &lower);
-            let contains =
-                !wanted.is_empty() && (lower.contains(&wanted) || wanted.contains(&lower));
+            let contains = !wanted.is_empty() && (lower.contains(&wanted) || wanted.contains(&lower));
             (distance <= 2.max(wanted.len() / 3) || contains).then_some((distance, name))
         })
         .collect();
     scored.sort();
-    scored
-        .into_iter()
-        .take(3)
-        .map(|(_, name)| name.clone())
-        .collect()
+    scored.into_iter().take(3).map(|(_, name)| name.clone()).collect()
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {
@@ -283,10 +248,7 @@ impl IdSource for ApplyIds<'_> {
 
     fn domain(&mut self, value: u32) -> Result<u32, String> {
         if value as usize >= self.domains {
-            return Err(format!(
-                "domain id {value} is outside 0..{} (the domains of train)",
-                self.domains
-            ));
+            return Err(format!("domain id {value} is outside 0..{} (the domains of train)", self.domains));
         }
         Ok(value)
     }
@@ -339,36 +301,25 @@ fn encode_row<I: IdSource>(
     out: &mut RawSplit,
 ) -> Result<(), String> {
     if record.len() != plan.fields {
-        return Err(format!(
-            "expected {} fields as in the header, found {}",
-            plan.fields,
-            record.len()
-        ));
+        return Err(format!("expected {} fields as in the header, found {}", plan.fields, record.len()));
     }
     let column_error = |index: usize, problem: &str, value: &str| {
-        format!(
-            "column '{}': {problem} (value {})",
-            plan.header[index],
-            shown(value)
-        )
+        format!("column '{}': {problem} (value {})", plan.header[index], shown(value))
     };
     scratch.labels.clear();
     for &index in &plan.labels {
         let value = record.get(index);
-        let label = parse_label(value)
-            .ok_or_else(|| column_error(index, "a label must be 0 or 1", value))?;
+        let label = parse_label(value).ok_or_else(|| column_error(index, "a label must be 0 or 1", value))?;
         scratch.labels.push(label);
     }
     let domain = match plan.domain {
         Some(index) => {
             let value = record.get(index);
-            let raw = value.trim().parse::<u32>().map_err(|_| {
-                column_error(index, "a domain must be a non-negative integer", value)
-            })?;
-            Some(
-                ids.domain(raw)
-                    .map_err(|problem| column_error(index, &problem, value))?,
-            )
+            let raw = value
+                .trim()
+                .parse::<u32>()
+                .map_err(|_| column_error(index, "a domain must be a non-negative integer", value))?;
+            Some(ids.domain(raw).map_err(|problem| column_error(index, &problem, value))?)
         }
         None => None,
     };
@@ -410,13 +361,7 @@ fn encode_row<I: IdSource>(
             let start = ids_out.len();
             ids_out.resize(start + max_len, I::SEQUENCE_PAD);
             // Right-aligned: the most recent (last) item goes to the last slot.
-            for (back, item) in record
-                .get(index)
-                .split_ascii_whitespace()
-                .rev()
-                .take(max_len)
-                .enumerate()
-            {
+            for (back, item) in record.get(index).split_ascii_whitespace().rev().take(max_len).enumerate() {
                 let id = ids.sequence_item(g, item);
                 out.seq_ids[g][start + max_len - 1 - back] = id;
             }
@@ -438,62 +383,34 @@ fn read_split<I: IdSource>(
     bad_rows: BadRows,
 ) -> Result<RawSplit, DataError> {
     let mut reader = CsvReader::new(text);
-    let syntax = |e: super::csv::SyntaxError| DataError::BadRow {
+    let syntax =
+        |e: super::csv::SyntaxError| DataError::BadRow { file: file.to_path_buf(), line: e.line, message: e.message };
+    let header = reader.next_record().map_err(syntax)?.ok_or_else(|| DataError::BadRow {
         file: file.to_path_buf(),
-        line: e.line,
-        message: e.message,
-    };
-    let header = reader
-        .next_record()
-        .map_err(syntax)?
-        .ok_or_else(|| DataError::BadRow {
-            file: file.to_path_buf(),
-            line: 1,
-            message: "the file is empty (no header)".into(),
-        })?;
+        line: 1,
+        message: "the file is empty (no header)".into(),
+    })?;
     let plan = Plan::resolve(schema, file, &header)?;
     let shape = Shape::of(schema);
     let expected_rows = text.len() / 256;
     let mut out = RawSplit {
         rows: 0,
-        cat: shape
-            .cat
-            .iter()
-            .map(|w| Vec::with_capacity(w * expected_rows))
-            .collect(),
-        seq_ids: shape
-            .seq
-            .iter()
-            .map(|(c, l)| Vec::with_capacity(c * l * expected_rows))
-            .collect(),
-        num: shape
-            .num
-            .iter()
-            .map(|w| Vec::with_capacity(w * expected_rows))
-            .collect(),
+        cat: shape.cat.iter().map(|w| Vec::with_capacity(w * expected_rows)).collect(),
+        seq_ids: shape.seq.iter().map(|(c, l)| Vec::with_capacity(c * l * expected_rows)).collect(),
+        num: shape.num.iter().map(|w| Vec::with_capacity(w * expected_rows)).collect(),
         domain: Vec::new(),
         labels: Vec::new(),
         user: Vec::new(),
         skipped: SkippedRows::default(),
     };
-    let mut scratch = RowScratch {
-        labels: Vec::new(),
-        num: Vec::new(),
-    };
+    let mut scratch = RowScratch { labels: Vec::new(), num: Vec::new() };
     while let Some(record) = reader.next_record().map_err(syntax)? {
         if let Err(message) = encode_row(&record, &plan, ids, &mut scratch, &mut out) {
             match bad_rows {
                 BadRows::Fail => {
-                    return Err(DataError::BadRow {
-                        file: file.to_path_buf(),
-                        line: record.line,
-                        message,
-                    })
+                    return Err(DataError::BadRow { file: file.to_path_buf(), line: record.line, message })
                 }
-                BadRows::Skip => {
-                    out.skipped
-                        .record(format!("{}:{}: {message}", file.display(), record.line))
-                }
+                BadRows::Skip => out.skipped.record(format!("{}:{}: {message}", file.display(), record.line)),
             }
         }
     }
@@ -513,14 +430,8 @@ pub(crate) fn fit_train(
         .map(|(_, _, _, vocab, _)| vocab.and_then(|column| schema.find_categorical_column(column)))
         .collect();
     let mut ids = FitIds {
-        cat: schema
-            .categorical_groups()
-            .map(|(_, c, _)| c.iter().map(|_| Interner::default()).collect())
-            .collect(),
-        seq_own: seq_shared
-            .iter()
-            .map(|shared| shared.is_none().then(Interner::default))
-            .collect(),
+        cat: schema.categorical_groups().map(|(_, c, _)| c.iter().map(|_| Interner::default()).collect()).collect(),
+        seq_own: seq_shared.iter().map(|shared| shared.is_none().then(Interner::default)).collect(),
         seq_shared: seq_shared.clone(),
         user: Interner::default(),
         domain_count: schema.domain.as_ref().and_then(|d| d.count),
@@ -533,17 +444,12 @@ pub(crate) fn fit_train(
     let mut cat_vocabs = Vec::new();
     let mut cat_remaps = Vec::new();
     for (interners, &min_count) in ids.cat.into_iter().zip(&cat_min_counts) {
-        let (vocabs, remaps): (Vec<Vocab>, Vec<Vec<u32>>) = interners
-            .into_iter()
-            .map(|i| i.into_vocab(min_count))
-            .unzip();
+        let (vocabs, remaps): (Vec<Vocab>, Vec<Vec<u32>>) =
+            interners.into_iter().map(|i| i.into_vocab(min_count)).unzip();
         cat_vocabs.push(vocabs);
         cat_remaps.push(remaps);
     }
-    let offsets: Vec<Vec<u32>> = cat_vocabs
-        .iter()
-        .map(|vocabs| column_offsets(vocabs))
-        .collect();
+    let offsets: Vec<Vec<u32>> = cat_vocabs.iter().map(|vocabs| column_offsets(vocabs)).collect();
     for (g, values) in raw.cat.iter_mut().enumerate() {
         let width = cat_remaps[g].len();
         for (i, id) in values.iter_mut().enumerate() {
@@ -584,9 +490,7 @@ pub(crate) fn fit_train(
 
     let domains = match &schema.domain {
         None => 0,
-        Some(spec) => spec
-            .count
-            .unwrap_or_else(|| ids.domain_max.map_or(0, |m| m as usize + 1)),
+        Some(spec) => spec.count.unwrap_or_else(|| ids.domain_max.map_or(0, |m| m as usize + 1)),
     };
 
     let normalizers = schema
@@ -605,11 +509,7 @@ pub(crate) fn fit_train(
 
     let fitted = Fitted {
         schema: schema.clone(),
-        vocabs: Vocabs {
-            categorical: cat_vocabs,
-            sequence: seq_vocabs,
-            user,
-        },
+        vocabs: Vocabs { categorical: cat_vocabs, sequence: seq_vocabs, user },
         normalizers,
         domains,
     };
@@ -637,12 +537,7 @@ impl Fitted {
     }
 
     /// Encodes CSV text as if read from `file` (which is used only in messages).
-    pub fn encode_text(
-        &self,
-        file: &Path,
-        text: &str,
-        bad_rows: BadRows,
-    ) -> Result<Dataset, DataError> {
+    pub fn encode_text(&self, file: &Path, text: &str, bad_rows: BadRows) -> Result<Dataset, DataError> {
         self.check()?;
         let layout = self.layout();
         let mut ids = ApplyIds {
@@ -651,13 +546,7 @@ impl Fitted {
                 .categorical
                 .iter()
                 .zip(&layout.categorical)
-                .map(|(vocabs, group)| {
-                    vocabs
-                        .iter()
-                        .zip(&group.offsets)
-                        .map(|(v, &o)| (v, o))
-                        .collect()
-                })
+                .map(|(vocabs, group)| vocabs.iter().zip(&group.offsets).map(|(v, &o)| (v, o)).collect())
                 .collect(),
             seq: self.sequence_vocabs(),
             user: self.vocabs.user.as_ref(),
@@ -670,12 +559,7 @@ impl Fitted {
 
     /// The vocabulary and id offset each sequence group's items go through.
     fn sequence_vocabs(&self) -> Vec<(&Vocab, u32)> {
-        let offsets: Vec<Vec<u32>> = self
-            .vocabs
-            .categorical
-            .iter()
-            .map(|vocabs| column_offsets(vocabs))
-            .collect();
+        let offsets: Vec<Vec<u32>> = self.vocabs.categorical.iter().map(|vocabs| column_offsets(vocabs)).collect();
         self.schema
             .sequence_groups()
             .zip(&self.vocabs.sequence)
@@ -698,11 +582,7 @@ impl Fitted {
             .zip(&self.normalizers)
             .map(|(values, normalizers)| {
                 let width = normalizers.len().max(1);
-                values
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &x)| normalizers[i % width].apply(x))
-                    .collect()
+                values.iter().enumerate().map(|(i, &x)| normalizers[i % width].apply(x)).collect()
             })
             .collect();
         Dataset {
@@ -739,10 +619,7 @@ impl Fitted {
             .sequence_groups()
             .zip(&self.vocabs.sequence)
             .map(|((name, columns, max_len, shared, _), own)| {
-                let (table, rows) = match (
-                    own,
-                    shared.and_then(|c| self.schema.find_categorical_column(c)),
-                ) {
+                let (table, rows) = match (own, shared.and_then(|c| self.schema.find_categorical_column(c))) {
                     (Some(vocab), _) => (SequenceTable::Own, vocab.len()),
                     (None, Some((g, c))) => (
                         SequenceTable::Categorical {
@@ -753,13 +630,7 @@ impl Fitted {
                     ),
                     (None, None) => (SequenceTable::Own, 2),
                 };
-                SequenceLayout {
-                    name: name.to_string(),
-                    columns: columns.to_vec(),
-                    max_len,
-                    table,
-                    rows,
-                }
+                SequenceLayout { name: name.to_string(), columns: columns.to_vec(), max_len, table, rows }
             })
             .collect();
         Layout {
@@ -768,10 +639,7 @@ impl Fitted {
             numeric: self
                 .schema
                 .numeric_groups()
-                .map(|(name, columns, _)| NumericLayout {
-                    name: name.to_string(),
-                    columns: columns.to_vec(),
-                })
+                .map(|(name, columns, _)| NumericLayout { name: name.to_string(), columns: columns.to_vec() })
                 .collect(),
             domains: self.domains,
             tasks: self.schema.labels.iter().map(|t| t.name.clone()).collect(),
@@ -781,56 +649,20 @@ impl Fitted {
     /// Checks that the fitted parts agree with the schema (they may come from a file).
     pub fn check(&self) -> Result<(), DataError> {
         self.schema.validate()?;
-        let mismatch = |what: &str| {
-            Err(DataError::Schema(format!(
-                "fitted data does not match its schema: {what}"
-            )))
-        };
-        let cat: Vec<usize> = self
-            .schema
-            .categorical_groups()
-            .map(|(_, c, _)| c.len())
-            .collect();
-        if self
-            .vocabs
-            .categorical
-            .iter()
-            .map(Vec::len)
-            .collect::<Vec<_>>()
-            != cat
-        {
+        let mismatch = |what: &str| Err(DataError::Schema(format!("fitted data does not match its schema: {what}")));
+        let cat: Vec<usize> = self.schema.categorical_groups().map(|(_, c, _)| c.len()).collect();
+        if self.vocabs.categorical.iter().map(Vec::len).collect::<Vec<_>>() != cat {
             return mismatch("categorical vocabularies");
         }
-        let total: usize = self
-            .vocabs
-            .categorical
-            .iter()
-            .flatten()
-            .map(Vocab::len)
-            .sum();
+        let total: usize = self.vocabs.categorical.iter().flatten().map(Vocab::len).sum();
         if total >= u32::MAX as usize {
             return mismatch("categorical vocabularies are too large for u32 ids");
         }
-        let seq: Vec<bool> = self
-            .schema
-            .sequence_groups()
-            .map(|(.., vocab, _)| vocab.is_none())
-            .collect();
-        if self
-            .vocabs
-            .sequence
-            .iter()
-            .map(Option::is_some)
-            .collect::<Vec<_>>()
-            != seq
-        {
+        let seq: Vec<bool> = self.schema.sequence_groups().map(|(.., vocab, _)| vocab.is_none()).collect();
+        if self.vocabs.sequence.iter().map(Option::is_some).collect::<Vec<_>>() != seq {
             return mismatch("sequence vocabularies");
         }
-        let num: Vec<usize> = self
-            .schema
-            .numeric_groups()
-            .map(|(_, c, _)| c.len())
-            .collect();
+        let num: Vec<usize> = self.schema.numeric_groups().map(|(_, c, _)| c.len()).collect();
         if self.normalizers.iter().map(Vec::len).collect::<Vec<_>>() != num {
             return mismatch("numeric normalisers");
         }

@@ -45,9 +45,7 @@ use serde::{Deserialize, Serialize};
 
 pub use batches::{MiniBatches, SplitMix64};
 pub use dataset::{Batch, Dataset, Shape, SkippedRows};
-pub use encode::{
-    CategoricalLayout, Fitted, Layout, NumericLayout, SequenceLayout, SequenceTable, Vocabs,
-};
+pub use encode::{CategoricalLayout, Fitted, Layout, NumericLayout, SequenceLayout, SequenceTable, Vocabs};
 pub use numeric::Normalizer;
 pub use prepare::{prepare, CacheMode, PrepareOptions, PrepareStats, Prepared, SplitPaths};
 pub use schema::{DomainSpec, FeatureGroup, Normalize, Schema, Task};
@@ -72,27 +70,16 @@ pub enum DataError {
     /// The schema (or fitted state) is inconsistent.
     Schema(String),
     /// A column the schema names is not in a file's header.
-    MissingColumn {
-        file: PathBuf,
-        column: String,
-        close: Vec<String>,
-    },
+    MissingColumn { file: PathBuf, column: String, close: Vec<String> },
     /// A row (or the header) is malformed; `line` is 1-based, the header is line 1.
-    BadRow {
-        file: PathBuf,
-        line: u64,
-        message: String,
-    },
+    BadRow { file: PathBuf, line: u64, message: String },
     /// A batch asked for a row the dataset does not have.
     RowIndex { index: usize, rows: usize },
 }
 
 impl DataError {
     pub(crate) fn io(path: &Path, message: &str) -> DataError {
-        DataError::Io {
-            path: path.to_path_buf(),
-            message: message.to_string(),
-        }
+        DataError::Io { path: path.to_path_buf(), message: message.to_string() }
     }
 }
 
@@ -101,27 +88,16 @@ impl fmt::Display for DataError {
         match self {
             DataError::Io { path, message } => write!(f, "{}: {message}", path.display()),
             DataError::Schema(message) => write!(f, "data schema: {message}"),
-            DataError::MissingColumn {
-                file,
-                column,
-                close,
-            } => {
+            DataError::MissingColumn { file, column, close } => {
                 write!(f, "{}: no column '{column}' in the header", file.display())?;
                 if !close.is_empty() {
                     write!(f, " (close names: {})", close.join(", "))?;
                 }
                 Ok(())
             }
-            DataError::BadRow {
-                file,
-                line,
-                message,
-            } => write!(f, "{}:{line}: {message}", file.display()),
+            DataError::BadRow { file, line, message } => write!(f, "{}:{line}: {message}", file.display()),
             DataError::RowIndex { index, rows } => {
-                write!(
-                    f,
-                    "row index {index} is out of range for a dataset of {rows} rows"
-                )
+                write!(f, "row index {index} is out of range for a dataset of {rows} rows")
             }
         }
     }

@@ -47,22 +47,13 @@ impl Normalizer {
                 }
                 Normalize::Standard => {
                     let mean = sum / count as f64;
-                    let squares: f64 = values
-                        .filter(|x| !x.is_nan())
-                        .map(|x| (x - mean) * (x - mean))
-                        .sum();
+                    let squares: f64 = values.filter(|x| !x.is_nan()).map(|x| (x - mean) * (x - mean)).sum();
                     let std = (squares / count as f64).sqrt();
                     (mean, if std > 0.0 { 1.0 / std } else { 1.0 })
                 }
             }
         };
-        Normalizer {
-            method,
-            shift,
-            scale,
-            train_values: count,
-            train_missing: missing,
-        }
+        Normalizer { method, shift, scale, train_values: count, train_missing: missing }
     }
 
     /// The normalised value of a raw value (NaN = missing → 0).
@@ -93,9 +84,6 @@ mod tests {
         assert_eq!(standard.apply(3.0), 0.0);
         let constant = Normalizer::fit(Normalize::Minmax, [2.0, 2.0].into_iter());
         assert_eq!(constant.apply(7.0), 0.0);
-        assert_eq!(
-            Normalizer::fit(Normalize::None, values.iter().copied()).apply(5.0),
-            5.0
-        );
+        assert_eq!(Normalizer::fit(Normalize::None, values.iter().copied()).apply(5.0), 5.0);
     }
 }

@@ -100,13 +100,9 @@ pub struct Prepared {
     pub stats: PrepareStats,
 }
 
-fn cache_key(
-    schema: &Schema,
-    options: &PrepareOptions,
-    files: &[&[u8]; 3],
-) -> Result<[u8; 32], DataError> {
-    let schema_json = serde_json::to_vec(schema)
-        .map_err(|e| DataError::Schema(format!("the schema cannot be serialised: {e}")))?;
+fn cache_key(schema: &Schema, options: &PrepareOptions, files: &[&[u8]; 3]) -> Result<[u8; 32], DataError> {
+    let schema_json =
+        serde_json::to_vec(schema).map_err(|e| DataError::Schema(format!("the schema cannot be serialised: {e}")))?;
     let mut hasher = Sha256::new();
     hasher.update(b"mdl data cache\0");
     hasher.update(cache::FORMAT_VERSION.to_le_bytes());
@@ -123,9 +119,7 @@ fn cache_key(
 }
 
 fn thread_failed(what: &str) -> DataError {
-    DataError::Schema(format!(
-        "{what} stopped unexpectedly (a worker thread panicked)"
-    ))
+    DataError::Schema(format!("{what} stopped unexpectedly (a worker thread panicked)"))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -134,18 +128,10 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Reads, fits and encodes train, valid and test with `schema`, or loads the same result from
 /// the cache. Vocabularies, normalisers and the domain count come from train only.
-pub fn prepare(
-    schema: &Schema,
-    paths: &SplitPaths,
-    options: &PrepareOptions,
-) -> Result<Prepared, DataError> {
+pub fn prepare(schema: &Schema, paths: &SplitPaths, options: &PrepareOptions) -> Result<Prepared, DataError> {
     let start = Instant::now();
     schema.validate()?;
-    let raw = [
-        read_bytes(&paths.train)?,
-        read_bytes(&paths.valid)?,
-        read_bytes(&paths.test)?,
-    ];
+    let raw = [read_bytes(&paths.train)?, read_bytes(&paths.valid)?, read_bytes(&paths.test)?];
     let cache_folder = options.cache.folder();
     let mut stats = PrepareStats {
         cache_hit: false,
@@ -163,9 +149,7 @@ pub fn prepare(
         stats.hash_seconds = start.elapsed().as_secs_f64();
         if file.exists() {
             let cache_start = Instant::now();
-            let loaded = std::fs::read(&file)
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| cache::decode(&k, &bytes));
+            let loaded = std::fs::read(&file).map_err(|e| e.to_string()).and_then(|bytes| cache::decode(&k, &bytes));
             stats.cache_seconds = cache_start.elapsed().as_secs_f64();
             match loaded {
                 Ok((fitted, [mut train, mut valid, mut test])) => {
@@ -176,13 +160,7 @@ pub fn prepare(
                     stats.cache_hit = true;
                     stats.cache_file = Some(file);
                     stats.total_seconds = start.elapsed().as_secs_f64();
-                    return Ok(Prepared {
-                        fitted,
-                        train,
-                        valid,
-                        test,
-                        stats,
-                    });
+                    return Ok(Prepared { fitted, train, valid, test, stats });
                 }
                 Err(reason) => stats.cache_note = Some(format!("cache file rebuilt: {reason}")),
             }
@@ -195,17 +173,10 @@ pub fn prepare(
     let [train_raw, valid_raw, test_raw] = raw;
     // Decompress valid and test while train is read and fitted...
     let (fitted_train, valid_text, test_text) = std::thread::scope(|scope| {
-        let other_texts = scope.spawn(|| {
-            (
-                read_text(&paths.valid, valid_raw),
-                read_text(&paths.test, test_raw),
-            )
-        });
+        let other_texts = scope.spawn(|| (read_text(&paths.valid, valid_raw), read_text(&paths.test, test_raw)));
         let fitted_train = read_text(&paths.train, train_raw)
             .and_then(|text| fit_train(schema, &paths.train, &text, options.bad_rows));
-        let (valid_text, test_text) = other_texts
-            .join()
-            .map_err(|_| thread_failed("reading valid and test"))?;
+        let (valid_text, test_text) = other_texts.join().map_err(|_| thread_failed("reading valid and test"))?;
         Ok::<_, DataError>((fitted_train, valid_text, test_text))
     })?;
     let (fitted, train) = fitted_train?;
@@ -234,11 +205,5 @@ pub fn prepare(
         stats.cache_seconds = cache_start.elapsed().as_secs_f64();
     }
     stats.total_seconds = start.elapsed().as_secs_f64();
-    Ok(Prepared {
-        fitted,
-        train,
-        valid,
-        test,
-        stats,
-    })
+    Ok(Prepared { fitted, train, valid, test, stats })
 }

@@ -75,11 +75,7 @@ pub enum FeatureGroup {
         min_count: Option<u64>,
     },
     /// Real-valued columns, normalised with statistics fitted on train. Per row: `[columns]`.
-    Numeric {
-        name: String,
-        columns: Vec<String>,
-        normalize: Normalize,
-    },
+    Numeric { name: String, columns: Vec<String>, normalize: Normalize },
 }
 
 impl FeatureGroup {
@@ -138,31 +134,17 @@ impl Schema {
     /// The categorical groups in schema order: `(name, columns, min_count)`.
     pub(crate) fn categorical_groups(&self) -> impl Iterator<Item = (&str, &[String], u64)> {
         self.features.iter().filter_map(move |g| match g {
-            FeatureGroup::Categorical {
-                name,
-                columns,
-                min_count,
-            } => Some((
-                name.as_str(),
-                columns.as_slice(),
-                min_count.unwrap_or(self.min_count),
-            )),
+            FeatureGroup::Categorical { name, columns, min_count } => {
+                Some((name.as_str(), columns.as_slice(), min_count.unwrap_or(self.min_count)))
+            }
             _ => None,
         })
     }
 
     /// The sequence groups in schema order: `(name, columns, max_len, vocab, min_count)`.
-    pub(crate) fn sequence_groups(
-        &self,
-    ) -> impl Iterator<Item = (&str, &[String], usize, Option<&str>, u64)> {
+    pub(crate) fn sequence_groups(&self) -> impl Iterator<Item = (&str, &[String], usize, Option<&str>, u64)> {
         self.features.iter().filter_map(move |g| match g {
-            FeatureGroup::Sequence {
-                name,
-                columns,
-                max_len,
-                vocab,
-                min_count,
-            } => Some((
+            FeatureGroup::Sequence { name, columns, max_len, vocab, min_count } => Some((
                 name.as_str(),
                 columns.as_slice(),
                 *max_len,
@@ -176,11 +158,7 @@ impl Schema {
     /// The numeric groups in schema order: `(name, columns, normalize)`.
     pub(crate) fn numeric_groups(&self) -> impl Iterator<Item = (&str, &[String], Normalize)> {
         self.features.iter().filter_map(|g| match g {
-            FeatureGroup::Numeric {
-                name,
-                columns,
-                normalize,
-            } => Some((name.as_str(), columns.as_slice(), *normalize)),
+            FeatureGroup::Numeric { name, columns, normalize } => Some((name.as_str(), columns.as_slice(), *normalize)),
             _ => None,
         })
     }
@@ -189,9 +167,7 @@ impl Schema {
     pub(crate) fn find_categorical_column(&self, column: &str) -> Option<CategoricalColumnRef> {
         self.categorical_groups()
             .enumerate()
-            .find_map(|(g, (_, columns, _))| {
-                columns.iter().position(|c| c == column).map(|c| (g, c))
-            })
+            .find_map(|(g, (_, columns, _))| columns.iter().position(|c| c == column).map(|c| (g, c)))
     }
 
     /// Checks the schema on its own (names, sizes, references), without looking at any file.
@@ -212,30 +188,18 @@ impl Schema {
             let mut seen = std::collections::BTreeSet::new();
             for column in group.columns() {
                 if !seen.insert(column) {
-                    return fail(format!(
-                        "feature group '{name}' lists column '{column}' twice"
-                    ));
+                    return fail(format!("feature group '{name}' lists column '{column}' twice"));
                 }
             }
             match group {
-                FeatureGroup::Categorical {
-                    min_count: Some(0), ..
-                }
-                | FeatureGroup::Sequence {
-                    min_count: Some(0), ..
-                } => {
-                    return fail(format!(
-                        "feature group '{name}': min_count must be at least 1"
-                    ));
+                FeatureGroup::Categorical { min_count: Some(0), .. }
+                | FeatureGroup::Sequence { min_count: Some(0), .. } => {
+                    return fail(format!("feature group '{name}': min_count must be at least 1"));
                 }
                 FeatureGroup::Sequence { max_len: 0, .. } => {
-                    return fail(format!(
-                        "sequence group '{name}': max_len must be at least 1"
-                    ));
+                    return fail(format!("sequence group '{name}': max_len must be at least 1"));
                 }
-                FeatureGroup::Sequence {
-                    vocab: Some(vocab), ..
-                } if self.find_categorical_column(vocab).is_none() => {
+                FeatureGroup::Sequence { vocab: Some(vocab), .. } if self.find_categorical_column(vocab).is_none() => {
                     return fail(format!(
                         "sequence group '{name}': vocab '{vocab}' is not a column of any \
                          categorical group"
@@ -253,10 +217,7 @@ impl Schema {
         let mut task_names = std::collections::BTreeSet::new();
         for task in &self.labels {
             if task.name.is_empty() {
-                return fail(format!(
-                    "the task for column '{}' has an empty name",
-                    task.column
-                ));
+                return fail(format!("the task for column '{}' has an empty name", task.column));
             }
             if !task_names.insert(task.name.as_str()) {
                 return fail(format!("task name '{}' is used twice", task.name));
@@ -270,18 +231,11 @@ impl Schema {
 
     /// Every column this schema reads, each once, in first-mention order.
     pub(crate) fn named_columns(&self) -> Vec<&str> {
-        let features = self
-            .features
-            .iter()
-            .flat_map(|g| g.columns().iter().map(String::as_str));
+        let features = self.features.iter().flat_map(|g| g.columns().iter().map(String::as_str));
         let labels = self.labels.iter().map(|t| t.column.as_str());
         let domain = self.domain.iter().map(|d| d.column.as_str());
         let mut out: Vec<&str> = Vec::new();
-        for column in features
-            .chain(labels)
-            .chain(domain)
-            .chain(self.user.as_deref())
-        {
+        for column in features.chain(labels).chain(domain).chain(self.user.as_deref()) {
             if !out.contains(&column) {
                 out.push(column);
             }

@@ -192,23 +192,17 @@ impl Interner {
 
     /// The final vocabulary and the map from provisional id to final id.
     pub fn into_vocab(self, min_count: u64) -> (Vocab, Vec<u32>) {
-        let mut kept: Vec<u32> = (0..self.values.len() as u32)
-            .filter(|&id| self.counts[id as usize] >= min_count.max(1))
-            .collect();
+        let mut kept: Vec<u32> =
+            (0..self.values.len() as u32).filter(|&id| self.counts[id as usize] >= min_count.max(1)).collect();
         kept.sort_by(|&a, &b| {
             let (a, b) = (a as usize, b as usize);
-            self.counts[b]
-                .cmp(&self.counts[a])
-                .then_with(|| self.values[a].cmp(&self.values[b]))
+            self.counts[b].cmp(&self.counts[a]).then_with(|| self.values[a].cmp(&self.values[b]))
         });
         let mut remap = vec![OOV; self.values.len()];
         for (rank, &id) in kept.iter().enumerate() {
             remap[id as usize] = RESERVED + rank as u32;
         }
-        let values: Vec<String> = kept
-            .iter()
-            .map(|&id| self.values[id as usize].to_string())
-            .collect();
+        let values: Vec<String> = kept.iter().map(|&id| self.values[id as usize].to_string()).collect();
         let counts = kept.iter().map(|&id| self.counts[id as usize]).collect();
         (Vocab::from_parts(values, counts, min_count), remap)
     }
@@ -225,9 +219,7 @@ pub struct Vocab {
 
 impl PartialEq for Vocab {
     fn eq(&self, other: &Self) -> bool {
-        self.values == other.values
-            && self.counts == other.counts
-            && self.min_count == other.min_count
+        self.values == other.values && self.counts == other.counts && self.min_count == other.min_count
     }
 }
 
@@ -237,12 +229,7 @@ impl Vocab {
         for (i, value) in values.iter().enumerate() {
             index.get_or_insert(value, RESERVED + i as u32);
         }
-        Vocab {
-            values,
-            counts,
-            min_count,
-            index,
-        }
+        Vocab { values, counts, min_count, index }
     }
 
     /// The number of ids including PAD and OOV: the rows of an embedding table for it.
@@ -269,16 +256,12 @@ impl Vocab {
 
     /// The raw value of a kept id (None for PAD, OOV and ids out of range).
     pub fn value(&self, id: u32) -> Option<&str> {
-        id.checked_sub(RESERVED)
-            .and_then(|i| self.values.get(i as usize))
-            .map(String::as_str)
+        id.checked_sub(RESERVED).and_then(|i| self.values.get(i as usize)).map(String::as_str)
     }
 
     /// The train count of a kept id.
     pub fn count(&self, id: u32) -> Option<u64> {
-        id.checked_sub(RESERVED)
-            .and_then(|i| self.counts.get(i as usize))
-            .copied()
+        id.checked_sub(RESERVED).and_then(|i| self.counts.get(i as usize)).copied()
     }
 
     pub fn min_count(&self) -> u64 {
@@ -303,12 +286,7 @@ struct VocabData {
 
 impl Serialize for Vocab {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        VocabView {
-            min_count: self.min_count,
-            values: &self.values,
-            counts: &self.counts,
-        }
-        .serialize(serializer)
+        VocabView { min_count: self.min_count, values: &self.values, counts: &self.counts }.serialize(serializer)
     }
 }
 
@@ -316,9 +294,7 @@ impl<'de> Deserialize<'de> for Vocab {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let data = VocabData::deserialize(deserializer)?;
         if data.values.len() != data.counts.len() {
-            return Err(serde::de::Error::custom(
-                "vocab values and counts differ in length",
-            ));
+            return Err(serde::de::Error::custom("vocab values and counts differ in length"));
         }
         let vocab = Vocab::from_parts(data.values, data.counts, data.min_count);
         if vocab.index.len() != vocab.values.len() {
@@ -339,28 +315,14 @@ mod tests {
             interner.intern(value, true);
         }
         interner.intern("uncounted", false);
-        for value in [
-            "7",
-            "07",
-            "1048576",
-            "10485760000000000000",
-            "a long value of many bytes",
-        ] {
+        for value in ["7", "07", "1048576", "10485760000000000000", "a long value of many bytes"] {
             interner.intern(value, true);
             interner.intern(value, true);
         }
         let (vocab, remap) = interner.into_vocab(2);
         // d (3), then the values seen twice in byte order, c/rare/uncounted below min_count.
         assert_eq!(vocab.id("d"), 2);
-        let twice = [
-            "07",
-            "1048576",
-            "10485760000000000000",
-            "7",
-            "a",
-            "a long value of many bytes",
-            "b",
-        ];
+        let twice = ["07", "1048576", "10485760000000000000", "7", "a", "a long value of many bytes", "b"];
         for (rank, value) in twice.iter().enumerate() {
             assert_eq!(vocab.id(value), 3 + rank as u32, "{value}");
         }

@@ -487,7 +487,12 @@ fn embedding(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
         Some((FeatureKind::Categorical | FeatureKind::Domain, _, _)) => f.clone(),
         Some((FeatureKind::Sequence { of: Some(o), .. }, _, _)) => o,
         Some((FeatureKind::Sequence { of: None, .. }, _, _)) => f.clone(),
-        _ => return el.error(fs, format!("`{f}` holds values, not ids; an embedding needs a categorical, sequence or domain input")),
+        _ => {
+            return el.error(
+                fs,
+                format!("`{f}` holds values, not ids; an embedding needs a categorical, sequence or domain input"),
+            )
+        }
     };
     let dim = int(el, a, "dim")?;
     if dim.as_const().is_some_and(|c| c <= 0) {
@@ -548,7 +553,10 @@ fn group_mean(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
         return el.error(fs, format!("`by` must be a domain input; `{f}` is not one"));
     };
     if !el.shape(x.node).first().is_some_and(|d| *d == Dim::batch()) {
-        return el.error(a.get("x").1, format!("`group_mean` needs a per-sample tensor [B, ...], found {}", el.shape_str(x.node)));
+        return el.error(
+            a.get("x").1,
+            format!("`group_mean` needs a per-sample tensor [B, ...], found {}", el.shape_str(x.node)),
+        );
     }
     let groups = Dim::sym(&count_sym(&f));
     let sums = el.add(Op::SegmentSum { segments: groups.clone() }, &[x.node, dom], span)?;

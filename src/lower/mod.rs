@@ -103,9 +103,8 @@ pub fn compile_file(
     model: Option<&str>,
     overrides: &BTreeMap<String, Hyper>,
 ) -> Result<Compiled, Vec<Diagnostic>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        vec![Diagnostic::error(Span::default(), format!("cannot read {}: {e}", path.display()))]
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![Diagnostic::error(Span::default(), format!("cannot read {}: {e}", path.display()))])?;
     let file = map.add(path.display().to_string(), text);
     compile(map, file, path.parent(), model, overrides)
 }
@@ -415,7 +414,8 @@ impl Elab {
         // Operands of equal rank ([B, 1] - [1, B]) pair samples on purpose (in-batch
         // losses); a rank mismatch doing it is the accident.
         let batch_axes = |s: &[Dim]| s.iter().filter(|d| d.has_batch()).count();
-        let (na, nb, nout) = (batch_axes(self.shape(a.node)), batch_axes(self.shape(b.node)), batch_axes(self.shape(node)));
+        let (na, nb, nout) =
+            (batch_axes(self.shape(a.node)), batch_axes(self.shape(b.node)), batch_axes(self.shape(node)));
         let same_rank = self.shape(a.node).len() == self.shape(b.node).len();
         if nout > na.max(nb) && !same_rank {
             let d = Diagnostic::error(
@@ -479,8 +479,9 @@ impl Elab {
         for (name, _) in overrides {
             if !m.params.iter().any(|p| &p.name.name == name) {
                 let names: Vec<&str> = m.params.iter().map(|p| p.name.name.as_str()).collect();
-                let mut d = Diagnostic::error(m.name.span, format!("model `{}` has no hyperparameter `{name}`", m.name.name))
-                    .label("overridden by the experiment");
+                let mut d =
+                    Diagnostic::error(m.name.span, format!("model `{}` has no hyperparameter `{name}`", m.name.name))
+                        .label("overridden by the experiment");
                 if let Some(s) = suggest(name, names.iter().copied()) {
                     d = d.hint(format!("did you mean `{s}`?"));
                 }
@@ -499,7 +500,10 @@ impl Elab {
             if let Some(h) = val_to_hyper(&v) {
                 hyper.insert(p.name.name.clone(), h);
             } else if v != Val::Poison {
-                let _: R<()> = self.error(p.name.span, format!("a hyperparameter must be a number, string, boolean or list, not {}", v.kind()));
+                let _: R<()> = self.error(
+                    p.name.span,
+                    format!("a hyperparameter must be a number, string, boolean or list, not {}", v.kind()),
+                );
             }
             env.define(&p.name.name, v);
         }
@@ -518,7 +522,10 @@ impl Elab {
             }
         }
         if self.losses.is_empty() && self.diags.is_empty() {
-            self.report(Diagnostic::error(m.name.span, format!("model `{}` has no loss", m.name.name)).hint("add e.g. `loss bce(click)`"));
+            self.report(
+                Diagnostic::error(m.name.span, format!("model `{}` has no loss", m.name.name))
+                    .hint("add e.g. `loss bce(click)`"),
+            );
         }
         if !self.diags.is_empty() {
             return None;
@@ -616,7 +623,10 @@ impl Elab {
                 let b = match c {
                     Val::Bool(b) => b,
                     Val::Poison => return Err(()),
-                    other => return self.error(cond.span, format!("an `if` condition must be a boolean, found {}", other.kind())),
+                    other => {
+                        return self
+                            .error(cond.span, format!("an `if` condition must be a boolean, found {}", other.kind()))
+                    }
                 };
                 let branch = if b { Some(then) } else { otherwise.as_ref() };
                 if let Some(body) = branch {
@@ -653,8 +663,11 @@ impl Elab {
                 let v = self.expr(env, value)?;
                 let t = self.expect_tensor(v, value.span)?;
                 if !self.shape(t.node).is_empty() {
-                    let d = Diagnostic::error(value.span, format!("a loss must be a scalar, found a tensor {}", self.shape_str(t.node)))
-                        .hint("reduce it, e.g. `mean(...)`");
+                    let d = Diagnostic::error(
+                        value.span,
+                        format!("a loss must be a scalar, found a tensor {}", self.shape_str(t.node)),
+                    )
+                    .hint("reduce it, e.g. `mean(...)`");
                     self.report(d);
                     return Err(());
                 }
@@ -691,9 +704,15 @@ impl Elab {
                 let n = match lv {
                     Val::Int(d) => match d.as_const() {
                         Some(n) if n > 0 => n as usize,
-                        _ => return self.error(len.span, format!("a sequence length must be a positive constant, found {d}")),
+                        _ => {
+                            return self
+                                .error(len.span, format!("a sequence length must be a positive constant, found {d}"))
+                        }
                     },
-                    other => return self.error(len.span, format!("a sequence length must be an integer, found {}", other.kind())),
+                    other => {
+                        return self
+                            .error(len.span, format!("a sequence length must be an integer, found {}", other.kind()))
+                    }
                 };
                 if let Some(o) = of {
                     match self.features.get(&o.name) {
@@ -771,7 +790,9 @@ impl Elab {
                     }
                     dims.push(x)
                 }
-                other => return self.error(d.span, format!("a parameter size must be an integer, found {}", other.kind())),
+                other => {
+                    return self.error(d.span, format!("a parameter size must be an integer, found {}", other.kind()))
+                }
             }
         }
         let init = match init {
@@ -817,7 +838,12 @@ impl Elab {
                     Some(c) => nums.push(c as f64),
                     None => return self.error(a.value.span, "an initialiser argument must be a constant"),
                 },
-                other => return self.error(a.value.span, format!("an initialiser argument must be a number, found {}", other.kind())),
+                other => {
+                    return self.error(
+                        a.value.span,
+                        format!("an initialiser argument must be a number, found {}", other.kind()),
+                    )
+                }
             }
         }
         let want = |n: usize, this: &mut Elab| -> R<()> {
@@ -872,7 +898,8 @@ impl Elab {
             Val::Float(f) => Ok(Tv { node: self.scalar(f, span)?, grouped: false }),
             Val::Int(d) => match d.as_const() {
                 Some(c) => Ok(Tv { node: self.scalar(c as f64, span)?, grouped: false }),
-                None => self.error(span, format!("the size {d} is only known with data; it cannot be used as a number here")),
+                None => self
+                    .error(span, format!("the size {d} is only known with data; it cannot be used as a number here")),
             },
             Val::Feature(name) => self.feature_tensor(&name, span),
             Val::Poison => Err(()),
@@ -987,7 +1014,10 @@ impl Elab {
                 let a = self.const_int(env, lo)?;
                 let b = self.const_int(env, hi)?;
                 if b - a > MAX_UNROLL as i64 {
-                    return self.error(e.span, format!("range of {} items is too long to unroll (at most {MAX_UNROLL})", b - a));
+                    return self.error(
+                        e.span,
+                        format!("range of {} items is too long to unroll (at most {MAX_UNROLL})", b - a),
+                    );
                 }
                 Ok(Val::List((a..b.max(a)).map(Val::int).collect()))
             }
@@ -1056,7 +1086,8 @@ impl Elab {
                     Ok(Val::List(x))
                 }
                 (Val::Str(x), Val::Str(y)) => Ok(Val::Str(x + &y)),
-                (x, y) => self.error(span, format!("`++` joins two lists or two strings, found {} and {}", x.kind(), y.kind())),
+                (x, y) => self
+                    .error(span, format!("`++` joins two lists or two strings, found {} and {}", x.kind(), y.kind())),
             },
             Eq | Ne | Lt | Le | Gt | Ge => self.compare(op, a, b, span),
             Add | Sub | Mul | Div | MatMul => {
@@ -1102,7 +1133,10 @@ impl Elab {
                     }
                 }
                 let is_tensorish = |v: &Val| matches!(v, Val::Tensor(_) | Val::Feature(_));
-                if !(is_tensorish(&a) || is_tensorish(&b)) || !matches!(a, Val::Tensor(_) | Val::Feature(_) | Val::Int(_) | Val::Float(_)) || !matches!(b, Val::Tensor(_) | Val::Feature(_) | Val::Int(_) | Val::Float(_)) {
+                if !(is_tensorish(&a) || is_tensorish(&b))
+                    || !matches!(a, Val::Tensor(_) | Val::Feature(_) | Val::Int(_) | Val::Float(_))
+                    || !matches!(b, Val::Tensor(_) | Val::Feature(_) | Val::Int(_) | Val::Float(_))
+                {
                     let sym = match op {
                         Add => "+",
                         Sub => "-",
@@ -1182,7 +1216,8 @@ impl Elab {
             Val::Table { node, ids_of } => {
                 let iv = self.expr(env, index)?;
                 let Val::Feature(fname) = iv else {
-                    return self.error(index.span, format!("a table is indexed by an input's ids, found {}", iv.kind()));
+                    return self
+                        .error(index.span, format!("a table is indexed by an input's ids, found {}", iv.kind()));
                 };
                 let Some((kind, ids, _)) = self.feature_nodes(&fname) else {
                     return self.error(index.span, format!("unknown input `{fname}`"));
@@ -1192,16 +1227,20 @@ impl Elab {
                     FeatureKind::Sequence { of: Some(o), .. } => o.clone(),
                     FeatureKind::Sequence { of: None, .. } => fname.clone(),
                     FeatureKind::Numeric => {
-                        return self.error(index.span, format!("`{fname}` holds values, not ids; it cannot index a table"))
+                        return self
+                            .error(index.span, format!("`{fname}` holds values, not ids; it cannot index a table"))
                     }
                 };
                 if space != ids_of {
-                    let d = Diagnostic::error(index.span, format!("this table holds rows for the ids of `{ids_of}`, but `{fname}` has its own ids"))
-                        .hint(if matches!(kind, FeatureKind::Sequence { .. }) {
-                            format!("declare the sequence as `input {fname} : sequence(len) of {ids_of}` to share the ids")
-                        } else {
-                            format!("make a table for it: `embedding({fname}, dim)`")
-                        });
+                    let d = Diagnostic::error(
+                        index.span,
+                        format!("this table holds rows for the ids of `{ids_of}`, but `{fname}` has its own ids"),
+                    )
+                    .hint(if matches!(kind, FeatureKind::Sequence { .. }) {
+                        format!("declare the sequence as `input {fname} : sequence(len) of {ids_of}` to share the ids")
+                    } else {
+                        format!("make a table for it: `embedding({fname}, dim)`")
+                    });
                     self.report(d);
                     return Err(());
                 }
@@ -1305,7 +1344,8 @@ impl Elab {
                     slots[i] = Some((v, s));
                 }
                 None => {
-                    let mut d = Diagnostic::error(n.span, format!("`{fname}` has no parameter `{}`", n.name)).label("unknown argument");
+                    let mut d = Diagnostic::error(n.span, format!("`{fname}` has no parameter `{}`", n.name))
+                        .label("unknown argument");
                     if let Some(sg) = suggest(&n.name, params.iter().map(|(p, _)| p.as_str())) {
                         d = d.hint(format!("did you mean `{sg}`?"));
                     } else {
@@ -1326,7 +1366,8 @@ impl Elab {
                 (Some((v, s)), _) => out.push((name, v, s)),
                 (None, Some(d)) => out.push((name, d, span)),
                 (None, None) => {
-                    let mut d = Diagnostic::error(span, format!("`{fname}` is missing its argument `{name}`")).label("in this call");
+                    let mut d = Diagnostic::error(span, format!("`{fname}` is missing its argument `{name}`"))
+                        .label("in this call");
                     if let Some(ds) = def_span {
                         d = d.note(ds, format!("`{fname}` is defined here"));
                     }
@@ -1346,7 +1387,8 @@ impl Elab {
         span: Span,
     ) -> R<Val> {
         if self.depth >= MAX_CALL_DEPTH {
-            return self.error(span, format!("blocks call each other more than {MAX_CALL_DEPTH} deep (endless recursion?)"));
+            return self
+                .error(span, format!("blocks call each other more than {MAX_CALL_DEPTH} deep (endless recursion?)"));
         }
         // Defaults are evaluated in the block's own (empty) environment.
         let mut params = Vec::new();

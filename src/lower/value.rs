@@ -25,7 +25,10 @@ pub enum Val {
     List(Vec<Val>),
     Tensor(Tv),
     /// An embedding table, holding rows for the id space of the named input.
-    Table { node: NodeId, ids_of: String },
+    Table {
+        node: NodeId,
+        ids_of: String,
+    },
     /// A declared input (feature group, domain), by name.
     Feature(String),
     /// A task declared with `task name = ...`.

@@ -48,8 +48,7 @@ fn auc_sorted(order: &[usize], scores: &[f32], labels: &[f32]) -> Option<f64> {
             }
             end += 1;
         }
-        doubled_pairs +=
-            2 * negatives_below as u128 * positives as u128 + positives as u128 * negatives as u128;
+        doubled_pairs += 2 * negatives_below as u128 * positives as u128 + positives as u128 * negatives as u128;
         negatives_below += negatives;
         positives_total += positives;
         start = end;
@@ -74,20 +73,12 @@ pub fn gauc(scores: &[f32], labels: &[f32], users: &[u32]) -> Option<f64> {
         return None;
     }
     let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_unstable_by(|&a, &b| {
-        users[a]
-            .cmp(&users[b])
-            .then_with(|| scores[a].total_cmp(&scores[b]))
-    });
+    order.sort_unstable_by(|&a, &b| users[a].cmp(&users[b]).then_with(|| scores[a].total_cmp(&scores[b])));
     let (mut weighted, mut weight) = (0.0f64, 0u64);
     let mut start = 0;
     while start < order.len() {
         let user = users[order[start]];
-        let end = start
-            + order[start..]
-                .iter()
-                .take_while(|&&row| users[row] == user)
-                .count();
+        let end = start + order[start..].iter().take_while(|&&row| users[row] == user).count();
         if let Some(user_auc) = auc_sorted(&order[start..end], scores, labels) {
             let rows = (end - start) as u64;
             weighted += rows as f64 * user_auc;
@@ -196,10 +187,7 @@ impl Report {
         for (name, ids) in [("domain", domain), ("user", user)] {
             if let Some(ids) = ids {
                 if ids.len() != rows {
-                    return Err(MetricsError(format!(
-                        "{} {name} ids for {rows} rows",
-                        ids.len()
-                    )));
+                    return Err(MetricsError(format!("{} {name} ids for {rows} rows", ids.len())));
                 }
             }
         }
@@ -216,10 +204,7 @@ impl Report {
                     entry.0.push(s);
                     entry.1.push(y);
                 }
-                per_domain = by_domain
-                    .into_iter()
-                    .map(|(d, (s, y))| (d, domain_metrics(&s, &y)))
-                    .collect();
+                per_domain = by_domain.into_iter().map(|(d, (s, y))| (d, domain_metrics(&s, &y))).collect();
             }
             let overall = domain_metrics(&task_scores, &task_labels);
             let metrics = TaskMetrics {
@@ -262,10 +247,7 @@ mod tests {
         assert_eq!(auc(&[], &[]), None);
         assert_eq!(auc(&[0.5], &[1.0, 0.0]), None);
         // Pairs: (0.8 vs 0.2) 1, (0.8 vs 0.4) 1, (0.4 vs 0.2) 1, (0.4 vs 0.4) 1/2 → 3.5 / 4.
-        assert_eq!(
-            auc(&[0.8, 0.4, 0.2, 0.4], &[1.0, 1.0, 0.0, 0.0]),
-            Some(0.875)
-        );
+        assert_eq!(auc(&[0.8, 0.4, 0.2, 0.4], &[1.0, 1.0, 0.0, 0.0]), Some(0.875));
     }
 
     #[test]

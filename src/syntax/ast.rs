@@ -15,7 +15,10 @@ pub struct Module {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Item {
     /// `use "other.mdl"` — brings that file's blocks into scope (path relative to this file).
-    Use { path: String, span: Span },
+    Use {
+        path: String,
+        span: Span,
+    },
     Block(BlockDef),
     Model(ModelDef),
 }
@@ -162,18 +165,45 @@ pub enum ExprKind {
     /// `[a, b, c]`
     List(Vec<Expr>),
     /// `[elem for var in iter]`
-    Comprehension { elem: Box<Expr>, var: Ident, iter: Box<Expr> },
+    Comprehension {
+        elem: Box<Expr>,
+        var: Ident,
+        iter: Box<Expr>,
+    },
     /// `lo..hi` (half-open)
-    Range { lo: Box<Expr>, hi: Box<Expr> },
+    Range {
+        lo: Box<Expr>,
+        hi: Box<Expr>,
+    },
     /// `f(args)`; `x |> f(args)` is parsed as `f(x, args)`.
-    Call { callee: Ident, args: Vec<Arg> },
+    Call {
+        callee: Ident,
+        args: Vec<Arg>,
+    },
     /// `base[index]`
-    Index { base: Box<Expr>, index: Box<Expr> },
-    Binary { op: BinOp, lhs: Box<Expr>, rhs: Box<Expr> },
-    Unary { op: UnOp, operand: Box<Expr> },
+    Index {
+        base: Box<Expr>,
+        index: Box<Expr>,
+    },
+    Binary {
+        op: BinOp,
+        lhs: Box<Expr>,
+        rhs: Box<Expr>,
+    },
+    Unary {
+        op: UnOp,
+        operand: Box<Expr>,
+    },
     /// `per g { stmts; value }` — the body's parameters get one copy per value of the
     /// domain input `g`, and each sample uses its own copy.
-    Per { group: Ident, body: Vec<Stmt>, value: Box<Expr> },
+    Per {
+        group: Ident,
+        body: Vec<Stmt>,
+        value: Box<Expr>,
+    },
     /// `{ stmts; value }`
-    Block { body: Vec<Stmt>, value: Box<Expr> },
+    Block {
+        body: Vec<Stmt>,
+        value: Box<Expr>,
+    },
 }

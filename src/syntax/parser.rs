@@ -21,10 +21,7 @@ use pest::iterators::Pair;
 use pest::Parser as _;
 use pest_derive::Parser;
 
-use super::ast::{
-    Arg, BinOp, BlockDef, Expr, ExprKind, Ident, InputKind, Item, ModelDef, Module, Param, Stmt,
-    UnOp,
-};
+use super::ast::{Arg, BinOp, BlockDef, Expr, ExprKind, Ident, InputKind, Item, ModelDef, Module, Param, Stmt, UnOp};
 use super::MAX_NESTING;
 use crate::diag::{Diagnostic, SourceMap, Span};
 
@@ -50,9 +47,9 @@ pub fn parse(map: &SourceMap, file: u32) -> Result<Module, Vec<Diagnostic>> {
             .stack_size(PARSE_STACK)
             .spawn_scoped(scope, || parse_text(text, file));
         match worker {
-            Ok(handle) => handle.join().unwrap_or_else(|_| {
-                Err(vec![internal(Span::new(file, 0, 0), "the parser panicked")])
-            }),
+            Ok(handle) => {
+                handle.join().unwrap_or_else(|_| Err(vec![internal(Span::new(file, 0, 0), "the parser panicked")]))
+            }
             Err(_) => parse_text(text, file),
         }
     })
@@ -70,10 +67,7 @@ fn parse_text(text: &str, file: u32) -> Result<Module, Vec<Diagnostic>> {
         Ok(pairs) => pairs,
         Err(err) => return Err(vec![syntax_error(text, file, err)]),
     };
-    let mut walker = Walker {
-        file,
-        errors: Vec::new(),
-    };
+    let mut walker = Walker { file, errors: Vec::new() };
     let module = pairs
         .into_iter()
         .next()
@@ -103,24 +97,20 @@ enum ScanProblem {
 impl ScanProblem {
     fn diagnostic(&self, file: u32) -> Diagnostic {
         match *self {
-            ScanProblem::UnterminatedString { start, end } => Diagnostic::error(
-                Span::new(file, start as u32, end as u32),
-                "unterminated string",
-            )
-            .label("this string has no closing `\"`")
-            .hint("a string ends with `\"` on the same line; write `\\n` for a line break"),
+            ScanProblem::UnterminatedString { start, end } => {
+                Diagnostic::error(Span::new(file, start as u32, end as u32), "unterminated string")
+                    .label("this string has no closing `\"`")
+                    .hint("a string ends with `\"` on the same line; write `\\n` for a line break")
+            }
             ScanProblem::TooDeep { at } => too_deep(Span::new(file, at as u32, at as u32 + 1)),
         }
     }
 }
 
 fn too_deep(span: Span) -> Diagnostic {
-    Diagnostic::error(
-        span,
-        format!("expression nested too deeply (the limit is {MAX_NESTING} levels)"),
-    )
-    .label("too deep")
-    .hint("split it into several `let` bindings")
+    Diagnostic::error(span, format!("expression nested too deeply (the limit is {MAX_NESTING} levels)"))
+        .label("too deep")
+        .hint("split it into several `let` bindings")
 }
 
 fn closer(open: u8) -> u8 {
@@ -153,9 +143,7 @@ fn scan_brackets(text: &str, stop: usize) -> Result<Vec<(u8, usize)>, ScanProble
                 i += 1;
                 loop {
                     match bytes.get(i) {
-                        None | Some(b'\n') => {
-                            return Err(ScanProblem::UnterminatedString { start, end: i })
-                        }
+                        None | Some(b'\n') => return Err(ScanProblem::UnterminatedString { start, end: i }),
                         Some(b'"') => break,
                         Some(b'\\') if matches!(bytes.get(i + 1), None | Some(b'\n')) => {
                             return Err(ScanProblem::UnterminatedString { start, end: i + 1 });
@@ -224,9 +212,7 @@ fn describe(rule: Rule) -> Expect {
         | Rule::kind_categorical
         | Rule::kind_numeric
         | Rule::kind_domain
-        | Rule::kind_sequence => {
-            Words("an input kind (`categorical`, `numeric`, `domain` or `sequence(n)`)")
-        }
+        | Rule::kind_sequence => Words("an input kind (`categorical`, `numeric`, `domain` or `sequence(n)`)"),
         Rule::shape => Words("a shape such as `[n, m]`"),
         Rule::expr
         | Rule::or_expr
@@ -307,8 +293,8 @@ fn describe(rule: Rule) -> Expect {
 /// The reserved words of the grammar's `keyword` rule, to say "keyword `for`" in messages.
 /// (`label` is not one: it starts a label statement, and is otherwise the built-in `label(task)`.)
 const KEYWORDS: &[&str] = &[
-    "use", "block", "model", "input", "let", "param", "for", "in", "if", "else", "group",
-    "return", "task", "loss", "per", "of", "true", "false", "and", "or", "not",
+    "use", "block", "model", "input", "let", "param", "for", "in", "if", "else", "group", "return", "task", "loss",
+    "per", "of", "true", "false", "and", "or", "not",
 ];
 
 /// The token that starts at or after `pos` (skipping whitespace and comments), as a byte
@@ -330,11 +316,7 @@ fn token_at(text: &str, mut pos: usize) -> (usize, usize) {
             _ => break,
         }
     }
-    let word = |i: usize| {
-        bytes
-            .get(i)
-            .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_')
-    };
+    let word = |i: usize| bytes.get(i).is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_');
     let Some(&first) = bytes.get(pos) else {
         return (pos, pos);
     };
@@ -430,28 +412,20 @@ fn syntax_error(text: &str, file: u32, err: pest::error::Error<Rule>) -> Diagnos
         format!("keyword `{found_text}`")
     } else {
         let shown: String = found_text.chars().take(24).collect();
-        let more = if shown.len() < found_text.len() {
-            "…"
-        } else {
-            ""
-        };
+        let more = if shown.len() < found_text.len() { "…" } else { "" };
         format!("`{shown}{more}`")
     };
 
     let mut d = if words.is_empty() {
         Diagnostic::error(span, format!("unexpected {found}")).label("not expected here")
     } else if at_eof {
-        Diagnostic::error(span, format!("unexpected end of file; expected {expected}"))
-            .label("the file ends here")
+        Diagnostic::error(span, format!("unexpected end of file; expected {expected}")).label("the file ends here")
     } else {
-        Diagnostic::error(span, format!("expected {expected}, found {found}"))
-            .label(format!("expected {expected}"))
+        Diagnostic::error(span, format!("expected {expected}, found {found}")).label(format!("expected {expected}"))
     };
 
     if words.contains(&"a name") && KEYWORDS.contains(&found_text) {
-        d = d.hint(format!(
-            "`{found_text}` is a keyword and cannot be used as a name"
-        ));
+        d = d.hint(format!("`{found_text}` is a keyword and cannot be used as a name"));
     } else if found_text == "=" && continuation && !words.contains(&"`=`") {
         d = d.hint("to compare two values, write `==`");
     }
@@ -538,10 +512,7 @@ impl<'i> Parts<'i> {
     fn expect(&mut self, rule: Rule) -> Walk<Pair<'i, Rule>> {
         match self.items.next() {
             Some(p) if p.as_rule() == rule => Ok(p),
-            other => Err(internal(
-                self.parent,
-                &format!("expected {rule:?}, found {:?}", other.map(|p| p.as_rule())),
-            )),
+            other => Err(internal(self.parent, &format!("expected {rule:?}, found {:?}", other.map(|p| p.as_rule())))),
         }
     }
 }
@@ -595,23 +566,13 @@ impl Walker {
                 None => break,
             }
         }
-        Span::new(
-            self.file,
-            pair.as_span().start() as u32,
-            last.as_span().end() as u32,
-        )
+        Span::new(self.file, pair.as_span().start() as u32, last.as_span().end() as u32)
     }
 
     fn parts<'i>(&self, pair: Pair<'i, Rule>) -> Parts<'i> {
         let parent = self.span(&pair);
-        let items: Vec<_> = pair
-            .into_inner()
-            .filter(|p| !is_punctuation(p.as_rule()))
-            .collect();
-        Parts {
-            items: items.into_iter().peekable(),
-            parent,
-        }
+        let items: Vec<_> = pair.into_inner().filter(|p| !is_punctuation(p.as_rule())).collect();
+        Parts { items: items.into_iter().peekable(), parent }
     }
 
     fn check_depth(&self, depth: usize, span: Span) -> Walk<()> {
@@ -623,10 +584,7 @@ impl Walker {
     }
 
     fn ident(&self, pair: &Pair<Rule>) -> Ident {
-        Ident {
-            name: pair.as_str().to_string(),
-            span: self.span(pair),
-        }
+        Ident { name: pair.as_str().to_string(), span: self.span(pair) }
     }
 
     // ---------------------------------------------------------------- items
@@ -658,19 +616,11 @@ impl Walker {
                     Some(p) if p.as_rule() == Rule::short_body => {
                         let value = self.parts(p).expect(Rule::expr)?;
                         let value = self.expr(value, 2)?;
-                        vec![Stmt::Return {
-                            span: value.span,
-                            value,
-                        }]
+                        vec![Stmt::Return { span: value.span, value }]
                     }
                     _ => return Err(internal(span, "block without a body")),
                 };
-                Ok(Item::Block(BlockDef {
-                    name,
-                    params,
-                    body,
-                    span,
-                }))
+                Ok(Item::Block(BlockDef { name, params, body, span }))
             }
             Rule::model_item => {
                 let name = self.ident(&parts.expect(Rule::name)?);
@@ -679,12 +629,7 @@ impl Walker {
                     None => Vec::new(),
                 };
                 let body = self.body(parts.expect(Rule::body)?, 1)?;
-                Ok(Item::Model(ModelDef {
-                    name,
-                    params,
-                    body,
-                    span,
-                }))
+                Ok(Item::Model(ModelDef { name, params, body, span }))
             }
             other => Err(internal(span, &format!("unexpected item {other:?}"))),
         }
@@ -762,31 +707,18 @@ impl Walker {
             Rule::param_stmt => {
                 let name = self.ident(&parts.expect(Rule::name)?);
                 let dims: Vec<_> = self.parts(parts.expect(Rule::shape)?).items.collect();
-                let shape = dims
-                    .into_iter()
-                    .map(|d| self.expr(d, inner + 1))
-                    .collect::<Walk<_>>()?;
+                let shape = dims.into_iter().map(|d| self.expr(d, inner + 1)).collect::<Walk<_>>()?;
                 let init = match parts.eat(Rule::expr) {
                     Some(e) => Some(self.expr(e, inner)?),
                     None => None,
                 };
-                Stmt::ParamDecl {
-                    name,
-                    shape,
-                    init,
-                    span,
-                }
+                Stmt::ParamDecl { name, shape, init, span }
             }
             Rule::for_stmt => {
                 let var = self.ident(&parts.expect(Rule::name)?);
                 let iter = self.expr(parts.expect(Rule::expr)?, inner)?;
                 let body = self.body(parts.expect(Rule::body)?, inner)?;
-                Stmt::For {
-                    var,
-                    iter,
-                    body,
-                    span,
-                }
+                Stmt::For { var, iter, body, span }
             }
             Rule::if_stmt => return self.if_chain(parts, span, depth),
             Rule::group_stmt => {
@@ -794,18 +726,10 @@ impl Walker {
                 let body = self.body(parts.expect(Rule::body)?, inner)?;
                 Stmt::Group { name, body, span }
             }
-            Rule::return_stmt => Stmt::Return {
-                value: self.expr(parts.expect(Rule::expr)?, inner)?,
-                span,
-            },
-            Rule::loss_stmt => Stmt::Loss {
-                value: self.expr(parts.expect(Rule::expr)?, inner)?,
-                span,
-            },
+            Rule::return_stmt => Stmt::Return { value: self.expr(parts.expect(Rule::expr)?, inner)?, span },
+            Rule::loss_stmt => Stmt::Loss { value: self.expr(parts.expect(Rule::expr)?, inner)?, span },
             // A bare expression is a statement of the same depth as its value.
-            Rule::expr_stmt => Stmt::Expr {
-                value: self.expr(parts.expect(Rule::expr)?, depth)?,
-            },
+            Rule::expr_stmt => Stmt::Expr { value: self.expr(parts.expect(Rule::expr)?, depth)? },
             other => return Err(internal(span, &format!("unexpected statement {other:?}"))),
         };
         Ok(stmt)
@@ -833,11 +757,7 @@ impl Walker {
     /// `if c { } else if d { } else { }`: each `else if` becomes an `If` alone in the
     /// `otherwise` of the one before, spanning from its `if` to the end of the chain.
     fn if_chain(&mut self, mut parts: Parts, span: Span, depth: usize) -> Walk<Stmt> {
-        let mut clauses = vec![(
-            span.start,
-            parts.expect(Rule::expr)?,
-            parts.expect(Rule::body)?,
-        )];
+        let mut clauses = vec![(span.start, parts.expect(Rule::expr)?, parts.expect(Rule::body)?)];
         let mut final_else = None;
         while let Some(p) = parts.next() {
             match p.as_rule() {
@@ -869,12 +789,7 @@ impl Walker {
         };
         let mut stmt = None;
         while let Some((start, cond, then)) = built.pop() {
-            let s = Stmt::If {
-                cond,
-                then,
-                otherwise,
-                span: Span::new(self.file, start, span.end),
-            };
+            let s = Stmt::If { cond, then, otherwise, span: Span::new(self.file, start, span.end) };
             if built.is_empty() {
                 stmt = Some(s);
                 break;
@@ -927,59 +842,32 @@ impl Walker {
         self.check_depth(depth, span)?;
         let mut expr = match pair.as_rule() {
             Rule::expr => self.pipe_chain(pair, depth)?,
-            Rule::or_expr
-            | Rule::and_expr
-            | Rule::concat_expr
-            | Rule::add_expr
-            | Rule::mul_expr => self.binary_chain(pair, depth)?,
+            Rule::or_expr | Rule::and_expr | Rule::concat_expr | Rule::add_expr | Rule::mul_expr => {
+                self.binary_chain(pair, depth)?
+            }
             Rule::cmp_expr => self.binary_chain(pair, depth)?,
             Rule::range_expr => self.range(pair, depth)?,
             Rule::not_expr | Rule::neg_expr => self.prefix(pair, depth)?,
             Rule::postfix_expr => self.postfix(pair, depth)?,
-            Rule::int => Expr {
-                kind: ExprKind::Int(self.int(&pair)),
-                span,
-            },
-            Rule::float => Expr {
-                kind: ExprKind::Float(self.float(&pair)),
-                span,
-            },
-            Rule::string => Expr {
-                kind: ExprKind::Str(self.string(pair)),
-                span,
-            },
-            Rule::bool_lit => Expr {
-                kind: ExprKind::Bool(pair.as_str() == "true"),
-                span,
-            },
-            Rule::name => Expr {
-                kind: ExprKind::Var(pair.as_str().to_string()),
-                span,
-            },
+            Rule::int => Expr { kind: ExprKind::Int(self.int(&pair)), span },
+            Rule::float => Expr { kind: ExprKind::Float(self.float(&pair)), span },
+            Rule::string => Expr { kind: ExprKind::Str(self.string(pair)), span },
+            Rule::bool_lit => Expr { kind: ExprKind::Bool(pair.as_str() == "true"), span },
+            Rule::name => Expr { kind: ExprKind::Var(pair.as_str().to_string()), span },
             Rule::call => {
                 let (callee, args) = self.call(pair, depth + 1)?;
-                Expr {
-                    kind: ExprKind::Call { callee, args },
-                    span,
-                }
+                Expr { kind: ExprKind::Call { callee, args }, span }
             }
             Rule::list => self.list(pair, depth)?,
             Rule::per_expr => {
                 let mut parts = self.parts(pair);
                 let group = self.ident(&parts.expect(Rule::name)?);
                 let (body, value) = self.valued_body(parts.expect(Rule::body)?, depth)?;
-                Expr {
-                    kind: ExprKind::Per { group, body, value },
-                    span,
-                }
+                Expr { kind: ExprKind::Per { group, body, value }, span }
             }
             Rule::block_expr => {
-                let (body, value) =
-                    self.valued_body(self.parts(pair).expect(Rule::body)?, depth)?;
-                Expr {
-                    kind: ExprKind::Block { body, value },
-                    span,
-                }
+                let (body, value) = self.valued_body(self.parts(pair).expect(Rule::body)?, depth)?;
+                Expr { kind: ExprKind::Block { body, value }, span }
             }
             other => return Err(internal(span, &format!("unexpected expression {other:?}"))),
         };
@@ -997,15 +885,12 @@ impl Walker {
         let n = items.len().div_ceil(2);
         self.check_depth(depth + n - 1, span)?;
         let mut items = items.into_iter();
-        let first = items
-            .next()
-            .ok_or_else(|| internal(span, "empty operator chain"))?;
+        let first = items.next().ok_or_else(|| internal(span, "empty operator chain"))?;
         let mut acc = self.expr(first, depth + n - 1)?;
         let mut i = 1;
         while let Some(op_pair) = items.next() {
             let op_span = self.span(&op_pair);
-            let op =
-                binop(op_pair.as_rule()).ok_or_else(|| internal(op_span, "unknown operator"))?;
+            let op = binop(op_pair.as_rule()).ok_or_else(|| internal(op_span, "unknown operator"))?;
             if is_comparison && i == 2 {
                 self.errors.push(
                     Diagnostic::error(op_span, "comparison operators cannot be chained")
@@ -1013,17 +898,11 @@ impl Walker {
                         .hint("combine the comparisons with `and`, as in `a < b and b < c`"),
                 );
             }
-            let rhs = items
-                .next()
-                .ok_or_else(|| internal(op_span, "operator without operand"))?;
+            let rhs = items.next().ok_or_else(|| internal(op_span, "operator without operand"))?;
             let rhs = self.expr(rhs, depth + n - i)?;
             acc = Expr {
                 span: acc.span.to(rhs.span),
-                kind: ExprKind::Binary {
-                    op,
-                    lhs: Box::new(acc),
-                    rhs: Box::new(rhs),
-                },
+                kind: ExprKind::Binary { op, lhs: Box::new(acc), rhs: Box::new(rhs) },
             };
             i += 1;
         }
@@ -1033,10 +912,7 @@ impl Walker {
     /// `lo..hi`; a second `..` is reported and folded to the left.
     fn range(&mut self, pair: Pair<Rule>, depth: usize) -> Walk<Expr> {
         let span = self.span(&pair);
-        let items: Vec<_> = pair
-            .into_inner()
-            .filter(|p| p.as_rule() != Rule::op_range)
-            .collect();
+        let items: Vec<_> = pair.into_inner().filter(|p| p.as_rule() != Rule::op_range).collect();
         let n = items.len();
         self.check_depth(depth + n - 1, span)?;
         let mut items = items.into_iter();
@@ -1051,13 +927,7 @@ impl Walker {
                         .hint("write `lo..hi`"),
                 );
             }
-            acc = Expr {
-                span: acc.span.to(hi.span),
-                kind: ExprKind::Range {
-                    lo: Box::new(acc),
-                    hi: Box::new(hi),
-                },
-            };
+            acc = Expr { span: acc.span.to(hi.span), kind: ExprKind::Range { lo: Box::new(acc), hi: Box::new(hi) } };
         }
         Ok(acc)
     }
@@ -1066,25 +936,13 @@ impl Walker {
     fn prefix(&mut self, pair: Pair<Rule>, depth: usize) -> Walk<Expr> {
         let span = self.span(&pair);
         let mut items: Vec<_> = pair.into_inner().collect();
-        let operand = items
-            .pop()
-            .ok_or_else(|| internal(span, "prefix without operand"))?;
+        let operand = items.pop().ok_or_else(|| internal(span, "prefix without operand"))?;
         self.check_depth(depth + items.len(), span)?;
         let mut acc = self.expr(operand, depth + items.len())?;
         for op in items.into_iter().rev() {
             let op_span = self.span(&op);
-            let op = if op.as_rule() == Rule::kw_not {
-                UnOp::Not
-            } else {
-                UnOp::Neg
-            };
-            acc = Expr {
-                span: op_span.to(acc.span),
-                kind: ExprKind::Unary {
-                    op,
-                    operand: Box::new(acc),
-                },
-            };
+            let op = if op.as_rule() == Rule::kw_not { UnOp::Not } else { UnOp::Neg };
+            acc = Expr { span: op_span.to(acc.span), kind: ExprKind::Unary { op, operand: Box::new(acc) } };
         }
         Ok(acc)
     }
@@ -1093,9 +951,7 @@ impl Walker {
     fn postfix(&mut self, pair: Pair<Rule>, depth: usize) -> Walk<Expr> {
         let span = self.span(&pair);
         let mut items = pair.into_inner();
-        let base = items
-            .next()
-            .ok_or_else(|| internal(span, "postfix without base"))?;
+        let base = items.next().ok_or_else(|| internal(span, "postfix without base"))?;
         let indices: Vec<_> = items.collect();
         let k = indices.len();
         self.check_depth(depth + k, span)?;
@@ -1106,10 +962,7 @@ impl Walker {
             let index = self.expr(index, depth + k - j)?;
             acc = Expr {
                 span: Span::new(self.file, acc.span.start, end),
-                kind: ExprKind::Index {
-                    base: Box::new(acc),
-                    index: Box::new(index),
-                },
+                kind: ExprKind::Index { base: Box::new(acc), index: Box::new(index) },
             };
         }
         Ok(acc)
@@ -1119,41 +972,22 @@ impl Walker {
     fn pipe_chain(&mut self, pair: Pair<Rule>, depth: usize) -> Walk<Expr> {
         let span = self.span(&pair);
         let mut parts = self.parts(pair);
-        let lhs = parts
-            .next()
-            .ok_or_else(|| internal(span, "pipe without input"))?;
+        let lhs = parts.next().ok_or_else(|| internal(span, "pipe without input"))?;
         let stages: Vec<_> = parts.items.collect();
         let n = stages.len();
         self.check_depth(depth + n, span)?;
         let mut acc = self.expr(lhs, depth + n)?;
         for (j, stage) in stages.into_iter().enumerate() {
             let stage_span = self.span(&stage);
-            let target = self
-                .parts(stage)
-                .next()
-                .ok_or_else(|| internal(stage_span, "empty pipe stage"))?;
+            let target = self.parts(stage).next().ok_or_else(|| internal(stage_span, "empty pipe stage"))?;
             let (callee, mut args) = match target.as_rule() {
                 Rule::call => self.call(target, depth + n - j)?,
                 Rule::name => (self.ident(&target), Vec::new()),
-                other => {
-                    return Err(internal(
-                        stage_span,
-                        &format!("unexpected pipe stage {other:?}"),
-                    ))
-                }
+                other => return Err(internal(stage_span, &format!("unexpected pipe stage {other:?}"))),
             };
             let span = acc.span.to(stage_span);
-            args.insert(
-                0,
-                Arg {
-                    name: None,
-                    value: acc,
-                },
-            );
-            acc = Expr {
-                kind: ExprKind::Call { callee, args },
-                span,
-            };
+            args.insert(0, Arg { name: None, value: acc });
+            acc = Expr { kind: ExprKind::Call { callee, args }, span };
         }
         Ok(acc)
     }
@@ -1175,9 +1009,7 @@ impl Walker {
                     Diagnostic::error(value.span, "positional argument after a named argument")
                         .label("positional argument")
                         .note(named, "the first named argument is here")
-                        .hint(
-                            "put positional arguments first, or name this one too (`name = value`)",
-                        ),
+                        .hint("put positional arguments first, or name this one too (`name = value`)"),
                 ),
                 _ => {}
             }
@@ -1200,22 +1032,12 @@ impl Walker {
                 let mut tail = self.parts(tail);
                 let var = self.ident(&tail.expect(Rule::name)?);
                 let iter = self.expr(tail.expect(Rule::expr)?, depth + 1)?;
-                let kind = ExprKind::Comprehension {
-                    elem: Box::new(elem),
-                    var,
-                    iter: Box::new(iter),
-                };
+                let kind = ExprKind::Comprehension { elem: Box::new(elem), var, iter: Box::new(iter) };
                 return Ok(Expr { kind, span });
             }
         }
-        let elems = items
-            .into_iter()
-            .map(|e| self.expr(e, depth + 1))
-            .collect::<Walk<_>>()?;
-        Ok(Expr {
-            kind: ExprKind::List(elems),
-            span,
-        })
+        let elems = items.into_iter().map(|e| self.expr(e, depth + 1)).collect::<Walk<_>>()?;
+        Ok(Expr { kind: ExprKind::List(elems), span })
     }
 
     // ---------------------------------------------------------------- literals
@@ -1225,10 +1047,7 @@ impl Walker {
             self.errors.push(
                 Diagnostic::error(self.span(pair), "integer literal is too large")
                     .label("does not fit in 64 bits")
-                    .hint(format!(
-                        "integers go up to {}; write a float such as `1e20` for a larger number",
-                        i64::MAX
-                    )),
+                    .hint(format!("integers go up to {}; write a float such as `1e20` for a larger number", i64::MAX)),
             );
             0
         })
@@ -1252,10 +1071,7 @@ impl Walker {
     fn string(&mut self, pair: Pair<Rule>) -> String {
         let span = self.span(&pair);
         let raw = pair.as_str();
-        let body = raw
-            .strip_prefix('"')
-            .and_then(|r| r.strip_suffix('"'))
-            .unwrap_or(raw);
+        let body = raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')).unwrap_or(raw);
         let body_start = span.start + 1;
         let mut value = String::with_capacity(body.len());
         let mut chars = body.char_indices();
@@ -1302,9 +1118,7 @@ mod tests {
             Err(ScanProblem::UnterminatedString { start: 2, end: 8 })
         ));
         let deep = "(".repeat(MAX_NESTING + 1);
-        assert!(
-            matches!(scan_brackets(&deep, deep.len()), Err(ScanProblem::TooDeep { at }) if at == MAX_NESTING)
-        );
+        assert!(matches!(scan_brackets(&deep, deep.len()), Err(ScanProblem::TooDeep { at }) if at == MAX_NESTING));
     }
 
     #[test]

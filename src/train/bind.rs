@@ -107,7 +107,8 @@ impl InputBinding {
                 },
                 FeatureKind::Domain => {
                     if schema.domain.is_none() {
-                        errors.push(format!("input `{name}` is a domain: the schema needs `domain: {{ column: ... }}`"));
+                        errors
+                            .push(format!("input `{name}` is a domain: the schema needs `domain: {{ column: ... }}`"));
                     }
                     sizes.insert(count_sym(name), layout.domains);
                     feeds.push((ids_input(name), Source::Domain, vec![]));
@@ -138,7 +139,10 @@ impl InputBinding {
                 }
                 None => {
                     let names: Vec<&str> = schema.labels.iter().map(|l| l.name.as_str()).collect();
-                    errors.push(format!("task `{task}` (label {t} of the spec) has no entry in the schema's labels ({})", names.join(", ")));
+                    errors.push(format!(
+                        "task `{task}` (label {t} of the spec) has no entry in the schema's labels ({})",
+                        names.join(", ")
+                    ));
                 }
             }
         }

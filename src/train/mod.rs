@@ -116,7 +116,8 @@ impl Session {
             let binding = self.inputs.with_batch(batch.rows);
             let out = exec.run(&self.eval_graph, &binding, &feeds, params, &Mode::eval()).map_err(|e| e.to_string())?;
             for (t, task) in tasks.iter().enumerate() {
-                let logits = out.dense(&logit_output(task)).ok_or_else(|| format!("no logit output for task {task}"))?;
+                let logits =
+                    out.dense(&logit_output(task)).ok_or_else(|| format!("no logit output for task {task}"))?;
                 for (r, &z) in logits.data.iter().enumerate() {
                     scores[(start + r) * tasks.len() + t] = sigmoid(z);
                 }
@@ -285,7 +286,9 @@ fn save_checkpoint(
 }
 
 /// Reads a checkpoint: parameters, optimizer state, loop state.
-fn load_checkpoint(path: &Path) -> Result<(HashMap<String, Tensor<f32>>, Vec<(String, Tensor<f32>)>, LoopState), String> {
+fn load_checkpoint(
+    path: &Path,
+) -> Result<(HashMap<String, Tensor<f32>>, Vec<(String, Tensor<f32>)>, LoopState), String> {
     let (tensors, meta) = checkpoint::load(path).map_err(|e| e.to_string())?;
     let state: LoopState = serde_json::from_str(&meta).map_err(|e| format!("{}: bad metadata: {e}", path.display()))?;
     let mut params = HashMap::new();
@@ -307,7 +310,15 @@ fn check_params(session: &Session, params: &HashMap<String, Tensor<f32>>, from: 
         let want = mdl_runtime::ir::dim::eval_shape(&p.shape, &session.inputs.sizes)?;
         match params.get(&p.name) {
             Some(t) if t.shape == want => {}
-            Some(t) => return Err(format!("{}: parameter {} has shape {:?}, the model needs {:?}", from.display(), p.name, t.shape, want)),
+            Some(t) => {
+                return Err(format!(
+                    "{}: parameter {} has shape {:?}, the model needs {:?}",
+                    from.display(),
+                    p.name,
+                    t.shape,
+                    want
+                ))
+            }
             None => return Err(format!("{}: parameter {} is missing", from.display(), p.name)),
         }
     }
@@ -476,7 +487,20 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
                         state.epoch_in_stage += 1;
                         state.epoch += 1;
                     }
-                    evaluate_and_checkpoint(&session, exec, &mut params, &mut optimizer, &mut state, &prep.valid, bs, maximize, exp, &best_path, &last, &mut log)?;
+                    evaluate_and_checkpoint(
+                        &session,
+                        exec,
+                        &mut params,
+                        &mut optimizer,
+                        &mut state,
+                        &prep.valid,
+                        bs,
+                        maximize,
+                        exp,
+                        &best_path,
+                        &last,
+                        &mut log,
+                    )?;
                     if state.stopped_early {
                         break 'stages;
                     }
@@ -503,7 +527,20 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
     }
     // A final evaluation when the last steps were not evaluated (max_steps, eval cadence).
     if state.curve.last().map(|c| c.step) != Some(state.step) && state.step > 0 {
-        evaluate_and_checkpoint(&session, exec, &mut params, &mut optimizer, &mut state, &prep.valid, bs, maximize, exp, &best_path, &last, &mut log)?;
+        evaluate_and_checkpoint(
+            &session,
+            exec,
+            &mut params,
+            &mut optimizer,
+            &mut state,
+            &prep.valid,
+            bs,
+            maximize,
+            exp,
+            &best_path,
+            &last,
+            &mut log,
+        )?;
     }
     // The device's parameters back on the host before other tensors (the best ones) run.
     exec.sync(&mut params, &mut optimizer)?;
@@ -651,7 +688,15 @@ fn write_curve(path: &Path, curve: &[CurvePoint]) -> Result<(), String> {
     let mut s = String::from("step,epoch,train_loss,valid_auc,valid_gauc,valid_logloss\n");
     let f = |v: Option<f64>| v.map(|x| format!("{x:.6}")).unwrap_or_default();
     for c in curve {
-        s.push_str(&format!("{},{},{:.6},{},{},{}\n", c.step, c.epoch, c.train_loss, f(c.valid_auc), f(c.valid_gauc), f(c.valid_logloss)));
+        s.push_str(&format!(
+            "{},{},{:.6},{},{},{}\n",
+            c.step,
+            c.epoch,
+            c.train_loss,
+            f(c.valid_auc),
+            f(c.valid_gauc),
+            f(c.valid_logloss)
+        ));
     }
     write_atomic(path, s.as_bytes())
 }
@@ -665,7 +710,8 @@ pub const BACKENDS: &[&str] = &["jit", "interp", "opencl"];
 pub const BACKENDS: &[&str] = &["jit", "interp"];
 
 /// The error for `opencl` in a build without the feature.
-pub const NO_OPENCL_FEATURE: &str = "this mdl was built without the `opencl` feature: cargo build --release --features opencl";
+pub const NO_OPENCL_FEATURE: &str =
+    "this mdl was built without the `opencl` feature: cargo build --release --features opencl";
 
 /// Checks a backend name (`jit`, `interp`, `opencl`, `opencl:N`) against this build.
 pub fn check_backend(name: &str) -> Result<(), String> {
@@ -723,7 +769,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
 /// Loads a finished (or interrupted) run: its experiment, fitted data encoders, model and best parameters.
 pub fn load_run(run: &Path) -> Result<(Experiment, Fitted, Session, HashMap<String, Tensor<f32>>), String> {
     let cfg = run.join("config.yaml");
-    let text = std::fs::read_to_string(&cfg).map_err(|e| format!("{} is not a run folder: cannot read {}: {e}", run.display(), cfg.display()))?;
+    let text = std::fs::read_to_string(&cfg)
+        .map_err(|e| format!("{} is not a run folder: cannot read {}: {e}", run.display(), cfg.display()))?;
     let exp: Experiment = serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", cfg.display()))?;
     let fitted_path = run.join("fitted.json");
     let fitted: Fitted = serde_json::from_str(

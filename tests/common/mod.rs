@@ -99,9 +99,9 @@ pub fn random_feeds<T: Float>(c: &Compiled, binding: &Binding, rng: &mut Lcg) ->
                 }
                 Value::Dense(Tensor::new(shape, data).unwrap())
             }
-            DType::F if inp.name.starts_with("label/") => {
-                Value::Dense(Tensor::new(shape, (0..n).map(|_| T::from_f64((rng.next() % 2) as f64)).collect()).unwrap())
-            }
+            DType::F if inp.name.starts_with("label/") => Value::Dense(
+                Tensor::new(shape, (0..n).map(|_| T::from_f64((rng.next() % 2) as f64)).collect()).unwrap(),
+            ),
             DType::F => Value::Dense(Tensor::new(shape, (0..n).map(|_| T::from_f64(rng.normal())).collect()).unwrap()),
         };
         feeds.insert(inp.name.clone(), v);
@@ -126,7 +126,11 @@ pub fn random_params<T: Float>(g: &Graph, binding: &Binding, scale: f64, rng: &m
 /// with random feeds and parameters (scale 0.3): the loss within `loss_tol` relative, and
 /// every parameter gradient within 5e-4 relative to its largest entry. `label` names the
 /// backend in messages.
-pub fn assert_agrees_with_interp_on_every_spec(label: &str, loss_tol: f32, execs: &mut [&mut dyn mdl_runtime::backend::Executor]) {
+pub fn assert_agrees_with_interp_on_every_spec(
+    label: &str,
+    loss_tol: f32,
+    execs: &mut [&mut dyn mdl_runtime::backend::Executor],
+) {
     use mdl_runtime::backend::{Executor, Interp};
     use mdl_runtime::exec::Mode;
     for path in shipped_specs() {
@@ -139,16 +143,25 @@ pub fn assert_agrees_with_interp_on_every_spec(label: &str, loss_tol: f32, execs
         let mode = Mode::train(3, 1);
         let a = Interp.run(&g, &binding, &feeds, &params, &mode).unwrap();
         for other in execs.iter_mut() {
-            let b = other.run(&g, &binding, &feeds, &params, &mode).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let b =
+                other.run(&g, &binding, &feeds, &params, &mode).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let (la, lb) = (a.scalar("loss").unwrap(), b.scalar("loss").unwrap());
-            assert!((la - lb).abs() <= loss_tol * la.abs().max(1.0), "{}: loss interp {la} {label} {lb}", path.display());
+            assert!(
+                (la - lb).abs() <= loss_tol * la.abs().max(1.0),
+                "{}: loss interp {la} {label} {lb}",
+                path.display()
+            );
             for p in &c.graph.params {
                 let name = format!("grad/{}", p.name);
                 let ga = a.output(&name).unwrap().to_dense().unwrap();
                 let gb = b.output(&name).unwrap().to_dense().unwrap();
                 let scale = ga.data.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
                 for (x, y) in ga.data.iter().zip(&gb.data) {
-                    assert!((x - y).abs() <= 5e-4 * scale, "{}: {name}: interp {x} {label} {y} (scale {scale})", path.display());
+                    assert!(
+                        (x - y).abs() <= 5e-4 * scale,
+                        "{}: {name}: interp {x} {label} {y} (scale {scale})",
+                        path.display()
+                    );
                 }
             }
         }
@@ -173,21 +186,41 @@ pub fn assert_a_frozen_group_keeps_its_initial_values(dir: &Path, run: impl Fn(&
         let out = dir.join(format!("out{max_steps}"));
         let steps = format!("train.max_steps={max_steps}");
         run(&[
-            "run", "experiments/quickstart.yaml", "--out", out.to_str().unwrap(),
-            "--set", &spec_set, "--set", "train.batch_size=4096", "--set", &steps,
-            "--set", "train.eval_every=1000",
-            "--set", "train.stages=[{epochs: 1, freeze: [tower]}, {epochs: 1, reset_optimizer: true}]",
+            "run",
+            "experiments/quickstart.yaml",
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            &spec_set,
+            "--set",
+            "train.batch_size=4096",
+            "--set",
+            &steps,
+            "--set",
+            "train.eval_every=1000",
+            "--set",
+            "train.stages=[{epochs: 1, freeze: [tower]}, {epochs: 1, reset_optimizer: true}]",
         ]);
         mdl_runtime::checkpoint::load(&out.join("last.ckpt")).unwrap().0
     };
     use mdl_runtime::Init;
     let (first, both) = (checkpoint(3), checkpoint(40));
     let get = |tensors: &[(String, Tensor<f32>)], n: &str| {
-        tensors.iter().find(|(name, _)| name == n).unwrap_or_else(|| panic!("no {n} in {:?}", tensors.iter().map(|t| &t.0).collect::<Vec<_>>())).1.clone()
+        tensors
+            .iter()
+            .find(|(name, _)| name == n)
+            .unwrap_or_else(|| panic!("no {n} in {:?}", tensors.iter().map(|t| &t.0).collect::<Vec<_>>()))
+            .1
+            .clone()
     };
-    let init = |n: &str, init: Init| mdl_runtime::init::init_tensor::<f32>(n, get(&first, n).shape, &init, 2023).unwrap();
+    let init =
+        |n: &str, init: Init| mdl_runtime::init::init_tensor::<f32>(n, get(&first, n).shape, &init, 2023).unwrap();
     assert_eq!(get(&first, "click/linear/W"), init("click/linear/W", Init::Glorot), "frozen weight changed");
     assert_eq!(get(&first, "click/linear/b"), init("click/linear/b", Init::Zeros), "frozen bias changed");
     assert_ne!(get(&first, "h/mlp/linear/W"), init("h/mlp/linear/W", Init::Glorot), "a trained weight did not change");
-    assert_ne!(get(&both, "click/linear/W"), init("click/linear/W", Init::Glorot), "the second stage did not train the tower");
+    assert_ne!(
+        get(&both, "click/linear/W"),
+        init("click/linear/W", Init::Glorot),
+        "the second stage did not train the tower"
+    );
 }

@@ -46,7 +46,13 @@ pub fn run_keep_all<T: Float>(
 pub(crate) trait Evaluator<T: Float> {
     /// The value of node `id` (= `op`) from its operands. The operands whose last reader
     /// this node is may be taken ([`Operands::take`]) and reused for the result.
-    fn eval(&mut self, id: NodeId, op: &Op, operands: &mut Operands<'_, '_, T>, cx: &EvalCx) -> Result<Value<T>, ExecError>;
+    fn eval(
+        &mut self,
+        id: NodeId,
+        op: &Op,
+        operands: &mut Operands<'_, '_, T>,
+        cx: &EvalCx,
+    ) -> Result<Value<T>, ExecError>;
 
     /// A computed value the run no longer needs (after its last reader, or never read);
     /// a backend may keep its buffer for later results. Dropped by default.
@@ -67,7 +73,13 @@ pub(crate) trait Evaluator<T: Float> {
 pub(crate) struct Rules;
 
 impl<T: Float> Evaluator<T> for Rules {
-    fn eval(&mut self, _id: NodeId, op: &Op, operands: &mut Operands<'_, '_, T>, cx: &EvalCx) -> Result<Value<T>, ExecError> {
+    fn eval(
+        &mut self,
+        _id: NodeId,
+        op: &Op,
+        operands: &mut Operands<'_, '_, T>,
+        cx: &EvalCx,
+    ) -> Result<Value<T>, ExecError> {
         ops::eval(op, &operands.args(op)?, cx)
     }
 }
@@ -158,7 +170,8 @@ impl Lifetimes {
                     last_use[i] == id.index() && !keep[i] && last_slot(k)
                 })
                 .collect();
-            let o: Box<[bool]> = (0..inputs.len()).map(|k| d[k] && inputs[..k].iter().all(|&j| j != inputs[k])).collect();
+            let o: Box<[bool]> =
+                (0..inputs.len()).map(|k| d[k] && inputs[..k].iter().all(|&j| j != inputs[k])).collect();
             dying.push(d);
             owned.push(o);
         }
@@ -211,9 +224,11 @@ impl<T: Float> Operands<'_, '_, T> {
 
     /// Every operand read in place, or an error naming `op` when one was taken.
     pub fn args(&self, op: &Op) -> Result<Vec<Arg<'_, T>>, ExecError> {
-        self.inputs.iter().map(|i| self.slots[i.index()].arg()).collect::<Option<Vec<_>>>().ok_or_else(|| {
-            ExecError::BadOperand { op: op.name(), message: "an operand was freed too early".into() }
-        })
+        self.inputs
+            .iter()
+            .map(|i| self.slots[i.index()].arg())
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ExecError::BadOperand { op: op.name(), message: "an operand was freed too early".into() })
     }
 
     /// Operand `k`'s value, moved out, when this node is its last reader, it is read in no
@@ -249,7 +264,10 @@ pub(crate) fn execute<'a, T: Float>(
     let n = graph.len();
     let Lifetimes { keep, reads, skip, dying, owned, unread } = lifetimes;
     if keep.len() != n {
-        return Err(ExecError::BadOperand { op: "run".into(), message: "the lifetimes are those of another graph".into() });
+        return Err(ExecError::BadOperand {
+            op: "run".into(),
+            message: "the lifetimes are those of another graph".into(),
+        });
     }
     let mut slots: Vec<Slot<'a, T>> = (0..n).map(|_| Slot::Empty).collect();
     for id in graph.ids() {
@@ -270,7 +288,12 @@ pub(crate) fn execute<'a, T: Float>(
             Op::Param { name } => {
                 let t = params.get(name).ok_or_else(|| ExecError::MissingParam { name: name.clone() })?;
                 if t.data.len() != t.shape.iter().product::<usize>() {
-                    return Err(ExecError::Malformed { what: "parameter", name: name.clone(), shape: t.shape.clone(), len: t.data.len() });
+                    return Err(ExecError::Malformed {
+                        what: "parameter",
+                        name: name.clone(),
+                        shape: t.shape.clone(),
+                        len: t.data.len(),
+                    });
                 }
                 if t.shape != out_shape {
                     return Err(ExecError::ShapeMismatch {
@@ -364,7 +387,11 @@ fn check_result<T: Float>(node: &Node, value: &Value<T>, shape: &[usize], deferr
     if !kind_ok || !data_ok || value.shape() != shape {
         return Err(ExecError::BadOperand {
             op: node.op.name(),
-            message: format!("the eval rule produced {} of shape {:?}, expected {shape:?}", value.kind_name(), value.shape()),
+            message: format!(
+                "the eval rule produced {} of shape {:?}, expected {shape:?}",
+                value.kind_name(),
+                value.shape()
+            ),
         });
     }
     Ok(())

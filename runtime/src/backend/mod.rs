@@ -233,7 +233,11 @@ pub trait Executor {
     /// fusion pass and kernel compilation), so that the first `run` pays only for running
     /// and the cost of a plan can be measured apart. Backends with nothing to prepare do
     /// nothing; `run` prepares whatever was not.
-    fn prepare(&mut self, _graph: &crate::ir::graph::Graph, _binding: &crate::ir::dim::Binding) -> Result<(), ExecError> {
+    fn prepare(
+        &mut self,
+        _graph: &crate::ir::graph::Graph,
+        _binding: &crate::ir::dim::Binding,
+    ) -> Result<(), ExecError> {
         Ok(())
     }
 
@@ -283,7 +287,11 @@ pub trait Executor {
     /// Brings the host's `params` and `optimizer` state up to date with what
     /// [`Executor::train_step`] left on a device; nothing for backends that compute in host
     /// memory.
-    fn sync(&mut self, _params: &mut HashMap<String, Tensor<f32>>, _optimizer: &mut crate::optim::Optimizer<f32>) -> Result<(), String> {
+    fn sync(
+        &mut self,
+        _params: &mut HashMap<String, Tensor<f32>>,
+        _optimizer: &mut crate::optim::Optimizer<f32>,
+    ) -> Result<(), String> {
         Ok(())
     }
 

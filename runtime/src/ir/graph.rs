@@ -215,7 +215,8 @@ impl Graph {
         fn esc(s: &str) -> String {
             s.replace('\\', "\\\\").replace('"', "\\\"")
         }
-        let mut out = String::from("digraph mdl {\n  rankdir=TB;\n  node [shape=box, fontname=\"monospace\", fontsize=10];\n");
+        let mut out =
+            String::from("digraph mdl {\n  rankdir=TB;\n  node [shape=box, fontname=\"monospace\", fontsize=10];\n");
         for id in self.ids() {
             let n = &self.g[id];
             let color = match n.op {
@@ -233,10 +234,20 @@ impl Graph {
             ));
         }
         for e in self.g.edge_references() {
-            out.push_str(&format!("  n{} -> n{} [label=\"{}\"];\n", e.source().index(), e.target().index(), e.weight()));
+            out.push_str(&format!(
+                "  n{} -> n{} [label=\"{}\"];\n",
+                e.source().index(),
+                e.target().index(),
+                e.weight()
+            ));
         }
         for (name, id) in &self.outputs {
-            out.push_str(&format!("  out_{0} [label=\"{1}\", shape=oval];\n  n{2} -> out_{0};\n", sanitize(name), esc(name), id.index()));
+            out.push_str(&format!(
+                "  out_{0} [label=\"{1}\", shape=oval];\n  n{2} -> out_{0};\n",
+                sanitize(name),
+                esc(name),
+                id.index()
+            ));
         }
         out.push_str("}\n");
         out

@@ -111,7 +111,8 @@ impl<'g> Emit<'g> {
             return Ok(ct);
         }
         let lead = shape.len().saturating_sub(target.len());
-        let axes: Vec<usize> = (0..shape.len()).filter(|&i| i < lead || (target[i - lead].is_one() && !shape[i].is_one())).collect();
+        let axes: Vec<usize> =
+            (0..shape.len()).filter(|&i| i < lead || (target[i - lead].is_one() && !shape[i].is_one())).collect();
         let summed = if axes.is_empty() { ct } else { self.reduce(ReduceOp::Sum, ct, axes, true)? };
         self.reshape(summed, target)
     }

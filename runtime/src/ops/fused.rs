@@ -114,7 +114,10 @@ impl FusedKernel {
             };
             match *instr {
                 Instr::Input(i) if i >= self.inputs => {
-                    return Err(format!("instruction {at} reads input {i}, but the kernel has {} input(s)", self.inputs))
+                    return Err(format!(
+                        "instruction {at} reads input {i}, but the kernel has {} input(s)",
+                        self.inputs
+                    ))
                 }
                 Instr::Input(_) | Instr::Const(_) => {}
                 Instr::Unary(_, a) => earlier(a)?,

@@ -39,7 +39,11 @@ pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
             need_dense_float(&x[1], op)?;
             let (ids, dy) = (x[0].shape, x[1].shape);
             if dy.len() < ids.len() || &dy[..ids.len()] != ids {
-                return shape_err(format!("sparse_rows: values {} do not start with the id shape {}", x[1].describe(), x[0].describe()));
+                return shape_err(format!(
+                    "sparse_rows: values {} do not start with the id shape {}",
+                    x[1].describe(),
+                    x[0].describe()
+                ));
             }
             let mut out = vec![rows.clone()];
             out.extend_from_slice(&dy[ids.len()..]);
@@ -49,7 +53,11 @@ pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
             need_dense_float(&x[0], op)?;
             need_ids(&x[1], op)?;
             if x[1].shape.len() != 1 || x[0].shape.is_empty() || x[0].shape[0] != x[1].shape[0] {
-                return shape_err(format!("segment_sum needs x [N, ...] and ids [N], got {} and {}", x[0].describe(), x[1].describe()));
+                return shape_err(format!(
+                    "segment_sum needs x [N, ...] and ids [N], got {} and {}",
+                    x[0].describe(),
+                    x[1].describe()
+                ));
             }
             let mut out = vec![segments.clone()];
             out.extend_from_slice(&x[0].shape[1..]);
@@ -64,7 +72,6 @@ pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
         _ => shape_err(format!("{} is not an indexing op", op.name())),
     }
 }
-
 
 /// Whether the gradient of `table` is row-sparse: it is a parameter flagged `embedding`
 /// whose every use is the table of a Gather. (Used any other way, the dense gradient of the

@@ -140,7 +140,9 @@ pub fn grad(graph: &mut Graph, node: &Node, _y: NodeId, dy: NodeId) -> Result<Ve
             let after = &(&xs[*axis] - start) - len;
             e.op(Op::Pad { axis: *axis, before: start.clone(), after }, &[dy])?
         }
-        Op::Pad { axis, before, .. } => e.op(Op::Slice { axis: *axis, start: before.clone(), len: xs[*axis].clone() }, &[dy])?,
+        Op::Pad { axis, before, .. } => {
+            e.op(Op::Slice { axis: *axis, start: before.clone(), len: xs[*axis].clone() }, &[dy])?
+        }
         _ => return shape_err(format!("{} is not a layout op", node.op.name())),
     };
     Ok(vec![Some(dx)])

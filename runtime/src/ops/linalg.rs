@@ -36,7 +36,11 @@ pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
         Op::MatMul { trans_a, trans_b } => {
             let (a, b) = (x[0].shape, x[1].shape);
             if a.len() < 2 || b.len() < 2 {
-                return shape_err(format!("matmul needs operands of rank ≥ 2, got {} and {}", x[0].describe(), x[1].describe()));
+                return shape_err(format!(
+                    "matmul needs operands of rank ≥ 2, got {} and {}",
+                    x[0].describe(),
+                    x[1].describe()
+                ));
             }
             let (m, ka) = last_two(a, *trans_a);
             let (kb, n) = last_two(b, *trans_b);
@@ -67,7 +71,11 @@ pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
             need_ids(&x[2], op, "the group index")?;
             let (xs, w) = (x[0].shape, x[1].shape);
             if xs.len() != 2 || w.len() != 3 {
-                return shape_err(format!("group_matmul needs x [N, k] and w [G, k, n], got {} and {}", x[0].describe(), x[1].describe()));
+                return shape_err(format!(
+                    "group_matmul needs x [N, k] and w [G, k, n], got {} and {}",
+                    x[0].describe(),
+                    x[1].describe()
+                ));
             }
             let (k, n) = last_two(w, *trans_w);
             if xs[1] != k {
@@ -84,7 +92,11 @@ pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
             need_ids(&x[2], op, "the group index")?;
             let (xs, dy) = (x[0].shape, x[1].shape);
             if xs.len() != 2 || dy.len() != 2 || xs[0] != dy[0] || x[2].shape[0] != xs[0] {
-                return shape_err(format!("group_outer needs x [N, k], dy [N, n], idx [N], got {} and {}", x[0].describe(), x[1].describe()));
+                return shape_err(format!(
+                    "group_outer needs x [N, k], dy [N, n], idx [N], got {} and {}",
+                    x[0].describe(),
+                    x[1].describe()
+                ));
             }
             Ok(Signature::dense(vec![groups.clone(), xs[1].clone(), dy[1].clone()]))
         }
@@ -121,7 +133,8 @@ pub fn grad(graph: &mut Graph, node: &Node, _y: NodeId, dy: NodeId) -> Result<Ve
                 }
             } else {
                 let r = a_shape.len();
-                let (m, k) = if trans_a { (&a_shape[r - 1], &a_shape[r - 2]) } else { (&a_shape[r - 2], &a_shape[r - 1]) };
+                let (m, k) =
+                    if trans_a { (&a_shape[r - 1], &a_shape[r - 2]) } else { (&a_shape[r - 2], &a_shape[r - 1]) };
                 let rows = &numel(&a_shape[..r - 2]) * m;
                 let n = e.graph.dim(dy, r - 1);
                 let a_rows = if trans_a { e.transpose(a)? } else { a };

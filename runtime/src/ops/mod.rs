@@ -304,7 +304,11 @@ impl Op {
             Slice { axis, start, len } => format!("slice axis={axis} start={start} len={len}"),
             Pad { axis, before, after } => format!("pad axis={axis} before={before} after={after}"),
             Reduce { op, axes, keep_dims } => {
-                format!("reduce_{} axes={axes:?}{}", format!("{op:?}").to_lowercase(), if *keep_dims { " keep" } else { "" })
+                format!(
+                    "reduce_{} axes={axes:?}{}",
+                    format!("{op:?}").to_lowercase(),
+                    if *keep_dims { " keep" } else { "" }
+                )
             }
             Softmax { axis } => format!("softmax axis={axis}"),
             MatMul { trans_a, trans_b } => {
@@ -361,9 +365,10 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
         return Err(ExecError::BadOperand { op: op.name(), message: format!("got {} operand(s)", args.len()) });
     }
     match op {
-        Input { .. } | Param { .. } => {
-            Err(ExecError::BadOperand { op: op.name(), message: "inputs and parameters are read by the backend".into() })
-        }
+        Input { .. } | Param { .. } => Err(ExecError::BadOperand {
+            op: op.name(),
+            message: "inputs and parameters are read by the backend".into(),
+        }),
         Scalar(_) | DropMask { .. } | StopGrad => source::eval(op, args, cx),
         Unary(_) | Binary(_) => elementwise::eval(op, args, cx),
         Reshape { .. } | Permute { .. } | Broadcast { .. } | Concat { .. } | Slice { .. } | Pad { .. } => {

@@ -12,7 +12,10 @@ pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
     match op {
         Op::Reduce { axes, keep_dims, .. } => {
             if axes.windows(2).any(|w| w[0] >= w[1]) || axes.iter().any(|&a| a >= rank) {
-                return shape_err(format!("reduce axes {axes:?} must be sorted, distinct and < {rank} for {}", x[0].describe()));
+                return shape_err(format!(
+                    "reduce axes {axes:?} must be sorted, distinct and < {rank} for {}",
+                    x[0].describe()
+                ));
             }
             let mut out = Vec::new();
             for (i, d) in x[0].shape.iter().enumerate() {
@@ -84,7 +87,8 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
         Op::Reduce { op: kind, axes, .. } => {
             // Walk the input once; each element lands in the output slot whose strides
             // along the reduced axes are zero.
-            let kept: Vec<usize> = x.shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
+            let kept: Vec<usize> =
+                x.shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
             let mut into = strides(&kept);
             for &a in axes {
                 into[a] = 0;

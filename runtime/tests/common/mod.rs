@@ -7,7 +7,9 @@ use mdl_runtime::backend::interp;
 use mdl_runtime::exec::SplitMix64;
 use mdl_runtime::ir::dim::eval_shape;
 use mdl_runtime::ops::ShapeError;
-use mdl_runtime::{differentiate, Binding, DType, Dim, Graph, Ids, Init, Mode, NodeId, Op, ReduceOp, Shape, Tensor, Value};
+use mdl_runtime::{
+    differentiate, Binding, DType, Dim, Graph, Ids, Init, Mode, NodeId, Op, ReduceOp, Shape, Tensor, Value,
+};
 use std::collections::HashMap;
 
 /// Central-difference step.
@@ -24,7 +26,14 @@ pub fn dims(sizes: &[usize]) -> Shape {
 /// A parameter's description for the optimizer: `name` of a static `shape`, an embedding
 /// table (row-sparse updates, `embedding_lr`) or not.
 pub fn param_info(name: &str, shape: &[usize], embedding: bool) -> mdl_runtime::ParamInfo {
-    mdl_runtime::ParamInfo { name: name.into(), shape: dims(shape), init: Init::Zeros, group: None, embedding, node: NodeId::new(0) }
+    mdl_runtime::ParamInfo {
+        name: name.into(),
+        shape: dims(shape),
+        init: Init::Zeros,
+        group: None,
+        embedding,
+        node: NodeId::new(0),
+    }
 }
 
 /// A shape whose first axis is the batch symbol `B` (the rest static).
@@ -142,7 +151,9 @@ impl Case {
         let r_data = self.uniform(self.numel(&shape), -1.0, 1.0);
         let r = self.input_values("R", shape.clone(), r_data);
         let prod = self.add(Op::Binary(mdl_runtime::BinaryOp::Mul), &[y, r]).expect("y * R");
-        let loss = self.add(Op::Reduce { op: ReduceOp::Sum, axes: (0..shape.len()).collect(), keep_dims: false }, &[prod]).expect("sum");
+        let loss = self
+            .add(Op::Reduce { op: ReduceOp::Sum, axes: (0..shape.len()).collect(), keep_dims: false }, &[prod])
+            .expect("sum");
         self.graph.outputs.insert("loss".into(), loss);
         loss
     }
@@ -158,7 +169,8 @@ impl Case {
     pub fn autodiff_grads(&self, loss: NodeId) -> Result<(Graph, HashMap<String, Tensor<f64>>), String> {
         let names: Vec<String> = self.graph.params.iter().map(|p| p.name.clone()).collect();
         let g = differentiate(&self.graph, loss, &names).map_err(|e| e.to_string())?;
-        let values = interp::run(&g, &self.binding, &self.feeds, &self.params, &self.mode).map_err(|e| e.to_string())?;
+        let values =
+            interp::run(&g, &self.binding, &self.feeds, &self.params, &self.mode).map_err(|e| e.to_string())?;
         let mut grads = HashMap::new();
         for name in names {
             let shape = self.params[&name].shape.clone();

@@ -183,18 +183,20 @@ fn rows(graph: &Graph, id: NodeId) -> Option<(Vec<NodeId>, Kernel)> {
             return None;
         }
         let part = match &graph.node(v).op {
-            Op::Fused(k) if k.reduce.is_none() => match masked_product(graph, k, &graph.node(v).inputs, graph.shape(v), row_shape) {
-                Some((dy, mask)) => {
-                    read.push(dy);
-                    read.push(mask);
-                    masked = true;
-                    Part::Masked { dy: read.len() - 2, mask: read.len() - 1 }
+            Op::Fused(k) if k.reduce.is_none() => {
+                match masked_product(graph, k, &graph.node(v).inputs, graph.shape(v), row_shape) {
+                    Some((dy, mask)) => {
+                        read.push(dy);
+                        read.push(mask);
+                        masked = true;
+                        Part::Masked { dy: read.len() - 2, mask: read.len() - 1 }
+                    }
+                    None => {
+                        read.push(v);
+                        Part::Dense { values: read.len() - 1 }
+                    }
                 }
-                None => {
-                    read.push(v);
-                    Part::Dense { values: read.len() - 1 }
-                }
-            },
+            }
             _ => {
                 read.push(v);
                 Part::Dense { values: read.len() - 1 }
@@ -202,12 +204,19 @@ fn rows(graph: &Graph, id: NodeId) -> Option<(Vec<NodeId>, Kernel)> {
         };
         parts.push(part);
     }
-    (masked || value_parts.len() > 1 || id_parts.len() > 1).then_some((read, Kernel::Rows { ids: id_parts.len(), parts }))
+    (masked || value_parts.len() > 1 || id_parts.len() > 1)
+        .then_some((read, Kernel::Rows { ids: id_parts.len(), parts }))
 }
 
 /// `(dy, mask)` when kernel `k` over `inputs` is `dy * mask` with its shape ending in the
 /// row shape, `dy` full along the row axes and `mask` of size 1 along them.
-fn masked_product(graph: &Graph, k: &FusedKernel, inputs: &[NodeId], shape: &[Dim], row: &[Dim]) -> Option<(NodeId, NodeId)> {
+fn masked_product(
+    graph: &Graph,
+    k: &FusedKernel,
+    inputs: &[NodeId],
+    shape: &[Dim],
+    row: &[Dim],
+) -> Option<(NodeId, NodeId)> {
     let (a, b) = product(k)?;
     if shape.len() < row.len() || &shape[shape.len() - row.len()..] != row {
         return None;
@@ -271,7 +280,14 @@ enum Block<'a> {
     Dense { ids: std::borrow::Cow<'a, [u32]>, x: &'a [f32] },
     /// `ids[j]` with `dy`'s row times one mask value; `shape`, `ds` and `ms` walk the
     /// entries (the axes before the row) with `dy`'s and the mask's broadcast strides.
-    Masked { ids: std::borrow::Cow<'a, [u32]>, dy: &'a [f32], mask: &'a [f32], shape: Vec<usize>, ds: Vec<usize>, ms: Vec<usize> },
+    Masked {
+        ids: std::borrow::Cow<'a, [u32]>,
+        dy: &'a [f32],
+        mask: &'a [f32],
+        shape: Vec<usize>,
+        ds: Vec<usize>,
+        ms: Vec<usize>,
+    },
 }
 
 /// One entry of a gradient being built.
@@ -349,7 +365,12 @@ fn accumulate(blocks: &[Block], limit: usize, width: usize, threads: usize, pool
             }
         });
     };
-    let entries: usize = blocks.iter().map(|b| match b { Block::Dense { ids, .. } | Block::Masked { ids, .. } => ids.len() }).sum();
+    let entries: usize = blocks
+        .iter()
+        .map(|b| match b {
+            Block::Dense { ids, .. } | Block::Masked { ids, .. } => ids.len(),
+        })
+        .sum();
     if threads > 1 && limit >= 2 && entries * width >= PARALLEL_WORK {
         let half = limit / 2;
         let (acc_lo, acc_hi) = acc.split_at_mut(half * width);
@@ -485,7 +506,15 @@ fn scratch_and_combine(blocks: &[Block], total: usize, width: usize, pool: &mut 
 /// Computes node `op` with `kernel` from its reads.
 /// `exact`: row sums in entry order, bit for bit as interp; otherwise a gradient's entries
 /// may be split between the threads ([`accumulate_halves`]).
-pub fn run(kernel: &Kernel, op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, threads: usize, exact: bool, pool: &mut Pool) -> Result<Value<f32>, ExecError> {
+pub fn run(
+    kernel: &Kernel,
+    op: &Op,
+    operands: &mut Operands<f32>,
+    cx: &EvalCx,
+    threads: usize,
+    exact: bool,
+    pool: &mut Pool,
+) -> Result<Value<f32>, ExecError> {
     let args = operands.args(op)?;
     let name = op.name();
     let bad = |message: String| ExecError::BadOperand { op: name.clone(), message };
@@ -496,7 +525,10 @@ pub fn run(kernel: &Kernel, op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, 
             let len = ids.shape.last().copied().unwrap_or(1);
             let bags: usize = ids.shape[..ids.shape.len().saturating_sub(1)].iter().product();
             if mask.data.len() != ids.data.len() || bags * width != cx.out_shape.iter().product::<usize>() {
-                return Err(bad(format!("an embedding bag of ids {:?} and mask {:?} cannot give {:?}", ids.shape, mask.shape, cx.out_shape)));
+                return Err(bad(format!(
+                    "an embedding bag of ids {:?} and mask {:?} cannot give {:?}",
+                    ids.shape, mask.shape, cx.out_shape
+                )));
             }
             if len == 0 && *mean {
                 // An empty mean is 0/0: the eval rules have that edge case.
@@ -544,7 +576,11 @@ pub fn run(kernel: &Kernel, op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, 
                 let rows: Vec<u32> = id_parts.iter().flat_map(|t| t.data.iter().copied()).collect();
                 let mut value_shape = vec![rows.len()];
                 value_shape.extend_from_slice(&cx.out_shape[1..]);
-                return Ok(Value::RowSparse { shape: cx.out_shape.to_vec(), rows, values: Tensor { shape: value_shape, data: Vec::new() } });
+                return Ok(Value::RowSparse {
+                    shape: cx.out_shape.to_vec(),
+                    rows,
+                    values: Tensor { shape: value_shape, data: Vec::new() },
+                });
             }
             let mut ids = IdCursor { parts: &id_parts, part: 0, at: 0 };
             let mut blocks = Vec::with_capacity(parts.len());
@@ -562,8 +598,9 @@ pub fn run(kernel: &Kernel, op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, 
                     }
                     Part::Masked { dy, mask } => {
                         let (dy, mask) = (args[dy].dense(&name)?, args[mask].dense(&name)?);
-                        let shape = crate::ops::fused::broadcast_all([dy.shape.as_slice(), mask.shape.as_slice()].into_iter())
-                            .ok_or_else(|| bad("the factors of the gradient do not broadcast".into()))?;
+                        let shape =
+                            crate::ops::fused::broadcast_all([dy.shape.as_slice(), mask.shape.as_slice()].into_iter())
+                                .ok_or_else(|| bad("the factors of the gradient do not broadcast".into()))?;
                         let numel: usize = shape.iter().product();
                         // The entry axes: those before the trailing axes that make one row.
                         let mut t = shape.len();
@@ -574,18 +611,29 @@ pub fn run(kernel: &Kernel, op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, 
                         }
                         let n = numel / width;
                         if tail != width || entries + n > total {
-                            return Err(bad(format!("a product of shape {shape:?} does not make rows of width {width}")));
+                            return Err(bad(format!(
+                                "a product of shape {shape:?} does not make rows of width {width}"
+                            )));
                         }
                         let (ds, ms) = (broadcast_strides(&dy.shape, &shape), broadcast_strides(&mask.shape, &shape));
                         let mut step = 1usize;
                         for ax in (t..shape.len()).rev() {
                             if shape[ax] != 1 && (ms[ax] != 0 || ds[ax] != step) {
-                                return Err(bad("the mask varies along a row or the rows of dy are not contiguous".into()));
+                                return Err(bad(
+                                    "the mask varies along a row or the rows of dy are not contiguous".into()
+                                ));
                             }
                             step *= shape[ax];
                         }
                         entries += n;
-                        Block::Masked { ids: ids.next(n), dy: &dy.data, mask: &mask.data, shape: shape[..t].to_vec(), ds: ds[..t].to_vec(), ms: ms[..t].to_vec() }
+                        Block::Masked {
+                            ids: ids.next(n),
+                            dy: &dy.data,
+                            mask: &mask.data,
+                            shape: shape[..t].to_vec(),
+                            ds: ds[..t].to_vec(),
+                            ms: ms[..t].to_vec(),
+                        }
                     }
                 };
                 blocks.push(block);

@@ -37,7 +37,9 @@ use crate::ops::fused::{broadcast_all, broadcasts_to, FusedKernel, Instr};
 use crate::ops::{BinaryOp, ReduceOp, UnaryOp};
 use crate::tensor::{broadcast_strides, Tensor};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::{types, AbiParam, InstBuilder, MemFlagsData, SigRef, StackSlot, StackSlotData, StackSlotKind, Type, Value};
+use cranelift_codegen::ir::{
+    types, AbiParam, InstBuilder, MemFlagsData, SigRef, StackSlot, StackSlotData, StackSlotKind, Type, Value,
+};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::{JITBuilder, JITModule};
@@ -85,8 +87,14 @@ impl Default for Options {
 
 /// A compiled kernel: `(rows, n, ptrs, row_strides, out, out_row_stride)`, see the module
 /// docs. Row `r` of the output starts `r * out_row_stride` elements after `out`.
-type KernelFn =
-    unsafe extern "C" fn(rows: usize, n: usize, ptrs: *const *const f32, row_strides: *const isize, out: *mut f32, out_row_stride: isize);
+type KernelFn = unsafe extern "C" fn(
+    rows: usize,
+    n: usize,
+    ptrs: *const *const f32,
+    row_strides: *const isize,
+    out: *mut f32,
+    out_row_stride: isize,
+);
 
 /// What a kernel does with each row's results.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -138,7 +146,9 @@ pub fn compiled_kernels() -> usize {
 impl Compiler {
     fn new() -> Result<Compiler, String> {
         let mut flags = settings::builder();
-        let set = |flags: &mut settings::Builder, k: &str, v: &str| flags.set(k, v).map_err(|e| format!("cranelift setting {k}: {e}"));
+        let set = |flags: &mut settings::Builder, k: &str, v: &str| {
+            flags.set(k, v).map_err(|e| format!("cranelift setting {k}: {e}"))
+        };
         set(&mut flags, "opt_level", "speed")?;
         set(&mut flags, "use_colocated_libcalls", "false")?;
         set(&mut flags, "is_pic", "false")?;
@@ -197,7 +207,10 @@ impl Compiler {
     fn compile(&mut self, key: &Key) -> Result<KernelFn, String> {
         key.kernel.validate()?;
         if key.kernel.body.len() > MAX_BODY {
-            return Err(format!("a fused kernel of {} instructions is over the limit of {MAX_BODY}", key.kernel.body.len()));
+            return Err(format!(
+                "a fused kernel of {} instructions is over the limit of {MAX_BODY}",
+                key.kernel.body.len()
+            ));
         }
         if key.splat.len() != key.kernel.inputs {
             return Err("one splat flag per operand is needed".into());
@@ -321,10 +334,14 @@ impl<'k> Emitter<'k> {
                 let contracted = match op {
                     BinaryOp::Add => single_mul(x, &folded)
                         .map(|(a, b)| (x, Fma { a, b, c: y, neg_a: false, neg_c: false }))
-                        .or_else(|| single_mul(y, &folded).map(|(a, b)| (y, Fma { a, b, c: x, neg_a: false, neg_c: false }))),
-                    BinaryOp::Sub => single_mul(x, &folded)
-                        .map(|(a, b)| (x, Fma { a, b, c: y, neg_a: false, neg_c: true }))
-                        .or_else(|| single_mul(y, &folded).map(|(a, b)| (y, Fma { a, b, c: x, neg_a: true, neg_c: false }))),
+                        .or_else(|| {
+                            single_mul(y, &folded).map(|(a, b)| (y, Fma { a, b, c: x, neg_a: false, neg_c: false }))
+                        }),
+                    BinaryOp::Sub => {
+                        single_mul(x, &folded).map(|(a, b)| (x, Fma { a, b, c: y, neg_a: false, neg_c: true })).or_else(
+                            || single_mul(y, &folded).map(|(a, b)| (y, Fma { a, b, c: x, neg_a: true, neg_c: false })),
+                        )
+                    }
                     _ => None,
                 };
                 if let Some((mul, f)) = contracted {
@@ -339,7 +356,8 @@ impl<'k> Emitter<'k> {
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
         let params = b.block_params(entry).to_vec();
-        let (rows, n, ptrs, row_strides, out_ptr, out_row_stride) = (params[0], params[1], params[2], params[3], params[4], params[5]);
+        let (rows, n, ptrs, row_strides, out_ptr, out_row_stride) =
+            (params[0], params[1], params[2], params[3], params[4], params[5]);
         let mem = MemFlagsData::new().with_notrap();
         let word = ptr.bytes() as i32;
 
@@ -381,7 +399,8 @@ impl<'k> Emitter<'k> {
                 consts_v.insert(at, v);
             }
         }
-        let needs_call = !key.inline_math && body.iter().any(|i| matches!(*i, Instr::Unary(u, _) if helper(u).is_some()));
+        let needs_call =
+            !key.inline_math && body.iter().any(|i| matches!(*i, Instr::Unary(u, _) if helper(u).is_some()));
         let (slot, vec_sig, scalar_sig) = if needs_call {
             let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 16, 4));
             let call_conv = b.func.signature.call_conv;
@@ -460,7 +479,8 @@ impl<'k> Emitter<'k> {
         b.ins().jump(if unroll { x4_head } else { v_head }, &[]);
 
         // Four vectors at a time, then one, then single elements.
-        let loops = [(x4_head, x4_body, 16i64, v_head), (v_head, v_body, 4, tail_head), (tail_head, tail_body, 1, row_end)];
+        let loops =
+            [(x4_head, x4_body, 16i64, v_head), (v_head, v_body, 4, tail_head), (tail_head, tail_body, 1, row_end)];
         for (head, body_block, step, next) in loops {
             b.switch_to_block(head);
             let i = b.use_var(idx);
@@ -635,7 +655,9 @@ impl<'k> Emitter<'k> {
                 let neg = self.select(b, ty, lt, minus_one, zero);
                 self.select(b, ty, gt, one, neg)
             }
-            UnaryOp::Exp | UnaryOp::Log | UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Softplus if !self.key.inline_math => {
+            UnaryOp::Exp | UnaryOp::Log | UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Softplus
+                if !self.key.inline_math =>
+            {
                 self.call(b, ty, u, x)
             }
             UnaryOp::Exp => Math { ty, fma: self.has_fma }.exp(b, x),
@@ -771,7 +793,15 @@ fn layout(strides: &[Vec<usize>], out_strides: &[usize], domain: &[usize]) -> La
 
 /// Runs `f` over the flattened rows `[start, end)` of `lay`; `out` is the part of the
 /// output that starts at element `out_base` and holds everything those rows write.
-fn launch_rows(f: KernelFn, data: &[&[f32]], lay: &Layout, start: usize, end: usize, out: &mut [f32], out_base: usize) -> Result<(), String> {
+fn launch_rows(
+    f: KernelFn,
+    data: &[&[f32]],
+    lay: &Layout,
+    start: usize,
+    end: usize,
+    out: &mut [f32],
+    out_base: usize,
+) -> Result<(), String> {
     let k = data.len();
     let mut ptrs: Vec<*const f32> = vec![std::ptr::null(); k];
     let mut offsets = vec![0usize; k];
@@ -816,7 +846,14 @@ fn launch_rows(f: KernelFn, data: &[&[f32]], lay: &Layout, start: usize, end: us
 
 /// Runs `f` on a single row over the elements `[start, end)` of it: storing them into
 /// `out`, or (a row sum) adding them into `out[0]`.
-fn launch_elements(f: KernelFn, data: &[&[f32]], lay: &Layout, start: usize, end: usize, out: &mut [f32]) -> Result<(), String> {
+fn launch_elements(
+    f: KernelFn,
+    data: &[&[f32]],
+    lay: &Layout,
+    start: usize,
+    end: usize,
+    out: &mut [f32],
+) -> Result<(), String> {
     let out_len = if lay.out_along_row { end - start } else { 1 };
     for (j, (d, &splat)) in data.iter().zip(&lay.splat).enumerate() {
         let need = if splat { 1 } else { end };
@@ -824,7 +861,8 @@ fn launch_elements(f: KernelFn, data: &[&[f32]], lay: &Layout, start: usize, end
             return Err(format!("operand {j} would be read out of bounds"));
         }
     }
-    let ptrs: Vec<*const f32> = data.iter().zip(&lay.splat).map(|(d, &splat)| d.as_ptr().wrapping_add(if splat { 0 } else { start })).collect();
+    let ptrs: Vec<*const f32> =
+        data.iter().zip(&lay.splat).map(|(d, &splat)| d.as_ptr().wrapping_add(if splat { 0 } else { start })).collect();
     // SAFETY: one row of `end - start` elements: a contiguous operand holds elements
     // `start..end`, a splat operand its first one (checked above); `out` has the row's
     // length (or one element, for a row sum).
@@ -848,7 +886,13 @@ where
 /// Runs the compiled `kernel` on `operands` (each broadcast to their common shape, then
 /// reduced when the kernel ends in a reduction) into a tensor of `out_shape`, on up to
 /// `threads` threads. `Err` says why it could not (the caller then uses the eval rule).
-pub fn run(kernel: &FusedKernel, operands: &[&Tensor<f32>], out_shape: &[usize], threads: usize, opts: Options) -> Result<Tensor<f32>, String> {
+pub fn run(
+    kernel: &FusedKernel,
+    operands: &[&Tensor<f32>],
+    out_shape: &[usize],
+    threads: usize,
+    opts: Options,
+) -> Result<Tensor<f32>, String> {
     run_with(kernel, operands, out_shape, threads, opts, &mut |len, _| vec![0.0; len])
 }
 
@@ -884,7 +928,8 @@ fn launch_of(kernel: &FusedKernel, shapes: &[&[usize]], out_shape: &[usize], opt
             if r.axes.iter().any(|&a| a >= domain.len()) {
                 return Err(format!("reduction axes {:?} out of range for {domain:?}", r.axes));
             }
-            let kept: Vec<usize> = domain.iter().enumerate().map(|(i, &d)| if r.axes.contains(&i) { 1 } else { d }).collect();
+            let kept: Vec<usize> =
+                domain.iter().enumerate().map(|(i, &d)| if r.axes.contains(&i) { 1 } else { d }).collect();
             let squeezed: Vec<usize> =
                 domain.iter().enumerate().filter(|(i, _)| !r.axes.contains(i)).map(|(_, &d)| d).collect();
             if out_shape != kept && out_shape != squeezed {
@@ -906,7 +951,14 @@ fn launch_of(kernel: &FusedKernel, shapes: &[&[usize]], out_shape: &[usize], opt
         (Some(_), false) => Mode::AccumulateScalar,
     };
     let lane_sums = opts.reassociate && mode == Mode::AccumulateScalar;
-    let key = Key { kernel: kernel.clone(), splat: lay.splat.clone(), fma: opts.fma, inline_math: opts.inline_math, lane_sums, mode };
+    let key = Key {
+        kernel: kernel.clone(),
+        splat: lay.splat.clone(),
+        fma: opts.fma,
+        inline_math: opts.inline_math,
+        lane_sums,
+        mode,
+    };
     Ok(Launch { key, lay, domain, empty })
 }
 
@@ -937,7 +989,11 @@ pub fn run_with(
     alloc: &mut dyn FnMut(usize, bool) -> Vec<f32>,
 ) -> Result<Tensor<f32>, String> {
     if let Some(j) = operands.iter().position(|x| x.data.len() != x.shape.iter().product::<usize>()) {
-        return Err(format!("operand {j} holds {} values for the shape {:?}", operands[j].data.len(), operands[j].shape));
+        return Err(format!(
+            "operand {j} holds {} values for the shape {:?}",
+            operands[j].data.len(),
+            operands[j].shape
+        ));
     }
     let shapes: Vec<&[usize]> = operands.iter().map(|x| x.shape.as_slice()).collect();
     let Launch { key, lay, domain, empty } = launch_of(kernel, &shapes, out_shape, opts)?;
@@ -966,14 +1022,21 @@ pub fn run_with(
         let split = if mode == Mode::Store { mid * lay.n } else { half * first_out_stride };
         let (lo, hi) = out.split_at_mut(split);
         let (data, lay) = (&data, &lay);
-        both(move || launch_rows(f, data, lay, 0, mid, lo, 0), move || launch_rows(f, data, lay, mid, all_rows, hi, split))?;
-    } else if opts.reassociate && mode != Mode::Store && all_rows >= 2 && total * 16 <= domain.iter().product::<usize>() {
+        both(
+            move || launch_rows(f, data, lay, 0, mid, lo, 0),
+            move || launch_rows(f, data, lay, mid, all_rows, hi, split),
+        )?;
+    } else if opts.reassociate && mode != Mode::Store && all_rows >= 2 && total * 16 <= domain.iter().product::<usize>()
+    {
         // Rows that add into the same outputs: the second half into zeros, added after.
         let mid = all_rows / 2;
         let mut partial = vec![0.0f32; total];
         let (data, lay) = (&data, &lay);
         let (out_ref, partial_ref) = (&mut out, &mut partial);
-        both(move || launch_rows(f, data, lay, 0, mid, out_ref, 0), move || launch_rows(f, data, lay, mid, all_rows, partial_ref, 0))?;
+        both(
+            move || launch_rows(f, data, lay, 0, mid, out_ref, 0),
+            move || launch_rows(f, data, lay, mid, all_rows, partial_ref, 0),
+        )?;
         out.iter_mut().zip(&partial).for_each(|(o, p)| *o += p);
     } else if opts.reassociate && mode == Mode::AccumulateScalar && all_rows == 1 {
         // One long row summed: each thread sums half of it into its own partial.

@@ -63,7 +63,15 @@ fn parallelism(threads: usize, work: usize) -> Parallelism {
 }
 
 /// `y[i] = x[i] · w[idx[i]]` with `x: [N, k]`, `w: [G, k, n]` (`[G, n, k]` when `trans_w`).
-pub fn group_matmul(name: &str, x: &Tensor<f32>, w: &Tensor<f32>, idx: &[u32], trans_w: bool, threads: usize, pool: &mut Pool) -> Result<Tensor<f32>, ExecError> {
+pub fn group_matmul(
+    name: &str,
+    x: &Tensor<f32>,
+    w: &Tensor<f32>,
+    idx: &[u32],
+    trans_w: bool,
+    threads: usize,
+    pool: &mut Pool,
+) -> Result<Tensor<f32>, ExecError> {
     let (rows, k) = (x.shape[0], x.shape[1]);
     let groups = w.shape[0];
     let n = if trans_w { w.shape[1] } else { w.shape[2] };
@@ -89,7 +97,19 @@ pub fn group_matmul(name: &str, x: &Tensor<f32>, w: &Tensor<f32>, idx: &[u32], t
             }
             let wg = &w.data[g * k * n..(g + 1) * k * n];
             let par = parallelism(threads, (hi - lo) * k * n);
-            gemm_into(block, hi - lo, n, k, &xs[lo * k..hi * k], false, k, wg, trans_w, if trans_w { k } else { n }, par);
+            gemm_into(
+                block,
+                hi - lo,
+                n,
+                k,
+                &xs[lo * k..hi * k],
+                false,
+                k,
+                wg,
+                trans_w,
+                if trans_w { k } else { n },
+                par,
+            );
         }
     }
     if let Some(ys) = &ys {
@@ -105,7 +125,15 @@ pub fn group_matmul(name: &str, x: &Tensor<f32>, w: &Tensor<f32>, idx: &[u32], t
 }
 
 /// `dw[g] = Σ_{i: idx[i] = g} x[i]ᵀ · dy[i]` with `x: [N, k]`, `dy: [N, n]`: `[G, k, n]`.
-pub fn group_outer(name: &str, x: &Tensor<f32>, dy: &Tensor<f32>, idx: &[u32], groups: usize, threads: usize, pool: &mut Pool) -> Result<Tensor<f32>, ExecError> {
+pub fn group_outer(
+    name: &str,
+    x: &Tensor<f32>,
+    dy: &Tensor<f32>,
+    idx: &[u32],
+    groups: usize,
+    threads: usize,
+    pool: &mut Pool,
+) -> Result<Tensor<f32>, ExecError> {
     let (k, n) = (x.shape[1], dy.shape[1]);
     let grouping = grouping(idx, groups, name)?;
     let mut out = pool.take(groups * k * n);

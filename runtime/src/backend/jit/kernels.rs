@@ -5,8 +5,8 @@
 //! buffer with a new shape, a slice along the first axis shortens it in place, and a
 //! `SparseRows` keeps its ids and values as they are.
 
-use super::layout::{broadcast, concat, gather, pad, permute, slice};
 use super::group::{group_matmul, group_outer};
+use super::layout::{broadcast, concat, gather, pad, permute, slice};
 use super::math;
 use super::pool::Pool;
 use crate::backend::interp::Operands;
@@ -22,7 +22,14 @@ pub(super) const ELEMENTWISE_PARALLEL: usize = 1 << 17;
 
 /// `exact`: compute what the eval rule computes bit for bit (else softmax may use the
 /// polynomial exp and reassociate its row sum, see [`super::codegen::Options`]).
-pub fn fast(op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, threads: usize, exact: bool, pool: &mut Pool) -> Result<Option<Value<f32>>, ExecError> {
+pub fn fast(
+    op: &Op,
+    operands: &mut Operands<f32>,
+    cx: &EvalCx,
+    threads: usize,
+    exact: bool,
+    pool: &mut Pool,
+) -> Result<Option<Value<f32>>, ExecError> {
     if let Some(v) = moved(op, operands, cx)? {
         return Ok(Some(v));
     }
@@ -38,9 +45,13 @@ pub fn fast(op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, threads: usize, 
             threads,
             pool,
         ))),
-        Op::Binary(b) => binary(*b, args[0].dense(&name())?, args[1].dense(&name())?, cx.out_shape, threads, pool).map(Value::Dense),
+        Op::Binary(b) => {
+            binary(*b, args[0].dense(&name())?, args[1].dense(&name())?, cx.out_shape, threads, pool).map(Value::Dense)
+        }
         Op::Unary(u) => Some(Value::Dense(unary(*u, args[0].dense(&name())?, threads, pool))),
-        Op::Reduce { op: r, axes, .. } => reduce(*r, args[0].dense(&name())?, axes, cx.out_shape, pool).map(Value::Dense),
+        Op::Reduce { op: r, axes, .. } => {
+            reduce(*r, args[0].dense(&name())?, axes, cx.out_shape, pool).map(Value::Dense)
+        }
         Op::Softmax { axis } => softmax(args[0].dense(&name())?, *axis, threads, exact, pool).map(Value::Dense),
         Op::Broadcast { .. } => Some(Value::Dense(broadcast(args[0].dense(&name())?, cx.out_shape, pool))),
         Op::Concat { axis } if args.iter().all(|a| a.dense("concat").is_ok()) => {
@@ -49,13 +60,18 @@ pub fn fast(op: &Op, operands: &mut Operands<f32>, cx: &EvalCx, threads: usize, 
         }
         Op::Gather => {
             let (table, ids) = (args[0].dense(&name())?, args[1].ids(&name())?);
-            Some(Value::Dense(gather(table, &ids.data, cx.out_shape, threads, pool).map_err(|(id, limit)| ExecError::IdOutOfRange { op: name(), id, limit })?))
+            Some(Value::Dense(
+                gather(table, &ids.data, cx.out_shape, threads, pool)
+                    .map_err(|(id, limit)| ExecError::IdOutOfRange { op: name(), id, limit })?,
+            ))
         }
         Op::Slice { axis, start, .. } => match args[0].dense(&name()) {
             Ok(x) => slice(x, *axis, cx.size(start)?, cx.out_shape, threads, pool).map(Value::Dense),
             Err(_) => None,
         },
-        Op::Pad { axis, before, .. } => Some(Value::Dense(pad(args[0].dense(&name())?, *axis, cx.size(before)?, cx.out_shape, threads, pool))),
+        Op::Pad { axis, before, .. } => {
+            Some(Value::Dense(pad(args[0].dense(&name())?, *axis, cx.size(before)?, cx.out_shape, threads, pool)))
+        }
         Op::Permute { perm } => match args[0].dense(&name()) {
             Ok(x) => Some(Value::Dense(permute(x, perm, cx.out_shape, threads, pool))),
             Err(_) => None,
@@ -142,7 +158,9 @@ fn moved(op: &Op, operands: &mut Operands<f32>, cx: &EvalCx) -> Result<Option<Va
             let data = match operands.take(1) {
                 Some(Value::Dense(t)) => t.data,
                 Some(_) => return Err(bad("expected a dense tensor")),
-                None => operands.arg(1).ok_or_else(|| bad("an operand was freed too early"))?.dense(&name)?.data.clone(),
+                None => {
+                    operands.arg(1).ok_or_else(|| bad("an operand was freed too early"))?.dense(&name)?.data.clone()
+                }
             };
             let mut value_shape = vec![rows.len()];
             value_shape.extend_from_slice(&out[1..]);
@@ -168,7 +186,19 @@ fn strides(cols: usize, trans: bool) -> (isize, isize) {
 /// row-major with `a_cols` columns and read transposed when `ta` (likewise `b`): a
 /// transposed operand is a pair of strides, never a copy.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn gemm_into(out: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], ta: bool, a_cols: usize, b: &[f32], tb: bool, b_cols: usize, par: Parallelism) {
+pub(super) fn gemm_into(
+    out: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    ta: bool,
+    a_cols: usize,
+    b: &[f32],
+    tb: bool,
+    b_cols: usize,
+    par: Parallelism,
+) {
     assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "gemm operands shorter than their shapes");
     if m == 0 || n == 0 {
         return;
@@ -183,13 +213,38 @@ pub(super) fn gemm_into(out: &mut [f32], m: usize, n: usize, k: usize, a: &[f32]
     // cols reached through its strides (`a_cols`/`b_cols` are the stored row lengths).
     unsafe {
         gemm::gemm(
-            m, n, k, out.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), a_cs, a_rs, b.as_ptr(), b_cs, b_rs, 0.0, 1.0, false, false,
-            false, par,
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
         );
     }
 }
 
-fn matmul(a: &Tensor<f32>, b: &Tensor<f32>, ta: bool, tb: bool, out_shape: &[usize], threads: usize, pool: &mut Pool) -> Tensor<f32> {
+fn matmul(
+    a: &Tensor<f32>,
+    b: &Tensor<f32>,
+    ta: bool,
+    tb: bool,
+    out_shape: &[usize],
+    threads: usize,
+    pool: &mut Pool,
+) -> Tensor<f32> {
     let (ra, rb) = (a.shape.len(), b.shape.len());
     let (a_rows, a_cols) = (a.shape[ra - 2], a.shape[ra - 1]);
     let (b_rows, b_cols) = (b.shape[rb - 2], b.shape[rb - 1]);
@@ -198,7 +253,13 @@ fn matmul(a: &Tensor<f32>, b: &Tensor<f32>, ta: bool, tb: bool, out_shape: &[usi
     let batch: usize = a.shape[..ra - 2].iter().product();
     // Every element is written (gemm with `read_dst` off), so the buffer need not be zeros.
     let mut out = pool.take(out_shape.iter().product());
-    let par = |work: usize| if threads > 1 && work >= GEMM_PARALLEL_WORK { Parallelism::Rayon(threads) } else { Parallelism::None };
+    let par = |work: usize| {
+        if threads > 1 && work >= GEMM_PARALLEL_WORK {
+            Parallelism::Rayon(threads)
+        } else {
+            Parallelism::None
+        }
+    };
     if m == 0 || n == 0 {
         return Tensor { shape: out_shape.to_vec(), data: out };
     }
@@ -214,7 +275,8 @@ fn matmul(a: &Tensor<f32>, b: &Tensor<f32>, ta: bool, tb: bool, out_shape: &[usi
         let products = |first: usize, out: &mut [f32], par: Parallelism| {
             for (j, o) in out.chunks_exact_mut(m * n).enumerate() {
                 let i = first + j;
-                let (a_i, b_i) = (&a.data[i * a_step..(i + 1) * a_step], &b.data[i * b_step..i * b_step + b_rows * b_cols]);
+                let (a_i, b_i) =
+                    (&a.data[i * a_step..(i + 1) * a_step], &b.data[i * b_step..i * b_step + b_rows * b_cols]);
                 gemm_into(o, m, n, k, a_i, ta, a_cols, b_i, tb, b_cols, par);
             }
         };
@@ -361,12 +423,23 @@ fn unary(u: UnaryOp, x: &Tensor<f32>, threads: usize, pool: &mut Pool) -> Tensor
         UnaryOp::Sqrt => map!(|v: f32| v.sqrt()),
         UnaryOp::Recip => map!(|v: f32| 1.0 / v),
         UnaryOp::Relu => map!(|v: f32| if v > 0.0 { v } else { 0.0 }),
-        UnaryOp::Sigmoid => map!(|v: f32| if v >= 0.0 { 1.0 / (1.0 + (-v).exp()) } else { let e = v.exp(); e / (1.0 + e) }),
+        UnaryOp::Sigmoid => map!(|v: f32| if v >= 0.0 {
+            1.0 / (1.0 + (-v).exp())
+        } else {
+            let e = v.exp();
+            e / (1.0 + e)
+        }),
         UnaryOp::Tanh => map!(|v: f32| v.tanh()),
         UnaryOp::Softplus => map!(|v: f32| v.max(0.0) + (-v.abs()).exp().ln_1p()),
         UnaryOp::Abs => map!(|v: f32| v.abs()),
         UnaryOp::Step => map!(|v: f32| if v > 0.0 { 1.0 } else { 0.0 }),
-        UnaryOp::Sign => map!(|v: f32| if v > 0.0 { 1.0 } else if v < 0.0 { -1.0 } else { 0.0 }),
+        UnaryOp::Sign => map!(|v: f32| if v > 0.0 {
+            1.0
+        } else if v < 0.0 {
+            -1.0
+        } else {
+            0.0
+        }),
     }
     Tensor { shape: x.shape.clone(), data: out }
 }
@@ -409,7 +482,14 @@ fn pattern(a: &[usize], b: &[usize]) -> Option<Pattern> {
     None
 }
 
-fn binary(op: BinaryOp, a: &Tensor<f32>, b: &Tensor<f32>, out_shape: &[usize], threads: usize, pool: &mut Pool) -> Option<Tensor<f32>> {
+fn binary(
+    op: BinaryOp,
+    a: &Tensor<f32>,
+    b: &Tensor<f32>,
+    out_shape: &[usize],
+    threads: usize,
+    pool: &mut Pool,
+) -> Option<Tensor<f32>> {
     // Put the operand with the output's shape first; remember whether we swapped.
     let (big, small, swapped) = if a.shape == out_shape {
         (a, b, false)
@@ -507,4 +587,3 @@ fn reduce(op: ReduceOp, x: &Tensor<f32>, axes: &[usize], out_shape: &[usize], po
     }
     Some(Tensor { shape: out_shape.to_vec(), data: out })
 }
-

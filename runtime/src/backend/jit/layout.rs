@@ -36,7 +36,14 @@ fn around(shape: &[usize], axis: usize) -> (usize, usize) {
 
 /// `x[.., start..start + len, ..]` along any axis: per outer index one contiguous run of
 /// `len × inner` elements. `None` when the range leaves the axis (the eval rule reports it).
-pub(super) fn slice(x: &Tensor<f32>, axis: usize, start: usize, out_shape: &[usize], threads: usize, pool: &mut Pool) -> Option<Tensor<f32>> {
+pub(super) fn slice(
+    x: &Tensor<f32>,
+    axis: usize,
+    start: usize,
+    out_shape: &[usize],
+    threads: usize,
+    pool: &mut Pool,
+) -> Option<Tensor<f32>> {
     let (size, len) = (x.shape[axis], out_shape[axis]);
     if start + len > size {
         return None;
@@ -56,7 +63,14 @@ pub(super) fn slice(x: &Tensor<f32>, axis: usize, start: usize, out_shape: &[usi
 }
 
 /// `before` and `after` zeros around `x` along `axis`.
-pub(super) fn pad(x: &Tensor<f32>, axis: usize, before: usize, out_shape: &[usize], threads: usize, pool: &mut Pool) -> Tensor<f32> {
+pub(super) fn pad(
+    x: &Tensor<f32>,
+    axis: usize,
+    before: usize,
+    out_shape: &[usize],
+    threads: usize,
+    pool: &mut Pool,
+) -> Tensor<f32> {
     let (outer, inner) = around(&x.shape, axis);
     let (run, row) = (x.shape[axis] * inner, out_shape[axis] * inner);
     let mut out = pool.take(outer * row);
@@ -77,7 +91,13 @@ pub(super) fn pad(x: &Tensor<f32>, axis: usize, before: usize, out_shape: &[usiz
 
 /// Axes reordered: output axis `a` is input axis `perm[a]`. The output is written in order;
 /// its last axis reads the input with one stride (a block copy when that stride is 1).
-pub(super) fn permute(x: &Tensor<f32>, perm: &[usize], out_shape: &[usize], threads: usize, pool: &mut Pool) -> Tensor<f32> {
+pub(super) fn permute(
+    x: &Tensor<f32>,
+    perm: &[usize],
+    out_shape: &[usize],
+    threads: usize,
+    pool: &mut Pool,
+) -> Tensor<f32> {
     let total: usize = out_shape.iter().product();
     let mut out = pool.take(total);
     if total == 0 {
@@ -131,7 +151,13 @@ fn copy_view(src: &[f32], shape: &[usize], strides: &[usize], first: usize, out:
 
 /// Rows of `table` by id, copied into one pooled buffer (split over two threads when
 /// large); `Err((id, rows))` for the first id outside the table, before anything is copied.
-pub(super) fn gather(table: &Tensor<f32>, ids: &[u32], out_shape: &[usize], threads: usize, pool: &mut Pool) -> Result<Tensor<f32>, (u32, usize)> {
+pub(super) fn gather(
+    table: &Tensor<f32>,
+    ids: &[u32],
+    out_shape: &[usize],
+    threads: usize,
+    pool: &mut Pool,
+) -> Result<Tensor<f32>, (u32, usize)> {
     let limit = table.shape[0];
     if let Some(&id) = ids.iter().find(|&&id| id as usize >= limit) {
         return Err((id, limit));

@@ -38,13 +38,13 @@ mod update;
 
 use super::interp::{execute, Evaluator, Lifetimes, Operands};
 use super::{op_kind, ExecError, Executor, Mode, OpProfile, PlanCache, Values};
+use crate::exec::Arg;
 use crate::exec::EvalCx;
 use crate::ir::dim::{eval_shape, Binding};
 use crate::ir::graph::{Graph, NodeId, ParamInfo};
-use crate::optim::Optimizer;
-use crate::exec::Arg;
 use crate::ops::fused::{FusedKernel, Instr, Reduction};
 use crate::ops::{self, Op, ReduceOp};
+use crate::optim::Optimizer;
 use crate::tensor::{Tensor, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -165,7 +165,13 @@ struct JitEval<'r> {
 }
 
 impl Evaluator<f32> for JitEval<'_> {
-    fn eval(&mut self, id: NodeId, op: &Op, operands: &mut Operands<'_, '_, f32>, cx: &EvalCx) -> Result<Value<f32>, ExecError> {
+    fn eval(
+        &mut self,
+        id: NodeId,
+        op: &Op,
+        operands: &mut Operands<'_, '_, f32>,
+        cx: &EvalCx,
+    ) -> Result<Value<f32>, ExecError> {
         let start = self.profile.is_some().then(Instant::now);
         let mut fallback = false;
         let bag = self.bags.get(&id);
@@ -175,7 +181,9 @@ impl Evaluator<f32> for JitEval<'_> {
                 let args = operands.args(op)?;
                 let tensors: Result<Vec<&Tensor<f32>>, ExecError> = args.iter().map(|a| a.dense("fused")).collect();
                 let pool = &mut *self.pool;
-                match codegen::run_with(kernel, &tensors?, cx.out_shape, self.threads, self.options, &mut |n, z| pool.alloc(n, z)) {
+                match codegen::run_with(kernel, &tensors?, cx.out_shape, self.threads, self.options, &mut |n, z| {
+                    pool.alloc(n, z)
+                }) {
                     Ok(t) => Value::Dense(t),
                     Err(_) => {
                         fallback = true;
@@ -186,13 +194,21 @@ impl Evaluator<f32> for JitEval<'_> {
             // A lone sum or mean as a kernel with an empty body: vector lane sums and both
             // threads, where the direct kernel sums in `Op::Reduce`'s order on one.
             (Op::Reduce { op: r @ (ReduceOp::Sum | ReduceOp::Mean), axes, keep_dims }, None)
-                if self.options.reassociate && matches!(operands.arg(0), Some(Arg::Value(Value::Dense(_)) | Arg::Param(_))) =>
+                if self.options.reassociate
+                    && matches!(operands.arg(0), Some(Arg::Value(Value::Dense(_)) | Arg::Param(_))) =>
             {
                 let reduce = Some(Reduction { op: *r, axes: axes.clone(), keep_dims: *keep_dims });
                 let kernel = FusedKernel { inputs: 1, body: vec![Instr::Input(0)], reduce };
                 let args = operands.args(op)?;
                 let pool = &mut *self.pool;
-                match codegen::run_with(&kernel, &[args[0].dense("reduce")?], cx.out_shape, self.threads, self.options, &mut |n, z| pool.alloc(n, z)) {
+                match codegen::run_with(
+                    &kernel,
+                    &[args[0].dense("reduce")?],
+                    cx.out_shape,
+                    self.threads,
+                    self.options,
+                    &mut |n, z| pool.alloc(n, z),
+                ) {
                     Ok(t) => Value::Dense(t),
                     Err(_) => {
                         fallback = true;
@@ -255,7 +271,8 @@ impl Executor for Jit {
     fn prepare(&mut self, graph: &Graph, binding: &Binding) -> Result<(), ExecError> {
         let codegen = self.codegen;
         let fused = &self.plan(graph).fused;
-        let shape = |id: NodeId| eval_shape(&fused.node(id).sig.shape, binding).map_err(|message| ExecError::Size { message });
+        let shape =
+            |id: NodeId| eval_shape(&fused.node(id).sig.shape, binding).map_err(|message| ExecError::Size { message });
         for id in fused.ids() {
             let node = fused.node(id);
             if let Op::Fused(kernel) = &node.op {
@@ -292,7 +309,8 @@ impl Executor for Jit {
         self.plan(graph);
         let Jit { plans, profile, pool, threads, codegen, fusion, .. } = self;
         let plan = plans.first().expect("a plan was just made");
-        let mut eval = JitEval { threads: *threads, options: *codegen, profile: profile.recording(), pool, bags: &plan.bags };
+        let mut eval =
+            JitEval { threads: *threads, options: *codegen, profile: profile.recording(), pool, bags: &plan.bags };
         let values = execute(&plan.fused, &plan.lifetimes, binding, feeds, params, mode, &mut eval);
         pool.end_run();
         let values = values?;

@@ -225,7 +225,16 @@ impl Run<'_> {
 
     /// Runs `f` over `rows` (ascending, `g` holding one compact row each), the rows after
     /// the first half going to a second thread when `parallel`.
-    fn call(self, f: UpdateFn, g: &[f32], rows: &[u32], width: usize, coeffs: &[f32; COEFFS], first_row: usize, parallel: bool) {
+    fn call(
+        self,
+        f: UpdateFn,
+        g: &[f32],
+        rows: &[u32],
+        width: usize,
+        coeffs: &[f32; COEFFS],
+        first_row: usize,
+        parallel: bool,
+    ) {
         if parallel && rows.len() >= 2 {
             let h = rows.len() / 2;
             let cut = (rows[h] as usize - first_row) * width;
@@ -245,7 +254,9 @@ impl Run<'_> {
         // the caller checked the rows against the table and splits only at a row boundary;
         // `g` holds `rows.len() × width` elements; a null slot is never read by the rules
         // that have no such slot.
-        unsafe { f(self.w.as_mut_ptr(), g.as_ptr(), s1, s2, rows.as_ptr(), rows.len(), width, coeffs.as_ptr(), first_row) }
+        unsafe {
+            f(self.w.as_mut_ptr(), g.as_ptr(), s1, s2, rows.as_ptr(), rows.len(), width, coeffs.as_ptr(), first_row)
+        }
     }
 }
 

@@ -65,16 +65,15 @@ use super::{op_kind, ExecError, Executor, Mode, OpProfile, PlanCache, StepOutcom
 use crate::exec::EvalCx;
 use crate::ir::dim::Binding;
 use crate::ir::graph::{Graph, NodeId, ParamInfo};
-use crate::optim::{Optimizer, RowGroups};
 use crate::ops::fused::{broadcast_all, broadcasts_to, FusedKernel};
 use crate::ops::{self, DType, Op, ValueKind};
+use crate::optim::{Optimizer, RowGroups};
 use crate::tensor::{broadcast_strides, Tensor, Value};
 use ocl::enums::{DeviceInfo as ClDeviceInfo, DeviceInfoResult};
 use ocl::flags::DeviceType;
 use ocl::{Buffer, Context, Device, Kernel, Platform, Program, Queue};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-
 
 /// The error when no platform is installed.
 pub const NO_PLATFORM: &str = "no OpenCL platform found; install an ICD such as pocl-opencl-icd";
@@ -133,7 +132,8 @@ fn all_devices() -> Result<Vec<(Platform, Device, DeviceSummary)>, String> {
     for id in ids {
         let platform = Platform::new(id);
         let pname = platform.name().unwrap_or_else(|e| format!("(unnamed platform: {e})"));
-        let devices = Device::list_all(platform).map_err(|e| format!("OpenCL platform {pname}: cannot list devices: {e}"))?;
+        let devices =
+            Device::list_all(platform).map_err(|e| format!("OpenCL platform {pname}: cannot list devices: {e}"))?;
         for device in devices {
             let kind = match device.info(ClDeviceInfo::Type) {
                 Ok(DeviceInfoResult::Type(t)) if t.contains(DeviceType::GPU) => "GPU",
@@ -202,7 +202,12 @@ struct Plan {
 
 /// Which nodes of `fused` run on the device, which stay there, and which device kernels
 /// read (see [`Plan`]).
-fn placement(fused: &Graph, kernels: &HashMap<FusedKernel, String>, lifetimes: &Lifetimes, sparse_rows: bool) -> (Vec<bool>, Vec<bool>, Vec<bool>) {
+fn placement(
+    fused: &Graph,
+    kernels: &HashMap<FusedKernel, String>,
+    lifetimes: &Lifetimes,
+    sparse_rows: bool,
+) -> (Vec<bool>, Vec<bool>, Vec<bool>) {
     let n = fused.len();
     let on_device: Vec<bool> = fused
         .ids()
@@ -302,7 +307,10 @@ impl OpenCl {
         let index = match index {
             Some(i) if i < all.len() => i,
             Some(i) => {
-                return Err(format!("OpenCL device {i} does not exist (this machine has {}; see `mdl devices`)", all.len()))
+                return Err(format!(
+                    "OpenCL device {i} does not exist (this machine has {}; see `mdl devices`)",
+                    all.len()
+                ))
             }
             None => all.iter().find(|d| d.2.kind == "GPU").map_or(0, |d| d.2.index),
         };
@@ -319,8 +327,12 @@ impl OpenCl {
             Ok(DeviceInfoResult::MaxWorkGroupSize(n)) => n,
             _ => 64,
         };
-        let allowed: Vec<usize> =
-            render::MATMUL_TILES.iter().enumerate().filter(|(_, t)| t.wg * t.wg <= max_work_group).map(|(i, _)| i).collect();
+        let allowed: Vec<usize> = render::MATMUL_TILES
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.wg * t.wg <= max_work_group)
+            .map(|(i, _)| i)
+            .collect();
         Ok(OpenCl {
             device,
             summary,
@@ -379,7 +391,10 @@ impl OpenCl {
     pub fn force_matmul_tiles(&mut self, i: Option<usize>) -> Result<(), String> {
         if let Some(i) = i {
             if !self.tuning.allowed.contains(&i) {
-                return Err(format!("matmul tiling {i} is not one this device runs (it allows {:?})", self.tuning.allowed));
+                return Err(format!(
+                    "matmul tiling {i} is not one this device runs (it allows {:?})",
+                    self.tuning.allowed
+                ));
             }
         }
         self.tuning.forced = i;
@@ -389,7 +404,13 @@ impl OpenCl {
 
     /// The matmul tilings chosen so far: `(m, n, k, tiling)` per product shape tuned.
     pub fn matmul_tilings(&self) -> Vec<(usize, usize, usize, render::Tiles)> {
-        let mut v: Vec<_> = self.tuning.chosen.borrow().iter().map(|(key, &i)| (key.0, key.1, key.2, render::MATMUL_TILES[i])).collect();
+        let mut v: Vec<_> = self
+            .tuning
+            .chosen
+            .borrow()
+            .iter()
+            .map(|(key, &i)| (key.0, key.1, key.2, render::MATMUL_TILES[i]))
+            .collect();
         v.sort_by_key(|t| (t.0, t.1, t.2));
         v
     }
@@ -443,7 +464,17 @@ impl OpenCl {
         }
         self.plans.insert(
             graph,
-            Plan { fused, kernels, program_source, device_params, lifetimes, on_device, device_only, device_read, read_by_node },
+            Plan {
+                fused,
+                kernels,
+                program_source,
+                device_params,
+                lifetimes,
+                on_device,
+                device_only,
+                device_read,
+                read_by_node,
+            },
         );
         Ok(())
     }
@@ -454,24 +485,30 @@ impl OpenCl {
         if self.programs.contains_key(source) {
             return Ok(());
         }
-        let program = Program::builder().src(format!("#line 1\n{source}")).devices(self.device).build(&self.context).map_err(|e| {
-            let log = e.to_string();
-            ExecError::BadOperand {
-                op: "opencl program".into(),
-                message: format!(
-                    "the kernels did not build on {}:\n{}",
-                    self.summary.name,
-                    render::annotate_build_log(&log, source)
-                ),
-            }
-        })?;
+        let program =
+            Program::builder().src(format!("#line 1\n{source}")).devices(self.device).build(&self.context).map_err(
+                |e| {
+                    let log = e.to_string();
+                    ExecError::BadOperand {
+                        op: "opencl program".into(),
+                        message: format!(
+                            "the kernels did not build on {}:\n{}",
+                            self.summary.name,
+                            render::annotate_build_log(&log, source)
+                        ),
+                    }
+                },
+            )?;
         self.programs.insert(source.to_string(), program);
         Ok(())
     }
 
     /// The device buffers of the plan's device parameters ([`OpenCl::param_buffer`]),
     /// keyed by the host data address the driver will hand the eval rules.
-    fn refresh_params(&mut self, params: &HashMap<String, Tensor<f32>>) -> Result<HashMap<usize, ParamBuffer>, ExecError> {
+    fn refresh_params(
+        &mut self,
+        params: &HashMap<String, Tensor<f32>>,
+    ) -> Result<HashMap<usize, ParamBuffer>, ExecError> {
         let mut by_addr = HashMap::new();
         let names = self.plans.first().map(|p| p.device_params.clone()).unwrap_or_default();
         for name in &names {
@@ -491,7 +528,12 @@ impl OpenCl {
     /// into the resident buffer, except over one that is ahead: then, unless
     /// `replace_ahead`, into a buffer for this run only, so that the device's update is not
     /// lost to a caller that ran other tensors before [`Executor::sync`].
-    fn param_buffer(&mut self, name: &str, t: &Tensor<f32>, replace_ahead: bool) -> Result<(Buffer<f32>, bool), ExecError> {
+    fn param_buffer(
+        &mut self,
+        name: &str,
+        t: &Tensor<f32>,
+        replace_ahead: bool,
+    ) -> Result<(Buffer<f32>, bool), ExecError> {
         let stamp = HostStamp::of(&t.data);
         if let Some(r) = self.resident.get(name).filter(|r| r.stamp == stamp) {
             return Ok((r.buffer.clone(), r.ahead));
@@ -668,7 +710,14 @@ impl DeviceRun<'_> {
     /// One `mdl_copy` launch ([`render::COPY`]): the view `shape` of `input` (from
     /// `in_base`, `in_strides`) into `out` (at `out_base`, `out_strides`). `None` when the
     /// sizes do not fit the kernel's `int`s.
-    fn copy(&self, shape: &[usize], out: &Buffer<f32>, out_at: (usize, &[usize]), input: &Buffer<f32>, in_at: (usize, &[usize])) -> Result<Option<()>, ExecError> {
+    fn copy(
+        &self,
+        shape: &[usize],
+        out: &Buffer<f32>,
+        out_at: (usize, &[usize]),
+        input: &Buffer<f32>,
+        in_at: (usize, &[usize]),
+    ) -> Result<Option<()>, ExecError> {
         let total: usize = shape.iter().product();
         if total == 0 {
             return Ok(Some(()));
@@ -715,9 +764,20 @@ impl DeviceRun<'_> {
 
     /// Rows `ids` of `table` (`[rows, width]` in a buffer): `None` (run on the host,
     /// which reports it) when an id is out of range or a size does not fit an `int`.
-    fn gather(&self, table: &Buffer<f32>, rows: usize, width: usize, ids: &[u32], ids_on_device: &Buffer<u32>) -> Result<Option<Buffer<f32>>, ExecError> {
+    fn gather(
+        &self,
+        table: &Buffer<f32>,
+        rows: usize,
+        width: usize,
+        ids: &[u32],
+        ids_on_device: &Buffer<u32>,
+    ) -> Result<Option<Buffer<f32>>, ExecError> {
         let total = ids.len() * width;
-        if total == 0 || i32::try_from(total).is_err() || i32::try_from(width).is_err() || ids.iter().any(|&id| id as usize >= rows) {
+        if total == 0
+            || i32::try_from(total).is_err()
+            || i32::try_from(width).is_err()
+            || ids.iter().any(|&id| id as usize >= rows)
+        {
             return Ok(None);
         }
         let out = self.output(total)?;
@@ -767,7 +827,11 @@ impl DeviceRun<'_> {
     }
 
     fn output(&self, len: usize) -> Result<Buffer<f32>, ExecError> {
-        Buffer::<f32>::builder().queue(self.queue.clone()).len(len).build().map_err(|e| cl_err("allocating an output", e))
+        Buffer::<f32>::builder()
+            .queue(self.queue.clone())
+            .len(len)
+            .build()
+            .map_err(|e| cl_err("allocating an output", e))
     }
 
     fn read(&self, b: &Buffer<f32>, len: usize) -> Result<Vec<f32>, ExecError> {
@@ -780,7 +844,13 @@ impl DeviceRun<'_> {
     /// A fused kernel on the device, reading `inputs` (the operands' device buffers) with
     /// the operands' shapes; `None` when its shapes are outside what the rendered kernel
     /// handles (empty tensors, indices beyond `int`), which then run on the host.
-    fn fused(&self, kernel: &FusedKernel, shapes: &[&[usize]], inputs: &[Buffer<f32>], out_shape: &[usize]) -> Result<Option<Buffer<f32>>, ExecError> {
+    fn fused(
+        &self,
+        kernel: &FusedKernel,
+        shapes: &[&[usize]],
+        inputs: &[Buffer<f32>],
+        out_shape: &[usize],
+    ) -> Result<Option<Buffer<f32>>, ExecError> {
         let Some(name) = self.kernels.get(kernel) else { return Ok(None) };
         let domain = match &kernel.reduce {
             None => out_shape.to_vec(),
@@ -816,7 +886,16 @@ impl DeviceRun<'_> {
     /// A MatMul on the device of operands with shapes `sa`, `sb` in buffers `ab`, `bb`
     /// (`None`: a shape the kernel does not take, run on the host).
     #[allow(clippy::too_many_arguments)]
-    fn matmul(&self, sa: &[usize], sb: &[usize], ab: &Buffer<f32>, bb: &Buffer<f32>, trans_a: bool, trans_b: bool, out_shape: &[usize]) -> Result<Option<Buffer<f32>>, ExecError> {
+    fn matmul(
+        &self,
+        sa: &[usize],
+        sb: &[usize],
+        ab: &Buffer<f32>,
+        bb: &Buffer<f32>,
+        trans_a: bool,
+        trans_b: bool,
+        out_shape: &[usize],
+    ) -> Result<Option<Buffer<f32>>, ExecError> {
         let (ra, rb) = (sa.len(), sb.len());
         if ra < 2 || rb < 2 || out_shape.len() < 2 {
             return Ok(None);
@@ -960,8 +1039,15 @@ impl DeviceEval<'_> {
     /// ([`DeviceEval::combine_rows`]) and read back: distinct ascending rows, each the sum
     /// of its entries in their original order, bit for bit what the host's combine gives.
     /// `None` (the eval rule on the host) where `combine_rows` declines.
-    fn sparse_rows(&self, id: NodeId, args: &[crate::exec::Arg<'_, f32>], cx: &EvalCx) -> Result<Option<Value<f32>>, ExecError> {
-        let Some(train::DeviceGrad::Rows { rows, values, width }) = self.combine_rows(id, args, cx)? else { return Ok(None) };
+    fn sparse_rows(
+        &self,
+        id: NodeId,
+        args: &[crate::exec::Arg<'_, f32>],
+        cx: &EvalCx,
+    ) -> Result<Option<Value<f32>>, ExecError> {
+        let Some(train::DeviceGrad::Rows { rows, values, width }) = self.combine_rows(id, args, cx)? else {
+            return Ok(None);
+        };
         let data = self.dev.read(&values, rows.len() * width)?;
         self.read_back.set(self.read_back.get() + 1);
         let mut value_shape = vec![rows.len()];
@@ -975,7 +1061,12 @@ impl DeviceEval<'_> {
     /// order starting from zero, as `Value::to_dense` does, so the result is deterministic
     /// and equal to the host's combine. `None` (the eval rule on the host) for an id
     /// outside the table, which then fails as interp does, and for sizes beyond `int`.
-    fn combine_rows(&self, id: NodeId, args: &[crate::exec::Arg<'_, f32>], cx: &EvalCx) -> Result<Option<train::DeviceGrad>, ExecError> {
+    fn combine_rows(
+        &self,
+        id: NodeId,
+        args: &[crate::exec::Arg<'_, f32>],
+        cx: &EvalCx,
+    ) -> Result<Option<train::DeviceGrad>, ExecError> {
         let (ids, values) = (args[0].ids("sparse_rows")?, args[1].dense("sparse_rows")?);
         let (limit, width) = (cx.out_shape[0], cx.out_shape[1..].iter().product::<usize>());
         let total = ids.data.len() * width;
@@ -1016,7 +1107,14 @@ impl DeviceEval<'_> {
 
     /// After node `id` (its value `out`, computed on the device or not): drops the device
     /// buffers of operands it was the last reader of, and records its time when profiling.
-    fn finish(&mut self, id: NodeId, out: Value<f32>, device: bool, start: Option<Instant>, op: &Op) -> Result<Value<f32>, ExecError> {
+    fn finish(
+        &mut self,
+        id: NodeId,
+        out: Value<f32>,
+        device: bool,
+        start: Option<Instant>,
+        op: &Op,
+    ) -> Result<Value<f32>, ExecError> {
         let inputs = &self.plan.fused.node(id).inputs;
         for (&i, &dies) in inputs.iter().zip(self.plan.lifetimes.dying(id)) {
             if dies {
@@ -1036,7 +1134,13 @@ impl DeviceEval<'_> {
     }
 
     /// Runs `op` on the device when it has a kernel for it; `None` otherwise.
-    fn on_device(&self, id: NodeId, op: &Op, args: &[crate::exec::Arg<'_, f32>], cx: &EvalCx) -> Result<Option<Buffer<f32>>, ExecError> {
+    fn on_device(
+        &self,
+        id: NodeId,
+        op: &Op,
+        args: &[crate::exec::Arg<'_, f32>],
+        cx: &EvalCx,
+    ) -> Result<Option<Buffer<f32>>, ExecError> {
         if !self.plan.on_device[id.index()] {
             return Ok(None);
         }
@@ -1051,18 +1155,22 @@ impl DeviceEval<'_> {
         }
         let xs: Vec<&Tensor<f32>> = args.iter().map(|a| a.dense(&op.name())).collect::<Result<_, _>>()?;
         if is_layout(op) {
-            let bufs: Vec<Buffer<f32>> = inputs.iter().zip(&xs).map(|(&i, x)| self.buffer(i, x)).collect::<Result<_, _>>()?;
+            let bufs: Vec<Buffer<f32>> =
+                inputs.iter().zip(&xs).map(|(&i, x)| self.buffer(i, x)).collect::<Result<_, _>>()?;
             return self.layout(op, &xs, &bufs, cx);
         }
         let shapes: Vec<&[usize]> = xs.iter().map(|x| x.shape.as_slice()).collect();
-        let bufs: Vec<Buffer<f32>> = inputs.iter().zip(&xs).map(|(&i, x)| self.buffer(i, x)).collect::<Result<_, _>>()?;
+        let bufs: Vec<Buffer<f32>> =
+            inputs.iter().zip(&xs).map(|(&i, x)| self.buffer(i, x)).collect::<Result<_, _>>()?;
         match op {
             Op::Fused(kernel) => self.dev.fused(kernel, &shapes, &bufs, out_shape),
             Op::Reduce { .. } => match reduce_kernel(op, self.plan.fused.node(id)) {
                 Some(kernel) => self.dev.fused(&kernel, &shapes, &bufs, out_shape),
                 None => Ok(None),
             },
-            Op::MatMul { trans_a, trans_b } => self.dev.matmul(shapes[0], shapes[1], &bufs[0], &bufs[1], *trans_a, *trans_b, out_shape),
+            Op::MatMul { trans_a, trans_b } => {
+                self.dev.matmul(shapes[0], shapes[1], &bufs[0], &bufs[1], *trans_a, *trans_b, out_shape)
+            }
             Op::Softmax { axis } => self.dev.softmax(&bufs[0], shapes[0], *axis),
             _ => Ok(None),
         }
@@ -1070,7 +1178,13 @@ impl DeviceEval<'_> {
 
     /// A layout op as copies between views of the operands' buffers (a reshape is the
     /// operand's own buffer); `None` for what the copy kernel does not take.
-    fn layout(&self, op: &Op, xs: &[&Tensor<f32>], bufs: &[Buffer<f32>], cx: &EvalCx) -> Result<Option<Buffer<f32>>, ExecError> {
+    fn layout(
+        &self,
+        op: &Op,
+        xs: &[&Tensor<f32>],
+        bufs: &[Buffer<f32>],
+        cx: &EvalCx,
+    ) -> Result<Option<Buffer<f32>>, ExecError> {
         let out_shape = cx.out_shape;
         let total: usize = out_shape.iter().product();
         if total == 0 || xs.iter().any(|x| x.shape.iter().product::<usize>() == 0) {
@@ -1101,13 +1215,25 @@ impl DeviceEval<'_> {
             Op::Pad { axis, before, .. } => {
                 let before = cx.size(before)?;
                 out.cmd().fill(0.0f32, None).enq().map_err(|e| cl_err("zeroing a pad", e))?;
-                self.dev.copy(&xs[0].shape, &out, (before * out_strides[*axis], &out_strides), &bufs[0], (0, &x_strides))?
+                self.dev.copy(
+                    &xs[0].shape,
+                    &out,
+                    (before * out_strides[*axis], &out_strides),
+                    &bufs[0],
+                    (0, &x_strides),
+                )?
             }
             Op::Concat { axis } => {
                 let mut at = 0usize;
                 let mut all = Some(());
                 for (x, b) in xs.iter().zip(bufs) {
-                    let done = self.dev.copy(&x.shape, &out, (at * out_strides[*axis], &out_strides), b, (0, &row_major(&x.shape)))?;
+                    let done = self.dev.copy(
+                        &x.shape,
+                        &out,
+                        (at * out_strides[*axis], &out_strides),
+                        b,
+                        (0, &row_major(&x.shape)),
+                    )?;
                     all = all.and(done);
                     at += x.shape[*axis];
                 }
@@ -1121,7 +1247,13 @@ impl DeviceEval<'_> {
     /// `op` on the host by its eval rule, reading back the operands that stayed on the
     /// device, and the parameters whose device copy is ahead of the host's (updated by a
     /// device training step).
-    fn on_host(&self, id: NodeId, op: &Op, args: &[crate::exec::Arg<'_, f32>], cx: &EvalCx) -> Result<Value<f32>, ExecError> {
+    fn on_host(
+        &self,
+        id: NodeId,
+        op: &Op,
+        args: &[crate::exec::Arg<'_, f32>],
+        cx: &EvalCx,
+    ) -> Result<Value<f32>, ExecError> {
         let inputs = &self.plan.fused.node(id).inputs;
         let stayed = |i: NodeId| self.plan.device_only[i.index()] && self.resident.contains_key(&i);
         let ahead = |a: &crate::exec::Arg<'_, f32>| match a {
@@ -1147,14 +1279,23 @@ impl DeviceEval<'_> {
                 None => None,
             });
         }
-        let args: Vec<crate::exec::Arg<'_, f32>> =
-            args.iter().zip(&read).map(|(a, r)| r.as_ref().map_or_else(|| a.clone(), crate::exec::Arg::Param)).collect();
+        let args: Vec<crate::exec::Arg<'_, f32>> = args
+            .iter()
+            .zip(&read)
+            .map(|(a, r)| r.as_ref().map_or_else(|| a.clone(), crate::exec::Arg::Param))
+            .collect();
         ops::eval(op, &args, cx)
     }
 }
 
 impl Evaluator<f32> for DeviceEval<'_> {
-    fn eval(&mut self, id: NodeId, op: &Op, operands: &mut Operands<'_, '_, f32>, cx: &EvalCx) -> Result<Value<f32>, ExecError> {
+    fn eval(
+        &mut self,
+        id: NodeId,
+        op: &Op,
+        operands: &mut Operands<'_, '_, f32>,
+        cx: &EvalCx,
+    ) -> Result<Value<f32>, ExecError> {
         let start = self.profile.is_some().then(Instant::now);
         let args = operands.args(op)?;
         let stays = self.stay.is_some_and(|s| s[id.index()]);
@@ -1163,7 +1304,11 @@ impl Evaluator<f32> for DeviceEval<'_> {
                 self.stayed.insert(id, grad);
                 let mut value_shape = vec![0];
                 value_shape.extend_from_slice(&cx.out_shape[1..]);
-                let stand_in = Value::RowSparse { shape: cx.out_shape.to_vec(), rows: Vec::new(), values: Tensor { shape: value_shape, data: Vec::new() } };
+                let stand_in = Value::RowSparse {
+                    shape: cx.out_shape.to_vec(),
+                    rows: Vec::new(),
+                    values: Tensor { shape: value_shape, data: Vec::new() },
+                };
                 return self.finish(id, stand_in, true, start, op);
             }
         }
@@ -1221,7 +1366,15 @@ fn reduce_kernel(op: &Op, node: &crate::ir::graph::Node) -> Option<FusedKernel> 
 
 /// Whether `op` is a layout op the device runs as copies ([`DeviceEval::layout`]).
 fn is_layout(op: &Op) -> bool {
-    matches!(op, Op::Reshape { .. } | Op::Permute { .. } | Op::Broadcast { .. } | Op::Slice { .. } | Op::Concat { .. } | Op::Pad { .. })
+    matches!(
+        op,
+        Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::Broadcast { .. }
+            | Op::Slice { .. }
+            | Op::Concat { .. }
+            | Op::Pad { .. }
+    )
 }
 
 /// Row-major element strides of `shape`.
@@ -1316,11 +1469,20 @@ impl Executor for OpenCl {
         Ok(values.rekey(graph))
     }
 
-    fn train_step(&mut self, step: &TrainStep<'_>, params: &mut HashMap<String, Tensor<f32>>, optimizer: &mut Optimizer<f32>) -> Result<StepOutcome, String> {
+    fn train_step(
+        &mut self,
+        step: &TrainStep<'_>,
+        params: &mut HashMap<String, Tensor<f32>>,
+        optimizer: &mut Optimizer<f32>,
+    ) -> Result<StepOutcome, String> {
         self.device_train_step(step, params, optimizer)
     }
 
-    fn sync(&mut self, params: &mut HashMap<String, Tensor<f32>>, optimizer: &mut Optimizer<f32>) -> Result<(), String> {
+    fn sync(
+        &mut self,
+        params: &mut HashMap<String, Tensor<f32>>,
+        optimizer: &mut Optimizer<f32>,
+    ) -> Result<(), String> {
         self.sync_to_host(params, optimizer).map_err(|e| e.to_string())
     }
 }
@@ -1342,7 +1504,15 @@ impl OpenCl {
         let OpenCl { plans, programs, queue, profile, read_back, tuning, bytes_up, bytes_down, .. } = self;
         let plan = plans.first().ok_or_else(|| cl_err("plan", "not made"))?;
         let program = programs.get(&plan.program_source).ok_or_else(|| cl_err("program", "not built"))?;
-        let dev = DeviceRun { queue, program, kernels: &plan.kernels, params: &resident, tuning, up: Default::default(), down: Default::default() };
+        let dev = DeviceRun {
+            queue,
+            program,
+            kernels: &plan.kernels,
+            params: &resident,
+            tuning,
+            up: Default::default(),
+            down: Default::default(),
+        };
         let mut evaluator = DeviceEval {
             dev,
             plan,

@@ -435,7 +435,13 @@ fn merged_axes(shape: &[usize], out_strides: &[usize], in_strides: &[usize]) -> 
 /// The metadata of one [`COPY`] `mdl_copy` call ([`merged_axes`], so fewer divisions per
 /// element), or `None` when a size or offset does not fit an `int` or the view has more
 /// than [`COPY_MAX_RANK`] axes.
-pub fn copy_meta(shape: &[usize], out_base: usize, out_strides: &[usize], in_base: usize, in_strides: &[usize]) -> Option<Vec<i32>> {
+pub fn copy_meta(
+    shape: &[usize],
+    out_base: usize,
+    out_strides: &[usize],
+    in_base: usize,
+    in_strides: &[usize],
+) -> Option<Vec<i32>> {
     let axes = merged_axes(shape, out_strides, in_strides);
     if axes.len() > COPY_MAX_RANK {
         return None;
@@ -467,7 +473,13 @@ pub struct RowCopy {
 /// contiguous in both views and at most one axis outside it, whose strides are at least a
 /// run (rows that do not overlap; a broadcast's zero stride is not one), and each base's
 /// offset within its row plus the run at most the pitch.
-pub fn row_copy(shape: &[usize], out_base: usize, out_strides: &[usize], in_base: usize, in_strides: &[usize]) -> Option<RowCopy> {
+pub fn row_copy(
+    shape: &[usize],
+    out_base: usize,
+    out_strides: &[usize],
+    in_base: usize,
+    in_strides: &[usize],
+) -> Option<RowCopy> {
     let axes = merged_axes(shape, out_strides, in_strides);
     let (run, rows, out_pitch, in_pitch) = match axes.as_slice() {
         [] => (1, 1, 1, 1),
@@ -478,7 +490,14 @@ pub fn row_copy(shape: &[usize], out_base: usize, out_strides: &[usize], in_base
     // Each row within one pitch of the buffer's start of row (runtimes check the origin's
     // offset within a row plus the run against the pitch).
     let fits = |base: usize, pitch: usize| base % pitch + run <= pitch;
-    (fits(out_base, out_pitch) && fits(in_base, in_pitch)).then_some(RowCopy { rows, run, out_base, out_pitch, in_base, in_pitch })
+    (fits(out_base, out_pitch) && fits(in_base, in_pitch)).then_some(RowCopy {
+        rows,
+        run,
+        out_base,
+        out_pitch,
+        in_base,
+        in_pitch,
+    })
 }
 
 /// The source of a plan's program: the matmul kernels, the layout and scatter kernels
@@ -550,7 +569,10 @@ mod tests {
             row_copy(&[4, 3, 2], 4, &[10, 2, 1], 0, &[6, 2, 1]),
             Some(RowCopy { rows: 4, run: 6, out_base: 4, out_pitch: 10, in_base: 0, in_pitch: 6 })
         );
-        assert_eq!(row_copy(&[2, 3], 0, &[3, 1], 6, &[3, 1]), Some(RowCopy { rows: 1, run: 6, out_base: 0, out_pitch: 6, in_base: 6, in_pitch: 6 }));
+        assert_eq!(
+            row_copy(&[2, 3], 0, &[3, 1], 6, &[3, 1]),
+            Some(RowCopy { rows: 1, run: 6, out_base: 0, out_pitch: 6, in_base: 6, in_pitch: 6 })
+        );
         assert_eq!(row_copy(&[4, 3], 0, &[3, 1], 0, &[0, 1]), None, "broadcast");
         assert_eq!(row_copy(&[3, 4], 0, &[4, 1], 0, &[1, 3]), None, "permute");
         assert_eq!(row_copy(&[2, 3, 2], 0, &[6, 2, 1], 0, &[13, 4, 1]), None, "three levels");

@@ -29,7 +29,10 @@
 use super::{cl_err, render, OpenCl, Resident};
 use crate::backend::{ExecError, StepOutcome, TrainStep};
 use crate::ir::graph::ParamInfo;
-use crate::optim::{clip_scale, combine_duplicate_rows, combine_rows_in_place, global_norm, scale_gradients, OptimKind, Optimizer, StepCoeffs};
+use crate::optim::{
+    clip_scale, combine_duplicate_rows, combine_rows_in_place, global_norm, scale_gradients, OptimKind, Optimizer,
+    StepCoeffs,
+};
 use crate::tensor::{Tensor, Value};
 use ocl::{Buffer, Kernel, Program};
 use std::collections::{BTreeSet, HashMap};
@@ -40,7 +43,11 @@ pub(super) enum DeviceGrad {
     Dense(Buffer<f32>),
     /// A row-sparse gradient combined on the device: the distinct `rows` (ascending) and
     /// their summed values, `width` per row.
-    Rows { rows: Vec<u32>, values: Buffer<f32>, width: usize },
+    Rows {
+        rows: Vec<u32>,
+        values: Buffer<f32>,
+        width: usize,
+    },
 }
 
 impl DeviceGrad {
@@ -99,7 +106,8 @@ impl OpenCl {
             }
             stay
         };
-        let (mut values, mut kept) = self.execute_plan(step.binding, step.feeds, params, step.mode, Some(&stay)).map_err(text)?;
+        let (mut values, mut kept) =
+            self.execute_plan(step.binding, step.feeds, params, step.mode, Some(&stay)).map_err(text)?;
         let loss = values.scalar("loss").ok_or("the training graph has no scalar output `loss`")?;
         if !loss.is_finite() {
             return Ok(StepOutcome { loss, update_secs: 0.0 });
@@ -126,19 +134,27 @@ impl OpenCl {
         let updated = |name: &str| info.get(name).is_some_and(|p| !(step.frozen)(p));
         // Everything is checked before anything changes.
         for (p, g) in &on_device {
-            let t = params.get(&p.name).ok_or_else(|| format!("optimizer: parameter `{}` has a gradient but no value", p.name))?;
+            let t = params
+                .get(&p.name)
+                .ok_or_else(|| format!("optimizer: parameter `{}` has a gradient but no value", p.name))?;
             let fits = match g {
                 DeviceGrad::Dense(b) => b.len() == t.data.len(),
                 DeviceGrad::Rows { rows, width, .. } => {
-                    t.shape.len() > 1 && *width == t.shape[1..].iter().product::<usize>() && rows.iter().all(|&r| (r as usize) < t.shape[0])
+                    t.shape.len() > 1
+                        && *width == t.shape[1..].iter().product::<usize>()
+                        && rows.iter().all(|&r| (r as usize) < t.shape[0])
                 }
             };
             if !fits {
-                return Err(format!("optimizer: the gradient of `{}` on the device does not fit the parameter's shape {:?}", p.name, t.shape));
+                return Err(format!(
+                    "optimizer: the gradient of `{}` on the device does not fit the parameter's shape {:?}",
+                    p.name, t.shape
+                ));
             }
         }
         for (name, g) in on_host.iter().filter(|(n, _)| updated(n)) {
-            let t = params.get(name).ok_or_else(|| format!("optimizer: parameter `{name}` has a gradient but no value"))?;
+            let t =
+                params.get(name).ok_or_else(|| format!("optimizer: parameter `{name}` has a gradient but no value"))?;
             optimizer.check_gradient(name, t, g)?;
         }
 
@@ -156,7 +172,8 @@ impl OpenCl {
         let kind = optimizer.config().kind;
         if self.optimizer.kind != Some(kind) || self.optimizer.steps != optimizer.step_count() {
             let unused = self.optimizer.unused.take();
-            self.optimizer = DeviceOptimizer { kind: Some(kind), steps: optimizer.step_count(), unused, ..Default::default() };
+            self.optimizer =
+                DeviceOptimizer { kind: Some(kind), steps: optimizer.step_count(), unused, ..Default::default() };
         }
         let coeffs = optimizer.advance(step.lr_scale)?;
         let host_kernels = crate::backend::jit::Jit::host_update_kernels();
@@ -165,14 +182,16 @@ impl OpenCl {
         for name in names {
             let c = coeffs.of(info[name.as_str()].embedding);
             if self.resident.contains_key(name.as_str()) {
-                self.update_on_device(&program, name, &params[name], Grad::Host(&on_host[name]), c, 1.0, optimizer).map_err(text)?;
+                self.update_on_device(&program, name, &params[name], Grad::Host(&on_host[name]), c, 1.0, optimizer)
+                    .map_err(text)?;
             } else if let Some(t) = params.get_mut(name) {
                 optimizer.apply(name, t, &on_host[name], c, &host_kernels);
             }
         }
         for (p, g) in on_device.into_iter().filter(|(p, _)| updated(&p.name)) {
             let c = coeffs.of(p.embedding);
-            self.update_on_device(&program, &p.name, &params[&p.name], Grad::Device(g), c, scale, optimizer).map_err(text)?;
+            self.update_on_device(&program, &p.name, &params[&p.name], Grad::Device(g), c, scale, optimizer)
+                .map_err(text)?;
         }
         self.optimizer.steps = optimizer.step_count();
         if let Some(profile) = self.profile.recording() {
@@ -184,7 +203,11 @@ impl OpenCl {
 
     /// The sum of the squares of every element of `grads`, added in `f64` from per-work-
     /// group partial sums (`mdl_sum_squares`), read back in one transfer.
-    fn sum_squares<'g>(&mut self, program: &Program, grads: impl Iterator<Item = &'g Buffer<f32>>) -> Result<f64, ExecError> {
+    fn sum_squares<'g>(
+        &mut self,
+        program: &Program,
+        grads: impl Iterator<Item = &'g Buffer<f32>>,
+    ) -> Result<f64, ExecError> {
         let grads: Vec<&Buffer<f32>> = grads.filter(|g| g.len() > 0).collect();
         if grads.is_empty() {
             return Ok(0.0);
@@ -192,10 +215,16 @@ impl OpenCl {
         let wg = render::norm_work_group(self.max_work_group);
         let groups: Vec<usize> = grads.iter().map(|g| g.len().div_ceil(wg).clamp(1, 64)).collect();
         let err = |e| cl_err("the gradients' norm on the device", e);
-        let partial = Buffer::<f32>::builder().queue(self.queue.clone()).len(groups.iter().sum::<usize>()).build().map_err(err)?;
+        let partial = Buffer::<f32>::builder()
+            .queue(self.queue.clone())
+            .len(groups.iter().sum::<usize>())
+            .build()
+            .map_err(err)?;
         let mut at = 0usize;
         for (g, &n) in grads.iter().zip(&groups) {
-            let total = i32::try_from(g.len()).map_err(|_| cl_err("the gradients' norm on the device", format!("a gradient of {} values is too large", g.len())))?;
+            let total = i32::try_from(g.len()).map_err(|_| {
+                cl_err("the gradients' norm on the device", format!("a gradient of {} values is too large", g.len()))
+            })?;
             let k = Kernel::builder()
                 .program(program)
                 .name("mdl_sum_squares")
@@ -259,7 +288,10 @@ impl OpenCl {
             Grad::Host(Value::Ids(_)) => return Ok(()),
         };
         let (Ok(total32), Ok(width32)) = (i32::try_from(total), i32::try_from(width)) else {
-            return Err(cl_err(&format!("updating parameter {name} on the device"), format!("{total} values are too many for the update kernel")));
+            return Err(cl_err(
+                &format!("updating parameter {name} on the device"),
+                format!("{total} values are too many for the update kernel"),
+            ));
         };
         if total == 0 {
             return Ok(());
@@ -313,7 +345,12 @@ impl OpenCl {
 
     /// The state buffers of parameter `name` (of `shape`): the device's, else made from the
     /// host optimizer's state when it has one, else fresh.
-    fn device_slots(&mut self, name: &str, shape: &[usize], optimizer: &mut Optimizer<f32>) -> Result<Vec<Buffer<f32>>, ExecError> {
+    fn device_slots(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        optimizer: &mut Optimizer<f32>,
+    ) -> Result<Vec<Buffer<f32>>, ExecError> {
         if let Some((buffers, s)) = self.optimizer.slots.get(name) {
             if s == shape {
                 return Ok(buffers.clone());
@@ -352,7 +389,11 @@ impl OpenCl {
     /// [`Executor::sync`]: reads back every parameter a device step updated into `params`
     /// (when the tensor is still there, of the same length) and the device's optimizer
     /// state into `optimizer` (when it continues that optimizer; otherwise it is dropped).
-    pub(super) fn sync_to_host(&mut self, params: &mut HashMap<String, Tensor<f32>>, optimizer: &mut Optimizer<f32>) -> Result<(), ExecError> {
+    pub(super) fn sync_to_host(
+        &mut self,
+        params: &mut HashMap<String, Tensor<f32>>,
+        optimizer: &mut Optimizer<f32>,
+    ) -> Result<(), ExecError> {
         for (name, r) in self.resident.iter_mut().filter(|(_, r)| r.ahead) {
             let Some(t) = params.get_mut(name) else { continue };
             if t.data.len() != r.buffer.len() {
@@ -362,7 +403,8 @@ impl OpenCl {
             self.bytes_down += 4 * t.data.len() as u64;
             *r = Resident { buffer: r.buffer.clone(), stamp: super::HostStamp::of(&t.data), ahead: false };
         }
-        let same = self.optimizer.kind == Some(optimizer.config().kind) && self.optimizer.steps == optimizer.step_count();
+        let same =
+            self.optimizer.kind == Some(optimizer.config().kind) && self.optimizer.steps == optimizer.step_count();
         if !same {
             let unused = self.optimizer.unused.take();
             self.optimizer = DeviceOptimizer { unused, ..Default::default() };
@@ -371,11 +413,12 @@ impl OpenCl {
         for name in std::mem::take(&mut self.optimizer.ahead) {
             let Some((buffers, shape)) = self.optimizer.slots.get(&name) else { continue };
             for (t, b) in optimizer.state_of_mut(&name, shape).into_iter().zip(buffers) {
-                b.read(&mut t.data).enq().map_err(|e| cl_err(&format!("reading back the optimizer state of {name}"), e))?;
+                b.read(&mut t.data)
+                    .enq()
+                    .map_err(|e| cl_err(&format!("reading back the optimizer state of {name}"), e))?;
                 self.bytes_down += 4 * t.data.len() as u64;
             }
         }
         Ok(())
     }
 }
-
