@@ -1,5 +1,6 @@
-//! `mdl`: the compiler for recommendation-model specs and the pieces around it
-//! (see DESIGN.md for the pipeline: syntax → lower (check + lower) → runtime graph).
+//! `mdl`: the compiler for recommendation-model specs and the pieces around it: syntax →
+//! lower (check and lower in one walk) → the runtime's graph, and the experiments, data,
+//! training, metrics and command line that use it. docs/architecture.md draws the pipeline.
 
 pub mod bench;
 pub mod cli;

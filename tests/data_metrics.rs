@@ -1,7 +1,7 @@
 //! Tests of the data pipeline (`mdl::data`) and the evaluation metrics (`mdl::metrics`):
 //! metric definitions against brute force and hand-computed values, vocabulary fitting,
 //! malformed-row handling, the binary cache, and the real `kuairand_pure_tail` data (skipped
-//! with a message when `../shared/data` is absent).
+//! with a message when `../shared/data` is absent, failed instead with `MDL_REQUIRE_DATA=1`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -476,14 +476,18 @@ fn cache_hits_and_rebuilds_corrupt_files() {
 
 // ---------------------------------------------------------------- real data
 
+/// The folder of a dataset in `../shared/data`, or `None` (the test prints why it skips)
+/// when it is absent and `MDL_REQUIRE_DATA` is not `1`. CI sets it, so there a missing
+/// dataset fails the test instead of letting it pass by skipping.
 fn shared_data(name: &str) -> Option<PathBuf> {
     let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data").join(name);
     if folder.join("train.csv.gz").exists() {
-        Some(folder)
-    } else {
-        println!("skipping: {} is not present", folder.display());
-        None
+        return Some(folder);
     }
+    let required = std::env::var("MDL_REQUIRE_DATA").is_ok_and(|v| v == "1");
+    assert!(!required, "MDL_REQUIRE_DATA=1 but {} is not present", folder.display());
+    println!("skipping: {} is not present", folder.display());
+    None
 }
 
 fn kuairand_schema() -> Schema {

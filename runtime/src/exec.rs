@@ -1,6 +1,6 @@
 //! What evaluating a node needs, shared by the eval rules (`ops/*`) and the backends:
 //! the run [`Mode`], the [`ExecError`] type, the per-node context [`EvalCx`] and the
-//! operand view [`Arg`], plus the deterministic random stream used by dropout.
+//! operand view [`Arg`]. Dropout's random stream is [`crate::rng::SplitMix64`].
 
 use crate::ir::dim::Binding;
 use crate::tensor::{Float, Ids, Tensor, Value};
@@ -135,62 +135,5 @@ impl<'a, T: Float> Arg<'a, T> {
                 Err(ExecError::BadOperand { op: op.into(), message: format!("expected ids, got {}", v.kind_name()) })
             }
         }
-    }
-}
-
-/// SplitMix64: a tiny, well-mixed 64-bit generator (Steele, Lea & Flood 2014). Used to
-/// derive independent, reproducible streams from `(seed, step, stream)`.
-#[derive(Clone, Debug)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> SplitMix64 {
-        SplitMix64(seed)
-    }
-
-    /// The generator for one node's draws in one step of one run.
-    pub fn keyed(seed: u64, step: u64, stream: u64) -> SplitMix64 {
-        let mut g = SplitMix64(seed);
-        let a = g.next_u64() ^ step;
-        let mut g = SplitMix64(a);
-        let b = g.next_u64() ^ stream.rotate_left(32);
-        SplitMix64(SplitMix64(b).next_u64())
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)` with 53 random bits.
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn splitmix64_matches_the_reference_sequence() {
-        // The first outputs of SplitMix64 seeded with 0 (Vigna's reference implementation).
-        let mut g = SplitMix64::new(0);
-        assert_eq!(g.next_u64(), 0xE220_A839_7B1D_CDAF);
-        assert_eq!(g.next_u64(), 0x6E78_9E6A_A1B9_65F4);
-        let u = g.next_f64();
-        assert!((0.0..1.0).contains(&u));
-    }
-
-    #[test]
-    fn keyed_streams_differ() {
-        let first = |seed, step, stream| SplitMix64::keyed(seed, step, stream).next_u64();
-        assert_eq!(first(1, 2, 3), first(1, 2, 3));
-        assert_ne!(first(1, 2, 3), first(1, 2, 4));
-        assert_ne!(first(1, 2, 3), first(1, 3, 3));
-        assert_ne!(first(1, 2, 3), first(2, 2, 3));
     }
 }

@@ -12,9 +12,9 @@
 //!   the last two axes (for per-domain weights `[G, k, n]` that is `k` and `n`); a rank-1
 //!   parameter `[n]` uses `fan_in = fan_out = n`, a scalar uses 1 for both.
 
-use crate::exec::SplitMix64;
 use crate::ir::dim::{eval_shape, Binding};
 use crate::ir::graph::{Init, ParamInfo};
+use crate::rng::SplitMix64;
 use crate::tensor::{Float, Tensor};
 use std::collections::HashMap;
 

@@ -14,6 +14,7 @@ pub mod ir;
 pub mod ops;
 pub mod optim;
 pub mod passes;
+pub mod rng;
 pub mod tensor;
 
 pub use autodiff::{differentiate, AutodiffError};

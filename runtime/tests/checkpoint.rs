@@ -2,8 +2,8 @@
 //! damaged files; plus an optimizer resumed from a checkpoint file.
 
 use mdl_runtime::checkpoint::{load, save, CheckpointProblem};
-use mdl_runtime::exec::SplitMix64;
 use mdl_runtime::optim::{OptimConfig, OptimKind, Optimizer};
+use mdl_runtime::rng::SplitMix64;
 use mdl_runtime::{Dim, Init, NodeId, ParamInfo, Tensor, Value};
 use std::collections::HashMap;
 use std::fs;

@@ -20,10 +20,11 @@ mod common;
 use common::{BINARY, UNARY};
 use mdl_runtime::backend::jit::{codegen, Jit};
 use mdl_runtime::backend::{interp, Executor, Interp};
-use mdl_runtime::exec::{Arg, EvalCx, SplitMix64};
+use mdl_runtime::exec::{Arg, EvalCx};
 use mdl_runtime::fuse::{fuse_elementwise, fuse_with_map, step_reads_relu};
 use mdl_runtime::ops::fused::Reduction;
 use mdl_runtime::ops::fused::{FusedKernel, Instr};
+use mdl_runtime::rng::SplitMix64;
 use mdl_runtime::{
     ops, BinaryOp, Binding, Dim, Graph, Init, Mode, NodeId, Op, ReduceOp, Shape, Tensor, UnaryOp, Value, Values,
 };

@@ -1,9 +1,9 @@
 //! Optimizers (dense and row-sparse updates, L2, per-table learning rates, freezing,
 //! clipping, state round trips) and parameter initialisation.
 
-use mdl_runtime::exec::SplitMix64;
 use mdl_runtime::init::{glorot_limit, init_params};
 use mdl_runtime::optim::{clip_global_norm, combine_duplicate_rows, global_norm, OptimConfig, OptimKind, Optimizer};
+use mdl_runtime::rng::SplitMix64;
 use mdl_runtime::{Binding, Dim, Float, Init, NodeId, ParamInfo, Tensor, Value};
 use std::collections::HashMap;
 

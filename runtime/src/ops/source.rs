@@ -1,8 +1,9 @@
 //! Source ops and gradient barriers: Input, Param, Scalar, DropMask, StopGrad.
 
 use super::{Op, Operand, ShapeError, Signature};
-use crate::exec::{Arg, EvalCx, ExecError, SplitMix64};
+use crate::exec::{Arg, EvalCx, ExecError};
 use crate::ir::graph::{Graph, Node, NodeId};
+use crate::rng::SplitMix64;
 use crate::tensor::{Float, Tensor, Value};
 
 pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {

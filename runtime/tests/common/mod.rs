@@ -4,9 +4,9 @@
 #![allow(dead_code)]
 
 use mdl_runtime::backend::interp;
-use mdl_runtime::exec::SplitMix64;
 use mdl_runtime::ir::dim::eval_shape;
 use mdl_runtime::ops::ShapeError;
+use mdl_runtime::rng::SplitMix64;
 use mdl_runtime::{
     differentiate, Binding, DType, Dim, Graph, Ids, Init, Mode, NodeId, Op, ReduceOp, Shape, Tensor, Value,
 };
