@@ -9,9 +9,10 @@
 //! profile has each product timed alone instead (which then includes the backend's
 //! per-run overhead, so the limit comes out low).
 
+use crate::backends::Backend;
 use crate::data::{self, PrepareOptions};
 use crate::experiment::Experiment;
-use crate::train::{compile_spec, make_executor, Session};
+use crate::train::{compile_spec, Session};
 use mdl_runtime::backend::TrainStep;
 use mdl_runtime::exec::Mode;
 use mdl_runtime::ir::dim::eval_shape;
@@ -25,7 +26,7 @@ use std::time::Instant;
 /// What one benchmark measured.
 #[derive(Clone, Debug)]
 pub struct BenchReport {
-    pub backend: String,
+    pub backend: Backend,
     /// The backend's device, for one that has one ([`Executor::device_name`]).
     ///
     /// [`Executor::device_name`]: mdl_runtime::backend::Executor::device_name
@@ -155,7 +156,7 @@ fn gemm_bound(
 /// Runs `steps` timed training steps (after one warm-up step) and a timed evaluation.
 pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
     // The backend first: a missing device is reported before any data is read.
-    let mut exec = make_executor(&exp.backend)?;
+    let mut exec = exp.backend.executor()?;
     // Then the spec: a bad one is reported before any data is read.
     let t = Instant::now();
     let compiled = compile_spec(exp)?;
@@ -241,7 +242,7 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
         gemm.timed_in_step = true;
     }
     Ok(BenchReport {
-        backend: exp.backend.clone(),
+        backend: exp.backend,
         device: exec.device_name(),
         model: session.compiled.model.clone(),
         batch: bs,

@@ -1,6 +1,7 @@
 //! The subcommands behind `mdl`: each takes parsed arguments and returns the exit code.
 
 use crate::diag::{render_all, SourceMap};
+use crate::experiment::yaml_to_hyper;
 use crate::lower::{compile_file, Compiled, Hyper};
 use mdl_runtime::passes;
 use std::collections::BTreeMap;
@@ -22,21 +23,6 @@ pub fn parse_overrides(set: &[String]) -> Result<BTreeMap<String, Hyper>, String
         );
     }
     Ok(out)
-}
-
-/// A YAML value as a hyperparameter.
-pub fn yaml_to_hyper(v: &serde_yaml::Value) -> Option<Hyper> {
-    use serde_yaml::Value as Y;
-    Some(match v {
-        Y::Bool(b) => Hyper::Bool(*b),
-        Y::Number(n) => match n.as_i64() {
-            Some(i) => Hyper::Int(i),
-            None => Hyper::Float(n.as_f64()?),
-        },
-        Y::String(s) => Hyper::Str(s.clone()),
-        Y::Sequence(items) => Hyper::List(items.iter().map(yaml_to_hyper).collect::<Option<Vec<_>>>()?),
-        _ => return None,
-    })
 }
 
 fn compile_reporting(map: &mut SourceMap, spec: &Path, overrides: &BTreeMap<String, Hyper>) -> Option<Compiled> {
@@ -191,7 +177,7 @@ pub fn eval(run: &Path, data: &Path) -> ExitCode {
     let result = (|| -> Result<String, String> {
         let (exp, fitted, session, params) = crate::train::load_run(run)?;
         let ds = fitted.encode_file(data, exp.data.bad_rows.into()).map_err(|e| e.to_string())?;
-        let mut exec = crate::train::make_executor(&exp.backend)?;
+        let mut exec = exp.backend.executor()?;
         let report = session.evaluate(exec.as_mut(), &params, &ds, exp.train.batch_size)?;
         serde_json::to_string_pretty(&report).map_err(|e| e.to_string())
     })();
@@ -209,7 +195,7 @@ pub fn predict(run: &Path, data: &Path, out: &Path) -> ExitCode {
     let result = (|| -> Result<usize, String> {
         let (exp, fitted, session, params) = crate::train::load_run(run)?;
         let ds = fitted.encode_file(data, exp.data.bad_rows.into()).map_err(|e| e.to_string())?;
-        let mut exec = crate::train::make_executor(&exp.backend)?;
+        let mut exec = exp.backend.executor()?;
         let scores = session.predict(exec.as_mut(), &params, &ds, exp.train.batch_size)?;
         let tasks = &session.compiled.tasks;
         let mut text = tasks.join(",");
@@ -281,7 +267,7 @@ pub fn devices() -> ExitCode {
     }
     #[cfg(not(feature = "opencl"))]
     {
-        fail(crate::train::NO_OPENCL_FEATURE)
+        fail(crate::backends::NO_OPENCL_FEATURE)
     }
 }
 

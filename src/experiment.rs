@@ -10,6 +10,7 @@
 //! Relative paths are resolved against the directory of the file that wrote them, so a
 //! base file and its children can live in different folders.
 
+use crate::backends::Backend;
 use crate::data::{BadRows, Schema};
 use crate::lower::Hyper;
 use serde::{Deserialize, Serialize};
@@ -40,8 +41,8 @@ pub struct Experiment {
     pub train: TrainConfig,
     /// `jit` (the fast CPU backend, default), `interp` (the reference backend), or, in a
     /// build with the `opencl` feature, `opencl` / `opencl:N` (OpenCL device N).
-    #[serde(default = "default_backend")]
-    pub backend: String,
+    #[serde(default)]
+    pub backend: Backend,
     /// The run folder (default `runs/<name>`).
     #[serde(default)]
     pub out: Option<PathBuf>,
@@ -204,9 +205,6 @@ pub struct Stage {
     pub reset_optimizer: bool,
 }
 
-fn default_backend() -> String {
-    "jit".into()
-}
 fn default_optimizer() -> OptimizerName {
     OptimizerName::Adam
 }
@@ -415,7 +413,6 @@ impl Experiment {
         }
         self.train.eval_every.steps()?;
         self.train.early_stopping.maximize()?;
-        crate::train::check_backend(&self.backend)?;
         self.split_paths()?;
         Ok(())
     }
@@ -464,7 +461,7 @@ impl Experiment {
         self.hyper
             .iter()
             .map(|(k, v)| {
-                crate::cli::yaml_to_hyper(v)
+                yaml_to_hyper(v)
                     .map(|h| (k.clone(), h))
                     .ok_or_else(|| format!("hyper.{k}: must be a number, string, boolean or list"))
             })
@@ -475,4 +472,19 @@ impl Experiment {
     pub fn out_dir(&self) -> PathBuf {
         self.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
     }
+}
+
+/// A YAML value as a hyperparameter (of `hyper:` here, of `--set` in `mdl check` and
+/// `mdl graph`).
+pub fn yaml_to_hyper(v: &Value) -> Option<Hyper> {
+    Some(match v {
+        Value::Bool(b) => Hyper::Bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Hyper::Int(i),
+            None => Hyper::Float(n.as_f64()?),
+        },
+        Value::String(s) => Hyper::Str(s.clone()),
+        Value::Sequence(items) => Hyper::List(items.iter().map(yaml_to_hyper).collect::<Option<Vec<_>>>()?),
+        _ => return None,
+    })
 }

@@ -1,0 +1,79 @@
+//! The run folder's checkpoints: parameters (and, in `last.ckpt`, the optimizer state)
+//! with the loop's position as metadata, written atomically and checked against the model
+//! when read back.
+
+use super::run::LoopState;
+use super::Session;
+use mdl_runtime::checkpoint;
+use mdl_runtime::optim::Optimizer;
+use mdl_runtime::tensor::Tensor;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The name prefix of the optimizer's state tensors in a checkpoint.
+const OPT_PREFIX: &str = "optimizer/";
+
+/// Writes parameters (and optionally optimizer state) with loop metadata, atomically.
+pub(super) fn save(
+    path: &Path,
+    params: &HashMap<String, Tensor<f32>>,
+    opt: Option<&Optimizer<f32>>,
+    state: &LoopState,
+) -> Result<(), String> {
+    let mut names: Vec<&String> = params.keys().collect();
+    names.sort();
+    let mut tensors: Vec<(String, Tensor<f32>)> = names.into_iter().map(|n| (n.clone(), params[n].clone())).collect();
+    if let Some(o) = opt {
+        tensors.extend(o.state().into_iter().map(|(n, t)| (format!("{OPT_PREFIX}{n}"), t)));
+    }
+    let meta = serde_json::to_string(state).map_err(|e| e.to_string())?;
+    checkpoint::save(path, &tensors, &meta).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// What a checkpoint holds.
+pub(super) struct Loaded {
+    pub params: HashMap<String, Tensor<f32>>,
+    /// The optimizer's state tensors (none in `best.ckpt`).
+    pub optimizer: Vec<(String, Tensor<f32>)>,
+    pub state: LoopState,
+}
+
+/// Reads a checkpoint and checks its parameters against the session's model (names and
+/// shapes).
+pub(super) fn load(path: &Path, session: &Session) -> Result<Loaded, String> {
+    let (tensors, meta) = checkpoint::load(path).map_err(|e| e.to_string())?;
+    let state: LoopState = serde_json::from_str(&meta).map_err(|e| format!("{}: bad metadata: {e}", path.display()))?;
+    let mut params = HashMap::new();
+    let mut optimizer = Vec::new();
+    for (n, t) in tensors {
+        match n.strip_prefix(OPT_PREFIX) {
+            Some(rest) => optimizer.push((rest.to_string(), t)),
+            None => {
+                params.insert(n, t);
+            }
+        }
+    }
+    check_params(session, &params, path)?;
+    Ok(Loaded { params, optimizer, state })
+}
+
+/// Checks loaded parameters against the model (names and shapes).
+fn check_params(session: &Session, params: &HashMap<String, Tensor<f32>>, from: &Path) -> Result<(), String> {
+    for p in session.params() {
+        let want = mdl_runtime::ir::dim::eval_shape(&p.shape, &session.inputs.sizes)?;
+        match params.get(&p.name) {
+            Some(t) if t.shape == want => {}
+            Some(t) => {
+                return Err(format!(
+                    "{}: parameter {} has shape {:?}, the model needs {:?}",
+                    from.display(),
+                    p.name,
+                    t.shape,
+                    want
+                ))
+            }
+            None => return Err(format!("{}: parameter {} is missing", from.display(), p.name)),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,499 @@
+//! The training loop as a run object: [`Run`] holds what a run works on (the session, the
+//! executor, the train and valid splits) and its state (parameters, optimizer, the loop's
+//! position, the curve, timings). Its methods are the loop's parts: [`Run::step`] trains
+//! on one batch, [`Run::evaluate`] validates and keeps the best checkpoint and early
+//! stopping, [`Run::checkpoint`] writes `last.ckpt`; [`Run::fit`] drives them over the
+//! experiment's stages and epochs, and [`Run::finish`] tests the best parameters and writes
+//! the run's figures. The loop lives here, outside the backends: an executor only runs
+//! the training step it is given.
+
+use super::checkpoint;
+use super::progress::Progress;
+use super::{optim_config, write_atomic, RunMetrics, RunTiming, Session};
+use crate::data::{Batch, Dataset, MiniBatches};
+use crate::experiment::{Experiment, Stage};
+use mdl_runtime::backend::{Executor, TrainStep};
+use mdl_runtime::exec::Mode;
+use mdl_runtime::optim::Optimizer;
+use mdl_runtime::tensor::Tensor;
+use mdl_runtime::ParamInfo;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// One row of `curve.csv`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    pub step: u64,
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub valid_auc: Option<f64>,
+    pub valid_gauc: Option<f64>,
+    pub valid_logloss: Option<f64>,
+}
+
+/// Where the loop is; saved in `last.ckpt` for `--resume`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoopState {
+    pub stage: usize,
+    pub epoch_in_stage: usize,
+    /// Epochs finished over all stages (it also seeds the shuffle of the next epoch).
+    pub epoch: usize,
+    pub batch_in_epoch: usize,
+    pub step: u64,
+    pub best: Option<f64>,
+    pub best_step: u64,
+    pub bad_evals: usize,
+    pub stopped_early: bool,
+    pub loss_sum: f64,
+    pub loss_count: u64,
+    pub curve: Vec<CurvePoint>,
+}
+
+impl LoopState {
+    fn new() -> LoopState {
+        LoopState {
+            stage: 0,
+            epoch_in_stage: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            step: 0,
+            best: None,
+            best_step: 0,
+            bad_evals: 0,
+            stopped_early: false,
+            loss_sum: 0.0,
+            loss_count: 0,
+            curve: Vec::new(),
+        }
+    }
+
+    /// The epoch under way is done: the next one starts at its first batch.
+    fn end_epoch(&mut self) {
+        self.batch_in_epoch = 0;
+        self.epoch_in_stage += 1;
+        self.epoch += 1;
+    }
+
+    /// The mean training loss since the last evaluation, which starts the next mean.
+    fn take_train_loss(&mut self) -> f64 {
+        let mean = if self.loss_count > 0 { self.loss_sum / self.loss_count as f64 } else { f64::NAN };
+        self.loss_sum = 0.0;
+        self.loss_count = 0;
+        mean
+    }
+}
+
+/// How [`Run::fit`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoopEnd {
+    /// Every stage trained, or `max_steps` or early stopping ended the run: it can finish.
+    Finished,
+    /// `--stop-after` stopped it, as if interrupted: `--resume` continues it.
+    StoppedAsAsked,
+}
+
+/// How a stage ended, for [`Run::fit`].
+enum StageEnd {
+    /// All its epochs trained: on to the next stage.
+    Done,
+    /// `max_steps` reached or early stopping: no further stage.
+    RunOver,
+    StoppedAsAsked,
+}
+
+/// A training run in progress (see the module doc).
+pub struct Run<'a> {
+    exp: &'a Experiment,
+    session: &'a Session,
+    exec: &'a mut dyn Executor,
+    train: &'a Dataset,
+    valid: &'a Dataset,
+    params: HashMap<String, Tensor<f32>>,
+    optimizer: Optimizer<f32>,
+    state: LoopState,
+    log: Progress,
+    best_path: PathBuf,
+    last_path: PathBuf,
+    batches: MiniBatches,
+    batch: Batch,
+    /// Steps over all stages (for the progress line): `max_steps`, else every epoch's.
+    total_steps: u64,
+    /// Trainable scalars (all parameter tensors' elements).
+    parameters: usize,
+    /// When the process started the run (after the run folder was made).
+    launched: Instant,
+    /// When the loop started.
+    loop_started: Instant,
+    /// Steps, rows and seconds in training steps (forward, backward, update) in this
+    /// process; evaluations and checkpoints are not counted.
+    steps_here: u64,
+    rows_here: usize,
+    step_secs: f64,
+}
+
+impl<'a> Run<'a> {
+    /// Starts a run in `out`: fresh parameters, or with `resume` the parameters, optimizer
+    /// state and loop position of `out/last.ckpt` when there is one.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        exp: &'a Experiment,
+        session: &'a Session,
+        exec: &'a mut dyn Executor,
+        train: &'a Dataset,
+        valid: &'a Dataset,
+        mut log: Progress,
+        out: &Path,
+        resume: bool,
+        launched: Instant,
+    ) -> Result<Run<'a>, String> {
+        let mut optimizer = Optimizer::<f32>::new(optim_config(exp))?;
+        let last_path = out.join("last.ckpt");
+        let batches = MiniBatches::new(train.rows, exp.train.batch_size, exp.train.seed);
+        let (params, state) = if resume && last_path.exists() {
+            let last = checkpoint::load(&last_path, session)?;
+            optimizer.load_state(last.optimizer)?;
+            if last.state.batch_in_epoch >= batches.batches_per_epoch() {
+                return Err(format!(
+                    "{}: the run stopped {} batches into an epoch, which has {} at train.batch_size {}: resume with the batch size it trained with",
+                    last_path.display(),
+                    last.state.batch_in_epoch,
+                    batches.batches_per_epoch(),
+                    exp.train.batch_size
+                ));
+            }
+            log.line(&format!("resumed from {} at step {}", last_path.display(), last.state.step));
+            (last.params, last.state)
+        } else {
+            if resume {
+                log.line("no checkpoint to resume from; starting fresh");
+            }
+            let params =
+                mdl_runtime::init::init_params::<f32>(session.params(), &session.inputs.sizes, exp.train.seed)?;
+            (params, LoopState::new())
+        };
+        let parameters: usize = params.values().map(|t| t.data.len()).sum();
+        log.line(&format!("{parameters} parameters"));
+        let total_epochs: usize = exp.stages().iter().map(|s| s.epochs).sum();
+        let total_steps = exp.train.max_steps.unwrap_or((total_epochs * batches.batches_per_epoch()) as u64);
+        Ok(Run {
+            exp,
+            session,
+            exec,
+            train,
+            valid,
+            params,
+            optimizer,
+            state,
+            log,
+            best_path: out.join("best.ckpt"),
+            last_path,
+            batches,
+            batch: train.new_batch(),
+            total_steps,
+            parameters,
+            launched,
+            loop_started: Instant::now(),
+            steps_here: 0,
+            rows_here: 0,
+            step_secs: 0.0,
+        })
+    }
+
+    /// Trains the experiment's stages from where the run is, evaluating at the cadence of
+    /// `train.eval_every` and writing `last.ckpt` at each evaluation and the end of each
+    /// epoch and stage, until every stage is done, `train.max_steps`, early stopping, or
+    /// `stop_after` steps in this process.
+    pub fn fit(&mut self, stop_after: Option<u64>) -> Result<LoopEnd, String> {
+        let stages = self.exp.stages();
+        let eval_every = self.exp.train.eval_every.steps()?;
+        while self.state.stage < stages.len() && !self.state.stopped_early {
+            match self.fit_stage(&stages[self.state.stage], eval_every, stop_after)? {
+                StageEnd::Done => {
+                    self.state.stage += 1;
+                    self.state.epoch_in_stage = 0;
+                    self.checkpoint()?;
+                }
+                StageEnd::RunOver => break,
+                StageEnd::StoppedAsAsked => return Ok(LoopEnd::StoppedAsAsked),
+            }
+        }
+        // A final evaluation when the last steps were not evaluated (max_steps, eval cadence).
+        if self.state.curve.last().map(|c| c.step) != Some(self.state.step) && self.state.step > 0 {
+            self.evaluate()?;
+            self.checkpoint()?;
+        }
+        // The device's parameters back on the host before other tensors (the best ones) run.
+        self.sync()?;
+        Ok(LoopEnd::Finished)
+    }
+
+    /// The rest of one stage: its remaining epochs, each from the batch the run is at.
+    fn fit_stage(
+        &mut self,
+        stage: &Stage,
+        eval_every: Option<u64>,
+        stop_after: Option<u64>,
+    ) -> Result<StageEnd, String> {
+        let frozen = frozen_by(stage);
+        if self.state.epoch_in_stage == 0 && self.state.batch_in_epoch == 0 && stage.reset_optimizer {
+            self.optimizer.reset();
+        }
+        while self.state.epoch_in_stage < stage.epochs {
+            let order: Vec<Vec<usize>> = self.batches.epoch(self.state.epoch as u64).map(|c| c.to_vec()).collect();
+            for rows in &order[self.state.batch_in_epoch..] {
+                if self.exp.train.max_steps.is_some_and(|m| self.state.step >= m) {
+                    return Ok(StageEnd::RunOver);
+                }
+                self.step(rows, &frozen)?;
+                let end_of_epoch = self.state.batch_in_epoch == order.len();
+                if end_of_epoch {
+                    self.state.end_epoch();
+                }
+                let due = match eval_every {
+                    Some(n) => self.state.step % n == 0,
+                    None => end_of_epoch,
+                };
+                if due {
+                    self.evaluate()?;
+                }
+                if due || end_of_epoch {
+                    self.checkpoint()?;
+                }
+                if self.state.stopped_early {
+                    return Ok(StageEnd::RunOver);
+                }
+                if stop_after.is_some_and(|n| self.steps_here >= n) {
+                    self.log.line(&format!("stopping after {} steps as asked (resume with --resume)", self.steps_here));
+                    return Ok(StageEnd::StoppedAsAsked);
+                }
+            }
+        }
+        Ok(StageEnd::Done)
+    }
+
+    /// One training step on the train rows `rows`, with the parameters `frozen` says
+    /// untouched; returns its loss. A loss that is not finite ends the run with an error.
+    pub fn step(&mut self, rows: &[usize], frozen: &dyn Fn(&ParamInfo) -> bool) -> Result<f64, String> {
+        let started = Instant::now();
+        if self.steps_here == 0 {
+            self.log.line(&format!("first batch starts {:.2}s after launch", self.launched.elapsed().as_secs_f64()));
+        }
+        self.train.gather(rows, &mut self.batch).map_err(|e| e.to_string())?;
+        let feeds = self.session.inputs.feeds(&self.batch);
+        let binding = self.session.inputs.with_batch(self.batch.rows);
+        let mode = Mode::train(self.exp.train.seed, self.state.step);
+        let step = TrainStep {
+            graph: &self.session.train_graph,
+            binding: &binding,
+            feeds: &feeds,
+            mode: &mode,
+            info: self.session.params(),
+            frozen,
+            clip_norm: self.exp.train.clip_norm,
+            lr_scale: 1.0,
+        };
+        let loss = self.exec.train_step(&step, &mut self.params, &mut self.optimizer)?.loss as f64;
+        if !loss.is_finite() {
+            return Err(format!(
+                "the loss became {loss} at step {} (epoch {}); lower train.lr or set train.clip_norm",
+                self.state.step + 1,
+                self.state.epoch + 1
+            ));
+        }
+        self.state.step += 1;
+        self.state.batch_in_epoch += 1;
+        self.state.loss_sum += loss;
+        self.state.loss_count += 1;
+        self.steps_here += 1;
+        self.rows_here += self.batch.rows;
+        self.step_secs += started.elapsed().as_secs_f64();
+        let rate = self.rows_here as f64 / self.step_secs.max(1e-9);
+        self.log.progress(self.state.step, self.total_steps, self.state.epoch + 1, loss, rate);
+        Ok(loss)
+    }
+
+    /// Validates the current parameters: a point of the curve (with the mean train loss
+    /// since the last one), `best.ckpt` when the early-stopping metric improved, early
+    /// stopping after `patience` evaluations without improvement, and the log line.
+    pub fn evaluate(&mut self) -> Result<(), String> {
+        let report = self.session.evaluate(&mut *self.exec, &self.params, self.valid, self.exp.train.batch_size)?;
+        let exp = self.exp;
+        let early = &exp.train.early_stopping;
+        let metric = match early.metric.as_str() {
+            "gauc" => report.gauc,
+            "logloss" => report.logloss,
+            _ => report.auc,
+        };
+        let state = &mut self.state;
+        let train_loss = state.take_train_loss();
+        state.curve.push(CurvePoint {
+            step: state.step,
+            epoch: state.epoch,
+            train_loss,
+            valid_auc: report.auc,
+            valid_gauc: report.gauc,
+            valid_logloss: report.logloss,
+        });
+        let improved = match (metric, state.best) {
+            (Some(m), Some(b)) => {
+                if early.maximize()? {
+                    m > b
+                } else {
+                    m < b
+                }
+            }
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if improved {
+            state.best = metric;
+            state.best_step = state.step;
+            state.bad_evals = 0;
+            // The checkpoint needs the parameters on the host.
+            self.sync()?;
+            checkpoint::save(&self.best_path, &self.params, None, &self.state)?;
+        } else {
+            state.bad_evals += 1;
+            if state.bad_evals >= early.patience {
+                state.stopped_early = true;
+            }
+        }
+        let state = &self.state;
+        self.log.line(&format!(
+            "step {} epoch {}: train loss {:.5}, valid auc {} gauc {} logloss {}{}",
+            state.step,
+            // The epoch the step belongs to, counted from 1 as the progress line counts it: an
+            // evaluation at an epoch's end names that epoch, one mid-way the epoch under way.
+            if state.batch_in_epoch == 0 { state.epoch } else { state.epoch + 1 },
+            train_loss,
+            fmt_opt(report.auc),
+            fmt_opt(report.gauc),
+            fmt_opt(report.logloss),
+            if improved {
+                " (best)".to_string()
+            } else if state.stopped_early {
+                format!(" (no improvement in {} evaluations: stopping early)", state.bad_evals)
+            } else {
+                String::new()
+            }
+        ));
+        Ok(())
+    }
+
+    /// Writes `last.ckpt`: parameters, optimizer state and the loop's position, from which
+    /// `--resume` continues.
+    pub fn checkpoint(&mut self) -> Result<(), String> {
+        self.sync()?;
+        checkpoint::save(&self.last_path, &self.params, Some(&self.optimizer), &self.state)
+    }
+
+    /// Brings the host's parameters and optimizer state up to date with the executor's.
+    fn sync(&mut self) -> Result<(), String> {
+        self.exec.sync(&mut self.params, &mut self.optimizer)
+    }
+
+    /// Evaluates valid and `test` with the best parameters (`best.ckpt`, else the last
+    /// ones) and writes the run's figures into `out`: `metrics.json`, `curve.csv`,
+    /// `timing.json`, and the closing lines of the log. `compile_ms` and `plan_ms` are the
+    /// times [`RunTiming`] reports.
+    pub fn finish(
+        mut self,
+        test: &Dataset,
+        out: &Path,
+        skipped_rows: BTreeMap<String, u64>,
+        compile_ms: f64,
+        plan_ms: f64,
+    ) -> Result<(), String> {
+        self.log.finish();
+        let train_secs = self.loop_started.elapsed().as_secs_f64();
+        let best = if self.best_path.exists() {
+            checkpoint::load(&self.best_path, self.session)?.params
+        } else {
+            std::mem::take(&mut self.params)
+        };
+        let bs = self.exp.train.batch_size;
+        let valid = self.session.evaluate(&mut *self.exec, &best, self.valid, bs)?;
+        let test = self.session.evaluate(&mut *self.exec, &best, test, bs)?;
+        let state = &self.state;
+        let metrics = RunMetrics {
+            model: self.session.compiled.model.clone(),
+            best_step: state.best_step,
+            steps: state.step,
+            epochs: state.epoch,
+            stopped_early: state.stopped_early,
+            parameters: self.parameters,
+            valid,
+            test,
+            skipped_rows,
+        };
+        let json = serde_json::to_string_pretty(&metrics).map_err(|e| e.to_string())?;
+        write_atomic(&out.join("metrics.json"), json.as_bytes())?;
+        write_curve(&out.join("curve.csv"), &state.curve)?;
+        let rows_per_s = self.rows_here as f64 / self.step_secs.max(1e-9);
+        let timing = RunTiming {
+            backend: self.exp.backend.to_string(),
+            device: self.exec.device_name(),
+            compile_ms,
+            plan_ms,
+            train_rows: self.rows_here,
+            step_secs: self.step_secs,
+            train_rows_per_s: rows_per_s,
+            eval_secs: train_secs - self.step_secs,
+            total_secs: self.launched.elapsed().as_secs_f64(),
+        };
+        let json = serde_json::to_string_pretty(&timing).map_err(|e| e.to_string())?;
+        write_atomic(&out.join("timing.json"), json.as_bytes())?;
+        self.log.line(&format!(
+            "test: auc {} gauc {} logloss {} (best step {}, {} epochs)",
+            fmt_opt(metrics.test.auc),
+            fmt_opt(metrics.test.gauc),
+            fmt_opt(metrics.test.logloss),
+            state.best_step,
+            state.epoch
+        ));
+        self.log.line(&format!(
+            "training {:.1}s: steps {:.1}s ({:.0} train rows/s), evaluation {:.1}s; total {:.1}s; run folder {}",
+            train_secs,
+            self.step_secs,
+            rows_per_s,
+            train_secs - self.step_secs,
+            self.launched.elapsed().as_secs_f64(),
+            out.display()
+        ));
+        Ok(())
+    }
+}
+
+/// Whether a stage leaves a parameter untouched: its group is frozen, or the stage trains
+/// only other groups.
+fn frozen_by(stage: &Stage) -> impl Fn(&ParamInfo) -> bool + '_ {
+    move |p: &ParamInfo| {
+        let g = p.group.as_deref();
+        let frozen = g.is_some_and(|g| stage.freeze.iter().any(|f| f == g));
+        let not_trained = stage.train_only.as_ref().is_some_and(|only| !g.is_some_and(|g| only.iter().any(|o| o == g)));
+        frozen || not_trained
+    }
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.5}")).unwrap_or_else(|| "-".into())
+}
+
+fn write_curve(path: &Path, curve: &[CurvePoint]) -> Result<(), String> {
+    let mut s = String::from("step,epoch,train_loss,valid_auc,valid_gauc,valid_logloss\n");
+    let f = |v: Option<f64>| v.map(|x| format!("{x:.6}")).unwrap_or_default();
+    for c in curve {
+        s.push_str(&format!(
+            "{},{},{:.6},{},{},{}\n",
+            c.step,
+            c.epoch,
+            c.train_loss,
+            f(c.valid_auc),
+            f(c.valid_gauc),
+            f(c.valid_logloss)
+        ));
+    }
+    write_atomic(path, s.as_bytes())
+}
