@@ -124,7 +124,7 @@ impl Checksum {
     }
 
     fn update(&mut self, mut bytes: &[u8]) {
-        while self.position % 8 != 0 && !bytes.is_empty() {
+        while !self.position.is_multiple_of(8) && !bytes.is_empty() {
             self.update_byte(bytes[0]);
             bytes = &bytes[1..];
         }
@@ -263,8 +263,12 @@ fn sync_parent_dir(path: &Path) {
     }
 }
 
+/// What a checkpoint holds: its named tensors in the order they were saved, and the
+/// metadata string.
+pub type Contents = (Vec<(String, Tensor<f32>)>, String);
+
 /// Reads a checkpoint: its tensors in the order they were saved, and the metadata string.
-pub fn load(path: &Path) -> Result<(Vec<(String, Tensor<f32>)>, String), CheckpointError> {
+pub fn load(path: &Path) -> Result<Contents, CheckpointError> {
     let fail = |problem| CheckpointError { path: path.to_path_buf(), problem };
     let bytes = fs::read(path).map_err(|e| fail(CheckpointProblem::Io(e)))?;
     let actual_bytes = bytes.len() as u64;
@@ -340,7 +344,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn parse_body(body: &[u8]) -> Result<(Vec<(String, Tensor<f32>)>, String), String> {
+fn parse_body(body: &[u8]) -> Result<Contents, String> {
     let mut r = Reader { bytes: body, at: 0 };
     let meta_len = r.u64()?;
     let meta = r.text(meta_len, "the metadata")?;

@@ -106,12 +106,12 @@ fn check(
     let mut hist_ids = Vec::new();
     let mut mask_data = Vec::new();
     for _ in 0..b * s {
-        let full = rng.next() % 4 == 0;
+        let full = rng.next().is_multiple_of(4);
         for _ in 0..l {
             let real = !full && rng.next() % 100 < fill;
             hist_ids.push(if real { 1 + (rng.next() % (vocab as u64 - 1)) as u32 } else { 0 });
             mask_data.push(if real {
-                if rng.next() % 3 == 0 {
+                if rng.next().is_multiple_of(3) {
                     0.5
                 } else {
                     1.0

@@ -598,9 +598,8 @@ pub fn run(
                     }
                     Part::Masked { dy, mask } => {
                         let (dy, mask) = (args[dy].dense(&name)?, args[mask].dense(&name)?);
-                        let shape =
-                            crate::ops::fused::broadcast_all([dy.shape.as_slice(), mask.shape.as_slice()].into_iter())
-                                .ok_or_else(|| bad("the factors of the gradient do not broadcast".into()))?;
+                        let shape = crate::ops::fused::broadcast_all([dy.shape.as_slice(), mask.shape.as_slice()])
+                            .ok_or_else(|| bad("the factors of the gradient do not broadcast".into()))?;
                         let numel: usize = shape.iter().product();
                         // The entry axes: those before the trailing axes that make one row.
                         let mut t = shape.len();
