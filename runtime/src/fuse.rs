@@ -11,15 +11,15 @@
 //!   reads the smaller value broadcast, and the broadcast is not materialised when nobody
 //!   else needs it);
 //! - a member whose shape is smaller than the root's is recomputed for every output
-//!   element, so only cheap ops (no transcendental, no division) join a group across a
-//!   broadcast;
+//!   element, so only cheap ops ([`UnaryOp::is_cheap`], [`crate::ops::BinaryOp::is_cheap`]:
+//!   no transcendental, no division) join a group across a broadcast;
 //! - groups stop growing at [`MAX_KERNEL_OPS`] ops so that kernels stay small to compile;
 //! - first, `step(x)` is made to read `relu(x)` when the graph has both (equal values), so
 //!   that a relu layer's pre-activation `x` has one reader and fuses into the relu.
 //!
 //! Groups of one op are left alone (the backends have direct kernels for those) unless
 //! an operand is broadcast (fused kernels read any broadcast pattern by strides; direct
-//! kernels know a few) or the op is a transcendental (exp, log, tanh, sigmoid, softplus:
+//! kernels know a few) or the op is a transcendental ([`UnaryOp::is_transcendental`]:
 //! fused kernels compute those with SIMD polynomials or device builtins, direct kernels
 //! one element at a time). A `Reduce` sum or mean that is the only reader of a group's
 //! root (which is then no output) becomes the kernel's epilogue ([`Reduction`]), so the
@@ -29,7 +29,7 @@
 
 use crate::ir::graph::{Graph, NodeId};
 use crate::ops::fused::{FusedKernel, Instr, Reduction};
-use crate::ops::{BinaryOp, DType, Op, Operand, ReduceOp, Signature, UnaryOp, ValueKind};
+use crate::ops::{DType, Op, Operand, ReduceOp, Signature, UnaryOp, ValueKind};
 use crate::passes::retain;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -191,8 +191,8 @@ fn fusible(graph: &Graph, id: NodeId) -> bool {
 /// Ops worth recomputing per output element when their own value is smaller.
 fn cheap(op: &Op) -> bool {
     match op {
-        Op::Unary(u) => matches!(u, UnaryOp::Neg | UnaryOp::Relu | UnaryOp::Abs | UnaryOp::Step | UnaryOp::Sign),
-        Op::Binary(b) => !matches!(b, BinaryOp::Div),
+        Op::Unary(u) => u.is_cheap(),
+        Op::Binary(b) => b.is_cheap(),
         _ => false,
     }
 }
@@ -245,7 +245,7 @@ fn plan_group(graph: &Graph, members: &[NodeId], reduce: Option<(NodeId, Reducti
     let root = *members.last()?;
     for read_through in [true, false] {
         let (mut plan, broadcasts_removed) = build_kernel(graph, members, read_through);
-        let transcendental = plan.kernel.body.iter().any(|i| matches!(i, Instr::Unary(u, _) if !cheap(&Op::Unary(*u)) && *u != UnaryOp::Recip && *u != UnaryOp::Sqrt));
+        let transcendental = plan.kernel.body.iter().any(|i| matches!(i, Instr::Unary(u, _) if u.is_transcendental()));
         let broadcasting = plan.operands.iter().any(|&o| graph.sig(o).shape != graph.sig(root).shape);
         let pays =
             reduce.is_some() || plan.kernel.op_count() >= 2 || broadcasts_removed > 0 || transcendental || broadcasting;

@@ -17,7 +17,6 @@
 //! - The inline transcendentals, swept over their range, stay within a few ulp of f64.
 
 mod common;
-use common::{BINARY, UNARY};
 use mdl_runtime::backend::jit::{codegen, Jit};
 use mdl_runtime::backend::{interp, Executor, Interp};
 use mdl_runtime::exec::{Arg, EvalCx};
@@ -31,9 +30,6 @@ use mdl_runtime::{
 use proptest::prelude::*;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-
-/// The ops [`codegen::Options::inline_math`] computes as polynomials.
-const TRANSCENDENTAL: [UnaryOp; 5] = [UnaryOp::Exp, UnaryOp::Log, UnaryOp::Tanh, UnaryOp::Sigmoid, UnaryOp::Softplus];
 
 fn same(x: f32, y: f32) -> bool {
     x == y || (x.is_nan() && y.is_nan())
@@ -96,12 +92,12 @@ fn random_dag(seed: u64, b: usize, f: usize, n: usize, rank3: bool, ops: usize, 
     let unary_ops: Vec<UnaryOp> = if safe_only {
         vec![UnaryOp::Neg, UnaryOp::Relu, UnaryOp::Sigmoid, UnaryOp::Tanh, UnaryOp::Abs]
     } else {
-        UNARY.to_vec()
+        UnaryOp::ALL.to_vec()
     };
     let binary_ops: Vec<BinaryOp> = if safe_only {
         vec![BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Max, BinaryOp::Min]
     } else {
-        BINARY.to_vec()
+        BinaryOp::ALL.to_vec()
     };
     let add = |g: &mut Graph, op: Op, args: &[NodeId]| g.add(op, args, "").unwrap();
     let mut made = Vec::new();
@@ -372,8 +368,8 @@ fn compare_kernel(kernel: &FusedKernel, operands: &[Tensor<f32>], out_shape: &[u
             let got = codegen::run(kernel, &refs, out_shape, threads, opts).expect("Cranelift compiles every op");
             assert_eq!(got.shape, want.shape);
             let contracts = fma && kernel.body.iter().any(|i| matches!(i, Instr::Binary(BinaryOp::Mul, ..)));
-            let approximates = inline_math
-                && kernel.body.iter().any(|i| matches!(i, Instr::Unary(u, _) if TRANSCENDENTAL.contains(u)));
+            let approximates =
+                inline_math && kernel.body.iter().any(|i| matches!(i, Instr::Unary(u, _) if u.is_transcendental()));
             let reorders = reassociate && kernel.reduce.is_some();
             let tol = if approximates || reorders { 1e-5 } else { 1e-6 };
             for (i, (&p, &q)) in got.data.iter().zip(&want.data).enumerate() {
@@ -422,7 +418,7 @@ fn special_values(count: usize, seed: u64) -> Vec<f32> {
 fn every_op_through_cranelift_equals_its_eval_rule() {
     for rows in [1usize, 3] {
         for n in 1..=37 {
-            for u in UNARY {
+            for &u in UnaryOp::ALL {
                 let k = FusedKernel { inputs: 1, body: vec![Instr::Input(0), Instr::Unary(u, 0)], reduce: None };
                 compare_kernel(
                     &k,
@@ -444,7 +440,7 @@ fn every_op_through_cranelift_equals_its_eval_rule() {
                 let full = Tensor::new(vec![rows, n], vec![0.25; rows * n]).unwrap();
                 compare_kernel(&k, &[col, full], &[rows, n]);
             }
-            for op in BINARY {
+            for &op in BinaryOp::ALL {
                 let k = FusedKernel {
                     inputs: 2,
                     body: vec![Instr::Input(0), Instr::Input(1), Instr::Binary(op, 0, 1)],

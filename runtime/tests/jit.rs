@@ -66,8 +66,8 @@ proptest! {
     }
 
     #[test]
-    fn binary_broadcast_patterns(b in 1usize..300, f in 1usize..5, d in 1usize..20, pat in 0usize..5, op in 0usize..8, swap: bool) {
-        let ops = [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max, BinaryOp::Min, BinaryOp::Gt, BinaryOp::Eq];
+    fn binary_broadcast_patterns(b in 1usize..300, f in 1usize..5, d in 1usize..20, pat in 0usize..5, op in 0..BinaryOp::ALL.len(), swap: bool) {
+        let ops = BinaryOp::ALL;
         let big = vec![b, f, d];
         let small = match pat { 0 => big.clone(), 1 => vec![], 2 => vec![d], 3 => vec![b, f, 1], _ => vec![f, d] };
         let shapes = if swap { vec![small, big] } else { vec![big, small] };

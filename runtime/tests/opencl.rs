@@ -16,7 +16,7 @@
 #![cfg(feature = "opencl")]
 
 mod common;
-use common::{dims, values, BINARY, UNARY};
+use common::{dims, values};
 
 use mdl_runtime::backend::opencl::{self, OpenCl};
 use mdl_runtime::backend::{Executor, Interp, Values};
@@ -151,7 +151,7 @@ fn every_op_and_broadcast_pattern_equals_interp() {
     let Some(mut exec) = executor("every_op_and_broadcast_pattern_equals_interp") else { return };
     let mut c = Case::default();
     let (rows, n) = (3usize, 37usize);
-    for (s, u) in UNARY.into_iter().enumerate() {
+    for (s, u) in UnaryOp::ALL.iter().copied().enumerate() {
         let s = s as u64;
         c.fused(
             kernel(1, vec![Instr::Input(0), Instr::Unary(u, 0)], None),
@@ -169,7 +169,7 @@ fn every_op_and_broadcast_pattern_equals_interp() {
             &[col, full],
         );
     }
-    for (s, op) in BINARY.into_iter().enumerate() {
+    for (s, op) in BinaryOp::ALL.iter().copied().enumerate() {
         let s = s as u64;
         let k = kernel(2, vec![Instr::Input(0), Instr::Input(1), Instr::Binary(op, 0, 1)], None);
         let a = Tensor::new(vec![rows, n], special_values(rows * n, 11 + s)).unwrap();
@@ -227,7 +227,7 @@ fn random_kernel(seed: u64, inputs: usize, reduce: Option<Reduction>) -> FusedKe
                 body.push(Instr::Const((r[j] * 4.0 - 2.0) as f64));
                 Instr::Binary(BinaryOp::Mul, at, pick(3 * j + 2, at))
             }
-            _ => Instr::Binary(BINARY[pick(3 * j + 3, 6)], pick(3 * j + 2, at), pick(3 * j + 4, at)),
+            _ => Instr::Binary(BinaryOp::ALL[pick(3 * j + 3, 6)], pick(3 * j + 2, at), pick(3 * j + 4, at)),
         };
         body.push(instr);
     }

@@ -1,11 +1,221 @@
 //! Elementwise ops: Unary and Binary (with numpy-style broadcasting).
+//!
+//! This file is the one home of an elementwise op: its variant (declared once, which also
+//! lists it in `ALL`), its scalar arithmetic ([`UnaryOp::apply`], [`BinaryOp::apply`]: the
+//! eval rule, the fused kernels' eval rule, the jit's direct kernels and its exact-math
+//! helpers all call it), its classes (exhaustive matches, so a new variant does not compile
+//! until it is classified), and its shape, gradient and eval rules. Only the two code
+//! generators (Cranelift in `backend/jit/codegen.rs`, OpenCL C in `backend/opencl/render.rs`)
+//! write an op again, each as an exhaustive match.
 
 use super::emit::Emit;
-use super::{shape_err, BinaryOp, Op, Operand, ShapeError, Signature, UnaryOp};
+use super::{require_dense_real, shape_err, Op, Operand, ShapeError, Signature};
 use crate::exec::{Arg, EvalCx, ExecError};
 use crate::ir::dim::{shape_to_string, Dim, Shape};
 use crate::ir::graph::{Graph, Node, NodeId};
 use crate::tensor::{broadcast_strides, walk2, Float, Tensor, Value};
+
+/// Declares an elementwise op enum from one list of variants and derives from that list
+/// `ALL` (every variant, in declaration order, so `ALL[op as usize] == op`) and
+/// `specialise` (runs a loop given the op's `apply` as a closure of its own type, so the
+/// loop is compiled, and vectorised, once per op instead of matching on the op per element).
+macro_rules! elementwise_ops {
+    (@apply $name:ident::$variant:ident, ($($arg:ident),+)) => {
+        move |$($arg: T),+| $name::$variant.apply($($arg),+)
+    };
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident $params:tt specialised by $job:ident {
+            $($(#[$vmeta:meta])* $variant:ident,)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            /// Every variant, in declaration order (tests and passes iterate it).
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            /// `job` run with this op's scalar function ([`Self::apply`]) as its closure.
+            pub fn specialise<T: Float, J: $job<T>>(self, job: J) -> J::Output {
+                match self {
+                    $($name::$variant => job.run(elementwise_ops!(@apply $name::$variant, $params)),)+
+                }
+            }
+        }
+    };
+}
+
+/// A loop over elements that takes a unary op's scalar function (see [`UnaryOp::specialise`]).
+pub trait UnaryLoop<T> {
+    type Output;
+    fn run<F: Fn(T) -> T + Copy + Sync>(self, f: F) -> Self::Output;
+}
+
+/// A loop over elements that takes a binary op's scalar function (see [`BinaryOp::specialise`]).
+pub trait BinaryLoop<T> {
+    type Output;
+    fn run<F: Fn(T, T) -> T + Copy + Sync>(self, f: F) -> Self::Output;
+}
+
+elementwise_ops! {
+    /// A one-operand elementwise op.
+    pub enum UnaryOp(x) specialised by UnaryLoop {
+        Neg,
+        Exp,
+        Log,
+        Sqrt,
+        Recip,
+        Relu,
+        Sigmoid,
+        Tanh,
+        /// `log(1 + e^x)`, computed stably.
+        Softplus,
+        Abs,
+        /// `1` where `x > 0`, else `0` (the derivative of relu; zero gradient).
+        Step,
+        /// `-1`, `0` or `1` (zero gradient).
+        Sign,
+    }
+}
+
+elementwise_ops! {
+    /// A two-operand elementwise op (operands broadcast numpy-style).
+    pub enum BinaryOp(a, b) specialised by BinaryLoop {
+        Add,
+        Sub,
+        Mul,
+        Div,
+        Max,
+        Min,
+        /// `1` where `a > b`, else `0` (zero gradient).
+        Gt,
+        /// `1` where `a == b`, else `0` (zero gradient).
+        Eq,
+    }
+}
+
+impl UnaryOp {
+    /// The op on one element: the scalar semantics every backend must reproduce.
+    #[inline]
+    pub fn apply<T: Float>(self, x: T) -> T {
+        match self {
+            UnaryOp::Neg => -x,
+            UnaryOp::Exp => x.exp(),
+            UnaryOp::Log => x.ln(),
+            UnaryOp::Sqrt => x.sqrt(),
+            UnaryOp::Recip => T::ONE / x,
+            UnaryOp::Relu => {
+                if x > T::ZERO {
+                    x
+                } else {
+                    T::ZERO
+                }
+            }
+            UnaryOp::Sigmoid => {
+                if x >= T::ZERO {
+                    T::ONE / (T::ONE + (-x).exp())
+                } else {
+                    let e = x.exp();
+                    e / (T::ONE + e)
+                }
+            }
+            UnaryOp::Tanh => x.tanh(),
+            UnaryOp::Softplus => x.max(T::ZERO) + (-x.abs()).exp().ln_1p(),
+            UnaryOp::Abs => x.abs(),
+            UnaryOp::Step => indicator(x > T::ZERO),
+            UnaryOp::Sign => {
+                if x > T::ZERO {
+                    T::ONE
+                } else if x < T::ZERO {
+                    -T::ONE
+                } else {
+                    T::ZERO
+                }
+            }
+        }
+    }
+
+    /// Worth recomputing for every output element when its own value is smaller (the
+    /// fusion pass lets such ops join a group across a broadcast): no transcendental, no
+    /// division, no square root.
+    pub fn is_cheap(self) -> bool {
+        use UnaryOp::*;
+        match self {
+            Neg | Relu | Abs | Step | Sign => true,
+            Exp | Log | Sqrt | Recip | Sigmoid | Tanh | Softplus => false,
+        }
+    }
+
+    /// Computed by a libm function, with no machine instruction: the jit computes it with an
+    /// inline polynomial (or, exactly, through [`Self::apply`]), and the fusion pass fuses
+    /// it even alone (SIMD polynomials and device builtins beat one element at a time).
+    pub fn is_transcendental(self) -> bool {
+        use UnaryOp::*;
+        match self {
+            Exp | Log | Tanh | Sigmoid | Softplus => true,
+            Neg | Sqrt | Recip | Relu | Abs | Step | Sign => false,
+        }
+    }
+
+    /// Carries a gradient to its operand (`step` and `sign` have derivative zero wherever
+    /// they have one, and autodiff sends none through them).
+    pub fn is_differentiable(self) -> bool {
+        use UnaryOp::*;
+        match self {
+            Neg | Exp | Log | Sqrt | Recip | Relu | Sigmoid | Tanh | Softplus | Abs => true,
+            Step | Sign => false,
+        }
+    }
+}
+
+impl BinaryOp {
+    /// The op on one pair of elements: the scalar semantics every backend must reproduce.
+    #[inline]
+    pub fn apply<T: Float>(self, a: T, b: T) -> T {
+        match self {
+            BinaryOp::Add => a + b,
+            BinaryOp::Sub => a - b,
+            BinaryOp::Mul => a * b,
+            BinaryOp::Div => a / b,
+            BinaryOp::Max => a.max(b),
+            BinaryOp::Min => a.min(b),
+            BinaryOp::Gt => indicator(a > b),
+            BinaryOp::Eq => indicator(a == b),
+        }
+    }
+
+    /// Worth recomputing for every output element (see [`UnaryOp::is_cheap`]).
+    pub fn is_cheap(self) -> bool {
+        use BinaryOp::*;
+        match self {
+            Add | Sub | Mul | Max | Min | Gt | Eq => true,
+            Div => false,
+        }
+    }
+
+    /// Carries a gradient to its operands (the comparisons do not).
+    pub fn is_differentiable(self) -> bool {
+        use BinaryOp::*;
+        match self {
+            Add | Sub | Mul | Div | Max | Min => true,
+            Gt | Eq => false,
+        }
+    }
+}
+
+/// `1` when `c`, else `0`.
+#[inline]
+fn indicator<T: Float>(c: bool) -> T {
+    if c {
+        T::ONE
+    } else {
+        T::ZERO
+    }
+}
 
 /// The broadcast of two shapes: axes aligned from the right, equal or one of them 1.
 pub fn broadcast_shapes(a: &[Dim], b: &[Dim]) -> Result<Shape, ShapeError> {
@@ -34,6 +244,7 @@ pub fn broadcast_shapes(a: &[Dim], b: &[Dim]) -> Result<Shape, ShapeError> {
 }
 
 pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
+    require_dense_real(op, x)?;
     match op {
         Op::Unary(_) => Ok(Signature::dense(x[0].shape.to_vec())),
         Op::Binary(_) => Ok(Signature::dense(broadcast_shapes(x[0].shape, x[1].shape)?)),
@@ -114,82 +325,16 @@ pub fn grad(graph: &mut Graph, node: &Node, y: NodeId, dy: NodeId) -> Result<Vec
     }
 }
 
-/// The forward function of a unary op.
-fn unary_fn<T: Float>(u: UnaryOp) -> fn(T) -> T {
-    match u {
-        UnaryOp::Neg => |x| -x,
-        UnaryOp::Exp => |x| x.exp(),
-        UnaryOp::Log => |x| x.ln(),
-        UnaryOp::Sqrt => |x| x.sqrt(),
-        UnaryOp::Recip => |x| T::ONE / x,
-        UnaryOp::Relu => |x| if x > T::ZERO { x } else { T::ZERO },
-        UnaryOp::Sigmoid => |x| {
-            if x >= T::ZERO {
-                T::ONE / (T::ONE + (-x).exp())
-            } else {
-                let e = x.exp();
-                e / (T::ONE + e)
-            }
-        },
-        UnaryOp::Tanh => |x| x.tanh(),
-        UnaryOp::Softplus => |x| x.max(T::ZERO) + (-x.abs()).exp().ln_1p(),
-        UnaryOp::Abs => |x| x.abs(),
-        UnaryOp::Step => |x| if x > T::ZERO { T::ONE } else { T::ZERO },
-        UnaryOp::Sign => |x| {
-            if x > T::ZERO {
-                T::ONE
-            } else if x < T::ZERO {
-                -T::ONE
-            } else {
-                T::ZERO
-            }
-        },
-    }
-}
-
-/// The forward function of a binary op.
-fn binary_fn<T: Float>(b: BinaryOp) -> fn(T, T) -> T {
-    fn indicator<T: Float>(c: bool) -> T {
-        if c {
-            T::ONE
-        } else {
-            T::ZERO
-        }
-    }
-    match b {
-        BinaryOp::Add => |a, b| a + b,
-        BinaryOp::Sub => |a, b| a - b,
-        BinaryOp::Mul => |a, b| a * b,
-        BinaryOp::Div => |a, b| a / b,
-        BinaryOp::Max => |a, b| a.max(b),
-        BinaryOp::Min => |a, b| a.min(b),
-        BinaryOp::Gt => |a, b| indicator(a > b),
-        BinaryOp::Eq => |a, b| indicator(a == b),
-    }
-}
-
-/// A unary op on one element: the scalar semantics every backend must reproduce (the
-/// fused kernels' eval rule calls it, so fused and unfused graphs cannot drift apart).
-pub fn apply_unary<T: Float>(op: UnaryOp, x: T) -> T {
-    unary_fn::<T>(op)(x)
-}
-
-/// A binary op on one pair of elements (see [`apply_unary`]).
-pub fn apply_binary<T: Float>(op: BinaryOp, a: T, b: T) -> T {
-    binary_fn::<T>(op)(a, b)
-}
-
 pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>, ExecError> {
     let name = op.name();
     match op {
         Op::Unary(u) => {
             let x = args[0].dense(&name)?;
-            let f = unary_fn::<T>(*u);
-            Ok(Value::Dense(Tensor { shape: x.shape.clone(), data: x.data.iter().map(|&v| f(v)).collect() }))
+            Ok(Value::Dense(Tensor { shape: x.shape.clone(), data: x.data.iter().map(|&v| u.apply(v)).collect() }))
         }
         Op::Binary(b) => {
             let (a, bb) = (args[0].dense(&name)?, args[1].dense(&name)?);
-            let f = binary_fn::<T>(*b);
+            let f = |x, y| b.apply(x, y);
             let data = if a.shape == bb.shape {
                 a.data.iter().zip(&bb.data).map(|(&x, &y)| f(x, y)).collect()
             } else {

@@ -10,13 +10,13 @@
 //! - `grad`: an error, because fusion runs after autodiff (the backward graph is fused too,
 //!   so nothing ever differentiates a fused node);
 //! - `eval`: the body evaluated element by element with the scalar functions of
-//!   `elementwise` ([`apply_unary`], [`apply_binary`]), in the same order as the unfused
+//!   `elementwise` ([`UnaryOp::apply`], [`BinaryOp::apply`]), in the same order as the unfused
 //!   chain, then the `Reduce` eval rule, so a fused graph gives bit-identical results to
 //!   the graph it came from.
 //!
 //! The Cranelift code generator for these kernels is `backend::jit::codegen`.
 
-use super::elementwise::{apply_binary, apply_unary, broadcast_shapes};
+use super::elementwise::broadcast_shapes;
 use super::{reduce, shape_err, BinaryOp, DType, Op, Operand, ReduceOp, ShapeError, Signature, UnaryOp, ValueKind};
 use crate::exec::{Arg, EvalCx, ExecError};
 use crate::ir::dim::Shape;
@@ -160,8 +160,8 @@ impl FusedKernel {
             registers[at] = match *instr {
                 Instr::Input(i) => operands[i],
                 Instr::Const(c) => T::from_f64(c),
-                Instr::Unary(u, a) => apply_unary(u, registers[a]),
-                Instr::Binary(b, x, y) => apply_binary(b, registers[x], registers[y]),
+                Instr::Unary(u, a) => u.apply(registers[a]),
+                Instr::Binary(b, x, y) => b.apply(registers[x], registers[y]),
             };
         }
         registers[self.body.len() - 1]
@@ -199,6 +199,7 @@ pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
     let Op::Fused(kernel) = op else {
         return shape_err(format!("{} is not a fused kernel", op.name()));
     };
+    super::require_dense_real(op, x)?;
     kernel.validate().map_err(ShapeError)?;
     let mut out: Shape = Vec::new();
     for operand in x {

@@ -34,6 +34,7 @@ fn need_dense_float(o: &Operand, op: &Op) -> Result<(), ShapeError> {
 pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
     match op {
         Op::MatMul { trans_a, trans_b } => {
+            super::require_dense_real(op, x)?;
             let (a, b) = (x[0].shape, x[1].shape);
             if a.len() < 2 || b.len() < 2 {
                 return shape_err(format!(

@@ -30,6 +30,8 @@ pub mod linalg;
 pub mod reduce;
 pub mod source;
 
+pub use elementwise::{BinaryOp, UnaryOp};
+
 use crate::exec::{Arg, EvalCx, ExecError};
 use crate::ir::dim::{shape_to_string, Dim, Shape};
 use crate::ir::graph::{Graph, Node, NodeId};
@@ -52,39 +54,6 @@ pub enum ValueKind {
     /// A gradient of an embedding table that only holds the rows a batch touched:
     /// `(rows, values)`; its nominal shape is the table's shape. Only optimizers read it.
     RowSparse,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum UnaryOp {
-    Neg,
-    Exp,
-    Log,
-    Sqrt,
-    Recip,
-    Relu,
-    Sigmoid,
-    Tanh,
-    /// `log(1 + e^x)`, computed stably.
-    Softplus,
-    Abs,
-    /// `1` where `x > 0`, else `0` (the derivative of relu; zero gradient).
-    Step,
-    /// `-1`, `0` or `1` (zero gradient).
-    Sign,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum BinaryOp {
-    Add,
-    Sub,
-    Mul,
-    Div,
-    Max,
-    Min,
-    /// `1` where `a > b`, else `0` (zero gradient).
-    Gt,
-    /// `1` where `a == b`, else `0` (zero gradient).
-    Eq,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -234,8 +203,10 @@ impl Op {
         })
     }
 
-    /// The output signature from the operands (the shape rule). Source ops whose shape is
-    /// not derivable from operands (Input, Param) get it from the graph builder.
+    /// The output signature from the operands: checks the operand count, then dispatches to
+    /// the op's family, whose shape rule checks the operands' kinds (ids or reals, dense or
+    /// row-sparse) and shapes. Source ops whose shape is not derivable from operands (Input,
+    /// Param) get it from the graph builder.
     pub fn infer(&self, operands: &[Operand]) -> Result<Signature, ShapeError> {
         match self.arity() {
             Some(n) if n != operands.len() => {
@@ -243,33 +214,6 @@ impl Op {
             }
             None if operands.is_empty() => return shape_err(format!("{} needs operands", self.name())),
             _ => {}
-        }
-        // Indexing and grouped ops check their own mix of ids and reals; layout ops move
-        // either kind (checked in `layout::shape`).
-        let need_dense_float = !matches!(
-            self,
-            Op::Gather
-                | Op::SparseRows { .. }
-                | Op::SegmentSum { .. }
-                | Op::OneHot { .. }
-                | Op::GroupMatMul { .. }
-                | Op::GroupOuter { .. }
-                | Op::Reshape { .. }
-                | Op::Permute { .. }
-                | Op::Broadcast { .. }
-                | Op::Concat { .. }
-                | Op::Slice { .. }
-                | Op::Pad { .. }
-        );
-        if need_dense_float {
-            for o in operands {
-                if o.dtype != DType::F {
-                    return shape_err(format!("{} needs real-valued operands, got ids", self.name()));
-                }
-                if o.kind != ValueKind::Dense {
-                    return shape_err(format!("{} cannot read a row-sparse gradient", self.name()));
-                }
-            }
         }
         use Op::*;
         match self {
@@ -326,17 +270,28 @@ impl Op {
 
     /// Ops whose output carries no gradient to their operands.
     pub fn is_nondifferentiable(&self) -> bool {
-        matches!(
-            self,
-            Op::StopGrad
-                | Op::DropMask { .. }
-                | Op::Unary(UnaryOp::Step)
-                | Op::Unary(UnaryOp::Sign)
-                | Op::Binary(BinaryOp::Gt)
-                | Op::Binary(BinaryOp::Eq)
-                | Op::OneHot { .. }
-        )
+        match self {
+            Op::StopGrad | Op::DropMask { .. } | Op::OneHot { .. } => true,
+            Op::Unary(u) => !u.is_differentiable(),
+            Op::Binary(b) => !b.is_differentiable(),
+            _ => false,
+        }
     }
+}
+
+/// The operand-kind check of the ops that read only dense real values (every family but
+/// `layout`, which moves ids too, and the ops of `index` and `linalg` that read ids): a
+/// family's shape rule calls it first for those ops.
+pub(crate) fn require_dense_real(op: &Op, operands: &[Operand]) -> Result<(), ShapeError> {
+    for o in operands {
+        if o.dtype != DType::F {
+            return shape_err(format!("{} needs real-valued operands, got ids", op.name()));
+        }
+        if o.kind != ValueKind::Dense {
+            return shape_err(format!("{} cannot read a row-sparse gradient", op.name()));
+        }
+    }
+    Ok(())
 }
 
 /// The vector-Jacobian product of node `id` (= `node`) as new nodes in `graph`: given the

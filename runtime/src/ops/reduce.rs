@@ -8,6 +8,7 @@ use crate::ir::graph::{Graph, Node, NodeId};
 use crate::tensor::{strides, walk2, Float, Tensor, Value};
 
 pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
+    super::require_dense_real(op, x)?;
     let rank = x[0].shape.len();
     match op {
         Op::Reduce { axes, keep_dims, .. } => {

@@ -7,6 +7,7 @@ use crate::rng::SplitMix64;
 use crate::tensor::{Float, Tensor, Value};
 
 pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
+    super::require_dense_real(op, x)?;
     match op {
         Op::Scalar(_) => Ok(Signature::dense(vec![])),
         Op::DropMask { p, .. } => {

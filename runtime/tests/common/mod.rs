@@ -286,18 +286,6 @@ pub fn model(c: &mut Case) -> NodeId {
     loss
 }
 
-/// Every unary op.
-pub const UNARY: [mdl_runtime::UnaryOp; 12] = {
-    use mdl_runtime::UnaryOp::*;
-    [Neg, Exp, Log, Sqrt, Recip, Relu, Sigmoid, Tanh, Softplus, Abs, Step, Sign]
-};
-
-/// Every binary op.
-pub const BINARY: [mdl_runtime::BinaryOp; 8] = {
-    use mdl_runtime::BinaryOp::*;
-    [Add, Sub, Mul, Div, Max, Min, Gt, Eq]
-};
-
 /// Deterministic values in [lo, hi) (xorshift from `seed`).
 pub fn values(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
     let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;

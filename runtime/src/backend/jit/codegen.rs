@@ -10,10 +10,13 @@
 //!   `r` starts `r * out_row_stride` elements after `out`. The body runs on F32X4
 //!   vectors (unrolled four times for small bodies), then a scalar tail. `a*b + c`
 //!   becomes one `fma` when the CPU has it and [`Options::fma`] is on. Relu, step, sign,
-//!   max, min and the comparisons are compares and bit-selects. Exp, log, tanh, sigmoid
-//!   and softplus have no Cranelift instruction: by default they are inline polynomials
-//!   ([`super::math`], within 2 ulp); with [`Options::inline_math`] off they call the
-//!   interp's own scalar functions (four lanes per call) and agree with it bit for bit;
+//!   max, min and the comparisons are compares and bit-selects. The transcendentals
+//!   ([`UnaryOp::is_transcendental`]: exp, log, tanh, sigmoid, softplus) have no Cranelift
+//!   instruction: by default they are inline polynomials ([`super::math`], within 2 ulp);
+//!   with [`Options::inline_math`] off they call the eval rule's scalar function
+//!   ([`UnaryOp::apply`], four lanes per call) and agree with interp bit for bit. The
+//!   Cranelift rendering of each op is an exhaustive match, so a new op does not compile
+//!   until it has one;
 //! - **reduction epilogues**: a kernel ending in a sum or mean over axes
 //!   ([`crate::ops::fused::Reduction`]) adds each row's results to the output row
 //!   (reduced rows) or, lane by lane, to one output element (a reduced row), in the
@@ -32,7 +35,6 @@
 //! backend falls back to the kernel's eval rule; nothing here panics on a kernel.
 
 use super::math::Math;
-use crate::ops::elementwise::apply_unary;
 use crate::ops::fused::{broadcast_all, broadcasts_to, FusedKernel, Instr};
 use crate::ops::{BinaryOp, ReduceOp, UnaryOp};
 use crate::tensor::{broadcast_strides, Tensor};
@@ -227,40 +229,20 @@ impl Compiler {
 
 // ------------------------------------------------------------------ helpers called from jit code
 
-macro_rules! helpers {
-    ($($op:ident => $vec:ident, $scalar:ident;)*) => {
-        $(
-            /// Four lanes in place, with the interp's scalar function.
-            extern "C" fn $vec(p: *mut f32) {
-                // SAFETY: generated code passes a 16-byte stack slot holding four f32s.
-                let lanes = unsafe { std::slice::from_raw_parts_mut(p, 4) };
-                for v in lanes {
-                    *v = apply_unary::<f32>(UnaryOp::$op, *v);
-                }
-            }
-
-            extern "C" fn $scalar(x: f32) -> f32 {
-                apply_unary::<f32>(UnaryOp::$op, x)
-            }
-        )*
-
-        /// The helper pair (four lanes in place, one scalar) of a unary op that has no
-        /// Cranelift instruction.
-        fn helper(u: UnaryOp) -> Option<(usize, usize)> {
-            match u {
-                $(UnaryOp::$op => Some(($vec as extern "C" fn(*mut f32) as usize, $scalar as extern "C" fn(f32) -> f32 as usize)),)*
-                _ => None,
-            }
-        }
-    };
+/// Four lanes of a transcendental in place, with the eval rule's scalar function
+/// ([`UnaryOp::apply`]); `op` is the op's index in [`UnaryOp::ALL`].
+extern "C" fn unary_lanes(op: u32, p: *mut f32) {
+    // SAFETY: generated code passes a 16-byte stack slot holding four f32s.
+    let lanes = unsafe { std::slice::from_raw_parts_mut(p, 4) };
+    for v in lanes {
+        *v = unary_scalar(op, *v);
+    }
 }
 
-helpers! {
-    Exp => exp4, exp1;
-    Log => log4, log1;
-    Tanh => tanh4, tanh1;
-    Sigmoid => sigmoid4, sigmoid1;
-    Softplus => softplus4, softplus1;
+/// One element of a transcendental, as [`unary_lanes`]; NaN for an index that names no op
+/// (generated code passes only valid ones; a panic must not unwind into it).
+extern "C" fn unary_scalar(op: u32, x: f32) -> f32 {
+    UnaryOp::ALL.get(op as usize).map_or(f32::NAN, |u| u.apply(x))
 }
 
 // ------------------------------------------------------------------ code emission
@@ -400,13 +382,15 @@ impl<'k> Emitter<'k> {
             }
         }
         let needs_call =
-            !key.inline_math && body.iter().any(|i| matches!(*i, Instr::Unary(u, _) if helper(u).is_some()));
+            !key.inline_math && body.iter().any(|i| matches!(*i, Instr::Unary(u, _) if u.is_transcendental()));
         let (slot, vec_sig, scalar_sig) = if needs_call {
             let slot = b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 16, 4));
             let call_conv = b.func.signature.call_conv;
             let mut vs = cranelift_codegen::ir::Signature::new(call_conv);
+            vs.params.push(AbiParam::new(types::I32));
             vs.params.push(AbiParam::new(ptr));
             let mut ss = cranelift_codegen::ir::Signature::new(call_conv);
+            ss.params.push(AbiParam::new(types::I32));
             ss.params.push(AbiParam::new(types::F32));
             ss.returns.push(AbiParam::new(types::F32));
             (Some(slot), Some(b.import_signature(vs)), Some(b.import_signature(ss)))
@@ -474,7 +458,7 @@ impl<'k> Emitter<'k> {
         }
         // Unrolled bodies keep four vectors live: only for small bodies without calls or
         // polynomials (Cranelift uses 16 vector registers; more spills).
-        let transcendental = body.iter().any(|i| matches!(*i, Instr::Unary(u, _) if helper(u).is_some()));
+        let transcendental = body.iter().any(|i| matches!(*i, Instr::Unary(u, _) if u.is_transcendental()));
         let unroll = key.kernel.op_count() <= UNROLL_MAX_OPS && !transcendental;
         b.ins().jump(if unroll { x4_head } else { v_head }, &[]);
 
@@ -634,7 +618,11 @@ impl<'k> Emitter<'k> {
     }
 
     fn unary(&self, b: &mut FunctionBuilder, ty: Type, u: UnaryOp, x: Value) -> Value {
+        if u.is_transcendental() && !self.key.inline_math {
+            return self.call(b, ty, u, x);
+        }
         let (zero, one, minus_one) = self.constants(ty);
+        let math = Math { ty, fma: self.has_fma };
         match u {
             UnaryOp::Neg => b.ins().fneg(x),
             UnaryOp::Abs => b.ins().fabs(x),
@@ -655,36 +643,32 @@ impl<'k> Emitter<'k> {
                 let neg = self.select(b, ty, lt, minus_one, zero);
                 self.select(b, ty, gt, one, neg)
             }
-            UnaryOp::Exp | UnaryOp::Log | UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Softplus
-                if !self.key.inline_math =>
-            {
-                self.call(b, ty, u, x)
-            }
-            UnaryOp::Exp => Math { ty, fma: self.has_fma }.exp(b, x),
-            UnaryOp::Log => Math { ty, fma: self.has_fma }.log(b, x),
-            UnaryOp::Tanh => Math { ty, fma: self.has_fma }.tanh(b, x),
-            UnaryOp::Sigmoid => Math { ty, fma: self.has_fma }.sigmoid(b, x),
-            UnaryOp::Softplus => Math { ty, fma: self.has_fma }.softplus(b, x),
+            UnaryOp::Exp => math.exp(b, x),
+            UnaryOp::Log => math.log(b, x),
+            UnaryOp::Tanh => math.tanh(b, x),
+            UnaryOp::Sigmoid => math.sigmoid(b, x),
+            UnaryOp::Softplus => math.softplus(b, x),
         }
     }
 
-    /// A unary op through its Rust helper.
+    /// A transcendental through the eval rule's scalar function ([`unary_lanes`] on a
+    /// vector, [`unary_scalar`] on one element).
     fn call(&self, b: &mut FunctionBuilder, ty: Type, u: UnaryOp, x: Value) -> Value {
-        let (vec_fn, scalar_fn) = helper(u).expect("called only for ops with helpers");
         let (slot, vec_sig, scalar_sig) = (
             self.slot.expect("a kernel with calls has a slot"),
             self.vec_sig.expect("a kernel with calls has signatures"),
             self.scalar_sig.expect("a kernel with calls has signatures"),
         );
+        let op = b.ins().iconst(types::I32, u as i64);
         if ty == types::F32X4 {
             b.ins().stack_store(self.ptr, x, slot, 0);
             let addr = b.ins().stack_addr(self.ptr, slot, 0);
-            let callee = b.ins().iconst(self.ptr, vec_fn as i64);
-            b.ins().call_indirect(vec_sig, callee, &[addr]);
+            let callee = b.ins().iconst(self.ptr, unary_lanes as extern "C" fn(u32, *mut f32) as i64);
+            b.ins().call_indirect(vec_sig, callee, &[op, addr]);
             b.ins().stack_load(self.ptr, types::F32X4, slot, 0)
         } else {
-            let callee = b.ins().iconst(self.ptr, scalar_fn as i64);
-            let call = b.ins().call_indirect(scalar_sig, callee, &[x]);
+            let callee = b.ins().iconst(self.ptr, unary_scalar as extern "C" fn(u32, f32) -> f32 as i64);
+            let call = b.ins().call_indirect(scalar_sig, callee, &[op, x]);
             b.inst_results(call)[0]
         }
     }

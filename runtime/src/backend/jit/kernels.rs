@@ -11,6 +11,7 @@ use super::math;
 use super::pool::Pool;
 use crate::backend::interp::Operands;
 use crate::exec::{Arg, EvalCx, ExecError};
+use crate::ops::elementwise::{BinaryLoop, UnaryLoop};
 use crate::ops::{BinaryOp, Op, ReduceOp, UnaryOp};
 use crate::tensor::{Tensor, Value};
 use gemm::Parallelism;
@@ -403,44 +404,28 @@ pub(super) fn split_if<F: Fn(usize, &mut [f32]) + Sync>(parallel: bool, out: &mu
     });
 }
 
+/// `u` over `x`, with the eval rule's scalar function ([`UnaryOp::apply`]) compiled into
+/// the loop for this op alone ([`UnaryOp::specialise`]).
 fn unary(u: UnaryOp, x: &Tensor<f32>, threads: usize, pool: &mut Pool) -> Tensor<f32> {
-    let mut out = pool.take(x.data.len());
-    macro_rules! map {
-        ($f:expr) => {
-            split(&mut out, threads, 1, |off, o| {
+    struct Map<'a> {
+        x: &'a [f32],
+        out: &'a mut [f32],
+        threads: usize,
+    }
+    impl UnaryLoop<f32> for Map<'_> {
+        type Output = ();
+        fn run<F: Fn(f32) -> f32 + Copy + Sync>(self, f: F) {
+            let src = self.x;
+            split(self.out, self.threads, 1, |off, o| {
                 let len = o.len();
-                let src = &x.data[off..off + len];
-                for (d, &v) in o.iter_mut().zip(src) {
-                    *d = $f(v);
+                for (d, &v) in o.iter_mut().zip(&src[off..off + len]) {
+                    *d = f(v);
                 }
             })
-        };
+        }
     }
-    match u {
-        UnaryOp::Neg => map!(|v: f32| -v),
-        UnaryOp::Exp => map!(|v: f32| v.exp()),
-        UnaryOp::Log => map!(|v: f32| v.ln()),
-        UnaryOp::Sqrt => map!(|v: f32| v.sqrt()),
-        UnaryOp::Recip => map!(|v: f32| 1.0 / v),
-        UnaryOp::Relu => map!(|v: f32| if v > 0.0 { v } else { 0.0 }),
-        UnaryOp::Sigmoid => map!(|v: f32| if v >= 0.0 {
-            1.0 / (1.0 + (-v).exp())
-        } else {
-            let e = v.exp();
-            e / (1.0 + e)
-        }),
-        UnaryOp::Tanh => map!(|v: f32| v.tanh()),
-        UnaryOp::Softplus => map!(|v: f32| v.max(0.0) + (-v.abs()).exp().ln_1p()),
-        UnaryOp::Abs => map!(|v: f32| v.abs()),
-        UnaryOp::Step => map!(|v: f32| if v > 0.0 { 1.0 } else { 0.0 }),
-        UnaryOp::Sign => map!(|v: f32| if v > 0.0 {
-            1.0
-        } else if v < 0.0 {
-            -1.0
-        } else {
-            0.0
-        }),
-    }
+    let mut out = pool.take(x.data.len());
+    u.specialise(Map { x: &x.data, out: &mut out, threads });
     Tensor { shape: x.shape.clone(), data: out }
 }
 
@@ -500,58 +485,63 @@ fn binary(
     };
     let pat = pattern(&big.shape, &small.shape)?;
     let mut out = pool.take(big.data.len());
-    macro_rules! apply {
-        ($f:expr) => {{
-            let f = $f;
-            let g = |x: f32, y: f32| if swapped { f(y, x) } else { f(x, y) };
-            match pat {
-                Pattern::Same => split(&mut out, threads, 1, |off, o| {
+    op.specialise(Broadcast { big: &big.data, small: &small.data, swapped, pat, out: &mut out, threads });
+    Some(Tensor { shape: out_shape.to_vec(), data: out })
+}
+
+/// A binary op over an operand with the output's shape (`big`) and one that broadcasts
+/// against it by `pat` (`small`; the op's first operand when `swapped`), with the eval
+/// rule's scalar function ([`BinaryOp::apply`]) compiled into the loops for this op alone.
+struct Broadcast<'a> {
+    big: &'a [f32],
+    small: &'a [f32],
+    swapped: bool,
+    pat: Pattern,
+    out: &'a mut [f32],
+    threads: usize,
+}
+
+impl BinaryLoop<f32> for Broadcast<'_> {
+    type Output = ();
+    fn run<F: Fn(f32, f32) -> f32 + Copy + Sync>(self, f: F) {
+        let Broadcast { big, small, swapped, pat, out, threads } = self;
+        let g = |x: f32, y: f32| if swapped { f(y, x) } else { f(x, y) };
+        match pat {
+            Pattern::Same => split(out, threads, 1, |off, o| {
+                let len = o.len();
+                let (x, y) = (&big[off..off + len], &small[off..off + len]);
+                for ((d, &p), &q) in o.iter_mut().zip(x).zip(y) {
+                    *d = g(p, q);
+                }
+            }),
+            Pattern::Scalar => {
+                let q = small[0];
+                split(out, threads, 1, |off, o| {
                     let len = o.len();
-                    let (x, y) = (&big.data[off..off + len], &small.data[off..off + len]);
-                    for ((d, &p), &q) in o.iter_mut().zip(x).zip(y) {
+                    for (d, &p) in o.iter_mut().zip(&big[off..off + len]) {
                         *d = g(p, q);
                     }
-                }),
-                Pattern::Scalar => {
-                    let q = small.data[0];
-                    split(&mut out, threads, 1, |off, o| {
-                        let len = o.len();
-                        for (d, &p) in o.iter_mut().zip(&big.data[off..off + len]) {
-                            *d = g(p, q);
-                        }
-                    })
-                }
-                Pattern::Cycle(period) => split(&mut out, threads, period, |off, o| {
-                    for (c, chunk) in o.chunks_mut(period).enumerate() {
-                        let x = &big.data[off + c * period..off + c * period + chunk.len()];
-                        for ((d, &p), &q) in chunk.iter_mut().zip(x).zip(&small.data) {
-                            *d = g(p, q);
-                        }
-                    }
-                }),
-                Pattern::Runs(run) => split(&mut out, threads, run, |off, o| {
-                    for (c, chunk) in o.chunks_mut(run).enumerate() {
-                        let q = small.data[(off / run) + c];
-                        let x = &big.data[off + c * run..off + c * run + chunk.len()];
-                        for (d, &p) in chunk.iter_mut().zip(x) {
-                            *d = g(p, q);
-                        }
-                    }
-                }),
+                })
             }
-        }};
+            Pattern::Cycle(period) => split(out, threads, period, |off, o| {
+                for (c, chunk) in o.chunks_mut(period).enumerate() {
+                    let x = &big[off + c * period..off + c * period + chunk.len()];
+                    for ((d, &p), &q) in chunk.iter_mut().zip(x).zip(small) {
+                        *d = g(p, q);
+                    }
+                }
+            }),
+            Pattern::Runs(run) => split(out, threads, run, |off, o| {
+                for (c, chunk) in o.chunks_mut(run).enumerate() {
+                    let q = small[(off / run) + c];
+                    let x = &big[off + c * run..off + c * run + chunk.len()];
+                    for (d, &p) in chunk.iter_mut().zip(x) {
+                        *d = g(p, q);
+                    }
+                }
+            }),
+        }
     }
-    match op {
-        BinaryOp::Add => apply!(|x: f32, y: f32| x + y),
-        BinaryOp::Sub => apply!(|x: f32, y: f32| x - y),
-        BinaryOp::Mul => apply!(|x: f32, y: f32| x * y),
-        BinaryOp::Div => apply!(|x: f32, y: f32| x / y),
-        BinaryOp::Max => apply!(|x: f32, y: f32| if x >= y { x } else { y }),
-        BinaryOp::Min => apply!(|x: f32, y: f32| if x <= y { x } else { y }),
-        BinaryOp::Gt => apply!(|x: f32, y: f32| if x > y { 1.0 } else { 0.0 }),
-        BinaryOp::Eq => apply!(|x: f32, y: f32| if x == y { 1.0 } else { 0.0 }),
-    }
-    Some(Tensor { shape: out_shape.to_vec(), data: out })
 }
 
 // ------------------------------------------------------------------ reductions
