@@ -4,8 +4,10 @@
 //!
 //! Every phase (parser, checker, lowering, experiment loading) reports problems as
 //! [`Diagnostic`] values pointing at a [`Span`]; only the CLI turns them into text with
-//! [`render`]. Nothing here panics, whatever span or file id it is handed: a span that
-//! does not fit its file is clamped, and an unknown file renders as `<unknown>`.
+//! [`render`]. Checking and lowering record them in a [`Diagnostics`] list, whose
+//! [`Reported`] token is their error value. Nothing here panics, whatever span or file id
+//! it is handed: a span that does not fit its file is clamped, and an unknown file renders
+//! as `<unknown>`.
 
 use std::fmt::Write as _;
 use std::ops::Range;
@@ -149,6 +151,48 @@ impl Diagnostic {
     pub fn note(mut self, span: Span, message: impl Into<String>) -> Self {
         self.notes.push((span, message.into()));
         self
+    }
+}
+
+/// Proof that a diagnostic was recorded: the error of every fallible step of checking and
+/// lowering. Its field is private to this module, so only [`Diagnostics::report`] (and
+/// [`Diagnostics::check`], on a list that is not empty) make one: an `Err(Reported)`
+/// always has its message in the list, and a step cannot fail without saying why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reported(());
+
+/// The diagnostics of one compilation, in the order they were found.
+#[derive(Debug, Default)]
+pub struct Diagnostics {
+    list: Vec<Diagnostic>,
+}
+
+impl Diagnostics {
+    pub fn new() -> Self {
+        Diagnostics::default()
+    }
+
+    /// Records a diagnostic; the token it returns is the caller's error value.
+    pub fn report(&mut self, d: Diagnostic) -> Reported {
+        self.list.push(d);
+        Reported(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// `Err` once anything was reported.
+    pub fn check(&self) -> Result<(), Reported> {
+        if self.list.is_empty() {
+            Ok(())
+        } else {
+            Err(Reported(()))
+        }
+    }
+
+    pub fn into_vec(self) -> Vec<Diagnostic> {
+        self.list
     }
 }
 
@@ -363,6 +407,15 @@ mod tests {
             let out = render(&map, &Diagnostic::error(span, "x").label("y"));
             assert!(out.starts_with("error: x\n"));
         }
+    }
+
+    #[test]
+    fn a_reported_token_means_a_recorded_diagnostic() {
+        let mut diags = Diagnostics::new();
+        assert_eq!(diags.check(), Ok(()));
+        let reported = diags.report(Diagnostic::error(Span::default(), "x"));
+        assert_eq!(diags.check(), Err(reported));
+        assert_eq!(diags.into_vec(), vec![Diagnostic::error(Span::default(), "x")]);
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //! IR ops or need the compiler's knowledge of inputs and tasks. Everything that can be
 //! written in `.mdl` itself (linear, mlp, fm, pooling, ...) lives in `specs/std.mdl`.
 //!
+//! [`BUILTINS`] is their one list: each entry holds a built-in's name, its parameters
+//! with their defaults, and the function that lowers a call, so a built-in without a
+//! lowering, or a lowering without its entry, does not compile.
+//!
 //! Axis arguments count the leading (batch) axis, as in numpy: for `x: [B, F, d]`,
 //! `sum(x, axis = 1)` sums over the fields. Negative axes count from the end.
 //! `reshape` takes the shape of one sample: the leading axis is kept.
@@ -12,77 +16,146 @@ use crate::diag::{suggest, Diagnostic, Span};
 use mdl_runtime::ir::dim::{numel, shape_to_string};
 use mdl_runtime::ops::{BinaryOp, Op, ReduceOp, UnaryOp};
 use mdl_runtime::{Dim, Init};
+use Param::{Bool, Float, Int, Optional, Required, Str};
 
-/// `(name, parameters)`; a parameter `"axis=-1"` has a default, `"axis?"` is optional.
-const TABLE: &[(&str, &[&str])] = &[
-    ("relu", &["x"]),
-    ("sigmoid", &["x"]),
-    ("tanh", &["x"]),
-    ("exp", &["x"]),
-    ("log", &["x"]),
-    ("sqrt", &["x"]),
-    ("abs", &["x"]),
-    ("softplus", &["x"]),
-    ("activation", &["x", "act=relu"]),
-    ("maximum", &["a", "b"]),
-    ("minimum", &["a", "b"]),
-    ("sum", &["x", "axis?", "keep=false"]),
-    ("mean", &["x", "axis?", "keep=false"]),
-    ("max", &["x", "axis?", "keep=false"]),
-    ("softmax", &["x", "axis=-1"]),
-    ("concat", &["xs", "axis=-1"]),
-    ("stack", &["xs", "axis=1"]),
-    ("flatten", &["x"]),
-    ("reshape", &["x", "shape"]),
-    ("unsqueeze", &["x", "axis"]),
-    ("squeeze", &["x", "axis"]),
-    ("transpose", &["x", "a=-2", "b=-1"]),
-    ("slice", &["x", "axis", "start", "len"]),
-    ("dropout", &["x", "p=0"]),
-    ("stopgrad", &["x"]),
-    ("one_hot", &["ids"]),
-    ("embedding", &["ids", "dim", "std=0.0001"]),
-    ("mask", &["seq"]),
-    ("count", &["input"]),
-    ("len", &["list"]),
-    ("dim", &["x", "axis"]),
-    ("bce", &["task", "by?"]),
-    ("label", &["task"]),
-    ("broadcast_to", &["x", "like"]),
-    ("group_mean", &["x", "by"]),
+/// A parameter of a built-in and its default.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Param {
+    /// Must be given.
+    Required(&'static str),
+    /// May be left out: it is then absent (`Val::None`).
+    Optional(&'static str),
+    Int(&'static str, i64),
+    Float(&'static str, f64),
+    Bool(&'static str, bool),
+    Str(&'static str, &'static str),
+}
+
+impl Param {
+    pub fn name(self) -> &'static str {
+        match self {
+            Required(n) | Optional(n) | Int(n, _) | Float(n, _) | Bool(n, _) | Str(n, _) => n,
+        }
+    }
+
+    /// The value the parameter takes when a call leaves it out; `None` if it must be given.
+    pub fn default(self) -> Option<Val> {
+        match self {
+            Required(_) => None,
+            Optional(_) => Some(Val::None),
+            Int(_, i) => Some(Val::int(i)),
+            Float(_, f) => Some(Val::Float(f)),
+            Bool(_, b) => Some(Val::Bool(b)),
+            Str(_, s) => Some(Val::Str(s.to_string())),
+        }
+    }
+}
+
+/// How a call of a built-in becomes graph nodes (or a compile-time value), given its
+/// bound arguments and the span of the call.
+type Lower = fn(&mut Elab, &Args, Span) -> R<Val>;
+
+/// A built-in function: its name, its parameters, and its lowering.
+pub struct Builtin {
+    pub name: &'static str,
+    pub params: &'static [Param],
+    lower: Lower,
+}
+
+impl Builtin {
+    /// The parameters as argument binding takes them: names with their defaults.
+    pub(crate) fn param_list(&self) -> Vec<(String, Option<Val>)> {
+        self.params.iter().map(|p| (p.name().to_string(), p.default())).collect()
+    }
+
+    /// Lowers a call whose arguments are bound to [`Builtin::params`], in their order.
+    pub(crate) fn lower(&self, el: &mut Elab, bound: Vec<(String, Val, Span)>, span: Span) -> R<Val> {
+        (self.lower)(el, &Args { items: bound }, span)
+    }
+}
+
+/// Every built-in function.
+pub static BUILTINS: &[Builtin] = &[
+    Builtin { name: "relu", params: &[Required("x")], lower: |el, a, span| unary(el, a, UnaryOp::Relu, span) },
+    Builtin { name: "sigmoid", params: &[Required("x")], lower: |el, a, span| unary(el, a, UnaryOp::Sigmoid, span) },
+    Builtin { name: "tanh", params: &[Required("x")], lower: |el, a, span| unary(el, a, UnaryOp::Tanh, span) },
+    Builtin { name: "exp", params: &[Required("x")], lower: |el, a, span| unary(el, a, UnaryOp::Exp, span) },
+    Builtin { name: "log", params: &[Required("x")], lower: |el, a, span| unary(el, a, UnaryOp::Log, span) },
+    Builtin { name: "sqrt", params: &[Required("x")], lower: |el, a, span| unary(el, a, UnaryOp::Sqrt, span) },
+    Builtin { name: "abs", params: &[Required("x")], lower: |el, a, span| unary(el, a, UnaryOp::Abs, span) },
+    Builtin { name: "softplus", params: &[Required("x")], lower: |el, a, span| unary(el, a, UnaryOp::Softplus, span) },
+    Builtin { name: "activation", params: &[Required("x"), Str("act", "relu")], lower: activation },
+    Builtin {
+        name: "maximum",
+        params: &[Required("a"), Required("b")],
+        lower: |el, a, span| elementwise(el, a, BinaryOp::Max, span),
+    },
+    Builtin {
+        name: "minimum",
+        params: &[Required("a"), Required("b")],
+        lower: |el, a, span| elementwise(el, a, BinaryOp::Min, span),
+    },
+    Builtin {
+        name: "sum",
+        params: &[Required("x"), Optional("axis"), Bool("keep", false)],
+        lower: |el, a, span| reduce(el, a, "sum", ReduceOp::Sum, span),
+    },
+    Builtin {
+        name: "mean",
+        params: &[Required("x"), Optional("axis"), Bool("keep", false)],
+        lower: |el, a, span| reduce(el, a, "mean", ReduceOp::Mean, span),
+    },
+    Builtin {
+        name: "max",
+        params: &[Required("x"), Optional("axis"), Bool("keep", false)],
+        lower: |el, a, span| reduce(el, a, "max", ReduceOp::Max, span),
+    },
+    Builtin { name: "softmax", params: &[Required("x"), Int("axis", -1)], lower: softmax },
+    Builtin {
+        name: "concat",
+        params: &[Required("xs"), Int("axis", -1)],
+        lower: |el, a, span| join(el, a, "concat", false, span),
+    },
+    Builtin {
+        name: "stack",
+        params: &[Required("xs"), Int("axis", 1)],
+        lower: |el, a, span| join(el, a, "stack", true, span),
+    },
+    Builtin { name: "flatten", params: &[Required("x")], lower: flatten },
+    Builtin { name: "reshape", params: &[Required("x"), Required("shape")], lower: reshape },
+    Builtin { name: "unsqueeze", params: &[Required("x"), Required("axis")], lower: unsqueeze },
+    Builtin { name: "squeeze", params: &[Required("x"), Required("axis")], lower: squeeze },
+    Builtin { name: "transpose", params: &[Required("x"), Int("a", -2), Int("b", -1)], lower: transpose },
+    Builtin {
+        name: "slice",
+        params: &[Required("x"), Required("axis"), Required("start"), Required("len")],
+        lower: slice,
+    },
+    Builtin { name: "dropout", params: &[Required("x"), Int("p", 0)], lower: dropout },
+    Builtin { name: "stopgrad", params: &[Required("x")], lower: stopgrad },
+    Builtin { name: "one_hot", params: &[Required("ids")], lower: one_hot },
+    Builtin { name: "embedding", params: &[Required("ids"), Required("dim"), Float("std", 0.0001)], lower: embedding },
+    Builtin { name: "mask", params: &[Required("seq")], lower: mask },
+    Builtin { name: "count", params: &[Required("input")], lower: count },
+    Builtin { name: "len", params: &[Required("list")], lower: len },
+    Builtin { name: "dim", params: &[Required("x"), Required("axis")], lower: dim },
+    Builtin { name: "bce", params: &[Required("task"), Optional("by")], lower: bce },
+    Builtin { name: "label", params: &[Required("task")], lower: label },
+    Builtin { name: "broadcast_to", params: &[Required("x"), Required("like")], lower: broadcast_to },
+    Builtin { name: "group_mean", params: &[Required("x"), Required("by")], lower: group_mean },
 ];
 
 pub fn names() -> Vec<&'static str> {
-    TABLE.iter().map(|(n, _)| *n).collect()
+    BUILTINS.iter().map(|b| b.name).collect()
 }
 
 pub fn is_builtin(name: &str) -> bool {
-    TABLE.iter().any(|(n, _)| *n == name)
+    find(name).is_some()
 }
 
-/// The parameter list of a built-in, with default values.
-pub fn params(name: &str) -> Vec<(String, Option<Val>)> {
-    let Some((_, ps)) = TABLE.iter().find(|(n, _)| *n == name) else { return Vec::new() };
-    ps.iter()
-        .map(|p| {
-            if let Some(n) = p.strip_suffix('?') {
-                (n.to_string(), Some(Val::None))
-            } else if let Some((n, d)) = p.split_once('=') {
-                let v = if let Ok(i) = d.parse::<i64>() {
-                    Val::int(i)
-                } else if let Ok(f) = d.parse::<f64>() {
-                    Val::Float(f)
-                } else if d == "true" || d == "false" {
-                    Val::Bool(d == "true")
-                } else {
-                    Val::Str(d.to_string())
-                };
-                (n.to_string(), Some(v))
-            } else {
-                (p.to_string(), None)
-            }
-        })
-        .collect()
+/// The built-in called `name`, if there is one.
+pub fn find(name: &str) -> Option<&'static Builtin> {
+    BUILTINS.iter().find(|b| b.name == name)
 }
 
 /// Bound arguments of one call, read by name.
@@ -100,217 +173,221 @@ impl Args {
     }
 }
 
-pub(crate) fn call(el: &mut Elab, name: &str, bound: Vec<(String, Val, Span)>, span: Span) -> R<Val> {
-    let a = Args { items: bound };
-    let unary = |op: UnaryOp, el: &mut Elab| -> R<Val> {
-        let x = tensor(el, &a, "x")?;
-        Ok(Val::Tensor(el.unary(op, x, span)?))
+// ------------------------------------------------------------------ lowerings
+
+fn unary(el: &mut Elab, a: &Args, op: UnaryOp, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    Ok(Val::Tensor(el.unary(op, x, span)?))
+}
+
+fn activation(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let (act, s) = string(el, a, "act")?;
+    let op = match act.as_str() {
+        "relu" => UnaryOp::Relu,
+        "sigmoid" => UnaryOp::Sigmoid,
+        "tanh" => UnaryOp::Tanh,
+        "softplus" => UnaryOp::Softplus,
+        "none" | "linear" | "identity" => return Ok(Val::Tensor(x)),
+        other => {
+            let known = ["relu", "sigmoid", "tanh", "softplus", "none"];
+            let mut d = Diagnostic::error(s, format!("unknown activation \"{other}\""))
+                .label(format!("expected one of: {}", known.join(", ")));
+            if let Some(k) = suggest(other, known) {
+                d = d.hint(format!("did you mean \"{k}\"?"));
+            }
+            return Err(el.report(d));
+        }
     };
-    match name {
-        "relu" => unary(UnaryOp::Relu, el),
-        "sigmoid" => unary(UnaryOp::Sigmoid, el),
-        "tanh" => unary(UnaryOp::Tanh, el),
-        "exp" => unary(UnaryOp::Exp, el),
-        "log" => unary(UnaryOp::Log, el),
-        "sqrt" => unary(UnaryOp::Sqrt, el),
-        "abs" => unary(UnaryOp::Abs, el),
-        "softplus" => unary(UnaryOp::Softplus, el),
-        "activation" => {
-            let x = tensor(el, &a, "x")?;
-            let (act, s) = string(el, &a, "act")?;
-            let op = match act.as_str() {
-                "relu" => UnaryOp::Relu,
-                "sigmoid" => UnaryOp::Sigmoid,
-                "tanh" => UnaryOp::Tanh,
-                "softplus" => UnaryOp::Softplus,
-                "none" | "linear" | "identity" => return Ok(Val::Tensor(x)),
-                other => {
-                    let known = ["relu", "sigmoid", "tanh", "softplus", "none"];
-                    let mut d = Diagnostic::error(s, format!("unknown activation \"{other}\""))
-                        .label(format!("expected one of: {}", known.join(", ")));
-                    if let Some(k) = suggest(other, known) {
-                        d = d.hint(format!("did you mean \"{k}\"?"));
-                    }
-                    el.report(d);
-                    return Err(());
-                }
-            };
-            Ok(Val::Tensor(el.unary(op, x, span)?))
-        }
-        "maximum" | "minimum" => {
-            let x = tensor(el, &a, "a")?;
-            let y = tensor(el, &a, "b")?;
-            let op = if name == "maximum" { BinaryOp::Max } else { BinaryOp::Min };
-            Ok(Val::Tensor(el.binary(op, x, y, span)?))
-        }
-        "sum" | "mean" | "max" => reduce(el, &a, name, span),
-        "softmax" => {
-            let x = tensor(el, &a, "x")?;
-            let axis = axis_arg(el, &a, "axis", x, 0)?;
-            let node = el.add(Op::Softmax { axis }, &[x.node], span)?;
-            Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
-        }
-        "concat" | "stack" => {
-            let (xs, s) = tensor_list(el, &a, "xs")?;
-            if xs.is_empty() {
-                return el.error(s, format!("`{name}` needs at least one tensor"));
-            }
-            let xs = align_list(el, xs, span)?;
-            let grouped = xs[0].grouped;
-            let extra = usize::from(name == "stack");
-            let axis = axis_arg(el, &a, "axis", xs[0], extra)?;
-            let mut nodes = Vec::with_capacity(xs.len());
-            for x in &xs {
-                nodes.push(if name == "stack" { insert_axis(el, x.node, axis, span)? } else { x.node });
-            }
-            let node = el.add(Op::Concat { axis }, &nodes, span)?;
-            Ok(Val::Tensor(Tv { node, grouped }))
-        }
-        "flatten" => {
-            let x = tensor(el, &a, "x")?;
-            let shape = el.shape(x.node).to_vec();
-            let new = if el.has_lead(x) && !shape.is_empty() {
-                vec![shape[0].clone(), numel(&shape[1..])]
-            } else {
-                vec![numel(&shape)]
-            };
-            let node = el.add(Op::Reshape { shape: new }, &[x.node], span)?;
-            Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
-        }
-        "reshape" => {
-            let x = tensor(el, &a, "x")?;
-            let (dims, s) = dims_arg(el, &a, "shape")?;
-            let shape = el.shape(x.node).to_vec();
-            let mut new = Vec::new();
-            if el.has_lead(x) && !shape.is_empty() {
-                new.push(shape[0].clone());
-            }
-            new.extend(dims);
-            let scope = el.scope_path();
-            match el.graph.add(Op::Reshape { shape: new.clone() }, &[x.node], &scope) {
-                Ok(node) => Ok(Val::Tensor(Tv { node, grouped: x.grouped })),
-                Err(_) => el.error(
-                    s,
-                    format!(
-                        "cannot reshape {} ({} values per sample) to {}",
-                        el.shape_str(x.node),
-                        if el.has_lead(x) { numel(&shape[1..]) } else { numel(&shape) },
-                        shape_to_string(&new)
-                    ),
-                ),
-            }
-        }
-        "unsqueeze" => {
-            let x = tensor(el, &a, "x")?;
-            let axis = axis_arg(el, &a, "axis", x, 1)?;
-            let node = insert_axis(el, x.node, axis, span)?;
-            Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
-        }
-        "squeeze" => {
-            let x = tensor(el, &a, "x")?;
-            let axis = axis_arg(el, &a, "axis", x, 0)?;
-            let mut shape = el.shape(x.node).to_vec();
-            if !shape[axis].is_one() {
-                let s = a.get("axis").1;
-                return el.error(s, format!("axis {axis} of {} has size {}, not 1", el.shape_str(x.node), shape[axis]));
-            }
-            shape.remove(axis);
-            let node = el.add(Op::Reshape { shape }, &[x.node], span)?;
-            Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
-        }
-        "transpose" => {
-            let x = tensor(el, &a, "x")?;
-            let i = axis_arg(el, &a, "a", x, 0)?;
-            let j = axis_arg(el, &a, "b", x, 0)?;
-            if x.grouped && (i == 0 || j == 0) {
-                return el.error(span, "`transpose` cannot move the domain axis of a per-domain value");
-            }
-            let mut perm: Vec<usize> = (0..el.shape(x.node).len()).collect();
-            perm.swap(i, j);
-            let node = el.add(Op::Permute { perm }, &[x.node], span)?;
-            Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
-        }
-        "slice" => {
-            let x = tensor(el, &a, "x")?;
-            let axis = axis_arg(el, &a, "axis", x, 0)?;
-            let start = int(el, &a, "start")?;
-            let len = int(el, &a, "len")?;
-            let node = el.add(Op::Slice { axis, start, len }, &[x.node], span)?;
-            Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
-        }
-        "dropout" => {
-            let x = tensor(el, &a, "x")?;
-            let (p, s) = number(el, &a, "p")?;
-            if !(0.0..1.0).contains(&p) {
-                return el.error(s, format!("a dropout rate must be in [0, 1), found {p}"));
-            }
-            if p == 0.0 {
-                return Ok(Val::Tensor(x));
-            }
-            let x = el.materialise(x, span)?;
-            let stream = el.next_dropout_stream();
-            let m = el.add(Op::DropMask { p, stream }, &[x.node], span)?;
-            let node = el.add(Op::Binary(BinaryOp::Mul), &[x.node, m], span)?;
-            Ok(Val::Tensor(Tv { node, grouped: false }))
-        }
-        "stopgrad" => {
-            let x = tensor(el, &a, "x")?;
-            let node = el.add(Op::StopGrad, &[x.node], span)?;
-            Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
-        }
-        "one_hot" => {
-            let (f, s) = feature(el, &a, "ids")?;
-            match el.feature_nodes(&f) {
-                Some((FeatureKind::Domain, ids, _)) => {
-                    let node = el.add(Op::OneHot { depth: Dim::sym(&count_sym(&f)) }, &[ids], span)?;
-                    Ok(Val::Tensor(Tv { node, grouped: false }))
-                }
-                _ => el.error(s, format!("`one_hot` takes a domain input; `{f}` is not one")),
-            }
-        }
-        "embedding" => embedding(el, &a, span),
-        "mask" => {
-            let (f, s) = feature(el, &a, "seq")?;
-            match el.feature_nodes(&f) {
-                Some((FeatureKind::Sequence { .. }, _, Some(m))) => Ok(Val::Tensor(Tv { node: m, grouped: false })),
-                _ => el.error(s, format!("`mask` takes a sequence input; `{f}` is not one")),
-            }
-        }
-        "count" => {
-            let (f, _) = feature(el, &a, "input")?;
-            Ok(Val::Int(Dim::sym(&count_sym(&f))))
-        }
-        "len" => match a.get("list") {
-            (Val::List(items), _) => Ok(Val::int(items.len() as i64)),
-            (other, s) => el.error(s, format!("`len` takes a list, found {}", other.kind())),
-        },
-        "dim" => {
-            let x = tensor(el, &a, "x")?;
-            let axis = axis_arg(el, &a, "axis", x, 0)?;
-            Ok(Val::Int(el.shape(x.node)[axis].clone()))
-        }
-        "bce" => bce(el, &a, span),
-        "label" => {
-            let (t, ts) = a.get("task");
-            let Val::Task(task) = t else {
-                return el.error(ts, format!("`label` takes a task declared with `task`, found {}", t.kind()));
-            };
-            match el.graph.input_info(&label_input(&task)) {
-                Some(i) => Ok(Val::Tensor(Tv { node: i.node, grouped: false })),
-                None => el.error(ts, format!("task `{task}` has no label")),
-            }
-        }
-        "broadcast_to" => {
-            let x = tensor(el, &a, "x")?;
-            let like = tensor(el, &a, "like")?;
-            let (x, like) = (el.materialise(x, span)?, el.materialise(like, span)?);
-            let shape = el.shape(like.node).to_vec();
-            let node = el.add(Op::Broadcast { shape }, &[x.node], span)?;
-            Ok(Val::Tensor(Tv { node, grouped: false }))
-        }
-        "group_mean" => group_mean(el, &a, span),
-        other => el.error(span, format!("internal error: built-in `{other}` has no rule")),
+    Ok(Val::Tensor(el.unary(op, x, span)?))
+}
+
+fn elementwise(el: &mut Elab, a: &Args, op: BinaryOp, span: Span) -> R<Val> {
+    let x = tensor(el, a, "a")?;
+    let y = tensor(el, a, "b")?;
+    Ok(Val::Tensor(el.binary(op, x, y, span)?))
+}
+
+fn softmax(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let axis = axis_arg(el, a, "axis", x, 0)?;
+    let node = el.add(Op::Softmax { axis }, &[x.node], span)?;
+    Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
+}
+
+/// `concat` and `stack` (which gives each tensor a new axis first).
+fn join(el: &mut Elab, a: &Args, name: &str, stack: bool, span: Span) -> R<Val> {
+    let (xs, s) = tensor_list(el, a, "xs")?;
+    if xs.is_empty() {
+        return el.error(s, format!("`{name}` needs at least one tensor"));
     }
+    let xs = align_list(el, xs, span)?;
+    let grouped = xs[0].grouped;
+    let extra = usize::from(stack);
+    let axis = axis_arg(el, a, "axis", xs[0], extra)?;
+    let mut nodes = Vec::with_capacity(xs.len());
+    for x in &xs {
+        nodes.push(if stack { insert_axis(el, x.node, axis, span)? } else { x.node });
+    }
+    let node = el.add(Op::Concat { axis }, &nodes, span)?;
+    Ok(Val::Tensor(Tv { node, grouped }))
+}
+
+fn flatten(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let shape = el.shape(x.node).to_vec();
+    let new = if el.has_lead(x) && !shape.is_empty() {
+        vec![shape[0].clone(), numel(&shape[1..])]
+    } else {
+        vec![numel(&shape)]
+    };
+    let node = el.add(Op::Reshape { shape: new }, &[x.node], span)?;
+    Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
+}
+
+fn reshape(el: &mut Elab, a: &Args, _span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let (dims, s) = dims_arg(el, a, "shape")?;
+    let shape = el.shape(x.node).to_vec();
+    let mut new = Vec::new();
+    if el.has_lead(x) && !shape.is_empty() {
+        new.push(shape[0].clone());
+    }
+    new.extend(dims);
+    let scope = el.scope_path();
+    match el.graph.add(Op::Reshape { shape: new.clone() }, &[x.node], &scope) {
+        Ok(node) => Ok(Val::Tensor(Tv { node, grouped: x.grouped })),
+        Err(_) => el.error(
+            s,
+            format!(
+                "cannot reshape {} ({} values per sample) to {}",
+                el.shape_str(x.node),
+                if el.has_lead(x) { numel(&shape[1..]) } else { numel(&shape) },
+                shape_to_string(&new)
+            ),
+        ),
+    }
+}
+
+fn unsqueeze(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let axis = axis_arg(el, a, "axis", x, 1)?;
+    let node = insert_axis(el, x.node, axis, span)?;
+    Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
+}
+
+fn squeeze(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let axis = axis_arg(el, a, "axis", x, 0)?;
+    let mut shape = el.shape(x.node).to_vec();
+    if !shape[axis].is_one() {
+        let s = a.get("axis").1;
+        return el.error(s, format!("axis {axis} of {} has size {}, not 1", el.shape_str(x.node), shape[axis]));
+    }
+    shape.remove(axis);
+    let node = el.add(Op::Reshape { shape }, &[x.node], span)?;
+    Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
+}
+
+fn transpose(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let i = axis_arg(el, a, "a", x, 0)?;
+    let j = axis_arg(el, a, "b", x, 0)?;
+    if x.grouped && (i == 0 || j == 0) {
+        return el.error(span, "`transpose` cannot move the domain axis of a per-domain value");
+    }
+    let mut perm: Vec<usize> = (0..el.shape(x.node).len()).collect();
+    perm.swap(i, j);
+    let node = el.add(Op::Permute { perm }, &[x.node], span)?;
+    Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
+}
+
+fn slice(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let axis = axis_arg(el, a, "axis", x, 0)?;
+    let start = int(el, a, "start")?;
+    let len = int(el, a, "len")?;
+    let node = el.add(Op::Slice { axis, start, len }, &[x.node], span)?;
+    Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
+}
+
+fn dropout(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let (p, s) = number(el, a, "p")?;
+    if !(0.0..1.0).contains(&p) {
+        return el.error(s, format!("a dropout rate must be in [0, 1), found {p}"));
+    }
+    if p == 0.0 {
+        return Ok(Val::Tensor(x));
+    }
+    let x = el.materialise(x, span)?;
+    let stream = el.next_dropout_stream();
+    let m = el.add(Op::DropMask { p, stream }, &[x.node], span)?;
+    let node = el.add(Op::Binary(BinaryOp::Mul), &[x.node, m], span)?;
+    Ok(Val::Tensor(Tv { node, grouped: false }))
+}
+
+fn stopgrad(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let node = el.add(Op::StopGrad, &[x.node], span)?;
+    Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
+}
+
+fn one_hot(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let (f, s) = feature(el, a, "ids")?;
+    match el.feature_nodes(&f) {
+        Some((FeatureKind::Domain, ids, _)) => {
+            let node = el.add(Op::OneHot { depth: Dim::sym(&count_sym(&f)) }, &[ids], span)?;
+            Ok(Val::Tensor(Tv { node, grouped: false }))
+        }
+        _ => el.error(s, format!("`one_hot` takes a domain input; `{f}` is not one")),
+    }
+}
+
+fn mask(el: &mut Elab, a: &Args, _span: Span) -> R<Val> {
+    let (f, s) = feature(el, a, "seq")?;
+    match el.feature_nodes(&f) {
+        Some((FeatureKind::Sequence { .. }, _, Some(m))) => Ok(Val::Tensor(Tv { node: m, grouped: false })),
+        _ => el.error(s, format!("`mask` takes a sequence input; `{f}` is not one")),
+    }
+}
+
+fn count(el: &mut Elab, a: &Args, _span: Span) -> R<Val> {
+    let (f, _) = feature(el, a, "input")?;
+    Ok(Val::Int(Dim::sym(&count_sym(&f))))
+}
+
+fn len(el: &mut Elab, a: &Args, _span: Span) -> R<Val> {
+    match a.get("list") {
+        (Val::List(items), _) => Ok(Val::int(items.len() as i64)),
+        (other, s) => el.error(s, format!("`len` takes a list, found {}", other.kind())),
+    }
+}
+
+fn dim(el: &mut Elab, a: &Args, _span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let axis = axis_arg(el, a, "axis", x, 0)?;
+    Ok(Val::Int(el.shape(x.node)[axis].clone()))
+}
+
+fn label(el: &mut Elab, a: &Args, _span: Span) -> R<Val> {
+    let (t, ts) = a.get("task");
+    let Val::Task(task) = t else {
+        return el.error(ts, format!("`label` takes a task declared with `task`, found {}", t.kind()));
+    };
+    match el.graph.input_info(&label_input(&task)) {
+        Some(i) => Ok(Val::Tensor(Tv { node: i.node, grouped: false })),
+        None => el.error(ts, format!("task `{task}` has no label")),
+    }
+}
+
+fn broadcast_to(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let like = tensor(el, a, "like")?;
+    let (x, like) = (el.materialise(x, span)?, el.materialise(like, span)?);
+    let shape = el.shape(like.node).to_vec();
+    let node = el.add(Op::Broadcast { shape }, &[x.node], span)?;
+    Ok(Val::Tensor(Tv { node, grouped: false }))
 }
 
 // ------------------------------------------------------------------ argument readers
@@ -335,7 +412,7 @@ fn tensor_list(el: &mut Elab, a: &Args, name: &str) -> R<(Vec<Tv>, Span)> {
 fn int(el: &mut Elab, a: &Args, name: &str) -> R<Dim> {
     match a.get(name) {
         (Val::Int(d), _) => Ok(d),
-        (Val::Poison, _) => Err(()),
+        (Val::Poison(reported), _) => Err(reported),
         (other, s) => el.error(s, format!("`{name}` must be an integer, found {}", other.kind())),
     }
 }
@@ -420,12 +497,9 @@ fn insert_axis(el: &mut Elab, node: mdl_runtime::NodeId, axis: usize, span: Span
     el.add(Op::Reshape { shape }, &[node], span)
 }
 
-fn reduce(el: &mut Elab, a: &Args, name: &str, span: Span) -> R<Val> {
-    let op = match name {
-        "sum" => ReduceOp::Sum,
-        "mean" => ReduceOp::Mean,
-        _ => ReduceOp::Max,
-    };
+/// `sum`, `mean` and `max` (called `name`): over axes of a tensor, or elementwise over a
+/// list of tensors.
+fn reduce(el: &mut Elab, a: &Args, name: &str, op: ReduceOp, span: Span) -> R<Val> {
     // `sum([a, b, c])`: elementwise over a list.
     if let (Val::List(items), s) = a.get("x") {
         if !matches!(a.get("axis").0, Val::None) {
@@ -480,7 +554,7 @@ fn reduce(el: &mut Elab, a: &Args, name: &str, span: Span) -> R<Val> {
 
 fn embedding(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     let (f, fs) = feature(el, a, "ids")?;
-    if el.per_ctx().is_some() {
+    if el.in_per() {
         return el.error(span, "embedding tables cannot be created per domain");
     }
     let space = match el.feature_nodes(&f) {
@@ -572,4 +646,51 @@ fn group_mean(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     let own_count = el.add(Op::Reshape { shape: cshape }, &[own_count], span)?;
     let node = el.add(Op::Binary(BinaryOp::Div), &[own_sum, own_count], span)?;
     Ok(Val::Tensor(Tv { node, grouped: false }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_builtin_is_listed_once_with_distinct_parameters_required_first() {
+        for (i, b) in BUILTINS.iter().enumerate() {
+            assert!(BUILTINS[..i].iter().all(|o| o.name != b.name), "`{}` is listed twice", b.name);
+            for (j, p) in b.params.iter().enumerate() {
+                assert!(
+                    b.params[..j].iter().all(|q| q.name() != p.name()),
+                    "`{}` has two parameters `{}`",
+                    b.name,
+                    p.name()
+                );
+            }
+            // Positional arguments fill parameters in order, so a required one after a
+            // defaulted one could only be given by name.
+            let first_default = b.params.iter().position(|p| p.default().is_some()).unwrap_or(b.params.len());
+            assert!(
+                b.params[first_default..].iter().all(|p| p.default().is_some()),
+                "`{}` has a required parameter after one with a default",
+                b.name
+            );
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_values_calls_get() {
+        let sum = find("sum").unwrap();
+        assert_eq!(
+            sum.param_list(),
+            vec![
+                ("x".to_string(), None),
+                ("axis".to_string(), Some(Val::None)),
+                ("keep".to_string(), Some(Val::Bool(false)))
+            ]
+        );
+        let act = find("activation").unwrap().param_list();
+        assert_eq!(act[1], ("act".to_string(), Some(Val::Str("relu".into()))));
+        let emb = find("embedding").unwrap().param_list();
+        assert_eq!(emb[2], ("std".to_string(), Some(Val::Float(0.0001))));
+        assert_eq!(find("softmax").unwrap().param_list()[1].1, Some(Val::int(-1)));
+        assert!(find("linear").is_none(), "std.mdl blocks are not built-ins");
+    }
 }

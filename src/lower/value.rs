@@ -3,6 +3,7 @@
 //! A spec runs once, at compile time: numbers, strings, lists and sizes are computed
 //! then and there; a `Tensor` stands for a node of the dataflow graph being built.
 
+use crate::diag::Reported;
 use mdl_runtime::{Dim, NodeId};
 use std::collections::HashMap;
 
@@ -35,9 +36,9 @@ pub enum Val {
     Task(String),
     /// An absent optional argument of a built-in function.
     None,
-    /// The value of an expression whose error was already reported: it absorbs further
-    /// uses silently, so one mistake gives one diagnostic.
-    Poison,
+    /// The value of an expression whose error was already reported (it holds the
+    /// token): it absorbs further uses silently, so one mistake gives one diagnostic.
+    Poison(Reported),
 }
 
 impl Val {
@@ -55,7 +56,7 @@ impl Val {
             Val::Feature(_) => "an input",
             Val::Task(_) => "a task",
             Val::None => "nothing",
-            Val::Poison => "an erroneous value",
+            Val::Poison(_) => "an erroneous value",
         }
     }
 

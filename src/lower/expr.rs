@@ -1,0 +1,313 @@
+//! Expressions and operators: literals, names, lists, comprehensions and ranges, unary
+//! and binary operators (compile-time arithmetic on sizes and numbers first, tensor ops
+//! otherwise), comparisons, indexing of lists and of embedding tables by an input's ids,
+//! and `{ ... }` expression blocks.
+
+use super::stmt::Flow;
+use super::value::{Env, Tv, Val};
+use super::{Elab, FeatureKind, R};
+use crate::diag::{Diagnostic, Span};
+use crate::syntax::ast::{BinOp, Expr, ExprKind, UnOp};
+use mdl_runtime::ops::{BinaryOp, Op, UnaryOp};
+use mdl_runtime::Dim;
+
+/// The most items a range may have: loops over it are unrolled into the graph.
+const MAX_UNROLL: usize = 100_000;
+
+impl Elab {
+    /// The items a `for` loop or a comprehension runs over: a list (a range is one).
+    pub(super) fn iterable(&mut self, env: &mut Env, e: &Expr) -> R<Vec<Val>> {
+        match self.expr(env, e)? {
+            Val::List(items) => Ok(items),
+            Val::Poison(reported) => Err(reported),
+            other => self.error(e.span, format!("expected a list or a range to iterate over, found {}", other.kind())),
+        }
+    }
+
+    /// Evaluates an expression: a compile-time value, or a tensor whose nodes it adds.
+    pub(crate) fn expr(&mut self, env: &mut Env, e: &Expr) -> R<Val> {
+        match &e.kind {
+            ExprKind::Int(n) => Ok(Val::int(*n)),
+            ExprKind::Float(f) => Ok(Val::Float(*f)),
+            ExprKind::Str(s) => Ok(Val::Str(s.clone())),
+            ExprKind::Bool(b) => Ok(Val::Bool(*b)),
+            ExprKind::Var(name) => match env.get(name) {
+                Some(Val::Poison(reported)) => Err(*reported),
+                Some(v) => Ok(v.clone()),
+                None => self.unknown_name(env, name, e.span),
+            },
+            ExprKind::List(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                let mut failed = None;
+                for it in items {
+                    match self.expr(env, it) {
+                        Ok(v) => out.push(v),
+                        Err(reported) => failed = Some(reported),
+                    }
+                }
+                match failed {
+                    Some(reported) => Err(reported),
+                    None => Ok(Val::List(out)),
+                }
+            }
+            ExprKind::Comprehension { elem, var, iter } => {
+                let items = self.iterable(env, iter)?;
+                let mut out = Vec::with_capacity(items.len());
+                for item in items {
+                    env.push();
+                    env.define(&var.name, item);
+                    let v = self.expr(env, elem);
+                    env.pop();
+                    out.push(v?);
+                }
+                Ok(Val::List(out))
+            }
+            ExprKind::Range { lo, hi } => {
+                let a = self.const_int(env, lo)?;
+                let b = self.const_int(env, hi)?;
+                if b - a > MAX_UNROLL as i64 {
+                    return self.error(
+                        e.span,
+                        format!("range of {} items is too long to unroll (at most {MAX_UNROLL})", b - a),
+                    );
+                }
+                Ok(Val::List((a..b.max(a)).map(Val::int).collect()))
+            }
+            ExprKind::Call { callee, args } => self.call(env, callee, args, e.span),
+            ExprKind::Index { base, index } => self.index(env, base, index, e.span),
+            ExprKind::Unary { op, operand } => {
+                let v = self.expr(env, operand)?;
+                match (op, v) {
+                    (UnOp::Not, Val::Bool(b)) => Ok(Val::Bool(!b)),
+                    (UnOp::Neg, Val::Int(d)) => Ok(Val::Int(&Dim::lit(0) - &d)),
+                    (UnOp::Neg, Val::Float(f)) => Ok(Val::Float(-f)),
+                    (UnOp::Neg, v @ (Val::Tensor(_) | Val::Feature(_))) => {
+                        let t = self.expect_tensor(v, operand.span)?;
+                        Ok(Val::Tensor(self.unary(UnaryOp::Neg, t, e.span)?))
+                    }
+                    (_, Val::Poison(reported)) => Err(reported),
+                    (op, v) => self.error(
+                        e.span,
+                        format!("`{}` cannot be applied to {}", if *op == UnOp::Not { "not" } else { "-" }, v.kind()),
+                    ),
+                }
+            }
+            ExprKind::Binary { op, lhs, rhs } => {
+                let a = self.expr(env, lhs);
+                let b = self.expr(env, rhs);
+                let (a, b) = (a?, b?);
+                self.binop(*op, a, b, lhs.span, rhs.span, e.span)
+            }
+            ExprKind::Per { group, body, value } => self.per_block(env, group, body, value, e.span),
+            ExprKind::Block { body, value } => {
+                env.push();
+                let flow = self.stmts(env, body);
+                let v = match flow {
+                    Ok(Flow::Return(_)) => self.error(e.span, "`return` cannot leave a `{ ... }` expression"),
+                    _ => self.expr(env, value),
+                };
+                env.pop();
+                v
+            }
+        }
+    }
+
+    /// An expression that must be a constant integer (a range bound, a list index).
+    pub(crate) fn const_int(&mut self, env: &mut Env, e: &Expr) -> R<i64> {
+        match self.expr(env, e)? {
+            Val::Int(d) => match d.as_const() {
+                Some(c) => Ok(c),
+                None => self.error(e.span, format!("expected a constant integer, found the data-dependent size {d}")),
+            },
+            other => self.error(e.span, format!("expected an integer, found {}", other.kind())),
+        }
+    }
+
+    /// A binary operator on two evaluated operands (`sa`, `sb`: their spans).
+    fn binop(&mut self, op: BinOp, a: Val, b: Val, sa: Span, sb: Span, span: Span) -> R<Val> {
+        use BinOp::*;
+        if let Val::Poison(reported) = a {
+            return Err(reported);
+        }
+        if let Val::Poison(reported) = b {
+            return Err(reported);
+        }
+        match op {
+            And | Or => match (a, b) {
+                (Val::Bool(x), Val::Bool(y)) => Ok(Val::Bool(if op == And { x && y } else { x || y })),
+                (x, y) => self.error(span, format!("`and`/`or` need booleans, found {} and {}", x.kind(), y.kind())),
+            },
+            Concat => match (a, b) {
+                (Val::List(mut x), Val::List(y)) => {
+                    x.extend(y);
+                    Ok(Val::List(x))
+                }
+                (Val::Str(x), Val::Str(y)) => Ok(Val::Str(x + &y)),
+                (x, y) => self
+                    .error(span, format!("`++` joins two lists or two strings, found {} and {}", x.kind(), y.kind())),
+            },
+            Eq | Ne | Lt | Le | Gt | Ge => self.compare(op, a, b, span),
+            Add | Sub | Mul | Div | MatMul => {
+                // Compile-time arithmetic first.
+                match (&a, &b, op) {
+                    (Val::Int(x), Val::Int(y), Add) => return Ok(Val::Int(x + y)),
+                    (Val::Int(x), Val::Int(y), Sub) => return Ok(Val::Int(x - y)),
+                    (Val::Int(x), Val::Int(y), Mul) => return Ok(Val::Int(x * y)),
+                    (Val::Int(x), Val::Int(y), Div) => {
+                        if let (Some(p), Some(q)) = (x.as_const(), y.as_const()) {
+                            if q == 0 {
+                                return self.error(sb, "division by zero");
+                            }
+                            return Ok(if p % q == 0 { Val::int(p / q) } else { Val::Float(p as f64 / q as f64) });
+                        }
+                        if let Some(q) = y.as_const() {
+                            if let Some(d) = x.div_exact(q) {
+                                return Ok(Val::Int(d));
+                            }
+                        }
+                        return self.error(span, format!("cannot divide the size {x} by {y} exactly"));
+                    }
+                    _ => {}
+                }
+                let num = |v: &Val| match v {
+                    Val::Float(f) => Some(*f),
+                    Val::Int(d) => d.as_const().map(|c| c as f64),
+                    _ => None,
+                };
+                if let (Some(x), Some(y)) = (num(&a), num(&b)) {
+                    if op != MatMul {
+                        return Ok(Val::Float(match op {
+                            Add => x + y,
+                            Sub => x - y,
+                            Mul => x * y,
+                            _ => {
+                                if y == 0.0 {
+                                    return self.error(sb, "division by zero");
+                                }
+                                x / y
+                            }
+                        }));
+                    }
+                }
+                let is_tensorish = |v: &Val| matches!(v, Val::Tensor(_) | Val::Feature(_));
+                if !(is_tensorish(&a) || is_tensorish(&b))
+                    || !matches!(a, Val::Tensor(_) | Val::Feature(_) | Val::Int(_) | Val::Float(_))
+                    || !matches!(b, Val::Tensor(_) | Val::Feature(_) | Val::Int(_) | Val::Float(_))
+                {
+                    let sym = match op {
+                        Add => "+",
+                        Sub => "-",
+                        Mul => "*",
+                        Div => "/",
+                        _ => "@",
+                    };
+                    return self.error(span, format!("`{sym}` cannot combine {} and {}", a.kind(), b.kind()));
+                }
+                let ta = self.expect_tensor(a, sa)?;
+                let tb = self.expect_tensor(b, sb)?;
+                let t = match op {
+                    Add => self.binary(BinaryOp::Add, ta, tb, span)?,
+                    Sub => self.binary(BinaryOp::Sub, ta, tb, span)?,
+                    Mul => self.binary(BinaryOp::Mul, ta, tb, span)?,
+                    Div => self.binary(BinaryOp::Div, ta, tb, span)?,
+                    _ => self.matmul(ta, tb, span)?,
+                };
+                Ok(Val::Tensor(t))
+            }
+        }
+    }
+
+    /// `==`, `!=`, `<`, ... on numbers, sizes, strings and booleans; a boolean.
+    fn compare(&mut self, op: BinOp, a: Val, b: Val, span: Span) -> R<Val> {
+        use std::cmp::Ordering;
+        let ord: Option<Ordering> = match (&a, &b) {
+            (Val::Int(x), Val::Int(y)) => {
+                if x == y {
+                    Some(Ordering::Equal)
+                } else {
+                    match (x.as_const(), y.as_const()) {
+                        (Some(p), Some(q)) => Some(p.cmp(&q)),
+                        _ => {
+                            if matches!(op, BinOp::Eq | BinOp::Ne) {
+                                return self.error(span, format!("whether {x} equals {y} depends on the data"));
+                            }
+                            return self.error(span, format!("cannot order the data-dependent sizes {x} and {y}"));
+                        }
+                    }
+                }
+            }
+            (Val::Int(_) | Val::Float(_), Val::Int(_) | Val::Float(_)) => {
+                let f = |v: &Val| match v {
+                    Val::Float(f) => *f,
+                    Val::Int(d) => d.as_const().unwrap_or(0) as f64,
+                    _ => 0.0,
+                };
+                f(&a).partial_cmp(&f(&b))
+            }
+            (Val::Str(x), Val::Str(y)) => Some(x.cmp(y)),
+            (Val::Bool(x), Val::Bool(y)) if matches!(op, BinOp::Eq | BinOp::Ne) => Some(x.cmp(y)),
+            _ => return self.error(span, format!("cannot compare {} with {}", a.kind(), b.kind())),
+        };
+        let Some(o) = ord else { return Ok(Val::Bool(false)) };
+        Ok(Val::Bool(match op {
+            BinOp::Eq => o == Ordering::Equal,
+            BinOp::Ne => o != Ordering::Equal,
+            BinOp::Lt => o == Ordering::Less,
+            BinOp::Le => o != Ordering::Greater,
+            BinOp::Gt => o == Ordering::Greater,
+            _ => o != Ordering::Less,
+        }))
+    }
+
+    /// `list[i]` (negative `i` counts from the end) or `table[input]`, a lookup of the
+    /// input's ids in an embedding table of the same id space.
+    fn index(&mut self, env: &mut Env, base: &Expr, index: &Expr, span: Span) -> R<Val> {
+        let b = self.expr(env, base)?;
+        match b {
+            Val::List(items) => {
+                let i = self.const_int(env, index)?;
+                let n = items.len() as i64;
+                let k = if i < 0 { i + n } else { i };
+                if k < 0 || k >= n {
+                    return self.error(index.span, format!("index {i} is out of range for a list of {n}"));
+                }
+                Ok(items[k as usize].clone())
+            }
+            Val::Table { node, ids_of } => {
+                let iv = self.expr(env, index)?;
+                let Val::Feature(fname) = iv else {
+                    return self
+                        .error(index.span, format!("a table is indexed by an input's ids, found {}", iv.kind()));
+                };
+                let Some((kind, ids, _)) = self.feature_nodes(&fname) else {
+                    return self.error(index.span, format!("unknown input `{fname}`"));
+                };
+                let space = match &kind {
+                    FeatureKind::Categorical | FeatureKind::Domain => fname.clone(),
+                    FeatureKind::Sequence { of: Some(o), .. } => o.clone(),
+                    FeatureKind::Sequence { of: None, .. } => fname.clone(),
+                    FeatureKind::Numeric => {
+                        return self
+                            .error(index.span, format!("`{fname}` holds values, not ids; it cannot index a table"))
+                    }
+                };
+                if space != ids_of {
+                    let d = Diagnostic::error(
+                        index.span,
+                        format!("this table holds rows for the ids of `{ids_of}`, but `{fname}` has its own ids"),
+                    )
+                    .hint(if matches!(kind, FeatureKind::Sequence { .. }) {
+                        format!("declare the sequence as `input {fname} : sequence(len) of {ids_of}` to share the ids")
+                    } else {
+                        format!("make a table for it: `embedding({fname}, dim)`")
+                    });
+                    return Err(self.report(d));
+                }
+                let out = self.add(Op::Gather, &[node, ids], span)?;
+                Ok(Val::Tensor(Tv { node: out, grouped: false }))
+            }
+            Val::Poison(reported) => Err(reported),
+            other => self.error(base.span, format!("{} cannot be indexed", other.kind())),
+        }
+    }
+}
