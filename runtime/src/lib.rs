@@ -15,6 +15,7 @@ pub mod ops;
 pub mod optim;
 pub mod passes;
 pub mod rng;
+pub mod rows;
 pub mod tensor;
 
 pub use autodiff::{differentiate, AutodiffError};

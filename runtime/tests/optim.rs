@@ -2,8 +2,9 @@
 //! clipping, state round trips) and parameter initialisation.
 
 use mdl_runtime::init::{glorot_limit, init_params};
-use mdl_runtime::optim::{clip_global_norm, combine_duplicate_rows, global_norm, OptimConfig, OptimKind, Optimizer};
+use mdl_runtime::optim::{clip_global_norm, global_norm, OptimConfig, OptimKind, Optimizer};
 use mdl_runtime::rng::SplitMix64;
+use mdl_runtime::rows::combine_duplicate_rows;
 use mdl_runtime::{Binding, Dim, Float, Init, NodeId, ParamInfo, Tensor, Value};
 use std::collections::HashMap;
 
@@ -153,6 +154,42 @@ fn lazy_adam_uses_the_global_step_for_bias_correction() {
     assert!((state_tensor(&opt, "adam.v/emb").data[1] - v).abs() < 1e-15);
     assert_eq!(params["emb"].data[0], 1.0);
     assert_eq!(opt.step_count(), 3);
+}
+
+/// Adam and Adagrad with L2, dense, over three steps, against their formulas (module docs
+/// of `optim`) written out here: the rules' one description computes what the docs say.
+#[test]
+fn adam_and_adagrad_with_l2_follow_their_written_formulas() {
+    let (lr, l2, eps) = (0.1f64, 0.03f64, 1e-8f64);
+    let grads_by_step = [0.5f64, -1.25, 0.75];
+    let infos = [info("w", &[1], false)];
+    let (beta1, beta2) = (0.9f64, 0.999f64);
+    let adagrad = OptimKind::Adagrad { eps, initial_accumulator: 0.1 };
+    for kind in [OptimKind::Adam { beta1, beta2, eps }, adagrad] {
+        let mut config = OptimConfig::new(kind, lr);
+        config.l2 = l2;
+        let mut opt = Optimizer::<f64>::new(config).unwrap();
+        let mut params = HashMap::from([("w".to_string(), Tensor::new(vec![1], vec![1.5f64]).unwrap())]);
+        let (mut w, mut s1, mut s2) = (1.5f64, if kind == adagrad { 0.1 } else { 0.0 }, 0.0f64);
+        for (t, &g) in grads_by_step.iter().enumerate() {
+            let grads = grads_of(vec![("w", Value::Dense(Tensor::new(vec![1], vec![g]).unwrap()))]);
+            opt.step(&mut params, &grads, &infos, &not_frozen, 1.0).unwrap();
+            let g = g + l2 * w;
+            if kind == adagrad {
+                s1 += g * g;
+                w -= lr * g / (s1.sqrt() + eps);
+            } else {
+                let t = (t + 1) as f64;
+                s1 = beta1 * s1 + (1.0 - beta1) * g;
+                s2 = beta2 * s2 + (1.0 - beta2) * g * g;
+                w -= lr / (1.0 - beta1.powf(t)) * s1 / (s2.sqrt() / (1.0 - beta2.powf(t)).sqrt() + eps);
+            }
+            let got = params["w"].data[0];
+            assert!((got - w).abs() < 1e-12, "{kind:?} step {t}: got {got}, expected {w}");
+        }
+        let slot = if kind == adagrad { "adagrad.accum/w" } else { "adam.m/w" };
+        assert!((state_tensor(&opt, slot).data[0] - s1).abs() < 1e-14, "{kind:?}: the state differs");
+    }
 }
 
 #[test]

@@ -23,7 +23,7 @@
 //! table-sized accumulator (two threads, each owning half the rows; or, when sums may
 //! reassociate, each taking half the entries into its own accumulator, the two partial
 //! rows added at read-out) and the named rows are read out in ascending order; for a table much larger than the batch, the entries go to
-//! a pooled scratch buffer and `optim::combine_duplicate_rows` sums them. Either way each
+//! a pooled scratch buffer and `rows::combine_duplicate_rows` sums them. Either way each
 //! row's entries are added in their order, from zero, as `Value::to_dense` and the
 //! optimizer add them, so its rows are distinct and ascending and the sums the same. That is the same row-sparse value, and the optimizer and the clipping then
 //! walk it in place instead of sorting and copying it again.
@@ -40,7 +40,7 @@
 //! zero; such entries are dropped, and one zero entry is appended for each distinct row
 //! dropped that way. That is exactly equivalent for every reader of a row-sparse value:
 //! adding an exact zero never changes a sum that starts from zero, so every combined row
-//! (`optim::for_each_combined_row`, `Value::to_dense`) is the same, and every row that
+//! (`rows::for_each_combined_row`, `Value::to_dense`) is the same, and every row that
 //! had an entry still has one, so lazy Adam decays the same moments (a row named only by
 //! padding still gets its zero-gradient update). Entries with a non-finite `dy` are kept,
 //! so NaNs propagate as in interp. For KuaiRand's histories (about 22 of 100 positions
@@ -56,7 +56,7 @@ use crate::ir::dim::Dim;
 use crate::ir::graph::{Graph, NodeId};
 use crate::ops::fused::{FusedKernel, Instr};
 use crate::ops::{BinaryOp, DType, Op, ReduceOp, ValueKind};
-use crate::optim::combine_duplicate_rows;
+use crate::rows::combine_duplicate_rows;
 use crate::tensor::{broadcast_strides, walk2, Tensor, Value};
 use std::collections::HashMap;
 
@@ -343,7 +343,7 @@ fn visit<F: FnMut(u32, Entry)>(blocks: &[Block], width: usize, f: &mut F) {
 }
 
 /// The combined gradient through a table-sized accumulator: each entry is added to its
-/// row in entry order from zero (the order `optim::for_each_combined_row` adds them in,
+/// row in entry order from zero (the order `rows::for_each_combined_row` adds them in,
 /// so the sums are the same), then the named rows are read out in ascending order. Two
 /// threads split the rows in halves, each walking every entry and keeping its own.
 fn accumulate(blocks: &[Block], limit: usize, width: usize, threads: usize, pool: &mut Pool) -> (Vec<u32>, Vec<f32>) {
@@ -468,7 +468,7 @@ fn accumulate_halves(halves: &[Vec<Block>; 2], limit: usize, width: usize, pool:
 
 /// The combined gradient for a table too large for [`accumulate`]: the entries kept are
 /// written to a pooled scratch buffer with one zero entry per row named only by dropped
-/// ones, then combined by `optim::combine_duplicate_rows`.
+/// ones, then combined by `rows::combine_duplicate_rows`.
 fn scratch_and_combine(blocks: &[Block], total: usize, width: usize, pool: &mut Pool) -> (Vec<u32>, Vec<f32>) {
     let mut rows: Vec<u32> = vec![0; total];
     let mut values: Vec<f32> = pool.take(total * width);

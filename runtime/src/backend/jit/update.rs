@@ -3,10 +3,12 @@
 //! of an embedding table, split over both threads when large.
 //!
 //! The rule itself, its coefficients and its state belong to [`crate::optim`]; this module
-//! only compiles the per-element arithmetic of `optim`'s loops, operation for operation
-//! (no fma contraction, IEEE `sqrt` and division), so a jit step leaves parameters and
-//! moments bit-identical to the reference optimizer's. One function per rule is compiled
-//! once per process:
+//! renders the rule's one description ([`Rule::step`]) into Cranelift instructions, one
+//! instruction per operation ([`Emit`]: no fma contraction, IEEE `sqrt` and division), so
+//! a jit step leaves parameters and moments bit-identical to the reference optimizer's,
+//! which evaluates the same description. What is the jit's own: the loops over rows and
+//! elements, the vector width and the threads. One function per rule is compiled once
+//! per process:
 //!
 //! `fn(w, g, s1, s2, rows, n_rows, width, coeffs, first_row)` updates, for each `j <
 //! n_rows`, the `width` elements of row `rows[j] − first_row` of `w` and of the state slots
@@ -16,7 +18,8 @@
 //! whole length (`rows = [0]`).
 
 use super::codegen::compiler;
-use crate::optim::{combine_duplicate_rows, SlotsMut, StepCoeffs, UpdateKernels};
+use crate::optim::{Coeff, Rule, SlotsMut, StepCoeffs, UpdateArith, UpdateKernels};
+use crate::rows::combine_duplicate_rows;
 use crate::tensor::Value;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, InstBuilder, MemFlagsData, Type, Value as ClValue};
@@ -26,16 +29,8 @@ use std::sync::OnceLock;
 /// Elements (rows × width) above which an update is split over two threads.
 const PARALLEL_WORK: usize = 1 << 16;
 
-/// How many coefficients a kernel reads (the fields of [`StepCoeffs`], in their order).
-const COEFFS: usize = 9;
-
-/// The rule a kernel computes (which slots it reads and writes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Rule {
-    Sgd,
-    Adam,
-    Adagrad,
-}
+/// How many coefficients a kernel reads ([`Coeff::ALL`], the fields of [`StepCoeffs`]).
+const COEFFS: usize = Coeff::ALL.len();
 
 type UpdateFn = unsafe extern "C" fn(
     w: *mut f32,
@@ -52,15 +47,11 @@ type UpdateFn = unsafe extern "C" fn(
 /// The compiled kernel of `rule`, compiled on first use (`Err` when Cranelift cannot
 /// compile for this host; the caller then runs the reference loops).
 fn kernel(rule: Rule) -> Result<UpdateFn, String> {
-    static KERNELS: [OnceLock<Result<usize, String>>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
-    let slot = match rule {
-        Rule::Sgd => &KERNELS[0],
-        Rule::Adam => &KERNELS[1],
-        Rule::Adagrad => &KERNELS[2],
-    };
-    let code = slot.get_or_init(|| {
+    static KERNELS: [OnceLock<Result<usize, String>>; Rule::ALL.len()] = [const { OnceLock::new() }; Rule::ALL.len()];
+    let at = Rule::ALL.iter().position(|&r| r == rule).expect("every rule is in Rule::ALL");
+    let code = KERNELS[at].get_or_init(|| {
         let mut c = compiler()?.lock().map_err(|_| "the kernel compiler is poisoned".to_string())?;
-        let name = format!("update_{rule:?}").to_lowercase();
+        let name = format!("update_{}", rule.name());
         c.compile_function(&name, 9, |b, ptr, _| build(b, rule, ptr)).map(|code| code as usize)
     });
     // SAFETY: the code was built by `build` with nine pointer-sized parameters and no
@@ -72,10 +63,11 @@ fn kernel(rule: Rule) -> Result<UpdateFn, String> {
 /// Whether every rule's kernel compiles on this host (else updates run on the reference
 /// loops); the first call compiles them.
 pub fn compiled() -> Result<(), String> {
-    [Rule::Sgd, Rule::Adam, Rule::Adagrad].into_iter().try_for_each(|r| kernel(r).map(|_| ()))
+    Rule::ALL.into_iter().try_for_each(|r| kernel(r).map(|_| ()))
 }
 
-/// Emits the kernel of `rule` (see the module docs for its parameters).
+/// Emits the kernel of `rule` (see the module docs for its parameters): the loops, and
+/// in their body the loads of `w`, `g` and the rule's slots, the rule's step and the stores.
 fn build(b: &mut FunctionBuilder, rule: Rule, ptr: Type) {
     let entry = b.create_block();
     b.append_block_params_for_function_params(entry);
@@ -83,14 +75,8 @@ fn build(b: &mut FunctionBuilder, rule: Rule, ptr: Type) {
     let p: Vec<ClValue> = b.block_params(entry).to_vec();
     let (w, g, s1, s2, rows, n_rows, width, coeffs, first_row) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]);
     let mem = MemFlagsData::new().with_notrap();
-    let mut scalar = [None; COEFFS];
-    let mut vector = [None; COEFFS];
-    for k in 0..COEFFS {
-        let s = b.ins().load(types::F32, mem, coeffs, 4 * k as i32);
-        scalar[k] = Some(s);
-        vector[k] = Some(b.ins().splat(types::F32X4, s));
-    }
-    let c = |ty: Type, k: usize| if ty == types::F32 { scalar[k].expect("loaded") } else { vector[k].expect("loaded") };
+    let scalar: [ClValue; COEFFS] = std::array::from_fn(|k| b.ins().load(types::F32, mem, coeffs, 4 * k as i32));
+    let vector: [ClValue; COEFFS] = scalar.map(|s| b.ins().splat(types::F32X4, s));
 
     let j = b.declare_var(ptr);
     let i = b.declare_var(ptr);
@@ -142,43 +128,13 @@ fn build(b: &mut FunctionBuilder, rule: Rule, ptr: Type) {
         });
         let wv = b.ins().load(ty, mem, wa, 0);
         let gv = b.ins().load(ty, mem, ga, 0);
-        // g ← g + l2·w
-        let l2w = b.ins().fmul(c(ty, 1), wv);
-        let gv = b.ins().fadd(gv, l2w);
-        let new_w = match rule {
-            Rule::Sgd => {
-                let d = b.ins().fmul(c(ty, 0), gv);
-                b.ins().fsub(wv, d)
-            }
-            Rule::Adam => {
-                let (m, v) = (b.ins().load(ty, mem, s1a, 0), b.ins().load(ty, mem, s2a, 0));
-                let (x, y) = (b.ins().fmul(c(ty, 4), m), b.ins().fmul(c(ty, 5), gv));
-                let m = b.ins().fadd(x, y);
-                let x = b.ins().fmul(c(ty, 6), v);
-                let y = b.ins().fmul(c(ty, 7), gv);
-                let y = b.ins().fmul(y, gv);
-                let v = b.ins().fadd(x, y);
-                b.ins().store(mem, m, s1a, 0);
-                b.ins().store(mem, v, s2a, 0);
-                let root = b.ins().sqrt(v);
-                let root = b.ins().fmul(root, c(ty, 3));
-                let den = b.ins().fadd(root, c(ty, 8));
-                let num = b.ins().fmul(c(ty, 2), m);
-                let d = b.ins().fdiv(num, den);
-                b.ins().fsub(wv, d)
-            }
-            Rule::Adagrad => {
-                let a = b.ins().load(ty, mem, s1a, 0);
-                let sq = b.ins().fmul(gv, gv);
-                let a = b.ins().fadd(a, sq);
-                b.ins().store(mem, a, s1a, 0);
-                let root = b.ins().sqrt(a);
-                let den = b.ins().fadd(root, c(ty, 8));
-                let num = b.ins().fmul(c(ty, 0), gv);
-                let d = b.ins().fdiv(num, den);
-                b.ins().fsub(wv, d)
-            }
-        };
+        let slot_addrs = &[s1a, s2a][..rule.slots()];
+        let mut slots: Vec<ClValue> = slot_addrs.iter().map(|&at| b.ins().load(ty, mem, at, 0)).collect();
+        let coeffs = if step == 1 { &scalar } else { &vector };
+        let new_w = rule.step(&mut Emit { b: &mut *b, coeffs }, wv, gv, &mut slots);
+        for (&v, &at) in slots.iter().zip(slot_addrs) {
+            b.ins().store(mem, v, at, 0);
+        }
         b.ins().store(mem, new_w, wa, 0);
         let iv = b.ins().iadd_imm_s(iv, step);
         b.def_var(i, iv);
@@ -193,6 +149,36 @@ fn build(b: &mut FunctionBuilder, rule: Rule, ptr: Type) {
 
     b.switch_to_block(exit);
     b.ins().return_(&[]);
+}
+
+/// [`UpdateArith`] as Cranelift instructions on values of one type (F32 or F32X4), with
+/// the step's coefficients already loaded (splat for vectors): each operation is one
+/// instruction, so the kernel computes the reference's operations exactly.
+struct Emit<'a, 'f> {
+    b: &'a mut FunctionBuilder<'f>,
+    coeffs: &'a [ClValue; COEFFS],
+}
+
+impl UpdateArith for Emit<'_, '_> {
+    type V = ClValue;
+    fn coeff(&mut self, c: Coeff) -> ClValue {
+        self.coeffs[c as usize]
+    }
+    fn add(&mut self, x: ClValue, y: ClValue) -> ClValue {
+        self.b.ins().fadd(x, y)
+    }
+    fn sub(&mut self, x: ClValue, y: ClValue) -> ClValue {
+        self.b.ins().fsub(x, y)
+    }
+    fn mul(&mut self, x: ClValue, y: ClValue) -> ClValue {
+        self.b.ins().fmul(x, y)
+    }
+    fn div(&mut self, x: ClValue, y: ClValue) -> ClValue {
+        self.b.ins().fdiv(x, y)
+    }
+    fn sqrt(&mut self, x: ClValue) -> ClValue {
+        self.b.ins().sqrt(x)
+    }
 }
 
 /// The jit's update kernels: `optim`'s rules compiled, over `threads` threads.
@@ -262,12 +248,7 @@ impl Run<'_> {
 
 impl UpdateKernels<f32> for Kernels {
     fn apply(&self, w: &mut [f32], slots: SlotsMut<'_, f32>, grad: &Value<f32>, c: &StepCoeffs<f32>) {
-        let rule = match slots {
-            SlotsMut::Sgd => Rule::Sgd,
-            SlotsMut::Adam { .. } => Rule::Adam,
-            SlotsMut::Adagrad { .. } => Rule::Adagrad,
-        };
-        let Ok(f) = kernel(rule) else {
+        let Ok(f) = kernel(slots.rule()) else {
             return crate::optim::HostLoops.apply(w, slots, grad, c);
         };
         let (s1, s2) = match slots {
@@ -275,17 +256,7 @@ impl UpdateKernels<f32> for Kernels {
             SlotsMut::Adam { m, v } => (Some(m), Some(v)),
             SlotsMut::Adagrad { accum } => (Some(accum), None),
         };
-        let coeffs = [
-            c.lr,
-            c.l2,
-            c.adam_step_size,
-            c.adam_inv_sqrt_bias2,
-            c.beta1,
-            c.one_minus_beta1,
-            c.beta2,
-            c.one_minus_beta2,
-            c.eps,
-        ];
+        let coeffs = c.values();
         let run = Run { w, s1, s2 };
         match grad {
             Value::Dense(g) => {

@@ -29,10 +29,8 @@
 use super::{cl_err, render, OpenCl, Resident};
 use crate::backend::{ExecError, StepOutcome, TrainStep};
 use crate::ir::graph::ParamInfo;
-use crate::optim::{
-    clip_scale, combine_duplicate_rows, combine_rows_in_place, global_norm, scale_gradients, OptimKind, Optimizer,
-    StepCoeffs,
-};
+use crate::optim::{clip_scale, global_norm, scale_gradients, OptimKind, Optimizer, StepCoeffs};
+use crate::rows::{combine_duplicate_rows, combine_rows_in_place};
 use crate::tensor::{Tensor, Value};
 use ocl::{Buffer, Kernel, Program};
 use std::collections::{BTreeSet, HashMap};

@@ -1,9 +1,11 @@
 //! Optimizers (SGD, Adam, Adagrad) with row-sparse updates of embedding tables, global-norm
 //! gradient clipping, and the optimizer state that checkpoints carry.
 //!
-//! This module owns the update rule and its per-parameter state; it does not know how
+//! This module owns the update rules and their per-parameter state; it does not know how
 //! gradients were produced or which parameters a training stage freezes (the caller says so
-//! through the `frozen` predicate of [`Optimizer::step`]).
+//! through the `frozen` predicate of [`Optimizer::step`]). Each rule's per-element
+//! arithmetic is written once, in [`rule`] ([`Rule::step`]): this module's loops evaluate
+//! it ([`HostLoops`], the reference) and the backends render it into their kernels.
 //!
 //! # Update rules
 //!
@@ -23,8 +25,8 @@
 //!
 //! # Row-sparse gradients
 //!
-//! A [`Value::RowSparse`] gradient is first combined (duplicate rows summed, in their
-//! original order, exactly as [`Value::to_dense`] sums them), and then only the rows it
+//! A [`Value::RowSparse`] gradient is first combined ([`crate::rows`]: duplicate rows
+//! summed, in their original order, exactly as [`Value::to_dense`] sums them), and then only the rows it
 //! names are updated, in ascending row order: the parameters, moments and accumulators of
 //! every other row are neither read nor written, so a step costs time proportional to the
 //! rows a batch touched, not to the table.
@@ -52,9 +54,13 @@
 //! four base-2¹⁶ digits (least significant first) so that it is exact even in `f32`.
 //! [`Optimizer::load_state`] restores it; a resumed optimizer continues bit-identically.
 
+pub mod rule;
+
+pub use rule::{Coeff, Evaluate, Rule, UpdateArith};
+
 use crate::ir::graph::ParamInfo;
+use crate::rows::{combine_rows_in_place, for_each_combined_row, row_width};
 use crate::tensor::{Float, Tensor, Value};
-use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// Which update rule, with its own constants.
@@ -78,10 +84,15 @@ impl OptimKind {
 
     /// The lower-case name (`sgd`, `adam`, `adagrad`), for messages and state names.
     pub fn name(&self) -> &'static str {
+        self.rule().name()
+    }
+
+    /// The update rule, without its constants (those enter a step through [`StepCoeffs`]).
+    pub fn rule(&self) -> Rule {
         match self {
-            OptimKind::Sgd => "sgd",
-            OptimKind::Adam { .. } => "adam",
-            OptimKind::Adagrad { .. } => "adagrad",
+            OptimKind::Sgd => Rule::Sgd,
+            OptimKind::Adam { .. } => Rule::Adam,
+            OptimKind::Adagrad { .. } => Rule::Adagrad,
         }
     }
 }
@@ -264,33 +275,6 @@ impl<T: Float> StepCoeffs<T> {
     }
 }
 
-/// SGD on a contiguous run of elements.
-fn sgd_update<T: Float>(w: &mut [T], g: &[T], c: &StepCoeffs<T>) {
-    for (w, &g) in w.iter_mut().zip(g) {
-        let g = g + c.l2 * *w;
-        *w = *w - c.lr * g;
-    }
-}
-
-/// Adam on a contiguous run of elements with their moments.
-fn adam_update<T: Float>(w: &mut [T], g: &[T], m: &mut [T], v: &mut [T], c: &StepCoeffs<T>) {
-    for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-        let g = g + c.l2 * *w;
-        *m = c.beta1 * *m + c.one_minus_beta1 * g;
-        *v = c.beta2 * *v + c.one_minus_beta2 * g * g;
-        *w = *w - c.adam_step_size * *m / (v.sqrt() * c.adam_inv_sqrt_bias2 + c.eps);
-    }
-}
-
-/// Adagrad on a contiguous run of elements with their accumulators.
-fn adagrad_update<T: Float>(w: &mut [T], g: &[T], accum: &mut [T], c: &StepCoeffs<T>) {
-    for ((w, &g), a) in w.iter_mut().zip(g).zip(accum.iter_mut()) {
-        let g = g + c.l2 * *w;
-        *a = *a + g * g;
-        *w = *w - c.lr * g / (a.sqrt() + c.eps);
-    }
-}
-
 /// The state of one parameter as an update kernel writes it, each slot in the
 /// parameter's layout.
 #[derive(Debug)]
@@ -301,6 +285,15 @@ pub enum SlotsMut<'a, T> {
 }
 
 impl<T> SlotsMut<'_, T> {
+    /// The rule that keeps these slots.
+    pub fn rule(&self) -> Rule {
+        match self {
+            SlotsMut::Sgd => Rule::Sgd,
+            SlotsMut::Adam { .. } => Rule::Adam,
+            SlotsMut::Adagrad { .. } => Rule::Adagrad,
+        }
+    }
+
     /// The same slots, reborrowed (to hand them on and use them again).
     pub fn reborrow(&mut self) -> SlotsMut<'_, T> {
         match self {
@@ -319,7 +312,8 @@ fn slots_mut<T>(slots: Option<&mut Slots<T>>) -> SlotsMut<'_, T> {
     }
 }
 
-/// Applies the rule to `w[range]` given that range's gradient.
+/// Applies the rule ([`Rule::step`], evaluated on numbers) to `w[range]` and its state,
+/// given that range's gradient.
 fn update_range<T: Float>(
     w: &mut [T],
     slots: &mut SlotsMut<'_, T>,
@@ -327,10 +321,28 @@ fn update_range<T: Float>(
     g: &[T],
     c: &StepCoeffs<T>,
 ) {
+    let a = &mut Evaluate(c.values());
     match slots {
-        SlotsMut::Sgd => sgd_update(&mut w[range], g, c),
-        SlotsMut::Adam { m, v } => adam_update(&mut w[range.clone()], g, &mut m[range.clone()], &mut v[range], c),
-        SlotsMut::Adagrad { accum } => adagrad_update(&mut w[range.clone()], g, &mut accum[range], c),
+        SlotsMut::Sgd => {
+            for (w, &g) in w[range].iter_mut().zip(g) {
+                *w = Rule::Sgd.step(a, *w, g, &mut []);
+            }
+        }
+        SlotsMut::Adam { m, v } => {
+            let (m, v) = (&mut m[range.clone()], &mut v[range.clone()]);
+            for (((w, &g), m), v) in w[range].iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                let mut s = [*m, *v];
+                *w = Rule::Adam.step(a, *w, g, &mut s);
+                [*m, *v] = s;
+            }
+        }
+        SlotsMut::Adagrad { accum } => {
+            for ((w, &g), acc) in w[range.clone()].iter_mut().zip(g).zip(accum[range].iter_mut()) {
+                let mut s = [*acc];
+                *w = Rule::Adagrad.step(a, *w, g, &mut s);
+                [*acc] = s;
+            }
+        }
     }
 }
 
@@ -362,163 +374,6 @@ impl<T: Float> UpdateKernels<T> for HostLoops {
             }
         }
     }
-}
-
-/// A row-sparse gradient with duplicate rows summed: `rows` strictly ascending, `values`
-/// holding `rows.len()` rows of `width` elements in the same order.
-#[derive(Clone, Debug)]
-pub struct CombinedRows<'a, T: Clone> {
-    pub rows: Cow<'a, [u32]>,
-    pub values: Cow<'a, [T]>,
-}
-
-/// Sums the duplicate rows of a row-sparse gradient (`values` holds `rows.len()` rows of
-/// `width` elements), as [`for_each_combined_row`] does, into one compact gradient.
-/// Strictly ascending rows are returned as they are, without copying.
-pub fn combine_duplicate_rows<'a, T: Float>(rows: &'a [u32], values: &'a [T], width: usize) -> CombinedRows<'a, T> {
-    if rows.windows(2).all(|p| p[0] < p[1]) {
-        return CombinedRows { rows: Cow::Borrowed(rows), values: Cow::Borrowed(values) };
-    }
-    let mut unique_rows = Vec::with_capacity(rows.len());
-    let mut summed = Vec::with_capacity(values.len());
-    for_each_combined_row(rows, values, width, |row, g| {
-        unique_rows.push(row);
-        summed.extend_from_slice(g);
-    });
-    CombinedRows { rows: Cow::Owned(unique_rows), values: Cow::Owned(summed) }
-}
-
-/// Calls `visit(row, gradient)` once for every distinct row of a row-sparse gradient, in
-/// ascending row order, with the entries of that row summed. The entries of one row are
-/// added in their original order starting from zero, as [`Value::to_dense`] does, so each
-/// combined row equals the dense form's row bit for bit. Callers check that `values` has
-/// `rows.len() * width` elements; entries beyond the values given are left out.
-///
-/// Ascending order is what makes sparse updates fast: neighbouring rows of a large table
-/// share pages and the hardware prefetcher can follow, where a scattered walk stalls on
-/// every row. The entries are put in row order by [`RowGroups::of`], the entries of a row
-/// staying in their original order, and the rows are summed on the fly into a single
-/// scratch row, so nothing of the gradient's size is copied. Strictly ascending input is
-/// visited in place.
-pub fn for_each_combined_row<T: Float>(rows: &[u32], values: &[T], width: usize, mut visit: impl FnMut(u32, &[T])) {
-    let entry = |j: usize| values.get(j * width..(j + 1) * width);
-    if rows.windows(2).all(|p| p[0] < p[1]) {
-        for (j, &row) in rows.iter().enumerate() {
-            if let Some(g) = entry(j) {
-                visit(row, g);
-            }
-        }
-        return;
-    }
-    let groups = RowGroups::of(rows);
-    let mut scratch = vec![T::ZERO; width];
-    for (k, &row) in groups.rows.iter().enumerate() {
-        let mut any = false;
-        scratch.fill(T::ZERO);
-        for &j in groups.entries(k) {
-            let Some(g) = entry(j as usize) else { continue };
-            any = true;
-            for (s, &v) in scratch.iter_mut().zip(g) {
-                *s += v;
-            }
-        }
-        if any {
-            visit(row, &scratch);
-        }
-    }
-}
-
-/// The entries of a row-sparse gradient grouped by row: the distinct `rows` ascending, and
-/// for the `k`-th of them the positions `order[starts[k]..starts[k + 1]]` of its entries,
-/// ascending (their original order). What [`for_each_combined_row`] sums, and what the
-/// OpenCL backend uploads to sum rows on the device in the same order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RowGroups {
-    pub rows: Vec<u32>,
-    pub starts: Vec<u32>,
-    pub order: Vec<u32>,
-}
-
-impl RowGroups {
-    /// Groups `rows` (fewer than 2³² entries) by a stable counting sort when the largest
-    /// row id is within a few times the entry count (the usual case: a batch touches a
-    /// good share of a table's rows), else by one sort of packed `(row, position)` keys.
-    pub fn of(rows: &[u32]) -> RowGroups {
-        let largest = rows.iter().copied().max().unwrap_or(0) as usize;
-        let order: Vec<u32> = if largest <= 4 * rows.len() + (1 << 16) {
-            counting_order(rows, largest)
-        } else {
-            let mut keys: Vec<u64> = rows.iter().zip(0u64..).map(|(&row, j)| ((row as u64) << 32) | j).collect();
-            keys.sort_unstable();
-            keys.iter().map(|&k| (k & 0xffff_ffff) as u32).collect()
-        };
-        let mut unique = Vec::new();
-        let mut starts = Vec::new();
-        for (at, &j) in order.iter().enumerate() {
-            let row = rows[j as usize];
-            if unique.last() != Some(&row) {
-                unique.push(row);
-                starts.push(at as u32);
-            }
-        }
-        starts.push(order.len() as u32);
-        RowGroups { rows: unique, starts, order }
-    }
-
-    /// The positions of the entries of the `k`-th row, ascending.
-    pub fn entries(&self, k: usize) -> &[u32] {
-        &self.order[self.starts[k] as usize..self.starts[k + 1] as usize]
-    }
-}
-
-/// The positions of `rows` ordered by row, positions of one row ascending (a stable
-/// counting sort over row ids `0..=largest`; fewer than 2^32 entries).
-fn counting_order(rows: &[u32], largest: usize) -> Vec<u32> {
-    let mut start = vec![0u32; largest + 2];
-    for &row in rows {
-        start[row as usize + 1] += 1;
-    }
-    for i in 1..start.len() {
-        start[i] += start[i - 1];
-    }
-    let mut order = vec![0u32; rows.len()];
-    for (j, &row) in rows.iter().enumerate() {
-        let slot = &mut start[row as usize];
-        order[*slot as usize] = j as u32;
-        *slot += 1;
-    }
-    order
-}
-
-/// Replaces every row-sparse gradient whose rows are not strictly ascending by its
-/// combined form ([`combine_duplicate_rows`]: unique ascending rows, duplicates summed), so
-/// later passes over the gradients (the norm, the update) walk rows in order without
-/// sorting again. Malformed gradients (values not `rows × width`) are left as they are,
-/// for the optimizer to report.
-pub fn combine_rows_in_place<T: Float>(grads: &mut HashMap<String, Value<T>>) {
-    for grad in grads.values_mut() {
-        let Value::RowSparse { shape, rows, values } = grad else { continue };
-        let width = row_width(shape);
-        if values.data.len() != rows.len() * width || rows.windows(2).all(|p| p[0] < p[1]) {
-            continue;
-        }
-        let combined = combine_duplicate_rows(rows, &values.data, width);
-        let (unique, summed) = (combined.rows.into_owned(), combined.values.into_owned());
-        let mut values_shape = values.shape.clone();
-        if let Some(first) = values_shape.first_mut() {
-            *first = unique.len();
-        }
-        *grad = Value::RowSparse {
-            shape: shape.clone(),
-            rows: unique,
-            values: Tensor { shape: values_shape, data: summed },
-        };
-    }
-}
-
-/// The elements per row of a table of `shape` (the product of all axes but the first).
-fn row_width(shape: &[usize]) -> usize {
-    shape.iter().skip(1).product()
 }
 
 /// The global L2 norm of all gradients, as if every row-sparse gradient were densified
