@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+mod keys;
+use keys::Keys;
 
 /// A fully resolved experiment.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -250,6 +254,8 @@ pub fn load(path: &Path, set: &[String]) -> Result<Experiment, String> {
         };
         set_path(&mut merged, &keys, v).map_err(|e| format!("--set {s}: {e}"))?;
     }
+    // The keys again after merging: `--set` may have added some.
+    experiment_keys().check_value(&merged).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut exp: Experiment = serde_yaml::from_value(merged).map_err(|e| format!("{}: {}", path.display(), e))?;
     if exp.name.is_empty() {
         exp.name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
@@ -292,52 +298,15 @@ fn load_merged(path: &Path, depth: usize) -> Result<Value, String> {
     }
 }
 
+/// The keys an experiment may hold, from its structs ([`Keys::of`]).
+fn experiment_keys() -> &'static Keys {
+    static KEYS: OnceLock<Keys> = OnceLock::new();
+    KEYS.get_or_init(|| Keys::of::<Experiment>().expect("an experiment is a struct that refuses unknown keys"))
+}
+
 /// Checks that every key of a single file is known, reporting the line of the first bad one.
 fn check_keys(text: &str) -> Result<(), String> {
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    #[allow(dead_code)]
-    struct Keys {
-        name: Option<Value>,
-        base: Option<Value>,
-        spec: Option<Value>,
-        model: Option<Value>,
-        hyper: Option<Value>,
-        data: Option<DataKeys>,
-        train: Option<TrainKeys>,
-        backend: Option<Value>,
-        out: Option<Value>,
-    }
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    #[allow(dead_code)]
-    struct DataKeys {
-        folder: Option<Value>,
-        train: Option<Value>,
-        valid: Option<Value>,
-        test: Option<Value>,
-        bad_rows: Option<Value>,
-        schema: Option<Value>,
-    }
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    #[allow(dead_code)]
-    struct TrainKeys {
-        optimizer: Option<Value>,
-        lr: Option<Value>,
-        embedding_lr: Option<Value>,
-        l2: Option<Value>,
-        embedding_l2: Option<Value>,
-        batch_size: Option<Value>,
-        epochs: Option<Value>,
-        clip_norm: Option<Value>,
-        eval_every: Option<Value>,
-        early_stopping: Option<Value>,
-        seed: Option<Value>,
-        stages: Option<Value>,
-        max_steps: Option<Value>,
-    }
-    serde_yaml::from_str::<Keys>(text).map(|_| ()).map_err(|e| yaml_error(&e))
+    experiment_keys().check(serde_yaml::Deserializer::from_str(text)).map_err(|e| yaml_error(&e))
 }
 
 fn yaml_error(e: &serde_yaml::Error) -> String {
