@@ -175,7 +175,7 @@ pub fn run(
 /// `mdl eval RUN_DIR --data FILE`
 pub fn eval(run: &Path, data: &Path) -> ExitCode {
     let result = (|| -> Result<String, String> {
-        let (exp, fitted, session, params) = crate::train::load_run(run)?;
+        let crate::train::LoadedRun { experiment: exp, fitted, session, params } = crate::train::load_run(run)?;
         let ds = fitted.encode_file(data, exp.data.bad_rows.into()).map_err(|e| e.to_string())?;
         let mut exec = exp.backend.executor()?;
         let report = session.evaluate(exec.as_mut(), &params, &ds, exp.train.batch_size)?;
@@ -193,7 +193,7 @@ pub fn eval(run: &Path, data: &Path) -> ExitCode {
 /// `mdl predict RUN_DIR --data FILE --out scores.csv`
 pub fn predict(run: &Path, data: &Path, out: &Path) -> ExitCode {
     let result = (|| -> Result<usize, String> {
-        let (exp, fitted, session, params) = crate::train::load_run(run)?;
+        let crate::train::LoadedRun { experiment: exp, fitted, session, params } = crate::train::load_run(run)?;
         let ds = fitted.encode_file(data, exp.data.bad_rows.into()).map_err(|e| e.to_string())?;
         let mut exec = exp.backend.executor()?;
         let scores = session.predict(exec.as_mut(), &params, &ds, exp.train.batch_size)?;

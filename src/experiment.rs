@@ -374,7 +374,7 @@ impl Experiment {
         if self.train.batch_size == 0 {
             return Err("train.batch_size: must be at least 1".into());
         }
-        if !(self.train.lr > 0.0) {
+        if self.train.lr.is_nan() || self.train.lr <= 0.0 {
             return Err(format!("train.lr: must be positive, found {}", self.train.lr));
         }
         if self.train.stages.iter().any(|s| s.epochs == 0) {

@@ -120,7 +120,7 @@ impl InputBinding {
             errors.push("the spec declares more than one domain input; the data has one domain column".into());
         }
         for g in &schema.features {
-            if !model.features.iter().any(|f| &f.name == g.name()) {
+            if !model.features.iter().any(|f| f.name == g.name()) {
                 let names: Vec<&str> = model.features.iter().map(|f| f.name.as_str()).collect();
                 errors.push(format!(
                     "schema group `{}` is not an input of the spec (its inputs: {}); drop the group from the experiment's \

@@ -297,8 +297,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
     std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
+/// A finished (or interrupted) run, read back from its folder.
+pub struct LoadedRun {
+    pub experiment: Experiment,
+    /// The data encoders fitted on its train split.
+    pub fitted: Fitted,
+    pub session: Session,
+    /// The best parameters (`best.ckpt`, else `last.ckpt`).
+    pub params: HashMap<String, Tensor<f32>>,
+}
+
 /// Loads a finished (or interrupted) run: its experiment, fitted data encoders, model and best parameters.
-pub fn load_run(run: &Path) -> Result<(Experiment, Fitted, Session, HashMap<String, Tensor<f32>>), String> {
+pub fn load_run(run: &Path) -> Result<LoadedRun, String> {
     let cfg = run.join("config.yaml");
     let text = std::fs::read_to_string(&cfg)
         .map_err(|e| format!("{} is not a run folder: cannot read {}: {e}", run.display(), cfg.display()))?;
@@ -311,5 +321,5 @@ pub fn load_run(run: &Path) -> Result<(Experiment, Fitted, Session, HashMap<Stri
     let session = Session::new(&exp, &fitted)?;
     let ckpt = if run.join("best.ckpt").exists() { run.join("best.ckpt") } else { run.join("last.ckpt") };
     let params = checkpoint::load(&ckpt, &session)?.params;
-    Ok((exp, fitted, session, params))
+    Ok(LoadedRun { experiment: exp, fitted, session, params })
 }

@@ -61,7 +61,7 @@ impl Progress {
                 eprintln!("{text}");
             }
         }
-        if step % 50 == 0 || step == 1 {
+        if step.is_multiple_of(50) || step == 1 {
             let _ = writeln!(self.log, "[{:8.2}s] {text}", elapsed);
         }
     }

@@ -252,7 +252,7 @@ impl<'a> Run<'a> {
                     self.state.end_epoch();
                 }
                 let due = match eval_every {
-                    Some(n) => self.state.step % n == 0,
+                    Some(n) => self.state.step.is_multiple_of(n),
                     None => end_of_epoch,
                 };
                 if due {
