@@ -26,13 +26,14 @@
 //! as long as that optimizer's rule and step count match; after `reset` (or any update
 //! made elsewhere) it is dropped and made again from the host's.
 
-use super::{cl_err, render, OpenCl, Resident};
+use super::launch::Arg;
+use super::{cl_err, render, HostStamp, OpenCl, Resident};
 use crate::backend::{ExecError, StepOutcome, TrainStep};
 use crate::ir::graph::ParamInfo;
 use crate::optim::{clip_scale, global_norm, scale_gradients, OptimKind, Optimizer, StepCoeffs};
 use crate::rows::{combine_duplicate_rows, combine_rows_in_place};
 use crate::tensor::{Tensor, Value};
-use ocl::{Buffer, Kernel, Program};
+use ocl::{Buffer, Program};
 use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
@@ -223,26 +224,14 @@ impl OpenCl {
             let total = i32::try_from(g.len()).map_err(|_| {
                 cl_err("the gradients' norm on the device", format!("a gradient of {} values is too large", g.len()))
             })?;
-            let k = Kernel::builder()
-                .program(program)
-                .name("mdl_sum_squares")
-                .queue(self.queue.clone())
-                .global_work_size(n * wg)
-                .local_work_size(wg)
-                .arg(&partial)
-                .arg(at as i32)
-                .arg(*g)
-                .arg(total)
-                .build()
-                .map_err(err)?;
+            let args = [Arg::Floats(&partial), Arg::Int(at as i32), Arg::Floats(g), Arg::Int(total)];
             // SAFETY: work group `q < n` writes `partial[at + q]`, inside the buffer of
             // `Σ n` values; reads stay below `total`, the gradient's length.
-            unsafe { k.enq() }.map_err(err)?;
+            unsafe { self.launcher(program).launch("mdl_sum_squares", n * wg, Some(wg.into()), &args) }?;
             at += n;
         }
         let mut sums = vec![0f32; at];
-        partial.read(&mut sums).enq().map_err(err)?;
-        self.bytes_down += 4 * at as u64;
+        self.transfers.read_into(&partial, &mut sums, "the gradients' norm on the device")?;
         Ok(sums.iter().map(|&v| v as f64).sum())
     }
 
@@ -261,7 +250,6 @@ impl OpenCl {
         scale: f32,
         optimizer: &mut Optimizer<f32>,
     ) -> Result<(), ExecError> {
-        let err = |e| cl_err(&format!("updating parameter {name} on the device"), e);
         let (w, _) = self.param_buffer(name, t, true)?;
         let (unused_f, unused_u) = self.unused_buffers()?;
         // (mode, gradient values, rows or marks, row width, elements)
@@ -300,38 +288,38 @@ impl OpenCl {
             Some(OptimKind::Adagrad { .. }) => 2,
             _ => 0,
         };
-        let k = Kernel::builder()
-            .program(program)
-            .name("mdl_update")
-            .queue(self.queue.clone())
-            .global_work_size(total)
-            .arg(&w)
-            .arg(slots.first().unwrap_or(&unused_f))
-            .arg(slots.get(1).unwrap_or(&unused_f))
-            .arg(&g)
-            .arg(&rows)
-            .arg(width32)
-            .arg(total32)
-            .arg(mode)
-            .arg(rule)
-            .arg(scale)
-            .arg(c.lr)
-            .arg(c.l2)
-            .arg(c.adam_step_size)
-            .arg(c.adam_inv_sqrt_bias2)
-            .arg(c.beta1)
-            .arg(c.one_minus_beta1)
-            .arg(c.beta2)
-            .arg(c.one_minus_beta2)
-            .arg(c.eps)
-            .build()
-            .map_err(err)?;
+        let mut args = vec![
+            Arg::Floats(&w),
+            Arg::Floats(slots.first().unwrap_or(&unused_f)),
+            Arg::Floats(slots.get(1).unwrap_or(&unused_f)),
+            Arg::Floats(&g),
+            Arg::Uints(&rows),
+            Arg::Int(width32),
+            Arg::Int(total32),
+            Arg::Int(mode),
+            Arg::Int(rule),
+        ];
+        args.extend(
+            [
+                scale,
+                c.lr,
+                c.l2,
+                c.adam_step_size,
+                c.adam_inv_sqrt_bias2,
+                c.beta1,
+                c.one_minus_beta1,
+                c.beta2,
+                c.one_minus_beta2,
+                c.eps,
+            ]
+            .map(Arg::Float),
+        );
         // SAFETY: in mode 0 the gradient has the parameter's length (checked before the
         // step), and element `e < total` is written; in mode 1 the rows are distinct and
         // inside the table (checked before the step), so each work item writes its own
         // element of the parameter and of state buffers of its length. The rules that read
         // no state get one-element buffers they never touch.
-        unsafe { k.enq() }.map_err(err)?;
+        unsafe { self.launcher(program).launch("mdl_update", total, None, &args) }?;
         if let Some(r) = self.resident.get_mut(name) {
             r.ahead = true;
         }
@@ -397,9 +385,8 @@ impl OpenCl {
             if t.data.len() != r.buffer.len() {
                 continue;
             }
-            r.buffer.read(&mut t.data).enq().map_err(|e| cl_err(&format!("reading back parameter {name}"), e))?;
-            self.bytes_down += 4 * t.data.len() as u64;
-            *r = Resident { buffer: r.buffer.clone(), stamp: super::HostStamp::of(&t.data), ahead: false };
+            self.transfers.read_into(&r.buffer, &mut t.data, &format!("reading back parameter {name}"))?;
+            *r = Resident { buffer: r.buffer.clone(), stamp: HostStamp::of(&t.data), ahead: false };
         }
         let same =
             self.optimizer.kind == Some(optimizer.config().kind) && self.optimizer.steps == optimizer.step_count();
@@ -411,10 +398,7 @@ impl OpenCl {
         for name in std::mem::take(&mut self.optimizer.ahead) {
             let Some((buffers, shape)) = self.optimizer.slots.get(&name) else { continue };
             for (t, b) in optimizer.state_of_mut(&name, shape).into_iter().zip(buffers) {
-                b.read(&mut t.data)
-                    .enq()
-                    .map_err(|e| cl_err(&format!("reading back the optimizer state of {name}"), e))?;
-                self.bytes_down += 4 * t.data.len() as u64;
+                self.transfers.read_into(b, &mut t.data, &format!("reading back the optimizer state of {name}"))?;
             }
         }
         Ok(())
