@@ -158,8 +158,8 @@ pub fn compile(
     }
 }
 
-/// The blocks in scope, by name.
-type Blocks = HashMap<String, Rc<ast::BlockDef>>;
+/// The blocks in scope, by name (ordered, so that hints list them the same on every run).
+type Blocks = BTreeMap<String, Rc<ast::BlockDef>>;
 
 /// The elaborator: walks a model, building the graph.
 pub(crate) struct Elab {

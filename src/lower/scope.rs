@@ -55,3 +55,24 @@ impl Elab {
         Err(self.report(d))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::diag::SourceMap;
+    use std::collections::BTreeMap;
+
+    /// `caz` is one edit from both `cap` and `cat`: the hint must not depend on the
+    /// iteration order of a hash map, which differs from one compilation to the next.
+    #[test]
+    fn tied_suggestions_are_the_same_on_every_compilation() {
+        let text = "block cat(x) { return x }\nblock cap(x) { return x }\nmodel m() {\n  input v : numeric\n  label click\n  task click = sum(caz(v), axis = 1)\n  loss bce(click)\n}\n";
+        for _ in 0..16 {
+            let mut map = SourceMap::new();
+            let file = map.add("tie.mdl", text.to_string());
+            let diags = super::super::compile(&mut map, file, None, None, &BTreeMap::new()).unwrap_err();
+            assert_eq!(diags.len(), 1, "{diags:?}");
+            assert_eq!(diags[0].message, "unknown name `caz`");
+            assert_eq!(diags[0].hint.as_deref(), Some("did you mean `cap`?"));
+        }
+    }
+}

@@ -5,7 +5,7 @@
 
 use crate::diag::Reported;
 use mdl_runtime::{Dim, NodeId};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 /// A tensor being built: a graph node, and whether it is *grouped*: a per-domain value
 /// (inside `per g { ... }`) whose leading axis has one entry per domain instead of one
@@ -65,19 +65,20 @@ impl Val {
     }
 }
 
-/// Lexical scopes of `let` bindings.
+/// Lexical scopes of `let` bindings (ordered maps, so that [`Env::names`], which "did you
+/// mean" hints choose from, lists them in the same order on every run).
 #[derive(Default)]
 pub struct Env {
-    frames: Vec<HashMap<String, Val>>,
+    frames: Vec<BTreeMap<String, Val>>,
 }
 
 impl Env {
     pub fn new() -> Env {
-        Env { frames: vec![HashMap::new()] }
+        Env { frames: vec![BTreeMap::new()] }
     }
 
     pub fn push(&mut self) {
-        self.frames.push(HashMap::new());
+        self.frames.push(BTreeMap::new());
     }
 
     pub fn pop(&mut self) {
