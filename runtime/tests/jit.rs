@@ -1,14 +1,14 @@
 //! The jit backend's kernels agree with interp (the oracle) on random shapes: every MatMul
-//! case and transpose flag, the broadcast patterns of binary ops, unary ops, and
-//! reductions, with one and two threads. Tolerance: |jit - interp| <= 1e-5 * (1 + |interp|)
-//! elementwise for elementwise ops; for MatMul 1e-5 * k * max|a| * max|b| (GEMM sums in
-//! another order).
+//! case and transpose flag, and the layout ops, with one and two threads; taken operands
+//! and pooled buffers; errors equal to interp's. (Every op on fixed cases with special
+//! values, on every executor, is `conformance.rs`.) Tolerance: |jit - interp| <= tol *
+//! (1 + |interp|) elementwise; for MatMul tol = 1e-5 * k (GEMM sums in another order).
 
 mod common;
 use common::{dims, values};
 use mdl_runtime::backend::{jit::Jit, Executor, Interp};
 use mdl_runtime::ir::dim::Binding;
-use mdl_runtime::{BinaryOp, DType, Dim, Graph, Init, Mode, Op, ReduceOp, Tensor, UnaryOp, Value};
+use mdl_runtime::{BinaryOp, DType, Dim, Graph, Init, Mode, Op, Tensor, UnaryOp, Value};
 use proptest::prelude::*;
 use std::collections::HashMap;
 
@@ -64,26 +64,6 @@ proptest! {
         };
         agree(Op::MatMul { trans_a: ta, trans_b: tb }, &[sa, sb], 1e-5 * k as f32);
     }
-
-    #[test]
-    fn binary_broadcast_patterns(b in 1usize..300, f in 1usize..5, d in 1usize..20, pat in 0usize..5, op in 0..BinaryOp::ALL.len(), swap: bool) {
-        let ops = BinaryOp::ALL;
-        let big = vec![b, f, d];
-        let small = match pat { 0 => big.clone(), 1 => vec![], 2 => vec![d], 3 => vec![b, f, 1], _ => vec![f, d] };
-        let shapes = if swap { vec![small, big] } else { vec![big, small] };
-        // Division by values near 0 is ill-conditioned in both; keep the comparison fair.
-        let tol = if ops[op] == BinaryOp::Div { 1e-3 } else { 1e-6 };
-        agree(Op::Binary(ops[op]), &shapes, tol);
-    }
-
-    #[test]
-    fn unary_and_reduce(b in 1usize..600, d in 1usize..40, u in 0usize..10, axis in 0usize..2, mean: bool) {
-        let us = [UnaryOp::Neg, UnaryOp::Exp, UnaryOp::Relu, UnaryOp::Sigmoid, UnaryOp::Tanh, UnaryOp::Softplus, UnaryOp::Abs, UnaryOp::Step, UnaryOp::Sign, UnaryOp::Recip];
-        agree(Op::Unary(us[u]), &[vec![b, d]], 1e-5);
-        let op = if mean { ReduceOp::Mean } else { ReduceOp::Sum };
-        agree(Op::Reduce { op, axes: vec![axis], keep_dims: false }, &[vec![b, d, 3]], 1e-5);
-        agree(Op::Reduce { op, axes: vec![1, 2], keep_dims: true }, &[vec![b, d, 3]], 1e-5);
-    }
 }
 
 proptest! {
@@ -103,7 +83,6 @@ proptest! {
 
 #[test]
 fn large_inputs_use_both_threads_and_agree() {
-    agree(Op::Binary(BinaryOp::Mul), &[vec![4096, 2, 50, 16], vec![4096, 2, 50, 1]], 1e-6);
     agree(Op::MatMul { trans_a: true, trans_b: false }, &[vec![512, 300], vec![512, 200]], 1e-5 * 512.0);
     let _ = DType::F;
 }

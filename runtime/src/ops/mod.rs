@@ -3,13 +3,17 @@
 //! Where an op's pieces live (the rule for adding one, see `docs/adding-an-op.md`): every
 //! op belongs to one family file below, and that file holds, for its ops, all three rules
 //! side by side:
-//! - `shape` — the output shape, dtype and value kind from the operands' (symbolic) shapes,
-//!   or a [`ShapeError`] in words a spec author understands;
+//! - `shape` — the operands' kinds (ids or reals, dense or row-sparse; `require_dense_real`
+//!   for the families that read only dense reals), then the output shape, dtype and value
+//!   kind from the operands' (symbolic) shapes, or a [`ShapeError`] in words a spec author
+//!   understands;
 //! - `grad`  — the vector-Jacobian product as new IR nodes (reverse-mode autodiff);
 //! - `eval`  — the forward rule on concrete tensors (the `interp` reference backend).
 //!
-//! `mod.rs` only names the ops and dispatches to the families ([`Op::infer`], [`grad`],
-//! [`eval`]); `emit.rs` is the small node-building vocabulary the `grad` rules share.
+//! `mod.rs` only names the ops and dispatches to the families ([`Op::infer`], which checks
+//! the operand count first, [`grad`], [`eval`]); `emit.rs` is the small node-building
+//! vocabulary the `grad` rules share. The elementwise ops (`UnaryOp`, `BinaryOp`) are
+//! declared in `elementwise.rs`, with their scalar arithmetic, classes and `ALL` lists.
 //!
 //! | family        | ops |
 //! |---------------|-----|
@@ -61,6 +65,11 @@ pub enum ReduceOp {
     Sum,
     Mean,
     Max,
+}
+
+impl ReduceOp {
+    /// Every reduction (tests iterate it).
+    pub const ALL: &'static [ReduceOp] = &[ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max];
 }
 
 /// A primitive operation. Operands are the node's `inputs`, in the order given per variant.

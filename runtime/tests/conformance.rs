@@ -1,0 +1,446 @@
+//! The conformance suite: every entry of the op catalogue runs on every executor and must
+//! equal interp (the reference).
+//!
+//! The catalogue is built from `UnaryOp::ALL`, `BinaryOp::ALL` and `ReduceOp::ALL` (so a new
+//! elementwise op or reduction is in it without an edit here) plus softmax, layout, index
+//! and linalg cases. Operands mix in the special values an op's semantics allow: every
+//! elementwise op and every layout copy gets zeros of both signs, ±inf, NaN, huge and tiny
+//! magnitudes; reductions get those whose result does not depend on the order (-inf, huge of
+//! one sign, tiny; no NaN); softmax gets -inf (a masked position).
+//!
+//! The executors, each a module of tests made by [`conformance!`] from the same test
+//! bodies (one per catalogue group): `jit_exact` (1 and 2 threads, exact kernels: every
+//! elementwise, softmax, layout and index result equal to interp's, NaN to NaN), `jit_fast`
+//! (1 and 2 threads, the default kernels: polynomial transcendentals, fma, reassociated
+//! sums) and, built with `--features opencl`, `opencl` on the default device. Without an
+//! OpenCL platform the `opencl` tests say why they skip, unless `MDL_REQUIRE_OPENCL=1`,
+//! which makes that a failure.
+//!
+//! Tolerance (all but `jit_exact`'s exact cases): |got - want| <= tol * (1 + |want|) per
+//! element, with tol 1e-5 for elementwise ops and reductions (the device's and the jit's
+//! polynomial exp/log/tanh differ from Rust's libm in the last bits) and 1e-5 * k for a
+//! product summing k terms; NaN must meet NaN and an infinity the same infinity.
+//!
+//! A new op gets conformance by adding one [`Case`] to its group below (elementwise ops
+//! and reductions: none, they come from `ALL`).
+
+mod common;
+use common::{dims, values};
+
+use mdl_runtime::backend::jit::Jit;
+use mdl_runtime::backend::{Executor, Interp};
+use mdl_runtime::ir::dim::Binding;
+use mdl_runtime::ops::fused::{FusedKernel, Instr};
+use mdl_runtime::{BinaryOp, DType, Dim, Graph, Init, Mode, Op, ReduceOp, Tensor, UnaryOp, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// An operand of a catalogue entry: a real tensor (fed as a parameter) or ids (an input).
+#[derive(Clone)]
+enum Operand {
+    Real(Tensor<f32>),
+    Ids(Tensor<u32>),
+}
+
+/// One entry of the op catalogue: an op on concrete operands.
+struct Case {
+    name: String,
+    op: Op,
+    operands: Vec<Operand>,
+    /// The relative tolerance of the backends that may compute differently (see the module
+    /// docs).
+    tol: f32,
+    /// `jit_exact` must give interp's values exactly.
+    exact: bool,
+}
+
+impl Case {
+    fn new(name: impl Into<String>, op: Op, operands: Vec<Operand>) -> Case {
+        Case { name: name.into(), op, operands, tol: 1e-5, exact: true }
+    }
+
+    /// A product or other sum whose terms the backend may add in another order.
+    fn summing(mut self, terms: usize) -> Case {
+        self.tol = 1e-5 * terms.max(1) as f32;
+        self.exact = false;
+        self
+    }
+}
+
+fn real(shape: &[usize], data: Vec<f32>) -> Operand {
+    Operand::Real(Tensor::new(shape.to_vec(), data).unwrap())
+}
+
+fn ids(shape: &[usize], data: Vec<u32>) -> Operand {
+    Operand::Ids(Tensor::new(shape.to_vec(), data).unwrap())
+}
+
+/// Plain values in [-2, 2).
+fn plain(shape: &[usize], seed: u64) -> Operand {
+    real(shape, values(shape.iter().product(), seed, -2.0, 2.0))
+}
+
+/// Every third value special (from `specials`, cycling), the others plain.
+fn with_specials(shape: &[usize], seed: u64, specials: &[f32]) -> Operand {
+    let n = shape.iter().product();
+    let plain = values(n, seed, -10.0, 10.0);
+    let data = (0..n)
+        .map(|i| if i % 3 == 0 { specials[(i / 3 + seed as usize) % specials.len()] } else { plain[i] })
+        .collect();
+    real(shape, data)
+}
+
+/// The special values of elementwise ops and copies: signed zeros, infinities, NaN, huge
+/// (exp overflows, products overflow), tiny (denormal products) and ±1.
+const SPECIALS: [f32; 14] =
+    [0.0, -0.0, 1.0, -1.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e-30, -1e-30, 88.0, -88.0, 1e30, -1e30, 0.5];
+/// Those whose sum or max does not depend on the order of the terms beyond rounding (no
+/// huge values of both signs, which cancel in one order and not in another).
+const ORDERLESS: [f32; 4] = [f32::NEG_INFINITY, 1e30, 1e-30, -1e-30];
+
+// ------------------------------------------------------------------ the catalogue
+
+/// A fused kernel (`Op::Fused`) of `body` over `inputs` operands, as the fusion pass makes
+/// them: the code generators' rendering of each op (a lone op on equal shapes is not fused,
+/// and runs on the jit's direct kernels or, on OpenCL, the host).
+fn fused(inputs: usize, body: Vec<Instr>) -> Op {
+    Op::Fused(Arc::new(FusedKernel { inputs, body, reduce: None }))
+}
+
+/// Every unary op: alone on rows, on a row too short for a vector and on an operand large
+/// enough that the jit splits it over two threads; and as a fused kernel, alone and
+/// reading one value per row (a splat) next to a full operand.
+fn unary() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for (s, &u) in UnaryOp::ALL.iter().enumerate() {
+        let s = s as u64;
+        for shape in [vec![3usize, 37], vec![3], vec![300, 512]] {
+            let x = with_specials(&shape, s, &SPECIALS);
+            cases.push(Case::new(format!("{u:?} {shape:?}"), Op::Unary(u), vec![x]));
+        }
+        let alone = fused(1, vec![Instr::Input(0), Instr::Unary(u, 0)]);
+        cases.push(Case::new(format!("fused {u:?}"), alone, vec![with_specials(&[3, 37], s + 1, &SPECIALS)]));
+        let splat =
+            fused(2, vec![Instr::Input(0), Instr::Input(1), Instr::Unary(u, 0), Instr::Binary(BinaryOp::Add, 2, 1)]);
+        let (col, full) = (with_specials(&[3, 1], s + 2, &SPECIALS), real(&[3, 37], vec![0.25; 3 * 37]));
+        cases.push(Case::new(format!("fused {u:?} of a splat + 0.25"), splat, vec![col, full]));
+    }
+    cases
+}
+
+/// Every binary op on every broadcast pattern: equal shapes (with ties, for max, min and
+/// eq), a scalar, a trailing bias, a per-row value, a middle axis, each on either side
+/// (the jit's direct kernels know some patterns, fused kernels read the others); a large
+/// pair the jit splits over two threads; and as a fused kernel on equal shapes.
+fn binary() -> Vec<Case> {
+    let mut cases = Vec::new();
+    let big = [4usize, 3, 37];
+    let patterns: [&[usize]; 6] = [&big, &[], &[37], &[4, 3, 1], &[3, 37], &[4, 1, 37]];
+    for (s, &op) in BinaryOp::ALL.iter().enumerate() {
+        let s = 10 * s as u64;
+        for (p, small) in patterns.iter().enumerate() {
+            let a = with_specials(&big, s + p as u64, &SPECIALS);
+            let mut b = with_specials(small, s + 7 + p as u64, &SPECIALS);
+            if let (Operand::Real(a), Operand::Real(b), true) = (&a, &mut b, *small == big) {
+                for i in (0..b.data.len()).step_by(4) {
+                    b.data[i] = a.data[i]; // ties
+                }
+            }
+            let name = |first: &[usize], second: &[usize]| format!("{op:?} {first:?} {second:?}");
+            cases.push(Case::new(name(&big, small), Op::Binary(op), vec![a.clone(), b.clone()]));
+            if *small != big {
+                cases.push(Case::new(name(small, &big), Op::Binary(op), vec![b, a]));
+            }
+        }
+        let (x, y) = (with_specials(&[600, 256], s + 1, &SPECIALS), plain(&[600, 1], s + 2));
+        cases.push(Case::new(format!("{op:?} [600, 256] [600, 1]"), Op::Binary(op), vec![x, y]));
+        let (x, y) = (with_specials(&big, s + 3, &SPECIALS), with_specials(&big, s + 4, &SPECIALS));
+        let alone = fused(2, vec![Instr::Input(0), Instr::Input(1), Instr::Binary(op, 0, 1)]);
+        cases.push(Case::new(format!("fused {op:?}"), alone, vec![x, y]));
+    }
+    cases
+}
+
+/// Every reduction over each axis, a run of axes and all of them, kept or not (values
+/// with the order-free specials); and softmax along each axis, with masked (-inf)
+/// positions and a fully masked row.
+fn reduce() -> Vec<Case> {
+    let mut cases = Vec::new();
+    let shape = [5usize, 6, 7];
+    for (s, &op) in ReduceOp::ALL.iter().enumerate() {
+        for (axes, keep_dims) in [
+            (vec![0], false),
+            (vec![1], true),
+            (vec![2], false),
+            (vec![0, 1], false),
+            (vec![1, 2], true),
+            (vec![0, 1, 2], false),
+        ] {
+            let x = with_specials(&shape, s as u64 + axes.len() as u64, &ORDERLESS);
+            let terms = axes.iter().map(|&a| shape[a]).product();
+            let name = format!("{op:?} axes {axes:?} keep {keep_dims}");
+            let case = Case::new(name, Op::Reduce { op, axes, keep_dims }, vec![x]);
+            cases.push(if op == ReduceOp::Max { case } else { case.summing(terms) });
+        }
+    }
+    for axis in 0..3 {
+        let Operand::Real(mut x) = plain(&shape, 40 + axis as u64) else { unreachable!("plain is real") };
+        for i in (0..x.data.len()).step_by(5) {
+            x.data[i] = f32::NEG_INFINITY;
+        }
+        if axis == 2 {
+            x.data[..7].fill(f32::NEG_INFINITY); // a row of nothing but masked positions
+        }
+        cases.push(Case::new(format!("softmax axis {axis}"), Op::Softmax { axis }, vec![Operand::Real(x)]));
+    }
+    cases
+}
+
+/// Reshape, permute, broadcast, concat, slice and pad of real values (specials included:
+/// a copy keeps every value) and the layout ops that move ids.
+fn layout() -> Vec<Case> {
+    let x = || with_specials(&[4, 3, 5], 50, &SPECIALS);
+    let mut cases = vec![
+        Case::new("reshape", Op::Reshape { shape: dims(&[12, 5]) }, vec![x()]),
+        Case::new("broadcast [3, 1] -> [4, 3, 5]", Op::Broadcast { shape: dims(&[4, 3, 5]) }, vec![plain(&[3, 1], 51)]),
+        Case::new("broadcast [] -> [2, 3]", Op::Broadcast { shape: dims(&[2, 3]) }, vec![plain(&[], 52)]),
+    ];
+    for perm in [vec![0, 2, 1], vec![2, 0, 1], vec![1, 0, 2]] {
+        cases.push(Case::new(format!("permute {perm:?}"), Op::Permute { perm }, vec![x()]));
+    }
+    for axis in 0..3 {
+        let mut other = vec![4, 3, 5];
+        other[axis] = 2;
+        cases.push(Case::new(
+            format!("concat axis {axis}"),
+            Op::Concat { axis },
+            vec![x(), with_specials(&other, 53, &SPECIALS), x()],
+        ));
+        let (start, len) = (1, [4, 3, 5][axis] - 2);
+        cases.push(Case::new(
+            format!("slice axis {axis}"),
+            Op::Slice { axis, start: Dim::lit(start), len: Dim::lit(len) },
+            vec![x()],
+        ));
+        cases.push(Case::new(
+            format!("pad axis {axis}"),
+            Op::Pad { axis, before: Dim::lit(2), after: Dim::lit(1) },
+            vec![x()],
+        ));
+    }
+    let id_data = |n: usize| (0..n as u32).map(|i| (i * 7) % 11).collect::<Vec<u32>>();
+    cases.push(Case::new("reshape ids", Op::Reshape { shape: dims(&[6]) }, vec![ids(&[2, 3], id_data(6))]));
+    cases.push(Case::new("permute ids", Op::Permute { perm: vec![1, 0] }, vec![ids(&[2, 3], id_data(6))]));
+    cases.push(Case::new(
+        "slice ids",
+        Op::Slice { axis: 1, start: Dim::lit(1), len: Dim::lit(2) },
+        vec![ids(&[2, 3], id_data(6))],
+    ));
+    cases
+}
+
+/// Gather (ids of any rank, rows of any width), segment sums and one-hot.
+fn index() -> Vec<Case> {
+    let table = || with_specials(&[11, 4], 60, &SPECIALS);
+    let id_data = |n: usize, limit: u32| (0..n as u32).map(|i| (i * 7 + 3) % limit).collect::<Vec<u32>>();
+    vec![
+        Case::new("gather [6]", Op::Gather, vec![table(), ids(&[6], id_data(6, 11))]),
+        Case::new("gather [3, 4]", Op::Gather, vec![table(), ids(&[3, 4], id_data(12, 11))]),
+        Case::new("gather rank-1 table", Op::Gather, vec![plain(&[11], 61), ids(&[5], id_data(5, 11))]),
+        Case::new("gather 20000 rows", Op::Gather, vec![table(), ids(&[20_000], id_data(20_000, 11))]),
+        Case::new(
+            "segment_sum",
+            Op::SegmentSum { segments: Dim::lit(4) },
+            vec![plain(&[9, 3], 62), ids(&[9], id_data(9, 4))],
+        )
+        .summing(9),
+        Case::new("one_hot", Op::OneHot { depth: Dim::lit(5) }, vec![ids(&[2, 3], id_data(6, 5))]),
+    ]
+}
+
+/// MatMul with every transpose flag, batched and with a shared right operand, at sizes
+/// on both sides of the kernels' tiles; the grouped products.
+fn linalg() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for (m, k, n) in [(1usize, 1usize, 1usize), (3, 5, 4), (17, 33, 9), (64, 64, 64)] {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let shape = |rows: usize, cols: usize, t: bool| if t { vec![cols, rows] } else { vec![rows, cols] };
+            let op = Op::MatMul { trans_a: ta, trans_b: tb };
+            let (a, b) = (shape(m, k, ta), shape(k, n, tb));
+            let name = format!("matmul {a:?} {b:?} aT {ta} bT {tb}");
+            cases.push(Case::new(name, op.clone(), vec![plain(&a, 70), plain(&b, 71)]).summing(k));
+            let batched = |s: &[usize]| [&[3][..], s].concat();
+            let name = format!("matmul batched {a:?} {b:?} aT {ta} bT {tb}");
+            cases.push(Case::new(name, op.clone(), vec![plain(&batched(&a), 72), plain(&batched(&b), 73)]).summing(k));
+            if !ta {
+                let name = format!("matmul shared right {a:?} {b:?} bT {tb}");
+                cases.push(Case::new(name, op, vec![plain(&batched(&a), 74), plain(&b, 75)]).summing(k));
+            }
+        }
+    }
+    let groups = [0u32, 2, 1, 0, 2, 2, 1];
+    for trans_w in [false, true] {
+        let w = if trans_w { [3, 5, 4] } else { [3, 4, 5] };
+        cases.push(
+            Case::new(
+                format!("group_matmul wT {trans_w}"),
+                Op::GroupMatMul { trans_w },
+                vec![plain(&[7, 4], 76), plain(&w, 77), ids(&[7], groups.to_vec())],
+            )
+            .summing(4),
+        );
+    }
+    cases.push(
+        Case::new(
+            "group_outer",
+            Op::GroupOuter { groups: Dim::lit(3) },
+            vec![plain(&[7, 4], 78), plain(&[7, 5], 79), ids(&[7], groups.to_vec())],
+        )
+        .summing(7),
+    );
+    cases
+}
+
+// ------------------------------------------------------------------ running a group
+
+/// The cases as one graph, output `c{i}` for case `i`: real operands are parameters, ids
+/// are inputs.
+fn graph(cases: &[Case]) -> (Graph, HashMap<String, Tensor<f32>>, HashMap<String, Value<f32>>) {
+    let (mut g, mut params, mut feeds) = (Graph::new(), HashMap::new(), HashMap::new());
+    for (i, case) in cases.iter().enumerate() {
+        let mut inputs = Vec::new();
+        for (j, operand) in case.operands.iter().enumerate() {
+            let name = format!("c{i}_{j}");
+            inputs.push(match operand {
+                Operand::Real(t) => {
+                    params.insert(name.clone(), t.clone());
+                    g.param(&name, dims(&t.shape), Init::Zeros, None, false)
+                }
+                Operand::Ids(t) => {
+                    feeds.insert(name.clone(), Value::Ids(t.clone()));
+                    g.input(&name, dims(&t.shape), DType::I)
+                }
+            });
+        }
+        let y = g.add(case.op.clone(), &inputs, "").unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        g.outputs.insert(format!("c{i}"), y);
+    }
+    (g, params, feeds)
+}
+
+/// Whether `got` passes for `want`: equal (NaN meets NaN), or within `tol` unless `exact`
+/// (an infinity only meets the same infinity).
+fn agrees(got: f32, want: f32, tol: f32, exact: bool) -> bool {
+    if got.is_nan() || want.is_nan() {
+        return got.is_nan() && want.is_nan();
+    }
+    got == want || !exact && want.is_finite() && (got - want).abs() <= tol * (1.0 + want.abs())
+}
+
+/// Runs `cases` on interp and on `exec` (called `backend`); every output must agree.
+/// `exact`: the executor promises interp's values for the cases marked exact.
+fn check(cases: &[Case], backend: &str, exec: &mut dyn Executor, exact: bool) {
+    let (g, params, feeds) = graph(cases);
+    let b = Binding::new();
+    let want = Interp.run(&g, &b, &feeds, &params, &Mode::eval()).unwrap();
+    let got = exec.run(&g, &b, &feeds, &params, &Mode::eval()).unwrap_or_else(|e| panic!("{backend}: {e}"));
+    for (i, case) in cases.iter().enumerate() {
+        let out = format!("c{i}");
+        let (w, o) = (want.output(&out).unwrap(), got.output(&out).unwrap());
+        match (w, o) {
+            (Value::Ids(w), Value::Ids(o)) => assert_eq!(o, w, "{backend}: {}", case.name),
+            (Value::Dense(w), Value::Dense(o)) => {
+                assert_eq!(o.shape, w.shape, "{backend}: {}", case.name);
+                let exact = exact && case.exact;
+                for (k, (&x, &y)) in o.data.iter().zip(&w.data).enumerate() {
+                    assert!(agrees(x, y, case.tol, exact), "{backend}: {} [{k}]: got {x}, interp {y}", case.name);
+                }
+            }
+            _ => panic!("{backend}: {}: got {o:?}, interp {w:?}", case.name),
+        }
+    }
+}
+
+/// The jit with exact kernels on one and on two threads.
+fn jit_exact(cases: Vec<Case>) {
+    for threads in [1, 2] {
+        let mut jit = Jit::with_threads(threads).with_exact_kernels(true);
+        check(&cases, &format!("jit exact, {threads} thread(s)"), &mut jit, true);
+    }
+}
+
+/// The jit with its default (fast) kernels on one and on two threads.
+fn jit_fast(cases: Vec<Case>) {
+    for threads in [1, 2] {
+        check(&cases, &format!("jit fast, {threads} thread(s)"), &mut Jit::with_threads(threads), false);
+    }
+}
+
+/// OpenCL on the default device; without a platform, a skip that says why, or a failure
+/// with `MDL_REQUIRE_OPENCL=1`.
+#[cfg(feature = "opencl")]
+fn opencl(cases: Vec<Case>) {
+    use mdl_runtime::backend::opencl::{self, OpenCl};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // PoCL's kernel cache under target/, set before any thread makes an OpenCL call.
+    ONCE.call_once(|| {
+        if std::env::var_os("POCL_CACHE_DIR").is_none() {
+            std::env::set_var("POCL_CACHE_DIR", concat!(env!("CARGO_TARGET_TMPDIR"), "/pocl-cache"));
+        }
+    });
+    let required = std::env::var("MDL_REQUIRE_OPENCL").is_ok_and(|v| v == "1");
+    let why = if opencl::probe() == 0 {
+        opencl::NO_PLATFORM.to_string()
+    } else {
+        match OpenCl::new(None) {
+            Ok(mut exec) => return check(&cases, "opencl", &mut exec, false),
+            Err(e) => format!("the OpenCL executor could not start: {e}"),
+        }
+    };
+    assert!(!required, "MDL_REQUIRE_OPENCL=1 but {why}");
+    eprintln!("skipping the OpenCL conformance cases: {why}");
+}
+
+/// One test per catalogue group and executor: `$executor::$group` runs `$group()` through
+/// the executor's runner, in the manner of candle's `test_device!`.
+macro_rules! conformance {
+    ($($(#[$attr:meta])* $executor:ident: [$($group:ident),+];)+) => {
+        $(
+            $(#[$attr])*
+            mod $executor {
+                $(
+                    #[test]
+                    fn $group() {
+                        super::$executor(super::$group());
+                    }
+                )+
+            }
+        )+
+    };
+}
+
+conformance! {
+    jit_exact: [unary, binary, reduce, layout, index, linalg];
+    jit_fast: [unary, binary, reduce, layout, index, linalg];
+    #[cfg(feature = "opencl")]
+    opencl: [unary, binary, reduce, layout, index, linalg];
+}
+
+/// The catalogue itself: the op lists come from `ALL`, and every case is well formed (its
+/// shape rule accepts it), so no case drops out silently.
+#[test]
+fn the_catalogue_covers_every_elementwise_op_and_reduction() {
+    let names: Vec<String> = [unary(), binary(), reduce()].into_iter().flatten().map(|c| c.op.name()).collect();
+    for &u in UnaryOp::ALL {
+        assert!(names.contains(&Op::Unary(u).name()), "{u:?} has no case");
+    }
+    for &b in BinaryOp::ALL {
+        assert!(names.contains(&Op::Binary(b).name()), "{b:?} has no case");
+    }
+    for &r in ReduceOp::ALL {
+        assert!(names.iter().any(|n| n.starts_with(&format!("reduce_{}", format!("{r:?}").to_lowercase()))));
+    }
+    for group in [unary(), binary(), reduce(), layout(), index(), linalg()] {
+        graph(&group);
+    }
+}
