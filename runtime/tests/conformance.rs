@@ -303,9 +303,14 @@ fn linalg() -> Vec<Case> {
 
 // ------------------------------------------------------------------ running a group
 
+/// Parameter values by name.
+type Params = HashMap<String, Tensor<f32>>;
+/// Fed values by name.
+type Feeds = HashMap<String, Value<f32>>;
+
 /// The cases as one graph, output `c{i}` for case `i`: real operands are parameters, ids
 /// are inputs.
-fn graph(cases: &[Case]) -> (Graph, HashMap<String, Tensor<f32>>, HashMap<String, Value<f32>>) {
+fn graph(cases: &[Case]) -> (Graph, Params, Feeds) {
     let (mut g, mut params, mut feeds) = (Graph::new(), HashMap::new(), HashMap::new());
     for (i, case) in cases.iter().enumerate() {
         let mut inputs = Vec::new();

@@ -198,7 +198,7 @@ fn softmax_equals_interp_exactly_or_within_rounding() {
         (vec![3, 2, 5, 4], 0),
     ];
     for (shape, axis) in cases {
-        agree_with(Op::Softmax { axis }, &[shape.clone()], 0.0, true);
+        agree_with(Op::Softmax { axis }, std::slice::from_ref(&shape), 0.0, true);
         agree_with(Op::Softmax { axis }, &[shape], 2e-6, false);
     }
 }
@@ -226,8 +226,8 @@ proptest! {
         let shape = vec![b, f, d];
         let len = shape[axis] - lo.min(shape[axis] - 1);
         let start = shape[axis] - len;
-        agree(Op::Slice { axis, start: Dim::lit(start as i64), len: Dim::lit(len as i64) }, &[shape.clone()], 0.0);
-        agree(Op::Pad { axis, before: Dim::lit(lo as i64), after: Dim::lit(2) }, &[shape.clone()], 0.0);
+        agree(Op::Slice { axis, start: Dim::lit(start as i64), len: Dim::lit(len as i64) }, std::slice::from_ref(&shape), 0.0);
+        agree(Op::Pad { axis, before: Dim::lit(lo as i64), after: Dim::lit(2) }, std::slice::from_ref(&shape), 0.0);
         let perms = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
         agree(Op::Permute { perm: perms[perm].to_vec() }, &[shape], 0.0);
     }

@@ -226,9 +226,9 @@ fn matmul_cases_equal_interp() {
         for &k in &[1usize, 15, 16, 40] {
             for &n in &sizes {
                 seed += 1;
-                let (ta, tb) = (seed % 2 == 0, seed % 3 == 0);
+                let (ta, tb) = (seed.is_multiple_of(2), seed.is_multiple_of(3));
                 let batch = 1 + (seed % 3) as usize;
-                let shared = seed % 4 == 0;
+                let shared = seed.is_multiple_of(4);
                 let a_shape = if ta { vec![batch, k, m] } else { vec![batch, m, k] };
                 let b2 = if tb { vec![n, k] } else { vec![k, n] };
                 let b_shape = if shared { b2 } else { [vec![batch], b2].concat() };
@@ -376,23 +376,23 @@ fn layout_ops_and_gathers_equal_interp_on_the_device() {
     let x = Tensor::new(vec![3, 4, 5], values(60, 1, -1.0, 1.0)).unwrap();
     let mut c = Case::default();
     for perm in [vec![0, 2, 1], vec![2, 0, 1], vec![1, 2, 0]] {
-        c.output(Op::Permute { perm }, &[x.clone()]);
+        c.output(Op::Permute { perm }, std::slice::from_ref(&x));
     }
-    c.output(Op::Broadcast { shape: dims(&[2, 3, 4, 5]) }, &[x.clone()]);
+    c.output(Op::Broadcast { shape: dims(&[2, 3, 4, 5]) }, std::slice::from_ref(&x));
     c.output(Op::Broadcast { shape: dims(&[3, 4, 5]) }, &[Tensor::new(vec![4, 1], values(4, 2, -1.0, 1.0)).unwrap()]);
     for axis in 0..3 {
         let size = x.shape[axis];
-        c.output(Op::Slice { axis, start: Dim::lit(1), len: Dim::lit(size as i64 - 1) }, &[x.clone()]);
-        c.output(Op::Pad { axis, before: Dim::lit(2), after: Dim::lit(1) }, &[x.clone()]);
+        c.output(Op::Slice { axis, start: Dim::lit(1), len: Dim::lit(size as i64 - 1) }, std::slice::from_ref(&x));
+        c.output(Op::Pad { axis, before: Dim::lit(2), after: Dim::lit(1) }, std::slice::from_ref(&x));
         let mut other = x.shape.clone();
         other[axis] = 2;
         let y = Tensor::new(other.clone(), values(other.iter().product(), 3 + axis as u64, -1.0, 1.0)).unwrap();
         c.output(Op::Concat { axis }, &[x.clone(), y, x.clone()]);
     }
-    c.output(Op::Reshape { shape: dims(&[12, 5]) }, &[x.clone()]);
+    c.output(Op::Reshape { shape: dims(&[12, 5]) }, std::slice::from_ref(&x));
     // Lone sums and means run as fused kernels with an empty body.
-    c.output(Op::Reduce { op: ReduceOp::Sum, axes: vec![1], keep_dims: false }, &[x.clone()]);
-    c.output(Op::Reduce { op: ReduceOp::Mean, axes: vec![0, 2], keep_dims: true }, &[x.clone()]);
+    c.output(Op::Reduce { op: ReduceOp::Sum, axes: vec![1], keep_dims: false }, std::slice::from_ref(&x));
+    c.output(Op::Reduce { op: ReduceOp::Mean, axes: vec![0, 2], keep_dims: true }, std::slice::from_ref(&x));
     let table = Tensor::new(vec![7, 3], values(21, 4, -1.0, 1.0)).unwrap();
     let t = c.param(table.clone());
     let ids = c.g.input("ids", dims(&[6]), mdl_runtime::DType::I);
@@ -628,7 +628,7 @@ fn softmax_over_every_axis_equals_interp_on_the_device() {
     let x = Tensor::new(vec![3, 4, 5], data).unwrap();
     let mut c = Case::default();
     for axis in 0..3 {
-        c.output(Op::Softmax { axis }, &[x.clone()]);
+        c.output(Op::Softmax { axis }, std::slice::from_ref(&x));
     }
     let device = c.check(&mut exec, |_| 1e-6);
     assert_eq!(device, 3, "every softmax ran on the device");

@@ -663,11 +663,11 @@ impl<'k> Emitter<'k> {
         if ty == types::F32X4 {
             b.ins().stack_store(self.ptr, x, slot, 0);
             let addr = b.ins().stack_addr(self.ptr, slot, 0);
-            let callee = b.ins().iconst(self.ptr, unary_lanes as extern "C" fn(u32, *mut f32) as i64);
+            let callee = b.ins().iconst(self.ptr, unary_lanes as extern "C" fn(u32, *mut f32) as usize as i64);
             b.ins().call_indirect(vec_sig, callee, &[op, addr]);
             b.ins().stack_load(self.ptr, types::F32X4, slot, 0)
         } else {
-            let callee = b.ins().iconst(self.ptr, unary_scalar as extern "C" fn(u32, f32) -> f32 as i64);
+            let callee = b.ins().iconst(self.ptr, unary_scalar as extern "C" fn(u32, f32) -> f32 as usize as i64);
             let call = b.ins().call_indirect(scalar_sig, callee, &[op, x]);
             b.inst_results(call)[0]
         }

@@ -58,7 +58,7 @@ const LOG_Q: [f32; 9] = [
 
 /// Below this |x|, tanh uses its odd polynomial (Cephes' `tanhf`, highest degree first).
 const TANH_SMALL: f32 = 0.625;
-const TANH_Q: [f32; 5] = [-5.704_988_7e-3, 2.063_908_9e-2, -5.373_971_6e-2, 0.133_314_42, -0.333_332_82];
+const TANH_Q: [f32; 5] = [-5.704_988_7e-3, 2.063_909e-2, -5.373_971_6e-2, 0.133_314_42, -0.333_332_8];
 
 impl Math {
     fn int_ty(&self) -> Type {
