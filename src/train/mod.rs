@@ -235,12 +235,11 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
     let out = opts.out.clone().unwrap_or_else(|| exp.out_dir());
     std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     let mut log = Progress::new(&out.join("train.log"))?;
-    let launched = Instant::now();
     log.line(&format!("mdl run {} -> {}", exp.name, out.display()));
     if let Some(device) = exec.device_name() {
         log.line(&format!("device: {device}"));
     }
-    let (prep, skipped_rows) = load_data(exp, &mut log)?;
+    let prep = load_data(exp, &mut log)?;
 
     let session_started = Instant::now();
     let session = Session::with_compiled(compiled, &prep.fitted)?;
@@ -253,19 +252,20 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
         session.train_graph.len(),
         exp.backend,
     ));
+    // The run folder records the experiment once the run has started: a resume that
+    // cannot start leaves it as it was.
+    let mut run = Run::start(exp, &session, exec.as_mut(), &prep, &out, log, opts.resume)?;
     write_atomic(&out.join("config.yaml"), serde_yaml::to_string(exp).map_err(|e| e.to_string())?.as_bytes())?;
     write_atomic(&out.join("fitted.json"), serde_json::to_string(&prep.fitted).map_err(|e| e.to_string())?.as_bytes())?;
-
-    let mut run = Run::start(exp, &session, exec.as_mut(), &prep.train, &prep.valid, log, &out, opts.resume, launched)?;
     if run.fit(opts.stop_after)? == LoopEnd::Finished {
-        run.finish(&prep.test, &out, skipped_rows, compile_ms, plan_ms)?;
+        run.finish(compile_ms, plan_ms)?;
     }
     Ok(out)
 }
 
 /// Reads (or loads from the cache) the experiment's three splits, logging their sizes and
-/// the malformed rows skipped in each (returned by split name, for `metrics.json`).
-fn load_data(exp: &Experiment, log: &mut Progress) -> Result<(Prepared, BTreeMap<String, u64>), String> {
+/// the malformed rows skipped in each.
+fn load_data(exp: &Experiment, log: &mut Progress) -> Result<Prepared, String> {
     let paths = exp.split_paths()?;
     let options = PrepareOptions { bad_rows: exp.data.bad_rows.into(), ..Default::default() };
     let prep = data::prepare(&exp.data.schema, &paths, &options).map_err(|e| e.to_string())?;
@@ -277,17 +277,23 @@ fn load_data(exp: &Experiment, log: &mut Progress) -> Result<(Prepared, BTreeMap
         prep.stats.total_seconds,
         if prep.stats.cache_hit { "cache hit" } else { "parsed, cache written" }
     ));
-    let mut skipped = BTreeMap::new();
-    for (name, ds) in [("train", &prep.train), ("valid", &prep.valid), ("test", &prep.test)] {
-        if ds.skipped.count > 0 {
-            log.line(&format!("data: skipped {} malformed rows in {name} (bad_rows: skip)", ds.skipped.count));
-            skipped.insert(name.to_string(), ds.skipped.count as u64);
-        }
+    for (name, count) in skipped_rows(&prep) {
+        log.line(&format!("data: skipped {count} malformed rows in {name} (bad_rows: skip)"));
     }
     if prep.train.rows == 0 {
         return Err("the train split has no rows".into());
     }
-    Ok((prep, skipped))
+    Ok(prep)
+}
+
+/// The malformed rows skipped in each split that had any, by split name (`metrics.json`'s
+/// `skipped_rows`).
+fn skipped_rows(prep: &Prepared) -> BTreeMap<String, u64> {
+    [("train", &prep.train), ("valid", &prep.valid), ("test", &prep.test)]
+        .into_iter()
+        .filter(|(_, ds)| ds.skipped.count > 0)
+        .map(|(name, ds)| (name.to_string(), ds.skipped.count as u64))
+        .collect()
 }
 
 /// Writes a file through a temporary name and a rename, so readers never see half of it.

@@ -27,6 +27,11 @@ impl Progress {
         Ok(Progress { log, start: Instant::now(), live, last_draw: None, drawn: false, last_decile: 0 })
     }
 
+    /// Seconds since the log was opened (the run's launch in this process).
+    pub fn elapsed_secs(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
     /// A line for the terminal and the log.
     pub fn line(&mut self, msg: &str) {
         self.clear_bar();

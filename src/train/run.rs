@@ -9,8 +9,8 @@
 
 use super::checkpoint;
 use super::progress::Progress;
-use super::{optim_config, write_atomic, RunMetrics, RunTiming, Session};
-use crate::data::{Batch, Dataset, MiniBatches};
+use super::{optim_config, skipped_rows, write_atomic, RunMetrics, RunTiming, Session};
+use crate::data::{Batch, MiniBatches, Prepared};
 use crate::experiment::{Experiment, Stage};
 use mdl_runtime::backend::{Executor, TrainStep};
 use mdl_runtime::exec::Mode;
@@ -18,7 +18,7 @@ use mdl_runtime::optim::Optimizer;
 use mdl_runtime::tensor::Tensor;
 use mdl_runtime::ParamInfo;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -108,11 +108,12 @@ pub struct Run<'a> {
     exp: &'a Experiment,
     session: &'a Session,
     exec: &'a mut dyn Executor,
-    train: &'a Dataset,
-    valid: &'a Dataset,
+    data: &'a Prepared,
     params: HashMap<String, Tensor<f32>>,
     optimizer: Optimizer<f32>,
     state: LoopState,
+    /// The run folder and its log.
+    out: PathBuf,
     log: Progress,
     best_path: PathBuf,
     last_path: PathBuf,
@@ -122,8 +123,6 @@ pub struct Run<'a> {
     total_steps: u64,
     /// Trainable scalars (all parameter tensors' elements).
     parameters: usize,
-    /// When the process started the run (after the run folder was made).
-    launched: Instant,
     /// When the loop started.
     loop_started: Instant,
     /// Steps, rows and seconds in training steps (forward, backward, update) in this
@@ -134,23 +133,21 @@ pub struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    /// Starts a run in `out`: fresh parameters, or with `resume` the parameters, optimizer
-    /// state and loop position of `out/last.ckpt` when there is one.
-    #[allow(clippy::too_many_arguments)]
+    /// Starts a run in the folder `out` (logging to `log`) on the train and valid splits of
+    /// `data`: fresh parameters, or with `resume` the parameters, optimizer state and loop
+    /// position of `out/last.ckpt` when there is one.
     pub fn start(
         exp: &'a Experiment,
         session: &'a Session,
         exec: &'a mut dyn Executor,
-        train: &'a Dataset,
-        valid: &'a Dataset,
-        mut log: Progress,
+        data: &'a Prepared,
         out: &Path,
+        mut log: Progress,
         resume: bool,
-        launched: Instant,
     ) -> Result<Run<'a>, String> {
         let mut optimizer = Optimizer::<f32>::new(optim_config(exp))?;
         let last_path = out.join("last.ckpt");
-        let batches = MiniBatches::new(train.rows, exp.train.batch_size, exp.train.seed);
+        let batches = MiniBatches::new(data.train.rows, exp.train.batch_size, exp.train.seed);
         let (params, state) = if resume && last_path.exists() {
             let last = checkpoint::load(&last_path, session)?;
             optimizer.load_state(last.optimizer)?;
@@ -181,19 +178,18 @@ impl<'a> Run<'a> {
             exp,
             session,
             exec,
-            train,
-            valid,
+            data,
             params,
             optimizer,
             state,
+            out: out.to_path_buf(),
             log,
             best_path: out.join("best.ckpt"),
             last_path,
             batches,
-            batch: train.new_batch(),
+            batch: data.train.new_batch(),
             total_steps,
             parameters,
-            launched,
             loop_started: Instant::now(),
             steps_here: 0,
             rows_here: 0,
@@ -278,9 +274,9 @@ impl<'a> Run<'a> {
     pub fn step(&mut self, rows: &[usize], frozen: &dyn Fn(&ParamInfo) -> bool) -> Result<f64, String> {
         let started = Instant::now();
         if self.steps_here == 0 {
-            self.log.line(&format!("first batch starts {:.2}s after launch", self.launched.elapsed().as_secs_f64()));
+            self.log.line(&format!("first batch starts {:.2}s after launch", self.log.elapsed_secs()));
         }
-        self.train.gather(rows, &mut self.batch).map_err(|e| e.to_string())?;
+        self.data.train.gather(rows, &mut self.batch).map_err(|e| e.to_string())?;
         let feeds = self.session.inputs.feeds(&self.batch);
         let binding = self.session.inputs.with_batch(self.batch.rows);
         let mode = Mode::train(self.exp.train.seed, self.state.step);
@@ -318,7 +314,8 @@ impl<'a> Run<'a> {
     /// since the last one), `best.ckpt` when the early-stopping metric improved, early
     /// stopping after `patience` evaluations without improvement, and the log line.
     pub fn evaluate(&mut self) -> Result<(), String> {
-        let report = self.session.evaluate(&mut *self.exec, &self.params, self.valid, self.exp.train.batch_size)?;
+        let report =
+            self.session.evaluate(&mut *self.exec, &self.params, &self.data.valid, self.exp.train.batch_size)?;
         let exp = self.exp;
         let early = &exp.train.early_stopping;
         let metric = match early.metric.as_str() {
@@ -394,18 +391,11 @@ impl<'a> Run<'a> {
         self.exec.sync(&mut self.params, &mut self.optimizer)
     }
 
-    /// Evaluates valid and `test` with the best parameters (`best.ckpt`, else the last
-    /// ones) and writes the run's figures into `out`: `metrics.json`, `curve.csv`,
-    /// `timing.json`, and the closing lines of the log. `compile_ms` and `plan_ms` are the
-    /// times [`RunTiming`] reports.
-    pub fn finish(
-        mut self,
-        test: &Dataset,
-        out: &Path,
-        skipped_rows: BTreeMap<String, u64>,
-        compile_ms: f64,
-        plan_ms: f64,
-    ) -> Result<(), String> {
+    /// Evaluates valid and test with the best parameters (`best.ckpt`, else the last
+    /// ones) and writes the run's figures: `metrics.json`, `curve.csv`, `timing.json`, and
+    /// the closing lines of the log. `compile_ms` and `plan_ms` are the times
+    /// [`RunTiming`] reports.
+    pub fn finish(mut self, compile_ms: f64, plan_ms: f64) -> Result<(), String> {
         self.log.finish();
         let train_secs = self.loop_started.elapsed().as_secs_f64();
         let best = if self.best_path.exists() {
@@ -414,8 +404,9 @@ impl<'a> Run<'a> {
             std::mem::take(&mut self.params)
         };
         let bs = self.exp.train.batch_size;
-        let valid = self.session.evaluate(&mut *self.exec, &best, self.valid, bs)?;
-        let test = self.session.evaluate(&mut *self.exec, &best, test, bs)?;
+        let valid = self.session.evaluate(&mut *self.exec, &best, &self.data.valid, bs)?;
+        let test = self.session.evaluate(&mut *self.exec, &best, &self.data.test, bs)?;
+        let out = &self.out;
         let state = &self.state;
         let metrics = RunMetrics {
             model: self.session.compiled.model.clone(),
@@ -426,7 +417,7 @@ impl<'a> Run<'a> {
             parameters: self.parameters,
             valid,
             test,
-            skipped_rows,
+            skipped_rows: skipped_rows(self.data),
         };
         let json = serde_json::to_string_pretty(&metrics).map_err(|e| e.to_string())?;
         write_atomic(&out.join("metrics.json"), json.as_bytes())?;
@@ -441,7 +432,7 @@ impl<'a> Run<'a> {
             step_secs: self.step_secs,
             train_rows_per_s: rows_per_s,
             eval_secs: train_secs - self.step_secs,
-            total_secs: self.launched.elapsed().as_secs_f64(),
+            total_secs: self.log.elapsed_secs(),
         };
         let json = serde_json::to_string_pretty(&timing).map_err(|e| e.to_string())?;
         write_atomic(&out.join("timing.json"), json.as_bytes())?;
@@ -459,7 +450,7 @@ impl<'a> Run<'a> {
             self.step_secs,
             rows_per_s,
             train_secs - self.step_secs,
-            self.launched.elapsed().as_secs_f64(),
+            self.log.elapsed_secs(),
             out.display()
         ));
         Ok(())
