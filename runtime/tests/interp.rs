@@ -308,3 +308,39 @@ fn run_keeps_outputs_and_run_keep_all_keeps_everything() {
     assert!(all.node(e).is_some() && all.node(x).is_some());
     assert_eq!(all.output_names().collect::<Vec<_>>(), vec!["y"]);
 }
+
+/// The operand kinds are checked by each family's shape rule (not by `Op::infer` before
+/// it): the ops that read only dense reals refuse ids and row-sparse gradients with these
+/// messages, while layout and index ops take ids where they move or read them.
+#[test]
+fn shape_rules_check_operand_kinds() {
+    use mdl_runtime::ops::{Operand, ValueKind};
+    let shape = [Dim::lit(2), Dim::lit(3)];
+    let ids = Operand { shape: &shape, dtype: DType::I, kind: ValueKind::Dense };
+    let sparse = Operand { shape: &shape, dtype: DType::F, kind: ValueKind::RowSparse };
+    let real = Operand { shape: &shape, dtype: DType::F, kind: ValueKind::Dense };
+    let kernel = mdl_runtime::ops::fused::FusedKernel {
+        inputs: 1,
+        body: vec![mdl_runtime::ops::fused::Instr::Input(0)],
+        reduce: None,
+    };
+    let dense_real_only = [
+        Op::StopGrad,
+        Op::Unary(UnaryOp::Exp),
+        Op::Binary(BinaryOp::Add),
+        Op::Reduce { op: ReduceOp::Sum, axes: vec![0], keep_dims: false },
+        Op::Softmax { axis: 1 },
+        Op::MatMul { trans_a: false, trans_b: true },
+        Op::Fused(std::sync::Arc::new(kernel)),
+    ];
+    for op in dense_real_only {
+        let n = op.arity().unwrap_or(1);
+        let name = op.name();
+        assert_eq!(op.infer(&vec![ids; n]).unwrap_err().0, format!("{name} needs real-valued operands, got ids"));
+        assert_eq!(op.infer(&vec![sparse; n]).unwrap_err().0, format!("{name} cannot read a row-sparse gradient"));
+        assert!(op.infer(&vec![real; n]).is_ok(), "{name}");
+    }
+    assert!(Op::Reshape { shape: vec![Dim::lit(6)] }.infer(&[ids]).is_ok());
+    assert!(Op::OneHot { depth: Dim::lit(4) }.infer(&[ids]).is_ok());
+    assert!(Op::Gather.infer(&[real, ids]).is_ok());
+}
