@@ -11,23 +11,23 @@
 //!
 //! What this module owns: the entry points ([`compile_file`], [`compile`]), what they
 //! return ([`Compiled`], [`Feature`], [`Hyper`]) and the graph names of inputs and outputs,
-//! and the elaborator's state. Every fallible step returns [`R`], whose error is the
+//! and the elaborator's state. Every fallible step returns `R`, whose error is the
 //! [`Reported`] token of a diagnostic already recorded. The walk itself is split by
 //! construct family:
 //!
 //! | module       | owns |
 //! |--------------|------|
-//! | [`load`]     | the files: the standard library, the root spec and its `use`s; blocks and the chosen model |
-//! | [`model`]    | hyperparameters, labels, tasks and losses; the assembled [`Compiled`] |
-//! | [`stmt`]     | statements and control flow: `let`, rebinding, `for`, `if`, groups, `return` |
-//! | [`expr`]     | expressions and operators, comparisons, indexing, compile-time arithmetic |
-//! | [`call`]     | calls: argument binding, block inlining, dispatch to built-ins |
+//! | `load`       | the files: the standard library, the root spec and its `use`s; blocks and the chosen model |
+//! | `model`      | hyperparameters, labels, tasks and losses; the assembled [`Compiled`] |
+//! | `stmt`       | statements and control flow: `let`, rebinding, `for`, `if`, groups, `return` |
+//! | `expr`       | expressions and operators, comparisons, indexing, compile-time arithmetic |
+//! | `call`       | calls: argument binding, block inlining, dispatch to built-ins |
 //! | [`builtins`] | the built-in functions, each with its parameters and its lowering |
-//! | [`scope`]    | names and naming scopes of parameters and nodes, unknown-name reports |
-//! | [`tensor`]   | tensor operations as checked graph nodes, values used as tensors |
-//! | [`per`]      | per-domain grouping (`per g { ... }`) and how grouped values meet others |
-//! | [`input`]    | input declarations and inputs used as tensors |
-//! | [`param`]    | parameter declarations and initialisers |
+//! | `scope`      | names and naming scopes of parameters and nodes, unknown-name reports |
+//! | `tensor`     | tensor operations as checked graph nodes, values used as tensors |
+//! | `per`        | per-domain grouping (`per g { ... }`) and how grouped values meet others |
+//! | `input`      | input declarations and inputs used as tensors |
+//! | `param`      | parameter declarations and initialisers |
 //! | [`value`]    | the compile-time values and the environment of `let` bindings |
 //!
 //! The standard library of blocks written in `.mdl` is `specs/std.mdl`, compiled into the
@@ -46,10 +46,9 @@ mod stmt;
 mod tensor;
 pub mod value;
 
-pub use crate::diag::Reported;
 pub use model::hyper_to_val;
 
-use crate::diag::{Diagnostic, Diagnostics, SourceMap, Span};
+use crate::diag::{Diagnostic, Diagnostics, Reported, SourceMap, Span};
 use crate::syntax::ast;
 use input::FeatureNodes;
 use mdl_runtime::{Graph, NodeId};
