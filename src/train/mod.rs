@@ -1,11 +1,12 @@
 //! Training and evaluation of a compiled model on prepared data: the main job.
 //!
-//! One [`Session`] holds everything a run needs: the compiled spec, its training graph
-//! (forward + backward, optimised) and evaluation graph (logits only), the binding of data
-//! arrays to graph inputs, the parameters and the optimizer. [`train`] runs the stages of
-//! an experiment with shuffled mini-batches, row-sparse embedding updates, gradient
-//! clipping, periodic validation with early stopping, and atomic checkpoints; it evaluates
-//! the test split with the best parameters and writes the run folder:
+//! A [`Session`] is the model side of a run: the compiled spec, its training graph
+//! (forward + backward, optimised) and evaluation graph (logits only), and the binding of
+//! data arrays to graph inputs. A [`Run`] (`run.rs`) is the loop: parameters, optimizer
+//! and loop state, with shuffled mini-batches, row-sparse embedding updates, gradient
+//! clipping, periodic validation with early stopping, and atomic checkpoints
+//! (`checkpoint.rs`). [`train`] drives the stages of a run end to end: it evaluates the
+//! test split with the best parameters and writes the run folder:
 //!
 //! | file | contents |
 //! |---|---|
