@@ -205,7 +205,7 @@ pub fn predict(run: &Path, data: &Path, out: &Path) -> ExitCode {
             text.push_str(&cells.join(","));
             text.push('\n');
         }
-        crate::train::write_atomic(out, text.as_bytes())?;
+        crate::files::write_atomic(out, text.as_bytes())?;
         Ok(ds.rows)
     })();
     match result {

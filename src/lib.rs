@@ -8,6 +8,7 @@ pub mod cli;
 pub mod data;
 pub mod diag;
 pub mod experiment;
+pub mod files;
 pub mod lower;
 pub mod metrics;
 pub mod report;

@@ -229,20 +229,9 @@ pub(crate) fn decode(key: &[u8; 32], bytes: &[u8]) -> Result<(Fitted, [Dataset; 
     Ok((fitted, [train, valid, test]))
 }
 
-/// Writes `bytes` to `path` atomically: a unique temporary file in the same folder, then a
-/// rename over the final name.
+/// Writes the cache file atomically, creating its folder first.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let folder = path.parent().ok_or("the cache path has no folder")?;
     std::fs::create_dir_all(folder).map_err(|e| format!("cannot create {}: {e}", folder.display()))?;
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let temporary = folder.join(format!(".{name}.{}.{nanos}.tmp", std::process::id()));
-    let result = std::fs::write(&temporary, bytes)
-        .and_then(|()| std::fs::rename(&temporary, path))
-        .map_err(|e| format!("cannot write {}: {e}", path.display()));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temporary);
-    }
-    result
+    crate::files::write_atomic(path, bytes)
 }

@@ -1,7 +1,7 @@
 //! The real-data pipeline: CSV files → encoded, batchable arrays for CTR models.
 //!
 //! This module owns everything between a `.csv` / `.csv.gz` file and a mini-batch, and
-//! depends on nothing else in `mdl`:
+//! depends on nothing else in `mdl` (but its one atomic file write, [`crate::files`]):
 //!
 //! * [`Schema`] says which columns form which feature group (categorical, sequence, numeric),
 //!   which are the labels, the domain and the user ([`schema`]);

@@ -29,6 +29,7 @@ pub mod run;
 
 use crate::data::{self, Dataset, Fitted, PrepareOptions, Prepared};
 use crate::experiment::{Experiment, OptimizerName};
+use crate::files::write_atomic;
 use crate::lower::{compile_file, logit_output, Compiled};
 use crate::metrics::Report;
 use bind::InputBinding;
@@ -295,13 +296,6 @@ fn skipped_rows(prep: &Prepared) -> BTreeMap<String, u64> {
         .filter(|(_, ds)| ds.skipped.count > 0)
         .map(|(name, ds)| (name.to_string(), ds.skipped.count as u64))
         .collect()
-}
-
-/// Writes a file through a temporary name and a rename, so readers never see half of it.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 /// A finished (or interrupted) run, read back from its folder.

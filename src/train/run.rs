@@ -9,9 +9,10 @@
 
 use super::checkpoint;
 use super::progress::Progress;
-use super::{optim_config, skipped_rows, write_atomic, RunMetrics, RunTiming, Session};
+use super::{optim_config, skipped_rows, RunMetrics, RunTiming, Session};
 use crate::data::{Batch, MiniBatches, Prepared};
 use crate::experiment::{Experiment, Stage};
+use crate::files::write_atomic;
 use mdl_runtime::backend::{Executor, TrainStep};
 use mdl_runtime::exec::Mode;
 use mdl_runtime::optim::Optimizer;
