@@ -17,12 +17,15 @@
 //!   right operand are strides. A program carries one kernel per candidate tiling
 //!   ([`MATMUL_TILES`]) that the device's work-group limit allows; the backend times them
 //!   on first use of each product shape and keeps the fastest.
+//! - [`update`]: one kernel per optimizer rule, the second rendering of the rule's one
+//!   description ([`Rule::step`]) that `backend::jit::update` renders with Cranelift.
 //! - [`program`]: the source of a whole plan (all its fused kernels and the matmul) as one
 //!   program, so the OpenCL compiler runs once per plan. `FP_CONTRACT` is off, so `a*b + c`
 //!   rounds twice exactly as interp does.
 
 use crate::ops::fused::{FusedKernel, Instr};
 use crate::ops::{BinaryOp, ReduceOp, UnaryOp};
+use crate::optim::{Coeff, Rule, UpdateArith};
 use std::fmt::Write;
 
 /// A tile configuration of the matmul kernel: the block of the output per work group
@@ -343,22 +346,11 @@ __kernel void mdl_scatter_rows(__global float* table, __global const uint* rows,
 }
 "#;
 
-/// The optimizer's kernels, for a training step that keeps gradients, state and
-/// parameters on the device.
-///
-/// `mdl_sum_squares` adds the squares of `g[0..total)` into one partial sum per work group
-/// (`MDL_NORM_WG` work items, a power of two), written to `partial[at + group]`; the host
-/// adds the partials in `f64` for the global norm.
-///
-/// `mdl_update` is one step of the rule `rule` (0 SGD, 1 Adam, 2 Adagrad) on element `e`
-/// of a parameter, with the operations in the order of `optim`'s loops (`FP_CONTRACT` is
-/// off; the device's `sqrt` and division may differ from the host's in the last bit). The
-/// gradient of element `e` is `g[e] · gscale` (the clipping factor, 1 without), and
-/// `mode` says which parameter element that is: 0, a dense parameter (element `e`); 1,
-/// combined rows of a table (row `e / width` of `g` is row `rows[e / width]` of the table;
-/// rows distinct). `s1`, `s2` are the rule's state in the parameter's layout (Adam's
-/// moments; Adagrad's accumulator in `s1`).
-pub const UPDATE: &str = r#"
+/// The gradients' norm, for a training step that keeps gradients, state and parameters on
+/// the device: `mdl_sum_squares` adds the squares of `g[0..total)` into one partial sum per
+/// work group (`MDL_NORM_WG` work items, a power of two), written to `partial[at + group]`;
+/// the host adds the partials in `f64` for the global norm.
+pub const SUM_SQUARES: &str = r#"
 __kernel void mdl_sum_squares(__global float* partial, const int at, __global const float* g, const int total) {
     __local float acc[MDL_NORM_WG];
     const int lid = get_local_id(0);
@@ -372,38 +364,107 @@ __kernel void mdl_sum_squares(__global float* partial, const int at, __global co
     }
     if (lid == 0) partial[at + get_group_id(0)] = acc[0];
 }
-
-__kernel void mdl_update(__global float* w, __global float* s1, __global float* s2, __global const float* g,
-                         __global const uint* rows, const int width, const int total, const int mode, const int rule,
-                         const float gscale, const float lr, const float l2, const float step_size,
-                         const float inv_sqrt_bias2, const float beta1, const float one_minus_beta1,
-                         const float beta2, const float one_minus_beta2, const float eps) {
-    const int e = get_global_id(0);
-    if (e >= total) return;
-    long at = e;
-    if (mode == 1) {
-        const int r = e / width;
-        at = (long)rows[r] * width + (e - r * width);
-    }
-    float x = w[at];
-    float grad = g[e] * gscale;
-    grad = grad + l2 * x;
-    if (rule == 0) {
-        x = x - lr * grad;
-    } else if (rule == 1) {
-        const float m = beta1 * s1[at] + one_minus_beta1 * grad;
-        const float v = beta2 * s2[at] + one_minus_beta2 * grad * grad;
-        s1[at] = m;
-        s2[at] = v;
-        x = x - step_size * m / (sqrt(v) * inv_sqrt_bias2 + eps);
-    } else {
-        const float a = s1[at] + grad * grad;
-        s1[at] = a;
-        x = x - lr * grad / (sqrt(a) + eps);
-    }
-    w[at] = x;
-}
 "#;
+
+/// The kernel name of the update kernel of `rule` ([`update`]).
+pub fn update_name(rule: Rule) -> String {
+    format!("mdl_update_{}", rule.name())
+}
+
+/// The update kernel of `rule`, rendered from the rule's one description ([`Rule::step`],
+/// one C statement per operation; `FP_CONTRACT` is off, and the device's `sqrt` and
+/// division may differ from the host's in the last bit). Work item `e` steps one element
+/// of a parameter: its gradient is `g[e] · gscale` (the clipping factor, 1 without), and
+/// `mode` says which parameter element that is: 0, a dense parameter (element `e`); 1,
+/// combined rows of a table (row `e / width` of `g` is row `rows[e / width]` of the table;
+/// rows distinct). `s1`, `s2` are the rule's state slots in the parameter's layout (Adam's
+/// moments; Adagrad's accumulator in `s1`; a slot the rule keeps none of is not read). The
+/// step's coefficients follow as `float` arguments in [`Coeff::ALL`] order.
+pub fn update(rule: Rule) -> String {
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        "\n__kernel void {}(__global float* w, __global float* s1, __global float* s2, __global const float* g,\n\
+         __global const uint* rows, const int width, const int total, const int mode, const float gscale",
+        update_name(rule)
+    );
+    for c in Coeff::ALL {
+        let _ = write!(s, ", const float {}", c.name());
+    }
+    s.push_str(") {\n");
+    s.push_str("    const int e = get_global_id(0);\n    if (e >= total) return;\n    long at = e;\n");
+    s.push_str("    if (mode == 1) {\n        const int r = e / width;\n");
+    s.push_str("        at = (long)rows[r] * width + (e - r * width);\n    }\n");
+    let slot_names = ["s1", "s2"];
+    let mut c = CStatements { body: s, temps: 0 };
+    let w = c.define("w[at]".to_string());
+    let g = c.define("g[e] * gscale".to_string());
+    let mut slots: Vec<CValue> = slot_names[..rule.slots()].iter().map(|n| c.define(format!("{n}[at]"))).collect();
+    let new_w = rule.step(&mut c, w, g, &mut slots);
+    let mut s = c.body;
+    for (name, v) in slot_names.iter().zip(&slots) {
+        let _ = writeln!(s, "    {name}[at] = {};", v.text());
+    }
+    let _ = writeln!(s, "    w[at] = {};\n}}", new_w.text());
+    s
+}
+
+/// A value of a rendered update step: a temporary `u<n>` or a coefficient argument.
+#[derive(Clone, Copy, Debug)]
+enum CValue {
+    Temp(usize),
+    Coeff(Coeff),
+}
+
+impl CValue {
+    fn text(self) -> String {
+        match self {
+            CValue::Temp(n) => format!("u{n}"),
+            CValue::Coeff(c) => c.name().to_string(),
+        }
+    }
+}
+
+/// [`UpdateArith`] as OpenCL C: each operation one `const float` statement appended to
+/// `body`.
+struct CStatements {
+    body: String,
+    temps: usize,
+}
+
+impl CStatements {
+    fn define(&mut self, expr: String) -> CValue {
+        let _ = writeln!(self.body, "    const float u{} = {};", self.temps, expr);
+        self.temps += 1;
+        CValue::Temp(self.temps - 1)
+    }
+
+    fn infix(&mut self, x: CValue, op: char, y: CValue) -> CValue {
+        self.define(format!("{} {} {}", x.text(), op, y.text()))
+    }
+}
+
+impl UpdateArith for CStatements {
+    type V = CValue;
+    fn coeff(&mut self, c: Coeff) -> CValue {
+        CValue::Coeff(c)
+    }
+    fn add(&mut self, x: CValue, y: CValue) -> CValue {
+        self.infix(x, '+', y)
+    }
+    fn sub(&mut self, x: CValue, y: CValue) -> CValue {
+        self.infix(x, '-', y)
+    }
+    fn mul(&mut self, x: CValue, y: CValue) -> CValue {
+        self.infix(x, '*', y)
+    }
+    fn div(&mut self, x: CValue, y: CValue) -> CValue {
+        self.infix(x, '/', y)
+    }
+    fn sqrt(&mut self, x: CValue) -> CValue {
+        self.define(format!("sqrt({})", x.text()))
+    }
+}
 
 /// The work group of `mdl_sum_squares`: the largest power of two up to 256 that the
 /// device allows.
@@ -501,7 +562,8 @@ pub fn row_copy(
 }
 
 /// The source of a plan's program: the matmul kernels, the layout and scatter kernels
-/// ([`COPY`]), the optimizer kernels ([`UPDATE`]) and `kernels[i]` as `mdl_fused_<i>`.
+/// ([`COPY`]), the gradients' norm ([`SUM_SQUARES`]), one update kernel per optimizer rule
+/// ([`update`]) and `kernels[i]` as `mdl_fused_<i>`.
 pub fn program(kernels: &[&FusedKernel], max_work_group: usize) -> String {
     let mut s = String::new();
     s.push_str("// mdl: kernels of one plan, rendered from fused-kernel descriptions\n");
@@ -513,7 +575,10 @@ pub fn program(kernels: &[&FusedKernel], max_work_group: usize) -> String {
     }
     s.push_str(COPY);
     let _ = writeln!(s, "#define MDL_NORM_WG {}", norm_work_group(max_work_group));
-    s.push_str(UPDATE);
+    s.push_str(SUM_SQUARES);
+    for rule in Rule::ALL {
+        s.push_str(&update(rule));
+    }
     for (i, k) in kernels.iter().enumerate() {
         s.push('\n');
         s.push_str(&fused(k, &fused_name(i)));
@@ -559,6 +624,31 @@ fn location_line(l: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The Adagrad kernel is the rule's description statement by statement: the gradient
+    /// scaled, L2, the accumulator, the step, then the stores; SGD reads no state.
+    #[test]
+    fn update_kernels_render_the_rule_statement_by_statement() {
+        let adagrad = update(Rule::Adagrad);
+        let body = &adagrad[adagrad.find("    const float u0").expect("a body")..];
+        assert_eq!(
+            body,
+            "    const float u0 = w[at];\n    const float u1 = g[e] * gscale;\n    const float u2 = s1[at];\n\
+             \x20   const float u3 = l2 * u0;\n    const float u4 = u1 + u3;\n    const float u5 = u4 * u4;\n\
+             \x20   const float u6 = u2 + u5;\n    const float u7 = sqrt(u6);\n    const float u8 = u7 + eps;\n\
+             \x20   const float u9 = lr * u4;\n    const float u10 = u9 / u8;\n    const float u11 = u0 - u10;\n\
+             \x20   s1[at] = u6;\n    w[at] = u11;\n}\n"
+        );
+        assert!(adagrad.starts_with("\n__kernel void mdl_update_adagrad("));
+        let sgd = update(Rule::Sgd);
+        assert!(!sgd.contains("s1[") && !sgd.contains("s2["), "{sgd}");
+        let adam = update(Rule::Adam);
+        assert!(adam.contains("    s1[at] = ") && adam.contains("    s2[at] = "), "{adam}");
+        for rule in Rule::ALL {
+            let args: Vec<String> = Coeff::ALL.iter().map(|c| format!("const float {}", c.name())).collect();
+            assert!(update(rule).contains(&args.join(", ")), "{rule:?}: the coefficients in Coeff::ALL order");
+        }
+    }
 
     /// Row copies: a concat part of `[4, 3, 2]` into `[4, 5, 2]` (axis 1, at 2) is 4 rows
     /// of 6; a slice along the first axis or a whole copy is one run; a broadcast (zero

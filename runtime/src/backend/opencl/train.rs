@@ -30,7 +30,7 @@ use super::launch::Arg;
 use super::{cl_err, render, HostStamp, OpenCl, Resident};
 use crate::backend::{ExecError, StepOutcome, TrainStep};
 use crate::ir::graph::ParamInfo;
-use crate::optim::{clip_scale, global_norm, scale_gradients, OptimKind, Optimizer, StepCoeffs};
+use crate::optim::{clip_scale, global_norm, scale_gradients, OptimKind, Optimizer, Rule, StepCoeffs};
 use crate::rows::{combine_duplicate_rows, combine_rows_in_place};
 use crate::tensor::{Tensor, Value};
 use ocl::{Buffer, Program};
@@ -283,11 +283,7 @@ impl OpenCl {
             return Ok(());
         }
         let slots = self.device_slots(name, &t.shape, optimizer)?;
-        let rule = match self.optimizer.kind {
-            Some(OptimKind::Adam { .. }) => 1,
-            Some(OptimKind::Adagrad { .. }) => 2,
-            _ => 0,
-        };
+        let rule = self.optimizer.kind.map_or(Rule::Sgd, |k| k.rule());
         let mut args = vec![
             Arg::Floats(&w),
             Arg::Floats(slots.first().unwrap_or(&unused_f)),
@@ -297,29 +293,15 @@ impl OpenCl {
             Arg::Int(width32),
             Arg::Int(total32),
             Arg::Int(mode),
-            Arg::Int(rule),
+            Arg::Float(scale),
         ];
-        args.extend(
-            [
-                scale,
-                c.lr,
-                c.l2,
-                c.adam_step_size,
-                c.adam_inv_sqrt_bias2,
-                c.beta1,
-                c.one_minus_beta1,
-                c.beta2,
-                c.one_minus_beta2,
-                c.eps,
-            ]
-            .map(Arg::Float),
-        );
+        args.extend(c.values().map(Arg::Float));
         // SAFETY: in mode 0 the gradient has the parameter's length (checked before the
         // step), and element `e < total` is written; in mode 1 the rows are distinct and
         // inside the table (checked before the step), so each work item writes its own
         // element of the parameter and of state buffers of its length. The rules that read
         // no state get one-element buffers they never touch.
-        unsafe { self.launcher(program).launch("mdl_update", total, None, &args) }?;
+        unsafe { self.launcher(program).launch(&render::update_name(rule), total, None, &args) }?;
         if let Some(r) = self.resident.get_mut(name) {
             r.ahead = true;
         }
