@@ -13,12 +13,12 @@ use crate::backends::Backend;
 use crate::data::{self, PrepareOptions};
 use crate::experiment::Experiment;
 use crate::train::{compile_spec, Session};
-use mdl_runtime::backend::TrainStep;
 use mdl_runtime::exec::Mode;
 use mdl_runtime::ir::dim::eval_shape;
 use mdl_runtime::ops::Op;
 use mdl_runtime::optim::Optimizer;
 use mdl_runtime::tensor::{Tensor, Value};
+use mdl_runtime::training::{train_step, TrainStep};
 use mdl_runtime::{Binding, DType, Dim, Graph};
 use std::collections::HashMap;
 use std::time::Instant;
@@ -199,7 +199,7 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
             clip_norm: exp.train.clip_norm,
             lr_scale: 1.0,
         };
-        Ok(exec.train_step(&step, params, &mut opt)?.update_secs)
+        Ok(train_step(exec, &step, params, &mut opt)?.update_secs)
     };
     let t = Instant::now();
     step(0, exec.as_mut(), &mut params)?;

@@ -94,10 +94,10 @@ fn no_platform_is_a_clear_error_at_once() {
     }
 }
 
-/// Device training steps ([`Executor::train_step`] on OpenCL: gradients, optimizer state
+/// Device training steps (`training::train_step` on OpenCL: gradients, optimizer state
 /// and parameters kept on the device) against the host path on a second OpenCL executor
 /// (the same kernels for the graph; gradients read back, clipped and applied by the host
-/// optimizer): after three steps and [`Executor::sync`], every parameter and every state
+/// optimizer): after three steps and `training::sync`, every parameter and every state
 /// tensor agrees within 1e-5 × (1 + |host|) (the device's `sqrt` and division and the
 /// norm's summation order differ in the last bits). Before the sync the host's tensors
 /// are untouched, and no step after the first uploads a parameter. A fresh executor
@@ -109,9 +109,9 @@ fn device_steps_match_host_steps(
     clip: Option<f64>,
     device_combine: bool,
 ) {
-    use mdl_runtime::backend::{host_train_step, Executor, TrainStep};
     use mdl_runtime::exec::Mode;
     use mdl_runtime::optim::Optimizer;
+    use mdl_runtime::training::{host_train_step, sync, train_step, TrainStep};
     let label = format!("{} {:?} clip {clip:?} device combine {device_combine}", path.display(), config.kind);
     let c = compile(path);
     let g = mdl::train::build_training_graph(&c).unwrap();
@@ -160,7 +160,7 @@ fn device_steps_match_host_steps(
     };
     let mut uploaded_after_first = 0;
     for i in 0..3 {
-        let d = device.train_step(&step(i), &mut dp, &mut dopt).unwrap();
+        let d = train_step(&mut device, &step(i), &mut dp, &mut dopt).unwrap();
         let h = host_train_step(&mut host, &step(i), &mut hp, &mut hopt).unwrap();
         assert!(
             (d.loss - h.loss).abs() <= 1e-5 * (1.0 + h.loss.abs()),
@@ -180,9 +180,9 @@ fn device_steps_match_host_steps(
     let ahead = device.params_ahead();
     assert!(!ahead.is_empty(), "{label}: the device keeps the updated parameters");
     assert!(ahead.iter().all(|n| dp[n].data == start[n].data), "{label}: the host's tensors lag until the sync");
-    device.sync(&mut dp, &mut dopt).unwrap();
+    sync(&mut device, &mut dp, &mut dopt).unwrap();
     assert!(device.params_ahead().is_empty(), "{label}: nothing is ahead after the sync");
-    host.sync(&mut hp, &mut hopt).unwrap();
+    sync(&mut host, &mut hp, &mut hopt).unwrap();
     assert!(dp.iter().any(|(n, t)| t.data != start[n].data), "{label}: the sync brings the updates back");
     compare("after 3 steps", &dp, &dopt, &hp, &hopt);
 
@@ -196,18 +196,18 @@ fn device_steps_match_host_steps(
     hopt.load_state(dopt.state()).unwrap();
     let mut rp = dp.clone();
     hp = dp.clone();
-    resumed.train_step(&step(3), &mut rp, &mut ropt).unwrap();
+    train_step(&mut resumed, &step(3), &mut rp, &mut ropt).unwrap();
     host_train_step(&mut host, &step(3), &mut hp, &mut hopt).unwrap();
-    resumed.sync(&mut rp, &mut ropt).unwrap();
+    sync(&mut resumed, &mut rp, &mut ropt).unwrap();
     compare("resumed", &rp, &ropt, &hp, &hopt);
 
     // A reset optimizer starts afresh on the device too.
     ropt.reset();
     hopt.reset();
     hp = rp.clone();
-    resumed.train_step(&step(4), &mut rp, &mut ropt).unwrap();
+    train_step(&mut resumed, &step(4), &mut rp, &mut ropt).unwrap();
     host_train_step(&mut host, &step(4), &mut hp, &mut hopt).unwrap();
-    resumed.sync(&mut rp, &mut ropt).unwrap();
+    sync(&mut resumed, &mut rp, &mut ropt).unwrap();
     compare("after a reset", &rp, &ropt, &hp, &hopt);
 }
 

@@ -17,6 +17,7 @@ pub mod passes;
 pub mod rng;
 pub mod rows;
 pub mod tensor;
+pub mod training;
 
 pub use autodiff::{differentiate, AutodiffError};
 pub use backend::Values;

@@ -302,7 +302,7 @@ fn group_products_out_of_range_and_large() {
     group_agree(Op::GroupOuter { groups: Dim::lit(5) }, [vec![4096, 256], vec![4096, 128]], idx, 4096);
 }
 
-/// The jit's compiled optimizer updates (`Executor::update`) leave parameters and state
+/// The jit's compiled optimizer updates (`training::update` with `Executor::update_kernels`) leave parameters and state
 /// bit-identical to the reference optimizer (`Optimizer::step`), for every rule, with and
 /// without L2, on dense gradients (lengths with vector tails, large enough to split over
 /// threads) and row-sparse ones (ascending rows, and rows repeated out of order), over
@@ -357,7 +357,8 @@ fn compiled_updates_equal_the_reference_optimizer() {
                     }
                     let frozen = |p: &ParamInfo| p.name == "frozen";
                     reference.step(&mut params, &grads, &infos, &frozen, 0.5).unwrap();
-                    jit.update(&mut compiled, &mut ours, &grads, &infos, &frozen, 0.5).unwrap();
+                    mdl_runtime::training::update(&mut jit, &mut compiled, &mut ours, &grads, &infos, &frozen, 0.5)
+                        .unwrap();
                     for p in &infos {
                         let (a, b) = (&params[&p.name].data, &ours[&p.name].data);
                         let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());

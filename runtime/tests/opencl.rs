@@ -453,7 +453,7 @@ fn parameters_are_refreshed_every_run() {
     assert_eq!(exec.programs_built(), 1, "one program per plan, built once");
 }
 
-/// After an optimizer step through `Executor::update`, the next run uploads no parameter
+/// After an optimizer step through `training::update`, the next run uploads no parameter
 /// bytes at all: the update wrote a dense parameter whole and only the touched rows of a
 /// table (rows × (width + 1 id) values), and the device copies then give the results interp
 /// gives with the updated host parameters. Tensors the executor has not seen (a copy of
@@ -511,7 +511,7 @@ fn a_step_uploads_only_the_updated_rows_and_dense_parameters() {
         ]
         .into_iter()
         .collect();
-        exec.update(&mut opt, &mut params, &grads, &infos, &|_| false, 1.0).unwrap();
+        mdl_runtime::training::update(&mut exec, &mut opt, &mut params, &grads, &infos, &|_| false, 1.0).unwrap();
         let distinct = 3; // rows 3, 42 and 500
         let written = 4 * (distinct * (width + 1) + width * out) as u64;
         assert_eq!(
@@ -666,8 +666,8 @@ fn the_platform_probe_is_fast() {
 /// kernel) never leaves the device.
 #[test]
 fn a_host_op_reads_the_parameters_a_device_step_updated() {
-    use mdl_runtime::backend::{host_train_step, TrainStep};
     use mdl_runtime::optim::{OptimConfig, OptimKind, Optimizer};
+    use mdl_runtime::training::{host_train_step, sync, train_step, TrainStep};
     let Some(mut exec) = executor("a_host_op_reads_the_parameters_a_device_step_updated") else { return };
     let (n, k, m) = (16usize, 64usize, 8usize);
     let mut c = Case::default();
@@ -701,13 +701,13 @@ fn a_host_op_reads_the_parameters_a_device_step_updated() {
     let (mut dp, mut hp) = (c.params.clone(), c.params.clone());
     let (mut dopt, mut hopt) = (Optimizer::<f32>::new(config.clone()).unwrap(), Optimizer::<f32>::new(config).unwrap());
     for i in 0..3 {
-        let d = exec.train_step(&step, &mut dp, &mut dopt).unwrap();
+        let d = train_step(&mut exec, &step, &mut dp, &mut dopt).unwrap();
         let h = host_train_step(&mut Interp, &step, &mut hp, &mut hopt).unwrap();
         assert!(close(d.loss, h.loss, 1e-5 * k as f32), "step {i}: loss opencl {} interp {}", d.loss, h.loss);
         assert_eq!(exec.params_ahead(), vec!["p0".to_string()], "step {i}");
     }
     assert_eq!(dp["p0"].data, c.params["p0"].data, "the host's tensor lags until the sync");
-    exec.sync(&mut dp, &mut dopt).unwrap();
+    sync(&mut exec, &mut dp, &mut dopt).unwrap();
     for (i, (&a, &b)) in dp["p0"].data.iter().zip(&hp["p0"].data).enumerate() {
         assert!(close(a, b, 1e-5), "[{i}] opencl {a} interp {b}");
     }

@@ -13,10 +13,11 @@ use super::{optim_config, skipped_rows, RunMetrics, RunTiming, Session};
 use crate::data::{Batch, MiniBatches, Prepared};
 use crate::experiment::{Experiment, Stage};
 use crate::files::write_atomic;
-use mdl_runtime::backend::{Executor, TrainStep};
+use mdl_runtime::backend::Executor;
 use mdl_runtime::exec::Mode;
 use mdl_runtime::optim::Optimizer;
 use mdl_runtime::tensor::Tensor;
+use mdl_runtime::training::{self, TrainStep};
 use mdl_runtime::ParamInfo;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -291,7 +292,7 @@ impl<'a> Run<'a> {
             clip_norm: self.exp.train.clip_norm,
             lr_scale: 1.0,
         };
-        let loss = self.exec.train_step(&step, &mut self.params, &mut self.optimizer)?.loss as f64;
+        let loss = training::train_step(&mut *self.exec, &step, &mut self.params, &mut self.optimizer)?.loss as f64;
         if !loss.is_finite() {
             return Err(format!(
                 "the loss became {loss} at step {} (epoch {}); lower train.lr or set train.clip_norm",
@@ -389,7 +390,7 @@ impl<'a> Run<'a> {
 
     /// Brings the host's parameters and optimizer state up to date with the executor's.
     fn sync(&mut self) -> Result<(), String> {
-        self.exec.sync(&mut self.params, &mut self.optimizer)
+        training::sync(&mut *self.exec, &mut self.params, &mut self.optimizer)
     }
 
     /// Evaluates valid and test with the best parameters (`best.ckpt`, else the last

@@ -204,6 +204,8 @@ impl<T: Float> Values<T> {
 /// A backend that runs graphs in f32 for training and evaluation. A backend may compile
 /// and cache a plan per graph and concrete binding (the batch size changes only for the
 /// last batch of an epoch); `run` gives the same results as `interp::run` up to rounding.
+/// Training is not part of the contract: [`crate::training`] builds it on `run` and the
+/// two optional capabilities below.
 pub trait Executor {
     /// The backend's name (`interp`, `jit`, ...).
     fn name(&self) -> &'static str;
@@ -241,58 +243,18 @@ pub trait Executor {
         Ok(())
     }
 
-    /// One optimizer step: [`Optimizer::step`] on `params` with `grads` (the arguments
-    /// are `step`'s). Backends with update kernels of their own run them; the results are
-    /// the reference optimizer's. A backend that keeps its own copies of parameters (on a
-    /// device) brings them up to date here, so a caller that runs an executor changes
-    /// parameters in place only through this method or [`Executor::train_step`] (or hands
-    /// it new tensors). Training loops use `train_step`, which lets a device keep the
-    /// gradients and the update; this is for callers that need the gradients themselves.
-    ///
-    /// [`Optimizer::step`]: crate::optim::Optimizer::step
-    fn update(
-        &mut self,
-        optimizer: &mut crate::optim::Optimizer<f32>,
-        params: &mut std::collections::HashMap<String, Tensor<f32>>,
-        grads: &std::collections::HashMap<String, Value<f32>>,
-        info: &[crate::ir::graph::ParamInfo],
-        frozen: &dyn Fn(&crate::ir::graph::ParamInfo) -> bool,
-        lr_scale: f64,
-    ) -> Result<(), String> {
-        optimizer.step(params, grads, info, frozen, lr_scale)
+    /// Compiled kernels for the host's optimizer step ([`crate::training::update`]), for a
+    /// backend that has them (the jit); `None` (the default): the optimizer's reference
+    /// loops. Either way the results are the reference optimizer's, bit for bit.
+    fn update_kernels(&self) -> Option<&dyn crate::optim::UpdateKernels<f32>> {
+        None
     }
 
-    /// One training step: runs `step.graph` (a training graph: a scalar output `loss` and
-    /// `grad/<param>` outputs), clips the gradients to `step.clip_norm` (their global
-    /// norm, [`clip_global_norm`]) and updates the parameters with `optimizer`. The
-    /// update is skipped when the loss is not finite (the caller decides what to do).
-    ///
-    /// The default runs [`host_train_step`]: the gradients come to the host and
-    /// [`Executor::update`] applies them. A backend with a device may instead keep the
-    /// gradients, the optimizer's state and the updated parameters on the device; then the
-    /// host's `params` and `optimizer` state lag behind until [`Executor::sync`], which a
-    /// caller runs before reading them (a checkpoint). Until then the executor's runs use
-    /// its own, current copies.
-    ///
-    /// [`clip_global_norm`]: crate::optim::clip_global_norm
-    fn train_step(
-        &mut self,
-        step: &TrainStep<'_>,
-        params: &mut HashMap<String, Tensor<f32>>,
-        optimizer: &mut crate::optim::Optimizer<f32>,
-    ) -> Result<StepOutcome, String> {
-        host_train_step(self, step, params, optimizer)
-    }
-
-    /// Brings the host's `params` and `optimizer` state up to date with what
-    /// [`Executor::train_step`] left on a device; nothing for backends that compute in host
-    /// memory.
-    fn sync(
-        &mut self,
-        _params: &mut HashMap<String, Tensor<f32>>,
-        _optimizer: &mut crate::optim::Optimizer<f32>,
-    ) -> Result<(), String> {
-        Ok(())
+    /// Training on the backend's device, for a backend that keeps parameters there (the
+    /// trainer asks for it: [`crate::training`]); `None` (the default) for backends that
+    /// compute in host memory, whose training steps run on the host.
+    fn device_training(&mut self) -> Option<&mut dyn crate::training::DeviceTraining> {
+        None
     }
 
     /// Runs `graph` and keeps its named outputs.
@@ -304,58 +266,6 @@ pub trait Executor {
         params: &std::collections::HashMap<String, Tensor<f32>>,
         mode: &Mode,
     ) -> Result<Values<f32>, ExecError>;
-}
-
-/// What one [`Executor::train_step`] runs: the training graph on one batch, and how to
-/// update.
-pub struct TrainStep<'a> {
-    pub graph: &'a crate::ir::graph::Graph,
-    pub binding: &'a crate::ir::dim::Binding,
-    pub feeds: &'a HashMap<String, Value<f32>>,
-    pub mode: &'a Mode,
-    /// The parameters' descriptions (the gradient of `p` is the output `grad/p`).
-    pub info: &'a [crate::ir::graph::ParamInfo],
-    /// Parameters this step leaves as they are (a training stage's frozen ones).
-    pub frozen: &'a dyn Fn(&crate::ir::graph::ParamInfo) -> bool,
-    /// Clip the gradients' global norm to this.
-    pub clip_norm: Option<f64>,
-    /// A schedule's factor on the learning rates.
-    pub lr_scale: f64,
-}
-
-/// What one training step reports.
-#[derive(Clone, Copy, Debug)]
-pub struct StepOutcome {
-    /// The batch's loss (before the update).
-    pub loss: f32,
-    /// Seconds spent on clipping and the update, after the graph ran.
-    pub update_secs: f64,
-}
-
-/// [`Executor::train_step`] on the host: the graph's gradients read out of its results,
-/// clipped there, and handed to [`Executor::update`].
-pub fn host_train_step<E: Executor + ?Sized>(
-    exec: &mut E,
-    step: &TrainStep<'_>,
-    params: &mut HashMap<String, Tensor<f32>>,
-    optimizer: &mut crate::optim::Optimizer<f32>,
-) -> Result<StepOutcome, String> {
-    let mut out = exec.run(step.graph, step.binding, step.feeds, params, step.mode).map_err(|e| e.to_string())?;
-    let loss = out.scalar("loss").ok_or("the training graph has no scalar output `loss`")?;
-    let start = std::time::Instant::now();
-    if loss.is_finite() {
-        let mut grads: HashMap<String, Value<f32>> = HashMap::new();
-        for p in step.info {
-            if let Some(g) = out.take_output(&format!("grad/{}", p.name)) {
-                grads.insert(p.name.clone(), g);
-            }
-        }
-        if let Some(c) = step.clip_norm {
-            crate::optim::clip_global_norm(&mut grads, c);
-        }
-        exec.update(optimizer, params, &grads, step.info, step.frozen, step.lr_scale)?;
-    }
-    Ok(StepOutcome { loss, update_secs: start.elapsed().as_secs_f64() })
 }
 
 /// The reference backend as an [`Executor`].

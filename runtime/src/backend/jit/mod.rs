@@ -41,10 +41,10 @@ use super::{op_kind, ExecError, Executor, Mode, OpProfile, PlanCache, Values};
 use crate::exec::Arg;
 use crate::exec::EvalCx;
 use crate::ir::dim::{eval_shape, Binding};
-use crate::ir::graph::{Graph, NodeId, ParamInfo};
+use crate::ir::graph::{Graph, NodeId};
 use crate::ops::fused::{FusedKernel, Instr, Reduction};
 use crate::ops::{self, Op, ReduceOp};
-use crate::optim::Optimizer;
+use crate::optim::{SlotsMut, StepCoeffs, UpdateKernels};
 use crate::tensor::{Tensor, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -253,6 +253,14 @@ fn kind(op: &Op, fallback: bool) -> String {
     }
 }
 
+/// The jit carries out the optimizer's updates with its compiled kernels ([`update`]) on
+/// its threads.
+impl UpdateKernels<f32> for Jit {
+    fn apply(&self, w: &mut [f32], slots: SlotsMut<'_, f32>, grad: &Value<f32>, coeffs: &StepCoeffs<f32>) {
+        update::Kernels { threads: self.threads }.apply(w, slots, grad, coeffs)
+    }
+}
+
 impl Executor for Jit {
     fn name(&self) -> &'static str {
         "jit"
@@ -284,18 +292,10 @@ impl Executor for Jit {
         Ok(())
     }
 
-    /// The update with `optim`'s rules compiled by Cranelift ([`update`]): the same
-    /// results as the reference loops, bit for bit, on both threads.
-    fn update(
-        &mut self,
-        optimizer: &mut Optimizer<f32>,
-        params: &mut HashMap<String, Tensor<f32>>,
-        grads: &HashMap<String, Value<f32>>,
-        info: &[ParamInfo],
-        frozen: &dyn Fn(&ParamInfo) -> bool,
-        lr_scale: f64,
-    ) -> Result<(), String> {
-        optimizer.step_with(params, grads, info, frozen, lr_scale, &update::Kernels { threads: self.threads })
+    /// `optim`'s rules compiled by Cranelift ([`update`]) on this executor's threads: the
+    /// same results as the reference loops, bit for bit.
+    fn update_kernels(&self) -> Option<&dyn UpdateKernels<f32>> {
+        Some(self)
     }
 
     fn run(

@@ -17,13 +17,14 @@
 //!   and the kernels of a run (copies, gathers, softmax, fused kernels, tuned matmuls);
 //! - `eval`: the evaluator the driver calls per node, which keeps values between device
 //!   kernels on the device;
-//! - `train`: training on the device ([`Executor::train_step`]): gradients, the global norm
+//! - `train`: training on the device ([`DeviceTraining`], the capability the trainer asks
+//!   for through [`Executor::device_training`]): gradients, the global norm
 //!   and the optimizer's rule and state stay on the device; the host lags until
-//!   [`Executor::sync`];
+//!   [`DeviceTraining::sync`];
 //! - [`render`]: the OpenCL C of every kernel, rendered from the same [`FusedKernel`]
 //!   descriptions the jit compiles.
 //!
-//! **Updates made on the host** ([`Executor::update`], for callers that run the graph and
+//! **Updates made on the host** ([`DeviceTraining::update`], for callers that run the graph and
 //! the optimizer apart): first a sync, then the optimizer on the host (the reference rule,
 //! with the jit's compiled update kernels), then the updated values of each resident
 //! parameter written to its buffer. A program that does not build is an error that shows
@@ -43,11 +44,11 @@ mod train;
 pub use device::{default_device, devices, probe, DeviceSummary, NO_PLATFORM};
 
 use super::interp::execute;
-use super::{ExecError, Executor, Mode, OpProfile, PlanCache, StepOutcome, TrainStep, Values};
+use super::{ExecError, Executor, Mode, OpProfile, PlanCache, Values};
 use crate::ir::dim::Binding;
-use crate::ir::graph::{Graph, NodeId, ParamInfo};
-use crate::optim::Optimizer;
+use crate::ir::graph::{Graph, NodeId};
 use crate::tensor::{Tensor, Value};
+use crate::training::DeviceTraining;
 use eval::DeviceEval;
 use launch::{DeviceRun, Launcher, MatmulTuning, Transfers};
 use ocl::{Context, Device, Program, Queue};
@@ -67,7 +68,7 @@ pub struct OpenCl {
     programs: HashMap<String, Program>,
     /// Device copies of parameters read by device kernels, by name.
     resident: HashMap<String, Resident>,
-    /// The optimizer's state on the device ([`Executor::train_step`]).
+    /// The optimizer's state on the device ([`DeviceTraining::train_step`]).
     optimizer: train::DeviceOptimizer,
     /// Parameter bytes written to the device since the executor was made.
     param_bytes: u64,
@@ -139,13 +140,13 @@ impl OpenCl {
     }
 
     /// Parameter bytes written to the device since the executor was made (whole uploads
-    /// and the updated values [`Executor::update`] writes).
+    /// and the updated values [`DeviceTraining::update`] writes).
     pub fn param_bytes_uploaded(&self) -> u64 {
         self.param_bytes
     }
 
     /// The parameters whose device copy a training step updated since the host last
-    /// saw them ([`Executor::sync`] brings them back), sorted.
+    /// saw them ([`DeviceTraining::sync`] brings them back), sorted.
     pub fn params_ahead(&self) -> Vec<String> {
         let mut names: Vec<String> = self.resident.iter().filter(|(_, r)| r.ahead).map(|(n, _)| n.clone()).collect();
         names.sort();
@@ -212,39 +213,6 @@ impl Executor for OpenCl {
         self.profile.sorted()
     }
 
-    /// The optimizer on the host (with the jit's compiled update kernels), then each
-    /// updated resident parameter written to its device buffer: only the touched rows of
-    /// a table (see the module docs).
-    fn update(
-        &mut self,
-        optimizer: &mut Optimizer<f32>,
-        params: &mut HashMap<String, Tensor<f32>>,
-        grads: &HashMap<String, Value<f32>>,
-        info: &[ParamInfo],
-        frozen: &dyn Fn(&ParamInfo) -> bool,
-        lr_scale: f64,
-    ) -> Result<(), String> {
-        // A device training step may have left newer values on the device: those first.
-        self.sync(params, optimizer)?;
-        // Which device copies mirror the tensors about to change: only those are kept
-        // current here (any other is uploaded whole by the next run).
-        let mirrored: Vec<&String> = grads
-            .keys()
-            .filter(|n| match (self.resident.get(*n), params.get(*n)) {
-                (Some(r), Some(t)) => r.stamp == HostStamp::of(&t.data),
-                _ => false,
-            })
-            .collect();
-        let kernels = super::jit::Jit::host_update_kernels();
-        optimizer.step_with(params, grads, info, frozen, lr_scale, &kernels)?;
-        for name in mirrored {
-            if let Some(t) = params.get(name) {
-                self.write_updated(name, t, &grads[name]).map_err(|e| e.to_string())?;
-            }
-        }
-        Ok(())
-    }
-
     fn transfers(&self) -> Option<(u64, u64)> {
         Some(self.transfers.totals())
     }
@@ -267,21 +235,9 @@ impl Executor for OpenCl {
         Ok(values.rekey(graph))
     }
 
-    fn train_step(
-        &mut self,
-        step: &TrainStep<'_>,
-        params: &mut HashMap<String, Tensor<f32>>,
-        optimizer: &mut Optimizer<f32>,
-    ) -> Result<StepOutcome, String> {
-        self.device_train_step(step, params, optimizer)
-    }
-
-    fn sync(
-        &mut self,
-        params: &mut HashMap<String, Tensor<f32>>,
-        optimizer: &mut Optimizer<f32>,
-    ) -> Result<(), String> {
-        self.sync_to_host(params, optimizer).map_err(|e| e.to_string())
+    /// Training stays on the device ([`train`]).
+    fn device_training(&mut self) -> Option<&mut dyn DeviceTraining> {
+        Some(self)
     }
 }
 

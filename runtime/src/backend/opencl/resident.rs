@@ -12,7 +12,7 @@
 //!   parameter whole, an embedding table only the rows its row-sparse gradient touched
 //!   (one upload of those rows and a scatter kernel).
 //!
-//! The contract: a caller changes a parameter in place only through `Executor::update` or
+//! The contract: a caller changes a parameter in place only through `training::update` or
 //! a training step; an in-place change made otherwise is seen only if it moves one of the
 //! sampled values.
 
@@ -48,7 +48,7 @@ impl OpenCl {
     /// buffer when it mirrors `t` ([`HostStamp`]), else `t` uploaded whole. The upload goes
     /// into the resident buffer, except over one that is ahead: then, unless
     /// `replace_ahead`, into a buffer for this run only, so that the device's update is not
-    /// lost to a caller that ran other tensors before [`Executor::sync`].
+    /// lost to a caller that ran other tensors before [`DeviceTraining::sync`](crate::training::DeviceTraining::sync).
     pub(super) fn param_buffer(
         &mut self,
         name: &str,

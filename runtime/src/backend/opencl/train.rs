@@ -1,4 +1,4 @@
-//! The OpenCL backend's training step ([`Executor::train_step`]): gradients, the optimizer's
+//! The OpenCL backend's training on the device ([`DeviceTraining`]): gradients, the optimizer's
 //! state and the updated parameters stay on the device for the whole run.
 //!
 //! One step:
@@ -10,7 +10,8 @@
 //!    the host gradients' norm; the clipping factor scales the device gradients inside the
 //!    update kernel and the host ones in place.
 //! 3. The optimizer's coefficients come from the host [`Optimizer`] (which counts the
-//!    step); `mdl_update` applies the rule to each resident parameter and its state on the
+//!    step); the rule's update kernel (`mdl_update_<rule>`, rendered from `optim`'s one
+//!    description of the rule) applies it to each resident parameter and its state on the
 //!    device: every element of a dense parameter, only the touched rows of a table. The
 //!    state buffers are created on first use, fresh on the device or uploaded from the
 //!    host optimizer's state (a resumed run).
@@ -20,7 +21,7 @@
 //! Parameters no device kernel reads are updated on the host with the jit's kernels.
 //!
 //! After a step the device is ahead: the host's tensors and the optimizer's state are
-//! stale until [`Executor::sync`] ([`OpenCl::sync_to_host`]) reads back what changed. Until
+//! stale until [`DeviceTraining::sync`] ([`OpenCl::sync_to_host`]) reads back what changed. Until
 //! then a run uses the device copies, and a host op that reads such a parameter gets it
 //! read back for that run. The device state continues the host optimizer it was made with
 //! as long as that optimizer's rule and step count match; after `reset` (or any update
@@ -28,11 +29,12 @@
 
 use super::launch::Arg;
 use super::{cl_err, render, HostStamp, OpenCl, Resident};
-use crate::backend::{ExecError, StepOutcome, TrainStep};
+use crate::backend::ExecError;
 use crate::ir::graph::ParamInfo;
 use crate::optim::{clip_scale, global_norm, scale_gradients, OptimKind, Optimizer, Rule, StepCoeffs};
 use crate::rows::{combine_duplicate_rows, combine_rows_in_place};
 use crate::tensor::{Tensor, Value};
+use crate::training::{DeviceTraining, StepOutcome, TrainStep};
 use ocl::{Buffer, Program};
 use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
@@ -78,6 +80,58 @@ pub(super) struct DeviceOptimizer {
 enum Grad<'a> {
     Device(DeviceGrad),
     Host(&'a Value<f32>),
+}
+
+impl DeviceTraining for OpenCl {
+    fn train_step(
+        &mut self,
+        step: &TrainStep<'_>,
+        params: &mut HashMap<String, Tensor<f32>>,
+        optimizer: &mut Optimizer<f32>,
+    ) -> Result<StepOutcome, String> {
+        self.device_train_step(step, params, optimizer)
+    }
+
+    /// The optimizer on the host (with the jit's compiled update kernels), then each
+    /// updated resident parameter written to its device buffer: only the touched rows of
+    /// a table (see the module docs).
+    fn update(
+        &mut self,
+        optimizer: &mut Optimizer<f32>,
+        params: &mut HashMap<String, Tensor<f32>>,
+        grads: &HashMap<String, Value<f32>>,
+        info: &[ParamInfo],
+        frozen: &dyn Fn(&ParamInfo) -> bool,
+        lr_scale: f64,
+    ) -> Result<(), String> {
+        // A device training step may have left newer values on the device: those first.
+        self.sync_to_host(params, optimizer).map_err(|e| e.to_string())?;
+        // Which device copies mirror the tensors about to change: only those are kept
+        // current here (any other is uploaded whole by the next run).
+        let mirrored: Vec<&String> = grads
+            .keys()
+            .filter(|n| match (self.resident.get(*n), params.get(*n)) {
+                (Some(r), Some(t)) => r.stamp == HostStamp::of(&t.data),
+                _ => false,
+            })
+            .collect();
+        let kernels = crate::backend::jit::Jit::host_update_kernels();
+        optimizer.step_with(params, grads, info, frozen, lr_scale, &kernels)?;
+        for name in mirrored {
+            if let Some(t) = params.get(name) {
+                self.write_updated(name, t, &grads[name]).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn sync(
+        &mut self,
+        params: &mut HashMap<String, Tensor<f32>>,
+        optimizer: &mut Optimizer<f32>,
+    ) -> Result<(), String> {
+        self.sync_to_host(params, optimizer).map_err(|e| e.to_string())
+    }
 }
 
 impl OpenCl {
@@ -354,7 +408,7 @@ impl OpenCl {
         Ok(self.optimizer.unused.clone().expect("set above"))
     }
 
-    /// [`Executor::sync`]: reads back every parameter a device step updated into `params`
+    /// [`DeviceTraining::sync`]: reads back every parameter a device step updated into `params`
     /// (when the tensor is still there, of the same length) and the device's optimizer
     /// state into `optimizer` (when it continues that optimizer; otherwise it is dropped).
     pub(super) fn sync_to_host(
