@@ -302,7 +302,8 @@ fn group_products_out_of_range_and_large() {
     group_agree(Op::GroupOuter { groups: Dim::lit(5) }, [vec![4096, 256], vec![4096, 128]], idx, 4096);
 }
 
-/// The jit's compiled optimizer updates (`training::update` with `Executor::update_kernels`) leave parameters and state
+/// The jit's compiled optimizer updates (`training::update` through the jit's
+/// `Executor::update_kernels`) leave parameters and state
 /// bit-identical to the reference optimizer (`Optimizer::step`), for every rule, with and
 /// without L2, on dense gradients (lengths with vector tails, large enough to split over
 /// threads) and row-sparse ones (ascending rows, and rows repeated out of order), over
@@ -319,7 +320,7 @@ fn compiled_updates_equal_the_reference_optimizer() {
         ("frozen", vec![4], false),
     ];
     let infos: Vec<ParamInfo> = shapes.iter().map(|(n, s, e)| info(n, s, *e)).collect();
-    Jit::update_kernels().expect("the update kernels compile");
+    Jit::compile_update_kernels().expect("the update kernels compile");
     let rows_sets: [Vec<u32>; 2] = [(0..5000).step_by(3).collect(), vec![7, 2, 7, 4999, 0, 2, 2, 300]];
     for kind in [OptimKind::Sgd, OptimKind::adam(), OptimKind::adagrad()] {
         for l2 in [0.0, 1e-3] {

@@ -124,9 +124,9 @@ impl Jit {
         self.plans.first().expect("a plan was just found or made")
     }
 
-    /// Whether the optimizer's update kernels compile on this host (`Err` with the reason
-    /// when not: the updates then run on the reference loops).
-    pub fn update_kernels() -> Result<(), String> {
+    /// Compiles the optimizer's update kernels (once per process): `Err` with the reason
+    /// when they do not compile on this host (the updates then run on the reference loops).
+    pub fn compile_update_kernels() -> Result<(), String> {
         update::compiled()
     }
 
