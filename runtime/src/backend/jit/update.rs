@@ -187,6 +187,13 @@ pub struct Kernels {
     pub threads: usize,
 }
 
+/// A rule's compiled kernel and the step's coefficients it reads.
+#[derive(Clone, Copy)]
+struct Step<'a> {
+    f: UpdateFn,
+    coeffs: &'a [f32; COEFFS],
+}
+
 /// A parameter (or a part of it) and its state slots, `None` for a slot the rule keeps
 /// none of.
 struct Run<'a> {
@@ -209,26 +216,17 @@ impl Run<'_> {
         (Run { w: w0, s1: a0, s2: b0 }, Run { w: w1, s1: a1, s2: b1 })
     }
 
-    /// Runs `f` over `rows` (ascending, `g` holding one compact row each), the rows after
-    /// the first half going to a second thread when `parallel`.
-    fn call(
-        self,
-        f: UpdateFn,
-        g: &[f32],
-        rows: &[u32],
-        width: usize,
-        coeffs: &[f32; COEFFS],
-        first_row: usize,
-        parallel: bool,
-    ) {
+    /// Runs kernel `k` over `rows` (ascending, `g` holding one compact row each), the rows
+    /// after the first half going to a second thread when `parallel`.
+    fn call(self, k: Step<'_>, g: &[f32], rows: &[u32], width: usize, first_row: usize, parallel: bool) {
         if parallel && rows.len() >= 2 {
             let h = rows.len() / 2;
             let cut = (rows[h] as usize - first_row) * width;
             let (lo, hi) = self.split_at(cut);
             let (g_lo, g_hi) = g.split_at(h * width);
             std::thread::scope(|s| {
-                s.spawn(|| lo.call(f, g_lo, &rows[..h], width, coeffs, first_row, false));
-                hi.call(f, g_hi, &rows[h..], width, coeffs, rows[h] as usize, false);
+                s.spawn(|| lo.call(k, g_lo, &rows[..h], width, first_row, false));
+                hi.call(k, g_hi, &rows[h..], width, rows[h] as usize, false);
             });
             return;
         }
@@ -241,7 +239,17 @@ impl Run<'_> {
         // `g` holds `rows.len() × width` elements; a null slot is never read by the rules
         // that have no such slot.
         unsafe {
-            f(self.w.as_mut_ptr(), g.as_ptr(), s1, s2, rows.as_ptr(), rows.len(), width, coeffs.as_ptr(), first_row)
+            (k.f)(
+                self.w.as_mut_ptr(),
+                g.as_ptr(),
+                s1,
+                s2,
+                rows.as_ptr(),
+                rows.len(),
+                width,
+                k.coeffs.as_ptr(),
+                first_row,
+            )
         }
     }
 }
@@ -257,6 +265,7 @@ impl UpdateKernels<f32> for Kernels {
             SlotsMut::Adagrad { accum } => (Some(accum), None),
         };
         let coeffs = c.values();
+        let k = Step { f, coeffs: &coeffs };
         let run = Run { w, s1, s2 };
         match grad {
             Value::Dense(g) => {
@@ -266,11 +275,11 @@ impl UpdateKernels<f32> for Kernels {
                     let h = n / 2;
                     let (lo, hi) = run.split_at(h);
                     std::thread::scope(|s| {
-                        s.spawn(|| lo.call(f, &g.data[..h], &[0], h, &coeffs, 0, false));
-                        hi.call(f, &g.data[h..], &[0], n - h, &coeffs, 0, false);
+                        s.spawn(|| lo.call(k, &g.data[..h], &[0], h, 0, false));
+                        hi.call(k, &g.data[h..], &[0], n - h, 0, false);
                     });
                 } else {
-                    run.call(f, &g.data, &[0], n, &coeffs, 0, false);
+                    run.call(k, &g.data, &[0], n, 0, false);
                 }
             }
             Value::Ids(_) => {}
@@ -278,7 +287,7 @@ impl UpdateKernels<f32> for Kernels {
                 let width: usize = shape.iter().skip(1).product();
                 let combined = combine_duplicate_rows(rows, &values.data, width);
                 let parallel = self.threads > 1 && combined.values.len() >= PARALLEL_WORK;
-                run.call(f, &combined.values, &combined.rows, width, &coeffs, 0, parallel);
+                run.call(k, &combined.values, &combined.rows, width, 0, parallel);
             }
         }
     }
