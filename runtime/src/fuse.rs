@@ -37,6 +37,16 @@ use std::sync::Arc;
 /// The most Unary/Binary ops one fused kernel holds.
 pub const MAX_KERNEL_OPS: usize = 64;
 
+/// A sum or mean that no elementwise group feeds (the pass leaves it an `Op::Reduce`) as a
+/// fused kernel with an empty body: its reduction epilogue does the work, so a backend runs
+/// it on its fused-kernel path (the jit's vector lanes and threads, an OpenCL kernel).
+/// `None` for any other op. Its operand is a dense real value, as every reduction's is.
+pub fn lone_reduction(op: &Op) -> Option<FusedKernel> {
+    let Op::Reduce { op: r @ (ReduceOp::Sum | ReduceOp::Mean), axes, keep_dims } = op else { return None };
+    let reduce = Some(Reduction { op: *r, axes: axes.clone(), keep_dims: *keep_dims });
+    Some(FusedKernel { inputs: 1, body: vec![Instr::Input(0)], reduce })
+}
+
 /// The graph with its elementwise groups fused (see the module docs). Parameters, inputs
 /// and named outputs are kept; node ids change.
 pub fn fuse_elementwise(graph: &Graph) -> Graph {

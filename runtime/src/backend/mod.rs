@@ -1,15 +1,19 @@
 //! Backends: what executes a graph on concrete values. `interp` is the plain-Rust reference
 //! (the oracle for every other backend and for the gradient checks). This module holds what
-//! all backends share: the result of a run ([`Values`]), the per-op-kind times of a
-//! profiling backend ([`OpProfile`], [`op_kind`]) and the re-exported run [`Mode`] and
-//! [`ExecError`].
+//! all backends share: the [`Executor`] contract, the result of a run ([`Values`]), the
+//! plans kept per graph ([`PlanCache`]), the per-op-kind times of a profiling backend
+//! ([`OpProfile`], keyed by [`profile_key`]) and the re-exported run [`Mode`] and
+//! [`ExecError`]. The driver that runs a graph node by node for every backend is
+//! [`driver`]'s.
 
+pub(crate) mod driver;
 pub mod interp;
 pub mod jit;
 #[cfg(feature = "opencl")]
 pub mod opencl;
 
 pub use crate::exec::{ExecError, Mode};
+pub use interp::Interp;
 
 use crate::ir::graph::NodeId;
 use crate::ops::Op;
@@ -66,6 +70,19 @@ pub fn op_kind(op: &Op) -> String {
         return format!("fused {ops}");
     }
     op.name().split_whitespace().next().unwrap_or("").to_string()
+}
+
+/// The profile key of an op ([`op_kind`]) as a backend ran it: plain when its own kernel
+/// computed it, marked `(eval)` when it ran on its eval rule (the backend has no kernel
+/// for the op or for its shapes, or none on its device): where a new kernel would pay.
+/// `matmul`, `reduce_max(eval)`, `fused add,relu`, `fused(eval) add,relu`.
+pub fn profile_key(op: &Op, on_eval_rule: bool) -> String {
+    let key = op_kind(op);
+    match op {
+        Op::Fused(_) if on_eval_rule => key.replacen("fused", "fused(eval)", 1),
+        _ if on_eval_rule => format!("{key}(eval)"),
+        _ => key,
+    }
 }
 
 /// The plans a backend made for the graphs it ran last, most recent first (training
@@ -266,25 +283,4 @@ pub trait Executor {
         params: &std::collections::HashMap<String, Tensor<f32>>,
         mode: &Mode,
     ) -> Result<Values<f32>, ExecError>;
-}
-
-/// The reference backend as an [`Executor`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Interp;
-
-impl Executor for Interp {
-    fn name(&self) -> &'static str {
-        "interp"
-    }
-
-    fn run(
-        &mut self,
-        graph: &crate::ir::graph::Graph,
-        binding: &crate::ir::dim::Binding,
-        feeds: &std::collections::HashMap<String, Value<f32>>,
-        params: &std::collections::HashMap<String, Tensor<f32>>,
-        mode: &Mode,
-    ) -> Result<Values<f32>, ExecError> {
-        interp::run(graph, binding, feeds, params, mode)
-    }
 }

@@ -10,7 +10,7 @@
 //!
 //! This module recognises those patterns on the jit's plan ([`find`]) and computes them
 //! with kernels of its own ([`run`]), through the driver's read rewrites
-//! (`interp::Lifetimes::with_reads`): the pooled node reads `[table, ids, mask]` and the
+//! (`driver::Lifetimes::with_reads`): the pooled node reads `[table, ids, mask]` and the
 //! gather is never computed; the `SparseRows` node reads the id parts and the value parts
 //! (for a masked product, its two factors) and the concats, reshapes and products are
 //! never computed.
@@ -50,7 +50,7 @@
 
 use super::kernels::split_if;
 use super::pool::Pool;
-use crate::backend::interp::Operands;
+use crate::backend::driver::Operands;
 use crate::exec::{EvalCx, ExecError};
 use crate::ir::dim::Dim;
 use crate::ir::graph::{Graph, NodeId};

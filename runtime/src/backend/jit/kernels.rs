@@ -9,7 +9,7 @@ use super::group::{group_matmul, group_outer};
 use super::layout::{broadcast, concat, gather, pad, permute, slice};
 use super::math;
 use super::pool::Pool;
-use crate::backend::interp::Operands;
+use crate::backend::driver::Operands;
 use crate::exec::{Arg, EvalCx, ExecError};
 use crate::ops::elementwise::{BinaryLoop, UnaryLoop};
 use crate::ops::{BinaryOp, Op, ReduceOp, UnaryOp};

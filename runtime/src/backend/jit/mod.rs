@@ -1,7 +1,7 @@
 //! The fast CPU backend (`jit`): f32 only, the default path for training.
 //!
 //! It runs graphs with the interp driver (same node order, feed and result checks, values
-//! freed after their last use — see `interp::execute`) but computes the ops that dominate
+//! freed after their last use — see [`super::driver`]) but computes the ops that dominate
 //! a training step with fast kernels:
 //! - **MatMul** through the `gemm` crate (AVX-512 kernels when the CPU has them, chosen at
 //!   run time; plain SIMD otherwise). Transposed operands are passed as strides, never
@@ -10,7 +10,9 @@
 //! - **Elementwise** unary and binary ops over contiguous slices, with the broadcast
 //!   patterns models produce (same shape, scalar, trailing-axes bias, per-row scale) as
 //!   straight loops the compiler vectorises, split over two threads when large.
-//! - **Reductions** over the trailing axes or one middle axis as contiguous loops.
+//! - **Reductions** over the trailing axes or one middle axis as contiguous loops; with the
+//!   fast kernels, a lone sum or mean runs as a fused kernel instead
+//!   ([`crate::fuse::lone_reduction`], as on OpenCL).
 //! - **Fused elementwise kernels**: before the first run of a graph, the fusion pass
 //!   ([`crate::fuse`]) turns maximal groups of unary/binary ops (with the scalars and
 //!   broadcasts feeding them, and a sum or mean that is their only reader) into
@@ -36,14 +38,12 @@ mod math;
 pub mod pool;
 mod update;
 
-use super::interp::{execute, Evaluator, Lifetimes, Operands};
-use super::{op_kind, ExecError, Executor, Mode, OpProfile, PlanCache, Values};
-use crate::exec::Arg;
+use super::driver::{execute, Evaluator, Lifetimes, Operands};
+use super::{profile_key, ExecError, Executor, Mode, OpProfile, PlanCache, Values};
 use crate::exec::EvalCx;
 use crate::ir::dim::{eval_shape, Binding};
 use crate::ir::graph::{Graph, NodeId};
-use crate::ops::fused::{FusedKernel, Instr, Reduction};
-use crate::ops::{self, Op, ReduceOp};
+use crate::ops::{self, Op};
 use crate::optim::{SlotsMut, StepCoeffs, UpdateKernels};
 use crate::tensor::{Tensor, Value};
 use std::collections::HashMap;
@@ -175,9 +175,20 @@ impl Evaluator<f32> for JitEval<'_> {
         let start = self.profile.is_some().then(Instant::now);
         let mut fallback = false;
         let bag = self.bags.get(&id);
-        let out = match (op, bag) {
+        // A lone sum or mean as a fused kernel ([`crate::fuse::lone_reduction`]): vector
+        // lane sums and both threads, where the direct kernel sums in `Op::Reduce`'s order
+        // on one; so only when reductions may reassociate.
+        let lone = match op {
+            Op::Reduce { .. } if self.options.reassociate => crate::fuse::lone_reduction(op),
+            _ => None,
+        };
+        let fused = match op {
+            Op::Fused(kernel) => Some(kernel.as_ref()),
+            _ => lone.as_ref(),
+        };
+        let out = match (fused, bag) {
             (_, Some(bag)) => bag::run(bag, op, operands, cx, self.threads, !self.options.reassociate, self.pool)?,
-            (Op::Fused(kernel), None) => {
+            (Some(kernel), None) => {
                 let args = operands.args(op)?;
                 let tensors: Result<Vec<&Tensor<f32>>, ExecError> = args.iter().map(|a| a.dense("fused")).collect();
                 let pool = &mut *self.pool;
@@ -191,44 +202,21 @@ impl Evaluator<f32> for JitEval<'_> {
                     }
                 }
             }
-            // A lone sum or mean as a kernel with an empty body: vector lane sums and both
-            // threads, where the direct kernel sums in `Op::Reduce`'s order on one.
-            (Op::Reduce { op: r @ (ReduceOp::Sum | ReduceOp::Mean), axes, keep_dims }, None)
-                if self.options.reassociate
-                    && matches!(operands.arg(0), Some(Arg::Value(Value::Dense(_)) | Arg::Param(_))) =>
-            {
-                let reduce = Some(Reduction { op: *r, axes: axes.clone(), keep_dims: *keep_dims });
-                let kernel = FusedKernel { inputs: 1, body: vec![Instr::Input(0)], reduce };
-                let args = operands.args(op)?;
-                let pool = &mut *self.pool;
-                match codegen::run_with(
-                    &kernel,
-                    &[args[0].dense("reduce")?],
-                    cx.out_shape,
-                    self.threads,
-                    self.options,
-                    &mut |n, z| pool.alloc(n, z),
-                ) {
-                    Ok(t) => Value::Dense(t),
-                    Err(_) => {
-                        fallback = true;
-                        ops::eval(op, &args, cx)?
+            (None, None) => {
+                match kernels::fast(op, operands, cx, self.threads, !self.options.inline_math, self.pool)? {
+                    Some(v) => v,
+                    None => {
+                        fallback = !matches!(op, Op::Input { .. } | Op::Param { .. } | Op::Scalar(_));
+                        ops::eval(op, &operands.args(op)?, cx)?
                     }
                 }
             }
-            (_, None) => match kernels::fast(op, operands, cx, self.threads, !self.options.inline_math, self.pool)? {
-                Some(v) => v,
-                None => {
-                    fallback = !matches!(op, Op::Input { .. } | Op::Param { .. } | Op::Scalar(_));
-                    ops::eval(op, &operands.args(op)?, cx)?
-                }
-            },
         };
         if let (Some(t), Some(profile)) = (start, self.profile.as_deref_mut()) {
             let key = match bag {
                 Some(bag::Kernel::Pool { .. }) => "embedding_bag".to_string(),
                 Some(bag::Kernel::Rows { .. }) => "sparse_rows(bag)".to_string(),
-                None => kind(op, fallback),
+                None => profile_key(op, fallback),
             };
             profile.record(key, t.elapsed());
         }
@@ -239,17 +227,6 @@ impl Evaluator<f32> for JitEval<'_> {
         if let Value::Dense(t) = value {
             self.pool.put(t.data);
         }
-    }
-}
-
-/// The profile key of an op ([`op_kind`]), marked `(eval)` when it ran on its eval rule
-/// (no fast kernel for it, or for its shapes): where a new kernel would pay.
-fn kind(op: &Op, fallback: bool) -> String {
-    let key = op_kind(op);
-    match op {
-        Op::Fused(_) if fallback => key.replacen("fused", "fused(eval)", 1),
-        _ if fallback => format!("{key}(eval)"),
-        _ => key,
     }
 }
 

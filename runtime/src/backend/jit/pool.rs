@@ -2,7 +2,7 @@
 //!
 //! A plan runs the same ops on the same shapes every step, so the buffers a step frees are
 //! exactly the buffers the next step needs. The driver hands every value it frees (after
-//! its last reader, see `interp::Lifetimes`) to the executor, which puts its buffer here,
+//! its last reader, see `driver::Lifetimes`) to the executor, which puts its buffer here,
 //! keyed by its exact length; kernels take their output buffers from here first. In the
 //! steady state a step therefore allocates nothing large: no fresh pages are mapped and
 //! faulted in, and the buffers it writes are warm.

@@ -10,15 +10,16 @@
 //! host's combine.
 
 use super::launch::{Arg, DeviceRun};
-use super::plan::{is_layout, reduce_kernel, Plan};
+use super::plan::{is_layout, Plan};
 use super::{cl_err, train};
-use crate::backend::interp::{Evaluator, Operands};
-use crate::backend::{op_kind, ExecError, OpProfile};
+use crate::backend::driver::{Evaluator, Operands};
+use crate::backend::{profile_key, ExecError, OpProfile};
 use crate::exec::EvalCx;
+use crate::fuse::lone_reduction;
 use crate::ir::graph::NodeId;
 use crate::ops::{self, Op};
 use crate::rows::RowGroups;
-use crate::tensor::{broadcast_strides, Tensor, Value};
+use crate::tensor::{broadcast_strides, strides, Tensor, Value};
 use ocl::Buffer;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -167,7 +168,7 @@ impl DeviceEval<'_> {
                 // Kernels run asynchronously: wait, so the time is this kernel's.
                 self.dev.link.queue.finish().map_err(|e| cl_err("waiting for the device", e))?;
             }
-            profile.record(kind(op, device), t.elapsed());
+            profile.record(profile_key(op, !device), t.elapsed());
         }
         Ok(out)
     }
@@ -203,7 +204,7 @@ impl DeviceEval<'_> {
             inputs.iter().zip(&xs).map(|(&i, x)| self.buffer(i, x)).collect::<Result<_, _>>()?;
         match op {
             Op::Fused(kernel) => self.dev.fused(kernel, &shapes, &bufs, out_shape),
-            Op::Reduce { .. } => match reduce_kernel(op, self.plan.fused.node(id)) {
+            Op::Reduce { .. } => match lone_reduction(op) {
                 Some(kernel) => self.dev.fused(&kernel, &shapes, &bufs, out_shape),
                 None => Ok(None),
             },
@@ -233,16 +234,16 @@ impl DeviceEval<'_> {
             return Ok(Some(bufs[0].clone()));
         }
         let out = self.dev.link.output(total)?;
-        let out_strides = row_major(out_shape);
-        let x_strides = row_major(&xs[0].shape);
+        let out_strides = strides(out_shape);
+        let x_strides = strides(&xs[0].shape);
         let done = match op {
             Op::Permute { perm } => {
-                let strides: Vec<usize> = perm.iter().map(|&p| x_strides[p]).collect();
-                self.dev.copy(out_shape, &out, (0, &out_strides), &bufs[0], (0, &strides))?
+                let in_strides: Vec<usize> = perm.iter().map(|&p| x_strides[p]).collect();
+                self.dev.copy(out_shape, &out, (0, &out_strides), &bufs[0], (0, &in_strides))?
             }
             Op::Broadcast { .. } => {
-                let strides = broadcast_strides(&xs[0].shape, out_shape);
-                self.dev.copy(out_shape, &out, (0, &out_strides), &bufs[0], (0, &strides))?
+                let in_strides = broadcast_strides(&xs[0].shape, out_shape);
+                self.dev.copy(out_shape, &out, (0, &out_strides), &bufs[0], (0, &in_strides))?
             }
             Op::Slice { axis, start, .. } => {
                 let start = cx.size(start)?;
@@ -271,7 +272,7 @@ impl DeviceEval<'_> {
                         &out,
                         (at * out_strides[*axis], &out_strides),
                         b,
-                        (0, &row_major(&x.shape)),
+                        (0, &strides(&x.shape)),
                     )?;
                     all = all.and(done);
                     at += x.shape[*axis];
@@ -386,25 +387,5 @@ impl Evaluator<f32> for DeviceEval<'_> {
 
     fn deferred(&self, id: NodeId) -> bool {
         (self.plan.device_only[id.index()] && self.resident.contains_key(&id)) || self.stayed.contains_key(&id)
-    }
-}
-
-/// Row-major element strides of `shape`.
-fn row_major(shape: &[usize]) -> Vec<usize> {
-    let mut strides = vec![1usize; shape.len()];
-    for a in (0..shape.len().saturating_sub(1)).rev() {
-        strides[a] = strides[a + 1] * shape[a + 1];
-    }
-    strides
-}
-
-/// The profile key of an op: `<kind>` for a device kernel, `<kind> (host)` for an eval
-/// rule on the host.
-fn kind(op: &Op, device: bool) -> String {
-    let base = op_kind(op);
-    if device {
-        base
-    } else {
-        format!("{base} (host)")
     }
 }

@@ -2,7 +2,7 @@
 //! through the `ocl` crate. Tested on PoCL (OpenCL on the CPU); meant for GPUs.
 //!
 //! This module owns the executor ([`OpenCl`]): the shared driver
-//! ([`crate::backend::interp::execute`]: node order, feed and result checks, values freed
+//! ([`crate::backend::driver::execute`]: node order, feed and result checks, values freed
 //! after their last use) over the jit's fused plan, with the evaluator below. Its parts,
 //! one job per file:
 //! - [`device`]: device discovery (platforms counted by the raw `clGetPlatformIDs`, never
@@ -43,7 +43,7 @@ mod train;
 
 pub use device::{default_device, devices, probe, DeviceSummary, NO_PLATFORM};
 
-use super::interp::execute;
+use super::driver::execute;
 use super::{ExecError, Executor, Mode, OpProfile, PlanCache, Values};
 use crate::ir::dim::Binding;
 use crate::ir::graph::{Graph, NodeId};

@@ -11,11 +11,12 @@
 //! backend is complete by construction and agrees with interp.
 
 use super::{render, OpenCl};
-use crate::backend::interp::Lifetimes;
+use crate::backend::driver::Lifetimes;
 use crate::backend::ExecError;
+use crate::fuse::lone_reduction;
 use crate::ir::graph::Graph;
 use crate::ops::fused::FusedKernel;
-use crate::ops::{self, DType, Op, ValueKind};
+use crate::ops::{DType, Op, ValueKind};
 use ocl::Program;
 use std::collections::HashMap;
 
@@ -57,7 +58,7 @@ fn placement(
             let real = node.sig.dtype == DType::F && node.sig.kind == ValueKind::Dense;
             match &node.op {
                 Op::Fused(k) => kernels.contains_key(k.as_ref()),
-                op @ Op::Reduce { .. } => reduce_kernel(op, node).is_some_and(|k| kernels.contains_key(&k)),
+                op @ Op::Reduce { .. } => lone_reduction(op).is_some_and(|k| kernels.contains_key(&k)),
                 Op::MatMul { .. } => true,
                 Op::SparseRows { .. } => sparse_rows && node.sig.dtype == DType::F,
                 op => real && (matches!(op, Op::Gather | Op::Softmax { .. }) || is_layout(op)),
@@ -98,7 +99,7 @@ impl OpenCl {
             let node = fused.node(id);
             let kernel = match &node.op {
                 Op::Fused(k) => Some(k.as_ref().clone()),
-                op => reduce_kernel(op, node),
+                op => lone_reduction(op),
             };
             if let Some(k) = kernel {
                 if !kernels.contains_key(&k) {
@@ -166,20 +167,6 @@ impl OpenCl {
             )?;
         self.programs.insert(source.to_string(), program);
         Ok(())
-    }
-}
-
-/// A lone sum or mean of a dense real value as a fused kernel with an empty body (its
-/// reduction epilogue does the work), so it runs on the device like any fused kernel.
-pub(super) fn reduce_kernel(op: &Op, node: &crate::ir::graph::Node) -> Option<FusedKernel> {
-    match op {
-        Op::Reduce { op: r @ (ops::ReduceOp::Sum | ops::ReduceOp::Mean), axes, keep_dims }
-            if node.sig.dtype == DType::F && node.sig.kind == ValueKind::Dense =>
-        {
-            let reduce = Some(ops::fused::Reduction { op: *r, axes: axes.clone(), keep_dims: *keep_dims });
-            Some(FusedKernel { inputs: 1, body: vec![ops::fused::Instr::Input(0)], reduce })
-        }
-        _ => None,
     }
 }
 
