@@ -319,11 +319,8 @@ impl DeviceEval<'_> {
                 None => None,
             });
         }
-        let args: Vec<crate::exec::Arg<'_, f32>> = args
-            .iter()
-            .zip(&read)
-            .map(|(a, r)| r.as_ref().map_or_else(|| a.clone(), crate::exec::Arg::Param))
-            .collect();
+        let args: Vec<crate::exec::Arg<'_, f32>> =
+            args.iter().zip(&read).map(|(a, r)| r.as_ref().map_or(*a, crate::exec::Arg::Param)).collect();
         ops::eval(op, &args, cx)
     }
 }

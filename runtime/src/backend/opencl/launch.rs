@@ -142,13 +142,17 @@ pub(super) struct DeviceRun<'a> {
     pub(super) tuning: &'a MatmulTuning,
 }
 
+/// A product's shape as tuning knows it: `(m, n, k, trans_a, trans_b, batches, shared
+/// right operand)`.
+type ProductShape = (usize, usize, usize, bool, bool, usize, bool);
+
 /// The matmul tilings this device can run and the one chosen for each product shape.
 #[derive(Debug, Default)]
 pub(super) struct MatmulTuning {
     /// Indices into `render::MATMUL_TILES` whose work group the device allows.
     pub(super) allowed: Vec<usize>,
-    /// Products `(m, n, k, trans_a, trans_b, batches, shared right operand)` → tiling.
-    pub(super) chosen: std::cell::RefCell<HashMap<(usize, usize, usize, bool, bool, usize, bool), usize>>,
+    /// The tiling chosen per product shape.
+    pub(super) chosen: std::cell::RefCell<HashMap<ProductShape, usize>>,
     /// A tiling used for every product (tests), instead of tuning.
     pub(super) forced: Option<usize>,
 }
