@@ -626,7 +626,7 @@ fn group_mean(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     let Some((FeatureKind::Domain, dom, _)) = el.feature_nodes(&f) else {
         return el.error(fs, format!("`by` must be a domain input; `{f}` is not one"));
     };
-    if !el.shape(x.node).first().is_some_and(|d| *d == Dim::batch()) {
+    if el.shape(x.node).first().is_none_or(|d| *d != Dim::batch()) {
         return el.error(
             a.get("x").1,
             format!("`group_mean` needs a per-sample tensor [B, ...], found {}", el.shape_str(x.node)),
