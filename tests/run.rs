@@ -236,6 +236,39 @@ fn a_frozen_group_keeps_its_initial_values() {
     });
 }
 
+/// A stage that names a group no parameter has is an error before any data is read or any
+/// run folder made: a misspelt `freeze` used to freeze nothing, and a misspelt `train_only`
+/// everything (the loss stayed at 0.69315).
+#[test]
+fn a_stage_naming_an_unknown_group_is_an_error() {
+    let dir = tmp("unknown_group");
+    let spec = dir.join("grouped.mdl");
+    std::fs::write(
+        &spec,
+        "model grouped {\n  input fields : categorical\n  input hist : sequence(50) of fields\n  input tags : sequence(3)\n  input dense : numeric\n  label click\n  let h = mlp(flatten(embedding(fields, 8)[fields]), [16])\n  group tower {\n    task click = linear(h, 1)\n  }\n  loss bce(click)\n}\n",
+    )
+    .unwrap();
+    let spec_set = format!("spec={}", spec.display());
+    for key in ["freeze", "train_only"] {
+        let stages = format!("train.stages=[{{epochs: 1, {key}: [towr]}}]");
+        let out_dir = dir.join(key);
+        let out = short_run(&out_dir, &["--set", &spec_set, "--set", &stages]);
+        assert!(!out.status.success(), "a stage naming group `towr` ran");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let expected = format!(
+            "train.stages[0].{key}: no parameter of model `grouped` is in group `towr`; did you mean `tower`? (its groups: tower)"
+        );
+        assert!(err.contains(&expected), "{err}");
+        assert!(!out_dir.exists(), "a run folder was made for a run that cannot start");
+    }
+    // The DNN spec has no groups at all.
+    let out = short_run(&dir.join("none"), &["--set", "train.stages=[{epochs: 1, freeze: [tower]}]"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is in group `tower` (the model declares no groups)"), "{err}");
+    // A correct name still trains.
+    ok(&short_run(&dir.join("right"), &["--set", &spec_set, "--set", "train.stages=[{epochs: 1, freeze: [tower]}]"]));
+}
+
 /// `mdl bench` prints the step rate and the GEMM-bound line; the DNN's products are the
 /// three layers forward (768·256 + 256·128 + 128·1 multiply-adds per sample) and their two
 /// gradients each: 2 · 3 · 229,504 = 1,377,024 flops per sample.

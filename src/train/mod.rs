@@ -233,6 +233,7 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
     let mut exec = exp.backend.executor()?;
     let spec_started = Instant::now();
     let compiled = compile_spec(exp)?;
+    check_stage_groups(exp, &compiled)?;
     let spec_time = spec_started.elapsed();
     let out = opts.out.clone().unwrap_or_else(|| exp.out_dir());
     std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
@@ -263,6 +264,38 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
         run.finish(compile_ms, plan_ms)?;
     }
     Ok(out)
+}
+
+/// Every group a stage names in `freeze` or `train_only` must be a group of the model's
+/// parameters (`group name { ... }` in the spec): a misspelt name would otherwise freeze
+/// nothing (`freeze`) or everything (`train_only`) without a word. Checked before any
+/// data is read.
+fn check_stage_groups(exp: &Experiment, compiled: &Compiled) -> Result<(), String> {
+    let groups: std::collections::BTreeSet<&str> =
+        compiled.graph.params.iter().filter_map(|p| p.group.as_deref()).collect();
+    for (i, stage) in exp.train.stages.iter().enumerate() {
+        let named = stage.freeze.iter().map(|g| ("freeze", g));
+        let only = stage.train_only.iter().flatten().map(|g| ("train_only", g));
+        for (key, group) in named.chain(only) {
+            if groups.contains(group.as_str()) {
+                continue;
+            }
+            let hint = match crate::diag::suggest(group, groups.iter().copied()) {
+                Some(near) => format!("; did you mean `{near}`?"),
+                None => String::new(),
+            };
+            let known = if groups.is_empty() {
+                "the model declares no groups".to_string()
+            } else {
+                format!("its groups: {}", groups.iter().copied().collect::<Vec<_>>().join(", "))
+            };
+            return Err(format!(
+                "train.stages[{i}].{key}: no parameter of model `{}` is in group `{group}`{hint} ({known})",
+                compiled.model
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Reads (or loads from the cache) the experiment's three splits, logging their sizes and
