@@ -254,13 +254,20 @@ pub fn load(path: &Path, set: &[String]) -> Result<Experiment, String> {
         };
         set_path(&mut merged, &keys, v).map_err(|e| format!("--set {s}: {e}"))?;
     }
+    // Errors found after merging name the overrides too: the value at fault may have come
+    // from the command line (`--set`, or `--backend`, which is `--set backend=...`).
+    let source = if set.is_empty() {
+        path.display().to_string()
+    } else {
+        format!("{} with --set {}", path.display(), set.join(" --set "))
+    };
     // The keys again after merging: `--set` may have added some.
-    experiment_keys().check_value(&merged).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut exp: Experiment = serde_yaml::from_value(merged).map_err(|e| format!("{}: {}", path.display(), e))?;
+    experiment_keys().check_value(&merged).map_err(|e| format!("{source}: {e}"))?;
+    let mut exp: Experiment = serde_yaml::from_value(merged).map_err(|e| format!("{source}: {e}"))?;
     if exp.name.is_empty() {
         exp.name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
     }
-    exp.validate().map_err(|e| format!("{}: {e}", path.display()))?;
+    exp.validate().map_err(|e| format!("{source}: {e}"))?;
     Ok(exp)
 }
 

@@ -285,6 +285,8 @@ fn run_takes_the_backend_from_the_command_line() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("tpu") && err.contains("jit"), "{err}");
+    // The message says the value came from the command line, not from the file.
+    assert!(err.contains("experiments/quickstart.yaml with --set"), "{err}");
 }
 
 #[test]
