@@ -282,3 +282,68 @@ pub fn report(runs: &[std::path::PathBuf]) -> ExitCode {
         Err(e) => fail(&e),
     }
 }
+
+/// The arguments of `mdl fuzz` (hidden; see [`crate::fuzz`]).
+pub struct FuzzArgs {
+    pub kinds: Vec<String>,
+    pub cases: u64,
+    pub from: u64,
+    pub seed: u64,
+    pub budget_secs: f64,
+    pub known: bool,
+    pub jobs: usize,
+    pub root: Option<std::path::PathBuf>,
+    pub work: Option<std::path::PathBuf>,
+    pub worker: bool,
+}
+
+/// `mdl fuzz [--kind K]... [--cases N] [--seed S] [--budget-secs T] [--known] [--jobs J]`:
+/// prints the table of cases, panics, aborts, hangs and silent wrong results per kind;
+/// exits 1 when there is any.
+pub fn fuzz(args: FuzzArgs) -> ExitCode {
+    use crate::fuzz::{supervise, Kind};
+    let kinds: Result<Vec<Kind>, String> = if args.kinds.is_empty() {
+        Ok(Kind::ALL.to_vec())
+    } else {
+        args.kinds.iter().map(|k| Kind::parse(k)).collect()
+    };
+    let kinds = match kinds {
+        Ok(k) => k,
+        Err(e) => return fail(&e),
+    };
+    if !(args.budget_secs.is_finite() && args.budget_secs > 0.0) {
+        return fail("--budget-secs: must be a positive number of seconds");
+    }
+    let work = args.work.unwrap_or_else(|| std::env::temp_dir().join(format!("mdl-fuzz-{}", std::process::id())));
+    let opts = supervise::Options {
+        kinds: kinds.clone(),
+        cases: args.cases,
+        seed: args.seed,
+        budget: std::time::Duration::from_secs_f64(args.budget_secs),
+        known: args.known,
+        jobs: args.jobs,
+        root: args.root.unwrap_or_else(supervise::default_root),
+        work,
+    };
+    if args.worker {
+        let [kind] = kinds.as_slice() else {
+            return fail("--worker runs one --kind");
+        };
+        return match supervise::worker(*kind, args.from, args.cases, &opts) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        };
+    }
+    match supervise::supervise(&opts) {
+        Ok(results) => {
+            print!("{}", supervise::render(&results, &opts));
+            let _ = std::fs::remove_dir_all(&opts.work);
+            if results.iter().any(|(_, t)| t.failures() > 0) {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => fail(&e),
+    }
+}

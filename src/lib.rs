@@ -9,6 +9,7 @@ pub mod data;
 pub mod diag;
 pub mod experiment;
 pub mod files;
+pub mod fuzz;
 pub mod lower;
 pub mod metrics;
 pub mod report;

@@ -104,6 +104,41 @@ enum Command {
     /// List the OpenCL platforms and devices (`--backend opencl` takes the first GPU, else
     /// the first device; `--device N` picks another).
     Devices,
+    /// The fuzz bench: mutated specs, experiments, CSV rows, checkpoints and run folders,
+    /// counting panics, aborts, hangs and silent wrong results per input kind
+    /// (docs/reliability.md).
+    #[command(hide = true)]
+    Fuzz {
+        /// Input kinds (default: all): spec, yaml, csv, checkpoint, run-folder
+        #[arg(long = "kind")]
+        kinds: Vec<String>,
+        /// Cases per kind (with --from: the case to stop before)
+        #[arg(long, default_value_t = 1000)]
+        cases: u64,
+        /// The first case
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        #[arg(long, default_value_t = 21)]
+        seed: u64,
+        /// A case running longer than this is a hang
+        #[arg(long, default_value_t = 10.0)]
+        budget_secs: f64,
+        /// Include the inputs of findings still being fixed
+        #[arg(long)]
+        known: bool,
+        /// Kinds run at once
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// The repository (specs/, data/); default: the current folder
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Scratch folder (default: a folder in the system's temporary folder)
+        #[arg(long)]
+        work: Option<PathBuf>,
+        /// Run the cases in this process, reporting each (what the bench's children do)
+        #[arg(long)]
+        worker: bool,
+    },
     /// Print a Markdown table comparing finished runs: test AUC, gAUC, LogLoss, per-task
     /// and largest-domain AUC, parameters, train rows/s, epochs.
     Report {
@@ -139,6 +174,10 @@ fn main() -> ExitCode {
         Command::Devices => mdl::cli::devices(),
         Command::Predict { run, data, out } => mdl::cli::predict(&run, &data, &out),
         Command::Report { runs } => mdl::cli::report(&runs),
+        Command::Fuzz { kinds, cases, from, seed, budget_secs, known, jobs, root, work, worker } => {
+            let args = mdl::cli::FuzzArgs { kinds, cases, from, seed, budget_secs, known, jobs, root, work, worker };
+            mdl::cli::fuzz(args)
+        }
     });
     match result {
         Ok(code) => code,

@@ -1,0 +1,107 @@
+//! The fuzz suite at a small size (issue 21): for each input kind — specs, experiment YAML
+//! with `--set`, CSV rows, checkpoints, run folders — a few hundred mutated inputs
+//! (seed 21, the same cases every run) through the library as the commands use it. Each
+//! case must end in a valid result or an error: no panic, no case over the 10 s budget,
+//! and a corrupted input never gives a result different from the clean one. The bench
+//! (`mdl fuzz --cases 100000`) runs the same cases at scale; docs/reliability.md has its
+//! figures. Inputs of findings still being fixed are left out here (`known: false`).
+
+use mdl::fuzz::{run_range, Fixture, Kind, Settings, Tally};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// One fixture for the whole binary (its runs take a second).
+fn fixture() -> Arc<Fixture> {
+    static FIXTURE: OnceLock<Arc<Fixture>> = OnceLock::new();
+    FIXTURE
+        .get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("mdl-fuzz-test-{}", std::process::id()));
+            Arc::new(Fixture::new(&root(), &dir).unwrap_or_else(|e| panic!("the fuzz fixture: {e}")))
+        })
+        .clone()
+}
+
+fn settings() -> Settings {
+    Settings { seed: 21, budget: Duration::from_secs(10), known: false }
+}
+
+/// Runs `cases` cases of `kind` and fails with every finding.
+fn assert_clean(kind: Kind, cases: u64) -> Tally {
+    let tally = run_range(kind, &fixture(), &settings(), 0..cases, false, |_| {});
+    let findings: Vec<String> = tally.findings.iter().map(|f| f.to_string()).collect();
+    assert!(
+        findings.is_empty(),
+        "{} findings in {} {} cases:\n{}",
+        findings.len(),
+        cases,
+        kind.name(),
+        findings.join("\n")
+    );
+    assert_eq!(tally.cases, cases);
+    assert_eq!(tally.accepted + tally.rejected, cases);
+    tally
+}
+
+#[test]
+fn mutated_specs_compile_or_are_reported() {
+    let t = assert_clean(Kind::Spec, 400);
+    assert!(t.rejected > 0, "no mutated spec was rejected: the mutations do nothing");
+}
+
+#[test]
+fn mutated_experiments_load_and_train_or_are_reported() {
+    let t = assert_clean(Kind::Yaml, 200);
+    assert!(t.accepted > 0 && t.rejected > 0, "{t:?}");
+}
+
+#[test]
+fn mutated_csv_rows_score_like_the_clean_rows_or_are_reported() {
+    let t = assert_clean(Kind::Csv, 400);
+    assert!(t.accepted > 0 && t.rejected > 0, "{t:?}");
+}
+
+#[test]
+fn corrupted_checkpoints_are_rejected_or_read_back_unchanged() {
+    let t = assert_clean(Kind::Checkpoint, 400);
+    assert!(t.rejected > 0, "{t:?}");
+}
+
+#[test]
+fn corrupted_run_folders_give_the_clean_results_or_an_error() {
+    let t = assert_clean(Kind::RunFolder, 150);
+    assert!(t.accepted > 0 && t.rejected > 0, "{t:?}");
+}
+
+/// The suite can fail: a panic, a hang and a wrong result are each counted and named.
+#[test]
+fn the_runner_counts_panics_hangs_and_silent_results() {
+    use mdl::fuzz::Verdict;
+    let s = Settings { seed: 1, budget: Duration::from_millis(300), known: false };
+    let t = mdl::fuzz::run_cases_with(&s, 0..3, |case| match case {
+        0 => panic!("boom"),
+        1 => {
+            std::thread::sleep(Duration::from_secs(2));
+            Verdict::Accepted
+        }
+        _ => Verdict::Silent("different".into()),
+    });
+    assert_eq!((t.cases, t.panics, t.hangs, t.silent), (3, 1, 1, 1), "{t:?}");
+    assert!(t.findings[0].detail.contains("boom"), "{:?}", t.findings[0]);
+}
+
+#[test]
+fn the_bench_subcommand_prints_the_table_per_kind() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mdl"))
+        .args(["fuzz", "--kind", "checkpoint", "--kind", "spec", "--cases", "20"])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("| checkpoint | 20 |") && stdout.contains("| spec | 20 |"), "{stdout}");
+}
