@@ -140,21 +140,24 @@ fn fail(msg: &str) -> ExitCode {
     ExitCode::from(1)
 }
 
-/// `mdl run EXPERIMENT [--set k=v] [--out DIR]` or `mdl run --resume RUN_DIR`
+/// `mdl run EXPERIMENT [--set k=v] [--out DIR] [--force]` or `mdl run --resume RUN_DIR`
 pub fn run(
     experiment: Option<&Path>,
     set: &[String],
     out: Option<std::path::PathBuf>,
     resume: Option<std::path::PathBuf>,
     stop_after: Option<u64>,
+    force: bool,
 ) -> ExitCode {
     let (exp, out) = match (&resume, experiment) {
         (Some(dir), _) => {
-            let cfg = dir.join("config.yaml");
-            if !cfg.exists() {
-                return fail(&format!("{} is not a run folder (no config.yaml)", dir.display()));
+            // The experiment as the run wrote it (checked against the folder's manifest).
+            let trust = crate::train::folder::Trust { force };
+            let checked = crate::train::folder::ReadFolder::open(dir, trust).and_then(|f| f.read("config.yaml"));
+            if let Err(e) = checked {
+                return fail(&e);
             }
-            match crate::experiment::load(&cfg, set) {
+            match crate::experiment::load(&dir.join("config.yaml"), set) {
                 Ok(e) => (e, Some(dir.clone())),
                 Err(e) => return fail(&e),
             }
@@ -165,17 +168,18 @@ pub fn run(
         },
         (None, None) => return fail("give an experiment file or --resume RUN_DIR"),
     };
-    let opts = crate::train::RunOptions { out, resume: resume.is_some(), stop_after };
+    let opts = crate::train::RunOptions { out, resume: resume.is_some(), force, stop_after };
     match crate::train::train(&exp, &opts) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }
 }
 
-/// `mdl eval RUN_DIR --data FILE`
-pub fn eval(run: &Path, data: &Path) -> ExitCode {
+/// `mdl eval RUN_DIR --data FILE [--force]`
+pub fn eval(run: &Path, data: &Path, force: bool) -> ExitCode {
     let result = (|| -> Result<String, String> {
-        let crate::train::LoadedRun { experiment: exp, fitted, session, params } = crate::train::load_run(run)?;
+        let trust = crate::train::folder::Trust { force };
+        let crate::train::LoadedRun { experiment: exp, fitted, session, params } = crate::train::open_run(run, trust)?;
         let ds = fitted.encode_file(data, exp.data.bad_rows.into()).map_err(|e| e.to_string())?;
         let mut exec = exp.backend.executor()?;
         let report = session.evaluate(exec.as_mut(), &params, &ds, exp.train.batch_size)?;
@@ -190,10 +194,11 @@ pub fn eval(run: &Path, data: &Path) -> ExitCode {
     }
 }
 
-/// `mdl predict RUN_DIR --data FILE --out scores.csv`
-pub fn predict(run: &Path, data: &Path, out: &Path) -> ExitCode {
+/// `mdl predict RUN_DIR --data FILE --out scores.csv [--force]`
+pub fn predict(run: &Path, data: &Path, out: &Path, force: bool) -> ExitCode {
     let result = (|| -> Result<usize, String> {
-        let crate::train::LoadedRun { experiment: exp, fitted, session, params } = crate::train::load_run(run)?;
+        let trust = crate::train::folder::Trust { force };
+        let crate::train::LoadedRun { experiment: exp, fitted, session, params } = crate::train::open_run(run, trust)?;
         let ds = fitted.encode_file(data, exp.data.bad_rows.into()).map_err(|e| e.to_string())?;
         let mut exec = exp.backend.executor()?;
         let scores = session.predict(exec.as_mut(), &params, &ds, exp.train.batch_size)?;

@@ -1,12 +1,18 @@
 //! The one atomic file write of the front end ([`write_atomic`]): the data cache, the run
 //! folder's JSON and YAML files and `mdl predict`'s output all go through it, so no reader
-//! (a resumed run, `mdl report`, a user's script) ever sees half a file. Checkpoints are
-//! written by the runtime (`mdl_runtime::checkpoint`), which also syncs them to disk.
+//! (a resumed run, `mdl report`, a user's script) ever sees half a file, and a file it
+//! wrote is on disk before it returns. Checkpoints are written by the runtime
+//! (`mdl_runtime::checkpoint`), the same way. [`remove_stale_temporaries`] removes what a
+//! killed writer of either kind left behind, and [`sha256_hex`] is the digest the run
+//! folder's manifest records.
 
+use sha2::{Digest, Sha256};
+use std::io::Write;
 use std::path::Path;
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder (unique per
-/// process and moment, hidden, ending in `.tmp`), then a rename over the final name. On
+/// process and moment, hidden, ending in `.tmp`), synced to disk, then a rename over the
+/// final name and a sync of the folder, so a crash leaves the old file or the new one. On
 /// failure the temporary file is removed and the error names `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -14,13 +20,74 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let temporary = folder.join(format!(".{name}.{}.{nanos}.tmp", std::process::id()));
-    let result = std::fs::write(&temporary, bytes)
+    let result = std::fs::File::create(&temporary)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
         .and_then(|()| std::fs::rename(&temporary, path))
         .map_err(|e| format!("cannot write {}: {e}", path.display()));
     if result.is_err() {
         let _ = std::fs::remove_file(&temporary);
+        return result;
     }
-    result
+    // The rename itself is durable once the folder is synced (not every platform can).
+    if let Ok(dir) = std::fs::File::open(folder) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+/// The process id in the name of a temporary file a writer of this crate or the runtime
+/// leaves while it writes: `.<name>.<pid>.<nanos>.tmp` ([`write_atomic`]) or
+/// `<name>.tmp-<pid>` (checkpoints).
+fn temporary_owner(name: &str) -> Option<u32> {
+    if let Some((_, pid)) = name.rsplit_once(".tmp-") {
+        return pid.parse().ok();
+    }
+    let inner = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let mut parts = inner.rsplitn(3, '.');
+    let _nanos: u32 = parts.next()?.parse().ok()?;
+    let pid = parts.next()?.parse().ok()?;
+    parts.next().filter(|rest| !rest.is_empty()).map(|_| pid)
+}
+
+/// Whether process `pid` may still be running (on Linux, whether `/proc/<pid>` exists;
+/// elsewhere a process is assumed alive, so nothing of another process is removed).
+fn may_be_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    let proc = Path::new("/proc");
+    !proc.join("self").exists() || proc.join(pid.to_string()).exists()
+}
+
+/// Removes the temporary files that writers killed before their rename left in `folder`
+/// (see [`temporary_owner`]); with `only_dead`, only those of processes no longer running
+/// (a shared folder such as the data cache), else all (a folder this process holds the
+/// lock of). Returns the names removed; a folder that cannot be read has none.
+pub fn remove_stale_temporaries(folder: &Path, only_dead: bool) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = temporary_owner(&name) else { continue };
+        if (only_dead && may_be_alive(pid)) || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        if std::fs::remove_file(entry.path()).is_ok() {
+            removed.push(name);
+        }
+    }
+    removed.sort();
+    removed
+}
+
+/// The SHA-256 of `bytes` as 64 lowercase hex digits.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -48,5 +115,50 @@ mod tests {
         let path = std::env::temp_dir().join("mdl-no-such-folder").join("x").join("out.csv");
         let err = write_atomic(&path, b"1").unwrap_err();
         assert!(err.starts_with(&format!("cannot write {}", path.display())), "{err}");
+    }
+
+    #[test]
+    fn temporaries_are_recognised_by_their_writers_names() {
+        assert_eq!(temporary_owner("last.ckpt.tmp-4242"), Some(4242));
+        assert_eq!(temporary_owner(".0a1b.mdldata.4242.123456789.tmp"), Some(4242));
+        assert_eq!(temporary_owner(".metrics.json.17.5.tmp"), Some(17));
+        for other in ["last.ckpt", "metrics.json", ".lock", "x.tmp", ".4242.5.tmp", "a.tmp-x"] {
+            assert_eq!(temporary_owner(other), None, "{other}");
+        }
+    }
+
+    /// A killed writer's temporaries go (all of them in a folder this process holds; only
+    /// those of dead processes in a shared one), and nothing else does.
+    #[test]
+    fn stale_temporaries_are_removed_and_nothing_else() {
+        let folder = std::env::temp_dir().join(format!("mdl-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&folder);
+        std::fs::create_dir_all(&folder).unwrap();
+        // u32::MAX is above any Linux pid limit: a process that is not running.
+        let dead = u32::MAX;
+        let mine = std::process::id();
+        let names = [
+            format!("last.ckpt.tmp-{dead}"),
+            format!(".0a1b.mdldata.{dead}.99.tmp"),
+            format!(".metrics.json.{mine}.1.tmp"),
+            "metrics.json".to_string(),
+            "best.ckpt".to_string(),
+        ];
+        for n in &names {
+            std::fs::write(folder.join(n), b"x").unwrap();
+        }
+        let removed = remove_stale_temporaries(&folder, true);
+        if Path::new("/proc/self").exists() {
+            assert_eq!(removed, [names[1].clone(), names[0].clone()]);
+        }
+        let removed = remove_stale_temporaries(&folder, false);
+        assert!(removed.contains(&names[2]), "{removed:?}");
+        let mut left: Vec<String> = std::fs::read_dir(&folder)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["best.ckpt", "metrics.json"]);
+        std::fs::remove_dir_all(&folder).unwrap();
     }
 }

@@ -47,12 +47,16 @@ enum Command {
         /// Override any experiment key, e.g. `--set train.lr=0.01` (repeatable)
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
-        /// The run folder (default: runs/<experiment name>)
+        /// The run folder (default: runs/<experiment name>, or -2, -3, ... when that holds a run)
         #[arg(long)]
         out: Option<PathBuf>,
         /// Continue the interrupted run in this folder from its last checkpoint
         #[arg(long, value_name = "RUN_DIR")]
         resume: Option<PathBuf>,
+        /// Clear --out when it holds a run; with --resume, go on past a changed experiment,
+        /// changed data or a checkpoint of another run (saying so)
+        #[arg(long)]
+        force: bool,
         /// Stop after this many steps, as if interrupted (for testing --resume)
         #[arg(long, hide = true)]
         stop_after: Option<u64>,
@@ -89,6 +93,9 @@ enum Command {
         /// CSV or CSV.gz file
         #[arg(long)]
         data: PathBuf,
+        /// Read a run folder whose files do not match its manifest (saying so)
+        #[arg(long)]
+        force: bool,
     },
     /// Write one score per row and task for a file with the training schema.
     Predict {
@@ -100,6 +107,9 @@ enum Command {
         /// Output CSV (one column per task)
         #[arg(long)]
         out: PathBuf,
+        /// Read a run folder whose files do not match its manifest (saying so)
+        #[arg(long)]
+        force: bool,
     },
     /// List the OpenCL platforms and devices (`--backend opencl` takes the first GPU, else
     /// the first device; `--device N` picks another).
@@ -154,16 +164,16 @@ fn main() -> ExitCode {
     let result = std::panic::catch_unwind(|| match cli.command {
         Command::Check { specs, set } => mdl::cli::check(&specs, &set),
         Command::Graph { spec, backward, dot, set } => mdl::cli::graph(&spec, backward, dot, &set),
-        Command::Run { experiment, mut set, out, resume, stop_after, backend, device } => {
+        Command::Run { experiment, mut set, out, resume, stop_after, backend, device, force } => {
             if let Some(b) = backend {
                 set.push(format!("backend={b}"));
             }
             if let Some(n) = device {
                 set.push(format!("backend=opencl:{n}"));
             }
-            mdl::cli::run(experiment.as_deref(), &set, out, resume, stop_after)
+            mdl::cli::run(experiment.as_deref(), &set, out, resume, stop_after, force)
         }
-        Command::Eval { run, data } => mdl::cli::eval(&run, &data),
+        Command::Eval { run, data, force } => mdl::cli::eval(&run, &data, force),
         Command::Bench { experiment, backend, steps, set, device } => {
             let backend = match device {
                 Some(n) => Some(format!("opencl:{n}")),
@@ -172,7 +182,7 @@ fn main() -> ExitCode {
             mdl::cli::bench(&experiment, backend, steps, &set)
         }
         Command::Devices => mdl::cli::devices(),
-        Command::Predict { run, data, out } => mdl::cli::predict(&run, &data, &out),
+        Command::Predict { run, data, out, force } => mdl::cli::predict(&run, &data, &out, force),
         Command::Report { runs } => mdl::cli::report(&runs),
         Command::Fuzz { kinds, cases, from, seed, budget_secs, known, jobs, root, work, worker } => {
             let args = mdl::cli::FuzzArgs { kinds, cases, from, seed, budget_secs, known, jobs, root, work, worker };

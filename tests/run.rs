@@ -79,9 +79,14 @@ fn same_seed_gives_identical_metrics_and_resume_matches_a_straight_run() {
     let first = ok(&short_run(&c, &["--stop-after", "3"]));
     assert!(first.contains("stopping after 3 steps"), "{first}");
     assert!(!c.join("metrics.json").exists());
-    // Resumed with a batch size whose epoch has fewer batches than the run had done, it
-    // stops with the reason (it used to loop for ever).
-    let wrong = mdl(&["run", "--resume", c.to_str().unwrap(), "--set", "train.batch_size=100000"]);
+    // Resumed with another batch size, it is refused, naming the change; forced, with a
+    // batch size whose epoch has fewer batches than the run had done, it stops with the
+    // reason (it used to loop for ever).
+    let changed = mdl(&["run", "--resume", c.to_str().unwrap(), "--set", "train.batch_size=100000"]);
+    assert_eq!(changed.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&changed.stderr);
+    assert!(err.contains("started with: train.batch_size: 512 -> 100000; --force goes on regardless"), "{err}");
+    let wrong = mdl(&["run", "--resume", c.to_str().unwrap(), "--set", "train.batch_size=100000", "--force"]);
     assert_eq!(wrong.status.code(), Some(1));
     let err = String::from_utf8_lossy(&wrong.stderr);
     assert!(err.contains("last.ckpt: the run stopped 2 batches into an epoch, which has 2"), "{err}");

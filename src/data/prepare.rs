@@ -77,6 +77,9 @@ pub struct PrepareStats {
     pub cache_hit: bool,
     /// The cache file used or written (None with [`CacheMode::Off`]).
     pub cache_file: Option<PathBuf>,
+    /// The cache key (hex), which names the data's content: a run folder's manifest
+    /// records it, and `--resume` checks it (None with [`CacheMode::Off`]).
+    pub cache_key: Option<String>,
     /// Why a cache file was not used or not written, if that happened.
     pub cache_note: Option<String>,
     /// Reading the input files and hashing them for the key.
@@ -136,6 +139,7 @@ pub fn prepare(schema: &Schema, paths: &SplitPaths, options: &PrepareOptions) ->
     let mut stats = PrepareStats {
         cache_hit: false,
         cache_file: None,
+        cache_key: None,
         cache_note: None,
         hash_seconds: 0.0,
         parse_seconds: 0.0,
@@ -146,6 +150,9 @@ pub fn prepare(schema: &Schema, paths: &SplitPaths, options: &PrepareOptions) ->
     if let Some(folder) = &cache_folder {
         let k = cache_key(schema, options, &[&raw[0], &raw[1], &raw[2]])?;
         let file = folder.join(format!("{}.mdldata", hex(&k[..16])));
+        stats.cache_key = Some(hex(&k));
+        // What writers killed before their rename left behind.
+        crate::files::remove_stale_temporaries(folder, true);
         stats.hash_seconds = start.elapsed().as_secs_f64();
         if file.exists() {
             let cache_start = Instant::now();

@@ -1,14 +1,26 @@
 //! The run folder's checkpoints: parameters (and, in `last.ckpt`, the optimizer state)
-//! with the loop's position as metadata, written atomically and checked against the model
-//! when read back.
+//! with the loop's position and the run's id as metadata, written atomically and checked
+//! against the model when read back (the run id is checked by the caller, against the run
+//! folder's manifest).
 
 use super::run::LoopState;
 use super::Session;
 use mdl_runtime::checkpoint;
 use mdl_runtime::optim::Optimizer;
 use mdl_runtime::tensor::Tensor;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
+
+/// A checkpoint's metadata: the run that wrote it and where its loop was.
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    /// Absent in checkpoints of an mdl before run ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    run_id: Option<String>,
+    #[serde(flatten)]
+    state: LoopState,
+}
 
 /// The name prefix of the optimizer's state tensors in a checkpoint.
 const OPT_PREFIX: &str = "optimizer/";
@@ -19,6 +31,7 @@ pub(super) fn save(
     params: &HashMap<String, Tensor<f32>>,
     opt: Option<&Optimizer<f32>>,
     state: &LoopState,
+    run_id: &str,
 ) -> Result<(), String> {
     let mut names: Vec<&String> = params.keys().collect();
     names.sort();
@@ -26,7 +39,8 @@ pub(super) fn save(
     if let Some(o) = opt {
         tensors.extend(o.state().into_iter().map(|(n, t)| (format!("{OPT_PREFIX}{n}"), t)));
     }
-    let meta = serde_json::to_string(state).map_err(|e| e.to_string())?;
+    let meta = Meta { run_id: Some(run_id.to_string()), state: state.clone() };
+    let meta = serde_json::to_string(&meta).map_err(|e| e.to_string())?;
     checkpoint::save(path, &tensors, &meta).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
@@ -36,13 +50,16 @@ pub(super) struct Loaded {
     /// The optimizer's state tensors (none in `best.ckpt`).
     pub optimizer: Vec<(String, Tensor<f32>)>,
     pub state: LoopState,
+    /// The run that wrote it (none from an mdl before run ids).
+    pub run_id: Option<String>,
 }
 
 /// Reads a checkpoint and checks its parameters against the session's model (names and
 /// shapes).
 pub(super) fn load(path: &Path, session: &Session) -> Result<Loaded, String> {
     let (tensors, meta) = checkpoint::load(path).map_err(|e| e.to_string())?;
-    let state: LoopState = serde_json::from_str(&meta).map_err(|e| format!("{}: bad metadata: {e}", path.display()))?;
+    let Meta { run_id, state } =
+        serde_json::from_str(&meta).map_err(|e| format!("{}: bad metadata: {e}", path.display()))?;
     let mut params = HashMap::new();
     let mut optimizer = Vec::new();
     for (n, t) in tensors {
@@ -54,7 +71,7 @@ pub(super) fn load(path: &Path, session: &Session) -> Result<Loaded, String> {
         }
     }
     check_params(session, &params, path)?;
-    Ok(Loaded { params, optimizer, state })
+    Ok(Loaded { params, optimizer, state, run_id })
 }
 
 /// Checks loaded parameters against the model (names and shapes).

@@ -6,40 +6,46 @@
 //! and loop state, with shuffled mini-batches, row-sparse embedding updates, gradient
 //! clipping, periodic validation with early stopping, and atomic checkpoints
 //! (`checkpoint.rs`). [`train`] drives the stages of a run end to end: it evaluates the
-//! test split with the best parameters and writes the run folder:
+//! test split with the best parameters and writes the run folder, which `folder.rs` keeps
+//! whole (its own, locked, with a manifest of checksums and a copy of the spec):
 //!
 //! | file | contents |
 //! |---|---|
+//! | `manifest.json` | run id, mdl version and commit, SHA-256 of the experiment, the spec files, the data (cache key) and every file below but the checkpoints and the log, whether the run finished |
+//! | `spec/` | the spec and every file it `use`s, as the run compiled them (what `--resume`, `mdl eval` and `mdl predict` compile) |
 //! | `config.yaml` | the resolved experiment (what `--resume` and `mdl eval` read back) |
 //! | `fitted.json` | vocabularies and normalisers fitted on train |
 //! | `metrics.json` | valid and test metrics of the best checkpoint, the best step |
 //! | `curve.csv` | step, epoch, train loss, valid metrics at each evaluation |
-//! | `best.ckpt` | the parameters of the best evaluation |
+//! | `best.ckpt` | the parameters of the best evaluation (with the run id, as `last.ckpt`) |
 //! | `last.ckpt` | parameters, optimizer state and loop position, for `--resume` |
 //! | `train.log` | what the terminal showed, with timings |
 //! | `timing.json` | throughput and times of this process's part of the run ([`RunTiming`]) |
+//! | `.lock` | the pid of the process writing the folder, locked while it does |
 //!
 //! `metrics.json` holds no timings, so the same seed gives a byte-identical file; the
 //! timings go to `timing.json`, which `mdl report` reads beside it.
 
 pub mod bind;
 mod checkpoint;
+pub mod folder;
 pub mod progress;
 pub mod run;
 
 use crate::data::{self, Dataset, Fitted, PrepareOptions, Prepared};
 use crate::experiment::{Experiment, OptimizerName};
-use crate::files::write_atomic;
+use crate::files::sha256_hex;
 use crate::lower::{compile_file, logit_output, Compiled};
 use crate::metrics::Report;
 use bind::InputBinding;
+use folder::{ReadFolder, Resumed, RunFolder, Trust};
 use mdl_runtime::backend::Executor;
 use mdl_runtime::exec::Mode;
 use mdl_runtime::optim::{OptimConfig, OptimKind};
 use mdl_runtime::tensor::Tensor;
 use mdl_runtime::{autodiff, passes, Graph, ParamInfo};
 use progress::Progress;
-pub use run::{CurvePoint, LoopEnd, LoopState, Run};
+pub use run::{CurvePoint, LoopEnd, LoopState, Run, Start};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -57,9 +63,23 @@ pub struct Session {
 /// so `mdl run` and `mdl bench` call it before reading any: a bad spec is reported at
 /// once, not after the data has loaded.
 pub fn compile_spec(exp: &Experiment) -> Result<Compiled, String> {
+    compile_spec_at(exp, &exp.spec).map(|(compiled, _)| compiled)
+}
+
+/// Compiles the experiment's model from the spec file `spec` (the experiment's own, or a
+/// run folder's copy of it); returns it with the files the compiler read and their text:
+/// the spec first, then every file it `use`s (the standard library is part of mdl).
+pub fn compile_spec_at(exp: &Experiment, spec: &Path) -> Result<(Compiled, Vec<(PathBuf, String)>), String> {
     let mut map = crate::diag::SourceMap::new();
     let overrides = exp.hyper_overrides()?;
-    compile_file(&mut map, &exp.spec, exp.model.as_deref(), &overrides).map_err(|d| crate::diag::render_all(&map, &d))
+    let compiled = compile_file(&mut map, spec, exp.model.as_deref(), &overrides)
+        .map_err(|d| crate::diag::render_all(&map, &d))?;
+    // File 0 is the spec; the standard library is the entry `lower` adds under its name.
+    let files = (0..map.len() as u32)
+        .filter(|&f| f == 0 || map.name(f) != "std.mdl" || map.text(f) != crate::lower::STD_SOURCE)
+        .map(|f| (PathBuf::from(map.name(f)), map.text(f).to_string()))
+        .collect();
+    Ok((compiled, files))
 }
 
 /// The forward graph with the gradient of the loss for every parameter, optimised: what
@@ -217,51 +237,141 @@ pub fn optim_config(exp: &Experiment) -> OptimConfig {
 /// Options of `mdl run` beyond the experiment file.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
+    /// `--out` (with `resume`, the run folder to resume).
     pub out: Option<PathBuf>,
     pub resume: bool,
+    /// `--force`: a fresh run clears its `--out` (a run folder); a resume goes on past a
+    /// changed experiment, changed data or a checkpoint of another run, saying so.
+    pub force: bool,
     /// Stop (as if killed) after this many steps in this process — for tests of `--resume`.
     pub stop_after: Option<u64>,
 }
 
 /// Trains an experiment end to end and writes its run folder. Returns the run folder.
 ///
-/// Its stages each report their errors before the next costs anything: the backend (a
-/// missing device), the spec, the run folder and the data, the session and the backend's
-/// plans; then the [`Run`] is started (or resumed), fitted, and finished with the test
-/// metrics.
+/// Its stages each report their errors before the next costs anything: the run folder of
+/// a resumed run (a finished one is reported and left as it is), the backend (a missing
+/// device), the spec, the folder of a fresh run and the data, the session and the
+/// backend's plans; then the [`Run`] is started (or resumed), fitted, and finished with the
+/// test metrics. A fresh run that fails before it starts leaves no folder behind.
 pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
+    let config = serde_yaml::to_string(exp).map_err(|e| e.to_string())?;
+    let config_sha256 = sha256_hex(config.as_bytes());
+    let trust = Trust { force: opts.force };
+    let resumed = match (opts.resume, &opts.out) {
+        (true, Some(dir)) => match RunFolder::resume(dir, trust, &config_sha256)? {
+            Resumed::Finished(message) => {
+                eprintln!("{message}");
+                return Ok(dir.clone());
+            }
+            Resumed::Open(folder) => Some(folder),
+        },
+        (true, None) => return Err("--resume needs the run folder".into()),
+        (false, _) => None,
+    };
     let mut exec = exp.backend.executor()?;
     let spec_started = Instant::now();
-    let compiled = compile_spec(exp)?;
+    // A resumed run compiles the folder's copy of its spec, unless the experiment now
+    // names another spec (with --force).
+    let mut notes = Vec::new();
+    let mut spec = exp.spec.clone();
+    let mut from_copy = false;
+    if let Some(folder) = &resumed {
+        let changes = if folder.manifest.config_sha256 == config_sha256 {
+            Vec::new()
+        } else {
+            let path = folder.dir().join("config.yaml");
+            let old = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            folder::config_changes(&old, &config)
+        };
+        if !changes.is_empty() {
+            trust.problem(format!(
+                "the experiment differs from the one {} started with: {}",
+                folder.dir().display(),
+                changes.join("; ")
+            ))?;
+        }
+        let same_spec = !changes.iter().any(|c| c.starts_with("spec:") || c.starts_with("model:"));
+        if let (true, Some((copy, spec_notes))) = (same_spec, folder.spec(trust)?) {
+            spec = copy;
+            notes = spec_notes;
+            from_copy = true;
+        }
+    }
+    let (compiled, spec_files) = compile_spec_at(exp, &spec)?;
     check_stage_groups(exp, &compiled)?;
     let spec_time = spec_started.elapsed();
-    let out = opts.out.clone().unwrap_or_else(|| exp.out_dir());
-    std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
-    let mut log = Progress::new(&out.join("train.log"))?;
-    log.line(&format!("mdl run {} -> {}", exp.name, out.display()));
-    if let Some(device) = exec.device_name() {
-        log.line(&format!("device: {device}"));
+    let (mut folder, claim_note) = match resumed {
+        Some(folder) => (folder, None),
+        None => {
+            let dir = opts.out.clone().unwrap_or_else(|| exp.out_dir());
+            RunFolder::claim(&dir, opts.out.is_some(), opts.force, &config_sha256)?
+        }
+    };
+    let out = folder.dir().to_path_buf();
+    let started = (|| {
+        let mut log = Progress::new(&out.join("train.log"))?;
+        log.line(&format!("mdl run {} -> {} (run {})", exp.name, out.display(), folder.run_id()));
+        for note in claim_note.iter().chain(&notes) {
+            log.line(note);
+        }
+        if let Some(device) = exec.device_name() {
+            log.line(&format!("device: {device}"));
+        }
+        let prep = load_data(exp, &mut log)?;
+        if let (Some(was), Some(now)) = (&folder.manifest.data_key, &prep.stats.cache_key) {
+            if opts.resume && was != now {
+                trust.problem(format!(
+                    "the data differs from the data the run started with (the content of its train, valid or test file, or the schema: data key {} then, {} now)",
+                    &was[..was.len().min(12)],
+                    &now[..now.len().min(12)]
+                ))?;
+            }
+        }
+        let session_started = Instant::now();
+        let session = Session::with_compiled(compiled, &prep.fitted)?;
+        let compile_ms = (session_started.elapsed() + spec_time).as_secs_f64() * 1e3;
+        let plan_ms = session.prepare(exec.as_mut(), exp.train.batch_size.min(prep.train.rows))?;
+        log.line(&format!(
+            "model {}: {} parameter tensors, {} train-graph ops, compiled in {compile_ms:.1} ms, {} plan ready in {plan_ms:.1} ms",
+            session.compiled.model,
+            session.params().len(),
+            session.train_graph.len(),
+            exp.backend,
+        ));
+        Ok::<_, String>((log, prep, session, compile_ms, plan_ms))
+    })();
+    let (log, prep, session, compile_ms, plan_ms) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            folder.discard();
+            return Err(e);
+        }
+    };
+    let start = if opts.resume { Start::Resume(trust) } else { Start::Fresh };
+    // The run folder records the run once it has started: a resume that cannot start
+    // leaves it as it was.
+    let mut run = match Run::start(exp, &session, exec.as_mut(), &prep, &folder, log, start) {
+        Ok(run) => run,
+        Err(e) => {
+            folder.discard();
+            return Err(e);
+        }
+    };
+    if !from_copy {
+        folder.snapshot_spec(&spec_files)?;
     }
-    let prep = load_data(exp, &mut log)?;
-
-    let session_started = Instant::now();
-    let session = Session::with_compiled(compiled, &prep.fitted)?;
-    let compile_ms = (session_started.elapsed() + spec_time).as_secs_f64() * 1e3;
-    let plan_ms = session.prepare(exec.as_mut(), exp.train.batch_size.min(prep.train.rows))?;
-    log.line(&format!(
-        "model {}: {} parameter tensors, {} train-graph ops, compiled in {compile_ms:.1} ms, {} plan ready in {plan_ms:.1} ms",
-        session.compiled.model,
-        session.params().len(),
-        session.train_graph.len(),
-        exp.backend,
-    ));
-    // The run folder records the experiment once the run has started: a resume that
-    // cannot start leaves it as it was.
-    let mut run = Run::start(exp, &session, exec.as_mut(), &prep, &out, log, opts.resume)?;
-    write_atomic(&out.join("config.yaml"), serde_yaml::to_string(exp).map_err(|e| e.to_string())?.as_bytes())?;
-    write_atomic(&out.join("fitted.json"), serde_json::to_string(&prep.fitted).map_err(|e| e.to_string())?.as_bytes())?;
+    let fitted = serde_json::to_string(&prep.fitted).map_err(|e| e.to_string())?;
+    for (name, bytes) in [("config.yaml", config.as_bytes()), ("fitted.json", fitted.as_bytes())] {
+        if !folder.holds(name, bytes) {
+            folder.write(name, bytes)?;
+        }
+    }
+    folder.manifest.config_sha256 = config_sha256;
+    folder.manifest.data_key = prep.stats.cache_key.clone();
+    folder.save_manifest()?;
     if run.fit(opts.stop_after)? == LoopEnd::Finished {
-        run.finish(compile_ms, plan_ms)?;
+        run.finish(&mut folder, compile_ms, plan_ms)?;
     }
     Ok(out)
 }
@@ -341,19 +451,34 @@ pub struct LoadedRun {
     pub params: HashMap<String, Tensor<f32>>,
 }
 
-/// Loads a finished (or interrupted) run: its experiment, fitted data encoders, model and best parameters.
+/// Loads a finished (or interrupted) run: its experiment, fitted data encoders, model and
+/// best parameters, every file checked against the run folder's manifest (see
+/// [`open_run`]).
 pub fn load_run(run: &Path) -> Result<LoadedRun, String> {
+    open_run(run, Trust { force: false })
+}
+
+/// [`load_run`], with `trust` deciding what a run folder that does not hold together
+/// means (an error, or with `--force` a warning): a file changed since the run wrote it,
+/// a checkpoint of another run, a folder without a manifest. The model is compiled from
+/// the folder's copy of the spec, with a note on stderr when the original has changed.
+pub fn open_run(run: &Path, trust: Trust) -> Result<LoadedRun, String> {
+    let folder = ReadFolder::open(run, trust)?;
     let cfg = run.join("config.yaml");
-    let text = std::fs::read_to_string(&cfg)
-        .map_err(|e| format!("{} is not a run folder: cannot read {}: {e}", run.display(), cfg.display()))?;
+    let text = String::from_utf8(folder.read("config.yaml")?).map_err(|e| format!("{}: {e}", cfg.display()))?;
     let exp: Experiment = serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", cfg.display()))?;
     let fitted_path = run.join("fitted.json");
-    let fitted: Fitted = serde_json::from_str(
-        &std::fs::read_to_string(&fitted_path).map_err(|e| format!("cannot read {}: {e}", fitted_path.display()))?,
-    )
-    .map_err(|e| format!("{}: {e}", fitted_path.display()))?;
-    let session = Session::new(&exp, &fitted)?;
+    let fitted: Fitted =
+        serde_json::from_slice(&folder.read("fitted.json")?).map_err(|e| format!("{}: {e}", fitted_path.display()))?;
+    let (spec, notes) = folder.spec(&exp.spec)?;
+    for note in notes {
+        eprintln!("{note}");
+    }
+    let session = Session::with_compiled(compile_spec_at(&exp, &spec)?.0, &fitted)?;
     let ckpt = if run.join("best.ckpt").exists() { run.join("best.ckpt") } else { run.join("last.ckpt") };
-    let params = checkpoint::load(&ckpt, &session)?.params;
-    Ok(LoadedRun { experiment: exp, fitted, session, params })
+    let loaded = checkpoint::load(&ckpt, &session)?;
+    if let Some(manifest) = folder.manifest() {
+        trust.checkpoint_id(&ckpt, loaded.run_id.as_deref(), &manifest.run_id)?;
+    }
+    Ok(LoadedRun { experiment: exp, fitted, session, params: loaded.params })
 }

@@ -3,16 +3,17 @@
 //! position, the curve, timings). Its methods are the loop's parts: [`Run::step`] trains
 //! on one batch, [`Run::evaluate`] validates and keeps the best checkpoint and early
 //! stopping, [`Run::checkpoint`] writes `last.ckpt`; [`Run::fit`] drives them over the
-//! experiment's stages and epochs, and [`Run::finish`] tests the best parameters and writes
+//! experiment's stages and epochs, and [`Run::finish`] tests the best parameters (the
+//! `best.ckpt` this run wrote, else the last ones) and writes
 //! the run's figures. The loop lives here, outside the backends: an executor only runs
 //! the training step it is given.
 
 use super::checkpoint;
+use super::folder::{RunFolder, Trust};
 use super::progress::Progress;
 use super::{optim_config, skipped_rows, RunMetrics, RunTiming, Session};
 use crate::data::{Batch, MiniBatches, Prepared};
 use crate::experiment::{Experiment, Stage};
-use crate::files::write_atomic;
 use mdl_runtime::backend::Executor;
 use mdl_runtime::exec::Mode;
 use mdl_runtime::optim::Optimizer;
@@ -21,7 +22,7 @@ use mdl_runtime::training::{self, TrainStep};
 use mdl_runtime::ParamInfo;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// One row of `curve.csv`.
@@ -105,6 +106,16 @@ enum StageEnd {
     StoppedAsAsked,
 }
 
+/// How [`Run::start`] begins.
+#[derive(Clone, Copy, Debug)]
+pub enum Start {
+    /// Fresh parameters.
+    Fresh,
+    /// From the folder's `last.ckpt` when there is one; a checkpoint of another run (by
+    /// its run id) is refused unless the trust is `--force`.
+    Resume(Trust),
+}
+
 /// A training run in progress (see the module doc).
 pub struct Run<'a> {
     exp: &'a Experiment,
@@ -114,8 +125,11 @@ pub struct Run<'a> {
     params: HashMap<String, Tensor<f32>>,
     optimizer: Optimizer<f32>,
     state: LoopState,
-    /// The run folder and its log.
+    /// The run folder, its run id and its log.
     out: PathBuf,
+    run_id: String,
+    /// Whether checkpoints of another run are refused (`--force` accepts them).
+    trust: Trust,
     log: Progress,
     best_path: PathBuf,
     last_path: PathBuf,
@@ -135,23 +149,30 @@ pub struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    /// Starts a run in the folder `out` (logging to `log`) on the train and valid splits of
-    /// `data`: fresh parameters, or with `resume` the parameters, optimizer state and loop
-    /// position of `out/last.ckpt` when there is one.
+    /// Starts a run in `folder` (logging to `log`) on the train and valid splits of
+    /// `data`: fresh parameters, or when resuming the parameters, optimizer state and loop
+    /// position of the folder's `last.ckpt` when there is one (and it is this run's).
     pub fn start(
         exp: &'a Experiment,
         session: &'a Session,
         exec: &'a mut dyn Executor,
         data: &'a Prepared,
-        out: &Path,
+        folder: &RunFolder,
         mut log: Progress,
-        resume: bool,
+        start: Start,
     ) -> Result<Run<'a>, String> {
+        let out = folder.dir();
+        let run_id = folder.run_id().to_string();
+        let (resume, trust) = match start {
+            Start::Fresh => (false, Trust { force: false }),
+            Start::Resume(trust) => (true, trust),
+        };
         let mut optimizer = Optimizer::<f32>::new(optim_config(exp))?;
         let last_path = out.join("last.ckpt");
         let batches = MiniBatches::new(data.train.rows, exp.train.batch_size, exp.train.seed);
         let (params, state) = if resume && last_path.exists() {
             let last = checkpoint::load(&last_path, session)?;
+            trust.checkpoint_id(&last_path, last.run_id.as_deref(), &run_id)?;
             optimizer.load_state(last.optimizer)?;
             if last.state.batch_in_epoch >= batches.batches_per_epoch() {
                 return Err(format!(
@@ -185,6 +206,8 @@ impl<'a> Run<'a> {
             optimizer,
             state,
             out: out.to_path_buf(),
+            run_id,
+            trust,
             log,
             best_path: out.join("best.ckpt"),
             last_path,
@@ -352,7 +375,7 @@ impl<'a> Run<'a> {
             state.bad_evals = 0;
             // The checkpoint needs the parameters on the host.
             self.sync()?;
-            checkpoint::save(&self.best_path, &self.params, None, &self.state)?;
+            checkpoint::save(&self.best_path, &self.params, None, &self.state, &self.run_id)?;
         } else {
             state.bad_evals += 1;
             if state.bad_evals >= early.patience {
@@ -385,7 +408,7 @@ impl<'a> Run<'a> {
     /// `--resume` continues.
     pub fn checkpoint(&mut self) -> Result<(), String> {
         self.sync()?;
-        checkpoint::save(&self.last_path, &self.params, Some(&self.optimizer), &self.state)
+        checkpoint::save(&self.last_path, &self.params, Some(&self.optimizer), &self.state, &self.run_id)
     }
 
     /// Brings the host's parameters and optimizer state up to date with the executor's.
@@ -393,15 +416,26 @@ impl<'a> Run<'a> {
         training::sync(&mut *self.exec, &mut self.params, &mut self.optimizer)
     }
 
-    /// Evaluates valid and test with the best parameters (`best.ckpt`, else the last
-    /// ones) and writes the run's figures: `metrics.json`, `curve.csv`, `timing.json`, and
-    /// the closing lines of the log. `compile_ms` and `plan_ms` are the times
-    /// [`RunTiming`] reports.
-    pub fn finish(mut self, compile_ms: f64, plan_ms: f64) -> Result<(), String> {
+    /// Evaluates valid and test with the best parameters (the `best.ckpt` this run wrote
+    /// at its best step, else the last ones: never a file it did not write) and writes the
+    /// run's figures into `folder`: `metrics.json`, `curve.csv`, `timing.json`, the closing
+    /// lines of the log, and the manifest, which then says the run has finished.
+    /// `compile_ms` and `plan_ms` are the times [`RunTiming`] reports.
+    pub fn finish(mut self, folder: &mut RunFolder, compile_ms: f64, plan_ms: f64) -> Result<(), String> {
         self.log.finish();
         let train_secs = self.loop_started.elapsed().as_secs_f64();
-        let best = if self.best_path.exists() {
-            checkpoint::load(&self.best_path, self.session)?.params
+        let best = if self.state.best.is_some() {
+            let best = checkpoint::load(&self.best_path, self.session)?;
+            self.trust.checkpoint_id(&self.best_path, best.run_id.as_deref(), &self.run_id)?;
+            if best.state.step != self.state.best_step {
+                self.trust.problem(format!(
+                    "{} holds the parameters of step {}, not those of the best step {}",
+                    self.best_path.display(),
+                    best.state.step,
+                    self.state.best_step
+                ))?;
+            }
+            best.params
         } else {
             std::mem::take(&mut self.params)
         };
@@ -422,8 +456,8 @@ impl<'a> Run<'a> {
             skipped_rows: skipped_rows(self.data),
         };
         let json = serde_json::to_string_pretty(&metrics).map_err(|e| e.to_string())?;
-        write_atomic(&out.join("metrics.json"), json.as_bytes())?;
-        write_curve(&out.join("curve.csv"), &state.curve)?;
+        folder.write("metrics.json", json.as_bytes())?;
+        folder.write("curve.csv", curve_csv(&state.curve).as_bytes())?;
         let rows_per_s = self.rows_here as f64 / self.step_secs.max(1e-9);
         let timing = RunTiming {
             backend: self.exp.backend.to_string(),
@@ -437,7 +471,9 @@ impl<'a> Run<'a> {
             total_secs: self.log.elapsed_secs(),
         };
         let json = serde_json::to_string_pretty(&timing).map_err(|e| e.to_string())?;
-        write_atomic(&out.join("timing.json"), json.as_bytes())?;
+        folder.write("timing.json", json.as_bytes())?;
+        folder.manifest.finished = true;
+        folder.save_manifest()?;
         self.log.line(&format!(
             "test: auc {} gauc {} logloss {} (best step {}, {} epochs)",
             fmt_opt(metrics.test.auc),
@@ -474,7 +510,7 @@ fn fmt_opt(v: Option<f64>) -> String {
     v.map(|x| format!("{x:.5}")).unwrap_or_else(|| "-".into())
 }
 
-fn write_curve(path: &Path, curve: &[CurvePoint]) -> Result<(), String> {
+fn curve_csv(curve: &[CurvePoint]) -> String {
     let mut s = String::from("step,epoch,train_loss,valid_auc,valid_gauc,valid_logloss\n");
     let f = |v: Option<f64>| v.map(|x| format!("{x:.6}")).unwrap_or_default();
     for c in curve {
@@ -488,5 +524,5 @@ fn write_curve(path: &Path, curve: &[CurvePoint]) -> Result<(), String> {
             f(c.valid_logloss)
         ));
     }
-    write_atomic(path, s.as_bytes())
+    s
 }
