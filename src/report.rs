@@ -4,7 +4,8 @@
 //! A row per run: model, parameters, test AUC / gAUC / LogLoss, the test AUC of every task
 //! when there are several, the test AUC of the largest domains (by test rows) when the run
 //! has per-domain metrics, training throughput and epochs. Metrics files are read as plain
-//! JSON so that reports of older runs keep working when fields are added.
+//! JSON so that reports of older runs keep working when fields are added, and checked
+//! against the run folder's manifest where it has one.
 
 use serde_json::Value;
 use std::fmt::Write as _;
@@ -43,7 +44,11 @@ pub fn summarize(folder: &Path) -> Result<RunSummary, String> {
     if !metrics_path.exists() {
         return Err(format!("{}: no metrics.json (not a finished `mdl run` folder)", folder.display()));
     }
-    let m = read_json(&metrics_path)?;
+    let bytes = std::fs::read(&metrics_path).map_err(|e| format!("{}: {e}", metrics_path.display()))?;
+    // A finished run's figures, as the run wrote them (its manifest's checksum).
+    crate::train::folder::check_recorded(folder, "metrics.json", &bytes)?;
+    let m: Value =
+        serde_json::from_slice(&bytes).map_err(|e| format!("{}: not valid JSON: {e}", metrics_path.display()))?;
     let test = &m["test"];
     let f = |v: &Value| v.as_f64();
     let tasks_obj = test["per_task"].as_object();

@@ -255,8 +255,9 @@ fn the_final_test_never_reads_a_best_checkpoint_the_run_did_not_write() {
 }
 
 /// Finding 5: a one-byte change in fitted.json moved eval's AUC without a word. Now a
-/// changed fitted.json or config.yaml is refused by eval, predict and resume, naming the
-/// file; `--force` reads it anyway and says so.
+/// changed fitted.json or config.yaml is refused by eval, predict and resume, and a
+/// changed metrics.json by `mdl report`, naming the file; `--force` reads it anyway and
+/// says so.
 #[test]
 fn changed_run_files_are_refused() {
     let d = tmp("changed");
@@ -301,6 +302,17 @@ fn changed_run_files_are_refused() {
     let what = format!("{} has changed since the run wrote it", run.join("config.yaml").display());
     assert!(refused(&eval(false)).contains(&what));
     assert!(refused(&mdl(&["run", "--resume", run.to_str().unwrap()])).contains(&what));
+
+    // metrics.json, as `mdl report` reads it.
+    let metrics = std::fs::read_to_string(run.join("metrics.json")).unwrap();
+    std::fs::write(run.join("metrics.json"), metrics.replacen("\"auc\": 0.", "\"auc\": 0.9", 1)).unwrap();
+    let err = refused(&mdl(&["report", run.to_str().unwrap()]));
+    assert!(
+        err.contains(&format!("{} has changed since the run wrote it", run.join("metrics.json").display())),
+        "{err}"
+    );
+    std::fs::write(run.join("metrics.json"), &metrics).unwrap();
+    ok(&mdl(&["report", run.to_str().unwrap()]));
 
     // The manifest itself.
     std::fs::write(run.join("config.yaml"), &config).unwrap();

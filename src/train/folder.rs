@@ -564,6 +564,19 @@ fn checked_spec_copy(dir: &Path, m: &Manifest, trust: Trust) -> Result<(PathBuf,
     Ok((dir.join(root), spec_notes(dir, m)))
 }
 
+/// Checks a file of a run folder against the checksum its manifest records for it, for
+/// readers that take a finished run's figures as they are (`mdl report`): a folder without
+/// a manifest, or a file the manifest does not list, passes.
+pub fn check_recorded(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), String> {
+    match Manifest::read(dir)?.and_then(|m| m.files.get(name).cloned()) {
+        Some(want) if want != sha256_hex(bytes) => Err(format!(
+            "{} has changed since the run wrote it (its SHA-256 is not the one {MANIFEST} records)",
+            dir.join(name).display()
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A note for each spec file whose original has changed since the run copied it.
 pub fn spec_notes(dir: &Path, manifest: &Manifest) -> Vec<String> {
     manifest
