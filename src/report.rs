@@ -33,9 +33,12 @@ pub struct RunSummary {
     pub steps: Option<u64>,
 }
 
-fn read_json(path: &Path) -> Result<Value, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: not valid JSON: {e}", path.display()))
+/// A JSON file of a run folder, as the run wrote it (the checksum its manifest records).
+fn read_checked(folder: &Path, name: &str) -> Result<Value, String> {
+    let path = folder.join(name);
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    crate::train::folder::check_recorded(folder, name, &bytes)?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("{}: not valid JSON: {e}", path.display()))
 }
 
 /// Reads a run folder; the folder must hold the `metrics.json` of a finished run.
@@ -44,11 +47,7 @@ pub fn summarize(folder: &Path) -> Result<RunSummary, String> {
     if !metrics_path.exists() {
         return Err(format!("{}: no metrics.json (not a finished `mdl run` folder)", folder.display()));
     }
-    let bytes = std::fs::read(&metrics_path).map_err(|e| format!("{}: {e}", metrics_path.display()))?;
-    // A finished run's figures, as the run wrote them (its manifest's checksum).
-    crate::train::folder::check_recorded(folder, "metrics.json", &bytes)?;
-    let m: Value =
-        serde_json::from_slice(&bytes).map_err(|e| format!("{}: not valid JSON: {e}", metrics_path.display()))?;
+    let m = read_checked(folder, "metrics.json")?;
     let test = &m["test"];
     let f = |v: &Value| v.as_f64();
     let tasks_obj = test["per_task"].as_object();
@@ -63,7 +62,12 @@ pub fn summarize(folder: &Path) -> Result<RunSummary, String> {
     domains.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     domains.truncate(TOP_DOMAINS);
     let timing_path = folder.join("timing.json");
-    let rows_per_s = if timing_path.exists() { read_json(&timing_path)?["train_rows_per_s"].as_f64() } else { None };
+    // Optional for runs of an older mdl; one that the manifest lists must be there.
+    let rows_per_s = if timing_path.exists() || crate::train::folder::recorded(folder, "timing.json")? {
+        read_checked(folder, "timing.json")?["train_rows_per_s"].as_f64()
+    } else {
+        None
+    };
     // A run folder named otherwise than its model shows both: `din (din_movielens)`.
     let model = m["model"].as_str().unwrap_or("?").to_string();
     let model = match folder.file_name().map(|f| f.to_string_lossy().into_owned()) {

@@ -149,7 +149,7 @@ impl Fixture {
             let set: Vec<String> = set.iter().map(|s| s.to_string()).collect();
             let exp = crate::experiment::load(&experiment, &set)?;
             let out = dir.join(name);
-            train::train(&exp, &RunOptions { out: Some(out.clone()), resume: false, stop_after })
+            train::train(&exp, &RunOptions { out: Some(out.clone()), resume: false, force: false, stop_after })
         };
         let run_a = run("runA", &[], None)?;
         let run_b = run("runB", &["train.seed=8"], None)?;
@@ -219,12 +219,15 @@ impl Fixture {
     }
 }
 
-/// Copies the files of `from` into a new folder `to`.
+/// Copies the files of `from` (and its folders: a run folder's `spec/`) into a new folder `to`.
 pub(super) fn copy_folder(from: &Path, to: &Path) -> Result<(), String> {
     std::fs::create_dir_all(to).map_err(|e| format!("{}: {e}", to.display()))?;
     for entry in std::fs::read_dir(from).map_err(|e| format!("{}: {e}", from.display()))? {
         let entry = entry.map_err(|e| e.to_string())?;
-        if entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+        let kind = entry.file_type().map_err(|e| e.to_string())?;
+        if kind.is_dir() {
+            copy_folder(&entry.path(), &to.join(entry.file_name()))?;
+        } else if kind.is_file() {
             std::fs::copy(entry.path(), to.join(entry.file_name())).map_err(|e| e.to_string())?;
         }
     }

@@ -20,8 +20,9 @@
 //! it was running, then goes on after it.
 //!
 //! `known` says whether a case may use the inputs of findings still being fixed (issue 21:
-//! huge sizes and numbers, corruptions of the files that carry no checksum yet); the test
-//! suite leaves them out, the bench puts them in and counts what they do.
+//! huge sizes and numbers); the test suite leaves them out, the bench puts them in and
+//! counts what they do. Run folders are corrupted in every way in both (their files are
+//! checked against the folder's manifest).
 
 mod checkpoints;
 mod csv;

@@ -3,7 +3,12 @@
 //! deleted, replaced by a folder, or swapped with run B's file or its other checkpoint),
 //! then `eval`, `predict`, `report` or `--resume` on it. The verdict: an error, or exactly
 //! the clean result (eval's report, predict's scores, report's table; after a resume,
-//! run A's `metrics.json`, `curve.csv` and checkpoints byte for byte).
+//! run A's `metrics.json` and `curve.csv` byte for byte and its checkpoints' tensors: their
+//! metadata names another run).
+//!
+//! The copy keeps the folder's `manifest.json` and `spec/`, so every file the run wrote is
+//! checked: the corruptions of the issue's findings 3 and 5 (a swapped checkpoint, a changed
+//! `fitted.json`) are in every case.
 
 use super::fixture::copy_folder;
 use super::{corrupt_bytes, describe, Described, Draw, Fixture, Verdict};
@@ -16,10 +21,6 @@ use std::path::Path;
 const FILES: &[&str] =
     &["config.yaml", "fitted.json", "metrics.json", "curve.csv", "best.ckpt", "last.ckpt", "timing.json", "train.log"];
 
-/// Files without a checksum yet (issue 21, finding 5; `runid` adds them): their corruption
-/// can read back as a different valid file.
-const UNCHECKED: &[&str] = &["config.yaml", "fitted.json", "metrics.json", "timing.json"];
-
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Op {
     Eval,
@@ -29,15 +30,9 @@ enum Op {
 }
 
 /// Corrupts `file` in the run folder `run`; returns what it did.
-fn corrupt(rng: &mut SplitMix64, fx: &Fixture, run: &Path, file: &str, known: bool) -> String {
+fn corrupt(rng: &mut SplitMix64, fx: &Fixture, run: &Path, file: &str) -> String {
     let path = run.join(file);
-    // A missing or swapped checkpoint is the stale-best.ckpt finding (issue 21, 3): `runid`'s.
-    let checkpoint = file.ends_with(".ckpt");
-    let choices: &[u64] = match (checkpoint, known) {
-        (true, true) => &[0, 1, 2, 3, 4, 5, 6, 7],
-        (true, false) => &[1, 2, 3, 4, 5],
-        (false, _) => &[0, 1, 2, 3, 4, 5],
-    };
+    let choices: &[u64] = if file.ends_with(".ckpt") { &[0, 1, 2, 3, 4, 5, 6, 7] } else { &[0, 1, 2, 3, 4, 5] };
     match *rng.pick(choices) {
         0 => {
             let _ = std::fs::remove_file(&path);
@@ -79,21 +74,20 @@ fn corrupt(rng: &mut SplitMix64, fx: &Fixture, run: &Path, file: &str, known: bo
     }
 }
 
-pub(super) fn case(fx: &Fixture, rng: &mut SplitMix64, known: bool, dir: &Path, input: &Described) -> Verdict {
+pub(super) fn case(fx: &Fixture, rng: &mut SplitMix64, _known: bool, dir: &Path, input: &Described) -> Verdict {
     let op = match rng.below(20) {
         0..=7 => Op::Eval,
         8..=13 => Op::Predict,
         14..=17 => Op::Report,
         _ => Op::Resume,
     };
-    let files: Vec<&str> = FILES.iter().copied().filter(|f| known || !UNCHECKED.contains(f)).collect();
-    let file = *rng.pick(&files);
+    let file = *rng.pick(FILES);
     let run = dir.join("runA");
     let source = if op == Op::Resume { &fx.run_a_partial } else { &fx.run_a };
     if copy_folder(source, &run).is_err() {
         return Verdict::Rejected;
     }
-    let what = corrupt(rng, fx, &run, file, known);
+    let what = corrupt(rng, fx, &run, file);
     describe(input, format!("{op:?} with {file} {what}"));
     let silent = |what: &str| Verdict::Silent(format!("{op:?} succeeded with {what} different from the clean run's"));
     match op {
@@ -141,13 +135,19 @@ pub(super) fn case(fx: &Fixture, rng: &mut SplitMix64, known: bool, dir: &Path, 
         },
         Op::Resume => {
             let resumed = crate::experiment::load(&run.join("config.yaml"), &[]).and_then(|exp| {
-                train::train(&exp, &RunOptions { out: Some(run.clone()), resume: true, stop_after: None })
+                train::train(&exp, &RunOptions { out: Some(run.clone()), resume: true, force: false, stop_after: None })
             });
             if resumed.is_err() {
                 return Verdict::Rejected;
             }
-            for f in ["metrics.json", "curve.csv", "best.ckpt", "last.ckpt"] {
+            for f in ["metrics.json", "curve.csv"] {
                 if std::fs::read(run.join(f)).ok() != std::fs::read(fx.run_a.join(f)).ok() {
+                    return silent(f);
+                }
+            }
+            for f in ["best.ckpt", "last.ckpt"] {
+                let tensors = |dir: &Path| mdl_runtime::checkpoint::load(&dir.join(f)).ok().map(|(t, _)| t);
+                if tensors(&run) != tensors(&fx.run_a) {
                     return silent(f);
                 }
             }

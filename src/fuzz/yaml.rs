@@ -343,7 +343,10 @@ pub(super) fn case(fx: &Fixture, rng: &mut SplitMix64, known: bool, dir: &Path, 
     exp.backend = Backend::Interp;
     exp.train.max_steps = Some(exp.train.max_steps.unwrap_or(3).min(3));
     let out = dir.join("run");
-    match crate::train::train(&exp, &RunOptions { out: Some(out.clone()), resume: false, stop_after: None }) {
+    match crate::train::train(
+        &exp,
+        &RunOptions { out: Some(out.clone()), resume: false, force: false, stop_after: None },
+    ) {
         Ok(_) => match std::fs::read_to_string(out.join("metrics.json")) {
             Ok(text) if serde_json::from_str::<serde_json::Value>(&text).is_ok() => Verdict::Accepted,
             Ok(_) => Verdict::Silent("metrics.json is not JSON".into()),

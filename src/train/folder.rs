@@ -577,6 +577,11 @@ pub fn check_recorded(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), String
     }
 }
 
+/// Whether the run folder's manifest lists `name` among the files the run wrote.
+pub fn recorded(dir: &Path, name: &str) -> Result<bool, String> {
+    Ok(Manifest::read(dir)?.is_some_and(|m| m.files.contains_key(name)))
+}
+
 /// A note for each spec file whose original has changed since the run copied it.
 pub fn spec_notes(dir: &Path, manifest: &Manifest) -> Vec<String> {
     manifest

@@ -475,10 +475,28 @@ pub fn open_run(run: &Path, trust: Trust) -> Result<LoadedRun, String> {
         eprintln!("{note}");
     }
     let session = Session::with_compiled(compile_spec_at(&exp, &spec)?.0, &fitted)?;
-    let ckpt = if run.join("best.ckpt").exists() { run.join("best.ckpt") } else { run.join("last.ckpt") };
+    // best.ckpt, written at the best evaluation; the last parameters only when the run
+    // never had one (an undefined validation metric).
+    let (best, last) = (run.join("best.ckpt"), run.join("last.ckpt"));
+    let ckpt = if best.exists() { best } else { last };
     let loaded = checkpoint::load(&ckpt, &session)?;
     if let Some(manifest) = folder.manifest() {
         trust.checkpoint_id(&ckpt, loaded.run_id.as_deref(), &manifest.run_id)?;
+    }
+    let state = &loaded.state;
+    if ckpt.ends_with("best.ckpt") && state.step != state.best_step {
+        trust.problem(format!(
+            "{} holds the parameters of step {}, not those of its best step {}",
+            ckpt.display(),
+            state.step,
+            state.best_step
+        ))?;
+    } else if ckpt.ends_with("last.ckpt") && state.best.is_some() {
+        trust.problem(format!(
+            "{} is missing: the run's best parameters (step {}) are not in the folder",
+            run.join("best.ckpt").display(),
+            state.best_step
+        ))?;
     }
     Ok(LoadedRun { experiment: exp, fitted, session, params: loaded.params })
 }
