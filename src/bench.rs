@@ -165,7 +165,11 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
     let prep = data::prepare(
         &exp.data.schema,
         &paths,
-        &PrepareOptions { bad_rows: exp.data.bad_rows.into(), ..Default::default() },
+        &PrepareOptions {
+            bad_rows: exp.data.bad_rows.into(),
+            unknown_domain: exp.data.unknown_domain,
+            ..Default::default()
+        },
     )
     .map_err(|e| e.to_string())?;
     let t = Instant::now();

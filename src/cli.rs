@@ -180,7 +180,9 @@ pub fn eval(run: &Path, data: &Path, force: bool) -> ExitCode {
     let result = (|| -> Result<String, String> {
         let trust = crate::train::folder::Trust { force };
         let crate::train::LoadedRun { experiment: exp, fitted, session, params } = crate::train::open_run(run, trust)?;
-        let ds = fitted.encode_file(data, exp.data.bad_rows.into()).map_err(|e| e.to_string())?;
+        let options =
+            crate::data::EncodeOptions { bad_rows: exp.data.bad_rows.into(), unknown_domain: exp.data.unknown_domain };
+        let ds = fitted.encode_file(data, options).map_err(|e| e.to_string())?;
         let mut exec = exp.backend.executor()?;
         let report = session.evaluate(exec.as_mut(), &params, &ds, exp.train.batch_size)?;
         serde_json::to_string_pretty(&report).map_err(|e| e.to_string())
@@ -194,28 +196,33 @@ pub fn eval(run: &Path, data: &Path, force: bool) -> ExitCode {
     }
 }
 
-/// `mdl predict RUN_DIR --data FILE --out scores.csv [--force]`
-pub fn predict(run: &Path, data: &Path, out: &Path, force: bool) -> ExitCode {
-    let result = (|| -> Result<usize, String> {
-        let trust = crate::train::folder::Trust { force };
-        let crate::train::LoadedRun { experiment: exp, fitted, session, params } = crate::train::open_run(run, trust)?;
-        let ds = fitted.encode_file(data, exp.data.bad_rows.into()).map_err(|e| e.to_string())?;
-        let mut exec = exp.backend.executor()?;
-        let scores = session.predict(exec.as_mut(), &params, &ds, exp.train.batch_size)?;
-        let tasks = &session.compiled.tasks;
-        let mut text = tasks.join(",");
-        text.push('\n');
-        for row in scores.chunks(tasks.len()) {
-            let cells: Vec<String> = row.iter().map(|s| format!("{s:.6}")).collect();
-            text.push_str(&cells.join(","));
-            text.push('\n');
-        }
-        crate::files::write_atomic(out, text.as_bytes())?;
-        Ok(ds.rows)
-    })();
-    match result {
-        Ok(rows) => {
-            eprintln!("wrote {rows} rows of scores to {}", out.display());
+/// `mdl predict RUN_DIR --data FILE|- --out FILE|- [--keep COL,...] [--bad-rows P]
+/// [--unknown-domain P] [--force]`: the scores on `--out`, what was done on stderr.
+pub fn predict(run: &Path, options: &crate::predict::PredictOptions) -> ExitCode {
+    match crate::predict::predict(run, options) {
+        Ok(done) => {
+            let to =
+                if options.out == Path::new("-") { "stdout".to_string() } else { options.out.display().to_string() };
+            eprintln!("wrote {} rows of scores to {to}", done.rows);
+            let skipped = &done.skipped;
+            if skipped.count > 0 {
+                eprintln!(
+                    "skipped {} malformed row{} (bad_rows: skip): {} scores are empty; first: {}",
+                    skipped.count,
+                    if skipped.count == 1 { "" } else { "s" },
+                    if skipped.count == 1 { "its" } else { "their" },
+                    skipped.examples.first().map_or("", String::as_str)
+                );
+            }
+            if done.domain_fallbacks > 0 {
+                eprintln!(
+                    "scored {} row{} with a domain id train never had as domain {} (unknown_domain: {})",
+                    done.domain_fallbacks,
+                    if done.domain_fallbacks == 1 { "" } else { "s" },
+                    done.unknown_domain,
+                    done.unknown_domain
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e),

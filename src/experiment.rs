@@ -11,7 +11,7 @@
 //! base file and its children can live in different folders.
 
 use crate::backends::Backend;
-use crate::data::{BadRows, Schema};
+use crate::data::{BadRows, Schema, UnknownDomain};
 use crate::lower::Hyper;
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
@@ -67,6 +67,11 @@ pub struct DataConfig {
     /// `fail` (default): a malformed row stops with file:line; `skip`: it is skipped and counted.
     #[serde(default)]
     pub bad_rows: BadRowsConfig,
+    /// A domain id train never had, in valid, test, `mdl eval` or `mdl predict`: `error`
+    /// (default) stops with file:line and the value; a domain id of train encodes the row
+    /// as that domain (counted; `mdl predict` reports how many).
+    #[serde(default, skip_serializing_if = "UnknownDomain::is_error")]
+    pub unknown_domain: UnknownDomain,
     /// Binds columns to the spec's inputs (feature group names = the spec's input names).
     pub schema: Schema,
 }

@@ -1,5 +1,6 @@
-//! The one atomic file write of the front end ([`write_atomic`]): the data cache, the run
-//! folder's JSON and YAML files and `mdl predict`'s output all go through it, so no reader
+//! The one atomic file write of the front end ([`write_atomic`], and [`AtomicFile`] for a
+//! file written piece by piece): the data cache, the run folder's JSON and YAML files and
+//! `mdl predict`'s output all go through it, so no reader
 //! (a resumed run, `mdl report`, a user's script) ever sees half a file, and a file it
 //! wrote is on disk before it returns. Checkpoints are written by the runtime
 //! (`mdl_runtime::checkpoint`), the same way. [`remove_stale_temporaries`] removes what a
@@ -7,35 +8,85 @@
 //! folder's manifest records.
 
 use sha2::{Digest, Sha256};
-use std::io::Write;
-use std::path::Path;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder (unique per
 /// process and moment, hidden, ending in `.tmp`), synced to disk, then a rename over the
 /// final name and a sync of the folder, so a crash leaves the old file or the new one. On
 /// failure the temporary file is removed and the error names `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let temporary = folder.join(format!(".{name}.{}.{nanos}.tmp", std::process::id()));
-    let result = std::fs::File::create(&temporary)
-        .and_then(|mut f| {
-            f.write_all(bytes)?;
-            f.sync_all()
+    let mut file = AtomicFile::create(path)?;
+    file.write_all(bytes).map_err(|e| file.error(e))?;
+    file.commit()
+}
+
+/// A file written piece by piece that appears under its name only once complete
+/// ([`commit`](Self::commit)), as [`write_atomic`] writes one: until then it is a temporary
+/// file in the same folder, removed if the writer is dropped uncommitted.
+pub struct AtomicFile {
+    path: PathBuf,
+    folder: PathBuf,
+    temporary: PathBuf,
+    writer: Option<BufWriter<File>>,
+}
+
+impl AtomicFile {
+    pub fn create(path: &Path) -> Result<AtomicFile, String> {
+        let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let temporary = folder.join(format!(".{name}.{}.{nanos}.tmp", std::process::id()));
+        let file = File::create(&temporary).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(AtomicFile {
+            path: path.to_path_buf(),
+            folder: folder.to_path_buf(),
+            temporary,
+            writer: Some(BufWriter::with_capacity(1 << 16, file)),
         })
-        .and_then(|()| std::fs::rename(&temporary, path))
-        .map_err(|e| format!("cannot write {}: {e}", path.display()));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temporary);
-        return result;
     }
-    // The rename itself is durable once the folder is synced (not every platform can).
-    if let Ok(dir) = std::fs::File::open(folder) {
-        let _ = dir.sync_all();
+
+    /// The error of a failed write, naming the final path.
+    pub fn error(&self, e: std::io::Error) -> String {
+        format!("cannot write {}: {e}", self.path.display())
     }
-    Ok(())
+
+    /// Syncs the file to disk, renames it over the final name and syncs the folder, so a
+    /// crash leaves the old file or the new one.
+    pub fn commit(mut self) -> Result<(), String> {
+        let synced = match self.writer.take() {
+            Some(writer) => writer.into_inner().map_err(|e| e.into_error()).and_then(|file| file.sync_all()),
+            None => Ok(()),
+        };
+        synced.and_then(|()| std::fs::rename(&self.temporary, &self.path)).map_err(|e| self.error(e))?;
+        // The rename itself is durable once the folder is synced (not every platform can).
+        if let Ok(dir) = File::open(&self.folder) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        match &mut self.writer {
+            Some(writer) => writer.write(bytes),
+            None => Err(std::io::Error::other("the file is already committed")),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.writer.as_mut().map_or(Ok(()), |w| w.flush())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        // Nothing is left under the temporary name, committed (renamed) or not.
+        let _ = std::fs::remove_file(&self.temporary);
+    }
 }
 
 /// The process id in the name of a temporary file a writer of this crate or the runtime

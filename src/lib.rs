@@ -12,6 +12,7 @@ pub mod files;
 pub mod fuzz;
 pub mod lower;
 pub mod metrics;
+pub mod predict;
 pub mod report;
 pub mod syntax;
 pub mod train;

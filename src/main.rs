@@ -97,16 +97,28 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Write one score per row and task for a file with the training schema.
+    /// Score rows with a trained run: one output row per input row, with the kept columns
+    /// and one probability per task. Labels (and the user column) may be absent.
     Predict {
         /// Run folder written by `mdl run`
         run: PathBuf,
-        /// CSV or CSV.gz file
+        /// CSV or CSV.gz file of rows to score, `-` for stdin
         #[arg(long)]
         data: PathBuf,
-        /// Output CSV (one column per task)
+        /// Output CSV (the kept columns, then one column per task), `-` for stdout
         #[arg(long)]
         out: PathBuf,
+        /// Copy these input columns (e.g. ids) into the output before the scores
+        #[arg(long, value_name = "COL,...", value_delimiter = ',')]
+        keep: Vec<String>,
+        /// A malformed row: `fail` (an error naming file:line) or `skip` (its scores are left
+        /// empty and counted); default: the run's `data.bad_rows`
+        #[arg(long, value_name = "fail|skip", value_parser = parse_bad_rows)]
+        bad_rows: Option<mdl::data::BadRows>,
+        /// A domain id train never had: `error` (naming file:line and the value) or a domain
+        /// id of train to score the row as; default: the run's `data.unknown_domain`
+        #[arg(long, value_name = "error|ID")]
+        unknown_domain: Option<mdl::data::UnknownDomain>,
         /// Read a run folder whose files do not match its manifest (saying so)
         #[arg(long)]
         force: bool,
@@ -158,6 +170,14 @@ enum Command {
     },
 }
 
+fn parse_bad_rows(text: &str) -> Result<mdl::data::BadRows, String> {
+    match text {
+        "fail" => Ok(mdl::data::BadRows::Fail),
+        "skip" => Ok(mdl::data::BadRows::Skip),
+        _ => Err(format!("expected `fail` or `skip`, found `{text}`")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Any panic is a bug in mdl, never the user's fault: report it as such.
@@ -182,7 +202,10 @@ fn main() -> ExitCode {
             mdl::cli::bench(&experiment, backend, steps, &set)
         }
         Command::Devices => mdl::cli::devices(),
-        Command::Predict { run, data, out, force } => mdl::cli::predict(&run, &data, &out, force),
+        Command::Predict { run, data, out, keep, bad_rows, unknown_domain, force } => {
+            let options = mdl::predict::PredictOptions { data, out, keep, bad_rows, unknown_domain, force };
+            mdl::cli::predict(&run, &options)
+        }
         Command::Report { runs } => mdl::cli::report(&runs),
         Command::Fuzz { kinds, cases, from, seed, budget_secs, known, jobs, root, work, worker } => {
             let args = mdl::cli::FuzzArgs { kinds, cases, from, seed, budget_secs, known, jobs, root, work, worker };

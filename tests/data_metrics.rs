@@ -125,7 +125,7 @@ fn small_files(folder: &Path, train_rows: &str) -> SplitPaths {
 }
 
 fn no_cache() -> PrepareOptions {
-    PrepareOptions { bad_rows: BadRows::Fail, cache: CacheMode::Off }
+    PrepareOptions { bad_rows: BadRows::Fail, cache: CacheMode::Off, ..Default::default() }
 }
 
 // ---------------------------------------------------------------- metrics
@@ -382,7 +382,7 @@ fn skipped_rows_are_counted_and_leave_no_trace() {
     let folder = TempFolder::new("skip");
     let bad = "1,0,0,u1,i1,red,,t1\n1,0,0,u1,zzz,red,,t1,cheap\n2,0,0,u1,i1,red,,t1,1.0\n";
     let paths = small_files(&folder, &format!("{TRAIN}{bad}"));
-    let options = PrepareOptions { bad_rows: BadRows::Skip, cache: CacheMode::Off };
+    let options = PrepareOptions { bad_rows: BadRows::Skip, cache: CacheMode::Off, ..Default::default() };
     let prepared = prepare(&small_schema(None), &paths, &options).expect("prepare with skip");
     assert_eq!(prepared.train.rows, 5);
     assert_eq!(prepared.train.skipped.count, 3);
@@ -429,7 +429,8 @@ fn cache_hits_and_rebuilds_corrupt_files() {
     let folder = TempFolder::new("cache");
     let paths = small_files(&folder, TRAIN);
     let cache = folder.join("cache");
-    let options = PrepareOptions { bad_rows: BadRows::Fail, cache: CacheMode::Folder(cache.clone()) };
+    let options =
+        PrepareOptions { bad_rows: BadRows::Fail, cache: CacheMode::Folder(cache.clone()), ..Default::default() };
     let schema = small_schema(None);
     let first = prepare(&schema, &paths, &options).expect("first");
     assert!(!first.stats.cache_hit);
@@ -560,7 +561,8 @@ fn kuairand_pure_tail_prepares_and_caches() {
         return;
     };
     let cache = TempFolder::new("kuairand-cache");
-    let options = PrepareOptions { bad_rows: BadRows::Fail, cache: CacheMode::Folder(cache.to_path_buf()) };
+    let options =
+        PrepareOptions { bad_rows: BadRows::Fail, cache: CacheMode::Folder(cache.to_path_buf()), ..Default::default() };
     let schema = kuairand_schema();
     let paths = SplitPaths::in_folder(&folder);
     let parsed = prepare(&schema, &paths, &options).expect("prepare kuairand");

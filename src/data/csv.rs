@@ -1,6 +1,7 @@
 //! Reading CSV text: whole-file loading of `.csv` / `.csv.gz` (gzip is recognised by its magic
-//! bytes, not by the file name) and a record reader that hands out fields as `&str` without
-//! allocating per row.
+//! bytes, not by the file name), a [`TextStream`] that reads a file or stdin (`-`) in blocks
+//! of whole lines, and a record reader that hands out fields as `&str` without allocating per
+//! row.
 //!
 //! Dialect: `,` separates fields, records end at `\n` or `\r\n`, a field may be enclosed in `"`
 //! (then it may contain `,`, newlines and `""` for one quote). A `"` inside an unquoted field
@@ -9,7 +10,7 @@
 //! the line it starts on.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::DataError;
 
@@ -36,6 +37,125 @@ pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>, DataError> {
     std::fs::read(path).map_err(|e| DataError::io(path, &e.to_string()))
 }
 
+/// The name `-` stands for standard input (and in messages it is called [`STDIN`]).
+pub(crate) const STDIN: &str = "stdin";
+
+/// The input a [`TextStream`] reads, shown in messages as `stdin` for `-`.
+pub(crate) fn display_name(path: &Path) -> PathBuf {
+    if path == Path::new("-") {
+        PathBuf::from(STDIN)
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// Reads a file (or stdin for `-`), gunzipped when it starts with the gzip magic, in blocks of
+/// whole lines: [`text`](Self::text) shows the lines read and not yet consumed, as UTF-8,
+/// [`consume`](Self::consume) drops a prefix of them, [`read_more`](Self::read_more) appends
+/// the next chunk. A byte-order mark at the start is dropped.
+pub(crate) struct TextStream {
+    name: PathBuf,
+    input: Box<dyn Read>,
+    pending: Vec<u8>,
+    /// The line of the file `pending` starts on (1-based).
+    line: u64,
+    /// Bytes asked of the input per [`read_more`](Self::read_more).
+    chunk: usize,
+    /// Whether the start of the input (and a byte-order mark there) has been looked at.
+    started: bool,
+    ended: bool,
+}
+
+impl TextStream {
+    /// Bytes asked of the input per [`read_more`](Self::read_more) (but in tests).
+    const CHUNK: usize = 4 << 20;
+
+    pub fn open(path: &Path) -> Result<TextStream, DataError> {
+        let name = display_name(path);
+        let raw: Box<dyn Read> = if path == Path::new("-") {
+            Box::new(std::io::stdin())
+        } else {
+            Box::new(std::fs::File::open(path).map_err(|e| DataError::io(&name, &e.to_string()))?)
+        };
+        let mut raw = std::io::BufReader::with_capacity(1 << 16, raw);
+        let mut magic = Vec::with_capacity(2);
+        (&mut raw).take(2).read_to_end(&mut magic).map_err(|e| DataError::io(&name, &e.to_string()))?;
+        let gzip = magic == [0x1f, 0x8b];
+        let raw = std::io::Cursor::new(magic).chain(raw);
+        let input: Box<dyn Read> = if gzip {
+            Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::with_capacity(1 << 16, raw)))
+        } else {
+            Box::new(raw)
+        };
+        Ok(TextStream { name, input, pending: Vec::new(), line: 1, chunk: Self::CHUNK, started: false, ended: false })
+    }
+
+    /// The name used in messages (`stdin` for `-`).
+    pub fn name(&self) -> &Path {
+        &self.name
+    }
+
+    /// Whether the input has been read to its end (then [`text`](Self::text) is all that is left).
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    /// The line of the file the text starts on.
+    pub fn line(&self) -> u64 {
+        self.line
+    }
+
+    /// Reads the next chunk (4 MiB, fewer only at the end of the input).
+    pub fn read_more(&mut self) -> Result<(), DataError> {
+        if self.ended {
+            return Ok(());
+        }
+        let read = (&mut self.input)
+            .take(self.chunk as u64)
+            .read_to_end(&mut self.pending)
+            .map_err(|e| DataError::io(&self.name, &format!("cannot read: {e}")))?;
+        if read < self.chunk {
+            self.ended = true;
+        }
+        if !self.started && (self.pending.len() >= 3 || self.ended) {
+            self.started = true;
+            if self.pending.starts_with("\u{feff}".as_bytes()) {
+                self.pending.drain(..3);
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole lines read and not yet consumed (all that is left once the input has
+    /// ended); they start on [`line`](Self::line).
+    pub fn text(&self) -> Result<&str, DataError> {
+        let whole = if !self.started {
+            0
+        } else if self.ended {
+            self.pending.len()
+        } else {
+            memchr::memrchr(b'\n', &self.pending).map_or(0, |newline| newline + 1)
+        };
+        std::str::from_utf8(&self.pending[..whole]).map_err(|e| {
+            let valid = &self.pending[..e.valid_up_to()];
+            let line = self.line + memchr::memchr_iter(b'\n', valid).count() as u64;
+            DataError::BadRow { file: self.name.clone(), line, message: "the text is not valid UTF-8".into() }
+        })
+    }
+
+    /// Reads `bytes` per chunk instead (tests of chunk boundaries).
+    #[cfg(test)]
+    pub fn set_chunk(&mut self, bytes: usize) {
+        self.chunk = bytes.max(1);
+    }
+
+    /// Drops the first `bytes` of the text, after which the text starts on line `line`.
+    pub fn consume(&mut self, bytes: usize, line: u64) {
+        self.pending.drain(..bytes);
+        self.line = line;
+    }
+}
+
 /// Where one field's text lives: in the file text, or (for quoted fields with `""` escapes)
 /// in the reader's scratch buffer.
 #[derive(Clone, Copy, Debug)]
@@ -49,6 +169,8 @@ enum Span {
 pub(crate) struct SyntaxError {
     pub line: u64,
     pub message: String,
+    /// A quoted field that the text ends inside: more text may complete it.
+    pub unclosed: bool,
 }
 
 /// Iterates over the records of a CSV text, reusing its buffers between records.
@@ -85,8 +207,18 @@ impl<'r> Record<'r> {
 
 impl<'a> CsvReader<'a> {
     pub fn new(text: &'a str) -> Self {
-        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        CsvReader { text, pos: 0, line: 1, spans: Vec::with_capacity(64), scratch: String::new() }
+        CsvReader::at_line(text.strip_prefix('\u{feff}').unwrap_or(text), 1)
+    }
+
+    /// A reader of text that starts on line `line` of its file (a block of a [`TextStream`]).
+    pub fn at_line(text: &'a str, line: u64) -> Self {
+        CsvReader { text, pos: 0, line, spans: Vec::with_capacity(64), scratch: String::new() }
+    }
+
+    /// Where the next record (or the blank lines before it) starts: its byte offset in the
+    /// text and its line.
+    pub fn position(&self) -> (usize, u64) {
+        (self.pos, self.line)
     }
 
     /// The next record, `Ok(None)` at the end of the text.
@@ -134,6 +266,7 @@ impl<'a> CsvReader<'a> {
                         return Err(SyntaxError {
                             line: self.line,
                             message: format!("field {} has text after its closing quote", self.spans.len()),
+                            unclosed: false,
                         })
                     }
                 }
@@ -173,7 +306,11 @@ impl<'a> CsvReader<'a> {
         let mut escaped = false;
         loop {
             let Some(offset) = memchr::memchr(b'"', &bytes[self.pos..]) else {
-                return Err(SyntaxError { line: start_line, message: "a quoted field is never closed".into() });
+                return Err(SyntaxError {
+                    line: start_line,
+                    message: "a quoted field is never closed".into(),
+                    unclosed: true,
+                });
             };
             let quote = self.pos + offset;
             self.line += memchr::memchr_iter(b'\n', &bytes[self.pos..quote]).count() as u64;

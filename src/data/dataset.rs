@@ -58,6 +58,13 @@ impl SkippedRows {
             self.examples.push(message);
         }
     }
+
+    /// Adds another count of skipped rows (of a later part of the same file) to this one.
+    pub(crate) fn absorb(&mut self, later: &SkippedRows) {
+        self.count += later.count;
+        let room = Self::EXAMPLES.saturating_sub(self.examples.len());
+        self.examples.extend(later.examples.iter().take(room).cloned());
+    }
 }
 
 /// One encoded split (or any other encoded file).

@@ -1,11 +1,12 @@
 //! Turning CSV rows into a [`Dataset`]: fitting vocabularies, normalisers and the domain count
 //! on train (`fit_train`) and applying them to any other file with the same schema
-//! ([`Fitted::encode_file`]).
+//! ([`Fitted::encode_file`], and block by block in [`super::stream`]).
 //!
 //! Each row is first validated (field count, labels, domain, numbers) and only then added, so
-//! a skipped row leaves no trace, not even in the train vocabulary counts.
+//! a skipped row leaves no trace, not even in the train vocabulary counts. A domain id train
+//! never had is an error or, with [`UnknownDomain::Fallback`], encoded as a known domain.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -14,7 +15,7 @@ use super::dataset::{mask_of, Dataset, Shape, SkippedRows};
 use super::numeric::Normalizer;
 use super::schema::{CategoricalColumnRef, Schema};
 use super::vocab::{Interner, ValueIndex, Vocab, OOV, PAD};
-use super::{BadRows, DataError};
+use super::{BadRows, DataError, EncodeOptions, UnknownDomain};
 
 /// Everything fitted on train: together with the schema it encodes any file the same way.
 /// Serialisable, so a run folder can keep it.
@@ -87,10 +88,25 @@ pub struct NumericLayout {
     pub columns: Vec<String>,
 }
 
+/// Which of the schema's columns a file must have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Columns {
+    /// Features, the domain, labels and the user: a file to train or evaluate on.
+    All,
+    /// The model's inputs only (features and the domain): rows to score have no label yet,
+    /// and the user column only groups rows for gAUC. Labels are encoded as 0 and users as
+    /// the padding id; those columns are not read even when present.
+    Inputs,
+}
+
 /// The header positions of every column the schema reads.
-struct Plan {
+pub(super) struct Plan {
     fields: usize,
-    header: Vec<String>,
+    pub(super) header: Vec<String>,
+    /// Labels per row (read from `labels`, or 0 when they are not read).
+    tasks: usize,
+    /// Whether rows carry a user id that is not read (the padding id is stored).
+    pad_user: bool,
     cat: Vec<Vec<usize>>,
     seq: Vec<Vec<usize>>,
     seq_len: Vec<usize>,
@@ -101,10 +117,17 @@ struct Plan {
 }
 
 impl Plan {
-    fn resolve(schema: &Schema, file: &Path, header: &Record) -> Result<Plan, DataError> {
+    fn resolve(schema: &Schema, file: &Path, header: &Record, columns: Columns) -> Result<Plan, DataError> {
         let header: Vec<String> = (0..header.len()).map(|i| header.get(i).to_string()).collect();
+        let inputs_only = columns == Columns::Inputs;
+        let unread = |column: &str| {
+            inputs_only
+                && (schema.labels.iter().any(|t| t.column == column) || schema.user.as_deref() == Some(column))
+                && !schema.features.iter().any(|g| g.columns().iter().any(|c| c == column))
+                && schema.domain.as_ref().is_none_or(|d| d.column != column)
+        };
         for column in schema.named_columns() {
-            if header.iter().filter(|h| *h == column).count() > 1 {
+            if !unread(column) && header.iter().filter(|h| *h == column).count() > 1 {
                 return Err(DataError::BadRow {
                     file: file.to_path_buf(),
                     line: 1,
@@ -127,8 +150,16 @@ impl Plan {
             seq_len: schema.sequence_groups().map(|(_, _, len, ..)| len).collect(),
             num: schema.numeric_groups().map(|(_, c, _)| find_all(c)).collect::<Result<_, _>>()?,
             domain: schema.domain.as_ref().map(|d| find(&d.column)).transpose()?,
-            labels: schema.labels.iter().map(|t| find(&t.column)).collect::<Result<_, _>>()?,
-            user: schema.user.as_deref().map(find).transpose()?,
+            labels: match columns {
+                Columns::All => schema.labels.iter().map(|t| find(&t.column)).collect::<Result<_, _>>()?,
+                Columns::Inputs => Vec::new(),
+            },
+            user: match columns {
+                Columns::All => schema.user.as_deref().map(find).transpose()?,
+                Columns::Inputs => None,
+            },
+            tasks: schema.labels.len(),
+            pad_user: inputs_only && schema.user.is_some(),
             header,
         })
     }
@@ -166,13 +197,14 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// How raw values become ids: provisional (while fitting train) or final (afterwards).
-trait IdSource {
+pub(super) trait IdSource {
     /// What a padding slot of a sequence holds before ids are final.
     const SEQUENCE_PAD: u32;
     fn categorical(&mut self, group: usize, column: usize, value: &str) -> u32;
     fn sequence_item(&mut self, group: usize, value: &str) -> u32;
     fn user(&mut self, value: &str) -> u32;
-    fn domain(&mut self, value: u32) -> Result<u32, String>;
+    /// The domain id of a raw domain value, and whether the unknown-domain policy chose it.
+    fn domain(&mut self, value: u32) -> Result<(u32, bool), String>;
 }
 
 /// Collects train values; ids are provisional until [`fit_train`] finalises them.
@@ -204,24 +236,25 @@ impl IdSource for FitIds {
         self.user.intern(value, true)
     }
 
-    fn domain(&mut self, value: u32) -> Result<u32, String> {
+    fn domain(&mut self, value: u32) -> Result<(u32, bool), String> {
         if let Some(count) = self.domain_count {
             if value as usize >= count {
                 return Err(format!("domain id {value} is outside 0..{count}"));
             }
         }
         self.domain_max = Some(self.domain_max.map_or(value, |m| m.max(value)));
-        Ok(value)
+        Ok((value, false))
     }
 }
 
 /// Applies fitted vocabularies; users unseen in train get fresh ids in order of appearance.
-struct ApplyIds<'f> {
+pub(super) struct ApplyIds<'f> {
     cat: Vec<Vec<(&'f Vocab, u32)>>,
     seq: Vec<(&'f Vocab, u32)>,
     user: Option<&'f Vocab>,
     new_users: ValueIndex,
     domains: usize,
+    unknown_domain: UnknownDomain,
 }
 
 impl IdSource for ApplyIds<'_> {
@@ -246,24 +279,51 @@ impl IdSource for ApplyIds<'_> {
         self.new_users.get_or_insert(value, next)
     }
 
-    fn domain(&mut self, value: u32) -> Result<u32, String> {
-        if value as usize >= self.domains {
-            return Err(format!("domain id {value} is outside 0..{} (the domains of train)", self.domains));
+    fn domain(&mut self, value: u32) -> Result<(u32, bool), String> {
+        if (value as usize) < self.domains {
+            return Ok((value, false));
         }
-        Ok(value)
+        match self.unknown_domain {
+            UnknownDomain::Fallback(fallback) => Ok((fallback, true)),
+            UnknownDomain::Error => Err(format!(
+                "domain id {value} is outside 0..{}, the domains of train (the policy \
+                 `unknown_domain: ID` scores such rows as domain ID)",
+                self.domains
+            )),
+        }
     }
 }
 
 /// A split as read, before numeric normalisation (raw f64, NaN = missing) and masks.
-struct RawSplit {
-    rows: usize,
+pub(super) struct RawSplit {
+    pub(super) rows: usize,
     cat: Vec<Vec<u32>>,
     seq_ids: Vec<Vec<u32>>,
     num: Vec<Vec<f64>>,
     domain: Vec<u32>,
     labels: Vec<f32>,
     user: Vec<u32>,
-    skipped: SkippedRows,
+    pub(super) skipped: SkippedRows,
+    /// Rows whose domain id train never had, encoded by [`UnknownDomain::Fallback`].
+    pub(super) domain_fallbacks: usize,
+}
+
+impl RawSplit {
+    /// An empty split of `schema`'s shape with room for about `rows` rows.
+    pub(super) fn with_capacity(schema: &Schema, rows: usize) -> RawSplit {
+        let shape = Shape::of(schema);
+        RawSplit {
+            rows: 0,
+            cat: shape.cat.iter().map(|w| Vec::with_capacity(w * rows)).collect(),
+            seq_ids: shape.seq.iter().map(|(c, l)| Vec::with_capacity(c * l * rows)).collect(),
+            num: shape.num.iter().map(|w| Vec::with_capacity(w * rows)).collect(),
+            domain: Vec::new(),
+            labels: Vec::new(),
+            user: Vec::new(),
+            skipped: SkippedRows::default(),
+            domain_fallbacks: 0,
+        }
+    }
 }
 
 /// Per-row scratch for the values that are validated before anything is added.
@@ -312,6 +372,7 @@ fn encode_row<I: IdSource>(
         let label = parse_label(value).ok_or_else(|| column_error(index, "a label must be 0 or 1", value))?;
         scratch.labels.push(label);
     }
+    scratch.labels.resize(plan.tasks, 0.0);
     let domain = match plan.domain {
         Some(index) => {
             let value = record.get(index);
@@ -341,8 +402,9 @@ fn encode_row<I: IdSource>(
 
     // The row is valid: add it.
     out.labels.extend_from_slice(&scratch.labels);
-    if let Some(domain) = domain {
+    if let Some((domain, fallback)) = domain {
         out.domain.push(domain);
+        out.domain_fallbacks += usize::from(fallback);
     }
     let mut numbers = scratch.num.iter();
     for (g, group) in plan.num.iter().enumerate() {
@@ -369,9 +431,103 @@ fn encode_row<I: IdSource>(
     }
     if let Some(index) = plan.user {
         out.user.push(ids.user(record.get(index)));
+    } else if plan.pad_user {
+        out.user.push(PAD);
     }
     out.rows += 1;
     Ok(())
+}
+
+fn syntax_error(file: &Path, error: super::csv::SyntaxError) -> DataError {
+    DataError::BadRow { file: file.to_path_buf(), line: error.line, message: error.message }
+}
+
+/// Reads the header record and finds the schema's columns in it. `None` when the text is
+/// not the end of the file (`more`) and ends inside a quoted field of the header.
+pub(super) fn read_header(
+    schema: &Schema,
+    file: &Path,
+    reader: &mut CsvReader,
+    columns: Columns,
+    more: bool,
+) -> Result<Option<Plan>, DataError> {
+    let header = match reader.next_record() {
+        Ok(Some(header)) => header,
+        Ok(None) if more => return Ok(None),
+        Ok(None) => {
+            return Err(DataError::BadRow {
+                file: file.to_path_buf(),
+                line: 1,
+                message: "the file is empty (no header)".into(),
+            })
+        }
+        Err(e) if e.unclosed && more => return Ok(None),
+        Err(e) => return Err(syntax_error(file, e)),
+    };
+    Plan::resolve(schema, file, &header, columns).map(Some)
+}
+
+/// Why [`Rows::encode`] stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Stop {
+    /// The text has no more records.
+    End,
+    /// The split holds the rows asked for.
+    Full,
+    /// The text ends inside a quoted field: the record's start is where to read on from
+    /// once more text has come.
+    Incomplete,
+}
+
+/// The records of one file, encoded with one [`Plan`] and a bad-row policy.
+pub(super) struct Rows {
+    file: PathBuf,
+    pub(super) plan: Plan,
+    bad_rows: BadRows,
+    scratch: RowScratch,
+}
+
+impl Rows {
+    pub(super) fn new(file: &Path, plan: Plan, bad_rows: BadRows) -> Rows {
+        Rows { file: file.to_path_buf(), plan, bad_rows, scratch: RowScratch { labels: Vec::new(), num: Vec::new() } }
+    }
+
+    /// Encodes the records `reader` has left into `out` until the text ends or `out` holds
+    /// `max_rows` rows, and returns why it stopped and the position (byte offset, line) after
+    /// the last record it took. A malformed row is an error naming `file:line`, or with
+    /// [`BadRows::Skip`] it is counted in `out.skipped`; `each` sees every record taken and
+    /// whether it was added. When the text is not the end of the file (`more`), a quoted
+    /// field it ends inside is [`Stop::Incomplete`], not an error.
+    pub(super) fn encode<I: IdSource>(
+        &mut self,
+        reader: &mut CsvReader,
+        ids: &mut I,
+        out: &mut RawSplit,
+        (max_rows, more): (usize, bool),
+        mut each: impl FnMut(&Record, bool),
+    ) -> Result<(Stop, (usize, u64)), DataError> {
+        loop {
+            let position = reader.position();
+            if out.rows >= max_rows {
+                return Ok((Stop::Full, position));
+            }
+            let record = match reader.next_record() {
+                Ok(Some(record)) => record,
+                Ok(None) => return Ok((Stop::End, reader.position())),
+                Err(e) if e.unclosed && more => return Ok((Stop::Incomplete, position)),
+                Err(e) => return Err(syntax_error(&self.file, e)),
+            };
+            let result = encode_row(&record, &self.plan, ids, &mut self.scratch, out);
+            each(&record, result.is_ok());
+            if let Err(message) = result {
+                let line = record.line;
+                match self.bad_rows {
+                    BadRows::Fail => return Err(DataError::BadRow { file: self.file.clone(), line, message }),
+                    BadRows::Skip => out.skipped.record(format!("{}:{line}: {message}", self.file.display())),
+                }
+            }
+        }
+    }
 }
 
 /// Reads every record of `text` (the contents of `file`) into a [`RawSplit`].
@@ -383,37 +539,9 @@ fn read_split<I: IdSource>(
     bad_rows: BadRows,
 ) -> Result<RawSplit, DataError> {
     let mut reader = CsvReader::new(text);
-    let syntax =
-        |e: super::csv::SyntaxError| DataError::BadRow { file: file.to_path_buf(), line: e.line, message: e.message };
-    let header = reader.next_record().map_err(syntax)?.ok_or_else(|| DataError::BadRow {
-        file: file.to_path_buf(),
-        line: 1,
-        message: "the file is empty (no header)".into(),
-    })?;
-    let plan = Plan::resolve(schema, file, &header)?;
-    let shape = Shape::of(schema);
-    let expected_rows = text.len() / 256;
-    let mut out = RawSplit {
-        rows: 0,
-        cat: shape.cat.iter().map(|w| Vec::with_capacity(w * expected_rows)).collect(),
-        seq_ids: shape.seq.iter().map(|(c, l)| Vec::with_capacity(c * l * expected_rows)).collect(),
-        num: shape.num.iter().map(|w| Vec::with_capacity(w * expected_rows)).collect(),
-        domain: Vec::new(),
-        labels: Vec::new(),
-        user: Vec::new(),
-        skipped: SkippedRows::default(),
-    };
-    let mut scratch = RowScratch { labels: Vec::new(), num: Vec::new() };
-    while let Some(record) = reader.next_record().map_err(syntax)? {
-        if let Err(message) = encode_row(&record, &plan, ids, &mut scratch, &mut out) {
-            match bad_rows {
-                BadRows::Fail => {
-                    return Err(DataError::BadRow { file: file.to_path_buf(), line: record.line, message })
-                }
-                BadRows::Skip => out.skipped.record(format!("{}:{}: {message}", file.display(), record.line)),
-            }
-        }
-    }
+    let plan = read_header(schema, file, &mut reader, Columns::All, false)?.expect("the whole text is read");
+    let mut out = RawSplit::with_capacity(schema, text.len() / 256);
+    Rows::new(file, plan, bad_rows).encode(&mut reader, ids, &mut out, (usize::MAX, false), |_, _| {})?;
     Ok(out)
 }
 
@@ -531,16 +659,43 @@ fn column_offsets(vocabs: &[Vocab]) -> Vec<u32> {
 
 impl Fitted {
     /// Reads and encodes any `.csv` / `.csv.gz` file with the fitted vocabularies.
-    pub fn encode_file(&self, file: &Path, bad_rows: BadRows) -> Result<Dataset, DataError> {
+    pub fn encode_file(&self, file: &Path, options: impl Into<EncodeOptions>) -> Result<Dataset, DataError> {
         let text = read_text(file, read_bytes(file)?)?;
-        self.encode_text(file, &text, bad_rows)
+        self.encode_text(file, &text, options)
     }
 
     /// Encodes CSV text as if read from `file` (which is used only in messages).
-    pub fn encode_text(&self, file: &Path, text: &str, bad_rows: BadRows) -> Result<Dataset, DataError> {
+    pub fn encode_text(
+        &self,
+        file: &Path,
+        text: &str,
+        options: impl Into<EncodeOptions>,
+    ) -> Result<Dataset, DataError> {
+        let options = options.into();
+        let mut ids = self.apply_ids(options.unknown_domain)?;
+        let raw = read_split(&self.schema, file, text, &mut ids, options.bad_rows)?;
+        Ok(self.finish(raw, file))
+    }
+
+    /// The fitted ids to encode a file with, after checking the fitted state and that an
+    /// unknown-domain fallback is one of train's domains.
+    pub(super) fn apply_ids(&self, unknown_domain: UnknownDomain) -> Result<ApplyIds<'_>, DataError> {
         self.check()?;
+        if let UnknownDomain::Fallback(fallback) = unknown_domain {
+            if self.schema.domain.is_none() {
+                return Err(DataError::Schema(format!(
+                    "unknown_domain: {fallback} is set, but the schema has no domain column"
+                )));
+            }
+            if fallback as usize >= self.domains {
+                return Err(DataError::Schema(format!(
+                    "unknown_domain: {fallback} is not a domain of train (0..{})",
+                    self.domains
+                )));
+            }
+        }
         let layout = self.layout();
-        let mut ids = ApplyIds {
+        Ok(ApplyIds {
             cat: self
                 .vocabs
                 .categorical
@@ -552,9 +707,8 @@ impl Fitted {
             user: self.vocabs.user.as_ref(),
             new_users: ValueIndex::default(),
             domains: self.domains,
-        };
-        let raw = read_split(&self.schema, file, text, &mut ids, bad_rows)?;
-        Ok(self.finish(raw, file))
+            unknown_domain,
+        })
     }
 
     /// The vocabulary and id offset each sequence group's items go through.
@@ -575,7 +729,7 @@ impl Fitted {
     }
 
     /// Normalises numbers and builds masks.
-    fn finish(&self, raw: RawSplit, file: &Path) -> Dataset {
+    pub(super) fn finish(&self, raw: RawSplit, file: &Path) -> Dataset {
         let num = raw
             .num
             .iter()

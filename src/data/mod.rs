@@ -36,6 +36,7 @@ pub mod encode;
 pub mod numeric;
 pub mod prepare;
 pub mod schema;
+pub mod stream;
 pub mod vocab;
 
 use std::fmt;
@@ -49,6 +50,7 @@ pub use encode::{CategoricalLayout, Fitted, Layout, NumericLayout, SequenceLayou
 pub use numeric::Normalizer;
 pub use prepare::{prepare, CacheMode, PrepareOptions, PrepareStats, Prepared, SplitPaths};
 pub use schema::{DomainSpec, FeatureGroup, Normalize, Schema, Task};
+pub use stream::{Block, RowStream, StreamOptions};
 pub use vocab::{Vocab, OOV, PAD};
 
 /// What to do with a malformed row.
@@ -60,6 +62,98 @@ pub enum BadRows {
     Fail,
     /// Leave the row out and count it in [`Dataset::skipped`].
     Skip,
+}
+
+/// What to do with a domain id outside the domains of train (`0..D`) in a file encoded with
+/// the fitted state (valid, test, `mdl eval`, `mdl predict`). Written `error` or a domain id.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnknownDomain {
+    /// Stop with an error naming the file, line and value (or skip the row with
+    /// [`BadRows::Skip`]).
+    #[default]
+    Error,
+    /// Encode the row as this domain of train (it must be in `0..D`), and count it.
+    Fallback(u32),
+}
+
+impl UnknownDomain {
+    pub fn is_error(&self) -> bool {
+        *self == UnknownDomain::Error
+    }
+}
+
+impl fmt::Display for UnknownDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnknownDomain::Error => f.write_str("error"),
+            UnknownDomain::Fallback(domain) => write!(f, "{domain}"),
+        }
+    }
+}
+
+impl std::str::FromStr for UnknownDomain {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<UnknownDomain, String> {
+        match text.trim() {
+            "error" => Ok(UnknownDomain::Error),
+            other => other.parse::<u32>().map(UnknownDomain::Fallback).map_err(|_| {
+                format!("unknown_domain: expected `error` or a domain id (a non-negative integer), found `{text}`")
+            }),
+        }
+    }
+}
+
+impl Serialize for UnknownDomain {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            UnknownDomain::Error => serializer.serialize_str("error"),
+            UnknownDomain::Fallback(domain) => serializer.serialize_u32(*domain),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for UnknownDomain {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<UnknownDomain, D::Error> {
+        struct Policy;
+        impl serde::de::Visitor<'_> for Policy {
+            type Value = UnknownDomain;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`error` or a domain id (a non-negative integer)")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<UnknownDomain, E> {
+                match text {
+                    "error" => Ok(UnknownDomain::Error),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(text), &self)),
+                }
+            }
+            fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<UnknownDomain, E> {
+                u32::try_from(value)
+                    .map(UnknownDomain::Fallback)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(value), &self))
+            }
+            fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<UnknownDomain, E> {
+                u64::try_from(value)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(value), &self))
+                    .and_then(|v| self.visit_u64(v))
+            }
+        }
+        deserializer.deserialize_any(Policy)
+    }
+}
+
+/// How a file is encoded with the fitted state: the policies for malformed rows and for
+/// domain ids train never had.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EncodeOptions {
+    pub bad_rows: BadRows,
+    pub unknown_domain: UnknownDomain,
+}
+
+impl From<BadRows> for EncodeOptions {
+    fn from(bad_rows: BadRows) -> EncodeOptions {
+        EncodeOptions { bad_rows, ..EncodeOptions::default() }
+    }
 }
 
 /// Everything that can go wrong while reading data.

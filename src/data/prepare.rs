@@ -2,7 +2,8 @@
 //! binary cache.
 //!
 //! The cache key is a SHA-256 over the cache format version, the schema (as JSON), the options
-//! that change the result (bad-row policy) and each file's length and content hash, so a
+//! that change the result (bad-row policy, and the unknown-domain policy where it is not
+//! `error`) and each file's length and content hash, so a
 //! changed file or schema never reuses a stale cache. Cache files live in
 //! [`CacheMode::Default`]'s folder `$MDL_CACHE_DIR` or `./.mdl-cache/`, or in an explicit one.
 
@@ -17,7 +18,7 @@ use super::csv::{read_bytes, read_text};
 use super::dataset::Dataset;
 use super::encode::{fit_train, Fitted};
 use super::schema::Schema;
-use super::{BadRows, DataError};
+use super::{BadRows, DataError, EncodeOptions, UnknownDomain};
 
 /// The three files of a dataset.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,6 +69,14 @@ impl CacheMode {
 pub struct PrepareOptions {
     pub bad_rows: BadRows,
     pub cache: CacheMode,
+    /// How valid and test encode a domain id train never had.
+    pub unknown_domain: UnknownDomain,
+}
+
+impl PrepareOptions {
+    fn encode(&self) -> EncodeOptions {
+        EncodeOptions { bad_rows: self.bad_rows, unknown_domain: self.unknown_domain }
+    }
 }
 
 /// How a [`prepare`] call went.
@@ -112,6 +121,10 @@ fn cache_key(schema: &Schema, options: &PrepareOptions, files: &[&[u8]; 3]) -> R
     hasher.update((schema_json.len() as u64).to_le_bytes());
     hasher.update(&schema_json);
     hasher.update([options.bad_rows as u8]);
+    if let UnknownDomain::Fallback(domain) = options.unknown_domain {
+        hasher.update(b"unknown_domain\0");
+        hasher.update(domain.to_le_bytes());
+    }
     for bytes in files {
         hasher.update((bytes.len() as u64).to_le_bytes());
         hasher.update(Sha256::digest(bytes));
@@ -190,8 +203,8 @@ pub fn prepare(schema: &Schema, paths: &SplitPaths, options: &PrepareOptions) ->
     let (valid_text, test_text) = (valid_text?, test_text?);
     // ...then encode them side by side (they only read the fitted state).
     let (valid, test) = std::thread::scope(|scope| {
-        let valid = scope.spawn(|| fitted.encode_text(&paths.valid, &valid_text, options.bad_rows));
-        let test = fitted.encode_text(&paths.test, &test_text, options.bad_rows);
+        let valid = scope.spawn(|| fitted.encode_text(&paths.valid, &valid_text, options.encode()));
+        let test = fitted.encode_text(&paths.test, &test_text, options.encode());
         let valid = valid.join().map_err(|_| thread_failed("encoding valid"))?;
         Ok::<_, DataError>((valid?, test?))
     })?;

@@ -277,7 +277,7 @@ fn training(fx: &Fixture, text: &str, bad_rows: BadRows, change: Change, dir: &P
         return Verdict::Rejected;
     }
     let paths = SplitPaths { train, valid: fx.splits[1].0.clone(), test: fx.splits[2].0.clone() };
-    let options = PrepareOptions { bad_rows, cache: CacheMode::Off };
+    let options = PrepareOptions { bad_rows, cache: CacheMode::Off, ..Default::default() };
     let Ok(prep) = data::prepare(&fx.loaded.fitted.schema, &paths, &options) else {
         return Verdict::Rejected;
     };

@@ -412,7 +412,11 @@ fn check_stage_groups(exp: &Experiment, compiled: &Compiled) -> Result<(), Strin
 /// the malformed rows skipped in each.
 fn load_data(exp: &Experiment, log: &mut Progress) -> Result<Prepared, String> {
     let paths = exp.split_paths()?;
-    let options = PrepareOptions { bad_rows: exp.data.bad_rows.into(), ..Default::default() };
+    let options = PrepareOptions {
+        bad_rows: exp.data.bad_rows.into(),
+        unknown_domain: exp.data.unknown_domain,
+        ..Default::default()
+    };
     let prep = data::prepare(&exp.data.schema, &paths, &options).map_err(|e| e.to_string())?;
     log.line(&format!(
         "data: train {} / valid {} / test {} rows, loaded in {:.2}s ({})",

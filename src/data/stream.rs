@@ -1,0 +1,280 @@
+//! Encoding rows to score, block by block: a [`RowStream`] reads a `.csv` / `.csv.gz` file or
+//! stdin (`-`) in chunks, encodes up to [`StreamOptions::block_rows`] rows at a time with the
+//! fitted state, and hands out each [`Block`] with, for every input record in order, whether
+//! it was encoded and the raw text of the columns to keep. So a caller can write exactly one
+//! output row per input record (blank lines are not records), however large the input.
+//!
+//! Only the model's inputs are read (features and the domain): labels and the user column may
+//! be absent (see [`super::encode`]'s `Columns::Inputs`). Malformed rows and unseen domain ids
+//! follow [`EncodeOptions`]; skipped rows and fallback domains are counted over the whole
+//! input ([`RowStream::skipped`], [`RowStream::domain_fallbacks`]).
+
+use std::path::Path;
+
+use super::csv::{CsvReader, TextStream};
+use super::dataset::{Dataset, SkippedRows};
+use super::encode::{read_header, ApplyIds, Columns, Fitted, RawSplit, Rows, Stop};
+use super::{DataError, EncodeOptions};
+
+/// How a [`RowStream`] reads its input.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StreamOptions {
+    pub encode: EncodeOptions,
+    /// Columns whose raw text is kept for every record (ids to join scores back on); each
+    /// must be in the header.
+    pub keep: Vec<String>,
+    /// Encoded rows per block (at least 1); only the last block has fewer.
+    pub block_rows: usize,
+}
+
+/// The next stretch of input records.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Block {
+    /// The records that encoded, in input order.
+    pub data: Dataset,
+    /// Per input record, in order: whether it encoded (its row is the next one of `data`) or
+    /// was skipped as malformed.
+    pub encoded: Vec<bool>,
+    /// Per input record, the text of each kept column (`keep.len()` cells per record; a
+    /// malformed record too short to have the column gives "").
+    pub kept: Vec<String>,
+}
+
+/// A file being encoded block by block (see the module doc).
+pub struct RowStream<'f> {
+    fitted: &'f Fitted,
+    input: TextStream,
+    ids: ApplyIds<'f>,
+    options: StreamOptions,
+    /// The header's plan, once the header has been read.
+    rows: Option<Rows>,
+    keep_columns: Vec<usize>,
+    skipped: SkippedRows,
+    domain_fallbacks: usize,
+    done: bool,
+}
+
+impl Fitted {
+    /// Opens `path` (`-` for stdin) to encode it block by block; nothing is read yet.
+    pub fn stream(&self, path: &Path, options: StreamOptions) -> Result<RowStream<'_>, DataError> {
+        let ids = self.apply_ids(options.encode.unknown_domain)?;
+        Ok(RowStream {
+            fitted: self,
+            input: TextStream::open(path)?,
+            ids,
+            options: StreamOptions { block_rows: options.block_rows.max(1), ..options },
+            rows: None,
+            keep_columns: Vec::new(),
+            skipped: SkippedRows::default(),
+            domain_fallbacks: 0,
+            done: false,
+        })
+    }
+}
+
+impl RowStream<'_> {
+    /// The input's name in messages (`stdin` for `-`).
+    pub fn name(&self) -> &Path {
+        self.input.name()
+    }
+
+    /// The malformed records skipped so far (with [`super::BadRows::Skip`]).
+    pub fn skipped(&self) -> &SkippedRows {
+        &self.skipped
+    }
+
+    /// The rows encoded so far whose domain id train never had, as the fallback domain.
+    pub fn domain_fallbacks(&self) -> usize {
+        self.domain_fallbacks
+    }
+
+    /// The next block, `None` once every record has been handed out. The first call reads
+    /// the header (a missing feature or kept column is an error naming it).
+    pub fn next_block(&mut self) -> Result<Option<Block>, DataError> {
+        if self.done {
+            return Ok(None);
+        }
+        let schema = &self.fitted.schema;
+        let mut raw = RawSplit::with_capacity(schema, self.options.block_rows.min(1 << 16));
+        let (mut encoded, mut kept) = (Vec::new(), Vec::new());
+        loop {
+            let more = !self.input.ended();
+            let text = self.input.text()?;
+            let mut reader = CsvReader::at_line(text, self.input.line());
+            if self.rows.is_none() {
+                let Some(plan) = read_header(schema, self.input.name(), &mut reader, Columns::Inputs, more)? else {
+                    self.input.read_more()?;
+                    continue;
+                };
+                self.keep_columns = keep_positions(self.input.name(), &plan.header, &self.options.keep)?;
+                self.rows = Some(Rows::new(self.input.name(), plan, self.options.encode.bad_rows));
+            }
+            let Some(rows) = self.rows.as_mut() else { continue };
+            let keep_columns = &self.keep_columns;
+            let (stop, (bytes, line)) =
+                rows.encode(&mut reader, &mut self.ids, &mut raw, (self.options.block_rows, more), |record, ok| {
+                    encoded.push(ok);
+                    kept.extend(keep_columns.iter().map(|&c| record.get(c).to_string()));
+                })?;
+            self.input.consume(bytes, line);
+            match stop {
+                Stop::Full => break,
+                Stop::End if !more => {
+                    self.done = true;
+                    break;
+                }
+                Stop::End | Stop::Incomplete => self.input.read_more()?,
+            }
+        }
+        if self.done && encoded.is_empty() {
+            return Ok(None);
+        }
+        self.domain_fallbacks += raw.domain_fallbacks;
+        self.skipped.absorb(&raw.skipped);
+        let data = self.fitted.finish(raw, self.input.name());
+        Ok(Some(Block { data, encoded, kept }))
+    }
+}
+
+/// The header position of each column to keep; an unknown one is an error naming it and
+/// listing the header.
+fn keep_positions(file: &Path, header: &[String], keep: &[String]) -> Result<Vec<usize>, DataError> {
+    keep.iter()
+        .map(|column| {
+            header.iter().position(|h| h == column).ok_or_else(|| DataError::BadRow {
+                file: file.to_path_buf(),
+                line: 1,
+                message: format!("no column '{column}' to keep in the header; its columns are: {}", header.join(", ")),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::encode::fit_train;
+    use crate::data::{BadRows, Schema, UnknownDomain};
+
+    const SCHEMA: &str = "
+features:
+  - { kind: categorical, name: ids, columns: [item] }
+  - { kind: sequence, name: tags, columns: [tags], max_len: 2 }
+  - { kind: numeric, name: x, columns: [x], normalize: standard }
+domain: { column: domain }
+labels: [ { name: click, column: label } ]
+user: user
+";
+
+    const TRAIN: &str = "label,user,item,tags,x,domain\n1,u1,a,t1 t2,0.5,0\n0,u2,\"b,1\",t2,1.5,1\n1,u1,c,,2.5,1\n";
+
+    /// Quoted fields with separators, quotes and line breaks, CRLF, blank lines, a row with
+    /// too few fields (line 9), an unseen domain (line 10) and an item train never had.
+    const SCORE: &str = "\u{feff}label,user,item,tags,x,domain\r\n0,u2,\"b,1\",t1,1,1\r\n\n1,u9,\"say \"\"hi\"\"\",\"t2\nt1 t3\",,0\n0,u1,a,t2 t2,3,1\n\n\n0,u1,c\n1,u2,a,,0.25,7\n0,u3,zz,t1,-1,0";
+
+    fn column<T: Clone>(data: &[Dataset], pick: impl Fn(&Dataset) -> &Vec<T>) -> Vec<T> {
+        data.iter().flat_map(|d| pick(d).iter().cloned()).collect()
+    }
+
+    #[test]
+    fn blocks_of_any_size_from_chunks_of_any_size_encode_as_the_whole_text_does() {
+        let schema: Schema = serde_yaml::from_str(SCHEMA).unwrap();
+        let (fitted, _) = fit_train(&schema, Path::new("train.csv"), TRAIN, BadRows::Fail).unwrap();
+        let encode = EncodeOptions { bad_rows: BadRows::Skip, unknown_domain: UnknownDomain::Fallback(1) };
+        let whole = fitted.encode_text(Path::new("score.csv"), SCORE, encode).unwrap();
+        assert_eq!((whole.rows, whole.skipped.count), (5, 1));
+        let folder = std::env::temp_dir().join(format!("mdl-stream-{}", std::process::id()));
+        std::fs::create_dir_all(&folder).unwrap();
+        let path = folder.join("score.csv");
+        std::fs::write(&path, SCORE).unwrap();
+        for chunk in [1, 2, 3, 5, 8, 13, 40, 1 << 20] {
+            for block_rows in [1, 2, 3, 100] {
+                let options = StreamOptions { encode, keep: vec!["item".into(), "x".into()], block_rows };
+                let mut stream = fitted.stream(&path, options).unwrap();
+                stream.input.set_chunk(chunk);
+                let mut blocks = Vec::new();
+                while let Some(block) = stream.next_block().unwrap() {
+                    assert_eq!(block.data.rows, block.encoded.iter().filter(|&&ok| ok).count());
+                    assert!(block.data.rows <= block_rows);
+                    blocks.push(block);
+                }
+                let at = format!("chunk {chunk}, blocks of {block_rows}");
+                let data: Vec<Dataset> = blocks.iter().map(|b| b.data.clone()).collect();
+                assert_eq!(column(&data, |d| &d.cat[0]), whole.cat[0], "{at}");
+                assert_eq!(column(&data, |d| &d.seq_ids[0]), whole.seq_ids[0], "{at}");
+                assert_eq!(column(&data, |d| &d.seq_mask[0]), whole.seq_mask[0], "{at}");
+                assert_eq!(column(&data, |d| &d.num[0]), whole.num[0], "{at}");
+                assert_eq!(column(&data, |d| &d.domain), [1, 0, 1, 1, 0], "{at}");
+                // Labels and users are not read: 0 and the padding id.
+                assert_eq!(column(&data, |d| &d.labels), [0.0; 5], "{at}");
+                assert_eq!(column(&data, |d| &d.user), [0; 5], "{at}");
+                let encoded: Vec<bool> = blocks.iter().flat_map(|b| b.encoded.clone()).collect();
+                assert_eq!(encoded, [true, true, true, false, true, true], "{at}");
+                let kept: Vec<String> = blocks.iter().flat_map(|b| b.kept.clone()).collect();
+                let expected = ["b,1", "1", "say \"hi\"", "", "a", "3", "c", "", "a", "0.25", "zz", "-1"];
+                assert_eq!(kept, expected, "{at}");
+                assert_eq!(stream.skipped().count, 1, "{at}");
+                assert!(
+                    stream.skipped().examples[0].ends_with("score.csv:9: expected 6 fields as in the header, found 3"),
+                    "{at}"
+                );
+                assert_eq!(stream.domain_fallbacks(), 1, "{at}");
+            }
+        }
+        std::fs::remove_dir_all(&folder).unwrap();
+    }
+
+    #[test]
+    fn files_without_labels_are_read_and_bad_input_names_its_place() {
+        let schema: Schema = serde_yaml::from_str(SCHEMA).unwrap();
+        let (fitted, _) = fit_train(&schema, Path::new("train.csv"), TRAIN, BadRows::Fail).unwrap();
+        let folder = std::env::temp_dir().join(format!("mdl-stream-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&folder).unwrap();
+        let first_error = |text: &str, options: StreamOptions| -> String {
+            let path = folder.join("rows.csv");
+            std::fs::write(&path, text).unwrap();
+            let mut stream = match fitted.stream(&path, options) {
+                Ok(stream) => stream,
+                Err(e) => return e.to_string(),
+            };
+            loop {
+                match stream.next_block() {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return String::new(),
+                    Err(e) => return e.to_string().replace(&folder.display().to_string(), ""),
+                }
+            }
+        };
+        let options = StreamOptions { block_rows: 2, ..StreamOptions::default() };
+        // No label and no user column: fine.
+        assert_eq!(first_error("item,tags,x,domain\na,t1,1,0\n", options.clone()), "");
+        assert_eq!(
+            first_error("item,tags,x,domain\na,t1,1,0\nb,t2,2,5\n", options.clone()),
+            "/rows.csv:3: column 'domain': domain id 5 is outside 0..2, the domains of train (the policy \
+             `unknown_domain: ID` scores such rows as domain ID) (value \"5\")"
+        );
+        assert_eq!(
+            first_error("item,tags,x,domain\na,t1,1\n", options.clone()),
+            "/rows.csv:2: expected 4 fields as in the header, found 3"
+        );
+        assert_eq!(
+            first_error("item,tags,x,domain\n\"a,t1,1,0\n", options.clone()),
+            "/rows.csv:2: a quoted field is never closed"
+        );
+        assert_eq!(first_error("item,tags,domain\n", options.clone()), "/rows.csv: no column 'x' in the header");
+        let keep = StreamOptions { keep: vec!["id".into()], ..options.clone() };
+        assert_eq!(
+            first_error("item,tags,x,domain\n", keep),
+            "/rows.csv:1: no column 'id' to keep in the header; its columns are: item, tags, x, domain"
+        );
+        let fallback = StreamOptions {
+            encode: EncodeOptions { unknown_domain: UnknownDomain::Fallback(2), ..EncodeOptions::default() },
+            ..options
+        };
+        assert_eq!(
+            first_error("item,tags,x,domain\n", fallback),
+            "data schema: unknown_domain: 2 is not a domain of train (0..2)"
+        );
+        std::fs::remove_dir_all(&folder).unwrap();
+    }
+}

@@ -1,0 +1,156 @@
+//! `mdl predict`: scoring rows with a trained run, for rows that have no label yet.
+//!
+//! The input (a `.csv` / `.csv.gz` file, or `-` for stdin; gzip is recognised by its magic
+//! bytes) is read and scored block by block ([`crate::data::RowStream`]), so its size is not
+//! bounded by memory. Only the model's inputs must be in it: label and user columns may be
+//! missing. The output is CSV: the kept input columns (`--keep`, copied as text), then one
+//! probability per task, and exactly one row per input record, in input order. A malformed
+//! record is an error naming `file:line`, or, with the bad-row policy `skip`, a row whose
+//! scores are empty (`""`), counted in [`Predicted::skipped`]. A domain id train never had is
+//! an error naming `file:line` and the value, or, with `unknown_domain: ID`, scored as domain
+//! ID and counted. Both policies come from the run's experiment (`data.bad_rows`,
+//! `data.unknown_domain`) unless [`PredictOptions`] overrides them.
+//!
+//! A file output appears only once complete ([`AtomicFile`]); on stdout (`-`) the rows are
+//! written as their blocks are scored.
+
+use crate::data::{BadRows, Block, EncodeOptions, SkippedRows, StreamOptions, UnknownDomain};
+use crate::files::AtomicFile;
+use crate::train::folder::Trust;
+use crate::train::{open_run, LoadedRun};
+use std::borrow::Cow;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// Rows scored per block (rounded down to whole batches, at least one batch).
+const BLOCK_ROWS: usize = 16384;
+
+/// What to score and where to write it, beyond the run folder.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PredictOptions {
+    /// The rows to score: a `.csv` / `.csv.gz` file, or `-` for stdin.
+    pub data: PathBuf,
+    /// Where the scores go: a file, or `-` for stdout.
+    pub out: PathBuf,
+    /// Input columns copied, in this order, before the score columns.
+    pub keep: Vec<String>,
+    /// Overrides the run's `data.bad_rows`.
+    pub bad_rows: Option<BadRows>,
+    /// Overrides the run's `data.unknown_domain`.
+    pub unknown_domain: Option<UnknownDomain>,
+    /// Read a run folder whose files do not match its manifest (saying so).
+    pub force: bool,
+}
+
+/// What a prediction wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Predicted {
+    /// Output rows (= input records).
+    pub rows: usize,
+    /// The malformed records, whose scores were left empty.
+    pub skipped: SkippedRows,
+    /// Rows whose domain id train never had, scored as `unknown_domain`'s domain.
+    pub domain_fallbacks: usize,
+    pub unknown_domain: UnknownDomain,
+}
+
+/// Where the scores are written: stdout as they come, or a file that appears when complete.
+enum Output {
+    Stdout(BufWriter<std::io::Stdout>),
+    File(AtomicFile),
+}
+
+impl Output {
+    fn create(path: &Path) -> Result<Output, String> {
+        Ok(if path == Path::new("-") {
+            Output::Stdout(BufWriter::with_capacity(1 << 16, std::io::stdout()))
+        } else {
+            Output::File(AtomicFile::create(path)?)
+        })
+    }
+
+    fn write(&mut self, text: &str) -> Result<(), String> {
+        match self {
+            Output::Stdout(out) => out.write_all(text.as_bytes()).map_err(|e| format!("cannot write to stdout: {e}")),
+            Output::File(file) => file.write_all(text.as_bytes()).map_err(|e| file.error(e)),
+        }
+    }
+
+    fn finish(self) -> Result<(), String> {
+        match self {
+            Output::Stdout(mut out) => out.flush().map_err(|e| format!("cannot write to stdout: {e}")),
+            Output::File(file) => file.commit(),
+        }
+    }
+}
+
+/// A CSV cell: quoted (with `""` for a quote) when the text holds a separator, a quote or a
+/// line break, or is empty (so that a row of empty cells is not a blank line).
+fn cell(text: &str) -> Cow<'_, str> {
+    if text.is_empty() {
+        Cow::Borrowed("\"\"")
+    } else if text.contains([',', '"', '\n', '\r']) {
+        Cow::Owned(format!("\"{}\"", text.replace('"', "\"\"")))
+    } else {
+        Cow::Borrowed(text)
+    }
+}
+
+/// The output lines of one block: per record, its kept cells, then its scores (or `""` for
+/// each task where the record was skipped).
+fn block_lines(block: &Block, scores: &[f32], tasks: usize, keep: usize) -> String {
+    let mut text = String::with_capacity(block.encoded.len() * (8 * tasks + 16 * keep));
+    let mut scored = scores.chunks(tasks.max(1));
+    for (record, &encoded) in block.encoded.iter().enumerate() {
+        let mut cells: Vec<Cow<str>> = block.kept[record * keep..(record + 1) * keep].iter().map(|c| cell(c)).collect();
+        match if encoded { scored.next() } else { None } {
+            Some(row) => cells.extend(row.iter().map(|s| Cow::Owned(format!("{s:.6}")))),
+            None => cells.extend((0..tasks).map(|_| cell(""))),
+        }
+        text.push_str(&cells.join(","));
+        text.push('\n');
+    }
+    text
+}
+
+/// Scores every record of `options.data` with the run in `run` (see the module doc).
+pub fn predict(run: &Path, options: &PredictOptions) -> Result<Predicted, String> {
+    let LoadedRun { experiment: exp, fitted, session, params } = open_run(run, Trust { force: options.force })?;
+    let tasks = &session.compiled.tasks;
+    if let Some(clash) = options.keep.iter().find(|k| tasks.contains(k)) {
+        return Err(format!(
+            "--keep {clash}: the output already has a score column '{clash}' (the tasks: {})",
+            tasks.join(", ")
+        ));
+    }
+    let encode = EncodeOptions {
+        bad_rows: options.bad_rows.unwrap_or(exp.data.bad_rows.into()),
+        unknown_domain: options.unknown_domain.unwrap_or(exp.data.unknown_domain),
+    };
+    let batch = exp.train.batch_size.max(1);
+    let stream_options =
+        StreamOptions { encode, keep: options.keep.clone(), block_rows: batch * (BLOCK_ROWS / batch).max(1) };
+    let mut stream = fitted.stream(&options.data, stream_options).map_err(|e| e.to_string())?;
+    let mut exec = exp.backend.executor()?;
+    // The input's header is checked before anything is written.
+    let mut block = stream.next_block().map_err(|e| e.to_string())?;
+    let mut out = Output::create(&options.out)?;
+    let header: Vec<Cow<str>> = options.keep.iter().chain(tasks).map(|name| cell(name)).collect();
+    out.write(&(header.join(",") + "\n"))?;
+    let mut rows = 0;
+    while let Some(current) = block {
+        // Skipped records have no row in the block's data, so a row's scores follow the
+        // records that encoded.
+        let scores = session.predict(exec.as_mut(), &params, &current.data, batch)?;
+        out.write(&block_lines(&current, &scores, tasks.len(), options.keep.len()))?;
+        rows += current.encoded.len();
+        block = stream.next_block().map_err(|e| e.to_string())?;
+    }
+    out.finish()?;
+    Ok(Predicted {
+        rows,
+        skipped: stream.skipped().clone(),
+        domain_fallbacks: stream.domain_fallbacks(),
+        unknown_domain: encode.unknown_domain,
+    })
+}
