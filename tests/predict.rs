@@ -237,8 +237,7 @@ fn a_malformed_row_is_an_error_naming_its_line_or_keeps_its_place_with_an_empty_
     let line = rows[4].clone();
     rows[4] = line[..line.rfind(',').unwrap()].to_string();
     let bad = write(&dir, "bad.csv", &rows);
-    let (strict, lenient) = (run_failing(), run_lenient());
-
+    let strict = run_failing();
     let err = failed(&predict(strict, &bad, &[]));
     assert!(err.contains(&format!("{}:5: expected 61 fields as in the header, found 60", bad.display())), "{err}");
 
@@ -266,6 +265,7 @@ fn a_malformed_row_is_an_error_naming_its_line_or_keeps_its_place_with_an_empty_
     );
 
     // The run's own `bad_rows: skip` does the same, and the flag overrides it.
+    let lenient = run_lenient();
     let declared = predict(lenient, &bad, &["--keep", "video_id"]);
     ok(&declared);
     assert_eq!(stdout_lines(&declared), skipped);
@@ -323,8 +323,7 @@ fn an_unseen_domain_is_an_error_naming_the_row_or_scored_as_the_declared_fallbac
     let clean = write(&dir, "clean.csv", &split[..101]);
     let unseen = write(&dir, "unseen.csv", &with_domain("99"));
     let other_unseen = write(&dir, "other.csv", &with_domain("98"));
-    let (strict, lenient) = (run_failing(), run_lenient());
-
+    let strict = run_failing();
     let err = failed(&predict(strict, &unseen, &[]));
     assert!(
         err.contains(&format!(
@@ -357,6 +356,7 @@ fn an_unseen_domain_is_an_error_naming_the_row_or_scored_as_the_declared_fallbac
     // A run that declares `unknown_domain: 1` scores it so without the flag (the same
     // training otherwise); `--unknown-domain error` overrides it, and then the run's
     // `bad_rows: skip` leaves the row's score empty.
+    let lenient = run_lenient();
     let config = std::fs::read_to_string(lenient.join("config.yaml")).unwrap();
     assert!(config.contains("unknown_domain: 1"), "{config}");
     assert_eq!(score(lenient, &unseen, &[]).0, as_one);

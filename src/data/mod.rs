@@ -12,7 +12,9 @@
 //!   keyed by the input files' content, the schema and the options ([`prepare`](mod@prepare);
 //!   the file format is documented in `cache.rs`);
 //! * [`Dataset::gather`] fills a reusable [`Batch`]; [`MiniBatches`] gives a seeded,
-//!   reproducible order of row indices ([`batches`]).
+//!   reproducible order of row indices ([`batches`]);
+//! * [`Fitted::stream`] encodes a file or stdin to score block by block, labels optional,
+//!   with each record's fate and kept columns ([`stream`]).
 //!
 //! Conventions (details in each submodule):
 //!
@@ -23,7 +25,9 @@
 //! * sequences: space-separated ids, the last `max_len` kept, right-aligned (most recent item
 //!   in the last slot), padding id 0 with mask 0;
 //! * numbers: normalised with train statistics; a missing value is 0 after normalisation;
-//! * labels must be 0 or 1; domains are integers in `0..D`;
+//! * labels must be 0 or 1; domains are integers in `0..D`; in a file encoded with the
+//!   fitted state, a domain outside `0..D` is malformed unless [`UnknownDomain::Fallback`]
+//!   names a domain to read it as;
 //! * any malformed row is an error naming `file:line`, the column and the value, or with
 //!   [`BadRows::Skip`] it is skipped and counted in [`Dataset::skipped`]. Nothing is dropped
 //!   silently and no input makes this module panic.
