@@ -54,7 +54,7 @@ pub struct SpecFile {
 pub struct Manifest {
     pub run_id: String,
     pub mdl_version: String,
-    /// The commit mdl was built from, when the build knew it.
+    /// The commit mdl was built from, when the build was given it (`MDL_GIT_COMMIT`).
     pub git_commit: Option<String>,
     /// SHA-256 of the resolved experiment as `config.yaml` holds it.
     pub config_sha256: String,
@@ -83,7 +83,7 @@ impl Manifest {
         Manifest {
             run_id: sha256_hex(seed.as_bytes())[..16].to_string(),
             mdl_version: env!("CARGO_PKG_VERSION").to_string(),
-            git_commit: option_env!("MDL_GIT_COMMIT").map(str::to_string),
+            git_commit: option_env!("MDL_GIT_COMMIT").filter(|c| !c.is_empty()).map(str::to_string),
             config_sha256,
             data_key: None,
             spec: Vec::new(),
@@ -204,7 +204,8 @@ impl RunFolder {
     ) -> Result<(RunFolder, Option<String>), String> {
         let mut candidate = dir.to_path_buf();
         let mut why_not_dir = None;
-        for n in 2.. {
+        let mut n = 1;
+        loop {
             match try_claim(&candidate, explicit || force, force)? {
                 Claim::Ours(mut lock, created, cleared) => {
                     announce(&mut lock, &candidate)?;
@@ -221,13 +222,13 @@ impl RunFolder {
                 }
                 Claim::Taken(why) => {
                     why_not_dir.get_or_insert(why);
+                    n += 1;
                     let mut name = dir.file_name().unwrap_or_default().to_os_string();
                     name.push(format!("-{n}"));
                     candidate = dir.with_file_name(name);
                 }
             }
         }
-        unreachable!("the numbering of run folders is unbounded")
     }
 
     /// Opens a run folder to resume it: locked, its manifest read and its temporaries of a
