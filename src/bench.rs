@@ -176,6 +176,7 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
     let session = Session::with_compiled(compiled, &prep.fitted)?;
     let compile_ms = (t.elapsed() + spec_time).as_secs_f64() * 1e3;
     let bs = exp.train.batch_size.min(prep.train.rows);
+    crate::train::memory::check_run(&session, exp, bs)?;
     let plan_ms = session.prepare(exec.as_mut(), bs)?;
     let mut params = mdl_runtime::init::init_params::<f32>(session.params(), &session.inputs.sizes, exp.train.seed)?;
     let mut opt = Optimizer::<f32>::new(crate::train::optim_config(exp))?;

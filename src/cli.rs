@@ -17,10 +17,7 @@ pub fn parse_overrides(set: &[String]) -> Result<BTreeMap<String, Hyper>, String
             return Err(format!("`--set {s}`: expected KEY=VALUE"));
         };
         let y: serde_yaml::Value = serde_yaml::from_str(v).map_err(|e| format!("`--set {s}`: {e}"))?;
-        out.insert(
-            k.trim().to_string(),
-            yaml_to_hyper(&y).ok_or_else(|| format!("`--set {s}`: not a number, string, boolean or list"))?,
-        );
+        out.insert(k.trim().to_string(), yaml_to_hyper(&y).map_err(|e| format!("`--set {s}`: {e}"))?);
     }
     Ok(out)
 }
@@ -49,26 +46,34 @@ pub fn check(specs: &[std::path::PathBuf], set: &[String]) -> ExitCode {
         let mut map = SourceMap::new();
         let t = Instant::now();
         if let Some(blocks) = library_blocks(spec) {
-            println!(
-                "ok: {} (a library of {blocks} blocks, no model; its blocks are checked where a model uses them)",
+            if let Err(code) = emit(format_args!(
+                "ok: {} (a library of {blocks} blocks, no model; its blocks are checked where a model uses them)\n",
                 spec.display()
-            );
+            )) {
+                return code;
+            }
             continue;
         }
         match compile_reporting(&mut map, spec, &overrides) {
-            Some(c) => match crate::train::build_training_graph(&c) {
-                Ok(g) => println!(
-                    "ok: {} (model {}, {} tasks, {} parameter tensors, {} forward ops, {} ops with backward) in {:.1} ms",
-                    spec.display(),
-                    c.model,
-                    c.tasks.len(),
-                    c.graph.params.len(),
-                    c.graph.len(),
-                    g.len(),
-                    t.elapsed().as_secs_f64() * 1e3
-                ),
+            Some(c) => match crate::train::memory::check_spec(&c).and_then(|()| {
+                crate::train::build_training_graph(&c).map_err(|e| format!("the backward graph could not be built: {e}"))
+            }) {
+                Ok(g) => {
+                    if let Err(code) = emit(format_args!(
+                        "ok: {} (model {}, {} tasks, {} parameter tensors, {} forward ops, {} ops with backward) in {:.1} ms\n",
+                        spec.display(),
+                        c.model,
+                        c.tasks.len(),
+                        c.graph.params.len(),
+                        c.graph.len(),
+                        g.len(),
+                        t.elapsed().as_secs_f64() * 1e3
+                    )) {
+                        return code;
+                    }
+                }
                 Err(e) => {
-                    eprintln!("error: {}: the backward graph could not be built: {e}", spec.display());
+                    eprintln!("error: {}: {e}", spec.display());
                     failed += 1;
                 }
             },
@@ -85,7 +90,7 @@ pub fn check(specs: &[std::path::PathBuf], set: &[String]) -> ExitCode {
 
 /// The number of blocks when `spec` parses and defines blocks but no model.
 fn library_blocks(spec: &Path) -> Option<usize> {
-    let text = std::fs::read_to_string(spec).ok()?;
+    let text = crate::files::read_text(spec).ok()?;
     let mut map = SourceMap::new();
     let file = map.add(spec.display().to_string(), text);
     let m = crate::syntax::parse(&map, file).ok()?;
@@ -118,16 +123,29 @@ pub fn graph(spec: &Path, backward: bool, dot: bool, set: &[String]) -> ExitCode
     } else {
         passes::optimize(&c.graph)
     };
-    if dot {
-        print!("{}", g.to_dot());
+    let written = if dot {
+        emit(format_args!("{}", g.to_dot()))
     } else {
-        println!(
-            "# model {} — shapes are symbolic: B = batch, count(x) = columns of input x, rows(x) = its vocabulary",
-            c.model
-        );
-        print!("{}", g.listing());
+        emit(format_args!(
+            "# model {} — shapes are symbolic: B = batch, count(x) = columns of input x, rows(x) = its vocabulary\n{}",
+            c.model,
+            g.listing()
+        ))
+    };
+    written.err().unwrap_or(ExitCode::SUCCESS)
+}
+
+/// Writes a command's output to stdout. A reader that has gone (`mdl graph ... | head -1`)
+/// ends the command quietly with success, as other Unix tools end on a closed pipe: the
+/// error is the exit code to return (success then; 1 after reporting any other failure).
+fn emit(text: std::fmt::Arguments<'_>) -> Result<(), ExitCode> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(text).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(ExitCode::SUCCESS),
+        Err(e) => Err(fail(&format!("cannot write the output: {e}"))),
     }
-    ExitCode::SUCCESS
 }
 
 fn fail(msg: &str) -> ExitCode {
@@ -188,10 +206,7 @@ pub fn eval(run: &Path, data: &Path, force: bool) -> ExitCode {
         serde_json::to_string_pretty(&report).map_err(|e| e.to_string())
     })();
     match result {
-        Ok(json) => {
-            println!("{json}");
-            ExitCode::SUCCESS
-        }
+        Ok(json) => emit(format_args!("{json}\n")).err().unwrap_or(ExitCode::SUCCESS),
         Err(e) => fail(&e),
     }
 }
@@ -240,10 +255,7 @@ pub fn bench(experiment: &Path, backend: Option<String>, steps: usize, set: &[St
         Err(e) => return fail(&e),
     };
     match crate::bench::bench(&exp, steps) {
-        Ok(r) => {
-            print!("{r}");
-            ExitCode::SUCCESS
-        }
+        Ok(r) => emit(format_args!("{r}")).err().unwrap_or(ExitCode::SUCCESS),
         Err(e) => fail(&e),
     }
 }
@@ -255,14 +267,15 @@ pub fn devices() -> ExitCode {
         use mdl_runtime::backend::opencl;
         match opencl::devices() {
             Ok(list) if list.is_empty() => {
-                println!("OpenCL platforms are installed, but they list no devices");
-                ExitCode::FAILURE
+                emit(format_args!("OpenCL platforms are installed, but they list no devices\n"))
+                    .err()
+                    .unwrap_or(ExitCode::FAILURE)
             }
             Ok(list) => {
                 let default = list.iter().find(|d| d.kind == "GPU").map_or(0, |d| d.index);
                 for d in &list {
-                    println!(
-                        "{}: {} ({}, {} compute units, {:.1} GiB) on {}{}",
+                    let line = emit(format_args!(
+                        "{}: {} ({}, {} compute units, {:.1} GiB) on {}{}\n",
                         d.index,
                         d.name,
                         d.kind,
@@ -270,7 +283,10 @@ pub fn devices() -> ExitCode {
                         d.global_mem_bytes as f64 / (1u64 << 30) as f64,
                         d.platform,
                         if d.index == default { "  [default]" } else { "" }
-                    );
+                    ));
+                    if let Err(code) = line {
+                        return code;
+                    }
                 }
                 ExitCode::SUCCESS
             }
@@ -287,10 +303,7 @@ pub fn devices() -> ExitCode {
 pub fn report(runs: &[std::path::PathBuf]) -> ExitCode {
     let summaries: Result<Vec<_>, String> = runs.iter().map(|r| crate::report::summarize(r)).collect();
     match summaries {
-        Ok(s) => {
-            print!("{}", crate::report::markdown(&s));
-            ExitCode::SUCCESS
-        }
+        Ok(s) => emit(format_args!("{}", crate::report::markdown(&s))).err().unwrap_or(ExitCode::SUCCESS),
         Err(e) => fail(&e),
     }
 }

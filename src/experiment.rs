@@ -145,11 +145,12 @@ impl Default for TrainConfig {
     }
 }
 
+/// `eval_every`: a number of steps, or `epoch`. Left out it is [`EvalEvery::Epoch`], which
+/// the run's config.yaml writes (and reads back) as `null`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum EvalEvery {
     #[default]
-    #[serde(skip)]
     Epoch,
     Steps(u64),
     Word(String),
@@ -280,7 +281,8 @@ fn load_merged(path: &Path, depth: usize) -> Result<Value, String> {
     if depth > 16 {
         return Err(format!("{}: `base` chain is longer than 16 files (a cycle?)", path.display()));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = crate::files::read_text(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    check_nesting(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut v: Value = serde_yaml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), yaml_error(&e)))?;
     if !v.is_mapping() {
         return Err(format!("{}: an experiment must be a mapping of keys (spec:, data:, train:, ...)", path.display()));
@@ -319,6 +321,50 @@ fn experiment_keys() -> &'static Keys {
 /// Checks that every key of a single file is known, reporting the line of the first bad one.
 fn check_keys(text: &str) -> Result<(), String> {
     experiment_keys().check(serde_yaml::Deserializer::from_str(text)).map_err(|e| yaml_error(&e))
+}
+
+/// The deepest nesting of YAML collections an experiment may have (its own keys nest 4 deep).
+const MAX_NESTING: usize = 32;
+
+/// Refuses a file whose flow collections (`[...]`, `{...}`) or indented blocks nest deeper
+/// than [`MAX_NESTING`], before the YAML parser (whose time grows with the square of the
+/// depth) sees it. Quoted strings and comments are skipped; the count may only err high
+/// on exotic YAML (a `[` inside a plain scalar), which no experiment needs.
+fn check_nesting(text: &str) -> Result<(), String> {
+    let mut indents: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    for (number, line) in text.lines().enumerate() {
+        let body = line.trim_start_matches([' ', '-']);
+        if body.is_empty() || body.starts_with('#') {
+            continue;
+        }
+        if flow == 0 {
+            let indent = line.len() - body.len();
+            while indents.last().is_some_and(|&i| i >= indent) {
+                indents.pop();
+            }
+            indents.push(indent);
+        }
+        let mut quote = None;
+        for c in body.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') => break,
+                (None, '[' | '{') => flow += 1,
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+            if indents.len() + flow > MAX_NESTING {
+                return Err(format!(
+                    "line {}: collections nest more than {MAX_NESTING} deep (an experiment needs a few levels)",
+                    number + 1
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn yaml_error(e: &serde_yaml::Error) -> String {
@@ -382,18 +428,39 @@ fn merge(base: &mut Value, over: Value) {
 }
 
 impl Experiment {
+    /// The settings' values: each error names its key (the caller adds the file).
     fn validate(&self) -> Result<(), String> {
-        if self.train.batch_size == 0 {
+        check_run_name(&self.name)?;
+        let t = &self.train;
+        if t.batch_size == 0 {
             return Err("train.batch_size: must be at least 1".into());
         }
-        if self.train.lr.is_nan() || self.train.lr <= 0.0 {
-            return Err(format!("train.lr: must be positive, found {}", self.train.lr));
+        positive("train.lr", t.lr)?;
+        if let Some(lr) = t.embedding_lr {
+            positive("train.embedding_lr", lr)?;
         }
-        if self.train.stages.iter().any(|s| s.epochs == 0) {
-            return Err("train.stages: every stage needs at least one epoch".into());
+        not_negative("train.l2", t.l2)?;
+        not_negative("train.embedding_l2", t.embedding_l2)?;
+        if let Some(c) = t.clip_norm {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(format!(
+                    "train.clip_norm: must be a positive number, found {c} (to clip nothing, leave the key out or set it to null)"
+                ));
+            }
         }
-        self.train.eval_every.steps()?;
-        self.train.early_stopping.maximize()?;
+        if t.epochs == 0 {
+            return Err("train.epochs: must be at least 1, found 0 (a run of no epochs trains nothing)".into());
+        }
+        if t.max_steps == Some(0) {
+            return Err("train.max_steps: must be at least 1, found 0 (leave the key out to train every epoch)".into());
+        }
+        if let Some(i) = t.stages.iter().position(|s| s.epochs == 0) {
+            return Err(format!("train.stages[{i}].epochs: every stage needs at least one epoch"));
+        }
+        t.eval_every.steps()?;
+        t.early_stopping.maximize()?;
+        self.hyper_overrides()?;
+        self.data.schema.validate().map_err(|e| e.to_string())?;
         self.split_paths()?;
         Ok(())
     }
@@ -441,11 +508,7 @@ impl Experiment {
     pub fn hyper_overrides(&self) -> Result<BTreeMap<String, Hyper>, String> {
         self.hyper
             .iter()
-            .map(|(k, v)| {
-                yaml_to_hyper(v)
-                    .map(|h| (k.clone(), h))
-                    .ok_or_else(|| format!("hyper.{k}: must be a number, string, boolean or list"))
-            })
+            .map(|(k, v)| yaml_to_hyper(v).map(|h| (k.clone(), h)).map_err(|e| format!("hyper.{k}: {e}")))
             .collect()
     }
 
@@ -455,17 +518,46 @@ impl Experiment {
     }
 }
 
+/// A number a setting takes that must be finite and above 0.
+fn positive(key: &str, x: f64) -> Result<(), String> {
+    if x.is_finite() && x > 0.0 {
+        Ok(())
+    } else {
+        Err(format!("{key}: must be a positive number, found {x}"))
+    }
+}
+
+/// A number a setting takes that must be finite and at least 0.
+fn not_negative(key: &str, x: f64) -> Result<(), String> {
+    if x.is_finite() && x >= 0.0 {
+        Ok(())
+    } else {
+        Err(format!("{key}: must be a number of at least 0, found {x}"))
+    }
+}
+
+/// A run's name becomes one folder under `runs/`: a single path component, so that no name
+/// writes elsewhere (`../../x`, `/tmp/x`).
+fn check_run_name(name: &str) -> Result<(), String> {
+    let mut parts = Path::new(name).components();
+    match (parts.next(), parts.next()) {
+        (Some(std::path::Component::Normal(part)), None) if part == name && !name.contains(['/', '\\']) => Ok(()),
+        _ => Err(format!("name: must be a single folder name (no `/`, not `.` or `..`), found `{name}`")),
+    }
+}
+
 /// A YAML value as a hyperparameter (of `hyper:` here, of `--set` in `mdl check` and
 /// `mdl graph`).
-pub fn yaml_to_hyper(v: &Value) -> Option<Hyper> {
-    Some(match v {
+pub fn yaml_to_hyper(v: &Value) -> Result<Hyper, String> {
+    Ok(match v {
         Value::Bool(b) => Hyper::Bool(*b),
-        Value::Number(n) => match n.as_i64() {
-            Some(i) => Hyper::Int(i),
-            None => Hyper::Float(n.as_f64()?),
+        Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Hyper::Int(i),
+            (None, Some(x)) if x.is_finite() => Hyper::Float(x),
+            _ => return Err(format!("must be a finite number, found {n}")),
         },
         Value::String(s) => Hyper::Str(s.clone()),
-        Value::Sequence(items) => Hyper::List(items.iter().map(yaml_to_hyper).collect::<Option<Vec<_>>>()?),
-        _ => return None,
+        Value::Sequence(items) => Hyper::List(items.iter().map(yaml_to_hyper).collect::<Result<Vec<_>, _>>()?),
+        _ => return Err("must be a number, string, boolean or list".into()),
     })
 }

@@ -5,7 +5,8 @@
 //! wrote is on disk before it returns. Checkpoints are written by the runtime
 //! (`mdl_runtime::checkpoint`), the same way. [`remove_stale_temporaries`] removes what a
 //! killed writer of either kind left behind, and [`sha256_hex`] is the digest the run
-//! folder's manifest records.
+//! folder's manifest records. And the bounded read of the text files mdl is given (specs, the files they `use`,
+//! experiments: [`read_text`]), so that no path makes a read block or grow without end.
 
 use sha2::{Digest, Sha256};
 use std::fs::File;
@@ -141,9 +142,42 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The most bytes a spec, a file it `use`s, or an experiment file may have.
+pub const MAX_TEXT_BYTES: u64 = 4 << 20;
+
+/// Reads a text file of at most [`MAX_TEXT_BYTES`]: a regular file only, since a device
+/// (`/dev/zero`) never ends and a FIFO may block forever. The error does not name the
+/// path (the caller does: "cannot read PATH: ERROR").
+pub fn read_text(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let too_big = || format!("larger than {} MiB, the most a spec or experiment file may have", MAX_TEXT_BYTES >> 20);
+    if meta.len() > MAX_TEXT_BYTES {
+        return Err(too_big());
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_TEXT_BYTES + 1).read_to_string(&mut text))
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > MAX_TEXT_BYTES {
+        return Err(too_big());
+    }
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_text_takes_regular_files_only() {
+        assert_eq!(read_text(Path::new("/dev/zero")).unwrap_err(), "not a regular file");
+        assert_eq!(read_text(Path::new("/")).unwrap_err(), "not a regular file");
+        assert!(read_text(Path::new("Cargo.toml")).unwrap().contains("[package]"));
+    }
 
     #[test]
     fn replaces_the_file_and_leaves_no_temporary_behind() {

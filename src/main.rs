@@ -180,7 +180,15 @@ fn parse_bad_rows(text: &str) -> Result<mdl::data::BadRows, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Any panic is a bug in mdl, never the user's fault: report it as such.
+    // Output goes through writers that end a command quietly when its reader has gone
+    // (`mdl graph ... | head -1`); a message written to a closed stderr pipe panics in the
+    // standard library's `eprintln!`, which is the same case: no report, success.
+    let report_panic = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !is_closed_pipe(info.payload()) {
+            report_panic(info)
+        }
+    }));
     let result = std::panic::catch_unwind(|| match cli.command {
         Command::Check { specs, set } => mdl::cli::check(&specs, &set),
         Command::Graph { spec, backward, dot, set } => mdl::cli::graph(&spec, backward, dot, &set),
@@ -214,9 +222,25 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(code) => code,
+        Err(payload) if is_closed_pipe(payload.as_ref()) => ExitCode::SUCCESS,
         Err(_) => {
-            eprintln!("internal error: mdl crashed; please report this with the input that caused it");
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "internal error: mdl crashed; please report this with the input that caused it"
+            );
             ExitCode::from(101)
         }
     }
+}
+
+/// Whether a panic is the standard library's on writing to a pipe whose reader has gone
+/// ("failed printing to stderr: Broken pipe").
+fn is_closed_pipe(payload: &(dyn std::any::Any + Send)) -> bool {
+    let message = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or_default();
+    message.starts_with("failed printing to") && message.contains("Broken pipe")
 }

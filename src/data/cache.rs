@@ -20,8 +20,9 @@ use super::dataset::{mask_of, Dataset, Shape, SkippedRows};
 use super::encode::Fitted;
 
 const MAGIC: &[u8; 8] = b"MDLDATA\0";
-/// Bump when the file layout or the meaning of any encoded value changes.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// Bump when the file layout or the meaning of any encoded value changes (2: a number that
+/// is not finite once normalised makes its row bad, so a split may encode differently).
+pub(crate) const FORMAT_VERSION: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 struct Meta {

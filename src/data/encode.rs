@@ -196,10 +196,14 @@ fn edit_distance(a: &str, b: &str) -> usize {
     previous[b.len()]
 }
 
-/// How raw values become ids: provisional (while fitting train) or final (afterwards).
+/// How raw values become ids: provisional (while fitting train) or final (afterwards);
+/// and which numbers can be normalised.
 pub(super) trait IdSource {
     /// What a padding slot of a sequence holds before ids are final.
     const SEQUENCE_PAD: u32;
+    /// Whether the number `x` of numeric group `group`'s column `column` stays finite
+    /// once normalised (the error says why not): a row with one that does not is bad.
+    fn normalisable(&self, group: usize, column: usize, x: f64) -> Result<(), String>;
     fn categorical(&mut self, group: usize, column: usize, value: &str) -> u32;
     fn sequence_item(&mut self, group: usize, value: &str) -> u32;
     fn user(&mut self, value: &str) -> u32;
@@ -219,6 +223,16 @@ struct FitIds {
 
 impl IdSource for FitIds {
     const SEQUENCE_PAD: u32 = u32::MAX;
+
+    /// Before the normalisers are fitted: a number within f32's range, so that the train
+    /// statistics (in f64) and every normalised train value (in f32) are finite.
+    fn normalisable(&self, _: usize, _: usize, x: f64) -> Result<(), String> {
+        if x.abs() <= f32::MAX as f64 {
+            Ok(())
+        } else {
+            Err(format!("{x:e} is beyond the range of a 32-bit float (±3.4e38), so not finite once normalised"))
+        }
+    }
 
     fn categorical(&mut self, group: usize, column: usize, value: &str) -> u32 {
         self.cat[group][column].intern(value, true)
@@ -255,10 +269,26 @@ pub(super) struct ApplyIds<'f> {
     new_users: ValueIndex,
     domains: usize,
     unknown_domain: UnknownDomain,
+    normalizers: &'f [Vec<Normalizer>],
 }
 
 impl IdSource for ApplyIds<'_> {
     const SEQUENCE_PAD: u32 = PAD;
+
+    fn normalisable(&self, group: usize, column: usize, x: f64) -> Result<(), String> {
+        let Some(n) = self.normalizers.get(group).and_then(|g| g.get(column)) else { return Ok(()) };
+        let y = n.apply(x);
+        if y.is_finite() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{x:e} is not finite once normalised ({y} with the train split's {} shift {:e} and scale {:e})",
+                format!("{:?}", n.method).to_lowercase(),
+                n.shift,
+                n.scale
+            ))
+        }
+    }
 
     fn categorical(&mut self, group: usize, column: usize, value: &str) -> u32 {
         let (vocab, offset) = self.cat[group][column];
@@ -385,14 +415,17 @@ fn encode_row<I: IdSource>(
         None => None,
     };
     scratch.num.clear();
-    for group in &plan.num {
-        for &index in group {
+    for (g, group) in plan.num.iter().enumerate() {
+        for (c, &index) in group.iter().enumerate() {
             let value = record.get(index).trim();
             let number = if value.is_empty() {
                 f64::NAN
             } else {
                 match value.parse::<f64>() {
-                    Ok(x) if x.is_finite() => x,
+                    Ok(x) if x.is_finite() => {
+                        ids.normalisable(g, c, x).map_err(|problem| column_error(index, &problem, value))?;
+                        x
+                    }
                     _ => return Err(column_error(index, "not a finite number", value)),
                 }
             };
@@ -708,6 +741,7 @@ impl Fitted {
             new_users: ValueIndex::default(),
             domains: self.domains,
             unknown_domain,
+            normalizers: &self.normalizers,
         })
     }
 

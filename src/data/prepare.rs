@@ -79,6 +79,24 @@ impl PrepareOptions {
     }
 }
 
+impl PrepareStats {
+    /// How the splits were obtained, for a log: `cache hit`, or `parsed` with why a cache
+    /// file was rebuilt or not written, and whether it was written.
+    pub fn cache_summary(&self) -> String {
+        if self.cache_hit {
+            return "cache hit".into();
+        }
+        let mut parts = vec!["parsed".to_string()];
+        parts.extend(self.cache_note.clone());
+        if self.cache_written {
+            parts.push("cache written".into());
+        } else if self.cache_file.is_none() {
+            parts.push("no cache".into());
+        }
+        parts.join("; ")
+    }
+}
+
 /// How a [`prepare`] call went.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PrepareStats {
@@ -91,6 +109,8 @@ pub struct PrepareStats {
     pub cache_key: Option<String>,
     /// Why a cache file was not used or not written, if that happened.
     pub cache_note: Option<String>,
+    /// Whether this call wrote the cache file.
+    pub cache_written: bool,
     /// Reading the input files and hashing them for the key.
     pub hash_seconds: f64,
     /// Decompressing, parsing and encoding (0 on a cache hit).
@@ -154,6 +174,7 @@ pub fn prepare(schema: &Schema, paths: &SplitPaths, options: &PrepareOptions) ->
         cache_file: None,
         cache_key: None,
         cache_note: None,
+        cache_written: false,
         hash_seconds: 0.0,
         parse_seconds: 0.0,
         cache_seconds: 0.0,
@@ -215,6 +236,7 @@ pub fn prepare(schema: &Schema, paths: &SplitPaths, options: &PrepareOptions) ->
         let cache_start = Instant::now();
         let written = cache::encode(&key, &fitted, [&train, &valid, &test])
             .and_then(|bytes| cache::write_atomically(file, &bytes));
+        stats.cache_written = written.is_ok();
         if let Err(reason) = written {
             let note = format!("cache file not written: {reason}");
             stats.cache_note = Some(match stats.cache_note.take() {

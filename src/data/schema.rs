@@ -96,6 +96,9 @@ impl FeatureGroup {
     }
 }
 
+/// The longest a sequence group's `max_len` may be: every row holds that many ids per column.
+pub const MAX_SEQUENCE_LEN: usize = 65_536;
+
 /// How a numeric column is normalised (statistics from the non-missing train values).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -198,6 +201,12 @@ impl Schema {
                 }
                 FeatureGroup::Sequence { max_len: 0, .. } => {
                     return fail(format!("sequence group '{name}': max_len must be at least 1"));
+                }
+                FeatureGroup::Sequence { max_len, .. } if *max_len > MAX_SEQUENCE_LEN => {
+                    return fail(format!(
+                        "sequence group '{name}': max_len must be at most {MAX_SEQUENCE_LEN}, found {max_len} \
+                         (every row stores max_len ids per column)"
+                    ));
                 }
                 FeatureGroup::Sequence { vocab: Some(vocab), .. } if self.find_categorical_column(vocab).is_none() => {
                     return fail(format!(

@@ -120,6 +120,7 @@ impl Elab {
             return self
                 .error(span, format!("blocks call each other more than {MAX_CALL_DEPTH} deep (endless recursion?)"));
         }
+        self.enter_call(span)?;
         // Defaults are evaluated in the block's own (empty) environment.
         let mut params = Vec::new();
         let mut denv = Env::new();

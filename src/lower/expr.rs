@@ -24,6 +24,20 @@ impl Elab {
         }
     }
 
+    /// The items of `[elem for var in items]`, each counted as a loop iteration.
+    fn comprehension(&mut self, env: &mut Env, elem: &Expr, var: &str, items: Vec<Val>) -> R<Vec<Val>> {
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            self.loop_iteration()?;
+            env.push();
+            env.define(var, item);
+            let v = self.expr(env, elem);
+            env.pop();
+            out.push(v?);
+        }
+        Ok(out)
+    }
+
     /// Evaluates an expression: a compile-time value, or a tensor whose nodes it adds.
     pub(crate) fn expr(&mut self, env: &mut Env, e: &Expr) -> R<Val> {
         match &e.kind {
@@ -52,24 +66,19 @@ impl Elab {
             }
             ExprKind::Comprehension { elem, var, iter } => {
                 let items = self.iterable(env, iter)?;
-                let mut out = Vec::with_capacity(items.len());
-                for item in items {
-                    env.push();
-                    env.define(&var.name, item);
-                    let v = self.expr(env, elem);
-                    env.pop();
-                    out.push(v?);
-                }
-                Ok(Val::List(out))
+                self.enter_loop(e.span)?;
+                let out = self.comprehension(env, elem, &var.name, items);
+                self.leave_loop();
+                Ok(Val::List(out?))
             }
             ExprKind::Range { lo, hi } => {
                 let a = self.const_int(env, lo)?;
                 let b = self.const_int(env, hi)?;
-                if b - a > MAX_UNROLL as i64 {
-                    return self.error(
-                        e.span,
-                        format!("range of {} items is too long to unroll (at most {MAX_UNROLL})", b - a),
-                    );
+                // In i128, so that no pair of i64 bounds overflows.
+                let len = (i128::from(b) - i128::from(a)).max(0);
+                if len > MAX_UNROLL as i128 {
+                    return self
+                        .error(e.span, format!("range of {len} items is too long to unroll (at most {MAX_UNROLL})"));
                 }
                 Ok(Val::List((a..b.max(a)).map(Val::int).collect()))
             }

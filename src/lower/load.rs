@@ -1,7 +1,8 @@
 //! The files of one compilation: the standard library, the root spec and the files it
 //! `use`s (each parsed once, relative to the file that uses it), then the blocks they
 //! define (no built-in redefined, none twice) and the model to compile (the root file's
-//! only model, or the one named).
+//! only model, or the one named). A `use`d file must be a regular `.mdl` file of bounded
+//! size ([`crate::files::read_text`]).
 
 use super::{builtins, Blocks};
 use crate::diag::{suggest, Diagnostic, SourceMap, Span};
@@ -47,7 +48,16 @@ pub(super) fn parse_all(map: &mut SourceMap, file: u32, dir: Option<&Path>) -> R
                 continue;
             }
             loaded.push(full.clone());
-            match std::fs::read_to_string(&full) {
+            // Only spec files: a diagnostic shows lines of the file it points into, and
+            // must never show those of another kind of file (`use "/etc/passwd"`).
+            if full.extension().is_none_or(|e| e != "mdl") {
+                diags.push(
+                    Diagnostic::error(span, format!("`use` takes a spec file (ending in `.mdl`), found `{p}`"))
+                        .label("imported here"),
+                );
+                continue;
+            }
+            match crate::files::read_text(&full) {
                 Ok(text) => {
                     let f = map.add(full.display().to_string(), text);
                     match crate::syntax::parse(map, f) {

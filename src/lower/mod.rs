@@ -20,6 +20,7 @@
 //! | `load`       | the files: the standard library, the root spec and its `use`s; blocks and the chosen model |
 //! | `model`      | hyperparameters, labels, tasks and losses; the assembled [`Compiled`] |
 //! | `stmt`       | statements and control flow: `let`, rebinding, `for`, `if`, groups, `return` |
+//! | `budget`     | the limits on unrolled loop iterations, graph ops and loop nesting |
 //! | `expr`       | expressions and operators, comparisons, indexing, compile-time arithmetic |
 //! | `call`       | calls: argument binding, block inlining, dispatch to built-ins |
 //! | [`builtins`] | the built-in functions, each with its parameters and its lowering |
@@ -33,6 +34,7 @@
 //! The standard library of blocks written in `.mdl` is `specs/std.mdl`, compiled into the
 //! binary.
 
+mod budget;
 pub mod builtins;
 mod call;
 mod expr;
@@ -134,7 +136,7 @@ pub fn compile_file(
     model: Option<&str>,
     overrides: &BTreeMap<String, Hyper>,
 ) -> Result<Compiled, Vec<Diagnostic>> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::files::read_text(path)
         .map_err(|e| vec![Diagnostic::error(Span::default(), format!("cannot read {}: {e}", path.display()))])?;
     let file = map.add(path.display().to_string(), text);
     compile(map, file, path.parent(), model, overrides)
@@ -181,6 +183,7 @@ pub(crate) struct Elab {
     depth: usize,
     in_model: bool,
     dropout_streams: u64,
+    budget: budget::Budget,
 }
 
 /// The result of every fallible step: its error says a diagnostic was recorded.
@@ -205,6 +208,7 @@ impl Elab {
             depth: 0,
             in_model: false,
             dropout_streams: 0,
+            budget: budget::Budget::default(),
         }
     }
 

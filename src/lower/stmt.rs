@@ -15,18 +15,27 @@ pub(super) enum Flow {
 }
 
 impl Elab {
-    /// Runs a statement list up to its end or a `return`.
+    /// Runs a statement list up to its end or a `return`. A statement that fails is
+    /// reported and, in a model's own body, the next one runs, so that independent errors
+    /// are all found; the list's result is then the first error. Inside a block (inlined
+    /// at a call) the list stops at its first error: the later ones would come from the
+    /// same arguments (`hidden = [0]` makes every layer's size 0), so the first is the cause.
     pub(super) fn stmts(&mut self, env: &mut Env, stmts: &[Stmt]) -> R<Flow> {
+        let mut failed = None;
         for s in stmts {
             match self.stmt(env, s) {
                 Ok(Flow::Next) => {}
                 Ok(Flow::Return(v)) => return Ok(Flow::Return(v)),
-                // The error is reported; carry on with the next statement so independent
-                // errors are all found.
-                Err(_) => {}
+                Err(reported) if self.depth > 0 => return Err(reported),
+                Err(reported) => {
+                    failed.get_or_insert(reported);
+                }
             }
         }
-        Ok(Flow::Next)
+        match failed {
+            Some(reported) => Err(reported),
+            None => Ok(Flow::Next),
+        }
     }
 
     /// Rejects a declaration that only a model's own body may make.
@@ -66,20 +75,34 @@ impl Elab {
                 v?;
             }
             Stmt::ParamDecl { name, shape, init, .. } => {
-                let t = self.param_decl(env, name, shape, init.as_ref())?;
-                env.define(&name.name, Val::Tensor(t));
+                // A declaration that fails still defines its name (as the failure), so that
+                // its uses stay quiet instead of reporting an unknown name.
+                let t = self.param_decl(env, name, shape, init.as_ref());
+                env.define(&name.name, t.map(Val::Tensor).unwrap_or_else(Val::Poison));
+                t?;
             }
-            Stmt::For { var, iter, body, .. } => {
+            Stmt::For { var, iter, body, span } => {
                 let items = self.iterable(env, iter)?;
+                self.enter_loop(span.to(iter.span))?;
+                let mut result = Ok(Flow::Next);
                 for item in items {
+                    if let Err(reported) = self.loop_iteration() {
+                        result = Err(reported);
+                        break;
+                    }
                     env.push();
                     env.define(&var.name, item);
                     let flow = self.stmts(env, body);
                     env.pop();
-                    if let Ok(Flow::Return(v)) = flow {
-                        return Ok(Flow::Return(v));
+                    // A `return` ends the loop; so does an error (the next iterations would
+                    // repeat it, or fail because of it).
+                    if !matches!(flow, Ok(Flow::Next)) {
+                        result = flow;
+                        break;
                     }
                 }
+                self.leave_loop();
+                return result;
             }
             Stmt::If { cond, then, otherwise, .. } => {
                 let c = self.expr(env, cond)?;

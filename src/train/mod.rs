@@ -25,10 +25,16 @@
 //!
 //! `metrics.json` holds no timings, so the same seed gives a byte-identical file; the
 //! timings go to `timing.json`, which `mdl report` reads beside it.
+//!
+//! Before the plans are built, `memory.rs` estimates the memory the run needs and refuses
+//! one that cannot fit; on every step `health.rs` stops a run whose loss diverges or stops
+//! being finite (naming the first op and parameter that gave a value that is not).
 
 pub mod bind;
 mod checkpoint;
 pub mod folder;
+pub mod health;
+pub mod memory;
 pub mod progress;
 pub mod run;
 
@@ -144,6 +150,9 @@ impl Session {
                 let logits =
                     out.dense(&logit_output(task)).ok_or_else(|| format!("no logit output for task {task}"))?;
                 for (r, &z) in logits.data.iter().enumerate() {
+                    if !z.is_finite() {
+                        return Err(health::non_finite_score(task, z, start + r, ds));
+                    }
                     scores[(start + r) * tasks.len() + t] = sigmoid(z);
                 }
             }
@@ -331,6 +340,7 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
         let session_started = Instant::now();
         let session = Session::with_compiled(compiled, &prep.fitted)?;
         let compile_ms = (session_started.elapsed() + spec_time).as_secs_f64() * 1e3;
+        memory::check_run(&session, exp, exp.train.batch_size.min(prep.train.rows))?;
         let plan_ms = session.prepare(exec.as_mut(), exp.train.batch_size.min(prep.train.rows))?;
         log.line(&format!(
             "model {}: {} parameter tensors, {} train-graph ops, compiled in {compile_ms:.1} ms, {} plan ready in {plan_ms:.1} ms",
@@ -424,7 +434,7 @@ fn load_data(exp: &Experiment, log: &mut Progress) -> Result<Prepared, String> {
         prep.valid.rows,
         prep.test.rows,
         prep.stats.total_seconds,
-        if prep.stats.cache_hit { "cache hit" } else { "parsed, cache written" }
+        prep.stats.cache_summary()
     ));
     for (name, count) in skipped_rows(&prep) {
         log.line(&format!("data: skipped {count} malformed rows in {name} (bad_rows: skip)"));

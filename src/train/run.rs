@@ -146,6 +146,8 @@ pub struct Run<'a> {
     steps_here: u64,
     rows_here: usize,
     step_secs: f64,
+    /// The divergence guard.
+    health: super::health::Health,
 }
 
 impl<'a> Run<'a> {
@@ -219,6 +221,7 @@ impl<'a> Run<'a> {
             steps_here: 0,
             rows_here: 0,
             step_secs: 0.0,
+            health: Default::default(),
         })
     }
 
@@ -317,12 +320,18 @@ impl<'a> Run<'a> {
         };
         let loss = training::train_step(&mut *self.exec, &step, &mut self.params, &mut self.optimizer)?.loss as f64;
         if !loss.is_finite() {
+            // The step updated nothing: its parameters are the ones that gave this loss.
+            self.sync()?;
+            let cause = super::health::first_non_finite(self.session, &binding, &feeds, &self.params, &mode)
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default();
             return Err(format!(
-                "the loss became {loss} at step {} (epoch {}); lower train.lr or set train.clip_norm",
+                "the loss became {loss} at step {} (epoch {}){cause}; lower train.lr or set train.clip_norm",
                 self.state.step + 1,
                 self.state.epoch + 1
             ));
         }
+        self.health.check_loss(loss, self.state.step + 1, self.exp.train.lr)?;
         self.state.step += 1;
         self.state.batch_in_epoch += 1;
         self.state.loss_sum += loss;
@@ -348,6 +357,9 @@ impl<'a> Run<'a> {
             "logloss" => report.logloss,
             _ => report.auc,
         };
+        if metric.is_none() {
+            return Err(super::health::undefined_metric(&early.metric, &report, &self.data.valid.source));
+        }
         let state = &mut self.state;
         let train_loss = state.take_train_loss();
         state.curve.push(CurvePoint {
