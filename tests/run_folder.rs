@@ -205,23 +205,24 @@ fn a_second_writer_fails_at_once_naming_the_first() {
     }
 }
 
-/// Finding 3: a run whose validation metric is undefined (one class in valid) never
-/// writes `best.ckpt`; its final test used whatever `best.ckpt` the folder already held.
-/// Now it tests its own last parameters: the same test metrics in a folder that held
-/// another run's checkpoints (cleared by --force), and after a resume in a folder where
-/// another run's `best.ckpt` was put.
+/// Finding 3: a run whose validation metric was undefined (one class in valid) never
+/// wrote `best.ckpt`, and its final test used whatever `best.ckpt` the folder already
+/// held. Now such a run is refused before it trains past its first evaluation (issue 21's
+/// item 3), so every finished run tests a `best.ckpt` it wrote itself: the same test
+/// metrics in a folder that held another run's checkpoints (cleared by --force), and after
+/// a resume in a folder where another run's `best.ckpt` was put.
 #[test]
 fn the_final_test_never_reads_a_best_checkpoint_the_run_did_not_write() {
     let d = tmp("stale_best");
     let one_class = split_rows("valid.csv.gz", 3000, |l| l.starts_with("0,"), &d.join("valid0.csv"));
     let set_valid = format!("data.valid={}", one_class.display());
-    let undefined = ["--set", set_valid.as_str()];
+    let undefined = d.join("undefined");
+    let err = refused(&short_run(&undefined, &["--set", set_valid.as_str()]));
+    assert!(err.contains("train.early_stopping.metric: valid auc is undefined on"), "{err}");
+    assert!(!undefined.join("metrics.json").exists() && !undefined.join("best.ckpt").exists());
 
     let clean = d.join("clean");
-    let err = ok(&short_run(&clean, &undefined));
-    assert!(err.contains("valid auc -"), "the valid AUC should be undefined:\n{err}");
-    assert!(!clean.join("best.ckpt").exists());
-
+    ok(&short_run(&clean, &[]));
     let other = d.join("other");
     ok(&short_run(&other, &["--set", "train.lr=0.01"]));
     let reused = d.join("reused");
@@ -229,16 +230,17 @@ fn the_final_test_never_reads_a_best_checkpoint_the_run_did_not_write() {
     for f in ["best.ckpt", "last.ckpt", "config.yaml", "metrics.json"] {
         std::fs::copy(other.join(f), reused.join(f)).unwrap();
     }
-    ok(&short_run(&reused, &["--set", set_valid.as_str(), "--force"]));
+    ok(&short_run(&reused, &["--force"]));
     assert_eq!(test_block(&reused), test_block(&clean));
 
     // Another run's best.ckpt put into an interrupted run's folder.
     let resumed = d.join("resumed");
-    ok(&short_run(&resumed, &["--set", set_valid.as_str(), "--stop-after", "3"]));
+    ok(&short_run(&resumed, &["--stop-after", "3"]));
     std::fs::copy(other.join("best.ckpt"), resumed.join("best.ckpt")).unwrap();
     ok(&mdl(&["run", "--resume", resumed.to_str().unwrap()]));
     assert_eq!(test_block(&resumed), test_block(&clean));
     // A checkpoint of another run is refused where it is read: eval, and resume.
+    std::fs::copy(other.join("best.ckpt"), resumed.join("best.ckpt")).unwrap();
     std::fs::copy(other.join("last.ckpt"), resumed.join("last.ckpt")).unwrap();
     let run_id = |dir: &Path| -> String {
         let m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
