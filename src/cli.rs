@@ -317,6 +317,7 @@ pub struct FuzzArgs {
     pub budget_secs: f64,
     pub known: bool,
     pub jobs: usize,
+    pub secs_per_kind: Option<f64>,
     pub root: Option<std::path::PathBuf>,
     pub work: Option<std::path::PathBuf>,
     pub worker: bool,
@@ -347,6 +348,7 @@ pub fn fuzz(args: FuzzArgs) -> ExitCode {
         budget: std::time::Duration::from_secs_f64(args.budget_secs),
         known: args.known,
         jobs: args.jobs,
+        secs_per_kind: args.secs_per_kind,
         root: args.root.unwrap_or_else(supervise::default_root),
         work,
     };

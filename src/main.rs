@@ -151,6 +151,9 @@ enum Command {
         /// Kinds run at once
         #[arg(long, default_value_t = 1)]
         jobs: usize,
+        /// Stop starting cases of a kind after this many seconds
+        #[arg(long)]
+        secs_per_kind: Option<f64>,
         /// The repository (specs/, data/); default: the current folder
         #[arg(long)]
         root: Option<PathBuf>,
@@ -215,8 +218,20 @@ fn main() -> ExitCode {
             mdl::cli::predict(&run, &options)
         }
         Command::Report { runs } => mdl::cli::report(&runs),
-        Command::Fuzz { kinds, cases, from, seed, budget_secs, known, jobs, root, work, worker } => {
-            let args = mdl::cli::FuzzArgs { kinds, cases, from, seed, budget_secs, known, jobs, root, work, worker };
+        Command::Fuzz { kinds, cases, from, seed, budget_secs, known, jobs, secs_per_kind, root, work, worker } => {
+            let args = mdl::cli::FuzzArgs {
+                kinds,
+                cases,
+                from,
+                seed,
+                budget_secs,
+                known,
+                jobs,
+                secs_per_kind,
+                root,
+                work,
+                worker,
+            };
             mdl::cli::fuzz(args)
         }
     });

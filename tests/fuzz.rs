@@ -27,7 +27,7 @@ fn fixture() -> Arc<Fixture> {
 }
 
 fn settings() -> Settings {
-    Settings { seed: 21, budget: Duration::from_secs(10), known: false }
+    Settings { seed: 21, budget: Duration::from_secs(10), known: false, until: None }
 }
 
 /// Runs `cases` cases of `kind` and fails with every finding.
@@ -81,7 +81,7 @@ fn corrupted_run_folders_give_the_clean_results_or_an_error() {
 #[test]
 fn the_runner_counts_panics_hangs_and_silent_results() {
     use mdl::fuzz::Verdict;
-    let s = Settings { seed: 1, budget: Duration::from_millis(300), known: false };
+    let s = Settings { seed: 1, budget: Duration::from_millis(300), known: false, until: None };
     let t = mdl::fuzz::run_cases_with(&s, 0..3, |case| match case {
         0 => panic!("boom"),
         1 => {

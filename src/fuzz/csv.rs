@@ -270,6 +270,11 @@ pub(super) fn case(fx: &Fixture, rng: &mut SplitMix64, known: bool, dir: &Path, 
     }
 }
 
+/// A file that means the same as the clean one, refused: a wrong result too.
+fn refused(error: &str) -> Verdict {
+    Verdict::Silent(format!("a rewrite that keeps the meaning was refused: {error}"))
+}
+
 /// `run`'s view: prepare the splits with the mutated train file.
 fn training(fx: &Fixture, text: &str, bad_rows: BadRows, change: Change, dir: &Path) -> Verdict {
     let train = dir.join("train.csv");
@@ -278,8 +283,10 @@ fn training(fx: &Fixture, text: &str, bad_rows: BadRows, change: Change, dir: &P
     }
     let paths = SplitPaths { train, valid: fx.splits[1].0.clone(), test: fx.splits[2].0.clone() };
     let options = PrepareOptions { bad_rows, cache: CacheMode::Off, ..Default::default() };
-    let Ok(prep) = data::prepare(&fx.loaded.fitted.schema, &paths, &options) else {
-        return Verdict::Rejected;
+    let prep = match data::prepare(&fx.loaded.fitted.schema, &paths, &options) {
+        Ok(p) => p,
+        Err(e) if change == Change::Same => return refused(&e.to_string()),
+        Err(_) => return Verdict::Rejected,
     };
     for ds in [&prep.train, &prep.valid, &prep.test] {
         if let Some(problem) = finite(ds) {
@@ -302,8 +309,10 @@ fn training(fx: &Fixture, text: &str, bad_rows: BadRows, change: Change, dir: &P
 /// `eval` and `predict`'s view: encode with run A's encoders and score.
 fn scoring(fx: &Fixture, text: &str, bad_rows: BadRows, change: Change, touched: &[usize], dir: &Path) -> Verdict {
     let run = &fx.loaded;
-    let Ok(ds) = run.fitted.encode_text(&dir.join("test.csv"), text, bad_rows) else {
-        return Verdict::Rejected;
+    let ds = match run.fitted.encode_text(&dir.join("test.csv"), text, bad_rows) {
+        Ok(ds) => ds,
+        Err(e) if change == Change::Same => return refused(&e.to_string()),
+        Err(_) => return Verdict::Rejected,
     };
     let Ok(mut exec) = run.experiment.backend.executor() else {
         return Verdict::Rejected;

@@ -60,6 +60,8 @@ pub struct Fixture {
     pub experiment: PathBuf,
     pub experiment_text: String,
     pub base_text: String,
+    /// The experiment as `mdl run` loads it.
+    pub clean_experiment: crate::experiment::Experiment,
     /// The shipped specs, by file name, with their texts.
     pub specs: Vec<(String, String)>,
     /// train, valid and test CSV texts (header first) and files.
@@ -151,6 +153,7 @@ impl Fixture {
             let out = dir.join(name);
             train::train(&exp, &RunOptions { out: Some(out.clone()), resume: false, force: false, stop_after })
         };
+        let clean_experiment = crate::experiment::load(&experiment, &[])?;
         let run_a = run("runA", &[], None)?;
         let run_b = run("runB", &["train.seed=8"], None)?;
         let run_a_partial = run("runA-partial", &[], Some(2))?;
@@ -199,6 +202,7 @@ impl Fixture {
             experiment,
             experiment_text,
             base_text: BASE_YAML.to_string(),
+            clean_experiment,
             specs,
             splits: [splits[0].clone(), splits[1].clone(), splits[2].clone()],
             run_a,

@@ -82,7 +82,8 @@ pub enum Verdict {
     Accepted,
     /// An error.
     Rejected,
-    /// Accepted, but wrong: different from the clean result, or not a valid result.
+    /// A wrong result given as if right: different from the clean result, not a valid
+    /// result, or an input that means the same as the clean one refused.
     Silent(String),
 }
 
@@ -151,12 +152,13 @@ impl Tally {
     }
 }
 
-/// What a run of cases needs: the fixture, the seed, the time budget per case, and whether
-/// inputs of findings still being fixed are drawn.
+/// What a run of cases needs: the seed, the time budget per case, whether inputs of
+/// findings still being fixed are drawn, and when to stop starting cases (if ever).
 pub struct Settings {
     pub seed: u64,
     pub budget: Duration,
     pub known: bool,
+    pub until: Option<Instant>,
 }
 
 /// The input a case fed in, kept where a panic cannot lose it.
@@ -278,6 +280,9 @@ fn run_cases(
     let started = Instant::now();
     let mut tally = Tally::default();
     for case in range {
+        if settings.until.is_some_and(|until| Instant::now() >= until) {
+            break;
+        }
         on_case(case);
         let input: Described = Arc::default();
         let (send, receive) = mpsc::channel();

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// What `mdl fuzz` was asked.
 #[derive(Clone, Debug)]
@@ -24,6 +24,9 @@ pub struct Options {
     pub known: bool,
     /// Kinds run at once (one child each).
     pub jobs: usize,
+    /// Seconds a kind may take: after them it starts no further case (its row says how
+    /// many ran).
+    pub secs_per_kind: Option<f64>,
     /// The repository (specs/ and data/).
     pub root: PathBuf,
     /// Scratch space: one folder per child.
@@ -37,10 +40,12 @@ struct Done {
     next: u64,
 }
 
-/// The child's side: cases `from..to` of `kind`, reported on stdout.
+/// The child's side: cases `from..to` of `kind`, reported on stdout; with
+/// `opts.secs_per_kind`, no case starts after that many seconds.
 pub fn worker(kind: Kind, from: u64, to: u64, opts: &Options) -> Result<(), String> {
     let fx = Arc::new(Fixture::new(&opts.root, &opts.work)?);
-    let settings = Settings { seed: opts.seed, budget: opts.budget, known: opts.known };
+    let until = opts.secs_per_kind.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    let settings = Settings { seed: opts.seed, budget: opts.budget, known: opts.known, until };
     let mut next = from;
     let stdout = std::io::stdout();
     let tally = run_range(kind, &fx, &settings, from..to, true, |case| {
@@ -60,10 +65,15 @@ fn supervise_kind(kind: Kind, opts: &Options) -> Result<Tally, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the mdl binary: {e}"))?;
     let mut total = Tally::default();
     let mut pending = vec![(0, opts.cases)];
-    let started = std::time::Instant::now();
+    let started = Instant::now();
+    let deadline = opts.secs_per_kind.map(|s| started + Duration::from_secs_f64(s));
     while let Some((from, to)) = pending.pop() {
         if from >= to {
             continue;
+        }
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()).as_secs_f64());
+        if left.is_some_and(|l| l <= 0.0) {
+            break;
         }
         let work = opts.work.join(format!("{}-{from}", kind.name()));
         std::fs::create_dir_all(&opts.work).map_err(|e| format!("{}: {e}", opts.work.display()))?;
@@ -81,6 +91,9 @@ fn supervise_kind(kind: Kind, opts: &Options) -> Result<Tally, String> {
             .stderr(stderr);
         if opts.known {
             cmd.arg("--known");
+        }
+        if let Some(l) = left {
+            cmd.args(["--secs-per-kind", &l.to_string()]);
         }
         let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
         let mut last = None;
@@ -127,21 +140,28 @@ fn supervise_kind(kind: Kind, opts: &Options) -> Result<Tally, String> {
     Ok(total)
 }
 
-/// Runs every kind asked for, `opts.jobs` at a time, and returns their tallies in order.
+/// Runs every kind asked for, `opts.jobs` at a time (each job takes the next kind when
+/// its last is done), and returns their tallies in the order asked.
 pub fn supervise(opts: &Options) -> Result<Vec<(Kind, Tally)>, String> {
-    let mut results = Vec::new();
-    for group in opts.kinds.chunks(opts.jobs.max(1)) {
-        let handles: Vec<_> = group
-            .iter()
-            .map(|&kind| {
-                let opts = opts.clone();
-                std::thread::spawn(move || supervise_kind(kind, &opts).map(|t| (kind, t)))
+    let queue = Arc::new(Mutex::new(opts.kinds.iter().rev().copied().collect::<Vec<Kind>>()));
+    let handles: Vec<_> = (0..opts.jobs.max(1))
+        .map(|_| {
+            let (queue, opts) = (queue.clone(), opts.clone());
+            std::thread::spawn(move || -> Result<Vec<(Kind, Tally)>, String> {
+                let mut done = Vec::new();
+                loop {
+                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop();
+                    let Some(kind) = next else { return Ok(done) };
+                    done.push((kind, supervise_kind(kind, &opts)?));
+                }
             })
-            .collect();
-        for h in handles {
-            results.push(h.join().map_err(|_| "a supervisor thread panicked".to_string())??);
-        }
+        })
+        .collect();
+    let mut results = Vec::new();
+    for h in handles {
+        results.extend(h.join().map_err(|_| "a supervisor thread panicked".to_string())??);
     }
+    results.sort_by_key(|(k, _)| opts.kinds.iter().position(|x| x == k));
     Ok(results)
 }
 
@@ -149,10 +169,12 @@ pub fn supervise(opts: &Options) -> Result<Vec<(Kind, Tally)>, String> {
 /// happened (class and message), with a count and the first case of each.
 pub fn render(results: &[(Kind, Tally)], opts: &Options) -> String {
     let mut out = format!(
-        "fuzz: seed {}, time budget {:.0} s per case, {}\n\n| input kind | cases | accepted | rejected (error) | panics | aborts | hangs > {:.0} s | silent wrong results | slowest case | seconds |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "fuzz: seed {}, time budget {:.0} s per case, {}, up to {} cases{} per kind\n\n| input kind | cases | accepted | rejected (error) | panics | aborts | hangs > {:.0} s | silent wrong results | slowest case | seconds |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         opts.seed,
         opts.budget.as_secs_f64(),
         if opts.known { "inputs of open findings included" } else { "inputs of open findings left out" },
+        opts.cases,
+        opts.secs_per_kind.map(|s| format!(" or {s:.0} s")).unwrap_or_default(),
         opts.budget.as_secs_f64(),
     );
     for (kind, t) in results {

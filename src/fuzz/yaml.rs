@@ -313,7 +313,78 @@ fn write(path: &Path, bytes: &[u8]) -> bool {
     std::fs::write(path, bytes).is_ok()
 }
 
+/// `--set` overrides that repeat a value the fixture's experiment already has.
+const SAME_SETS: &[&str] = &[
+    "train.lr=0.01",
+    "train.batch_size=16",
+    "hyper.dim=4",
+    "hyper.hidden=[8]",
+    "train.seed=7",
+    "backend=interp",
+    "train.early_stopping.metric=auc",
+    "train.optimizer=adam",
+    "data.bad_rows=fail",
+    "train.clip_norm=10.0",
+];
+
+/// Shuffles the keys of every mapping in `v`.
+fn shuffle_keys(rng: &mut SplitMix64, v: &mut Value) {
+    match v {
+        Value::Mapping(m) => {
+            let mut entries: Vec<(Value, Value)> = std::mem::take(m).into_iter().collect();
+            rng.shuffle(&mut entries);
+            for (k, mut child) in entries {
+                shuffle_keys(rng, &mut child);
+                m.insert(k, child);
+            }
+        }
+        Value::Sequence(items) => items.iter_mut().for_each(|c| shuffle_keys(rng, c)),
+        _ => {}
+    }
+}
+
+/// A rewrite that keeps the experiment's meaning (keys reordered, JSON instead of YAML, a
+/// comment, `--set` of a value it already has): it must load as the clean experiment.
+fn rewrite(fx: &Fixture, rng: &mut SplitMix64, dir: &Path, input: &Described) -> Verdict {
+    let mut files = [("fuzz.yaml", fx.experiment_text.clone()), ("base.yaml", fx.base_text.clone())];
+    let which = rng.upto(2);
+    let mut doc = parse(&files[which].1);
+    let mut did = Vec::new();
+    if rng.chance(0.5) {
+        shuffle_keys(rng, &mut doc);
+        did.push("keys reordered");
+    }
+    files[which].1 = if rng.chance(0.3) {
+        did.push("written as JSON");
+        serde_json::to_string(&doc).unwrap_or_default()
+    } else {
+        serde_yaml::to_string(&doc).unwrap_or_default()
+    };
+    if rng.chance(0.3) {
+        files[which].1.push_str("\n# a comment\n");
+        did.push("a comment");
+    }
+    let set: Vec<String> = (0..rng.upto(3)).map(|_| rng.pick(SAME_SETS).to_string()).collect();
+    describe(input, format!("{} rewritten: {}; --set {}", files[which].0, did.join(", "), set.join(" --set ")));
+    for (name, text) in &files {
+        if !write(&dir.join(name), text.as_bytes()) {
+            return Verdict::Rejected;
+        }
+    }
+    match crate::experiment::load(&dir.join("fuzz.yaml"), &set) {
+        Ok(exp) if exp == fx.clean_experiment => Verdict::Accepted,
+        Ok(exp) => {
+            Verdict::Silent(format!("a rewrite that keeps the meaning loaded as a different experiment: {exp:?}"))
+        }
+        // A valid experiment refused is a wrong result too.
+        Err(e) => Verdict::Silent(format!("a rewrite that keeps the meaning was refused: {e}")),
+    }
+}
+
 pub(super) fn case(fx: &Fixture, rng: &mut SplitMix64, known: bool, dir: &Path, input: &Described) -> Verdict {
+    if rng.chance(0.15) {
+        return rewrite(fx, rng, dir, input);
+    }
     let mut files = [("fuzz.yaml", fx.experiment_text.clone()), ("base.yaml", fx.base_text.clone())];
     let which = rng.upto(2);
     let mut doc = parse(&files[which].1);
