@@ -265,6 +265,8 @@ pub(super) fn case(fx: &Fixture, rng: &mut SplitMix64, known: bool, dir: &Path, 
     );
     if for_training {
         training(fx, &text, bad_rows, change, dir)
+    } else if rng.chance(0.25) {
+        predict_command(fx, &text, bad_rows, change, &touched, dir)
     } else {
         scoring(fx, &text, bad_rows, change, &touched, dir)
     }
@@ -304,6 +306,58 @@ fn training(fx: &Fixture, text: &str, bad_rows: BadRows, change: Change, dir: &P
         }
     }
     Verdict::Accepted
+}
+
+/// `mdl predict`'s path ([`crate::predict::predict`]): one output line per input record,
+/// empty scores for a skipped record.
+fn predict_command(
+    fx: &Fixture,
+    text: &str,
+    bad_rows: BadRows,
+    change: Change,
+    touched: &[usize],
+    dir: &Path,
+) -> Verdict {
+    let (data, out) = (dir.join("test.csv"), dir.join("scores.csv"));
+    if std::fs::write(&data, text).is_err() {
+        return Verdict::Rejected;
+    }
+    let options =
+        crate::predict::PredictOptions { data, out: out.clone(), bad_rows: Some(bad_rows), ..Default::default() };
+    let predicted = match crate::predict::predict(&fx.run_a, &options) {
+        Ok(p) => p,
+        Err(e) if change == Change::Same => return refused(&e),
+        Err(_) => return Verdict::Rejected,
+    };
+    let Ok(written) = std::fs::read_to_string(&out) else {
+        return Verdict::Silent("predict succeeded without writing its output".into());
+    };
+    let lines: Vec<&str> = written.lines().collect();
+    if lines.len() != predicted.rows + 1 {
+        return Verdict::Silent(format!("{} output lines for {} rows", lines.len(), predicted.rows));
+    }
+    for (i, line) in lines.iter().enumerate().skip(1) {
+        let valid = *line == "\"\"" || line.parse::<f32>().is_ok_and(|s| (0.0..=1.0).contains(&s));
+        if !valid {
+            return Verdict::Silent(format!("output row {i} is `{line}` (exit 0)"));
+        }
+    }
+    let clean: Vec<&str> = fx.clean_predict_output.lines().collect();
+    match change {
+        Change::Same if lines != clean => {
+            Verdict::Silent("a rewrite that keeps the meaning changed predict's output".into())
+        }
+        Change::Cells if lines.len() == clean.len() => {
+            match (1..lines.len()).find(|&i| !touched.contains(&(i - 1)) && lines[i] != clean[i]) {
+                Some(i) => {
+                    Verdict::Silent(format!("row {}, untouched, scored {} instead of {}", i - 1, lines[i], clean[i]))
+                }
+                None => Verdict::Accepted,
+            }
+        }
+        Change::Cells => Verdict::Silent(format!("{} output rows for {} input rows", lines.len() - 1, clean.len() - 1)),
+        _ => Verdict::Accepted,
+    }
 }
 
 /// `eval` and `predict`'s view: encode with run A's encoders and score.

@@ -75,6 +75,8 @@ pub struct Fixture {
     /// predict's scores and eval's report (JSON) of run A on the test split.
     pub clean_scores: Vec<f32>,
     pub clean_eval: String,
+    /// What `mdl predict` writes for run A on the test split.
+    pub clean_predict_output: String,
     /// The three clean splits prepared as `mdl run` prepares them.
     pub clean_prepared: crate::data::Prepared,
     /// `mdl report` of run A.
@@ -166,6 +168,12 @@ impl Fixture {
         let clean_scores = loaded.session.predict(exec.as_mut(), &loaded.params, &ds, batch)?;
         let report = loaded.session.evaluate(exec.as_mut(), &loaded.params, &ds, batch)?;
         let clean_eval = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        let scores_file = dir.join("clean-scores.csv");
+        let options =
+            crate::predict::PredictOptions { data: test.0.clone(), out: scores_file.clone(), ..Default::default() };
+        crate::predict::predict(&run_a, &options)?;
+        let clean_predict_output =
+            std::fs::read_to_string(&scores_file).map_err(|e| format!("{}: {e}", scores_file.display()))?;
         let paths = crate::data::SplitPaths {
             train: splits[0].0.clone(),
             valid: splits[1].0.clone(),
@@ -211,6 +219,7 @@ impl Fixture {
             loaded,
             clean_scores,
             clean_eval,
+            clean_predict_output,
             clean_prepared,
             clean_report,
             checkpoints,
