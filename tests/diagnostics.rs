@@ -123,3 +123,57 @@ fn hyperparameter_override_of_unknown_name() {
     let ok = Command::new(env!("CARGO_BIN_EXE_mdl")).args(["check", "--set", "dim=4"]).arg(&p).output().unwrap();
     assert_eq!(ok.status.code(), Some(0));
 }
+
+/// Bad uses of the elementwise built-ins and comparisons of issue 14, each reported at its
+/// place, all at once.
+#[test]
+fn bad_uses_of_comparisons_where_and_the_new_activations() {
+    let (code, err) = check(
+        "elementwise14.mdl",
+        "model m(dim = 8) {
+  input fields : categorical
+  input dense : numeric
+  label click
+  let E = embedding(fields, dim)
+  let x = flatten(E[fields])
+  param a : [3] ~ constant(0.25)
+  let p = prelu(x, a)
+  let l = leaky_relu(x, slope = \"steep\")
+  let g = gelu(fields)
+  let f = floor(\"1.5\")
+  let w = where(dense > 0, x, dense)
+  let m = min(x, axis = 2)
+  let c = x < [1, 2]
+  let h = activation(x, \"gelus\")
+  task click = linear(x, 1)
+  loss bce(click)
+}
+",
+    );
+    assert_eq!(code, 1);
+    let f = "elementwise14.mdl";
+    assert_at(
+        &err,
+        f,
+        8,
+        11,
+        11,
+        "shapes [B, 8*count(fields)] and [3] do not broadcast: axis -1 is 8*count(fields) vs 3",
+    );
+    assert_at(&err, f, 9, 33, 7, "`slope` must be a number, found a string");
+    assert_at(&err, f, 10, 16, 6, "`fields` holds ids, not values");
+    assert_at(&err, f, 11, 17, 5, "expected a tensor, found a string");
+    assert_at(
+        &err,
+        f,
+        12,
+        11,
+        26,
+        "shapes [B, count(dense)] and [B, 8*count(fields)] do not broadcast: axis -1 is count(dense) vs 8*count(fields)",
+    );
+    assert_at(&err, f, 13, 25, 1, "axis 2 is out of range for [B, 8*count(fields)] (rank 2)");
+    assert_at(&err, f, 14, 11, 10, "cannot compare a tensor with a list");
+    assert_at(&err, f, 15, 25, 7, "unknown activation \"gelus\"");
+    assert!(err.contains("did you mean \"gelu\"?"), "{err}");
+    assert_eq!(err.matches("error:").count(), 8, "one error per bad use:\n{err}");
+}

@@ -1,7 +1,8 @@
 //! The documentation is checked against the code it describes:
 //! - every model in a fenced block of README.md and docs/*.md passes `mdl check` (a block is
 //!   a model when its first line that is not blank or a comment starts with `model `);
-//! - the standard-library list of docs/language.md names every block of specs/std.mdl;
+//! - the standard-library list of docs/language.md names every block of specs/std.mdl,
+//!   and its built-in table every built-in function;
 //! - docs (README.md, docs/*.md and every module's `//!` doc) cite only files that exist in
 //!   the repository.
 
@@ -111,6 +112,29 @@ fn the_language_reference_lists_every_standard_block() {
     assert!(blocks.len() >= 10, "std.mdl parsed into too few blocks: {blocks:?}");
     let missing: Vec<&String> = blocks.iter().filter(|b| !section.contains(&format!("`{b}("))).collect();
     assert!(missing.is_empty(), "blocks of specs/std.mdl missing from docs/language.md's list: {missing:?}");
+}
+
+/// Every built-in function (`src/lower/builtins.rs`'s `BUILTINS`) is named in the first
+/// column of the "Built-in functions" table of docs/language.md.
+#[test]
+fn the_language_reference_lists_every_builtin() {
+    let language = std::fs::read_to_string(root().join("docs/language.md")).unwrap();
+    let section = language
+        .split("## Built-in functions")
+        .nth(1)
+        .expect("docs/language.md has a `## Built-in functions` section")
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let listed: Vec<&str> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix('|')?.split('|').next())
+        .flat_map(|first| first.split(|c: char| !(c.is_alphanumeric() || c == '_')))
+        .collect();
+    let names = mdl::lower::builtins::names();
+    assert!(names.len() >= 30, "too few built-ins found: {names:?}");
+    let missing: Vec<&&str> = names.iter().filter(|n| !listed.contains(n)).collect();
+    assert!(missing.is_empty(), "built-ins missing from docs/language.md's table: {missing:?}");
 }
 
 /// Paths a document cites: link targets and code spans that look like repository paths

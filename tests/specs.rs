@@ -15,78 +15,111 @@ fn every_spec_compiles_and_its_gradients_match_finite_differences() {
     let specs = shipped_specs();
     assert!(specs.len() >= 4, "expected the shipped specs, found {specs:?}");
     for path in specs {
-        let mut c = compile(&path);
-        // A stop-gradient makes autodiff differ from the loss's true slope by design; for
-        // this check each one is opened (made a same-shape reshape), so both sides measure
-        // the same function.
-        for node in c.graph.g.node_weights_mut() {
-            if node.op == Op::StopGrad {
-                node.op = Op::Reshape { shape: node.sig.shape.clone() };
-            }
-        }
-        let g = mdl::train::build_training_graph(&c).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let binding = small_binding(&g, 6);
-        let mut rng = Lcg(7);
-        let feeds = random_feeds::<f64>(&c, &binding, &mut rng);
-        let mut params = random_params::<f64>(&g, &binding, 0.3, &mut rng);
-        let mode = Mode::eval();
-        let out = interp::run(&g, &binding, &feeds, &params, &mode).unwrap();
-        let l0 = out.scalar("loss").unwrap();
-        let mut kinks = 0;
-        assert!(l0.is_finite(), "{}: loss {l0}", path.display());
+        check_gradients(&path);
+    }
+}
 
-        for p in &c.graph.params {
-            let grad = out
-                .output(&format!("grad/{}", p.name))
-                .unwrap_or_else(|| panic!("{}: no gradient for {}", path.display(), p.name));
-            if p.embedding {
+/// A spec written with the elementwise built-ins of issue 14 (comparisons, `where`, gelu,
+/// prelu, leaky_relu, floor, min) is differentiated through their lowerings: its gradients
+/// equal finite differences.
+#[test]
+fn comparisons_where_and_the_new_activations_differentiate_through_the_lowering() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("specs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("elementwise14.mdl");
+    std::fs::write(
+        &path,
+        "model m(dim = 4) {
+  input fields : categorical
+  input dense : numeric
+  label click
+  let E = embedding(fields, dim)
+  let x = linear(flatten(E[fields]), 6)
+  param a : [6] ~ constant(0.25)
+  let h = where(x > 0, gelu(x), prelu(x, a)) + leaky_relu(x) * (x <= 0.5)
+  let k = floor(dense) + min(dense, axis = 1, keep = true)
+  task click = linear(h, 1) + linear(k, 1) + min(h, axis = 1, keep = true)
+  loss bce(click)
+}
+",
+    )
+    .unwrap();
+    check_gradients(&path);
+}
+
+/// The check of [`every_spec_compiles_and_its_gradients_match_finite_differences`] on one
+/// spec.
+fn check_gradients(path: &std::path::Path) {
+    let mut c = compile(path);
+    // A stop-gradient makes autodiff differ from the loss's true slope by design; for
+    // this check each one is opened (made a same-shape reshape), so both sides measure
+    // the same function.
+    for node in c.graph.g.node_weights_mut() {
+        if node.op == Op::StopGrad {
+            node.op = Op::Reshape { shape: node.sig.shape.clone() };
+        }
+    }
+    let g = mdl::train::build_training_graph(&c).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let binding = small_binding(&g, 6);
+    let mut rng = Lcg(7);
+    let feeds = random_feeds::<f64>(&c, &binding, &mut rng);
+    let mut params = random_params::<f64>(&g, &binding, 0.3, &mut rng);
+    let mode = Mode::eval();
+    let out = interp::run(&g, &binding, &feeds, &params, &mode).unwrap();
+    let l0 = out.scalar("loss").unwrap();
+    let mut kinks = 0;
+    assert!(l0.is_finite(), "{}: loss {l0}", path.display());
+
+    for p in &c.graph.params {
+        let grad = out
+            .output(&format!("grad/{}", p.name))
+            .unwrap_or_else(|| panic!("{}: no gradient for {}", path.display(), p.name));
+        if p.embedding {
+            assert!(
+                matches!(grad, Value::RowSparse { .. }),
+                "{}: {} should get a row-sparse gradient",
+                path.display(),
+                p.name
+            );
+        }
+        let dense = grad.to_dense().unwrap();
+        assert_eq!(dense.shape, params[&p.name].shape, "{}: gradient shape of {}", path.display(), p.name);
+        // Three entries per parameter; for tables, rows the batch touched are likelier
+        // to be non-zero, so take the largest entry and two random ones.
+        let n = dense.data.len();
+        let largest = (0..n).max_by(|&a, &b| dense.data[a].abs().partial_cmp(&dense.data[b].abs()).unwrap()).unwrap();
+        for idx in [largest, (rng.next() as usize) % n, (rng.next() as usize) % n] {
+            let mut loss_at = |h: f64| {
+                let orig = params[&p.name].data[idx];
+                params.get_mut(&p.name).unwrap().data[idx] = orig + h;
+                let lp = interp::run(&c.graph, &binding, &feeds, &params, &mode).unwrap().scalar("loss").unwrap();
+                params.get_mut(&p.name).unwrap().data[idx] = orig - h;
+                let lm = interp::run(&c.graph, &binding, &feeds, &params, &mode).unwrap().scalar("loss").unwrap();
+                params.get_mut(&p.name).unwrap().data[idx] = orig;
+                (lp - lm) / (2.0 * h)
+            };
+            let (fd, fd_half) = (loss_at(1e-6), loss_at(5e-7));
+            let ad = dense.data[idx];
+            // Tolerance for f64 central differences through ReLU networks.
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 + 1e-4 * a.abs().max(b.abs());
+            // A kink (relu, max) within h of the point makes the difference depend on h,
+            // where a smooth loss gives the same slope at h and h/2: such entries are
+            // skipped, as Caffe's checker skips points near a kink. At most one per parameter.
+            if !close(fd, fd_half) {
+                kinks += 1;
                 assert!(
-                    matches!(grad, Value::RowSparse { .. }),
-                    "{}: {} should get a row-sparse gradient",
-                    path.display(),
-                    p.name
+                    kinks <= c.graph.params.len(),
+                    "{}: too many kinks ({kinks}) to trust the check",
+                    path.display()
                 );
+                continue;
             }
-            let dense = grad.to_dense().unwrap();
-            assert_eq!(dense.shape, params[&p.name].shape, "{}: gradient shape of {}", path.display(), p.name);
-            // Three entries per parameter; for tables, rows the batch touched are likelier
-            // to be non-zero, so take the largest entry and two random ones.
-            let n = dense.data.len();
-            let largest =
-                (0..n).max_by(|&a, &b| dense.data[a].abs().partial_cmp(&dense.data[b].abs()).unwrap()).unwrap();
-            for idx in [largest, (rng.next() as usize) % n, (rng.next() as usize) % n] {
-                let mut loss_at = |h: f64| {
-                    let orig = params[&p.name].data[idx];
-                    params.get_mut(&p.name).unwrap().data[idx] = orig + h;
-                    let lp = interp::run(&c.graph, &binding, &feeds, &params, &mode).unwrap().scalar("loss").unwrap();
-                    params.get_mut(&p.name).unwrap().data[idx] = orig - h;
-                    let lm = interp::run(&c.graph, &binding, &feeds, &params, &mode).unwrap().scalar("loss").unwrap();
-                    params.get_mut(&p.name).unwrap().data[idx] = orig;
-                    (lp - lm) / (2.0 * h)
-                };
-                let (fd, fd_half) = (loss_at(1e-6), loss_at(5e-7));
-                let ad = dense.data[idx];
-                // Tolerance for f64 central differences through ReLU networks.
-                let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 + 1e-4 * a.abs().max(b.abs());
-                // A kink (relu, max) within h of the point makes the difference depend on h,
-                // where a smooth loss gives the same slope at h and h/2: such entries are
-                // skipped, as Caffe's checker skips points near a kink. At most one per parameter.
-                if !close(fd, fd_half) {
-                    kinks += 1;
-                    assert!(
-                        kinks <= c.graph.params.len(),
-                        "{}: too many kinks ({kinks}) to trust the check",
-                        path.display()
-                    );
-                    continue;
-                }
-                assert!(
-                    close(fd, ad),
-                    "{}: d loss / d {}[{idx}]: autodiff {ad}, finite difference {fd}",
-                    path.display(),
-                    p.name
-                );
-            }
+            assert!(
+                close(fd, ad),
+                "{}: d loss / d {}[{idx}]: autodiff {ad}, finite difference {fd}",
+                path.display(),
+                p.name
+            );
         }
     }
 }
@@ -130,4 +163,37 @@ fn jit_agrees_with_interp_on_every_spec() {
     use mdl_runtime::backend::jit::Jit;
     let (mut one, mut two) = (Jit::with_threads(1), Jit::with_threads(2));
     assert_agrees_with_interp_on_every_spec("jit", 1e-4, &mut [&mut one, &mut two]);
+}
+
+/// Issue 14's "compile stays small": SASRec's causal mask over 50 positions was 2,500
+/// compile-time scalars (5,354 forward ops); with `tril` it is one op, and the whole
+/// causal self-attention model is a few dozen.
+#[test]
+fn a_causal_mask_of_fifty_positions_is_one_op() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("specs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("causal14.mdl");
+    std::fs::write(
+        &path,
+        "model causal(dim = 16, L = 50) {
+  input items : categorical
+  input hist : sequence(L) of items
+  label click
+  let E = embedding(items, dim)
+  param P : [L, dim] ~ normal(0.01)
+  let x = sum(E[hist], axis = 1) + P
+  let scores = x @ transpose(x) / sqrt(dim)
+  let attended = softmax(where(tril(L), scores, -1e9)) @ x
+  task click = linear(mean(attended, axis = 1), 1)
+  loss bce(click)
+}
+",
+    )
+    .unwrap();
+    let c = compile(&path);
+    let ops: Vec<&Op> = c.graph.ids().map(|id| &c.graph.node(id).op).collect();
+    let masks = ops.iter().filter(|op| matches!(op, Op::Triangle { .. })).count();
+    assert_eq!(masks, 1, "the causal mask is one op: {ops:?}");
+    assert!(ops.len() < 60, "the causal attention model took {} forward ops", ops.len());
+    check_gradients(&path);
 }

@@ -39,6 +39,8 @@ pub trait Float:
     fn sqrt(self) -> Self;
     fn tanh(self) -> Self;
     fn abs(self) -> Self;
+    /// The largest integer not above `self` (±inf, NaN and ±0 unchanged).
+    fn floor(self) -> Self;
     /// The larger of two values (the other one when either is NaN).
     fn max(self, other: Self) -> Self;
     fn min(self, other: Self) -> Self;
@@ -80,6 +82,9 @@ macro_rules! impl_float {
             }
             fn abs(self) -> $t {
                 $t::abs(self)
+            }
+            fn floor(self) -> $t {
+                $t::floor(self)
             }
             fn max(self, other: $t) -> $t {
                 $t::max(self, other)

@@ -2,8 +2,8 @@
 //! equal interp (the reference).
 //!
 //! The catalogue is built from `UnaryOp::ALL`, `BinaryOp::ALL` and `ReduceOp::ALL` (so a new
-//! elementwise op or reduction is in it without an edit here) plus softmax, layout, index
-//! and linalg cases. Operands mix in the special values an op's semantics allow: every
+//! elementwise op or reduction is in it without an edit here) plus softmax, constant,
+//! layout, index and linalg cases. Operands mix in the special values an op's semantics allow: every
 //! elementwise op and every layout copy gets zeros of both signs, ±inf, NaN, huge and tiny
 //! magnitudes; reductions get those whose result does not depend on the order (-inf, huge of
 //! one sign, tiny; no NaN); softmax gets -inf (a masked position).
@@ -180,7 +180,7 @@ fn reduce() -> Vec<Case> {
             let terms = axes.iter().map(|&a| shape[a]).product();
             let name = format!("{op:?} axes {axes:?} keep {keep_dims}");
             let case = Case::new(name, Op::Reduce { op, axes, keep_dims }, vec![x]);
-            cases.push(if op == ReduceOp::Max { case } else { case.summing(terms) });
+            cases.push(if op.adds() { case.summing(terms) } else { case });
         }
     }
     for axis in 0..3 {
@@ -236,6 +236,22 @@ fn layout() -> Vec<Case> {
         Op::Slice { axis: 1, start: Dim::lit(1), len: Dim::lit(2) },
         vec![ids(&[2, 3], id_data(6))],
     ));
+    cases
+}
+
+/// The constant tensors made from sizes alone: positions, triangles on several diagonals,
+/// the identity (no operands).
+fn constant() -> Vec<Case> {
+    let mut cases = vec![
+        Case::new("arange 1", Op::Arange { n: Dim::lit(1) }, vec![]),
+        Case::new("arange 50", Op::Arange { n: Dim::lit(50) }, vec![]),
+        Case::new("eye 5", Op::Eye { n: Dim::lit(5) }, vec![]),
+    ];
+    for upper in [false, true] {
+        for k in [-2, 0, 1, 7] {
+            cases.push(Case::new(format!("triangle {upper} {k}"), Op::Triangle { n: Dim::lit(6), upper, k }, vec![]));
+        }
+    }
     cases
 }
 
@@ -425,10 +441,10 @@ macro_rules! conformance {
 }
 
 conformance! {
-    jit_exact: [unary, binary, reduce, layout, index, linalg];
-    jit_fast: [unary, binary, reduce, layout, index, linalg];
+    jit_exact: [unary, binary, reduce, constant, layout, index, linalg];
+    jit_fast: [unary, binary, reduce, constant, layout, index, linalg];
     #[cfg(feature = "opencl")]
-    opencl: [unary, binary, reduce, layout, index, linalg];
+    opencl: [unary, binary, reduce, constant, layout, index, linalg];
 }
 
 /// The catalogue itself: the op lists come from `ALL`, and every case is well formed (its
@@ -445,7 +461,7 @@ fn the_catalogue_covers_every_elementwise_op_and_reduction() {
     for &r in ReduceOp::ALL {
         assert!(names.iter().any(|n| n.starts_with(&format!("reduce_{}", format!("{r:?}").to_lowercase()))));
     }
-    for group in [unary(), binary(), reduce(), layout(), index(), linalg()] {
+    for group in [unary(), binary(), reduce(), constant(), layout(), index(), linalg()] {
         graph(&group);
     }
 }

@@ -661,10 +661,12 @@ fn reduction_epilogues_equal_the_eval_rule() {
     }
 }
 
-/// The inline polynomials of exp, log, tanh, sigmoid and softplus against the f64 functions,
-/// on a dense sweep of each one's useful range (vector lanes and scalar tail alike) and at
-/// the edges: the error is at most `ulps` f32 ulps of the result (softplus: or 2e-7
-/// absolute, where its result underflows towards 0 below x = -80).
+/// The inline polynomials of exp, log, tanh, sigmoid, softplus and gelu against the f64
+/// functions, on a dense sweep of each one's useful range (vector lanes and scalar tail
+/// alike) and at the edges: the error is at most `ulps` f32 ulps of the result (softplus: or
+/// 2e-7 absolute, where its result underflows towards 0 below x = -80). Gelu's reference
+/// takes its sigmoid's argument as f32 computes it (the rounding of `k·(x + a·x³)` is the
+/// formula's, not the polynomial's).
 /// A transcendental, the points it is checked at, its f64 reference, and the error allowed
 /// in ulps.
 type Sweep = (UnaryOp, Vec<f32>, fn(f64) -> f64, f64);
@@ -674,12 +676,13 @@ fn inline_transcendentals_are_within_a_few_ulp_of_f64() {
     let sweep = |lo: f64, hi: f64| -> Vec<f32> {
         (0..=20_001).map(|i| (lo + (hi - lo) * i as f64 / 20_001.0) as f32).collect()
     };
-    let cases: [Sweep; 5] = [
+    let cases: [Sweep; 6] = [
         (UnaryOp::Exp, sweep(-86.0, 88.7), f64::exp, 2.0),
         (UnaryOp::Log, [sweep(1e-6, 4.0), sweep(4.0, 1e6), vec![1e-40, 1e-38, 3e38]].concat(), f64::ln, 2.0),
         (UnaryOp::Tanh, sweep(-12.0, 12.0), f64::tanh, 2.0),
         (UnaryOp::Sigmoid, sweep(-80.0, 30.0), |x| 1.0 / (1.0 + (-x).exp()), 2.0),
         (UnaryOp::Softplus, sweep(-80.0, 80.0), |x| x.max(0.0) + (-x.abs()).exp().ln_1p(), 2.0),
+        (UnaryOp::Gelu, sweep(-9.0, 9.0), gelu_of_f32_argument, 3.0),
     ];
     for (u, xs, f, ulps) in cases {
         let kernel = FusedKernel { inputs: 1, body: vec![Instr::Input(0), Instr::Unary(u, 0)], reduce: None };
@@ -716,6 +719,17 @@ fn inline_transcendentals_are_within_a_few_ulp_of_f64() {
     let sp = run(UnaryOp::Softplus);
     assert_eq!(&sp[2..4], &[f32::INFINITY, 0.0]);
     assert!(sp[4].is_nan() && sp[6] == 100.0);
+    let gelu = run(UnaryOp::Gelu);
+    assert_eq!(&gelu[..4], &[0.0, 0.0, f32::INFINITY, 0.0]);
+    assert!(gelu[4].is_nan() && gelu[6] == 100.0 && gelu[7] == 0.0);
+}
+
+/// GELU in f64 with its sigmoid's argument `k·(x + a·x³)` rounded as f32 computes it.
+fn gelu_of_f32_argument(x: f64) -> f64 {
+    use mdl_runtime::ops::elementwise::{GELU_A, GELU_K};
+    let xf = x as f32;
+    let z = GELU_K as f32 * (xf + GELU_A as f32 * (xf * xf * xf));
+    x / (1.0 + (-(z as f64)).exp())
 }
 
 /// Reductions large enough to split over two threads, with reassociation on (lane sums,

@@ -3,10 +3,12 @@
 //! random) equals the central finite difference (h = 1e-6) for every input, taken as a
 //! parameter: `|autodiff - numeric| <= 1e-6 + 1e-5 * |numeric|`.
 //!
-//! Kinks (relu, abs, max/min, reduce-max, step, sign): as in Caffe's gradient checker, no
+//! Kinks (relu, abs, prelu, max/min, reduce-max/min, step, sign, floor): as in Caffe's gradient checker, no
 //! finite difference may straddle a kink; here the values are *drawn* away from it rather
 //! than skipped: |x| >= 0.1 for relu/abs/step/sign, operands of max/min on disjoint
-//! half-integer and integer grids (|a - b| >= 0.3), reduce-max inputs at least 0.08 apart.
+//! half-integer and integer grids (|a - b| >= 0.3), prelu's input on the half-integer grid
+//! (|x| >= 0.3), floor's on it too (0.3 from an integer), keep's condition 0 or on that
+//! grid, reduce-max and -min inputs at least 0.08 apart.
 //! Poles and domain edges likewise: log/sqrt inputs in [0.5, 2), divisors and recip
 //! inputs with |x| in [0.5, 2).
 
@@ -94,6 +96,13 @@ proptest! {
             let (da, db) = match b {
                 Div => (c.uniform(na, -2.0, 2.0), c.away_from_zero(nb, 0.5, 2.0)),
                 Max | Min => (grid(&mut c, na, true), grid(&mut c, nb, false)),
+                // The kink of prelu away from zero; keep's condition exactly zero (the
+                // gradient to `b` stops) or away from zero.
+                Prelu => (grid(&mut c, na, true), c.uniform(nb, -2.0, 2.0)),
+                Keep => {
+                    let cond = grid(&mut c, na, true).iter().enumerate().map(|(i, &v)| if i % 2 == 0 { 0.0 } else { v }).collect();
+                    (cond, c.uniform(nb, -2.0, 2.0))
+                }
                 _ => (c.uniform(na, -2.0, 2.0), c.uniform(nb, -2.0, 2.0)),
             };
             let x = c.param_values("a", dims(&sa), false, da);
@@ -103,7 +112,8 @@ proptest! {
         }
     }
 
-    /// The ops that are not differentiable (step, sign, gt, eq) next to a smooth path: their
+    /// The ops that are not differentiable (step, sign, floor, the comparisons) next to a
+    /// smooth path: their
     /// finite difference is zero away from the kink, and autodiff must add nothing for them.
     #[test]
     fn zero_gradient_ops_add_nothing(s in sizes(3, 3), seed in any::<u64>()) {
@@ -187,18 +197,18 @@ proptest! {
         c.check(y).map_err(fail("pad"))?;
     }
 
-    /// Sum, mean and max over any subset of axes; the first axis is the batch symbol, so a
+    /// Sum, mean, max and min over any subset of axes; the first axis is the batch symbol, so a
     /// mean over it divides by a count known only at run time.
     #[test]
     fn reduce((s, which) in sizes(3, 3).prop_flat_map(|s| { let r = s.len(); (Just(s), prop::collection::vec(any::<bool>(), r)) }),
               keep_dims in any::<bool>(), seed in any::<u64>()) {
         let axes: Vec<usize> = which.iter().enumerate().filter(|(_, &w)| w).map(|(i, _)| i).collect();
-        for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max] {
+        for &op in ReduceOp::ALL {
             let mut c = Case::new(seed);
             c.bind("B", s[0]);
             let shape = batch_dims(&s);
             let n = c.numel(&shape);
-            let data = if op == ReduceOp::Max { c.distinct(n) } else { c.uniform(n, -2.0, 2.0) };
+            let data = if op.adds() { c.uniform(n, -2.0, 2.0) } else { c.distinct(n) };
             let x = c.param_values("x", shape, false, data);
             let y = c.add(Op::Reduce { op, axes: axes.clone(), keep_dims }, &[x]).unwrap();
             c.check(y).map_err(fail(format!("{op:?} over {axes:?}")))?;

@@ -76,6 +76,54 @@ fn reductions() {
     assert!(close(&mean.data, &[3.0, -2.0 / 3.0]));
     let max = dense(apply(Op::Reduce { op: ReduceOp::Max, axes: vec![0, 1], keep_dims: true }, &[&x]).unwrap());
     assert_eq!((max.shape, max.data), (vec![1, 1], vec![5.0]));
+    let min = dense(apply(Op::Reduce { op: ReduceOp::Min, axes: vec![1], keep_dims: false }, &[&x]).unwrap());
+    assert_eq!(min.data, vec![1.0, -4.0]);
+    let with_nan = t(&[3], &[1.0, f64::NAN, -2.0]);
+    let min = dense(apply(Op::Reduce { op: ReduceOp::Min, axes: vec![0], keep_dims: false }, &[&with_nan]).unwrap());
+    assert!(min.data[0].is_nan(), "a NaN term makes the minimum NaN");
+}
+
+/// The new elementwise ops on the values where their definitions choose: comparisons with
+/// NaN, prelu's sign switch, keep's `-0`, floor of negatives and specials, gelu's limits.
+#[test]
+fn comparisons_prelu_keep_floor_and_gelu() {
+    let (nan, inf) = (f64::NAN, f64::INFINITY);
+    let a = t(&[5], &[1.0, 2.0, nan, -3.0, 0.0]);
+    let b = t(&[5], &[2.0, 2.0, nan, -4.0, -0.0]);
+    let binary = |op| dense(apply(Op::Binary(op), &[&a, &b]).unwrap()).data;
+    assert_eq!(binary(BinaryOp::Ge), vec![0.0, 1.0, 0.0, 1.0, 1.0]);
+    assert_eq!(binary(BinaryOp::Ne), vec![1.0, 0.0, 1.0, 1.0, 0.0]);
+    assert_eq!(binary(BinaryOp::Prelu)[..2], [1.0, 2.0]);
+    assert_eq!(binary(BinaryOp::Prelu)[3..], [12.0, 0.0]);
+    let keep = binary(BinaryOp::Keep);
+    assert_eq!(keep[..2], [2.0, 2.0]);
+    assert!(keep[2].is_nan() && keep[3] == -4.0);
+    assert!(keep[4] == 0.0 && keep[4].is_sign_negative(), "keep gives -0 where the condition is 0");
+    let x = t(&[6], &[-1.5, -0.0, 2.7, -inf, nan, 3.0]);
+    let floor = dense(apply(Op::Unary(UnaryOp::Floor), &[&x]).unwrap()).data;
+    assert_eq!(floor[..4], [-2.0, -0.0, 2.0, -inf]);
+    assert!(floor[1].is_sign_negative() && floor[4].is_nan() && floor[5] == 3.0);
+    let gelu = dense(apply(Op::Unary(UnaryOp::Gelu), &[&t(&[4], &[-inf, inf, 1.0, -1.0])]).unwrap()).data;
+    let tanh_form =
+        |x: f64| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh());
+    assert_eq!(gelu[..2], [0.0, inf]);
+    assert!(close(&gelu[2..], &[tanh_form(1.0), tanh_form(-1.0)]), "{gelu:?}");
+}
+
+/// The constant tensors: positions, the triangles on and off the diagonal, the identity.
+#[test]
+fn constant_tensors_from_sizes() {
+    let constant = |op| dense(apply(op, &[]).unwrap());
+    let arange = constant(Op::Arange { n: Dim::lit(4) });
+    assert_eq!((arange.shape, arange.data), (vec![4], vec![0.0, 1.0, 2.0, 3.0]));
+    let tril = constant(Op::Triangle { n: Dim::lit(3), upper: false, k: 0 });
+    assert_eq!((tril.shape, tril.data), (vec![3, 3], vec![1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0]));
+    let strictly_lower = constant(Op::Triangle { n: Dim::lit(3), upper: false, k: -1 });
+    assert_eq!(strictly_lower.data, vec![0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]);
+    let triu = constant(Op::Triangle { n: Dim::lit(3), upper: true, k: 1 });
+    assert_eq!(triu.data, vec![0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]);
+    let eye = constant(Op::Eye { n: Dim::lit(2) });
+    assert_eq!(eye.data, vec![1.0, 0.0, 0.0, 1.0]);
 }
 
 #[test]

@@ -84,6 +84,11 @@ pub static BUILTINS: &[Builtin] = &[
     Builtin { name: "sqrt", params: &[Required("x")], lower: |el, a, span| unary(el, a, UnaryOp::Sqrt, span) },
     Builtin { name: "abs", params: &[Required("x")], lower: |el, a, span| unary(el, a, UnaryOp::Abs, span) },
     Builtin { name: "softplus", params: &[Required("x")], lower: |el, a, span| unary(el, a, UnaryOp::Softplus, span) },
+    Builtin { name: "gelu", params: &[Required("x")], lower: |el, a, span| unary(el, a, UnaryOp::Gelu, span) },
+    Builtin { name: "floor", params: &[Required("x")], lower: |el, a, span| unary(el, a, UnaryOp::Floor, span) },
+    Builtin { name: "prelu", params: &[Required("x"), Required("slope")], lower: prelu },
+    Builtin { name: "leaky_relu", params: &[Required("x"), Float("slope", 0.01)], lower: leaky_relu },
+    Builtin { name: "where", params: &[Required("c"), Required("a"), Required("b")], lower: where_ },
     Builtin { name: "activation", params: &[Required("x"), Str("act", "relu")], lower: activation },
     Builtin {
         name: "maximum",
@@ -110,6 +115,11 @@ pub static BUILTINS: &[Builtin] = &[
         params: &[Required("x"), Optional("axis"), Bool("keep", false)],
         lower: |el, a, span| reduce(el, a, "max", ReduceOp::Max, span),
     },
+    Builtin {
+        name: "min",
+        params: &[Required("x"), Optional("axis"), Bool("keep", false)],
+        lower: |el, a, span| reduce(el, a, "min", ReduceOp::Min, span),
+    },
     Builtin { name: "softmax", params: &[Required("x"), Int("axis", -1)], lower: softmax },
     Builtin {
         name: "concat",
@@ -131,6 +141,10 @@ pub static BUILTINS: &[Builtin] = &[
         params: &[Required("x"), Required("axis"), Required("start"), Required("len")],
         lower: slice,
     },
+    Builtin { name: "arange", params: &[Required("n")], lower: arange },
+    Builtin { name: "tril", params: &[Required("n"), Int("k", 0)], lower: |el, a, span| triangle(el, a, false, span) },
+    Builtin { name: "triu", params: &[Required("n"), Int("k", 0)], lower: |el, a, span| triangle(el, a, true, span) },
+    Builtin { name: "eye", params: &[Required("n")], lower: eye },
     Builtin { name: "dropout", params: &[Required("x"), Int("p", 0)], lower: dropout },
     Builtin { name: "stopgrad", params: &[Required("x")], lower: stopgrad },
     Builtin { name: "one_hot", params: &[Required("ids")], lower: one_hot },
@@ -188,9 +202,14 @@ fn activation(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
         "sigmoid" => UnaryOp::Sigmoid,
         "tanh" => UnaryOp::Tanh,
         "softplus" => UnaryOp::Softplus,
+        "gelu" => UnaryOp::Gelu,
+        "leaky_relu" => {
+            let slope = Tv { node: el.scalar(LEAKY_RELU_SLOPE, span)?, grouped: false };
+            return Ok(Val::Tensor(el.binary(BinaryOp::Prelu, x, slope, span)?));
+        }
         "none" | "linear" | "identity" => return Ok(Val::Tensor(x)),
         other => {
-            let known = ["relu", "sigmoid", "tanh", "softplus", "none"];
+            let known = ["relu", "sigmoid", "tanh", "softplus", "gelu", "leaky_relu", "none"];
             let mut d = Diagnostic::error(s, format!("unknown activation \"{other}\""))
                 .label(format!("expected one of: {}", known.join(", ")));
             if let Some(k) = suggest(other, known) {
@@ -200,6 +219,39 @@ fn activation(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
         }
     };
     Ok(Val::Tensor(el.unary(op, x, span)?))
+}
+
+/// `leaky_relu`'s default slope (also the slope of `activation(x, "leaky_relu")`).
+const LEAKY_RELU_SLOPE: f64 = 0.01;
+
+/// `prelu(x, slope)`: the slope is a tensor that broadcasts against `x` (a learned
+/// parameter, e.g. one per channel `[d]`).
+fn prelu(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let slope = tensor(el, a, "slope")?;
+    Ok(Val::Tensor(el.binary(BinaryOp::Prelu, x, slope, span)?))
+}
+
+/// `leaky_relu(x, slope = 0.01)`: PReLU with a constant slope.
+fn leaky_relu(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let (slope, _) = number(el, a, "slope")?;
+    let slope = Tv { node: el.scalar(slope, span)?, grouped: false };
+    Ok(Val::Tensor(el.binary(BinaryOp::Prelu, x, slope, span)?))
+}
+
+/// `where(c, a, b)`: `a` where `c != 0`, else `b` (all three broadcast), as
+/// `keep(c, a) + keep(c == 0, b)`, which is exact for every value (see `BinaryOp::Keep`).
+/// The gradient reaches `a` and `b`, never `c`.
+fn where_(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let c = tensor(el, a, "c")?;
+    let x = tensor(el, a, "a")?;
+    let y = tensor(el, a, "b")?;
+    let zero = Tv { node: el.scalar(0.0, span)?, grouped: false };
+    let not_c = el.binary(BinaryOp::Eq, c, zero, span)?;
+    let from_x = el.binary(BinaryOp::Keep, c, x, span)?;
+    let from_y = el.binary(BinaryOp::Keep, not_c, y, span)?;
+    Ok(Val::Tensor(el.binary(BinaryOp::Add, from_x, from_y, span)?))
 }
 
 fn elementwise(el: &mut Elab, a: &Args, op: BinaryOp, span: Span) -> R<Val> {
@@ -309,6 +361,41 @@ fn slice(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     let len = int(el, a, "len")?;
     let node = el.add(Op::Slice { axis, start, len }, &[x.node], span)?;
     Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
+}
+
+/// The size argument `n` of a constant tensor: an integer, positive when it is known.
+fn size_arg(el: &mut Elab, a: &Args) -> R<Dim> {
+    let n = int(el, a, "n")?;
+    if n.as_const().is_some_and(|c| c <= 0) {
+        return el.error(a.get("n").1, format!("`n` must be a positive size, found {n}"));
+    }
+    Ok(n)
+}
+
+/// `arange(n)`: the positions `[0, 1, ..., n-1]` as one constant op.
+fn arange(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let n = size_arg(el, a)?;
+    let node = el.add(Op::Arange { n }, &[], span)?;
+    Ok(Val::Tensor(Tv { node, grouped: false }))
+}
+
+/// `tril(n, k)` / `triu(n, k)`: the `[n, n]` 0/1 triangle on and below (above) diagonal `k`,
+/// as one constant op (a causal attention mask is `tril(L)`).
+fn triangle(el: &mut Elab, a: &Args, upper: bool, span: Span) -> R<Val> {
+    let n = size_arg(el, a)?;
+    let k = int(el, a, "k")?;
+    let Some(k) = k.as_const() else {
+        return el.error(a.get("k").1, format!("`k` must be a constant integer, found the size {k}"));
+    };
+    let node = el.add(Op::Triangle { n, upper, k }, &[], span)?;
+    Ok(Val::Tensor(Tv { node, grouped: false }))
+}
+
+/// `eye(n)`: the `[n, n]` identity as one constant op.
+fn eye(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let n = size_arg(el, a)?;
+    let node = el.add(Op::Eye { n }, &[], span)?;
+    Ok(Val::Tensor(Tv { node, grouped: false }))
 }
 
 fn dropout(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
@@ -497,7 +584,7 @@ fn insert_axis(el: &mut Elab, node: mdl_runtime::NodeId, axis: usize, span: Span
     el.add(Op::Reshape { shape }, &[node], span)
 }
 
-/// `sum`, `mean` and `max` (called `name`): over axes of a tensor, or elementwise over a
+/// `sum`, `mean`, `max` and `min` (called `name`): over axes of a tensor, or elementwise over a
 /// list of tensors.
 fn reduce(el: &mut Elab, a: &Args, name: &str, op: ReduceOp, span: Span) -> R<Val> {
     // `sum([a, b, c])`: elementwise over a list.
@@ -514,7 +601,8 @@ fn reduce(el: &mut Elab, a: &Args, name: &str, op: ReduceOp, span: Span) -> R<Va
         }
         let bop = match op {
             ReduceOp::Max => BinaryOp::Max,
-            _ => BinaryOp::Add,
+            ReduceOp::Min => BinaryOp::Min,
+            ReduceOp::Sum | ReduceOp::Mean => BinaryOp::Add,
         };
         let mut acc = ts[0];
         for t in &ts[1..] {

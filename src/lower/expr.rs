@@ -155,7 +155,7 @@ impl Elab {
                 (x, y) => self
                     .error(span, format!("`++` joins two lists or two strings, found {} and {}", x.kind(), y.kind())),
             },
-            Eq | Ne | Lt | Le | Gt | Ge => self.compare(op, a, b, span),
+            Eq | Ne | Lt | Le | Gt | Ge => self.compare(op, a, b, sa, sb, span),
             Add | Sub | Mul | Div | MatMul => {
                 // Compile-time arithmetic first.
                 match (&a, &b, op) {
@@ -226,9 +226,29 @@ impl Elab {
         }
     }
 
-    /// `==`, `!=`, `<`, ... on numbers, sizes, strings and booleans; a boolean.
-    fn compare(&mut self, op: BinOp, a: Val, b: Val, span: Span) -> R<Val> {
+    /// `==`, `!=`, `<`, ... on numbers, sizes, strings and booleans: a boolean. With a
+    /// tensor on either side (the other a tensor or a number), a 0/1 tensor of the
+    /// broadcast shape, through which no gradient flows.
+    fn compare(&mut self, op: BinOp, a: Val, b: Val, sa: Span, sb: Span, span: Span) -> R<Val> {
         use std::cmp::Ordering;
+        if matches!(a, Val::Tensor(_) | Val::Feature(_)) || matches!(b, Val::Tensor(_) | Val::Feature(_)) {
+            let is_operand = |v: &Val| matches!(v, Val::Tensor(_) | Val::Feature(_) | Val::Int(_) | Val::Float(_));
+            if !is_operand(&a) || !is_operand(&b) {
+                return self.error(span, format!("cannot compare {} with {}", a.kind(), b.kind()));
+            }
+            let ta = self.expect_tensor(a, sa)?;
+            let tb = self.expect_tensor(b, sb)?;
+            // `a < b` is `b > a`, `a <= b` is `b >= a`: the IR has gt, ge, eq and ne.
+            let (cmp, x, y) = match op {
+                BinOp::Eq => (BinaryOp::Eq, ta, tb),
+                BinOp::Ne => (BinaryOp::Ne, ta, tb),
+                BinOp::Gt => (BinaryOp::Gt, ta, tb),
+                BinOp::Ge => (BinaryOp::Ge, ta, tb),
+                BinOp::Lt => (BinaryOp::Gt, tb, ta),
+                _ => (BinaryOp::Ge, tb, ta),
+            };
+            return Ok(Val::Tensor(self.binary(cmp, x, y, span)?));
+        }
         let ord: Option<Ordering> = match (&a, &b) {
             (Val::Int(x), Val::Int(y)) => {
                 if x == y {

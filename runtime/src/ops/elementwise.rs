@@ -79,6 +79,12 @@ elementwise_ops! {
         Step,
         /// `-1`, `0` or `1` (zero gradient).
         Sign,
+        /// The largest integer `<= x` (zero gradient); ±inf, NaN and ±0 are kept.
+        Floor,
+        /// GELU in its tanh form, `x · σ(k · (x + 0.044715·x³))` with `k = 2·sqrt(2/π)`
+        /// (`0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))`), and `0` where the sigmoid is
+        /// `0` (so `gelu(-inf) = 0`).
+        Gelu,
     }
 }
 
@@ -95,6 +101,17 @@ elementwise_ops! {
         Gt,
         /// `1` where `a == b`, else `0` (zero gradient).
         Eq,
+        /// `1` where `a >= b`, else `0` (zero gradient).
+        Ge,
+        /// `1` where `a != b` (NaN included), else `0` (zero gradient).
+        Ne,
+        /// PReLU: `a` where `a > 0`, else `b · a` (`b` is the slope; LeakyReLU is a constant
+        /// slope). Differentiable in both.
+        Prelu,
+        /// `b` where `a != 0` (NaN included), else `-0`: half of `where(c, x, y)`, which is
+        /// `keep(c, x) + keep(c == 0, y)` exactly (`v + -0 = v` for every `v`, ±0 too). The
+        /// gradient flows to `b` only.
+        Keep,
     }
 }
 
@@ -136,6 +153,15 @@ impl UnaryOp {
                     T::ZERO
                 }
             }
+            UnaryOp::Floor => x.floor(),
+            UnaryOp::Gelu => {
+                let s = UnaryOp::Sigmoid.apply(T::from_f64(GELU_K) * (x + T::from_f64(GELU_A) * (x * x * x)));
+                if s == T::ZERO {
+                    T::ZERO
+                } else {
+                    x * s
+                }
+            }
         }
     }
 
@@ -145,8 +171,8 @@ impl UnaryOp {
     pub fn is_cheap(self) -> bool {
         use UnaryOp::*;
         match self {
-            Neg | Relu | Abs | Step | Sign => true,
-            Exp | Log | Sqrt | Recip | Sigmoid | Tanh | Softplus => false,
+            Neg | Relu | Abs | Step | Sign | Floor => true,
+            Exp | Log | Sqrt | Recip | Sigmoid | Tanh | Softplus | Gelu => false,
         }
     }
 
@@ -156,18 +182,18 @@ impl UnaryOp {
     pub fn is_transcendental(self) -> bool {
         use UnaryOp::*;
         match self {
-            Exp | Log | Tanh | Sigmoid | Softplus => true,
-            Neg | Sqrt | Recip | Relu | Abs | Step | Sign => false,
+            Exp | Log | Tanh | Sigmoid | Softplus | Gelu => true,
+            Neg | Sqrt | Recip | Relu | Abs | Step | Sign | Floor => false,
         }
     }
 
-    /// Carries a gradient to its operand (`step` and `sign` have derivative zero wherever
-    /// they have one, and autodiff sends none through them).
+    /// Carries a gradient to its operand (`step`, `sign` and `floor` have derivative zero
+    /// wherever they have one, and autodiff sends none through them).
     pub fn is_differentiable(self) -> bool {
         use UnaryOp::*;
         match self {
-            Neg | Exp | Log | Sqrt | Recip | Relu | Sigmoid | Tanh | Softplus | Abs => true,
-            Step | Sign => false,
+            Neg | Exp | Log | Sqrt | Recip | Relu | Sigmoid | Tanh | Softplus | Abs | Gelu => true,
+            Step | Sign | Floor => false,
         }
     }
 }
@@ -185,6 +211,22 @@ impl BinaryOp {
             BinaryOp::Min => a.min(b),
             BinaryOp::Gt => indicator(a > b),
             BinaryOp::Eq => indicator(a == b),
+            BinaryOp::Ge => indicator(a >= b),
+            BinaryOp::Ne => indicator(a != b),
+            BinaryOp::Prelu => {
+                if a > T::ZERO {
+                    a
+                } else {
+                    b * a
+                }
+            }
+            BinaryOp::Keep => {
+                if a != T::ZERO {
+                    b
+                } else {
+                    -T::ZERO
+                }
+            }
         }
     }
 
@@ -192,20 +234,24 @@ impl BinaryOp {
     pub fn is_cheap(self) -> bool {
         use BinaryOp::*;
         match self {
-            Add | Sub | Mul | Max | Min | Gt | Eq => true,
+            Add | Sub | Mul | Max | Min | Gt | Eq | Ge | Ne | Prelu | Keep => true,
             Div => false,
         }
     }
 
-    /// Carries a gradient to its operands (the comparisons do not).
+    /// Carries a gradient to its operands (the comparisons do not; `keep` to `b` only).
     pub fn is_differentiable(self) -> bool {
         use BinaryOp::*;
         match self {
-            Add | Sub | Mul | Div | Max | Min => true,
-            Gt | Eq => false,
+            Add | Sub | Mul | Div | Max | Min | Prelu | Keep => true,
+            Gt | Eq | Ge | Ne => false,
         }
     }
 }
+
+/// GELU's constants: `k = 2·sqrt(2/π)` and the cubic coefficient.
+pub const GELU_K: f64 = 1.595_769_121_605_730_7;
+pub const GELU_A: f64 = 0.044_715;
 
 /// `1` when `c`, else `0`.
 #[inline]
@@ -294,7 +340,28 @@ pub fn grad(graph: &mut Graph, node: &Node, y: NodeId, dy: NodeId) -> Result<Vec
                     let s = e.unary(UnaryOp::Sign, x)?;
                     e.mul(s, dy)?
                 }
-                UnaryOp::Step | UnaryOp::Sign => return Ok(vec![None]),
+                UnaryOp::Gelu => {
+                    // d/dx x·σ(z) = σ(z) + x·σ(z)·(1 - σ(z))·z', z = k·(x + a·x³),
+                    // z' = k + 3·a·k·x².
+                    let x2 = e.mul(x, x)?;
+                    let x3 = e.mul(x2, x)?;
+                    let a = e.scalar(GELU_A)?;
+                    let ax3 = e.mul(a, x3)?;
+                    let inner = e.add(x, ax3)?;
+                    let k = e.scalar(GELU_K)?;
+                    let z = e.mul(k, inner)?;
+                    let s = e.unary(UnaryOp::Sigmoid, z)?;
+                    let one_minus_s = e.rsub(1.0, s)?;
+                    let ds = e.mul(s, one_minus_s)?;
+                    let c3 = e.scalar(3.0 * GELU_A * GELU_K)?;
+                    let c3x2 = e.mul(c3, x2)?;
+                    let dz = e.add(k, c3x2)?;
+                    let xds = e.mul(x, ds)?;
+                    let t = e.mul(xds, dz)?;
+                    let slope = e.add(s, t)?;
+                    e.mul(slope, dy)?
+                }
+                UnaryOp::Step | UnaryOp::Sign | UnaryOp::Floor => return Ok(vec![None]),
             };
             Ok(vec![Some(dx)])
         }
@@ -316,7 +383,22 @@ pub fn grad(graph: &mut Graph, node: &Node, y: NodeId, dy: NodeId) -> Result<Vec
                     let da = e.mul(a_won, dy)?;
                     (da, e.sub(dy, da)?)
                 }
-                BinaryOp::Gt | BinaryOp::Eq => return Ok(vec![None, None]),
+                BinaryOp::Prelu => {
+                    // d/da = 1 where a > 0, else the slope; d/db = min(a, 0).
+                    let step = e.unary(UnaryOp::Step, a)?;
+                    let below = e.rsub(1.0, step)?;
+                    let sloped = e.mul(below, bb)?;
+                    let slope = e.add(step, sloped)?;
+                    let zero = e.scalar(0.0)?;
+                    let negative_part = e.binary(BinaryOp::Min, a, zero)?;
+                    (e.mul(slope, dy)?, e.mul(negative_part, dy)?)
+                }
+                BinaryOp::Keep => {
+                    let db = e.binary(BinaryOp::Keep, a, dy)?;
+                    let sb = e.shape(bb);
+                    return Ok(vec![None, Some(e.unbroadcast(db, &sb)?)]);
+                }
+                BinaryOp::Gt | BinaryOp::Eq | BinaryOp::Ge | BinaryOp::Ne => return Ok(vec![None, None]),
             };
             let (sa, sb) = (e.shape(a), e.shape(bb));
             Ok(vec![Some(e.unbroadcast(da, &sa)?), Some(e.unbroadcast(db, &sb)?)])

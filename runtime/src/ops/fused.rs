@@ -101,7 +101,7 @@ impl FusedKernel {
         if self.body.is_empty() {
             return Err("a fused kernel needs at least one instruction".into());
         }
-        if self.reduce.as_ref().is_some_and(|r| r.op == ReduceOp::Max) {
+        if self.reduce.as_ref().is_some_and(|r| !r.op.adds()) {
             return Err("a fused kernel's reduction is a sum or a mean".into());
         }
         for (at, instr) in self.body.iter().enumerate() {

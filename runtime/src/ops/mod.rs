@@ -17,10 +17,10 @@
 //!
 //! | family        | ops |
 //! |---------------|-----|
-//! | `source`      | Input, Param, Scalar, DropMask, StopGrad |
+//! | `source`      | Input, Param, Scalar, the constant tensors Arange, Triangle and Eye (from compile-time sizes), DropMask, StopGrad |
 //! | `elementwise` | Unary (neg exp log sqrt recip relu sigmoid tanh softplus abs step sign), Binary (add sub mul div max min gt eq) with broadcasting |
 //! | `layout`      | Reshape, Permute, Broadcast, Concat, Slice, Pad (all but Pad also move ids) |
-//! | `reduce`      | Reduce (sum mean max over axes), Softmax |
+//! | `reduce`      | Reduce (sum mean max min over axes), Softmax |
 //! | `linalg`      | MatMul, GroupMatMul, GroupOuter |
 //! | `index`       | Gather, SparseRows, SegmentSum, OneHot |
 //! | `fused`       | Fused (Unary/Binary groups made one kernel by the fusion pass after autodiff, with an optional sum/mean epilogue) |
@@ -65,11 +65,21 @@ pub enum ReduceOp {
     Sum,
     Mean,
     Max,
+    Min,
 }
 
 impl ReduceOp {
     /// Every reduction (tests iterate it).
-    pub const ALL: &'static [ReduceOp] = &[ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max];
+    pub const ALL: &'static [ReduceOp] = &[ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min];
+
+    /// Adds its terms (sum, mean): a kernel may reassociate it and a fused kernel may end
+    /// in it; max and min pick one of their terms instead.
+    pub fn adds(self) -> bool {
+        match self {
+            ReduceOp::Sum | ReduceOp::Mean => true,
+            ReduceOp::Max | ReduceOp::Min => false,
+        }
+    }
 }
 
 /// A primitive operation. Operands are the node's `inputs`, in the order given per variant.
@@ -82,6 +92,14 @@ pub enum Op {
     Param { name: String },
     /// A constant scalar, shape `[]`. No operands.
     Scalar(f64),
+    /// `[n]`: the positions `0, 1, ..., n-1` as reals. No operands.
+    Arange { n: Dim },
+    /// `[n, n]`: `1` where `col <= row + k` (the lower triangle; `upper`: where
+    /// `col >= row + k`, the upper one), else `0`. With `k = 0` the diagonal is in. No
+    /// operands.
+    Triangle { n: Dim, upper: bool, k: i64 },
+    /// `[n, n]`: the identity matrix. No operands.
+    Eye { n: Dim },
     /// `[x]` → a mask with `x`'s shape: each element `1/(1-p)` with probability `1-p`, else `0`;
     /// all ones when not training. `stream` keeps masks of different nodes independent.
     DropMask { p: f64, stream: u64 },
@@ -198,7 +216,7 @@ impl Op {
     pub fn arity(&self) -> Option<usize> {
         use Op::*;
         Some(match self {
-            Input { .. } | Param { .. } | Scalar(_) => 0,
+            Input { .. } | Param { .. } | Scalar(_) | Arange { .. } | Triangle { .. } | Eye { .. } => 0,
             DropMask { .. } | StopGrad | Unary(_) => 1,
             Binary(_) => 2,
             Reshape { .. } | Permute { .. } | Broadcast { .. } | Slice { .. } | Pad { .. } => 1,
@@ -227,7 +245,9 @@ impl Op {
         use Op::*;
         match self {
             Input { .. } | Param { .. } => shape_err("the shape of an input or parameter comes from its declaration"),
-            Scalar(_) | DropMask { .. } | StopGrad => source::shape(self, operands),
+            Scalar(_) | Arange { .. } | Triangle { .. } | Eye { .. } | DropMask { .. } | StopGrad => {
+                source::shape(self, operands)
+            }
             Unary(_) | Binary(_) => elementwise::shape(self, operands),
             Reshape { .. } | Permute { .. } | Broadcast { .. } | Concat { .. } | Slice { .. } | Pad { .. } => {
                 layout::shape(self, operands)
@@ -246,6 +266,9 @@ impl Op {
             Input { name, .. } => format!("input {name}"),
             Param { name } => format!("param {name}"),
             Scalar(v) => format!("scalar {v}"),
+            Arange { n } => format!("arange n={n}"),
+            Triangle { n, upper, k } => format!("{} n={n} k={k}", if *upper { "triu" } else { "tril" }),
+            Eye { n } => format!("eye n={n}"),
             DropMask { p, .. } => format!("dropmask p={p}"),
             StopGrad => "stopgrad".into(),
             Unary(u) => format!("{u:?}").to_lowercase(),
@@ -309,7 +332,14 @@ pub(crate) fn require_dense_real(op: &Op, operands: &[Operand]) -> Result<(), Sh
 pub fn grad(graph: &mut Graph, node: &Node, id: NodeId, dy: NodeId) -> Result<Vec<Option<NodeId>>, ShapeError> {
     use Op::*;
     match &node.op {
-        Input { .. } | Param { .. } | Scalar(_) | DropMask { .. } | StopGrad => source::grad(graph, node, id, dy),
+        Input { .. }
+        | Param { .. }
+        | Scalar(_)
+        | Arange { .. }
+        | Triangle { .. }
+        | Eye { .. }
+        | DropMask { .. }
+        | StopGrad => source::grad(graph, node, id, dy),
         Unary(_) | Binary(_) => elementwise::grad(graph, node, id, dy),
         Reshape { .. } | Permute { .. } | Broadcast { .. } | Concat { .. } | Slice { .. } | Pad { .. } => {
             layout::grad(graph, node, id, dy)
@@ -333,7 +363,9 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
             op: op.name(),
             message: "inputs and parameters are read by the backend".into(),
         }),
-        Scalar(_) | DropMask { .. } | StopGrad => source::eval(op, args, cx),
+        Scalar(_) | Arange { .. } | Triangle { .. } | Eye { .. } | DropMask { .. } | StopGrad => {
+            source::eval(op, args, cx)
+        }
         Unary(_) | Binary(_) => elementwise::eval(op, args, cx),
         Reshape { .. } | Permute { .. } | Broadcast { .. } | Concat { .. } | Slice { .. } | Pad { .. } => {
             layout::eval(op, args, cx)

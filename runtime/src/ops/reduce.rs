@@ -1,4 +1,4 @@
-//! Reductions: Reduce (sum, mean, max over axes) and Softmax.
+//! Reductions: Reduce (sum, mean, max, min over axes) and Softmax.
 
 use super::emit::Emit;
 use super::{shape_err, BinaryOp, Op, Operand, ReduceOp, ShapeError, Signature};
@@ -43,8 +43,8 @@ fn keep_dims_shape(shape: &[Dim], axes: &[usize]) -> Shape {
     shape.iter().enumerate().map(|(i, d)| if axes.contains(&i) { Dim::lit(1) } else { d.clone() }).collect()
 }
 
-/// Sum: the cotangent broadcast back; Mean: divided by the count; Max: shared equally by
-/// the elements equal to the maximum; Softmax: `y * (dy - sum(dy * y))`.
+/// Sum: the cotangent broadcast back; Mean: divided by the count; Max and Min: shared
+/// equally by the elements equal to the result; Softmax: `y * (dy - sum(dy * y))`.
 pub fn grad(graph: &mut Graph, node: &Node, y: NodeId, dy: NodeId) -> Result<Vec<Option<NodeId>>, ShapeError> {
     let mut e = Emit::new(graph, node);
     let x = node.inputs[0];
@@ -61,7 +61,7 @@ pub fn grad(graph: &mut Graph, node: &Node, y: NodeId, dy: NodeId) -> Result<Vec
                     let share = e.div(dy_kept, count)?;
                     e.broadcast(share, &xs)?
                 }
-                ReduceOp::Max => {
+                ReduceOp::Max | ReduceOp::Min => {
                     let y_kept = e.reshape(y, &kept)?;
                     let is_max = e.binary(BinaryOp::Eq, x, y_kept)?;
                     let ties = e.reduce(ReduceOp::Sum, is_max, axes.clone(), true)?;
@@ -95,7 +95,11 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
                 into[a] = 0;
             }
             let n_out: usize = kept.iter().product();
-            let init = if *kind == ReduceOp::Max { T::NEG_INFINITY } else { T::ZERO };
+            let init = match kind {
+                ReduceOp::Sum | ReduceOp::Mean => T::ZERO,
+                ReduceOp::Max => T::NEG_INFINITY,
+                ReduceOp::Min => -T::NEG_INFINITY,
+            };
             let mut acc = vec![init; n_out];
             let own = strides(&x.shape);
             match kind {
@@ -103,6 +107,12 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
                 ReduceOp::Max => walk2(&x.shape, &own, &into, |i, o| {
                     let v = x.data[i];
                     if v > acc[o] || v.is_nan() {
+                        acc[o] = v;
+                    }
+                }),
+                ReduceOp::Min => walk2(&x.shape, &own, &into, |i, o| {
+                    let v = x.data[i];
+                    if v < acc[o] || v.is_nan() {
                         acc[o] = v;
                     }
                 }),

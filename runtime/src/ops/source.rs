@@ -1,4 +1,5 @@
-//! Source ops and gradient barriers: Input, Param, Scalar, DropMask, StopGrad.
+//! Source ops and gradient barriers: Input, Param, Scalar, the constant tensors (Arange,
+//! Triangle, Eye: one op each, whatever their size), DropMask, StopGrad.
 
 use super::{Op, Operand, ShapeError, Signature};
 use crate::exec::{Arg, EvalCx, ExecError};
@@ -10,6 +11,8 @@ pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
     super::require_dense_real(op, x)?;
     match op {
         Op::Scalar(_) => Ok(Signature::dense(vec![])),
+        Op::Arange { n } => Ok(Signature::dense(vec![n.clone()])),
+        Op::Triangle { n, .. } | Op::Eye { n } => Ok(Signature::dense(vec![n.clone(), n.clone()])),
         Op::DropMask { p, .. } => {
             if !(0.0..1.0).contains(p) {
                 return super::shape_err(format!("dropout rate must be in [0, 1), got {p}"));
@@ -26,10 +29,23 @@ pub fn grad(_graph: &mut Graph, node: &Node, _id: NodeId, _dy: NodeId) -> Result
     Ok(vec![None; node.inputs.len()])
 }
 
-/// Scalar, DropMask and StopGrad (Input and Param are read by the backend, not computed).
+/// Scalar, the constant tensors, DropMask and StopGrad (Input and Param are read by the
+/// backend, not computed).
 pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>, ExecError> {
+    let square = |holds: &dyn Fn(i64, i64) -> bool| {
+        let n = cx.out_shape[0];
+        let data = (0..n * n).map(|i| if holds((i / n) as i64, (i % n) as i64) { T::ONE } else { T::ZERO }).collect();
+        Value::Dense(Tensor { shape: vec![n, n], data })
+    };
     match op {
         Op::Scalar(v) => Ok(Value::Dense(Tensor::scalar(T::from_f64(*v)))),
+        Op::Arange { .. } => {
+            let n = cx.out_shape[0];
+            Ok(Value::Dense(Tensor { shape: vec![n], data: (0..n).map(T::from_usize).collect() }))
+        }
+        Op::Triangle { upper: false, k, .. } => Ok(square(&|row, col| col <= row + k)),
+        Op::Triangle { upper: true, k, .. } => Ok(square(&|row, col| col >= row + k)),
+        Op::Eye { .. } => Ok(square(&|row, col| row == col)),
         Op::StopGrad => Ok(Value::Dense(args[0].dense("stopgrad")?.clone())),
         Op::DropMask { p, stream } => {
             let shape = args[0].dense("dropmask")?.shape.clone();

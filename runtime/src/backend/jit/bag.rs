@@ -132,7 +132,7 @@ fn pooled(graph: &Graph, k: &FusedKernel, inputs: &[NodeId], outputs: &[NodeId])
     let mean = match r.op {
         ReduceOp::Sum => false,
         ReduceOp::Mean => true,
-        ReduceOp::Max => return None,
+        ReduceOp::Max | ReduceOp::Min => return None,
     };
     let (a, b) = product(k)?;
     let (x, y) = (inputs[a], inputs[b]);

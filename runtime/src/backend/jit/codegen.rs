@@ -648,6 +648,8 @@ impl<'k> Emitter<'k> {
             UnaryOp::Tanh => math.tanh(b, x),
             UnaryOp::Sigmoid => math.sigmoid(b, x),
             UnaryOp::Softplus => math.softplus(b, x),
+            UnaryOp::Gelu => math.gelu(b, x),
+            UnaryOp::Floor => b.ins().floor(x),
         }
     }
 
@@ -700,6 +702,25 @@ impl<'k> Emitter<'k> {
             BinaryOp::Eq => {
                 let m = b.ins().fcmp(FloatCC::Equal, x, y);
                 self.select(b, ty, m, one, zero)
+            }
+            BinaryOp::Ge => {
+                let m = b.ins().fcmp(FloatCC::GreaterThanOrEqual, x, y);
+                self.select(b, ty, m, one, zero)
+            }
+            BinaryOp::Ne => {
+                // Unordered or unequal: NaN differs from everything.
+                let m = b.ins().fcmp(FloatCC::NotEqual, x, y);
+                self.select(b, ty, m, one, zero)
+            }
+            BinaryOp::Prelu => {
+                let m = b.ins().fcmp(FloatCC::GreaterThan, x, zero);
+                let sloped = b.ins().fmul(y, x);
+                self.select(b, ty, m, x, sloped)
+            }
+            BinaryOp::Keep => {
+                let m = b.ins().fcmp(FloatCC::NotEqual, x, zero);
+                let minus_zero = b.ins().fneg(zero);
+                self.select(b, ty, m, y, minus_zero)
             }
         }
     }

@@ -548,7 +548,7 @@ impl BinaryLoop<f32> for Broadcast<'_> {
 
 /// Sum or mean over a contiguous run of axes (`[outer, reduced, inner]` after grouping).
 fn reduce(op: ReduceOp, x: &Tensor<f32>, axes: &[usize], out_shape: &[usize], pool: &mut Pool) -> Option<Tensor<f32>> {
-    if op == ReduceOp::Max || axes.is_empty() || axes.windows(2).any(|w| w[1] != w[0] + 1) {
+    if !op.adds() || axes.is_empty() || axes.windows(2).any(|w| w[1] != w[0] + 1) {
         return None;
     }
     let (first, last) = (axes[0], axes[axes.len() - 1]);

@@ -25,6 +25,7 @@
 //! [`super::codegen::Options::inline_math`] off, kernels call the eval rule's functions
 //! instead and agree with interp bit for bit.
 
+use crate::ops::elementwise::{GELU_A, GELU_K};
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::{types, InstBuilder, MemFlagsData, Type, Value};
 use cranelift_frontend::FunctionBuilder;
@@ -242,6 +243,23 @@ impl Math {
         let edge = self.c(b, TANH_SMALL);
         let is_small = b.ins().fcmp(FloatCC::LessThan, a, edge);
         self.select(b, is_small, small, large)
+    }
+
+    /// [`UnaryOp::Gelu`](crate::ops::UnaryOp::Gelu): `x · σ(k·(x + a·x³))`, `0` where the
+    /// sigmoid is `0`, with this module's sigmoid.
+    pub fn gelu(&self, b: &mut FunctionBuilder, x: Value) -> Value {
+        let x2 = b.ins().fmul(x, x);
+        let x3 = b.ins().fmul(x2, x);
+        let a = self.c(b, GELU_A as f32);
+        let ax3 = b.ins().fmul(a, x3);
+        let inner = b.ins().fadd(x, ax3);
+        let k = self.c(b, GELU_K as f32);
+        let z = b.ins().fmul(k, inner);
+        let s = self.sigmoid(b, z);
+        let product = b.ins().fmul(x, s);
+        let zero = self.c(b, 0.0);
+        let vanished = b.ins().fcmp(FloatCC::Equal, s, zero);
+        self.select(b, vanished, zero, product)
     }
 
     pub fn softplus(&self, b: &mut FunctionBuilder, x: Value) -> Value {

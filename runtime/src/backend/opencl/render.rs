@@ -23,6 +23,7 @@
 //!   program, so the OpenCL compiler runs once per plan. `FP_CONTRACT` is off, so `a*b + c`
 //!   rounds twice exactly as interp does.
 
+use crate::ops::elementwise::{GELU_A, GELU_K};
 use crate::ops::fused::{FusedKernel, Instr};
 use crate::ops::{BinaryOp, ReduceOp, UnaryOp};
 use crate::optim::{Coeff, Rule, UpdateArith};
@@ -154,6 +155,8 @@ fn unary(u: UnaryOp, x: &str) -> String {
         UnaryOp::Abs => format!("fabs({x})"),
         UnaryOp::Step => format!("({x} > 0.0f ? 1.0f : 0.0f)"),
         UnaryOp::Sign => format!("({x} > 0.0f ? 1.0f : ({x} < 0.0f ? -1.0f : 0.0f))"),
+        UnaryOp::Floor => format!("floor({x})"),
+        UnaryOp::Gelu => format!("mdl_gelu({x})"),
     }
 }
 
@@ -167,7 +170,19 @@ fn binary(b: BinaryOp, x: &str, y: &str) -> String {
         BinaryOp::Min => format!("fmin({x}, {y})"),
         BinaryOp::Gt => format!("({x} > {y} ? 1.0f : 0.0f)"),
         BinaryOp::Eq => format!("({x} == {y} ? 1.0f : 0.0f)"),
+        BinaryOp::Ge => format!("({x} >= {y} ? 1.0f : 0.0f)"),
+        BinaryOp::Ne => format!("({x} != {y} ? 1.0f : 0.0f)"),
+        BinaryOp::Prelu => format!("({x} > 0.0f ? {x} : {y} * {x})"),
+        BinaryOp::Keep => format!("({x} != 0.0f ? {y} : -0.0f)"),
     }
+}
+
+/// `mdl_gelu`, the helper the fused kernels call for [`UnaryOp::Gelu`]: its eval rule,
+/// with the sigmoid rendered as [`UnaryOp::Sigmoid`] is.
+fn gelu() -> String {
+    let z = format!("{} * (x + {} * (x * x * x))", constant(GELU_K), constant(GELU_A));
+    let s = unary(UnaryOp::Sigmoid, "z");
+    format!("float mdl_gelu(float x) {{\n    const float z = {z};\n    const float s = {s};\n    return s == 0.0f ? 0.0f : x * s;\n}}\n")
 }
 
 /// The body's statements: `v<i>` holds instruction `i`; operand `k`'s element is read at
@@ -235,7 +250,7 @@ pub fn fused(kernel: &FusedKernel, name: &str) -> String {
             s.push_str("    }\n");
             match r.op {
                 ReduceOp::Mean => s.push_str("    out[o] = acc / (float)count;\n"),
-                ReduceOp::Sum | ReduceOp::Max => s.push_str("    out[o] = acc;\n"),
+                ReduceOp::Sum | ReduceOp::Max | ReduceOp::Min => s.push_str("    out[o] = acc;\n"),
             }
         }
     }
@@ -574,6 +589,7 @@ pub fn program(kernels: &[&FusedKernel], max_work_group: usize) -> String {
         }
     }
     s.push_str(COPY);
+    s.push_str(&gelu());
     let _ = writeln!(s, "#define MDL_NORM_WG {}", norm_work_group(max_work_group));
     s.push_str(SUM_SQUARES);
     for rule in Rule::ALL {
