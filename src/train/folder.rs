@@ -662,6 +662,34 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
+    /// The experiment's folder gives way to `-2` while another writer holds it (and to
+    /// `-3` once `-2` holds a run); an explicit one is refused naming the holder's pid; a
+    /// fresh run that could not start leaves nothing behind.
+    #[test]
+    fn a_held_folder_is_numbered_or_refused_and_a_failed_start_is_removed() {
+        let d = scratch("claim");
+        let (mut first, _) = RunFolder::claim(&d, false, false, "abc").unwrap();
+        let (second, note) = RunFolder::claim(&d, false, false, "abc").unwrap();
+        let pid = std::process::id();
+        let numbered = d.with_file_name(format!("{}-2", d.file_name().unwrap().to_string_lossy()));
+        assert_eq!(second.dir(), numbered);
+        let expected =
+            format!("{} is in use by another mdl run (pid {pid}); this run writes {}", d.display(), numbered.display());
+        assert_eq!(note.as_deref(), Some(expected.as_str()));
+        let err = RunFolder::claim(&d, true, true, "abc").err().unwrap();
+        assert!(err.starts_with(&format!("{} is in use by another mdl run (pid {pid})", d.display())), "{err}");
+        second.discard();
+        assert!(!numbered.exists(), "a fresh run that could not start left its folder");
+        first.write("config.yaml", b"x: 1\n").unwrap();
+        first.save_manifest().unwrap();
+        drop(first);
+        let (third, note) = RunFolder::claim(&d, false, false, "abc").unwrap();
+        assert_eq!(third.dir(), numbered);
+        assert!(note.unwrap().contains("already holds a run"));
+        third.discard();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
     #[test]
     fn the_changed_keys_are_listed() {
         let old = "name: q\ntrain:\n  lr: 0.001\n  epochs: 3\n";
