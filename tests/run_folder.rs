@@ -407,6 +407,8 @@ fn a_run_folder_keeps_its_spec_and_refuses_changed_data() {
 fn resuming_a_finished_run_changes_nothing() {
     let run = tmp("finished").join("run");
     ok(&short_run(&run, &[]));
+    // As a folder copied without its hidden lock file: not even that is made again.
+    std::fs::remove_file(run.join(".lock")).unwrap();
     let before = files(&run);
     let err = ok(&mdl(&["run", "--resume", run.to_str().unwrap()]));
     assert!(err.contains(&format!("{} holds a finished run (test auc 0.", run.display())), "{err}");

@@ -232,9 +232,13 @@ impl RunFolder {
     }
 
     /// Opens a run folder to resume it: locked, its manifest read and its temporaries of a
-    /// killed writer removed. A finished run is reported, not opened; a folder without a
-    /// manifest (written by an older mdl) is adopted with a new one only with `force`.
+    /// killed writer removed. A finished run is reported, not opened (nothing is written,
+    /// not even the lock file); a folder without a manifest (written by an older mdl) is
+    /// adopted with a new one only with `force`.
     pub fn resume(dir: &Path, trust: Trust, config_sha256: &str) -> Result<Resumed, String> {
+        if let Some(manifest) = Manifest::read(dir)?.filter(|m| m.finished) {
+            return finished(dir, manifest, trust).map(Resumed::Finished);
+        }
         let mut lock = lock_folder(dir)?.map_err(|pid| busy(dir, &pid))?;
         let (manifest, recorded) = match Manifest::read(dir)? {
             Some(m) => (m, true),
@@ -247,18 +251,8 @@ impl RunFolder {
             }
         };
         if manifest.finished {
-            let reader = ReadFolder { dir: dir.to_path_buf(), manifest: Some(manifest), trust };
-            let metrics: serde_json::Value = serde_json::from_slice(&reader.read("metrics.json")?)
-                .map_err(|e| format!("{}: {e}", dir.join("metrics.json").display()))?;
-            let test = |k: &str| metrics["test"][k].as_f64().map_or("-".to_string(), |v| format!("{v:.5}"));
-            return Ok(Resumed::Finished(format!(
-                "{} holds a finished run (test auc {} gauc {} logloss {}, best step {}): nothing to resume; its files are left as they are",
-                dir.display(),
-                test("auc"),
-                test("gauc"),
-                test("logloss"),
-                metrics["best_step"]
-            )));
+            // It finished while this process waited for the lock.
+            return finished(dir, manifest, trust).map(Resumed::Finished);
         }
         announce(&mut lock, dir)?;
         remove_stale_temporaries(dir, false);
@@ -348,6 +342,22 @@ impl RunFolder {
             let _ = clear(&self.dir, true);
         }
     }
+}
+
+/// What `--resume` says of a finished run: its test figures, from its checked metrics.json.
+fn finished(dir: &Path, manifest: Manifest, trust: Trust) -> Result<String, String> {
+    let reader = ReadFolder { dir: dir.to_path_buf(), manifest: Some(manifest), trust };
+    let metrics: serde_json::Value = serde_json::from_slice(&reader.read("metrics.json")?)
+        .map_err(|e| format!("{}: {e}", dir.join("metrics.json").display()))?;
+    let test = |k: &str| metrics["test"][k].as_f64().map_or("-".to_string(), |v| format!("{v:.5}"));
+    Ok(format!(
+        "{} holds a finished run (test auc {} gauc {} logloss {}, best step {}): nothing to resume; its files are left as they are",
+        dir.display(),
+        test("auc"),
+        test("gauc"),
+        test("logloss"),
+        metrics["best_step"]
+    ))
 }
 
 /// Tries to take `dir` for a fresh run: made here, or existing and empty, or (`force`) a
