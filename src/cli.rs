@@ -158,6 +158,14 @@ fn fail(msg: &str) -> ExitCode {
     ExitCode::from(1)
 }
 
+/// The experiment `mdl run --resume DIR` continues: the run's config.yaml, checked against
+/// the folder's manifest (unless `force`), with `set` applied.
+pub fn resumed_experiment(dir: &Path, set: &[String], force: bool) -> Result<crate::experiment::Experiment, String> {
+    let trust = crate::train::folder::Trust { force };
+    crate::train::folder::ReadFolder::open(dir, trust).and_then(|f| f.read("config.yaml"))?;
+    crate::experiment::load(&dir.join("config.yaml"), set)
+}
+
 /// `mdl run EXPERIMENT [--set k=v] [--out DIR] [--force]` or `mdl run --resume RUN_DIR`
 pub fn run(
     experiment: Option<&Path>,
@@ -168,18 +176,10 @@ pub fn run(
     force: bool,
 ) -> ExitCode {
     let (exp, out) = match (&resume, experiment) {
-        (Some(dir), _) => {
-            // The experiment as the run wrote it (checked against the folder's manifest).
-            let trust = crate::train::folder::Trust { force };
-            let checked = crate::train::folder::ReadFolder::open(dir, trust).and_then(|f| f.read("config.yaml"));
-            if let Err(e) = checked {
-                return fail(&e);
-            }
-            match crate::experiment::load(&dir.join("config.yaml"), set) {
-                Ok(e) => (e, Some(dir.clone())),
-                Err(e) => return fail(&e),
-            }
-        }
+        (Some(dir), _) => match resumed_experiment(dir, set, force) {
+            Ok(e) => (e, Some(dir.clone())),
+            Err(e) => return fail(&e),
+        },
         (None, Some(path)) => match crate::experiment::load(path, set) {
             Ok(e) => (e, out),
             Err(e) => return fail(&e),

@@ -134,7 +134,7 @@ pub(super) fn case(fx: &Fixture, rng: &mut SplitMix64, _known: bool, dir: &Path,
             }
         },
         Op::Resume => {
-            let resumed = crate::experiment::load(&run.join("config.yaml"), &[]).and_then(|exp| {
+            let resumed = crate::cli::resumed_experiment(&run, &[], false).and_then(|exp| {
                 train::train(&exp, &RunOptions { out: Some(run.clone()), resume: true, force: false, stop_after: None })
             });
             if resumed.is_err() {
