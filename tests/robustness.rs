@@ -333,8 +333,12 @@ fn diagnostics_run_names_the_log_and_loss_errors_say_what_happened() {
     let r = mdl(&["check", s(&passwd)]);
     fails_with(&r, &["`use` takes a spec file (ending in `.mdl`), found `/etc/passwd`"]);
     assert!(!r.stderr.contains("root:"), "a line of /etc/passwd was shown:\n{}", r.stderr);
-
     let yaml = d.join("tiny.yaml");
+    for r in [mdl(&["check", "/etc/passwd"]), mdl(&["run", s(&yaml), "--set", "spec=/etc/passwd"])] {
+        fails_with(&r, &["cannot read /etc/passwd: a spec file's name ends in `.mdl`"]);
+        assert!(!r.stderr.contains("root:"), "a line of /etc/passwd was shown:\n{}", r.stderr);
+    }
+
     for name in ["../../x", "/tmp/x", ".."] {
         let r = mdl(&["run", s(&yaml), "--set", &format!("name={name}")]);
         fails_with(&r, &[&format!("name: must be a single folder name (no `/`, not `.` or `..`), found `{name}`")]);

@@ -128,14 +128,20 @@ pub fn rows_sym(feature: &str) -> String {
     format!("rows({feature})")
 }
 
-/// Reads a spec file and everything it uses, and compiles the model in it (the only one,
-/// or the one named). `overrides` replace hyperparameter defaults.
+/// Reads a spec file (a regular `.mdl` file) and everything it uses, and compiles the model
+/// in it (the only one, or the one named). `overrides` replace hyperparameter defaults.
 pub fn compile_file(
     map: &mut SourceMap,
     path: &Path,
     model: Option<&str>,
     overrides: &BTreeMap<String, Hyper>,
 ) -> Result<Compiled, Vec<Diagnostic>> {
+    // Only spec files: a diagnostic shows lines of its file, never those of another kind
+    // of file (`spec: /etc/passwd`).
+    if path.extension().is_none_or(|e| e != "mdl") {
+        let message = format!("cannot read {}: a spec file's name ends in `.mdl`", path.display());
+        return Err(vec![Diagnostic::error(Span::default(), message)]);
+    }
     let text = crate::files::read_text(path)
         .map_err(|e| vec![Diagnostic::error(Span::default(), format!("cannot read {}: {e}", path.display()))])?;
     let file = map.add(path.display().to_string(), text);
