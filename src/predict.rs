@@ -3,7 +3,7 @@
 //! The input (a `.csv` / `.csv.gz` file, or `-` for stdin; gzip is recognised by its magic
 //! bytes) is read and scored block by block ([`crate::data::RowStream`]), so its size is not
 //! bounded by memory. Only the model's inputs must be in it: label and user columns may be
-//! missing. The output is CSV: the kept input columns (`--keep`, copied as text), then one
+//! missing, and so may the domain column when the model has no domain input. The output is CSV: the kept input columns (`--keep`, copied as text), then one
 //! probability per task, and exactly one row per input record, in input order. A malformed
 //! record is an error naming `file:line`, or, with the bad-row policy `skip`, a row whose
 //! scores are empty (`""`), counted in [`Predicted::skipped`]. A domain id train never had is
@@ -16,6 +16,7 @@
 
 use crate::data::{BadRows, Block, EncodeOptions, SkippedRows, StreamOptions, UnknownDomain};
 use crate::files::AtomicFile;
+use crate::lower::FeatureKind;
 use crate::train::folder::Trust;
 use crate::train::{open_run, LoadedRun};
 use std::borrow::Cow;
@@ -128,8 +129,12 @@ pub fn predict(run: &Path, options: &PredictOptions) -> Result<Predicted, String
         unknown_domain: options.unknown_domain.unwrap_or(exp.data.unknown_domain),
     };
     let batch = exp.train.batch_size.max(1);
-    let stream_options =
-        StreamOptions { encode, keep: options.keep.clone(), block_rows: batch * (BLOCK_ROWS / batch).max(1) };
+    let stream_options = StreamOptions {
+        encode,
+        keep: options.keep.clone(),
+        block_rows: batch * (BLOCK_ROWS / batch).max(1),
+        domain_input: session.compiled.features.iter().any(|f| f.kind == FeatureKind::Domain),
+    };
     let mut stream = fitted.stream(&options.data, stream_options).map_err(|e| e.to_string())?;
     let mut exec = exp.backend.executor()?;
     // The input's header is checked before anything is written.

@@ -189,11 +189,16 @@ fn rows_without_labels_are_scored_with_their_id_columns_kept() {
     let labelled = predict(run, &with_labels, &keep);
     ok(&labelled);
     assert_eq!(stdout_lines(&labelled), lines);
-    // Streamed in blocks, a row scores as it does in a file of its own first 700 rows.
+    // Streamed in blocks (of 16384 rows at batch 512), a row scores as it does in a file of
+    // its own first 700 rows, or of the 1000 rows around the first block's end.
     let head = write(&dir, "head.csv", &unlabelled[..701]);
     let alone = predict(run, &head, &keep);
     ok(&alone);
     assert_eq!(stdout_lines(&alone), lines[..701]);
+    let middle: Vec<String> = unlabelled[..1].iter().chain(&unlabelled[15885..16885]).cloned().collect();
+    let middle = predict(run, &write(&dir, "middle.csv", &middle), &keep);
+    ok(&middle);
+    assert_eq!(stdout_lines(&middle)[1..], lines[15885..16885]);
     // A file output is the same text.
     let out = dir.join("scores.csv");
     ok(&mdl(&[

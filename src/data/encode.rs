@@ -93,10 +93,12 @@ pub struct NumericLayout {
 pub(super) enum Columns {
     /// Features, the domain, labels and the user: a file to train or evaluate on.
     All,
-    /// The model's inputs only (features and the domain): rows to score have no label yet,
-    /// and the user column only groups rows for gAUC. Labels are encoded as 0 and users as
-    /// the padding id; those columns are not read even when present.
-    Inputs,
+    /// The model's inputs only: the features, and the domain column when `domain` (the
+    /// model has a domain input). Rows to score have no label yet, and the user column (and
+    /// a domain the model does not read) only group rows for metrics. Labels are encoded as
+    /// 0, users as the padding id and unread domains as 0; those columns are not read even
+    /// when present.
+    Inputs { domain: bool },
 }
 
 /// The header positions of every column the schema reads.
@@ -107,6 +109,8 @@ pub(super) struct Plan {
     tasks: usize,
     /// Whether rows carry a user id that is not read (the padding id is stored).
     pad_user: bool,
+    /// Whether rows carry a domain id that is not read (0 is stored).
+    pad_domain: bool,
     cat: Vec<Vec<usize>>,
     seq: Vec<Vec<usize>>,
     seq_len: Vec<usize>,
@@ -119,15 +123,17 @@ pub(super) struct Plan {
 impl Plan {
     fn resolve(schema: &Schema, file: &Path, header: &Record, columns: Columns) -> Result<Plan, DataError> {
         let header: Vec<String> = (0..header.len()).map(|i| header.get(i).to_string()).collect();
-        let inputs_only = columns == Columns::Inputs;
-        let unread = |column: &str| {
-            inputs_only
-                && (schema.labels.iter().any(|t| t.column == column) || schema.user.as_deref() == Some(column))
-                && !schema.features.iter().any(|g| g.columns().iter().any(|c| c == column))
-                && schema.domain.as_ref().is_none_or(|d| d.column != column)
+        let (all, read_domain) = match columns {
+            Columns::All => (true, true),
+            Columns::Inputs { domain } => (false, domain),
+        };
+        let reads = |column: &str| {
+            schema.features.iter().any(|g| g.columns().iter().any(|c| c == column))
+                || (read_domain && schema.domain.as_ref().is_some_and(|d| d.column == column))
+                || (all && (schema.labels.iter().any(|t| t.column == column) || schema.user.as_deref() == Some(column)))
         };
         for column in schema.named_columns() {
-            if !unread(column) && header.iter().filter(|h| *h == column).count() > 1 {
+            if reads(column) && header.iter().filter(|h| *h == column).count() > 1 {
                 return Err(DataError::BadRow {
                     file: file.to_path_buf(),
                     line: 1,
@@ -149,17 +155,16 @@ impl Plan {
             seq: schema.sequence_groups().map(|(_, c, ..)| find_all(c)).collect::<Result<_, _>>()?,
             seq_len: schema.sequence_groups().map(|(_, _, len, ..)| len).collect(),
             num: schema.numeric_groups().map(|(_, c, _)| find_all(c)).collect::<Result<_, _>>()?,
-            domain: schema.domain.as_ref().map(|d| find(&d.column)).transpose()?,
-            labels: match columns {
-                Columns::All => schema.labels.iter().map(|t| find(&t.column)).collect::<Result<_, _>>()?,
-                Columns::Inputs => Vec::new(),
+            domain: schema.domain.as_ref().filter(|_| read_domain).map(|d| find(&d.column)).transpose()?,
+            labels: if all {
+                schema.labels.iter().map(|t| find(&t.column)).collect::<Result<_, _>>()?
+            } else {
+                Vec::new()
             },
-            user: match columns {
-                Columns::All => schema.user.as_deref().map(find).transpose()?,
-                Columns::Inputs => None,
-            },
+            user: schema.user.as_deref().filter(|_| all).map(find).transpose()?,
             tasks: schema.labels.len(),
-            pad_user: inputs_only && schema.user.is_some(),
+            pad_user: !all && schema.user.is_some(),
+            pad_domain: !read_domain && schema.domain.is_some(),
             header,
         })
     }
@@ -438,6 +443,8 @@ fn encode_row<I: IdSource>(
     if let Some((domain, fallback)) = domain {
         out.domain.push(domain);
         out.domain_fallbacks += usize::from(fallback);
+    } else if plan.pad_domain {
+        out.domain.push(0);
     }
     let mut numbers = scratch.num.iter();
     for (g, group) in plan.num.iter().enumerate() {

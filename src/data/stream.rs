@@ -4,8 +4,9 @@
 //! it was encoded and the raw text of the columns to keep. So a caller can write exactly one
 //! output row per input record (blank lines are not records), however large the input.
 //!
-//! Only the model's inputs are read (features and the domain): labels and the user column may
-//! be absent (see [`super::encode`]'s `Columns::Inputs`). Malformed rows and unseen domain ids
+//! Only the model's inputs are read (the features, and the domain when the model has a
+//! domain input): labels, the user column and an unused domain column may be absent (see
+//! [`super::encode`]'s `Columns::Inputs`). Malformed rows and unseen domain ids
 //! follow [`EncodeOptions`]; skipped rows and fallback domains are counted over the whole
 //! input ([`RowStream::skipped`], [`RowStream::domain_fallbacks`]).
 
@@ -25,6 +26,9 @@ pub struct StreamOptions {
     pub keep: Vec<String>,
     /// Encoded rows per block (at least 1); only the last block has fewer.
     pub block_rows: usize,
+    /// Whether the schema's domain column is read (the model has a domain input); when not,
+    /// it may be absent and every row has domain 0.
+    pub domain_input: bool,
 }
 
 /// The next stretch of input records.
@@ -97,12 +101,13 @@ impl RowStream<'_> {
         let schema = &self.fitted.schema;
         let mut raw = RawSplit::with_capacity(schema, self.options.block_rows.min(1 << 16));
         let (mut encoded, mut kept) = (Vec::new(), Vec::new());
+        let columns = Columns::Inputs { domain: self.options.domain_input };
         loop {
             let more = !self.input.ended();
             let text = self.input.text()?;
             let mut reader = CsvReader::at_line(text, self.input.line());
             if self.rows.is_none() {
-                let Some(plan) = read_header(schema, self.input.name(), &mut reader, Columns::Inputs, more)? else {
+                let Some(plan) = read_header(schema, self.input.name(), &mut reader, columns, more)? else {
                     self.input.read_more()?;
                     continue;
                 };
@@ -139,13 +144,17 @@ impl RowStream<'_> {
 /// The header position of each column to keep; an unknown one is an error naming it and
 /// listing the header.
 fn keep_positions(file: &Path, header: &[String], keep: &[String]) -> Result<Vec<usize>, DataError> {
+    let error = |message: String| DataError::BadRow { file: file.to_path_buf(), line: 1, message };
     keep.iter()
         .map(|column| {
-            header.iter().position(|h| h == column).ok_or_else(|| DataError::BadRow {
-                file: file.to_path_buf(),
-                line: 1,
-                message: format!("no column '{column}' to keep in the header; its columns are: {}", header.join(", ")),
-            })
+            match header.iter().enumerate().filter(|(_, h)| *h == column).map(|(i, _)| i).collect::<Vec<_>>()[..] {
+                [position] => Ok(position),
+                [] => Err(error(format!(
+                    "no column '{column}' to keep in the header; its columns are: {}",
+                    header.join(", ")
+                ))),
+                _ => Err(error(format!("column '{column}' to keep appears more than once in the header"))),
+            }
         })
         .collect()
 }
@@ -189,7 +198,8 @@ user: user
         std::fs::write(&path, SCORE).unwrap();
         for chunk in [1, 2, 3, 5, 8, 13, 40, 1 << 20] {
             for block_rows in [1, 2, 3, 100] {
-                let options = StreamOptions { encode, keep: vec!["item".into(), "x".into()], block_rows };
+                let keep = vec!["item".into(), "x".into()];
+                let options = StreamOptions { encode, keep, block_rows, domain_input: true };
                 let mut stream = fitted.stream(&path, options).unwrap();
                 stream.input.set_chunk(chunk);
                 let mut blocks = Vec::new();
@@ -245,9 +255,17 @@ user: user
                 }
             }
         };
-        let options = StreamOptions { block_rows: 2, ..StreamOptions::default() };
-        // No label and no user column: fine.
+        let options = StreamOptions { block_rows: 2, domain_input: true, ..StreamOptions::default() };
+        // No label and no user column: fine; nor a domain column where the model has no
+        // domain input (nor an unseen domain there, as it is not read).
         assert_eq!(first_error("item,tags,x,domain\na,t1,1,0\n", options.clone()), "");
+        let no_domain = StreamOptions { domain_input: false, ..options.clone() };
+        assert_eq!(first_error("item,tags,x\na,t1,1\n", no_domain.clone()), "");
+        assert_eq!(first_error("item,tags,x,domain\na,t1,1,7\n", no_domain), "");
+        assert_eq!(
+            first_error("item,tags,x\na,t1,1\n", options.clone()),
+            "/rows.csv: no column 'domain' in the header"
+        );
         assert_eq!(
             first_error("item,tags,x,domain\na,t1,1,0\nb,t2,2,5\n", options.clone()),
             "/rows.csv:3: column 'domain': domain id 5 is outside 0..2, the domains of train (the policy \
@@ -264,8 +282,12 @@ user: user
         assert_eq!(first_error("item,tags,domain\n", options.clone()), "/rows.csv: no column 'x' in the header");
         let keep = StreamOptions { keep: vec!["id".into()], ..options.clone() };
         assert_eq!(
-            first_error("item,tags,x,domain\n", keep),
+            first_error("item,tags,x,domain\n", keep.clone()),
             "/rows.csv:1: no column 'id' to keep in the header; its columns are: item, tags, x, domain"
+        );
+        assert_eq!(
+            first_error("id,item,tags,x,domain,id\n", keep),
+            "/rows.csv:1: column 'id' to keep appears more than once in the header"
         );
         let fallback = StreamOptions {
             encode: EncodeOptions { unknown_domain: UnknownDomain::Fallback(2), ..EncodeOptions::default() },
