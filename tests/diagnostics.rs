@@ -177,3 +177,39 @@ fn bad_uses_of_comparisons_where_and_the_new_activations() {
     assert!(err.contains("did you mean \"gelu\"?"), "{err}");
     assert_eq!(err.matches("error:").count(), 8, "one error per bad use:\n{err}");
 }
+
+/// Bad uses of bucket ids and of `floordiv` / `mod`: each at its place, all at once.
+#[test]
+fn bad_uses_of_bucket_ids_and_integer_division() {
+    let (code, err) = check(
+        "ids14.mdl",
+        "model m(dim = 8) {
+  input fields : categorical
+  input dense : numeric
+  label click
+  let b = bucketize(dense, [1, 3, 2])
+  let c = bucketize(dense, 5)
+  let d = mod(bucketize(dense, [0, 1]), 0)
+  let e = floordiv(fields, 2)
+  let ids = bucketize(dense, [0, 1, 2])
+  let E = embedding(fields, dim)
+  let g = E[ids]
+  let h = relu(ids)
+  let G = embedding(mod(ids, 2), dim)
+  let k = G[ids]
+  task click = linear(flatten(E[fields]), 1)
+  loss bce(click)
+}
+",
+    );
+    assert_eq!(code, 1);
+    let f = "ids14.mdl";
+    assert_at(&err, f, 5, 28, 9, "`boundaries` must increase strictly, but 2 follows 3");
+    assert_at(&err, f, 6, 28, 1, "`boundaries` must be a list of numbers, found an integer");
+    assert_at(&err, f, 7, 41, 1, "`mod` of ids takes a positive constant integer, found 0");
+    assert_at(&err, f, 8, 20, 6, "`floordiv` cannot divide the ids of input `fields`");
+    assert_at(&err, f, 11, 13, 3, "this table holds rows for the ids of `fields`, not for ids made in the spec");
+    assert_at(&err, f, 12, 16, 3, "expected a tensor, found ids");
+    assert_at(&err, f, 14, 13, 3, "this table has 2 rows, but these ids go up to 3");
+    assert_eq!(err.matches("error:").count(), 7, "one error per bad use:\n{err}");
+}

@@ -47,6 +47,41 @@ fn comparisons_where_and_the_new_activations_differentiate_through_the_lowering(
     check_gradients(&path);
 }
 
+/// MNSE-style digit embeddings: numeric values bucketized, the bucket ids split into base-4
+/// digits by `mod` and `floordiv`, each digit looked up in its own table, beside the real
+/// `mod` and `floordiv` of values. The tables get (row-sparse) gradients equal to finite
+/// differences; the bucketized values pass none.
+#[test]
+fn bucket_ids_split_into_digits_index_their_own_tables() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("specs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("digits14.mdl");
+    std::fs::write(
+        &path,
+        "model digits(dim = 4, base = 4) {
+  input dense : numeric
+  label click
+  let b = bucketize(dense, [-1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 2.5, 3])
+  let low = mod(b, base)
+  let high = floordiv(b, base)
+  let E0 = embedding(low, dim)
+  let E1 = embedding(high, dim)
+  let x = concat([E0[low], E1[high]], axis = -1)
+  let r = mod(dense, 0.75) + floordiv(dense, 2)
+  task click = linear(flatten(x), 1) + linear(r, 1)
+  loss bce(click)
+}
+",
+    )
+    .unwrap();
+    let c = compile(&path);
+    let tables: Vec<_> = c.graph.params.iter().filter(|p| p.embedding).map(|p| p.shape.clone()).collect();
+    assert_eq!(tables.len(), 2, "one table per digit");
+    assert_eq!(tables[0][0], mdl_runtime::Dim::lit(4), "11 buckets: digits below 4");
+    assert_eq!(tables[1][0], mdl_runtime::Dim::lit(3), "11 buckets: high digits below 3");
+    check_gradients(&path);
+}
+
 /// The check of [`every_spec_compiles_and_its_gradients_match_finite_differences`] on one
 /// spec.
 fn check_gradients(path: &std::path::Path) {

@@ -106,3 +106,25 @@ fn embedding_gradient_is_one_row_sparse_value() {
     let dense = v.output("grad/emb").unwrap().to_dense().unwrap();
     assert_eq!(&dense.data[4..8], &[3.0; 4]);
 }
+
+/// Bucketize, floor and the comparisons pass no gradient: a parameter reaching the loss
+/// only through them gets no gradient output, while the table the bucket ids index does.
+#[test]
+fn bucket_ids_floor_and_comparisons_carry_no_gradient() {
+    let mut c = Case::new(4);
+    let x = c.param("x", dims(&[5]));
+    let table = c.param("table", dims(&[4, 2]));
+    let ids = c.add(Op::Bucketize { boundaries: vec![-0.5, 0.0, 0.5] }, &[x]).unwrap();
+    let rows = c.add(Op::Gather, &[table, ids]).unwrap();
+    let floor = c.add(Op::Unary(UnaryOp::Floor), &[x]).unwrap();
+    let zero = c.add(Op::Scalar(0.0), &[]).unwrap();
+    let positive = c.add(Op::Binary(BinaryOp::Ge), &[x, zero]).unwrap();
+    let unequal = c.add(Op::Binary(BinaryOp::Ne), &[x, zero]).unwrap();
+    let flags = c.add(Op::Binary(BinaryOp::Add), &[floor, positive]).unwrap();
+    let flags = c.add(Op::Binary(BinaryOp::Add), &[flags, unequal]).unwrap();
+    let (sum_rows, sum_flags) = (sum_all(&mut c, rows), sum_all(&mut c, flags));
+    let loss = c.add(Op::Binary(BinaryOp::Add), &[sum_rows, sum_flags]).unwrap();
+    let g = differentiate(&c.graph, loss, &["x".into(), "table".into()]).unwrap();
+    assert!(!g.outputs.contains_key("grad/x"), "no gradient flows back through bucketize, floor or a comparison");
+    assert!(g.outputs.contains_key("grad/table"));
+}

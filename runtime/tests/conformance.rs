@@ -255,7 +255,8 @@ fn constant() -> Vec<Case> {
     cases
 }
 
-/// Gather (ids of any rank, rows of any width), segment sums and one-hot.
+/// Gather (ids of any rank, rows of any width), segment sums, one-hot, and the ops that make
+/// ids (bucketize, with specials and values on the boundaries; id div and mod).
 fn index() -> Vec<Case> {
     let table = || with_specials(&[11, 4], 60, &SPECIALS);
     let id_data = |n: usize, limit: u32| (0..n as u32).map(|i| (i * 7 + 3) % limit).collect::<Vec<u32>>();
@@ -271,6 +272,13 @@ fn index() -> Vec<Case> {
         )
         .summing(9),
         Case::new("one_hot", Op::OneHot { depth: Dim::lit(5) }, vec![ids(&[2, 3], id_data(6, 5))]),
+        Case::new(
+            "bucketize",
+            Op::Bucketize { boundaries: vec![-10.0, -1.0, 0.0, 0.5, 88.0] },
+            vec![with_specials(&[4, 37], 63, &SPECIALS)],
+        ),
+        Case::new("id_div", Op::IdDiv { by: 3 }, vec![ids(&[3, 4], id_data(12, 11))]),
+        Case::new("id_mod", Op::IdMod { by: 4 }, vec![ids(&[3, 4], id_data(12, 11))]),
     ]
 }
 

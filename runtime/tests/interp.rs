@@ -110,6 +110,25 @@ fn comparisons_prelu_keep_floor_and_gelu() {
     assert!(close(&gelu[2..], &[tanh_form(1.0), tanh_form(-1.0)]), "{gelu:?}");
 }
 
+/// Bucket ids: a value on a boundary opens the next bucket; -inf and NaN fall in the
+/// first, +inf in the last; ids divide and take remainders as integers.
+#[test]
+fn bucketize_and_integer_division_of_ids() {
+    let x = t(&[7], &[-5.0, 0.0, 0.999, 1.0, f64::NEG_INFINITY, f64::NAN, f64::INFINITY]);
+    let op = Op::Bucketize { boundaries: vec![0.0, 1.0, 2.5] };
+    let Value::Ids(b) = apply(op, &[&x]).unwrap() else { panic!("bucketize gives ids") };
+    assert_eq!(b.data, vec![0, 1, 1, 2, 0, 0, 3]);
+    let mut c = Case::new(0);
+    let ids = c.ids_values("ids", dims(&[5]), vec![0, 3, 4, 7, 11]);
+    let div = c.add(Op::IdDiv { by: 4 }, &[ids]).unwrap();
+    let rem = c.add(Op::IdMod { by: 4 }, &[ids]).unwrap();
+    c.graph.outputs.insert("div".into(), div);
+    c.graph.outputs.insert("rem".into(), rem);
+    let v = interp::run(&c.graph, &c.binding, &c.feeds, &c.params, &c.mode).unwrap();
+    assert_eq!(v.output("div").unwrap().as_ids().unwrap().data, vec![0, 0, 1, 1, 2]);
+    assert_eq!(v.output("rem").unwrap().as_ids().unwrap().data, vec![0, 3, 0, 3, 3]);
+}
+
 /// The constant tensors: positions, the triangles on and off the diagonal, the identity.
 #[test]
 fn constant_tensors_from_sizes() {

@@ -10,7 +10,7 @@
 //! `sum(x, axis = 1)` sums over the fields. Negative axes count from the end.
 //! `reshape` takes the shape of one sample: the leading axis is kept.
 
-use super::value::{Tv, Val};
+use super::value::{IdSpace, Tv, Val};
 use super::{count_sym, label_input, Elab, FeatureKind, R};
 use crate::diag::{suggest, Diagnostic, Span};
 use mdl_runtime::ir::dim::{numel, shape_to_string};
@@ -141,6 +141,13 @@ pub static BUILTINS: &[Builtin] = &[
         params: &[Required("x"), Required("axis"), Required("start"), Required("len")],
         lower: slice,
     },
+    Builtin { name: "bucketize", params: &[Required("x"), Required("boundaries")], lower: bucketize },
+    Builtin {
+        name: "floordiv",
+        params: &[Required("a"), Required("b")],
+        lower: |el, a, span| div_mod(el, a, "floordiv", span),
+    },
+    Builtin { name: "mod", params: &[Required("a"), Required("b")], lower: |el, a, span| div_mod(el, a, "mod", span) },
     Builtin { name: "arange", params: &[Required("n")], lower: arange },
     Builtin { name: "tril", params: &[Required("n"), Int("k", 0)], lower: |el, a, span| triangle(el, a, false, span) },
     Builtin { name: "triu", params: &[Required("n"), Int("k", 0)], lower: |el, a, span| triangle(el, a, true, span) },
@@ -361,6 +368,84 @@ fn slice(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     let len = int(el, a, "len")?;
     let node = el.add(Op::Slice { axis, start, len }, &[x.node], span)?;
     Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
+}
+
+/// `bucketize(x, boundaries)`: the ids of the buckets the values of `x` fall in, bucket `i`
+/// holding `boundaries[i-1] <= x < boundaries[i]` (ids below `len(boundaries) + 1`).
+fn bucketize(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let x = el.materialise(x, span)?;
+    let (list, s) = a.get("boundaries");
+    let Val::List(items) = list else {
+        return el.error(s, format!("`boundaries` must be a list of numbers, found {}", list.kind()));
+    };
+    let mut boundaries = Vec::with_capacity(items.len());
+    for it in items {
+        let v = match it {
+            Val::Float(f) => f,
+            Val::Int(d) if d.as_const().is_some() => d.as_const().unwrap_or_default() as f64,
+            other => {
+                return el.error(s, format!("`boundaries` must be a list of numbers, found {} in it", other.kind()))
+            }
+        };
+        if let Some(&last) = boundaries.last() {
+            if v <= last {
+                return el.error(s, format!("`boundaries` must increase strictly, but {v} follows {last}"));
+            }
+        }
+        boundaries.push(v);
+    }
+    if boundaries.is_empty() {
+        return el.error(s, "`boundaries` needs at least one value");
+    }
+    let rows = boundaries.len() as i64 + 1;
+    let node = el.add(Op::Bucketize { boundaries }, &[x.node], span)?;
+    Ok(Val::Ids { node, rows })
+}
+
+/// `floordiv(a, b)` and `mod(a, b)` (called `name`). On ids made in the spec, with `b` a
+/// positive constant integer: ids again (`floordiv` of ids below `r` is below `ceil(r / b)`,
+/// `mod` below `min(r, b)`). On real tensors and numbers: `floor(a / b)` and
+/// `a - b * floor(a / b)` (the sign of `b`, as Python's `//` and `%`).
+fn div_mod(el: &mut Elab, a: &Args, name: &str, span: Span) -> R<Val> {
+    if let (Val::Ids { node, rows }, _) = a.get("a") {
+        let (b, bs) = a.get("b");
+        let by = match &b {
+            Val::Int(d) => d.as_const().filter(|&c| c > 0 && c <= u32::MAX as i64),
+            _ => None,
+        };
+        let Some(by) = by else {
+            let found = match &b {
+                Val::Int(d) => d.to_string(),
+                other => other.kind().to_string(),
+            };
+            return el.error(bs, format!("`{name}` of ids takes a positive constant integer, found {found}"));
+        };
+        let (op, rows) = if name == "mod" {
+            (Op::IdMod { by: by as u32 }, rows.min(by))
+        } else {
+            (Op::IdDiv { by: by as u32 }, (rows + by - 1) / by)
+        };
+        let node = el.add(op, &[node], span)?;
+        return Ok(Val::Ids { node, rows });
+    }
+    if let (Val::Feature(f), s) = a.get("a") {
+        if !matches!(el.feature_nodes(&f), Some((FeatureKind::Numeric, _, _))) {
+            let d = Diagnostic::error(s, format!("`{name}` cannot divide the ids of input `{f}`"))
+                .label("their numbering is the data's")
+                .hint("divide ids made with `bucketize`, or values");
+            return Err(el.report(d));
+        }
+    }
+    let x = tensor(el, a, "a")?;
+    let y = tensor(el, a, "b")?;
+    let ratio = el.binary(BinaryOp::Div, x, y, span)?;
+    let quotient = el.unary(UnaryOp::Floor, ratio, span)?;
+    if name == "floordiv" {
+        return Ok(Val::Tensor(quotient));
+    }
+    let whole = el.binary(BinaryOp::Mul, y, quotient, span)?;
+    Ok(Val::Tensor(el.binary(BinaryOp::Sub, x, whole, span)?))
 }
 
 /// The size argument `n` of a constant tensor: an integer, positive when it is known.
@@ -641,10 +726,25 @@ fn reduce(el: &mut Elab, a: &Args, name: &str, op: ReduceOp, span: Span) -> R<Va
 }
 
 fn embedding(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
-    let (f, fs) = feature(el, a, "ids")?;
     if el.in_per() {
         return el.error(span, "embedding tables cannot be created per domain");
     }
+    // A table for ids made in the spec: one row per id below their bound.
+    let made = match a.get("ids") {
+        (Val::Ids { rows, .. }, _) => Some(rows),
+        _ => None,
+    };
+    let (dim, std) = (int(el, a, "dim")?, number(el, a, "std")?.0);
+    if dim.as_const().is_some_and(|c| c <= 0) {
+        return el.error(a.get("dim").1, format!("an embedding dimension must be positive, found {dim}"));
+    }
+    if let Some(rows) = made {
+        let name = el.param_name("table");
+        let group = el.group_name();
+        let node = el.graph.param(&name, vec![Dim::lit(rows), dim], Init::Normal(std), group, true);
+        return Ok(Val::Table { node, ids_of: IdSpace::Made { rows } });
+    }
+    let (f, fs) = feature(el, a, "ids")?;
     let space = match el.feature_nodes(&f) {
         Some((FeatureKind::Categorical | FeatureKind::Domain, _, _)) => f.clone(),
         Some((FeatureKind::Sequence { of: Some(o), .. }, _, _)) => o,
@@ -656,11 +756,6 @@ fn embedding(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
             )
         }
     };
-    let dim = int(el, a, "dim")?;
-    if dim.as_const().is_some_and(|c| c <= 0) {
-        return el.error(a.get("dim").1, format!("an embedding dimension must be positive, found {dim}"));
-    }
-    let (std, _) = number(el, a, "std")?;
     let rows = match el.feature_nodes(&space) {
         Some((FeatureKind::Domain, _, _)) => Dim::sym(&count_sym(&space)),
         _ => Dim::sym(&super::rows_sym(&space)),
@@ -668,7 +763,7 @@ fn embedding(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     let name = el.param_name("table");
     let group = el.group_name();
     let node = el.graph.param(&name, vec![rows, dim], Init::Normal(std), group, true);
-    Ok(Val::Table { node, ids_of: space })
+    Ok(Val::Table { node, ids_of: IdSpace::Input(space) })
 }
 
 fn bce(el: &mut Elab, a: &Args, span: Span) -> R<Val> {

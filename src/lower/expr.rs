@@ -4,7 +4,7 @@
 //! and `{ ... }` expression blocks.
 
 use super::stmt::Flow;
-use super::value::{Env, Tv, Val};
+use super::value::{Env, IdSpace, Tv, Val};
 use super::{Elab, FeatureKind, R};
 use crate::diag::{Diagnostic, Span};
 use crate::syntax::ast::{BinOp, Expr, ExprKind, UnOp};
@@ -304,9 +304,34 @@ impl Elab {
             }
             Val::Table { node, ids_of } => {
                 let iv = self.expr(env, index)?;
+                if let Val::Ids { node: ids, rows } = iv {
+                    // Made ids index a table made for made ids with at least as many rows.
+                    let message = match &ids_of {
+                        IdSpace::Made { rows: table_rows } if rows <= *table_rows => None,
+                        IdSpace::Made { rows: table_rows } => {
+                            Some(format!("this table has {table_rows} rows, but these ids go up to {}", rows - 1))
+                        }
+                        IdSpace::Input(name) => {
+                            Some(format!("this table holds rows for the ids of `{name}`, not for ids made in the spec"))
+                        }
+                    };
+                    if let Some(message) = message {
+                        let d =
+                            Diagnostic::error(index.span, message).hint("make a table for them: `embedding(ids, dim)`");
+                        return Err(self.report(d));
+                    }
+                    let out = self.add(Op::Gather, &[node, ids], span)?;
+                    return Ok(Val::Tensor(Tv { node: out, grouped: false }));
+                }
                 let Val::Feature(fname) = iv else {
                     return self
                         .error(index.span, format!("a table is indexed by an input's ids, found {}", iv.kind()));
+                };
+                let IdSpace::Input(ids_of) = ids_of else {
+                    return self.error(
+                        index.span,
+                        format!("this table holds rows for ids made in the spec, but `{fname}` has its own ids"),
+                    );
                 };
                 let Some((kind, ids, _)) = self.feature_nodes(&fname) else {
                     return self.error(index.span, format!("unknown input `{fname}`"));

@@ -111,6 +111,12 @@ impl Elab {
                     .error(span, format!("the size {d} is only known with data; it cannot be used as a number here")),
             },
             Val::Feature(name) => self.feature_tensor(&name, span),
+            Val::Ids { .. } => {
+                let d = Diagnostic::error(span, "expected a tensor, found ids")
+                    .label("ids made in the spec are not values")
+                    .hint("look them up in a table: `E[ids]` with `let E = embedding(ids, dim)`");
+                Err(self.report(d))
+            }
             Val::Poison(reported) => Err(reported),
             other => self.error(span, format!("expected a tensor, found {}", other.kind())),
         }

@@ -25,10 +25,16 @@ pub enum Val {
     Bool(bool),
     List(Vec<Val>),
     Tensor(Tv),
-    /// An embedding table, holding rows for the id space of the named input.
+    /// Ids made in the spec (by `bucketize`, `floordiv`, `mod`), each below `rows`: they
+    /// index tables made for them (`embedding(ids, dim)` has `rows` rows).
+    Ids {
+        node: NodeId,
+        rows: i64,
+    },
+    /// An embedding table, holding rows for an id space.
     Table {
         node: NodeId,
-        ids_of: String,
+        ids_of: IdSpace,
     },
     /// A declared input (feature group, domain), by name.
     Feature(String),
@@ -52,6 +58,7 @@ impl Val {
             Val::Bool(_) => "a boolean",
             Val::List(_) => "a list",
             Val::Tensor(_) => "a tensor",
+            Val::Ids { .. } => "ids",
             Val::Table { .. } => "an embedding table",
             Val::Feature(_) => "an input",
             Val::Task(_) => "a task",
@@ -63,6 +70,15 @@ impl Val {
     pub fn int(n: i64) -> Val {
         Val::Int(Dim::lit(n))
     }
+}
+
+/// The ids an embedding table has rows for.
+#[derive(Clone, Debug, PartialEq)]
+pub enum IdSpace {
+    /// The ids of a declared input (and of the sequences declared `of` it).
+    Input(String),
+    /// Ids made in the spec, every one below `rows`: any made ids with the same `rows`.
+    Made { rows: i64 },
 }
 
 /// Lexical scopes of `let` bindings (ordered maps, so that [`Env::names`], which "did you

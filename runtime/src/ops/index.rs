@@ -1,5 +1,6 @@
 //! Indexing ops: Gather (embedding lookup), SparseRows (its row-sparse gradient),
-//! SegmentSum (sum rows by group id) and OneHot.
+//! SegmentSum (sum rows by group id), OneHot, and the ops that make ids: Bucketize (real
+//! values to bucket ids) and IdDiv / IdMod (integer division and remainder of ids).
 
 use super::emit::Emit;
 use super::{shape_err, DType, Op, Operand, ShapeError, Signature, ValueKind};
@@ -69,6 +70,23 @@ pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
             out.push(depth.clone());
             Ok(Signature::dense(out))
         }
+        Op::Bucketize { boundaries } => {
+            need_dense_float(&x[0], op)?;
+            if boundaries.is_empty() || boundaries.iter().any(|b| !b.is_finite()) {
+                return shape_err(format!("bucketize needs finite boundaries, got {boundaries:?}"));
+            }
+            if let Some(w) = boundaries.windows(2).find(|w| w[0] >= w[1]) {
+                return shape_err(format!("bucketize boundaries must increase strictly: {} follows {}", w[1], w[0]));
+            }
+            Ok(Signature { shape: x[0].shape.to_vec(), dtype: DType::I, kind: ValueKind::Dense })
+        }
+        Op::IdDiv { by } | Op::IdMod { by } => {
+            need_ids(&x[0], op)?;
+            if *by == 0 {
+                return shape_err(format!("{} divides by zero", op.name()));
+            }
+            Ok(Signature { shape: x[0].shape.to_vec(), dtype: DType::I, kind: ValueKind::Dense })
+        }
         _ => shape_err(format!("{} is not an indexing op", op.name())),
     }
 }
@@ -107,7 +125,7 @@ pub fn grad(graph: &mut Graph, node: &Node, _y: NodeId, dy: NodeId) -> Result<Ve
         }
         Op::SparseRows { .. } => Ok(vec![None, Some(e.op(Op::Gather, &[dy, node.inputs[0]])?)]),
         Op::SegmentSum { .. } => Ok(vec![Some(e.op(Op::Gather, &[dy, node.inputs[1]])?), None]),
-        Op::OneHot { .. } => Ok(vec![None]),
+        Op::OneHot { .. } | Op::Bucketize { .. } | Op::IdDiv { .. } | Op::IdMod { .. } => Ok(vec![None]),
         _ => shape_err(format!("{} is not an indexing op", node.op.name())),
     }
 }
@@ -171,6 +189,21 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
                 data[i * depth + id?] = T::ONE;
             }
             Ok(Value::Dense(Tensor { shape: out.to_vec(), data }))
+        }
+        Op::Bucketize { boundaries } => {
+            let x = args[0].dense(&name)?;
+            let bounds: Vec<T> = boundaries.iter().map(|&b| T::from_f64(b)).collect();
+            let data = x.data.iter().map(|&v| bounds.partition_point(|&b| b <= v) as u32).collect();
+            Ok(Value::Ids(Ids { shape: x.shape.clone(), data }))
+        }
+        Op::IdDiv { by } | Op::IdMod { by } => {
+            let ids = args[0].ids(&name)?;
+            let by = *by;
+            let data = match op {
+                Op::IdDiv { .. } => ids.data.iter().map(|&id| id / by).collect(),
+                _ => ids.data.iter().map(|&id| id % by).collect(),
+            };
+            Ok(Value::Ids(Ids { shape: ids.shape.clone(), data }))
         }
         _ => Err(ExecError::BadOperand { op: name, message: "not an indexing op".into() }),
     }

@@ -18,11 +18,11 @@
 //! | family        | ops |
 //! |---------------|-----|
 //! | `source`      | Input, Param, Scalar, the constant tensors Arange, Triangle and Eye (from compile-time sizes), DropMask, StopGrad |
-//! | `elementwise` | Unary (neg exp log sqrt recip relu sigmoid tanh softplus abs step sign), Binary (add sub mul div max min gt eq) with broadcasting |
+//! | `elementwise` | Unary (neg exp log sqrt recip relu sigmoid tanh softplus abs step sign floor gelu), Binary (add sub mul div max min gt eq ge ne prelu keep) with broadcasting |
 //! | `layout`      | Reshape, Permute, Broadcast, Concat, Slice, Pad (all but Pad also move ids) |
 //! | `reduce`      | Reduce (sum mean max min over axes), Softmax |
 //! | `linalg`      | MatMul, GroupMatMul, GroupOuter |
-//! | `index`       | Gather, SparseRows, SegmentSum, OneHot |
+//! | `index`       | Gather, SparseRows, SegmentSum, OneHot, Bucketize (reals to ids), IdDiv, IdMod |
 //! | `fused`       | Fused (Unary/Binary groups made one kernel by the fusion pass after autodiff, with an optional sum/mean epilogue) |
 
 pub mod elementwise;
@@ -156,6 +156,15 @@ pub enum Op {
     SegmentSum { segments: Dim },
     /// `[idx: [i...] (ids)]` → `[i..., depth]` of 0/1 (zero gradient).
     OneHot { depth: Dim },
+    /// `[x: real]` → ids of `x`'s shape: how many of `boundaries` (finite, strictly
+    /// increasing, rounded to the backend's precision) are `<= x`. Bucket `i` holds
+    /// `boundaries[i-1] <= x < boundaries[i]`; `-inf` and NaN fall in bucket 0, `+inf` in
+    /// the last. No gradient.
+    Bucketize { boundaries: Vec<f64> },
+    /// `[ids]` → ids `id / by`, rounded down (`by > 0`). No gradient.
+    IdDiv { by: u32 },
+    /// `[ids]` → ids `id % by` (`by > 0`). No gradient.
+    IdMod { by: u32 },
 
     // ---- fused ----
     /// `[x0, x1, ...]` (the kernel's inputs, real and dense) → the kernel's body evaluated
@@ -225,7 +234,7 @@ impl Op {
             MatMul { .. } => 2,
             GroupMatMul { .. } | GroupOuter { .. } => 3,
             Gather | SparseRows { .. } | SegmentSum { .. } => 2,
-            OneHot { .. } => 1,
+            OneHot { .. } | Bucketize { .. } | IdDiv { .. } | IdMod { .. } => 1,
             Fused(kernel) => kernel.inputs,
         })
     }
@@ -254,7 +263,13 @@ impl Op {
             }
             Reduce { .. } | Softmax { .. } => reduce::shape(self, operands),
             MatMul { .. } | GroupMatMul { .. } | GroupOuter { .. } => linalg::shape(self, operands),
-            Gather | SparseRows { .. } | SegmentSum { .. } | OneHot { .. } => index::shape(self, operands),
+            Gather
+            | SparseRows { .. }
+            | SegmentSum { .. }
+            | OneHot { .. }
+            | Bucketize { .. }
+            | IdDiv { .. }
+            | IdMod { .. } => index::shape(self, operands),
             Fused(_) => fused::shape(self, operands),
         }
     }
@@ -296,6 +311,9 @@ impl Op {
             SparseRows { rows } => format!("sparse_rows rows={rows}"),
             SegmentSum { segments } => format!("segment_sum segments={segments}"),
             OneHot { depth } => format!("one_hot depth={depth}"),
+            Bucketize { boundaries } => format!("bucketize {boundaries:?}"),
+            IdDiv { by } => format!("id_div by={by}"),
+            IdMod { by } => format!("id_mod by={by}"),
             Fused(kernel) => format!("fused {}", kernel.summary()),
         }
     }
@@ -303,7 +321,12 @@ impl Op {
     /// Ops whose output carries no gradient to their operands.
     pub fn is_nondifferentiable(&self) -> bool {
         match self {
-            Op::StopGrad | Op::DropMask { .. } | Op::OneHot { .. } => true,
+            Op::StopGrad
+            | Op::DropMask { .. }
+            | Op::OneHot { .. }
+            | Op::Bucketize { .. }
+            | Op::IdDiv { .. }
+            | Op::IdMod { .. } => true,
             Op::Unary(u) => !u.is_differentiable(),
             Op::Binary(b) => !b.is_differentiable(),
             _ => false,
@@ -346,7 +369,13 @@ pub fn grad(graph: &mut Graph, node: &Node, id: NodeId, dy: NodeId) -> Result<Ve
         }
         Reduce { .. } | Softmax { .. } => reduce::grad(graph, node, id, dy),
         MatMul { .. } | GroupMatMul { .. } | GroupOuter { .. } => linalg::grad(graph, node, id, dy),
-        Gather | SparseRows { .. } | SegmentSum { .. } | OneHot { .. } => index::grad(graph, node, id, dy),
+        Gather
+        | SparseRows { .. }
+        | SegmentSum { .. }
+        | OneHot { .. }
+        | Bucketize { .. }
+        | IdDiv { .. }
+        | IdMod { .. } => index::grad(graph, node, id, dy),
         Fused(_) => fused::grad(graph, node, id, dy),
     }
 }
@@ -372,7 +401,13 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
         }
         Reduce { .. } | Softmax { .. } => reduce::eval(op, args, cx),
         MatMul { .. } | GroupMatMul { .. } | GroupOuter { .. } => linalg::eval(op, args, cx),
-        Gather | SparseRows { .. } | SegmentSum { .. } | OneHot { .. } => index::eval(op, args, cx),
+        Gather
+        | SparseRows { .. }
+        | SegmentSum { .. }
+        | OneHot { .. }
+        | Bucketize { .. }
+        | IdDiv { .. }
+        | IdMod { .. } => index::eval(op, args, cx),
         Fused(_) => fused::eval(op, args, cx),
     }
 }
