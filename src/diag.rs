@@ -191,6 +191,19 @@ impl Diagnostics {
         }
     }
 
+    /// How many diagnostics were recorded so far.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Adds a note to the diagnostic recorded `index`-th (none if there is no such one):
+    /// where the code it points into was reached from, for example.
+    pub fn note_at(&mut self, index: usize, span: Span, message: impl Into<String>) {
+        if let Some(d) = self.list.get_mut(index) {
+            d.notes.push((span, message.into()));
+        }
+    }
+
     pub fn into_vec(self) -> Vec<Diagnostic> {
         self.list
     }

@@ -451,11 +451,20 @@ impl Experiment {
         if t.epochs == 0 {
             return Err("train.epochs: must be at least 1, found 0 (a run of no epochs trains nothing)".into());
         }
+        if t.epochs > MAX_EPOCHS {
+            return Err(format!("train.epochs: must be at most {MAX_EPOCHS}, found {}", t.epochs));
+        }
         if t.max_steps == Some(0) {
             return Err("train.max_steps: must be at least 1, found 0 (leave the key out to train every epoch)".into());
         }
         if let Some(i) = t.stages.iter().position(|s| s.epochs == 0) {
             return Err(format!("train.stages[{i}].epochs: every stage needs at least one epoch"));
+        }
+        if let Some(i) = t.stages.iter().position(|s| s.epochs > MAX_EPOCHS) {
+            return Err(format!(
+                "train.stages[{i}].epochs: must be at most {MAX_EPOCHS}, found {}",
+                t.stages[i].epochs
+            ));
         }
         t.eval_every.steps()?;
         t.early_stopping.maximize()?;
@@ -517,6 +526,9 @@ impl Experiment {
         self.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
     }
 }
+
+/// The most epochs a run (or a stage) may have: more would never end.
+const MAX_EPOCHS: usize = 1_000_000;
 
 /// A number a setting takes that must be finite and above 0.
 fn positive(key: &str, x: f64) -> Result<(), String> {

@@ -198,6 +198,7 @@ fn nonsense_settings_are_refused_naming_the_key_and_the_file() {
         ("train.clip_norm=.nan", "train.clip_norm: must be a positive number, found NaN"),
         ("train.lr=.inf", "train.lr: must be a positive number, found inf"),
         ("train.epochs=0", "train.epochs: must be at least 1, found 0"),
+        ("train.epochs=2000000", "train.epochs: must be at most 1000000, found 2000000"),
         ("train.max_steps=0", "train.max_steps: must be at least 1, found 0"),
         ("hyper.width=.nan", "hyper.width: must be a finite number"),
     ] {
@@ -391,5 +392,8 @@ fn diagnostics_run_names_the_log_and_loss_errors_say_what_happened() {
         let r = mdl(&["check", "specs/deepfm.mdl", "--set", set]);
         fails_with(&r, &[message]);
         assert_eq!(r.stderr.matches("error:").count(), 1, "--set {set}: one cause, one error:\n{}", r.stderr);
+        // The error inside the standard library says which of the spec's calls reached it.
+        assert!(r.stderr.contains("in block `mlp`, called here"), "{}", r.stderr);
+        assert!(r.stderr.contains("--> specs/deepfm.mdl:21:15"), "{}", r.stderr);
     }
 }

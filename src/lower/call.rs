@@ -138,9 +138,15 @@ impl Elab {
         }
         self.depth += 1;
         self.enter_scope(&block.name.name);
+        let reported_before = self.diags.len();
         let flow = self.stmts(&mut benv, &block.body);
         self.leave_scope();
         self.depth -= 1;
+        // An error inside the block's body points into the block: say which call reached
+        // it (a block reached through others gets one note per call, innermost first).
+        if flow.is_err() && self.diags.len() > reported_before {
+            self.diags.note_at(reported_before, span, format!("in block `{}`, called here", block.name.name));
+        }
         match flow {
             Ok(Flow::Return(v)) => Ok(v),
             Ok(Flow::Next) => self.error(span, format!("block `{}` ended without `return`", block.name.name)),
