@@ -343,6 +343,7 @@ pub fn fuzz(args: FuzzArgs) -> ExitCode {
     let work = args.work.unwrap_or_else(|| std::env::temp_dir().join(format!("mdl-fuzz-{}", std::process::id())));
     let opts = supervise::Options {
         kinds: kinds.clone(),
+        from: args.from,
         cases: args.cases,
         seed: args.seed,
         budget: std::time::Duration::from_secs_f64(args.budget_secs),
@@ -356,7 +357,7 @@ pub fn fuzz(args: FuzzArgs) -> ExitCode {
         let [kind] = kinds.as_slice() else {
             return fail("--worker runs one --kind");
         };
-        return match supervise::worker(*kind, args.from, args.cases, &opts) {
+        return match supervise::worker(*kind, opts.from, opts.cases, &opts) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         };

@@ -21,7 +21,8 @@ fn fixture() -> Arc<Fixture> {
     static FIXTURE: OnceLock<Arc<Fixture>> = OnceLock::new();
     FIXTURE
         .get_or_init(|| {
-            let dir = std::env::temp_dir().join(format!("mdl-fuzz-test-{}", std::process::id()));
+            // Cargo's scratch folder for tests: emptied by the fixture, never left in /tmp.
+            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fuzz");
             Arc::new(Fixture::new(&root(), &dir).unwrap_or_else(|e| panic!("the fuzz fixture: {e}")))
         })
         .clone()

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Debug)]
 pub struct Options {
     pub kinds: Vec<Kind>,
+    /// Cases `from..cases` of each kind.
+    pub from: u64,
     pub cases: u64,
     pub seed: u64,
     pub budget: Duration,
@@ -64,7 +66,7 @@ pub fn worker(kind: Kind, from: u64, to: u64, opts: &Options) -> Result<(), Stri
 fn supervise_kind(kind: Kind, opts: &Options) -> Result<Tally, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the mdl binary: {e}"))?;
     let mut total = Tally::default();
-    let mut pending = vec![(0, opts.cases)];
+    let mut pending = vec![(opts.from, opts.cases)];
     let started = Instant::now();
     let deadline = opts.secs_per_kind.map(|s| started + Duration::from_secs_f64(s));
     while let Some((from, to)) = pending.pop() {
