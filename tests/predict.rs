@@ -2,8 +2,9 @@
 //! (data/, always present): rows without labels, id columns kept beside the scores, one
 //! output row per input row (a malformed row is an error naming file:line, or an empty
 //! score with `skip`), stdin and stdout, and unseen domain ids (an error naming the row, or
-//! the declared fallback). The model is small and uses the domain input, so the domain a
-//! row is scored as changes its score.
+//! the declared fallback, which `mdl eval`, valid, test and the data cache follow too). The
+//! model is small and uses the domain input, so the domain a row is scored as changes its
+//! score.
 
 mod common;
 use std::io::Write;
@@ -370,7 +371,49 @@ fn an_unseen_domain_is_an_error_naming_the_row_or_scored_as_the_declared_fallbac
     assert!(err.contains("skipped 1 malformed row (bad_rows: skip)"), "{err}");
     let err = failed(&predict(lenient, &unseen, &["--unknown-domain", "error", "--bad-rows", "fail"]));
     assert!(err.contains(&format!("{}:4: column 'domain': domain id 99 is outside 0..15", unseen.display())), "{err}");
+    // `mdl eval` follows the same policy.
+    let err = failed(&mdl(&["eval", strict.to_str().unwrap(), "--data", unseen.to_str().unwrap()]));
+    assert!(err.contains(&format!("{}:4: column 'domain': domain id 99 is outside 0..15", unseen.display())), "{err}");
+    ok(&mdl(&["eval", lenient.to_str().unwrap(), "--data", unseen.to_str().unwrap()]));
     // A fallback must be a domain of train.
     let err = failed(&predict(strict, &unseen, &["--unknown-domain", "15"]));
     assert!(err.contains("unknown_domain: 15 is not a domain of train (0..15)"), "{err}");
+}
+
+/// Valid and test are encoded with the same policy at training, and the data cache keeps
+/// apart what different fallbacks encode.
+#[test]
+fn the_unknown_domain_policy_encodes_valid_and_test_and_is_part_of_the_cache_key() {
+    use mdl::data::{prepare, CacheMode, PrepareOptions, SplitPaths, UnknownDomain};
+    let dir = tmp("domain_cache");
+    let split = test_split();
+    let header = fields(&split[0]);
+    let domain = header.iter().position(|h| h == "domain").unwrap();
+    let mut valid = split[..51].to_vec();
+    let mut cells = fields(&valid[7]);
+    cells[domain] = "99".into();
+    valid[7] =
+        cells.into_iter().map(|f| if f.contains(',') { format!("\"{f}\"") } else { f }).collect::<Vec<_>>().join(",");
+    let paths = SplitPaths {
+        train: write(&dir, "train.csv", &split[..3001]),
+        valid: write(&dir, "valid.csv", &valid),
+        test: write(&dir, "test.csv", &split[..51]),
+    };
+    let exp = mdl::experiment::load(&common::root().join("experiments/quickstart.yaml"), &[]).unwrap();
+    let options = |unknown_domain| PrepareOptions {
+        cache: CacheMode::Folder(dir.join("cache")),
+        unknown_domain,
+        ..PrepareOptions::default()
+    };
+    let err = prepare(&exp.data.schema, &paths, &options(UnknownDomain::Error)).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!("{}:8: column 'domain': domain id 99 is outside 0..", paths.valid.display())),
+        "{err}"
+    );
+    for (fallback, hit) in [(1, false), (2, false), (1, true)] {
+        let prep = prepare(&exp.data.schema, &paths, &options(UnknownDomain::Fallback(fallback))).unwrap();
+        assert_eq!(prep.stats.cache_hit, hit, "fallback {fallback}");
+        assert_eq!(prep.valid.domain[6], fallback, "the row of line 8 is scored as the fallback");
+        assert_eq!(prep.valid.rows, 50);
+    }
 }
