@@ -26,7 +26,7 @@ fn compile_reporting(map: &mut SourceMap, spec: &Path, overrides: &BTreeMap<Stri
     match compile_file(map, spec, None, overrides) {
         Ok(c) => Some(c),
         Err(diags) => {
-            eprint!("{}", render_all(map, &diags));
+            crate::say_partial!("{}", render_all(map, &diags));
             None
         }
     }
@@ -37,7 +37,7 @@ pub fn check(specs: &[std::path::PathBuf], set: &[String]) -> ExitCode {
     let overrides = match parse_overrides(set) {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::say!("error: {e}");
             return ExitCode::from(2);
         }
     };
@@ -73,7 +73,7 @@ pub fn check(specs: &[std::path::PathBuf], set: &[String]) -> ExitCode {
                     }
                 }
                 Err(e) => {
-                    eprintln!("error: {}: {e}", spec.display());
+                    crate::say!("error: {}: {e}", spec.display());
                     failed += 1;
                 }
             },
@@ -81,7 +81,7 @@ pub fn check(specs: &[std::path::PathBuf], set: &[String]) -> ExitCode {
         }
     }
     if failed > 0 {
-        eprintln!("{failed} of {} spec(s) failed the check", specs.len());
+        crate::say!("{failed} of {} spec(s) failed the check", specs.len());
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
@@ -104,7 +104,7 @@ pub fn graph(spec: &Path, backward: bool, dot: bool, set: &[String]) -> ExitCode
     let overrides = match parse_overrides(set) {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::say!("error: {e}");
             return ExitCode::from(2);
         }
     };
@@ -116,7 +116,7 @@ pub fn graph(spec: &Path, backward: bool, dot: bool, set: &[String]) -> ExitCode
         match crate::train::build_training_graph(&c) {
             Ok(g) => g,
             Err(e) => {
-                eprintln!("error: {e}");
+                crate::say!("error: {e}");
                 return ExitCode::from(1);
             }
         }
@@ -151,9 +151,9 @@ fn emit(text: std::fmt::Arguments<'_>) -> Result<(), ExitCode> {
 fn fail(msg: &str) -> ExitCode {
     // Rendered spec diagnostics come with their own `error:` heading.
     if msg.starts_with("error: ") {
-        eprint!("{msg}");
+        crate::say_partial!("{msg}");
     } else {
-        eprintln!("error: {msg}");
+        crate::say!("error: {msg}");
     }
     ExitCode::from(1)
 }
@@ -218,10 +218,10 @@ pub fn predict(run: &Path, options: &crate::predict::PredictOptions) -> ExitCode
         Ok(done) => {
             let to =
                 if options.out == Path::new("-") { "stdout".to_string() } else { options.out.display().to_string() };
-            eprintln!("wrote {} rows of scores to {to}", done.rows);
+            crate::say!("wrote {} rows of scores to {to}", done.rows);
             let skipped = &done.skipped;
             if skipped.count > 0 {
-                eprintln!(
+                crate::say!(
                     "skipped {} malformed row{} (bad_rows: skip): {} scores are empty; first: {}",
                     skipped.count,
                     if skipped.count == 1 { "" } else { "s" },
@@ -230,7 +230,7 @@ pub fn predict(run: &Path, options: &crate::predict::PredictOptions) -> ExitCode
                 );
             }
             if done.domain_fallbacks > 0 {
-                eprintln!(
+                crate::say!(
                     "scored {} row{} with a domain id train never had as domain {} (unknown_domain: {})",
                     done.domain_fallbacks,
                     if done.domain_fallbacks == 1 { "" } else { "s" },

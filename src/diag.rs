@@ -8,9 +8,37 @@
 //! [`Reported`] token is their error value. Nothing here panics, whatever span or file id
 //! it is handed: a span that does not fit its file is clamped, and an unknown file renders
 //! as `<unknown>`.
+//!
+//! Messages reach stderr through [`say!`](crate::say) and [`say_partial!`](crate::say_partial),
+//! never `eprintln!`: a stderr whose reader has gone (`mdl run ... 2>&1 | head -3`) loses
+//! the message, not the command. A run goes on training and logging to train.log, and a
+//! check still exits with its own status; `eprintln!` would panic there.
 
 use std::fmt::Write as _;
 use std::ops::Range;
+
+/// Writes text to stderr, dropping it when stderr cannot take it (see the module doc).
+pub fn write_stderr(text: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(text).and_then(|()| err.flush());
+}
+
+/// `eprintln!` that never panics: a line to stderr, dropped when stderr has gone.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::diag::write_stderr(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `eprint!` that never panics: text to stderr without a newline, dropped when stderr has gone.
+#[macro_export]
+macro_rules! say_partial {
+    ($($arg:tt)*) => {
+        $crate::diag::write_stderr(format_args!($($arg)*))
+    };
+}
 
 /// A byte range `start..end` in file `file` of a [`SourceMap`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

@@ -184,8 +184,9 @@ fn parse_bad_rows(text: &str) -> Result<mdl::data::BadRows, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Output goes through writers that end a command quietly when its reader has gone
-    // (`mdl graph ... | head -1`); a message written to a closed stderr pipe panics in the
-    // standard library's `eprintln!`, which is the same case: no report, success.
+    // (`mdl graph ... | head -1`), and messages through `say!`, which drops what a closed
+    // stderr cannot take. A closed-pipe panic from a stray `eprintln!` is the same case
+    // (no report, success); it stays caught here as a backstop.
     let report_panic = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         if !is_closed_pipe(info.payload()) {

@@ -258,15 +258,28 @@ fn no_input_panics_and_a_closed_pipe_ends_quietly() {
         assert!(stderr.is_empty(), "mdl {args:?} on a closed pipe said:\n{stderr}");
     };
     closed(&["graph", "specs/ple.mdl", "--backward"]);
-    // The same with the diagnostics' pipe (stderr) closed.
-    let mut child = command(&["check", s(&spec)]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    drop(child.stderr.take());
-    let status = child.wait().unwrap();
-    assert!(status.success(), "mdl check on a closed stderr pipe: {status:?}");
+    // With the diagnostics' pipe (stderr) closed, a command loses its messages, not its
+    // exit status: a failing check still fails, a clean one succeeds.
+    let closed_stderr = |args: &[&str]| {
+        let mut child = command(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        drop(child.stderr.take());
+        child.wait().unwrap()
+    };
+    assert_eq!(closed_stderr(&["check", s(&spec)]).code(), Some(1), "a failing check on a closed stderr");
+    assert!(closed_stderr(&["check", "specs/deepfm.mdl"]).success(), "a clean check on a closed stderr");
     closed(&["check", "specs/deepfm.mdl"]);
     let out = d.join("run");
     succeeds(&mdl(&["run", s(&d.join("tiny.yaml")), "--out", s(&out)]));
     closed(&["eval", s(&out), "--data", s(&d.join("test.csv"))]);
+    // A run whose terminal has gone (`mdl run ... 2>&1 | head -3`) trains to the end: its
+    // log and metrics are complete, as without the pipe.
+    let quiet = d.join("run_closed_stderr");
+    let status = closed_stderr(&["run", s(&d.join("tiny.yaml")), "--out", s(&quiet)]);
+    assert!(status.success(), "mdl run on a closed stderr: {status:?}");
+    let metrics = |dir: &Path| std::fs::read_to_string(dir.join("metrics.json")).unwrap();
+    assert_eq!(metrics(&quiet), metrics(&out), "a run on a closed stderr differs from one on a terminal");
+    let log = std::fs::read_to_string(quiet.join("train.log")).unwrap();
+    assert!(log.contains("test"), "train.log of the run on a closed stderr is incomplete:\n{log}");
 }
 
 /// Finding 9: `--set hyper.dim=1000000000` aborted (SIGABRT, "memory allocation of

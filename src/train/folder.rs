@@ -135,7 +135,7 @@ impl Trust {
     /// `problem` is an error, or with `--force` a warning on stderr.
     pub fn problem(self, problem: String) -> Result<(), String> {
         if self.force {
-            eprintln!("warning: {problem}; going on because of --force");
+            crate::say!("warning: {problem}; going on because of --force");
             Ok(())
         } else {
             Err(format!("{problem}; --force goes on regardless"))

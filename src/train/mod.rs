@@ -270,7 +270,7 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
     let resumed = match (opts.resume, &opts.out) {
         (true, Some(dir)) => match RunFolder::resume(dir, trust, &config_sha256)? {
             Resumed::Finished(message) => {
-                eprintln!("{message}");
+                crate::say!("{message}");
                 return Ok(dir.clone());
             }
             Resumed::Open(folder) => Some(folder),
@@ -486,7 +486,7 @@ pub fn open_run(run: &Path, trust: Trust) -> Result<LoadedRun, String> {
         serde_json::from_slice(&folder.read("fitted.json")?).map_err(|e| format!("{}: {e}", fitted_path.display()))?;
     let (spec, notes) = folder.spec(&exp.spec)?;
     for note in notes {
-        eprintln!("{note}");
+        crate::say!("{note}");
     }
     let session = Session::with_compiled(compile_spec_at(&exp, &spec)?.0, &fitted)?;
     // best.ckpt, written at the best evaluation; the last parameters only when the run

@@ -35,7 +35,7 @@ impl Progress {
     /// A line for the terminal and the log.
     pub fn line(&mut self, msg: &str) {
         self.clear_bar();
-        eprintln!("{msg}");
+        crate::say!("{msg}");
         let _ = writeln!(self.log, "[{:8.2}s] {msg}", self.start.elapsed().as_secs_f64());
     }
 
@@ -55,7 +55,7 @@ impl Progress {
             }
             let width = 24;
             let filled = (frac * width as f64).round() as usize;
-            eprint!("\r[{}{}] {text}\x1b[K", "#".repeat(filled), "-".repeat(width - filled));
+            crate::say_partial!("\r[{}{}] {text}\x1b[K", "#".repeat(filled), "-".repeat(width - filled));
             let _ = std::io::stderr().flush();
             self.last_draw = Some(Instant::now());
             self.drawn = true;
@@ -63,7 +63,7 @@ impl Progress {
             let decile = (frac * 10.0).floor() as u64;
             if decile > self.last_decile || step == 1 {
                 self.last_decile = decile;
-                eprintln!("{text}");
+                crate::say!("{text}");
             }
         }
         if step.is_multiple_of(50) || step == 1 {
@@ -77,7 +77,7 @@ impl Progress {
 
     fn clear_bar(&mut self) {
         if self.drawn {
-            eprint!("\r\x1b[K");
+            crate::say_partial!("\r\x1b[K");
             self.drawn = false;
         }
     }
