@@ -215,6 +215,7 @@ pub fn eval(run: &Path, data: &Path, force: bool) -> ExitCode {
 /// [--unknown-domain P] [--force]`: the scores on `--out`, what was done on stderr.
 pub fn predict(run: &Path, options: &crate::predict::PredictOptions) -> ExitCode {
     match crate::predict::predict(run, options) {
+        Ok(done) if done.reader_gone => ExitCode::SUCCESS,
         Ok(done) => {
             let to =
                 if options.out == Path::new("-") { "stdout".to_string() } else { options.out.display().to_string() };

@@ -12,7 +12,8 @@
 //! `data.unknown_domain`) unless [`PredictOptions`] overrides them.
 //!
 //! A file output appears only once complete ([`AtomicFile`]); on stdout (`-`) the rows are
-//! written as their blocks are scored.
+//! written as their blocks are scored, and a reader that has gone (`--out - | head`) ends
+//! the scoring quietly ([`Predicted::reader_gone`]), as other Unix tools end on a closed pipe.
 
 use crate::data::{BadRows, Block, EncodeOptions, SkippedRows, StreamOptions, UnknownDomain};
 use crate::files::AtomicFile;
@@ -53,6 +54,16 @@ pub struct Predicted {
     /// Rows whose domain id train never had, scored as `unknown_domain`'s domain.
     pub domain_fallbacks: usize,
     pub unknown_domain: UnknownDomain,
+    /// Stdout's reader went away before every row was written (`--out - | head`): scoring
+    /// stopped there, and `rows` counts the rows written until then.
+    pub reader_gone: bool,
+}
+
+/// Whether an output can take more rows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Open {
+    Yes,
+    ReaderGone,
 }
 
 /// Where the scores are written: stdout as they come, or a file that appears when complete.
@@ -70,18 +81,27 @@ impl Output {
         })
     }
 
-    fn write(&mut self, text: &str) -> Result<(), String> {
+    fn write(&mut self, text: &str) -> Result<Open, String> {
         match self {
-            Output::Stdout(out) => out.write_all(text.as_bytes()).map_err(|e| format!("cannot write to stdout: {e}")),
-            Output::File(file) => file.write_all(text.as_bytes()).map_err(|e| file.error(e)),
+            Output::Stdout(out) => stdout_open(out.write_all(text.as_bytes())),
+            Output::File(file) => file.write_all(text.as_bytes()).map(|()| Open::Yes).map_err(|e| file.error(e)),
         }
     }
 
-    fn finish(self) -> Result<(), String> {
+    fn finish(self) -> Result<Open, String> {
         match self {
-            Output::Stdout(mut out) => out.flush().map_err(|e| format!("cannot write to stdout: {e}")),
-            Output::File(file) => file.commit(),
+            Output::Stdout(mut out) => stdout_open(out.flush()),
+            Output::File(file) => file.commit().map(|()| Open::Yes),
         }
+    }
+}
+
+/// A write to stdout: a closed pipe is the reader having gone, not an error.
+fn stdout_open(written: std::io::Result<()>) -> Result<Open, String> {
+    match written {
+        Ok(()) => Ok(Open::Yes),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(Open::ReaderGone),
+        Err(e) => Err(format!("cannot write to stdout: {e}")),
     }
 }
 
@@ -141,21 +161,26 @@ pub fn predict(run: &Path, options: &PredictOptions) -> Result<Predicted, String
     let mut block = stream.next_block().map_err(|e| e.to_string())?;
     let mut out = Output::create(&options.out)?;
     let header: Vec<Cow<str>> = options.keep.iter().chain(tasks).map(|name| cell(name)).collect();
-    out.write(&(header.join(",") + "\n"))?;
+    let mut open = out.write(&(header.join(",") + "\n"))?;
     let mut rows = 0;
-    while let Some(current) = block {
+    while let (Some(current), Open::Yes) = (&block, open) {
         // Skipped records have no row in the block's data, so a row's scores follow the
         // records that encoded.
         let scores = session.predict(exec.as_mut(), &params, &current.data, batch)?;
-        out.write(&block_lines(&current, &scores, tasks.len(), options.keep.len()))?;
-        rows += current.encoded.len();
-        block = stream.next_block().map_err(|e| e.to_string())?;
+        open = out.write(&block_lines(current, &scores, tasks.len(), options.keep.len()))?;
+        if open == Open::Yes {
+            rows += current.encoded.len();
+            block = stream.next_block().map_err(|e| e.to_string())?;
+        }
     }
-    out.finish()?;
+    if open == Open::Yes {
+        open = out.finish()?;
+    }
     Ok(Predicted {
         rows,
         skipped: stream.skipped().clone(),
         domain_fallbacks: stream.domain_fallbacks(),
         unknown_domain: encode.unknown_domain,
+        reader_gone: open == Open::ReaderGone,
     })
 }

@@ -271,6 +271,7 @@ fn no_input_panics_and_a_closed_pipe_ends_quietly() {
     let out = d.join("run");
     succeeds(&mdl(&["run", s(&d.join("tiny.yaml")), "--out", s(&out)]));
     closed(&["eval", s(&out), "--data", s(&d.join("test.csv"))]);
+    closed(&["predict", s(&out), "--data", s(&d.join("test.csv")), "--out", "-"]);
     // A run whose terminal has gone (`mdl run ... 2>&1 | head -3`) trains to the end: its
     // log and metrics are complete, as without the pipe.
     let quiet = d.join("run_closed_stderr");
