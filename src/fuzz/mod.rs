@@ -36,6 +36,7 @@ mod yaml;
 pub use fixture::Fixture;
 use mdl_runtime::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
+pub use specs::SPEC_TOKENS;
 use std::cell::RefCell;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -7,8 +7,9 @@ use super::{describe, Described, Draw, Fixture, Verdict};
 use crate::diag::SourceMap;
 use mdl_runtime::rng::SplitMix64;
 
-/// Tokens a mutation inserts: keywords, punctuation, names and numbers of the language.
-const VOCABULARY: &[&str] = &[
+/// Tokens a mutation inserts: keywords, punctuation, names and numbers of the language
+/// (also the alphabet of tests/fuzz_check.rs's token soups).
+pub const SPEC_TOKENS: &[&str] = &[
     "model",
     "block",
     "input",
@@ -141,7 +142,7 @@ fn is_space(t: &str) -> bool {
 fn mutate(rng: &mut SplitMix64, toks: &mut Vec<String>, known: bool) -> String {
     let solid: Vec<usize> = (0..toks.len()).filter(|&i| !is_space(&toks[i])).collect();
     if solid.is_empty() {
-        toks.push(rng.pick(VOCABULARY).to_string());
+        toks.push(rng.pick(SPEC_TOKENS).to_string());
         return "a token added".into();
     }
     let i = *rng.pick(&solid);
@@ -151,7 +152,7 @@ fn mutate(rng: &mut SplitMix64, toks: &mut Vec<String>, known: bool) -> String {
         } else if rng.chance(0.3) {
             toks[*rng.pick(&solid)].clone()
         } else {
-            rng.pick(VOCABULARY).to_string()
+            rng.pick(SPEC_TOKENS).to_string()
         }
     };
     match rng.below(5) {
