@@ -161,7 +161,7 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
     let t = Instant::now();
     let compiled = compile_spec(exp)?;
     let spec_time = t.elapsed();
-    let paths = exp.split_paths()?;
+    let paths = exp.split_files()?;
     let prep = data::prepare(
         &exp.data.schema,
         &paths,

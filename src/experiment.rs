@@ -498,6 +498,25 @@ impl Experiment {
         }
     }
 
+    /// The three split files, each checked to be a file: a missing one is an error naming
+    /// the key it came from (`data.train`, or `data.folder` for a file the folder implies),
+    /// before any data is read. [`Self::split_paths`] alone checks nothing on disk, so
+    /// that `mdl eval` and `mdl predict` read a run's config without its data.
+    pub fn split_files(&self) -> Result<crate::data::SplitPaths, String> {
+        let paths = self.split_paths()?;
+        let d = &self.data;
+        for (split, given, path) in
+            [("train", &d.train, &paths.train), ("valid", &d.valid, &paths.valid), ("test", &d.test, &paths.test)]
+        {
+            if !path.is_file() {
+                let key = if given.is_some() { format!("data.{split}") } else { "data.folder".to_string() };
+                let why = if path.exists() { "is not a file" } else { "does not exist" };
+                return Err(format!("{key}: the {split} split {} {why}", path.display()));
+            }
+        }
+        Ok(paths)
+    }
+
     /// The epochs of each stage (one stage of `train.epochs` when none are given).
     pub fn stages(&self) -> Vec<Stage> {
         if self.train.stages.is_empty() {

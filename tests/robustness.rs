@@ -247,6 +247,9 @@ fn no_input_panics_and_a_closed_pipe_ends_quietly() {
     .unwrap();
     let r = mdl(&["run", s(&seq), "--out", s(&d.join("seq_run"))]);
     fails_with(&r, &["sequence group 'x': max_len must be at most 65536, found 9223372036854775807"]);
+    // A split file that is not there is named with the key it came from.
+    let r = mdl(&["run", s(&d.join("tiny.yaml")), "--set", "data.train=nope.csv", "--out", s(&d.join("nope_run"))]);
+    fails_with(&r, &["data.train: the train split ", "nope.csv does not exist"]);
 
     // The reader is gone before mdl writes: its first write fails with EPIPE.
     let closed = |args: &[&str]| {

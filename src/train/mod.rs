@@ -421,7 +421,7 @@ fn check_stage_groups(exp: &Experiment, compiled: &Compiled) -> Result<(), Strin
 /// Reads (or loads from the cache) the experiment's three splits, logging their sizes and
 /// the malformed rows skipped in each.
 fn load_data(exp: &Experiment, log: &mut Progress) -> Result<Prepared, String> {
-    let paths = exp.split_paths()?;
+    let paths = exp.split_files()?;
     let options = PrepareOptions {
         bad_rows: exp.data.bad_rows.into(),
         unknown_domain: exp.data.unknown_domain,
