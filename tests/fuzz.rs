@@ -84,7 +84,7 @@ fn corrupted_run_folders_give_the_clean_results_or_an_error() {
 fn the_runner_counts_panics_hangs_and_silent_results() {
     use mdl::fuzz::Verdict;
     let s = Settings { seed: 1, budget: Duration::from_millis(300), known: false, until: None };
-    let t = mdl::fuzz::run_cases_with(&s, 0..3, |case| match case {
+    let t = mdl::fuzz::run_cases_with(&s, 0..3, |case, _| match case {
         0 => panic!("boom"),
         1 => {
             std::thread::sleep(Duration::from_secs(2));
@@ -94,6 +94,26 @@ fn the_runner_counts_panics_hangs_and_silent_results() {
     });
     assert_eq!((t.cases, t.panics, t.hangs, t.silent), (3, 1, 1, 1), "{t:?}");
     assert!(t.findings[0].detail.contains("boom"), "{:?}", t.findings[0]);
+}
+
+/// A case that declares the work its input asks for gets that much time beyond the budget,
+/// and no more: slow work within its allowance is not a hang, a case past it is.
+#[test]
+fn declared_work_extends_a_case_budget_and_no_further() {
+    use mdl::fuzz::Verdict;
+    let s = Settings { seed: 1, budget: Duration::from_millis(300), known: false, until: None };
+    let t = mdl::fuzz::run_cases_with(&s, 0..2, |case, notes| {
+        match case {
+            0 => notes.allow(Duration::from_secs(3)),
+            _ => notes.allow(Duration::from_millis(200)),
+        }
+        std::thread::sleep(Duration::from_millis(1200));
+        Verdict::Accepted
+    });
+    assert_eq!((t.cases, t.accepted, t.hangs), (2, 1, 1), "{t:?}");
+    let hang = &t.findings[0];
+    assert_eq!(hang.case, 1, "{hang:?}");
+    assert!(hang.detail.contains("0.3 s budget + 0.2 s for its declared work"), "{hang:?}");
 }
 
 #[test]

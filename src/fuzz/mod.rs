@@ -41,6 +41,7 @@ use std::cell::RefCell;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
@@ -163,8 +164,16 @@ pub struct Settings {
     pub until: Option<Instant>,
 }
 
-/// The input a case fed in, kept where a panic cannot lose it.
-type Described = Arc<Mutex<String>>;
+/// What a case tells its watcher while it runs, kept where a panic cannot lose it: the
+/// input it fed in, and the time it is allowed beyond the budget for the work its input
+/// asks for (see [`allow`]).
+#[derive(Default)]
+pub struct CaseNotes {
+    input: Mutex<String>,
+    allowance_ms: AtomicU64,
+}
+
+type Described = Arc<CaseNotes>;
 
 fn describe(slot: &Described, text: impl Into<String>) {
     let mut s = text.into();
@@ -173,7 +182,42 @@ fn describe(slot: &Described, text: impl Into<String>) {
         s.truncate(cut);
         s.push('…');
     }
-    *slot.lock().unwrap_or_else(|p| p.into_inner()) = s;
+    *slot.input.lock().unwrap_or_else(|p| p.into_inner()) = s;
+}
+
+/// Grants the running case `extra` time beyond the per-case budget. A case calls it, before
+/// the work starts, when its input legitimately asks for work that grows with the input (a
+/// mutated experiment that trains a 22-million-parameter model): a hang is then a case past
+/// the budget plus the allowance of the work it declared, not a large model run slowly.
+fn allow(slot: &Described, extra: Duration) {
+    slot.allow(extra);
+}
+
+impl CaseNotes {
+    /// See [`allow`].
+    pub fn allow(&self, extra: Duration) {
+        let ms = u64::try_from(extra.as_millis()).unwrap_or(u64::MAX);
+        self.allowance_ms.store(ms, Ordering::SeqCst);
+    }
+}
+
+/// Waits for a case's outcome until `started + budget` plus whatever allowance the case
+/// has declared by then (re-read each time the current deadline passes).
+fn wait_for<T>(receive: &mpsc::Receiver<T>, notes: &CaseNotes, started: Instant, budget: Duration) -> Option<T> {
+    loop {
+        let allowance = Duration::from_millis(notes.allowance_ms.load(Ordering::SeqCst));
+        let deadline = started + budget.saturating_add(allowance);
+        let left = deadline.saturating_duration_since(Instant::now());
+        match receive.recv_timeout(left) {
+            Ok(outcome) => return Some(outcome),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if notes.allowance_ms.load(Ordering::SeqCst) == allowance.as_millis() as u64 {
+                    return None;
+                }
+            }
+        }
+    }
 }
 
 thread_local! {
@@ -253,13 +297,14 @@ pub fn run_range(
     run_cases(kind, settings, range, stop_on_hang, on_case, Arc::new(body))
 }
 
-/// Runs `body` on a given number (a test's stand-in for a kind's cases; see [`run_cases`]).
+/// Runs `body` on a given number (a test's stand-in for a kind's cases; see [`run_cases`]);
+/// the body may declare work beyond the budget with [`CaseNotes::allow`].
 pub fn run_cases_with(
     settings: &Settings,
     range: std::ops::Range<u64>,
-    body: impl Fn(u64) -> Verdict + Send + Sync + 'static,
+    body: impl Fn(u64, &CaseNotes) -> Verdict + Send + Sync + 'static,
 ) -> Tally {
-    run_cases(Kind::Spec, settings, range, false, |_| {}, Arc::new(move |case, _: &Described| body(case)))
+    run_cases(Kind::Spec, settings, range, false, |_| {}, Arc::new(move |case, notes: &Described| body(case, notes)))
 }
 
 /// What runs one case: its number and where to leave the description of its input.
@@ -305,10 +350,11 @@ fn run_cases(
             tally.record(Finding { kind, case, class: "abort".into(), input: String::new(), detail });
             continue;
         }
-        let outcome = receive.recv_timeout(settings.budget);
-        let input_text = || input.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let outcome = wait_for(&receive, &input, case_started, settings.budget);
+        let input_text = || input.input.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let allowance = input.allowance_ms.load(Ordering::SeqCst) as f64 / 1e3;
         match outcome {
-            Ok(Ok(verdict)) => {
+            Some(Ok(verdict)) => {
                 tally.slowest_secs = tally.slowest_secs.max(case_started.elapsed().as_secs_f64());
                 match verdict {
                     Verdict::Accepted => tally.accepted += 1,
@@ -318,11 +364,18 @@ fn run_cases(
                     }
                 }
             }
-            Ok(Err(message)) => {
+            Some(Err(message)) => {
                 tally.record(Finding { kind, case, class: "panic".into(), input: input_text(), detail: message });
             }
-            Err(_) => {
-                let detail = format!("still running after {:.1} s", settings.budget.as_secs_f64());
+            None => {
+                let detail = match allowance > 0.0 {
+                    true => format!(
+                        "still running after {:.1} s ({:.1} s budget + {allowance:.1} s for its declared work)",
+                        settings.budget.as_secs_f64() + allowance,
+                        settings.budget.as_secs_f64()
+                    ),
+                    false => format!("still running after {:.1} s", settings.budget.as_secs_f64()),
+                };
                 tally.record(Finding { kind, case, class: "hang".into(), input: input_text(), detail });
                 if stop_on_hang {
                     break;

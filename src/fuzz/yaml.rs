@@ -5,12 +5,13 @@
 //! load, then train on the interp backend for at most 3 steps. Any result but a panic, an
 //! abort or a hang is fine.
 
-use super::{corrupt_bytes, describe, Described, Draw, Fixture, Verdict};
+use super::{allow, corrupt_bytes, describe, Described, Draw, Fixture, Verdict};
 use crate::backends::Backend;
 use crate::train::RunOptions;
 use mdl_runtime::rng::SplitMix64;
 use serde_yaml::{Mapping, Value};
 use std::path::Path;
+use std::time::Duration;
 
 /// Values a mutation writes (YAML text).
 const VALUES: &[&str] = &[
@@ -413,6 +414,7 @@ pub(super) fn case(fx: &Fixture, rng: &mut SplitMix64, known: bool, dir: &Path, 
     // test, not the patience of the suite.
     exp.backend = Backend::Interp;
     exp.train.max_steps = Some(exp.train.max_steps.unwrap_or(3).min(3));
+    allow(input, declared_work(fx, &exp));
     let out = dir.join("run");
     match crate::train::train(
         &exp,
@@ -425,4 +427,33 @@ pub(super) fn case(fx: &Fixture, rng: &mut SplitMix64, known: bool, dir: &Path, 
         },
         Err(_) => Verdict::Rejected,
     }
+}
+
+/// Microseconds a mutated experiment's run is allowed per parameter and step beyond the
+/// per-case budget. A step on interp touches each parameter, its gradient and Adam's two
+/// moments, and writes (and fsyncs) a checkpoint of 12 bytes per parameter. The
+/// 21,954,800-parameter model of `hyper.dim: 65536` took, for its 3 steps, 33.5 s alone on
+/// the 2-core machine (0.5 µs per parameter and step) and 82 s at a load average of 15
+/// (1.2 µs; 23.5 s of it on the CPU, the rest waiting for a core and the disk): 2 µs covers
+/// a loaded machine, and only a stuck case outlasts it.
+const MICROS_PER_PARAMETER_STEP: u128 = 2;
+
+/// The most a case's declared work adds to the budget, so that a stuck run of a model too
+/// large to train (the memory check refuses it, in far less time) is still caught.
+const MOST_ALLOWED: Duration = Duration::from_secs(300);
+
+/// The time the work `exp` asks for may take beyond the budget: its model's parameters
+/// (bound to the fixture's clean data, as the run will bind them) times its steps, at most
+/// [`MOST_ALLOWED`]. Nothing where the spec does not compile or bind: the run then fails
+/// quickly on its own.
+fn declared_work(fx: &Fixture, exp: &crate::experiment::Experiment) -> Duration {
+    let Ok(compiled) = crate::train::compile_spec(exp) else { return Duration::ZERO };
+    let Ok(session) = crate::train::Session::with_compiled(compiled, &fx.clean_prepared.fitted) else {
+        return Duration::ZERO;
+    };
+    let sizes = session.inputs.with_batch(exp.train.batch_size);
+    let bytes = crate::train::memory::Estimate::of(&session.compiled.graph, &sizes, 1, 0).parameters;
+    let steps = exp.train.max_steps.unwrap_or(3) as u128;
+    let micros = (bytes / 4).saturating_mul(steps).saturating_mul(MICROS_PER_PARAMETER_STEP);
+    Duration::from_micros(u64::try_from(micros).unwrap_or(u64::MAX)).min(MOST_ALLOWED)
 }
