@@ -193,7 +193,7 @@ pub fn run(
     }
 }
 
-/// `mdl eval RUN_DIR --data FILE [--force]`
+/// `mdl eval RUN_DIR --data FILE|- [--force]`
 pub fn eval(run: &Path, data: &Path, force: bool) -> ExitCode {
     let result = (|| -> Result<String, String> {
         let trust = crate::train::folder::Trust { force };
@@ -241,6 +241,34 @@ pub fn predict(run: &Path, options: &crate::predict::PredictOptions) -> ExitCode
             }
             ExitCode::SUCCESS
         }
+        Err(e) => fail(&e),
+    }
+}
+
+/// `mdl serve RUN_DIR [--addr HOST:PORT] [--threads N] [--batch-window-ms MS]
+/// [--max-batch-rows N] [--max-body-bytes N] [--force]`: until SIGTERM / SIGINT.
+pub fn serve(
+    run: &Path,
+    addr: String,
+    threads: usize,
+    batch_window_ms: f64,
+    (max_batch_rows, max_body_bytes): (usize, usize),
+    force: bool,
+) -> ExitCode {
+    let Ok(batch_window) = std::time::Duration::try_from_secs_f64(batch_window_ms / 1e3) else {
+        return fail(&format!("--batch-window-ms {batch_window_ms}: expected a non-negative number of milliseconds"));
+    };
+    let options = crate::serve::ServeOptions { addr, threads, batch_window, max_batch_rows, max_body_bytes, force };
+    match crate::serve::serve(run, &options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// `mdl serve-bench URL --data FILE [--rows 1,64,512] [--concurrency 1,4,16]` (hidden).
+pub fn serve_bench(options: &crate::serve::load::LoadOptions) -> ExitCode {
+    match crate::serve::load::run(options) {
+        Ok(cells) => emit(format_args!("{}", crate::serve::load::markdown(&cells))).err().unwrap_or(ExitCode::SUCCESS),
         Err(e) => fail(&e),
     }
 }

@@ -269,7 +269,9 @@ pub fn load(path: &Path, set: &[String]) -> Result<Experiment, String> {
     };
     // The keys again after merging: `--set` may have added some.
     experiment_keys().check_value(&merged).map_err(|e| format!("{source}: {e}"))?;
-    let mut exp: Experiment = serde_yaml::from_value(merged).map_err(|e| format!("{source}: {e}"))?;
+    // A value of the wrong kind is named by its key path (`data.unknown_domain: invalid
+    // value ...`): the merged value has no line numbers to point at.
+    let mut exp: Experiment = serde_path_to_error::deserialize(merged).map_err(|e| format!("{source}: {e}"))?;
     if exp.name.is_empty() {
         exp.name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
     }

@@ -14,5 +14,7 @@ pub mod lower;
 pub mod metrics;
 pub mod predict;
 pub mod report;
+pub mod score;
+pub mod serve;
 pub mod syntax;
 pub mod train;

@@ -90,7 +90,7 @@ enum Command {
     Eval {
         /// Run folder written by `mdl run`
         run: PathBuf,
-        /// CSV or CSV.gz file
+        /// CSV or CSV.gz file, `-` for stdin
         #[arg(long)]
         data: PathBuf,
         /// Read a run folder whose files do not match its manifest (saying so)
@@ -122,6 +122,54 @@ enum Command {
         /// Read a run folder whose files do not match its manifest (saying so)
         #[arg(long)]
         force: bool,
+    },
+    /// Serve a trained run over HTTP: POST /predict takes JSON rows of raw feature values
+    /// and answers one probability per task per row; GET /health. Concurrent requests are
+    /// scored together; SIGTERM / SIGINT stop it after answering the requests in flight.
+    Serve {
+        /// Run folder written by `mdl run`
+        run: PathBuf,
+        /// Address to listen on (port 0: any free port, said on stderr)
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "HOST:PORT")]
+        addr: String,
+        /// Request handler threads
+        #[arg(long, default_value_t = 8)]
+        threads: usize,
+        /// How long to wait for more requests to score with the first one (0: only those
+        /// already waiting)
+        #[arg(long, default_value_t = 2.0, value_name = "MS")]
+        batch_window_ms: f64,
+        /// Rows past which no more requests join a batch
+        #[arg(long, default_value_t = 4096)]
+        max_batch_rows: usize,
+        /// The largest request body taken (larger is answered 413)
+        #[arg(long, default_value_t = 16 << 20)]
+        max_body_bytes: usize,
+        /// Read a run folder whose files do not match its manifest (saying so)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Load a running `mdl serve`: p50/p99 latency and rows/s per request size and
+    /// concurrency, as a Markdown table (docs/serving.md).
+    #[command(hide = true)]
+    ServeBench {
+        /// The server, e.g. http://127.0.0.1:8080
+        url: String,
+        /// CSV or CSV.gz file with the model's input columns
+        #[arg(long)]
+        data: PathBuf,
+        /// Rows per request
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 64, 512])]
+        rows: Vec<usize>,
+        /// Clients sending at once
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 4, 16])]
+        concurrency: Vec<usize>,
+        /// Timed requests per cell
+        #[arg(long, default_value_t = 400)]
+        requests: usize,
+        /// A cell stops sending after this many seconds
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
     },
     /// List the OpenCL platforms and devices (`--backend opencl` takes the first GPU, else
     /// the first device; `--device N` picks another).
@@ -217,6 +265,13 @@ fn main() -> ExitCode {
         Command::Predict { run, data, out, keep, bad_rows, unknown_domain, force } => {
             let options = mdl::predict::PredictOptions { data, out, keep, bad_rows, unknown_domain, force };
             mdl::cli::predict(&run, &options)
+        }
+        Command::Serve { run, addr, threads, batch_window_ms, max_batch_rows, max_body_bytes, force } => {
+            mdl::cli::serve(&run, addr, threads, batch_window_ms, (max_batch_rows, max_body_bytes), force)
+        }
+        Command::ServeBench { url, data, rows, concurrency, requests, seconds } => {
+            let options = mdl::serve::load::LoadOptions { url, data, rows, concurrency, requests, seconds };
+            mdl::cli::serve_bench(&options)
         }
         Command::Report { runs } => mdl::cli::report(&runs),
         Command::Fuzz { kinds, cases, from, seed, budget_secs, known, jobs, secs_per_kind, root, work, worker } => {

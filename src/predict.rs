@@ -1,4 +1,5 @@
-//! `mdl predict`: scoring rows with a trained run, for rows that have no label yet.
+//! `mdl predict`: scoring rows with a trained run, for rows that have no label yet (the
+//! scoring itself is [`Scorer`]'s, which `mdl serve` shares).
 //!
 //! The input (a `.csv` / `.csv.gz` file, or `-` for stdin; gzip is recognised by its magic
 //! bytes) is read and scored block by block ([`crate::data::RowStream`]), so its size is not
@@ -15,14 +16,14 @@
 //! written as their blocks are scored, and a reader that has gone (`--out - | head`) ends
 //! the scoring quietly ([`Predicted::reader_gone`]), as other Unix tools end on a closed pipe.
 
-use crate::data::{BadRows, Block, EncodeOptions, SkippedRows, StreamOptions, UnknownDomain};
+use crate::data::{BadRows, Block, SkippedRows, StreamOptions, UnknownDomain};
 use crate::files::AtomicFile;
-use crate::lower::FeatureKind;
+use crate::score::Scorer;
 use crate::train::folder::Trust;
-use crate::train::{open_run, LoadedRun};
 use std::borrow::Cow;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Rows scored per block (rounded down to whole batches, at least one batch).
 const BLOCK_ROWS: usize = 16384;
@@ -136,37 +137,34 @@ fn block_lines(block: &Block, scores: &[f32], tasks: usize, keep: usize) -> Stri
 
 /// Scores every record of `options.data` with the run in `run` (see the module doc).
 pub fn predict(run: &Path, options: &PredictOptions) -> Result<Predicted, String> {
-    let LoadedRun { experiment: exp, fitted, session, params } = open_run(run, Trust { force: options.force })?;
-    let tasks = &session.compiled.tasks;
+    let mut scorer = Scorer::open(run, Trust { force: options.force })?;
+    let tasks = scorer.tasks().to_vec();
     if let Some(clash) = options.keep.iter().find(|k| tasks.contains(k)) {
         return Err(format!(
             "--keep {clash}: the output already has a score column '{clash}' (the tasks: {})",
             tasks.join(", ")
         ));
     }
-    let encode = EncodeOptions {
-        bad_rows: options.bad_rows.unwrap_or(exp.data.bad_rows.into()),
-        unknown_domain: options.unknown_domain.unwrap_or(exp.data.unknown_domain),
-    };
-    let batch = exp.train.batch_size.max(1);
+    let encode = scorer.encode_options(options.bad_rows, options.unknown_domain);
+    let batch = scorer.batch_rows();
     let stream_options = StreamOptions {
         encode,
         keep: options.keep.clone(),
         block_rows: batch * (BLOCK_ROWS / batch).max(1),
-        domain_input: session.compiled.features.iter().any(|f| f.kind == FeatureKind::Domain),
+        domain_input: scorer.domain_input(),
     };
+    let fitted = Arc::clone(&scorer.fitted);
     let mut stream = fitted.stream(&options.data, stream_options).map_err(|e| e.to_string())?;
-    let mut exec = exp.backend.executor()?;
     // The input's header is checked before anything is written.
     let mut block = stream.next_block().map_err(|e| e.to_string())?;
     let mut out = Output::create(&options.out)?;
-    let header: Vec<Cow<str>> = options.keep.iter().chain(tasks).map(|name| cell(name)).collect();
+    let header: Vec<Cow<str>> = options.keep.iter().chain(&tasks).map(|name| cell(name)).collect();
     let mut open = out.write(&(header.join(",") + "\n"))?;
     let mut rows = 0;
     while let (Some(current), Open::Yes) = (&block, open) {
         // Skipped records have no row in the block's data, so a row's scores follow the
         // records that encoded.
-        let scores = session.predict(exec.as_mut(), &params, &current.data, batch)?;
+        let scores = scorer.score(&current.data)?;
         open = out.write(&block_lines(current, &scores, tasks.len(), options.keep.len()))?;
         if open == Open::Yes {
             rows += current.encoded.len();

@@ -37,6 +37,40 @@ pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>, DataError> {
     std::fs::read(path).map_err(|e| DataError::io(path, &e.to_string()))
 }
 
+/// Every record of a `.csv` / `.csv.gz` file (or stdin for `-`) as text: the header's
+/// names, then each row's fields (for tools that send rows elsewhere, as `mdl serve`'s load
+/// client does). A malformed record is an error naming `file:line`.
+pub fn read_table(path: &Path) -> Result<(Vec<String>, Vec<Vec<String>>), DataError> {
+    let name = display_name(path);
+    let mut stream = TextStream::open(path)?;
+    while !stream.ended() {
+        stream.read_more()?;
+    }
+    let text = stream.text()?;
+    let mut reader = CsvReader::new(text);
+    let fields = |record: &Record| (0..record.len()).map(|i| record.get(i).to_string()).collect::<Vec<_>>();
+    let bad = |e: SyntaxError| DataError::BadRow { file: name.clone(), line: e.line, message: e.message };
+    let header = match reader.next_record().map_err(bad)? {
+        Some(record) => fields(&record),
+        None => {
+            return Err(DataError::BadRow {
+                file: name.clone(),
+                line: 1,
+                message: "the file is empty (no header)".into(),
+            })
+        }
+    };
+    let mut rows = Vec::new();
+    while let Some(record) = reader.next_record().map_err(bad)? {
+        if record.len() != header.len() {
+            let message = format!("expected {} fields as in the header, found {}", header.len(), record.len());
+            return Err(DataError::BadRow { file: name.clone(), line: record.line, message });
+        }
+        rows.push(fields(&record));
+    }
+    Ok((header, rows))
+}
+
 /// The name `-` stands for standard input (and in messages it is called [`STDIN`]).
 pub(crate) const STDIN: &str = "stdin";
 

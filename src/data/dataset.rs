@@ -122,6 +122,13 @@ fn copy_range<T: Copy>(source: &[T], width: usize, rows: &Range<usize>, out: &mu
     out.extend_from_slice(&source[rows.start * width..rows.end * width]);
 }
 
+/// Appends each group's array of `from` to the same group's of `into`.
+fn extend_groups<T: Copy>(into: &mut [Vec<T>], from: &[Vec<T>]) {
+    for (a, b) in into.iter_mut().zip(from) {
+        a.extend_from_slice(b);
+    }
+}
+
 impl Dataset {
     /// A batch with one buffer per group, ready for [`gather`](Self::gather).
     pub fn new_batch(&self) -> Batch {
@@ -187,6 +194,27 @@ impl Dataset {
         copy_range(&self.labels, shape.tasks, &rows, &mut batch.labels);
         copy_range(&self.user, shape.has_user as usize, &rows, &mut batch.user);
         batch.rows = rows.len();
+        Ok(())
+    }
+
+    /// Appends the rows of `other` (a dataset of the same shape) after this one's: several
+    /// requests' rows scored as one batch. A dataset of another shape is an error.
+    pub fn append(&mut self, other: &Dataset) -> Result<(), DataError> {
+        if other.shape != self.shape {
+            return Err(DataError::Schema(format!(
+                "rows of {} cannot join rows of {}: their shapes differ",
+                other.source, self.source
+            )));
+        }
+        extend_groups(&mut self.cat, &other.cat);
+        extend_groups(&mut self.seq_ids, &other.seq_ids);
+        extend_groups(&mut self.seq_mask, &other.seq_mask);
+        extend_groups(&mut self.num, &other.num);
+        self.domain.extend_from_slice(&other.domain);
+        self.labels.extend_from_slice(&other.labels);
+        self.user.extend_from_slice(&other.user);
+        self.rows += other.rows;
+        self.skipped.absorb(&other.skipped);
         Ok(())
     }
 

@@ -6,11 +6,12 @@
 //! a skipped row leaves no trace, not even in the train vocabulary counts. A domain id train
 //! never had is an error or, with [`UnknownDomain::Fallback`], encoded as a known domain.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::csv::{read_bytes, read_text, CsvReader, Record};
+use super::csv::{display_name, read_bytes, read_text, CsvReader, Record};
 use super::dataset::{mask_of, Dataset, Shape, SkippedRows};
 use super::numeric::Normalizer;
 use super::schema::{CategoricalColumnRef, Schema};
@@ -121,8 +122,7 @@ pub(super) struct Plan {
 }
 
 impl Plan {
-    fn resolve(schema: &Schema, file: &Path, header: &Record, columns: Columns) -> Result<Plan, DataError> {
-        let header: Vec<String> = (0..header.len()).map(|i| header.get(i).to_string()).collect();
+    fn resolve(schema: &Schema, file: &Path, header: Vec<String>, columns: Columns) -> Result<Plan, DataError> {
         let (all, read_domain) = match columns {
             Columns::All => (true, true),
             Columns::Inputs { domain } => (false, domain),
@@ -362,6 +362,7 @@ impl RawSplit {
 }
 
 /// Per-row scratch for the values that are validated before anything is added.
+#[derive(Default)]
 struct RowScratch {
     labels: Vec<f32>,
     num: Vec<f64>,
@@ -387,19 +388,61 @@ fn parse_label(value: &str) -> Option<f32> {
     }
 }
 
+/// One row's fields by header position: a CSV [`Record`], or values that came otherwise
+/// (rows served as JSON, [`FieldEncoder`]).
+trait Fields {
+    fn len(&self) -> usize;
+    /// The field at `index` ("" out of range).
+    fn get(&self, index: usize) -> &str;
+}
+
+impl Fields for Record<'_> {
+    fn len(&self) -> usize {
+        Record::len(self)
+    }
+
+    fn get(&self, index: usize) -> &str {
+        Record::get(self, index)
+    }
+}
+
+impl<S: AsRef<str>> Fields for [S] {
+    fn len(&self) -> usize {
+        <[S]>::len(self)
+    }
+
+    fn get(&self, index: usize) -> &str {
+        <[S]>::get(self, index).map_or("", AsRef::as_ref)
+    }
+}
+
+/// Why a row is malformed: the message (naming the column and the value when one is at
+/// fault) and that column's header position.
+struct BadValue {
+    column: Option<usize>,
+    message: String,
+}
+
+impl From<String> for BadValue {
+    fn from(message: String) -> BadValue {
+        BadValue { column: None, message }
+    }
+}
+
 /// Validates one record and, if it is good, appends it to `out`.
-fn encode_row<I: IdSource>(
-    record: &Record,
+fn encode_row<I: IdSource, F: Fields + ?Sized>(
+    record: &F,
     plan: &Plan,
     ids: &mut I,
     scratch: &mut RowScratch,
     out: &mut RawSplit,
-) -> Result<(), String> {
+) -> Result<(), BadValue> {
     if record.len() != plan.fields {
-        return Err(format!("expected {} fields as in the header, found {}", plan.fields, record.len()));
+        return Err(format!("expected {} fields as in the header, found {}", plan.fields, record.len()).into());
     }
-    let column_error = |index: usize, problem: &str, value: &str| {
-        format!("column '{}': {problem} (value {})", plan.header[index], shown(value))
+    let column_error = |index: usize, problem: &str, value: &str| BadValue {
+        column: Some(index),
+        message: format!("column '{}': {problem} (value {})", plan.header[index], shown(value)),
     };
     scratch.labels.clear();
     for &index in &plan.labels {
@@ -504,7 +547,8 @@ pub(super) fn read_header(
         Err(e) if e.unclosed && more => return Ok(None),
         Err(e) => return Err(syntax_error(file, e)),
     };
-    Plan::resolve(schema, file, &header, columns).map(Some)
+    let names = (0..header.len()).map(|i| header.get(i).to_string()).collect();
+    Plan::resolve(schema, file, names, columns).map(Some)
 }
 
 /// Why [`Rows::encode`] stopped.
@@ -529,7 +573,7 @@ pub(super) struct Rows {
 
 impl Rows {
     pub(super) fn new(file: &Path, plan: Plan, bad_rows: BadRows) -> Rows {
-        Rows { file: file.to_path_buf(), plan, bad_rows, scratch: RowScratch { labels: Vec::new(), num: Vec::new() } }
+        Rows { file: file.to_path_buf(), plan, bad_rows, scratch: RowScratch::default() }
     }
 
     /// Encodes the records `reader` has left into `out` until the text ends or `out` holds
@@ -559,7 +603,7 @@ impl Rows {
             };
             let result = encode_row(&record, &self.plan, ids, &mut self.scratch, out);
             each(&record, result.is_ok());
-            if let Err(message) = result {
+            if let Err(BadValue { message, .. }) = result {
                 let line = record.line;
                 match self.bad_rows {
                     BadRows::Fail => return Err(DataError::BadRow { file: self.file.clone(), line, message }),
@@ -698,10 +742,20 @@ fn column_offsets(vocabs: &[Vocab]) -> Vec<u32> {
 }
 
 impl Fitted {
-    /// Reads and encodes any `.csv` / `.csv.gz` file with the fitted vocabularies.
+    /// Reads and encodes any `.csv` / `.csv.gz` file (or stdin for `-`, called `stdin` in
+    /// messages) with the fitted vocabularies.
     pub fn encode_file(&self, file: &Path, options: impl Into<EncodeOptions>) -> Result<Dataset, DataError> {
-        let text = read_text(file, read_bytes(file)?)?;
-        self.encode_text(file, &text, options)
+        let name = display_name(file);
+        let bytes = if file == Path::new("-") {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut bytes)
+                .map_err(|e| DataError::io(&name, &format!("cannot read: {e}")))?;
+            bytes
+        } else {
+            read_bytes(file)?
+        };
+        let text = read_text(&name, bytes)?;
+        self.encode_text(&name, &text, options)
     }
 
     /// Encodes CSV text as if read from `file` (which is used only in messages).
@@ -715,6 +769,28 @@ impl Fitted {
         let mut ids = self.apply_ids(options.unknown_domain)?;
         let raw = read_split(&self.schema, file, text, &mut ids, options.bad_rows)?;
         Ok(self.finish(raw, file))
+    }
+
+    /// An encoder of rows given as fields rather than read from a file (`mdl serve`'s JSON
+    /// rows): only the model's inputs, as [`Columns::Inputs`] reads them from a file to
+    /// score, with the unknown-domain policy checked here once.
+    pub fn field_encoder(
+        &self,
+        unknown_domain: UnknownDomain,
+        domain_input: bool,
+    ) -> Result<FieldEncoder<'_>, DataError> {
+        let ids = self.apply_ids(unknown_domain)?;
+        let columns = Columns::Inputs { domain: domain_input };
+        let mut header: Vec<String> = Vec::new();
+        let features = self.schema.features.iter().flat_map(|g| g.columns());
+        let domain = self.schema.domain.iter().filter(|_| domain_input).map(|d| &d.column);
+        for column in features.chain(domain) {
+            if !header.contains(column) {
+                header.push(column.clone());
+            }
+        }
+        let plan = Plan::resolve(&self.schema, Path::new(FieldEncoder::SOURCE), header, columns)?;
+        Ok(FieldEncoder { fitted: self, ids, plan, scratch: RowScratch::default() })
     }
 
     /// The fitted ids to encode a file with, after checking the fitted state and that an
@@ -872,5 +948,59 @@ impl Fitted {
             return mismatch("domain count without a domain column");
         }
         Ok(())
+    }
+}
+
+/// A malformed row of rows given as fields ([`FieldEncoder::encode`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// The row's 0-based position among the rows given.
+    pub row: usize,
+    /// The column at fault, when one is.
+    pub column: Option<String>,
+    /// What is wrong, as a CSV row's message says it (`column 'x': not a finite number
+    /// (value "abc")`).
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "row {}: {}", self.row, self.message)
+    }
+}
+
+/// Encodes rows given as fields in the order of [`columns`](Self::columns) with the
+/// fitted state: each row is checked as a CSV record to score is (numbers, domain ids and
+/// the unknown-domain policy), and the first malformed one is an error naming its index
+/// and column. Made by [`Fitted::field_encoder`].
+pub struct FieldEncoder<'f> {
+    fitted: &'f Fitted,
+    ids: ApplyIds<'f>,
+    plan: Plan,
+    scratch: RowScratch,
+}
+
+impl FieldEncoder<'_> {
+    /// What the encoded rows' dataset says they came from.
+    pub const SOURCE: &'static str = "request";
+
+    /// The columns every row gives, in order: the features' columns, then the domain's
+    /// when the model has a domain input; each once.
+    pub fn columns(&self) -> &[String] {
+        &self.plan.header
+    }
+
+    /// Encodes `rows` (each with one field per [`columns`](Self::columns) entry); returns
+    /// them with the number whose domain id train never had, encoded as the policy's
+    /// fallback domain.
+    pub fn encode<S: AsRef<str>>(&mut self, rows: &[Vec<S>]) -> Result<(Dataset, usize), FieldError> {
+        let mut raw = RawSplit::with_capacity(&self.fitted.schema, rows.len());
+        for (row, fields) in rows.iter().enumerate() {
+            encode_row(fields.as_slice(), &self.plan, &mut self.ids, &mut self.scratch, &mut raw).map_err(|bad| {
+                FieldError { row, column: bad.column.map(|c| self.plan.header[c].clone()), message: bad.message }
+            })?;
+        }
+        let fallbacks = raw.domain_fallbacks;
+        Ok((self.fitted.finish(raw, Path::new(FieldEncoder::SOURCE)), fallbacks))
     }
 }

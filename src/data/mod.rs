@@ -49,8 +49,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use batches::{MiniBatches, SplitMix64};
+pub use csv::read_table;
 pub use dataset::{Batch, Dataset, Shape, SkippedRows};
-pub use encode::{CategoricalLayout, Fitted, Layout, NumericLayout, SequenceLayout, SequenceTable, Vocabs};
+pub use encode::{
+    CategoricalLayout, FieldEncoder, FieldError, Fitted, Layout, NumericLayout, SequenceLayout, SequenceTable, Vocabs,
+};
 pub use numeric::Normalizer;
 pub use prepare::{prepare, CacheMode, PrepareOptions, PrepareStats, Prepared, SplitPaths};
 pub use schema::{DomainSpec, FeatureGroup, Normalize, Schema, Task};
