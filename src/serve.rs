@@ -86,7 +86,13 @@ struct Model {
 /// One request's encoded rows, and where their scores go.
 struct Job {
     data: crate::data::Dataset,
-    reply: mpsc::Sender<Result<Vec<f32>, String>>,
+    reply: mpsc::Sender<Result<Scored, String>>,
+}
+
+/// A job's scores (`rows × tasks`), and how many requests' rows were scored with them.
+struct Scored {
+    scores: Vec<f32>,
+    batch: usize,
 }
 
 /// An answer other than scores: its status and JSON message, with the row and column at
@@ -236,21 +242,22 @@ fn score_together(scorer: &mut Scorer, batch: Vec<Job>) {
         Some(merged) => scorer.score(merged),
         None => scorer.score(&batch[0].data),
     };
+    let requests = batch.len();
     match scores {
         Ok(scores) => {
             let mut rest = scores.as_slice();
             for job in batch {
                 let (mine, after) = rest.split_at(job.data.rows * tasks);
                 rest = after;
-                let _ = job.reply.send(Ok(mine.to_vec()));
+                let _ = job.reply.send(Ok(Scored { scores: mine.to_vec(), batch: requests }));
             }
         }
-        Err(e) if batch.len() == 1 => {
+        Err(e) if requests == 1 => {
             let _ = batch[0].reply.send(Err(e));
         }
         Err(_) => {
             for job in batch {
-                let _ = job.reply.send(scorer.score(&job.data));
+                let _ = job.reply.send(scorer.score(&job.data).map(|scores| Scored { scores, batch: 1 }));
             }
         }
     }
@@ -301,16 +308,16 @@ fn handle(
                 "tasks": model.tasks,
                 "columns": encoder.columns(),
             }),
-            0,
+            None,
         )),
         (Method::Post, "/predict") => predict(&mut request, model, encoder, jobs, options.max_body_bytes),
         (_, "/health") => Err(Refusal::new(405, "GET /health")),
         (_, "/predict") => Err(Refusal::new(405, "POST /predict with JSON rows")),
         _ => Err(Refusal::new(404, format!("no {path} here: POST /predict, GET /health"))),
     };
-    let (status, body, rows) = match &answer {
-        Ok((body, rows)) => (200, body.clone(), *rows),
-        Err(refusal) => (refusal.status, refusal.body(), 0),
+    let (status, body) = match &answer {
+        Ok((body, _)) => (200, body.clone()),
+        Err(refusal) => (refusal.status, refusal.body()),
     };
     let text = body.to_string();
     let json = Header::from_bytes("Content-Type", "application/json").expect("a valid header");
@@ -319,19 +326,28 @@ fn handle(
     let ms = started.elapsed().as_secs_f64() * 1e3;
     match (&answer, sent) {
         (_, Err(e)) => crate::say!("{method} {path} {status}: the answer could not be sent: {e}"),
-        (Ok(_), Ok(())) => crate::say!("{method} {path} {status} ({rows} rows, {ms:.1} ms)"),
+        (Ok((_, None)), Ok(())) => crate::say!("{method} {path} {status} ({ms:.1} ms)"),
+        (Ok((_, Some((rows, 1)))), Ok(())) => crate::say!("{method} {path} {status} ({rows} rows, {ms:.1} ms)"),
+        (Ok((_, Some((rows, batch)))), Ok(())) => crate::say!(
+            "{method} {path} {status} ({rows} rows, scored in one batch with {} other requests, {ms:.1} ms)",
+            batch - 1
+        ),
         (Err(refusal), Ok(())) => crate::say!("{method} {path} {status}: {} ({ms:.1} ms)", refusal.message),
     }
 }
 
-/// `POST /predict`: the scores of the posted rows and their number.
+/// The answer to a request: its JSON, and for scores the number of rows and of requests
+/// scored in their batch.
+type Answer = (Value, Option<(usize, usize)>);
+
+/// `POST /predict`: the scores of the posted rows (see [`Answer`]).
 fn predict(
     request: &mut Request,
     model: &Model,
     encoder: &mut FieldEncoder,
     jobs: &mpsc::Sender<Job>,
     max_body_bytes: usize,
-) -> Result<(Value, usize), Refusal> {
+) -> Result<Answer, Refusal> {
     let too_large =
         || Refusal::new(413, format!("the body is over the limit of {max_body_bytes} bytes (--max-body-bytes)"));
     if request.body_length().is_some_and(|length| length > max_body_bytes) {
@@ -360,12 +376,12 @@ fn predict(
     let count = data.rows;
     let (reply, answer) = mpsc::channel();
     jobs.send(Job { data, reply }).map_err(|_| Refusal::new(503, "the server is stopping"))?;
-    let scores = answer
+    let Scored { scores, batch } = answer
         .recv()
         .map_err(|_| Refusal::new(503, "the server is stopping"))?
         .map_err(|e| Refusal::new(500, format!("cannot score: {e}")))?;
     let per_row: Vec<&[f32]> = scores.chunks(model.tasks.len().max(1)).collect();
-    Ok((json!({ "tasks": model.tasks, "scores": per_row, "domain_fallbacks": fallbacks }), count))
+    Ok((json!({ "tasks": model.tasks, "scores": per_row, "domain_fallbacks": fallbacks }), Some((count, batch))))
 }
 
 /// The rows of a `/predict` body: an array of row objects, or `{"rows": [...]}`.

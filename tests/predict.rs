@@ -7,82 +7,19 @@
 //! score.
 
 mod common;
+use common::scoring::{self, failed, fields, mdl, mdl_with, ok, test_split};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::OnceLock;
 
 fn tmp(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("predict").join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    scoring::tmp("predict", name)
 }
-
-/// Runs `mdl` in the repository root, with `stdin` piped in when given.
-fn mdl_with(args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mdl"))
-        .args(args)
-        .current_dir(common::root())
-        .env("MDL_CACHE_DIR", PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("mdl-cache"))
-        .env("CI", "1")
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(bytes) = stdin {
-        let mut pipe = child.stdin.take().unwrap();
-        let bytes = bytes.to_vec();
-        std::thread::spawn(move || pipe.write_all(&bytes));
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn mdl(args: &[&str]) -> Output {
-    mdl_with(args, None)
-}
-
-fn ok(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "mdl failed:\n{err}");
-    err
-}
-
-fn failed(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "mdl should have failed:\n{err}");
-    err
-}
-
-/// A small model with a domain embedding.
-const SPEC: &str = "model scored(dim = 8) {
-  input fields : categorical
-  input hist : sequence(50) of fields
-  input tags : sequence(3)
-  input dense : numeric
-  input domain : domain
-  label click
-  let E = embedding(fields, dim)
-  let D = embedding(domain, dim)
-  task click = mlp(concat([flatten(E[fields]), D[domain]], axis = 1), [16]) |> linear(1)
-  loss bce(click)
-}
-";
 
 /// Trains the small model for a few steps into `name` with extra `--set`s; returns the run folder.
 fn train(name: &str, extra: &[&str]) -> PathBuf {
-    let dir = tmp(name);
-    let spec = dir.join("scored.mdl");
-    std::fs::write(&spec, SPEC).unwrap();
-    let spec_set = format!("spec={}", spec.display());
-    let out = dir.join("run");
-    let mut args = vec!["run", "experiments/quickstart.yaml", "--out", out.to_str().unwrap(), "--set", &spec_set];
-    for set in ["train.batch_size=512", "train.max_steps=4", "train.eval_every=4"].iter().chain(extra) {
-        args.extend(["--set", set]);
-    }
-    ok(&mdl(&args));
-    out
+    scoring::train(&tmp(name), extra)
 }
 
 /// A run with the default policies (`bad_rows: fail`, `unknown_domain: error`).
@@ -95,37 +32,6 @@ fn run_failing() -> &'static Path {
 fn run_lenient() -> &'static Path {
     static RUN: OnceLock<PathBuf> = OnceLock::new();
     RUN.get_or_init(|| train("run_lenient", &["data.bad_rows=skip", "data.unknown_domain=1"]))
-}
-
-/// The lines of the bundled test split (header first).
-fn test_split() -> Vec<String> {
-    use std::io::Read;
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(
-        std::fs::File::open(common::root().join("data/kuairand_pure_tail/test.csv.gz")).unwrap(),
-    )
-    .read_to_string(&mut text)
-    .unwrap();
-    text.lines().map(str::to_string).collect()
-}
-
-/// The fields of one CSV line of the bundled data (quoted fields hold no line breaks).
-fn fields(line: &str) -> Vec<String> {
-    let mut out = vec![String::new()];
-    let mut quoted = false;
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' if quoted && chars.peek() == Some(&'"') => {
-                chars.next();
-                out.last_mut().unwrap().push('"');
-            }
-            '"' => quoted = !quoted,
-            ',' if !quoted => out.push(String::new()),
-            c => out.last_mut().unwrap().push(c),
-        }
-    }
-    out
 }
 
 /// `line` with its fields at `drop` removed.
@@ -312,6 +218,31 @@ fn dash_reads_stdin_plain_or_gzipped_and_writes_stdout() {
 }
 
 #[test]
+fn eval_reads_stdin_plain_or_gzipped_for_dash() {
+    let dir = tmp("eval_stdin");
+    let split = test_split();
+    let file = write(&dir, "rows.csv", &split[..401]);
+    let run = run_failing().to_str().unwrap();
+    let from_file = mdl(&["eval", run, "--data", file.to_str().unwrap()]);
+    ok(&from_file);
+    assert!(String::from_utf8_lossy(&from_file.stdout).contains("\"count\": 400"));
+    let text = std::fs::read(&file).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&text).unwrap();
+    for input in [text, gz.finish().unwrap()] {
+        let piped = mdl_with(&["eval", run, "--data", "-"], Some(&input));
+        ok(&piped);
+        assert_eq!(piped.stdout, from_file.stdout, "the same metrics from stdin as from the file");
+    }
+    assert!(!common::root().join("-").exists());
+    // Errors in stdin name it.
+    let mut broken = split[..3].to_vec();
+    broken[2] = broken[2][..broken[2].rfind(',').unwrap()].to_string();
+    let err = failed(&mdl_with(&["eval", run, "--data", "-"], Some((broken.join("\n") + "\n").as_bytes())));
+    assert!(err.contains("error: stdin:3: expected 61 fields as in the header, found 60"), "{err}");
+}
+
+#[test]
 fn an_unseen_domain_is_an_error_naming_the_row_or_scored_as_the_declared_fallback() {
     let dir = tmp("domain");
     let split = test_split();
@@ -416,4 +347,23 @@ fn the_unknown_domain_policy_encodes_valid_and_test_and_is_part_of_the_cache_key
         assert_eq!(prep.valid.domain[6], fallback, "the row of line 8 is scored as the fallback");
         assert_eq!(prep.valid.rows, 50);
     }
+}
+
+#[test]
+fn a_bad_unknown_domain_value_names_its_key_path() {
+    let dir = tmp("domain_key");
+    let base = common::root().join("experiments/quickstart.yaml");
+    let file = dir.join("exp.yaml");
+    std::fs::write(&file, format!("base: {}\ndata:\n  unknown_domain: sometimes\n", base.display())).unwrap();
+    let err = mdl::experiment::load(&file, &[]).unwrap_err();
+    assert_eq!(
+        err,
+        format!(
+            "{}: data.unknown_domain: invalid value: string \"sometimes\", expected `error` or a domain id \
+             (a non-negative integer)",
+            file.display()
+        )
+    );
+    let err = mdl::experiment::load(&base, &["data.unknown_domain=-3".into()]).unwrap_err();
+    assert!(err.ends_with("with --set data.unknown_domain=-3: data.unknown_domain: invalid value: integer `-3`, expected `error` or a domain id (a non-negative integer)"), "{err}");
 }

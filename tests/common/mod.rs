@@ -2,6 +2,8 @@
 //! to small numbers, and make random feeds and parameters for the interp backend.
 #![allow(dead_code)]
 
+pub mod scoring;
+
 use mdl::diag::{render_all, SourceMap};
 use mdl::lower::{compile_file, Compiled};
 use mdl_runtime::ir::dim::eval_shape;
