@@ -136,8 +136,8 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         threads: usize,
         /// How long to wait for more requests to score with the first one (0: only those
-        /// already waiting)
-        #[arg(long, default_value_t = 2.0, value_name = "MS")]
+        /// that arrived while the previous batch was scored)
+        #[arg(long, default_value_t = 0.0, value_name = "MS")]
         batch_window_ms: f64,
         /// Rows past which no more requests join a batch
         #[arg(long, default_value_t = 4096)]

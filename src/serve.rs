@@ -16,9 +16,11 @@
 //!   413. A run's `data.bad_rows: skip` does not apply: a request's rows are all scored or
 //!   it is refused.
 //! - Micro-batching: handler threads encode their request's rows and hand them to one
-//!   scoring thread ([`Scorer`], the path `mdl predict` uses), which gathers the requests
-//!   that arrive within a short window (up to a row limit; a request is never split), scores
-//!   them as one batch and hands each its own rows' scores.
+//!   scoring thread ([`Scorer`], the path `mdl predict` uses), which takes every request
+//!   waiting when it is free (those that arrived while it scored the previous batch), and
+//!   those arriving within a window after the first (`--batch-window-ms`, default 0), up to
+//!   a row limit (a request is never split); it scores them as one batch and hands each its
+//!   own rows' scores.
 //! - `GET /health` answers `{"status": "ok", "run_id", "model", "tasks", "columns"}`
 //!   (`columns`: the input columns every row gives).
 //! - SIGTERM or SIGINT stops the server: no new request is taken, the requests being
@@ -50,7 +52,8 @@ pub struct ServeOptions {
     /// Handler threads: requests read, encoded and answered at once.
     pub threads: usize,
     /// How long the scoring thread waits for more requests to score with the first one
-    /// (zero: only those already waiting).
+    /// (zero: only those that arrived while the previous batch was scored; measured best on
+    /// a small machine, docs/serving.md).
     pub batch_window: Duration,
     /// Rows past which no more requests join a batch.
     pub max_batch_rows: usize,
@@ -65,7 +68,7 @@ impl Default for ServeOptions {
         ServeOptions {
             addr: "127.0.0.1:8080".into(),
             threads: 8,
-            batch_window: Duration::from_millis(2),
+            batch_window: Duration::ZERO,
             max_batch_rows: 4096,
             max_body_bytes: 16 << 20,
             force: false,
