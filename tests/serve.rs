@@ -412,3 +412,26 @@ fn a_run_that_cannot_be_served_is_an_error() {
     let err = scoring::failed(&out);
     assert!(err.contains("--batch-window-ms -1: expected a non-negative number of milliseconds"), "{err}");
 }
+
+#[test]
+fn a_huge_declared_body_is_refused_and_the_server_lives_on() {
+    use std::io::{Read, Write};
+    let server = Server::start(run_strict(), &["--max-body-bytes", "20000"]);
+    let at = server.url.trim_start_matches("http://").to_string();
+    // Lengths over the limit that the client does not send: tiny_http would drain them
+    // into a buffer of that size (1e15 bytes cannot be had: the process would abort).
+    for (path, length) in [("/predict", 5_000_000u128), ("/predict", 10u128.pow(15)), ("/health", 1 << 63)] {
+        let mut stream = std::net::TcpStream::connect(&at).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(stream, "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n[1,2").unwrap();
+        let mut head = [0u8; 32];
+        let read = stream.read(&mut head).unwrap();
+        let head = String::from_utf8_lossy(&head[..read]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 413"), "{path} with {length}: {head}");
+    }
+    let (status, health) = server.get("/health");
+    assert_eq!((status, &health["status"]), (200, &json!("ok")), "{}", server.log());
+    let log = server.log();
+    assert!(log.contains("POST /predict 413: the body is over the limit of 20000 bytes"), "{log}");
+    assert!(log.contains("(a declared body of over 1 GiB; its connection is left open)"), "{log}");
+}
