@@ -213,3 +213,56 @@ fn bad_uses_of_bucket_ids_and_integer_division() {
     assert_at(&err, f, 14, 13, 3, "this table has 2 rows, but these ids go up to 3");
     assert_eq!(err.matches("error:").count(), 7, "one error per bad use:\n{err}");
 }
+
+/// Bad uses of the selection built-ins (`take_along`, `take`, `pairs`, `top_k`, `argmax`)
+/// and of a broadcast `@`: each at its place, all at once.
+#[test]
+fn bad_uses_of_selection_and_broadcast_products() {
+    let (code, err) = check(
+        "select.mdl",
+        "model m(dim = 8) {
+  input fields : categorical
+  input dense : numeric
+  label click
+  let E = embedding(fields, dim)
+  let e = E[fields]
+  let a = take_along(e, dense, axis = 1)
+  let t = top_k(dense, 0)
+  let s = top_k(e, 9, axis = 2)
+  let u = take(e, [0, 9], axis = 2)
+  let v = pairs(count(fields))
+  let w = relu(argmax(e, axis = 2))
+  param W : [3, 8, 4]
+  let m = e @ W
+  let q = take_along(dense, argmax(e, axis = 1), axis = 1)
+  task click = linear(flatten(e), 1)
+  loss bce(click)
+}
+",
+    );
+    assert_eq!(code, 1);
+    let f = "select.mdl";
+    assert_at(
+        &err,
+        f,
+        7,
+        25,
+        5,
+        "`idx` must be positions (from `top_k`, `argmax`, `argmin` or `sort`), found an input",
+    );
+    assert_at(&err, f, 8, 24, 1, "`k` must be between 1 and count(dense) (axis 1 of [B, count(dense)]), found 0");
+    assert_at(&err, f, 9, 20, 1, "`k` must be between 1 and 8 (axis 2 of [B, count(fields), 8]), found 9");
+    assert_at(&err, f, 10, 19, 6, "position 9 is outside axis 2 of [B, count(fields), 8]");
+    assert_at(&err, f, 11, 17, 13, "`pairs` needs a constant number, found the size count(fields)");
+    assert_at(&err, f, 12, 16, 19, "expected a tensor, found ids");
+    assert_at(
+        &err,
+        f,
+        14,
+        11,
+        5,
+        "matmul of [B, count(fields), 8] and [3, 8, 4]: leading axes [B] and [3] do not broadcast",
+    );
+    assert_at(&err, f, 15, 29, 19, "these positions go up to count(fields) - 1, but axis 1 of [B, count(dense)] has");
+    assert_eq!(err.matches("error:").count(), 8, "one error per bad use:\n{err}");
+}

@@ -3,10 +3,11 @@
 //!
 //! The catalogue is built from `UnaryOp::ALL`, `BinaryOp::ALL` and `ReduceOp::ALL` (so a new
 //! elementwise op or reduction is in it without an edit here) plus softmax, constant,
-//! layout, index and linalg cases. Operands mix in the special values an op's semantics allow: every
-//! elementwise op and every layout copy gets zeros of both signs, ±inf, NaN, huge and tiny
-//! magnitudes; reductions get those whose result does not depend on the order (-inf, huge of
-//! one sign, tiny; no NaN); softmax gets -inf (a masked position).
+//! layout, index, select (top-k) and linalg cases. Operands mix in the special values an
+//! op's semantics allow: every elementwise op and every layout copy gets zeros of both
+//! signs, ±inf, NaN, huge and tiny magnitudes; reductions get those whose result does not
+//! depend on the order (-inf, huge of one sign, tiny; no NaN); softmax gets -inf (a masked
+//! position); top-k gets ties, signed zeros, ±inf and NaN.
 //!
 //! The executors, each a module of tests made by [`conformance!`] from the same test
 //! bodies (one per catalogue group): `jit_exact` (1 and 2 threads, exact kernels: every
@@ -255,8 +256,9 @@ fn constant() -> Vec<Case> {
     cases
 }
 
-/// Gather (ids of any rank, rows of any width), segment sums, one-hot, and the ops that make
-/// ids (bucketize, with specials and values on the boundaries; id div and mod).
+/// Gather (ids of any rank, rows of any width), segment sums, one-hot, the ops that make
+/// ids (bucketize, with specials and values on the boundaries; id div and mod; a constant
+/// id list), and the selection along an axis (take_along, scatter_add).
 fn index() -> Vec<Case> {
     let table = || with_specials(&[11, 4], 60, &SPECIALS);
     let id_data = |n: usize, limit: u32| (0..n as u32).map(|i| (i * 7 + 3) % limit).collect::<Vec<u32>>();
@@ -279,7 +281,76 @@ fn index() -> Vec<Case> {
         ),
         Case::new("id_div", Op::IdDiv { by: 3 }, vec![ids(&[3, 4], id_data(12, 11))]),
         Case::new("id_mod", Op::IdMod { by: 4 }, vec![ids(&[3, 4], id_data(12, 11))]),
+        Case::new("id_list", Op::IdList { ids: vec![0, 0, 1, 3, 2, 3] }, vec![]),
+        // Along the middle axis with ids per element, and the same pair list for every row
+        // and column (ids [1, P, 1], runs of the last axis); along the last axis; one id
+        // broadcast over the leading axis.
+        Case::new(
+            "take_along axis 1",
+            Op::TakeAlong { axis: 1 },
+            vec![with_specials(&[4, 5, 3], 64, &SPECIALS), ids(&[4, 7, 3], id_data(84, 5))],
+        ),
+        Case::new(
+            "take_along pairs",
+            Op::TakeAlong { axis: 1 },
+            vec![with_specials(&[4, 5, 3], 65, &SPECIALS), ids(&[1, 10, 1], vec![0, 0, 0, 0, 1, 1, 1, 2, 2, 3])],
+        ),
+        Case::new(
+            "take_along axis 2",
+            Op::TakeAlong { axis: 2 },
+            vec![with_specials(&[4, 5, 6], 66, &SPECIALS), ids(&[4, 5, 2], id_data(40, 6))],
+        ),
+        Case::new(
+            "take_along 20000 rows",
+            Op::TakeAlong { axis: 1 },
+            vec![with_specials(&[20_000, 6], 67, &SPECIALS), ids(&[1, 3], vec![5, 0, 5])],
+        ),
+        // Repeated ids add up (in order of position, on every backend).
+        Case::new(
+            "scatter_add axis 1",
+            Op::ScatterAdd { axis: 1, size: Dim::lit(5) },
+            vec![plain(&[4, 7, 3], 68), ids(&[4, 7, 3], id_data(84, 5))],
+        )
+        .summing(7),
+        Case::new(
+            "scatter_add pairs",
+            Op::ScatterAdd { axis: 1, size: Dim::lit(5) },
+            vec![plain(&[4, 10, 3], 69), ids(&[1, 10, 1], vec![0, 0, 0, 0, 1, 1, 1, 2, 2, 3])],
+        )
+        .summing(10),
+        Case::new(
+            "scatter_add 20000 rows",
+            Op::ScatterAdd { axis: 1, size: Dim::lit(6) },
+            vec![plain(&[20_000, 3], 70), ids(&[1, 3], vec![5, 0, 5])],
+        )
+        .summing(3),
     ]
+}
+
+/// TopK on every axis, largest and smallest, k from 1 to the whole axis (a sort), with
+/// ties (values on a coarse grid), signed zeros, ±inf and NaN: the positions must be
+/// interp's exactly.
+fn select() -> Vec<Case> {
+    let mut cases = Vec::new();
+    let shape = [5usize, 6, 7];
+    let Operand::Real(mut x) = with_specials(&shape, 80, &SPECIALS) else { unreachable!("real") };
+    for (i, v) in x.data.iter_mut().enumerate() {
+        if i % 3 == 1 {
+            *v = (*v).round(); // ties
+        }
+    }
+    for axis in 0..3 {
+        for k in [1, 3, shape[axis]] {
+            for largest in [true, false] {
+                cases.push(Case::new(
+                    format!("top_k axis {axis} k {k} largest {largest}"),
+                    Op::TopK { axis, k: Dim::from(k), largest },
+                    vec![Operand::Real(x.clone())],
+                ));
+            }
+        }
+    }
+    cases
 }
 
 /// MatMul with every transpose flag, batched and with a shared right operand, at sizes
@@ -298,7 +369,15 @@ fn linalg() -> Vec<Case> {
             cases.push(Case::new(name, op.clone(), vec![plain(&batched(&a), 72), plain(&batched(&b), 73)]).summing(k));
             if !ta {
                 let name = format!("matmul shared right {a:?} {b:?} bT {tb}");
-                cases.push(Case::new(name, op, vec![plain(&batched(&a), 74), plain(&b, 75)]).summing(k));
+                cases.push(Case::new(name, op.clone(), vec![plain(&batched(&a), 74), plain(&b, 75)]).summing(k));
+            }
+            // Broadcast leading axes: [2, 3, m, k] @ [3, k, n], [2, 1, m, k] @ [1, 3, k, n], and
+            // a shared left operand [m, k] @ [2, k, n].
+            let lead = |l: &[usize], s: &[usize]| [l, s].concat();
+            for (la, lb) in [(&[2usize, 3][..], &[3usize][..]), (&[2, 1], &[1, 3]), (&[], &[2])] {
+                let (sa, sb) = (lead(la, &a), lead(lb, &b));
+                let name = format!("matmul broadcast {sa:?} {sb:?} aT {ta} bT {tb}");
+                cases.push(Case::new(name, op.clone(), vec![plain(&sa, 76), plain(&sb, 77)]).summing(k));
             }
         }
     }
@@ -449,10 +528,10 @@ macro_rules! conformance {
 }
 
 conformance! {
-    jit_exact: [unary, binary, reduce, constant, layout, index, linalg];
-    jit_fast: [unary, binary, reduce, constant, layout, index, linalg];
+    jit_exact: [unary, binary, reduce, constant, layout, index, select, linalg];
+    jit_fast: [unary, binary, reduce, constant, layout, index, select, linalg];
     #[cfg(feature = "opencl")]
-    opencl: [unary, binary, reduce, constant, layout, index, linalg];
+    opencl: [unary, binary, reduce, constant, layout, index, select, linalg];
 }
 
 /// The catalogue itself: the op lists come from `ALL`, and every case is well formed (its
@@ -469,7 +548,7 @@ fn the_catalogue_covers_every_elementwise_op_and_reduction() {
     for &r in ReduceOp::ALL {
         assert!(names.iter().any(|n| n.starts_with(&format!("reduce_{}", format!("{r:?}").to_lowercase()))));
     }
-    for group in [unary(), binary(), reduce(), constant(), layout(), index(), linalg()] {
+    for group in [unary(), binary(), reduce(), constant(), layout(), index(), select(), linalg()] {
         graph(&group);
     }
 }

@@ -10,6 +10,7 @@
 //! `sum(x, axis = 1)` sums over the fields. Negative axes count from the end.
 //! `reshape` takes the shape of one sample: the leading axis is kept.
 
+use super::expr::ids_fit;
 use super::value::{IdSpace, Tv, Val};
 use super::{count_sym, label_input, Elab, FeatureKind, R};
 use crate::diag::{suggest, Diagnostic, Span};
@@ -152,6 +153,21 @@ pub static BUILTINS: &[Builtin] = &[
     Builtin { name: "tril", params: &[Required("n"), Int("k", 0)], lower: |el, a, span| triangle(el, a, false, span) },
     Builtin { name: "triu", params: &[Required("n"), Int("k", 0)], lower: |el, a, span| triangle(el, a, true, span) },
     Builtin { name: "eye", params: &[Required("n")], lower: eye },
+    Builtin { name: "take_along", params: &[Required("x"), Required("idx"), Int("axis", -1)], lower: take_along },
+    Builtin { name: "take", params: &[Required("x"), Required("idx"), Required("axis")], lower: take },
+    Builtin { name: "pairs", params: &[Required("n")], lower: pairs },
+    Builtin { name: "top_k", params: &[Required("x"), Required("k"), Int("axis", -1)], lower: top_k },
+    Builtin {
+        name: "argmax",
+        params: &[Required("x"), Int("axis", -1), Bool("keep", false)],
+        lower: |el, a, span| arg_extreme(el, a, true, span),
+    },
+    Builtin {
+        name: "argmin",
+        params: &[Required("x"), Int("axis", -1), Bool("keep", false)],
+        lower: |el, a, span| arg_extreme(el, a, false, span),
+    },
+    Builtin { name: "sort", params: &[Required("x"), Int("axis", -1), Bool("descending", false)], lower: sort },
     Builtin { name: "dropout", params: &[Required("x"), Int("p", 0)], lower: dropout },
     Builtin { name: "stopgrad", params: &[Required("x")], lower: stopgrad },
     Builtin { name: "one_hot", params: &[Required("ids")], lower: one_hot },
@@ -398,7 +414,7 @@ fn bucketize(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     if boundaries.is_empty() {
         return el.error(s, "`boundaries` needs at least one value");
     }
-    let rows = boundaries.len() as i64 + 1;
+    let rows = Dim::from(boundaries.len() + 1);
     let node = el.add(Op::Bucketize { boundaries }, &[x.node], span)?;
     Ok(Val::Ids { node, rows })
 }
@@ -421,10 +437,13 @@ fn div_mod(el: &mut Elab, a: &Args, name: &str, span: Span) -> R<Val> {
             };
             return el.error(bs, format!("`{name}` of ids takes a positive constant integer, found {found}"));
         };
-        let (op, rows) = if name == "mod" {
-            (Op::IdMod { by: by as u32 }, rows.min(by))
-        } else {
-            (Op::IdDiv { by: by as u32 }, (rows + by - 1) / by)
+        // Positions along an axis of a size known only with data: `mod` is below `b`, and
+        // `floordiv` below the size still.
+        let (op, rows) = match (name, rows.as_const()) {
+            ("mod", Some(r)) => (Op::IdMod { by: by as u32 }, Dim::lit(r.min(by))),
+            ("mod", None) => (Op::IdMod { by: by as u32 }, Dim::lit(by)),
+            (_, Some(r)) => (Op::IdDiv { by: by as u32 }, Dim::lit((r + by - 1) / by)),
+            (_, None) => (Op::IdDiv { by: by as u32 }, rows),
         };
         let node = el.add(op, &[node], span)?;
         return Ok(Val::Ids { node, rows });
@@ -481,6 +500,223 @@ fn eye(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     let n = size_arg(el, a)?;
     let node = el.add(Op::Eye { n }, &[], span)?;
     Ok(Val::Tensor(Tv { node, grouped: false }))
+}
+
+/// The positions argument `name` of a selection: ids and the bound they are below.
+fn ids_arg(el: &mut Elab, a: &Args, name: &str) -> R<(mdl_runtime::NodeId, Dim, Span)> {
+    match a.get(name) {
+        (Val::Ids { node, rows }, s) => Ok((node, rows, s)),
+        (Val::Poison(reported), _) => Err(reported),
+        (other, s) => el.error(
+            s,
+            format!("`{name}` must be positions (from `top_k`, `argmax`, `argmin` or `sort`), found {}", other.kind()),
+        ),
+    }
+}
+
+/// Ids below `rows` select along `axis` of `x` only when they are below its size there.
+fn check_positions(el: &mut Elab, x: Tv, axis: usize, rows: &Dim, s: Span) -> R<()> {
+    let n = el.shape(x.node)[axis].clone();
+    if ids_fit(rows, &n) {
+        return Ok(());
+    }
+    el.error(
+        s,
+        format!(
+            "these positions go up to {}, but axis {axis} of {} has {n}",
+            rows - &Dim::lit(1),
+            el.shape_str(x.node)
+        ),
+    )
+}
+
+/// `take_along(x, idx, axis = -1)`: `out[.., p, ..] = x[.., idx[.., p, ..], ..]` along `axis`
+/// (numpy's `take_along_axis`). `idx` may leave out trailing axes, and have size 1 on any
+/// axis but `axis`: it is then the same for every index there.
+fn take_along(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let x = el.materialise(x, span)?;
+    let (idx, rows, s) = ids_arg(el, a, "idx")?;
+    let axis = axis_arg(el, a, "axis", x, 0)?;
+    let (rank, mut id_shape) = (el.shape(x.node).len(), el.shape(idx).to_vec());
+    if id_shape.len() > rank {
+        return el.error(
+            s,
+            format!(
+                "positions {} have more axes than the tensor {} they select from",
+                shape_to_string(&id_shape),
+                el.shape_str(x.node)
+            ),
+        );
+    }
+    check_positions(el, x, axis, &rows, s)?;
+    let idx = if id_shape.len() < rank {
+        id_shape.resize(rank, Dim::lit(1));
+        el.add(Op::Reshape { shape: id_shape }, &[idx], span)?
+    } else {
+        idx
+    };
+    let node = el.add(Op::TakeAlong { axis }, &[x.node, idx], span)?;
+    Ok(Val::Tensor(Tv { node, grouped: false }))
+}
+
+/// `take(x, idx, axis)`: the same positions `idx` (a list of constant integers, or ids of
+/// any shape) for every index of the other axes: `x`'s shape with `axis` replaced by
+/// `idx`'s (numpy's `take`). One op whatever the number of positions.
+fn take(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let x = el.materialise(x, span)?;
+    let axis = axis_arg(el, a, "axis", x, 0)?;
+    let shape = el.shape(x.node).to_vec();
+    let (ids, id_shape) = match a.get("idx") {
+        (Val::List(items), s) => {
+            let n = shape[axis].as_const();
+            let mut list = Vec::with_capacity(items.len());
+            for it in &items {
+                let c = match it {
+                    Val::Int(d) => d.as_const(),
+                    _ => None,
+                };
+                match c {
+                    Some(c) if c >= 0 && n.is_none_or(|n| c < n) && c <= u32::MAX as i64 => list.push(c as u32),
+                    Some(c) => {
+                        return el
+                            .error(s, format!("position {c} is outside axis {axis} of {}", shape_to_string(&shape)))
+                    }
+                    None => {
+                        return el
+                            .error(s, format!("`idx` must be a list of constant positions, found {} in it", it.kind()))
+                    }
+                }
+            }
+            if list.is_empty() {
+                return el.error(s, "`idx` needs at least one position");
+            }
+            let len = list.len();
+            (el.add(Op::IdList { ids: list }, &[], span)?, vec![Dim::from(len)])
+        }
+        (Val::Ids { node, rows }, s) => {
+            check_positions(el, x, axis, &rows, s)?;
+            (node, el.shape(node).to_vec())
+        }
+        (Val::Poison(reported), _) => return Err(reported),
+        (other, s) => {
+            return el.error(
+                s,
+                format!("`idx` must be a list of positions or positions from `top_k`, found {}", other.kind()),
+            )
+        }
+    };
+    let count = numel(&id_shape);
+    let mut along = vec![Dim::lit(1); shape.len()];
+    along[axis] = count;
+    let ids = el.add(Op::Reshape { shape: along }, &[ids], span)?;
+    let mut node = el.add(Op::TakeAlong { axis }, &[x.node, ids], span)?;
+    if id_shape.len() != 1 {
+        let out: Vec<Dim> = [&shape[..axis], &id_shape[..], &shape[axis + 1..]].concat();
+        node = el.add(Op::Reshape { shape: out }, &[node], span)?;
+    }
+    Ok(Val::Tensor(Tv { node, grouped: false }))
+}
+
+/// The most pairs `pairs(n)` makes (as many as a range may have items).
+const MAX_PAIRS: i64 = 100_000;
+
+/// `pairs(n)`: the pairs `i < j` below `n` in order, as two lists of positions
+/// `[[0, 0, .., 1, ..], [1, 2, .., 2, ..]]` (for `take`).
+fn pairs(el: &mut Elab, a: &Args, _span: Span) -> R<Val> {
+    let n = int(el, a, "n")?;
+    let s = a.get("n").1;
+    let Some(n) = n.as_const() else {
+        let d = Diagnostic::error(s, format!("`pairs` needs a constant number, found the size {n}"))
+            .label("known only once an experiment binds the data")
+            .hint("give the number as a hyperparameter");
+        return Err(el.report(d));
+    };
+    if n < 2 {
+        return el.error(s, format!("`pairs` needs a number of at least 2, found {n}"));
+    }
+    if n * (n - 1) / 2 > MAX_PAIRS {
+        return el.error(s, format!("`pairs({n})` makes {} pairs (at most {MAX_PAIRS})", n * (n - 1) / 2));
+    }
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        for j in i + 1..n {
+            first.push(Val::int(i));
+            second.push(Val::int(j));
+        }
+    }
+    Ok(Val::List(vec![Val::List(first), Val::List(second)]))
+}
+
+/// The positions of the `k` largest (`largest`) or smallest values of `x` along `axis`, as
+/// ids below the axis's size, and the size.
+fn positions(el: &mut Elab, x: Tv, axis: usize, k: Dim, largest: bool, span: Span) -> R<(mdl_runtime::NodeId, Dim)> {
+    let n = el.shape(x.node)[axis].clone();
+    let node = el.add(Op::TopK { axis, k, largest }, &[x.node], span)?;
+    Ok((node, n))
+}
+
+/// `top_k(x, k, axis = -1)`: `[values, positions]` of the `k` largest values along `axis`,
+/// largest first (equal values: the lowest position first). The gradient reaches the
+/// selected elements through the values.
+fn top_k(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let x = el.materialise(x, span)?;
+    let axis = axis_arg(el, a, "axis", x, 0)?;
+    let k = int(el, a, "k")?;
+    let n = el.shape(x.node)[axis].clone();
+    // A constant `k` against a size known only with data is checked when the model runs.
+    let within = k == n
+        || match (k.as_const(), n.as_const()) {
+            (Some(k), Some(n)) => k <= n,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+    if k.as_const().is_some_and(|c| c < 1) || !within {
+        return el.error(
+            a.get("k").1,
+            format!("`k` must be between 1 and {n} (axis {axis} of {}), found {k}", el.shape_str(x.node)),
+        );
+    }
+    let (pos, rows) = positions(el, x, axis, k, true, span)?;
+    let values = el.add(Op::TakeAlong { axis }, &[x.node, pos], span)?;
+    Ok(Val::List(vec![Val::Tensor(Tv { node: values, grouped: false }), Val::Ids { node: pos, rows }]))
+}
+
+/// `argmax` / `argmin(x, axis = -1, keep = false)`: the position of the largest (smallest)
+/// value along `axis` (the lowest of equal ones), the axis removed unless `keep`.
+fn arg_extreme(el: &mut Elab, a: &Args, largest: bool, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let x = el.materialise(x, span)?;
+    let axis = axis_arg(el, a, "axis", x, 0)?;
+    let (mut pos, rows) = positions(el, x, axis, Dim::lit(1), largest, span)?;
+    match a.get("keep") {
+        (Val::Bool(true), _) => {}
+        (Val::Bool(false), _) => {
+            let mut shape = el.shape(pos).to_vec();
+            shape.remove(axis);
+            pos = el.add(Op::Reshape { shape }, &[pos], span)?;
+        }
+        (other, s) => return el.error(s, format!("`keep` must be true or false, found {}", other.kind())),
+    }
+    Ok(Val::Ids { node: pos, rows })
+}
+
+/// `sort(x, axis = -1, descending = false)`: `[values, positions]` along `axis`, equal
+/// values in order of position (a stable sort).
+fn sort(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let x = el.materialise(x, span)?;
+    let axis = axis_arg(el, a, "axis", x, 0)?;
+    let descending = match a.get("descending") {
+        (Val::Bool(b), _) => b,
+        (other, s) => return el.error(s, format!("`descending` must be true or false, found {}", other.kind())),
+    };
+    let n = el.shape(x.node)[axis].clone();
+    let (pos, rows) = positions(el, x, axis, n, descending, span)?;
+    let values = el.add(Op::TakeAlong { axis }, &[x.node, pos], span)?;
+    Ok(Val::List(vec![Val::Tensor(Tv { node: values, grouped: false }), Val::Ids { node: pos, rows }]))
 }
 
 fn dropout(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
@@ -741,7 +977,7 @@ fn embedding(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     if let Some(rows) = made {
         let name = el.param_name("table");
         let group = el.group_name();
-        let node = el.graph.param(&name, vec![Dim::lit(rows), dim], Init::Normal(std), group, true);
+        let node = el.graph.param(&name, vec![rows.clone(), dim], Init::Normal(std), group, true);
         return Ok(Val::Table { node, ids_of: IdSpace::Made { rows } });
     }
     let (f, fs) = feature(el, a, "ids")?;

@@ -307,10 +307,11 @@ impl Elab {
                 if let Val::Ids { node: ids, rows } = iv {
                     // Made ids index a table made for made ids with at least as many rows.
                     let message = match &ids_of {
-                        IdSpace::Made { rows: table_rows } if rows <= *table_rows => None,
-                        IdSpace::Made { rows: table_rows } => {
-                            Some(format!("this table has {table_rows} rows, but these ids go up to {}", rows - 1))
-                        }
+                        IdSpace::Made { rows: table_rows } if ids_fit(&rows, table_rows) => None,
+                        IdSpace::Made { rows: table_rows } => Some(format!(
+                            "this table has {table_rows} rows, but these ids go up to {}",
+                            &rows - &Dim::lit(1)
+                        )),
                         IdSpace::Input(name) => {
                             Some(format!("this table holds rows for the ids of `{name}`, not for ids made in the spec"))
                         }
@@ -364,4 +365,9 @@ impl Elab {
             other => self.error(base.span, format!("{} cannot be indexed", other.kind())),
         }
     }
+}
+
+/// Whether ids below `rows` are all below `limit`: the same size, or constants in order.
+pub(super) fn ids_fit(rows: &Dim, limit: &Dim) -> bool {
+    rows == limit || matches!((rows.as_const(), limit.as_const()), (Some(r), Some(l)) if r <= l)
 }

@@ -25,11 +25,13 @@ pub enum Val {
     Bool(bool),
     List(Vec<Val>),
     Tensor(Tv),
-    /// Ids made in the spec (by `bucketize`, `floordiv`, `mod`), each below `rows`: they
-    /// index tables made for them (`embedding(ids, dim)` has `rows` rows).
+    /// Ids made in the spec (by `bucketize`, `floordiv`, `mod`; positions by `top_k`,
+    /// `argmax`, `argmin`, `sort`), each below `rows` (a size: the positions along an axis
+    /// of `count(x)` are below `count(x)`): they index tables made for them
+    /// (`embedding(ids, dim)` has `rows` rows) and select along an axis (`take_along`).
     Ids {
         node: NodeId,
-        rows: i64,
+        rows: Dim,
     },
     /// An embedding table, holding rows for an id space.
     Table {
@@ -78,7 +80,7 @@ pub enum IdSpace {
     /// The ids of a declared input (and of the sequences declared `of` it).
     Input(String),
     /// Ids made in the spec, every one below `rows`: any made ids with the same `rows`.
-    Made { rows: i64 },
+    Made { rows: Dim },
 }
 
 /// Lexical scopes of `let` bindings (ordered maps, so that [`Env::names`], which "did you

@@ -1,9 +1,11 @@
-//! Matrix products: MatMul (batched or shared right operand), GroupMatMul, GroupOuter.
+//! Matrix products: MatMul (batched, its leading axes broadcast numpy-style), GroupMatMul,
+//! GroupOuter; [`batch_index`] maps a product's leading index to its operands' (shared with
+//! the jit's kernel).
 
 use super::emit::Emit;
 use super::{shape_err, DType, Op, Operand, ShapeError, Signature, ValueKind};
 use crate::exec::{Arg, EvalCx, ExecError};
-use crate::ir::dim::{numel, Dim};
+use crate::ir::dim::{numel, shape_to_string, Dim};
 use crate::ir::graph::{Graph, Node, NodeId};
 use crate::tensor::{Float, Ids, Tensor, Value};
 
@@ -54,14 +56,15 @@ pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
             }
             let batch_a = &a[..a.len() - 2];
             let batch_b = &b[..b.len() - 2];
-            if !batch_b.is_empty() && batch_a != batch_b {
+            let Ok(mut out) = super::elementwise::broadcast_shapes(batch_a, batch_b) else {
                 return shape_err(format!(
-                    "batched matmul of {} and {}: leading axes differ",
+                    "matmul of {} and {}: leading axes {} and {} do not broadcast",
                     x[0].describe(),
-                    x[1].describe()
+                    x[1].describe(),
+                    shape_to_string(batch_a),
+                    shape_to_string(batch_b)
                 ));
-            }
-            let mut out = batch_a.to_vec();
+            };
             out.push(m);
             out.push(n);
             Ok(Signature::dense(out))
@@ -107,7 +110,9 @@ pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
 
 /// MatMul: `dA = dC·op(B)ᵀ`, `dB = op(A)ᵀ·dC`, written with the trans flags so no operand is
 /// transposed in memory; with a shared `b: [k, n]` the leading axes of `a` and `dC` are folded
-/// into rows for `dB` (one rank-2 product, no per-sample outer products).
+/// into rows for `dB` (one rank-2 product, no per-sample outer products). With other
+/// broadcast leading axes, each product has the output's leading axes and is summed back
+/// over the axes its operand was broadcast along (`Emit::unbroadcast`).
 /// GroupMatMul: `dx = GroupMatMul(dy, w, !trans_w)`, `dw = GroupOuter(x, dy)` (operands
 /// swapped when `trans_w`, which yields the transposed weight layout directly).
 /// GroupOuter: the adjoints are GroupMatMuls with the cotangent as the weights.
@@ -116,8 +121,13 @@ pub fn grad(graph: &mut Graph, node: &Node, _y: NodeId, dy: NodeId) -> Result<Ve
     match &node.op {
         &Op::MatMul { trans_a, trans_b } => {
             let (a, b) = (node.inputs[0], node.inputs[1]);
-            let a_shape = e.shape(a);
-            let shared = e.shape(b).len() == 2 && a_shape.len() > 2;
+            let (a_shape, b_shape) = (e.shape(a), e.shape(b));
+            let shared = b_shape.len() == 2 && a_shape.len() > 2;
+            if !shared && a_shape[..a_shape.len() - 2] != b_shape[..b_shape.len() - 2] {
+                let da = if trans_a { e.matmul(b, dy, trans_b, true)? } else { e.matmul(dy, b, false, !trans_b)? };
+                let db = if trans_b { e.matmul(dy, a, true, trans_a)? } else { e.matmul(a, dy, !trans_a, false)? };
+                return Ok(vec![Some(e.unbroadcast(da, &a_shape)?), Some(e.unbroadcast(db, &b_shape)?)]);
+            }
             let da = match (trans_a, shared) {
                 (false, _) => e.matmul(dy, b, false, !trans_b)?,
                 (true, false) => e.matmul(b, dy, trans_b, true)?,
@@ -167,6 +177,19 @@ pub fn grad(graph: &mut Graph, node: &Node, _y: NodeId, dy: NodeId) -> Result<Ve
     }
 }
 
+/// For each leading index of a product's output (leading axes `out`), the leading index of
+/// an operand whose leading axes `lead` broadcast to them (numpy rules: missing axes on the
+/// left and axes of size 1 repeat).
+pub fn batch_index(out: &[usize], lead: &[usize]) -> Vec<usize> {
+    let skip = out.len() - lead.len();
+    let mut index = vec![0usize];
+    for (d, &size) in out.iter().enumerate() {
+        let own = if d < skip { 1 } else { lead[d - skip] };
+        index = index.iter().flat_map(|&i| (0..size).map(move |j| i * own + if own == 1 { 0 } else { j })).collect();
+    }
+    index
+}
+
 /// The group of row `i`, checked against the number of groups.
 fn group_of(idx: &Ids, i: usize, groups: usize, op: &str) -> Result<usize, ExecError> {
     let g = idx.data[i];
@@ -186,12 +209,12 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
             let (ra, rb) = (a.rank(), b.rank());
             let (m, n) = (out[out.len() - 2], out[out.len() - 1]);
             let k = if trans_a { a.shape[ra - 2] } else { a.shape[ra - 1] };
-            let batches: usize = a.shape[..ra - 2].iter().product();
-            let shared = rb == 2;
+            let lead = &out[..out.len() - 2];
+            let (a_index, b_index) = (batch_index(lead, &a.shape[..ra - 2]), batch_index(lead, &b.shape[..rb - 2]));
             let mut b_block = vec![T::ZERO; if trans_b { k * n } else { 0 }];
-            for p in 0..batches {
-                let a_off = p * m * k;
-                let b_off = if shared { 0 } else { p * k * n };
+            for (p, (&ai, &bi)) in a_index.iter().zip(&b_index).enumerate() {
+                let a_off = ai * m * k;
+                let b_off = bi * k * n;
                 let c_off = p * m * n;
                 // op(B) as a contiguous [k, n] block, so the inner loop runs along rows.
                 let bm: &[T] = if trans_b {

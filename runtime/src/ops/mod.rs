@@ -17,12 +17,12 @@
 //!
 //! | family        | ops |
 //! |---------------|-----|
-//! | `source`      | Input, Param, Scalar, the constant tensors Arange, Triangle and Eye (from compile-time sizes), DropMask, StopGrad |
+//! | `source`      | Input, Param, Scalar, the constant tensors Arange, Triangle and Eye (from compile-time sizes), IdList (constant ids), DropMask, StopGrad |
 //! | `elementwise` | Unary (neg exp log sqrt recip relu sigmoid tanh softplus abs step sign floor gelu), Binary (add sub mul div max min gt eq ge ne prelu keep) with broadcasting |
 //! | `layout`      | Reshape, Permute, Broadcast, Concat, Slice, Pad (all but Pad also move ids) |
 //! | `reduce`      | Reduce (sum mean max min over axes), Softmax |
 //! | `linalg`      | MatMul, GroupMatMul, GroupOuter |
-//! | `index`       | Gather, SparseRows, SegmentSum, OneHot, Bucketize (reals to ids), IdDiv, IdMod |
+//! | `index`       | Gather, SparseRows, SegmentSum, OneHot, Bucketize (reals to ids), IdDiv, IdMod, TakeAlong (gather along an axis), ScatterAdd (its adjoint), TopK (positions of the k largest or smallest) |
 //! | `fused`       | Fused (Unary/Binary groups made one kernel by the fusion pass after autodiff, with an optional sum/mean epilogue) |
 
 pub mod elementwise;
@@ -100,6 +100,9 @@ pub enum Op {
     Triangle { n: Dim, upper: bool, k: i64 },
     /// `[n, n]`: the identity matrix. No operands.
     Eye { n: Dim },
+    /// `[len(ids)]`: the constant ids `ids`, in order (positions chosen at compile time,
+    /// such as the pairs `i < j` of fields). No operands, no gradient.
+    IdList { ids: Vec<u32> },
     /// `[x]` → a mask with `x`'s shape: each element `1/(1-p)` with probability `1-p`, else `0`;
     /// all ones when not training. `stream` keeps masks of different nodes independent.
     DropMask { p: f64, stream: u64 },
@@ -133,9 +136,10 @@ pub enum Op {
     Softmax { axis: usize },
 
     // ---- linalg ----
-    /// `[a, b]`: `a: [..., m, k]`, `b: [..., k, n]` with equal leading (batch) axes, or
-    /// `b: [k, n]` shared by every leading index of `a` (any rank ≥ 2... of `a`, rank ≥ 1 allowed
-    /// when `a` is `[m, k]`). `trans_a`/`trans_b` transpose the last two axes of that operand first.
+    /// `[a, b]`: `a: [..., m, k]`, `b: [..., k, n]` (both of rank ≥ 2) → `[..., m, n]`, one
+    /// product per leading index; the leading axes broadcast numpy-style (`[B, h, n, k] @
+    /// [h, k, m]`, and `b: [k, n]` is shared by every leading index of `a`).
+    /// `trans_a`/`trans_b` transpose the last two axes of that operand first.
     MatMul { trans_a: bool, trans_b: bool },
     /// `[x: [N, k], w: [G, k, n], idx: [N] (ids)]` → `[N, n]`, row `i` = `x[i] @ w[idx[i]]`
     /// (`trans_w`: use `w[g]ᵀ`, so `w: [G, n, k]`). Per-domain / per-task weights without
@@ -165,6 +169,22 @@ pub enum Op {
     IdDiv { by: u32 },
     /// `[ids]` → ids `id % by` (`by > 0`). No gradient.
     IdMod { by: u32 },
+    /// `[x: real [a..., n, c...], idx: ids [a'..., m, c'...]]` → `[a..., m, c...]`:
+    /// `out[a, p, c] = x[a, idx[a, p, c], c]` along `axis` (numpy's `take_along_axis`). `idx`
+    /// has `x`'s rank; on every other axis its size is `x`'s or 1 (it is then the same for
+    /// every index of that axis). Each id must be below `n`. The gradient reaches `x`
+    /// through ScatterAdd.
+    TakeAlong { axis: usize },
+    /// `[src: real [a..., m, c...], idx: ids as TakeAlong's]` → `[a..., size, c...]` of zeros
+    /// with `src[a, p, c]` added at `[a, idx[a, p, c], c]` (in order of `p`): the adjoint of
+    /// TakeAlong. Each id must be below `size`.
+    ScatterAdd { axis: usize, size: Dim },
+    /// `[x: real [a..., n, c...]]` → ids `[a..., k, c...]`: along `axis`, the positions of the
+    /// `k` largest values (`largest`, in decreasing order) or the `k` smallest (increasing);
+    /// equal values in order of position (the lowest first), NaN above every number (first
+    /// among the largest, last among the smallest), `-0.0` equal to `0.0`. `k <= n`. No
+    /// gradient: the values are `TakeAlong(x, positions)`.
+    TopK { axis: usize, k: Dim, largest: bool },
 
     // ---- fused ----
     /// `[x0, x1, ...]` (the kernel's inputs, real and dense) → the kernel's body evaluated
@@ -225,7 +245,7 @@ impl Op {
     pub fn arity(&self) -> Option<usize> {
         use Op::*;
         Some(match self {
-            Input { .. } | Param { .. } | Scalar(_) | Arange { .. } | Triangle { .. } | Eye { .. } => 0,
+            Input { .. } | Param { .. } | Scalar(_) | Arange { .. } | Triangle { .. } | Eye { .. } | IdList { .. } => 0,
             DropMask { .. } | StopGrad | Unary(_) => 1,
             Binary(_) => 2,
             Reshape { .. } | Permute { .. } | Broadcast { .. } | Slice { .. } | Pad { .. } => 1,
@@ -233,8 +253,8 @@ impl Op {
             Reduce { .. } | Softmax { .. } => 1,
             MatMul { .. } => 2,
             GroupMatMul { .. } | GroupOuter { .. } => 3,
-            Gather | SparseRows { .. } | SegmentSum { .. } => 2,
-            OneHot { .. } | Bucketize { .. } | IdDiv { .. } | IdMod { .. } => 1,
+            Gather | SparseRows { .. } | SegmentSum { .. } | TakeAlong { .. } | ScatterAdd { .. } => 2,
+            OneHot { .. } | Bucketize { .. } | IdDiv { .. } | IdMod { .. } | TopK { .. } => 1,
             Fused(kernel) => kernel.inputs,
         })
     }
@@ -254,7 +274,7 @@ impl Op {
         use Op::*;
         match self {
             Input { .. } | Param { .. } => shape_err("the shape of an input or parameter comes from its declaration"),
-            Scalar(_) | Arange { .. } | Triangle { .. } | Eye { .. } | DropMask { .. } | StopGrad => {
+            Scalar(_) | Arange { .. } | Triangle { .. } | Eye { .. } | IdList { .. } | DropMask { .. } | StopGrad => {
                 source::shape(self, operands)
             }
             Unary(_) | Binary(_) => elementwise::shape(self, operands),
@@ -269,7 +289,10 @@ impl Op {
             | OneHot { .. }
             | Bucketize { .. }
             | IdDiv { .. }
-            | IdMod { .. } => index::shape(self, operands),
+            | IdMod { .. }
+            | TakeAlong { .. }
+            | ScatterAdd { .. }
+            | TopK { .. } => index::shape(self, operands),
             Fused(_) => fused::shape(self, operands),
         }
     }
@@ -284,6 +307,7 @@ impl Op {
             Arange { n } => format!("arange n={n}"),
             Triangle { n, upper, k } => format!("{} n={n} k={k}", if *upper { "triu" } else { "tril" }),
             Eye { n } => format!("eye n={n}"),
+            IdList { ids } => format!("id_list {ids:?}"),
             DropMask { p, .. } => format!("dropmask p={p}"),
             StopGrad => "stopgrad".into(),
             Unary(u) => format!("{u:?}").to_lowercase(),
@@ -314,6 +338,11 @@ impl Op {
             Bucketize { boundaries } => format!("bucketize {boundaries:?}"),
             IdDiv { by } => format!("id_div by={by}"),
             IdMod { by } => format!("id_mod by={by}"),
+            TakeAlong { axis } => format!("take_along axis={axis}"),
+            ScatterAdd { axis, size } => format!("scatter_add axis={axis} size={size}"),
+            TopK { axis, k, largest } => {
+                format!("{} axis={axis} k={k}", if *largest { "top_k" } else { "bottom_k" })
+            }
             Fused(kernel) => format!("fused {}", kernel.summary()),
         }
     }
@@ -326,7 +355,9 @@ impl Op {
             | Op::OneHot { .. }
             | Op::Bucketize { .. }
             | Op::IdDiv { .. }
-            | Op::IdMod { .. } => true,
+            | Op::IdMod { .. }
+            | Op::IdList { .. }
+            | Op::TopK { .. } => true,
             Op::Unary(u) => !u.is_differentiable(),
             Op::Binary(b) => !b.is_differentiable(),
             _ => false,
@@ -361,6 +392,7 @@ pub fn grad(graph: &mut Graph, node: &Node, id: NodeId, dy: NodeId) -> Result<Ve
         | Arange { .. }
         | Triangle { .. }
         | Eye { .. }
+        | IdList { .. }
         | DropMask { .. }
         | StopGrad => source::grad(graph, node, id, dy),
         Unary(_) | Binary(_) => elementwise::grad(graph, node, id, dy),
@@ -375,7 +407,10 @@ pub fn grad(graph: &mut Graph, node: &Node, id: NodeId, dy: NodeId) -> Result<Ve
         | OneHot { .. }
         | Bucketize { .. }
         | IdDiv { .. }
-        | IdMod { .. } => index::grad(graph, node, id, dy),
+        | IdMod { .. }
+        | TakeAlong { .. }
+        | ScatterAdd { .. }
+        | TopK { .. } => index::grad(graph, node, id, dy),
         Fused(_) => fused::grad(graph, node, id, dy),
     }
 }
@@ -392,7 +427,7 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
             op: op.name(),
             message: "inputs and parameters are read by the backend".into(),
         }),
-        Scalar(_) | Arange { .. } | Triangle { .. } | Eye { .. } | DropMask { .. } | StopGrad => {
+        Scalar(_) | Arange { .. } | Triangle { .. } | Eye { .. } | IdList { .. } | DropMask { .. } | StopGrad => {
             source::eval(op, args, cx)
         }
         Unary(_) | Binary(_) => elementwise::eval(op, args, cx),
@@ -407,7 +442,10 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
         | OneHot { .. }
         | Bucketize { .. }
         | IdDiv { .. }
-        | IdMod { .. } => index::eval(op, args, cx),
+        | IdMod { .. }
+        | TakeAlong { .. }
+        | ScatterAdd { .. }
+        | TopK { .. } => index::eval(op, args, cx),
         Fused(_) => fused::eval(op, args, cx),
     }
 }

@@ -1,11 +1,13 @@
 //! Source ops and gradient barriers: Input, Param, Scalar, the constant tensors (Arange,
-//! Triangle, Eye: one op each, whatever their size), DropMask, StopGrad.
+//! Triangle, Eye: one op each, whatever their size), the constant ids (IdList), DropMask,
+//! StopGrad.
 
-use super::{Op, Operand, ShapeError, Signature};
+use super::{DType, Op, Operand, ShapeError, Signature, ValueKind};
 use crate::exec::{Arg, EvalCx, ExecError};
+use crate::ir::dim::Dim;
 use crate::ir::graph::{Graph, Node, NodeId};
 use crate::rng::SplitMix64;
-use crate::tensor::{Float, Tensor, Value};
+use crate::tensor::{Float, Ids, Tensor, Value};
 
 pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
     super::require_dense_real(op, x)?;
@@ -13,6 +15,9 @@ pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
         Op::Scalar(_) => Ok(Signature::dense(vec![])),
         Op::Arange { n } => Ok(Signature::dense(vec![n.clone()])),
         Op::Triangle { n, .. } | Op::Eye { n } => Ok(Signature::dense(vec![n.clone(), n.clone()])),
+        Op::IdList { ids } => {
+            Ok(Signature { shape: vec![Dim::from(ids.len())], dtype: DType::I, kind: ValueKind::Dense })
+        }
         Op::DropMask { p, .. } => {
             if !(0.0..1.0).contains(p) {
                 return super::shape_err(format!("dropout rate must be in [0, 1), got {p}"));
@@ -46,6 +51,7 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
         Op::Triangle { upper: false, k, .. } => Ok(square(&|row, col| col <= row + k)),
         Op::Triangle { upper: true, k, .. } => Ok(square(&|row, col| col >= row + k)),
         Op::Eye { .. } => Ok(square(&|row, col| row == col)),
+        Op::IdList { ids } => Ok(Value::Ids(Ids { shape: vec![ids.len()], data: ids.clone() })),
         Op::StopGrad => Ok(Value::Dense(args[0].dense("stopgrad")?.clone())),
         Op::DropMask { p, stream } => {
             let shape = args[0].dense("dropmask")?.shape.clone();

@@ -6,12 +6,13 @@
 //! `SparseRows` keeps its ids and values as they are.
 
 use super::group::{group_matmul, group_outer};
-use super::layout::{broadcast, concat, gather, pad, permute, slice};
+use super::layout::{broadcast, concat, gather, pad, permute, scatter_add, slice, take_along};
 use super::math;
 use super::pool::Pool;
 use crate::backend::driver::Operands;
 use crate::exec::{Arg, EvalCx, ExecError};
 use crate::ops::elementwise::{BinaryLoop, UnaryLoop};
+use crate::ops::linalg::batch_index;
 use crate::ops::{BinaryOp, Op, ReduceOp, UnaryOp};
 use crate::tensor::{Tensor, Value};
 use gemm::Parallelism;
@@ -63,6 +64,20 @@ pub fn fast(
             let (table, ids) = (args[0].dense(&name())?, args[1].ids(&name())?);
             Some(Value::Dense(
                 gather(table, &ids.data, cx.out_shape, threads, pool)
+                    .map_err(|(id, limit)| ExecError::IdOutOfRange { op: name(), id, limit })?,
+            ))
+        }
+        Op::TakeAlong { axis } => {
+            let (x, ids) = (args[0].dense(&name())?, args[1].ids(&name())?);
+            Some(Value::Dense(
+                take_along(x, ids, *axis, cx.out_shape, threads, pool)
+                    .map_err(|(id, limit)| ExecError::IdOutOfRange { op: name(), id, limit })?,
+            ))
+        }
+        Op::ScatterAdd { axis, .. } => {
+            let (src, ids) = (args[0].dense(&name())?, args[1].ids(&name())?);
+            Some(Value::Dense(
+                scatter_add(src, ids, *axis, cx.out_shape, threads, pool)
                     .map_err(|(id, limit)| ExecError::IdOutOfRange { op: name(), id, limit })?,
             ))
         }
@@ -251,7 +266,8 @@ fn matmul(
     let (b_rows, b_cols) = (b.shape[rb - 2], b.shape[rb - 1]);
     let (m, k) = if ta { (a_cols, a_rows) } else { (a_rows, a_cols) };
     let n = if tb { b_rows } else { b_cols };
-    let batch: usize = a.shape[..ra - 2].iter().product();
+    let lead = &out_shape[..out_shape.len() - 2];
+    let batch: usize = lead.iter().product();
     // Every element is written (gemm with `read_dst` off), so the buffer need not be zeros.
     let mut out = pool.take(out_shape.iter().product());
     let par = |work: usize| {
@@ -264,20 +280,20 @@ fn matmul(
     if m == 0 || n == 0 {
         return Tensor { shape: out_shape.to_vec(), data: out };
     }
-    if rb == 2 && !ta {
+    if rb == 2 && !ta && a.shape[..ra - 2] == *lead {
         // Shared right operand: all leading axes of `a` are rows of one product.
         let rows = batch * m;
         gemm_into(&mut out, rows, n, k, &a.data, false, a_cols, &b.data, tb, b_cols, par(rows * n * k));
     } else {
-        let a_step = a_rows * a_cols;
-        let b_step = if rb == 2 { 0 } else { b_rows * b_cols };
+        let (a_step, b_step) = (a_rows * a_cols, b_rows * b_cols);
+        // The operands' leading index per product (numpy broadcasting of the leading axes).
+        let (a_index, b_index) = (batch_index(lead, &a.shape[..ra - 2]), batch_index(lead, &b.shape[..rb - 2]));
         // One product per leading index. Products too small to split themselves (attention
         // scores: [N, d] @ [d, N] per sample) are split by leading index over the threads.
         let products = |first: usize, out: &mut [f32], par: Parallelism| {
             for (j, o) in out.chunks_exact_mut(m * n).enumerate() {
-                let i = first + j;
-                let (a_i, b_i) =
-                    (&a.data[i * a_step..(i + 1) * a_step], &b.data[i * b_step..i * b_step + b_rows * b_cols]);
+                let (ai, bi) = (a_index[first + j], b_index[first + j]);
+                let (a_i, b_i) = (&a.data[ai * a_step..(ai + 1) * a_step], &b.data[bi * b_step..(bi + 1) * b_step]);
                 gemm_into(o, m, n, k, a_i, ta, a_cols, b_i, tb, b_cols, par);
             }
         };

@@ -1,11 +1,12 @@
 //! Layout kernels of the jit: ops that only move elements (gather by id, broadcast,
-//! concat, slice, pad, permute), each writing a pooled buffer with block copies, split
+//! concat, slice, pad, permute, take along an axis and its adjoint scatter-add), each writing a pooled buffer with block copies, split
 //! over the threads by leading rows when large. The eval rules in `ops::layout` compute the
 //! same values into fresh vectors; these exist because a step runs them on every
 //! activation and its gradient (DIN's slices, PEPNet's pads, AutoInt's head permutes).
 
 use super::kernels::split;
 use super::pool::Pool;
+use crate::ops::index::AlongIds;
 use crate::tensor::Tensor;
 
 /// `dst.copy_from_slice(src)` (equal lengths) for the short runs layout ops copy per
@@ -232,4 +233,89 @@ pub(super) fn concat(parts: &[&Tensor<f32>], axis: usize, out_shape: &[usize], p
         }
     }
     Tensor { shape: out_shape.to_vec(), data: out }
+}
+
+/// TakeAlong: `out[o, p, i] = x[o, ids(o, p, i), i]` over the walk of [`AlongIds`], split
+/// over the threads by outer index; where the ids are the same across the inner axes, each
+/// one copies a run of `inner` values. `Err((id, limit))` for the first id past the axis,
+/// before anything is copied.
+pub(super) fn take_along(
+    x: &Tensor<f32>,
+    ids: &Tensor<u32>,
+    axis: usize,
+    out_shape: &[usize],
+    threads: usize,
+    pool: &mut Pool,
+) -> Result<Tensor<f32>, (u32, usize)> {
+    let n = x.shape[axis];
+    if let Some(&id) = ids.data.iter().find(|&&id| id as usize >= n) {
+        return Err((id, n));
+    }
+    let walk = AlongIds::new(out_shape, &ids.shape, axis);
+    let (len, inner) = (walk.len, walk.inner);
+    let mut out = pool.take(out_shape.iter().product());
+    let block = len * inner;
+    if block > 0 {
+        let runs = walk.runs();
+        split(&mut out, threads, block, |off, o| {
+            for (j, dst) in o.chunks_exact_mut(block).enumerate() {
+                let outer = off / block + j;
+                let src = &x.data[outer * n * inner..(outer + 1) * n * inner];
+                for (p, row) in dst.chunks_exact_mut(inner).enumerate() {
+                    if runs {
+                        let id = ids.data[walk.at(outer, p, 0)] as usize;
+                        copy_run(row, &src[id * inner..(id + 1) * inner]);
+                    } else {
+                        for (i, d) in row.iter_mut().enumerate() {
+                            *d = src[ids.data[walk.at(outer, p, i)] as usize * inner + i];
+                        }
+                    }
+                }
+            }
+        });
+    }
+    Ok(Tensor { shape: out_shape.to_vec(), data: out })
+}
+
+/// ScatterAdd: zeros with `src[o, p, i]` added at `[o, ids(o, p, i), i]`, in the eval rule's
+/// order (so the same sums, bit for bit), split over the threads by outer index (each writes
+/// its own block of the output). `Err((id, limit))` for the first id past the axis.
+pub(super) fn scatter_add(
+    src: &Tensor<f32>,
+    ids: &Tensor<u32>,
+    axis: usize,
+    out_shape: &[usize],
+    threads: usize,
+    pool: &mut Pool,
+) -> Result<Tensor<f32>, (u32, usize)> {
+    let n = out_shape[axis];
+    if let Some(&id) = ids.data.iter().find(|&&id| id as usize >= n) {
+        return Err((id, n));
+    }
+    let walk = AlongIds::new(&src.shape, &ids.shape, axis);
+    let (len, inner) = (walk.len, walk.inner);
+    let mut out = pool.zeroed(out_shape.iter().product());
+    let block = n * inner;
+    if block > 0 {
+        let runs = walk.runs();
+        split(&mut out, threads, block, |off, o| {
+            for (j, dst) in o.chunks_exact_mut(block).enumerate() {
+                let outer = off / block + j;
+                let from = &src.data[outer * len * inner..(outer + 1) * len * inner];
+                for (p, row) in from.chunks_exact(inner).enumerate() {
+                    if runs {
+                        let id = ids.data[walk.at(outer, p, 0)] as usize;
+                        for (d, &v) in dst[id * inner..(id + 1) * inner].iter_mut().zip(row) {
+                            *d += v;
+                        }
+                    } else {
+                        for (i, &v) in row.iter().enumerate() {
+                            dst[ids.data[walk.at(outer, p, i)] as usize * inner + i] += v;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    Ok(Tensor { shape: out_shape.to_vec(), data: out })
 }

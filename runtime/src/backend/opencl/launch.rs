@@ -336,7 +336,9 @@ impl DeviceRun<'_> {
         let k = if trans_a { sa[ra - 2] } else { sa[ra - 1] };
         let batches: usize = sa[..ra - 2].iter().product();
         let shared = rb == 2;
-        if !shared && sb[..rb - 2].iter().product::<usize>() != batches {
+        // Leading axes broadcast otherwise (one operand repeated along some of them) run on
+        // the host.
+        if out_shape[..out_shape.len() - 2] != sa[..ra - 2] || !shared && sb[..rb - 2] != sa[..ra - 2] {
             return Ok(None);
         }
         let total = batches * m * n;
