@@ -273,6 +273,22 @@ pub fn serve_bench(options: &crate::serve::load::LoadOptions) -> ExitCode {
     }
 }
 
+/// `mdl export RUN --format onnx|safetensors -o FILE`
+pub fn export(run: &Path, format: crate::export::Format, out: &Path, force: bool) -> ExitCode {
+    match crate::export::export(run, format, out, force) {
+        Ok(done) => {
+            let files: Vec<String> = done.files.iter().map(|f| f.display().to_string()).collect();
+            let what = match format {
+                crate::export::Format::Onnx => "inputs",
+                crate::export::Format::Safetensors => "parameters",
+            };
+            crate::say!("wrote {} ({} {what}: {})", files.join(" and "), done.names.len(), done.names.join(", "));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
 /// `mdl bench EXPERIMENT [--backend B] [--steps N]`
 pub fn bench(experiment: &Path, backend: Option<String>, steps: usize, set: &[String]) -> ExitCode {
     let mut set = set.to_vec();

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod data;
 pub mod diag;
 pub mod experiment;
+pub mod export;
 pub mod files;
 pub mod fuzz;
 pub mod lower;

@@ -171,6 +171,23 @@ enum Command {
         #[arg(long, default_value_t = 20.0)]
         seconds: f64,
     },
+    /// Export a trained run's model: `onnx` (the evaluation graph with its parameters, one
+    /// probability per task, and beside it `<name>.features.json`, the vocabularies and
+    /// normalisers that turn raw values into its inputs) or `safetensors` (the parameters
+    /// by name). docs/serving.md describes both.
+    Export {
+        /// Run folder written by `mdl run`
+        run: PathBuf,
+        /// `onnx` or `safetensors`
+        #[arg(long, value_name = "onnx|safetensors")]
+        format: mdl::export::Format,
+        /// The file to write (e.g. model.onnx)
+        #[arg(short = 'o', long = "out")]
+        out: PathBuf,
+        /// Read a run folder whose files do not match its manifest (saying so)
+        #[arg(long)]
+        force: bool,
+    },
     /// List the OpenCL platforms and devices (`--backend opencl` takes the first GPU, else
     /// the first device; `--device N` picks another).
     Devices,
@@ -273,6 +290,7 @@ fn main() -> ExitCode {
             let options = mdl::serve::load::LoadOptions { url, data, rows, concurrency, requests, seconds };
             mdl::cli::serve_bench(&options)
         }
+        Command::Export { run, format, out, force } => mdl::cli::export(&run, format, &out, force),
         Command::Report { runs } => mdl::cli::report(&runs),
         Command::Fuzz { kinds, cases, from, seed, budget_secs, known, jobs, secs_per_kind, root, work, worker } => {
             let args = mdl::cli::FuzzArgs {

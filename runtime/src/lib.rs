@@ -11,6 +11,7 @@ pub mod exec;
 pub mod fuse;
 pub mod init;
 pub mod ir;
+pub mod onnx;
 pub mod ops;
 pub mod optim;
 pub mod passes;

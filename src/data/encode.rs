@@ -829,7 +829,7 @@ impl Fitted {
     }
 
     /// The vocabulary and id offset each sequence group's items go through.
-    fn sequence_vocabs(&self) -> Vec<(&Vocab, u32)> {
+    pub(super) fn sequence_vocabs(&self) -> Vec<(&Vocab, u32)> {
         let offsets: Vec<Vec<u32>> = self.vocabs.categorical.iter().map(|vocabs| column_offsets(vocabs)).collect();
         self.schema
             .sequence_groups()

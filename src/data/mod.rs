@@ -40,6 +40,7 @@ pub mod encode;
 pub mod numeric;
 pub mod prepare;
 pub mod schema;
+pub mod serving;
 pub mod stream;
 pub mod vocab;
 

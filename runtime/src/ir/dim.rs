@@ -102,6 +102,22 @@ impl Dim {
         Some(Dim { terms })
     }
 
+    /// The dimension as `a·B + b` with `a` and `b` free of the batch symbol, or `None` when
+    /// the batch occurs squared (or higher) in a term.
+    pub fn split_batch(&self) -> Option<(Dim, Dim)> {
+        let (mut a, mut b) = (Dim::default(), Dim::default());
+        for (mono, &c) in &self.terms {
+            let batch = mono.iter().filter(|s| &***s == BATCH).count();
+            let rest: Vec<Sym> = mono.iter().filter(|s| &***s != BATCH).cloned().collect();
+            match batch {
+                0 => Dim::add_term(&mut b.terms, rest, c),
+                1 => Dim::add_term(&mut a.terms, rest, c),
+                _ => return None,
+            }
+        }
+        Some((a, b))
+    }
+
     fn add_term(terms: &mut BTreeMap<Vec<Sym>, i64>, mono: Vec<Sym>, c: i64) {
         let e = terms.entry(mono).or_insert(0);
         *e += c;
@@ -229,6 +245,10 @@ mod tests {
         bind.insert("count(fields)".into(), 3);
         assert_eq!(a.eval(&bind), Ok(56));
         assert!(Dim::sym("B").eval(&Binding::new()).is_err());
+        let b = Dim::batch();
+        let (slope, rest) = (&(&b * &a) + &Dim::lit(3)).split_batch().expect("linear in B");
+        assert_eq!((slope, rest), (a.clone(), Dim::lit(3)));
+        assert_eq!((&b * &b).split_batch(), None);
     }
 
     #[test]

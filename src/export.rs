@@ -1,0 +1,149 @@
+//! `mdl export`: a trained run's model out of mdl, as a standard ONNX model or its
+//! parameters as safetensors.
+//!
+//! - `--format onnx`: the evaluation graph of the run's spec copy with its best parameters
+//!   inside, rendered by the runtime's ONNX renderer (`mdl_runtime::onnx`). Its inputs are
+//!   the encoded features as `mdl` feeds them (ids as int64, normalised numbers and
+//!   sequence masks as float32, the domain id); its outputs are one probability `[B]` per
+//!   task, named after the task. Beside it, `<name>.features.json` holds the run's
+//!   vocabularies and normalisers (`mdl-features/1`, [`crate::data::serving`]), so that a
+//!   serving system can turn raw CSV values into those inputs; docs/serving.md documents
+//!   both.
+//! - `--format safetensors`: every parameter by its name, float32, with the tasks in the header's
+//!   metadata.
+//!
+//! Both files appear only once complete ([`crate::files::write_atomic`]).
+
+use crate::data::serving::{FeatureEncoding, FORMAT};
+use crate::files::write_atomic;
+use crate::lower::{logit_output, FeatureKind};
+use crate::train::folder::Trust;
+use crate::train::{open_run, LoadedRun};
+use mdl_runtime::onnx::ModelInfo;
+use mdl_runtime::{Op, UnaryOp};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The formats `mdl export` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Onnx,
+    Safetensors,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Format, String> {
+        match text {
+            "onnx" => Ok(Format::Onnx),
+            "safetensors" => Ok(Format::Safetensors),
+            _ => Err(format!("expected `onnx` or `safetensors`, found `{text}`")),
+        }
+    }
+}
+
+/// What was written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exported {
+    /// The files, the model first.
+    pub files: Vec<PathBuf>,
+    /// The model's inputs (ONNX) or its parameters (safetensors).
+    pub names: Vec<String>,
+}
+
+/// The file beside an ONNX model that holds its feature encoding: `model.onnx` →
+/// `model.features.json`.
+pub fn features_path(model: &Path) -> PathBuf {
+    model.with_extension("features.json")
+}
+
+/// Exports the run in `run` (see the module doc); `force` reads a run folder whose files do
+/// not match its manifest, saying so.
+pub fn export(run: &Path, format: Format, out: &Path, force: bool) -> Result<Exported, String> {
+    let loaded = open_run(run, Trust { force })?;
+    match format {
+        Format::Onnx => onnx(&loaded, out),
+        Format::Safetensors => safetensors(&loaded, out),
+    }
+}
+
+fn onnx(run: &LoadedRun, out: &Path) -> Result<Exported, String> {
+    let session = &run.session;
+    let tasks = &session.compiled.tasks;
+    // The evaluation graph, its outputs the tasks' probabilities.
+    let mut graph = session.eval_graph.clone();
+    let mut outputs = std::collections::BTreeMap::new();
+    for task in tasks {
+        let logit =
+            *graph.outputs.get(&logit_output(task)).ok_or_else(|| format!("no logit output for task {task}"))?;
+        let p = graph.add(Op::Unary(UnaryOp::Sigmoid), &[logit], task).map_err(|e| e.to_string())?;
+        outputs.insert(task.clone(), p);
+    }
+    graph.outputs = outputs;
+    let info = ModelInfo {
+        producer: ("mdl".into(), env!("CARGO_PKG_VERSION").into()),
+        doc: format!(
+            "{} (spec {}): one probability per task; the inputs are encoded as {} describes",
+            run.experiment.name,
+            run.experiment.spec.display(),
+            file_name(&features_path(out))
+        ),
+        metadata: vec![("tasks".into(), tasks.join(","))],
+    };
+    let model = mdl_runtime::onnx::render(&graph, &session.inputs.sizes, &run.params, &info)
+        .map_err(|e| format!("{}: {e}", run.experiment.spec.display()))?;
+    let inputs = model.input_names();
+    let domain_input =
+        session.compiled.features.iter().find(|f| f.kind == FeatureKind::Domain).map(|f| f.name.as_str());
+    let encoding = FeatureEncoding {
+        format: FORMAT,
+        model: file_name(out),
+        tasks: tasks.clone(),
+        oov: crate::data::OOV,
+        pad: crate::data::PAD,
+        inputs: run
+            .fitted
+            .feature_encoding(domain_input, run.experiment.data.unknown_domain)
+            .into_iter()
+            .filter(|g| inputs.iter().any(|i| i == g.input()))
+            .collect(),
+    };
+    let json = serde_json::to_vec_pretty(&encoding).map_err(|e| e.to_string())?;
+    let features = features_path(out);
+    write_atomic(out, &model.to_bytes())?;
+    write_atomic(&features, &json)?;
+    Ok(Exported { files: vec![out.to_path_buf(), features], names: inputs })
+}
+
+fn safetensors(run: &LoadedRun, out: &Path) -> Result<Exported, String> {
+    let mut names: Vec<String> = run.session.params().iter().map(|p| p.name.clone()).collect();
+    names.sort();
+    let bytes: HashMap<&str, Vec<u8>> = names
+        .iter()
+        .map(|name| {
+            let t = &run.params[name];
+            (name.as_str(), t.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+        })
+        .collect();
+    let mut views = Vec::with_capacity(names.len());
+    for name in &names {
+        let view = safetensors::tensor::TensorView::new(
+            safetensors::Dtype::F32,
+            run.params[name].shape.clone(),
+            &bytes[name.as_str()],
+        )
+        .map_err(|e| format!("parameter `{name}`: {e}"))?;
+        views.push((name.as_str(), view));
+    }
+    let metadata = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("tasks".to_string(), run.session.compiled.tasks.join(",")),
+    ]);
+    let data = safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| e.to_string())?;
+    write_atomic(out, &data)?;
+    Ok(Exported { files: vec![out.to_path_buf()], names })
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}

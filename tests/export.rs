@@ -1,0 +1,212 @@
+//! `mdl export`: every shipped spec with an experiment, trained a few steps on a small
+//! subset of the bundled data, exports to ONNX, and onnxruntime's scores of the test rows,
+//! fed from the raw CSV through the exported `.features.json` (scripts/onnx_score.py), equal
+//! `mdl predict`'s within 1e-5. That test needs Python with numpy and onnxruntime; without
+//! them it says so and passes, unless `MDL_REQUIRE_ONNXRUNTIME=1` (CI sets it), when it
+//! fails. The safetensors export holds every parameter of the checkpoint by name, exactly.
+
+mod common;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("export").join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn mdl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mdl"))
+        .args(args)
+        .current_dir(common::root())
+        .env("MDL_CACHE_DIR", PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("mdl-cache"))
+        .env("CI", "1")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output, what: &str) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{what} failed:\n{err}{}", String::from_utf8_lossy(&out.stdout));
+    err
+}
+
+/// The first `rows` records of a bundled split, as a plain CSV file in `dir`.
+fn subset(dir: &Path, split: &str, rows: usize) -> PathBuf {
+    let gz = common::root().join("data/kuairand_pure_tail").join(format!("{split}.csv.gz"));
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(&gz).unwrap()).read_to_string(&mut text).unwrap();
+    let lines: Vec<&str> = text.lines().take(rows + 1).collect();
+    let path = dir.join(format!("{split}.csv"));
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+/// A short run named `name` of `experiment` (with `spec` as a `--set`) on small splits;
+/// returns its folder.
+fn short_run(
+    dir: &Path,
+    name: &str,
+    experiment: &str,
+    spec: Option<&str>,
+    splits: &[PathBuf; 3],
+    batch: usize,
+) -> PathBuf {
+    let out = dir.join(name);
+    let mut sets = vec![
+        format!("data.train={}", splits[0].display()),
+        format!("data.valid={}", splits[1].display()),
+        format!("data.test={}", splits[2].display()),
+        format!("train.batch_size={batch}"),
+        "train.max_steps=3".to_string(),
+        "train.eval_every=3".to_string(),
+        // A small train split has not seen every domain.
+        "data.unknown_domain=0".to_string(),
+    ];
+    sets.extend(spec.map(str::to_string));
+    let mut args = vec!["run", experiment, "--out", out.to_str().unwrap()];
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    ok(mdl(&args), &format!("mdl run {name}"));
+    out
+}
+
+fn small_splits(dir: &Path) -> [PathBuf; 3] {
+    [subset(dir, "train", 3000), subset(dir, "valid", 400), subset(dir, "test", 600)]
+}
+
+/// A model using every op an evaluation graph can hold that the shipped specs do not:
+/// bucketize and id arithmetic, comparisons, where, gelu, prelu, floor, the constant
+/// tensors, dropout, one_hot, per-domain batch means, max and min reductions.
+const EVERY_OP: &str = r#"model ops(dim = 8) {
+  input fields : categorical
+  input hist   : sequence(50) of fields
+  input tags   : sequence(3)
+  input dense  : numeric
+  input domain : domain
+  label click
+
+  let E = embedding(fields, dim)
+  let T = embedding(tags, dim)
+  let b = bucketize(dense, [0.01, 0.1, 0.3, 0.6])
+  let hi = floordiv(b, 2)
+  let lo = mod(b, 2)
+  let H = embedding(hi, dim)
+  let L = embedding(lo, dim)
+  let x = concat([E[fields], H[hi] + L[lo], pool(E[hist], hist), pool(T[tags], tags, mode = "sum"), numeric_embed(dense, dim)], axis = 1)
+  let x = x + unsqueeze(arange(dim(x, 1)), 1) * 0.01
+  let a = self_attention(x, 2, 4)
+  let f = flatten(a)
+  param s : [1] ~ constant(0.25)
+  let g = gelu(f) + leaky_relu(f, 0.1) + prelu(f, s) + floor(f * 3) / 3 + softplus(f) - tanh(f) + abs(f) * sigmoid(f)
+  let g = g + sqrt(abs(f) + 1) - log(exp(minimum(f, 2)) + 1) + maximum(-f, 0.2)
+  let c = where(g > 0.1, g, 0.5 * g) + (g >= 0) * 0.25 - (g < -0.1) * 0.5 + (g <= 0.3) + (g == 0) + (g != 0.5) * 0.1
+  let h = layer_norm(dropout(c, 0.1))
+  let m = concat([h, stopgrad(h) * 0.5, one_hot(domain), group_mean(h, by = domain)], axis = -1)
+  let r = concat([unsqueeze(max(m, -1), 1), unsqueeze(min(m, -1), 1), unsqueeze(mean(m, -1), 1)], axis = -1)
+  let t = slice(transpose(reshape(slice(m, 1, 0, 64), [8, 8])), 1, 2, 4)
+  let tri = sum(tril(8) * eye(8) + triu(8, 1), 0)
+  task click = linear(concat([mlp(m, [16]), r, flatten(t)], axis = -1), 1) + mean(tri) * 0.0
+  loss bce(click)
+}
+"#;
+
+fn onnxruntime_present() -> bool {
+    let found =
+        Command::new("python3").args(["-c", "import numpy, onnxruntime"]).output().is_ok_and(|o| o.status.success());
+    if !found {
+        let required = std::env::var("MDL_REQUIRE_ONNXRUNTIME").is_ok_and(|v| v == "1");
+        assert!(!required, "MDL_REQUIRE_ONNXRUNTIME=1 but `python3 -c 'import numpy, onnxruntime'` fails");
+        eprintln!("skipped: python3 with numpy and onnxruntime is not installed (pip install onnxruntime numpy)");
+    }
+    found
+}
+
+#[test]
+fn onnxruntime_scores_equal_predict_for_every_shipped_spec() {
+    if !onnxruntime_present() {
+        return;
+    }
+    let d = tmp("agreement");
+    let splits = small_splits(&d);
+    let batch = 256;
+    let every_op = d.join("every_op.mdl");
+    std::fs::write(&every_op, EVERY_OP).unwrap();
+    let mut failures = Vec::new();
+    let models = common::shipped_specs().into_iter().map(|spec| {
+        let name = spec.file_stem().unwrap().to_string_lossy().into_owned();
+        (name.clone(), format!("experiments/{name}.yaml"), None)
+    });
+    let every_op_spec = format!("spec={}", every_op.display());
+    for (name, experiment, spec) in
+        models.chain([("every_op".to_string(), "experiments/dnn.yaml".into(), Some(every_op_spec.as_str()))])
+    {
+        let run = short_run(&d, &name, &experiment, spec, &splits, batch);
+        let model = d.join(format!("{name}.onnx"));
+        let err = ok(
+            mdl(&["export", run.to_str().unwrap(), "--format", "onnx", "-o", model.to_str().unwrap()]),
+            &format!("mdl export {name}"),
+        );
+        assert!(err.contains(&format!("{name}.features.json")), "{err}");
+        let predicted = d.join(format!("{name}.predicted.csv"));
+        let data = splits[2].to_str().unwrap();
+        ok(
+            mdl(&["predict", run.to_str().unwrap(), "--data", data, "--out", predicted.to_str().unwrap()]),
+            &format!("mdl predict {name}"),
+        );
+        let script = common::root().join("scripts/onnx_score.py");
+        let compared = Command::new("python3")
+            .args([script.to_str().unwrap(), model.to_str().unwrap(), data])
+            .args(["--batch", &batch.to_string(), "--compare", predicted.to_str().unwrap(), "--tolerance", "1e-5"])
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&compared.stdout).into_owned();
+        eprintln!("{name}: {}", report.trim().replace('\n', "; "));
+        if !compared.status.success() || !report.contains("max |diff|") {
+            failures.push(format!("{name}:\n{report}{}", String::from_utf8_lossy(&compared.stderr)));
+        }
+    }
+    assert!(failures.is_empty(), "onnxruntime disagrees with mdl predict:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn safetensors_holds_every_parameter_by_name() {
+    let d = tmp("safetensors");
+    let splits = small_splits(&d);
+    let run = short_run(&d, "dnn", "experiments/dnn.yaml", None, &splits, 256);
+    let file = d.join("dnn.safetensors");
+    let err = ok(
+        mdl(&["export", run.to_str().unwrap(), "--format", "safetensors", "-o", file.to_str().unwrap()]),
+        "mdl export --format safetensors",
+    );
+    assert!(err.contains("parameters"), "{err}");
+    let loaded = mdl::train::load_run(&run).unwrap();
+    let bytes = std::fs::read(&file).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = tensors.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let mut want: Vec<String> = loaded.params.keys().cloned().collect();
+    want.sort();
+    assert_eq!(names, want);
+    for (name, value) in &loaded.params {
+        let view = tensors.tensor(name).unwrap();
+        assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+        assert_eq!(view.shape(), value.shape.as_slice(), "{name}");
+        let data: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        assert_eq!(data, value.data, "{name}");
+    }
+}
+
+#[test]
+fn export_errors_name_the_problem() {
+    let d = tmp("errors");
+    let out = mdl(&["export", d.join("nope").to_str().unwrap(), "--format", "onnx", "-o", "x.onnx"]);
+    assert!(!out.status.success());
+    let bad = mdl(&["export", d.to_str().unwrap(), "--format", "tflite", "-o", "x.onnx"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("expected `onnx` or `safetensors`, found `tflite`"), "{err}");
+}
