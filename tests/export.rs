@@ -61,6 +61,9 @@ fn short_run(
         format!("data.test={}", splits[2].display()),
         format!("train.batch_size={batch}"),
         "train.max_steps=3".to_string(),
+        // Large steps, so that 3 of them make every input matter to the scores.
+        "train.lr=0.05".to_string(),
+        "train.embedding_lr=0.05".to_string(),
         "train.eval_every=3".to_string(),
         // A small train split has not seen every domain.
         "data.unknown_domain=0".to_string(),
@@ -157,6 +160,12 @@ fn onnxruntime_scores_equal_predict_for_every_shipped_spec() {
             mdl(&["predict", run.to_str().unwrap(), "--data", data, "--out", predicted.to_str().unwrap()]),
             &format!("mdl predict {name}"),
         );
+        // Scores that hardly differ between rows would hide a wrong encoding of the inputs.
+        let text = std::fs::read_to_string(&predicted).unwrap();
+        let first: Vec<f64> = text.lines().skip(1).map(|l| l.split(',').next().unwrap().parse().unwrap()).collect();
+        let spread = first.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
+            - first.iter().cloned().fold(f64::INFINITY, f64::min);
+        assert!(spread > 1e-3, "{name}: the first task's scores span only {spread:e}");
         let script = common::root().join("scripts/onnx_score.py");
         let compared = Command::new("python3")
             .args([script.to_str().unwrap(), model.to_str().unwrap(), data])

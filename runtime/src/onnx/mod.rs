@@ -326,6 +326,9 @@ impl Renderer<'_> {
         for s in sizes {
             parts.push(self.size_value(s, id)?);
         }
+        if parts.len() == 1 {
+            return Ok(parts.remove(0));
+        }
         let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
         Ok(self.emit("Concat", &refs, vec![int_attr("axis", 0)]))
     }
