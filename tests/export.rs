@@ -62,8 +62,8 @@ fn short_run(
         format!("train.batch_size={batch}"),
         "train.max_steps=3".to_string(),
         // Large steps, so that 3 of them make every input matter to the scores.
-        "train.lr=0.05".to_string(),
-        "train.embedding_lr=0.05".to_string(),
+        "train.lr=0.01".to_string(),
+        "train.embedding_lr=0.01".to_string(),
         "train.eval_every=3".to_string(),
         // A small train split has not seen every domain.
         "data.unknown_domain=0".to_string(),
