@@ -357,6 +357,12 @@ impl Renderer<'_> {
         self.size_value(s, id)
     }
 
+    /// `x` stretched (numpy rules) to `shape`.
+    fn expand_to(&mut self, x: &str, shape: &[Dim], id: NodeId) -> Result<String, OnnxError> {
+        let shape = self.shape_value(shape, id)?;
+        Ok(self.emit("Expand", &[x, &shape], vec![]))
+    }
+
     /// A 0/1 float from a boolean.
     fn indicator(&mut self, test: &str, a: &str, b: &str) -> String {
         let t = self.emit(test, &[a, b], vec![]);
@@ -488,6 +494,10 @@ impl Renderer<'_> {
             Op::Input { .. } | Op::Param { .. } => return Err(self.error(id, "inputs and parameters are not ops")),
             Op::Scalar(v) => self.scalar(*v),
             Op::Arange { .. } | Op::Triangle { .. } | Op::Eye { .. } => self.constant(id)?,
+            Op::IdList { ids } => {
+                let ids: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+                self.const_i64(&[ids.len()], &ids)
+            }
             Op::DropMask { .. } => {
                 // Evaluation: every element kept, a mask of ones of x's shape.
                 let shape = self.emit("Shape", &[x[0]], vec![]);
@@ -593,6 +603,36 @@ impl Renderer<'_> {
             Op::IdMod { by } => {
                 let by = self.const_i64(&[], &[*by as i64]);
                 self.emit("Mod", &[x[0], &by], vec![int_attr("fmod", 0)])
+            }
+            Op::TakeAlong { axis } => {
+                // numpy's take_along_axis: GatherElements, once the ids are stretched
+                // over the axes where they have size 1.
+                let at = self.expand_to(x[1], &node.sig.shape, id)?;
+                self.emit("GatherElements", &[x[0], &at], vec![int_attr("axis", *axis as i64)])
+            }
+            Op::ScatterAdd { axis, .. } => {
+                let src = self.graph.shape(node.inputs[0]).to_vec();
+                let at = self.expand_to(x[1], &src, id)?;
+                let shape = self.shape_value(&node.sig.shape, id)?;
+                let zero = tensor_attr("value", float_tensor("", &[1], &[0.0]));
+                let zeros = self.emit("ConstantOfShape", &[&shape], vec![zero]);
+                let attrs = vec![int_attr("axis", *axis as i64), string_attr("reduction", "add")];
+                self.emit("ScatterElements", &[&zeros, &at, x[0]], attrs)
+            }
+            Op::TopK { axis, k, largest } => {
+                // The second output: the positions (equal values lowest position first).
+                let k = self.dim_value(k, id)?;
+                let attrs = vec![
+                    int_attr("axis", *axis as i64),
+                    int_attr("largest", i64::from(*largest)),
+                    int_attr("sorted", 1),
+                ];
+                self.fresh += 1;
+                let (values, positions) = (format!("t{}v", self.fresh), format!("t{}", self.fresh));
+                let mut node = node_proto("TopK", &[x[0], &k], &values, attrs);
+                node.output.push(positions.clone());
+                self.nodes.push(node);
+                positions
             }
             Op::Fused(kernel) => {
                 let mut values: Vec<String> = Vec::with_capacity(kernel.body.len());
