@@ -83,7 +83,8 @@ fn small_splits(dir: &Path) -> [PathBuf; 3] {
 
 /// A model using every op an evaluation graph can hold that the shipped specs do not:
 /// bucketize and id arithmetic, comparisons, where, gelu, prelu, floor, the constant
-/// tensors, dropout, one_hot, per-domain batch means, max and min reductions.
+/// tensors, dropout, one_hot, per-domain batch means, max and min reductions, top_k,
+/// sort, argmax, take_along and take.
 const EVERY_OP: &str = r#"model ops(dim = 8) {
   input fields : categorical
   input hist   : sequence(50) of fields
@@ -112,7 +113,10 @@ const EVERY_OP: &str = r#"model ops(dim = 8) {
   let r = concat([unsqueeze(max(m, -1), 1), unsqueeze(min(m, -1), 1), unsqueeze(mean(m, -1), 1)], axis = -1)
   let t = slice(transpose(reshape(slice(m, 1, 0, 64), [8, 8])), 1, 2, 4)
   let tri = sum(tril(8) * eye(8) + triu(8, 1), 0)
-  task click = linear(concat([mlp(m, [16]), r, flatten(t)], axis = -1), 1) + mean(tri) * 0.0
+  let best = top_k(m, 4)
+  let ordered = sort(m, descending = true)
+  let picked = concat([best[0], take_along(m, argmax(m, keep = true)), take(m, [0, 2, 5], 1), slice(ordered[0], 1, 0, 2)], axis = -1)
+  task click = linear(concat([mlp(m, [16]), r, flatten(t), picked], axis = -1), 1) + mean(tri) * 0.0
   loss bce(click)
 }
 "#;
