@@ -178,7 +178,7 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
     let bs = exp.train.batch_size.min(prep.train.rows);
     crate::train::memory::check_run(&session, exp, bs)?;
     let plan_ms = session.prepare(exec.as_mut(), bs)?;
-    let mut params = mdl_runtime::init::init_params::<f32>(session.params(), &session.inputs.sizes, exp.train.seed)?;
+    let mut params = session.initial_tensors(exp.train.seed)?;
     let mut opt = Optimizer::<f32>::new(crate::train::optim_config(exp))?;
     let mut batches = data::MiniBatches::new(prep.train.rows, bs, exp.train.seed);
     let order: Vec<Vec<usize>> = batches.epoch(0).map(|c| c.to_vec()).filter(|c| c.len() == bs).collect();

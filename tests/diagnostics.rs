@@ -266,3 +266,31 @@ fn bad_uses_of_selection_and_broadcast_products() {
     assert_at(&err, f, 15, 29, 19, "these positions go up to count(fields) - 1, but axis 1 of [B, count(dense)] has");
     assert_eq!(err.matches("error:").count(), 8, "one error per bad use:\n{err}");
 }
+
+/// Bad uses of `running`: a statistic with the batch axis outside `per`, one without it
+/// inside `per`, a momentum out of range; each at its place, all at once.
+#[test]
+fn bad_uses_of_running_statistics() {
+    let (code, err) = check(
+        "running.mdl",
+        "model m(dim = 8) {
+  input fields : categorical
+  input domain : domain
+  label click
+  let E = embedding(fields, dim)
+  let x = flatten(E[fields])
+  let a = running(x)
+  let b = running(mean(x, axis = 0, keep = true), momentum = 1.5)
+  let c = per domain { running(mean(x, axis = 0, keep = true)) }
+  task click = linear(x, 1)
+  loss bce(click)
+}
+",
+    );
+    assert_eq!(code, 1);
+    let f = "running.mdl";
+    assert_at(&err, f, 7, 19, 1, "`running` keeps a statistic of the whole batch: `stat` cannot have the batch size in its shape, found [B, 8*count(fields)]");
+    assert_at(&err, f, 8, 62, 3, "`momentum` must be in (0, 1], found 1.5");
+    assert_at(&err, f, 9, 32, 30, "inside `per`, `running` keeps one statistic per domain: `stat` must be per sample [B, ...] (as group_mean gives), found [1, 8*count(fields)]");
+    assert_eq!(err.matches("error:").count(), 3, "one error per bad use:\n{err}");
+}

@@ -95,6 +95,9 @@ fn check_gradients(path: &std::path::Path) {
         }
     }
     let g = mdl::train::build_training_graph(&c).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // The finite differences run the forward graph as training runs it (batch statistics,
+    // through which the gradient flows), as the training graph does.
+    c.graph = mdl_runtime::passes::for_phase(&c.graph, true);
     let binding = small_binding(&g, 6);
     let mut rng = Lcg(7);
     let feeds = random_feeds::<f64>(&c, &binding, &mut rng);

@@ -133,11 +133,8 @@ pub fn fuse_with_map(graph: &Graph) -> (Graph, Vec<Option<NodeId>>) {
     for id in out.outputs.values() {
         keep[id.index()] = true;
     }
-    for p in &out.params {
-        keep[p.node.index()] = true;
-    }
-    for i in &out.inputs {
-        keep[i.node.index()] = true;
+    for id in out.declared_nodes() {
+        keep[id.index()] = true;
     }
     let (pruned, second) = retain(&out, &keep);
     let map = map.into_iter().map(|m| m.and_then(|n| second[n.index()])).collect();

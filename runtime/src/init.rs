@@ -13,7 +13,7 @@
 //!   parameter `[n]` uses `fan_in = fan_out = n`, a scalar uses 1 for both.
 
 use crate::ir::dim::{eval_shape, Binding};
-use crate::ir::graph::{Init, ParamInfo};
+use crate::ir::graph::{Graph, Init, ParamInfo};
 use crate::rng::SplitMix64;
 use crate::tensor::{Float, Tensor};
 use std::collections::HashMap;
@@ -33,6 +33,20 @@ pub fn init_params<T: Float>(
         let tensor = init_tensor::<T>(&p.name, shape, &p.init, seed)?;
         if out.insert(p.name.clone(), tensor).is_some() {
             return Err(format!("parameter `{}` is declared twice", p.name));
+        }
+    }
+    Ok(out)
+}
+
+/// Every tensor of the model of `graph`: its parameters ([`init_params`]) and its
+/// untrained state (running statistics), each state filled with its initial value.
+pub fn init_model<T: Float>(graph: &Graph, binding: &Binding, seed: u64) -> Result<HashMap<String, Tensor<T>>, String> {
+    let mut out = init_params(&graph.params, binding, seed)?;
+    for st in &graph.states {
+        let shape = eval_shape(&st.shape, binding).map_err(|e| format!("state `{}`: {}", st.name, e))?;
+        let tensor = init_tensor::<T>(&st.name, shape, &Init::Const(st.initial), seed)?;
+        if out.insert(st.name.clone(), tensor).is_some() {
+            return Err(format!("state `{}` is declared twice", st.name));
         }
     }
     Ok(out)

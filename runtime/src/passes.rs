@@ -3,6 +3,9 @@
 //! graph and builds a new one (graphs are append-only); node ids change, and the
 //! parameter, input and output tables are remapped.
 //!
+//! [`for_phase`] is not in the list either: it resolves each `TrainEval` node to the value
+//! of one phase (training or evaluation), which the trainer does once per graph it derives.
+//!
 //! Elementwise fusion ([`crate::fuse`]) is not in this list: it makes backend kernels
 //! (`Op::Fused`, which have no gradient rule), so the backends that compile them run it on
 //! the optimised forward + backward graph.
@@ -22,6 +25,31 @@ pub const PASSES: &[(&str, Pass)] = &[("cse", cse), ("dce", dce)];
 /// Runs every pass of [`PASSES`] in order.
 pub fn optimize(graph: &Graph) -> Graph {
     PASSES.iter().fold(graph.clone(), |g, (_, pass)| pass(&g))
+}
+
+/// The graph as it runs in one phase: every `TrainEval` node is replaced by its first
+/// operand (`training`) or its second (evaluation), and what only the other phase reads
+/// is dropped ([`dce`]). The values are those the graph gives in a run of that phase
+/// ([`crate::exec::Mode::training`]); the training phase's graph is the one to
+/// differentiate (the gradient flows through the batch statistics).
+/// A graph without `TrainEval` comes back as it is.
+pub fn for_phase(graph: &Graph, training: bool) -> Graph {
+    if graph.ids().all(|id| graph.node(id).op != Op::TrainEval) {
+        return graph.clone();
+    }
+    let mut out = Graph::new();
+    let mut map: Vec<Option<NodeId>> = Vec::with_capacity(graph.len());
+    for id in graph.ids() {
+        let node = graph.node(id);
+        let inputs: Vec<NodeId> = node.inputs.iter().filter_map(|i| map[i.index()]).collect();
+        let new_id = match node.op {
+            Op::TrainEval => inputs[if training { 0 } else { 1 }],
+            _ => out.push_copy(node, inputs),
+        };
+        map.push(Some(new_id));
+    }
+    out.copy_tables(graph, &map);
+    dce(&out)
 }
 
 /// A node's identity for CSE: its op and its (already merged) operands. Float fields are
@@ -90,11 +118,8 @@ pub fn dce(graph: &Graph) -> Graph {
     for id in graph.outputs.values() {
         keep[id.index()] = true;
     }
-    for p in &graph.params {
-        keep[p.node.index()] = true;
-    }
-    for i in &graph.inputs {
-        keep[i.node.index()] = true;
+    for id in graph.declared_nodes() {
+        keep[id.index()] = true;
     }
     retain(graph, &keep).0
 }

@@ -9,11 +9,17 @@
 //!
 //! A trainer calls [`train_step`], [`update`] and [`sync`], which ask for the capability
 //! and otherwise step on the host ([`host_train_step`]).
+//!
+//! A step also advances the model's untrained state (running statistics, the graph's
+//! [`StateInfo`] table): the training graph computes each state's next value as the output
+//! `state/<name>`, and [`advance_states`] copies it in, on every path, only when the loss
+//! is finite (as the update). No optimizer sees a state.
 
 use crate::backend::Executor;
+use crate::backend::Values;
 use crate::exec::Mode;
 use crate::ir::dim::Binding;
-use crate::ir::graph::{Graph, ParamInfo};
+use crate::ir::graph::{state_output, Graph, ParamInfo};
 use crate::optim::{clip_global_norm, Optimizer};
 use crate::tensor::{Tensor, Value};
 use std::collections::HashMap;
@@ -117,8 +123,34 @@ pub fn host_train_step<E: Executor + ?Sized>(
             clip_global_norm(&mut grads, c);
         }
         update(exec, optimizer, params, &grads, step.info, step.frozen, step.lr_scale)?;
+        advance_states(step.graph, &mut out, params)?;
     }
     Ok(StepOutcome { loss, update_secs: start.elapsed().as_secs_f64() })
+}
+
+/// Copies the next value of each state of `graph` (its output `state/<name>`, taken out of
+/// `out`) into that state's tensor in `params`, in place; returns the names of the states
+/// it changed. A state whose output the graph lacks stays as it is (an evaluation graph
+/// has none). A backend that keeps copies of the model's tensors refreshes those names.
+pub fn advance_states(
+    graph: &Graph,
+    out: &mut Values<f32>,
+    params: &mut HashMap<String, Tensor<f32>>,
+) -> Result<Vec<String>, String> {
+    let mut changed = Vec::new();
+    for st in &graph.states {
+        let Some(next) = out.take_output(&state_output(&st.name)) else { continue };
+        let Value::Dense(next) = next else {
+            return Err(format!("state `{}`: its update is not a dense tensor", st.name));
+        };
+        let t = params.get_mut(&st.name).ok_or_else(|| format!("state `{}` has no value", st.name))?;
+        if t.shape != next.shape {
+            return Err(format!("state `{}` has shape {:?}, its update has shape {:?}", st.name, t.shape, next.shape));
+        }
+        t.data.copy_from_slice(&next.data);
+        changed.push(st.name.clone());
+    }
+    Ok(changed)
 }
 
 /// One optimizer step ([`Optimizer::step`], with its arguments) on gradients the caller

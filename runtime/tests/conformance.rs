@@ -3,9 +3,9 @@
 //!
 //! The catalogue is built from `UnaryOp::ALL`, `BinaryOp::ALL` and `ReduceOp::ALL` (so a new
 //! elementwise op or reduction is in it without an edit here) plus softmax, constant,
-//! layout, index, select (top-k) and linalg cases. Operands mix in the special values an
-//! op's semantics allow: every elementwise op and every layout copy gets zeros of both
-//! signs, ±inf, NaN, huge and tiny magnitudes; reductions get those whose result does not
+//! phase (run in training mode too), layout, index, select (top-k) and linalg cases.
+//! Operands mix in the special values an op's semantics allow: every elementwise op and
+//! every layout copy gets zeros of both signs, ±inf, NaN, huge and tiny magnitudes; reductions get those whose result does not
 //! depend on the order (-inf, huge of one sign, tiny; no NaN); softmax gets -inf (a masked
 //! position); top-k gets ties, signed zeros, ±inf and NaN.
 //!
@@ -44,6 +44,7 @@ enum Operand {
 }
 
 /// One entry of the op catalogue: an op on concrete operands.
+#[derive(Clone)]
 struct Case {
     name: String,
     op: Op,
@@ -53,11 +54,19 @@ struct Case {
     tol: f32,
     /// `jit_exact` must give interp's values exactly.
     exact: bool,
+    /// Run in training mode (`Mode::train`) rather than evaluation.
+    training: bool,
 }
 
 impl Case {
     fn new(name: impl Into<String>, op: Op, operands: Vec<Operand>) -> Case {
-        Case { name: name.into(), op, operands, tol: 1e-5, exact: true }
+        Case { name: name.into(), op, operands, tol: 1e-5, exact: true, training: false }
+    }
+
+    /// The case run in training mode.
+    fn in_training(mut self) -> Case {
+        self.training = true;
+        self
     }
 
     /// A product or other sum whose terms the backend may add in another order.
@@ -256,6 +265,16 @@ fn constant() -> Vec<Case> {
     cases
 }
 
+/// The phase choice TrainEval, in evaluation (its second operand) and in training (its
+/// first), on special values.
+fn phase() -> Vec<Case> {
+    let operands = || vec![with_specials(&[3, 7], 64, &SPECIALS), with_specials(&[3, 7], 65, &SPECIALS)];
+    vec![
+        Case::new("train_eval in evaluation", Op::TrainEval, operands()),
+        Case::new("train_eval in training", Op::TrainEval, operands()).in_training(),
+    ]
+}
+
 /// Gather (ids of any rank, rows of any width), segment sums, one-hot, the ops that make
 /// ids (bucketize, with specials and values on the boundaries; id div and mod; a constant
 /// id list), and the selection along an axis (take_along, scatter_add).
@@ -447,11 +466,21 @@ fn agrees(got: f32, want: f32, tol: f32, exact: bool) -> bool {
 
 /// Runs `cases` on interp and on `exec` (called `backend`); every output must agree.
 /// `exact`: the executor promises interp's values for the cases marked exact.
+/// Cases in training mode run as a graph of their own, in `Mode::train`.
 fn check(cases: &[Case], backend: &str, exec: &mut dyn Executor, exact: bool) {
+    for training in [false, true] {
+        let part: Vec<Case> = cases.iter().filter(|c| c.training == training).cloned().collect();
+        if !part.is_empty() {
+            check_in_mode(&part, backend, exec, exact, if training { Mode::train(5, 2) } else { Mode::eval() });
+        }
+    }
+}
+
+fn check_in_mode(cases: &[Case], backend: &str, exec: &mut dyn Executor, exact: bool, mode: Mode) {
     let (g, params, feeds) = graph(cases);
     let b = Binding::new();
-    let want = Interp.run(&g, &b, &feeds, &params, &Mode::eval()).unwrap();
-    let got = exec.run(&g, &b, &feeds, &params, &Mode::eval()).unwrap_or_else(|e| panic!("{backend}: {e}"));
+    let want = Interp.run(&g, &b, &feeds, &params, &mode).unwrap();
+    let got = exec.run(&g, &b, &feeds, &params, &mode).unwrap_or_else(|e| panic!("{backend}: {e}"));
     for (i, case) in cases.iter().enumerate() {
         let out = format!("c{i}");
         let (w, o) = (want.output(&out).unwrap(), got.output(&out).unwrap());
@@ -528,10 +557,10 @@ macro_rules! conformance {
 }
 
 conformance! {
-    jit_exact: [unary, binary, reduce, constant, layout, index, select, linalg];
-    jit_fast: [unary, binary, reduce, constant, layout, index, select, linalg];
+    jit_exact: [unary, binary, reduce, constant, phase, layout, index, select, linalg];
+    jit_fast: [unary, binary, reduce, constant, phase, layout, index, select, linalg];
     #[cfg(feature = "opencl")]
-    opencl: [unary, binary, reduce, constant, layout, index, select, linalg];
+    opencl: [unary, binary, reduce, constant, phase, layout, index, select, linalg];
 }
 
 /// The catalogue itself: the op lists come from `ALL`, and every case is well formed (its
@@ -548,7 +577,7 @@ fn the_catalogue_covers_every_elementwise_op_and_reduction() {
     for &r in ReduceOp::ALL {
         assert!(names.iter().any(|n| n.starts_with(&format!("reduce_{}", format!("{r:?}").to_lowercase()))));
     }
-    for group in [unary(), binary(), reduce(), constant(), layout(), index(), select(), linalg()] {
+    for group in [unary(), binary(), reduce(), constant(), phase(), layout(), index(), select(), linalg()] {
         graph(&group);
     }
 }

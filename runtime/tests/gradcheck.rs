@@ -406,6 +406,46 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(config())]
+
+    /// Batch normalisation as the language builds it (`batch_norm`, `running`): in training
+    /// `(x - TrainEval(mean_B(x), r)) / sqrt(TrainEval(var_B, v) + eps)`, the gradient flows
+    /// through the batch statistics to every element of `x` and nothing reaches the running
+    /// values `r`, `v` (taken as parameters here, so the finite difference sees that they do
+    /// not matter); in evaluation the same graph normalises with `r` and `v`, and both get
+    /// their gradients.
+    #[test]
+    fn batch_norm_through_batch_or_running_statistics(s in sizes(3, 3), seed in any::<u64>(), training in any::<bool>()) {
+        let mut c = Case::new(seed);
+        if training {
+            c.mode = Mode::train(seed, 1);
+        }
+        c.bind("B", s[0] + 1);
+        let mut shape = vec![Dim::batch()];
+        shape.extend(s[1..].iter().map(|&d| Dim::from(d)));
+        let mut stat_shape: Shape = vec![Dim::from(1usize)];
+        stat_shape.extend(s[1..].iter().map(|&d| Dim::from(d)));
+        let x = c.param("x", shape);
+        let r = c.param("r", stat_shape.clone());
+        let n = c.numel(&stat_shape);
+        let var_values = c.uniform(n, 0.5, 2.0);
+        let v = c.param_values("v", stat_shape, false, var_values);
+        let mean = |c: &mut Case, t| c.add(Op::Reduce { op: ReduceOp::Mean, axes: vec![0], keep_dims: true }, &[t]).unwrap();
+        let m = mean(&mut c, x);
+        let m = c.add(Op::TrainEval, &[m, r]).unwrap();
+        let centred = c.add(Op::Binary(BinaryOp::Sub), &[x, m]).unwrap();
+        let sq = c.add(Op::Binary(BinaryOp::Mul), &[centred, centred]).unwrap();
+        let var = mean(&mut c, sq);
+        let var = c.add(Op::TrainEval, &[var, v]).unwrap();
+        let eps = c.add(Op::Scalar(1e-3), &[]).unwrap();
+        let var = c.add(Op::Binary(BinaryOp::Add), &[var, eps]).unwrap();
+        let sd = c.add(Op::Unary(UnaryOp::Sqrt), &[var]).unwrap();
+        let y = c.add(Op::Binary(BinaryOp::Div), &[centred, sd]).unwrap();
+        c.check(y).map_err(fail(format!("batch norm {s:?} training {training}")))?;
+    }
+}
+
 /// StopGrad, DropMask, the elementwise ops that are not differentiable (step, sign, gt, eq)
 /// and OneHot pass no gradient: a loss that reaches a parameter only through them gives it
 /// no gradient output, and their rules return `None`.

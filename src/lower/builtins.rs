@@ -180,6 +180,11 @@ pub static BUILTINS: &[Builtin] = &[
     Builtin { name: "label", params: &[Required("task")], lower: label },
     Builtin { name: "broadcast_to", params: &[Required("x"), Required("like")], lower: broadcast_to },
     Builtin { name: "group_mean", params: &[Required("x"), Required("by")], lower: group_mean },
+    Builtin {
+        name: "running",
+        params: &[Required("stat"), Float("momentum", 0.1), Float("initial", 0.0)],
+        lower: running,
+    },
 ];
 
 pub fn names() -> Vec<&'static str> {
@@ -1064,6 +1069,92 @@ fn group_mean(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     cshape.extend((1..rank).map(|_| Dim::lit(1)));
     let own_count = el.add(Op::Reshape { shape: cshape }, &[own_count], span)?;
     let node = el.add(Op::Binary(BinaryOp::Div), &[own_sum, own_count], span)?;
+    Ok(Val::Tensor(Tv { node, grouped: false }))
+}
+
+/// `running(stat, momentum = 0.1, initial = 0.0)`: a batch statistic in training, its
+/// running average in evaluation. The average is model state (`Graph::state`, every
+/// element `initial` at the start), advanced by each training step to
+/// `r + momentum · (stat − r)`. Outside `per`, `stat` is a statistic of the whole batch
+/// (no batch axis) and the state has its shape. Inside `per d { }`, `stat` is per sample
+/// (`[B, ...]`, equal for the samples of a domain, as `group_mean` gives) and the state
+/// holds one row per domain: a step advances the rows of the domains in its batch (with
+/// their samples' mean of `stat`), and evaluation reads each sample's domain's row.
+fn running(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let stat_span = a.get("stat").1;
+    let stat = tensor(el, a, "stat")?;
+    if stat.grouped {
+        return el.error(stat_span, "`running` needs a statistic of the batch's samples, found a per-domain parameter");
+    }
+    let (momentum, ms) = number(el, a, "momentum")?;
+    if !(momentum > 0.0 && momentum <= 1.0) {
+        return el.error(ms, format!("`momentum` must be in (0, 1], found {momentum}"));
+    }
+    let (initial, is) = number(el, a, "initial")?;
+    if !initial.is_finite() {
+        return el.error(is, format!("`initial` must be finite, found {initial}"));
+    }
+    let shape = el.shape(stat.node).to_vec();
+    let per = el.per.clone();
+    let state_shape = match &per {
+        None => {
+            if shape.iter().any(|d| d.has_batch()) {
+                return el.error(
+                    stat_span,
+                    format!(
+                        "`running` keeps a statistic of the whole batch: `stat` cannot have the batch size in its shape, found {} (reduce it over the batch, e.g. mean(x, axis = 0, keep = true), or use it inside `per` with group_mean)",
+                        shape_to_string(&shape)
+                    ),
+                );
+            }
+            shape.clone()
+        }
+        Some(per) => {
+            if shape.first() != Some(&Dim::batch()) || shape[1..].iter().any(|d| d.has_batch()) {
+                return el.error(
+                    stat_span,
+                    format!(
+                        "inside `per`, `running` keeps one statistic per domain: `stat` must be per sample [B, ...] (as group_mean gives), found {}",
+                        shape_to_string(&shape)
+                    ),
+                );
+            }
+            let mut s = vec![per.groups.clone()];
+            s.extend(shape[1..].iter().cloned());
+            s
+        }
+    };
+    let name = el.param_name("running");
+    let state = el.graph.state(&name, state_shape, initial);
+    let m = el.scalar(momentum, span)?;
+    let (in_eval, next) = match &per {
+        None => {
+            let gap = el.add(Op::Binary(BinaryOp::Sub), &[stat.node, state], span)?;
+            let step = el.add(Op::Binary(BinaryOp::Mul), &[m, gap], span)?;
+            (state, el.add(Op::Binary(BinaryOp::Add), &[state, step], span)?)
+        }
+        Some(per) => {
+            // Each domain's mean of `stat` over its samples in the batch (its statistic);
+            // a domain without samples keeps its row (present = 0).
+            let in_eval = el.add(Op::Gather, &[state, per.idx], span)?;
+            let sums = el.add(Op::SegmentSum { segments: per.groups.clone() }, &[stat.node, per.idx], span)?;
+            let one = el.scalar(1.0, span)?;
+            let ones = el.add(Op::Broadcast { shape: vec![Dim::batch()] }, &[one], span)?;
+            let counts = el.add(Op::SegmentSum { segments: per.groups.clone() }, &[ones, per.idx], span)?;
+            let mut cshape = vec![per.groups.clone()];
+            cshape.extend((1..shape.len()).map(|_| Dim::lit(1)));
+            let counts = el.add(Op::Reshape { shape: cshape }, &[counts], span)?;
+            let present = el.add(Op::Binary(BinaryOp::Min), &[counts, one], span)?;
+            let divisor = el.add(Op::Binary(BinaryOp::Max), &[counts, one], span)?;
+            let of_domain = el.add(Op::Binary(BinaryOp::Div), &[sums, divisor], span)?;
+            let gap = el.add(Op::Binary(BinaryOp::Sub), &[of_domain, state], span)?;
+            let rate = el.add(Op::Binary(BinaryOp::Mul), &[m, present], span)?;
+            let step = el.add(Op::Binary(BinaryOp::Mul), &[rate, gap], span)?;
+            (in_eval, el.add(Op::Binary(BinaryOp::Add), &[state, step], span)?)
+        }
+    };
+    el.graph.outputs.insert(mdl_runtime::ir::graph::state_output(&name), next);
+    let node = el.add(Op::TrainEval, &[stat.node, in_eval], span)?;
     Ok(Val::Tensor(Tv { node, grouped: false }))
 }
 

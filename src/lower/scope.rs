@@ -31,7 +31,7 @@ impl Elab {
         let base = if self.scope.is_empty() { leaf.to_string() } else { format!("{}/{leaf}", self.scope_path()) };
         let mut name = base.clone();
         let mut k = 1;
-        while self.graph.param_info(&name).is_some() {
+        while self.graph.param_info(&name).is_some() || self.graph.state_info(&name).is_some() {
             name = format!("{base}{k}");
             k += 1;
         }

@@ -1,4 +1,5 @@
-//! The run folder's checkpoints: parameters (and, in `last.ckpt`, the optimizer state)
+//! The run folder's checkpoints: parameters and the model's untrained state (running
+//! statistics, under their own names) (and, in `last.ckpt`, the optimizer state)
 //! with the loop's position and the run's id as metadata, written atomically and checked
 //! against the model when read back (the run id is checked by the caller, against the run
 //! folder's manifest).
@@ -74,7 +75,7 @@ pub(super) fn load(path: &Path, session: &Session) -> Result<Loaded, String> {
     Ok(Loaded { params, optimizer, state, run_id })
 }
 
-/// Checks loaded parameters against the model (names and shapes).
+/// Checks loaded parameters and states against the model (names and shapes).
 fn check_params(session: &Session, params: &HashMap<String, Tensor<f32>>, from: &Path) -> Result<(), String> {
     for p in session.params() {
         let want = mdl_runtime::ir::dim::eval_shape(&p.shape, &session.inputs.sizes)?;
@@ -90,6 +91,28 @@ fn check_params(session: &Session, params: &HashMap<String, Tensor<f32>>, from: 
                 ))
             }
             None => return Err(format!("{}: parameter {} is missing", from.display(), p.name)),
+        }
+    }
+    for st in &session.compiled.graph.states {
+        let want = mdl_runtime::ir::dim::eval_shape(&st.shape, &session.inputs.sizes)?;
+        match params.get(&st.name) {
+            Some(t) if t.shape == want => {}
+            Some(t) => {
+                return Err(format!(
+                    "{}: running statistic {} has shape {:?}, the model needs {:?}",
+                    from.display(),
+                    st.name,
+                    t.shape,
+                    want
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "{}: running statistic {} is missing: the checkpoint was written by a model without it (an mdl before batch statistics were kept as model state); train the run again",
+                    from.display(),
+                    st.name
+                ))
+            }
         }
     }
     Ok(())

@@ -88,13 +88,23 @@ pub fn compile_spec_at(exp: &Experiment, spec: &Path) -> Result<(Compiled, Vec<(
     Ok((compiled, files))
 }
 
-/// The forward graph with the gradient of the loss for every parameter, optimised: what
-/// a training step runs.
+/// The forward graph as it runs in training (batch statistics, [`passes::for_phase`]) with
+/// the gradient of the loss for every parameter and the next value of every state
+/// (`state/<name>`), optimised: what a training step runs.
 pub fn build_training_graph(c: &Compiled) -> Result<mdl_runtime::Graph, String> {
-    let loss = *c.graph.outputs.get("loss").ok_or("the model has no loss output")?;
-    let wrt: Vec<String> = c.graph.params.iter().map(|p| p.name.clone()).collect();
-    let g = autodiff::differentiate(&c.graph, loss, &wrt).map_err(|e| e.to_string())?;
+    let forward = passes::for_phase(&c.graph, true);
+    let loss = *forward.outputs.get("loss").ok_or("the model has no loss output")?;
+    let wrt: Vec<String> = forward.params.iter().map(|p| p.name.clone()).collect();
+    let g = autodiff::differentiate(&forward, loss, &wrt).map_err(|e| e.to_string())?;
     Ok(passes::optimize(&g))
+}
+
+/// The logits of the model as it runs in evaluation (running statistics), optimised: what
+/// evaluation and `mdl predict` run.
+pub fn build_eval_graph(c: &Compiled) -> mdl_runtime::Graph {
+    let mut eval = passes::for_phase(&c.graph, false);
+    eval.outputs.retain(|name, _| name.starts_with("logit/"));
+    passes::optimize(&eval)
 }
 
 impl Session {
@@ -108,9 +118,7 @@ impl Session {
     pub fn with_compiled(compiled: Compiled, fitted: &Fitted) -> Result<Session, String> {
         let inputs = InputBinding::new(&compiled, &fitted.schema, &fitted.layout())?;
         let train_graph = build_training_graph(&compiled)?;
-        let mut eval = compiled.graph.clone();
-        eval.outputs.retain(|name, _| name.starts_with("logit/"));
-        let eval_graph = passes::optimize(&eval);
+        let eval_graph = build_eval_graph(&compiled);
         Ok(Session { compiled, train_graph, eval_graph, inputs })
     }
 
@@ -126,6 +134,12 @@ impl Session {
 
     pub fn params(&self) -> &[ParamInfo] {
         &self.compiled.graph.params
+    }
+
+    /// The model's tensors at the start of training: parameters from their initialisers
+    /// and `seed`, states (running statistics) at their initial values.
+    pub fn initial_tensors(&self, seed: u64) -> Result<HashMap<String, Tensor<f32>>, String> {
+        mdl_runtime::init::init_model::<f32>(&self.compiled.graph, &self.inputs.sizes, seed)
     }
 
     /// Predicted probabilities `[rows, tasks]` for a whole dataset.

@@ -191,11 +191,10 @@ impl<'a> Run<'a> {
             if resume {
                 log.line("no checkpoint to resume from; starting fresh");
             }
-            let params =
-                mdl_runtime::init::init_params::<f32>(session.params(), &session.inputs.sizes, exp.train.seed)?;
+            let params = session.initial_tensors(exp.train.seed)?;
             (params, LoopState::new())
         };
-        let parameters: usize = params.values().map(|t| t.data.len()).sum();
+        let parameters: usize = session.params().iter().filter_map(|p| params.get(&p.name)).map(|t| t.data.len()).sum();
         log.line(&format!("{parameters} parameters"));
         let total_epochs: usize = exp.stages().iter().map(|s| s.epochs).sum();
         let total_steps = exp.train.max_steps.unwrap_or((total_epochs * batches.batches_per_epoch()) as u64);

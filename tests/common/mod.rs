@@ -112,21 +112,31 @@ pub fn random_feeds<T: Float>(c: &Compiled, binding: &Binding, rng: &mut Lcg) ->
 }
 
 /// Random parameters with a given scale (not the spec's init: large enough that finite
-/// differences see every path).
+/// differences see every path), and random states: each its initial value plus `scale`
+/// times a half-normal draw (a running variance stays positive).
 pub fn random_params<T: Float>(g: &Graph, binding: &Binding, scale: f64, rng: &mut Lcg) -> HashMap<String, Tensor<T>> {
-    g.params
+    let mut out: HashMap<String, Tensor<T>> = g
+        .params
         .iter()
         .map(|p| {
             let shape = eval_shape(&p.shape, binding).unwrap();
             let n: usize = shape.iter().product();
             (p.name.clone(), Tensor::new(shape, (0..n).map(|_| T::from_f64(scale * rng.normal())).collect()).unwrap())
         })
-        .collect()
+        .collect();
+    for st in &g.states {
+        let shape = eval_shape(&st.shape, binding).unwrap();
+        let n: usize = shape.iter().product();
+        let data = (0..n).map(|_| T::from_f64(st.initial + scale * rng.normal().abs())).collect();
+        out.insert(st.name.clone(), Tensor::new(shape, data).unwrap());
+    }
+    out
 }
 
 /// Every shipped spec's training graph on each of `execs` against interp, at batch 128
 /// with random feeds and parameters (scale 0.3): the loss within `loss_tol` relative, and
-/// every parameter gradient within 5e-4 relative to its largest entry. `label` names the
+/// every parameter gradient and every state's next value (running statistics) within
+/// 5e-4 relative to its largest entry. `label` names the
 /// backend in messages.
 pub fn assert_agrees_with_interp_on_every_spec(
     label: &str,
@@ -153,8 +163,9 @@ pub fn assert_agrees_with_interp_on_every_spec(
                 "{}: loss interp {la} {label} {lb}",
                 path.display()
             );
-            for p in &c.graph.params {
-                let name = format!("grad/{}", p.name);
+            let grads = c.graph.params.iter().map(|p| format!("grad/{}", p.name));
+            let states = g.states.iter().map(|s| mdl_runtime::ir::graph::state_output(&s.name));
+            for name in grads.chain(states) {
                 let ga = a.output(&name).unwrap().to_dense().unwrap();
                 let gb = b.output(&name).unwrap().to_dense().unwrap();
                 let scale = ga.data.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);

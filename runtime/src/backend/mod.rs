@@ -113,6 +113,7 @@ impl<P> PlanCache<P> {
             a.len() == graph.len()
                 && a.outputs == graph.outputs
                 && a.params == graph.params
+                && a.states == graph.states
                 && a.inputs == graph.inputs
                 && a.ids().all(|id| a.node(id) == graph.node(id))
         };

@@ -51,6 +51,25 @@ pub struct ParamInfo {
     pub node: NodeId,
 }
 
+/// Model state that is not trained (batch norm's running mean and variance): read like a
+/// parameter (an `Op::Param` node, a tensor of the model's tensors), but never
+/// differentiated, never seen by an optimizer and not counted as a parameter. A training
+/// step replaces it with the graph's output [`state_output`]`(name)`, its update rule
+/// computed by the graph itself; checkpoints keep it beside the parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateInfo {
+    pub name: String,
+    pub shape: Shape,
+    /// Every element's value before the first training step.
+    pub initial: f64,
+    pub node: NodeId,
+}
+
+/// The output of a training graph that holds the next value of state `name`.
+pub fn state_output(name: &str) -> String {
+    format!("state/{name}")
+}
+
 /// A batch input the data pipeline feeds.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InputInfo {
@@ -64,8 +83,11 @@ pub struct InputInfo {
 pub struct Graph {
     pub g: DiGraph<Node, u32>,
     pub params: Vec<ParamInfo>,
+    /// Untrained model state (running statistics), read through `Op::Param` nodes too.
+    pub states: Vec<StateInfo>,
     pub inputs: Vec<InputInfo>,
-    /// Named results: `loss`, the logit of each task, parameter gradients (`grad/<param>`).
+    /// Named results: `loss`, the logit of each task, parameter gradients (`grad/<param>`),
+    /// the next value of each state (`state/<state>`, [`state_output`]).
     pub outputs: BTreeMap<String, NodeId>,
 }
 
@@ -119,7 +141,7 @@ impl Graph {
         self.push(node.op.clone(), inputs, node.sig.clone(), &node.scope)
     }
 
-    /// Copies the parameter, input and output tables of `from` into this graph, with node
+    /// Copies the parameter, state, input and output tables of `from` into this graph, with node
     /// ids mapped through `map` (old index → new id); entries whose node has no image are
     /// left out.
     pub(crate) fn copy_tables(&mut self, from: &Graph, map: &[Option<NodeId>]) {
@@ -127,6 +149,11 @@ impl Graph {
         for p in &from.params {
             if let Some(node) = image(p.node) {
                 self.params.push(ParamInfo { node, ..p.clone() });
+            }
+        }
+        for st in &from.states {
+            if let Some(node) = image(st.node) {
+                self.states.push(StateInfo { node, ..st.clone() });
             }
         }
         for i in &from.inputs {
@@ -168,6 +195,30 @@ impl Graph {
         let node = self.push(Op::Param { name: name.to_string() }, vec![], sig, name);
         self.params.push(ParamInfo { name: name.to_string(), shape, init, group, embedding, node });
         node
+    }
+
+    /// Declares untrained model state of `shape`, every element `initial` at the start
+    /// (names are unique among parameters and states; the caller ensures it). The caller
+    /// names its next value with the output [`state_output`]`(name)`.
+    pub fn state(&mut self, name: &str, shape: Shape, initial: f64) -> NodeId {
+        let sig = Signature::dense(shape.clone());
+        let node = self.push(Op::Param { name: name.to_string() }, vec![], sig, name);
+        self.states.push(StateInfo { name: name.to_string(), shape, initial, node });
+        node
+    }
+
+    pub fn state_info(&self, name: &str) -> Option<&StateInfo> {
+        self.states.iter().find(|p| p.name == name)
+    }
+
+    /// The nodes that declare something (parameters, states and inputs): passes keep them
+    /// all, so the graph's tables stay complete.
+    pub fn declared_nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.params
+            .iter()
+            .map(|p| p.node)
+            .chain(self.states.iter().map(|s| s.node))
+            .chain(self.inputs.iter().map(|i| i.node))
     }
 
     pub fn param_info(&self, name: &str) -> Option<&ParamInfo> {

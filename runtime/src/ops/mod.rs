@@ -17,7 +17,7 @@
 //!
 //! | family        | ops |
 //! |---------------|-----|
-//! | `source`      | Input, Param, Scalar, the constant tensors Arange, Triangle and Eye (from compile-time sizes), IdList (constant ids), DropMask, StopGrad |
+//! | `source`      | Input, Param, Scalar, the constant tensors Arange, Triangle and Eye (from compile-time sizes), IdList (constant ids), DropMask, StopGrad, TrainEval |
 //! | `elementwise` | Unary (neg exp log sqrt recip relu sigmoid tanh softplus abs step sign floor gelu), Binary (add sub mul div max min gt eq ge ne prelu keep) with broadcasting |
 //! | `layout`      | Reshape, Permute, Broadcast, Concat, Slice, Pad (all but Pad also move ids) |
 //! | `reduce`      | Reduce (sum mean max min over axes), Softmax |
@@ -88,7 +88,9 @@ pub enum Op {
     // ---- source ----
     /// A batch input fed by the data pipeline (ids, masks, values, labels). No operands.
     Input { name: String, dtype: DType },
-    /// A trainable parameter (its init and group live in the graph's parameter table). No operands.
+    /// A named model tensor: a trainable parameter (its init and group live in the graph's
+    /// parameter table) or untrained state such as a running statistic (the graph's state
+    /// table). No operands.
     Param { name: String },
     /// A constant scalar, shape `[]`. No operands.
     Scalar(f64),
@@ -108,6 +110,11 @@ pub enum Op {
     DropMask { p: f64, stream: u64 },
     /// `[x]` → `x`; no gradient flows back through it.
     StopGrad,
+    /// `[in_training, in_evaluation]` (equal shapes) → the first when the graph runs in
+    /// training mode (`Mode::training`), else the second: batch statistics in training,
+    /// running ones in evaluation. The gradient flows to the operand the run chooses;
+    /// `passes::for_phase` resolves it before the trainer differentiates or runs a graph.
+    TrainEval,
 
     // ---- elementwise ----
     /// `[x]`
@@ -247,7 +254,7 @@ impl Op {
         Some(match self {
             Input { .. } | Param { .. } | Scalar(_) | Arange { .. } | Triangle { .. } | Eye { .. } | IdList { .. } => 0,
             DropMask { .. } | StopGrad | Unary(_) => 1,
-            Binary(_) => 2,
+            Binary(_) | TrainEval => 2,
             Reshape { .. } | Permute { .. } | Broadcast { .. } | Slice { .. } | Pad { .. } => 1,
             Concat { .. } => return None,
             Reduce { .. } | Softmax { .. } => 1,
@@ -274,7 +281,7 @@ impl Op {
         use Op::*;
         match self {
             Input { .. } | Param { .. } => shape_err("the shape of an input or parameter comes from its declaration"),
-            Scalar(_) | Arange { .. } | Triangle { .. } | Eye { .. } | IdList { .. } | DropMask { .. } | StopGrad => {
+            Scalar(_) | Arange { .. } | Triangle { .. } | Eye { .. } | IdList { .. } | DropMask { .. } | StopGrad | TrainEval => {
                 source::shape(self, operands)
             }
             Unary(_) | Binary(_) => elementwise::shape(self, operands),
@@ -310,6 +317,7 @@ impl Op {
             IdList { ids } => format!("id_list {ids:?}"),
             DropMask { p, .. } => format!("dropmask p={p}"),
             StopGrad => "stopgrad".into(),
+            TrainEval => "train_eval".into(),
             Unary(u) => format!("{u:?}").to_lowercase(),
             Binary(b) => format!("{b:?}").to_lowercase(),
             Reshape { shape } => format!("reshape {}", shape_to_string(shape)),
@@ -394,7 +402,8 @@ pub fn grad(graph: &mut Graph, node: &Node, id: NodeId, dy: NodeId) -> Result<Ve
         | Eye { .. }
         | IdList { .. }
         | DropMask { .. }
-        | StopGrad => source::grad(graph, node, id, dy),
+        | StopGrad
+        | TrainEval => source::grad(graph, node, id, dy),
         Unary(_) | Binary(_) => elementwise::grad(graph, node, id, dy),
         Reshape { .. } | Permute { .. } | Broadcast { .. } | Concat { .. } | Slice { .. } | Pad { .. } => {
             layout::grad(graph, node, id, dy)
@@ -427,7 +436,7 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
             op: op.name(),
             message: "inputs and parameters are read by the backend".into(),
         }),
-        Scalar(_) | Arange { .. } | Triangle { .. } | Eye { .. } | IdList { .. } | DropMask { .. } | StopGrad => {
+        Scalar(_) | Arange { .. } | Triangle { .. } | Eye { .. } | IdList { .. } | DropMask { .. } | StopGrad | TrainEval => {
             source::eval(op, args, cx)
         }
         Unary(_) | Binary(_) => elementwise::eval(op, args, cx),

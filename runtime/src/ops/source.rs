@@ -1,7 +1,9 @@
 //! Source ops and gradient barriers: Input, Param, Scalar, the constant tensors (Arange,
 //! Triangle, Eye: one op each, whatever their size), the constant ids (IdList), DropMask,
-//! StopGrad.
+//! StopGrad, and the phase choice TrainEval (batch statistics in training, running ones in
+//! evaluation).
 
+use super::emit::Emit;
 use super::{DType, Op, Operand, ShapeError, Signature, ValueKind};
 use crate::exec::{Arg, EvalCx, ExecError};
 use crate::ir::dim::Dim;
@@ -25,16 +27,36 @@ pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
             Ok(Signature::dense(x[0].shape.to_vec()))
         }
         Op::StopGrad => Ok(Signature::dense(x[0].shape.to_vec())),
+        Op::TrainEval => {
+            if x[0].shape != x[1].shape {
+                return super::shape_err(format!(
+                    "the training value {} and the evaluation value {} must have one shape",
+                    x[0].describe(),
+                    x[1].describe()
+                ));
+            }
+            Ok(Signature::dense(x[0].shape.to_vec()))
+        }
         _ => super::shape_err(format!("{} is not a source op", op.name())),
     }
 }
 
-/// Sources have no operands; DropMask and StopGrad pass no gradient to theirs.
-pub fn grad(_graph: &mut Graph, node: &Node, _id: NodeId, _dy: NodeId) -> Result<Vec<Option<NodeId>>, ShapeError> {
+/// Sources have no operands; DropMask and StopGrad pass no gradient to theirs. TrainEval
+/// passes it to the operand the run chooses: its cotangents are `TrainEval(dy, 0)` and
+/// `TrainEval(0, dy)` (resolved with the rest by `passes::for_phase`).
+pub fn grad(graph: &mut Graph, node: &Node, _id: NodeId, dy: NodeId) -> Result<Vec<Option<NodeId>>, ShapeError> {
+    if node.op == Op::TrainEval {
+        let mut e = Emit::new(graph, node);
+        let zero = e.scalar(0.0)?;
+        let zeros = e.broadcast(zero, &e.shape(dy))?;
+        let in_training = e.op(Op::TrainEval, &[dy, zeros])?;
+        let in_evaluation = e.op(Op::TrainEval, &[zeros, dy])?;
+        return Ok(vec![Some(in_training), Some(in_evaluation)]);
+    }
     Ok(vec![None; node.inputs.len()])
 }
 
-/// Scalar, the constant tensors, DropMask and StopGrad (Input and Param are read by the
+/// Scalar, the constant tensors, DropMask, StopGrad and TrainEval (Input and Param are read by the
 /// backend, not computed).
 pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>, ExecError> {
     let square = |holds: &dyn Fn(i64, i64) -> bool| {
@@ -53,6 +75,10 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
         Op::Eye { .. } => Ok(square(&|row, col| row == col)),
         Op::IdList { ids } => Ok(Value::Ids(Ids { shape: vec![ids.len()], data: ids.clone() })),
         Op::StopGrad => Ok(Value::Dense(args[0].dense("stopgrad")?.clone())),
+        Op::TrainEval => {
+            let chosen = args[if cx.mode.training { 0 } else { 1 }];
+            Ok(Value::Dense(chosen.dense("train_eval")?.clone()))
+        }
         Op::DropMask { p, stream } => {
             let shape = args[0].dense("dropmask")?.shape.clone();
             if !cx.mode.training || *p == 0.0 {

@@ -10,7 +10,8 @@
 //!   evaluator finds by host data address;
 //! - **updates made on the host** written back ([`OpenCl::write_updated`]): a dense
 //!   parameter whole, an embedding table only the rows its row-sparse gradient touched
-//!   (one upload of those rows and a scatter kernel).
+//!   (one upload of those rows and a scatter kernel); a running statistic a training step
+//!   advanced, whole ([`OpenCl::write_state`]).
 //!
 //! The contract: a caller changes a parameter in place only through `training::update` or
 //! a training step; an in-place change made otherwise is seen only if it moves one of the
@@ -134,6 +135,20 @@ impl OpenCl {
         self.param_bytes += self.transfers.totals().0 - before;
         if let Some(r) = self.resident.get_mut(name) {
             r.stamp = HostStamp::of(&param.data);
+        }
+        Ok(())
+    }
+}
+
+impl OpenCl {
+    /// Writes state `name` (a running statistic), which a training step just advanced in
+    /// place on the host, whole to its resident buffer, if it has one. Not counted as a
+    /// parameter upload: a state changes on every step by design.
+    pub(super) fn write_state(&mut self, name: &str, state: &Tensor<f32>) -> Result<(), ExecError> {
+        let Some(buffer) = self.resident.get(name).map(|r| r.buffer.clone()) else { return Ok(()) };
+        self.transfers.write(&buffer, &state.data, &format!("writing running statistic {name}"))?;
+        if let Some(r) = self.resident.get_mut(name) {
+            r.stamp = HostStamp::of(&state.data);
         }
         Ok(())
     }

@@ -16,6 +16,10 @@
 //!    state buffers are created on first use, fresh on the device or uploaded from the
 //!    host optimizer's state (a resumed run).
 //!
+//! The training graph's running statistics come back to the host with its other outputs:
+//! [`crate::training::advance_states`] updates the host's state tensors and each resident
+//! copy is written whole.
+//!
 //! Gradients the host computed (a row-sparse gradient combined by the host's rule, the
 //! default on a CPU device) go up combined, as rows and their values, for the same update.
 //! Parameters no device kernel reads are updated on the host with the jit's kernels.
@@ -247,6 +251,9 @@ impl OpenCl {
                 .map_err(text)?;
         }
         self.optimizer.steps = optimizer.step_count();
+        for name in crate::training::advance_states(step.graph, &mut values, params)? {
+            self.write_state(&name, &params[&name]).map_err(text)?;
+        }
         if let Some(profile) = self.profile.recording() {
             self.queue.finish().map_err(|e| e.to_string())?;
             profile.record("optimizer update".into(), start.elapsed());
