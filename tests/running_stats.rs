@@ -115,10 +115,12 @@ fn a_row_scores_the_same_alone_and_inside_a_batch_of_4096() {
         std::fs::write(&one, format!("{}\n{}\n", lines[0], lines[row + 1])).unwrap();
         let alone = scores(run, &one);
         assert_eq!(alone.len(), 1);
-        // The jit may sum a product's terms in another order for one row than for 4096:
-        // the last bits of the logit, not the statistics the row is normalised with.
+        // predict writes 6 decimals, and the jit may sum a product's terms in another
+        // order for one row than for 4096 (the last bits of the logit, not the statistics
+        // the row is normalised with): one unit of the last decimal at most. Normalised
+        // with the batch's statistics instead, row 0 scores 0.4948 alone and 0.4175 inside.
         assert!(
-            (alone[0] - in_batch[row]).abs() <= 1e-6,
+            (alone[0] - in_batch[row]).abs() <= 1.5e-6,
             "row {row}: {} alone, {} inside the batch of 4096",
             alone[0],
             in_batch[row]

@@ -292,6 +292,12 @@ fn index() -> Vec<Case> {
             vec![plain(&[9, 3], 62), ids(&[9], id_data(9, 4))],
         )
         .summing(9),
+        // Large enough for the jit's two-thread column split; rows added in order, exact.
+        Case::new(
+            "segment_sum 20000 rows",
+            Op::SegmentSum { segments: Dim::lit(5) },
+            vec![plain(&[20_000, 9], 66), ids(&[20_000], id_data(20_000, 5))],
+        ),
         Case::new("one_hot", Op::OneHot { depth: Dim::lit(5) }, vec![ids(&[2, 3], id_data(6, 5))]),
         Case::new(
             "bucketize",

@@ -6,7 +6,7 @@
 //! `SparseRows` keeps its ids and values as they are.
 
 use super::group::{group_matmul, group_outer};
-use super::layout::{broadcast, concat, gather, pad, permute, scatter_add, slice, take_along};
+use super::layout::{broadcast, concat, gather, pad, permute, scatter_add, segment_sum, slice, take_along};
 use super::math;
 use super::pool::Pool;
 use crate::backend::driver::Operands;
@@ -78,6 +78,13 @@ pub fn fast(
             let (src, ids) = (args[0].dense(&name())?, args[1].ids(&name())?);
             Some(Value::Dense(
                 scatter_add(src, ids, *axis, cx.out_shape, threads, pool)
+                    .map_err(|(id, limit)| ExecError::IdOutOfRange { op: name(), id, limit })?,
+            ))
+        }
+        Op::SegmentSum { .. } => {
+            let (x, idx) = (args[0].dense(&name())?, args[1].ids(&name())?);
+            Some(Value::Dense(
+                segment_sum(x, &idx.data, cx.out_shape, threads, pool)
                     .map_err(|(id, limit)| ExecError::IdOutOfRange { op: name(), id, limit })?,
             ))
         }

@@ -1,6 +1,7 @@
 //! Layout kernels of the jit: ops that only move elements (gather by id, broadcast,
-//! concat, slice, pad, permute, take along an axis and its adjoint scatter-add), each writing a pooled buffer with block copies, split
-//! over the threads by leading rows when large. The eval rules in `ops::layout` compute the
+//! concat, slice, pad, permute, take along an axis and its adjoint scatter-add), each
+//! writing a pooled buffer with block copies, split over the threads by leading rows when
+//! large, and gather's adjoint, the segment sum. The eval rules in `ops::layout` compute the
 //! same values into fresh vectors; these exist because a step runs them on every
 //! activation and its gradient (DIN's slices, PEPNet's pads, AutoInt's head permutes).
 
@@ -173,6 +174,52 @@ pub(super) fn gather(
             }
         };
         split(&mut out, threads, width, |off, o| copy(off / width, o));
+    }
+    Ok(Tensor { shape: out_shape.to_vec(), data: out })
+}
+
+/// SegmentSum, the adjoint of [`gather`]: `out[g] = Σ_{i: idx[i] = g} x[i]`, the rows added
+/// in order as the eval rule adds them (so the sums are its, bit for bit), with the
+/// columns split over two threads when large (each thread sums its columns of every row
+/// into a buffer of its own). STAR's per-domain statistics run it on every activation of
+/// its partitioned normalisation and on their gradients.
+pub(super) fn segment_sum(
+    x: &Tensor<f32>,
+    idx: &[u32],
+    out_shape: &[usize],
+    threads: usize,
+    pool: &mut Pool,
+) -> Result<Tensor<f32>, (u32, usize)> {
+    let segments = out_shape[0];
+    if let Some(&id) = idx.iter().find(|&&id| id as usize >= segments) {
+        return Err((id, segments));
+    }
+    let width: usize = x.shape[1..].iter().product();
+    let mut out = pool.zeroed(segments * width);
+    // The sums of columns `cols` of every row into `acc` (`segments` rows of that many).
+    let sum_columns = |cols: std::ops::Range<usize>, acc: &mut [f32]| {
+        let w = cols.len();
+        for (row, &g) in x.data.chunks_exact(width).zip(idx) {
+            let g = g as usize;
+            for (o, &v) in acc[g * w..(g + 1) * w].iter_mut().zip(&row[cols.clone()]) {
+                *o += v;
+            }
+        }
+    };
+    if threads >= 2 && x.data.len() >= super::kernels::ELEMENTWISE_PARALLEL && width >= 2 {
+        let half = width / 2;
+        let mut right = vec![0.0f32; segments * (width - half)];
+        let mut left = vec![0.0f32; segments * half];
+        std::thread::scope(|s| {
+            s.spawn(|| sum_columns(half..width, &mut right));
+            sum_columns(0..half, &mut left);
+        });
+        for (g, dst) in out.chunks_exact_mut(width).enumerate() {
+            dst[..half].copy_from_slice(&left[g * half..(g + 1) * half]);
+            dst[half..].copy_from_slice(&right[g * (width - half)..(g + 1) * (width - half)]);
+        }
+    } else if width > 0 {
+        sum_columns(0..width, &mut out);
     }
     Ok(Tensor { shape: out_shape.to_vec(), data: out })
 }
