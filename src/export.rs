@@ -9,8 +9,8 @@
 //!   vocabularies and normalisers (`mdl-features/1`, [`crate::data::serving`]), so that a
 //!   serving system can turn raw CSV values into those inputs; docs/serving.md documents
 //!   both.
-//! - `--format safetensors`: every parameter by its name, float32, with the tasks in the header's
-//!   metadata.
+//! - `--format safetensors`: every parameter and running statistic (model state) by its
+//!   name, float32, with the tasks in the header's metadata.
 //!
 //! Both files appear only once complete ([`crate::files::write_atomic`]).
 
@@ -116,7 +116,9 @@ fn onnx(run: &LoadedRun, out: &Path) -> Result<Exported, String> {
 }
 
 fn safetensors(run: &LoadedRun, out: &Path) -> Result<Exported, String> {
-    let mut names: Vec<String> = run.session.params().iter().map(|p| p.name.clone()).collect();
+    // The parameters and the running statistics (model state) by name.
+    let states = run.session.compiled.graph.states.iter().map(|s| s.name.clone());
+    let mut names: Vec<String> = run.session.params().iter().map(|p| p.name.clone()).chain(states).collect();
     names.sort();
     let bytes: HashMap<&str, Vec<u8>> = names
         .iter()

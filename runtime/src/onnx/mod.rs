@@ -60,8 +60,8 @@ pub struct ModelInfo {
 }
 
 /// Renders `graph` as an ONNX model: its `outputs` (by their names) are the model's
-/// outputs, the `inputs` they read its inputs, its parameters the initializers (values from
-/// `params`, by parameter name). `sizes` binds every symbol but `B`.
+/// outputs, the `inputs` they read its inputs, its parameters and states (running
+/// statistics) the initializers (values from `params`, by name). `sizes` binds every symbol but `B`.
 pub fn render(
     graph: &Graph,
     sizes: &Binding,
@@ -505,6 +505,8 @@ impl Renderer<'_> {
                 self.emit("ConstantOfShape", &[&shape], vec![one])
             }
             Op::StopGrad => self.emit("Identity", &[x[0]], vec![]),
+            // An export is evaluation: the running statistic (a state, an initializer).
+            Op::TrainEval => self.emit("Identity", &[x[1]], vec![]),
             Op::Unary(u) => self.unary(*u, x[0]),
             Op::Binary(b) => self.binary(*b, x[0], x[1]),
             Op::Reshape { shape } => {

@@ -281,9 +281,14 @@ impl Op {
         use Op::*;
         match self {
             Input { .. } | Param { .. } => shape_err("the shape of an input or parameter comes from its declaration"),
-            Scalar(_) | Arange { .. } | Triangle { .. } | Eye { .. } | IdList { .. } | DropMask { .. } | StopGrad | TrainEval => {
-                source::shape(self, operands)
-            }
+            Scalar(_)
+            | Arange { .. }
+            | Triangle { .. }
+            | Eye { .. }
+            | IdList { .. }
+            | DropMask { .. }
+            | StopGrad
+            | TrainEval => source::shape(self, operands),
             Unary(_) | Binary(_) => elementwise::shape(self, operands),
             Reshape { .. } | Permute { .. } | Broadcast { .. } | Concat { .. } | Slice { .. } | Pad { .. } => {
                 layout::shape(self, operands)
@@ -436,9 +441,14 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
             op: op.name(),
             message: "inputs and parameters are read by the backend".into(),
         }),
-        Scalar(_) | Arange { .. } | Triangle { .. } | Eye { .. } | IdList { .. } | DropMask { .. } | StopGrad | TrainEval => {
-            source::eval(op, args, cx)
-        }
+        Scalar(_)
+        | Arange { .. }
+        | Triangle { .. }
+        | Eye { .. }
+        | IdList { .. }
+        | DropMask { .. }
+        | StopGrad
+        | TrainEval => source::eval(op, args, cx),
         Unary(_) | Binary(_) => elementwise::eval(op, args, cx),
         Reshape { .. } | Permute { .. } | Broadcast { .. } | Concat { .. } | Slice { .. } | Pad { .. } => {
             layout::eval(op, args, cx)
