@@ -364,8 +364,8 @@ fn select() -> Vec<Case> {
             *v = (*v).round(); // ties
         }
     }
-    for axis in 0..3 {
-        for k in [1, 3, shape[axis]] {
+    for (axis, &size) in shape.iter().enumerate() {
+        for k in [1, 3, size] {
             for largest in [true, false] {
                 cases.push(Case::new(
                     format!("top_k axis {axis} k {k} largest {largest}"),
