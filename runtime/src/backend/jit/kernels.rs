@@ -569,15 +569,19 @@ impl BinaryLoop<f32> for Broadcast<'_> {
 
 // ------------------------------------------------------------------ reductions
 
-/// Sum or mean over a contiguous run of axes (`[outer, reduced, inner]` after grouping).
+/// A reduction over a contiguous run of axes (`[outer, reduced, inner]` after grouping):
+/// sum or mean, or max or min ([`pick`]).
 fn reduce(op: ReduceOp, x: &Tensor<f32>, axes: &[usize], out_shape: &[usize], pool: &mut Pool) -> Option<Tensor<f32>> {
-    if !op.adds() || axes.is_empty() || axes.windows(2).any(|w| w[1] != w[0] + 1) {
+    if axes.is_empty() || axes.windows(2).any(|w| w[1] != w[0] + 1) {
         return None;
     }
     let (first, last) = (axes[0], axes[axes.len() - 1]);
     let outer: usize = x.shape[..first].iter().product();
     let red: usize = x.shape[first..=last].iter().product();
     let inner: usize = x.shape[last + 1..].iter().product();
+    if !op.adds() {
+        return Some(Tensor { shape: out_shape.to_vec(), data: pick(op == ReduceOp::Max, x, outer, red, inner, pool) });
+    }
     let mut out = pool.zeroed(outer * inner);
     if inner == 1 {
         for (o, row) in out.iter_mut().zip(x.data.chunks(red.max(1))) {
@@ -599,4 +603,35 @@ fn reduce(op: ReduceOp, x: &Tensor<f32>, axes: &[usize], out_shape: &[usize], po
         out.iter_mut().for_each(|v| *v *= s);
     }
     Some(Tensor { shape: out_shape.to_vec(), data: out })
+}
+
+/// Max (`largest`) or min over the middle axis of `x` seen as `[outer, red, inner]`: the
+/// eval rule's update (a term replaces the running value when it is larger, or smaller, or
+/// NaN, so NaN wins and the first of equal terms stays) in its order, so the same values
+/// bit for bit, along contiguous rows.
+fn pick(largest: bool, x: &Tensor<f32>, outer: usize, red: usize, inner: usize, pool: &mut Pool) -> Vec<f32> {
+    let mut out = pool.take(outer * inner);
+    out.fill(if largest { f32::NEG_INFINITY } else { f32::INFINITY });
+    let better = |v: f32, acc: f32| v.is_nan() || if largest { v > acc } else { v < acc };
+    if inner == 1 {
+        for (o, row) in out.iter_mut().zip(x.data.chunks(red.max(1))) {
+            for &v in row {
+                if better(v, *o) {
+                    *o = v;
+                }
+            }
+        }
+    } else {
+        for (i, dst) in out.chunks_exact_mut(inner).enumerate() {
+            for r in 0..red {
+                let src = &x.data[(i * red + r) * inner..(i * red + r + 1) * inner];
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    if better(v, *d) {
+                        *d = v;
+                    }
+                }
+            }
+        }
+    }
+    out
 }

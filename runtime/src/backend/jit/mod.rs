@@ -10,7 +10,8 @@
 //! - **Elementwise** unary and binary ops over contiguous slices, with the broadcast
 //!   patterns models produce (same shape, scalar, trailing-axes bias, per-row scale) as
 //!   straight loops the compiler vectorises, split over two threads when large.
-//! - **Reductions** over the trailing axes or one middle axis as contiguous loops; with the
+//! - **Reductions** over the trailing axes or one middle axis as contiguous loops (max and
+//!   min in the eval rule's order, so its values exactly); with the
 //!   fast kernels, a lone sum or mean runs as a fused kernel instead
 //!   ([`crate::fuse::lone_reduction`], as on OpenCL).
 //! - **Fused elementwise kernels**: before the first run of a graph, the fusion pass
