@@ -32,11 +32,18 @@ impl Backend {
     #[cfg(not(feature = "opencl"))]
     pub const NAMES: &'static [&'static str] = &["jit", "interp"];
 
-    /// The executor that runs this backend's graphs.
+    /// The executor that runs this backend's graphs (the jit on all the machine's cores).
     pub fn executor(self) -> Result<Box<dyn Executor>, String> {
+        self.executor_on(None)
+    }
+
+    /// The executor, the jit on `threads` threads (default: the machine's cores); the
+    /// other backends take no thread count.
+    pub fn executor_on(self, threads: Option<usize>) -> Result<Box<dyn Executor>, String> {
+        use mdl_runtime::backend::jit::{default_threads, Jit};
         match self {
             Backend::Interp => Ok(Box::new(mdl_runtime::backend::Interp)),
-            Backend::Jit => Ok(Box::new(mdl_runtime::backend::jit::Jit::new())),
+            Backend::Jit => Ok(Box::new(Jit::with_threads(threads.unwrap_or_else(default_threads)))),
             #[cfg(feature = "opencl")]
             Backend::OpenCl { device } => {
                 let exec = mdl_runtime::backend::opencl::OpenCl::new(device)?;

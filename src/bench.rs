@@ -10,7 +10,7 @@
 //! per-run overhead, so the limit comes out low).
 
 use crate::backends::Backend;
-use crate::data::{self, PrepareOptions};
+use crate::data;
 use crate::experiment::Experiment;
 use crate::train::{compile_spec, Session};
 use mdl_runtime::exec::Mode;
@@ -156,22 +156,13 @@ fn gemm_bound(
 /// Runs `steps` timed training steps (after one warm-up step) and a timed evaluation.
 pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
     // The backend first: a missing device is reported before any data is read.
-    let mut exec = exp.backend.executor()?;
+    let mut exec = exp.executor()?;
     // Then the spec: a bad one is reported before any data is read.
     let t = Instant::now();
     let compiled = compile_spec(exp)?;
     let spec_time = t.elapsed();
     let paths = exp.split_files()?;
-    let prep = data::prepare(
-        &exp.data.schema,
-        &paths,
-        &PrepareOptions {
-            bad_rows: exp.data.bad_rows.into(),
-            unknown_domain: exp.data.unknown_domain,
-            ..Default::default()
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    let prep = data::prepare(&exp.data.schema, &paths, &exp.data.prepare_options()).map_err(|e| e.to_string())?;
     let t = Instant::now();
     let session = Session::with_compiled(compiled, &prep.fitted)?;
     let compile_ms = (t.elapsed() + spec_time).as_secs_f64() * 1e3;
@@ -248,7 +239,13 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
     }
     Ok(BenchReport {
         backend: exp.backend,
-        device: exec.device_name(),
+        // The jit's "device" is its thread count, which the step time depends on.
+        device: exec.device_name().or_else(|| {
+            (exp.backend == Backend::Jit).then(|| {
+                let n = exp.train.threads.unwrap_or_else(mdl_runtime::backend::jit::default_threads);
+                format!("{n} thread{}", if n == 1 { "" } else { "s" })
+            })
+        }),
         model: session.compiled.model.clone(),
         batch: bs,
         compile_ms,

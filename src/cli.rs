@@ -193,15 +193,13 @@ pub fn run(
     }
 }
 
-/// `mdl eval RUN_DIR --data FILE|- [--force]`
-pub fn eval(run: &Path, data: &Path, force: bool) -> ExitCode {
+/// `mdl eval RUN_DIR --data FILE|- [--force] [--threads N]`
+pub fn eval(run: &Path, data: &Path, force: bool, threads: Option<usize>) -> ExitCode {
     let result = (|| -> Result<String, String> {
         let trust = crate::train::folder::Trust { force };
         let crate::train::LoadedRun { experiment: exp, fitted, session, params } = crate::train::open_run(run, trust)?;
-        let options =
-            crate::data::EncodeOptions { bad_rows: exp.data.bad_rows.into(), unknown_domain: exp.data.unknown_domain };
-        let ds = fitted.encode_file(data, options).map_err(|e| e.to_string())?;
-        let mut exec = exp.backend.executor()?;
+        let ds = fitted.encode_file(data, exp.data.encode_options()).map_err(|e| e.to_string())?;
+        let mut exec = exp.backend.executor_on(threads)?;
         let report = session.evaluate(exec.as_mut(), &params, &ds, exp.train.batch_size)?;
         serde_json::to_string_pretty(&report).map_err(|e| e.to_string())
     })();

@@ -11,7 +11,7 @@
 //! base file and its children can live in different folders.
 
 use crate::backends::Backend;
-use crate::data::{BadRows, Schema, UnknownDomain};
+use crate::data::{BadRows, Delimiter, Schema, UnknownDomain};
 use crate::lower::Hyper;
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
@@ -55,9 +55,11 @@ pub struct Experiment {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// A folder holding `train.csv.gz`, `valid.csv.gz`, `test.csv.gz` (or `.csv`).
+    /// A folder holding `train.csv.gz`, `valid.csv.gz`, `test.csv.gz`.
     #[serde(default)]
     pub folder: Option<PathBuf>,
+    /// Each split is a file (CSV, CSV.gz or Parquet), a folder of part files, or a glob
+    /// pattern of them (`data/train/part-*.csv.gz`), read in sorted order as one table.
     #[serde(default)]
     pub train: Option<PathBuf>,
     #[serde(default)]
@@ -72,8 +74,32 @@ pub struct DataConfig {
     /// as that domain (counted; `mdl predict` reports how many).
     #[serde(default, skip_serializing_if = "UnknownDomain::is_error")]
     pub unknown_domain: UnknownDomain,
+    /// The byte between CSV fields: `,` (default), `"\t"` (TSV), `;`, `|`, ...
+    #[serde(default, skip_serializing_if = "Delimiter::is_comma")]
+    pub delimiter: Delimiter,
     /// Binds columns to the spec's inputs (feature group names = the spec's input names).
     pub schema: Schema,
+}
+
+impl DataConfig {
+    /// How `mdl run` and `mdl bench` prepare the splits (the cache in its default place).
+    pub fn prepare_options(&self) -> crate::data::PrepareOptions {
+        crate::data::PrepareOptions {
+            bad_rows: self.bad_rows.into(),
+            unknown_domain: self.unknown_domain,
+            delimiter: self.delimiter,
+            ..Default::default()
+        }
+    }
+
+    /// How `mdl eval` and `mdl predict` encode a file with the run's settings.
+    pub fn encode_options(&self) -> crate::data::EncodeOptions {
+        crate::data::EncodeOptions {
+            bad_rows: self.bad_rows.into(),
+            unknown_domain: self.unknown_domain,
+            delimiter: self.delimiter,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +163,11 @@ pub struct TrainConfig {
     /// Stop after this many steps in total (for smoke tests and benchmarks).
     #[serde(default)]
     pub max_steps: Option<u64>,
+    /// Threads of the jit backend (default: the machine's cores). It changes how fast a
+    /// run goes, never what it computes, so a run folder's `config.yaml` does not record
+    /// it (see [`Experiment::recorded`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -468,6 +499,9 @@ impl Experiment {
                 t.stages[i].epochs
             ));
         }
+        if let Some(n) = t.threads {
+            check_threads("train.threads", n)?;
+        }
         t.eval_every.steps()?;
         t.early_stopping.maximize()?;
         self.hyper_overrides()?;
@@ -500,9 +534,9 @@ impl Experiment {
         }
     }
 
-    /// The three split files, each checked to be a file: a missing one is an error naming
-    /// the key it came from (`data.train`, or `data.folder` for a file the folder implies),
-    /// before any data is read. [`Self::split_paths`] alone checks nothing on disk, so
+    /// The three splits, each checked to be a file, a folder of part files or a pattern
+    /// matching some: a missing one is an error naming the key it came from (`data.train`,
+    /// or `data.folder` for a file the folder implies), before any data is read. [`Self::split_paths`] alone checks nothing on disk, so
     /// that `mdl eval` and `mdl predict` read a run's config without its data.
     pub fn split_files(&self) -> Result<crate::data::SplitPaths, String> {
         let paths = self.split_paths()?;
@@ -510,8 +544,10 @@ impl Experiment {
         for (split, given, path) in
             [("train", &d.train, &paths.train), ("valid", &d.valid, &paths.valid), ("test", &d.test, &paths.test)]
         {
-            if !path.is_file() {
-                let key = if given.is_some() { format!("data.{split}") } else { "data.folder".to_string() };
+            let key = if given.is_some() { format!("data.{split}") } else { "data.folder".to_string() };
+            if path.is_dir() || !path.exists() && crate::data::source::is_pattern(path) {
+                crate::data::parts(path).map_err(|e| format!("{key}: the {split} split {e}"))?;
+            } else if !path.is_file() {
                 let why = if path.exists() { "is not a file" } else { "does not exist" };
                 return Err(format!("{key}: the {split} split {} {why}", path.display()));
             }
@@ -542,6 +578,19 @@ impl Experiment {
             .collect()
     }
 
+    /// The executor of this experiment's backend, on `train.threads` threads.
+    pub fn executor(&self) -> Result<Box<dyn mdl_runtime::backend::Executor>, String> {
+        self.backend.executor_on(self.train.threads)
+    }
+
+    /// The experiment as a run folder records it (`config.yaml`, whose hash `--resume`
+    /// compares): without the settings that change only the speed (`train.threads`).
+    pub fn recorded(&self) -> Experiment {
+        let mut exp = self.clone();
+        exp.train.threads = None;
+        exp
+    }
+
     /// The run folder.
     pub fn out_dir(&self) -> PathBuf {
         self.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
@@ -550,6 +599,23 @@ impl Experiment {
 
 /// The most epochs a run (or a stage) may have: more would never end.
 const MAX_EPOCHS: usize = 1_000_000;
+
+/// The most threads a run may ask for: more is a typo, not a machine.
+pub const MAX_THREADS: usize = 4096;
+
+/// A thread count (of `key`: `train.threads`, `--threads`): 1 to [`MAX_THREADS`].
+pub fn check_threads(key: &str, n: usize) -> Result<(), String> {
+    if n == 0 {
+        return Err(format!(
+            "{key}: must be at least 1, found 0 (leave it out to use the machine's {} cores)",
+            mdl_runtime::backend::jit::default_threads()
+        ));
+    }
+    if n > MAX_THREADS {
+        return Err(format!("{key}: must be at most {MAX_THREADS}, found {n}"));
+    }
+    Ok(())
+}
 
 /// A number a setting takes that must be finite and above 0.
 fn positive(key: &str, x: f64) -> Result<(), String> {

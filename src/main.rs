@@ -66,6 +66,9 @@ enum Command {
         /// Train on OpenCL device N (as `mdl devices` numbers them; implies the opencl backend)
         #[arg(long, value_name = "N")]
         device: Option<usize>,
+        /// Threads of the jit backend (default: the machine's cores)
+        #[arg(long, value_name = "N", value_parser = parse_threads)]
+        threads: Option<usize>,
     },
     /// Measure compile time, training and evaluation throughput of an experiment's model
     /// on its real data (figures only).
@@ -84,6 +87,9 @@ enum Command {
         /// Override any experiment key (repeatable)
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Threads of the jit backend (default: the machine's cores)
+        #[arg(long, value_name = "N", value_parser = parse_threads)]
+        threads: Option<usize>,
     },
     /// Evaluate a run's best checkpoint on a file with the training schema; prints the
     /// metrics as JSON.
@@ -96,6 +102,9 @@ enum Command {
         /// Read a run folder whose files do not match its manifest (saying so)
         #[arg(long)]
         force: bool,
+        /// Threads of the jit backend (default: the machine's cores)
+        #[arg(long, value_name = "N", value_parser = parse_threads)]
+        threads: Option<usize>,
     },
     /// Score rows with a trained run: one output row per input row, with the kept columns
     /// and one probability per task. Labels (and the user column) may be absent.
@@ -122,6 +131,9 @@ enum Command {
         /// Read a run folder whose files do not match its manifest (saying so)
         #[arg(long)]
         force: bool,
+        /// Threads of the jit backend (default: the machine's cores)
+        #[arg(long, value_name = "N", value_parser = parse_threads)]
+        threads: Option<usize>,
     },
     /// Serve a trained run over HTTP: POST /predict takes JSON rows of raw feature values
     /// and answers one probability per task per row; GET /health. Concurrent requests are
@@ -238,6 +250,13 @@ enum Command {
     },
 }
 
+/// `--threads N`: 1 to [`mdl::experiment::MAX_THREADS`].
+fn parse_threads(text: &str) -> Result<usize, String> {
+    let n = text.trim().parse::<usize>().map_err(|_| format!("expected a number of threads, found `{text}`"))?;
+    mdl::experiment::check_threads("--threads", n)?;
+    Ok(n)
+}
+
 fn parse_bad_rows(text: &str) -> Result<mdl::data::BadRows, String> {
     match text {
         "fail" => Ok(mdl::data::BadRows::Fail),
@@ -261,7 +280,10 @@ fn main() -> ExitCode {
     let result = std::panic::catch_unwind(|| match cli.command {
         Command::Check { specs, set } => mdl::cli::check(&specs, &set),
         Command::Graph { spec, backward, dot, set } => mdl::cli::graph(&spec, backward, dot, &set),
-        Command::Run { experiment, mut set, out, resume, stop_after, backend, device, force } => {
+        Command::Run { experiment, mut set, out, resume, stop_after, backend, device, force, threads } => {
+            if let Some(n) = threads {
+                set.push(format!("train.threads={n}"));
+            }
             if let Some(b) = backend {
                 set.push(format!("backend={b}"));
             }
@@ -270,8 +292,11 @@ fn main() -> ExitCode {
             }
             mdl::cli::run(experiment.as_deref(), &set, out, resume, stop_after, force)
         }
-        Command::Eval { run, data, force } => mdl::cli::eval(&run, &data, force),
-        Command::Bench { experiment, backend, steps, set, device } => {
+        Command::Eval { run, data, force, threads } => mdl::cli::eval(&run, &data, force, threads),
+        Command::Bench { experiment, backend, steps, mut set, device, threads } => {
+            if let Some(n) = threads {
+                set.push(format!("train.threads={n}"));
+            }
             let backend = match device {
                 Some(n) => Some(format!("opencl:{n}")),
                 None => backend,
@@ -279,8 +304,8 @@ fn main() -> ExitCode {
             mdl::cli::bench(&experiment, backend, steps, &set)
         }
         Command::Devices => mdl::cli::devices(),
-        Command::Predict { run, data, out, keep, bad_rows, unknown_domain, force } => {
-            let options = mdl::predict::PredictOptions { data, out, keep, bad_rows, unknown_domain, force };
+        Command::Predict { run, data, out, keep, bad_rows, unknown_domain, force, threads } => {
+            let options = mdl::predict::PredictOptions { data, out, keep, bad_rows, unknown_domain, force, threads };
             mdl::cli::predict(&run, &options)
         }
         Command::Serve { run, addr, threads, batch_window_ms, max_batch_rows, max_body_bytes, force } => {

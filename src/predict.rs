@@ -43,6 +43,8 @@ pub struct PredictOptions {
     pub unknown_domain: Option<UnknownDomain>,
     /// Read a run folder whose files do not match its manifest (saying so).
     pub force: bool,
+    /// Threads of the jit (default: the machine's cores).
+    pub threads: Option<usize>,
 }
 
 /// What a prediction wrote.
@@ -137,7 +139,7 @@ fn block_lines(block: &Block, scores: &[f32], tasks: usize, keep: usize) -> Stri
 
 /// Scores every record of `options.data` with the run in `run` (see the module doc).
 pub fn predict(run: &Path, options: &PredictOptions) -> Result<Predicted, String> {
-    let mut scorer = Scorer::open(run, Trust { force: options.force })?;
+    let mut scorer = Scorer::open_on(run, Trust { force: options.force }, options.threads)?;
     let tasks = scorer.tasks().to_vec();
     if let Some(clash) = options.keep.iter().find(|k| tasks.contains(k)) {
         return Err(format!(

@@ -31,9 +31,14 @@ pub struct Scorer {
 impl Scorer {
     /// Opens the run folder `run` (see [`open_run`]) and the executor of its backend.
     pub fn open(run: &Path, trust: Trust) -> Result<Scorer, String> {
+        Scorer::open_on(run, trust, None)
+    }
+
+    /// [`Scorer::open`], the jit on `threads` threads (default: the machine's cores).
+    pub fn open_on(run: &Path, trust: Trust, threads: Option<usize>) -> Result<Scorer, String> {
         let LoadedRun { experiment, fitted, session, params } = open_run(run, trust)?;
         let run_id = Manifest::read(run)?.map(|m| m.run_id);
-        let exec = experiment.backend.executor()?;
+        let exec = experiment.backend.executor_on(threads)?;
         Ok(Scorer { experiment, fitted: Arc::new(fitted), run_id, session, params, exec })
     }
 
@@ -58,12 +63,14 @@ impl Scorer {
     }
 
     /// The run's policies for malformed rows and unseen domain ids (`data.bad_rows`,
-    /// `data.unknown_domain`), each replaced by an override that is given.
+    /// `data.unknown_domain`), each replaced by an override that is given, and its CSV
+    /// delimiter (`data.delimiter`).
     pub fn encode_options(&self, bad_rows: Option<BadRows>, unknown_domain: Option<UnknownDomain>) -> EncodeOptions {
         let data = &self.experiment.data;
         EncodeOptions {
             bad_rows: bad_rows.unwrap_or(data.bad_rows.into()),
             unknown_domain: unknown_domain.unwrap_or(data.unknown_domain),
+            delimiter: data.delimiter,
         }
     }
 

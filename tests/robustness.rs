@@ -200,6 +200,8 @@ fn nonsense_settings_are_refused_naming_the_key_and_the_file() {
         ("train.epochs=0", "train.epochs: must be at least 1, found 0"),
         ("train.epochs=2000000", "train.epochs: must be at most 1000000, found 2000000"),
         ("train.max_steps=0", "train.max_steps: must be at least 1, found 0"),
+        ("train.threads=0", "train.threads: must be at least 1, found 0"),
+        ("train.threads=100000", "train.threads: must be at most 4096, found 100000"),
         ("hyper.width=.nan", "hyper.width: must be a finite number"),
     ] {
         let r = mdl(&["run", s(&yaml), "--out", s(&out), "--set", set]);

@@ -294,6 +294,36 @@ fn run_takes_the_backend_from_the_command_line() {
     assert!(err.contains("experiments/quickstart.yaml with --set"), "{err}");
 }
 
+/// The jit's thread count changes no bit of a run: where the fast kernels form partial sums
+/// (reductions, embedding-bag gradients) the split is fixed by the work. A run folder does
+/// not record the threads, so a resume on another count is the same experiment.
+#[test]
+fn metrics_do_not_depend_on_the_thread_count() {
+    let one = tmp("threads_1");
+    let two = tmp("threads_2");
+    ok(&short_run(&one, &["--threads", "1"]));
+    ok(&short_run(&two, &["--threads", "2"]));
+    let metrics = std::fs::read(two.join("metrics.json")).unwrap();
+    assert_eq!(std::fs::read(one.join("metrics.json")).unwrap(), metrics, "1 thread against 2");
+    assert_eq!(std::fs::read(one.join("curve.csv")).unwrap(), std::fs::read(two.join("curve.csv")).unwrap());
+    let log = std::fs::read_to_string(one.join("train.log")).unwrap();
+    assert!(log.contains("jit threads: 1"), "{log}");
+    let config = std::fs::read_to_string(one.join("config.yaml")).unwrap();
+    assert!(!config.contains("threads"), "{config}");
+    assert_eq!(config, std::fs::read_to_string(two.join("config.yaml")).unwrap());
+
+    // Stopped on 1 thread, resumed on 2: the same experiment, the same metrics.
+    let resumed = tmp("threads_resumed");
+    ok(&short_run(&resumed, &["--threads", "1", "--stop-after", "3"]));
+    ok(&mdl(&["run", "--resume", resumed.to_str().unwrap(), "--threads", "2"]));
+    assert_eq!(std::fs::read(resumed.join("metrics.json")).unwrap(), metrics);
+
+    let zero = mdl(&["eval", two.to_str().unwrap(), "--data", "data/kuairand_pure_tail/test.csv.gz", "--threads", "0"]);
+    assert_eq!(zero.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&zero.stderr);
+    assert!(err.contains("--threads: must be at least 1, found 0"), "{err}");
+}
+
 #[test]
 fn bench_prints_rates_and_the_gemm_bound() {
     let out = mdl(&[
@@ -305,10 +335,12 @@ fn bench_prints_rates_and_the_gemm_bound() {
         "spec=specs/dnn.mdl",
         "--set",
         "train.batch_size=256",
+        "--threads",
+        "1",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("model dnn on jit at batch 256"), "{text}");
+    assert!(text.contains("model dnn on jit (1 thread) at batch 256"), "{text}");
     assert!(text.contains("samples/s"), "{text}");
     assert!(text.contains("(1377 kFLOP/sample)"), "{text}");
 }

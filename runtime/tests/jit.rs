@@ -378,3 +378,24 @@ fn compiled_updates_equal_the_reference_optimizer() {
         }
     }
 }
+
+/// A large sum over rows that add into the same outputs (the fast kernels split it into two
+/// partial sums) and a long row sum give the same bits on 1, 2 and 3 threads: the split
+/// depends on the work, never on the thread count.
+#[test]
+fn fast_reductions_do_not_depend_on_the_thread_count() {
+    for (shape, axes) in [(vec![8192, 8], vec![0]), (vec![1 << 20], vec![0]), (vec![64, 4096, 4], vec![0, 1])] {
+        let (mut g, ids, params) = with_params(std::slice::from_ref(&shape), 11);
+        let op = Op::Reduce { op: mdl_runtime::ReduceOp::Sum, axes, keep_dims: false };
+        let out = g.add(op, &ids, "").unwrap();
+        g.outputs.insert("out".into(), out);
+        let run = |threads: usize| {
+            let got =
+                Jit::with_threads(threads).run(&g, &Binding::new(), &HashMap::new(), &params, &Mode::eval()).unwrap();
+            got.dense("out").unwrap().data.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+        };
+        let two = run(2);
+        assert_eq!(run(1), two, "{shape:?}: 1 thread against 2");
+        assert_eq!(run(3), two, "{shape:?}: 3 threads against 2");
+    }
+}

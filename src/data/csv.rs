@@ -3,8 +3,10 @@
 //! of whole lines, and a record reader that hands out fields as `&str` without allocating per
 //! row.
 //!
-//! Dialect: `,` separates fields, records end at `\n` or `\r\n`, a field may be enclosed in `"`
-//! (then it may contain `,`, newlines and `""` for one quote). A `"` inside an unquoted field
+//! Dialect: `,` separates fields (or another one-byte delimiter, e.g. a tab for TSV:
+//! [`CsvReader::with_delimiter`], the experiment's `data.delimiter`), records end at `\n` or
+//! `\r\n`, a field may be enclosed in `"` (then it may contain the delimiter, newlines and
+//! `""` for one quote). A `"` inside an unquoted field
 //! is taken literally. Completely blank lines are not records and are passed over. Line
 //! numbers are 1-based physical lines of the file (the header is line 1); a record's line is
 //! the line it starts on.
@@ -124,11 +126,6 @@ impl TextStream {
         Ok(TextStream { name, input, pending: Vec::new(), line: 1, chunk: Self::CHUNK, started: false, ended: false })
     }
 
-    /// The name used in messages (`stdin` for `-`).
-    pub fn name(&self) -> &Path {
-        &self.name
-    }
-
     /// Whether the input has been read to its end (then [`text`](Self::text) is all that is left).
     pub fn ended(&self) -> bool {
         self.ended
@@ -210,6 +207,8 @@ pub(crate) struct SyntaxError {
 /// Iterates over the records of a CSV text, reusing its buffers between records.
 pub(crate) struct CsvReader<'a> {
     text: &'a str,
+    /// The byte between fields (`,` unless [`CsvReader::with_delimiter`] says otherwise).
+    delimiter: u8,
     pos: usize,
     line: u64,
     spans: Vec<Span>,
@@ -239,6 +238,43 @@ impl<'r> Record<'r> {
     }
 }
 
+/// A record made of cells given one by one (a row of a Parquet file), handed out as a
+/// [`Record`] so that it is encoded exactly as a CSV record.
+#[derive(Default)]
+pub(crate) struct Cells {
+    text: String,
+    spans: Vec<Span>,
+}
+
+impl Cells {
+    pub fn clear(&mut self) {
+        self.text.clear();
+        self.spans.clear();
+    }
+
+    /// Appends the next field.
+    pub fn push(&mut self, cell: &str) {
+        let start = self.text.len();
+        self.text.push_str(cell);
+        self.spans.push(Span::Text(start, self.text.len()));
+    }
+
+    /// The text being written for the next field ([`end_cell`](Self::end_cell) closes it).
+    pub fn text_mut(&mut self) -> &mut String {
+        &mut self.text
+    }
+
+    /// Closes a field written through [`text_mut`](Self::text_mut) since `start`.
+    pub fn end_cell(&mut self, start: usize) {
+        self.spans.push(Span::Text(start, self.text.len()));
+    }
+
+    /// The cells as a record at `line` (for a Parquet row, its 1-based row number).
+    pub fn record(&self, line: u64) -> Record<'_> {
+        Record { line, text: &self.text, scratch: "", spans: &self.spans }
+    }
+}
+
 impl<'a> CsvReader<'a> {
     pub fn new(text: &'a str) -> Self {
         CsvReader::at_line(text.strip_prefix('\u{feff}').unwrap_or(text), 1)
@@ -246,7 +282,14 @@ impl<'a> CsvReader<'a> {
 
     /// A reader of text that starts on line `line` of its file (a block of a [`TextStream`]).
     pub fn at_line(text: &'a str, line: u64) -> Self {
-        CsvReader { text, pos: 0, line, spans: Vec::with_capacity(64), scratch: String::new() }
+        CsvReader { text, delimiter: b',', pos: 0, line, spans: Vec::with_capacity(64), scratch: String::new() }
+    }
+
+    /// Fields are separated by `delimiter` (an ASCII byte other than `"`, `\r` and `\n`,
+    /// as [`super::Delimiter`] checks).
+    pub fn with_delimiter(mut self, delimiter: u8) -> Self {
+        self.delimiter = delimiter;
+        self
     }
 
     /// Where the next record (or the blank lines before it) starts: its byte offset in the
@@ -285,7 +328,7 @@ impl<'a> CsvReader<'a> {
                     break;
                 }
                 match bytes[self.pos] {
-                    b',' => self.pos += 1,
+                    byte if byte == self.delimiter => self.pos += 1,
                     b'\n' => {
                         self.pos += 1;
                         self.line += 1;
@@ -305,8 +348,8 @@ impl<'a> CsvReader<'a> {
                     }
                 }
             } else {
-                match memchr::memchr2(b',', b'\n', &bytes[self.pos..]) {
-                    Some(offset) if bytes[self.pos + offset] == b',' => {
+                match memchr::memchr2(self.delimiter, b'\n', &bytes[self.pos..]) {
+                    Some(offset) if bytes[self.pos + offset] == self.delimiter => {
                         let end = self.pos + offset;
                         self.spans.push(Span::Text(self.pos, end));
                         self.pos = end + 1;
@@ -390,6 +433,16 @@ mod tests {
         assert_eq!(records[1], (2, vec!["1".into(), "(150,250]".into(), "x".into()]));
         assert_eq!(records[2], (4, vec!["multi\nline".into(), "say \"hi\"".into(), "".into()]));
         assert_eq!(records[3], (6, vec!["3".into(), "".into(), "".into()]));
+    }
+
+    #[test]
+    fn another_delimiter_separates_fields_and_a_comma_is_text() {
+        let mut reader = CsvReader::new("a\tb\n1,5\t\"x\ty\"\n").with_delimiter(b'\t');
+        let mut records = Vec::new();
+        while let Some(record) = reader.next_record().expect("valid tsv") {
+            records.push((0..record.len()).map(|i| record.get(i).to_string()).collect::<Vec<_>>());
+        }
+        assert_eq!(records, [vec!["a", "b"], vec!["1,5", "x\ty"]]);
     }
 
     #[test]

@@ -1,6 +1,11 @@
-//! Turning CSV rows into a [`Dataset`]: fitting vocabularies, normalisers and the domain count
-//! on train (`fit_train`) and applying them to any other file with the same schema
-//! ([`Fitted::encode_file`], and block by block in [`super::stream`]).
+//! Turning rows into a [`Dataset`]: fitting vocabularies, normalisers and the domain count
+//! on train (`fit_train`, `fit_inputs`) and applying them to any other file with the same
+//! schema ([`Fitted::encode_file`], and block by block in [`super::stream`]).
+//!
+//! A split is one or more [`Input`]s ([`super::source`]): CSV text (with the configured
+//! delimiter) or a Parquet file, whose rows are handed to the same row encoder as CSV
+//! records ([`super::parquet_input`]), read one after the other as one table. Every part
+//! must have the first part's columns.
 //!
 //! Each row is first validated (field count, labels, domain, numbers) and only then added, so
 //! a skipped row leaves no trace, not even in the train vocabulary counts. A domain id train
@@ -14,9 +19,43 @@ use serde::{Deserialize, Serialize};
 use super::csv::{display_name, read_bytes, read_text, CsvReader, Record};
 use super::dataset::{mask_of, Dataset, Shape, SkippedRows};
 use super::numeric::Normalizer;
+use super::parquet_input::ParquetRows;
 use super::schema::{CategoricalColumnRef, Schema};
+use super::source::{check_same_columns, Format};
 use super::vocab::{Interner, ValueIndex, Vocab, OOV, PAD};
-use super::{BadRows, DataError, EncodeOptions, UnknownDomain};
+use super::{BadRows, DataError, Delimiter, EncodeOptions, UnknownDomain};
+
+/// One file of a split, read into memory: CSV text (gunzipped) or a Parquet file's bytes.
+pub(crate) struct Input {
+    pub path: PathBuf,
+    content: Content,
+}
+
+enum Content {
+    Text(String),
+    Parquet(bytes::Bytes),
+}
+
+impl Input {
+    /// The file `path` whose bytes are `raw`, as its first bytes say ([`Format::of`]).
+    pub fn new(path: &Path, raw: Vec<u8>) -> Result<Input, DataError> {
+        let content = match Format::of(&raw) {
+            Format::Parquet => Content::Parquet(bytes::Bytes::from(raw)),
+            Format::Csv => Content::Text(read_text(path, raw)?),
+        };
+        Ok(Input { path: path.to_path_buf(), content })
+    }
+
+    /// CSV text, as if read from `path`.
+    pub fn text(path: &Path, text: &str) -> Input {
+        Input { path: path.to_path_buf(), content: Content::Text(text.to_string()) }
+    }
+
+    /// Every file `path` stands for ([`super::source::parts`]), read.
+    pub fn read_all(path: &Path) -> Result<Vec<Input>, DataError> {
+        super::source::parts(path)?.iter().map(|part| Input::new(part, read_bytes(part)?)).collect()
+    }
+}
 
 /// Everything fitted on train: together with the schema it encodes any file the same way.
 /// Serialisable, so a run folder can keep it.
@@ -122,7 +161,12 @@ pub(super) struct Plan {
 }
 
 impl Plan {
-    fn resolve(schema: &Schema, file: &Path, header: Vec<String>, columns: Columns) -> Result<Plan, DataError> {
+    pub(super) fn resolve(
+        schema: &Schema,
+        file: &Path,
+        header: Vec<String>,
+        columns: Columns,
+    ) -> Result<Plan, DataError> {
         let (all, read_domain) = match columns {
             Columns::All => (true, true),
             Columns::Inputs { domain } => (false, domain),
@@ -167,6 +211,17 @@ impl Plan {
             pad_domain: !read_domain && schema.domain.is_some(),
             header,
         })
+    }
+}
+
+impl Plan {
+    /// The header positions of every column the plan reads, ascending.
+    pub(super) fn reads(&self) -> Vec<usize> {
+        let groups = self.cat.iter().chain(&self.seq).chain(&self.num).flatten();
+        let mut reads: Vec<usize> = groups.chain(&self.labels).chain(&self.domain).chain(&self.user).copied().collect();
+        reads.sort_unstable();
+        reads.dedup();
+        reads
     }
 }
 
@@ -216,7 +271,7 @@ pub(super) trait IdSource {
     fn domain(&mut self, value: u32) -> Result<(u32, bool), String>;
 }
 
-/// Collects train values; ids are provisional until [`fit_train`] finalises them.
+/// Collects train values; ids are provisional until [`fit_inputs`] finalises them.
 struct FitIds {
     cat: Vec<Vec<Interner>>,
     seq_own: Vec<Option<Interner>>,
@@ -569,11 +624,48 @@ pub(super) struct Rows {
     pub(super) plan: Plan,
     bad_rows: BadRows,
     scratch: RowScratch,
+    /// Records are numbered by their CSV line, or (Parquet) by their row.
+    parquet: bool,
 }
 
 impl Rows {
     pub(super) fn new(file: &Path, plan: Plan, bad_rows: BadRows) -> Rows {
-        Rows { file: file.to_path_buf(), plan, bad_rows, scratch: RowScratch::default() }
+        Rows { file: file.to_path_buf(), plan, bad_rows, scratch: RowScratch::default(), parquet: false }
+    }
+
+    /// Rows of a Parquet file: a record's `line` is its 1-based row number.
+    pub(super) fn of_parquet(file: &Path, plan: Plan, bad_rows: BadRows) -> Rows {
+        Rows { parquet: true, ..Rows::new(file, plan, bad_rows) }
+    }
+
+    /// The error of a malformed record at `line` (a Parquet row's number).
+    fn bad(&self, line: u64, message: String) -> DataError {
+        let file = self.file.clone();
+        match self.parquet {
+            true => DataError::BadParquetRow { file, row: line, message },
+            false => DataError::BadRow { file, line, message },
+        }
+    }
+
+    /// Validates one record and adds it to `out`; a malformed one is an error, or with
+    /// [`BadRows::Skip`] it is counted. Returns whether it was added.
+    pub(super) fn take<I: IdSource>(
+        &mut self,
+        record: &Record,
+        ids: &mut I,
+        out: &mut RawSplit,
+    ) -> Result<bool, DataError> {
+        let Err(BadValue { message, .. }) = encode_row(record, &self.plan, ids, &mut self.scratch, out) else {
+            return Ok(true);
+        };
+        let error = self.bad(record.line, message);
+        match self.bad_rows {
+            BadRows::Fail => Err(error),
+            BadRows::Skip => {
+                out.skipped.record(error.to_string());
+                Ok(false)
+            }
+        }
     }
 
     /// Encodes the records `reader` has left into `out` until the text ends or `out` holds
@@ -601,41 +693,77 @@ impl Rows {
                 Err(e) if e.unclosed && more => return Ok((Stop::Incomplete, position)),
                 Err(e) => return Err(syntax_error(&self.file, e)),
             };
-            let result = encode_row(&record, &self.plan, ids, &mut self.scratch, out);
-            each(&record, result.is_ok());
-            if let Err(BadValue { message, .. }) = result {
-                let line = record.line;
-                match self.bad_rows {
-                    BadRows::Fail => return Err(DataError::BadRow { file: self.file.clone(), line, message }),
-                    BadRows::Skip => out.skipped.record(format!("{}:{line}: {message}", self.file.display())),
-                }
-            }
+            let added = self.take(&record, ids, out)?;
+            each(&record, added);
         }
     }
 }
 
-/// Reads every record of `text` (the contents of `file`) into a [`RawSplit`].
+/// Reads every record of the inputs, in order, into one [`RawSplit`]; each input after the
+/// first must have the first one's columns.
 fn read_split<I: IdSource>(
     schema: &Schema,
-    file: &Path,
-    text: &str,
+    inputs: &[Input],
     ids: &mut I,
-    bad_rows: BadRows,
+    (bad_rows, delimiter): (BadRows, Delimiter),
 ) -> Result<RawSplit, DataError> {
-    let mut reader = CsvReader::new(text);
-    let plan = read_header(schema, file, &mut reader, Columns::All, false)?.expect("the whole text is read");
-    let mut out = RawSplit::with_capacity(schema, text.len() / 256);
-    Rows::new(file, plan, bad_rows).encode(&mut reader, ids, &mut out, (usize::MAX, false), |_, _| {})?;
+    let capacity = inputs
+        .iter()
+        .map(|input| match &input.content {
+            Content::Text(text) => text.len() / 256,
+            Content::Parquet(_) => 0,
+        })
+        .sum();
+    let mut out = RawSplit::with_capacity(schema, capacity);
+    let mut first: Option<(&Path, Vec<String>)> = None;
+    for input in inputs {
+        let file = input.path.as_path();
+        let header = match &input.content {
+            Content::Text(text) => {
+                let mut reader = CsvReader::new(text).with_delimiter(delimiter.byte());
+                let plan =
+                    read_header(schema, file, &mut reader, Columns::All, false)?.expect("the whole text is read");
+                let header = plan.header.clone();
+                Rows::new(file, plan, bad_rows).encode(&mut reader, ids, &mut out, (usize::MAX, false), |_, _| {})?;
+                header
+            }
+            Content::Parquet(bytes) => {
+                let mut rows = ParquetRows::open(file, bytes.clone())?;
+                let plan = Plan::resolve(schema, file, rows.header().to_vec(), Columns::All)?;
+                let header = plan.header.clone();
+                let mut encoder = Rows::of_parquet(file, plan, bad_rows);
+                rows.read(&encoder.plan.reads(), |record| encoder.take(record, ids, &mut out).map(|_| ()))?;
+                header
+            }
+        };
+        match &first {
+            None => first = Some((file, header)),
+            Some((first_file, first_header)) => check_same_columns((first_file, first_header), (file, &header))?,
+        }
+    }
     Ok(out)
 }
 
-/// Reads the train file, fits vocabularies, normalisers and the domain count on it, and
-/// returns them with the encoded train split.
+/// Reads the CSV text of a train file, fits vocabularies, normalisers and the domain count
+/// on it, and returns them with the encoded train split.
+#[cfg(test)]
 pub(crate) fn fit_train(
     schema: &Schema,
     file: &Path,
     text: &str,
     bad_rows: BadRows,
+) -> Result<(Fitted, Dataset), DataError> {
+    fit_inputs(schema, file, &[Input::text(file, text)], (bad_rows, Delimiter::COMMA))
+}
+
+/// Reads the train split's inputs (`source` is the split as given, a file, folder or
+/// pattern), fits vocabularies, normalisers and the domain count on them, and returns them
+/// with the encoded train split.
+pub(crate) fn fit_inputs(
+    schema: &Schema,
+    source: &Path,
+    inputs: &[Input],
+    options: (BadRows, Delimiter),
 ) -> Result<(Fitted, Dataset), DataError> {
     let seq_shared: Vec<Option<CategoricalColumnRef>> = schema
         .sequence_groups()
@@ -649,7 +777,7 @@ pub(crate) fn fit_train(
         domain_count: schema.domain.as_ref().and_then(|d| d.count),
         domain_max: None,
     };
-    let mut raw = read_split(schema, file, text, &mut ids, bad_rows)?;
+    let mut raw = read_split(schema, inputs, &mut ids, options)?;
 
     // Final categorical vocabularies, offsets, and ids.
     let cat_min_counts: Vec<u64> = schema.categorical_groups().map(|(_, _, m)| m).collect();
@@ -725,7 +853,7 @@ pub(crate) fn fit_train(
         normalizers,
         domains,
     };
-    let train = fitted.finish(raw, file);
+    let train = fitted.finish(raw, source);
     Ok((fitted, train))
 }
 
@@ -742,20 +870,18 @@ fn column_offsets(vocabs: &[Vocab]) -> Vec<u32> {
 }
 
 impl Fitted {
-    /// Reads and encodes any `.csv` / `.csv.gz` file (or stdin for `-`, called `stdin` in
-    /// messages) with the fitted vocabularies.
+    /// Reads and encodes with the fitted vocabularies any file the schema fits, or a folder
+    /// or glob pattern of part files ([`super::source::parts`]): CSV, CSV.gz or Parquet; or
+    /// stdin for `-` (CSV, called `stdin` in messages).
     pub fn encode_file(&self, file: &Path, options: impl Into<EncodeOptions>) -> Result<Dataset, DataError> {
+        if file != Path::new("-") {
+            return self.encode_inputs(file, &Input::read_all(file)?, options);
+        }
         let name = display_name(file);
-        let bytes = if file == Path::new("-") {
-            let mut bytes = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut bytes)
-                .map_err(|e| DataError::io(&name, &format!("cannot read: {e}")))?;
-            bytes
-        } else {
-            read_bytes(file)?
-        };
-        let text = read_text(&name, bytes)?;
-        self.encode_text(&name, &text, options)
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut bytes)
+            .map_err(|e| DataError::io(&name, &format!("cannot read: {e}")))?;
+        self.encode_inputs(&name, &[Input::new(&name, bytes)?], options)
     }
 
     /// Encodes CSV text as if read from `file` (which is used only in messages).
@@ -765,10 +891,20 @@ impl Fitted {
         text: &str,
         options: impl Into<EncodeOptions>,
     ) -> Result<Dataset, DataError> {
+        self.encode_inputs(file, &[Input::text(file, text)], options)
+    }
+
+    /// Encodes the inputs of one split, in order (`source` names it in the dataset).
+    pub(crate) fn encode_inputs(
+        &self,
+        source: &Path,
+        inputs: &[Input],
+        options: impl Into<EncodeOptions>,
+    ) -> Result<Dataset, DataError> {
         let options = options.into();
         let mut ids = self.apply_ids(options.unknown_domain)?;
-        let raw = read_split(&self.schema, file, text, &mut ids, options.bad_rows)?;
-        Ok(self.finish(raw, file))
+        let raw = read_split(&self.schema, inputs, &mut ids, (options.bad_rows, options.delimiter))?;
+        Ok(self.finish(raw, source))
     }
 
     /// An encoder of rows given as fields rather than read from a file (`mdl serve`'s JSON

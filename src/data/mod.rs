@@ -38,9 +38,11 @@ mod csv;
 pub mod dataset;
 pub mod encode;
 pub mod numeric;
+mod parquet_input;
 pub mod prepare;
 pub mod schema;
 pub mod serving;
+pub mod source;
 pub mod stream;
 pub mod vocab;
 
@@ -58,6 +60,7 @@ pub use encode::{
 pub use numeric::Normalizer;
 pub use prepare::{prepare, CacheMode, PrepareOptions, PrepareStats, Prepared, SplitPaths};
 pub use schema::{DomainSpec, FeatureGroup, Normalize, Schema, Task};
+pub use source::{parts, Format};
 pub use stream::{Block, RowStream, StreamOptions};
 pub use vocab::{Vocab, OOV, PAD};
 
@@ -150,12 +153,81 @@ impl<'de> Deserialize<'de> for UnknownDomain {
     }
 }
 
+/// The byte between the fields of a CSV file: `,` (the default), or another ASCII
+/// character such as a tab (TSV), `;` or `|`. Written as the character itself; a tab also
+/// as `\t` (backslash, t) or `tab`, since a YAML value in single quotes or plain keeps the
+/// backslash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delimiter(u8);
+
+impl Delimiter {
+    pub const COMMA: Delimiter = Delimiter(b',');
+    pub const TAB: Delimiter = Delimiter(b'\t');
+
+    pub fn byte(self) -> u8 {
+        self.0
+    }
+
+    pub fn is_comma(&self) -> bool {
+        *self == Delimiter::COMMA
+    }
+}
+
+impl Default for Delimiter {
+    fn default() -> Delimiter {
+        Delimiter::COMMA
+    }
+}
+
+impl fmt::Display for Delimiter {
+    /// The text [`Delimiter::from_str`] reads back (`\t` for a tab).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            b'\t' => f.write_str("\\t"),
+            byte => write!(f, "{}", byte as char),
+        }
+    }
+}
+
+impl std::str::FromStr for Delimiter {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Delimiter, String> {
+        match text {
+            "\\t" | "tab" => return Ok(Delimiter::TAB),
+            _ => {}
+        }
+        match text.as_bytes() {
+            [byte] if byte.is_ascii() && !matches!(byte, b'"' | b'\r' | b'\n') => Ok(Delimiter(*byte)),
+            _ => Err(format!(
+                "expected one ASCII character other than a quote or a line break, such as `,`, `;`, `|` \
+                 or `\\t` (a tab), found {text:?}"
+            )),
+        }
+    }
+}
+
+impl Serialize for Delimiter {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Delimiter {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Delimiter, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// How a file is encoded with the fitted state: the policies for malformed rows and for
-/// domain ids train never had.
+/// domain ids train never had, and the delimiter of its CSV text.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EncodeOptions {
     pub bad_rows: BadRows,
     pub unknown_domain: UnknownDomain,
+    /// The byte between CSV fields (Parquet files have none).
+    pub delimiter: Delimiter,
 }
 
 impl From<BadRows> for EncodeOptions {
@@ -175,6 +247,10 @@ pub enum DataError {
     MissingColumn { file: PathBuf, column: String, close: Vec<String> },
     /// A row (or the header) is malformed; `line` is 1-based, the header is line 1.
     BadRow { file: PathBuf, line: u64, message: String },
+    /// A row of a Parquet file is malformed; `row` is 1-based.
+    BadParquetRow { file: PathBuf, row: u64, message: String },
+    /// The parts of a split (a folder or a pattern of files) do not agree.
+    Parts { file: PathBuf, message: String },
     /// A batch asked for a row the dataset does not have.
     RowIndex { index: usize, rows: usize },
 }
@@ -198,6 +274,8 @@ impl fmt::Display for DataError {
                 Ok(())
             }
             DataError::BadRow { file, line, message } => write!(f, "{}:{line}: {message}", file.display()),
+            DataError::BadParquetRow { file, row, message } => write!(f, "{}: row {row}: {message}", file.display()),
+            DataError::Parts { file, message } => write!(f, "{}: {message}", file.display()),
             DataError::RowIndex { index, rows } => {
                 write!(f, "row index {index} is out of range for a dataset of {rows} rows")
             }

@@ -1,10 +1,14 @@
 //! [`prepare`]: train/valid/test files → fitted vocabularies and encoded splits, through the
 //! binary cache.
 //!
+//! A split is a file, a folder of part files or a glob pattern ([`super::source::parts`]);
+//! each part is CSV, CSV.gz or Parquet.
+//!
 //! The cache key is a SHA-256 over the cache format version, the schema (as JSON), the options
-//! that change the result (bad-row policy, and the unknown-domain policy where it is not
-//! `error`) and each file's length and content hash, so a
-//! changed file or schema never reuses a stale cache. Cache files live in
+//! that change the result (bad-row policy, the unknown-domain policy where it is not
+//! `error`, the delimiter where it is not `,`) and each part's length and content hash (with
+//! the number of parts where a split has more than one), so a changed file or schema never
+//! reuses a stale cache. Cache files live in
 //! [`CacheMode::Default`]'s folder `$MDL_CACHE_DIR` or `./.mdl-cache/`, or in an explicit one.
 
 use std::path::{Path, PathBuf};
@@ -14,11 +18,11 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::cache;
-use super::csv::{read_bytes, read_text};
+use super::csv::read_bytes;
 use super::dataset::Dataset;
-use super::encode::{fit_train, Fitted};
+use super::encode::{fit_inputs, Fitted, Input};
 use super::schema::Schema;
-use super::{BadRows, DataError, EncodeOptions, UnknownDomain};
+use super::{BadRows, DataError, Delimiter, EncodeOptions, UnknownDomain};
 
 /// The three files of a dataset.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,12 +75,26 @@ pub struct PrepareOptions {
     pub cache: CacheMode,
     /// How valid and test encode a domain id train never had.
     pub unknown_domain: UnknownDomain,
+    /// The byte between CSV fields.
+    pub delimiter: Delimiter,
 }
 
 impl PrepareOptions {
     fn encode(&self) -> EncodeOptions {
-        EncodeOptions { bad_rows: self.bad_rows, unknown_domain: self.unknown_domain }
+        EncodeOptions { bad_rows: self.bad_rows, unknown_domain: self.unknown_domain, delimiter: self.delimiter }
     }
+}
+
+/// The files of one split, read: each part's path and bytes.
+type RawSplit = Vec<(PathBuf, Vec<u8>)>;
+
+fn read_split(path: &Path) -> Result<RawSplit, DataError> {
+    super::source::parts(path)?.into_iter().map(|part| read_bytes(&part).map(|bytes| (part, bytes))).collect()
+}
+
+/// The split's parts parsed ([`Input::new`]).
+fn inputs(raw: RawSplit) -> Result<Vec<Input>, DataError> {
+    raw.into_iter().map(|(path, bytes)| Input::new(&path, bytes)).collect()
 }
 
 impl PrepareStats {
@@ -132,7 +150,7 @@ pub struct Prepared {
     pub stats: PrepareStats,
 }
 
-fn cache_key(schema: &Schema, options: &PrepareOptions, files: &[&[u8]; 3]) -> Result<[u8; 32], DataError> {
+fn cache_key(schema: &Schema, options: &PrepareOptions, splits: &[RawSplit; 3]) -> Result<[u8; 32], DataError> {
     let schema_json =
         serde_json::to_vec(schema).map_err(|e| DataError::Schema(format!("the schema cannot be serialised: {e}")))?;
     let mut hasher = Sha256::new();
@@ -145,9 +163,21 @@ fn cache_key(schema: &Schema, options: &PrepareOptions, files: &[&[u8]; 3]) -> R
         hasher.update(b"unknown_domain\0");
         hasher.update(domain.to_le_bytes());
     }
-    for bytes in files {
-        hasher.update((bytes.len() as u64).to_le_bytes());
-        hasher.update(Sha256::digest(bytes));
+    if !options.delimiter.is_comma() {
+        hasher.update(b"delimiter\0");
+        hasher.update([options.delimiter.byte()]);
+    }
+    for parts in splits {
+        // A split of one file is hashed as it always was (so caches made before parts were
+        // read stay valid); one of several parts says how many first.
+        if parts.len() != 1 {
+            hasher.update(b"parts\0");
+            hasher.update((parts.len() as u64).to_le_bytes());
+        }
+        for (_, bytes) in parts {
+            hasher.update((bytes.len() as u64).to_le_bytes());
+            hasher.update(Sha256::digest(bytes));
+        }
     }
     let mut key = [0u8; 32];
     key.copy_from_slice(&hasher.finalize());
@@ -167,7 +197,7 @@ fn hex(bytes: &[u8]) -> String {
 pub fn prepare(schema: &Schema, paths: &SplitPaths, options: &PrepareOptions) -> Result<Prepared, DataError> {
     let start = Instant::now();
     schema.validate()?;
-    let raw = [read_bytes(&paths.train)?, read_bytes(&paths.valid)?, read_bytes(&paths.test)?];
+    let raw = [read_split(&paths.train)?, read_split(&paths.valid)?, read_split(&paths.test)?];
     let cache_folder = options.cache.folder();
     let mut stats = PrepareStats {
         cache_hit: false,
@@ -182,7 +212,7 @@ pub fn prepare(schema: &Schema, paths: &SplitPaths, options: &PrepareOptions) ->
     };
     let mut key = None;
     if let Some(folder) = &cache_folder {
-        let k = cache_key(schema, options, &[&raw[0], &raw[1], &raw[2]])?;
+        let k = cache_key(schema, options, &raw)?;
         let file = folder.join(format!("{}.mdldata", hex(&k[..16])));
         stats.cache_key = Some(hex(&k));
         // What writers killed before their rename left behind.
@@ -213,23 +243,23 @@ pub fn prepare(schema: &Schema, paths: &SplitPaths, options: &PrepareOptions) ->
     let parse_start = Instant::now();
     let [train_raw, valid_raw, test_raw] = raw;
     // Decompress valid and test while train is read and fitted...
-    let (fitted_train, valid_text, test_text) = std::thread::scope(|scope| {
-        let other_texts = scope.spawn(|| (read_text(&paths.valid, valid_raw), read_text(&paths.test, test_raw)));
-        let fitted_train = read_text(&paths.train, train_raw)
-            .and_then(|text| fit_train(schema, &paths.train, &text, options.bad_rows));
-        let (valid_text, test_text) = other_texts.join().map_err(|_| thread_failed("reading valid and test"))?;
-        Ok::<_, DataError>((fitted_train, valid_text, test_text))
+    let (fitted_train, valid_inputs, test_inputs) = std::thread::scope(|scope| {
+        let other_inputs = scope.spawn(|| (inputs(valid_raw), inputs(test_raw)));
+        let fitted_train = inputs(train_raw)
+            .and_then(|train| fit_inputs(schema, &paths.train, &train, (options.bad_rows, options.delimiter)));
+        let (valid_inputs, test_inputs) = other_inputs.join().map_err(|_| thread_failed("reading valid and test"))?;
+        Ok::<_, DataError>((fitted_train, valid_inputs, test_inputs))
     })?;
     let (fitted, train) = fitted_train?;
-    let (valid_text, test_text) = (valid_text?, test_text?);
+    let (valid_inputs, test_inputs) = (valid_inputs?, test_inputs?);
     // ...then encode them side by side (they only read the fitted state).
     let (valid, test) = std::thread::scope(|scope| {
-        let valid = scope.spawn(|| fitted.encode_text(&paths.valid, &valid_text, options.encode()));
-        let test = fitted.encode_text(&paths.test, &test_text, options.encode());
+        let valid = scope.spawn(|| fitted.encode_inputs(&paths.valid, &valid_inputs, options.encode()));
+        let test = fitted.encode_inputs(&paths.test, &test_inputs, options.encode());
         let valid = valid.join().map_err(|_| thread_failed("encoding valid"))?;
         Ok::<_, DataError>((valid?, test?))
     })?;
-    drop((valid_text, test_text));
+    drop((valid_inputs, test_inputs));
     stats.parse_seconds = parse_start.elapsed().as_secs_f64();
 
     if let (Some(key), Some(file)) = (key, &stats.cache_file) {

@@ -1,8 +1,13 @@
-//! Encoding rows to score, block by block: a [`RowStream`] reads a `.csv` / `.csv.gz` file or
-//! stdin (`-`) in chunks, encodes up to [`StreamOptions::block_rows`] rows at a time with the
-//! fitted state, and hands out each [`Block`] with, for every input record in order, whether
-//! it was encoded and the raw text of the columns to keep. So a caller can write exactly one
-//! output row per input record (blank lines are not records), however large the input.
+//! Encoding rows to score, block by block: a [`RowStream`] reads its input in chunks,
+//! encodes up to [`StreamOptions::block_rows`] rows at a time with the fitted state, and
+//! hands out each [`Block`] with, for every input record in order, whether it was encoded and
+//! the raw text of the columns to keep. So a caller can write exactly one output row per
+//! input record (blank lines are not records), however large the input.
+//!
+//! The input is stdin (`-`, CSV) or what [`super::source::parts`] makes of a path: a file, a
+//! folder of part files or a glob pattern, each part CSV / CSV.gz (read in chunks, with the
+//! delimiter of [`EncodeOptions`]) or Parquet (read row group by row group), the parts one
+//! after the other, each with the first part's columns.
 //!
 //! Only the model's inputs are read (the features, and the domain when the model has a
 //! domain input): labels, the user column and an unused domain column may be absent (see
@@ -10,11 +15,14 @@
 //! follow [`EncodeOptions`]; skipped rows and fallback domains are counted over the whole
 //! input ([`RowStream::skipped`], [`RowStream::domain_fallbacks`]).
 
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
-use super::csv::{CsvReader, TextStream};
+use super::csv::{display_name, CsvReader, TextStream};
 use super::dataset::{Dataset, SkippedRows};
-use super::encode::{read_header, ApplyIds, Columns, Fitted, RawSplit, Rows, Stop};
+use super::encode::{read_header, ApplyIds, Columns, Fitted, Plan, RawSplit, Rows, Stop};
+use super::parquet_input::ParquetRows;
+use super::source::{check_same_columns, Format};
 use super::{DataError, EncodeOptions};
 
 /// How a [`RowStream`] reads its input.
@@ -44,13 +52,42 @@ pub struct Block {
     pub kept: Vec<String>,
 }
 
+/// The part being read.
+enum Part {
+    Csv(TextStream),
+    Parquet(ParquetRows),
+}
+
+impl Part {
+    /// Opens a part (`-`: stdin, CSV), telling Parquet from CSV by its first bytes.
+    fn open(path: &Path) -> Result<Part, DataError> {
+        if path != Path::new("-") {
+            let mut head = Vec::with_capacity(4);
+            let file = std::fs::File::open(path).map_err(|e| DataError::io(path, &e.to_string()))?;
+            file.take(4).read_to_end(&mut head).map_err(|e| DataError::io(path, &e.to_string()))?;
+            if Format::of(&head) == Format::Parquet {
+                let file = std::fs::File::open(path).map_err(|e| DataError::io(path, &e.to_string()))?;
+                return ParquetRows::open(path, file).map(Part::Parquet);
+            }
+        }
+        TextStream::open(path).map(Part::Csv)
+    }
+}
+
 /// A file being encoded block by block (see the module doc).
 pub struct RowStream<'f> {
     fitted: &'f Fitted,
-    input: TextStream,
+    /// The input as given (`stdin` for `-`), which names the blocks' data.
+    name: PathBuf,
+    /// The parts not yet opened, last first.
+    pending: Vec<PathBuf>,
+    /// The part being read and its name in messages.
+    part: Option<(PathBuf, Part)>,
+    /// The first part's name and columns, which every later part must have.
+    first: Option<(PathBuf, Vec<String>)>,
     ids: ApplyIds<'f>,
     options: StreamOptions,
-    /// The header's plan, once the header has been read.
+    /// The part's plan, once its header has been read.
     rows: Option<Rows>,
     keep_columns: Vec<usize>,
     skipped: SkippedRows,
@@ -59,12 +96,20 @@ pub struct RowStream<'f> {
 }
 
 impl Fitted {
-    /// Opens `path` (`-` for stdin) to encode it block by block; nothing is read yet.
+    /// Opens `path` (`-` for stdin; a folder or pattern of parts) to encode it block by block;
+    /// the first part is opened, nothing is read yet.
     pub fn stream(&self, path: &Path, options: StreamOptions) -> Result<RowStream<'_>, DataError> {
         let ids = self.apply_ids(options.encode.unknown_domain)?;
+        let mut pending = super::source::parts(path)?;
+        pending.reverse();
+        let first = pending.pop().expect("a path stands for at least one part");
+        let part = Some((display_name(&first), Part::open(&first)?));
         Ok(RowStream {
             fitted: self,
-            input: TextStream::open(path)?,
+            name: display_name(path),
+            pending,
+            part,
+            first: None,
             ids,
             options: StreamOptions { block_rows: options.block_rows.max(1), ..options },
             rows: None,
@@ -79,7 +124,7 @@ impl Fitted {
 impl RowStream<'_> {
     /// The input's name in messages (`stdin` for `-`).
     pub fn name(&self) -> &Path {
-        self.input.name()
+        &self.name
     }
 
     /// The malformed records skipped so far (with [`super::BadRows::Skip`]).
@@ -92,8 +137,20 @@ impl RowStream<'_> {
         self.domain_fallbacks
     }
 
+    /// Checks a part's columns against the first part's, and plans its records: which
+    /// columns it reads and keeps.
+    fn plan(&mut self, file: &Path, columns: &[String]) -> Result<(), DataError> {
+        match &self.first {
+            None => self.first = Some((file.to_path_buf(), columns.to_vec())),
+            Some((first, header)) => check_same_columns((first, header), (file, columns))?,
+        }
+        self.keep_columns = keep_positions(file, columns, &self.options.keep)?;
+        Ok(())
+    }
+
     /// The next block, `None` once every record has been handed out. The first call reads
-    /// the header (a missing feature or kept column is an error naming it).
+    /// the header (a missing feature or kept column is an error naming it), and so does the
+    /// first call that reaches each later part.
     pub fn next_block(&mut self) -> Result<Option<Block>, DataError> {
         if self.done {
             return Ok(None);
@@ -102,33 +159,91 @@ impl RowStream<'_> {
         let mut raw = RawSplit::with_capacity(schema, self.options.block_rows.min(1 << 16));
         let (mut encoded, mut kept) = (Vec::new(), Vec::new());
         let columns = Columns::Inputs { domain: self.options.domain_input };
-        loop {
-            let more = !self.input.ended();
-            let text = self.input.text()?;
-            let mut reader = CsvReader::at_line(text, self.input.line());
-            if self.rows.is_none() {
-                let Some(plan) = read_header(schema, self.input.name(), &mut reader, columns, more)? else {
-                    self.input.read_more()?;
-                    continue;
-                };
-                self.keep_columns = keep_positions(self.input.name(), &plan.header, &self.options.keep)?;
-                self.rows = Some(Rows::new(self.input.name(), plan, self.options.encode.bad_rows));
-            }
-            let Some(rows) = self.rows.as_mut() else { continue };
-            let keep_columns = &self.keep_columns;
-            let (stop, (bytes, line)) =
-                rows.encode(&mut reader, &mut self.ids, &mut raw, (self.options.block_rows, more), |record, ok| {
-                    encoded.push(ok);
-                    kept.extend(keep_columns.iter().map(|&c| record.get(c).to_string()));
-                })?;
-            self.input.consume(bytes, line);
-            match stop {
-                Stop::Full => break,
-                Stop::End if !more => {
-                    self.done = true;
-                    break;
+        let block_rows = self.options.block_rows;
+        while raw.rows < block_rows {
+            let Some((name, part)) = self.part.as_mut() else {
+                match self.pending.pop() {
+                    Some(next) => {
+                        let part = Part::open(&next)?;
+                        self.part = Some((display_name(&next), part));
+                        self.rows = None;
+                        continue;
+                    }
+                    None => {
+                        self.done = true;
+                        break;
+                    }
                 }
-                Stop::End | Stop::Incomplete => self.input.read_more()?,
+            };
+            let name = name.clone();
+            let finished = match part {
+                Part::Csv(input) => {
+                    let more = !input.ended();
+                    let text = input.text()?;
+                    let mut reader =
+                        CsvReader::at_line(text, input.line()).with_delimiter(self.options.encode.delimiter.byte());
+                    if self.rows.is_none() {
+                        let Some(plan) = read_header(schema, &name, &mut reader, columns, more)? else {
+                            input.read_more()?;
+                            continue;
+                        };
+                        let bad_rows = self.options.encode.bad_rows;
+                        // The header is consumed on its own, and the part looked up again after
+                        // `self.plan`.
+                        let header_end = reader.position();
+                        self.plan(&name, &plan.header)?;
+                        self.rows = Some(Rows::new(&name, plan, bad_rows));
+                        let Some((_, Part::Csv(input))) = self.part.as_mut() else { unreachable!() };
+                        input.consume(header_end.0, header_end.1);
+                        continue;
+                    }
+                    let Some(rows) = self.rows.as_mut() else { continue };
+                    let keep_columns = &self.keep_columns;
+                    let (stop, (bytes, line)) =
+                        rows.encode(&mut reader, &mut self.ids, &mut raw, (block_rows, more), |record, ok| {
+                            encoded.push(ok);
+                            kept.extend(keep_columns.iter().map(|&c| record.get(c).to_string()));
+                        })?;
+                    input.consume(bytes, line);
+                    match stop {
+                        Stop::Full => false,
+                        Stop::End if !more => true,
+                        Stop::End | Stop::Incomplete => {
+                            input.read_more()?;
+                            false
+                        }
+                    }
+                }
+                Part::Parquet(input) => {
+                    if self.rows.is_none() {
+                        let plan = Plan::resolve(schema, &name, input.header().to_vec(), columns)?;
+                        let bad_rows = self.options.encode.bad_rows;
+                        self.plan(&name, &plan.header)?;
+                        let mut reads = plan.reads();
+                        reads.extend(&self.keep_columns);
+                        reads.sort_unstable();
+                        reads.dedup();
+                        let Some((_, Part::Parquet(input))) = self.part.as_mut() else { unreachable!() };
+                        input.start(&reads)?;
+                        self.rows = Some(Rows::of_parquet(&name, plan, bad_rows));
+                        continue;
+                    }
+                    let (Some(rows), keep_columns) = (self.rows.as_mut(), &self.keep_columns) else { continue };
+                    let mut finished = false;
+                    while raw.rows < block_rows {
+                        let Some(record) = input.next_record()? else {
+                            finished = true;
+                            break;
+                        };
+                        let ok = rows.take(&record, &mut self.ids, &mut raw)?;
+                        encoded.push(ok);
+                        kept.extend(keep_columns.iter().map(|&c| record.get(c).to_string()));
+                    }
+                    finished
+                }
+            };
+            if finished {
+                self.part = None;
             }
         }
         if self.done && encoded.is_empty() {
@@ -136,7 +251,7 @@ impl RowStream<'_> {
         }
         self.domain_fallbacks += raw.domain_fallbacks;
         self.skipped.absorb(&raw.skipped);
-        let data = self.fitted.finish(raw, self.input.name());
+        let data = self.fitted.finish(raw, &self.name);
         Ok(Some(Block { data, encoded, kept }))
     }
 }
@@ -189,7 +304,11 @@ user: user
     fn blocks_of_any_size_from_chunks_of_any_size_encode_as_the_whole_text_does() {
         let schema: Schema = serde_yaml::from_str(SCHEMA).unwrap();
         let (fitted, _) = fit_train(&schema, Path::new("train.csv"), TRAIN, BadRows::Fail).unwrap();
-        let encode = EncodeOptions { bad_rows: BadRows::Skip, unknown_domain: UnknownDomain::Fallback(1) };
+        let encode = EncodeOptions {
+            bad_rows: BadRows::Skip,
+            unknown_domain: UnknownDomain::Fallback(1),
+            ..EncodeOptions::default()
+        };
         let whole = fitted.encode_text(Path::new("score.csv"), SCORE, encode).unwrap();
         assert_eq!((whole.rows, whole.skipped.count), (5, 1));
         let folder = std::env::temp_dir().join(format!("mdl-stream-{}", std::process::id()));
@@ -201,7 +320,8 @@ user: user
                 let keep = vec!["item".into(), "x".into()];
                 let options = StreamOptions { encode, keep, block_rows, domain_input: true };
                 let mut stream = fitted.stream(&path, options).unwrap();
-                stream.input.set_chunk(chunk);
+                let Some((_, Part::Csv(input))) = stream.part.as_mut() else { panic!("a CSV input") };
+                input.set_chunk(chunk);
                 let mut blocks = Vec::new();
                 while let Some(block) = stream.next_block().unwrap() {
                     assert_eq!(block.data.rows, block.encoded.iter().filter(|&&ok| ok).count());

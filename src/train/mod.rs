@@ -38,7 +38,7 @@ pub mod memory;
 pub mod progress;
 pub mod run;
 
-use crate::data::{self, Dataset, Fitted, PrepareOptions, Prepared};
+use crate::data::{self, Dataset, Fitted, Prepared};
 use crate::experiment::{Experiment, OptimizerName};
 use crate::files::sha256_hex;
 use crate::lower::{compile_file, logit_output, Compiled};
@@ -278,7 +278,9 @@ pub struct RunOptions {
 /// backend's plans; then the [`Run`] is started (or resumed), fitted, and finished with the
 /// test metrics. A fresh run that fails before it starts leaves no folder behind.
 pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
-    let config = serde_yaml::to_string(exp).map_err(|e| e.to_string())?;
+    // What the run computes: the threads (`train.threads`, `--threads`) are left out, so a
+    // resume on another thread count is the same experiment.
+    let config = serde_yaml::to_string(&exp.recorded()).map_err(|e| e.to_string())?;
     let config_sha256 = sha256_hex(config.as_bytes());
     let trust = Trust { force: opts.force };
     let resumed = match (opts.resume, &opts.out) {
@@ -292,7 +294,7 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
         (true, None) => return Err("--resume needs the run folder".into()),
         (false, _) => None,
     };
-    let mut exec = exp.backend.executor()?;
+    let mut exec = exp.executor()?;
     let spec_started = Instant::now();
     // A resumed run compiles the folder's copy of its spec, unless the experiment now
     // names another spec (with --force).
@@ -340,6 +342,10 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
         }
         if let Some(device) = exec.device_name() {
             log.line(&format!("device: {device}"));
+        }
+        if exp.backend == crate::backends::Backend::Jit {
+            let threads = exp.train.threads.unwrap_or_else(mdl_runtime::backend::jit::default_threads);
+            log.line(&format!("jit threads: {threads}"));
         }
         let prep = load_data(exp, &mut log)?;
         if let (Some(was), Some(now)) = (&folder.manifest.data_key, &prep.stats.cache_key) {
@@ -436,12 +442,7 @@ fn check_stage_groups(exp: &Experiment, compiled: &Compiled) -> Result<(), Strin
 /// the malformed rows skipped in each.
 fn load_data(exp: &Experiment, log: &mut Progress) -> Result<Prepared, String> {
     let paths = exp.split_files()?;
-    let options = PrepareOptions {
-        bad_rows: exp.data.bad_rows.into(),
-        unknown_domain: exp.data.unknown_domain,
-        ..Default::default()
-    };
-    let prep = data::prepare(&exp.data.schema, &paths, &options).map_err(|e| e.to_string())?;
+    let prep = data::prepare(&exp.data.schema, &paths, &exp.data.prepare_options()).map_err(|e| e.to_string())?;
     log.line(&format!(
         "data: train {} / valid {} / test {} rows, loaded in {:.2}s ({})",
         prep.train.rows,

@@ -427,11 +427,18 @@ fn halves<'b, 'a: 'b>(blocks: &'b [Block<'a>], width: usize) -> Option<[Vec<Bloc
 }
 
 /// The combined gradient when sums may reassociate ([`super::codegen::Options::reassociate`]):
-/// the entries split in two halves ([`halves`]), each thread adding its half, in order,
-/// into its own table-sized accumulator; a row's two partial sums are added at read-out.
+/// the entries split in two halves ([`halves`]), each adding its half, in order, into its
+/// own table-sized accumulator (on two threads when there are, one after the other on
+/// one: the same sums); a row's two partial sums are added at read-out.
 /// Every entry is visited once (by [`accumulate`]'s row split, once per thread), and a
 /// row that only one half names is read out exactly.
-fn accumulate_halves(halves: &[Vec<Block>; 2], limit: usize, width: usize, pool: &mut Pool) -> (Vec<u32>, Vec<f32>) {
+fn accumulate_halves(
+    halves: &[Vec<Block>; 2],
+    limit: usize,
+    width: usize,
+    threads: usize,
+    pool: &mut Pool,
+) -> (Vec<u32>, Vec<f32>) {
     let mut accs = [pool.zeroed(limit * width), pool.zeroed(limit * width)];
     let mut named = [vec![false; limit], vec![false; limit]];
     let fill = |blocks: &[Block], acc: &mut [f32], named: &mut [bool]| {
@@ -448,10 +455,15 @@ fn accumulate_halves(halves: &[Vec<Block>; 2], limit: usize, width: usize, pool:
     };
     {
         let ([acc0, acc1], [named0, named1]) = (&mut accs, &mut named);
-        std::thread::scope(|s| {
-            s.spawn(|| fill(&halves[0], acc0, named0));
+        if threads > 1 {
+            std::thread::scope(|s| {
+                s.spawn(|| fill(&halves[0], acc0, named0));
+                fill(&halves[1], acc1, named1);
+            });
+        } else {
+            fill(&halves[0], acc0, named0);
             fill(&halves[1], acc1, named1);
-        });
+        }
     }
     let rows: Vec<u32> = (0..limit).filter(|&r| named[0][r] || named[1][r]).map(|r| r as u32).collect();
     let mut data = Vec::with_capacity(rows.len() * width);
@@ -640,10 +652,12 @@ pub fn run(
             if entries != total {
                 return Err(bad(format!("{total} ids but {entries} rows of values")));
             }
-            let split = !exact && threads > 1 && total * width >= PARALLEL_WORK;
+            // The split into two partial sums depends on the work only, never on the thread
+            // count, so that a run's numbers are the same on any number of threads.
+            let split = !exact && total * width >= PARALLEL_WORK;
             let (rows, data) = if limit <= 8 * total + (1 << 16) {
                 match halves(&blocks, width).filter(|_| split) {
-                    Some(h) => accumulate_halves(&h, limit, width, pool),
+                    Some(h) => accumulate_halves(&h, limit, width, threads, pool),
                     None => accumulate(&blocks, limit, width, threads, pool),
                 }
             } else {

@@ -22,8 +22,10 @@
 //!   (reduced rows) or, lane by lane, to one output element (a reduced row), in the
 //!   summation order of `Op::Reduce`, so it too agrees with interp exactly — unless
 //!   [`Options::reassociate`] is on (the default): then a row sum is kept in four vector
-//!   lanes, and rows that add into the same outputs are split over two threads, each
-//!   with its own partial output;
+//!   lanes, and when the work is large, rows that add into the same outputs are split in
+//!   two halves, each with its own partial output (on two threads when the executor has
+//!   them, else one after the other: the split, and so every bit of the result, does not
+//!   depend on the thread count);
 //! - **the driver** [`run`]: it collapses the kernel's domain into `[outer..., rows, n]`,
 //!   where `n` is the longest run of trailing axes in which every operand is contiguous or
 //!   fully broadcast (and the output contiguous or reduced), computes each call's operand
@@ -69,9 +71,9 @@ pub struct Options {
     /// functions and agree with interp bit for bit.
     pub inline_math: bool,
     /// Let reductions sum in another order than `Op::Reduce`: a row sum in four vector
-    /// lanes, and rows that add into the same outputs split over two threads with a
-    /// partial output each. Faster (no serial chain of adds, both cores), different in
-    /// the last bits.
+    /// lanes, and rows that add into the same outputs split in two halves with a partial
+    /// output each (run on two threads when there are; the same bits on one). Faster (no
+    /// serial chain of adds, both cores), different from interp in the last bits.
     pub reassociate: bool,
 }
 
@@ -875,12 +877,17 @@ fn launch_elements(
     Ok(())
 }
 
-/// Runs two halves of the work on two threads and joins their results.
-fn both<A, B>(a: A, b: B) -> Result<(), String>
+/// Runs two halves of the work, on two threads when `threads >= 2`, else one after the
+/// other; either way they compute the same values (how the work is split never depends on
+/// the thread count).
+fn both<A, B>(threads: usize, a: A, b: B) -> Result<(), String>
 where
     A: FnOnce() -> Result<(), String> + Send,
     B: FnOnce() -> Result<(), String>,
 {
+    if threads < 2 {
+        return a().and(b());
+    }
     std::thread::scope(|s| {
         let other = s.spawn(a);
         let mine = b();
@@ -1019,7 +1026,9 @@ pub fn run_with(
         Some(&d) => (d, lay.out_outer_strides[0]),
         None => (lay.rows, lay.out_row_stride),
     };
-    if threads < 2 || work < PARALLEL_WORK {
+    // Large work is split in two whatever the thread count (a reduction's partial sums must
+    // not depend on it); `both` runs the halves on two threads when there are.
+    if work < PARALLEL_WORK {
         launch_rows(f, &data, &lay, 0, all_rows, &mut out, 0)?;
     } else if first >= 2 && (first_out_stride != 0 || mode == Mode::Store && all_rows >= 2) {
         let half = first / 2;
@@ -1028,6 +1037,7 @@ pub fn run_with(
         let (lo, hi) = out.split_at_mut(split);
         let (data, lay) = (&data, &lay);
         both(
+            threads,
             move || launch_rows(f, data, lay, 0, mid, lo, 0),
             move || launch_rows(f, data, lay, mid, all_rows, hi, split),
         )?;
@@ -1039,6 +1049,7 @@ pub fn run_with(
         let (data, lay) = (&data, &lay);
         let (out_ref, partial_ref) = (&mut out, &mut partial);
         both(
+            threads,
             move || launch_rows(f, data, lay, 0, mid, out_ref, 0),
             move || launch_rows(f, data, lay, mid, all_rows, partial_ref, 0),
         )?;
@@ -1049,14 +1060,22 @@ pub fn run_with(
         let mut partial = [0.0f32];
         let (data, lay) = (&data, &lay);
         let (lo, hi) = (&mut out[..1], &mut partial[..]);
-        both(move || launch_elements(f, data, lay, 0, mid, lo), move || launch_elements(f, data, lay, mid, lay.n, hi))?;
+        both(
+            threads,
+            move || launch_elements(f, data, lay, 0, mid, lo),
+            move || launch_elements(f, data, lay, mid, lay.n, hi),
+        )?;
         out[0] += partial[0];
     } else if mode == Mode::Store && all_rows == 1 {
         // One long row: split its elements (the first half a multiple of 16).
         let mid = ((lay.n / 2).div_ceil(16) * 16).min(lay.n);
         let (lo, hi) = out.split_at_mut(mid);
         let (data, lay) = (&data, &lay);
-        both(move || launch_elements(f, data, lay, 0, mid, lo), move || launch_elements(f, data, lay, mid, lay.n, hi))?;
+        both(
+            threads,
+            move || launch_elements(f, data, lay, 0, mid, lo),
+            move || launch_elements(f, data, lay, mid, lay.n, hi),
+        )?;
     } else {
         launch_rows(f, &data, &lay, 0, all_rows, &mut out, 0)?;
     }

@@ -64,7 +64,7 @@ struct Plan {
 /// The fast CPU executor.
 #[derive(Debug)]
 pub struct Jit {
-    /// Worker threads for large kernels (1 or 2 on the target machines).
+    /// Worker threads for large kernels (at least 1).
     threads: usize,
     profile: OpProfile,
     /// Run the fusion pass and the Cranelift kernels (on by default).
@@ -83,7 +83,7 @@ impl Default for Jit {
 }
 
 impl Jit {
-    /// An executor using the machine's cores (at most 2: more did not pay on CTR shapes).
+    /// An executor using all the machine's cores ([`default_threads`]).
     pub fn new() -> Jit {
         Jit::with_threads(default_threads())
     }
@@ -150,9 +150,14 @@ impl Jit {
     }
 }
 
-/// The machine's cores, at most 2 (more did not pay on CTR shapes).
-fn default_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(2)
+/// The threads [`Jit::new`] uses: the machine's cores as the OS reports them to this
+/// process (`std::thread::available_parallelism`, which follows CPU affinity and cgroup
+/// quotas), 1 when it cannot tell. The matrix products spread over all of them (rayon);
+/// the other large kernels split their work in two halves. The values computed do not
+/// depend on the thread count: where partial sums are formed, the split is fixed by the
+/// work, and the threads only decide whether the halves run side by side.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// The jit's per-node evaluator for one run: fast kernels, fused kernels, the eval rules
