@@ -340,9 +340,10 @@ fn part_files_and_tsv_prepare_as_the_single_csv_does() {
     .to_string();
     assert!(wrong.starts_with(&format!("{}: no column 'domain' in the header", tsv_paths.train.display())), "{wrong}");
 
-    // A part whose columns differ is named, with the first part.
+    // A part whose columns differ is named, with the first part (here a column the schema
+    // does not read; one it reads would be missing from the part, an error naming both).
     let mut other = train[..100].to_vec();
-    other[0] = other[0].replacen("user_id", "uid", 1);
+    other[0] = other[0].replacen("label_like", "like", 1);
     write_gz(&folder.join("part-00003-abc.csv.gz"), &other);
     let err =
         prepare(&quickstart().data.schema, &paths, &PrepareOptions { cache: CacheMode::Off, ..Default::default() })
@@ -351,8 +352,8 @@ fn part_files_and_tsv_prepare_as_the_single_csv_does() {
     assert_eq!(
         err,
         format!(
-            "{}: its columns differ from those of the split's first part {} (column 12 is 'user_id' there and \
-             'uid' here); every part of a split must have the same columns in the same order",
+            "{}: its columns differ from those of the split's first part {} (column 3 is 'label_like' there and \
+             'like' here); every part of a split must have the same columns in the same order",
             folder.join("part-00003-abc.csv.gz").display(),
             folder.join("part-00000-abc.csv.gz").display()
         )
