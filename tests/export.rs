@@ -6,25 +6,13 @@
 //! fails. The safetensors export holds every parameter of the checkpoint by name, exactly.
 
 mod common;
+use common::scoring::mdl;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("export").join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn mdl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mdl"))
-        .args(args)
-        .current_dir(common::root())
-        .env("MDL_CACHE_DIR", PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("mdl-cache"))
-        .env("CI", "1")
-        .output()
-        .unwrap()
+    common::scoring::tmp("export", name)
 }
 
 fn ok(out: Output, what: &str) -> String {

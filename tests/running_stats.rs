@@ -7,34 +7,15 @@
 //! hold the running statistics, moved away from their initial values by training.
 
 mod common;
+use common::scoring::{mdl, ok};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use mdl_runtime::Tensor;
 
 fn tmp(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("running_stats").join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn mdl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mdl"))
-        .args(args)
-        .current_dir(common::root())
-        .env("MDL_CACHE_DIR", PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("mdl-cache"))
-        .env("CI", "1")
-        .output()
-        .unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "mdl failed:\n{err}");
-    err
+    common::scoring::tmp("running_stats", name)
 }
 
 const SPEC: &str = "model normed(dim = 8) {
