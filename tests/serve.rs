@@ -38,6 +38,8 @@ struct Server {
     child: Child,
     url: String,
     log: Arc<Mutex<Vec<String>>>,
+    /// The thread that reads stderr into `log`; it ends when the process does.
+    collector: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
@@ -63,12 +65,12 @@ impl Server {
         };
         let log = Arc::new(Mutex::new(seen));
         let collected = Arc::clone(&log);
-        std::thread::spawn(move || {
+        let collector = std::thread::spawn(move || {
             for line in lines.map_while(Result::ok) {
                 collected.lock().unwrap().push(line);
             }
         });
-        Server { child, url, log }
+        Server { child, url, log, collector: Some(collector) }
     }
 
     fn post(&self, body: &str) -> (u16, Value) {
@@ -97,13 +99,28 @@ impl Server {
             assert!(started.elapsed() < Duration::from_secs(60), "mdl serve did not stop:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         };
-        // The collecting thread reads to the end of stderr.
-        std::thread::sleep(Duration::from_millis(100));
+        // The collecting thread reads to the end of stderr, then ends.
+        self.collector.take().expect("wait is called once").join().unwrap();
         (status, self.log())
     }
 
     fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    /// Asserts that stderr comes to hold every one of `needles` within 10 s. The server logs a
+    /// request after answering it, so its line can come a moment after the client has the
+    /// answer: reading the log at once raced with that (a CI run saw it empty).
+    fn assert_logged(&self, needles: &[&str]) {
+        let started = Instant::now();
+        loop {
+            let log = self.log();
+            if needles.iter().all(|needle| log.contains(needle)) {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "the log never held all of {needles:?}:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -257,8 +274,8 @@ fn concurrent_requests_are_batched_and_each_gets_its_own_rows_scores() {
             });
         }
     });
-    let log = server.log();
-    assert!(log.contains("scored in one batch with"), "no request was batched with another:\n{log}");
+    // Some request was batched with another.
+    server.assert_logged(&["scored in one batch with"]);
 }
 
 #[test]
@@ -324,9 +341,8 @@ fn a_bad_row_is_refused_naming_its_index_and_column() {
     assert_eq!(server.get("/scores").0, 404);
     // The good rows still score after all that, and the refusals were logged.
     assert_eq!(server.post(&body(&rows)).0, 200);
-    let log = server.log();
-    assert!(log.contains("POST /predict 400: row 2: no value for the input column 'duration_ms'"), "{log}");
-    assert!(log.contains("POST /predict 413"), "{log}");
+    server
+        .assert_logged(&["POST /predict 400: row 2: no value for the input column 'duration_ms'", "POST /predict 413"]);
 }
 
 #[test]
@@ -372,8 +388,7 @@ fn health_names_the_run_and_model() {
     let columns = health["columns"].as_array().unwrap();
     assert_eq!(columns.len(), 48, "37 categorical, 3 sequence and 8 numeric columns; the domain is one of them");
     assert_eq!(server.post("[]").0, 200);
-    let log = server.log();
-    assert!(log.contains("GET /health 200"), "{log}");
+    server.assert_logged(&["GET /health 200"]);
 }
 
 #[test]
@@ -431,7 +446,8 @@ fn a_huge_declared_body_is_refused_and_the_server_lives_on() {
     }
     let (status, health) = server.get("/health");
     assert_eq!((status, &health["status"]), (200, &json!("ok")), "{}", server.log());
-    let log = server.log();
-    assert!(log.contains("POST /predict 413: the body is over the limit of 20000 bytes"), "{log}");
-    assert!(log.contains("(a declared body of over 1 GiB; its connection is left open)"), "{log}");
+    server.assert_logged(&[
+        "POST /predict 413: the body is over the limit of 20000 bytes",
+        "(a declared body of over 1 GiB; its connection is left open)",
+    ]);
 }
