@@ -23,8 +23,11 @@
 //!   own rows' scores.
 //! - `GET /health` answers `{"status": "ok", "run_id", "model", "tasks", "columns"}`
 //!   (`columns`: the input columns every row gives).
-//! - SIGTERM or SIGINT stops the server: no new request is taken, the requests being
-//!   handled are answered, and `mdl serve` exits 0 (a second signal ends it at once).
+//! - SIGTERM or SIGINT stops the server: the requests being handled are answered, and so
+//!   are those read before the signal that waited for a free handler (for up to 2 s);
+//!   then the listener closes and `mdl serve` exits 0 (a second signal ends it at once).
+//!   A connection opened after the signal may still be accepted by the listener and then
+//!   closed unanswered: put a proxy or load balancer in front to retry elsewhere.
 //!
 //! Each request is logged on stderr through [`crate::say!`].
 
@@ -43,6 +46,9 @@ pub mod load;
 
 /// How often a handler thread waiting for a request looks at the shutdown flag.
 const POLL: Duration = Duration::from_millis(50);
+
+/// How long after a stop the handlers go on answering requests that were read before it.
+const DRAIN: Duration = Duration::from_secs(2);
 
 /// How `mdl serve` listens and batches.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -287,6 +293,23 @@ fn handle_requests(
             }
             Ok(None) => {}
             Err(e) => crate::say!("error: cannot take a request: {e}"),
+        }
+    }
+    // Requests the server had read before the stop but no handler had taken yet (every
+    // handler was busy) are in flight for their clients too: they are answered, for at most
+    // `DRAIN` after the stop, before the listener closes.
+    let until = Instant::now() + DRAIN;
+    while Instant::now() < until {
+        match server.try_recv() {
+            Ok(Some(request)) => {
+                handle(request, model, &mut encoder, jobs, options);
+                answered.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                crate::say!("error: cannot take a request: {e}");
+                break;
+            }
         }
     }
 }

@@ -392,6 +392,31 @@ fn health_names_the_run_and_model() {
 }
 
 #[test]
+fn sigterm_answers_a_request_read_before_it_that_waited_for_a_handler() {
+    let run = run_strict();
+    let rows = json_rows(3);
+    let expected = predicted(run, 3, "sigterm-queued");
+    // One handler, held by the first request's long batch window: the second request is
+    // read by the server but waits for the handler, and the signal comes in between.
+    let server = Server::start(run, &["--threads", "1", "--batch-window-ms", "1500"]);
+    let answers = std::thread::scope(|scope| {
+        let first = scope.spawn(|| server.post(&body(&rows)));
+        std::thread::sleep(Duration::from_millis(300));
+        let second = scope.spawn(|| server.post(&body(&rows)));
+        std::thread::sleep(Duration::from_millis(300));
+        server.terminate();
+        [first.join().unwrap(), second.join().unwrap()]
+    });
+    for (status, answer) in &answers {
+        assert_eq!(*status, 200, "{answer}");
+        assert_close(&scores(answer), &expected, "a request answered after the signal");
+    }
+    let (exit, log) = server.wait();
+    assert_eq!(exit.code(), Some(0), "{log}");
+    assert!(log.contains("stopped after answering 2 requests"), "{log}");
+}
+
+#[test]
 fn sigterm_answers_the_request_in_flight_and_exits_0() {
     let run = run_strict();
     let rows = json_rows(5);
