@@ -94,6 +94,12 @@ fn same_seed_gives_identical_metrics_and_resume_matches_a_straight_run() {
     let resumed = ok(&mdl(&["run", "--resume", c.to_str().unwrap()]));
     assert!(resumed.contains("resumed from"), "{resumed}");
     assert_eq!(ma, std::fs::read(c.join("metrics.json")).unwrap(), "resumed run differs from the straight run");
+    for f in ["curve.csv", "curve_tasks.csv", "loss.csv"] {
+        assert_eq!(std::fs::read(a.join(f)).unwrap(), std::fs::read(c.join(f)).unwrap(), "resumed {f} differs");
+    }
+    let losses = std::fs::read_to_string(a.join("loss.csv")).unwrap();
+    let steps: Vec<&str> = losses.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
+    assert_eq!(steps, ["1", "2", "3", "4", "5", "6"], "one loss per step:\n{losses}");
 
     // `mdl eval` on the test split reproduces metrics.json's test block.
     let ev = mdl(&["eval", a.to_str().unwrap(), "--data", "data/kuairand_pure_tail/test.csv.gz"]);

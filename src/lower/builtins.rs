@@ -185,6 +185,7 @@ pub static BUILTINS: &[Builtin] = &[
         params: &[Required("stat"), Float("momentum", 0.1), Float("initial", 0.0)],
         lower: running,
     },
+    Builtin { name: "probe", params: &[Required("x"), Required("name")], lower: probe },
 ];
 
 pub fn names() -> Vec<&'static str> {
@@ -1156,6 +1157,35 @@ fn running(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     el.graph.outputs.insert(mdl_runtime::ir::graph::state_output(&name), next);
     let node = el.add(Op::TrainEval, &[stat.node, in_eval], span)?;
     Ok(Val::Tensor(Tv { node, grouped: false }))
+}
+
+/// `probe(x, "name")`: `x` itself, its value also kept as the graph output
+/// `probe/<scope>/<name>` (see [`crate::lower::probe_output`]) for `mdl analyze` to collect
+/// on a split. Training and exported graphs drop the output, so a probe changes no number
+/// of a run; `x` must be per sample (`[B, ...]`).
+fn probe(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let (name, ns) = string(el, a, "name")?;
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return el.error(ns, format!("a probe name is letters, digits and `_`, found \"{name}\""));
+    }
+    let value = el.materialise(x, span)?;
+    if el.shape(value.node).first() != Some(&Dim::batch()) {
+        return el.error(
+            a.get("x").1,
+            format!("`probe` needs a per-sample tensor [B, ...], found {}", el.shape_str(value.node)),
+        );
+    }
+    let scope = el.scope_path();
+    let base = if scope.is_empty() { name } else { format!("{scope}/{name}") };
+    let mut full = base.clone();
+    let mut k = 1;
+    while el.graph.outputs.contains_key(&super::probe_output(&full)) {
+        full = format!("{base}{k}");
+        k += 1;
+    }
+    el.graph.outputs.insert(super::probe_output(&full), value.node);
+    Ok(Val::Tensor(x))
 }
 
 #[cfg(test)]

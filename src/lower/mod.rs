@@ -119,6 +119,12 @@ pub fn label_input(task: &str) -> String {
 pub fn logit_output(task: &str) -> String {
     format!("logit/{task}")
 }
+/// The prefix of the graph outputs that hold `probe(x, "name")` values.
+pub const PROBE_PREFIX: &str = "probe/";
+/// The graph output of the probe named `name` (its scope path and name).
+pub fn probe_output(name: &str) -> String {
+    format!("{PROBE_PREFIX}{name}")
+}
 /// The symbol for the number of columns (or domains) of an input.
 pub fn count_sym(feature: &str) -> String {
     format!("count({feature})")

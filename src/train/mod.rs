@@ -16,7 +16,9 @@
 //! | `config.yaml` | the resolved experiment (what `--resume` and `mdl eval` read back) |
 //! | `fitted.json` | vocabularies and normalisers fitted on train |
 //! | `metrics.json` | valid and test metrics of the best checkpoint, the best step |
-//! | `curve.csv` | step, epoch, train loss, valid metrics at each evaluation |
+//! | `curve.csv` | step, epoch, train loss, valid metrics (of the first task) at each evaluation |
+//! | `curve_tasks.csv` | every task's valid metrics at each evaluation, overall and per domain (long format: `step,epoch,split,task,domain,metric,value`) |
+//! | `loss.csv` | the training loss of every step (`step,epoch,loss`) |
 //! | `best.ckpt` | the parameters of the best evaluation (with the run id, as `last.ckpt`) |
 //! | `last.ckpt` | parameters, optimizer state and loop position, for `--resume` |
 //! | `train.log` | what the terminal showed, with timings |
@@ -92,7 +94,9 @@ pub fn compile_spec_at(exp: &Experiment, spec: &Path) -> Result<(Compiled, Vec<(
 /// the gradient of the loss for every parameter and the next value of every state
 /// (`state/<name>`), optimised: what a training step runs.
 pub fn build_training_graph(c: &Compiled) -> Result<mdl_runtime::Graph, String> {
-    let forward = passes::for_phase(&c.graph, true);
+    let mut forward = passes::for_phase(&c.graph, true);
+    // Probes are read in evaluation only (`mdl analyze`): a step computes none of them.
+    forward.outputs.retain(|name, _| !name.starts_with(crate::lower::PROBE_PREFIX));
     let loss = *forward.outputs.get("loss").ok_or("the model has no loss output")?;
     let wrt: Vec<String> = forward.params.iter().map(|p| p.name.clone()).collect();
     let g = autodiff::differentiate(&forward, loss, &wrt).map_err(|e| e.to_string())?;
@@ -104,6 +108,14 @@ pub fn build_training_graph(c: &Compiled) -> Result<mdl_runtime::Graph, String> 
 pub fn build_eval_graph(c: &Compiled) -> mdl_runtime::Graph {
     let mut eval = passes::for_phase(&c.graph, false);
     eval.outputs.retain(|name, _| name.starts_with("logit/"));
+    passes::optimize(&eval)
+}
+
+/// The evaluation graph with the values of the model's probes (`probe(x, "name")`) as
+/// outputs beside the logits: what `mdl analyze` runs on a split.
+pub fn build_probe_graph(c: &Compiled) -> mdl_runtime::Graph {
+    let mut eval = passes::for_phase(&c.graph, false);
+    eval.outputs.retain(|name, _| name.starts_with("logit/") || name.starts_with(crate::lower::PROBE_PREFIX));
     passes::optimize(&eval)
 }
 

@@ -36,6 +36,42 @@ pub struct CurvePoint {
     pub valid_logloss: Option<f64>,
 }
 
+/// One row of `curve_tasks.csv`: a valid metric of one task (overall, or within one domain)
+/// at one evaluation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskCurvePoint {
+    pub step: u64,
+    pub epoch: usize,
+    pub task: String,
+    /// The domain id (as in `metrics.json`'s `per_domain`), or none for the whole split.
+    pub domain: Option<u32>,
+    pub metric: String,
+    pub value: f64,
+}
+
+impl TaskCurvePoint {
+    /// The rows of one evaluation's report: every task's AUC, gAUC and LogLoss, and its AUC
+    /// and LogLoss within each domain; undefined metrics are left out.
+    fn rows(step: u64, epoch: usize, report: &crate::metrics::Report) -> Vec<TaskCurvePoint> {
+        let mut rows = Vec::new();
+        let mut push = |task: &str, domain: Option<u32>, metric: &str, value: Option<f64>| {
+            if let Some(value) = value {
+                rows.push(TaskCurvePoint { step, epoch, task: task.to_string(), domain, metric: metric.into(), value });
+            }
+        };
+        for (task, m) in &report.per_task {
+            push(task, None, "auc", m.auc);
+            push(task, None, "gauc", m.gauc);
+            push(task, None, "logloss", m.logloss);
+            for (&d, dm) in &m.per_domain {
+                push(task, Some(d), "auc", dm.auc);
+                push(task, Some(d), "logloss", dm.logloss);
+            }
+        }
+        rows
+    }
+}
+
 /// Where the loop is; saved in `last.ckpt` for `--resume`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LoopState {
@@ -52,6 +88,14 @@ pub struct LoopState {
     pub loss_sum: f64,
     pub loss_count: u64,
     pub curve: Vec<CurvePoint>,
+    /// Every task's valid metrics at each evaluation (`curve_tasks.csv`; empty in
+    /// checkpoints of an mdl before it).
+    #[serde(default)]
+    pub task_curve: Vec<TaskCurvePoint>,
+    /// The training loss of every step, step `i + 1` at index `i` (`loss.csv`; empty in
+    /// checkpoints of an mdl before it).
+    #[serde(default)]
+    pub losses: Vec<f32>,
 }
 
 impl LoopState {
@@ -69,6 +113,8 @@ impl LoopState {
             loss_sum: 0.0,
             loss_count: 0,
             curve: Vec::new(),
+            task_curve: Vec::new(),
+            losses: Vec::new(),
         }
     }
 
@@ -335,6 +381,7 @@ impl<'a> Run<'a> {
         self.state.batch_in_epoch += 1;
         self.state.loss_sum += loss;
         self.state.loss_count += 1;
+        self.state.losses.push(loss as f32);
         self.steps_here += 1;
         self.rows_here += self.batch.rows;
         self.step_secs += started.elapsed().as_secs_f64();
@@ -369,6 +416,8 @@ impl<'a> Run<'a> {
             valid_gauc: report.gauc,
             valid_logloss: report.logloss,
         });
+        let rows = TaskCurvePoint::rows(state.step, state.epoch, &report);
+        state.task_curve.extend(rows);
         let improved = match (metric, state.best) {
             (Some(m), Some(b)) => {
                 if early.maximize()? {
@@ -469,6 +518,8 @@ impl<'a> Run<'a> {
         let json = serde_json::to_string_pretty(&metrics).map_err(|e| e.to_string())?;
         folder.write("metrics.json", json.as_bytes())?;
         folder.write("curve.csv", curve_csv(&state.curve).as_bytes())?;
+        folder.write("curve_tasks.csv", task_curve_csv(&state.task_curve).as_bytes())?;
+        folder.write("loss.csv", loss_csv(&state.losses, self.batches.batches_per_epoch()).as_bytes())?;
         let rows_per_s = self.rows_here as f64 / self.step_secs.max(1e-9);
         let timing = RunTiming {
             backend: self.exp.backend.to_string(),
@@ -534,6 +585,29 @@ fn curve_csv(curve: &[CurvePoint]) -> String {
             f(c.valid_gauc),
             f(c.valid_logloss)
         ));
+    }
+    s
+}
+
+/// `curve_tasks.csv`, long format: one row per evaluation, task, domain (empty for the whole
+/// split) and metric. Values are written in full (the shortest text that reads back the
+/// same `f64`).
+fn task_curve_csv(rows: &[TaskCurvePoint]) -> String {
+    let mut s = String::from("step,epoch,split,task,domain,metric,value\n");
+    for r in rows {
+        let domain = r.domain.map(|d| d.to_string()).unwrap_or_default();
+        s.push_str(&format!("{},{},valid,{},{domain},{},{}\n", r.step, r.epoch, r.task, r.metric, r.value));
+    }
+    s
+}
+
+/// `loss.csv`: the training loss of every step, with the epoch (counted from 1) it belongs
+/// to; every epoch has `batches_per_epoch` steps.
+fn loss_csv(losses: &[f32], batches_per_epoch: usize) -> String {
+    let mut s = String::from("step,epoch,loss\n");
+    let per_epoch = batches_per_epoch.max(1);
+    for (i, loss) in losses.iter().enumerate() {
+        s.push_str(&format!("{},{},{loss}\n", i + 1, i / per_epoch + 1));
     }
     s
 }
