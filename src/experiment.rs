@@ -20,7 +20,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 mod keys;
+mod stage;
 use keys::Keys;
+pub use stage::GroupCopy;
 
 /// A fully resolved experiment.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -228,13 +230,20 @@ impl EarlyStopping {
     }
 }
 
-/// One training stage: which parameter groups it trains or freezes.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// One training stage: its length, which parameter groups it trains or freezes, which
+/// named losses it trains on, its learning rate, the data it reads, its early stopping
+/// and the parameters copied at its start. `stage.rs` checks it; `train/stages.rs` runs it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Stage {
     #[serde(default)]
     pub name: String,
-    pub epochs: usize,
+    /// Its length in epochs (of the rows it reads) ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<usize>,
+    /// ... or in steps (a stage that ends mid-epoch ends that epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u64>,
     /// Parameter groups frozen in this stage (`group name { ... }` in the spec).
     #[serde(default)]
     pub freeze: Vec<String>,
@@ -244,6 +253,23 @@ pub struct Stage {
     /// Start the stage with fresh optimizer state.
     #[serde(default)]
     pub reset_optimizer: bool,
+    /// The named losses (`loss name = e`) the stage trains on; all of the spec's losses
+    /// when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub losses: Option<Vec<String>>,
+    /// The stage's learning rate (`train.lr` when left out); `train.embedding_lr` is scaled
+    /// by the same factor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// The stage's own early stopping (`train.early_stopping` when left out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stopping: Option<EarlyStopping>,
+    /// Train only on the rows of these domain ids (all rows when left out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domains: Option<Vec<u32>>,
+    /// Parameter copies made when the stage starts, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copy: Vec<GroupCopy>,
 }
 
 fn default_optimizer() -> OptimizerName {
@@ -490,14 +516,8 @@ impl Experiment {
         if t.max_steps == Some(0) {
             return Err("train.max_steps: must be at least 1, found 0 (leave the key out to train every epoch)".into());
         }
-        if let Some(i) = t.stages.iter().position(|s| s.epochs == 0) {
-            return Err(format!("train.stages[{i}].epochs: every stage needs at least one epoch"));
-        }
-        if let Some(i) = t.stages.iter().position(|s| s.epochs > MAX_EPOCHS) {
-            return Err(format!(
-                "train.stages[{i}].epochs: must be at most {MAX_EPOCHS}, found {}",
-                t.stages[i].epochs
-            ));
+        for (i, stage) in t.stages.iter().enumerate() {
+            stage.validate(&format!("train.stages[{i}]"))?;
         }
         if let Some(n) = t.threads {
             check_threads("train.threads", n)?;
@@ -555,16 +575,10 @@ impl Experiment {
         Ok(paths)
     }
 
-    /// The epochs of each stage (one stage of `train.epochs` when none are given).
+    /// The stages (one stage of `train.epochs` training everything when none are given).
     pub fn stages(&self) -> Vec<Stage> {
         if self.train.stages.is_empty() {
-            vec![Stage {
-                name: "train".into(),
-                epochs: self.train.epochs,
-                freeze: vec![],
-                train_only: None,
-                reset_optimizer: false,
-            }]
+            vec![Stage { name: "train".into(), epochs: Some(self.train.epochs), ..Stage::default() }]
         } else {
             self.train.stages.clone()
         }
@@ -598,7 +612,7 @@ impl Experiment {
 }
 
 /// The most epochs a run (or a stage) may have: more would never end.
-const MAX_EPOCHS: usize = 1_000_000;
+pub(crate) const MAX_EPOCHS: usize = 1_000_000;
 
 /// The most threads a run may ask for: more is a typo, not a machine.
 pub const MAX_THREADS: usize = 4096;
@@ -618,7 +632,7 @@ pub fn check_threads(key: &str, n: usize) -> Result<(), String> {
 }
 
 /// A number a setting takes that must be finite and above 0.
-fn positive(key: &str, x: f64) -> Result<(), String> {
+pub(crate) fn positive(key: &str, x: f64) -> Result<(), String> {
     if x.is_finite() && x > 0.0 {
         Ok(())
     } else {

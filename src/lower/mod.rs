@@ -125,6 +125,15 @@ pub const PROBE_PREFIX: &str = "probe/";
 pub fn probe_output(name: &str) -> String {
     format!("{PROBE_PREFIX}{name}")
 }
+/// The graph output of a named loss (`loss name = e`): the scalar `e` alone, beside the
+/// total `loss`, so that a training stage can make its objective of some of them.
+pub fn loss_output(name: &str) -> String {
+    format!("loss/{name}")
+}
+/// The named losses of a compiled model (its `loss/<name>` outputs), in name order.
+pub fn loss_names(graph: &mdl_runtime::Graph) -> Vec<String> {
+    graph.outputs.keys().filter_map(|k| k.strip_prefix("loss/")).map(str::to_string).collect()
+}
 /// The symbol for the number of columns (or domains) of an input.
 pub fn count_sym(feature: &str) -> String {
     format!("count({feature})")
@@ -186,6 +195,8 @@ pub(crate) struct Elab {
     /// Tasks whose logit failed to compile (their errors are already reported).
     failed_tasks: Vec<String>,
     losses: Vec<NodeId>,
+    /// Named losses (`loss name = e`) and where each was declared.
+    loss_names: BTreeMap<String, Span>,
     /// Parameter name path (`deep/mlp/linear1`).
     scope: Vec<String>,
     /// How many times each scope path was entered (to make names unique).
@@ -213,6 +224,7 @@ impl Elab {
             tasks: BTreeMap::new(),
             failed_tasks: Vec::new(),
             losses: Vec::new(),
+            loss_names: BTreeMap::new(),
             scope: Vec::new(),
             scope_uses: HashMap::new(),
             group: None,

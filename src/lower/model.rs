@@ -108,8 +108,17 @@ impl Elab {
         Ok(())
     }
 
-    /// `loss value`: a scalar, added to the model's total loss.
-    pub(super) fn loss(&mut self, env: &mut Env, value: &Expr) -> R<()> {
+    /// `loss value` (or `loss name = value`): a scalar, added to the model's total loss; a
+    /// named one is also the output `loss/<name>`.
+    pub(super) fn loss(&mut self, env: &mut Env, name: Option<&ast::Ident>, value: &Expr) -> R<()> {
+        if let Some(n) = name {
+            if let Some(first) = self.loss_names.get(&n.name) {
+                let d = Diagnostic::error(n.span, format!("loss `{}` is declared twice", n.name))
+                    .note(*first, "first declared here")
+                    .hint("give each loss its own name");
+                return Err(self.report(d));
+            }
+        }
         let v = self.expr(env, value)?;
         let t = self.expect_tensor(v, value.span)?;
         if !self.shape(t.node).is_empty() {
@@ -121,6 +130,10 @@ impl Elab {
             return Err(self.report(d));
         }
         self.losses.push(t.node);
+        if let Some(n) = name {
+            self.loss_names.insert(n.name.clone(), n.span);
+            self.graph.outputs.insert(super::loss_output(&n.name), t.node);
+        }
         Ok(())
     }
 

@@ -139,9 +139,9 @@ impl Elab {
                 self.model_only("task", *span)?;
                 self.task(env, name, value, *span)?;
             }
-            Stmt::Loss { value, span } => {
+            Stmt::Loss { name, value, span } => {
                 self.model_only("loss", *span)?;
-                self.loss(env, value)?;
+                self.loss(env, name.as_ref(), value)?;
             }
             Stmt::Expr { value } => {
                 self.expr(env, value)?;

@@ -91,8 +91,9 @@ pub enum Stmt {
     Return { value: Expr, span: Span },
     /// `task name = logit` — the logit of the label `name`.
     Task { name: Ident, value: Expr, span: Span },
-    /// `loss value` — added to the training objective.
-    Loss { value: Expr, span: Span },
+    /// `loss value` or `loss name = value` — added to the training objective; a named
+    /// loss can be picked by an experiment's stage (`losses: [name]`).
+    Loss { name: Option<Ident>, value: Expr, span: Span },
     /// A bare expression (its value is discarded).
     Expr { value: Expr },
 }

@@ -727,7 +727,10 @@ impl Walker {
                 Stmt::Group { name, body, span }
             }
             Rule::return_stmt => Stmt::Return { value: self.expr(parts.expect(Rule::expr)?, inner)?, span },
-            Rule::loss_stmt => Stmt::Loss { value: self.expr(parts.expect(Rule::expr)?, inner)?, span },
+            Rule::loss_stmt => {
+                let name = parts.eat(Rule::name).map(|p| self.ident(&p));
+                Stmt::Loss { name, value: self.expr(parts.expect(Rule::expr)?, inner)?, span }
+            }
             // A bare expression is a statement of the same depth as its value.
             Rule::expr_stmt => Stmt::Expr { value: self.expr(parts.expect(Rule::expr)?, depth)? },
             other => return Err(internal(span, &format!("unexpected statement {other:?}"))),

@@ -39,6 +39,7 @@ pub mod health;
 pub mod memory;
 pub mod progress;
 pub mod run;
+pub mod stages;
 
 use crate::data::{self, Dataset, Fitted, Prepared};
 use crate::experiment::{Experiment, OptimizerName};
@@ -232,6 +233,9 @@ pub struct RunMetrics {
     pub valid: Report,
     pub test: Report,
     pub skipped_rows: BTreeMap<String, u64>,
+    /// How each declared stage ended (none without `train.stages`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<run::StageResult>,
 }
 
 /// Times of a run (`timing.json`), for the process that finished it: after `--resume` they
@@ -336,7 +340,7 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
         }
     }
     let (compiled, spec_files) = compile_spec_at(exp, &spec)?;
-    check_stage_groups(exp, &compiled)?;
+    stages::check(exp, &compiled)?;
     let spec_time = spec_started.elapsed();
     let (mut folder, claim_note) = match resumed {
         Some(folder) => (folder, None),
@@ -416,38 +420,6 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
         run.finish(&mut folder, compile_ms, plan_ms)?;
     }
     Ok(out)
-}
-
-/// Every group a stage names in `freeze` or `train_only` must be a group of the model's
-/// parameters (`group name { ... }` in the spec): a misspelt name would otherwise freeze
-/// nothing (`freeze`) or everything (`train_only`) without a word. Checked before any
-/// data is read.
-fn check_stage_groups(exp: &Experiment, compiled: &Compiled) -> Result<(), String> {
-    let groups: std::collections::BTreeSet<&str> =
-        compiled.graph.params.iter().filter_map(|p| p.group.as_deref()).collect();
-    for (i, stage) in exp.train.stages.iter().enumerate() {
-        let named = stage.freeze.iter().map(|g| ("freeze", g));
-        let only = stage.train_only.iter().flatten().map(|g| ("train_only", g));
-        for (key, group) in named.chain(only) {
-            if groups.contains(group.as_str()) {
-                continue;
-            }
-            let hint = match crate::diag::suggest(group, groups.iter().copied()) {
-                Some(near) => format!("; did you mean `{near}`?"),
-                None => String::new(),
-            };
-            let known = if groups.is_empty() {
-                "the model declares no groups".to_string()
-            } else {
-                format!("its groups: {}", groups.iter().copied().collect::<Vec<_>>().join(", "))
-            };
-            return Err(format!(
-                "train.stages[{i}].{key}: no parameter of model `{}` is in group `{group}`{hint} ({known})",
-                compiled.model
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Reads (or loads from the cache) the experiment's three splits, logging their sizes and

@@ -11,9 +11,10 @@
 use super::checkpoint;
 use super::folder::{RunFolder, Trust};
 use super::progress::Progress;
+use super::stages::{frozen_by, Schedule};
 use super::{optim_config, skipped_rows, RunMetrics, RunTiming, Session};
 use crate::data::{Batch, MiniBatches, Prepared};
-use crate::experiment::{Experiment, Stage};
+use crate::experiment::{EarlyStopping, Experiment};
 use mdl_runtime::backend::Executor;
 use mdl_runtime::exec::Mode;
 use mdl_runtime::optim::Optimizer;
@@ -34,6 +35,23 @@ pub struct CurvePoint {
     pub valid_auc: Option<f64>,
     pub valid_gauc: Option<f64>,
     pub valid_logloss: Option<f64>,
+    /// The stage it was taken in (only for an experiment that declares stages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<usize>,
+}
+
+/// How a declared stage ended (`metrics.json`'s `stages`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageResult {
+    pub name: String,
+    /// Its steps, and the step its best evaluation was taken at (whose parameters the
+    /// next stage started from).
+    pub steps: u64,
+    pub best_step: u64,
+    /// Its early-stopping metric, and that metric's best value in the stage.
+    pub metric: String,
+    pub best: Option<f64>,
+    pub stopped_early: bool,
 }
 
 /// One row of `curve_tasks.csv`: a valid metric of one task (overall, or within one domain)
@@ -96,6 +114,16 @@ pub struct LoopState {
     /// checkpoints of an mdl before it).
     #[serde(default)]
     pub losses: Vec<f32>,
+    /// Steps taken in the stage under way.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stage_steps: u64,
+    /// The declared stages done so far.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageResult>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl LoopState {
@@ -115,6 +143,8 @@ impl LoopState {
             curve: Vec::new(),
             task_curve: Vec::new(),
             losses: Vec::new(),
+            stage_steps: 0,
+            stages: Vec::new(),
         }
     }
 
@@ -145,9 +175,11 @@ pub enum LoopEnd {
 
 /// How a stage ended, for [`Run::fit`].
 enum StageEnd {
-    /// All its epochs trained: on to the next stage.
+    /// All its epochs (or steps) trained: on to the next stage.
     Done,
-    /// `max_steps` reached or early stopping: no further stage.
+    /// Its early stopping ended it: on to the next stage, if there is one.
+    StoppedEarly,
+    /// `max_steps` reached: no further stage.
     RunOver,
     StoppedAsAsked,
 }
@@ -179,6 +211,7 @@ pub struct Run<'a> {
     log: Progress,
     best_path: PathBuf,
     last_path: PathBuf,
+    /// The whole train split's batches (`loss.csv` counts its epochs in them).
     batches: MiniBatches,
     batch: Batch,
     /// Steps over all stages (for the progress line): `max_steps`, else every epoch's.
@@ -194,6 +227,8 @@ pub struct Run<'a> {
     step_secs: f64,
     /// The divergence guard.
     health: super::health::Health,
+    /// The stages, resolved against the spec and the data.
+    schedule: Schedule,
 }
 
 impl<'a> Run<'a> {
@@ -242,8 +277,13 @@ impl<'a> Run<'a> {
         };
         let parameters: usize = session.params().iter().filter_map(|p| params.get(&p.name)).map(|t| t.data.len()).sum();
         log.line(&format!("{parameters} parameters"));
-        let total_epochs: usize = exp.stages().iter().map(|s| s.epochs).sum();
-        let total_steps = exp.train.max_steps.unwrap_or((total_epochs * batches.batches_per_epoch()) as u64);
+        let schedule = Schedule::new(exp, session, &data.train)?;
+        let bs = exp.train.batch_size.max(1);
+        let stage_steps = |p: &super::stages::Planned| match (p.stage.steps, p.stage.epochs) {
+            (Some(n), _) => n,
+            (None, e) => (e.unwrap_or(0) * p.rows.as_ref().map_or(data.train.rows, Vec::len).div_ceil(bs)) as u64,
+        };
+        let total_steps = exp.train.max_steps.unwrap_or(schedule.stages.iter().map(stage_steps).sum());
         Ok(Run {
             exp,
             session,
@@ -267,6 +307,7 @@ impl<'a> Run<'a> {
             rows_here: 0,
             step_secs: 0.0,
             health: Default::default(),
+            schedule,
         })
     }
 
@@ -275,16 +316,18 @@ impl<'a> Run<'a> {
     /// epoch and stage, until every stage is done, `train.max_steps`, early stopping, or
     /// `stop_after` steps in this process.
     pub fn fit(&mut self, stop_after: Option<u64>) -> Result<LoopEnd, String> {
-        let stages = self.exp.stages();
+        let stages = self.schedule.stages.len();
         let eval_every = self.exp.train.eval_every.steps()?;
-        while self.state.stage < stages.len() && !self.state.stopped_early {
-            match self.fit_stage(&stages[self.state.stage], eval_every, stop_after)? {
+        while self.state.stage < stages {
+            let last = self.state.stage + 1 == stages;
+            match self.fit_stage(self.state.stage, eval_every, stop_after)? {
+                StageEnd::Done | StageEnd::StoppedEarly if !last => self.next_stage()?,
                 StageEnd::Done => {
                     self.state.stage += 1;
                     self.state.epoch_in_stage = 0;
                     self.checkpoint()?;
                 }
-                StageEnd::RunOver => break,
+                StageEnd::StoppedEarly | StageEnd::RunOver => break,
                 StageEnd::StoppedAsAsked => return Ok(LoopEnd::StoppedAsAsked),
             }
         }
@@ -293,30 +336,68 @@ impl<'a> Run<'a> {
             self.evaluate()?;
             self.checkpoint()?;
         }
+        self.record_stage(self.state.stage.min(stages - 1));
         // The device's parameters back on the host before other tensors (the best ones) run.
         self.sync()?;
         Ok(LoopEnd::Finished)
     }
 
-    /// The rest of one stage: its remaining epochs, each from the batch the run is at.
-    fn fit_stage(
-        &mut self,
-        stage: &Stage,
-        eval_every: Option<u64>,
-        stop_after: Option<u64>,
-    ) -> Result<StageEnd, String> {
-        let frozen = frozen_by(stage);
-        if self.state.epoch_in_stage == 0 && self.state.batch_in_epoch == 0 && stage.reset_optimizer {
-            self.optimizer.reset();
+    /// The rest of stage `i`: at its start (nothing of it trained yet) its copies, its
+    /// optimizer reset and its log line; then its remaining epochs (or steps), each from the
+    /// batch the run is at, over the train rows it reads.
+    fn fit_stage(&mut self, i: usize, eval_every: Option<u64>, stop_after: Option<u64>) -> Result<StageEnd, String> {
+        if self.state.stopped_early {
+            // Resumed from the checkpoint of the evaluation that stopped the stage.
+            return Ok(StageEnd::StoppedEarly);
         }
-        while self.state.epoch_in_stage < stage.epochs {
-            let order: Vec<Vec<usize>> = self.batches.epoch(self.state.epoch as u64).map(|c| c.to_vec()).collect();
+        let stage = self.schedule.stages[i].stage.clone();
+        let rows = self.schedule.stages[i].rows.clone();
+        let frozen = frozen_by(&stage);
+        if self.state.epoch_in_stage == 0 && self.state.batch_in_epoch == 0 && self.state.stage_steps == 0 {
+            if self.schedule.declared {
+                let line = self.schedule.describe(i, self.exp, self.data.train.rows);
+                self.log.line(&line);
+            }
+            if !stage.copy.is_empty() {
+                self.sync()?;
+                for line in self.schedule.copy_into(i, &mut self.params)? {
+                    self.log.line(&format!("stage `{}`: {line}", stage.name));
+                }
+            }
+            if stage.reset_optimizer {
+                self.optimizer.reset();
+            }
+        }
+        let mut batches = MiniBatches::new(
+            rows.as_ref().map_or(self.data.train.rows, Vec::len),
+            self.exp.train.batch_size,
+            self.exp.train.seed,
+        );
+        while stage.epochs.is_none_or(|e| self.state.epoch_in_stage < e) {
+            let order: Vec<Vec<usize>> = batches
+                .epoch(self.state.epoch as u64)
+                .map(|c| match &rows {
+                    Some(rows) => c.iter().map(|&r| rows[r]).collect(),
+                    None => c.to_vec(),
+                })
+                .collect();
+            if self.state.batch_in_epoch > order.len() {
+                return Err(format!(
+                    "the run stopped {} batches into an epoch of stage `{}`, which has {}",
+                    self.state.batch_in_epoch,
+                    stage.name,
+                    order.len()
+                ));
+            }
             for rows in &order[self.state.batch_in_epoch..] {
                 if self.exp.train.max_steps.is_some_and(|m| self.state.step >= m) {
                     return Ok(StageEnd::RunOver);
                 }
                 self.step(rows, &frozen)?;
-                let end_of_epoch = self.state.batch_in_epoch == order.len();
+                self.state.stage_steps += 1;
+                let stage_done = stage.steps.is_some_and(|n| self.state.stage_steps >= n);
+                // A stage that ends mid-epoch ends the epoch: the next one starts afresh.
+                let end_of_epoch = self.state.batch_in_epoch == order.len() || stage_done;
                 if end_of_epoch {
                     self.state.end_epoch();
                 }
@@ -331,15 +412,75 @@ impl<'a> Run<'a> {
                     self.checkpoint()?;
                 }
                 if self.state.stopped_early {
-                    return Ok(StageEnd::RunOver);
+                    return Ok(StageEnd::StoppedEarly);
                 }
                 if stop_after.is_some_and(|n| self.steps_here >= n) {
                     self.log.line(&format!("stopping after {} steps as asked (resume with --resume)", self.steps_here));
                     return Ok(StageEnd::StoppedAsAsked);
                 }
+                if stage_done {
+                    return Ok(StageEnd::Done);
+                }
             }
         }
         Ok(StageEnd::Done)
+    }
+
+    /// Ends a stage that another follows: its last steps evaluated (when they were not),
+    /// its result recorded, its best parameters restored (`best.ckpt`, written at its best
+    /// evaluation), and the next stage's early stopping started afresh; then `last.ckpt`.
+    fn next_stage(&mut self) -> Result<(), String> {
+        if self.state.curve.last().map(|c| c.step) != Some(self.state.step) && self.state.step > 0 {
+            self.evaluate()?;
+        }
+        let i = self.state.stage;
+        self.record_stage(i);
+        if self.state.best.is_some() {
+            self.sync()?;
+            let best = checkpoint::load(&self.best_path, self.session)?;
+            self.trust.checkpoint_id(&self.best_path, best.run_id.as_deref(), &self.run_id)?;
+            // New tensors: a device backend uploads them whole.
+            self.params = best.params;
+            self.log.line(&format!(
+                "stage `{}` ends at step {}: its best parameters (step {}, valid {} {}) go on",
+                self.schedule.stages[i].stage.name,
+                self.state.step,
+                self.state.best_step,
+                self.schedule.stages[i].early_stopping.metric,
+                fmt_opt(self.state.best)
+            ));
+        }
+        let state = &mut self.state;
+        state.stage += 1;
+        state.epoch_in_stage = 0;
+        state.stage_steps = 0;
+        state.best = None;
+        state.bad_evals = 0;
+        state.stopped_early = false;
+        self.checkpoint()
+    }
+
+    /// Records how declared stage `i` ended (once).
+    fn record_stage(&mut self, i: usize) {
+        if !self.schedule.declared || self.state.stages.len() != i {
+            return;
+        }
+        let planned = &self.schedule.stages[i];
+        let result = StageResult {
+            name: planned.stage.name.clone(),
+            steps: self.state.stage_steps,
+            best_step: self.state.best_step,
+            metric: planned.early_stopping.metric.clone(),
+            best: self.state.best,
+            stopped_early: self.state.stopped_early,
+        };
+        self.state.stages.push(result);
+    }
+
+    /// The early stopping of the stage under way.
+    fn early_stopping(&self) -> EarlyStopping {
+        let i = self.state.stage.min(self.schedule.stages.len() - 1);
+        self.schedule.stages[i].early_stopping.clone()
     }
 
     /// One training step on the train rows `rows`, with the parameters `frozen` says
@@ -353,15 +494,16 @@ impl<'a> Run<'a> {
         let feeds = self.session.inputs.feeds(&self.batch);
         let binding = self.session.inputs.with_batch(self.batch.rows);
         let mode = Mode::train(self.exp.train.seed, self.state.step);
+        let stage = self.state.stage.min(self.schedule.stages.len() - 1);
         let step = TrainStep {
-            graph: &self.session.train_graph,
+            graph: self.schedule.graph(stage, self.session),
             binding: &binding,
             feeds: &feeds,
             mode: &mode,
             info: self.session.params(),
             frozen,
             clip_norm: self.exp.train.clip_norm,
-            lr_scale: 1.0,
+            lr_scale: self.schedule.stages[stage].lr_scale,
         };
         let loss = training::train_step(&mut *self.exec, &step, &mut self.params, &mut self.optimizer)?.loss as f64;
         if !loss.is_finite() {
@@ -396,8 +538,8 @@ impl<'a> Run<'a> {
     pub fn evaluate(&mut self) -> Result<(), String> {
         let report =
             self.session.evaluate(&mut *self.exec, &self.params, &self.data.valid, self.exp.train.batch_size)?;
-        let exp = self.exp;
-        let early = &exp.train.early_stopping;
+        let early = &self.early_stopping();
+        let stage = self.schedule.declared.then_some(self.state.stage.min(self.schedule.stages.len() - 1));
         let metric = match early.metric.as_str() {
             "gauc" => report.gauc,
             "logloss" => report.logloss,
@@ -415,6 +557,7 @@ impl<'a> Run<'a> {
             valid_auc: report.auc,
             valid_gauc: report.gauc,
             valid_logloss: report.logloss,
+            stage,
         });
         let rows = TaskCurvePoint::rows(state.step, state.epoch, &report);
         state.task_curve.extend(rows);
@@ -514,10 +657,11 @@ impl<'a> Run<'a> {
             valid,
             test,
             skipped_rows: skipped_rows(self.data),
+            stages: state.stages.clone(),
         };
         let json = serde_json::to_string_pretty(&metrics).map_err(|e| e.to_string())?;
         folder.write("metrics.json", json.as_bytes())?;
-        folder.write("curve.csv", curve_csv(&state.curve).as_bytes())?;
+        folder.write("curve.csv", curve_csv(&state.curve, &self.schedule).as_bytes())?;
         folder.write("curve_tasks.csv", task_curve_csv(&state.task_curve).as_bytes())?;
         folder.write("loss.csv", loss_csv(&state.losses, self.batches.batches_per_epoch()).as_bytes())?;
         let rows_per_s = self.rows_here as f64 / self.step_secs.max(1e-9);
@@ -557,23 +701,15 @@ impl<'a> Run<'a> {
     }
 }
 
-/// Whether a stage leaves a parameter untouched: its group is frozen, or the stage trains
-/// only other groups.
-fn frozen_by(stage: &Stage) -> impl Fn(&ParamInfo) -> bool + '_ {
-    move |p: &ParamInfo| {
-        let g = p.group.as_deref();
-        let frozen = g.is_some_and(|g| stage.freeze.iter().any(|f| f == g));
-        let not_trained = stage.train_only.as_ref().is_some_and(|only| !g.is_some_and(|g| only.iter().any(|o| o == g)));
-        frozen || not_trained
-    }
-}
-
 fn fmt_opt(v: Option<f64>) -> String {
     v.map(|x| format!("{x:.5}")).unwrap_or_else(|| "-".into())
 }
 
-fn curve_csv(curve: &[CurvePoint]) -> String {
-    let mut s = String::from("step,epoch,train_loss,valid_auc,valid_gauc,valid_logloss\n");
+/// `curve.csv`: a row per evaluation; with declared stages, each row also names its stage
+/// and the groups that trained and were frozen in it.
+fn curve_csv(curve: &[CurvePoint], schedule: &Schedule) -> String {
+    let mut s = String::from("step,epoch,train_loss,valid_auc,valid_gauc,valid_logloss");
+    s.push_str(if schedule.declared { ",stage,trains,frozen\n" } else { "\n" });
     let f = |v: Option<f64>| v.map(|x| format!("{x:.6}")).unwrap_or_default();
     for c in curve {
         s.push_str(&format!(
@@ -585,6 +721,13 @@ fn curve_csv(curve: &[CurvePoint]) -> String {
             f(c.valid_gauc),
             f(c.valid_logloss)
         ));
+        if let Some(planned) = c.stage.and_then(|i| schedule.stages.get(i)) {
+            // `;` between groups keeps each list one CSV field.
+            s.insert_str(
+                s.len() - 1,
+                &format!(",{},{},{}", planned.stage.name, planned.trains.join(";"), planned.frozen.join(";")),
+            );
+        }
     }
     s
 }

@@ -1,0 +1,302 @@
+//! What this module owns: staged training, as the experiment's `train.stages` declares it,
+//! resolved against the compiled spec and the data. [`check`] runs before any data is
+//! read: every group a stage names (`freeze`, `train_only`, `copy`) is one of the spec's
+//! groups, every loss it names is one of the spec's named losses, and every copy's two
+//! sides have shapes that fit. [`Schedule`] is what the loop ([`super::run`]) asks of the
+//! stage it is in: the training graph of its objective, its learning-rate factor, its
+//! early stopping, the train rows it reads, which parameters it freezes, the copies made
+//! at its start, and the words the log and `curve.csv` use for it.
+//!
+//! An experiment without `stages:` is one stage of `train.epochs` that trains everything on
+//! the whole objective: the loop then runs exactly as it did before stages had settings
+//! (the same graph, the same rows, the same log and `curve.csv` columns).
+
+use super::Session;
+use crate::data::Dataset;
+use crate::experiment::{EarlyStopping, Experiment, GroupCopy, Stage};
+use crate::lower::{loss_names, loss_output, Compiled};
+use mdl_runtime::ir::dim::shape_to_string;
+use mdl_runtime::ops::{BinaryOp, Op};
+use mdl_runtime::tensor::Tensor;
+use mdl_runtime::{autodiff, passes, Graph, ParamInfo};
+use std::collections::{BTreeSet, HashMap};
+
+/// The spec's parameter groups, in name order.
+fn groups(compiled: &Compiled) -> BTreeSet<&str> {
+    compiled.graph.params.iter().filter_map(|p| p.group.as_deref()).collect()
+}
+
+/// `name` at `key` must be one of `known` (the `what`s of model `model`): the error names
+/// the key, the nearest name and the list there is.
+fn known_name(key: &str, name: &str, known: &BTreeSet<&str>, what: &str, model: &str) -> Result<(), String> {
+    let plural = if what == "loss" { "losses" } else { "groups" };
+    if known.contains(name) {
+        return Ok(());
+    }
+    let hint = match crate::diag::suggest(name, known.iter().copied()) {
+        Some(near) => format!("; did you mean `{near}`?"),
+        None => String::new(),
+    };
+    let list = if known.is_empty() {
+        format!("the model declares no {plural}")
+    } else {
+        format!("its {plural}: {}", known.iter().copied().collect::<Vec<_>>().join(", "))
+    };
+    let (verb, thing) = match what {
+        "group" => ("no parameter of model", format!("is in group `{name}`")),
+        _ => ("model", format!("has no named loss `{name}`")),
+    };
+    Err(format!("{key}: {verb} `{model}` {thing}{hint} ({list})"))
+}
+
+/// Checks the stages against the compiled spec, before any data is read: the names of
+/// groups and losses, and the shapes of copies (each error names the key path).
+pub fn check(exp: &Experiment, compiled: &Compiled) -> Result<(), String> {
+    let groups = groups(compiled);
+    let losses: Vec<String> = loss_names(&compiled.graph);
+    let losses: BTreeSet<&str> = losses.iter().map(String::as_str).collect();
+    let model = &compiled.model;
+    for (i, stage) in exp.train.stages.iter().enumerate() {
+        let at = format!("train.stages[{i}]");
+        for g in &stage.freeze {
+            known_name(&format!("{at}.freeze"), g, &groups, "group", model)?;
+        }
+        for g in stage.train_only.iter().flatten() {
+            known_name(&format!("{at}.train_only"), g, &groups, "group", model)?;
+        }
+        for (j, c) in stage.copy.iter().enumerate() {
+            known_name(&format!("{at}.copy[{j}].from"), &c.from, &groups, "group", model)?;
+            known_name(&format!("{at}.copy[{j}].to"), &c.to, &groups, "group", model)?;
+            copy_pairs(compiled, c).map_err(|e| format!("{at}.copy[{j}]: {e}"))?;
+        }
+        for l in stage.losses.iter().flatten() {
+            known_name(&format!("{at}.losses"), l, &losses, "loss", model)?;
+        }
+    }
+    Ok(())
+}
+
+/// The parameters of `group`, in declaration order.
+fn members<'c>(compiled: &'c Compiled, group: &str) -> Vec<&'c ParamInfo> {
+    compiled.graph.params.iter().filter(|p| p.group.as_deref() == Some(group)).collect()
+}
+
+/// The parameter pairs of a copy, `(from, to)`, position by position; each `to` has the
+/// shape of its `from`, or that shape with one more leading axis (per domain): a one-to-many
+/// copy. An error names both parameters and their shapes.
+fn copy_pairs(compiled: &Compiled, c: &GroupCopy) -> Result<Vec<(String, String)>, String> {
+    let (from, to) = (members(compiled, &c.from), members(compiled, &c.to));
+    let names = |ps: &[&ParamInfo]| {
+        ps.iter().map(|p| format!("{} {}", p.name, shape_to_string(&p.shape))).collect::<Vec<_>>().join(", ")
+    };
+    if from.len() != to.len() {
+        return Err(format!(
+            "group `{}` has {} parameters ({}), group `{}` has {} ({}): a copy pairs them in order",
+            c.from,
+            from.len(),
+            names(&from),
+            c.to,
+            to.len(),
+            names(&to)
+        ));
+    }
+    from.iter()
+        .zip(&to)
+        .map(|(f, t)| {
+            let fits = t.shape == f.shape || t.shape.len() == f.shape.len() + 1 && t.shape[1..] == f.shape[..];
+            if fits {
+                Ok((f.name.clone(), t.name.clone()))
+            } else {
+                Err(format!(
+                    "`{}` {} (group `{}`) cannot be copied into `{}` {} (group `{}`): the shapes differ",
+                    f.name,
+                    shape_to_string(&f.shape),
+                    c.from,
+                    t.name,
+                    shape_to_string(&t.shape),
+                    c.to
+                ))
+            }
+        })
+        .collect()
+}
+
+/// One stage as the loop runs it.
+pub struct Planned {
+    pub stage: Stage,
+    /// The training graph of its objective, when it trains on some of the losses.
+    graph: Option<Graph>,
+    /// Its learning rate over `train.lr`.
+    pub lr_scale: f64,
+    pub early_stopping: EarlyStopping,
+    /// The train rows it reads (all of them when `None`).
+    pub rows: Option<Vec<usize>>,
+    /// Parameter pairs copied at its start.
+    copies: Vec<(String, String)>,
+    /// The groups it trains and those it freezes, for the log and `curve.csv`.
+    pub trains: Vec<String>,
+    pub frozen: Vec<String>,
+}
+
+/// The experiment's stages resolved against the spec and the train split.
+pub struct Schedule {
+    pub stages: Vec<Planned>,
+    /// Whether the experiment declared stages (else the log and curve say nothing of them).
+    pub declared: bool,
+}
+
+impl Schedule {
+    /// Resolves the stages (checked by [`check`]) against the session and the train split.
+    pub fn new(exp: &Experiment, session: &Session, train: &Dataset) -> Result<Schedule, String> {
+        let compiled = &session.compiled;
+        let mut stages = Vec::new();
+        for (i, stage) in exp.stages().into_iter().enumerate() {
+            let graph = match &stage.losses {
+                Some(losses) => Some(objective_graph(compiled, losses)?),
+                None => None,
+            };
+            let rows = match &stage.domains {
+                Some(domains) => {
+                    Some(domain_rows(train, domains).map_err(|e| format!("train.stages[{i}].domains: {e}"))?)
+                }
+                None => None,
+            };
+            let copies = stage.copy.iter().map(|c| copy_pairs(compiled, c)).collect::<Result<Vec<_>, _>>()?;
+            let (trains, frozen) = trains_and_frozen(compiled, &stage);
+            stages.push(Planned {
+                lr_scale: stage.lr.map_or(1.0, |lr| lr / exp.train.lr),
+                early_stopping: stage.early_stopping.clone().unwrap_or_else(|| exp.train.early_stopping.clone()),
+                graph,
+                rows,
+                copies: copies.into_iter().flatten().collect(),
+                trains,
+                frozen,
+                stage,
+            });
+        }
+        Ok(Schedule { stages, declared: !exp.train.stages.is_empty() })
+    }
+
+    /// The training graph of stage `i`.
+    pub fn graph<'s>(&'s self, i: usize, session: &'s Session) -> &'s Graph {
+        self.stages.get(i).and_then(|s| s.graph.as_ref()).unwrap_or(&session.train_graph)
+    }
+
+    /// How stage `i` is described in the log: its number and name, what trains and what is
+    /// frozen, its losses, learning rate and rows.
+    pub fn describe(&self, i: usize, exp: &Experiment, train_rows: usize) -> String {
+        let s = &self.stages[i];
+        let list = |l: &[String]| if l.is_empty() { "nothing".to_string() } else { l.join(", ") };
+        let length = match (s.stage.epochs, s.stage.steps) {
+            (_, Some(n)) => format!("{n} steps"),
+            (Some(n), _) => format!("{n} epochs"),
+            _ => String::new(),
+        };
+        format!(
+            "stage {}/{} `{}` ({length}): trains {}; frozen {}; losses {}; lr {}; {} train rows{}",
+            i + 1,
+            self.stages.len(),
+            s.stage.name,
+            list(&s.trains),
+            list(&s.frozen),
+            s.stage.losses.as_ref().map_or("all".to_string(), |l| l.join(" + ")),
+            exp.train.lr * s.lr_scale,
+            s.rows.as_ref().map_or(train_rows, Vec::len),
+            if s.stage.reset_optimizer { "; optimizer reset" } else { "" },
+        )
+    }
+
+    /// Makes stage `i`'s copies in `params`, each target a new tensor (a device backend then
+    /// uploads it whole); returns a log line per copy.
+    pub fn copy_into(&self, i: usize, params: &mut HashMap<String, Tensor<f32>>) -> Result<Vec<String>, String> {
+        let mut lines = Vec::new();
+        for (from, to) in &self.stages[i].copies {
+            let source = params.get(from).ok_or_else(|| format!("copy: no value for parameter `{from}`"))?;
+            let target = params.get(to).ok_or_else(|| format!("copy: no value for parameter `{to}`"))?;
+            let n = source.data.len();
+            if n == 0
+                || target.data.len() % n != 0
+                || target.shape[target.shape.len() - source.shape.len()..] != source.shape[..]
+            {
+                return Err(format!(
+                    "copy: `{from}` {:?} does not fit `{to}` {:?} at the data's sizes",
+                    source.shape, target.shape
+                ));
+            }
+            let copies = target.data.len() / n;
+            let data: Vec<f32> = source.data.iter().copied().cycle().take(n * copies).collect();
+            let new = Tensor::new(target.shape.clone(), data)
+                .ok_or_else(|| format!("copy: `{to}` {:?} does not hold {} values", target.shape, n * copies))?;
+            lines.push(format!(
+                "copied {from} into {to}{}",
+                if copies > 1 { format!(" ({copies} copies)") } else { String::new() }
+            ));
+            params.insert(to.clone(), new);
+        }
+        Ok(lines)
+    }
+}
+
+/// The groups `stage` trains and those it freezes (`(ungrouped)` for the parameters of no
+/// group), for the log and `curve.csv`.
+fn trains_and_frozen(compiled: &Compiled, stage: &Stage) -> (Vec<String>, Vec<String>) {
+    let frozen_by = frozen_by(stage);
+    let (mut trains, mut frozen) = (Vec::new(), Vec::new());
+    for g in groups(compiled) {
+        let list = if frozen_by(members(compiled, g)[0]) { &mut frozen } else { &mut trains };
+        list.push(g.to_string());
+    }
+    if let Some(p) = compiled.graph.params.iter().find(|p| p.group.is_none()) {
+        let list = if frozen_by(p) { &mut frozen } else { &mut trains };
+        list.push("(ungrouped)".into());
+    }
+    (trains, frozen)
+}
+
+/// The training graph of an objective made of some of the spec's named losses: the forward
+/// graph with `loss` their sum, differentiated and optimised as [`super::build_training_graph`]
+/// does for the whole objective.
+fn objective_graph(compiled: &Compiled, losses: &[String]) -> Result<Graph, String> {
+    let mut forward = passes::for_phase(&compiled.graph, true);
+    let mut total = None;
+    for name in losses {
+        let node = *forward.outputs.get(&loss_output(name)).ok_or_else(|| format!("no loss `{name}`"))?;
+        total = Some(match total {
+            None => node,
+            Some(t) => forward.add(Op::Binary(BinaryOp::Add), &[t, node], "stage_loss").map_err(|e| e.to_string())?,
+        });
+    }
+    let total = total.ok_or("a stage's objective needs at least one loss")?;
+    forward.outputs.insert("loss".into(), total);
+    let wrt: Vec<String> = forward.params.iter().map(|p| p.name.clone()).collect();
+    let g = autodiff::differentiate(&forward, total, &wrt).map_err(|e| e.to_string())?;
+    Ok(passes::optimize(&g))
+}
+
+/// The rows of `train` whose domain id is one of `domains`; a domain with no rows is an
+/// error naming the domains train has.
+fn domain_rows(train: &Dataset, domains: &[u32]) -> Result<Vec<usize>, String> {
+    if train.domain.is_empty() {
+        return Err("the data has no domain column (the schema binds none)".into());
+    }
+    let present: BTreeSet<u32> = train.domain.iter().copied().collect();
+    for d in domains {
+        if !present.contains(d) {
+            let list: Vec<String> = present.iter().map(u32::to_string).collect();
+            return Err(format!("domain {d} has no rows in train (its domains: {})", list.join(", ")));
+        }
+    }
+    let wanted: BTreeSet<u32> = domains.iter().copied().collect();
+    Ok((0..train.rows).filter(|&r| wanted.contains(&train.domain[r])).collect())
+}
+
+/// Whether a stage leaves a parameter untouched: its group is frozen, or the stage trains
+/// only other groups.
+pub fn frozen_by(stage: &Stage) -> impl Fn(&ParamInfo) -> bool + '_ {
+    move |p: &ParamInfo| {
+        let g = p.group.as_deref();
+        let frozen = g.is_some_and(|g| stage.freeze.iter().any(|f| f == g));
+        let not_trained = stage.train_only.as_ref().is_some_and(|only| !g.is_some_and(|g| only.iter().any(|o| o == g)));
+        frozen || not_trained
+    }
+}

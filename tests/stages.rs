@@ -1,0 +1,330 @@
+//! Staged training (`train.stages`) end to end through the `mdl` binary, on the bundled
+//! kuairand_pure_tail, with a small spec in the D-Train shape: a backbone, a pooled head
+//! (`head0`) trained by the named loss `pre`, and a per-domain head (`heads`) trained by
+//! `main`. Each construct has its test: the names a stage gives (groups, losses) checked
+//! against the spec with the list there is; a stage's own objective; a copy of one group
+//! into a per-domain group; a stage's own early stopping and the best parameters it hands
+//! on; and a run stopped in the middle of stage 2 of 3 that, resumed, ends byte-identical.
+
+mod common;
+use mdl_runtime::tensor::Tensor;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("stages").join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn mdl(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mdl"))
+        .args(args)
+        .current_dir(common::root())
+        .env("MDL_CACHE_DIR", PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("mdl-cache"))
+        .env("CI", "1")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "mdl failed:\n{err}");
+    err
+}
+
+fn failed(out: &std::process::Output) -> String {
+    assert!(!out.status.success(), "mdl succeeded where it should not have");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The D-Train shape in small: `pre` trains the pooled head, `main` the per-domain heads.
+const SPEC: &str = "model staged(dim = 8) {
+  input fields : categorical
+  input hist : sequence(50) of fields
+  input tags : sequence(3)
+  input dense : numeric
+  input domain : domain
+  label click
+  group backbone {
+    let E = embedding(fields, dim)
+    let h = mlp(flatten(E[fields]), [16])
+  }
+  group head0 {
+    let pooled = squeeze(linear(h, 1), 1)
+  }
+  group heads {
+    task click = per domain { linear(h, 1) }
+  }
+  loss pre = mean(softplus(pooled) - label(click) * pooled)
+  loss main = bce(click)
+}
+";
+
+/// Writes the spec into `dir`; returns the `--set spec=...` for it.
+fn spec(dir: &Path) -> String {
+    let path = dir.join("staged.mdl");
+    std::fs::write(&path, SPEC).unwrap();
+    format!("spec={}", path.display())
+}
+
+/// A short staged run of the quickstart's data with the spec and `stages` (YAML flow).
+fn run(dir: &Path, out: &str, stages: &str, extra: &[&str]) -> std::process::Output {
+    let out = dir.join(out);
+    let spec = spec(dir);
+    let stages = format!("train.stages={stages}");
+    let mut args = vec![
+        "run",
+        "experiments/quickstart.yaml",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        &spec,
+        "--set",
+        "train.batch_size=512",
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "train.early_stopping.patience=10",
+        "--set",
+        &stages,
+    ];
+    args.extend_from_slice(extra);
+    mdl(&args)
+}
+
+fn tensors(ckpt: &Path) -> Vec<(String, Tensor<f32>)> {
+    mdl_runtime::checkpoint::load(ckpt).unwrap().0
+}
+
+fn get(tensors: &[(String, Tensor<f32>)], name: &str) -> Tensor<f32> {
+    tensors
+        .iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no {name} in {:?}", tensors.iter().map(|t| &t.0).collect::<Vec<_>>()))
+        .1
+        .clone()
+}
+
+fn metrics(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("metrics.json")).unwrap()).unwrap()
+}
+
+/// Every name a stage gives is checked against the spec before any data is read or any
+/// run folder made; the error names the key path, the nearest name and the list there is.
+#[test]
+fn names_a_stage_gives_are_checked_against_the_spec() {
+    let dir = tmp("names");
+    let cases = [
+        (
+            "[{steps: 2, losses: [mian]}]",
+            "train.stages[0].losses: model `staged` has no named loss `mian`; did you mean `main`? (its losses: main, pre)",
+        ),
+        (
+            "[{steps: 2}, {steps: 2, copy: [{from: head0, to: haeds}]}]",
+            "train.stages[1].copy[0].to: no parameter of model `staged` is in group `haeds`; did you mean `heads`? (its groups: backbone, head0, heads)",
+        ),
+        (
+            "[{steps: 2, train_only: [backbone, head]}]",
+            "train.stages[0].train_only: no parameter of model `staged` is in group `head`; did you mean `head0`? (its groups: backbone, head0, heads)",
+        ),
+        (
+            "[{steps: 2, freeze: [tower]}]",
+            "train.stages[0].freeze: no parameter of model `staged` is in group `tower` (its groups: backbone, head0, heads)",
+        ),
+        // A copy between groups whose parameters do not pair up names both sides.
+        (
+            "[{steps: 2, copy: [{from: backbone, to: heads}]}]",
+            "train.stages[0].copy[0]: group `backbone` has 3 parameters (E/table [rows(fields), 8]",
+        ),
+        (
+            "[{steps: 2, epochs: 1}]",
+            "train.stages[0]: give `epochs` or `steps`, not both (a stage has one length)",
+        ),
+        ("[{name: a}]", "train.stages[0]: give its length, `epochs: N` or `steps: N`"),
+        ("[{steps: 2, lr: 0}]", "train.stages[0].lr: must be a positive number, found 0"),
+        (
+            "[{steps: 2, early_stopping: {metric: acc}}]",
+            "train.stages[0].early_stopping.metric: expected auc, gauc or logloss, found `acc`",
+        ),
+    ];
+    for (i, (stages, expected)) in cases.iter().enumerate() {
+        let name = format!("case{i}");
+        let err = failed(&run(&dir, &name, stages, &[]));
+        assert!(err.contains(expected), "{stages}:\n{err}");
+        assert!(!err.contains("data: train"), "the data was read before the error:\n{err}");
+        assert!(!dir.join(&name).exists(), "a run folder was made for a run that cannot start");
+    }
+    // A copy whose parameters differ in shape names both parameters, their shapes and groups.
+    let err = failed(&run(&dir, "shapes", "[{steps: 2, copy: [{from: heads, to: head0}]}]", &[]));
+    assert!(
+        err.contains("train.stages[0].copy[0]: `click/per_domain/linear/W` [count(domain), 16, 1] (group `heads`) cannot be copied into `pooled/linear/W` [16, 1] (group `head0`): the shapes differ"),
+        "{err}"
+    );
+    // A domain the train split does not have.
+    let err = failed(&run(&dir, "domain", "[{steps: 2, domains: [0, 99]}]", &[]));
+    assert!(err.contains("train.stages[0].domains: domain 99 has no rows in train (its domains: 0, 1, 2,"), "{err}");
+    // A loss named twice is a spec error at the second name.
+    let twice = dir.join("twice.mdl");
+    std::fs::write(&twice, SPEC.replace("loss main = bce(click)", "loss pre = bce(click)")).unwrap();
+    let err = failed(&mdl(&["check", twice.to_str().unwrap()]));
+    assert!(err.contains("loss `pre` is declared twice"), "{err}");
+    assert!(err.contains("twice.mdl:19:8"), "{err}");
+}
+
+/// A stage trains on its own losses only: with `losses: [pre]` the per-domain heads, which
+/// only `main` reaches, keep their initial values while the pooled head trains; the next
+/// stage's copy puts the pooled head into every domain's head (a one-to-many copy).
+#[test]
+fn a_stage_trains_its_own_objective_and_a_copy_fills_every_domains_head() {
+    let dir = tmp("objective_copy");
+    let stages = "[{name: pre, steps: 4, losses: [pre]}, {name: post, steps: 1, copy: [{from: head0, to: heads}], train_only: []}]";
+    // Stopped at the end of stage 1 (max_steps), and the whole schedule.
+    ok(&run(&dir, "first", stages, &["--set", "train.max_steps=4"]));
+    let log = ok(&run(&dir, "both", stages, &[]));
+    let first = tensors(&dir.join("first/last.ckpt"));
+    let init = |name: &str, init: mdl_runtime::Init| {
+        mdl_runtime::init::init_tensor::<f32>(name, get(&first, name).shape, &init, 2023).unwrap()
+    };
+    assert_eq!(
+        get(&first, "click/per_domain/linear/W"),
+        init("click/per_domain/linear/W", mdl_runtime::Init::Glorot),
+        "`main` trained in stage `pre`"
+    );
+    assert_eq!(get(&first, "click/per_domain/linear/b"), init("click/per_domain/linear/b", mdl_runtime::Init::Zeros));
+    assert_ne!(
+        get(&first, "pooled/linear/W"),
+        init("pooled/linear/W", mdl_runtime::Init::Glorot),
+        "`pre` did not train"
+    );
+    // After the copy (and no training: `train_only: []`), each of the 15 domains' heads is
+    // the pooled head of stage 1's best step.
+    let both = tensors(&dir.join("both/last.ckpt"));
+    let (w0, b0) = (get(&both, "pooled/linear/W"), get(&both, "pooled/linear/b"));
+    let (w, b) = (get(&both, "click/per_domain/linear/W"), get(&both, "click/per_domain/linear/b"));
+    assert_eq!(w.shape, vec![15, 16, 1]);
+    assert_eq!(b.shape, vec![15, 1]);
+    for d in 0..15 {
+        assert_eq!(&w.data[d * 16..(d + 1) * 16], &w0.data[..], "domain {d}'s head");
+        assert_eq!(&b.data[d..d + 1], &b0.data[..], "domain {d}'s bias");
+    }
+    assert!(log.contains("stage `post`: copied pooled/linear/W into click/per_domain/linear/W (15 copies)"), "{log}");
+    assert!(
+        log.contains("stage 1/2 `pre` (4 steps): trains backbone, head0, heads; frozen nothing; losses pre; lr 0.001"),
+        "{log}"
+    );
+    assert!(
+        log.contains("stage 2/2 `post` (1 steps): trains nothing; frozen backbone, head0, heads; losses all"),
+        "{log}"
+    );
+    let curve = std::fs::read_to_string(dir.join("both/curve.csv")).unwrap();
+    let lines: Vec<&str> = curve.lines().collect();
+    assert_eq!(lines[0], "step,epoch,train_loss,valid_auc,valid_gauc,valid_logloss,stage,trains,frozen", "{curve}");
+    assert!(lines[1].starts_with("2,0,") && lines[1].ends_with(",pre,backbone;head0;heads,"), "{curve}");
+    assert!(
+        lines.last().unwrap().starts_with("5,2,") && lines.last().unwrap().ends_with(",post,,backbone;head0;heads"),
+        "{curve}"
+    );
+}
+
+/// Each stage has its own early stopping on its own metric: stage `still` (a learning rate
+/// too small to move a weight) stops after one evaluation without improvement, yet the run
+/// goes on to stage `go`, whose best is its own (on logloss), not compared with `still`'s.
+/// A stage that ends hands on its best parameters: stage `flat` trains nothing, so its one
+/// evaluation scores the parameters `noisy` handed on, which are those of `noisy`'s best
+/// evaluation, not its last.
+#[test]
+fn each_stage_stops_on_its_own_metric_and_hands_on_its_best() {
+    let dir = tmp("early");
+    let stages = "[{name: still, steps: 20, lr: 1e-12, early_stopping: {metric: auc, patience: 1}}, {name: go, steps: 4, early_stopping: {metric: logloss, patience: 5}}]";
+    let log = ok(&run(&dir, "early", stages, &[]));
+    let m = metrics(&dir.join("early"));
+    assert_eq!(m["steps"].as_u64(), Some(8), "stage `go` did not run after `still` stopped early:\n{log}");
+    let s = &m["stages"];
+    assert_eq!(s[0]["name"], "still");
+    assert_eq!(s[0]["steps"].as_u64(), Some(4));
+    assert_eq!(s[0]["stopped_early"], true);
+    assert_eq!(s[0]["best_step"].as_u64(), Some(2));
+    assert_eq!(s[1]["name"], "go");
+    assert_eq!(s[1]["metric"], "logloss");
+    assert_eq!(s[1]["steps"].as_u64(), Some(4));
+    assert!(s[1]["best_step"].as_u64().unwrap() > 4, "stage `go`'s best is from stage `still`: {m}");
+    assert_eq!(m["best_step"], s[1]["best_step"]);
+    assert!(log.contains("stage `still` ends at step 4: its best parameters (step 2, valid auc"), "{log}");
+
+    // Stage `noisy` (a large learning rate, evaluated every 2 steps) ends on an evaluation
+    // worse than its best (by logloss); stage `flat` scores what it was handed.
+    let stages = "[{name: noisy, steps: 8, lr: 0.05, early_stopping: {metric: logloss, patience: 10}}, {name: flat, steps: 2, train_only: []}]";
+    ok(&run(&dir, "handed", stages, &[]));
+    let curve = std::fs::read_to_string(dir.join("handed/curve.csv")).unwrap();
+    let logloss = |line: &str| line.split(',').nth(5).unwrap().to_string();
+    let noisy: Vec<&str> = curve.lines().filter(|l| l.contains(",noisy,")).collect();
+    let flat = curve.lines().find(|l| l.contains(",flat,")).unwrap();
+    let m = metrics(&dir.join("handed"));
+    let best = format!("{:.6}", m["stages"][0]["best"].as_f64().unwrap());
+    assert_ne!(logloss(noisy.last().unwrap()), best, "the test needs `noisy` to end off its best:\n{curve}");
+    assert_eq!(logloss(flat), best, "stage `flat` did not start from `noisy`'s best:\n{curve}");
+}
+
+/// A run stopped in the middle of stage 2 of 3 and resumed ends with the same metrics.json
+/// and curve.csv (byte for byte) and checkpoint tensors as the run that was never stopped; the third stage reads the
+/// rows of four domains only, at its own learning rate, with a fresh optimizer.
+#[test]
+fn a_run_stopped_in_stage_two_of_three_resumes_to_the_same_result() {
+    let dir = tmp("resume");
+    let stages = "[{name: pre, steps: 4, losses: [pre], train_only: [backbone, head0]}, {name: post, steps: 4, copy: [{from: head0, to: heads}], losses: [main]}, {name: tune, steps: 4, train_only: [heads], lr: 0.01, reset_optimizer: true, domains: [0, 2, 4, 6]}]";
+    let log = ok(&run(&dir, "straight", stages, &[]));
+    assert!(log.contains("stage 3/3 `tune` (4 steps): trains heads; frozen backbone, head0; losses all; lr 0.01; 31935 train rows; optimizer reset"), "{log}");
+    let first = ok(&run(&dir, "stopped", stages, &["--stop-after", "7"]));
+    assert!(first.contains("stopping after 7 steps"), "{first}");
+    let stopped = dir.join("stopped");
+    let resumed = ok(&mdl(&["run", "--resume", stopped.to_str().unwrap()]));
+    assert!(resumed.contains("resumed from") && resumed.contains("at step 6"), "{resumed}");
+    let straight = dir.join("straight");
+    for f in ["metrics.json", "curve.csv"] {
+        let same = std::fs::read(straight.join(f)).unwrap() == std::fs::read(stopped.join(f)).unwrap();
+        assert!(same, "{f} of the resumed run differs from the straight run's");
+    }
+    // The checkpoints hold the same tensors (their metadata names each its own run).
+    for f in ["best.ckpt", "last.ckpt"] {
+        let same = tensors(&straight.join(f)) == tensors(&stopped.join(f));
+        assert!(same, "{f} of the resumed run holds other tensors than the straight run's");
+    }
+    let m = metrics(&straight);
+    let names: Vec<&str> = m["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["pre", "post", "tune"]);
+    assert_eq!(m["steps"].as_u64(), Some(12));
+}
+
+/// The example of docs/stages.md (its spec and its experiment, read from the page) trains
+/// through its three stages.
+#[test]
+fn the_documented_example_trains_through_its_stages() {
+    let dir = tmp("docs");
+    let page = std::fs::read_to_string(common::root().join("docs/stages.md")).unwrap();
+    let block = |opening: &str| {
+        let start = page.find(opening).unwrap_or_else(|| panic!("no {opening} block")) + opening.len();
+        page[start..start + page[start..].find("```").unwrap()].to_string()
+    };
+    let spec = dir.join("dtrain_small.mdl");
+    std::fs::write(&spec, block("```\nmodel dtrain_small")).unwrap();
+    std::fs::write(&spec, format!("model dtrain_small{}", std::fs::read_to_string(&spec).unwrap())).unwrap();
+    let experiment = block("```yaml\n")
+        .replace(
+            "base: quickstart.yaml",
+            &format!("base: {}", common::root().join("experiments/quickstart.yaml").display()),
+        )
+        .replace("spec: ../specs/dtrain_small.mdl", &format!("spec: {}", spec.display()));
+    let path = dir.join("dtrain_small.yaml");
+    std::fs::write(&path, experiment).unwrap();
+    let out = dir.join("out");
+    let log = ok(&mdl(&["run", path.to_str().unwrap(), "--out", out.to_str().unwrap()]));
+    let m = metrics(&out);
+    let names: Vec<&str> = m["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["pretrain", "posttrain", "finetune"], "{log}");
+    assert!(
+        log.contains("stage `posttrain`: copied pooled/linear/W into click/per_domain/linear/W (15 copies)"),
+        "{log}"
+    );
+}
