@@ -95,13 +95,20 @@ pub fn compile_spec_at(exp: &Experiment, spec: &Path) -> Result<(Compiled, Vec<(
 /// the gradient of the loss for every parameter and the next value of every state
 /// (`state/<name>`), optimised: what a training step runs.
 pub fn build_training_graph(c: &Compiled) -> Result<mdl_runtime::Graph, String> {
-    let mut forward = passes::for_phase(&c.graph, true);
-    // Probes are read in evaluation only (`mdl analyze`): a step computes none of them.
-    forward.outputs.retain(|name, _| !name.starts_with(crate::lower::PROBE_PREFIX));
+    let forward = training_forward(c);
     let loss = *forward.outputs.get("loss").ok_or("the model has no loss output")?;
     let wrt: Vec<String> = forward.params.iter().map(|p| p.name.clone()).collect();
     let g = autodiff::differentiate(&forward, loss, &wrt).map_err(|e| e.to_string())?;
     Ok(passes::optimize(&g))
+}
+
+/// The forward graph as a training step runs it, before its objective is differentiated
+/// (here, and for a stage's objective in `stages.rs`).
+pub(crate) fn training_forward(c: &Compiled) -> mdl_runtime::Graph {
+    let mut forward = passes::for_phase(&c.graph, true);
+    // Probes are read in evaluation only (`mdl analyze`): a step computes none of them.
+    forward.outputs.retain(|name, _| !name.starts_with(crate::lower::PROBE_PREFIX));
+    forward
 }
 
 /// The logits of the model as it runs in evaluation (running statistics), optimised: what

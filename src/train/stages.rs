@@ -257,7 +257,7 @@ fn trains_and_frozen(compiled: &Compiled, stage: &Stage) -> (Vec<String>, Vec<St
 /// graph with `loss` their sum, differentiated and optimised as [`super::build_training_graph`]
 /// does for the whole objective.
 fn objective_graph(compiled: &Compiled, losses: &[String]) -> Result<Graph, String> {
-    let mut forward = passes::for_phase(&compiled.graph, true);
+    let mut forward = super::training_forward(compiled);
     let mut total = None;
     for name in losses {
         let node = *forward.outputs.get(&loss_output(name)).ok_or_else(|| format!("no loss `{name}`"))?;
