@@ -342,11 +342,32 @@ pub fn devices() -> ExitCode {
     }
 }
 
-/// `mdl report RUN_DIR...`: a Markdown table of finished runs on stdout.
-pub fn report(runs: &[std::path::PathBuf]) -> ExitCode {
+/// `mdl report RUN_DIR... [--html OUT.html]`: a Markdown table of finished runs on stdout,
+/// and with `html` the HTML page with plots, written atomically.
+pub fn report(runs: &[std::path::PathBuf], html: Option<&Path>) -> ExitCode {
     let summaries: Result<Vec<_>, String> = runs.iter().map(|r| crate::report::summarize(r)).collect();
-    match summaries {
-        Ok(s) => emit(format_args!("{}", crate::report::markdown(&s))).err().unwrap_or(ExitCode::SUCCESS),
+    let summaries = match summaries {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    if let Some(out) = html {
+        let written = crate::report::html::page(runs).and_then(|page| crate::files::write_atomic(out, page.as_bytes()));
+        if let Err(e) = written {
+            return fail(&e);
+        }
+        crate::say!("wrote {}", out.display());
+    }
+    emit(format_args!("{}", crate::report::markdown(&summaries))).err().unwrap_or(ExitCode::SUCCESS)
+}
+
+/// `mdl analyze RUN_DIR [--table T]... [--probe P]... [--force] [--threads N]`: the
+/// analysis as text on stdout, analysis.json in the run folder.
+pub fn analyze(run: &Path, opts: &crate::analysis::Options) -> ExitCode {
+    match crate::analysis::analyze(run, opts) {
+        Ok(a) => {
+            crate::say!("wrote {}", run.join("analysis.json").display());
+            emit(format_args!("{}", crate::analysis::render(&a))).err().unwrap_or(ExitCode::SUCCESS)
+        }
         Err(e) => fail(&e),
     }
 }

@@ -2,6 +2,7 @@
 //! lower (check and lower in one walk) → the runtime's graph, and the experiments, data,
 //! training, metrics and command line that use it. docs/architecture.md draws the pipeline.
 
+pub mod analysis;
 pub mod backends;
 pub mod bench;
 pub mod cli;

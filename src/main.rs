@@ -242,11 +242,36 @@ enum Command {
         worker: bool,
     },
     /// Print a Markdown table comparing finished runs: test AUC, gAUC, LogLoss, per-task
-    /// and largest-domain AUC, parameters, train rows/s, epochs.
+    /// and largest-domain AUC, parameters, train rows/s, epochs. With --html, also write
+    /// one self-contained page with the table and SVG plots (learning curves of every
+    /// task, training loss, per-domain AUC, the plots of `mdl analyze`).
     Report {
         /// Run folders written by `mdl run`
         #[arg(required = true)]
         runs: Vec<PathBuf>,
+        /// Write the HTML page here
+        #[arg(long, value_name = "OUT.html")]
+        html: Option<PathBuf>,
+    },
+    /// Analyse a finished run: the singular spectrum and information abundance of every
+    /// embedding table (against its initial values), and the mean values of the model's
+    /// probes (gate utilisation) on the test split, overall and per domain. Prints them
+    /// and writes analysis.json in the run folder.
+    Analyze {
+        /// A run folder written by `mdl run`
+        run: PathBuf,
+        /// Only this embedding table (a parameter name; repeatable)
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// Only this probe (repeatable)
+        #[arg(long = "probe")]
+        probes: Vec<String>,
+        /// Read a run folder whose files do not match its manifest, saying so
+        #[arg(long)]
+        force: bool,
+        /// The jit's threads (default: every core)
+        #[arg(long, value_parser = parse_threads)]
+        threads: Option<usize>,
     },
 }
 
@@ -316,7 +341,10 @@ fn main() -> ExitCode {
             mdl::cli::serve_bench(&options)
         }
         Command::Export { run, format, out, force } => mdl::cli::export(&run, format, &out, force),
-        Command::Report { runs } => mdl::cli::report(&runs),
+        Command::Report { runs, html } => mdl::cli::report(&runs, html.as_deref()),
+        Command::Analyze { run, tables, probes, force, threads } => {
+            mdl::cli::analyze(&run, &mdl::analysis::Options { tables, probes, force, threads })
+        }
         Command::Fuzz { kinds, cases, from, seed, budget_secs, known, jobs, secs_per_kind, root, work, worker } => {
             let args = mdl::cli::FuzzArgs {
                 kinds,

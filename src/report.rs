@@ -1,11 +1,14 @@
 //! `mdl report`: one Markdown table comparing finished runs, read from their run folders
-//! (`metrics.json`, and `timing.json` where present).
+//! (`metrics.json`, and `timing.json` where present); `html.rs` draws the same runs on an
+//! HTML page with plots (`--html`).
 //!
 //! A row per run: model, parameters, test AUC / gAUC / LogLoss, the test AUC of every task
 //! when there are several, the test AUC of the largest domains (by test rows) when the run
 //! has per-domain metrics, training throughput and epochs. Metrics files are read as plain
 //! JSON so that reports of older runs keep working when fields are added, and checked
 //! against the run folder's manifest where it has one.
+
+pub mod html;
 
 use serde_json::Value;
 use std::fmt::Write as _;

@@ -146,3 +146,96 @@ fn bad_probes_are_errors_at_their_place() {
         assert!(err.contains(want) && err.contains(&format!("{name}:5:")), "{err}");
     }
 }
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// `mdl analyze` on the MMoE run, then `mdl report --html` on it (one test: the page plots
+/// what analysis.json holds): the tables' IA against their initial values, both tasks'
+/// gates with mean weights summing to 1 overall and in every domain, and a page with one
+/// `<svg>` per plot that names every task.
+#[test]
+fn analyze_measures_tables_and_gates_and_the_report_plots_them() {
+    let run = mmoe_run();
+    let out = mdl(&["analyze", run.to_str().unwrap()]);
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let a = json(&run.join("analysis.json"));
+    let tables: Vec<&str> = a["embeddings"].as_array().unwrap().iter().map(|t| t["table"].as_str().unwrap()).collect();
+    assert_eq!(tables, ["E/table", "T/table"], "{a}");
+    for t in a["embeddings"].as_array().unwrap() {
+        let (learned, init) = (t["learned"]["ia"].as_f64().unwrap(), t["init"]["ia"].as_f64().unwrap());
+        assert!(t["trained_rows"].as_u64().unwrap() > 0 && t["dim"] == 16, "{t}");
+        assert!((1.0..=16.0).contains(&learned), "{t}");
+        assert!((1.0..=16.0).contains(&init), "{t}");
+        // Random normal rows, thousands of them, are close to balanced in 16 directions.
+        if t["trained_rows"].as_u64().unwrap() > 1000 {
+            assert!(init > 12.0, "{t}");
+        }
+        assert_eq!(t["learned"]["normalized"][0], 1.0);
+        assert!(text.contains(t["table"].as_str().unwrap()), "{text}");
+    }
+    let fields = a["embeddings"][0]["fields"].as_array().unwrap();
+    assert_eq!(fields.len(), 37, "one entry per column of `fields`");
+    assert!(fields.iter().any(|f| f["column"] == "user_id" && f["ia"].is_f64()));
+    let metrics = json(&run.join("metrics.json"));
+    let test_rows = metrics["test"]["count"].as_u64().unwrap();
+    assert_eq!(a["split_rows"], test_rows);
+    let probes = a["probes"].as_array().unwrap();
+    let names: Vec<&str> = probes.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["click/mixture/w/gate", "long_view/mixture/w/gate"]);
+    for p in probes {
+        assert_eq!(p["gate"], true, "{p}");
+        assert_eq!(p["shape"], serde_json::json!([4]));
+        let ln4 = 4f64.ln();
+        assert!((p["max_entropy"].as_f64().unwrap() - ln4).abs() < 1e-12);
+        let mut domain_rows = 0;
+        for stats in std::iter::once(&p["overall"]).chain(p["per_domain"].as_object().unwrap().values()) {
+            let mean: f64 = stats["mean"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).sum();
+            assert!((mean - 1.0).abs() < 1e-6, "mean weights sum to {mean}: {stats}");
+            let e = stats["entropy"].as_f64().unwrap();
+            assert!(e > 0.0 && e <= ln4 + 1e-12 && stats["sample_entropy"].as_f64().unwrap() <= e + 1e-9, "{stats}");
+            domain_rows += stats["rows"].as_u64().unwrap();
+        }
+        assert_eq!(p["overall"]["rows"], test_rows);
+        assert_eq!(domain_rows, 2 * test_rows, "the domains partition the split");
+        assert!(text.contains(p["name"].as_str().unwrap()), "{text}");
+    }
+
+    let page = run.parent().unwrap().join("report.html");
+    let out = mdl(&["report", run.to_str().unwrap(), "--html", page.to_str().unwrap()]);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("| model |"), "the Markdown table still goes to stdout");
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>") && html.trim_end().ends_with("</html>"));
+    assert!(!html.contains("<script") && !html.contains("<link") && !html.contains("src="), "self-contained");
+    // Valid AUC of 2 tasks, the loss, test AUC per domain of 2 tasks, the tables' spectra
+    // and 2 gates.
+    assert_eq!(html.matches("<svg").count(), 8, "one <svg> per plot");
+    assert_eq!(html.matches("</svg>").count(), 8);
+    for task in ["click", "long_view"] {
+        assert!(html.contains(&format!("Valid AUC: {task}")), "no learning curve of {task}");
+        assert!(html.contains(&format!("Test AUC per domain: {task}")), "no domain bars of {task}");
+    }
+    assert!(html.contains("Training loss per step") && html.contains("click/mixture/w/gate"));
+}
+
+/// Bad input to `mdl analyze` and `mdl report --html` is one error naming it.
+#[test]
+fn analyze_errors_name_the_folder_table_and_probe() {
+    let dir = tmp("analysis", "errors");
+    let err = common::scoring::failed(&mdl(&["analyze", dir.to_str().unwrap()]));
+    assert!(err.contains(&format!("{}: not a finished run folder (no metrics.json)", dir.display())), "{err}");
+    let run = mmoe_run().to_str().unwrap();
+    let err = common::scoring::failed(&mdl(&["analyze", run, "--probe", "click/mixture/w/gat"]));
+    assert!(
+        err.contains("the model has no probe `click/mixture/w/gat`; did you mean `click/mixture/w/gate`?"),
+        "{err}"
+    );
+    let err = common::scoring::failed(&mdl(&["analyze", run, "--table", "nope"]));
+    assert!(err.contains("the model has no embedding table `nope`") && err.contains("E/table, T/table"), "{err}");
+    let err = common::scoring::failed(&mdl(&["report", dir.to_str().unwrap(), "--html", "x.html"]));
+    assert!(err.contains("no metrics.json"), "{err}");
+    assert!(!common::root().join("x.html").exists());
+}

@@ -1,0 +1,531 @@
+//! `mdl analyze RUN_DIR`: measures of a finished run that read its learned parameters and
+//! its model's intermediate values, written to `analysis.json` in the run folder (atomically)
+//! and printed as text. This module owns the measures and their computation:
+//!
+//! - **Embedding tables** (every parameter declared by `embedding`, so every set of a
+//!   multi-embedding model): the singular spectrum σ_k/σ_1 and the information abundance
+//!   IA = Σ_k σ_k / σ_1 (between 1 and the table's width; a table collapsed onto one
+//!   direction has IA 1), of the rows that training changed (rows never seen keep their
+//!   initial values and would inflate IA), against the same rows of the table as the run
+//!   initialised it (its initialiser and seed). A table of a categorical input is also
+//!   measured per column (field). Singular values come from nalgebra's SVD.
+//! - **Probes** (`probe(x, "name")` in the spec, see docs/language.md): the values on the
+//!   test split, averaged over the samples (and over the axes after the second) per entry of
+//!   axis 1, overall and per domain. A probe whose values are distributions over axis 1 (a
+//!   softmax gate: non-negative, summing to 1) is a gate: its mean weights sum to 1, and it
+//!   reports the entropy of the mean weights (utilisation: ln K when every expert is used
+//!   alike, 0 when one takes all) and the mean entropy of a sample's weights (how sharply a
+//!   sample picks its experts).
+
+use crate::lower::{rows_sym, PROBE_PREFIX};
+use crate::train::{build_probe_graph, open_run, LoadedRun};
+use mdl_runtime::exec::Mode;
+use mdl_runtime::tensor::Tensor;
+use mdl_runtime::Dim;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// How far a gate's weights of one sample may sum from 1.
+const GATE_TOLERANCE: f64 = 1e-3;
+
+/// The singular values of the row-major `rows × cols` matrix `data`, largest first.
+pub fn singular_values(rows: usize, cols: usize, data: &[f32]) -> Vec<f64> {
+    assert_eq!(data.len(), rows * cols, "a {rows} x {cols} matrix");
+    if rows == 0 || cols == 0 {
+        return Vec::new();
+    }
+    let m = nalgebra::DMatrix::<f64>::from_row_iterator(rows, cols, data.iter().map(|&x| x as f64));
+    let mut sv: Vec<f64> = m.singular_values().iter().copied().collect();
+    sv.sort_by(|a, b| b.total_cmp(a));
+    sv
+}
+
+/// Information abundance Σσ/σ₁ of singular values sorted largest first; `None` for a zero
+/// matrix.
+pub fn information_abundance(sv: &[f64]) -> Option<f64> {
+    let top = *sv.first()?;
+    (top > 0.0).then(|| sv.iter().sum::<f64>() / top)
+}
+
+/// The spectrum and IA of one matrix.
+#[derive(Clone, Debug, Serialize)]
+pub struct Spectrum {
+    /// Information abundance Σσ/σ₁ (none for a zero matrix).
+    pub ia: Option<f64>,
+    /// σ_k/σ_1, largest first.
+    pub normalized: Vec<f64>,
+}
+
+impl Spectrum {
+    pub fn of(rows: usize, cols: usize, data: &[f32]) -> Spectrum {
+        let sv = singular_values(rows, cols, data);
+        let top = sv.first().copied().unwrap_or(0.0);
+        let normalized = if top > 0.0 { sv.iter().map(|s| s / top).collect() } else { vec![0.0; sv.len()] };
+        Spectrum { ia: information_abundance(&sv), normalized }
+    }
+}
+
+/// The IA of one column's rows of a table.
+#[derive(Clone, Debug, Serialize)]
+pub struct FieldIa {
+    pub column: String,
+    /// Rows of the column's vocabulary, and those training changed.
+    pub rows: usize,
+    pub trained_rows: usize,
+    pub ia: Option<f64>,
+    pub ia_init: Option<f64>,
+}
+
+/// The measures of one embedding table.
+#[derive(Clone, Debug, Serialize)]
+pub struct TableAnalysis {
+    pub table: String,
+    /// The categorical input whose ids index it, when there is one.
+    pub input: Option<String>,
+    pub rows: usize,
+    pub dim: usize,
+    /// Rows whose values training changed (the rows measured).
+    pub trained_rows: usize,
+    pub learned: Spectrum,
+    /// The same rows as initialised.
+    pub init: Spectrum,
+    /// Per column of a categorical input's table.
+    pub fields: Vec<FieldIa>,
+}
+
+/// Mean values of a probe over a set of samples.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProbeStats {
+    pub rows: u64,
+    /// The mean of each entry of axis 1 (one value for a probe `[B]`).
+    pub mean: Vec<f64>,
+    /// For a gate: the entropy (nats) of the mean weights, and the mean entropy of one
+    /// sample's weights.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_entropy: Option<f64>,
+}
+
+/// The measures of one probe on the test split.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProbeAnalysis {
+    pub name: String,
+    /// The shape of one sample's value.
+    pub shape: Vec<usize>,
+    /// Whether every value is a distribution over axis 1 (a gate).
+    pub gate: bool,
+    /// ln K, the entropy of K experts used alike (for a gate).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_entropy: Option<f64>,
+    pub overall: ProbeStats,
+    /// Per domain id (as in metrics.json), for a run with domains.
+    pub per_domain: BTreeMap<u32, ProbeStats>,
+}
+
+/// `analysis.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Analysis {
+    pub model: String,
+    pub embeddings: Vec<TableAnalysis>,
+    /// The split the probes were read on, and its rows.
+    pub split: String,
+    pub split_rows: usize,
+    pub probes: Vec<ProbeAnalysis>,
+}
+
+/// What `mdl analyze` measures.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Only these tables (by parameter name); all when empty.
+    pub tables: Vec<String>,
+    /// Only these probes (by name); all when empty.
+    pub probes: Vec<String>,
+    pub force: bool,
+    pub threads: Option<usize>,
+}
+
+/// Analyses the run in `run`, writes `analysis.json` there and returns the analysis.
+pub fn analyze(run: &Path, opts: &Options) -> Result<Analysis, String> {
+    if !run.join("metrics.json").exists() {
+        return Err(format!("{}: not a finished run folder (no metrics.json)", run.display()));
+    }
+    let loaded = open_run(run, crate::train::folder::Trust { force: opts.force })?;
+    // Every name is checked before anything is computed.
+    let graph = build_probe_graph(&loaded.session.compiled);
+    let names: Vec<String> =
+        graph.outputs.keys().filter_map(|n| n.strip_prefix(PROBE_PREFIX)).map(str::to_string).collect();
+    for name in &opts.probes {
+        if !names.contains(name) {
+            return Err(unknown("probe", name, &names));
+        }
+    }
+    let chosen: Vec<String> = names.into_iter().filter(|n| opts.probes.is_empty() || opts.probes.contains(n)).collect();
+    let embeddings = embedding_tables(&loaded, &opts.tables)?;
+    let (split_rows, probes) = probes(&loaded, &graph, &chosen, opts.threads)?;
+    let analysis =
+        Analysis { model: loaded.session.compiled.model.clone(), embeddings, split: "test".into(), split_rows, probes };
+    let json = serde_json::to_string_pretty(&analysis).map_err(|e| e.to_string())?;
+    crate::files::write_atomic(&run.join("analysis.json"), json.as_bytes())?;
+    Ok(analysis)
+}
+
+/// An error for a name not among `known` (`what`: "embedding table", "probe").
+fn unknown(what: &str, name: &str, known: &[String]) -> String {
+    let hint = match crate::diag::suggest(name, known.iter().map(|s| s.as_str())) {
+        Some(near) => format!("; did you mean `{near}`?"),
+        None => String::new(),
+    };
+    let list = if known.is_empty() { "it has none".to_string() } else { format!("it has: {}", known.join(", ")) };
+    format!("the model has no {what} `{name}`{hint} ({list})")
+}
+
+fn embedding_tables(run: &LoadedRun, only: &[String]) -> Result<Vec<TableAnalysis>, String> {
+    let session = &run.session;
+    let tables: Vec<&mdl_runtime::ParamInfo> = session.params().iter().filter(|p| p.embedding).collect();
+    let names: Vec<String> = tables.iter().map(|p| p.name.clone()).collect();
+    for name in only {
+        if !names.contains(name) {
+            return Err(unknown("embedding table", name, &names));
+        }
+    }
+    let initial = session.initial_tensors(run.experiment.train.seed)?;
+    let layout = run.fitted.layout();
+    let mut out = Vec::new();
+    for p in tables {
+        if !only.is_empty() && !only.contains(&p.name) {
+            continue;
+        }
+        let learned = run.params.get(&p.name).ok_or_else(|| format!("the checkpoint lacks table {}", p.name))?;
+        let init = initial.get(&p.name).ok_or_else(|| format!("no initial value of table {}", p.name))?;
+        let dim = *learned.shape.last().unwrap_or(&1);
+        let rows = learned.data.len() / dim.max(1);
+        let trained: Vec<usize> =
+            (0..rows).filter(|&r| learned.data[r * dim..(r + 1) * dim] != init.data[r * dim..(r + 1) * dim]).collect();
+        let group = layout.categorical.iter().find(|g| p.shape.first() == Some(&Dim::sym(&rows_sym(&g.name))));
+        let mut fields = Vec::new();
+        if let Some(g) = group {
+            for (c, column) in g.columns.iter().enumerate() {
+                let start = g.offsets[c] as usize;
+                let end = start + g.vocab_sizes[c];
+                let in_field: Vec<usize> = trained.iter().copied().filter(|&r| r >= start && r < end).collect();
+                fields.push(FieldIa {
+                    column: column.clone(),
+                    rows: end - start,
+                    trained_rows: in_field.len(),
+                    ia: rows_spectrum(learned, &in_field, dim).ia,
+                    ia_init: rows_spectrum(init, &in_field, dim).ia,
+                });
+            }
+        }
+        out.push(TableAnalysis {
+            table: p.name.clone(),
+            input: group.map(|g| g.name.clone()),
+            rows,
+            dim,
+            trained_rows: trained.len(),
+            learned: rows_spectrum(learned, &trained, dim),
+            init: rows_spectrum(init, &trained, dim),
+            fields,
+        });
+    }
+    Ok(out)
+}
+
+/// The spectrum of the rows `rows` of a table `[.., dim]`.
+fn rows_spectrum(t: &Tensor<f32>, rows: &[usize], dim: usize) -> Spectrum {
+    let mut data = Vec::with_capacity(rows.len() * dim);
+    for &r in rows {
+        data.extend_from_slice(&t.data[r * dim..(r + 1) * dim]);
+    }
+    Spectrum::of(rows.len(), dim, &data)
+}
+
+/// Running sums of a probe over a set of samples.
+#[derive(Clone, Debug, Default)]
+struct Sums {
+    rows: u64,
+    /// Cells averaged per entry of axis 1 (samples × the product of the axes after it).
+    cells: u64,
+    sum: Vec<f64>,
+    entropy: f64,
+}
+
+impl Sums {
+    fn stats(&self, gate: bool) -> ProbeStats {
+        let mean: Vec<f64> = self.sum.iter().map(|s| s / self.cells.max(1) as f64).collect();
+        let (entropy, sample_entropy) =
+            if gate { (Some(entropy(&mean)), Some(self.entropy / self.cells.max(1) as f64)) } else { (None, None) };
+        ProbeStats { rows: self.rows, mean, entropy, sample_entropy }
+    }
+}
+
+/// Entropy (nats) of a distribution; zero weights add nothing.
+pub fn entropy(p: &[f64]) -> f64 {
+    -p.iter().filter(|&&x| x > 0.0).map(|&x| x * x.ln()).sum::<f64>()
+}
+
+/// A probe's sums while the split is read.
+struct ProbeSums {
+    name: String,
+    shape: Vec<usize>,
+    gate: bool,
+    overall: Sums,
+    per_domain: BTreeMap<u32, Sums>,
+}
+
+impl ProbeSums {
+    /// Adds a batch's values `[rows, k, rest...]` (rows of domains `domain`, or none).
+    fn add(&mut self, value: &Tensor<f32>, domain: Option<&[u32]>) {
+        let rows = value.shape.first().copied().unwrap_or(0);
+        let k = value.shape.get(1).copied().unwrap_or(1);
+        let rest: usize = value.shape.iter().skip(2).product();
+        if self.shape.is_empty() {
+            self.shape = value.shape[1..].to_vec();
+        }
+        for r in 0..rows {
+            let sample = &value.data[r * k * rest..(r + 1) * k * rest];
+            let mut sum = vec![0.0f64; k];
+            let mut ent = 0.0;
+            for j in 0..rest {
+                let mut total = 0.0;
+                for (i, s) in sum.iter_mut().enumerate() {
+                    let v = sample[i * rest + j] as f64;
+                    *s += v;
+                    total += v;
+                    if v < 0.0 {
+                        self.gate = false;
+                    } else if v > 0.0 {
+                        ent -= v * v.ln();
+                    }
+                }
+                if k < 2 || (total - 1.0).abs() > GATE_TOLERANCE {
+                    self.gate = false;
+                }
+            }
+            let targets = std::iter::once(&mut self.overall);
+            let by_domain = domain.map(|d| self.per_domain.entry(d[r]).or_default());
+            for acc in targets.chain(by_domain) {
+                if acc.sum.is_empty() {
+                    acc.sum = vec![0.0; k];
+                }
+                acc.rows += 1;
+                acc.cells += rest as u64;
+                for (a, s) in acc.sum.iter_mut().zip(&sum) {
+                    *a += s;
+                }
+                acc.entropy += ent;
+            }
+        }
+    }
+
+    fn finish(self) -> ProbeAnalysis {
+        let gate = self.gate;
+        let k = self.shape.first().copied().unwrap_or(1);
+        ProbeAnalysis {
+            name: self.name,
+            shape: self.shape,
+            gate,
+            max_entropy: gate.then(|| (k as f64).ln()),
+            overall: self.overall.stats(gate),
+            per_domain: self.per_domain.iter().map(|(&d, s)| (d, s.stats(gate))).collect(),
+        }
+    }
+}
+
+/// The values of the probes `chosen` of `graph` (the run's [`build_probe_graph`]) on the
+/// test split: its rows and each probe's measures.
+fn probes(
+    run: &LoadedRun,
+    graph: &mdl_runtime::Graph,
+    chosen: &[String],
+    threads: Option<usize>,
+) -> Result<(usize, Vec<ProbeAnalysis>), String> {
+    let session = &run.session;
+    if chosen.is_empty() {
+        return Ok((0, Vec::new()));
+    }
+    let exp = &run.experiment;
+    let test = exp.split_files()?.test;
+    let ds = run.fitted.encode_file(&test, exp.data.encode_options()).map_err(|e| e.to_string())?;
+    let mut exec = exp.backend.executor_on(threads)?;
+    let mut sums: Vec<ProbeSums> = chosen
+        .iter()
+        .map(|n| ProbeSums {
+            name: n.to_string(),
+            shape: Vec::new(),
+            gate: true,
+            overall: Sums::default(),
+            per_domain: BTreeMap::new(),
+        })
+        .collect();
+    let mut batch = ds.new_batch();
+    let mut start = 0;
+    while start < ds.rows {
+        let end = (start + exp.train.batch_size).min(ds.rows);
+        ds.gather_range(start..end, &mut batch).map_err(|e| e.to_string())?;
+        let feeds = session.inputs.feeds(&batch);
+        let binding = session.inputs.with_batch(batch.rows);
+        let out = exec.run(graph, &binding, &feeds, &run.params, &Mode::eval()).map_err(|e| e.to_string())?;
+        let domain = (!ds.domain.is_empty()).then(|| &ds.domain[start..end]);
+        for s in &mut sums {
+            let value = out
+                .dense(&format!("{PROBE_PREFIX}{}", s.name))
+                .ok_or_else(|| format!("probe {} gave no dense value", s.name))?;
+            s.add(value, domain);
+        }
+        start = end;
+    }
+    Ok((ds.rows, sums.into_iter().map(ProbeSums::finish).collect()))
+}
+
+fn num(v: Option<f64>) -> String {
+    v.map_or("–".to_string(), |x| format!("{x:.2}"))
+}
+
+/// The analysis as text: a block per table, per probe.
+pub fn render(a: &Analysis) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "model {}", a.model);
+    if !a.embeddings.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nembedding tables: information abundance IA = Σσ/σ₁ of the rows training changed (init: the same rows as initialised)"
+        );
+    }
+    for t in &a.embeddings {
+        let _ = writeln!(
+            s,
+            "  {} [{} x {}]: {} rows trained, IA {} (init {}), max {}",
+            t.table,
+            t.rows,
+            t.dim,
+            t.trained_rows,
+            num(t.learned.ia),
+            num(t.init.ia),
+            t.dim
+        );
+        let spectrum: Vec<String> = t.learned.normalized.iter().map(|x| format!("{x:.3}")).collect();
+        let _ = writeln!(s, "    σk/σ1: {}", spectrum.join(" "));
+        let init: Vec<String> = t.init.normalized.iter().map(|x| format!("{x:.3}")).collect();
+        let _ = writeln!(s, "    init:  {}", init.join(" "));
+        if !t.fields.is_empty() {
+            let fields: Vec<String> = t
+                .fields
+                .iter()
+                .filter(|f| f.trained_rows > 0)
+                .map(|f| format!("{} {} ({})", f.column, num(f.ia), num(f.ia_init)))
+                .collect();
+            let _ = writeln!(s, "    per field, IA (init): {}", fields.join(", "));
+        }
+    }
+    if !a.probes.is_empty() {
+        let _ = writeln!(s, "\nprobes on the {} split ({} rows): mean per entry of axis 1", a.split, a.split_rows);
+    }
+    for p in &a.probes {
+        let kind = if p.gate { "gate" } else { "values" };
+        let _ = writeln!(s, "  {} {:?} ({kind})", p.name, p.shape);
+        let line = |label: &str, st: &ProbeStats| {
+            let mean: Vec<String> = st.mean.iter().map(|x| format!("{x:.3}")).collect();
+            let mut l = format!("    {label:<10} {:>7} rows: {}", st.rows, mean.join(" "));
+            if let (Some(e), Some(se), Some(max)) = (st.entropy, st.sample_entropy, p.max_entropy) {
+                let _ = write!(l, "; entropy {e:.3} of {max:.3} nats, per sample {se:.3}");
+            }
+            l
+        };
+        let _ = writeln!(s, "{}", line("all", &p.overall));
+        for (d, st) in &p.per_domain {
+            let _ = writeln!(s, "{}", line(&format!("domain {d}"), st));
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn singular_values_of_a_built_matrix() {
+        // diag(3, 2, 1) rotated by a permutation and a sign: the same singular values.
+        let m = [0.0, -2.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0];
+        let sv = singular_values(4, 3, &m);
+        for (s, want) in sv.iter().zip([3.0, 2.0, 1.0]) {
+            assert!((s - want).abs() < 1e-9, "{sv:?}");
+        }
+        assert!((information_abundance(&sv).unwrap() - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn ia_of_rank_one_orthogonal_and_zero_tables() {
+        // Rank 1: every row a multiple of one vector.
+        let v = [0.5f32, -1.0, 2.0, 0.25];
+        let rank1: Vec<f32> = (1..=6).flat_map(|r| v.iter().map(move |x| x * r as f32)).collect();
+        let ia = information_abundance(&singular_values(6, 4, &rank1)).unwrap();
+        assert!((ia - 1.0).abs() < 1e-6, "{ia}");
+        // Orthogonal columns of equal norm (an identity stacked twice): IA = the width.
+        let mut eye = vec![0.0f32; 8 * 4];
+        for r in 0..8 {
+            eye[r * 4 + r % 4] = 1.0;
+        }
+        let ia = information_abundance(&singular_values(8, 4, &eye)).unwrap();
+        assert!((ia - 4.0).abs() < 1e-9, "{ia}");
+        assert_eq!(information_abundance(&singular_values(3, 2, &[0.0; 6])), None);
+        assert_eq!(information_abundance(&[]), None);
+    }
+
+    #[test]
+    fn gate_sums_average_per_expert_and_domain() {
+        let mut p = ProbeSums {
+            name: "g".into(),
+            shape: vec![],
+            gate: true,
+            overall: Sums::default(),
+            per_domain: BTreeMap::new(),
+        };
+        // Three samples, two experts: domain 0 picks expert 0, domain 1 splits evenly.
+        let t = Tensor::new(vec![3, 2], vec![1.0, 0.0, 1.0, 0.0, 0.5, 0.5]).unwrap();
+        p.add(&t, Some(&[0, 0, 1]));
+        let a = p.finish();
+        assert!(a.gate);
+        assert_eq!(a.shape, vec![2]);
+        let m = &a.overall.mean;
+        assert!((m[0] - 2.5 / 3.0).abs() < 1e-12 && (m.iter().sum::<f64>() - 1.0).abs() < 1e-12, "{m:?}");
+        let ln2 = 2f64.ln();
+        assert!((a.max_entropy.unwrap() - ln2).abs() < 1e-12);
+        assert!((a.overall.sample_entropy.unwrap() - ln2 / 3.0).abs() < 1e-12);
+        assert_eq!(a.per_domain[&0].mean, vec![1.0, 0.0]);
+        assert_eq!(a.per_domain[&0].entropy, Some(0.0));
+        assert!((a.per_domain[&1].entropy.unwrap() - ln2).abs() < 1e-12);
+        // Values that are not distributions are averaged, with no entropy.
+        let mut v = ProbeSums {
+            name: "v".into(),
+            shape: vec![],
+            gate: true,
+            overall: Sums::default(),
+            per_domain: BTreeMap::new(),
+        };
+        v.add(&Tensor::new(vec![2, 2], vec![2.0, 0.0, 0.0, 1.0]).unwrap(), None);
+        let a = v.finish();
+        assert!(!a.gate && a.overall.entropy.is_none());
+        assert_eq!(a.overall.mean, vec![1.0, 0.5]);
+    }
+
+    #[test]
+    fn a_gate_over_axis_one_with_trailing_axes() {
+        // [B = 1, K = 2, d = 2]: each of the d columns is a distribution over K.
+        let mut p = ProbeSums {
+            name: "g".into(),
+            shape: vec![],
+            gate: true,
+            overall: Sums::default(),
+            per_domain: BTreeMap::new(),
+        };
+        p.add(&Tensor::new(vec![1, 2, 2], vec![0.25, 1.0, 0.75, 0.0]).unwrap(), None);
+        let a = p.finish();
+        assert!(a.gate);
+        assert_eq!(a.overall.mean, vec![0.625, 0.375]);
+    }
+}
