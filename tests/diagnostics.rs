@@ -294,3 +294,52 @@ fn bad_uses_of_running_statistics() {
     assert_at(&err, f, 9, 32, 30, "inside `per`, `running` keeps one statistic per domain: `stat` must be per sample [B, ...] (as group_mean gives), found [1, 8*count(fields)]");
     assert_eq!(err.matches("error:").count(), 3, "one error per bad use:\n{err}");
 }
+
+/// Bad uses of the random built-ins and the phase choice: each at its place, all at once.
+#[test]
+fn bad_uses_of_random_draws() {
+    let (code, err) = check(
+        "random.mdl",
+        "model m(dim = 8) {
+  input fields : categorical
+  input dense : numeric
+  label click
+  let a = bernoulli(dense, 1.5)
+  let b = sample_ids(dense, 4)
+  let c = sample_ids(fields, 0)
+  let d = sample_ids(fields, 2, by = \"often\")
+  let e = sample_ids(fields, 2, by = \"frequency\", power = 0)
+  let f = permutation(0)
+  let g = if_training(dense, step())
+  let h = relu(sample_ids(fields, 2))
+  task click = linear(dense, 1)
+  loss bce(click)
+}
+",
+    );
+    assert_eq!(code, 1);
+    let f = "random.mdl";
+    assert_at(&err, f, 5, 28, 3, "a probability must be in [0, 1], found 1.5");
+    assert_at(
+        &err,
+        f,
+        6,
+        22,
+        5,
+        "`sample_ids` draws for the ids of a categorical or sequence input; `dense` is not one",
+    );
+    assert_at(&err, f, 7, 30, 1, "`n` must be a positive constant, found 0");
+    assert_at(&err, f, 8, 38, 7, "`by` must be \"uniform\" or \"frequency\", found \"often\"");
+    assert_at(&err, f, 9, 59, 1, "`power` must be a positive number, found 0");
+    assert_at(&err, f, 10, 23, 1, "`n` must be a positive size, found 0");
+    assert_at(
+        &err,
+        f,
+        11,
+        11,
+        26,
+        "the training value [B, count(dense)] and the evaluation value [] must have one shape",
+    );
+    assert_at(&err, f, 12, 16, 21, "expected a tensor, found ids");
+    assert_eq!(err.matches("error:").count(), 8, "one error per bad use:\n{err}");
+}

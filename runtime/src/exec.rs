@@ -1,6 +1,6 @@
 //! What evaluating a node needs, shared by the eval rules (`ops/*`) and the backends:
 //! the run [`Mode`], the [`ExecError`] type, the per-node context [`EvalCx`] and the
-//! operand view [`Arg`]. Dropout's random stream is [`crate::rng::SplitMix64`].
+//! operand view [`Arg`]. The random ops' stream is [`crate::rng::SplitMix64`].
 
 use crate::ir::dim::Binding;
 use crate::tensor::{Float, Ids, Tensor, Value};
@@ -13,18 +13,27 @@ pub struct Mode {
     pub training: bool,
     /// The run's seed; with `step` and each node's stream it fixes every random draw.
     pub seed: u64,
-    /// The training step (a new mask every step).
+    /// The training step (a new mask every step): the number of steps trained before this
+    /// one. `step()` in a spec reads it (`Op::Counter`).
     pub step: u64,
+    /// The epoch the training step belongs to, from 0 (`epoch()` in a spec).
+    pub epoch: u64,
 }
 
 impl Mode {
     /// Evaluation mode (no randomness).
     pub fn eval() -> Mode {
-        Mode { training: false, seed: 0, step: 0 }
+        Mode { training: false, seed: 0, step: 0, epoch: 0 }
     }
 
+    /// Training at `step` of epoch 0 ([`Mode::in_epoch`] sets the epoch).
     pub fn train(seed: u64, step: u64) -> Mode {
-        Mode { training: true, seed, step }
+        Mode { training: true, seed, step, epoch: 0 }
+    }
+
+    /// The same mode in epoch `epoch`.
+    pub fn in_epoch(self, epoch: u64) -> Mode {
+        Mode { epoch, ..self }
     }
 }
 

@@ -25,5 +25,5 @@ pub use backend::Values;
 pub use exec::{ExecError, Mode};
 pub use ir::dim::{Binding, Dim, Shape};
 pub use ir::graph::{Graph, Init, NodeId, ParamInfo};
-pub use ops::{BinaryOp, DType, Op, ReduceOp, UnaryOp, ValueKind};
+pub use ops::{BinaryOp, Counter, DType, Op, ReduceOp, UnaryOp, ValueKind};
 pub use tensor::{Float, Ids, Tensor, Value};

@@ -1,7 +1,9 @@
 //! The one random generator of mdl: SplitMix64 (Steele, Lea & Flood 2014), written here
 //! once and used everywhere randomness must be reproducible: parameter initialisation
-//! (`init`), dropout masks (`ops/source.rs`, keyed by seed, step and node), and the
-//! data pipeline's mini-batch shuffle (the `mdl` crate's `data::batches`).
+//! (`init`), dropout masks (`ops/source.rs`) and the random ops of the graph (Bernoulli
+//! masks, in-batch permutations, sampled ids: `ops/random.rs`), each keyed by seed, step and
+//! node ([`SplitMix64::keyed`]), and the data pipeline's mini-batch shuffle (the `mdl`
+//! crate's `data::batches`).
 //!
 //! It is written by hand on purpose: one `u64` of state, no platform- or
 //! crate-version-dependent behaviour, so the same seed gives the same stream on every
@@ -57,6 +59,13 @@ impl SplitMix64 {
                 return (product >> 64) as u64;
             }
         }
+    }
+
+    /// `true` with probability `p` (`u < p` for a uniform `u` of [`SplitMix64::next_f64`]):
+    /// the one Bernoulli draw of the graph's masks. A dropout mask keeps an element unless
+    /// `chance(p)`; a Bernoulli mask is `1` where `chance(p)`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        self.next_f64() < p
     }
 
     /// Shuffles in place (Fisher–Yates, drawing with [`SplitMix64::below`]).

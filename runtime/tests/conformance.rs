@@ -3,7 +3,7 @@
 //!
 //! The catalogue is built from `UnaryOp::ALL`, `BinaryOp::ALL` and `ReduceOp::ALL` (so a new
 //! elementwise op or reduction is in it without an edit here) plus softmax, constant,
-//! phase (run in training mode too), layout, index, select (top-k) and linalg cases.
+//! phase (run in training mode too), random (both modes), layout, index, select (top-k) and linalg cases.
 //! Operands mix in the special values an op's semantics allow: every elementwise op and
 //! every layout copy gets zeros of both signs, ±inf, NaN, huge and tiny magnitudes; reductions get those whose result does not
 //! depend on the order (-inf, huge of one sign, tiny; no NaN); softmax gets -inf (a masked
@@ -275,6 +275,36 @@ fn phase() -> Vec<Case> {
     ]
 }
 
+/// The random ops and the loop counters, in evaluation and in training (seed 5, step 2,
+/// epoch 1): every backend runs their eval rules, so each draws interp's values exactly.
+fn random() -> Vec<Case> {
+    let weights = || real(&[10], vec![0.0, 0.0, 5.0, 1.0, 0.0, 2.0, 0.0, 0.0, 3.0, 1.0]);
+    let starts = || ids(&[3], vec![0, 6, 10]);
+    let sample = |power, exclude| Op::SampleIds { n: Dim::lit(7), power, exclude, stream: 3 };
+    let mut cases = Vec::new();
+    for training in [false, true] {
+        let phase = |c: Case| if training { c.in_training() } else { c };
+        let at = |name: &str| format!("{name} ({})", if training { "training" } else { "evaluation" });
+        cases.extend([
+            phase(Case::new(at("bernoulli"), Op::Bernoulli { p: 0.3, stream: 1 }, vec![plain(&[6, 9], 70)])),
+            phase(Case::new(at("permutation"), Op::Permutation { n: Dim::lit(33), stream: 2 }, vec![])),
+            phase(Case::new(
+                at("sample_ids by weight, excluding"),
+                sample(1.0, true),
+                vec![ids(&[2, 3], vec![2, 3, 5, 8, 9, 0]), weights(), starts()],
+            )),
+            phase(Case::new(
+                at("sample_ids uniform"),
+                sample(0.0, false),
+                vec![ids(&[4], vec![2, 7, 5, 9]), weights(), starts()],
+            )),
+        ]);
+    }
+    cases.push(Case::new("counter step", Op::Counter(mdl_runtime::Counter::Step), vec![]).in_training());
+    cases.push(Case::new("counter epoch", Op::Counter(mdl_runtime::Counter::Epoch), vec![]).in_training());
+    cases
+}
+
 /// Gather (ids of any rank, rows of any width), segment sums, one-hot, the ops that make
 /// ids (bucketize, with specials and values on the boundaries; id div and mod; a constant
 /// id list), and the selection along an axis (take_along, scatter_add).
@@ -472,12 +502,14 @@ fn agrees(got: f32, want: f32, tol: f32, exact: bool) -> bool {
 
 /// Runs `cases` on interp and on `exec` (called `backend`); every output must agree.
 /// `exact`: the executor promises interp's values for the cases marked exact.
-/// Cases in training mode run as a graph of their own, in `Mode::train`.
+/// Cases in training mode run as a graph of their own, in `Mode::train` (seed 5, step 2,
+/// epoch 1).
 fn check(cases: &[Case], backend: &str, exec: &mut dyn Executor, exact: bool) {
     for training in [false, true] {
         let part: Vec<Case> = cases.iter().filter(|c| c.training == training).cloned().collect();
         if !part.is_empty() {
-            check_in_mode(&part, backend, exec, exact, if training { Mode::train(5, 2) } else { Mode::eval() });
+            let mode = if training { Mode::train(5, 2).in_epoch(1) } else { Mode::eval() };
+            check_in_mode(&part, backend, exec, exact, mode);
         }
     }
 }
@@ -563,10 +595,10 @@ macro_rules! conformance {
 }
 
 conformance! {
-    jit_exact: [unary, binary, reduce, constant, phase, layout, index, select, linalg];
-    jit_fast: [unary, binary, reduce, constant, phase, layout, index, select, linalg];
+    jit_exact: [unary, binary, reduce, constant, phase, random, layout, index, select, linalg];
+    jit_fast: [unary, binary, reduce, constant, phase, random, layout, index, select, linalg];
     #[cfg(feature = "opencl")]
-    opencl: [unary, binary, reduce, constant, phase, layout, index, select, linalg];
+    opencl: [unary, binary, reduce, constant, phase, random, layout, index, select, linalg];
 }
 
 /// The catalogue itself: the op lists come from `ALL`, and every case is well formed (its
@@ -583,7 +615,7 @@ fn the_catalogue_covers_every_elementwise_op_and_reduction() {
     for &r in ReduceOp::ALL {
         assert!(names.iter().any(|n| n.starts_with(&format!("reduce_{}", format!("{r:?}").to_lowercase()))));
     }
-    for group in [unary(), binary(), reduce(), constant(), phase(), layout(), index(), select(), linalg()] {
+    for group in [unary(), binary(), reduce(), constant(), phase(), random(), layout(), index(), select(), linalg()] {
         graph(&group);
     }
 }

@@ -404,6 +404,21 @@ proptest! {
         let y = c.add(Op::Binary(BinaryOp::Mul), &[x, mask]).unwrap();
         c.check(y).map_err(fail("dropout"))?;
     }
+
+    /// Rows shuffled by a permutation in training (`shuffle_rows`): the permutation is a
+    /// constant of the step, the gradient reaches each row at the place it was taken to.
+    #[test]
+    fn shuffled_rows_in_training(s in sizes(2, 3), seed in any::<u64>()) {
+        let mut c = Case::new(seed);
+        c.mode = Mode::train(seed, 5);
+        let x = c.param("x", dims(&s));
+        let perm = c.add(Op::Permutation { n: Dim::from(s[0]), stream: 3 }, &[]).unwrap();
+        let mut along = vec![Dim::from(1usize); s.len()];
+        along[0] = Dim::from(s[0]);
+        let idx = c.add(Op::Reshape { shape: along }, &[perm]).unwrap();
+        let y = c.add(Op::TakeAlong { axis: 0 }, &[x, idx]).unwrap();
+        c.check(y).map_err(fail("shuffled rows"))?;
+    }
 }
 
 proptest! {
@@ -446,14 +461,17 @@ proptest! {
     }
 }
 
-/// StopGrad, DropMask, the elementwise ops that are not differentiable (step, sign, gt, eq)
+/// StopGrad, DropMask, Bernoulli, the elementwise ops that are not differentiable (step, sign, gt, eq)
 /// and OneHot pass no gradient: a loss that reaches a parameter only through them gives it
 /// no gradient output, and their rules return `None`.
 #[test]
 fn nondifferentiable_ops_give_no_gradient() {
     let unary = UnaryOp::ALL.iter().filter(|u| !u.is_differentiable()).map(|&u| Op::Unary(u));
     let binary = BinaryOp::ALL.iter().filter(|b| !b.is_differentiable()).map(|&b| Op::Binary(b));
-    let cases = [Op::StopGrad, Op::DropMask { p: 0.5, stream: 1 }].into_iter().chain(unary).chain(binary);
+    let cases = [Op::StopGrad, Op::DropMask { p: 0.5, stream: 1 }, Op::Bernoulli { p: 0.5, stream: 1 }]
+        .into_iter()
+        .chain(unary)
+        .chain(binary);
     for op in cases {
         let name = op.name();
         let mut c = Case::new(1);

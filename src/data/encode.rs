@@ -1007,6 +1007,28 @@ impl Fitted {
         }
     }
 
+    /// The vocabulary of the id space of input `name` as `sample_ids` draws from it: the
+    /// train count of every id (`0` for padding and out-of-vocabulary ids, which are never
+    /// drawn), and the first id of each column followed by the number of ids. `None` when
+    /// `name` is neither a categorical group nor a sequence group with its own vocabulary.
+    pub fn id_counts(&self, name: &str) -> Option<(Vec<f32>, Vec<u32>)> {
+        let of = |vocabs: &[&Vocab]| {
+            let mut counts = Vec::new();
+            let mut starts = Vec::with_capacity(vocabs.len() + 1);
+            for v in vocabs {
+                starts.push(counts.len() as u32);
+                counts.extend((0..v.len() as u32).map(|id| v.count(id).unwrap_or(0) as f32));
+            }
+            starts.push(counts.len() as u32);
+            (counts, starts)
+        };
+        if let Some(i) = self.schema.categorical_groups().position(|(n, ..)| n == name) {
+            return Some(of(&self.vocabs.categorical[i].iter().collect::<Vec<_>>()));
+        }
+        let i = self.schema.sequence_groups().position(|(n, ..)| n == name)?;
+        self.vocabs.sequence[i].as_ref().map(|v| of(&[v]))
+    }
+
     /// Table sizes and id spaces of every group.
     pub fn layout(&self) -> Layout {
         let categorical: Vec<CategoricalLayout> = self

@@ -387,19 +387,15 @@ fn run_cases(
     tally
 }
 
-/// Random choices over the project's generator.
+/// Random choices over the project's generator (beside its own `chance(p)`).
 pub(crate) trait Draw {
     fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T;
-    fn chance(&mut self, p: f64) -> bool;
     fn upto(&mut self, n: usize) -> usize;
 }
 
 impl Draw for SplitMix64 {
     fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
         &items[self.below(items.len() as u64) as usize]
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        self.next_f64() < p
     }
     /// Uniform in `0..n` (0 when `n` is 0).
     fn upto(&mut self, n: usize) -> usize {

@@ -12,10 +12,10 @@
 
 use super::expr::ids_fit;
 use super::value::{IdSpace, Tv, Val};
-use super::{count_sym, label_input, Elab, FeatureKind, R};
+use super::{count_sym, label_input, rows_sym, vocab_input, vocab_starts_input, Elab, FeatureKind, R};
 use crate::diag::{suggest, Diagnostic, Span};
 use mdl_runtime::ir::dim::{numel, shape_to_string};
-use mdl_runtime::ops::{BinaryOp, Op, ReduceOp, UnaryOp};
+use mdl_runtime::ops::{BinaryOp, Counter, Op, ReduceOp, UnaryOp};
 use mdl_runtime::{Dim, Init};
 use Param::{Bool, Float, Int, Optional, Required, Str};
 
@@ -169,6 +169,16 @@ pub static BUILTINS: &[Builtin] = &[
     },
     Builtin { name: "sort", params: &[Required("x"), Int("axis", -1), Bool("descending", false)], lower: sort },
     Builtin { name: "dropout", params: &[Required("x"), Int("p", 0)], lower: dropout },
+    Builtin { name: "bernoulli", params: &[Required("like"), Required("p")], lower: bernoulli },
+    Builtin { name: "permutation", params: &[Required("n")], lower: permutation },
+    Builtin {
+        name: "sample_ids",
+        params: &[Required("pos"), Required("n"), Str("by", "uniform"), Float("power", 1.0), Bool("exclude", true)],
+        lower: sample_ids,
+    },
+    Builtin { name: "if_training", params: &[Required("a"), Required("b")], lower: if_training },
+    Builtin { name: "step", params: &[], lower: |el, _, span| counter(el, Counter::Step, span) },
+    Builtin { name: "epoch", params: &[], lower: |el, _, span| counter(el, Counter::Epoch, span) },
     Builtin { name: "stopgrad", params: &[Required("x")], lower: stopgrad },
     Builtin { name: "one_hot", params: &[Required("ids")], lower: one_hot },
     Builtin { name: "embedding", params: &[Required("ids"), Required("dim"), Float("std", 0.0001)], lower: embedding },
@@ -738,6 +748,111 @@ fn dropout(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     let stream = el.next_dropout_stream();
     let m = el.add(Op::DropMask { p, stream }, &[x.node], span)?;
     let node = el.add(Op::Binary(BinaryOp::Mul), &[x.node, m], span)?;
+    Ok(Val::Tensor(Tv { node, grouped: false }))
+}
+
+/// `bernoulli(like, p)`: a 0/1 mask shaped like `like`, each element `1` with probability
+/// `p`, drawn anew each training step; `p` everywhere in evaluation (its expectation, as
+/// dropout's mask is 1 there).
+fn bernoulli(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let like = tensor(el, a, "like")?;
+    let (p, s) = number(el, a, "p")?;
+    if !(0.0..=1.0).contains(&p) {
+        return el.error(s, format!("a probability must be in [0, 1], found {p}"));
+    }
+    let like = el.materialise(like, span)?;
+    let stream = el.next_dropout_stream();
+    let node = el.add(Op::Bernoulli { p, stream }, &[like.node], span)?;
+    Ok(Val::Tensor(Tv { node, grouped: false }))
+}
+
+/// `permutation(n)`: the positions `0..n` in a random order, a new one each training step
+/// (`permutation(dim(x, 0))` shuffles the batch's rows with `take`).
+fn permutation(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let n = size_arg(el, a)?;
+    let stream = el.next_dropout_stream();
+    let node = el.add(Op::Permutation { n: n.clone(), stream }, &[], span)?;
+    Ok(Val::Ids { node, rows: n })
+}
+
+/// `sample_ids(pos, n, by = "uniform", power = 1.0, exclude = true)`: for each id of the
+/// categorical or sequence input `pos`, `n` ids drawn from the vocabulary of its column
+/// (never padding or out-of-vocabulary; never the id itself with `exclude`), uniformly or
+/// by train count (`by = "frequency"`, each count raised to `power`). The ids index the
+/// input's tables. The vocabulary reaches the graph as two inputs the data binds
+/// (`vocab_input`, `vocab_starts_input`).
+fn sample_ids(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let (f, fs) = feature(el, a, "pos")?;
+    let n = int(el, a, "n")?;
+    if n.as_const().is_none_or(|c| c <= 0) {
+        return el.error(a.get("n").1, format!("`n` must be a positive constant, found {n}"));
+    }
+    let (by, bs) = string(el, a, "by")?;
+    let (power, ps) = number(el, a, "power")?;
+    let power = match by.as_str() {
+        "uniform" => 0.0,
+        "frequency" if power.is_finite() && power > 0.0 => power,
+        "frequency" => return el.error(ps, format!("`power` must be a positive number, found {power}")),
+        _ => return el.error(bs, format!("`by` must be \"uniform\" or \"frequency\", found {by:?}")),
+    };
+    let exclude = match a.get("exclude") {
+        (Val::Bool(b), _) => b,
+        (other, s) => return el.error(s, format!("`exclude` must be true or false, found {}", other.kind())),
+    };
+    let (space, ids) = match el.feature_nodes(&f) {
+        Some((FeatureKind::Categorical, ids, _)) => (f.clone(), ids),
+        Some((FeatureKind::Sequence { of, .. }, ids, _)) => (of.unwrap_or_else(|| f.clone()), ids),
+        _ => {
+            return el.error(
+                fs,
+                format!("`sample_ids` draws for the ids of a categorical or sequence input; `{f}` is not one"),
+            )
+        }
+    };
+    let own_sequence = space == f && matches!(el.feature_nodes(&f), Some((FeatureKind::Sequence { .. }, ..)));
+    let weights = match el.graph.input_info(&vocab_input(&space)) {
+        Some(i) => i.node,
+        None => el.graph.input(&vocab_input(&space), vec![Dim::sym(&rows_sym(&space))], mdl_runtime::DType::F),
+    };
+    let starts = match el.graph.input_info(&vocab_starts_input(&space)) {
+        Some(i) => i.node,
+        None => {
+            let columns = if own_sequence { Dim::lit(1) } else { Dim::sym(&count_sym(&space)) };
+            el.graph.input(&vocab_starts_input(&space), vec![&columns + &Dim::lit(1)], mdl_runtime::DType::I)
+        }
+    };
+    el.vocabularies.insert(space.clone());
+    let stream = el.next_dropout_stream();
+    let node = el.add(Op::SampleIds { n, power, exclude, stream }, &[ids, weights, starts], span)?;
+    Ok(Val::Ids { node, rows: Dim::sym(&rows_sym(&space)) })
+}
+
+/// `if_training(a, b)`: `a` in training, `b` in evaluation (equal shapes), the gradient
+/// reaching the one the phase uses (`TrainEval`).
+fn if_training(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "a")?;
+    let y = tensor(el, a, "b")?;
+    let (x, y) = (el.materialise(x, span)?, el.materialise(y, span)?);
+    let node = el.add(Op::TrainEval, &[x.node, y.node], span)?;
+    Ok(Val::Tensor(Tv { node, grouped: false }))
+}
+
+/// `step()`, `epoch()`: the training loop's counter as a scalar: in training the run's
+/// (`Op::Counter`: the steps trained before this one, the epoch from 0); in evaluation
+/// the value of the last training step, which each step stores in a state (`step()`,
+/// `epoch()`: saved in checkpoints, so a resumed run and `mdl predict` read it back).
+fn counter(el: &mut Elab, c: Counter, span: Span) -> R<Val> {
+    let name = match c {
+        Counter::Step => "step()",
+        Counter::Epoch => "epoch()",
+    };
+    let state = match el.graph.state_info(name) {
+        Some(st) => st.node,
+        None => el.graph.state(name, vec![], 0.0),
+    };
+    let now = el.add(Op::Counter(c), &[], span)?;
+    el.graph.outputs.insert(mdl_runtime::ir::graph::state_output(name), now);
+    let node = el.add(Op::TrainEval, &[now, state], span)?;
     Ok(Val::Tensor(Tv { node, grouped: false }))
 }
 

@@ -312,6 +312,9 @@ impl Elab {
                             "this table has {table_rows} rows, but these ids go up to {}",
                             &rows - &Dim::lit(1)
                         )),
+                        // Ids below `rows(x)` are ids of `x`'s space: ids drawn by
+                        // `sample_ids`, or positions along an axis of all its ids.
+                        IdSpace::Input(name) if rows == Dim::sym(&super::rows_sym(name)) => None,
                         IdSpace::Input(name) => {
                             Some(format!("this table holds rows for the ids of `{name}`, not for ids made in the spec"))
                         }

@@ -55,7 +55,7 @@ use crate::syntax::ast;
 use input::FeatureNodes;
 use mdl_runtime::{Graph, NodeId};
 use per::PerCtx;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::rc::Rc;
 
@@ -104,6 +104,9 @@ pub struct Compiled {
     pub tasks: Vec<String>,
     /// Every hyperparameter with its resolved value.
     pub hyper: BTreeMap<String, Hyper>,
+    /// The id spaces whose vocabularies the graph reads (`sample_ids`): each has the
+    /// inputs [`vocab_input`] and [`vocab_starts_input`].
+    pub vocabularies: BTreeSet<String>,
 }
 
 /// Graph input names for a feature's parts.
@@ -137,6 +140,16 @@ pub fn loss_names(graph: &mdl_runtime::Graph) -> Vec<String> {
 /// The symbol for the number of columns (or domains) of an input.
 pub fn count_sym(feature: &str) -> String {
     format!("count({feature})")
+}
+/// The graph input holding the train count of every id of an input's id space (0 for
+/// padding and out-of-vocabulary ids), which `sample_ids` draws from.
+pub fn vocab_input(space: &str) -> String {
+    format!("vocab/{space}")
+}
+/// The graph input holding the first id of each column of an input's id space, then the
+/// number of ids (`sample_ids` draws from the column of each id).
+pub fn vocab_starts_input(space: &str) -> String {
+    format!("vocab/{space}/starts")
 }
 /// The symbol for the number of table rows an input's ids address.
 pub fn rows_sym(feature: &str) -> String {
@@ -206,6 +219,8 @@ pub(crate) struct Elab {
     depth: usize,
     in_model: bool,
     dropout_streams: u64,
+    /// The id spaces `sample_ids` draws from ([`Compiled::vocabularies`]).
+    pub(crate) vocabularies: BTreeSet<String>,
     budget: budget::Budget,
 }
 
@@ -232,6 +247,7 @@ impl Elab {
             depth: 0,
             in_model: false,
             dropout_streams: 0,
+            vocabularies: BTreeSet::new(),
             budget: budget::Budget::default(),
         }
     }
@@ -246,7 +262,8 @@ impl Elab {
         Err(self.report(Diagnostic::error(span, msg)))
     }
 
-    /// A fresh random stream for the next `dropout`, so that each has its own mask.
+    /// A fresh random stream for the next random op (`dropout`, `bernoulli`, `permutation`,
+    /// `sample_ids`), so that each has its own draws.
     pub(crate) fn next_dropout_stream(&mut self) -> u64 {
         self.dropout_streams += 1;
         self.dropout_streams

@@ -82,6 +82,7 @@ impl Elab {
             features: self.feature_decls.clone(),
             tasks: labels.iter().map(|(n, _)| n.clone()).collect(),
             hyper,
+            vocabularies: std::mem::take(&mut self.vocabularies),
         })
     }
 

@@ -1,10 +1,13 @@
 //! Binding a compiled model to data: which arrays of a data [`Batch`] feed which graph
 //! input, and the sizes (`count(x)`, `rows(x)`, the number of domains) the data gives the
 //! spec's symbolic shapes. The experiment's schema names its groups after the spec's
-//! inputs; every mismatch between the two is an error naming both sides.
+//! inputs; every mismatch between the two is an error naming both sides. The
+//! vocabularies `sample_ids` draws from are fed beside the batch, the same every step.
 
-use crate::data::{Batch, FeatureGroup, Layout, Schema, SequenceTable};
-use crate::lower::{count_sym, ids_input, label_input, mask_input, rows_sym, Compiled, FeatureKind};
+use crate::data::{Batch, FeatureGroup, Fitted, SequenceTable};
+use crate::lower::{
+    count_sym, ids_input, label_input, mask_input, rows_sym, vocab_input, vocab_starts_input, Compiled, FeatureKind,
+};
 use mdl_runtime::ir::dim::BATCH;
 use mdl_runtime::tensor::{Tensor, Value};
 use mdl_runtime::Binding;
@@ -19,6 +22,8 @@ enum Source {
     Numeric(usize),
     Domain,
     Label(usize),
+    /// The same value every batch (a vocabulary's counts or column starts).
+    Constant(Value<f32>),
 }
 
 /// How batches become graph feeds for one model and schema.
@@ -35,7 +40,8 @@ pub struct InputBinding {
 
 impl InputBinding {
     /// Matches the spec's inputs and tasks against the schema and the fitted layout.
-    pub fn new(model: &Compiled, schema: &Schema, layout: &Layout) -> Result<InputBinding, String> {
+    pub fn new(model: &Compiled, fitted: &Fitted) -> Result<InputBinding, String> {
+        let (schema, layout) = (&fitted.schema, &fitted.layout());
         let mut sizes = Binding::new();
         let mut feeds = Vec::new();
         let mut errors = Vec::new();
@@ -130,6 +136,26 @@ impl InputBinding {
                 ));
             }
         }
+        for space in &model.vocabularies {
+            match fitted.id_counts(space) {
+                Some((counts, starts)) => {
+                    let (v, c) = (counts.len(), starts.len());
+                    feeds.push((
+                        vocab_input(space),
+                        Source::Constant(Value::Dense(Tensor { shape: vec![v], data: counts })),
+                        vec![],
+                    ));
+                    feeds.push((
+                        vocab_starts_input(space),
+                        Source::Constant(Value::Ids(Tensor { shape: vec![c], data: starts })),
+                        vec![],
+                    ));
+                }
+                None => errors.push(format!(
+                    "input `{space}`: `sample_ids` draws from its vocabulary, but the schema gives it none"
+                )),
+            }
+        }
         let mut task_columns = Vec::new();
         for (t, task) in model.tasks.iter().enumerate() {
             match schema.labels.iter().position(|l| &l.name == task) {
@@ -169,6 +195,10 @@ impl InputBinding {
         let rows = batch.rows;
         let mut out = HashMap::with_capacity(self.feeds.len());
         for (name, src, per_row) in &self.feeds {
+            if let Source::Constant(v) = src {
+                out.insert(name.clone(), v.clone());
+                continue;
+            }
             let mut shape = vec![rows];
             shape.extend_from_slice(per_row);
             let v = match src {
@@ -177,6 +207,7 @@ impl InputBinding {
                 Source::SequenceMask(i) => Value::Dense(Tensor { shape, data: batch.seq_mask[*i].clone() }),
                 Source::Numeric(i) => Value::Dense(Tensor { shape, data: batch.num[*i].clone() }),
                 Source::Domain => Value::Ids(Tensor { shape, data: batch.domain.clone() }),
+                Source::Constant(v) => v.clone(),
                 Source::Label(j) => {
                     let t = self.tasks_in_data;
                     Value::Dense(Tensor { shape, data: (0..rows).map(|r| batch.labels[r * t + j]).collect() })

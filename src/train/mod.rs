@@ -136,7 +136,7 @@ impl Session {
     /// Binds a compiled spec ([`compile_spec`]) to the fitted data layout and derives the
     /// train (with backward) and eval graphs.
     pub fn with_compiled(compiled: Compiled, fitted: &Fitted) -> Result<Session, String> {
-        let inputs = InputBinding::new(&compiled, &fitted.schema, &fitted.layout())?;
+        let inputs = InputBinding::new(&compiled, fitted)?;
         let train_graph = build_training_graph(&compiled)?;
         let eval_graph = build_eval_graph(&compiled);
         Ok(Session { compiled, train_graph, eval_graph, inputs })

@@ -493,7 +493,7 @@ impl<'a> Run<'a> {
         self.data.train.gather(rows, &mut self.batch).map_err(|e| e.to_string())?;
         let feeds = self.session.inputs.feeds(&self.batch);
         let binding = self.session.inputs.with_batch(self.batch.rows);
-        let mode = Mode::train(self.exp.train.seed, self.state.step);
+        let mode = Mode::train(self.exp.train.seed, self.state.step).in_epoch(self.state.epoch as u64);
         let stage = self.state.stage.min(self.schedule.stages.len() - 1);
         let step = TrainStep {
             graph: self.schedule.graph(stage, self.session),

@@ -504,6 +504,23 @@ impl Renderer<'_> {
                 let one = tensor_attr("value", float_tensor("", &[1], &[1.0]));
                 self.emit("ConstantOfShape", &[&shape], vec![one])
             }
+            // An export is evaluation, where a Bernoulli mask is its expectation p.
+            Op::Bernoulli { p, .. } => {
+                let shape = self.emit("Shape", &[x[0]], vec![]);
+                let value = tensor_attr("value", float_tensor("", &[1], &[*p as f32]));
+                self.emit("ConstantOfShape", &[&shape], vec![value])
+            }
+            Op::Counter(_) => {
+                return Err(
+                    self.error(id, "the training loop's counter exists only in training (evaluation reads its state)")
+                )
+            }
+            Op::Permutation { .. } | Op::SampleIds { .. } => {
+                return Err(self.error(
+                    id,
+                    "random draws are not exported; keep them out of the logits with if_training(drawn, fixed)",
+                ))
+            }
             Op::StopGrad => self.emit("Identity", &[x[0]], vec![]),
             // An export is evaluation: the running statistic (a state, an initializer).
             Op::TrainEval => self.emit("Identity", &[x[1]], vec![]),

@@ -12,14 +12,14 @@ use crate::ir::dim::{numel, shape_to_string, Dim, Shape};
 use crate::ir::graph::{Graph, Node, NodeId};
 use crate::tensor::{Float, Ids, Tensor, Value};
 
-fn need_ids(o: &Operand, op: &Op) -> Result<(), ShapeError> {
+pub(super) fn need_ids(o: &Operand, op: &Op) -> Result<(), ShapeError> {
     if o.dtype != DType::I {
         return shape_err(format!("{} needs ids, got real values {}", op.name(), o.describe()));
     }
     Ok(())
 }
 
-fn need_dense_float(o: &Operand, op: &Op) -> Result<(), ShapeError> {
+pub(super) fn need_dense_float(o: &Operand, op: &Op) -> Result<(), ShapeError> {
     if o.dtype != DType::F || o.kind != ValueKind::Dense {
         return shape_err(format!("{} needs a real-valued dense operand, got {}", op.name(), o.describe()));
     }

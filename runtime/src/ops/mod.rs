@@ -17,7 +17,8 @@
 //!
 //! | family        | ops |
 //! |---------------|-----|
-//! | `source`      | Input, Param, Scalar, the constant tensors Arange, Triangle and Eye (from compile-time sizes), IdList (constant ids), DropMask, StopGrad, TrainEval |
+//! | `source`      | Input, Param, Scalar, the constant tensors Arange, Triangle and Eye (from compile-time sizes), IdList (constant ids), Counter (the training step or epoch), DropMask, StopGrad, TrainEval |
+//! | `random`      | Bernoulli (0/1 masks), Permutation (in-batch shuffles), SampleIds (ids drawn from a vocabulary) |
 //! | `elementwise` | Unary (neg exp log sqrt recip relu sigmoid tanh softplus abs step sign floor gelu), Binary (add sub mul div max min gt eq ge ne prelu keep) with broadcasting |
 //! | `layout`      | Reshape, Permute, Broadcast, Concat, Slice, Pad (all but Pad also move ids) |
 //! | `reduce`      | Reduce (sum mean max min over axes), Softmax |
@@ -31,6 +32,7 @@ pub mod fused;
 pub mod index;
 pub mod layout;
 pub mod linalg;
+pub mod random;
 pub mod reduce;
 pub mod source;
 
@@ -58,6 +60,15 @@ pub enum ValueKind {
     /// A gradient of an embedding table that only holds the rows a batch touched:
     /// `(rows, values)`; its nominal shape is the table's shape. Only optimizers read it.
     RowSparse,
+}
+
+/// A counter of the training loop, as the graph reads it (`Op::Counter`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Counter {
+    /// The steps trained before the current one ([`crate::exec::Mode::step`]).
+    Step,
+    /// The epoch of the current step, from 0 ([`crate::exec::Mode::epoch`]).
+    Epoch,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -105,6 +116,11 @@ pub enum Op {
     /// `[len(ids)]`: the constant ids `ids`, in order (positions chosen at compile time,
     /// such as the pairs `i < j` of fields). No operands, no gradient.
     IdList { ids: Vec<u32> },
+    /// `[]`: the training loop's counter as a real scalar, from the run's
+    /// [`crate::exec::Mode`] (`step`, `epoch`; exact below 2^24 in f32). No operands, no
+    /// gradient. `step()` in a spec reads it in training and, in evaluation, the state the
+    /// last training step left.
+    Counter(Counter),
     /// `[x]` → a mask with `x`'s shape: each element `1/(1-p)` with probability `1-p`, else `0`;
     /// all ones when not training. `stream` keeps masks of different nodes independent.
     DropMask { p: f64, stream: u64 },
@@ -115,6 +131,22 @@ pub enum Op {
     /// running ones in evaluation. The gradient flows to the operand the run chooses;
     /// `passes::for_phase` resolves it before the trainer differentiates or runs a graph.
     TrainEval,
+
+    // ---- random ----
+    /// `[x]` → a 0/1 mask with `x`'s shape, each element `1` with probability `p`
+    /// (independently; keyed by the run's seed, the step and `stream`); in evaluation every
+    /// element is `p`, its expectation. No gradient.
+    Bernoulli { p: f64, stream: u64 },
+    /// `[]` → ids `[n]`: a uniformly random permutation of `0..n` (Fisher–Yates), a new one
+    /// each training step; in evaluation the stream's fixed one. No operands, no gradient.
+    Permutation { n: Dim, stream: u64 },
+    /// `[pos: ids [s...], weights: real [V], starts: ids [C + 1]]` → ids `[s..., n]`: for
+    /// each id `p` of `pos`, `n` ids drawn independently (with replacement) from the column
+    /// `c` of the vocabulary holding `p` (`starts[c] <= p < starts[c + 1]`; `starts` rises
+    /// from 0 to `V`), id `i` with probability proportional to `weights[i]^power` (`power`
+    /// 0: uniform); an id of weight 0 never, and with `exclude` never `p` itself. A new draw
+    /// each training step; in evaluation the stream's fixed one. No gradient.
+    SampleIds { n: Dim, power: f64, exclude: bool, stream: u64 },
 
     // ---- elementwise ----
     /// `[x]`
@@ -252,8 +284,17 @@ impl Op {
     pub fn arity(&self) -> Option<usize> {
         use Op::*;
         Some(match self {
-            Input { .. } | Param { .. } | Scalar(_) | Arange { .. } | Triangle { .. } | Eye { .. } | IdList { .. } => 0,
-            DropMask { .. } | StopGrad | Unary(_) => 1,
+            Input { .. }
+            | Param { .. }
+            | Scalar(_)
+            | Arange { .. }
+            | Triangle { .. }
+            | Eye { .. }
+            | IdList { .. }
+            | Counter(_)
+            | Permutation { .. } => 0,
+            DropMask { .. } | StopGrad | Unary(_) | Bernoulli { .. } => 1,
+            SampleIds { .. } => 3,
             Binary(_) | TrainEval => 2,
             Reshape { .. } | Permute { .. } | Broadcast { .. } | Slice { .. } | Pad { .. } => 1,
             Concat { .. } => return None,
@@ -286,9 +327,11 @@ impl Op {
             | Triangle { .. }
             | Eye { .. }
             | IdList { .. }
+            | Counter(_)
             | DropMask { .. }
             | StopGrad
             | TrainEval => source::shape(self, operands),
+            Bernoulli { .. } | Permutation { .. } | SampleIds { .. } => random::shape(self, operands),
             Unary(_) | Binary(_) => elementwise::shape(self, operands),
             Reshape { .. } | Permute { .. } | Broadcast { .. } | Concat { .. } | Slice { .. } | Pad { .. } => {
                 layout::shape(self, operands)
@@ -320,7 +363,13 @@ impl Op {
             Triangle { n, upper, k } => format!("{} n={n} k={k}", if *upper { "triu" } else { "tril" }),
             Eye { n } => format!("eye n={n}"),
             IdList { ids } => format!("id_list {ids:?}"),
+            Counter(c) => format!("counter {}", format!("{c:?}").to_lowercase()),
             DropMask { p, .. } => format!("dropmask p={p}"),
+            Bernoulli { p, .. } => format!("bernoulli p={p}"),
+            Permutation { n, .. } => format!("permutation n={n}"),
+            SampleIds { n, power, exclude, .. } => {
+                format!("sample_ids n={n} power={power}{}", if *exclude { " excluding" } else { "" })
+            }
             StopGrad => "stopgrad".into(),
             TrainEval => "train_eval".into(),
             Unary(u) => format!("{u:?}").to_lowercase(),
@@ -370,6 +419,10 @@ impl Op {
             | Op::IdDiv { .. }
             | Op::IdMod { .. }
             | Op::IdList { .. }
+            | Op::Counter(_)
+            | Op::Bernoulli { .. }
+            | Op::Permutation { .. }
+            | Op::SampleIds { .. }
             | Op::TopK { .. } => true,
             Op::Unary(u) => !u.is_differentiable(),
             Op::Binary(b) => !b.is_differentiable(),
@@ -406,9 +459,11 @@ pub fn grad(graph: &mut Graph, node: &Node, id: NodeId, dy: NodeId) -> Result<Ve
         | Triangle { .. }
         | Eye { .. }
         | IdList { .. }
+        | Counter(_)
         | DropMask { .. }
         | StopGrad
         | TrainEval => source::grad(graph, node, id, dy),
+        Bernoulli { .. } | Permutation { .. } | SampleIds { .. } => random::grad(graph, node, id, dy),
         Unary(_) | Binary(_) => elementwise::grad(graph, node, id, dy),
         Reshape { .. } | Permute { .. } | Broadcast { .. } | Concat { .. } | Slice { .. } | Pad { .. } => {
             layout::grad(graph, node, id, dy)
@@ -446,9 +501,11 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
         | Triangle { .. }
         | Eye { .. }
         | IdList { .. }
+        | Counter(_)
         | DropMask { .. }
         | StopGrad
         | TrainEval => source::eval(op, args, cx),
+        Bernoulli { .. } | Permutation { .. } | SampleIds { .. } => random::eval(op, args, cx),
         Unary(_) | Binary(_) => elementwise::eval(op, args, cx),
         Reshape { .. } | Permute { .. } | Broadcast { .. } | Concat { .. } | Slice { .. } | Pad { .. } => {
             layout::eval(op, args, cx)

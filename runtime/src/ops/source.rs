@@ -1,10 +1,10 @@
 //! Source ops and gradient barriers: Input, Param, Scalar, the constant tensors (Arange,
-//! Triangle, Eye: one op each, whatever their size), the constant ids (IdList), DropMask,
-//! StopGrad, and the phase choice TrainEval (batch statistics in training, running ones in
+//! Triangle, Eye: one op each, whatever their size), the constant ids (IdList), the
+//! training loop's counters (Counter), DropMask, StopGrad, and the phase choice TrainEval (batch statistics in training, running ones in
 //! evaluation).
 
 use super::emit::Emit;
-use super::{DType, Op, Operand, ShapeError, Signature, ValueKind};
+use super::{Counter, DType, Op, Operand, ShapeError, Signature, ValueKind};
 use crate::exec::{Arg, EvalCx, ExecError};
 use crate::ir::dim::Dim;
 use crate::ir::graph::{Graph, Node, NodeId};
@@ -14,7 +14,7 @@ use crate::tensor::{Float, Ids, Tensor, Value};
 pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
     super::require_dense_real(op, x)?;
     match op {
-        Op::Scalar(_) => Ok(Signature::dense(vec![])),
+        Op::Scalar(_) | Op::Counter(_) => Ok(Signature::dense(vec![])),
         Op::Arange { n } => Ok(Signature::dense(vec![n.clone()])),
         Op::Triangle { n, .. } | Op::Eye { n } => Ok(Signature::dense(vec![n.clone(), n.clone()])),
         Op::IdList { ids } => {
@@ -66,6 +66,13 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
     };
     match op {
         Op::Scalar(v) => Ok(Value::Dense(Tensor::scalar(T::from_f64(*v)))),
+        Op::Counter(c) => {
+            let v = match c {
+                Counter::Step => cx.mode.step,
+                Counter::Epoch => cx.mode.epoch,
+            };
+            Ok(Value::Dense(Tensor::scalar(T::from_f64(v as f64))))
+        }
         Op::Arange { .. } => {
             let n = cx.out_shape[0];
             Ok(Value::Dense(Tensor { shape: vec![n], data: (0..n).map(T::from_usize).collect() }))
@@ -87,7 +94,7 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
             let keep = T::from_f64(1.0 / (1.0 - p));
             let mut rng = SplitMix64::keyed(cx.mode.seed, cx.mode.step, *stream);
             let n = shape.iter().product();
-            let data = (0..n).map(|_| if rng.next_f64() >= *p { keep } else { T::ZERO }).collect();
+            let data = (0..n).map(|_| if rng.chance(*p) { T::ZERO } else { keep }).collect();
             Ok(Value::Dense(Tensor { shape, data }))
         }
         _ => Err(ExecError::BadOperand { op: op.name(), message: "not evaluated by the source rules".into() }),

@@ -1,0 +1,198 @@
+//! Randomness and schedules in the graph, end to end on the bundled kuairand_pure_tail:
+//! ids drawn by `sample_ids` from the real vocabulary are never padding or
+//! out-of-vocabulary, come from their positive's column and are never the positive; the
+//! same seed and step draw the same ids and another seed others; a schedule on `step()`
+//! follows the training step and, in evaluation, the state the last step left; through
+//! the `mdl` binary, a spec with sampled negatives, shuffled rows, Bernoulli masks,
+//! dropout and an annealed weight gives a byte-identical metrics.json twice and across a
+//! resume, its checkpoints holding the counters.
+
+mod common;
+use common::scoring::{mdl, ok};
+use mdl::data::{prepare, CacheMode, Prepared};
+use mdl::experiment::Experiment;
+use mdl::train::Session;
+use mdl_runtime::backend::interp;
+use mdl_runtime::{passes, Mode, Op, Value};
+use std::path::{Path, PathBuf};
+
+fn tmp(name: &str) -> PathBuf {
+    common::scoring::tmp("sampling", name)
+}
+
+const SPEC: &str = "model sampled(dim = 4) {
+  input fields : categorical
+  input hist : sequence(50) of fields
+  input tags : sequence(3)
+  input dense : numeric
+  input domain : domain
+  label click
+  let E = embedding(fields, dim)
+  let h = E[hist]                                            # [B, 2, 50, dim]
+  let uniform = E[sample_ids(hist, 3)]                       # [B, 2, 50, 3, dim]
+  let frequent = E[sample_ids(hist, 2, by = \"frequency\", power = 0.75)]
+  let alpha = 0.1 + 4.9 * minimum(step() / 4, 1)            # 0.1 -> 5 over 4 steps
+  let x = flatten(E[fields]) * bernoulli(flatten(E[fields]), 0.9)
+  let shuffled = shuffle_rows(x)
+  task click = linear(dropout(x, p = 0.1), 1) + alpha * linear(dense, 1)
+  loss bce(click)
+  loss 0.1 * mean(softplus(sum(unsqueeze(h, 3) * uniform, axis = -1)))
+  loss 0.1 * mean(softplus(sum(unsqueeze(h, 3) * frequent, axis = -1)))
+  loss 0.01 * mean(sum(x * shuffled, axis = 1)) + 0.0 * epoch()
+}
+";
+
+fn spec_in(dir: &Path) -> PathBuf {
+    let spec = dir.join("sampled.mdl");
+    std::fs::write(&spec, SPEC).unwrap();
+    spec
+}
+
+/// The quickstart experiment with the spec, and its data prepared (through the tests'
+/// cache).
+fn experiment(dir: &Path) -> (Experiment, Prepared) {
+    let spec = spec_in(dir);
+    let exp = mdl::experiment::load(
+        &common::root().join("experiments/quickstart.yaml"),
+        &[format!("spec={}", spec.display())],
+    )
+    .unwrap();
+    let mut options = exp.data.prepare_options();
+    options.cache = CacheMode::Folder(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("mdl-cache"));
+    let prep = prepare(&exp.data.schema, &exp.split_files().unwrap(), &options).unwrap();
+    (exp, prep)
+}
+
+#[test]
+fn sampled_ids_follow_the_vocabulary_and_the_seed() {
+    let dir = tmp("library");
+    let (exp, prep) = experiment(&dir);
+    let session = Session::new(&exp, &prep.fitted).unwrap();
+    let (counts, starts) = prep.fitted.id_counts("fields").unwrap();
+    // The forward graph of training, with each draw an output.
+    let mut g = passes::for_phase(&session.compiled.graph, true);
+    let draws: Vec<_> = g.ids().filter(|&id| matches!(g.node(id).op, Op::SampleIds { .. })).collect();
+    assert_eq!(draws.len(), 2);
+    for (i, &id) in draws.iter().enumerate() {
+        g.outputs.insert(format!("draw{i}"), id);
+    }
+    let mut batch = prep.train.new_batch();
+    prep.train.gather(&(0..256).collect::<Vec<_>>(), &mut batch).unwrap();
+    let feeds = session.inputs.feeds(&batch);
+    let binding = session.inputs.with_batch(batch.rows);
+    let params = session.initial_tensors(1).unwrap();
+    let run = |mode: Mode| {
+        let out = interp::run(&g, &binding, &feeds, &params, &mode).unwrap();
+        (0..draws.len())
+            .map(|i| match out.output(&format!("draw{i}")) {
+                Some(Value::Ids(t)) => t.data.clone(),
+                other => panic!("draw{i}: {other:?}"),
+            })
+            .collect::<Vec<_>>()
+    };
+    let a = run(Mode::train(2023, 7));
+    let Some(Value::Ids(hist)) = feeds.get("hist") else { panic!("hist is not fed as ids") };
+    let column = |id: u32| starts.partition_point(|&s| s <= id) - 1;
+    for (draw, n) in a.iter().zip([3, 2]) {
+        assert_eq!(draw.len(), hist.data.len() * n);
+        for (k, &id) in draw.iter().enumerate() {
+            let p = hist.data[k / n];
+            assert!(counts[id as usize] > 0.0, "drew id {id} of count 0 (padding or OOV) for {p}");
+            assert_eq!(column(id), column(p), "drew id {id} from another column than {p}");
+            assert_ne!(id, p, "drew the positive");
+        }
+    }
+    assert_eq!(a, run(Mode::train(2023, 7)), "the same seed and step drew other ids");
+    let other_seed = run(Mode::train(2024, 7));
+    let other_step = run(Mode::train(2023, 8));
+    for i in 0..2 {
+        assert_ne!(a[i], other_seed[i], "another seed drew the same ids");
+        assert_ne!(a[i], other_step[i], "another step drew the same ids");
+    }
+}
+
+#[test]
+fn a_schedule_on_step_follows_training_and_evaluates_at_the_last_step() {
+    let dir = tmp("schedule");
+    let (exp, prep) = experiment(&dir);
+    let session = Session::new(&exp, &prep.fitted).unwrap();
+    // alpha is the weight of linear(dense, 1): the logits' difference between dense and
+    // zero dense, scaled by alpha, tells alpha's value. Here: the graph's `alpha` node,
+    // found as the output of `0.1 + 4.9 * ...` (the only Add of a scalar 0.1).
+    let mut batch = prep.train.new_batch();
+    prep.train.gather(&(0..64).collect::<Vec<_>>(), &mut batch).unwrap();
+    let feeds = session.inputs.feeds(&batch);
+    let binding = session.inputs.with_batch(batch.rows);
+    let mut params = session.initial_tensors(1).unwrap();
+    let alpha_of = |g: &mdl_runtime::Graph| {
+        g.ids()
+            .find(|&id| {
+                let n = g.node(id);
+                n.op == Op::Binary(mdl_runtime::BinaryOp::Add)
+                    && n.inputs.iter().any(|&i| g.node(i).op == Op::Scalar(0.1))
+            })
+            .expect("the schedule's node")
+    };
+    let mut train = passes::for_phase(&session.compiled.graph, true);
+    let a = alpha_of(&train);
+    train.outputs.insert("alpha".into(), a);
+    let at = |step: u64| {
+        let out = interp::run(&train, &binding, &feeds, &params, &Mode::train(1, step)).unwrap();
+        out.scalar("alpha").unwrap()
+    };
+    assert!((at(0) - 0.1).abs() < 1e-6);
+    assert!((at(2) - 2.55).abs() < 1e-6);
+    assert!((at(40) - 5.0).abs() < 1e-6);
+    // In evaluation, the value of the state the last training step left.
+    let mut eval = passes::for_phase(&session.compiled.graph, false);
+    let a = alpha_of(&eval);
+    eval.outputs.insert("alpha".into(), a);
+    let eval_alpha = |params: &std::collections::HashMap<String, mdl_runtime::Tensor<f32>>| {
+        interp::run(&eval, &binding, &feeds, params, &Mode::eval()).unwrap().scalar("alpha").unwrap()
+    };
+    assert!((eval_alpha(&params) - 0.1).abs() < 1e-6, "before any training");
+    params.get_mut("step()").unwrap().data[0] = 1.0;
+    assert!((eval_alpha(&params) - 1.325).abs() < 1e-6);
+}
+
+/// Trains the spec for 6 steps of 512 rows into `name`, evaluating every 2 steps.
+fn short_run(name: &str, extra: &[&str]) -> PathBuf {
+    let dir = tmp(name);
+    let spec = spec_in(&dir);
+    let out = dir.join("run");
+    let spec_set = format!("spec={}", spec.display());
+    let mut args = vec!["run", "experiments/quickstart.yaml", "--out", out.to_str().unwrap(), "--set", &spec_set];
+    for set in ["train.batch_size=512", "train.max_steps=6", "train.eval_every=2", "train.early_stopping.patience=10"] {
+        args.extend(["--set", set]);
+    }
+    args.extend_from_slice(extra);
+    ok(&mdl(&args));
+    out
+}
+
+#[test]
+fn the_same_seed_gives_identical_metrics_twice_and_across_a_resume() {
+    let a = short_run("a", &[]);
+    let b = short_run("b", &[]);
+    let metrics = std::fs::read(a.join("metrics.json")).unwrap();
+    assert_eq!(metrics, std::fs::read(b.join("metrics.json")).unwrap(), "same seed, different metrics.json");
+    let other = short_run("other_seed", &["--set", "train.seed=7"]);
+    assert_ne!(metrics, std::fs::read(other.join("metrics.json")).unwrap(), "another seed, the same metrics.json");
+    // Stopped after 3 steps (its last checkpoint at step 2), then resumed.
+    let c = short_run("resumed", &["--stop-after", "3"]);
+    assert!(!c.join("metrics.json").exists());
+    ok(&mdl(&["run", "--resume", c.to_str().unwrap()]));
+    assert_eq!(
+        metrics,
+        std::fs::read(c.join("metrics.json")).unwrap(),
+        "the resumed run differs from the straight one"
+    );
+    // The checkpoints hold the counters of their last training step: step 6 is index 5.
+    let last: std::collections::HashMap<String, mdl_runtime::Tensor<f32>> =
+        mdl_runtime::checkpoint::load(&a.join("last.ckpt")).unwrap().0.into_iter().collect();
+    assert_eq!(last["step()"].data, vec![5.0]);
+    assert_eq!(last["epoch()"].data, vec![0.0]);
+    let resumed: std::collections::HashMap<String, mdl_runtime::Tensor<f32>> =
+        mdl_runtime::checkpoint::load(&c.join("last.ckpt")).unwrap().0.into_iter().collect();
+    assert_eq!(resumed, last, "the resumed run's last checkpoint differs");
+}
