@@ -191,6 +191,7 @@ fn line_plot(title: &str, x_desc: &str, y_desc: &str, series: &[(String, Vec<(f6
 /// Grouped bars: `groups` along x, in each a bar per named series (its value per group).
 fn bar_plot(
     title: &str,
+    x_desc: &str,
     y_desc: &str,
     groups: &[String],
     series: &[(String, Vec<Option<f64>>)],
@@ -226,6 +227,7 @@ fn bar_plot(
             .disable_x_mesh()
             .x_labels(slots as usize)
             .x_label_formatter(&label)
+            .x_desc(x_desc)
             .y_desc(y_desc)
             .draw()
             .map_err(plot_err)?;
@@ -282,7 +284,7 @@ fn analysis_plots(runs: &[RunSeries], page: &mut String) -> Result<(), String> {
         for p in a["probes"].as_array().into_iter().flatten().filter(|p| p["gate"].as_bool() == Some(true)) {
             let name = p["name"].as_str().unwrap_or("?");
             let k = p["overall"]["mean"].as_array().map_or(0, |m| m.len());
-            let groups: Vec<String> = (0..k).map(|i| format!("expert {i}")).collect();
+            let groups: Vec<String> = (0..k).map(|i| i.to_string()).collect();
             let mean = |s: &Value| -> Vec<Option<f64>> { (0..k).map(|i| s["mean"][i].as_f64()).collect() };
             let mut series = vec![("all".to_string(), mean(&p["overall"]))];
             // The largest domains (by rows of the split), as the Markdown report lists them.
@@ -292,7 +294,7 @@ fn analysis_plots(runs: &[RunSeries], page: &mut String) -> Result<(), String> {
                 series.push((format!("domain {d}"), mean(s)));
             }
             let title = format!("Mean gate weight: {name}");
-            page.push_str(&bar_plot(&title, "mean weight", &groups, &series)?);
+            page.push_str(&bar_plot(&title, "expert", "mean weight", &groups, &series)?);
         }
     }
     Ok(())
@@ -375,7 +377,13 @@ pub fn page(folders: &[PathBuf]) -> Result<String, String> {
                 })
                 .collect();
             if !series.is_empty() {
-                page.push_str(&bar_plot(&format!("Test AUC per domain: {task}"), "test AUC", &domains, &series)?);
+                page.push_str(&bar_plot(
+                    &format!("Test AUC per domain: {task}"),
+                    "domain",
+                    "test AUC",
+                    &domains,
+                    &series,
+                )?);
             }
         }
     }
