@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 mod keys;
 mod stage;
 use keys::Keys;
-pub use stage::GroupCopy;
+pub use stage::{GroupCopy, InitFrom};
 
 /// A fully resolved experiment.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -162,6 +162,9 @@ pub struct TrainConfig {
     /// Training stages, in order; without any, one stage trains everything for `epochs`.
     #[serde(default)]
     pub stages: Vec<Stage>,
+    /// Start from another run's best parameters, group by group (a warm start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<InitFrom>,
     /// Stop after this many steps in total (for smoke tests and benchmarks).
     #[serde(default)]
     pub max_steps: Option<u64>,
@@ -295,8 +298,15 @@ fn default_patience() -> usize {
 }
 
 /// Keys whose values are paths, resolved against the writing file's directory.
-const PATH_KEYS: &[&[&str]] =
-    &[&["spec"], &["out"], &["data", "folder"], &["data", "train"], &["data", "valid"], &["data", "test"]];
+const PATH_KEYS: &[&[&str]] = &[
+    &["spec"],
+    &["out"],
+    &["data", "folder"],
+    &["data", "train"],
+    &["data", "valid"],
+    &["data", "test"],
+    &["train", "init_from", "run"],
+];
 
 /// Reads an experiment, merging its bases and applying `--set` overrides.
 pub fn load(path: &Path, set: &[String]) -> Result<Experiment, String> {
@@ -518,6 +528,9 @@ impl Experiment {
         }
         for (i, stage) in t.stages.iter().enumerate() {
             stage.validate(&format!("train.stages[{i}]"))?;
+        }
+        if let Some(init) = &t.init_from {
+            init.validate()?;
         }
         if let Some(n) = t.threads {
             check_threads("train.threads", n)?;

@@ -328,3 +328,58 @@ fn the_documented_example_trains_through_its_stages() {
         "{log}"
     );
 }
+
+/// A warm start: a fresh run whose `train.init_from` names another run starts with that
+/// run's best parameters in the groups it copies (its pooled head into every domain's head),
+/// every other parameter from its initialiser. A group or shape that does not fit is an
+/// error before any data is read, naming both specs.
+#[test]
+fn a_warm_start_takes_another_runs_best_parameters() {
+    let dir = tmp("warm");
+    ok(&run(&dir, "source", "[{name: pre, steps: 4, losses: [pre]}]", &[]));
+    let source = dir.join("source");
+    let init = format!(
+        "train.init_from={{run: {}, copy: [{{from: backbone, to: backbone}}, {{from: head0, to: heads}}]}}",
+        source.display()
+    );
+    // One step that trains nothing: the parameters are those the warm start gave.
+    let log = ok(&run(&dir, "warm", "[{steps: 1, train_only: []}]", &["--set", &init]));
+    assert!(
+        log.contains(&format!(
+            "copied pooled/linear/W into click/per_domain/linear/W (15 copies) from {}",
+            source.display()
+        )),
+        "{log}"
+    );
+    let best = tensors(&source.join("best.ckpt"));
+    let warm = tensors(&dir.join("warm/last.ckpt"));
+    for name in ["E/table", "h/mlp/linear/W", "h/mlp/linear/b"] {
+        assert_eq!(get(&warm, name), get(&best, name), "{name} is not the source run's best");
+    }
+    let (w0, w) = (get(&best, "pooled/linear/W"), get(&warm, "click/per_domain/linear/W"));
+    for d in 0..15 {
+        assert_eq!(&w.data[d * 16..(d + 1) * 16], &w0.data[..], "domain {d}'s head");
+    }
+    // head0 was not copied: it starts from its initialiser, not from the source's.
+    let init_w =
+        mdl_runtime::init::init_tensor::<f32>("pooled/linear/W", vec![16, 1], &mdl_runtime::Init::Glorot, 2023)
+            .unwrap();
+    assert_eq!(get(&warm, "pooled/linear/W"), init_w);
+
+    let bad = format!("train.init_from={{run: {}, copy: [{{from: heads, to: head0}}]}}", source.display());
+    let err = failed(&run(&dir, "bad", "[{steps: 1}]", &["--set", &bad]));
+    let expected = format!(
+        "train.init_from.copy[0]: `click/per_domain/linear/W` [count(domain), 16, 1] (group `heads` of {}) cannot be copied into `pooled/linear/W` [16, 1] (group `head0` of {}): the shapes differ",
+        source.join("spec/staged.mdl").display(),
+        dir.join("staged.mdl").display()
+    );
+    assert!(err.contains(&expected), "{err}");
+    assert!(!err.contains("data: train") && !dir.join("bad").exists(), "{err}");
+    let unknown = format!("train.init_from={{run: {}, copy: [{{from: head, to: head0}}]}}", source.display());
+    let err = failed(&run(&dir, "unknown", "[{steps: 1}]", &["--set", &unknown]));
+    assert!(err.contains("train.init_from.copy[0].from: no parameter of model `staged` is in group `head`; did you mean `head0`? (its groups: backbone, head0, heads)"), "{err}");
+    let missing =
+        format!("train.init_from={{run: {}, copy: [{{from: head0, to: head0}}]}}", dir.join("nothing").display());
+    let err = failed(&run(&dir, "missing", "[{steps: 1}]", &["--set", &missing]));
+    assert!(err.contains("train.init_from.run: "), "{err}");
+}

@@ -1,11 +1,12 @@
 //! What this module owns: the checks of one training stage's settings that need no spec
 //! and no data (its length, learning rate, early stopping, lists that must not be empty),
-//! each error naming the key path (`train.stages[1].lr`), and the [`GroupCopy`] a stage
-//! makes at its start. The checks against the spec (group and loss names, the shapes of
+//! each error naming the key path (`train.stages[1].lr`), the [`GroupCopy`] a stage
+//! makes at its start, and the warm start of a run from another run ([`InitFrom`]). The checks against the spec (group and loss names, the shapes of
 //! copies) are `train/stages.rs`'s, once the spec is compiled.
 
 use super::{positive, Stage, MAX_EPOCHS};
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
 /// `copy: [{from: g, to: h}]`: at the stage's start, every parameter of group `to` takes
 /// the values of the parameter of group `from` in the same position (the groups' parameters
@@ -16,6 +17,26 @@ use serde::{Deserialize, Serialize};
 pub struct GroupCopy {
     pub from: String,
     pub to: String,
+}
+
+/// `train.init_from: {run: DIR, copy: [{from: g, to: h}]}`: a fresh run starts with the
+/// best parameters (`best.ckpt`) of the run in `DIR` in its groups `h`, each copied from the
+/// group `g` of that run as a stage's `copy` does; every other parameter starts from its
+/// initialiser.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitFrom {
+    pub run: PathBuf,
+    pub copy: Vec<GroupCopy>,
+}
+
+impl InitFrom {
+    pub(super) fn validate(&self) -> Result<(), String> {
+        if self.copy.is_empty() {
+            return Err("train.init_from.copy: name at least one group to copy ({from: g, to: h})".into());
+        }
+        Ok(())
+    }
 }
 
 impl Stage {

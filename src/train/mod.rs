@@ -348,6 +348,7 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
     }
     let (compiled, spec_files) = compile_spec_at(exp, &spec)?;
     stages::check(exp, &compiled)?;
+    stages::check_init_from(exp, &compiled)?;
     let spec_time = spec_started.elapsed();
     let (mut folder, claim_note) = match resumed {
         Some(folder) => (folder, None),

@@ -272,7 +272,10 @@ impl<'a> Run<'a> {
             if resume {
                 log.line("no checkpoint to resume from; starting fresh");
             }
-            let params = session.initial_tensors(exp.train.seed)?;
+            let mut params = session.initial_tensors(exp.train.seed)?;
+            for line in super::stages::warm_start(exp, &session.compiled, &mut params)? {
+                log.line(&line);
+            }
             (params, LoopState::new())
         };
         let parameters: usize = session.params().iter().filter_map(|p| params.get(&p.name)).map(|t| t.data.len()).sum();

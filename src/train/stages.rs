@@ -5,7 +5,9 @@
 //! sides have shapes that fit. [`Schedule`] is what the loop ([`super::run`]) asks of the
 //! stage it is in: the training graph of its objective, its learning-rate factor, its
 //! early stopping, the train rows it reads, which parameters it freezes, the copies made
-//! at its start, and the words the log and `curve.csv` use for it.
+//! at its start, and the words the log and `curve.csv` use for it. A warm start
+//! (`train.init_from`: groups of a fresh run copied from another run's best parameters)
+//! is checked and made here too ([`check_init_from`], [`warm_start`]).
 //!
 //! An experiment without `stages:` is one stage of `train.epochs` that trains everything on
 //! the whole objective: the loop then runs exactly as it did before stages had settings
@@ -81,17 +83,29 @@ fn members<'c>(compiled: &'c Compiled, group: &str) -> Vec<&'c ParamInfo> {
     compiled.graph.params.iter().filter(|p| p.group.as_deref() == Some(group)).collect()
 }
 
-/// The parameter pairs of a copy, `(from, to)`, position by position; each `to` has the
-/// shape of its `from`, or that shape with one more leading axis (per domain): a one-to-many
-/// copy. An error names both parameters and their shapes.
+/// The parameter pairs of a copy, `(from, to)`, position by position, within one model;
+/// see [`pairs_between`].
 fn copy_pairs(compiled: &Compiled, c: &GroupCopy) -> Result<Vec<(String, String)>, String> {
-    let (from, to) = (members(compiled, &c.from), members(compiled, &c.to));
+    pairs_between((compiled, ""), (compiled, ""), c)
+}
+
+/// The parameter pairs of a copy from group `c.from` of model `from` into group `c.to` of
+/// model `to`, position by position; each `to` has the shape of its `from`, or that shape
+/// with one more leading axis (per domain): a one-to-many copy. Each model comes with the
+/// words that say where it is (empty for the run's own). An error names both parameters,
+/// their shapes, groups and places.
+fn pairs_between(
+    (from_model, from_at): (&Compiled, &str),
+    (to_model, to_at): (&Compiled, &str),
+    c: &GroupCopy,
+) -> Result<Vec<(String, String)>, String> {
+    let (from, to) = (members(from_model, &c.from), members(to_model, &c.to));
     let names = |ps: &[&ParamInfo]| {
         ps.iter().map(|p| format!("{} {}", p.name, shape_to_string(&p.shape))).collect::<Vec<_>>().join(", ")
     };
     if from.len() != to.len() {
         return Err(format!(
-            "group `{}` has {} parameters ({}), group `{}` has {} ({}): a copy pairs them in order",
+            "group `{}`{from_at} has {} parameters ({}), group `{}`{to_at} has {} ({}): a copy pairs them in order",
             c.from,
             from.len(),
             names(&from),
@@ -108,7 +122,7 @@ fn copy_pairs(compiled: &Compiled, c: &GroupCopy) -> Result<Vec<(String, String)
                 Ok((f.name.clone(), t.name.clone()))
             } else {
                 Err(format!(
-                    "`{}` {} (group `{}`) cannot be copied into `{}` {} (group `{}`): the shapes differ",
+                    "`{}` {} (group `{}`{from_at}) cannot be copied into `{}` {} (group `{}`{to_at}): the shapes differ",
                     f.name,
                     shape_to_string(&f.shape),
                     c.from,
@@ -119,6 +133,84 @@ fn copy_pairs(compiled: &Compiled, c: &GroupCopy) -> Result<Vec<(String, String)
             }
         })
         .collect()
+}
+
+/// The run a warm start (`train.init_from`) reads, with the words that say where its spec is.
+fn init_source(exp: &Experiment) -> Result<Option<(super::LoadedRun, String)>, String> {
+    let Some(init) = &exp.train.init_from else { return Ok(None) };
+    let source = super::load_run(&init.run).map_err(|e| format!("train.init_from.run: {e}"))?;
+    let at =
+        format!(" of {}", init.run.join("spec").join(source.experiment.spec.file_name().unwrap_or_default()).display());
+    Ok(Some((source, at)))
+}
+
+/// Checks a warm start before any data is read: the run it names loads, and each copy's
+/// groups and shapes fit (the errors name both specs).
+pub fn check_init_from(exp: &Experiment, compiled: &Compiled) -> Result<(), String> {
+    let (Some(init), Some((source, at))) = (&exp.train.init_from, init_source(exp)?) else { return Ok(()) };
+    let here = format!(" of {}", exp.spec.display());
+    let from = &source.session.compiled;
+    for (j, c) in init.copy.iter().enumerate() {
+        let key = format!("train.init_from.copy[{j}]");
+        known_name(&format!("{key}.from"), &c.from, &groups(from), "group", &from.model)?;
+        known_name(&format!("{key}.to"), &c.to, &groups(compiled), "group", &compiled.model)?;
+        pairs_between((from, &at), (compiled, &here), c).map_err(|e| format!("{key}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// A warm start: the copies of `train.init_from` from that run's best parameters into
+/// `params` (a fresh run's); returns a log line per copy.
+pub fn warm_start(
+    exp: &Experiment,
+    compiled: &Compiled,
+    params: &mut HashMap<String, Tensor<f32>>,
+) -> Result<Vec<String>, String> {
+    let (Some(init), Some((source, at))) = (&exp.train.init_from, init_source(exp)?) else { return Ok(Vec::new()) };
+    let here = format!(" of {}", exp.spec.display());
+    let mut lines = Vec::new();
+    for (j, c) in init.copy.iter().enumerate() {
+        let pairs = pairs_between((&source.session.compiled, &at), (compiled, &here), c)
+            .map_err(|e| format!("train.init_from.copy[{j}]: {e}"))?;
+        for (from, to) in pairs {
+            let source = source.params.get(&from).ok_or_else(|| format!("train.init_from: no value for `{from}`"))?;
+            let line =
+                copy_tensor(source, &from, params, &to).map_err(|e| format!("train.init_from.copy[{j}]: {e}"))?;
+            lines.push(format!("{line} from {}", init.run.display()));
+        }
+    }
+    Ok(lines)
+}
+
+/// Puts `source` (parameter `from`) into `params[to]` as a new tensor (a device backend then
+/// uploads it whole), repeated along `to`'s leading axis when `to` has one more; returns
+/// the log line.
+fn copy_tensor(
+    source: &Tensor<f32>,
+    from: &str,
+    params: &mut HashMap<String, Tensor<f32>>,
+    to: &str,
+) -> Result<String, String> {
+    let target = params.get(to).ok_or_else(|| format!("no value for parameter `{to}`"))?;
+    let n = source.data.len();
+    let rank = source.shape.len();
+    let fits = n > 0
+        && target.shape.len() >= rank
+        && target.shape[target.shape.len() - rank..] == source.shape[..]
+        && target.data.len() % n == 0;
+    if !fits {
+        return Err(format!(
+            "`{from}` {:?} does not fit `{to}` {:?} at the data's sizes (the vocabularies or domains differ)",
+            source.shape, target.shape
+        ));
+    }
+    let copies = target.data.len() / n;
+    let data: Vec<f32> = source.data.iter().copied().cycle().take(n * copies).collect();
+    let new = Tensor::new(target.shape.clone(), data)
+        .ok_or_else(|| format!("`{to}` {:?} does not hold {} values", target.shape, n * copies))?;
+    params.insert(to.to_string(), new);
+    let times = if copies > 1 { format!(" ({copies} copies)") } else { String::new() };
+    Ok(format!("copied {from} into {to}{times}"))
 }
 
 /// One stage as the loop runs it.
@@ -211,27 +303,8 @@ impl Schedule {
     pub fn copy_into(&self, i: usize, params: &mut HashMap<String, Tensor<f32>>) -> Result<Vec<String>, String> {
         let mut lines = Vec::new();
         for (from, to) in &self.stages[i].copies {
-            let source = params.get(from).ok_or_else(|| format!("copy: no value for parameter `{from}`"))?;
-            let target = params.get(to).ok_or_else(|| format!("copy: no value for parameter `{to}`"))?;
-            let n = source.data.len();
-            if n == 0
-                || target.data.len() % n != 0
-                || target.shape[target.shape.len() - source.shape.len()..] != source.shape[..]
-            {
-                return Err(format!(
-                    "copy: `{from}` {:?} does not fit `{to}` {:?} at the data's sizes",
-                    source.shape, target.shape
-                ));
-            }
-            let copies = target.data.len() / n;
-            let data: Vec<f32> = source.data.iter().copied().cycle().take(n * copies).collect();
-            let new = Tensor::new(target.shape.clone(), data)
-                .ok_or_else(|| format!("copy: `{to}` {:?} does not hold {} values", target.shape, n * copies))?;
-            lines.push(format!(
-                "copied {from} into {to}{}",
-                if copies > 1 { format!(" ({copies} copies)") } else { String::new() }
-            ));
-            params.insert(to.clone(), new);
+            let source = params.get(from).ok_or_else(|| format!("copy: no value for parameter `{from}`"))?.clone();
+            lines.push(copy_tensor(&source, from, params, to).map_err(|e| format!("copy: {e}"))?);
         }
         Ok(lines)
     }
