@@ -3,10 +3,10 @@
 
 A reference serving client: it encodes each row's raw values with the model's
 `<name>.features.json` (format `mdl-features/1`, docs/serving.md) exactly as mdl does,
-feeds the model in batches and writes one probability per task per row, as
-`mdl predict` does. With `--compare PREDICTED.csv` (the output of `mdl predict` on the
-same rows) it prints the largest absolute difference per task and fails when one is
-above `--tolerance`.
+feeds the model in batches and writes one score per task per row (a probability, or a
+regression task's prediction), as `mdl predict` does. With `--compare PREDICTED.csv` (the
+output of `mdl predict` on the same rows) it prints the largest difference per task
+(absolute, relative to values above 1) and fails when one is above `--tolerance`.
 
     python3 scripts/onnx_score.py model.onnx rows.csv.gz --out scores.csv
     python3 scripts/onnx_score.py model.onnx rows.csv --batch 4096 --compare predicted.csv
@@ -143,7 +143,10 @@ def main():
         worst = 0.0
         for t, task in enumerate(tasks):
             column = theirs_header.index(task)
-            diff = float(np.max(np.abs(scores[:, t] - np.array([float(r[column]) for r in theirs], dtype=np.float64))))
+            # Absolute for values up to 1 (probabilities), relative above (a regression
+            # task's prediction, float32 either way).
+            want = np.array([float(r[column]) for r in theirs], dtype=np.float64)
+            diff = float(np.max(np.abs(scores[:, t] - want) / np.maximum(1.0, np.abs(want))))
             print(f"{task}: max |diff| {diff:.3e} over {len(rows)} rows")
             worst = max(worst, diff)
         if not worst <= args.tolerance:

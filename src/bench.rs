@@ -162,7 +162,8 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
     let compiled = compile_spec(exp)?;
     let spec_time = t.elapsed();
     let paths = exp.split_files()?;
-    let prep = data::prepare(&exp.data.schema, &paths, &exp.data.prepare_options()).map_err(|e| e.to_string())?;
+    let schema = crate::train::label_schema(&exp.data.schema, &compiled);
+    let prep = data::prepare(&schema, &paths, &exp.data.prepare_options()).map_err(|e| e.to_string())?;
     let t = Instant::now();
     let session = Session::with_compiled(compiled, &prep.fitted)?;
     let compile_ms = (t.elapsed() + spec_time).as_secs_f64() * 1e3;

@@ -208,7 +208,9 @@ impl EvalEvery {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EarlyStopping {
-    /// `auc` (default), `gauc` or `logloss` of the first task on valid.
+    /// `auc` (default), `gauc` or `logloss` of the first task on valid; `rmse`, `mae` (or
+    /// `rmsle`, with `log = true`) for a regression task; `accuracy`, `logloss`, `hr@k` or `ndcg@k` for a classes or
+    /// candidates task (see [`crate::tasks::metric_direction`]).
     #[serde(default = "default_metric")]
     pub metric: String,
     /// Evaluations without improvement before stopping (default 2).
@@ -225,11 +227,12 @@ impl Default for EarlyStopping {
 impl EarlyStopping {
     /// Whether larger is better for the metric.
     pub fn maximize(&self) -> Result<bool, String> {
-        match self.metric.as_str() {
-            "auc" | "gauc" => Ok(true),
-            "logloss" => Ok(false),
-            m => Err(format!("train.early_stopping.metric: expected auc, gauc or logloss, found `{m}`")),
-        }
+        crate::tasks::metric_direction(&self.metric).ok_or_else(|| {
+            format!(
+                "train.early_stopping.metric: expected auc, gauc, logloss, rmse, mae, rmsle, accuracy, hr@k or ndcg@k, found `{}`",
+                self.metric
+            )
+        })
     }
 }
 

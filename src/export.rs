@@ -17,10 +17,11 @@
 use crate::data::serving::{FeatureEncoding, FORMAT};
 use crate::files::write_atomic;
 use crate::lower::{logit_output, FeatureKind};
+use crate::tasks::TaskKind;
 use crate::train::folder::Trust;
 use crate::train::{open_run, LoadedRun};
 use mdl_runtime::onnx::ModelInfo;
-use mdl_runtime::{Op, UnaryOp};
+use mdl_runtime::{BinaryOp, Op, UnaryOp};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -70,20 +71,39 @@ pub fn export(run: &Path, format: Format, out: &Path, force: bool) -> Result<Exp
 fn onnx(run: &LoadedRun, out: &Path) -> Result<Exported, String> {
     let session = &run.session;
     let tasks = &session.compiled.tasks;
-    // The evaluation graph, its outputs the tasks' probabilities.
+    // The evaluation graph, its outputs the tasks' scores: a binary task's probability, a
+    // regression task's prediction (`exp(z) - 1` for one declared with `log = true`).
     let mut graph = session.eval_graph.clone();
     let mut outputs = std::collections::BTreeMap::new();
-    for task in tasks {
+    for (task, kind) in tasks.iter().zip(&session.compiled.task_kinds) {
         let logit =
             *graph.outputs.get(&logit_output(task)).ok_or_else(|| format!("no logit output for task {task}"))?;
-        let p = graph.add(Op::Unary(UnaryOp::Sigmoid), &[logit], task).map_err(|e| e.to_string())?;
-        outputs.insert(task.clone(), p);
+        let add = |graph: &mut mdl_runtime::Graph, op: Op, inputs: &[mdl_runtime::NodeId]| {
+            graph.add(op, inputs, task).map_err(|e| e.to_string())
+        };
+        let score = match kind {
+            TaskKind::Binary => add(&mut graph, Op::Unary(UnaryOp::Sigmoid), &[logit])?,
+            TaskKind::Regression { log: false } => logit,
+            TaskKind::Regression { log: true } => {
+                let e = add(&mut graph, Op::Unary(UnaryOp::Exp), &[logit])?;
+                let one = add(&mut graph, Op::Scalar(1.0), &[])?;
+                add(&mut graph, Op::Binary(BinaryOp::Sub), &[e, one])?
+            }
+            TaskKind::Classes { .. } | TaskKind::Candidates { .. } => {
+                return Err(format!(
+                    "task `{task}` is a {} task: ONNX export writes one score per task and row, and the arg-max \
+                     class of a row of logits is not rendered; export a run whose tasks are binary or regression",
+                    kind.describe()
+                ))
+            }
+        };
+        outputs.insert(task.clone(), score);
     }
     graph.outputs = outputs;
     let info = ModelInfo {
         producer: ("mdl".into(), env!("CARGO_PKG_VERSION").into()),
         doc: format!(
-            "{} (spec {}): one probability per task; the inputs are encoded as {} describes",
+            "{} (spec {}): one score per task (a probability, or a regression's prediction); the inputs are encoded as {} describes",
             run.experiment.name,
             run.experiment.spec.display(),
             file_name(&features_path(out))

@@ -19,4 +19,5 @@ pub mod report;
 pub mod score;
 pub mod serve;
 pub mod syntax;
+pub mod tasks;
 pub mod train;

@@ -121,14 +121,18 @@ fn cell(text: &str) -> Cow<'_, str> {
 }
 
 /// The output lines of one block: per record, its kept cells, then its scores (or `""` for
-/// each task where the record was skipped).
-fn block_lines(block: &Block, scores: &[f32], tasks: usize, keep: usize) -> String {
+/// each task where the record was skipped); `whole[t]` says task `t`'s score is a class or
+/// position (written as an integer).
+fn block_lines(block: &Block, scores: &[f32], whole: &[bool], keep: usize) -> String {
+    let tasks = whole.len();
     let mut text = String::with_capacity(block.encoded.len() * (8 * tasks + 16 * keep));
     let mut scored = scores.chunks(tasks.max(1));
     for (record, &encoded) in block.encoded.iter().enumerate() {
         let mut cells: Vec<Cow<str>> = block.kept[record * keep..(record + 1) * keep].iter().map(|c| cell(c)).collect();
         match if encoded { scored.next() } else { None } {
-            Some(row) => cells.extend(row.iter().map(|s| Cow::Owned(format!("{s:.6}")))),
+            Some(row) => cells.extend(
+                row.iter().zip(whole).map(|(s, &w)| Cow::Owned(if w { format!("{s:.0}") } else { format!("{s:.6}") })),
+            ),
             None => cells.extend((0..tasks).map(|_| cell(""))),
         }
         text.push_str(&cells.join(","));
@@ -141,6 +145,7 @@ fn block_lines(block: &Block, scores: &[f32], tasks: usize, keep: usize) -> Stri
 pub fn predict(run: &Path, options: &PredictOptions) -> Result<Predicted, String> {
     let mut scorer = Scorer::open_on(run, Trust { force: options.force }, options.threads)?;
     let tasks = scorer.tasks().to_vec();
+    let whole: Vec<bool> = scorer.task_kinds().iter().map(|k| !k.scalar_output()).collect();
     if let Some(clash) = options.keep.iter().find(|k| tasks.contains(k)) {
         return Err(format!(
             "--keep {clash}: the output already has a score column '{clash}' (the tasks: {})",
@@ -167,7 +172,7 @@ pub fn predict(run: &Path, options: &PredictOptions) -> Result<Predicted, String
         // Skipped records have no row in the block's data, so a row's scores follow the
         // records that encoded.
         let scores = scorer.score(&current.data)?;
-        open = out.write(&block_lines(current, &scores, tasks.len(), options.keep.len()))?;
+        open = out.write(&block_lines(current, &scores, &whole, options.keep.len()))?;
         if open == Open::Yes {
             rows += current.encoded.len();
             block = stream.next_block().map_err(|e| e.to_string())?;

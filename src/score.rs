@@ -2,7 +2,8 @@
 //! (rows streamed from a file, [`crate::predict`]) and `mdl serve` (rows posted as JSON,
 //! [`crate::serve`]) share. It opens the run folder (checked against its manifest), compiles
 //! the folder's copy of the spec, loads the best parameters and the experiment's backend,
-//! and turns encoded rows into one probability per task per row.
+//! and turns encoded rows into one score per task per row: a binary task's probability, a
+//! regression task's prediction, a classes task's arg-max class ([`crate::tasks`]).
 
 use crate::data::{BadRows, Dataset, EncodeOptions, Fitted, UnknownDomain};
 use crate::experiment::Experiment;
@@ -47,6 +48,11 @@ impl Scorer {
         &self.session.compiled.tasks
     }
 
+    /// The kind of each task, in the order of [`Scorer::tasks`].
+    pub fn task_kinds(&self) -> &[crate::tasks::TaskKind] {
+        &self.session.compiled.task_kinds
+    }
+
     /// The model's name in its spec.
     pub fn model(&self) -> &str {
         &self.session.compiled.model
@@ -74,7 +80,7 @@ impl Scorer {
         }
     }
 
-    /// The probability of every task for every row of `data`: `rows × tasks` values,
+    /// The score of every task for every row of `data` (see the module doc): `rows × tasks` values,
     /// row-major (a row's scores do not depend on the other rows scored with it).
     pub fn score(&mut self, data: &Dataset) -> Result<Vec<f32>, String> {
         let batch = self.batch_rows();

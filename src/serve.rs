@@ -8,7 +8,8 @@
 //!   model's input columns; a column the run's schema does not have is an error, while its
 //!   label and user columns may be present and are not read. The answer is
 //!   `{"tasks": [...], "scores": [[...], ...], "domain_fallbacks": N}`: per row, in order, one
-//!   probability per task.
+//!   score per task: a binary task's probability, a regression task's prediction (on the
+//!   label's scale), a classes task's arg-max class (as [`Scorer::score`] gives them).
 //! - A bad row is answered 400 with `{"error", "row", "field"}` naming the row's index and
 //!   the column (an unknown column, a missing input, a number that is not one, a domain id
 //!   train never had under the run's `data.unknown_domain`); the rows are encoded by the

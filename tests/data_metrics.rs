@@ -102,8 +102,8 @@ fn small_schema(item_min_count: Option<u64>) -> Schema {
             FeatureGroup::Numeric { name: "dense".into(), columns: strings(&["price"]), normalize: Normalize::Minmax },
         ],
         labels: vec![
-            Task { name: "click".into(), column: "label".into() },
-            Task { name: "like".into(), column: "like".into() },
+            Task { name: "click".into(), column: "label".into(), values: Default::default() },
+            Task { name: "like".into(), column: "like".into(), values: Default::default() },
         ],
         domain: Some(DomainSpec { column: "domain".into(), count: None }),
         user: Some("user".into()),
@@ -546,8 +546,8 @@ fn kuairand_schema() -> Schema {
             },
         ],
         labels: vec![
-            Task { name: "click".into(), column: "label".into() },
-            Task { name: "long_view".into(), column: "label_long_view".into() },
+            Task { name: "click".into(), column: "label".into(), values: Default::default() },
+            Task { name: "long_view".into(), column: "label_long_view".into(), values: Default::default() },
         ],
         domain: Some(DomainSpec { column: "domain".into(), count: None }),
         user: Some("user_id".into()),

@@ -136,9 +136,12 @@ fn onnxruntime_scores_equal_predict_for_every_shipped_spec() {
         (name.clone(), format!("experiments/{name}.yaml"), None)
     });
     let every_op_spec = format!("spec={}", every_op.display());
-    for (name, experiment, spec) in
-        models.chain([("every_op".to_string(), "experiments/dnn.yaml".into(), Some(every_op_spec.as_str()))])
-    {
+    // PLE with its regression task (log-transformed watch time) beside the shipped specs.
+    let extra = [
+        ("ple_watch".to_string(), "experiments/ple_watch.yaml".into(), None),
+        ("every_op".to_string(), "experiments/dnn.yaml".into(), Some(every_op_spec.as_str())),
+    ];
+    for (name, experiment, spec) in models.chain(extra) {
         let run = short_run(&d, &name, &experiment, spec, &splits, batch);
         let model = d.join(format!("{name}.onnx"));
         let err = ok(

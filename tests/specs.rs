@@ -47,6 +47,40 @@ fn comparisons_where_and_the_new_activations_differentiate_through_the_lowering(
     check_gradients(&path);
 }
 
+/// The losses of the task kinds beyond 0/1 (issue 14): `softmax_ce` of a classes task
+/// (against its label) and of a candidates task (against the first candidate), and `mse`
+/// of a regression task on `log(1 + y)` and per domain: their gradients equal finite
+/// differences.
+#[test]
+fn softmax_cross_entropy_and_mse_gradients_match_finite_differences() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("specs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("kinds14.mdl");
+    std::fs::write(
+        &path,
+        "model m(dim = 4) {
+  input fields : categorical
+  input dense : numeric
+  input d : domain
+  label cls : classes(3, top = [2])
+  label next : candidates(top = [1])
+  label watch : regression(log = true)
+  let E = embedding(fields, dim)
+  let D = embedding(d, dim)
+  let h = tanh(linear(concat([flatten(E[fields]), dense, D[d]], axis = 1), 6))
+  task cls = linear(h, 3)
+  task next = linear(h, 5) * 2
+  task watch = linear(h, 1)
+  loss softmax_ce(cls) + 0.5 * softmax_ce(next, by = d) + mse(watch, by = d)
+}
+",
+    )
+    .unwrap();
+    let c = compile(&path);
+    assert!(c.graph.input_info("label/next").is_none(), "a candidates task reads no label");
+    check_gradients(&path);
+}
+
 /// MNSE-style digit embeddings: numeric values bucketized, the bucket ids split into base-4
 /// digits by `mod` and `floordiv`, each digit looked up in its own table, beside the real
 /// `mod` and `floordiv` of values. The tables get (row-sparse) gradients equal to finite

@@ -200,8 +200,9 @@ pub(crate) fn decode(key: &[u8; 32], bytes: &[u8]) -> Result<(Fitted, [Dataset; 
             shape.num.iter().map(|width| cursor.floats(elements(rows, &[*width])?)).collect::<Result<Vec<_>, _>>()?;
         let domain = cursor.ids(elements(rows, &[shape.has_domain as usize])?, fitted.domains as u64)?;
         let labels = cursor.floats(elements(rows, &[shape.tasks])?)?;
-        if labels.iter().any(|&y| y != 0.0 && y != 1.0) {
-            return Err("a label is not 0 or 1".into());
+        let tasks = fitted.schema.labels.iter().map(|t| t.values).collect::<Vec<_>>();
+        if labels.iter().enumerate().any(|(i, &y)| !tasks.get(i % tasks.len().max(1)).is_some_and(|v| v.accepts(y))) {
+            return Err("a label is not one its column can hold".into());
         }
         let user = cursor.ids(elements(rows, &[shape.has_user as usize])?, u64::MAX)?;
         let dataset = Dataset {

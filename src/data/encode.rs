@@ -24,6 +24,7 @@ use super::schema::{CategoricalColumnRef, Schema};
 use super::source::{check_same_columns, Format};
 use super::vocab::{Interner, ValueIndex, Vocab, OOV, PAD};
 use super::{BadRows, DataError, Delimiter, EncodeOptions, UnknownDomain};
+use crate::tasks::LabelValues;
 
 /// One file of a split, read into memory: CSV text (gunzipped) or a Parquet file's bytes.
 pub(crate) struct Input {
@@ -157,6 +158,8 @@ pub(super) struct Plan {
     num: Vec<Vec<usize>>,
     domain: Option<usize>,
     labels: Vec<usize>,
+    /// What each label column holds (the schema's `values`), in the order of `labels`.
+    label_values: Vec<LabelValues>,
     user: Option<usize>,
 }
 
@@ -205,6 +208,7 @@ impl Plan {
             } else {
                 Vec::new()
             },
+            label_values: schema.labels.iter().map(|t| t.values).collect(),
             user: schema.user.as_deref().filter(|_| all).map(find).transpose()?,
             tasks: schema.labels.len(),
             pad_user: !all && schema.user.is_some(),
@@ -432,17 +436,6 @@ fn shown(value: &str) -> String {
     }
 }
 
-fn parse_label(value: &str) -> Option<f32> {
-    match value {
-        "0" => Some(0.0),
-        "1" => Some(1.0),
-        other => match other.trim().parse::<f64>() {
-            Ok(x) if x == 0.0 || x == 1.0 => Some(x as f32),
-            _ => None,
-        },
-    }
-}
-
 /// One row's fields by header position: a CSV [`Record`], or values that came otherwise
 /// (rows served as JSON, [`FieldEncoder`]).
 trait Fields {
@@ -500,9 +493,9 @@ fn encode_row<I: IdSource, F: Fields + ?Sized>(
         message: format!("column '{}': {problem} (value {})", plan.header[index], shown(value)),
     };
     scratch.labels.clear();
-    for &index in &plan.labels {
+    for (&index, values) in plan.labels.iter().zip(&plan.label_values) {
         let value = record.get(index);
-        let label = parse_label(value).ok_or_else(|| column_error(index, "a label must be 0 or 1", value))?;
+        let label = values.parse(value).map_err(|problem| column_error(index, &problem, value))?;
         scratch.labels.push(label);
     }
     scratch.labels.resize(plan.tasks, 0.0);

@@ -17,6 +17,7 @@
 //! Every column not named here is ignored. [`Schema::validate`] checks the schema on its own;
 //! whether the named columns exist is checked against each file's header when it is read.
 
+use crate::tasks::LabelValues;
 use serde::{Deserialize, Serialize};
 
 use super::DataError;
@@ -122,12 +123,16 @@ pub struct DomainSpec {
     pub count: Option<usize>,
 }
 
-/// One binary prediction task: its name and the 0/1 label column.
+/// One prediction task: its name and its label column, and what the column holds
+/// (`values`: 0/1 unless the spec declares the task otherwise; `mdl run` fills it from the
+/// spec, see [`crate::tasks`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Task {
     pub name: String,
     pub column: String,
+    #[serde(default, skip_serializing_if = "LabelValues::is_binary")]
+    pub values: LabelValues,
 }
 
 /// Where a categorical column sits: `(categorical group index, column index in the group)`.

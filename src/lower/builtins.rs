@@ -14,9 +14,10 @@ use super::expr::ids_fit;
 use super::value::{IdSpace, Tv, Val};
 use super::{count_sym, label_input, rows_sym, vocab_input, vocab_starts_input, Elab, FeatureKind, R};
 use crate::diag::{suggest, Diagnostic, Span};
+use crate::tasks::TaskKind;
 use mdl_runtime::ir::dim::{numel, shape_to_string};
 use mdl_runtime::ops::{BinaryOp, Counter, Op, ReduceOp, UnaryOp};
-use mdl_runtime::{Dim, Init};
+use mdl_runtime::{Dim, Init, NodeId};
 use Param::{Bool, Float, Int, Optional, Required, Str};
 
 /// A parameter of a built-in and its default.
@@ -187,6 +188,8 @@ pub static BUILTINS: &[Builtin] = &[
     Builtin { name: "len", params: &[Required("list")], lower: len },
     Builtin { name: "dim", params: &[Required("x"), Required("axis")], lower: dim },
     Builtin { name: "bce", params: &[Required("task"), Optional("by")], lower: bce },
+    Builtin { name: "mse", params: &[Required("task"), Optional("by")], lower: mse },
+    Builtin { name: "softmax_ce", params: &[Required("task"), Optional("by")], lower: softmax_ce },
     Builtin { name: "label", params: &[Required("task")], lower: label },
     Builtin { name: "broadcast_to", params: &[Required("x"), Required("like")], lower: broadcast_to },
     Builtin { name: "group_mean", params: &[Required("x"), Required("by")], lower: group_mean },
@@ -1123,21 +1126,104 @@ fn embedding(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     Ok(Val::Table { node, ids_of: IdSpace::Input(space) })
 }
 
-fn bce(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+/// The task a loss takes (`bce(click)`), with its logit and its kind, which must be one
+/// `loss` accepts (`wants` names them for the message).
+fn loss_task(
+    el: &mut Elab,
+    a: &Args,
+    loss: &str,
+    accepts: fn(&TaskKind) -> bool,
+    wants: &str,
+) -> R<(String, NodeId, TaskKind)> {
     let (t, ts) = a.get("task");
     let Val::Task(task) = t else {
-        return el.error(ts, format!("`bce` takes a task declared with `task`, found {}", t.kind()));
+        return el.error(ts, format!("`{loss}` takes a task declared with `task`, found {}", t.kind()));
     };
     let Some(z) = el.task_logit(&task) else {
         return el.error(ts, format!("task `{task}` has no logit"));
     };
-    let Some(y) = el.graph.input_info(&label_input(&task)).map(|i| i.node) else {
-        return el.error(ts, format!("task `{task}` has no label"));
-    };
+    let kind = el.task_kind_of(&task).unwrap_or(TaskKind::Binary);
+    if !accepts(&kind) {
+        let d = Diagnostic::error(ts, format!("`{loss}` takes {wants} task; `{task}` is {}", kind.describe()))
+            .hint(format!("declare its kind with `label {task} : ...`, or use the loss of its kind (bce: binary, mse: regression, softmax_ce: classes or candidates)"));
+        return Err(el.report(d));
+    }
+    Ok((task, z, kind))
+}
+
+/// The label input of a task that reads one.
+fn label_node(el: &mut Elab, task: &str, ts: Span) -> R<NodeId> {
+    match el.graph.input_info(&label_input(task)).map(|i| i.node) {
+        Some(y) => Ok(y),
+        None => el.error(ts, format!("task `{task}` has no label")),
+    }
+}
+
+fn bce(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let (task, z, _) = loss_task(el, a, "bce", |k| *k == TaskKind::Binary, "a binary")?;
+    let y = label_node(el, &task, a.get("task").1)?;
     // Per-sample loss, fused with the sigmoid for stability: softplus(z) - y*z.
     let sp = el.add(Op::Unary(UnaryOp::Softplus), &[z], span)?;
     let yz = el.add(Op::Binary(BinaryOp::Mul), &[y, z], span)?;
     let l = el.add(Op::Binary(BinaryOp::Sub), &[sp, yz], span)?;
+    per_sample_mean(el, a, l, span)
+}
+
+/// `mse(task, by?)`: the mean squared error of a regression task's output against its
+/// label, or against `log(1 + label)` when the task is declared with `log = true`.
+fn mse(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let (task, z, kind) = loss_task(el, a, "mse", |k| matches!(k, TaskKind::Regression { .. }), "a regression")?;
+    let mut y = label_node(el, &task, a.get("task").1)?;
+    if kind == (TaskKind::Regression { log: true }) {
+        let one = el.scalar(1.0, span)?;
+        let one = el.add(Op::Broadcast { shape: vec![Dim::batch()] }, &[one], span)?;
+        let shifted = el.add(Op::Binary(BinaryOp::Add), &[y, one], span)?;
+        y = el.add(Op::Unary(UnaryOp::Log), &[shifted], span)?;
+    }
+    let d = el.add(Op::Binary(BinaryOp::Sub), &[z, y], span)?;
+    let l = el.add(Op::Binary(BinaryOp::Mul), &[d, d], span)?;
+    per_sample_mean(el, a, l, span)
+}
+
+/// `softmax_ce(task, by?)`: the mean softmax cross-entropy of a classes task's logits
+/// `[B, n]` against its class label, or of a candidates task's scores `[B, N]` against the
+/// first candidate: `logsumexp(z) - z[label]`, the log-sum-exp shifted by the row's
+/// maximum (held constant: the shift cancels in the value and the gradient).
+fn softmax_ce(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let accepts = |k: &TaskKind| matches!(k, TaskKind::Classes { .. } | TaskKind::Candidates { .. });
+    let (task, z, kind) = loss_task(el, a, "softmax_ce", accepts, "a classes or candidates")?;
+    let width = el.shape(z)[1].clone();
+    // The one-hot of the target: `arange(n) == label` (classes), or position 0 (candidates).
+    let target = match kind {
+        TaskKind::Candidates { .. } => {
+            let zero = el.scalar(0.0, span)?;
+            el.add(Op::Broadcast { shape: vec![Dim::batch(), Dim::lit(1)] }, &[zero], span)?
+        }
+        _ => {
+            let y = label_node(el, &task, a.get("task").1)?;
+            el.add(Op::Reshape { shape: vec![Dim::batch(), Dim::lit(1)] }, &[y], span)?
+        }
+    };
+    let positions = el.add(Op::Arange { n: width }, &[], span)?;
+    let hot =
+        el.binary(BinaryOp::Eq, Tv { node: target, grouped: false }, Tv { node: positions, grouped: false }, span)?;
+    let picked = el.binary(BinaryOp::Mul, hot, Tv { node: z, grouped: false }, span)?;
+    let picked = el.add(Op::Reduce { op: ReduceOp::Sum, axes: vec![1], keep_dims: false }, &[picked.node], span)?;
+    let max = el.add(Op::Reduce { op: ReduceOp::Max, axes: vec![1], keep_dims: true }, &[z], span)?;
+    let max = el.add(Op::StopGrad, &[max], span)?;
+    let shifted = el.binary(BinaryOp::Sub, Tv { node: z, grouped: false }, Tv { node: max, grouped: false }, span)?;
+    let e = el.add(Op::Unary(UnaryOp::Exp), &[shifted.node], span)?;
+    let total = el.add(Op::Reduce { op: ReduceOp::Sum, axes: vec![1], keep_dims: false }, &[e], span)?;
+    let log_total = el.add(Op::Unary(UnaryOp::Log), &[total], span)?;
+    let max = el.add(Op::Reshape { shape: vec![Dim::batch()] }, &[max], span)?;
+    let lse = el.add(Op::Binary(BinaryOp::Add), &[log_total, max], span)?;
+    let l = el.add(Op::Binary(BinaryOp::Sub), &[lse, picked], span)?;
+    per_sample_mean(el, a, l, span)
+}
+
+/// A per-sample loss `[B]` averaged over the batch, or with `by = d` averaged within each
+/// domain and summed over the domains.
+fn per_sample_mean(el: &mut Elab, a: &Args, l: NodeId, span: Span) -> R<Val> {
     let out = match a.get("by") {
         (Val::None, _) => el.add(Op::Reduce { op: ReduceOp::Mean, axes: vec![0], keep_dims: false }, &[l], span)?,
         (Val::Feature(f), fs) => {

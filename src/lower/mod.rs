@@ -100,8 +100,11 @@ pub struct Compiled {
     /// Outputs: `loss` (scalar) and `logit/<task>` (`[B]`) per task.
     pub graph: Graph,
     pub features: Vec<Feature>,
-    /// Task names in declaration order of `label`; each has a `label/<task>` input.
+    /// Task names in declaration order of `label`; each has a `label/<task>` input but a
+    /// `candidates` task, which reads no column.
     pub tasks: Vec<String>,
+    /// The kind of each task, in the order of `tasks`.
+    pub task_kinds: Vec<crate::tasks::TaskKind>,
     /// Every hyperparameter with its resolved value.
     pub hyper: BTreeMap<String, Hyper>,
     /// The id spaces whose vocabularies the graph reads (`sample_ids`): each has the
@@ -204,6 +207,8 @@ pub(crate) struct Elab {
     features: BTreeMap<String, FeatureNodes>,
     feature_decls: Vec<Feature>,
     labels: Vec<(String, Span)>,
+    /// The declared kind of each label.
+    label_kinds: BTreeMap<String, crate::tasks::TaskKind>,
     tasks: BTreeMap<String, (NodeId, Span)>,
     /// Tasks whose logit failed to compile (their errors are already reported).
     failed_tasks: Vec<String>,
@@ -236,6 +241,7 @@ impl Elab {
             features: BTreeMap::new(),
             feature_decls: Vec::new(),
             labels: Vec::new(),
+            label_kinds: BTreeMap::new(),
             tasks: BTreeMap::new(),
             failed_tasks: Vec::new(),
             losses: Vec::new(),

@@ -6,6 +6,7 @@ use super::value::{Env, Val};
 use super::{label_input, logit_output, Compiled, Elab, Hyper, R};
 use crate::diag::{suggest, Diagnostic, Span};
 use crate::syntax::ast::{self, Expr};
+use crate::tasks::TaskKind;
 use mdl_runtime::ops::{BinaryOp, Op};
 use mdl_runtime::{DType, Dim, NodeId};
 use std::collections::BTreeMap;
@@ -81,21 +82,115 @@ impl Elab {
             graph: std::mem::take(&mut self.graph),
             features: self.feature_decls.clone(),
             tasks: labels.iter().map(|(n, _)| n.clone()).collect(),
+            task_kinds: labels.iter().map(|(n, _)| self.label_kinds[n].clone()).collect(),
             hyper,
             vocabularies: std::mem::take(&mut self.vocabularies),
         })
     }
 
-    /// `label a, b`: each name gets its `label/<name>` input.
-    pub(super) fn declare_labels(&mut self, names: &[ast::Ident]) -> R<()> {
+    /// `label a, b : kind`: each name gets its kind and, unless it is a `candidates` task,
+    /// its `label/<name>` input `[B]`.
+    pub(super) fn declare_labels(&mut self, env: &mut Env, names: &[ast::Ident], kind: Option<&Expr>) -> R<()> {
+        let kind = match kind {
+            Some(k) => self.task_kind(env, k)?,
+            None => TaskKind::Binary,
+        };
         for n in names {
             if self.labels.iter().any(|(l, _)| l == &n.name) {
                 return self.error(n.span, format!("label `{}` is declared twice", n.name));
             }
-            self.graph.input(&label_input(&n.name), vec![Dim::batch()], DType::F);
+            if kind.label_values().is_some() {
+                self.graph.input(&label_input(&n.name), vec![Dim::batch()], DType::F);
+            }
             self.labels.push((n.name.clone(), n.span));
+            self.label_kinds.insert(n.name.clone(), kind.clone());
         }
         Ok(())
+    }
+
+    /// The kind after a label's `:`: `binary`, `regression(log = false)`, `classes(n, top = [])`
+    /// or `candidates(top = [10])`, its arguments compile-time values.
+    fn task_kind(&mut self, env: &mut Env, e: &Expr) -> R<TaskKind> {
+        const KINDS: [&str; 4] = ["binary", "regression", "classes", "candidates"];
+        let (name, args) = match &e.kind {
+            ast::ExprKind::Var(name) => (ast::Ident { name: name.clone(), span: e.span }, &[][..]),
+            ast::ExprKind::Call { callee, args } => (callee.clone(), &args[..]),
+            _ => {
+                let d = Diagnostic::error(e.span, "expected a task kind after `:`")
+                    .hint(format!("one of: {}", KINDS.join(", ")));
+                return Err(self.report(d));
+            }
+        };
+        let params: Vec<(String, Option<Val>)> = match name.name.as_str() {
+            "binary" => vec![],
+            "regression" => vec![("log".into(), Some(Val::Bool(false)))],
+            "classes" => vec![("n".into(), None), ("top".into(), Some(Val::List(vec![])))],
+            "candidates" => vec![("top".into(), Some(Val::List(vec![Val::int(10)])))],
+            other => {
+                let mut d = Diagnostic::error(name.span, format!("unknown task kind `{other}`"))
+                    .label(format!("expected one of: {}", KINDS.join(", ")));
+                if let Some(s) = suggest(other, KINDS) {
+                    d = d.hint(format!("did you mean `{s}`?"));
+                }
+                return Err(self.report(d));
+            }
+        };
+        let mut pos = Vec::new();
+        let mut named = Vec::new();
+        for a in args {
+            let v = self.expr(env, &a.value)?;
+            match &a.name {
+                Some(n) => named.push((n.clone(), v, a.value.span)),
+                None => pos.push((v, a.value.span)),
+            }
+        }
+        let bound = self.bind_args(&name.name, params, pos, named, e.span, None)?;
+        let arg = |n: &str| bound.iter().find(|(p, _, _)| p == n).map(|(_, v, s)| (v.clone(), *s));
+        let top = match arg("top") {
+            None => Vec::new(),
+            Some((Val::List(items), s)) => {
+                let mut top = Vec::new();
+                for item in items {
+                    match const_int(&item) {
+                        Some(k) if k > 0 => top.push(k as usize),
+                        _ => {
+                            return self
+                                .error(s, "`top` must be a list of positive integers (the k of HR@k and NDCG@k)")
+                        }
+                    }
+                }
+                top
+            }
+            Some((other, s)) => {
+                return self.error(s, format!("`top` must be a list of positive integers, found {}", other.kind()))
+            }
+        };
+        Ok(match name.name.as_str() {
+            "binary" => TaskKind::Binary,
+            "regression" => match arg("log") {
+                Some((Val::Bool(log), _)) => TaskKind::Regression { log },
+                Some((other, s)) => {
+                    return self.error(s, format!("`log` must be true or false, found {}", other.kind()))
+                }
+                None => TaskKind::Regression { log: false },
+            },
+            "classes" => {
+                let Some((n, s)) = arg("n") else { return self.error(e.span, "`classes` needs its number of classes") };
+                match const_int(&n) {
+                    Some(n) if n >= 2 => TaskKind::Classes { n: n as usize, top },
+                    _ => {
+                        return self.error(
+                            s,
+                            format!(
+                                "the number of classes must be a constant integer of at least 2, found {}",
+                                n.kind()
+                            ),
+                        )
+                    }
+                }
+            }
+            _ => TaskKind::Candidates { top },
+        })
     }
 
     /// `task name = logit`; a task that fails is remembered, so that later uses of it
@@ -138,6 +233,11 @@ impl Elab {
         Ok(())
     }
 
+    /// The declared kind of a label.
+    pub(crate) fn task_kind_of(&self, name: &str) -> Option<TaskKind> {
+        self.label_kinds.get(name).cloned()
+    }
+
     /// The logit `[B]` of a task defined so far.
     pub(crate) fn task_logit(&self, name: &str) -> Option<NodeId> {
         self.tasks.get(name).map(|t| t.0)
@@ -165,13 +265,38 @@ impl Elab {
         let shape = self.shape(t.node).to_vec();
         let b = Dim::batch();
         let ok = shape == [b.clone()] || (shape.len() == 2 && shape[0] == b && shape[1].is_one());
-        if !ok {
+        if !ok && self.label_kinds[&name.name].scalar_output() {
             return self.error(
                 value.span,
                 format!("the logit of task `{}` must be [B] or [B, 1], found {}", name.name, self.shape_str(t.node)),
             );
         }
-        let node = if shape.len() == 2 { self.add(Op::Reshape { shape: vec![b] }, &[t.node], span)? } else { t.node };
+        let kind = self.label_kinds[&name.name].clone();
+        let ok = match &kind {
+            TaskKind::Binary | TaskKind::Regression { .. } => ok,
+            TaskKind::Classes { n, .. } => shape.len() == 2 && shape[0] == b && shape[1] == Dim::lit(*n as i64),
+            TaskKind::Candidates { .. } => shape.len() == 2 && shape[0] == b,
+        };
+        if !ok {
+            let want = match &kind {
+                TaskKind::Classes { n, .. } => format!("[B, {n}] (one logit per class)"),
+                _ => "[B, N] (one score per candidate, the positive first)".to_string(),
+            };
+            return self.error(
+                value.span,
+                format!(
+                    "the logit of the {} task `{}` must be {want}, found {}",
+                    kind.describe(),
+                    name.name,
+                    self.shape_str(t.node)
+                ),
+            );
+        }
+        let node = if shape.len() == 2 && kind.scalar_output() {
+            self.add(Op::Reshape { shape: vec![b] }, &[t.node], span)?
+        } else {
+            t.node
+        };
         self.tasks.insert(name.name.clone(), (node, span));
         env.define(&name.name, Val::Task(name.name.clone()));
         Ok(())
@@ -198,4 +323,12 @@ fn val_to_hyper(v: &Val) -> Option<Hyper> {
         Val::List(items) => Hyper::List(items.iter().map(val_to_hyper).collect::<Option<Vec<_>>>()?),
         _ => return None,
     })
+}
+
+/// A compile-time integer's value, if it is known (not a symbolic size).
+fn const_int(v: &Val) -> Option<i64> {
+    match v {
+        Val::Int(d) => d.as_const(),
+        _ => None,
+    }
 }

@@ -53,9 +53,9 @@ impl Elab {
                 self.model_only("input", *span)?;
                 self.declare_input(env, name, kind, *span)?;
             }
-            Stmt::Label { names, span } => {
+            Stmt::Label { names, kind, span } => {
                 self.model_only("label", *span)?;
-                self.declare_labels(names)?;
+                self.declare_labels(env, names, kind.as_ref())?;
             }
             Stmt::Let { name, value, .. } => {
                 self.enter_scope(&name.name);

@@ -1,6 +1,7 @@
-//! Evaluation metrics for binary (CTR-style) tasks, and the per-task / per-domain [`Report`].
+//! Evaluation metrics for every kind of task ([`crate::tasks`]), and the per-task /
+//! per-domain [`Report`].
 //!
-//! Definitions (a label counts as positive when it is > 0.5):
+//! Binary tasks (a label counts as positive when it is > 0.5):
 //!
 //! * **AUC** — the probability that a random positive scores above a random negative, ties
 //!   counted as 1/2: `(#{(p, n): s_p > s_n} + #{(p, n): s_p = s_n} / 2) / (P · N)`. Computed
@@ -14,13 +15,36 @@
 //! * **logloss** — mean binary cross-entropy with the probability clipped to
 //!   `[1e-7, 1 - 1e-7]`. `None` for no rows.
 //!
-//! Every function returns `None` rather than panicking when its inputs differ in length.
+//! Regression tasks, on the label's own scale (a task declared with `log = true` is
+//! scored by its back-transformed prediction `exp(z) - 1`):
+//!
+//! * **rmse** — `sqrt(mean((prediction - label)²))`; **mae** — `mean(|prediction - label|)`;
+//! * **rmsle**, for a task declared with `log = true` — the RMSE on the scale it trains on,
+//!   `sqrt(mean((log(1 + prediction) - log(1 + label))²))`.
+//!
+//! Classes and candidates tasks, from each row's logits `z` and the position `y` of its
+//! true class (the label; for candidates the first, `0`):
+//!
+//! * **logloss** — the mean softmax cross-entropy `logsumexp(z) - z_y` (natural log);
+//! * **accuracy** — the share of rows whose arg-max (the lowest of equal maxima, what
+//!   `mdl predict` writes) is `y`;
+//! * **hr@k** — the share of rows where `y` ranks in the top `k`; **ndcg@k** — the mean of
+//!   `1 / log2(rank + 2)` over those rows (0 elsewhere). The rank of `y` is the number of
+//!   other positions scoring above it *or equal to it* (ties count against the true item,
+//!   so a model that scores everything alike earns no hits); a NaN score ranks above
+//!   every number, as `top_k` ranks it.
+//!
+//! These extra figures sit beside `count` in a task's object (`"rmse": ...`, `"hr@10":
+//! ...`); a binary task has none, so its object is what it always was. Every function
+//! returns `None` rather than panicking when its inputs differ in length.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::Serialize;
+
+use crate::tasks::TaskKind;
 
 /// Probabilities are clipped to `[CLIP, 1 - CLIP]` for logloss.
 pub const CLIP: f64 = 1e-7;
@@ -115,6 +139,9 @@ pub struct TaskMetrics {
     /// None without user ids or when no user has both classes.
     pub gauc: Option<f64>,
     pub logloss: Option<f64>,
+    /// The metrics of a kind other than binary: `rmse`, `mae`; `accuracy`, `hr@k`, `ndcg@k`.
+    #[serde(flatten)]
+    pub more: BTreeMap<String, f64>,
     /// The same task's metrics within each domain (empty without domain ids).
     pub per_domain: BTreeMap<u32, DomainMetrics>,
 }
@@ -126,6 +153,8 @@ pub struct DomainMetrics {
     pub positives: usize,
     pub auc: Option<f64>,
     pub logloss: Option<f64>,
+    #[serde(flatten)]
+    pub more: BTreeMap<String, f64>,
 }
 
 /// An evaluation report. The top-level `auc`, `gauc`, `logloss` and `per_domain` are those
@@ -137,8 +166,35 @@ pub struct Report {
     pub auc: Option<f64>,
     pub gauc: Option<f64>,
     pub logloss: Option<f64>,
+    /// The first task's metrics of a kind other than binary (see [`TaskMetrics::more`]).
+    #[serde(flatten)]
+    pub more: BTreeMap<String, f64>,
     pub per_task: BTreeMap<String, TaskMetrics>,
     pub per_domain: BTreeMap<u32, DomainMetrics>,
+}
+
+impl Report {
+    /// The first task's validation metric `name` (`auc`, `rmse`, `hr@10`, ...), if defined.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        match name {
+            "auc" => self.auc,
+            "gauc" => self.gauc,
+            "logloss" => self.logloss,
+            other => self.more.get(other).copied(),
+        }
+    }
+}
+
+/// One task's evaluation outputs, for [`Report::of_tasks`].
+pub struct TaskRows<'a> {
+    pub name: &'a str,
+    pub kind: &'a TaskKind,
+    /// `rows × width` values, row-major: the probability (binary) or the prediction
+    /// (regression; width 1), or each row's logits (classes, candidates).
+    pub outputs: &'a [f32],
+    pub width: usize,
+    /// One label per row (empty for candidates, whose positive is the first).
+    pub labels: &'a [f32],
 }
 
 /// Inputs to [`Report::compute`] whose sizes do not fit together.
@@ -159,12 +215,98 @@ fn domain_metrics(scores: &[f32], labels: &[f32]) -> DomainMetrics {
         positives: labels.iter().filter(|&&y| is_positive(y)).count(),
         auc: auc(scores, labels),
         logloss: logloss(scores, labels),
+        more: BTreeMap::new(),
+    }
+}
+
+/// Root mean squared error and mean absolute error; `None` for no rows or unequal lengths.
+pub fn rmse_mae(predictions: &[f32], labels: &[f32]) -> Option<(f64, f64)> {
+    if predictions.len() != labels.len() || predictions.is_empty() {
+        return None;
+    }
+    let (mut sq, mut abs) = (0.0f64, 0.0f64);
+    for (&p, &y) in predictions.iter().zip(labels) {
+        let d = p as f64 - y as f64;
+        sq += d * d;
+        abs += d.abs();
+    }
+    let n = predictions.len() as f64;
+    Some(((sq / n).sqrt(), abs / n))
+}
+
+/// One row of logits against its true position `y`: (softmax cross-entropy, whether the
+/// arg-max is `y`, the rank of `y`; see the module documentation).
+pub fn ranked(logits: &[f32], y: usize) -> (f64, bool, usize) {
+    let zy = logits[y];
+    let max = logits.iter().map(|&z| z as f64).fold(f64::NEG_INFINITY, f64::max);
+    let total: f64 = logits.iter().map(|&z| (z as f64 - max).exp()).sum();
+    let ce = total.ln() + max - zy as f64;
+    let mut rank = 0;
+    let mut first_max = 0;
+    for (j, &z) in logits.iter().enumerate() {
+        if z.total_cmp(&logits[first_max]) == Ordering::Greater {
+            first_max = j;
+        }
+        if j != y && z.total_cmp(&zy) != Ordering::Less {
+            rank += 1;
+        }
+    }
+    (ce, first_max == y, rank)
+}
+
+/// The rows of one domain (or all of them) of a task of a kind other than binary.
+fn kind_metrics(task: &TaskRows, rows: &[usize]) -> (Option<f64>, BTreeMap<String, f64>) {
+    let mut more = BTreeMap::new();
+    if rows.is_empty() {
+        return (None, more);
+    }
+    let n = rows.len() as f64;
+    match task.kind {
+        TaskKind::Binary => (None, more),
+        TaskKind::Regression { .. } => {
+            let p: Vec<f32> = rows.iter().map(|&r| task.outputs[r]).collect();
+            let y: Vec<f32> = rows.iter().map(|&r| task.labels[r]).collect();
+            if let Some((rmse, mae)) = rmse_mae(&p, &y) {
+                more.insert("rmse".into(), rmse);
+                more.insert("mae".into(), mae);
+            }
+            if *task.kind == (TaskKind::Regression { log: true }) {
+                let sq: f64 =
+                    p.iter().zip(&y).map(|(&p, &y)| (p as f64).ln_1p() - (y as f64).ln_1p()).map(|d| d * d).sum();
+                more.insert("rmsle".into(), (sq / n).sqrt());
+            }
+            (None, more)
+        }
+        TaskKind::Classes { top, .. } | TaskKind::Candidates { top } => {
+            let (mut ce, mut correct) = (0.0f64, 0usize);
+            let mut hits = vec![0usize; top.len()];
+            let mut gains = vec![0.0f64; top.len()];
+            for &r in rows {
+                let y = task.labels.get(r).map_or(0, |&y| y as usize);
+                let (c, ok, rank) = ranked(&task.outputs[r * task.width..(r + 1) * task.width], y);
+                ce += c;
+                correct += usize::from(ok);
+                for (i, &k) in top.iter().enumerate() {
+                    if rank < k {
+                        hits[i] += 1;
+                        gains[i] += 1.0 / ((rank + 2) as f64).log2();
+                    }
+                }
+            }
+            more.insert("accuracy".into(), correct as f64 / n);
+            for (i, k) in top.iter().enumerate() {
+                more.insert(format!("hr@{k}"), hits[i] as f64 / n);
+                more.insert(format!("ndcg@{k}"), gains[i] / n);
+            }
+            (Some(ce / n), more)
+        }
     }
 }
 
 impl Report {
-    /// Computes the report from row-major `scores` and `labels` (`[rows, tasks]`, one
-    /// probability / 0-1 label per task) and optional per-row domain and user ids.
+    /// Computes the report of binary tasks from row-major `scores` and `labels`
+    /// (`[rows, tasks]`, one probability / 0-1 label per task) and optional per-row domain
+    /// and user ids.
     pub fn compute(
         tasks: &[String],
         scores: &[f32],
@@ -183,7 +325,44 @@ impl Report {
                 labels.len()
             )));
         }
-        let rows = scores.len() / width;
+        let columns: Vec<(Vec<f32>, Vec<f32>)> = (0..width)
+            .map(|t| {
+                let s = scores.iter().skip(t).step_by(width).copied().collect();
+                let y = labels.iter().skip(t).step_by(width).copied().collect();
+                (s, y)
+            })
+            .collect();
+        let rows: Vec<TaskRows> = tasks
+            .iter()
+            .zip(&columns)
+            .map(|(name, (s, y))| TaskRows { name, kind: &TaskKind::Binary, outputs: s, width: 1, labels: y })
+            .collect();
+        Report::of_tasks(&rows, domain, user)
+    }
+
+    /// Computes the report of tasks of any kind, each with its outputs and labels (see
+    /// [`TaskRows`]), with optional per-row domain and user ids.
+    pub fn of_tasks(tasks: &[TaskRows], domain: Option<&[u32]>, user: Option<&[u32]>) -> Result<Report, MetricsError> {
+        let Some(first) = tasks.first() else {
+            return Err(MetricsError("no tasks".into()));
+        };
+        let rows = first.outputs.len() / first.width.max(1);
+        for t in tasks {
+            let labelled = !matches!(t.kind, TaskKind::Candidates { .. });
+            if t.width == 0
+                || t.outputs.len() != rows * t.width
+                || (labelled && t.labels.len() != rows)
+                || (t.kind.scalar_output() && t.width != 1)
+            {
+                return Err(MetricsError(format!(
+                    "task '{}': {} outputs of width {} and {} labels do not form {rows} rows",
+                    t.name,
+                    t.outputs.len(),
+                    t.width,
+                    t.labels.len()
+                )));
+            }
+        }
         for (name, ids) in [("domain", domain), ("user", user)] {
             if let Some(ids) = ids {
                 if ids.len() != rows {
@@ -193,30 +372,46 @@ impl Report {
         }
         let mut per_task = BTreeMap::new();
         let mut main = None;
-        for (t, name) in tasks.iter().enumerate() {
-            let task_scores: Vec<f32> = scores.iter().skip(t).step_by(width).copied().collect();
-            let task_labels: Vec<f32> = labels.iter().skip(t).step_by(width).copied().collect();
-            let mut per_domain = BTreeMap::new();
+        for (t, task) in tasks.iter().enumerate() {
+            let mut by_domain: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
             if let Some(domain) = domain {
-                let mut by_domain: BTreeMap<u32, (Vec<f32>, Vec<f32>)> = BTreeMap::new();
-                for ((&d, &s), &y) in domain.iter().zip(&task_scores).zip(&task_labels) {
-                    let entry = by_domain.entry(d).or_default();
-                    entry.0.push(s);
-                    entry.1.push(y);
+                for (r, &d) in domain.iter().enumerate() {
+                    by_domain.entry(d).or_default().push(r);
                 }
-                per_domain = by_domain.into_iter().map(|(d, (s, y))| (d, domain_metrics(&s, &y))).collect();
             }
-            let overall = domain_metrics(&task_scores, &task_labels);
-            let metrics = TaskMetrics {
-                count: rows,
-                positives: overall.positives,
-                auc: overall.auc,
-                gauc: user.and_then(|user| gauc(&task_scores, &task_labels, user)),
-                logloss: overall.logloss,
-                per_domain,
+            let metrics = if *task.kind == TaskKind::Binary {
+                let (scores, labels) = (task.outputs, task.labels);
+                let mut per_domain = BTreeMap::new();
+                for (d, rows) in by_domain {
+                    let s: Vec<f32> = rows.iter().map(|&r| scores[r]).collect();
+                    let y: Vec<f32> = rows.iter().map(|&r| labels[r]).collect();
+                    per_domain.insert(d, domain_metrics(&s, &y));
+                }
+                let overall = domain_metrics(scores, labels);
+                TaskMetrics {
+                    count: rows,
+                    positives: overall.positives,
+                    auc: overall.auc,
+                    gauc: user.and_then(|user| gauc(scores, labels, user)),
+                    logloss: overall.logloss,
+                    more: BTreeMap::new(),
+                    per_domain,
+                }
+            } else {
+                let positives = 0;
+                let per_domain = by_domain
+                    .into_iter()
+                    .map(|(d, rows)| {
+                        let (logloss, more) = kind_metrics(task, &rows);
+                        (d, DomainMetrics { count: rows.len(), positives, auc: None, logloss, more })
+                    })
+                    .collect();
+                let all: Vec<usize> = (0..rows).collect();
+                let (logloss, more) = kind_metrics(task, &all);
+                TaskMetrics { count: rows, positives, auc: None, gauc: None, logloss, more, per_domain }
             };
-            if per_task.insert(name.clone(), metrics.clone()).is_some() {
-                return Err(MetricsError(format!("task name '{name}' appears twice")));
+            if per_task.insert(task.name.to_string(), metrics.clone()).is_some() {
+                return Err(MetricsError(format!("task name '{}' appears twice", task.name)));
             }
             if t == 0 {
                 main = Some(metrics);
@@ -228,6 +423,7 @@ impl Report {
             auc: main.auc,
             gauc: main.gauc,
             logloss: main.logloss,
+            more: main.more,
             per_task,
             per_domain: main.per_domain,
         })
@@ -255,6 +451,45 @@ mod tests {
         let perfect = logloss(&[1.0, 0.0], &[1.0, 0.0]).expect("rows");
         assert!((perfect - (-(1.0 - CLIP).ln())).abs() < 1e-12);
         assert_eq!(logloss(&[], &[]), None);
+    }
+
+    #[test]
+    fn rmse_and_mae_on_a_hand_made_case() {
+        // Errors 1, -2, 0.5: squares 1 + 4 + 0.25 = 5.25; absolutes 3.5.
+        let (rmse, mae) = rmse_mae(&[2.0, 0.0, 1.5], &[1.0, 2.0, 1.0]).expect("rows");
+        assert!((rmse - (5.25f64 / 3.0).sqrt()).abs() < 1e-12 && (mae - 3.5 / 3.0).abs() < 1e-12);
+        assert_eq!(rmse_mae(&[], &[]), None);
+    }
+
+    #[test]
+    fn hit_rate_and_ndcg_on_a_hand_made_case() {
+        // Row 0: the true class 0 scores highest (rank 0). Row 1: class 2 (0.6) has 0.8
+        // above it and an equal 0.6 beside it, which counts against it (rank 2). Row 2:
+        // class 3 scores lowest (rank 3).
+        let logits = [0.9, 0.1, 0.5, 0.2, 0.3, 0.8, 0.6, 0.6, 0.4, 0.3, 0.2, 0.1];
+        let kind = TaskKind::Classes { n: 4, top: vec![1, 3] };
+        let task = TaskRows { name: "c", kind: &kind, outputs: &logits, width: 4, labels: &[0.0, 2.0, 3.0] };
+        let r = Report::of_tasks(&[task], Some(&[0, 1, 1]), None).expect("report");
+        let m = &r.per_task["c"].more;
+        let near = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert!(near(m["hr@1"], 1.0 / 3.0) && near(m["hr@3"], 2.0 / 3.0), "{m:?}");
+        // NDCG@3: (1/log2(2) + 1/log2(4) + 0) / 3 = 1.5 / 3.
+        assert!(near(m["ndcg@1"], 1.0 / 3.0) && near(m["ndcg@3"], 0.5), "{m:?}");
+        assert!(near(m["accuracy"], 1.0 / 3.0), "{m:?}");
+        let ce = |row: &[f64], y: usize| row.iter().map(|z| z.exp()).sum::<f64>().ln() - row[y];
+        let f = |i: usize| logits[i] as f64;
+        let rows: Vec<Vec<f64>> = (0..3).map(|r| (0..4).map(|j| f(r * 4 + j)).collect()).collect();
+        let want = (ce(&rows[0], 0) + ce(&rows[1], 2) + ce(&rows[2], 3)) / 3.0;
+        assert!((r.per_task["c"].logloss.unwrap() - want).abs() < 1e-6, "{:?} vs {want}", r.per_task["c"].logloss);
+        // Per domain: domain 1 holds rows 1 and 2 (ranks 2 and 3).
+        let d1 = &r.per_task["c"].per_domain[&1].more;
+        assert!(near(d1["hr@3"], 0.5) && near(d1["hr@1"], 0.0) && near(d1["ndcg@3"], 0.25), "{d1:?}");
+        assert_eq!(r.metric("hr@3"), Some(m["hr@3"]));
+        // Candidates: the positive is the first, with no labels.
+        let kind = TaskKind::Candidates { top: vec![1] };
+        let task = TaskRows { name: "n", kind: &kind, outputs: &logits, width: 4, labels: &[] };
+        let r = Report::of_tasks(&[task], None, None).expect("report");
+        assert!(near(r.more["hr@1"], 2.0 / 3.0), "rows 0 and 2 score their first candidate highest: {:?}", r.more);
     }
 
     #[test]

@@ -72,8 +72,10 @@ pub enum InputKind {
 pub enum Stmt {
     /// `input name : kind`
     Input { name: Ident, kind: InputKind, span: Span },
-    /// `label a, b` — the tasks, each a 0/1 column bound by the experiment.
-    Label { names: Vec<Ident>, span: Span },
+    /// `label a, b` — the tasks, each a column bound by the experiment; `label a : kind`
+    /// declares what they hold (`binary`, the default; `regression(..)`, `classes(..)`,
+    /// `candidates(..)`: see `crate::tasks`).
+    Label { names: Vec<Ident>, kind: Option<Expr>, span: Span },
     /// `let name = value`
     Let { name: Ident, value: Expr, span: Span },
     /// `name = value` — rebinds an existing `let` (used inside `for`).

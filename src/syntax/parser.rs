@@ -692,8 +692,15 @@ impl Walker {
                 Stmt::Input { name, kind, span }
             }
             Rule::label_stmt => {
-                let names = parts.items.map(|p| self.ident(&p)).collect();
-                Stmt::Label { names, span }
+                let mut names = Vec::new();
+                while let Some(p) = parts.eat(Rule::name) {
+                    names.push(self.ident(&p));
+                }
+                let kind = match parts.eat(Rule::expr) {
+                    Some(e) => Some(self.expr(e, inner)?),
+                    None => None,
+                };
+                Stmt::Label { names, kind, span }
             }
             Rule::let_stmt | Rule::assign_stmt | Rule::task_stmt => {
                 let name = self.ident(&parts.expect(Rule::name)?);

@@ -33,8 +33,9 @@ pub struct InputBinding {
     pub sizes: Binding,
     /// `(graph input name, source, per-row shape)`.
     feeds: Vec<(String, Source, Vec<usize>)>,
-    /// Position of each model task in the data's label columns.
-    pub task_columns: Vec<usize>,
+    /// Position of each model task in the data's label columns (`None` for a task that
+    /// reads no column: `candidates`).
+    pub task_columns: Vec<Option<usize>>,
     pub tasks_in_data: usize,
 }
 
@@ -157,10 +158,29 @@ impl InputBinding {
             }
         }
         let mut task_columns = Vec::new();
-        for (t, task) in model.tasks.iter().enumerate() {
-            match schema.labels.iter().position(|l| &l.name == task) {
+        for (t, (task, kind)) in model.tasks.iter().zip(&model.task_kinds).enumerate() {
+            let entry = schema.labels.iter().position(|l| &l.name == task);
+            let Some(values) = kind.label_values() else {
+                if entry.is_some() {
+                    errors.push(format!(
+                        "task `{task}` is a {} task, which reads no label column: drop it from the schema's labels",
+                        kind.describe()
+                    ));
+                }
+                task_columns.push(None);
+                continue;
+            };
+            match entry {
                 Some(i) => {
-                    task_columns.push(i);
+                    if schema.labels[i].values != values {
+                        errors.push(format!(
+                            "task `{task}` is {} in the spec, but its column `{}` was read as {:?} labels",
+                            kind.describe(),
+                            schema.labels[i].column,
+                            schema.labels[i].values
+                        ));
+                    }
+                    task_columns.push(Some(i));
                     feeds.push((label_input(task), Source::Label(i), vec![]));
                 }
                 None => {

@@ -106,11 +106,13 @@ pub fn non_finite_score(task: &str, z: f32, row: usize, ds: &crate::data::Datase
 pub fn undefined_metric(metric: &str, report: &crate::metrics::Report, source: &str) -> String {
     let why = match metric {
         "gauc" => "no user has rows of both classes",
-        "logloss" => "it has no rows",
+        "logloss" | "rmse" | "mae" | "accuracy" => "it has no rows",
+        m if m.contains('@') => "it has no rows",
         _ => "all its rows have the same label",
     };
     let defined: Vec<String> = [("auc", report.auc), ("gauc", report.gauc), ("logloss", report.logloss)]
-        .iter()
+        .into_iter()
+        .chain(report.more.iter().map(|(m, v)| (m.as_str(), Some(*v))))
         .filter(|(_, v)| v.is_some())
         .map(|(m, _)| format!("`{m}`"))
         .collect();

@@ -45,7 +45,8 @@ use crate::data::{self, Dataset, Fitted, Prepared};
 use crate::experiment::{Experiment, OptimizerName};
 use crate::files::sha256_hex;
 use crate::lower::{compile_file, logit_output, Compiled};
-use crate::metrics::Report;
+use crate::metrics::{Report, TaskRows};
+use crate::tasks::TaskKind;
 use bind::InputBinding;
 use folder::{ReadFolder, Resumed, RunFolder, Trust};
 use mdl_runtime::backend::Executor;
@@ -162,16 +163,19 @@ impl Session {
         mdl_runtime::init::init_model::<f32>(&self.compiled.graph, &self.inputs.sizes, seed)
     }
 
-    /// Predicted probabilities `[rows, tasks]` for a whole dataset.
-    pub fn predict(
+    /// Runs the evaluation graph over a whole dataset and hands `each` every batch's output
+    /// of every task: `(task index, first row, width, values)`, the values `rows × width`
+    /// (one per row, or a row of class / candidate logits). A value that is not finite is an error
+    /// naming its row.
+    fn outputs(
         &self,
         exec: &mut dyn Executor,
         params: &HashMap<String, Tensor<f32>>,
         ds: &Dataset,
         batch_size: usize,
-    ) -> Result<Vec<f32>, String> {
+        mut each: impl FnMut(usize, usize, usize, &[f32]),
+    ) -> Result<(), String> {
         let tasks = &self.compiled.tasks;
-        let mut scores = vec![0.0f32; ds.rows * tasks.len()];
         let mut batch = ds.new_batch();
         let mut start = 0;
         while start < ds.rows {
@@ -183,19 +187,40 @@ impl Session {
             for (t, task) in tasks.iter().enumerate() {
                 let logits =
                     out.dense(&logit_output(task)).ok_or_else(|| format!("no logit output for task {task}"))?;
-                for (r, &z) in logits.data.iter().enumerate() {
-                    if !z.is_finite() {
-                        return Err(health::non_finite_score(task, z, start + r, ds));
-                    }
-                    scores[(start + r) * tasks.len() + t] = sigmoid(z);
+                let width = (logits.data.len() / batch.rows.max(1)).max(1);
+                if let Some(i) = logits.data.iter().position(|z| !z.is_finite()) {
+                    return Err(health::non_finite_score(task, logits.data[i], start + i / width, ds));
                 }
+                each(t, start, width, &logits.data);
             }
             start = end;
         }
+        Ok(())
+    }
+
+    /// The score of every task for every row of a dataset, `[rows, tasks]` row-major: the
+    /// probability of a binary task, the prediction of a regression task, the arg-max
+    /// class (position) of a classes (candidates) task ([`crate::tasks::TaskKind::score`]).
+    pub fn predict(
+        &self,
+        exec: &mut dyn Executor,
+        params: &HashMap<String, Tensor<f32>>,
+        ds: &Dataset,
+        batch_size: usize,
+    ) -> Result<Vec<f32>, String> {
+        let kinds = &self.compiled.task_kinds;
+        let width = kinds.len();
+        let mut scores = vec![0.0f32; ds.rows * width];
+        self.outputs(exec, params, ds, batch_size, |t, start, row_width, values| {
+            for (r, row) in values.chunks(row_width).enumerate() {
+                scores[(start + r) * width + t] = kinds[t].score(row);
+            }
+        })?;
         Ok(scores)
     }
 
-    /// Metrics of the model on a dataset (per task, per domain, gAUC by user).
+    /// Metrics of the model on a dataset (per task, per domain, gAUC by user; see
+    /// [`crate::metrics`] for what each kind of task reports).
     pub fn evaluate(
         &self,
         exec: &mut dyn Executor,
@@ -203,27 +228,41 @@ impl Session {
         ds: &Dataset,
         batch_size: usize,
     ) -> Result<Report, String> {
-        let scores = self.predict(exec, params, ds, batch_size)?;
-        let t = self.compiled.tasks.len();
-        let width = self.inputs.tasks_in_data;
-        let mut labels = Vec::with_capacity(ds.rows * t);
-        for r in 0..ds.rows {
-            for &c in &self.inputs.task_columns {
-                labels.push(ds.labels[r * width + c]);
+        let kinds = &self.compiled.task_kinds;
+        let mut outputs: Vec<Vec<f32>> = vec![Vec::new(); kinds.len()];
+        self.outputs(exec, params, ds, batch_size, |t, _, _, values| match kinds[t] {
+            TaskKind::Binary | TaskKind::Regression { .. } => {
+                outputs[t].extend(values.iter().map(|&z| kinds[t].score(std::slice::from_ref(&z))))
             }
-        }
+            _ => outputs[t].extend_from_slice(values),
+        })?;
+        let width = self.inputs.tasks_in_data;
+        let labels: Vec<Vec<f32>> = self
+            .inputs
+            .task_columns
+            .iter()
+            .map(|c| match c {
+                Some(c) => (0..ds.rows).map(|r| ds.labels[r * width + c]).collect(),
+                None => Vec::new(),
+            })
+            .collect();
+        let rows: Vec<TaskRows> = self
+            .compiled
+            .tasks
+            .iter()
+            .zip(kinds)
+            .enumerate()
+            .map(|(t, (name, kind))| TaskRows {
+                name,
+                kind,
+                outputs: &outputs[t],
+                width: outputs[t].len().checked_div(ds.rows).unwrap_or(1).max(1),
+                labels: &labels[t],
+            })
+            .collect();
         let domain = (!ds.domain.is_empty()).then_some(ds.domain.as_slice());
         let user = (!ds.user.is_empty()).then_some(ds.user.as_slice());
-        Report::compute(&self.compiled.tasks, &scores, &labels, domain, user).map_err(|e| e.to_string())
-    }
-}
-
-fn sigmoid(z: f32) -> f32 {
-    if z >= 0.0 {
-        1.0 / (1.0 + (-z).exp())
-    } else {
-        let e = z.exp();
-        e / (1.0 + e)
+        Report::of_tasks(&rows, domain, user).map_err(|e| e.to_string())
     }
 }
 
@@ -349,6 +388,7 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
     let (compiled, spec_files) = compile_spec_at(exp, &spec)?;
     stages::check(exp, &compiled)?;
     stages::check_init_from(exp, &compiled)?;
+    check_metric(exp, &compiled)?;
     let spec_time = spec_started.elapsed();
     let (mut folder, claim_note) = match resumed {
         Some(folder) => (folder, None),
@@ -371,7 +411,7 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
             let threads = exp.train.threads.unwrap_or_else(mdl_runtime::backend::jit::default_threads);
             log.line(&format!("jit threads: {threads}"));
         }
-        let prep = load_data(exp, &mut log)?;
+        let prep = load_data(exp, &label_schema(&exp.data.schema, &compiled), &mut log)?;
         if let (Some(was), Some(now)) = (&folder.manifest.data_key, &prep.stats.cache_key) {
             if opts.resume && was != now {
                 trust.problem(format!(
@@ -430,11 +470,48 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
     Ok(out)
 }
 
+/// The early-stopping metric must be one the first task's kind defines (an `auc` for a
+/// regression task would be undefined at the first evaluation). Checked before any data
+/// is read.
+fn check_metric(exp: &Experiment, compiled: &Compiled) -> Result<(), String> {
+    let (Some(task), Some(kind)) = (compiled.tasks.first(), compiled.task_kinds.first()) else {
+        return Ok(());
+    };
+    let defined = crate::tasks::metrics_of(kind);
+    let stages = exp.train.stages.iter().enumerate();
+    let staged = stages.filter_map(|(i, s)| s.early_stopping.as_ref().map(|e| (format!("train.stages[{i}]."), e)));
+    for (key, early) in std::iter::once((String::from("train."), &exp.train.early_stopping)).chain(staged) {
+        let metric = &early.metric;
+        early.maximize()?;
+        if !defined.contains(metric) {
+            return Err(format!(
+                "{key}early_stopping.metric: `{metric}` is not a metric of the first task `{task}`, which is {} (its metrics: {})",
+                kind.describe(),
+                defined.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The experiment's schema with each label column's values as the spec declares its task
+/// ([`crate::tasks::LabelValues`]): what the data layer reads the cells as.
+pub fn label_schema(schema: &data::Schema, compiled: &Compiled) -> data::Schema {
+    let mut schema = schema.clone();
+    for label in &mut schema.labels {
+        let kind = compiled.tasks.iter().position(|t| *t == label.name).map(|i| &compiled.task_kinds[i]);
+        if let Some(values) = kind.and_then(|k| k.label_values()) {
+            label.values = values;
+        }
+    }
+    schema
+}
+
 /// Reads (or loads from the cache) the experiment's three splits, logging their sizes and
 /// the malformed rows skipped in each.
-fn load_data(exp: &Experiment, log: &mut Progress) -> Result<Prepared, String> {
+fn load_data(exp: &Experiment, schema: &data::Schema, log: &mut Progress) -> Result<Prepared, String> {
     let paths = exp.split_files()?;
-    let prep = data::prepare(&exp.data.schema, &paths, &exp.data.prepare_options()).map_err(|e| e.to_string())?;
+    let prep = data::prepare(schema, &paths, &exp.data.prepare_options()).map_err(|e| e.to_string())?;
     log.line(&format!(
         "data: train {} / valid {} / test {} rows, loaded in {:.2}s ({})",
         prep.train.rows,

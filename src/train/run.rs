@@ -22,7 +22,7 @@ use mdl_runtime::tensor::Tensor;
 use mdl_runtime::training::{self, TrainStep};
 use mdl_runtime::ParamInfo;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -38,6 +38,10 @@ pub struct CurvePoint {
     /// The stage it was taken in (only for an experiment that declares stages).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage: Option<usize>,
+    /// The first task's other metrics (`rmse`, `hr@10`, ...: a kind other than binary), a
+    /// column each after the others.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub valid_more: BTreeMap<String, f64>,
 }
 
 /// How a declared stage ended (`metrics.json`'s `stages`).
@@ -81,9 +85,15 @@ impl TaskCurvePoint {
             push(task, None, "auc", m.auc);
             push(task, None, "gauc", m.gauc);
             push(task, None, "logloss", m.logloss);
+            for (name, &v) in &m.more {
+                push(task, None, name, Some(v));
+            }
             for (&d, dm) in &m.per_domain {
                 push(task, Some(d), "auc", dm.auc);
                 push(task, Some(d), "logloss", dm.logloss);
+                for (name, &v) in &dm.more {
+                    push(task, Some(d), name, Some(v));
+                }
             }
         }
         rows
@@ -543,11 +553,7 @@ impl<'a> Run<'a> {
             self.session.evaluate(&mut *self.exec, &self.params, &self.data.valid, self.exp.train.batch_size)?;
         let early = &self.early_stopping();
         let stage = self.schedule.declared.then_some(self.state.stage.min(self.schedule.stages.len() - 1));
-        let metric = match early.metric.as_str() {
-            "gauc" => report.gauc,
-            "logloss" => report.logloss,
-            _ => report.auc,
-        };
+        let metric = report.metric(&early.metric);
         if metric.is_none() {
             return Err(super::health::undefined_metric(&early.metric, &report, &self.data.valid.source));
         }
@@ -561,6 +567,7 @@ impl<'a> Run<'a> {
             valid_gauc: report.gauc,
             valid_logloss: report.logloss,
             stage,
+            valid_more: report.more.clone(),
         });
         let rows = TaskCurvePoint::rows(state.step, state.epoch, &report);
         state.task_curve.extend(rows);
@@ -590,7 +597,7 @@ impl<'a> Run<'a> {
         }
         let state = &self.state;
         self.log.line(&format!(
-            "step {} epoch {}: train loss {:.5}, valid auc {} gauc {} logloss {}{}",
+            "step {} epoch {}: train loss {:.5}, valid auc {} gauc {} logloss {}{}{}",
             state.step,
             // The epoch the step belongs to, counted from 1 as the progress line counts it: an
             // evaluation at an epoch's end names that epoch, one mid-way the epoch under way.
@@ -599,6 +606,7 @@ impl<'a> Run<'a> {
             fmt_opt(report.auc),
             fmt_opt(report.gauc),
             fmt_opt(report.logloss),
+            more_text(&report.more),
             if improved {
                 " (best)".to_string()
             } else if state.stopped_early {
@@ -684,10 +692,11 @@ impl<'a> Run<'a> {
         folder.manifest.finished = true;
         folder.save_manifest()?;
         self.log.line(&format!(
-            "test: auc {} gauc {} logloss {} (best step {}, {} epochs)",
+            "test: auc {} gauc {} logloss {}{} (best step {}, {} epochs)",
             fmt_opt(metrics.test.auc),
             fmt_opt(metrics.test.gauc),
             fmt_opt(metrics.test.logloss),
+            more_text(&metrics.test.more),
             state.best_step,
             state.epoch
         ));
@@ -708,15 +717,25 @@ fn fmt_opt(v: Option<f64>) -> String {
     v.map(|x| format!("{x:.5}")).unwrap_or_else(|| "-".into())
 }
 
-/// `curve.csv`: a row per evaluation; with declared stages, each row also names its stage
-/// and the groups that trained and were frozen in it.
+/// The first task's metrics beyond auc / gauc / logloss, for a log line (` rmse 0.12345`).
+fn more_text(more: &BTreeMap<String, f64>) -> String {
+    more.iter().map(|(name, v)| format!(" {name} {v:.5}")).collect()
+}
+
+/// `curve.csv`: a row per evaluation; a column per metric of the first task beyond auc,
+/// gauc and logloss (every point has the same ones); with declared stages, each row also
+/// names its stage and the groups that trained and were frozen in it.
 fn curve_csv(curve: &[CurvePoint], schedule: &Schedule) -> String {
     let mut s = String::from("step,epoch,train_loss,valid_auc,valid_gauc,valid_logloss");
+    let more: Vec<&String> = curve.first().map(|c| c.valid_more.keys().collect()).unwrap_or_default();
+    for name in &more {
+        s.push_str(&format!(",valid_{name}"));
+    }
     s.push_str(if schedule.declared { ",stage,trains,frozen\n" } else { "\n" });
     let f = |v: Option<f64>| v.map(|x| format!("{x:.6}")).unwrap_or_default();
     for c in curve {
         s.push_str(&format!(
-            "{},{},{:.6},{},{},{}\n",
+            "{},{},{:.6},{},{},{}",
             c.step,
             c.epoch,
             c.train_loss,
@@ -724,6 +743,11 @@ fn curve_csv(curve: &[CurvePoint], schedule: &Schedule) -> String {
             f(c.valid_gauc),
             f(c.valid_logloss)
         ));
+        for name in &more {
+            s.push(',');
+            s.push_str(&f(c.valid_more.get(*name).copied()));
+        }
+        s.push('\n');
         if let Some(planned) = c.stage.and_then(|i| schedule.stages.get(i)) {
             // `;` between groups keeps each list one CSV field.
             s.insert_str(
