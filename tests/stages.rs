@@ -146,7 +146,7 @@ fn names_a_stage_gives_are_checked_against_the_spec() {
         ("[{steps: 2, lr: 0}]", "train.stages[0].lr: must be a positive number, found 0"),
         (
             "[{steps: 2, early_stopping: {metric: acc}}]",
-            "train.stages[0].early_stopping.metric: expected auc, gauc or logloss, found `acc`",
+            "train.stages[0].early_stopping.metric: expected auc, gauc, logloss, rmse, mae, rmsle, accuracy, hr@k or ndcg@k, found `acc`",
         ),
     ];
     for (i, (stages, expected)) in cases.iter().enumerate() {
