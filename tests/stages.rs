@@ -282,7 +282,7 @@ fn a_run_stopped_in_stage_two_of_three_resumes_to_the_same_result() {
     let resumed = ok(&mdl(&["run", "--resume", stopped.to_str().unwrap()]));
     assert!(resumed.contains("resumed from") && resumed.contains("at step 6"), "{resumed}");
     let straight = dir.join("straight");
-    for f in ["metrics.json", "curve.csv"] {
+    for f in ["metrics.json", "curve.csv", "loss.csv"] {
         let same = std::fs::read(straight.join(f)).unwrap() == std::fs::read(stopped.join(f)).unwrap();
         assert!(same, "{f} of the resumed run differs from the straight run's");
     }
@@ -295,6 +295,11 @@ fn a_run_stopped_in_stage_two_of_three_resumes_to_the_same_result() {
     let names: Vec<&str> = m["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["pre", "post", "tune"]);
     assert_eq!(m["steps"].as_u64(), Some(12));
+    // A stage ends its epoch: loss.csv's steps 1-4, 5-8 and 9-12 are epochs 1, 2 and 3 (the
+    // epoch is not the step over the batches of a whole epoch of train).
+    let losses = std::fs::read_to_string(straight.join("loss.csv")).unwrap();
+    let epochs: Vec<&str> = losses.lines().skip(1).map(|l| l.split(',').nth(1).unwrap()).collect();
+    assert_eq!(epochs, ["1", "1", "1", "1", "2", "2", "2", "2", "3", "3", "3", "3"], "{losses}");
 }
 
 /// The example of docs/stages.md (its spec and its experiment, read from the page) trains

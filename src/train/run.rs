@@ -124,6 +124,11 @@ pub struct LoopState {
     /// checkpoints of an mdl before it).
     #[serde(default)]
     pub losses: Vec<f32>,
+    /// Where each epoch's steps begin in `losses`: `(epoch, index of its first step)`, an
+    /// entry per epoch that has steps. Epochs are not a fixed number of steps: a stage ends
+    /// one early or trains on a subset of the rows.
+    #[serde(default)]
+    pub loss_epochs: Vec<(usize, usize)>,
     /// Steps taken in the stage under way.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub stage_steps: u64,
@@ -153,6 +158,7 @@ impl LoopState {
             curve: Vec::new(),
             task_curve: Vec::new(),
             losses: Vec::new(),
+            loss_epochs: Vec::new(),
             stage_steps: 0,
             stages: Vec::new(),
         }
@@ -536,6 +542,9 @@ impl<'a> Run<'a> {
         self.state.batch_in_epoch += 1;
         self.state.loss_sum += loss;
         self.state.loss_count += 1;
+        if self.state.loss_epochs.last().map(|&(epoch, _)| epoch) != Some(self.state.epoch) {
+            self.state.loss_epochs.push((self.state.epoch, self.state.losses.len()));
+        }
         self.state.losses.push(loss as f32);
         self.steps_here += 1;
         self.rows_here += self.batch.rows;
@@ -674,7 +683,7 @@ impl<'a> Run<'a> {
         folder.write("metrics.json", json.as_bytes())?;
         folder.write("curve.csv", curve_csv(&state.curve, &self.schedule).as_bytes())?;
         folder.write("curve_tasks.csv", task_curve_csv(&state.task_curve).as_bytes())?;
-        folder.write("loss.csv", loss_csv(&state.losses, self.batches.batches_per_epoch()).as_bytes())?;
+        folder.write("loss.csv", loss_csv(&state.losses, &state.loss_epochs).as_bytes())?;
         let rows_per_s = self.rows_here as f64 / self.step_secs.max(1e-9);
         let timing = RunTiming {
             backend: self.exp.backend.to_string(),
@@ -772,12 +781,17 @@ fn task_curve_csv(rows: &[TaskCurvePoint]) -> String {
 }
 
 /// `loss.csv`: the training loss of every step, with the epoch (counted from 1) it belongs
-/// to; every epoch has `batches_per_epoch` steps.
-fn loss_csv(losses: &[f32], batches_per_epoch: usize) -> String {
+/// to (`epochs` as [`LoopState::loss_epochs`]; without them, as in a run resumed from a
+/// checkpoint that predates them, the first epoch).
+fn loss_csv(losses: &[f32], epochs: &[(usize, usize)]) -> String {
     let mut s = String::from("step,epoch,loss\n");
-    let per_epoch = batches_per_epoch.max(1);
+    let mut at = 0;
     for (i, loss) in losses.iter().enumerate() {
-        s.push_str(&format!("{},{},{loss}\n", i + 1, i / per_epoch + 1));
+        while epochs.get(at + 1).is_some_and(|&(_, first)| first <= i) {
+            at += 1;
+        }
+        let epoch = epochs.get(at).map_or(0, |&(epoch, _)| epoch) + 1;
+        s.push_str(&format!("{},{epoch},{loss}\n", i + 1));
     }
     s
 }
