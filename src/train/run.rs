@@ -227,8 +227,6 @@ pub struct Run<'a> {
     log: Progress,
     best_path: PathBuf,
     last_path: PathBuf,
-    /// The whole train split's batches (`loss.csv` counts its epochs in them).
-    batches: MiniBatches,
     batch: Batch,
     /// Steps over all stages (for the progress line): `max_steps`, else every epoch's.
     total_steps: u64,
@@ -317,7 +315,6 @@ impl<'a> Run<'a> {
             log,
             best_path: out.join("best.ckpt"),
             last_path,
-            batches,
             batch: data.train.new_batch(),
             total_steps,
             parameters,
