@@ -12,7 +12,7 @@
 use crate::backends::Backend;
 use crate::data;
 use crate::experiment::Experiment;
-use crate::train::{compile_spec, Session};
+use crate::train::{compile_before_data, compile_for_data, Session};
 use mdl_runtime::exec::Mode;
 use mdl_runtime::ir::dim::eval_shape;
 use mdl_runtime::ops::Op;
@@ -159,12 +159,25 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
     let mut exec = exp.executor()?;
     // Then the spec: a bad one is reported before any data is read.
     let t = Instant::now();
-    let compiled = compile_spec(exp)?;
+    let early = compile_before_data(exp, &exp.spec)?;
     let spec_time = t.elapsed();
     let paths = exp.split_files()?;
-    let schema = crate::train::label_schema(&exp.data.schema, &compiled);
+    let schema = match &early {
+        Some((compiled, _)) => crate::train::label_schema(&exp.data.schema, compiled),
+        None => exp.data.schema.clone(),
+    };
     let prep = data::prepare(&schema, &paths, &exp.data.prepare_options()).map_err(|e| e.to_string())?;
     let t = Instant::now();
+    let compiled = match early {
+        Some((compiled, _)) => compiled,
+        None => {
+            let (compiled, _) = compile_for_data(exp, &exp.spec, &prep.fitted)?;
+            if crate::train::label_schema(&exp.data.schema, &compiled) != schema {
+                return Err("a spec that needs sizes only the prepared data gives takes 0/1 labels only for now".into());
+            }
+            compiled
+        }
+    };
     let session = Session::with_compiled(compiled, &prep.fitted)?;
     let compile_ms = (t.elapsed() + spec_time).as_secs_f64() * 1e3;
     let bs = exp.train.batch_size.min(prep.train.rows);

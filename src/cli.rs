@@ -2,7 +2,7 @@
 
 use crate::diag::{render_all, SourceMap};
 use crate::experiment::yaml_to_hyper;
-use crate::lower::{compile_file, Compiled, Hyper};
+use crate::lower::{compile_file, compile_file_sized, Compiled, Hyper, Sizes};
 use mdl_runtime::passes;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -32,10 +32,75 @@ fn compile_reporting(map: &mut SourceMap, spec: &Path, overrides: &BTreeMap<Stri
     }
 }
 
-/// `mdl check SPEC...`
-pub fn check(specs: &[std::path::PathBuf], set: &[String]) -> ExitCode {
+/// The sizes `mdl check --bind EXPERIMENT.yaml` checks with: the schema's at once, the
+/// prepared data's once a spec needs a size the schema does not give.
+struct BoundSizes {
+    experiment: crate::experiment::Experiment,
+    path: std::path::PathBuf,
+    sizes: Sizes,
+    prepared: bool,
+}
+
+impl BoundSizes {
+    fn load(path: &Path) -> Result<BoundSizes, String> {
+        let experiment = crate::experiment::load(path, &[])?;
+        let sizes = crate::train::bind::schema_sizes(&experiment.data.schema);
+        Ok(BoundSizes { experiment, path: path.to_path_buf(), sizes, prepared: false })
+    }
+
+    /// Compiles `spec` with the schema's sizes, and, when a statement needs one that only
+    /// the data gives, prepares the data (saying so) and compiles with all of them.
+    fn compile(&mut self, map: &mut SourceMap, spec: &Path, overrides: &BTreeMap<String, Hyper>) -> Option<Compiled> {
+        let mut result = compile_file_sized(map, spec, None, overrides, &self.sizes);
+        if let Err(failed) = &result {
+            if !failed.needs.is_empty() && !self.prepared {
+                let needs: Vec<&str> = failed.needs.iter().map(String::as_str).collect();
+                crate::say!(
+                    "{}: needs {} from the data, which the schema of {} does not give: preparing its data (the cache when it has one)",
+                    spec.display(),
+                    needs.join(", "),
+                    self.path.display()
+                );
+                let prepared = self.experiment.split_files().and_then(|paths| {
+                    crate::data::prepare(&self.experiment.data.schema, &paths, &self.experiment.data.prepare_options())
+                        .map_err(|e| e.to_string())
+                });
+                match prepared {
+                    Ok(prep) => {
+                        crate::say!("data prepared ({})", prep.stats.cache_summary());
+                        self.sizes = crate::train::bind::fitted_sizes(&prep.fitted);
+                        self.prepared = true;
+                        *map = SourceMap::new();
+                        result = compile_file_sized(map, spec, None, overrides, &self.sizes);
+                    }
+                    Err(e) => {
+                        crate::say!("error: {}: {e}", self.path.display());
+                        return None;
+                    }
+                }
+            }
+        }
+        match result {
+            Ok(c) => Some(c),
+            Err(failed) => {
+                crate::say_partial!("{}", render_all(map, &failed.diagnostics));
+                None
+            }
+        }
+    }
+}
+
+/// `mdl check SPEC... [--bind EXPERIMENT.yaml]`
+pub fn check(specs: &[std::path::PathBuf], set: &[String], bind: Option<&Path>) -> ExitCode {
     let overrides = match parse_overrides(set) {
         Ok(o) => o,
+        Err(e) => {
+            crate::say!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut bound = match bind.map(BoundSizes::load).transpose() {
+        Ok(b) => b,
         Err(e) => {
             crate::say!("error: {e}");
             return ExitCode::from(2);
@@ -54,13 +119,18 @@ pub fn check(specs: &[std::path::PathBuf], set: &[String]) -> ExitCode {
             }
             continue;
         }
-        match compile_reporting(&mut map, spec, &overrides) {
+        let compiled = match bound.as_mut() {
+            Some(b) => b.compile(&mut map, spec, &overrides),
+            None => compile_reporting(&mut map, spec, &overrides),
+        };
+        let with = bound.as_ref().map(|b| format!(", with the sizes of {}", b.path.display())).unwrap_or_default();
+        match compiled {
             Some(c) => match crate::train::memory::check_spec(&c).and_then(|()| {
                 crate::train::build_training_graph(&c).map_err(|e| format!("the backward graph could not be built: {e}"))
             }) {
                 Ok(g) => {
                     if let Err(code) = emit(format_args!(
-                        "ok: {} (model {}, {} tasks, {} parameter tensors, {} forward ops, {} ops with backward) in {:.1} ms\n",
+                        "ok: {} (model {}, {} tasks, {} parameter tensors, {} forward ops, {} ops with backward{with}) in {:.1} ms\n",
                         spec.display(),
                         c.model,
                         c.tasks.len(),

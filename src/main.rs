@@ -23,6 +23,11 @@ enum Command {
         /// Override a hyperparameter, e.g. `--set dim=32` (repeatable)
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Check with the sizes of this experiment's data (`count(x)`, `rows(x)`, the
+        /// domains) as numbers: from its schema, or, where the schema does not give a size
+        /// a statement needs, from its prepared data (the cache, else reading it)
+        #[arg(long, value_name = "EXPERIMENT.yaml")]
+        bind: Option<PathBuf>,
     },
     /// Print the lowered dataflow graph of a spec, one op per line, or as Graphviz.
     Graph {
@@ -303,7 +308,7 @@ fn main() -> ExitCode {
         }
     }));
     let result = std::panic::catch_unwind(|| match cli.command {
-        Command::Check { specs, set } => mdl::cli::check(&specs, &set),
+        Command::Check { specs, set, bind } => mdl::cli::check(&specs, &set, bind.as_deref()),
         Command::Graph { spec, backward, dot, set } => mdl::cli::graph(&spec, backward, dot, &set),
         Command::Run { experiment, mut set, out, resume, stop_after, backend, device, force, threads } => {
             if let Some(n) = threads {

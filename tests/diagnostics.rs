@@ -253,7 +253,7 @@ fn bad_uses_of_selection_and_broadcast_products() {
     assert_at(&err, f, 8, 24, 1, "`k` must be between 1 and count(dense) (axis 1 of [B, count(dense)]), found 0");
     assert_at(&err, f, 9, 20, 1, "`k` must be between 1 and 8 (axis 2 of [B, count(fields), 8]), found 9");
     assert_at(&err, f, 10, 19, 6, "position 9 is outside axis 2 of [B, count(fields), 8]");
-    assert_at(&err, f, 11, 17, 13, "`pairs` needs a constant number, found the size count(fields)");
+    assert_at(&err, f, 11, 17, 13, "`pairs` needs a number, but count(fields) is a size of the data");
     assert_at(&err, f, 12, 16, 19, "expected a tensor, found ids");
     assert_at(
         &err,
@@ -342,4 +342,90 @@ fn bad_uses_of_random_draws() {
     );
     assert_at(&err, f, 12, 16, 21, "expected a tensor, found ids");
     assert_eq!(err.matches("error:").count(), 8, "one error per bad use:\n{err}");
+}
+
+/// Issue 20 item 2: checked on its own, a spec keeps the data's sizes symbolic; each
+/// statement that needs one as a number (a range, `pairs`, a comparison, arithmetic with a
+/// number) is reported at its place, with the hint to bind an experiment's sizes.
+#[test]
+fn a_statement_that_needs_a_size_of_the_data_says_where_and_how_to_bind_it() {
+    let (code, err) = check(
+        "needs.mdl",
+        "model m(dim = 4) {
+  input fields : categorical
+  input domain : domain
+  label click
+  let E = embedding(fields, dim)
+  let e = E[fields]
+  let cols = [slice(e, 1, i, 1) for i in 0..count(fields)]
+  let p = pairs(count(fields))
+  if count(domain) > 4 {
+    let w = 1
+  }
+  let s = 0.5 * rows(fields)
+  task click = linear(flatten(e), 1)
+  loss bce(click)
+}
+",
+    );
+    assert_eq!(code, 1);
+    let f = "needs.mdl";
+    assert_at(&err, f, 7, 45, 13, "error: a range needs a number, but count(fields) is a size of the data");
+    assert_at(&err, f, 8, 17, 13, "error: `pairs` needs a number, but count(fields) is a size of the data");
+    assert_at(&err, f, 9, 6, 13, "error: this comparison needs a number, but count(domain) is a size of the data");
+    assert_at(&err, f, 12, 17, 12, "error: this arithmetic needs a number, but rows(fields) is a size of the data");
+    assert_eq!(err.matches("error:").count(), 4, "one error per statement:\n{err}");
+    let hint =
+        "= hint: check the spec with the data's sizes: `mdl check SPEC --bind EXPERIMENT.yaml` (`mdl run` binds them)";
+    assert_eq!(err.matches(hint).count(), 4, "{err}");
+    assert!(err.contains("known once an experiment binds its columns"), "{err}");
+}
+
+/// The batch size is never a number at compile time: no `--bind` hint for it.
+#[test]
+fn the_batch_size_is_not_a_number_to_loop_over() {
+    let (code, err) = check(
+        "batchloop.mdl",
+        "model m(dim = 4) {\n  input fields : categorical\n  label click\n  let E = embedding(fields, dim)\n  let e = E[fields]\n  let xs = [i for i in 0..dim(e, 0)]\n  task click = linear(flatten(e), 1)\n  loss bce(click)\n}\n",
+    );
+    assert_eq!(code, 1);
+    assert_at(&err, "batchloop.mdl", 6, 27, 9, "error: a range needs a number, but B depends on the batch size");
+    assert!(!err.contains("--bind"), "{err}");
+}
+
+/// `mdl check SPEC --bind EXPERIMENT.yaml` checks with the sizes of the experiment's data:
+/// the pairs of `count(fields)` (37 columns: 666 pairs) and a loop over the columns
+/// compile, from the schema alone (no data is read: nothing is prepared).
+#[test]
+fn check_with_bind_takes_the_sizes_from_the_experiments_schema() {
+    let p = write_spec(
+        "bound.mdl",
+        "model m(dim = 4) {
+  input fields : categorical
+  input hist : sequence(50) of fields
+  input tags : sequence(3)
+  input dense : numeric
+  label click
+  let E = embedding(fields, dim)
+  let e = E[fields]
+  let inner = pairwise_inner(e)
+  let cols = [slice(e, 1, i, 1) for i in 0..count(fields)]
+  param W : [count(fields) * (count(fields) - 1) / 2, 1]
+  task click = inner @ W + linear(flatten(concat(cols, axis = 1)), 1)
+  loss bce(click)
+}
+",
+    );
+    let exp = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("experiments/quickstart.yaml");
+    let out = Command::new(env!("CARGO_BIN_EXE_mdl")).arg("check").arg(&p).arg("--bind").arg(&exp).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("with the sizes of") && stdout.contains("quickstart.yaml"), "{stdout}");
+    assert!(!stderr.contains("preparing"), "the schema gives count(fields): nothing to prepare:\n{stderr}");
+    // The same spec on its own needs the number at `pairs` (inside the std block) and the range.
+    let plain = Command::new(env!("CARGO_BIN_EXE_mdl")).arg("check").arg(&p).output().unwrap();
+    let err = String::from_utf8_lossy(&plain.stderr);
+    assert_eq!(plain.status.code(), Some(1));
+    assert!(err.contains("error: `pairs` needs a number, but count(fields) is a size of the data"), "{err}");
+    assert_at(&err, "bound.mdl", 10, 45, 13, "error: a range needs a number, but count(fields) is a size of the data");
 }

@@ -1,6 +1,8 @@
 //! The documentation is checked against the code it describes:
 //! - every model in a fenced block of README.md and docs/*.md passes `mdl check` (a block is
-//!   a model when its first line that is not blank or a comment starts with `model `);
+//!   a model when its first line that is not blank or a comment starts with `model `); a
+//!   block whose first line is `# mdl check --bind EXPERIMENT.yaml` (a path from the
+//!   repository root) is checked with that experiment's sizes;
 //! - the standard-library list of docs/language.md names every block of specs/std.mdl,
 //!   and its built-in table every built-in function;
 //! - docs (README.md, docs/*.md and every module's `//!` doc) cite only files that exist in
@@ -74,7 +76,12 @@ fn every_model_in_the_docs_passes_mdl_check() {
             let place = format!("{}:{}", relative(&doc), block.line);
             let spec = dir.join(format!("{}-{}.mdl", doc.file_stem().unwrap().to_string_lossy(), block.line));
             std::fs::write(&spec, &block.text).unwrap();
-            let out = Command::new(env!("CARGO_BIN_EXE_mdl")).arg("check").arg(&spec).output().unwrap();
+            let mut check = Command::new(env!("CARGO_BIN_EXE_mdl"));
+            check.arg("check").arg(&spec);
+            if let Some(exp) = block.text.lines().next().and_then(|l| l.trim().strip_prefix("# mdl check --bind ")) {
+                check.arg("--bind").arg(root().join(exp.trim()));
+            }
+            let out = check.output().unwrap();
             if !out.status.success() {
                 failures.push(format!("{place}:\n{}", String::from_utf8_lossy(&out.stderr)));
             }

@@ -307,7 +307,7 @@ fn random() -> Vec<Case> {
 
 /// Gather (ids of any rank, rows of any width), segment sums, one-hot, the ops that make
 /// ids (bucketize, with specials and values on the boundaries; id div and mod; a constant
-/// id list), and the selection along an axis (take_along, scatter_add).
+/// id list; ids moved into their group's block of a per-group table), and the selection along an axis (take_along, scatter_add).
 fn index() -> Vec<Case> {
     let table = || with_specials(&[11, 4], 60, &SPECIALS);
     let id_data = |n: usize, limit: u32| (0..n as u32).map(|i| (i * 7 + 3) % limit).collect::<Vec<u32>>();
@@ -337,6 +337,17 @@ fn index() -> Vec<Case> {
         Case::new("id_div", Op::IdDiv { by: 3 }, vec![ids(&[3, 4], id_data(12, 11))]),
         Case::new("id_mod", Op::IdMod { by: 4 }, vec![ids(&[3, 4], id_data(12, 11))]),
         Case::new("id_list", Op::IdList { ids: vec![0, 0, 1, 3, 2, 3] }, vec![]),
+        // Per-domain tables: each sample's ids moved into its group's block of 11 rows.
+        Case::new(
+            "group_ids [3, 4]",
+            Op::GroupIds { rows: Dim::lit(11) },
+            vec![ids(&[3, 4], id_data(12, 11)), ids(&[3], vec![2, 0, 1])],
+        ),
+        Case::new(
+            "group_ids [4, 2, 3]",
+            Op::GroupIds { rows: Dim::lit(11) },
+            vec![ids(&[4, 2, 3], id_data(24, 11)), ids(&[4], id_data(4, 5))],
+        ),
         // Along the middle axis with ids per element, and the same pair list for every row
         // and column (ids [1, P, 1], runs of the last axis); along the last axis; one id
         // broadcast over the leading axis.

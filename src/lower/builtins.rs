@@ -12,7 +12,7 @@
 
 use super::expr::ids_fit;
 use super::value::{IdSpace, Tv, Val};
-use super::{count_sym, label_input, rows_sym, vocab_input, vocab_starts_input, Elab, FeatureKind, R};
+use super::{label_input, vocab_input, vocab_starts_input, Elab, FeatureKind, R};
 use crate::diag::{suggest, Diagnostic, Span};
 use crate::tasks::TaskKind;
 use mdl_runtime::ir::dim::{numel, shape_to_string};
@@ -185,6 +185,7 @@ pub static BUILTINS: &[Builtin] = &[
     Builtin { name: "embedding", params: &[Required("ids"), Required("dim"), Float("std", 0.0001)], lower: embedding },
     Builtin { name: "mask", params: &[Required("seq")], lower: mask },
     Builtin { name: "count", params: &[Required("input")], lower: count },
+    Builtin { name: "rows", params: &[Required("input")], lower: rows },
     Builtin { name: "len", params: &[Required("list")], lower: len },
     Builtin { name: "dim", params: &[Required("x"), Required("axis")], lower: dim },
     Builtin { name: "bce", params: &[Required("task"), Optional("by")], lower: bce },
@@ -603,8 +604,13 @@ fn take(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
                             .error(s, format!("position {c} is outside axis {axis} of {}", shape_to_string(&shape)))
                     }
                     None => {
-                        return el
-                            .error(s, format!("`idx` must be a list of constant positions, found {} in it", it.kind()))
+                        if let Val::Int(d) = it {
+                            return Err(el.number_needed("a position in `idx`", d, s));
+                        }
+                        return el.error(
+                            s,
+                            format!("`idx` must be a list of constant positions, found {} in it", it.kind()),
+                        );
                     }
                 }
             }
@@ -646,12 +652,7 @@ const MAX_PAIRS: i64 = 100_000;
 fn pairs(el: &mut Elab, a: &Args, _span: Span) -> R<Val> {
     let n = int(el, a, "n")?;
     let s = a.get("n").1;
-    let Some(n) = n.as_const() else {
-        let d = Diagnostic::error(s, format!("`pairs` needs a constant number, found the size {n}"))
-            .label("known only once an experiment binds the data")
-            .hint("give the number as a hyperparameter");
-        return Err(el.report(d));
-    };
+    let n = el.number("`pairs`", &n, s)?;
     if n < 2 {
         return el.error(s, format!("`pairs` needs a number of at least 2, found {n}"));
     }
@@ -815,19 +816,19 @@ fn sample_ids(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     let own_sequence = space == f && matches!(el.feature_nodes(&f), Some((FeatureKind::Sequence { .. }, ..)));
     let weights = match el.graph.input_info(&vocab_input(&space)) {
         Some(i) => i.node,
-        None => el.graph.input(&vocab_input(&space), vec![Dim::sym(&rows_sym(&space))], mdl_runtime::DType::F),
+        None => el.graph.input(&vocab_input(&space), vec![el.rows_dim(&space)], mdl_runtime::DType::F),
     };
     let starts = match el.graph.input_info(&vocab_starts_input(&space)) {
         Some(i) => i.node,
         None => {
-            let columns = if own_sequence { Dim::lit(1) } else { Dim::sym(&count_sym(&space)) };
+            let columns = if own_sequence { Dim::lit(1) } else { el.count_dim(&space, false) };
             el.graph.input(&vocab_starts_input(&space), vec![&columns + &Dim::lit(1)], mdl_runtime::DType::I)
         }
     };
     el.vocabularies.insert(space.clone());
     let stream = el.next_dropout_stream();
     let node = el.add(Op::SampleIds { n, power, exclude, stream }, &[ids, weights, starts], span)?;
-    Ok(Val::Ids { node, rows: Dim::sym(&rows_sym(&space)) })
+    Ok(Val::Ids { node, rows: el.rows_dim(&space) })
 }
 
 /// `if_training(a, b)`: `a` in training, `b` in evaluation (equal shapes), the gradient
@@ -869,7 +870,7 @@ fn one_hot(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     let (f, s) = feature(el, a, "ids")?;
     match el.feature_nodes(&f) {
         Some((FeatureKind::Domain, ids, _)) => {
-            let node = el.add(Op::OneHot { depth: Dim::sym(&count_sym(&f)) }, &[ids], span)?;
+            let node = el.add(Op::OneHot { depth: el.count_dim(&f, true) }, &[ids], span)?;
             Ok(Val::Tensor(Tv { node, grouped: false }))
         }
         _ => el.error(s, format!("`one_hot` takes a domain input; `{f}` is not one")),
@@ -886,7 +887,22 @@ fn mask(el: &mut Elab, a: &Args, _span: Span) -> R<Val> {
 
 fn count(el: &mut Elab, a: &Args, _span: Span) -> R<Val> {
     let (f, _) = feature(el, a, "input")?;
-    Ok(Val::Int(Dim::sym(&count_sym(&f))))
+    let domain = matches!(el.feature_nodes(&f), Some((FeatureKind::Domain, _, _)));
+    Ok(Val::Int(el.count_dim(&f, domain)))
+}
+
+/// `rows(x)`: the rows of the table for the ids of input `x` (its vocabulary; a sequence
+/// declared `of y` shares `y`'s; the domains of a domain input).
+fn rows(el: &mut Elab, a: &Args, _span: Span) -> R<Val> {
+    let (f, s) = feature(el, a, "input")?;
+    match el.feature_nodes(&f) {
+        Some((FeatureKind::Domain, _, _)) => Ok(Val::Int(el.count_dim(&f, true))),
+        Some((FeatureKind::Sequence { of: Some(o), .. }, _, _)) => Ok(Val::Int(el.rows_dim(&o))),
+        Some((FeatureKind::Categorical | FeatureKind::Sequence { of: None, .. }, _, _)) => {
+            Ok(Val::Int(el.rows_dim(&f)))
+        }
+        _ => el.error(s, format!("`rows` takes an input of ids; `{f}` holds values")),
+    }
 }
 
 fn len(el: &mut Elab, a: &Args, _span: Span) -> R<Val> {
@@ -1085,10 +1101,16 @@ fn reduce(el: &mut Elab, a: &Args, name: &str, op: ReduceOp, span: Span) -> R<Va
     Ok(Val::Tensor(Tv { node, grouped: x.grouped && !axes.contains(&0) }))
 }
 
-fn embedding(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
-    if el.in_per() {
-        return el.error(span, "embedding tables cannot be created per domain");
-    }
+/// `embedding(ids, dim, std)`: a table with a row per id. Inside `per d { }`, one table
+/// per domain, stacked into one `[D * rows, dim]` parameter (row-sparse like any table),
+/// whose lookups move each sample's ids into its domain's block (GroupIds, then Gather).
+fn embedding(el: &mut Elab, a: &Args, _span: Span) -> R<Val> {
+    let per = el.per_domains();
+    let stacked = |rows: &Dim| match &per {
+        Some((_, groups)) => groups * rows,
+        None => rows.clone(),
+    };
+    let per_domain = |rows: Dim| per.as_ref().map(|(idx, _)| (*idx, rows));
     // A table for ids made in the spec: one row per id below their bound.
     let made = match a.get("ids") {
         (Val::Ids { rows, .. }, _) => Some(rows),
@@ -1101,8 +1123,8 @@ fn embedding(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     if let Some(rows) = made {
         let name = el.param_name("table");
         let group = el.group_name();
-        let node = el.graph.param(&name, vec![rows.clone(), dim], Init::Normal(std), group, true);
-        return Ok(Val::Table { node, ids_of: IdSpace::Made { rows } });
+        let node = el.graph.param(&name, vec![stacked(&rows), dim], Init::Normal(std), group, true);
+        return Ok(Val::Table { node, per_domain: per_domain(rows.clone()), ids_of: IdSpace::Made { rows } });
     }
     let (f, fs) = feature(el, a, "ids")?;
     let space = match el.feature_nodes(&f) {
@@ -1117,13 +1139,13 @@ fn embedding(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
         }
     };
     let rows = match el.feature_nodes(&space) {
-        Some((FeatureKind::Domain, _, _)) => Dim::sym(&count_sym(&space)),
-        _ => Dim::sym(&super::rows_sym(&space)),
+        Some((FeatureKind::Domain, _, _)) => el.count_dim(&space, true),
+        _ => el.rows_dim(&space),
     };
     let name = el.param_name("table");
     let group = el.group_name();
-    let node = el.graph.param(&name, vec![rows, dim], Init::Normal(std), group, true);
-    Ok(Val::Table { node, ids_of: IdSpace::Input(space) })
+    let node = el.graph.param(&name, vec![stacked(&rows), dim], Init::Normal(std), group, true);
+    Ok(Val::Table { node, ids_of: IdSpace::Input(space), per_domain: per_domain(rows) })
 }
 
 /// The task a loss takes (`bce(click)`), with its logit and its kind, which must be one
@@ -1233,7 +1255,7 @@ fn per_sample_mean(el: &mut Elab, a: &Args, l: NodeId, span: Span) -> R<Val> {
             // Σ_d mean over the samples of domain d = Σ_i l_i / n_{d(i)}.
             let one = el.scalar(1.0, span)?;
             let ones = el.add(Op::Broadcast { shape: vec![Dim::batch()] }, &[one], span)?;
-            let counts = el.add(Op::SegmentSum { segments: Dim::sym(&count_sym(&f)) }, &[ones, dom], span)?;
+            let counts = el.add(Op::SegmentSum { segments: el.count_dim(&f, true) }, &[ones, dom], span)?;
             let per_row = el.add(Op::Gather, &[counts, dom], span)?;
             let w = el.add(Op::Binary(BinaryOp::Div), &[l, per_row], span)?;
             el.add(Op::Reduce { op: ReduceOp::Sum, axes: vec![0], keep_dims: false }, &[w], span)?
@@ -1258,7 +1280,7 @@ fn group_mean(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
             format!("`group_mean` needs a per-sample tensor [B, ...], found {}", el.shape_str(x.node)),
         );
     }
-    let groups = Dim::sym(&count_sym(&f));
+    let groups = el.count_dim(&f, true);
     let sums = el.add(Op::SegmentSum { segments: groups.clone() }, &[x.node, dom], span)?;
     let one = el.scalar(1.0, span)?;
     let ones = el.add(Op::Broadcast { shape: vec![Dim::batch()] }, &[one], span)?;

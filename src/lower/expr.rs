@@ -9,7 +9,7 @@ use super::{Elab, FeatureKind, R};
 use crate::diag::{Diagnostic, Span};
 use crate::syntax::ast::{BinOp, Expr, ExprKind, UnOp};
 use mdl_runtime::ops::{BinaryOp, Op, UnaryOp};
-use mdl_runtime::Dim;
+use mdl_runtime::{Dim, NodeId};
 
 /// The most items a range may have: loops over it are unrolled into the graph.
 const MAX_UNROLL: usize = 100_000;
@@ -72,8 +72,8 @@ impl Elab {
                 Ok(Val::List(out?))
             }
             ExprKind::Range { lo, hi } => {
-                let a = self.const_int(env, lo)?;
-                let b = self.const_int(env, hi)?;
+                let a = self.const_int(env, lo, "a range")?;
+                let b = self.const_int(env, hi, "a range")?;
                 // In i128, so that no pair of i64 bounds overflows.
                 let len = (i128::from(b) - i128::from(a)).max(0);
                 if len > MAX_UNROLL as i128 {
@@ -121,13 +121,11 @@ impl Elab {
         }
     }
 
-    /// An expression that must be a constant integer (a range bound, a list index).
-    pub(crate) fn const_int(&mut self, env: &mut Env, e: &Expr) -> R<i64> {
+    /// An expression that must be a constant integer (a range bound, a list index); `what`
+    /// needs it, for the message.
+    pub(crate) fn const_int(&mut self, env: &mut Env, e: &Expr, what: &str) -> R<i64> {
         match self.expr(env, e)? {
-            Val::Int(d) => match d.as_const() {
-                Some(c) => Ok(c),
-                None => self.error(e.span, format!("expected a constant integer, found the data-dependent size {d}")),
-            },
+            Val::Int(d) => self.number(what, &d, e.span),
             other => self.error(e.span, format!("expected an integer, found {}", other.kind())),
         }
     }
@@ -174,7 +172,8 @@ impl Elab {
                                 return Ok(Val::Int(d));
                             }
                         }
-                        return self.error(span, format!("cannot divide the size {x} by {y} exactly"));
+                        let (size, at) = if y.as_const().is_none() { (y, sb) } else { (x, sa) };
+                        return Err(self.number_needed("this division", size, at));
                     }
                     _ => {}
                 }
@@ -183,6 +182,16 @@ impl Elab {
                     Val::Int(d) => d.as_const().map(|c| c as f64),
                     _ => None,
                 };
+                // A size of the data meets a number: the arithmetic needs the size's value.
+                match (&a, &b) {
+                    (Val::Int(d), Val::Float(_)) if d.as_const().is_none() => {
+                        return Err(self.number_needed("this arithmetic", d, sa))
+                    }
+                    (Val::Float(_), Val::Int(d)) if d.as_const().is_none() => {
+                        return Err(self.number_needed("this arithmetic", d, sb))
+                    }
+                    _ => {}
+                }
                 if let (Some(x), Some(y)) = (num(&a), num(&b)) {
                     if op != MatMul {
                         return Ok(Val::Float(match op {
@@ -257,13 +266,17 @@ impl Elab {
                     match (x.as_const(), y.as_const()) {
                         (Some(p), Some(q)) => Some(p.cmp(&q)),
                         _ => {
-                            if matches!(op, BinOp::Eq | BinOp::Ne) {
-                                return self.error(span, format!("whether {x} equals {y} depends on the data"));
-                            }
-                            return self.error(span, format!("cannot order the data-dependent sizes {x} and {y}"));
+                            let (size, at) = if x.as_const().is_none() { (x, sa) } else { (y, sb) };
+                            return Err(self.number_needed("this comparison", size, at));
                         }
                     }
                 }
+            }
+            (Val::Int(d), Val::Float(_)) if d.as_const().is_none() => {
+                return Err(self.number_needed("this comparison", d, sa));
+            }
+            (Val::Float(_), Val::Int(d)) if d.as_const().is_none() => {
+                return Err(self.number_needed("this comparison", d, sb));
             }
             (Val::Int(_) | Val::Float(_), Val::Int(_) | Val::Float(_)) => {
                 let f = |v: &Val| match v {
@@ -294,7 +307,7 @@ impl Elab {
         let b = self.expr(env, base)?;
         match b {
             Val::List(items) => {
-                let i = self.const_int(env, index)?;
+                let i = self.const_int(env, index, "a list index")?;
                 let n = items.len() as i64;
                 let k = if i < 0 { i + n } else { i };
                 if k < 0 || k >= n {
@@ -302,7 +315,7 @@ impl Elab {
                 }
                 Ok(items[k as usize].clone())
             }
-            Val::Table { node, ids_of } => {
+            Val::Table { node, ids_of, per_domain } => {
                 let iv = self.expr(env, index)?;
                 if let Val::Ids { node: ids, rows } = iv {
                     // Made ids index a table made for made ids with at least as many rows.
@@ -324,7 +337,7 @@ impl Elab {
                             Diagnostic::error(index.span, message).hint("make a table for them: `embedding(ids, dim)`");
                         return Err(self.report(d));
                     }
-                    let out = self.add(Op::Gather, &[node, ids], span)?;
+                    let out = self.lookup(node, ids, &per_domain, span)?;
                     return Ok(Val::Tensor(Tv { node: out, grouped: false }));
                 }
                 let Val::Feature(fname) = iv else {
@@ -361,12 +374,24 @@ impl Elab {
                     });
                     return Err(self.report(d));
                 }
-                let out = self.add(Op::Gather, &[node, ids], span)?;
+                let out = self.lookup(node, ids, &per_domain, span)?;
                 Ok(Val::Tensor(Tv { node: out, grouped: false }))
             }
             Val::Poison(reported) => Err(reported),
             other => self.error(base.span, format!("{} cannot be indexed", other.kind())),
         }
+    }
+}
+
+impl Elab {
+    /// The rows of `table` for `ids`; a per-domain table's ([`Val::Table`]) in each sample's
+    /// own domain's block: one GroupIds and one Gather, whose gradient is row-sparse.
+    fn lookup(&mut self, table: NodeId, ids: NodeId, per_domain: &Option<(NodeId, Dim)>, span: Span) -> R<NodeId> {
+        let ids = match per_domain {
+            Some((domains, rows)) => self.add(Op::GroupIds { rows: rows.clone() }, &[ids, *domains], span)?,
+            None => ids,
+        };
+        self.add(Op::Gather, &[table, ids], span)
     }
 }
 

@@ -2,7 +2,7 @@
 //! their symbolic shapes), and an input used as a tensor is checked to hold values.
 
 use super::value::{Env, Tv, Val};
-use super::{count_sym, ids_input, mask_input, Elab, Feature, FeatureKind, R};
+use super::{ids_input, mask_input, Elab, Feature, FeatureKind, R};
 use crate::diag::{suggest, Diagnostic, Span};
 use crate::syntax::ast::{self, InputKind};
 use mdl_runtime::{DType, Dim, NodeId};
@@ -21,7 +21,7 @@ impl Elab {
         if self.features.contains_key(&name.name) {
             return self.error(name.span, format!("input `{}` is declared twice", name.name));
         }
-        let count = Dim::sym(&count_sym(&name.name));
+        let count = self.count_dim(&name.name, matches!(kind, InputKind::Domain));
         let b = Dim::batch();
         let (fk, main, mask) = match kind {
             InputKind::Categorical => {
@@ -41,6 +41,7 @@ impl Elab {
                 let n = match lv {
                     Val::Int(d) => match d.as_const() {
                         Some(n) if n > 0 => n as usize,
+                        None => return Err(self.number_needed("a sequence length", &d, len.span)),
                         _ => {
                             return self
                                 .error(len.span, format!("a sequence length must be a positive constant, found {d}"))

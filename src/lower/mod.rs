@@ -21,6 +21,7 @@
 //! | `model`      | hyperparameters, labels, tasks and losses; the assembled [`Compiled`] |
 //! | `stmt`       | statements and control flow: `let`, rebinding, `for`, `if`, groups, `return` |
 //! | `budget`     | the limits on unrolled loop iterations, graph ops and loop nesting |
+//! | `sizes`      | the data's sizes ([`Sizes`]) as numbers, and the error where a statement needs one that is not bound |
 //! | `expr`       | expressions and operators, comparisons, indexing, compile-time arithmetic |
 //! | `call`       | calls: argument binding, block inlining, dispatch to built-ins |
 //! | [`builtins`] | the built-in functions, each with its parameters and its lowering |
@@ -44,11 +45,13 @@ mod model;
 mod param;
 mod per;
 mod scope;
+mod sizes;
 mod stmt;
 mod tensor;
 pub mod value;
 
 pub use model::hyper_to_val;
+pub use sizes::Sizes;
 
 use crate::diag::{Diagnostic, Diagnostics, Reported, SourceMap, Span};
 use crate::syntax::ast;
@@ -161,22 +164,47 @@ pub fn rows_sym(feature: &str) -> String {
 
 /// Reads a spec file (a regular `.mdl` file) and everything it uses, and compiles the model
 /// in it (the only one, or the one named). `overrides` replace hyperparameter defaults.
+/// The data's sizes stay symbolic (see [`compile_file_sized`]).
 pub fn compile_file(
     map: &mut SourceMap,
     path: &Path,
     model: Option<&str>,
     overrides: &BTreeMap<String, Hyper>,
 ) -> Result<Compiled, Vec<Diagnostic>> {
+    compile_file_sized(map, path, model, overrides, &Sizes::default()).map_err(|f| f.diagnostics)
+}
+
+/// Why a compilation failed: its diagnostics, and the sizes some statement needed as a
+/// number while they were not bound (a caller that can bind more of them, from the data,
+/// compiles again).
+#[derive(Debug)]
+pub struct Failed {
+    pub diagnostics: Vec<Diagnostic>,
+    /// The symbols (`count(fields)`, `rows(items)`) a statement needed as numbers.
+    pub needs: BTreeSet<String>,
+}
+
+/// [`compile_file`] with the data's sizes that are known: `count(x)`, `rows(x)` and the
+/// number of domains are then numbers the spec can loop over and compute with.
+pub fn compile_file_sized(
+    map: &mut SourceMap,
+    path: &Path,
+    model: Option<&str>,
+    overrides: &BTreeMap<String, Hyper>,
+    sizes: &Sizes,
+) -> Result<Compiled, Failed> {
+    let failed = |diagnostics| Failed { diagnostics, needs: BTreeSet::new() };
     // Only spec files: a diagnostic shows lines of its file, never those of another kind
     // of file (`spec: /etc/passwd`).
     if path.extension().is_none_or(|e| e != "mdl") {
         let message = format!("cannot read {}: a spec file's name ends in `.mdl`", path.display());
-        return Err(vec![Diagnostic::error(Span::default(), message)]);
+        return Err(failed(vec![Diagnostic::error(Span::default(), message)]));
     }
-    let text = crate::files::read_text(path)
-        .map_err(|e| vec![Diagnostic::error(Span::default(), format!("cannot read {}: {e}", path.display()))])?;
+    let text = crate::files::read_text(path).map_err(|e| {
+        failed(vec![Diagnostic::error(Span::default(), format!("cannot read {}: {e}", path.display()))])
+    })?;
     let file = map.add(path.display().to_string(), text);
-    compile(map, file, path.parent(), model, overrides)
+    compile_sized(map, file, path.parent(), model, overrides, sizes)
 }
 
 /// Compiles the model in an already loaded file (`dir` resolves its `use` paths).
@@ -187,12 +215,25 @@ pub fn compile(
     model: Option<&str>,
     overrides: &BTreeMap<String, Hyper>,
 ) -> Result<Compiled, Vec<Diagnostic>> {
-    let modules = load::parse_all(map, file, dir)?;
-    let (blocks, chosen) = load::definitions(&modules, file, model)?;
-    let mut el = Elab::new(blocks);
+    compile_sized(map, file, dir, model, overrides, &Sizes::default()).map_err(|f| f.diagnostics)
+}
+
+/// [`compile`] with the data's sizes that are known ([`compile_file_sized`]).
+pub fn compile_sized(
+    map: &mut SourceMap,
+    file: u32,
+    dir: Option<&Path>,
+    model: Option<&str>,
+    overrides: &BTreeMap<String, Hyper>,
+    sizes: &Sizes,
+) -> Result<Compiled, Failed> {
+    let failed = |diagnostics| Failed { diagnostics, needs: BTreeSet::new() };
+    let modules = load::parse_all(map, file, dir).map_err(failed)?;
+    let (blocks, chosen) = load::definitions(&modules, file, model).map_err(failed)?;
+    let mut el = Elab::new(blocks, sizes.clone());
     match el.model(&chosen, overrides) {
         Ok(compiled) => Ok(compiled),
-        Err(_) => Err(el.diags.into_vec()),
+        Err(_) => Err(Failed { diagnostics: el.diags.into_vec(), needs: el.needs }),
     }
 }
 
@@ -227,13 +268,17 @@ pub(crate) struct Elab {
     /// The id spaces `sample_ids` draws from ([`Compiled::vocabularies`]).
     pub(crate) vocabularies: BTreeSet<String>,
     budget: budget::Budget,
+    /// The data's sizes that are bound.
+    sizes: Sizes,
+    /// The unbound sizes a statement needed as numbers (see [`Failed::needs`]).
+    needs: BTreeSet<String>,
 }
 
 /// The result of every fallible step: its error says a diagnostic was recorded.
 pub(crate) type R<T> = Result<T, Reported>;
 
 impl Elab {
-    fn new(blocks: Blocks) -> Elab {
+    fn new(blocks: Blocks, sizes: Sizes) -> Elab {
         Elab {
             blocks,
             graph: Graph::new(),
@@ -255,6 +300,8 @@ impl Elab {
             dropout_streams: 0,
             vocabularies: BTreeSet::new(),
             budget: budget::Budget::default(),
+            sizes,
+            needs: BTreeSet::new(),
         }
     }
 

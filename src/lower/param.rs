@@ -66,7 +66,7 @@ impl Elab {
                 Val::Float(f) => nums.push(f),
                 Val::Int(d) => match d.as_const() {
                     Some(c) => nums.push(c as f64),
-                    None => return self.error(a.value.span, "an initialiser argument must be a constant"),
+                    None => return Err(self.number_needed("an initialiser argument", &d, a.value.span)),
                 },
                 other => {
                     return self.error(

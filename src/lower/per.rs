@@ -4,7 +4,7 @@
 
 use super::stmt::Flow;
 use super::value::{Env, Tv, Val};
-use super::{count_sym, Elab, FeatureKind, R};
+use super::{Elab, FeatureKind, R};
 use crate::diag::Span;
 use crate::syntax::ast::{self, Expr, Stmt};
 use mdl_runtime::ops::Op;
@@ -66,9 +66,9 @@ impl Elab {
         Ok((a, b, true))
     }
 
-    /// Whether the walk is inside a `per` block.
-    pub(crate) fn in_per(&self) -> bool {
-        self.per.is_some()
+    /// Inside a `per` block: its domain ids `[B]` and the number of domains.
+    pub(crate) fn per_domains(&self) -> Option<(NodeId, Dim)> {
+        self.per.as_ref().map(|p| (p.idx, p.groups.clone()))
     }
 
     /// `per g { body; value }`: the body's parameters get one entry per domain of `g`;
@@ -93,7 +93,7 @@ impl Elab {
         let Some((FeatureKind::Domain, idx, _)) = self.feature_nodes(&fname) else {
             return self.error(group.span, format!("`per` needs a domain input; `{fname}` is not declared `: domain`"));
         };
-        self.per = Some(PerCtx { idx, groups: Dim::sym(&count_sym(&fname)) });
+        self.per = Some(PerCtx { idx, groups: self.count_dim(&fname, true) });
         self.enter_scope(&format!("per_{fname}"));
         env.push();
         let flow = self.stmts(env, body);

@@ -107,8 +107,7 @@ impl Elab {
             Val::Float(f) => Ok(Tv { node: self.scalar(f, span)?, grouped: false }),
             Val::Int(d) => match d.as_const() {
                 Some(c) => Ok(Tv { node: self.scalar(c as f64, span)?, grouped: false }),
-                None => self
-                    .error(span, format!("the size {d} is only known with data; it cannot be used as a number here")),
+                None => Err(self.number_needed("a size used as a value", &d, span)),
             },
             Val::Feature(name) => self.feature_tensor(&name, span),
             Val::Ids { .. } => {

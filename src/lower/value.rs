@@ -37,6 +37,10 @@ pub enum Val {
     Table {
         node: NodeId,
         ids_of: IdSpace,
+        /// A table made inside `per d { }`: one table per domain, stacked (`[D * rows, dim]`);
+        /// the domain ids `[B]` and the rows of one domain's table. A sample's ids are
+        /// looked up in its own domain's table only.
+        per_domain: Option<(NodeId, Dim)>,
     },
     /// A declared input (feature group, domain), by name.
     Feature(String),

@@ -3,15 +3,55 @@
 //! spec's symbolic shapes. The experiment's schema names its groups after the spec's
 //! inputs; every mismatch between the two is an error naming both sides. The
 //! vocabularies `sample_ids` draws from are fed beside the batch, the same every step.
+//!
+//! The same sizes, as numbers the spec computes with ([`Sizes`]): [`schema_sizes`] are those
+//! the experiment's schema gives without reading data (`count(x)` of every group, and the
+//! number of domains where the schema declares it), [`fitted_sizes`] all of them, from the
+//! prepared data (the vocabularies' rows, the domains seen in train).
 
-use crate::data::{Batch, FeatureGroup, Fitted, SequenceTable};
+use crate::data::{Batch, FeatureGroup, Fitted, Schema, SequenceTable};
 use crate::lower::{
     count_sym, ids_input, label_input, mask_input, rows_sym, vocab_input, vocab_starts_input, Compiled, FeatureKind,
+    Sizes,
 };
 use mdl_runtime::ir::dim::BATCH;
 use mdl_runtime::tensor::{Tensor, Value};
 use mdl_runtime::Binding;
 use std::collections::HashMap;
+
+/// The sizes the experiment's schema gives without reading any data: `count(x)` of every
+/// feature group (its columns), and the number of domains where the schema declares it
+/// (`domain: { column: ..., count: D }`).
+pub fn schema_sizes(schema: &Schema) -> Sizes {
+    let mut sizes = Sizes::default();
+    for g in &schema.features {
+        let columns = match g {
+            FeatureGroup::Categorical { columns, .. }
+            | FeatureGroup::Sequence { columns, .. }
+            | FeatureGroup::Numeric { columns, .. } => columns.len(),
+        };
+        sizes.symbols.insert(count_sym(g.name()), columns as i64);
+    }
+    sizes.domains = schema.domain.as_ref().and_then(|d| d.count).map(|d| d as i64);
+    sizes
+}
+
+/// Every size of the prepared data: the schema's ([`schema_sizes`]), the rows of each
+/// vocabulary (`rows(x)`), and the number of domains (declared, or seen in train).
+pub fn fitted_sizes(fitted: &Fitted) -> Sizes {
+    let layout = fitted.layout();
+    let mut sizes = schema_sizes(&fitted.schema);
+    for l in &layout.categorical {
+        sizes.symbols.insert(rows_sym(&l.name), l.rows as i64);
+    }
+    for l in layout.sequence.iter().filter(|l| l.table == SequenceTable::Own) {
+        sizes.symbols.insert(rows_sym(&l.name), l.rows as i64);
+    }
+    if fitted.schema.domain.is_some() {
+        sizes.domains = Some(layout.domains as i64);
+    }
+    sizes
+}
 
 /// Where one graph input comes from in a batch.
 #[derive(Clone, Debug)]

@@ -44,7 +44,7 @@ pub mod stages;
 use crate::data::{self, Dataset, Fitted, Prepared};
 use crate::experiment::{Experiment, OptimizerName};
 use crate::files::sha256_hex;
-use crate::lower::{compile_file, logit_output, Compiled};
+use crate::lower::{compile_file_sized, logit_output, Compiled, Sizes};
 use crate::metrics::{Report, TaskRows};
 use crate::tasks::TaskKind;
 use bind::InputBinding;
@@ -69,21 +69,60 @@ pub struct Session {
     pub inputs: InputBinding,
 }
 
-/// Compiles the experiment's spec (with its hyperparameter overrides). It needs no data,
-/// so `mdl run` and `mdl bench` call it before reading any: a bad spec is reported at
-/// once, not after the data has loaded.
+/// Compiles the experiment's spec (with its hyperparameter overrides) with the sizes its
+/// schema gives ([`bind::schema_sizes`]). It needs no data, so `mdl run` and `mdl bench`
+/// call it before reading any: a bad spec is reported at once, not after the data has
+/// loaded.
 pub fn compile_spec(exp: &Experiment) -> Result<Compiled, String> {
     compile_spec_at(exp, &exp.spec).map(|(compiled, _)| compiled)
 }
 
+/// A compiled spec with the files the compiler read and their text: the spec first, then
+/// every file it `use`s (the standard library is part of mdl).
+pub type CompiledSpec = (Compiled, Vec<(PathBuf, String)>);
+
+/// Why [`compile_spec_sized`] failed: the rendered diagnostics, and whether a statement
+/// needed a size that was not bound (the prepared data gives every size).
+#[derive(Debug)]
+pub struct SpecError {
+    pub message: String,
+    pub needs_data: bool,
+}
+
 /// Compiles the experiment's model from the spec file `spec` (the experiment's own, or a
-/// run folder's copy of it); returns it with the files the compiler read and their text:
-/// the spec first, then every file it `use`s (the standard library is part of mdl).
-pub fn compile_spec_at(exp: &Experiment, spec: &Path) -> Result<(Compiled, Vec<(PathBuf, String)>), String> {
+/// run folder's copy of it) with the sizes its schema gives ([`bind::schema_sizes`]).
+pub fn compile_spec_at(exp: &Experiment, spec: &Path) -> Result<CompiledSpec, String> {
+    compile_spec_sized(exp, spec, &bind::schema_sizes(&exp.data.schema)).map_err(|e| e.message)
+}
+
+/// The compile of a run before its data is read: the spec with the schema's sizes, or
+/// `None` when a statement needs a size only the prepared data gives (`rows(x)`, or the
+/// domains where the schema does not declare them): [`compile_for_data`] then compiles it.
+pub fn compile_before_data(exp: &Experiment, spec: &Path) -> Result<Option<CompiledSpec>, String> {
+    match compile_spec_sized(exp, spec, &bind::schema_sizes(&exp.data.schema)) {
+        Ok(c) => Ok(Some(c)),
+        Err(e) if e.needs_data => Ok(None),
+        Err(e) => Err(e.message),
+    }
+}
+
+/// The model as a run on `fitted` data compiles it, the same graph in training, `--resume`,
+/// `mdl eval`, `predict`, `serve` and `export`: with the schema's sizes, or, where a
+/// statement needs a size only the data gives, with every size of the data.
+pub fn compile_for_data(exp: &Experiment, spec: &Path, fitted: &Fitted) -> Result<CompiledSpec, String> {
+    match compile_before_data(exp, spec)? {
+        Some(c) => Ok(c),
+        None => compile_spec_sized(exp, spec, &bind::fitted_sizes(fitted)).map_err(|e| e.message),
+    }
+}
+
+/// Compiles the experiment's model from `spec` with the data's sizes that are known.
+pub fn compile_spec_sized(exp: &Experiment, spec: &Path, sizes: &Sizes) -> Result<CompiledSpec, SpecError> {
     let mut map = crate::diag::SourceMap::new();
-    let overrides = exp.hyper_overrides()?;
-    let compiled = compile_file(&mut map, spec, exp.model.as_deref(), &overrides)
-        .map_err(|d| crate::diag::render_all(&map, &d))?;
+    let overrides = exp.hyper_overrides().map_err(|message| SpecError { message, needs_data: false })?;
+    let compiled = compile_file_sized(&mut map, spec, exp.model.as_deref(), &overrides, sizes).map_err(|f| {
+        SpecError { message: crate::diag::render_all(&map, &f.diagnostics), needs_data: !f.needs.is_empty() }
+    })?;
     // File 0 is the spec; the standard library is the entry `lower` adds under its name.
     let files = (0..map.len() as u32)
         .filter(|&f| f == 0 || map.name(f) != "std.mdl" || map.text(f) != crate::lower::STD_SOURCE)
@@ -131,7 +170,7 @@ pub fn build_probe_graph(c: &Compiled) -> mdl_runtime::Graph {
 impl Session {
     /// Compiles the experiment's spec and binds it to the fitted data layout.
     pub fn new(exp: &Experiment, fitted: &Fitted) -> Result<Session, String> {
-        Session::with_compiled(compile_spec(exp)?, fitted)
+        Session::with_compiled(compile_for_data(exp, &exp.spec, fitted)?.0, fitted)
     }
 
     /// Binds a compiled spec ([`compile_spec`]) to the fitted data layout and derives the
@@ -385,10 +424,13 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
             from_copy = true;
         }
     }
-    let (compiled, spec_files) = compile_spec_at(exp, &spec)?;
-    stages::check(exp, &compiled)?;
-    stages::check_init_from(exp, &compiled)?;
-    check_metric(exp, &compiled)?;
+    // A spec that needs a size only the prepared data gives compiles once the data is in.
+    let early = compile_before_data(exp, &spec)?;
+    if let Some((compiled, _)) = &early {
+        stages::check(exp, compiled)?;
+        stages::check_init_from(exp, compiled)?;
+        check_metric(exp, compiled)?;
+    }
     let spec_time = spec_started.elapsed();
     let (mut folder, claim_note) = match resumed {
         Some(folder) => (folder, None),
@@ -411,7 +453,12 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
             let threads = exp.train.threads.unwrap_or_else(mdl_runtime::backend::jit::default_threads);
             log.line(&format!("jit threads: {threads}"));
         }
-        let prep = load_data(exp, &label_schema(&exp.data.schema, &compiled), &mut log)?;
+        // A spec compiled only once the data is in reads its labels as 0/1 (checked below).
+        let schema = match &early {
+            Some((compiled, _)) => label_schema(&exp.data.schema, compiled),
+            None => exp.data.schema.clone(),
+        };
+        let prep = load_data(exp, &schema, &mut log)?;
         if let (Some(was), Some(now)) = (&folder.manifest.data_key, &prep.stats.cache_key) {
             if opts.resume && was != now {
                 trust.problem(format!(
@@ -422,6 +469,24 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
             }
         }
         let session_started = Instant::now();
+        let (compiled, spec_files) = match early {
+            Some(c) => c,
+            None => {
+                log.line(
+                    "the spec needs sizes of the data its schema does not give: compiled with the prepared data's",
+                );
+                let c = compile_spec_sized(exp, &spec, &bind::fitted_sizes(&prep.fitted)).map_err(|e| e.message)?;
+                if label_schema(&exp.data.schema, &c.0) != schema {
+                    return Err("a spec that needs sizes only the prepared data gives (rows(x), undeclared domains) \
+                                takes 0/1 labels only for now; declare the domains' count in the schema"
+                        .into());
+                }
+                stages::check(exp, &c.0)?;
+                stages::check_init_from(exp, &c.0)?;
+                check_metric(exp, &c.0)?;
+                c
+            }
+        };
         let session = Session::with_compiled(compiled, &prep.fitted)?;
         let compile_ms = (session_started.elapsed() + spec_time).as_secs_f64() * 1e3;
         memory::check_run(&session, exp, exp.train.batch_size.min(prep.train.rows))?;
@@ -433,9 +498,9 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
             session.train_graph.len(),
             exp.backend,
         ));
-        Ok::<_, String>((log, prep, session, compile_ms, plan_ms))
+        Ok::<_, String>((log, prep, session, spec_files, compile_ms, plan_ms))
     })();
-    let (log, prep, session, compile_ms, plan_ms) = match started {
+    let (log, prep, session, spec_files, compile_ms, plan_ms) = match started {
         Ok(started) => started,
         Err(e) => {
             folder.discard();
@@ -572,7 +637,7 @@ pub fn open_run(run: &Path, trust: Trust) -> Result<LoadedRun, String> {
     for note in notes {
         crate::say!("{note}");
     }
-    let session = Session::with_compiled(compile_spec_at(&exp, &spec)?.0, &fitted)?;
+    let session = Session::with_compiled(compile_for_data(&exp, &spec, &fitted)?.0, &fitted)?;
     // best.ckpt, written at the best evaluation; the last parameters only when the run
     // never had one (an undefined validation metric).
     let (best, last) = (run.join("best.ckpt"), run.join("last.ckpt"));

@@ -623,6 +623,20 @@ impl Renderer<'_> {
                 let by = self.const_i64(&[], &[*by as i64]);
                 self.emit("Mod", &[x[0], &by], vec![int_attr("fmod", 0)])
             }
+            Op::GroupIds { rows } => {
+                // ids + group * rows, the groups [N] given the ids' trailing axes of size 1.
+                let rank = node.sig.shape.len();
+                let rows = self.dim_value(rows, id)?;
+                let moved = self.emit("Mul", &[x[1], &rows], vec![]);
+                let moved = if rank > 1 {
+                    let axes: Vec<i64> = (1..rank as i64).collect();
+                    let axes = self.const_i64(&[axes.len()], &axes);
+                    self.emit("Unsqueeze", &[&moved, &axes], vec![])
+                } else {
+                    moved
+                };
+                self.emit("Add", &[x[0], &moved], vec![])
+            }
             Op::TakeAlong { axis } => {
                 // numpy's take_along_axis: GatherElements, once the ids are stretched
                 // over the axes where they have size 1.

@@ -1,6 +1,7 @@
 //! Indexing ops: Gather (embedding lookup), SparseRows (its row-sparse gradient),
 //! SegmentSum (sum rows by group id), OneHot, the ops that make ids: Bucketize (real
-//! values to bucket ids), IdDiv / IdMod (integer division and remainder of ids) and TopK
+//! values to bucket ids), IdDiv / IdMod (integer division and remainder of ids), GroupIds
+//! (ids moved into their group's block of a per-group table) and TopK
 //! (the positions of the k largest or smallest values along an axis), and the selection
 //! along an axis: TakeAlong (numpy's `take_along_axis`) and its adjoint ScatterAdd, with
 //! [`AlongIds`], the walk over their ids that the jit's kernels share.
@@ -87,6 +88,18 @@ pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
             need_ids(&x[0], op)?;
             if *by == 0 {
                 return shape_err(format!("{} divides by zero", op.name()));
+            }
+            Ok(Signature { shape: x[0].shape.to_vec(), dtype: DType::I, kind: ValueKind::Dense })
+        }
+        Op::GroupIds { .. } => {
+            need_ids(&x[0], op)?;
+            need_ids(&x[1], op)?;
+            if x[1].shape.len() != 1 || x[0].shape.first() != Some(&x[1].shape[0]) {
+                return shape_err(format!(
+                    "group_ids needs ids [N, ...] and groups [N], got {} and {}",
+                    x[0].describe(),
+                    x[1].describe()
+                ));
             }
             Ok(Signature { shape: x[0].shape.to_vec(), dtype: DType::I, kind: ValueKind::Dense })
         }
@@ -213,6 +226,7 @@ pub fn grad(graph: &mut Graph, node: &Node, _y: NodeId, dy: NodeId) -> Result<Ve
         Op::OneHot { .. } | Op::Bucketize { .. } | Op::IdDiv { .. } | Op::IdMod { .. } | Op::TopK { .. } => {
             Ok(vec![None])
         }
+        Op::GroupIds { .. } => Ok(vec![None, None]),
         _ => shape_err(format!("{} is not an indexing op", node.op.name())),
     }
 }
@@ -290,6 +304,23 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
                 Op::IdDiv { .. } => ids.data.iter().map(|&id| id / by).collect(),
                 _ => ids.data.iter().map(|&id| id % by).collect(),
             };
+            Ok(Value::Ids(Ids { shape: ids.shape.clone(), data }))
+        }
+        Op::GroupIds { rows } => {
+            let (ids, groups) = (args[0].ids(&name)?, args[1].ids(&name)?);
+            let rows = cx.size(rows)?;
+            // Ids [N, i...] against groups [N]: sample n's ids are a run of `per` ids.
+            let per = ids.numel().checked_div(groups.numel()).unwrap_or(0).max(1);
+            let mut data = Vec::with_capacity(ids.numel());
+            for (i, id) in checked_ids(ids, rows, &name).enumerate() {
+                let group = groups.data[i / per];
+                let moved = group as u64 * rows as u64 + id? as u64;
+                let moved = u32::try_from(moved).map_err(|_| ExecError::BadOperand {
+                    op: name.clone(),
+                    message: format!("id {moved} (group {group}, {rows} rows a group) does not fit 32 bits"),
+                })?;
+                data.push(moved);
+            }
             Ok(Value::Ids(Ids { shape: ids.shape.clone(), data }))
         }
         Op::TakeAlong { axis } => {

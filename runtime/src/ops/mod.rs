@@ -23,7 +23,7 @@
 //! | `layout`      | Reshape, Permute, Broadcast, Concat, Slice, Pad (all but Pad also move ids) |
 //! | `reduce`      | Reduce (sum mean max min over axes), Softmax |
 //! | `linalg`      | MatMul, GroupMatMul, GroupOuter |
-//! | `index`       | Gather, SparseRows, SegmentSum, OneHot, Bucketize (reals to ids), IdDiv, IdMod, TakeAlong (gather along an axis), ScatterAdd (its adjoint), TopK (positions of the k largest or smallest) |
+//! | `index`       | Gather, SparseRows, SegmentSum, OneHot, Bucketize (reals to ids), IdDiv, IdMod, GroupIds (ids into a per-group table), TakeAlong (gather along an axis), ScatterAdd (its adjoint), TopK (positions of the k largest or smallest) |
 //! | `fused`       | Fused (Unary/Binary groups made one kernel by the fusion pass after autodiff, with an optional sum/mean epilogue) |
 
 pub mod elementwise;
@@ -208,6 +208,12 @@ pub enum Op {
     IdDiv { by: u32 },
     /// `[ids]` → ids `id % by` (`by > 0`). No gradient.
     IdMod { by: u32 },
+    /// `[ids: [N, i...] (ids), group: [N] (ids)]` → ids `ids[n, ..] + group[n] * rows`: the
+    /// ids of sample `n` moved into its group's block of `rows` rows, so one Gather from a
+    /// `[G * rows, ...]` table looks each sample up in its group's table only (per-domain
+    /// embedding tables, with Gather's row-sparse gradient). Each id must be below `rows`.
+    /// No gradient.
+    GroupIds { rows: Dim },
     /// `[x: real [a..., n, c...], idx: ids [a'..., m, c'...]]` → `[a..., m, c...]`:
     /// `out[a, p, c] = x[a, idx[a, p, c], c]` along `axis` (numpy's `take_along_axis`). `idx`
     /// has `x`'s rank; on every other axis its size is `x`'s or 1 (it is then the same for
@@ -303,6 +309,7 @@ impl Op {
             GroupMatMul { .. } | GroupOuter { .. } => 3,
             Gather | SparseRows { .. } | SegmentSum { .. } | TakeAlong { .. } | ScatterAdd { .. } => 2,
             OneHot { .. } | Bucketize { .. } | IdDiv { .. } | IdMod { .. } | TopK { .. } => 1,
+            GroupIds { .. } => 2,
             Fused(kernel) => kernel.inputs,
         })
     }
@@ -345,6 +352,7 @@ impl Op {
             | Bucketize { .. }
             | IdDiv { .. }
             | IdMod { .. }
+            | GroupIds { .. }
             | TakeAlong { .. }
             | ScatterAdd { .. }
             | TopK { .. } => index::shape(self, operands),
@@ -400,6 +408,7 @@ impl Op {
             Bucketize { boundaries } => format!("bucketize {boundaries:?}"),
             IdDiv { by } => format!("id_div by={by}"),
             IdMod { by } => format!("id_mod by={by}"),
+            GroupIds { rows } => format!("group_ids rows={rows}"),
             TakeAlong { axis } => format!("take_along axis={axis}"),
             ScatterAdd { axis, size } => format!("scatter_add axis={axis} size={size}"),
             TopK { axis, k, largest } => {
@@ -418,6 +427,7 @@ impl Op {
             | Op::Bucketize { .. }
             | Op::IdDiv { .. }
             | Op::IdMod { .. }
+            | Op::GroupIds { .. }
             | Op::IdList { .. }
             | Op::Counter(_)
             | Op::Bernoulli { .. }
@@ -477,6 +487,7 @@ pub fn grad(graph: &mut Graph, node: &Node, id: NodeId, dy: NodeId) -> Result<Ve
         | Bucketize { .. }
         | IdDiv { .. }
         | IdMod { .. }
+        | GroupIds { .. }
         | TakeAlong { .. }
         | ScatterAdd { .. }
         | TopK { .. } => index::grad(graph, node, id, dy),
@@ -519,6 +530,7 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
         | Bucketize { .. }
         | IdDiv { .. }
         | IdMod { .. }
+        | GroupIds { .. }
         | TakeAlong { .. }
         | ScatterAdd { .. }
         | TopK { .. } => index::eval(op, args, cx),
