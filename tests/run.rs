@@ -6,29 +6,11 @@
 
 mod common;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+use common::scoring::{mdl, ok};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("run").join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn mdl(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_mdl"))
-        .args(args)
-        .current_dir(common::root())
-        .env("MDL_CACHE_DIR", PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("mdl-cache"))
-        .env("CI", "1")
-        .output()
-        .unwrap()
-}
-
-fn ok(out: &std::process::Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "mdl failed:\n{err}");
-    err
+    common::scoring::tmp("run", name)
 }
 
 /// A short DNN run: few steps, small batches, evaluated every 2 steps.
