@@ -48,10 +48,37 @@ impl BoundSizes {
         Ok(BoundSizes { experiment, path: path.to_path_buf(), sizes, prepared: false })
     }
 
+    /// Whether `spec` is the experiment's own spec (the same file): then it is checked as
+    /// `mdl run` compiles it, with the experiment's `model:` and `hyper:` too.
+    fn is_own_spec(&self, spec: &Path) -> bool {
+        match (std::fs::canonicalize(spec), std::fs::canonicalize(&self.experiment.spec)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        }
+    }
+
     /// Compiles `spec` with the schema's sizes, and, when a statement needs one that only
-    /// the data gives, prepares the data (saying so) and compiles with all of them.
-    fn compile(&mut self, map: &mut SourceMap, spec: &Path, overrides: &BTreeMap<String, Hyper>) -> Option<Compiled> {
-        let mut result = compile_file_sized(map, spec, None, overrides, &self.sizes);
+    /// the data gives, prepares the data (saying so) and compiles with all of them. The
+    /// experiment's own spec gets its `model:` and `hyper:` under the `--set` overrides,
+    /// so that `--bind` checks the model the experiment runs (`with_watch: true` adds a
+    /// task); another spec gets the sizes only.
+    fn compile(&mut self, map: &mut SourceMap, spec: &Path, set: &BTreeMap<String, Hyper>) -> Option<Compiled> {
+        let own = self.is_own_spec(spec);
+        let mut overrides = BTreeMap::new();
+        if own {
+            match self.experiment.hyper_overrides() {
+                Ok(h) => overrides = h,
+                Err(e) => {
+                    crate::say!("error: {}: {e}", self.path.display());
+                    return None;
+                }
+            }
+        }
+        overrides.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let overrides = &overrides;
+        let model = if own { self.experiment.model.clone() } else { None };
+        let model = model.as_deref();
+        let mut result = compile_file_sized(map, spec, model, overrides, &self.sizes);
         if let Err(failed) = &result {
             if !failed.needs.is_empty() && !self.prepared {
                 let needs: Vec<&str> = failed.needs.iter().map(String::as_str).collect();
@@ -71,7 +98,7 @@ impl BoundSizes {
                         self.sizes = crate::train::bind::fitted_sizes(&prep.fitted);
                         self.prepared = true;
                         *map = SourceMap::new();
-                        result = compile_file_sized(map, spec, None, overrides, &self.sizes);
+                        result = compile_file_sized(map, spec, model, overrides, &self.sizes);
                     }
                     Err(e) => {
                         crate::say!("error: {}: {e}", self.path.display());
@@ -106,6 +133,19 @@ pub fn check(specs: &[std::path::PathBuf], set: &[String], bind: Option<&Path>) 
             return ExitCode::from(2);
         }
     };
+    // `mdl check --bind EXPERIMENT.yaml` alone checks the experiment's own spec.
+    let own_spec;
+    let specs = match (specs, bound.as_ref()) {
+        ([], Some(b)) => {
+            own_spec = [b.experiment.spec.clone()];
+            &own_spec[..]
+        }
+        ([], None) => {
+            crate::say!("error: give the spec files to check, or `--bind EXPERIMENT.yaml` to check its spec");
+            return ExitCode::from(2);
+        }
+        (given, _) => given,
+    };
     let mut failed = 0;
     for spec in specs {
         let mut map = SourceMap::new();
@@ -123,7 +163,13 @@ pub fn check(specs: &[std::path::PathBuf], set: &[String], bind: Option<&Path>) 
             Some(b) => b.compile(&mut map, spec, &overrides),
             None => compile_reporting(&mut map, spec, &overrides),
         };
-        let with = bound.as_ref().map(|b| format!(", with the sizes of {}", b.path.display())).unwrap_or_default();
+        let with = bound
+            .as_ref()
+            .map(|b| {
+                let what = if b.is_own_spec(spec) { "sizes and hyperparameters" } else { "sizes" };
+                format!(", with the {what} of {}", b.path.display())
+            })
+            .unwrap_or_default();
         match compiled {
             Some(c) => match crate::train::memory::check_spec(&c).and_then(|()| {
                 crate::train::build_training_graph(&c).map_err(|e| format!("the backward graph could not be built: {e}"))

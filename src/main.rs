@@ -17,15 +17,16 @@ enum Command {
     /// Check specs: syntax, names, arity, shapes and types, before any data is read.
     /// Exits 0 when every spec is clean, 1 with diagnostics.
     Check {
-        /// Spec files (.mdl)
-        #[arg(required = true)]
+        /// Spec files (.mdl); with `--bind` alone, the experiment's spec
+        #[arg(required_unless_present = "bind")]
         specs: Vec<PathBuf>,
         /// Override a hyperparameter, e.g. `--set dim=32` (repeatable)
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
         /// Check with the sizes of this experiment's data (`count(x)`, `rows(x)`, the
         /// domains) as numbers: from its schema, or, where the schema does not give a size
-        /// a statement needs, from its prepared data (the cache, else reading it)
+        /// a statement needs, from its prepared data (the cache, else reading it). The
+        /// experiment's own spec is checked with its `model:` and `hyper:` as well
         #[arg(long, value_name = "EXPERIMENT.yaml")]
         bind: Option<PathBuf>,
     },

@@ -429,3 +429,25 @@ fn check_with_bind_takes_the_sizes_from_the_experiments_schema() {
     assert!(err.contains("error: `pairs` needs a number, but count(fields) is a size of the data"), "{err}");
     assert_at(&err, "bound.mdl", 10, 45, 13, "error: a range needs a number, but count(fields) is a size of the data");
 }
+
+/// `--bind` checks the experiment's own spec as `mdl run` compiles it, with the experiment's
+/// `hyper:` (ple_watch's `with_watch: true` adds the watch-time task), and `--set` wins over
+/// it; `--bind` alone checks the experiment's spec. Before, the hyperparameters were ignored
+/// and PLE was checked with two tasks.
+#[test]
+fn check_with_bind_takes_the_experiments_hyperparameters_for_its_own_spec() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let check = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mdl")).current_dir(&root).arg("check").args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let watch = check(&["specs/ple.mdl", "--bind", "experiments/ple_watch.yaml"]);
+    assert!(watch.contains("3 tasks") && watch.contains("with the sizes and hyperparameters of"), "{watch}");
+    assert!(check(&["--bind", "experiments/ple_watch.yaml"]).contains("specs/ple.mdl (model ple, 3 tasks"));
+    let set = check(&["specs/ple.mdl", "--bind", "experiments/ple_watch.yaml", "--set", "with_watch=false"]);
+    assert!(set.contains("2 tasks"), "{set}");
+    // Another spec gets the experiment's sizes only (its hyperparameters may not exist there).
+    let other = check(&["specs/dnn.mdl", "--bind", "experiments/ple_watch.yaml"]);
+    assert!(other.contains("with the sizes of") && !other.contains("hyperparameters"), "{other}");
+}
