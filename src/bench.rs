@@ -207,7 +207,7 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
             info: session.params(),
             frozen: &|_| false,
             clip_norm: exp.train.clip_norm,
-            lr_scale: 1.0,
+            lr_scale: &mdl_runtime::optim::LrScale::from(1.0),
         };
         Ok(train_step(exec, &step, params, &mut opt)?.update_secs)
     };

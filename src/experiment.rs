@@ -162,6 +162,10 @@ pub struct TrainConfig {
     /// Training stages, in order; without any, one stage trains everything for `epochs`.
     #[serde(default)]
     pub stages: Vec<Stage>,
+    /// Learning rates of some parameter groups (`{backbone: 0.0001}`), in every stage
+    /// (a stage's own `group_lr` overrides a group's); every other group trains at `lr`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub group_lr: BTreeMap<String, f64>,
     /// Start from another run's best parameters, group by group (a warm start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<InitFrom>,
@@ -267,6 +271,11 @@ pub struct Stage {
     /// by the same factor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lr: Option<f64>,
+    /// Learning rates of some parameter groups in this stage (`{backbone: 0.0001}`), over
+    /// `train.group_lr`'s; every other group trains at the stage's `lr`. A group's tables
+    /// get `train.embedding_lr` scaled by the same factor.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub group_lr: BTreeMap<String, f64>,
     /// The stage's own early stopping (`train.early_stopping` when left out).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early_stopping: Option<EarlyStopping>,
@@ -528,6 +537,9 @@ impl Experiment {
         }
         if t.max_steps == Some(0) {
             return Err("train.max_steps: must be at least 1, found 0 (leave the key out to train every epoch)".into());
+        }
+        for (group, &lr) in &t.group_lr {
+            positive(&format!("train.group_lr.{group}"), lr)?;
         }
         for (i, stage) in t.stages.iter().enumerate() {
             stage.validate(&format!("train.stages[{i}]"))?;

@@ -126,6 +126,7 @@ fn device_steps_match_host_steps(
     let (mut dopt, mut hopt) =
         (Optimizer::<f32>::new(config.clone()).unwrap(), Optimizer::<f32>::new(config.clone()).unwrap());
     let modes: Vec<Mode> = (0..5).map(|i| Mode::train(3, i)).collect();
+    let unscaled = mdl_runtime::optim::LrScale::from(1.0);
     let step = |i: usize| TrainStep {
         graph: &g,
         binding: &binding,
@@ -134,7 +135,7 @@ fn device_steps_match_host_steps(
         info: &info,
         frozen: &|_| false,
         clip_norm: clip,
-        lr_scale: 1.0,
+        lr_scale: &unscaled,
     };
     let compare = |what: &str,
                    dp: &HashMap<String, mdl_runtime::Tensor<f32>>,

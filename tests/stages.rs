@@ -122,6 +122,11 @@ fn names_a_stage_gives_are_checked_against_the_spec() {
         ("[{name: a}]", "train.stages[0]: give its length, `epochs: N` or `steps: N`"),
         ("[{steps: 2, lr: 0}]", "train.stages[0].lr: must be a positive number, found 0"),
         (
+            "[{steps: 2, group_lr: {head0: 0.01, hed: 0.1}}]",
+            "train.stages[0].group_lr: no parameter of model `staged` is in group `hed`; did you mean `head0`? (its groups: backbone, head0, heads)",
+        ),
+        ("[{steps: 2, group_lr: {heads: -1}}]", "train.stages[0].group_lr.heads: must be a positive number, found -1"),
+        (
             "[{steps: 2, early_stopping: {metric: acc}}]",
             "train.stages[0].early_stopping.metric: expected auc, gauc, logloss, rmse, mae, rmsle, accuracy, hr@k or ndcg@k, found `acc`",
         ),
@@ -364,4 +369,36 @@ fn a_warm_start_takes_another_runs_best_parameters() {
         format!("train.init_from={{run: {}, copy: [{{from: head0, to: head0}}]}}", dir.join("nothing").display());
     let err = failed(&run(&dir, "missing", "[{steps: 1}]", &["--set", &missing]));
     assert!(err.contains("train.init_from.run: "), "{err}");
+}
+
+/// Per-group learning rates: `train.group_lr` gives the backbone a rate too small to move a
+/// weight in f32 (its parameters keep their initial values) while the heads train at
+/// `train.lr`; a stage's `group_lr` overrides it for its own steps (the backbone then
+/// trains), and the log shows each stage's rates. A `group_lr` equal to `train.lr` changes
+/// nothing: metrics.json is byte-identical to the run without it.
+#[test]
+fn group_learning_rates_apply_per_group_and_per_stage() {
+    let dir = tmp("group_lr");
+    let init = |t: &[(String, Tensor<f32>)], name: &str| {
+        mdl_runtime::init::init_tensor::<f32>(name, get(t, name).shape, &mdl_runtime::Init::Glorot, 2023).unwrap()
+    };
+    let still = "train.group_lr={backbone: 1.0e-30}";
+    let log = ok(&run(&dir, "still", "[{name: a, steps: 3}]", &["--set", still]));
+    let t = tensors(&dir.join("still/last.ckpt"));
+    assert_eq!(get(&t, "h/mlp/linear/W"), init(&t, "h/mlp/linear/W"), "the backbone moved at lr 1e-30");
+    assert_ne!(get(&t, "pooled/linear/W"), init(&t, "pooled/linear/W"), "head0 did not train");
+    assert!(log.contains("stage 1/1 `a` (3 steps): trains backbone, head0, heads; frozen nothing; losses all; lr 0.001, backbone 1e-30;"), "{log}");
+    // The second stage gives the backbone its own rate back.
+    ok(&run(
+        &dir,
+        "moves",
+        "[{name: a, steps: 2}, {name: b, steps: 1, group_lr: {backbone: 0.001}}]",
+        &["--set", still],
+    ));
+    let t = tensors(&dir.join("moves/last.ckpt"));
+    assert_ne!(get(&t, "h/mlp/linear/W"), init(&t, "h/mlp/linear/W"), "stage b's group_lr did not apply");
+    // A group's rate equal to train.lr is the same run.
+    ok(&run(&dir, "plain", "[{name: a, steps: 3}]", &[]));
+    ok(&run(&dir, "same", "[{name: a, steps: 3}]", &["--set", "train.group_lr={heads: 0.001}"]));
+    assert_eq!(metrics(&dir.join("plain")), metrics(&dir.join("same")));
 }

@@ -20,7 +20,7 @@ use crate::backend::Values;
 use crate::exec::Mode;
 use crate::ir::dim::Binding;
 use crate::ir::graph::{state_output, Graph, ParamInfo};
-use crate::optim::{clip_global_norm, Optimizer};
+use crate::optim::{clip_global_norm, LrScale, Optimizer};
 use crate::tensor::{Tensor, Value};
 use std::collections::HashMap;
 
@@ -36,8 +36,9 @@ pub struct TrainStep<'a> {
     pub frozen: &'a dyn Fn(&ParamInfo) -> bool,
     /// Clip the gradients' global norm to this.
     pub clip_norm: Option<f64>,
-    /// A schedule's factor on the learning rates.
-    pub lr_scale: f64,
+    /// The factors on the learning rates: a schedule's, and per parameter a stage's
+    /// per-group ones.
+    pub lr_scale: &'a LrScale,
 }
 
 /// What one training step reports.
@@ -72,7 +73,7 @@ pub trait DeviceTraining {
         grads: &HashMap<String, Value<f32>>,
         info: &[ParamInfo],
         frozen: &dyn Fn(&ParamInfo) -> bool,
-        lr_scale: f64,
+        lr_scale: &LrScale,
     ) -> Result<(), String>;
 
     /// Brings the host's `params` and `optimizer` state up to date with what
@@ -166,14 +167,14 @@ pub fn update<E: Executor + ?Sized>(
     grads: &HashMap<String, Value<f32>>,
     info: &[ParamInfo],
     frozen: &dyn Fn(&ParamInfo) -> bool,
-    lr_scale: f64,
+    lr_scale: &LrScale,
 ) -> Result<(), String> {
     if let Some(device) = exec.device_training() {
         return device.update(optimizer, params, grads, info, frozen, lr_scale);
     }
     match exec.update_kernels() {
-        Some(kernels) => optimizer.step_with(params, grads, info, frozen, lr_scale, kernels),
-        None => optimizer.step(params, grads, info, frozen, lr_scale),
+        Some(kernels) => optimizer.step_with(params, grads, info, frozen, lr_scale.clone(), kernels),
+        None => optimizer.step(params, grads, info, frozen, lr_scale.clone()),
     }
 }
 

@@ -358,8 +358,16 @@ fn compiled_updates_equal_the_reference_optimizer() {
                     }
                     let frozen = |p: &ParamInfo| p.name == "frozen";
                     reference.step(&mut params, &grads, &infos, &frozen, 0.5).unwrap();
-                    mdl_runtime::training::update(&mut jit, &mut compiled, &mut ours, &grads, &infos, &frozen, 0.5)
-                        .unwrap();
+                    mdl_runtime::training::update(
+                        &mut jit,
+                        &mut compiled,
+                        &mut ours,
+                        &grads,
+                        &infos,
+                        &frozen,
+                        &0.5.into(),
+                    )
+                    .unwrap();
                     for p in &infos {
                         let (a, b) = (&params[&p.name].data, &ours[&p.name].data);
                         let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());

@@ -511,7 +511,8 @@ fn a_step_uploads_only_the_updated_rows_and_dense_parameters() {
         ]
         .into_iter()
         .collect();
-        mdl_runtime::training::update(&mut exec, &mut opt, &mut params, &grads, &infos, &|_| false, 1.0).unwrap();
+        mdl_runtime::training::update(&mut exec, &mut opt, &mut params, &grads, &infos, &|_| false, &1.0.into())
+            .unwrap();
         let distinct = 3; // rows 3, 42 and 500
         let written = 4 * (distinct * (width + 1) + width * out) as u64;
         assert_eq!(
@@ -695,7 +696,7 @@ fn a_host_op_reads_the_parameters_a_device_step_updated() {
         info: &infos,
         frozen: &|_| false,
         clip_norm: None,
-        lr_scale: 1.0,
+        lr_scale: &mdl_runtime::optim::LrScale::from(1.0),
     };
     let config = OptimConfig::new(OptimKind::Sgd, 0.5);
     let (mut dp, mut hp) = (c.params.clone(), c.params.clone());

@@ -2,7 +2,7 @@
 //! clipping, state round trips) and parameter initialisation.
 
 use mdl_runtime::init::{glorot_limit, init_params};
-use mdl_runtime::optim::{clip_global_norm, global_norm, OptimConfig, OptimKind, Optimizer};
+use mdl_runtime::optim::{clip_global_norm, global_norm, LrScale, OptimConfig, OptimKind, Optimizer};
 use mdl_runtime::rng::SplitMix64;
 use mdl_runtime::rows::combine_duplicate_rows;
 use mdl_runtime::{Binding, Dim, Float, Init, NodeId, ParamInfo, Tensor, Value};
@@ -240,10 +240,24 @@ fn l2_and_embedding_lr_take_effect() {
     // The step's lr_scale multiplies both learning rates.
     let mut params_half =
         HashMap::from([("w".to_string(), one(vec![1], 2.0)), ("emb".to_string(), one(vec![1, 1], 3.0))]);
-    let mut opt = Optimizer::<f64>::new(config).unwrap();
+    let mut opt = Optimizer::<f64>::new(config.clone()).unwrap();
     opt.step(&mut params_half, &grads, &infos, &not_frozen, 0.5).unwrap();
     assert_eq!(params_half["w"].data[0], 2.0 - 0.05 * (0.5 + 0.01 * 2.0));
     assert_eq!(params_half["emb"].data[0], 3.0 - 0.25 * (0.25 + 0.2 * 3.0));
+
+    // A per-parameter factor multiplies that parameter's rate only, on top of the one for
+    // all; a bad factor changes nothing and names the parameter.
+    let mut params_group =
+        HashMap::from([("w".to_string(), one(vec![1], 2.0)), ("emb".to_string(), one(vec![1, 1], 3.0))]);
+    let mut opt = Optimizer::<f64>::new(config.clone()).unwrap();
+    let scale = LrScale { all: 0.5, per_param: HashMap::from([("emb".to_string(), 0.1)]) };
+    opt.step(&mut params_group, &grads, &infos, &not_frozen, scale).unwrap();
+    assert_eq!(params_group["w"].data[0], 2.0 - 0.05 * (0.5 + 0.01 * 2.0));
+    assert_eq!(params_group["emb"].data[0], 3.0 - 0.5 * 0.5 * 0.1 * (0.25 + 0.2 * 3.0));
+    let bad = LrScale { all: 1.0, per_param: HashMap::from([("emb".to_string(), f64::NAN)]) };
+    let err = opt.step(&mut params_group, &grads, &infos, &not_frozen, bad).unwrap_err();
+    assert!(err.contains("the lr factor of `emb`"), "{err}");
+    assert_eq!(opt.step_count(), 1, "a refused step does not count");
 
     // Without the table overrides, tables use lr and l2.
     let mut config = OptimConfig::new(OptimKind::Sgd, 0.1);

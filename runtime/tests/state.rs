@@ -102,7 +102,7 @@ fn check_on(exec: &mut dyn Executor, label: &str) {
             info: &train.params,
             frozen: &|_| false,
             clip_norm: None,
-            lr_scale: 1.0,
+            lr_scale: &mdl_runtime::optim::LrScale::from(1.0),
         };
         let w_before = params["w"].clone();
         training::train_step(exec, &step, &mut params, &mut optimizer).unwrap();
@@ -149,7 +149,7 @@ fn a_step_with_a_non_finite_loss_leaves_the_state() {
         info: &train.params,
         frozen: &|_| false,
         clip_norm: None,
-        lr_scale: 1.0,
+        lr_scale: &mdl_runtime::optim::LrScale::from(1.0),
     };
     let before = params.clone();
     let outcome = training::train_step(&mut Interp, &step, &mut params, &mut optimizer).unwrap();

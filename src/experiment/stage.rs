@@ -57,6 +57,9 @@ impl Stage {
         if let Some(lr) = self.lr {
             positive(&format!("{key}.lr"), lr)?;
         }
+        for (group, &lr) in &self.group_lr {
+            positive(&format!("{key}.group_lr.{group}"), lr)?;
+        }
         if let Some(early) = &self.early_stopping {
             early.maximize().map_err(|e| e.replacen("train.", &format!("{key}."), 1))?;
         }

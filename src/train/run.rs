@@ -370,7 +370,7 @@ impl<'a> Run<'a> {
         let rows = self.schedule.stages[i].rows.clone();
         let frozen = frozen_by(&stage);
         if self.state.epoch_in_stage == 0 && self.state.batch_in_epoch == 0 && self.state.stage_steps == 0 {
-            if self.schedule.declared {
+            if self.schedule.declared || !self.exp.train.group_lr.is_empty() {
                 let line = self.schedule.describe(i, self.exp, self.data.train.rows);
                 self.log.line(&line);
             }
@@ -519,7 +519,7 @@ impl<'a> Run<'a> {
             info: self.session.params(),
             frozen,
             clip_norm: self.exp.train.clip_norm,
-            lr_scale: self.schedule.stages[stage].lr_scale,
+            lr_scale: &self.schedule.stages[stage].lr_scale,
         };
         let loss = training::train_step(&mut *self.exec, &step, &mut self.params, &mut self.optimizer)?.loss as f64;
         if !loss.is_finite() {

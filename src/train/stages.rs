@@ -19,9 +19,10 @@ use crate::experiment::{EarlyStopping, Experiment, GroupCopy, Stage};
 use crate::lower::{loss_names, loss_output, Compiled};
 use mdl_runtime::ir::dim::shape_to_string;
 use mdl_runtime::ops::{BinaryOp, Op};
+use mdl_runtime::optim::LrScale;
 use mdl_runtime::tensor::Tensor;
 use mdl_runtime::{autodiff, passes, Graph, ParamInfo};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// The spec's parameter groups, in name order.
 fn groups(compiled: &Compiled) -> BTreeSet<&str> {
@@ -58,8 +59,14 @@ pub fn check(exp: &Experiment, compiled: &Compiled) -> Result<(), String> {
     let losses: Vec<String> = loss_names(&compiled.graph);
     let losses: BTreeSet<&str> = losses.iter().map(String::as_str).collect();
     let model = &compiled.model;
+    for g in exp.train.group_lr.keys() {
+        known_name("train.group_lr", g, &groups, "group", model)?;
+    }
     for (i, stage) in exp.train.stages.iter().enumerate() {
         let at = format!("train.stages[{i}]");
+        for g in stage.group_lr.keys() {
+            known_name(&format!("{at}.group_lr"), g, &groups, "group", model)?;
+        }
         for g in &stage.freeze {
             known_name(&format!("{at}.freeze"), g, &groups, "group", model)?;
         }
@@ -218,8 +225,11 @@ pub struct Planned {
     pub stage: Stage,
     /// The training graph of its objective, when it trains on some of the losses.
     graph: Option<Graph>,
-    /// Its learning rate over `train.lr`.
-    pub lr_scale: f64,
+    /// Its learning rates over `train.lr`: the stage's `lr`, and per parameter its group's
+    /// (`group_lr`, the stage's over `train.group_lr`'s).
+    pub lr_scale: LrScale,
+    /// The learning rates of the groups it gives one, for the log.
+    group_lr: BTreeMap<String, f64>,
     pub early_stopping: EarlyStopping,
     /// The train rows it reads (all of them when `None`).
     pub rows: Option<Vec<usize>>,
@@ -255,8 +265,18 @@ impl Schedule {
             };
             let copies = stage.copy.iter().map(|c| copy_pairs(compiled, c)).collect::<Result<Vec<_>, _>>()?;
             let (trains, frozen) = trains_and_frozen(compiled, &stage);
+            let lr = stage.lr.unwrap_or(exp.train.lr);
+            let mut group_lr = exp.train.group_lr.clone();
+            group_lr.extend(stage.group_lr.iter().map(|(g, &lr)| (g.clone(), lr)));
+            let per_param = compiled
+                .graph
+                .params
+                .iter()
+                .filter_map(|p| Some((p.name.clone(), group_lr.get(p.group.as_deref()?)? / lr)))
+                .collect();
             stages.push(Planned {
-                lr_scale: stage.lr.map_or(1.0, |lr| lr / exp.train.lr),
+                lr_scale: LrScale { all: lr / exp.train.lr, per_param },
+                group_lr,
                 early_stopping: stage.early_stopping.clone().unwrap_or_else(|| exp.train.early_stopping.clone()),
                 graph,
                 rows,
@@ -284,15 +304,18 @@ impl Schedule {
             (Some(n), _) => format!("{n} epochs"),
             _ => String::new(),
         };
+        // Rates below 1e-4 in exponent form (Rust's `{}` writes 1e-30 with 30 zeros).
+        let rate = |lr: f64| if lr >= 1e-4 { format!("{lr}") } else { format!("{lr:e}") };
+        let groups: String = s.group_lr.iter().map(|(g, &lr)| format!(", {g} {}", rate(lr))).collect();
         format!(
-            "stage {}/{} `{}` ({length}): trains {}; frozen {}; losses {}; lr {}; {} train rows{}",
+            "stage {}/{} `{}` ({length}): trains {}; frozen {}; losses {}; lr {}{groups}; {} train rows{}",
             i + 1,
             self.stages.len(),
             s.stage.name,
             list(&s.trains),
             list(&s.frozen),
             s.stage.losses.as_ref().map_or("all".to_string(), |l| l.join(" + ")),
-            exp.train.lr * s.lr_scale,
+            rate(exp.train.lr * s.lr_scale.all),
             s.rows.as_ref().map_or(train_rows, Vec::len),
             if s.stage.reset_optimizer { "; optimizer reset" } else { "" },
         )

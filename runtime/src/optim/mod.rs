@@ -10,7 +10,8 @@
 //! # Update rules
 //!
 //! With `g` the gradient, `w` the parameter, `t` the global step (1 on the first call of
-//! [`Optimizer::step`]) and `lr` the learning rate times the step's `lr_scale`:
+//! [`Optimizer::step`]) and `lr` the learning rate times the parameter's factor in the
+//! step's [`LrScale`] (a schedule's factor, times a per-group factor where a stage gives one):
 //!
 //! - L2 is added to the gradient first: `g ← g + l2 · w`.
 //! - SGD: `w ← w − lr · g`.
@@ -449,29 +450,57 @@ pub struct Optimizer<T: Float> {
     slots: HashMap<String, Slots<T>>,
 }
 
-/// The coefficients of one step: for dense parameters and for embedding tables.
-#[derive(Clone, Copy, Debug)]
-pub struct StepCoeffPair<T> {
-    pub dense: StepCoeffs<T>,
-    pub table: StepCoeffs<T>,
+/// The factors on the configured learning rates for one step: `all` for every parameter (a
+/// schedule's or a stage's factor), times `per_param[name]` where a parameter has one (a
+/// stage's per-group learning rates). `1.0` is the configured rates; a bare `f64` converts
+/// to a factor for all.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LrScale {
+    pub all: f64,
+    pub per_param: HashMap<String, f64>,
 }
 
-impl<T> StepCoeffPair<T> {
-    /// Those of an embedding table (`true`) or of any other parameter.
-    pub fn of(&self, embedding: bool) -> &StepCoeffs<T> {
-        if embedding {
-            &self.table
-        } else {
-            &self.dense
+impl LrScale {
+    /// The factor of parameter `name`.
+    pub fn of(&self, name: &str) -> f64 {
+        self.all * self.per_param.get(name).copied().unwrap_or(1.0)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let ok = |f: f64| f.is_finite() && f >= 0.0;
+        if !ok(self.all) {
+            return Err(format!("optimizer: lr_scale must be a finite number >= 0, not {}", self.all));
+        }
+        let mut bad: Vec<(&String, &f64)> = self.per_param.iter().filter(|(_, &f)| !ok(f)).collect();
+        bad.sort_by(|a, b| a.0.cmp(b.0));
+        match bad.first() {
+            Some((name, f)) => {
+                Err(format!("optimizer: the lr factor of `{name}` must be a finite number >= 0, not {f}"))
+            }
+            None => Ok(()),
         }
     }
 }
 
-fn check_lr_scale(lr_scale: f64) -> Result<(), String> {
-    if lr_scale.is_finite() && lr_scale >= 0.0 {
-        Ok(())
-    } else {
-        Err(format!("optimizer: lr_scale must be a finite number >= 0, not {}", lr_scale))
+impl From<f64> for LrScale {
+    fn from(all: f64) -> LrScale {
+        LrScale { all, per_param: HashMap::new() }
+    }
+}
+
+/// The coefficients of one step, for each parameter: they differ between embedding tables
+/// and the rest (`embedding_lr`, `embedding_l2`) and with each parameter's [`LrScale`].
+#[derive(Clone, Debug)]
+pub struct StepCoeffSet {
+    config: OptimConfig,
+    step: u64,
+    scale: LrScale,
+}
+
+impl StepCoeffSet {
+    /// Those of parameter `name`, an embedding table when `embedding`.
+    pub fn of<T: Float>(&self, name: &str, embedding: bool) -> StepCoeffs<T> {
+        StepCoeffs::new(&self.config, embedding, self.scale.of(name), self.step)
     }
 }
 
@@ -505,7 +534,7 @@ impl<T: Float> Optimizer<T> {
     }
 
     /// Applies one update to every parameter that has a gradient in `grads` and is not
-    /// `frozen`, with learning rates multiplied by `lr_scale` (a schedule's factor).
+    /// `frozen`, with learning rates multiplied by the factors of `lr_scale` ([`LrScale`]).
     ///
     /// Everything is checked before anything changes: a gradient for a parameter missing
     /// from `info` or `params`, a gradient whose shape differs from its parameter's, a row
@@ -517,7 +546,7 @@ impl<T: Float> Optimizer<T> {
         grads: &HashMap<String, Value<T>>,
         info: &[ParamInfo],
         frozen: &dyn Fn(&ParamInfo) -> bool,
-        lr_scale: f64,
+        lr_scale: impl Into<LrScale>,
     ) -> Result<(), String> {
         self.step_with(params, grads, info, frozen, lr_scale, &HostLoops)
     }
@@ -531,10 +560,11 @@ impl<T: Float> Optimizer<T> {
         grads: &HashMap<String, Value<T>>,
         info: &[ParamInfo],
         frozen: &dyn Fn(&ParamInfo) -> bool,
-        lr_scale: f64,
+        lr_scale: impl Into<LrScale>,
         kernels: &dyn UpdateKernels<T>,
     ) -> Result<(), String> {
-        check_lr_scale(lr_scale)?;
+        let lr_scale = lr_scale.into();
+        lr_scale.check()?;
         let info_by_name: HashMap<&str, &ParamInfo> = info.iter().map(|p| (p.name.as_str(), p)).collect();
         let mut plan: Vec<PlannedUpdate<'_, T>> = Vec::with_capacity(grads.len());
         for (name, grad) in grads {
@@ -555,7 +585,7 @@ impl<T: Float> Optimizer<T> {
         let coeffs = self.advance(lr_scale)?;
         for update in plan {
             let Some(param) = params.get_mut(update.name) else { continue };
-            self.apply(update.name, param, update.grad, coeffs.of(update.embedding), kernels);
+            self.apply(update.name, param, update.grad, &coeffs.of(update.name, update.embedding), kernels);
         }
         Ok(())
     }
@@ -564,13 +594,11 @@ impl<T: Float> Optimizer<T> {
     /// that carries out the updates itself (a device backend, or [`Optimizer::apply`] per
     /// parameter). The caller has checked every gradient first ([`Optimizer::check_gradient`]),
     /// as [`Optimizer::step`] does, so that a bad one changes nothing.
-    pub fn advance(&mut self, lr_scale: f64) -> Result<StepCoeffPair<T>, String> {
-        check_lr_scale(lr_scale)?;
+    pub fn advance(&mut self, lr_scale: impl Into<LrScale>) -> Result<StepCoeffSet, String> {
+        let scale = lr_scale.into();
+        scale.check()?;
         self.steps += 1;
-        Ok(StepCoeffPair {
-            dense: StepCoeffs::new(&self.config, false, lr_scale, self.steps),
-            table: StepCoeffs::new(&self.config, true, lr_scale, self.steps),
-        })
+        Ok(StepCoeffSet { config: self.config.clone(), step: self.steps, scale })
     }
 
     /// Updates one parameter with its checked gradient and this step's `coeffs` (from

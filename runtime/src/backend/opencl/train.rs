@@ -35,7 +35,7 @@ use super::launch::Arg;
 use super::{cl_err, render, HostStamp, OpenCl, Resident};
 use crate::backend::ExecError;
 use crate::ir::graph::ParamInfo;
-use crate::optim::{clip_scale, global_norm, scale_gradients, OptimKind, Optimizer, Rule, StepCoeffs};
+use crate::optim::{clip_scale, global_norm, scale_gradients, LrScale, OptimKind, Optimizer, Rule, StepCoeffs};
 use crate::rows::{combine_duplicate_rows, combine_rows_in_place};
 use crate::tensor::{Tensor, Value};
 use crate::training::{DeviceTraining, StepOutcome, TrainStep};
@@ -106,7 +106,7 @@ impl DeviceTraining for OpenCl {
         grads: &HashMap<String, Value<f32>>,
         info: &[ParamInfo],
         frozen: &dyn Fn(&ParamInfo) -> bool,
-        lr_scale: f64,
+        lr_scale: &LrScale,
     ) -> Result<(), String> {
         // A device training step may have left newer values on the device: those first.
         self.sync_to_host(params, optimizer).map_err(|e| e.to_string())?;
@@ -120,7 +120,7 @@ impl DeviceTraining for OpenCl {
             })
             .collect();
         let kernels = crate::backend::jit::Jit::host_update_kernels();
-        optimizer.step_with(params, grads, info, frozen, lr_scale, &kernels)?;
+        optimizer.step_with(params, grads, info, frozen, lr_scale.clone(), &kernels)?;
         for name in mirrored {
             if let Some(t) = params.get(name) {
                 self.write_updated(name, t, &grads[name]).map_err(|e| e.to_string())?;
@@ -232,12 +232,12 @@ impl OpenCl {
             self.optimizer =
                 DeviceOptimizer { kind: Some(kind), steps: optimizer.step_count(), unused, ..Default::default() };
         }
-        let coeffs = optimizer.advance(step.lr_scale)?;
+        let coeffs = optimizer.advance(step.lr_scale.clone())?;
         let host_kernels = crate::backend::jit::Jit::host_update_kernels();
         let mut names: Vec<&String> = on_host.keys().filter(|n| updated(n)).collect();
         names.sort();
         for name in names {
-            let c = coeffs.of(info[name.as_str()].embedding);
+            let c = &coeffs.of(name, info[name.as_str()].embedding);
             if self.resident.contains_key(name.as_str()) {
                 self.update_on_device(&program, name, &params[name], Grad::Host(&on_host[name]), c, 1.0, optimizer)
                     .map_err(text)?;
@@ -246,7 +246,7 @@ impl OpenCl {
             }
         }
         for (p, g) in on_device.into_iter().filter(|(p, _)| updated(&p.name)) {
-            let c = coeffs.of(p.embedding);
+            let c = &coeffs.of(&p.name, p.embedding);
             self.update_on_device(&program, &p.name, &params[&p.name], Grad::Device(g), c, scale, optimizer)
                 .map_err(text)?;
         }
