@@ -264,7 +264,7 @@ fn emit(text: std::fmt::Arguments<'_>) -> Result<(), ExitCode> {
     }
 }
 
-fn fail(msg: &str) -> ExitCode {
+pub(crate) fn fail(msg: &str) -> ExitCode {
     // Rendered spec diagnostics come with their own `error:` heading.
     if msg.starts_with("error: ") {
         crate::say_partial!("{msg}");
@@ -291,21 +291,32 @@ pub fn run(
     stop_after: Option<u64>,
     force: bool,
 ) -> ExitCode {
-    let (exp, out) = match (&resume, experiment) {
+    // Under `mpirun`, one rank of a data-parallel run (MPI is finished when `world` drops).
+    let world = match crate::dist::World::init() {
+        Ok(world) => world,
+        Err(e) => return fail(&e),
+    };
+    let (mut exp, out) = match (&resume, experiment) {
         (Some(dir), _) => match resumed_experiment(dir, set, force) {
             Ok(e) => (e, Some(dir.clone())),
-            Err(e) => return fail(&e),
+            Err(e) => return world.fail(&e),
         },
         (None, Some(path)) => match crate::experiment::load(path, set) {
             Ok(e) => (e, out),
-            Err(e) => return fail(&e),
+            Err(e) => return world.fail(&e),
         },
-        (None, None) => return fail("give an experiment file or --resume RUN_DIR"),
+        (None, None) => return world.fail("give an experiment file or --resume RUN_DIR"),
     };
+    let group = world.group();
+    // Ranks on one machine share its cores.
+    if group.size() > 1 && exp.train.threads.is_none() {
+        let cores = mdl_runtime::backend::jit::default_threads();
+        exp.train.threads = Some((cores / group.ranks_on_this_machine()).max(1));
+    }
     let opts = crate::train::RunOptions { out, resume: resume.is_some(), force, stop_after };
-    match crate::train::train(&exp, &opts) {
+    match crate::train::train_in(&exp, &opts, group) {
         Ok(_) => ExitCode::SUCCESS,
-        Err(e) => fail(&e),
+        Err(e) => world.fail(&e),
     }
 }
 

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod diag;
+pub mod dist;
 pub mod experiment;
 pub mod export;
 pub mod files;

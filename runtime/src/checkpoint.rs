@@ -269,8 +269,15 @@ pub type Contents = (Vec<(String, Tensor<f32>)>, String);
 
 /// Reads a checkpoint: its tensors in the order they were saved, and the metadata string.
 pub fn load(path: &Path) -> Result<Contents, CheckpointError> {
+    let bytes =
+        fs::read(path).map_err(|e| CheckpointError { path: path.to_path_buf(), problem: CheckpointProblem::Io(e) })?;
+    decode(path, &bytes)
+}
+
+/// [`load`] of a checkpoint's bytes read elsewhere (another process read `path`, whose name
+/// its errors give).
+pub fn decode(path: &Path, bytes: &[u8]) -> Result<Contents, CheckpointError> {
     let fail = |problem| CheckpointError { path: path.to_path_buf(), problem };
-    let bytes = fs::read(path).map_err(|e| fail(CheckpointProblem::Io(e)))?;
     let actual_bytes = bytes.len() as u64;
     let magic_len = bytes.len().min(MAGIC.len());
     if bytes[..magic_len] != MAGIC[..magic_len] {

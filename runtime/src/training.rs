@@ -8,7 +8,9 @@
 //!   keeps the gradients, the optimizer's state and the updated parameters on its device.
 //!
 //! A trainer calls [`train_step`], [`update`] and [`sync`], which ask for the capability
-//! and otherwise step on the host ([`host_train_step`]).
+//! and otherwise step on the host ([`host_train_step`]). A data-parallel trainer splits a
+//! host step in two, [`gradients`] and [`apply_gradients`], and combines the gradients of
+//! all its processes in between.
 //!
 //! A step also advances the model's untrained state (running statistics, the graph's
 //! [`StateInfo`] table): the training graph computes each state's next value as the output
@@ -102,31 +104,96 @@ pub fn train_step<E: Executor + ?Sized>(
     host_train_step(exec, step, params, optimizer)
 }
 
-/// [`train_step`] on the host: the graph's gradients read out of its results, clipped
-/// there, and handed to [`update`].
+/// [`train_step`] on the host: the graph's gradients read out of its results
+/// ([`gradients`]), clipped there, and handed to [`update`] ([`apply_gradients`]).
 pub fn host_train_step<E: Executor + ?Sized>(
     exec: &mut E,
     step: &TrainStep<'_>,
     params: &mut HashMap<String, Tensor<f32>>,
     optimizer: &mut Optimizer<f32>,
 ) -> Result<StepOutcome, String> {
+    let computed = gradients(exec, step, params)?;
+    let loss = computed.loss;
+    let start = std::time::Instant::now();
+    apply_gradients(exec, step, params, optimizer, computed)?;
+    Ok(StepOutcome { loss, update_secs: start.elapsed().as_secs_f64() })
+}
+
+/// What the training graph computed on one batch, before any update: the loss, the
+/// gradient of every parameter that has one (`grad/<name>`), and the next value of every
+/// state the graph advances (`state/<name>`). A data-parallel trainer combines these across
+/// processes before [`apply_gradients`].
+#[derive(Clone, Debug)]
+pub struct StepGradients {
+    pub loss: f32,
+    pub grads: HashMap<String, Value<f32>>,
+    pub states: HashMap<String, Tensor<f32>>,
+}
+
+/// Runs `step.graph` on its batch and takes out the loss, the parameters' gradients and
+/// the states' next values ([`StepGradients`]). The gradients and states are left out when
+/// the loss is not finite (nothing is updated then).
+pub fn gradients<E: Executor + ?Sized>(
+    exec: &mut E,
+    step: &TrainStep<'_>,
+    params: &HashMap<String, Tensor<f32>>,
+) -> Result<StepGradients, String> {
     let mut out = exec.run(step.graph, step.binding, step.feeds, params, step.mode).map_err(|e| e.to_string())?;
     let loss = out.scalar("loss").ok_or("the training graph has no scalar output `loss`")?;
-    let start = std::time::Instant::now();
+    let mut grads = HashMap::new();
+    let mut states = HashMap::new();
     if loss.is_finite() {
-        let mut grads: HashMap<String, Value<f32>> = HashMap::new();
         for p in step.info {
             if let Some(g) = out.take_output(&format!("grad/{}", p.name)) {
                 grads.insert(p.name.clone(), g);
             }
         }
-        if let Some(c) = step.clip_norm {
-            clip_global_norm(&mut grads, c);
+        for st in &step.graph.states {
+            let Some(next) = out.take_output(&state_output(&st.name)) else { continue };
+            let Value::Dense(next) = next else {
+                return Err(format!("state `{}`: its update is not a dense tensor", st.name));
+            };
+            states.insert(st.name.clone(), next);
         }
-        update(exec, optimizer, params, &grads, step.info, step.frozen, step.lr_scale)?;
-        advance_states(step.graph, &mut out, params)?;
     }
-    Ok(StepOutcome { loss, update_secs: start.elapsed().as_secs_f64() })
+    Ok(StepGradients { loss, grads, states })
+}
+
+/// The update of one training step from what [`gradients`] computed (possibly combined
+/// with other processes' since): when the loss is finite, the gradients clipped to
+/// `step.clip_norm`, the optimizer's step ([`update`]) and the states' next values copied
+/// in; nothing when it is not.
+pub fn apply_gradients<E: Executor + ?Sized>(
+    exec: &mut E,
+    step: &TrainStep<'_>,
+    params: &mut HashMap<String, Tensor<f32>>,
+    optimizer: &mut Optimizer<f32>,
+    computed: StepGradients,
+) -> Result<(), String> {
+    if !computed.loss.is_finite() {
+        return Ok(());
+    }
+    let mut grads = computed.grads;
+    if let Some(c) = step.clip_norm {
+        clip_global_norm(&mut grads, c);
+    }
+    update(exec, optimizer, params, &grads, step.info, step.frozen, step.lr_scale)?;
+    for st in &step.graph.states {
+        if let Some(next) = computed.states.get(&st.name) {
+            set_state(params, &st.name, next)?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies a state's next value into its tensor in `params`, in place.
+fn set_state(params: &mut HashMap<String, Tensor<f32>>, name: &str, next: &Tensor<f32>) -> Result<(), String> {
+    let t = params.get_mut(name).ok_or_else(|| format!("state `{name}` has no value"))?;
+    if t.shape != next.shape {
+        return Err(format!("state `{name}` has shape {:?}, its update has shape {:?}", t.shape, next.shape));
+    }
+    t.data.copy_from_slice(&next.data);
+    Ok(())
 }
 
 /// Copies the next value of each state of `graph` (its output `state/<name>`, taken out of
@@ -144,11 +211,7 @@ pub fn advance_states(
         let Value::Dense(next) = next else {
             return Err(format!("state `{}`: its update is not a dense tensor", st.name));
         };
-        let t = params.get_mut(&st.name).ok_or_else(|| format!("state `{}` has no value", st.name))?;
-        if t.shape != next.shape {
-            return Err(format!("state `{}` has shape {:?}, its update has shape {:?}", st.name, t.shape, next.shape));
-        }
-        t.data.copy_from_slice(&next.data);
+        set_state(params, &st.name, &next)?;
         changed.push(st.name.clone());
     }
     Ok(changed)

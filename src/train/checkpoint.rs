@@ -58,7 +58,16 @@ pub(super) struct Loaded {
 /// Reads a checkpoint and checks its parameters against the session's model (names and
 /// shapes).
 pub(super) fn load(path: &Path, session: &Session) -> Result<Loaded, String> {
-    let (tensors, meta) = checkpoint::load(path).map_err(|e| e.to_string())?;
+    decode(path, checkpoint::load(path).map_err(|e| e.to_string())?, session)
+}
+
+/// [`load`] of the bytes of the checkpoint at `path`, read by rank 0 of a data-parallel run.
+pub(super) fn load_bytes(path: &Path, bytes: &[u8], session: &Session) -> Result<Loaded, String> {
+    decode(path, checkpoint::decode(path, bytes).map_err(|e| e.to_string())?, session)
+}
+
+/// A checkpoint's contents as the run reads them, checked against the session's model.
+fn decode(path: &Path, (tensors, meta): checkpoint::Contents, session: &Session) -> Result<Loaded, String> {
     let Meta { run_id, state } =
         serde_json::from_str(&meta).map_err(|e| format!("{}: bad metadata: {e}", path.display()))?;
     let mut params = HashMap::new();

@@ -202,23 +202,25 @@ impl Session {
         mdl_runtime::init::init_model::<f32>(&self.compiled.graph, &self.inputs.sizes, seed)
     }
 
-    /// Runs the evaluation graph over a whole dataset and hands `each` every batch's output
-    /// of every task: `(task index, first row, width, values)`, the values `rows × width`
-    /// (one per row, or a row of class / candidate logits). A value that is not finite is an error
-    /// naming its row.
+    /// Runs the evaluation graph over the rows `rows` of a dataset (in batches of
+    /// `batch_size` from `rows.start`) and hands `each` every batch's output of every task:
+    /// `(task index, first row, width, values)`, the values `rows × width` (one per row, or a
+    /// row of class / candidate logits). A value that is not finite is an error naming its
+    /// row.
     fn outputs(
         &self,
         exec: &mut dyn Executor,
         params: &HashMap<String, Tensor<f32>>,
         ds: &Dataset,
         batch_size: usize,
+        rows: std::ops::Range<usize>,
         mut each: impl FnMut(usize, usize, usize, &[f32]),
     ) -> Result<(), String> {
         let tasks = &self.compiled.tasks;
         let mut batch = ds.new_batch();
-        let mut start = 0;
-        while start < ds.rows {
-            let end = (start + batch_size).min(ds.rows);
+        let mut start = rows.start;
+        while start < rows.end {
+            let end = (start + batch_size).min(rows.end);
             ds.gather_range(start..end, &mut batch).map_err(|e| e.to_string())?;
             let feeds = self.inputs.feeds(&batch);
             let binding = self.inputs.with_batch(batch.rows);
@@ -250,7 +252,7 @@ impl Session {
         let kinds = &self.compiled.task_kinds;
         let width = kinds.len();
         let mut scores = vec![0.0f32; ds.rows * width];
-        self.outputs(exec, params, ds, batch_size, |t, start, row_width, values| {
+        self.outputs(exec, params, ds, batch_size, 0..ds.rows, |t, start, row_width, values| {
             for (r, row) in values.chunks(row_width).enumerate() {
                 scores[(start + r) * width + t] = kinds[t].score(row);
             }
@@ -267,14 +269,62 @@ impl Session {
         ds: &Dataset,
         batch_size: usize,
     ) -> Result<Report, String> {
+        let outputs = self.task_outputs(exec, params, ds, batch_size, 0..ds.rows)?;
+        self.report(&outputs, ds)
+    }
+
+    /// [`Session::evaluate`] shared among the ranks of `group`: each scores its share of the
+    /// split's batches (the same batches one process scores), the outputs are gathered in
+    /// rank order, and every rank computes the metrics from all of them: the report is the
+    /// one a single process computes from the same parameters, exactly.
+    pub fn evaluate_in(
+        &self,
+        group: &dyn crate::dist::Group,
+        exec: &mut dyn Executor,
+        params: &HashMap<String, Tensor<f32>>,
+        ds: &Dataset,
+        batch_size: usize,
+    ) -> Result<Report, String> {
+        if group.size() == 1 {
+            return self.evaluate(exec, params, ds, batch_size);
+        }
+        let batch_size = batch_size.max(1);
+        let batches = crate::dist::share(ds.rows.div_ceil(batch_size), group.size(), group.rank());
+        let rows = (batches.start * batch_size).min(ds.rows)..(batches.end * batch_size).min(ds.rows);
+        let mine = self.task_outputs(exec, params, ds, batch_size, rows);
+        let mine = crate::dist::agree(group, mine)?;
+        let mut outputs = Vec::with_capacity(mine.len());
+        for task in &mine {
+            outputs.push(group.all_gather_f32(task)?.values);
+        }
+        self.report(&outputs, ds)
+    }
+
+    /// Every task's outputs on the rows `rows` of a dataset, in row order: the probability
+    /// of a binary task, the prediction of a regression task, the row of logits of a
+    /// classes or candidates task.
+    fn task_outputs(
+        &self,
+        exec: &mut dyn Executor,
+        params: &HashMap<String, Tensor<f32>>,
+        ds: &Dataset,
+        batch_size: usize,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Vec<Vec<f32>>, String> {
         let kinds = &self.compiled.task_kinds;
         let mut outputs: Vec<Vec<f32>> = vec![Vec::new(); kinds.len()];
-        self.outputs(exec, params, ds, batch_size, |t, _, _, values| match kinds[t] {
+        self.outputs(exec, params, ds, batch_size, rows, |t, _, _, values| match kinds[t] {
             TaskKind::Binary | TaskKind::Regression { .. } => {
                 outputs[t].extend(values.iter().map(|&z| kinds[t].score(std::slice::from_ref(&z))))
             }
             _ => outputs[t].extend_from_slice(values),
         })?;
+        Ok(outputs)
+    }
+
+    /// The metrics of every task's outputs on all rows of `ds` ([`Session::task_outputs`]).
+    fn report(&self, outputs: &[Vec<f32>], ds: &Dataset) -> Result<Report, String> {
+        let kinds = &self.compiled.task_kinds;
         let width = self.inputs.tasks_in_data;
         let labels: Vec<Vec<f32>> = self
             .inputs
@@ -345,6 +395,23 @@ pub struct RunTiming {
     /// Periodic validation and checkpoints during training.
     pub eval_secs: f64,
     pub total_secs: f64,
+    /// The exchange of a data-parallel run (`mpirun` with more than one rank).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_parallel: Option<DataParallelTiming>,
+}
+
+/// What the ranks of a data-parallel run spent exchanging gradients, per training step
+/// (part of its `step_secs`). `train_rows` and `train_rows_per_s` count the global batches'
+/// rows.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct DataParallelTiming {
+    pub ranks: usize,
+    /// Waiting for the slowest rank to finish its share of the batch (the first exchange).
+    pub wait_ms_per_step: f64,
+    /// The dense gradients and the states ([`crate::dist::all_reduce_sum`]).
+    pub all_reduce_ms_per_step: f64,
+    /// The row-sparse embedding gradients' ids and values.
+    pub sparse_exchange_ms_per_step: f64,
 }
 
 /// The optimizer an experiment asks for.
@@ -379,30 +446,46 @@ pub struct RunOptions {
 /// backend's plans; then the [`Run`] is started (or resumed), fitted, and finished with the
 /// test metrics. A fresh run that fails before it starts leaves no folder behind.
 pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
+    train_in(exp, opts, &crate::dist::Solo)
+}
+
+/// [`train`] as a rank of `group` (`mpirun -n N mdl run`): every rank reads the data,
+/// compiles the model and runs the loop; rank 0 alone opens, claims and writes the run
+/// folder and decides what depends on it (the spec a resume compiles, the run id), which
+/// it hands to the others. A failure of one rank before the loop is every rank's failure
+/// ([`crate::dist::agree`]). A group of one is [`train`].
+pub fn train_in(exp: &Experiment, opts: &RunOptions, group: &dyn crate::dist::Group) -> Result<PathBuf, String> {
+    use crate::dist::{agree, from_leader};
     // What the run computes: the threads (`train.threads`, `--threads`) are left out, so a
     // resume on another thread count is the same experiment.
     let config = serde_yaml::to_string(&exp.recorded()).map_err(|e| e.to_string())?;
     let config_sha256 = sha256_hex(config.as_bytes());
     let trust = Trust { force: opts.force };
-    let resumed = match (opts.resume, &opts.out) {
+    let mut resumed = None;
+    let finished = from_leader(group, || match (opts.resume, &opts.out) {
         (true, Some(dir)) => match RunFolder::resume(dir, trust, &config_sha256)? {
             Resumed::Finished(message) => {
                 crate::say!("{message}");
-                return Ok(dir.clone());
+                Ok(Some(dir.clone()))
             }
-            Resumed::Open(folder) => Some(folder),
+            Resumed::Open(folder) => {
+                resumed = Some(folder);
+                Ok(None)
+            }
         },
-        (true, None) => return Err("--resume needs the run folder".into()),
-        (false, _) => None,
-    };
-    let mut exec = exp.executor()?;
+        (true, None) => Err("--resume needs the run folder".into()),
+        (false, _) => Ok(None),
+    })?;
+    if let Some(dir) = finished {
+        return Ok(dir);
+    }
+    let mut exec = agree(group, exp.executor())?;
     let spec_started = Instant::now();
     // A resumed run compiles the folder's copy of its spec, unless the experiment now
     // names another spec (with --force).
     let mut notes = Vec::new();
-    let mut spec = exp.spec.clone();
-    let mut from_copy = false;
-    if let Some(folder) = &resumed {
+    let (spec, from_copy) = from_leader(group, || {
+        let Some(folder) = &resumed else { return Ok((exp.spec.clone(), false)) };
         let changes = if folder.manifest.config_sha256 == config_sha256 {
             Vec::new()
         } else {
@@ -419,11 +502,11 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
         }
         let same_spec = !changes.iter().any(|c| c.starts_with("spec:") || c.starts_with("model:"));
         if let (true, Some((copy, spec_notes))) = (same_spec, folder.spec(trust)?) {
-            spec = copy;
             notes = spec_notes;
-            from_copy = true;
+            return Ok((copy, true));
         }
-    }
+        Ok((exp.spec.clone(), false))
+    })?;
     // A spec that needs a size only the prepared data gives compiles once the data is in.
     let early = compile_before_data(exp, &spec)?;
     if let Some((compiled, _)) = &early {
@@ -432,17 +515,31 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
         check_metric(exp, compiled)?;
     }
     let spec_time = spec_started.elapsed();
-    let (mut folder, claim_note) = match resumed {
-        Some(folder) => (folder, None),
-        None => {
-            let dir = opts.out.clone().unwrap_or_else(|| exp.out_dir());
-            RunFolder::claim(&dir, opts.out.is_some(), opts.force, &config_sha256)?
-        }
-    };
-    let out = folder.dir().to_path_buf();
+    let mut claim_note = None;
+    let mut claimed = None;
+    let (out, run_id) = from_leader(group, || {
+        let folder = match resumed.take() {
+            Some(folder) => folder,
+            None => {
+                let dir = opts.out.clone().unwrap_or_else(|| exp.out_dir());
+                let (folder, note) = RunFolder::claim(&dir, opts.out.is_some(), opts.force, &config_sha256)?;
+                claim_note = note;
+                folder
+            }
+        };
+        let place = (folder.dir().to_path_buf(), folder.run_id().to_string());
+        claimed = Some(folder);
+        Ok(place)
+    })?;
     let started = (|| {
-        let mut log = Progress::new(&out.join("train.log"))?;
-        log.line(&format!("mdl run {} -> {} (run {})", exp.name, out.display(), folder.run_id()));
+        let mut log = match &claimed {
+            Some(_) => Progress::new(&out.join("train.log"))?,
+            None => Progress::silent(),
+        };
+        log.line(&format!("mdl run {} -> {} (run {run_id})", exp.name, out.display()));
+        if group.size() > 1 {
+            log.line(&format!("data-parallel: {} ranks (rank 0 writes the run folder)", group.size()));
+        }
         for note in claim_note.iter().chain(&notes) {
             log.line(note);
         }
@@ -459,7 +556,8 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
             None => exp.data.schema.clone(),
         };
         let prep = load_data(exp, &schema, &mut log)?;
-        if let (Some(was), Some(now)) = (&folder.manifest.data_key, &prep.stats.cache_key) {
+        let recorded_key = claimed.as_ref().and_then(|folder| folder.manifest.data_key.as_ref());
+        if let (Some(was), Some(now)) = (recorded_key, &prep.stats.cache_key) {
             if opts.resume && was != now {
                 trust.problem(format!(
                     "the data differs from the data the run started with (the content of its train, valid or test file, or the schema: data key {} then, {} now)",
@@ -500,37 +598,45 @@ pub fn train(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf, String> {
         ));
         Ok::<_, String>((log, prep, session, spec_files, compile_ms, plan_ms))
     })();
-    let (log, prep, session, spec_files, compile_ms, plan_ms) = match started {
+    let (log, prep, session, spec_files, compile_ms, plan_ms) = match agree(group, started) {
         Ok(started) => started,
         Err(e) => {
-            folder.discard();
+            if let Some(folder) = claimed {
+                folder.discard();
+            }
             return Err(e);
         }
     };
     let start = if opts.resume { Start::Resume(trust) } else { Start::Fresh };
     // The run folder records the run once it has started: a resume that cannot start
     // leaves it as it was.
-    let mut run = match Run::start(exp, &session, exec.as_mut(), &prep, &folder, log, start) {
+    let place = (out.as_path(), run_id.as_str());
+    let started = Run::start(exp, &session, exec.as_mut(), &prep, place, group, log, start);
+    let mut run = match agree(group, started) {
         Ok(run) => run,
         Err(e) => {
-            folder.discard();
+            if let Some(folder) = claimed {
+                folder.discard();
+            }
             return Err(e);
         }
     };
-    if !from_copy {
-        folder.snapshot_spec(&spec_files)?;
-    }
-    let fitted = serde_json::to_string(&prep.fitted).map_err(|e| e.to_string())?;
-    for (name, bytes) in [("config.yaml", config.as_bytes()), ("fitted.json", fitted.as_bytes())] {
-        if !folder.holds(name, bytes) {
-            folder.write(name, bytes)?;
+    if let Some(folder) = &mut claimed {
+        if !from_copy {
+            folder.snapshot_spec(&spec_files)?;
         }
+        let fitted = serde_json::to_string(&prep.fitted).map_err(|e| e.to_string())?;
+        for (name, bytes) in [("config.yaml", config.as_bytes()), ("fitted.json", fitted.as_bytes())] {
+            if !folder.holds(name, bytes) {
+                folder.write(name, bytes)?;
+            }
+        }
+        folder.manifest.config_sha256 = config_sha256;
+        folder.manifest.data_key = prep.stats.cache_key.clone();
+        folder.save_manifest()?;
     }
-    folder.manifest.config_sha256 = config_sha256;
-    folder.manifest.data_key = prep.stats.cache_key.clone();
-    folder.save_manifest()?;
     if run.fit(opts.stop_after)? == LoopEnd::Finished {
-        run.finish(&mut folder, compile_ms, plan_ms)?;
+        run.finish(claimed.as_mut(), compile_ms, plan_ms)?;
     }
     Ok(out)
 }

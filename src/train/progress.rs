@@ -1,13 +1,15 @@
 //! What a run shows while it works: a one-line progress bar (rows/s, loss, ETA) on a
 //! terminal, plain lines when stderr is not a terminal or `CI` is set, and every line in
-//! the run's `train.log` with a timestamp in seconds since the start.
+//! the run's `train.log` with a timestamp in seconds since the start. The ranks of a
+//! data-parallel run other than rank 0 show nothing and write no log ([`Progress::silent`]).
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::Instant;
 
 pub struct Progress {
-    log: std::fs::File,
+    /// None: silent (a rank other than 0).
+    log: Option<std::fs::File>,
     start: Instant,
     live: bool,
     last_draw: Option<Instant>,
@@ -24,7 +26,13 @@ impl Progress {
             .open(log_path)
             .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
         let live = std::io::stderr().is_terminal() && std::env::var_os("CI").is_none();
-        Ok(Progress { log, start: Instant::now(), live, last_draw: None, drawn: false, last_decile: 0 })
+        Ok(Progress { log: Some(log), start: Instant::now(), live, last_draw: None, drawn: false, last_decile: 0 })
+    }
+
+    /// A progress that shows and writes nothing, for a rank other than 0 of a data-parallel
+    /// run (rank 0 shows the run's progress and writes its log).
+    pub fn silent() -> Progress {
+        Progress { log: None, start: Instant::now(), live: false, last_draw: None, drawn: false, last_decile: 0 }
     }
 
     /// Seconds since the log was opened (the run's launch in this process).
@@ -34,13 +42,21 @@ impl Progress {
 
     /// A line for the terminal and the log.
     pub fn line(&mut self, msg: &str) {
+        if self.log.is_none() {
+            return;
+        }
         self.clear_bar();
         crate::say!("{msg}");
-        let _ = writeln!(self.log, "[{:8.2}s] {msg}", self.start.elapsed().as_secs_f64());
+        if let Some(log) = &mut self.log {
+            let _ = writeln!(log, "[{:8.2}s] {msg}", self.start.elapsed().as_secs_f64());
+        }
     }
 
     /// Training progress after a step.
     pub fn progress(&mut self, step: u64, total: u64, epoch: usize, loss: f64, rows_per_sec: f64) {
+        if self.log.is_none() {
+            return;
+        }
         let frac = if total > 0 { (step as f64 / total as f64).min(1.0) } else { 0.0 };
         let elapsed = self.start.elapsed().as_secs_f64();
         let eta = if frac > 0.0 { elapsed * (1.0 - frac) / frac } else { 0.0 };
@@ -66,8 +82,8 @@ impl Progress {
                 crate::say!("{text}");
             }
         }
-        if step.is_multiple_of(50) || step == 1 {
-            let _ = writeln!(self.log, "[{:8.2}s] {text}", elapsed);
+        if let Some(log) = self.log.as_mut().filter(|_| step.is_multiple_of(50) || step == 1) {
+            let _ = writeln!(log, "[{:8.2}s] {text}", elapsed);
         }
     }
 

@@ -7,6 +7,15 @@
 //! `best.ckpt` this run wrote, else the last ones) and writes
 //! the run's figures. The loop lives here, outside the backends: an executor only runs
 //! the training step it is given.
+//!
+//! A run is data-parallel when its [`Group`] has several ranks (`mpirun -n N mdl run`):
+//! every rank runs this loop over the same global batches; each trains on its share of
+//! every batch and the ranks combine their gradients before the update
+//! ([`crate::dist::exchange`]), evaluate their shares of each split and merge the outputs
+//! ([`Session::evaluate_in`]), and compare the fingerprints of their parameters at the end of
+//! every epoch. Rank 0 alone writes the run folder (checkpoints, log, figures); the
+//! checkpoints the loop reads back it reads and hands to the others. A group of one runs
+//! the loop exactly as a plain process.
 
 use super::checkpoint;
 use super::folder::{RunFolder, Trust};
@@ -14,6 +23,8 @@ use super::progress::Progress;
 use super::stages::{frozen_by, Schedule};
 use super::{optim_config, skipped_rows, RunMetrics, RunTiming, Session};
 use crate::data::{Batch, MiniBatches, Prepared};
+use crate::dist::exchange::{self, ExchangeTimes};
+use crate::dist::{self, Group};
 use crate::experiment::{EarlyStopping, Experiment};
 use mdl_runtime::backend::Executor;
 use mdl_runtime::exec::Mode;
@@ -23,7 +34,7 @@ use mdl_runtime::training::{self, TrainStep};
 use mdl_runtime::ParamInfo;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// One row of `curve.csv`.
@@ -243,23 +254,36 @@ pub struct Run<'a> {
     health: super::health::Health,
     /// The stages, resolved against the spec and the data.
     schedule: Schedule,
+    /// The ranks of a data-parallel run ([`dist::Solo`] for a plain one).
+    group: &'a dyn Group,
+    /// Time spent exchanging gradients with the other ranks.
+    exchange_times: ExchangeTimes,
 }
 
 impl<'a> Run<'a> {
-    /// Starts a run in `folder` (logging to `log`) on the train and valid splits of
-    /// `data`: fresh parameters, or when resuming the parameters, optimizer state and loop
-    /// position of the folder's `last.ckpt` when there is one (and it is this run's).
+    /// Starts a run in the folder `out` of the run `run_id` (logging to `log`) on the train
+    /// and valid splits of `data`, as a rank of `group`: fresh parameters, or when resuming
+    /// the parameters, optimizer state and loop position of the folder's `last.ckpt` when
+    /// there is one (and it is this run's).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         exp: &'a Experiment,
         session: &'a Session,
         exec: &'a mut dyn Executor,
         data: &'a Prepared,
-        folder: &RunFolder,
+        (out, run_id): (&Path, &str),
+        group: &'a dyn Group,
         mut log: Progress,
         start: Start,
     ) -> Result<Run<'a>, String> {
-        let out = folder.dir();
-        let run_id = folder.run_id().to_string();
+        let run_id = run_id.to_string();
+        if group.size() > 1 && exec.device_training().is_some() {
+            return Err(format!(
+                "backend {} keeps its training on a device, which data-parallel training (mpirun with {} ranks) does not combine yet: use the jit or interp backend",
+                exp.backend,
+                group.size()
+            ));
+        }
         let (resume, trust) = match start {
             Start::Fresh => (false, Trust { force: false }),
             Start::Resume(trust) => (true, trust),
@@ -267,8 +291,8 @@ impl<'a> Run<'a> {
         let mut optimizer = Optimizer::<f32>::new(optim_config(exp))?;
         let last_path = out.join("last.ckpt");
         let batches = MiniBatches::new(data.train.rows, exp.train.batch_size, exp.train.seed);
-        let (params, state) = if resume && last_path.exists() {
-            let last = checkpoint::load(&last_path, session)?;
+        let last = if resume { read_checkpoint(group, &last_path, session)? } else { None };
+        let (params, state) = if let Some(last) = last {
             trust.checkpoint_id(&last_path, last.run_id.as_deref(), &run_id)?;
             optimizer.load_state(last.optimizer)?;
             if last.state.batch_in_epoch >= batches.batches_per_epoch() {
@@ -324,6 +348,8 @@ impl<'a> Run<'a> {
             step_secs: 0.0,
             health: Default::default(),
             schedule,
+            group,
+            exchange_times: ExchangeTimes::default(),
         })
     }
 
@@ -416,6 +442,7 @@ impl<'a> Run<'a> {
                 let end_of_epoch = self.state.batch_in_epoch == order.len() || stage_done;
                 if end_of_epoch {
                     self.state.end_epoch();
+                    self.check_ranks_agree()?;
                 }
                 let due = match eval_every {
                     Some(n) => self.state.step.is_multiple_of(n),
@@ -453,7 +480,7 @@ impl<'a> Run<'a> {
         self.record_stage(i);
         if self.state.best.is_some() {
             self.sync()?;
-            let best = checkpoint::load(&self.best_path, self.session)?;
+            let best = self.read_best()?;
             self.trust.checkpoint_id(&self.best_path, best.run_id.as_deref(), &self.run_id)?;
             // New tensors: a device backend uploads them whole.
             self.params = best.params;
@@ -506,10 +533,13 @@ impl<'a> Run<'a> {
         if self.steps_here == 0 {
             self.log.line(&format!("first batch starts {:.2}s after launch", self.log.elapsed_secs()));
         }
-        self.data.train.gather(rows, &mut self.batch).map_err(|e| e.to_string())?;
+        // A rank of a data-parallel run trains on its share of the batch's rows.
+        let (ranks, rank) = (self.group.size(), self.group.rank());
+        let shard = if ranks == 1 { rows } else { &rows[dist::share(rows.len(), ranks, rank)] };
+        self.data.train.gather(shard, &mut self.batch).map_err(|e| e.to_string())?;
         let feeds = self.session.inputs.feeds(&self.batch);
         let binding = self.session.inputs.with_batch(self.batch.rows);
-        let mode = Mode::train(self.exp.train.seed, self.state.step).in_epoch(self.state.epoch as u64);
+        let mode = Mode::train(rank_seed(self.exp.train.seed, rank), self.state.step).in_epoch(self.state.epoch as u64);
         let stage = self.state.stage.min(self.schedule.stages.len() - 1);
         let step = TrainStep {
             graph: self.schedule.graph(stage, self.session),
@@ -521,11 +551,19 @@ impl<'a> Run<'a> {
             clip_norm: self.exp.train.clip_norm,
             lr_scale: &self.schedule.stages[stage].lr_scale,
         };
-        let loss = training::train_step(&mut *self.exec, &step, &mut self.params, &mut self.optimizer)?.loss as f64;
+        let loss = if ranks == 1 {
+            training::train_step(&mut *self.exec, &step, &mut self.params, &mut self.optimizer)?.loss as f64
+        } else {
+            let weight = shard.len() as f64 / rows.len() as f64;
+            let (exec, times) = (&mut *self.exec, &mut self.exchange_times);
+            data_parallel_step(self.group, exec, &step, &mut self.params, &mut self.optimizer, times, weight)? as f64
+        };
         if !loss.is_finite() {
             // The step updated nothing: its parameters are the ones that gave this loss.
             self.sync()?;
-            let cause = super::health::first_non_finite(self.session, &binding, &feeds, &self.params, &mode)
+            let cause = (!shard.is_empty())
+                .then(|| super::health::first_non_finite(self.session, &binding, &feeds, &self.params, &mode))
+                .flatten()
                 .map(|c| format!(": {c}"))
                 .unwrap_or_default();
             return Err(format!(
@@ -544,7 +582,7 @@ impl<'a> Run<'a> {
         }
         self.state.losses.push(loss as f32);
         self.steps_here += 1;
-        self.rows_here += self.batch.rows;
+        self.rows_here += rows.len();
         self.step_secs += started.elapsed().as_secs_f64();
         let rate = self.rows_here as f64 / self.step_secs.max(1e-9);
         self.log.progress(self.state.step, self.total_steps, self.state.epoch + 1, loss, rate);
@@ -555,8 +593,8 @@ impl<'a> Run<'a> {
     /// since the last one), `best.ckpt` when the early-stopping metric improved, early
     /// stopping after `patience` evaluations without improvement, and the log line.
     pub fn evaluate(&mut self) -> Result<(), String> {
-        let report =
-            self.session.evaluate(&mut *self.exec, &self.params, &self.data.valid, self.exp.train.batch_size)?;
+        let (valid, batch_size) = (&self.data.valid, self.exp.train.batch_size);
+        let report = self.session.evaluate_in(self.group, &mut *self.exec, &self.params, valid, batch_size)?;
         let early = &self.early_stopping();
         let stage = self.schedule.declared.then_some(self.state.stage.min(self.schedule.stages.len() - 1));
         let metric = report.metric(&early.metric);
@@ -594,7 +632,9 @@ impl<'a> Run<'a> {
             state.bad_evals = 0;
             // The checkpoint needs the parameters on the host.
             self.sync()?;
-            checkpoint::save(&self.best_path, &self.params, None, &self.state, &self.run_id)?;
+            if self.group.rank() == 0 {
+                checkpoint::save(&self.best_path, &self.params, None, &self.state, &self.run_id)?;
+            }
         } else {
             state.bad_evals += 1;
             if state.bad_evals >= early.patience {
@@ -628,7 +668,39 @@ impl<'a> Run<'a> {
     /// `--resume` continues.
     pub fn checkpoint(&mut self) -> Result<(), String> {
         self.sync()?;
+        if self.group.rank() != 0 {
+            return Ok(());
+        }
         checkpoint::save(&self.last_path, &self.params, Some(&self.optimizer), &self.state, &self.run_id)
+    }
+
+    /// The run's `best.ckpt` (rank 0 reads it and hands it to the other ranks).
+    fn read_best(&self) -> Result<checkpoint::Loaded, String> {
+        read_checkpoint(self.group, &self.best_path, self.session)?.ok_or_else(|| {
+            format!("{} is missing: the run's best parameters are not in the folder", self.best_path.display())
+        })
+    }
+
+    /// At the end of an epoch of a data-parallel run: the fingerprints of every rank's
+    /// parameters ([`exchange::params_hash`]) compared, an error when they differ, a log line
+    /// when they do not.
+    fn check_ranks_agree(&mut self) -> Result<(), String> {
+        if self.group.size() == 1 {
+            return Ok(());
+        }
+        self.sync()?;
+        let mine = exchange::params_hash(&self.params);
+        let all = self.group.all_gather_bytes(&mine.to_le_bytes())?;
+        let hashes: Vec<u64> =
+            all.values.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))).collect();
+        exchange::check_identical(&hashes, self.state.step, self.state.epoch)?;
+        self.log.line(&format!(
+            "step {} epoch {}: parameters identical on all {} ranks (fingerprint {mine:016x})",
+            self.state.step,
+            self.state.epoch,
+            self.group.size()
+        ));
+        Ok(())
     }
 
     /// Brings the host's parameters and optimizer state up to date with the executor's.
@@ -641,11 +713,13 @@ impl<'a> Run<'a> {
     /// run's figures into `folder`: `metrics.json`, `curve.csv`, `timing.json`, the closing
     /// lines of the log, and the manifest, which then says the run has finished.
     /// `compile_ms` and `plan_ms` are the times [`RunTiming`] reports.
-    pub fn finish(mut self, folder: &mut RunFolder, compile_ms: f64, plan_ms: f64) -> Result<(), String> {
+    /// On a rank other than 0 of a data-parallel run, `folder` is `None`: it takes part in
+    /// the evaluations and writes nothing.
+    pub fn finish(mut self, folder: Option<&mut RunFolder>, compile_ms: f64, plan_ms: f64) -> Result<(), String> {
         self.log.finish();
         let train_secs = self.loop_started.elapsed().as_secs_f64();
         let best = if self.state.best.is_some() {
-            let best = checkpoint::load(&self.best_path, self.session)?;
+            let best = self.read_best()?;
             self.trust.checkpoint_id(&self.best_path, best.run_id.as_deref(), &self.run_id)?;
             if best.state.step != self.state.best_step {
                 self.trust.problem(format!(
@@ -660,8 +734,9 @@ impl<'a> Run<'a> {
             std::mem::take(&mut self.params)
         };
         let bs = self.exp.train.batch_size;
-        let valid = self.session.evaluate(&mut *self.exec, &best, &self.data.valid, bs)?;
-        let test = self.session.evaluate(&mut *self.exec, &best, &self.data.test, bs)?;
+        let valid = self.session.evaluate_in(self.group, &mut *self.exec, &best, &self.data.valid, bs)?;
+        let test = self.session.evaluate_in(self.group, &mut *self.exec, &best, &self.data.test, bs)?;
+        let Some(folder) = folder else { return Ok(()) };
         let out = &self.out;
         let state = &self.state;
         let metrics = RunMetrics {
@@ -692,6 +767,12 @@ impl<'a> Run<'a> {
             train_rows_per_s: rows_per_s,
             eval_secs: train_secs - self.step_secs,
             total_secs: self.log.elapsed_secs(),
+            data_parallel: (self.group.size() > 1).then(|| super::DataParallelTiming {
+                ranks: self.group.size(),
+                wait_ms_per_step: self.exchange_times.wait_secs * 1e3 / self.steps_here.max(1) as f64,
+                all_reduce_ms_per_step: self.exchange_times.dense_secs * 1e3 / self.steps_here.max(1) as f64,
+                sparse_exchange_ms_per_step: self.exchange_times.sparse_secs * 1e3 / self.steps_here.max(1) as f64,
+            }),
         };
         let json = serde_json::to_string_pretty(&timing).map_err(|e| e.to_string())?;
         folder.write("timing.json", json.as_bytes())?;
@@ -715,8 +796,56 @@ impl<'a> Run<'a> {
             self.log.elapsed_secs(),
             out.display()
         ));
+        if let Some(dp) = &timing.data_parallel {
+            self.log.line(&format!(
+                "data-parallel over {} ranks, per step (in the step time above): waiting for the slowest rank {:.2} ms, all-reduce {:.2} ms, sparse exchange {:.2} ms",
+                dp.ranks, dp.wait_ms_per_step, dp.all_reduce_ms_per_step, dp.sparse_exchange_ms_per_step
+            ));
+        }
         Ok(())
     }
+}
+
+/// The checkpoint at `path`, checked against the model, or `None` when there is none; in
+/// a data-parallel run rank 0 reads it and hands its bytes to every rank (which need not
+/// see rank 0's files).
+fn read_checkpoint(group: &dyn Group, path: &Path, session: &Session) -> Result<Option<checkpoint::Loaded>, String> {
+    if group.size() == 1 {
+        return if path.exists() { checkpoint::load(path, session).map(Some) } else { Ok(None) };
+    }
+    let bytes = dist::bytes_from_leader(group, || match path.exists() {
+        true => std::fs::read(path).map(Some).map_err(|e| format!("cannot read {}: {e}", path.display())),
+        false => Ok(None),
+    })?;
+    bytes.map(|b| checkpoint::load_bytes(path, &b, session)).transpose()
+}
+
+/// One data-parallel training step on this rank's share of a global batch (`weight`: its
+/// share of the rows): the graph's gradients, combined with every other rank's
+/// ([`exchange::combine`]), then the update every rank applies alike. Returns the global
+/// batch's loss.
+fn data_parallel_step(
+    group: &dyn Group,
+    exec: &mut dyn Executor,
+    step: &TrainStep<'_>,
+    params: &mut HashMap<String, Tensor<f32>>,
+    optimizer: &mut Optimizer<f32>,
+    times: &mut ExchangeTimes,
+    weight: f64,
+) -> Result<f32, String> {
+    let local = if weight > 0.0 { Some(training::gradients(exec, step, params)?) } else { None };
+    let names: Vec<&str> = step.info.iter().map(|p| p.name.as_str()).collect();
+    let states: Vec<&str> = step.graph.states.iter().map(|s| s.name.as_str()).collect();
+    let combined = exchange::combine(group, local, weight, &names, &states, params, times)?;
+    let loss = combined.loss;
+    training::apply_gradients(exec, step, params, optimizer, combined)?;
+    Ok(loss)
+}
+
+/// The seed of rank `rank`'s random draws (dropout masks): the run's seed on rank 0, an
+/// independent stream on each other rank (their rows are other rows of the batch).
+fn rank_seed(seed: u64, rank: usize) -> u64 {
+    seed ^ (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 fn fmt_opt(v: Option<f64>) -> String {
