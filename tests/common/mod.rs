@@ -5,7 +5,7 @@
 pub mod scoring;
 
 use mdl::diag::{render_all, SourceMap};
-use mdl::lower::{compile_file, Compiled};
+use mdl::lower::{compile_file_sized, Compiled, Sizes};
 use mdl_runtime::ir::dim::eval_shape;
 use mdl_runtime::tensor::{Float, Tensor, Value};
 use mdl_runtime::{Binding, DType, Graph};
@@ -27,11 +27,35 @@ pub fn shipped_specs() -> Vec<PathBuf> {
     v
 }
 
+/// Compiles a spec with its sizes symbolic; a spec that needs some of them as numbers
+/// (`pairs(count(fields))`) is compiled again with those bound to the small numbers
+/// [`small_binding`] gives them.
 pub fn compile(path: &Path) -> Compiled {
     let mut map = SourceMap::new();
-    match compile_file(&mut map, path, None, &BTreeMap::new()) {
-        Ok(c) => c,
-        Err(d) => panic!("{} does not compile:\n{}", path.display(), render_all(&map, &d)),
+    let mut sizes = Sizes::default();
+    loop {
+        match compile_file_sized(&mut map, path, None, &BTreeMap::new(), &sizes) {
+            Ok(c) => return c,
+            Err(f) if !f.needs.is_empty() && f.needs.iter().any(|s| !sizes.symbols.contains_key(s)) => {
+                for sym in f.needs {
+                    let v = small_size(&sym, 0) as i64;
+                    sizes.symbols.insert(sym, v);
+                }
+            }
+            Err(f) => panic!("{} does not compile:\n{}", path.display(), render_all(&map, &f.diagnostics)),
+        }
+    }
+}
+
+/// The small number a symbolic size gets in tests: `batch` for `B`, 11 rows per table,
+/// 2 to 4 columns per input.
+fn small_size(name: &str, batch: usize) -> usize {
+    if name == "B" {
+        batch
+    } else if name.starts_with("rows(") {
+        11
+    } else {
+        2 + name.len() % 3
     }
 }
 
@@ -43,13 +67,7 @@ pub fn small_binding(g: &Graph, batch: usize) -> Binding {
         for d in s {
             for sym in d.symbols() {
                 let name = sym.to_string();
-                let v = if name == "B" {
-                    batch
-                } else if name.starts_with("rows(") {
-                    11
-                } else {
-                    2 + name.len() % 3
-                };
+                let v = small_size(&name, batch);
                 b.entry(name).or_insert(v);
             }
         }
