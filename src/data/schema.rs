@@ -29,7 +29,9 @@ pub struct Schema {
     /// Feature groups, in the order their arrays appear in a [`Dataset`](super::Dataset)
     /// (categorical, sequence and numeric groups are numbered separately, each in this order).
     pub features: Vec<FeatureGroup>,
-    /// Binary tasks, in order; the first one is the main task.
+    /// The tasks that read a label column, in order (a spec's first task is its main one).
+    /// Empty (or left out) when every task of the spec reads none (`candidates`).
+    #[serde(default)]
     pub labels: Vec<Task>,
     /// The integer domain (scenario) column, if the data is multi-domain.
     #[serde(default)]
@@ -224,9 +226,6 @@ impl Schema {
         }
         if self.min_count == 0 {
             return fail("min_count must be at least 1".into());
-        }
-        if self.labels.is_empty() {
-            return fail("the schema names no label (at least one task is needed)".into());
         }
         let mut task_names = std::collections::BTreeSet::new();
         for task in &self.labels {

@@ -312,6 +312,11 @@ fn softmax(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
 
 /// `concat` and `stack` (which gives each tensor a new axis first).
 fn join(el: &mut Elab, a: &Args, name: &str, stack: bool, span: Span) -> R<Val> {
+    if let (Val::List(items), s) = a.get("xs") {
+        if items.iter().any(|it| value_ids(el, it.clone()).is_some()) {
+            return join_ids(el, items, s, stack, a, span);
+        }
+    }
     let (xs, s) = tensor_list(el, a, "xs")?;
     if xs.is_empty() {
         return el.error(s, format!("`{name}` needs at least one tensor"));
@@ -365,14 +370,31 @@ fn reshape(el: &mut Elab, a: &Args, _span: Span) -> R<Val> {
 }
 
 fn unsqueeze(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
-    let x = tensor(el, a, "x")?;
+    let ids = layout_ids(el, a, "x");
+    let x = match &ids {
+        Some((node, ..)) => Tv { node: *node, grouped: false },
+        None => tensor(el, a, "x")?,
+    };
     let axis = axis_arg(el, a, "axis", x, 1)?;
     let node = insert_axis(el, x.node, axis, span)?;
-    Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
+    Ok(laid_out(node, x, ids))
+}
+
+/// The result of a layout builtin on `x`: ids again (with the same bound and space) when
+/// `x` held ids, else a tensor.
+fn laid_out(node: mdl_runtime::NodeId, x: Tv, ids: Option<(mdl_runtime::NodeId, Dim, Option<String>)>) -> Val {
+    match ids {
+        Some((_, rows, space)) => Val::Ids { node, rows, space },
+        None => Val::Tensor(Tv { node, grouped: x.grouped }),
+    }
 }
 
 fn squeeze(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
-    let x = tensor(el, a, "x")?;
+    let ids = layout_ids(el, a, "x");
+    let x = match &ids {
+        Some((node, ..)) => Tv { node: *node, grouped: false },
+        None => tensor(el, a, "x")?,
+    };
     let axis = axis_arg(el, a, "axis", x, 0)?;
     let mut shape = el.shape(x.node).to_vec();
     if !shape[axis].is_one() {
@@ -381,7 +403,7 @@ fn squeeze(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     }
     shape.remove(axis);
     let node = el.add(Op::Reshape { shape }, &[x.node], span)?;
-    Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
+    Ok(laid_out(node, x, ids))
 }
 
 fn transpose(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
@@ -398,12 +420,16 @@ fn transpose(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
 }
 
 fn slice(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
-    let x = tensor(el, a, "x")?;
+    let ids = layout_ids(el, a, "x");
+    let x = match &ids {
+        Some((node, ..)) => Tv { node: *node, grouped: false },
+        None => tensor(el, a, "x")?,
+    };
     let axis = axis_arg(el, a, "axis", x, 0)?;
     let start = int(el, a, "start")?;
     let len = int(el, a, "len")?;
     let node = el.add(Op::Slice { axis, start, len }, &[x.node], span)?;
-    Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
+    Ok(laid_out(node, x, ids))
 }
 
 /// `bucketize(x, boundaries)`: the ids of the buckets the values of `x` fall in, bucket `i`
@@ -436,7 +462,7 @@ fn bucketize(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     }
     let rows = Dim::from(boundaries.len() + 1);
     let node = el.add(Op::Bucketize { boundaries }, &[x.node], span)?;
-    Ok(Val::Ids { node, rows })
+    Ok(Val::Ids { node, rows, space: None })
 }
 
 /// `floordiv(a, b)` and `mod(a, b)` (called `name`). On ids made in the spec, with `b` a
@@ -444,7 +470,13 @@ fn bucketize(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
 /// `mod` below `min(r, b)`). On real tensors and numbers: `floor(a / b)` and
 /// `a - b * floor(a / b)` (the sign of `b`, as Python's `//` and `%`).
 fn div_mod(el: &mut Elab, a: &Args, name: &str, span: Span) -> R<Val> {
-    if let (Val::Ids { node, rows }, _) = a.get("a") {
+    if let (Val::Ids { node, rows, space }, s) = a.get("a") {
+        if let Some(input) = space {
+            let d = Diagnostic::error(s, format!("`{name}` cannot divide ids of input `{input}`"))
+                .label("their numbering is the data's")
+                .hint("divide ids made with `bucketize`, or values");
+            return Err(el.report(d));
+        }
         let (b, bs) = a.get("b");
         let by = match &b {
             Val::Int(d) => d.as_const().filter(|&c| c > 0 && c <= u32::MAX as i64),
@@ -466,7 +498,7 @@ fn div_mod(el: &mut Elab, a: &Args, name: &str, span: Span) -> R<Val> {
             (_, None) => (Op::IdDiv { by: by as u32 }, rows),
         };
         let node = el.add(op, &[node], span)?;
-        return Ok(Val::Ids { node, rows });
+        return Ok(Val::Ids { node, rows, space: None });
     }
     if let (Val::Feature(f), s) = a.get("a") {
         if !matches!(el.feature_nodes(&f), Some((FeatureKind::Numeric, _, _))) {
@@ -525,7 +557,7 @@ fn eye(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
 /// The positions argument `name` of a selection: ids and the bound they are below.
 fn ids_arg(el: &mut Elab, a: &Args, name: &str) -> R<(mdl_runtime::NodeId, Dim, Span)> {
     match a.get(name) {
-        (Val::Ids { node, rows }, s) => Ok((node, rows, s)),
+        (Val::Ids { node, rows, space: None }, s) => Ok((node, rows, s)),
         (Val::Poison(reported), _) => Err(reported),
         (other, s) => el.error(
             s,
@@ -620,7 +652,7 @@ fn take(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
             let len = list.len();
             (el.add(Op::IdList { ids: list }, &[], span)?, vec![Dim::from(len)])
         }
-        (Val::Ids { node, rows }, s) => {
+        (Val::Ids { node, rows, space: None }, s) => {
             check_positions(el, x, axis, &rows, s)?;
             (node, el.shape(node).to_vec())
         }
@@ -701,7 +733,7 @@ fn top_k(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     }
     let (pos, rows) = positions(el, x, axis, k, true, span)?;
     let values = el.add(Op::TakeAlong { axis }, &[x.node, pos], span)?;
-    Ok(Val::List(vec![Val::Tensor(Tv { node: values, grouped: false }), Val::Ids { node: pos, rows }]))
+    Ok(Val::List(vec![Val::Tensor(Tv { node: values, grouped: false }), Val::Ids { node: pos, rows, space: None }]))
 }
 
 /// `argmax` / `argmin(x, axis = -1, keep = false)`: the position of the largest (smallest)
@@ -720,7 +752,7 @@ fn arg_extreme(el: &mut Elab, a: &Args, largest: bool, span: Span) -> R<Val> {
         }
         (other, s) => return el.error(s, format!("`keep` must be true or false, found {}", other.kind())),
     }
-    Ok(Val::Ids { node: pos, rows })
+    Ok(Val::Ids { node: pos, rows, space: None })
 }
 
 /// `sort(x, axis = -1, descending = false)`: `[values, positions]` along `axis`, equal
@@ -736,7 +768,7 @@ fn sort(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     let n = el.shape(x.node)[axis].clone();
     let (pos, rows) = positions(el, x, axis, n, descending, span)?;
     let values = el.add(Op::TakeAlong { axis }, &[x.node, pos], span)?;
-    Ok(Val::List(vec![Val::Tensor(Tv { node: values, grouped: false }), Val::Ids { node: pos, rows }]))
+    Ok(Val::List(vec![Val::Tensor(Tv { node: values, grouped: false }), Val::Ids { node: pos, rows, space: None }]))
 }
 
 fn dropout(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
@@ -776,7 +808,7 @@ fn permutation(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     let n = size_arg(el, a)?;
     let stream = el.next_dropout_stream();
     let node = el.add(Op::Permutation { n: n.clone(), stream }, &[], span)?;
-    Ok(Val::Ids { node, rows: n })
+    Ok(Val::Ids { node, rows: n, space: None })
 }
 
 /// `sample_ids(pos, n, by = "uniform", power = 1.0, exclude = true)`: for each id of the
@@ -786,7 +818,20 @@ fn permutation(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
 /// input's tables. The vocabulary reaches the graph as two inputs the data binds
 /// (`vocab_input`, `vocab_starts_input`).
 fn sample_ids(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
-    let (f, fs) = feature(el, a, "pos")?;
+    let Some((ids, _, space)) = input_ids(el, a.get("pos").0) else {
+        let (found, fs) = a.get("pos");
+        if let Val::Poison(reported) = found {
+            return Err(reported);
+        }
+        let what = match &found {
+            Val::Feature(f) => format!("`{f}` is not one"),
+            other => format!("found {}", other.kind()),
+        };
+        return el.error(
+            fs,
+            format!("`sample_ids` draws for the ids of a categorical or sequence input (or ids rearranged from them); {what}"),
+        );
+    };
     let n = int(el, a, "n")?;
     if n.as_const().is_none_or(|c| c <= 0) {
         return el.error(a.get("n").1, format!("`n` must be a positive constant, found {n}"));
@@ -803,17 +848,8 @@ fn sample_ids(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
         (Val::Bool(b), _) => b,
         (other, s) => return el.error(s, format!("`exclude` must be true or false, found {}", other.kind())),
     };
-    let (space, ids) = match el.feature_nodes(&f) {
-        Some((FeatureKind::Categorical, ids, _)) => (f.clone(), ids),
-        Some((FeatureKind::Sequence { of, .. }, ids, _)) => (of.unwrap_or_else(|| f.clone()), ids),
-        _ => {
-            return el.error(
-                fs,
-                format!("`sample_ids` draws for the ids of a categorical or sequence input; `{f}` is not one"),
-            )
-        }
-    };
-    let own_sequence = space == f && matches!(el.feature_nodes(&f), Some((FeatureKind::Sequence { .. }, ..)));
+    // A sequence with ids of its own has one column of ids; a categorical input one per column.
+    let own_sequence = matches!(el.feature_nodes(&space), Some((FeatureKind::Sequence { .. }, ..)));
     let weights = match el.graph.input_info(&vocab_input(&space)) {
         Some(i) => i.node,
         None => el.graph.input(&vocab_input(&space), vec![el.rows_dim(&space)], mdl_runtime::DType::F),
@@ -828,7 +864,71 @@ fn sample_ids(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     el.vocabularies.insert(space.clone());
     let stream = el.next_dropout_stream();
     let node = el.add(Op::SampleIds { n, power, exclude, stream }, &[ids, weights, starts], span)?;
-    Ok(Val::Ids { node, rows: el.rows_dim(&space) })
+    Ok(Val::Ids { node, rows: el.rows_dim(&space), space: Some(space) })
+}
+
+/// The ids of a declared input's id space that `v` holds: a categorical or sequence input's
+/// own ids, or ids of such a space made by `sample_ids` or rearranged by a layout builtin, as
+/// `(node, rows, space)`; `None` for anything else.
+fn input_ids(el: &Elab, v: Val) -> Option<(mdl_runtime::NodeId, Dim, String)> {
+    match v {
+        Val::Ids { node, rows, space: Some(space) } => Some((node, rows, space)),
+        Val::Feature(f) => {
+            let space = match el.feature_nodes(&f)? {
+                (FeatureKind::Categorical, ..) | (FeatureKind::Sequence { of: None, .. }, ..) => f.clone(),
+                (FeatureKind::Sequence { of: Some(o), .. }, ..) => o,
+                _ => return None,
+            };
+            let (_, ids, _) = el.feature_nodes(&f)?;
+            Some((ids, el.rows_dim(&space), space))
+        }
+        _ => None,
+    }
+}
+
+/// The ids argument `name` of a layout builtin (`slice`, `squeeze`, `unsqueeze`), when it
+/// holds ids: made ids, or an input's ids (see [`input_ids`]), as `(node, rows, space)`.
+fn layout_ids(el: &Elab, a: &Args, name: &str) -> Option<(mdl_runtime::NodeId, Dim, Option<String>)> {
+    value_ids(el, a.get(name).0)
+}
+
+fn value_ids(el: &Elab, v: Val) -> Option<(mdl_runtime::NodeId, Dim, Option<String>)> {
+    match v {
+        Val::Ids { node, rows, space: None } => Some((node, rows, None)),
+        v => input_ids(el, v).map(|(node, rows, space)| (node, rows, Some(space))),
+    }
+}
+
+/// `concat` / `stack` of ids: every item ids of one kind (the same bound and the same
+/// input's id space, or made ids of the same bound), joined into ids of that kind.
+fn join_ids(el: &mut Elab, items: Vec<Val>, s: Span, stack: bool, a: &Args, span: Span) -> R<Val> {
+    let mut parts = Vec::with_capacity(items.len());
+    for it in items {
+        let kind = it.kind();
+        match value_ids(el, it) {
+            Some(p) => parts.push(p),
+            None => return el.error(s, format!("`concat` and `stack` join ids with ids only, found {kind} among ids")),
+        }
+    }
+    let (_, rows, space) = parts[0].clone();
+    for (_, r, sp) in &parts[1..] {
+        if *sp != space || *r != rows {
+            let describe = |r: &Dim, sp: &Option<String>| match sp {
+                Some(input) => format!("ids of input `{input}`"),
+                None => format!("ids below {r}"),
+            };
+            return el
+                .error(s, format!("ids of one kind are joined: {} and {}", describe(&rows, &space), describe(r, sp)));
+        }
+    }
+    let first = Tv { node: parts[0].0, grouped: false };
+    let axis = axis_arg(el, a, "axis", first, usize::from(stack))?;
+    let mut nodes = Vec::with_capacity(parts.len());
+    for (node, ..) in &parts {
+        nodes.push(if stack { insert_axis(el, *node, axis, span)? } else { *node });
+    }
+    let node = el.add(Op::Concat { axis }, &nodes, span)?;
+    Ok(Val::Ids { node, rows, space })
 }
 
 /// `if_training(a, b)`: `a` in training, `b` in evaluation (equal shapes), the gradient
@@ -1112,9 +1212,10 @@ fn embedding(el: &mut Elab, a: &Args, _span: Span) -> R<Val> {
     };
     let per_domain = |rows: Dim| per.as_ref().map(|(idx, _)| (*idx, rows));
     // A table for ids made in the spec: one row per id below their bound.
-    let made = match a.get("ids") {
-        (Val::Ids { rows, .. }, _) => Some(rows),
-        _ => None,
+    let (made, input_ids) = match a.get("ids") {
+        (Val::Ids { rows, space: None, .. }, _) => (Some(rows), None),
+        (Val::Ids { space: Some(space), .. }, s) => (None, Some((space, s))),
+        _ => (None, None),
     };
     let (dim, std) = (int(el, a, "dim")?, number(el, a, "std")?.0);
     if dim.as_const().is_some_and(|c| c <= 0) {
@@ -1126,7 +1227,11 @@ fn embedding(el: &mut Elab, a: &Args, _span: Span) -> R<Val> {
         let node = el.graph.param(&name, vec![stacked(&rows), dim], Init::Normal(std), group, true);
         return Ok(Val::Table { node, per_domain: per_domain(rows.clone()), ids_of: IdSpace::Made { rows } });
     }
-    let (f, fs) = feature(el, a, "ids")?;
+    // Ids of an input's space (sampled, or rearranged): a table for that input's ids.
+    let (f, fs) = match input_ids {
+        Some(found) => found,
+        None => feature(el, a, "ids")?,
+    };
     let space = match el.feature_nodes(&f) {
         Some((FeatureKind::Categorical | FeatureKind::Domain, _, _)) => f.clone(),
         Some((FeatureKind::Sequence { of: Some(o), .. }, _, _)) => o,

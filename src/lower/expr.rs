@@ -317,17 +317,27 @@ impl Elab {
             }
             Val::Table { node, ids_of, per_domain } => {
                 let iv = self.expr(env, index)?;
-                if let Val::Ids { node: ids, rows } = iv {
+                if let Val::Ids { node: ids, rows, space } = iv {
                     // Made ids index a table made for made ids with at least as many rows.
                     let message = match &ids_of {
+                        IdSpace::Made { .. } if space.is_some() => Some(format!(
+                            "this table holds rows for ids made in the spec, but these are ids of input `{}`",
+                            space.as_deref().unwrap_or_default()
+                        )),
                         IdSpace::Made { rows: table_rows } if ids_fit(&rows, table_rows) => None,
+                        // Ids of an input's space (sampled, or its ids rearranged).
+                        IdSpace::Input(name) if space.as_deref() == Some(name.as_str()) => None,
+                        IdSpace::Input(name) if space.is_some() => Some(format!(
+                            "this table holds rows for the ids of `{name}`, but these are ids of input `{}`",
+                            space.as_deref().unwrap_or_default()
+                        )),
                         IdSpace::Made { rows: table_rows } => Some(format!(
                             "this table has {table_rows} rows, but these ids go up to {}",
                             &rows - &Dim::lit(1)
                         )),
                         // Ids below `rows(x)` are ids of `x`'s space: ids drawn by
                         // `sample_ids`, or positions along an axis of all its ids.
-                        IdSpace::Input(name) if rows == Dim::sym(&super::rows_sym(name)) => None,
+                        IdSpace::Input(name) if rows == self.rows_dim(name) => None,
                         IdSpace::Input(name) => {
                             Some(format!("this table holds rows for the ids of `{name}`, not for ids made in the spec"))
                         }

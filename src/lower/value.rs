@@ -29,9 +29,13 @@ pub enum Val {
     /// `argmax`, `argmin`, `sort`), each below `rows` (a size: the positions along an axis
     /// of `count(x)` are below `count(x)`): they index tables made for them
     /// (`embedding(ids, dim)` has `rows` rows) and select along an axis (`take_along`).
+    /// Ids of a declared input's id space (`space`: drawn by `sample_ids`, or an input's ids
+    /// rearranged by `slice`, `concat`, `squeeze`, `unsqueeze`) index that input's tables
+    /// instead, and `sample_ids` draws negatives for them.
     Ids {
         node: NodeId,
         rows: Dim,
+        space: Option<String>,
     },
     /// An embedding table, holding rows for an id space.
     Table {

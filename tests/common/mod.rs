@@ -100,6 +100,15 @@ pub fn random_feeds<T: Float>(c: &Compiled, binding: &Binding, rng: &mut Lcg) ->
         let shape = eval_shape(&inp.shape, binding).unwrap();
         let n: usize = shape.iter().product();
         let v = match inp.dtype {
+            // A vocabulary `sample_ids` draws from: its columns split the ids evenly, and
+            // every id has a positive count (1 to 4).
+            DType::I if inp.name.starts_with("vocab/") => {
+                let (columns, ids) = (n - 1, binding[&format!("rows({})", vocab_space(&inp.name))]);
+                Value::Ids(Tensor::new(shape, (0..n).map(|c| (c * ids / columns) as u32).collect()).unwrap())
+            }
+            DType::F if inp.name.starts_with("vocab/") => Value::Dense(
+                Tensor::new(shape, (0..n).map(|_| T::from_f64((1 + rng.next() % 4) as f64)).collect()).unwrap(),
+            ),
             DType::I => {
                 // The id space: rows(x) of the feature or of the one it shares ids with.
                 let f = c.features.iter().find(|f| f.name == inp.name).expect("feature");
@@ -127,6 +136,12 @@ pub fn random_feeds<T: Float>(c: &Compiled, binding: &Binding, rng: &mut Lcg) ->
         feeds.insert(inp.name.clone(), v);
     }
     feeds
+}
+
+/// The input whose id space a vocabulary input (`vocab/<space>`, `vocab/<space>/starts`) holds.
+fn vocab_space(name: &str) -> &str {
+    let rest = name.trim_start_matches("vocab/");
+    rest.strip_suffix("/starts").unwrap_or(rest)
 }
 
 /// Random parameters with a given scale (not the spec's init: large enough that finite
