@@ -51,7 +51,11 @@ fn spec_in(dir: &Path) -> PathBuf {
 /// The quickstart experiment with the spec, and its data prepared (through the tests'
 /// cache).
 fn experiment(dir: &Path) -> (Experiment, Prepared) {
-    let spec = spec_in(dir);
+    experiment_with(spec_in(dir))
+}
+
+/// The quickstart experiment with the spec at `spec`, its data prepared.
+fn experiment_with(spec: PathBuf) -> (Experiment, Prepared) {
     let exp = mdl::experiment::load(
         &common::root().join("experiments/quickstart.yaml"),
         &[format!("spec={}", spec.display())],
@@ -109,6 +113,66 @@ fn sampled_ids_follow_the_vocabulary_and_the_seed() {
         assert_ne!(a[i], other_seed[i], "another seed drew the same ids");
         assert_ne!(a[i], other_step[i], "another step drew the same ids");
     }
+}
+
+/// Each behaviour's next item: the sequence shifted by one, the row's item (`fields`'
+/// video_id, column 2) last, ids of `fields`' space; negatives are drawn for them.
+const SHIFTED: &str = "model shifted(dim = 4) {
+  input fields : categorical
+  input hist : sequence(50) of fields
+  input tags : sequence(3)
+  input dense : numeric
+  input domain : domain
+  label click
+  let E = embedding(fields, dim)
+  let seq = squeeze(slice(hist, 1, 0, 1), 1)                                  # ids [B, 50]
+  let next = concat([slice(seq, 1, 1, 49), slice(fields, 1, 2, 1)], axis = 1)  # ids [B, 50]
+  let neg = sample_ids(next, 2)                                               # ids [B, 50, 2]
+  let h = E[seq]
+  task click = linear(flatten(E[fields]), 1)
+  loss bce(click) + mean(softplus(sum(unsqueeze(h, 2) * E[neg], axis = -1) - sum(h * E[next], axis = -1, keep = true)))
+}
+";
+
+#[test]
+fn negatives_drawn_for_a_shifted_sequence_are_never_its_next_item() {
+    let dir = tmp("shifted");
+    let spec = dir.join("shifted.mdl");
+    std::fs::write(&spec, SHIFTED).unwrap();
+    let (exp, prep) = experiment_with(spec);
+    let session = Session::new(&exp, &prep.fitted).unwrap();
+    let (counts, starts) = prep.fitted.id_counts("fields").unwrap();
+    let mut g = passes::for_phase(&session.compiled.graph, true);
+    let draw = g.ids().find(|&id| matches!(g.node(id).op, Op::SampleIds { .. })).unwrap();
+    g.outputs.insert("draw".into(), draw);
+    let mut batch = prep.train.new_batch();
+    prep.train.gather(&(0..256).collect::<Vec<_>>(), &mut batch).unwrap();
+    let feeds = session.inputs.feeds(&batch);
+    let binding = session.inputs.with_batch(batch.rows);
+    let params = session.initial_tensors(1).unwrap();
+    let out = interp::run(&g, &binding, &feeds, &params, &Mode::train(2023, 3)).unwrap();
+    let Some(Value::Ids(drawn)) = out.output("draw") else { panic!("no draw") };
+    let (Some(Value::Ids(hist)), Some(Value::Ids(fields))) = (feeds.get("hist"), feeds.get("fields")) else {
+        panic!("hist and fields are not fed as ids")
+    };
+    let (columns, sequences) = (fields.shape[1], hist.shape[1]);
+    assert_eq!(drawn.shape, [batch.rows, 50, 2]);
+    let column = |id: u32| starts.partition_point(|&s| s <= id) - 1;
+    let mut padding_positives = 0;
+    for b in 0..batch.rows {
+        for t in 0..50 {
+            // The next item of position t: the first sequence's t + 1, the row's video last.
+            let next = if t < 49 { hist.data[(b * sequences) * 50 + t + 1] } else { fields.data[b * columns + 2] };
+            padding_positives += usize::from(counts[next as usize] == 0.0);
+            for k in 0..2 {
+                let id = drawn.data[(b * 50 + t) * 2 + k];
+                assert_ne!(id, next, "row {b}, position {t}: drew the next item");
+                assert_eq!(column(id), column(next), "row {b}, position {t}: drew from another column");
+                assert!(counts[id as usize] > 0.0, "row {b}, position {t}: drew id {id} of count 0");
+            }
+        }
+    }
+    assert!(padding_positives < batch.rows * 50, "every next item is padding: the test sees no sequence");
 }
 
 #[test]

@@ -4,8 +4,10 @@
 //! `mdl predict`'s values and the file's labels, early stopping on RMSE keeps the lowest
 //! valid RMSE, curve.csv and train.log carry the metrics, `mdl eval` reproduces them; a bad
 //! label cell is an error naming its file, line and column; a classes task reports accuracy,
-//! log-loss and HR@k / NDCG@k; the kinds' loss and shape errors point into the spec; ONNX
-//! export refuses a classes task by name.
+//! log-loss and HR@k / NDCG@k; a `candidates` task (next-item ranking against sampled
+//! items) runs with no label column and reports HR@10 / NDCG@10, while a task that reads a
+//! label is refused by such a schema; the kinds' loss and shape errors point into the spec;
+//! ONNX export refuses a classes task by name.
 
 mod common;
 use common::scoring::{failed, mdl, ok, tmp};
@@ -294,4 +296,104 @@ fn kind_errors_point_into_the_spec() {
     assert!(err.contains("`top` must be a list of positive integers"), "{err}");
     let err = check(&dir, &body("label t : regression(logs = true)", "linear(v, 1)", "mse(t)"));
     assert!(err.contains("`regression` has no parameter `logs`") && err.contains("did you mean `log`?"), "{err}");
+}
+
+/// A split of `n` rows of runs through 30 items: `hist` holds 3 to 8 consecutive items
+/// (mod 30), and the row's `item` is the one after the last.
+fn sequence_split(path: &Path, n: usize, seed: u64) {
+    let mut rng = Lcg(seed);
+    let mut text = String::from("item,hist,domain\n");
+    for i in 0..n {
+        let start = (rng.uniform() * 30.0) as usize;
+        let len = 3 + (rng.uniform() * 6.0) as usize;
+        let hist: Vec<String> = (start..start + len).map(|k| format!("i{}", k % 30)).collect();
+        text.push_str(&format!("i{},{},{}\n", (start + len) % 30, hist.join(" "), i % 2));
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+/// Next-item ranking: the row's item against 20 items sampled for it, from the state of
+/// the latest behaviour (a `candidates` task, the positive first).
+const NEXT_ITEM: &str = "model next(dim = 8) {
+  input item : categorical
+  input hist : sequence(8) of item
+  label next : candidates(top = [1, 10])
+  let M = embedding(item, dim, std = 0.1)
+  let latest = M[slice(squeeze(slice(hist, 1, 0, 1), 1), 1, 7, 1)]          # [B, 1, dim]
+  let target = slice(item, 1, 0, 1)                                         # ids [B, 1]
+  let candidates = concat([target, squeeze(sample_ids(target, 20), 1)], axis = 1)   # ids [B, 21]
+  task next = sum(M[candidates] * linear(latest, dim), axis = -1)
+  loss softmax_ce(next)
+}
+";
+
+/// An experiment for [`NEXT_ITEM`] on generated runs, with no label column (the schema
+/// leaves `labels` out), early stopping on valid NDCG@10.
+fn next_item_setup(dir: &Path, spec: &str) -> PathBuf {
+    std::fs::write(dir.join("next.mdl"), spec).unwrap();
+    sequence_split(&dir.join("train.csv"), 600, 1);
+    sequence_split(&dir.join("valid.csv"), 100, 2);
+    sequence_split(&dir.join("test.csv"), 150, 3);
+    let exp = dir.join("exp.yaml");
+    std::fs::write(
+        &exp,
+        "name: next
+spec: next.mdl
+data:
+  train: train.csv
+  valid: valid.csv
+  test: test.csv
+  schema:
+    features:
+      - { kind: categorical, name: item, columns: [item] }
+      - { kind: sequence, name: hist, columns: [hist], max_len: 8, vocab: item }
+    domain: { column: domain }
+train:
+  lr: 0.05
+  batch_size: 50
+  epochs: 8
+  eval_every: epoch
+  early_stopping: { metric: ndcg@10, patience: 100 }
+",
+    )
+    .unwrap();
+    exp
+}
+
+#[test]
+fn a_candidates_task_runs_without_a_label_column_and_reports_hr_and_ndcg_at_10() {
+    let dir = tmp("tasks", "candidates");
+    let exp = next_item_setup(&dir, NEXT_ITEM);
+    let run = dir.join("run");
+    ok(&mdl(&["run", exp.to_str().unwrap(), "--out", run.to_str().unwrap()]));
+    let metrics = json(&run.join("metrics.json"));
+    let curve = std::fs::read_to_string(run.join("curve.csv")).unwrap();
+    assert!(curve.lines().next().unwrap().ends_with(",valid_accuracy,valid_hr@1,valid_hr@10,valid_ndcg@1,valid_ndcg@10"), "{curve}");
+    let losses = column(&curve, "train_loss");
+    assert!(losses.last().unwrap() < &(0.5 * losses[0]), "the loss does not fall: {losses:?}");
+    for split in ["valid", "test"] {
+        let m = &metrics[split];
+        let task = &m["per_task"]["next"];
+        let (hr1, hr10, ndcg10) =
+            (task["hr@1"].as_f64().unwrap(), task["hr@10"].as_f64().unwrap(), task["ndcg@10"].as_f64().unwrap());
+        // The first task's metrics are the report's top level.
+        assert_eq!(m["hr@10"].as_f64(), Some(hr10), "{split}");
+        assert_eq!(m["ndcg@10"].as_f64(), Some(ndcg10), "{split}");
+        assert_eq!(task["accuracy"].as_f64(), Some(hr1), "{split}: accuracy is the share ranked first");
+        // The next item follows from the latest one: a trained model ranks it high,
+        // where scoring all 21 candidates alike would rank it nowhere.
+        assert!(hr10 > 0.9 && hr1 <= hr10, "{split}: hr@1 {hr1}, hr@10 {hr10}");
+        assert!(ndcg10 <= hr10 && ndcg10 >= hr1, "{split}: ndcg@10 {ndcg10} between hr@1 {hr1} and hr@10 {hr10}");
+        assert_eq!(task["count"].as_u64(), Some(if split == "valid" { 100 } else { 150 }), "{split}");
+    }
+}
+
+#[test]
+fn a_task_that_reads_a_label_is_refused_by_a_schema_without_labels() {
+    let dir = tmp("tasks", "candidates_binary");
+    let spec = NEXT_ITEM.replace("label next : candidates(top = [1, 10])", "label next : candidates(top = [1, 10])\n  label click")
+        .replace("loss softmax_ce(next)", "task click = sum(latest, axis = [1, 2])\n  loss softmax_ce(next) + bce(click)");
+    let exp = next_item_setup(&dir, &spec);
+    let err = failed(&mdl(&["run", exp.to_str().unwrap(), "--out", dir.join("run").to_str().unwrap()]));
+    assert!(err.contains("task `click` (label 1 of the spec) has no entry in the schema's labels ()"), "{err}");
 }
