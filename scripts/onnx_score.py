@@ -82,7 +82,8 @@ class Encoder:
                         for k, item in enumerate(items):
                             ids[i, j, n - len(items) + k] = index.get(item, g["offset"] + self.oov)
                 feeds[g["name"]] = ids
-                feeds[g["mask"]] = (ids != self.pad).astype(np.float32)
+                if "mask" in g:  # absent when the model reads no mask of the group
+                    feeds[g["mask"]] = (ids != self.pad).astype(np.float32)
             elif kind == "numeric":
                 values = np.zeros((len(rows), len(g["columns"])), dtype=np.float32)
                 for i, r in enumerate(rows):

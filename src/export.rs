@@ -14,7 +14,7 @@
 //!
 //! Both files appear only once complete ([`crate::files::write_atomic`]).
 
-use crate::data::serving::{FeatureEncoding, FORMAT};
+use crate::data::serving::{FeatureEncoding, GroupEncoding, FORMAT};
 use crate::files::write_atomic;
 use crate::lower::{logit_output, FeatureKind};
 use crate::tasks::TaskKind;
@@ -126,6 +126,13 @@ fn onnx(run: &LoadedRun, out: &Path) -> Result<Exported, String> {
             .feature_encoding(domain_input, run.experiment.data.unknown_domain)
             .into_iter()
             .filter(|g| inputs.iter().any(|i| i == g.input()))
+            .map(|mut g| {
+                // A model that reads a sequence's ids but not its mask takes no mask input.
+                if let GroupEncoding::Sequence { mask, .. } = &mut g {
+                    mask.take_if(|m| !inputs.contains(m));
+                }
+                g
+            })
             .collect(),
     };
     let json = serde_json::to_vec_pretty(&encoding).map_err(|e| e.to_string())?;

@@ -368,7 +368,10 @@ fn a_candidates_task_runs_without_a_label_column_and_reports_hr_and_ndcg_at_10()
     ok(&mdl(&["run", exp.to_str().unwrap(), "--out", run.to_str().unwrap()]));
     let metrics = json(&run.join("metrics.json"));
     let curve = std::fs::read_to_string(run.join("curve.csv")).unwrap();
-    assert!(curve.lines().next().unwrap().ends_with(",valid_accuracy,valid_hr@1,valid_hr@10,valid_ndcg@1,valid_ndcg@10"), "{curve}");
+    assert!(
+        curve.lines().next().unwrap().ends_with(",valid_accuracy,valid_hr@1,valid_hr@10,valid_ndcg@1,valid_ndcg@10"),
+        "{curve}"
+    );
     let losses = column(&curve, "train_loss");
     assert!(losses.last().unwrap() < &(0.5 * losses[0]), "the loss does not fall: {losses:?}");
     for split in ["valid", "test"] {
@@ -391,8 +394,12 @@ fn a_candidates_task_runs_without_a_label_column_and_reports_hr_and_ndcg_at_10()
 #[test]
 fn a_task_that_reads_a_label_is_refused_by_a_schema_without_labels() {
     let dir = tmp("tasks", "candidates_binary");
-    let spec = NEXT_ITEM.replace("label next : candidates(top = [1, 10])", "label next : candidates(top = [1, 10])\n  label click")
-        .replace("loss softmax_ce(next)", "task click = sum(latest, axis = [1, 2])\n  loss softmax_ce(next) + bce(click)");
+    let spec = NEXT_ITEM
+        .replace("label next : candidates(top = [1, 10])", "label next : candidates(top = [1, 10])\n  label click")
+        .replace(
+            "loss softmax_ce(next)",
+            "task click = sum(latest, axis = [1, 2])\n  loss softmax_ce(next) + bce(click)",
+        );
     let exp = next_item_setup(&dir, &spec);
     let err = failed(&mdl(&["run", exp.to_str().unwrap(), "--out", dir.join("run").to_str().unwrap()]));
     assert!(err.contains("task `click` (label 1 of the spec) has no entry in the schema's labels ()"), "{err}");

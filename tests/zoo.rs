@@ -36,7 +36,8 @@ fn every_spec_trains_twenty_steps_with_a_falling_loss() {
         let rows: Vec<Vec<f64>> =
             curve.lines().skip(1).map(|l| l.split(',').map(|x| x.parse().unwrap_or(f64::NAN)).collect()).collect();
         // A model ranking sampled candidates (no AUC) is judged by its HR@10 instead.
-        let (metric, chance) = if rows.iter().all(|r| r[3].is_nan()) { ("valid_hr@10", 0.2) } else { ("valid_auc", 0.55) };
+        let (metric, chance) =
+            if rows.iter().all(|r| r[3].is_nan()) { ("valid_hr@10", 0.2) } else { ("valid_auc", 0.55) };
         let at = header.iter().position(|h| *h == metric);
         let ok = rows.len() == 2 && rows[1][2] < rows[0][2] && at.is_some_and(|i| rows[1][i] > chance);
         eprintln!("{name}: {}", curve.lines().skip(1).collect::<Vec<_>>().join(" | "));

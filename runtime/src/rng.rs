@@ -9,6 +9,9 @@
 //! crate-version-dependent behaviour, so the same seed gives the same stream on every
 //! machine and a resumed run can recreate any stream from its key alone.
 
+/// The increment of SplitMix64's state per draw.
+const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 /// SplitMix64: a 64-bit generator with a single `u64` of state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SplitMix64(u64);
@@ -28,8 +31,14 @@ impl SplitMix64 {
         SplitMix64(SplitMix64(b).next_u64())
     }
 
+    /// Skips the next `n` draws: the state moves by `n` increments at once (the generator
+    /// is counter-based), so a stream can be split between threads.
+    pub fn advance(&mut self, n: u64) {
+        self.0 = self.0.wrapping_add(n.wrapping_mul(GOLDEN_GAMMA));
+    }
+
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.wrapping_add(GOLDEN_GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -99,6 +108,18 @@ mod tests {
             assert!((0.0..1.0).contains(&g.next_f64()));
             assert!((0.0..1.0).contains(&g.next_f32()));
         }
+    }
+
+    #[test]
+    fn advancing_skips_exactly_that_many_draws() {
+        let mut stepped = SplitMix64::keyed(7, 3, 11);
+        for _ in 0..1000 {
+            stepped.next_u64();
+        }
+        let mut skipped = SplitMix64::keyed(7, 3, 11);
+        skipped.advance(1000);
+        assert_eq!(stepped, skipped);
+        assert_eq!(stepped.next_u64(), skipped.next_u64());
     }
 
     #[test]

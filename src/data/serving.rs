@@ -39,9 +39,18 @@ pub struct ColumnNormalizer {
 pub enum GroupEncoding {
     /// Input `[B, columns]` of int64 ids.
     Categorical { name: String, columns: Vec<ColumnVocab> },
-    /// Input `[B, columns, max_len]` of int64 ids and `mask` of float32 0/1; every column's
-    /// items go through one vocabulary (`values`, offset `offset`).
-    Sequence { name: String, mask: String, columns: Vec<String>, max_len: usize, offset: u32, values: Vec<String> },
+    /// Input `[B, columns, max_len]` of int64 ids and `mask` of float32 0/1 (absent when the
+    /// model reads no mask of the group); every column's items go through one vocabulary
+    /// (`values`, offset `offset`).
+    Sequence {
+        name: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        mask: Option<String>,
+        columns: Vec<String>,
+        max_len: usize,
+        offset: u32,
+        values: Vec<String>,
+    },
     /// Input `[B, columns]` of float32.
     Numeric { name: String, columns: Vec<ColumnNormalizer> },
     /// Input `[B]` of int64 domain ids `0..domains`; another id is an error, or with
@@ -111,7 +120,7 @@ impl Fitted {
                         .map_or((0, Vec::new()), |&(vocab, offset)| (offset, kept_values(vocab)));
                     out.push(GroupEncoding::Sequence {
                         name: crate::lower::ids_input(name),
-                        mask: crate::lower::mask_input(name),
+                        mask: Some(crate::lower::mask_input(name)),
                         columns: columns.clone(),
                         max_len: *max_len,
                         offset,

@@ -8,8 +8,9 @@
 //! step `s` what an uninterrupted one drew there. In evaluation ([`Mode::eval`]: seed 0,
 //! step 0) a Bernoulli mask is its expectation `p`, and the other two draw the stream's
 //! fixed evaluation values: evaluation is deterministic. None of them passes a gradient.
-//! No backend has a kernel of its own for them: they run on these eval rules (on the host
-//! for OpenCL), drawing `O(elements)` values.
+//! The jit draws training's Bernoulli and dropout masks with a kernel of its own (both
+//! threads, each from its offset of the stream: the same values); otherwise they run on
+//! these eval rules (on the host for OpenCL), drawing `O(elements)` values.
 //!
 //! [`Mode::eval`]: crate::exec::Mode::eval
 

@@ -14,6 +14,7 @@ use crate::exec::{Arg, EvalCx, ExecError};
 use crate::ops::elementwise::{BinaryLoop, UnaryLoop};
 use crate::ops::linalg::batch_index;
 use crate::ops::{BinaryOp, Op, ReduceOp, UnaryOp};
+use crate::rng::SplitMix64;
 use crate::tensor::{Tensor, Value};
 use gemm::Parallelism;
 
@@ -113,8 +114,34 @@ pub fn fast(
             data.copy_from_slice(&x.data);
             Some(Value::Dense(Tensor { shape: cx.out_shape.to_vec(), data }))
         }
+        // Training draws: dropout's mask keeps an element (scaled) unless a draw of `p`
+        // drops it, a Bernoulli mask is 1 where the draw holds. Evaluation runs the eval rule.
+        Op::DropMask { p, stream } if cx.mode.training && *p > 0.0 => {
+            Some(Value::Dense(draw_mask(*p, *stream, 0.0, (1.0 / (1.0 - p)) as f32, cx, threads, pool)))
+        }
+        Op::Bernoulli { p, stream } if cx.mode.training => {
+            Some(Value::Dense(draw_mask(*p, *stream, 1.0, 0.0, cx, threads, pool)))
+        }
         _ => None,
     })
+}
+
+/// A mask of `cx.out_shape` whose element `i` is `hit` where the `i`-th draw of the node's
+/// stream ([`SplitMix64::keyed`] by the run's seed, the step and `stream`) is below `p`
+/// ([`SplitMix64::chance`]), else `miss`: the eval rules' values, bit for bit. The draws are
+/// counter-based, so each thread starts its half at its own offset of the stream.
+fn draw_mask(p: f64, stream: u64, hit: f32, miss: f32, cx: &EvalCx, threads: usize, pool: &mut Pool) -> Tensor<f32> {
+    let n = cx.out_shape.iter().product();
+    let mut data = pool.take(n);
+    let start = SplitMix64::keyed(cx.mode.seed, cx.mode.step, stream);
+    split(&mut data, threads, 1, |offset, out| {
+        let mut rng = start.clone();
+        rng.advance(offset as u64);
+        for y in out.iter_mut() {
+            *y = if rng.chance(p) { hit } else { miss };
+        }
+    });
+    Tensor { shape: cx.out_shape.to_vec(), data }
 }
 
 /// The ops that reuse an operand this node is the last reader of: a reshape (the same
