@@ -84,6 +84,8 @@ fn small_schema(item_min_count: Option<u64>) -> Schema {
                 name: "ids".into(),
                 columns: strings(&["item", "color"]),
                 min_count: item_min_count,
+                max_vocab: None,
+                hash_buckets: None,
             },
             FeatureGroup::Sequence {
                 name: "history".into(),
@@ -91,6 +93,8 @@ fn small_schema(item_min_count: Option<u64>) -> Schema {
                 max_len: 2,
                 vocab: Some("item".into()),
                 min_count: None,
+                max_vocab: None,
+                hash_buckets: None,
             },
             FeatureGroup::Sequence {
                 name: "tags".into(),
@@ -98,6 +102,8 @@ fn small_schema(item_min_count: Option<u64>) -> Schema {
                 max_len: 3,
                 vocab: None,
                 min_count: None,
+                max_vocab: None,
+                hash_buckets: None,
             },
             FeatureGroup::Numeric { name: "dense".into(), columns: strings(&["price"]), normalize: Normalize::Minmax },
         ],
@@ -108,6 +114,8 @@ fn small_schema(item_min_count: Option<u64>) -> Schema {
         domain: Some(DomainSpec { column: "domain".into(), count: None }),
         user: Some("user".into()),
         min_count: 1,
+        max_vocab: None,
+        hash_buckets: None,
     }
 }
 
@@ -258,6 +266,8 @@ user: user
         max_len: 2,
         vocab: Some("nope".into()),
         min_count: None,
+        max_vocab: None,
+        hash_buckets: None,
     };
     assert!(matches!(bad.validate(), Err(DataError::Schema(m)) if m.contains("nope")));
 }
@@ -312,6 +322,74 @@ fn vocab_from_train_only_and_encoding() {
     assert_eq!((items.id("i1"), items.id("i2"), items.id("i3")), (2, OOV, OOV));
     assert_eq!(strict.fitted.layout().categorical[0].offsets, vec![0, 3]);
     assert_eq!(strict.fitted.vocabs.sequence[1].as_ref().map(|v| v.len()), Some(5), "group min_count only");
+}
+
+#[test]
+fn max_vocab_and_hash_buckets_bound_a_column_and_hash_the_rest() {
+    let folder = TempFolder::new("vocab-limits");
+    let paths = small_files(&folder, TRAIN);
+    let mut schema = small_schema(None);
+    let FeatureGroup::Categorical { max_vocab, hash_buckets, .. } = &mut schema.features[0] else { unreachable!() };
+    (*max_vocab, *hash_buckets) = (Some(1), Some(3));
+    let prepared = prepare(&schema, &paths, &no_cache()).expect("prepare");
+    let (fitted, layout) = (&prepared.fitted, prepared.fitted.layout());
+    // Each column keeps its most frequent value (i1, red) and has 3 hashed ids after it.
+    assert_eq!(layout.categorical[0].vocab_sizes, vec![2 + 1 + 3, 2 + 1 + 3]);
+    let (items, colors) = (&fitted.vocabs.categorical[0][0], &fitted.vocabs.categorical[0][1]);
+    assert_eq!((items.id("i1"), colors.id("red")), (2, 2));
+    for value in ["i2", "i3", "i7", "i9"] {
+        assert!((3..6).contains(&items.id(value)), "{value}: {}", items.id(value));
+    }
+    let train = &prepared.train;
+    // The second row is i2/blue: hashed ids, the ones the vocabulary gives them.
+    assert_eq!(&train.cat[0][2..4], &[items.id("i2"), 6 + colors.id("blue")]);
+    // The history shares item's vocabulary: "i2 i9 i1" keeps i9 (hashed) and i1.
+    assert_eq!(&train.seq_ids[0][6..8], &[items.id("i9"), 2]);
+    let valid = &prepared.valid;
+    assert_eq!(&valid.cat[0][..2], &[items.id("i7"), 6 + colors.id("green")]);
+    assert_eq!(&valid.seq_ids[0][..2], &[items.id("i7"), 2]);
+    // The tags keep every value: no limits there.
+    assert_eq!(layout.sequence[1].rows, 2 + 3);
+    // The fitted state (with its limits) round-trips through JSON.
+    let json = serde_json::to_string(fitted).expect("serialise");
+    assert_eq!(&serde_json::from_str::<Fitted>(&json).expect("deserialise"), fitted);
+
+    // A schema-wide max_vocab applies to every column without its own.
+    let mut capped = small_schema(None);
+    capped.max_vocab = Some(2);
+    let prepared = prepare(&capped, &paths, &no_cache()).expect("prepare");
+    assert_eq!(prepared.fitted.layout().categorical[0].vocab_sizes, vec![4, 4]);
+    assert_eq!(prepared.fitted.layout().sequence[1].rows, 4, "t1 and one of t2, t3");
+}
+
+#[test]
+fn vocab_limits_are_checked_with_their_keys() {
+    let message = |schema: &Schema| schema.validate().expect_err("invalid").to_string();
+    let mut schema = small_schema(None);
+    schema.max_vocab = Some(0);
+    assert_eq!(
+        message(&schema),
+        "data schema: data.schema.max_vocab: must be at least 1, found 0 (leave the key out to keep every value)"
+    );
+    let mut schema = small_schema(None);
+    let FeatureGroup::Sequence { hash_buckets, .. } = &mut schema.features[2] else { unreachable!() };
+    *hash_buckets = Some(0);
+    assert_eq!(
+        message(&schema),
+        "data schema: data.schema.features[2].hash_buckets: must be at least 1, found 0 (leave the key out for one \
+         OOV id)"
+    );
+    let mut schema = small_schema(None);
+    let FeatureGroup::Sequence { max_vocab, .. } = &mut schema.features[1] else { unreachable!() };
+    *max_vocab = Some(10);
+    assert_eq!(
+        message(&schema),
+        "data schema: data.schema.features[1].max_vocab: sequence group 'history' shares the vocabulary of column \
+         'item', whose group's limits it follows; set max_vocab there"
+    );
+    let mut schema = small_schema(None);
+    schema.hash_buckets = Some(u32::MAX);
+    assert!(message(&schema).starts_with("data schema: data.schema.hash_buckets: must be at most 1073741824"));
 }
 
 #[test]
@@ -439,6 +517,20 @@ fn cache_hits_and_rebuilds_corrupt_files() {
 
     let second = prepare(&schema, &paths, &options).expect("second");
     assert!(second.stats.cache_hit, "{:?}", second.stats);
+    // The cached splits read their rows from the file, and they are the rows prepared in
+    // memory; so are batches drawn from them.
+    assert!(first.train.stored.is_some() && second.train.stored.is_some());
+    let in_memory = prepare(&schema, &paths, &no_cache()).expect("in memory");
+    assert!(in_memory.train.stored.is_none());
+    assert_eq!((&second.train, &second.test), (&in_memory.train, &in_memory.test));
+    let (mut from_file, mut from_memory) = (second.train.new_batch(), in_memory.train.new_batch());
+    second.train.gather(&[4, 0, 2, 2], &mut from_file).expect("gather from the file");
+    in_memory.train.gather(&[4, 0, 2, 2], &mut from_memory).expect("gather in memory");
+    assert_eq!(from_file, from_memory);
+    assert_eq!(
+        second.train.gather(&[5], &mut from_file).expect_err("out of range").to_string(),
+        "row index 5 is out of range for a dataset of 5 rows"
+    );
     assert_eq!(second.fitted, first.fitted);
     assert_eq!((&second.train, &second.valid, &second.test), (&first.train, &first.valid, &first.test));
 
@@ -515,13 +607,21 @@ fn kuairand_schema() -> Schema {
     categorical.extend((0..18).map(|i| format!("onehot_feat{i}")));
     Schema {
         features: vec![
-            FeatureGroup::Categorical { name: "sparse".into(), columns: categorical, min_count: None },
+            FeatureGroup::Categorical {
+                name: "sparse".into(),
+                columns: categorical,
+                min_count: None,
+                max_vocab: None,
+                hash_buckets: None,
+            },
             FeatureGroup::Sequence {
                 name: "history".into(),
                 columns: strings(&["hist_click_seq", "hist_longview_seq"]),
                 max_len: 50,
                 vocab: Some("video_id".into()),
                 min_count: None,
+                max_vocab: None,
+                hash_buckets: None,
             },
             FeatureGroup::Sequence {
                 name: "tags".into(),
@@ -529,6 +629,8 @@ fn kuairand_schema() -> Schema {
                 max_len: 8,
                 vocab: None,
                 min_count: None,
+                max_vocab: None,
+                hash_buckets: None,
             },
             FeatureGroup::Numeric {
                 name: "dense".into(),
@@ -552,6 +654,8 @@ fn kuairand_schema() -> Schema {
         domain: Some(DomainSpec { column: "domain".into(), count: None }),
         user: Some("user_id".into()),
         min_count: 1,
+        max_vocab: None,
+        hash_buckets: None,
     }
 }
 
@@ -592,7 +696,7 @@ fn kuairand_pure_tail_prepares_and_caches() {
     let videos = sparse.columns.iter().position(|c| c == "video_id").expect("video_id");
     assert_eq!(sparse.vocab_sizes[videos], 5876 + 2, "train has 5,876 videos");
     assert_eq!(layout.sequence[0].rows, sparse.rows, "history shares the sparse table");
-    let train = &parsed.train;
+    let train = &parsed.train.resident().expect("read the train rows");
     assert!(train.cat[0].iter().all(|&id| (id as usize) < sparse.rows));
     assert!(train.seq_ids[0].iter().all(|&id| (id as usize) < sparse.rows));
     let first_video = sparse.offsets[videos] + 2;

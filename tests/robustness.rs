@@ -203,6 +203,8 @@ fn nonsense_settings_are_refused_naming_the_key_and_the_file() {
         ("train.threads=0", "train.threads: must be at least 1, found 0"),
         ("train.threads=100000", "train.threads: must be at most 4096, found 100000"),
         ("hyper.width=.nan", "hyper.width: must be a finite number"),
+        ("data.schema.max_vocab=0", "data schema: data.schema.max_vocab: must be at least 1, found 0"),
+        ("data.schema.hash_buckets=0", "data schema: data.schema.hash_buckets: must be at least 1, found 0"),
     ] {
         let r = mdl(&["run", s(&yaml), "--out", s(&out), "--set", set]);
         fails_with(&r, &[&format!("tiny.yaml with --set {set}: {key}")]);

@@ -108,7 +108,7 @@ impl TextStream {
 
     pub fn open(path: &Path) -> Result<TextStream, DataError> {
         let name = display_name(path);
-        let raw: Box<dyn Read> = if path == Path::new("-") {
+        let raw: Box<dyn Read + Send> = if path == Path::new("-") {
             Box::new(std::io::stdin())
         } else {
             Box::new(std::fs::File::open(path).map_err(|e| DataError::io(&name, &e.to_string()))?)
@@ -119,7 +119,9 @@ impl TextStream {
         let gzip = magic == [0x1f, 0x8b];
         let raw = std::io::Cursor::new(magic).chain(raw);
         let input: Box<dyn Read> = if gzip {
-            Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::with_capacity(1 << 16, raw)))
+            // Decompressed on a thread of its own, while the text before is parsed.
+            let decoder = flate2::read::MultiGzDecoder::new(std::io::BufReader::with_capacity(1 << 16, raw));
+            Box::new(ReadAhead::new(Box::new(decoder)))
         } else {
             Box::new(raw)
         };
@@ -184,6 +186,59 @@ impl TextStream {
     pub fn consume(&mut self, bytes: usize, line: u64) {
         self.pending.drain(..bytes);
         self.line = line;
+    }
+}
+
+/// A reader whose input is read on a thread of its own, up to [`ReadAhead::CHUNKS`] chunks
+/// ahead of the caller (so gzip is decompressed on one core while the text is parsed on
+/// another). An error of the input comes back from the read that reaches it.
+struct ReadAhead {
+    chunks: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    position: usize,
+}
+
+impl ReadAhead {
+    const CHUNK: u64 = 1 << 20;
+    const CHUNKS: usize = 4;
+
+    fn new(mut input: Box<dyn Read + Send>) -> ReadAhead {
+        let (sender, chunks) = std::sync::mpsc::sync_channel(Self::CHUNKS);
+        std::thread::spawn(move || loop {
+            let mut chunk = Vec::with_capacity(Self::CHUNK as usize);
+            match (&mut input).take(Self::CHUNK).read_to_end(&mut chunk) {
+                Ok(0) => break,
+                Ok(_) => {
+                    if sender.send(Ok(chunk)).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let _ = sender.send(Err(e));
+                    break;
+                }
+            }
+        });
+        ReadAhead { chunks, current: Vec::new(), position: 0 }
+    }
+}
+
+impl Read for ReadAhead {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.position == self.current.len() {
+            match self.chunks.recv() {
+                Ok(chunk) => {
+                    self.current = chunk?;
+                    self.position = 0;
+                }
+                // The input has ended (the thread is done).
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.current.len() - self.position);
+        out[..n].copy_from_slice(&self.current[self.position..self.position + n]);
+        self.position += n;
+        Ok(n)
     }
 }
 

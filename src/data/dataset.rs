@@ -4,11 +4,18 @@
 //! each numbered in schema order), row-major inside the group, plus the domain, label and
 //! user arrays. [`Dataset::gather`] copies chosen rows into a reusable [`Batch`] with the same
 //! layout; it allocates nothing once the batch buffers have grown to the batch size.
+//!
+//! A dataset [`prepare`](super::prepare) made with a cache keeps its features in the cache
+//! file ([`Dataset::stored`]): its feature arrays are empty and batches are read from the
+//! file; the domain, label and user arrays (which metrics read whole) are in memory either
+//! way. [`Dataset::resident`] reads such a dataset's features into memory.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::cache::StoredRows;
 use super::schema::Schema;
 use super::DataError;
 
@@ -68,7 +75,7 @@ impl SkippedRows {
 }
 
 /// One encoded split (or any other encoded file).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Dataset {
     /// The file the rows came from.
     pub source: String,
@@ -89,6 +96,34 @@ pub struct Dataset {
     /// `[rows]` user ids for gAUC (empty without a user column).
     pub user: Vec<u32>,
     pub skipped: SkippedRows,
+    /// Where the features are when they are not in memory (then `cat`, `seq_ids`,
+    /// `seq_mask` and `num` are empty): the rows of a cache file.
+    pub stored: Option<Arc<StoredRows>>,
+}
+
+impl PartialEq for Dataset {
+    /// The same rows with the same values, wherever the features are kept (a stored dataset
+    /// is read to compare; a read that fails compares unequal).
+    fn eq(&self, other: &Dataset) -> bool {
+        let same_rows = self.source == other.source
+            && self.rows == other.rows
+            && self.shape == other.shape
+            && self.domain == other.domain
+            && self.labels == other.labels
+            && self.user == other.user
+            && self.skipped == other.skipped;
+        if !same_rows {
+            return false;
+        }
+        let features = |d: &Dataset| (d.cat.clone(), d.seq_ids.clone(), d.seq_mask.clone(), d.num.clone());
+        match (self.stored.is_some(), other.stored.is_some()) {
+            (false, false) => features(self) == features(other),
+            _ => match (self.resident(), other.resident()) {
+                (Ok(a), Ok(b)) => features(&a) == features(&b),
+                _ => false,
+            },
+        }
+    }
 }
 
 /// A mini-batch: the same arrays as [`Dataset`] for `rows` rows. Reuse one across steps.
@@ -134,19 +169,42 @@ impl Dataset {
     pub fn new_batch(&self) -> Batch {
         Batch {
             rows: 0,
-            cat: vec![Vec::new(); self.cat.len()],
-            seq_ids: vec![Vec::new(); self.seq_ids.len()],
-            seq_mask: vec![Vec::new(); self.seq_mask.len()],
-            num: vec![Vec::new(); self.num.len()],
+            cat: vec![Vec::new(); self.shape.cat.len()],
+            seq_ids: vec![Vec::new(); self.shape.seq.len()],
+            seq_mask: vec![Vec::new(); self.shape.seq.len()],
+            num: vec![Vec::new(); self.shape.num.len()],
             ..Batch::default()
         }
     }
 
     fn check_batch(&self, batch: &mut Batch) {
-        batch.cat.resize_with(self.cat.len(), Vec::new);
-        batch.seq_ids.resize_with(self.seq_ids.len(), Vec::new);
-        batch.seq_mask.resize_with(self.seq_mask.len(), Vec::new);
-        batch.num.resize_with(self.num.len(), Vec::new);
+        batch.cat.resize_with(self.shape.cat.len(), Vec::new);
+        batch.seq_ids.resize_with(self.shape.seq.len(), Vec::new);
+        batch.seq_mask.resize_with(self.shape.seq.len(), Vec::new);
+        batch.num.resize_with(self.shape.num.len(), Vec::new);
+    }
+
+    /// Empties the batch's feature arrays, for a stored dataset to append rows to.
+    fn clear_features(batch: &mut Batch) {
+        batch.cat.iter_mut().chain(batch.seq_ids.iter_mut()).for_each(Vec::clear);
+        batch.seq_mask.iter_mut().chain(batch.num.iter_mut()).for_each(Vec::clear);
+    }
+
+    /// The dataset with its features in memory (itself, cloned, when they already are).
+    pub fn resident(&self) -> Result<Dataset, DataError> {
+        if self.stored.is_none() {
+            return Ok(self.clone());
+        }
+        let mut batch = self.new_batch();
+        self.gather_range(0..self.rows, &mut batch)?;
+        Ok(Dataset {
+            cat: batch.cat,
+            seq_ids: batch.seq_ids,
+            seq_mask: batch.seq_mask,
+            num: batch.num,
+            stored: None,
+            ..self.clone()
+        })
     }
 
     /// Copies the given rows, in order, into `batch` (its buffers are reused).
@@ -156,15 +214,20 @@ impl Dataset {
         }
         self.check_batch(batch);
         let shape = &self.shape;
-        for (g, width) in shape.cat.iter().enumerate() {
-            copy_rows(&self.cat[g], *width, rows, &mut batch.cat[g]);
-        }
-        for (g, (columns, len)) in shape.seq.iter().enumerate() {
-            copy_rows(&self.seq_ids[g], columns * len, rows, &mut batch.seq_ids[g]);
-            copy_rows(&self.seq_mask[g], columns * len, rows, &mut batch.seq_mask[g]);
-        }
-        for (g, width) in shape.num.iter().enumerate() {
-            copy_rows(&self.num[g], *width, rows, &mut batch.num[g]);
+        if let Some(stored) = &self.stored {
+            Dataset::clear_features(batch);
+            stored.gather(rows, batch)?;
+        } else {
+            for (g, width) in shape.cat.iter().enumerate() {
+                copy_rows(&self.cat[g], *width, rows, &mut batch.cat[g]);
+            }
+            for (g, (columns, len)) in shape.seq.iter().enumerate() {
+                copy_rows(&self.seq_ids[g], columns * len, rows, &mut batch.seq_ids[g]);
+                copy_rows(&self.seq_mask[g], columns * len, rows, &mut batch.seq_mask[g]);
+            }
+            for (g, width) in shape.num.iter().enumerate() {
+                copy_rows(&self.num[g], *width, rows, &mut batch.num[g]);
+            }
         }
         copy_rows(&self.domain, shape.has_domain as usize, rows, &mut batch.domain);
         copy_rows(&self.labels, shape.tasks, rows, &mut batch.labels);
@@ -180,15 +243,20 @@ impl Dataset {
         }
         self.check_batch(batch);
         let shape = &self.shape;
-        for (g, width) in shape.cat.iter().enumerate() {
-            copy_range(&self.cat[g], *width, &rows, &mut batch.cat[g]);
-        }
-        for (g, (columns, len)) in shape.seq.iter().enumerate() {
-            copy_range(&self.seq_ids[g], columns * len, &rows, &mut batch.seq_ids[g]);
-            copy_range(&self.seq_mask[g], columns * len, &rows, &mut batch.seq_mask[g]);
-        }
-        for (g, width) in shape.num.iter().enumerate() {
-            copy_range(&self.num[g], *width, &rows, &mut batch.num[g]);
+        if let Some(stored) = &self.stored {
+            Dataset::clear_features(batch);
+            stored.gather_range(rows.clone(), batch)?;
+        } else {
+            for (g, width) in shape.cat.iter().enumerate() {
+                copy_range(&self.cat[g], *width, &rows, &mut batch.cat[g]);
+            }
+            for (g, (columns, len)) in shape.seq.iter().enumerate() {
+                copy_range(&self.seq_ids[g], columns * len, &rows, &mut batch.seq_ids[g]);
+                copy_range(&self.seq_mask[g], columns * len, &rows, &mut batch.seq_mask[g]);
+            }
+            for (g, width) in shape.num.iter().enumerate() {
+                copy_range(&self.num[g], *width, &rows, &mut batch.num[g]);
+            }
         }
         copy_range(&self.domain, shape.has_domain as usize, &rows, &mut batch.domain);
         copy_range(&self.labels, shape.tasks, &rows, &mut batch.labels);
@@ -200,6 +268,12 @@ impl Dataset {
     /// Appends the rows of `other` (a dataset of the same shape) after this one's: several
     /// requests' rows scored as one batch. A dataset of another shape is an error.
     pub fn append(&mut self, other: &Dataset) -> Result<(), DataError> {
+        if self.stored.is_some() || other.stored.is_some() {
+            return Err(DataError::Schema(format!(
+                "rows of {} cannot join rows of {}: rows kept in a cache file are read, not joined",
+                other.source, self.source
+            )));
+        }
         if other.shape != self.shape {
             return Err(DataError::Schema(format!(
                 "rows of {} cannot join rows of {}: their shapes differ",
@@ -227,7 +301,15 @@ impl Dataset {
     pub(crate) fn lengths_match(&self) -> bool {
         let rows = self.rows;
         let s = &self.shape;
-        self.cat.len() == s.cat.len()
+        let columns = self.domain.len() == rows * s.has_domain as usize
+            && self.labels.len() == rows * s.tasks
+            && self.user.len() == rows * s.has_user as usize;
+        if self.stored.is_some() {
+            let no_features = self.cat.is_empty() && self.seq_ids.is_empty() && self.num.is_empty();
+            return columns && no_features && self.seq_mask.is_empty();
+        }
+        columns
+            && self.cat.len() == s.cat.len()
             && self.cat.iter().zip(&s.cat).all(|(a, w)| a.len() == rows * w)
             && self.seq_ids.len() == s.seq.len()
             && self.seq_mask.len() == s.seq.len()
@@ -235,8 +317,5 @@ impl Dataset {
             && self.seq_mask.iter().zip(&s.seq).all(|(a, (c, l))| a.len() == rows * c * l)
             && self.num.len() == s.num.len()
             && self.num.iter().zip(&s.num).all(|(a, w)| a.len() == rows * w)
-            && self.domain.len() == rows * s.has_domain as usize
-            && self.labels.len() == rows * s.tasks
-            && self.user.len() == rows * s.has_user as usize
     }
 }

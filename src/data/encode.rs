@@ -18,11 +18,11 @@ use serde::{Deserialize, Serialize};
 
 use super::csv::{display_name, read_bytes, read_text, CsvReader, Record};
 use super::dataset::{mask_of, Dataset, Shape, SkippedRows};
-use super::numeric::Normalizer;
+use super::numeric::{add_square, Normalizer, NumericStats};
 use super::parquet_input::ParquetRows;
-use super::schema::{CategoricalColumnRef, Schema};
+use super::schema::{CategoricalColumnRef, Normalize, Schema};
 use super::source::{check_same_columns, Format};
-use super::vocab::{Interner, ValueIndex, Vocab, OOV, PAD};
+use super::vocab::{Interner, ValueIndex, Vocab, VocabLimits, OOV, PAD};
 use super::{BadRows, DataError, Delimiter, EncodeOptions, UnknownDomain};
 use crate::tasks::LabelValues;
 
@@ -275,8 +275,8 @@ pub(super) trait IdSource {
     fn domain(&mut self, value: u32) -> Result<(u32, bool), String>;
 }
 
-/// Collects train values; ids are provisional until [`fit_inputs`] finalises them.
-struct FitIds {
+/// Collects train values; ids are provisional until [`FitIds::fit`] finalises them.
+pub(super) struct FitIds {
     cat: Vec<Vec<Interner>>,
     seq_own: Vec<Option<Interner>>,
     seq_shared: Vec<Option<CategoricalColumnRef>>,
@@ -391,12 +391,12 @@ impl IdSource for ApplyIds<'_> {
 /// A split as read, before numeric normalisation (raw f64, NaN = missing) and masks.
 pub(super) struct RawSplit {
     pub(super) rows: usize,
-    cat: Vec<Vec<u32>>,
-    seq_ids: Vec<Vec<u32>>,
-    num: Vec<Vec<f64>>,
-    domain: Vec<u32>,
-    labels: Vec<f32>,
-    user: Vec<u32>,
+    pub(super) cat: Vec<Vec<u32>>,
+    pub(super) seq_ids: Vec<Vec<u32>>,
+    pub(super) num: Vec<Vec<f64>>,
+    pub(super) domain: Vec<u32>,
+    pub(super) labels: Vec<f32>,
+    pub(super) user: Vec<u32>,
     pub(super) skipped: SkippedRows,
     /// Rows whose domain id train never had, encoded by [`UnknownDomain::Fallback`].
     pub(super) domain_fallbacks: usize,
@@ -751,103 +751,215 @@ pub(crate) fn fit_train(
 
 /// Reads the train split's inputs (`source` is the split as given, a file, folder or
 /// pattern), fits vocabularies, normalisers and the domain count on them, and returns them
-/// with the encoded train split.
+/// with the encoded train split, all in memory (what [`super::prepare`] does block by block).
+#[cfg(test)]
 pub(crate) fn fit_inputs(
     schema: &Schema,
     source: &Path,
     inputs: &[Input],
     options: (BadRows, Delimiter),
 ) -> Result<(Fitted, Dataset), DataError> {
-    let seq_shared: Vec<Option<CategoricalColumnRef>> = schema
-        .sequence_groups()
-        .map(|(_, _, _, vocab, _)| vocab.and_then(|column| schema.find_categorical_column(column)))
-        .collect();
-    let mut ids = FitIds {
-        cat: schema.categorical_groups().map(|(_, c, _)| c.iter().map(|_| Interner::default()).collect()).collect(),
-        seq_own: seq_shared.iter().map(|shared| shared.is_none().then(Interner::default)).collect(),
-        seq_shared: seq_shared.clone(),
-        user: Interner::default(),
-        domain_count: schema.domain.as_ref().and_then(|d| d.count),
-        domain_max: None,
-    };
+    let mut ids = FitIds::new(schema);
     let mut raw = read_split(schema, inputs, &mut ids, options)?;
-
-    // Final categorical vocabularies, offsets, and ids.
-    let cat_min_counts: Vec<u64> = schema.categorical_groups().map(|(_, _, m)| m).collect();
-    let mut cat_vocabs = Vec::new();
-    let mut cat_remaps = Vec::new();
-    for (interners, &min_count) in ids.cat.into_iter().zip(&cat_min_counts) {
-        let (vocabs, remaps): (Vec<Vocab>, Vec<Vec<u32>>) =
-            interners.into_iter().map(|i| i.into_vocab(min_count)).unzip();
-        cat_vocabs.push(vocabs);
-        cat_remaps.push(remaps);
-    }
-    let offsets: Vec<Vec<u32>> = cat_vocabs.iter().map(|vocabs| column_offsets(vocabs)).collect();
-    for (g, values) in raw.cat.iter_mut().enumerate() {
-        let width = cat_remaps[g].len();
-        for (i, id) in values.iter_mut().enumerate() {
-            let c = i % width;
-            *id = offsets[g][c] + cat_remaps[g][c][*id as usize];
-        }
-    }
-
-    // Final sequence ids: through a categorical column's vocabulary, or the group's own.
-    let seq_min_counts: Vec<u64> = schema.sequence_groups().map(|(.., m)| m).collect();
-    let mut seq_vocabs = Vec::new();
-    for (g, own) in ids.seq_own.into_iter().enumerate() {
-        let (vocab, remap, offset) = match (own, seq_shared[g]) {
-            (Some(interner), _) => {
-                let (vocab, remap) = interner.into_vocab(seq_min_counts[g]);
-                (Some(vocab), remap, 0)
-            }
-            (None, Some((cg, cc))) => (None, cat_remaps[cg][cc].clone(), offsets[cg][cc]),
-            (None, None) => (None, Vec::new(), 0),
-        };
-        for id in raw.seq_ids[g].iter_mut() {
-            *id = if *id == FitIds::SEQUENCE_PAD {
-                PAD
-            } else {
-                offset + remap.get(*id as usize).copied().unwrap_or(OOV)
-            };
-        }
-        seq_vocabs.push(vocab);
-    }
-
-    let user = schema.user.as_ref().map(|_| {
-        let (vocab, remap) = ids.user.into_vocab(1);
-        for id in raw.user.iter_mut() {
-            *id = remap[*id as usize];
-        }
-        vocab
-    });
-
-    let domains = match &schema.domain {
-        None => 0,
-        Some(spec) => spec.count.unwrap_or_else(|| ids.domain_max.map_or(0, |m| m as usize + 1)),
-    };
-
-    let normalizers = schema
-        .numeric_groups()
-        .enumerate()
-        .map(|(g, (_, columns, method))| {
-            let width = columns.len();
-            (0..width)
-                .map(|c| {
-                    let column = raw.num[g].iter().skip(c).step_by(width).copied();
-                    Normalizer::fit(method, column)
-                })
-                .collect()
-        })
-        .collect();
-
-    let fitted = Fitted {
-        schema: schema.clone(),
-        vocabs: Vocabs { categorical: cat_vocabs, sequence: seq_vocabs, user },
-        normalizers,
-        domains,
-    };
+    let mut stats = NumericColumns::new(schema);
+    stats.add(&raw);
+    let (fitted, remap) = ids.fit(
+        schema,
+        |squares| {
+            squares.add_squares(&raw);
+            Ok(())
+        },
+        stats,
+    )?;
+    remap.apply(&mut raw);
     let train = fitted.finish(raw, source);
     Ok((fitted, train))
+}
+
+/// The one-pass statistics of every numeric column of train, and (a second pass, for
+/// `standard`) the squares around their means.
+pub(super) struct NumericColumns {
+    methods: Vec<Normalize>,
+    stats: Vec<Vec<NumericStats>>,
+    /// Per group, per column: the mean and the sum of squares around it.
+    squares: Vec<Vec<(f64, f64)>>,
+}
+
+impl NumericColumns {
+    pub(super) fn new(schema: &Schema) -> NumericColumns {
+        let groups: Vec<_> = schema.numeric_groups().collect();
+        NumericColumns {
+            methods: groups.iter().map(|(_, _, method)| *method).collect(),
+            stats: groups.iter().map(|(_, columns, _)| vec![NumericStats::default(); columns.len()]).collect(),
+            squares: Vec::new(),
+        }
+    }
+
+    /// Adds the numbers of a block of rows (provisional or final: the numbers are raw).
+    pub(super) fn add(&mut self, raw: &RawSplit) {
+        for (stats, values) in self.stats.iter_mut().zip(&raw.num) {
+            let width = stats.len().max(1);
+            for row in values.chunks_exact(width) {
+                stats.iter_mut().zip(row).for_each(|(s, &x)| s.add(x));
+            }
+        }
+    }
+
+    /// Whether some column needs the second pass.
+    pub(super) fn needs_squares(&self) -> bool {
+        self.methods.iter().any(|&m| Normalizer::needs_squares(m))
+    }
+
+    /// Adds the squares of a block of rows, in the order of the first pass.
+    pub(super) fn add_squares(&mut self, raw: &RawSplit) {
+        if self.squares.is_empty() {
+            self.squares = self.stats.iter().map(|group| group.iter().map(|s| (s.mean(), 0.0)).collect()).collect();
+        }
+        for (squares, values) in self.squares.iter_mut().zip(&raw.num) {
+            let width = squares.len().max(1);
+            for row in values.chunks_exact(width) {
+                squares.iter_mut().zip(row).for_each(|((mean, sum), &x)| add_square(sum, x, *mean));
+            }
+        }
+    }
+
+    fn normalizers(&self) -> Vec<Vec<Normalizer>> {
+        self.stats
+            .iter()
+            .zip(&self.methods)
+            .enumerate()
+            .map(|(g, (stats, &method))| {
+                stats
+                    .iter()
+                    .enumerate()
+                    .map(|(c, s)| {
+                        let squares = self.squares.get(g).and_then(|group| group.get(c)).map_or(0.0, |(_, sum)| *sum);
+                        Normalizer::from_stats(method, s, |_| squares)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// From provisional ids (in first-seen order, as [`FitIds`] gave them) to the final ones.
+pub(super) struct Remap {
+    /// Per categorical group, per column: the final id of each provisional one, and the
+    /// column's offset in the group.
+    cat: Vec<Vec<(Vec<u32>, u32)>>,
+    /// Per sequence group: the final id of each provisional item, and the offset.
+    seq: Vec<(Vec<u32>, u32)>,
+    user: Option<Vec<u32>>,
+}
+
+impl Remap {
+    /// Rewrites a block of provisionally encoded train rows with the final ids.
+    pub(super) fn apply(&self, raw: &mut RawSplit) {
+        for (columns, values) in self.cat.iter().zip(raw.cat.iter_mut()) {
+            let width = columns.len().max(1);
+            for row in values.chunks_exact_mut(width) {
+                for ((remap, offset), id) in columns.iter().zip(row) {
+                    *id = offset + remap[*id as usize];
+                }
+            }
+        }
+        for ((remap, offset), values) in self.seq.iter().zip(raw.seq_ids.iter_mut()) {
+            for id in values.iter_mut() {
+                *id = if *id == FitIds::SEQUENCE_PAD {
+                    PAD
+                } else {
+                    offset + remap.get(*id as usize).copied().unwrap_or(OOV)
+                };
+            }
+        }
+        if let Some(remap) = &self.user {
+            raw.user.iter_mut().for_each(|id| *id = remap[*id as usize]);
+        }
+    }
+}
+
+impl FitIds {
+    pub(super) fn new(schema: &Schema) -> FitIds {
+        let seq_shared: Vec<Option<CategoricalColumnRef>> = schema
+            .sequence_groups()
+            .map(|(_, _, _, vocab, _)| vocab.and_then(|column| schema.find_categorical_column(column)))
+            .collect();
+        FitIds {
+            cat: schema.categorical_groups().map(|(_, c, _)| c.iter().map(|_| Interner::default()).collect()).collect(),
+            seq_own: seq_shared.iter().map(|shared| shared.is_none().then(Interner::default)).collect(),
+            seq_shared,
+            user: Interner::default(),
+            domain_count: schema.domain.as_ref().and_then(|d| d.count),
+            domain_max: None,
+        }
+    }
+
+    /// The fitted state from the values collected and the numeric statistics (`squares`
+    /// runs the second pass over the numbers when a column needs it), and the map from
+    /// provisional to final ids.
+    pub(super) fn fit(
+        self,
+        schema: &Schema,
+        squares: impl FnOnce(&mut NumericColumns) -> Result<(), DataError>,
+        mut numbers: NumericColumns,
+    ) -> Result<(Fitted, Remap), DataError> {
+        // Final categorical vocabularies and their offsets.
+        let cat_limits = schema.categorical_limits();
+        let mut cat_vocabs = Vec::new();
+        let mut cat_remaps = Vec::new();
+        for (interners, &limits) in self.cat.into_iter().zip(&cat_limits) {
+            let (vocabs, remaps): (Vec<Vocab>, Vec<Vec<u32>>) =
+                interners.into_iter().map(|i| i.into_vocab(limits)).unzip();
+            cat_vocabs.push(vocabs);
+            cat_remaps.push(remaps);
+        }
+        let offsets: Vec<Vec<u32>> = cat_vocabs.iter().map(|vocabs| column_offsets(vocabs)).collect();
+
+        // Sequence items: through a categorical column's vocabulary, or the group's own.
+        let seq_limits = schema.sequence_limits();
+        let mut seq_vocabs = Vec::new();
+        let mut seq_remaps = Vec::new();
+        for (g, own) in self.seq_own.into_iter().enumerate() {
+            let (vocab, remap, offset) = match (own, self.seq_shared[g]) {
+                (Some(interner), _) => {
+                    let (vocab, remap) = interner.into_vocab(seq_limits[g]);
+                    (Some(vocab), remap, 0)
+                }
+                (None, Some((cg, cc))) => (None, cat_remaps[cg][cc].clone(), offsets[cg][cc]),
+                (None, None) => (None, Vec::new(), 0),
+            };
+            seq_vocabs.push(vocab);
+            seq_remaps.push((remap, offset));
+        }
+
+        let (user, user_remap) = match schema.user {
+            Some(_) => {
+                let (vocab, remap) = self.user.into_vocab(VocabLimits::min_count(1));
+                (Some(vocab), Some(remap))
+            }
+            None => (None, None),
+        };
+
+        let domains = match &schema.domain {
+            None => 0,
+            Some(spec) => spec.count.unwrap_or_else(|| self.domain_max.map_or(0, |m| m as usize + 1)),
+        };
+        if numbers.needs_squares() {
+            squares(&mut numbers)?;
+        }
+        let fitted = Fitted {
+            schema: schema.clone(),
+            vocabs: Vocabs { categorical: cat_vocabs, sequence: seq_vocabs, user },
+            normalizers: numbers.normalizers(),
+            domains,
+        };
+        let cat = cat_remaps
+            .into_iter()
+            .zip(offsets)
+            .map(|(remaps, offsets)| remaps.into_iter().zip(offsets).collect())
+            .collect();
+        Ok((fitted, Remap { cat, seq: seq_remaps, user: user_remap }))
+    }
 }
 
 fn column_offsets(vocabs: &[Vocab]) -> Vec<u32> {
@@ -997,6 +1109,7 @@ impl Fitted {
             labels: raw.labels,
             user: raw.user,
             skipped: raw.skipped,
+            stored: None,
         }
     }
 

@@ -37,6 +37,7 @@ mod cache;
 mod csv;
 pub mod dataset;
 pub mod encode;
+mod ingest;
 pub mod numeric;
 mod parquet_input;
 pub mod prepare;
@@ -52,6 +53,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use batches::{MiniBatches, SplitMix64};
+pub use cache::StoredRows;
 pub use csv::read_table;
 pub use dataset::{Batch, Dataset, Shape, SkippedRows};
 pub use encode::{
@@ -62,7 +64,7 @@ pub use prepare::{prepare, CacheMode, PrepareOptions, PrepareStats, Prepared, Sp
 pub use schema::{DomainSpec, FeatureGroup, Normalize, Schema, Task};
 pub use source::{parts, Format};
 pub use stream::{Block, RowStream, StreamOptions};
-pub use vocab::{Vocab, OOV, PAD};
+pub use vocab::{Vocab, VocabLimits, OOV, PAD};
 
 /// What to do with a malformed row.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

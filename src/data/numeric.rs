@@ -20,40 +20,90 @@ pub struct Normalizer {
     pub train_missing: u64,
 }
 
+/// The statistics of one column's raw train values gathered in one pass (NaN marks a
+/// missing value): what [`Normalizer::from_stats`] fits from, whether the values come all at
+/// once or block by block.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct NumericStats {
+    count: u64,
+    missing: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Default for NumericStats {
+    fn default() -> NumericStats {
+        NumericStats { count: 0, missing: 0, sum: 0.0, min: f64::INFINITY, max: f64::NEG_INFINITY }
+    }
+}
+
+impl NumericStats {
+    #[inline]
+    pub fn add(&mut self, x: f64) {
+        if x.is_nan() {
+            self.missing += 1;
+        } else {
+            self.count += 1;
+            self.sum += x;
+            self.min = self.min.min(x);
+            self.max = self.max.max(x);
+        }
+    }
+
+    /// The mean of the non-missing values (what [`Normalizer::from_stats`]'s squares are
+    /// taken around).
+    pub fn mean(&self) -> f64 {
+        self.sum / self.count as f64
+    }
+}
+
+/// The sum of `(x - mean)²` over the non-missing values, in order, as a second pass adds it.
+pub(crate) fn add_square(squares: &mut f64, x: f64, mean: f64) {
+    if !x.is_nan() {
+        *squares += (x - mean) * (x - mean);
+    }
+}
+
 impl Normalizer {
     /// Fits on raw values, where NaN marks a missing value. With no values at all, every
     /// method maps to `x` (shift 0, scale 1).
     pub fn fit(method: Normalize, values: impl Iterator<Item = f64> + Clone) -> Normalizer {
-        let (mut count, mut missing, mut sum) = (0u64, 0u64, 0.0f64);
-        let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
-        for x in values.clone() {
-            if x.is_nan() {
-                missing += 1;
-            } else {
-                count += 1;
-                sum += x;
-                min = min.min(x);
-                max = max.max(x);
-            }
-        }
-        let (shift, scale) = if count == 0 {
+        let mut stats = NumericStats::default();
+        values.clone().for_each(|x| stats.add(x));
+        Normalizer::from_stats(method, &stats, |mean| {
+            let mut squares = 0.0;
+            values.for_each(|x| add_square(&mut squares, x, mean));
+            squares
+        })
+    }
+
+    /// Whether fitting `method` needs a second pass over the values (the squares around
+    /// the mean).
+    pub(crate) fn needs_squares(method: Normalize) -> bool {
+        method == Normalize::Standard
+    }
+
+    /// Fits from one pass's statistics; `squares` gives the sum of `(x - mean)²` over the
+    /// non-missing values when [`needs_squares`](Self::needs_squares) (and there are any).
+    pub(crate) fn from_stats(method: Normalize, stats: &NumericStats, squares: impl FnOnce(f64) -> f64) -> Normalizer {
+        let (shift, scale) = if stats.count == 0 {
             (0.0, 1.0)
         } else {
             match method {
                 Normalize::None => (0.0, 1.0),
                 Normalize::Minmax => {
-                    let range = max - min;
-                    (min, if range > 0.0 { 1.0 / range } else { 0.0 })
+                    let range = stats.max - stats.min;
+                    (stats.min, if range > 0.0 { 1.0 / range } else { 0.0 })
                 }
                 Normalize::Standard => {
-                    let mean = sum / count as f64;
-                    let squares: f64 = values.filter(|x| !x.is_nan()).map(|x| (x - mean) * (x - mean)).sum();
-                    let std = (squares / count as f64).sqrt();
+                    let mean = stats.mean();
+                    let std = (squares(mean) / stats.count as f64).sqrt();
                     (mean, if std > 0.0 { 1.0 / std } else { 1.0 })
                 }
             }
         };
-        Normalizer { method, shift, scale, train_values: count, train_missing: missing }
+        Normalizer { method, shift, scale, train_values: stats.count, train_missing: stats.missing }
     }
 
     /// The normalised value of a raw value (NaN = missing → 0).

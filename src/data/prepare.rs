@@ -18,9 +18,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::cache;
-use super::csv::read_bytes;
 use super::dataset::Dataset;
-use super::encode::{fit_inputs, Fitted, Input};
+use super::encode::Fitted;
 use super::schema::Schema;
 use super::{BadRows, DataError, Delimiter, EncodeOptions, UnknownDomain};
 
@@ -85,18 +84,6 @@ impl PrepareOptions {
     }
 }
 
-/// The files of one split, read: each part's path and bytes.
-type RawSplit = Vec<(PathBuf, Vec<u8>)>;
-
-fn read_split(path: &Path) -> Result<RawSplit, DataError> {
-    super::source::parts(path)?.into_iter().map(|part| read_bytes(&part).map(|bytes| (part, bytes))).collect()
-}
-
-/// The split's parts parsed ([`Input::new`]).
-fn inputs(raw: RawSplit) -> Result<Vec<Input>, DataError> {
-    raw.into_iter().map(|(path, bytes)| Input::new(&path, bytes)).collect()
-}
-
 impl PrepareStats {
     /// How the splits were obtained, for a log: `cache hit`, or `parsed` with why a cache
     /// file was rebuilt or not written, and whether it was written.
@@ -150,7 +137,26 @@ pub struct Prepared {
     pub stats: PrepareStats,
 }
 
-fn cache_key(schema: &Schema, options: &PrepareOptions, splits: &[RawSplit; 3]) -> Result<[u8; 32], DataError> {
+/// The SHA-256 of a file's content and its length, read in chunks.
+fn file_digest(path: &Path) -> Result<([u8; 32], u64), DataError> {
+    let mut file = std::fs::File::open(path).map_err(|e| DataError::io(path, &e.to_string()))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut length = 0u64;
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buffer).map_err(|e| DataError::io(path, &e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        length += n as u64;
+    }
+    let mut digest = [0u8; 32];
+    digest.copy_from_slice(&hasher.finalize());
+    Ok((digest, length))
+}
+
+fn cache_key(schema: &Schema, options: &PrepareOptions, splits: &[Vec<PathBuf>; 3]) -> Result<[u8; 32], DataError> {
     let schema_json =
         serde_json::to_vec(schema).map_err(|e| DataError::Schema(format!("the schema cannot be serialised: {e}")))?;
     let mut hasher = Sha256::new();
@@ -174,18 +180,15 @@ fn cache_key(schema: &Schema, options: &PrepareOptions, splits: &[RawSplit; 3]) 
             hasher.update(b"parts\0");
             hasher.update((parts.len() as u64).to_le_bytes());
         }
-        for (_, bytes) in parts {
-            hasher.update((bytes.len() as u64).to_le_bytes());
-            hasher.update(Sha256::digest(bytes));
+        for part in parts {
+            let (digest, length) = file_digest(part)?;
+            hasher.update(length.to_le_bytes());
+            hasher.update(digest);
         }
     }
     let mut key = [0u8; 32];
     key.copy_from_slice(&hasher.finalize());
     Ok(key)
-}
-
-fn thread_failed(what: &str) -> DataError {
-    DataError::Schema(format!("{what} stopped unexpectedly (a worker thread panicked)"))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -194,10 +197,19 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Reads, fits and encodes train, valid and test with `schema`, or loads the same result from
 /// the cache. Vocabularies, normalisers and the domain count come from train only.
+///
+/// The splits are read block by block and written to the cache file as they are encoded
+/// ([`super::ingest`]); the datasets returned read their features from it. Without a cache
+/// ([`CacheMode::Off`]) they are written to an unnamed temporary file and then read into
+/// memory.
 pub fn prepare(schema: &Schema, paths: &SplitPaths, options: &PrepareOptions) -> Result<Prepared, DataError> {
     let start = Instant::now();
     schema.validate()?;
-    let raw = [read_split(&paths.train)?, read_split(&paths.valid)?, read_split(&paths.test)?];
+    let parts =
+        [super::source::parts(&paths.train)?, super::source::parts(&paths.valid)?, super::source::parts(&paths.test)?];
+    for part in parts.iter().flatten() {
+        std::fs::metadata(part).map_err(|e| DataError::io(part, &e.to_string()))?;
+    }
     let cache_folder = options.cache.folder();
     let mut stats = PrepareStats {
         cache_hit: false,
@@ -210,17 +222,17 @@ pub fn prepare(schema: &Schema, paths: &SplitPaths, options: &PrepareOptions) ->
         cache_seconds: 0.0,
         total_seconds: 0.0,
     };
-    let mut key = None;
+    let mut key = [0u8; 32];
     if let Some(folder) = &cache_folder {
-        let k = cache_key(schema, options, &raw)?;
-        let file = folder.join(format!("{}.mdldata", hex(&k[..16])));
-        stats.cache_key = Some(hex(&k));
+        key = cache_key(schema, options, &parts)?;
+        let file = folder.join(format!("{}.mdldata", hex(&key[..16])));
+        stats.cache_key = Some(hex(&key));
         // What writers killed before their rename left behind.
         crate::files::remove_stale_temporaries(folder, true);
         stats.hash_seconds = start.elapsed().as_secs_f64();
         if file.exists() {
             let cache_start = Instant::now();
-            let loaded = std::fs::read(&file).map_err(|e| e.to_string()).and_then(|bytes| cache::decode(&k, &bytes));
+            let loaded = cache::open(&file, &key);
             stats.cache_seconds = cache_start.elapsed().as_secs_f64();
             match loaded {
                 Ok((fitted, [mut train, mut valid, mut test])) => {
@@ -237,45 +249,30 @@ pub fn prepare(schema: &Schema, paths: &SplitPaths, options: &PrepareOptions) ->
             }
         }
         stats.cache_file = Some(file);
-        key = Some(k);
     }
 
     let parse_start = Instant::now();
-    let [train_raw, valid_raw, test_raw] = raw;
-    // Decompress valid and test while train is read and fitted...
-    let (fitted_train, valid_inputs, test_inputs) = std::thread::scope(|scope| {
-        let other_inputs = scope.spawn(|| (inputs(valid_raw), inputs(test_raw)));
-        let fitted_train = inputs(train_raw)
-            .and_then(|train| fit_inputs(schema, &paths.train, &train, (options.bad_rows, options.delimiter)));
-        let (valid_inputs, test_inputs) = other_inputs.join().map_err(|_| thread_failed("reading valid and test"))?;
-        Ok::<_, DataError>((fitted_train, valid_inputs, test_inputs))
-    })?;
-    let (fitted, train) = fitted_train?;
-    let (valid_inputs, test_inputs) = (valid_inputs?, test_inputs?);
-    // ...then encode them side by side (they only read the fitted state).
-    let (valid, test) = std::thread::scope(|scope| {
-        let valid = scope.spawn(|| fitted.encode_inputs(&paths.valid, &valid_inputs, options.encode()));
-        let test = fitted.encode_inputs(&paths.test, &test_inputs, options.encode());
-        let valid = valid.join().map_err(|_| thread_failed("encoding valid"))?;
-        Ok::<_, DataError>((valid?, test?))
-    })?;
-    drop((valid_inputs, test_inputs));
+    let (fitted, [train, valid, test], not_written) = super::ingest::prepare_streaming(
+        schema,
+        paths,
+        options.encode(),
+        stats.cache_file.as_deref(),
+        &key,
+        super::ingest::BLOCK_ROWS,
+    )?;
     stats.parse_seconds = parse_start.elapsed().as_secs_f64();
-
-    if let (Some(key), Some(file)) = (key, &stats.cache_file) {
-        let cache_start = Instant::now();
-        let written = cache::encode(&key, &fitted, [&train, &valid, &test])
-            .and_then(|bytes| cache::write_atomically(file, &bytes));
-        stats.cache_written = written.is_ok();
-        if let Err(reason) = written {
-            let note = format!("cache file not written: {reason}");
-            stats.cache_note = Some(match stats.cache_note.take() {
-                Some(previous) => format!("{previous}; {note}"),
-                None => note,
-            });
-        }
-        stats.cache_seconds = cache_start.elapsed().as_secs_f64();
+    stats.cache_written = stats.cache_file.is_some() && not_written.is_none();
+    if let Some(reason) = not_written {
+        let note = format!("cache file not written: {reason}");
+        stats.cache_note = Some(match stats.cache_note.take() {
+            Some(previous) => format!("{previous}; {note}"),
+            None => note,
+        });
     }
+    let (train, valid, test) = match options.cache {
+        CacheMode::Off => (train.resident()?, valid.resident()?, test.resident()?),
+        _ => (train, valid, test),
+    };
     stats.total_seconds = start.elapsed().as_secs_f64();
     Ok(Prepared { fitted, train, valid, test, stats })
 }

@@ -14,13 +14,43 @@
 //! min_count: 1
 //! ```
 //!
+//! For open id spaces (many distinct ids, most rare), `max_vocab: N` keeps at most the N most
+//! frequent values of each column, and `hash_buckets: B` gives the values not kept B hashed
+//! ids per column instead of the one OOV id (see [`super::vocab`]); both may be set for the
+//! whole schema or per categorical or sequence group (a group's own setting wins), e.g.
+//! `{ kind: categorical, name: ids, columns: [user_id, video_id], max_vocab: 100000,
+//! hash_buckets: 1000 }`.
+//!
 //! Every column not named here is ignored. [`Schema::validate`] checks the schema on its own;
 //! whether the named columns exist is checked against each file's header when it is read.
 
 use crate::tasks::LabelValues;
 use serde::{Deserialize, Serialize};
 
+use super::vocab::VocabLimits;
 use super::DataError;
+
+/// The most hashed ids a column may have (a table's rows must stay within 32-bit ids).
+pub const MAX_HASH_BUCKETS: u32 = 1 << 30;
+
+/// Checks `max_vocab` and `hash_buckets` at `place` (a key path such as
+/// `data.schema.features[2]`).
+fn check_limits(place: &str, max_vocab: Option<usize>, hash_buckets: Option<u32>) -> Result<(), DataError> {
+    if max_vocab == Some(0) {
+        return Err(DataError::Schema(format!(
+            "{place}.max_vocab: must be at least 1, found 0 (leave the key out to keep every value)"
+        )));
+    }
+    match hash_buckets {
+        Some(0) => Err(DataError::Schema(format!(
+            "{place}.hash_buckets: must be at least 1, found 0 (leave the key out for one OOV id)"
+        ))),
+        Some(b) if b > MAX_HASH_BUCKETS => {
+            Err(DataError::Schema(format!("{place}.hash_buckets: must be at most {MAX_HASH_BUCKETS}, found {b}")))
+        }
+        _ => Ok(()),
+    }
+}
 
 /// The full description of how a CSV file becomes model inputs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -43,6 +73,14 @@ pub struct Schema {
     /// A group's own `min_count` overrides it.
     #[serde(default = "default_min_count")]
     pub min_count: u64,
+    /// At most this many values are kept per column, the most frequent (default: all).
+    /// A group's own `max_vocab` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vocab: Option<usize>,
+    /// Hashed ids per column for the values not kept, instead of OOV (default: none).
+    /// A group's own `hash_buckets` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_buckets: Option<u32>,
 }
 
 fn default_min_count() -> u64 {
@@ -61,6 +99,10 @@ pub enum FeatureGroup {
         columns: Vec<String>,
         #[serde(default)]
         min_count: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_vocab: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hash_buckets: Option<u32>,
     },
     /// Space-separated ids per cell, truncated to the last `max_len` (most recent last) and
     /// right-aligned (the most recent item is always at position `max_len - 1`, padding id 0
@@ -76,6 +118,11 @@ pub enum FeatureGroup {
         vocab: Option<String>,
         #[serde(default)]
         min_count: Option<u64>,
+        /// Only without `vocab` (a shared vocabulary has its column's limits).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_vocab: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hash_buckets: Option<u32>,
     },
     /// Real-valued columns, normalised with statistics fitted on train. Per row: `[columns]`.
     Numeric { name: String, columns: Vec<String>, normalize: Normalize },
@@ -144,7 +191,7 @@ impl Schema {
     /// The categorical groups in schema order: `(name, columns, min_count)`.
     pub(crate) fn categorical_groups(&self) -> impl Iterator<Item = (&str, &[String], u64)> {
         self.features.iter().filter_map(move |g| match g {
-            FeatureGroup::Categorical { name, columns, min_count } => {
+            FeatureGroup::Categorical { name, columns, min_count, .. } => {
                 Some((name.as_str(), columns.as_slice(), min_count.unwrap_or(self.min_count)))
             }
             _ => None,
@@ -154,7 +201,7 @@ impl Schema {
     /// The sequence groups in schema order: `(name, columns, max_len, vocab, min_count)`.
     pub(crate) fn sequence_groups(&self) -> impl Iterator<Item = (&str, &[String], usize, Option<&str>, u64)> {
         self.features.iter().filter_map(move |g| match g {
-            FeatureGroup::Sequence { name, columns, max_len, vocab, min_count } => Some((
+            FeatureGroup::Sequence { name, columns, max_len, vocab, min_count, .. } => Some((
                 name.as_str(),
                 columns.as_slice(),
                 *max_len,
@@ -173,6 +220,40 @@ impl Schema {
         })
     }
 
+    /// The vocabulary limits of each categorical group's columns, in schema order.
+    pub(crate) fn categorical_limits(&self) -> Vec<VocabLimits> {
+        self.features
+            .iter()
+            .filter_map(|g| match g {
+                FeatureGroup::Categorical { min_count, max_vocab, hash_buckets, .. } => {
+                    Some(self.limits(*min_count, *max_vocab, *hash_buckets))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The vocabulary limits of each sequence group's own vocabulary, in schema order.
+    pub(crate) fn sequence_limits(&self) -> Vec<VocabLimits> {
+        self.features
+            .iter()
+            .filter_map(|g| match g {
+                FeatureGroup::Sequence { min_count, max_vocab, hash_buckets, .. } => {
+                    Some(self.limits(*min_count, *max_vocab, *hash_buckets))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn limits(&self, min_count: Option<u64>, max_vocab: Option<usize>, hash_buckets: Option<u32>) -> VocabLimits {
+        VocabLimits {
+            min_count: min_count.unwrap_or(self.min_count),
+            max_size: max_vocab.or(self.max_vocab),
+            buckets: hash_buckets.or(self.hash_buckets).unwrap_or(0),
+        }
+    }
+
     /// Finds the categorical column a sequence group's `vocab` names.
     pub(crate) fn find_categorical_column(&self, column: &str) -> Option<CategoricalColumnRef> {
         self.categorical_groups()
@@ -183,8 +264,9 @@ impl Schema {
     /// Checks the schema on its own (names, sizes, references), without looking at any file.
     pub fn validate(&self) -> Result<(), DataError> {
         let fail = |message: String| Err(DataError::Schema(message));
+        check_limits("data.schema", self.max_vocab, self.hash_buckets)?;
         let mut group_names = std::collections::BTreeSet::new();
-        for group in &self.features {
+        for (i, group) in self.features.iter().enumerate() {
             let name = group.name();
             if name.is_empty() {
                 return fail("a feature group has an empty name".into());
@@ -220,6 +302,19 @@ impl Schema {
                         "sequence group '{name}': vocab '{vocab}' is not a column of any \
                          categorical group"
                     ));
+                }
+                FeatureGroup::Sequence { vocab: Some(vocab), max_vocab, hash_buckets, .. }
+                    if max_vocab.is_some() || hash_buckets.is_some() =>
+                {
+                    let key = if max_vocab.is_some() { "max_vocab" } else { "hash_buckets" };
+                    return fail(format!(
+                        "data.schema.features[{i}].{key}: sequence group '{name}' shares the vocabulary of \
+                         column '{vocab}', whose group's limits it follows; set {key} there"
+                    ));
+                }
+                FeatureGroup::Categorical { max_vocab, hash_buckets, .. }
+                | FeatureGroup::Sequence { max_vocab, hash_buckets, .. } => {
+                    check_limits(&format!("data.schema.features[{i}]"), *max_vocab, *hash_buckets)?;
                 }
                 _ => {}
             }

@@ -18,10 +18,12 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use super::csv::Record;
 use super::csv::{display_name, CsvReader, TextStream};
 use super::dataset::{Dataset, SkippedRows};
-use super::encode::{read_header, ApplyIds, Columns, Fitted, Plan, RawSplit, Rows, Stop};
+use super::encode::{read_header, ApplyIds, Columns, Fitted, IdSource, Plan, RawSplit, Rows, Stop};
 use super::parquet_input::ParquetRows;
+use super::schema::Schema;
 use super::source::{check_same_columns, Format};
 use super::{DataError, EncodeOptions};
 
@@ -74,92 +76,80 @@ impl Part {
     }
 }
 
-/// A file being encoded block by block (see the module doc).
-pub struct RowStream<'f> {
-    fitted: &'f Fitted,
-    /// The input as given (`stdin` for `-`), which names the blocks' data.
-    name: PathBuf,
+/// The records of a split (a file, or the parts of a folder or pattern, one after the
+/// other), encoded block by block with whatever ids the caller gives: the fitted ones
+/// ([`RowStream`]), or the provisional ones of train while it is fitted
+/// ([`super::prepare`]). Every part after the first must have the first part's columns.
+pub(super) struct SplitReader {
     /// The parts not yet opened, last first.
     pending: Vec<PathBuf>,
     /// The part being read and its name in messages.
     part: Option<(PathBuf, Part)>,
     /// The first part's name and columns, which every later part must have.
     first: Option<(PathBuf, Vec<String>)>,
-    ids: ApplyIds<'f>,
-    options: StreamOptions,
+    columns: Columns,
+    encode: EncodeOptions,
+    /// Columns whose text is handed to the caller with each record.
+    keep: Vec<String>,
     /// The part's plan, once its header has been read.
     rows: Option<Rows>,
     keep_columns: Vec<usize>,
-    skipped: SkippedRows,
-    domain_fallbacks: usize,
     done: bool,
 }
 
-impl Fitted {
-    /// Opens `path` (`-` for stdin; a folder or pattern of parts) to encode it block by block;
-    /// the first part is opened, nothing is read yet.
-    pub fn stream(&self, path: &Path, options: StreamOptions) -> Result<RowStream<'_>, DataError> {
-        let ids = self.apply_ids(options.encode.unknown_domain)?;
+impl SplitReader {
+    /// Opens the first part of `path` (`-` for stdin); nothing is read yet.
+    pub(super) fn open(
+        path: &Path,
+        columns: Columns,
+        encode: EncodeOptions,
+        keep: Vec<String>,
+    ) -> Result<SplitReader, DataError> {
         let mut pending = super::source::parts(path)?;
         pending.reverse();
         let first = pending.pop().expect("a path stands for at least one part");
         let part = Some((display_name(&first), Part::open(&first)?));
-        Ok(RowStream {
-            fitted: self,
-            name: display_name(path),
+        Ok(SplitReader {
             pending,
             part,
             first: None,
-            ids,
-            options: StreamOptions { block_rows: options.block_rows.max(1), ..options },
+            columns,
+            encode,
+            keep,
             rows: None,
             keep_columns: Vec::new(),
-            skipped: SkippedRows::default(),
-            domain_fallbacks: 0,
             done: false,
         })
     }
-}
-
-impl RowStream<'_> {
-    /// The input's name in messages (`stdin` for `-`).
-    pub fn name(&self) -> &Path {
-        &self.name
-    }
-
-    /// The malformed records skipped so far (with [`super::BadRows::Skip`]).
-    pub fn skipped(&self) -> &SkippedRows {
-        &self.skipped
-    }
-
-    /// The rows encoded so far whose domain id train never had, as the fallback domain.
-    pub fn domain_fallbacks(&self) -> usize {
-        self.domain_fallbacks
-    }
 
     /// Checks a part's columns against the first part's, and plans its records: which
-    /// columns it reads and keeps.
+    /// columns it keeps.
     fn plan(&mut self, file: &Path, columns: &[String]) -> Result<(), DataError> {
         match &self.first {
             None => self.first = Some((file.to_path_buf(), columns.to_vec())),
             Some((first, header)) => check_same_columns((first, header), (file, columns))?,
         }
-        self.keep_columns = keep_positions(file, columns, &self.options.keep)?;
+        self.keep_columns = keep_positions(file, columns, &self.keep)?;
         Ok(())
     }
 
-    /// The next block, `None` once every record has been handed out. The first call reads
-    /// the header (a missing feature or kept column is an error naming it), and so does the
+    /// Encodes the next records into `raw` until it holds `block_rows` rows or the input
+    /// ends; `each` sees every record taken, whether it was added, and the header positions
+    /// of the columns to keep. Returns false once every record has been taken. The first
+    /// call reads the header (a missing column is an error naming it), and so does the
     /// first call that reaches each later part.
-    pub fn next_block(&mut self) -> Result<Option<Block>, DataError> {
+    pub(super) fn next_block<I: IdSource>(
+        &mut self,
+        schema: &Schema,
+        ids: &mut I,
+        raw: &mut RawSplit,
+        block_rows: usize,
+        mut each: impl FnMut(&Record, bool, &[usize]),
+    ) -> Result<bool, DataError> {
         if self.done {
-            return Ok(None);
+            return Ok(false);
         }
-        let schema = &self.fitted.schema;
-        let mut raw = RawSplit::with_capacity(schema, self.options.block_rows.min(1 << 16));
-        let (mut encoded, mut kept) = (Vec::new(), Vec::new());
-        let columns = Columns::Inputs { domain: self.options.domain_input };
-        let block_rows = self.options.block_rows;
+        let columns = self.columns;
         while raw.rows < block_rows {
             let Some((name, part)) = self.part.as_mut() else {
                 match self.pending.pop() {
@@ -181,13 +171,13 @@ impl RowStream<'_> {
                     let more = !input.ended();
                     let text = input.text()?;
                     let mut reader =
-                        CsvReader::at_line(text, input.line()).with_delimiter(self.options.encode.delimiter.byte());
+                        CsvReader::at_line(text, input.line()).with_delimiter(self.encode.delimiter.byte());
                     if self.rows.is_none() {
                         let Some(plan) = read_header(schema, &name, &mut reader, columns, more)? else {
                             input.read_more()?;
                             continue;
                         };
-                        let bad_rows = self.options.encode.bad_rows;
+                        let bad_rows = self.encode.bad_rows;
                         // The header is consumed on its own, and the part looked up again after
                         // `self.plan`.
                         let header_end = reader.position();
@@ -200,9 +190,8 @@ impl RowStream<'_> {
                     let Some(rows) = self.rows.as_mut() else { continue };
                     let keep_columns = &self.keep_columns;
                     let (stop, (bytes, line)) =
-                        rows.encode(&mut reader, &mut self.ids, &mut raw, (block_rows, more), |record, ok| {
-                            encoded.push(ok);
-                            kept.extend(keep_columns.iter().map(|&c| record.get(c).to_string()));
+                        rows.encode(&mut reader, ids, raw, (block_rows, more), |record, ok| {
+                            each(record, ok, keep_columns)
                         })?;
                     input.consume(bytes, line);
                     match stop {
@@ -217,7 +206,7 @@ impl RowStream<'_> {
                 Part::Parquet(input) => {
                     if self.rows.is_none() {
                         let plan = Plan::resolve(schema, &name, input.header().to_vec(), columns)?;
-                        let bad_rows = self.options.encode.bad_rows;
+                        let bad_rows = self.encode.bad_rows;
                         self.plan(&name, &plan.header)?;
                         let mut reads = plan.reads();
                         reads.extend(&self.keep_columns);
@@ -235,9 +224,8 @@ impl RowStream<'_> {
                             finished = true;
                             break;
                         };
-                        let ok = rows.take(&record, &mut self.ids, &mut raw)?;
-                        encoded.push(ok);
-                        kept.extend(keep_columns.iter().map(|&c| record.get(c).to_string()));
+                        let ok = rows.take(&record, ids, raw)?;
+                        each(&record, ok, keep_columns);
                     }
                     finished
                 }
@@ -246,7 +234,69 @@ impl RowStream<'_> {
                 self.part = None;
             }
         }
-        if self.done && encoded.is_empty() {
+        Ok(true)
+    }
+}
+
+/// A file being encoded block by block (see the module doc).
+pub struct RowStream<'f> {
+    fitted: &'f Fitted,
+    /// The input as given (`stdin` for `-`), which names the blocks' data.
+    name: PathBuf,
+    split: SplitReader,
+    ids: ApplyIds<'f>,
+    block_rows: usize,
+    skipped: SkippedRows,
+    domain_fallbacks: usize,
+}
+
+impl Fitted {
+    /// Opens `path` (`-` for stdin; a folder or pattern of parts) to encode it block by block;
+    /// the first part is opened, nothing is read yet.
+    pub fn stream(&self, path: &Path, options: StreamOptions) -> Result<RowStream<'_>, DataError> {
+        let ids = self.apply_ids(options.encode.unknown_domain)?;
+        let columns = Columns::Inputs { domain: options.domain_input };
+        let split = SplitReader::open(path, columns, options.encode, options.keep)?;
+        Ok(RowStream {
+            fitted: self,
+            name: display_name(path),
+            split,
+            ids,
+            block_rows: options.block_rows.max(1),
+            skipped: SkippedRows::default(),
+            domain_fallbacks: 0,
+        })
+    }
+}
+
+impl RowStream<'_> {
+    /// The input's name in messages (`stdin` for `-`).
+    pub fn name(&self) -> &Path {
+        &self.name
+    }
+
+    /// The malformed records skipped so far (with [`super::BadRows::Skip`]).
+    pub fn skipped(&self) -> &SkippedRows {
+        &self.skipped
+    }
+
+    /// The rows encoded so far whose domain id train never had, as the fallback domain.
+    pub fn domain_fallbacks(&self) -> usize {
+        self.domain_fallbacks
+    }
+
+    /// The next block, `None` once every record has been handed out. The first call reads
+    /// the header (a missing feature or kept column is an error naming it), and so does the
+    /// first call that reaches each later part.
+    pub fn next_block(&mut self) -> Result<Option<Block>, DataError> {
+        let schema = &self.fitted.schema;
+        let mut raw = RawSplit::with_capacity(schema, self.block_rows.min(1 << 16));
+        let (mut encoded, mut kept) = (Vec::new(), Vec::new());
+        let more = self.split.next_block(schema, &mut self.ids, &mut raw, self.block_rows, |record, ok, keep| {
+            encoded.push(ok);
+            kept.extend(keep.iter().map(|&c| record.get(c).to_string()));
+        })?;
+        if !more || encoded.is_empty() {
             return Ok(None);
         }
         self.domain_fallbacks += raw.domain_fallbacks;
@@ -320,7 +370,7 @@ user: user
                 let keep = vec!["item".into(), "x".into()];
                 let options = StreamOptions { encode, keep, block_rows, domain_input: true };
                 let mut stream = fitted.stream(&path, options).unwrap();
-                let Some((_, Part::Csv(input))) = stream.part.as_mut() else { panic!("a CSV input") };
+                let Some((_, Part::Csv(input))) = stream.split.part.as_mut() else { panic!("a CSV input") };
                 input.set_chunk(chunk);
                 let mut blocks = Vec::new();
                 while let Some(block) = stream.next_block().unwrap() {

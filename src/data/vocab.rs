@@ -6,6 +6,12 @@
 //! maps to OOV. An empty cell of a categorical column is the value `""` and gets an id like any
 //! other value (missingness can be informative); an empty sequence cell is simply a sequence of
 //! length 0.
+//!
+//! For open id spaces ([`VocabLimits`]): `max_size` keeps only the most frequent values (by
+//! the same order), and with `buckets` B every value not kept (rare, beyond `max_size`, or
+//! never seen in train) gets one of B hashed ids after the kept ones instead of OOV: id
+//! `2 + kept + hash(value) mod B`, where the hash is a fixed function of the value's bytes,
+//! so the same value always lands in the same bucket.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -191,50 +197,99 @@ impl Interner {
     }
 
     /// The final vocabulary and the map from provisional id to final id.
-    pub fn into_vocab(self, min_count: u64) -> (Vocab, Vec<u32>) {
+    pub fn into_vocab(self, limits: VocabLimits) -> (Vocab, Vec<u32>) {
+        let min_count = limits.min_count.max(1);
         let mut kept: Vec<u32> =
-            (0..self.values.len() as u32).filter(|&id| self.counts[id as usize] >= min_count.max(1)).collect();
+            (0..self.values.len() as u32).filter(|&id| self.counts[id as usize] >= min_count).collect();
         kept.sort_by(|&a, &b| {
             let (a, b) = (a as usize, b as usize);
             self.counts[b].cmp(&self.counts[a]).then_with(|| self.values[a].cmp(&self.values[b]))
         });
+        if let Some(max_size) = limits.max_size {
+            kept.truncate(max_size);
+        }
         let mut remap = vec![OOV; self.values.len()];
         for (rank, &id) in kept.iter().enumerate() {
             remap[id as usize] = RESERVED + rank as u32;
         }
         let values: Vec<String> = kept.iter().map(|&id| self.values[id as usize].to_string()).collect();
         let counts = kept.iter().map(|&id| self.counts[id as usize]).collect();
-        (Vocab::from_parts(values, counts, min_count), remap)
+        let vocab = Vocab::from_parts(values, counts, limits);
+        if vocab.buckets > 0 {
+            for (id, slot) in remap.iter_mut().enumerate() {
+                if *slot == OOV {
+                    *slot = vocab.bucket(&self.values[id]);
+                }
+            }
+        }
+        (vocab, remap)
     }
 }
 
-/// A fitted vocabulary. Serialises as `{min_count, values, counts}` (values in id order from 2).
+/// How many values a vocabulary keeps and what the others become (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VocabLimits {
+    /// Values seen fewer times in train are not kept.
+    pub min_count: u64,
+    /// At most this many values are kept, the most frequent.
+    pub max_size: Option<usize>,
+    /// Hashed ids for the values not kept (0: they are OOV).
+    pub buckets: u32,
+}
+
+impl VocabLimits {
+    /// Every value seen `min_count` times, the others OOV.
+    pub fn min_count(min_count: u64) -> VocabLimits {
+        VocabLimits { min_count, max_size: None, buckets: 0 }
+    }
+}
+
+/// A fitted vocabulary. Serialises as `{min_count, values, counts}` (values in id order from
+/// 2), with `max_size` and `buckets` when they are set.
 #[derive(Clone, Debug)]
 pub struct Vocab {
     values: Vec<String>,
     counts: Vec<u64>,
     min_count: u64,
+    max_size: Option<usize>,
+    buckets: u32,
     index: ValueIndex,
 }
 
 impl PartialEq for Vocab {
     fn eq(&self, other: &Self) -> bool {
-        self.values == other.values && self.counts == other.counts && self.min_count == other.min_count
+        self.values == other.values
+            && self.counts == other.counts
+            && self.min_count == other.min_count
+            && self.max_size == other.max_size
+            && self.buckets == other.buckets
     }
 }
 
 impl Vocab {
-    fn from_parts(values: Vec<String>, counts: Vec<u64>, min_count: u64) -> Vocab {
+    fn from_parts(values: Vec<String>, counts: Vec<u64>, limits: VocabLimits) -> Vocab {
         let mut index = ValueIndex::default();
         for (i, value) in values.iter().enumerate() {
             index.get_or_insert(value, RESERVED + i as u32);
         }
-        Vocab { values, counts, min_count, index }
+        let VocabLimits { min_count, max_size, buckets } = limits;
+        Vocab { values, counts, min_count, max_size, buckets, index }
     }
 
-    /// The number of ids including PAD and OOV: the rows of an embedding table for it.
+    /// The hashed id of a value that is not kept (OOV without buckets).
+    fn bucket(&self, value: &str) -> u32 {
+        if self.buckets == 0 {
+            return OOV;
+        }
+        let mut hasher = WordHasher::default();
+        hasher.write(value.as_bytes());
+        RESERVED + self.values.len() as u32 + (hasher.finish() % self.buckets as u64) as u32
+    }
+
+    /// The number of ids including PAD, OOV and the hashed ones: the rows of an embedding
+    /// table for it.
     pub fn len(&self) -> usize {
-        self.values.len() + RESERVED as usize
+        self.values.len() + RESERVED as usize + self.buckets as usize
     }
 
     /// Whether no value was kept (only PAD and OOV exist).
@@ -242,10 +297,10 @@ impl Vocab {
         self.values.is_empty()
     }
 
-    /// The id of a raw value; [`OOV`] when it was not kept.
+    /// The id of a raw value; when it was not kept, its hashed id or [`OOV`].
     #[inline]
     pub fn id(&self, value: &str) -> u32 {
-        self.index.get(value).unwrap_or(OOV)
+        self.index.get(value).unwrap_or_else(|| self.bucket(value))
     }
 
     /// The id of a raw value when it was kept.
@@ -254,7 +309,12 @@ impl Vocab {
         self.index.get(value)
     }
 
-    /// The raw value of a kept id (None for PAD, OOV and ids out of range).
+    /// The number of hashed ids (after the kept values).
+    pub fn buckets(&self) -> u32 {
+        self.buckets
+    }
+
+    /// The raw value of a kept id (None for PAD, OOV, hashed ids and ids out of range).
     pub fn value(&self, id: u32) -> Option<&str> {
         id.checked_sub(RESERVED).and_then(|i| self.values.get(i as usize)).map(String::as_str)
     }
@@ -272,21 +332,40 @@ impl Vocab {
 #[derive(Serialize)]
 struct VocabView<'a> {
     min_count: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_size: Option<usize>,
+    #[serde(skip_serializing_if = "is_zero")]
+    buckets: u32,
     values: &'a [String],
     counts: &'a [u64],
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct VocabData {
     min_count: u64,
+    #[serde(default)]
+    max_size: Option<usize>,
+    #[serde(default)]
+    buckets: u32,
     values: Vec<String>,
     counts: Vec<u64>,
 }
 
 impl Serialize for Vocab {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        VocabView { min_count: self.min_count, values: &self.values, counts: &self.counts }.serialize(serializer)
+        VocabView {
+            min_count: self.min_count,
+            max_size: self.max_size,
+            buckets: self.buckets,
+            values: &self.values,
+            counts: &self.counts,
+        }
+        .serialize(serializer)
     }
 }
 
@@ -296,7 +375,11 @@ impl<'de> Deserialize<'de> for Vocab {
         if data.values.len() != data.counts.len() {
             return Err(serde::de::Error::custom("vocab values and counts differ in length"));
         }
-        let vocab = Vocab::from_parts(data.values, data.counts, data.min_count);
+        if data.max_size.is_some_and(|max| data.values.len() > max) {
+            return Err(serde::de::Error::custom("vocab holds more values than its max_size"));
+        }
+        let limits = VocabLimits { min_count: data.min_count, max_size: data.max_size, buckets: data.buckets };
+        let vocab = Vocab::from_parts(data.values, data.counts, limits);
         if vocab.index.len() != vocab.values.len() {
             return Err(serde::de::Error::custom("vocab lists a value twice"));
         }
@@ -319,7 +402,7 @@ mod tests {
             interner.intern(value, true);
             interner.intern(value, true);
         }
-        let (vocab, remap) = interner.into_vocab(2);
+        let (vocab, remap) = interner.into_vocab(VocabLimits::min_count(2));
         // d (3), then the values seen twice in byte order, c/rare/uncounted below min_count.
         assert_eq!(vocab.id("d"), 2);
         let twice = ["07", "1048576", "10485760000000000000", "7", "a", "a long value of many bytes", "b"];
@@ -339,5 +422,52 @@ mod tests {
         assert_eq!(back, vocab);
         assert_eq!(back.id("b"), 9);
         assert_eq!(back.id("7"), 6);
+    }
+
+    #[test]
+    fn max_size_keeps_the_most_frequent_and_buckets_hash_the_rest() {
+        let mut interner = Interner::default();
+        for value in ["a", "a", "a", "b", "b", "c", "c", "d", "e"] {
+            interner.intern(value, true);
+        }
+        interner.intern("seen-in-a-sequence", false);
+        let limits = VocabLimits { min_count: 1, max_size: Some(2), buckets: 0 };
+        let (capped, remap) = Interner::into_vocab(clone_of(&interner), limits);
+        assert_eq!((capped.id("a"), capped.id("b"), capped.id("c")), (2, 3, OOV), "b and c tie: b first");
+        assert_eq!(capped.len(), 4);
+        assert_eq!(&remap[..4], &[2, 3, OOV, OOV]);
+
+        let limits = VocabLimits { min_count: 2, max_size: Some(2), buckets: 5 };
+        let (hashed, remap) = interner.into_vocab(limits);
+        assert_eq!(hashed.len(), 2 + 2 + 5);
+        for value in ["c", "d", "e", "never seen", "seen-in-a-sequence"] {
+            let id = hashed.id(value);
+            assert!((4..9).contains(&id), "{value}: {id}");
+            assert_eq!(hashed.id(value), id, "the same value, the same bucket");
+            assert_eq!(hashed.value(id), None);
+        }
+        // A value the train split had gets through the remap the id the vocabulary gives it.
+        assert_eq!(remap, [2, 3, hashed.id("c"), hashed.id("d"), hashed.id("e"), hashed.id("seen-in-a-sequence")]);
+        let json = serde_json::to_string(&hashed).expect("serialise");
+        assert!(json.contains("\"max_size\":2") && json.contains("\"buckets\":5"), "{json}");
+        let back: Vocab = serde_json::from_str(&json).expect("deserialise");
+        assert_eq!(back, hashed);
+        assert_eq!(back.id("never seen"), hashed.id("never seen"));
+        // Without limits nothing new is written.
+        let (plain, _) = {
+            let mut i = Interner::default();
+            i.intern("x", true);
+            i.into_vocab(VocabLimits::min_count(1))
+        };
+        assert_eq!(serde_json::to_string(&plain).unwrap(), r#"{"min_count":1,"values":["x"],"counts":[1]}"#);
+    }
+
+    fn clone_of(interner: &Interner) -> Interner {
+        let mut copy = Interner::default();
+        for (value, &count) in interner.values.iter().zip(&interner.counts) {
+            let id = copy.intern(value, false);
+            copy.counts[id as usize] = count;
+        }
+        copy
     }
 }
