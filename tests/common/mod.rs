@@ -36,10 +36,17 @@ pub fn compile(path: &Path) -> Compiled {
     loop {
         match compile_file_sized(&mut map, path, None, &BTreeMap::new(), &sizes) {
             Ok(c) => return c,
-            Err(f) if !f.needs.is_empty() && f.needs.iter().any(|s| !sizes.symbols.contains_key(s)) => {
+            Err(f)
+                if !f.needs.is_empty()
+                    && (sizes.domains.is_none() || f.needs.iter().any(|s| !sizes.symbols.contains_key(s))) =>
+            {
                 for sym in f.needs {
                     let v = small_size(&sym, 0) as i64;
-                    sizes.symbols.insert(sym, v);
+                    if sizes.symbols.insert(sym, v).is_some() {
+                        // Bound as a column count and still needed: the number of domains
+                        // (SDEM's loop over them).
+                        sizes.domains = Some(v);
+                    }
                 }
             }
             Err(f) => panic!("{} does not compile:\n{}", path.display(), render_all(&map, &f.diagnostics)),
@@ -113,7 +120,12 @@ pub fn random_feeds<T: Float>(c: &Compiled, binding: &Binding, rng: &mut Lcg) ->
                 // The id space: rows(x) of the feature or of the one it shares ids with.
                 let f = c.features.iter().find(|f| f.name == inp.name).expect("feature");
                 let limit = match &f.kind {
-                    mdl::lower::FeatureKind::Domain => binding[&format!("count({})", f.name)],
+                    // A spec compiled with the number of domains has it in its shapes, not
+                    // the symbol: the number `compile` bound.
+                    mdl::lower::FeatureKind::Domain => {
+                        let sym = format!("count({})", f.name);
+                        binding.get(&sym).copied().unwrap_or_else(|| small_size(&sym, 0))
+                    }
                     mdl::lower::FeatureKind::Sequence { of: Some(o), .. } => binding[&format!("rows({o})")],
                     _ => binding.get(&format!("rows({})", f.name)).copied().unwrap_or(11),
                 };
