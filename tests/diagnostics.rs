@@ -326,7 +326,7 @@ fn bad_uses_of_random_draws() {
         6,
         22,
         5,
-        "`sample_ids` draws for the ids of a categorical or sequence input; `dense` is not one",
+        "`sample_ids` draws for the ids of a categorical or sequence input (or ids rearranged from them); `dense` is not one",
     );
     assert_at(&err, f, 7, 30, 1, "`n` must be a positive constant, found 0");
     assert_at(&err, f, 8, 38, 7, "`by` must be \"uniform\" or \"frequency\", found \"often\"");
