@@ -779,13 +779,14 @@ impl<'a> Run<'a> {
         folder.manifest.finished = true;
         folder.save_manifest()?;
         self.log.line(&format!(
-            "test: auc {} gauc {} logloss {}{} (best step {}, {} epochs)",
+            "test: auc {} gauc {} logloss {}{} (best step {} of {}, {})",
             fmt_opt(metrics.test.auc),
             fmt_opt(metrics.test.gauc),
             fmt_opt(metrics.test.logloss),
             more_text(&metrics.test.more),
             state.best_step,
-            state.epoch
+            state.step,
+            epochs_trained(state.epoch, state.batch_in_epoch)
         ));
         self.log.line(&format!(
             "training {:.1}s: steps {:.1}s ({:.0} train rows/s), evaluation {:.1}s; total {:.1}s; run folder {}",
@@ -920,4 +921,27 @@ fn loss_csv(losses: &[f32], epochs: &[(usize, usize)]) -> String {
         s.push_str(&format!("{},{epoch},{loss}\n", i + 1));
     }
     s
+}
+
+/// How much training the final log line reports: whole epochs, and the steps of an epoch
+/// that `train.max_steps` ended part way ("1 epoch", "0 epochs and 20 steps").
+fn epochs_trained(epochs: usize, steps_into_next: usize) -> String {
+    let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+    match steps_into_next {
+        0 => plural(epochs, "epoch"),
+        steps => format!("{} and {}", plural(epochs, "epoch"), plural(steps, "step")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::epochs_trained;
+
+    #[test]
+    fn the_final_line_counts_a_partial_epoch_in_steps() {
+        assert_eq!(epochs_trained(4, 0), "4 epochs");
+        assert_eq!(epochs_trained(1, 0), "1 epoch");
+        assert_eq!(epochs_trained(0, 20), "0 epochs and 20 steps");
+        assert_eq!(epochs_trained(2, 1), "2 epochs and 1 step");
+    }
 }

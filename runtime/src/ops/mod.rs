@@ -10,9 +10,9 @@
 //! - `grad`  — the vector-Jacobian product as new IR nodes (reverse-mode autodiff);
 //! - `eval`  — the forward rule on concrete tensors (the `interp` reference backend).
 //!
-//! `mod.rs` only names the ops and dispatches to the families ([`Op::infer`], which checks
-//! the operand count first, [`grad`], [`eval`]); `emit.rs` is the small node-building
-//! vocabulary the `grad` rules share. The elementwise ops (`UnaryOp`, `BinaryOp`) are
+//! `mod.rs` only names the ops and places each in its family: [`Op::family`] is the one
+//! match that [`Op::infer`] (after the operand count), [`grad`] and [`eval`] dispatch on.
+//! `emit.rs` is the small node-building vocabulary the `grad` rules share. The elementwise ops (`UnaryOp`, `BinaryOp`) are
 //! declared in `elementwise.rs`, with their scalar arithmetic, classes and `ALL` lists.
 //!
 //! | family        | ops |
@@ -51,6 +51,19 @@ pub enum DType {
     F,
     /// Integer ids (vocabulary rows, domain ids).
     I,
+}
+
+/// The family files of [`Op`] (the table above): [`Op::family`] places each op in one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Source,
+    Random,
+    Elementwise,
+    Layout,
+    Reduce,
+    Linalg,
+    Index,
+    Fused,
 }
 
 /// How a value is stored.
@@ -314,6 +327,51 @@ impl Op {
         })
     }
 
+    /// The family file that holds this op's shape, gradient and eval rules: the one place
+    /// that sorts ops into families, so that [`Op::infer`], [`grad`] and [`eval`] dispatch
+    /// alike and a new op is placed once.
+    pub fn family(&self) -> Family {
+        use Op::*;
+        match self {
+            Input { .. }
+            | Param { .. }
+            | Scalar(_)
+            | Arange { .. }
+            | Triangle { .. }
+            | Eye { .. }
+            | IdList { .. }
+            | Counter(_)
+            | DropMask { .. }
+            | StopGrad
+            | TrainEval => Family::Source,
+            Bernoulli { .. } | Permutation { .. } | SampleIds { .. } => Family::Random,
+            Unary(_) | Binary(_) => Family::Elementwise,
+            Reshape { .. } | Permute { .. } | Broadcast { .. } | Concat { .. } | Slice { .. } | Pad { .. } => {
+                Family::Layout
+            }
+            Reduce { .. } | Softmax { .. } => Family::Reduce,
+            MatMul { .. } | GroupMatMul { .. } | GroupOuter { .. } => Family::Linalg,
+            Gather
+            | SparseRows { .. }
+            | SegmentSum { .. }
+            | OneHot { .. }
+            | Bucketize { .. }
+            | IdDiv { .. }
+            | IdMod { .. }
+            | GroupIds { .. }
+            | TakeAlong { .. }
+            | ScatterAdd { .. }
+            | TopK { .. } => Family::Index,
+            Fused(_) => Family::Fused,
+        }
+    }
+
+    /// Inputs and parameters: values the backend reads from its feeds and parameters, with
+    /// shapes from their declarations, never computed by a rule.
+    fn is_declared(&self) -> bool {
+        matches!(self, Op::Input { .. } | Op::Param { .. })
+    }
+
     /// The output signature from the operands: checks the operand count, then dispatches to
     /// the op's family, whose shape rule checks the operands' kinds (ids or reals, dense or
     /// row-sparse) and shapes. Source ops whose shape is not derivable from operands (Input,
@@ -326,37 +384,18 @@ impl Op {
             None if operands.is_empty() => return shape_err(format!("{} needs operands", self.name())),
             _ => {}
         }
-        use Op::*;
-        match self {
-            Input { .. } | Param { .. } => shape_err("the shape of an input or parameter comes from its declaration"),
-            Scalar(_)
-            | Arange { .. }
-            | Triangle { .. }
-            | Eye { .. }
-            | IdList { .. }
-            | Counter(_)
-            | DropMask { .. }
-            | StopGrad
-            | TrainEval => source::shape(self, operands),
-            Bernoulli { .. } | Permutation { .. } | SampleIds { .. } => random::shape(self, operands),
-            Unary(_) | Binary(_) => elementwise::shape(self, operands),
-            Reshape { .. } | Permute { .. } | Broadcast { .. } | Concat { .. } | Slice { .. } | Pad { .. } => {
-                layout::shape(self, operands)
-            }
-            Reduce { .. } | Softmax { .. } => reduce::shape(self, operands),
-            MatMul { .. } | GroupMatMul { .. } | GroupOuter { .. } => linalg::shape(self, operands),
-            Gather
-            | SparseRows { .. }
-            | SegmentSum { .. }
-            | OneHot { .. }
-            | Bucketize { .. }
-            | IdDiv { .. }
-            | IdMod { .. }
-            | GroupIds { .. }
-            | TakeAlong { .. }
-            | ScatterAdd { .. }
-            | TopK { .. } => index::shape(self, operands),
-            Fused(_) => fused::shape(self, operands),
+        if self.is_declared() {
+            return shape_err("the shape of an input or parameter comes from its declaration");
+        }
+        match self.family() {
+            Family::Source => source::shape(self, operands),
+            Family::Random => random::shape(self, operands),
+            Family::Elementwise => elementwise::shape(self, operands),
+            Family::Layout => layout::shape(self, operands),
+            Family::Reduce => reduce::shape(self, operands),
+            Family::Linalg => linalg::shape(self, operands),
+            Family::Index => index::shape(self, operands),
+            Family::Fused => fused::shape(self, operands),
         }
     }
 
@@ -460,80 +499,38 @@ pub(crate) fn require_dense_real(op: &Op, operands: &[Operand]) -> Result<(), Sh
 /// cotangent `dy` of its output, one cotangent per operand (`None`: no gradient flows to
 /// that operand). Each family's `grad` holds the rules for its ops.
 pub fn grad(graph: &mut Graph, node: &Node, id: NodeId, dy: NodeId) -> Result<Vec<Option<NodeId>>, ShapeError> {
-    use Op::*;
-    match &node.op {
-        Input { .. }
-        | Param { .. }
-        | Scalar(_)
-        | Arange { .. }
-        | Triangle { .. }
-        | Eye { .. }
-        | IdList { .. }
-        | Counter(_)
-        | DropMask { .. }
-        | StopGrad
-        | TrainEval => source::grad(graph, node, id, dy),
-        Bernoulli { .. } | Permutation { .. } | SampleIds { .. } => random::grad(graph, node, id, dy),
-        Unary(_) | Binary(_) => elementwise::grad(graph, node, id, dy),
-        Reshape { .. } | Permute { .. } | Broadcast { .. } | Concat { .. } | Slice { .. } | Pad { .. } => {
-            layout::grad(graph, node, id, dy)
-        }
-        Reduce { .. } | Softmax { .. } => reduce::grad(graph, node, id, dy),
-        MatMul { .. } | GroupMatMul { .. } | GroupOuter { .. } => linalg::grad(graph, node, id, dy),
-        Gather
-        | SparseRows { .. }
-        | SegmentSum { .. }
-        | OneHot { .. }
-        | Bucketize { .. }
-        | IdDiv { .. }
-        | IdMod { .. }
-        | GroupIds { .. }
-        | TakeAlong { .. }
-        | ScatterAdd { .. }
-        | TopK { .. } => index::grad(graph, node, id, dy),
-        Fused(_) => fused::grad(graph, node, id, dy),
+    match node.op.family() {
+        Family::Source => source::grad(graph, node, id, dy),
+        Family::Random => random::grad(graph, node, id, dy),
+        Family::Elementwise => elementwise::grad(graph, node, id, dy),
+        Family::Layout => layout::grad(graph, node, id, dy),
+        Family::Reduce => reduce::grad(graph, node, id, dy),
+        Family::Linalg => linalg::grad(graph, node, id, dy),
+        Family::Index => index::grad(graph, node, id, dy),
+        Family::Fused => fused::grad(graph, node, id, dy),
     }
 }
 
 /// The forward rule of `op` on concrete operands (the `interp` backend). Input and Param
 /// are not computed: the backend reads them from its feeds and parameters.
 pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>, ExecError> {
-    use Op::*;
     if op.arity().is_some_and(|n| n != args.len()) || args.is_empty() && op.arity().is_none() {
         return Err(ExecError::BadOperand { op: op.name(), message: format!("got {} operand(s)", args.len()) });
     }
-    match op {
-        Input { .. } | Param { .. } => Err(ExecError::BadOperand {
+    if op.is_declared() {
+        return Err(ExecError::BadOperand {
             op: op.name(),
             message: "inputs and parameters are read by the backend".into(),
-        }),
-        Scalar(_)
-        | Arange { .. }
-        | Triangle { .. }
-        | Eye { .. }
-        | IdList { .. }
-        | Counter(_)
-        | DropMask { .. }
-        | StopGrad
-        | TrainEval => source::eval(op, args, cx),
-        Bernoulli { .. } | Permutation { .. } | SampleIds { .. } => random::eval(op, args, cx),
-        Unary(_) | Binary(_) => elementwise::eval(op, args, cx),
-        Reshape { .. } | Permute { .. } | Broadcast { .. } | Concat { .. } | Slice { .. } | Pad { .. } => {
-            layout::eval(op, args, cx)
-        }
-        Reduce { .. } | Softmax { .. } => reduce::eval(op, args, cx),
-        MatMul { .. } | GroupMatMul { .. } | GroupOuter { .. } => linalg::eval(op, args, cx),
-        Gather
-        | SparseRows { .. }
-        | SegmentSum { .. }
-        | OneHot { .. }
-        | Bucketize { .. }
-        | IdDiv { .. }
-        | IdMod { .. }
-        | GroupIds { .. }
-        | TakeAlong { .. }
-        | ScatterAdd { .. }
-        | TopK { .. } => index::eval(op, args, cx),
-        Fused(_) => fused::eval(op, args, cx),
+        });
+    }
+    match op.family() {
+        Family::Source => source::eval(op, args, cx),
+        Family::Random => random::eval(op, args, cx),
+        Family::Elementwise => elementwise::eval(op, args, cx),
+        Family::Layout => layout::eval(op, args, cx),
+        Family::Reduce => reduce::eval(op, args, cx),
+        Family::Linalg => linalg::eval(op, args, cx),
+        Family::Index => index::eval(op, args, cx),
+        Family::Fused => fused::eval(op, args, cx),
     }
 }
