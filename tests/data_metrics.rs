@@ -732,4 +732,14 @@ fn kuairand_pure_tail_prepares_and_caches() {
     println!("domain-prior baseline on test: auc {overall:.4} gauc {:?} logloss {:?}", report.gauc, report.logloss);
     assert!(overall > 0.55, "the domain prior alone separates clicks: {overall}");
     assert_eq!(report.per_domain.values().map(|d| d.count).sum::<usize>(), test.rows);
+
+    // Train is read on every thread, and the cache file does not depend on how many.
+    let written = std::fs::read(parsed.stats.cache_file.as_ref().expect("a cache file")).expect("read the cache");
+    for threads in [1, 3] {
+        let cache = TempFolder::new(&format!("kuairand-cache-{threads}"));
+        let options = PrepareOptions { threads, cache: CacheMode::Folder(cache.to_path_buf()), ..options.clone() };
+        let again = prepare(&schema, &paths, &options).expect("prepare kuairand");
+        let bytes = std::fs::read(again.stats.cache_file.as_ref().expect("a cache file")).expect("read the cache");
+        assert!(bytes == written, "the cache file differs with {threads} threads");
+    }
 }

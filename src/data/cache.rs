@@ -199,6 +199,14 @@ impl RecordLayout {
         RecordLayout { cat, seq, num: shape.num, domain, labels: shape.tasks, user, bytes }
     }
 
+    /// Appends every row of `data` as a record.
+    pub(crate) fn put_rows(&self, data: &Dataset, out: &mut Vec<u8>) {
+        out.reserve(data.rows * self.bytes);
+        for row in 0..data.rows {
+            self.put(data, row, out);
+        }
+    }
+
     /// Appends row `row` of `data` (a dataset in memory) as a record.
     fn put(&self, data: &Dataset, row: usize, out: &mut Vec<u8>) {
         for (columns, values) in self.cat.iter().zip(&data.cat) {
@@ -433,13 +441,21 @@ impl Writer {
     pub(crate) fn write_block(&mut self, block: &Dataset) -> Result<(), DataError> {
         let mut buffer = std::mem::take(&mut self.buffer);
         buffer.clear();
-        buffer.reserve(block.rows * self.layout.bytes);
-        for row in 0..block.rows {
-            self.layout.put(block, row, &mut buffer);
-        }
-        let written = self.write(&buffer);
+        self.layout.put_rows(block, &mut buffer);
+        let written = self.append(&buffer, block);
         self.buffer = buffer;
-        written?;
+        written
+    }
+
+    /// How the rows are laid out in the file (to lay out blocks elsewhere for [`append`](Self::append)).
+    pub(crate) fn layout(&self) -> &RecordLayout {
+        &self.layout
+    }
+
+    /// Appends `block` to the split under way as `records`, its rows laid out by
+    /// [`RecordLayout::put_rows`].
+    pub(crate) fn append(&mut self, records: &[u8], block: &Dataset) -> Result<(), DataError> {
+        self.write(records)?;
         let (meta, columns) = self.splits.last_mut().expect("a split was begun");
         meta.rows += block.rows;
         columns.domain.extend_from_slice(&block.domain);

@@ -128,6 +128,11 @@ impl TextStream {
         Ok(TextStream { name, input, pending: Vec::new(), line: 1, chunk: Self::CHUNK, started: false, ended: false })
     }
 
+    /// The bytes read and not yet consumed (whole lines or not).
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Whether the input has been read to its end (then [`text`](Self::text) is all that is left).
     pub fn ended(&self) -> bool {
         self.ended
@@ -200,7 +205,7 @@ struct ReadAhead {
 
 impl ReadAhead {
     const CHUNK: u64 = 1 << 20;
-    const CHUNKS: usize = 4;
+    const CHUNKS: usize = 16;
 
     fn new(mut input: Box<dyn Read + Send>) -> ReadAhead {
         let (sender, chunks) = std::sync::mpsc::sync_channel(Self::CHUNKS);

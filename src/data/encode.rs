@@ -143,6 +143,7 @@ pub(super) enum Columns {
 }
 
 /// The header positions of every column the schema reads.
+#[derive(Clone)]
 pub(super) struct Plan {
     fields: usize,
     pub(super) header: Vec<String>,
@@ -275,7 +276,9 @@ pub(super) trait IdSource {
     fn domain(&mut self, value: u32) -> Result<(u32, bool), String>;
 }
 
-/// Collects train values; ids are provisional until [`FitIds::fit`] finalises them.
+/// Collects train values; ids are provisional until [`FitIds::fit`] finalises them. Encoding
+/// a row registers its values; [`FitIds::count`] then counts the rows of a block that are
+/// kept (so a reader may encode rows speculatively and drop them, see [`super::ingest`]).
 pub(super) struct FitIds {
     cat: Vec<Vec<Interner>>,
     seq_own: Vec<Option<Interner>>,
@@ -299,19 +302,19 @@ impl IdSource for FitIds {
     }
 
     fn categorical(&mut self, group: usize, column: usize, value: &str) -> u32 {
-        self.cat[group][column].intern(value, true)
+        self.cat[group][column].intern(value)
     }
 
     fn sequence_item(&mut self, group: usize, value: &str) -> u32 {
         match (self.seq_shared[group], &mut self.seq_own[group]) {
-            (Some((g, c)), _) => self.cat[g][c].intern(value, false),
-            (None, Some(own)) => own.intern(value, true),
+            (Some((g, c)), _) => self.cat[g][c].intern(value),
+            (None, Some(own)) => own.intern(value),
             (None, None) => OOV,
         }
     }
 
     fn user(&mut self, value: &str) -> u32 {
-        self.user.intern(value, true)
+        self.user.intern(value)
     }
 
     fn domain(&mut self, value: u32) -> Result<(u32, bool), String> {
@@ -320,7 +323,6 @@ impl IdSource for FitIds {
                 return Err(format!("domain id {value} is outside 0..{count}"));
             }
         }
-        self.domain_max = Some(self.domain_max.map_or(value, |m| m.max(value)));
         Ok((value, false))
     }
 }
@@ -421,7 +423,7 @@ impl RawSplit {
 }
 
 /// Per-row scratch for the values that are validated before anything is added.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct RowScratch {
     labels: Vec<f32>,
     num: Vec<f64>,
@@ -612,6 +614,7 @@ pub(super) enum Stop {
 }
 
 /// The records of one file, encoded with one [`Plan`] and a bad-row policy.
+#[derive(Clone)]
 pub(super) struct Rows {
     file: PathBuf,
     pub(super) plan: Plan,
@@ -761,6 +764,7 @@ pub(crate) fn fit_inputs(
 ) -> Result<(Fitted, Dataset), DataError> {
     let mut ids = FitIds::new(schema);
     let mut raw = read_split(schema, inputs, &mut ids, options)?;
+    ids.count(&raw);
     let mut stats = NumericColumns::new(schema);
     stats.add(&raw);
     let (fitted, remap) = ids.fit(
@@ -852,7 +856,40 @@ pub(super) struct Remap {
     user: Option<Vec<u32>>,
 }
 
+/// Where one part's provisional ids went when its [`FitIds`] was absorbed: per categorical
+/// group, per column; per sequence group (its own vocabulary's or the column's it shares);
+/// the users.
+struct PartIds {
+    cat: Vec<Vec<Vec<u32>>>,
+    seq: Vec<Vec<u32>>,
+    user: Vec<u32>,
+}
+
 impl Remap {
+    /// This remap of the merged ids, applied to a part's ids ([`FitIds::fit_parts`]).
+    fn through(&self, part: &PartIds) -> Remap {
+        let compose = |remap: &[u32], moved: &[u32]| -> Vec<u32> {
+            moved.iter().map(|&id| remap.get(id as usize).copied().unwrap_or(OOV)).collect()
+        };
+        Remap {
+            cat: self
+                .cat
+                .iter()
+                .zip(&part.cat)
+                .map(|(columns, moved)| {
+                    columns.iter().zip(moved).map(|((remap, offset), moved)| (compose(remap, moved), *offset)).collect()
+                })
+                .collect(),
+            seq: self
+                .seq
+                .iter()
+                .zip(&part.seq)
+                .map(|((remap, offset), moved)| (compose(remap, moved), *offset))
+                .collect(),
+            user: self.user.as_ref().map(|remap| compose(remap, &part.user)),
+        }
+    }
+
     /// Rewrites a block of provisionally encoded train rows with the final ids.
     pub(super) fn apply(&self, raw: &mut RawSplit) {
         for (columns, values) in self.cat.iter().zip(raw.cat.iter_mut()) {
@@ -892,6 +929,72 @@ impl FitIds {
             domain_count: schema.domain.as_ref().and_then(|d| d.count),
             domain_max: None,
         }
+    }
+
+    /// Counts the values of a block of rows these ids encoded, and its domains.
+    pub(super) fn count(&mut self, raw: &RawSplit) {
+        for (interners, ids) in self.cat.iter_mut().zip(&raw.cat) {
+            let width = interners.len().max(1);
+            for row in ids.chunks_exact(width) {
+                interners.iter_mut().zip(row).for_each(|(interner, &id)| interner.count(id));
+            }
+        }
+        for (own, ids) in self.seq_own.iter_mut().zip(&raw.seq_ids) {
+            if let Some(own) = own {
+                ids.iter().filter(|&&id| id != Self::SEQUENCE_PAD).for_each(|&id| own.count(id));
+            }
+        }
+        raw.user.iter().for_each(|&id| self.user.count(id));
+        if let Some(&max) = raw.domain.iter().max() {
+            self.domain_max = Some(self.domain_max.map_or(max, |m| m.max(max)));
+        }
+    }
+
+    /// Adds the values, counts and domains `other` collected; returns where its
+    /// provisional ids went.
+    fn absorb(&mut self, other: &FitIds) -> PartIds {
+        let cat: Vec<Vec<Vec<u32>>> = self
+            .cat
+            .iter_mut()
+            .zip(&other.cat)
+            .map(|(mine, theirs)| mine.iter_mut().zip(theirs).map(|(m, t)| m.absorb(t)).collect())
+            .collect();
+        let seq = self
+            .seq_own
+            .iter_mut()
+            .zip(&other.seq_own)
+            .zip(&self.seq_shared)
+            .map(|((mine, theirs), shared)| match (mine, theirs, shared) {
+                (Some(mine), Some(theirs), _) => mine.absorb(theirs),
+                (_, _, Some((g, c))) => cat[*g][*c].clone(),
+                _ => Vec::new(),
+            })
+            .collect();
+        let user = self.user.absorb(&other.user);
+        self.domain_max = match (self.domain_max, other.domain_max) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        PartIds { cat, seq, user }
+    }
+
+    /// [`fit`](Self::fit) over the values several [`FitIds`] collected from parts of train
+    /// (each counting the rows it encoded): one remap per part, from its provisional ids to
+    /// the final ones. The result does not depend on how the rows were divided.
+    pub(super) fn fit_parts(
+        parts: Vec<FitIds>,
+        schema: &Schema,
+        squares: impl FnOnce(&mut NumericColumns) -> Result<(), DataError>,
+        numbers: NumericColumns,
+    ) -> Result<(Fitted, Vec<Remap>), DataError> {
+        let mut parts = parts.into_iter();
+        let mut merged = parts.next().unwrap_or_else(|| FitIds::new(schema));
+        let moved: Vec<PartIds> = parts.map(|part| merged.absorb(&part)).collect();
+        let (fitted, remap) = merged.fit(schema, squares, numbers)?;
+        let mut remaps = vec![];
+        remaps.extend(moved.iter().map(|part| remap.through(part)));
+        remaps.insert(0, remap);
+        Ok((fitted, remaps))
     }
 
     /// The fitted state from the values collected and the numeric statistics (`squares`
@@ -1088,6 +1191,14 @@ impl Fitted {
 
     /// Normalises numbers and builds masks.
     pub(super) fn finish(&self, raw: RawSplit, file: &Path) -> Dataset {
+        let mut data = self.finish_unmasked(raw, file);
+        data.seq_mask = data.seq_ids.iter().map(|ids| mask_of(ids)).collect();
+        data
+    }
+
+    /// [`finish`](Self::finish) without the sequence masks (each left empty): for blocks
+    /// written to the cache file, which stores none (a mask is `id != 0`).
+    pub(super) fn finish_unmasked(&self, raw: RawSplit, file: &Path) -> Dataset {
         let num = raw
             .num
             .iter()
@@ -1102,7 +1213,7 @@ impl Fitted {
             rows: raw.rows,
             shape: Shape::of(&self.schema),
             cat: raw.cat,
-            seq_mask: raw.seq_ids.iter().map(|ids| mask_of(ids)).collect(),
+            seq_mask: vec![Vec::new(); raw.seq_ids.len()],
             seq_ids: raw.seq_ids,
             num,
             domain: raw.domain,

@@ -2,13 +2,17 @@
 //! and written to the cache file as they are encoded ([`cache::Writer`]), so memory does not
 //! grow with the rows beyond the per-row columns metrics keep (domain, labels, user).
 //!
-//! Train is read once (the unknown-domain policy does not apply to it): each block is encoded with provisional ids (in first-seen order,
-//! [`FitIds`]) while the vocabulary counts and the numeric statistics are gathered, and
-//! spilled to an unnamed temporary file. The vocabularies and normalisers are then fitted
-//! from those counts (a `standard` column's squares from a second pass over the spill), the
-//! spilled blocks are rewritten with the final ids and normalised numbers into the cache,
-//! and valid and test are encoded with the fitted state. The result is the same, value for
-//! value, as encoding each split whole.
+//! Train is read once (the unknown-domain policy does not apply to it), on every thread:
+//! each worker encodes stretches of the text with provisional ids of its own (in first-seen
+//! order, [`FitIds`]) and counts the values of the rows it kept, while the numeric statistics
+//! are gathered in input order; the blocks are spilled to an unnamed temporary file with the
+//! worker that encoded them. The workers' values and counts are then merged, the
+//! vocabularies and normalisers fitted from them (a `standard` column's squares from a
+//! second pass over the spill), the spilled blocks rewritten with the final ids and
+//! normalised numbers into the cache (laid out on every thread, written in order), and
+//! valid and test encoded with the fitted state. The result is the same, value for value,
+//! as encoding each split whole, and the cache file the same byte for byte whatever the
+//! number of threads.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, Write};
@@ -22,15 +26,16 @@ use super::schema::Schema;
 use super::stream::SplitReader;
 use super::{DataError, EncodeOptions};
 
-/// Rows encoded at a time.
+/// Rows encoded at a time where a block is read by one thread (valid, test, Parquet parts).
 pub(super) const BLOCK_ROWS: usize = 1 << 15;
+/// Bytes of CSV text each thread encodes at a time in train's first pass.
+pub(super) const STRETCH_BYTES: usize = 4 << 20;
 
 /// Provisionally encoded train blocks in an unnamed temporary file, read back in order.
 struct Spill {
     writer: BufWriter<File>,
     folder: PathBuf,
     shape: Shape,
-    buffer: Vec<u8>,
 }
 
 fn put_u32s(values: &[u32], out: &mut Vec<u8>) {
@@ -41,101 +46,126 @@ fn get_u32s(bytes: &[u8]) -> Vec<u32> {
     bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
 }
 
+/// A spilled block as read back: the worker whose ids it holds, its rows, its arrays.
+struct SpilledBlock {
+    worker: usize,
+    rows: usize,
+    body: Vec<u8>,
+}
+
+/// Bytes before a spilled block's arrays: its worker, rows and the arrays' length (u64 each).
+const SPILL_HEADER: usize = 24;
+
 impl Spill {
     fn new(schema: &Schema) -> Result<Spill, DataError> {
         let (file, folder) = unnamed_file()?;
-        Ok(Spill {
-            writer: BufWriter::with_capacity(1 << 20, file),
-            folder,
-            shape: Shape::of(schema),
-            buffer: Vec::new(),
-        })
+        Ok(Spill { writer: BufWriter::with_capacity(1 << 20, file), folder, shape: Shape::of(schema) })
     }
 
     fn error(&self, e: std::io::Error) -> DataError {
         DataError::io(&self.folder, &format!("cannot spill the encoded train rows to a temporary file: {e}"))
     }
 
-    /// Appends a block: its row count and byte length, then each array's elements.
-    fn write(&mut self, raw: &RawSplit) -> Result<(), DataError> {
-        let out = &mut self.buffer;
-        out.clear();
+    /// A block as spilled: its worker, row count and byte length, then each array's elements.
+    fn encode(shape: &Shape, worker: usize, raw: &RawSplit) -> Vec<u8> {
+        let mut out = Vec::with_capacity(SPILL_HEADER + raw.rows * 256);
+        out.extend_from_slice(&(worker as u64).to_le_bytes());
         out.extend_from_slice(&(raw.rows as u64).to_le_bytes());
         out.extend_from_slice(&0u64.to_le_bytes());
-        raw.cat.iter().for_each(|ids| put_u32s(ids, out));
+        raw.cat.iter().for_each(|ids| put_u32s(ids, &mut out));
         // A sequence as its item count and items: they fill the last slots (right-aligned).
-        for (ids, (_, len)) in raw.seq_ids.iter().zip(&self.shape.seq) {
+        for (ids, (_, len)) in raw.seq_ids.iter().zip(&shape.seq) {
             for slots in ids.chunks_exact((*len).max(1)) {
                 let items = slots.iter().position(|&id| id != FitIds::SEQUENCE_PAD).map_or(0, |first| len - first);
                 out.extend_from_slice(&(items as u32).to_le_bytes());
-                put_u32s(&slots[len - items..], out);
+                put_u32s(&slots[len - items..], &mut out);
             }
         }
         raw.num.iter().flatten().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
-        put_u32s(&raw.domain, out);
+        put_u32s(&raw.domain, &mut out);
         raw.labels.iter().for_each(|y| out.extend_from_slice(&y.to_le_bytes()));
-        put_u32s(&raw.user, out);
-        let body = (out.len() - 16) as u64;
-        out[8..16].copy_from_slice(&body.to_le_bytes());
-        let written = self.writer.write_all(&self.buffer);
+        put_u32s(&raw.user, &mut out);
+        let body = (out.len() - SPILL_HEADER) as u64;
+        out[16..SPILL_HEADER].copy_from_slice(&body.to_le_bytes());
+        out
+    }
+
+    fn write(&mut self, block: &[u8]) -> Result<(), DataError> {
+        let written = self.writer.write_all(block);
         written.map_err(|e| self.error(e))
     }
 
-    /// Hands every block written to `each`, in order.
+    /// The arrays of a spilled block.
+    fn decode(&self, schema: &Schema, block: &SpilledBlock) -> RawSplit {
+        let (shape, rows, body) = (&self.shape, block.rows, &block.body);
+        let mut at = 0;
+        let mut next = |n: usize| {
+            let bytes = &body[at..at + n];
+            at += n;
+            bytes
+        };
+        let mut raw = RawSplit::with_capacity(schema, 0);
+        raw.rows = rows;
+        for (ids, width) in raw.cat.iter_mut().zip(&shape.cat) {
+            *ids = get_u32s(next(rows * width * 4));
+        }
+        for (ids, (columns, len)) in raw.seq_ids.iter_mut().zip(&shape.seq) {
+            ids.reserve(rows * columns * len);
+            for _ in 0..rows * columns {
+                let count = next(4);
+                let items = (u32::from_le_bytes([count[0], count[1], count[2], count[3]]) as usize).min(*len);
+                ids.resize(ids.len() + len - items, FitIds::SEQUENCE_PAD);
+                ids.extend(get_u32s(next(items * 4)));
+            }
+        }
+        for (values, width) in raw.num.iter_mut().zip(&shape.num) {
+            let bytes = next(rows * width * 8);
+            *values = bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
+        }
+        raw.domain = get_u32s(next(rows * shape.has_domain as usize * 4));
+        let labels = next(rows * shape.tasks * 4);
+        raw.labels = labels.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        raw.user = get_u32s(next(rows * shape.has_user as usize * 4));
+        raw
+    }
+
+    /// Hands the blocks written to `each`, in order, up to `batch` at a time.
     fn each(
         &mut self,
-        schema: &Schema,
-        mut each: impl FnMut(RawSplit) -> Result<(), DataError>,
+        batch: usize,
+        mut each: impl FnMut(&Spill, Vec<SpilledBlock>) -> Result<(), DataError>,
     ) -> Result<(), DataError> {
         self.writer.flush().map_err(|e| self.error(e))?;
         let folder = self.folder.clone();
         let failed =
             |e: std::io::Error| DataError::io(&folder, &format!("cannot read back the spilled train rows: {e}"));
-        let file = self.writer.get_mut();
+        let mut file = self.writer.get_ref().try_clone().map_err(failed)?;
         file.rewind().map_err(failed)?;
-        let mut reader = BufReader::with_capacity(1 << 20, &*file);
-        let shape = &self.shape;
-        let mut header = [0u8; 16];
-        let mut body = Vec::new();
-        loop {
-            match reader.read_exact(&mut header) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(failed(e)),
-            }
-            let rows = u64::from_le_bytes(header[..8].try_into().expect("8 bytes")) as usize;
-            body.resize(u64::from_le_bytes(header[8..].try_into().expect("8 bytes")) as usize, 0);
-            reader.read_exact(&mut body).map_err(failed)?;
-            let mut at = 0;
-            let mut next = |n: usize| {
-                let bytes = &body[at..at + n];
-                at += n;
-                bytes
-            };
-            let mut raw = RawSplit::with_capacity(schema, 0);
-            raw.rows = rows;
-            for (ids, width) in raw.cat.iter_mut().zip(&shape.cat) {
-                *ids = get_u32s(next(rows * width * 4));
-            }
-            for (ids, (columns, len)) in raw.seq_ids.iter_mut().zip(&shape.seq) {
-                ids.reserve(rows * columns * len);
-                for _ in 0..rows * columns {
-                    let count = next(4);
-                    let items = (u32::from_le_bytes([count[0], count[1], count[2], count[3]]) as usize).min(*len);
-                    ids.resize(ids.len() + len - items, FitIds::SEQUENCE_PAD);
-                    ids.extend(get_u32s(next(items * 4)));
+        let mut reader = BufReader::with_capacity(1 << 20, file);
+        let mut header = [0u8; SPILL_HEADER];
+        let mut ended = false;
+        while !ended {
+            let mut blocks = Vec::with_capacity(batch);
+            while blocks.len() < batch.max(1) {
+                match reader.read_exact(&mut header) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        ended = true;
+                        break;
+                    }
+                    Err(e) => return Err(failed(e)),
                 }
+                let word =
+                    |i: usize| u64::from_le_bytes(header[i * 8..i * 8 + 8].try_into().expect("8 bytes")) as usize;
+                let mut body = vec![0; word(2)];
+                reader.read_exact(&mut body).map_err(failed)?;
+                blocks.push(SpilledBlock { worker: word(0), rows: word(1), body });
             }
-            for (values, width) in raw.num.iter_mut().zip(&shape.num) {
-                let bytes = next(rows * width * 8);
-                *values = bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
+            if !blocks.is_empty() {
+                each(&*self, blocks)?;
             }
-            raw.domain = get_u32s(next(rows * shape.has_domain as usize * 4));
-            let labels = next(rows * shape.tasks * 4);
-            raw.labels = labels.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-            raw.user = get_u32s(next(rows * shape.has_user as usize * 4));
-            each(raw)?;
         }
+        Ok(())
     }
 }
 
@@ -163,6 +193,30 @@ fn read_blocks<I: IdSource>(
     }
 }
 
+/// Runs `work` on each item on a thread of its own (inline for one) and returns the
+/// results in order.
+fn each_on_a_thread<T: Send, R: Send>(items: Vec<T>, work: impl Fn(T) -> R + Sync) -> Vec<R> {
+    if items.len() <= 1 {
+        return items.into_iter().map(work).collect();
+    }
+    let work = &work;
+    std::thread::scope(|scope| {
+        let running: Vec<_> = items.into_iter().map(|item| scope.spawn(move || work(item))).collect();
+        running.into_iter().map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+    })
+}
+
+/// How train is read in its first pass: threads, and (tests) how much each reads at a time.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Reading {
+    /// Threads that encode train (at least 1).
+    pub threads: usize,
+    /// CSV text per thread at a time.
+    pub stretch_bytes: usize,
+    /// Rows of a block read by one thread.
+    pub block_rows: usize,
+}
+
 /// Reads, fits and encodes the three splits into the cache file `cache_file` (or an unnamed
 /// temporary file without one, or when it cannot be created: the reason comes back) and
 /// returns the fitted state and the splits reading their features from that file.
@@ -172,29 +226,62 @@ pub(super) fn prepare_streaming(
     encode: EncodeOptions,
     cache_file: Option<&Path>,
     key: &[u8; 32],
-    block_rows: usize,
+    reading: Reading,
 ) -> Result<(Fitted, [Dataset; 3], Option<String>), DataError> {
-    // Train, once: provisional ids, counts and numeric statistics, the blocks spilled.
-    let mut ids = FitIds::new(schema);
+    let threads = reading.threads.max(1);
+    // Train, once: provisional ids per worker, counts and numeric statistics, the blocks
+    // spilled.
+    let mut workers: Vec<FitIds> = (0..threads).map(|_| FitIds::new(schema)).collect();
     let mut numbers = NumericColumns::new(schema);
     let mut spill = Spill::new(schema)?;
-    let train_skipped = read_blocks(schema, (&paths.train, block_rows), encode, &mut ids, |raw| {
-        numbers.add(&raw);
-        spill.write(&raw)
-    })?;
+    let mut reader = SplitReader::open(&paths.train, Columns::All, encode, Vec::new())?;
+    let mut train_skipped = SkippedRows::default();
+    loop {
+        let blocks = reader.next_blocks_parallel(schema, &mut workers, (reading.stretch_bytes, reading.block_rows))?;
+        if blocks.is_empty() {
+            break;
+        }
+        // Each block is counted by its worker (one block per worker) and laid out for the spill.
+        let mut free: Vec<Option<&mut FitIds>> = workers.iter_mut().map(Some).collect();
+        let jobs: Vec<_> = blocks
+            .into_iter()
+            .map(|(worker, raw)| (worker, free[worker].take().expect("one block per worker"), raw))
+            .collect();
+        let shape = &spill.shape;
+        let spilled = each_on_a_thread(jobs, |(worker, ids, raw)| {
+            ids.count(&raw);
+            let bytes = Spill::encode(shape, worker, &raw);
+            (raw, bytes)
+        });
+        for (raw, bytes) in spilled {
+            train_skipped.absorb(&raw.skipped);
+            if raw.rows > 0 {
+                numbers.add(&raw);
+                spill.write(&bytes)?;
+            }
+        }
+    }
     let squares = |numbers: &mut NumericColumns| {
-        spill.each(schema, |raw| {
-            numbers.add_squares(&raw);
+        spill.each(1, |spill, blocks| {
+            blocks.iter().for_each(|block| numbers.add_squares(&spill.decode(schema, block)));
             Ok(())
         })
     };
-    let (fitted, remap) = ids.fit(schema, squares, numbers)?;
+    let (fitted, remaps) = FitIds::fit_parts(workers, schema, squares, numbers)?;
 
     let (mut writer, note) = cache::Writer::create(cache_file, key, &fitted)?;
     writer.begin_split(&paths.train.display().to_string());
-    spill.each(schema, |mut raw| {
-        remap.apply(&mut raw);
-        writer.write_block(&fitted.finish(raw, &paths.train))
+    spill.each(threads, |spill, blocks| {
+        let layout = writer.layout();
+        let laid_out = each_on_a_thread(blocks, |block| {
+            let mut raw = spill.decode(schema, &block);
+            remaps[block.worker].apply(&mut raw);
+            let data = fitted.finish_unmasked(raw, &paths.train);
+            let mut records = Vec::new();
+            layout.put_rows(&data, &mut records);
+            (records, data)
+        });
+        laid_out.iter().try_for_each(|(records, data)| writer.append(records, data))
     })?;
     drop(spill);
     writer.end_split(train_skipped);
@@ -202,8 +289,8 @@ pub(super) fn prepare_streaming(
     for path in [&paths.valid, &paths.test] {
         writer.begin_split(&path.display().to_string());
         let mut ids = fitted.apply_ids(encode.unknown_domain)?;
-        let skipped = read_blocks(schema, (path, block_rows), encode, &mut ids, |raw| {
-            writer.write_block(&fitted.finish(raw, path))
+        let skipped = read_blocks(schema, (path, reading.block_rows), encode, &mut ids, |raw| {
+            writer.write_block(&fitted.finish_unmasked(raw, path))
         })?;
         writer.end_split(skipped);
     }
@@ -230,10 +317,12 @@ user: user
 ";
 
     const HEADER: &str = "label,user,item,color,hist,tags,x,y,z,domain\n";
-    /// Quoted fields, a missing number, an empty cell, a malformed row (line 6), repeats.
+    /// Quoted fields (one over three lines, so that stretches cut at line ends start inside
+    /// it), a missing number, an empty cell, a malformed row (line 6), repeats.
     const TRAIN: &str =
         "1,u1,a,red,,t1 t2,0.5,1,3,0\n0,u2,\"b,1\",blue,a,t2,1.5,,4,1\n1,u1,c,,a \"\"x\"\",t1,2.5,2,5,1\n\
-        0,u3,a,red,c b,t3 t1,-1,7,,0\n1,u2,b,x\n1,u4,d,red,a a a,t2 t2,4,0.25,1,2\n0,u1,a,blue,d,,3,3,3,0\n";
+        0,u3,a,red,c b,t3 t1,-1,7,,0\n1,u2,b,x\n1,u4,d,red,a a a,t2 t2,4,0.25,1,2\n0,u1,a,blue,d,,3,3,3,0\n\
+        1,u5,\"e\n1,u6,f\n\",red,a,t1,1,1,1,1\n0,u1,a,red,b,t2,2,2,2,0\n";
     const VALID: &str = "0,u9,a,red,b zz,t1,1,1,1,1\n1,u1,q,green,,t2 t9,0,0,0,0\n";
 
     #[test]
@@ -263,24 +352,27 @@ user: user
         .unwrap();
         let valid = fitted.encode_file(&paths.valid, encode).unwrap();
         let test = fitted.encode_file(&paths.test, encode).unwrap();
-        assert_eq!((train.rows, train.skipped.count), (6, 1));
-        for block_rows in [1, 2, 4, 100] {
+        assert_eq!((train.rows, train.skipped.count), (8, 1));
+        let readings = [(1, 1 << 20, 1), (1, 1 << 20, 2), (1, 1 << 20, 4), (1, 1 << 20, 100), (2, 1 << 20, 100)];
+        let readings = readings.into_iter().chain([(2, 7, 3), (3, 20, 2), (4, 1, 1), (3, 64, 100)]);
+        for (threads, stretch_bytes, block_rows) in readings {
+            let reading = Reading { threads, stretch_bytes, block_rows };
             let (streamed, [s_train, s_valid, s_test], note) =
-                prepare_streaming(&schema, &paths, encode, None, &[0; 32], block_rows).unwrap();
+                prepare_streaming(&schema, &paths, encode, None, &[0; 32], reading).unwrap();
             assert_eq!(note, None);
-            assert!(streamed == fitted, "blocks of {block_rows}: the fitted state differs");
-            assert_eq!(s_train.resident().unwrap(), train, "blocks of {block_rows}");
-            assert_eq!(s_valid.resident().unwrap(), valid, "blocks of {block_rows}");
-            assert_eq!(s_test.resident().unwrap(), test, "blocks of {block_rows}");
+            assert!(streamed == fitted, "{reading:?}: the fitted state differs");
+            assert_eq!(s_train.resident().unwrap(), train, "{reading:?}");
+            assert_eq!(s_valid.resident().unwrap(), valid, "{reading:?}");
+            assert_eq!(s_test.resident().unwrap(), test, "{reading:?}");
             // Batches read from the file are the rows of the split in memory.
             let rows = [5, 0, 3, 3, 1];
             let (mut from_file, mut from_memory) = (s_train.new_batch(), train.new_batch());
             s_train.gather(&rows, &mut from_file).unwrap();
             train.gather(&rows, &mut from_memory).unwrap();
-            assert_eq!(from_file, from_memory, "blocks of {block_rows}");
+            assert_eq!(from_file, from_memory, "{reading:?}");
             s_test.gather_range(1..4, &mut from_file).unwrap();
             test.gather_range(1..4, &mut from_memory).unwrap();
-            assert_eq!(from_file, from_memory, "blocks of {block_rows}");
+            assert_eq!(from_file, from_memory, "{reading:?}");
         }
         std::fs::remove_dir_all(&folder).unwrap();
     }

@@ -76,6 +76,8 @@ pub struct PrepareOptions {
     pub unknown_domain: UnknownDomain,
     /// The byte between CSV fields.
     pub delimiter: Delimiter,
+    /// Threads that read train (0: the machine's cores); the result does not depend on it.
+    pub threads: usize,
 }
 
 impl PrepareOptions {
@@ -258,7 +260,14 @@ pub fn prepare(schema: &Schema, paths: &SplitPaths, options: &PrepareOptions) ->
         options.encode(),
         stats.cache_file.as_deref(),
         &key,
-        super::ingest::BLOCK_ROWS,
+        super::ingest::Reading {
+            threads: match options.threads {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            },
+            stretch_bytes: super::ingest::STRETCH_BYTES,
+            block_rows: super::ingest::BLOCK_ROWS,
+        },
     )?;
     stats.parse_seconds = parse_start.elapsed().as_secs_f64();
     stats.cache_written = stats.cache_file.is_some() && not_written.is_none();

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use super::csv::Record;
 use super::csv::{display_name, CsvReader, TextStream};
 use super::dataset::{Dataset, SkippedRows};
-use super::encode::{read_header, ApplyIds, Columns, Fitted, IdSource, Plan, RawSplit, Rows, Stop};
+use super::encode::{read_header, ApplyIds, Columns, FitIds, Fitted, IdSource, Plan, RawSplit, Rows, Stop};
 use super::parquet_input::ParquetRows;
 use super::schema::Schema;
 use super::source::{check_same_columns, Format};
@@ -235,6 +235,103 @@ impl SplitReader {
             }
         }
         Ok(true)
+    }
+}
+
+impl SplitReader {
+    /// Train's first pass on several threads: like [`next_block`](Self::next_block) with
+    /// provisional ids, but the text of a CSV part is cut at line ends into one stretch per
+    /// worker (about `stretch_bytes` each), each worker encodes its stretch into ids of its
+    /// own, and the blocks come back in input order with the index of the worker whose
+    /// ids they hold. The workers register the values they read but count none
+    /// ([`FitIds::count`] counts a block once it is kept): a line end inside a quoted
+    /// field makes the stretch before it end inside that field, so the stretches after it
+    /// are dropped (their values stay registered, uncounted, which changes nothing) and
+    /// read again from that record on. The header, Parquet parts, a record longer than the
+    /// stretches and a single worker go through `next_block` on the first worker
+    /// (`block_rows` rows). No blocks once every record has been taken. Which rows a
+    /// block holds depends on the workers' number; the rows, in order, do not.
+    pub(super) fn next_blocks_parallel(
+        &mut self,
+        schema: &Schema,
+        workers: &mut [FitIds],
+        (stretch_bytes, block_rows): (usize, usize),
+    ) -> Result<Vec<(usize, RawSplit)>, DataError> {
+        let one_by_one = |reader: &mut SplitReader, workers: &mut [FitIds]| {
+            let mut raw = RawSplit::with_capacity(schema, block_rows);
+            reader.next_block(schema, &mut workers[0], &mut raw, block_rows, |_, _, _| {})?;
+            Ok(if raw.rows > 0 || raw.skipped.count > 0 { vec![(0, raw)] } else { Vec::new() })
+        };
+        if self.done {
+            return Ok(Vec::new());
+        }
+        let (Some(rows), Some((_, Part::Csv(input))), true) = (&self.rows, &mut self.part, workers.len() > 1) else {
+            return one_by_one(self, workers);
+        };
+        while input.pending_len() < stretch_bytes * workers.len() && !input.ended() {
+            input.read_more()?;
+        }
+        let more = !input.ended();
+        let text = input.text()?;
+        let (first_line, text_length) = (input.line(), text.len());
+        // Stretches of about equal length, each but the last ending after a line end.
+        let bytes = text.as_bytes();
+        let length = text.len().div_ceil(workers.len()).max(1);
+        let mut bounds = vec![0];
+        while bounds.len() < workers.len() {
+            let from = bounds[bounds.len() - 1] + length;
+            match bytes.get(from..).and_then(|rest| memchr::memchr(b'\n', rest)) {
+                Some(at) if from + at + 1 < bytes.len() => bounds.push(from + at + 1),
+                _ => break,
+            }
+        }
+        bounds.push(bytes.len());
+        let mut lines = vec![first_line];
+        for window in bounds.windows(2).take(bounds.len() - 2) {
+            let newlines = memchr::memchr_iter(b'\n', &bytes[window[0]..window[1]]).count() as u64;
+            lines.push(lines[lines.len() - 1] + newlines);
+        }
+        let delimiter = self.encode.delimiter.byte();
+        let stretches = bounds.len() - 1;
+        let results: Vec<_> = std::thread::scope(|scope| {
+            let running: Vec<_> = workers
+                .iter_mut()
+                .take(stretches)
+                .enumerate()
+                .map(|(i, ids)| {
+                    let (stretch, line, mut rows) = (&text[bounds[i]..bounds[i + 1]], lines[i], rows.clone());
+                    // Only the last stretch may end the input.
+                    let more = more || i + 1 < stretches;
+                    scope.spawn(move || {
+                        let mut reader = CsvReader::at_line(stretch, line).with_delimiter(delimiter);
+                        let mut raw = RawSplit::with_capacity(schema, stretch.len() / 512);
+                        let result = rows.encode(&mut reader, ids, &mut raw, (usize::MAX, more), |_, _| {});
+                        (result, raw)
+                    })
+                })
+                .collect();
+            running.into_iter().map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+        });
+        let mut blocks = Vec::new();
+        let mut consumed = (0, first_line);
+        for (i, (result, raw)) in results.into_iter().enumerate() {
+            // This stretch starts where a record starts: its errors are the input's.
+            let (_, (read, line)) = result?;
+            consumed = (bounds[i] + read, line);
+            blocks.push((i, raw));
+            if consumed.0 < bounds[i + 1] {
+                break;
+            }
+        }
+        if consumed.0 == 0 {
+            return one_by_one(self, workers);
+        }
+        let finished = !more && consumed.0 == text_length;
+        input.consume(consumed.0, consumed.1);
+        if finished {
+            self.part = None;
+        }
+        Ok(blocks)
     }
 }
 

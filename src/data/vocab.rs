@@ -64,6 +64,11 @@ impl Hasher for WordHasher {
     }
 
     #[inline]
+    fn write_u64(&mut self, value: u64) {
+        self.add(value);
+    }
+
+    #[inline]
     fn write_u8(&mut self, byte: u8) {
         self.add(byte as u64);
     }
@@ -79,39 +84,115 @@ impl Hasher for WordHasher {
 
 type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<WordHasher>>;
 
-/// A map from raw values to ids, with two fast paths that keep lookups inside small, cache-
-/// friendly memory: a value that is a canonical small integer (`0` or digits without a leading
-/// zero, below [`DENSE_LIMIT`]) indexes a dense array; any other value of up to 15 bytes is
-/// packed into a `u128` key stored inline in a hash table. Longer values use a map of boxed
-/// strings. Each value has exactly one representation, so the three never disagree.
+/// A map from raw values to ids, with three fast paths that keep lookups inside small,
+/// cache-friendly memory: a value that is a canonical integer (`0` or digits without a
+/// leading zero) indexes a dense array below [`DENSE_LIMIT`] and is a `u64` key of a hash
+/// table up to 19 digits; any other value of up to 15 bytes is packed into a `u128` key
+/// stored inline in a hash table. Longer values use a map of boxed strings. Each value has
+/// exactly one representation, so the four never disagree.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct ValueIndex {
     dense: Vec<u32>,
     dense_len: usize,
+    integers: IntegerIndex,
     short: FastMap<u128, u32>,
     long: FastMap<Box<str>, u32>,
 }
 
+/// Canonical integers of [`DENSE_LIMIT`] and above → ids: open addressing with linear
+/// probing over one array of `(key, id)` slots, at most half full, so that a lookup usually
+/// reads one cache line (an id table of many distinct ids is larger than the caches, and
+/// the lookups of train's ids are most of its reading time). A free slot holds [`NO_KEY`].
+#[derive(Clone, Debug, Default)]
+struct IntegerIndex {
+    slots: Vec<(u64, u32)>,
+    len: usize,
+    /// 64 less log2 of the slots: a key's first slot is the top bits of its hash.
+    shift: u32,
+}
+
+/// Never a key (keys have at most 19 digits, so they are below 10^19 < u64::MAX).
+const NO_KEY: u64 = u64::MAX;
+
+impl IntegerIndex {
+    #[inline]
+    fn first_slot(&self, key: u64) -> usize {
+        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize
+    }
+
+    #[inline]
+    fn get(&self, key: u64) -> Option<u32> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.slots.len() - 1;
+        let mut at = self.first_slot(key);
+        loop {
+            let (k, id) = self.slots[at];
+            if k == key {
+                return Some(id);
+            }
+            if k == NO_KEY {
+                return None;
+            }
+            at = (at + 1) & mask;
+        }
+    }
+
+    /// Adds `key` with `id` unless present; returns its id.
+    #[inline]
+    fn get_or_insert(&mut self, key: u64, id: u32) -> u32 {
+        if (self.len + 1) * 2 > self.slots.len() {
+            self.grow();
+        }
+        let mask = self.slots.len() - 1;
+        let mut at = self.first_slot(key);
+        loop {
+            let (k, existing) = self.slots[at];
+            if k == key {
+                return existing;
+            }
+            if k == NO_KEY {
+                self.slots[at] = (key, id);
+                self.len += 1;
+                return id;
+            }
+            at = (at + 1) & mask;
+        }
+    }
+
+    fn grow(&mut self) {
+        let slots = (self.slots.len() * 2).max(16);
+        let old = std::mem::replace(&mut self.slots, vec![(NO_KEY, 0); slots]);
+        self.shift = 64 - slots.trailing_zeros();
+        self.len = 0;
+        for (key, id) in old.into_iter().filter(|&(key, _)| key != NO_KEY) {
+            self.get_or_insert(key, id);
+        }
+    }
+}
+
 /// Integers below this use the dense array (at most 4 MiB per column).
-const DENSE_LIMIT: usize = 1 << 20;
+const DENSE_LIMIT: u64 = 1 << 20;
 /// A free slot of the dense array.
 const ABSENT: u32 = u32::MAX;
 
-/// The value as a canonical integer below [`DENSE_LIMIT`].
+/// The value as a canonical integer of at most 19 digits (so below 10^19 < 2^64).
 #[inline]
-fn small_integer(value: &str) -> Option<usize> {
+fn canonical_integer(value: &str) -> Option<u64> {
     let bytes = value.as_bytes();
-    if bytes.is_empty() || bytes.len() > 7 || (bytes[0] == b'0' && bytes.len() > 1) {
+    if bytes.is_empty() || bytes.len() > 19 || (bytes[0] == b'0' && bytes.len() > 1) {
         return None;
     }
-    let mut number = 0usize;
+    let mut number = 0u64;
     for &b in bytes {
-        if !b.is_ascii_digit() {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
             return None;
         }
-        number = number * 10 + (b - b'0') as usize;
+        number = number * 10 + digit as u64;
     }
-    (number < DENSE_LIMIT).then_some(number)
+    Some(number)
 }
 
 /// The bytes of a short value followed by zeros, its length in the last byte.
@@ -130,8 +211,11 @@ fn pack(value: &str) -> Option<u128> {
 impl ValueIndex {
     #[inline]
     pub fn get(&self, value: &str) -> Option<u32> {
-        if let Some(number) = small_integer(value) {
-            return self.dense.get(number).copied().filter(|&id| id != ABSENT);
+        if let Some(number) = canonical_integer(value) {
+            if number < DENSE_LIMIT {
+                return self.dense.get(number as usize).copied().filter(|&id| id != ABSENT);
+            }
+            return self.integers.get(number);
         }
         match pack(value) {
             Some(key) => self.short.get(&key).copied(),
@@ -140,10 +224,15 @@ impl ValueIndex {
     }
 
     /// Adds `value` unless present; returns the id it has afterwards.
+    #[inline]
     pub fn get_or_insert(&mut self, value: &str, id: u32) -> u32 {
-        if let Some(number) = small_integer(value) {
+        if let Some(number) = canonical_integer(value) {
+            if number >= DENSE_LIMIT {
+                return self.integers.get_or_insert(number, id);
+            }
+            let number = number as usize;
             if number >= self.dense.len() {
-                let grown = (number + 1).next_power_of_two().min(DENSE_LIMIT);
+                let grown = (number + 1).next_power_of_two().min(DENSE_LIMIT as usize);
                 self.dense.resize(grown, ABSENT);
             }
             let slot = &mut self.dense[number];
@@ -166,59 +255,86 @@ impl ValueIndex {
     }
 
     pub fn len(&self) -> usize {
-        self.dense_len + self.short.len() + self.long.len()
+        self.dense_len + self.integers.len + self.short.len() + self.long.len()
     }
 }
 
 /// Collects the distinct values of a column while the train split is read: provisional ids in
-/// first-seen order plus a count per value. Values can also be registered without being
-/// counted (sequence items looked up through a categorical column's vocabulary).
+/// first-seen order plus a count per value. Values are registered by [`intern`](Self::intern)
+/// and counted separately ([`count`](Self::count)), so that a reader can register the values
+/// of rows it may still discard and count only the rows it keeps; values registered and never
+/// counted are never kept (sequence items looked up through a categorical column's
+/// vocabulary are such values). The values' bytes live in one buffer.
 #[derive(Default)]
 pub(crate) struct Interner {
     ids: ValueIndex,
-    values: Vec<Box<str>>,
+    text: String,
+    /// Where each value's bytes end in `text` (its start is the previous value's end).
+    ends: Vec<usize>,
     counts: Vec<u64>,
 }
 
 impl Interner {
-    /// The provisional id of `value`, counting one occurrence when `count` is set.
+    /// The provisional id of `value` (registered if new, not counted).
     #[inline]
-    pub fn intern(&mut self, value: &str, count: bool) -> u32 {
-        let next = self.values.len() as u32;
+    pub fn intern(&mut self, value: &str) -> u32 {
+        let next = self.ends.len() as u32;
         let id = self.ids.get_or_insert(value, next);
         if id == next {
-            self.values.push(value.into());
+            self.text.push_str(value);
+            self.ends.push(self.text.len());
             self.counts.push(0);
         }
-        if count {
-            self.counts[id as usize] += 1;
-        }
         id
+    }
+
+    /// Counts one occurrence of the value with provisional id `id`.
+    #[inline]
+    pub fn count(&mut self, id: u32) {
+        self.counts[id as usize] += 1;
+    }
+
+    /// The value of provisional id `id`.
+    fn value(&self, id: usize) -> &str {
+        let start = if id == 0 { 0 } else { self.ends[id - 1] };
+        &self.text[start..self.ends[id]]
+    }
+
+    /// Adds the values and counts of `other` (in its id order, so the values new here get
+    /// ids in the order `other` first saw them); returns the id here of each id of `other`.
+    pub fn absorb(&mut self, other: &Interner) -> Vec<u32> {
+        (0..other.ends.len())
+            .map(|id| {
+                let here = self.intern(other.value(id));
+                self.counts[here as usize] += other.counts[id];
+                here
+            })
+            .collect()
     }
 
     /// The final vocabulary and the map from provisional id to final id.
     pub fn into_vocab(self, limits: VocabLimits) -> (Vocab, Vec<u32>) {
         let min_count = limits.min_count.max(1);
         let mut kept: Vec<u32> =
-            (0..self.values.len() as u32).filter(|&id| self.counts[id as usize] >= min_count).collect();
+            (0..self.ends.len() as u32).filter(|&id| self.counts[id as usize] >= min_count).collect();
         kept.sort_by(|&a, &b| {
             let (a, b) = (a as usize, b as usize);
-            self.counts[b].cmp(&self.counts[a]).then_with(|| self.values[a].cmp(&self.values[b]))
+            self.counts[b].cmp(&self.counts[a]).then_with(|| self.value(a).cmp(self.value(b)))
         });
         if let Some(max_size) = limits.max_size {
             kept.truncate(max_size);
         }
-        let mut remap = vec![OOV; self.values.len()];
+        let mut remap = vec![OOV; self.ends.len()];
         for (rank, &id) in kept.iter().enumerate() {
             remap[id as usize] = RESERVED + rank as u32;
         }
-        let values: Vec<String> = kept.iter().map(|&id| self.values[id as usize].to_string()).collect();
+        let values: Vec<String> = kept.iter().map(|&id| self.value(id as usize).to_string()).collect();
         let counts = kept.iter().map(|&id| self.counts[id as usize]).collect();
         let vocab = Vocab::from_parts(values, counts, limits);
         if vocab.buckets > 0 {
             for (id, slot) in remap.iter_mut().enumerate() {
                 if *slot == OOV {
-                    *slot = vocab.bucket(&self.values[id]);
+                    *slot = vocab.bucket(self.value(id));
                 }
             }
         }
@@ -395,12 +511,12 @@ mod tests {
     fn ids_by_count_then_string_with_min_count() {
         let mut interner = Interner::default();
         for value in ["b", "a", "c", "b", "a", "d", "d", "d", "rare"] {
-            interner.intern(value, true);
+            add(&mut interner, value);
         }
-        interner.intern("uncounted", false);
+        interner.intern("uncounted");
         for value in ["7", "07", "1048576", "10485760000000000000", "a long value of many bytes"] {
-            interner.intern(value, true);
-            interner.intern(value, true);
+            add(&mut interner, value);
+            add(&mut interner, value);
         }
         let (vocab, remap) = interner.into_vocab(VocabLimits::min_count(2));
         // d (3), then the values seen twice in byte order, c/rare/uncounted below min_count.
@@ -428,9 +544,9 @@ mod tests {
     fn max_size_keeps_the_most_frequent_and_buckets_hash_the_rest() {
         let mut interner = Interner::default();
         for value in ["a", "a", "a", "b", "b", "c", "c", "d", "e"] {
-            interner.intern(value, true);
+            add(&mut interner, value);
         }
-        interner.intern("seen-in-a-sequence", false);
+        interner.intern("seen-in-a-sequence");
         let limits = VocabLimits { min_count: 1, max_size: Some(2), buckets: 0 };
         let (capped, remap) = Interner::into_vocab(clone_of(&interner), limits);
         assert_eq!((capped.id("a"), capped.id("b"), capped.id("c")), (2, 3, OOV), "b and c tie: b first");
@@ -456,18 +572,62 @@ mod tests {
         // Without limits nothing new is written.
         let (plain, _) = {
             let mut i = Interner::default();
-            i.intern("x", true);
+            add(&mut i, "x");
             i.into_vocab(VocabLimits::min_count(1))
         };
         assert_eq!(serde_json::to_string(&plain).unwrap(), r#"{"min_count":1,"values":["x"],"counts":[1]}"#);
     }
 
+    #[test]
+    fn the_index_finds_every_value_it_was_given_and_no_other() {
+        let value = |i: u64| match i % 4 {
+            0 => (i * 7919).to_string(),
+            1 => (1_000_000_000_000 * (i % 13) + i).to_string(),
+            2 => format!("v{i}"),
+            _ => format!("{i:0>20}"),
+        };
+        let mut index = ValueIndex::default();
+        for i in 0..5000 {
+            assert_eq!(index.get_or_insert(&value(i), i as u32), i as u32);
+        }
+        for i in 0..5000 {
+            assert_eq!(index.get(&value(i)), Some(i as u32));
+            assert_eq!(index.get_or_insert(&value(i), 9999), i as u32);
+        }
+        assert_eq!(index.len(), 5000);
+        for absent in ["1", "99999999999999999", "18446744073709551615", "v5001", "007", ""] {
+            assert_eq!(index.get(absent), None, "{absent}");
+        }
+    }
+
+    fn add(interner: &mut Interner, value: &str) {
+        let id = interner.intern(value);
+        interner.count(id);
+    }
+
     fn clone_of(interner: &Interner) -> Interner {
         let mut copy = Interner::default();
-        for (value, &count) in interner.values.iter().zip(&interner.counts) {
-            let id = copy.intern(value, false);
-            copy.counts[id as usize] = count;
-        }
+        copy.absorb(interner);
         copy
+    }
+
+    #[test]
+    fn absorbing_interners_counts_as_one_interner_over_all_their_values() {
+        let values = ["b", "7", "1048576", "99999999999999", "a", "b", "a long value of many bytes", "7", "c"];
+        let mut whole = Interner::default();
+        values.iter().for_each(|v| add(&mut whole, v));
+        let (mut first, mut second) = (Interner::default(), Interner::default());
+        values[..4].iter().for_each(|v| add(&mut first, v));
+        values[4..].iter().for_each(|v| add(&mut second, v));
+        second.intern("only registered");
+        let map = first.absorb(&second);
+        // The ids `second` gave its values, as `first` knows them now.
+        assert_eq!(map, [4, 0, 5, 1, 6, 7]);
+        for limits in [VocabLimits::min_count(1), VocabLimits { min_count: 1, max_size: Some(3), buckets: 4 }] {
+            let (merged, _) = clone_of(&first).into_vocab(limits);
+            let (expected, _) = clone_of(&whole).into_vocab(limits);
+            assert_eq!(merged, expected);
+            assert_eq!(merged.id("only registered"), expected.id("only registered"));
+        }
     }
 }
