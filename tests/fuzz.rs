@@ -87,13 +87,46 @@ fn the_runner_counts_panics_hangs_and_silent_results() {
     let t = mdl::fuzz::run_cases_with(&s, 0..3, |case, _| match case {
         0 => panic!("boom"),
         1 => {
-            std::thread::sleep(Duration::from_secs(2));
+            spend_cpu(Duration::from_secs(2));
             Verdict::Accepted
         }
         _ => Verdict::Silent("different".into()),
     });
     assert_eq!((t.cases, t.panics, t.hangs, t.silent), (3, 1, 1, 1), "{t:?}");
     assert!(t.findings[0].detail.contains("boom"), "{:?}", t.findings[0]);
+    assert!(t.findings[1].detail.contains("s of CPU time (its 0.3 s budget)"), "{:?}", t.findings[1]);
+}
+
+/// Busy work on the calling thread until it has used `cpu` of CPU time, however long a
+/// loaded machine makes that take.
+fn spend_cpu(cpu: Duration) {
+    let mut x = 0u64;
+    while mdl::fuzz::this_thread_cpu_time().expect("a Linux thread's CPU time") < cpu {
+        for i in 0..100_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+    }
+}
+
+/// The budget is CPU time: a case that waits longer than its budget while computing little
+/// (for a core on a busy machine, for the disk) is not a hang; one that waits
+/// `WALL_FACTOR` times its budget is blocked, and counted.
+#[test]
+fn a_waiting_case_is_slow_and_a_blocked_one_hangs() {
+    use mdl::fuzz::Verdict;
+    let s = Settings { seed: 1, budget: Duration::from_millis(100), known: false, until: None };
+    let t = mdl::fuzz::run_cases_with(&s, 0..2, |case, _| {
+        let wait = match case {
+            0 => Duration::from_millis(600),
+            _ => Duration::from_millis(100 * u64::from(mdl::fuzz::WALL_FACTOR) + 1500),
+        };
+        std::thread::sleep(wait);
+        Verdict::Accepted
+    });
+    assert_eq!((t.cases, t.accepted, t.hangs), (2, 1, 1), "{t:?}");
+    let hang = &t.findings[0];
+    assert_eq!(hang.case, 1, "{hang:?}");
+    assert!(hang.detail.contains("20 times its 0.1 s budget") && hang.detail.ends_with("blocked"), "{hang:?}");
 }
 
 /// A case that declares the work its input asks for gets that much time beyond the budget,
@@ -107,7 +140,7 @@ fn declared_work_extends_a_case_budget_and_no_further() {
             0 => notes.allow(Duration::from_secs(3)),
             _ => notes.allow(Duration::from_millis(200)),
         }
-        std::thread::sleep(Duration::from_millis(1200));
+        spend_cpu(Duration::from_millis(1200));
         Verdict::Accepted
     });
     assert_eq!((t.cases, t.accepted, t.hangs), (2, 1, 1), "{t:?}");

@@ -13,8 +13,9 @@
 //! result where the mutation does not change the meaning), rejected (an error; for a
 //! corruption that is the right answer), a *silent wrong result* (accepted, but different
 //! from the clean result or not valid: a NaN score, a span outside the text), a panic
-//! (caught with `catch_unwind` on a worker thread), or a hang (the case ran past the time
-//! budget, watched from the calling thread). An abort (an allocation failure, a stack
+//! (caught with `catch_unwind` on a worker thread), or a hang (watched from the calling
+//! thread: the case used more CPU time than its budget, or has waited [`WALL_FACTOR`] times
+//! its budget without using it; see [`wait_for`]). An abort (an allocation failure, a stack
 //! overflow) takes the process down: `mdl fuzz` (the hidden subcommand, [`supervise`])
 //! runs the cases in a child process and counts a child that died as an abort at the case
 //! it was running, then goes on after it.
@@ -171,6 +172,9 @@ pub struct Settings {
 pub struct CaseNotes {
     input: Mutex<String>,
     allowance_ms: AtomicU64,
+    /// The Linux thread id of the case's thread (0 until it has started, or where there is
+    /// none), for its CPU time.
+    thread_id: AtomicU64,
 }
 
 type Described = Arc<CaseNotes>;
@@ -201,23 +205,92 @@ impl CaseNotes {
     }
 }
 
-/// Waits for a case's outcome until `started + budget` plus whatever allowance the case
-/// has declared by then (re-read each time the current deadline passes).
-fn wait_for<T>(receive: &mpsc::Receiver<T>, notes: &CaseNotes, started: Instant, budget: Duration) -> Option<T> {
+/// How many times its budget a case may take in wall time while it has used less CPU time
+/// than the budget. A case that waits — for a core, on a machine other work keeps busy, or
+/// for the disk — is slow, and its CPU time is what the budget measures; a case that has
+/// waited this long without computing is blocked (a read that never returns), and a hang.
+pub const WALL_FACTOR: u32 = 20;
+
+/// How a watched case ended.
+enum Watched<T> {
+    Done(T),
+    /// It used more CPU time than its budget (the time measured; wall time where the
+    /// platform cannot tell a thread's CPU time).
+    OverBudget(Duration),
+    /// It was still running after [`WALL_FACTOR`] times its budget, with this CPU time.
+    Blocked {
+        wall: Duration,
+        cpu: Option<Duration>,
+    },
+    /// Its thread ended without a verdict.
+    Vanished,
+}
+
+/// Waits for a case's outcome. Its budget is `budget` plus whatever allowance the case has
+/// declared by then (re-read at each look), spent in CPU time of the case's thread: a hang
+/// is a case past it, or one still running after [`WALL_FACTOR`] times it in wall time.
+/// Measuring CPU time keeps the verdict the same on an idle machine and on one where the
+/// case gets a twentieth of a core.
+fn wait_for<T>(receive: &mpsc::Receiver<T>, notes: &CaseNotes, started: Instant, budget: Duration) -> Watched<T> {
     loop {
         let allowance = Duration::from_millis(notes.allowance_ms.load(Ordering::SeqCst));
-        let deadline = started + budget.saturating_add(allowance);
-        let left = deadline.saturating_duration_since(Instant::now());
-        match receive.recv_timeout(left) {
-            Ok(outcome) => return Some(outcome),
-            Err(mpsc::RecvTimeoutError::Disconnected) => return None,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if notes.allowance_ms.load(Ordering::SeqCst) == allowance.as_millis() as u64 {
-                    return None;
-                }
-            }
+        let limit = budget.saturating_add(allowance);
+        let look = (limit / 20).clamp(Duration::from_millis(5), Duration::from_millis(250));
+        match receive.recv_timeout(look) {
+            Ok(outcome) => return Watched::Done(outcome),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Watched::Vanished,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        let wall = started.elapsed();
+        let cpu = thread_cpu_time(notes.thread_id.load(Ordering::SeqCst));
+        let over = match cpu {
+            Some(used) if used >= limit => Some(Watched::OverBudget(used)),
+            None if wall >= limit => Some(Watched::OverBudget(wall)),
+            _ if wall >= limit.saturating_mul(WALL_FACTOR) => Some(Watched::Blocked { wall, cpu }),
+            _ => None,
+        };
+        if let Some(over) = over {
+            // The verdict may have come while the clocks were read.
+            return match receive.try_recv() {
+                Ok(outcome) => Watched::Done(outcome),
+                Err(_) => over,
+            };
         }
     }
+}
+
+/// The CPU time (user and system) that thread `thread_id` of this process has used, from
+/// `/proc/self/task/<id>/stat`; `None` where that cannot be read (not Linux, an ended
+/// thread, id 0).
+fn thread_cpu_time(thread_id: u64) -> Option<Duration> {
+    if thread_id == 0 {
+        return None;
+    }
+    cpu_time_in(&std::fs::read_to_string(format!("/proc/self/task/{thread_id}/stat")).ok()?)
+}
+
+/// The CPU time of the calling thread (see [`thread_cpu_time`]): for a case, or a test,
+/// that must spend a given amount of it.
+pub fn this_thread_cpu_time() -> Option<Duration> {
+    cpu_time_in(&std::fs::read_to_string("/proc/thread-self/stat").ok()?)
+}
+
+/// The Linux id of the calling thread (0 where it cannot be read).
+fn this_thread_id() -> u64 {
+    let link = std::fs::read_link("/proc/thread-self").ok();
+    link.and_then(|l| l.file_name()?.to_str()?.parse().ok()).unwrap_or(0)
+}
+
+/// utime + stime of a `/proc/.../stat` line: fields 14 and 15, in clock ticks of 1/100 s
+/// (Linux's `USER_HZ` for these files), counted after the parenthesised command name, which
+/// may itself hold spaces and parentheses.
+fn cpu_time_in(stat: &str) -> Option<Duration> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    // After the name, field 3 (the state) is index 0: utime (14) is 11, stime (15) is 12.
+    let total = ticks(11)?.checked_add(ticks(12)?)?;
+    Some(Duration::from_millis(total.saturating_mul(10)))
 }
 
 thread_local! {
@@ -339,6 +412,7 @@ fn run_cases(
             .name(format!("fuzz-{}-{case}", kind.name()))
             .stack_size(8 << 20)
             .spawn(move || {
+                input2.thread_id.store(this_thread_id(), Ordering::SeqCst);
                 CAUGHT.with(|c| *c.borrow_mut() = Some(None));
                 let result = catch_unwind(AssertUnwindSafe(|| body2(case, &input2)));
                 let message = CAUGHT.with(|c| c.borrow_mut().take().flatten());
@@ -353,8 +427,12 @@ fn run_cases(
         let outcome = wait_for(&receive, &input, case_started, settings.budget);
         let input_text = || input.input.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let allowance = input.allowance_ms.load(Ordering::SeqCst) as f64 / 1e3;
-        match outcome {
-            Some(Ok(verdict)) => {
+        let budget_text = match allowance > 0.0 {
+            true => format!("{:.1} s budget + {allowance:.1} s for its declared work", settings.budget.as_secs_f64()),
+            false => format!("its {:.1} s budget", settings.budget.as_secs_f64()),
+        };
+        let hang = match outcome {
+            Watched::Done(Ok(verdict)) => {
                 tally.slowest_secs = tally.slowest_secs.max(case_started.elapsed().as_secs_f64());
                 match verdict {
                     Verdict::Accepted => tally.accepted += 1,
@@ -363,23 +441,26 @@ fn run_cases(
                         tally.record(Finding { kind, case, class: "silent".into(), input: input_text(), detail })
                     }
                 }
+                None
             }
-            Some(Err(message)) => {
+            Watched::Done(Err(message)) => {
                 tally.record(Finding { kind, case, class: "panic".into(), input: input_text(), detail: message });
+                None
             }
-            None => {
-                let detail = match allowance > 0.0 {
-                    true => format!(
-                        "still running after {:.1} s ({:.1} s budget + {allowance:.1} s for its declared work)",
-                        settings.budget.as_secs_f64() + allowance,
-                        settings.budget.as_secs_f64()
-                    ),
-                    false => format!("still running after {:.1} s", settings.budget.as_secs_f64()),
-                };
-                tally.record(Finding { kind, case, class: "hang".into(), input: input_text(), detail });
-                if stop_on_hang {
-                    break;
-                }
+            Watched::OverBudget(used) => {
+                Some(format!("still running after {:.1} s of CPU time ({budget_text})", used.as_secs_f64()))
+            }
+            Watched::Blocked { wall, cpu } => Some(format!(
+                "still running after {:.1} s, {WALL_FACTOR} times {budget_text}, having used {} of CPU time: blocked",
+                wall.as_secs_f64(),
+                cpu.map_or("an unknown amount".to_string(), |c| format!("{:.1} s", c.as_secs_f64()))
+            )),
+            Watched::Vanished => Some("its thread ended without a verdict".to_string()),
+        };
+        if let Some(detail) = hang {
+            tally.record(Finding { kind, case, class: "hang".into(), input: input_text(), detail });
+            if stop_on_hang {
+                break;
             }
         }
     }

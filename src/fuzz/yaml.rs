@@ -429,13 +429,13 @@ pub(super) fn case(fx: &Fixture, rng: &mut SplitMix64, known: bool, dir: &Path, 
     }
 }
 
-/// Microseconds a mutated experiment's run is allowed per parameter and step beyond the
-/// per-case budget. A step on interp touches each parameter, its gradient and Adam's two
-/// moments, and writes (and fsyncs) a checkpoint of 12 bytes per parameter. The
-/// 21,954,800-parameter model of `hyper.dim: 65536` took, for its 3 steps, 33.5 s alone on
-/// the 2-core machine (0.5 µs per parameter and step) and 82 s at a load average of 15
-/// (1.2 µs; 23.5 s of it on the CPU, the rest waiting for a core and the disk): 2 µs covers
-/// a loaded machine, and only a stuck case outlasts it.
+/// Microseconds of CPU time a mutated experiment's run is allowed per parameter and step
+/// beyond the per-case budget (the budget is CPU time: see `super::wait_for`). A step on
+/// interp touches each parameter, its gradient and Adam's two moments, and writes (and
+/// fsyncs) a checkpoint of 12 bytes per parameter. The 21,954,800-parameter model of
+/// `hyper.dim: 65536` took, for its 3 steps, 33.5 s alone on the 2-core machine and 82 s
+/// at a load average of 15, of which 23.5 s on the CPU (0.36 µs per parameter and step):
+/// 2 µs is five times that, and only a stuck case outlasts it.
 const MICROS_PER_PARAMETER_STEP: u128 = 2;
 
 /// The most a case's declared work adds to the budget, so that a stuck run of a model too
