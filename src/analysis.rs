@@ -16,6 +16,13 @@
 //!   reports the entropy of the mean weights (utilisation: ln K when every expert is used
 //!   alike, 0 when one takes all) and the mean entropy of a sample's weights (how sharply a
 //!   sample picks its experts).
+//!
+//! Measures with a module of their own:
+//! - [`gradients`]: gradient norms per parameter group and the cosine between two named
+//!   losses' gradients on a shared parameter, recorded while the run trains
+//!   (`grad_norms.csv`, `grad_cosine.csv`) and summarised here.
+
+pub mod gradients;
 
 use crate::lower::{rows_sym, PROBE_PREFIX};
 use crate::train::{build_probe_graph, open_run, LoadedRun};
@@ -134,6 +141,10 @@ pub struct Analysis {
     pub split: String,
     pub split_rows: usize,
     pub probes: Vec<ProbeAnalysis>,
+    /// What the run recorded of its gradients (`train.record_grad_norms`,
+    /// `train.grad_cosine`), in short.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gradients: Option<gradients::GradientSummary>,
 }
 
 /// What `mdl analyze` measures.
@@ -165,11 +176,26 @@ pub fn analyze(run: &Path, opts: &Options) -> Result<Analysis, String> {
     let chosen: Vec<String> = names.into_iter().filter(|n| opts.probes.is_empty() || opts.probes.contains(n)).collect();
     let embeddings = embedding_tables(&loaded, &opts.tables)?;
     let (split_rows, probes) = probes(&loaded, &graph, &chosen, opts.threads)?;
-    let analysis =
-        Analysis { model: loaded.session.compiled.model.clone(), embeddings, split: "test".into(), split_rows, probes };
+    let norms = read_recorded(run, "grad_norms.csv")?;
+    let cosine = read_recorded(run, "grad_cosine.csv")?;
+    let gradients =
+        gradients::summarize(norms.as_deref(), cosine.as_deref()).map_err(|e| format!("{}/{e}", run.display()))?;
+    let model = loaded.session.compiled.model.clone();
+    let analysis = Analysis { model, embeddings, split: "test".into(), split_rows, probes, gradients };
     let json = serde_json::to_string_pretty(&analysis).map_err(|e| e.to_string())?;
     crate::files::write_atomic(&run.join("analysis.json"), json.as_bytes())?;
     Ok(analysis)
+}
+
+/// A text file of the run folder `run`, checked against its manifest; `None` when absent.
+pub fn read_recorded(run: &Path, name: &str) -> Result<Option<String>, String> {
+    let path = run.join(name);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    crate::train::folder::check_recorded(run, name, &bytes)?;
+    String::from_utf8(bytes).map(Some).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// An error for a name not among `known` (`what`: "embedding table", "probe").
@@ -440,7 +466,40 @@ pub fn render(a: &Analysis) -> String {
             let _ = writeln!(s, "{}", line(&format!("domain {d}"), st));
         }
     }
+    if let Some(g) = &a.gradients {
+        render_gradients(&mut s, g);
+    }
     s
+}
+
+/// The gradient summary as text.
+fn render_gradients(s: &mut String, g: &gradients::GradientSummary) {
+    if !g.groups.is_empty() {
+        let steps = g.groups[0].steps;
+        let _ = writeln!(
+            s,
+            "\ngradient norms per parameter group over {steps} steps (grad_norms.csv): mean, first, last, max"
+        );
+        for n in &g.groups {
+            let _ = writeln!(s, "  {:<24} {:.4e} {:.4e} {:.4e} {:.4e}", n.group, n.mean, n.first, n.last, n.max);
+        }
+    }
+    if let Some(c) = &g.cosine {
+        let _ = writeln!(
+            s,
+            "\ngradients of losses `{}` and `{}` on {} over {} steps (grad_cosine.csv): mean norms {:.4e} and {:.4e} (ratio {}), mean cosine {}, negative in {} of {} steps",
+            c.loss_a,
+            c.loss_b,
+            c.param,
+            c.steps,
+            c.mean_norm_a,
+            c.mean_norm_b,
+            if c.mean_norm_b > 0.0 { format!("{:.2}", c.mean_norm_a / c.mean_norm_b) } else { "–".into() },
+            c.mean_cosine.map_or("–".into(), |x| format!("{x:.3}")),
+            c.negative_share.map_or("–".into(), |x| format!("{:.0} %", 100.0 * x)),
+            c.with_cosine
+        );
+    }
 }
 
 #[cfg(test)]

@@ -172,6 +172,14 @@ pub struct TrainConfig {
     /// Stop after this many steps in total (for smoke tests and benchmarks).
     #[serde(default)]
     pub max_steps: Option<u64>,
+    /// Record the gradient norm of every parameter group at every step (`grad_norms.csv`;
+    /// see [`crate::analysis::gradients`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub record_grad_norms: bool,
+    /// Record the cosine between two named losses' gradients on one parameter
+    /// (`grad_cosine.csv`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_cosine: Option<GradCosine>,
     /// Threads of the jit backend (default: the machine's cores). It changes how fast a
     /// run goes, never what it computes, so a run folder's `config.yaml` does not record
     /// it (see [`Experiment::recorded`]).
@@ -182,6 +190,42 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> TrainConfig {
         serde_yaml::from_str("{}").expect("every field has a default")
+    }
+}
+
+/// `train.grad_cosine: {losses: [a, b], param: P, every: N}`: every `N` steps (default
+/// 1), before the update, the gradient of named loss `a` alone and of `b` alone with
+/// respect to parameter `P`, their norms and their cosine (`grad_cosine.csv`). The names
+/// are checked against the spec when it is compiled.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GradCosine {
+    pub losses: Vec<String>,
+    pub param: String,
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub every: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn is_one(n: &u64) -> bool {
+    *n == 1
+}
+
+impl GradCosine {
+    fn validate(&self) -> Result<(), String> {
+        if self.losses.len() != 2 || self.losses[0] == self.losses[1] {
+            return Err(format!(
+                "train.grad_cosine.losses: name two different named losses of the spec (`loss a = ...`), found [{}]",
+                self.losses.join(", ")
+            ));
+        }
+        if self.every == 0 {
+            return Err("train.grad_cosine.every: must be at least 1 step".into());
+        }
+        Ok(())
     }
 }
 
@@ -549,6 +593,9 @@ impl Experiment {
         }
         if let Some(n) = t.threads {
             check_threads("train.threads", n)?;
+        }
+        if let Some(c) = &t.grad_cosine {
+            c.validate()?;
         }
         t.eval_every.steps()?;
         t.early_stopping.maximize()?;

@@ -239,3 +239,162 @@ fn analyze_errors_name_the_folder_table_and_probe() {
     assert!(err.contains("no metrics.json"), "{err}");
     assert!(!common::root().join("x.html").exists());
 }
+
+/// A two-task spec whose losses are named, both reading one table `E` (group `shared`),
+/// each through its own head (group `heads`); `same` makes the second loss the first one
+/// again (their gradients are then the same).
+fn two_loss_spec(dir: &Path, same: bool) -> String {
+    let second = if same { "bce(click)" } else { "bce(long_view)" };
+    let spec = format!(
+        "model twoloss(dim = 8) {{\n  input fields : categorical\n  input hist   : sequence(50) of fields\n  input tags   : sequence(3)\n  input dense  : numeric\n  label click, long_view\n  group shared {{\n    let E = embedding(fields, dim)\n  }}\n  let x = flatten(E[fields])\n  group heads {{\n    task click     = mlp(x, [16]) |> linear(1)\n    task long_view = mlp(x, [16]) |> linear(1)\n  }}\n  loss c = bce(click)\n  loss l = {second}\n}}\n"
+    );
+    let path = dir.join(if same { "same.mdl" } else { "twoloss.mdl" });
+    std::fs::write(&path, spec).unwrap();
+    format!("spec={}", path.display())
+}
+
+/// A short run of the MMoE experiment's data with a spec and settings.
+fn short_run(out: &Path, spec: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "run",
+        "experiments/mmoe.yaml",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        spec,
+        "--set",
+        "train.batch_size=512",
+        "--set",
+        "train.max_steps=6",
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "train.early_stopping.patience=10",
+    ];
+    args.extend_from_slice(extra);
+    mdl(&args)
+}
+
+const RECORD: &[&str] =
+    &["--set", "train.record_grad_norms=true", "--set", "train.grad_cosine={losses: [c, l], param: E/table}"];
+
+/// `train.record_grad_norms` and `train.grad_cosine` record per step without changing what
+/// the run computes; a resumed run writes both files byte for byte; `mdl analyze`
+/// summarises them and the report plots them.
+#[test]
+fn gradient_norms_and_cosines_are_recorded_per_step_and_resume_byte_for_byte() {
+    let dir = tmp("analysis", "gradients");
+    let spec = two_loss_spec(&dir, false);
+    let (plain, recorded, resumed) = (dir.join("plain"), dir.join("recorded"), dir.join("resumed"));
+    ok(&short_run(&plain, &spec, &[]));
+    ok(&short_run(&recorded, &spec, RECORD));
+    let metrics = |d: &Path| std::fs::read(d.join("metrics.json")).unwrap();
+    assert_eq!(metrics(&plain), metrics(&recorded), "recording changed the run");
+    assert!(!plain.join("grad_norms.csv").exists() && !plain.join("grad_cosine.csv").exists());
+
+    let norms = csv_rows(&recorded.join("grad_norms.csv"));
+    let groups = ["heads", "shared", "all"];
+    assert_eq!(norms.len(), 6 * groups.len());
+    for (i, step) in norms.chunks(groups.len()).enumerate() {
+        let names: Vec<&str> = step.iter().map(|r| r["group"].as_str()).collect();
+        assert_eq!(names, groups);
+        assert!(step.iter().all(|r| r["step"] == (i + 1).to_string() && r["epoch"] == "1"));
+        let n: Vec<f64> = step.iter().map(|r| r["norm"].parse().unwrap()).collect();
+        assert!(n.iter().all(|&x| x > 0.0 && x.is_finite()), "{step:?}");
+        // The global norm is the root of the groups' squares.
+        let all = (n[0] * n[0] + n[1] * n[1]).sqrt();
+        assert!((all - n[2]).abs() <= 1e-5 * n[2], "{step:?}");
+    }
+    let cosines = csv_rows(&recorded.join("grad_cosine.csv"));
+    assert_eq!(cosines.len(), 6);
+    for r in &cosines {
+        assert_eq!((r["param"].as_str(), r["loss_a"].as_str(), r["loss_b"].as_str()), ("E/table", "c", "l"));
+        let c: f64 = r["cosine"].parse().unwrap();
+        assert!((-1.0..=1.0).contains(&c) && c.abs() < 0.999, "two tasks' gradients differ: {r:?}");
+        // The whole objective's gradient on E is the sum of the two: its norm is at most
+        // the sum of theirs (the `shared` group is E alone).
+    }
+    let shared: Vec<f64> =
+        norms.iter().filter(|r| r["group"] == "shared").map(|r| r["norm"].parse().unwrap()).collect();
+    for (r, total) in cosines.iter().zip(&shared) {
+        let (a, b, c): (f64, f64, f64) =
+            (r["norm_a"].parse().unwrap(), r["norm_b"].parse().unwrap(), r["cosine"].parse().unwrap());
+        // |g_a + g_b|² = a² + b² + 2ab·cos.
+        let sum = (a * a + b * b + 2.0 * a * b * c).sqrt();
+        assert!((sum - total).abs() <= 1e-3 * total, "{r:?}: |g_a + g_b| = {sum}, the step's norm on E {total}");
+    }
+
+    // Stopped after 3 steps (the checkpoint is at step 2) and resumed: the same files.
+    ok(&short_run(&resumed, &spec, &[RECORD, &["--stop-after", "3"][..]].concat()));
+    ok(&mdl(&["run", "--resume", resumed.to_str().unwrap()]));
+    for f in ["grad_norms.csv", "grad_cosine.csv", "loss.csv", "metrics.json"] {
+        assert_eq!(std::fs::read(recorded.join(f)).unwrap(), std::fs::read(resumed.join(f)).unwrap(), "resumed {f}");
+    }
+
+    let out = mdl(&["analyze", recorded.to_str().unwrap()]);
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("gradient norms per parameter group over 6 steps"), "{text}");
+    assert!(text.contains("gradients of losses `c` and `l` on E/table over 6 steps"), "{text}");
+    let a = json(&recorded.join("analysis.json"));
+    let g = &a["gradients"];
+    let names: Vec<&str> = g["groups"].as_array().unwrap().iter().map(|x| x["group"].as_str().unwrap()).collect();
+    assert_eq!(names, groups);
+    assert_eq!(g["cosine"]["steps"], 6);
+    let page = dir.join("report.html");
+    ok(&mdl(&["report", recorded.to_str().unwrap(), "--html", page.to_str().unwrap()]));
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.contains("Gradient norm per parameter group") && html.contains("shared"), "no norm plot");
+    assert!(html.contains("Gradient cosine, `c` vs `l` on E/table"), "no cosine plot");
+}
+
+/// The same loss twice: its two gradients are one, so the cosine is 1 and the norms equal.
+#[test]
+fn the_cosine_of_a_loss_with_itself_is_one() {
+    let dir = tmp("analysis", "gradients_same");
+    let spec = two_loss_spec(&dir, true);
+    let run = dir.join("run");
+    ok(&short_run(
+        &run,
+        &spec,
+        &["--set", "train.max_steps=2", "--set", RECORD[3], "--set", "train.grad_cosine.every=2"],
+    ));
+    let rows = csv_rows(&run.join("grad_cosine.csv"));
+    assert_eq!(rows.len(), 1, "every 2 steps of 2: step 2 only");
+    assert_eq!(rows[0]["step"], "2");
+    assert_eq!(rows[0]["norm_a"], rows[0]["norm_b"]);
+    let c: f64 = rows[0]["cosine"].parse().unwrap();
+    assert!((c - 1.0).abs() < 1e-6, "{c}");
+}
+
+/// Bad gradient settings are errors naming the key, before any data is read.
+#[test]
+fn bad_gradient_settings_name_their_key() {
+    let dir = tmp("analysis", "gradients_errors");
+    let spec = two_loss_spec(&dir, false);
+    let out = dir.join("run");
+    for (setting, want) in [
+        (
+            "train.grad_cosine={losses: [c, x], param: E/table}",
+            "train.grad_cosine.losses: model `twoloss` has no named loss `x`",
+        ),
+        (
+            "train.grad_cosine={losses: [c, l], param: E/tabel}",
+            "train.grad_cosine.param: model `twoloss` has no parameter `E/tabel`; did you mean `E/table`?",
+        ),
+        (
+            "train.grad_cosine={losses: [c], param: E/table}",
+            "train.grad_cosine.losses: name two different named losses of the spec (`loss a = ...`), found [c]",
+        ),
+        (
+            "train.grad_cosine={losses: [c, l], param: E/table, every: 0}",
+            "train.grad_cosine.every: must be at least 1 step",
+        ),
+        ("train.grad_cosine={losses: [c, l], parm: E/table}", "parm"),
+        ("train.record_grad_norms=yes please", "record_grad_norms"),
+    ] {
+        let err = common::scoring::failed(&short_run(&out, &spec, &["--set", setting]));
+        assert!(err.contains(want), "{setting}: {err}");
+        assert!(!out.join("train.log").exists(), "{setting}: the run started");
+    }
+}

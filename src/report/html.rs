@@ -8,7 +8,10 @@
 //! - the test AUC per domain of every task (`metrics.json`), for runs with domains;
 //! - from `analysis.json` (`mdl analyze`), where a run has one: the singular spectra of
 //!   its embedding tables and the mean weights of its gates (overall and in the 5 largest
-//!   domains).
+//!   domains);
+//! - where a run recorded them (`train.record_grad_norms`, `train.grad_cosine`): its
+//!   gradient norm per parameter group and step, and the cosine between two losses'
+//!   gradients per step.
 //!
 //! Files a run of an older mdl lacks (`curve_tasks.csv`, `loss.csv`) leave their plot out
 //! for that run; each file read is checked against the run folder's manifest.
@@ -35,6 +38,10 @@ struct RunSeries {
     domain_auc: BTreeMap<String, BTreeMap<String, f64>>,
     /// `analysis.json`, when `mdl analyze` wrote one.
     analysis: Option<Value>,
+    /// Gradient norms per group (`grad_norms.csv`): (step, norm), in group order.
+    grad_norms: Vec<(String, Vec<(f64, f64)>)>,
+    /// `grad_cosine.csv`: its losses and parameter, and (step, cosine) of the steps with one.
+    grad_cosine: Option<(String, Vec<(f64, f64)>)>,
 }
 
 /// A text file of a run folder, checked against its manifest; `None` when absent.
@@ -111,7 +118,56 @@ fn read_run(folder: &Path) -> Result<RunSeries, String> {
         ),
         None => None,
     };
-    Ok(RunSeries { summary, curves, loss, domain_auc, analysis })
+    let mut grad_norms: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for r in csv_rows(folder, "grad_norms.csv")? {
+        let point = (number(folder, "grad_norms.csv", &r, "step")?, number(folder, "grad_norms.csv", &r, "norm")?);
+        let group = r.get("group").cloned().unwrap_or_default();
+        match grad_norms.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, points)) => points.push(point),
+            None => grad_norms.push((group, vec![point])),
+        }
+    }
+    let cosine_rows = csv_rows(folder, "grad_cosine.csv")?;
+    let grad_cosine = match cosine_rows.first() {
+        Some(first) => {
+            let field = |k: &str| first.get(k).cloned().unwrap_or_default();
+            let title = format!("`{}` vs `{}` on {}", field("loss_a"), field("loss_b"), field("param"));
+            let mut points = Vec::new();
+            for r in cosine_rows.iter().filter(|r| r.get("cosine").is_some_and(|c| !c.is_empty())) {
+                points.push((
+                    number(folder, "grad_cosine.csv", r, "step")?,
+                    number(folder, "grad_cosine.csv", r, "cosine")?,
+                ));
+            }
+            Some((title, points))
+        }
+        None => None,
+    };
+    Ok(RunSeries { summary, curves, loss, domain_auc, analysis, grad_norms, grad_cosine })
+}
+
+/// The gradient plots of the runs that recorded them: the norm of each parameter group
+/// per step (log scale), and the cosine between two losses' gradients per step.
+fn gradient_plots(runs: &[RunSeries], page: &mut String) -> Result<(), String> {
+    for r in runs.iter().filter(|r| !r.grad_norms.is_empty() || r.grad_cosine.is_some()) {
+        let _ = writeln!(page, "<h3>{}</h3>", escape(&r.summary.model));
+        if !r.grad_norms.is_empty() {
+            let log: Vec<(String, Vec<(f64, f64)>)> = r
+                .grad_norms
+                .iter()
+                .map(|(g, points)| {
+                    (g.clone(), points.iter().filter(|p| p.1 > 0.0).map(|&(x, y)| (x, y.log10())).collect())
+                })
+                .collect();
+            page.push_str(&line_plot("Gradient norm per parameter group", "step", "log10 gradient norm", &log)?);
+        }
+        if let Some((title, points)) = &r.grad_cosine {
+            let negative = points.iter().filter(|p| p.1 < 0.0).count();
+            let title = format!("Gradient cosine, {title} ({negative} of {} negative)", points.len());
+            page.push_str(&line_plot(&title, "step", "cosine", &[("cosine".to_string(), points.clone())])?);
+        }
+    }
+    Ok(())
 }
 
 /// Text for HTML.
@@ -386,6 +442,10 @@ pub fn page(folders: &[PathBuf]) -> Result<String, String> {
                 )?);
             }
         }
+    }
+    if runs.iter().any(|r| !r.grad_norms.is_empty() || r.grad_cosine.is_some()) {
+        page.push_str("<h2>Gradients</h2>\n");
+        gradient_plots(&runs, &mut page)?;
     }
     if runs.iter().any(|r| r.analysis.is_some()) {
         page.push_str("<h2>Analysis (mdl analyze)</h2>\n");

@@ -22,6 +22,7 @@ use super::folder::{RunFolder, Trust};
 use super::progress::Progress;
 use super::stages::{frozen_by, Schedule};
 use super::{optim_config, skipped_rows, RunMetrics, RunTiming, Session};
+use crate::analysis::gradients::{self, GradientRecord, StepCosine, StepNorms};
 use crate::data::{Batch, MiniBatches, Prepared};
 use crate::dist::exchange::{self, ExchangeTimes};
 use crate::dist::{self, Group};
@@ -29,9 +30,9 @@ use crate::experiment::{EarlyStopping, Experiment};
 use mdl_runtime::backend::Executor;
 use mdl_runtime::exec::Mode;
 use mdl_runtime::optim::Optimizer;
-use mdl_runtime::tensor::Tensor;
+use mdl_runtime::tensor::{Tensor, Value};
 use mdl_runtime::training::{self, TrainStep};
-use mdl_runtime::ParamInfo;
+use mdl_runtime::{Graph, ParamInfo};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -146,6 +147,10 @@ pub struct LoopState {
     /// The declared stages done so far.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<StageResult>,
+    /// The gradient norms and cosines recorded (`train.record_grad_norms`,
+    /// `train.grad_cosine`).
+    #[serde(default, skip_serializing_if = "GradientRecord::is_empty")]
+    pub gradients: GradientRecord,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -172,6 +177,7 @@ impl LoopState {
             loss_epochs: Vec::new(),
             stage_steps: 0,
             stages: Vec::new(),
+            gradients: GradientRecord::default(),
         }
     }
 
@@ -258,6 +264,9 @@ pub struct Run<'a> {
     group: &'a dyn Group,
     /// Time spent exchanging gradients with the other ranks.
     exchange_times: ExchangeTimes,
+    /// For `train.grad_cosine`: the training graphs of its two losses, each with the
+    /// gradient of its parameter only.
+    cosine_graphs: Option<[Graph; 2]>,
 }
 
 impl<'a> Run<'a> {
@@ -284,6 +293,33 @@ impl<'a> Run<'a> {
                 group.size()
             ));
         }
+        let t = &exp.train;
+        if (t.record_grad_norms || t.grad_cosine.is_some()) && exec.device_training().is_some() {
+            let key = if t.record_grad_norms { "train.record_grad_norms" } else { "train.grad_cosine" };
+            return Err(format!(
+                "{key}: backend {} keeps the gradients on its device, where they are not recorded yet: use the jit or interp backend",
+                exp.backend
+            ));
+        }
+        if t.grad_cosine.is_some() && group.size() > 1 {
+            return Err(format!(
+                "train.grad_cosine: a data-parallel run ({} ranks) sees a share of each batch per rank; record the cosine in a run of one process",
+                group.size()
+            ));
+        }
+        let cosine_graphs = match &t.grad_cosine {
+            Some(c) => {
+                let graph = |loss: &String| {
+                    super::stages::objective_gradients(
+                        &session.compiled,
+                        std::slice::from_ref(loss),
+                        std::slice::from_ref(&c.param),
+                    )
+                };
+                Some([graph(&c.losses[0])?, graph(&c.losses[1])?])
+            }
+            None => None,
+        };
         let (resume, trust) = match start {
             Start::Fresh => (false, Trust { force: false }),
             Start::Resume(trust) => (true, trust),
@@ -292,7 +328,7 @@ impl<'a> Run<'a> {
         let last_path = out.join("last.ckpt");
         let batches = MiniBatches::new(data.train.rows, exp.train.batch_size, exp.train.seed);
         let last = if resume { read_checkpoint(group, &last_path, session)? } else { None };
-        let (params, state) = if let Some(last) = last {
+        let (params, mut state) = if let Some(last) = last {
             trust.checkpoint_id(&last_path, last.run_id.as_deref(), &run_id)?;
             optimizer.load_state(last.optimizer)?;
             if last.state.batch_in_epoch >= batches.batches_per_epoch() {
@@ -316,6 +352,9 @@ impl<'a> Run<'a> {
             }
             (params, LoopState::new())
         };
+        if t.record_grad_norms && state.gradients.groups.is_empty() {
+            state.gradients.groups = gradients::group_names(session.params());
+        }
         let parameters: usize = session.params().iter().filter_map(|p| params.get(&p.name)).map(|t| t.data.len()).sum();
         log.line(&format!("{parameters} parameters"));
         let schedule = Schedule::new(exp, session, &data.train)?;
@@ -350,6 +389,7 @@ impl<'a> Run<'a> {
             schedule,
             group,
             exchange_times: ExchangeTimes::default(),
+            cosine_graphs,
         })
     }
 
@@ -551,12 +591,46 @@ impl<'a> Run<'a> {
             clip_norm: self.exp.train.clip_norm,
             lr_scale: &self.schedule.stages[stage].lr_scale,
         };
-        let loss = if ranks == 1 {
-            training::train_step(&mut *self.exec, &step, &mut self.params, &mut self.optimizer)?.loss as f64
+        let (number, epoch) = (self.state.step + 1, self.state.epoch + 1);
+        let mut cosine = None;
+        if let (Some(graphs), Some(c)) = (&self.cosine_graphs, &self.exp.train.grad_cosine) {
+            if number.is_multiple_of(c.every) {
+                let mut grad = |g: &Graph| -> Result<Option<Value<f32>>, String> {
+                    let mut out = self.exec.run(g, &binding, &feeds, &self.params, &mode).map_err(|e| e.to_string())?;
+                    Ok(out.take_output(&format!("grad/{}", c.param)))
+                };
+                let (a, b) = (grad(&graphs[0])?, grad(&graphs[1])?);
+                let zero = || Value::Dense(Tensor::zeros(vec![1]));
+                let (na, nb, cos) = gradients::cosine(&a.unwrap_or_else(zero), &b.unwrap_or_else(zero));
+                let (norm_a, norm_b, cosine_ab) = (na as f32, nb as f32, cos.map(|c| c as f32));
+                cosine = Some(StepCosine { step: number, epoch, norm_a, norm_b, cosine: cosine_ab });
+            }
+        }
+        let record = self.exp.train.record_grad_norms;
+        let (loss, norms) = if ranks == 1 && !record {
+            (training::train_step(&mut *self.exec, &step, &mut self.params, &mut self.optimizer)?.loss as f64, None)
+        } else if ranks == 1 {
+            // The host's step in its two halves (as `train_step` takes them), the gradients
+            // measured in between.
+            let computed = training::gradients(&mut *self.exec, &step, &self.params)?;
+            let norms = gradients::group_norms(step.info, &computed.grads);
+            let loss = computed.loss as f64;
+            training::apply_gradients(&mut *self.exec, &step, &mut self.params, &mut self.optimizer, computed)?;
+            (loss, Some(norms))
         } else {
             let weight = shard.len() as f64 / rows.len() as f64;
             let (exec, times) = (&mut *self.exec, &mut self.exchange_times);
-            data_parallel_step(self.group, exec, &step, &mut self.params, &mut self.optimizer, times, weight)? as f64
+            let (loss, norms) = data_parallel_step(
+                self.group,
+                exec,
+                &step,
+                &mut self.params,
+                &mut self.optimizer,
+                times,
+                weight,
+                record,
+            )?;
+            (loss as f64, norms)
         };
         if !loss.is_finite() {
             // The step updated nothing: its parameters are the ones that gave this loss.
@@ -581,6 +655,10 @@ impl<'a> Run<'a> {
             self.state.loss_epochs.push((self.state.epoch, self.state.losses.len()));
         }
         self.state.losses.push(loss as f32);
+        if let Some(norms) = norms {
+            self.state.gradients.norms.push(StepNorms { step: number, epoch, norms });
+        }
+        self.state.gradients.cosine.extend(cosine);
         self.steps_here += 1;
         self.rows_here += rows.len();
         self.step_secs += started.elapsed().as_secs_f64();
@@ -756,6 +834,12 @@ impl<'a> Run<'a> {
         folder.write("curve.csv", curve_csv(&state.curve, &self.schedule).as_bytes())?;
         folder.write("curve_tasks.csv", task_curve_csv(&state.task_curve).as_bytes())?;
         folder.write("loss.csv", loss_csv(&state.losses, &state.loss_epochs).as_bytes())?;
+        if self.exp.train.record_grad_norms {
+            folder.write("grad_norms.csv", gradients::norms_csv(&state.gradients).as_bytes())?;
+        }
+        if let Some(c) = &self.exp.train.grad_cosine {
+            folder.write("grad_cosine.csv", gradients::cosine_csv(&state.gradients, &c.losses, &c.param).as_bytes())?;
+        }
         let rows_per_s = self.rows_here as f64 / self.step_secs.max(1e-9);
         let timing = RunTiming {
             backend: self.exp.backend.to_string(),
@@ -825,6 +909,7 @@ fn read_checkpoint(group: &dyn Group, path: &Path, session: &Session) -> Result<
 /// share of the rows): the graph's gradients, combined with every other rank's
 /// ([`exchange::combine`]), then the update every rank applies alike. Returns the global
 /// batch's loss.
+#[allow(clippy::too_many_arguments)]
 fn data_parallel_step(
     group: &dyn Group,
     exec: &mut dyn Executor,
@@ -833,14 +918,17 @@ fn data_parallel_step(
     optimizer: &mut Optimizer<f32>,
     times: &mut ExchangeTimes,
     weight: f64,
-) -> Result<f32, String> {
+    record_norms: bool,
+) -> Result<(f32, Option<Vec<f32>>), String> {
     let local = if weight > 0.0 { Some(training::gradients(exec, step, params)?) } else { None };
     let names: Vec<&str> = step.info.iter().map(|p| p.name.as_str()).collect();
     let states: Vec<&str> = step.graph.states.iter().map(|s| s.name.as_str()).collect();
     let combined = exchange::combine(group, local, weight, &names, &states, params, times)?;
     let loss = combined.loss;
+    // The norms of the combined gradients: every rank records the same ones.
+    let norms = record_norms.then(|| gradients::group_norms(step.info, &combined.grads));
     training::apply_gradients(exec, step, params, optimizer, combined)?;
-    Ok(loss)
+    Ok((loss, norms))
 }
 
 /// The seed of rank `rank`'s random draws (dropout masks): the run's seed on rank 0, an

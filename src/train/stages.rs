@@ -2,7 +2,8 @@
 //! resolved against the compiled spec and the data. [`check`] runs before any data is
 //! read: every group a stage names (`freeze`, `train_only`, `copy`) is one of the spec's
 //! groups, every loss it names is one of the spec's named losses, and every copy's two
-//! sides have shapes that fit. [`Schedule`] is what the loop ([`super::run`]) asks of the
+//! sides have shapes that fit (and `train.grad_cosine`'s losses and parameter are the
+//! spec's). [`Schedule`] is what the loop ([`super::run`]) asks of the
 //! stage it is in: the training graph of its objective, its learning-rate factor, its
 //! early stopping, the train rows it reads, which parameters it freezes, the copies made
 //! at its start, and the words the log and `curve.csv` use for it. A warm start
@@ -80,6 +81,23 @@ pub fn check(exp: &Experiment, compiled: &Compiled) -> Result<(), String> {
         }
         for l in stage.losses.iter().flatten() {
             known_name(&format!("{at}.losses"), l, &losses, "loss", model)?;
+        }
+    }
+    if let Some(c) = &exp.train.grad_cosine {
+        for l in &c.losses {
+            known_name("train.grad_cosine.losses", l, &losses, "loss", model)?;
+        }
+        let params: Vec<&str> = compiled.graph.params.iter().map(|p| p.name.as_str()).collect();
+        if !params.contains(&c.param.as_str()) {
+            let hint = match crate::diag::suggest(&c.param, params.iter().copied()) {
+                Some(near) => format!("; did you mean `{near}`?"),
+                None => String::new(),
+            };
+            return Err(format!(
+                "train.grad_cosine.param: model `{model}` has no parameter `{}`{hint} (its parameters: {})",
+                c.param,
+                params.join(", ")
+            ));
         }
     }
     Ok(())
@@ -353,6 +371,13 @@ fn trains_and_frozen(compiled: &Compiled, stage: &Stage) -> (Vec<String>, Vec<St
 /// graph with `loss` their sum, differentiated and optimised as [`super::build_training_graph`]
 /// does for the whole objective.
 fn objective_graph(compiled: &Compiled, losses: &[String]) -> Result<Graph, String> {
+    let wrt: Vec<String> = compiled.graph.params.iter().map(|p| p.name.clone()).collect();
+    objective_gradients(compiled, losses, &wrt)
+}
+
+/// The training graph of the objective made of the named losses `losses` with the
+/// gradients (`grad/<name>`) of the parameters `wrt` only.
+pub fn objective_gradients(compiled: &Compiled, losses: &[String], wrt: &[String]) -> Result<Graph, String> {
     let mut forward = super::training_forward(compiled);
     let mut total = None;
     for name in losses {
@@ -364,8 +389,7 @@ fn objective_graph(compiled: &Compiled, losses: &[String]) -> Result<Graph, Stri
     }
     let total = total.ok_or("a stage's objective needs at least one loss")?;
     forward.outputs.insert("loss".into(), total);
-    let wrt: Vec<String> = forward.params.iter().map(|p| p.name.clone()).collect();
-    let g = autodiff::differentiate(&forward, total, &wrt).map_err(|e| e.to_string())?;
+    let g = autodiff::differentiate(&forward, total, wrt).map_err(|e| e.to_string())?;
     Ok(passes::optimize(&g))
 }
 
