@@ -258,7 +258,8 @@ impl EvalEvery {
 pub struct EarlyStopping {
     /// `auc` (default), `gauc` or `logloss` of the first task on valid; `rmse`, `mae` (or
     /// `rmsle`, with `log = true`) for a regression task; `accuracy`, `logloss`, `hr@k` or `ndcg@k` for a classes or
-    /// candidates task (see [`crate::tasks::metric_direction`]).
+    /// candidates task (see [`crate::tasks::metric_direction`]); or `loss`, the objective of
+    /// the stage under way on valid (for a stage that trains no task, e.g. a pre-training one).
     #[serde(default = "default_metric")]
     pub metric: String,
     /// Evaluations without improvement before stopping (default 2).
@@ -277,7 +278,7 @@ impl EarlyStopping {
     pub fn maximize(&self) -> Result<bool, String> {
         crate::tasks::metric_direction(&self.metric).ok_or_else(|| {
             format!(
-                "train.early_stopping.metric: expected auc, gauc, logloss, rmse, mae, rmsle, accuracy, hr@k or ndcg@k, found `{}`",
+                "train.early_stopping.metric: expected auc, gauc, logloss, rmse, mae, rmsle, accuracy, hr@k, ndcg@k or loss, found `{}`",
                 self.metric
             )
         })

@@ -156,17 +156,22 @@ impl LabelValues {
 
 /// Whether a larger value of a validation metric is better (`Some(true)`), a smaller one
 /// (`Some(false)`), or the name is no metric (`None`): `auc`, `gauc`, `accuracy`, `hr@k`,
-/// `ndcg@k` grow; `logloss`, `rmse`, `mae`, `rmsle` shrink.
+/// `ndcg@k` grow; `logloss`, `rmse`, `mae`, `rmsle` shrink, and so does `loss`, the
+/// objective of the stage under way on the valid split (a metric of no task).
 pub fn metric_direction(metric: &str) -> Option<bool> {
     match metric {
         "auc" | "gauc" | "accuracy" => Some(true),
-        "logloss" | "rmse" | "mae" | "rmsle" => Some(false),
+        "logloss" | "rmse" | "mae" | "rmsle" | OBJECTIVE_METRIC => Some(false),
         m => {
             let k = m.strip_prefix("hr@").or_else(|| m.strip_prefix("ndcg@"))?;
             (k.parse::<usize>().ok()? > 0 && !k.starts_with('0')).then_some(true)
         }
     }
 }
+
+/// The early-stopping metric that is no task's: the objective of the stage under way (the
+/// sum of its losses, every loss of the spec without `losses`) on the valid split.
+pub const OBJECTIVE_METRIC: &str = "loss";
 
 /// The validation metrics a kind of task defines (those early stopping can watch).
 pub fn metrics_of(kind: &TaskKind) -> Vec<String> {

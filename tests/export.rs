@@ -85,6 +85,11 @@ fn short_run(
         "data.unknown_domain=0".to_string(),
     ];
     sets.extend(spec.map(str::to_string));
+    // A staged experiment: 3 steps in each stage, so that every stage's parameters move.
+    if let Some((stages, count)) = common::every_stage_steps(&common::root().join(experiment), 3) {
+        sets.push(stages);
+        sets.push(format!("train.max_steps={}", 3 * count));
+    }
     let mut args = vec!["run", experiment, "--out", out.to_str().unwrap()];
     for s in &sets {
         args.extend(["--set", s]);

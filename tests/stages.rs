@@ -128,7 +128,7 @@ fn names_a_stage_gives_are_checked_against_the_spec() {
         ("[{steps: 2, group_lr: {heads: -1}}]", "train.stages[0].group_lr.heads: must be a positive number, found -1"),
         (
             "[{steps: 2, early_stopping: {metric: acc}}]",
-            "train.stages[0].early_stopping.metric: expected auc, gauc, logloss, rmse, mae, rmsle, accuracy, hr@k or ndcg@k, found `acc`",
+            "train.stages[0].early_stopping.metric: expected auc, gauc, logloss, rmse, mae, rmsle, accuracy, hr@k, ndcg@k or loss, found `acc`",
         ),
     ];
     for (i, (stages, expected)) in cases.iter().enumerate() {
@@ -247,6 +247,38 @@ fn each_stage_stops_on_its_own_metric_and_hands_on_its_best() {
     let best = format!("{:.6}", m["stages"][0]["best"].as_f64().unwrap());
     assert_ne!(logloss(noisy.last().unwrap()), best, "the test needs `noisy` to end off its best:\n{curve}");
     assert_eq!(logloss(flat), best, "stage `flat` did not start from `noisy`'s best:\n{curve}");
+}
+
+/// `early_stopping: {metric: loss}` watches the stage's own objective on the valid split: for
+/// stage `post`, whose objective is the BCE of the task, it is the task's valid logloss; for
+/// stage `pre` (the pooled head's loss, which no task reports) its best value and step are
+/// the smallest of the stage's `valid_loss` column and where it was taken.
+#[test]
+fn a_stage_stops_early_on_its_own_objective() {
+    let dir = tmp("objective");
+    let stages = "[{name: pre, steps: 8, losses: [pre], early_stopping: {metric: loss, patience: 10}}, {name: post, steps: 4, losses: [main], early_stopping: {metric: loss, patience: 10}}]";
+    let log = ok(&run(&dir, "objective", stages, &[]));
+    let curve = std::fs::read_to_string(dir.join("objective/curve.csv")).unwrap();
+    let header: Vec<&str> = curve.lines().next().unwrap().split(',').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap_or_else(|| panic!("no {name}:\n{curve}"));
+    let (step, logloss, loss, stage) = (column("step"), column("valid_logloss"), column("valid_loss"), column("stage"));
+    let rows: Vec<Vec<&str>> = curve.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    let value = |r: &Vec<&str>, i: usize| r[i].parse::<f64>().unwrap();
+    let post: Vec<&Vec<&str>> = rows.iter().filter(|r| r[stage] == "post").collect();
+    assert_eq!(post.len(), 2, "{curve}");
+    for r in &post {
+        assert!((value(r, loss) - value(r, logloss)).abs() < 2e-5, "the BCE objective is not the logloss:\n{curve}");
+    }
+    let pre: Vec<&Vec<&str>> = rows.iter().filter(|r| r[stage] == "pre").collect();
+    assert_eq!(pre.len(), 4, "{curve}");
+    let best = pre.iter().min_by(|a, b| value(a, loss).total_cmp(&value(b, loss))).unwrap();
+    let m = metrics(&dir.join("objective"));
+    let s = &m["stages"][0];
+    assert_eq!(s["metric"], "loss");
+    assert_eq!(format!("{:.6}", s["best"].as_f64().unwrap()), best[loss], "{m}\n{curve}");
+    assert_eq!(s["best_step"].as_u64().unwrap().to_string(), best[step], "{m}\n{curve}");
+    assert!(pre.iter().any(|r| (value(r, loss) - value(r, logloss)).abs() > 1e-3), "`pre` scored the task:\n{curve}");
+    assert!(log.contains(" loss "), "{log}");
 }
 
 /// A run stopped in the middle of stage 2 of 3 and resumed ends with the same metrics.json

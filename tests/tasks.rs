@@ -249,7 +249,7 @@ fn an_early_stopping_metric_the_first_task_lacks_is_refused_before_the_data() {
     assert!(!err.contains("data:"), "refused before the data is read: {err}");
     let err = failed(&mdl(&["run", exp.to_str().unwrap(), "--set", "train.early_stopping.metric=hr@0"]));
     assert!(
-        err.contains("expected auc, gauc, logloss, rmse, mae, rmsle, accuracy, hr@k or ndcg@k, found `hr@0`"),
+        err.contains("expected auc, gauc, logloss, rmse, mae, rmsle, accuracy, hr@k, ndcg@k or loss, found `hr@0`"),
         "{err}"
     );
 }

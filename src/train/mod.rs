@@ -644,8 +644,8 @@ pub fn train_in(exp: &Experiment, opts: &RunOptions, group: &dyn crate::dist::Gr
 }
 
 /// The early-stopping metric must be one the first task's kind defines (an `auc` for a
-/// regression task would be undefined at the first evaluation). Checked before any data
-/// is read.
+/// regression task would be undefined at the first evaluation), or `loss` (the stage's
+/// objective, which every model has). Checked before any data is read.
 fn check_metric(exp: &Experiment, compiled: &Compiled) -> Result<(), String> {
     let (Some(task), Some(kind)) = (compiled.tasks.first(), compiled.task_kinds.first()) else {
         return Ok(());
@@ -656,7 +656,7 @@ fn check_metric(exp: &Experiment, compiled: &Compiled) -> Result<(), String> {
     for (key, early) in std::iter::once((String::from("train."), &exp.train.early_stopping)).chain(staged) {
         let metric = &early.metric;
         early.maximize()?;
-        if !defined.contains(metric) {
+        if !defined.contains(metric) && metric != crate::tasks::OBJECTIVE_METRIC {
             return Err(format!(
                 "{key}early_stopping.metric: `{metric}` is not a metric of the first task `{task}`, which is {} (its metrics: {})",
                 kind.describe(),

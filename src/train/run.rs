@@ -672,8 +672,12 @@ impl<'a> Run<'a> {
     /// stopping after `patience` evaluations without improvement, and the log line.
     pub fn evaluate(&mut self) -> Result<(), String> {
         let (valid, batch_size) = (&self.data.valid, self.exp.train.batch_size);
-        let report = self.session.evaluate_in(self.group, &mut *self.exec, &self.params, valid, batch_size)?;
+        let mut report = self.session.evaluate_in(self.group, &mut *self.exec, &self.params, valid, batch_size)?;
         let early = &self.early_stopping();
+        if early.metric == crate::tasks::OBJECTIVE_METRIC {
+            let objective = self.valid_objective()?;
+            report.more.insert(early.metric.clone(), objective);
+        }
         let stage = self.schedule.declared.then_some(self.state.stage.min(self.schedule.stages.len() - 1));
         let metric = report.metric(&early.metric);
         if metric.is_none() {
@@ -740,6 +744,35 @@ impl<'a> Run<'a> {
             }
         ));
         Ok(())
+    }
+
+    /// The objective of the stage under way on the valid split, as evaluation computes it
+    /// (running statistics, fixed draws): each batch's value weighted by its rows (every rank
+    /// of a data-parallel run computes it over the whole split, so all of them agree).
+    fn valid_objective(&mut self) -> Result<f64, String> {
+        let i = self.state.stage.min(self.schedule.stages.len() - 1);
+        let graph = self.schedule.stages[i].valid_objective.as_ref().ok_or("the stage has no valid objective")?;
+        let valid = &self.data.valid;
+        let mut batch = valid.new_batch();
+        let (mut sum, mut start) = (0.0f64, 0);
+        while start < valid.rows {
+            let end = (start + self.exp.train.batch_size.max(1)).min(valid.rows);
+            valid.gather_range(start..end, &mut batch).map_err(|e| e.to_string())?;
+            let feeds = self.session.inputs.feeds(&batch);
+            let binding = self.session.inputs.with_batch(batch.rows);
+            let out = self.exec.run(graph, &binding, &feeds, &self.params, &Mode::eval()).map_err(|e| e.to_string())?;
+            let loss = out.scalar("loss").ok_or("the valid objective has no scalar output `loss`")?;
+            sum += loss as f64 * batch.rows as f64;
+            start = end;
+        }
+        let objective = sum / valid.rows.max(1) as f64;
+        if !objective.is_finite() {
+            return Err(format!(
+                "the valid objective (early-stopping metric `loss`) is {objective} at step {}",
+                self.state.step
+            ));
+        }
+        Ok(objective)
     }
 
     /// Writes `last.ckpt`: parameters, optimizer state and the loop's position, from which
@@ -947,11 +980,14 @@ fn more_text(more: &BTreeMap<String, f64>) -> String {
 }
 
 /// `curve.csv`: a row per evaluation; a column per metric of the first task beyond auc,
-/// gauc and logloss (every point has the same ones); with declared stages, each row also
+/// gauc and logloss, and `valid_loss` when a stage stops early on `loss` (empty where a
+/// point has no value); with declared stages, each row also
 /// names its stage and the groups that trained and were frozen in it.
 fn curve_csv(curve: &[CurvePoint], schedule: &Schedule) -> String {
     let mut s = String::from("step,epoch,train_loss,valid_auc,valid_gauc,valid_logloss");
-    let more: Vec<&String> = curve.first().map(|c| c.valid_more.keys().collect()).unwrap_or_default();
+    // Every point's: a stage that stops early on `loss` adds it to its own points only.
+    let more: Vec<&String> =
+        curve.iter().flat_map(|c| c.valid_more.keys()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
     for name in &more {
         s.push_str(&format!(",valid_{name}"));
     }

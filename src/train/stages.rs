@@ -249,6 +249,8 @@ pub struct Planned {
     /// The learning rates of the groups it gives one, for the log.
     group_lr: BTreeMap<String, f64>,
     pub early_stopping: EarlyStopping,
+    /// Its objective as evaluation computes it, when its early stopping watches `loss`.
+    pub valid_objective: Option<Graph>,
     /// The train rows it reads (all of them when `None`).
     pub rows: Option<Vec<usize>>,
     /// Parameter pairs copied at its start.
@@ -292,10 +294,16 @@ impl Schedule {
                 .iter()
                 .filter_map(|p| Some((p.name.clone(), group_lr.get(p.group.as_deref()?)? / lr)))
                 .collect();
+            let early_stopping = stage.early_stopping.clone().unwrap_or_else(|| exp.train.early_stopping.clone());
+            let valid_objective = match early_stopping.metric == crate::tasks::OBJECTIVE_METRIC {
+                true => Some(valid_objective_graph(compiled, stage.losses.as_deref())?),
+                false => None,
+            };
             stages.push(Planned {
                 lr_scale: LrScale { all: lr / exp.train.lr, per_param },
                 group_lr,
-                early_stopping: stage.early_stopping.clone().unwrap_or_else(|| exp.train.early_stopping.clone()),
+                early_stopping,
+                valid_objective,
                 graph,
                 rows,
                 copies: copies.into_iter().flatten().collect(),
@@ -379,6 +387,14 @@ fn objective_graph(compiled: &Compiled, losses: &[String]) -> Result<Graph, Stri
 /// gradients (`grad/<name>`) of the parameters `wrt` only.
 pub fn objective_gradients(compiled: &Compiled, losses: &[String], wrt: &[String]) -> Result<Graph, String> {
     let mut forward = super::training_forward(compiled);
+    let total = sum_of_losses(&mut forward, losses)?;
+    forward.outputs.insert("loss".into(), total);
+    let g = autodiff::differentiate(&forward, total, wrt).map_err(|e| e.to_string())?;
+    Ok(passes::optimize(&g))
+}
+
+/// The node of the sum of the named losses in `forward` (their outputs `loss/<name>`).
+fn sum_of_losses(forward: &mut Graph, losses: &[String]) -> Result<mdl_runtime::NodeId, String> {
     let mut total = None;
     for name in losses {
         let node = *forward.outputs.get(&loss_output(name)).ok_or_else(|| format!("no loss `{name}`"))?;
@@ -387,10 +403,21 @@ pub fn objective_gradients(compiled: &Compiled, losses: &[String], wrt: &[String
             Some(t) => forward.add(Op::Binary(BinaryOp::Add), &[t, node], "stage_loss").map_err(|e| e.to_string())?,
         });
     }
-    let total = total.ok_or("a stage's objective needs at least one loss")?;
+    total.ok_or_else(|| "a stage's objective needs at least one loss".to_string())
+}
+
+/// The objective of a stage (its `losses`, or the whole objective) as evaluation computes
+/// it: the forward graph of evaluation (running statistics, fixed draws) with the one
+/// output `loss`, for the early-stopping metric `loss` ([`crate::tasks::OBJECTIVE_METRIC`]).
+fn valid_objective_graph(compiled: &Compiled, losses: Option<&[String]>) -> Result<Graph, String> {
+    let mut forward = passes::for_phase(&compiled.graph, false);
+    let total = match losses {
+        Some(losses) => sum_of_losses(&mut forward, losses)?,
+        None => *forward.outputs.get("loss").ok_or("the model has no loss output")?,
+    };
+    forward.outputs.clear();
     forward.outputs.insert("loss".into(), total);
-    let g = autodiff::differentiate(&forward, total, wrt).map_err(|e| e.to_string())?;
-    Ok(passes::optimize(&g))
+    Ok(passes::optimize(&forward))
 }
 
 /// The rows of `train` whose domain id is one of `domains`; a domain with no rows is an

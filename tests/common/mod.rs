@@ -282,3 +282,21 @@ pub fn assert_a_frozen_group_keeps_its_initial_values(dir: &Path, run: impl Fn(&
         "the second stage did not train the tower"
     );
 }
+
+/// For an experiment that declares `train.stages`: the `--set` that gives each of its
+/// stages `steps` steps (its other keys kept), so that a short test run trains through
+/// every stage; `None` for an experiment without stages.
+pub fn every_stage_steps(experiment: &Path, steps: u64) -> Option<(String, usize)> {
+    let exp = mdl::experiment::load(experiment, &[]).unwrap_or_else(|e| panic!("{}: {e}", experiment.display()));
+    if exp.train.stages.is_empty() {
+        return None;
+    }
+    let stages: Vec<mdl::experiment::Stage> = exp
+        .train
+        .stages
+        .iter()
+        .map(|s| mdl::experiment::Stage { steps: Some(steps), epochs: None, ..s.clone() })
+        .collect();
+    // JSON is YAML's flow style: `--set` reads it as the list it is.
+    Some((format!("train.stages={}", serde_json::to_string(&stages).unwrap()), stages.len()))
+}
