@@ -66,10 +66,13 @@ fn small_size(name: &str, batch: usize) -> usize {
     }
 }
 
-/// Small deterministic sizes for every symbol a graph mentions.
+/// Small deterministic sizes for every symbol a graph mentions (in a parameter's, an input's
+/// or any node's shape: `one_hot(domain)` is the only mention of `count(domain)` in a spec
+/// that has no per-domain parameter).
 pub fn small_binding(g: &Graph, batch: usize) -> Binding {
     let mut b = Binding::new();
-    let shapes = g.params.iter().map(|p| &p.shape).chain(g.inputs.iter().map(|i| &i.shape));
+    let nodes = g.ids().map(|id| &g.node(id).sig.shape);
+    let shapes = g.params.iter().map(|p| &p.shape).chain(g.inputs.iter().map(|i| &i.shape)).chain(nodes);
     for s in shapes {
         for d in s {
             for sym in d.symbols() {
