@@ -375,7 +375,7 @@ fn probes(
     }
     let exp = &run.experiment;
     let test = exp.split_files()?.test;
-    let ds = run.fitted.encode_file(&test, exp.data.encode_options()).map_err(|e| e.to_string())?;
+    let ds = run.fitted.encode_file_stored(&test, exp.data.encode_options()).map_err(|e| e.to_string())?;
     let mut exec = exp.backend.executor_on(threads)?;
     let mut sums: Vec<ProbeSums> = chosen
         .iter()

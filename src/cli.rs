@@ -325,7 +325,8 @@ pub fn eval(run: &Path, data: &Path, force: bool, threads: Option<usize>) -> Exi
     let result = (|| -> Result<String, String> {
         let trust = crate::train::folder::Trust { force };
         let crate::train::LoadedRun { experiment: exp, fitted, session, params } = crate::train::open_run(run, trust)?;
-        let ds = fitted.encode_file(data, exp.data.encode_options()).map_err(|e| e.to_string())?;
+        // Encoded block by block into a temporary file: memory holds only what metrics need.
+        let ds = fitted.encode_file_stored(data, exp.data.encode_options()).map_err(|e| e.to_string())?;
         let mut exec = exp.backend.executor_on(threads)?;
         let report = session.evaluate(exec.as_mut(), &params, &ds, exp.train.batch_size)?;
         serde_json::to_string_pretty(&report).map_err(|e| e.to_string())

@@ -72,7 +72,7 @@ enum Command {
         /// Train on OpenCL device N (as `mdl devices` numbers them; implies the opencl backend)
         #[arg(long, value_name = "N")]
         device: Option<usize>,
-        /// Threads of the jit backend (default: the machine's cores)
+        /// Threads of the jit backend and of reading train (default: the machine's cores)
         #[arg(long, value_name = "N", value_parser = parse_threads)]
         threads: Option<usize>,
     },

@@ -473,7 +473,14 @@ impl Writer {
 
     /// Writes the metadata and the checksum, renames a cache file into place, and returns
     /// the three splits reading their features from the file.
-    pub(crate) fn finish(mut self, fitted: &Fitted) -> Result<[Dataset; 3], DataError> {
+    pub(crate) fn finish(self, fitted: &Fitted) -> Result<[Dataset; 3], DataError> {
+        let path = self.path.clone();
+        let splits = self.finish_splits(fitted)?;
+        splits.try_into().map_err(|_| DataError::io(&path, "three splits were not written"))
+    }
+
+    /// [`finish`](Self::finish) for any number of splits (one file encoded on its own).
+    pub(crate) fn finish_splits(mut self, fitted: &Fitted) -> Result<Vec<Dataset>, DataError> {
         let meta = Meta { fitted: fitted.clone(), splits: self.splits.iter().map(|(m, _)| m.clone()).collect() };
         let json = serde_json::to_vec(&meta)
             .map_err(|e| DataError::io(&self.path, &format!("cannot serialise the metadata: {e}")))?;
@@ -506,7 +513,7 @@ impl Writer {
             start += (meta.rows * self.layout.bytes) as u64;
             stored_dataset(meta, columns, stored, &shape)
         });
-        splits.collect::<Vec<_>>().try_into().map_err(|_| DataError::io(&path, "three splits were not written"))
+        Ok(splits.collect())
     }
 }
 

@@ -298,6 +298,36 @@ pub(super) fn prepare_streaming(
     Ok((fitted, splits, note))
 }
 
+impl Fitted {
+    /// Reads and encodes a file as [`encode_file`](Self::encode_file) does (a folder or
+    /// pattern of parts, CSV, CSV.gz or Parquet, or stdin for `-`), but block by block into
+    /// an unnamed temporary file: the dataset reads its features from that file, so memory
+    /// holds only the per-row columns metrics need (domain, labels, user), whatever the
+    /// file's size.
+    pub fn encode_file_stored(&self, file: &Path, options: impl Into<EncodeOptions>) -> Result<Dataset, DataError> {
+        encode_stored(self, file, options.into(), BLOCK_ROWS)
+    }
+}
+
+/// [`Fitted::encode_file_stored`] with `block_rows` rows at a time.
+fn encode_stored(
+    fitted: &Fitted,
+    file: &Path,
+    options: EncodeOptions,
+    block_rows: usize,
+) -> Result<Dataset, DataError> {
+    let name = super::csv::display_name(file);
+    let (mut writer, _) = cache::Writer::create(None, &[0; 32], fitted)?;
+    writer.begin_split(&name.display().to_string());
+    let mut ids = fitted.apply_ids(options.unknown_domain)?;
+    let skipped = read_blocks(&fitted.schema, (file, block_rows), options, &mut ids, |raw| {
+        writer.write_block(&fitted.finish_unmasked(raw, &name))
+    })?;
+    writer.end_split(skipped);
+    let mut splits = writer.finish_splits(fitted)?;
+    Ok(splits.pop().expect("one split was written"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,6 +403,10 @@ user: user
             s_test.gather_range(1..4, &mut from_file).unwrap();
             test.gather_range(1..4, &mut from_memory).unwrap();
             assert_eq!(from_file, from_memory, "{reading:?}");
+            // A file encoded on its own into a temporary file, as `mdl eval` reads one.
+            let stored = encode_stored(&fitted, &paths.test, encode, block_rows).unwrap();
+            assert!(stored.stored.is_some());
+            assert_eq!(stored.resident().unwrap(), test, "{reading:?}");
         }
         std::fs::remove_dir_all(&folder).unwrap();
     }

@@ -684,7 +684,9 @@ pub fn label_schema(schema: &data::Schema, compiled: &Compiled) -> data::Schema 
 /// the malformed rows skipped in each.
 fn load_data(exp: &Experiment, schema: &data::Schema, log: &mut Progress) -> Result<Prepared, String> {
     let paths = exp.split_files()?;
-    let prep = data::prepare(schema, &paths, &exp.data.prepare_options()).map_err(|e| e.to_string())?;
+    // `train.threads` (`--threads`) reads train as well as it trains.
+    let options = data::PrepareOptions { threads: exp.train.threads.unwrap_or(0), ..exp.data.prepare_options() };
+    let prep = data::prepare(schema, &paths, &options).map_err(|e| e.to_string())?;
     log.line(&format!(
         "data: train {} / valid {} / test {} rows, loaded in {:.2}s ({})",
         prep.train.rows,
