@@ -2,7 +2,7 @@
 """Score raw CSV rows with a model from `mdl export --format onnx`, in onnxruntime.
 
 A reference serving client: it encodes each row's raw values with the model's
-`<name>.features.json` (format `mdl-features/1`, docs/serving.md) exactly as mdl does,
+`<name>.features.json` (format `mdl-features/1` or `/2`, docs/serving.md) exactly as mdl does,
 feeds the model in batches and writes one score per task per row (a probability, or a
 regression task's prediction), as `mdl predict` does. With `--compare PREDICTED.csv` (the
 output of `mdl predict` on the same rows) it prints the largest difference per task
@@ -40,11 +40,52 @@ def read_rows(path):
     return header, [r for r in reader if r]
 
 
+MASK64 = (1 << 64) - 1
+
+
+def bucket_hash(value):
+    """mdl's hash of a value a vocabulary does not keep (mdl-features/2 `buckets`): over the
+    value's UTF-8 bytes as little-endian 64-bit words, the last one zero-padded and xored
+    with its byte count shifted left by 59, h = (rotl(h, 5) ^ word) * 0x517CC1B727220A95 from
+    h = 0, then murmur3's 64-bit finaliser."""
+    data = value.encode("utf-8")
+    h = 0
+
+    def add(h, word):
+        return ((((h << 5) | (h >> 59)) & MASK64) ^ word) * 0x517CC1B727220A95 & MASK64
+
+    whole = len(data) // 8 * 8
+    for at in range(0, whole, 8):
+        h = add(h, int.from_bytes(data[at : at + 8], "little"))
+    rest = data[whole:]
+    if rest:
+        h = add(h, int.from_bytes(rest.ljust(8, b"\0"), "little") ^ (len(rest) << 59))
+    h = (h ^ (h >> 33)) * 0xFF51AFD7ED558CCD & MASK64
+    h = (h ^ (h >> 33)) * 0xC4CEB9FE1A85EC53 & MASK64
+    return h ^ (h >> 33)
+
+
+class Vocabulary:
+    """One vocabulary of the features file: kept values, then hashed ids (`buckets`)."""
+
+    def __init__(self, offset, values, buckets, oov):
+        self.ids = {v: offset + 2 + i for i, v in enumerate(values)}
+        self.first_bucket, self.buckets, self.oov = offset + 2 + len(values), buckets, offset + oov
+
+    def get(self, value):
+        found = self.ids.get(value)
+        if found is not None:
+            return found
+        if self.buckets:
+            return self.first_bucket + bucket_hash(value) % self.buckets
+        return self.oov
+
+
 class Encoder:
-    """Raw CSV values to the model's inputs, by the rules of mdl-features/1."""
+    """Raw CSV values to the model's inputs, by the rules of mdl-features/1 and /2."""
 
     def __init__(self, features, header):
-        if features["format"] != "mdl-features/1":
+        if features["format"] not in ("mdl-features/1", "mdl-features/2"):
             raise SystemExit(f"unknown features format {features['format']!r}")
         self.oov, self.pad = features["oov"], features["pad"]
         self.groups = features["inputs"]
@@ -52,9 +93,11 @@ class Encoder:
         self.index = []
         for g in self.groups:
             if g["kind"] == "categorical":
-                self.index.append([{v: c["offset"] + 2 + i for i, v in enumerate(c["values"])} for c in g["columns"]])
+                self.index.append(
+                    [Vocabulary(c["offset"], c["values"], c.get("buckets", 0), self.oov) for c in g["columns"]]
+                )
             elif g["kind"] == "sequence":
-                self.index.append({v: g["offset"] + 2 + i for i, v in enumerate(g["values"])})
+                self.index.append(Vocabulary(g["offset"], g["values"], g.get("buckets", 0), self.oov))
             else:
                 self.index.append(None)
 
@@ -69,7 +112,7 @@ class Encoder:
             kind = g["kind"]
             if kind == "categorical":
                 ids = [
-                    [index[j].get(self.cell(r, c["column"]), c["offset"] + self.oov) for j, c in enumerate(g["columns"])]
+                    [index[j].get(self.cell(r, c["column"])) for j, c in enumerate(g["columns"])]
                     for r in rows
                 ]
                 feeds[g["name"]] = np.array(ids, dtype=np.int64).reshape(len(rows), len(g["columns"]))
@@ -80,7 +123,7 @@ class Encoder:
                     for j, column in enumerate(g["columns"]):
                         items = ITEM.findall(self.cell(r, column))[-n:] if n else []
                         for k, item in enumerate(items):
-                            ids[i, j, n - len(items) + k] = index.get(item, g["offset"] + self.oov)
+                            ids[i, j, n - len(items) + k] = index.get(item)
                 feeds[g["name"]] = ids
                 if "mask" in g:  # absent when the model reads no mask of the group
                     feeds[g["mask"]] = (ids != self.pad).astype(np.float32)

@@ -6,7 +6,8 @@
 //!   the encoded features as `mdl` feeds them (ids as int64, normalised numbers and
 //!   sequence masks as float32, the domain id); its outputs are one probability `[B]` per
 //!   task, named after the task. Beside it, `<name>.features.json` holds the run's
-//!   vocabularies and normalisers (`mdl-features/1`, [`crate::data::serving`]), so that a
+//!   vocabularies and normalisers (`mdl-features/1`, or `/2` with hashed ids,
+//!   [`crate::data::serving`]), so that a
 //!   serving system can turn raw CSV values into those inputs; docs/serving.md documents
 //!   both.
 //! - `--format safetensors`: every parameter and running statistic (model state) by its
@@ -14,7 +15,7 @@
 //!
 //! Both files appear only once complete ([`crate::files::write_atomic`]).
 
-use crate::data::serving::{FeatureEncoding, GroupEncoding, FORMAT};
+use crate::data::serving::{format_of, FeatureEncoding, GroupEncoding};
 use crate::files::write_atomic;
 use crate::lower::{logit_output, FeatureKind};
 use crate::tasks::TaskKind;
@@ -115,25 +116,26 @@ fn onnx(run: &LoadedRun, out: &Path) -> Result<Exported, String> {
     let inputs = model.input_names();
     let domain_input =
         session.compiled.features.iter().find(|f| f.kind == FeatureKind::Domain).map(|f| f.name.as_str());
+    let encoded_inputs: Vec<GroupEncoding> = run
+        .fitted
+        .feature_encoding(domain_input, run.experiment.data.unknown_domain)
+        .into_iter()
+        .filter(|g| inputs.iter().any(|i| i == g.input()))
+        .map(|mut g| {
+            // A model that reads a sequence's ids but not its mask takes no mask input.
+            if let GroupEncoding::Sequence { mask, .. } = &mut g {
+                mask.take_if(|m| !inputs.contains(m));
+            }
+            g
+        })
+        .collect();
     let encoding = FeatureEncoding {
-        format: FORMAT,
+        format: format_of(&encoded_inputs),
         model: file_name(out),
         tasks: tasks.clone(),
         oov: crate::data::OOV,
         pad: crate::data::PAD,
-        inputs: run
-            .fitted
-            .feature_encoding(domain_input, run.experiment.data.unknown_domain)
-            .into_iter()
-            .filter(|g| inputs.iter().any(|i| i == g.input()))
-            .map(|mut g| {
-                // A model that reads a sequence's ids but not its mask takes no mask input.
-                if let GroupEncoding::Sequence { mask, .. } = &mut g {
-                    mask.take_if(|m| !inputs.contains(m));
-                }
-                g
-            })
-            .collect(),
+        inputs: encoded_inputs,
     };
     let json = serde_json::to_vec_pretty(&encoding).map_err(|e| e.to_string())?;
     let features = features_path(out);

@@ -60,16 +60,9 @@ const NOT_EXPORTED: &[(&str, &str)] = &[(
     "task `next` is a candidates task: ONNX export writes one score per task and row",
 )];
 
-/// A short run named `name` of `experiment` (with `spec` as a `--set`) on small splits;
+/// A short run named `name` of `experiment` (with `extra` as `--set`s) on small splits;
 /// returns its folder.
-fn short_run(
-    dir: &Path,
-    name: &str,
-    experiment: &str,
-    spec: Option<&str>,
-    splits: &[PathBuf; 3],
-    batch: usize,
-) -> PathBuf {
+fn short_run(dir: &Path, name: &str, experiment: &str, extra: &[&str], splits: &[PathBuf; 3], batch: usize) -> PathBuf {
     let out = dir.join(name);
     let mut sets = vec![
         format!("data.train={}", splits[0].display()),
@@ -84,7 +77,7 @@ fn short_run(
         // A small train split has not seen every domain.
         "data.unknown_domain=0".to_string(),
     ];
-    sets.extend(spec.map(str::to_string));
+    sets.extend(extra.iter().map(|s| s.to_string()));
     // A staged experiment: 3 steps in each stage, so that every stage's parameters move.
     if let Some((stages, count)) = common::every_stage_steps(&common::root().join(experiment), 3) {
         sets.push(stages);
@@ -166,17 +159,21 @@ fn onnxruntime_scores_equal_predict_for_every_shipped_spec() {
     let mut failures = Vec::new();
     let models = common::shipped_specs().into_iter().map(|spec| {
         let name = spec.file_stem().unwrap().to_string_lossy().into_owned();
-        (name.clone(), format!("experiments/{name}.yaml"), None)
+        (name.clone(), format!("experiments/{name}.yaml"), Vec::new())
     });
     let every_op_spec = format!("spec={}", every_op.display());
-    // PLE with its regression task (log-transformed watch time) beside the shipped specs.
+    // PLE with its regression task (log-transformed watch time) beside the shipped specs,
+    // and DeepFM with bounded vocabularies whose other values hash to buckets (most test
+    // users and videos among them), which the client must map as training did.
+    let hashed = vec!["data.schema.max_vocab=40", "data.schema.hash_buckets=7"];
     let extra = [
-        ("ple_watch".to_string(), "experiments/ple_watch.yaml".into(), None),
-        ("every_op".to_string(), "experiments/dnn.yaml".into(), Some(every_op_spec.as_str())),
+        ("ple_watch".to_string(), "experiments/ple_watch.yaml".into(), Vec::new()),
+        ("every_op".to_string(), "experiments/dnn.yaml".into(), vec![every_op_spec.as_str()]),
+        ("deepfm_hashed".to_string(), "experiments/deepfm.yaml".into(), hashed),
     ];
-    for (name, experiment, spec) in models.chain(extra) {
-        let splits = if spec.is_some() { splits.clone() } else { small_splits_of(&d, &experiment) };
-        let run = short_run(&d, &name, &experiment, spec, &splits, batch);
+    for (name, experiment, sets) in models.chain(extra) {
+        let splits = if name == "every_op" { splits.clone() } else { small_splits_of(&d, &experiment) };
+        let run = short_run(&d, &name, &experiment, &sets, &splits, batch);
         let model = d.join(format!("{name}.onnx"));
         if let Some((_, reason)) = NOT_EXPORTED.iter().find(|(n, _)| *n == name) {
             let out = mdl(&["export", run.to_str().unwrap(), "--format", "onnx", "-o", model.to_str().unwrap()]);
@@ -190,6 +187,10 @@ fn onnxruntime_scores_equal_predict_for_every_shipped_spec() {
             &format!("mdl export {name}"),
         );
         assert!(err.contains(&format!("{name}.features.json")), "{err}");
+        let features = std::fs::read_to_string(d.join(format!("{name}.features.json"))).unwrap();
+        let hashes = features.contains("\"buckets\": 7");
+        assert_eq!(hashes, name == "deepfm_hashed", "{name}: buckets in its features file");
+        assert_eq!(features.contains("\"mdl-features/2\""), hashes, "{name}: the format names the buckets");
         let predicted = d.join(format!("{name}.predicted.csv"));
         let data = splits[2].to_str().unwrap();
         ok(
@@ -221,7 +222,7 @@ fn onnxruntime_scores_equal_predict_for_every_shipped_spec() {
 fn safetensors_holds_every_parameter_by_name() {
     let d = tmp("safetensors");
     let splits = small_splits(&d);
-    let run = short_run(&d, "dnn", "experiments/dnn.yaml", None, &splits, 256);
+    let run = short_run(&d, "dnn", "experiments/dnn.yaml", &[], &splits, 256);
     let file = d.join("dnn.safetensors");
     let err = ok(
         mdl(&["export", run.to_str().unwrap(), "--format", "safetensors", "-o", file.to_str().unwrap()]),

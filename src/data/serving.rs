@@ -1,11 +1,14 @@
 //! The fitted encoders as a serving system needs them: how a raw CSV value becomes the id or
 //! number a model input takes (`mdl export` writes it beside the model as
-//! `<model>.features.json`; docs/serving.md documents the format, `mdl-features/1`).
+//! `<model>.features.json`; docs/serving.md documents the format, `mdl-features/1`, or
+//! `mdl-features/2` where a vocabulary hashes the values it does not keep).
 //!
 //! The rules are those of [`super::encode`], written out as data: a kept value's id is
 //! `offset + 2 + its position in values`, any other value's is `offset + 1` (out of
-//! vocabulary); sequence padding is id 0 with mask 0; a numeric value is `(x - shift) * scale`
-//! in f64, rounded to f32, and an empty cell is 0; a domain id is the cell's integer.
+//! vocabulary), or with `buckets` B (`hash_buckets`) `offset + 2 + len(values) + hash(value)
+//! mod B` ([`super::vocab`]'s hash, which docs/serving.md spells out); sequence padding is
+//! id 0 with mask 0; a numeric value is `(x - shift) * scale` in f64, rounded to f32, and an
+//! empty cell is 0; a domain id is the cell's integer.
 
 use super::encode::Fitted;
 use super::schema::FeatureGroup;
@@ -13,8 +16,29 @@ use super::vocab::{Vocab, OOV};
 use super::UnknownDomain;
 use serde::Serialize;
 
-/// The format tag of the file.
+/// The format tag of a file without hashed ids.
 pub const FORMAT: &str = "mdl-features/1";
+/// The format tag of a file where some vocabulary has `buckets` (a reader of
+/// `mdl-features/1` would give the values they hash the out-of-vocabulary id instead).
+pub const FORMAT_WITH_BUCKETS: &str = "mdl-features/2";
+
+/// The format tag for these inputs: [`FORMAT_WITH_BUCKETS`] when a vocabulary has buckets.
+pub fn format_of(inputs: &[GroupEncoding]) -> &'static str {
+    let hashed = inputs.iter().any(|g| match g {
+        GroupEncoding::Categorical { columns, .. } => columns.iter().any(|c| c.buckets > 0),
+        GroupEncoding::Sequence { buckets, .. } => *buckets > 0,
+        _ => false,
+    });
+    if hashed {
+        FORMAT_WITH_BUCKETS
+    } else {
+        FORMAT
+    }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
 
 /// One categorical column: its id offset in the group and its kept values in id order.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -23,6 +47,10 @@ pub struct ColumnVocab {
     pub offset: u32,
     /// Kept values; the value at position `i` has id `offset + 2 + i`.
     pub values: Vec<String>,
+    /// Hashed ids after the kept values, for the values not kept (0: they are out of
+    /// vocabulary); written only when not 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub buckets: u32,
 }
 
 /// One numeric column's normalisation.
@@ -50,6 +78,9 @@ pub enum GroupEncoding {
         max_len: usize,
         offset: u32,
         values: Vec<String>,
+        /// As a categorical column's `buckets`.
+        #[serde(skip_serializing_if = "is_zero")]
+        buckets: u32,
     },
     /// Input `[B, columns]` of float32.
     Numeric { name: String, columns: Vec<ColumnNormalizer> },
@@ -109,15 +140,16 @@ impl Fitted {
                             column: column.clone(),
                             offset,
                             values: kept_values(vocab),
+                            buckets: vocab.buckets(),
                         })
                         .collect();
                     out.push(GroupEncoding::Categorical { name: crate::lower::ids_input(name), columns });
                     cat += 1;
                 }
                 FeatureGroup::Sequence { name, columns, max_len, .. } => {
-                    let (offset, values) = sequence_vocabs
+                    let (offset, values, buckets) = sequence_vocabs
                         .get(seq)
-                        .map_or((0, Vec::new()), |&(vocab, offset)| (offset, kept_values(vocab)));
+                        .map_or((0, Vec::new(), 0), |&(vocab, offset)| (offset, kept_values(vocab), vocab.buckets()));
                     out.push(GroupEncoding::Sequence {
                         name: crate::lower::ids_input(name),
                         mask: Some(crate::lower::mask_input(name)),
@@ -125,6 +157,7 @@ impl Fitted {
                         max_len: *max_len,
                         offset,
                         values,
+                        buckets,
                     });
                     seq += 1;
                 }

@@ -600,6 +600,23 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_bucket_hash_is_the_function_docs_serving_spells_out() {
+        // From scripts/onnx_score.py's `bucket_hash`, written from that description.
+        let expected = [
+            ("", 0),
+            ("abc", 11666850765916551101),
+            ("abcdefgh", 16645297733576556862),
+            ("12345678901", 3601799087326043346),
+            ("ünïcode value 1", 16521854292252075933u64),
+        ];
+        for (value, hash) in expected {
+            let mut hasher = WordHasher::default();
+            hasher.write(value.as_bytes());
+            assert_eq!(hasher.finish(), hash, "{value}");
+        }
+    }
+
     fn add(interner: &mut Interner, value: &str) {
         let id = interner.intern(value);
         interner.count(id);
