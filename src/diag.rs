@@ -128,6 +128,12 @@ impl SourceMap {
         ((line + 1) as u32, (col + 1) as u32)
     }
 
+    /// Where `span` starts, as `file:line:col`.
+    pub fn place(&self, span: Span) -> String {
+        let (line, col) = self.line_col(span.file, span.start);
+        format!("{}:{line}:{col}", self.name(span.file))
+    }
+
     /// The text of 1-based line `line`, without its line ending; empty if out of range.
     pub fn line(&self, file: u32, line: u32) -> &str {
         let Some(f) = self.files.get(file as usize) else {

@@ -84,6 +84,20 @@ fn get(tensors: &[(String, Tensor<f32>)], name: &str) -> Tensor<f32> {
         .clone()
 }
 
+/// A run stopped and resumed (`resumed`) ended as the run never stopped (`straight`): the
+/// same metrics.json, curve.csv and loss.csv byte for byte, and checkpoints holding the same
+/// tensors (their metadata names each its own run).
+fn assert_resumed_as_straight(straight: &Path, resumed: &Path) {
+    for f in ["metrics.json", "curve.csv", "loss.csv"] {
+        let same = std::fs::read(straight.join(f)).unwrap() == std::fs::read(resumed.join(f)).unwrap();
+        assert!(same, "{f} of the resumed run differs from the straight run's");
+    }
+    for f in ["best.ckpt", "last.ckpt"] {
+        let same = tensors(&straight.join(f)) == tensors(&resumed.join(f));
+        assert!(same, "{f} of the resumed run holds other tensors than the straight run's");
+    }
+}
+
 fn metrics(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(dir.join("metrics.json")).unwrap()).unwrap()
 }
@@ -138,12 +152,15 @@ fn names_a_stage_gives_are_checked_against_the_spec() {
         assert!(!err.contains("data: train"), "the data was read before the error:\n{err}");
         assert!(!dir.join(&name).exists(), "a run folder was made for a run that cannot start");
     }
-    // A copy whose parameters differ in shape names both parameters, their shapes and groups.
+    // A copy whose parameters differ in shape names both parameters, their shapes, groups
+    // and where the spec defines each (the calls of `linear` that made them).
     let err = failed(&run(&dir, "shapes", "[{steps: 2, copy: [{from: heads, to: head0}]}]", &[]));
-    assert!(
-        err.contains("train.stages[0].copy[0]: `click/per_domain/linear/W` [count(domain), 16, 1] (group `heads`) cannot be copied into `pooled/linear/W` [16, 1] (group `head0`): the shapes differ"),
-        "{err}"
+    let spec = dir.join("staged.mdl");
+    let expected = format!(
+        "train.stages[0].copy[0]: `click/per_domain/linear/W` [count(domain), 16, 1] (group `heads`, defined at {0}:16:31) cannot be copied into `pooled/linear/W` [16, 1] (group `head0`, defined at {0}:13:26): the shapes differ",
+        spec.display()
     );
+    assert!(err.contains(&expected), "{err}");
     // A domain the train split does not have.
     let err = failed(&run(&dir, "domain", "[{steps: 2, domains: [0, 99]}]", &[]));
     assert!(err.contains("train.stages[0].domains: domain 99 has no rows in train (its domains: 0, 1, 2,"), "{err}");
@@ -296,15 +313,7 @@ fn a_run_stopped_in_stage_two_of_three_resumes_to_the_same_result() {
     let resumed = ok(&mdl(&["run", "--resume", stopped.to_str().unwrap()]));
     assert!(resumed.contains("resumed from") && resumed.contains("at step 6"), "{resumed}");
     let straight = dir.join("straight");
-    for f in ["metrics.json", "curve.csv", "loss.csv"] {
-        let same = std::fs::read(straight.join(f)).unwrap() == std::fs::read(stopped.join(f)).unwrap();
-        assert!(same, "{f} of the resumed run differs from the straight run's");
-    }
-    // The checkpoints hold the same tensors (their metadata names each its own run).
-    for f in ["best.ckpt", "last.ckpt"] {
-        let same = tensors(&straight.join(f)) == tensors(&stopped.join(f));
-        assert!(same, "{f} of the resumed run holds other tensors than the straight run's");
-    }
+    assert_resumed_as_straight(&straight, &stopped);
     let m = metrics(&straight);
     let names: Vec<&str> = m["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["pre", "post", "tune"]);
@@ -351,7 +360,8 @@ fn the_documented_example_trains_through_its_stages() {
 /// A warm start: a fresh run whose `train.init_from` names another run starts with that
 /// run's best parameters in the groups it copies (its pooled head into every domain's head),
 /// every other parameter from its initialiser. A group or shape that does not fit is an
-/// error before any data is read, naming both specs.
+/// error before any data is read, naming where each spec (the source run's copy, and the new
+/// run's) defines the two parameters.
 #[test]
 fn a_warm_start_takes_another_runs_best_parameters() {
     let dir = tmp("warm");
@@ -388,7 +398,7 @@ fn a_warm_start_takes_another_runs_best_parameters() {
     let bad = format!("train.init_from={{run: {}, copy: [{{from: heads, to: head0}}]}}", source.display());
     let err = failed(&run(&dir, "bad", "[{steps: 1}]", &["--set", &bad]));
     let expected = format!(
-        "train.init_from.copy[0]: `click/per_domain/linear/W` [count(domain), 16, 1] (group `heads` of {}) cannot be copied into `pooled/linear/W` [16, 1] (group `head0` of {}): the shapes differ",
+        "train.init_from.copy[0]: `click/per_domain/linear/W` [count(domain), 16, 1] (group `heads`, defined at {}:16:31) cannot be copied into `pooled/linear/W` [16, 1] (group `head0`, defined at {}:13:26): the shapes differ",
         source.join("spec/staged.mdl").display(),
         dir.join("staged.mdl").display()
     );
@@ -433,4 +443,53 @@ fn group_learning_rates_apply_per_group_and_per_stage() {
     ok(&run(&dir, "plain", "[{name: a, steps: 3}]", &[]));
     ok(&run(&dir, "same", "[{name: a, steps: 3}]", &["--set", "train.group_lr={heads: 0.001}"]));
     assert_eq!(metrics(&dir.join("plain")), metrics(&dir.join("same")));
+}
+
+/// `stage()` in the graph: the spec's two objectives are switched by the stage under way
+/// (`pre` in stage 0, `main` after it). In stage 0 the per-domain heads, which only `main`
+/// reaches, keep their initial values; in stage 1 they train. The checkpoints hold the
+/// stage of their last training step, and a run stopped in the middle of stage 2 of 3
+/// resumes to the same metrics, curve and tensors as the run that was never stopped.
+#[test]
+fn a_loss_weighted_by_the_stage_changes_with_it_and_resumes_exactly() {
+    let dir = tmp("stage_counter");
+    let by_stage = SPEC
+        .replace("  loss pre = ", "  let first = maximum(1 - stage(), 0)\n  loss pre = first * ")
+        .replace("loss main = bce(click)", "loss main = (1 - first) * bce(click)");
+    let spec = dir.join("staged.mdl");
+    std::fs::write(&spec, &by_stage).unwrap();
+    let set_spec = format!("spec={}", spec.display());
+    let stages = "[{name: a, steps: 4}, {name: b, steps: 4}, {name: c, steps: 4, train_only: [heads]}]";
+    let run_by_stage = |out: &str, extra: &[&str]| {
+        let out = dir.join(out);
+        let stages = format!("train.stages={stages}");
+        let mut args = vec!["run", "experiments/quickstart.yaml", "--out", out.to_str().unwrap()];
+        for set in [set_spec.as_str(), "train.batch_size=512", "train.eval_every=2", &stages] {
+            args.extend(["--set", set]);
+        }
+        args.extend_from_slice(extra);
+        ok(&mdl(&args));
+        out
+    };
+    let counter = |t: &[(String, Tensor<f32>)]| get(t, "stage()").data;
+    let first = tensors(&run_by_stage("first", &["--set", "train.max_steps=4"]).join("last.ckpt"));
+    let init = mdl_runtime::init::init_tensor::<f32>(
+        "click/per_domain/linear/W",
+        vec![15, 16, 1],
+        &mdl_runtime::Init::Glorot,
+        2023,
+    )
+    .unwrap();
+    assert_eq!(get(&first, "click/per_domain/linear/W"), init, "`main` trained in stage 0");
+    assert_eq!(counter(&first), vec![0.0]);
+    let second = tensors(&run_by_stage("second", &["--set", "train.max_steps=8"]).join("last.ckpt"));
+    assert_ne!(get(&second, "click/per_domain/linear/W"), init, "`main` did not train in stage 1");
+    assert_eq!(counter(&second), vec![1.0]);
+
+    let straight = run_by_stage("straight", &[]);
+    assert_eq!(counter(&tensors(&straight.join("last.ckpt"))), vec![2.0]);
+    let stopped = run_by_stage("stopped", &["--stop-after", "7"]);
+    assert_eq!(counter(&tensors(&stopped.join("last.ckpt"))), vec![1.0], "the checkpoint of step 6");
+    ok(&mdl(&["run", "--resume", stopped.to_str().unwrap()]));
+    assert_resumed_as_straight(&straight, &stopped);
 }

@@ -18,22 +18,31 @@ pub struct Mode {
     pub step: u64,
     /// The epoch the training step belongs to, from 0 (`epoch()` in a spec).
     pub epoch: u64,
+    /// The stage of the experiment's schedule the training step belongs to, from 0
+    /// (`stage()` in a spec).
+    pub stage: u64,
 }
 
 impl Mode {
     /// Evaluation mode (no randomness).
     pub fn eval() -> Mode {
-        Mode { training: false, seed: 0, step: 0, epoch: 0 }
+        Mode { training: false, seed: 0, step: 0, epoch: 0, stage: 0 }
     }
 
-    /// Training at `step` of epoch 0 ([`Mode::in_epoch`] sets the epoch).
+    /// Training at `step` of epoch 0 and stage 0 ([`Mode::in_epoch`] and [`Mode::in_stage`]
+    /// set them).
     pub fn train(seed: u64, step: u64) -> Mode {
-        Mode { training: true, seed, step, epoch: 0 }
+        Mode { training: true, seed, step, epoch: 0, stage: 0 }
     }
 
     /// The same mode in epoch `epoch`.
     pub fn in_epoch(self, epoch: u64) -> Mode {
         Mode { epoch, ..self }
+    }
+
+    /// The same mode in stage `stage` of the schedule.
+    pub fn in_stage(self, stage: u64) -> Mode {
+        Mode { stage, ..self }
     }
 }
 

@@ -302,6 +302,7 @@ fn random() -> Vec<Case> {
     }
     cases.push(Case::new("counter step", Op::Counter(mdl_runtime::Counter::Step), vec![]).in_training());
     cases.push(Case::new("counter epoch", Op::Counter(mdl_runtime::Counter::Epoch), vec![]).in_training());
+    cases.push(Case::new("counter stage", Op::Counter(mdl_runtime::Counter::Stage), vec![]).in_training());
     cases
 }
 
@@ -514,12 +515,12 @@ fn agrees(got: f32, want: f32, tol: f32, exact: bool) -> bool {
 /// Runs `cases` on interp and on `exec` (called `backend`); every output must agree.
 /// `exact`: the executor promises interp's values for the cases marked exact.
 /// Cases in training mode run as a graph of their own, in `Mode::train` (seed 5, step 2,
-/// epoch 1).
+/// epoch 1, stage 3).
 fn check(cases: &[Case], backend: &str, exec: &mut dyn Executor, exact: bool) {
     for training in [false, true] {
         let part: Vec<Case> = cases.iter().filter(|c| c.training == training).cloned().collect();
         if !part.is_empty() {
-            let mode = if training { Mode::train(5, 2).in_epoch(1) } else { Mode::eval() };
+            let mode = if training { Mode::train(5, 2).in_epoch(1).in_stage(3) } else { Mode::eval() };
             check_in_mode(&part, backend, exec, exact, mode);
         }
     }

@@ -141,12 +141,15 @@ fn a_column_with_nothing_to_draw_and_a_bad_vocabulary_are_errors() {
 }
 
 #[test]
-fn counters_read_the_runs_step_and_epoch() {
+fn counters_read_the_runs_step_epoch_and_stage() {
     let mut c = Case::new(0);
     let s = c.add(Op::Counter(Counter::Step), &[]).unwrap();
     let e = c.add(Op::Counter(Counter::Epoch), &[]).unwrap();
+    let g = c.add(Op::Counter(Counter::Stage), &[]).unwrap();
     c.graph.outputs.insert("s".into(), s);
     c.graph.outputs.insert("e".into(), e);
-    let v = interp::run(&c.graph, &c.binding, &c.feeds, &c.params, &Mode::train(1, 1234).in_epoch(3)).unwrap();
-    assert_eq!((v.scalar("s"), v.scalar("e")), (Some(1234.0), Some(3.0)));
+    c.graph.outputs.insert("g".into(), g);
+    let mode = Mode::train(1, 1234).in_epoch(3).in_stage(2);
+    let v = interp::run(&c.graph, &c.binding, &c.feeds, &c.params, &mode).unwrap();
+    assert_eq!((v.scalar("s"), v.scalar("e"), v.scalar("g")), (Some(1234.0), Some(3.0), Some(2.0)));
 }

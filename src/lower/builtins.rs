@@ -180,6 +180,7 @@ pub static BUILTINS: &[Builtin] = &[
     Builtin { name: "if_training", params: &[Required("a"), Required("b")], lower: if_training },
     Builtin { name: "step", params: &[], lower: |el, _, span| counter(el, Counter::Step, span) },
     Builtin { name: "epoch", params: &[], lower: |el, _, span| counter(el, Counter::Epoch, span) },
+    Builtin { name: "stage", params: &[], lower: |el, _, span| counter(el, Counter::Stage, span) },
     Builtin { name: "stopgrad", params: &[Required("x")], lower: stopgrad },
     Builtin { name: "one_hot", params: &[Required("ids")], lower: one_hot },
     Builtin { name: "embedding", params: &[Required("ids"), Required("dim"), Float("std", 0.0001)], lower: embedding },
@@ -941,14 +942,16 @@ fn if_training(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     Ok(Val::Tensor(Tv { node, grouped: false }))
 }
 
-/// `step()`, `epoch()`: the training loop's counter as a scalar: in training the run's
-/// (`Op::Counter`: the steps trained before this one, the epoch from 0); in evaluation
-/// the value of the last training step, which each step stores in a state (`step()`,
-/// `epoch()`: saved in checkpoints, so a resumed run and `mdl predict` read it back).
+/// `step()`, `epoch()`, `stage()`: the training loop's counter as a scalar: in training the
+/// run's (`Op::Counter`: the steps trained before this one, the epoch from 0, the stage of
+/// the schedule from 0); in evaluation the value of the last training step, which each
+/// step stores in a state (`step()`, `epoch()`, `stage()`: saved in checkpoints, so a
+/// resumed run and `mdl predict` read it back).
 fn counter(el: &mut Elab, c: Counter, span: Span) -> R<Val> {
     let name = match c {
         Counter::Step => "step()",
         Counter::Epoch => "epoch()",
+        Counter::Stage => "stage()",
     };
     let state = match el.graph.state_info(name) {
         Some(st) => st.node,
@@ -1204,7 +1207,7 @@ fn reduce(el: &mut Elab, a: &Args, name: &str, op: ReduceOp, span: Span) -> R<Va
 /// `embedding(ids, dim, std)`: a table with a row per id. Inside `per d { }`, one table
 /// per domain, stacked into one `[D * rows, dim]` parameter (row-sparse like any table),
 /// whose lookups move each sample's ids into its domain's block (GroupIds, then Gather).
-fn embedding(el: &mut Elab, a: &Args, _span: Span) -> R<Val> {
+fn embedding(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     let per = el.per_domains();
     let stacked = |rows: &Dim| match &per {
         Some((_, groups)) => groups * rows,
@@ -1223,8 +1226,7 @@ fn embedding(el: &mut Elab, a: &Args, _span: Span) -> R<Val> {
     }
     if let Some(rows) = made {
         let name = el.param_name("table");
-        let group = el.group_name();
-        let node = el.graph.param(&name, vec![stacked(&rows), dim], Init::Normal(std), group, true);
+        let node = el.new_param(&name, vec![stacked(&rows), dim], Init::Normal(std), true, span);
         return Ok(Val::Table { node, per_domain: per_domain(rows.clone()), ids_of: IdSpace::Made { rows } });
     }
     // Ids of an input's space (sampled, or rearranged): a table for that input's ids.
@@ -1248,8 +1250,7 @@ fn embedding(el: &mut Elab, a: &Args, _span: Span) -> R<Val> {
         _ => el.rows_dim(&space),
     };
     let name = el.param_name("table");
-    let group = el.group_name();
-    let node = el.graph.param(&name, vec![stacked(&rows), dim], Init::Normal(std), group, true);
+    let node = el.new_param(&name, vec![stacked(&rows), dim], Init::Normal(std), true, span);
     Ok(Val::Table { node, ids_of: IdSpace::Input(space), per_domain: per_domain(rows) })
 }
 

@@ -137,10 +137,13 @@ impl Elab {
             benv.define(&n, v);
         }
         self.depth += 1;
+        let outer_call = self.model_call;
+        self.model_call = Some(outer_call.unwrap_or(span));
         self.enter_scope(&block.name.name);
         let reported_before = self.diags.len();
         let flow = self.stmts(&mut benv, &block.body);
         self.leave_scope();
+        self.model_call = outer_call;
         self.depth -= 1;
         // An error inside the block's body points into the block: say which call reached
         // it (a block reached through others gets one note per call, innermost first).

@@ -113,6 +113,10 @@ pub struct Compiled {
     /// The id spaces whose vocabularies the graph reads (`sample_ids`): each has the
     /// inputs [`vocab_input`] and [`vocab_starts_input`].
     pub vocabularies: BTreeSet<String>,
+    /// Where the spec defines each parameter, as `file:line:col`: the statement of the
+    /// model's body that made it (a `param`, a built-in such as `embedding`, or the call
+    /// of the block that holds it, `linear(h, 1)`).
+    pub param_places: BTreeMap<String, String>,
 }
 
 /// Graph input names for a feature's parts.
@@ -232,7 +236,11 @@ pub fn compile_sized(
     let (blocks, chosen) = load::definitions(&modules, file, model).map_err(failed)?;
     let mut el = Elab::new(blocks, sizes.clone());
     match el.model(&chosen, overrides) {
-        Ok(compiled) => Ok(compiled),
+        Ok(mut compiled) => {
+            compiled.param_places =
+                el.param_spans.iter().map(|(name, &span)| (name.clone(), map.place(span))).collect();
+            Ok(compiled)
+        }
         Err(_) => Err(Failed { diagnostics: el.diags.into_vec(), needs: el.needs }),
     }
 }
@@ -263,6 +271,10 @@ pub(crate) struct Elab {
     group: Option<String>,
     per: Option<PerCtx>,
     depth: usize,
+    /// The call in the model's body whose block is being inlined (none at the model's level).
+    model_call: Option<Span>,
+    /// Where each parameter was made ([`Compiled::param_places`]).
+    param_spans: BTreeMap<String, Span>,
     in_model: bool,
     dropout_streams: u64,
     /// The id spaces `sample_ids` draws from ([`Compiled::vocabularies`]).
@@ -296,6 +308,8 @@ impl Elab {
             group: None,
             per: None,
             depth: 0,
+            model_call: None,
+            param_spans: BTreeMap::new(),
             in_model: false,
             dropout_streams: 0,
             vocabularies: BTreeSet::new(),

@@ -4,9 +4,11 @@
 
 use super::value::{Env, Tv, Val};
 use super::{Elab, R};
+use crate::diag::Span;
 use crate::diag::{suggest, Diagnostic};
 use crate::syntax::ast::{self, Expr, ExprKind};
-use mdl_runtime::Init;
+use mdl_runtime::ir::dim::Dim;
+use mdl_runtime::{Init, NodeId};
 
 impl Elab {
     /// `param name : [sizes] = init()`: a new trainable parameter.
@@ -50,8 +52,16 @@ impl Elab {
             dims.insert(0, per.groups.clone());
         }
         let full = self.param_name(&name.name);
-        let node = self.graph.param(&full, dims, init, self.group.clone(), false);
+        let node = self.new_param(&full, dims, init, false, name.span);
         Ok(Tv { node, grouped })
+    }
+
+    /// Makes parameter `name` of the current group and records where the spec defines it:
+    /// `span` (the `param` statement's name or the built-in's call) at the model's level,
+    /// else the call in the model's body whose block made it.
+    pub(crate) fn new_param(&mut self, name: &str, dims: Vec<Dim>, init: Init, embedding: bool, span: Span) -> NodeId {
+        self.param_spans.insert(name.to_string(), self.model_call.unwrap_or(span));
+        self.graph.param(name, dims, init, self.group.clone(), embedding)
     }
 
     /// An initialiser call: `glorot()`, `zeros()`, `ones()`, `constant(c)`, `normal(std)`

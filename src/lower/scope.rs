@@ -38,11 +38,6 @@ impl Elab {
         name
     }
 
-    /// The parameter group (`group name { ... }`) new parameters join, if any.
-    pub(crate) fn group_name(&self) -> Option<String> {
-        self.group.clone()
-    }
-
     /// Reports `name` as unknown, suggesting the closest name in scope, block or built-in.
     pub(super) fn unknown_name<T>(&mut self, env: &Env, name: &str, span: Span) -> R<T> {
         let mut cands = env.names();

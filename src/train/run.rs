@@ -579,8 +579,10 @@ impl<'a> Run<'a> {
         self.data.train.gather(shard, &mut self.batch).map_err(|e| e.to_string())?;
         let feeds = self.session.inputs.feeds(&self.batch);
         let binding = self.session.inputs.with_batch(self.batch.rows);
-        let mode = Mode::train(rank_seed(self.exp.train.seed, rank), self.state.step).in_epoch(self.state.epoch as u64);
         let stage = self.state.stage.min(self.schedule.stages.len() - 1);
+        let mode = Mode::train(rank_seed(self.exp.train.seed, rank), self.state.step)
+            .in_epoch(self.state.epoch as u64)
+            .in_stage(stage as u64);
         let step = TrainStep {
             graph: self.schedule.graph(stage, self.session),
             binding: &binding,

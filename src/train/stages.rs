@@ -118,7 +118,7 @@ fn copy_pairs(compiled: &Compiled, c: &GroupCopy) -> Result<Vec<(String, String)
 /// model `to`, position by position; each `to` has the shape of its `from`, or that shape
 /// with one more leading axis (per domain): a one-to-many copy. Each model comes with the
 /// words that say where it is (empty for the run's own). An error names both parameters,
-/// their shapes, groups and places.
+/// their shapes and groups, and where each spec defines them (`file:line:col`).
 fn pairs_between(
     (from_model, from_at): (&Compiled, &str),
     (to_model, to_at): (&Compiled, &str),
@@ -146,14 +146,20 @@ fn pairs_between(
             if fits {
                 Ok((f.name.clone(), t.name.clone()))
             } else {
+                let defined = |model: &Compiled, name: &str| match model.param_places.get(name) {
+                    Some(place) => format!(", defined at {place}"),
+                    None => String::new(),
+                };
                 Err(format!(
-                    "`{}` {} (group `{}`{from_at}) cannot be copied into `{}` {} (group `{}`{to_at}): the shapes differ",
+                    "`{}` {} (group `{}`{}) cannot be copied into `{}` {} (group `{}`{}): the shapes differ",
                     f.name,
                     shape_to_string(&f.shape),
                     c.from,
+                    defined(from_model, &f.name),
                     t.name,
                     shape_to_string(&t.shape),
-                    c.to
+                    c.to,
+                    defined(to_model, &t.name)
                 ))
             }
         })

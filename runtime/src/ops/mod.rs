@@ -17,7 +17,7 @@
 //!
 //! | family        | ops |
 //! |---------------|-----|
-//! | `source`      | Input, Param, Scalar, the constant tensors Arange, Triangle and Eye (from compile-time sizes), IdList (constant ids), Counter (the training step or epoch), DropMask, StopGrad, TrainEval |
+//! | `source`      | Input, Param, Scalar, the constant tensors Arange, Triangle and Eye (from compile-time sizes), IdList (constant ids), Counter (the training step, epoch or stage), DropMask, StopGrad, TrainEval |
 //! | `random`      | Bernoulli (0/1 masks), Permutation (in-batch shuffles), SampleIds (ids drawn from a vocabulary) |
 //! | `elementwise` | Unary (neg exp log sqrt recip relu sigmoid tanh softplus abs step sign floor gelu), Binary (add sub mul div max min gt eq ge ne prelu keep) with broadcasting |
 //! | `layout`      | Reshape, Permute, Broadcast, Concat, Slice, Pad (all but Pad also move ids) |
@@ -82,6 +82,9 @@ pub enum Counter {
     Step,
     /// The epoch of the current step, from 0 ([`crate::exec::Mode::epoch`]).
     Epoch,
+    /// The stage of the schedule the current step belongs to, from 0
+    /// ([`crate::exec::Mode::stage`]).
+    Stage,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

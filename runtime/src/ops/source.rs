@@ -70,6 +70,7 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
             let v = match c {
                 Counter::Step => cx.mode.step,
                 Counter::Epoch => cx.mode.epoch,
+                Counter::Stage => cx.mode.stage,
             };
             Ok(Value::Dense(Tensor::scalar(T::from_f64(v as f64))))
         }
