@@ -303,6 +303,7 @@ fn bad_uses_of_random_draws() {
         "model m(dim = 8) {
   input fields : categorical
   input dense : numeric
+  input tags : sequence(3)
   label click
   let a = bernoulli(dense, 1.5)
   let b = sample_ids(dense, 4)
@@ -312,6 +313,8 @@ fn bad_uses_of_random_draws() {
   let f = permutation(0)
   let g = if_training(dense, step())
   let h = relu(sample_ids(fields, 2))
+  let i = sample_ids(fields, 2, not_in = tags)
+  let j = sample_ids(fields, 2, not_in = dense)
   task click = linear(dense, 1)
   loss bce(click)
 }
@@ -319,29 +322,38 @@ fn bad_uses_of_random_draws() {
     );
     assert_eq!(code, 1);
     let f = "random.mdl";
-    assert_at(&err, f, 5, 28, 3, "a probability must be in [0, 1], found 1.5");
+    assert_at(&err, f, 6, 28, 3, "a probability must be in [0, 1], found 1.5");
     assert_at(
         &err,
         f,
-        6,
+        7,
         22,
         5,
         "`sample_ids` draws for the ids of a categorical or sequence input (or ids rearranged from them); `dense` is not one",
     );
-    assert_at(&err, f, 7, 30, 1, "`n` must be a positive constant, found 0");
-    assert_at(&err, f, 8, 38, 7, "`by` must be \"uniform\" or \"frequency\", found \"often\"");
-    assert_at(&err, f, 9, 59, 1, "`power` must be a positive number, found 0");
-    assert_at(&err, f, 10, 23, 1, "`n` must be a positive size, found 0");
+    assert_at(&err, f, 8, 30, 1, "`n` must be a positive constant, found 0");
+    assert_at(&err, f, 9, 38, 7, "`by` must be \"uniform\" or \"frequency\", found \"often\"");
+    assert_at(&err, f, 10, 59, 1, "`power` must be a positive number, found 0");
+    assert_at(&err, f, 11, 23, 1, "`n` must be a positive size, found 0");
     assert_at(
         &err,
         f,
-        11,
+        12,
         11,
         26,
         "the training value [B, count(dense)] and the evaluation value [] must have one shape",
     );
-    assert_at(&err, f, 12, 16, 21, "expected a tensor, found ids");
-    assert_eq!(err.matches("error:").count(), 8, "one error per bad use:\n{err}");
+    assert_at(&err, f, 13, 16, 21, "expected a tensor, found ids");
+    assert_at(&err, f, 14, 42, 4, "`not_in` must hold ids of `fields`'s space, as `pos` does; found ids of `tags`");
+    assert_at(
+        &err,
+        f,
+        15,
+        42,
+        5,
+        "`not_in` takes the ids of a categorical or sequence input (or ids rearranged from them); `dense` is not one",
+    );
+    assert_eq!(err.matches("error:").count(), 10, "one error per bad use:\n{err}");
 }
 
 /// Issue 20 item 2: checked on its own, a spec keeps the data's sizes symbolic; each

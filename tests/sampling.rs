@@ -1,6 +1,7 @@
 //! Randomness and schedules in the graph, end to end on the bundled kuairand_pure_tail:
 //! ids drawn by `sample_ids` from the real vocabulary are never padding or
-//! out-of-vocabulary, come from their positive's column and are never the positive; the
+//! out-of-vocabulary, come from their positive's column and are never the positive (nor,
+//! with `not_in`, an id of the row's history); the
 //! same seed and step draw the same ids and another seed others; a schedule on `step()`
 //! follows the training step and, in evaluation, the state the last step left; through
 //! the `mdl` binary, a spec with sampled negatives, shuffled rows, Bernoulli masks,
@@ -30,7 +31,7 @@ const SPEC: &str = "model sampled(dim = 4) {
   let E = embedding(fields, dim)
   let h = E[hist]                                            # [B, 2, 50, dim]
   let uniform = E[sample_ids(hist, 3)]                       # [B, 2, 50, 3, dim]
-  let frequent = E[sample_ids(hist, 2, by = \"frequency\", power = 0.75)]
+  let frequent = E[sample_ids(hist, 2, by = \"frequency\", power = 0.75, not_in = hist)]
   let alpha = 0.1 + 4.9 * minimum(step() / 4, 1)            # 0.1 -> 5 over 4 steps
   let x = flatten(E[fields]) * bernoulli(flatten(E[fields]), 0.9)
   let shuffled = shuffle_rows(x)
@@ -84,6 +85,7 @@ fn sampled_ids_follow_the_vocabulary_and_the_seed() {
     prep.train.gather(&(0..256).collect::<Vec<_>>(), &mut batch).unwrap();
     let feeds = session.inputs.feeds(&batch);
     let binding = session.inputs.with_batch(batch.rows);
+    let batch_rows = batch.rows;
     let params = session.initial_tensors(1).unwrap();
     let run = |mode: Mode| {
         let out = interp::run(&g, &binding, &feeds, &params, &mode).unwrap();
@@ -106,6 +108,12 @@ fn sampled_ids_follow_the_vocabulary_and_the_seed() {
             assert_ne!(id, p, "drew the positive");
         }
     }
+    // The second draw (`not_in = hist`) never draws an id of its row's history.
+    let per_row = hist.data.len() / batch_rows;
+    for (k, &id) in a[1].iter().enumerate() {
+        let b = k / (per_row * 2);
+        assert!(!hist.data[b * per_row..(b + 1) * per_row].contains(&id), "row {b}: drew {id} of its history");
+    }
     assert_eq!(a, run(Mode::train(2023, 7)), "the same seed and step drew other ids");
     let other_seed = run(Mode::train(2024, 7));
     let other_step = run(Mode::train(2023, 8));
@@ -116,7 +124,8 @@ fn sampled_ids_follow_the_vocabulary_and_the_seed() {
 }
 
 /// Each behaviour's next item: the sequence shifted by one, the row's item (`fields`'
-/// video_id, column 2) last, ids of `fields`' space; negatives are drawn for them.
+/// video_id, column 2) last, ids of `fields`' space; negatives are drawn for them, never an item
+/// of the row's first sequence or the row's video.
 const SHIFTED: &str = "model shifted(dim = 4) {
   input fields : categorical
   input hist : sequence(50) of fields
@@ -127,7 +136,7 @@ const SHIFTED: &str = "model shifted(dim = 4) {
   let E = embedding(fields, dim)
   let seq = squeeze(slice(hist, 1, 0, 1), 1)                                  # ids [B, 50]
   let next = concat([slice(seq, 1, 1, 49), slice(fields, 1, 2, 1)], axis = 1)  # ids [B, 50]
-  let neg = sample_ids(next, 2)                                               # ids [B, 50, 2]
+  let neg = sample_ids(next, 2, not_in = concat([seq, slice(fields, 1, 2, 1)], axis = 1))  # ids [B, 50, 2]
   let h = E[seq]
   task click = linear(flatten(E[fields]), 1)
   loss bce(click) + mean(softplus(sum(unsqueeze(h, 2) * E[neg], axis = -1) - sum(h * E[next], axis = -1, keep = true)))
@@ -135,7 +144,7 @@ const SHIFTED: &str = "model shifted(dim = 4) {
 ";
 
 #[test]
-fn negatives_drawn_for_a_shifted_sequence_are_never_its_next_item() {
+fn negatives_drawn_for_a_shifted_sequence_are_never_its_next_item_nor_in_its_history() {
     let dir = tmp("shifted");
     let spec = dir.join("shifted.mdl");
     std::fs::write(&spec, SHIFTED).unwrap();
@@ -167,6 +176,9 @@ fn negatives_drawn_for_a_shifted_sequence_are_never_its_next_item() {
             for k in 0..2 {
                 let id = drawn.data[(b * 50 + t) * 2 + k];
                 assert_ne!(id, next, "row {b}, position {t}: drew the next item");
+                let history = &hist.data[b * sequences * 50..b * sequences * 50 + 50];
+                assert!(!history.contains(&id), "row {b}, position {t}: drew {id} of the row's history");
+                assert_ne!(id, fields.data[b * columns + 2], "row {b}, position {t}: drew the row's item");
                 assert_eq!(column(id), column(next), "row {b}, position {t}: drew from another column");
                 assert!(counts[id as usize] > 0.0, "row {b}, position {t}: drew id {id} of count 0");
             }

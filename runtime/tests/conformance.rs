@@ -280,7 +280,7 @@ fn phase() -> Vec<Case> {
 fn random() -> Vec<Case> {
     let weights = || real(&[10], vec![0.0, 0.0, 5.0, 1.0, 0.0, 2.0, 0.0, 0.0, 3.0, 1.0]);
     let starts = || ids(&[3], vec![0, 6, 10]);
-    let sample = |power, exclude| Op::SampleIds { n: Dim::lit(7), power, exclude, stream: 3 };
+    let sample = |power, exclude| Op::SampleIds { n: Dim::lit(7), power, exclude, seen: false, stream: 3 };
     let mut cases = Vec::new();
     for training in [false, true] {
         let phase = |c: Case| if training { c.in_training() } else { c };
@@ -292,6 +292,11 @@ fn random() -> Vec<Case> {
                 at("sample_ids by weight, excluding"),
                 sample(1.0, true),
                 vec![ids(&[2, 3], vec![2, 3, 5, 8, 9, 0]), weights(), starts()],
+            )),
+            phase(Case::new(
+                at("sample_ids not in the row's seen ids"),
+                Op::SampleIds { n: Dim::lit(7), power: 1.0, exclude: true, seen: true, stream: 4 },
+                vec![ids(&[2, 3], vec![2, 3, 5, 8, 9, 0]), weights(), starts(), ids(&[2, 2], vec![3, 9, 0, 2])],
             )),
             phase(Case::new(
                 at("sample_ids uniform"),

@@ -74,7 +74,7 @@ fn sampler(positives: Vec<u32>, n: usize, power: f64, exclude: bool) -> Case {
     let pos = c.ids_values("pos", dims(&[k]), positives);
     let w = c.input_values("w", dims(&[10]), WEIGHTS.to_vec());
     let s = c.ids_values("s", dims(&[3]), STARTS.to_vec());
-    let y = c.add(Op::SampleIds { n: Dim::from(n), power, exclude, stream: 9 }, &[pos, w, s]).unwrap();
+    let y = c.add(Op::SampleIds { n: Dim::from(n), power, exclude, seen: false, stream: 9 }, &[pos, w, s]).unwrap();
     c.graph.outputs.insert("y".into(), y);
     c
 }
@@ -134,10 +134,60 @@ fn a_column_with_nothing_to_draw_and_a_bad_vocabulary_are_errors() {
     w[8] = 0.0;
     c.feeds.insert("w".into(), Value::Dense(mdl_runtime::Tensor::new(vec![10], w).unwrap()));
     let err = interp::run(&c.graph, &c.binding, &c.feeds, &c.params, &Mode::train(1, 1)).unwrap_err().to_string();
-    assert!(err.contains("no id to draw for id 9: its column (ids 6..10) has no other id of positive weight"), "{err}");
+    assert!(
+        err.contains(
+            "no id to draw for id 9: its column (ids 6..10) has no id of positive weight that is not excluded"
+        ),
+        "{err}"
+    );
     c.feeds.insert("s".into(), Value::Ids(mdl_runtime::Ids::new(vec![3], vec![0, 6, 9]).unwrap()));
     let err = interp::run(&c.graph, &c.binding, &c.feeds, &c.params, &Mode::train(1, 1)).unwrap_err().to_string();
     assert!(err.contains("the column starts [0, 6, 9] must rise from 0 to the vocabulary's size 10"), "{err}");
+}
+
+/// A sampler whose rows (`pos` `[2, 2]`) never draw the ids of the same row of `seen`
+/// (`[2, 3]`).
+fn sampler_not_in(positives: Vec<u32>, seen: Vec<u32>, n: usize, exclude: bool) -> Case {
+    let mut c = Case::new(0);
+    let pos = c.ids_values("pos", dims(&[2, 2]), positives);
+    let w = c.input_values("w", dims(&[10]), WEIGHTS.to_vec());
+    let s = c.ids_values("s", dims(&[3]), STARTS.to_vec());
+    let seen = c.ids_values("seen", dims(&[2, 3]), seen);
+    let op = Op::SampleIds { n: Dim::from(n), power: 1.0, exclude, seen: true, stream: 9 };
+    let y = c.add(op, &[pos, w, s, seen]).unwrap();
+    c.graph.outputs.insert("y".into(), y);
+    c
+}
+
+#[test]
+fn sampled_ids_are_never_in_the_rows_seen_ids_and_keep_the_rest_in_proportion() {
+    let n = 20_000;
+    // Row 0 saw 3 (and padding): positive 2 draws only 5, positive 9 only 8. Row 1 saw 5
+    // and 9: positive 3 draws only 2, positive 7 (OOV of column 1) only 8.
+    let seen = vec![3, 0, 0, 5, 9, 0];
+    let c = sampler_not_in(vec![2, 9, 3, 7], seen.clone(), n, true);
+    let ids = draw(&c, Mode::train(5, 0));
+    for (k, only) in [5, 8, 2, 8].into_iter().enumerate() {
+        assert!(ids[k * n..(k + 1) * n].iter().all(|&i| i == only), "positive {k}: {:?}", &ids[k * n..k * n + 10]);
+    }
+    // Without `exclude`, the positive may be drawn, the seen ids still not: row 0's
+    // positive 2 draws 2 and 5 in proportion 5 : 2, row 1's positive 3 draws 2 and 3 as 5 : 1.
+    let c = sampler_not_in(vec![2, 9, 3, 7], seen, n, false);
+    let ids = draw(&c, Mode::train(5, 0));
+    let share = |k: usize, id: u32| ids[k * n..(k + 1) * n].iter().filter(|&&i| i == id).count() as f64 / n as f64;
+    assert!(ids[..n].iter().all(|&i| i == 2 || i == 5));
+    assert!((share(0, 2) - 5.0 / 7.0).abs() < 0.02, "{}", share(0, 2));
+    assert!(ids[2 * n..3 * n].iter().all(|&i| i == 2 || i == 3));
+    assert!((share(2, 3) - 1.0 / 6.0).abs() < 0.02, "{}", share(2, 3));
+    // The same seed and step draw the same ids, another seed others.
+    let c = sampler_not_in(vec![0, 7, 0, 7], vec![3, 0, 0, 9, 0, 0], 40, true);
+    let a = draw(&c, Mode::train(5, 0));
+    assert_eq!(a, draw(&c, Mode::train(5, 0)));
+    assert_ne!(a, draw(&c, Mode::train(6, 0)));
+    // A row whose seen ids leave nothing of positive weight in the column is an error.
+    let c = sampler_not_in(vec![2, 8, 2, 8], vec![8, 9, 0, 0, 0, 0], 3, false);
+    let err = interp::run(&c.graph, &c.binding, &c.feeds, &c.params, &Mode::train(1, 1)).unwrap_err().to_string();
+    assert!(err.contains("no id to draw for id 8"), "{err}");
 }
 
 #[test]

@@ -174,7 +174,14 @@ pub static BUILTINS: &[Builtin] = &[
     Builtin { name: "permutation", params: &[Required("n")], lower: permutation },
     Builtin {
         name: "sample_ids",
-        params: &[Required("pos"), Required("n"), Str("by", "uniform"), Float("power", 1.0), Bool("exclude", true)],
+        params: &[
+            Required("pos"),
+            Required("n"),
+            Str("by", "uniform"),
+            Float("power", 1.0),
+            Bool("exclude", true),
+            Optional("not_in"),
+        ],
         lower: sample_ids,
     },
     Builtin { name: "if_training", params: &[Required("a"), Required("b")], lower: if_training },
@@ -812,10 +819,11 @@ fn permutation(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     Ok(Val::Ids { node, rows: n, space: None })
 }
 
-/// `sample_ids(pos, n, by = "uniform", power = 1.0, exclude = true)`: for each id of the
-/// categorical or sequence input `pos`, `n` ids drawn from the vocabulary of its column
-/// (never padding or out-of-vocabulary; never the id itself with `exclude`), uniformly or
-/// by train count (`by = "frequency"`, each count raised to `power`). The ids index the
+/// `sample_ids(pos, n, by = "uniform", power = 1.0, exclude = true, not_in?)`: for each id
+/// of the categorical or sequence input `pos`, `n` ids drawn from the vocabulary of its
+/// column (never padding or out-of-vocabulary; never the id itself with `exclude`; never an
+/// id of the same row of `not_in`, ids of `pos`'s space such as the row's history), uniformly
+/// or by train count (`by = "frequency"`, each count raised to `power`). The ids index the
 /// input's tables. The vocabulary reaches the graph as two inputs the data binds
 /// (`vocab_input`, `vocab_starts_input`).
 fn sample_ids(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
@@ -862,9 +870,34 @@ fn sample_ids(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
             el.graph.input(&vocab_starts_input(&space), vec![&columns + &Dim::lit(1)], mdl_runtime::DType::I)
         }
     };
+    let mut operands = vec![ids, weights, starts];
+    match a.get("not_in") {
+        (Val::None, _) => {}
+        (Val::Poison(reported), _) => return Err(reported),
+        (found, fs) => match input_ids(el, found.clone()) {
+            Some((seen, _, seen_space)) if seen_space == space => operands.push(seen),
+            Some((_, _, seen_space)) => {
+                return el.error(
+                    fs,
+                    format!("`not_in` must hold ids of `{space}`'s space, as `pos` does; found ids of `{seen_space}`"),
+                )
+            }
+            None => {
+                let what = match &found {
+                    Val::Feature(f) => format!("`{f}` is not one"),
+                    other => format!("found {}", other.kind()),
+                };
+                return el.error(
+                    fs,
+                    format!("`not_in` takes the ids of a categorical or sequence input (or ids rearranged from them); {what}"),
+                );
+            }
+        },
+    }
     el.vocabularies.insert(space.clone());
     let stream = el.next_dropout_stream();
-    let node = el.add(Op::SampleIds { n, power, exclude, stream }, &[ids, weights, starts], span)?;
+    let seen = operands.len() == 4;
+    let node = el.add(Op::SampleIds { n, power, exclude, seen, stream }, &operands, span)?;
     Ok(Val::Ids { node, rows: el.rows_dim(&space), space: Some(space) })
 }
 

@@ -160,9 +160,11 @@ pub enum Op {
     /// each id `p` of `pos`, `n` ids drawn independently (with replacement) from the column
     /// `c` of the vocabulary holding `p` (`starts[c] <= p < starts[c + 1]`; `starts` rises
     /// from 0 to `V`), id `i` with probability proportional to `weights[i]^power` (`power`
-    /// 0: uniform); an id of weight 0 never, and with `exclude` never `p` itself. A new draw
-    /// each training step; in evaluation the stream's fixed one. No gradient.
-    SampleIds { n: Dim, power: f64, exclude: bool, stream: u64 },
+    /// 0: uniform); an id of weight 0 never, and with `exclude` never `p` itself. With
+    /// `seen`, a fourth operand `seen: ids [B, t...]` (`B` = `pos`'s first axis): never an id
+    /// that row `b` of `seen` holds, for the ids of row `b` of `pos`. A new draw each
+    /// training step; in evaluation the stream's fixed one. No gradient.
+    SampleIds { n: Dim, power: f64, exclude: bool, seen: bool, stream: u64 },
 
     // ---- elementwise ----
     /// `[x]`
@@ -316,7 +318,7 @@ impl Op {
             | Counter(_)
             | Permutation { .. } => 0,
             DropMask { .. } | StopGrad | Unary(_) | Bernoulli { .. } => 1,
-            SampleIds { .. } => 3,
+            SampleIds { seen, .. } => 3 + usize::from(*seen),
             Binary(_) | TrainEval => 2,
             Reshape { .. } | Permute { .. } | Broadcast { .. } | Slice { .. } | Pad { .. } => 1,
             Concat { .. } => return None,
@@ -417,9 +419,11 @@ impl Op {
             DropMask { p, .. } => format!("dropmask p={p}"),
             Bernoulli { p, .. } => format!("bernoulli p={p}"),
             Permutation { n, .. } => format!("permutation n={n}"),
-            SampleIds { n, power, exclude, .. } => {
-                format!("sample_ids n={n} power={power}{}", if *exclude { " excluding" } else { "" })
-            }
+            SampleIds { n, power, exclude, seen, .. } => format!(
+                "sample_ids n={n} power={power}{}{}",
+                if *exclude { " excluding" } else { "" },
+                if *seen { " not seen" } else { "" }
+            ),
             StopGrad => "stopgrad".into(),
             TrainEval => "train_eval".into(),
             Unary(u) => format!("{u:?}").to_lowercase(),

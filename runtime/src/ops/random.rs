@@ -31,8 +31,19 @@ pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
             Ok(Signature::dense(x[0].shape.to_vec()))
         }
         Op::Permutation { n, .. } => Ok(Signature { shape: vec![n.clone()], dtype: DType::I, kind: ValueKind::Dense }),
-        Op::SampleIds { n, power, .. } => {
+        Op::SampleIds { n, power, seen, .. } => {
             need_ids(&x[0], op)?;
+            if *seen {
+                need_ids(&x[3], op)?;
+                if x[0].shape.is_empty() || x[3].shape.is_empty() || x[0].shape[0] != x[3].shape[0] {
+                    return shape_err(format!(
+                        "{} needs the seen ids with the rows of the positives (the same first axis), got {} and {}",
+                        op.name(),
+                        x[0].describe(),
+                        x[3].describe()
+                    ));
+                }
+            }
             need_dense_float(&x[1], op)?;
             need_ids(&x[2], op)?;
             if x[1].shape.len() != 1 || x[2].shape.len() != 1 {
@@ -79,7 +90,7 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
             SplitMix64::keyed(mode.seed, mode.step, *stream).shuffle(&mut data);
             Ok(Value::Ids(Ids { shape: vec![n], data }))
         }
-        Op::SampleIds { power, exclude, stream, .. } => {
+        Op::SampleIds { power, exclude, seen, stream, .. } => {
             let pos = args[0].ids("sample_ids")?;
             let weights = args[1].dense("sample_ids")?;
             let starts = args[2].ids("sample_ids")?;
@@ -87,8 +98,32 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
             let n = *cx.out_shape.last().unwrap_or(&0);
             let mut rng = SplitMix64::keyed(mode.seed, mode.step, *stream);
             let mut data = Vec::with_capacity(pos.data.len() * n);
-            for &p in &pos.data {
-                table.draw(&mut rng, p, *exclude, n, &mut data)?;
+            // The ids each row of `pos` never draws: the row's seen ids (sorted, once per
+            // row), with the positive itself merged in for each draw under `exclude`.
+            let seen_ids = if *seen { Some(args[3].ids("sample_ids")?) } else { None };
+            let rows = pos.shape.first().copied().unwrap_or(1).max(1);
+            let per_row = pos.data.len() / rows;
+            let mut row_seen: Vec<u32> = Vec::new();
+            let mut excluded: Vec<u32> = Vec::new();
+            for (k, &p) in pos.data.iter().enumerate() {
+                if k % per_row.max(1) == 0 {
+                    if let Some(s) = seen_ids {
+                        let width = s.data.len() / s.shape[0].max(1);
+                        let b = k / per_row.max(1);
+                        row_seen.clear();
+                        row_seen.extend_from_slice(&s.data[b * width..(b + 1) * width]);
+                        row_seen.sort_unstable();
+                        row_seen.dedup();
+                    }
+                }
+                excluded.clear();
+                excluded.extend_from_slice(&row_seen);
+                if *exclude {
+                    if let Err(at) = excluded.binary_search(&p) {
+                        excluded.insert(at, p);
+                    }
+                }
+                table.draw(&mut rng, p, &excluded, n, &mut data)?;
             }
             Ok(Value::Ids(Ids { shape: cx.out_shape.to_vec(), data }))
         }
@@ -135,10 +170,18 @@ impl<'a> Vocabulary<'a> {
         Ok(Vocabulary { cum, starts })
     }
 
-    /// Appends `n` ids drawn for the positive id `p` (with replacement, from `p`'s column;
-    /// never `p` when `exclude`). Excluding `p` draws from the remaining mass directly (no
-    /// rejection): a point `u` of it at or past `p`'s share is moved over that share.
-    fn draw(&self, rng: &mut SplitMix64, p: u32, exclude: bool, n: usize, out: &mut Vec<u32>) -> Result<(), ExecError> {
+    /// Appends `n` ids drawn for the positive id `p` (with replacement, from `p`'s column),
+    /// never one of `excluded` (sorted ascending; ids of other columns are ignored). The
+    /// draw takes the remaining mass directly (no rejection): a point `u` of it is moved
+    /// over the share of each excluded id at or before it, in ascending order.
+    fn draw(
+        &self,
+        rng: &mut SplitMix64,
+        p: u32,
+        excluded: &[u32],
+        n: usize,
+        out: &mut Vec<u32>,
+    ) -> Result<(), ExecError> {
         let v = self.cum.len();
         if p as usize >= v {
             return Err(ExecError::IdOutOfRange { op: "sample_ids".into(), id: p, limit: v });
@@ -147,25 +190,35 @@ impl<'a> Vocabulary<'a> {
         let (lo, hi) = (self.starts[c] as usize, self.starts[c + 1] as usize);
         let before = |i: usize| if i == lo { 0.0 } else { self.cum[i - 1] };
         let total = self.cum[hi - 1];
-        let (p_lo, p_hi) = (before(p as usize), self.cum[p as usize]);
-        let share = if exclude { p_hi - p_lo } else { 0.0 };
-        let mass = total - share;
-        if mass <= 0.0 {
+        // The excluded ids of p's column that have a share of the mass, ascending.
+        let first = excluded.partition_point(|&e| (e as usize) < lo);
+        let last_ex = excluded.partition_point(|&e| (e as usize) < hi);
+        let shares: Vec<(f64, f64)> = excluded[first..last_ex]
+            .iter()
+            .map(|&e| (before(e as usize), self.cum[e as usize] - before(e as usize)))
+            .filter(|&(_, w)| w > 0.0)
+            .collect();
+        let mass = total - shares.iter().map(|&(_, w)| w).sum::<f64>();
+        let is_excluded = |i: usize| excluded[first..last_ex].binary_search(&(i as u32)).is_ok();
+        // The last id of positive weight that is not excluded: where a point lands when
+        // rounding carries it to the column's total.
+        let last = (lo..hi).rev().find(|&i| before(i) < self.cum[i] && !is_excluded(i));
+        let Some(last) = last.filter(|_| mass > 0.0) else {
             return Err(sample_error(format!(
-                "no id to draw for id {p}: its column (ids {lo}..{hi}) has no other id of positive weight"
+                "no id to draw for id {p}: its column (ids {lo}..{hi}) has no id of positive weight that is not excluded"
             )));
-        }
-        // The last id of positive weight other than the excluded one: where a point lands
-        // when rounding carries it to the column's total.
-        let last = (lo..hi).rev().find(|&i| before(i) < self.cum[i] && !(exclude && i == p as usize)).unwrap_or(lo);
+        };
         for _ in 0..n {
             let mut u = rng.next_f64() * mass;
-            if exclude && u >= p_lo {
+            for &(start, share) in &shares {
+                if u < start {
+                    break;
+                }
                 u += share;
             }
             // The first id whose cumulative weight passes u has a positive weight.
             let i = lo + self.cum[lo..hi].partition_point(|&c| c <= u);
-            let i = if i >= hi || exclude && i == p as usize { last } else { i };
+            let i = if i >= hi || is_excluded(i) { last } else { i };
             out.push(i as u32);
         }
         Ok(())
