@@ -153,11 +153,14 @@ fn gemm_bound(
     Ok(bound)
 }
 
-/// Runs `steps` timed training steps (after one warm-up step) and a timed evaluation.
-pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
-    // The backend first: a missing device is reported before any data is read.
-    let mut exec = exp.executor()?;
-    // Then the spec: a bad one is reported before any data is read.
+/// The experiment's spec compiled into a session on its prepared data (`prepared`, else
+/// read and prepared here): the session, the data, and the milliseconds from the spec to
+/// the graphs with backward (reading and preparing the data untimed).
+fn compiled_session(
+    exp: &Experiment,
+    prepared: Option<data::Prepared>,
+) -> Result<(Session, data::Prepared, f64), String> {
+    // The spec first: a bad one is reported before any data is read.
     let t = Instant::now();
     let early = compile_before_data(exp, &exp.spec)?;
     let spec_time = t.elapsed();
@@ -166,7 +169,10 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
         Some((compiled, _)) => crate::train::label_schema(&exp.data.schema, compiled),
         None => exp.data.schema.clone(),
     };
-    let prep = data::prepare(&schema, &paths, &exp.data.prepare_options()).map_err(|e| e.to_string())?;
+    let prep = match prepared {
+        Some(prep) => prep,
+        None => data::prepare(&schema, &paths, &exp.data.prepare_options()).map_err(|e| e.to_string())?,
+    };
     let t = Instant::now();
     let compiled = match early {
         Some((compiled, _)) => compiled,
@@ -180,6 +186,62 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
     };
     let session = Session::with_compiled(compiled, &prep.fitted)?;
     let compile_ms = (t.elapsed() + spec_time).as_secs_f64() * 1e3;
+    Ok((session, prep, compile_ms))
+}
+
+/// What `mdl bench --compile-only` measured: the compile and the runnable plans, each
+/// time over (a fresh executor each time).
+#[derive(Clone, Debug)]
+pub struct CompileReport {
+    pub backend: Backend,
+    pub model: String,
+    /// Spec → graphs with backward, in ms, per repeat.
+    pub compile_ms: Vec<f64>,
+    /// Graphs → the backend's runnable plans, in ms, per repeat.
+    pub plan_ms: Vec<f64>,
+}
+
+/// Compiles the experiment's spec to runnable plans `repeats` times (at least once), timing
+/// each part; no step runs.
+pub fn bench_compile(exp: &Experiment, repeats: usize) -> Result<CompileReport, String> {
+    let mut report = CompileReport { backend: exp.backend, model: String::new(), compile_ms: vec![], plan_ms: vec![] };
+    let mut prepared = None;
+    for _ in 0..repeats.max(1) {
+        let mut exec = exp.executor()?;
+        let (session, prep, compile_ms) = compiled_session(exp, prepared.take())?;
+        let plan_ms = session.prepare(exec.as_mut(), exp.train.batch_size.min(prep.train.rows))?;
+        report.model.clone_from(&session.compiled.model);
+        report.compile_ms.push(compile_ms);
+        report.plan_ms.push(plan_ms);
+        prepared = Some(prep);
+    }
+    Ok(report)
+}
+
+impl std::fmt::Display for CompileReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sums: Vec<f64> = self.compile_ms.iter().zip(&self.plan_ms).map(|(c, p)| c + p).collect();
+        let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        writeln!(f, "model {} on {}, compiled {} times (min / median)", self.model, self.backend, sums.len())?;
+        let line = |f: &mut std::fmt::Formatter<'_>, what: &str, v: &[f64]| {
+            writeln!(f, "  {what:<42}{:10.1} / {:.1} ms", min(v), median(v))
+        };
+        line(f, "compile (parse -> graphs with backward)", &self.compile_ms)?;
+        line(f, "runnable plans (fusion + kernels)", &self.plan_ms)?;
+        line(f, "compile to runnable plans, in all", &sums)
+    }
+}
+
+/// Runs `steps` timed training steps (after one warm-up step) and a timed evaluation.
+pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
+    // The backend first: a missing device is reported before any data is read.
+    let mut exec = exp.executor()?;
+    let (session, prep, compile_ms) = compiled_session(exp, None)?;
     let bs = exp.train.batch_size.min(prep.train.rows);
     crate::train::memory::check_run(&session, exp, bs)?;
     let plan_ms = session.prepare(exec.as_mut(), bs)?;

@@ -416,7 +416,7 @@ pub fn export(run: &Path, format: crate::export::Format, out: &Path, force: bool
 }
 
 /// `mdl bench EXPERIMENT [--backend B] [--steps N]`
-pub fn bench(experiment: &Path, backend: Option<String>, steps: usize, set: &[String]) -> ExitCode {
+pub fn bench(experiment: &Path, backend: Option<String>, steps: usize, compile_only: bool, set: &[String]) -> ExitCode {
     let mut set = set.to_vec();
     if let Some(b) = backend {
         set.push(format!("backend={b}"));
@@ -425,7 +425,12 @@ pub fn bench(experiment: &Path, backend: Option<String>, steps: usize, set: &[St
         Ok(e) => e,
         Err(e) => return fail(&e),
     };
-    match crate::bench::bench(&exp, steps) {
+    let report = if compile_only {
+        crate::bench::bench_compile(&exp, steps).map(|r| r.to_string())
+    } else {
+        crate::bench::bench(&exp, steps).map(|r| r.to_string())
+    };
+    match report {
         Ok(r) => emit(format_args!("{r}")).err().unwrap_or(ExitCode::SUCCESS),
         Err(e) => fail(&e),
     }

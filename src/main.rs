@@ -84,9 +84,13 @@ enum Command {
         /// Backend to measure (default: the experiment's)
         #[arg(long)]
         backend: Option<String>,
-        /// Timed training steps
+        /// Timed training steps (with `--compile-only`: how many times to compile)
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// Only compile the spec to runnable plans (`--steps` times, the minimum and median
+        /// printed); run no step
+        #[arg(long)]
+        compile_only: bool,
         /// Measure OpenCL device N (as `mdl devices` numbers them; implies the opencl backend)
         #[arg(long, value_name = "N")]
         device: Option<usize>,
@@ -324,7 +328,7 @@ fn main() -> ExitCode {
             mdl::cli::run(experiment.as_deref(), &set, out, resume, stop_after, force)
         }
         Command::Eval { run, data, force, threads } => mdl::cli::eval(&run, &data, force, threads),
-        Command::Bench { experiment, backend, steps, mut set, device, threads } => {
+        Command::Bench { experiment, backend, steps, compile_only, mut set, device, threads } => {
             if let Some(n) = threads {
                 set.push(format!("train.threads={n}"));
             }
@@ -332,7 +336,7 @@ fn main() -> ExitCode {
                 Some(n) => Some(format!("opencl:{n}")),
                 None => backend,
             };
-            mdl::cli::bench(&experiment, backend, steps, &set)
+            mdl::cli::bench(&experiment, backend, steps, compile_only, &set)
         }
         Command::Devices => mdl::cli::devices(),
         Command::Predict { run, data, out, keep, bad_rows, unknown_domain, force, threads } => {

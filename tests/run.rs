@@ -333,6 +333,25 @@ fn bench_prints_rates_and_the_gemm_bound() {
     assert!(text.contains("(1377 kFLOP/sample)"), "{text}");
 }
 
+/// `mdl bench --compile-only` compiles the spec to runnable plans `--steps` times and
+/// prints the compile figures only: no step runs. PNN's pairs need the data's sizes, so its
+/// spec compiles after the data (the path `mdl check` alone cannot take).
+#[test]
+fn bench_compile_only_prints_the_compile_figures_and_runs_no_step() {
+    let out = mdl(&["bench", "experiments/pnn.yaml", "--compile-only", "--steps", "2", "--threads", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("model pnn on jit, compiled 2 times (min / median)"), "{text}");
+    for line in [
+        "compile (parse -> graphs with backward)",
+        "runnable plans (fusion + kernels)",
+        "compile to runnable plans, in all",
+    ] {
+        assert!(text.contains(line), "no `{line}` in {text}");
+    }
+    assert!(!text.contains("samples/s") && !text.contains("train step"), "a step ran: {text}");
+}
+
 /// A spec file that cannot be read is one plain error line: no doubled heading, no
 /// made-up source position.
 #[test]

@@ -322,7 +322,7 @@ fn softmax(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
 fn join(el: &mut Elab, a: &Args, name: &str, stack: bool, span: Span) -> R<Val> {
     if let (Val::List(items), s) = a.get("xs") {
         if items.iter().any(|it| value_ids(el, it.clone()).is_some()) {
-            return join_ids(el, items, s, stack, a, span);
+            return join_ids(el, items.to_vec(), s, stack, a, span);
         }
     }
     let (xs, s) = tensor_list(el, a, "xs")?;
@@ -450,7 +450,7 @@ fn bucketize(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
         return el.error(s, format!("`boundaries` must be a list of numbers, found {}", list.kind()));
     };
     let mut boundaries = Vec::with_capacity(items.len());
-    for it in items {
+    for it in items.iter().cloned() {
         let v = match it {
             Val::Float(f) => f,
             Val::Int(d) if d.as_const().is_some() => d.as_const().unwrap_or_default() as f64,
@@ -632,7 +632,7 @@ fn take(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
         (Val::List(items), s) => {
             let n = shape[axis].as_const();
             let mut list = Vec::with_capacity(items.len());
-            for it in &items {
+            for it in items.iter() {
                 let c = match it {
                     Val::Int(d) => d.as_const(),
                     _ => None,
@@ -706,7 +706,7 @@ fn pairs(el: &mut Elab, a: &Args, _span: Span) -> R<Val> {
             second.push(Val::int(j));
         }
     }
-    Ok(Val::List(vec![Val::List(first), Val::List(second)]))
+    Ok(Val::List([Val::List(first.into()), Val::List(second.into())].into()))
 }
 
 /// The positions of the `k` largest (`largest`) or smallest values of `x` along `axis`, as
@@ -741,7 +741,7 @@ fn top_k(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     }
     let (pos, rows) = positions(el, x, axis, k, true, span)?;
     let values = el.add(Op::TakeAlong { axis }, &[x.node, pos], span)?;
-    Ok(Val::List(vec![Val::Tensor(Tv { node: values, grouped: false }), Val::Ids { node: pos, rows, space: None }]))
+    Ok(Val::List([Val::Tensor(Tv { node: values, grouped: false }), Val::Ids { node: pos, rows, space: None }].into()))
 }
 
 /// `argmax` / `argmin(x, axis = -1, keep = false)`: the position of the largest (smallest)
@@ -776,7 +776,7 @@ fn sort(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     let n = el.shape(x.node)[axis].clone();
     let (pos, rows) = positions(el, x, axis, n, descending, span)?;
     let values = el.add(Op::TakeAlong { axis }, &[x.node, pos], span)?;
-    Ok(Val::List(vec![Val::Tensor(Tv { node: values, grouped: false }), Val::Ids { node: pos, rows, space: None }]))
+    Ok(Val::List([Val::Tensor(Tv { node: values, grouped: false }), Val::Ids { node: pos, rows, space: None }].into()))
 }
 
 fn dropout(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
@@ -1087,7 +1087,7 @@ fn tensor_list(el: &mut Elab, a: &Args, name: &str) -> R<(Vec<Tv>, Span)> {
         return el.error(s, format!("expected a list of tensors, found {}", v.kind()));
     };
     let mut out = Vec::with_capacity(items.len());
-    for it in items {
+    for it in items.iter().cloned() {
         out.push(el.expect_tensor(it, s)?);
     }
     Ok((out, s))
@@ -1132,7 +1132,7 @@ fn dims_arg(el: &mut Elab, a: &Args, name: &str) -> R<(Vec<Dim>, Span)> {
         return el.error(s, format!("`{name}` must be a list of sizes, found {}", v.kind()));
     };
     let mut out = Vec::new();
-    for it in items {
+    for it in items.iter().cloned() {
         match it {
             Val::Int(d) => out.push(d),
             other => return el.error(s, format!("`{name}` must be a list of sizes, found {} in it", other.kind())),
@@ -1193,7 +1193,7 @@ fn reduce(el: &mut Elab, a: &Args, name: &str, op: ReduceOp, span: Span) -> R<Va
             return el.error(s, format!("`{name}` of an empty list"));
         }
         let mut ts = Vec::with_capacity(items.len());
-        for it in items {
+        for it in items.iter().cloned() {
             ts.push(el.expect_tensor(it, s)?);
         }
         let bop = match op {
@@ -1217,7 +1217,7 @@ fn reduce(el: &mut Elab, a: &Args, name: &str, op: ReduceOp, span: Span) -> R<Va
         (Val::None, _) => (0..rank).collect::<Vec<_>>(),
         (Val::List(items), _) => {
             let mut v = Vec::new();
-            for it in items {
+            for it in items.iter().cloned() {
                 let args = Args { items: vec![("axis".into(), it, a.get("axis").1)] };
                 v.push(axis_arg(el, &args, "axis", x, 0)?);
             }

@@ -18,7 +18,7 @@ impl Elab {
     /// The items a `for` loop or a comprehension runs over: a list (a range is one).
     pub(super) fn iterable(&mut self, env: &mut Env, e: &Expr) -> R<Vec<Val>> {
         match self.expr(env, e)? {
-            Val::List(items) => Ok(items),
+            Val::List(items) => Ok(items.to_vec()),
             Val::Poison(reported) => Err(reported),
             other => self.error(e.span, format!("expected a list or a range to iterate over, found {}", other.kind())),
         }
@@ -61,7 +61,7 @@ impl Elab {
                 }
                 match failed {
                     Some(reported) => Err(reported),
-                    None => Ok(Val::List(out)),
+                    None => Ok(Val::List(out.into())),
                 }
             }
             ExprKind::Comprehension { elem, var, iter } => {
@@ -69,7 +69,7 @@ impl Elab {
                 self.enter_loop(e.span)?;
                 let out = self.comprehension(env, elem, &var.name, items);
                 self.leave_loop();
-                Ok(Val::List(out?))
+                Ok(Val::List(out?.into()))
             }
             ExprKind::Range { lo, hi } => {
                 let a = self.const_int(env, lo, "a range")?;
@@ -145,10 +145,7 @@ impl Elab {
                 (x, y) => self.error(span, format!("`and`/`or` need booleans, found {} and {}", x.kind(), y.kind())),
             },
             Concat => match (a, b) {
-                (Val::List(mut x), Val::List(y)) => {
-                    x.extend(y);
-                    Ok(Val::List(x))
-                }
+                (Val::List(x), Val::List(y)) => Ok(Val::List(x.iter().chain(y.iter()).cloned().collect())),
                 (Val::Str(x), Val::Str(y)) => Ok(Val::Str(x + &y)),
                 (x, y) => self
                     .error(span, format!("`++` joins two lists or two strings, found {} and {}", x.kind(), y.kind())),

@@ -125,8 +125,8 @@ impl Elab {
         let params: Vec<(String, Option<Val>)> = match name.name.as_str() {
             "binary" => vec![],
             "regression" => vec![("log".into(), Some(Val::Bool(false)))],
-            "classes" => vec![("n".into(), None), ("top".into(), Some(Val::List(vec![])))],
-            "candidates" => vec![("top".into(), Some(Val::List(vec![Val::int(10)])))],
+            "classes" => vec![("n".into(), None), ("top".into(), Some(Val::List(Vec::new().into())))],
+            "candidates" => vec![("top".into(), Some(Val::List([Val::int(10)].into())))],
             other => {
                 let mut d = Diagnostic::error(name.span, format!("unknown task kind `{other}`"))
                     .label(format!("expected one of: {}", KINDS.join(", ")));
@@ -151,8 +151,8 @@ impl Elab {
             None => Vec::new(),
             Some((Val::List(items), s)) => {
                 let mut top = Vec::new();
-                for item in items {
-                    match const_int(&item) {
+                for item in items.iter() {
+                    match const_int(item) {
                         Some(k) if k > 0 => top.push(k as usize),
                         _ => {
                             return self

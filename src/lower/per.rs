@@ -43,10 +43,10 @@ impl Elab {
             Val::Tensor(t) => Ok(Val::Tensor(self.materialise(t, span)?)),
             Val::List(items) => {
                 let mut out = Vec::with_capacity(items.len());
-                for it in items {
+                for it in items.iter().cloned() {
                     out.push(self.materialise_val(it, span)?);
                 }
-                Ok(Val::List(out))
+                Ok(Val::List(out.into()))
             }
             other => Ok(other),
         }

@@ -6,6 +6,7 @@
 use crate::diag::Reported;
 use mdl_runtime::{Dim, NodeId};
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 /// A tensor being built: a graph node, and whether it is *grouped*: a per-domain value
 /// (inside `per g { ... }`) whose leading axis has one entry per domain instead of one
@@ -23,7 +24,9 @@ pub enum Val {
     Float(f64),
     Str(String),
     Bool(bool),
-    List(Vec<Val>),
+    /// A list, shared: reading a list variable (`p[0][t]` in a comprehension) copies a
+    /// pointer, not its items.
+    List(Rc<[Val]>),
     Tensor(Tv),
     /// Ids made in the spec (by `bucketize`, `floordiv`, `mod`; positions by `top_k`,
     /// `argmax`, `argmin`, `sort`), each below `rows` (a size: the positions along an axis
