@@ -134,12 +134,7 @@ fn a_column_with_nothing_to_draw_and_a_bad_vocabulary_are_errors() {
     w[8] = 0.0;
     c.feeds.insert("w".into(), Value::Dense(mdl_runtime::Tensor::new(vec![10], w).unwrap()));
     let err = interp::run(&c.graph, &c.binding, &c.feeds, &c.params, &Mode::train(1, 1)).unwrap_err().to_string();
-    assert!(
-        err.contains(
-            "no id to draw for id 9: its column (ids 6..10) has no id of positive weight that is not excluded"
-        ),
-        "{err}"
-    );
+    assert!(err.contains("no id to draw for id 9: its column (ids 6..10) has no other id of positive weight"), "{err}");
     c.feeds.insert("s".into(), Value::Ids(mdl_runtime::Ids::new(vec![3], vec![0, 6, 9]).unwrap()));
     let err = interp::run(&c.graph, &c.binding, &c.feeds, &c.params, &Mode::train(1, 1)).unwrap_err().to_string();
     assert!(err.contains("the column starts [0, 6, 9] must rise from 0 to the vocabulary's size 10"), "{err}");
@@ -184,10 +179,16 @@ fn sampled_ids_are_never_in_the_rows_seen_ids_and_keep_the_rest_in_proportion() 
     let a = draw(&c, Mode::train(5, 0));
     assert_eq!(a, draw(&c, Mode::train(5, 0)));
     assert_ne!(a, draw(&c, Mode::train(6, 0)));
-    // A row whose seen ids leave nothing of positive weight in the column is an error.
-    let c = sampler_not_in(vec![2, 8, 2, 8], vec![8, 9, 0, 0, 0, 0], 3, false);
-    let err = interp::run(&c.graph, &c.binding, &c.feeds, &c.params, &Mode::train(1, 1)).unwrap_err().to_string();
-    assert!(err.contains("no id to draw for id 8"), "{err}");
+    // A row whose seen ids leave its column nothing of positive weight draws as without
+    // them: row 0 saw 8 and 9, all of column 1, so positive 8 draws 8 and 9 (3 : 1).
+    let c = sampler_not_in(vec![2, 8, 2, 8], vec![8, 9, 0, 0, 0, 0], n, false);
+    let ids = draw(&c, Mode::train(1, 1));
+    assert!(ids[n..2 * n].iter().all(|&i| i == 8 || i == 9));
+    let eights = ids[n..2 * n].iter().filter(|&&i| i == 8).count() as f64 / n as f64;
+    assert!((eights - 0.75).abs() < 0.02, "{eights}");
+    // With `exclude` too, the positive stays excluded: only 9.
+    let c = sampler_not_in(vec![2, 8, 2, 8], vec![8, 9, 0, 0, 0, 0], 50, true);
+    assert!(draw(&c, Mode::train(1, 1))[50..100].iter().all(|&i| i == 9));
 }
 
 #[test]

@@ -123,7 +123,18 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
                         excluded.insert(at, p);
                     }
                 }
-                table.draw(&mut rng, p, &excluded, n, &mut data)?;
+                // A row whose seen ids cover its column draws as without them (a draw
+                // that finds no mass takes nothing from the stream).
+                if !table.draw(&mut rng, p, &excluded, n, &mut data)? {
+                    let own = if *exclude { std::slice::from_ref(&p) } else { &[] };
+                    if !table.draw(&mut rng, p, own, n, &mut data)? {
+                        let (lo, hi) = table.column(p);
+                        return Err(sample_error(format!(
+                            "no id to draw for id {p}: its column (ids {lo}..{hi}) has no {}id of positive weight",
+                            if *exclude { "other " } else { "" }
+                        )));
+                    }
+                }
             }
             Ok(Value::Ids(Ids { shape: cx.out_shape.to_vec(), data }))
         }
@@ -170,10 +181,17 @@ impl<'a> Vocabulary<'a> {
         Ok(Vocabulary { cum, starts })
     }
 
+    /// The id range `lo..hi` of the column holding id `p` (a valid id).
+    fn column(&self, p: u32) -> (usize, usize) {
+        let c = self.starts.partition_point(|&s| s <= p) - 1;
+        (self.starts[c] as usize, self.starts[c + 1] as usize)
+    }
+
     /// Appends `n` ids drawn for the positive id `p` (with replacement, from `p`'s column),
     /// never one of `excluded` (sorted ascending; ids of other columns are ignored). The
     /// draw takes the remaining mass directly (no rejection): a point `u` of it is moved
-    /// over the share of each excluded id at or before it, in ascending order.
+    /// over the share of each excluded id at or before it, in ascending order. False (and
+    /// nothing drawn, nothing taken from `rng`) when the exclusions leave no mass.
     fn draw(
         &self,
         rng: &mut SplitMix64,
@@ -181,13 +199,12 @@ impl<'a> Vocabulary<'a> {
         excluded: &[u32],
         n: usize,
         out: &mut Vec<u32>,
-    ) -> Result<(), ExecError> {
+    ) -> Result<bool, ExecError> {
         let v = self.cum.len();
         if p as usize >= v {
             return Err(ExecError::IdOutOfRange { op: "sample_ids".into(), id: p, limit: v });
         }
-        let c = self.starts.partition_point(|&s| s <= p) - 1;
-        let (lo, hi) = (self.starts[c] as usize, self.starts[c + 1] as usize);
+        let (lo, hi) = self.column(p);
         let before = |i: usize| if i == lo { 0.0 } else { self.cum[i - 1] };
         let total = self.cum[hi - 1];
         // The excluded ids of p's column that have a share of the mass, ascending.
@@ -204,9 +221,7 @@ impl<'a> Vocabulary<'a> {
         // rounding carries it to the column's total.
         let last = (lo..hi).rev().find(|&i| before(i) < self.cum[i] && !is_excluded(i));
         let Some(last) = last.filter(|_| mass > 0.0) else {
-            return Err(sample_error(format!(
-                "no id to draw for id {p}: its column (ids {lo}..{hi}) has no id of positive weight that is not excluded"
-            )));
+            return Ok(false);
         };
         for _ in 0..n {
             let mut u = rng.next_f64() * mass;
@@ -221,6 +236,6 @@ impl<'a> Vocabulary<'a> {
             let i = if i >= hi || is_excluded(i) { last } else { i };
             out.push(i as u32);
         }
-        Ok(())
+        Ok(true)
     }
 }
