@@ -87,8 +87,8 @@ enum Command {
         /// Timed training steps (with `--compile-only`: how many times to compile)
         #[arg(long, default_value_t = 10)]
         steps: usize,
-        /// Only compile the spec to runnable plans (`--steps` times, the minimum and median
-        /// printed); run no step
+        /// Only compile the spec to runnable plans, `--steps` times (the compile's minimum
+        /// and median, the first plans and the cached ones); run no step
         #[arg(long)]
         compile_only: bool,
         /// Measure OpenCL device N (as `mdl devices` numbers them; implies the opencl backend)
