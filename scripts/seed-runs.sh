@@ -24,7 +24,7 @@ if [ -z "${MDL:-}" ]; then
 fi
 mkdir -p "$out"
 # The runs read the specs and experiments of the tree: say whether they differ from HEAD.
-echo "commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- specs experiments || echo ' (specs or experiments modified)'), binary $MDL" \
+echo "commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- 'specs/*.mdl' experiments || echo ' (specs or experiments modified)'), binary $MDL" \
   | tee -a "$out/runs.log" >&2
 for run in "$@"; do
   label=${run%%=*}
