@@ -44,9 +44,9 @@ if grep -Eq '<script|<link|<img|<iframe| src=' "$scratch/dom.html"; then
   exit 1
 fi
 
-# The whole page's height: each plot is 360 px high plus its margins, the table and text
+# The whole page's height: each plot is at most 440 px high plus its margins, the table and text
 # above them.
-height=$((600 + want * 380))
+height=$((600 + want * 470))
 "$browser" "${flags[@]}" --window-size="$width,$height" --screenshot="$out" "$url" 2>"$scratch/shot.log"
 [ -s "$out" ] || { echo "no screenshot written: $(tail -3 "$scratch/shot.log")" >&2; exit 1; }
 echo "$page: $got plots rendered by $("$browser" --version 2>/dev/null | head -1); screenshot $out (${width}x$height)"

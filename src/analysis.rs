@@ -18,10 +18,13 @@
 //!   sample picks its experts).
 //!
 //! Measures with a module of their own:
+//! - [`correlation`]: the mutual information between behaviours of each category at each
+//!   target-relative position and the label (`--mi SEQ`), from the train split.
 //! - [`gradients`]: gradient norms per parameter group and the cosine between two named
 //!   losses' gradients on a shared parameter, recorded while the run trains
 //!   (`grad_norms.csv`, `grad_cosine.csv`) and summarised here.
 
+pub mod correlation;
 pub mod gradients;
 
 use crate::lower::{rows_sym, PROBE_PREFIX};
@@ -145,6 +148,9 @@ pub struct Analysis {
     /// `train.grad_cosine`), in short.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gradients: Option<gradients::GradientSummary>,
+    /// The feature–target correlation of a behaviour sequence (`--mi`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mutual_information: Option<correlation::MiAnalysis>,
 }
 
 /// What `mdl analyze` measures.
@@ -156,6 +162,8 @@ pub struct Options {
     pub probes: Vec<String>,
     pub force: bool,
     pub threads: Option<usize>,
+    /// `--mi SEQ[:COLUMN]`: the mutual-information heat maps of that sequence.
+    pub mi: Option<String>,
 }
 
 /// Analyses the run in `run`, writes `analysis.json` there and returns the analysis.
@@ -174,14 +182,23 @@ pub fn analyze(run: &Path, opts: &Options) -> Result<Analysis, String> {
         }
     }
     let chosen: Vec<String> = names.into_iter().filter(|n| opts.probes.is_empty() || opts.probes.contains(n)).collect();
+    let mi_request = opts.mi.as_deref().map(correlation::MiRequest::parse);
+    if let Some(req) = &mi_request {
+        correlation::place(&loaded.fitted.layout(), req)?;
+    }
     let embeddings = embedding_tables(&loaded, &opts.tables)?;
     let (split_rows, probes) = probes(&loaded, &graph, &chosen, opts.threads)?;
     let norms = read_recorded(run, "grad_norms.csv")?;
     let cosine = read_recorded(run, "grad_cosine.csv")?;
     let gradients =
         gradients::summarize(norms.as_deref(), cosine.as_deref()).map_err(|e| format!("{}/{e}", run.display()))?;
+    let mutual_information = match &mi_request {
+        Some(req) => Some(correlation::measure(&loaded, req)?),
+        None => None,
+    };
     let model = loaded.session.compiled.model.clone();
-    let analysis = Analysis { model, embeddings, split: "test".into(), split_rows, probes, gradients };
+    let analysis =
+        Analysis { model, embeddings, split: "test".into(), split_rows, probes, gradients, mutual_information };
     let json = serde_json::to_string_pretty(&analysis).map_err(|e| e.to_string())?;
     crate::files::write_atomic(&run.join("analysis.json"), json.as_bytes())?;
     Ok(analysis)
@@ -199,7 +216,7 @@ pub fn read_recorded(run: &Path, name: &str) -> Result<Option<String>, String> {
 }
 
 /// An error for a name not among `known` (`what`: "embedding table", "probe").
-fn unknown(what: &str, name: &str, known: &[String]) -> String {
+pub(crate) fn unknown(what: &str, name: &str, known: &[String]) -> String {
     let hint = match crate::diag::suggest(name, known.iter().map(|s| s.as_str())) {
         Some(near) => format!("; did you mean `{near}`?"),
         None => String::new(),
@@ -469,7 +486,28 @@ pub fn render(a: &Analysis) -> String {
     if let Some(g) = &a.gradients {
         render_gradients(&mut s, g);
     }
+    if let Some(m) = &a.mutual_information {
+        render_mi(&mut s, m);
+    }
     s
+}
+
+/// The heat maps as text: a row per behaviour category, MI (bits) per position.
+fn render_mi(s: &mut String, m: &correlation::MiAnalysis) {
+    let _ = writeln!(
+        s,
+        "\nmutual information (bits) between a behaviour of a category at a position of `{}` ({}) and `{}`, per target category of {} ({} split, {} rows; position 1 = most recent)",
+        m.sequence, m.column, m.task, m.target, m.split, m.rows
+    );
+    for map in &m.maps {
+        let _ = writeln!(s, "  target {} ({} samples, {} positive)", map.target, map.samples, map.positives);
+        let header: String = (1..=m.positions).map(|p| format!(" {p:>7}")).collect();
+        let _ = writeln!(s, "    {:<20}{header}", "category \\ position");
+        for (c, row) in map.categories.iter().zip(&map.mi) {
+            let cells: String = row.iter().map(|v| format!(" {v:>7.5}")).collect();
+            let _ = writeln!(s, "    {c:<20}{cells}");
+        }
+    }
 }
 
 /// The gradient summary as text.

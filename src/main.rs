@@ -282,6 +282,11 @@ enum Command {
         /// The jit's threads (default: every core)
         #[arg(long, value_parser = parse_threads)]
         threads: Option<usize>,
+        /// The mutual-information heat maps (category x target-relative position) of this
+        /// sequence input, whose ids share a categorical column's vocabulary: `SEQ` or
+        /// `SEQ:COLUMN`
+        #[arg(long)]
+        mi: Option<String>,
     },
 }
 
@@ -352,8 +357,8 @@ fn main() -> ExitCode {
         }
         Command::Export { run, format, out, force } => mdl::cli::export(&run, format, &out, force),
         Command::Report { runs, html } => mdl::cli::report(&runs, html.as_deref()),
-        Command::Analyze { run, tables, probes, force, threads } => {
-            mdl::cli::analyze(&run, &mdl::analysis::Options { tables, probes, force, threads })
+        Command::Analyze { run, tables, probes, force, threads, mi } => {
+            mdl::cli::analyze(&run, &mdl::analysis::Options { tables, probes, force, threads, mi })
         }
         Command::Fuzz { kinds, cases, from, seed, budget_secs, known, jobs, secs_per_kind, root, work, worker } => {
             let args = mdl::cli::FuzzArgs {

@@ -398,3 +398,60 @@ fn bad_gradient_settings_name_their_key() {
         assert!(!out.join("train.log").exists(), "{setting}: the run started");
     }
 }
+
+/// `mdl analyze --mi cate_hist` on a 2-step DARE run of MovieLens 100K (the genre sequence
+/// shares the target genre's vocabulary): a heat map per frequent target genre, from the
+/// train split; a sequence with no shared vocabulary, or a name the data lacks, is an error
+/// naming it.
+#[test]
+fn mutual_information_heat_maps_of_a_category_sequence() {
+    let dir = tmp("analysis", "mi");
+    let run = dir.join("run");
+    ok(&mdl(&[
+        "run",
+        "experiments/dare.yaml",
+        "--out",
+        run.to_str().unwrap(),
+        "--set",
+        "train.batch_size=512",
+        "--set",
+        "train.max_steps=2",
+    ]));
+    let out = mdl(&["analyze", run.to_str().unwrap(), "--table", "F/table", "--mi", "cate_hist"]);
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("mutual information (bits) between a behaviour of a category at a position of `cate_hist`"));
+    let a = json(&run.join("analysis.json"));
+    let m = &a["mutual_information"];
+    assert_eq!((m["sequence"].as_str(), m["column"].as_str()), (Some("cate_hist"), Some("hist_genre_seq")));
+    assert_eq!(
+        (m["target"].as_str(), m["task"].as_str(), m["split"].as_str()),
+        (Some("cate.first_genre"), Some("click"), Some("train"))
+    );
+    assert_eq!(m["rows"], 80003, "every train row counted");
+    let maps = m["maps"].as_array().unwrap();
+    assert_eq!(maps.len(), 3);
+    let mut last = u64::MAX;
+    for map in maps {
+        let samples = map["samples"].as_u64().unwrap();
+        assert!(samples <= last && map["positives"].as_u64().unwrap() <= samples, "{map}");
+        last = samples;
+        let cats: Vec<&str> = map["categories"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+        assert!(cats.len() == 10 && cats[0] == map["target"], "the target's own genre first: {map}");
+        for (row, norm) in map["mi"].as_array().unwrap().iter().zip(map["normalized"].as_array().unwrap()) {
+            assert_eq!(row.as_array().unwrap().len(), 10);
+            for (v, n) in row.as_array().unwrap().iter().zip(norm.as_array().unwrap()) {
+                assert!(v.as_f64().unwrap() > -1e-6, "MI is not negative: {v}");
+                assert!((0.0..=1.0).contains(&n.as_f64().unwrap()));
+            }
+        }
+    }
+    for (mi, want) in [
+        ("nope", "--mi: the model has no sequence input `nope`"),
+        ("cate_hist:nope", "--mi: sequence `cate_hist` has no column `nope` (its columns: hist_genre_seq)"),
+        ("tags", "--mi: sequence `tags` has a vocabulary of its own"),
+    ] {
+        let err = common::scoring::failed(&mdl(&["analyze", run.to_str().unwrap(), "--mi", mi]));
+        assert!(err.contains(want), "{mi}: {err}");
+    }
+}

@@ -8,7 +8,8 @@
 //! - the test AUC per domain of every task (`metrics.json`), for runs with domains;
 //! - from `analysis.json` (`mdl analyze`), where a run has one: the singular spectra of
 //!   its embedding tables and the mean weights of its gates (overall and in the 5 largest
-//!   domains);
+//!   domains), and the mutual-information heat maps of `--mi` (behaviour category ×
+//!   target-relative position);
 //! - where a run recorded them (`train.record_grad_norms`, `train.grad_cosine`): its
 //!   gradient norm per parameter group and step, and the cosine between two losses'
 //!   gradients per step.
@@ -313,6 +314,104 @@ fn bar_plot(
     Ok(svg)
 }
 
+/// The colour of a value in [0, 1] on a white-to-blue scale.
+fn shade(v: f64) -> RGBColor {
+    let v = v.clamp(0.0, 1.0);
+    let mix = |from: f64, to: f64| (from + (to - from) * v).round() as u8;
+    RGBColor(mix(255.0, 8.0), mix(255.0, 48.0), mix(255.0, 107.0))
+}
+
+/// A heat map: `rows` down, `cols` across, each cell's value in [0, 1] (a shade) and printed.
+fn heat_map(
+    title: &str,
+    x_desc: &str,
+    rows: &[String],
+    cols: &[String],
+    values: &[Vec<f64>],
+) -> Result<String, String> {
+    if rows.is_empty() || cols.is_empty() {
+        return Ok(String::new());
+    }
+    let (nx, ny) = (cols.len() as i32, rows.len() as i32);
+    let mut svg = String::new();
+    {
+        let height = (120 + 32 * rows.len() as u32).max(240);
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(150)
+            .build_cartesian_2d((0..nx).into_segmented(), (0..ny).into_segmented())
+            .map_err(plot_err)?;
+        let name = |names: &[String], v: &SegmentValue<i32>| match v {
+            SegmentValue::CenterOf(i) => names.get(*i as usize).cloned().unwrap_or_default(),
+            _ => String::new(),
+        };
+        // Row 0 at the top.
+        let down: Vec<String> = rows.iter().rev().cloned().collect();
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_labels(cols.len())
+            .y_labels(rows.len())
+            .x_label_formatter(&|v| name(cols, v))
+            .y_label_formatter(&|v| name(&down, v))
+            .x_desc(x_desc)
+            .draw()
+            .map_err(plot_err)?;
+        for (r, row) in values.iter().enumerate() {
+            let y = ny - 1 - r as i32;
+            for (c, &v) in row.iter().enumerate() {
+                let x = c as i32;
+                let cell = [
+                    (SegmentValue::Exact(x), SegmentValue::Exact(y)),
+                    (SegmentValue::Exact(x + 1), SegmentValue::Exact(y + 1)),
+                ];
+                chart.draw_series(std::iter::once(Rectangle::new(cell, shade(v).filled()))).map_err(plot_err)?;
+                let ink = if v > 0.5 { WHITE } else { BLACK };
+                let text = Text::new(
+                    format!("{v:.2}"),
+                    (SegmentValue::CenterOf(x), SegmentValue::CenterOf(y)),
+                    ("sans-serif", 11).into_font().color(&ink),
+                );
+                chart.draw_series(std::iter::once(text)).map_err(plot_err)?;
+            }
+        }
+        root.present().map_err(plot_err)?;
+    }
+    Ok(svg)
+}
+
+/// The mutual-information heat maps of an analysis (`--mi`), one per target category.
+fn mi_plots(a: &Value, page: &mut String) -> Result<(), String> {
+    let m = &a["mutual_information"];
+    let Some(maps) = m["maps"].as_array() else { return Ok(()) };
+    let positions = m["positions"].as_u64().unwrap_or(0);
+    let cols: Vec<String> = (1..=positions).map(|p| p.to_string()).collect();
+    for map in maps {
+        let rows: Vec<String> =
+            map["categories"].as_array().into_iter().flatten().map(|c| c.as_str().unwrap_or("?").to_string()).collect();
+        let values: Vec<Vec<f64>> = map["normalized"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r.as_array().into_iter().flatten().map(|v| v.as_f64().unwrap_or(0.0)).collect())
+            .collect();
+        let title = format!(
+            "MI with {}, target {} = {} ({} samples; min-max normalised)",
+            m["task"].as_str().unwrap_or("?"),
+            m["target"].as_str().unwrap_or("?"),
+            map["target"].as_str().unwrap_or("?"),
+            map["samples"]
+        );
+        let x_desc = format!("position in {} (1 = most recent)", m["sequence"].as_str().unwrap_or("?"));
+        page.push_str(&heat_map(&title, &x_desc, &rows, &cols, &values)?);
+    }
+    Ok(())
+}
+
 /// The plots of the runs' analyses: each table's spectrum (learned and initialised), each
 /// gate's mean weights.
 fn analysis_plots(runs: &[RunSeries], page: &mut String) -> Result<(), String> {
@@ -352,6 +451,7 @@ fn analysis_plots(runs: &[RunSeries], page: &mut String) -> Result<(), String> {
             let title = format!("Mean gate weight: {name}");
             page.push_str(&bar_plot(&title, "expert", "mean weight", &groups, &series)?);
         }
+        mi_plots(a, page)?;
     }
     Ok(())
 }
