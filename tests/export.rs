@@ -79,7 +79,7 @@ fn short_run(dir: &Path, name: &str, experiment: &str, extra: &[&str], splits: &
     ];
     sets.extend(extra.iter().map(|s| s.to_string()));
     // A staged experiment: 3 steps in each stage, so that every stage's parameters move.
-    if let Some((stages, count)) = common::every_stage_steps(&common::root().join(experiment), 3) {
+    if let Some((stages, count)) = common::every_stage_steps(&common::root().join(experiment), 3, false) {
         sets.push(stages);
         sets.push(format!("train.max_steps={}", 3 * count));
     }

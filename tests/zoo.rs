@@ -2,10 +2,23 @@
 //! and 20 steps of it on the real data (batch 1024, default backend) lower the training
 //! loss — the mean of steps 11–20 is below the mean of steps 1–10 — and leave a finite
 //! valid AUC above chance (a model whose first task ranks sampled candidates, which has no
-//! AUC: a valid HR@10 above 0.2, twice the chance of 10 among SASRec's 101). An experiment
-//! with stages trains 20 steps in each, evaluated every 10: each stage's loss falls (the mean
-//! of its steps 11–20 below that of its steps 1–10), and the last evaluation's valid AUC is
-//! above chance.
+//! AUC: a valid HR@10 above 0.2, twice the chance of 10 among SASRec's 101).
+//!
+//! An experiment with stages trains 20 steps in each, evaluated every 10, and each stage
+//! watches its own objective (`early_stopping: {metric: loss}`): the stage's objective on
+//! the valid split is lower at its 20th step than at its 10th, and the last evaluation's
+//! valid AUC (HR@10) is above chance. Why not the train loss, as for one stage: the train
+//! loss of a stage's second half and that of its first are means over different batches,
+//! and a stage that moves few parameters from a trained start (D-Train's fine-tune of the
+//! heads over a frozen backbone) changes its loss by less than that batch-to-batch spread:
+//! its train loss went 0.5901 → 0.6015 over 20 steps while it trained, and 0.5905 → 0.6027
+//! with nothing trained (`train_only: []`). More steps would shrink the spread only as one
+//! over the square root of the steps, at CI's cost. The valid objective is computed on the
+//! same rows at both points with evaluation's fixed draws (dropout off, `sample_ids`' fixed
+//! negatives), so it is deterministic: any difference is the stage's training, and a stage
+//! that trains nothing (`train_only: []`, or a rate of 1e-12) leaves it equal and fails
+//! (D-Train's fine-tune so: 0.617443 at both evaluations). The stages keep 20 steps: the
+//! last one must bring the model above chance (MoC's CTR stage is at 0.547 after 10).
 
 mod common;
 use std::path::PathBuf;
@@ -21,7 +34,7 @@ fn every_spec_trains_twenty_steps_with_a_falling_loss() {
         assert!(experiment.exists(), "specs/{name}.mdl has no experiments/{name}.yaml");
         let out = out_root.join(&name);
         let _ = std::fs::remove_dir_all(&out);
-        let staged = common::every_stage_steps(&experiment, 20);
+        let staged = common::every_stage_steps(&experiment, 20, true);
         let length: Vec<String> = match &staged {
             Some((stages, _)) => vec![stages.clone(), "train.eval_every=10".into()],
             None => vec!["train.max_steps=20".into(), "train.eval_every=10".into()],
@@ -49,16 +62,18 @@ fn every_spec_trains_twenty_steps_with_a_falling_loss() {
             if rows.iter().all(|r| r[3].is_nan()) { ("valid_hr@10", 0.2) } else { ("valid_auc", 0.55) };
         let at = header.iter().position(|h| *h == metric);
         let ok = match &staged {
-            // Two evaluations per stage, the second of each with the lower train loss.
+            // Two evaluations per stage, the second with the lower valid objective.
             Some((_, stages)) => {
+                let objective = header.iter().position(|h| *h == "valid_loss");
+                let falls = |pair: &[Vec<f64>]| objective.is_some_and(|i| pair[1][i] < pair[0][i]);
                 let at_last = at.is_some_and(|i| rows.last().is_some_and(|r| r[i] > chance));
-                rows.len() == 2 * stages && rows.chunks(2).all(|pair| pair[1][2] < pair[0][2]) && at_last
+                rows.len() == 2 * stages && rows.chunks(2).all(falls) && at_last
             }
             None => rows.len() == 2 && rows[1][2] < rows[0][2] && at.is_some_and(|i| rows[1][i] > chance),
         };
         eprintln!("{name}: {}", curve.lines().skip(1).collect::<Vec<_>>().join(" | "));
         if !ok {
-            failures.push(format!("{name}: loss did not fall or {metric} near chance:\n{curve}"));
+            failures.push(format!("{name}: a loss did not fall or {metric} near chance:\n{curve}"));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));

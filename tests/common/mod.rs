@@ -288,17 +288,29 @@ pub fn assert_a_frozen_group_keeps_its_initial_values(dir: &Path, run: impl Fn(&
 
 /// For an experiment that declares `train.stages`: the `--set` that gives each of its
 /// stages `steps` steps (its other keys kept), so that a short test run trains through
-/// every stage; `None` for an experiment without stages.
-pub fn every_stage_steps(experiment: &Path, steps: u64) -> Option<(String, usize)> {
+/// every stage, and the number of stages; `None` for an experiment without stages. With
+/// `watch_objective`, each stage's early stopping watches its own objective on the valid
+/// split (`early_stopping: {metric: loss}`), so that every evaluation writes it to
+/// `curve.csv`'s `valid_loss`.
+pub fn every_stage_steps(experiment: &Path, steps: u64, watch_objective: bool) -> Option<(String, usize)> {
     let exp = mdl::experiment::load(experiment, &[]).unwrap_or_else(|e| panic!("{}: {e}", experiment.display()));
     if exp.train.stages.is_empty() {
         return None;
     }
+    let early_stopping = |s: &mdl::experiment::Stage| match watch_objective {
+        true => Some(mdl::experiment::EarlyStopping { metric: "loss".into(), patience: 2 }),
+        false => s.early_stopping.clone(),
+    };
     let stages: Vec<mdl::experiment::Stage> = exp
         .train
         .stages
         .iter()
-        .map(|s| mdl::experiment::Stage { steps: Some(steps), epochs: None, ..s.clone() })
+        .map(|s| mdl::experiment::Stage {
+            steps: Some(steps),
+            epochs: None,
+            early_stopping: early_stopping(s),
+            ..s.clone()
+        })
         .collect();
     // JSON is YAML's flow style: `--set` reads it as the list it is.
     Some((format!("train.stages={}", serde_json::to_string(&stages).unwrap()), stages.len()))
