@@ -74,6 +74,12 @@ fn onnx(run: &LoadedRun, out: &Path) -> Result<Exported, String> {
     let tasks = &session.compiled.tasks;
     // The evaluation graph, its outputs the tasks' scores: a binary task's probability, a
     // regression task's prediction (`exp(z) - 1` for one declared with `log = true`).
+    if let Some((space, bins)) = session.compiled.frequency_bins.first() {
+        return Err(format!(
+            "the model reads the frequency bins of `{space}`'s ids (`frequency_bin(.., {bins})`), which the \
+             exported features do not carry: ONNX export writes models whose inputs are the encoded features only"
+        ));
+    }
     let mut graph = session.eval_graph.clone();
     let mut outputs = std::collections::BTreeMap::new();
     for (task, kind) in tasks.iter().zip(&session.compiled.task_kinds) {

@@ -356,6 +356,39 @@ fn bad_uses_of_random_draws() {
     assert_eq!(err.matches("error:").count(), 10, "one error per bad use:\n{err}");
 }
 
+/// Bad uses of `frequency_bin`: ids that are not an input's, a bin count that is not a
+/// positive constant, and its bins used as values.
+#[test]
+fn bad_uses_of_frequency_bins() {
+    let (code, err) = check(
+        "bins.mdl",
+        "model m(dim = 8) {
+  input fields : categorical
+  input dense : numeric
+  label click
+  let a = frequency_bin(dense)
+  let b = frequency_bin(fields, 0)
+  let c = relu(frequency_bin(fields, 4))
+  task click = linear(dense, 1)
+  loss bce(click)
+}
+",
+    );
+    assert_eq!(code, 1);
+    let f = "bins.mdl";
+    assert_at(
+        &err,
+        f,
+        5,
+        25,
+        5,
+        "`frequency_bin` takes the ids of a categorical or sequence input (or ids rearranged from them); `dense` is not one",
+    );
+    assert_at(&err, f, 6, 33, 1, "`bins` must be a constant from 1 to 1048576, found 0");
+    assert_at(&err, f, 7, 16, 24, "expected a tensor, found ids");
+    assert_eq!(err.matches("error:").count(), 3, "one error per bad use:\n{err}");
+}
+
 /// Issue 20 item 2: checked on its own, a spec keeps the data's sizes symbolic; each
 /// statement that needs one as a number (a range, `pairs`, a comparison, arithmetic with a
 /// number) is reported at its place, with the hint to bind an experiment's sizes.

@@ -12,7 +12,7 @@
 
 use super::expr::ids_fit;
 use super::value::{IdSpace, Tv, Val};
-use super::{label_input, vocab_input, vocab_starts_input, Elab, FeatureKind, R};
+use super::{frequency_bins_input, label_input, vocab_input, vocab_starts_input, Elab, FeatureKind, R};
 use crate::diag::{suggest, Diagnostic, Span};
 use crate::tasks::TaskKind;
 use mdl_runtime::ir::dim::{numel, shape_to_string};
@@ -184,6 +184,7 @@ pub static BUILTINS: &[Builtin] = &[
         ],
         lower: sample_ids,
     },
+    Builtin { name: "frequency_bin", params: &[Required("ids"), Int("bins", 10)], lower: frequency_bin },
     Builtin { name: "if_training", params: &[Required("a"), Required("b")], lower: if_training },
     Builtin { name: "step", params: &[], lower: |el, _, span| counter(el, Counter::Step, span) },
     Builtin { name: "epoch", params: &[], lower: |el, _, span| counter(el, Counter::Epoch, span) },
@@ -827,20 +828,7 @@ fn permutation(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
 /// input's tables. The vocabulary reaches the graph as two inputs the data binds
 /// (`vocab_input`, `vocab_starts_input`).
 fn sample_ids(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
-    let Some((ids, _, space)) = input_ids(el, a.get("pos").0) else {
-        let (found, fs) = a.get("pos");
-        if let Val::Poison(reported) = found {
-            return Err(reported);
-        }
-        let what = match &found {
-            Val::Feature(f) => format!("`{f}` is not one"),
-            other => format!("found {}", other.kind()),
-        };
-        return el.error(
-            fs,
-            format!("`sample_ids` draws for the ids of a categorical or sequence input (or ids rearranged from them); {what}"),
-        );
-    };
+    let (ids, space) = space_ids(el, a, "pos", "`sample_ids` draws for")?;
     let n = int(el, a, "n")?;
     if n.as_const().is_none_or(|c| c <= 0) {
         return el.error(a.get("n").1, format!("`n` must be a positive constant, found {n}"));
@@ -899,6 +887,50 @@ fn sample_ids(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     let seen = operands.len() == 4;
     let node = el.add(Op::SampleIds { n, power, exclude, seen, stream }, &operands, span)?;
     Ok(Val::Ids { node, rows: el.rows_dim(&space), space: Some(space) })
+}
+
+/// `frequency_bin(ids, bins = 10)`: for each id of a categorical or sequence input (or ids
+/// of such a space), its bin by train count within its column: the column's ids, most
+/// frequent first, cut into `bins` bins of equal train mass (bin 1 the most frequent, `bins`
+/// the rarest; 0 for padding and out-of-vocabulary ids). Ids below `bins + 1`, made in the
+/// spec. The bins reach the graph as an input the data binds ([`frequency_bins_input`]):
+/// each id's bin as a number, gathered and turned back into ids by `bucketize`.
+fn frequency_bin(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let (ids, space) = space_ids(el, a, "ids", "`frequency_bin` takes")?;
+    let (bins, bs) = (int(el, a, "bins")?, a.get("bins").1);
+    let bins = match bins.as_const() {
+        Some(b) if (1..=1 << 20).contains(&b) => b as usize,
+        _ => return el.error(bs, format!("`bins` must be a constant from 1 to 1048576, found {bins}")),
+    };
+    let name = frequency_bins_input(&space, bins);
+    let table = match el.graph.input_info(&name) {
+        Some(i) => i.node,
+        None => el.graph.input(&name, vec![el.rows_dim(&space)], mdl_runtime::DType::F),
+    };
+    el.frequency_bins.insert((space, bins));
+    let values = el.add(Op::Gather, &[table, ids], span)?;
+    let boundaries = (1..=bins).map(|b| b as f64).collect();
+    let node = el.add(Op::Bucketize { boundaries }, &[values], span)?;
+    Ok(Val::Ids { node, rows: Dim::from(bins + 1), space: None })
+}
+
+/// Argument `name` of a built-in that reads an input's id space (`sample_ids`,
+/// `frequency_bin`), as `(ids node, space)`: ids of a categorical or sequence input, or ids
+/// rearranged from them ([`input_ids`]). Anything else is an error at the argument that
+/// starts with `says` (what the built-in does with the ids).
+fn space_ids(el: &mut Elab, a: &Args, name: &str, says: &str) -> R<(mdl_runtime::NodeId, String)> {
+    if let Some((ids, _, space)) = input_ids(el, a.get(name).0) {
+        return Ok((ids, space));
+    }
+    let (found, fs) = a.get(name);
+    if let Val::Poison(reported) = found {
+        return Err(reported);
+    }
+    let what = match &found {
+        Val::Feature(f) => format!("`{f}` is not one"),
+        other => format!("found {}", other.kind()),
+    };
+    el.error(fs, format!("{says} the ids of a categorical or sequence input (or ids rearranged from them); {what}"))
 }
 
 /// The ids of a declared input's id space that `v` holds: a categorical or sequence input's

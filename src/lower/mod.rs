@@ -113,6 +113,9 @@ pub struct Compiled {
     /// The id spaces whose vocabularies the graph reads (`sample_ids`): each has the
     /// inputs [`vocab_input`] and [`vocab_starts_input`].
     pub vocabularies: BTreeSet<String>,
+    /// The id spaces and bin counts `frequency_bin` reads: each has the input
+    /// [`frequency_bins_input`].
+    pub frequency_bins: BTreeSet<(String, usize)>,
     /// Where the spec defines each parameter, as `file:line:col`: the statement of the
     /// model's body that made it (a `param`, a built-in such as `embedding`, or the call
     /// of the block that holds it, `linear(h, 1)`).
@@ -160,6 +163,11 @@ pub fn vocab_input(space: &str) -> String {
 /// number of ids (`sample_ids` draws from the column of each id).
 pub fn vocab_starts_input(space: &str) -> String {
     format!("vocab/{space}/starts")
+}
+/// The graph input holding the frequency bin of every id of an input's id space
+/// (`frequency_bin(x, bins)`), as a number: `[rows]`.
+pub fn frequency_bins_input(space: &str, bins: usize) -> String {
+    format!("vocab/{space}/bins{bins}")
 }
 /// The symbol for the number of table rows an input's ids address.
 pub fn rows_sym(feature: &str) -> String {
@@ -279,6 +287,8 @@ pub(crate) struct Elab {
     dropout_streams: u64,
     /// The id spaces `sample_ids` draws from ([`Compiled::vocabularies`]).
     pub(crate) vocabularies: BTreeSet<String>,
+    /// The bins `frequency_bin` reads ([`Compiled::frequency_bins`]).
+    pub(crate) frequency_bins: BTreeSet<(String, usize)>,
     budget: budget::Budget,
     /// The data's sizes that are bound.
     sizes: Sizes,
@@ -313,6 +323,7 @@ impl Elab {
             in_model: false,
             dropout_streams: 0,
             vocabularies: BTreeSet::new(),
+            frequency_bins: BTreeSet::new(),
             budget: budget::Budget::default(),
             sizes,
             needs: BTreeSet::new(),

@@ -85,6 +85,7 @@ impl Elab {
             task_kinds: labels.iter().map(|(n, _)| self.label_kinds[n].clone()).collect(),
             hyper,
             vocabularies: std::mem::take(&mut self.vocabularies),
+            frequency_bins: std::mem::take(&mut self.frequency_bins),
             param_places: BTreeMap::new(),
         })
     }

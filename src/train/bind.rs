@@ -11,8 +11,8 @@
 
 use crate::data::{Batch, FeatureGroup, Fitted, Schema, SequenceTable};
 use crate::lower::{
-    count_sym, ids_input, label_input, mask_input, rows_sym, vocab_input, vocab_starts_input, Compiled, FeatureKind,
-    Sizes,
+    count_sym, frequency_bins_input, ids_input, label_input, mask_input, rows_sym, vocab_input, vocab_starts_input,
+    Compiled, FeatureKind, Sizes,
 };
 use mdl_runtime::ir::dim::BATCH;
 use mdl_runtime::tensor::{Tensor, Value};
@@ -197,6 +197,21 @@ impl InputBinding {
                 )),
             }
         }
+        for (space, bins) in &model.frequency_bins {
+            match fitted.id_counts(space) {
+                Some((counts, starts)) => feeds.push((
+                    frequency_bins_input(space, *bins),
+                    Source::Constant(Value::Dense(Tensor {
+                        shape: vec![counts.len()],
+                        data: frequency_bins(&counts, &starts, *bins),
+                    })),
+                    vec![],
+                )),
+                None => errors.push(format!(
+                    "input `{space}`: `frequency_bin` reads the train counts of its vocabulary, but the schema gives it none"
+                )),
+            }
+        }
         let mut task_columns = Vec::new();
         for (t, (task, kind)) in model.tasks.iter().zip(&model.task_kinds).enumerate() {
             let entry = schema.labels.iter().position(|l| &l.name == task);
@@ -279,9 +294,48 @@ impl InputBinding {
     }
 }
 
+/// The frequency bin of every id of a vocabulary (`counts`: each id's train count; `starts`:
+/// the first id of each column, then the number of ids), as `frequency_bin` reads it: within
+/// each column, the ids of positive count, most frequent first (equal counts by id), are cut
+/// into `bins` bins of equal train mass: an id whose more frequent ids hold the share `s` of
+/// the column's count is in bin `1 + floor(bins · s)`. Ids of count 0 (padding, out of
+/// vocabulary) are in bin 0.
+pub fn frequency_bins(counts: &[f32], starts: &[u32], bins: usize) -> Vec<f32> {
+    let mut out = vec![0.0; counts.len()];
+    for column in starts.windows(2) {
+        let (lo, hi) = (column[0] as usize, (column[1] as usize).min(counts.len()));
+        let mut ids: Vec<usize> = (lo..hi).filter(|&i| counts[i] > 0.0).collect();
+        ids.sort_by(|&a, &b| counts[b].total_cmp(&counts[a]).then(a.cmp(&b)));
+        let total: f64 = ids.iter().map(|&i| counts[i] as f64).sum();
+        let mut before = 0.0;
+        for i in ids {
+            out[i] = (1 + ((bins as f64 * before / total) as usize).min(bins - 1)) as f32;
+            before += counts[i] as f64;
+        }
+    }
+    out
+}
+
 fn missing(name: &str, kind: &str, found: Option<&str>) -> String {
     match found {
         Some(k) => format!("input `{name}` is {kind} in the spec but a {k} group in the schema"),
         None => format!("input `{name}` ({kind}) has no group in the schema: add `{{ kind: {kind}, name: {name}, columns: [...] }}` to data.schema.features"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::frequency_bins;
+
+    #[test]
+    fn frequency_bins_cut_each_column_into_equal_train_mass() {
+        // Column 1: ids 0..5 (0: padding), counts 0, 1, 6, 2, 1; total 10, most frequent
+        // first: id 2 (share before 0), id 3 (0.6), id 1 (0.8), id 4 (0.9).
+        // Column 2: ids 5..8, counts 0, 3, 3: id 6 (0), id 7 (0.5).
+        let counts = [0.0, 1.0, 6.0, 2.0, 1.0, 0.0, 3.0, 3.0];
+        let bins = frequency_bins(&counts, &[0, 5, 8], 2);
+        assert_eq!(bins, vec![0.0, 2.0, 1.0, 2.0, 2.0, 0.0, 1.0, 2.0]);
+        let bins = frequency_bins(&counts, &[0, 5, 8], 10);
+        assert_eq!(bins, vec![0.0, 9.0, 1.0, 7.0, 10.0, 0.0, 1.0, 6.0]);
     }
 }
