@@ -275,8 +275,9 @@ fn the_same_seed_gives_identical_metrics_twice_and_across_a_resume() {
 
 /// `frequency_bin(hist, 4)` on the real vocabulary: each history id gets the bin of its
 /// train count (equal train mass per bin within its column, the most frequent first; 0 for
-/// padding), as `mdl::train::bind::frequency_bins` computes it from the fitted counts; the
-/// bins of the batch's ids hold the most frequent id in bin 1 and every padding id in bin 0.
+/// padding), as `mdl::train::bind::frequency_bins` computes it from the fitted counts, the
+/// same in training (another seed and step) and in evaluation; the bins of the batch's ids
+/// hold the most frequent id in bin 1 and every padding id in bin 0.
 #[test]
 fn frequency_bins_follow_the_train_counts() {
     let dir = tmp("frequency_bins");
@@ -290,27 +291,30 @@ fn frequency_bins_follow_the_train_counts() {
     let session = Session::new(&exp, &prep.fitted).unwrap();
     let (counts, starts) = prep.fitted.id_counts("fields").unwrap();
     let expected = mdl::train::bind::frequency_bins(&counts, &starts, 4);
-    let mut g = passes::for_phase(&session.compiled.graph, false);
-    let bins = g
-        .ids()
-        .find(|&id| matches!(&g.node(id).op, Op::Bucketize { boundaries } if boundaries == &[1.0, 2.0, 3.0, 4.0]))
-        .expect("the bins' node");
-    g.outputs.insert("bins".into(), bins);
     let mut batch = prep.train.new_batch();
     prep.train.gather(&(0..256).collect::<Vec<_>>(), &mut batch).unwrap();
     let feeds = session.inputs.feeds(&batch);
     let binding = session.inputs.with_batch(batch.rows);
     let params = session.initial_tensors(1).unwrap();
-    let out = interp::run(&g, &binding, &feeds, &params, &Mode::eval()).unwrap();
-    let Some(Value::Ids(got)) = out.output("bins") else { panic!("the bins are not ids") };
     let Some(Value::Ids(hist)) = feeds.get("hist") else { panic!("hist is not fed as ids") };
-    assert_eq!(got.shape, hist.shape);
-    for (&id, &bin) in hist.data.iter().zip(&got.data) {
-        assert_eq!(bin as f32, expected[id as usize], "id {id} (count {})", counts[id as usize]);
-        assert_eq!(bin == 0, counts[id as usize] == 0.0, "id {id}: bin {bin}, count {}", counts[id as usize]);
+    for (training, mode) in [(false, Mode::eval()), (true, Mode::train(9, 5))] {
+        let mut g = passes::for_phase(&session.compiled.graph, training);
+        let bins = g
+            .ids()
+            .find(|&id| matches!(&g.node(id).op, Op::Bucketize { boundaries } if boundaries == &[1.0, 2.0, 3.0, 4.0]))
+            .expect("the bins' node");
+        g.outputs.insert("bins".into(), bins);
+        let out = interp::run(&g, &binding, &feeds, &params, &mode).unwrap();
+        let Some(Value::Ids(got)) = out.output("bins") else { panic!("the bins are not ids") };
+        assert_eq!(got.shape, hist.shape);
+        for (&id, &bin) in hist.data.iter().zip(&got.data) {
+            let count = counts[id as usize];
+            assert_eq!(bin as f32, expected[id as usize], "training {training}: id {id} (count {count})");
+            assert_eq!(bin == 0, count == 0.0, "training {training}: id {id}: bin {bin}, count {count}");
+        }
+        assert!(got.data.contains(&4), "no id of the batch in the rarest bin");
+        assert!(got.data.contains(&0), "the batch has no padding");
     }
     let top = hist.data.iter().copied().max_by(|&a, &b| counts[a as usize].total_cmp(&counts[b as usize])).unwrap();
     assert_eq!(expected[top as usize], 1.0, "the batch's most frequent id {top} is not in bin 1");
-    assert!(got.data.contains(&4), "no id of the batch in the rarest bin");
-    assert!(got.data.contains(&0), "the batch has no padding");
 }

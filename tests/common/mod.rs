@@ -116,6 +116,15 @@ pub fn random_feeds<T: Float>(c: &Compiled, binding: &Binding, rng: &mut Lcg) ->
                 let (columns, ids) = (n - 1, binding[&format!("rows({})", vocab_space(&inp.name))]);
                 Value::Ids(Tensor::new(shape, (0..n).map(|c| (c * ids / columns) as u32).collect()).unwrap())
             }
+            // The frequency bins `frequency_bin(x, n)` reads (`vocab/<space>/bins<n>`): every
+            // bin from 0 (padding) to `n` (the rarest).
+            DType::F if inp.name.starts_with("vocab/") && frequency_bins_of(&inp.name).is_some() => {
+                let bins = frequency_bins_of(&inp.name).unwrap() as u64;
+                Value::Dense(
+                    Tensor::new(shape, (0..n).map(|_| T::from_f64((rng.next() % (bins + 1)) as f64)).collect())
+                        .unwrap(),
+                )
+            }
             DType::F if inp.name.starts_with("vocab/") => Value::Dense(
                 Tensor::new(shape, (0..n).map(|_| T::from_f64((1 + rng.next() % 4) as f64)).collect()).unwrap(),
             ),
@@ -151,6 +160,11 @@ pub fn random_feeds<T: Float>(c: &Compiled, binding: &Binding, rng: &mut Lcg) ->
         feeds.insert(inp.name.clone(), v);
     }
     feeds
+}
+
+/// The bin count of a frequency-bins input (`vocab/<space>/bins<n>`).
+fn frequency_bins_of(name: &str) -> Option<usize> {
+    name.rsplit_once("/bins").and_then(|(_, n)| n.parse().ok())
 }
 
 /// The input whose id space a vocabulary input (`vocab/<space>`, `vocab/<space>/starts`) holds.
