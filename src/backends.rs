@@ -40,10 +40,22 @@ impl Backend {
     /// The executor, the jit on `threads` threads (default: the machine's cores); the
     /// other backends take no thread count.
     pub fn executor_on(self, threads: Option<usize>) -> Result<Box<dyn Executor>, String> {
+        self.executor_with(threads, mdl_runtime::backend::jit::Products::F32)
+    }
+
+    /// [`Backend::executor_on`], the jit's matrix products computed as `products` says
+    /// (the other backends compute them in their own precision).
+    pub fn executor_with(
+        self,
+        threads: Option<usize>,
+        products: mdl_runtime::backend::jit::Products,
+    ) -> Result<Box<dyn Executor>, String> {
         use mdl_runtime::backend::jit::{default_threads, Jit};
         match self {
             Backend::Interp => Ok(Box::new(mdl_runtime::backend::Interp)),
-            Backend::Jit => Ok(Box::new(Jit::with_threads(threads.unwrap_or_else(default_threads)))),
+            Backend::Jit => {
+                Ok(Box::new(Jit::with_threads(threads.unwrap_or_else(default_threads)).with_products(products)))
+            }
             #[cfg(feature = "opencl")]
             Backend::OpenCl { device } => {
                 let exec = mdl_runtime::backend::opencl::OpenCl::new(device)?;

@@ -280,6 +280,10 @@ impl std::fmt::Display for CompileReport {
 pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
     // The backend first: a missing device is reported before any data is read.
     let mut exec = exp.executor()?;
+    let (products, products_line) = exp.products()?;
+    if let Some(line) = &products_line {
+        crate::say!("{line}");
+    }
     let (session, prep, compile_ms) = compiled_session(exp, None)?;
     let bs = exp.train.batch_size.min(prep.train.rows);
     crate::train::memory::check_run(&session, exp, bs)?;
@@ -358,7 +362,16 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
         device: exec.device_name().or_else(|| {
             (exp.backend == Backend::Jit).then(|| {
                 let n = exp.train.threads.unwrap_or_else(mdl_runtime::backend::jit::default_threads);
-                format!("{n} thread{}", if n == 1 { "" } else { "s" })
+                let products = match products {
+                    mdl_runtime::backend::jit::Products::F32 => "",
+                    mdl_runtime::backend::jit::Products::Bf16(mdl_runtime::backend::jit::bf16::Dot::Hardware) => {
+                        ", bf16 products"
+                    }
+                    mdl_runtime::backend::jit::Products::Bf16(mdl_runtime::backend::jit::bf16::Dot::Emulated) => {
+                        ", bf16 products emulated on AVX-512F"
+                    }
+                };
+                format!("{n} thread{}{products}", if n == 1 { "" } else { "s" })
             })
         }),
         model: session.compiled.model.clone(),

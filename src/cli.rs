@@ -399,6 +399,17 @@ pub fn serve_bench(options: &crate::serve::load::LoadOptions) -> ExitCode {
     }
 }
 
+/// `mdl products-bench [--threads N] [--reps N]` (hidden).
+pub fn products_bench(threads: Option<usize>, reps: usize) -> ExitCode {
+    use mdl_runtime::backend::jit::{default_threads, speed};
+    let threads = threads.unwrap_or_else(default_threads);
+    if let Err(e) = crate::experiment::check_threads("--threads", threads) {
+        return fail(&e);
+    }
+    let report = speed::measure(&speed::ctr_shapes(), threads, reps);
+    emit(format_args!("{report}")).err().unwrap_or(ExitCode::SUCCESS)
+}
+
 /// `mdl export RUN --format onnx|safetensors -o FILE`
 pub fn export(run: &Path, format: crate::export::Format, out: &Path, force: bool) -> ExitCode {
     match crate::export::export(run, format, out, force) {

@@ -185,6 +185,73 @@ pub struct TrainConfig {
     /// it (see [`Experiment::recorded`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
+    /// Arithmetic of the matrix products on the jit: `f32` (default) or `bf16` (operands
+    /// rounded to bf16, sums in f32, by AVX512-BF16's dot-product instruction; parameters,
+    /// optimizer state and every other op stay f32). See [`Experiment::products`].
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
+}
+
+/// `train.precision`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+}
+
+/// The environment variable that, set to `emulated`, runs `train.precision: bf16`'s
+/// products on a CPU with AVX-512F but without AVX512-BF16 by the kernel's AVX-512F
+/// emulation of the instruction (the same sums, slower than f32: for checking bf16's
+/// accuracy on such a CPU) instead of falling back to f32.
+pub const BF16_KERNEL_VAR: &str = "MDL_BF16_KERNEL";
+
+/// The products `precision` gets on `backend`, given the bf16 kernel this CPU can run
+/// (`detected`, [`Dot::detect`](mdl_runtime::backend::jit::bf16::Dot::detect)) and the
+/// value of [`BF16_KERNEL_VAR`]; with the line the run shows about them (none for f32).
+/// bf16 without the instruction falls back to f32 with a notice.
+pub fn choose_products(
+    precision: Precision,
+    backend: Backend,
+    detected: Option<mdl_runtime::backend::jit::bf16::Dot>,
+    kernel_var: Option<&str>,
+) -> Result<(mdl_runtime::backend::jit::Products, Option<String>), String> {
+    use mdl_runtime::backend::jit::{bf16::Dot, Products};
+    let emulate = match kernel_var {
+        None => false,
+        Some("emulated") => true,
+        Some(other) => return Err(format!("{BF16_KERNEL_VAR}={other}: expected `emulated` (or leave it unset)")),
+    };
+    if precision == Precision::F32 {
+        return Ok((Products::F32, None));
+    }
+    if backend != Backend::Jit {
+        let note =
+            format!("notice: train.precision: bf16 applies to the jit backend; {backend} computes the products in f32");
+        return Ok((Products::F32, Some(note)));
+    }
+    Ok(match detected {
+        Some(Dot::Hardware) => {
+            (Products::Bf16(Dot::Hardware), Some("matrix products: bf16 operands, f32 sums (AVX512-BF16 vdpbf16ps)".into()))
+        }
+        Some(Dot::Emulated) if emulate => (
+            Products::Bf16(Dot::Emulated),
+            Some(format!(
+                "matrix products: bf16 operands, f32 sums, emulated on AVX-512F ({BF16_KERNEL_VAR}=emulated; slower than f32)"
+            )),
+        ),
+        _ => (
+            Products::F32,
+            Some("notice: train.precision: bf16 needs a CPU with AVX512-BF16, which this one lacks: the matrix products run in f32".into()),
+        ),
+    })
 }
 
 impl Default for TrainConfig {
@@ -668,9 +735,22 @@ impl Experiment {
             .collect()
     }
 
-    /// The executor of this experiment's backend, on `train.threads` threads.
+    /// The executor of this experiment's backend, on `train.threads` threads, its products
+    /// as [`Experiment::products`] chooses.
     pub fn executor(&self) -> Result<Box<dyn mdl_runtime::backend::Executor>, String> {
-        self.backend.executor_on(self.train.threads)
+        self.backend.executor_with(self.train.threads, self.products()?.0)
+    }
+
+    /// The products `train.precision` gets on this CPU and backend ([`choose_products`]),
+    /// with the line a run shows about them.
+    pub fn products(&self) -> Result<(mdl_runtime::backend::jit::Products, Option<String>), String> {
+        let var = std::env::var(BF16_KERNEL_VAR).ok();
+        choose_products(
+            self.train.precision,
+            self.backend,
+            mdl_runtime::backend::jit::bf16::Dot::detect(),
+            var.as_deref(),
+        )
     }
 
     /// The experiment as a run folder records it (`config.yaml`, whose hash `--resume`
@@ -749,4 +829,41 @@ pub fn yaml_to_hyper(v: &Value) -> Result<Hyper, String> {
         Value::Sequence(items) => Hyper::List(items.iter().map(yaml_to_hyper).collect::<Result<Vec<_>, _>>()?),
         _ => return Err("must be a number, string, boolean or list".into()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mdl_runtime::backend::jit::{bf16::Dot, Products};
+
+    /// Every case of `train.precision` against what the CPU has: bf16 where the instruction
+    /// is, the emulation only when asked, f32 with a notice otherwise and off the jit.
+    #[test]
+    fn bf16_precision_gets_the_instruction_or_f32_with_a_notice() {
+        let choose = |p, backend, dot, var| choose_products(p, backend, dot, var).unwrap();
+        for dot in [None, Some(Dot::Emulated), Some(Dot::Hardware)] {
+            assert_eq!(choose(Precision::F32, Backend::Jit, dot, None), (Products::F32, None));
+        }
+        let (products, line) = choose(Precision::Bf16, Backend::Jit, Some(Dot::Hardware), None);
+        assert_eq!(products, Products::Bf16(Dot::Hardware));
+        assert_eq!(line.unwrap(), "matrix products: bf16 operands, f32 sums (AVX512-BF16 vdpbf16ps)");
+        let lacks = "notice: train.precision: bf16 needs a CPU with AVX512-BF16, which this one lacks: the matrix products run in f32";
+        for dot in [None, Some(Dot::Emulated)] {
+            assert_eq!(choose(Precision::Bf16, Backend::Jit, dot, None), (Products::F32, Some(lacks.into())));
+        }
+        assert_eq!(choose(Precision::Bf16, Backend::Jit, None, Some("emulated")), (Products::F32, Some(lacks.into())));
+        let (products, line) = choose(Precision::Bf16, Backend::Jit, Some(Dot::Emulated), Some("emulated"));
+        assert_eq!(products, Products::Bf16(Dot::Emulated));
+        assert!(line.unwrap().contains("emulated on AVX-512F (MDL_BF16_KERNEL=emulated"));
+        let (products, line) = choose(Precision::Bf16, Backend::Interp, Some(Dot::Hardware), None);
+        assert_eq!(products, Products::F32);
+        assert_eq!(
+            line.unwrap(),
+            "notice: train.precision: bf16 applies to the jit backend; interp computes the products in f32"
+        );
+        assert_eq!(
+            choose_products(Precision::F32, Backend::Jit, None, Some("on")).unwrap_err(),
+            "MDL_BF16_KERNEL=on: expected `emulated` (or leave it unset)"
+        );
+    }
 }

@@ -213,6 +213,17 @@ enum Command {
     /// List the OpenCL platforms and devices (`--backend opencl` takes the first GPU, else
     /// the first device; `--device N` picks another).
     Devices,
+    /// GFLOP/s of the jit's f32 and bf16 matrix products on CTR models' shapes, and of a
+    /// product with its bias-and-relu epilogue applied by row blocks (docs/performance.md).
+    #[command(hide = true)]
+    ProductsBench {
+        /// Threads (default: the machine's cores)
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Timed repetitions per product (the best is reported)
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
     /// The fuzz bench: mutated specs, experiments, CSV rows, checkpoints and run folders,
     /// counting panics, aborts, hangs and silent wrong results per input kind
     /// (docs/reliability.md).
@@ -344,6 +355,7 @@ fn main() -> ExitCode {
             mdl::cli::bench(&experiment, backend, steps, compile_only, &set)
         }
         Command::Devices => mdl::cli::devices(),
+        Command::ProductsBench { threads, reps } => mdl::cli::products_bench(threads, reps),
         Command::Predict { run, data, out, keep, bad_rows, unknown_domain, force, threads } => {
             let options = mdl::predict::PredictOptions { data, out, keep, bad_rows, unknown_domain, force, threads };
             mdl::cli::predict(&run, &options)

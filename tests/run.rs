@@ -406,3 +406,48 @@ fn a_bad_spec_is_reported_before_the_data() {
     }
     assert!(!out_dir.exists(), "a run folder was created for a bad spec");
 }
+
+/// `train.precision: bf16`. On a CPU with AVX512-BF16 the run says its products are bf16;
+/// on one without (this project's machines) it falls back to f32 with a notice on stderr
+/// and in train.log, and computes exactly what an f32 run computes. `MDL_BF16_KERNEL=emulated`
+/// runs the bf16 kernel's AVX-512F emulation there instead: bf16 rounding changes the
+/// numbers. The run folder records the precision (it changes what is computed); an
+/// unknown value is an error naming the key and the choices.
+#[test]
+fn bf16_precision_runs_bf16_or_falls_back_to_f32_with_a_notice() {
+    use mdl_runtime::backend::jit::bf16::Dot;
+    let (f32_run, bf16_run, emulated_run) = (tmp("precision_f32"), tmp("precision_bf16"), tmp("precision_emulated"));
+    ok(&short_run(&f32_run, &[]));
+    let err = ok(&short_run(&bf16_run, &["--set", "train.precision=bf16"]));
+    let log = std::fs::read_to_string(bf16_run.join("train.log")).unwrap();
+    let metrics = |dir: &Path| std::fs::read_to_string(dir.join("metrics.json")).unwrap();
+    let said = if Dot::detect() == Some(Dot::Hardware) {
+        "matrix products: bf16 operands, f32 sums (AVX512-BF16 vdpbf16ps)"
+    } else {
+        assert_eq!(metrics(&bf16_run), metrics(&f32_run), "the f32 fallback computed something else than f32");
+        "notice: train.precision: bf16 needs a CPU with AVX512-BF16, which this one lacks: the matrix products run in f32"
+    };
+    assert!(err.contains(said) && log.contains(said), "stderr:\n{err}\ntrain.log:\n{log}");
+    assert!(std::fs::read_to_string(bf16_run.join("config.yaml")).unwrap().contains("precision: bf16"));
+    assert!(!std::fs::read_to_string(f32_run.join("config.yaml")).unwrap().contains("precision"));
+
+    if Dot::detect() == Some(Dot::Emulated) {
+        let mut args = vec!["run", "experiments/quickstart.yaml", "--out", emulated_run.to_str().unwrap()];
+        args.extend_from_slice(SHORT);
+        args.extend_from_slice(&["--set", "train.precision=bf16"]);
+        let out = common::scoring::mdl_command(&args).env("MDL_BF16_KERNEL", "emulated").output().unwrap();
+        let err = ok(&out);
+        assert!(err.contains("matrix products: bf16 operands, f32 sums, emulated on AVX-512F"), "{err}");
+        assert_ne!(metrics(&emulated_run), metrics(&f32_run), "bf16 products computed the f32 numbers");
+    }
+
+    let out = short_run(&tmp("precision_bad"), &["--set", "train.precision=fp16"]);
+    let err = common::scoring::failed(&out);
+    assert!(err.contains("train.precision: unknown variant `fp16`, expected `f32` or `bf16`"), "{err}");
+    let bad_var = tmp("precision_bad_var");
+    let args =
+        ["run", "experiments/quickstart.yaml", "--out", bad_var.to_str().unwrap(), "--set", "train.precision=bf16"];
+    let out = common::scoring::mdl_command(&args).env("MDL_BF16_KERNEL", "hardware").output().unwrap();
+    let err = common::scoring::failed(&out);
+    assert!(err.contains("MDL_BF16_KERNEL=hardware: expected `emulated` (or leave it unset)"), "{err}");
+}

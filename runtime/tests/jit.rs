@@ -3,9 +3,13 @@
 //! and pooled buffers; errors equal to interp's. (Every op on fixed cases with special
 //! values, on every executor, is `conformance.rs`.) Tolerance: |jit - interp| <= tol *
 //! (1 + |interp|) elementwise; for MatMul tol = 1e-5 * k (GEMM sums in another order).
+//! bf16 products (`train.precision: bf16`) against an f64 product, within a bound derived
+//! from bf16's 8 significant bits and the reduction length ([`check_bf16_product`]).
 
 mod common;
 use common::{dims, values};
+use mdl_runtime::backend::jit::bf16::{from_bf16, to_bf16, Dot};
+use mdl_runtime::backend::jit::Products;
 use mdl_runtime::backend::{jit::Jit, Executor, Interp};
 use mdl_runtime::ir::dim::Binding;
 use mdl_runtime::{BinaryOp, DType, Dim, Graph, Init, Mode, Op, Tensor, UnaryOp, Value};
@@ -406,4 +410,127 @@ fn fast_reductions_do_not_depend_on_the_thread_count() {
         assert_eq!(run(1), two, "{shape:?}: 1 thread against 2");
         assert_eq!(run(3), two, "{shape:?}: 3 threads against 2");
     }
+}
+
+// ------------------------------------------------------------------ bf16 products
+
+/// The bf16 kernels this CPU runs: the AVX-512F emulation of `vdpbf16ps` (on every
+/// AVX-512 CPU, this project's machines included) and the instruction itself where the CPU
+/// has AVX512-BF16.
+fn bf16_kernels() -> Vec<Dot> {
+    [Dot::Emulated, Dot::Hardware].into_iter().filter(|d| d.available()).collect()
+}
+
+/// Checks `got` (the jit's `op(a)·op(b)` over the leading axes of `a`, `b` shared or
+/// batched) against an f64 product of the same f32 operands, element by element within
+/// what bf16 operands and f32 sums allow:
+///
+///   |got − c| ≤ ((2u + u²)(1 + γ) + γ) · Σ_l |a_il·b_lj|,   u = 2⁻⁸, γ = k·2⁻²⁴ / (1 − k·2⁻²⁴)
+///
+/// Each operand rounded to bf16 (8 significant bits, round to nearest) is off by at most
+/// a relative u, so a product of two by at most 2u + u²; the product of two bf16 is exact
+/// in f32; the k f32 additions add at most γ of the sum of magnitudes. Returns whether some
+/// element is off by more than γ·Σ|a·b| alone (what f32 operands would allow): the
+/// operands were rounded.
+fn check_bf16_product(a: &Tensor<f32>, b: &Tensor<f32>, ta: bool, tb: bool, got: &Tensor<f32>) -> bool {
+    let (ra, rb) = (a.shape.len(), b.shape.len());
+    let (m, k) = if ta { (a.shape[ra - 1], a.shape[ra - 2]) } else { (a.shape[ra - 2], a.shape[ra - 1]) };
+    let n = if tb { b.shape[rb - 2] } else { b.shape[rb - 1] };
+    let batch = got.data.len() / (m * n).max(1);
+    let (u, f32_eps) = (2f64.powi(-8), 2f64.powi(-24));
+    let gamma = k as f64 * f32_eps / (1.0 - k as f64 * f32_eps);
+    let bf16_factor = (2.0 * u + u * u) * (1.0 + gamma) + gamma;
+    let mut rounded = false;
+    for p in 0..batch {
+        let a_at = |i: usize, l: usize| {
+            let base = if ra > 2 { p * m * k } else { 0 };
+            a.data[base + if ta { l * m + i } else { i * k + l }] as f64
+        };
+        let b_at = |l: usize, j: usize| {
+            let base = if rb > 2 { p * k * n } else { 0 };
+            b.data[base + if tb { j * k + l } else { l * n + j }] as f64
+        };
+        for i in 0..m {
+            for j in 0..n {
+                let (mut c, mut magnitude) = (0f64, 0f64);
+                for l in 0..k {
+                    c += a_at(i, l) * b_at(l, j);
+                    magnitude += (a_at(i, l) * b_at(l, j)).abs();
+                }
+                let err = (got.data[p * m * n + i * n + j] as f64 - c).abs();
+                assert!(
+                    err <= bf16_factor * magnitude,
+                    "[{m}x{k}]·[{k}x{n}] ta {ta} tb {tb}: element ({p}, {i}, {j}) is {} against {c}, off by {err:e} > {:e}",
+                    got.data[p * m * n + i * n + j],
+                    bf16_factor * magnitude
+                );
+                rounded |= err > gamma * magnitude;
+            }
+        }
+    }
+    rounded
+}
+
+/// Runs `MatMul` on the jit with bf16 products (each kernel, 1 and 2 threads) and checks
+/// each result with [`check_bf16_product`]; returns whether the operands were seen rounded.
+fn bf16_matmul_agrees(shapes: &[Vec<usize>; 2], ta: bool, tb: bool) -> bool {
+    let (mut g, ids, params) = with_params(shapes, 13);
+    let out = g.add(Op::MatMul { trans_a: ta, trans_b: tb }, &ids, "").unwrap();
+    g.outputs.insert("out".into(), out);
+    let mut rounded = true;
+    for dot in bf16_kernels() {
+        for threads in [1, 2] {
+            let mut jit = Jit::with_threads(threads).with_products(Products::Bf16(dot));
+            let got = jit.run(&g, &Binding::new(), &HashMap::new(), &params, &Mode::eval()).unwrap();
+            rounded &= check_bf16_product(&params["p0"], &params["p1"], ta, tb, got.dense("out").unwrap());
+        }
+    }
+    rounded
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Every transpose flag, odd reduction lengths, rows and columns that fill no whole
+    /// micro-tile, shared and batched right operands.
+    #[test]
+    fn bf16_products_are_within_bf16_rounding_of_f64(m in 1usize..40, k in 1usize..70, n in 1usize..70, batch in 1usize..3, ta: bool, tb: bool, shared: bool) {
+        let a2 = |r: usize, c: usize, t: bool| if t { vec![c, r] } else { vec![r, c] };
+        let mut sa = vec![batch];
+        sa.extend(a2(m, k, ta));
+        let sb = if shared { a2(k, n, tb) } else { let mut b = vec![batch]; b.extend(a2(k, n, tb)); b };
+        bf16_matmul_agrees(&[sa, sb], ta, tb);
+    }
+}
+
+/// Products large enough to split over two threads, with each operand transposed, are
+/// within bf16's bound, and bf16 rounding shows (errors beyond what f32 operands allow).
+#[test]
+fn large_bf16_products_split_over_threads_and_round_their_operands() {
+    assert!(!bf16_kernels().is_empty(), "the bf16 kernel needs AVX-512F, which this CPU lacks");
+    for (sa, sb, ta, tb) in [
+        (vec![300, 200], vec![200, 70], false, false),
+        (vec![256, 300], vec![256, 72], true, false),
+        (vec![301, 129], vec![40, 129], false, true),
+    ] {
+        assert!(bf16_matmul_agrees(&[sa.clone(), sb.clone()], ta, tb), "{sa:?}·{sb:?}: no element shows bf16 rounding");
+    }
+}
+
+/// bf16 rounding: to nearest, ties to even; infinities and NaN kept.
+#[test]
+fn bf16_rounds_to_nearest_even() {
+    let cases = [
+        (1.0f32, 1.0f32),
+        (1.0 + 2f32.powi(-8), 1.0),                       // a tie: down to the even 1.0
+        (1.0 + 3.0 * 2f32.powi(-8), 1.0 + 2f32.powi(-6)), // a tie: up to the even neighbour
+        (1.0 + 2f32.powi(-8) + 2f32.powi(-20), 1.0 + 2f32.powi(-7)),
+        (-2.5, -2.5),
+        (f32::MAX, f32::INFINITY),
+        (f32::NEG_INFINITY, f32::NEG_INFINITY),
+    ];
+    for (x, want) in cases {
+        assert_eq!(from_bf16(to_bf16(x)), want, "bf16({x})");
+    }
+    assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
 }

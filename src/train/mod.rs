@@ -552,6 +552,9 @@ pub fn train_in(exp: &Experiment, opts: &RunOptions, group: &dyn crate::dist::Gr
             let threads = exp.train.threads.unwrap_or_else(mdl_runtime::backend::jit::default_threads);
             log.line(&format!("jit threads: {threads}"));
         }
+        if let Some(line) = exp.products()?.1 {
+            log.line(&line);
+        }
         // A spec compiled only once the data is in reads its labels as 0/1 (checked below).
         let schema = match &early {
             Some((compiled, _)) => label_schema(&exp.data.schema, compiled),

@@ -9,6 +9,7 @@ use super::group::{group_matmul, group_outer};
 use super::layout::{broadcast, concat, gather, pad, permute, scatter_add, segment_sum, slice, take_along};
 use super::math;
 use super::pool::Pool;
+use super::{bf16, Products};
 use crate::backend::driver::Operands;
 use crate::exec::{Arg, EvalCx, ExecError};
 use crate::ops::elementwise::{BinaryLoop, UnaryLoop};
@@ -31,6 +32,7 @@ pub fn fast(
     cx: &EvalCx,
     threads: usize,
     exact: bool,
+    products: Products,
     pool: &mut Pool,
 ) -> Result<Option<Value<f32>>, ExecError> {
     if let Some(v) = moved(op, operands, cx)? {
@@ -46,6 +48,7 @@ pub fn fast(
             *trans_b,
             cx.out_shape,
             threads,
+            products,
             pool,
         ))),
         Op::Binary(b) => {
@@ -286,6 +289,7 @@ pub(super) fn gemm_into(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn matmul(
     a: &Tensor<f32>,
     b: &Tensor<f32>,
@@ -293,6 +297,7 @@ fn matmul(
     tb: bool,
     out_shape: &[usize],
     threads: usize,
+    precision: Products,
     pool: &mut Pool,
 ) -> Tensor<f32> {
     let (ra, rb) = (a.shape.len(), b.shape.len());
@@ -314,10 +319,19 @@ fn matmul(
     if m == 0 || n == 0 {
         return Tensor { shape: out_shape.to_vec(), data: out };
     }
+    // One product on `par`'s threads: f32 by gemm, or bf16 by its kernel.
+    let product =
+        |out: &mut [f32], m, n, k, a: &[f32], ta, a_cols, b: &[f32], tb, b_cols, par: Parallelism| match precision {
+            Products::F32 => gemm_into(out, m, n, k, a, ta, a_cols, b, tb, b_cols, par),
+            Products::Bf16(dot) => {
+                let threads = if matches!(par, Parallelism::None) { 1 } else { threads };
+                bf16::product(dot, out, m, n, k, a, ta, a_cols, b, tb, b_cols, threads)
+            }
+        };
     if rb == 2 && !ta && a.shape[..ra - 2] == *lead {
         // Shared right operand: all leading axes of `a` are rows of one product.
         let rows = batch * m;
-        gemm_into(&mut out, rows, n, k, &a.data, false, a_cols, &b.data, tb, b_cols, par(rows * n * k));
+        product(&mut out, rows, n, k, &a.data, false, a_cols, &b.data, tb, b_cols, par(rows * n * k));
     } else {
         let (a_step, b_step) = (a_rows * a_cols, b_rows * b_cols);
         // The operands' leading index per product (numpy broadcasting of the leading axes).
@@ -328,7 +342,7 @@ fn matmul(
             for (j, o) in out.chunks_exact_mut(m * n).enumerate() {
                 let (ai, bi) = (a_index[first + j], b_index[first + j]);
                 let (a_i, b_i) = (&a.data[ai * a_step..(ai + 1) * a_step], &b.data[bi * b_step..(bi + 1) * b_step]);
-                gemm_into(o, m, n, k, a_i, ta, a_cols, b_i, tb, b_cols, par);
+                product(o, m, n, k, a_i, ta, a_cols, b_i, tb, b_cols, par);
             }
         };
         let each = m * n * k;

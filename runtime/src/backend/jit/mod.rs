@@ -6,7 +6,9 @@
 //! - **MatMul** through the `gemm` crate (AVX-512 kernels when the CPU has them, chosen at
 //!   run time; plain SIMD otherwise). Transposed operands are passed as strides, never
 //!   copied; `[..., m, k] @ [k, n]` is one GEMM over the flattened rows; batched products
-//!   are a loop of GEMMs. Large products use both cores.
+//!   are a loop of GEMMs. Large products use both cores. With
+//!   [`Products::Bf16`] (`train.precision: bf16`) they run on the [`bf16`] kernel instead:
+//!   operands rounded to bf16, f32 sums, by AVX512-BF16's `vdpbf16ps`.
 //! - **Elementwise** unary and binary ops over contiguous slices, with the broadcast
 //!   patterns models produce (same shape, scalar, trailing-axes bias, per-row scale) as
 //!   straight loops the compiler vectorises, split over two threads when large.
@@ -31,12 +33,14 @@
 //! With profiling on, the time of each op kind is recorded for `mdl bench`.
 
 mod bag;
+pub mod bf16;
 pub mod codegen;
 mod group;
 mod kernels;
 mod layout;
 mod math;
 pub mod pool;
+pub mod speed;
 mod update;
 
 use super::driver::{execute, Evaluator, Lifetimes, Operands};
@@ -74,6 +78,19 @@ pub struct Jit {
     plans: PlanCache<Plan>,
     /// Buffers of freed values, reused by later ops and later runs ([`pool`]).
     pool: pool::Pool,
+    /// How the matrix products compute (f32 unless [`Jit::with_products`] says bf16).
+    products: Products,
+}
+
+/// The arithmetic of the jit's matrix products (`MatMul`, forward and backward; the group
+/// products stay f32).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Products {
+    /// f32 operands and sums (the `gemm` crate).
+    #[default]
+    F32,
+    /// Operands rounded to bf16, f32 sums ([`bf16`]), by this kernel.
+    Bf16(bf16::Dot),
 }
 
 impl Default for Jit {
@@ -96,7 +113,18 @@ impl Jit {
             codegen: codegen::Options::default(),
             plans: PlanCache::default(),
             pool: pool::Pool::default(),
+            products: Products::F32,
         }
+    }
+
+    /// Matrix products in f32 (the default) or bf16. Panics when a bf16 kernel needs a CPU
+    /// feature this CPU lacks (ask [`bf16::Dot::available`] first).
+    pub fn with_products(mut self, products: Products) -> Jit {
+        if let Products::Bf16(dot) = products {
+            assert!(dot.available(), "the bf16 products' {dot:?} kernel needs a CPU feature this one lacks");
+        }
+        self.products = products;
+        self
     }
 
     /// Turns elementwise fusion on or off (off: every op runs on its own kernel).
@@ -164,6 +192,7 @@ pub fn default_threads() -> usize {
 /// as fallback; freed values go to the pool.
 struct JitEval<'r> {
     threads: usize,
+    products: Products,
     options: codegen::Options,
     profile: Option<&'r mut OpProfile>,
     pool: &'r mut pool::Pool,
@@ -209,7 +238,15 @@ impl Evaluator<f32> for JitEval<'_> {
                 }
             }
             (None, None) => {
-                match kernels::fast(op, operands, cx, self.threads, !self.options.inline_math, self.pool)? {
+                match kernels::fast(
+                    op,
+                    operands,
+                    cx,
+                    self.threads,
+                    !self.options.inline_math,
+                    self.products,
+                    self.pool,
+                )? {
                     Some(v) => v,
                     None => {
                         fallback = !matches!(op, Op::Input { .. } | Op::Param { .. } | Op::Scalar(_));
@@ -290,10 +327,16 @@ impl Executor for Jit {
         mode: &Mode,
     ) -> Result<Values<f32>, ExecError> {
         self.plan(graph);
-        let Jit { plans, profile, pool, threads, codegen, fusion, .. } = self;
+        let Jit { plans, profile, pool, threads, codegen, fusion, products, .. } = self;
         let plan = plans.first().expect("a plan was just made");
-        let mut eval =
-            JitEval { threads: *threads, options: *codegen, profile: profile.recording(), pool, bags: &plan.bags };
+        let mut eval = JitEval {
+            threads: *threads,
+            products: *products,
+            options: *codegen,
+            profile: profile.recording(),
+            pool,
+            bags: &plan.bags,
+        };
         let values = execute(&plan.fused, &plan.lifetimes, binding, feeds, params, mode, &mut eval);
         pool.end_run();
         let values = values?;
