@@ -54,6 +54,15 @@ impl AtomicFile {
         format!("cannot write {}: {e}", self.path.display())
     }
 
+    /// Writes what is buffered and waits until the file's data is on disk (a long file synced
+    /// as it is written leaves little for [`commit`](Self::commit)'s sync).
+    pub fn sync_data(&mut self) -> std::io::Result<()> {
+        match &mut self.writer {
+            Some(writer) => writer.flush().and_then(|()| writer.get_ref().sync_data()),
+            None => Ok(()),
+        }
+    }
+
     /// Syncs the file to disk, renames it over the final name and syncs the folder, so a
     /// crash leaves the old file or the new one.
     pub fn commit(mut self) -> Result<(), String> {

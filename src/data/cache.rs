@@ -18,7 +18,8 @@
 //! range check out (one sequential pass over the file, which also reads the labels, domains
 //! and users that metrics need in memory); anything else is reported as a reason and the
 //! caller rebuilds it. A [`Writer`] writes to a temporary name in the cache folder, renamed
-//! into place once complete, or to an unnamed temporary file (no cache folder).
+//! into place once complete, or to an unnamed temporary file (no cache folder), on a thread
+//! of its own ([`WriteBehind`]); a cache file is synced to disk as it is written.
 
 use std::fs::File;
 use std::io::Write;
@@ -31,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use super::dataset::{Batch, Dataset, Shape, SkippedRows};
 use super::encode::{Fitted, SequenceTable};
+use super::write_behind::WriteBehind;
 use super::DataError;
 use crate::tasks::LabelValues;
 
@@ -344,23 +346,53 @@ impl StoredRows {
 
 /// Where a [`Writer`] writes.
 enum Output {
-    /// The cache file, under a temporary name until it is complete.
-    Cache(crate::files::AtomicFile),
+    /// The cache file, under a temporary name until it is complete, and the bytes written
+    /// since it was last synced to disk.
+    Cache(crate::files::AtomicFile, u64),
     /// An unnamed temporary file.
     Unnamed(File),
 }
+
+/// Bytes of the cache file written between syncs to disk: the file is synced as it is
+/// written (by the writing thread), so that the sync before it is renamed into place, which
+/// the preparation waits for, finds little left to write.
+const SYNC_BYTES: u64 = 64 << 20;
 
 /// Writes the encoded splits as they come (train, then valid, then test, block by block),
 /// keeping in memory only the per-row columns metrics need; [`Writer::finish`] hands back
 /// the three datasets reading their features from the file.
 pub(crate) struct Writer {
-    output: Output,
+    /// The output, written on a thread of its own.
+    output: WriteBehind<Output>,
     /// The file's name (the cache file, or the temporary folder for an unnamed one).
     path: PathBuf,
     crc: crc32fast::Hasher,
-    buffer: Vec<u8>,
     layout: RecordLayout,
     splits: Vec<(SplitMeta, Columns)>,
+}
+
+impl Write for Output {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Output::Cache(file, unsynced) => {
+                let written = file.write(bytes)?;
+                *unsynced += written as u64;
+                if *unsynced >= SYNC_BYTES {
+                    file.sync_data()?;
+                    *unsynced = 0;
+                }
+                Ok(written)
+            }
+            Output::Unnamed(file) => file.write(bytes),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Output::Cache(file, _) => file.flush(),
+            Output::Unnamed(file) => file.flush(),
+        }
+    }
 }
 
 /// An unnamed file in the temporary folder (removed from the folder at once: it lives as
@@ -395,7 +427,7 @@ impl Writer {
                 .map_err(|e| format!("cannot create {}: {e}", folder.display()))
                 .and_then(|()| crate::files::AtomicFile::create(path));
             match created {
-                Ok(file) => output = Some((Output::Cache(file), path.to_path_buf())),
+                Ok(file) => output = Some((Output::Cache(file, 0), path.to_path_buf())),
                 Err(reason) => note = Some(reason),
             }
         }
@@ -407,10 +439,9 @@ impl Writer {
             }
         };
         let mut writer = Writer {
-            output,
+            output: WriteBehind::new(output),
             path,
             crc: crc32fast::Hasher::new(),
-            buffer: Vec::new(),
             layout: RecordLayout::of(fitted),
             splits: Vec::new(),
         };
@@ -418,16 +449,13 @@ impl Writer {
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         header.extend_from_slice(key);
-        writer.write(&header)?;
+        writer.write(header)?;
         Ok((writer, note))
     }
 
-    fn write(&mut self, bytes: &[u8]) -> Result<(), DataError> {
-        self.crc.update(bytes);
-        let written = match &mut self.output {
-            Output::Cache(file) => file.write_all(bytes),
-            Output::Unnamed(file) => file.write_all(bytes),
-        };
+    fn write(&mut self, bytes: Vec<u8>) -> Result<(), DataError> {
+        self.crc.update(&bytes);
+        let written = self.output.write(bytes);
         written.map_err(|e| DataError::io(&self.path, &format!("cannot write the encoded rows: {e}")))
     }
 
@@ -439,12 +467,9 @@ impl Writer {
 
     /// Appends the rows of `block` (encoded, in memory) to the split under way.
     pub(crate) fn write_block(&mut self, block: &Dataset) -> Result<(), DataError> {
-        let mut buffer = std::mem::take(&mut self.buffer);
-        buffer.clear();
-        self.layout.put_rows(block, &mut buffer);
-        let written = self.append(&buffer, block);
-        self.buffer = buffer;
-        written
+        let mut records = Vec::new();
+        self.layout.put_rows(block, &mut records);
+        self.append(records, block)
     }
 
     /// How the rows are laid out in the file (to lay out blocks elsewhere for [`append`](Self::append)).
@@ -454,7 +479,7 @@ impl Writer {
 
     /// Appends `block` to the split under way as `records`, its rows laid out by
     /// [`RecordLayout::put_rows`].
-    pub(crate) fn append(&mut self, records: &[u8], block: &Dataset) -> Result<(), DataError> {
+    pub(crate) fn append(&mut self, records: Vec<u8>, block: &Dataset) -> Result<(), DataError> {
         self.write(records)?;
         let (meta, columns) = self.splits.last_mut().expect("a split was begun");
         meta.rows += block.rows;
@@ -484,11 +509,14 @@ impl Writer {
         let meta = Meta { fitted: fitted.clone(), splits: self.splits.iter().map(|(m, _)| m.clone()).collect() };
         let json = serde_json::to_vec(&meta)
             .map_err(|e| DataError::io(&self.path, &format!("cannot serialise the metadata: {e}")))?;
-        self.write(&json)?;
-        self.write(&(json.len() as u64).to_le_bytes())?;
+        let length = (json.len() as u64).to_le_bytes().to_vec();
+        self.write(json)?;
+        self.write(length)?;
         let checksum = self.crc.clone().finalize().to_le_bytes();
-        let (file, path) = match self.output {
-            Output::Cache(mut file) => {
+        let output = self.output.finish();
+        let output = output.map_err(|e| DataError::io(&self.path, &format!("cannot write the encoded rows: {e}")))?;
+        let (file, path) = match output {
+            Output::Cache(mut file, _) => {
                 file.write_all(&checksum).map_err(|e| DataError::io(&self.path, &file.error(e)))?;
                 file.commit().map_err(|e| DataError::io(&self.path, &e))?;
                 let reopened = File::open(&self.path).map_err(|e| DataError::io(&self.path, &e.to_string()))?;

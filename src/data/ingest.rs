@@ -6,8 +6,8 @@
 //! each worker encodes stretches of the text with provisional ids of its own (in first-seen
 //! order, [`FitIds`]) and counts the values of the rows it kept, while the numeric statistics
 //! are gathered in input order; the blocks are spilled to an unnamed temporary file with the
-//! worker that encoded them. The workers' values and counts are then merged, the
-//! vocabularies and normalisers fitted from them (a `standard` column's squares from a
+//! worker that encoded them (written by a thread of its own, [`WriteBehind`], as the cache
+//! file is). The workers' values and counts are then merged, the vocabularies and normalisers fitted from them (a `standard` column's squares from a
 //! second pass over the spill), the spilled blocks rewritten with the final ids and
 //! normalised numbers into the cache (laid out on every thread, written in order), and
 //! valid and test encoded with the fitted state. The result is the same, value for value,
@@ -15,7 +15,7 @@
 //! number of threads.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Seek, Write};
+use std::io::{BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use super::cache::{self, unnamed_file};
@@ -24,6 +24,7 @@ use super::encode::{Columns, FitIds, Fitted, IdSource, NumericColumns, RawSplit}
 use super::prepare::SplitPaths;
 use super::schema::Schema;
 use super::stream::SplitReader;
+use super::write_behind::WriteBehind;
 use super::{DataError, EncodeOptions};
 
 /// Rows encoded at a time where a block is read by one thread (valid, test, Parquet parts).
@@ -31,9 +32,13 @@ pub(super) const BLOCK_ROWS: usize = 1 << 15;
 /// Bytes of CSV text each thread encodes at a time in train's first pass.
 pub(super) const STRETCH_BYTES: usize = 4 << 20;
 
-/// Provisionally encoded train blocks in an unnamed temporary file, read back in order.
+/// Provisionally encoded train blocks in an unnamed temporary file (written on a thread of
+/// its own), read back in order.
 struct Spill {
-    writer: BufWriter<File>,
+    /// The file while blocks are written to it.
+    writing: Option<WriteBehind<File>>,
+    /// The file once every block is written.
+    written: Option<File>,
     folder: PathBuf,
     shape: Shape,
 }
@@ -59,7 +64,7 @@ const SPILL_HEADER: usize = 24;
 impl Spill {
     fn new(schema: &Schema) -> Result<Spill, DataError> {
         let (file, folder) = unnamed_file()?;
-        Ok(Spill { writer: BufWriter::with_capacity(1 << 20, file), folder, shape: Shape::of(schema) })
+        Ok(Spill { writing: Some(WriteBehind::new(file)), written: None, folder, shape: Shape::of(schema) })
     }
 
     fn error(&self, e: std::io::Error) -> DataError {
@@ -68,7 +73,13 @@ impl Spill {
 
     /// A block as spilled: its worker, row count and byte length, then each array's elements.
     fn encode(shape: &Shape, worker: usize, raw: &RawSplit) -> Vec<u8> {
-        let mut out = Vec::with_capacity(SPILL_HEADER + raw.rows * 256);
+        // At most every slot of every sequence: reserved once, so the block is never copied
+        // to a larger buffer (pages never written are never touched).
+        let per_row = 4 * shape.cat.iter().sum::<usize>()
+            + shape.seq.iter().map(|(columns, len)| 4 * columns * (1 + len)).sum::<usize>()
+            + 8 * shape.num.iter().sum::<usize>()
+            + 4 * (shape.has_domain as usize + shape.tasks + shape.has_user as usize);
+        let mut out = Vec::with_capacity(SPILL_HEADER + raw.rows * per_row);
         out.extend_from_slice(&(worker as u64).to_le_bytes());
         out.extend_from_slice(&(raw.rows as u64).to_le_bytes());
         out.extend_from_slice(&0u64.to_le_bytes());
@@ -90,8 +101,11 @@ impl Spill {
         out
     }
 
-    fn write(&mut self, block: &[u8]) -> Result<(), DataError> {
-        let written = self.writer.write_all(block);
+    fn write(&mut self, block: Vec<u8>) -> Result<(), DataError> {
+        let written = match &mut self.writing {
+            Some(writing) => writing.write(block),
+            None => Err(std::io::Error::other("the spill was already read back")),
+        };
         written.map_err(|e| self.error(e))
     }
 
@@ -135,11 +149,13 @@ impl Spill {
         batch: usize,
         mut each: impl FnMut(&Spill, Vec<SpilledBlock>) -> Result<(), DataError>,
     ) -> Result<(), DataError> {
-        self.writer.flush().map_err(|e| self.error(e))?;
+        if let Some(writing) = self.writing.take() {
+            self.written = Some(writing.finish().map_err(|e| self.error(e))?);
+        }
         let folder = self.folder.clone();
         let failed =
             |e: std::io::Error| DataError::io(&folder, &format!("cannot read back the spilled train rows: {e}"));
-        let mut file = self.writer.get_ref().try_clone().map_err(failed)?;
+        let mut file = self.written.as_ref().expect("the spill is written").try_clone().map_err(failed)?;
         file.rewind().map_err(failed)?;
         let mut reader = BufReader::with_capacity(1 << 20, file);
         let mut header = [0u8; SPILL_HEADER];
@@ -157,8 +173,11 @@ impl Spill {
                 }
                 let word =
                     |i: usize| u64::from_le_bytes(header[i * 8..i * 8 + 8].try_into().expect("8 bytes")) as usize;
-                let mut body = vec![0; word(2)];
-                reader.read_exact(&mut body).map_err(failed)?;
+                let mut body = Vec::with_capacity(word(2));
+                (&mut reader).take(word(2) as u64).read_to_end(&mut body).map_err(failed)?;
+                if body.len() < word(2) {
+                    return Err(failed(std::io::ErrorKind::UnexpectedEof.into()));
+                }
                 blocks.push(SpilledBlock { worker: word(0), rows: word(1), body });
             }
             if !blocks.is_empty() {
@@ -257,7 +276,7 @@ pub(super) fn prepare_streaming(
             train_skipped.absorb(&raw.skipped);
             if raw.rows > 0 {
                 numbers.add(&raw);
-                spill.write(&bytes)?;
+                spill.write(bytes)?;
             }
         }
     }
@@ -281,7 +300,7 @@ pub(super) fn prepare_streaming(
             layout.put_rows(&data, &mut records);
             (records, data)
         });
-        laid_out.iter().try_for_each(|(records, data)| writer.append(records, data))
+        laid_out.into_iter().try_for_each(|(records, data)| writer.append(records, &data))
     })?;
     drop(spill);
     writer.end_split(train_skipped);

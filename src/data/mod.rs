@@ -46,6 +46,7 @@ pub mod serving;
 pub mod source;
 pub mod stream;
 pub mod vocab;
+mod write_behind;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

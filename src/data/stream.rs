@@ -247,10 +247,10 @@ impl SplitReader {
     /// ([`FitIds::count`] counts a block once it is kept): a line end inside a quoted
     /// field makes the stretch before it end inside that field, so the stretches after it
     /// are dropped (their values stay registered, uncounted, which changes nothing) and
-    /// read again from that record on. The header, Parquet parts, a record longer than the
-    /// stretches and a single worker go through `next_block` on the first worker
-    /// (`block_rows` rows). No blocks once every record has been taken. Which rows a
-    /// block holds depends on the workers' number; the rows, in order, do not.
+    /// read again from that record on. A part's header (with its first row), Parquet parts,
+    /// a record longer than the stretches and a single worker go through `next_block` on the
+    /// first worker (`block_rows` rows). No blocks once every record has been taken. Which
+    /// rows a block holds depends on the workers' number; the rows, in order, do not.
     pub(super) fn next_blocks_parallel(
         &mut self,
         schema: &Schema,
@@ -258,8 +258,11 @@ impl SplitReader {
         (stretch_bytes, block_rows): (usize, usize),
     ) -> Result<Vec<(usize, RawSplit)>, DataError> {
         let one_by_one = |reader: &mut SplitReader, workers: &mut [FitIds]| {
-            let mut raw = RawSplit::with_capacity(schema, block_rows);
-            reader.next_block(schema, &mut workers[0], &mut raw, block_rows, |_, _, _| {})?;
+            // A part's header with its first row only, so that the rows after it are read
+            // on every thread.
+            let rows = if reader.rows.is_none() { 1 } else { block_rows };
+            let mut raw = RawSplit::with_capacity(schema, rows);
+            reader.next_block(schema, &mut workers[0], &mut raw, rows, |_, _, _| {})?;
             Ok(if raw.rows > 0 || raw.skipped.count > 0 { vec![(0, raw)] } else { Vec::new() })
         };
         if self.done {

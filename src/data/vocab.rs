@@ -177,13 +177,38 @@ const DENSE_LIMIT: u64 = 1 << 20;
 /// A free slot of the dense array.
 const ABSENT: u32 = u32::MAX;
 
-/// The value as a canonical integer of at most 19 digits (so below 10^19 < 2^64).
+/// The value as a canonical integer of at most 19 digits (so below 10^19 < 2^64). Eight
+/// digits and more are read eight at a time ([`eight_digits`]): a vocabulary of large ids
+/// (13-digit ids are common) parses every one of them, on every row.
 #[inline]
 fn canonical_integer(value: &str) -> Option<u64> {
     let bytes = value.as_bytes();
-    if bytes.is_empty() || bytes.len() > 19 || (bytes[0] == b'0' && bytes.len() > 1) {
+    let length = bytes.len();
+    if length == 0 || length > 19 || (bytes[0] == b'0' && length > 1) {
         return None;
     }
+    if length < 8 {
+        return digit_by_digit(bytes);
+    }
+    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let last = eight_digits(word(length - 8))?;
+    if length == 8 {
+        return Some(last);
+    }
+    if length <= 16 {
+        // The first `length - 8` digits, moved to the end of a word filled with zeros before them.
+        let leading = length - 8;
+        let word = (word(0) << (8 * (8 - leading))) | ZERO_DIGITS.checked_shr(8 * leading as u32).unwrap_or(0);
+        return Some(eight_digits(word)? * 100_000_000 + last);
+    }
+    let middle = eight_digits(word(length - 16))?;
+    let first = digit_by_digit(&bytes[..length - 16])?;
+    Some((first * 100_000_000 + middle) * 100_000_000 + last)
+}
+
+/// At most 19 ASCII digits as their number (None if a byte is not a digit).
+#[inline]
+fn digit_by_digit(bytes: &[u8]) -> Option<u64> {
     let mut number = 0u64;
     for &b in bytes {
         let digit = b.wrapping_sub(b'0');
@@ -195,17 +220,50 @@ fn canonical_integer(value: &str) -> Option<u64> {
     Some(number)
 }
 
-/// The bytes of a short value followed by zeros, its length in the last byte.
+/// Eight `b'0'` bytes.
+const ZERO_DIGITS: u64 = 0x3030_3030_3030_3030;
+
+/// The number that eight ASCII digits spell (the first digit in the lowest byte of `word`,
+/// as `u64::from_le_bytes` reads text), None if a byte is not a digit: each step joins
+/// neighbouring lanes (digits into pairs, pairs into fours, fours into the eight).
+#[inline]
+fn eight_digits(word: u64) -> Option<u64> {
+    const HIGH_NIBBLES: u64 = 0xf0f0_f0f0_f0f0_f0f0;
+    // A digit is 0x30..=0x39: its high nibble is 3, and still is after adding 6.
+    if word & HIGH_NIBBLES != ZERO_DIGITS || word.wrapping_add(0x0606_0606_0606_0606) & HIGH_NIBBLES != ZERO_DIGITS {
+        return None;
+    }
+    let digits = word - ZERO_DIGITS;
+    let pairs = (digits.wrapping_mul(10) + (digits >> 8)) & 0x00ff_00ff_00ff_00ff;
+    let fours = (pairs.wrapping_mul(100) + (pairs >> 16)) & 0x0000_ffff_0000_ffff;
+    Some((fours.wrapping_mul(10_000) + (fours >> 32)) & 0xffff_ffff)
+}
+
+/// The bytes of a short value followed by zeros, its length in the last byte. The bytes are
+/// read as whole words (two overlapping ones for the lengths between), so the key is built
+/// in registers, not through a copy to memory.
 #[inline]
 fn pack(value: &str) -> Option<u128> {
     let bytes = value.as_bytes();
-    if bytes.len() > 15 {
+    let length = bytes.len();
+    if length > 15 {
         return None;
     }
-    let mut packed = [0u8; 16];
-    packed[..bytes.len()].copy_from_slice(bytes);
-    packed[15] = bytes.len() as u8;
-    Some(u128::from_le_bytes(packed))
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as u128;
+    let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes")) as u128;
+    // Where two reads overlap they read the same bytes, so OR-ing them is exact.
+    let text = match length {
+        0 => 0,
+        1..=3 => {
+            let middle = length / 2;
+            bytes[0] as u128
+                | (bytes[middle] as u128) << (8 * middle)
+                | (bytes[length - 1] as u128) << (8 * (length - 1))
+        }
+        4..=7 => u32_at(0) | u32_at(length - 4) << (8 * (length - 4)),
+        _ => u64_at(0) | u64_at(length - 8) << (8 * (length - 8)),
+    };
+    Some(text | (length as u128) << 120)
 }
 
 impl ValueIndex {
@@ -597,6 +655,52 @@ mod tests {
         assert_eq!(index.len(), 5000);
         for absent in ["1", "99999999999999999", "18446744073709551615", "v5001", "007", ""] {
             assert_eq!(index.get(absent), None, "{absent}");
+        }
+    }
+
+    #[test]
+    fn keys_read_a_word_at_a_time_are_those_read_byte_by_byte() {
+        let reference = |value: &str| -> Option<u64> {
+            let bytes = value.as_bytes();
+            let canonical = !bytes.is_empty() && bytes.len() <= 19 && (bytes[0] != b'0' || bytes.len() == 1);
+            (canonical && bytes.iter().all(u8::is_ascii_digit)).then(|| value.parse().expect("digits"))
+        };
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut values: Vec<String> =
+            ["", "0", "00", "7", "1048576", "12345678", "9999999999999999999", "18446744073709551615"]
+                .iter()
+                .map(|v| v.to_string())
+                .collect();
+        for length in 1..=21 {
+            for _ in 0..200 {
+                let mut digits: Vec<u8> = (0..length).map(|_| b'0' + (next() % 10) as u8).collect();
+                values.push(String::from_utf8(digits.clone()).unwrap());
+                // One byte that is not a digit (or a leading zero), at a random place.
+                let at = (next() % length as u64) as usize;
+                digits[at] = [b'/', b':', b'a', b' ', b'-', b'0', 0x7f][(next() % 7) as usize];
+                values.push(String::from_utf8(digits).unwrap());
+            }
+            values.push(format!("{}\u{e9}", "1".repeat(length)));
+        }
+        for value in &values {
+            assert_eq!(canonical_integer(value), reference(value), "{value:?}");
+        }
+        // Short values are packed as their bytes, zeros, and the length in the last byte.
+        for length in 0..=16 {
+            let value: String = (0..length).map(|i| char::from(b'a' + (i * 7 % 26) as u8)).collect();
+            let expected = (length <= 15).then(|| {
+                let mut packed = [0u8; 16];
+                packed[..length].copy_from_slice(value.as_bytes());
+                packed[15] = length as u8;
+                u128::from_le_bytes(packed)
+            });
+            assert_eq!(pack(&value), expected, "{value:?}");
         }
     }
 
