@@ -18,14 +18,27 @@
 //!   sample picks its experts).
 //!
 //! Measures with a module of their own:
+//! - [`attention`]: the model's learned correlation (the mean of an attention probe per
+//!   behaviour category and position, against the `--mi` map) and the retrieval NDCG of its
+//!   order against the MI relevance (`--attention PROBE`), on the test split.
+//! - [`clusters`]: the discriminability of a probed representation (`--clusters PROBE`):
+//!   k-means clusters of its per-sample vectors on the test split against the label.
 //! - [`correlation`]: the mutual information between behaviours of each category at each
 //!   target-relative position and the label (`--mi SEQ`), from the train split.
+//! - [`entanglement`]: the interest-entanglement distance test between two single-task
+//!   runs and this one (`--against A --against B --pair USER:ITEM`).
 //! - [`gradients`]: gradient norms per parameter group and the cosine between two named
 //!   losses' gradients on a shared parameter, recorded while the run trains
 //!   (`grad_norms.csv`, `grad_cosine.csv`) and summarised here.
+//! - [`interaction`]: the sub-embedding IA matrix of a cross layer over a table's fields
+//!   (`--interaction TABLE:PARAM`, DCNv2's first cross layer).
 
+pub mod attention;
+pub mod clusters;
 pub mod correlation;
+pub mod entanglement;
 pub mod gradients;
+pub mod interaction;
 
 use crate::lower::{rows_sym, PROBE_PREFIX};
 use crate::train::{build_probe_graph, open_run, LoadedRun};
@@ -151,6 +164,18 @@ pub struct Analysis {
     /// The feature–target correlation of a behaviour sequence (`--mi`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mutual_information: Option<correlation::MiAnalysis>,
+    /// The learned correlation and retrieval NDCG of an attention probe (`--attention`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attention: Option<attention::AttentionAnalysis>,
+    /// The discriminability of a probed representation (`--clusters`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clusters: Option<clusters::ClusterAnalysis>,
+    /// The entanglement distance test against two single-task runs (`--against`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entanglement: Option<entanglement::Entanglement>,
+    /// The sub-embedding IA matrix of a cross layer (`--interaction`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interaction: Option<interaction::InteractionAnalysis>,
 }
 
 /// What `mdl analyze` measures.
@@ -164,6 +189,17 @@ pub struct Options {
     pub threads: Option<usize>,
     /// `--mi SEQ[:COLUMN]`: the mutual-information heat maps of that sequence.
     pub mi: Option<String>,
+    /// `--attention PROBE` (with `--mi`): the probe of the attention over that sequence.
+    pub attention: Option<String>,
+    /// `--clusters PROBE`: k-means of that probe's per-sample vectors against the label.
+    pub clusters: Option<String>,
+    /// `--against A --against B`: two single-task runs for the entanglement test, and
+    /// `--pair USER:ITEM` the columns whose distances it compares.
+    pub against: Vec<std::path::PathBuf>,
+    pub pair: Option<String>,
+    /// `--interaction TABLE:PARAM`: the sub-embedding IA of the table's fields through the
+    /// cross layer weight PARAM.
+    pub interaction: Option<String>,
 }
 
 /// Analyses the run in `run`, writes `analysis.json` there and returns the analysis.
@@ -181,27 +217,143 @@ pub fn analyze(run: &Path, opts: &Options) -> Result<Analysis, String> {
             return Err(unknown("probe", name, &names));
         }
     }
-    let chosen: Vec<String> = names.into_iter().filter(|n| opts.probes.is_empty() || opts.probes.contains(n)).collect();
+    let chosen: Vec<String> =
+        names.iter().filter(|n| opts.probes.is_empty() || opts.probes.contains(n)).cloned().collect();
+    if let Some(name) = &opts.attention {
+        if opts.mi.is_none() {
+            return Err(format!(
+                "--attention {name}: needs --mi SEQ, the sequence whose behaviours the probe weights (their categories and positions)"
+            ));
+        }
+        if !names.contains(name) {
+            return Err(format!("--attention: {}", unknown("probe", name, &names)));
+        }
+    }
+    if let Some(name) = &opts.clusters {
+        if !names.contains(name) {
+            return Err(format!("--clusters: {}", unknown("probe", name, &names)));
+        }
+    }
+    let pair = match (opts.against.len(), &opts.pair) {
+        (0, None) => None,
+        (2, Some(p)) => Some(entanglement::parse_pair(p)?),
+        (0, Some(_)) => return Err("--pair: needs --against A --against B (two single-task runs)".into()),
+        (2, None) => return Err("--against: needs --pair USER:ITEM (the columns whose distances to compare)".into()),
+        (n, _) => return Err(format!("--against: needs two single-task runs (--against A --against B), found {n}")),
+    };
     let mi_request = opts.mi.as_deref().map(correlation::MiRequest::parse);
     if let Some(req) = &mi_request {
         correlation::place(&loaded.fitted.layout(), req)?;
     }
+    let interaction = match &opts.interaction {
+        Some(spec) => Some(interaction_matrix(&loaded, spec)?),
+        None => None,
+    };
+    let entanglement = match &pair {
+        Some((user, item)) => Some(entangle(run, &loaded, &opts.against, user, item, opts.force)?),
+        None => None,
+    };
     let embeddings = embedding_tables(&loaded, &opts.tables)?;
-    let (split_rows, probes) = probes(&loaded, &graph, &chosen, opts.threads)?;
     let norms = read_recorded(run, "grad_norms.csv")?;
     let cosine = read_recorded(run, "grad_cosine.csv")?;
     let gradients =
         gradients::summarize(norms.as_deref(), cosine.as_deref()).map_err(|e| format!("{}/{e}", run.display()))?;
-    let mutual_information = match &mi_request {
+    let measured = match &mi_request {
         Some(req) => Some(correlation::measure(&loaded, req)?),
         None => None,
     };
+    let positions = measured.as_ref().map_or(0, |m| m.analysis.positions);
+    let mut attention_sums = opts.attention.as_ref().map(|_| attention::AttentionSums::new(positions));
+    let follow = match (&opts.attention, &measured, attention_sums.as_mut()) {
+        (Some(name), Some(m), Some(sums)) => Some(Follow { probe: name, truth: m, sums }),
+        _ => None,
+    };
+    let mut collected = opts.clusters.as_deref().map(|name| Collect { probe: name, ..Collect::default() });
+    let (split_rows, probes) = probes(&loaded, &graph, &chosen, follow, collected.as_mut(), opts.threads)?;
+    let task = loaded.fitted.layout().tasks.first().cloned().unwrap_or_default();
+    let clusters = collected.map(|c| {
+        let dim = c.values.len() / c.labels.len().max(1);
+        clusters::measure(c.probe, &task, &c.values, dim, &c.labels, loaded.experiment.train.seed)
+    });
+    let attention = match (&opts.attention, &measured, &attention_sums) {
+        (Some(name), Some(m), Some(sums)) => {
+            Some(attention::finish(name, split_rows, sums, m, |id| correlation::category_name(&loaded, &m.place, id)))
+        }
+        _ => None,
+    };
+    let mutual_information = measured.map(|m| m.analysis);
     let model = loaded.session.compiled.model.clone();
-    let analysis =
-        Analysis { model, embeddings, split: "test".into(), split_rows, probes, gradients, mutual_information };
+    let analysis = Analysis {
+        model,
+        embeddings,
+        split: "test".into(),
+        split_rows,
+        probes,
+        gradients,
+        mutual_information,
+        attention,
+        clusters,
+        entanglement,
+        interaction,
+    };
     let json = serde_json::to_string_pretty(&analysis).map_err(|e| e.to_string())?;
     crate::files::write_atomic(&run.join("analysis.json"), json.as_bytes())?;
     Ok(analysis)
+}
+
+/// The entanglement test of `loaded` (the run in `run`) against the single-task runs
+/// `against` (A, B): the pairs far under A's first table and near under B's, placed in every
+/// table of the three runs that holds both columns.
+fn entangle(
+    run: &Path,
+    loaded: &LoadedRun,
+    against: &[std::path::PathBuf],
+    user: &str,
+    item: &str,
+    force: bool,
+) -> Result<entanglement::Entanglement, String> {
+    let own_test = entanglement::test_file(loaded)?;
+    let mut runs = Vec::new();
+    for folder in against {
+        if !folder.join("metrics.json").exists() {
+            return Err(format!("--against: {}: not a finished run folder (no metrics.json)", folder.display()));
+        }
+        let other = open_run(folder, crate::train::folder::Trust { force })?;
+        let test = entanglement::test_file(&other)?;
+        if test != own_test {
+            return Err(format!(
+                "--against: {} was tested on {}, {} on {}: the test compares the same rows",
+                folder.display(),
+                test.display(),
+                run.display(),
+                own_test.display()
+            ));
+        }
+        runs.push((folder.clone(), entanglement::distances(&other, folder, user, item)?));
+    }
+    runs.push((run.to_path_buf(), entanglement::distances(loaded, run, user, item)?));
+    let (a, b) = (&runs[0].1[0], &runs[1].1[0]);
+    let rows = a.1.len();
+    if runs.iter().any(|(_, tables)| tables.iter().any(|(_, d)| d.len() != rows)) {
+        return Err("--against: the runs read different numbers of test rows".into());
+    }
+    let selected = entanglement::contradictory(&a.1, &b.1);
+    let mut tables = Vec::new();
+    for (folder, list) in &runs {
+        for (table, d) in list {
+            tables.push(entanglement::place(&folder.display().to_string(), table, d, &selected, &a.1, &b.1));
+        }
+    }
+    Ok(entanglement::Entanglement {
+        user: user.to_string(),
+        item: item.to_string(),
+        a: format!("{} {}", runs[0].0.display(), a.0),
+        b: format!("{} {}", runs[1].0.display(), b.0),
+        split: "test".into(),
+        rows,
+        selected: selected.len(),
+        tables,
+    })
 }
 
 /// A text file of the run folder `run`, checked against its manifest; `None` when absent.
@@ -225,6 +377,53 @@ pub(crate) fn unknown(what: &str, name: &str, known: &[String]) -> String {
     format!("the model has no {what} `{name}`{hint} ({list})")
 }
 
+/// `--interaction TABLE:PARAM`: the table's fields through the cross layer weight.
+fn interaction_matrix(run: &LoadedRun, spec: &str) -> Result<interaction::InteractionAnalysis, String> {
+    let Some((table, param)) = spec.split_once(':') else {
+        return Err(format!(
+            "--interaction: expected TABLE:PARAM (an embedding table and a cross layer's weight), found `{spec}`"
+        ));
+    };
+    let session = &run.session;
+    let tables: Vec<String> = session.params().iter().filter(|p| p.embedding).map(|p| p.name.clone()).collect();
+    if !tables.iter().any(|t| t == table) {
+        return Err(format!("--interaction: {}", unknown("embedding table", table, &tables)));
+    }
+    let all: Vec<String> = session.params().iter().map(|p| p.name.clone()).collect();
+    if !all.iter().any(|t| t == param) {
+        return Err(format!("--interaction: {}", unknown("parameter", param, &all)));
+    }
+    let learned = run.params.get(table).ok_or_else(|| format!("the checkpoint lacks table {table}"))?;
+    let w = run.params.get(param).ok_or_else(|| format!("the checkpoint lacks parameter {param}"))?;
+    let init = session.initial_tensors(run.experiment.train.seed)?;
+    let init = init.get(table).ok_or_else(|| format!("no initial value of table {table}"))?;
+    let dim = *learned.shape.last().unwrap_or(&1);
+    let trained = trained_rows(learned, init, dim);
+    let info = session.params().iter().find(|p| p.name == table).expect("a listed table");
+    let layout = run.fitted.layout();
+    let Some(g) = layout.categorical.iter().find(|g| info.shape.first() == Some(&Dim::sym(&rows_sym(&g.name)))) else {
+        return Err(format!(
+            "--interaction: table `{table}` is not indexed by a categorical input, so it has no fields"
+        ));
+    };
+    let fields: Vec<(String, Vec<usize>)> =
+        g.columns.iter().enumerate().map(|(c, column)| (column.clone(), field_rows(g, c, &trained))).collect();
+    interaction::measure(table, param, learned, w, &fields)
+}
+
+/// The rows of a `[rows, dim]` table whose values differ from its initial ones.
+fn trained_rows(learned: &Tensor<f32>, init: &Tensor<f32>, dim: usize) -> Vec<usize> {
+    let rows = learned.data.len() / dim.max(1);
+    (0..rows).filter(|&r| learned.data[r * dim..(r + 1) * dim] != init.data[r * dim..(r + 1) * dim]).collect()
+}
+
+/// The rows among `trained` of column `c` of a categorical input.
+fn field_rows(g: &crate::data::CategoricalLayout, c: usize, trained: &[usize]) -> Vec<usize> {
+    let start = g.offsets[c] as usize;
+    let end = start + g.vocab_sizes[c];
+    trained.iter().copied().filter(|&r| r >= start && r < end).collect()
+}
+
 fn embedding_tables(run: &LoadedRun, only: &[String]) -> Result<Vec<TableAnalysis>, String> {
     let session = &run.session;
     let tables: Vec<&mdl_runtime::ParamInfo> = session.params().iter().filter(|p| p.embedding).collect();
@@ -245,18 +444,15 @@ fn embedding_tables(run: &LoadedRun, only: &[String]) -> Result<Vec<TableAnalysi
         let init = initial.get(&p.name).ok_or_else(|| format!("no initial value of table {}", p.name))?;
         let dim = *learned.shape.last().unwrap_or(&1);
         let rows = learned.data.len() / dim.max(1);
-        let trained: Vec<usize> =
-            (0..rows).filter(|&r| learned.data[r * dim..(r + 1) * dim] != init.data[r * dim..(r + 1) * dim]).collect();
+        let trained = trained_rows(learned, init, dim);
         let group = layout.categorical.iter().find(|g| p.shape.first() == Some(&Dim::sym(&rows_sym(&g.name))));
         let mut fields = Vec::new();
         if let Some(g) = group {
             for (c, column) in g.columns.iter().enumerate() {
-                let start = g.offsets[c] as usize;
-                let end = start + g.vocab_sizes[c];
-                let in_field: Vec<usize> = trained.iter().copied().filter(|&r| r >= start && r < end).collect();
+                let in_field = field_rows(g, c, &trained);
                 fields.push(FieldIa {
                     column: column.clone(),
-                    rows: end - start,
+                    rows: g.vocab_sizes[c],
                     trained_rows: in_field.len(),
                     ia: rows_spectrum(learned, &in_field, dim).ia,
                     ia_init: rows_spectrum(init, &in_field, dim).ia,
@@ -277,13 +473,18 @@ fn embedding_tables(run: &LoadedRun, only: &[String]) -> Result<Vec<TableAnalysi
     Ok(out)
 }
 
-/// The spectrum of the rows `rows` of a table `[.., dim]`.
-fn rows_spectrum(t: &Tensor<f32>, rows: &[usize], dim: usize) -> Spectrum {
+/// The rows `rows` of a table `[.., dim]`, row-major.
+fn rows_of(t: &Tensor<f32>, rows: &[usize], dim: usize) -> Vec<f32> {
     let mut data = Vec::with_capacity(rows.len() * dim);
     for &r in rows {
         data.extend_from_slice(&t.data[r * dim..(r + 1) * dim]);
     }
-    Spectrum::of(rows.len(), dim, &data)
+    data
+}
+
+/// The spectrum of the rows `rows` of a table `[.., dim]`.
+fn rows_spectrum(t: &Tensor<f32>, rows: &[usize], dim: usize) -> Spectrum {
+    Spectrum::of(rows.len(), dim, &rows_of(t, rows, dim))
 }
 
 /// Running sums of a probe over a set of samples.
@@ -378,16 +579,35 @@ impl ProbeSums {
     }
 }
 
+/// An attention probe followed on the split, with the ground truth it is measured against.
+struct Follow<'a> {
+    probe: &'a str,
+    truth: &'a correlation::MiMeasured,
+    sums: &'a mut attention::AttentionSums,
+}
+
+/// A probe's values kept sample by sample, with the first task's label of each sample.
+#[derive(Default)]
+struct Collect<'a> {
+    probe: &'a str,
+    values: Vec<f32>,
+    labels: Vec<usize>,
+}
+
 /// The values of the probes `chosen` of `graph` (the run's [`build_probe_graph`]) on the
-/// test split: its rows and each probe's measures.
+/// test split: its rows and each probe's measures. `follow`'s probe, when given, is added
+/// to its sums sample by sample with the sample's target category and behaviours;
+/// `collect`'s probe is kept whole.
 fn probes(
     run: &LoadedRun,
     graph: &mdl_runtime::Graph,
     chosen: &[String],
+    mut follow: Option<Follow>,
+    mut collect: Option<&mut Collect>,
     threads: Option<usize>,
 ) -> Result<(usize, Vec<ProbeAnalysis>), String> {
     let session = &run.session;
-    if chosen.is_empty() {
+    if chosen.is_empty() && follow.is_none() && collect.is_none() {
         return Ok((0, Vec::new()));
     }
     let exp = &run.experiment;
@@ -412,16 +632,48 @@ fn probes(
         let feeds = session.inputs.feeds(&batch);
         let binding = session.inputs.with_batch(batch.rows);
         let out = exec.run(graph, &binding, &feeds, &run.params, &Mode::eval()).map_err(|e| e.to_string())?;
+        let value = |name: &str| {
+            out.dense(&format!("{PROBE_PREFIX}{name}")).ok_or_else(|| format!("probe {name} gave no dense value"))
+        };
         let domain = (!ds.domain.is_empty()).then(|| &ds.domain[start..end]);
         for s in &mut sums {
-            let value = out
-                .dense(&format!("{PROBE_PREFIX}{}", s.name))
-                .ok_or_else(|| format!("probe {} gave no dense value", s.name))?;
-            s.add(value, domain);
+            s.add(value(&s.name)?, domain);
+        }
+        if let Some(f) = follow.as_mut() {
+            follow_batch(f, value(f.probe)?, &batch)?;
+        }
+        if let Some(c) = collect.as_mut() {
+            c.values.extend_from_slice(&value(c.probe)?.data);
+            let tasks = (batch.labels.len() / batch.rows.max(1)).max(1);
+            c.labels.extend((0..batch.rows).map(|r| usize::from(batch.labels[r * tasks] > 0.5)));
         }
         start = end;
     }
     Ok((ds.rows, sums.into_iter().map(ProbeSums::finish).collect()))
+}
+
+/// Adds a batch's values of an attention probe, one per slot of the followed sequence.
+fn follow_batch(f: &mut Follow, value: &Tensor<f32>, batch: &crate::data::Batch) -> Result<(), String> {
+    let at = &f.truth.place;
+    let per_sample = value.data.len() / batch.rows.max(1);
+    if per_sample != at.max_len || value.shape.first() != Some(&batch.rows) {
+        return Err(format!(
+            "--attention: probe `{}` has {} values per sample (shape {:?} per sample), not one per position of sequence `{}` ({})",
+            f.probe,
+            per_sample,
+            value.shape.get(1..).unwrap_or(&[]),
+            f.truth.analysis.sequence,
+            at.max_len
+        ));
+    }
+    let (cat, seq) = (&batch.cat[at.target_group], &batch.seq_ids[at.sequence_group]);
+    for r in 0..batch.rows {
+        let target = cat[r * at.target_columns + at.target_column];
+        let from = (r * at.sequence_columns + at.sequence_column) * at.max_len;
+        let values = &value.data[r * per_sample..(r + 1) * per_sample];
+        f.sums.add(&f.truth.counts, target, &seq[from..from + at.max_len], values);
+    }
+    Ok(())
 }
 
 fn num(v: Option<f64>) -> String {
@@ -489,7 +741,115 @@ pub fn render(a: &Analysis) -> String {
     if let Some(m) = &a.mutual_information {
         render_mi(&mut s, m);
     }
+    if let Some(att) = &a.attention {
+        render_attention(&mut s, att);
+    }
+    if let Some(e) = &a.entanglement {
+        render_entanglement(&mut s, e);
+    }
+    if let Some(m) = &a.interaction {
+        render_interaction(&mut s, m);
+    }
+    if let Some(c) = &a.clusters {
+        let _ = writeln!(
+            s,
+            "\ndiscriminability of probe `{}` ({} values per sample, {} split, {} rows): k-means clusters Q against `{}` (H(Y) = {:.4} nats)",
+            c.probe, c.dim, c.split, c.rows, c.task, c.label_entropy
+        );
+        let _ = writeln!(s, "  {:>6} {:>10} {:>8}", "k", "MI (nats)", "NMI");
+        for q in &c.clusterings {
+            let _ = writeln!(s, "  {:>6} {:>10.5} {:>8}", q.k, q.mi, q.nmi.map_or("–".into(), |x| format!("{x:.5}")));
+        }
+    }
     s
+}
+
+/// The sub-embedding IA matrix as text: a row per field, with its own IA and row sum.
+fn render_interaction(s: &mut String, m: &interaction::InteractionAnalysis) {
+    let _ = writeln!(
+        s,
+        "\nsub-embedding IA of `{}` through `{}` ({} fields of width {}, {} output blocks): IA(E_i W_i→j) per output block j; IA(E_i), Σ_j",
+        m.table,
+        m.param,
+        m.fields.len(),
+        m.dim,
+        m.blocks
+    );
+    for (i, field) in m.fields.iter().enumerate() {
+        let cells: Vec<String> = m.ia[i].iter().map(|v| num(*v)).collect();
+        let _ = writeln!(s, "  {field:<24} IA {} Σ {:.1}: {}", num(m.field_ia[i]), m.row_sums[i], cells.join(" "));
+    }
+    let sums: Vec<String> = m.column_sums.iter().map(|v| format!("{v:.1}")).collect();
+    let _ = writeln!(s, "  Σ_i per output block: {}", sums.join(" "));
+}
+
+/// The entanglement test as text: a line per table.
+fn render_entanglement(s: &mut String, e: &entanglement::Entanglement) {
+    let _ = writeln!(
+        s,
+        "\nentanglement: {} of {} {} pairs ({}, {}) are in the top 40 % of distances under A ({}) and the bottom 40 % under B ({})",
+        e.selected, e.split, e.rows, e.user, e.item, e.a, e.b
+    );
+    let _ = writeln!(
+        s,
+        "  their mean percentile (0 nearest, 1 farthest) and count per tenth under each table; rank correlation of its distances with A's, B's"
+    );
+    let opt = |v: Option<f64>| v.map_or("–".to_string(), |x| format!("{x:.3}"));
+    for t in &e.tables {
+        let tenths: Vec<String> = t.tenths.iter().map(u64::to_string).collect();
+        let _ = writeln!(
+            s,
+            "  {} {}: {} [{}]; {} {}",
+            t.run,
+            t.table,
+            opt(t.mean_percentile),
+            tenths.join(" "),
+            opt(t.rank_correlation_a),
+            opt(t.rank_correlation_b)
+        );
+    }
+}
+
+/// The learned maps and retrieval NDCG as text.
+fn render_attention(s: &mut String, a: &attention::AttentionAnalysis) {
+    let _ = writeln!(
+        s,
+        "
+learned correlation: mean of probe `{}` per behaviour category and position of `{}` ({} split, {} rows), per target category",
+        a.probe, a.sequence, a.split, a.rows
+    );
+    for map in &a.maps {
+        let rho = map.rank_correlation.map_or("–".to_string(), |r| format!("{r:.3}"));
+        let _ =
+            writeln!(s, "  target {} ({} samples): rank correlation with the MI map {rho}", map.target, map.samples);
+        let positions = map.mean.first().map_or(0, Vec::len);
+        let header: String = (1..=positions).map(|p| format!(" {p:>7}")).collect();
+        let _ = writeln!(s, "    {:<20}{header}", "category \\ position");
+        for (c, row) in map.categories.iter().zip(&map.mean) {
+            let cells: String =
+                row.iter().map(|v| v.map_or(format!(" {:>7}", "–"), |v| format!(" {v:>7.4}"))).collect();
+            let _ = writeln!(s, "    {c:<20}{cells}");
+        }
+    }
+    let r = &a.retrieval;
+    let row = |v: &[f64]| v.iter().map(|x| format!(" {x:>6.4}")).collect::<String>();
+    let ks: String = r.ks.iter().map(|k| format!(" {:>6}", format!("@{k}"))).collect();
+    let _ = writeln!(
+        s,
+        "
+retrieval NDCG of the behaviours ranked by `{}` against their MI relevance ({} samples; {} without a relevant behaviour left out)
+  {:<8}{ks}
+  {:<8}{}
+  {:<8}{}",
+        a.probe,
+        r.samples,
+        r.left_out,
+        "k",
+        "model",
+        row(&r.model),
+        "recency",
+        row(&r.recency)
+    );
 }
 
 /// The heat maps as text: a row per behaviour category, MI (bits) per position.

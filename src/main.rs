@@ -298,6 +298,26 @@ enum Command {
         /// `SEQ:COLUMN`
         #[arg(long)]
         mi: Option<String>,
+        /// With --mi SEQ: a probe of the model's attention over SEQ (one value per position):
+        /// its mean per behaviour category and position against the MI maps, and the
+        /// retrieval NDCG of its order
+        #[arg(long)]
+        attention: Option<String>,
+        /// The discriminability of a probed representation: k-means clusters of its
+        /// per-sample vectors on the test split against the first task's label (MI, NMI)
+        #[arg(long)]
+        clusters: Option<String>,
+        /// The entanglement distance test: two single-task runs A and B (give twice), tested
+        /// on the same file as RUN
+        #[arg(long)]
+        against: Vec<PathBuf>,
+        /// With --against: the user and item columns whose embedding distance it compares
+        #[arg(long)]
+        pair: Option<String>,
+        /// The sub-embedding IA matrix `TABLE:PARAM`: the table's fields through a cross
+        /// layer's weight PARAM [N·K, N·K] whose input starts with them (DCNv2's first layer)
+        #[arg(long)]
+        interaction: Option<String>,
     },
 }
 
@@ -369,8 +389,32 @@ fn main() -> ExitCode {
         }
         Command::Export { run, format, out, force } => mdl::cli::export(&run, format, &out, force),
         Command::Report { runs, html } => mdl::cli::report(&runs, html.as_deref()),
-        Command::Analyze { run, tables, probes, force, threads, mi } => {
-            mdl::cli::analyze(&run, &mdl::analysis::Options { tables, probes, force, threads, mi })
+        Command::Analyze {
+            run,
+            tables,
+            probes,
+            force,
+            threads,
+            mi,
+            attention,
+            clusters,
+            against,
+            pair,
+            interaction,
+        } => {
+            let options = mdl::analysis::Options {
+                tables,
+                probes,
+                force,
+                threads,
+                mi,
+                attention,
+                clusters,
+                against,
+                pair,
+                interaction,
+            };
+            mdl::cli::analyze(&run, &options)
         }
         Command::Fuzz { kinds, cases, from, seed, budget_secs, known, jobs, secs_per_kind, root, work, worker } => {
             let args = mdl::cli::FuzzArgs {

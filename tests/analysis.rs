@@ -399,6 +399,14 @@ fn bad_gradient_settings_name_their_key() {
     }
 }
 
+/// A short run of the DARE experiment (MovieLens 100K) in batches of 512, with settings.
+fn dare_run(out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args =
+        vec!["run", "experiments/dare.yaml", "--out", out.to_str().unwrap(), "--set", "train.batch_size=512"];
+    args.extend_from_slice(extra);
+    mdl(&args)
+}
+
 /// `mdl analyze --mi cate_hist` on a 2-step DARE run of MovieLens 100K (the genre sequence
 /// shares the target genre's vocabulary): a heat map per frequent target genre, from the
 /// train split; a sequence with no shared vocabulary, or a name the data lacks, is an error
@@ -407,16 +415,7 @@ fn bad_gradient_settings_name_their_key() {
 fn mutual_information_heat_maps_of_a_category_sequence() {
     let dir = tmp("analysis", "mi");
     let run = dir.join("run");
-    ok(&mdl(&[
-        "run",
-        "experiments/dare.yaml",
-        "--out",
-        run.to_str().unwrap(),
-        "--set",
-        "train.batch_size=512",
-        "--set",
-        "train.max_steps=2",
-    ]));
+    ok(&dare_run(&run, &["--set", "train.max_steps=2"]));
     let out = mdl(&["analyze", run.to_str().unwrap(), "--table", "F/table", "--mi", "cate_hist"]);
     ok(&out);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -453,5 +452,196 @@ fn mutual_information_heat_maps_of_a_category_sequence() {
     ] {
         let err = common::scoring::failed(&mdl(&["analyze", run.to_str().unwrap(), "--mi", mi]));
         assert!(err.contains(want), "{mi}: {err}");
+    }
+
+    // DARE's probed softmax over every behaviour: a learned map per MI map, over its
+    // categories and positions, and the retrieval NDCG of its order.
+    let out = mdl(&["analyze", run.to_str().unwrap(), "--mi", "cate_hist", "--attention", "a/attention"]);
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("learned correlation: mean of probe `a/attention`") && text.contains("retrieval NDCG"));
+    let a = json(&run.join("analysis.json"));
+    let att = &a["attention"];
+    assert_eq!((att["probe"].as_str(), att["split"].as_str()), (Some("a/attention"), Some("test")));
+    assert_eq!(att["rows"], a["split_rows"]);
+    for (learned, truth) in
+        att["maps"].as_array().unwrap().iter().zip(a["mutual_information"]["maps"].as_array().unwrap())
+    {
+        assert_eq!((&learned["target"], &learned["categories"]), (&truth["target"], &truth["categories"]));
+        for (row, norm) in learned["mean"].as_array().unwrap().iter().zip(learned["normalized"].as_array().unwrap()) {
+            assert_eq!(row.as_array().unwrap().len(), 10);
+            for (v, n) in row.as_array().unwrap().iter().zip(norm.as_array().unwrap()) {
+                assert!(v.is_null() || (0.0..=1.0).contains(&v.as_f64().unwrap()), "a softmax weight: {v}");
+                assert!((0.0..=1.0).contains(&n.as_f64().unwrap()));
+            }
+        }
+        let rho = learned["rank_correlation"].as_f64().unwrap();
+        assert!((-1.0..=1.0).contains(&rho), "{learned}");
+    }
+    let r = &att["retrieval"];
+    assert_eq!(r["ks"], serde_json::json!([1, 5, 10, 20]));
+    assert_eq!(r["samples"].as_u64().unwrap() + r["left_out"].as_u64().unwrap(), a["split_rows"].as_u64().unwrap());
+    for order in ["model", "recency"] {
+        assert!(r[order].as_array().unwrap().iter().all(|v| (0.0..=1.0).contains(&v.as_f64().unwrap())), "{r}");
+    }
+    let html = dir.join("report.html");
+    ok(&mdl(&["report", run.to_str().unwrap(), "--html", html.to_str().unwrap()]));
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("Learned: mean a/attention") && page.contains("Retrieval NDCG"));
+}
+
+/// A spec on DARE's data whose probe `ones` is 1 at every behaviour of `cate_hist` and 0 at
+/// padding, whose probe `count` has one value per sample, and whose probe `label` is the
+/// label.
+const MASK_PROBE_SPEC: &str = "model maskprobe(dim = 4, tags_len = 6) {
+  input item      : categorical
+  input hist      : sequence(50) of item
+  input cate      : categorical
+  input cate_hist : sequence(50) of cate
+  input fields    : categorical
+  input tags      : sequence(tags_len)
+  input dense     : numeric
+  label click
+  let C = embedding(cate, dim)
+  let w = probe(slice(mask(cate_hist), 1, 0, 1), \"ones\")
+  let n = probe(sum(w, axis = -1), \"count\")
+  task click = linear(concat([flatten(C[cate]), n], axis = 1), 1)
+  let y = probe(unsqueeze(label(click), 1), \"label\")
+  loss bce(click)
+}
+";
+
+/// `--attention` on a probe of known values: the mean of a probe that is 1 at every behaviour
+/// is 1 in every cell with a behaviour, and its order (all ties) is the recency order, so
+/// its NDCG is recency's at every k. A probe without one value per position, a name the
+/// model lacks, or `--attention` without `--mi` is an error naming it.
+#[test]
+fn attention_probe_of_known_values() {
+    let dir = tmp("analysis", "attention");
+    std::fs::write(dir.join("maskprobe.mdl"), MASK_PROBE_SPEC).unwrap();
+    let run = dir.join("run");
+    let spec = format!("spec={}", dir.join("maskprobe.mdl").display());
+    ok(&dare_run(&run, &["--set", &spec, "--set", "train.max_steps=1"]));
+    let run = run.to_str().unwrap();
+    let args =
+        ["analyze", run, "--table", "C/table", "--mi", "cate_hist", "--attention", "w/ones", "--clusters", "y/label"];
+    let out = mdl(&args);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("discriminability of probe `y/label`"));
+    let a = json(&Path::new(run).join("analysis.json"));
+    // Clusters of the label itself are the two classes, whatever k: MI = H(Y), NMI 1.
+    let c = &a["clusters"];
+    assert_eq!((c["rows"].as_u64(), c["dim"].as_u64()), (a["split_rows"].as_u64(), Some(1)));
+    let ks: Vec<u64> = c["clusterings"].as_array().unwrap().iter().map(|q| q["k"].as_u64().unwrap()).collect();
+    assert_eq!(ks, [2, 5, 10, 20, 30, 50, 100, 200], "k up to a fiftieth of the test rows");
+    let h = c["label_entropy"].as_f64().unwrap();
+    assert!(h > 0.5 && h < 2f64.ln(), "{c}");
+    for q in c["clusterings"].as_array().unwrap() {
+        assert!((q["mi"].as_f64().unwrap() - h).abs() < 1e-9 && (q["nmi"].as_f64().unwrap() - 1.0).abs() < 1e-9, "{q}");
+    }
+    let att = &a["attention"];
+    let maps = att["maps"].as_array().unwrap();
+    assert_eq!(maps.len(), 3);
+    let mut cells = 0;
+    for map in maps {
+        assert!(map["samples"].as_u64().unwrap() > 0);
+        for row in map["mean"].as_array().unwrap() {
+            for v in row.as_array().unwrap().iter().filter(|v| !v.is_null()) {
+                assert_eq!(v.as_f64(), Some(1.0), "{map}");
+                cells += 1;
+            }
+        }
+        assert!(map["rank_correlation"].is_null(), "a constant map has no rank correlation: {map}");
+    }
+    assert!(cells > 100, "{cells} cells with a behaviour");
+    let r = &att["retrieval"];
+    assert_eq!(r["model"], r["recency"], "{r}");
+    assert!(r["samples"].as_u64().unwrap() > 1000, "{r}");
+
+    for (args, want) in [
+        (
+            vec!["--mi", "cate_hist", "--attention", "n/count"],
+            "--attention: probe `n/count` has 1 values per sample (shape [1] per sample), not one per position of sequence `cate_hist` (50)",
+        ),
+        (vec!["--mi", "cate_hist", "--attention", "w/one"], "--attention: the model has no probe `w/one`; did you mean `w/ones`?"),
+        (vec!["--attention", "w/ones"], "--attention w/ones: needs --mi SEQ"),
+        (vec!["--clusters", "w/one"], "--clusters: the model has no probe `w/one`; did you mean `w/ones`?"),
+    ] {
+        let mut all = vec!["analyze", run];
+        all.extend(args);
+        let err = common::scoring::failed(&mdl(&all));
+        assert!(err.contains(want), "{err}");
+    }
+}
+
+/// The entanglement test on known cases, with two short runs of one spec (seeds 2023 and 7):
+/// with A = B no pair is far and near at once; with A the analysed run itself, its table
+/// ranks the pairs as A does (rank correlation 1, every selected pair in A's top 40 %) and
+/// B's as B does (bottom 40 %). Bad settings are errors naming them.
+#[test]
+fn entanglement_distance_test_against_two_runs() {
+    let dir = tmp("analysis", "entanglement");
+    let spec = two_loss_spec(&dir, false);
+    let (first, other) = (dir.join("a"), dir.join("b"));
+    ok(&short_run(&first, &spec, &["--set", "train.max_steps=2"]));
+    ok(&short_run(&other, &spec, &["--set", "train.max_steps=2", "--set", "train.seed=7"]));
+    let (run, b) = (first.to_str().unwrap(), other.to_str().unwrap());
+    let pair = ["--pair", "user_id:video_id"];
+
+    let mut same = vec!["analyze", run, "--against", run, "--against", run];
+    same.extend(pair);
+    ok(&mdl(&same));
+    let e = &json(&first.join("analysis.json"))["entanglement"];
+    assert_eq!(e["selected"], 0, "{e}");
+    assert!(e["tables"].as_array().unwrap().iter().all(|t| t["mean_percentile"].is_null()));
+
+    let mut args = vec!["analyze", run, "--against", run, "--against", b];
+    args.extend(pair);
+    let out = mdl(&args);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("entanglement: "));
+    let a = json(&first.join("analysis.json"));
+    let e = &a["entanglement"];
+    assert_eq!(
+        (e["user"].as_str(), e["item"].as_str(), e["split"].as_str()),
+        (Some("user_id"), Some("video_id"), Some("test"))
+    );
+    assert_eq!(e["rows"], 30990, "kuairand_pure_tail's test rows");
+    let selected = e["selected"].as_u64().unwrap();
+    assert!(selected > 100, "{e}");
+    let tables = e["tables"].as_array().unwrap();
+    // A's E/table, B's E/table, the analysed run's E/table (= A's).
+    let names: Vec<(&str, &str)> =
+        tables.iter().map(|t| (t["run"].as_str().unwrap(), t["table"].as_str().unwrap())).collect();
+    assert_eq!(names, [(run, "E/table"), (b, "E/table"), (run, "E/table")]);
+    for (t, own) in [(&tables[0], "a"), (&tables[1], "b"), (&tables[2], "a")] {
+        let tenths: Vec<u64> = t["tenths"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(tenths.iter().sum::<u64>(), selected);
+        assert_eq!(t[format!("rank_correlation_{own}")].as_f64(), Some(1.0), "{t}");
+        let mean = t["mean_percentile"].as_f64().unwrap();
+        if own == "a" {
+            assert!(mean >= 0.6 && tenths[..6].iter().all(|&c| c == 0), "{t}");
+        } else {
+            assert!(mean <= 0.4 && tenths[5..].iter().all(|&c| c == 0), "{t}");
+        }
+    }
+
+    for (args, want) in [
+        (vec!["--pair", "user_id:video_id"], "--pair: needs --against A --against B"),
+        (
+            vec!["--against", b, "--pair", "user_id:video_id"],
+            "--against: needs two single-task runs (--against A --against B), found 1",
+        ),
+        (vec!["--against", b, "--against", b], "--against: needs --pair USER:ITEM"),
+        (vec!["--against", b, "--against", b, "--pair", "user_id"], "--pair: expected USER:ITEM"),
+        (
+            vec!["--against", b, "--against", b, "--pair", "user_id:video"],
+            "the model has no categorical column `video`; did you mean `video_id`?",
+        ),
+    ] {
+        let mut all = vec!["analyze", run];
+        all.extend(args);
+        let err = common::scoring::failed(&mdl(&all));
+        assert!(err.contains(want), "{err}");
     }
 }

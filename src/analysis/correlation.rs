@@ -137,15 +137,24 @@ impl MiCounts {
         }
     }
 
-    /// The heat map of target category `target`: the `categories` behaviour categories most
-    /// often seen at positions 1..P among its samples (the target's own among them when it
-    /// is seen at all), most frequent first, each with its MI per position.
-    pub fn heat_map(&self, target: u32, categories: usize) -> Option<(Vec<u32>, Vec<Vec<f64>>)> {
-        let &(t_p, t_n) = self.targets.get(&target)?;
+    /// The MI (bits) of the cell (target category, behaviour category, position): 0 for a
+    /// target category no sample has.
+    pub fn cell_mi(&self, target: u32, category: u32, position: usize) -> f64 {
+        let Some(&(t_p, t_n)) = self.targets.get(&target) else { return 0.0 };
+        let (x_p, x_n) = self.cells.get(&(target, category, position)).copied().unwrap_or((0, 0));
+        mutual_information(x_p as f64, x_n as f64, t_p as f64, t_n as f64)
+    }
+
+    /// The heat map of target category `target` over positions 1..=`positions`: the
+    /// `categories` behaviour categories most often seen there among its samples (the
+    /// target's own among them when it is seen at all), most frequent first, each with its MI
+    /// per position.
+    pub fn heat_map(&self, target: u32, categories: usize, positions: usize) -> Option<(Vec<u32>, Vec<Vec<f64>>)> {
+        self.targets.get(&target)?;
         let mut seen: HashMap<u32, u64> = HashMap::new();
-        for (&(t, c, _), &(p, n)) in &self.cells {
-            if t == target {
-                *seen.entry(c).or_default() += p + n;
+        for (&(t, c, p), &(x_p, x_n)) in &self.cells {
+            if t == target && p <= positions {
+                *seen.entry(c).or_default() += x_p + x_n;
             }
         }
         let mut order: Vec<(u32, u64)> = seen.into_iter().collect();
@@ -155,17 +164,7 @@ impl MiCounts {
             rows.pop();
             rows.insert(0, target);
         }
-        let mi = rows
-            .iter()
-            .map(|&c| {
-                (1..=self.positions)
-                    .map(|p| {
-                        let (x_p, x_n) = self.cells.get(&(target, c, p)).copied().unwrap_or((0, 0));
-                        mutual_information(x_p as f64, x_n as f64, t_p as f64, t_n as f64)
-                    })
-                    .collect()
-            })
-            .collect();
+        let mi = rows.iter().map(|&c| (1..=positions).map(|p| self.cell_mi(target, c, p)).collect()).collect();
         Some((rows, mi))
     }
 }
@@ -209,16 +208,28 @@ pub struct MiAnalysis {
 /// Rows read per batch while counting.
 const BATCH_ROWS: usize = 4096;
 
+/// What [`measure`] counted, kept for the measures that compare a model with it
+/// ([`super::attention`]): the counts over every position of the sequence, where its ids are,
+/// the ids of each map's target and rows, and the names of ids.
+pub struct MiMeasured {
+    pub analysis: MiAnalysis,
+    pub counts: MiCounts,
+    pub place: MiPlace,
+    /// Per map of `analysis.maps`: its target category's id and its rows' ids.
+    pub map_ids: Vec<(u32, Vec<u32>)>,
+}
+
 /// CTC of the run's train split for the request: the heat maps of the `req.targets` most
-/// frequent target categories (by train samples), for the first task's label.
-pub fn measure(run: &crate::train::LoadedRun, req: &MiRequest) -> Result<MiAnalysis, String> {
+/// frequent target categories (by train samples), for the first task's label. The counts
+/// cover every position of the sequence (the maps show the first `req.positions`).
+pub fn measure(run: &crate::train::LoadedRun, req: &MiRequest) -> Result<MiMeasured, String> {
     let exp = &run.experiment;
     let layout = run.fitted.layout();
     let at = place(&layout, req)?;
     let train = exp.split_files()?.train;
     let ds = run.fitted.encode_file(&train, exp.data.encode_options()).map_err(|e| e.to_string())?;
     let tasks = layout.tasks.len().max(1);
-    let mut counts = MiCounts::new(req.positions);
+    let mut counts = MiCounts::new(at.max_len);
     let mut batch = ds.new_batch();
     let mut start = 0;
     while start < ds.rows {
@@ -232,28 +243,24 @@ pub fn measure(run: &crate::train::LoadedRun, req: &MiRequest) -> Result<MiAnaly
         }
         start = end;
     }
-    let vocab = &run.fitted.vocabs.categorical[at.target_group][at.target_column];
-    let name = |id: u32| match id.checked_sub(at.offset).and_then(|local| vocab.value(local)) {
-        Some(v) => v.to_string(),
-        None if id == at.offset => "(padding)".to_string(),
-        None => "(out of vocabulary)".to_string(),
-    };
     let mut targets: Vec<(u32, u64)> = counts.targets.iter().map(|(&t, &(p, n))| (t, p + n)).collect();
     targets.sort_by_key(|&(t, n)| (std::cmp::Reverse(n), t));
     let mut maps = Vec::new();
+    let mut map_ids = Vec::new();
     for &(t, samples) in targets.iter().take(req.targets) {
-        let Some((rows, mi)) = counts.heat_map(t, req.categories) else { continue };
+        let Some((rows, mi)) = counts.heat_map(t, req.categories, req.positions) else { continue };
         maps.push(MiMap {
-            target: name(t),
+            target: category_name(run, &at, t),
             samples,
             positives: counts.targets[&t].0,
-            categories: rows.iter().map(|&c| name(c)).collect(),
+            categories: rows.iter().map(|&c| category_name(run, &at, c)).collect(),
             normalized: min_max(&mi),
             mi,
         });
+        map_ids.push((t, rows));
     }
     let seq = &layout.sequence[at.sequence_group];
-    Ok(MiAnalysis {
+    let analysis = MiAnalysis {
         sequence: seq.name.clone(),
         column: seq.columns[at.sequence_column].clone(),
         target: at.target.clone(),
@@ -262,7 +269,18 @@ pub fn measure(run: &crate::train::LoadedRun, req: &MiRequest) -> Result<MiAnaly
         rows: ds.rows,
         positions: req.positions,
         maps,
-    })
+    };
+    Ok(MiMeasured { analysis, counts, place: at, map_ids })
+}
+
+/// The value in the data of a category id of the target's column.
+pub fn category_name(run: &crate::train::LoadedRun, at: &MiPlace, id: u32) -> String {
+    let vocab = &run.fitted.vocabs.categorical[at.target_group][at.target_column];
+    match id.checked_sub(at.offset).and_then(|local| vocab.value(local)) {
+        Some(v) => v.to_string(),
+        None if id == at.offset => "(padding)".to_string(),
+        None => "(out of vocabulary)".to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -318,12 +336,16 @@ mod tests {
         assert_eq!(c.cells[&(7, 5, 2)], (1, 0));
         assert_eq!(c.cells[&(7, 7, 2)], (1, 0));
         assert!(!c.cells.contains_key(&(7, 5, 3)), "position 3 is beyond the 2 counted");
-        let (rows, mi) = c.heat_map(7, 2).unwrap();
+        let (rows, mi) = c.heat_map(7, 2, 2).unwrap();
         // 7 is seen 3 times at positions 1..2, 5 twice.
         assert_eq!(rows, [7, 5]);
         assert!((mi[0][0] - mutual_information(2.0, 0.0, 2.0, 1.0)).abs() < 1e-12);
         assert!((mi[1][1] - mutual_information(1.0, 0.0, 2.0, 1.0)).abs() < 1e-12);
-        assert_eq!(c.heat_map(8, 2), None);
+        assert_eq!(c.heat_map(8, 2, 2), None);
+        assert_eq!(c.cell_mi(8, 7, 1), 0.0, "no sample has target 8");
+        // Over position 1 alone, 5 and 7 are seen once and twice.
+        assert_eq!(c.heat_map(7, 2, 1).unwrap().0, [7, 5]);
+        assert_eq!(c.heat_map(7, 2, 1).unwrap().1[1], [mutual_information(0.0, 1.0, 2.0, 1.0)]);
         let n = min_max(&[vec![1.0, 3.0], vec![2.0, 5.0]]);
         assert_eq!(n, [vec![0.0, 0.5], vec![0.25, 1.0]]);
     }

@@ -321,7 +321,8 @@ fn shade(v: f64) -> RGBColor {
     RGBColor(mix(255.0, 8.0), mix(255.0, 48.0), mix(255.0, 107.0))
 }
 
-/// A heat map: `rows` down, `cols` across, each cell's value in [0, 1] (a shade) and printed.
+/// A heat map: `rows` down, `cols` across, each cell's value in [0, 1] (a shade), printed in
+/// the cell where the columns leave room (at most [`PRINTED_COLUMNS`]).
 fn heat_map(
     title: &str,
     x_desc: &str,
@@ -329,6 +330,7 @@ fn heat_map(
     cols: &[String],
     values: &[Vec<f64>],
 ) -> Result<String, String> {
+    let printed = cols.len() <= PRINTED_COLUMNS;
     if rows.is_empty() || cols.is_empty() {
         return Ok(String::new());
     }
@@ -370,6 +372,9 @@ fn heat_map(
                     (SegmentValue::Exact(x + 1), SegmentValue::Exact(y + 1)),
                 ];
                 chart.draw_series(std::iter::once(Rectangle::new(cell, shade(v).filled()))).map_err(plot_err)?;
+                if !printed {
+                    continue;
+                }
                 let ink = if v > 0.5 { WHITE } else { BLACK };
                 let text = Text::new(
                     format!("{v:.2}"),
@@ -384,21 +389,30 @@ fn heat_map(
     Ok(svg)
 }
 
-/// The mutual-information heat maps of an analysis (`--mi`), one per target category.
+/// A list of strings of `analysis.json` (`?` for what is not one).
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array().into_iter().flatten().map(|c| c.as_str().unwrap_or("?").to_string()).collect()
+}
+
+/// A grid of numbers of `analysis.json` (0 for what is not one).
+fn grid(v: &Value) -> Vec<Vec<f64>> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| r.as_array().into_iter().flatten().map(|v| v.as_f64().unwrap_or(0.0)).collect())
+        .collect()
+}
+
+/// The mutual-information heat maps of an analysis (`--mi`), one per target category, each
+/// followed by the learned map of the same target (`--attention`), and the retrieval NDCG.
 fn mi_plots(a: &Value, page: &mut String) -> Result<(), String> {
     let m = &a["mutual_information"];
     let Some(maps) = m["maps"].as_array() else { return Ok(()) };
     let positions = m["positions"].as_u64().unwrap_or(0);
     let cols: Vec<String> = (1..=positions).map(|p| p.to_string()).collect();
-    for map in maps {
-        let rows: Vec<String> =
-            map["categories"].as_array().into_iter().flatten().map(|c| c.as_str().unwrap_or("?").to_string()).collect();
-        let values: Vec<Vec<f64>> = map["normalized"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|r| r.as_array().into_iter().flatten().map(|v| v.as_f64().unwrap_or(0.0)).collect())
-            .collect();
+    let x_desc = format!("position in {} (1 = most recent)", m["sequence"].as_str().unwrap_or("?"));
+    let att = &a["attention"];
+    for (i, map) in maps.iter().enumerate() {
         let title = format!(
             "MI with {}, target {} = {} ({} samples; min-max normalised)",
             m["task"].as_str().unwrap_or("?"),
@@ -406,9 +420,107 @@ fn mi_plots(a: &Value, page: &mut String) -> Result<(), String> {
             map["target"].as_str().unwrap_or("?"),
             map["samples"]
         );
-        let x_desc = format!("position in {} (1 = most recent)", m["sequence"].as_str().unwrap_or("?"));
-        page.push_str(&heat_map(&title, &x_desc, &rows, &cols, &values)?);
+        page.push_str(&heat_map(&title, &x_desc, &strings(&map["categories"]), &cols, &grid(&map["normalized"]))?);
+        let learned = &att["maps"][i];
+        if learned.is_object() {
+            let rho = learned["rank_correlation"].as_f64().map_or("–".to_string(), |r| format!("{r:.2}"));
+            let title = format!(
+                "Learned: mean {}, target {} ({} test samples; rank correlation with MI {rho})",
+                att["probe"].as_str().unwrap_or("?"),
+                learned["target"].as_str().unwrap_or("?"),
+                learned["samples"]
+            );
+            let rows = strings(&learned["categories"]);
+            page.push_str(&heat_map(&title, &x_desc, &rows, &cols, &grid(&learned["normalized"]))?);
+        }
     }
+    let r = &att["retrieval"];
+    if let Some(ks) = r["ks"].as_array() {
+        let groups: Vec<String> = ks.iter().map(|k| format!("@{k}")).collect();
+        let series: Vec<(String, Vec<Option<f64>>)> = ["model", "recency"]
+            .iter()
+            .map(|order| (order.to_string(), (0..ks.len()).map(|i| r[order][i].as_f64()).collect()))
+            .collect();
+        let title = format!(
+            "Retrieval NDCG: behaviours ranked by {} vs by recency, relevance = MI ({} samples)",
+            att["probe"].as_str().unwrap_or("?"),
+            r["samples"]
+        );
+        page.push_str(&bar_plot(&title, "k", "NDCG@k", &groups, &series)?);
+    }
+    Ok(())
+}
+
+/// The most columns of a heat map whose cells print their values.
+const PRINTED_COLUMNS: usize = 16;
+
+/// The sub-embedding IA matrix (`--interaction`) as a heat map of IA / K, fields sorted by
+/// their own IA (largest first) down and, for the output blocks that are fields of the
+/// table, across (the card's order).
+fn interaction_plot(a: &Value, page: &mut String) -> Result<(), String> {
+    let m = &a["interaction"];
+    let Some(ia) = m["ia"].as_array() else { return Ok(()) };
+    let k = m["dim"].as_f64().unwrap_or(1.0).max(1.0);
+    let fields = strings(&m["fields"]);
+    let outputs = strings(&m["outputs"]);
+    let own: Vec<f64> = (0..fields.len()).map(|i| m["field_ia"][i].as_f64().unwrap_or(0.0)).collect();
+    let mut order: Vec<usize> = (0..fields.len()).collect();
+    order.sort_by(|&x, &y| own[y].total_cmp(&own[x]));
+    let cols: Vec<usize> = order.iter().copied().chain(fields.len()..outputs.len()).collect();
+    let values: Vec<Vec<f64>> =
+        order.iter().map(|&i| cols.iter().map(|&j| ia[i][j].as_f64().unwrap_or(0.0) / k).collect()).collect();
+    let rows: Vec<String> = order.iter().map(|&i| format!("{} ({:.1})", fields[i], own[i])).collect();
+    let names: Vec<String> = cols.iter().map(|&j| outputs[j].clone()).collect();
+    let title = format!(
+        "Sub-embedding IA / K of {} through {} (rows: IA(E_i) in brackets)",
+        m["table"].as_str().unwrap_or("?"),
+        m["param"].as_str().unwrap_or("?")
+    );
+    page.push_str(&heat_map(&title, "output field j", &rows, &names, &values)?);
+    Ok(())
+}
+
+/// The entanglement test (`--against`): the contradictory pairs' mean percentile under each
+/// table of each run.
+fn entanglement_plot(a: &Value, page: &mut String) -> Result<(), String> {
+    let e = &a["entanglement"];
+    let Some(tables) = e["tables"].as_array() else { return Ok(()) };
+    let groups: Vec<String> = tables
+        .iter()
+        .map(|t| format!("{} {}", t["run"].as_str().unwrap_or("?"), t["table"].as_str().unwrap_or("?")))
+        .collect();
+    let series = vec![(
+        "mean percentile".to_string(),
+        tables.iter().map(|t| t["mean_percentile"].as_f64()).collect::<Vec<Option<f64>>>(),
+    )];
+    let title = format!(
+        "Entanglement: {} pairs far under A, near under B; their mean distance percentile per table",
+        e["selected"]
+    );
+    page.push_str(&bar_plot(&title, "run and table", "mean percentile", &groups, &series)?);
+    Ok(())
+}
+
+/// The discriminability of a probed representation (`--clusters`): MI and NMI per k.
+fn cluster_plot(a: &Value, page: &mut String) -> Result<(), String> {
+    let c = &a["clusters"];
+    let Some(list) = c["clusterings"].as_array() else { return Ok(()) };
+    let series: Vec<(String, Vec<(f64, f64)>)> = [("MI (nats)", "mi"), ("NMI", "nmi")]
+        .iter()
+        .map(|(label, key)| {
+            let points =
+                list.iter().filter_map(|q| Some((q["k"].as_f64()?, q[*key].as_f64()?))).collect::<Vec<(f64, f64)>>();
+            (label.to_string(), points)
+        })
+        .collect();
+    let title = format!(
+        "k-means clusters of {} vs {} ({} test rows; H(Y) = {:.3} nats)",
+        c["probe"].as_str().unwrap_or("?"),
+        c["task"].as_str().unwrap_or("?"),
+        c["rows"],
+        c["label_entropy"].as_f64().unwrap_or(0.0)
+    );
+    page.push_str(&line_plot(&title, "clusters k", "MI, NMI", &series)?);
     Ok(())
 }
 
@@ -452,6 +564,9 @@ fn analysis_plots(runs: &[RunSeries], page: &mut String) -> Result<(), String> {
             page.push_str(&bar_plot(&title, "expert", "mean weight", &groups, &series)?);
         }
         mi_plots(a, page)?;
+        cluster_plot(a, page)?;
+        entanglement_plot(a, page)?;
+        interaction_plot(a, page)?;
     }
     Ok(())
 }
