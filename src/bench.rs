@@ -205,14 +205,6 @@ pub struct CompileReport {
     pub cpu_ms: Vec<f64>,
 }
 
-/// The CPU time the calling thread has used, in ms (Linux's `/proc/thread-self/schedstat`;
-/// `None` elsewhere).
-fn thread_cpu_ms() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    let ns: f64 = stat.split_whitespace().next()?.parse().ok()?;
-    Some(ns / 1e6)
-}
-
 /// Compiles the experiment's spec to runnable plans `repeats` times (at least once), timing
 /// each part; no step runs.
 pub fn bench_compile(exp: &Experiment, repeats: usize) -> Result<CompileReport, String> {
@@ -226,11 +218,11 @@ pub fn bench_compile(exp: &Experiment, repeats: usize) -> Result<CompileReport, 
     let mut prepared = Some(compiled_session(exp, None)?.1);
     for _ in 0..repeats.max(1) {
         let mut exec = exp.executor()?;
-        let cpu = thread_cpu_ms();
+        let cpu = crate::cputime::this_thread();
         let (session, prep, compile_ms) = compiled_session(exp, prepared.take())?;
         let plan_ms = session.prepare(exec.as_mut(), exp.train.batch_size.min(prep.train.rows))?;
-        if let (Some(start), Some(end)) = (cpu, thread_cpu_ms()) {
-            report.cpu_ms.push(end - start);
+        if let (Some(start), Some(end)) = (cpu, crate::cputime::this_thread()) {
+            report.cpu_ms.push((end - start).as_secs_f64() * 1e3);
         }
         report.model.clone_from(&session.compiled.model);
         report.compile_ms.push(compile_ms);

@@ -6,6 +6,7 @@ pub mod analysis;
 pub mod backends;
 pub mod bench;
 pub mod cli;
+pub mod cputime;
 pub mod data;
 pub mod diag;
 pub mod dist;

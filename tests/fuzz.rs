@@ -101,7 +101,7 @@ fn the_runner_counts_panics_hangs_and_silent_results() {
 /// loaded machine makes that take.
 fn spend_cpu(cpu: Duration) {
     let mut x = 0u64;
-    while mdl::fuzz::this_thread_cpu_time().expect("a Linux thread's CPU time") < cpu {
+    while mdl::cputime::this_thread().expect("a Linux thread's CPU time") < cpu {
         for i in 0..100_000u64 {
             x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
         }

@@ -236,8 +236,8 @@ pub fn update<E: Executor + ?Sized>(
         return device.update(optimizer, params, grads, info, frozen, lr_scale);
     }
     match exec.update_kernels() {
-        Some(kernels) => optimizer.step_with(params, grads, info, frozen, lr_scale.clone(), kernels),
-        None => optimizer.step(params, grads, info, frozen, lr_scale.clone()),
+        Some(kernels) => optimizer.step_with(params, grads, info, frozen, lr_scale, kernels),
+        None => optimizer.step(params, grads, info, frozen, lr_scale),
     }
 }
 

@@ -65,8 +65,12 @@ fn row_sparse_sgd_equals_dense_sgd_with_duplicate_rows() {
     for rows in [&[4u32, 1, 4, 0, 4][..], &[5, 5], &[2, 0, 1, 0]] {
         let grad = row_sparse::<f32>(&mut rng, &table, rows);
         let dense = Value::Dense(grad.to_dense().unwrap());
-        sparse_opt.step(&mut sparse_params, &grads_of(vec![("emb", grad)]), &infos, &not_frozen, 1.0).unwrap();
-        dense_opt.step(&mut dense_params, &grads_of(vec![("emb", dense)]), &infos, &not_frozen, 1.0).unwrap();
+        sparse_opt
+            .step(&mut sparse_params, &grads_of(vec![("emb", grad)]), &infos, &not_frozen, &LrScale::from(1.0))
+            .unwrap();
+        dense_opt
+            .step(&mut dense_params, &grads_of(vec![("emb", dense)]), &infos, &not_frozen, &LrScale::from(1.0))
+            .unwrap();
         assert_eq!(bits(&sparse_params["emb"].data), bits(&dense_params["emb"].data));
     }
     assert_ne!(sparse_params["emb"], start);
@@ -90,7 +94,7 @@ fn check_sparse_rows_are_lazy(kind: OptimKind, state_names: &[&str]) {
         let grad = row_sparse::<f32>(&mut rng, &table, rows);
         let row0_grad = Tensor { shape: vec![1, 2], data: grad.to_dense().unwrap().data[0..2].to_vec() };
         let grads = grads_of(vec![("emb", grad), ("row0", Value::Dense(row0_grad))]);
-        opt.step(&mut params, &grads, &infos, &not_frozen, 1.0).unwrap();
+        opt.step(&mut params, &grads, &infos, &not_frozen, &LrScale::from(1.0)).unwrap();
         let states: Vec<Tensor<f32>> = state_names.iter().map(|s| state_tensor(&opt, &format!("{s}/emb"))).collect();
         let emb = &params["emb"];
         // Rows 1 and 4 were never touched: initial values, state as created.
@@ -136,9 +140,10 @@ fn lazy_adam_uses_the_global_step_for_bias_correction() {
         rows: vec![row],
         values: Tensor::new(vec![1, 1], vec![g]).unwrap(),
     };
-    opt.step(&mut params, &grads_of(vec![("emb", sparse(1, 0.5))]), &infos, &not_frozen, 1.0).unwrap();
-    opt.step(&mut params, &grads_of(vec![("emb", sparse(2, 7.0))]), &infos, &not_frozen, 1.0).unwrap();
-    opt.step(&mut params, &grads_of(vec![("emb", sparse(1, -0.25))]), &infos, &not_frozen, 1.0).unwrap();
+    opt.step(&mut params, &grads_of(vec![("emb", sparse(1, 0.5))]), &infos, &not_frozen, &LrScale::from(1.0)).unwrap();
+    opt.step(&mut params, &grads_of(vec![("emb", sparse(2, 7.0))]), &infos, &not_frozen, &LrScale::from(1.0)).unwrap();
+    opt.step(&mut params, &grads_of(vec![("emb", sparse(1, -0.25))]), &infos, &not_frozen, &LrScale::from(1.0))
+        .unwrap();
 
     let (mut w, mut m, mut v) = (2.0f64, 0.0f64, 0.0f64);
     for (t, g) in [(1.0, 0.5), (3.0, -0.25)] {
@@ -173,7 +178,7 @@ fn adam_and_adagrad_with_l2_follow_their_written_formulas() {
         let (mut w, mut s1, mut s2) = (1.5f64, if kind == adagrad { 0.1 } else { 0.0 }, 0.0f64);
         for (t, &g) in grads_by_step.iter().enumerate() {
             let grads = grads_of(vec![("w", Value::Dense(Tensor::new(vec![1], vec![g]).unwrap()))]);
-            opt.step(&mut params, &grads, &infos, &not_frozen, 1.0).unwrap();
+            opt.step(&mut params, &grads, &infos, &not_frozen, &LrScale::from(1.0)).unwrap();
             let g = g + l2 * w;
             if kind == adagrad {
                 s1 += g * g;
@@ -208,7 +213,7 @@ fn adam_converges_on_a_quadratic() {
         let w = &params["w"].data;
         let g: Vec<f64> = (0..n).map(|i| curvature[i] * (w[i] - centre[i])).collect();
         let grads = grads_of(vec![("w", Value::Dense(Tensor::new(vec![n], g).unwrap()))]);
-        opt.step(&mut params, &grads, &infos, &not_frozen, 1.0).unwrap();
+        opt.step(&mut params, &grads, &infos, &not_frozen, &LrScale::from(1.0)).unwrap();
     }
     let last = loss(&params["w"].data);
     assert!(last < initial * 1e-4, "loss {initial} -> {last}");
@@ -231,7 +236,7 @@ fn l2_and_embedding_lr_take_effect() {
     config.embedding_lr = Some(0.5);
     config.embedding_l2 = Some(0.2);
     let mut opt = Optimizer::<f64>::new(config.clone()).unwrap();
-    opt.step(&mut params, &grads, &infos, &not_frozen, 1.0).unwrap();
+    opt.step(&mut params, &grads, &infos, &not_frozen, &LrScale::from(1.0)).unwrap();
     assert_eq!(params["w"].data[0], 2.0 - 0.1 * (0.5 + 0.01 * 2.0));
     assert!((params["w"].data[0] - 1.948).abs() < 1e-15);
     assert_eq!(params["emb"].data[0], 3.0 - 0.5 * (0.25 + 0.2 * 3.0));
@@ -241,7 +246,7 @@ fn l2_and_embedding_lr_take_effect() {
     let mut params_half =
         HashMap::from([("w".to_string(), one(vec![1], 2.0)), ("emb".to_string(), one(vec![1, 1], 3.0))]);
     let mut opt = Optimizer::<f64>::new(config.clone()).unwrap();
-    opt.step(&mut params_half, &grads, &infos, &not_frozen, 0.5).unwrap();
+    opt.step(&mut params_half, &grads, &infos, &not_frozen, &LrScale::from(0.5)).unwrap();
     assert_eq!(params_half["w"].data[0], 2.0 - 0.05 * (0.5 + 0.01 * 2.0));
     assert_eq!(params_half["emb"].data[0], 3.0 - 0.25 * (0.25 + 0.2 * 3.0));
 
@@ -251,11 +256,11 @@ fn l2_and_embedding_lr_take_effect() {
         HashMap::from([("w".to_string(), one(vec![1], 2.0)), ("emb".to_string(), one(vec![1, 1], 3.0))]);
     let mut opt = Optimizer::<f64>::new(config.clone()).unwrap();
     let scale = LrScale { all: 0.5, per_param: HashMap::from([("emb".to_string(), 0.1)]) };
-    opt.step(&mut params_group, &grads, &infos, &not_frozen, scale).unwrap();
+    opt.step(&mut params_group, &grads, &infos, &not_frozen, &scale).unwrap();
     assert_eq!(params_group["w"].data[0], 2.0 - 0.05 * (0.5 + 0.01 * 2.0));
     assert_eq!(params_group["emb"].data[0], 3.0 - 0.5 * 0.5 * 0.1 * (0.25 + 0.2 * 3.0));
     let bad = LrScale { all: 1.0, per_param: HashMap::from([("emb".to_string(), f64::NAN)]) };
-    let err = opt.step(&mut params_group, &grads, &infos, &not_frozen, bad).unwrap_err();
+    let err = opt.step(&mut params_group, &grads, &infos, &not_frozen, &bad).unwrap_err();
     assert!(err.contains("the lr factor of `emb`"), "{err}");
     assert_eq!(opt.step_count(), 1, "a refused step does not count");
 
@@ -264,7 +269,7 @@ fn l2_and_embedding_lr_take_effect() {
     config.l2 = 0.01;
     let mut opt = Optimizer::<f64>::new(config).unwrap();
     let grads = grads_of(vec![("plain_emb", sparse(0.25))]);
-    opt.step(&mut params, &grads, &infos, &not_frozen, 1.0).unwrap();
+    opt.step(&mut params, &grads, &infos, &not_frozen, &LrScale::from(1.0)).unwrap();
     assert_eq!(params["plain_emb"].data[0], 3.0 - 0.1 * (0.25 + 0.01 * 3.0));
 }
 
@@ -286,7 +291,7 @@ fn frozen_parameters_and_their_state_are_untouched() {
             ("tower/w", Value::Dense(random_tensor(&mut rng, &[2, 2]))),
             ("emb", row_sparse(&mut rng, &[4, 2], &[1, 3])),
         ]);
-        opt.step(&mut params, &grads, &infos, &frozen, 1.0).unwrap();
+        opt.step(&mut params, &grads, &infos, &frozen, &LrScale::from(1.0)).unwrap();
     }
     assert_eq!(bits(&params["tower/w"].data), bits(&tower_start.data));
     let names: Vec<String> = opt.state().into_iter().map(|(n, _)| n).collect();
@@ -323,14 +328,15 @@ fn bad_gradients_are_errors_and_change_nothing() {
     ];
     for (grads, expected) in cases {
         let mut params = start.clone();
-        let err = opt.step(&mut params, &grads, &infos, &not_frozen, 1.0).unwrap_err();
+        let err = opt.step(&mut params, &grads, &infos, &not_frozen, &LrScale::from(1.0)).unwrap_err();
         assert!(err.contains(expected), "{err:?} should mention {expected}");
         assert_eq!(params, start);
         assert_eq!(opt.step_count(), 0);
         assert_eq!(opt.state().len(), 1);
     }
     let mut params = start.clone();
-    let err = opt.step(&mut params, &grads_of(vec![good_w()]), &infos, &not_frozen, f64::NAN).unwrap_err();
+    let err =
+        opt.step(&mut params, &grads_of(vec![good_w()]), &infos, &not_frozen, &LrScale::from(f64::NAN)).unwrap_err();
     assert!(err.contains("lr_scale"), "{err}");
     assert!(
         Optimizer::<f32>::new(OptimConfig::new(OptimKind::Adam { beta1: 1.0, beta2: 0.9, eps: 1e-8 }, 0.1)).is_err()
@@ -387,13 +393,13 @@ fn check_state_round_trip(kind: OptimKind) {
     let mut straight_params = start.clone();
     let mut straight = Optimizer::<f32>::new(config.clone()).unwrap();
     for step in 0..5 {
-        straight.step(&mut straight_params, &scripted_grads(step), &infos, &not_frozen, 1.0).unwrap();
+        straight.step(&mut straight_params, &scripted_grads(step), &infos, &not_frozen, &LrScale::from(1.0)).unwrap();
     }
 
     let mut resumed_params = start.clone();
     let mut first = Optimizer::<f32>::new(config.clone()).unwrap();
     for step in 0..3 {
-        first.step(&mut resumed_params, &scripted_grads(step), &infos, &not_frozen, 1.0).unwrap();
+        first.step(&mut resumed_params, &scripted_grads(step), &infos, &not_frozen, &LrScale::from(1.0)).unwrap();
     }
     let saved = first.state();
     drop(first);
@@ -401,7 +407,7 @@ fn check_state_round_trip(kind: OptimKind) {
     resumed.load_state(saved).unwrap();
     assert_eq!(resumed.step_count(), 3);
     for step in 3..5 {
-        resumed.step(&mut resumed_params, &scripted_grads(step), &infos, &not_frozen, 1.0).unwrap();
+        resumed.step(&mut resumed_params, &scripted_grads(step), &infos, &not_frozen, &LrScale::from(1.0)).unwrap();
     }
 
     for name in ["w", "emb"] {
@@ -469,7 +475,7 @@ fn state_of_another_shape_is_an_error_at_step_time() {
     let step = ("optim.step".to_string(), Tensor::new(vec![4], vec![1.0f32, 0.0, 0.0, 0.0]).unwrap());
     opt.load_state(vec![step, ("adagrad.accum/w".to_string(), Tensor::zeros(vec![2]))]).unwrap();
     let grads = grads_of(vec![("w", Value::Dense(Tensor::zeros(vec![3])))]);
-    assert!(opt.step(&mut params, &grads, &infos, &not_frozen, 1.0).unwrap_err().contains("state"));
+    assert!(opt.step(&mut params, &grads, &infos, &not_frozen, &LrScale::from(1.0)).unwrap_err().contains("state"));
 }
 
 // Parameter initialisation.

@@ -242,7 +242,7 @@ fn wait_for<T>(receive: &mpsc::Receiver<T>, notes: &CaseNotes, started: Instant,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
         let wall = started.elapsed();
-        let cpu = thread_cpu_time(notes.thread_id.load(Ordering::SeqCst));
+        let cpu = crate::cputime::of_thread(notes.thread_id.load(Ordering::SeqCst));
         let over = match cpu {
             Some(used) if used >= limit => Some(Watched::OverBudget(used)),
             None if wall >= limit => Some(Watched::OverBudget(wall)),
@@ -257,40 +257,6 @@ fn wait_for<T>(receive: &mpsc::Receiver<T>, notes: &CaseNotes, started: Instant,
             };
         }
     }
-}
-
-/// The CPU time (user and system) that thread `thread_id` of this process has used, from
-/// `/proc/self/task/<id>/stat`; `None` where that cannot be read (not Linux, an ended
-/// thread, id 0).
-fn thread_cpu_time(thread_id: u64) -> Option<Duration> {
-    if thread_id == 0 {
-        return None;
-    }
-    cpu_time_in(&std::fs::read_to_string(format!("/proc/self/task/{thread_id}/stat")).ok()?)
-}
-
-/// The CPU time of the calling thread (see [`thread_cpu_time`]): for a case, or a test,
-/// that must spend a given amount of it.
-pub fn this_thread_cpu_time() -> Option<Duration> {
-    cpu_time_in(&std::fs::read_to_string("/proc/thread-self/stat").ok()?)
-}
-
-/// The Linux id of the calling thread (0 where it cannot be read).
-fn this_thread_id() -> u64 {
-    let link = std::fs::read_link("/proc/thread-self").ok();
-    link.and_then(|l| l.file_name()?.to_str()?.parse().ok()).unwrap_or(0)
-}
-
-/// utime + stime of a `/proc/.../stat` line: fields 14 and 15, in clock ticks of 1/100 s
-/// (Linux's `USER_HZ` for these files), counted after the parenthesised command name, which
-/// may itself hold spaces and parentheses.
-fn cpu_time_in(stat: &str) -> Option<Duration> {
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
-    // After the name, field 3 (the state) is index 0: utime (14) is 11, stime (15) is 12.
-    let total = ticks(11)?.checked_add(ticks(12)?)?;
-    Some(Duration::from_millis(total.saturating_mul(10)))
 }
 
 thread_local! {
@@ -412,7 +378,7 @@ fn run_cases(
             .name(format!("fuzz-{}-{case}", kind.name()))
             .stack_size(8 << 20)
             .spawn(move || {
-                input2.thread_id.store(this_thread_id(), Ordering::SeqCst);
+                input2.thread_id.store(crate::cputime::this_thread_id(), Ordering::SeqCst);
                 CAUGHT.with(|c| *c.borrow_mut() = Some(None));
                 let result = catch_unwind(AssertUnwindSafe(|| body2(case, &input2)));
                 let message = CAUGHT.with(|c| c.borrow_mut().take().flatten());

@@ -452,8 +452,8 @@ pub struct Optimizer<T: Float> {
 
 /// The factors on the configured learning rates for one step: `all` for every parameter (a
 /// schedule's or a stage's factor), times `per_param[name]` where a parameter has one (a
-/// stage's per-group learning rates). `1.0` is the configured rates; a bare `f64` converts
-/// to a factor for all.
+/// stage's per-group learning rates). `1.0` is the configured rates; `LrScale::from(f)` is a
+/// factor `f` for all.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LrScale {
     pub all: f64,
@@ -491,13 +491,13 @@ impl From<f64> for LrScale {
 /// The coefficients of one step, for each parameter: they differ between embedding tables
 /// and the rest (`embedding_lr`, `embedding_l2`) and with each parameter's [`LrScale`].
 #[derive(Clone, Debug)]
-pub struct StepCoeffSet {
+pub struct StepCoeffSet<'a> {
     config: OptimConfig,
     step: u64,
-    scale: LrScale,
+    scale: &'a LrScale,
 }
 
-impl StepCoeffSet {
+impl StepCoeffSet<'_> {
     /// Those of parameter `name`, an embedding table when `embedding`.
     pub fn of<T: Float>(&self, name: &str, embedding: bool) -> StepCoeffs<T> {
         StepCoeffs::new(&self.config, embedding, self.scale.of(name), self.step)
@@ -546,7 +546,7 @@ impl<T: Float> Optimizer<T> {
         grads: &HashMap<String, Value<T>>,
         info: &[ParamInfo],
         frozen: &dyn Fn(&ParamInfo) -> bool,
-        lr_scale: impl Into<LrScale>,
+        lr_scale: &LrScale,
     ) -> Result<(), String> {
         self.step_with(params, grads, info, frozen, lr_scale, &HostLoops)
     }
@@ -560,10 +560,9 @@ impl<T: Float> Optimizer<T> {
         grads: &HashMap<String, Value<T>>,
         info: &[ParamInfo],
         frozen: &dyn Fn(&ParamInfo) -> bool,
-        lr_scale: impl Into<LrScale>,
+        lr_scale: &LrScale,
         kernels: &dyn UpdateKernels<T>,
     ) -> Result<(), String> {
-        let lr_scale = lr_scale.into();
         lr_scale.check()?;
         let info_by_name: HashMap<&str, &ParamInfo> = info.iter().map(|p| (p.name.as_str(), p)).collect();
         let mut plan: Vec<PlannedUpdate<'_, T>> = Vec::with_capacity(grads.len());
@@ -594,11 +593,10 @@ impl<T: Float> Optimizer<T> {
     /// that carries out the updates itself (a device backend, or [`Optimizer::apply`] per
     /// parameter). The caller has checked every gradient first ([`Optimizer::check_gradient`]),
     /// as [`Optimizer::step`] does, so that a bad one changes nothing.
-    pub fn advance(&mut self, lr_scale: impl Into<LrScale>) -> Result<StepCoeffSet, String> {
-        let scale = lr_scale.into();
-        scale.check()?;
+    pub fn advance<'a>(&mut self, lr_scale: &'a LrScale) -> Result<StepCoeffSet<'a>, String> {
+        lr_scale.check()?;
         self.steps += 1;
-        Ok(StepCoeffSet { config: self.config.clone(), step: self.steps, scale })
+        Ok(StepCoeffSet { config: self.config.clone(), step: self.steps, scale: lr_scale })
     }
 
     /// Updates one parameter with its checked gradient and this step's `coeffs` (from

@@ -120,7 +120,7 @@ impl DeviceTraining for OpenCl {
             })
             .collect();
         let kernels = crate::backend::jit::Jit::host_update_kernels();
-        optimizer.step_with(params, grads, info, frozen, lr_scale.clone(), &kernels)?;
+        optimizer.step_with(params, grads, info, frozen, lr_scale, &kernels)?;
         for name in mirrored {
             if let Some(t) = params.get(name) {
                 self.write_updated(name, t, &grads[name]).map_err(|e| e.to_string())?;
@@ -232,7 +232,7 @@ impl OpenCl {
             self.optimizer =
                 DeviceOptimizer { kind: Some(kind), steps: optimizer.step_count(), unused, ..Default::default() };
         }
-        let coeffs = optimizer.advance(step.lr_scale.clone())?;
+        let coeffs = optimizer.advance(step.lr_scale)?;
         let host_kernels = crate::backend::jit::Jit::host_update_kernels();
         let mut names: Vec<&String> = on_host.keys().filter(|n| updated(n)).collect();
         names.sort();
