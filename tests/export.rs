@@ -9,7 +9,7 @@
 
 mod common;
 use common::scoring::mdl;
-use std::io::Read;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -23,11 +23,11 @@ fn ok(out: Output, what: &str) -> String {
     err
 }
 
-/// The first `rows` records of the gzip CSV split `gz`, as a plain CSV file `dir/<split>.csv`.
+/// The first `rows` records of the gzip CSV split `gz`, as a plain CSV file `dir/<split>.csv`
+/// (only the header and those records are decompressed).
 fn subset_of(gz: &Path, dir: &Path, split: &str, rows: usize) -> PathBuf {
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(gz).unwrap()).read_to_string(&mut text).unwrap();
-    let lines: Vec<&str> = text.lines().take(rows + 1).collect();
+    let reader = BufReader::new(flate2::read::GzDecoder::new(std::fs::File::open(gz).unwrap()));
+    let lines: Vec<String> = reader.lines().take(rows + 1).map(Result::unwrap).collect();
     let path = dir.join(format!("{split}.csv"));
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
     path

@@ -329,3 +329,19 @@ pub fn every_stage_steps(experiment: &Path, steps: u64, watch_objective: bool) -
     // JSON is YAML's flow style: `--set` reads it as the list it is.
     Some((format!("train.stages={}", serde_json::to_string(&stages).unwrap()), stages.len()))
 }
+
+/// An evenly spaced sample of about `rows` records of the CSV split `split` (gzip when its
+/// name ends in `.gz`): its header and every k-th record, written to `out` as plain CSV.
+pub fn sample_rows(split: &Path, out: &Path, rows: usize) -> PathBuf {
+    use std::io::{BufRead, BufReader, Read};
+    let file = std::fs::File::open(split).unwrap_or_else(|e| panic!("{}: {e}", split.display()));
+    let reader: Box<dyn Read> = match split.extension().is_some_and(|e| e == "gz") {
+        true => Box::new(flate2::read::GzDecoder::new(file)),
+        false => Box::new(file),
+    };
+    let lines: Vec<String> = BufReader::new(reader).lines().map(Result::unwrap).collect();
+    let every = (lines.len().saturating_sub(1)).div_ceil(rows.max(1)).max(1);
+    let kept: Vec<&str> = lines[..1].iter().chain(lines[1..].iter().step_by(every)).map(String::as_str).collect();
+    std::fs::write(out, kept.join("\n") + "\n").unwrap();
+    out.to_path_buf()
+}
