@@ -9,7 +9,7 @@
 # e.g. `mnse_plain=mnse:hyper.plain=true`. A folder that already holds a finished run
 # (metrics.json) is kept, so an interrupted series resumes where it stopped; delete it to
 # re-run. The binary is $MDL (default target/release/mdl, built first); runs are niced
-# (`nice -n 10`) to leave the shared cores to builds.
+# (`nice -n $NICE`, default 19) to leave the shared cores to builds and measurements.
 set -euo pipefail
 if [ $# -lt 3 ]; then
   echo "usage: bash scripts/seed-runs.sh OUT_DIR \"SEEDS\" RUN..." >&2
@@ -42,7 +42,7 @@ for run in "$@"; do
       continue
     fi
     echo "== $label seed $seed: start $(date -u +%H:%M:%S), load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$out/runs.log" >&2
-    nice -n 10 "$MDL" run "experiments/$experiment.yaml" --out "$dir" --force \
+    nice -n "${NICE:-19}" "$MDL" run "experiments/$experiment.yaml" --out "$dir" --force \
       --set "train.seed=$seed" "${sets[@]}" > "$dir.log" 2>&1
     echo "== $label seed $seed: end $(date -u +%H:%M:%S), load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$out/runs.log" >&2
   done
