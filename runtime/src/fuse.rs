@@ -15,7 +15,10 @@
 //!   no transcendental, no division) join a group across a broadcast;
 //! - groups stop growing at [`MAX_KERNEL_OPS`] ops so that kernels stay small to compile;
 //! - first, `step(x)` is made to read `relu(x)` when the graph has both (equal values), so
-//!   that a relu layer's pre-activation `x` has one reader and fuses into the relu.
+//!   that a relu layer's pre-activation `x` has one reader and fuses into the relu;
+//! - then cheap values that several kernels would read are recomputed in each of them
+//!   instead of stored ([`recompute_in_readers`]): each reader gets its own copy, which
+//!   joins its group, so such a value is never written to memory and read back.
 //!
 //! Groups of one op are left alone (the backends have direct kernels for those) unless
 //! an operand is broadcast (fused kernels read any broadcast pattern by strides; direct
@@ -61,6 +64,19 @@ pub fn fuse_with_map(graph: &Graph) -> (Graph, Vec<Option<NodeId>>) {
     // Node ids are the same in the rewired graph.
     let rewired = step_reads_relu(graph);
     let graph = rewired.as_ref().unwrap_or(graph);
+    match recompute_in_readers(graph) {
+        Some((copied, first)) => {
+            let (fused, second) = fuse_groups(&copied);
+            let map = first.into_iter().map(|m| m.and_then(|n| second[n.index()])).collect();
+            (fused, map)
+        }
+        None => fuse_groups(graph),
+    }
+}
+
+/// The grouping and kernel building of [`fuse_with_map`] on a graph whose recomputed values
+/// already have one copy per reader.
+fn fuse_groups(graph: &Graph) -> (Graph, Vec<Option<NodeId>>) {
     let groups = assign_groups(graph);
     let mut plans: HashMap<NodeId, Plan> = HashMap::new();
     let mut members: HashMap<NodeId, Vec<NodeId>> = HashMap::new();
@@ -179,6 +195,137 @@ pub fn step_reads_relu(graph: &Graph) -> Option<Graph> {
     }
     out.copy_tables(graph, &map);
     Some(out)
+}
+
+/// The most ops that recomputing one value adds to each kernel reading it (its own op and
+/// those of the recomputed values it reads in turn).
+pub const MAX_RECOMPUTE_OPS: usize = 8;
+
+/// Whether [`recompute_in_readers`] recomputes node `id` in each of its readers, given the
+/// decisions for the nodes before it (`recomputed`, with each one's op count and the large
+/// values it reads in the end): `Some((ops, sources))` when it does.
+fn recompute_plan(
+    graph: &Graph,
+    id: NodeId,
+    is_output: &[bool],
+    recomputed: &[Option<(usize, Vec<NodeId>)>],
+) -> Option<(usize, Vec<NodeId>)> {
+    if !fusible(graph, id) || is_output[id.index()] {
+        return None;
+    }
+    let node = graph.node(id);
+    if matches!(node.op, Op::Unary(u) if u.is_transcendental()) {
+        return None;
+    }
+    let shape = graph.shape(id);
+    let mut readers: Vec<NodeId> = graph.users(id).map(|(u, _)| u).collect();
+    readers.sort();
+    readers.dedup();
+    // Every reader must take the recomputation into its kernel: an elementwise op of the
+    // same shape (no per-element recomputation of a smaller value), or a sum or mean (the
+    // copy becomes the kernel of its epilogue).
+    let takes = |u: NodeId| match &graph.node(u).op {
+        Op::Unary(_) | Op::Binary(_) => fusible(graph, u) && graph.shape(u) == shape,
+        Op::Reduce { op: ReduceOp::Sum | ReduceOp::Mean, .. } => true,
+        _ => false,
+    };
+    if readers.len() < 2 || !readers.iter().all(|&u| takes(u)) {
+        return None;
+    }
+    let mut ops = 1;
+    let mut sources: Vec<NodeId> = Vec::new();
+    for &x in &node.inputs {
+        let found = match &recomputed[x.index()] {
+            Some((cost, from)) => {
+                ops += cost;
+                from.clone()
+            }
+            None if matches!(graph.node(x).op, Op::Scalar(_)) => Vec::new(),
+            None => {
+                let s = source_of(graph, x);
+                if graph.shape(s) == shape {
+                    vec![s]
+                } else {
+                    Vec::new()
+                }
+            }
+        };
+        for s in found {
+            if !sources.contains(&s) {
+                sources.push(s);
+            }
+        }
+    }
+    // Stored once, the value costs a write and a read per reader; recomputed, each reader
+    // reads its large sources instead. One source always pays; two pay for two readers.
+    let pays = sources.len() <= 1 || sources.len() == 2 && readers.len() <= 2;
+    (pays && ops <= MAX_RECOMPUTE_OPS).then_some((ops, sources))
+}
+
+/// The graph with every cheap elementwise value that several kernels read recomputed in
+/// each of them instead of stored once and read back: a copy of the node (and of the
+/// recomputed values it reads) is placed before each reader, so every copy has one reader
+/// and joins its group. Over large tensors a stored value costs a pass over memory (a
+/// write, then a read per reader), while recomputing it costs a few vector instructions
+/// per element: DIN's Dice reads `x - mean`, `1 - p` and the bias sum `x + b` from its
+/// forward and backward kernels. A value is recomputed when it is not an output, not a
+/// transcendental (those are costly enough to store: sigmoid, exp, ...), every reader is
+/// an elementwise op of its shape or a sum or mean, its recomputation costs at most
+/// [`MAX_RECOMPUTE_OPS`] ops, and it reads in the end at most one tensor of its own size
+/// (or two, when it has two readers); see [`recompute_plan`]. The copies compute the same
+/// ops on the same operands, so the values are the same bits. `None` when no value
+/// qualifies; otherwise the new graph and the image of each node (`None` for the
+/// recomputed ones).
+pub fn recompute_in_readers(graph: &Graph) -> Option<(Graph, Vec<Option<NodeId>>)> {
+    let mut is_output = vec![false; graph.len()];
+    for id in graph.outputs.values() {
+        is_output[id.index()] = true;
+    }
+    let mut recomputed: Vec<Option<(usize, Vec<NodeId>)>> = vec![None; graph.len()];
+    for id in graph.ids() {
+        recomputed[id.index()] = recompute_plan(graph, id, &is_output, &recomputed);
+    }
+    if recomputed.iter().all(Option::is_none) {
+        return None;
+    }
+    let mut out = Graph::new();
+    let mut map: Vec<Option<NodeId>> = vec![None; graph.len()];
+    for id in graph.ids() {
+        if recomputed[id.index()].is_some() {
+            continue;
+        }
+        let node = graph.node(id);
+        let mut copies: HashMap<NodeId, NodeId> = HashMap::new();
+        let inputs =
+            node.inputs.iter().map(|&x| copy_for_reader(graph, &mut out, &map, &recomputed, &mut copies, x)).collect();
+        map[id.index()] = Some(out.push_copy(node, inputs));
+    }
+    out.copy_tables(graph, &map);
+    Some((out, map))
+}
+
+/// The node of `out` that a reader reads for `x`: its image, or for a recomputed value a new
+/// copy (made once per reader, `copies`), reading in turn copies of the recomputed values
+/// it reads.
+fn copy_for_reader(
+    graph: &Graph,
+    out: &mut Graph,
+    map: &[Option<NodeId>],
+    recomputed: &[Option<(usize, Vec<NodeId>)>],
+    copies: &mut HashMap<NodeId, NodeId>,
+    x: NodeId,
+) -> NodeId {
+    if recomputed[x.index()].is_none() {
+        return map[x.index()].expect("an operand precedes its reader and is not recomputed");
+    }
+    if let Some(&c) = copies.get(&x) {
+        return c;
+    }
+    let node = graph.node(x);
+    let inputs = node.inputs.iter().map(|&i| copy_for_reader(graph, out, map, recomputed, copies, i)).collect();
+    let c = out.push_copy(node, inputs);
+    copies.insert(x, c);
+    c
 }
 
 /// Appends a copy of node `id` of `graph` to `out`, reading the images of its operands.

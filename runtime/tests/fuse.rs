@@ -2,10 +2,11 @@
 //!
 //! - The pass ([`fuse_with_map`]) never removes a value someone else reads: graph outputs
 //!   and values with a user outside their group stay in the fused graph, and every value
-//!   absorbed into a kernel is read by that one kernel only (asserted on the graphs, after
-//!   the pass's one rewrite: `step(x)` reads an existing `relu(x)`, an equal value).
+//!   absorbed into a kernel is read by kernels only: by one, or, a cheap value (no
+//!   transcendental), recomputed in each (asserted on the graphs, after the pass's rewrite
+//!   `step(x)` reads an existing `relu(x)`, an equal value).
 //! - Random elementwise DAGs with broadcasting (`[B, n]` with `[n]`, `[B, 1]`, `[1, n]`,
-//!   `[]`, scalars, explicit broadcasts; and rank 3): the fused graph on interp equals the
+//!   `[]`, scalars, explicit broadcasts, slices of wider values, a concat; and rank 3): the fused graph on interp equals the
 //!   original exactly (the fused eval rule applies the same scalar functions in the same
 //!   order), and the jit (fusion on) equals interp on the original graph exactly with fma
 //!   contraction off, and within `1e-5 * (1 + max |out|)` with it on (fma rounds once
@@ -81,6 +82,24 @@ fn random_dag(seed: u64, b: usize, f: usize, n: usize, rank3: bool, ops: usize, 
         let data = (0..count).map(|_| (value_rng.next_f64() * 4.0 - 2.0) as f32).collect();
         params.insert(name, Tensor::new(sizes, data).unwrap());
         pool.push(id);
+    }
+    // Slices of wider values, which the jit's kernels read in place: the last axis of
+    // `[.., n + 3]` from element 2, and in rank 3 the middle axis of `[b, f + 2, n]` from 1.
+    let mut windows: Vec<(usize, usize, usize)> = vec![(full.len() - 1, 2, n + 3)];
+    if rank3 {
+        windows.push((1, 1, f + 2));
+    }
+    for (i, (axis, start, size)) in windows.into_iter().enumerate() {
+        let mut wide = full.clone();
+        let len = wide[axis];
+        wide[axis] = size;
+        let name = format!("w{i}");
+        let id = g.param(&name, shape_of(&wide, true), Init::Zeros, None, false);
+        let count: usize = wide.iter().product();
+        let data = (0..count).map(|_| (value_rng.next_f64() * 4.0 - 2.0) as f32).collect();
+        params.insert(name, Tensor::new(wide, data).unwrap());
+        let slice = Op::Slice { axis, start: Dim::from(start), len: Dim::from(len) };
+        pool.push(g.add(slice, &[id], "").unwrap());
     }
     let full_dims = shape_of(&full, true);
     // Explicit broadcasts (as autodiff makes them) and scalars.
@@ -175,6 +194,15 @@ fn random_dag(seed: u64, b: usize, f: usize, n: usize, rank3: bool, ops: usize, 
             _ => {}
         }
     }
+    // A concat along the last axis of the explicit broadcast and values of the full shape
+    // (the jit writes each part into its slice of the output).
+    let whole: Vec<NodeId> = made.iter().copied().filter(|&id| g.shape(id) == &full_dims).collect();
+    if !whole.is_empty() && pick(2) == 0 {
+        let mut parts = vec![bcast];
+        parts.extend(whole.iter().rev().take(1 + pick(3)));
+        let cat = g.add(Op::Concat { axis: full.len() - 1 }, &parts, "").unwrap();
+        g.outputs.insert("cat".into(), cat);
+    }
     let mut binding = Binding::new();
     binding.insert("B".into(), b);
     Dag { graph: g, params, binding }
@@ -211,8 +239,11 @@ fn check_pass(original: &Graph) {
                 && map[n.index()].is_some_and(|f| matches!(&fused.node(f).op, Op::Fused(k) if k.reduce.is_some()))
         };
         let outside_user = g.users(id).any(|(u, _)| !elementwise(u) && !epilogue(u));
-        if g.users(id).any(|(u, _)| epilogue(u)) {
-            assert!(g.users(id).all(|(u, _)| epilogue(u)), "%{} feeds a reduction epilogue and more", id.index());
+        // A value feeding an epilogue and more is a cheap one recomputed in each kernel.
+        if g.users(id).any(|(u, _)| epilogue(u)) && !g.users(id).all(|(u, _)| epilogue(u)) {
+            let recomputed =
+                map[id.index()].is_none() && !matches!(g.node(id).op, Op::Unary(u) if u.is_transcendental());
+            assert!(recomputed, "%{} feeds a reduction epilogue and more", id.index());
         }
         if outputs.contains(&id)
             || outside_user
@@ -239,9 +270,19 @@ fn check_pass(original: &Graph) {
                     }
                 }
             }
-            assert_eq!(sinks.len(), 1, "%{} is read by {} kernels or values", id.index(), sinks.len());
-            let sink = *sinks.iter().next().unwrap();
-            assert!(matches!(fused.node(sink).op, Op::Fused(_)), "%{} was absorbed into a non-kernel", id.index());
+            for &sink in &sinks {
+                assert!(matches!(fused.node(sink).op, Op::Fused(_)), "%{} was absorbed into a non-kernel", id.index());
+            }
+            // Read by several kernels: a cheap value recomputed in each (never a transcendental).
+            if sinks.len() > 1 {
+                assert!(
+                    !matches!(g.node(id).op, Op::Unary(u) if u.is_transcendental()),
+                    "%{} ({}) is recomputed in {} kernels",
+                    id.index(),
+                    g.node(id).op.name(),
+                    sinks.len()
+                );
+            }
         }
     }
     for (name, id) in &g.outputs {
@@ -303,7 +344,14 @@ fn check_dag(d: &Dag) {
         // Every kernel ran compiled (none on the eval rule), and kernels show in the profile.
         let profile = jit.profile();
         assert!(!profile.iter().any(|(k, _, _)| k.starts_with("fused(eval)")), "{profile:?}");
-        let kernels = fused.ids().filter(|&i| matches!(fused.node(i).op, Op::Fused(_))).count();
+        // A kernel whose only reader is a concat runs inside it (into its slice).
+        let in_concat = |i: NodeId| {
+            !fused.outputs.values().any(|&o| o == i)
+                && fused.users(i).count() == 1
+                && fused.users(i).all(|(u, _)| matches!(fused.node(u).op, Op::Concat { .. }))
+                && matches!(&fused.node(i).op, Op::Fused(k) if k.reduce.is_none())
+        };
+        let kernels = fused.ids().filter(|&i| matches!(fused.node(i).op, Op::Fused(_)) && !in_concat(i)).count();
         let runs: usize = profile.iter().filter(|(k, _, _)| k.starts_with("fused ")).map(|p| p.2).sum();
         assert_eq!(runs, kernels, "{profile:?}");
         // Node lookups by the caller's ids still work.
@@ -541,6 +589,122 @@ fn outputs_and_shared_values_are_never_absorbed() {
         ("w".to_string(), t(vec![4, 3])),
     ]);
     let binding = Binding::from([("B".to_string(), 8)]);
+    check_dag(&Dag { graph: g, params, binding });
+}
+
+#[test]
+fn cheap_values_read_by_several_kernels_are_recomputed_in_each() {
+    // Dice on a linear layer's output (DIN's activation unit): x = a + bias is read by the
+    // mean, by c = x - mean and by the output; c by the variance and the normalised value;
+    // q = 1 - p by the output and by a side sum.
+    let mut g = Graph::new();
+    let a = g.param("a", shape_of(&[32, 8], true), Init::Zeros, None, false);
+    let bias = g.param("bias", shape_of(&[8], false), Init::Zeros, None, false);
+    let alpha = g.param("alpha", shape_of(&[8], false), Init::Zeros, None, false);
+    let mut add = |op: Op, args: &[NodeId]| g.add(op, args, "").unwrap();
+    let mean = || Op::Reduce { op: ReduceOp::Mean, axes: vec![0], keep_dims: true };
+    let x = add(Op::Binary(BinaryOp::Add), &[a, bias]);
+    let m = add(mean(), &[x]);
+    let c = add(Op::Binary(BinaryOp::Sub), &[x, m]);
+    let cc = add(Op::Binary(BinaryOp::Mul), &[c, c]);
+    let v = add(mean(), &[cc]);
+    let eps = add(Op::Scalar(1e-3), &[]);
+    let ve = add(Op::Binary(BinaryOp::Add), &[v, eps]);
+    let sd = add(Op::Unary(UnaryOp::Sqrt), &[ve]);
+    let z = add(Op::Binary(BinaryOp::Div), &[c, sd]);
+    let p = add(Op::Unary(UnaryOp::Sigmoid), &[z]);
+    let one = add(Op::Scalar(1.0), &[]);
+    let q = add(Op::Binary(BinaryOp::Sub), &[one, p]);
+    let px = add(Op::Binary(BinaryOp::Mul), &[p, x]);
+    let qa = add(Op::Binary(BinaryOp::Mul), &[q, alpha]);
+    let qax = add(Op::Binary(BinaryOp::Mul), &[qa, x]);
+    let y = add(Op::Binary(BinaryOp::Add), &[px, qax]);
+    let side = add(Op::Binary(BinaryOp::Mul), &[q, a]);
+    let sum = add(Op::Reduce { op: ReduceOp::Sum, axes: vec![0], keep_dims: false }, &[side]);
+    g.outputs.insert("y".into(), y);
+    g.outputs.insert("s".into(), sum);
+    check_pass(&g);
+    let (fused, map) = fuse_with_map(&g);
+    for (what, id) in [("x + bias", x), ("x - mean", c), ("1 - p", q)] {
+        assert_eq!(map[id.index()], None, "{what} is stored:\n{}", fused.listing());
+    }
+    // The sigmoid is stored once, by the one kernel that computes it.
+    let sigmoids = fused
+        .ids()
+        .filter(|&i| {
+            matches!(&fused.node(i).op, Op::Fused(k) if k.body.iter().any(|b| matches!(b, Instr::Unary(UnaryOp::Sigmoid, _))))
+        })
+        .count();
+    assert_eq!(sigmoids, 1, "{}", fused.listing());
+    // Only the kernels and their declared operands remain: nothing else is stored.
+    assert!(
+        fused.ids().all(|i| matches!(fused.node(i).op, Op::Fused(_) | Op::Param { .. } | Op::Scalar(_))),
+        "{}",
+        fused.listing()
+    );
+    let mut rng = SplitMix64::new(21);
+    let mut t = |shape: Vec<usize>| {
+        let c = shape.iter().product();
+        Tensor::new(shape, (0..c).map(|_| rng.next_f64() as f32 * 2.0 - 1.0).collect()).unwrap()
+    };
+    let params = HashMap::from([
+        ("a".to_string(), t(vec![32, 8])),
+        ("bias".to_string(), t(vec![8])),
+        ("alpha".to_string(), t(vec![8])),
+    ]);
+    let binding = Binding::from([("B".to_string(), 32)]);
+    check_dag(&Dag { graph: g, params, binding });
+}
+
+#[test]
+fn slices_read_by_kernels_are_read_in_place_on_the_jit() {
+    // DIN's backward: the gradient of the unit's input [q, k, q - k, q * k] (64 columns) cut
+    // into four slices of 16, read by a sum, a negated sum, an elementwise chain and a
+    // broadcasting product; a fifth slice (rows 1..4) is also an output.
+    let mut g = Graph::new();
+    let dh = g.param("dh", shape_of(&[64, 5, 64], true), Init::Zeros, None, false);
+    let k = g.param("k", shape_of(&[64, 5, 16], true), Init::Zeros, None, false);
+    let q = g.param("q", shape_of(&[64, 1, 16], true), Init::Zeros, None, false);
+    let mut add = |op: Op, args: &[NodeId]| g.add(op, args, "").unwrap();
+    let cut = |axis: usize, start: usize, len: usize| Op::Slice { axis, start: Dim::from(start), len: Dim::from(len) };
+    let s: Vec<NodeId> = (0..4).map(|i| add(cut(2, 16 * i, 16), &[dh])).collect();
+    let sum = |axes: Vec<usize>| Op::Reduce { op: ReduceOp::Sum, axes, keep_dims: true };
+    let r0 = add(sum(vec![1]), &[s[0]]);
+    let sk = add(Op::Binary(BinaryOp::Add), &[s[1], k]);
+    let a1 = add(Op::Unary(UnaryOp::Relu), &[sk]);
+    let n2 = add(Op::Unary(UnaryOp::Neg), &[s[2]]);
+    let r2 = add(Op::Reduce { op: ReduceOp::Mean, axes: vec![0, 1], keep_dims: false }, &[n2]);
+    let m3 = add(Op::Binary(BinaryOp::Mul), &[s[3], q]);
+    let rows = add(cut(1, 1, 3), &[dh]);
+    let rows_sum = add(sum(vec![2]), &[rows]);
+    for (name, id) in [("r0", r0), ("a1", a1), ("r2", r2), ("m3", m3), ("rows", rows), ("rows_sum", rows_sum)] {
+        g.outputs.insert(name.into(), id);
+    }
+    let mut rng = SplitMix64::new(33);
+    let mut t = |shape: Vec<usize>| {
+        let c = shape.iter().product();
+        Tensor::new(shape, (0..c).map(|_| rng.next_f64() as f32 * 2.0 - 1.0).collect()).unwrap()
+    };
+    let params = HashMap::from([
+        ("dh".to_string(), t(vec![64, 5, 64])),
+        ("k".to_string(), t(vec![64, 5, 16])),
+        ("q".to_string(), t(vec![64, 1, 16])),
+    ]);
+    let binding = Binding::from([("B".to_string(), 64)]);
+    let feeds: HashMap<String, Value<f32>> = HashMap::new();
+    let names: Vec<String> = g.outputs.keys().cloned().collect();
+    let want = Interp.run(&g, &binding, &feeds, &params, &Mode::eval()).unwrap();
+    for exact in [true, false] {
+        let mut jit = Jit::with_threads(2).with_exact_kernels(exact);
+        jit.set_profiling(true);
+        let got = jit.run(&g, &binding, &feeds, &params, &Mode::eval()).unwrap();
+        assert_same_values(&got, &want, &names, if exact { 0.0 } else { 1e-5 }, "slices read in place");
+        // Only the slice that is an output is copied.
+        let profile = jit.profile();
+        let copies: usize = profile.iter().filter(|(k, _, _)| k.starts_with("slice")).map(|p| p.2).sum();
+        assert_eq!(copies, 1, "{profile:?}");
+        assert!(!profile.iter().any(|(k, _, _)| k.contains("(eval)")), "{profile:?}");
+    }
     check_dag(&Dag { graph: g, params, binding });
 }
 

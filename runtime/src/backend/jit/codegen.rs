@@ -39,7 +39,7 @@
 use super::math::Math;
 use crate::ops::fused::{broadcast_all, broadcasts_to, FusedKernel, Instr};
 use crate::ops::{BinaryOp, ReduceOp, UnaryOp};
-use crate::tensor::{broadcast_strides, Tensor};
+use crate::tensor::{broadcast_strides, strides, Tensor};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
     types, AbiParam, InstBuilder, MemFlagsData, SigRef, StackSlot, StackSlotData, StackSlotKind, Type, Value,
@@ -775,6 +775,13 @@ fn layout(strides: &[Vec<usize>], out_strides: &[usize], domain: &[usize]) -> La
         dims.push(1);
         merged.push(vec![0; k + 1]);
     }
+    // Along a row the kernel reads each operand contiguously or as one value, and writes
+    // the output contiguously or sums it into one element. Where a window steps by more
+    // along the innermost axis, that axis becomes the rows, of one element each.
+    if merged.last().is_some_and(|last| last.iter().any(|&s| s > 1)) {
+        dims.push(1);
+        merged.push(vec![1; k + 1]);
+    }
     let m = dims.len();
     let n = dims[m - 1];
     let splat = (0..k).map(|j| merged[m - 1][j] == 0).collect();
@@ -920,8 +927,15 @@ struct Launch {
 
 /// The launch of `kernel` on operands of `shapes` giving `out_shape`, or why it cannot run
 /// (the caller then uses the eval rule).
-fn launch_of(kernel: &FusedKernel, shapes: &[&[usize]], out_shape: &[usize], opts: Options) -> Result<Launch, String> {
-    if shapes.len() != kernel.inputs {
+fn launch_of(
+    kernel: &FusedKernel,
+    shapes: &[&[usize]],
+    own_strides: &[Vec<usize>],
+    out_shape: &[usize],
+    out_strides: Option<&[usize]>,
+    opts: Options,
+) -> Result<Launch, String> {
+    if shapes.len() != kernel.inputs || own_strides.len() != kernel.inputs {
         return Err(format!("the kernel takes {} operand(s), got {}", kernel.inputs, shapes.len()));
     }
     let domain = match &kernel.reduce {
@@ -955,8 +969,13 @@ fn launch_of(kernel: &FusedKernel, shapes: &[&[usize]], out_shape: &[usize], opt
         // An empty mean is 0/0: left to the eval rule, which has the edge cases.
         return Err("an empty reduction".into());
     }
-    let strides: Vec<Vec<usize>> = shapes.iter().map(|x| broadcast_strides(x, &domain)).collect();
-    let lay = layout(&strides, &broadcast_strides(&kept, &domain), &domain);
+    let strides: Vec<Vec<usize>> = shapes.iter().zip(own_strides).map(|(x, own)| stretched(x, own, &domain)).collect();
+    let out_strides = match out_strides {
+        Some(o) if kernel.reduce.is_none() && o.len() == domain.len() => stretched(&domain, o, &domain),
+        Some(_) => return Err("only a kernel without reduction writes through strides".into()),
+        None => broadcast_strides(&kept, &domain),
+    };
+    let lay = layout(&strides, &out_strides, &domain);
     let mode = match (&kernel.reduce, lay.out_along_row) {
         (None, _) => Mode::Store,
         (Some(_), true) => Mode::AccumulateRow,
@@ -974,6 +993,14 @@ fn launch_of(kernel: &FusedKernel, shapes: &[&[usize]], out_shape: &[usize], opt
     Ok(Launch { key, lay, domain, empty })
 }
 
+/// The strides with which an operand of `shape`, stored with `own` strides, is read when
+/// broadcast to `out` (as [`broadcast_strides`] for a contiguous operand): axes aligned
+/// from the right; a missing axis or a size-1 axis that stretches reads stride 0.
+fn stretched(shape: &[usize], own: &[usize], out: &[usize]) -> Vec<usize> {
+    let lead = out.len() - shape.len().min(out.len());
+    (0..out.len()).map(|i| if i < lead || (shape[i - lead] == 1 && out[i] != 1) { 0 } else { own[i - lead] }).collect()
+}
+
 fn compiled(key: &Key) -> Result<KernelFn, String> {
     compiler()?.lock().map_err(|_| "the kernel compiler was poisoned by a panic".to_string())?.get(key)
 }
@@ -982,7 +1009,8 @@ fn compiled(key: &Key) -> Result<KernelFn, String> {
 /// `shapes`, so that building a plan, not its first run, pays for compilation. `Err` says
 /// why the kernel cannot run on the jit (its node then runs on the eval rule).
 pub fn precompile(kernel: &FusedKernel, shapes: &[&[usize]], out_shape: &[usize], opts: Options) -> Result<(), String> {
-    let launch = launch_of(kernel, shapes, out_shape, opts)?;
+    let own: Vec<Vec<usize>> = shapes.iter().map(|x| strides(x)).collect();
+    let launch = launch_of(kernel, shapes, &own, out_shape, None, opts)?;
     if !launch.empty {
         compiled(&launch.key)?;
     }
@@ -1007,19 +1035,110 @@ pub fn run_with(
             operands[j].shape
         ));
     }
-    let shapes: Vec<&[usize]> = operands.iter().map(|x| x.shape.as_slice()).collect();
-    let Launch { key, lay, domain, empty } = launch_of(kernel, &shapes, out_shape, opts)?;
+    let strided: Vec<Strided> =
+        operands.iter().map(|x| Strided { data: &x.data, shape: &x.shape, strides: strides(&x.shape) }).collect();
+    run_strided(kernel, &strided, out_shape, threads, opts, alloc)
+}
+
+/// An operand of [`run_strided`]: the elements of `shape` read from `data` with `strides`
+/// (row-major for a whole tensor; a window of a larger tensor, such as a slice along an
+/// axis read in place, has the larger tensor's strides and starts at its first element).
+pub struct Strided<'a> {
+    pub data: &'a [f32],
+    pub shape: &'a [usize],
+    pub strides: Vec<usize>,
+}
+
+/// [`run_with`] on operands read through their strides: every element an operand's shape
+/// and strides reach must lie in its `data` (checked; `Err` otherwise).
+pub fn run_strided(
+    kernel: &FusedKernel,
+    operands: &[Strided],
+    out_shape: &[usize],
+    threads: usize,
+    opts: Options,
+    alloc: &mut dyn FnMut(usize, bool) -> Vec<f32>,
+) -> Result<Tensor<f32>, String> {
+    let own = checked(operands)?;
+    let shapes: Vec<&[usize]> = operands.iter().map(|x| x.shape).collect();
+    let Launch { key, lay, domain, empty } = launch_of(kernel, &shapes, &own, out_shape, None, opts)?;
     let total: usize = out_shape.iter().product();
     if empty {
         return Ok(Tensor { shape: out_shape.to_vec(), data: vec![0.0; total] });
     }
-    let mode = key.mode;
     let f = compiled(&key)?;
-    let data: Vec<&[f32]> = operands.iter().map(|x| x.data.as_slice()).collect();
-    let mut out = alloc(total, mode != Mode::Store);
+    let data: Vec<&[f32]> = operands.iter().map(|x| x.data).collect();
+    let mut out = alloc(total, key.mode != Mode::Store);
     debug_assert_eq!(out.len(), total);
+    dispatch(f, &data, &lay, &domain, kernel.op_count(), key.mode, threads, opts, &mut out)?;
+    if let Some(r) = &kernel.reduce {
+        if r.op == ReduceOp::Mean {
+            // As `Op::Reduce`: the sum divided by the count, in f32.
+            let count = r.axes.iter().map(|&a| domain[a]).product::<usize>() as f64 as f32;
+            out.iter_mut().for_each(|v| *v /= count);
+        }
+    }
+    Ok(Tensor { shape: out_shape.to_vec(), data: out })
+}
+
+/// Runs `kernel` (which has no reduction) on `operands`, writing its result of `shape`
+/// into `out` through `out_strides` (element `i` of the result at `Σ i_a · out_strides[a]`):
+/// a window of a larger tensor, such as a concat's slice of its output. Elements of `out`
+/// outside the window are left as they are. `Err` says why it could not (nothing written
+/// then when the error comes before the run).
+pub fn run_into(
+    kernel: &FusedKernel,
+    operands: &[Strided],
+    shape: &[usize],
+    out: &mut [f32],
+    out_strides: &[usize],
+    threads: usize,
+    opts: Options,
+) -> Result<(), String> {
+    let own = checked(operands)?;
+    let shapes: Vec<&[usize]> = operands.iter().map(|x| x.shape).collect();
+    let reach = shape.iter().zip(out_strides).map(|(&d, &s)| d.saturating_sub(1) * s).sum::<usize>();
+    if out_strides.len() != shape.len() || shape.iter().product::<usize>() > 0 && reach >= out.len() {
+        return Err(format!("a result of shape {shape:?} reaches past its {} places", out.len()));
+    }
+    let Launch { key, lay, domain, empty } = launch_of(kernel, &shapes, &own, shape, Some(out_strides), opts)?;
+    if empty {
+        return Ok(());
+    }
+    let f = compiled(&key)?;
+    let data: Vec<&[f32]> = operands.iter().map(|x| x.data).collect();
+    dispatch(f, &data, &lay, &domain, kernel.op_count(), key.mode, threads, opts, out)
+}
+
+/// The own strides of strided operands, each checked to stay inside its data.
+fn checked(operands: &[Strided]) -> Result<Vec<Vec<usize>>, String> {
+    for (j, x) in operands.iter().enumerate() {
+        let reach = x.shape.iter().zip(&x.strides).map(|(&d, &s)| d.saturating_sub(1) * s).sum::<usize>();
+        if x.strides.len() != x.shape.len() || x.shape.iter().product::<usize>() > 0 && reach >= x.data.len() {
+            return Err(format!("operand {j} of shape {:?} reaches past its {} values", x.shape, x.data.len()));
+        }
+    }
+    Ok(operands.iter().map(|x| x.strides.clone()).collect())
+}
+
+/// Runs the compiled `f` over the whole domain into `out` (zeros when it accumulates):
+/// in two halves when the work (`ops` per element) is large, on two threads when there
+/// are (see [`run`]).
+#[allow(clippy::too_many_arguments)]
+fn dispatch(
+    f: KernelFn,
+    data: &[&[f32]],
+    lay: &Layout,
+    domain: &[usize],
+    ops: usize,
+    mode: Mode,
+    threads: usize,
+    opts: Options,
+    out: &mut [f32],
+) -> Result<(), String> {
+    let total = out.len();
     let all_rows = lay.rows * lay.outer.iter().product::<usize>();
-    let work = domain.iter().product::<usize>() * (kernel.op_count() + 1);
+    let work = domain.iter().product::<usize>() * (ops + 1);
     // The outermost collapsed axis, and the output's stride along it: two threads may split
     // it only where they write disjoint output (a reduced axis has output stride 0).
     let (first, first_out_stride) = match lay.outer.first() {
@@ -1029,13 +1148,13 @@ pub fn run_with(
     // Large work is split in two whatever the thread count (a reduction's partial sums must
     // not depend on it); `both` runs the halves on two threads when there are.
     if work < PARALLEL_WORK {
-        launch_rows(f, &data, &lay, 0, all_rows, &mut out, 0)?;
+        launch_rows(f, data, lay, 0, all_rows, out, 0)?;
     } else if first >= 2 && (first_out_stride != 0 || mode == Mode::Store && all_rows >= 2) {
         let half = first / 2;
         let mid = half * (all_rows / first);
-        let split = if mode == Mode::Store { mid * lay.n } else { half * first_out_stride };
-        let (lo, hi) = out.split_at_mut(split);
-        let (data, lay) = (&data, &lay);
+        // The first element the second half writes.
+        let split = if mode == Mode::Store && first_out_stride == 0 { mid * lay.n } else { half * first_out_stride };
+        let (lo, hi) = out.split_at_mut(split.min(total));
         both(
             threads,
             move || launch_rows(f, data, lay, 0, mid, lo, 0),
@@ -1046,8 +1165,8 @@ pub fn run_with(
         // Rows that add into the same outputs: the second half into zeros, added after.
         let mid = all_rows / 2;
         let mut partial = vec![0.0f32; total];
-        let (data, lay) = (&data, &lay);
-        let (out_ref, partial_ref) = (&mut out, &mut partial);
+        let partial_ref = &mut partial;
+        let out_ref = &mut *out;
         both(
             threads,
             move || launch_rows(f, data, lay, 0, mid, out_ref, 0),
@@ -1058,7 +1177,6 @@ pub fn run_with(
         // One long row summed: each thread sums half of it into its own partial.
         let mid = ((lay.n / 2).div_ceil(16) * 16).min(lay.n);
         let mut partial = [0.0f32];
-        let (data, lay) = (&data, &lay);
         let (lo, hi) = (&mut out[..1], &mut partial[..]);
         both(
             threads,
@@ -1069,22 +1187,15 @@ pub fn run_with(
     } else if mode == Mode::Store && all_rows == 1 {
         // One long row: split its elements (the first half a multiple of 16).
         let mid = ((lay.n / 2).div_ceil(16) * 16).min(lay.n);
-        let (lo, hi) = out.split_at_mut(mid);
-        let (data, lay) = (&data, &lay);
+        let row = out.get_mut(..lay.n).ok_or("the output would be written out of bounds")?;
+        let (lo, hi) = row.split_at_mut(mid);
         both(
             threads,
             move || launch_elements(f, data, lay, 0, mid, lo),
             move || launch_elements(f, data, lay, mid, lay.n, hi),
         )?;
     } else {
-        launch_rows(f, &data, &lay, 0, all_rows, &mut out, 0)?;
+        launch_rows(f, data, lay, 0, all_rows, out, 0)?;
     }
-    if let Some(r) = &kernel.reduce {
-        if r.op == ReduceOp::Mean {
-            // As `Op::Reduce`: the sum divided by the count, in f32.
-            let count = r.axes.iter().map(|&a| domain[a]).product::<usize>() as f64 as f32;
-            out.iter_mut().for_each(|v| *v /= count);
-        }
-    }
-    Ok(Tensor { shape: out_shape.to_vec(), data: out })
+    Ok(())
 }

@@ -26,6 +26,11 @@
 //!   process. Results are keyed by the caller's node ids and output names; node numbers
 //!   in error messages are those of the fused graph.
 //!
+//! - **Slices read in place**: a fused kernel (or a lone sum or mean) whose operand is a
+//!   slice reads the sliced tensor through strides ([`window`]), and the slice is not
+//!   copied; a concat's parts are written into their slices of its output by the kernels
+//!   that make them (a fused producer, a broadcast read in place, or a copy).
+//!
 //! Every other op (and every unusual shape of the above, and any kernel Cranelift cannot
 //! compile) falls back to its eval rule in `ops`, so the backend is complete by
 //! construction and agrees with interp.
@@ -42,6 +47,7 @@ mod math;
 pub mod pool;
 pub mod speed;
 mod update;
+mod window;
 
 use super::driver::{execute, Evaluator, Lifetimes, Operands};
 use super::{profile_key, ExecError, Executor, Mode, OpProfile, PlanCache, Values};
@@ -63,6 +69,12 @@ struct Plan {
     /// The nodes computed by the embedding-bag kernels ([`bag`]), which read other
     /// operands than their inputs (as `lifetimes` records).
     bags: HashMap<NodeId, bag::Kernel>,
+    /// The kernels that read slices in place ([`window`]): their operands are the sliced
+    /// tensors (as `lifetimes` records), each with its window.
+    windows: HashMap<NodeId, Vec<Option<window::Window>>>,
+    /// The concats that write their parts in place ([`window`]): their operands are the
+    /// parts' producers' operands (as `lifetimes` records).
+    concats: HashMap<NodeId, Vec<window::Part>>,
 }
 
 /// The fast CPU executor.
@@ -146,9 +158,11 @@ impl Jit {
     fn plan(&mut self, graph: &Graph) -> &Plan {
         if !self.plans.promote(graph) {
             let fused = if self.fusion { crate::fuse::fuse_elementwise(graph) } else { graph.clone() };
-            let (reads, bags) = bag::find(&fused);
+            let (mut reads, bags) = bag::find(&fused);
+            let windows = if self.fusion { window::find(&fused, &mut reads) } else { HashMap::new() };
+            let concats = if self.fusion { window::find_concats(&fused, &mut reads) } else { HashMap::new() };
             let lifetimes = Lifetimes::with_reads(&fused, false, &reads);
-            self.plans.insert(graph, Plan { fused, lifetimes, bags });
+            self.plans.insert(graph, Plan { fused, lifetimes, bags, windows, concats });
         }
         self.plans.first().expect("a plan was just found or made")
     }
@@ -197,6 +211,8 @@ struct JitEval<'r> {
     profile: Option<&'r mut OpProfile>,
     pool: &'r mut pool::Pool,
     bags: &'r HashMap<NodeId, bag::Kernel>,
+    windows: &'r HashMap<NodeId, Vec<Option<window::Window>>>,
+    concats: &'r HashMap<NodeId, Vec<window::Part>>,
 }
 
 impl Evaluator<f32> for JitEval<'_> {
@@ -210,28 +226,54 @@ impl Evaluator<f32> for JitEval<'_> {
         let start = self.profile.is_some().then(Instant::now);
         let mut fallback = false;
         let bag = self.bags.get(&id);
+        let windows = self.windows.get(&id);
         // A lone sum or mean as a fused kernel ([`crate::fuse::lone_reduction`]): vector
         // lane sums and both threads, where the direct kernel sums in `Op::Reduce`'s order
-        // on one; so only when reductions may reassociate.
+        // on one; so only when reductions may reassociate, or when it reads a slice in
+        // place (without reassociation it sums in `Op::Reduce`'s order too).
         let lone = match op {
-            Op::Reduce { .. } if self.options.reassociate => crate::fuse::lone_reduction(op),
+            Op::Reduce { .. } if self.options.reassociate || windows.is_some() => crate::fuse::lone_reduction(op),
             _ => None,
         };
         let fused = match op {
             Op::Fused(kernel) => Some(kernel.as_ref()),
             _ => lone.as_ref(),
         };
+        let concat = match op {
+            Op::Concat { axis } => self.concats.get(&id).map(|parts| (*axis, parts)),
+            _ => None,
+        };
         let out = match (fused, bag) {
+            _ if concat.is_some() => {
+                let (axis, parts) = concat.expect("checked by the guard");
+                let args = operands.args(op)?;
+                match window::concat(parts, axis, &args, cx, self.threads, self.options, self.pool) {
+                    Ok(t) => Value::Dense(t),
+                    Err(_) => {
+                        fallback = true;
+                        window::concat_eval(op, parts, &args, cx)?
+                    }
+                }
+            }
             (_, Some(bag)) => bag::run(bag, op, operands, cx, self.threads, !self.options.reassociate, self.pool)?,
             (Some(kernel), None) => {
                 let args = operands.args(op)?;
                 let tensors: Result<Vec<&Tensor<f32>>, ExecError> = args.iter().map(|a| a.dense("fused")).collect();
                 let pool = &mut *self.pool;
-                match codegen::run_with(kernel, &tensors?, cx.out_shape, self.threads, self.options, &mut |n, z| {
-                    pool.alloc(n, z)
-                }) {
-                    Ok(t) => Value::Dense(t),
-                    Err(_) => {
+                let (threads, options) = (self.threads, self.options);
+                let ran = match windows {
+                    Some(w) => window::run(kernel, &tensors?, w, cx, threads, options, pool),
+                    None => codegen::run_with(kernel, &tensors?, cx.out_shape, threads, options, &mut |n, z| {
+                        pool.alloc(n, z)
+                    }),
+                };
+                match (ran, windows) {
+                    (Ok(t), _) => Value::Dense(t),
+                    (Err(_), Some(w)) => {
+                        fallback = true;
+                        window::eval(op, &args, w, cx)?
+                    }
+                    (Err(_), None) => {
                         fallback = true;
                         ops::eval(op, &args, cx)?
                     }
@@ -336,6 +378,8 @@ impl Executor for Jit {
             profile: profile.recording(),
             pool,
             bags: &plan.bags,
+            windows: &plan.windows,
+            concats: &plan.concats,
         };
         let values = execute(&plan.fused, &plan.lifetimes, binding, feeds, params, mode, &mut eval);
         pool.end_run();

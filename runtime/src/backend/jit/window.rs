@@ -1,0 +1,289 @@
+//! Slices read in place by the jit's fused kernels. A fused kernel, or a sum or mean (which
+//! the jit runs as a fused kernel, [`crate::fuse::lone_reduction`]), whose operand is a
+//! `Slice` of a dense real value reads the sliced tensor through strides instead: a
+//! *window* of it, with the larger tensor's strides, from the slice's first element
+//! ([`super::codegen::Strided`]). The slice is then never copied, and when no other node
+//! reads it the driver never computes it ([`crate::backend::driver::Lifetimes::with_reads`]).
+//! DIN's backward cuts the gradient of its activation unit's input `[q, k, q - k, q * k]`
+//! into four such slices of 16 of its 64 columns, each read by one reduction or product.
+//!
+//! The converse holds for concat: each part of a concat of dense reals is written straight
+//! into its slice of the output by a kernel ([`Part`]): a fused kernel that produces a part
+//! and has no other reader runs there instead of into a buffer of its own, a broadcast is
+//! read in place (stride 0), and any other part is copied by the identity kernel (vector
+//! lanes, both threads). DIN's activation unit concatenates `[q, k, q - k, q * k]`
+//! broadcast over 100 behaviours: none of the four is stored before the concat.
+//!
+//! This module owns finding the windows and the concat parts in a fused plan ([`find`],
+//! [`find_concats`]), running kernels through them ([`run`], [`concat`]) and the fallbacks
+//! that compute the slices or parts by their eval rules ([`eval`], [`concat_eval`]), which
+//! the kernels also agree with bit for bit: a window reads the elements the slice would
+//! hold, and a part writes the elements the concat would copy.
+
+use super::codegen::{self, Options, Strided};
+use super::pool::Pool;
+use crate::exec::{Arg, EvalCx, ExecError};
+use crate::ir::dim::Dim;
+use crate::ir::dim::{eval_shape, Shape};
+use crate::ir::graph::{Graph, NodeId};
+use crate::ops::fused::FusedKernel;
+use crate::ops::fused::Instr;
+use crate::ops::{self, DType, Op, ReduceOp, ValueKind};
+use crate::tensor::{strides, Tensor, Value};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+/// Operand `k` of a node is read as `x[.., start .. start + len, ..]` along `axis` of the
+/// slice's operand `x`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Window {
+    pub axis: usize,
+    pub start: Dim,
+    pub len: Dim,
+}
+
+/// The windows of a fused plan: per node that reads a slice through one, its window per
+/// operand (`None`: read as it is). Each such node's operands in `reads` become the sliced
+/// tensors. Nodes already in `reads` (the embedding bags) are left alone, and so are slices
+/// that are graph outputs (they are computed anyway).
+pub fn find(graph: &Graph, reads: &mut HashMap<NodeId, Vec<NodeId>>) -> HashMap<NodeId, Vec<Option<Window>>> {
+    let outputs: HashSet<NodeId> = graph.outputs.values().copied().collect();
+    let mut windows = HashMap::new();
+    for id in graph.ids() {
+        let node = graph.node(id);
+        let kernel = matches!(node.op, Op::Fused(_) | Op::Reduce { op: ReduceOp::Sum | ReduceOp::Mean, .. });
+        if !kernel || reads.contains_key(&id) {
+            continue;
+        }
+        let mut read = Vec::with_capacity(node.inputs.len());
+        let mut through = Vec::with_capacity(node.inputs.len());
+        for &x in &node.inputs {
+            let source = graph.node(x);
+            let real = source.sig.dtype == DType::F && source.sig.kind == ValueKind::Dense;
+            match &source.op {
+                Op::Slice { axis, start, len } if real && !outputs.contains(&x) => {
+                    read.push(source.inputs[0]);
+                    through.push(Some(Window { axis: *axis, start: start.clone(), len: len.clone() }));
+                }
+                _ => {
+                    read.push(x);
+                    through.push(None);
+                }
+            }
+        }
+        if through.iter().any(Option::is_some) {
+            reads.insert(id, read);
+            windows.insert(id, through);
+        }
+    }
+    windows
+}
+
+/// The shape a window of `x` reads and the element it starts at, or why it cannot (the
+/// slice's own error then comes from the eval rule).
+fn bounds(x: &Tensor<f32>, w: &Window, cx: &EvalCx) -> Result<(Vec<usize>, usize), String> {
+    let size = |d: &Dim| cx.size(d).map_err(|e| e.to_string());
+    let (start, len) = (size(&w.start)?, size(&w.len)?);
+    if w.axis >= x.shape.len() || start + len > x.shape[w.axis] {
+        return Err(format!("a slice {start}..{} along axis {} of {:?}", start + len, w.axis, x.shape));
+    }
+    let mut shape = x.shape.clone();
+    shape[w.axis] = len;
+    Ok((shape, start * strides(&x.shape)[w.axis]))
+}
+
+/// Runs `kernel` on `operands` (the sliced tensors where `windows` has a window), read
+/// through their windows. `Err` says why it could not (the caller then uses [`eval`]).
+pub fn run(
+    kernel: &FusedKernel,
+    operands: &[&Tensor<f32>],
+    windows: &[Option<Window>],
+    cx: &EvalCx,
+    threads: usize,
+    opts: Options,
+    pool: &mut Pool,
+) -> Result<Tensor<f32>, String> {
+    let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(operands.len());
+    let mut starts: Vec<usize> = Vec::with_capacity(operands.len());
+    for (x, w) in operands.iter().zip(windows) {
+        let (shape, first) = match w {
+            Some(w) => bounds(x, w, cx)?,
+            None => (x.shape.clone(), 0),
+        };
+        shapes.push(shape);
+        starts.push(first);
+    }
+    let strided: Vec<Strided> = operands
+        .iter()
+        .zip(&shapes)
+        .zip(&starts)
+        .map(|((x, shape), &first)| Strided { data: &x.data[first..], shape, strides: strides(&x.shape) })
+        .collect();
+    codegen::run_strided(kernel, &strided, cx.out_shape, threads, opts, &mut |n, z| pool.alloc(n, z))
+}
+
+/// The eval rule of `op` on `args` with each windowed operand copied out by the slice's
+/// eval rule first: the values [`run`] computes, for the kernels it cannot run.
+pub fn eval(op: &Op, args: &[Arg<f32>], windows: &[Option<Window>], cx: &EvalCx) -> Result<Value<f32>, ExecError> {
+    let mut sliced: Vec<Option<Value<f32>>> = Vec::with_capacity(args.len());
+    for (arg, w) in args.iter().zip(windows) {
+        sliced.push(match w {
+            Some(w) => {
+                let x = arg.dense(&op.name())?;
+                let (start, len) = (cx.size(&w.start)?, cx.size(&w.len)?);
+                let mut shape = x.shape.clone();
+                if let Some(d) = shape.get_mut(w.axis) {
+                    *d = len;
+                }
+                let slice = Op::Slice { axis: w.axis, start: Dim::from(start), len: Dim::from(len) };
+                let slice_cx = EvalCx { binding: cx.binding, mode: cx.mode, out_shape: &shape };
+                Some(ops::eval(&slice, std::slice::from_ref(arg), &slice_cx)?)
+            }
+            None => None,
+        });
+    }
+    let args: Vec<Arg<f32>> = args
+        .iter()
+        .zip(&sliced)
+        .map(|(arg, s)| match s {
+            Some(v) => Arg::Value(v),
+            None => *arg,
+        })
+        .collect();
+    ops::eval(op, &args, cx)
+}
+
+/// One part of a concat written in place: `kernel` computes it from the next `operands`
+/// operands of the concat's reads into its slice of the output.
+#[derive(Clone, Debug)]
+pub struct Part {
+    kernel: Arc<FusedKernel>,
+    operands: usize,
+    /// The part's shape (the concat's binding sizes it).
+    shape: Shape,
+    /// The op that produced the part, run by its eval rule in the fallback; `None` when the
+    /// part is the concat's own operand.
+    producer: Option<Op>,
+}
+
+/// The concats of a fused plan that write their parts in place (every concat of dense
+/// reals that no other rewrite reads for), each with its parts. A part made by a fused
+/// kernel without reduction, or by a broadcast, whose only reader is the concat (and which
+/// is no output) is computed there: the concat reads the producer's operands instead, in
+/// order, recorded in `reads`.
+pub fn find_concats(graph: &Graph, reads: &mut HashMap<NodeId, Vec<NodeId>>) -> HashMap<NodeId, Vec<Part>> {
+    let outputs: HashSet<NodeId> = graph.outputs.values().copied().collect();
+    let identity = Arc::new(FusedKernel { inputs: 1, body: vec![Instr::Input(0)], reduce: None });
+    let real = |n: NodeId| graph.sig(n).dtype == DType::F && graph.sig(n).kind == ValueKind::Dense;
+    let mut concats = HashMap::new();
+    for id in graph.ids() {
+        let node = graph.node(id);
+        if !matches!(node.op, Op::Concat { .. }) || !real(id) || reads.contains_key(&id) {
+            continue;
+        }
+        let mut read = Vec::new();
+        let mut parts = Vec::with_capacity(node.inputs.len());
+        for &x in &node.inputs {
+            let producer = graph.node(x);
+            let alone = !outputs.contains(&x) && graph.users(x).count() == 1 && !reads.contains_key(&x);
+            let shape = producer.sig.shape.clone();
+            let part = match &producer.op {
+                Op::Fused(k) if alone && k.reduce.is_none() => {
+                    read.extend_from_slice(&producer.inputs);
+                    Part {
+                        kernel: k.clone(),
+                        operands: producer.inputs.len(),
+                        shape,
+                        producer: Some(producer.op.clone()),
+                    }
+                }
+                Op::Broadcast { .. } if alone && real(producer.inputs[0]) => {
+                    read.push(producer.inputs[0]);
+                    Part { kernel: identity.clone(), operands: 1, shape, producer: Some(producer.op.clone()) }
+                }
+                _ => {
+                    read.push(x);
+                    Part { kernel: identity.clone(), operands: 1, shape, producer: None }
+                }
+            };
+            parts.push(part);
+        }
+        reads.insert(id, read);
+        concats.insert(id, parts);
+    }
+    concats
+}
+
+/// The concat along `axis` of `parts`, each written by its kernel from its operands
+/// (`args`, in order) into its slice of the output. `Err` says why it could not (the
+/// caller then uses [`concat_eval`]).
+#[allow(clippy::too_many_arguments)]
+pub fn concat(
+    parts: &[Part],
+    axis: usize,
+    args: &[Arg<f32>],
+    cx: &EvalCx,
+    threads: usize,
+    opts: Options,
+    pool: &mut Pool,
+) -> Result<Tensor<f32>, String> {
+    let out_shape = cx.out_shape;
+    if axis >= out_shape.len() || args.len() != parts.iter().map(|p| p.operands).sum::<usize>() {
+        return Err("the concat's operands do not match its parts".into());
+    }
+    let out_strides = strides(out_shape);
+    let mut out = pool.take(out_shape.iter().product());
+    let (mut at, mut next) = (0usize, 0usize);
+    for part in parts {
+        let shape = eval_shape(&part.shape, cx.binding)?;
+        let tensors: Vec<&Tensor<f32>> = args[next..next + part.operands]
+            .iter()
+            .map(|a| a.dense("concat").map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        let operands: Vec<Strided> =
+            tensors.iter().map(|x| Strided { data: &x.data, shape: &x.shape, strides: strides(&x.shape) }).collect();
+        let offset = at * out_strides[axis];
+        if shape.len() != out_shape.len() || offset > out.len() {
+            return Err(format!("a part of shape {shape:?} does not fit the output {out_shape:?}"));
+        }
+        codegen::run_into(&part.kernel, &operands, &shape, &mut out[offset..], &out_strides, threads, opts)?;
+        at += shape[axis];
+        next += part.operands;
+    }
+    if at != out_shape[axis] {
+        return Err(format!("the parts fill {at} of the output's {} places along axis {axis}", out_shape[axis]));
+    }
+    Ok(Tensor { shape: out_shape.to_vec(), data: out })
+}
+
+/// The concat of `parts` by the eval rules: each part computed by its producer's rule (or
+/// read as it is), then the concat's rule.
+pub fn concat_eval(op: &Op, parts: &[Part], args: &[Arg<f32>], cx: &EvalCx) -> Result<Value<f32>, ExecError> {
+    let mut values: Vec<Option<Value<f32>>> = Vec::with_capacity(parts.len());
+    let mut next = 0usize;
+    for part in parts {
+        let operands = args.get(next..next + part.operands).ok_or_else(|| ExecError::BadOperand {
+            op: op.name(),
+            message: "the concat's operands do not match its parts".into(),
+        })?;
+        values.push(match &part.producer {
+            Some(producer) => {
+                let shape = eval_shape(&part.shape, cx.binding).map_err(|message| ExecError::Size { message })?;
+                let part_cx = EvalCx { binding: cx.binding, mode: cx.mode, out_shape: &shape };
+                Some(ops::eval(producer, operands, &part_cx)?)
+            }
+            None => None,
+        });
+        next += part.operands;
+    }
+    let mut next = 0usize;
+    let mut inputs: Vec<Arg<f32>> = Vec::with_capacity(parts.len());
+    for (part, value) in parts.iter().zip(&values) {
+        inputs.push(match value {
+            Some(v) => Arg::Value(v),
+            None => args[next],
+        });
+        next += part.operands;
+    }
+    ops::eval(op, &inputs, cx)
+}
