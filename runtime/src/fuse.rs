@@ -208,6 +208,7 @@ fn recompute_plan(
     graph: &Graph,
     id: NodeId,
     is_output: &[bool],
+    constant: &[bool],
     recomputed: &[Option<(usize, Vec<NodeId>)>],
 ) -> Option<(usize, Vec<NodeId>)> {
     if !fusible(graph, id) || is_output[id.index()] {
@@ -230,6 +231,11 @@ fn recompute_plan(
         _ => false,
     };
     if readers.len() < 2 || !readers.iter().all(|&u| takes(u)) {
+        return None;
+    }
+    // A value made from constants alone leaves its readers' groups with no operand, and
+    // such groups make no kernel: the copies would only compute it twice.
+    if constant[id.index()] {
         return None;
     }
     let mut ops = 1;
@@ -281,9 +287,19 @@ pub fn recompute_in_readers(graph: &Graph) -> Option<(Graph, Vec<Option<NodeId>>
     for id in graph.outputs.values() {
         is_output[id.index()] = true;
     }
+    // Values computed from scalar constants alone (through elementwise ops and broadcasts).
+    let mut constant = vec![false; graph.len()];
+    for id in graph.ids() {
+        let node = graph.node(id);
+        constant[id.index()] = match node.op {
+            Op::Scalar(_) => true,
+            Op::Unary(_) | Op::Binary(_) | Op::Broadcast { .. } => node.inputs.iter().all(|x| constant[x.index()]),
+            _ => false,
+        };
+    }
     let mut recomputed: Vec<Option<(usize, Vec<NodeId>)>> = vec![None; graph.len()];
     for id in graph.ids() {
-        recomputed[id.index()] = recompute_plan(graph, id, &is_output, &recomputed);
+        recomputed[id.index()] = recompute_plan(graph, id, &is_output, &constant, &recomputed);
     }
     if recomputed.iter().all(Option::is_none) {
         return None;

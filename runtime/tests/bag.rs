@@ -19,7 +19,7 @@
 mod common;
 use common::dims;
 use mdl_runtime::backend::{jit::Jit, Executor, Interp};
-use mdl_runtime::optim::{OptimConfig, OptimKind, Optimizer};
+use mdl_runtime::optim::{LrScale, OptimConfig, OptimKind, Optimizer};
 use mdl_runtime::{differentiate, BinaryOp, Binding, DType, Graph, Init, Mode, Op, ReduceOp, Tensor, Value};
 use proptest::prelude::*;
 use std::collections::{BTreeSet, HashMap};
@@ -205,7 +205,7 @@ fn check(
     for g in &grads {
         let mut p = params.clone();
         let mut opt = Optimizer::<f32>::new(OptimConfig::new(OptimKind::adam(), 1e-2)).unwrap();
-        opt.step(&mut p, g, &info, &|_| false, 1.0).unwrap();
+        opt.step(&mut p, g, &info, &|_| false, &LrScale::from(1.0)).unwrap();
         after.push(p);
     }
     for name in ["E", "W"] {

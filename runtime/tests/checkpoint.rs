@@ -2,7 +2,7 @@
 //! damaged files; plus an optimizer resumed from a checkpoint file.
 
 use mdl_runtime::checkpoint::{load, save, CheckpointProblem};
-use mdl_runtime::optim::{OptimConfig, OptimKind, Optimizer};
+use mdl_runtime::optim::{LrScale, OptimConfig, OptimKind, Optimizer};
 use mdl_runtime::rng::SplitMix64;
 use mdl_runtime::{Dim, Init, NodeId, ParamInfo, Tensor, Value};
 use std::collections::HashMap;
@@ -175,13 +175,13 @@ fn training_resumed_from_a_checkpoint_file_continues_bit_identically() {
     let mut straight_params = start.clone();
     let mut straight = Optimizer::<f32>::new(config.clone()).unwrap();
     for step in 0..5 {
-        straight.step(&mut straight_params, &grads(step), &infos, &not_frozen, 1.0).unwrap();
+        straight.step(&mut straight_params, &grads(step), &infos, &not_frozen, &LrScale::from(1.0)).unwrap();
     }
 
     let mut params = start;
     let mut opt = Optimizer::<f32>::new(config.clone()).unwrap();
     for step in 0..3 {
-        opt.step(&mut params, &grads(step), &infos, &not_frozen, 1.0).unwrap();
+        opt.step(&mut params, &grads(step), &infos, &not_frozen, &LrScale::from(1.0)).unwrap();
     }
     let mut named: Vec<(String, Tensor<f32>)> = params.iter().map(|(n, t)| (format!("param/{n}"), t.clone())).collect();
     named.extend(opt.state().into_iter().map(|(n, t)| (format!("optim/{n}"), t)));
@@ -201,7 +201,7 @@ fn training_resumed_from_a_checkpoint_file_continues_bit_identically() {
     let mut opt = Optimizer::<f32>::new(config).unwrap();
     opt.load_state(state).unwrap();
     for step in 3..5 {
-        opt.step(&mut params, &grads(step), &infos, &not_frozen, 1.0).unwrap();
+        opt.step(&mut params, &grads(step), &infos, &not_frozen, &LrScale::from(1.0)).unwrap();
     }
     for name in ["w", "emb"] {
         assert_eq!(bits(&params[name]), bits(&straight_params[name]), "{name}");

@@ -314,7 +314,7 @@ fn group_products_out_of_range_and_large() {
 /// several steps, with one and two threads; a frozen parameter stays as it was.
 #[test]
 fn compiled_updates_equal_the_reference_optimizer() {
-    use mdl_runtime::optim::{OptimConfig, OptimKind, Optimizer};
+    use mdl_runtime::optim::{LrScale, OptimConfig, OptimKind, Optimizer};
     use mdl_runtime::ParamInfo;
     let info = common::param_info;
     let shapes: [(&str, Vec<usize>, bool); 4] = [
@@ -361,7 +361,7 @@ fn compiled_updates_equal_the_reference_optimizer() {
                         grads.insert(p.name.clone(), grad);
                     }
                     let frozen = |p: &ParamInfo| p.name == "frozen";
-                    reference.step(&mut params, &grads, &infos, &frozen, 0.5).unwrap();
+                    reference.step(&mut params, &grads, &infos, &frozen, &LrScale::from(0.5)).unwrap();
                     mdl_runtime::training::update(
                         &mut jit,
                         &mut compiled,
