@@ -1,7 +1,7 @@
 //! Checkpoint files: bit-identical round trips, atomic writes, and clear errors for
 //! damaged files; plus an optimizer resumed from a checkpoint file.
 
-use mdl_runtime::checkpoint::{load, save, CheckpointProblem};
+use mdl_runtime::checkpoint::{decode, load, save, CheckpointProblem};
 use mdl_runtime::optim::{LrScale, OptimConfig, OptimKind, Optimizer};
 use mdl_runtime::rng::SplitMix64;
 use mdl_runtime::{Dim, Init, NodeId, ParamInfo, Tensor, Value};
@@ -64,6 +64,17 @@ fn round_trip_is_bit_identical_and_leaves_no_temp_file() {
         assert_eq!(bits(t), bits(l), "{name}");
     }
     assert_eq!(leftover_temp_files(&dir), Vec::<String>::new());
+    // The file read in blocks and its bytes read whole give the same contents.
+    let (decoded, decoded_meta) = decode(&path, &fs::read(&path).unwrap()).unwrap();
+    assert_eq!(decoded_meta, meta);
+    for ((name, l), (decoded_name, d)) in loaded.iter().zip(&decoded) {
+        assert_eq!((name, &l.shape, bits(l)), (decoded_name, &d.shape, bits(d)));
+    }
+    // Tensors are saved borrowed as well as owned, to the same bytes.
+    let borrowed: Vec<(String, &Tensor<f32>)> = tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
+    let copy = dir.join("borrowed.ckpt");
+    save(&copy, &borrowed, meta).unwrap();
+    assert_eq!(fs::read(&copy).unwrap(), fs::read(&path).unwrap());
 
     // Saving again replaces the file atomically.
     save(&path, &tensors[..1], "{}").unwrap();
@@ -105,6 +116,8 @@ fn any_flipped_byte_is_an_error() {
         fs::write(&path, &damaged).unwrap();
         let err = load(&path).expect_err("a damaged checkpoint must not load");
         assert!(err.to_string().contains("model.ckpt"), "{err}");
+        // Read in blocks or whole, the same problem.
+        assert_eq!(err.to_string(), decode(&path, &damaged).unwrap_err().to_string());
     }
     // A flip in the data is reported as corruption.
     let mut damaged = full.clone();

@@ -61,7 +61,7 @@ pub use encode::{
     CategoricalLayout, FieldEncoder, FieldError, Fitted, Layout, NumericLayout, SequenceLayout, SequenceTable, Vocabs,
 };
 pub use numeric::Normalizer;
-pub use prepare::{prepare, CacheMode, PrepareOptions, PrepareStats, Prepared, SplitPaths};
+pub use prepare::{prepare, CacheMode, PrepareOptions, PrepareStats, Prepared, SplitPaths, Splits};
 pub use schema::{DomainSpec, FeatureGroup, Normalize, Schema, Task};
 pub use source::{parts, Format};
 pub use stream::{Block, RowStream, StreamOptions};

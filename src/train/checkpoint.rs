@@ -10,6 +10,7 @@ use mdl_runtime::checkpoint;
 use mdl_runtime::optim::Optimizer;
 use mdl_runtime::tensor::Tensor;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -36,9 +37,12 @@ pub(super) fn save(
 ) -> Result<(), String> {
     let mut names: Vec<&String> = params.keys().collect();
     names.sort();
-    let mut tensors: Vec<(String, Tensor<f32>)> = names.into_iter().map(|n| (n.clone(), params[n].clone())).collect();
+    // Borrowed, not copied: a copy of a large model's parameters and Adam's moments was
+    // the run's peak memory whenever it wrote `last.ckpt`.
+    let mut tensors: Vec<(String, Cow<'_, Tensor<f32>>)> =
+        names.into_iter().map(|n| (n.clone(), Cow::Borrowed(&params[n]))).collect();
     if let Some(o) = opt {
-        tensors.extend(o.state().into_iter().map(|(n, t)| (format!("{OPT_PREFIX}{n}"), t)));
+        tensors.extend(o.state_views().into_iter().map(|(n, t)| (format!("{OPT_PREFIX}{n}"), t)));
     }
     let meta = Meta { run_id: Some(run_id.to_string()), state: state.clone() };
     let meta = serde_json::to_string(&meta).map_err(|e| e.to_string())?;

@@ -2,7 +2,8 @@
 //! that cannot fit is an error naming the estimate and the machine's memory instead of an
 //! abort ("memory allocation of 64560000000000 bytes failed"). What this module owns: the
 //! estimate ([`Estimate`]: parameters, optimizer state, gradients, activations), the
-//! machine's memory ([`machine_bytes`]), and the two checks: [`check_run`] when a run's
+//! machine's memory ([`machine_bytes`]), handing freed memory back ([`return_freed`]), and
+//! the two checks: [`check_run`] when a run's
 //! plans are built (every size known) and [`check_spec`] for `mdl check` (data sizes
 //! unknown: each counted as 1, so the estimate is a lower bound).
 //!
@@ -94,6 +95,20 @@ fn optimizer_slots(exp: &Experiment) -> u128 {
         OptimizerName::Sgd => 0,
         OptimizerName::Adagrad => 1,
         OptimizerName::Adam => 2,
+    }
+}
+
+/// Hands the free pages of the allocator's heaps back to the system. glibc's `free` keeps
+/// small blocks in its heaps, so after preparation the millions of small allocations of
+/// the vocabularies (each value a string of its own; 4.2M of them on the 100× replica),
+/// freed once `fitted.json` holds them, stayed resident through training: about 0.45 GB
+/// there. `malloc_trim` returns whole free pages wherever they lie in the heaps. Elsewhere
+/// (another C library) this does nothing.
+pub fn return_freed() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases pages the allocator holds free; it takes no pointer.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -43,7 +43,7 @@ pub mod progress;
 pub mod run;
 pub mod stages;
 
-use crate::data::{self, Dataset, Fitted, Prepared};
+use crate::data::{self, Dataset, Fitted, Prepared, Splits};
 use crate::experiment::{Experiment, OptimizerName};
 use crate::files::sha256_hex;
 use crate::lower::{compile_file_sized, logit_output, Compiled, Sizes};
@@ -612,11 +612,17 @@ pub fn train_in(exp: &Experiment, opts: &RunOptions, group: &dyn crate::dist::Gr
             return Err(e);
         }
     };
+    // The vocabularies go to `fitted.json` and are let go: the run reads only the splits.
+    let Prepared { fitted, train, valid, test, stats } = prep;
+    let fitted_json = serde_json::to_string(&fitted).map_err(|e| e.to_string())?;
+    drop(fitted);
+    memory::return_freed();
+    let splits = Splits { train: &train, valid: &valid, test: &test };
     let start = if opts.resume { Start::Resume(trust) } else { Start::Fresh };
     // The run folder records the run once it has started: a resume that cannot start
     // leaves it as it was.
     let place = (out.as_path(), run_id.as_str());
-    let started = Run::start(exp, &session, exec.as_mut(), &prep, place, group, log, start);
+    let started = Run::start(exp, &session, exec.as_mut(), splits, place, group, log, start);
     let mut run = match agree(group, started) {
         Ok(run) => run,
         Err(e) => {
@@ -630,16 +636,16 @@ pub fn train_in(exp: &Experiment, opts: &RunOptions, group: &dyn crate::dist::Gr
         if !from_copy {
             folder.snapshot_spec(&spec_files)?;
         }
-        let fitted = serde_json::to_string(&prep.fitted).map_err(|e| e.to_string())?;
-        for (name, bytes) in [("config.yaml", config.as_bytes()), ("fitted.json", fitted.as_bytes())] {
+        for (name, bytes) in [("config.yaml", config.as_bytes()), ("fitted.json", fitted_json.as_bytes())] {
             if !folder.holds(name, bytes) {
                 folder.write(name, bytes)?;
             }
         }
         folder.manifest.config_sha256 = config_sha256;
-        folder.manifest.data_key = prep.stats.cache_key.clone();
+        folder.manifest.data_key = stats.cache_key.clone();
         folder.save_manifest()?;
     }
+    drop(fitted_json);
     if run.fit(opts.stop_after)? == LoopEnd::Finished {
         run.finish(claimed.as_mut(), compile_ms, plan_ms)?;
     }
@@ -698,7 +704,7 @@ fn load_data(exp: &Experiment, schema: &data::Schema, log: &mut Progress) -> Res
         prep.stats.total_seconds,
         prep.stats.cache_summary()
     ));
-    for (name, count) in skipped_rows(&prep) {
+    for (name, count) in skipped_rows(prep.splits()) {
         log.line(&format!("data: skipped {count} malformed rows in {name} (bad_rows: skip)"));
     }
     if prep.train.rows == 0 {
@@ -709,8 +715,8 @@ fn load_data(exp: &Experiment, schema: &data::Schema, log: &mut Progress) -> Res
 
 /// The malformed rows skipped in each split that had any, by split name (`metrics.json`'s
 /// `skipped_rows`).
-fn skipped_rows(prep: &Prepared) -> BTreeMap<String, u64> {
-    [("train", &prep.train), ("valid", &prep.valid), ("test", &prep.test)]
+fn skipped_rows(data: Splits) -> BTreeMap<String, u64> {
+    [("train", data.train), ("valid", data.valid), ("test", data.test)]
         .into_iter()
         .filter(|(_, ds)| ds.skipped.count > 0)
         .map(|(name, ds)| (name.to_string(), ds.skipped.count as u64))
