@@ -238,6 +238,10 @@ fn dot_emulated(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
     _mm512_fmadd_ps(a_even, b_even, _mm512_fmadd_ps(a_odd, b_odd, acc))
 }
 
+/// The signature of the micro-kernels [`micro_kernel!`] makes.
+#[cfg(target_arch = "x86_64")]
+type TileKernel = unsafe fn(usize, *const u32, LeftStrides, *const u32, *mut f32, usize, usize, usize);
+
 micro_kernel!(tile_hardware, "avx512f,avx512bf16", dot_hardware);
 micro_kernel!(tile_emulated, "avx512f", dot_emulated);
 
@@ -254,6 +258,12 @@ fn rows_block(
     rows: usize,
 ) {
     let panels = n.div_ceil(NR);
+    // The micro-kernel of `dot`, chosen once.
+    #[cfg(target_arch = "x86_64")]
+    let tile: TileKernel = match dot {
+        Dot::Hardware => tile_hardware,
+        Dot::Emulated => tile_emulated,
+    };
     for block in (0..rows).step_by(MC) {
         let block_end = (block + MC).min(rows);
         for panel in 0..panels {
@@ -270,28 +280,16 @@ fn rows_block(
                 // caller).
                 unsafe {
                     #[cfg(target_arch = "x86_64")]
-                    match dot {
-                        Dot::Hardware => tile_hardware(
-                            k_pairs,
-                            tile_left.as_ptr(),
-                            strides,
-                            panel_words.as_ptr(),
-                            tile_out.as_mut_ptr(),
-                            n,
-                            tile_rows,
-                            cols,
-                        ),
-                        Dot::Emulated => tile_emulated(
-                            k_pairs,
-                            tile_left.as_ptr(),
-                            strides,
-                            panel_words.as_ptr(),
-                            tile_out.as_mut_ptr(),
-                            n,
-                            tile_rows,
-                            cols,
-                        ),
-                    }
+                    tile(
+                        k_pairs,
+                        tile_left.as_ptr(),
+                        strides,
+                        panel_words.as_ptr(),
+                        tile_out.as_mut_ptr(),
+                        n,
+                        tile_rows,
+                        cols,
+                    );
                 }
             }
         }
