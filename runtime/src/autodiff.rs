@@ -144,6 +144,56 @@ pub fn differentiate(graph: &Graph, loss: NodeId, wrt: &[String]) -> Result<Grap
     Ok(retain(&out, &keep).0)
 }
 
+/// The sum of cotangents that are each a `Pad` of a part into its own columns (the
+/// cotangents of slices of one value that do not overlap, as [`crate::passes::wide_products`]
+/// makes) as one concat of the parts, zeros where no part lies; `None` where the parts are
+/// not such pads (different axes, overlapping or not known sizes), and they are added.
+/// The sum and the concat hold the same numbers (each element is one part's or zero).
+fn join_disjoint_pads(out: &mut Graph, parts: &[NodeId], scope: &str) -> Result<Option<NodeId>, ShapeError> {
+    let mut pieces = Vec::with_capacity(parts.len());
+    let mut axis_of_all = None;
+    for &c in parts {
+        let Op::Pad { axis, before, after } = &out.node(c).op else { return Ok(None) };
+        let part = out.node(c).inputs[0];
+        let (Some(before), Some(after), Some(len)) =
+            (before.as_const(), after.as_const(), out.shape(part)[*axis].as_const())
+        else {
+            return Ok(None);
+        };
+        if *axis_of_all.get_or_insert(*axis) != *axis {
+            return Ok(None);
+        }
+        pieces.push((before, len, after, part));
+    }
+    let Some(axis) = axis_of_all else { return Ok(None) };
+    pieces.sort_by_key(|&(before, ..)| before);
+    let total = pieces[0].0 + pieces[0].1 + pieces[0].2;
+    let mut operands = Vec::with_capacity(2 * pieces.len() + 1);
+    let mut at = 0;
+    for &(before, len, after, part) in &pieces {
+        if before < at || before + len + after != total {
+            return Ok(None);
+        }
+        if before > at {
+            operands.push(zeros_like_along(out, part, axis, before - at, scope)?);
+        }
+        operands.push(part);
+        at = before + len;
+    }
+    if at < total {
+        operands.push(zeros_like_along(out, pieces[0].3, axis, total - at, scope)?);
+    }
+    out.add(Op::Concat { axis }, &operands, scope).map(Some)
+}
+
+/// Zeros of `like`'s shape with `len` elements along `axis`.
+fn zeros_like_along(out: &mut Graph, like: NodeId, axis: usize, len: i64, scope: &str) -> Result<NodeId, ShapeError> {
+    let mut shape = out.shape(like).clone();
+    shape[axis] = crate::ir::dim::Dim::lit(len);
+    let zero = out.add(Op::Scalar(0.0), &[], scope)?;
+    out.add(Op::Broadcast { shape }, &[zero], scope)
+}
+
 fn rule_error(graph: &Graph, id: NodeId, error: ShapeError) -> AutodiffError {
     AutodiffError::Rule { node: id.index(), op: graph.node(id).op.name(), error }
 }
@@ -159,6 +209,9 @@ fn sum_cotangents(out: &mut Graph, graph: &Graph, id: NodeId, parts: &[NodeId]) 
     let scope = format!("grad:{}", graph.node(id).scope);
     let err = |error| rule_error(graph, id, error);
     if sparse == 0 {
+        if let Some(joined) = join_disjoint_pads(out, parts, &scope).map_err(err)? {
+            return Ok(joined);
+        }
         let mut total = parts[0];
         for &c in &parts[1..] {
             total = out.add(Op::Binary(ops::BinaryOp::Add), &[total, c], &scope).map_err(err)?;

@@ -1,7 +1,12 @@
 //! Graph-to-graph passes: common-subexpression elimination ([`cse`]), dead-code elimination
-//! ([`dce`]) and [`optimize`], which runs the pass list [`PASSES`] in order. A pass takes a
-//! graph and builds a new one (graphs are append-only); node ids change, and the
-//! parameter, input and output tables are remapped.
+//! ([`dce`]), sibling products made one wider product ([`wide_products`]) and [`optimize`],
+//! which runs the pass list [`PASSES`] in order. A pass takes a graph and builds a new one
+//! (graphs are append-only); node ids change, and the parameter, input and output tables are
+//! remapped.
+//!
+//! [`wide_products`] is also worth running on a forward graph *before* it is differentiated
+//! (the trainer does, with [`wide_products_toward`] its loss): the backward of one wide product is two wide products (`dx = dY·Wᵀ`,
+//! `dW = xᵀ·dY`), where the siblings' backward is two products each and a sum of their `dx`.
 //!
 //! [`for_phase`] is not in the list either: it resolves each `TrainEval` node to the value
 //! of one phase (training or evaluation), which the trainer does once per graph it derives.
@@ -10,8 +15,9 @@
 //! (`Op::Fused`, which have no gradient rule), so the backends that compile them run it on
 //! the optimised forward + backward graph.
 
+use crate::ir::dim::Dim;
 use crate::ir::graph::{Graph, NodeId};
-use crate::ops::Op;
+use crate::ops::{self, Op};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
@@ -20,7 +26,7 @@ pub type Pass = fn(&Graph) -> Graph;
 
 /// The passes [`optimize`] runs, in order. To add one, write `fn(&Graph) -> Graph` and
 /// list it here.
-pub const PASSES: &[(&str, Pass)] = &[("cse", cse), ("dce", dce)];
+pub const PASSES: &[(&str, Pass)] = &[("cse", cse), ("wide_products", wide_products), ("dce", dce)];
 
 /// Runs every pass of [`PASSES`] in order.
 pub fn optimize(graph: &Graph) -> Graph {
@@ -147,4 +153,141 @@ pub fn retain(graph: &Graph, keep: &[bool]) -> (Graph, Vec<Option<NodeId>>) {
     }
     out.copy_tables(graph, &map);
     (out, map)
+}
+
+/// Sibling products made one wider product: products `a·w₁, a·w₂, …` that read the same
+/// left operand `a` (same transposes) and right operands `wᵢ` of rank 2 that do not depend
+/// on the batch (weights, or values computed from weights only) become one product
+/// `a·[w₁ | w₂ | …]` whose output columns are sliced back into the siblings' values. MMoE's
+/// experts and gates all read the same input, a DCNv2 cross layer and the first DNN layer
+/// read the same `x₀`, attention's query, key and value projections read the same tokens:
+/// one product per family instead of one per sibling, which runs nearer the machine's
+/// peak (a wider output), reads `a` once, and whose backward is one `dY·Wᵀ` instead of a
+/// product per sibling and their sum (see the module doc; the cotangents of the slices are
+/// joined into one concat by autodiff). The weights' concat is a copy of the weights per
+/// step, small beside the product; the slices are read in place by the jit's kernels.
+///
+/// The values are those of the siblings up to the order of additions inside the products
+/// (the same dot products, computed by a wider kernel). A left operand that does not
+/// depend on the batch (a product of two weights) is left alone.
+pub fn wide_products(graph: &Graph) -> Graph {
+    merge_siblings(graph, &vec![true; graph.len()])
+}
+
+/// [`wide_products`] for a forward graph about to be differentiated for `loss`: only
+/// products whose value reaches `loss` through differentiable ops are merged. A weight of
+/// another sibling would get a gradient of zeros from the wide product's gradient, where
+/// autodiff gives it none (and an optimizer leaves it alone).
+pub fn wide_products_toward(graph: &Graph, loss: NodeId) -> Graph {
+    let mut reaches = vec![false; graph.len()];
+    if loss.index() < graph.len() {
+        reaches[loss.index()] = true;
+    }
+    for id in graph.ids().collect::<Vec<_>>().into_iter().rev() {
+        let node = graph.node(id);
+        if reaches[id.index()] && !node.op.is_nondifferentiable() {
+            for i in &node.inputs {
+                reaches[i.index()] = true;
+            }
+        }
+    }
+    merge_siblings(graph, &reaches)
+}
+
+/// Merges the sibling products among the products marked in `candidates`.
+fn merge_siblings(graph: &Graph, candidates: &[bool]) -> Graph {
+    // Values that do not depend on any batch input: params, states, constants and what is
+    // computed from them alone.
+    let mut fixed = vec![false; graph.len()];
+    for id in graph.ids() {
+        let node = graph.node(id);
+        fixed[id.index()] = !matches!(node.op, Op::Input { .. }) && node.inputs.iter().all(|i| fixed[i.index()]);
+    }
+    // Sibling families: (left operand, transposes) → the products, in node order.
+    let mut families: HashMap<(NodeId, bool, bool), Vec<NodeId>> = HashMap::new();
+    for id in graph.ids() {
+        let node = graph.node(id);
+        let Op::MatMul { trans_a, trans_b } = node.op else { continue };
+        if !candidates[id.index()] {
+            continue;
+        }
+        let (a, w) = (node.inputs[0], node.inputs[1]);
+        let w_sig = graph.sig(w);
+        if fixed[a.index()] || !fixed[w.index()] || w_sig.shape.len() != 2 || w_sig.kind != ops::ValueKind::Dense {
+            continue;
+        }
+        families.entry((a, trans_a, trans_b)).or_default().push(id);
+    }
+    families.retain(|_, products| products.len() > 1);
+    if families.is_empty() {
+        return graph.clone();
+    }
+    let mut family_of: HashMap<NodeId, (NodeId, bool, bool)> = HashMap::new();
+    for (key, products) in &families {
+        for &p in products {
+            family_of.insert(p, *key);
+        }
+    }
+
+    let mut out = Graph::new();
+    let mut map: Vec<Option<NodeId>> = vec![None; graph.len()];
+    for id in graph.ids() {
+        if map[id.index()].is_some() {
+            continue;
+        }
+        let Some(key) = family_of.get(&id) else {
+            copy_with_operands(graph, id, &mut out, &mut map);
+            continue;
+        };
+        // The family's first product: every weight of the family (and what it is computed
+        // from, which reads no batch input and so no product of the family) is emitted
+        // here, then the wide product and one slice per sibling.
+        let products = &families[key];
+        let (a, _, trans_b) = *key;
+        let weights: Vec<NodeId> =
+            products.iter().map(|&p| copy_with_operands(graph, graph.node(p).inputs[1], &mut out, &mut map)).collect();
+        let scope = &graph.node(id).scope;
+        let weight_axis = if trans_b { 0 } else { 1 };
+        let wide_weight = out
+            .add(Op::Concat { axis: weight_axis }, &weights, scope)
+            .expect("sibling weights agree on their shared axis (their products read the same operand)");
+        let a_new = map[a.index()].expect("the left operand comes before its products");
+        let wide = out
+            .add(graph.node(id).op.clone(), &[a_new, wide_weight], scope)
+            .expect("the wide product's operands have the siblings' inner size");
+        let axis = out.shape(wide).len() - 1;
+        let mut start = Dim::lit(0);
+        for &p in products {
+            let len = graph.shape(p)[axis].clone();
+            let slice = out
+                .add(Op::Slice { axis, start: start.clone(), len: len.clone() }, &[wide], &graph.node(p).scope)
+                .expect("a sibling's columns lie inside the wide product");
+            start = &start + &len;
+            map[p.index()] = Some(slice);
+        }
+    }
+    out.copy_tables(graph, &map);
+    out
+}
+
+/// Copies node `id` of `graph` into `out` after the operands it reads that are not there
+/// yet (a depth-first walk), and returns its id in `out`.
+fn copy_with_operands(graph: &Graph, id: NodeId, out: &mut Graph, map: &mut [Option<NodeId>]) -> NodeId {
+    let mut stack = vec![id];
+    while let Some(&top) = stack.last() {
+        if map[top.index()].is_some() {
+            stack.pop();
+            continue;
+        }
+        let node = graph.node(top);
+        let missing: Vec<NodeId> = node.inputs.iter().copied().filter(|i| map[i.index()].is_none()).collect();
+        if missing.is_empty() {
+            let inputs = node.inputs.iter().map(|i| map[i.index()].expect("emitted above")).collect();
+            map[top.index()] = Some(out.push_copy(node, inputs));
+            stack.pop();
+        } else {
+            stack.extend(missing);
+        }
+    }
+    map[id.index()].expect("emitted above")
 }

@@ -6,8 +6,10 @@
 //!   transcendental), recomputed in each (asserted on the graphs, after the pass's rewrite
 //!   `step(x)` reads an existing `relu(x)`, an equal value).
 //! - Random elementwise DAGs with broadcasting (`[B, n]` with `[n]`, `[B, 1]`, `[1, n]`,
-//!   `[]`, scalars, explicit broadcasts, slices of wider values, a concat; and rank 3): the fused graph on interp equals the
-//!   original exactly (the fused eval rule applies the same scalar functions in the same
+//!   `[]`, scalars, explicit broadcasts, slices of wider values, a concat whose parts other
+//!   kernels may read too; and rank 3): the fused graph on interp equals the original
+//!   exactly (and so does the jit's plan, where those readers read the parts back from the
+//!   concat) (the fused eval rule applies the same scalar functions in the same
 //!   order), and the jit (fusion on) equals interp on the original graph exactly with fma
 //!   contraction off, and within `1e-5 * (1 + max |out|)` with it on (fma rounds once
 //!   instead of twice). "Exactly" means equal as numbers (`0 == -0`) or both NaN.
@@ -18,7 +20,7 @@
 //! - The inline transcendentals, swept over their range, stay within a few ulp of f64.
 
 mod common;
-use mdl_runtime::backend::jit::{codegen, Jit};
+use mdl_runtime::backend::jit::{codegen, parts_read_from_concats, Jit};
 use mdl_runtime::backend::{interp, Executor, Interp};
 use mdl_runtime::exec::{Arg, EvalCx};
 use mdl_runtime::fuse::{fuse_elementwise, fuse_with_map, step_reads_relu};
@@ -336,6 +338,15 @@ fn check_dag(d: &Dag) {
     let fused = fuse_elementwise(g);
     let got = interp::run(&fused, &d.binding, &feeds, &d.params, &Mode::eval()).unwrap();
     assert_same_values(&got, &want, &names, 0.0, "fused graph on interp");
+    // The jit's plan: the other readers of a concat's part read it from the concat.
+    let fused = match parts_read_from_concats(&fused) {
+        Some(rewired) => {
+            let got = interp::run(&rewired, &d.binding, &feeds, &d.params, &Mode::eval()).unwrap();
+            assert_same_values(&got, &want, &names, 0.0, "parts read from their concats, on interp");
+            rewired
+        }
+        None => fused,
+    };
     for threads in [1, 2] {
         let mut jit = Jit::with_threads(threads).with_exact_kernels(true);
         jit.set_profiling(true);

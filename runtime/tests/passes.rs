@@ -1,11 +1,11 @@
-//! CSE and DCE: what they merge and remove, and that results do not change.
+//! CSE, DCE and wide products: what they merge and remove, and that results do not change.
 
 mod common;
 
 use common::*;
 use mdl_runtime::backend::interp;
-use mdl_runtime::passes::{cse, dce, optimize};
-use mdl_runtime::{differentiate, BinaryOp, Op, UnaryOp};
+use mdl_runtime::passes::{cse, dce, optimize, wide_products, wide_products_toward};
+use mdl_runtime::{differentiate, BinaryOp, NodeId, Op, ReduceOp, UnaryOp};
 
 #[test]
 fn cse_merges_a_duplicated_subexpression() {
@@ -87,4 +87,132 @@ fn optimize_preserves_model_gradients() {
     for name in before.output_names() {
         assert_eq!(before.output(name).unwrap().to_dense(), after.output(name).unwrap().to_dense(), "{name}");
     }
+}
+
+fn matmuls(g: &mdl_runtime::Graph) -> usize {
+    g.ids().filter(|&i| matches!(g.node(i).op, Op::MatMul { .. })).count()
+}
+
+/// A concat with a part of zeros (a broadcast scalar 0).
+fn concat_with_zeros(g: &mdl_runtime::Graph, id: NodeId) -> bool {
+    let zeros =
+        |p: NodeId| matches!(g.node(p).op, Op::Broadcast { .. }) && g.node(g.node(p).inputs[0]).op == Op::Scalar(0.0);
+    matches!(g.node(id).op, Op::Concat { .. }) && g.node(id).inputs.iter().any(|&p| zeros(p))
+}
+
+/// Three products of one input by three weights (one of them transposed, so a family of
+/// its own) and a product of two weights (left alone), with a loss that reads two of the
+/// three (`unused` reaches only an output): `sent_to_loss` siblings send cotangents.
+fn sibling_products(c: &mut Case) -> NodeId {
+    use mdl_runtime::BinaryOp::*;
+    c.bind("B", 4);
+    let x_data = c.uniform(4 * 5, -1.0, 1.0);
+    let x = c.input_values("x", batch_dims(&[4, 5]), x_data);
+    let w1 = c.param("w1", dims(&[5, 3]));
+    let w2 = c.param("w2", dims(&[5, 2]));
+    let w_unused = c.param("w_unused", dims(&[5, 4]));
+    let w_t = c.param("w_t", dims(&[6, 5]));
+    let u = c.param("u", dims(&[5, 5]));
+    let mm = |c: &mut Case, a, b, trans_b| c.add(Op::MatMul { trans_a: false, trans_b }, &[a, b]).unwrap();
+    let y1 = mm(c, x, w1, false);
+    let y1 = c.add(Op::Unary(UnaryOp::Tanh), &[y1]).unwrap();
+    let y2 = mm(c, x, w2, false);
+    let y2 = c.add(Op::Binary(Mul), &[y2, y2]).unwrap();
+    let unused = mm(c, x, w_unused, false);
+    let yt = mm(c, x, w_t, true);
+    let yt = c.add(Op::Unary(UnaryOp::Sigmoid), &[yt]).unwrap();
+    // A weight computed from weights (u·w1, batch-independent) is a sibling too; u·u is a
+    // product of weights and stays as it is.
+    let uw = mm(c, u, w1, false);
+    let uu = mm(c, u, u, false);
+    let y3 = mm(c, x, uw, false);
+    let sum =
+        |c: &mut Case, v| c.add(Op::Reduce { op: ReduceOp::Sum, axes: vec![0, 1], keep_dims: false }, &[v]).unwrap();
+    let parts = [sum(c, y1), sum(c, y2), sum(c, yt), sum(c, y3), sum(c, uu)];
+    let loss = parts[1..].iter().fold(parts[0], |t, &p| c.add(Op::Binary(Add), &[t, p]).unwrap());
+    c.graph.outputs.insert("loss".into(), loss);
+    c.graph.outputs.insert("unused".into(), unused);
+    loss
+}
+
+/// Sibling products become one product per family (the plain family of four, the
+/// transposed one of one stays); values are unchanged, and the gradients of the merged
+/// graph equal those of the siblings' and finite differences, with one `dY·Wᵀ` and one
+/// `xᵀ·dY` for the family and the slices' cotangents joined into one concat (zeros where the
+/// unused sibling's columns are).
+#[test]
+fn wide_products_merge_siblings_and_keep_values_and_gradients() {
+    let mut c = Case::new(21);
+    let loss = sibling_products(&mut c);
+    let wide = wide_products(&c.graph);
+    // x·w1, x·w2, x·w_unused, x·(u·w1) are one family; x·w_tᵀ is alone; u·w1, u·u stay.
+    assert_eq!(matmuls(&c.graph), 7);
+    assert_eq!(matmuls(&wide), 4, "{}", wide.listing());
+    let before = interp::run(&c.graph, &c.binding, &c.feeds, &c.params, &c.mode).unwrap();
+    let after = interp::run(&wide, &c.binding, &c.feeds, &c.params, &c.mode).unwrap();
+    for name in ["loss", "unused"] {
+        let (b, a) = (before.dense(name).unwrap(), after.dense(name).unwrap());
+        assert_eq!(b.shape, a.shape);
+        for (x, y) in b.data.iter().zip(&a.data) {
+            assert!((x - y).abs() <= 1e-12 * (1.0 + x.abs()), "{name}: {x} vs {y}");
+        }
+    }
+    let names: Vec<String> = c.graph.params.iter().map(|p| p.name.clone()).collect();
+    let plain = differentiate(&c.graph, loss, &names).unwrap();
+    let merged = differentiate(&wide, wide.outputs["loss"], &names).unwrap();
+    // Forward 4 products; backward: the family's dW (x is an input: no dx), u·w1's two,
+    // u·u's two and x·w_tᵀ's dW.
+    assert_eq!(matmuls(&merged), 4 + 1 + 2 + 2 + 1, "{}", merged.listing());
+    let concats_of_zeros = merged.ids().filter(|&i| concat_with_zeros(&merged, i));
+    assert_eq!(concats_of_zeros.count(), 1, "the cotangent of the wide product is one concat with zeros");
+    // Toward the loss, the unused sibling is left out of the family: its weight gets no
+    // gradient, as without the pass; the concat of the cotangents has no zeros.
+    let toward = wide_products_toward(&c.graph, loss);
+    assert_eq!(matmuls(&toward), 5, "{}", toward.listing());
+    let merged_toward = differentiate(&toward, toward.outputs["loss"], &names).unwrap();
+    assert!(!merged_toward.outputs.contains_key("grad/w_unused"));
+    assert!(merged_toward
+        .ids()
+        .all(|i| !matches!(merged_toward.node(i).op, Op::Pad { .. }) && !concat_with_zeros(&merged_toward, i)));
+    assert!(merged.ids().all(|i| !matches!(merged.node(i).op, Op::Pad { .. })), "no pad is left: {}", merged.listing());
+    let g_plain = interp::run(&plain, &c.binding, &c.feeds, &c.params, &c.mode).unwrap();
+    let g_merged = interp::run(&merged, &c.binding, &c.feeds, &c.params, &c.mode).unwrap();
+    for name in &names {
+        let key = format!("grad/{name}");
+        let Some(b) = g_plain.dense(&key) else {
+            assert_eq!(name, "w_unused", "only the unused sibling's weight has no gradient");
+            // The pass without the loss merged it: a gradient of zeros.
+            assert!(g_merged.dense(&key).unwrap().data.iter().all(|&v| v == 0.0));
+            continue;
+        };
+        let a = g_merged.dense(&key).unwrap();
+        assert_eq!(b.shape, a.shape, "{key}");
+        for (x, y) in b.data.iter().zip(&a.data) {
+            assert!((x - y).abs() <= 1e-12 * (1.0 + x.abs()), "{key}: {x} vs {y}");
+        }
+    }
+    // The merged graph's gradients against finite differences.
+    let mut fd = Case::new(21);
+    sibling_products(&mut fd);
+    fd.graph = wide_products(&fd.graph);
+    let loss = fd.graph.outputs["loss"];
+    fd.check_loss(loss).unwrap();
+}
+
+/// A graph without siblings comes back as it is; a second pass over a merged graph
+/// changes nothing more (the wide weight is a concat, one product per family).
+#[test]
+fn wide_products_leave_lone_products_and_are_idempotent() {
+    let mut c = Case::new(3);
+    let x = c.input_values("x", dims(&[2, 3]), vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6]);
+    let w = c.param("w", dims(&[3, 2]));
+    let y = c.add(Op::MatMul { trans_a: false, trans_b: false }, &[x, w]).unwrap();
+    let z = c.add(Op::MatMul { trans_a: false, trans_b: false }, &[y, c.graph.param_info("w").unwrap().node]);
+    assert!(z.is_err(), "the shapes do not chain");
+    c.graph.outputs.insert("y".into(), y);
+    assert_eq!(wide_products(&c.graph).listing(), c.graph.listing());
+    let mut c = Case::new(4);
+    sibling_products(&mut c);
+    let once = wide_products(&c.graph);
+    assert_eq!(wide_products(&once).listing(), once.listing());
 }

@@ -139,13 +139,17 @@ pub fn compile_spec_sized(exp: &Experiment, spec: &Path, sizes: &Sizes) -> Resul
 pub fn build_training_graph(c: &Compiled) -> Result<mdl_runtime::Graph, String> {
     let forward = training_forward(c);
     let loss = *forward.outputs.get("loss").ok_or("the model has no loss output")?;
+    let forward = passes::wide_products_toward(&forward, loss);
+    let loss = forward.outputs["loss"];
     let wrt: Vec<String> = forward.params.iter().map(|p| p.name.clone()).collect();
     let g = autodiff::differentiate(&forward, loss, &wrt).map_err(|e| e.to_string())?;
     Ok(passes::optimize(&g))
 }
 
 /// The forward graph as a training step runs it, before its objective is differentiated
-/// (here, and for a stage's objective in `stages.rs`).
+/// (here, and for a stage's objective in `stages.rs`). The caller makes its sibling
+/// products toward the objective one wider product ([`passes::wide_products_toward`]) before
+/// differentiating, so that the backward is wide too.
 pub(crate) fn training_forward(c: &Compiled) -> mdl_runtime::Graph {
     let mut forward = passes::for_phase(&c.graph, true);
     // Probes are read in evaluation only (`mdl analyze`): a step computes none of them.

@@ -395,6 +395,8 @@ pub fn objective_gradients(compiled: &Compiled, losses: &[String], wrt: &[String
     let mut forward = super::training_forward(compiled);
     let total = sum_of_losses(&mut forward, losses)?;
     forward.outputs.insert("loss".into(), total);
+    let forward = passes::wide_products_toward(&forward, total);
+    let total = forward.outputs["loss"];
     let g = autodiff::differentiate(&forward, total, wrt).map_err(|e| e.to_string())?;
     Ok(passes::optimize(&g))
 }

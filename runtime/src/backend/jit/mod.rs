@@ -48,6 +48,7 @@ pub mod pool;
 pub mod speed;
 mod update;
 mod window;
+pub use window::parts_read_from_concats;
 
 use super::driver::{execute, Evaluator, Lifetimes, Operands};
 use super::{profile_key, ExecError, Executor, Mode, OpProfile, PlanCache, Values};
@@ -158,6 +159,10 @@ impl Jit {
     fn plan(&mut self, graph: &Graph) -> &Plan {
         if !self.plans.promote(graph) {
             let fused = if self.fusion { crate::fuse::fuse_elementwise(graph) } else { graph.clone() };
+            let fused = match self.fusion.then(|| window::parts_read_from_concats(&fused)).flatten() {
+                Some(rewired) => rewired,
+                None => fused,
+            };
             let (mut reads, bags) = bag::find(&fused);
             let windows = if self.fusion { window::find(&fused, &mut reads) } else { HashMap::new() };
             let concats = if self.fusion { window::find_concats(&fused, &mut reads) } else { HashMap::new() };

@@ -14,8 +14,14 @@
 //! lanes, both threads). DIN's activation unit concatenates `[q, k, q - k, q * k]`
 //! broadcast over 100 behaviours: none of the four is stored before the concat.
 //!
+//! A part that other kernels read too would have to be stored and copied; instead those
+//! readers read it back from the concat through a window ([`parts_read_from_concats`]), so
+//! the part is still written only into the concat. Sibling products made one wide product
+//! ([`crate::passes::wide_products`]) have their backward's cotangents joined into such a
+//! concat, and each piece is also read by its bias's gradient (a sum over the batch).
+//!
 //! This module owns finding the windows and the concat parts in a fused plan ([`find`],
-//! [`find_concats`]), running kernels through them ([`run`], [`concat`]) and the fallbacks
+//! [`find_concats`], [`parts_read_from_concats`]), running kernels through them ([`run`], [`concat`]) and the fallbacks
 //! that compute the slices or parts by their eval rules ([`eval`], [`concat_eval`]), which
 //! the kernels also agree with bit for bit: a window reads the elements the slice would
 //! hold, and a part writes the elements the concat would copy.
@@ -77,6 +83,131 @@ pub fn find(graph: &Graph, reads: &mut HashMap<NodeId, Vec<NodeId>>) -> HashMap<
         }
     }
     windows
+}
+
+/// The fused graph with the other readers of a concat's part made to read it from the
+/// concat (a slice of it, read through a window), so that the part has the concat as its
+/// only reader and is written straight into it ([`find_concats`]); `None` when no part
+/// qualifies. A part qualifies when a fused kernel without reduction produces it, it is no
+/// output, and every other reader is a kernel that reads windows ([`find`]: a fused kernel,
+/// a sum or a mean) on which the concat does not depend. The readers are moved after the
+/// concat (the concat and what it needs come first); the values do not change.
+pub fn parts_read_from_concats(graph: &Graph) -> Option<Graph> {
+    let outputs: HashSet<NodeId> = graph.outputs.values().copied().collect();
+    let window_reader =
+        |n: NodeId| matches!(graph.node(n).op, Op::Fused(_) | Op::Reduce { op: ReduceOp::Sum | ReduceOp::Mean, .. });
+    // (reader, operand slot) → (concat, part's slice along the concat's axis).
+    let mut rewired: HashMap<(NodeId, usize), (NodeId, Op)> = HashMap::new();
+    for id in graph.ids() {
+        let node = graph.node(id);
+        let Op::Concat { axis } = node.op else { continue };
+        if node.sig.dtype != DType::F || node.sig.kind != ValueKind::Dense {
+            continue;
+        }
+        let mut ancestors: Option<HashSet<NodeId>> = None;
+        let mut start = Dim::lit(0);
+        for &part in &node.inputs {
+            let len = graph.dim(part, axis);
+            let slice = Op::Slice { axis, start: start.clone(), len: len.clone() };
+            start = &start + &len;
+            let producer = graph.node(part);
+            let fused_part = matches!(&producer.op, Op::Fused(kernel) if kernel.reduce.is_none());
+            if !fused_part || outputs.contains(&part) || node.inputs.iter().filter(|&&p| p == part).count() > 1 {
+                continue;
+            }
+            let others: Vec<(NodeId, u32)> = graph.users(part).filter(|&(u, _)| u != id).collect();
+            if others.is_empty() || others.iter().any(|&(u, _)| !window_reader(u)) {
+                continue;
+            }
+            let ancestors = ancestors.get_or_insert_with(|| ancestors_of(graph, id));
+            if others.iter().any(|(u, _)| ancestors.contains(u)) {
+                continue;
+            }
+            for (u, slot) in others {
+                rewired.insert((u, slot as usize), (id, slice.clone()));
+            }
+        }
+    }
+    if rewired.is_empty() {
+        return None;
+    }
+    rebuild_rewired(graph, &rewired)
+}
+
+/// Every node `id` depends on.
+fn ancestors_of(graph: &Graph, id: NodeId) -> HashSet<NodeId> {
+    let mut seen = HashSet::new();
+    let mut stack = graph.node(id).inputs.clone();
+    while let Some(n) = stack.pop() {
+        if seen.insert(n) {
+            stack.extend(graph.node(n).inputs.iter().copied());
+        }
+    }
+    seen
+}
+
+/// `graph` with the operands in `rewired` read as a slice of another node, each node
+/// emitted after what it reads (depth first, otherwise in the graph's order); `None` if the
+/// rewiring made a cycle.
+fn rebuild_rewired(graph: &Graph, rewired: &HashMap<(NodeId, usize), (NodeId, Op)>) -> Option<Graph> {
+    let operands = |n: NodeId| -> Vec<NodeId> {
+        let inputs = &graph.node(n).inputs;
+        (0..inputs.len()).map(|slot| rewired.get(&(n, slot)).map_or(inputs[slot], |(source, _)| *source)).collect()
+    };
+    let mut out = Graph::new();
+    let mut map: Vec<Option<NodeId>> = vec![None; graph.len()];
+    let mut slices: HashMap<(NodeId, usize), NodeId> = HashMap::new();
+    let mut visiting = vec![false; graph.len()];
+    for root in graph.ids() {
+        let mut stack = vec![root];
+        while let Some(&top) = stack.last() {
+            if map[top.index()].is_some() {
+                stack.pop();
+                continue;
+            }
+            let missing: Vec<NodeId> = operands(top).into_iter().filter(|i| map[i.index()].is_none()).collect();
+            if missing.is_empty() {
+                let node = graph.node(top);
+                let mut inputs = Vec::with_capacity(node.inputs.len());
+                for (slot, &x) in node.inputs.iter().enumerate() {
+                    inputs.push(match rewired.get(&(top, slot)) {
+                        Some((source, slice)) => {
+                            let key = (*source, slot_of(graph, *source, x));
+                            *slices.entry(key).or_insert_with(|| {
+                                let sig = graph.node(x).sig.clone();
+                                let from = map[source.index()].expect("emitted first");
+                                out.push_copy(
+                                    &crate::ir::graph::Node {
+                                        op: slice.clone(),
+                                        inputs: vec![],
+                                        sig,
+                                        scope: node.scope.clone(),
+                                    },
+                                    vec![from],
+                                )
+                            })
+                        }
+                        None => map[x.index()].expect("emitted first"),
+                    });
+                }
+                map[top.index()] = Some(out.push_copy(node, inputs));
+                stack.pop();
+            } else {
+                if visiting[top.index()] {
+                    return None;
+                }
+                visiting[top.index()] = true;
+                stack.extend(missing);
+            }
+        }
+    }
+    out.copy_tables(graph, &map);
+    Some(out)
+}
+
+/// The operand slot of `part` in the concat `concat`.
+fn slot_of(graph: &Graph, concat: NodeId, part: NodeId) -> usize {
+    graph.node(concat).inputs.iter().position(|&p| p == part).expect("a part of the concat")
 }
 
 /// The shape a window of `x` reads and the element it starts at, or why it cannot (the
