@@ -885,9 +885,10 @@ fn render_gradients(s: &mut String, g: &gradients::GradientSummary) {
     if let Some(c) = &g.cosine {
         let _ = writeln!(
             s,
-            "\ngradients of losses `{}` and `{}` on {} over {} steps (grad_cosine.csv): mean norms {:.4e} and {:.4e} (ratio {}), mean cosine {}, negative in {} of {} steps",
-            c.loss_a,
-            c.loss_b,
+            "\ngradients {} `{}` and `{}` on {} over {} steps (grad_cosine.csv): mean norms {:.4e} and {:.4e} (ratio {}), mean cosine {}, negative in {} of {} steps",
+            if c.of == "paths" { "of the objective through paths" } else { "of losses" },
+            c.a,
+            c.b,
             c.param,
             c.steps,
             c.mean_norm_a,

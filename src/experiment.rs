@@ -262,12 +262,17 @@ impl Default for TrainConfig {
 
 /// `train.grad_cosine: {losses: [a, b], param: P, every: N}`: every `N` steps (default
 /// 1), before the update, the gradient of named loss `a` alone and of `b` alone with
-/// respect to parameter `P`, their norms and their cosine (`grad_cosine.csv`). The names
-/// are checked against the spec when it is compiled.
+/// respect to parameter `P`, their norms and their cosine (`grad_cosine.csv`). With
+/// `paths: [a, b]` instead of `losses`, the two gradients are the whole objective's through
+/// the spec's named gradient path `a` alone (`path(x, "a")`; every other named path cut)
+/// and through `b` alone. The names are checked against the spec when it is compiled.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GradCosine {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub losses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
     pub param: String,
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub every: u64,
@@ -282,11 +287,29 @@ fn is_one(n: &u64) -> bool {
 }
 
 impl GradCosine {
+    /// What the two gradients are of: `"losses"` or `"paths"`, and the two names.
+    pub fn compared(&self) -> (&'static str, &[String]) {
+        if self.paths.is_empty() {
+            ("losses", &self.losses)
+        } else {
+            ("paths", &self.paths)
+        }
+    }
+
     fn validate(&self) -> Result<(), String> {
-        if self.losses.len() != 2 || self.losses[0] == self.losses[1] {
+        if !self.losses.is_empty() && !self.paths.is_empty() {
+            return Err("train.grad_cosine: give either `losses` (two named losses) or `paths` (two named gradient paths), not both".into());
+        }
+        if self.paths.is_empty() && (self.losses.len() != 2 || self.losses[0] == self.losses[1]) {
             return Err(format!(
                 "train.grad_cosine.losses: name two different named losses of the spec (`loss a = ...`), found [{}]",
                 self.losses.join(", ")
+            ));
+        }
+        if !self.paths.is_empty() && (self.paths.len() != 2 || self.paths[0] == self.paths[1]) {
+            return Err(format!(
+                "train.grad_cosine.paths: name two different gradient paths of the spec (`path(x, \"a\")`), found [{}]",
+                self.paths.join(", ")
             ));
         }
         if self.every == 0 {

@@ -253,6 +253,70 @@ fn two_loss_spec(dir: &Path, same: bool) -> String {
     format!("spec={}", path.display())
 }
 
+/// [`two_loss_spec`] with the table's rows read through two named gradient paths, `left`
+/// by the click head alone and `right` by the long_view head alone: the objective's
+/// gradient on `E` through `left` is then loss `c`'s, through `right` loss `l`'s.
+fn two_path_spec(dir: &Path) -> String {
+    let spec = "model twoloss(dim = 8) {\n  input fields : categorical\n  input hist   : sequence(50) of fields\n  input tags   : sequence(3)\n  input dense  : numeric\n  label click, long_view\n  group shared {\n    let E = embedding(fields, dim)\n  }\n  let e = E[fields]\n  group heads {\n    task click     = mlp(flatten(path(e, \"left\")), [16]) |> linear(1)\n    task long_view = mlp(flatten(path(e, \"right\")), [16]) |> linear(1)\n  }\n  loss c = bce(click)\n  loss l = bce(long_view)\n}\n";
+    let path = dir.join("twopath.mdl");
+    std::fs::write(&path, spec).unwrap();
+    format!("spec={}", path.display())
+}
+
+/// `train.grad_cosine` over two named paths: where each path is read by one loss alone,
+/// the objective's gradient through each equals that loss's gradient, so the file holds
+/// the numbers the same run records for the two losses; `mdl analyze` says paths.
+#[test]
+fn the_gradient_through_a_path_is_the_loss_that_reads_it_alone() {
+    let dir = tmp("analysis", "gradient_paths");
+    let spec = two_path_spec(&dir);
+    let (by_loss, by_path) = (dir.join("losses"), dir.join("paths"));
+    ok(&short_run(&by_loss, &spec, &["--set", "train.grad_cosine={losses: [c, l], param: E/table}"]));
+    ok(&short_run(&by_path, &spec, &["--set", "train.grad_cosine={paths: [left, right], param: E/table}"]));
+    let metrics = |d: &Path| std::fs::read(d.join("metrics.json")).unwrap();
+    assert_eq!(metrics(&by_loss), metrics(&by_path));
+    let (losses, paths) = (csv_rows(&by_loss.join("grad_cosine.csv")), csv_rows(&by_path.join("grad_cosine.csv")));
+    assert_eq!((losses.len(), paths.len()), (6, 6));
+    for (l, p) in losses.iter().zip(&paths) {
+        assert_eq!((l["of"].as_str(), l["a"].as_str(), l["b"].as_str()), ("losses", "c", "l"));
+        assert_eq!((p["of"].as_str(), p["a"].as_str(), p["b"].as_str()), ("paths", "left", "right"));
+        for key in ["norm_a", "norm_b", "cosine"] {
+            let (x, y): (f64, f64) = (l[key].parse().unwrap(), p[key].parse().unwrap());
+            assert!((x - y).abs() <= 1e-5 * x.abs().max(1e-3), "{key}: losses {x}, paths {y}");
+        }
+    }
+    let out = mdl(&["analyze", by_path.to_str().unwrap()]);
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("gradients of the objective through paths `left` and `right` on E/table"), "{text}");
+    for (setting, want) in [
+        (
+            "train.grad_cosine={paths: [left, rigth], param: E/table}",
+            "train.grad_cosine.paths: model `twoloss` has no gradient path `rigth`; did you mean `right`? (its paths: left, right)",
+        ),
+        (
+            "train.grad_cosine={paths: [left, right], losses: [c, l], param: E/table}",
+            "train.grad_cosine: give either `losses` (two named losses) or `paths` (two named gradient paths), not both",
+        ),
+        (
+            "train.grad_cosine={paths: [left, left], param: E/table}",
+            "train.grad_cosine.paths: name two different gradient paths of the spec",
+        ),
+    ] {
+        let out = dir.join("bad");
+        let err = common::scoring::failed(&short_run(&out, &spec, &["--set", setting]));
+        assert!(err.contains(want), "{setting}: {err}");
+        assert!(!out.join("train.log").exists(), "{setting}: the run started");
+    }
+    let plain = two_loss_spec(&dir, false);
+    let err = common::scoring::failed(&short_run(
+        &dir.join("bad"),
+        &plain,
+        &["--set", "train.grad_cosine={paths: [left, right], param: E/table}"],
+    ));
+    assert!(err.contains("has no gradient path `left` (the model marks no path: `path(x, \"name\")`)"), "{err}");
+}
+
 /// A short run of the MMoE experiment's data with a spec and settings.
 fn short_run(out: &Path, spec: &str, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
@@ -308,7 +372,10 @@ fn gradient_norms_and_cosines_are_recorded_per_step_and_resume_byte_for_byte() {
     let cosines = csv_rows(&recorded.join("grad_cosine.csv"));
     assert_eq!(cosines.len(), 6);
     for r in &cosines {
-        assert_eq!((r["param"].as_str(), r["loss_a"].as_str(), r["loss_b"].as_str()), ("E/table", "c", "l"));
+        assert_eq!(
+            (r["param"].as_str(), r["of"].as_str(), r["a"].as_str(), r["b"].as_str()),
+            ("E/table", "losses", "c", "l")
+        );
         let c: f64 = r["cosine"].parse().unwrap();
         assert!((-1.0..=1.0).contains(&c) && c.abs() < 0.999, "two tasks' gradients differ: {r:?}");
         // The whole objective's gradient on E is the sum of the two: its norm is at most

@@ -1,12 +1,13 @@
-//! Graph-to-graph passes: common-subexpression elimination ([`cse`]), dead-code elimination
-//! ([`dce`]), sibling products made one wider product ([`wide_products`]) and [`optimize`],
-//! which runs the pass list [`PASSES`] in order. A pass takes a graph and builds a new one
-//! (graphs are append-only); node ids change, and the parameter, input and output tables are
-//! remapped.
+//! Graph-to-graph passes: named gradient paths resolved ([`through_paths`], [`through_path`]),
+//! common-subexpression elimination ([`cse`]), sibling products made one wider product
+//! ([`wide_products`]), dead-code elimination ([`dce`]) and [`optimize`], which runs the pass
+//! list [`PASSES`] in order. A pass takes a graph and builds a new one (graphs are
+//! append-only); node ids change, and the parameter, input and output tables are remapped.
 //!
 //! [`wide_products`] is also worth running on a forward graph *before* it is differentiated
-//! (the trainer does, with [`wide_products_toward`] its loss): the backward of one wide product is two wide products (`dx = dY·Wᵀ`,
-//! `dW = xᵀ·dY`), where the siblings' backward is two products each and a sum of their `dx`.
+//! (the trainer does, with [`wide_products_toward`] its loss): the backward of one wide
+//! product is two wide products (`dx = dY·Wᵀ`, `dW = xᵀ·dY`), where the siblings' backward is
+//! two products each and a sum of their `dx`.
 //!
 //! [`for_phase`] is not in the list either: it resolves each `TrainEval` node to the value
 //! of one phase (training or evaluation), which the trainer does once per graph it derives.
@@ -26,7 +27,8 @@ pub type Pass = fn(&Graph) -> Graph;
 
 /// The passes [`optimize`] runs, in order. To add one, write `fn(&Graph) -> Graph` and
 /// list it here.
-pub const PASSES: &[(&str, Pass)] = &[("cse", cse), ("wide_products", wide_products), ("dce", dce)];
+pub const PASSES: &[(&str, Pass)] =
+    &[("paths", through_paths), ("cse", cse), ("wide_products", wide_products), ("dce", dce)];
 
 /// Runs every pass of [`PASSES`] in order.
 pub fn optimize(graph: &Graph) -> Graph {
@@ -56,6 +58,56 @@ pub fn for_phase(graph: &Graph, training: bool) -> Graph {
     }
     out.copy_tables(graph, &map);
     dce(&out)
+}
+
+/// The graph with every named gradient path ([`Op::Path`]) resolved into its operand: the
+/// values and the gradient of the spec as it trains. First in [`PASSES`].
+pub fn through_paths(graph: &Graph) -> Graph {
+    resolve_paths(graph, None)
+}
+
+/// The graph with only the named gradient path `path` open: its `Path` nodes resolved into
+/// their operands, every other path's into `StopGrad` of its operand. The values are
+/// unchanged; a gradient of this graph is the share of the gradient that flows through
+/// `path` (and through no named path at all).
+pub fn through_path(graph: &Graph, path: &str) -> Graph {
+    resolve_paths(graph, Some(path))
+}
+
+/// The names of the graph's gradient paths, sorted, each once.
+pub fn path_names(graph: &Graph) -> Vec<String> {
+    let mut names: Vec<String> = graph
+        .ids()
+        .filter_map(|id| match &graph.node(id).op {
+            Op::Path { name } => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+fn resolve_paths(graph: &Graph, open: Option<&str>) -> Graph {
+    if graph.ids().all(|id| !matches!(graph.node(id).op, Op::Path { .. })) {
+        return graph.clone();
+    }
+    let mut out = Graph::new();
+    let mut map: Vec<Option<NodeId>> = Vec::with_capacity(graph.len());
+    for id in graph.ids() {
+        let node = graph.node(id);
+        let inputs: Vec<NodeId> = node.inputs.iter().filter_map(|i| map[i.index()]).collect();
+        let new_id = match &node.op {
+            Op::Path { name } if open.is_none_or(|p| p == name) => inputs[0],
+            Op::Path { .. } => {
+                out.add(Op::StopGrad, &inputs, &node.scope).expect("a stop-gradient takes any real value")
+            }
+            _ => out.push_copy(node, inputs),
+        };
+        map.push(Some(new_id));
+    }
+    out.copy_tables(graph, &map);
+    out
 }
 
 /// A node's identity for CSE: its op and its (already merged) operands. Float fields are

@@ -72,6 +72,45 @@ fn dce_removes_an_unused_branch() {
     assert_eq!(v.dense("y").unwrap().data, vec![-1.0, -2.0, -3.0]);
 }
 
+/// Every use of a parameter marked as one of two named paths: the gradient through each
+/// path alone (the other cut, [`through_path`]) adds up to the whole gradient, and
+/// [`through_paths`] leaves the values and the gradient as they are without the marks.
+#[test]
+fn gradients_through_two_paths_add_up_to_the_whole() {
+    use mdl_runtime::passes::{path_names, through_path, through_paths};
+    let mut c = Case::new(13);
+    c.bind("B", 3);
+    let x_data = c.uniform(3 * 4, -1.0, 1.0);
+    let x = c.input_values("x", batch_dims(&[3, 4]), x_data);
+    let w = c.param("w", dims(&[4, 4]));
+    let h = c.add(Op::MatMul { trans_a: false, trans_b: false }, &[x, w]).unwrap();
+    let a = c.add(Op::Path { name: "a".into() }, &[h]).unwrap();
+    let b = c.add(Op::Path { name: "b".into() }, &[h]).unwrap();
+    let ta = c.add(Op::Unary(UnaryOp::Tanh), &[a]).unwrap();
+    let y = c.add(Op::Binary(BinaryOp::Mul), &[ta, b]).unwrap();
+    let loss = c.attach_loss(y);
+    assert_eq!(path_names(&c.graph), ["a", "b"]);
+    let names = vec!["w".to_string()];
+    let grad = |g: &mdl_runtime::Graph| {
+        let d = differentiate(g, g.outputs["loss"], &names).unwrap();
+        let v = interp::run(&d, &c.binding, &c.feeds, &c.params, &c.mode).unwrap();
+        (v.dense("loss").unwrap().data.clone(), v.dense("grad/w").unwrap().data.clone())
+    };
+    let (whole_loss, whole) = grad(&c.graph);
+    let (plain_loss, plain) = grad(&through_paths(&c.graph));
+    assert_eq!((whole_loss.clone(), whole.clone()), (plain_loss, plain));
+    assert!(through_paths(&c.graph).ids().all(|i| !matches!(through_paths(&c.graph).node(i).op, Op::Path { .. })));
+    let (loss_a, via_a) = grad(&through_path(&c.graph, "a"));
+    let (loss_b, via_b) = grad(&through_path(&c.graph, "b"));
+    assert_eq!((loss_a, loss_b), (whole_loss.clone(), whole_loss));
+    for ((g, ga), gb) in whole.iter().zip(&via_a).zip(&via_b) {
+        assert!((g - (ga + gb)).abs() <= 1e-12 * (1.0 + g.abs()), "{g} vs {ga} + {gb}");
+    }
+    assert!(via_a.iter().zip(&via_b).any(|(p, q)| (p - q).abs() > 1e-6), "the two paths differ");
+    let _ = loss;
+    c.check_loss(c.graph.outputs["loss"]).unwrap();
+}
+
 /// The optimized gradient graph of the composed model computes the same loss and gradients
 /// with fewer nodes.
 #[test]

@@ -145,14 +145,16 @@ pub fn norms_csv(record: &GradientRecord) -> String {
     s
 }
 
-/// `grad_cosine.csv`: `step,epoch,param,loss_a,loss_b,norm_a,norm_b,cosine`, a row per
-/// measured step (an empty cosine where a gradient was zero).
-pub fn cosine_csv(record: &GradientRecord, losses: &[String], param: &str) -> String {
-    let mut s = String::from("step,epoch,param,loss_a,loss_b,norm_a,norm_b,cosine\n");
-    let (a, b) = (losses.first().map_or("", String::as_str), losses.get(1).map_or("", String::as_str));
+/// `grad_cosine.csv`: `step,epoch,param,of,a,b,norm_a,norm_b,cosine`, a row per measured
+/// step (an empty cosine where a gradient was zero); `of` is `losses` (the gradients of
+/// named losses `a` and `b`) or `paths` (the objective's through named paths `a` and `b`).
+/// Runs recorded before paths wrote `loss_a,loss_b` for `of,a,b`: [`summarize`] reads both.
+pub fn cosine_csv(record: &GradientRecord, of: &str, names: &[String], param: &str) -> String {
+    let mut s = String::from("step,epoch,param,of,a,b,norm_a,norm_b,cosine\n");
+    let (a, b) = (names.first().map_or("", String::as_str), names.get(1).map_or("", String::as_str));
     for r in &record.cosine {
         let cos = r.cosine.map(|c| c.to_string()).unwrap_or_default();
-        s.push_str(&format!("{},{},{param},{a},{b},{},{},{cos}\n", r.step, r.epoch, r.norm_a, r.norm_b));
+        s.push_str(&format!("{},{},{param},{of},{a},{b},{},{},{cos}\n", r.step, r.epoch, r.norm_a, r.norm_b));
     }
     s
 }
@@ -168,12 +170,15 @@ pub struct GroupNormSummary {
     pub max: f64,
 }
 
-/// The cosines between two losses' gradients over the measured steps.
+/// The cosines between two losses' gradients, or the objective's through two paths, over
+/// the measured steps.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct CosineSummary {
     pub param: String,
-    pub loss_a: String,
-    pub loss_b: String,
+    /// `losses` or `paths`.
+    pub of: String,
+    pub a: String,
+    pub b: String,
     /// Steps measured, and those with a cosine (both gradients non-zero).
     pub steps: usize,
     pub with_cosine: usize,
@@ -263,10 +268,13 @@ pub fn summarize(norms: Option<&str>, cosine: Option<&str>) -> Result<Option<Gra
         }
         let first = |key: &str| rows.first().map_or(Ok(String::new()), |r| cell(name, r, key).map(str::to_string));
         let negative = cosines.iter().filter(|&&c| c < 0.0).count();
+        // Files written before paths: `loss_a,loss_b`, always losses.
+        let old = rows.first().is_some_and(|r| cell(name, r, "a").is_err());
         summary.cosine = Some(CosineSummary {
             param: first("param")?,
-            loss_a: first("loss_a")?,
-            loss_b: first("loss_b")?,
+            of: if old { "losses".into() } else { first("of")? },
+            a: first(if old { "loss_a" } else { "a" })?,
+            b: first(if old { "loss_b" } else { "b" })?,
             steps: rows.len(),
             with_cosine: cosines.len(),
             mean_cosine: mean(&cosines),
@@ -342,8 +350,8 @@ mod tests {
         };
         assert_eq!(norms_csv(&record), "step,epoch,group,norm\n1,1,E,5\n1,1,heads,12\n1,1,all,13\n");
         assert_eq!(
-            cosine_csv(&record, &["a".into(), "b".into()], "E/table"),
-            "step,epoch,param,loss_a,loss_b,norm_a,norm_b,cosine\n1,1,E/table,a,b,0.5,0.25,\n"
+            cosine_csv(&record, "paths", &["a".into(), "b".into()], "E/table"),
+            "step,epoch,param,of,a,b,norm_a,norm_b,cosine\n1,1,E/table,paths,a,b,0.5,0.25,\n"
         );
     }
 
@@ -357,11 +365,15 @@ mod tests {
         let e = &s.groups[0];
         assert_eq!((e.group.as_str(), e.steps, e.mean, e.first, e.last, e.max), ("E", 2, 3.0, 4.0, 2.0, 4.0));
         let c = s.cosine.unwrap();
-        assert_eq!((c.param.as_str(), c.loss_a.as_str(), c.loss_b.as_str()), ("E/table", "a", "b"));
+        assert_eq!((c.param.as_str(), c.of.as_str(), c.a.as_str(), c.b.as_str()), ("E/table", "losses", "a", "b"));
         assert_eq!((c.steps, c.with_cosine), (4, 3));
         assert!((c.mean_cosine.unwrap() - (-0.5 + 0.25 - 0.25) / 3.0).abs() < 1e-12);
         assert!((c.negative_share.unwrap() - 2.0 / 3.0).abs() < 1e-12);
         assert_eq!((c.mean_norm_a, c.mean_norm_b), (2.0, 3.0));
+        // The file as runs write it now.
+        let paths = "step,epoch,param,of,a,b,norm_a,norm_b,cosine\n1,1,E/table,paths,att,rep,1,5,-0.5\n";
+        let c = summarize(None, Some(paths)).unwrap().unwrap().cosine.unwrap();
+        assert_eq!((c.of.as_str(), c.a.as_str(), c.b.as_str(), c.with_cosine), ("paths", "att", "rep", 1));
         assert_eq!(summarize(None, None).unwrap(), None);
         let err = summarize(Some("step,epoch,group,norm\n1,1,E\n"), None).unwrap_err();
         assert_eq!(err, "grad_norms.csv:2: 3 cells, the header has 4");

@@ -190,6 +190,7 @@ pub static BUILTINS: &[Builtin] = &[
     Builtin { name: "epoch", params: &[], lower: |el, _, span| counter(el, Counter::Epoch, span) },
     Builtin { name: "stage", params: &[], lower: |el, _, span| counter(el, Counter::Stage, span) },
     Builtin { name: "stopgrad", params: &[Required("x")], lower: stopgrad },
+    Builtin { name: "path", params: &[Required("x"), Required("name")], lower: path },
     Builtin { name: "one_hot", params: &[Required("ids")], lower: one_hot },
     Builtin { name: "embedding", params: &[Required("ids"), Required("dim"), Float("std", 0.0001)], lower: embedding },
     Builtin { name: "mask", params: &[Required("seq")], lower: mask },
@@ -1031,6 +1032,19 @@ fn counter(el: &mut Elab, c: Counter, span: Span) -> R<Val> {
 fn stopgrad(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
     let x = tensor(el, a, "x")?;
     let node = el.add(Op::StopGrad, &[x.node], span)?;
+    Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
+}
+
+/// `path(x, "name")`: `x`, this use of it one of the model's named gradient paths
+/// ([`Op::Path`]); `train.grad_cosine: {paths: [a, b], ...}` measures the gradient through
+/// each. Names are not scoped: every use marked with one name is one path.
+fn path(el: &mut Elab, a: &Args, span: Span) -> R<Val> {
+    let x = tensor(el, a, "x")?;
+    let (name, ns) = string(el, a, "name")?;
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return el.error(ns, format!("a path name is letters, digits and `_`, found \"{name}\""));
+    }
+    let node = el.add(Op::Path { name }, &[x.node], span)?;
     Ok(Val::Tensor(Tv { node, grouped: x.grouped }))
 }
 

@@ -132,7 +132,10 @@ fn read_run(folder: &Path) -> Result<RunSeries, String> {
     let grad_cosine = match cosine_rows.first() {
         Some(first) => {
             let field = |k: &str| first.get(k).cloned().unwrap_or_default();
-            let title = format!("`{}` vs `{}` on {}", field("loss_a"), field("loss_b"), field("param"));
+            // Files written before paths name the losses `loss_a`, `loss_b`.
+            let name = |new: &str, old: &str| first.get(new).or_else(|| first.get(old)).cloned().unwrap_or_default();
+            let of = if field("of") == "paths" { "paths " } else { "" };
+            let title = format!("{of}`{}` vs `{}` on {}", name("a", "loss_a"), name("b", "loss_b"), field("param"));
             let mut points = Vec::new();
             for r in cosine_rows.iter().filter(|r| r.get("cosine").is_some_and(|c| !c.is_empty())) {
                 points.push((

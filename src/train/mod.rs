@@ -20,7 +20,7 @@
 //! | `curve_tasks.csv` | every task's valid metrics at each evaluation, overall and per domain (long format: `step,epoch,split,task,domain,metric,value`) |
 //! | `loss.csv` | the training loss of every step (`step,epoch,loss`) |
 //! | `grad_norms.csv` | with `train.record_grad_norms`: the gradient norm of every parameter group at every step (`step,epoch,group,norm`) |
-//! | `grad_cosine.csv` | with `train.grad_cosine`: two named losses' gradient norms on one parameter and their cosine (`step,epoch,param,loss_a,loss_b,norm_a,norm_b,cosine`) |
+//! | `grad_cosine.csv` | with `train.grad_cosine`: two named losses' gradient norms on one parameter (or the objective's through two named paths) and their cosine (`step,epoch,param,of,a,b,norm_a,norm_b,cosine`) |
 //! | `best.ckpt` | the parameters of the best evaluation (with the run id, as `last.ckpt`) |
 //! | `last.ckpt` | parameters, optimizer state and loop position, for `--resume` |
 //! | `train.log` | what the terminal showed, with timings |

@@ -309,14 +309,13 @@ impl<'a> Run<'a> {
         }
         let cosine_graphs = match &t.grad_cosine {
             Some(c) => {
-                let graph = |loss: &String| {
-                    super::stages::objective_gradients(
-                        &session.compiled,
-                        std::slice::from_ref(loss),
-                        std::slice::from_ref(&c.param),
-                    )
+                let wrt = std::slice::from_ref(&c.param);
+                let graph = |name: &String| match c.compared().0 {
+                    "paths" => super::stages::path_gradients(&session.compiled, name, wrt),
+                    _ => super::stages::objective_gradients(&session.compiled, std::slice::from_ref(name), wrt),
                 };
-                Some([graph(&c.losses[0])?, graph(&c.losses[1])?])
+                let names = c.compared().1;
+                Some([graph(&names[0])?, graph(&names[1])?])
             }
             None => None,
         };
@@ -879,7 +878,8 @@ impl<'a> Run<'a> {
             folder.write("grad_norms.csv", gradients::norms_csv(&state.gradients).as_bytes())?;
         }
         if let Some(c) = &self.exp.train.grad_cosine {
-            folder.write("grad_cosine.csv", gradients::cosine_csv(&state.gradients, &c.losses, &c.param).as_bytes())?;
+            let (of, names) = c.compared();
+            folder.write("grad_cosine.csv", gradients::cosine_csv(&state.gradients, of, names, &c.param).as_bytes())?;
         }
         let rows_per_s = self.rows_here as f64 / self.step_secs.max(1e-9);
         let timing = RunTiming {

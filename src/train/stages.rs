@@ -87,6 +87,23 @@ pub fn check(exp: &Experiment, compiled: &Compiled) -> Result<(), String> {
         for l in &c.losses {
             known_name("train.grad_cosine.losses", l, &losses, "loss", model)?;
         }
+        let paths = passes::path_names(&compiled.graph);
+        for p in &c.paths {
+            if !paths.contains(p) {
+                let hint = match crate::diag::suggest(p, paths.iter().map(String::as_str)) {
+                    Some(near) => format!("; did you mean `{near}`?"),
+                    None => String::new(),
+                };
+                let list = if paths.is_empty() {
+                    "the model marks no path: `path(x, \"name\")`".to_string()
+                } else {
+                    format!("its paths: {}", paths.join(", "))
+                };
+                return Err(format!(
+                    "train.grad_cosine.paths: model `{model}` has no gradient path `{p}`{hint} ({list})"
+                ));
+            }
+        }
         let params: Vec<&str> = compiled.graph.params.iter().map(|p| p.name.as_str()).collect();
         if !params.contains(&c.param.as_str()) {
             let hint = match crate::diag::suggest(&c.param, params.iter().copied()) {
@@ -412,6 +429,16 @@ fn sum_of_losses(forward: &mut Graph, losses: &[String]) -> Result<mdl_runtime::
         });
     }
     total.ok_or_else(|| "a stage's objective needs at least one loss".to_string())
+}
+
+/// The training graph of the whole objective with the gradient (`grad/<name>`) of the
+/// parameters `wrt` through the named gradient path `path` alone
+/// ([`passes::through_path`]: every other named path cut).
+pub fn path_gradients(compiled: &Compiled, path: &str, wrt: &[String]) -> Result<Graph, String> {
+    let forward = passes::through_path(&super::training_forward(compiled), path);
+    let loss = *forward.outputs.get("loss").ok_or("the model has no loss output")?;
+    let g = autodiff::differentiate(&forward, loss, wrt).map_err(|e| e.to_string())?;
+    Ok(passes::optimize(&g))
 }
 
 /// The objective of a stage (its `losses`, or the whole objective) as evaluation computes

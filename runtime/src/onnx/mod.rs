@@ -521,7 +521,7 @@ impl Renderer<'_> {
                     "random draws are not exported; keep them out of the logits with if_training(drawn, fixed)",
                 ))
             }
-            Op::StopGrad => self.emit("Identity", &[x[0]], vec![]),
+            Op::StopGrad | Op::Path { .. } => self.emit("Identity", &[x[0]], vec![]),
             // An export is evaluation: the running statistic (a state, an initializer).
             Op::TrainEval => self.emit("Identity", &[x[1]], vec![]),
             Op::Unary(u) => self.unary(*u, x[0]),

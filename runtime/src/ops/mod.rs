@@ -17,7 +17,7 @@
 //!
 //! | family        | ops |
 //! |---------------|-----|
-//! | `source`      | Input, Param, Scalar, the constant tensors Arange, Triangle and Eye (from compile-time sizes), IdList (constant ids), Counter (the training step, epoch or stage), DropMask, StopGrad, TrainEval |
+//! | `source`      | Input, Param, Scalar, the constant tensors Arange, Triangle and Eye (from compile-time sizes), IdList (constant ids), Counter (the training step, epoch or stage), DropMask, StopGrad, Path, TrainEval |
 //! | `random`      | Bernoulli (0/1 masks), Permutation (in-batch shuffles), SampleIds (ids drawn from a vocabulary) |
 //! | `elementwise` | Unary (neg exp log sqrt recip relu sigmoid tanh softplus abs step sign floor gelu), Binary (add sub mul div max min gt eq ge ne prelu keep) with broadcasting |
 //! | `layout`      | Reshape, Permute, Broadcast, Concat, Slice, Pad (all but Pad also move ids) |
@@ -142,6 +142,11 @@ pub enum Op {
     DropMask { p: f64, stream: u64 },
     /// `[x]` → `x`; no gradient flows back through it.
     StopGrad,
+    /// `[x]` → `x`, the gradient passes through: a use of `x` the spec names as one of the
+    /// model's gradient paths (`path(x, "name")`). Graphs that run have it resolved
+    /// ([`crate::passes::through_path`]): into `x`, or, to measure one path's share of a
+    /// gradient, into `StopGrad(x)` on every other path.
+    Path { name: String },
     /// `[in_training, in_evaluation]` (equal shapes) → the first when the graph runs in
     /// training mode (`Mode::training`), else the second: batch statistics in training,
     /// running ones in evaluation. The gradient flows to the operand the run chooses;
@@ -317,7 +322,7 @@ impl Op {
             | IdList { .. }
             | Counter(_)
             | Permutation { .. } => 0,
-            DropMask { .. } | StopGrad | Unary(_) | Bernoulli { .. } => 1,
+            DropMask { .. } | StopGrad | Path { .. } | Unary(_) | Bernoulli { .. } => 1,
             SampleIds { seen, .. } => 3 + usize::from(*seen),
             Binary(_) | TrainEval => 2,
             Reshape { .. } | Permute { .. } | Broadcast { .. } | Slice { .. } | Pad { .. } => 1,
@@ -348,6 +353,7 @@ impl Op {
             | Counter(_)
             | DropMask { .. }
             | StopGrad
+            | Path { .. }
             | TrainEval => Family::Source,
             Bernoulli { .. } | Permutation { .. } | SampleIds { .. } => Family::Random,
             Unary(_) | Binary(_) => Family::Elementwise,
@@ -425,6 +431,7 @@ impl Op {
                 if *seen { " not seen" } else { "" }
             ),
             StopGrad => "stopgrad".into(),
+            Path { name } => format!("path {name}"),
             TrainEval => "train_eval".into(),
             Unary(u) => format!("{u:?}").to_lowercase(),
             Binary(b) => format!("{b:?}").to_lowercase(),

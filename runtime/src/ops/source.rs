@@ -1,7 +1,7 @@
 //! Source ops and gradient barriers: Input, Param, Scalar, the constant tensors (Arange,
 //! Triangle, Eye: one op each, whatever their size), the constant ids (IdList), the
-//! training loop's counters (Counter), DropMask, StopGrad, and the phase choice TrainEval (batch statistics in training, running ones in
-//! evaluation).
+//! training loop's counters (Counter), DropMask, StopGrad, the named gradient path Path, and
+//! the phase choice TrainEval (batch statistics in training, running ones in evaluation).
 
 use super::emit::Emit;
 use super::{Counter, DType, Op, Operand, ShapeError, Signature, ValueKind};
@@ -26,7 +26,7 @@ pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
             }
             Ok(Signature::dense(x[0].shape.to_vec()))
         }
-        Op::StopGrad => Ok(Signature::dense(x[0].shape.to_vec())),
+        Op::StopGrad | Op::Path { .. } => Ok(Signature::dense(x[0].shape.to_vec())),
         Op::TrainEval => {
             if x[0].shape != x[1].shape {
                 return super::shape_err(format!(
@@ -41,10 +41,14 @@ pub fn shape(op: &Op, x: &[Operand]) -> Result<Signature, ShapeError> {
     }
 }
 
-/// Sources have no operands; DropMask and StopGrad pass no gradient to theirs. TrainEval
+/// Sources have no operands; DropMask and StopGrad pass no gradient to theirs, Path passes
+/// its cotangent on as it is. TrainEval
 /// passes it to the operand the run chooses: its cotangents are `TrainEval(dy, 0)` and
 /// `TrainEval(0, dy)` (resolved with the rest by `passes::for_phase`).
 pub fn grad(graph: &mut Graph, node: &Node, _id: NodeId, dy: NodeId) -> Result<Vec<Option<NodeId>>, ShapeError> {
+    if matches!(node.op, Op::Path { .. }) {
+        return Ok(vec![Some(dy)]);
+    }
     if node.op == Op::TrainEval {
         let mut e = Emit::new(graph, node);
         let zero = e.scalar(0.0)?;
@@ -56,7 +60,7 @@ pub fn grad(graph: &mut Graph, node: &Node, _id: NodeId, dy: NodeId) -> Result<V
     Ok(vec![None; node.inputs.len()])
 }
 
-/// Scalar, the constant tensors, DropMask, StopGrad and TrainEval (Input and Param are read by the
+/// Scalar, the constant tensors, DropMask, StopGrad, Path and TrainEval (Input and Param are read by the
 /// backend, not computed).
 pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>, ExecError> {
     let square = |holds: &dyn Fn(i64, i64) -> bool| {
@@ -82,7 +86,7 @@ pub fn eval<T: Float>(op: &Op, args: &[Arg<T>], cx: &EvalCx) -> Result<Value<T>,
         Op::Triangle { upper: true, k, .. } => Ok(square(&|row, col| col >= row + k)),
         Op::Eye { .. } => Ok(square(&|row, col| row == col)),
         Op::IdList { ids } => Ok(Value::Ids(Ids { shape: vec![ids.len()], data: ids.clone() })),
-        Op::StopGrad => Ok(Value::Dense(args[0].dense("stopgrad")?.clone())),
+        Op::StopGrad | Op::Path { .. } => Ok(Value::Dense(args[0].dense(&op.name())?.clone())),
         Op::TrainEval => {
             let chosen = args[if cx.mode.training { 0 } else { 1 }];
             Ok(Value::Dense(chosen.dense("train_eval")?.clone()))

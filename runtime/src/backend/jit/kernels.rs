@@ -111,7 +111,9 @@ pub fn fast(
             let (x, dy, idx) = (args[0].dense(&name())?, args[1].dense(&name())?, args[2].ids(&name())?);
             Some(Value::Dense(group_outer(&name(), x, dy, &idx.data, cx.size(groups)?, threads, pool)?))
         }
-        Op::Reshape { .. } | Op::StopGrad if matches!(args[0], Arg::Param(_) | Arg::Value(Value::Dense(_))) => {
+        Op::Reshape { .. } | Op::StopGrad | Op::Path { .. }
+            if matches!(args[0], Arg::Param(_) | Arg::Value(Value::Dense(_))) =>
+        {
             let x = args[0].dense(&name())?;
             let mut data = pool.take(x.data.len());
             data.copy_from_slice(&x.data);
@@ -156,8 +158,8 @@ fn moved(op: &Op, operands: &mut Operands<f32>, cx: &EvalCx) -> Result<Option<Va
     let out = cx.out_shape;
     let bad = |message: &str| ExecError::BadOperand { op: op.name(), message: message.into() };
     match op {
-        // The forward value of a stop-gradient is its operand, as it is.
-        Op::StopGrad => Ok(operands.take(0)),
+        // The forward value of a stop-gradient or a path is its operand, as it is.
+        Op::StopGrad | Op::Path { .. } => Ok(operands.take(0)),
         Op::Reshape { .. } => Ok(match operands.take(0) {
             Some(Value::Dense(t)) => Some(Value::Dense(Tensor { shape: out.to_vec(), data: t.data })),
             Some(Value::Ids(t)) => Some(Value::Ids(Tensor { shape: out.to_vec(), data: t.data })),
