@@ -209,7 +209,8 @@ pub fn retain(graph: &Graph, keep: &[bool]) -> (Graph, Vec<Option<NodeId>>) {
 
 /// Sibling products made one wider product: products `a·w₁, a·w₂, …` that read the same
 /// left operand `a` (same transposes) and right operands `wᵢ` of rank 2 that do not depend
-/// on the batch (weights, or values computed from weights only) become one product
+/// on the batch (weights, or values computed from weights only) and are narrower than their
+/// inner size (fewer output columns than `a` has inner columns) become one product
 /// `a·[w₁ | w₂ | …]` whose output columns are sliced back into the siblings' values. MMoE's
 /// experts and gates all read the same input, a DCNv2 cross layer and the first DNN layer
 /// read the same `x₀`, attention's query, key and value projections read the same tokens:
@@ -266,6 +267,14 @@ fn merge_siblings(graph: &Graph, candidates: &[bool]) -> Graph {
         let (a, w) = (node.inputs[0], node.inputs[1]);
         let w_sig = graph.sig(w);
         if fixed[a.index()] || !fixed[w.index()] || w_sig.shape.len() != 2 || w_sig.kind != ops::ValueKind::Dense {
+            continue;
+        }
+        // Only narrow products gain: one whose output is at least as wide as its inner size
+        // already runs near the product kernel's peak, and merging it costs copies of its
+        // weight and cotangent (DCNv2's 768-wide cross layer beside its first DNN layer ran
+        // 3 % slower merged, docs/performance.md).
+        let (k, n) = if trans_b { (&w_sig.shape[1], &w_sig.shape[0]) } else { (&w_sig.shape[0], &w_sig.shape[1]) };
+        if !matches!((k.as_const(), n.as_const()), (Some(k), Some(n)) if n < k) {
             continue;
         }
         families.entry((a, trans_a, trans_b)).or_default().push(id);

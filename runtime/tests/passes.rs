@@ -139,8 +139,8 @@ fn concat_with_zeros(g: &mdl_runtime::Graph, id: NodeId) -> bool {
     matches!(g.node(id).op, Op::Concat { .. }) && g.node(id).inputs.iter().any(|&p| zeros(p))
 }
 
-/// Three products of one input by three weights (one of them transposed, so a family of
-/// its own) and a product of two weights (left alone), with a loss that reads two of the
+/// Products of one input by weights (one of them transposed, so a family of its own; one
+/// as wide as its inner size, left alone) and a product of two weights (left alone), with a loss that reads two of the
 /// three (`unused` reaches only an output): `sent_to_loss` siblings send cotangents.
 fn sibling_products(c: &mut Case) -> NodeId {
     use mdl_runtime::BinaryOp::*;
@@ -152,6 +152,7 @@ fn sibling_products(c: &mut Case) -> NodeId {
     let w_unused = c.param("w_unused", dims(&[5, 4]));
     let w_t = c.param("w_t", dims(&[6, 5]));
     let u = c.param("u", dims(&[5, 5]));
+    let w_wide = c.param("w_wide", dims(&[5, 5]));
     let mm = |c: &mut Case, a, b, trans_b| c.add(Op::MatMul { trans_a: false, trans_b }, &[a, b]).unwrap();
     let y1 = mm(c, x, w1, false);
     let y1 = c.add(Op::Unary(UnaryOp::Tanh), &[y1]).unwrap();
@@ -165,9 +166,11 @@ fn sibling_products(c: &mut Case) -> NodeId {
     let uw = mm(c, u, w1, false);
     let uu = mm(c, u, u, false);
     let y3 = mm(c, x, uw, false);
+    // As wide as its inner size: no sibling.
+    let y_wide = mm(c, x, w_wide, false);
     let sum =
         |c: &mut Case, v| c.add(Op::Reduce { op: ReduceOp::Sum, axes: vec![0, 1], keep_dims: false }, &[v]).unwrap();
-    let parts = [sum(c, y1), sum(c, y2), sum(c, yt), sum(c, y3), sum(c, uu)];
+    let parts = [sum(c, y1), sum(c, y2), sum(c, yt), sum(c, y3), sum(c, uu), sum(c, y_wide)];
     let loss = parts[1..].iter().fold(parts[0], |t, &p| c.add(Op::Binary(Add), &[t, p]).unwrap());
     c.graph.outputs.insert("loss".into(), loss);
     c.graph.outputs.insert("unused".into(), unused);
@@ -184,9 +187,10 @@ fn wide_products_merge_siblings_and_keep_values_and_gradients() {
     let mut c = Case::new(21);
     let loss = sibling_products(&mut c);
     let wide = wide_products(&c.graph);
-    // x·w1, x·w2, x·w_unused, x·(u·w1) are one family; x·w_tᵀ is alone; u·w1, u·u stay.
-    assert_eq!(matmuls(&c.graph), 7);
-    assert_eq!(matmuls(&wide), 4, "{}", wide.listing());
+    // x·w1, x·w2, x·w_unused, x·(u·w1) are one family; x·w_tᵀ is alone; x·w_wide is not
+    // narrower than its inner size; u·w1, u·u stay.
+    assert_eq!(matmuls(&c.graph), 8);
+    assert_eq!(matmuls(&wide), 5, "{}", wide.listing());
     let before = interp::run(&c.graph, &c.binding, &c.feeds, &c.params, &c.mode).unwrap();
     let after = interp::run(&wide, &c.binding, &c.feeds, &c.params, &c.mode).unwrap();
     for name in ["loss", "unused"] {
@@ -199,15 +203,15 @@ fn wide_products_merge_siblings_and_keep_values_and_gradients() {
     let names: Vec<String> = c.graph.params.iter().map(|p| p.name.clone()).collect();
     let plain = differentiate(&c.graph, loss, &names).unwrap();
     let merged = differentiate(&wide, wide.outputs["loss"], &names).unwrap();
-    // Forward 4 products; backward: the family's dW (x is an input: no dx), u·w1's two,
-    // u·u's two and x·w_tᵀ's dW.
-    assert_eq!(matmuls(&merged), 4 + 1 + 2 + 2 + 1, "{}", merged.listing());
+    // Forward 5 products; backward: the family's dW (x is an input: no dx), u·w1's two,
+    // u·u's two, x·w_tᵀ's dW and x·w_wide's dW.
+    assert_eq!(matmuls(&merged), 5 + 1 + 2 + 2 + 1 + 1, "{}", merged.listing());
     let concats_of_zeros = merged.ids().filter(|&i| concat_with_zeros(&merged, i));
     assert_eq!(concats_of_zeros.count(), 1, "the cotangent of the wide product is one concat with zeros");
     // Toward the loss, the unused sibling is left out of the family: its weight gets no
     // gradient, as without the pass; the concat of the cotangents has no zeros.
     let toward = wide_products_toward(&c.graph, loss);
-    assert_eq!(matmuls(&toward), 5, "{}", toward.listing());
+    assert_eq!(matmuls(&toward), 6, "{}", toward.listing());
     let merged_toward = differentiate(&toward, toward.outputs["loss"], &names).unwrap();
     assert!(!merged_toward.outputs.contains_key("grad/w_unused"));
     assert!(merged_toward
