@@ -178,27 +178,51 @@ pub struct Analysis {
     pub interaction: Option<interaction::InteractionAnalysis>,
 }
 
-/// What `mdl analyze` measures.
-#[derive(Clone, Debug, Default)]
+/// What `mdl analyze` measures: its command-line options (their doc comments are its
+/// `--help`), one declaration for the command and for callers of [`analyze`].
+#[derive(Clone, Debug, Default, clap::Args)]
 pub struct Options {
-    /// Only these tables (by parameter name); all when empty.
+    /// Only this embedding table (a parameter name; repeatable)
+    #[arg(long = "table")]
     pub tables: Vec<String>,
-    /// Only these probes (by name); all when empty.
+    /// Only this probe (repeatable)
+    #[arg(long = "probe")]
     pub probes: Vec<String>,
+    /// Read a run folder whose files do not match its manifest, saying so
+    #[arg(long)]
     pub force: bool,
+    /// The jit's threads (default: every core)
+    #[arg(long, value_parser = crate::experiment::parse_threads)]
     pub threads: Option<usize>,
-    /// `--mi SEQ[:COLUMN]`: the mutual-information heat maps of that sequence.
+    /// The mutual-information heat maps (category x target-relative position) of this
+    /// sequence input, whose ids share a categorical column's vocabulary: `SEQ` or
+    /// `SEQ:COLUMN`
+    #[arg(long)]
     pub mi: Option<String>,
-    /// `--attention PROBE` (with `--mi`): the probe of the attention over that sequence.
+    /// With --mi SEQ: a probe of the model's attention over SEQ (one value per position):
+    /// its mean per behaviour category and position against the MI maps, and the
+    /// retrieval NDCG of its order
+    #[arg(long)]
     pub attention: Option<String>,
-    /// `--clusters PROBE`: k-means of that probe's per-sample vectors against the label.
+    /// With --attention: a probe of the norm of the target-aware representation ‖r‖ at each
+    /// position; the learned map is then the card's exp(z)·‖r‖ (the attention probe's cell
+    /// means z-scored, softmaxed over the map, times the cell means of ‖r‖)
+    #[arg(long, value_name = "PROBE")]
+    pub attention_norm: Option<String>,
+    /// The discriminability of a probed representation: k-means clusters of its
+    /// per-sample vectors on the test split against the first task's label (MI, NMI)
+    #[arg(long)]
     pub clusters: Option<String>,
-    /// `--against A --against B`: two single-task runs for the entanglement test, and
-    /// `--pair USER:ITEM` the columns whose distances it compares.
+    /// The entanglement distance test: two single-task runs A and B (give twice), tested
+    /// on the same file as RUN
+    #[arg(long)]
     pub against: Vec<std::path::PathBuf>,
+    /// With --against: the user and item columns whose embedding distance it compares
+    #[arg(long)]
     pub pair: Option<String>,
-    /// `--interaction TABLE:PARAM`: the sub-embedding IA of the table's fields through the
-    /// cross layer weight PARAM.
+    /// The sub-embedding IA matrix `TABLE:PARAM`: the table's fields through a cross
+    /// layer's weight PARAM [N·K, N·K] whose input starts with them (DCNv2's first layer)
+    #[arg(long)]
     pub interaction: Option<String>,
 }
 
@@ -227,6 +251,16 @@ pub fn analyze(run: &Path, opts: &Options) -> Result<Analysis, String> {
         }
         if !names.contains(name) {
             return Err(format!("--attention: {}", unknown("probe", name, &names)));
+        }
+    }
+    if let Some(name) = &opts.attention_norm {
+        if opts.attention.is_none() {
+            return Err(format!(
+                "--attention-norm {name}: needs --attention PROBE (and --mi SEQ), the attention whose learned map it weights"
+            ));
+        }
+        if !names.contains(name) {
+            return Err(format!("--attention-norm: {}", unknown("probe", name, &names)));
         }
     }
     if let Some(name) = &opts.clusters {
@@ -265,7 +299,9 @@ pub fn analyze(run: &Path, opts: &Options) -> Result<Analysis, String> {
     let positions = measured.as_ref().map_or(0, |m| m.analysis.positions);
     let mut attention_sums = opts.attention.as_ref().map(|_| attention::AttentionSums::new(positions));
     let follow = match (&opts.attention, &measured, attention_sums.as_mut()) {
-        (Some(name), Some(m), Some(sums)) => Some(Follow { probe: name, truth: m, sums }),
+        (Some(name), Some(m), Some(sums)) => {
+            Some(Follow { probe: name, norm: opts.attention_norm.as_deref(), truth: m, sums })
+        }
         _ => None,
     };
     let mut collected = opts.clusters.as_deref().map(|name| Collect { probe: name, ..Collect::default() });
@@ -277,7 +313,9 @@ pub fn analyze(run: &Path, opts: &Options) -> Result<Analysis, String> {
     });
     let attention = match (&opts.attention, &measured, &attention_sums) {
         (Some(name), Some(m), Some(sums)) => {
-            Some(attention::finish(name, split_rows, sums, m, |id| correlation::category_name(&loaded, &m.place, id)))
+            let mut a = attention::finish(name, split_rows, sums, m, |id| correlation::category_name(&loaded, &m.place, id));
+            a.norm_probe = opts.attention_norm.clone();
+            Some(a)
         }
         _ => None,
     };
@@ -582,6 +620,8 @@ impl ProbeSums {
 /// An attention probe followed on the split, with the ground truth it is measured against.
 struct Follow<'a> {
     probe: &'a str,
+    /// `--attention-norm`: the probe of ‖r‖ at each slot, followed beside it.
+    norm: Option<&'a str>,
     truth: &'a correlation::MiMeasured,
     sums: &'a mut attention::AttentionSums,
 }
@@ -640,7 +680,8 @@ fn probes(
             s.add(value(&s.name)?, domain);
         }
         if let Some(f) = follow.as_mut() {
-            follow_batch(f, value(f.probe)?, &batch)?;
+            let norm = f.norm.map(value).transpose()?;
+            follow_batch(f, value(f.probe)?, norm, &batch)?;
         }
         if let Some(c) = collect.as_mut() {
             c.values.extend_from_slice(&value(c.probe)?.data);
@@ -652,26 +693,40 @@ fn probes(
     Ok((ds.rows, sums.into_iter().map(ProbeSums::finish).collect()))
 }
 
-/// Adds a batch's values of an attention probe, one per slot of the followed sequence.
-fn follow_batch(f: &mut Follow, value: &Tensor<f32>, batch: &crate::data::Batch) -> Result<(), String> {
+/// Adds a batch's values of an attention probe (and of its ‖r‖ probe), one per slot of the
+/// followed sequence.
+fn follow_batch(
+    f: &mut Follow,
+    value: &Tensor<f32>,
+    norm: Option<&Tensor<f32>>,
+    batch: &crate::data::Batch,
+) -> Result<(), String> {
     let at = &f.truth.place;
-    let per_sample = value.data.len() / batch.rows.max(1);
-    if per_sample != at.max_len || value.shape.first() != Some(&batch.rows) {
-        return Err(format!(
-            "--attention: probe `{}` has {} values per sample (shape {:?} per sample), not one per position of sequence `{}` ({})",
-            f.probe,
-            per_sample,
-            value.shape.get(1..).unwrap_or(&[]),
-            f.truth.analysis.sequence,
-            at.max_len
-        ));
+    let one_per_slot = |option: &str, probe: &str, t: &Tensor<f32>| {
+        let per_sample = t.data.len() / batch.rows.max(1);
+        if per_sample != at.max_len || t.shape.first() != Some(&batch.rows) {
+            return Err(format!(
+                "{option}: probe `{probe}` has {} values per sample (shape {:?} per sample), not one per position of sequence `{}` ({})",
+                per_sample,
+                t.shape.get(1..).unwrap_or(&[]),
+                f.truth.analysis.sequence,
+                at.max_len
+            ));
+        }
+        Ok(())
+    };
+    one_per_slot("--attention", f.probe, value)?;
+    if let (Some(t), Some(probe)) = (norm, f.norm) {
+        one_per_slot("--attention-norm", probe, t)?;
     }
     let (cat, seq) = (&batch.cat[at.target_group], &batch.seq_ids[at.sequence_group]);
+    let n = at.max_len;
     for r in 0..batch.rows {
         let target = cat[r * at.target_columns + at.target_column];
-        let from = (r * at.sequence_columns + at.sequence_column) * at.max_len;
-        let values = &value.data[r * per_sample..(r + 1) * per_sample];
-        f.sums.add(&f.truth.counts, target, &seq[from..from + at.max_len], values);
+        let from = (r * at.sequence_columns + at.sequence_column) * n;
+        let values = &value.data[r * n..(r + 1) * n];
+        let norms = norm.map(|t| &t.data[r * n..(r + 1) * n]);
+        f.sums.add(&f.truth.counts, target, &seq[from..from + n], values, norms);
     }
     Ok(())
 }
@@ -812,11 +867,15 @@ fn render_entanglement(s: &mut String, e: &entanglement::Entanglement) {
 
 /// The learned maps and retrieval NDCG as text.
 fn render_attention(s: &mut String, a: &attention::AttentionAnalysis) {
+    let what = match &a.norm_probe {
+        Some(norm) => format!("exp(z)·‖r‖ (z: probe `{}` z-scored and softmaxed over the map, ‖r‖: probe `{norm}`)", a.probe),
+        None => format!("mean of probe `{}`", a.probe),
+    };
     let _ = writeln!(
         s,
         "
-learned correlation: mean of probe `{}` per behaviour category and position of `{}` ({} split, {} rows), per target category",
-        a.probe, a.sequence, a.split, a.rows
+learned correlation: {what} per behaviour category and position of `{}` ({} split, {} rows), per target category",
+        a.sequence, a.split, a.rows
     );
     for map in &a.maps {
         let rho = map.rank_correlation.map_or("–".to_string(), |r| format!("{r:.3}"));
@@ -825,7 +884,7 @@ learned correlation: mean of probe `{}` per behaviour category and position of `
         let positions = map.mean.first().map_or(0, Vec::len);
         let header: String = (1..=positions).map(|p| format!(" {p:>7}")).collect();
         let _ = writeln!(s, "    {:<20}{header}", "category \\ position");
-        for (c, row) in map.categories.iter().zip(&map.mean) {
+        for (c, row) in map.categories.iter().zip(map.weighted.as_ref().unwrap_or(&map.mean)) {
             let cells: String =
                 row.iter().map(|v| v.map_or(format!(" {:>7}", "–"), |v| format!(" {v:>7.4}"))).collect();
             let _ = writeln!(s, "    {c:<20}{cells}");

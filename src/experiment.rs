@@ -796,6 +796,13 @@ pub(crate) const MAX_EPOCHS: usize = 1_000_000;
 /// The most threads a run may ask for: more is a typo, not a machine.
 pub const MAX_THREADS: usize = 4096;
 
+/// `--threads N` on the command line: 1 to [`MAX_THREADS`].
+pub fn parse_threads(text: &str) -> Result<usize, String> {
+    let n = text.trim().parse::<usize>().map_err(|_| format!("expected a number of threads, found `{text}`"))?;
+    check_threads("--threads", n)?;
+    Ok(n)
+}
+
 /// A thread count (of `key`: `train.threads`, `--threads`): 1 to [`MAX_THREADS`].
 pub fn check_threads(key: &str, n: usize) -> Result<(), String> {
     if n == 0 {

@@ -281,52 +281,12 @@ enum Command {
     Analyze {
         /// A run folder written by `mdl run`
         run: PathBuf,
-        /// Only this embedding table (a parameter name; repeatable)
-        #[arg(long = "table")]
-        tables: Vec<String>,
-        /// Only this probe (repeatable)
-        #[arg(long = "probe")]
-        probes: Vec<String>,
-        /// Read a run folder whose files do not match its manifest, saying so
-        #[arg(long)]
-        force: bool,
-        /// The jit's threads (default: every core)
-        #[arg(long, value_parser = parse_threads)]
-        threads: Option<usize>,
-        /// The mutual-information heat maps (category x target-relative position) of this
-        /// sequence input, whose ids share a categorical column's vocabulary: `SEQ` or
-        /// `SEQ:COLUMN`
-        #[arg(long)]
-        mi: Option<String>,
-        /// With --mi SEQ: a probe of the model's attention over SEQ (one value per position):
-        /// its mean per behaviour category and position against the MI maps, and the
-        /// retrieval NDCG of its order
-        #[arg(long)]
-        attention: Option<String>,
-        /// The discriminability of a probed representation: k-means clusters of its
-        /// per-sample vectors on the test split against the first task's label (MI, NMI)
-        #[arg(long)]
-        clusters: Option<String>,
-        /// The entanglement distance test: two single-task runs A and B (give twice), tested
-        /// on the same file as RUN
-        #[arg(long)]
-        against: Vec<PathBuf>,
-        /// With --against: the user and item columns whose embedding distance it compares
-        #[arg(long)]
-        pair: Option<String>,
-        /// The sub-embedding IA matrix `TABLE:PARAM`: the table's fields through a cross
-        /// layer's weight PARAM [N·K, N·K] whose input starts with them (DCNv2's first layer)
-        #[arg(long)]
-        interaction: Option<String>,
+        #[command(flatten)]
+        options: mdl::analysis::Options,
     },
 }
 
-/// `--threads N`: 1 to [`mdl::experiment::MAX_THREADS`].
-fn parse_threads(text: &str) -> Result<usize, String> {
-    let n = text.trim().parse::<usize>().map_err(|_| format!("expected a number of threads, found `{text}`"))?;
-    mdl::experiment::check_threads("--threads", n)?;
-    Ok(n)
-}
+use mdl::experiment::parse_threads;
 
 fn parse_bad_rows(text: &str) -> Result<mdl::data::BadRows, String> {
     match text {
@@ -389,33 +349,7 @@ fn main() -> ExitCode {
         }
         Command::Export { run, format, out, force } => mdl::cli::export(&run, format, &out, force),
         Command::Report { runs, html } => mdl::cli::report(&runs, html.as_deref()),
-        Command::Analyze {
-            run,
-            tables,
-            probes,
-            force,
-            threads,
-            mi,
-            attention,
-            clusters,
-            against,
-            pair,
-            interaction,
-        } => {
-            let options = mdl::analysis::Options {
-                tables,
-                probes,
-                force,
-                threads,
-                mi,
-                attention,
-                clusters,
-                against,
-                pair,
-                interaction,
-            };
-            mdl::cli::analyze(&run, &options)
-        }
+        Command::Analyze { run, options } => mdl::cli::analyze(&run, &options),
         Command::Fuzz { kinds, cases, from, seed, budget_secs, known, jobs, secs_per_kind, root, work, worker } => {
             let args = mdl::cli::FuzzArgs {
                 kinds,

@@ -558,8 +558,8 @@ fn mutual_information_heat_maps_of_a_category_sequence() {
 }
 
 /// A spec on DARE's data whose probe `ones` is 1 at every behaviour of `cate_hist` and 0 at
-/// padding, whose probe `count` has one value per sample, and whose probe `label` is the
-/// label.
+/// padding (`twos` 2), whose probe `count` has one value per sample, and whose probe `label`
+/// is the label.
 const MASK_PROBE_SPEC: &str = "model maskprobe(dim = 4, tags_len = 6) {
   input item      : categorical
   input hist      : sequence(50) of item
@@ -571,6 +571,7 @@ const MASK_PROBE_SPEC: &str = "model maskprobe(dim = 4, tags_len = 6) {
   label click
   let C = embedding(cate, dim)
   let w = probe(slice(mask(cate_hist), 1, 0, 1), \"ones\")
+  let w2 = probe(w * 2, \"twos\")
   let n = probe(sum(w, axis = -1), \"count\")
   task click = linear(concat([flatten(C[cate]), n], axis = 1), 1)
   let y = probe(unsqueeze(label(click), 1), \"label\")
@@ -625,6 +626,22 @@ fn attention_probe_of_known_values() {
     assert_eq!(r["model"], r["recency"], "{r}");
     assert!(r["samples"].as_u64().unwrap() > 1000, "{r}");
 
+    // exp(z)·‖r‖ with z = 1 and ‖r‖ = 2 at every behaviour: the softmax of a constant map is
+    // uniform, so every cell of a map holds 2 / (its cells with a value).
+    let out = mdl(&["analyze", run, "--mi", "cate_hist", "--attention", "w/ones", "--attention-norm", "w2/twos"]);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("learned correlation: exp(z)·‖r‖ (z: probe `w/ones`"));
+    let a = json(&Path::new(run).join("analysis.json"));
+    assert_eq!(a["attention"]["norm_probe"].as_str(), Some("w2/twos"));
+    for map in a["attention"]["maps"].as_array().unwrap() {
+        let norms: Vec<f64> = map["mean_norm"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().clone()).filter_map(|v| v.as_f64()).collect();
+        assert!(!norms.is_empty() && norms.iter().all(|&n| n == 2.0), "{map}");
+        let weighted: Vec<f64> = map["weighted"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().clone()).filter_map(|v| v.as_f64()).collect();
+        assert_eq!(weighted.len(), norms.len());
+        let want = 2.0 / norms.len() as f64;
+        assert!(weighted.iter().all(|w| (w - want).abs() < 1e-12), "{map}");
+    }
+
     for (args, want) in [
         (
             vec!["--mi", "cate_hist", "--attention", "n/count"],
@@ -632,6 +649,15 @@ fn attention_probe_of_known_values() {
         ),
         (vec!["--mi", "cate_hist", "--attention", "w/one"], "--attention: the model has no probe `w/one`; did you mean `w/ones`?"),
         (vec!["--attention", "w/ones"], "--attention w/ones: needs --mi SEQ"),
+        (vec!["--mi", "cate_hist", "--attention-norm", "w/ones"], "--attention-norm w/ones: needs --attention PROBE"),
+        (
+            vec!["--mi", "cate_hist", "--attention", "w/ones", "--attention-norm", "w/twos"],
+            "--attention-norm: the model has no probe `w/twos`; did you mean `w2/twos`?",
+        ),
+        (
+            vec!["--mi", "cate_hist", "--attention", "w/ones", "--attention-norm", "n/count"],
+            "--attention-norm: probe `n/count` has 1 values per sample",
+        ),
         (vec!["--clusters", "w/one"], "--clusters: the model has no probe `w/one`; did you mean `w/ones`?"),
     ] {
         let mut all = vec!["analyze", run];

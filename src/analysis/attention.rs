@@ -8,7 +8,10 @@
 //!   target-relative position p, over the test samples whose target has category c_t: a map per
 //!   target category over the same categories and positions as the MI map, min–max normalised,
 //!   and Spearman's rank correlation between the two maps (how far the model's attention follows
-//!   the data's correlation).
+//!   the data's correlation). With a second probe of ‖r‖, the norm of the target-aware
+//!   representation at each slot (`--attention-norm`), the map is the card's
+//!   Cor = exp(z)·‖r‖ instead ([`weighted_map`]): the attention probe's cell means (the logits
+//!   z) z-scored over the map's cells, softmaxed over them, times the cell means of ‖r‖.
 //! - **Retrieval NDCG** (DARE's retrieval quality): a behaviour's relevance is the MI (from
 //!   train) of its cell (the sample's target category, its category, its position); the
 //!   behaviours of a sample ranked by the probe's value (ties: the more recent first) give
@@ -82,6 +85,8 @@ pub struct AttentionSums {
     positions: usize,
     /// Per (target category, behaviour category, position): the sum of values and the count.
     cells: HashMap<(u32, u32, usize), (f64, u64)>,
+    /// The same for the ‖r‖ probe, when one is followed.
+    norm_cells: HashMap<(u32, u32, usize), (f64, u64)>,
     /// Test samples per target category.
     targets: HashMap<u32, u64>,
     /// Relevance (MI) of each cell met, computed once.
@@ -100,9 +105,11 @@ impl AttentionSums {
     }
 
     /// Adds one sample: its target category, its behaviours' categories (right-aligned,
-    /// padding 0) and the probe's value at each slot; `truth` gives the relevances.
-    pub fn add(&mut self, truth: &MiCounts, target: u32, behaviours: &[u32], values: &[f32]) {
+    /// padding 0), the probe's value at each slot and, when followed, the ‖r‖ probe's;
+    /// `truth` gives the relevances.
+    pub fn add(&mut self, truth: &MiCounts, target: u32, behaviours: &[u32], values: &[f32], norms: Option<&[f32]>) {
         assert_eq!(behaviours.len(), values.len(), "a value per slot");
+        assert!(norms.is_none_or(|n| n.len() == values.len()), "a norm per slot");
         *self.targets.entry(target).or_default() += 1;
         let len = behaviours.len();
         // (value, position, relevance) of each behaviour.
@@ -116,6 +123,11 @@ impl AttentionSums {
                 let cell = self.cells.entry((target, id, p)).or_default();
                 cell.0 += v as f64;
                 cell.1 += 1;
+                if let Some(norms) = norms {
+                    let cell = self.norm_cells.entry((target, id, p)).or_default();
+                    cell.0 += norms[slot] as f64;
+                    cell.1 += 1;
+                }
             }
             let rel = *self.relevance.entry((target, id, p)).or_insert_with(|| truth.cell_mi(target, id, p));
             seen.push((v as f64, p, rel));
@@ -142,6 +154,12 @@ impl AttentionSums {
         self.cells.get(&(target, category, position)).map(|&(sum, n)| sum / n as f64)
     }
 
+    /// The mean ‖r‖ at (target, category, position), when a ‖r‖ probe is followed and a
+    /// sample had such a behaviour.
+    pub fn mean_norm(&self, target: u32, category: u32, position: usize) -> Option<f64> {
+        self.norm_cells.get(&(target, category, position)).map(|&(sum, n)| sum / n as f64)
+    }
+
     /// The retrieval measures so far.
     pub fn retrieval(&self) -> Retrieval {
         let mean = |sums: &[f64]| sums.iter().map(|s| s / self.ranked.max(1) as f64).collect();
@@ -164,10 +182,19 @@ pub struct LearnedMap {
     pub samples: u64,
     pub categories: Vec<String>,
     /// The probe's mean value, `[category][position - 1]` (none where no test sample had such
-    /// a behaviour), and min–max normalised over the cells with a value (0 elsewhere).
+    /// a behaviour).
     pub mean: Vec<Vec<Option<f64>>>,
+    /// With a ‖r‖ probe: its mean value per cell, and the card's exp(z)·‖r‖ per cell
+    /// ([`weighted_map`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mean_norm: Option<Vec<Vec<Option<f64>>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weighted: Option<Vec<Vec<Option<f64>>>>,
+    /// The learned map (`weighted` where there is one, else `mean`), min–max normalised
+    /// over the cells with a value (0 elsewhere).
     pub normalized: Vec<Vec<f64>>,
-    /// Spearman's rank correlation with the MI map over the cells with a value.
+    /// Spearman's rank correlation of the learned map with the MI map over the cells with a
+    /// value.
     pub rank_correlation: Option<f64>,
 }
 
@@ -187,11 +214,44 @@ pub struct Retrieval {
 #[derive(Clone, Debug, Serialize)]
 pub struct AttentionAnalysis {
     pub probe: String,
+    /// The ‖r‖ probe of `--attention-norm`, when the maps are exp(z)·‖r‖.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub norm_probe: Option<String>,
     pub sequence: String,
     pub split: String,
     pub rows: usize,
     pub maps: Vec<LearnedMap>,
     pub retrieval: Retrieval,
+}
+
+/// The card's learned correlation Cor = exp(z)·‖r‖ of a map: the cell means `z` (the
+/// attention logits) z-scored over the cells with a value, softmaxed over those cells, times
+/// the cell's mean ‖r‖ (`norms`); `None` where a cell has no value. The card's TIN script
+/// computes it so (its min–max normalisation is [`LearnedMap::normalized`]'s). With z
+/// constant over the cells (no spread to standardise) the softmax is uniform.
+pub fn weighted_map(z: &[Vec<Option<f64>>], norms: &[Vec<Option<f64>>]) -> Vec<Vec<Option<f64>>> {
+    let values: Vec<f64> = z.iter().flatten().flatten().copied().collect();
+    if values.is_empty() {
+        return z.to_vec();
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let sd = (values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n).sqrt();
+    let standard = |v: f64| if sd > 0.0 { (v - mean) / sd } else { 0.0 };
+    let top = values.iter().map(|&v| standard(v)).fold(f64::NEG_INFINITY, f64::max);
+    let total: f64 = values.iter().map(|&v| (standard(v) - top).exp()).sum();
+    z.iter()
+        .zip(norms)
+        .map(|(zr, nr)| {
+            zr.iter()
+                .zip(nr)
+                .map(|(v, r)| match (v, r) {
+                    (Some(v), Some(r)) => Some((standard(*v) - top).exp() / total * r),
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// The analysis of the sums of `probe` over `rows` test rows against the ground truth `mi`;
@@ -209,10 +269,15 @@ pub fn finish(
         .iter()
         .zip(&mi.analysis.maps)
         .map(|((target, categories), truth)| {
-            let mean: Vec<Vec<Option<f64>>> =
-                categories.iter().map(|&c| (1..=positions).map(|p| sums.mean(*target, c, p)).collect()).collect();
+            let grid = |f: &dyn Fn(u32, usize) -> Option<f64>| -> Vec<Vec<Option<f64>>> {
+                categories.iter().map(|&c| (1..=positions).map(|p| f(c, p)).collect()).collect()
+            };
+            let mean = grid(&|c, p| sums.mean(*target, c, p));
+            let mean_norm = (!sums.norm_cells.is_empty()).then(|| grid(&|c, p| sums.mean_norm(*target, c, p)));
+            let weighted = mean_norm.as_ref().map(|norms| weighted_map(&mean, norms));
+            let map = weighted.as_ref().unwrap_or(&mean);
             let (mut learned, mut ground) = (Vec::new(), Vec::new());
-            for (row, mi_row) in mean.iter().zip(&truth.mi) {
+            for (row, mi_row) in map.iter().zip(&truth.mi) {
                 for (v, m) in row.iter().zip(mi_row) {
                     if let Some(v) = v {
                         learned.push(*v);
@@ -222,7 +287,7 @@ pub fn finish(
             }
             // Cells with no value take the lowest value before normalising, so they show as 0.
             let low = learned.iter().copied().fold(f64::INFINITY, f64::min);
-            let filled: Vec<Vec<f64>> = mean.iter().map(|row| row.iter().map(|v| v.unwrap_or(low)).collect()).collect();
+            let filled: Vec<Vec<f64>> = map.iter().map(|row| row.iter().map(|v| v.unwrap_or(low)).collect()).collect();
             LearnedMap {
                 target: name(*target),
                 samples: sums.targets.get(target).copied().unwrap_or(0),
@@ -233,12 +298,15 @@ pub fn finish(
                     min_max(&filled)
                 },
                 mean,
+                mean_norm,
+                weighted,
                 rank_correlation: spearman(&learned, &ground),
             }
         })
         .collect();
     AttentionAnalysis {
         probe: probe.to_string(),
+        norm_probe: None,
         sequence: mi.analysis.sequence.clone(),
         split: "test".into(),
         rows,
@@ -294,6 +362,36 @@ mod tests {
         c
     }
 
+    fn flat_norms() -> Option<f64> {
+        let mut s = AttentionSums::new(2);
+        s.add(&truth(), 7, &[6, 6, 5], &[1.0, 1.0, 1.0], None);
+        s.mean_norm(7, 5, 1)
+    }
+
+    /// exp(z)·‖r‖ of a hand map: z = (0, 2, none, 4) has mean 2 and standard deviation
+    /// √(8/3); the softmax of the z-scores times the norms, by hand.
+    #[test]
+    fn weighted_map_of_hand_cells() {
+        let z = vec![vec![Some(0.0), Some(2.0)], vec![None, Some(4.0)]];
+        let r = vec![vec![Some(1.0), Some(2.0)], vec![Some(7.0), Some(0.5)]];
+        let w = weighted_map(&z, &r);
+        let sd = (8.0f64 / 3.0).sqrt();
+        let e: Vec<f64> = [0.0, 2.0, 4.0].iter().map(|v: &f64| ((v - 2.0) / sd).exp()).collect();
+        let total: f64 = e.iter().sum();
+        let want = [e[0] / total * 1.0, e[1] / total * 2.0, e[2] / total * 0.5];
+        let got = [w[0][0].unwrap(), w[0][1].unwrap(), w[1][1].unwrap()];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-12, "{got:?} vs {want:?}");
+        }
+        assert_eq!(w[1][0], None, "no z, no value");
+        // A constant z: a uniform softmax, so the map is the norms over the cell count.
+        let flat = weighted_map(&[vec![Some(3.0), Some(3.0)]], &[vec![Some(2.0), Some(4.0)]]);
+        assert_eq!(flat, vec![vec![Some(1.0), Some(2.0)]]);
+        // The norms change the ranking: a lower z with a larger ‖r‖ can come first.
+        let turned = weighted_map(&[vec![Some(0.0), Some(1.0)]], &[vec![Some(10.0), Some(1.0)]]);
+        assert!(turned[0][0] > turned[0][1]);
+    }
+
     #[test]
     fn mean_attention_per_cell_and_ndcg_against_recency() {
         let truth = truth();
@@ -301,13 +399,16 @@ mod tests {
         assert!(truth.cell_mi(7, 6, 3).abs() < 1e-12);
         let mut s = AttentionSums::new(2);
         // Two test samples of target 7: slots oldest first.
-        s.add(&truth, 7, &[6, 6, 5], &[0.5, 0.25, 0.125]);
-        s.add(&truth, 7, &[0, 5, 6], &[0.0, 0.75, 0.0625]);
+        s.add(&truth, 7, &[6, 6, 5], &[0.5, 0.25, 0.125], Some(&[2.0, 1.0, 3.0]));
+        s.add(&truth, 7, &[0, 5, 6], &[0.0, 0.75, 0.0625], Some(&[9.0, 4.0, 5.0]));
         assert_eq!(s.mean(7, 5, 1), Some(0.125));
         assert_eq!(s.mean(7, 6, 1), Some(0.0625));
         assert_eq!(s.mean(7, 6, 2), Some(0.25));
         assert_eq!(s.mean(7, 5, 2), Some(0.75));
         assert_eq!(s.mean(7, 6, 3), None, "position 3 is past the map's 2");
+        // The norms of the same cells (a padding slot adds none).
+        assert_eq!((s.mean_norm(7, 5, 1), s.mean_norm(7, 6, 1), s.mean_norm(7, 5, 2)), (Some(3.0), Some(5.0), Some(4.0)));
+        assert_eq!(flat_norms(), None);
         let r = s.retrieval();
         assert_eq!((r.samples, r.left_out), (2, 0));
         // By hand, NDCG@1: sample 1 ranks position 3 (cat 6) first, sample 2 position 2 (cat 5).
@@ -321,11 +422,11 @@ mod tests {
         assert!((r.recency[0] - recency).abs() < 1e-12, "{r:?}");
         // A constant probe ranks by recency.
         let mut flat = AttentionSums::new(2);
-        flat.add(&truth, 7, &[6, 6, 5], &[1.0, 1.0, 1.0]);
+        flat.add(&truth, 7, &[6, 6, 5], &[1.0, 1.0, 1.0], None);
         let f = flat.retrieval();
         assert_eq!(f.model, f.recency);
         // A target no train sample has gives no relevance: left out.
-        flat.add(&truth, 9, &[6, 6, 5], &[1.0, 1.0, 1.0]);
+        flat.add(&truth, 9, &[6, 6, 5], &[1.0, 1.0, 1.0], None);
         assert_eq!((flat.retrieval().samples, flat.retrieval().left_out), (1, 1));
     }
 }
