@@ -313,7 +313,8 @@ pub fn analyze(run: &Path, opts: &Options) -> Result<Analysis, String> {
     });
     let attention = match (&opts.attention, &measured, &attention_sums) {
         (Some(name), Some(m), Some(sums)) => {
-            let mut a = attention::finish(name, split_rows, sums, m, |id| correlation::category_name(&loaded, &m.place, id));
+            let mut a =
+                attention::finish(name, split_rows, sums, m, |id| correlation::category_name(&loaded, &m.place, id));
             a.norm_probe = opts.attention_norm.clone();
             Some(a)
         }
@@ -868,7 +869,9 @@ fn render_entanglement(s: &mut String, e: &entanglement::Entanglement) {
 /// The learned maps and retrieval NDCG as text.
 fn render_attention(s: &mut String, a: &attention::AttentionAnalysis) {
     let what = match &a.norm_probe {
-        Some(norm) => format!("exp(z)·‖r‖ (z: probe `{}` z-scored and softmaxed over the map, ‖r‖: probe `{norm}`)", a.probe),
+        Some(norm) => {
+            format!("exp(z)·‖r‖ (z: probe `{}` z-scored and softmaxed over the map, ‖r‖: probe `{norm}`)", a.probe)
+        }
         None => format!("mean of probe `{}`", a.probe),
     };
     let _ = writeln!(

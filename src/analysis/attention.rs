@@ -407,7 +407,10 @@ mod tests {
         assert_eq!(s.mean(7, 5, 2), Some(0.75));
         assert_eq!(s.mean(7, 6, 3), None, "position 3 is past the map's 2");
         // The norms of the same cells (a padding slot adds none).
-        assert_eq!((s.mean_norm(7, 5, 1), s.mean_norm(7, 6, 1), s.mean_norm(7, 5, 2)), (Some(3.0), Some(5.0), Some(4.0)));
+        assert_eq!(
+            (s.mean_norm(7, 5, 1), s.mean_norm(7, 6, 1), s.mean_norm(7, 5, 2)),
+            (Some(3.0), Some(5.0), Some(4.0))
+        );
         assert_eq!(flat_norms(), None);
         let r = s.retrieval();
         assert_eq!((r.samples, r.left_out), (2, 0));
