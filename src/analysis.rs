@@ -837,6 +837,17 @@ fn render_interaction(s: &mut String, m: &interaction::InteractionAnalysis) {
     }
     let sums: Vec<String> = m.column_sums.iter().map(|v| format!("{v:.1}")).collect();
     let _ = writeln!(s, "  Σ_i per output block: {}", sums.join(" "));
+    let total: f64 = m.block_norms.iter().flatten().map(|v| v * v).sum::<f64>().sqrt();
+    let diagonal: f64 = m.block_norms.iter().enumerate().map(|(i, r)| r[i] * r[i]).sum::<f64>().sqrt();
+    let _ = writeln!(
+        s,
+        "  ‖W_i→j‖_F of its {0} × {0} blocks (in analysis.json): ‖W‖_F {total:.3}, of it the diagonal blocks i = j {diagonal:.3}",
+        m.blocks
+    );
+    for (i, field) in m.fields.iter().enumerate() {
+        let cells: Vec<String> = m.block_norms[i].iter().map(|v| format!("{v:.2}")).collect();
+        let _ = writeln!(s, "  {field:<24} ‖W‖_F: {}", cells.join(" "));
+    }
 }
 
 /// The entanglement test as text: a line per table.

@@ -750,3 +750,42 @@ fn entanglement_distance_test_against_two_runs() {
         assert!(err.contains(want), "{err}");
     }
 }
+
+/// `--interaction TABLE:PARAM` on a 2-step DCNv2 run: the sub-embedding IA matrix of the
+/// table's 37 columns over the cross layer's 48 blocks, and the Frobenius norm of every
+/// block of the weight (N × N, whose squares add up to the weight's); a malformed option is
+/// an error naming its form.
+#[test]
+fn interaction_matrix_and_block_norms_of_a_cross_layer() {
+    let dir = tmp("analysis", "interaction");
+    let run = dir.join("run");
+    ok(&mdl(&[
+        "run",
+        "experiments/dcnv2.yaml",
+        "--out",
+        run.to_str().unwrap(),
+        "--set",
+        "train.batch_size=512",
+        "--set",
+        "train.max_steps=2",
+    ]));
+    let run = run.to_str().unwrap();
+    let out = mdl(&["analyze", run, "--table", "E/table", "--interaction", "E/table:cross/cross_net/linear/W"]);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("‖W_i→j‖_F of its 48 × 48 blocks"));
+    let a = json(&Path::new(run).join("analysis.json"));
+    let m = &a["interaction"];
+    assert_eq!((m["dim"].as_u64(), m["blocks"].as_u64()), (Some(16), Some(48)));
+    assert_eq!(m["ia"].as_array().unwrap().len(), m["fields"].as_array().unwrap().len());
+    let norms = m["block_norms"].as_array().unwrap();
+    assert_eq!(norms.len(), 48);
+    let squares: f64 = norms
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()))
+        .inspect(|&v| assert!(v >= 0.0 && v.is_finite()))
+        .map(|v| v * v)
+        .sum();
+    assert!(squares > 0.0);
+    let err = common::scoring::failed(&mdl(&["analyze", run, "--interaction", "E/table"]));
+    assert!(err.contains("--interaction: expected TABLE:PARAM"), "{err}");
+}

@@ -10,7 +10,10 @@
 //! The table's columns must be the first fields of the layer's input, in order (DCNv2's x0
 //! starts with `E[fields]`); fields after them (pooled sequences, tags, numbers) are output
 //! blocks only, named by their index. The matrix comes with its row and column sums (the
-//! card's Σ_j and Σ_i) and each field's own IA(E_i), by which the card sorts both axes.
+//! card's Σ_j and Σ_i) and each field's own IA(E_i), by which the card sorts both axes, and
+//! with the Frobenius norm ‖W_{i→j}‖_F of every block of the weight (the card's heat map of a
+//! multi-embedding model's interaction weights, one per embedding set: `--interaction` on each
+//! set's table and cross weight).
 
 use super::{rows_of, Spectrum};
 use mdl_runtime::tensor::Tensor;
@@ -34,6 +37,22 @@ pub struct InteractionAnalysis {
     pub ia: Vec<Vec<Option<f64>>>,
     pub row_sums: Vec<f64>,
     pub column_sums: Vec<f64>,
+    /// ‖W_{i→j}‖_F for every block of the weight, `[i][j]` over all N input and N output
+    /// blocks (the table's columns first).
+    pub block_norms: Vec<Vec<f64>>,
+}
+
+/// The Frobenius norm of every `k × k` block of the square `[n, n]` weight `w`, `[i][j]`.
+pub fn block_norms(w: &Tensor<f32>, k: usize) -> Vec<Vec<f64>> {
+    let n = w.shape[1];
+    let blocks = n / k;
+    let mut norms = vec![vec![0.0f64; blocks]; blocks];
+    for (r, row) in w.data.chunks(n).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            norms[r / k][c / k] += (v as f64) * (v as f64);
+        }
+    }
+    norms.iter().map(|row| row.iter().map(|s| s.sqrt()).collect()).collect()
 }
 
 /// `rows × k` matrix `e` times the `k × k` block of the `[n, n]` weight `w` at block row
@@ -105,6 +124,7 @@ pub fn measure(
         ia,
         row_sums,
         column_sums,
+        block_norms: block_norms(w, k),
     })
 }
 
@@ -136,6 +156,9 @@ mod tests {
         assert!((m.row_sums[0] - 3.0).abs() < 1e-9 && (m.row_sums[1] - 1.5).abs() < 1e-9);
         assert!((m.column_sums[0] - 2.0).abs() < 1e-9 && (m.column_sums[1] - 2.5).abs() < 1e-9);
         assert_eq!(m.outputs, ["a", "b"]);
+        // ‖W_{i→j}‖_F: identity √2, rank-1 [[1, 1], [0, 0]] √2, zero 0, diag(2, 1) √5.
+        let r2 = 2f64.sqrt();
+        assert_eq!(m.block_norms, vec![vec![r2, r2], vec![0.0, 5f64.sqrt()]]);
         // A wider layer: the blocks past the table's columns are named by index.
         let wide = Tensor::new(vec![6, 6], vec![0.0; 36]).unwrap();
         assert_eq!(measure("E/table", "W", &table, &wide, &fields).unwrap().outputs, ["a", "b", "field 3"]);

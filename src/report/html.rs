@@ -480,6 +480,17 @@ fn interaction_plot(a: &Value, page: &mut String) -> Result<(), String> {
         m["param"].as_str().unwrap_or("?")
     );
     page.push_str(&heat_map(&title, "output field j", &rows, &names, &values)?);
+    // ‖W_{i→j}‖_F of the table's fields' blocks, in the same order (files written before it
+    // have none).
+    if let Some(norms) = m["block_norms"].as_array() {
+        let values: Vec<Vec<f64>> =
+            order.iter().map(|&i| cols.iter().map(|&j| norms[i][j].as_f64().unwrap_or(0.0)).collect()).collect();
+        let title = format!(
+            "‖W_i→j‖_F of {}'s blocks, input field i down, output field j across",
+            m["param"].as_str().unwrap_or("?")
+        );
+        page.push_str(&heat_map(&title, "output field j", &rows, &names, &values)?);
+    }
     Ok(())
 }
 
