@@ -633,22 +633,20 @@ fn attention_probe_of_known_values() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("learned correlation: exp(z)·‖r‖ (z: probe `w/ones`"));
     let a = json(&Path::new(run).join("analysis.json"));
     assert_eq!(a["attention"]["norm_probe"].as_str(), Some("w2/twos"));
+    // The cells with a value of a map's grid `key`.
+    let cells = |map: &serde_json::Value, key: &str| -> Vec<f64> {
+        map[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().clone())
+            .filter_map(|v| v.as_f64())
+            .collect()
+    };
     for map in a["attention"]["maps"].as_array().unwrap() {
-        let norms: Vec<f64> = map["mean_norm"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|r| r.as_array().unwrap().clone())
-            .filter_map(|v| v.as_f64())
-            .collect();
+        let norms = cells(map, "mean_norm");
         assert!(!norms.is_empty() && norms.iter().all(|&n| n == 2.0), "{map}");
-        let weighted: Vec<f64> = map["weighted"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|r| r.as_array().unwrap().clone())
-            .filter_map(|v| v.as_f64())
-            .collect();
+        let weighted = cells(map, "weighted");
         assert_eq!(weighted.len(), norms.len());
         let want = 2.0 / norms.len() as f64;
         assert!(weighted.iter().all(|w| (w - want).abs() < 1e-12), "{map}");

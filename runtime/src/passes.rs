@@ -42,22 +42,41 @@ pub fn optimize(graph: &Graph) -> Graph {
 /// differentiate (the gradient flows through the batch statistics).
 /// A graph without `TrainEval` comes back as it is.
 pub fn for_phase(graph: &Graph, training: bool) -> Graph {
-    if graph.ids().all(|id| graph.node(id).op != Op::TrainEval) {
-        return graph.clone();
+    match replace_nodes(graph, &|node, inputs, _| {
+        (node.op == Op::TrainEval).then(|| inputs[if training { 0 } else { 1 }])
+    }) {
+        Some(out) => dce(&out),
+        None => graph.clone(),
     }
+}
+
+/// `graph` rebuilt with each node for which `replace` gives a value (from the node, its
+/// operands' ids in the new graph, and the new graph to add nodes to) standing for it;
+/// every other node copied. `None` when `replace` gives no value for any node.
+fn replace_nodes(
+    graph: &Graph,
+    replace: &dyn Fn(&crate::ir::graph::Node, &[NodeId], &mut Graph) -> Option<NodeId>,
+) -> Option<Graph> {
     let mut out = Graph::new();
     let mut map: Vec<Option<NodeId>> = Vec::with_capacity(graph.len());
+    let mut replaced = false;
     for id in graph.ids() {
         let node = graph.node(id);
         let inputs: Vec<NodeId> = node.inputs.iter().filter_map(|i| map[i.index()]).collect();
-        let new_id = match node.op {
-            Op::TrainEval => inputs[if training { 0 } else { 1 }],
-            _ => out.push_copy(node, inputs),
+        let new_id = match replace(node, &inputs, &mut out) {
+            Some(v) => {
+                replaced = true;
+                v
+            }
+            None => out.push_copy(node, inputs),
         };
         map.push(Some(new_id));
     }
+    if !replaced {
+        return None;
+    }
     out.copy_tables(graph, &map);
-    dce(&out)
+    Some(out)
 }
 
 /// The graph with every named gradient path ([`Op::Path`]) resolved into its operand: the
@@ -89,25 +108,14 @@ pub fn path_names(graph: &Graph) -> Vec<String> {
 }
 
 fn resolve_paths(graph: &Graph, open: Option<&str>) -> Graph {
-    if graph.ids().all(|id| !matches!(graph.node(id).op, Op::Path { .. })) {
-        return graph.clone();
-    }
-    let mut out = Graph::new();
-    let mut map: Vec<Option<NodeId>> = Vec::with_capacity(graph.len());
-    for id in graph.ids() {
-        let node = graph.node(id);
-        let inputs: Vec<NodeId> = node.inputs.iter().filter_map(|i| map[i.index()]).collect();
-        let new_id = match &node.op {
-            Op::Path { name } if open.is_none_or(|p| p == name) => inputs[0],
-            Op::Path { .. } => {
-                out.add(Op::StopGrad, &inputs, &node.scope).expect("a stop-gradient takes any real value")
-            }
-            _ => out.push_copy(node, inputs),
-        };
-        map.push(Some(new_id));
-    }
-    out.copy_tables(graph, &map);
-    out
+    let resolved = replace_nodes(graph, &|node, inputs, out| match &node.op {
+        Op::Path { name } if open.is_none_or(|p| p == name) => Some(inputs[0]),
+        Op::Path { .. } => {
+            Some(out.add(Op::StopGrad, inputs, &node.scope).expect("a stop-gradient takes any real value"))
+        }
+        _ => None,
+    });
+    resolved.unwrap_or_else(|| graph.clone())
 }
 
 /// A node's identity for CSE: its op and its (already merged) operands. Float fields are
