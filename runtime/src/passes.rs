@@ -50,13 +50,13 @@ pub fn for_phase(graph: &Graph, training: bool) -> Graph {
     }
 }
 
+/// What [`replace_nodes`] asks of each node: its replacement, if any.
+type Replace<'a> = dyn Fn(&crate::ir::graph::Node, &[NodeId], &mut Graph) -> Option<NodeId> + 'a;
+
 /// `graph` rebuilt with each node for which `replace` gives a value (from the node, its
 /// operands' ids in the new graph, and the new graph to add nodes to) standing for it;
 /// every other node copied. `None` when `replace` gives no value for any node.
-fn replace_nodes(
-    graph: &Graph,
-    replace: &dyn Fn(&crate::ir::graph::Node, &[NodeId], &mut Graph) -> Option<NodeId>,
-) -> Option<Graph> {
+fn replace_nodes(graph: &Graph, replace: &Replace) -> Option<Graph> {
     let mut out = Graph::new();
     let mut map: Vec<Option<NodeId>> = Vec::with_capacity(graph.len());
     let mut replaced = false;
