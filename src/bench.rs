@@ -355,13 +355,8 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
             (exp.backend == Backend::Jit).then(|| {
                 let n = exp.train.threads.unwrap_or_else(mdl_runtime::backend::jit::default_threads);
                 let products = match products {
-                    mdl_runtime::backend::jit::Products::F32 => "",
-                    mdl_runtime::backend::jit::Products::Bf16(mdl_runtime::backend::jit::bf16::Dot::Hardware) => {
-                        ", bf16 products"
-                    }
-                    mdl_runtime::backend::jit::Products::Bf16(mdl_runtime::backend::jit::bf16::Dot::Emulated) => {
-                        ", bf16 products emulated on AVX-512F"
-                    }
+                    mdl_runtime::backend::jit::Products::F32 => String::new(),
+                    mdl_runtime::backend::jit::Products::Bf16(dot) => format!(", bf16 products ({})", dot.describe()),
                 };
                 format!("{n} thread{}{products}", if n == 1 { "" } else { "s" })
             })

@@ -186,7 +186,8 @@ pub struct TrainConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
     /// Arithmetic of the matrix products on the jit: `f32` (default) or `bf16` (operands
-    /// rounded to bf16, sums in f32, by AVX512-BF16's dot-product instruction; parameters,
+    /// rounded to bf16, sums in f32, on AMX-BF16's tiles or AVX512-BF16's dot-product
+    /// instruction; parameters,
     /// optimizer state and every other op stay f32). See [`Experiment::products`].
     #[serde(default, skip_serializing_if = "Precision::is_f32")]
     pub precision: Precision,
@@ -207,27 +208,38 @@ impl Precision {
     }
 }
 
-/// The environment variable that, set to `emulated`, runs `train.precision: bf16`'s
-/// products on a CPU with AVX-512F but without AVX512-BF16 by the kernel's AVX-512F
-/// emulation of the instruction (the same sums, slower than f32: for checking bf16's
-/// accuracy on such a CPU) instead of falling back to f32.
+/// The environment variable that names the kernel of `train.precision: bf16`'s products
+/// ([`Dot::name`](mdl_runtime::backend::jit::bf16::Dot::name): `amx`, `avx512bf16` or
+/// `emulated`) instead of the fastest this CPU has. `emulated` runs them on a CPU with
+/// AVX-512F but neither AMX-BF16 nor AVX512-BF16 by the kernel's AVX-512F emulation (the
+/// same sums, slower than f32: for checking bf16's accuracy on such a CPU) instead of
+/// falling back to f32; the others compare the kernels.
 pub const BF16_KERNEL_VAR: &str = "MDL_BF16_KERNEL";
 
-/// The products `precision` gets on `backend`, given the bf16 kernel this CPU can run
-/// (`detected`, [`Dot::detect`](mdl_runtime::backend::jit::bf16::Dot::detect)) and the
-/// value of [`BF16_KERNEL_VAR`]; with the line the run shows about them (none for f32).
-/// bf16 without the instruction falls back to f32 with a notice.
+/// The products `precision` gets on `backend`, given the bf16 kernels this CPU can run
+/// (`available`, fastest first) and the value of [`BF16_KERNEL_VAR`]; with the line the
+/// run shows about them (none for f32). bf16 without AMX-BF16 or AVX512-BF16 falls back
+/// to f32 with a notice; a kernel named in the variable that this CPU cannot run is an
+/// error.
 pub fn choose_products(
     precision: Precision,
     backend: Backend,
-    detected: Option<mdl_runtime::backend::jit::bf16::Dot>,
+    available: &[mdl_runtime::backend::jit::bf16::Dot],
     kernel_var: Option<&str>,
 ) -> Result<(mdl_runtime::backend::jit::Products, Option<String>), String> {
     use mdl_runtime::backend::jit::{bf16::Dot, Products};
-    let emulate = match kernel_var {
-        None => false,
-        Some("emulated") => true,
-        Some(other) => return Err(format!("{BF16_KERNEL_VAR}={other}: expected `emulated` (or leave it unset)")),
+    let named = match kernel_var {
+        None => None,
+        Some(name) => match Dot::ALL.into_iter().find(|d| d.name() == name) {
+            Some(dot) => Some(dot),
+            None => {
+                let names: Vec<&str> = Dot::ALL.iter().map(|d| d.name()).collect();
+                return Err(format!(
+                    "{BF16_KERNEL_VAR}={name}: expected one of {} (or leave it unset)",
+                    names.join(", ")
+                ));
+            }
+        },
     };
     if precision == Precision::F32 {
         return Ok((Products::F32, None));
@@ -237,21 +249,32 @@ pub fn choose_products(
             format!("notice: train.precision: bf16 applies to the jit backend; {backend} computes the products in f32");
         return Ok((Products::F32, Some(note)));
     }
-    Ok(match detected {
-        Some(Dot::Hardware) => {
-            (Products::Bf16(Dot::Hardware), Some("matrix products: bf16 operands, f32 sums (AVX512-BF16 vdpbf16ps)".into()))
+    let dot = match named {
+        Some(dot) if available.contains(&dot) => dot,
+        Some(dot) => {
+            let runs: Vec<&str> = available.iter().map(|d| d.name()).collect();
+            return Err(format!(
+                "{BF16_KERNEL_VAR}={}: this CPU cannot run the bf16 kernel on {} (it runs: {})",
+                dot.name(),
+                dot.describe(),
+                if runs.is_empty() { "none".to_string() } else { runs.join(", ") }
+            ));
         }
-        Some(Dot::Emulated) if emulate => (
-            Products::Bf16(Dot::Emulated),
-            Some(format!(
-                "matrix products: bf16 operands, f32 sums, emulated on AVX-512F ({BF16_KERNEL_VAR}=emulated; slower than f32)"
-            )),
+        None => match available.iter().find(|&&d| d != Dot::Emulated) {
+            Some(&dot) => dot,
+            None => {
+                let note = "notice: train.precision: bf16 needs a CPU with AMX-BF16 or AVX512-BF16, which this one lacks: the matrix products run in f32";
+                return Ok((Products::F32, Some(note.into())));
+            }
+        },
+    };
+    let line = match dot {
+        Dot::Emulated => format!(
+            "matrix products: bf16 operands, f32 sums, emulated on AVX-512F ({BF16_KERNEL_VAR}=emulated; slower than f32)"
         ),
-        _ => (
-            Products::F32,
-            Some("notice: train.precision: bf16 needs a CPU with AVX512-BF16, which this one lacks: the matrix products run in f32".into()),
-        ),
-    })
+        _ => format!("matrix products: bf16 operands, f32 sums ({})", dot.describe()),
+    };
+    Ok((Products::Bf16(dot), Some(line)))
 }
 
 impl Default for TrainConfig {
@@ -767,13 +790,10 @@ impl Experiment {
     /// The products `train.precision` gets on this CPU and backend ([`choose_products`]),
     /// with the line a run shows about them.
     pub fn products(&self) -> Result<(mdl_runtime::backend::jit::Products, Option<String>), String> {
+        use mdl_runtime::backend::jit::bf16::Dot;
         let var = std::env::var(BF16_KERNEL_VAR).ok();
-        choose_products(
-            self.train.precision,
-            self.backend,
-            mdl_runtime::backend::jit::bf16::Dot::detect(),
-            var.as_deref(),
-        )
+        let available: Vec<Dot> = Dot::ALL.into_iter().filter(|d| d.available()).collect();
+        choose_products(self.train.precision, self.backend, &available, var.as_deref())
     }
 
     /// The experiment as a run folder records it (`config.yaml`, whose hash `--resume`
@@ -866,34 +886,46 @@ mod tests {
     use super::*;
     use mdl_runtime::backend::jit::{bf16::Dot, Products};
 
-    /// Every case of `train.precision` against what the CPU has: bf16 where the instruction
-    /// is, the emulation only when asked, f32 with a notice otherwise and off the jit.
+    /// Every case of `train.precision` against what the CPU has: bf16 on the fastest
+    /// instruction there is, the emulation only when asked, a named kernel or an error, f32
+    /// with a notice otherwise and off the jit.
     #[test]
     fn bf16_precision_gets_the_instruction_or_f32_with_a_notice() {
-        let choose = |p, backend, dot, var| choose_products(p, backend, dot, var).unwrap();
-        for dot in [None, Some(Dot::Emulated), Some(Dot::Hardware)] {
-            assert_eq!(choose(Precision::F32, Backend::Jit, dot, None), (Products::F32, None));
+        let choose = |p, backend, dots: &[Dot], var| choose_products(p, backend, dots, var).unwrap();
+        let (all, vector, emulated) = (&Dot::ALL[..], &[Dot::Avx512Bf16, Dot::Emulated][..], &[Dot::Emulated][..]);
+        for dots in [&[][..], emulated, vector, all] {
+            assert_eq!(choose(Precision::F32, Backend::Jit, dots, None), (Products::F32, None));
         }
-        let (products, line) = choose(Precision::Bf16, Backend::Jit, Some(Dot::Hardware), None);
-        assert_eq!(products, Products::Bf16(Dot::Hardware));
+        let (products, line) = choose(Precision::Bf16, Backend::Jit, all, None);
+        assert_eq!(products, Products::Bf16(Dot::Amx));
+        assert_eq!(line.unwrap(), "matrix products: bf16 operands, f32 sums (AMX-BF16 tiles, tdpbf16ps)");
+        let (products, line) = choose(Precision::Bf16, Backend::Jit, vector, None);
+        assert_eq!(products, Products::Bf16(Dot::Avx512Bf16));
         assert_eq!(line.unwrap(), "matrix products: bf16 operands, f32 sums (AVX512-BF16 vdpbf16ps)");
-        let lacks = "notice: train.precision: bf16 needs a CPU with AVX512-BF16, which this one lacks: the matrix products run in f32";
-        for dot in [None, Some(Dot::Emulated)] {
-            assert_eq!(choose(Precision::Bf16, Backend::Jit, dot, None), (Products::F32, Some(lacks.into())));
+        assert_eq!(choose(Precision::Bf16, Backend::Jit, all, Some("avx512bf16")).0, Products::Bf16(Dot::Avx512Bf16));
+        let lacks = "notice: train.precision: bf16 needs a CPU with AMX-BF16 or AVX512-BF16, which this one lacks: the matrix products run in f32";
+        for dots in [&[][..], emulated] {
+            assert_eq!(choose(Precision::Bf16, Backend::Jit, dots, None), (Products::F32, Some(lacks.into())));
         }
-        assert_eq!(choose(Precision::Bf16, Backend::Jit, None, Some("emulated")), (Products::F32, Some(lacks.into())));
-        let (products, line) = choose(Precision::Bf16, Backend::Jit, Some(Dot::Emulated), Some("emulated"));
+        let (products, line) = choose(Precision::Bf16, Backend::Jit, emulated, Some("emulated"));
         assert_eq!(products, Products::Bf16(Dot::Emulated));
         assert!(line.unwrap().contains("emulated on AVX-512F (MDL_BF16_KERNEL=emulated"));
-        let (products, line) = choose(Precision::Bf16, Backend::Interp, Some(Dot::Hardware), None);
+        assert_eq!(
+            choose_products(Precision::Bf16, Backend::Jit, vector, Some("amx")).unwrap_err(),
+            "MDL_BF16_KERNEL=amx: this CPU cannot run the bf16 kernel on AMX-BF16 tiles, tdpbf16ps (it runs: avx512bf16, emulated)"
+        );
+        assert!(choose_products(Precision::Bf16, Backend::Jit, &[], Some("emulated"))
+            .unwrap_err()
+            .ends_with("(it runs: none)"));
+        let (products, line) = choose(Precision::Bf16, Backend::Interp, all, None);
         assert_eq!(products, Products::F32);
         assert_eq!(
             line.unwrap(),
             "notice: train.precision: bf16 applies to the jit backend; interp computes the products in f32"
         );
         assert_eq!(
-            choose_products(Precision::F32, Backend::Jit, None, Some("on")).unwrap_err(),
-            "MDL_BF16_KERNEL=on: expected `emulated` (or leave it unset)"
+            choose_products(Precision::F32, Backend::Jit, &[], Some("on")).unwrap_err(),
+            "MDL_BF16_KERNEL=on: expected one of amx, avx512bf16, emulated (or leave it unset)"
         );
     }
 }

@@ -421,17 +421,22 @@ fn bf16_precision_runs_bf16_or_falls_back_to_f32_with_a_notice() {
     let err = ok(&short_run(&bf16_run, &["--set", "train.precision=bf16"]));
     let log = std::fs::read_to_string(bf16_run.join("train.log")).unwrap();
     let metrics = |dir: &Path| std::fs::read_to_string(dir.join("metrics.json")).unwrap();
-    let said = if Dot::detect() == Some(Dot::Hardware) {
-        "matrix products: bf16 operands, f32 sums (AVX512-BF16 vdpbf16ps)"
-    } else {
-        assert_eq!(metrics(&bf16_run), metrics(&f32_run), "the f32 fallback computed something else than f32");
-        "notice: train.precision: bf16 needs a CPU with AVX512-BF16, which this one lacks: the matrix products run in f32"
+    let said = match Dot::detect() {
+        Some(Dot::Amx) => "matrix products: bf16 operands, f32 sums (AMX-BF16 tiles, tdpbf16ps)".to_string(),
+        Some(Dot::Avx512Bf16) => "matrix products: bf16 operands, f32 sums (AVX512-BF16 vdpbf16ps)".to_string(),
+        _ => {
+            assert_eq!(metrics(&bf16_run), metrics(&f32_run), "the f32 fallback computed something else than f32");
+            "notice: train.precision: bf16 needs a CPU with AMX-BF16 or AVX512-BF16, which this one lacks: the matrix products run in f32".to_string()
+        }
     };
-    assert!(err.contains(said) && log.contains(said), "stderr:\n{err}\ntrain.log:\n{log}");
+    if said.starts_with("matrix products") {
+        assert_ne!(metrics(&bf16_run), metrics(&f32_run), "bf16 products computed the f32 numbers");
+    }
+    assert!(err.contains(&said) && log.contains(&said), "stderr:\n{err}\ntrain.log:\n{log}");
     assert!(std::fs::read_to_string(bf16_run.join("config.yaml")).unwrap().contains("precision: bf16"));
     assert!(!std::fs::read_to_string(f32_run.join("config.yaml")).unwrap().contains("precision"));
 
-    if Dot::detect() == Some(Dot::Emulated) {
+    if Dot::Emulated.available() {
         let mut args = vec!["run", "experiments/quickstart.yaml", "--out", emulated_run.to_str().unwrap()];
         args.extend_from_slice(SHORT);
         args.extend_from_slice(&["--set", "train.precision=bf16"]);
@@ -449,5 +454,8 @@ fn bf16_precision_runs_bf16_or_falls_back_to_f32_with_a_notice() {
         ["run", "experiments/quickstart.yaml", "--out", bad_var.to_str().unwrap(), "--set", "train.precision=bf16"];
     let out = common::scoring::mdl_command(&args).env("MDL_BF16_KERNEL", "hardware").output().unwrap();
     let err = common::scoring::failed(&out);
-    assert!(err.contains("MDL_BF16_KERNEL=hardware: expected `emulated` (or leave it unset)"), "{err}");
+    assert!(
+        err.contains("MDL_BF16_KERNEL=hardware: expected one of amx, avx512bf16, emulated (or leave it unset)"),
+        "{err}"
+    );
 }

@@ -415,10 +415,10 @@ fn fast_reductions_do_not_depend_on_the_thread_count() {
 // ------------------------------------------------------------------ bf16 products
 
 /// The bf16 kernels this CPU runs: the AVX-512F emulation of `vdpbf16ps` (on every
-/// AVX-512 CPU, this project's machines included) and the instruction itself where the CPU
-/// has AVX512-BF16.
+/// AVX-512 CPU), the instruction itself where the CPU has AVX512-BF16, the AMX tiles where
+/// it has AMX-BF16 (all three share one packing, which the emulation tests anywhere).
 fn bf16_kernels() -> Vec<Dot> {
-    [Dot::Emulated, Dot::Hardware].into_iter().filter(|d| d.available()).collect()
+    Dot::ALL.into_iter().filter(|d| d.available()).collect()
 }
 
 /// Checks `got` (the jit's `op(a)·op(b)` over the leading axes of `a`, `b` shared or
@@ -471,7 +471,7 @@ fn check_bf16_product(a: &Tensor<f32>, b: &Tensor<f32>, ta: bool, tb: bool, got:
     rounded
 }
 
-/// Runs `MatMul` on the jit with bf16 products (each kernel, 1 and 2 threads) and checks
+/// Runs `MatMul` on the jit with bf16 products (each kernel, 1 to 3 threads) and checks
 /// each result with [`check_bf16_product`]; returns whether the operands were seen rounded.
 fn bf16_matmul_agrees(shapes: &[Vec<usize>; 2], ta: bool, tb: bool) -> bool {
     let (mut g, ids, params) = with_params(shapes, 13);
@@ -479,7 +479,7 @@ fn bf16_matmul_agrees(shapes: &[Vec<usize>; 2], ta: bool, tb: bool) -> bool {
     g.outputs.insert("out".into(), out);
     let mut rounded = true;
     for dot in bf16_kernels() {
-        for threads in [1, 2] {
+        for threads in [1, 2, 3] {
             let mut jit = Jit::with_threads(threads).with_products(Products::Bf16(dot));
             let got = jit.run(&g, &Binding::new(), &HashMap::new(), &params, &Mode::eval()).unwrap();
             rounded &= check_bf16_product(&params["p0"], &params["p1"], ta, tb, got.dense("out").unwrap());
@@ -503,8 +503,9 @@ proptest! {
     }
 }
 
-/// Products large enough to split over two threads, with each operand transposed, are
-/// within bf16's bound, and bf16 rounding shows (errors beyond what f32 operands allow).
+/// Products large enough to split over the threads (into parts that end inside a block of
+/// rows, and past AMX's cache block of 256 rows), with each operand transposed, are within
+/// bf16's bound, and bf16 rounding shows (errors beyond what f32 operands allow).
 #[test]
 fn large_bf16_products_split_over_threads_and_round_their_operands() {
     assert!(!bf16_kernels().is_empty(), "the bf16 kernel needs AVX-512F, which this CPU lacks");
@@ -512,6 +513,7 @@ fn large_bf16_products_split_over_threads_and_round_their_operands() {
         (vec![300, 200], vec![200, 70], false, false),
         (vec![256, 300], vec![256, 72], true, false),
         (vec![301, 129], vec![40, 129], false, true),
+        (vec![600, 97], vec![97, 33], false, false),
     ] {
         assert!(bf16_matmul_agrees(&[sa.clone(), sb.clone()], ta, tb), "{sa:?}·{sb:?}: no element shows bf16 rounding");
     }

@@ -1,64 +1,113 @@
 //! bf16 matrix products of the jit (`train.precision: bf16`): both operands rounded to
-//! bf16 (round to nearest even), products of pairs summed in f32, with the AVX512-BF16
-//! dot-product instruction (`vdpbf16ps`) where the CPU has it.
+//! bf16 (round to nearest even), products of pairs summed in f32, on AMX-BF16's tiles or
+//! AVX512-BF16's dot-product instruction, whichever the CPU has ([`Dot`]).
 //!
 //! Layout. An operand pair `(x[2p], x[2p + 1])` along the reduction axis is one 32-bit
-//! word (the even element in the low half), which is what `vdpbf16ps` multiplies lane by
-//! lane. The left operand is packed row by row (`[m_padded][k_pairs]`, `m` padded to a
-//! whole micro-tile with zero rows), the right one into panels of [`NR`] columns
-//! (`[panels][k_pairs][NR]`, short columns padded with zeros), an odd `k` padded with a
-//! zero element. The micro-kernel keeps an [`MR`] × [`NR`] tile of f32 sums in 16 vector
-//! registers; each pair step loads two vectors of the panel and broadcasts one word per row.
-//! Rows are taken in blocks of [`MC`] so that a block of the left operand and the whole
-//! packed right operand stay in L2 while every panel passes over the block.
+//! word (the even element in the low half), which is what both instructions multiply.
+//! Every kernel reads the same packing, so the one that runs anywhere ([`Dot::Emulated`])
+//! tests the packing of all of them:
+//! - the left operand `[m, k]` row by row, `[rows][stride]` words, its rows padded with zero
+//!   rows to whole blocks of [`BLOCK_ROWS`] and each row's `k / 2` words padded with zero
+//!   words to `stride`, a whole number of [`TILE`] words (an AMX tile row is 16 words);
+//! - the right one `[k, n]` in panels of [`NR`] columns, `[n_panels][stride][NR]`, short
+//!   panels and the padding words zero (an AMX tile of it is 16 pair rows of 16 columns).
 //!
-//! The same micro-kernel is also built on plain AVX-512F ([`Dot::Emulated`]: the pair
+//! Each thread packs its own rows of the left operand; the right one is packed once.
+//!
+//! Kernels. [`Dot::Amx`] keeps a 32 × 32 block of f32 sums in four tiles and steps over
+//! the reduction 32 elements at a time: two tiles of the left operand, two of the right,
+//! four `tdpbf16ps` (each 16 × 16 × 32 products). [`Dot::Avx512Bf16`] keeps an [`MR`] ×
+//! [`NR`] tile of sums in 16 vector registers; each pair step loads two vectors of the
+//! panel, broadcasts one word per row and issues `vdpbf16ps`. On the Xeons that have both,
+//! `vdpbf16ps` runs no faster than f32 fmas (measured: half `gemm`'s f32 speed with the
+//! packing), so only AMX makes bf16 pay there. Rows are taken in blocks so that a block of
+//! the left operand and a panel stay in L2 while the panels pass over the block.
+//!
+//! The `vdpbf16ps` micro-kernel is also built on plain AVX-512F ([`Dot::Emulated`]: the pair
 //! split into two f32 vectors and two fmas), so that the packing, the blocking and the
-//! numbers can be tested and measured on a CPU without the instruction. Both compute
+//! numbers can be tested and measured on a CPU without either instruction. All compute
 //! `Σ_p (a_even·b_even + a_odd·b_odd)` with exact bf16 products and f32 sums; they may differ
-//! in the last bit of a pair's sum (and the instruction treats subnormal inputs as zero).
+//! in the rounding of a pair's sum and the order of the sums (and the instructions treat
+//! subnormal inputs as zero).
+//!
+//! Hand-written (no maintained Rust crate multiplies bf16 on AMX): AMX's instructions are
+//! not stable intrinsics in Rust 1.95, so they are `asm!`, and Linux hands a process the
+//! tiles' state only when it asks (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, once, in
+//! [`Dot::detect`]).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// Rows of a micro-tile.
+/// Rows of a `vdpbf16ps` micro-tile.
 pub const MR: usize = 8;
-/// Columns of a micro-tile (two vectors of 16 f32).
+/// Columns of a panel of the right operand (two vectors of 16 f32, two AMX tiles).
 pub const NR: usize = 32;
-/// Rows of the left operand per cache block.
+/// Rows and pair words of an AMX tile (16 rows of 64 bytes).
+pub const TILE: usize = 16;
+/// The left operand's rows are packed in blocks of this many (an AMX block of sums).
+pub const BLOCK_ROWS: usize = 2 * TILE;
+/// Rows of the left operand per cache block (`vdpbf16ps`).
 const MC: usize = 128;
+/// Rows of the left operand per cache block (AMX; measured flat from 32 to 512 on
+/// [4096, 768]·[768, 256], slower over all 4096 rows).
+const MC_AMX: usize = 256;
 /// Work (multiply-adds) above which a product is split over the threads.
 const PARALLEL_WORK: usize = 1 << 21;
 
 /// How the pairs' dot products are computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dot {
-    /// `vdpbf16ps` (AVX512-BF16).
-    Hardware,
-    /// The same sums on AVX-512F: each pair word split into two f32 vectors and two fmas
-    /// (slower than f32 products: it exists to test and measure the kernel anywhere).
+    /// AMX-BF16's `tdpbf16ps` on tiles of 16 × 32 and 32 × 16 bf16.
+    Amx,
+    /// AVX512-BF16's `vdpbf16ps`.
+    Avx512Bf16,
+    /// The `vdpbf16ps` sums on AVX-512F: each pair word split into two f32 vectors and two
+    /// fmas (slower than f32 products: it exists to test and measure the kernel anywhere).
     Emulated,
 }
 
 impl Dot {
-    /// The way this CPU can run: `Hardware` with AVX512-BF16, `Emulated` with AVX-512F
-    /// only, `None` without AVX-512F (or off x86-64).
+    /// Every kernel, fastest first.
+    pub const ALL: [Dot; 3] = [Dot::Amx, Dot::Avx512Bf16, Dot::Emulated];
+
+    /// The fastest kernel this CPU runs, `None` without AVX-512F (or off x86-64).
     pub fn detect() -> Option<Dot> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                return Some(if is_x86_feature_detected!("avx512bf16") { Dot::Hardware } else { Dot::Emulated });
-            }
-        }
-        None
+        Dot::ALL.into_iter().find(|d| d.available())
     }
 
-    /// Whether this CPU can run the kernel in this way.
+    /// Whether this CPU can run the kernel: AVX-512F for all three, AVX512-BF16 for
+    /// `Avx512Bf16`, AMX-TILE and AMX-BF16 (and the kernel's leave to use the tiles) for `Amx`.
     pub fn available(self) -> bool {
-        match (self, Dot::detect()) {
-            (_, None) => false,
-            (Dot::Hardware, Some(found)) => found == Dot::Hardware,
-            (Dot::Emulated, Some(_)) => true,
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !is_x86_feature_detected!("avx512f") {
+                return false;
+            }
+            match self {
+                Dot::Emulated => true,
+                Dot::Avx512Bf16 => is_x86_feature_detected!("avx512bf16"),
+                Dot::Amx => amx::usable(),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// What the kernel computes with, in words (for the run's log and `products-bench`).
+    pub fn describe(self) -> &'static str {
+        match self {
+            Dot::Amx => "AMX-BF16 tiles, tdpbf16ps",
+            Dot::Avx512Bf16 => "AVX512-BF16 vdpbf16ps",
+            Dot::Emulated => "vdpbf16ps emulated on AVX-512F",
+        }
+    }
+
+    /// The name `MDL_BF16_KERNEL` takes for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dot::Amx => "amx",
+            Dot::Avx512Bf16 => "avx512bf16",
+            Dot::Emulated => "emulated",
         }
     }
 }
@@ -102,17 +151,15 @@ impl View<'_> {
     }
 }
 
-/// The left operand `[m, k]` as pair words, `m` rounded up to whole tiles of [`MR`] rows
-/// (zero rows), and the strides of word `(row, pair)` in it: row-major (`[rows][k_pairs]`,
-/// converted row by row) when `a` is stored row-major; in panels of [`MR`] rows
-/// (`[rows / MR][k_pairs][MR]`, converted two stored rows at a time) when it is read
-/// transposed. Either way the tile of rows `r..r + MR` starts at word `r * k_pairs`.
-fn pack_left(a: View, m: usize, k: usize, k_pairs: usize) -> (Vec<u32>, LeftStrides) {
-    let rows = m.div_ceil(MR) * MR;
-    let mut out = vec![0u32; rows * k_pairs];
+/// Rows `first..first + rows` of the left operand `[m, k]` as pair words, `[rows padded to
+/// BLOCK_ROWS][stride]` (zero rows and zero words beyond `k`).
+fn pack_left(a: View, first: usize, rows: usize, k: usize, stride: usize) -> Vec<u32> {
+    let k_pairs = k.div_ceil(2);
+    let mut out = vec![0u32; rows.div_ceil(BLOCK_ROWS) * BLOCK_ROWS * stride];
     if a.col_step == 1 {
-        for (r, dst) in out.chunks_exact_mut(k_pairs).take(m).enumerate() {
-            let row = &a.data[r * a.row_step..r * a.row_step + k];
+        for (r, dst) in out.chunks_exact_mut(stride).take(rows).enumerate() {
+            let start = (first + r) * a.row_step;
+            let row = &a.data[start..start + k];
             for (d, two) in dst.iter_mut().zip(row.chunks_exact(2)) {
                 *d = pair(two[0], two[1]);
             }
@@ -120,40 +167,41 @@ fn pack_left(a: View, m: usize, k: usize, k_pairs: usize) -> (Vec<u32>, LeftStri
                 dst[k_pairs - 1] = pair(row[k - 1], 0.0);
             }
         }
-        (out, LeftStrides { row: k_pairs, pair: 1 })
     } else {
         // Stored row `l` of a transposed operand is column `l` of the logical one: each
-        // pair of stored rows fills word `p` of every row.
-        for p in 0..k_pairs {
-            let even = &a.data[2 * p * a.col_step..2 * p * a.col_step + m];
-            let odd = (2 * p + 1 < k).then(|| &a.data[(2 * p + 1) * a.col_step..(2 * p + 1) * a.col_step + m]);
-            for (tile, words) in out.chunks_exact_mut(k_pairs * MR).enumerate() {
-                let first = tile * MR;
-                let dst = &mut words[p * MR..(p + 1) * MR];
-                let count = (m - first.min(m)).min(MR);
-                for (i, d) in dst.iter_mut().enumerate().take(count) {
-                    *d = pair(even[first + i], odd.map_or(0.0, |o| o[first + i]));
+        // pair of stored rows gives word `p` of every row. Rows go in groups of 64 so that
+        // the output lines being filled stay in L1 while `p` steps.
+        const GROUP: usize = 64;
+        for group in (0..rows).step_by(GROUP) {
+            let count = (rows - group).min(GROUP);
+            let dst = &mut out[group * stride..];
+            for p in 0..k_pairs {
+                let at = |l: usize| &a.data[l * a.col_step + first + group..][..count];
+                let even = at(2 * p);
+                if 2 * p + 1 < k {
+                    for (i, (&lo, &hi)) in even.iter().zip(at(2 * p + 1)).enumerate() {
+                        dst[i * stride + p] = pair(lo, hi);
+                    }
+                } else {
+                    for (i, &lo) in even.iter().enumerate() {
+                        dst[i * stride + p] = pair(lo, 0.0);
+                    }
                 }
             }
         }
-        (out, LeftStrides { row: 1, pair: MR })
     }
+    out
 }
 
-/// Where word `(row, pair)` of a tile of the packed left operand is: `row * row + pair * pair`.
-#[derive(Clone, Copy)]
-struct LeftStrides {
-    row: usize,
-    pair: usize,
-}
-
-/// The right operand `[k, n]` as panels of pair words, `[n_panels][k_pairs][NR]`.
-fn pack_right(b: View, k: usize, n: usize, k_pairs: usize) -> Vec<u32> {
+/// The right operand `[k, n]` as panels of pair words, `[n_panels][stride][NR]` (zero
+/// words beyond `k` and `n`).
+fn pack_right(b: View, k: usize, n: usize, stride: usize) -> Vec<u32> {
     let panels = n.div_ceil(NR);
-    let mut out = vec![0u32; panels * k_pairs * NR];
-    for (panel, dst) in out.chunks_exact_mut(k_pairs * NR).enumerate() {
+    let k_pairs = k.div_ceil(2);
+    let mut out = vec![0u32; panels * stride * NR];
+    for (panel, dst) in out.chunks_exact_mut(stride * NR).enumerate() {
         let (c0, c1) = (panel * NR, ((panel + 1) * NR).min(n));
-        for (p, words) in dst.chunks_exact_mut(NR).enumerate() {
+        for (p, words) in dst.chunks_exact_mut(NR).take(k_pairs).enumerate() {
             let (r0, r1) = (2 * p, 2 * p + 1);
             if b.col_step == 1 && r1 < k {
                 let (even, odd) = (&b.data[r0 * b.row_step + c0..], &b.data[r1 * b.row_step + c0..]);
@@ -170,9 +218,10 @@ fn pack_right(b: View, k: usize, n: usize, k_pairs: usize) -> Vec<u32> {
     out
 }
 
-/// Generates a micro-kernel: the `MR × NR` tile at `out` (row stride `ldc`, `rows × cols`
-/// of it written) from `left` (a tile of `MR` rows of `k_pairs` words at `strides`) and one
-/// packed panel. `$dot(acc, a_pair_vector, b_pair_vector)` is the pair step.
+/// Generates a `vdpbf16ps`-style micro-kernel: the `MR × NR` tile at `out` (row stride
+/// `ldc`, `rows × cols` of it written) from `left` (`MR` packed rows of `stride` words,
+/// `k_pairs` of them used) and one packed panel. `$dot(acc, a_pair_vector, b_pair_vector)`
+/// is the pair step.
 macro_rules! micro_kernel {
     ($name:ident, $features:literal, $dot:ident) => {
         #[cfg(target_arch = "x86_64")]
@@ -181,7 +230,7 @@ macro_rules! micro_kernel {
         unsafe fn $name(
             k_pairs: usize,
             left: *const u32,
-            strides: LeftStrides,
+            stride: usize,
             panel: *const u32,
             out: *mut f32,
             ldc: usize,
@@ -193,7 +242,7 @@ macro_rules! micro_kernel {
                 let b0 = _mm512_loadu_si512(panel.add(p * NR) as *const _);
                 let b1 = _mm512_loadu_si512(panel.add(p * NR + 16) as *const _);
                 for (r, tile_row) in acc.iter_mut().enumerate() {
-                    let a = _mm512_set1_epi32(*left.add(r * strides.row + p * strides.pair) as i32);
+                    let a = _mm512_set1_epi32(*left.add(r * stride + p) as i32);
                     tile_row[0] = $dot(tile_row[0], a, b0);
                     tile_row[1] = $dot(tile_row[1], a, b1);
                 }
@@ -240,17 +289,18 @@ fn dot_emulated(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
 
 /// The signature of the micro-kernels [`micro_kernel!`] makes.
 #[cfg(target_arch = "x86_64")]
-type TileKernel = unsafe fn(usize, *const u32, LeftStrides, *const u32, *mut f32, usize, usize, usize);
+type TileKernel = unsafe fn(usize, *const u32, usize, *const u32, *mut f32, usize, usize, usize);
 
 micro_kernel!(tile_hardware, "avx512f,avx512bf16", dot_hardware);
 micro_kernel!(tile_emulated, "avx512f", dot_emulated);
 
-/// Rows `rows` of the product from the packed operands into `out` (the rows' slice).
+/// The `rows` rows of the product whose packed left operand is `left`, into `out` (those
+/// rows' slice), with a vector micro-kernel.
 #[allow(clippy::too_many_arguments)]
-fn rows_block(
+fn vector_rows(
     dot: Dot,
     left: &[u32],
-    strides: LeftStrides,
+    stride: usize,
     right: &[u32],
     k_pairs: usize,
     n: usize,
@@ -261,29 +311,30 @@ fn rows_block(
     // The micro-kernel of `dot`, chosen once.
     #[cfg(target_arch = "x86_64")]
     let tile: TileKernel = match dot {
-        Dot::Hardware => tile_hardware,
+        Dot::Avx512Bf16 => tile_hardware,
         Dot::Emulated => tile_emulated,
+        Dot::Amx => unreachable!("AMX products run in amx::rows"),
     };
     for block in (0..rows).step_by(MC) {
         let block_end = (block + MC).min(rows);
         for panel in 0..panels {
             let cols = (n - panel * NR).min(NR);
-            let panel_words = &right[panel * k_pairs * NR..(panel + 1) * k_pairs * NR];
+            let panel_words = &right[panel * stride * NR..(panel + 1) * stride * NR];
             for r in (block..block_end).step_by(MR) {
                 let tile_rows = (block_end - r).min(MR);
-                let tile_left = &left[r * k_pairs..(r + MR) * k_pairs];
+                let tile_left = &left[r * stride..(r + MR) * stride];
                 let tile_out = &mut out[r * n + panel * NR..(r + tile_rows - 1) * n + panel * NR + cols];
-                // SAFETY: `tile_left` holds MR rows of `k_pairs` words (the packing pads to
-                // whole tiles), the panel `k_pairs × NR` words, and `tile_out` reaches the
-                // last element written (row `tile_rows - 1`, column `cols - 1` of the tile,
-                // at stride `n`); the CPU has the features (`Dot::available`, checked by the
-                // caller).
+                // SAFETY: `tile_left` holds MR rows of `stride >= k_pairs` words (the packing
+                // pads to whole blocks of rows), the panel `stride × NR` words, and
+                // `tile_out` reaches the last element written (row `tile_rows - 1`, column
+                // `cols - 1` of the tile, at stride `n`); the CPU has the features
+                // (`Dot::available`, checked by `product`).
                 unsafe {
                     #[cfg(target_arch = "x86_64")]
                     tile(
                         k_pairs,
                         tile_left.as_ptr(),
-                        strides,
+                        stride,
                         panel_words.as_ptr(),
                         tile_out.as_mut_ptr(),
                         n,
@@ -296,10 +347,137 @@ fn rows_block(
     }
 }
 
+/// The AMX kernel: the tiles' configuration, Linux's leave to use them, and the block
+/// loop. `tmm0..tmm3` hold a 32 × 32 block of sums (rows 0–15 and 16–31 by columns 0–15
+/// and 16–31), `tmm4`, `tmm5` the left operand's two row tiles, `tmm6`, `tmm7` the panel's
+/// two column tiles.
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use super::{BLOCK_ROWS, MC_AMX, NR, TILE};
+    use std::arch::asm;
+
+    /// Whether the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7: EDX bits 24 and 22) and
+    /// Linux lets this process use the tiles' state (asked once).
+    pub fn usable() -> bool {
+        static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *USABLE.get_or_init(|| {
+            // CPUID leaf 7 exists on every x86-64 CPU with AVX-512F (checked first).
+            let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+            let (tile, bf16) = (edx >> 24 & 1 == 1, edx >> 22 & 1 == 1);
+            tile && bf16 && ask_for_tiles()
+        })
+    }
+
+    /// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`: Linux (5.16 and later)
+    /// gives a process the tiles' state only when asked; it fails on older kernels.
+    #[cfg(target_os = "linux")]
+    fn ask_for_tiles() -> bool {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a request about this process's permissions; no memory is passed.
+        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn ask_for_tiles() -> bool {
+        false
+    }
+
+    /// `ldtilecfg`'s 64 bytes: palette 1, tiles 0–7 of 16 rows of 64 bytes.
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    impl Config {
+        fn full_tiles() -> Config {
+            let mut bytes = [0u8; 64];
+            bytes[0] = 1;
+            for t in 0..8 {
+                bytes[16 + 2 * t] = 64; // bytes per row (u16, little-endian)
+                bytes[48 + t] = TILE as u8; // rows
+            }
+            Config(bytes)
+        }
+    }
+
+    /// A tile of sums stored where the block's edge cuts it, then copied in part.
+    #[repr(C, align(64))]
+    struct Scratch([[f32; TILE]; TILE]);
+
+    /// Stores sum tile `$t` at rows `$r`, columns `$c` of `out` (`n` columns, `rows` rows),
+    /// through the scratch tile where the output ends inside it.
+    macro_rules! store {
+        ($t:literal, $out:expr, $n:expr, $rows:expr, $r:expr, $c:expr, $scratch:expr) => {{
+            let (r, c, n, rows) = ($r, $c, $n, $rows);
+            if r < rows && c < n {
+                let (valid_rows, valid_cols) = ((rows - r).min(TILE), (n - c).min(TILE));
+                if valid_rows == TILE && valid_cols == TILE {
+                    asm!(concat!("tilestored [{p} + {s}*1], tmm", $t), p = in(reg) $out.add(r * n + c), s = in(reg) n * 4, options(nostack));
+                } else {
+                    asm!(concat!("tilestored [{p} + {s}*1], tmm", $t), p = in(reg) $scratch.0.as_mut_ptr(), s = in(reg) TILE * 4, options(nostack));
+                    for i in 0..valid_rows {
+                        std::ptr::copy_nonoverlapping($scratch.0[i].as_ptr(), $out.add((r + i) * n + c), valid_cols);
+                    }
+                }
+            }
+        }};
+    }
+
+    /// The `rows` rows of the product whose packed left operand is `left` (`[rows padded
+    /// to BLOCK_ROWS][stride]`), into `out` (those rows, `n` columns), from the packed right
+    /// operand (`[panels][stride][NR]`).
+    ///
+    /// # Safety
+    /// [`usable`] is true; `left` and `right` are packed as [`super::product`] packs them,
+    /// `stride` a multiple of [`TILE`]; `out` holds `rows × n` elements.
+    pub unsafe fn rows(left: &[u32], stride: usize, right: &[u32], n: usize, out: *mut f32, rows: usize) {
+        let config = Config::full_tiles();
+        let mut scratch = Scratch([[0.0; TILE]; TILE]);
+        let padded_rows = rows.div_ceil(BLOCK_ROWS) * BLOCK_ROWS;
+        debug_assert!(left.len() >= padded_rows * stride && right.len() >= n.div_ceil(NR) * stride * NR);
+        let (left_bytes, panel_bytes) = (stride * 4, NR * 4);
+        asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack));
+        for block in (0..padded_rows).step_by(MC_AMX) {
+            for panel in 0..n.div_ceil(NR) {
+                let panel_words = right.as_ptr().add(panel * stride * NR);
+                for r in (block..(block + MC_AMX).min(padded_rows)).step_by(BLOCK_ROWS) {
+                    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+                    let (top, bottom) = (left.as_ptr().add(r * stride), left.as_ptr().add((r + TILE) * stride));
+                    for p in (0..stride).step_by(TILE) {
+                        asm!(
+                            "tileloadd tmm4, [{top} + {lb}*1]",
+                            "tileloadd tmm5, [{bottom} + {lb}*1]",
+                            "tileloadd tmm6, [{b0} + {pb}*1]",
+                            "tileloadd tmm7, [{b1} + {pb}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            top = in(reg) top.add(p),
+                            bottom = in(reg) bottom.add(p),
+                            lb = in(reg) left_bytes,
+                            b0 = in(reg) panel_words.add(p * NR),
+                            b1 = in(reg) panel_words.add(p * NR + TILE),
+                            pb = in(reg) panel_bytes,
+                            options(nostack, readonly),
+                        );
+                    }
+                    let c = panel * NR;
+                    store!("0", out, n, rows, r, c, scratch);
+                    store!("1", out, n, rows, r, c + TILE, scratch);
+                    store!("2", out, n, rows, r + TILE, c, scratch);
+                    store!("3", out, n, rows, r + TILE, c + TILE, scratch);
+                }
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
 /// `out[m, n] = bf16(op(a))[m, k] · bf16(op(b))[k, n]` with f32 sums, every element of
 /// `out` written; operands as in the f32 `gemm_into` (row-major with `a_cols`/`b_cols`
 /// stored columns, transposed when `ta`/`tb`). Large products split their rows over
-/// `threads` (at most two halves). Panics when `dot` is not [`Dot::available`].
+/// `threads`, each thread packing its own rows. Panics when `dot` is not
+/// [`Dot::available`].
 #[allow(clippy::too_many_arguments)]
 pub fn product(
     dot: Dot,
@@ -321,18 +499,29 @@ pub fn product(
         return;
     }
     let k_pairs = k.div_ceil(2);
-    let (left, strides) = pack_left(View::new(a, a_cols, ta), m, k, k_pairs);
-    let right = pack_right(View::new(b, b_cols, tb), k, n, k_pairs);
-    let out = &mut out[..m * n];
-    if threads > 1 && m >= 2 * MR && m * n * k >= PARALLEL_WORK {
-        let half = (m / 2).div_ceil(MR) * MR;
-        let (lo, hi) = out.split_at_mut(half * n);
-        let (left_lo, left_hi) = left.split_at(half * k_pairs);
-        std::thread::scope(|s| {
-            s.spawn(|| rows_block(dot, left_lo, strides, &right, k_pairs, n, lo, half));
-            rows_block(dot, left_hi, strides, &right, k_pairs, n, hi, m - half);
-        });
-    } else {
-        rows_block(dot, &left, strides, &right, k_pairs, n, out, m);
-    }
+    let stride = k_pairs.div_ceil(TILE).max(1) * TILE;
+    let right = pack_right(View::new(b, b_cols, tb), k, n, stride);
+    let a = View::new(a, a_cols, ta);
+    let parts = if m * n * k >= PARALLEL_WORK { threads.clamp(1, m.div_ceil(BLOCK_ROWS)) } else { 1 };
+    let part_rows = m.div_ceil(parts).div_ceil(BLOCK_ROWS) * BLOCK_ROWS;
+    let right = &right;
+    let run = move |first: usize, out: &mut [f32]| {
+        let rows = out.len() / n;
+        let left = pack_left(a, first, rows, k, stride);
+        match dot {
+            // SAFETY: `product` asserted AMX usable; `left` and `right` are packed here
+            // with `stride` a multiple of TILE; `out` holds `rows × n` elements.
+            #[cfg(target_arch = "x86_64")]
+            Dot::Amx => unsafe { amx::rows(&left, stride, right, n, out.as_mut_ptr(), rows) },
+            _ => vector_rows(dot, &left, stride, right, k_pairs, n, out, rows),
+        }
+    };
+    let mut chunks = out[..m * n].chunks_mut(part_rows * n).enumerate();
+    let (_, first_chunk) = chunks.next().expect("m > 0");
+    std::thread::scope(|s| {
+        for (i, chunk) in chunks {
+            s.spawn(move || run(i * part_rows, chunk));
+        }
+        run(0, first_chunk);
+    });
 }

@@ -1,6 +1,6 @@
 //! Speed of the jit's matrix products on the shapes CTR models train (`mdl products-bench`,
 //! a hidden command; speed is never asserted in tests): the f32 products (`gemm` crate)
-//! against the bf16 kernel ([`super::bf16`]), forward and both backward products, and
+//! against every bf16 kernel this CPU runs ([`super::bf16`]), forward and both backward products, and
 //! whether a bias-and-relu epilogue applied block by block right after the product (on
 //! cache-hot rows) beats the product followed by its own pass over the output.
 
@@ -38,7 +38,8 @@ pub struct Speed {
     /// `forward y = x·W`, `backward dx = dy·Wᵀ` or `backward dW = xᵀ·dy`.
     pub product: &'static str,
     pub f32_gflops: f64,
-    pub bf16_gflops: f64,
+    /// Each bf16 kernel this CPU runs, fastest first.
+    pub bf16_gflops: Vec<(Dot, f64)>,
 }
 
 /// The forward product with a bias-and-relu epilogue, timed two ways (milliseconds).
@@ -53,12 +54,12 @@ pub struct Epilogue {
     pub block_rows: usize,
 }
 
-/// What [`measure`] found, with the bf16 kernel it ran.
+/// What [`measure`] found, with the bf16 kernels it ran.
 #[derive(Clone, Debug)]
 pub struct Report {
     pub threads: usize,
-    /// `None`: no AVX-512F, no bf16 kernel.
-    pub dot: Option<Dot>,
+    /// Empty without AVX-512F.
+    pub dots: Vec<Dot>,
     pub speeds: Vec<Speed>,
     pub epilogues: Vec<Epilogue>,
 }
@@ -91,7 +92,7 @@ fn bias_relu(rows: &mut [f32], bias: &[f32]) {
 
 /// Times every product of every shape on `threads` threads, best of `reps`.
 pub fn measure(shapes: &[Shape], threads: usize, reps: usize) -> Report {
-    let dot = Dot::detect();
+    let dots: Vec<Dot> = Dot::ALL.into_iter().filter(|d| d.available()).collect();
     let par = |work: usize| {
         if threads > 1 && work >= GEMM_PARALLEL_WORK {
             Parallelism::Rayon(threads)
@@ -117,18 +118,16 @@ pub fn measure(shapes: &[Shape], threads: usize, reps: usize) -> Report {
             let f32_time = best_of(reps, || {
                 gemm_into(&mut out, m, n_out, k_red, a, ta, a_cols, b, tb, b_cols, par(m * n_out * k_red))
             });
-            let bf16_time = match dot {
-                Some(dot) => best_of(reps, || {
-                    bf16::product(dot, &mut out, m, n_out, k_red, a, ta, a_cols, b, tb, b_cols, threads)
-                }),
-                None => f64::INFINITY,
-            };
-            speeds.push(Speed {
-                shape: shape.clone(),
-                product,
-                f32_gflops: flop / f32_time / 1e9,
-                bf16_gflops: flop / bf16_time / 1e9,
-            });
+            let bf16_gflops = dots
+                .iter()
+                .map(|&dot| {
+                    let time = best_of(reps, || {
+                        bf16::product(dot, &mut out, m, n_out, k_red, a, ta, a_cols, b, tb, b_cols, threads)
+                    });
+                    (dot, flop / time / 1e9)
+                })
+                .collect();
+            speeds.push(Speed { shape: shape.clone(), product, f32_gflops: flop / f32_time / 1e9, bf16_gflops });
         }
         let bias = values(n, 4);
         let mut y = vec![0f32; rows * n];
@@ -165,35 +164,32 @@ pub fn measure(shapes: &[Shape], threads: usize, reps: usize) -> Report {
             });
         }
     }
-    Report { threads, dot, speeds, epilogues }
+    Report { threads, dots, speeds, epilogues }
 }
 
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kernel = match self.dot {
-            Some(Dot::Hardware) => "bf16 with vdpbf16ps (AVX512-BF16)",
-            Some(Dot::Emulated) => {
-                "bf16 emulated on AVX-512F (this CPU lacks AVX512-BF16: not the instruction's speed)"
-            }
-            None => "no bf16 kernel (no AVX-512F)",
-        };
-        writeln!(f, "matrix products, {} threads, GFLOP/s (best of the repetitions); bf16: {kernel}", self.threads)?;
-        writeln!(f, "| shape [rows, k]·[k, n] | product | f32 (gemm) | bf16 | bf16 / f32 |")?;
-        writeln!(f, "|---|---|---:|---:|---:|")?;
+        writeln!(f, "matrix products, {} threads, GFLOP/s (best of the repetitions)", self.threads)?;
+        if self.dots.is_empty() {
+            writeln!(f, "no bf16 kernel (no AVX-512F)")?;
+        }
+        let mut head = String::from("| shape [rows, k]·[k, n] | product | f32 (gemm) |");
+        let mut rule = String::from("|---|---|---:|");
+        for dot in &self.dots {
+            head += &format!(" bf16 {} | / f32 |", dot.describe());
+            rule += "---:|---:|";
+        }
+        writeln!(f, "{head}\n{rule}")?;
         for s in &self.speeds {
-            writeln!(
+            write!(
                 f,
-                "| [{}, {}]·[{}, {}] ({}) | {} | {:.0} | {:.0} | {:.2} |",
-                s.shape.rows,
-                s.shape.k,
-                s.shape.k,
-                s.shape.n,
-                s.shape.models,
-                s.product,
-                s.f32_gflops,
-                s.bf16_gflops,
-                s.bf16_gflops / s.f32_gflops
+                "| [{}, {}]·[{}, {}] ({}) | {} | {:.0} |",
+                s.shape.rows, s.shape.k, s.shape.k, s.shape.n, s.shape.models, s.product, s.f32_gflops
             )?;
+            for (_, gflops) in &s.bf16_gflops {
+                write!(f, " {gflops:.0} | {:.2} |", gflops / s.f32_gflops)?;
+            }
+            writeln!(f)?;
         }
         writeln!(f)?;
         writeln!(f, "forward product + bias + relu, ms (f32):")?;
