@@ -126,11 +126,6 @@ pub fn from_bf16(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
-/// One pair word: `lo` in the low half.
-fn pair(lo: f32, hi: f32) -> u32 {
-    to_bf16(lo) as u32 | (to_bf16(hi) as u32) << 16
-}
-
 /// A logical `[rows, cols]` matrix stored row-major with `stored_cols` columns, read
 /// transposed when `trans`: element `(r, c)` is at `r * row_step + c * col_step`.
 #[derive(Clone, Copy)]
@@ -145,77 +140,217 @@ impl View<'_> {
         let (row_step, col_step) = if trans { (1, stored_cols) } else { (stored_cols, 1) };
         View { data, row_step, col_step }
     }
+}
 
-    fn at(&self, r: usize, c: usize) -> f32 {
-        self.data[r * self.row_step + c * self.col_step]
+/// Buffers of packed operands, kept between products: a fresh allocation of megabytes
+/// pays its page faults and zeroing on every product (measured: as long as the packing
+/// itself on [4096, 768] operands).
+static BUFFERS: std::sync::Mutex<Vec<Vec<u32>>> = std::sync::Mutex::new(Vec::new());
+
+/// A buffer of at least `len` words from [`BUFFERS`] (contents unspecified: the packing
+/// writes every word it uses), back to the pool when dropped.
+struct Buffer(Vec<u32>);
+
+impl Buffer {
+    fn take(len: usize) -> Buffer {
+        let taken = BUFFERS.lock().map(|mut pool| pool.pop()).unwrap_or_default();
+        let mut words = taken.unwrap_or_default();
+        if words.len() < len {
+            words.resize(len, 0);
+        }
+        Buffer(words)
     }
 }
 
-/// Rows `first..first + rows` of the left operand `[m, k]` as pair words, `[rows padded to
-/// BLOCK_ROWS][stride]` (zero rows and zero words beyond `k`).
-fn pack_left(a: View, first: usize, rows: usize, k: usize, stride: usize) -> Vec<u32> {
-    let k_pairs = k.div_ceil(2);
-    let mut out = vec![0u32; rows.div_ceil(BLOCK_ROWS) * BLOCK_ROWS * stride];
-    if a.col_step == 1 {
-        for (r, dst) in out.chunks_exact_mut(stride).take(rows).enumerate() {
-            let start = (first + r) * a.row_step;
-            let row = &a.data[start..start + k];
-            for (d, two) in dst.iter_mut().zip(row.chunks_exact(2)) {
-                *d = pair(two[0], two[1]);
-            }
-            if k % 2 == 1 {
-                dst[k_pairs - 1] = pair(row[k - 1], 0.0);
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        if let Ok(mut pool) = BUFFERS.lock() {
+            pool.push(std::mem::take(&mut self.0));
+        }
+    }
+}
+
+/// The packing of both operands into pair words, in AVX-512F vectors: each operand is read
+/// once and its words written in 64-byte runs, whichever way it is stored (a transposed
+/// operand goes through 16 × 16 transposes of words in registers). Measured: the scalar
+/// packing it replaces took as long as AMX's products themselves.
+#[cfg(target_arch = "x86_64")]
+mod pack {
+    use super::{Buffer, View, BLOCK_ROWS, NR, TILE};
+    use std::arch::x86_64::*;
+
+    /// Lanes `0..count` of 16 f32 from `p` (the rest zero).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load(p: *const f32, count: usize) -> __m512 {
+        if count >= 16 {
+            _mm512_loadu_ps(p)
+        } else {
+            _mm512_maskz_loadu_ps(((1u32 << count) - 1) as u16, p)
+        }
+    }
+
+    /// Each lane rounded to bf16 as [`super::to_bf16`] rounds it, in the lane's low 16 bits.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn round(x: __m512) -> __m512i {
+        let bits = _mm512_castps_si512(x);
+        let high = _mm512_srli_epi32(bits, 16);
+        let bias = _mm512_add_epi32(_mm512_and_si512(high, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7fff));
+        let rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+        let quiet_nan = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
+        _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), rounded, quiet_nan)
+    }
+
+    /// Lane `i`: the pair word of `even[i]` and `odd[i]` (lanes `count..` zero; `odd`
+    /// `None`: zero halves).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn words_across(even: *const f32, odd: Option<*const f32>, count: usize) -> __m512i {
+        let lo = round(load(even, count));
+        match odd {
+            Some(odd) => _mm512_or_si512(lo, _mm512_slli_epi32(round(load(odd, count)), 16)),
+            None => lo,
+        }
+    }
+
+    /// Lane `p`: the pair word of `x[2p]` and `x[2p + 1]`, from the `count` floats at `x`
+    /// (at most 32; the rest zero).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn words_along(x: *const f32, count: usize) -> __m512i {
+        let lo = _mm512_cvtepi32_epi16(round(load(x, count.min(16))));
+        let hi =
+            if count > 16 { _mm512_cvtepi32_epi16(round(load(x.add(16), count - 16))) } else { _mm256_setzero_si256() };
+        _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+    }
+
+    /// Transposes 16 × 16 words in place: lane `j` of `rows[i]` goes to lane `i` of `rows[j]`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transpose(rows: &mut [__m512i; 16]) {
+        // Pairs of rows interleaved by 32-bit, then 64-bit lanes, then 128-bit blocks twice.
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);
+        }
+        for i in 0..4 {
+            for j in 0..2 {
+                rows[4 * i + 2 * j] = _mm512_unpacklo_epi64(t[4 * i + j], t[4 * i + 2 + j]);
+                rows[4 * i + 2 * j + 1] = _mm512_unpackhi_epi64(t[4 * i + j], t[4 * i + 2 + j]);
             }
         }
-    } else {
-        // Stored row `l` of a transposed operand is column `l` of the logical one: each
-        // pair of stored rows gives word `p` of every row. Rows go in groups of 64 so that
-        // the output lines being filled stay in L1 while `p` steps.
-        const GROUP: usize = 64;
-        for group in (0..rows).step_by(GROUP) {
-            let count = (rows - group).min(GROUP);
-            let dst = &mut out[group * stride..];
+        for i in 0..2 {
+            for j in 0..4 {
+                t[8 * i + j] = _mm512_shuffle_i32x4(rows[8 * i + j], rows[8 * i + 4 + j], 0x88);
+                t[8 * i + 4 + j] = _mm512_shuffle_i32x4(rows[8 * i + j], rows[8 * i + 4 + j], 0xdd);
+            }
+        }
+        for j in 0..8 {
+            rows[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+            rows[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
+        }
+    }
+
+    /// Rows `first..first + rows` of the left operand `[m, k]` as pair words, `[rows
+    /// padded to BLOCK_ROWS][stride]` (zero rows and zero words beyond `k`).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `a` holds the operand; `stride >= k / 2` is a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn left(a: View, first: usize, rows: usize, k: usize, stride: usize) -> Buffer {
+        let k_pairs = k.div_ceil(2);
+        let padded = rows.div_ceil(BLOCK_ROWS) * BLOCK_ROWS * stride;
+        let mut out = Buffer::take(padded);
+        out.0[rows * stride..padded].fill(0);
+        let dst = out.0.as_mut_ptr() as *mut __m512i;
+        if a.col_step == 1 {
+            for r in 0..rows {
+                let row = a.data[(first + r) * a.row_step..][..k].as_ptr();
+                for p in (0..k_pairs).step_by(TILE) {
+                    let words = words_along(row.add(2 * p), (k - 2 * p).min(2 * TILE));
+                    _mm512_storeu_si512(dst.byte_add((r * stride + p) * 4), words);
+                }
+            }
+        } else {
+            // Stored row `l` is column `l` of the logical operand: 16 rows' words `p..p + 16`
+            // come from 32 stored rows, across, and are transposed into place.
+            assert!(a.data.len() >= (k - 1) * a.col_step + first + rows);
+            let mut block = [_mm512_setzero_si512(); 16];
+            for r in (0..rows).step_by(TILE) {
+                let count = (rows - r).min(TILE);
+                for p in (0..k_pairs).step_by(TILE) {
+                    for (i, words) in block.iter_mut().enumerate() {
+                        let (even, odd) = (2 * (p + i), 2 * (p + i) + 1);
+                        let at = |l: usize| a.data.as_ptr().add(l * a.col_step + first + r);
+                        *words = if even >= k {
+                            _mm512_setzero_si512()
+                        } else {
+                            words_across(at(even), (odd < k).then(|| at(odd)), count)
+                        };
+                    }
+                    transpose(&mut block);
+                    for (i, &words) in block.iter().enumerate().take(count) {
+                        _mm512_storeu_si512(dst.byte_add(((r + i) * stride + p) * 4), words);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The right operand `[k, n]` as panels of pair words, `[n_panels][stride][NR]` (zero
+    /// words beyond `k` and `n`).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `b` holds the operand; `stride >= k / 2` is a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn right(b: View, k: usize, n: usize, stride: usize) -> Buffer {
+        let k_pairs = k.div_ceil(2);
+        let len = n.div_ceil(NR) * stride * NR;
+        let mut out = Buffer::take(len);
+        out.0[..len].fill(0);
+        // Word (p, c): panel c / NR, its row p, lane c % NR.
+        let base = out.0.as_mut_ptr() as *mut __m512i;
+        let at = |p: usize, c: usize| base.byte_add(((c / NR * stride + p) * NR + c % NR) * 4);
+        if b.col_step == 1 {
+            assert!(b.data.len() >= (k - 1) * b.row_step + n);
             for p in 0..k_pairs {
-                let at = |l: usize| &a.data[l * a.col_step + first + group..][..count];
-                let even = at(2 * p);
-                if 2 * p + 1 < k {
-                    for (i, (&lo, &hi)) in even.iter().zip(at(2 * p + 1)).enumerate() {
-                        dst[i * stride + p] = pair(lo, hi);
+                let row = |l: usize| b.data.as_ptr().add(l * b.row_step);
+                for c in (0..n).step_by(TILE) {
+                    let words = words_across(
+                        row(2 * p).add(c),
+                        (2 * p + 1 < k).then(|| row(2 * p + 1).add(c)),
+                        (n - c).min(TILE),
+                    );
+                    _mm512_storeu_si512(at(p, c), words);
+                }
+            }
+        } else {
+            // Column `c` of the logical operand is stored row `c`: 16 columns' words
+            // `p..p + 16` come from 16 stored rows, along, and are transposed into place.
+            let mut block = [_mm512_setzero_si512(); 16];
+            for c in (0..n).step_by(TILE) {
+                let count = (n - c).min(TILE);
+                for p in (0..k_pairs).step_by(TILE) {
+                    for (i, words) in block.iter_mut().enumerate() {
+                        *words = if i < count {
+                            let column = b.data[(c + i) * b.col_step..][..k].as_ptr();
+                            words_along(column.add(2 * p), (k - 2 * p).min(2 * TILE))
+                        } else {
+                            _mm512_setzero_si512()
+                        };
                     }
-                } else {
-                    for (i, &lo) in even.iter().enumerate() {
-                        dst[i * stride + p] = pair(lo, 0.0);
+                    transpose(&mut block);
+                    for (i, &words) in block.iter().enumerate().take(k_pairs - p) {
+                        _mm512_storeu_si512(at(p + i, c), words);
                     }
                 }
             }
         }
+        out
     }
-    out
-}
-
-/// The right operand `[k, n]` as panels of pair words, `[n_panels][stride][NR]` (zero
-/// words beyond `k` and `n`).
-fn pack_right(b: View, k: usize, n: usize, stride: usize) -> Vec<u32> {
-    let panels = n.div_ceil(NR);
-    let k_pairs = k.div_ceil(2);
-    let mut out = vec![0u32; panels * stride * NR];
-    for (panel, dst) in out.chunks_exact_mut(stride * NR).enumerate() {
-        let (c0, c1) = (panel * NR, ((panel + 1) * NR).min(n));
-        for (p, words) in dst.chunks_exact_mut(NR).take(k_pairs).enumerate() {
-            let (r0, r1) = (2 * p, 2 * p + 1);
-            if b.col_step == 1 && r1 < k {
-                let (even, odd) = (&b.data[r0 * b.row_step + c0..], &b.data[r1 * b.row_step + c0..]);
-                for ((w, &lo), &hi) in words.iter_mut().zip(&even[..c1 - c0]).zip(&odd[..c1 - c0]) {
-                    *w = pair(lo, hi);
-                }
-            } else {
-                for (c, w) in (c0..c1).zip(words.iter_mut()) {
-                    *w = pair(b.at(r0, c), if r1 < k { b.at(r1, c) } else { 0.0 });
-                }
-            }
-        }
-    }
-    out
 }
 
 /// Generates a `vdpbf16ps`-style micro-kernel: the `MR × NR` tile at `out` (row stride
@@ -498,22 +633,31 @@ pub fn product(
     if m == 0 || n == 0 {
         return;
     }
+    if k == 0 {
+        out[..m * n].fill(0.0);
+        return;
+    }
     let k_pairs = k.div_ceil(2);
-    let stride = k_pairs.div_ceil(TILE).max(1) * TILE;
-    let right = pack_right(View::new(b, b_cols, tb), k, n, stride);
+    let stride = k_pairs.div_ceil(TILE) * TILE;
+    // SAFETY: `dot.available()` implies AVX-512F; the operands hold their shapes
+    // (asserted); `stride` is a multiple of 16 of at least `k / 2`.
+    #[cfg(target_arch = "x86_64")]
+    let right = unsafe { pack::right(View::new(b, b_cols, tb), k, n, stride) };
     let a = View::new(a, a_cols, ta);
     let parts = if m * n * k >= PARALLEL_WORK { threads.clamp(1, m.div_ceil(BLOCK_ROWS)) } else { 1 };
     let part_rows = m.div_ceil(parts).div_ceil(BLOCK_ROWS) * BLOCK_ROWS;
-    let right = &right;
+    let right = &right.0;
     let run = move |first: usize, out: &mut [f32]| {
         let rows = out.len() / n;
-        let left = pack_left(a, first, rows, k, stride);
+        // SAFETY: as for the right operand; the rows are the operand's.
+        #[cfg(target_arch = "x86_64")]
+        let left = unsafe { pack::left(a, first, rows, k, stride) };
         match dot {
             // SAFETY: `product` asserted AMX usable; `left` and `right` are packed here
             // with `stride` a multiple of TILE; `out` holds `rows × n` elements.
             #[cfg(target_arch = "x86_64")]
-            Dot::Amx => unsafe { amx::rows(&left, stride, right, n, out.as_mut_ptr(), rows) },
-            _ => vector_rows(dot, &left, stride, right, k_pairs, n, out, rows),
+            Dot::Amx => unsafe { amx::rows(&left.0, stride, right, n, out.as_mut_ptr(), rows) },
+            _ => vector_rows(dot, &left.0, stride, right, k_pairs, n, out, rows),
         }
     };
     let mut chunks = out[..m * n].chunks_mut(part_rows * n).enumerate();
