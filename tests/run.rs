@@ -407,11 +407,11 @@ fn a_bad_spec_is_reported_before_the_data() {
     assert!(!out_dir.exists(), "a run folder was created for a bad spec");
 }
 
-/// `train.precision: bf16`. On a CPU with AVX512-BF16 the run says its products are bf16;
-/// on one without (this project's machines) it falls back to f32 with a notice on stderr
-/// and in train.log, and computes exactly what an f32 run computes. `MDL_BF16_KERNEL=emulated`
-/// runs the bf16 kernel's AVX-512F emulation there instead: bf16 rounding changes the
-/// numbers. The run folder records the precision (it changes what is computed); an
+/// `train.precision: bf16`. On a CPU with AMX-BF16 or AVX512-BF16 the run says which
+/// kernel its bf16 products run on, and bf16 rounding changes the numbers; on one with
+/// neither it falls back to f32 with a notice on stderr and in train.log, and computes
+/// exactly what an f32 run computes. `MDL_BF16_KERNEL=emulated` runs the bf16 kernel's
+/// AVX-512F emulation on any AVX-512 CPU: bf16 rounding changes the numbers. The run folder records the precision (it changes what is computed); an
 /// unknown value is an error naming the key and the choices.
 #[test]
 fn bf16_precision_runs_bf16_or_falls_back_to_f32_with_a_notice() {

@@ -271,7 +271,7 @@ mod pack {
         let k_pairs = k.div_ceil(2);
         let padded = rows.div_ceil(BLOCK_ROWS) * BLOCK_ROWS * stride;
         let mut out = Buffer::take(padded);
-        if rows % BLOCK_ROWS != 0 {
+        if !rows.is_multiple_of(BLOCK_ROWS) {
             out.0[rows / BLOCK_ROWS * BLOCK_ROWS * stride..padded].fill(0);
         }
         let dst = out.0.as_mut_ptr() as *mut __m512i;
@@ -639,35 +639,36 @@ pub fn product(
         out[..m * n].fill(0.0);
         return;
     }
-    let k_pairs = k.div_ceil(2);
-    let stride = k_pairs.div_ceil(TILE) * TILE;
-    // SAFETY: `dot.available()` implies AVX-512F; the operands hold their shapes
-    // (asserted); `stride` is a multiple of 16 of at least `k / 2`.
+    // Off x86-64 no kernel is available (asserted above).
     #[cfg(target_arch = "x86_64")]
-    let right = unsafe { pack::right(View::new(b, b_cols, tb), k, n, stride) };
-    let a = View::new(a, a_cols, ta);
-    let parts = if m * n * k >= PARALLEL_WORK { threads.clamp(1, m.div_ceil(BLOCK_ROWS)) } else { 1 };
-    let part_rows = m.div_ceil(parts).div_ceil(BLOCK_ROWS) * BLOCK_ROWS;
-    let right = &right.0;
-    let run = move |first: usize, out: &mut [f32]| {
-        let rows = out.len() / n;
-        // SAFETY: as for the right operand; the rows are the operand's.
-        #[cfg(target_arch = "x86_64")]
-        let left = unsafe { pack::left(a, first, rows, k, stride) };
-        match dot {
-            // SAFETY: `product` asserted AMX usable; `left` and `right` are packed here
-            // with `stride` a multiple of TILE; `out` holds `rows × n` elements.
-            #[cfg(target_arch = "x86_64")]
-            Dot::Amx => unsafe { amx::rows(&left.0, stride, right, n, out.as_mut_ptr(), rows) },
-            _ => vector_rows(dot, &left.0, stride, right, k_pairs, n, out, rows),
-        }
-    };
-    let mut chunks = out[..m * n].chunks_mut(part_rows * n).enumerate();
-    let (_, first_chunk) = chunks.next().expect("m > 0");
-    std::thread::scope(|s| {
-        for (i, chunk) in chunks {
-            s.spawn(move || run(i * part_rows, chunk));
-        }
-        run(0, first_chunk);
-    });
+    {
+        let k_pairs = k.div_ceil(2);
+        let stride = k_pairs.div_ceil(TILE) * TILE;
+        // SAFETY: `dot.available()` implies AVX-512F; the operands hold their shapes
+        // (asserted); `stride` is a multiple of 16 of at least `k / 2`.
+        let right = unsafe { pack::right(View::new(b, b_cols, tb), k, n, stride) };
+        let a = View::new(a, a_cols, ta);
+        let parts = if m * n * k >= PARALLEL_WORK { threads.clamp(1, m.div_ceil(BLOCK_ROWS)) } else { 1 };
+        let part_rows = m.div_ceil(parts).div_ceil(BLOCK_ROWS) * BLOCK_ROWS;
+        let right = &right.0;
+        let run = move |first: usize, out: &mut [f32]| {
+            let rows = out.len() / n;
+            // SAFETY: as for the right operand; the rows are the operand's.
+            let left = unsafe { pack::left(a, first, rows, k, stride) };
+            match dot {
+                // SAFETY: `product` asserted AMX usable; `left` and `right` are packed here
+                // with `stride` a multiple of TILE; `out` holds `rows × n` elements.
+                Dot::Amx => unsafe { amx::rows(&left.0, stride, right, n, out.as_mut_ptr(), rows) },
+                _ => vector_rows(dot, &left.0, stride, right, k_pairs, n, out, rows),
+            }
+        };
+        let mut chunks = out[..m * n].chunks_mut(part_rows * n).enumerate();
+        let (_, first_chunk) = chunks.next().expect("m > 0");
+        std::thread::scope(|s| {
+            for (i, chunk) in chunks {
+                s.spawn(move || run(i * part_rows, chunk));
+            }
+            run(0, first_chunk);
+        });
+    }
 }

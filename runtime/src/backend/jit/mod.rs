@@ -8,7 +8,7 @@
 //!   copied; `[..., m, k] @ [k, n]` is one GEMM over the flattened rows; batched products
 //!   are a loop of GEMMs. Large products use both cores. With
 //!   [`Products::Bf16`] (`train.precision: bf16`) they run on the [`bf16`] kernel instead:
-//!   operands rounded to bf16, f32 sums, by AVX512-BF16's `vdpbf16ps`.
+//!   operands rounded to bf16, f32 sums, on AMX-BF16's tiles or AVX512-BF16's `vdpbf16ps`.
 //! - **Elementwise** unary and binary ops over contiguous slices, with the broadcast
 //!   patterns models produce (same shape, scalar, trailing-axes bias, per-row scale) as
 //!   straight loops the compiler vectorises, split over two threads when large.
