@@ -30,27 +30,60 @@ fn groups(compiled: &Compiled) -> BTreeSet<&str> {
     compiled.graph.params.iter().filter_map(|p| p.group.as_deref()).collect()
 }
 
-/// `name` at `key` must be one of `known` (the `what`s of model `model`): the error names
-/// the key, the nearest name and the list there is.
-fn known_name(key: &str, name: &str, known: &BTreeSet<&str>, what: &str, model: &str) -> Result<(), String> {
-    let plural = if what == "loss" { "losses" } else { "groups" };
-    if known.contains(name) {
+/// What an experiment key names in the spec, for [`known_name`]'s message.
+#[derive(Clone, Copy)]
+enum Named {
+    Group,
+    Loss,
+    Path,
+    Param,
+}
+
+impl Named {
+    /// The message's claim about `name`, after "`{key}`: ".
+    fn missing(self, model: &str, name: &str) -> String {
+        match self {
+            Named::Group => format!("no parameter of model `{model}` is in group `{name}`"),
+            Named::Loss => format!("model `{model}` has no named loss `{name}`"),
+            Named::Path => format!("model `{model}` has no gradient path `{name}`"),
+            Named::Param => format!("model `{model}` has no parameter `{name}`"),
+        }
+    }
+
+    /// The list of the known names, or what to say when there are none.
+    fn list(self, known: &[&str]) -> String {
+        let plural = match self {
+            Named::Group => "groups",
+            Named::Loss => "losses",
+            Named::Path => "paths",
+            Named::Param => "parameters",
+        };
+        match (known.is_empty(), self) {
+            (true, Named::Path) => "the model marks no path: `path(x, \"name\")`".to_string(),
+            (true, _) => format!("the model declares no {plural}"),
+            (false, _) => format!("its {plural}: {}", known.join(", ")),
+        }
+    }
+}
+
+/// `name`, given at `key`, must be one of the spec's `known` names of its kind: the error
+/// names the key, the nearest known name and all of them.
+fn known_name<'a>(
+    key: &str,
+    name: &str,
+    known: impl IntoIterator<Item = &'a str>,
+    what: Named,
+    model: &str,
+) -> Result<(), String> {
+    let known: Vec<&str> = known.into_iter().collect();
+    if known.contains(&name) {
         return Ok(());
     }
     let hint = match crate::diag::suggest(name, known.iter().copied()) {
         Some(near) => format!("; did you mean `{near}`?"),
         None => String::new(),
     };
-    let list = if known.is_empty() {
-        format!("the model declares no {plural}")
-    } else {
-        format!("its {plural}: {}", known.iter().copied().collect::<Vec<_>>().join(", "))
-    };
-    let (verb, thing) = match what {
-        "group" => ("no parameter of model", format!("is in group `{name}`")),
-        _ => ("model", format!("has no named loss `{name}`")),
-    };
-    Err(format!("{key}: {verb} `{model}` {thing}{hint} ({list})"))
+    Err(format!("{key}: {}{hint} ({})", what.missing(model, name), what.list(&known)))
 }
 
 /// Checks the stages against the compiled spec, before any data is read: the names of
@@ -61,61 +94,38 @@ pub fn check(exp: &Experiment, compiled: &Compiled) -> Result<(), String> {
     let losses: BTreeSet<&str> = losses.iter().map(String::as_str).collect();
     let model = &compiled.model;
     for g in exp.train.group_lr.keys() {
-        known_name("train.group_lr", g, &groups, "group", model)?;
+        known_name("train.group_lr", g, groups.iter().copied(), Named::Group, model)?;
     }
     for (i, stage) in exp.train.stages.iter().enumerate() {
         let at = format!("train.stages[{i}]");
         for g in stage.group_lr.keys() {
-            known_name(&format!("{at}.group_lr"), g, &groups, "group", model)?;
+            known_name(&format!("{at}.group_lr"), g, groups.iter().copied(), Named::Group, model)?;
         }
         for g in &stage.freeze {
-            known_name(&format!("{at}.freeze"), g, &groups, "group", model)?;
+            known_name(&format!("{at}.freeze"), g, groups.iter().copied(), Named::Group, model)?;
         }
         for g in stage.train_only.iter().flatten() {
-            known_name(&format!("{at}.train_only"), g, &groups, "group", model)?;
+            known_name(&format!("{at}.train_only"), g, groups.iter().copied(), Named::Group, model)?;
         }
         for (j, c) in stage.copy.iter().enumerate() {
-            known_name(&format!("{at}.copy[{j}].from"), &c.from, &groups, "group", model)?;
-            known_name(&format!("{at}.copy[{j}].to"), &c.to, &groups, "group", model)?;
+            known_name(&format!("{at}.copy[{j}].from"), &c.from, groups.iter().copied(), Named::Group, model)?;
+            known_name(&format!("{at}.copy[{j}].to"), &c.to, groups.iter().copied(), Named::Group, model)?;
             copy_pairs(compiled, c).map_err(|e| format!("{at}.copy[{j}]: {e}"))?;
         }
         for l in stage.losses.iter().flatten() {
-            known_name(&format!("{at}.losses"), l, &losses, "loss", model)?;
+            known_name(&format!("{at}.losses"), l, losses.iter().copied(), Named::Loss, model)?;
         }
     }
     if let Some(c) = &exp.train.grad_cosine {
         for l in &c.losses {
-            known_name("train.grad_cosine.losses", l, &losses, "loss", model)?;
+            known_name("train.grad_cosine.losses", l, losses.iter().copied(), Named::Loss, model)?;
         }
         let paths = passes::path_names(&compiled.graph);
         for p in &c.paths {
-            if !paths.contains(p) {
-                let hint = match crate::diag::suggest(p, paths.iter().map(String::as_str)) {
-                    Some(near) => format!("; did you mean `{near}`?"),
-                    None => String::new(),
-                };
-                let list = if paths.is_empty() {
-                    "the model marks no path: `path(x, \"name\")`".to_string()
-                } else {
-                    format!("its paths: {}", paths.join(", "))
-                };
-                return Err(format!(
-                    "train.grad_cosine.paths: model `{model}` has no gradient path `{p}`{hint} ({list})"
-                ));
-            }
+            known_name("train.grad_cosine.paths", p, paths.iter().map(String::as_str), Named::Path, model)?;
         }
-        let params: Vec<&str> = compiled.graph.params.iter().map(|p| p.name.as_str()).collect();
-        if !params.contains(&c.param.as_str()) {
-            let hint = match crate::diag::suggest(&c.param, params.iter().copied()) {
-                Some(near) => format!("; did you mean `{near}`?"),
-                None => String::new(),
-            };
-            return Err(format!(
-                "train.grad_cosine.param: model `{model}` has no parameter `{}`{hint} (its parameters: {})",
-                c.param,
-                params.join(", ")
-            ));
-        }
+        let params = compiled.graph.params.iter().map(|p| p.name.as_str());
+        known_name("train.grad_cosine.param", &c.param, params, Named::Param, model)?;
     }
     Ok(())
 }
@@ -200,8 +210,8 @@ pub fn check_init_from(exp: &Experiment, compiled: &Compiled) -> Result<(), Stri
     let from = &source.session.compiled;
     for (j, c) in init.copy.iter().enumerate() {
         let key = format!("train.init_from.copy[{j}]");
-        known_name(&format!("{key}.from"), &c.from, &groups(from), "group", &from.model)?;
-        known_name(&format!("{key}.to"), &c.to, &groups(compiled), "group", &compiled.model)?;
+        known_name(&format!("{key}.from"), &c.from, groups(from).iter().copied(), Named::Group, &from.model)?;
+        known_name(&format!("{key}.to"), &c.to, groups(compiled).iter().copied(), Named::Group, &compiled.model)?;
         pairs_between((from, &at), (compiled, &here), c).map_err(|e| format!("{key}: {e}"))?;
     }
     Ok(())
