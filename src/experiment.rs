@@ -185,10 +185,10 @@ pub struct TrainConfig {
     /// it (see [`Experiment::recorded`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
-    /// Arithmetic of the matrix products on the jit: `f32` (default) or `bf16` (operands
-    /// rounded to bf16, sums in f32, on AMX-BF16's tiles or AVX512-BF16's dot-product
-    /// instruction; parameters,
-    /// optimizer state and every other op stay f32). See [`Experiment::products`].
+    /// Arithmetic of the matrix products on the jit while training: `f32` (default) or
+    /// `bf16` (operands rounded to bf16, sums in f32, on AMX-BF16's tiles or AVX512-BF16's
+    /// dot-product instruction; parameters, optimizer state and every other op stay f32;
+    /// scoring a run computes in f32). See [`Experiment::products`].
     #[serde(default, skip_serializing_if = "Precision::is_f32")]
     pub precision: Precision,
 }
