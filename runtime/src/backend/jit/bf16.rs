@@ -42,6 +42,8 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+use super::pool::Pool;
+
 /// Rows of a `vdpbf16ps` micro-tile.
 pub const MR: usize = 8;
 /// Columns of a panel of the right operand (two vectors of 16 f32, two AMX tiles).
@@ -151,32 +153,18 @@ pub fn left_word(r: usize, p: usize, stride: usize) -> usize {
     (r / BLOCK_ROWS) * BLOCK_ROWS * stride + (p / TILE) * BLOCK_ROWS * TILE + (r % BLOCK_ROWS) * TILE + p % TILE
 }
 
-/// Buffers of packed operands, kept between products: a fresh allocation of megabytes
-/// pays its page faults and zeroing on every product (measured: as long as the packing
-/// itself on [4096, 768] operands).
-static BUFFERS: std::sync::Mutex<Vec<Vec<u32>>> = std::sync::Mutex::new(Vec::new());
-
-/// A buffer of at least `len` words from [`BUFFERS`] (contents unspecified: the packing
-/// writes every word it uses), back to the pool when dropped.
-struct Buffer(Vec<u32>);
-
-impl Buffer {
-    fn take(len: usize) -> Buffer {
-        let taken = BUFFERS.lock().map(|mut pool| pool.pop()).unwrap_or_default();
-        let mut words = taken.unwrap_or_default();
-        if words.len() < len {
-            words.resize(len, 0);
-        }
-        Buffer(words)
-    }
+/// A buffer of the jit's [`Pool`] as pair words (the packed operands live in the pool, so a
+/// step's packing reuses the buffers of the step before: a fresh allocation of megabytes
+/// paid its page faults on every product, as long as the packing itself).
+fn words(buf: &mut [f32]) -> &mut [u32] {
+    // SAFETY: f32 and u32 have the same size and alignment, and every bit pattern is valid
+    // for both; the slice is borrowed for the result's lifetime.
+    unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u32, buf.len()) }
 }
 
-impl Drop for Buffer {
-    fn drop(&mut self) {
-        if let Ok(mut pool) = BUFFERS.lock() {
-            pool.push(std::mem::take(&mut self.0));
-        }
-    }
+/// Words of the packed left operand for `rows` rows (padded to whole blocks).
+fn left_len(rows: usize, stride: usize) -> usize {
+    rows.div_ceil(BLOCK_ROWS) * BLOCK_ROWS * stride
 }
 
 /// The packing of both operands into pair words, in AVX-512F vectors: each operand is read
@@ -185,7 +173,7 @@ impl Drop for Buffer {
 /// packing it replaces took as long as AMX's products themselves.
 #[cfg(target_arch = "x86_64")]
 mod pack {
-    use super::{Buffer, View, BLOCK_ROWS, NR, TILE};
+    use super::{View, BLOCK_ROWS, NR, TILE};
     use std::arch::x86_64::*;
 
     /// Lanes `0..count` of 16 f32 from `p` (the rest zero).
@@ -262,20 +250,22 @@ mod pack {
         }
     }
 
-    /// Rows `first..first + rows` of the left operand `[m, k]` as pair words, in blocks
-    /// of BLOCK_ROWS rows ([`super::left_word`]; zero rows and zero words beyond `k`).
+    /// Rows `first..first + rows` of the left operand `[m, k]` as pair words into `out`
+    /// (any contents before), in blocks of BLOCK_ROWS rows ([`super::left_word`]; zero
+    /// rows and zero words beyond `k`).
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `a` holds the operand; `stride >= k / 2` is a multiple of 16.
+    /// The CPU has AVX-512F; `a` holds the operand; `stride >= k / 2` is a multiple of 16;
+    /// `out` holds [`super::left_len`] words.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn left(a: View, first: usize, rows: usize, k: usize, stride: usize) -> Buffer {
+    pub unsafe fn left(a: View, first: usize, rows: usize, k: usize, stride: usize, out: &mut [u32]) {
         let k_pairs = k.div_ceil(2);
-        let padded = rows.div_ceil(BLOCK_ROWS) * BLOCK_ROWS * stride;
-        let mut out = Buffer::take(padded);
+        let padded = super::left_len(rows, stride);
+        assert!(out.len() >= padded);
         if !rows.is_multiple_of(BLOCK_ROWS) {
-            out.0[rows / BLOCK_ROWS * BLOCK_ROWS * stride..padded].fill(0);
+            out[rows / BLOCK_ROWS * BLOCK_ROWS * stride..padded].fill(0);
         }
-        let dst = out.0.as_mut_ptr() as *mut __m512i;
+        let dst = out.as_mut_ptr() as *mut __m512i;
         if a.col_step == 1 {
             for r in 0..rows {
                 let row = a.data[(first + r) * a.row_step..][..k].as_ptr();
@@ -308,22 +298,21 @@ mod pack {
                 }
             }
         }
-        out
     }
 
     /// The right operand `[k, n]` as panels of pair words, `[n_panels][stride][NR]` (zero
-    /// words beyond `k` and `n`).
+    /// words beyond `k` and `n`), into `out` (any contents before).
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `b` holds the operand; `stride >= k / 2` is a multiple of 16.
+    /// The CPU has AVX-512F; `b` holds the operand; `stride >= k / 2` is a multiple of 16;
+    /// `out` holds `n_panels · stride · NR` words.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn right(b: View, k: usize, n: usize, stride: usize) -> Buffer {
+    pub unsafe fn right(b: View, k: usize, n: usize, stride: usize, out: &mut [u32]) {
         let k_pairs = k.div_ceil(2);
         let len = n.div_ceil(NR) * stride * NR;
-        let mut out = Buffer::take(len);
-        out.0[..len].fill(0);
+        out[..len].fill(0);
         // Word (p, c): panel c / NR, its row p, lane c % NR.
-        let base = out.0.as_mut_ptr() as *mut __m512i;
+        let base = out.as_mut_ptr() as *mut __m512i;
         let at = |p: usize, c: usize| base.byte_add(((c / NR * stride + p) * NR + c % NR) * 4);
         if b.col_step == 1 {
             assert!(b.data.len() >= (k - 1) * b.row_step + n);
@@ -360,7 +349,6 @@ mod pack {
                 }
             }
         }
-        out
     }
 }
 
@@ -627,8 +615,8 @@ mod amx {
 /// `out[m, n] = bf16(op(a))[m, k] · bf16(op(b))[k, n]` with f32 sums, every element of
 /// `out` written; operands as in the f32 `gemm_into` (row-major with `a_cols`/`b_cols`
 /// stored columns, transposed when `ta`/`tb`). Large products split their rows over
-/// `threads`, each thread packing its own rows. Panics when `dot` is not
-/// [`Dot::available`].
+/// `threads`, each thread packing its own rows; the packed operands' buffers come from
+/// `pool` and go back to it. Panics when `dot` is not [`Dot::available`].
 #[allow(clippy::too_many_arguments)]
 pub fn product(
     dot: Dot,
@@ -643,6 +631,7 @@ pub fn product(
     tb: bool,
     b_cols: usize,
     threads: usize,
+    pool: &mut Pool,
 ) {
     assert!(dot.available(), "the bf16 product's {dot:?} kernel needs a CPU feature this one lacks");
     assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "bf16 operands shorter than their shapes");
@@ -658,31 +647,41 @@ pub fn product(
     {
         let k_pairs = k.div_ceil(2);
         let stride = k_pairs.div_ceil(TILE) * TILE;
+        let mut right_words = pool.take(n.div_ceil(NR) * stride * NR);
         // SAFETY: `dot.available()` implies AVX-512F; the operands hold their shapes
-        // (asserted); `stride` is a multiple of 16 of at least `k / 2`.
-        let right = unsafe { pack::right(View::new(b, b_cols, tb), k, n, stride) };
+        // (asserted); `stride` is a multiple of 16 of at least `k / 2`; the buffer was
+        // taken for the panels.
+        unsafe { pack::right(View::new(b, b_cols, tb), k, n, stride, words(&mut right_words)) };
         let a = View::new(a, a_cols, ta);
         let parts = if m * n * k >= PARALLEL_WORK { threads.clamp(1, m.div_ceil(BLOCK_ROWS)) } else { 1 };
         let part_rows = m.div_ceil(parts).div_ceil(BLOCK_ROWS) * BLOCK_ROWS;
-        let right = &right.0;
-        let run = move |first: usize, out: &mut [f32]| {
+        let mut lefts: Vec<Vec<f32>> =
+            (0..m.div_ceil(part_rows)).map(|i| pool.take(left_len(part_rows.min(m - i * part_rows), stride))).collect();
+        let right: &[u32] = words(&mut right_words);
+        let run = move |first: usize, out: &mut [f32], left: &mut Vec<f32>| {
             let rows = out.len() / n;
-            // SAFETY: as for the right operand; the rows are the operand's.
-            let left = unsafe { pack::left(a, first, rows, k, stride) };
+            let left = words(left);
+            // SAFETY: as for the right operand; the rows are the operand's, and `left` was
+            // taken for them.
+            unsafe { pack::left(a, first, rows, k, stride, left) };
             match dot {
                 // SAFETY: `product` asserted AMX usable; `left` and `right` are packed here
                 // with `stride` a multiple of TILE; `out` holds `rows × n` elements.
-                Dot::Amx => unsafe { amx::rows(&left.0, stride, right, n, out.as_mut_ptr(), rows) },
-                _ => vector_rows(dot, &left.0, stride, right, k_pairs, n, out, rows),
+                Dot::Amx => unsafe { amx::rows(left, stride, right, n, out.as_mut_ptr(), rows) },
+                _ => vector_rows(dot, left, stride, right, k_pairs, n, out, rows),
             }
         };
-        let mut chunks = out[..m * n].chunks_mut(part_rows * n).enumerate();
-        let (_, first_chunk) = chunks.next().expect("m > 0");
+        let mut chunks = out[..m * n].chunks_mut(part_rows * n).zip(lefts.iter_mut()).enumerate();
+        let (_, (first_chunk, first_left)) = chunks.next().expect("m > 0");
         std::thread::scope(|s| {
-            for (i, chunk) in chunks {
-                s.spawn(move || run(i * part_rows, chunk));
+            for (i, (chunk, left)) in chunks {
+                s.spawn(move || run(i * part_rows, chunk, left));
             }
-            run(0, first_chunk);
+            run(0, first_chunk, first_left);
         });
+        pool.put(right_words);
+        for left in lefts {
+            pool.put(left);
+        }
     }
 }

@@ -322,41 +322,45 @@ fn matmul(
         return Tensor { shape: out_shape.to_vec(), data: out };
     }
     // One product on `par`'s threads: f32 by gemm, or bf16 by its kernel.
-    let product =
-        |out: &mut [f32], m, n, k, a: &[f32], ta, a_cols, b: &[f32], tb, b_cols, par: Parallelism| match precision {
+    // (bf16's packed operands in `pool`'s buffers.)
+    let product = |out: &mut [f32], m, n, k, a: &[f32], ta, a_cols, b: &[f32], tb, b_cols, par, pool: &mut Pool| {
+        match precision {
             Products::F32 => gemm_into(out, m, n, k, a, ta, a_cols, b, tb, b_cols, par),
             Products::Bf16(dot) => {
                 let threads = if matches!(par, Parallelism::None) { 1 } else { threads };
-                bf16::product(dot, out, m, n, k, a, ta, a_cols, b, tb, b_cols, threads)
+                bf16::product(dot, out, m, n, k, a, ta, a_cols, b, tb, b_cols, threads, pool)
             }
-        };
+        }
+    };
     if rb == 2 && !ta && a.shape[..ra - 2] == *lead {
         // Shared right operand: all leading axes of `a` are rows of one product.
         let rows = batch * m;
-        product(&mut out, rows, n, k, &a.data, false, a_cols, &b.data, tb, b_cols, par(rows * n * k));
+        product(&mut out, rows, n, k, &a.data, false, a_cols, &b.data, tb, b_cols, par(rows * n * k), pool);
     } else {
         let (a_step, b_step) = (a_rows * a_cols, b_rows * b_cols);
         // The operands' leading index per product (numpy broadcasting of the leading axes).
         let (a_index, b_index) = (batch_index(lead, &a.shape[..ra - 2]), batch_index(lead, &b.shape[..rb - 2]));
         // One product per leading index. Products too small to split themselves (attention
         // scores: [N, d] @ [d, N] per sample) are split by leading index over the threads.
-        let products = |first: usize, out: &mut [f32], par: Parallelism| {
+        let products = |first: usize, out: &mut [f32], par: Parallelism, pool: &mut Pool| {
             for (j, o) in out.chunks_exact_mut(m * n).enumerate() {
                 let (ai, bi) = (a_index[first + j], b_index[first + j]);
                 let (a_i, b_i) = (&a.data[ai * a_step..(ai + 1) * a_step], &b.data[bi * b_step..(bi + 1) * b_step]);
-                product(o, m, n, k, a_i, ta, a_cols, b_i, tb, b_cols, par);
+                product(o, m, n, k, a_i, ta, a_cols, b_i, tb, b_cols, par, pool);
             }
         };
         let each = m * n * k;
         if threads > 1 && batch > 1 && each < GEMM_PARALLEL_WORK && batch * each >= GEMM_PARALLEL_WORK {
             let half = batch / 2;
             let (lo, hi) = out.split_at_mut(half * m * n);
+            // The first half's thread packs bf16 operands into buffers of its own (small
+            // products: below the pool's threshold).
             std::thread::scope(|s| {
-                s.spawn(|| products(0, lo, Parallelism::None));
-                products(half, hi, Parallelism::None);
+                s.spawn(|| products(0, lo, Parallelism::None, &mut Pool::default()));
+                products(half, hi, Parallelism::None, pool);
             });
         } else {
-            products(0, &mut out, par(each));
+            products(0, &mut out, par(each), pool);
         }
     }
     Tensor { shape: out_shape.to_vec(), data: out }

@@ -100,6 +100,9 @@ pub fn measure(shapes: &[Shape], threads: usize, reps: usize) -> Report {
             Parallelism::None
         }
     };
+    // The bf16 kernels' packed operands, kept between repetitions as the jit keeps them
+    // between steps.
+    let mut pool = super::pool::Pool::default();
     let mut speeds = Vec::new();
     let mut epilogues = Vec::new();
     for shape in shapes {
@@ -122,7 +125,7 @@ pub fn measure(shapes: &[Shape], threads: usize, reps: usize) -> Report {
                 .iter()
                 .map(|&dot| {
                     let time = best_of(reps, || {
-                        bf16::product(dot, &mut out, m, n_out, k_red, a, ta, a_cols, b, tb, b_cols, threads)
+                        bf16::product(dot, &mut out, m, n_out, k_red, a, ta, a_cols, b, tb, b_cols, threads, &mut pool)
                     });
                     (dot, flop / time / 1e9)
                 })
