@@ -426,10 +426,16 @@ fn select() -> Vec<Case> {
 }
 
 /// MatMul with every transpose flag, batched and with a shared right operand, at sizes
-/// on both sides of the kernels' tiles; the grouped products.
+/// on both sides of the kernels' tiles, and the shapes the jit gives kernels of their own:
+/// vector products (one output column or row), outer products (a reduction of one), and
+/// long reductions into small outputs (split along the reduction, one part ending inside
+/// the vector kernels' 16 lanes); the grouped products.
 fn linalg() -> Vec<Case> {
     let mut cases = Vec::new();
-    for (m, k, n) in [(1usize, 1usize, 1usize), (3, 5, 4), (17, 33, 9), (64, 64, 64)] {
+    let shapes =
+        [(1usize, 1usize, 1usize), (3, 5, 4), (17, 33, 9), (64, 64, 64), (130, 37, 1), (1, 37, 70), (40, 1, 24)];
+    let long = [(6, 40_003, 5), (3, 70_001, 1), (1, 50_001, 2)];
+    for (m, k, n) in shapes.into_iter().chain(long) {
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
             let shape = |rows: usize, cols: usize, t: bool| if t { vec![cols, rows] } else { vec![rows, cols] };
             let op = Op::MatMul { trans_a: ta, trans_b: tb };

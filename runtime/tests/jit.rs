@@ -519,6 +519,31 @@ fn large_bf16_products_split_over_threads_and_round_their_operands() {
     }
 }
 
+/// A long reduction into a small output (split along the reduction into parts, each on one
+/// thread) is within bf16's bound. (Over 40 000 terms the f32 worst case exceeds what bf16's
+/// rounding adds on average, so whether rounding shows is not asked.)
+#[test]
+fn bf16_long_reductions_split_into_parts() {
+    assert!(!bf16_kernels().is_empty(), "the bf16 kernel needs AVX-512F, which this CPU lacks");
+    bf16_matmul_agrees(&[vec![40_001, 24], vec![40_001, 20]], true, false);
+    bf16_matmul_agrees(&[vec![24, 40_001], vec![20, 40_001]], false, true);
+}
+
+/// Vector products (one output column or row) and outer products are bound by memory, so
+/// they stay f32 at bf16 precision: within bf16's bound, and no element shows rounding.
+#[test]
+fn bf16_vector_and_outer_products_stay_f32() {
+    assert!(!bf16_kernels().is_empty(), "the bf16 kernel needs AVX-512F, which this CPU lacks");
+    for (sa, sb, ta, tb) in [
+        (vec![300, 200], vec![200, 1], false, false),
+        (vec![200, 300], vec![1, 200], true, true),
+        (vec![1, 200], vec![200, 70], false, false),
+        (vec![300, 1], vec![1, 70], false, false),
+    ] {
+        assert!(!bf16_matmul_agrees(&[sa.clone(), sb.clone()], ta, tb), "{sa:?}·{sb:?}: bf16 rounding shows");
+    }
+}
+
 /// bf16 rounding: to nearest, ties to even; infinities and NaN kept.
 #[test]
 fn bf16_rounds_to_nearest_even() {

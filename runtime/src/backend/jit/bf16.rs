@@ -15,7 +15,9 @@
 //! - the right one `[k, n]` in panels of [`NR`] columns, `[n_panels][stride][NR]`, short
 //!   panels and the padding words zero (an AMX tile of it is 16 pair rows of 16 columns).
 //!
-//! Each thread packs its own rows of the left operand; the right one is packed once.
+//! Each thread packs its own rows of the left operand; the right one is packed once. The
+//! threads are rayon's, as for every product ([`super::product`]): a thread that used AMX
+//! keeps its tile state, where a fresh one would fault it in.
 //!
 //! Kernels. [`Dot::Amx`] keeps a 32 × 32 block of f32 sums in four tiles and steps over
 //! the reduction 32 elements at a time: two tiles of the left operand, two of the right,
@@ -673,9 +675,10 @@ pub fn product(
         };
         let mut chunks = out[..m * n].chunks_mut(part_rows * n).zip(lefts.iter_mut()).enumerate();
         let (_, (first_chunk, first_left)) = chunks.next().expect("m > 0");
-        std::thread::scope(|s| {
+        let run = &run;
+        rayon::scope(|s| {
             for (i, (chunk, left)) in chunks {
-                s.spawn(move || run(i * part_rows, chunk, left));
+                s.spawn(move |_| run(i * part_rows, chunk, left));
             }
             run(0, first_chunk, first_left);
         });

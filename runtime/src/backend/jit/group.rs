@@ -7,8 +7,8 @@
 //! rows already come grouped (sorted) skips the gather and the scatter. The eval rules do
 //! a dot product per row and output element instead, which made STAR's step 10× slower.
 
-use super::kernels::{gemm_into, GEMM_PARALLEL_WORK};
 use super::pool::Pool;
+use super::product::{gemm_into, GEMM_PARALLEL_WORK};
 use crate::exec::ExecError;
 use crate::tensor::Tensor;
 use gemm::Parallelism;

@@ -9,18 +9,14 @@ use super::group::{group_matmul, group_outer};
 use super::layout::{broadcast, concat, gather, pad, permute, scatter_add, segment_sum, slice, take_along};
 use super::math;
 use super::pool::Pool;
-use super::{bf16, Products};
+use super::{product, Products};
 use crate::backend::driver::Operands;
 use crate::exec::{Arg, EvalCx, ExecError};
 use crate::ops::elementwise::{BinaryLoop, UnaryLoop};
-use crate::ops::linalg::batch_index;
 use crate::ops::{BinaryOp, Op, ReduceOp, UnaryOp};
 use crate::rng::SplitMix64;
 use crate::tensor::{Tensor, Value};
-use gemm::Parallelism;
 
-/// Work (multiply-adds) above which a GEMM is split over threads.
-pub(super) const GEMM_PARALLEL_WORK: usize = 1 << 21;
 /// Elements above which an elementwise kernel is split over threads.
 pub(super) const ELEMENTWISE_PARALLEL: usize = 1 << 17;
 
@@ -41,7 +37,7 @@ pub fn fast(
     let args = operands.args(op)?;
     let name = || op.name();
     Ok(match op {
-        Op::MatMul { trans_a, trans_b } => Some(Value::Dense(matmul(
+        Op::MatMul { trans_a, trans_b } => Some(Value::Dense(product::matmul(
             args[0].dense(&name())?,
             args[1].dense(&name())?,
             *trans_a,
@@ -223,147 +219,6 @@ fn moved(op: &Op, operands: &mut Operands<f32>, cx: &EvalCx) -> Result<Option<Va
         }
         _ => Ok(None),
     }
-}
-
-// ------------------------------------------------------------------ matmul
-
-/// Row and column strides of the logical matrix stored row-major as `[rows, cols]`,
-/// transposed or not.
-fn strides(cols: usize, trans: bool) -> (isize, isize) {
-    if trans {
-        (1, cols as isize)
-    } else {
-        (cols as isize, 1)
-    }
-}
-
-/// `out[m, n] = op(a)[m, k] · op(b)[k, n]`, every element of `out` written. `a` is stored
-/// row-major with `a_cols` columns and read transposed when `ta` (likewise `b`): a
-/// transposed operand is a pair of strides, never a copy.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn gemm_into(
-    out: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    ta: bool,
-    a_cols: usize,
-    b: &[f32],
-    tb: bool,
-    b_cols: usize,
-    par: Parallelism,
-) {
-    assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "gemm operands shorter than their shapes");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        out[..m * n].fill(0.0);
-        return;
-    }
-    let (a_rs, a_cs) = strides(a_cols, ta);
-    let (b_rs, b_cs) = strides(b_cols, tb);
-    // SAFETY: the assert above: each pointer addresses a live slice covering the rows ×
-    // cols reached through its strides (`a_cols`/`b_cols` are the stored row lengths).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            b_cs,
-            b_rs,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    a: &Tensor<f32>,
-    b: &Tensor<f32>,
-    ta: bool,
-    tb: bool,
-    out_shape: &[usize],
-    threads: usize,
-    precision: Products,
-    pool: &mut Pool,
-) -> Tensor<f32> {
-    let (ra, rb) = (a.shape.len(), b.shape.len());
-    let (a_rows, a_cols) = (a.shape[ra - 2], a.shape[ra - 1]);
-    let (b_rows, b_cols) = (b.shape[rb - 2], b.shape[rb - 1]);
-    let (m, k) = if ta { (a_cols, a_rows) } else { (a_rows, a_cols) };
-    let n = if tb { b_rows } else { b_cols };
-    let lead = &out_shape[..out_shape.len() - 2];
-    let batch: usize = lead.iter().product();
-    // Every element is written (gemm with `read_dst` off), so the buffer need not be zeros.
-    let mut out = pool.take(out_shape.iter().product());
-    let par = |work: usize| {
-        if threads > 1 && work >= GEMM_PARALLEL_WORK {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        }
-    };
-    if m == 0 || n == 0 {
-        return Tensor { shape: out_shape.to_vec(), data: out };
-    }
-    // One product on `par`'s threads: f32 by gemm, or bf16 by its kernel.
-    // (bf16's packed operands in `pool`'s buffers.)
-    let product = |out: &mut [f32], m, n, k, a: &[f32], ta, a_cols, b: &[f32], tb, b_cols, par, pool: &mut Pool| {
-        match precision {
-            Products::F32 => gemm_into(out, m, n, k, a, ta, a_cols, b, tb, b_cols, par),
-            Products::Bf16(dot) => {
-                let threads = if matches!(par, Parallelism::None) { 1 } else { threads };
-                bf16::product(dot, out, m, n, k, a, ta, a_cols, b, tb, b_cols, threads, pool)
-            }
-        }
-    };
-    if rb == 2 && !ta && a.shape[..ra - 2] == *lead {
-        // Shared right operand: all leading axes of `a` are rows of one product.
-        let rows = batch * m;
-        product(&mut out, rows, n, k, &a.data, false, a_cols, &b.data, tb, b_cols, par(rows * n * k), pool);
-    } else {
-        let (a_step, b_step) = (a_rows * a_cols, b_rows * b_cols);
-        // The operands' leading index per product (numpy broadcasting of the leading axes).
-        let (a_index, b_index) = (batch_index(lead, &a.shape[..ra - 2]), batch_index(lead, &b.shape[..rb - 2]));
-        // One product per leading index. Products too small to split themselves (attention
-        // scores: [N, d] @ [d, N] per sample) are split by leading index over the threads.
-        let products = |first: usize, out: &mut [f32], par: Parallelism, pool: &mut Pool| {
-            for (j, o) in out.chunks_exact_mut(m * n).enumerate() {
-                let (ai, bi) = (a_index[first + j], b_index[first + j]);
-                let (a_i, b_i) = (&a.data[ai * a_step..(ai + 1) * a_step], &b.data[bi * b_step..(bi + 1) * b_step]);
-                product(o, m, n, k, a_i, ta, a_cols, b_i, tb, b_cols, par, pool);
-            }
-        };
-        let each = m * n * k;
-        if threads > 1 && batch > 1 && each < GEMM_PARALLEL_WORK && batch * each >= GEMM_PARALLEL_WORK {
-            let half = batch / 2;
-            let (lo, hi) = out.split_at_mut(half * m * n);
-            // The first half's thread packs bf16 operands into buffers of its own (small
-            // products: below the pool's threshold).
-            std::thread::scope(|s| {
-                s.spawn(|| products(0, lo, Parallelism::None, &mut Pool::default()));
-                products(half, hi, Parallelism::None, pool);
-            });
-        } else {
-            products(0, &mut out, par(each), pool);
-        }
-    }
-    Tensor { shape: out_shape.to_vec(), data: out }
 }
 
 // ------------------------------------------------------------------ softmax

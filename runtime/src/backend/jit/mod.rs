@@ -6,7 +6,9 @@
 //! - **MatMul** through the `gemm` crate (AVX-512 kernels when the CPU has them, chosen at
 //!   run time; plain SIMD otherwise). Transposed operands are passed as strides, never
 //!   copied; `[..., m, k] @ [k, n]` is one GEMM over the flattened rows; batched products
-//!   are a loop of GEMMs. Large products use both cores. With
+//!   are a loop of GEMMs. Large products use all cores; vector and outer products have
+//!   loops of their own, and a long reduction into a small output is split along the
+//!   reduction ([`product`]). With
 //!   [`Products::Bf16`] (`train.precision: bf16`) they run on the [`bf16`] kernel instead:
 //!   operands rounded to bf16, f32 sums, on AMX-BF16's tiles or AVX512-BF16's `vdpbf16ps`.
 //! - **Elementwise** unary and binary ops over contiguous slices, with the broadcast
@@ -45,6 +47,7 @@ mod kernels;
 mod layout;
 mod math;
 pub mod pool;
+mod product;
 pub mod speed;
 mod update;
 mod window;

@@ -5,7 +5,7 @@
 //! cache-hot rows) beats the product followed by its own pass over the output.
 
 use super::bf16::{self, Dot};
-use super::kernels::{gemm_into, GEMM_PARALLEL_WORK};
+use super::product::{gemm_into, GEMM_PARALLEL_WORK};
 use gemm::Parallelism;
 use std::time::Instant;
 

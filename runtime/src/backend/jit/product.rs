@@ -1,0 +1,316 @@
+//! The jit's matrix products (`Op::MatMul`): which kernel computes a product, and how a
+//! product is split over the threads.
+//!
+//! This module owns:
+//! - [`gemm_into`]: one f32 product by the `gemm` crate, a transposed operand read through
+//!   strides, never copied; at bf16 precision the kernels of [`super::bf16`] instead.
+//! - [`matmul`]: the op over its leading axes. A right operand shared by every leading index
+//!   makes one product of all the rows; other batches run product by product, split over
+//!   the threads by leading index when each is too small to split itself (attention scores).
+//! - [`product`]: the kernel for one product, chosen by its shape:
+//!   - a **vector product** (one output column, `n == 1`; one output row, `m == 1`, is the
+//!     same product transposed) and an **outer product** (`k == 1`) do one multiply-add per
+//!     element read or written, so memory bounds them: straight loops, the rows split over
+//!     the threads, in f32 at either precision (bf16 operands would only add the packing's
+//!     passes over memory). gemm ran DIN's `[409600, 64] · [64, 1]` at a third of the
+//!     memory's speed;
+//!   - a **long reduction into a small output** (a weight gradient `xᵀ·dy` over many rows:
+//!     a layer applied to every position of a sequence, as DIN's activation unit is to
+//!     B·S·L = 409600 rows) is split along the reduction, because gemm splits only the
+//!     output over threads and ran such a product on one. The parts are fixed by the shape
+//!     ([`reduction_parts`]), each is computed whole on one thread, and the partial
+//!     products are added in part order, so the sums do not depend on the thread count;
+//!   - any other product: gemm (its own threads), or the bf16 kernel.
+//!
+//! Products split here run on rayon's threads, as gemm's own do, never on threads spawned
+//! for the product: gemm keeps its packing buffers per thread, and a fresh thread pays
+//! for new ones (and DIN's forward products after a backward whose split ran on spawned
+//! threads took 1.3–1.6× as long; measured with per-node timings). The other kernels
+//! keep spawning scoped threads for their two halves: on rayon's threads DeepFM's step,
+//! many halves of under a millisecond, took 7 % longer.
+
+use super::bf16;
+use super::kernels::split;
+use super::pool::Pool;
+use super::Products;
+use crate::ops::linalg::batch_index;
+use crate::tensor::Tensor;
+use gemm::Parallelism;
+
+/// Work (multiply-adds) above which a GEMM is split over threads.
+pub(super) const GEMM_PARALLEL_WORK: usize = 1 << 21;
+/// A reduction at least this long into an output of at most [`SPLIT_OUTPUT`] elements is
+/// split ([`reduction_parts`]).
+const SPLIT_REDUCTION: usize = 1 << 15;
+/// The largest output (elements) whose product is split along the reduction: at most
+/// [`SPLIT_PARTS`] partial products of this size are held at once (4 MB).
+const SPLIT_OUTPUT: usize = 1 << 16;
+/// The most parts a reduction is split into (each at least half of [`SPLIT_REDUCTION`]).
+const SPLIT_PARTS: usize = 16;
+
+/// Row and column strides of the logical matrix stored row-major as `[rows, cols]`,
+/// transposed or not.
+fn strides(cols: usize, trans: bool) -> (isize, isize) {
+    if trans {
+        (1, cols as isize)
+    } else {
+        (cols as isize, 1)
+    }
+}
+
+/// `out[m, n] = op(a)[m, k] · op(b)[k, n]`, every element of `out` written. `a` is stored
+/// row-major with `a_cols` columns and read transposed when `ta` (likewise `b`): a
+/// transposed operand is a pair of strides, never a copy.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_into(
+    out: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    ta: bool,
+    a_cols: usize,
+    b: &[f32],
+    tb: bool,
+    b_cols: usize,
+    par: Parallelism,
+) {
+    assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "gemm operands shorter than their shapes");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out[..m * n].fill(0.0);
+        return;
+    }
+    let (a_rs, a_cs) = strides(a_cols, ta);
+    let (b_rs, b_cs) = strides(b_cols, tb);
+    // SAFETY: the assert above: each pointer addresses a live slice covering the rows ×
+    // cols reached through its strides (`a_cols`/`b_cols` are the stored row lengths).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// `MatMul` of `a` and `b` (transposed as `ta`, `tb`) into a tensor of `out_shape`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matmul(
+    a: &Tensor<f32>,
+    b: &Tensor<f32>,
+    ta: bool,
+    tb: bool,
+    out_shape: &[usize],
+    threads: usize,
+    precision: Products,
+    pool: &mut Pool,
+) -> Tensor<f32> {
+    let (ra, rb) = (a.shape.len(), b.shape.len());
+    let (a_rows, a_cols) = (a.shape[ra - 2], a.shape[ra - 1]);
+    let (b_rows, b_cols) = (b.shape[rb - 2], b.shape[rb - 1]);
+    let (m, k) = if ta { (a_cols, a_rows) } else { (a_rows, a_cols) };
+    let n = if tb { b_rows } else { b_cols };
+    let lead = &out_shape[..out_shape.len() - 2];
+    let batch: usize = lead.iter().product();
+    // Every element is written, so the buffer need not be zeros.
+    let mut out = pool.take(out_shape.iter().product());
+    if m == 0 || n == 0 {
+        return Tensor { shape: out_shape.to_vec(), data: out };
+    }
+    if rb == 2 && !ta && a.shape[..ra - 2] == *lead {
+        // Shared right operand: all leading axes of `a` are rows of one product.
+        let rows = batch * m;
+        let operands = Operands { m: rows, n, k, a: &a.data, ta, a_cols, b: &b.data, tb, b_cols };
+        product(precision, &mut out, operands, threads, pool);
+    } else {
+        let (a_step, b_step) = (a_rows * a_cols, b_rows * b_cols);
+        // The operands' leading index per product (numpy broadcasting of the leading axes).
+        let (a_index, b_index) = (batch_index(lead, &a.shape[..ra - 2]), batch_index(lead, &b.shape[..rb - 2]));
+        // One product per leading index. Products too small to split themselves (attention
+        // scores: [N, d] @ [d, N] per sample) are split by leading index over the threads.
+        let products = |first: usize, out: &mut [f32], threads: usize, pool: &mut Pool| {
+            for (j, o) in out.chunks_exact_mut(m * n).enumerate() {
+                let (ai, bi) = (a_index[first + j], b_index[first + j]);
+                let (a, b) = (&a.data[ai * a_step..(ai + 1) * a_step], &b.data[bi * b_step..(bi + 1) * b_step]);
+                product(precision, o, Operands { m, n, k, a, ta, a_cols, b, tb, b_cols }, threads, pool);
+            }
+        };
+        let each = m * n * k;
+        if threads > 1 && batch > 1 && each < GEMM_PARALLEL_WORK && batch * each >= GEMM_PARALLEL_WORK {
+            let half = batch / 2;
+            let (lo, hi) = out.split_at_mut(half * m * n);
+            // The first half's thread packs bf16 operands into buffers of its own (small
+            // products: below the pool's threshold).
+            rayon::join(|| products(0, lo, 1, &mut Pool::default()), || products(half, hi, 1, pool));
+        } else {
+            products(0, &mut out, threads, pool);
+        }
+    }
+    Tensor { shape: out_shape.to_vec(), data: out }
+}
+
+/// One product's operands: `op(a)[m, k] · op(b)[k, n]`, `a` stored row-major with `a_cols`
+/// columns and read transposed when `ta` (likewise `b`).
+#[derive(Clone, Copy)]
+struct Operands<'a> {
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &'a [f32],
+    ta: bool,
+    a_cols: usize,
+    b: &'a [f32],
+    tb: bool,
+    b_cols: usize,
+}
+
+impl<'a> Operands<'a> {
+    /// The same product transposed: `outᵀ[n, m] = op(b)ᵀ · op(a)ᵀ` (the same memory when
+    /// `m` or `n` is 1).
+    fn transposed(self) -> Operands<'a> {
+        let Operands { m, n, k, a, ta, a_cols, b, tb, b_cols } = self;
+        Operands { m: n, n: m, k, a: b, ta: !tb, a_cols: b_cols, b: a, tb: !ta, b_cols: a_cols }
+    }
+
+    /// The product over the reduction's indices `from..to` only.
+    fn reduction(self, from: usize, to: usize) -> Operands<'a> {
+        // A reduction index is a row of a stored transposed `a` (a column otherwise), and a
+        // row of a stored plain `b` (a column of a transposed one).
+        let a = if self.ta { &self.a[from * self.a_cols..] } else { &self.a[from..] };
+        let b = if self.tb { &self.b[from..] } else { &self.b[from * self.b_cols..] };
+        Operands { k: to - from, a, b, ..self }
+    }
+}
+
+/// How many parts the product of an `[m, n]` output over a reduction of `k` is split into
+/// along the reduction (1: not split). Fixed by the shape: the sums are the same on any
+/// number of threads.
+fn reduction_parts(m: usize, n: usize, k: usize) -> usize {
+    if k >= SPLIT_REDUCTION && m * n <= SPLIT_OUTPUT {
+        (k / (SPLIT_REDUCTION / 2)).min(SPLIT_PARTS)
+    } else {
+        1
+    }
+}
+
+/// `out[m, n] = op(a) · op(b)` (every element written) on up to `threads` threads, by the
+/// kernel its shape calls for (module docs).
+fn product(precision: Products, out: &mut [f32], p: Operands, threads: usize, pool: &mut Pool) {
+    let p = if p.m == 1 && p.n > 1 { p.transposed() } else { p };
+    let parts = reduction_parts(p.m, p.n, p.k);
+    if parts == 1 {
+        return direct(precision, out, p, threads, pool);
+    }
+    let len = p.m * p.n;
+    // Part 0's product goes to `out`, the others' to `partials`, added in part order.
+    let mut partials = pool.take((parts - 1) * len);
+    let mut slots: Vec<(usize, &mut [f32])> =
+        std::iter::once(&mut out[..len]).chain(partials.chunks_exact_mut(len)).enumerate().collect();
+    let run = |slots: &mut [(usize, &mut [f32])], pool: &mut Pool| {
+        for (j, o) in slots {
+            direct(precision, o, p.reduction(*j * p.k / parts, (*j + 1) * p.k / parts), 1, pool);
+        }
+    };
+    let run = &run;
+    // Consecutive parts per thread, on rayon's threads (module docs); the first share (part
+    // 0 among them) uses `pool`, the others pack bf16 operands into buffers of their own.
+    rayon::scope(|s| {
+        let mut shares = slots.chunks_mut(parts.div_ceil(threads.clamp(1, parts)));
+        let own = shares.next().expect("at least one part");
+        for share in shares {
+            s.spawn(move |_| run(share, &mut Pool::default()));
+        }
+        run(own, pool);
+    });
+    for part in partials.chunks_exact(len) {
+        out[..len].iter_mut().zip(part).for_each(|(o, v)| *o += v);
+    }
+    pool.put(partials);
+}
+
+/// [`product`] without the split along the reduction.
+fn direct(precision: Products, out: &mut [f32], p: Operands, threads: usize, pool: &mut Pool) {
+    let Operands { m, n, k, a, ta, a_cols, b, tb, b_cols } = p;
+    if n == 1 {
+        // op(b) is k contiguous values whether stored [k, 1] or [1, k].
+        return vector(&mut out[..m], m, k, a, ta, a_cols, &b[..k], threads);
+    }
+    if k == 1 {
+        // op(a) is m contiguous values, op(b) n.
+        return outer(&mut out[..m * n], &a[..m], &b[..n], threads);
+    }
+    let par =
+        if threads > 1 && m * n * k >= GEMM_PARALLEL_WORK { Parallelism::Rayon(threads) } else { Parallelism::None };
+    match precision {
+        Products::F32 => gemm_into(out, m, n, k, a, ta, a_cols, b, tb, b_cols, par),
+        Products::Bf16(dot) => {
+            let threads = if matches!(par, Parallelism::None) { 1 } else { threads };
+            bf16::product(dot, out, m, n, k, a, ta, a_cols, b, tb, b_cols, threads, pool)
+        }
+    }
+}
+
+/// `out[m] = op(a)[m, k] · x[k]`.
+#[allow(clippy::too_many_arguments)]
+fn vector(out: &mut [f32], m: usize, k: usize, a: &[f32], ta: bool, a_cols: usize, x: &[f32], threads: usize) {
+    if ta {
+        // a stored [k, ·]: out accumulates x[p] times row p (the rows split by columns).
+        split(out, threads, 16, |off, o| {
+            o.fill(0.0);
+            for (p, &xp) in x.iter().enumerate() {
+                let row = &a[p * a_cols + off..][..o.len()];
+                o.iter_mut().zip(row).for_each(|(o, v)| *o += xp * v);
+            }
+        });
+    } else {
+        split(out, threads, 1, |off, o| {
+            for (i, o) in o.iter_mut().enumerate() {
+                *o = dot(&a[(off + i) * a_cols..][..k], x);
+            }
+        });
+    }
+    debug_assert_eq!(out.len(), m);
+}
+
+/// `x · y` in sixteen lane sums (which the compiler keeps in vector registers), added at
+/// the end.
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let (xs, ys) = (x.chunks_exact(16), y.chunks_exact(16));
+    let tail: f32 = xs.remainder().iter().zip(ys.remainder()).map(|(a, b)| a * b).sum();
+    for (xc, yc) in xs.zip(ys) {
+        for l in 0..16 {
+            lanes[l] += xc[l] * yc[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `out[i, j] = x[i] · y[j]`.
+fn outer(out: &mut [f32], x: &[f32], y: &[f32], threads: usize) {
+    let n = y.len();
+    split(out, threads, n, |off, o| {
+        for (row, &xi) in o.chunks_exact_mut(n).zip(&x[off / n..]) {
+            row.iter_mut().zip(y).for_each(|(o, v)| *o = xi * v);
+        }
+    });
+}
