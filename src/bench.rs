@@ -45,6 +45,9 @@ pub struct BenchReport {
     pub train_samples_per_sec: f64,
     pub eval_samples_per_sec: f64,
     pub profile: Vec<(String, std::time::Duration, usize)>,
+    /// The slowest nodes of the step, largest first (`mdl bench --nodes N`: up to N; empty
+    /// without).
+    pub nodes: Vec<mdl_runtime::backend::NodeTime>,
     pub timed_steps: usize,
     pub gemm: GemmBound,
 }
@@ -269,7 +272,9 @@ impl std::fmt::Display for CompileReport {
 }
 
 /// Runs `steps` timed training steps (after one warm-up step) and a timed evaluation.
-pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
+/// `nodes`: how many of the slowest nodes the report lists (0: none; timing by node adds
+/// its bookkeeping to the step).
+pub fn bench(exp: &Experiment, steps: usize, nodes: usize) -> Result<BenchReport, String> {
     // The backend first: a missing device is reported before any data is read.
     let mut exec = exp.executor()?;
     let (products, products_line) = exp.products()?;
@@ -312,6 +317,7 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
     step(0, exec.as_mut(), &mut params)?;
     let first_step_ms = t.elapsed().as_secs_f64() * 1e3;
     exec.set_profiling(true);
+    exec.set_profiling_by_node(nodes > 0);
     let moved_before = exec.transfers();
     let t = Instant::now();
     let mut update_secs = 0.0;
@@ -326,7 +332,10 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
         _ => None,
     };
     let profile = exec.profile();
+    let mut node_times = exec.node_profile();
+    node_times.truncate(nodes);
     exec.set_profiling(false);
+    exec.set_profiling_by_node(false);
     // Evaluation: forward only over (up to) 8 batches of valid.
     let rows = prep.valid.rows.min(bs * 8);
     let sample: Vec<usize> = (0..rows).collect();
@@ -372,6 +381,7 @@ pub fn bench(exp: &Experiment, steps: usize) -> Result<BenchReport, String> {
         train_samples_per_sec: bs as f64 / (step_ms / 1e3),
         eval_samples_per_sec: rows as f64 / eval_secs.max(1e-9),
         profile,
+        nodes: node_times,
         timed_steps: steps,
         gemm,
     })
@@ -437,6 +447,26 @@ impl std::fmt::Display for BenchReport {
                     100.0 * d.as_secs_f64() / total.max(1e-12),
                     *calls as f64 / steps
                 )?;
+            }
+            if !self.nodes.is_empty() {
+                writeln!(
+                    f,
+                    "  the {} slowest nodes (where in the spec: the node's scope, grad: for the backward; shapes as declared):",
+                    self.nodes.len()
+                )?;
+                writeln!(f, "    {:>10} {:>8}  op", "ms/step", "share")?;
+                for n in &self.nodes {
+                    let ms = n.time.as_secs_f64() * 1e3 / steps;
+                    let share = 100.0 * n.time.as_secs_f64() / total.max(1e-12);
+                    writeln!(
+                        f,
+                        "    {ms:>10.2} {share:>7.1}%  {}  {} <- {}  # {}",
+                        n.kind,
+                        n.shape,
+                        n.operands.join(", "),
+                        n.scope
+                    )?;
+                }
             }
         }
         Ok(())

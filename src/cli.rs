@@ -426,8 +426,15 @@ pub fn export(run: &Path, format: crate::export::Format, out: &Path, force: bool
     }
 }
 
-/// `mdl bench EXPERIMENT [--backend B] [--steps N]`
-pub fn bench(experiment: &Path, backend: Option<String>, steps: usize, compile_only: bool, set: &[String]) -> ExitCode {
+/// `mdl bench EXPERIMENT [--backend B] [--steps N] [--nodes N]`
+pub fn bench(
+    experiment: &Path,
+    backend: Option<String>,
+    steps: usize,
+    compile_only: bool,
+    nodes: usize,
+    set: &[String],
+) -> ExitCode {
     let mut set = set.to_vec();
     if let Some(b) = backend {
         set.push(format!("backend={b}"));
@@ -439,7 +446,7 @@ pub fn bench(experiment: &Path, backend: Option<String>, steps: usize, compile_o
     let report = if compile_only {
         crate::bench::bench_compile(&exp, steps).map(|r| r.to_string())
     } else {
-        crate::bench::bench(&exp, steps).map(|r| r.to_string())
+        crate::bench::bench(&exp, steps, nodes).map(|r| r.to_string())
     };
     match report {
         Ok(r) => emit(format_args!("{r}")).err().unwrap_or(ExitCode::SUCCESS),

@@ -91,6 +91,10 @@ enum Command {
         /// and median, the first plans and the cached ones); run no step
         #[arg(long)]
         compile_only: bool,
+        /// Also list the N slowest nodes of the step, each with its shapes and where in the
+        /// spec it comes from (timing each node adds a little to the step)
+        #[arg(long, value_name = "N", default_value_t = 0, conflicts_with = "compile_only")]
+        nodes: usize,
         /// Measure OpenCL device N (as `mdl devices` numbers them; implies the opencl backend)
         #[arg(long, value_name = "N")]
         device: Option<usize>,
@@ -324,7 +328,7 @@ fn main() -> ExitCode {
             mdl::cli::run(experiment.as_deref(), &set, out, resume, stop_after, force)
         }
         Command::Eval { run, data, force, threads } => mdl::cli::eval(&run, &data, force, threads),
-        Command::Bench { experiment, backend, steps, compile_only, mut set, device, threads } => {
+        Command::Bench { experiment, backend, steps, compile_only, nodes, mut set, device, threads } => {
             if let Some(n) = threads {
                 set.push(format!("train.threads={n}"));
             }
@@ -332,7 +336,7 @@ fn main() -> ExitCode {
                 Some(n) => Some(format!("opencl:{n}")),
                 None => backend,
             };
-            mdl::cli::bench(&experiment, backend, steps, compile_only, &set)
+            mdl::cli::bench(&experiment, backend, steps, compile_only, nodes, &set)
         }
         Command::Devices => mdl::cli::devices(),
         Command::ProductsBench { threads, reps } => mdl::cli::products_bench(threads, reps),

@@ -333,6 +333,26 @@ fn bench_prints_rates_and_the_gemm_bound() {
     assert!(text.contains("(1377 kFLOP/sample)"), "{text}");
 }
 
+/// `mdl bench --nodes N` lists the step's N slowest nodes, each with its shapes as the spec
+/// declares them and its scope (the backward's marked `grad:`); without it, none.
+#[test]
+fn bench_lists_the_slowest_nodes_with_their_scopes_and_shapes() {
+    let args =
+        ["bench", "experiments/quickstart.yaml", "--steps", "1", "--set", "spec=specs/dnn.mdl", "--threads", "1"];
+    let out = mdl(&[&args[..], &["--nodes", "5"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (_, listing) = text.split_once("the 5 slowest nodes").unwrap_or_else(|| panic!("{text}"));
+    let rows: Vec<&str> = listing.lines().skip(2).take_while(|l| l.contains(" <- ")).collect();
+    assert_eq!(rows.len(), 5, "{text}");
+    // The first layer's weight gradient, [fields·dim, 256] from two [B, ·] operands, is a
+    // product of the step; every row names its scope.
+    assert!(text.contains("matmul  [768, 256] <- [B, 768], [B, 256]  # grad:h/mlp/linear/y"), "{text}");
+    assert!(rows.iter().all(|r| r.contains("  # ")), "{text}");
+    let plain = mdl(&args);
+    assert!(!String::from_utf8(plain.stdout).unwrap().contains("slowest nodes"));
+}
+
 /// `mdl bench --compile-only` compiles the spec to runnable plans `--steps` times and
 /// prints the compile figures only: no step runs. PNN's pairs need the data's sizes, so its
 /// spec compiles after the data (the path `mdl check` alone cannot take).

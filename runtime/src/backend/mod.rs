@@ -1,7 +1,7 @@
 //! Backends: what executes a graph on concrete values. `interp` is the plain-Rust reference
 //! (the oracle for every other backend and for the gradient checks). This module holds what
 //! all backends share: the [`Executor`] contract, the result of a run ([`Values`]), the
-//! plans kept per graph ([`PlanCache`]), the per-op-kind times of a profiling backend
+//! plans kept per graph ([`PlanCache`]), the per-op-kind and per-node times of a profiling backend
 //! ([`OpProfile`], keyed by [`profile_key`]) and the re-exported run [`Mode`] and
 //! [`ExecError`]. The driver that runs a graph node by node for every backend is
 //! [`driver`]'s.
@@ -15,18 +15,38 @@ pub mod opencl;
 pub use crate::exec::{ExecError, Mode};
 pub use interp::Interp;
 
-use crate::ir::graph::NodeId;
+use crate::ir::dim::shape_to_string;
+use crate::ir::graph::{Graph, NodeId};
 use crate::ops::Op;
 use crate::tensor::{Float, Tensor, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 /// Time and calls per op kind, collected by a backend while profiling is on (what
-/// [`Executor::profile`] returns, largest first).
+/// [`Executor::profile`] returns, largest first), and per node when asked
+/// ([`OpProfile::set_by_node`], what [`Executor::node_profile`] returns).
 #[derive(Clone, Debug, Default)]
 pub struct OpProfile {
     on: bool,
+    by_node: bool,
     times: HashMap<String, (Duration, usize)>,
+    /// By the node's index in the graph run and its key (one graph is profiled at a time).
+    nodes: HashMap<(usize, String), NodeTime>,
+}
+
+/// The time of one node of the graph a backend ran (its plan's graph: fused kernels are
+/// nodes), with what locates it in the spec.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeTime {
+    /// The [`profile_key`] of its op.
+    pub kind: String,
+    /// Where in the spec it comes from (`click/mlp/linear/y`; `grad:` marks the backward).
+    pub scope: String,
+    /// Its shape and its operands', symbolic (`[B, 256]`).
+    pub shape: String,
+    pub operands: Vec<String>,
+    pub time: Duration,
+    pub calls: usize,
 }
 
 impl OpProfile {
@@ -35,7 +55,14 @@ impl OpProfile {
         self.on = on;
         if on {
             self.times.clear();
+            self.nodes.clear();
         }
+    }
+
+    /// Also records each node's time ([`OpProfile::record_node`]); off by default, since
+    /// the bookkeeping takes a little of the time it measures.
+    pub fn set_by_node(&mut self, by_node: bool) {
+        self.by_node = by_node;
     }
 
     /// The profile to record into while it is on, else `None`.
@@ -47,6 +74,34 @@ impl OpProfile {
         let entry = self.times.entry(key).or_insert((Duration::ZERO, 0));
         entry.0 += time;
         entry.1 += 1;
+    }
+
+    /// [`OpProfile::record`] of node `id` of `graph` (the graph being run), and the
+    /// node's own time when recording by node.
+    pub fn record_node(&mut self, key: String, graph: &Graph, id: NodeId, time: Duration) {
+        if self.by_node {
+            let node = self.nodes.entry((id.index(), key.clone())).or_insert_with(|| {
+                let n = graph.node(id);
+                NodeTime {
+                    kind: key.clone(),
+                    scope: n.scope.clone(),
+                    shape: shape_to_string(&n.sig.shape),
+                    operands: n.inputs.iter().map(|&i| shape_to_string(graph.shape(i))).collect(),
+                    time: Duration::ZERO,
+                    calls: 0,
+                }
+            });
+            node.time += time;
+            node.calls += 1;
+        }
+        self.record(key, time);
+    }
+
+    /// Every node's time (when recorded by node), largest first.
+    pub fn nodes_sorted(&self) -> Vec<NodeTime> {
+        let mut v: Vec<NodeTime> = self.nodes.values().cloned().collect();
+        v.sort_by_key(|n| std::cmp::Reverse(n.time));
+        v
     }
 
     /// `(kind, total time, calls)`, largest time first.
@@ -240,6 +295,15 @@ pub trait Executor {
     /// Time spent per op kind since profiling was turned on: `(kind, total time, calls)`,
     /// largest first; empty for backends without profiling.
     fn profile(&self) -> Vec<(String, std::time::Duration, usize)> {
+        Vec::new()
+    }
+
+    /// Whether profiling also times each node on its own ([`OpProfile::set_by_node`]).
+    fn set_profiling_by_node(&mut self, _on: bool) {}
+
+    /// Time spent per node since profiling was turned on, when timed by node, largest
+    /// first; empty otherwise and for backends without profiling.
+    fn node_profile(&self) -> Vec<NodeTime> {
         Vec::new()
     }
 

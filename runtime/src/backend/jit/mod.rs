@@ -54,7 +54,7 @@ mod window;
 pub use window::parts_read_from_concats;
 
 use super::driver::{execute, Evaluator, Lifetimes, Operands};
-use super::{profile_key, ExecError, Executor, Mode, OpProfile, PlanCache, Values};
+use super::{profile_key, ExecError, Executor, Mode, NodeTime, OpProfile, PlanCache, Values};
 use crate::exec::EvalCx;
 use crate::ir::dim::{eval_shape, Binding};
 use crate::ir::graph::{Graph, NodeId};
@@ -213,6 +213,8 @@ pub fn default_threads() -> usize {
 /// The jit's per-node evaluator for one run: fast kernels, fused kernels, the eval rules
 /// as fallback; freed values go to the pool.
 struct JitEval<'r> {
+    /// The graph run (the plan's fused graph).
+    graph: &'r Graph,
     threads: usize,
     products: Products,
     options: codegen::Options,
@@ -311,7 +313,7 @@ impl Evaluator<f32> for JitEval<'_> {
                 Some(bag::Kernel::Rows { .. }) => "sparse_rows(bag)".to_string(),
                 None => profile_key(op, fallback),
             };
-            profile.record(key, t.elapsed());
+            profile.record_node(key, self.graph, id, t.elapsed());
         }
         Ok(out)
     }
@@ -342,6 +344,14 @@ impl Executor for Jit {
 
     fn profile(&self) -> Vec<(String, Duration, usize)> {
         self.profile.sorted()
+    }
+
+    fn set_profiling_by_node(&mut self, on: bool) {
+        self.profile.set_by_node(on);
+    }
+
+    fn node_profile(&self) -> Vec<NodeTime> {
+        self.profile.nodes_sorted()
     }
 
     /// The fused plan of `graph`, and every fused kernel compiled for the operand shapes
@@ -380,6 +390,7 @@ impl Executor for Jit {
         let Jit { plans, profile, pool, threads, codegen, fusion, products, .. } = self;
         let plan = plans.first().expect("a plan was just made");
         let mut eval = JitEval {
+            graph: &plan.fused,
             threads: *threads,
             products: *products,
             options: *codegen,

@@ -168,7 +168,7 @@ impl DeviceEval<'_> {
                 // Kernels run asynchronously: wait, so the time is this kernel's.
                 self.dev.link.queue.finish().map_err(|e| cl_err("waiting for the device", e))?;
             }
-            profile.record(profile_key(op, !device), t.elapsed());
+            profile.record_node(profile_key(op, !device), &self.plan.fused, id, t.elapsed());
         }
         Ok(out)
     }

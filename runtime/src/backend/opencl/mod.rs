@@ -44,7 +44,7 @@ mod train;
 pub use device::{default_device, devices, probe, DeviceSummary, NO_PLATFORM};
 
 use super::driver::execute;
-use super::{ExecError, Executor, Mode, OpProfile, PlanCache, Values};
+use super::{ExecError, Executor, Mode, NodeTime, OpProfile, PlanCache, Values};
 use crate::ir::dim::Binding;
 use crate::ir::graph::{Graph, NodeId};
 use crate::tensor::{Tensor, Value};
@@ -211,6 +211,14 @@ impl Executor for OpenCl {
 
     fn profile(&self) -> Vec<(String, Duration, usize)> {
         self.profile.sorted()
+    }
+
+    fn set_profiling_by_node(&mut self, on: bool) {
+        self.profile.set_by_node(on);
+    }
+
+    fn node_profile(&self) -> Vec<NodeTime> {
+        self.profile.nodes_sorted()
     }
 
     fn transfers(&self) -> Option<(u64, u64)> {
