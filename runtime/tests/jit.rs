@@ -85,6 +85,42 @@ proptest! {
     }
 }
 
+/// A concat along an inner axis large enough to be written block by block of its first axis
+/// (blocks ending inside the split between the two threads): parts made by fused kernels
+/// (with operands broadcast along the first axis, of a lower rank, or along the middle
+/// one), a broadcast and a plain operand equal interp's concat bit for bit, on one and two
+/// threads, exact kernels or not, and the concat ran on its kernel (no eval fallback).
+#[test]
+fn a_large_concat_of_parts_written_block_by_block_agrees_with_interp() {
+    let (b, l, d) = (301usize, 50usize, 16usize);
+    let (mut g, ids, params) = with_params(&[vec![b, 1, d], vec![b, l, d], vec![d], vec![1, l, d]], 11);
+    let (q, k, w, c) = (ids[0], ids[1], ids[2], ids[3]);
+    let bin = |g: &mut Graph, op: BinaryOp, x, y| g.add(Op::Binary(op), &[x, y], "").unwrap();
+    let wide = g.add(Op::Broadcast { shape: dims(&[b, l, d]) }, &[q], "").unwrap();
+    let parts = [
+        wide,
+        k,
+        bin(&mut g, BinaryOp::Sub, q, k),
+        bin(&mut g, BinaryOp::Mul, q, k),
+        bin(&mut g, BinaryOp::Mul, k, w),
+        bin(&mut g, BinaryOp::Add, c, k),
+    ];
+    let cat = g.add(Op::Concat { axis: 2 }, &parts, "").unwrap();
+    g.outputs.insert("out".into(), cat);
+    let (feeds, binding) = (HashMap::new(), Binding::new());
+    let want = Interp.run(&g, &binding, &feeds, &params, &Mode::eval()).unwrap();
+    for threads in [1, 2] {
+        for exact in [true, false] {
+            let mut jit = Jit::with_threads(threads).with_exact_kernels(exact);
+            jit.set_profiling(true);
+            let got = jit.run(&g, &binding, &feeds, &params, &Mode::eval()).unwrap();
+            assert_eq!(got.dense("out").unwrap(), want.dense("out").unwrap(), "threads {threads} exact {exact}");
+            let kinds: Vec<String> = jit.profile().into_iter().map(|p| p.0).collect();
+            assert!(kinds.contains(&"concat".to_string()), "{kinds:?}");
+        }
+    }
+}
+
 #[test]
 fn large_inputs_use_both_threads_and_agree() {
     agree(Op::MatMul { trans_a: true, trans_b: false }, &[vec![512, 300], vec![512, 200]], 1e-5 * 512.0);
