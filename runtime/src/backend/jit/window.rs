@@ -377,8 +377,14 @@ pub fn concat(
         return Err("the concat's operands do not match its parts".into());
     }
     let out_strides = strides(out_shape);
-    // Each part: its kernel, operands, shape and first element in the output.
-    let mut runs: Vec<(&FusedKernel, Vec<&Tensor<f32>>, Vec<usize>, usize)> = Vec::with_capacity(parts.len());
+    /// A part to write: its kernel, operands, shape and first element in the output.
+    struct Run<'a> {
+        kernel: &'a FusedKernel,
+        tensors: Vec<&'a Tensor<f32>>,
+        shape: Vec<usize>,
+        offset: usize,
+    }
+    let mut runs: Vec<Run> = Vec::with_capacity(parts.len());
     let (mut at, mut next) = (0usize, 0usize);
     for part in parts {
         let shape = eval_shape(&part.shape, cx.binding)?;
@@ -389,7 +395,7 @@ pub fn concat(
         if shape.len() != out_shape.len() {
             return Err(format!("a part of shape {shape:?} does not fit the output {out_shape:?}"));
         }
-        runs.push((&part.kernel, tensors, shape.clone(), at * out_strides[axis]));
+        runs.push(Run { kernel: &part.kernel, tensors, shape: shape.clone(), offset: at * out_strides[axis] });
         at += shape[axis];
         next += part.operands;
     }
@@ -410,7 +416,7 @@ pub fn concat(
         let mut first = from;
         while first < to {
             let last = (first + block).min(to);
-            for (kernel, tensors, shape, offset) in &runs {
+            for Run { kernel, tensors, shape, offset } in &runs {
                 let mut part_shape = shape.clone();
                 part_shape[0] = last - first;
                 // An operand with the part's rank and its rows is read from the block's
