@@ -121,6 +121,56 @@ fn a_large_concat_of_parts_written_block_by_block_agrees_with_interp() {
     }
 }
 
+/// Products whose only reader is a concat along its last axis write their rows into its
+/// slices: batched (each operand transposed or not, a shared right operand, one output
+/// column, which goes through a buffer), and 2-D products, large enough to be written by
+/// blocks (and, with a transposed 2-D left operand, whole): the concat equals interp's
+/// within the products' rounding, on one and two threads, and ran on its kernel.
+#[test]
+fn products_written_into_a_concat_agree_with_interp() {
+    let (b, l, d, k) = (300usize, 48usize, 16usize, 40usize);
+    for trans_2d in [false, true] {
+        let a2 = if trans_2d { vec![k, b * l] } else { vec![b * l, k] };
+        let shapes = [vec![b, l, l], vec![b, l, d], vec![b, d, l], vec![d, d], vec![b, l, 1], a2, vec![k, d]];
+        let (mut g, ids, params) = with_params(&shapes, 5);
+        let mm = |g: &mut Graph, ta: bool, tb: bool, x, y| {
+            g.add(Op::MatMul { trans_a: ta, trans_b: tb }, &[x, y], "").unwrap()
+        };
+        let flat = g.add(Op::Reshape { shape: dims(&[b * l, d]) }, &[ids[1]], "").unwrap();
+        let parts = [
+            mm(&mut g, false, false, ids[0], ids[1]),
+            mm(&mut g, true, false, ids[0], ids[1]),
+            mm(&mut g, false, true, ids[0], ids[2]),
+            mm(&mut g, false, false, ids[1], ids[3]),
+            mm(&mut g, false, false, ids[0], ids[4]),
+        ];
+        let cat = g.add(Op::Concat { axis: 2 }, &parts, "").unwrap();
+        let flat_cat = g.add(Op::Reshape { shape: dims(&[b * l, 4 * d + 1]) }, &[cat], "").unwrap();
+        let second = mm(&mut g, trans_2d, false, ids[5], ids[6]);
+        let wide = g.add(Op::Concat { axis: 1 }, &[flat_cat, second, flat], "").unwrap();
+        g.outputs.insert("out".into(), wide);
+        let (feeds, binding) = (HashMap::new(), Binding::new());
+        let want = Interp.run(&g, &binding, &feeds, &params, &Mode::eval()).unwrap();
+        let want = want.dense("out").unwrap();
+        for threads in [1, 2] {
+            let mut jit = Jit::with_threads(threads);
+            jit.set_profiling(true);
+            let got = jit.run(&g, &binding, &feeds, &params, &Mode::eval()).unwrap();
+            let got = got.dense("out").unwrap();
+            assert_eq!(got.shape, want.shape);
+            for (i, (x, y)) in got.data.iter().zip(&want.data).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-5 * k as f32 * (1.0 + y.abs()),
+                    "element {i}: jit {x} interp {y} (threads {threads}, 2-D transposed {trans_2d})"
+                );
+            }
+            let kinds: Vec<String> = jit.profile().into_iter().map(|p| p.0).collect();
+            assert!(kinds.contains(&"concat".to_string()) && !kinds.iter().any(|k| k.contains("(eval)")), "{kinds:?}");
+            assert!(!kinds.contains(&"matmul".to_string()), "every product runs inside its concat: {kinds:?}");
+        }
+    }
+}
+
 #[test]
 fn large_inputs_use_both_threads_and_agree() {
     agree(Op::MatMul { trans_a: true, trans_b: false }, &[vec![512, 300], vec![512, 200]], 1e-5 * 512.0);

@@ -257,7 +257,7 @@ impl Evaluator<f32> for JitEval<'_> {
             _ if concat.is_some() => {
                 let (axis, parts) = concat.expect("checked by the guard");
                 let args = operands.args(op)?;
-                match window::concat(parts, axis, &args, cx, self.threads, self.options, self.pool) {
+                match window::concat(parts, axis, &args, cx, self.threads, self.options, self.products, self.pool) {
                     Ok(t) => Value::Dense(t),
                     Err(_) => {
                         fallback = true;

@@ -7,6 +7,8 @@
 //! - [`matmul`]: the op over its leading axes. A right operand shared by every leading index
 //!   makes one product of all the rows; other batches run product by product, split over
 //!   the threads by leading index when each is too small to split itself (attention scores).
+//!   [`matmul_into`] writes the rows a given distance apart, into a concat's slice: gemm
+//!   does so itself, the other kernels through a buffer copied row by row.
 //! - [`product`]: the kernel for one product, chosen by its shape:
 //!   - a **vector product** (one output column, `n == 1`; one output row, `m == 1`, is the
 //!     same product transposed) and an **outer product** (`k == 1`) do one multiply-add per
@@ -75,12 +77,35 @@ pub(super) fn gemm_into(
     b_cols: usize,
     par: Parallelism,
 ) {
-    assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "gemm operands shorter than their shapes");
+    gemm_rows_into(out, n, m, n, k, a, ta, a_cols, b, tb, b_cols, par)
+}
+
+/// [`gemm_into`] with the output's rows `ld` elements apart (`ld >= n`; the elements
+/// between rows are left alone).
+#[allow(clippy::too_many_arguments)]
+fn gemm_rows_into(
+    out: &mut [f32],
+    ld: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    ta: bool,
+    a_cols: usize,
+    b: &[f32],
+    tb: bool,
+    b_cols: usize,
+    par: Parallelism,
+) {
     if m == 0 || n == 0 {
         return;
     }
+    assert!(
+        ld >= n && out.len() >= (m - 1) * ld + n && a.len() >= m * k && b.len() >= k * n,
+        "gemm operands shorter than their shapes"
+    );
     if k == 0 {
-        out[..m * n].fill(0.0);
+        out.chunks_mut(ld).take(m).for_each(|row| row[..n].fill(0.0));
         return;
     }
     let (a_rs, a_cs) = strides(a_cols, ta);
@@ -94,7 +119,7 @@ pub(super) fn gemm_into(
             k,
             out.as_mut_ptr(),
             1,
-            n as isize,
+            ld as isize,
             false,
             a.as_ptr(),
             a_cs,
@@ -124,48 +149,72 @@ pub(super) fn matmul(
     precision: Products,
     pool: &mut Pool,
 ) -> Tensor<f32> {
-    let (ra, rb) = (a.shape.len(), b.shape.len());
-    let (a_rows, a_cols) = (a.shape[ra - 2], a.shape[ra - 1]);
-    let (b_rows, b_cols) = (b.shape[rb - 2], b.shape[rb - 1]);
+    // Every element is written, so the buffer need not be zeros.
+    let mut out = pool.take(out_shape.iter().product());
+    let n = out_shape[out_shape.len() - 1];
+    let (a, b) = ((&a.data[..], &a.shape[..]), (&b.data[..], &b.shape[..]));
+    matmul_into(a, b, ta, tb, out_shape, &mut out, n, threads, precision, pool);
+    Tensor { shape: out_shape.to_vec(), data: out }
+}
+
+/// [`matmul`] of operands given as (values, shape) into `out`, whose rows (of the `n`
+/// columns of `out_shape`) are `ld` elements apart (`ld >= n`; a concat's slice along its
+/// last axis, [`super::window::concat`]): row `r` of the flattened leading axes and rows
+/// starts at `out[r * ld]`. The elements between rows are left alone.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matmul_into(
+    (a_data, a_shape): (&[f32], &[usize]),
+    (b_data, b_shape): (&[f32], &[usize]),
+    ta: bool,
+    tb: bool,
+    out_shape: &[usize],
+    out: &mut [f32],
+    ld: usize,
+    threads: usize,
+    precision: Products,
+    pool: &mut Pool,
+) {
+    let (ra, rb) = (a_shape.len(), b_shape.len());
+    let (a_rows, a_cols) = (a_shape[ra - 2], a_shape[ra - 1]);
+    let (b_rows, b_cols) = (b_shape[rb - 2], b_shape[rb - 1]);
     let (m, k) = if ta { (a_cols, a_rows) } else { (a_rows, a_cols) };
     let n = if tb { b_rows } else { b_cols };
     let lead = &out_shape[..out_shape.len() - 2];
     let batch: usize = lead.iter().product();
-    // Every element is written, so the buffer need not be zeros.
-    let mut out = pool.take(out_shape.iter().product());
-    if m == 0 || n == 0 {
-        return Tensor { shape: out_shape.to_vec(), data: out };
+    if m == 0 || n == 0 || batch == 0 {
+        return;
     }
-    if rb == 2 && !ta && a.shape[..ra - 2] == *lead {
+    if rb == 2 && !ta && a_shape[..ra - 2] == *lead {
         // Shared right operand: all leading axes of `a` are rows of one product.
         let rows = batch * m;
-        let operands = Operands { m: rows, n, k, a: &a.data, ta, a_cols, b: &b.data, tb, b_cols };
-        product(precision, &mut out, operands, threads, pool);
+        let operands = Operands { m: rows, n, k, a: a_data, ta, a_cols, b: b_data, tb, b_cols };
+        product(precision, out, operands, ld, threads, pool);
     } else {
         let (a_step, b_step) = (a_rows * a_cols, b_rows * b_cols);
         // The operands' leading index per product (numpy broadcasting of the leading axes).
-        let (a_index, b_index) = (batch_index(lead, &a.shape[..ra - 2]), batch_index(lead, &b.shape[..rb - 2]));
-        // One product per leading index. Products too small to split themselves (attention
-        // scores: [N, d] @ [d, N] per sample) are split by leading index over the threads.
+        let (a_index, b_index) = (batch_index(lead, &a_shape[..ra - 2]), batch_index(lead, &b_shape[..rb - 2]));
+        // One product per leading index, each `m` rows of `out`. Products too small to
+        // split themselves (attention scores: [N, d] @ [d, N] per sample) are split by
+        // leading index over the threads.
         let products = |first: usize, out: &mut [f32], threads: usize, pool: &mut Pool| {
-            for (j, o) in out.chunks_exact_mut(m * n).enumerate() {
+            for (j, o) in out.chunks_mut(m * ld).enumerate() {
                 let (ai, bi) = (a_index[first + j], b_index[first + j]);
-                let (a, b) = (&a.data[ai * a_step..(ai + 1) * a_step], &b.data[bi * b_step..(bi + 1) * b_step]);
-                product(precision, o, Operands { m, n, k, a, ta, a_cols, b, tb, b_cols }, threads, pool);
+                let (a, b) = (&a_data[ai * a_step..(ai + 1) * a_step], &b_data[bi * b_step..(bi + 1) * b_step]);
+                product(precision, o, Operands { m, n, k, a, ta, a_cols, b, tb, b_cols }, ld, threads, pool);
             }
         };
         let each = m * n * k;
+        let out = &mut out[..(batch * m - 1) * ld + n];
         if threads > 1 && batch > 1 && each < GEMM_PARALLEL_WORK && batch * each >= GEMM_PARALLEL_WORK {
             let half = batch / 2;
-            let (lo, hi) = out.split_at_mut(half * m * n);
+            let (lo, hi) = out.split_at_mut(half * m * ld);
             // The first half's thread packs bf16 operands into buffers of its own (small
             // products: below the pool's threshold).
             rayon::join(|| products(0, lo, 1, &mut Pool::default()), || products(half, hi, 1, pool));
         } else {
-            products(0, &mut out, threads, pool);
+            products(0, out, threads, pool);
         }
     }
-    Tensor { shape: out_shape.to_vec(), data: out }
 }
 
 /// One product's operands: `op(a)[m, k] · op(b)[k, n]`, `a` stored row-major with `a_cols`
@@ -212,9 +261,30 @@ fn reduction_parts(m: usize, n: usize, k: usize) -> usize {
     }
 }
 
-/// `out[m, n] = op(a) · op(b)` (every element written) on up to `threads` threads, by the
-/// kernel its shape calls for (module docs).
-fn product(precision: Products, out: &mut [f32], p: Operands, threads: usize, pool: &mut Pool) {
+/// `out[m, n] = op(a) · op(b)` (every element written, rows `ld` apart) on up to `threads`
+/// threads, by the kernel its shape calls for (module docs). Only gemm writes rows apart;
+/// the other kernels write a pooled buffer, copied row by row.
+fn product(precision: Products, out: &mut [f32], p: Operands, ld: usize, threads: usize, pool: &mut Pool) {
+    if ld != p.n && p.m > 1 {
+        let by_gemm = precision == Products::F32 && p.n > 1 && p.k > 1 && reduction_parts(p.m, p.n, p.k) == 1;
+        if by_gemm {
+            let par = if threads > 1 && p.m * p.n * p.k >= GEMM_PARALLEL_WORK {
+                Parallelism::Rayon(threads)
+            } else {
+                Parallelism::None
+            };
+            let Operands { m, n, k, a, ta, a_cols, b, tb, b_cols } = p;
+            return gemm_rows_into(out, ld, m, n, k, a, ta, a_cols, b, tb, b_cols, par);
+        }
+        let mut rows = pool.take(p.m * p.n);
+        product(precision, &mut rows, p, p.n, threads, pool);
+        for (dst, src) in out.chunks_mut(ld).zip(rows.chunks_exact(p.n)) {
+            dst[..p.n].copy_from_slice(src);
+        }
+        pool.put(rows);
+        return;
+    }
+    // One row (`m = 1`) is contiguous whatever `ld`.
     let p = if p.m == 1 && p.n > 1 { p.transposed() } else { p };
     let parts = reduction_parts(p.m, p.n, p.k);
     if parts == 1 {

@@ -10,9 +10,12 @@
 //! The converse holds for concat: each part of a concat of dense reals is written straight
 //! into its slice of the output by a kernel ([`Part`]): a fused kernel that produces a part
 //! and has no other reader runs there instead of into a buffer of its own, a broadcast is
-//! read in place (stride 0), and any other part is copied by the identity kernel (vector
-//! lanes, both threads). DIN's activation unit concatenates `[q, k, q - k, q * k]`
-//! broadcast over 100 behaviours: none of the four is stored before the concat.
+//! read in place (stride 0), a matrix product (along the concat's last axis) writes its rows
+//! the concat's row length apart, and any other part is copied by the identity kernel
+//! (vector lanes, both threads). DIN's activation unit concatenates `[q, k, q - k, q * k]`
+//! broadcast over 100 behaviours: none of the four is stored before the concat. The
+//! backward of AutoInt's query, key and value projections (one wide product) concatenates
+//! the six batched products that give their cotangents: each is written into its slice.
 //!
 //! A part that other kernels read too would have to be stored and copied; instead those
 //! readers read it back from the concat through a window ([`parts_read_from_concats`]), so
@@ -28,6 +31,7 @@
 
 use super::codegen::{self, Options, Strided};
 use super::pool::Pool;
+use super::{product, Products};
 use crate::exec::{Arg, EvalCx, ExecError};
 use crate::ir::dim::Dim;
 use crate::ir::dim::{eval_shape, Shape};
@@ -284,17 +288,28 @@ pub fn eval(op: &Op, args: &[Arg<f32>], windows: &[Option<Window>], cx: &EvalCx)
     ops::eval(op, &args, cx)
 }
 
-/// One part of a concat written in place: `kernel` computes it from the next `operands`
+/// One part of a concat written in place: `writer` computes it from the next `operands`
 /// operands of the concat's reads into its slice of the output.
 #[derive(Clone, Debug)]
 pub struct Part {
-    kernel: Arc<FusedKernel>,
+    writer: Writer,
     operands: usize,
     /// The part's shape (the concat's binding sizes it).
     shape: Shape,
     /// The op that produced the part, run by its eval rule in the fallback; `None` when the
     /// part is the concat's own operand.
     producer: Option<Op>,
+}
+
+/// What writes a concat's part into its slice.
+#[derive(Clone, Debug)]
+enum Writer {
+    /// A fused kernel (the identity for a part copied or broadcast).
+    Kernel(Arc<FusedKernel>),
+    /// A matrix product (`MatMul` of two operands), for a concat along its last axis: the
+    /// product's rows are written the concat's row length apart
+    /// ([`super::product::matmul_into`]).
+    Product { trans_a: bool, trans_b: bool },
 }
 
 /// The concats of a fused plan that write their parts in place (every concat of dense
@@ -304,14 +319,16 @@ pub struct Part {
 /// order, recorded in `reads`.
 pub fn find_concats(graph: &Graph, reads: &mut HashMap<NodeId, Vec<NodeId>>) -> HashMap<NodeId, Vec<Part>> {
     let outputs: HashSet<NodeId> = graph.outputs.values().copied().collect();
-    let identity = Arc::new(FusedKernel { inputs: 1, body: vec![Instr::Input(0)], reduce: None });
+    let identity = Writer::Kernel(Arc::new(FusedKernel { inputs: 1, body: vec![Instr::Input(0)], reduce: None }));
     let real = |n: NodeId| graph.sig(n).dtype == DType::F && graph.sig(n).kind == ValueKind::Dense;
     let mut concats = HashMap::new();
     for id in graph.ids() {
         let node = graph.node(id);
-        if !matches!(node.op, Op::Concat { .. }) || !real(id) || reads.contains_key(&id) {
+        let Op::Concat { axis } = node.op else { continue };
+        if !real(id) || reads.contains_key(&id) {
             continue;
         }
+        let last_axis = axis + 1 == node.sig.shape.len();
         let mut read = Vec::new();
         let mut parts = Vec::with_capacity(node.inputs.len());
         for &x in &node.inputs {
@@ -322,7 +339,7 @@ pub fn find_concats(graph: &Graph, reads: &mut HashMap<NodeId, Vec<NodeId>>) -> 
                 Op::Fused(k) if alone && k.reduce.is_none() => {
                     read.extend_from_slice(&producer.inputs);
                     Part {
-                        kernel: k.clone(),
+                        writer: Writer::Kernel(k.clone()),
                         operands: producer.inputs.len(),
                         shape,
                         producer: Some(producer.op.clone()),
@@ -330,11 +347,16 @@ pub fn find_concats(graph: &Graph, reads: &mut HashMap<NodeId, Vec<NodeId>>) -> 
                 }
                 Op::Broadcast { .. } if alone && real(producer.inputs[0]) => {
                     read.push(producer.inputs[0]);
-                    Part { kernel: identity.clone(), operands: 1, shape, producer: Some(producer.op.clone()) }
+                    Part { writer: identity.clone(), operands: 1, shape, producer: Some(producer.op.clone()) }
+                }
+                Op::MatMul { trans_a, trans_b } if alone && last_axis => {
+                    read.extend_from_slice(&producer.inputs);
+                    let writer = Writer::Product { trans_a: *trans_a, trans_b: *trans_b };
+                    Part { writer, operands: 2, shape, producer: Some(producer.op.clone()) }
                 }
                 _ => {
                     read.push(x);
-                    Part { kernel: identity.clone(), operands: 1, shape, producer: None }
+                    Part { writer: identity.clone(), operands: 1, shape, producer: None }
                 }
             };
             parts.push(part);
@@ -370,6 +392,7 @@ pub fn concat(
     cx: &EvalCx,
     threads: usize,
     opts: Options,
+    products: Products,
     pool: &mut Pool,
 ) -> Result<Tensor<f32>, String> {
     let out_shape = cx.out_shape;
@@ -379,7 +402,7 @@ pub fn concat(
     let out_strides = strides(out_shape);
     /// A part to write: its kernel, operands, shape and first element in the output.
     struct Run<'a> {
-        kernel: &'a FusedKernel,
+        writer: &'a Writer,
         tensors: Vec<&'a Tensor<f32>>,
         shape: Vec<usize>,
         offset: usize,
@@ -395,7 +418,7 @@ pub fn concat(
         if shape.len() != out_shape.len() {
             return Err(format!("a part of shape {shape:?} does not fit the output {out_shape:?}"));
         }
-        runs.push(Run { kernel: &part.kernel, tensors, shape: shape.clone(), offset: at * out_strides[axis] });
+        runs.push(Run { writer: &part.writer, tensors, shape: shape.clone(), offset: at * out_strides[axis] });
         at += shape[axis];
         next += part.operands;
     }
@@ -409,23 +432,35 @@ pub fn concat(
     }
     // Rows: indices along the first axis, written in blocks (one block: the whole output).
     let (rows, row_len) = (out_shape[0], out_strides[0]);
-    let blocked = axis > 0 && rows >= 2 && total > 2 * CONCAT_BLOCK;
+    // A product's operands are cut into blocks along a batch axis, or along the rows of a
+    // plain (not transposed) left operand of a 2-D product; other products run whole.
+    let blockable = |run: &Run| match run.writer {
+        Writer::Product { trans_a, .. } => run.shape.len() >= 3 || !trans_a,
+        Writer::Kernel(_) => true,
+    };
+    let blocked = axis > 0 && rows >= 2 && total > 2 * CONCAT_BLOCK && runs.iter().all(blockable);
     let block = if blocked { (CONCAT_BLOCK / row_len).clamp(1, rows) } else { rows };
     // Rows `from..to` of every part into `out`, which starts at row `from`.
-    let write = |from: usize, to: usize, out: &mut [f32], threads: usize| -> Result<(), String> {
+    let write = |from: usize, to: usize, out: &mut [f32], threads: usize, pool: &mut Pool| -> Result<(), String> {
         let mut first = from;
         while first < to {
             let last = (first + block).min(to);
-            for Run { kernel, tensors, shape, offset } in &runs {
+            for Run { writer, tensors, shape, offset } in &runs {
                 let mut part_shape = shape.clone();
                 part_shape[0] = last - first;
                 // An operand with the part's rank and its rows is read from the block's
                 // first row; one broadcast along the first axis (or of lower rank) whole.
+                // (A 2-D product's right operand is never cut: its rows are the reduction.)
+                let cut = |j: usize, x: &Tensor<f32>| {
+                    let right_of_matrix = matches!(writer, Writer::Product { .. }) && shape.len() == 2 && j == 1;
+                    x.shape.len() == shape.len() && x.shape[0] == shape[0] && !right_of_matrix
+                };
                 let shapes: Vec<Vec<usize>> = tensors
                     .iter()
-                    .map(|x| {
+                    .enumerate()
+                    .map(|(j, x)| {
                         let mut s = x.shape.clone();
-                        if s.len() == shape.len() && s[0] == shape[0] {
+                        if cut(j, x) {
                             s[0] = last - first;
                         }
                         s
@@ -434,9 +469,10 @@ pub fn concat(
                 let operands: Vec<Strided> = tensors
                     .iter()
                     .zip(&shapes)
-                    .map(|(x, s)| {
+                    .enumerate()
+                    .map(|(j, (x, s))| {
                         let own = strides(&x.shape);
-                        let skip = if s.len() == shape.len() && x.shape[0] == shape[0] { first * own[0] } else { 0 };
+                        let skip = if cut(j, x) { first * own[0] } else { 0 };
                         Strided { data: &x.data[skip.min(x.data.len())..], shape: s, strides: own }
                     })
                     .collect();
@@ -444,7 +480,24 @@ pub fn concat(
                 if start > out.len() {
                     return Err(format!("a part of shape {shape:?} does not fit the output {out_shape:?}"));
                 }
-                codegen::run_into(kernel, &operands, &part_shape, &mut out[start..], &out_strides, threads, opts)?;
+                let out = &mut out[start..];
+                match writer {
+                    Writer::Kernel(kernel) => {
+                        codegen::run_into(kernel, &operands, &part_shape, out, &out_strides, threads, opts)?
+                    }
+                    Writer::Product { trans_a, trans_b } => {
+                        let [a, b] = &operands[..] else { return Err("a product part takes two operands".into()) };
+                        let ld = out_strides[axis - 1];
+                        let rows: usize = part_shape[..part_shape.len() - 1].iter().product();
+                        let n = part_shape[part_shape.len() - 1];
+                        let reach = |x: &Strided| x.shape.iter().product::<usize>() <= x.data.len();
+                        if rows > 0 && ((rows - 1) * ld + n > out.len() || !reach(a) || !reach(b)) {
+                            return Err(format!("a product part of shape {part_shape:?} does not fit its operands"));
+                        }
+                        let (a, b) = ((a.data, a.shape), (b.data, b.shape));
+                        product::matmul_into(a, b, *trans_a, *trans_b, &part_shape, out, ld, threads, products, pool);
+                    }
+                }
             }
             first = last;
         }
@@ -454,14 +507,14 @@ pub fn concat(
         let half = rows.div_ceil(block) / 2 * block;
         let (lo, hi) = out.split_at_mut(half * row_len);
         let (a, b) = std::thread::scope(|s| {
-            let other = s.spawn(|| write(0, half, lo, 1));
-            let mine = write(half, rows, hi, 1);
+            let other = s.spawn(|| write(0, half, lo, 1, &mut Pool::default()));
+            let mine = write(half, rows, hi, 1, pool);
             (other.join(), mine)
         });
         a.map_err(|_| "a concat thread panicked".to_string())??;
         b?;
     } else {
-        write(0, rows, &mut out, threads)?;
+        write(0, rows, &mut out, threads, pool)?;
     }
     Ok(Tensor { shape: out_shape.to_vec(), data: out })
 }
