@@ -77,26 +77,13 @@ pub(super) fn gemm_into(
     b_cols: usize,
     par: Parallelism,
 ) {
-    gemm_rows_into(out, n, m, n, k, a, ta, a_cols, b, tb, b_cols, par)
+    gemm_rows_into(out, n, Operands { m, n, k, a, ta, a_cols, b, tb, b_cols }, par)
 }
 
-/// [`gemm_into`] with the output's rows `ld` elements apart (`ld >= n`; the elements
-/// between rows are left alone).
-#[allow(clippy::too_many_arguments)]
-fn gemm_rows_into(
-    out: &mut [f32],
-    ld: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    ta: bool,
-    a_cols: usize,
-    b: &[f32],
-    tb: bool,
-    b_cols: usize,
-    par: Parallelism,
-) {
+/// [`gemm_into`] of the product `p` with the output's rows `ld` elements apart (`ld >= n`;
+/// the elements between rows are left alone).
+fn gemm_rows_into(out: &mut [f32], ld: usize, p: Operands, par: Parallelism) {
+    let Operands { m, n, k, a, ta, a_cols, b, tb, b_cols } = p;
     if m == 0 || n == 0 {
         return;
     }
@@ -273,8 +260,7 @@ fn product(precision: Products, out: &mut [f32], p: Operands, ld: usize, threads
             } else {
                 Parallelism::None
             };
-            let Operands { m, n, k, a, ta, a_cols, b, tb, b_cols } = p;
-            return gemm_rows_into(out, ld, m, n, k, a, ta, a_cols, b, tb, b_cols, par);
+            return gemm_rows_into(out, ld, p, par);
         }
         let mut rows = pool.take(p.m * p.n);
         product(precision, &mut rows, p, p.n, threads, pool);
