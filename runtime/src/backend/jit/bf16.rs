@@ -45,6 +45,7 @@
 use std::arch::x86_64::*;
 
 use super::pool::Pool;
+use super::ProductOperands;
 
 /// Rows of a `vdpbf16ps` micro-tile.
 pub const MR: usize = 8;
@@ -615,26 +616,11 @@ mod amx {
 }
 
 /// `out[m, n] = bf16(op(a))[m, k] · bf16(op(b))[k, n]` with f32 sums, every element of
-/// `out` written; operands as in the f32 `gemm_into` (row-major with `a_cols`/`b_cols`
-/// stored columns, transposed when `ta`/`tb`). Large products split their rows over
-/// `threads`, each thread packing its own rows; the packed operands' buffers come from
-/// `pool` and go back to it. Panics when `dot` is not [`Dot::available`].
-#[allow(clippy::too_many_arguments)]
-pub fn product(
-    dot: Dot,
-    out: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    ta: bool,
-    a_cols: usize,
-    b: &[f32],
-    tb: bool,
-    b_cols: usize,
-    threads: usize,
-    pool: &mut Pool,
-) {
+/// `out` written ([`ProductOperands`]). Large products split their rows over `threads`, each
+/// thread packing its own rows; the packed operands' buffers come from `pool` and go back
+/// to it. Panics when `dot` is not [`Dot::available`].
+pub fn product(dot: Dot, out: &mut [f32], p: ProductOperands, threads: usize, pool: &mut Pool) {
+    let ProductOperands { m, n, k, a, ta, a_cols, b, tb, b_cols } = p;
     assert!(dot.available(), "the bf16 product's {dot:?} kernel needs a CPU feature this one lacks");
     assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "bf16 operands shorter than their shapes");
     if m == 0 || n == 0 {

@@ -98,6 +98,23 @@ pub struct Jit {
     products: Products,
 }
 
+/// One matrix product's operands, as every product kernel takes them ([`product`], the
+/// [`bf16`] kernels): `op(a)[m, k] · op(b)[k, n]`, `a` stored row-major with `a_cols`
+/// columns and read transposed when `ta` (likewise `b`); a transposed operand is a pair of
+/// strides, never a copy.
+#[derive(Clone, Copy, Debug)]
+pub struct ProductOperands<'a> {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: &'a [f32],
+    pub ta: bool,
+    pub a_cols: usize,
+    pub b: &'a [f32],
+    pub tb: bool,
+    pub b_cols: usize,
+}
+
 /// The arithmetic of the jit's matrix products (`MatMul`, forward and backward; the group
 /// products stay f32).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -27,14 +27,14 @@
 //! Products split here run on rayon's threads, as gemm's own do, never on threads spawned
 //! for the product: gemm keeps its packing buffers per thread, and a fresh thread pays
 //! for new ones (and DIN's forward products after a backward whose split ran on spawned
-//! threads took 1.3–1.6× as long; measured with per-node timings). The other kernels
+//! threads took 1.3–1.8× as long; measured with per-node timings). The other kernels
 //! keep spawning scoped threads for their two halves: on rayon's threads DeepFM's step,
 //! many halves of under a millisecond, took 7 % longer.
 
 use super::bf16;
 use super::kernels::split;
 use super::pool::Pool;
-use super::Products;
+use super::{ProductOperands, Products};
 use crate::ops::linalg::batch_index;
 use crate::tensor::Tensor;
 use gemm::Parallelism;
@@ -77,13 +77,13 @@ pub(super) fn gemm_into(
     b_cols: usize,
     par: Parallelism,
 ) {
-    gemm_rows_into(out, n, Operands { m, n, k, a, ta, a_cols, b, tb, b_cols }, par)
+    gemm_rows_into(out, n, ProductOperands { m, n, k, a, ta, a_cols, b, tb, b_cols }, par)
 }
 
 /// [`gemm_into`] of the product `p` with the output's rows `ld` elements apart (`ld >= n`;
 /// the elements between rows are left alone).
-fn gemm_rows_into(out: &mut [f32], ld: usize, p: Operands, par: Parallelism) {
-    let Operands { m, n, k, a, ta, a_cols, b, tb, b_cols } = p;
+fn gemm_rows_into(out: &mut [f32], ld: usize, p: ProductOperands, par: Parallelism) {
+    let ProductOperands { m, n, k, a, ta, a_cols, b, tb, b_cols } = p;
     if m == 0 || n == 0 {
         return;
     }
@@ -174,7 +174,7 @@ pub(super) fn matmul_into(
     if rb == 2 && !ta && a_shape[..ra - 2] == *lead {
         // Shared right operand: all leading axes of `a` are rows of one product.
         let rows = batch * m;
-        let operands = Operands { m: rows, n, k, a: a_data, ta, a_cols, b: b_data, tb, b_cols };
+        let operands = ProductOperands { m: rows, n, k, a: a_data, ta, a_cols, b: b_data, tb, b_cols };
         product(precision, out, operands, ld, threads, pool);
     } else {
         let (a_step, b_step) = (a_rows * a_cols, b_rows * b_cols);
@@ -187,7 +187,7 @@ pub(super) fn matmul_into(
             for (j, o) in out.chunks_mut(m * ld).enumerate() {
                 let (ai, bi) = (a_index[first + j], b_index[first + j]);
                 let (a, b) = (&a_data[ai * a_step..(ai + 1) * a_step], &b_data[bi * b_step..(bi + 1) * b_step]);
-                product(precision, o, Operands { m, n, k, a, ta, a_cols, b, tb, b_cols }, ld, threads, pool);
+                product(precision, o, ProductOperands { m, n, k, a, ta, a_cols, b, tb, b_cols }, ld, threads, pool);
             }
         };
         let each = m * n * k;
@@ -204,36 +204,21 @@ pub(super) fn matmul_into(
     }
 }
 
-/// One product's operands: `op(a)[m, k] · op(b)[k, n]`, `a` stored row-major with `a_cols`
-/// columns and read transposed when `ta` (likewise `b`).
-#[derive(Clone, Copy)]
-struct Operands<'a> {
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &'a [f32],
-    ta: bool,
-    a_cols: usize,
-    b: &'a [f32],
-    tb: bool,
-    b_cols: usize,
-}
-
-impl<'a> Operands<'a> {
+impl<'a> ProductOperands<'a> {
     /// The same product transposed: `outᵀ[n, m] = op(b)ᵀ · op(a)ᵀ` (the same memory when
     /// `m` or `n` is 1).
-    fn transposed(self) -> Operands<'a> {
-        let Operands { m, n, k, a, ta, a_cols, b, tb, b_cols } = self;
-        Operands { m: n, n: m, k, a: b, ta: !tb, a_cols: b_cols, b: a, tb: !ta, b_cols: a_cols }
+    fn transposed(self) -> ProductOperands<'a> {
+        let ProductOperands { m, n, k, a, ta, a_cols, b, tb, b_cols } = self;
+        ProductOperands { m: n, n: m, k, a: b, ta: !tb, a_cols: b_cols, b: a, tb: !ta, b_cols: a_cols }
     }
 
     /// The product over the reduction's indices `from..to` only.
-    fn reduction(self, from: usize, to: usize) -> Operands<'a> {
+    fn reduction(self, from: usize, to: usize) -> ProductOperands<'a> {
         // A reduction index is a row of a stored transposed `a` (a column otherwise), and a
         // row of a stored plain `b` (a column of a transposed one).
         let a = if self.ta { &self.a[from * self.a_cols..] } else { &self.a[from..] };
         let b = if self.tb { &self.b[from..] } else { &self.b[from * self.b_cols..] };
-        Operands { k: to - from, a, b, ..self }
+        ProductOperands { k: to - from, a, b, ..self }
     }
 }
 
@@ -251,7 +236,7 @@ fn reduction_parts(m: usize, n: usize, k: usize) -> usize {
 /// `out[m, n] = op(a) · op(b)` (every element written, rows `ld` apart) on up to `threads`
 /// threads, by the kernel its shape calls for (module docs). Only gemm writes rows apart;
 /// the other kernels write a pooled buffer, copied row by row.
-fn product(precision: Products, out: &mut [f32], p: Operands, ld: usize, threads: usize, pool: &mut Pool) {
+fn product(precision: Products, out: &mut [f32], p: ProductOperands, ld: usize, threads: usize, pool: &mut Pool) {
     if ld != p.n && p.m > 1 {
         let by_gemm = precision == Products::F32 && p.n > 1 && p.k > 1 && reduction_parts(p.m, p.n, p.k) == 1;
         if by_gemm {
@@ -304,8 +289,8 @@ fn product(precision: Products, out: &mut [f32], p: Operands, ld: usize, threads
 }
 
 /// [`product`] without the split along the reduction.
-fn direct(precision: Products, out: &mut [f32], p: Operands, threads: usize, pool: &mut Pool) {
-    let Operands { m, n, k, a, ta, a_cols, b, tb, b_cols } = p;
+fn direct(precision: Products, out: &mut [f32], p: ProductOperands, threads: usize, pool: &mut Pool) {
+    let ProductOperands { m, n, k, a, ta, a_cols, b, tb, b_cols } = p;
     if n == 1 {
         // op(b) is k contiguous values whether stored [k, 1] or [1, k].
         return vector(&mut out[..m], m, k, a, ta, a_cols, &b[..k], threads);
@@ -320,7 +305,7 @@ fn direct(precision: Products, out: &mut [f32], p: Operands, threads: usize, poo
         Products::F32 => gemm_into(out, m, n, k, a, ta, a_cols, b, tb, b_cols, par),
         Products::Bf16(dot) => {
             let threads = if matches!(par, Parallelism::None) { 1 } else { threads };
-            bf16::product(dot, out, m, n, k, a, ta, a_cols, b, tb, b_cols, threads, pool)
+            bf16::product(dot, out, p, threads, pool)
         }
     }
 }

@@ -6,6 +6,7 @@
 
 use super::bf16::{self, Dot};
 use super::product::{gemm_into, GEMM_PARALLEL_WORK};
+use super::ProductOperands;
 use gemm::Parallelism;
 use std::time::Instant;
 
@@ -110,8 +111,8 @@ pub fn measure(shapes: &[Shape], threads: usize, reps: usize) -> Report {
         let (x, w, dy) = (values(rows * k, 1), values(k * n, 2), values(rows * n, 3));
         let flop = 2.0 * (rows * k * n) as f64;
         // (name, m, n, k, a, ta, a_cols, b, tb, b_cols)
-        type Operands<'a> = (&'static str, usize, usize, usize, &'a [f32], bool, usize, &'a [f32], bool, usize);
-        let kinds: [Operands; 3] = [
+        type Kind<'a> = (&'static str, usize, usize, usize, &'a [f32], bool, usize, &'a [f32], bool, usize);
+        let kinds: [Kind; 3] = [
             ("forward y = x·W", rows, n, k, &x, false, k, &w, false, n),
             ("backward dx = dy·Wᵀ", rows, k, n, &dy, false, n, &w, true, n),
             ("backward dW = xᵀ·dy", k, n, rows, &x, true, k, &dy, false, n),
@@ -125,7 +126,8 @@ pub fn measure(shapes: &[Shape], threads: usize, reps: usize) -> Report {
                 .iter()
                 .map(|&dot| {
                     let time = best_of(reps, || {
-                        bf16::product(dot, &mut out, m, n_out, k_red, a, ta, a_cols, b, tb, b_cols, threads, &mut pool)
+                        let p = ProductOperands { m, n: n_out, k: k_red, a, ta, a_cols, b, tb, b_cols };
+                        bf16::product(dot, &mut out, p, threads, &mut pool)
                     });
                     (dot, flop / time / 1e9)
                 })
