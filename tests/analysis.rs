@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 fn mmoe_run() -> &'static Path {
     static RUN: OnceLock<PathBuf> = OnceLock::new();
     RUN.get_or_init(|| {
-        let dir = tmp("analysis", "mmoe").join("run");
+        let dir = tmp("analysis", "mmoe").keep().join("run");
         ok(&mdl(&[
             "run",
             "experiments/mmoe.yaml",

@@ -13,7 +13,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn tmp(name: &str) -> PathBuf {
+fn tmp(name: &str) -> common::scratch::Scratch {
     common::scoring::tmp("export", name)
 }
 
@@ -215,6 +215,11 @@ fn onnxruntime_scores_equal_predict_for_every_shipped_spec() {
         eprintln!("{name}: {}", report.trim().replace('\n', "; "));
         if !compared.status.success() || !report.contains("max |diff|") {
             failures.push(format!("{name}:\n{report}{}", String::from_utf8_lossy(&compared.stderr)));
+        } else {
+            // The run's checkpoints and the model are the bulk of the test's disk use: a
+            // passing model's go at once (a failing one's stay to be read).
+            let _ = std::fs::remove_dir_all(&run);
+            let _ = std::fs::remove_file(&model);
         }
     }
     assert!(failures.is_empty(), "onnxruntime disagrees with mdl predict:\n{}", failures.join("\n"));

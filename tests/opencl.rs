@@ -37,12 +37,9 @@ fn platform(test: &str) -> bool {
     false
 }
 
-/// An empty folder `name` under the tests' temporary folder.
-fn fresh_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// An empty folder `name` under the tests' temporary folder, removed when the test passes.
+fn fresh_dir(name: &str) -> common::scratch::Scratch {
+    common::scratch::Scratch::new(name)
 }
 
 fn mdl(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {

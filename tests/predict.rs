@@ -13,13 +13,14 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::OnceLock;
 
-fn tmp(name: &str) -> PathBuf {
+fn tmp(name: &str) -> common::scratch::Scratch {
     scoring::tmp("predict", name)
 }
 
-/// Trains the small model for a few steps into `name` with extra `--set`s; returns the run folder.
+/// Trains the small model for a few steps into `name` with extra `--set`s; returns the run
+/// folder, shared by the tests of this file (kept).
 fn train(name: &str, extra: &[&str]) -> PathBuf {
-    scoring::train(&tmp(name), extra)
+    scoring::train(&tmp(name).keep(), extra)
 }
 
 /// A run with the default policies (`bad_rows: fail`, `unknown_domain: error`).

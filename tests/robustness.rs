@@ -21,11 +21,8 @@ use std::time::{Duration, Instant};
 /// A hostile input must end with an error; one still running after this long hangs.
 const HANG: Duration = Duration::from_secs(120);
 
-fn tmp(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("robustness").join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmp(name: &str) -> common::scratch::Scratch {
+    common::scoring::tmp("robustness", name)
 }
 
 fn command(args: &[&str]) -> Command {
@@ -115,7 +112,7 @@ fn split(rows: usize, one_class: bool) -> String {
 }
 
 /// A folder with the tiny spec, three splits and `tiny.yaml` (batch 8, 2 epochs).
-fn tiny(name: &str) -> PathBuf {
+fn tiny(name: &str) -> common::scratch::Scratch {
     let d = tmp(name);
     std::fs::write(d.join("tiny.mdl"), TINY_SPEC).unwrap();
     std::fs::write(d.join("train.csv"), split(64, false)).unwrap();

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use common::scoring::{mdl, ok};
 
-fn tmp(name: &str) -> PathBuf {
+fn tmp(name: &str) -> common::scratch::Scratch {
     common::scoring::tmp("run", name)
 }
 

@@ -12,11 +12,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-fn tmp(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("run_folder").join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmp(name: &str) -> common::scratch::Scratch {
+    common::scoring::tmp("run_folder", name)
 }
 
 fn cache_dir() -> PathBuf {
@@ -405,7 +402,8 @@ fn a_run_folder_keeps_its_spec_and_refuses_changed_data() {
 /// evaluate again, append to the log and rewrite timing.json).
 #[test]
 fn resuming_a_finished_run_changes_nothing() {
-    let run = tmp("finished").join("run");
+    let dir = tmp("finished");
+    let run = dir.join("run");
     ok(&short_run(&run, &[]));
     // As a folder copied without its hidden lock file: not even that is made again.
     std::fs::remove_file(run.join(".lock")).unwrap();

@@ -8,13 +8,14 @@
 
 mod common;
 use common::scoring::{mdl, ok};
+use common::scratch::Scratch;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use mdl_runtime::Tensor;
 
-fn tmp(name: &str) -> PathBuf {
+fn tmp(name: &str) -> common::scratch::Scratch {
     common::scoring::tmp("running_stats", name)
 }
 
@@ -34,8 +35,9 @@ const SPEC: &str = "model normed(dim = 8) {
 ";
 
 /// Trains the spec at batch 4096 for 6 steps, evaluating every `eval_every`, into a new
-/// folder `name`; `extra` are more arguments (`--stop-after`). Returns the run folder.
-fn train(name: &str, eval_every: u32, extra: &[&str]) -> PathBuf {
+/// folder `name`; `extra` are more arguments (`--stop-after`). Returns the folder (removed
+/// when dropped on a passing test) and the run folder in it.
+fn train(name: &str, eval_every: u32, extra: &[&str]) -> (Scratch, PathBuf) {
     let dir = tmp(name);
     let spec = dir.join("normed.mdl");
     std::fs::write(&spec, SPEC).unwrap();
@@ -48,13 +50,17 @@ fn train(name: &str, eval_every: u32, extra: &[&str]) -> PathBuf {
     }
     args.extend_from_slice(extra);
     ok(&mdl(&args));
-    out
+    (dir, out)
 }
 
 /// The straight run every test compares with.
 fn straight() -> &'static Path {
     static RUN: OnceLock<PathBuf> = OnceLock::new();
-    RUN.get_or_init(|| train("straight", 2, &[]))
+    RUN.get_or_init(|| {
+        let (dir, run) = train("straight", 2, &[]);
+        dir.keep();
+        run
+    })
 }
 
 /// A checkpoint's tensors by name.
@@ -112,7 +118,7 @@ fn a_row_scores_the_same_alone_and_inside_a_batch_of_4096() {
 #[test]
 fn a_resumed_run_ends_byte_identical_with_its_running_statistics() {
     let run = straight();
-    let resumed = train("resumed", 2, &["--stop-after", "3"]);
+    let (_dir, resumed) = train("resumed", 2, &["--stop-after", "3"]);
     assert!(!resumed.join("metrics.json").exists());
     ok(&mdl(&["run", "--resume", resumed.to_str().unwrap()]));
     assert_eq!(
@@ -143,7 +149,7 @@ fn training_moves_the_running_statistics_and_evaluation_never_does() {
 
     // Evaluated after every step instead of every other one, the same steps give the same
     // model: evaluation moved nothing.
-    let often = train("often", 1, &[]);
+    let (_dir, often) = train("often", 1, &[]);
     let a = tensors(&run.join("last.ckpt"));
     let b = tensors(&often.join("last.ckpt"));
     assert_eq!(running(&a), running(&b), "evaluating more often changed the running statistics");

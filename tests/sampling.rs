@@ -10,6 +10,7 @@
 
 mod common;
 use common::scoring::{mdl, ok};
+use common::scratch::Scratch;
 use mdl::data::{prepare, CacheMode, Prepared};
 use mdl::experiment::Experiment;
 use mdl::train::Session;
@@ -17,7 +18,7 @@ use mdl_runtime::backend::interp;
 use mdl_runtime::{passes, Mode, Op, Value};
 use std::path::{Path, PathBuf};
 
-fn tmp(name: &str) -> PathBuf {
+fn tmp(name: &str) -> common::scratch::Scratch {
     common::scoring::tmp("sampling", name)
 }
 
@@ -231,8 +232,9 @@ fn a_schedule_on_step_follows_training_and_evaluates_at_the_last_step() {
     assert!((eval_alpha(&params) - 1.325).abs() < 1e-6);
 }
 
-/// Trains the spec for 6 steps of 512 rows into `name`, evaluating every 2 steps.
-fn short_run(name: &str, extra: &[&str]) -> PathBuf {
+/// Trains the spec for 6 steps of 512 rows into `name`, evaluating every 2 steps. Returns the
+/// folder (removed when dropped on a passing test) and the run folder in it.
+fn short_run(name: &str, extra: &[&str]) -> (Scratch, PathBuf) {
     let dir = tmp(name);
     let spec = spec_in(&dir);
     let out = dir.join("run");
@@ -243,19 +245,19 @@ fn short_run(name: &str, extra: &[&str]) -> PathBuf {
     }
     args.extend_from_slice(extra);
     ok(&mdl(&args));
-    out
+    (dir, out)
 }
 
 #[test]
 fn the_same_seed_gives_identical_metrics_twice_and_across_a_resume() {
-    let a = short_run("a", &[]);
-    let b = short_run("b", &[]);
+    let (_a_dir, a) = short_run("a", &[]);
+    let (_b_dir, b) = short_run("b", &[]);
     let metrics = std::fs::read(a.join("metrics.json")).unwrap();
     assert_eq!(metrics, std::fs::read(b.join("metrics.json")).unwrap(), "same seed, different metrics.json");
-    let other = short_run("other_seed", &["--set", "train.seed=7"]);
+    let (_other_dir, other) = short_run("other_seed", &["--set", "train.seed=7"]);
     assert_ne!(metrics, std::fs::read(other.join("metrics.json")).unwrap(), "another seed, the same metrics.json");
     // Stopped after 3 steps (its last checkpoint at step 2), then resumed.
-    let c = short_run("resumed", &["--stop-after", "3"]);
+    let (_c_dir, c) = short_run("resumed", &["--stop-after", "3"]);
     assert!(!c.join("metrics.json").exists());
     ok(&mdl(&["run", "--resume", c.to_str().unwrap()]));
     assert_eq!(

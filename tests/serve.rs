@@ -17,20 +17,20 @@ use std::process::{Child, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-fn tmp(name: &str) -> PathBuf {
+fn tmp(name: &str) -> common::scratch::Scratch {
     scoring::tmp("serve", name)
 }
 
 /// A run with the default policies (`unknown_domain: error`).
 fn run_strict() -> &'static Path {
     static RUN: OnceLock<PathBuf> = OnceLock::new();
-    RUN.get_or_init(|| scoring::train(&tmp("run_strict"), &[]))
+    RUN.get_or_init(|| scoring::train(&tmp("run_strict").keep(), &[]))
 }
 
 /// The same training with `unknown_domain: 1` declared.
 fn run_fallback() -> &'static Path {
     static RUN: OnceLock<PathBuf> = OnceLock::new();
-    RUN.get_or_init(|| scoring::train(&tmp("run_fallback"), &["data.unknown_domain=1"]))
+    RUN.get_or_init(|| scoring::train(&tmp("run_fallback").keep(), &["data.unknown_domain=1"]))
 }
 
 /// A running `mdl serve` and its stderr so far.

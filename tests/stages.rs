@@ -8,11 +8,11 @@
 
 mod common;
 use mdl_runtime::tensor::Tensor;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::scoring::{failed, mdl, ok};
 
-fn tmp(name: &str) -> PathBuf {
+fn tmp(name: &str) -> common::scratch::Scratch {
     common::scoring::tmp("stages", name)
 }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod scoring;
+pub mod scratch;
 
 use mdl::diag::{render_all, SourceMap};
 use mdl::lower::{compile_file_sized, Compiled, Sizes};

@@ -6,12 +6,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-/// An empty scratch folder `group/name` under the tests' temporary folder.
-pub fn tmp(group: &str, name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(group).join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+use super::scratch::Scratch;
+
+/// An empty scratch folder `group/name` under the tests' temporary folder, removed when the
+/// test passes.
+pub fn tmp(group: &str, name: &str) -> Scratch {
+    Scratch::new(Path::new(group).join(name))
 }
 
 /// `mdl` with `args`, to be run in the repository root with the tests' data cache.
