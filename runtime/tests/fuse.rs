@@ -722,6 +722,60 @@ fn slices_read_by_kernels_are_read_in_place_on_the_jit() {
 }
 
 #[test]
+fn slices_reshaped_without_moving_elements_are_read_in_place_on_the_jit() {
+    // A mixture's backward (MMoE, PLE): the experts' cotangent [B, 4, 8] cut into [B, 1, 8]
+    // slices, each reshaped to [B, 8] (or [B, 8, 1], or [1, B, 8]) and read by a kernel.
+    // A slice reshaped so that elements move ([B, 2, 8] -> [B, 16]) is no view: copied.
+    let mut g = Graph::new();
+    let dh = g.param("dh", shape_of(&[32, 4, 8], true), Init::Zeros, None, false);
+    let z = g.param("z", shape_of(&[32, 8], true), Init::Zeros, None, false);
+    let mut add = |op: Op, args: &[NodeId]| g.add(op, args, "").unwrap();
+    let cut = |start: usize, len: usize| Op::Slice { axis: 1, start: Dim::from(start), len: Dim::from(len) };
+    let b = Dim::batch;
+    let reshape = |shape: Vec<Dim>| Op::Reshape { shape };
+    let s: Vec<NodeId> = (0..4).map(|i| add(cut(i, 1), &[dh])).collect();
+    let r0 = add(reshape(vec![b(), Dim::lit(8)]), &[s[0]]);
+    let r1 = add(reshape(vec![b(), Dim::lit(8)]), &[s[1]]);
+    let r2 = add(reshape(vec![b(), Dim::lit(8), Dim::lit(1)]), &[s[2]]);
+    let r3 = add(reshape(vec![Dim::lit(1), b(), Dim::lit(8)]), &[s[3]]);
+    let step = add(Op::Unary(UnaryOp::Step), &[z]);
+    let d0 = add(Op::Binary(BinaryOp::Mul), &[step, r0]);
+    let r01 = add(Op::Binary(BinaryOp::Add), &[r0, r1]);
+    let d1 = add(Op::Unary(UnaryOp::Relu), &[r01]);
+    let n2 = add(Op::Unary(UnaryOp::Sigmoid), &[r2]);
+    let sum3 = add(Op::Reduce { op: ReduceOp::Sum, axes: vec![1], keep_dims: false }, &[r3]);
+    let pair = add(cut(1, 2), &[dh]);
+    let flat = add(reshape(vec![b(), Dim::lit(16)]), &[pair]);
+    let negated = add(Op::Unary(UnaryOp::Neg), &[flat]);
+    let moved = add(Op::Unary(UnaryOp::Relu), &[negated]);
+    for (name, id) in [("d0", d0), ("d1", d1), ("n2", n2), ("sum3", sum3), ("moved", moved)] {
+        g.outputs.insert(name.into(), id);
+    }
+    let mut rng = SplitMix64::new(34);
+    let mut t = |shape: Vec<usize>| {
+        let c = shape.iter().product();
+        Tensor::new(shape, (0..c).map(|_| rng.next_f64() as f32 * 2.0 - 1.0).collect()).unwrap()
+    };
+    let params = HashMap::from([("dh".to_string(), t(vec![32, 4, 8])), ("z".to_string(), t(vec![32, 8]))]);
+    let binding = Binding::from([("B".to_string(), 32)]);
+    let feeds: HashMap<String, Value<f32>> = HashMap::new();
+    let names: Vec<String> = g.outputs.keys().cloned().collect();
+    let want = Interp.run(&g, &binding, &feeds, &params, &Mode::eval()).unwrap();
+    for exact in [true, false] {
+        let mut jit = Jit::with_threads(2).with_exact_kernels(exact);
+        jit.set_profiling(true);
+        let got = jit.run(&g, &binding, &feeds, &params, &Mode::eval()).unwrap();
+        assert_same_values(&got, &want, &names, if exact { 0.0 } else { 1e-5 }, "reshaped slices read in place");
+        // Only the slice whose reshape moves elements is copied (and reshaped).
+        let profile = jit.profile();
+        let calls = |op: &str| -> usize { profile.iter().filter(|(k, _, _)| k.starts_with(op)).map(|p| p.2).sum() };
+        assert_eq!((calls("slice"), calls("reshape")), (1, 1), "{profile:?}");
+        assert!(!profile.iter().any(|(k, _, _)| k.contains("(eval)")), "{profile:?}");
+    }
+    check_dag(&Dag { graph: g, params, binding });
+}
+
+#[test]
 fn a_relu_layer_and_its_backward_fuse_around_the_shared_preactivation() {
     // y = relu(a + bias) forward; backward dx = step(a + bias) * dy. The step reads the relu
     // instead, so `a + bias` has one reader and fuses into it.

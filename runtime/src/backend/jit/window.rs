@@ -1,9 +1,11 @@
 //! Slices read in place by the jit's fused kernels. A fused kernel, or a sum or mean (which
 //! the jit runs as a fused kernel, [`crate::fuse::lone_reduction`]), whose operand is a
-//! `Slice` of a dense real value reads the sliced tensor through strides instead: a
-//! *window* of it, with the larger tensor's strides, from the slice's first element
-//! ([`super::codegen::Strided`]). The slice is then never copied, and when no other node
-//! reads it the driver never computes it ([`crate::backend::driver::Lifetimes::with_reads`]).
+//! `Slice` of a dense real value (or a reshape of one that only drops or adds axes of one
+//! element) reads the sliced tensor through strides instead: a *window* of it, with the
+//! larger tensor's strides, from the slice's first element ([`super::codegen::Strided`]).
+//! The slice is then never copied, and when no other node reads it the driver never
+//! computes it ([`crate::backend::driver::Lifetimes::with_reads`]). Matrix products read
+//! copies: gemm on rows a stride apart ran slower than the copy costs (docs/performance.md).
 //! DIN's backward cuts the gradient of its activation unit's input `[q, k, q - k, q * k]`
 //! into four such slices of 16 of its 64 columns, each read by one reduction or product.
 //!
@@ -44,18 +46,23 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// Operand `k` of a node is read as `x[.., start .. start + len, ..]` along `axis` of the
-/// slice's operand `x`.
+/// slice's operand `x`; with a `view`, as that slice reshaped to `view`, a shape that only
+/// drops or adds axes of size 1 (no element moves, so the slice's strides serve).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Window {
     pub axis: usize,
     pub start: Dim,
     pub len: Dim,
+    pub view: Option<Shape>,
 }
 
 /// The windows of a fused plan: per node that reads a slice through one, its window per
 /// operand (`None`: read as it is). Each such node's operands in `reads` become the sliced
 /// tensors. Nodes already in `reads` (the embedding bags) are left alone, and so are slices
-/// that are graph outputs (they are computed anyway).
+/// that are graph outputs (they are computed anyway). A slice read through a reshape that
+/// only drops or adds axes of size 1 is a window too: the gradient of a mixture's experts
+/// `[B, E, d]` cuts it into `[B, 1, d]` slices, each reshaped to `[B, d]` for the expert's
+/// backward (MMoE, PLE), and both the slice and the reshape were copies.
 pub fn find(graph: &Graph, reads: &mut HashMap<NodeId, Vec<NodeId>>) -> HashMap<NodeId, Vec<Option<Window>>> {
     let outputs: HashSet<NodeId> = graph.outputs.values().copied().collect();
     let mut windows = HashMap::new();
@@ -68,14 +75,12 @@ pub fn find(graph: &Graph, reads: &mut HashMap<NodeId, Vec<NodeId>>) -> HashMap<
         let mut read = Vec::with_capacity(node.inputs.len());
         let mut through = Vec::with_capacity(node.inputs.len());
         for &x in &node.inputs {
-            let source = graph.node(x);
-            let real = source.sig.dtype == DType::F && source.sig.kind == ValueKind::Dense;
-            match &source.op {
-                Op::Slice { axis, start, len } if real && !outputs.contains(&x) => {
-                    read.push(source.inputs[0]);
-                    through.push(Some(Window { axis: *axis, start: start.clone(), len: len.clone() }));
+            match sliced(graph, x, &outputs) {
+                Some((sliced, window)) => {
+                    read.push(sliced);
+                    through.push(Some(window));
                 }
-                _ => {
+                None => {
                     read.push(x);
                     through.push(None);
                 }
@@ -87,6 +92,32 @@ pub fn find(graph: &Graph, reads: &mut HashMap<NodeId, Vec<NodeId>>) -> HashMap<
         }
     }
     windows
+}
+
+/// When `x` is a slice of a dense real value (or a reshape of one that only drops or adds
+/// axes of size 1), neither a graph output: the sliced value and the window that reads `x`
+/// from it.
+fn sliced(graph: &Graph, x: NodeId, outputs: &HashSet<NodeId>) -> Option<(NodeId, Window)> {
+    let real = |n: NodeId| {
+        let sig = graph.sig(n);
+        sig.dtype == DType::F && sig.kind == ValueKind::Dense && !outputs.contains(&n)
+    };
+    let (slice, view) = match &graph.node(x).op {
+        Op::Reshape { shape } if real(x) => {
+            let slice = graph.node(x).inputs[0];
+            let unit_axes_only = |a: &[Dim]| a.iter().filter(|d| !d.is_one()).cloned().collect::<Vec<_>>();
+            if unit_axes_only(&graph.sig(slice).shape) != unit_axes_only(shape) {
+                return None;
+            }
+            (slice, Some(shape.clone()))
+        }
+        _ => (x, None),
+    };
+    let Op::Slice { axis, start, len } = &graph.node(slice).op else { return None };
+    real(slice).then(|| {
+        let window = Window { axis: *axis, start: start.clone(), len: len.clone(), view };
+        (graph.node(slice).inputs[0], window)
+    })
 }
 
 /// The fused graph with the other readers of a concat's part made to read it from the
@@ -214,9 +245,10 @@ fn slot_of(graph: &Graph, concat: NodeId, part: NodeId) -> usize {
     graph.node(concat).inputs.iter().position(|&p| p == part).expect("a part of the concat")
 }
 
-/// The shape a window of `x` reads and the element it starts at, or why it cannot (the
-/// slice's own error then comes from the eval rule).
-fn bounds(x: &Tensor<f32>, w: &Window, cx: &EvalCx) -> Result<(Vec<usize>, usize), String> {
+/// The shape a window of `x` reads (its view's, when it has one), the strides it reads it
+/// with and the element it starts at, or why it cannot (the slice's own error then comes
+/// from the eval rule).
+fn bounds(x: &Tensor<f32>, w: &Window, cx: &EvalCx) -> Result<(Vec<usize>, Vec<usize>, usize), String> {
     let size = |d: &Dim| cx.size(d).map_err(|e| e.to_string());
     let (start, len) = (size(&w.start)?, size(&w.len)?);
     if w.axis >= x.shape.len() || start + len > x.shape[w.axis] {
@@ -224,7 +256,26 @@ fn bounds(x: &Tensor<f32>, w: &Window, cx: &EvalCx) -> Result<(Vec<usize>, usize
     }
     let mut shape = x.shape.clone();
     shape[w.axis] = len;
-    Ok((shape, start * strides(&x.shape)[w.axis]))
+    let steps = strides(&x.shape);
+    let first = start * steps[w.axis];
+    let Some(view) = &w.view else { return Ok((shape, steps, first)) };
+    // The view's axes of size 1 take stride 0; the others are the slice's, in order.
+    let view = eval_shape(view, cx.binding)?;
+    let mut kept = shape.iter().zip(&steps).filter(|(&n, _)| n != 1);
+    let mut view_steps = Vec::with_capacity(view.len());
+    for &n in &view {
+        view_steps.push(match n {
+            1 => 0,
+            _ => match kept.next() {
+                Some((&m, &step)) if m == n => step,
+                _ => return Err(format!("a slice of shape {shape:?} read as {view:?}")),
+            },
+        });
+    }
+    if kept.next().is_some() {
+        return Err(format!("a slice of shape {shape:?} read as {view:?}"));
+    }
+    Ok((view, view_steps, first))
 }
 
 /// Runs `kernel` on `operands` (the sliced tensors where `windows` has a window), read
@@ -238,23 +289,38 @@ pub fn run(
     opts: Options,
     pool: &mut Pool,
 ) -> Result<Tensor<f32>, String> {
-    let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(operands.len());
-    let mut starts: Vec<usize> = Vec::with_capacity(operands.len());
+    let mut views: Vec<(Vec<usize>, Vec<usize>, usize)> = Vec::with_capacity(operands.len());
     for (x, w) in operands.iter().zip(windows) {
-        let (shape, first) = match w {
+        views.push(match w {
             Some(w) => bounds(x, w, cx)?,
-            None => (x.shape.clone(), 0),
-        };
-        shapes.push(shape);
-        starts.push(first);
+            None => (x.shape.clone(), strides(&x.shape), 0),
+        });
     }
     let strided: Vec<Strided> = operands
         .iter()
-        .zip(&shapes)
-        .zip(&starts)
-        .map(|((x, shape), &first)| Strided { data: &x.data[first..], shape, strides: strides(&x.shape) })
+        .zip(&views)
+        .map(|(x, (shape, steps, first))| Strided { data: &x.data[*first..], shape, strides: steps.clone() })
         .collect();
     codegen::run_strided(kernel, &strided, cx.out_shape, threads, opts, &mut |n, z| pool.alloc(n, z))
+}
+
+/// What window `w` reads of `arg`, copied out by the eval rules of the slice (and of the
+/// reshape of its view).
+fn copied(arg: &Arg<f32>, w: &Window, cx: &EvalCx, reader: &str) -> Result<Value<f32>, ExecError> {
+    let x = arg.dense(reader)?;
+    let (start, len) = (cx.size(&w.start)?, cx.size(&w.len)?);
+    let mut shape = x.shape.clone();
+    if let Some(d) = shape.get_mut(w.axis) {
+        *d = len;
+    }
+    let slice = Op::Slice { axis: w.axis, start: Dim::from(start), len: Dim::from(len) };
+    let slice_cx = EvalCx { binding: cx.binding, mode: cx.mode, out_shape: &shape };
+    let slice = ops::eval(&slice, std::slice::from_ref(arg), &slice_cx)?;
+    let Some(view) = &w.view else { return Ok(slice) };
+    let reshape = Op::Reshape { shape: view.clone() };
+    let shape = eval_shape(view, cx.binding).map_err(|message| ExecError::Size { message })?;
+    let reshape_cx = EvalCx { binding: cx.binding, mode: cx.mode, out_shape: &shape };
+    ops::eval(&reshape, &[Arg::Value(&slice)], &reshape_cx)
 }
 
 /// The eval rule of `op` on `args` with each windowed operand copied out by the slice's
@@ -263,17 +329,7 @@ pub fn eval(op: &Op, args: &[Arg<f32>], windows: &[Option<Window>], cx: &EvalCx)
     let mut sliced: Vec<Option<Value<f32>>> = Vec::with_capacity(args.len());
     for (arg, w) in args.iter().zip(windows) {
         sliced.push(match w {
-            Some(w) => {
-                let x = arg.dense(&op.name())?;
-                let (start, len) = (cx.size(&w.start)?, cx.size(&w.len)?);
-                let mut shape = x.shape.clone();
-                if let Some(d) = shape.get_mut(w.axis) {
-                    *d = len;
-                }
-                let slice = Op::Slice { axis: w.axis, start: Dim::from(start), len: Dim::from(len) };
-                let slice_cx = EvalCx { binding: cx.binding, mode: cx.mode, out_shape: &shape };
-                Some(ops::eval(&slice, std::slice::from_ref(arg), &slice_cx)?)
-            }
+            Some(w) => Some(copied(arg, w, cx, &op.name())?),
             None => None,
         });
     }
