@@ -669,6 +669,33 @@ fn cheap_values_read_by_several_kernels_are_recomputed_in_each() {
     check_dag(&Dag { graph: g, params, binding });
 }
 
+/// Runs `g` on interp and on the jit (2 threads, exact kernels and fast ones): every output
+/// agrees (bit for bit with exact kernels), no op fell back to its eval rule, and the calls
+/// per op kind whose name starts with each of `kinds` are returned, per run.
+fn jit_calls_agreeing(
+    g: &Graph,
+    binding: &Binding,
+    params: &HashMap<String, Tensor<f32>>,
+    kinds: &[&str],
+    what: &str,
+) -> Vec<Vec<usize>> {
+    let feeds: HashMap<String, Value<f32>> = HashMap::new();
+    let names: Vec<String> = g.outputs.keys().cloned().collect();
+    let want = Interp.run(g, binding, &feeds, params, &Mode::eval()).unwrap();
+    let mut calls = Vec::new();
+    for exact in [true, false] {
+        let mut jit = Jit::with_threads(2).with_exact_kernels(exact);
+        jit.set_profiling(true);
+        let got = jit.run(g, binding, &feeds, params, &Mode::eval()).unwrap();
+        assert_same_values(&got, &want, &names, if exact { 0.0 } else { 1e-5 }, what);
+        let profile = jit.profile();
+        assert!(!profile.iter().any(|(k, _, _)| k.contains("(eval)")), "{profile:?}");
+        let count = |op: &str| -> usize { profile.iter().filter(|(k, _, _)| k.starts_with(op)).map(|p| p.2).sum() };
+        calls.push(kinds.iter().map(|k| count(k)).collect());
+    }
+    calls
+}
+
 #[test]
 fn slices_read_by_kernels_are_read_in_place_on_the_jit() {
     // DIN's backward: the gradient of the unit's input [q, k, q - k, q * k] (64 columns) cut
@@ -704,19 +731,9 @@ fn slices_read_by_kernels_are_read_in_place_on_the_jit() {
         ("q".to_string(), t(vec![64, 1, 16])),
     ]);
     let binding = Binding::from([("B".to_string(), 64)]);
-    let feeds: HashMap<String, Value<f32>> = HashMap::new();
-    let names: Vec<String> = g.outputs.keys().cloned().collect();
-    let want = Interp.run(&g, &binding, &feeds, &params, &Mode::eval()).unwrap();
-    for exact in [true, false] {
-        let mut jit = Jit::with_threads(2).with_exact_kernels(exact);
-        jit.set_profiling(true);
-        let got = jit.run(&g, &binding, &feeds, &params, &Mode::eval()).unwrap();
-        assert_same_values(&got, &want, &names, if exact { 0.0 } else { 1e-5 }, "slices read in place");
-        // Only the slice that is an output is copied.
-        let profile = jit.profile();
-        let copies: usize = profile.iter().filter(|(k, _, _)| k.starts_with("slice")).map(|p| p.2).sum();
-        assert_eq!(copies, 1, "{profile:?}");
-        assert!(!profile.iter().any(|(k, _, _)| k.contains("(eval)")), "{profile:?}");
+    // Only the slice that is an output is copied.
+    for calls in jit_calls_agreeing(&g, &binding, &params, &["slice"], "slices read in place") {
+        assert_eq!(calls, [1]);
     }
     check_dag(&Dag { graph: g, params, binding });
 }
@@ -758,19 +775,9 @@ fn slices_reshaped_without_moving_elements_are_read_in_place_on_the_jit() {
     };
     let params = HashMap::from([("dh".to_string(), t(vec![32, 4, 8])), ("z".to_string(), t(vec![32, 8]))]);
     let binding = Binding::from([("B".to_string(), 32)]);
-    let feeds: HashMap<String, Value<f32>> = HashMap::new();
-    let names: Vec<String> = g.outputs.keys().cloned().collect();
-    let want = Interp.run(&g, &binding, &feeds, &params, &Mode::eval()).unwrap();
-    for exact in [true, false] {
-        let mut jit = Jit::with_threads(2).with_exact_kernels(exact);
-        jit.set_profiling(true);
-        let got = jit.run(&g, &binding, &feeds, &params, &Mode::eval()).unwrap();
-        assert_same_values(&got, &want, &names, if exact { 0.0 } else { 1e-5 }, "reshaped slices read in place");
-        // Only the slice whose reshape moves elements is copied (and reshaped).
-        let profile = jit.profile();
-        let calls = |op: &str| -> usize { profile.iter().filter(|(k, _, _)| k.starts_with(op)).map(|p| p.2).sum() };
-        assert_eq!((calls("slice"), calls("reshape")), (1, 1), "{profile:?}");
-        assert!(!profile.iter().any(|(k, _, _)| k.contains("(eval)")), "{profile:?}");
+    // Only the slice whose reshape moves elements is copied (and reshaped).
+    for calls in jit_calls_agreeing(&g, &binding, &params, &["slice", "reshape"], "reshaped slices read in place") {
+        assert_eq!(calls, [1, 1]);
     }
     check_dag(&Dag { graph: g, params, binding });
 }
