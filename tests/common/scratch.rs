@@ -6,23 +6,18 @@
 //! few hundred short runs, and their folders (checkpoints with optimizer moments, exported
 //! models, predictions) came to about 4.5 GB per CI run, enough to fill a CI machine's disk.
 
-use std::ffi::OsStr;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
-
-/// Cargo's temporary folder for this package's integration tests.
-pub fn tests_tmp() -> &'static Path {
-    Path::new(env!("CARGO_TARGET_TMPDIR"))
-}
 
 /// An empty folder for a test's outputs, removed when dropped unless the test failed.
 #[derive(Debug)]
 pub struct Scratch(PathBuf);
 
 impl Scratch {
-    /// The empty folder `relative` under [`tests_tmp`] (emptied if it holds files).
+    /// The empty folder `relative` under Cargo's temporary folder for this package's
+    /// integration tests (emptied if it holds files).
     pub fn new(relative: impl AsRef<Path>) -> Scratch {
-        let path = tests_tmp().join(relative);
+        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(relative);
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("cannot make {}: {e}", path.display()));
         Scratch(path)
@@ -57,11 +52,5 @@ impl Deref for Scratch {
 impl AsRef<Path> for Scratch {
     fn as_ref(&self) -> &Path {
         &self.0
-    }
-}
-
-impl AsRef<OsStr> for Scratch {
-    fn as_ref(&self) -> &OsStr {
-        self.0.as_os_str()
     }
 }
